@@ -1,0 +1,33 @@
+// Errors: every user-facing failure is a kiln::Error whose message is one line naming the file or field.
+// The CLI catches it, prints "kiln: <message>" and exits non-zero.
+#pragma once
+#include <sstream>
+#include <stdexcept>
+#include <string>
+
+namespace kiln {
+
+struct Error : std::runtime_error {
+  using std::runtime_error::runtime_error;
+};
+
+// Concatenates its arguments with operator<<: str("tensor ", name, " has ", n, " elements").
+template <class... Args>
+std::string str(const Args&... args) {
+  std::ostringstream os;
+  (os << ... << args);
+  return os.str();
+}
+
+template <class... Args>
+[[noreturn]] void fail(const Args&... args) {
+  throw Error(str(args...));
+}
+
+}  // namespace kiln
+
+// KILN_CHECK(cond, "file ", path, ": message") throws kiln::Error when cond is false.
+#define KILN_CHECK(cond, ...)                \
+  do {                                       \
+    if (!(cond)) ::kiln::fail(__VA_ARGS__);  \
+  } while (0)

@@ -1,0 +1,26 @@
+// AdamW (Loshchilov & Hutter) with decoupled weight decay, as torch.optim.AdamW computes it:
+//   g = grad · grad_scale            (grad_scale folds in clipping and loss-scale division)
+//   m = b1·m + (1-b1)·g;  v = b2·v + (1-b2)·g²
+//   p -= lr · (wd·p + (m / (1-b1^t)) / (sqrt(v / (1-b2^t)) + eps))
+// t is the 1-based step count. Also the global gradient norm used for clipping.
+#pragma once
+#include <cstdint>
+
+namespace kiln {
+
+struct AdamWHyper {
+  float lr = 3e-4f, beta1 = 0.9f, beta2 = 0.95f, eps = 1e-8f, weight_decay = 0.0f;
+  int64_t t = 1;
+  float grad_scale = 1.0f;
+};
+
+namespace cpu {
+void adamw_update(float* param, const float* grad, float* m, float* v, int64_t n, const AdamWHyper& h);
+// Sum of squares in double precision (threaded).
+double sum_squares(const float* x, int64_t n);
+}  // namespace cpu
+namespace ref {
+void adamw_update(float* param, const float* grad, float* m, float* v, int64_t n, const AdamWHyper& h);
+double sum_squares(const float* x, int64_t n);
+}  // namespace ref
+}  // namespace kiln

@@ -1,0 +1,29 @@
+// GPT-2 hyperparameters, read from and written to a Hugging Face GPT-2 config.json.
+#pragma once
+#include <cstdint>
+#include <string>
+
+namespace kiln {
+
+struct GPT2Config {
+  int n_layer = 12;
+  int n_head = 12;
+  int n_embd = 768;
+  int vocab_size = 50257;
+  int n_positions = 1024;
+  float layer_norm_epsilon = 1e-5f;
+
+  int head_dim() const { return n_embd / n_head; }
+  // Throws kiln::Error naming `where` and the field if a value is missing, non-positive or inconsistent.
+  void validate(const std::string& where) const;
+  // Parameter count (the tied LM head counted once).
+  int64_t num_params() const;
+
+  // Accepts a config.json path or a checkpoint directory containing config.json.
+  static GPT2Config load(const std::string& path);
+  static GPT2Config from_json_text(const std::string& text, const std::string& where);
+  // A complete Hugging Face GPT2 config (architectures, model_type, n_ctx, activation_function, ...).
+  std::string to_json() const;
+};
+
+}  // namespace kiln

@@ -1,0 +1,38 @@
+// kiln: train and serve transformer language models. One file per subcommand in this folder.
+#include <cstdio>
+
+#include "core/error.h"
+#include "tools/kiln/command.h"
+
+namespace kiln::cli {
+
+std::vector<std::function<void(CLI::App&)>>& registry() {
+  static std::vector<std::function<void(CLI::App&)>> r;
+  return r;
+}
+
+Command::Command(std::string, std::function<void(CLI::App&)> setup) { registry().push_back(std::move(setup)); }
+
+}  // namespace kiln::cli
+
+int main(int argc, char** argv) {
+  CLI::App app{"kiln: train and serve transformer language models"};
+  app.require_subcommand(1);
+  app.set_help_all_flag("--help-all", "Help for every subcommand");
+  for (auto& setup : kiln::cli::registry()) setup(app);
+  try {
+    app.parse(argc, argv);
+  } catch (const CLI::ParseError& e) {
+    // --help exits 0; any other parse error is one line and exit code 2.
+    if (e.get_exit_code() == 0) return app.exit(e);
+    std::fprintf(stderr, "kiln: %s\n", e.what());
+    return 2;
+  } catch (const kiln::Error& e) {
+    std::fprintf(stderr, "kiln: %s\n", e.what());
+    return 1;
+  } catch (const std::exception& e) {
+    std::fprintf(stderr, "kiln: error: %s\n", e.what());
+    return 1;
+  }
+  return 0;
+}
