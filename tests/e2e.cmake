@@ -1,0 +1,6 @@
+# End-to-end tests against the PyTorch reference (Debian's python3-torch through /usr/bin/python3).
+set(KILN_PY /usr/bin/python3)
+add_test(NAME e2e.train_vs_torch
+         COMMAND ${KILN_PY} ${CMAKE_SOURCE_DIR}/tests/e2e/train_vs_torch.py $<TARGET_FILE:kiln>
+                 ${CMAKE_BINARY_DIR}/e2e/train_vs_torch)
+set_tests_properties(e2e.train_vs_torch PROPERTIES LABELS e2e TIMEOUT 300)

@@ -1,0 +1,85 @@
+// kiln bench train: times training steps of a model on random tokens and prints one JSON line.
+// FLOPs per token = 6·N + 12·L·T·C, with N the parameters that take part in matrix products
+// (all but the position embedding; the tied token embedding counts once, as the LM head).
+#include <omp.h>
+
+#include <algorithm>
+#include <chrono>
+#include <cstdio>
+#include <nlohmann/json.hpp>
+#include <vector>
+
+#include "core/rng.h"
+#include "models/gpt2.h"
+#include "tools/kiln/command.h"
+#include "train/optimizer.h"
+#include "train/trainer.h"
+
+namespace {
+
+struct BenchTrainOptions {
+  std::string model;
+  int batch = 4, seq = 64, steps = 5, warmup = 1, threads = 0;
+};
+
+void bench_train(const BenchTrainOptions& o) {
+  using namespace kiln;
+  set_threads(o.threads);
+  KILN_CHECK(o.batch > 0 && o.seq > 0 && o.steps > 0 && o.warmup >= 0, "bench train: sizes must be positive");
+  GPT2Config cfg = GPT2Config::load(o.model);
+  GPT2 model(cfg);
+  model.init_random(1);
+  AdamW adam(model.table(), AdamWConfig{});
+  model.plan(o.batch, o.seq);
+  const int64_t N = int64_t(o.batch) * o.seq;
+  const size_t n_tok = static_cast<size_t>(N);
+  std::vector<int32_t> in(n_tok), tg(n_tok), pos(n_tok);
+  Rng rng(7);
+  for (int64_t i = 0; i < N; i++) {
+    in[size_t(i)] = int32_t(rng.below(uint64_t(cfg.vocab_size)));
+    tg[size_t(i)] = int32_t(rng.below(uint64_t(cfg.vocab_size)));
+    pos[size_t(i)] = int32_t(i % o.seq);
+  }
+  const AttentionParams ap = model.attention_params(o.batch, o.seq);
+  std::vector<double> ms;
+  for (int s = 0; s < o.warmup + o.steps; s++) {
+    auto t0 = std::chrono::steady_clock::now();
+    model.zero_grad();
+    model.forward(in.data(), pos.data(), tg.data(), ap, 1.0f / float(N));
+    model.backward(in.data(), pos.data());
+    adam.step(model.params(), model.grads(), 1e-4f, s + 1);
+    double dt = std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count();
+    if (s >= o.warmup) ms.push_back(dt);
+  }
+  std::sort(ms.begin(), ms.end());
+  const double med = ms[ms.size() / 2];
+  const double n_matmul = double(cfg.num_params()) - double(cfg.n_positions) * cfg.n_embd;
+  const double flops_per_token = 6.0 * n_matmul + 12.0 * cfg.n_layer * o.seq * cfg.n_embd;
+  nlohmann::json j = {{"bench", "train"},
+                      {"params", cfg.num_params()},
+                      {"batch", o.batch},
+                      {"seq", o.seq},
+                      {"threads", omp_get_max_threads()},
+                      {"ms_per_step", med},
+                      {"ms_min", ms.front()},
+                      {"tokens_per_s", double(N) / (med / 1e3)},
+                      {"gflops", flops_per_token * double(N) / (med / 1e3) / 1e9},
+                      {"activation_mb", double(model.activation_bytes()) / (1 << 20)}};
+  std::printf("%s\n", j.dump().c_str());
+}
+
+kiln::cli::Command bench_cmd("bench", [](CLI::App& root) {
+  auto* bench = root.add_subcommand("bench", "Benchmarks (one JSON line each)");
+  bench->require_subcommand(1);
+  auto o = std::make_shared<BenchTrainOptions>();
+  auto* t = bench->add_subcommand("train", "Median time of a full training step (forward, backward, AdamW)");
+  t->add_option("--model", o->model, "config.json or a directory holding one")->required();
+  t->add_option("--batch", o->batch, "Sequences per step")->capture_default_str();
+  t->add_option("--seq", o->seq, "Tokens per sequence")->capture_default_str();
+  t->add_option("--steps", o->steps, "Timed steps")->capture_default_str();
+  t->add_option("--warmup", o->warmup, "Untimed steps first")->capture_default_str();
+  t->add_option("--threads", o->threads, "CPU threads (0: all cores)")->capture_default_str();
+  t->callback([o] { bench_train(*o); });
+});
+
+}  // namespace

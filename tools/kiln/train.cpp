@@ -1,0 +1,48 @@
+// kiln train: train a GPT-2-architecture model on token shards.
+#include "tools/kiln/command.h"
+#include "train/trainer.h"
+
+namespace {
+
+kiln::cli::Command train_cmd("train", [](CLI::App& root) {
+  auto opt = std::make_shared<kiln::TrainOptions>();
+  auto* c = root.add_subcommand("train", "Train a GPT-2-architecture model on token shards");
+  c->add_option("--model", opt->model, "config.json (or a directory with one) for a randomly initialised model");
+  c->add_option("--init", opt->init, "Checkpoint directory (config.json + model.safetensors) to start from");
+  c->add_option("--data", opt->data, "Training shard file or glob (llm.c .bin format)")->required();
+  c->add_option("--val-data", opt->val_data, "Validation shard file or glob");
+  c->add_option("--eval-every", opt->eval_every, "Evaluate validation loss every N steps (0: never)");
+  c->add_option("--val-batches", opt->val_batches, "Batches per validation evaluation")->capture_default_str();
+  c->add_option("--tokenizer", opt->tokenizer, "Tokenizer directory copied into every checkpoint");
+  c->add_option("--batch", opt->batch, "Sequences per micro-batch (B)")->capture_default_str();
+  c->add_option("--seq", opt->seq, "Tokens per sequence (T)")->capture_default_str();
+  c->add_option("--grad-accum", opt->grad_accum, "Micro-batches per optimizer step")->capture_default_str();
+  c->add_option("--steps", opt->steps, "Optimizer steps")->capture_default_str();
+  c->add_option("--lr", opt->lr, "Peak learning rate")->capture_default_str();
+  c->add_option("--min-lr", opt->min_lr, "Floor of the cosine schedule")->capture_default_str();
+  c->add_option("--lr-schedule", opt->lr_schedule, "constant or cosine (after warmup)")->capture_default_str();
+  c->add_option("--warmup", opt->warmup, "Linear warmup steps")->capture_default_str();
+  c->add_option("--weight-decay", opt->adamw.weight_decay, "AdamW decoupled weight decay (matrices only)")
+      ->capture_default_str();
+  c->add_option("--beta1", opt->adamw.beta1, "AdamW beta1")->capture_default_str();
+  c->add_option("--beta2", opt->adamw.beta2, "AdamW beta2")->capture_default_str();
+  c->add_option("--adam-eps", opt->adamw.eps, "AdamW epsilon")->capture_default_str();
+  c->add_option("--grad-clip", opt->adamw.grad_clip, "Clip the global gradient norm to this (0: off)")
+      ->capture_default_str();
+  c->add_option("--seed", opt->seed, "Seed for initialisation and data order")->capture_default_str();
+  c->add_option("--data-order", opt->data_order, "sequential (llm.c) or shuffled")->capture_default_str();
+  c->add_option("--threads", opt->threads, "CPU threads (0: all cores)")->capture_default_str();
+  c->add_option("--out", opt->out, "Directory for checkpoints (step_N/ and the 'latest' link)");
+  c->add_option("--save-every", opt->save_every, "Checkpoint every N steps (0: only at the end)")
+      ->capture_default_str();
+  c->add_option("--keep-checkpoints", opt->keep_checkpoints, "Step checkpoints to keep (0: all)")
+      ->capture_default_str();
+  c->add_option("--save-dtype", opt->save_dtype, "Weights on disk: f32 or bf16 (training state stays f32)")
+      ->capture_default_str();
+  c->add_flag("--resume", opt->resume, "Continue from <out>/latest: weights, AdamW state, step and data position");
+  c->add_option("--metrics", opt->metrics, "JSONL file: one object per step (step, loss, lr, grad_norm, ...)");
+  c->add_flag("!--no-progress", opt->progress, "No live progress line");
+  c->callback([opt] { kiln::train(*opt); });
+});
+
+}  // namespace

@@ -1,0 +1,33 @@
+// Checkpoint directories written by `kiln train`:
+//   <out>/step_00000100/config.json, model.safetensors  (Hugging Face GPT2LMHeadModel names)
+//   <out>/step_00000100/train_state.safetensors          (AdamW moments, step, data position, seed)
+//   <out>/latest -> step_00000100                         (symlink, replaced atomically last)
+// Every file is written atomically and `latest` moves only after a checkpoint is complete, so a
+// run killed at any moment leaves the last good checkpoint whole.
+#pragma once
+#include <cstdint>
+#include <string>
+
+#include "models/gpt2.h"
+#include "train/dataloader.h"
+#include "train/optimizer.h"
+
+namespace kiln {
+
+struct TrainState {
+  int64_t step = 0;  // optimizer steps completed
+  uint64_t seed = 0;
+  LoaderState loader;
+  double last_loss = 0;
+};
+
+// Writes a complete checkpoint for `state.step` and points <out>/latest at it; removes older
+// step directories beyond `keep` (0 keeps all). Returns the checkpoint directory.
+std::string save_training_checkpoint(const std::string& out, GPT2& model, AdamW& opt, const TrainState& state,
+                                     const std::string& save_dtype, const std::string& tokenizer_dir, int keep);
+// Loads weights, optimizer moments and state from a checkpoint directory written above.
+TrainState load_training_checkpoint(const std::string& dir, GPT2& model, AdamW& opt);
+// <out>/latest resolved, or "" if there is none.
+std::string latest_checkpoint(const std::string& out);
+
+}  // namespace kiln

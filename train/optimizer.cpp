@@ -1,0 +1,32 @@
+#include "train/optimizer.h"
+
+#include <cmath>
+
+namespace kiln {
+
+AdamW::AdamW(const ParamTable& table, const AdamWConfig& cfg)
+    : table_(table), cfg_(cfg), m_(table.total * sizeof(float)), v_(table.total * sizeof(float)) {}
+
+float AdamW::step(float* params, const float* grads, float lr, int64_t t) {
+  // Padding floats between tensors are zero in every block, so one pass over the whole block is exact.
+  double norm = std::sqrt(cpu::sum_squares(grads, int64_t(table_.total)));
+  float clip = 1.0f;
+  if (cfg_.grad_clip > 0) {
+    double coef = double(cfg_.grad_clip) / (norm + 1e-6);
+    if (coef < 1.0) clip = float(coef);
+  }
+  for (const ParamSpec& s : table_.specs) {
+    AdamWHyper h;
+    h.lr = lr;
+    h.beta1 = cfg_.beta1;
+    h.beta2 = cfg_.beta2;
+    h.eps = cfg_.eps;
+    h.weight_decay = s.decay ? cfg_.weight_decay : 0.0f;
+    h.t = t;
+    h.grad_scale = clip;
+    cpu::adamw_update(params + s.offset, grads + s.offset, m_.f32() + s.offset, v_.f32() + s.offset, s.numel(), h);
+  }
+  return float(norm);
+}
+
+}  // namespace kiln

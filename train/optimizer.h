@@ -1,0 +1,35 @@
+// AdamW over the flat parameter block with per-tensor weight decay (on tensors with two or more
+// dimensions: embeddings and weight matrices; none on biases and LayerNorm gains), plus global-norm
+// gradient clipping as torch.nn.utils.clip_grad_norm_ computes it.
+#pragma once
+#include <cstdint>
+
+#include "core/memory.h"
+#include "kernels/adamw.h"
+#include "models/gpt2_params.h"
+
+namespace kiln {
+
+struct AdamWConfig {
+  float beta1 = 0.9f, beta2 = 0.95f, eps = 1e-8f, weight_decay = 0.1f;
+  float grad_clip = 1.0f;  // <= 0: no clipping
+};
+
+class AdamW {
+ public:
+  AdamW(const ParamTable& table, const AdamWConfig& cfg);
+  // Clips (if configured) and applies one update at learning rate lr. Returns the global gradient norm
+  // before clipping. t is the 1-based step count used for bias correction.
+  float step(float* params, const float* grads, float lr, int64_t t);
+  float* m() { return m_.f32(); }
+  float* v() { return v_.f32(); }
+  size_t num_floats() const { return table_.total; }
+  const AdamWConfig& config() const { return cfg_; }
+
+ private:
+  const ParamTable& table_;
+  AdamWConfig cfg_;
+  Buffer m_, v_;
+};
+
+}  // namespace kiln

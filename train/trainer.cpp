@@ -1,0 +1,219 @@
+#include "train/trainer.h"
+
+#include <cblas.h>
+#include <omp.h>
+#include <sys/resource.h>
+#include <unistd.h>
+
+#include <chrono>
+#include <cmath>
+#include <cstdio>
+#include <fstream>
+#include <nlohmann/json.hpp>
+#include <sstream>
+#include <vector>
+
+#include "core/error.h"
+#include "core/file_io.h"
+#include "models/checkpoint.h"
+#include "models/gpt2.h"
+#include "train/checkpoint_dir.h"
+#include "train/dataloader.h"
+#include "train/schedule.h"
+
+namespace kiln {
+
+void set_threads(int threads) {
+  if (threads <= 0) threads = int(sysconf(_SC_NPROCESSORS_ONLN));
+  omp_set_num_threads(threads);
+  openblas_set_num_threads(threads);
+}
+
+namespace {
+
+using Clock = std::chrono::steady_clock;
+
+std::string format_duration(double s) {
+  if (!std::isfinite(s) || s < 0) return "?";
+  int64_t t = int64_t(s + 0.5);
+  char buf[32];
+  if (t >= 3600)
+    std::snprintf(buf, sizeof buf, "%ldh%02ldm", long(t / 3600), long(t / 60 % 60));
+  else if (t >= 60)
+    std::snprintf(buf, sizeof buf, "%ldm%02lds", long(t / 60), long(t % 60));
+  else
+    std::snprintf(buf, sizeof buf, "%lds", long(t));
+  return buf;
+}
+
+void validate(const TrainOptions& o) {
+  KILN_CHECK(o.batch > 0, "--batch must be positive (got ", o.batch, ")");
+  KILN_CHECK(o.seq > 0, "--seq must be positive (got ", o.seq, ")");
+  KILN_CHECK(o.grad_accum > 0, "--grad-accum must be positive (got ", o.grad_accum, ")");
+  KILN_CHECK(o.steps > 0, "--steps must be positive (got ", o.steps, ")");
+  KILN_CHECK(o.lr > 0 && std::isfinite(o.lr), "--lr must be positive (got ", o.lr, ")");
+  KILN_CHECK(o.min_lr >= 0 && o.min_lr <= o.lr, "--min-lr must be in [0, --lr] (got ", o.min_lr, ")");
+  KILN_CHECK(o.warmup >= 0, "--warmup must be >= 0");
+  KILN_CHECK(o.adamw.weight_decay >= 0, "--weight-decay must be >= 0");
+  KILN_CHECK(o.save_every >= 0 && o.eval_every >= 0, "--save-every and --eval-every must be >= 0");
+  KILN_CHECK(o.save_dtype == "f32" || o.save_dtype == "bf16", "--save-dtype: expected f32 or bf16, got '",
+             o.save_dtype, "'");
+  KILN_CHECK(!o.data.empty(), "--data is required");
+  KILN_CHECK(!o.model.empty() || !o.init.empty() || o.resume, "one of --model or --init is required");
+  KILN_CHECK(!o.resume || !o.out.empty(), "--resume needs --out (the directory holding the checkpoints)");
+  if (o.eval_every > 0) KILN_CHECK(!o.val_data.empty(), "--eval-every needs --val-data");
+}
+
+// Mean loss over val_batches sequential batches from the start of the validation data.
+double evaluate(GPT2& model, DataLoader& val, int B, int T, int batches, std::vector<int32_t>& in,
+                std::vector<int32_t>& tg, const std::vector<int32_t>& pos) {
+  val.reset();
+  double sum = 0;
+  for (int i = 0; i < batches; i++) {
+    val.next(in.data(), tg.data());
+    sum += model.forward(in.data(), pos.data(), tg.data(), model.attention_params(B, T), 0.0f);
+  }
+  return sum / (double(batches) * B * T);
+}
+
+// Keeps metric lines up to `step` (a resumed run rewrites the steps after its checkpoint).
+void truncate_metrics(const std::string& path, int64_t step) {
+  if (!file_exists(path)) return;
+  std::istringstream in(read_file(path));
+  std::string line, kept;
+  while (std::getline(in, line)) {
+    auto j = nlohmann::json::parse(line, nullptr, false);
+    if (j.is_discarded() || !j.contains("step") || j["step"].get<int64_t>() <= step) kept += line + "\n";
+  }
+  write_file_atomic(path, kept);
+}
+
+double peak_rss_mb() {
+  struct rusage ru;
+  getrusage(RUSAGE_SELF, &ru);
+  return double(ru.ru_maxrss) / 1024.0;
+}
+
+}  // namespace
+
+double train(const TrainOptions& opt) {
+  validate(opt);
+  set_threads(opt.threads);
+  const int B = opt.batch, T = opt.seq;
+
+  std::string resume_dir;
+  if (opt.resume) {
+    resume_dir = latest_checkpoint(opt.out);
+    KILN_CHECK(!resume_dir.empty(), opt.out, ": no checkpoint to resume from (", opt.out, "/latest is missing)");
+  }
+  const std::string cfg_src = !resume_dir.empty() ? resume_dir : (!opt.init.empty() ? opt.init : opt.model);
+  GPT2Config cfg = GPT2Config::load(cfg_src);
+  KILN_CHECK(T <= cfg.n_positions, "--seq ", T, " exceeds the model's n_positions ", cfg.n_positions);
+  if (!opt.out.empty()) make_dirs(opt.out);
+
+  GPT2 model(cfg);
+  AdamW adam(model.table(), opt.adamw);
+  DataLoader loader(opt.data, B, T, DataLoader::parse_order(opt.data_order), opt.seed, cfg.vocab_size);
+  std::unique_ptr<DataLoader> val;
+  if (!opt.val_data.empty())
+    val = std::make_unique<DataLoader>(opt.val_data, B, T, DataLoader::Order::Sequential, opt.seed, cfg.vocab_size);
+
+  TrainState st;
+  st.seed = opt.seed;
+  if (!resume_dir.empty()) {
+    st = load_training_checkpoint(resume_dir, model, adam);
+    loader.set_state(st.loader);
+    KILN_CHECK(st.step <= opt.steps, resume_dir, ": checkpoint is at step ", st.step, ", past --steps ", opt.steps);
+  } else if (!opt.init.empty()) {
+    load_gpt2_weights(opt.init, cfg, model.table(), model.params());
+  } else {
+    model.init_random(opt.seed);
+  }
+
+  const size_t act_bytes = model.plan(B, T);
+  const double MB = 1024.0 * 1024.0;
+  std::fprintf(stderr,
+               "kiln train: %.2fM parameters | memory plan: weights %.1f MB, grads %.1f MB, AdamW %.1f MB, "
+               "activations %.1f MB\n",
+               double(cfg.num_params()) / 1e6, model.num_floats() * 4 / MB, model.num_floats() * 4 / MB,
+               model.num_floats() * 8 / MB, double(act_bytes) / MB);
+
+  std::ofstream metrics;
+  if (!opt.metrics.empty()) {
+    if (opt.resume) truncate_metrics(opt.metrics, st.step);
+    metrics.open(opt.metrics, opt.resume ? std::ios::app : std::ios::trunc);
+    KILN_CHECK(metrics.good(), opt.metrics, ": cannot open for writing");
+  }
+
+  LrSchedule sched;
+  sched.kind = LrSchedule::parse(opt.lr_schedule);
+  sched.lr = opt.lr;
+  sched.min_lr = opt.min_lr;
+  sched.warmup = opt.warmup;
+  sched.total = opt.steps;
+
+  std::vector<int32_t> in(size_t(B) * T), tg(size_t(B) * T), pos(size_t(B) * T);
+  for (int b = 0; b < B; b++)
+    for (int t = 0; t < T; t++) pos[size_t(b) * T + t] = t;
+  const AttentionParams ap = model.attention_params(B, T);
+  const int64_t tokens_per_step = int64_t(B) * T * opt.grad_accum;
+  const float grad_scale = 1.0f / float(tokens_per_step);
+  const bool tty = opt.progress && isatty(2);
+  const int log_every = std::max(1, opt.steps / 20);
+  double last_val = NAN, loss = st.last_loss;
+  auto run_start = Clock::now();
+  int64_t steps_this_run = 0;
+
+  for (int64_t step = st.step; step < opt.steps; step++) {
+    auto t0 = Clock::now();
+    model.zero_grad();
+    double loss_sum = 0;
+    for (int micro = 0; micro < opt.grad_accum; micro++) {
+      loader.next(in.data(), tg.data());
+      loss_sum += model.forward(in.data(), pos.data(), tg.data(), ap, grad_scale);
+      model.backward(in.data(), pos.data());
+    }
+    loss = loss_sum / double(tokens_per_step);
+    KILN_CHECK(std::isfinite(loss), "loss became ", loss, " at step ", step + 1, "; stopping without saving");
+    const float lr = sched.at(int(step));
+    const float norm = adam.step(model.params(), model.grads(), lr, step + 1);
+    const double secs = std::chrono::duration<double>(Clock::now() - t0).count();
+    steps_this_run++;
+    st.step = step + 1;
+    st.loader = loader.state();
+    st.last_loss = loss;
+
+    const bool last = st.step == opt.steps;
+    nlohmann::json m = {{"step", st.step},         {"loss", loss},
+                        {"lr", lr},                {"grad_norm", norm},
+                        {"tokens_per_s", double(tokens_per_step) / secs}, {"ms", secs * 1e3}};
+    if (val && opt.eval_every > 0 && (st.step % opt.eval_every == 0 || last)) {
+      last_val = evaluate(model, *val, B, T, opt.val_batches, in, tg, pos);
+      m["val_loss"] = last_val;
+    }
+    if (metrics.is_open()) {
+      metrics << m.dump() << "\n";
+      metrics.flush();
+    }
+    const double elapsed = std::chrono::duration<double>(Clock::now() - run_start).count();
+    const double eta = elapsed / double(steps_this_run) * double(opt.steps - st.step);
+    char line[256];
+    std::snprintf(line, sizeof line, "step %ld/%d | loss %.4f%s | lr %.2e | %.0f tok/s | ETA %s", long(st.step),
+                  opt.steps, loss,
+                  std::isnan(last_val) ? "" : str(" | val ", std::to_string(last_val).substr(0, 6)).c_str(), lr,
+                  double(tokens_per_step) / secs, format_duration(eta).c_str());
+    if (tty)
+      std::fprintf(stderr, "\r\033[K%s", line);
+    else if (st.step % log_every == 0 || last)
+      std::fprintf(stderr, "%s\n", line);
+
+    if (!opt.out.empty() && ((opt.save_every > 0 && st.step % opt.save_every == 0) || last))
+      save_training_checkpoint(opt.out, model, adam, st, opt.save_dtype, opt.tokenizer, opt.keep_checkpoints);
+  }
+  if (tty) std::fprintf(stderr, "\n");
+  std::fprintf(stderr, "kiln train: done, final loss %.4f, peak memory %.1f MB (planned %.1f MB)\n", loss,
+               peak_rss_mb(), (model.num_floats() * 16 + act_bytes) / MB);
+  return loss;
+}
+
+}  // namespace kiln

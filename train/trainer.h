@@ -1,0 +1,41 @@
+// The training loop: data, forward/backward with gradient accumulation, clipping, AdamW, schedule,
+// evaluation, JSONL metrics, a live progress line, and atomic checkpoints that resume exactly.
+#pragma once
+#include <cstdint>
+#include <string>
+
+#include "train/optimizer.h"
+
+namespace kiln {
+
+struct TrainOptions {
+  std::string model;       // config.json or a directory holding one (random init)
+  std::string init;        // checkpoint directory to start from (weights)
+  std::string data, val_data;
+  std::string tokenizer;   // directory whose tokenizer files are copied into every checkpoint
+  int batch = 4, seq = 64, grad_accum = 1, steps = 100;
+  float lr = 6e-4f, min_lr = 0.0f;
+  std::string lr_schedule = "cosine";
+  int warmup = 0;
+  AdamWConfig adamw;
+  uint64_t seed = 1337;
+  std::string data_order = "shuffled";
+  int threads = 0;         // 0: all cores
+  std::string out;         // checkpoint directory
+  int save_every = 0;      // 0: only at the end
+  int keep_checkpoints = 2;
+  std::string save_dtype = "f32";
+  bool resume = false;
+  std::string metrics;     // JSONL path
+  int eval_every = 0;
+  int val_batches = 20;
+  bool progress = true;    // live line on a terminal
+};
+
+// Runs training; throws kiln::Error on bad input. Returns the final training loss.
+double train(const TrainOptions& opt);
+
+// Threads for OpenMP and OpenBLAS (0 = all cores).
+void set_threads(int threads);
+
+}  // namespace kiln
