@@ -1,0 +1,71 @@
+"""PyTorch peer for `kiln bench train`: the same GPT-2 training step (forward, backward, AdamW with
+clipping) in fp32 on the CPU, timed the same way (median over steps after warm-up). Prints one JSON line.
+
+usage: torch_train_bench.py CONFIG_JSON --batch B --seq T --steps K [--threads N]
+Run with LD_LIBRARY_PATH=/usr/lib/x86_64-linux-gnu/openblas-openmp so torch uses OpenBLAS.
+"""
+import argparse
+import json
+import os
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests", "peer"))
+from torch_gpt2 import forward, param_names  # noqa: E402
+
+ap = argparse.ArgumentParser()
+ap.add_argument("config")
+ap.add_argument("--batch", type=int, default=4)
+ap.add_argument("--seq", type=int, default=64)
+ap.add_argument("--steps", type=int, default=5)
+ap.add_argument("--warmup", type=int, default=1)
+ap.add_argument("--threads", type=int, default=os.cpu_count())
+a = ap.parse_args()
+torch.set_num_threads(a.threads)
+cfg = json.load(open(a.config))
+C, V, L = cfg["n_embd"], cfg["vocab_size"], cfg["n_layer"]
+shapes = {"transformer.wte.weight": (V, C), "transformer.wpe.weight": (cfg["n_positions"], C)}
+P = {}
+for n in param_names(cfg):
+    if n in shapes:
+        s = shapes[n]
+    elif n.endswith("c_attn.weight"):
+        s = (C, 3 * C)
+    elif n.endswith("c_attn.bias"):
+        s = (3 * C,)
+    elif n.endswith("c_fc.weight"):
+        s = (C, 4 * C)
+    elif n.endswith("c_fc.bias"):
+        s = (4 * C,)
+    elif n.endswith("mlp.c_proj.weight"):
+        s = (4 * C, C)
+    elif n.endswith("attn.c_proj.weight"):
+        s = (C, C)
+    else:
+        s = (C,)
+    P[n] = (torch.randn(s) * 0.02 if len(s) > 1 else torch.ones(s)).requires_grad_(True)
+opt = torch.optim.AdamW(list(P.values()), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.1, foreach=True)
+x = torch.randint(0, V, (a.batch, a.seq))
+y = torch.randint(0, V, (a.batch, a.seq))
+times = []
+for s in range(a.warmup + a.steps):
+    t0 = time.perf_counter()
+    opt.zero_grad(set_to_none=True)
+    logits = forward(P, cfg, x)
+    loss = torch.nn.functional.cross_entropy(logits.view(-1, V), y.view(-1))
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(list(P.values()), 1.0)
+    opt.step()
+    dt = (time.perf_counter() - t0) * 1e3
+    if s >= a.warmup:
+        times.append(dt)
+times.sort()
+med = times[len(times) // 2]
+n_params = sum(p.numel() for p in P.values())
+n_matmul = n_params - cfg["n_positions"] * C
+flops = (6 * n_matmul + 12 * L * a.seq * C) * a.batch * a.seq
+print(json.dumps({"bench": "train", "peer": "pytorch " + torch.__version__, "ms_per_step": med,
+                  "tokens_per_s": a.batch * a.seq / (med / 1e3), "gflops": flops / (med / 1e3) / 1e9,
+                  "blas": torch.__config__.show().count("OpenBLAS") > 0}))
