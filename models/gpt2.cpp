@@ -54,34 +54,52 @@ void GPT2::init_random(uint64_t seed) {
   }
 }
 
-void GPT2::allocate_activations(Arena& a, int64_t N) {
-  const int C = cfg_.n_embd;
-  encoded_ = a.alloc(N * C);
-  block_acts_.resize(cfg_.n_layer);
-  block_out_.resize(cfg_.n_layer);
-  for (int l = 0; l < cfg_.n_layer; l++) {
-    block_acts_[l].allocate(a, N, C, cfg_.n_head);
-    block_out_[l] = a.alloc(N * C);
+void GPT2::Activations::allocate(Arena& ar, const GPT2Config& cfg, int64_t N, RecomputePolicy pol, int64_t ch) {
+  const int C = cfg.n_embd, L = cfg.n_layer;
+  policy = pol;
+  max_tokens = N;
+  chunk = (ch <= 0 || ch > N) ? N : ch;
+  const bool selective = pol.kind == RecomputePolicy::Selective;
+  const int kept = pol.kind == RecomputePolicy::Every ? std::min(pol.k, L) : L;
+  encoded = ar.alloc(N * C);
+  blocks.assign(size_t(kept), {});
+  out.assign(size_t(kept), nullptr);
+  for (int i = 0; i < kept; i++) {
+    blocks[size_t(i)].allocate(ar, N, C, cfg.n_head, selective);
+    out[size_t(i)] = ar.alloc(N * C);
   }
-  lnf_out_ = a.alloc(N * C);
-  lnf_mean_ = a.alloc(N);
-  lnf_rstd_ = a.alloc(N);
-  logits_ = a.alloc(N * cfg_.vocab_size);
-  losses_ = a.alloc(N);
-  dres_ = a.alloc(N * C);
-  scratch_.allocate(a, N, C);
+  ckpt_in.clear();
+  if (pol.kind == RecomputePolicy::Every) {
+    ckpt_in.push_back(encoded);
+    for (int s = pol.k; s < L; s += pol.k) ckpt_in.push_back(ar.alloc(N * C));
+    final_out = ar.alloc(N * C);
+    spare_out = ar.alloc(N * C);
+  } else {
+    final_out = L ? out.back() : encoded;
+  }
+  lnf_out = ar.alloc(N * C);
+  lnf_mean = ar.alloc(N);
+  lnf_rstd = ar.alloc(N);
+  dlnf = ar.alloc(N * C);
+  logits = ar.alloc(chunk * cfg.vocab_size);
+  losses = ar.alloc(N);
+  dres = ar.alloc(N * C);
+  scratch.allocate(ar, N, C, selective);
 }
 
-size_t GPT2::plan(int B, int T) {
-  KILN_CHECK(T <= cfg_.n_positions, "sequence length ", T, " exceeds the model's n_positions ", cfg_.n_positions);
-  int64_t N = int64_t(B) * T;
-  if (N == max_tokens_) return acts_.capacity();
+size_t GPT2::plan_bytes(const GPT2Config& cfg, int64_t N, RecomputePolicy policy, int lm_head_chunk) {
   Arena measure;
-  allocate_activations(measure, N);
-  acts_ = Arena(measure.peak());
-  allocate_activations(acts_, N);
-  max_tokens_ = N;
-  return acts_.capacity();
+  Activations a;
+  a.allocate(measure, cfg, N, policy, lm_head_chunk);
+  return measure.peak();
+}
+
+size_t GPT2::plan(int B, int T, RecomputePolicy policy, int lm_head_chunk) {
+  KILN_CHECK(T <= cfg_.n_positions, "sequence length ", T, " exceeds the model's n_positions ", cfg_.n_positions);
+  const int64_t N = int64_t(B) * T;
+  arena_ = Arena(plan_bytes(cfg_, N, policy, lm_head_chunk));
+  a_.allocate(arena_, cfg_, N, policy, lm_head_chunk);
+  return arena_.capacity();
 }
 
 AttentionParams GPT2::attention_params(int B, int T) const {
@@ -95,46 +113,89 @@ AttentionParams GPT2::attention_params(int B, int T) const {
   return ap;
 }
 
+void GPT2::run_blocks_forward(const AttentionParams& attn, int64_t N) {
+  const int L = cfg_.n_layer;
+  const float* x = a_.encoded;
+  if (a_.policy.kind != RecomputePolicy::Every) {
+    for (int l = 0; l < L; l++) {
+      blocks_[l].forward(a_.out[size_t(l)], x, a_.blocks[size_t(l)], a_.scratch, attn, N);
+      x = a_.out[size_t(l)];
+    }
+    return;
+  }
+  // every:K: block outputs go where they are kept (a segment's input, or the final output); the rest,
+  // and the activations, use the segment buffers and are overwritten.
+  const int K = a_.policy.k;
+  for (int l = 0; l < L; l++) {
+    float* y = l == L - 1 ? a_.final_out : ((l + 1) % K == 0 ? a_.ckpt_in[size_t((l + 1) / K)] : a_.out[size_t(l % K)]);
+    blocks_[l].forward(y, x, a_.blocks[size_t(l % K)], a_.scratch, attn, N);
+    x = y;
+  }
+}
+
+void GPT2::lm_head(const int32_t* targets, float grad_scale, int64_t N, double* loss_sum) {
+  const int C = cfg_.n_embd, V = cfg_.vocab_size;
+  for (int64_t r0 = 0; r0 < N; r0 += a_.chunk) {
+    const int64_t rows = std::min(a_.chunk, N - r0);
+    const float* x = a_.lnf_out + r0 * C;
+    // Tied LM head: logits[rows, V] = lnf · wteᵀ
+    cpu::gemm(false, true, rows, V, C, 1.0f, x, C, p_.wte, C, 0.0f, a_.logits, V);
+    if (!targets) continue;
+    cpu::softmax_crossentropy(a_.logits, a_.losses + r0, targets + r0, rows, V, V, grad_scale);
+    if (grad_scale == 0.0f) continue;
+    // logits now hold dlogits: dlnf = dlogits · wte ; dwte += dlogitsᵀ · lnf
+    cpu::gemm(false, false, rows, C, V, 1.0f, a_.logits, V, p_.wte, C, 0.0f, a_.dlnf + r0 * C, C);
+    cpu::gemm(true, false, V, C, rows, 1.0f, a_.logits, V, x, C, 1.0f, g_.wte, C);
+  }
+  if (targets)
+    for (int64_t i = 0; i < N; i++) *loss_sum += a_.losses[i];
+}
+
 double GPT2::forward(const int32_t* tokens, const int32_t* pos, const int32_t* targets, const AttentionParams& attn,
                      float grad_scale) {
   const int64_t N = attn.cu_seqlens ? attn.cu_seqlens[attn.num_seqs] : int64_t(attn.B) * attn.T;
-  KILN_CHECK(N <= max_tokens_, "batch of ", N, " tokens exceeds the planned ", max_tokens_, " (call plan first)");
-  const int C = cfg_.n_embd, V = cfg_.vocab_size;
+  KILN_CHECK(N <= a_.max_tokens, "batch of ", N, " tokens exceeds the planned ", a_.max_tokens, " (call plan first)");
+  KILN_CHECK(grad_scale == 0.0f || grads_.data(), "training forward on a model built without gradients");
+  const int C = cfg_.n_embd;
   last_N_ = N;
   last_attn_ = attn;
-
-  cpu::embedding_forward(encoded_, tokens, pos, p_.wte, p_.wpe, N, C);
-  const float* x = encoded_;
-  for (int l = 0; l < cfg_.n_layer; l++) {
-    blocks_[l].forward(block_out_[l], x, block_acts_[l], attn, N);
-    x = block_out_[l];
-  }
-  lnf_.forward(lnf_out_, lnf_mean_, lnf_rstd_, x, N);
-  // Tied LM head: logits[N, V] = lnf · wteᵀ
-  cpu::gemm(false, true, N, V, C, 1.0f, lnf_out_, C, p_.wte, C, 0.0f, logits_, V);
-  if (!targets) return 0.0;
-  cpu::softmax_crossentropy(logits_, losses_, targets, N, V, V, grad_scale);
+  cpu::embedding_forward(a_.encoded, tokens, pos, p_.wte, p_.wpe, N, C);
+  run_blocks_forward(attn, N);
+  lnf_.forward(a_.lnf_out, a_.lnf_mean, a_.lnf_rstd, a_.final_out, N);
   double sum = 0;
-  for (int64_t i = 0; i < N; i++) sum += losses_[i];
+  lm_head(targets, grad_scale, N, &sum);
   return sum;
 }
 
 void GPT2::backward(const int32_t* tokens, const int32_t* pos) {
   KILN_CHECK(grads_.data(), "backward on a model built without gradients");
   const int64_t N = last_N_;
-  const int C = cfg_.n_embd, V = cfg_.vocab_size;
-  // LM head: dlnf = dlogits · wte ; dwte += dlogitsᵀ · lnf
-  float* dlnf = scratch_.d_ln;
-  cpu::gemm(false, false, N, C, V, 1.0f, logits_, V, p_.wte, C, 0.0f, dlnf, C);
-  cpu::gemm(true, false, V, C, N, 1.0f, logits_, V, lnf_out_, C, 1.0f, g_.wte, C);
-  std::memset(dres_, 0, size_t(N) * C * sizeof(float));
-  const float* x_last = cfg_.n_layer ? block_out_[cfg_.n_layer - 1] : encoded_;
-  lnf_.backward(dres_, dlnf, x_last, lnf_mean_, lnf_rstd_, N);
-  for (int l = cfg_.n_layer - 1; l >= 0; l--) {
-    const float* x = l ? block_out_[l - 1] : encoded_;
-    blocks_[l].backward(dres_, x, block_acts_[l], scratch_, last_attn_, N);
+  const int C = cfg_.n_embd, L = cfg_.n_layer;
+  std::memset(a_.dres, 0, size_t(N) * C * sizeof(float));
+  lnf_.backward(a_.dres, a_.dlnf, a_.final_out, a_.lnf_mean, a_.lnf_rstd, N);
+  if (a_.policy.kind != RecomputePolicy::Every) {
+    for (int l = L - 1; l >= 0; l--) {
+      const float* x = l ? a_.out[size_t(l - 1)] : a_.encoded;
+      blocks_[l].backward(a_.dres, x, a_.blocks[size_t(l)], a_.scratch, last_attn_, N);
+    }
+  } else {
+    const int K = a_.policy.k;
+    for (int seg = (L - 1) / K; seg >= 0; seg--) {
+      const int s = seg * K, e = std::min(L, s + K);
+      // Recompute the segment's forward from its kept input, keeping every activation this time.
+      const float* x = a_.ckpt_in[size_t(seg)];
+      for (int l = s; l < e; l++) {
+        float* y = l == e - 1 ? a_.spare_out : a_.out[size_t(l - s)];
+        blocks_[l].forward(y, x, a_.blocks[size_t(l - s)], a_.scratch, last_attn_, N);
+        x = y;
+      }
+      for (int l = e - 1; l >= s; l--) {
+        const float* in = l == s ? a_.ckpt_in[size_t(seg)] : a_.out[size_t(l - s - 1)];
+        blocks_[l].backward(a_.dres, in, a_.blocks[size_t(l - s)], a_.scratch, last_attn_, N);
+      }
+    }
   }
-  cpu::embedding_backward(g_.wte, g_.wpe, dres_, tokens, pos, N, C);
+  cpu::embedding_backward(g_.wte, g_.wpe, a_.dres, tokens, pos, N, C);
 }
 
 void GPT2::zero_grad() {

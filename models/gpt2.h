@@ -9,6 +9,7 @@
 #include "kernels/attention.h"
 #include "models/config.h"
 #include "models/gpt2_params.h"
+#include "models/recompute.h"
 #include "nn/block.h"
 
 namespace kiln {
@@ -28,13 +29,18 @@ class GPT2 {
   // biases 0, LayerNorm gains 1. Deterministic for a seed, whatever the thread count.
   void init_random(uint64_t seed);
 
-  // Sizes the activation arena for batches of up to N tokens (B rows of T, or packed). Returns bytes.
-  size_t plan(int B, int T);
-  size_t activation_bytes() const { return acts_.capacity(); }
+  // Sizes the activation arena for batches of up to B·T tokens (B rows of T, or packed) under a
+  // recomputation policy. lm_head_chunk: rows of logits held at once (0: all N). Returns bytes.
+  size_t plan(int B, int T, RecomputePolicy policy = {}, int lm_head_chunk = 0);
+  // The same plan's size without allocating it.
+  static size_t plan_bytes(const GPT2Config& cfg, int64_t N, RecomputePolicy policy, int lm_head_chunk);
+  size_t activation_bytes() const { return arena_.capacity(); }
 
   // Forward over N = B·T tokens. tokens, pos: [N]; targets: [N] (negative = ignored) or null.
   // Returns the sum of per-token losses over the non-ignored targets (0 without targets).
-  // With grad_scale != 0 the logits buffer is replaced by dloss/dlogits · grad_scale, ready for backward().
+  // With grad_scale != 0 (training) the LM head's backward runs here, chunk by chunk, as soon as each
+  // chunk's loss gradient exists (dlogits = (softmax - onehot)·grad_scale), so only lm_head_chunk rows
+  // of logits are ever held; backward() continues from the final LayerNorm.
   // attn says how the N tokens form sequences (B rows of T, or packed with cu_seqlens).
   double forward(const int32_t* tokens, const int32_t* pos, const int32_t* targets, const AttentionParams& attn,
                  float grad_scale);
@@ -42,9 +48,10 @@ class GPT2 {
   void backward(const int32_t* tokens, const int32_t* pos);
   void zero_grad();
 
-  // Logits of the last forward, [N, V] (valid only when that forward had grad_scale == 0).
-  const float* logits() const { return logits_; }
-  const float* losses() const { return losses_; }
+  // Logits of the last forward, [N, V] (valid only when that forward had grad_scale == 0 and the
+  // plan holds all N rows of logits).
+  const float* logits() const { return a_.logits; }
+  const float* losses() const { return a_.losses; }
 
   // Convenience: B rows of T with positions 0..T-1 and causal attention.
   AttentionParams attention_params(int B, int T) const;
@@ -58,20 +65,31 @@ class GPT2 {
   nn::LayerNorm lnf_;
 
   // Activation plan.
-  Arena acts_;
-  int64_t max_tokens_ = 0;
-  float* encoded_ = nullptr;                   // [N, C]  input of block 0
-  std::vector<nn::BlockActivations> block_acts_;
-  std::vector<float*> block_out_;              // [N, C]  output of each block
-  float *lnf_out_ = nullptr, *lnf_mean_ = nullptr, *lnf_rstd_ = nullptr;
-  float* logits_ = nullptr;                    // [N, V]
-  float* losses_ = nullptr;                    // [N]
-  float* dres_ = nullptr;                      // [N, C]  gradient of the residual stream
-  nn::BlockScratch scratch_{};
+  struct Activations {
+    RecomputePolicy policy{};
+    int64_t max_tokens = 0, chunk = 0;           // chunk: LM head rows at a time
+    float* encoded = nullptr;                    // [N, C]  input of block 0
+    std::vector<nn::BlockActivations> blocks;    // none/selective: one per layer; every:K: K (one segment)
+    std::vector<float*> out;                     // none/selective: each layer's output; every:K: segment's
+    std::vector<float*> ckpt_in;                 // every:K: input of each segment (ckpt_in[0] = encoded)
+    float* final_out = nullptr;                  // [N, C]  input of the final LayerNorm
+    float* spare_out = nullptr;                  // every:K: a recomputed block output nobody reads
+    float *lnf_out = nullptr, *lnf_mean = nullptr, *lnf_rstd = nullptr;
+    float* dlnf = nullptr;                       // [N, C]
+    float* logits = nullptr;                     // [chunk, V]
+    float* losses = nullptr;                     // [N]
+    float* dres = nullptr;                       // [N, C]  gradient of the residual stream
+    nn::BlockScratch scratch{};
+    void allocate(Arena& arena, const GPT2Config& cfg, int64_t N, RecomputePolicy policy, int64_t chunk);
+  };
+  Arena arena_;
+  Activations a_;
   int64_t last_N_ = 0;
   AttentionParams last_attn_{};
 
-  void allocate_activations(Arena& arena, int64_t N);
+  const float* block_input(int l) const;
+  void run_blocks_forward(const AttentionParams& attn, int64_t N);
+  void lm_head(const int32_t* targets, float grad_scale, int64_t N, double* loss_sum);
 };
 
 }  // namespace kiln

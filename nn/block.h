@@ -16,7 +16,8 @@ class Arena;
 
 namespace kiln::nn {
 
-// Saved activations of one block for a batch of N tokens.
+// Saved activations of one block for a batch of N tokens. With selective recomputation ln1, ln2 and
+// fc_gelu are null: the forward writes them to scratch and the backward recomputes them there.
 struct BlockActivations {
   float *ln1, *ln1_mean, *ln1_rstd;  // [N,C], [N], [N]
   float *qkv;                        // [N,3C]
@@ -24,7 +25,7 @@ struct BlockActivations {
   float *h;                          // [N,C]  residual after attention
   float *ln2, *ln2_mean, *ln2_rstd;  // [N,C], [N], [N]
   float *fc, *fc_gelu;               // [N,4C] pre- and post-GELU
-  void allocate(Arena& arena, int64_t N, int C, int NH);
+  void allocate(Arena& arena, int64_t N, int C, int NH, bool selective = false);
 };
 
 // Scratch for the backward, shared by all blocks.
@@ -33,7 +34,8 @@ struct BlockScratch {
   float *d_atty;   // [N,C]
   float *d_qkv;    // [N,3C]
   float *d_fc;     // [N,4C]
-  void allocate(Arena& arena, int64_t N, int C);
+  float *ln_tmp = nullptr, *gelu_tmp = nullptr;  // [N,C], [N,4C]: selective recomputation only
+  void allocate(Arena& arena, int64_t N, int C, bool selective = false);
 };
 
 struct Block {
@@ -44,7 +46,8 @@ struct Block {
   static Block bind(const LayerParams& p, const LayerParams* g, int C, int n_head, float eps);
 
   // y = block(x); x and y are [N, C] and may not alias.
-  void forward(float* y, const float* x, BlockActivations& a, const AttentionParams& ap, int64_t N) const;
+  void forward(float* y, const float* x, BlockActivations& a, BlockScratch& s, const AttentionParams& ap,
+               int64_t N) const;
   // On entry dy holds dL/dy; on return it holds dL/dx. Uses the activations of the forward on x.
   void backward(float* dy, const float* x, const BlockActivations& a, BlockScratch& s, const AttentionParams& ap,
                 int64_t N) const;

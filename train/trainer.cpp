@@ -98,6 +98,8 @@ double peak_rss_mb() {
 
 double train(const TrainOptions& opt) {
   validate(opt);
+  RecomputePolicy::parse(opt.recompute);  // reject a bad policy before any work
+  KILN_CHECK(opt.lm_head_chunk >= 0, "--lm-head-chunk must be >= 0");
   set_threads(opt.threads);
   const int B = opt.batch, T = opt.seq;
 
@@ -130,7 +132,7 @@ double train(const TrainOptions& opt) {
     model.init_random(opt.seed);
   }
 
-  const size_t act_bytes = model.plan(B, T);
+  const size_t act_bytes = model.plan(B, T, RecomputePolicy::parse(opt.recompute), opt.lm_head_chunk);
   const double MB = 1024.0 * 1024.0;
   std::fprintf(stderr,
                "kiln train: %.2fM parameters | memory plan: weights %.1f MB, grads %.1f MB, AdamW %.1f MB, "

@@ -30,6 +30,8 @@ struct TrainOptions {
   int eval_every = 0;
   int val_batches = 20;
   bool progress = true;    // live line on a terminal
+  std::string recompute = "none";  // none | block | every:K | selective
+  int lm_head_chunk = 0;   // logits rows held at once (0: the whole batch)
 };
 
 // Runs training; throws kiln::Error on bad input. Returns the final training loss.

@@ -19,7 +19,8 @@ namespace {
 
 struct BenchTrainOptions {
   std::string model;
-  int batch = 4, seq = 64, steps = 5, warmup = 1, threads = 0;
+  int batch = 4, seq = 64, steps = 5, warmup = 1, threads = 0, lm_head_chunk = 0;
+  std::string recompute = "none";
 };
 
 void bench_train(const BenchTrainOptions& o) {
@@ -30,7 +31,7 @@ void bench_train(const BenchTrainOptions& o) {
   GPT2 model(cfg);
   model.init_random(1);
   AdamW adam(model.table(), AdamWConfig{});
-  model.plan(o.batch, o.seq);
+  model.plan(o.batch, o.seq, RecomputePolicy::parse(o.recompute), o.lm_head_chunk);
   const int64_t N = int64_t(o.batch) * o.seq;
   const size_t n_tok = static_cast<size_t>(N);
   std::vector<int32_t> in(n_tok), tg(n_tok), pos(n_tok);
@@ -64,6 +65,7 @@ void bench_train(const BenchTrainOptions& o) {
                       {"ms_min", ms.front()},
                       {"tokens_per_s", double(N) / (med / 1e3)},
                       {"gflops", flops_per_token * double(N) / (med / 1e3) / 1e9},
+                      {"recompute", o.recompute},
                       {"activation_mb", double(model.activation_bytes()) / (1 << 20)}};
   std::printf("%s\n", j.dump().c_str());
 }
@@ -79,6 +81,8 @@ kiln::cli::Command bench_cmd("bench", [](CLI::App& root) {
   t->add_option("--steps", o->steps, "Timed steps")->capture_default_str();
   t->add_option("--warmup", o->warmup, "Untimed steps first")->capture_default_str();
   t->add_option("--threads", o->threads, "CPU threads (0: all cores)")->capture_default_str();
+  t->add_option("--recompute", o->recompute, "none, block, every:K or selective")->capture_default_str();
+  t->add_option("--lm-head-chunk", o->lm_head_chunk, "Rows of logits held at once (0: all)")->capture_default_str();
   t->callback([o] { bench_train(*o); });
 });
 

@@ -41,6 +41,10 @@ kiln::cli::Command train_cmd("train", [](CLI::App& root) {
       ->capture_default_str();
   c->add_flag("--resume", opt->resume, "Continue from <out>/latest: weights, AdamW state, step and data position");
   c->add_option("--metrics", opt->metrics, "JSONL file: one object per step (step, loss, lr, grad_norm, ...)");
+  c->add_option("--recompute", opt->recompute, "Gradient checkpointing: none, block, every:K or selective")
+      ->capture_default_str();
+  c->add_option("--lm-head-chunk", opt->lm_head_chunk, "Rows of logits held at once (0: the whole micro-batch)")
+      ->capture_default_str();
   c->add_flag("!--no-progress", opt->progress, "No live progress line");
   c->callback([opt] { kiln::train(*opt); });
 });
