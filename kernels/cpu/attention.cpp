@@ -1,0 +1,353 @@
+// FlashAttention on the CPU (forward and backward), for head dims that are multiples of 16.
+//
+// Everything runs in "transposed" tiles: a tile of scores is stored as Sᵀ[key j][query i], with the
+// queries of a tile along the 16-float vector lanes. Then
+//   - the online-softmax statistics (running max m, running sum l) are one vector per 16 queries, and the
+//     max / sum over keys are plain element-wise vector ops (no horizontal reductions);
+//   - every product is "broadcast a scalar, FMA a vector row", reading K, V, dO in place from their
+//     row-major buffers; only Q (and dO in the backward) is packed transposed, once per tile.
+// Probabilities are computed with a vectorised exp; masked scores are -inf and give exactly 0.
+//
+// Forward: one work item per (sequence, head, query tile); Oᵀ accumulates over key tiles with the usual
+// rescaling by exp(m_old - m_new); only lse = m + log(l) is saved per row.
+// Backward: one work item per (sequence, head), so each item owns its rows of dQ, dK, dV and no two threads
+// write the same memory; the summation order inside an item is fixed, so results are the same bits on every
+// run and for every thread count. Per key tile (outer) and query tile (inner), P is recomputed from lse,
+// D = rowsum(dO∘O), dS = P∘(dP − D), and dV += Pᵀ·dO, dK += scale·dSᵀ·Q, dQ += scale·dS·K.
+#include <omp.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <limits>
+#include <vector>
+
+#include "core/error.h"
+#include "core/memory.h"
+#include "kernels/attention.h"
+
+namespace kiln::cpu {
+namespace {
+
+// 16 floats: one AVX-512 register with -march=native (GCC vector extensions, so other targets still build).
+typedef float f32x16 __attribute__((vector_size(64)));
+typedef float f32x16_unaligned __attribute__((vector_size(64), aligned(4)));
+typedef int32_t i32x16 __attribute__((vector_size(64)));
+
+constexpr int kLanes = 16;
+constexpr int kBr = 64;  // queries per tile (vector lanes of the transposed tiles)
+constexpr int kBc = 64;  // keys per tile
+constexpr int kVq = kBr / kLanes;
+constexpr float kInf = std::numeric_limits<float>::infinity();
+
+inline f32x16 load(const float* p) { return *reinterpret_cast<const f32x16_unaligned*>(p); }
+inline void store(float* p, f32x16 v) { *reinterpret_cast<f32x16_unaligned*>(p) = v; }
+inline f32x16 splat(float x) { return f32x16{} + x; }
+inline f32x16 vmax(f32x16 a, f32x16 b) { return a > b ? a : b; }
+inline i32x16 lane_index() { return i32x16{0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15}; }
+
+// e^x for 16 lanes, within ~2 ulp: x = k·ln2 + r with |r| <= ln2/2, e^r by a degree-7 Taylor polynomial,
+// 2^k built in the exponent bits. Inputs below -87 (including -inf) give exactly 0; NaN stays NaN.
+inline f32x16 vexp(f32x16 x) {
+  const f32x16 lo = splat(-87.0f), hi = splat(88.0f);
+  f32x16 xc = x < lo ? lo : x;
+  xc = xc > hi ? hi : xc;
+  const f32x16 magic = splat(12582912.0f);  // 1.5·2^23: adding and subtracting it rounds to an integer
+  const f32x16 k = (xc * 1.44269504088896341f + magic) - magic;
+  const f32x16 r = (xc - k * 0.693145751953125f) - k * 1.428606765330187e-06f;  // ln2 split hi + lo
+  f32x16 poly = splat(1.0f / 5040.0f);
+  poly = poly * r + 1.0f / 720.0f;
+  poly = poly * r + 1.0f / 120.0f;
+  poly = poly * r + 1.0f / 24.0f;
+  poly = poly * r + 1.0f / 6.0f;
+  poly = poly * r + 0.5f;
+  poly = poly * r + 1.0f;
+  poly = poly * r + 1.0f;
+  const i32x16 bits = (__builtin_convertvector(k, i32x16) + 127) << 23;
+  const f32x16 result = poly * (f32x16)bits;  // a vector cast reinterprets the bits
+  return x < lo ? f32x16{} : result;
+}
+
+// The one product shape everything uses: for r < R and 16·NV lanes,
+//   C[r][lanes] (+)= Σ_k s[r·srs + k·sks] · A[k·lda + lanes]
+// i.e. broadcast a scalar of s (any layout, by strides) and FMA a vector row of A. Accumulators stay in
+// registers for the whole k loop (R·NV of them).
+template <int R, int NV>
+inline void block(float* C, int64_t ldc, const float* s, int64_t srs, int64_t sks, const float* A, int64_t lda,
+                  int K, bool accumulate) {
+  f32x16 c[R][NV];
+#pragma GCC unroll 8
+  for (int r = 0; r < R; r++)
+#pragma GCC unroll 4
+    for (int v = 0; v < NV; v++) c[r][v] = accumulate ? load(C + r * ldc + v * kLanes) : f32x16{};
+  for (int k = 0; k < K; k++) {
+    f32x16 a[NV];
+#pragma GCC unroll 4
+    for (int v = 0; v < NV; v++) a[v] = load(A + k * lda + v * kLanes);
+#pragma GCC unroll 8
+    for (int r = 0; r < R; r++) {
+      const float b = s[r * srs + k * sks];
+#pragma GCC unroll 4
+      for (int v = 0; v < NV; v++) c[r][v] += b * a[v];
+    }
+  }
+#pragma GCC unroll 8
+  for (int r = 0; r < R; r++)
+#pragma GCC unroll 4
+    for (int v = 0; v < NV; v++) store(C + r * ldc + v * kLanes, c[r][v]);
+}
+
+template <int R>
+inline void block_nv(int nv, float* C, int64_t ldc, const float* s, int64_t srs, int64_t sks, const float* A,
+                     int64_t lda, int K, bool accumulate) {
+  switch (nv) {
+    case 4: block<R, 4>(C, ldc, s, srs, sks, A, lda, K, accumulate); break;
+    case 3: block<R, 3>(C, ldc, s, srs, sks, A, lda, K, accumulate); break;
+    case 2: block<R, 2>(C, ldc, s, srs, sks, A, lda, K, accumulate); break;
+    default: block<R, 1>(C, ldc, s, srs, sks, A, lda, K, accumulate); break;
+  }
+}
+
+// C[rows][lanes] (+)= S[rows][K] · A[K][lanes], S addressed by strides, lanes a multiple of 16.
+// Lane chunks of 64 outside, so one chunk of A stays in L1 while all row blocks pass over it.
+constexpr int kRows = 4;
+void bgemm(float* C, int64_t ldc, int rows, int lanes, const float* S, int64_t srs, int64_t sks, const float* A,
+           int64_t lda, int K, bool accumulate) {
+  for (int l0 = 0; l0 < lanes; l0 += 4 * kLanes) {
+    const int nv = std::min(4, (lanes - l0) / kLanes);
+    int r = 0;
+    for (; r + kRows <= rows; r += kRows)
+      block_nv<kRows>(nv, C + r * ldc + l0, ldc, S + r * srs, srs, sks, A + l0, lda, K, accumulate);
+    for (; r < rows; r++) block_nv<1>(nv, C + r * ldc + l0, ldc, S + r * srs, srs, sks, A + l0, lda, K, accumulate);
+  }
+}
+
+struct Span {
+  int64_t start, len;
+};
+
+// Validated sequences; N is the total token count.
+std::vector<Span> spans(const AttentionParams& p, int64_t& N) {
+  KILN_CHECK(p.NH >= 1, "attention: NH is ", p.NH, ", must be positive");
+  KILN_CHECK(p.HD >= 16 && p.HD % 16 == 0, "attention: HD is ", p.HD, ", the CPU kernel needs a multiple of 16");
+  std::vector<Span> s;
+  if (p.cu_seqlens == nullptr) {
+    KILN_CHECK(p.B >= 0 && p.T >= 0, "attention: B (", p.B, ") and T (", p.T, ") must be non-negative");
+    for (int b = 0; b < p.B; b++) s.push_back({int64_t(b) * p.T, p.T});
+    N = int64_t(p.B) * p.T;
+    return s;
+  }
+  KILN_CHECK(p.num_seqs >= 0, "attention: num_seqs is ", p.num_seqs, ", must be non-negative");
+  KILN_CHECK(p.cu_seqlens[0] == 0, "attention: cu_seqlens[0] is ", p.cu_seqlens[0], ", expected 0");
+  for (int i = 0; i < p.num_seqs; i++) {
+    KILN_CHECK(p.cu_seqlens[i + 1] >= p.cu_seqlens[i], "attention: cu_seqlens decreases at index ", i + 1);
+    s.push_back({p.cu_seqlens[i], p.cu_seqlens[i + 1] - p.cu_seqlens[i]});
+  }
+  N = p.cu_seqlens[p.num_seqs];
+  return s;
+}
+
+// Copies rows [0, n) of a row-major [n, HD] block (row stride ld) into tile[d][i] (Br lanes), zero-padding
+// lanes n..Br.
+void pack_transposed(float* tile, const float* rows, int64_t ld, int n, int HD) {
+  for (int d = 0; d < HD; d++) {
+    float* t = tile + int64_t(d) * kBr;
+    for (int i = 0; i < n; i++) t[i] = rows[i * ld + d];
+    for (int i = n; i < kBr; i++) t[i] = 0.0f;
+  }
+}
+
+// Sᵀ[j][lanes] for key j of a tile starting at key k0, query tile starting at q0: is the key visible?
+inline i32x16 causal_visible(int v, int64_t q0, int64_t k0, int j) {
+  // key k0+j visible to query q0+i iff i >= k0 + j - q0
+  return (lane_index() + v * kLanes) >= int32_t(k0 + j - q0);
+}
+
+struct ForwardScratch {
+  Buffer qt, st, ot;
+  explicit ForwardScratch(int HD) : qt(sizeof(float) * HD * kBr), st(sizeof(float) * kBc * kBr), ot(sizeof(float) * HD * kBr) {}
+};
+
+// One (sequence, head, query tile): rows q0..q0+qn of sequence sp.
+void forward_tile(float* out, float* lse, const float* qkv, const AttentionParams& p, int64_t N, Span sp, int h,
+                  int64_t q0, ForwardScratch& w) {
+  const int HD = p.HD;
+  const int64_t C = int64_t(p.NH) * HD, ld = 3 * C;
+  const float* qb = qkv + sp.start * ld + int64_t(h) * HD;
+  const float* kb = qb + C;
+  const float* vb = qb + 2 * C;
+  const int qn = int(std::min<int64_t>(kBr, sp.len - q0));
+  float* Qt = w.qt.f32();
+  float* St = w.st.f32();
+  float* Ot = w.ot.f32();
+  pack_transposed(Qt, qb + q0 * ld, ld, qn, HD);
+  std::memset(Ot, 0, sizeof(float) * HD * kBr);
+
+  f32x16 m[kVq], l[kVq];
+  for (int v = 0; v < kVq; v++) { m[v] = splat(-kInf); l[v] = f32x16{}; }
+  const f32x16 scale = splat(p.scale);
+
+  const int64_t kend = p.causal ? q0 + qn : sp.len;  // key tiles past the last query are fully masked
+  for (int64_t k0 = 0; k0 < kend; k0 += kBc) {
+    const int kn = int(std::min<int64_t>(kBc, kend - k0));
+    bgemm(St, kBr, kn, kBr, kb + k0 * ld, ld, 1, Qt, kBr, HD, false);  // Sᵀ = K·Qᵀ
+    const bool mask = p.causal && k0 + kn - 1 > q0;
+    f32x16 mt[kVq];
+    for (int v = 0; v < kVq; v++) mt[v] = splat(-kInf);
+    for (int j = 0; j < kn; j++)
+      for (int v = 0; v < kVq; v++) {
+        f32x16 x = load(St + j * kBr + v * kLanes) * scale;
+        if (mask) x = causal_visible(v, q0, k0, j) ? x : splat(-kInf);
+        store(St + j * kBr + v * kLanes, x);
+        mt[v] = vmax(mt[v], x);
+      }
+    f32x16 alpha[kVq], sum[kVq];
+    for (int v = 0; v < kVq; v++) {
+      // Finite from the first tile on: key 0 is visible to every query.
+      const f32x16 mnew = vmax(m[v], mt[v]);
+      alpha[v] = vexp(m[v] - mnew);
+      m[v] = mnew;
+      sum[v] = f32x16{};
+    }
+    for (int j = 0; j < kn; j++)
+      for (int v = 0; v < kVq; v++) {
+        const f32x16 pr = vexp(load(St + j * kBr + v * kLanes) - m[v]);
+        store(St + j * kBr + v * kLanes, pr);
+        sum[v] += pr;
+      }
+    for (int v = 0; v < kVq; v++) l[v] = l[v] * alpha[v] + sum[v];
+    for (int d = 0; d < HD; d++)
+      for (int v = 0; v < kVq; v++) store(Ot + d * kBr + v * kLanes, load(Ot + d * kBr + v * kLanes) * alpha[v]);
+    bgemm(Ot, kBr, HD, kBr, vb + k0 * ld, 1, ld, St, kBr, kn, true);  // Oᵀ += Vᵀ·Pᵀ
+  }
+
+  alignas(64) float inv_l[kBr], mrow[kBr], lrow[kBr];
+  for (int v = 0; v < kVq; v++) {
+    store(inv_l + v * kLanes, 1.0f / l[v]);
+    store(mrow + v * kLanes, m[v]);
+    store(lrow + v * kLanes, l[v]);
+  }
+  for (int i = 0; i < qn; i++) lse[int64_t(h) * N + sp.start + q0 + i] = mrow[i] + std::log(lrow[i]);
+  for (int i = 0; i < qn; i++) {
+    float* o = out + (sp.start + q0 + i) * C + int64_t(h) * HD;
+    for (int d = 0; d < HD; d++) o[d] = Ot[d * kBr + i] * inv_l[i];
+  }
+}
+
+}  // namespace
+
+void attention_forward(float* out, float* lse, const float* qkv, const AttentionParams& p) {
+  int64_t N = 0;
+  const std::vector<Span> seqs = spans(p, N);
+  if (N == 0) return;
+  KILN_CHECK(out && lse && qkv, "attention_forward: null out, lse or qkv pointer");
+  struct Item {
+    int seq, head;
+    int64_t q0;
+  };
+  std::vector<Item> items;
+  for (int s = 0; s < int(seqs.size()); s++)
+    for (int h = 0; h < p.NH; h++)
+      for (int64_t q0 = 0; q0 < seqs[s].len; q0 += kBr) items.push_back({s, h, q0});
+  const int64_t n_items = int64_t(items.size());
+#pragma omp parallel if (n_items > 1)
+  {
+    ForwardScratch w(p.HD);
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t t = 0; t < n_items; t++)
+      forward_tile(out, lse, qkv, p, N, seqs[items[t].seq], items[t].head, items[t].q0, w);
+  }
+}
+
+void attention_backward(float* dqkv, const float* dout, const float* qkv, const float* out, const float* lse,
+                        const AttentionParams& p) {
+  int64_t N = 0;
+  const std::vector<Span> seqs = spans(p, N);
+  if (N == 0) return;
+  KILN_CHECK(dqkv && dout && qkv && out && lse, "attention_backward: null pointer argument");
+  const int HD = p.HD;
+  const int64_t C = int64_t(p.NH) * HD, ld = 3 * C;
+  int64_t max_len = 0;
+  for (const Span& s : seqs) max_len = std::max(max_len, s.len);
+  const int64_t max_pad = (max_len + kBr - 1) / kBr * kBr;
+  const int64_t n_items = int64_t(seqs.size()) * p.NH;
+
+#pragma omp parallel if (n_items > 1)
+  {
+    // Per thread: Qᵀ and dOᵀ of a whole sequence as [tile][d][Br], lse and D padded to whole tiles,
+    // the Pᵀ and dSᵀ tiles, and the dK, dV accumulators of one key tile.
+    Buffer qt_all(sizeof(float) * HD * max_pad), dot_all(sizeof(float) * HD * max_pad);
+    Buffer lse_pad(sizeof(float) * max_pad), dvec(sizeof(float) * max_pad);
+    Buffer st(sizeof(float) * kBc * kBr), dst(sizeof(float) * kBc * kBr);
+    Buffer dk(sizeof(float) * kBc * HD), dv(sizeof(float) * kBc * HD);
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t t = 0; t < n_items; t++) {
+      const Span sp = seqs[size_t(t / p.NH)];
+      const int h = int(t % p.NH);
+      if (sp.len == 0) continue;
+      const float* qb = qkv + sp.start * ld + int64_t(h) * HD;
+      const float* kb = qb + C;
+      const float* vb = qb + 2 * C;
+      const float* ob = out + sp.start * C + int64_t(h) * HD;
+      const float* dob = dout + sp.start * C + int64_t(h) * HD;
+      float* dqb = dqkv + sp.start * ld + int64_t(h) * HD;
+      const int64_t len = sp.len, pad = (len + kBr - 1) / kBr * kBr;
+      float* Qt = qt_all.f32();
+      float* dOt = dot_all.f32();
+      float* L = lse_pad.f32();
+      float* D = dvec.f32();
+      float* Pt = st.f32();
+      float* dSt = dst.f32();
+      float* dK = dk.f32();
+      float* dV = dv.f32();
+
+      for (int64_t q0 = 0; q0 < len; q0 += kBr) {
+        const int qn = int(std::min<int64_t>(kBr, len - q0));
+        pack_transposed(Qt + q0 * HD, qb + q0 * ld, ld, qn, HD);
+        pack_transposed(dOt + q0 * HD, dob + q0 * C, C, qn, HD);
+      }
+      // Padded query lanes get lse = +inf, so their probabilities are exactly 0.
+      for (int64_t i = 0; i < pad; i++) {
+        L[i] = i < len ? lse[int64_t(h) * N + sp.start + i] : kInf;
+        float dd = 0;
+        if (i < len)
+          for (int d = 0; d < HD; d++) dd += dob[i * C + d] * ob[i * C + d];
+        D[i] = dd;
+      }
+      for (int64_t i = 0; i < len; i++) std::memset(dqb + i * ld, 0, sizeof(float) * HD);
+
+      const f32x16 scale = splat(p.scale);
+      for (int64_t k0 = 0; k0 < len; k0 += kBc) {
+        const int kn = int(std::min<int64_t>(kBc, len - k0));
+        std::memset(dK, 0, sizeof(float) * kBc * HD);
+        std::memset(dV, 0, sizeof(float) * kBc * HD);
+        // With causality, query tiles that end before key k0 see none of these keys.
+        const int64_t qstart = p.causal ? k0 / kBr * kBr : 0;
+        for (int64_t q0 = qstart; q0 < len; q0 += kBr) {
+          const int qn = int(std::min<int64_t>(kBr, len - q0));
+          bgemm(Pt, kBr, kn, kBr, kb + k0 * ld, ld, 1, Qt + q0 * HD, kBr, HD, false);    // Sᵀ = K·Qᵀ
+          bgemm(dSt, kBr, kn, kBr, vb + k0 * ld, ld, 1, dOt + q0 * HD, kBr, HD, false);  // dPᵀ = V·dOᵀ
+          const bool mask = p.causal && k0 + kn - 1 > q0;
+          for (int j = 0; j < kn; j++)
+            for (int v = 0; v < kVq; v++) {
+              f32x16 x = load(Pt + j * kBr + v * kLanes) * scale - load(L + q0 + v * kLanes);
+              if (mask) x = causal_visible(v, q0, k0, j) ? x : splat(-kInf);
+              const f32x16 pr = vexp(x);
+              store(Pt + j * kBr + v * kLanes, pr);
+              const f32x16 dp = load(dSt + j * kBr + v * kLanes);
+              store(dSt + j * kBr + v * kLanes, pr * (dp - load(D + q0 + v * kLanes)) * scale);
+            }
+          bgemm(dV, HD, kn, HD, Pt, kBr, 1, dob + q0 * C, C, qn, true);     // dV += Pᵀ·dO
+          bgemm(dK, HD, kn, HD, dSt, kBr, 1, qb + q0 * ld, ld, qn, true);   // dK += dSᵀ·Q (scale folded in)
+          bgemm(dqb + q0 * ld, ld, qn, HD, dSt, 1, kBr, kb + k0 * ld, ld, kn, true);  // dQ += dS·K
+        }
+        for (int j = 0; j < kn; j++) {
+          std::memcpy(dqb + (k0 + j) * ld + C, dK + j * HD, sizeof(float) * HD);
+          std::memcpy(dqb + (k0 + j) * ld + 2 * C, dV + j * HD, sizeof(float) * HD);
+        }
+      }
+    }
+  }
+}
+
+}  // namespace kiln::cpu
