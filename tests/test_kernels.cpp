@@ -1,0 +1,503 @@
+// CPU kernels other than attention: every cpu:: op against its naive ref:: op on awkward sizes (some above
+// the threading thresholds), every ref:: backward against central finite differences of a scalar loss,
+// and the vectorised exp against exp computed in double.
+#include <gtest/gtest.h>
+
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+#include <vector>
+
+#include "core/error.h"
+#include "kernels/activation.h"
+#include "kernels/adamw.h"
+#include "kernels/cpu/vec_math.h"
+#include "kernels/crossentropy.h"
+#include "kernels/embedding.h"
+#include "kernels/layernorm.h"
+#include "kernels/matmul.h"
+#include "test_util.h"
+
+using namespace kiln;
+using kiln::test::all_close;
+using kiln::test::finite_diff;
+using kiln::test::randn;
+
+namespace {
+
+std::vector<int32_t> rand_ids(size_t n, int32_t hi, uint64_t seed) {
+  Rng r(seed);
+  std::vector<int32_t> v(n);
+  for (auto& x : v) x = int32_t(r.below(uint64_t(hi)));
+  return v;
+}
+
+// sum_i out[i]·w[i] in double: the scalar loss whose gradient with respect to out is w.
+double dot(const std::vector<float>& out, const std::vector<float>& w) {
+  double s = 0;
+  for (size_t i = 0; i < out.size(); i++) s += double(out[i]) * w[i];
+  return s;
+}
+
+// Checks every element of an analytic gradient against a central difference of loss() in x.
+void expect_fd(std::vector<float>& x, const std::vector<float>& grad, const std::function<double()>& loss,
+               float h, double tol, const char* what) {
+  for (size_t i = 0; i < x.size(); i++) {
+    double fd = finite_diff(x, i, loss, h);
+    EXPECT_NEAR(grad[i], fd, tol * (1.0 + std::fabs(fd))) << what << "[" << i << "]";
+  }
+}
+
+// Distance in units in the last place between two finite floats of the same sign (or zeros).
+int64_t ulp_distance(float a, float b) {
+  int32_t ia, ib;
+  std::memcpy(&ia, &a, 4);
+  std::memcpy(&ib, &b, 4);
+  return std::llabs(int64_t(ia) - int64_t(ib));
+}
+
+}  // namespace
+
+// ---------------------------------------------------------------------------------------------- exp
+
+TEST(KernelsExp, ScalarAndVectorWithinTwoUlpOfExactExp) {
+  // A dense sweep over the range whose result is a normal float, plus random points.
+  std::vector<float> xs;
+  for (double x = -87.3; x <= 88.7; x += 0.000731) xs.push_back(float(x));
+  Rng r(5);
+  for (int i = 0; i < 20000; i++) xs.push_back(-87.3f + 176.0f * r.uniform());
+  for (float x : {0.0f, -0.0f, 1e-8f, -1e-8f, 0.5f, -0.5f, 1.0f, 88.72f, -87.33f}) xs.push_back(x);
+  while (xs.size() % 16) xs.push_back(0.25f);
+  std::vector<float> vec(xs.size());
+#ifdef __AVX512F__
+  for (size_t i = 0; i < xs.size(); i += 16)
+    _mm512_storeu_ps(vec.data() + i, cpu::vmath::exp16(_mm512_loadu_ps(xs.data() + i)));
+#else
+  for (size_t i = 0; i < xs.size(); i++) vec[i] = cpu::vmath::exp_scalar(xs[i]);
+#endif
+  int64_t worst_vec = 0, worst_scalar = 0;
+  for (size_t i = 0; i < xs.size(); i++) {
+    const float exact = float(std::exp(double(xs[i])));
+    worst_vec = std::max(worst_vec, ulp_distance(vec[i], exact));
+    worst_scalar = std::max(worst_scalar, ulp_distance(cpu::vmath::exp_scalar(xs[i]), exact));
+  }
+  EXPECT_LE(worst_vec, 2);
+  EXPECT_LE(worst_scalar, 2);
+}
+
+TEST(KernelsExp, SaturatesSubnormalsAndPassesNaN) {
+  const float inf = std::numeric_limits<float>::infinity(), nan = std::numeric_limits<float>::quiet_NaN();
+  std::vector<float> xs = {89.0f, 100.0f, 1000.0f, inf, -105.0f, -1000.0f, -inf, nan,
+                           -88.0f, -95.0f, -100.0f, -103.0f, -90.5f, -87.5f, 88.0f, -1.0f};
+  std::vector<float> vec(16);
+#ifdef __AVX512F__
+  _mm512_storeu_ps(vec.data(), cpu::vmath::exp16(_mm512_loadu_ps(xs.data())));
+#else
+  for (int i = 0; i < 16; i++) vec[i] = cpu::vmath::exp_scalar(xs[i]);
+#endif
+  for (int i = 0; i < 16; i++) {
+    for (float got : {vec[i], cpu::vmath::exp_scalar(xs[i])}) {
+      const double exact = std::exp(double(xs[i]));
+      if (std::isnan(xs[i])) {
+        EXPECT_TRUE(std::isnan(got));
+      } else if (exact > std::numeric_limits<float>::max()) {
+        EXPECT_EQ(got, inf) << xs[i];
+      } else {
+        // Subnormal results: within two steps of the smallest subnormal.
+        EXPECT_NEAR(got, exact, std::max(2.0 * 1.401298464e-45, 2.4e-7 * exact)) << xs[i];
+      }
+    }
+  }
+}
+
+// ------------------------------------------------------------------------------------------- matmul
+
+TEST(KernelsMatmul, GemmMatchesReferenceForAllTransposes) {
+  const int64_t M = 37, N = 100, K = 48, pad = 3;
+  for (bool ta : {false, true}) {
+    for (bool tb : {false, true}) {
+      for (float beta : {0.0f, 0.3f}) {
+        // Stored shapes: A is [M,K] or [K,M], B is [K,N] or [N,K]; each row padded by `pad`.
+        const int64_t lda = (ta ? M : K) + pad, ldb = (tb ? K : N) + pad, ldc = N + pad;
+        auto A = randn((ta ? K : M) * lda, 1), B = randn((tb ? N : K) * ldb, 2);
+        auto C0 = randn(M * ldc, 3);
+        // beta == 0 must not read C: poison it.
+        if (beta == 0.0f) std::fill(C0.begin(), C0.end(), std::numeric_limits<float>::quiet_NaN());
+        auto Cc = C0, Cr = C0;
+        cpu::gemm(ta, tb, M, N, K, 0.7f, A.data(), lda, B.data(), ldb, beta, Cc.data(), ldc);
+        ref::gemm(ta, tb, M, N, K, 0.7f, A.data(), lda, B.data(), ldb, beta, Cr.data(), ldc);
+        for (int64_t i = 0; i < M; i++)
+          EXPECT_TRUE(all_close(Cc.data() + i * ldc, Cr.data() + i * ldc, N, 1e-4, 1e-5))
+              << "ta=" << ta << " tb=" << tb << " beta=" << beta << " row " << i;
+      }
+    }
+  }
+}
+
+TEST(KernelsMatmul, GemmRejectsSizesBeyondBlasInt) {
+  EXPECT_THROW(cpu::gemm(false, false, int64_t(1) << 32, 4, 4, 1.0f, nullptr, 4, nullptr, 4, 0.0f, nullptr, 4),
+               Error);
+}
+
+TEST(KernelsMatmul, ForwardMatchesReference) {
+  const int64_t N = 37;
+  const int C = 48, OC = 100;
+  auto inp = randn(N * C, 10), w = randn(size_t(C) * OC, 11, 0.2f), b = randn(OC, 12);
+  for (const float* bias : std::vector<const float*>{b.data(), nullptr}) {
+    std::vector<float> oc(N * OC, std::numeric_limits<float>::quiet_NaN()), orf(N * OC);
+    cpu::matmul_forward(oc.data(), inp.data(), w.data(), bias, N, C, OC);
+    ref::matmul_forward(orf.data(), inp.data(), w.data(), bias, N, C, OC);
+    EXPECT_TRUE(all_close(oc, orf, 1e-4, 1e-5)) << (bias ? "with bias" : "no bias");
+  }
+}
+
+TEST(KernelsMatmul, BackwardOverwritesDinpAndAccumulatesWeightAndBias) {
+  const int64_t N = 37;
+  const int C = 48, OC = 1001;  // N·OC above the threading threshold of the bias column sums
+  auto inp = randn(N * C, 20), w = randn(size_t(C) * OC, 21, 0.2f), dout = randn(N * OC, 22);
+  auto dw0 = randn(size_t(C) * OC, 23), db0 = randn(OC, 24);
+  std::vector<float> dic(N * C, 123.0f), dir(N * C, -7.0f);  // garbage: must be overwritten
+  auto dwc = dw0, dwr = dw0, dbc = db0, dbr = db0;
+  cpu::matmul_backward(dic.data(), dwc.data(), dbc.data(), dout.data(), inp.data(), w.data(), N, C, OC);
+  ref::matmul_backward(dir.data(), dwr.data(), dbr.data(), dout.data(), inp.data(), w.data(), N, C, OC);
+  EXPECT_TRUE(all_close(dic, dir, 1e-4, 1e-4));
+  EXPECT_TRUE(all_close(dwc, dwr, 1e-4, 1e-4));
+  EXPECT_TRUE(all_close(dbc, dbr, 1e-4, 1e-4));
+  // Null gradients are skipped.
+  auto dw_only = dw0;
+  cpu::matmul_backward(nullptr, dw_only.data(), nullptr, dout.data(), inp.data(), w.data(), N, C, OC);
+  EXPECT_TRUE(all_close(dw_only, dwr, 1e-4, 1e-4));
+}
+
+TEST(KernelsMatmul, ReferenceBackwardMatchesFiniteDifferences) {
+  const int64_t N = 3;
+  const int C = 4, OC = 5;
+  auto inp = randn(N * C, 30), w = randn(size_t(C) * OC, 31), b = randn(OC, 32), R = randn(N * OC, 33);
+  std::vector<float> out(N * OC);
+  auto loss = [&] {
+    ref::matmul_forward(out.data(), inp.data(), w.data(), b.data(), N, C, OC);
+    return dot(out, R);
+  };
+  std::vector<float> di(N * C), dw(size_t(C) * OC, 0.0f), db(OC, 0.0f);
+  ref::matmul_backward(di.data(), dw.data(), db.data(), R.data(), inp.data(), w.data(), N, C, OC);
+  // The loss is linear in each input, so the only error is rounding of the float outputs.
+  expect_fd(inp, di, loss, 1e-2f, 1e-3, "dinp");
+  expect_fd(w, dw, loss, 1e-2f, 1e-3, "dweight");
+  expect_fd(b, db, loss, 1e-2f, 1e-3, "dbias");
+}
+
+// ---------------------------------------------------------------------------------------- layernorm
+
+TEST(KernelsLayerNorm, ForwardMatchesReference) {
+  for (auto [N, C] : {std::pair<int64_t, int>{37, 48}, {211, 100}}) {
+    auto inp = randn(N * C, 40, 2.0f), w = randn(C, 41), b = randn(C, 42);
+    for (auto& x : inp) x += 30.0f;  // a large mean: the variance must not cancel
+    std::vector<float> oc(N * C), orf(N * C), mc(N), mr(N), rc(N), rr(N);
+    cpu::layernorm_forward(oc.data(), mc.data(), rc.data(), inp.data(), w.data(), b.data(), N, C, 1e-5f);
+    ref::layernorm_forward(orf.data(), mr.data(), rr.data(), inp.data(), w.data(), b.data(), N, C, 1e-5f);
+    EXPECT_TRUE(all_close(oc, orf, 1e-4, 1e-4)) << "C=" << C;
+    EXPECT_TRUE(all_close(mc, mr, 1e-6, 1e-5));
+    EXPECT_TRUE(all_close(rc, rr, 1e-4, 1e-6));
+  }
+}
+
+TEST(KernelsLayerNorm, BackwardAccumulatesLikeReference) {
+  for (auto [N, C] : {std::pair<int64_t, int>{37, 48}, {211, 100}}) {
+    auto inp = randn(N * C, 50), w = randn(C, 51), b = randn(C, 52), dout = randn(N * C, 53);
+    std::vector<float> out(N * C), mean(N), rstd(N);
+    ref::layernorm_forward(out.data(), mean.data(), rstd.data(), inp.data(), w.data(), b.data(), N, C, 1e-5f);
+    auto di0 = randn(N * C, 54), dw0 = randn(C, 55), db0 = randn(C, 56);
+    auto dic = di0, dir = di0, dwc = dw0, dwr = dw0, dbc = db0, dbr = db0;
+    cpu::layernorm_backward(dic.data(), dwc.data(), dbc.data(), dout.data(), inp.data(), w.data(), mean.data(),
+                            rstd.data(), N, C);
+    ref::layernorm_backward(dir.data(), dwr.data(), dbr.data(), dout.data(), inp.data(), w.data(), mean.data(),
+                            rstd.data(), N, C);
+    EXPECT_TRUE(all_close(dic, dir, 1e-4, 1e-4)) << "C=" << C;
+    EXPECT_TRUE(all_close(dwc, dwr, 1e-4, 1e-4));
+    EXPECT_TRUE(all_close(dbc, dbr, 1e-4, 1e-4));
+  }
+}
+
+TEST(KernelsLayerNorm, ReferenceBackwardMatchesFiniteDifferences) {
+  const int64_t N = 3;
+  const int C = 7;
+  auto inp = randn(N * C, 60), w = randn(C, 61), b = randn(C, 62), R = randn(N * C, 63);
+  std::vector<float> out(N * C), mean(N), rstd(N);
+  auto loss = [&] {
+    ref::layernorm_forward(out.data(), mean.data(), rstd.data(), inp.data(), w.data(), b.data(), N, C, 1e-5f);
+    return dot(out, R);
+  };
+  loss();
+  std::vector<float> di(N * C, 0.0f), dw(C, 0.0f), db(C, 0.0f);
+  ref::layernorm_backward(di.data(), dw.data(), db.data(), R.data(), inp.data(), w.data(), mean.data(),
+                          rstd.data(), N, C);
+  expect_fd(inp, di, loss, 1e-2f, 2e-3, "dinp");
+  expect_fd(w, dw, loss, 1e-2f, 2e-3, "dweight");
+  expect_fd(b, db, loss, 1e-2f, 2e-3, "dbias");
+}
+
+// --------------------------------------------------------------------------------------------- gelu
+
+TEST(KernelsGelu, ForwardAndBackwardMatchReference) {
+  for (int64_t n : {1001, 40009}) {  // serial, and threaded with a ragged tail
+    auto x = randn(n, 70, 3.0f), dout = randn(n, 71);
+    const float edges[] = {0.0f, -0.0f, 1e-6f, -1e-6f, 10.0f, -10.0f, 20.0f, -20.0f, 100.0f, -100.0f, 5e3f, -5e3f};
+    for (size_t i = 0; i < std::size(edges); i++) x[i * 7] = edges[i];
+    std::vector<float> yc(n), yr(n), dc(n, 9.0f), dr(n, -9.0f);  // backward overwrites
+    cpu::gelu_forward(yc.data(), x.data(), n);
+    ref::gelu_forward(yr.data(), x.data(), n);
+    EXPECT_TRUE(all_close(yc, yr, 1e-5, 1e-6)) << "n=" << n;
+    cpu::gelu_backward(dc.data(), x.data(), dout.data(), n);
+    ref::gelu_backward(dr.data(), x.data(), dout.data(), n);
+    EXPECT_TRUE(all_close(dc, dr, 1e-5, 1e-6)) << "n=" << n;
+  }
+}
+
+TEST(KernelsGelu, ReferenceBackwardMatchesFiniteDifferences) {
+  auto x = randn(23, 72, 2.0f), R = randn(23, 73);
+  std::vector<float> y(23), d(23);
+  auto loss = [&] {
+    ref::gelu_forward(y.data(), x.data(), 23);
+    return dot(y, R);
+  };
+  ref::gelu_backward(d.data(), x.data(), R.data(), 23);
+  expect_fd(x, d, loss, 1e-2f, 1e-3, "dinp");
+}
+
+TEST(KernelsGelu, AddMatchesReferenceAndMayAlias) {
+  for (int64_t n : {37, 40009}) {
+    auto a = randn(n, 74), b = randn(n, 75);
+    std::vector<float> oc(n), orf(n);
+    cpu::add(oc.data(), a.data(), b.data(), n);
+    ref::add(orf.data(), a.data(), b.data(), n);
+    EXPECT_EQ(oc, orf);
+    cpu::add(a.data(), a.data(), b.data(), n);  // in place
+    EXPECT_EQ(a, orf);
+  }
+}
+
+// ---------------------------------------------------------------------------------------- embedding
+
+TEST(KernelsEmbedding, ForwardAndBackwardMatchReference) {
+  const int V = 1001, maxT = 64;
+  for (auto [N, C] : {std::pair<int64_t, int>{37, 48}, {400, 100}}) {
+    auto tokens = rand_ids(N, 50, 80);  // few distinct ids: many repeats to accumulate
+    tokens[0] = V - 1;
+    auto pos = rand_ids(N, maxT, 81);
+    auto wte = randn(size_t(V) * C, 82), wpe = randn(size_t(maxT) * C, 83), dout = randn(N * C, 84);
+    std::vector<float> oc(N * C), orf(N * C);
+    cpu::embedding_forward(oc.data(), tokens.data(), pos.data(), wte.data(), wpe.data(), N, C);
+    ref::embedding_forward(orf.data(), tokens.data(), pos.data(), wte.data(), wpe.data(), N, C);
+    EXPECT_EQ(oc, orf);
+    auto dte0 = randn(size_t(V) * C, 85), dpe0 = randn(size_t(maxT) * C, 86);
+    auto dtec = dte0, dter = dte0, dpec = dpe0, dper = dpe0;
+    cpu::embedding_backward(dtec.data(), dpec.data(), dout.data(), tokens.data(), pos.data(), N, C);
+    ref::embedding_backward(dter.data(), dper.data(), dout.data(), tokens.data(), pos.data(), N, C);
+    EXPECT_TRUE(all_close(dtec, dter, 1e-6, 1e-6)) << "N=" << N;
+    EXPECT_TRUE(all_close(dpec, dper, 1e-6, 1e-6)) << "N=" << N;
+  }
+}
+
+TEST(KernelsEmbedding, ReferenceBackwardMatchesFiniteDifferences) {
+  const int64_t N = 6;
+  const int C = 3, V = 5, maxT = 4;
+  std::vector<int32_t> tokens = {1, 3, 1, 0, 4, 1}, pos = {0, 1, 2, 0, 1, 3};
+  auto wte = randn(V * C, 90), wpe = randn(maxT * C, 91), R = randn(N * C, 92);
+  std::vector<float> out(N * C);
+  auto loss = [&] {
+    ref::embedding_forward(out.data(), tokens.data(), pos.data(), wte.data(), wpe.data(), N, C);
+    return dot(out, R);
+  };
+  std::vector<float> dte(V * C, 0.0f), dpe(maxT * C, 0.0f);
+  ref::embedding_backward(dte.data(), dpe.data(), R.data(), tokens.data(), pos.data(), N, C);
+  expect_fd(wte, dte, loss, 1e-2f, 1e-3, "dwte");
+  expect_fd(wpe, dpe, loss, 1e-2f, 1e-3, "dwpe");
+}
+
+TEST(KernelsEmbedding, NegativeIdRaisesError) {
+  std::vector<int32_t> tokens = {0, -1}, pos = {0, 1};
+  std::vector<float> wte(8), wpe(8), out(8);
+  EXPECT_THROW(cpu::embedding_forward(out.data(), tokens.data(), pos.data(), wte.data(), wpe.data(), 2, 4), Error);
+  tokens[1] = 1;
+  pos[0] = -3;
+  EXPECT_THROW(cpu::embedding_backward(wte.data(), wpe.data(), out.data(), tokens.data(), pos.data(), 2, 4), Error);
+}
+
+// ------------------------------------------------------------------------------------- crossentropy
+
+namespace {
+struct CEProblem {
+  int64_t N;
+  int V;
+  int64_t ld;
+  std::vector<float> logits;
+  std::vector<int32_t> targets;
+};
+CEProblem make_ce(int64_t N, int V, int64_t ld, uint64_t seed, float scale = 2.0f) {
+  CEProblem p{N, V, ld, randn(N * ld, seed, scale), rand_ids(N, V, seed + 1)};
+  for (int64_t n = 0; n < N; n += 5) p.targets[n] = -100;  // ignored rows (the usual ignore_index)
+  return p;
+}
+}  // namespace
+
+TEST(KernelsCrossEntropy, MatchesReferenceWithPaddedRows) {
+  for (auto [N, V] : {std::pair<int64_t, int>{5, 13}, {37, 1001}}) {
+    auto p = make_ce(N, V, V + 9, 100);
+    p.targets[1] = V - 1;
+    p.targets[2] = 0;
+    const float scale = 1.0f / 29.0f;
+    for (float gs : {scale, 0.0f}) {
+      auto lc = p.logits, lr = p.logits;
+      std::vector<float> losc(N), losr(N);
+      cpu::softmax_crossentropy(lc.data(), losc.data(), p.targets.data(), N, V, p.ld, gs);
+      ref::softmax_crossentropy(lr.data(), losr.data(), p.targets.data(), N, V, p.ld, gs);
+      EXPECT_TRUE(all_close(losc, losr, 1e-5, 1e-5)) << "V=" << V << " gs=" << gs;
+      EXPECT_TRUE(all_close(lc, lr, 1e-4, 1e-7)) << "V=" << V << " gs=" << gs;
+      for (int64_t n = 0; n < N; n++)  // the padding after each row is never touched
+        for (int64_t i = V; i < p.ld; i++) EXPECT_EQ(lc[n * p.ld + i], p.logits[n * p.ld + i]);
+    }
+  }
+}
+
+TEST(KernelsCrossEntropy, IgnoredTargetsGiveZeroLossAndZeroGradient) {
+  auto p = make_ce(37, 1001, 1001, 110);
+  std::vector<float> losses(37, 5.0f);
+  cpu::softmax_crossentropy(p.logits.data(), losses.data(), p.targets.data(), 37, 1001, 1001, 0.5f);
+  for (int64_t n = 0; n < 37; n++) {
+    if (p.targets[n] >= 0) continue;
+    EXPECT_EQ(losses[n], 0.0f) << n;
+    for (int i = 0; i < 1001; i++) ASSERT_EQ(p.logits[n * 1001 + i], 0.0f) << n << "," << i;
+  }
+}
+
+TEST(KernelsCrossEntropy, GradientIsFiniteDifferenceOfMeanLoss) {
+  const int64_t N = 6;
+  const int V = 11;
+  auto p = make_ce(N, V, V, 120);
+  int valid = 0;
+  for (int32_t t : p.targets) valid += t >= 0;
+  // Mean over the rows that count, as the trainer computes it: grad_scale = 1 / valid.
+  std::vector<float> losses(N);
+  auto mean_loss = [&] {
+    auto l = p.logits;  // grad_scale 0: logits untouched, but keep the copy honest anyway
+    ref::softmax_crossentropy(l.data(), losses.data(), p.targets.data(), N, V, V, 0.0f);
+    double s = 0;
+    for (float x : losses) s += x;
+    return s / valid;
+  };
+  for (int backend = 0; backend < 2; backend++) {
+    auto grad = p.logits;
+    if (backend == 0)
+      ref::softmax_crossentropy(grad.data(), losses.data(), p.targets.data(), N, V, V, 1.0f / valid);
+    else
+      cpu::softmax_crossentropy(grad.data(), losses.data(), p.targets.data(), N, V, V, 1.0f / valid);
+    expect_fd(p.logits, grad, mean_loss, 1e-2f, 1e-4, backend == 0 ? "ref dlogits" : "cpu dlogits");
+  }
+}
+
+TEST(KernelsCrossEntropy, ZeroGradScaleLeavesLogitsUntouched) {
+  auto p = make_ce(37, 1001, 1001, 130);
+  auto l = p.logits;
+  std::vector<float> losses(37);
+  cpu::softmax_crossentropy(l.data(), losses.data(), p.targets.data(), 37, 1001, 1001, 0.0f);
+  EXPECT_EQ(std::memcmp(l.data(), p.logits.data(), l.size() * sizeof(float)), 0);
+}
+
+TEST(KernelsCrossEntropy, LargeLogitsDoNotOverflow) {
+  const int64_t N = 37;
+  const int V = 1001;
+  auto p = make_ce(N, V, V, 140, 5.0f);
+  for (auto& x : p.logits) x += 1000.0f;  // exp(1000) overflows float (and double)
+  for (int i = 0; i < V; i++) p.logits[3 * V + i] = 1000.0f;  // a flat row: loss log V, gradient 1/V - onehot
+  auto lc = p.logits, lr = p.logits;
+  std::vector<float> losc(N), losr(N);
+  cpu::softmax_crossentropy(lc.data(), losc.data(), p.targets.data(), N, V, V, 1.0f);
+  ref::softmax_crossentropy(lr.data(), losr.data(), p.targets.data(), N, V, V, 1.0f);
+  for (float x : losc) ASSERT_TRUE(std::isfinite(x));
+  for (float x : lc) ASSERT_TRUE(std::isfinite(x));
+  EXPECT_TRUE(all_close(losc, losr, 1e-5, 1e-5));
+  EXPECT_TRUE(all_close(lc, lr, 1e-4, 1e-7));
+  EXPECT_NEAR(losc[3], std::log(1001.0), 1e-5);
+  const int t = p.targets[3];
+  for (int i = 0; i < V; i++) EXPECT_NEAR(lc[3 * V + i], 1.0 / V - (i == t ? 1.0 : 0.0), 1e-7) << i;
+}
+
+TEST(KernelsCrossEntropy, TargetOutsideVocabularyRaisesError) {
+  std::vector<float> logits(2 * 7, 0.0f), losses(2);
+  std::vector<int32_t> targets = {3, 7};
+  EXPECT_THROW(cpu::softmax_crossentropy(logits.data(), losses.data(), targets.data(), 2, 7, 7, 1.0f), Error);
+}
+
+// -------------------------------------------------------------------------------------------- adamw
+
+namespace {
+// One AdamW step written the way torch.optim.AdamW (1.13, single-tensor path) orders it: decay first,
+// then the Adam update with step_size = lr / bc1 and denom = sqrt(v) / sqrt(bc2) + eps.
+void torch_style_adamw(std::vector<double>& p, const std::vector<float>& grad, std::vector<double>& m,
+                       std::vector<double>& v, const AdamWHyper& h) {
+  const double bc1 = 1.0 - std::pow(double(h.beta1), double(h.t));
+  const double bc2 = 1.0 - std::pow(double(h.beta2), double(h.t));
+  for (size_t i = 0; i < p.size(); i++) {
+    const double g = double(grad[i]) * h.grad_scale;
+    p[i] *= 1.0 - double(h.lr) * h.weight_decay;
+    m[i] = m[i] + (g - m[i]) * (1.0 - h.beta1);  // lerp
+    v[i] = v[i] * h.beta2 + (1.0 - h.beta2) * g * g;
+    const double denom = std::sqrt(v[i]) / std::sqrt(bc2) + h.eps;
+    p[i] -= double(h.lr) / bc1 * m[i] / denom;
+  }
+}
+std::vector<double> to_double(const std::vector<float>& x) { return {x.begin(), x.end()}; }
+std::vector<float> to_float(const std::vector<double>& x) { return {x.begin(), x.end()}; }
+}  // namespace
+
+TEST(KernelsAdamW, FiveStepsMatchHandWrittenTorchStep) {
+  for (int64_t n : {1001, 50001}) {
+    auto p0 = randn(n, 150), m0 = randn(n, 151, 0.01f), v0 = randn(n, 152, 0.01f);
+    for (auto& x : v0) x = x * x;
+    auto pc = p0, mc = m0, vc = v0, pr = p0, mr = m0, vr = v0;
+    auto pd = to_double(p0), md = to_double(m0), vd = to_double(v0);
+    AdamWHyper h;
+    h.lr = 1e-2f;
+    h.weight_decay = 0.1f;
+    h.grad_scale = 0.5f;
+    for (int step = 1; step <= 5; step++) {
+      h.t = step;
+      auto g = randn(n, 160 + step);
+      cpu::adamw_update(pc.data(), g.data(), mc.data(), vc.data(), n, h);
+      ref::adamw_update(pr.data(), g.data(), mr.data(), vr.data(), n, h);
+      torch_style_adamw(pd, g, md, vd, h);
+    }
+    EXPECT_TRUE(all_close(pr, to_float(pd), 1e-5, 1e-6)) << "ref vs hand-written, n=" << n;
+    EXPECT_TRUE(all_close(mr, to_float(md), 1e-5, 1e-7));
+    EXPECT_TRUE(all_close(vr, to_float(vd), 1e-5, 1e-9));
+    EXPECT_TRUE(all_close(pc, pr, 1e-5, 1e-6)) << "cpu vs ref, n=" << n;
+    EXPECT_TRUE(all_close(mc, mr, 1e-5, 1e-7));
+    EXPECT_TRUE(all_close(vc, vr, 1e-5, 1e-9));
+  }
+}
+
+TEST(KernelsAdamW, DecaysOnlyWhenAsked) {
+  const int64_t n = 37;
+  auto p0 = randn(n, 170);
+  std::vector<float> g(n, 0.0f), m(n, 0.0f), v(n, 0.0f);
+  AdamWHyper h;
+  h.lr = 0.1f;
+  h.weight_decay = 0.0f;
+  auto p = p0;
+  cpu::adamw_update(p.data(), g.data(), m.data(), v.data(), n, h);
+  EXPECT_EQ(p, p0);  // zero gradient and no decay: the parameters do not move
+  h.weight_decay = 0.2f;
+  cpu::adamw_update(p.data(), g.data(), m.data(), v.data(), n, h);
+  for (int64_t i = 0; i < n; i++) EXPECT_NEAR(p[i], p0[i] * (1.0 - 0.1 * 0.2), 1e-6) << i;
+}
+
+TEST(KernelsAdamW, SumSquaresMatchesDoubleLoop) {
+  for (int64_t n : {0, 1, 37, 1000003}) {
+    auto x = randn(n, 180, 3.0f);
+    double want = 0;
+    for (float f : x) want += double(f) * f;
+    EXPECT_NEAR(cpu::sum_squares(x.data(), n), want, 1e-12 * want) << n;
+    EXPECT_NEAR(ref::sum_squares(x.data(), n), want, 1e-12 * want) << n;
+  }
+}
