@@ -1,0 +1,5 @@
+# Kernel benchmarks (not tests): gemm_bench prints sgemm GFLOP/s for the GPT-2 training shapes beside a
+# large square sgemm measured in the same run, and the other CPU kernels against their ref:: versions.
+add_executable(gemm_bench ${CMAKE_SOURCE_DIR}/bench/gemm_bench.cpp)
+target_link_libraries(gemm_bench PRIVATE kiln_lib)
+set_target_properties(gemm_bench PROPERTIES RUNTIME_OUTPUT_DIRECTORY ${CMAKE_BINARY_DIR})
