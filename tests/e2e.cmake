@@ -4,3 +4,7 @@ add_test(NAME e2e.train_vs_torch
          COMMAND ${KILN_PY} ${CMAKE_SOURCE_DIR}/tests/e2e/train_vs_torch.py $<TARGET_FILE:kiln>
                  ${CMAKE_BINARY_DIR}/e2e/train_vs_torch)
 set_tests_properties(e2e.train_vs_torch PROPERTIES LABELS e2e TIMEOUT 300)
+
+add_test(NAME e2e.resume
+         COMMAND ${KILN_PY} ${CMAKE_SOURCE_DIR}/tests/e2e/resume.py $<TARGET_FILE:kiln> ${CMAKE_BINARY_DIR}/e2e/resume)
+set_tests_properties(e2e.resume PROPERTIES LABELS e2e TIMEOUT 300)

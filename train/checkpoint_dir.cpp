@@ -3,6 +3,8 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <csignal>
+#include <cstdlib>
 #include <cstdio>
 #include <filesystem>
 #include <vector>
@@ -82,6 +84,8 @@ std::string save_training_checkpoint(const std::string& out, GPT2& model, AdamW&
       {"last_loss", str(state.last_loss)},
       {"num_floats", std::to_string(model.num_floats())},
   };
+  // Test hook: die between the weights and the state file, to show `latest` still names a whole checkpoint.
+  if (const char* k = std::getenv("KILN_TEST_KILL_IN_SAVE"); k && std::atoll(k) == state.step) std::raise(SIGKILL);
   write_safetensors((fs::path(dir) / kStateFile).string(), tensors, meta);
 
   if (!tokenizer_dir.empty())

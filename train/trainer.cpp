@@ -6,6 +6,8 @@
 #include <unistd.h>
 
 #include <chrono>
+#include <csignal>
+#include <cstdlib>
 #include <cmath>
 #include <cstdio>
 #include <fstream>
@@ -164,6 +166,8 @@ double train(const TrainOptions& opt) {
   const int log_every = std::max(1, opt.steps / 20);
   double last_val = NAN, loss = st.last_loss;
   auto run_start = Clock::now();
+  const char* kill_env = std::getenv("KILN_TEST_KILL_AT_STEP");
+  const int64_t kill_at_step = kill_env ? std::atoll(kill_env) : 0;
   int64_t steps_this_run = 0;
 
   for (int64_t step = st.step; step < opt.steps; step++) {
@@ -211,6 +215,8 @@ double train(const TrainOptions& opt) {
 
     if (!opt.out.empty() && ((opt.save_every > 0 && st.step % opt.save_every == 0) || last))
       save_training_checkpoint(opt.out, model, adam, st, opt.save_dtype, opt.tokenizer, opt.keep_checkpoints);
+    // Test hook: die like a killed process (no cleanup) after this step, to test --resume.
+    if (kill_at_step > 0 && st.step == kill_at_step) std::raise(SIGKILL);
   }
   if (tty) std::fprintf(stderr, "\n");
   std::fprintf(stderr, "kiln train: done, final loss %.4f, peak memory %.1f MB (planned %.1f MB)\n", loss,

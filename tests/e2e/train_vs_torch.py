@@ -80,8 +80,12 @@ kw = read_safetensors(os.path.join(out, "latest", "model.safetensors"))
 rw = read_safetensors(ref_w)
 worst = 0.0
 for n in param_names(cfg):
-    a = kw[n] if n in kw else kw[n[len("transformer."):]]
-    rel = float((a - rw[n]).norm() / rw[n].norm().clamp_min(1e-12))
+    a, r = (kw[n] if n in kw else kw[n[len("transformer."):]]), rw[n]
+    if n.endswith("attn.c_attn.bias"):
+        # The key bias gets a zero gradient in exact arithmetic (softmax ignores a per-query constant), so
+        # both runs see only rounding noise there, which Adam amplifies to ±lr steps: compare q and v only.
+        a, r = torch.cat([a[:C], a[2 * C:]]), torch.cat([r[:C], r[2 * C:]])
+    rel = float((a - r).norm() / r.norm().clamp_min(1e-12))
     worst = max(worst, rel)
     if rel > 1e-4:
         print(f"weight {n}: relative difference {rel:.2e}")
