@@ -42,18 +42,35 @@ void bench_train(const BenchTrainOptions& o) {
     pos[size_t(i)] = int32_t(i % o.seq);
   }
   const AttentionParams ap = model.attention_params(o.batch, o.seq);
-  std::vector<double> ms;
+  // Whole steps, and their phases: forward (with the LM head's backward), backward, optimizer.
+  std::vector<double> ms, fwd, bwd, opt;
+  using Clock = std::chrono::steady_clock;
+  auto since = [](Clock::time_point t) { return std::chrono::duration<double, std::milli>(Clock::now() - t).count(); };
   for (int s = 0; s < o.warmup + o.steps; s++) {
-    auto t0 = std::chrono::steady_clock::now();
+    auto t0 = Clock::now();
     model.zero_grad();
+    auto t1 = Clock::now();
     model.forward(in.data(), pos.data(), tg.data(), ap, 1.0f / float(N));
+    const double f = since(t1);
+    auto t2 = Clock::now();
     model.backward(in.data(), pos.data());
+    const double b = since(t2);
+    auto t3 = Clock::now();
     adam.step(model.params(), model.grads(), 1e-4f, s + 1);
-    double dt = std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count();
-    if (s >= o.warmup) ms.push_back(dt);
+    const double a = since(t3);
+    if (s >= o.warmup) {
+      ms.push_back(since(t0));
+      fwd.push_back(f);
+      bwd.push_back(b);
+      opt.push_back(a);
+    }
   }
+  auto median = [](std::vector<double> v) {
+    std::sort(v.begin(), v.end());
+    return v[v.size() / 2];
+  };
+  const double med = median(ms);
   std::sort(ms.begin(), ms.end());
-  const double med = ms[ms.size() / 2];
   const double n_matmul = double(cfg.num_params()) - double(cfg.n_positions) * cfg.n_embd;
   const double flops_per_token = 6.0 * n_matmul + 12.0 * cfg.n_layer * o.seq * cfg.n_embd;
   nlohmann::json j = {{"bench", "train"},
@@ -63,6 +80,9 @@ void bench_train(const BenchTrainOptions& o) {
                       {"threads", omp_get_max_threads()},
                       {"ms_per_step", med},
                       {"ms_min", ms.front()},
+                      {"ms_forward", median(fwd)},
+                      {"ms_backward", median(bwd)},
+                      {"ms_optimizer", median(opt)},
                       {"tokens_per_s", double(N) / (med / 1e3)},
                       {"gflops", flops_per_token * double(N) / (med / 1e3) / 1e9},
                       {"recompute", o.recompute},
