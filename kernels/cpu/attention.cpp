@@ -69,21 +69,24 @@ inline f32x16 vexp(f32x16 x) {
 }
 
 // The one product shape everything uses: for r < R and 16·NV lanes,
-//   C[r][lanes] (+)= Σ_k s[r·srs + k·sks] · A[k·lda + lanes]
+//   C[r][lanes] (+)= Σ_{k in [kb, ke)} s[r·srs + k·sks] · A[k·lda + lanes]
 // i.e. broadcast a scalar of s (any layout, by strides) and FMA a vector row of A. Accumulators stay in
 // registers for the whole k loop (R·NV of them).
 template <int R, int NV>
 inline void block(float* C, int64_t ldc, const float* s, int64_t srs, int64_t sks, const float* A, int64_t lda,
-                  int K, bool accumulate) {
+                  int kb, int ke, bool accumulate) {
   f32x16 c[R][NV];
 #pragma GCC unroll 8
   for (int r = 0; r < R; r++)
 #pragma GCC unroll 4
     for (int v = 0; v < NV; v++) c[r][v] = accumulate ? load(C + r * ldc + v * kLanes) : f32x16{};
-  for (int k = 0; k < K; k++) {
+  for (int k = kb; k < ke; k++) {
     f32x16 a[NV];
 #pragma GCC unroll 4
-    for (int v = 0; v < NV; v++) a[v] = load(A + k * lda + v * kLanes);
+    for (int v = 0; v < NV; v++) {
+      a[v] = load(A + k * lda + v * kLanes);
+      asm("" : "+v"(a[v]));  // keep the row in a register (GCC would otherwise reload it for every FMA)
+    }
 #pragma GCC unroll 8
     for (int r = 0; r < R; r++) {
       const float b = s[r * srs + k * sks];
@@ -99,26 +102,51 @@ inline void block(float* C, int64_t ldc, const float* s, int64_t srs, int64_t sk
 
 template <int R>
 inline void block_nv(int nv, float* C, int64_t ldc, const float* s, int64_t srs, int64_t sks, const float* A,
-                     int64_t lda, int K, bool accumulate) {
+                     int64_t lda, int kb, int ke, bool accumulate) {
   switch (nv) {
-    case 4: block<R, 4>(C, ldc, s, srs, sks, A, lda, K, accumulate); break;
-    case 3: block<R, 3>(C, ldc, s, srs, sks, A, lda, K, accumulate); break;
-    case 2: block<R, 2>(C, ldc, s, srs, sks, A, lda, K, accumulate); break;
-    default: block<R, 1>(C, ldc, s, srs, sks, A, lda, K, accumulate); break;
+    case 4: block<R, 4>(C, ldc, s, srs, sks, A, lda, kb, ke, accumulate); break;
+    case 3: block<R, 3>(C, ldc, s, srs, sks, A, lda, kb, ke, accumulate); break;
+    case 2: block<R, 2>(C, ldc, s, srs, sks, A, lda, kb, ke, accumulate); break;
+    default: block<R, 1>(C, ldc, s, srs, sks, A, lda, kb, ke, accumulate); break;
   }
 }
+
+// Work skipped inside a tile on the causal diagonal, where row r of the product only needs part of k or
+// of the lanes (delta = offset between the two index spaces):
+//   kLanesFrom: lanes >= r + delta   (Sᵀ, dPᵀ: rows are keys, lanes queries; skipped lanes are left
+//                                     unwritten, the caller masks them)
+//   kKFrom:     k >= r + delta       (dV, dK: rows are keys, k runs over queries)
+//   kKUpTo:     k <= r + delta       (dQ: rows are queries, k runs over keys)
+enum class Trim { kNone, kLanesFrom, kKFrom, kKUpTo };
 
 // C[rows][lanes] (+)= S[rows][K] · A[K][lanes], S addressed by strides, lanes a multiple of 16.
 // Lane chunks of 64 outside, so one chunk of A stays in L1 while all row blocks pass over it.
 constexpr int kRows = 4;
+template <int R>
+inline void row_block(int r, int l0, int nv, float* C, int64_t ldc, const float* S, int64_t srs, int64_t sks,
+                      const float* A, int64_t lda, int K, bool accumulate, Trim trim, int delta) {
+  int kb = 0, ke = K;
+  if (trim == Trim::kLanesFrom) {
+    const int first = std::max(l0, std::max(0, r + delta) / kLanes * kLanes);
+    nv -= (first - l0) / kLanes;
+    if (nv <= 0) return;
+    l0 = first;
+  } else if (trim == Trim::kKFrom) {
+    kb = std::min(K, std::max(0, r + delta));
+  } else if (trim == Trim::kKUpTo) {
+    ke = std::max(0, std::min(K, r + R + delta));
+  }
+  block_nv<R>(nv, C + r * ldc + l0, ldc, S + r * srs, srs, sks, A + l0, lda, kb, ke, accumulate);
+}
+
 void bgemm(float* C, int64_t ldc, int rows, int lanes, const float* S, int64_t srs, int64_t sks, const float* A,
-           int64_t lda, int K, bool accumulate) {
+           int64_t lda, int K, bool accumulate, Trim trim = Trim::kNone, int delta = 0) {
   for (int l0 = 0; l0 < lanes; l0 += 4 * kLanes) {
     const int nv = std::min(4, (lanes - l0) / kLanes);
     int r = 0;
     for (; r + kRows <= rows; r += kRows)
-      block_nv<kRows>(nv, C + r * ldc + l0, ldc, S + r * srs, srs, sks, A + l0, lda, K, accumulate);
-    for (; r < rows; r++) block_nv<1>(nv, C + r * ldc + l0, ldc, S + r * srs, srs, sks, A + l0, lda, K, accumulate);
+      row_block<kRows>(r, l0, nv, C, ldc, S, srs, sks, A, lda, K, accumulate, trim, delta);
+    for (; r < rows; r++) row_block<1>(r, l0, nv, C, ldc, S, srs, sks, A, lda, K, accumulate, trim, delta);
   }
 }
 
@@ -145,6 +173,15 @@ std::vector<Span> spans(const AttentionParams& p, int64_t& N) {
   }
   N = p.cu_seqlens[p.num_seqs];
   return s;
+}
+
+// Σ a[d]·b[d] over n (a multiple of 16) floats, in a fixed order.
+inline float dot(const float* a, const float* b, int n) {
+  f32x16 acc{};
+  for (int d = 0; d < n; d += kLanes) acc += load(a + d) * load(b + d);
+  float sum = 0;
+  for (int lane = 0; lane < kLanes; lane++) sum += acc[lane];
+  return sum;
 }
 
 // Copies rows [0, n) of a row-major [n, HD] block (row stride ld) into tile[d][i] (Br lanes), zero-padding
@@ -190,8 +227,10 @@ void forward_tile(float* out, float* lse, const float* qkv, const AttentionParam
   const int64_t kend = p.causal ? q0 + qn : sp.len;  // key tiles past the last query are fully masked
   for (int64_t k0 = 0; k0 < kend; k0 += kBc) {
     const int kn = int(std::min<int64_t>(kBc, kend - k0));
-    bgemm(St, kBr, kn, kBr, kb + k0 * ld, ld, 1, Qt, kBr, HD, false);  // Sᵀ = K·Qᵀ
+    // On the diagonal, some keys are hidden from some queries: skip what is fully hidden, mask the rest.
     const bool mask = p.causal && k0 + kn - 1 > q0;
+    const Trim lanes_from = mask ? Trim::kLanesFrom : Trim::kNone;
+    bgemm(St, kBr, kn, kBr, kb + k0 * ld, ld, 1, Qt, kBr, HD, false, lanes_from, int(k0 - q0));  // Sᵀ = K·Qᵀ
     f32x16 mt[kVq];
     for (int v = 0; v < kVq; v++) mt[v] = splat(-kInf);
     for (int j = 0; j < kn; j++)
@@ -309,10 +348,7 @@ void attention_backward(float* dqkv, const float* dout, const float* qkv, const 
       // Padded query lanes get lse = +inf, so their probabilities are exactly 0.
       for (int64_t i = 0; i < pad; i++) {
         L[i] = i < len ? lse[int64_t(h) * N + sp.start + i] : kInf;
-        float dd = 0;
-        if (i < len)
-          for (int d = 0; d < HD; d++) dd += dob[i * C + d] * ob[i * C + d];
-        D[i] = dd;
+        D[i] = i < len ? dot(dob + i * C, ob + i * C, HD) : 0.0f;
       }
       for (int64_t i = 0; i < len; i++) std::memset(dqb + i * ld, 0, sizeof(float) * HD);
 
@@ -325,21 +361,29 @@ void attention_backward(float* dqkv, const float* dout, const float* qkv, const 
         const int64_t qstart = p.causal ? k0 / kBr * kBr : 0;
         for (int64_t q0 = qstart; q0 < len; q0 += kBr) {
           const int qn = int(std::min<int64_t>(kBr, len - q0));
-          bgemm(Pt, kBr, kn, kBr, kb + k0 * ld, ld, 1, Qt + q0 * HD, kBr, HD, false);    // Sᵀ = K·Qᵀ
-          bgemm(dSt, kBr, kn, kBr, vb + k0 * ld, ld, 1, dOt + q0 * HD, kBr, HD, false);  // dPᵀ = V·dOᵀ
           const bool mask = p.causal && k0 + kn - 1 > q0;
+          const Trim lanes_from = mask ? Trim::kLanesFrom : Trim::kNone;
+          const int delta = int(k0 - q0);
+          bgemm(Pt, kBr, kn, kBr, kb + k0 * ld, ld, 1, Qt + q0 * HD, kBr, HD, false, lanes_from, delta);  // Sᵀ=K·Qᵀ
+          bgemm(dSt, kBr, kn, kBr, vb + k0 * ld, ld, 1, dOt + q0 * HD, kBr, HD, false, lanes_from, delta);  // dPᵀ=V·dOᵀ
           for (int j = 0; j < kn; j++)
             for (int v = 0; v < kVq; v++) {
-              f32x16 x = load(Pt + j * kBr + v * kLanes) * scale - load(L + q0 + v * kLanes);
-              if (mask) x = causal_visible(v, q0, k0, j) ? x : splat(-kInf);
-              const f32x16 pr = vexp(x);
-              store(Pt + j * kBr + v * kLanes, pr);
+              const f32x16 x = load(Pt + j * kBr + v * kLanes) * scale - load(L + q0 + v * kLanes);
               const f32x16 dp = load(dSt + j * kBr + v * kLanes);
-              store(dSt + j * kBr + v * kLanes, pr * (dp - load(D + q0 + v * kLanes)) * scale);
+              f32x16 pr = vexp(x), ds = pr * (dp - load(D + q0 + v * kLanes)) * scale;
+              if (mask) {
+                // Hidden entries may hold stale values (their products were skipped): select exact zeros.
+                const i32x16 visible = causal_visible(v, q0, k0, j);
+                pr = visible ? pr : f32x16{};
+                ds = visible ? ds : f32x16{};
+              }
+              store(Pt + j * kBr + v * kLanes, pr);
+              store(dSt + j * kBr + v * kLanes, ds);
             }
-          bgemm(dV, HD, kn, HD, Pt, kBr, 1, dob + q0 * C, C, qn, true);     // dV += Pᵀ·dO
-          bgemm(dK, HD, kn, HD, dSt, kBr, 1, qb + q0 * ld, ld, qn, true);   // dK += dSᵀ·Q (scale folded in)
-          bgemm(dqb + q0 * ld, ld, qn, HD, dSt, 1, kBr, kb + k0 * ld, ld, kn, true);  // dQ += dS·K
+          const Trim k_from = mask ? Trim::kKFrom : Trim::kNone, k_up_to = mask ? Trim::kKUpTo : Trim::kNone;
+          bgemm(dV, HD, kn, HD, Pt, kBr, 1, dob + q0 * C, C, qn, true, k_from, delta);    // dV += Pᵀ·dO
+          bgemm(dK, HD, kn, HD, dSt, kBr, 1, qb + q0 * ld, ld, qn, true, k_from, delta);  // dK += dSᵀ·Q (scaled)
+          bgemm(dqb + q0 * ld, ld, qn, HD, dSt, 1, kBr, kb + k0 * ld, ld, kn, true, k_up_to, -delta);  // dQ += dS·K
         }
         for (int j = 0; j < kn; j++) {
           std::memcpy(dqb + (k0 + j) * ld + C, dK + j * HD, sizeof(float) * HD);
