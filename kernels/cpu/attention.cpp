@@ -184,14 +184,40 @@ inline float dot(const float* a, const float* b, int n) {
   return sum;
 }
 
+// Transposes 16 rows of 16 floats in registers: afterwards r[c][i] holds what r[i][c] held. Four levels,
+// each swapping the off-diagonal b×b blocks (b = 8, 4, 2, 1) with two-source shuffles.
+inline void transpose16(f32x16 r[16]) {
+  static constexpr i32x16 lo[4] = {{0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23},
+                                   {0, 1, 2, 3, 16, 17, 18, 19, 8, 9, 10, 11, 24, 25, 26, 27},
+                                   {0, 1, 16, 17, 4, 5, 20, 21, 8, 9, 24, 25, 12, 13, 28, 29},
+                                   {0, 16, 2, 18, 4, 20, 6, 22, 8, 24, 10, 26, 12, 28, 14, 30}};
+  static constexpr i32x16 hi[4] = {{8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30, 31},
+                                   {4, 5, 6, 7, 20, 21, 22, 23, 12, 13, 14, 15, 28, 29, 30, 31},
+                                   {2, 3, 18, 19, 6, 7, 22, 23, 10, 11, 26, 27, 14, 15, 30, 31},
+                                   {1, 17, 3, 19, 5, 21, 7, 23, 9, 25, 11, 27, 13, 29, 15, 31}};
+#pragma GCC unroll 4
+  for (int level = 0; level < 4; level++) {
+    const int b = 8 >> level;
+#pragma GCC unroll 16
+    for (int i = 0; i < 16; i++)
+      if (!(i & b)) {
+        const f32x16 x = r[i], y = r[i + b];
+        r[i] = __builtin_shuffle(x, y, lo[level]);
+        r[i + b] = __builtin_shuffle(x, y, hi[level]);
+      }
+  }
+}
+
 // Copies rows [0, n) of a row-major [n, HD] block (row stride ld) into tile[d][i] (Br lanes), zero-padding
 // lanes n..Br.
 void pack_transposed(float* tile, const float* rows, int64_t ld, int n, int HD) {
-  for (int d = 0; d < HD; d++) {
-    float* t = tile + int64_t(d) * kBr;
-    for (int i = 0; i < n; i++) t[i] = rows[i * ld + d];
-    for (int i = n; i < kBr; i++) t[i] = 0.0f;
-  }
+  for (int i0 = 0; i0 < kBr; i0 += kLanes)
+    for (int d0 = 0; d0 < HD; d0 += kLanes) {
+      f32x16 r[16];
+      for (int i = 0; i < 16; i++) r[i] = i0 + i < n ? load(rows + (i0 + i) * ld + d0) : f32x16{};
+      transpose16(r);
+      for (int d = 0; d < 16; d++) store(tile + int64_t(d0 + d) * kBr + i0, r[d]);
+    }
 }
 
 // Sᵀ[j][lanes] for key j of a tile starting at key k0, query tile starting at q0: is the key visible?
@@ -267,10 +293,14 @@ void forward_tile(float* out, float* lse, const float* qkv, const AttentionParam
     store(lrow + v * kLanes, l[v]);
   }
   for (int i = 0; i < qn; i++) lse[int64_t(h) * N + sp.start + q0 + i] = mrow[i] + std::log(lrow[i]);
-  for (int i = 0; i < qn; i++) {
-    float* o = out + (sp.start + q0 + i) * C + int64_t(h) * HD;
-    for (int d = 0; d < HD; d++) o[d] = Ot[d * kBr + i] * inv_l[i];
-  }
+  float* o = out + (sp.start + q0) * C + int64_t(h) * HD;
+  for (int i0 = 0; i0 < qn; i0 += kLanes)
+    for (int d0 = 0; d0 < HD; d0 += kLanes) {
+      f32x16 r[16];
+      for (int d = 0; d < 16; d++) r[d] = load(Ot + (d0 + d) * kBr + i0) * load(inv_l + i0);
+      transpose16(r);
+      for (int i = 0; i < std::min(16, qn - i0); i++) store(o + (i0 + i) * C + d0, r[i]);
+    }
 }
 
 }  // namespace
