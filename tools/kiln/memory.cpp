@@ -1,0 +1,87 @@
+// kiln memory: the memory plan of a training step before running it: weights, gradients, optimizer
+// state and activations, and what ZeRO stages 1-3 leave per rank (Rajbhandari et al.'s accounting:
+// with Ψ parameters and Adam in mixed precision, 2Ψ + 2Ψ + 12Ψ bytes of model state; in fp32, 4Ψ + 4Ψ + 8Ψ).
+// The activation figure is the exact size of the arena the trainer allocates (same code path).
+#include <array>
+#include <cstdio>
+#include <nlohmann/json.hpp>
+
+#include "models/gpt2.h"
+#include "tools/kiln/command.h"
+
+namespace {
+
+struct MemoryOptions {
+  std::string model, dtype = "fp32", recompute = "none";
+  int batch = 4, seq = 64, zero_stage = 0, ranks = 1, lm_head_chunk = 0;
+  bool json = false;
+};
+
+void memory_plan(const MemoryOptions& o) {
+  using namespace kiln;
+  KILN_CHECK(o.batch > 0 && o.seq > 0, "--batch and --seq must be positive");
+  KILN_CHECK(o.zero_stage >= 0 && o.zero_stage <= 3, "--zero-stage must be 0, 1, 2 or 3 (got ", o.zero_stage, ")");
+  KILN_CHECK(o.ranks >= 1, "--ranks must be >= 1 (got ", o.ranks, ")");
+  KILN_CHECK(o.dtype == "fp32" || o.dtype == "bf16" || o.dtype == "fp16", "--dtype: expected fp32, bf16 or fp16 (got '",
+             o.dtype, "')");
+  GPT2Config cfg = GPT2Config::load(o.model);
+  KILN_CHECK(o.seq <= cfg.n_positions, "--seq ", o.seq, " exceeds n_positions ", cfg.n_positions);
+  const RecomputePolicy policy = RecomputePolicy::parse(o.recompute);
+  const double psi = double(ParamTable::gpt2(cfg).total);  // floats in the block (with alignment padding)
+  const bool mixed = o.dtype != "fp32";
+  // Model state bytes per parameter: weights, gradients, optimizer (AdamW m and v, plus fp32 master weights
+  // when the working copy is 16-bit).
+  const double w = mixed ? 2 : 4, g = mixed ? 2 : 4, opt = mixed ? 12 : 8;
+  const double acts = double(GPT2::plan_bytes(cfg, int64_t(o.batch) * o.seq, policy, o.lm_head_chunk));
+  const double n = o.ranks;
+  auto per_rank = [&](int stage) {
+    double ww = psi * w, gg = psi * g, oo = psi * opt;
+    if (stage >= 1) oo /= n;
+    if (stage >= 2) gg /= n;
+    if (stage >= 3) ww /= n;
+    return std::array<double, 3>{ww, gg, oo};
+  };
+  const double MB = 1024.0 * 1024.0;
+  nlohmann::json j = {{"params", cfg.num_params()},  {"batch", o.batch},        {"seq", o.seq},
+                      {"dtype", o.dtype},             {"recompute", policy.str()}, {"ranks", o.ranks},
+                      {"activations_bytes", acts}};
+  for (int s = 0; s <= 3; s++) {
+    auto [ww, gg, oo] = per_rank(s);
+    j["zero" + std::to_string(s)] = {{"weights_bytes", ww}, {"gradients_bytes", gg}, {"optimizer_bytes", oo},
+                                     {"total_bytes", ww + gg + oo + acts}};
+  }
+  if (o.json) {
+    std::printf("%s\n", j.dump().c_str());
+    return;
+  }
+  auto [ww, gg, oo] = per_rank(o.zero_stage);
+  std::printf("model %.2fM parameters, batch %d x %d tokens, %s, recompute %s\n", double(cfg.num_params()) / 1e6,
+              o.batch, o.seq, o.dtype.c_str(), policy.str().c_str());
+  std::printf("  weights      %10.1f MB\n  gradients    %10.1f MB\n  optimizer    %10.1f MB\n  activations  %10.1f MB\n"
+              "  total        %10.1f MB  (ZeRO stage %d over %d ranks, per rank)\n",
+              ww / MB, gg / MB, oo / MB, acts / MB, (ww + gg + oo + acts) / MB, o.zero_stage, o.ranks);
+  std::printf("  per rank by ZeRO stage:");
+  for (int s = 0; s <= 3; s++) {
+    auto [a, b, c] = per_rank(s);
+    std::printf("  %d: %.1f MB", s, (a + b + c + acts) / MB);
+  }
+  std::printf("\n");
+}
+
+kiln::cli::Command memory_cmd("memory", [](CLI::App& root) {
+  auto o = std::make_shared<MemoryOptions>();
+  auto* c = root.add_subcommand("memory", "Memory plan of a training step: weights, gradients, optimizer, activations");
+  c->add_option("--model", o->model, "config.json or a directory holding one")->required();
+  c->add_option("--batch", o->batch, "Sequences per micro-batch")->capture_default_str();
+  c->add_option("--seq", o->seq, "Tokens per sequence")->capture_default_str();
+  c->add_option("--dtype", o->dtype, "fp32, bf16 or fp16 (16-bit: fp32 master weights and moments)")
+      ->capture_default_str();
+  c->add_option("--recompute", o->recompute, "none, block, every:K or selective")->capture_default_str();
+  c->add_option("--lm-head-chunk", o->lm_head_chunk, "Rows of logits held at once (0: all)")->capture_default_str();
+  c->add_option("--zero-stage", o->zero_stage, "ZeRO stage 0-3 for the per-rank figure")->capture_default_str();
+  c->add_option("--ranks", o->ranks, "Data-parallel ranks")->capture_default_str();
+  c->add_flag("--json", o->json, "One JSON line with every stage");
+  c->callback([o] { memory_plan(*o); });
+});
+
+}  // namespace
