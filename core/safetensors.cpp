@@ -23,12 +23,12 @@ struct DTypeInfo {
   std::optional<DType> kiln;
 };
 const DTypeInfo kDTypes[] = {
-    {"BOOL", 1, 0, std::nullopt},     {"U8", 1, 4, std::nullopt},       {"I8", 1, 5, std::nullopt},
-    {"F8_E5M2", 1, 6, std::nullopt},  {"F8_E4M3", 1, 7, std::nullopt},  {"F8_E8M0", 1, 8, std::nullopt},
-    {"I16", 2, 9, std::nullopt},      {"U16", 2, 10, DType::U16},       {"F16", 2, 11, DType::F16},
-    {"BF16", 2, 12, DType::BF16},     {"I32", 4, 13, DType::I32},       {"U32", 4, 14, std::nullopt},
-    {"F32", 4, 15, DType::F32},       {"F64", 8, 16, std::nullopt},     {"I64", 8, 17, std::nullopt},
-    {"U64", 8, 18, std::nullopt},     {"C64", 8, 19, std::nullopt},
+    {"BOOL", 1, 0, std::nullopt},    {"U8", 1, 4, std::nullopt},      {"I8", 1, 5, std::nullopt},
+    {"F8_E5M2", 1, 6, std::nullopt}, {"F8_E4M3", 1, 7, std::nullopt}, {"F8_E8M0", 1, 8, std::nullopt},
+    {"I16", 2, 9, std::nullopt},     {"U16", 2, 10, DType::U16},      {"F16", 2, 11, DType::F16},
+    {"BF16", 2, 12, DType::BF16},    {"I32", 4, 13, DType::I32},      {"U32", 4, 14, std::nullopt},
+    {"F32", 4, 15, DType::F32},      {"F64", 8, 16, std::nullopt},    {"I64", 8, 17, std::nullopt},
+    {"U64", 8, 18, std::nullopt},    {"C64", 8, 19, std::nullopt},
 };
 
 const DTypeInfo* lookup_dtype(const std::string& name) {
@@ -63,8 +63,8 @@ json parse_header(const char* text, size_t n, const std::string& path) {
         break;
       case json::parse_event_t::key: {
         const std::string& k = parsed.get_ref<const std::string&>();
-        KILN_CHECK(!keys.empty() && keys.back().insert(k).second, path, ": safetensors header has duplicate key \"",
-                   k, "\"");
+        KILN_CHECK(!keys.empty() && keys.back().insert(k).second, path, ": safetensors header has duplicate key ",
+                   quoted(k));
         break;
       }
       default:
@@ -114,11 +114,11 @@ SafeTensorsReader::SafeTensorsReader(const std::string& path) : file_(path) {
   const uint8_t* data = file_.data() + 8 + n;
   const size_t data_size = size - 8 - n;
   for (auto& [name, info] : header.items()) {
-    const std::string where = str(path, ": tensor \"", name, "\"");
+    const std::string where = str(path, ": tensor ", quoted(name));
     if (name == "__metadata__") {
       KILN_CHECK(info.is_object(), path, ": __metadata__ must be an object of strings");
       for (auto& [k, v] : info.items()) {
-        KILN_CHECK(v.is_string(), path, ": __metadata__ value for \"", k, "\" is not a string");
+        KILN_CHECK(v.is_string(), path, ": __metadata__ value for ", quoted(k), " is not a string");
         metadata_[k] = v.get<std::string>();
       }
       continue;
@@ -132,7 +132,7 @@ SafeTensorsReader::SafeTensorsReader(const std::string& path) : file_(path) {
     e.name = name;
     e.dtype = info["dtype"].get<std::string>();
     const DTypeInfo* dt = lookup_dtype(e.dtype);
-    KILN_CHECK(dt, where, ": unknown dtype \"", e.dtype, "\"");
+    KILN_CHECK(dt, where, ": unknown dtype ", quoted(e.dtype));
     for (auto& d : info["shape"]) {
       KILN_CHECK(d.is_number_integer(), where, ": shape ", info["shape"].dump(), " has a non-integer dimension");
       KILN_CHECK(d.is_number_unsigned() || d.get<int64_t>() >= 0, where, ": shape ", info["shape"].dump(),
@@ -141,8 +141,8 @@ SafeTensorsReader::SafeTensorsReader(const std::string& path) : file_(path) {
       e.shape.push_back(d.get<int64_t>());
     }
     for (auto& o : info["data_offsets"])
-      KILN_CHECK(o.is_number_unsigned() || (o.is_number_integer() && o.get<int64_t>() >= 0), where,
-                 ": data_offsets ", info["data_offsets"].dump(), " must be non-negative integers");
+      KILN_CHECK(o.is_number_unsigned() || (o.is_number_integer() && o.get<int64_t>() >= 0), where, ": data_offsets ",
+                 info["data_offsets"].dump(), " must be non-negative integers");
     uint64_t begin = info["data_offsets"][0].get<uint64_t>(), end = info["data_offsets"][1].get<uint64_t>();
     KILN_CHECK(begin <= end, where, ": data_offsets [", begin, ", ", end, "] are reversed");
     KILN_CHECK(end <= data_size, where, ": data_offsets [", begin, ", ", end, "] are beyond the data section (",
@@ -165,8 +165,8 @@ SafeTensorsReader::SafeTensorsReader(const std::string& path) : file_(path) {
   const SafeTensorsEntry* prev = nullptr;
   for (const auto& e : entries_) {
     if (e.begin == e.end) continue;
-    KILN_CHECK(!prev || e.begin >= prev->end, path, ": tensors \"", prev ? prev->name : "", "\" and \"", e.name,
-               "\" overlap in the data section");
+    KILN_CHECK(!prev || e.begin >= prev->end, path, ": tensors ", quoted(prev ? prev->name : ""), " and ",
+               quoted(e.name), " overlap in the data section");
     prev = &e;
   }
 
@@ -200,14 +200,14 @@ const SafeTensorsEntry* SafeTensorsReader::find_entry(const std::string& name) c
 const Tensor* SafeTensorsReader::find(const std::string& name) const {
   const SafeTensorsEntry* e = find_entry(name);
   if (!e) return nullptr;
-  KILN_CHECK(e->tensor_index >= 0, path(), ": tensor \"", name, "\" has dtype ", e->dtype, " and shape ",
+  KILN_CHECK(e->tensor_index >= 0, path(), ": tensor ", quoted(name), " has dtype ", e->dtype, " and shape ",
              shape_str(e->shape), ", which kiln cannot load (F32, BF16, F16, I32, U16 up to 4 dims)");
   return &tensors_[size_t(e->tensor_index)];
 }
 
 const Tensor& SafeTensorsReader::get(const std::string& name) const {
   const Tensor* t = find(name);
-  KILN_CHECK(t, path(), ": no tensor \"", name, "\"");
+  KILN_CHECK(t, path(), ": no tensor ", quoted(name));
   return *t;
 }
 
@@ -226,10 +226,10 @@ void write_items(const std::string& path, std::vector<WriteItem> items, const st
   for (const auto& it : items) {
     const Tensor& t = *it.src;
     KILN_CHECK(t.name != "__metadata__", path, ": a tensor may not be named __metadata__");
-    KILN_CHECK(names.insert(t.name).second, path, ": tensor \"", t.name, "\" given twice");
+    KILN_CHECK(names.insert(t.name).second, path, ": tensor ", quoted(t.name), " given twice");
     for (int i = 0; i < t.shape.ndim; i++)
-      KILN_CHECK(t.shape[i] >= 0, path, ": tensor \"", t.name, "\" has a negative dimension ", t.shape.str());
-    KILN_CHECK(t.data || t.numel() == 0, path, ": tensor \"", t.name, "\" has no data");
+      KILN_CHECK(t.shape[i] >= 0, path, ": tensor ", quoted(t.name), " has a negative dimension ", t.shape.str());
+    KILN_CHECK(t.data || t.numel() == 0, path, ": tensor ", quoted(t.name), " has no data");
   }
   std::stable_sort(items.begin(), items.end(), [](const WriteItem& a, const WriteItem& b) {
     int ra = dtype_rank(a.out), rb = dtype_rank(b.out);
@@ -296,10 +296,28 @@ void write_safetensors_converted(const std::string& path, const std::vector<Tens
              ": weights can be written as F32, BF16 or F16, not ", dtype_name(on_disk));
   std::vector<WriteItem> items;
   for (const auto& t : f32_tensors) {
-    KILN_CHECK(t.dtype == DType::F32, path, ": tensor \"", t.name, "\" is ", dtype_name(t.dtype), ", expected F32");
+    KILN_CHECK(t.dtype == DType::F32, path, ": tensor ", quoted(t.name), " is ", dtype_name(t.dtype), ", expected F32");
     items.push_back({&t, on_disk});
   }
   write_items(path, std::move(items), metadata);
+}
+
+std::string quoted(std::string_view name) {
+  constexpr size_t kMax = 120;
+  std::string out = "\"";
+  for (size_t i = 0; i < name.size() && i < kMax; i++) {
+    unsigned char c = static_cast<unsigned char>(name[i]);
+    if (c < 0x20 || c == 0x7f || c == '"' || c == '\\') {
+      const char* hex = "0123456789abcdef";
+      out += "\\x";
+      out += hex[c >> 4];
+      out += hex[c & 15];
+    } else {
+      out += char(c);
+    }
+  }
+  if (name.size() > kMax) out += "...";
+  return out + "\"";
 }
 
 void convert_to_f32(const void* src, DType src_dtype, float* dst, size_t n) {

@@ -10,6 +10,7 @@
 #include <map>
 #include <memory>
 #include <string>
+#include <string_view>
 #include <vector>
 
 #include "core/file_io.h"
@@ -21,11 +22,11 @@ namespace kiln {
 // validates the other safetensors dtypes so that files carrying e.g. I64 buffers can still be opened).
 struct SafeTensorsEntry {
   std::string name;
-  std::string dtype;            // as written: "F32", "BF16", "I64", ...
-  std::vector<int64_t> shape;   // any rank
-  size_t begin = 0, end = 0;    // byte range in the data section
+  std::string dtype;               // as written: "F32", "BF16", "I64", ...
+  std::vector<int64_t> shape;      // any rank
+  size_t begin = 0, end = 0;       // byte range in the data section
   const uint8_t* bytes = nullptr;  // begin of the data in the map (may be unaligned)
-  int tensor_index = -1;        // index into tensors(), or -1 when kiln cannot represent it
+  int tensor_index = -1;           // index into tensors(), or -1 when kiln cannot represent it
   int64_t numel() const;
 };
 
@@ -65,6 +66,10 @@ void write_safetensors(const std::string& path, const std::vector<Tensor>& tenso
 // so a converted copy of the whole set never exists in memory.
 void write_safetensors_converted(const std::string& path, const std::vector<Tensor>& f32_tensors, DType on_disk,
                                  const std::map<std::string, std::string>& metadata = {});
+
+// For error messages: a name from a file in double quotes, control characters escaped and long names cut,
+// so the message stays one readable line whatever the file holds.
+std::string quoted(std::string_view name);
 
 // Converts n elements stored as `src_dtype` (F32, BF16 or F16; src may be unaligned) to f32.
 void convert_to_f32(const void* src, DType src_dtype, float* dst, size_t n);

@@ -2,7 +2,6 @@
 
 #include <cstring>
 #include <filesystem>
-#include <regex>
 
 #include "core/error.h"
 #include "core/file_io.h"
@@ -21,10 +20,15 @@ void check_table(const GPT2Config& cfg, const ParamTable& table, const std::stri
              " tensors but the config has ", cfg.n_layer, " layers");
 }
 
-// The original GPT-2 files carry the causal-mask buffers of the old GPT2Attention module.
+// The original GPT-2 files carry the causal-mask buffers of the old GPT2Attention module:
+// "h.<digits>.attn.bias" and "h.<digits>.attn.masked_bias".
 bool is_attention_buffer(const std::string& name) {
-  static const std::regex re(R"(h\.[0-9]+\.attn\.(bias|masked_bias))");
-  return std::regex_match(name, re);
+  if (name.rfind("h.", 0) != 0) return false;
+  size_t i = 2;
+  while (i < name.size() && name[i] >= '0' && name[i] <= '9') i++;
+  if (i == 2) return false;
+  std::string rest = name.substr(i);
+  return rest == ".attn.bias" || rest == ".attn.masked_bias";
 }
 
 std::string shape_str(const std::vector<int64_t>& shape) {
@@ -82,20 +86,20 @@ void load_gpt2_weights(const std::string& path, const GPT2Config& cfg, const Par
     const std::string bare = prefixed ? e.name.substr(std::strlen(kPrefix)) : e.name;
     if (e.name == "lm_head.weight" || is_attention_buffer(bare)) continue;
     const ParamSpec* spec = table.find(kPrefix + bare);
-    KILN_CHECK(spec, file, ": unexpected tensor \"", e.name, "\" (not a parameter of a GPT-2 with ", cfg.n_layer,
+    KILN_CHECK(spec, file, ": unexpected tensor ", quoted(e.name), " (not a parameter of a GPT-2 with ", cfg.n_layer,
                " layers)");
     const size_t i = size_t(spec - table.specs.data());
-    KILN_CHECK(!found[i], file, ": tensor \"", spec->name, "\" appears twice (as \"", found[i] ? found[i]->name : "",
-               "\" and \"", e.name, "\")");
+    KILN_CHECK(!found[i], file, ": tensor ", quoted(spec->name), " appears twice (as ",
+               quoted(found[i] ? found[i]->name : ""), " and ", quoted(e.name), ")");
     found[i] = &e;
   }
   for (size_t i = 0; i < table.specs.size(); i++) {
     const ParamSpec& s = table.specs[i];
     const SafeTensorsEntry* e = found[i];
-    KILN_CHECK(e, file, ": missing tensor \"", s.name, "\"");
-    KILN_CHECK(e->dtype == "F32" || e->dtype == "BF16" || e->dtype == "F16", file, ": tensor \"", e->name,
-               "\" has dtype ", e->dtype, "; weights must be F32, BF16 or F16");
-    KILN_CHECK(e->shape == s.shape.vec(), file, ": tensor \"", e->name, "\" has shape ", shape_str(e->shape),
+    KILN_CHECK(e, file, ": missing tensor ", quoted(s.name));
+    KILN_CHECK(e->dtype == "F32" || e->dtype == "BF16" || e->dtype == "F16", file, ": tensor ", quoted(e->name),
+               " has dtype ", e->dtype, "; weights must be F32, BF16 or F16");
+    KILN_CHECK(e->shape == s.shape.vec(), file, ": tensor ", quoted(e->name), " has shape ", shape_str(e->shape),
                " but the config (n_embd ", cfg.n_embd, ", vocab_size ", cfg.vocab_size, ", n_positions ",
                cfg.n_positions, ") needs ", s.shape.str());
   }

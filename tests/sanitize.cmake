@@ -1,0 +1,23 @@
+# The weight, config and shard loaders built a second time with AddressSanitizer and UBSan, and fed
+# corrupt inputs (tests/sanitize/*.cpp). It compiles the loader sources itself rather than linking
+# kiln_lib, which is built without sanitizers. ctest -L sanitize runs it.
+set(KILN_LOADER_SOURCES
+  ${CMAKE_SOURCE_DIR}/core/file_io.cpp
+  ${CMAKE_SOURCE_DIR}/core/safetensors.cpp
+  ${CMAKE_SOURCE_DIR}/models/config.cpp
+  ${CMAKE_SOURCE_DIR}/models/gpt2_params.cpp
+  ${CMAKE_SOURCE_DIR}/models/checkpoint.cpp
+  ${CMAKE_SOURCE_DIR}/train/shards.cpp)
+file(GLOB KILN_SANITIZE_TEST_SOURCES CONFIGURE_DEPENDS ${CMAKE_CURRENT_SOURCE_DIR}/sanitize/*.cpp)
+set(KILN_SANITIZE_FLAGS -fsanitize=address,undefined -fno-sanitize-recover=all -fno-omit-frame-pointer)
+
+add_executable(kiln_loader_sanitize_tests ${KILN_LOADER_SOURCES} ${KILN_SANITIZE_TEST_SOURCES})
+target_include_directories(kiln_loader_sanitize_tests PRIVATE ${CMAKE_SOURCE_DIR} ${CMAKE_CURRENT_SOURCE_DIR})
+# -O1 -g after the build type's -O3: readable sanitizer reports at a speed that keeps the run short.
+target_compile_options(kiln_loader_sanitize_tests PRIVATE ${KILN_SANITIZE_FLAGS} -O1 -g)
+target_link_options(kiln_loader_sanitize_tests PRIVATE ${KILN_SANITIZE_FLAGS})
+target_link_libraries(kiln_loader_sanitize_tests PRIVATE nlohmann_json::nlohmann_json GTest::gtest GTest::gtest_main)
+target_compile_definitions(kiln_loader_sanitize_tests PRIVATE KILN_SOURCE_DIR="${CMAKE_SOURCE_DIR}")
+gtest_discover_tests(kiln_loader_sanitize_tests DISCOVERY_TIMEOUT 60
+  PROPERTIES LABELS sanitize
+             ENVIRONMENT "ASAN_OPTIONS=detect_leaks=1:abort_on_error=0;UBSAN_OPTIONS=print_stacktrace=1")
