@@ -84,8 +84,9 @@ inline void block(float* C, int64_t ldc, const float* s, int64_t srs, int64_t sk
     f32x16 a[NV];
 #pragma GCC unroll 4
     for (int v = 0; v < NV; v++) {
-      a[v] = load(A + k * lda + v * kLanes);
-      asm("" : "+v"(a[v]));  // keep the row in a register (GCC would otherwise reload it for every FMA)
+      f32x16 t = load(A + k * lda + v * kLanes);
+      asm("" : "+v"(t));  // keep the row in a register (GCC would otherwise reload it for every FMA)
+      a[v] = t;
     }
 #pragma GCC unroll 8
     for (int r = 0; r < R; r++) {
@@ -244,7 +245,6 @@ void forward_tile(float* out, float* lse, const float* qkv, const AttentionParam
   float* St = w.st.f32();
   float* Ot = w.ot.f32();
   pack_transposed(Qt, qb + q0 * ld, ld, qn, HD);
-  std::memset(Ot, 0, sizeof(float) * HD * kBr);
 
   f32x16 m[kVq], l[kVq];
   for (int v = 0; v < kVq; v++) { m[v] = splat(-kInf); l[v] = f32x16{}; }
@@ -281,9 +281,10 @@ void forward_tile(float* out, float* lse, const float* qkv, const AttentionParam
         sum[v] += pr;
       }
     for (int v = 0; v < kVq; v++) l[v] = l[v] * alpha[v] + sum[v];
-    for (int d = 0; d < HD; d++)
-      for (int v = 0; v < kVq; v++) store(Ot + d * kBr + v * kLanes, load(Ot + d * kBr + v * kLanes) * alpha[v]);
-    bgemm(Ot, kBr, HD, kBr, vb + k0 * ld, 1, ld, St, kBr, kn, true);  // Oᵀ += Vᵀ·Pᵀ
+    if (k0 > 0)  // the first key tile writes Oᵀ, later ones rescale and accumulate
+      for (int d = 0; d < HD; d++)
+        for (int v = 0; v < kVq; v++) store(Ot + d * kBr + v * kLanes, load(Ot + d * kBr + v * kLanes) * alpha[v]);
+    bgemm(Ot, kBr, HD, kBr, vb + k0 * ld, 1, ld, St, kBr, kn, k0 > 0);  // Oᵀ += Vᵀ·Pᵀ
   }
 
   alignas(64) float inv_l[kBr], mrow[kBr], lrow[kBr];
@@ -344,11 +345,10 @@ void attention_backward(float* dqkv, const float* dout, const float* qkv, const 
 #pragma omp parallel if (n_items > 1)
   {
     // Per thread: Qᵀ and dOᵀ of a whole sequence as [tile][d][Br], lse and D padded to whole tiles,
-    // the Pᵀ and dSᵀ tiles, and the dK, dV accumulators of one key tile.
+    // and the Pᵀ and dSᵀ tiles.
     Buffer qt_all(sizeof(float) * HD * max_pad), dot_all(sizeof(float) * HD * max_pad);
     Buffer lse_pad(sizeof(float) * max_pad), dvec(sizeof(float) * max_pad);
     Buffer st(sizeof(float) * kBc * kBr), dst(sizeof(float) * kBc * kBr);
-    Buffer dk(sizeof(float) * kBc * HD), dv(sizeof(float) * kBc * HD);
 #pragma omp for schedule(dynamic, 1)
     for (int64_t t = 0; t < n_items; t++) {
       const Span sp = seqs[size_t(t / p.NH)];
@@ -367,8 +367,6 @@ void attention_backward(float* dqkv, const float* dout, const float* qkv, const 
       float* D = dvec.f32();
       float* Pt = st.f32();
       float* dSt = dst.f32();
-      float* dK = dk.f32();
-      float* dV = dv.f32();
 
       for (int64_t q0 = 0; q0 < len; q0 += kBr) {
         const int qn = int(std::min<int64_t>(kBr, len - q0));
@@ -380,13 +378,12 @@ void attention_backward(float* dqkv, const float* dout, const float* qkv, const 
         L[i] = i < len ? lse[int64_t(h) * N + sp.start + i] : kInf;
         D[i] = i < len ? dot(dob + i * C, ob + i * C, HD) : 0.0f;
       }
-      for (int64_t i = 0; i < len; i++) std::memset(dqb + i * ld, 0, sizeof(float) * HD);
 
       const f32x16 scale = splat(p.scale);
       for (int64_t k0 = 0; k0 < len; k0 += kBc) {
         const int kn = int(std::min<int64_t>(kBc, len - k0));
-        std::memset(dK, 0, sizeof(float) * kBc * HD);
-        std::memset(dV, 0, sizeof(float) * kBc * HD);
+        float* dKb = dqb + k0 * ld + C;
+        float* dVb = dqb + k0 * ld + 2 * C;
         // With causality, query tiles that end before key k0 see none of these keys.
         const int64_t qstart = p.causal ? k0 / kBr * kBr : 0;
         for (int64_t q0 = qstart; q0 < len; q0 += kBr) {
@@ -411,13 +408,12 @@ void attention_backward(float* dqkv, const float* dout, const float* qkv, const 
               store(dSt + j * kBr + v * kLanes, ds);
             }
           const Trim k_from = mask ? Trim::kKFrom : Trim::kNone, k_up_to = mask ? Trim::kKUpTo : Trim::kNone;
-          bgemm(dV, HD, kn, HD, Pt, kBr, 1, dob + q0 * C, C, qn, true, k_from, delta);    // dV += Pᵀ·dO
-          bgemm(dK, HD, kn, HD, dSt, kBr, 1, qb + q0 * ld, ld, qn, true, k_from, delta);  // dK += dSᵀ·Q (scaled)
-          bgemm(dqb + q0 * ld, ld, qn, HD, dSt, 1, kBr, kb + k0 * ld, ld, kn, true, k_up_to, -delta);  // dQ += dS·K
-        }
-        for (int j = 0; j < kn; j++) {
-          std::memcpy(dqb + (k0 + j) * ld + C, dK + j * HD, sizeof(float) * HD);
-          std::memcpy(dqb + (k0 + j) * ld + 2 * C, dV + j * HD, sizeof(float) * HD);
+          // The first contribution to a gradient row overwrites it (dqkv is not zeroed beforehand): the first
+          // query tile for dK, dV; the first key tile (k0 = 0, which every query sees) for dQ.
+          const bool first_q = q0 == qstart, first_k = k0 == 0;
+          bgemm(dVb, ld, kn, HD, Pt, kBr, 1, dob + q0 * C, C, qn, !first_q, k_from, delta);    // dV += Pᵀ·dO
+          bgemm(dKb, ld, kn, HD, dSt, kBr, 1, qb + q0 * ld, ld, qn, !first_q, k_from, delta);  // dK += dSᵀ·Q
+          bgemm(dqb + q0 * ld, ld, qn, HD, dSt, 1, kBr, kb + k0 * ld, ld, kn, !first_k, k_up_to, -delta);  // dQ += dS·K
         }
       }
     }
