@@ -118,7 +118,8 @@ inline void block_nv(int nv, float* C, int64_t ldc, const float* s, int64_t srs,
 //                                     unwritten, the caller masks them)
 //   kKFrom:     k >= r + delta       (dV, dK: rows are keys, k runs over queries)
 //   kKUpTo:     k <= r + delta       (dQ: rows are queries, k runs over keys)
-enum class Trim { kNone, kLanesFrom, kKFrom, kKUpTo };
+//   kKUpToLane: lane i needs only k <= i + delta   (Oᵀ += Vᵀ·Pᵀ: lanes are queries, k runs over keys)
+enum class Trim { kNone, kLanesFrom, kKFrom, kKUpTo, kKUpToLane };
 
 // C[rows][lanes] (+)= S[rows][K] · A[K][lanes], S addressed by strides, lanes a multiple of 16.
 // Lane chunks of 64 outside, so one chunk of A stays in L1 while all row blocks pass over it.
@@ -136,6 +137,17 @@ inline void row_block(int r, int l0, int nv, float* C, int64_t ldc, const float*
     kb = std::min(K, std::max(0, r + delta));
   } else if (trim == Trim::kKUpTo) {
     ke = std::max(0, std::min(K, r + R + delta));
+  } else if (trim == Trim::kKUpToLane) {
+    // Segment v runs k over [end of vector v-1, end of vector v) for the vectors v.. that still need it.
+    int k = 0;
+    for (int v = 0; v < nv; v++) {
+      const int end = std::max(0, std::min(K, l0 + (v + 1) * kLanes + delta));
+      if (v == 0 || end > k)
+        block_nv<R>(nv - v, C + r * ldc + l0 + v * kLanes, ldc, S + r * srs, srs, sks, A + l0 + v * kLanes, lda,
+                    k, std::max(k, end), accumulate || v > 0);
+      k = std::max(k, end);
+    }
+    return;
   }
   block_nv<R>(nv, C + r * ldc + l0, ldc, S + r * srs, srs, sks, A + l0, lda, kb, ke, accumulate);
 }
@@ -284,7 +296,8 @@ void forward_tile(float* out, float* lse, const float* qkv, const AttentionParam
     if (k0 > 0)  // the first key tile writes Oᵀ, later ones rescale and accumulate
       for (int d = 0; d < HD; d++)
         for (int v = 0; v < kVq; v++) store(Ot + d * kBr + v * kLanes, load(Ot + d * kBr + v * kLanes) * alpha[v]);
-    bgemm(Ot, kBr, HD, kBr, vb + k0 * ld, 1, ld, St, kBr, kn, k0 > 0);  // Oᵀ += Vᵀ·Pᵀ
+    bgemm(Ot, kBr, HD, kBr, vb + k0 * ld, 1, ld, St, kBr, kn, k0 > 0, mask ? Trim::kKUpToLane : Trim::kNone,
+          int(q0 - k0));  // Oᵀ += Vᵀ·Pᵀ
   }
 
   alignas(64) float inv_l[kBr], mrow[kBr], lrow[kBr];
