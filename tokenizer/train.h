@@ -1,0 +1,34 @@
+// Byte-level BPE training, GPT-2 style: the corpus is pre-tokenized with GPT-2's rule, pre-tokens are
+// counted, and the most frequent adjacent pair is merged repeatedly (incremental pair counts with a
+// lazily updated priority queue). Ids: the 256 bytes first in GPT-2's byte order, then one id per merge,
+// then the special tokens (<|endoftext|> by default) last.
+// Ties between equally frequent pairs go to the pair whose (left bytes, right bytes) sorts first, so the
+// result depends only on the corpus, not on threads or hash order.
+#pragma once
+#include <functional>
+#include <string>
+#include <string_view>
+#include <vector>
+
+#include "tokenizer/bpe.h"
+
+namespace kiln {
+
+struct BpeTrainOptions {
+  int vocab_size = 0;                                       // including the 256 bytes and the specials
+  std::vector<std::string> special_tokens = {"<|endoftext|>"};
+  int64_t min_pair_count = 2;                               // stop when the best pair is rarer than this
+  int threads = 0;                                          // counting pre-tokens; 0 = all
+  std::function<void(int merges_done, int merges_wanted)> progress;  // called now and then
+};
+
+// Trains on the concatenated text of each file (special-token strings in it are not learned across).
+// Throws kiln::Error naming a file that cannot be read, or if no file has any text.
+Tokenizer train_bpe(const std::vector<std::string>& files, const BpeTrainOptions& options);
+Tokenizer train_bpe_texts(const std::vector<std::string_view>& texts, const BpeTrainOptions& options);
+
+// Pre-token -> count over a text, ignoring special-token strings (exposed for tests).
+std::vector<std::pair<std::string, int64_t>> count_pretokens(const std::vector<std::string_view>& texts,
+                                                             const std::vector<std::string>& specials, int threads);
+
+}  // namespace kiln
