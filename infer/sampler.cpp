@@ -1,0 +1,122 @@
+#include "infer/sampler.h"
+
+#include <algorithm>
+#include <cmath>
+
+#include "core/error.h"
+
+namespace kiln {
+
+void SamplingParams::validate() const {
+  KILN_CHECK(std::isfinite(temperature) && temperature >= 0.0f, "--temperature must be >= 0, got ", temperature);
+  KILN_CHECK(top_k >= 0, "--top-k must be >= 0 (0: no limit), got ", top_k);
+  KILN_CHECK(top_p > 0.0f && top_p <= 1.0f, "--top-p must be in (0, 1], got ", top_p);
+}
+
+int32_t argmax(const float* x, int n) {
+  int32_t best = 0;
+  float bv = -INFINITY;
+  bool found = false;
+  for (int i = 0; i < n; i++)
+    if (x[i] > bv || (!found && x[i] == bv)) {  // the first -inf counts if nothing beats it
+      bv = x[i];
+      best = i;
+      found = true;
+    }
+  return best;
+}
+
+Sampler::Sampler(const SamplingParams& params) : params_(params), rng_(params.seed) { params_.validate(); }
+
+namespace {
+
+// Orders candidates by decreasing scaled logit, ties towards the lower id (a strict weak order).
+struct ByScore {
+  const float* z;
+  bool operator()(int32_t a, int32_t b) const { return z[a] > z[b] || (z[a] == z[b] && a < b); }
+};
+
+// The filtered distribution. sorted: the caller wants decreasing probability order (otherwise the order is
+// whatever is cheapest, which changes nothing about the distribution).
+void filter(const SamplingParams& sp, const float* logits, int V, std::vector<Candidate>& out, bool sorted) {
+  out.clear();
+  if (sp.greedy()) {
+    out.push_back({argmax(logits, V), 1.0f});
+    return;
+  }
+  // Scaled logits; NaN never gets probability.
+  std::vector<float> z(static_cast<size_t>(V));
+  const float inv_t = 1.0f / sp.temperature;
+  float m = -INFINITY;
+  for (int i = 0; i < V; i++) {
+    z[size_t(i)] = std::isnan(logits[i]) ? -INFINITY : logits[i] * inv_t;
+    m = std::max(m, z[size_t(i)]);
+  }
+  KILN_CHECK(std::isfinite(m), "sampling: the logits have no finite maximum");
+  std::vector<int32_t> idx(static_cast<size_t>(V));
+  for (int i = 0; i < V; i++) idx[size_t(i)] = i;
+  const ByScore by{z.data()};
+
+  // top-k: the K best (ties to the lower id) by a linear-time selection.
+  size_t keep = size_t(V);
+  if (sp.top_k > 0 && sp.top_k < V) {
+    keep = size_t(sp.top_k);
+    std::nth_element(idx.begin(), idx.begin() + long(keep), idx.end(), by);
+  }
+  // Unnormalised weights of the kept set; their sum renormalises top-k.
+  auto weight = [&](int32_t i) { return std::exp(double(z[size_t(i)]) - double(m)); };
+  double total = 0;
+  for (size_t i = 0; i < keep; i++) total += weight(idx[i]);
+
+  if (sp.top_p < 1.0f) {
+    // Nucleus: find a prefix size n whose top-n mass reaches top_p by growing n (each try linear), then sort
+    // just those n and cut at the first position where the cumulative mass reaches top_p.
+    const double target = double(sp.top_p) * total;
+    size_t n = std::min<size_t>(keep, 64);
+    for (;;) {
+      if (n < keep) std::nth_element(idx.begin(), idx.begin() + long(n), idx.begin() + long(keep), by);
+      double mass = 0;
+      for (size_t i = 0; i < n; i++) mass += weight(idx[i]);
+      if (mass >= target || n == keep) break;
+      n = std::min(keep, n * 4);
+    }
+    std::sort(idx.begin(), idx.begin() + long(n), by);
+    double cum = 0;
+    size_t cut = n;
+    for (size_t i = 0; i < n; i++) {
+      cum += weight(idx[i]);
+      if (cum >= target) {
+        cut = i + 1;
+        break;
+      }
+    }
+    keep = cut;
+    total = cum;
+  } else if (sorted) {
+    std::sort(idx.begin(), idx.begin() + long(keep), by);
+  }
+  out.resize(keep);
+  for (size_t i = 0; i < keep; i++) out[i] = {idx[i], float(weight(idx[i]) / total)};
+}
+
+}  // namespace
+
+void Sampler::candidates(const float* logits, int V, std::vector<Candidate>& out) const {
+  filter(params_, logits, V, out, /*sorted=*/true);
+}
+
+int32_t Sampler::sample(const float* logits, int V) {
+  KILN_CHECK(V >= 1, "sampling: empty vocabulary");
+  // Two words per draw whatever the path, so the stream position depends only on the number of samples.
+  const double u = double(rng_.next_u64() >> 11) * (1.0 / 9007199254740992.0);  // [0, 1), 53 bits
+  if (params_.greedy()) return argmax(logits, V);
+  filter(params_, logits, V, cand_, /*sorted=*/false);
+  double cum = 0;
+  for (const Candidate& c : cand_) {
+    cum += double(c.p);
+    if (u < cum) return c.id;
+  }
+  return cand_.back().id;  // u within rounding of 1
+}
+
+}  // namespace kiln

@@ -1,0 +1,197 @@
+// Decode attention on the CPU: one work item per (sequence, query, head[, key split]).
+//
+// An item walks its keys in blocks of kBlock with an online softmax: score the block (dot products of the
+// query with each key row, read in place from the cache), take the block max, rescale the running sum and
+// the running weighted values by exp(m_old - m_new), exponentiate the block (vectorised exp) and add
+// Σ p_j·v_j. Scores of a block stay in L1; nothing of size T survives an item.
+//
+// When (sequences × queries × heads) items are too few for the threads — one token decoding with few heads on
+// many cores — the key range is split as well (flash-decoding): each split leaves (m, l, Σ p·v) in a scratch
+// buffer and a second pass merges the splits of each (query, head) with the usual max rescaling.
+#include <omp.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <vector>
+
+#include "core/error.h"
+#include "kernels/cpu/vec_math.h"
+#include "kernels/decode_attention.h"
+
+namespace kiln::cpu {
+namespace {
+
+typedef float f32x16 __attribute__((vector_size(64)));
+typedef float f32x16_u __attribute__((vector_size(64), aligned(4)));
+
+constexpr int kBlock = 128;      // keys scored per block
+constexpr int kMinSplit = 256;   // never split the keys into ranges shorter than this
+
+inline f32x16 load16(const float* p) { return *reinterpret_cast<const f32x16_u*>(p); }
+inline void store16(float* p, f32x16 v) { *reinterpret_cast<f32x16_u*>(p) = v; }
+
+inline float hsum16(f32x16 v) {
+#ifdef __AVX512F__
+  return _mm512_reduce_add_ps(__m512(v));
+#else
+  float s = 0;
+  for (int i = 0; i < 16; i++) s += v[i];
+  return s;
+#endif
+}
+
+inline float dot(const float* a, const float* b, int n) {
+  if (n % 16 == 0) {
+    f32x16 s0 = {}, s1 = {};
+    int d = 0;
+    for (; d + 32 <= n; d += 32) {
+      s0 += load16(a + d) * load16(b + d);
+      s1 += load16(a + d + 16) * load16(b + d + 16);
+    }
+    if (d < n) s0 += load16(a + d) * load16(b + d);
+    return hsum16(s0 + s1);
+  }
+  float s = 0;
+  for (int d = 0; d < n; d++) s += a[d] * b[d];
+  return s;
+}
+
+// acc[0..n) += w · x[0..n)
+inline void axpy(float* acc, float w, const float* x, int n) {
+  if (n % 16 == 0) {
+    const f32x16 wv = f32x16{} + w;
+    for (int d = 0; d < n; d += 16) store16(acc + d, load16(acc + d) + wv * load16(x + d));
+    return;
+  }
+  for (int d = 0; d < n; d++) acc[d] += w * x[d];
+}
+
+inline void scale_in_place(float* acc, float w, int n) {
+  for (int d = 0; d < n; d++) acc[d] *= w;
+}
+
+// s[t] = exp(s[t] - m) for t < n; returns the sum.
+inline float exp_block(float* s, int n, float m) {
+  float sum = 0;
+  int t = 0;
+#ifdef __AVX512F__
+  __m512 vsum = _mm512_setzero_ps(), vm = _mm512_set1_ps(m);
+  for (; t + 16 <= n; t += 16) {
+    __m512 e = vmath::exp16(_mm512_sub_ps(_mm512_loadu_ps(s + t), vm));
+    _mm512_storeu_ps(s + t, e);
+    vsum = _mm512_add_ps(vsum, e);
+  }
+  sum = _mm512_reduce_add_ps(vsum);
+#endif
+  for (; t < n; t++) sum += (s[t] = vmath::exp_scalar(s[t] - m));
+  return sum;
+}
+
+// Softmax-weighted values of keys [j0, j1) for one query and head. On return acc holds Σ exp(s_j - m)·v_j
+// (not normalised), m the max score and l = Σ exp(s_j - m). An empty range gives m = -inf, l = 0, acc = 0.
+void attend(const float* q, const float* k, const float* v, int64_t stride, int HD, float scale, int64_t j0,
+            int64_t j1, float* acc, float& m, float& l) {
+  float s[kBlock];
+  m = -INFINITY;
+  l = 0;
+  std::memset(acc, 0, sizeof(float) * size_t(HD));
+  for (int64_t jb = j0; jb < j1; jb += kBlock) {
+    const int n = int(std::min<int64_t>(kBlock, j1 - jb));
+    float bm = -INFINITY;
+    for (int t = 0; t < n; t++) {
+      s[t] = dot(q, k + (jb + t) * stride, HD) * scale;
+      bm = std::max(bm, s[t]);
+    }
+    if (bm > m) {
+      // exp(-inf) = 0 on the first block, where acc and l are still zero anyway.
+      const float corr = vmath::exp_scalar(m - bm);
+      l *= corr;
+      scale_in_place(acc, corr, HD);
+      m = bm;
+    }
+    l += exp_block(s, n, m);
+    for (int t = 0; t < n; t++) axpy(acc, s[t], v + (jb + t) * stride, HD);
+  }
+}
+
+}  // namespace
+
+void decode_attention(const DecodeAttentionParams& p) {
+  KILN_CHECK(p.B >= 0 && p.Tq >= 0 && p.NH >= 1 && p.HD >= 1, "decode_attention: bad sizes B=", p.B, " Tq=", p.Tq,
+             " NH=", p.NH, " HD=", p.HD);
+  const int64_t rows = int64_t(p.B) * p.Tq;
+  if (rows == 0) return;
+  int64_t max_keys = 0;
+  for (int b = 0; b < p.B; b++) {
+    KILN_CHECK(p.past_of(b) >= 0, "decode_attention: sequence ", b, " has negative past ", p.past_of(b));
+    max_keys = std::max<int64_t>(max_keys, int64_t(p.past_of(b)) + p.Tq);
+  }
+  const int HD = p.HD, NH = p.NH;
+  const int64_t pairs = rows * NH;
+  const int nt = omp_get_max_threads();
+  // Split the keys only when the (query, head) pairs cannot keep ~4 items per thread and the cache is long.
+  int64_t splits = 1;
+  if (pairs < 4 * int64_t(nt)) splits = std::min((4 * int64_t(nt) + pairs - 1) / pairs, (max_keys + kMinSplit - 1) / kMinSplit);
+  splits = std::max<int64_t>(splits, 1);
+  // Too little work to wake the team: run on the calling thread.
+  const bool threaded = pairs * max_keys * HD >= (1 << 16);
+
+  auto key_count = [&](int64_t row) { return int64_t(p.past_of(int(row / p.Tq))) + row % p.Tq + 1; };
+  auto base = [&](int64_t row, const float* cache) { return cache + (row / p.Tq) * p.kv_batch_stride; };
+
+  if (splits == 1) {
+#pragma omp parallel if (threaded)
+    {
+      std::vector<float> acc(static_cast<size_t>(HD));
+#pragma omp for schedule(dynamic)
+      for (int64_t it = 0; it < pairs; it++) {
+        const int64_t row = it / NH, h = it % NH;
+        float m, l;
+        attend(p.q + row * p.q_stride + h * HD, base(row, p.k) + h * HD, base(row, p.v) + h * HD, p.kv_stride, HD,
+               p.scale, 0, key_count(row), acc.data(), m, l);
+        float* o = p.out + row * p.out_stride + h * HD;
+        const float inv = 1.0f / l;
+        for (int d = 0; d < HD; d++) o[d] = acc[size_t(d)] * inv;
+      }
+    }
+    return;
+  }
+
+  // Split pass: item (pair, split) leaves [m, l, acc[HD]] in its slot.
+  const int64_t slot = HD + 2;
+  thread_local std::vector<float> partial;
+  partial.resize(size_t(pairs * splits * slot));
+  float* part = partial.data();
+#pragma omp parallel for schedule(dynamic) if (threaded)
+  for (int64_t it = 0; it < pairs * splits; it++) {
+    const int64_t pair = it / splits, sp = it % splits, row = pair / NH, h = pair % NH;
+    const int64_t n = key_count(row), len = (n + splits - 1) / splits;
+    const int64_t j0 = std::min(n, sp * len), j1 = std::min(n, j0 + len);
+    float* out = part + it * slot;
+    attend(p.q + row * p.q_stride + h * HD, base(row, p.k) + h * HD, base(row, p.v) + h * HD, p.kv_stride, HD,
+           p.scale, j0, j1, out + 2, out[0], out[1]);
+  }
+  // Merge the splits of each (query, head).
+#pragma omp parallel for schedule(static) if (threaded && pairs >= nt)
+  for (int64_t pair = 0; pair < pairs; pair++) {
+    const float* pp = part + pair * splits * slot;
+    float m = -INFINITY;
+    for (int64_t sp = 0; sp < splits; sp++) m = std::max(m, pp[sp * slot]);
+    const int64_t row = pair / NH, h = pair % NH;
+    float* o = p.out + row * p.out_stride + h * HD;
+    std::memset(o, 0, sizeof(float) * size_t(HD));
+    float l = 0;
+    for (int64_t sp = 0; sp < splits; sp++) {
+      const float* s = pp + sp * slot;
+      if (s[1] == 0.0f) continue;  // empty split
+      const float w = vmath::exp_scalar(s[0] - m);
+      l += w * s[1];
+      axpy(o, w, s + 2, HD);
+    }
+    const float inv = 1.0f / l;
+    for (int d = 0; d < HD; d++) o[d] *= inv;
+  }
+}
+
+}  // namespace kiln::cpu
