@@ -64,7 +64,7 @@ json parse_header(const char* text, size_t n, const std::string& path) {
       case json::parse_event_t::key: {
         const std::string& k = parsed.get_ref<const std::string&>();
         KILN_CHECK(!keys.empty() && keys.back().insert(k).second, path, ": safetensors header has duplicate key ",
-                   quoted(k));
+                   quote_name(k));
         break;
       }
       default:
@@ -114,11 +114,11 @@ SafeTensorsReader::SafeTensorsReader(const std::string& path) : file_(path) {
   const uint8_t* data = file_.data() + 8 + n;
   const size_t data_size = size - 8 - n;
   for (auto& [name, info] : header.items()) {
-    const std::string where = str(path, ": tensor ", quoted(name));
+    const std::string where = str(path, ": tensor ", quote_name(name));
     if (name == "__metadata__") {
       KILN_CHECK(info.is_object(), path, ": __metadata__ must be an object of strings");
       for (auto& [k, v] : info.items()) {
-        KILN_CHECK(v.is_string(), path, ": __metadata__ value for ", quoted(k), " is not a string");
+        KILN_CHECK(v.is_string(), path, ": __metadata__ value for ", quote_name(k), " is not a string");
         metadata_[k] = v.get<std::string>();
       }
       continue;
@@ -132,7 +132,7 @@ SafeTensorsReader::SafeTensorsReader(const std::string& path) : file_(path) {
     e.name = name;
     e.dtype = info["dtype"].get<std::string>();
     const DTypeInfo* dt = lookup_dtype(e.dtype);
-    KILN_CHECK(dt, where, ": unknown dtype ", quoted(e.dtype));
+    KILN_CHECK(dt, where, ": unknown dtype ", quote_name(e.dtype));
     for (auto& d : info["shape"]) {
       KILN_CHECK(d.is_number_integer(), where, ": shape ", info["shape"].dump(), " has a non-integer dimension");
       KILN_CHECK(d.is_number_unsigned() || d.get<int64_t>() >= 0, where, ": shape ", info["shape"].dump(),
@@ -165,8 +165,8 @@ SafeTensorsReader::SafeTensorsReader(const std::string& path) : file_(path) {
   const SafeTensorsEntry* prev = nullptr;
   for (const auto& e : entries_) {
     if (e.begin == e.end) continue;
-    KILN_CHECK(!prev || e.begin >= prev->end, path, ": tensors ", quoted(prev ? prev->name : ""), " and ",
-               quoted(e.name), " overlap in the data section");
+    KILN_CHECK(!prev || e.begin >= prev->end, path, ": tensors ", quote_name(prev ? prev->name : ""), " and ",
+               quote_name(e.name), " overlap in the data section");
     prev = &e;
   }
 
@@ -200,14 +200,14 @@ const SafeTensorsEntry* SafeTensorsReader::find_entry(const std::string& name) c
 const Tensor* SafeTensorsReader::find(const std::string& name) const {
   const SafeTensorsEntry* e = find_entry(name);
   if (!e) return nullptr;
-  KILN_CHECK(e->tensor_index >= 0, path(), ": tensor ", quoted(name), " has dtype ", e->dtype, " and shape ",
+  KILN_CHECK(e->tensor_index >= 0, path(), ": tensor ", quote_name(name), " has dtype ", e->dtype, " and shape ",
              shape_str(e->shape), ", which kiln cannot load (F32, BF16, F16, I32, U16 up to 4 dims)");
   return &tensors_[size_t(e->tensor_index)];
 }
 
 const Tensor& SafeTensorsReader::get(const std::string& name) const {
   const Tensor* t = find(name);
-  KILN_CHECK(t, path(), ": no tensor ", quoted(name));
+  KILN_CHECK(t, path(), ": no tensor ", quote_name(name));
   return *t;
 }
 
@@ -226,10 +226,10 @@ void write_items(const std::string& path, std::vector<WriteItem> items, const st
   for (const auto& it : items) {
     const Tensor& t = *it.src;
     KILN_CHECK(t.name != "__metadata__", path, ": a tensor may not be named __metadata__");
-    KILN_CHECK(names.insert(t.name).second, path, ": tensor ", quoted(t.name), " given twice");
+    KILN_CHECK(names.insert(t.name).second, path, ": tensor ", quote_name(t.name), " given twice");
     for (int i = 0; i < t.shape.ndim; i++)
-      KILN_CHECK(t.shape[i] >= 0, path, ": tensor ", quoted(t.name), " has a negative dimension ", t.shape.str());
-    KILN_CHECK(t.data || t.numel() == 0, path, ": tensor ", quoted(t.name), " has no data");
+      KILN_CHECK(t.shape[i] >= 0, path, ": tensor ", quote_name(t.name), " has a negative dimension ", t.shape.str());
+    KILN_CHECK(t.data || t.numel() == 0, path, ": tensor ", quote_name(t.name), " has no data");
   }
   std::stable_sort(items.begin(), items.end(), [](const WriteItem& a, const WriteItem& b) {
     int ra = dtype_rank(a.out), rb = dtype_rank(b.out);
@@ -296,13 +296,14 @@ void write_safetensors_converted(const std::string& path, const std::vector<Tens
              ": weights can be written as F32, BF16 or F16, not ", dtype_name(on_disk));
   std::vector<WriteItem> items;
   for (const auto& t : f32_tensors) {
-    KILN_CHECK(t.dtype == DType::F32, path, ": tensor ", quoted(t.name), " is ", dtype_name(t.dtype), ", expected F32");
+    KILN_CHECK(t.dtype == DType::F32, path, ": tensor ", quote_name(t.name), " is ", dtype_name(t.dtype),
+               ", expected F32");
     items.push_back({&t, on_disk});
   }
   write_items(path, std::move(items), metadata);
 }
 
-std::string quoted(std::string_view name) {
+std::string quote_name(std::string_view name) {
   constexpr size_t kMax = 120;
   std::string out = "\"";
   for (size_t i = 0; i < name.size() && i < kMax; i++) {

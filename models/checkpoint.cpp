@@ -86,20 +86,20 @@ void load_gpt2_weights(const std::string& path, const GPT2Config& cfg, const Par
     const std::string bare = prefixed ? e.name.substr(std::strlen(kPrefix)) : e.name;
     if (e.name == "lm_head.weight" || is_attention_buffer(bare)) continue;
     const ParamSpec* spec = table.find(kPrefix + bare);
-    KILN_CHECK(spec, file, ": unexpected tensor ", quoted(e.name), " (not a parameter of a GPT-2 with ", cfg.n_layer,
-               " layers)");
+    KILN_CHECK(spec, file, ": unexpected tensor ", quote_name(e.name), " (not a parameter of a GPT-2 with ",
+               cfg.n_layer, " layers)");
     const size_t i = size_t(spec - table.specs.data());
-    KILN_CHECK(!found[i], file, ": tensor ", quoted(spec->name), " appears twice (as ",
-               quoted(found[i] ? found[i]->name : ""), " and ", quoted(e.name), ")");
+    KILN_CHECK(!found[i], file, ": tensor ", quote_name(spec->name), " appears twice (as ",
+               quote_name(found[i] ? found[i]->name : ""), " and ", quote_name(e.name), ")");
     found[i] = &e;
   }
   for (size_t i = 0; i < table.specs.size(); i++) {
     const ParamSpec& s = table.specs[i];
     const SafeTensorsEntry* e = found[i];
-    KILN_CHECK(e, file, ": missing tensor ", quoted(s.name));
-    KILN_CHECK(e->dtype == "F32" || e->dtype == "BF16" || e->dtype == "F16", file, ": tensor ", quoted(e->name),
+    KILN_CHECK(e, file, ": missing tensor ", quote_name(s.name));
+    KILN_CHECK(e->dtype == "F32" || e->dtype == "BF16" || e->dtype == "F16", file, ": tensor ", quote_name(e->name),
                " has dtype ", e->dtype, "; weights must be F32, BF16 or F16");
-    KILN_CHECK(e->shape == s.shape.vec(), file, ": tensor ", quoted(e->name), " has shape ", shape_str(e->shape),
+    KILN_CHECK(e->shape == s.shape.vec(), file, ": tensor ", quote_name(e->name), " has shape ", shape_str(e->shape),
                " but the config (n_embd ", cfg.n_embd, ", vocab_size ", cfg.vocab_size, ", n_positions ",
                cfg.n_positions, ") needs ", s.shape.str());
   }

@@ -78,15 +78,15 @@ inline float bf16_reference(float v) {
 }
 
 // The call must throw kiln::Error whose message names `needle` (usually the file).
-#define EXPECT_KILN_ERROR(stmt, needle)                                                  \
-  do {                                                                                   \
-    try {                                                                                \
-      stmt;                                                                              \
-      ADD_FAILURE() << "no kiln::Error from " #stmt;                                     \
-    } catch (const ::kiln::Error& err__) {                                               \
-      EXPECT_NE(std::string(err__.what()).find(needle), std::string::npos)              \
+#define EXPECT_KILN_ERROR(stmt, needle)                                                    \
+  do {                                                                                     \
+    try {                                                                                  \
+      stmt;                                                                                \
+      ADD_FAILURE() << "no kiln::Error from " #stmt;                                       \
+    } catch (const ::kiln::Error& err__) {                                                 \
+      EXPECT_NE(std::string(err__.what()).find(needle), std::string::npos)                 \
           << "message \"" << err__.what() << "\" does not contain \"" << (needle) << "\""; \
-    }                                                                                    \
+    }                                                                                      \
   } while (0)
 
 }  // namespace kiln::test

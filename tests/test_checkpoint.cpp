@@ -105,9 +105,8 @@ TEST(Checkpoint, Bf16OnDiskGivesRoundToNearestEvenValues) {
   EXPECT_EQ(SafeTensorsReader(dir / "ckpt/model.safetensors").get("transformer.wte.weight").dtype, DType::BF16);
   std::vector<float> loaded(table.total, kNaN);
   load_gpt2_weights(dir / "ckpt/model.safetensors", cfg, table, loaded.data());
-  EXPECT_TRUE(block_matches(table, loaded, [&](const ParamSpec& s, size_t i) {
-    return test::bf16_reference(params[s.offset + i]);
-  }));
+  EXPECT_TRUE(block_matches(table, loaded,
+                            [&](const ParamSpec& s, size_t i) { return test::bf16_reference(params[s.offset + i]); }));
   const float* w = loaded.data() + table.specs[0].offset;
   EXPECT_EQ(w[0], 1.0f);
   EXPECT_EQ(w[1], -(1.0f + 2.0f / 128));
@@ -134,7 +133,10 @@ TEST(Checkpoint, LoadsTheOriginalOpenaiLayout) {
   // (in some conversions) a tied lm_head.weight; its config.json has fields kiln does not use.
   ScratchDir dir("ckpt_peer_write");
   GPT2Config want = tiny_config();
-  struct Case { const char* dtype; const char* flags; };
+  struct Case {
+    const char* dtype;
+    const char* flags;
+  };
   for (Case c : {Case{"F32", "--buffers --lm-head"}, Case{"F16", "--prefix --pad"}, Case{"BF16", "--buffers --pad"},
                  Case{"F32", "--prefix --lm-head --pad"}}) {
     std::string d = dir / (std::string(c.dtype) + std::to_string(std::strlen(c.flags)));
@@ -147,10 +149,12 @@ TEST(Checkpoint, LoadsTheOriginalOpenaiLayout) {
     std::vector<float> loaded(table.total, kNaN);
     load_gpt2_weights(d, cfg, table, loaded.data());
     bool bf16 = std::string(c.dtype) == "BF16";
-    EXPECT_TRUE(block_matches(table, loaded, [&](const ParamSpec& s, size_t i) {
-      float v = test::formula(s.name, uint32_t(i));
-      return bf16 ? test::bf16_reference(v) : v;
-    })) << c.dtype << " " << c.flags;
+    EXPECT_TRUE(block_matches(table, loaded,
+                              [&](const ParamSpec& s, size_t i) {
+                                float v = test::formula(s.name, uint32_t(i));
+                                return bf16 ? test::bf16_reference(v) : v;
+                              }))
+        << c.dtype << " " << c.flags;
   }
 }
 
@@ -259,8 +263,8 @@ struct UnwritableCheckpoint : ::testing::Test {
 
 TEST_F(UnwritableCheckpoint, ReadOnlyDirectory) {
   // Root ignores permissions, so the save runs in a child that drops to an ordinary user first.
-  fs::permissions(ckpt, fs::perms::owner_read | fs::perms::owner_exec | fs::perms::group_read |
-                            fs::perms::group_exec | fs::perms::others_read | fs::perms::others_exec);
+  fs::permissions(ckpt, fs::perms::owner_read | fs::perms::owner_exec | fs::perms::group_read | fs::perms::group_exec |
+                            fs::perms::others_read | fs::perms::others_exec);
   int pipefd[2];
   ASSERT_EQ(pipe(pipefd), 0);
   pid_t pid = fork();

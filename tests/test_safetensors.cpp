@@ -36,16 +36,15 @@ struct Generic {
     delta = fill<int32_t>("delta", 4, [](const std::string& n, uint32_t i) {
       return int32_t(test::mix(test::fnv1a(n), i) % 2001) - 1000;
     });
-    eps = fill<uint16_t>("eps", 5, [](const std::string& n, uint32_t i) {
-      return uint16_t(test::mix(test::fnv1a(n), i) & 0xffff);
-    });
+    eps = fill<uint16_t>(
+        "eps", 5, [](const std::string& n, uint32_t i) { return uint16_t(test::mix(test::fnv1a(n), i) & 0xffff); });
     scalar = fill<float>("scalar", 1, f32);
     wide = fill<float>("wide", 6, f32);
     tensors = {
-        {"alpha", DType::F32, {3, 5}, alpha.data()},      {"beta.bf16", DType::BF16, {7, 4}, beta.data()},
-        {"gamma", DType::F16, {2, 2, 3}, gamma.data()},   {"delta", DType::I32, {4}, delta.data()},
-        {"eps", DType::U16, {5}, eps.data()},             {"empty", DType::F32, {0}, nullptr},
-        {"scalar", DType::F32, {}, scalar.data()},        {"wide", DType::F32, {1, 2, 1, 3}, wide.data()},
+        {"alpha", DType::F32, {3, 5}, alpha.data()},    {"beta.bf16", DType::BF16, {7, 4}, beta.data()},
+        {"gamma", DType::F16, {2, 2, 3}, gamma.data()}, {"delta", DType::I32, {4}, delta.data()},
+        {"eps", DType::U16, {5}, eps.data()},           {"empty", DType::F32, {0}, nullptr},
+        {"scalar", DType::F32, {}, scalar.data()},      {"wide", DType::F32, {1, 2, 1, 3}, wide.data()},
     };
   }
 };
@@ -146,9 +145,9 @@ TEST(SafeTensors, ConvertedWriteRoundsToNearestEven) {
       EXPECT_EQ(back[1], 1.0f + 2.0f / 128);
     }
   }
-  EXPECT_KILN_ERROR(write_safetensors_converted(dir / "i.safetensors", {Tensor{"x", DType::F32, {1}, v.data()}},
-                                                DType::I32),
-                    "i.safetensors");
+  EXPECT_KILN_ERROR(
+      write_safetensors_converted(dir / "i.safetensors", {Tensor{"x", DType::F32, {1}, v.data()}}, DType::I32),
+      "i.safetensors");
 }
 
 TEST(SafeTensors, WriterRejectsBadTensorLists) {
@@ -158,7 +157,8 @@ TEST(SafeTensors, WriterRejectsBadTensorLists) {
   EXPECT_KILN_ERROR(write_safetensors(path, {{"a", DType::F32, {1}, &x}, {"a", DType::F32, {1}, &x}}), "\"a\"");
   EXPECT_KILN_ERROR(write_safetensors(path, {{"__metadata__", DType::F32, {1}, &x}}), "__metadata__");
   EXPECT_KILN_ERROR(write_safetensors(path, {{"n", DType::F32, {2}, nullptr}}), "\"n\"");
-  EXPECT_KILN_ERROR(write_safetensors(dir / "no/such/dir/w.safetensors", {{"a", DType::F32, {1}, &x}}), "w.safetensors");
+  EXPECT_KILN_ERROR(write_safetensors(dir / "no/such/dir/w.safetensors", {{"a", DType::F32, {1}, &x}}),
+                    "w.safetensors");
   EXPECT_FALSE(file_exists(path));
 }
 
@@ -216,14 +216,17 @@ TEST_F(Corrupt, MalformedHeaderJson) {
   expect_error("notobj.safetensors", "[1, 2]", "", "{");
   expect_error("array.safetensors", R"({"a":[1,2]})", four, "\"a\"");
   expect_error("nul.safetensors", ok.substr(0, 10) + std::string(1, '\0') + ok.substr(11), four);
-  expect_error("dupe.safetensors", R"({"a":{"dtype":"F32","shape":[1],"data_offsets":[0,4]},)"
-                                   R"("a":{"dtype":"F32","shape":[1],"data_offsets":[0,4]}})", four, "duplicate");
+  expect_error("dupe.safetensors",
+               R"({"a":{"dtype":"F32","shape":[1],"data_offsets":[0,4]},)"
+               R"("a":{"dtype":"F32","shape":[1],"data_offsets":[0,4]}})",
+               four, "duplicate");
   expect_error("deep.safetensors", std::string(40, '[') + std::string(40, ']'), "");
   expect_error("deep2.safetensors", R"({"a":)" + std::string(100, '[') + std::string(100, ']') + "}", "", "deep");
   expect_error("nodtype.safetensors", R"({"a":{"shape":[1],"data_offsets":[0,4]}})", four, "dtype");
   expect_error("noshape.safetensors", R"({"a":{"dtype":"F32","data_offsets":[0,4]}})", four, "shape");
   expect_error("nooffsets.safetensors", R"({"a":{"dtype":"F32","shape":[1]}})", four, "data_offsets");
-  expect_error("threeoffsets.safetensors", R"({"a":{"dtype":"F32","shape":[1],"data_offsets":[0,4,8]}})", four, "\"a\"");
+  expect_error("threeoffsets.safetensors", R"({"a":{"dtype":"F32","shape":[1],"data_offsets":[0,4,8]}})", four,
+               "\"a\"");
   expect_error("floatoffset.safetensors", R"({"a":{"dtype":"F32","shape":[1],"data_offsets":[0,4.0]}})", four, "\"a\"");
   expect_error("metadata.safetensors", R"({"__metadata__":{"k":3}})", "", "__metadata__");
   expect_error("metadata2.safetensors", R"({"__metadata__":"x"})", "", "__metadata__");
@@ -238,15 +241,26 @@ TEST_F(Corrupt, BadDTypeShapeAndOffsets) {
   expect_error("reversed.safetensors", R"({"w":{"dtype":"F32","shape":[0],"data_offsets":[8,0]}})", eight, "reversed");
   expect_error("negoff.safetensors", R"({"w":{"dtype":"F32","shape":[0],"data_offsets":[-4,0]}})", eight, "\"w\"");
   expect_error("size.safetensors", R"({"w":{"dtype":"F32","shape":[3],"data_offsets":[0,8]}})", eight, "\"w\"");
-  expect_error("overflow.safetensors",
-               R"({"w":{"dtype":"F32","shape":[4294967296,4294967296],"data_offsets":[0,8]}})", eight, "\"w\"");
-  expect_error("overlap.safetensors",
-               R"({"a":{"dtype":"F32","shape":[1],"data_offsets":[0,4]},"b":{"dtype":"F32","shape":[1],"data_offsets":[2,6]}})",
-               eight, "overlap");
+  expect_error("overflow.safetensors", R"({"w":{"dtype":"F32","shape":[4294967296,4294967296],"data_offsets":[0,8]}})",
+               eight, "\"w\"");
+  expect_error(
+      "overlap.safetensors",
+      R"({"a":{"dtype":"F32","shape":[1],"data_offsets":[0,4]},"b":{"dtype":"F32","shape":[1],"data_offsets":[2,6]}})",
+      eight, "overlap");
+  // Names from the file are quoted with control characters escaped: the message stays one line.
+  std::string q = write("newline.safetensors",
+                        test::safetensors_bytes(R"({"a\nb":{"dtype":"X","shape":[],"data_offsets":[0,0]}})", ""));
+  try {
+    SafeTensorsReader r(q);
+    ADD_FAILURE() << "no error";
+  } catch (const Error& e) {
+    EXPECT_NE(std::string(e.what()).find("\"a\\x0ab\""), std::string::npos) << e.what();
+    EXPECT_EQ(std::string(e.what()).find('\n'), std::string::npos) << e.what();
+  }
   // A header with gaps between tensors is odd but readable; a five-dimensional tensor is listed, not loaded.
-  std::string p = write("gap.safetensors",
-                        test::safetensors_bytes(R"({"w":{"dtype":"U16","shape":[1,1,1,1,1],"data_offsets":[4,6]}})",
-                                                eight));
+  std::string p =
+      write("gap.safetensors",
+            test::safetensors_bytes(R"({"w":{"dtype":"U16","shape":[1,1,1,1,1],"data_offsets":[4,6]}})", eight));
   SafeTensorsReader r(p);
   EXPECT_EQ(r.entries().size(), 1u);
   EXPECT_TRUE(r.tensors().empty());
