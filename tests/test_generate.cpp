@@ -11,6 +11,7 @@
 #include "core/error.h"
 #include "infer/decoder.h"
 #include "infer/sampler.h"
+#include "infer/text_stream.h"
 #include "kernels/decode_attention.h"
 #include "models/gpt2.h"
 #include "test_util.h"
@@ -327,4 +328,44 @@ TEST(Sampler, RejectsBadSettings) {
   sp = {};
   sp.top_k = -2;
   EXPECT_THROW(Sampler{sp}, Error);
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// Streaming text
+
+// A character split across tokens comes out whole, once its last byte arrives.
+TEST(TextStream, HoldsSplitUtf8Characters) {
+  TextStream s;
+  EXPECT_EQ(s.push("caf\xC3"), "caf");            // é = C3 A9
+  EXPECT_EQ(s.push("\xA9 \xF0\x9F"), "\xC3\xA9 "); // 😀 = F0 9F 98 80
+  EXPECT_EQ(s.push("\x98"), "");
+  EXPECT_EQ(s.push("\x80!"), "\xF0\x9F\x98\x80!");
+  EXPECT_EQ(s.push("\xE2\x82"), "");             // € = E2 82 AC, cut by the end of generation
+  EXPECT_EQ(s.finish(), "\xE2\x82");
+  EXPECT_EQ(s.text(), "caf\xC3\xA9 \xF0\x9F\x98\x80!\xE2\x82");
+  // Bytes that cannot be completed are not held: a stray continuation byte, an invalid lead byte.
+  TextStream t;
+  EXPECT_EQ(t.push("a\x80"), "a\x80");
+  EXPECT_EQ(t.push("\xFF"), "\xFF");
+}
+
+// Text that may begin the stop string is held until it is known not to; the stop string and what follows
+// never come out, even when it spans several tokens.
+TEST(TextStream, StopString) {
+  TextStream s("END");
+  EXPECT_EQ(s.push("abcE"), "abc");
+  EXPECT_EQ(s.push("Nx"), "ENx");
+  EXPECT_EQ(s.push("yEN"), "y");
+  EXPECT_EQ(s.push("D and more"), "");
+  EXPECT_TRUE(s.stopped());
+  EXPECT_EQ(s.push("later"), "");
+  EXPECT_EQ(s.finish(), "");
+  EXPECT_EQ(s.text(), "abcENxy");
+  TextStream t("\n\n");
+  EXPECT_EQ(t.push("one\n"), "one");
+  EXPECT_EQ(t.push("two\n\nthree"), "\ntwo");
+  EXPECT_TRUE(t.stopped());
+  TextStream u("stop");
+  EXPECT_EQ(u.push("st"), "");
+  EXPECT_EQ(u.finish(), "st");  // generation ended without the stop string: the held text is released
 }

@@ -1,0 +1,222 @@
+// kiln generate: continue a prompt with a GPT-2 checkpoint (KV-cache decoding, infer/generate.h).
+//
+// Text mode streams the prompt and then the completion to stdout as tokens arrive (only whole UTF-8
+// characters until the end); without a tokenizer it prints token ids. --json prints one line instead:
+//   {"tokens": [prompt and new ids], "text": prompt text + completion (null without a tokenizer),
+//    "finish_reason": "length" | "eot" | "stop" | "context"}
+// Prefill and decode speeds go to stderr. The sequence (prompt + new tokens) never exceeds the model's
+// n_positions: generation stops there and says so on stderr. --stop ends the completion before the first
+// occurrence of a string (the stop string itself is not printed; the token that completed it is listed).
+#include <cstdio>
+#include <filesystem>
+#include <limits>
+#include <memory>
+#include <nlohmann/json.hpp>
+#include <optional>
+#include <string>
+#include <vector>
+
+#include "core/error.h"
+#include "infer/decoder.h"
+#include "infer/generate.h"
+#include "infer/sampler.h"
+#include "infer/text_stream.h"
+#include "models/checkpoint.h"
+#include "models/gpt2.h"
+#include "tokenizer/bpe.h"
+#include "tools/kiln/command.h"
+#include "train/trainer.h"
+
+namespace {
+
+struct GenerateOptions {
+  std::string model, random_init, tokenizer, prompt, prompt_ids, stop;
+  bool has_prompt = false, has_prompt_ids = false, json = false;
+  int max_new = 64, threads = 0;
+  std::optional<int> eot_id;
+  kiln::SamplingParams sampling;
+};
+
+bool has_tokenizer_files(const std::string& dir) {
+  namespace fs = std::filesystem;
+  std::error_code ec;
+  const fs::path d(dir);
+  return fs::is_directory(d, ec) &&
+         (fs::exists(d / "tokenizer.json", ec) || (fs::exists(d / "encoder.json", ec) && fs::exists(d / "vocab.bpe", ec)));
+}
+
+std::string trim(const std::string& s) {
+  const size_t a = s.find_first_not_of(" \t\n"), b = s.find_last_not_of(" \t\n");
+  return a == std::string::npos ? "" : s.substr(a, b - a + 1);
+}
+
+// "1, 2,3" -> {1, 2, 3}; "" -> {}; names the bad item otherwise.
+std::vector<int32_t> parse_ids(const std::string& s) {
+  std::vector<int32_t> ids;
+  if (trim(s).empty()) return ids;
+  for (size_t i = 0;;) {
+    size_t j = s.find(',', i);
+    if (j == std::string::npos) j = s.size();
+    const std::string item = trim(s.substr(i, j - i));
+    KILN_CHECK(!item.empty(), "--prompt-ids: item ", ids.size() + 1, " is empty");
+    size_t used = 0;
+    long long v = 0;
+    try {
+      v = std::stoll(item, &used);
+    } catch (const std::exception&) {
+      used = 0;
+    }
+    KILN_CHECK(used == item.size() && v >= std::numeric_limits<int32_t>::min() &&
+                   v <= std::numeric_limits<int32_t>::max(),
+               "--prompt-ids: item ", ids.size() + 1, " ('", item, "') is not a token id");
+    ids.push_back(int32_t(v));
+    if (j == s.size()) return ids;
+    i = j + 1;
+  }
+}
+
+void write_out(const std::string& s) {
+  if (s.empty()) return;
+  std::fwrite(s.data(), 1, s.size(), stdout);
+  std::fflush(stdout);
+}
+
+void run_generate(const GenerateOptions& o) {
+  using namespace kiln;
+  set_threads(o.threads);
+  KILN_CHECK(o.model.empty() != o.random_init.empty(), "give exactly one of --model (a checkpoint) and --random-init");
+  KILN_CHECK(o.has_prompt != o.has_prompt_ids, "give exactly one of --prompt and --prompt-ids");
+  o.sampling.validate();
+  KILN_CHECK(o.max_new >= 0, "--max-new must be >= 0, got ", o.max_new);
+
+  // Model: a checkpoint, or random weights for benchmarking.
+  const GPT2Config cfg = o.model.empty() ? GPT2Config::load(o.random_init) : load_gpt2_config_for(o.model);
+  GPT2 model(cfg, /*with_grads=*/false);
+  if (o.model.empty())
+    model.init_random(1);
+  else
+    load_gpt2_weights(o.model, cfg, model.table(), model.params());
+  const int V = cfg.vocab_size;
+
+  // Tokenizer: --tokenizer, else the model directory when it has tokenizer files.
+  std::string tok_dir = o.tokenizer;
+  if (tok_dir.empty() && !o.model.empty() && has_tokenizer_files(o.model)) tok_dir = o.model;
+  std::unique_ptr<Tokenizer> tok;
+  if (!tok_dir.empty()) {
+    tok = std::make_unique<Tokenizer>(Tokenizer::load(tok_dir));
+    KILN_CHECK(tok->vocab_size() <= V, tok_dir, ": the tokenizer has ", tok->vocab_size(),
+               " tokens but the model's vocab_size is ", V);
+  }
+
+  std::optional<int32_t> eot;
+  if (o.eot_id) {
+    if (*o.eot_id >= 0) eot = *o.eot_id;
+  } else if (tok && tok->eot_id()) {
+    eot = int32_t(*tok->eot_id());
+  }
+
+  std::vector<int32_t> prompt;
+  if (o.has_prompt) {
+    KILN_CHECK(tok, "--prompt needs a tokenizer: pass --tokenizer DIR (", o.model.empty() ? "no model directory" : o.model,
+               " has no encoder.json + vocab.bpe or tokenizer.json), or give --prompt-ids");
+    for (uint32_t id : tok->encode(o.prompt)) prompt.push_back(int32_t(id));
+  } else {
+    prompt = parse_ids(o.prompt_ids);
+  }
+  if (prompt.empty()) {
+    KILN_CHECK(eot, "the prompt is empty (and there is no end-of-text token to start from)");
+    prompt.push_back(*eot);
+    std::fprintf(stderr, "kiln generate: empty prompt, starting from the end-of-text token %d\n", int(*eot));
+  }
+  for (size_t i = 0; i < prompt.size(); i++)
+    KILN_CHECK(prompt[i] >= 0 && prompt[i] < V, "prompt token ", i, " has id ", prompt[i],
+               ", outside the model's vocabulary [0, ", V, ")");
+  KILN_CHECK(int(prompt.size()) <= cfg.n_positions, "the prompt has ", prompt.size(),
+             " tokens, more than the model's context of ", cfg.n_positions, " positions (n_positions)");
+
+  Decoder dec(cfg, model.params(), 1);
+  Sampler sampler(o.sampling);
+  GenerateLimits lim;
+  lim.max_new = o.max_new;
+  lim.eot = eot;
+  if (tok) lim.sample_vocab = tok->vocab_size();  // ids past the tokenizer's (padding) have no text
+
+  std::vector<int32_t> all = prompt;
+  TextStream stream(o.stop);
+  std::string prompt_text;
+  if (tok) {
+    std::vector<uint32_t> ids(prompt.begin(), prompt.end());
+    prompt_text = tok->decode(ids);
+  }
+  if (!o.json) {
+    if (tok) {
+      write_out(prompt_text);
+    } else {
+      std::string s;
+      for (int32_t t : prompt) s += std::to_string(t) + " ";
+      write_out(s);
+    }
+  }
+  auto on_token = [&](int32_t t) {
+    all.push_back(t);
+    if (eot && t == *eot) return true;  // not part of the text
+    if (tok) {
+      std::string out = stream.push(tok->decode_token(uint32_t(t)));
+      if (!o.json) write_out(out);
+      return !stream.stopped();
+    }
+    if (!o.json) write_out(std::to_string(t) + " ");
+    return true;
+  };
+  GenerateStats st;
+  const FinishReason why = generate(dec, sampler, prompt, lim, on_token, &st);
+  const std::string rest = stream.finish();
+
+  if (o.json) {
+    nlohmann::json j;
+    j["tokens"] = all;
+    j["text"] = tok ? nlohmann::json(prompt_text + stream.text()) : nlohmann::json(nullptr);
+    j["finish_reason"] = finish_reason_name(why);
+    // Bytes that are not valid UTF-8 (a character cut by the token budget) become U+FFFD in the JSON.
+    std::printf("%s\n", j.dump(-1, ' ', false, nlohmann::json::error_handler_t::replace).c_str());
+  } else {
+    write_out(rest + "\n");
+  }
+  std::fflush(stdout);
+  if (why == FinishReason::Context)
+    std::fprintf(stderr, "kiln generate: stopped at the model's context limit of %d positions (%d new tokens)\n",
+                 cfg.n_positions, st.new_tokens);
+  std::fprintf(stderr, "kiln generate: prefill %d tokens in %.3f s (%.1f tokens/s), decode %d tokens in %.3f s "
+               "(%.1f tokens/s), finish: %s\n",
+               st.prompt_tokens, st.prefill_s, st.prefill_s > 0 ? st.prompt_tokens / st.prefill_s : 0.0,
+               st.decode_steps, st.decode_s, st.decode_s > 0 ? st.decode_steps / st.decode_s : 0.0,
+               finish_reason_name(why));
+}
+
+kiln::cli::Command generate_cmd("generate", [](CLI::App& root) {
+  auto o = std::make_shared<GenerateOptions>();
+  auto* c = root.add_subcommand("generate", "Continue a prompt with a GPT-2 checkpoint (KV-cache decoding)");
+  c->add_option("--model", o->model, "Checkpoint directory (config.json + model.safetensors) or .safetensors file");
+  c->add_option("--random-init", o->random_init, "Instead of --model: a config.json for random weights (benchmarks)");
+  c->add_option("--tokenizer", o->tokenizer, "Tokenizer directory (default: the model directory if it has one)");
+  auto* p = c->add_option("--prompt", o->prompt, "Prompt text (needs a tokenizer)");
+  auto* pi = c->add_option("--prompt-ids", o->prompt_ids, "Prompt as comma-separated token ids, e.g. 464,3290");
+  p->excludes(pi);
+  c->add_option("--max-new", o->max_new, "Most new tokens to generate")->capture_default_str();
+  c->add_option("--temperature", o->sampling.temperature, "Softmax temperature (0: greedy)")->capture_default_str();
+  c->add_option("--top-k", o->sampling.top_k, "Sample among the K most probable tokens (0: all)")->capture_default_str();
+  c->add_option("--top-p", o->sampling.top_p, "Nucleus: the smallest set with this much probability, after top-k")
+      ->capture_default_str();
+  c->add_option("--seed", o->sampling.seed, "Sampling seed (the same seed reproduces a sample)")->capture_default_str();
+  c->add_option("--stop", o->stop, "End the completion before this string (text is not printed past it)");
+  c->add_option("--eot-id", o->eot_id, "End-of-text token id (default: the tokenizer's; -1: never stop on one)");
+  c->add_flag("--json", o->json, "Print one JSON line {tokens, text, finish_reason} instead of streaming text");
+  c->add_option("--threads", o->threads, "CPU threads (0: all cores)")->capture_default_str();
+  c->callback([o, p, pi] {
+    o->has_prompt = p->count() > 0;
+    o->has_prompt_ids = pi->count() > 0;
+    run_generate(*o);
+  });
+});
+
+}  // namespace
