@@ -35,11 +35,18 @@ bool loads_or_refuses(F f, const std::string& needle, const std::string& what) {
   }
 }
 
-// Reads every byte a loaded file hands out, so that a pointer past the map shows up under ASan.
-uint64_t touch_all(const SafeTensorsReader& r) {
+// Checks that every entry lies inside the file (`raw` is what was written) and reads every byte the reader
+// hands out, so that a pointer past the data shows up under ASan or as a failed check.
+uint64_t touch_all(const SafeTensorsReader& r, const std::string& raw) {
+  uint64_t n = 0;
+  std::memcpy(&n, raw.data(), 8);
   uint64_t sum = 0;
-  for (const auto& e : r.entries())
+  for (const auto& e : r.entries()) {
+    EXPECT_LE(e.begin, e.end) << e.name;
+    EXPECT_LE(8 + n + e.end, raw.size()) << e.name;
     for (size_t i = 0; i < e.end - e.begin; i++) sum += e.bytes[i];
+    if (e.tensor_index >= 0) EXPECT_EQ(r.tensors()[size_t(e.tensor_index)].nbytes(), e.end - e.begin) << e.name;
+  }
   for (const auto& t : r.tensors())
     for (size_t i = 0; i < t.nbytes(); i++) sum += static_cast<const uint8_t*>(t.data)[i];
   return sum;
@@ -101,7 +108,7 @@ TEST(SanitizeSafeTensors, RandomHeaderByteFlips) {
     loaded += loads_or_refuses(
         [&] {
           SafeTensorsReader r(path);
-          touch_all(r);
+          touch_all(r, bytes);
         },
         path, "iteration " + std::to_string(iter));
   }
@@ -182,7 +189,7 @@ TEST(SanitizeSafeTensors, GeneratedGarbageHeaders) {
     loaded += loads_or_refuses(
         [&] {
           SafeTensorsReader r(path);
-          touch_all(r);
+          touch_all(r, bytes);
         },
         path, "header " + header);
   }
