@@ -253,13 +253,14 @@ void forward_tile(float* out, float* lse, const float* qkv, const AttentionParam
   const float* kb = qb + C;
   const float* vb = qb + 2 * C;
   const int qn = int(std::min<int64_t>(kBr, sp.len - q0));
+  const int nvq = (qn + kLanes - 1) / kLanes, lanes = nvq * kLanes;  // lane vectors holding real queries
   float* Qt = w.qt.f32();
   float* St = w.st.f32();
   float* Ot = w.ot.f32();
   pack_transposed(Qt, qb + q0 * ld, ld, qn, HD);
 
   f32x16 m[kVq], l[kVq];
-  for (int v = 0; v < kVq; v++) { m[v] = splat(-kInf); l[v] = f32x16{}; }
+  for (int v = 0; v < nvq; v++) { m[v] = splat(-kInf); l[v] = f32x16{}; }
   const f32x16 scale = splat(p.scale);
 
   const int64_t kend = p.causal ? q0 + qn : sp.len;  // key tiles past the last query are fully masked
@@ -268,18 +269,18 @@ void forward_tile(float* out, float* lse, const float* qkv, const AttentionParam
     // On the diagonal, some keys are hidden from some queries: skip what is fully hidden, mask the rest.
     const bool mask = p.causal && k0 + kn - 1 > q0;
     const Trim lanes_from = mask ? Trim::kLanesFrom : Trim::kNone;
-    bgemm(St, kBr, kn, kBr, kb + k0 * ld, ld, 1, Qt, kBr, HD, false, lanes_from, int(k0 - q0));  // Sᵀ = K·Qᵀ
+    bgemm(St, kBr, kn, lanes, kb + k0 * ld, ld, 1, Qt, kBr, HD, false, lanes_from, int(k0 - q0));  // Sᵀ = K·Qᵀ
     f32x16 mt[kVq];
-    for (int v = 0; v < kVq; v++) mt[v] = splat(-kInf);
+    for (int v = 0; v < nvq; v++) mt[v] = splat(-kInf);
     for (int j = 0; j < kn; j++)
-      for (int v = 0; v < kVq; v++) {
+      for (int v = 0; v < nvq; v++) {
         f32x16 x = load(St + j * kBr + v * kLanes) * scale;
         if (mask) x = causal_visible(v, q0, k0, j) ? x : splat(-kInf);
         store(St + j * kBr + v * kLanes, x);
         mt[v] = vmax(mt[v], x);
       }
     f32x16 alpha[kVq], sum[kVq];
-    for (int v = 0; v < kVq; v++) {
+    for (int v = 0; v < nvq; v++) {
       // Finite from the first tile on: key 0 is visible to every query.
       const f32x16 mnew = vmax(m[v], mt[v]);
       alpha[v] = vexp(m[v] - mnew);
@@ -287,21 +288,21 @@ void forward_tile(float* out, float* lse, const float* qkv, const AttentionParam
       sum[v] = f32x16{};
     }
     for (int j = 0; j < kn; j++)
-      for (int v = 0; v < kVq; v++) {
+      for (int v = 0; v < nvq; v++) {
         const f32x16 pr = vexp(load(St + j * kBr + v * kLanes) - m[v]);
         store(St + j * kBr + v * kLanes, pr);
         sum[v] += pr;
       }
-    for (int v = 0; v < kVq; v++) l[v] = l[v] * alpha[v] + sum[v];
+    for (int v = 0; v < nvq; v++) l[v] = l[v] * alpha[v] + sum[v];
     if (k0 > 0)  // the first key tile writes Oᵀ, later ones rescale and accumulate
       for (int d = 0; d < HD; d++)
-        for (int v = 0; v < kVq; v++) store(Ot + d * kBr + v * kLanes, load(Ot + d * kBr + v * kLanes) * alpha[v]);
-    bgemm(Ot, kBr, HD, kBr, vb + k0 * ld, 1, ld, St, kBr, kn, k0 > 0, mask ? Trim::kKUpToLane : Trim::kNone,
+        for (int v = 0; v < nvq; v++) store(Ot + d * kBr + v * kLanes, load(Ot + d * kBr + v * kLanes) * alpha[v]);
+    bgemm(Ot, kBr, HD, lanes, vb + k0 * ld, 1, ld, St, kBr, kn, k0 > 0, mask ? Trim::kKUpToLane : Trim::kNone,
           int(q0 - k0));  // Oᵀ += Vᵀ·Pᵀ
   }
 
   alignas(64) float inv_l[kBr], mrow[kBr], lrow[kBr];
-  for (int v = 0; v < kVq; v++) {
+  for (int v = 0; v < nvq; v++) {
     store(inv_l + v * kLanes, 1.0f / l[v]);
     store(mrow + v * kLanes, m[v]);
     store(lrow + v * kLanes, l[v]);
@@ -401,13 +402,14 @@ void attention_backward(float* dqkv, const float* dout, const float* qkv, const 
         const int64_t qstart = p.causal ? k0 / kBr * kBr : 0;
         for (int64_t q0 = qstart; q0 < len; q0 += kBr) {
           const int qn = int(std::min<int64_t>(kBr, len - q0));
+          const int nvq = (qn + kLanes - 1) / kLanes, lanes = nvq * kLanes;
           const bool mask = p.causal && k0 + kn - 1 > q0;
           const Trim lanes_from = mask ? Trim::kLanesFrom : Trim::kNone;
           const int delta = int(k0 - q0);
-          bgemm(Pt, kBr, kn, kBr, kb + k0 * ld, ld, 1, Qt + q0 * HD, kBr, HD, false, lanes_from, delta);  // Sᵀ=K·Qᵀ
-          bgemm(dSt, kBr, kn, kBr, vb + k0 * ld, ld, 1, dOt + q0 * HD, kBr, HD, false, lanes_from, delta);  // dPᵀ=V·dOᵀ
+          bgemm(Pt, kBr, kn, lanes, kb + k0 * ld, ld, 1, Qt + q0 * HD, kBr, HD, false, lanes_from, delta);  // Sᵀ=K·Qᵀ
+          bgemm(dSt, kBr, kn, lanes, vb + k0 * ld, ld, 1, dOt + q0 * HD, kBr, HD, false, lanes_from, delta);  // dPᵀ=V·dOᵀ
           for (int j = 0; j < kn; j++)
-            for (int v = 0; v < kVq; v++) {
+            for (int v = 0; v < nvq; v++) {
               const f32x16 x = load(Pt + j * kBr + v * kLanes) * scale - load(L + q0 + v * kLanes);
               const f32x16 dp = load(dSt + j * kBr + v * kLanes);
               f32x16 pr = vexp(x), ds = pr * (dp - load(D + q0 + v * kLanes)) * scale;
