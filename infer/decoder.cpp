@@ -1,7 +1,5 @@
 #include "infer/decoder.h"
 
-#include <cblas.h>
-
 #include <algorithm>
 #include <cmath>
 #include <cstring>
@@ -10,29 +8,29 @@
 #include "kernels/attention.h"
 #include "kernels/decode_attention.h"
 #include "kernels/embedding.h"
+#include "kernels/gemv.h"
 #include "kernels/layernorm.h"
 #include "kernels/matmul.h"
 
 namespace kiln {
 namespace {
 
-// out[N, OC] = x[N, C] · W[C, OC] + b. One row is a matrix-vector product: sgemv reads W once, in place.
+// out[N, OC] = x[N, C] · W[C, OC] + b. One row is a matrix-vector product (kernels/gemv.h), streaming W once.
 void linear(float* out, const float* x, const float* W, const float* b, int64_t N, int C, int OC) {
-  if (N == 1) {
-    std::memcpy(out, b, sizeof(float) * size_t(OC));
-    cblas_sgemv(CblasRowMajor, CblasTrans, C, OC, 1.0f, W, OC, x, 1, 1.0f, out, 1);
-    return;
-  }
-  cpu::matmul_forward(out, x, W, b, N, C, OC);
+  if (N == 1)
+    cpu::vecmat(out, x, W, b, C, OC, /*accumulate=*/false);
+  else
+    cpu::matmul_forward(out, x, W, b, N, C, OC);
 }
 
 // The residual update res[N, OC] += x[N, C] · W[C, OC] + b, accumulated straight into the residual stream
 // (beta = 1), so the branch output needs no buffer of its own and no separate add.
 void residual_linear(float* res, const float* x, const float* W, const float* b, int64_t N, int C, int OC) {
-  if (N == 1)
-    cblas_sgemv(CblasRowMajor, CblasTrans, C, OC, 1.0f, W, OC, x, 1, 1.0f, res, 1);
-  else
-    cpu::gemm(false, false, N, OC, C, 1.0f, x, C, W, OC, 1.0f, res, OC);
+  if (N == 1) {
+    cpu::vecmat(res, x, W, b, C, OC, /*accumulate=*/true);
+    return;
+  }
+  cpu::gemm(false, false, N, OC, C, 1.0f, x, C, W, OC, 1.0f, res, OC);
   for (int64_t n = 0; n < N; n++) {
     float* r = res + n * OC;
 #pragma omp simd
@@ -80,16 +78,16 @@ void Decoder::run_chunk(const int32_t* tokens, int n, int64_t tok_stride) {
   const int64_t N = int64_t(B) * n;
   const float eps = cfg_.layer_norm_epsilon;
   ensure_rows(N);
-  std::vector<int32_t> tok(static_cast<size_t>(N));
+  tok_.resize(size_t(N));
   pos_.resize(size_t(N));
   for (int b = 0; b < B; b++)
     for (int i = 0; i < n; i++) {
       const int32_t t = tokens[b * tok_stride + i];
       KILN_CHECK(t >= 0 && t < V, "token id ", t, " is outside the model's vocabulary [0, ", V, ")");
-      tok[size_t(b * n + i)] = t;
+      tok_[size_t(b * n + i)] = t;
       pos_[size_t(b * n + i)] = length_ + i;
     }
-  cpu::embedding_forward(x_, tok.data(), pos_.data(), p_.wte, p_.wpe, N, C);
+  cpu::embedding_forward(x_, tok_.data(), pos_.data(), p_.wte, p_.wpe, N, C);
 
   AttentionParams flash;
   flash.B = B;
@@ -144,7 +142,7 @@ void Decoder::lm_head(const float* hidden, int64_t rows, float* logits) {
   const int C = cfg_.n_embd, V = cfg_.vocab_size;  // rows <= rows_: ln_ has room
   cpu::layernorm_forward(ln_, mean_, rstd_, hidden, p_.lnf_w, p_.lnf_b, rows, C, cfg_.layer_norm_epsilon);
   if (rows == 1)
-    cblas_sgemv(CblasRowMajor, CblasNoTrans, V, C, 1.0f, p_.wte, C, ln_, 1, 0.0f, logits, 1);
+    cpu::matvec(logits, p_.wte, ln_, V, C);
   else
     cpu::gemm(false, true, rows, V, C, 1.0f, ln_, C, p_.wte, C, 0.0f, logits, V);
 }

@@ -53,7 +53,7 @@ class Decoder {
   Arena acts_;
   float *x_ = nullptr, *ln_ = nullptr, *qkv_ = nullptr, *atty_ = nullptr, *fc_ = nullptr;
   float *mean_ = nullptr, *rstd_ = nullptr, *lse_ = nullptr, *last_ = nullptr;
-  std::vector<int32_t> pos_;
+  std::vector<int32_t> tok_, pos_;
   std::vector<float> logits_;
 
   void ensure_rows(int64_t rows);

@@ -13,6 +13,7 @@
 #include "infer/sampler.h"
 #include "infer/text_stream.h"
 #include "kernels/decode_attention.h"
+#include "kernels/gemv.h"
 #include "models/gpt2.h"
 #include "test_util.h"
 
@@ -92,6 +93,30 @@ TEST(DecodeAttention, BatchAndSeveralQueries) {
   c.NH = 1;
   c.past = {599, 3, 300};
   check_decode(c, 199);
+}
+
+// Matrix-vector products: cpu:: against ref:: over shapes with and without vector tails, row counts that
+// are not multiples of 4, large ones (threaded) and small ones (serial), with and without bias / accumulation.
+TEST(Gemv, MatchesReference) {
+  uint64_t seed = 500;
+  for (auto [K, N] : {std::pair<int, int>{768, 2304}, {3072, 768}, {7, 5}, {37, 83}, {1001, 129}, {2, 4096}}) {
+    SCOPED_TRACE(::testing::Message() << "K=" << K << " N=" << N);
+    const auto x = randn(size_t(K), seed++), W = randn(size_t(K) * N, seed++), b = randn(size_t(N), seed++);
+    const auto y0 = randn(size_t(N), seed++);
+    for (bool acc : {false, true})
+      for (bool bias : {false, true}) {
+        std::vector<float> yc = y0, yr = y0;
+        cpu::vecmat(yc.data(), x.data(), W.data(), bias ? b.data() : nullptr, K, N, acc);
+        ref::vecmat(yr.data(), x.data(), W.data(), bias ? b.data() : nullptr, K, N, acc);
+        EXPECT_TRUE(all_close(yc, yr, 1e-4, 1e-4 * std::sqrt(double(K)))) << "vecmat acc=" << acc << " bias=" << bias;
+      }
+    // matvec with the same matrix read as [K rows, N columns].
+    const auto xn = randn(size_t(N), seed++);
+    std::vector<float> mc(size_t(K), 9.0f), mr(size_t(K), -9.0f);
+    cpu::matvec(mc.data(), W.data(), xn.data(), K, N);
+    ref::matvec(mr.data(), W.data(), xn.data(), K, N);
+    EXPECT_TRUE(all_close(mc, mr, 1e-4, 1e-4 * std::sqrt(double(N)))) << "matvec";
+  }
 }
 
 namespace {

@@ -143,7 +143,8 @@ void decode_attention(const DecodeAttentionParams& p) {
   if (splits == 1) {
 #pragma omp parallel if (threaded)
     {
-      std::vector<float> acc(static_cast<size_t>(HD));
+      thread_local std::vector<float> acc;  // each thread's own, reused across calls
+      acc.resize(size_t(HD));
 #pragma omp for schedule(dynamic)
       for (int64_t it = 0; it < pairs; it++) {
         const int64_t row = it / NH, h = it % NH;

@@ -100,7 +100,14 @@ void run_generate(const GenerateOptions& o) {
 
   // Tokenizer: --tokenizer, else the model directory when it has tokenizer files.
   std::string tok_dir = o.tokenizer;
-  if (tok_dir.empty() && !o.model.empty() && has_tokenizer_files(o.model)) tok_dir = o.model;
+  if (tok_dir.empty() && !o.model.empty()) {
+    // The checkpoint directory (or the directory of a .safetensors file).
+    std::error_code ec;
+    const std::string d = std::filesystem::is_directory(o.model, ec)
+                              ? o.model
+                              : std::filesystem::path(o.model).parent_path().string();
+    if (has_tokenizer_files(d.empty() ? "." : d)) tok_dir = d.empty() ? "." : d;
+  }
   std::unique_ptr<Tokenizer> tok;
   if (!tok_dir.empty()) {
     tok = std::make_unique<Tokenizer>(Tokenizer::load(tok_dir));
