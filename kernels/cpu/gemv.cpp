@@ -1,6 +1,6 @@
 // Matrix-vector products that stream the matrix in contiguous per-thread slices (see kernels/gemv.h).
 //
-// vecmat: thread t sums rows [k0, k1) of W, four at a time, into its own partial y (N floats, stays in L1/L2);
+// vecmat: thread t sums rows [k0, k1) of W, eight at a time, into its own partial y (N floats, stays in L1/L2);
 // then the partials are added together with the old y and the bias. matvec: thread t computes a contiguous
 // range of outputs, each a dot product of one row of A with x over four independent 16-float accumulators.
 #include <omp.h>
@@ -28,32 +28,33 @@ inline float hsum16(f32x16 v) {
 // Below this many matrix elements a product runs on the calling thread.
 constexpr int64_t kSerialBelow = 1 << 16;
 
+// acc[0..N) += Σ_{k<R} x[k]·W[k, :] for R consecutive rows: one pass over acc per R rows of W.
+template <int R>
+inline void vecmat_block(float* acc, const float* x, const float* W, int64_t N) {
+  const int64_t N16 = N / 16 * 16;
+  f32x16 xs[R];
+  for (int j = 0; j < R; j++) xs[j] = f32x16{} + x[j];
+  for (int64_t o = 0; o < N16; o += 16) {
+    f32x16 a = load16(acc + o);
+    for (int j = 0; j < R; j++) a += xs[j] * load16(W + j * N + o);
+    store16(acc + o, a);
+  }
+  for (int64_t o = N16; o < N; o++) {
+    float a = acc[o];
+    for (int j = 0; j < R; j++) a += x[j] * W[j * N + o];
+    acc[o] = a;
+  }
+}
+
+// Rows of W a thread streams per step; more rows mean fewer passes over its partial sums (8 measured best).
+constexpr int kRowBlock = 8;
+
 // acc[0..N) = Σ_{k0<=k<k1} x[k]·W[k, :]
 void vecmat_rows(float* acc, const float* x, const float* W, int64_t N, int64_t k0, int64_t k1) {
   std::memset(acc, 0, sizeof(float) * size_t(N));
-  const int64_t N16 = N / 16 * 16;
   int64_t k = k0;
-  for (; k + 4 <= k1; k += 4) {
-    const float* r = W + k * N;
-    const float s0 = x[k], s1 = x[k + 1], s2 = x[k + 2], s3 = x[k + 3];
-    const f32x16 x0 = f32x16{} + s0, x1 = f32x16{} + s1, x2 = f32x16{} + s2, x3 = f32x16{} + s3;
-    for (int64_t o = 0; o < N16; o += 16) {
-      f32x16 a = load16(acc + o);
-      a += x0 * load16(r + o);
-      a += x1 * load16(r + N + o);
-      a += x2 * load16(r + 2 * N + o);
-      a += x3 * load16(r + 3 * N + o);
-      store16(acc + o, a);
-    }
-    for (int64_t o = N16; o < N; o++) acc[o] += s0 * r[o] + s1 * r[N + o] + s2 * r[2 * N + o] + s3 * r[3 * N + o];
-  }
-  for (; k < k1; k++) {
-    const float* r = W + k * N;
-    const float s = x[k];
-    const f32x16 xs = f32x16{} + s;
-    for (int64_t o = 0; o < N16; o += 16) store16(acc + o, load16(acc + o) + xs * load16(r + o));
-    for (int64_t o = N16; o < N; o++) acc[o] += s * r[o];
-  }
+  for (; k + kRowBlock <= k1; k += kRowBlock) vecmat_block<kRowBlock>(acc, x + k, W + k * N, N);
+  for (; k < k1; k++) vecmat_block<1>(acc, x + k, W + k * N, N);
 }
 
 inline float dot(const float* a, const float* b, int64_t K) {
@@ -75,7 +76,8 @@ inline float dot(const float* a, const float* b, int64_t K) {
 
 void vecmat(float* y, const float* x, const float* W, const float* bias, int64_t K, int64_t N, bool accumulate) {
   if (N <= 0) return;
-  const int nt = K * N >= kSerialBelow ? std::max(1, std::min<int>(omp_get_max_threads(), int((K + 3) / 4))) : 1;
+  const int max_nt = std::min<int>(omp_get_max_threads(), int((K + kRowBlock - 1) / kRowBlock));
+  const int nt = K * N >= kSerialBelow ? std::max(1, max_nt) : 1;
   thread_local std::vector<float> partial;
   partial.resize(size_t(nt) * size_t(N));
   float* part = partial.data();
@@ -83,8 +85,8 @@ void vecmat(float* y, const float* x, const float* W, const float* bias, int64_t
   {
     // The team may be smaller than asked (nested inside another parallel region): slice by its real size.
     const int T = omp_get_num_threads(), t = omp_get_thread_num();
-    // Rows per thread, a multiple of 4 so every slice but the last runs the 4-row loop only.
-    const int64_t per = ((K + T - 1) / T + 3) / 4 * 4;
+    // Rows per thread, a multiple of the row block so only the last slice has a tail.
+    const int64_t per = ((K + T - 1) / T + kRowBlock - 1) / kRowBlock * kRowBlock;
     const int64_t k0 = std::min(K, per * t), k1 = std::min(K, k0 + per);
     vecmat_rows(part + int64_t(t) * N, x, W, N, k0, k1);
 #pragma omp barrier

@@ -7,6 +7,8 @@
 // Prefill and decode speeds go to stderr. The sequence (prompt + new tokens) never exceeds the model's
 // n_positions: generation stops there and says so on stderr. --stop ends the completion before the first
 // occurrence of a string (the stop string itself is not printed; the token that completed it is listed).
+// With a tokenizer smaller than the model's vocabulary (a padded vocab_size), only the tokenizer's ids are
+// sampled. The end-of-text token is the tokenizer's (or --eot-id); it ends generation and has no text.
 #include <cstdio>
 #include <filesystem>
 #include <limits>
