@@ -36,26 +36,23 @@ struct ByScore {
   bool operator()(int32_t a, int32_t b) const { return z[a] > z[b] || (z[a] == z[b] && a < b); }
 };
 
-// The filtered distribution. sorted: the caller wants decreasing probability order (otherwise the order is
-// whatever is cheapest, which changes nothing about the distribution).
-void filter(const SamplingParams& sp, const float* logits, int V, std::vector<Candidate>& out, bool sorted) {
-  out.clear();
-  if (sp.greedy()) {
-    out.push_back({argmax(logits, V), 1.0f});
-    return;
-  }
+// The filtered distribution: on return idx[0, keep) are the allowed ids, w[id] their unnormalised weights
+// exp(z - max) and total the weights' sum. sorted: idx[0, keep) in decreasing probability order (otherwise
+// in whatever order is cheapest, which changes nothing about the distribution). Each weight is computed once.
+size_t filter(const SamplingParams& sp, const float* logits, int V, SamplerScratch& s, double& total, bool sorted) {
   // Scaled logits; NaN never gets probability.
-  std::vector<float> z(static_cast<size_t>(V));
+  s.z.resize(size_t(V));
   const float inv_t = 1.0f / sp.temperature;
   float m = -INFINITY;
   for (int i = 0; i < V; i++) {
-    z[size_t(i)] = std::isnan(logits[i]) ? -INFINITY : logits[i] * inv_t;
-    m = std::max(m, z[size_t(i)]);
+    s.z[size_t(i)] = std::isnan(logits[i]) ? -INFINITY : logits[i] * inv_t;
+    m = std::max(m, s.z[size_t(i)]);
   }
   KILN_CHECK(std::isfinite(m), "sampling: the logits have no finite maximum");
-  std::vector<int32_t> idx(static_cast<size_t>(V));
-  for (int i = 0; i < V; i++) idx[size_t(i)] = i;
-  const ByScore by{z.data()};
+  s.idx.resize(size_t(V));
+  for (int i = 0; i < V; i++) s.idx[size_t(i)] = i;
+  const ByScore by{s.z.data()};
+  auto& idx = s.idx;
 
   // top-k: the K best (ties to the lower id) by a linear-time selection.
   size_t keep = size_t(V);
@@ -63,10 +60,10 @@ void filter(const SamplingParams& sp, const float* logits, int V, std::vector<Ca
     keep = size_t(sp.top_k);
     std::nth_element(idx.begin(), idx.begin() + long(keep), idx.end(), by);
   }
-  // Unnormalised weights of the kept set; their sum renormalises top-k.
-  auto weight = [&](int32_t i) { return std::exp(double(z[size_t(i)]) - double(m)); };
-  double total = 0;
-  for (size_t i = 0; i < keep; i++) total += weight(idx[i]);
+  // Weights of the kept set; their sum renormalises top-k.
+  s.w.resize(size_t(V));
+  total = 0;
+  for (size_t i = 0; i < keep; i++) total += (s.w[size_t(idx[i])] = std::exp(double(s.z[size_t(idx[i])]) - double(m)));
 
   if (sp.top_p < 1.0f) {
     // Nucleus: find a prefix size n whose top-n mass reaches top_p by growing n (each try linear), then sort
@@ -76,7 +73,7 @@ void filter(const SamplingParams& sp, const float* logits, int V, std::vector<Ca
     for (;;) {
       if (n < keep) std::nth_element(idx.begin(), idx.begin() + long(n), idx.begin() + long(keep), by);
       double mass = 0;
-      for (size_t i = 0; i < n; i++) mass += weight(idx[i]);
+      for (size_t i = 0; i < n; i++) mass += s.w[size_t(idx[i])];
       if (mass >= target || n == keep) break;
       n = std::min(keep, n * 4);
     }
@@ -84,7 +81,7 @@ void filter(const SamplingParams& sp, const float* logits, int V, std::vector<Ca
     double cum = 0;
     size_t cut = n;
     for (size_t i = 0; i < n; i++) {
-      cum += weight(idx[i]);
+      cum += s.w[size_t(idx[i])];
       if (cum >= target) {
         cut = i + 1;
         break;
@@ -95,14 +92,21 @@ void filter(const SamplingParams& sp, const float* logits, int V, std::vector<Ca
   } else if (sorted) {
     std::sort(idx.begin(), idx.begin() + long(keep), by);
   }
-  out.resize(keep);
-  for (size_t i = 0; i < keep; i++) out[i] = {idx[i], float(weight(idx[i]) / total)};
+  return keep;
 }
 
 }  // namespace
 
 void Sampler::candidates(const float* logits, int V, std::vector<Candidate>& out) const {
-  filter(params_, logits, V, out, /*sorted=*/true);
+  out.clear();
+  if (params_.greedy()) {
+    out.push_back({argmax(logits, V), 1.0f});
+    return;
+  }
+  SamplerScratch s;
+  double total = 0;
+  const size_t keep = filter(params_, logits, V, s, total, /*sorted=*/true);
+  for (size_t i = 0; i < keep; i++) out.push_back({s.idx[i], float(s.w[size_t(s.idx[i])] / total)});
 }
 
 int32_t Sampler::sample(const float* logits, int V) {
@@ -110,13 +114,15 @@ int32_t Sampler::sample(const float* logits, int V) {
   // Two words per draw whatever the path, so the stream position depends only on the number of samples.
   const double u = double(rng_.next_u64() >> 11) * (1.0 / 9007199254740992.0);  // [0, 1), 53 bits
   if (params_.greedy()) return argmax(logits, V);
-  filter(params_, logits, V, cand_, /*sorted=*/false);
+  double total = 0;
+  const size_t keep = filter(params_, logits, V, scratch_, total, /*sorted=*/false);
+  const double target = u * total;
   double cum = 0;
-  for (const Candidate& c : cand_) {
-    cum += double(c.p);
-    if (u < cum) return c.id;
+  for (size_t i = 0; i < keep; i++) {
+    cum += scratch_.w[size_t(scratch_.idx[i])];
+    if (target < cum) return scratch_.idx[i];
   }
-  return cand_.back().id;  // u within rounding of 1
+  return scratch_.idx[keep - 1];  // u within rounding of 1
 }
 
 }  // namespace kiln

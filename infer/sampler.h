@@ -31,6 +31,13 @@ struct Candidate {
   float p;  // probability after the filters, renormalised
 };
 
+// Buffers reused from one sample to the next (V floats / ids / weights).
+struct SamplerScratch {
+  std::vector<float> z;
+  std::vector<int32_t> idx;
+  std::vector<double> w;
+};
+
 class Sampler {
  public:
   explicit Sampler(const SamplingParams& params);
@@ -45,7 +52,7 @@ class Sampler {
  private:
   SamplingParams params_;
   Rng rng_;
-  std::vector<Candidate> cand_;
+  SamplerScratch scratch_;
 };
 
 // The arg max of x[0..n) (the lowest index among equal maxima; NaN never wins).
