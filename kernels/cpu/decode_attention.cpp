@@ -132,7 +132,8 @@ void decode_attention(const DecodeAttentionParams& p) {
   const int nt = omp_get_max_threads();
   // Split the keys only when the (query, head) pairs cannot keep ~4 items per thread and the cache is long.
   int64_t splits = 1;
-  if (pairs < 4 * int64_t(nt)) splits = std::min((4 * int64_t(nt) + pairs - 1) / pairs, (max_keys + kMinSplit - 1) / kMinSplit);
+  if (pairs < 4 * int64_t(nt))
+    splits = std::min((4 * int64_t(nt) + pairs - 1) / pairs, (max_keys + kMinSplit - 1) / kMinSplit);
   splits = std::max<int64_t>(splits, 1);
   // Too little work to wake the team: run on the calling thread.
   const bool threaded = pairs * max_keys * HD >= (1 << 16);
