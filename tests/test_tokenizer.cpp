@@ -286,6 +286,30 @@ TEST(TokenizerFiles, TokenizerJsonLoadsBackIdentically) {
   EXPECT_EQ(a.to_hf_json(), gpt2().to_hf_json());
 }
 
+// Texts for the Hugging Face peer: the hand-written ones with special tokens left in, and a sample.
+std::vector<std::string> hf_texts() {
+  std::vector<std::string> texts = hand_texts();
+  texts.push_back("one document<|endoftext|>the next one <|endoftext|><|endoftext|>");
+  for (auto& s : mixed_texts(60, 13)) texts.push_back(s);
+  for (auto& s : fortune_pieces(60000, 3000)) texts.push_back(s);
+  return texts;
+}
+
+void expect_hf_peer_agrees(const Tokenizer& t, const std::string& tokenizer_json) {
+  auto texts = hf_texts();
+  auto want = test::hf_peer_encode(tokenizer_json, texts);
+  ASSERT_EQ(want.size(), texts.size());
+  for (size_t i = 0; i < texts.size(); i++) ASSERT_EQ(t.encode(texts[i]), want[i]) << show(texts[i]);
+}
+
+TEST(TokenizerFiles, HuggingFaceJsReadsOurTokenizerJson) {
+  REQUIRE_GPT2();
+  if (!have_node() || !test::have_hf_js()) GTEST_SKIP() << "node or @huggingface/tokenizers missing (scripts/setup.sh)";
+  std::string dir = fresh_dir("tok_hf");
+  gpt2().save(dir);
+  expect_hf_peer_agrees(gpt2(), dir + "/tokenizer.json");
+}
+
 TEST(TokenizerFiles, BadFilesGiveOneLineErrors) {
   std::string dir = fresh_dir("tok_bad");
   auto expect_error = [](const std::string& path, const std::string& needle) {
@@ -426,6 +450,8 @@ TEST(BpeTrain, SavedTrainedTokenizerReloadsAndMatchesPeer) {
   auto want = test::peer_encode(texts, dir);
   ASSERT_EQ(want.size(), texts.size());
   for (size_t i = 0; i < texts.size(); i++) ASSERT_EQ(t.encode(texts[i], false), want[i]) << show(texts[i]);
+  // And Hugging Face's implementation on our tokenizer.json.
+  if (test::have_hf_js()) expect_hf_peer_agrees(t, dir + "/tokenizer.json");
 }
 
 }  // namespace

@@ -69,6 +69,24 @@ inline std::vector<std::vector<uint32_t>> peer_encode(const std::vector<std::str
   return nlohmann::json::parse(*out).get<std::vector<std::vector<uint32_t>>>();
 }
 
+inline bool have_hf_js() {
+  return std::filesystem::exists(std::string(KILN_SOURCE_DIR) +
+                                 "/third_party/npm/node_modules/@huggingface/tokenizers/package.json");
+}
+
+// Token ids of each text from @huggingface/tokenizers loading tokenizer_json (tests/peer/hf_encode.js).
+inline std::vector<std::vector<uint32_t>> hf_peer_encode(const std::string& tokenizer_json,
+                                                         const std::vector<std::string>& texts) {
+  std::string dir = fresh_dir("hfpeer");
+  std::string in = dir + "/texts.json";
+  write_text(in, nlohmann::json(texts).dump());
+  auto out = run_capture("node '" + std::string(KILN_SOURCE_DIR) + "/tests/peer/hf_encode.js' '" + tokenizer_json +
+                         "' '" + in + "'");
+  EXPECT_TRUE(out.has_value()) << "the peer script failed";
+  if (!out) return {};
+  return nlohmann::json::parse(*out).get<std::vector<std::vector<uint32_t>>>();
+}
+
 // Concatenated fortune files (Debian's fortunes package), up to max_bytes; empty if not installed.
 inline std::string fortunes_text(size_t max_bytes, size_t per_file = ~size_t(0)) {
   std::string s;
