@@ -20,7 +20,7 @@ GPT2Config tiny() {
   GPT2Config c;
   c.n_layer = 3;
   c.n_head = 2;
-  c.n_embd = 16;
+  c.n_embd = 32;
   c.vocab_size = 37;
   c.n_positions = 12;
   return c;
