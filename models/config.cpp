@@ -18,9 +18,6 @@ void GPT2Config::validate(const std::string& where) const {
   positive("vocab_size", vocab_size);
   positive("n_positions", n_positions);
   KILN_CHECK(n_embd % n_head == 0, where, ": n_embd (", n_embd, ") is not divisible by n_head (", n_head, ")");
-  // The CPU FlashAttention kernel works on 16-float vectors (GPT-2 and Llama sizes use 64 or 128).
-  KILN_CHECK((n_embd / n_head) % 16 == 0, where, ": head size n_embd/n_head = ", n_embd / n_head,
-             " must be a multiple of 16");
   KILN_CHECK(layer_norm_epsilon > 0 && layer_norm_epsilon < 1, where, ": layer_norm_epsilon must be in (0, 1) (got ",
              layer_norm_epsilon, ")");
   KILN_CHECK(int64_t(vocab_size) * n_embd < (int64_t(1) << 34), where, ": model too large");

@@ -5,6 +5,24 @@
 
 namespace kiln::nn {
 
+namespace {
+// The CPU FlashAttention kernel works on 16-float vectors (GPT-2 and Llama heads are 64 or 128 wide);
+// other head sizes take the naive kernel, which is exact but holds the T×T scores.
+void attention_forward(float* out, float* lse, const float* qkv, const AttentionParams& ap) {
+  if (ap.HD % 16 == 0)
+    cpu::attention_forward(out, lse, qkv, ap);
+  else
+    ref::attention_forward(out, lse, qkv, ap);
+}
+void attention_backward(float* dqkv, const float* dout, const float* qkv, const float* out, const float* lse,
+                        const AttentionParams& ap) {
+  if (ap.HD % 16 == 0)
+    cpu::attention_backward(dqkv, dout, qkv, out, lse, ap);
+  else
+    ref::attention_backward(dqkv, dout, qkv, out, lse, ap);
+}
+}  // namespace
+
 void BlockActivations::allocate(Arena& arena, int64_t N, int C, int NH, bool selective) {
   ln1 = selective ? nullptr : arena.alloc(N * C);
   ln1_mean = arena.alloc(N);
@@ -51,7 +69,7 @@ void Block::forward(float* y, const float* x, BlockActivations& a, BlockScratch&
   float* gelu_out = a.fc_gelu ? a.fc_gelu : s.gelu_tmp;
   ln1.forward(ln1_out, a.ln1_mean, a.ln1_rstd, x, N);
   qkv.forward(a.qkv, ln1_out, N);
-  cpu::attention_forward(a.atty, a.lse, a.qkv, ap);
+  attention_forward(a.atty, a.lse, a.qkv, ap);
   attn_proj.forward(a.h, a.atty, N);
   cpu::add(a.h, a.h, x, N * C);
   ln2.forward(ln2_out, a.ln2_mean, a.ln2_rstd, a.h, N);
@@ -83,7 +101,7 @@ void Block::backward(float* dy, const float* x, const BlockActivations& a, Block
   ln2.backward(dy, s.d_ln, a.h, a.ln2_mean, a.ln2_rstd, N);  // dy now holds dL/dh
   // Attention branch.
   attn_proj.backward(s.d_atty, dy, a.atty, N);
-  cpu::attention_backward(s.d_qkv, s.d_atty, a.qkv, a.atty, a.lse, ap);
+  attention_backward(s.d_qkv, s.d_atty, a.qkv, a.atty, a.lse, ap);
   const float* ln1_out = a.ln1;
   if (!ln1_out) {
     ln1.forward(s.ln_tmp, a.ln1_mean, a.ln1_rstd, x, N);
