@@ -328,6 +328,11 @@ TEST(TokenizerFiles, BadFilesGiveOneLineErrors) {
   expect_error(dir + "/bad.json", "malformed JSON");
   write_text(dir + "/wp.json", R"({"model": {"type": "WordPiece", "vocab": {}}})");
   expect_error(dir + "/wp.json", "WordPiece");
+  write_text(dir + "/types.json", R"({"model": {"type": 5, "vocab": {}}})");
+  expect_error(dir + "/types.json", "types.json");
+  write_text(dir + "/gap.json",
+             R"({"pre_tokenizer": {"type": "ByteLevel"}, "model": {"type": "BPE", "vocab": {"a": 0, "b": 2}, "merges": []}})");
+  expect_error(dir + "/gap.json", "no token has id 1");
   if (!have_gpt2_files()) return;
   // A vocab.bpe whose merge names an unknown token, naming the line.
   std::string g = fresh_dir("tok_bad_gpt2");

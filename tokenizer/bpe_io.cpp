@@ -81,7 +81,7 @@ Tokenizer Tokenizer::load(const std::string& path) {
   return load_hf_json(path);
 }
 
-Tokenizer Tokenizer::load_gpt2(const std::string& encoder_json, const std::string& vocab_bpe) {
+static Tokenizer gpt2_impl(const std::string& encoder_json, const std::string& vocab_bpe) {
   json enc = parse_json_file(encoder_json);
   KILN_CHECK(enc.is_object() && !enc.empty(), encoder_json, ": expected a JSON object of token -> id");
   Vocab v;
@@ -114,10 +114,10 @@ Tokenizer Tokenizer::load_gpt2(const std::string& encoder_json, const std::strin
   }
   std::vector<SpecialToken> specials;
   if (auto it = by_spelling.find("<|endoftext|>"); it != by_spelling.end()) specials.push_back({it->first, it->second});
-  return from_parts(std::move(v.tokens), merges, std::move(specials), std::move(v.raw), vocab_bpe);
+  return Tokenizer::from_parts(std::move(v.tokens), merges, std::move(specials), std::move(v.raw), vocab_bpe);
 }
 
-Tokenizer Tokenizer::load_hf_json(const std::string& path) {
+static Tokenizer hf_json_impl(const std::string& path) {
   json j = parse_json_file(path);
   KILN_CHECK(j.is_object() && j.contains("model") && j["model"].is_object(), path,
              ": not a tokenizer.json (no \"model\" object)");
@@ -188,8 +188,25 @@ Tokenizer Tokenizer::load_hf_json(const std::string& path) {
     KILN_CHECK(ib != by_spelling.end(), where, ": token '", ab.second, "' is not in model.vocab");
     merges.emplace_back(ia->second, ib->second);
   }
-  return from_parts(std::move(v.tokens), merges, std::move(specials), std::move(v.raw), path,
+  return Tokenizer::from_parts(std::move(v.tokens), merges, std::move(specials), std::move(v.raw), path,
                     m.value("ignore_merges", false));
+}
+
+// A field of the wrong JSON type surfaces as nlohmann's type_error: report it as kiln::Error naming the file.
+Tokenizer Tokenizer::load_gpt2(const std::string& encoder_json, const std::string& vocab_bpe) {
+  try {
+    return gpt2_impl(encoder_json, vocab_bpe);
+  } catch (const json::exception& e) {
+    fail(encoder_json, ": ", e.what());
+  }
+}
+
+Tokenizer Tokenizer::load_hf_json(const std::string& path) {
+  try {
+    return hf_json_impl(path);
+  } catch (const json::exception& e) {
+    fail(path, ": ", e.what());
+  }
 }
 
 // ---- saving ----------------------------------------------------------------------------------------

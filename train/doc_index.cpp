@@ -23,7 +23,7 @@ void write_doc_index(const std::string& path, const std::vector<int64_t>& starts
   std::memcpy(header + 8, &count, 8);
   write_file_atomic(path, [&](int fd) {
     write_all(fd, header, kHeaderBytes, path);
-    write_all(fd, starts.data(), starts.size() * sizeof(int64_t), path);
+    if (!starts.empty()) write_all(fd, starts.data(), starts.size() * sizeof(int64_t), path);
   });
 }
 
@@ -41,7 +41,7 @@ std::vector<int64_t> read_doc_index(const std::string& path, int64_t shard_token
   KILN_CHECK(count >= 0 && uint64_t(count) == (f.size() - kHeaderBytes) / 8 && (f.size() - kHeaderBytes) % 8 == 0, path,
              ": header says ", count, " documents but the file has ", f.size(), " bytes (truncated or corrupt)");
   std::vector<int64_t> starts(static_cast<size_t>(count));
-  std::memcpy(starts.data(), f.data() + kHeaderBytes, size_t(count) * 8);
+  if (count > 0) std::memcpy(starts.data(), f.data() + kHeaderBytes, size_t(count) * 8);
   for (size_t i = 0; i < starts.size(); i++) {
     KILN_CHECK(starts[i] >= 0 && (i == 0 || starts[i] > starts[i - 1]), path, ": document start ", starts[i],
                " at index ", i, " is not increasing (corrupt)");
