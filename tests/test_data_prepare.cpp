@@ -84,6 +84,7 @@ TEST(DataPrepare, ShardsDecodeToDocumentsInOrder) {
   opt.out = fresh_dir("prep_out");
   opt.val_fraction = 0.25;
   opt.shard_tokens = 777;  // the 30 kB document spills over several shards
+  opt.stream_bytes = 4000;  // and is encoded in pieces cut at safe split points
   PrepareStats st = prepare_data(opt);
   EXPECT_EQ(st.documents, int64_t(c.docs.size()));
   EXPECT_GT(st.train_shards, 5);

@@ -8,6 +8,7 @@
 #include "core/error.h"
 #include "core/file_io.h"
 #include "tokenizer/bpe.h"
+#include "tokenizer/pretokenize.h"
 #include "train/doc_index.h"
 #include "train/shards.h"
 
@@ -28,17 +29,20 @@ class ShardWriter {
   ShardWriter(std::string out, std::string split, int64_t shard_tokens, PrepareStats& stats)
       : out_(std::move(out)), split_(std::move(split)), cap_(shard_tokens), stats_(stats) {}
 
-  void add_document(const std::vector<uint32_t>& tokens) {
+  // A document starts here; its tokens then come in one or more append() calls.
+  void begin_document() {
     if (int64_t(buf_.size()) == cap_) flush();
     starts_.push_back(int64_t(buf_.size()));
+  }
+  void append(const uint32_t* tokens, size_t n) {
     size_t pos = 0;
-    while (pos < tokens.size()) {
+    while (pos < n) {
       if (int64_t(buf_.size()) == cap_) flush();
-      size_t take = std::min(tokens.size() - pos, size_t(cap_ - int64_t(buf_.size())));
-      buf_.insert(buf_.end(), tokens.begin() + pos, tokens.begin() + pos + take);
+      size_t take = std::min(n - pos, size_t(cap_ - int64_t(buf_.size())));
+      buf_.insert(buf_.end(), tokens + pos, tokens + pos + take);
       pos += take;
     }
-    tokens_ += int64_t(tokens.size());
+    tokens_ += int64_t(n);
   }
   void finish() {
     if (!buf_.empty()) flush();
@@ -132,7 +136,9 @@ PrepareStats prepare_data(const PrepareOptions& opt) {
     for (size_t i = 0; i < batch.size(); i++) {
       ids[i].push_back(eot);
       bool is_val = is_val_document(opt.seed, uint64_t(stats.documents), opt.val_fraction);
-      (is_val ? val : train).add_document(ids[i]);
+      ShardWriter& w = is_val ? val : train;
+      w.begin_document();
+      w.append(ids[i].data(), ids[i].size());
       (is_val ? stats.val_documents : stats.train_documents)++;
       stats.documents++;
     }
@@ -149,7 +155,26 @@ PrepareStats prepare_data(const PrepareOptions& opt) {
     MappedFile file(path);
     std::string_view all(reinterpret_cast<const char*>(file.data()), file.size());
     int64_t docs_here = 0;
-    if (!is_jsonl(path)) {
+    const size_t kStreamBytes = size_t(std::max<int64_t>(1, opt.stream_bytes));
+    if (!is_jsonl(path) && all.size() > kStreamBytes) {
+      // A large document is encoded (with threads) and written piece by piece, cut at safe split points
+      // of the pre-tokenizer, so memory stays bounded and the tokens equal those of the whole.
+      run_batch();
+      bool is_val = is_val_document(opt.seed, uint64_t(stats.documents), opt.val_fraction);
+      ShardWriter& w = is_val ? val : train;
+      w.begin_document();
+      for (size_t pos = 0; pos < all.size();) {
+        size_t cut = all.size() - pos > 2 * kStreamBytes ? pretok::next_safe_split(all, pos + kStreamBytes) : all.size();
+        std::vector<uint32_t> ids = tok.encode(all.substr(pos, cut - pos), /*allow_special=*/false);
+        w.append(ids.data(), ids.size());
+        pos = cut;
+        if (opt.progress) opt.progress(bytes_done + pos, total_bytes);
+      }
+      w.append(&eot, 1);
+      (is_val ? stats.val_documents : stats.train_documents)++;
+      stats.documents++;
+      docs_here++;
+    } else if (!is_jsonl(path)) {
       if (!all.empty()) {
         if (batch_bytes + all.size() >= (size_t(8) << 20)) run_batch();  // a large file alone: threads inside
         add(Doc{all, {}});
