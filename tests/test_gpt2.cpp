@@ -26,10 +26,10 @@ GPT2Config tiny() {
   return c;
 }
 
-struct Batch {
+struct TestBatch {
   int B = 2, T = 7;
   std::vector<int32_t> tokens, targets, pos;
-  explicit Batch(int vocab) {
+  explicit TestBatch(int vocab) {
     Rng r(11);
     for (int i = 0; i < B * T; i++) {
       tokens.push_back(int32_t(r.below(uint64_t(vocab))));
@@ -40,7 +40,7 @@ struct Batch {
   }
 };
 
-std::vector<float> grads_with(const GPT2Config& c, const Batch& b, const std::string& policy, int chunk, double* loss) {
+std::vector<float> grads_with(const GPT2Config& c, const TestBatch& b, const std::string& policy, int chunk, double* loss) {
   GPT2 m(c);
   m.init_random(5);
   m.plan(b.B, b.T, RecomputePolicy::parse(policy), chunk);
@@ -54,7 +54,7 @@ std::vector<float> grads_with(const GPT2Config& c, const Batch& b, const std::st
 
 TEST(GPT2Model, GradientsMatchFiniteDifferences) {
   GPT2Config c = tiny();
-  Batch b(c.vocab_size);
+  TestBatch b(c.vocab_size);
   GPT2 m(c);
   m.init_random(3);
   m.plan(b.B, b.T);
@@ -87,7 +87,7 @@ TEST(GPT2Model, GradientsMatchFiniteDifferences) {
 
 TEST(GPT2Model, RecomputePoliciesGiveBitIdenticalGradients) {
   GPT2Config c = tiny();
-  Batch b(c.vocab_size);
+  TestBatch b(c.vocab_size);
   double l0 = 0;
   auto base = grads_with(c, b, "none", 0, &l0);
   for (const char* p : {"block", "every:2", "every:3", "every:5", "selective"}) {
@@ -113,7 +113,7 @@ TEST(GPT2Model, RecomputeShrinksThePlan) {
 
 TEST(GPT2Model, ChunkedLmHeadMatchesWholeWithinRounding) {
   GPT2Config c = tiny();
-  Batch b(c.vocab_size);
+  TestBatch b(c.vocab_size);
   double l0 = 0, l1 = 0;
   auto g0 = grads_with(c, b, "none", 0, &l0);
   auto g1 = grads_with(c, b, "none", 3, &l1);

@@ -48,6 +48,15 @@ void DataLoader::build_permutation(int64_t epoch) {
   perm_epoch_ = epoch;
 }
 
+void DataLoader::next(Batch& batch) {
+  batch.B = B_;
+  batch.T = T_;
+  batch.cu_seqlens.clear();
+  batch.resize(int64_t(B_) * T_);
+  next(batch.tokens.data(), batch.targets.data());
+  for (int64_t i = 0; i < batch.n_tokens; i++) batch.pos[size_t(i)] = int32_t(i % T_);
+}
+
 void DataLoader::next(int32_t* inputs, int32_t* targets) {
   const int64_t BT = int64_t(B_) * T_;
   if (order_ == Order::Sequential) {

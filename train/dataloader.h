@@ -14,17 +14,12 @@
 #include <string>
 #include <vector>
 
+#include "train/batch.h"
 #include "train/shards.h"
 
 namespace kiln {
 
-struct LoaderState {
-  int64_t epoch = 0;
-  int64_t shard = 0;     // sequential: current shard
-  int64_t position = 0;  // sequential: token position in the shard; shuffled: next window in the epoch order
-};
-
-class DataLoader {
+class DataLoader : public BatchSource {
  public:
   enum class Order { Sequential, Shuffled };
   static Order parse_order(const std::string& s);
@@ -34,10 +29,11 @@ class DataLoader {
 
   // Fills inputs and targets ([B·T] each) with the next batch and advances.
   void next(int32_t* inputs, int32_t* targets);
-  void reset() { set_state(LoaderState{}); }
+  // The same as a Batch of B rows of T with positions 0..T-1.
+  void next(Batch& batch) override;
 
-  LoaderState state() const { return state_; }
-  void set_state(const LoaderState& s);
+  LoaderState state() const override { return state_; }
+  void set_state(const LoaderState& s) override;
   int64_t total_tokens() const { return total_tokens_; }
   size_t num_shards() const { return shards_.size(); }
 

@@ -66,16 +66,18 @@ void validate(const TrainOptions& o) {
   if (o.eval_every > 0) KILN_CHECK(!o.val_data.empty(), "--eval-every needs --val-data");
 }
 
-// Mean loss over val_batches sequential batches from the start of the validation data.
-double evaluate(GPT2& model, DataLoader& val, int B, int T, int batches, std::vector<int32_t>& in,
-                std::vector<int32_t>& tg, const std::vector<int32_t>& pos) {
+// Mean loss per target over val_batches batches from the start of the validation data.
+double evaluate(GPT2& model, BatchSource& val, int batches, Batch& batch) {
   val.reset();
   double sum = 0;
+  int64_t n = 0;
   for (int i = 0; i < batches; i++) {
-    val.next(in.data(), tg.data());
-    sum += model.forward(in.data(), pos.data(), tg.data(), model.attention_params(B, T), 0.0f);
+    val.next(batch);
+    sum += model.forward(batch.tokens.data(), batch.pos.data(), batch.targets.data(),
+                         batch.attention(model.config()), 0.0f);
+    n += batch.count_targets();
   }
-  return sum / (double(batches) * B * T);
+  return n ? sum / double(n) : 0.0;
 }
 
 // Keeps metric lines up to `step` (a resumed run rewrites the steps after its checkpoint).
@@ -98,6 +100,12 @@ double peak_rss_mb() {
 
 }  // namespace
 
+std::unique_ptr<BatchSource> make_batch_source(const TrainOptions& opt, const std::string& data,
+                                               const GPT2Config& cfg, bool validation) {
+  const auto order = validation ? DataLoader::Order::Sequential : DataLoader::parse_order(opt.data_order);
+  return std::make_unique<DataLoader>(data, opt.batch, opt.seq, order, opt.seed, cfg.vocab_size);
+}
+
 double train(const TrainOptions& opt) {
   validate(opt);
   RecomputePolicy::parse(opt.recompute);  // reject a bad policy before any work
@@ -117,16 +125,15 @@ double train(const TrainOptions& opt) {
 
   GPT2 model(cfg);
   AdamW adam(model.table(), opt.adamw);
-  DataLoader loader(opt.data, B, T, DataLoader::parse_order(opt.data_order), opt.seed, cfg.vocab_size);
-  std::unique_ptr<DataLoader> val;
-  if (!opt.val_data.empty())
-    val = std::make_unique<DataLoader>(opt.val_data, B, T, DataLoader::Order::Sequential, opt.seed, cfg.vocab_size);
+  std::unique_ptr<BatchSource> loader = make_batch_source(opt, opt.data, cfg, /*validation=*/false);
+  std::unique_ptr<BatchSource> val;
+  if (!opt.val_data.empty()) val = make_batch_source(opt, opt.val_data, cfg, /*validation=*/true);
 
   TrainState st;
   st.seed = opt.seed;
   if (!resume_dir.empty()) {
     st = load_training_checkpoint(resume_dir, model, adam);
-    loader.set_state(st.loader);
+    loader->set_state(st.loader);
     KILN_CHECK(st.step <= opt.steps, resume_dir, ": checkpoint is at step ", st.step, ", past --steps ", opt.steps);
   } else if (!opt.init.empty()) {
     load_gpt2_weights(opt.init, cfg, model.table(), model.params());
@@ -156,12 +163,10 @@ double train(const TrainOptions& opt) {
   sched.warmup = opt.warmup;
   sched.total = opt.steps;
 
-  std::vector<int32_t> in(size_t(B) * T), tg(size_t(B) * T), pos(size_t(B) * T);
-  for (int b = 0; b < B; b++)
-    for (int t = 0; t < T; t++) pos[size_t(b) * T + t] = t;
-  const AttentionParams ap = model.attention_params(B, T);
-  const int64_t tokens_per_step = int64_t(B) * T * opt.grad_accum;
-  const float grad_scale = 1.0f / float(tokens_per_step);
+  // A step's micro-batches are read first so the loss is the mean over all of the step's targets
+  // (micro-batches can hold different numbers of them when packed or masked).
+  std::vector<Batch> micro(size_t(opt.grad_accum));
+  Batch val_batch;
   const bool tty = opt.progress && isatty(2);
   const int log_every = std::max(1, opt.steps / 20);
   double last_val = NAN, loss = st.last_loss;
@@ -173,20 +178,27 @@ double train(const TrainOptions& opt) {
   for (int64_t step = st.step; step < opt.steps; step++) {
     auto t0 = Clock::now();
     model.zero_grad();
-    double loss_sum = 0;
-    for (int micro = 0; micro < opt.grad_accum; micro++) {
-      loader.next(in.data(), tg.data());
-      loss_sum += model.forward(in.data(), pos.data(), tg.data(), ap, grad_scale);
-      model.backward(in.data(), pos.data());
+    int64_t n_targets = 0, tokens_per_step = 0;
+    for (Batch& b : micro) {
+      loader->next(b);
+      n_targets += b.count_targets();
+      tokens_per_step += b.n_tokens;
     }
-    loss = loss_sum / double(tokens_per_step);
+    KILN_CHECK(n_targets > 0, "step ", step + 1, ": the batch holds no training targets");
+    const float grad_scale = 1.0f / float(n_targets);
+    double loss_sum = 0;
+    for (Batch& b : micro) {
+      loss_sum += model.forward(b.tokens.data(), b.pos.data(), b.targets.data(), b.attention(cfg), grad_scale);
+      model.backward(b.tokens.data(), b.pos.data());
+    }
+    loss = loss_sum / double(n_targets);
     KILN_CHECK(std::isfinite(loss), "loss became ", loss, " at step ", step + 1, "; stopping without saving");
     const float lr = sched.at(int(step));
     const float norm = adam.step(model.params(), model.grads(), lr, step + 1);
     const double secs = std::chrono::duration<double>(Clock::now() - t0).count();
     steps_this_run++;
     st.step = step + 1;
-    st.loader = loader.state();
+    st.loader = loader->state();
     st.last_loss = loss;
 
     const bool last = st.step == opt.steps;
@@ -194,7 +206,7 @@ double train(const TrainOptions& opt) {
                         {"lr", lr},                {"grad_norm", norm},
                         {"tokens_per_s", double(tokens_per_step) / secs}, {"ms", secs * 1e3}};
     if (val && opt.eval_every > 0 && (st.step % opt.eval_every == 0 || last)) {
-      last_val = evaluate(model, *val, B, T, opt.val_batches, in, tg, pos);
+      last_val = evaluate(model, *val, opt.val_batches, val_batch);
       m["val_loss"] = last_val;
     }
     if (metrics.is_open()) {

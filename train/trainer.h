@@ -2,8 +2,11 @@
 // evaluation, JSONL metrics, a live progress line, and atomic checkpoints that resume exactly.
 #pragma once
 #include <cstdint>
+#include <memory>
 #include <string>
 
+#include "models/config.h"
+#include "train/batch.h"
 #include "train/optimizer.h"
 
 namespace kiln {
@@ -33,6 +36,10 @@ struct TrainOptions {
   std::string recompute = "none";  // none | block | every:K | selective
   int lm_head_chunk = 0;   // logits rows held at once (0: the whole batch)
 };
+
+// The training (or validation) batches the options ask for.
+std::unique_ptr<BatchSource> make_batch_source(const TrainOptions& opt, const std::string& data,
+                                               const GPT2Config& cfg, bool validation);
 
 // Runs training; throws kiln::Error on bad input. Returns the final training loss.
 double train(const TrainOptions& opt);
