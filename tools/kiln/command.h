@@ -10,10 +10,15 @@
 namespace kiln::cli {
 
 struct Command {
-  // setup adds the subcommand (with its flags and callback) to the root app.
-  Command(std::string name, std::function<void(CLI::App& root)> setup);
+  // setup adds the subcommand (with its flags and callback) to the root app. Setups run in increasing
+  // `order`, so a file can extend a subcommand another file created (order 1: root.get_subcommand(...)).
+  Command(std::string name, std::function<void(CLI::App& root)> setup, int order = 0);
 };
 
-std::vector<std::function<void(CLI::App&)>>& registry();
+struct Registration {
+  int order;
+  std::function<void(CLI::App&)> setup;
+};
+std::vector<Registration>& registry();
 
 }  // namespace kiln::cli

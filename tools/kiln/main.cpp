@@ -1,4 +1,5 @@
 // kiln: train and serve transformer language models. One file per subcommand in this folder.
+#include <algorithm>
 #include <cstdio>
 
 #include "core/error.h"
@@ -6,12 +7,14 @@
 
 namespace kiln::cli {
 
-std::vector<std::function<void(CLI::App&)>>& registry() {
-  static std::vector<std::function<void(CLI::App&)>> r;
+std::vector<Registration>& registry() {
+  static std::vector<Registration> r;
   return r;
 }
 
-Command::Command(std::string, std::function<void(CLI::App&)> setup) { registry().push_back(std::move(setup)); }
+Command::Command(std::string, std::function<void(CLI::App&)> setup, int order) {
+  registry().push_back({order, std::move(setup)});
+}
 
 }  // namespace kiln::cli
 
@@ -19,7 +22,9 @@ int main(int argc, char** argv) {
   CLI::App app{"kiln: train and serve transformer language models"};
   app.require_subcommand(1);
   app.set_help_all_flag("--help-all", "Help for every subcommand");
-  for (auto& setup : kiln::cli::registry()) setup(app);
+  auto& reg = kiln::cli::registry();
+  std::stable_sort(reg.begin(), reg.end(), [](const auto& a, const auto& b) { return a.order < b.order; });
+  for (auto& r : reg) r.setup(app);
   try {
     app.parse(argc, argv);
   } catch (const CLI::ParseError& e) {
