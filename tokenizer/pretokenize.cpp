@@ -67,9 +67,10 @@ CharClass class_before(const uint8_t* s, size_t n, size_t p) {
 }  // namespace
 
 const uint8_t kAsciiClass[128] = {
-#define K(i) kAscii[i], kAscii[i + 1], kAscii[i + 2], kAscii[i + 3], kAscii[i + 4], kAscii[i + 5], kAscii[i + 6], kAscii[i + 7]
-    K(0),  K(8),  K(16), K(24), K(32), K(40), K(48), K(56),
-    K(64), K(72), K(80), K(88), K(96), K(104), K(112), K(120)
+#define K(i) \
+  kAscii[i], kAscii[i + 1], kAscii[i + 2], kAscii[i + 3], kAscii[i + 4], kAscii[i + 5], kAscii[i + 6], kAscii[i + 7]
+    K(0),  K(8),  K(16), K(24), K(32),  K(40),  K(48), K(56), K(64),
+    K(72), K(80), K(88), K(96), K(104), K(112), K(120)
 #undef K
 };
 

@@ -78,7 +78,8 @@ std::vector<std::pair<std::string, int64_t>> count_pretokens(const std::vector<s
 
 Tokenizer train_bpe_texts(const std::vector<std::string_view>& texts, const BpeTrainOptions& opt) {
   const int n_special = int(opt.special_tokens.size());
-  KILN_CHECK(opt.vocab_size >= 256 + n_special, "--vocab-size ", opt.vocab_size, " is too small: it needs the 256 bytes",
+  KILN_CHECK(opt.vocab_size >= 256 + n_special, "--vocab-size ", opt.vocab_size,
+             " is too small: it needs the 256 bytes",
              n_special ? str(" and ", n_special, " special token(s)") : std::string());
   const int wanted = opt.vocab_size - 256 - n_special;
 

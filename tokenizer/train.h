@@ -15,10 +15,18 @@
 namespace kiln {
 
 struct BpeTrainOptions {
-  int vocab_size = 0;                                       // including the 256 bytes and the specials
+  // Including the 256 bytes and the special tokens.
+  int vocab_size = 0;
   std::vector<std::string> special_tokens = {"<|endoftext|>"};
-  int64_t min_pair_count = 2;                               // stop when the best pair is rarer than this
-  int threads = 0;                                          // counting pre-tokens; 0 = all
+  // Stop when the best pair occurs fewer times than this.
+  int64_t min_pair_count = 2;
+  // Threads for counting pre-tokens; 0 = all.
+  int threads = 0;
+  // Called now and then.
+  std::function<void(int merges_done, int merges_wanted)> progress;
+};
+  int64_t min_pair_count = 2;                                        // stop when the best pair is rarer than this
+  int threads = 0;                                                   // counting pre-tokens; 0 = all
   std::function<void(int merges_done, int merges_wanted)> progress;  // called now and then
 };
 

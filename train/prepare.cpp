@@ -91,7 +91,8 @@ bool is_val_document(uint64_t seed, uint64_t index, double val_fraction) {
 }
 
 PrepareStats prepare_data(const PrepareOptions& opt) {
-  KILN_CHECK(opt.val_fraction >= 0 && opt.val_fraction <= 1, "--val-fraction must be in [0, 1], got ", opt.val_fraction);
+  KILN_CHECK(opt.val_fraction >= 0 && opt.val_fraction <= 1, "--val-fraction must be in [0, 1], got ",
+             opt.val_fraction);
   KILN_CHECK(opt.shard_tokens > 0 && opt.shard_tokens <= INT32_MAX, "--shard-tokens must be in [1, 2^31), got ",
              opt.shard_tokens);
   KILN_CHECK(!opt.inputs.empty(), "no input files given");
@@ -164,7 +165,8 @@ PrepareStats prepare_data(const PrepareOptions& opt) {
       ShardWriter& w = is_val ? val : train;
       w.begin_document();
       for (size_t pos = 0; pos < all.size();) {
-        size_t cut = all.size() - pos > 2 * kStreamBytes ? pretok::next_safe_split(all, pos + kStreamBytes) : all.size();
+        size_t cut =
+            all.size() - pos > 2 * kStreamBytes ? pretok::next_safe_split(all, pos + kStreamBytes) : all.size();
         std::vector<uint32_t> ids = tok.encode(all.substr(pos, cut - pos), /*allow_special=*/false);
         w.append(ids.data(), ids.size());
         pos = cut;

@@ -5,8 +5,8 @@
 #include <cstdio>
 #include <nlohmann/json.hpp>
 
-#include "train/prepare.h"
 #include "tools/kiln/command.h"
+#include "train/prepare.h"
 
 namespace {
 
@@ -15,8 +15,9 @@ kiln::cli::Command data_cmd("data", [](CLI::App& root) {
   data->require_subcommand(1);
   auto opt = std::make_shared<kiln::PrepareOptions>();
   auto* prep = data->add_subcommand(
-      "prepare", "Tokenize text files (one document each) or .jsonl files (one document per line's \"text\") into "
-                 "train_NNNNNN.bin / val_NNNNNN.bin shards, with end-of-text after each document");
+      "prepare",
+      "Tokenize text files (one document each) or .jsonl files (one document per line's \"text\") into "
+      "train_NNNNNN.bin / val_NNNNNN.bin shards, with end-of-text after each document");
   prep->add_option("--tokenizer", opt->tokenizer, "Tokenizer directory or tokenizer.json")->required();
   prep->add_option("--input", opt->inputs, "Input files or globs (.txt: one document; .jsonl: one per line)")
       ->required();

@@ -21,8 +21,8 @@ void show_progress(const char* what, double frac) {
   static const bool tty = ::isatty(2);
   if (!tty) return;
   int filled = int(frac * 40 + 0.5);
-  std::fprintf(stderr, "\r%s [%.*s%*s] %5.1f%%", what, filled, "########################################",
-               40 - filled, "", 100.0 * frac);
+  std::fprintf(stderr, "\r%s [%.*s%*s] %5.1f%%", what, filled, "########################################", 40 - filled,
+               "", 100.0 * frac);
   if (frac >= 1.0) std::fprintf(stderr, "\n");
   std::fflush(stderr);
 }
@@ -87,7 +87,8 @@ double seconds_since(std::chrono::steady_clock::time_point t0) {
 }
 
 kiln::cli::Command tokenizer_cmd("tokenizer", [](CLI::App& root) {
-  auto* tok = root.add_subcommand("tokenizer", "Byte-level BPE tokenizers (GPT-2 compatible): train, encode, decode, bench");
+  auto* tok =
+      root.add_subcommand("tokenizer", "Byte-level BPE tokenizers (GPT-2 compatible): train, encode, decode, bench");
   tok->require_subcommand(1);
 
   // ---- train
@@ -100,7 +101,8 @@ kiln::cli::Command tokenizer_cmd("tokenizer", [](CLI::App& root) {
     int threads = 0;
   };
   auto ta = std::make_shared<TrainArgs>();
-  auto* train = tok->add_subcommand("train", "Learn BPE merges from text files; writes encoder.json, vocab.bpe, tokenizer.json");
+  auto* train =
+      tok->add_subcommand("train", "Learn BPE merges from text files; writes encoder.json, vocab.bpe, tokenizer.json");
   train->add_option("--input", ta->inputs, "Text files or globs")->required();
   train->add_option("--vocab-size", ta->vocab_size, "Vocabulary size: 256 bytes + merges + special tokens")->required();
   train->add_option("--out", ta->out, "Output directory")->required();
@@ -119,8 +121,8 @@ kiln::cli::Command tokenizer_cmd("tokenizer", [](CLI::App& root) {
     Tokenizer t = kiln::train_bpe(expand_all(ta->inputs), opt);
     double secs = seconds_since(t0);
     t.save(ta->out);
-    nlohmann::json j = {{"out", ta->out},          {"vocab_size", t.vocab_size()}, {"merges", t.num_merges()},
-                        {"seconds", secs}};
+    nlohmann::json j = {
+        {"out", ta->out}, {"vocab_size", t.vocab_size()}, {"merges", t.num_merges()}, {"seconds", secs}};
     if (t.vocab_size() < ta->vocab_size)
       std::fprintf(stderr, "kiln: the corpus ran out of pairs occurring %lld+ times: vocabulary is %d, not %d\n",
                    (long long)ta->min_pair_count, t.vocab_size(), ta->vocab_size);
@@ -158,7 +160,8 @@ kiln::cli::Command tokenizer_cmd("tokenizer", [](CLI::App& root) {
     std::string tokenizer, input;
   };
   auto da = std::make_shared<DecodeArgs>();
-  auto* dec = tok->add_subcommand("decode", "Print the text of token ids (space-separated, or JSON as encode --json writes)");
+  auto* dec =
+      tok->add_subcommand("decode", "Print the text of token ids (space-separated, or JSON as encode --json writes)");
   dec->add_option("--tokenizer", da->tokenizer, "Tokenizer directory or tokenizer.json")->required();
   dec->add_option("--input", da->input, "File of token ids")->required();
   dec->callback([da] {
