@@ -25,10 +25,6 @@ struct BpeTrainOptions {
   // Called now and then.
   std::function<void(int merges_done, int merges_wanted)> progress;
 };
-  int64_t min_pair_count = 2;                                        // stop when the best pair is rarer than this
-  int threads = 0;                                                   // counting pre-tokens; 0 = all
-  std::function<void(int merges_done, int merges_wanted)> progress;  // called now and then
-};
 
 // Trains on the concatenated text of each file (special-token strings in it are not learned across).
 // Throws kiln::Error naming a file that cannot be read, or if no file has any text.
