@@ -172,7 +172,7 @@ kiln::cli::Command tokenizer_cmd("tokenizer", [](CLI::App& root) {
 
   // ---- bench
   struct BenchArgs {
-    std::string tokenizer, input;
+    std::string tokenizer, input, peer_script;
     int threads = 0, repeat = 3;
   };
   auto ba = std::make_shared<BenchArgs>();
@@ -181,6 +181,9 @@ kiln::cli::Command tokenizer_cmd("tokenizer", [](CLI::App& root) {
   bench->add_option("--input", ba->input, "Text file")->required();
   bench->add_option("--threads", ba->threads, "Threads for the threaded run (0: all)")->capture_default_str();
   bench->add_option("--repeat", ba->repeat, "Runs of each; the best is reported")->capture_default_str();
+  bench->add_option("--peer-script", ba->peer_script,
+                    "A node script timing a peer encoder on the same file (tests/peer/gpt2_bench.js, GPT-2 only); "
+                    "its MB/s and kiln's ratio to it are added");
   bench->callback([ba] {
     Tokenizer t = Tokenizer::load(ba->tokenizer);
     std::string text = read_input(ba->input);
@@ -212,6 +215,29 @@ kiln::cli::Command tokenizer_cmd("tokenizer", [](CLI::App& root) {
                         {"threaded_over_single", s1 / sn},
                         {"identical", single_ids == threaded_ids},
                         {"decodes_back", t.decode(single_ids) == text}};
+    if (!ba->peer_script.empty()) {
+      // The peer prints one JSON line with "mb_s".
+      std::string cmd = "node '" + ba->peer_script + "' '" + ba->input + "' " + std::to_string(ba->repeat);
+      FILE* p = ::popen(cmd.c_str(), "r");
+      KILN_CHECK(p, "cannot run ", cmd);
+      std::string out;
+      char buf[4096];
+      size_t n;
+      while ((n = std::fread(buf, 1, sizeof(buf), p)) > 0) out.append(buf, n);
+      int rc = ::pclose(p);
+      KILN_CHECK(rc == 0, ba->peer_script, ": the peer failed (exit status ", rc, ")");
+      nlohmann::json peer;
+      try {
+        peer = nlohmann::json::parse(out);
+      } catch (const nlohmann::json::exception&) {
+        kiln::fail(ba->peer_script, ": expected one JSON line, got '", out.substr(0, 200), "'");
+      }
+      KILN_CHECK(peer.contains("mb_s") && peer["mb_s"].is_number(), ba->peer_script, ": no \"mb_s\" in its output");
+      double peer_mb_s = peer["mb_s"].get<double>();
+      j["peer"] = peer.value("peer", ba->peer_script);
+      j["peer_mb_s"] = peer_mb_s;
+      j["single_over_peer"] = mb / s1 / peer_mb_s;
+    }
     std::printf("%s\n", j.dump().c_str());
   });
 });
