@@ -203,6 +203,7 @@ PrepareStats prepare_data(const PrepareOptions& opt) {
         if (d.owned.empty()) continue;
         add(std::move(d));
         docs_here++;
+        if (opt.progress && docs_here % 4096 == 0) opt.progress(bytes_done + pos, total_bytes);
       }
     }
     KILN_CHECK(docs_here > 0, "no text found in ", path);
