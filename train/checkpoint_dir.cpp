@@ -83,6 +83,10 @@ std::string save_training_checkpoint(const std::string& out, GPT2& model, AdamW&
       {"loader_position", std::to_string(state.loader.position)},
       {"last_loss", str(state.last_loss)},
       {"num_floats", std::to_string(model.num_floats())},
+      {"optimizer_steps", std::to_string(state.optimizer_steps)},
+      {"loss_scale", str(state.loss_scale)},
+      {"loss_scale_clean", std::to_string(state.loss_scale_clean)},
+      {"skipped_steps", std::to_string(state.skipped_steps)},
   };
   // Test hook: die between the weights and the state file, to show `latest` still names a whole checkpoint.
   if (const char* k = std::getenv("KILN_TEST_KILL_IN_SAVE"); k && std::atoll(k) == state.step) std::raise(SIGKILL);
@@ -127,6 +131,10 @@ TrainState load_training_checkpoint(const std::string& dir, GPT2& model, AdamW& 
   st.loader.shard = meta_int(meta, "loader_shard", file);
   st.loader.position = meta_int(meta, "loader_position", file);
   st.last_loss = std::stod(meta.count("last_loss") ? meta["last_loss"] : "0");
+  st.optimizer_steps = meta_int(meta, "optimizer_steps", file);
+  st.loss_scale = std::stof(meta.count("loss_scale") ? meta["loss_scale"] : "1");
+  st.loss_scale_clean = meta_int(meta, "loss_scale_clean", file);
+  st.skipped_steps = meta_int(meta, "skipped_steps", file);
 
   auto copy = [&](const char* name, float* dst) {
     const Tensor* t = r.find(name);

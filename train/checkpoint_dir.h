@@ -19,6 +19,9 @@ struct TrainState {
   uint64_t seed = 0;
   LoaderState loader;
   double last_loss = 0;
+  int64_t optimizer_steps = 0;  // updates applied (fp16 skips overflowed steps)
+  float loss_scale = 1.0f;
+  int64_t loss_scale_clean = 0, skipped_steps = 0;
 };
 
 // Writes a complete checkpoint for `state.step` and points <out>/latest at it; removes older

@@ -7,9 +7,12 @@ namespace kiln {
 AdamW::AdamW(const ParamTable& table, const AdamWConfig& cfg)
     : table_(table), cfg_(cfg), m_(table.total * sizeof(float)), v_(table.total * sizeof(float)) {}
 
-float AdamW::step(float* params, const float* grads, float lr, int64_t t) {
+double AdamW::grad_norm(const float* grads, float unscale) const {
   // Padding floats between tensors are zero in every block, so one pass over the whole block is exact.
-  double norm = std::sqrt(cpu::sum_squares(grads, int64_t(table_.total)));
+  return std::sqrt(cpu::sum_squares(grads, int64_t(table_.total))) * double(unscale);
+}
+
+void AdamW::update(float* params, const float* grads, float lr, int64_t t, double norm, float unscale) {
   float clip = 1.0f;
   if (cfg_.grad_clip > 0) {
     double coef = double(cfg_.grad_clip) / (norm + 1e-6);
@@ -23,10 +26,9 @@ float AdamW::step(float* params, const float* grads, float lr, int64_t t) {
     h.eps = cfg_.eps;
     h.weight_decay = s.decay ? cfg_.weight_decay : 0.0f;
     h.t = t;
-    h.grad_scale = clip;
+    h.grad_scale = clip * unscale;
     cpu::adamw_update(params + s.offset, grads + s.offset, m_.f32() + s.offset, v_.f32() + s.offset, s.numel(), h);
   }
-  return float(norm);
 }
 
 }  // namespace kiln

@@ -18,9 +18,17 @@ struct AdamWConfig {
 class AdamW {
  public:
   AdamW(const ParamTable& table, const AdamWConfig& cfg);
-  // Clips (if configured) and applies one update at learning rate lr. Returns the global gradient norm
-  // before clipping. t is the 1-based step count used for bias correction.
-  float step(float* params, const float* grads, float lr, int64_t t);
+  // Global norm of grads · unscale (unscale undoes a loss scale); inf or NaN if any gradient is.
+  double grad_norm(const float* grads, float unscale = 1.0f) const;
+  // One update at learning rate lr from grads · unscale, clipped to the configured global norm given
+  // that gradient's norm. t is the 1-based step count used for bias correction.
+  void update(float* params, const float* grads, float lr, int64_t t, double norm, float unscale = 1.0f);
+  // grad_norm then update; returns the norm before clipping.
+  float step(float* params, const float* grads, float lr, int64_t t) {
+    double norm = grad_norm(grads);
+    update(params, grads, lr, t, norm);
+    return float(norm);
+  }
   float* m() { return m_.f32(); }
   float* v() { return v_.f32(); }
   size_t num_floats() const { return table_.total; }

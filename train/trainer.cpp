@@ -21,6 +21,7 @@
 #include "models/gpt2.h"
 #include "train/checkpoint_dir.h"
 #include "train/dataloader.h"
+#include "train/loss_scale.h"
 #include "train/schedule.h"
 
 namespace kiln {
@@ -58,6 +59,12 @@ void validate(const TrainOptions& o) {
   KILN_CHECK(o.warmup >= 0, "--warmup must be >= 0");
   KILN_CHECK(o.adamw.weight_decay >= 0, "--weight-decay must be >= 0");
   KILN_CHECK(o.save_every >= 0 && o.eval_every >= 0, "--save-every and --eval-every must be >= 0");
+  KILN_CHECK(o.dtype == "fp32" || o.dtype == "bf16" || o.dtype == "fp16", "--dtype: expected fp32, bf16 or fp16, got '",
+             o.dtype, "'");
+  KILN_CHECK(o.loss_scale == "auto" || o.loss_scale == "none" || o.loss_scale == "dynamic",
+             "--loss-scale: expected auto, none or dynamic, got '", o.loss_scale, "'");
+  KILN_CHECK(o.initial_loss_scale > 0 && o.loss_scale_window > 0 && o.max_skipped_steps > 0,
+             "--initial-loss-scale, --loss-scale-window and --max-skipped-steps must be positive");
   KILN_CHECK(o.save_dtype == "f32" || o.save_dtype == "bf16", "--save-dtype: expected f32 or bf16, got '",
              o.save_dtype, "'");
   KILN_CHECK(!o.data.empty(), "--data is required");
@@ -108,6 +115,7 @@ std::unique_ptr<BatchSource> make_batch_source(const TrainOptions& opt, const st
 
 double train(const TrainOptions& opt) {
   validate(opt);
+  KILN_CHECK(opt.dtype == "fp32", "--dtype ", opt.dtype, " is not available yet in this build");
   RecomputePolicy::parse(opt.recompute);  // reject a bad policy before any work
   KILN_CHECK(opt.lm_head_chunk >= 0, "--lm-head-chunk must be >= 0");
   set_threads(opt.threads);
@@ -163,6 +171,19 @@ double train(const TrainOptions& opt) {
   sched.warmup = opt.warmup;
   sched.total = opt.steps;
 
+  const bool dynamic = opt.loss_scale == "dynamic" || (opt.loss_scale == "auto" && opt.dtype == "fp16");
+  LossScaler scaler = dynamic ? LossScaler::dynamic(opt.initial_loss_scale, opt.loss_scale_window,
+                                                    opt.max_skipped_steps)
+                              : LossScaler{};
+  if (dynamic && !resume_dir.empty()) {
+    scaler.scale = st.loss_scale;
+    scaler.clean = int(st.loss_scale_clean);
+    scaler.skipped = st.skipped_steps;
+  }
+  const char* inject_env = std::getenv("KILN_TEST_OVERFLOW_AT_STEP");  // test hook: poison one step's gradients
+  const bool inject_every = inject_env && std::string(inject_env) == "every";
+  const int64_t inject_at = inject_env ? std::atoll(inject_env) : 0;
+
   // A step's micro-batches are read first so the loss is the mean over all of the step's targets
   // (micro-batches can hold different numbers of them when packed or masked).
   std::vector<Batch> micro(size_t(opt.grad_accum));
@@ -185,26 +206,43 @@ double train(const TrainOptions& opt) {
       tokens_per_step += b.n_tokens;
     }
     KILN_CHECK(n_targets > 0, "step ", step + 1, ": the batch holds no training targets");
-    const float grad_scale = 1.0f / float(n_targets);
+    const float grad_scale = scaler.scale / float(n_targets);
     double loss_sum = 0;
     for (Batch& b : micro) {
       loss_sum += model.forward(b.tokens.data(), b.pos.data(), b.targets.data(), b.attention(cfg), grad_scale);
       model.backward(b.tokens.data(), b.pos.data());
     }
     loss = loss_sum / double(n_targets);
-    KILN_CHECK(std::isfinite(loss), "loss became ", loss, " at step ", step + 1, "; stopping without saving");
     const float lr = sched.at(int(step));
-    const float norm = adam.step(model.params(), model.grads(), lr, step + 1);
+    if (inject_every || inject_at == step + 1) model.grads()[0] = INFINITY;
+    const double norm = adam.grad_norm(model.grads(), 1.0f / scaler.scale);
+    const bool finite = std::isfinite(norm) && std::isfinite(loss);
+    if (!scaler.enabled)
+      KILN_CHECK(finite, "step ", step + 1, ": loss ", loss, ", gradient norm ", norm,
+                 " is not finite; stopping without saving");
+    const float used_scale = scaler.scale;
+    if (scaler.record(finite, step + 1)) {
+      st.optimizer_steps++;
+      adam.update(model.params(), model.grads(), lr, st.optimizer_steps, norm, 1.0f / used_scale);
+    }
     const double secs = std::chrono::duration<double>(Clock::now() - t0).count();
     steps_this_run++;
     st.step = step + 1;
     st.loader = loader->state();
     st.last_loss = loss;
+    st.loss_scale = scaler.scale;
+    st.loss_scale_clean = scaler.clean;
+    st.skipped_steps = scaler.skipped;
 
     const bool last = st.step == opt.steps;
     nlohmann::json m = {{"step", st.step},         {"loss", loss},
                         {"lr", lr},                {"grad_norm", norm},
                         {"tokens_per_s", double(tokens_per_step) / secs}, {"ms", secs * 1e3}};
+    if (scaler.enabled) {
+      m["loss_scale"] = used_scale;
+      m["skipped_steps"] = scaler.skipped;
+      if (!finite) m["skipped"] = true;
+    }
     if (val && opt.eval_every > 0 && (st.step % opt.eval_every == 0 || last)) {
       last_val = evaluate(model, *val, opt.val_batches, val_batch);
       m["val_loss"] = last_val;

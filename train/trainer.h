@@ -35,6 +35,11 @@ struct TrainOptions {
   bool progress = true;    // live line on a terminal
   std::string recompute = "none";  // none | block | every:K | selective
   int lm_head_chunk = 0;   // logits rows held at once (0: the whole batch)
+  std::string dtype = "fp32";       // fp32 | bf16 | fp16 (matrix products; master weights stay fp32)
+  std::string loss_scale = "auto";  // auto (dynamic for fp16, none otherwise) | none | dynamic
+  float initial_loss_scale = 65536.0f;
+  int loss_scale_window = 1000;
+  int max_skipped_steps = 20;
 };
 
 // The training (or validation) batches the options ask for.

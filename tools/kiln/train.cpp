@@ -45,6 +45,15 @@ kiln::cli::Command train_cmd("train", [](CLI::App& root) {
       ->capture_default_str();
   c->add_option("--lm-head-chunk", opt->lm_head_chunk, "Rows of logits held at once (0: the whole micro-batch)")
       ->capture_default_str();
+  c->add_option("--dtype", opt->dtype, "Matrix products in fp32, bf16 or fp16 (fp32 master weights and AdamW)")
+      ->capture_default_str();
+  c->add_option("--loss-scale", opt->loss_scale, "auto (dynamic for fp16), none or dynamic")->capture_default_str();
+  c->add_option("--initial-loss-scale", opt->initial_loss_scale, "Starting dynamic loss scale")->capture_default_str();
+  c->add_option("--loss-scale-window", opt->loss_scale_window, "Clean steps before the loss scale doubles")
+      ->capture_default_str();
+  c->add_option("--max-skipped-steps", opt->max_skipped_steps,
+                "Stop after this many overflowed (skipped) steps in a row")
+      ->capture_default_str();
   c->add_flag("!--no-progress", opt->progress, "No live progress line");
   c->callback([opt] { kiln::train(*opt); });
 });
