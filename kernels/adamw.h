@@ -12,10 +12,12 @@ struct AdamWHyper {
   float lr = 3e-4f, beta1 = 0.9f, beta2 = 0.95f, eps = 1e-8f, weight_decay = 0.0f;
   int64_t t = 1;
   float grad_scale = 1.0f;
+  // cpu:: only: set the gradient to zero once read (saves the next step a separate pass to clear it).
+  bool zero_grad = false;
 };
 
 namespace cpu {
-void adamw_update(float* param, const float* grad, float* m, float* v, int64_t n, const AdamWHyper& h);
+void adamw_update(float* param, float* grad, float* m, float* v, int64_t n, const AdamWHyper& h);
 // Sum of squares in double precision (threaded).
 double sum_squares(const float* x, int64_t n);
 }  // namespace cpu

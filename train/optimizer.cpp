@@ -12,7 +12,7 @@ double AdamW::grad_norm(const float* grads, float unscale) const {
   return std::sqrt(cpu::sum_squares(grads, int64_t(table_.total))) * double(unscale);
 }
 
-void AdamW::update(float* params, const float* grads, float lr, int64_t t, double norm, float unscale) {
+void AdamW::update(float* params, float* grads, float lr, int64_t t, double norm, float unscale, bool zero_grads) {
   float clip = 1.0f;
   if (cfg_.grad_clip > 0) {
     double coef = double(cfg_.grad_clip) / (norm + 1e-6);
@@ -27,6 +27,7 @@ void AdamW::update(float* params, const float* grads, float lr, int64_t t, doubl
     h.weight_decay = s.decay ? cfg_.weight_decay : 0.0f;
     h.t = t;
     h.grad_scale = clip * unscale;
+    h.zero_grad = zero_grads;
     cpu::adamw_update(params + s.offset, grads + s.offset, m_.f32() + s.offset, v_.f32() + s.offset, s.numel(), h);
   }
 }

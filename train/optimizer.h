@@ -21,10 +21,12 @@ class AdamW {
   // Global norm of grads · unscale (unscale undoes a loss scale); inf or NaN if any gradient is.
   double grad_norm(const float* grads, float unscale = 1.0f) const;
   // One update at learning rate lr from grads · unscale, clipped to the configured global norm given
-  // that gradient's norm. t is the 1-based step count used for bias correction.
-  void update(float* params, const float* grads, float lr, int64_t t, double norm, float unscale = 1.0f);
+  // that gradient's norm. t is the 1-based step count used for bias correction. With zero_grads the
+  // gradients are cleared as they are read, ready for the next step's accumulation.
+  void update(float* params, float* grads, float lr, int64_t t, double norm, float unscale = 1.0f,
+              bool zero_grads = false);
   // grad_norm then update; returns the norm before clipping.
-  float step(float* params, const float* grads, float lr, int64_t t) {
+  float step(float* params, float* grads, float lr, int64_t t) {
     double norm = grad_norm(grads);
     update(params, grads, lr, t, norm);
     return float(norm);

@@ -198,7 +198,7 @@ double train(const TrainOptions& opt) {
 
   for (int64_t step = st.step; step < opt.steps; step++) {
     auto t0 = Clock::now();
-    model.zero_grad();
+    // Gradients are zero here: fresh, or cleared by the previous update (or skip).
     int64_t n_targets = 0, tokens_per_step = 0;
     for (Batch& b : micro) {
       loader->next(b);
@@ -223,7 +223,9 @@ double train(const TrainOptions& opt) {
     const float used_scale = scaler.scale;
     if (scaler.record(finite, step + 1)) {
       st.optimizer_steps++;
-      adam.update(model.params(), model.grads(), lr, st.optimizer_steps, norm, 1.0f / used_scale);
+      adam.update(model.params(), model.grads(), lr, st.optimizer_steps, norm, 1.0f / used_scale, /*zero_grads=*/true);
+    } else {
+      model.zero_grad();
     }
     const double secs = std::chrono::duration<double>(Clock::now() - t0).count();
     steps_this_run++;

@@ -23,7 +23,7 @@ inline void adamw_scalar(float& p, float g, float& m, float& v, const AdamWConst
 }
 }  // namespace
 
-void adamw_update(float* param, const float* grad, float* m, float* v, int64_t n, const AdamWHyper& h) {
+void adamw_update(float* param, float* grad, float* m, float* v, int64_t n, const AdamWHyper& h) {
   const AdamWConsts k{h.beta1,
                       h.beta2,
                       h.lr,
@@ -41,6 +41,7 @@ void adamw_update(float* param, const float* grad, float* m, float* v, int64_t n
     const __m512 gs = _mm512_set1_ps(k.gs), ibc1 = _mm512_set1_ps(k.inv_bc1), ibc2 = _mm512_set1_ps(k.inv_bc2);
     for (; i + 16 <= e; i += 16) {
       const __m512 g = _mm512_mul_ps(_mm512_loadu_ps(grad + i), gs);
+      if (h.zero_grad) _mm512_storeu_ps(grad + i, _mm512_setzero_ps());
       const __m512 mi = _mm512_add_ps(_mm512_mul_ps(b1, _mm512_loadu_ps(m + i)), _mm512_mul_ps(c1, g));
       const __m512 vi = _mm512_add_ps(_mm512_mul_ps(b2, _mm512_loadu_ps(v + i)), _mm512_mul_ps(c2, _mm512_mul_ps(g, g)));
       const __m512 p = _mm512_loadu_ps(param + i);
@@ -51,7 +52,10 @@ void adamw_update(float* param, const float* grad, float* m, float* v, int64_t n
       _mm512_storeu_ps(param + i, _mm512_sub_ps(p, _mm512_mul_ps(lr, upd)));
     }
 #endif
-    for (; i < e; i++) adamw_scalar(param[i], grad[i], m[i], v[i], k);
+    for (; i < e; i++) {
+      adamw_scalar(param[i], grad[i], m[i], v[i], k);
+      if (h.zero_grad) grad[i] = 0.0f;
+    }
   });
 }
 

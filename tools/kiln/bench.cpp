@@ -48,7 +48,6 @@ void bench_train(const BenchTrainOptions& o) {
   auto since = [](Clock::time_point t) { return std::chrono::duration<double, std::milli>(Clock::now() - t).count(); };
   for (int s = 0; s < o.warmup + o.steps; s++) {
     auto t0 = Clock::now();
-    model.zero_grad();
     auto t1 = Clock::now();
     model.forward(in.data(), pos.data(), tg.data(), ap, 1.0f / float(N));
     const double f = since(t1);
@@ -56,7 +55,7 @@ void bench_train(const BenchTrainOptions& o) {
     model.backward(in.data(), pos.data());
     const double b = since(t2);
     auto t3 = Clock::now();
-    adam.step(model.params(), model.grads(), 1e-4f, s + 1);
+    adam.update(model.params(), model.grads(), 1e-4f, s + 1, adam.grad_norm(model.grads()), 1.0f, true);
     const double a = since(t3);
     if (s >= o.warmup) {
       ms.push_back(since(t0));
