@@ -352,8 +352,14 @@ std::vector<uint32_t> Tokenizer::encode(std::string_view text, bool allow_specia
     const Piece& p = pieces[i];
     if (p.special >= 0)
       outs[i].push_back(uint32_t(p.special));
-    else
-      encode_ordinary(text.substr(p.begin, p.end - p.begin), outs[i]);
+    else {
+      // A local vector: the headers of neighbouring outs[] share a cache line, and every push_back
+      // writes one (false sharing between threads).
+      std::vector<uint32_t> local;
+      local.reserve((p.end - p.begin) / 3 + 16);
+      encode_ordinary(text.substr(p.begin, p.end - p.begin), local);
+      outs[i] = std::move(local);
+    }
   }
   size_t total = 0;
   for (const auto& o : outs) total += o.size();

@@ -130,8 +130,10 @@ PrepareStats prepare_data(const PrepareOptions& opt) {
     } else {
 #pragma omp parallel for schedule(dynamic, 1)
       for (size_t i = 0; i < batch.size(); i++) {
-        ids[i].reserve(batch[i].text().size() / 3 + 1);
-        tok.encode_append(batch[i].text(), ids[i], /*allow_special=*/false);
+        std::vector<uint32_t> local;  // not ids[i] directly: neighbouring headers would be falsely shared
+        local.reserve(batch[i].text().size() / 3 + 1);
+        tok.encode_append(batch[i].text(), local, /*allow_special=*/false);
+        ids[i] = std::move(local);
       }
     }
     for (size_t i = 0; i < batch.size(); i++) {
