@@ -6,6 +6,12 @@
 // Files: GPT-2's encoder.json + vocab.bpe (a directory holding them), or a Hugging Face tokenizer.json
 // of a byte-level BPE model. Tokens are kept as raw bytes; the files spell them in GPT-2's
 // byte-to-unicode alphabet (bytes_to_unicode).
+//
+// Special tokens: <|endoftext|> of encoder.json, and every added_tokens entry of a tokenizer.json. With
+// allow_special they are found in the text first (leftmost, then longest); without, they are plain text.
+// Any byte string encodes (invalid UTF-8 included, see pretokenize.h) and decode(encode(x)) == x.
+// Speed: merge ranks in an open-addressing table keyed by the id pair, a per-thread cache from pre-token
+// to ids, and large inputs cut at safe split points and encoded on OpenMP threads with the same result.
 #pragma once
 #include <cstdint>
 #include <optional>
