@@ -21,6 +21,7 @@
 #include "models/gpt2.h"
 #include "train/checkpoint_dir.h"
 #include "train/dataloader.h"
+#include "train/packing.h"
 #include "train/loss_scale.h"
 #include "train/schedule.h"
 
@@ -110,7 +111,22 @@ double peak_rss_mb() {
 std::unique_ptr<BatchSource> make_batch_source(const TrainOptions& opt, const std::string& data,
                                                const GPT2Config& cfg, bool validation) {
   const auto order = validation ? DataLoader::Order::Sequential : DataLoader::parse_order(opt.data_order);
-  return std::make_unique<DataLoader>(data, opt.batch, opt.seq, order, opt.seed, cfg.vocab_size);
+  KILN_CHECK(!opt.packing || opt.batching == "rows" || opt.batching == "packed",
+             "--packing conflicts with --batching ", opt.batching);
+  const std::string mode = opt.packing ? "packed" : opt.batching;
+  KILN_CHECK(mode == "rows" || mode == "packed" || mode == "padded",
+             "--batching: expected rows, packed or padded, got '", mode, "'");
+  if (mode == "rows") {
+    for (const auto& path : expand_glob(data))
+      KILN_CHECK(!file_exists(path + ".mask"), path, ".mask: supervised data (loss masks) needs --packing or "
+                 "--batching padded");
+    return std::make_unique<DataLoader>(data, opt.batch, opt.seq, order, opt.seed, cfg.vocab_size);
+  }
+  auto docs = std::make_shared<const DocumentSet>(data, cfg.vocab_size);
+  const bool shuffled = order == DataLoader::Order::Shuffled;
+  if (mode == "packed")
+    return std::make_unique<PackedSource>(docs, opt.batch, opt.seq, cfg.n_positions, shuffled, opt.seed);
+  return std::make_unique<PaddedSource>(docs, opt.batch, opt.seq, cfg.n_positions, shuffled, opt.seed);
 }
 
 double train(const TrainOptions& opt) {

@@ -40,6 +40,11 @@ struct TrainOptions {
   float initial_loss_scale = 65536.0f;
   int loss_scale_window = 1000;
   int max_skipped_steps = 20;
+  // Batching (train/packing.h): rows (fixed windows of T, train/dataloader.h), packed (whole documents
+  // without padding, at most batch·seq tokens) or padded (one document per row). packing = true is the
+  // --packing shorthand for packed. Shards with loss masks (supervised data) need packed or padded.
+  std::string batching = "rows";
+  bool packing = false;
 };
 
 // The training (or validation) batches the options ask for.

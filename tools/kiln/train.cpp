@@ -54,6 +54,15 @@ kiln::cli::Command train_cmd("train", [](CLI::App& root) {
   c->add_option("--max-skipped-steps", opt->max_skipped_steps,
                 "Stop after this many overflowed (skipped) steps in a row")
       ->capture_default_str();
+  c->add_option("--batching", opt->batching,
+                "rows: windows of --seq tokens cut from the token stream; packed: whole documents (from the "
+                "shards' .idx) back to back, at most batch*seq tokens, no padding, no attention across "
+                "documents; padded: one document per row of --seq, padded (for comparison). A document longer "
+                "than min(batch*seq, n_positions) (packed) or --seq (padded) is cut into pieces of --seq tokens, "
+                "each its own sequence. Supervised shards (with .mask, from kiln data prepare-sft) need "
+                "packed or padded")
+      ->capture_default_str();
+  c->add_flag("--packing", opt->packing, "Same as --batching packed");
   c->add_flag("!--no-progress", opt->progress, "No live progress line");
   c->callback([opt] { kiln::train(*opt); });
 });
