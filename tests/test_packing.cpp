@@ -366,5 +366,184 @@ TEST(Packing, BadShardSetsGiveOneLineErrors) {
   EXPECT_THROW(make_batch_source(opt, c.pattern, tiny_config(32), false), Error);
 }
 
+// A byte-level vocabulary: ids 0..255 are the bytes in order, 256 is end-of-text, so the expected token
+// ids of a text are its bytes.
+std::string byte_tokenizer_dir() {
+  std::vector<std::string> tokens;
+  for (int b = 0; b < 256; b++) tokens.emplace_back(1, char(b));
+  tokens.push_back("<|endoftext|>");
+  const std::string dir = fresh_dir("bytetok");
+  Tokenizer::from_parts(tokens, {}, {{"<|endoftext|>", 256}}).save(dir);
+  return dir;
+}
+
+void write_file(const std::string& path, const std::string& text) {
+  std::ofstream f(path, std::ios::binary);
+  f << text;
+}
+
+// The template rendered by hand: (text, trained) pieces; "\x01EOT" stands for the end-of-text token.
+void render_expected(const std::vector<std::pair<std::string, int>>& pieces, std::vector<uint32_t>& tokens,
+                     std::vector<uint8_t>& mask) {
+  for (const auto& [text, trained] : pieces) {
+    if (text == "\x01EOT") {
+      tokens.push_back(256);
+      mask.push_back(uint8_t(trained));
+      continue;
+    }
+    for (unsigned char ch : text) {
+      tokens.push_back(ch);
+      mask.push_back(uint8_t(trained));
+    }
+  }
+}
+
+TEST(Sft, PromptTokensCarryNoLossResponseTokensDo) {
+  const std::string tok = byte_tokenizer_dir(), dir = fresh_dir("sft");
+  write_file(dir + "/chat.jsonl",
+             "{\"prompt\": \"Hi there\", \"response\": \"Hello!\"}\n"
+             "{\"messages\": [{\"role\": \"system\", \"content\": \"Be brief.\"}, {\"role\": \"user\", \"content\": "
+             "\"2+2?\"}, {\"role\": \"assistant\", \"content\": \"4\"}, {\"role\": \"user\", \"content\": \"and "
+             "3+3?\"}, {\"role\": \"assistant\", \"content\": \"6\"}, {\"role\": \"user\", \"content\": \"thanks\"}]}\n"
+             "\n"
+             "{\"prompt\": \"\", \"response\": \"caf\\u00e9\"}\n");
+  const std::string EOT = "\x01EOT";
+  std::vector<uint32_t> want_tokens;
+  std::vector<uint8_t> want_mask;
+  std::vector<int64_t> want_starts{0};
+  render_expected({{"<|user|>\nHi there\n<|assistant|>\n", 0}, {"Hello!", 1}, {EOT, 1}}, want_tokens, want_mask);
+  want_starts.push_back(int64_t(want_tokens.size()));
+  render_expected({{"<|system|>\nBe brief.\n<|user|>\n2+2?\n<|assistant|>\n", 0},
+                   {"4", 1},
+                   {EOT, 1},
+                   {"<|user|>\nand 3+3?\n<|assistant|>\n", 0},
+                   {"6", 1},
+                   {EOT, 1}},  // the user turn after the last answer is dropped
+                  want_tokens, want_mask);
+  want_starts.push_back(int64_t(want_tokens.size()));
+  render_expected({{"<|user|>\n\n<|assistant|>\n", 0}, {"caf\xc3\xa9", 1}, {EOT, 1}}, want_tokens, want_mask);
+  want_starts.push_back(int64_t(want_tokens.size()));
+
+  SftPrepareOptions opt;
+  opt.tokenizer = tok;
+  opt.inputs = {dir + "/chat.jsonl"};
+  opt.out = dir + "/out";
+  opt.shard_tokens = 40;  // examples spill across shards
+  const SftPrepareStats st = prepare_sft(opt);
+  EXPECT_EQ(st.examples, 3);
+  EXPECT_EQ(st.train_tokens, int64_t(want_tokens.size()));
+  int64_t ones = 0;
+  for (uint8_t m : want_mask) ones += m;
+  EXPECT_EQ(st.trained_tokens, ones);
+
+  // The files: tokens, masks and document starts over the shards in order.
+  std::vector<uint32_t> got_tokens;
+  std::vector<uint8_t> got_mask;
+  std::vector<int64_t> got_starts;
+  for (const auto& path : expand_glob(opt.out + "/train_*.bin")) {
+    TokenShard s(path);
+    for (int64_t i : read_doc_index(path + ".idx", s.size())) got_starts.push_back(int64_t(got_tokens.size()) + i);
+    // The mask's bytes straight from the file: 16-byte header ("KMSK", version 1, count), then one per token.
+    const std::string raw = [&] {
+      std::ifstream f(path + ".mask", std::ios::binary);
+      return std::string(std::istreambuf_iterator<char>(f), std::istreambuf_iterator<char>());
+    }();
+    ASSERT_EQ(raw.substr(0, 4), "KMSK");
+    uint32_t version;
+    int64_t count;
+    std::memcpy(&version, raw.data() + 4, 4);
+    std::memcpy(&count, raw.data() + 8, 8);
+    EXPECT_EQ(version, 1u);
+    ASSERT_EQ(count, s.size());
+    ASSERT_EQ(raw.size(), size_t(16 + count));
+    for (int64_t i = 0; i < s.size(); i++) {
+      got_tokens.push_back(s[i]);
+      got_mask.push_back(uint8_t(raw[size_t(16 + i)]));
+    }
+  }
+  EXPECT_EQ(got_tokens, want_tokens);
+  EXPECT_EQ(got_mask, want_mask);
+  want_starts.pop_back();
+  EXPECT_EQ(got_starts, want_starts);
+
+  // Packed and padded batches: a target exists exactly where the predicted token is a response token.
+  auto docs = std::make_shared<const DocumentSet>(opt.out + "/train_*.bin", 257);
+  ASSERT_TRUE(docs->has_mask());
+  ASSERT_EQ(docs->num_documents(), 3);
+  PackedSource packed(docs, 2, 128, 128, false, 0);
+  Batch b;
+  packed.next(b);
+  ASSERT_EQ(b.n_tokens, int64_t(want_tokens.size())) << "all three examples fit one batch";
+  for (int64_t i = 0; i < b.n_tokens; i++) {
+    ASSERT_EQ(b.tokens[size_t(i)], int32_t(want_tokens[size_t(i)]));
+    const bool last_of_doc = std::find(want_starts.begin(), want_starts.end(), i + 1) != want_starts.end() ||
+                             i + 1 == b.n_tokens;
+    const int32_t want = !last_of_doc && want_mask[size_t(i + 1)] ? int32_t(want_tokens[size_t(i + 1)]) : -1;
+    ASSERT_EQ(b.targets[size_t(i)], want) << "token " << i;
+  }
+  EXPECT_EQ(b.count_targets(), ones) << "each response token (and end-of-text) is predicted once";
+  PaddedSource padded(docs, 3, 128, 128, false, 0);
+  padded.next(b);
+  EXPECT_EQ(b.count_targets(), ones);
+}
+
+TEST(Sft, BadLinesNameFileAndLine) {
+  const std::string tok = byte_tokenizer_dir(), dir = fresh_dir("sft_bad");
+  const std::string good = "{\"prompt\": \"a\", \"response\": \"b\"}\n";
+  const std::vector<std::pair<std::string, std::string>> cases = {
+      {"{\"prompt\": \"a\", ", "malformed JSON"},
+      {"{\"prompt\": \"a\"}", "no \"response\" field"},
+      {"{\"prompt\": \"a\", \"response\": \"\"}", "empty response"},
+      {"{\"prompt\": 3, \"response\": \"b\"}", "\"prompt\" is not a string"},
+      {"{\"text\": \"a\"}", "expected \"prompt\" and \"response\", or \"messages\""},
+      {"{\"messages\": [{\"role\": \"user\", \"content\": \"hi\"}]}", "no assistant turn"},
+      {"{\"messages\": [{\"role\": \"bot\", \"content\": \"hi\"}]}", "role \"bot\""},
+      {"{\"messages\": [{\"role\": \"assistant\"}]}", "no \"content\" field"},
+      {"{\"messages\": [{\"role\": \"assistant\", \"content\": \"\"}]}", "empty assistant content"},
+      {"{\"messages\": {\"role\": \"assistant\"}}", "\"messages\" is not an array"},
+      {"[1, 2]", "expected a JSON object"},
+  };
+  for (size_t k = 0; k < cases.size(); k++) {
+    const std::string in = dir + "/bad" + std::to_string(k) + ".jsonl";
+    write_file(in, good + cases[k].first + "\n" + good);
+    SftPrepareOptions opt;
+    opt.tokenizer = tok;
+    opt.inputs = {in};
+    opt.out = dir + "/out" + std::to_string(k);
+    try {
+      prepare_sft(opt);
+      ADD_FAILURE() << "no error for " << cases[k].first;
+    } catch (const Error& e) {
+      const std::string m = e.what();
+      EXPECT_NE(m.find(in + ":2: "), std::string::npos) << m;
+      EXPECT_NE(m.find(cases[k].second), std::string::npos) << m;
+      EXPECT_EQ(m.find('\n'), std::string::npos) << m;
+    }
+    EXPECT_FALSE(std::filesystem::exists(opt.out + "/train_000000.bin")) << "nothing written on a bad line";
+  }
+}
+
+TEST(Sft, CorruptMaskFilesAreRejected) {
+  const std::string dir = fresh_dir("mask_bad");
+  write_loss_mask(dir + "/m", {0, 1, 1});
+  EXPECT_EQ(LossMask(dir + "/m", 3)[1], 1);
+  EXPECT_THROW(LossMask(dir + "/m", 4), Error);  // count differs from the shard's
+  std::string raw = [&] {
+    std::ifstream f(dir + "/m", std::ios::binary);
+    return std::string(std::istreambuf_iterator<char>(f), std::istreambuf_iterator<char>());
+  }();
+  write_file(dir + "/trunc", raw.substr(0, raw.size() - 1));
+  EXPECT_THROW(LossMask(dir + "/trunc", 3), Error);
+  std::string two = raw;
+  two[17] = 2;
+  write_file(dir + "/two", two);
+  EXPECT_THROW(LossMask(dir + "/two", 3), Error);
+  std::string magic = raw;
+  magic[0] = 'X';
+  write_file(dir + "/magic", magic);
+  EXPECT_THROW(LossMask(dir + "/magic", 3), Error);
+  EXPECT_THROW(write_loss_mask(dir + "/w", {0, 3}), Error);
+}
+
 }  // namespace
 }  // namespace kiln
