@@ -19,12 +19,52 @@ GPT2::GPT2(const GPT2Config& cfg, bool with_grads) : cfg_(cfg), table_(ParamTabl
     grads_.resize(table_.total * sizeof(float));
     g_ = GPT2Params::bind(table_, grads_.f32(), cfg_.n_layer);
   }
+  bind_blocks();
   const int C = cfg_.n_embd;
-  for (int l = 0; l < cfg_.n_layer; l++)
-    blocks_.push_back(nn::Block::bind(p_.layers[l], with_grads ? &g_.layers[l] : nullptr, C, cfg_.n_head,
-                                      cfg_.layer_norm_epsilon));
   lnf_ = {p_.lnf_w, p_.lnf_b, with_grads ? g_.lnf_w : nullptr, with_grads ? g_.lnf_b : nullptr, C,
           cfg_.layer_norm_epsilon};
+}
+
+void GPT2::bind_blocks() {
+  const bool with_grads = grads_.data() != nullptr;
+  blocks_.clear();
+  for (int l = 0; l < cfg_.n_layer; l++) {
+    nn::Block b = nn::Block::bind(p_.layers[l], with_grads ? &g_.layers[l] : nullptr, cfg_.n_embd, cfg_.n_head,
+                                  cfg_.layer_norm_epsilon);
+    if (lowp_) {
+      // The 16-bit copy of a weight sits at the same offset as the fp32 original.
+      auto lowp_of = [&](nn::Linear& lin) {
+        lin.w_lowp = lowp_weights_.data() + (lin.w - params_.f32());
+        lin.lowp = *lowp_;
+        lin.scratch = lowp_scratch_.data();
+      };
+      lowp_of(b.qkv);
+      lowp_of(b.attn_proj);
+      lowp_of(b.fc);
+      lowp_of(b.fc_proj);
+    }
+    blocks_.push_back(b);
+  }
+}
+
+void GPT2::set_compute_type(std::optional<LowpType> t) {
+  lowp_ = t;
+  if (t) {
+    lowp_weights_.assign(table_.total, 0);
+    lowp_scratch_.resize(kLowpScratchBytes);
+  } else {
+    lowp_weights_.clear();
+    lowp_scratch_.resize(0);
+  }
+  bind_blocks();
+  refresh_lowp_weights();
+}
+
+void GPT2::refresh_lowp_weights() {
+  if (!lowp_) return;
+  for (const ParamSpec& s : table_.specs)
+    if (s.shape.ndim == 2 && s.name != "transformer.wpe.weight")
+      cpu::to_lowp(lowp_weights_.data() + s.offset, params_.f32() + s.offset, s.numel(), *lowp_);
 }
 
 void GPT2::init_random(uint64_t seed) {
@@ -139,13 +179,26 @@ void GPT2::lm_head(const int32_t* targets, float grad_scale, int64_t N, double* 
     const int64_t rows = std::min(a_.chunk, N - r0);
     const float* x = a_.lnf_out + r0 * C;
     // Tied LM head: logits[rows, V] = lnf · wteᵀ
-    cpu::gemm(false, true, rows, V, C, 1.0f, x, C, p_.wte, C, 0.0f, a_.logits, V);
+    const uint16_t* wte16 = lowp_ ? lowp_weights_.data() + (p_.wte - params_.f32()) : nullptr;
+    void* scratch = lowp_scratch_.data();
+    if (lowp_)
+      cpu::gemm_lowp(*lowp_, false, true, rows, V, C, 1.0f, f32_operand(x, C), lowp_operand(wte16, C), 0.0f,
+                     a_.logits, V, scratch);
+    else
+      cpu::gemm(false, true, rows, V, C, 1.0f, x, C, p_.wte, C, 0.0f, a_.logits, V);
     if (!targets) continue;
     cpu::softmax_crossentropy(a_.logits, a_.losses + r0, targets + r0, rows, V, V, grad_scale);
     if (grad_scale == 0.0f) continue;
     // logits now hold dlogits: dlnf = dlogits · wte ; dwte += dlogitsᵀ · lnf
-    cpu::gemm(false, false, rows, C, V, 1.0f, a_.logits, V, p_.wte, C, 0.0f, a_.dlnf + r0 * C, C);
-    cpu::gemm(true, false, V, C, rows, 1.0f, a_.logits, V, x, C, 1.0f, g_.wte, C);
+    if (lowp_) {
+      cpu::gemm_lowp(*lowp_, false, false, rows, C, V, 1.0f, f32_operand(a_.logits, V), lowp_operand(wte16, C), 0.0f,
+                     a_.dlnf + r0 * C, C, scratch);
+      cpu::gemm_lowp(*lowp_, true, false, V, C, rows, 1.0f, f32_operand(a_.logits, V), f32_operand(x, C), 1.0f,
+                     g_.wte, C, scratch);
+    } else {
+      cpu::gemm(false, false, rows, C, V, 1.0f, a_.logits, V, p_.wte, C, 0.0f, a_.dlnf + r0 * C, C);
+      cpu::gemm(true, false, V, C, rows, 1.0f, a_.logits, V, x, C, 1.0f, g_.wte, C);
+    }
   }
   if (targets)
     for (int64_t i = 0; i < N; i++) *loss_sum += a_.losses[i];

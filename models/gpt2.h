@@ -3,10 +3,12 @@
 // the activation arena is planned for (B, T) before the first step and reports its exact size.
 #pragma once
 #include <cstdint>
+#include <optional>
 #include <vector>
 
 #include "core/memory.h"
 #include "kernels/attention.h"
+#include "kernels/matmul_lowp.h"
 #include "models/config.h"
 #include "models/gpt2_params.h"
 #include "models/recompute.h"
@@ -24,6 +26,12 @@ class GPT2 {
   const float* params() const { return params_.f32(); }
   float* grads() { return grads_.f32(); }
   size_t num_floats() const { return table_.total; }
+
+  // Mixed precision: matrix products in bf16 or fp16 (fp32 accumulation) from 16-bit copies of the weight
+  // matrices; nullopt returns to fp32. Call refresh_lowp_weights() after every change to the parameters.
+  void set_compute_type(std::optional<LowpType> t);
+  std::optional<LowpType> compute_type() const { return lowp_; }
+  void refresh_lowp_weights();
 
   // GPT-2 initialisation: weights N(0, 0.02), the two residual output projections N(0, 0.02/sqrt(2·n_layer)),
   // biases 0, LayerNorm gains 1. Deterministic for a seed, whatever the thread count.
@@ -62,6 +70,10 @@ class GPT2 {
   Buffer params_, grads_;
   GPT2Params p_, g_;
   std::vector<nn::Block> blocks_;
+  std::optional<LowpType> lowp_;
+  std::vector<uint16_t> lowp_weights_;  // parameter-block layout; only matrices are filled
+  Buffer lowp_scratch_;
+  void bind_blocks();
   nn::LayerNorm lnf_;
 
   // Activation plan.

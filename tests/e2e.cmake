@@ -12,3 +12,8 @@ set_tests_properties(e2e.resume PROPERTIES LABELS e2e TIMEOUT 300)
 add_test(NAME e2e.loss_scale
          COMMAND ${KILN_PY} ${CMAKE_SOURCE_DIR}/tests/e2e/loss_scale.py $<TARGET_FILE:kiln> ${CMAKE_BINARY_DIR}/e2e/loss_scale)
 set_tests_properties(e2e.loss_scale PROPERTIES LABELS e2e TIMEOUT 300)
+
+add_test(NAME e2e.mixed_precision
+         COMMAND ${KILN_PY} ${CMAKE_SOURCE_DIR}/tests/e2e/mixed_precision.py $<TARGET_FILE:kiln>
+                 ${CMAKE_BINARY_DIR}/e2e/mixed_precision)
+set_tests_properties(e2e.mixed_precision PROPERTIES LABELS e2e TIMEOUT 300)

@@ -131,7 +131,6 @@ std::unique_ptr<BatchSource> make_batch_source(const TrainOptions& opt, const st
 
 double train(const TrainOptions& opt) {
   validate(opt);
-  KILN_CHECK(opt.dtype == "fp32", "--dtype ", opt.dtype, " is not available yet in this build");
   RecomputePolicy::parse(opt.recompute);  // reject a bad policy before any work
   KILN_CHECK(opt.lm_head_chunk >= 0, "--lm-head-chunk must be >= 0");
   set_threads(opt.threads);
@@ -165,13 +164,15 @@ double train(const TrainOptions& opt) {
     model.init_random(opt.seed);
   }
 
+  if (opt.dtype != "fp32") model.set_compute_type(opt.dtype == "bf16" ? LowpType::BF16 : LowpType::FP16);
   const size_t act_bytes = model.plan(B, T, RecomputePolicy::parse(opt.recompute), opt.lm_head_chunk);
   const double MB = 1024.0 * 1024.0;
   std::fprintf(stderr,
                "kiln train: %.2fM parameters | memory plan: weights %.1f MB, grads %.1f MB, AdamW %.1f MB, "
-               "activations %.1f MB\n",
+               "activations %.1f MB%s\n",
                double(cfg.num_params()) / 1e6, model.num_floats() * 4 / MB, model.num_floats() * 4 / MB,
-               model.num_floats() * 8 / MB, double(act_bytes) / MB);
+               model.num_floats() * 8 / MB, double(act_bytes) / MB,
+               opt.dtype == "fp32" ? "" : str(", 16-bit weight copies ", model.num_floats() * 2 / MB, " MB").c_str());
 
   std::ofstream metrics;
   if (!opt.metrics.empty()) {
@@ -240,6 +241,7 @@ double train(const TrainOptions& opt) {
     if (scaler.record(finite, step + 1)) {
       st.optimizer_steps++;
       adam.update(model.params(), model.grads(), lr, st.optimizer_steps, norm, 1.0f / used_scale, /*zero_grads=*/true);
+      model.refresh_lowp_weights();
     } else {
       model.zero_grad();
     }
@@ -288,7 +290,7 @@ double train(const TrainOptions& opt) {
   }
   if (tty) std::fprintf(stderr, "\n");
   std::fprintf(stderr, "kiln train: done, final loss %.4f, peak memory %.1f MB (planned %.1f MB)\n", loss,
-               peak_rss_mb(), (model.num_floats() * 16 + act_bytes) / MB);
+               peak_rss_mb(), (model.num_floats() * (opt.dtype == "fp32" ? 16 : 18) + act_bytes) / MB);
   return loss;
 }
 

@@ -20,7 +20,7 @@ namespace {
 struct BenchTrainOptions {
   std::string model;
   int batch = 4, seq = 64, steps = 5, warmup = 1, threads = 0, lm_head_chunk = 0;
-  std::string recompute = "none";
+  std::string recompute = "none", dtype = "fp32";
 };
 
 void bench_train(const BenchTrainOptions& o) {
@@ -31,6 +31,8 @@ void bench_train(const BenchTrainOptions& o) {
   GPT2 model(cfg);
   model.init_random(1);
   AdamW adam(model.table(), AdamWConfig{});
+  KILN_CHECK(o.dtype == "fp32" || o.dtype == "bf16" || o.dtype == "fp16", "--dtype: expected fp32, bf16 or fp16");
+  if (o.dtype != "fp32") model.set_compute_type(o.dtype == "bf16" ? LowpType::BF16 : LowpType::FP16);
   model.plan(o.batch, o.seq, RecomputePolicy::parse(o.recompute), o.lm_head_chunk);
   const int64_t N = int64_t(o.batch) * o.seq;
   const size_t n_tok = static_cast<size_t>(N);
@@ -56,6 +58,7 @@ void bench_train(const BenchTrainOptions& o) {
     const double b = since(t2);
     auto t3 = Clock::now();
     adam.update(model.params(), model.grads(), 1e-4f, s + 1, adam.grad_norm(model.grads()), 1.0f, true);
+    model.refresh_lowp_weights();
     const double a = since(t3);
     if (s >= o.warmup) {
       ms.push_back(since(t0));
@@ -85,6 +88,7 @@ void bench_train(const BenchTrainOptions& o) {
                       {"tokens_per_s", double(N) / (med / 1e3)},
                       {"gflops", flops_per_token * double(N) / (med / 1e3) / 1e9},
                       {"recompute", o.recompute},
+                      {"dtype", o.dtype},
                       {"activation_mb", double(model.activation_bytes()) / (1 << 20)}};
   std::printf("%s\n", j.dump().c_str());
 }
@@ -100,6 +104,7 @@ kiln::cli::Command bench_cmd("bench", [](CLI::App& root) {
   t->add_option("--steps", o->steps, "Timed steps")->capture_default_str();
   t->add_option("--warmup", o->warmup, "Untimed steps first")->capture_default_str();
   t->add_option("--threads", o->threads, "CPU threads (0: all cores)")->capture_default_str();
+  t->add_option("--dtype", o->dtype, "fp32, bf16 or fp16 matrix products")->capture_default_str();
   t->add_option("--recompute", o->recompute, "none, block, every:K or selective")->capture_default_str();
   t->add_option("--lm-head-chunk", o->lm_head_chunk, "Rows of logits held at once (0: all)")->capture_default_str();
   t->callback([o] { bench_train(*o); });
