@@ -114,6 +114,25 @@ TEST(DataPrepare, ShardsDecodeToDocumentsInOrder) {
   EXPECT_EQ(vi, val.size());
 }
 
+TEST(DataPrepare, DocSeparatorSplitsPlainText) {
+  REQUIRE_GPT2();
+  const Tokenizer tok = Tokenizer::load(test::gpt2_dir());
+  const std::string dir = fresh_dir("prep_sep_in");
+  write_text(dir + "/f.txt", "A fortune.\n%\n\n%\nTwo\r\nlines.\r\n%\r\n%x is text\nlast\n");
+  PrepareOptions opt;
+  opt.tokenizer = test::gpt2_dir();
+  opt.inputs = {dir + "/f.txt"};
+  opt.out = fresh_dir("prep_sep_out");
+  opt.doc_separator = "%";
+  PrepareStats st = prepare_data(opt);
+  auto docs = read_split(opt.out, "train", opt.shard_tokens);
+  // The blank-only document is dropped; "%x" is not a separator line.
+  const std::vector<std::string> want = {"A fortune.\n", "Two\r\nlines.\r\n", "%x is text\nlast\n"};
+  ASSERT_EQ(st.documents, 3);
+  ASSERT_EQ(docs.size(), want.size());
+  for (size_t i = 0; i < want.size(); i++) EXPECT_EQ(tok.decode(docs[i]), want[i] + "<|endoftext|>");
+}
+
 TEST(DataPrepare, ValFractionAndSeed) {
   REQUIRE_GPT2();
   std::string in = fresh_dir("prep_frac") + "/docs.jsonl";

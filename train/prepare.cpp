@@ -159,7 +159,30 @@ PrepareStats prepare_data(const PrepareOptions& opt) {
     std::string_view all(reinterpret_cast<const char*>(file.data()), file.size());
     int64_t docs_here = 0;
     const size_t kStreamBytes = size_t(std::max<int64_t>(1, opt.stream_bytes));
-    if (!is_jsonl(path) && all.size() > kStreamBytes) {
+    if (!is_jsonl(path) && !opt.doc_separator.empty()) {
+      // Documents separated by lines equal to the separator; each one a view into the mapping.
+      size_t start = 0, pos = 0;
+      auto emit = [&](size_t end) {
+        std::string_view d = all.substr(start, end - start);
+        if (d.find_first_not_of(" \t\r\n") != std::string_view::npos) {
+          add(Doc{d, {}});
+          docs_here++;
+        }
+      };
+      while (pos < all.size()) {
+        size_t nl = all.find('\n', pos);
+        size_t end = nl == std::string_view::npos ? all.size() : nl;
+        std::string_view line = all.substr(pos, end - pos);
+        if (!line.empty() && line.back() == '\r') line.remove_suffix(1);
+        const size_t next = nl == std::string_view::npos ? all.size() : nl + 1;
+        if (line == opt.doc_separator) {
+          emit(pos);
+          start = next;
+        }
+        pos = next;
+      }
+      emit(all.size());
+    } else if (!is_jsonl(path) && all.size() > kStreamBytes) {
       // A large document is encoded (with threads) and written piece by piece, cut at safe split points
       // of the pre-tokenizer, so memory stays bounded and the tokens equal those of the whole.
       run_batch();

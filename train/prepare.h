@@ -20,6 +20,9 @@ struct PrepareOptions {
   double val_fraction = 0.0;
   int64_t shard_tokens = 100'000'000;
   uint64_t seed = 1337;
+  // Plain text only: a line exactly equal to this (e.g. "%" in fortune files) separates documents;
+  // empty: each file is one document. Blank-only documents are dropped.
+  std::string doc_separator;
   int64_t stream_bytes = int64_t(32) << 20;  // plain text files larger than this are encoded piece by piece
   std::function<void(uint64_t bytes_done, uint64_t bytes_total)> progress;
 };

@@ -25,6 +25,8 @@ kiln::cli::Command data_cmd("data", [](CLI::App& root) {
   prep->add_option("--val-fraction", opt->val_fraction, "Fraction of documents for the validation split")
       ->capture_default_str();
   prep->add_option("--shard-tokens", opt->shard_tokens, "Tokens per shard")->capture_default_str();
+  prep->add_option("--doc-separator", opt->doc_separator,
+                   "Plain text: a line equal to this separates documents (e.g. % in fortune files)");
   prep->add_option("--seed", opt->seed, "Seed of the per-document validation choice")->capture_default_str();
   prep->callback([opt] {
     auto t0 = std::chrono::steady_clock::now();
