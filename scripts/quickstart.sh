@@ -32,7 +32,7 @@ cat > "$run/config.json" <<JSON
 JSON
 $kiln train --model "$run/config.json" --tokenizer "$run/tokenizer" \
   --data "$run/data/train_*.bin" --val-data "$run/data/val_*.bin" --eval-every 100 --val-batches 10 \
-  --batch 16 --seq 128 --steps ${KILN_QUICKSTART_STEPS:-600} --lr 2e-3 --min-lr 2e-4 --warmup 50 \
+  --batch 16 --seq 128 --steps ${KILN_QUICKSTART_STEPS:-1000} --lr 2e-3 --min-lr 2e-4 --warmup 50 \
   --weight-decay 0.1 --out "$run/checkpoints" --save-every 200 --metrics "$run/metrics.jsonl"
 
 echo "== 4. samples"
