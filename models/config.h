@@ -1,7 +1,10 @@
 // GPT-2 hyperparameters, read from and written to a Hugging Face GPT-2 config.json.
 #pragma once
+#include <cmath>
 #include <cstdint>
 #include <string>
+
+#include "kernels/attention.h"
 
 namespace kiln {
 
@@ -14,6 +17,17 @@ struct GPT2Config {
   float layer_norm_epsilon = 1e-5f;
 
   int head_dim() const { return n_embd / n_head; }
+  // Causal attention over B rows of T tokens (add cu_seqlens for packed sequences).
+  AttentionParams attention(int B, int T) const {
+    AttentionParams ap;
+    ap.B = B;
+    ap.T = T;
+    ap.NH = n_head;
+    ap.HD = head_dim();
+    ap.causal = true;
+    ap.scale = 1.0f / std::sqrt(float(ap.HD));
+    return ap;
+  }
   // Throws kiln::Error naming `where` and the field if a value is missing, non-positive or inconsistent.
   void validate(const std::string& where) const;
   // Parameter count (the tied LM head counted once).

@@ -142,16 +142,7 @@ size_t GPT2::plan(int B, int T, RecomputePolicy policy, int lm_head_chunk) {
   return arena_.capacity();
 }
 
-AttentionParams GPT2::attention_params(int B, int T) const {
-  AttentionParams ap;
-  ap.B = B;
-  ap.T = T;
-  ap.NH = cfg_.n_head;
-  ap.HD = cfg_.head_dim();
-  ap.causal = true;
-  ap.scale = 1.0f / std::sqrt(float(ap.HD));
-  return ap;
-}
+AttentionParams GPT2::attention_params(int B, int T) const { return cfg_.attention(B, T); }
 
 void GPT2::run_blocks_forward(const AttentionParams& attn, int64_t N) {
   const int L = cfg_.n_layer;

@@ -27,13 +27,7 @@ struct Batch {
     return n;
   }
   AttentionParams attention(const GPT2Config& cfg) const {
-    AttentionParams ap;
-    ap.B = B;
-    ap.T = T;
-    ap.NH = cfg.n_head;
-    ap.HD = cfg.head_dim();
-    ap.causal = true;
-    ap.scale = 1.0f / std::sqrt(float(ap.HD));
+    AttentionParams ap = cfg.attention(B, T);
     if (!cu_seqlens.empty()) {
       ap.cu_seqlens = cu_seqlens.data();
       ap.num_seqs = int(cu_seqlens.size()) - 1;
