@@ -210,6 +210,7 @@ TEST(MatmulLowpGemm, MatchesRoundedReferenceForAllTransposesAndOperandKinds) {
           const bool a_lowp = kinds == 2, b_lowp = kinds != 1;
           check_gemm(t, ta, tb, {37, 100, 48}, a_lowp, b_lowp, 1.0f, 0.0f, false);  // C starts as NaN
           check_gemm(t, ta, tb, {13, 70, 33}, a_lowp, b_lowp, -0.75f, 0.5f, false);  // odd depth, beta
+          check_gemm(t, ta, tb, {301, 70, 41}, a_lowp, b_lowp, 1.0f, 1.0f, false);   // threads split M
         }
 }
 

@@ -178,60 +178,104 @@ void gemm_lowp_sgemm(LowpType t, bool trans_a, bool trans_b, int64_t M, int64_t 
 #if defined(__AVX512BF16__)
 namespace {
 
-constexpr int kMR = 6, kNR = 64;         // micro-tile: 6 rows × 64 columns = 24 zmm accumulators
-constexpr int64_t kKC = 256;             // depth of a block (128 pairs): a B micro-panel is 32 KiB
-constexpr int64_t kMC = 64 * kMR;        // rows of a packed A block (384)
-constexpr int64_t kNC = 16 * kNR;        // columns of a packed B block (1024)
-static_assert((kMC * kKC + kKC * kNC) * sizeof(uint16_t) <= kLowpScratchBytes);
+constexpr int kMR = 8, kNR = 48;    // micro-tile: 8 rows × 48 columns = 24 zmm accumulators
+constexpr int kNV = kNR / 16;        // zmm vectors per micro-tile row
+constexpr int64_t kKC = 256;         // depth of a block (128 pairs): a B micro-panel is 24 KiB, in L1
+constexpr int64_t kMC = 48 * kMR;    // rows of a packed A block (384)
+constexpr int64_t kNC = 21 * kNR;    // columns of a packed B block (1008)
+constexpr size_t kThreadScratchWords = (kMC * kKC + kKC * kNC) / 2;  // packed pairs, 32-bit each
+static_assert(kThreadScratchWords * 4 * kLowpMaxThreads <= kLowpScratchBytes);
 
 // A view of op(X) as rows × depth: element (r, k) is at p[r * rs + k * ks] with one of rs / ks equal to 1.
 struct View {
   const float* f32;
   const uint16_t* lowp;
   int64_t rs, ks;
+  View offset(int64_t rows) const {  // the view starting at row `rows`
+    return {f32 ? f32 + rows * rs : nullptr, lowp ? lowp + rows * rs : nullptr, rs, ks};
+  }
 };
 
-inline uint32_t pair_from(const View& v, int64_t r, int64_t k, int64_t kend) {
-  const int64_t at = r * v.rs + k * v.ks;
-  uint32_t lo, hi = 0;
-  if (v.lowp) {
-    lo = v.lowp[at];
-    if (k + 1 < kend) hi = v.lowp[at + v.ks];
-  } else {
-    lo = uint16_t(_mm_cvtsi128_si32((__m128i)_mm_cvtneps_pbh(_mm_set_ss(v.f32[at]))));
-    if (k + 1 < kend) hi = uint16_t(_mm_cvtsi128_si32((__m128i)_mm_cvtneps_pbh(_mm_set_ss(v.f32[at + v.ks]))));
-  }
-  return lo | (hi << 16);
+inline __mmask16 first_lanes16(int64_t n) {
+  return n >= 16 ? __mmask16(0xffff) : n <= 0 ? __mmask16(0) : __mmask16((1u << n) - 1);
+}
+inline __mmask32 first_lanes32(int64_t n) {
+  return n >= 32 ? ~__mmask32(0) : n <= 0 ? __mmask32(0) : __mmask32((1u << n) - 1);
 }
 
-// Packs rows [r0, r0 + R) (rows >= rend are zero) × depths [k0, k0 + kc) of a depth-contiguous view
-// (ks == 1) into dst[kp * R + r]: each row's depths convert straight to consecutive pairs.
+// 16 pairs (32 consecutive depths, the first n of them real, the rest zero) of a depth-contiguous row.
+inline __m512i load_pairs(const View& v, int64_t at, int64_t n) {
+  if (v.lowp) return _mm512_maskz_loadu_epi16(first_lanes32(n), v.lowp + at);
+  const float* p = v.f32 + at;
+  return (__m512i)_mm512_cvtne2ps_pbh(_mm512_maskz_loadu_ps(first_lanes16(n - 16), p + 16),
+                                      _mm512_maskz_loadu_ps(first_lanes16(n), p));
+}
+
+// Transposes a 16×16 block of 32-bit words in registers: r[i] holds row i on entry, column i on exit.
+inline void transpose16x16(__m512i r[16]) {
+  __m512i a[16], b[16];
+  for (int i = 0; i < 8; i++) {  // pairs of rows interleaved within each 128-bit block
+    a[2 * i] = _mm512_unpacklo_epi32(r[2 * i], r[2 * i + 1]);
+    a[2 * i + 1] = _mm512_unpackhi_epi32(r[2 * i], r[2 * i + 1]);
+  }
+  for (int i = 0; i < 4; i++) {  // b[4i + c], block q: column 4q + c of rows 4i .. 4i + 3
+    b[4 * i] = _mm512_unpacklo_epi64(a[4 * i], a[4 * i + 2]);
+    b[4 * i + 1] = _mm512_unpackhi_epi64(a[4 * i], a[4 * i + 2]);
+    b[4 * i + 2] = _mm512_unpacklo_epi64(a[4 * i + 1], a[4 * i + 3]);
+    b[4 * i + 3] = _mm512_unpackhi_epi64(a[4 * i + 1], a[4 * i + 3]);
+  }
+  for (int c = 0; c < 4; c++) {  // gather block q of b[c], b[4 + c], b[8 + c], b[12 + c] into column 4q + c
+    const __m512i x = _mm512_shuffle_i32x4(b[c], b[4 + c], 0x44), y = _mm512_shuffle_i32x4(b[c], b[4 + c], 0xee);
+    const __m512i x2 = _mm512_shuffle_i32x4(b[8 + c], b[12 + c], 0x44);
+    const __m512i y2 = _mm512_shuffle_i32x4(b[8 + c], b[12 + c], 0xee);
+    r[c] = _mm512_shuffle_i32x4(x, x2, 0x88);
+    r[4 + c] = _mm512_shuffle_i32x4(x, x2, 0xdd);
+    r[8 + c] = _mm512_shuffle_i32x4(y, y2, 0x88);
+    r[12 + c] = _mm512_shuffle_i32x4(y, y2, 0xdd);
+  }
+}
+
+// Packs rows [r0, r0 + R) (rows >= rend are zero) × depths [k0, k0 + kc) of a view into dst[kp][R]
+// pairs, for a depth-contiguous view (ks == 1: op(A) = activations, op(B) = a transposed weight). Rows
+// are loaded 16 pairs per register and transposed in registers. R = 8 loads two 32-depth chunks of
+// the 8 rows, whose transposes land in the low and high halves.
 template <int R>
 void pack_depth_contiguous(uint32_t* dst, const View& v, int64_t r0, int64_t rend, int64_t k0, int64_t kc) {
-  const int64_t kp = (kc + 1) / 2, full = kc / 32 * 32;  // full: depths handled 32 at a time
-  alignas(64) uint32_t tmp[16];
-  for (int r = 0; r < R; r++) {
-    uint32_t* d = dst + r;
-    if (r0 + r >= rend) {
-      for (int64_t p = 0; p < kp; p++) d[p * R] = 0;
-      continue;
+  static_assert(R == 8 || R % 16 == 0);
+  const int64_t kp = (kc + 1) / 2;
+  __m512i r[16];
+  if constexpr (R == 8) {
+    for (int64_t k = 0; k < kc; k += 64) {
+      for (int i = 0; i < 8; i++) {
+        const bool real = r0 + i < rend;
+        const int64_t at = (r0 + i) * v.rs + k0 + k;
+        r[i] = real ? load_pairs(v, at, kc - k) : _mm512_setzero_si512();
+        r[8 + i] = real && kc - k > 32 ? load_pairs(v, at + 32, kc - k - 32) : _mm512_setzero_si512();
+      }
+      transpose16x16(r);
+      const int64_t p0 = k / 2;
+      for (int64_t q = 0; q < 16 && p0 + q < kp; q++)
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + (p0 + q) * 8), _mm512_castsi512_si256(r[q]));
+      for (int64_t q = 0; q < 16 && p0 + 16 + q < kp; q++)
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + (p0 + 16 + q) * 8), _mm512_extracti64x4_epi64(r[q], 1));
     }
-    const int64_t base = (r0 + r) * v.rs + k0;
-    int64_t k = 0;
-    for (; k < full; k += 32) {
-      __m512i w;
-      if (v.lowp) w = _mm512_loadu_si512(v.lowp + base + k);
-      else w = (__m512i)_mm512_cvtne2ps_pbh(_mm512_loadu_ps(v.f32 + base + k + 16), _mm512_loadu_ps(v.f32 + base + k));
-      _mm512_store_si512(tmp, w);
-      uint32_t* dd = d + (k / 2) * R;
-      for (int q = 0; q < 16; q++) dd[q * R] = tmp[q];
+  } else {
+    for (int g = 0; g < R / 16; g++) {
+      for (int64_t k = 0; k < kc; k += 32) {
+        for (int i = 0; i < 16; i++) {
+          const int64_t row = r0 + g * 16 + i;
+          r[i] = row < rend ? load_pairs(v, row * v.rs + k0 + k, kc - k) : _mm512_setzero_si512();
+        }
+        transpose16x16(r);
+        const int64_t p0 = k / 2;
+        for (int64_t q = 0; q < 16 && p0 + q < kp; q++) _mm512_storeu_si512(dst + (p0 + q) * R + g * 16, r[q]);
+      }
     }
-    for (; k < kc; k += 2) d[(k / 2) * R] = pair_from(v, r0 + r, k0 + k, k0 + kc);
   }
 }
 
-// Packs a row-contiguous view (rs == 1): for each pair of depths, R consecutive elements of two stored
-// rows are converted and interleaved into R pairs.
+// The same for a row-contiguous view (rs == 1): for each pair of depths, consecutive elements of two
+// stored rows are converted and interleaved into pairs.
 template <int R>
 void pack_row_contiguous(uint32_t* dst, const View& v, int64_t r0, int64_t rend, int64_t k0, int64_t kc) {
   const int64_t kp = (kc + 1) / 2;
@@ -245,9 +289,7 @@ void pack_row_contiguous(uint32_t* dst, const View& v, int64_t r0, int64_t rend,
     const bool has_hi = 2 * p + 1 < kc;
     const int64_t lo_at = r0 + k * v.ks, hi_at = lo_at + v.ks;
     for (int c = 0; c < R; c += 16) {
-      const int64_t n = std::clamp<int64_t>(rows - c, 0, 16);
-      const __mmask16 m = n == 16 ? __mmask16(0xffff) : __mmask16((1u << n) - 1);
-      const __mmask16 mh = has_hi ? m : __mmask16(0);
+      const __mmask16 m = first_lanes16(rows - c), mh = has_hi ? m : __mmask16(0);
       __m512i both;
       if (v.lowp) {
         const __m256i lo = _mm256_maskz_loadu_epi16(m, v.lowp + lo_at + c);
@@ -259,7 +301,7 @@ void pack_row_contiguous(uint32_t* dst, const View& v, int64_t r0, int64_t rend,
       }
       const __m512i w = _mm512_permutexvar_epi16(idx, both);
       if (R - c >= 16) _mm512_storeu_si512(dst + p * R + c, w);
-      else _mm512_mask_storeu_epi32(dst + p * R + c, __mmask16((1u << (R - c)) - 1), w);
+      else _mm512_mask_storeu_epi32(dst + p * R + c, first_lanes16(R - c), w);
     }
   }
 }
@@ -270,22 +312,19 @@ void pack_panel(uint32_t* dst, const View& v, int64_t r0, int64_t rend, int64_t 
   else pack_row_contiguous<R>(dst, v, r0, rend, k0, kc);
 }
 
-// C[mr, nr] = alpha · Σ a·b + beta · C over kp pairs; a: [kp][6] pairs, b: [kp][64] pairs.
+// C[mr, nr] = alpha · Σ a·b + beta · C over kp pairs; a: [kp][kMR] pairs, b: [kp][kNR] pairs.
 void micro_kernel(int64_t kp, const uint32_t* a, const uint32_t* b, float* C, int64_t ldc, int mr, int nr,
                   float alpha, float beta) {
-  __m512 acc[kMR][4];
+  __m512 acc[kMR][kNV];
   for (int r = 0; r < kMR; r++)
-    for (int j = 0; j < 4; j++) acc[r][j] = _mm512_setzero_ps();
+    for (int j = 0; j < kNV; j++) acc[r][j] = _mm512_setzero_ps();
   for (int64_t p = 0; p < kp; p++) {
-    const __m512bh b0 = (__m512bh)_mm512_loadu_si512(b), b1 = (__m512bh)_mm512_loadu_si512(b + 16);
-    const __m512bh b2 = (__m512bh)_mm512_loadu_si512(b + 32), b3 = (__m512bh)_mm512_loadu_si512(b + 48);
-#pragma GCC unroll 6
+    __m512bh bv[kNV];
+    for (int j = 0; j < kNV; j++) bv[j] = (__m512bh)_mm512_loadu_si512(b + 16 * j);
+#pragma GCC unroll 8
     for (int r = 0; r < kMR; r++) {
       const __m512bh ar = (__m512bh)_mm512_set1_epi32(int(a[r]));
-      acc[r][0] = _mm512_dpbf16_ps(acc[r][0], ar, b0);
-      acc[r][1] = _mm512_dpbf16_ps(acc[r][1], ar, b1);
-      acc[r][2] = _mm512_dpbf16_ps(acc[r][2], ar, b2);
-      acc[r][3] = _mm512_dpbf16_ps(acc[r][3], ar, b3);
+      for (int j = 0; j < kNV; j++) acc[r][j] = _mm512_dpbf16_ps(acc[r][j], ar, bv[j]);
     }
     a += kMR;
     b += kNR;
@@ -293,10 +332,8 @@ void micro_kernel(int64_t kp, const uint32_t* a, const uint32_t* b, float* C, in
   const __m512 va = _mm512_set1_ps(alpha), vb = _mm512_set1_ps(beta);
   for (int r = 0; r < mr; r++) {
     float* c = C + r * ldc;
-    for (int j = 0; j < 4; j++) {
-      const int n = std::clamp(nr - 16 * j, 0, 16);
-      if (n == 0) break;
-      const __mmask16 m = n == 16 ? __mmask16(0xffff) : __mmask16((1u << n) - 1);
+    for (int j = 0; j < kNV && 16 * j < nr; j++) {
+      const __mmask16 m = first_lanes16(nr - 16 * j);
       __m512 v = _mm512_mul_ps(acc[r][j], va);
       if (beta != 0.0f) v = _mm512_fmadd_ps(vb, _mm512_maskz_loadu_ps(m, c + 16 * j), v);
       _mm512_mask_storeu_ps(c + 16 * j, m, v);
@@ -304,41 +341,80 @@ void micro_kernel(int64_t kp, const uint32_t* a, const uint32_t* b, float* C, in
   }
 }
 
+// One thread's whole product, serially: GotoBLAS blocking over packed panels. When op(A) fits one
+// packed block (the usual M = tokens case) it is packed once per depth block and B streams past it;
+// otherwise B blocks are packed once and A blocks stream past them.
+void gemm_bf16_serial(const View& va, const View& vb, int64_t M, int64_t N, int64_t K, float alpha, float beta,
+                      float* C, int64_t ldc, uint32_t* apack, uint32_t* bpack) {
+  auto compute = [&](int64_t i0, int64_t mc, int64_t j0, int64_t nc, int64_t kp, float beta_k) {
+    for (int64_t q = 0; q * kNR < nc; q++) {
+      const int64_t jj = j0 + q * kNR;
+      const int nr = int(std::min<int64_t>(kNR, N - jj));
+      for (int64_t s = 0; s * kMR < mc; s++) {
+        const int64_t ii = i0 + s * kMR;
+        micro_kernel(kp, apack + s * kp * kMR, bpack + q * kp * kNR, C + ii * ldc + jj, ldc,
+                     int(std::min<int64_t>(kMR, M - ii)), nr, alpha, beta_k);
+      }
+    }
+  };
+  auto pack_a = [&](int64_t i0, int64_t mc, int64_t k0, int64_t kc) {
+    const int64_t kp = (kc + 1) / 2;
+    for (int64_t s = 0; s * kMR < mc; s++) pack_panel<kMR>(apack + s * kp * kMR, va, i0 + s * kMR, M, k0, kc);
+  };
+  auto pack_b = [&](int64_t j0, int64_t nc, int64_t k0, int64_t kc) {
+    const int64_t kp = (kc + 1) / 2;
+    for (int64_t q = 0; q * kNR < nc; q++) pack_panel<kNR>(bpack + q * kp * kNR, vb, j0 + q * kNR, N, k0, kc);
+  };
+  if (M <= kMC) {
+    for (int64_t k0 = 0; k0 < K; k0 += kKC) {
+      const int64_t kc = std::min(kKC, K - k0);
+      pack_a(0, M, k0, kc);
+      for (int64_t j0 = 0; j0 < N; j0 += kNC) {
+        const int64_t nc = std::min(kNC, N - j0);
+        pack_b(j0, nc, k0, kc);
+        compute(0, M, j0, nc, (kc + 1) / 2, k0 == 0 ? beta : 1.0f);
+      }
+    }
+    return;
+  }
+  for (int64_t j0 = 0; j0 < N; j0 += kNC) {
+    const int64_t nc = std::min(kNC, N - j0);
+    for (int64_t k0 = 0; k0 < K; k0 += kKC) {
+      const int64_t kc = std::min(kKC, K - k0);
+      pack_b(j0, nc, k0, kc);
+      for (int64_t i0 = 0; i0 < M; i0 += kMC) {
+        const int64_t mc = std::min(kMC, M - i0);
+        pack_a(i0, mc, k0, kc);
+        compute(i0, mc, j0, nc, (kc + 1) / 2, k0 == 0 ? beta : 1.0f);
+      }
+    }
+  }
+}
+
+// Threads take disjoint slices of C and run independently (no barriers, so a thread preempted by other
+// work on the machine holds up no one). The slices split N when op(A) is the smaller operand (each
+// thread then packs all of A itself), else M (each packs all of B).
 void gemm_bf16_packed(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, float alpha, LowpOperand A,
                       LowpOperand B, float beta, float* C, int64_t ldc, void* scratch) {
   // op(A) as M rows × K depths; op(B) as N rows × K depths.
   const View va{A.f32, A.lowp, trans_a ? 1 : A.ld, trans_a ? A.ld : 1};
   const View vb{B.f32, B.lowp, trans_b ? B.ld : 1, trans_b ? 1 : B.ld};
-  uint32_t* bpack = static_cast<uint32_t*>(scratch);      // [NC / 64 panels][KC / 2][64]
-  uint32_t* apack = bpack + kNC * kKC / 2;                // [MC / 6 panels][KC / 2][6]
-  const bool threaded = M * N * K >= (int64_t(1) << 18);
-#pragma omp parallel if (threaded)
+  const bool split_n = M <= N;
+  const int64_t panel = split_n ? kNR : kMR, total = split_n ? N : M;
+  const int64_t panels = (total + panel - 1) / panel;
+  int nt = int(std::min<int64_t>({omp_get_max_threads(), kLowpMaxThreads, panels}));
+  if (M * N * K < (int64_t(1) << 18)) nt = 1;
+#pragma omp parallel num_threads(nt)
   {
-    for (int64_t j0 = 0; j0 < N; j0 += kNC) {
-      const int64_t nc = std::min(kNC, N - j0), npanels = (nc + kNR - 1) / kNR;
-      for (int64_t k0 = 0; k0 < K; k0 += kKC) {
-        const int64_t kc = std::min(kKC, K - k0), kp = (kc + 1) / 2;
-        const float beta_k = k0 == 0 ? beta : 1.0f;
-#pragma omp for schedule(static)
-        for (int64_t q = 0; q < npanels; q++) pack_panel<kNR>(bpack + q * kp * kNR, vb, j0 + q * kNR, N, k0, kc);
-        for (int64_t i0 = 0; i0 < M; i0 += kMC) {
-          const int64_t mc = std::min(kMC, M - i0), mpanels = (mc + kMR - 1) / kMR;
-#pragma omp for schedule(static)
-          for (int64_t q = 0; q < mpanels; q++) pack_panel<kMR>(apack + q * kp * kMR, va, i0 + q * kMR, M, k0, kc);
-          // Same static split over the B panels as their packing: each thread reads its own panels.
-#pragma omp for schedule(static)
-          for (int64_t q = 0; q < npanels; q++) {
-            const int64_t jj = j0 + q * kNR;
-            const int nr = int(std::min<int64_t>(kNR, N - jj));
-            for (int64_t s = 0; s < mpanels; s++) {
-              const int64_t ii = i0 + s * kMR;
-              const int mr = int(std::min<int64_t>(kMR, M - ii));
-              micro_kernel(kp, apack + s * kp * kMR, bpack + q * kp * kNR, C + ii * ldc + jj, ldc, mr, nr, alpha,
-                           beta_k);
-            }
-          }
-        }
-      }
+    const int t = omp_get_thread_num(), n = omp_get_num_threads();
+    const int64_t lo = std::min(total, panels * t / n * panel), hi = std::min(total, panels * (t + 1) / n * panel);
+    uint32_t* bpack = static_cast<uint32_t*>(scratch) + size_t(t) * kThreadScratchWords;
+    uint32_t* apack = bpack + kNC * kKC / 2;
+    if (lo < hi) {
+      if (split_n)
+        gemm_bf16_serial(va, vb.offset(lo), M, hi - lo, K, alpha, beta, C + lo, ldc, apack, bpack);
+      else
+        gemm_bf16_serial(va.offset(lo), vb, hi - lo, N, K, alpha, beta, C + lo * ldc, ldc, apack, bpack);
     }
   }
 }
