@@ -211,6 +211,17 @@ inline __m512i load_pairs(const View& v, int64_t at, int64_t n) {
                                       _mm512_maskz_loadu_ps(first_lanes16(n), p));
 }
 
+// Asks for the 32 depths at `at` ahead of use: each row of a depth-contiguous view is its own stream,
+// too many streams for the hardware prefetcher to follow.
+inline void prefetch_pairs(const View& v, int64_t at) {
+  if (v.lowp) {
+    _mm_prefetch(reinterpret_cast<const char*>(v.lowp + at), _MM_HINT_T0);
+  } else {
+    _mm_prefetch(reinterpret_cast<const char*>(v.f32 + at), _MM_HINT_T0);
+    _mm_prefetch(reinterpret_cast<const char*>(v.f32 + at + 16), _MM_HINT_T0);
+  }
+}
+
 // Transposes a 16×16 block of 32-bit words in registers: r[i] holds row i on entry, column i on exit.
 inline void transpose16x16(__m512i r[16]) {
   __m512i a[16], b[16];
@@ -250,6 +261,10 @@ void pack_depth_contiguous(uint32_t* dst, const View& v, int64_t r0, int64_t ren
         const bool real = r0 + i < rend;
         const int64_t at = (r0 + i) * v.rs + k0 + k;
         r[i] = real ? load_pairs(v, at, kc - k) : _mm512_setzero_si512();
+        if (real && k + 128 < kc) {
+          prefetch_pairs(v, at + 128);
+          prefetch_pairs(v, at + 160);
+        }
         r[8 + i] = real && kc - k > 32 ? load_pairs(v, at + 32, kc - k - 32) : _mm512_setzero_si512();
       }
       transpose16x16(r);
@@ -265,6 +280,7 @@ void pack_depth_contiguous(uint32_t* dst, const View& v, int64_t r0, int64_t ren
         for (int i = 0; i < 16; i++) {
           const int64_t row = r0 + g * 16 + i;
           r[i] = row < rend ? load_pairs(v, row * v.rs + k0 + k, kc - k) : _mm512_setzero_si512();
+          if (row < rend && k + 64 < kc) prefetch_pairs(v, row * v.rs + k0 + k + 64);
         }
         transpose16x16(r);
         const int64_t p0 = k / 2;
@@ -315,6 +331,10 @@ void pack_panel(uint32_t* dst, const View& v, int64_t r0, int64_t rend, int64_t 
 // C[mr, nr] = alpha · Σ a·b + beta · C over kp pairs; a: [kp][kMR] pairs, b: [kp][kNR] pairs.
 void micro_kernel(int64_t kp, const uint32_t* a, const uint32_t* b, float* C, int64_t ldc, int mr, int nr,
                   float alpha, float beta) {
+  if (beta != 0.0f) {  // C is read at the end: start fetching it now (it may be far away, e.g. dW)
+    for (int r = 0; r < mr; r++)
+      for (int j = 0; j < kNV && 16 * j < nr; j++) _mm_prefetch(reinterpret_cast<const char*>(C + r * ldc + 16 * j), _MM_HINT_T0);
+  }
   __m512 acc[kMR][kNV];
   for (int r = 0; r < kMR; r++)
     for (int j = 0; j < kNV; j++) acc[r][j] = _mm512_setzero_ps();
@@ -366,11 +386,13 @@ void gemm_bf16_serial(const View& va, const View& vb, int64_t M, int64_t N, int6
     for (int64_t q = 0; q * kNR < nc; q++) pack_panel<kNR>(bpack + q * kp * kNR, vb, j0 + q * kNR, N, k0, kc);
   };
   if (M <= kMC) {
-    for (int64_t k0 = 0; k0 < K; k0 += kKC) {
-      const int64_t kc = std::min(kKC, K - k0);
-      pack_a(0, M, k0, kc);
-      for (int64_t j0 = 0; j0 < N; j0 += kNC) {
-        const int64_t nc = std::min(kNC, N - j0);
+    // A is small: repacking it for every column block costs little, and keeps each C block's
+    // read-modify-write over the depth blocks in cache.
+    for (int64_t j0 = 0; j0 < N; j0 += kNC) {
+      const int64_t nc = std::min(kNC, N - j0);
+      for (int64_t k0 = 0; k0 < K; k0 += kKC) {
+        const int64_t kc = std::min(kKC, K - k0);
+        pack_a(0, M, k0, kc);
         pack_b(j0, nc, k0, kc);
         compute(0, M, j0, nc, (kc + 1) / 2, k0 == 0 ? beta : 1.0f);
       }
