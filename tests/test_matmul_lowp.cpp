@@ -277,7 +277,7 @@ TEST(MatmulLowpGemm, RoundingErrorHasTheSizeOfTheFormat) {
   }
 }
 
-TEST(MatmulLowpGemm, EmptySizes) {
+TEST(MatmulLowpGemm, EmptySizesAndBadArguments) {
   Buffer scratch(kLowpScratchBytes);
   std::vector<float> C(6, std::nanf("")), one(1, 1.0f);
   cpu::gemm_lowp(LowpType::BF16, false, false, 2, 3, 0, 1.0f, f32_operand(one.data(), 1), f32_operand(one.data(), 3),
@@ -288,6 +288,12 @@ TEST(MatmulLowpGemm, EmptySizes) {
   EXPECT_THROW(cpu::gemm_lowp(LowpType::BF16, false, false, 2, 3, 4, 1.0f, LowpOperand{}, f32_operand(one.data(), 3),
                               0.0f, C.data(), 3, scratch.data()),
                Error);
+  EXPECT_THROW(cpu::gemm_lowp(LowpType::BF16, false, false, 2, 3, 4, 1.0f, f32_operand(one.data(), 3),
+                              f32_operand(one.data(), 3), 0.0f, C.data(), 3, scratch.data()),
+               Error);  // lda 3 < K 4
+  EXPECT_THROW(cpu::gemm_lowp(LowpType::FP16, false, false, 2, 3, 4, 1.0f, f32_operand(one.data(), 4),
+                              f32_operand(one.data(), 3), 0.0f, C.data(), 3, nullptr),
+               Error);  // no scratch
 }
 
 TEST(MatmulLowpLinear, ForwardAndBackwardMatchRoundedReference) {
