@@ -37,11 +37,11 @@ inline LowpOperand f32_operand(const float* p, int64_t ld) { return {p, nullptr,
 inline LowpOperand lowp_operand(const uint16_t* p, int64_t ld) { return {nullptr, p, ld}; }
 
 // Scratch memory for one gemm_lowp / matmul_*_lowp call: at least this many bytes, 64-byte aligned. The
-// size does not depend on the shapes (the kernels work through fixed-size blocks: 708 KiB of packed
+// size does not depend on the shapes (the kernels work through fixed-size blocks: 1.4 MiB of packed
 // operands per thread), so a model allocates one block of it up front and passes it to every call.
 // A product uses at most kLowpMaxThreads OpenMP threads.
 constexpr int kLowpMaxThreads = 16;
-constexpr size_t kLowpScratchBytes = size_t(kLowpMaxThreads) * (384 + 1024) * 256 * sizeof(uint16_t);
+constexpr size_t kLowpScratchBytes = size_t(kLowpMaxThreads) * (384 + 1024) * 512 * sizeof(uint16_t);
 
 namespace cpu {
 // dst[i] = src[i] rounded to the 16-bit type, round to nearest even. NaN stays NaN (quiet, sign and top

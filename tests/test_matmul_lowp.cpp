@@ -222,14 +222,14 @@ TEST(MatmulLowpGemm, EmulatedPathMatchesRoundedReference) {
 }
 
 TEST(MatmulLowpGemm, LargerThanOneBlockInEveryDimension) {
-  // Crosses the packed bf16 kernel's blocks (384 rows, 1024 columns, 256 depths) and the emulated
+  // Crosses the packed bf16 kernel's blocks (384 rows, 1008 columns, 512 depths) and the emulated
   // path's (1024 rows or columns, 512 depths); the reference is the double-accumulating fp32 ref::gemm
   // on the operands rounded by the scalar conversion, which is what ref::gemm_lowp computes.
   struct Case {
     LowpType t;
     int64_t M, N, K;
   };
-  for (Case c : {Case{LowpType::BF16, 390, 1030, 260}, Case{LowpType::FP16, 1030, 40, 530},
+  for (Case c : {Case{LowpType::BF16, 390, 1010, 516}, Case{LowpType::FP16, 1030, 40, 530},
                  Case{LowpType::FP16, 20, 1030, 530}}) {
     const auto A = make_operand(size_t(c.M * c.K), 21, c.t), B = make_operand(size_t(c.K * c.N), 22, c.t);
     std::vector<float> ar(A.f32.size()), br(B.f32.size());

@@ -183,7 +183,7 @@ namespace {
 
 constexpr int kMR = 8, kNR = 48;    // micro-tile: 8 rows × 48 columns = 24 zmm accumulators
 constexpr int kNV = kNR / 16;        // zmm vectors per micro-tile row
-constexpr int64_t kKC = 256;         // depth of a block (128 pairs): a B micro-panel is 24 KiB, in L1
+constexpr int64_t kKC = 512;         // depth of a block (256 pairs): a B micro-panel is 48 KiB, in L2
 constexpr int64_t kMC = 48 * kMR;    // rows of a packed A block (384)
 constexpr int64_t kNC = 21 * kNR;    // columns of a packed B block (1008)
 constexpr size_t kThreadScratchWords = (kMC * kKC + kKC * kNC) / 2;  // packed pairs, 32-bit each
