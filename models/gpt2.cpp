@@ -98,6 +98,9 @@ void GPT2::Activations::allocate(Arena& ar, const GPT2Config& cfg, int64_t N, Re
   const int C = cfg.n_embd, L = cfg.n_layer;
   policy = pol;
   max_tokens = N;
+  // Recomputation trades time for memory; then the logits (N×V, often the largest activation) are held
+  // 64 rows at a time unless asked otherwise.
+  if (ch <= 0 && pol.kind != RecomputePolicy::None) ch = 64;
   chunk = (ch <= 0 || ch > N) ? N : ch;
   const bool selective = pol.kind == RecomputePolicy::Selective;
   const int kept = pol.kind == RecomputePolicy::Every ? std::min(pol.k, L) : L;

@@ -38,7 +38,8 @@ class GPT2 {
   void init_random(uint64_t seed);
 
   // Sizes the activation arena for batches of up to B·T tokens (B rows of T, or packed) under a
-  // recomputation policy. lm_head_chunk: rows of logits held at once (0: all N). Returns bytes.
+  // recomputation policy. lm_head_chunk: rows of logits held at once (0: all N without recomputation,
+  // 64 with it). Returns bytes.
   size_t plan(int B, int T, RecomputePolicy policy = {}, int lm_head_chunk = 0);
   // The same plan's size without allocating it.
   static size_t plan_bytes(const GPT2Config& cfg, int64_t N, RecomputePolicy policy, int lm_head_chunk);

@@ -106,7 +106,7 @@ kiln::cli::Command bench_cmd("bench", [](CLI::App& root) {
   t->add_option("--threads", o->threads, "CPU threads (0: all cores)")->capture_default_str();
   t->add_option("--dtype", o->dtype, "fp32, bf16 or fp16 matrix products")->capture_default_str();
   t->add_option("--recompute", o->recompute, "none, block, every:K or selective")->capture_default_str();
-  t->add_option("--lm-head-chunk", o->lm_head_chunk, "Rows of logits held at once (0: all)")->capture_default_str();
+  t->add_option("--lm-head-chunk", o->lm_head_chunk, "Rows of logits held at once (0: all with --recompute none, else 64)")->capture_default_str();
   t->callback([o] { bench_train(*o); });
 });
 

@@ -77,7 +77,7 @@ kiln::cli::Command memory_cmd("memory", [](CLI::App& root) {
   c->add_option("--dtype", o->dtype, "fp32, bf16 or fp16 (16-bit: fp32 master weights and moments)")
       ->capture_default_str();
   c->add_option("--recompute", o->recompute, "none, block, every:K or selective")->capture_default_str();
-  c->add_option("--lm-head-chunk", o->lm_head_chunk, "Rows of logits held at once (0: all)")->capture_default_str();
+  c->add_option("--lm-head-chunk", o->lm_head_chunk, "Rows of logits held at once (0: all with --recompute none, else 64)")->capture_default_str();
   c->add_option("--zero-stage", o->zero_stage, "ZeRO stage 0-3 for the per-rank figure")->capture_default_str();
   c->add_option("--ranks", o->ranks, "Data-parallel ranks")->capture_default_str();
   c->add_flag("--json", o->json, "One JSON line with every stage");

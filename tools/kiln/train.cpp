@@ -43,7 +43,7 @@ kiln::cli::Command train_cmd("train", [](CLI::App& root) {
   c->add_option("--metrics", opt->metrics, "JSONL file: one object per step (step, loss, lr, grad_norm, ...)");
   c->add_option("--recompute", opt->recompute, "Gradient checkpointing: none, block, every:K or selective")
       ->capture_default_str();
-  c->add_option("--lm-head-chunk", opt->lm_head_chunk, "Rows of logits held at once (0: the whole micro-batch)")
+  c->add_option("--lm-head-chunk", opt->lm_head_chunk, "Rows of logits held at once (0: all with --recompute none, else 64)")
       ->capture_default_str();
   c->add_option("--dtype", opt->dtype, "Matrix products in fp32, bf16 or fp16 (fp32 master weights and AdamW)")
       ->capture_default_str();
