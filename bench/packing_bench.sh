@@ -3,12 +3,12 @@
 # 10..1000 tokens), with --batching packed and with --batching padded (one document per row of T, the peer),
 # measured in the same run. Both visit exactly the same documents once (sequential order), so the real tokens
 # per second (padding not counted) are corpus tokens / summed step time; the gain is their ratio.
-# Each mode runs REPEAT times (default 2), alternating, and the fastest epoch of each counts.
+# Each mode runs REPEAT times (default 3), alternating; every step counts with its fastest time.
 # usage: bench/packing_bench.sh [documents] [batch] [seq] [layers] [width] [threads]
 #   defaults: 200 documents, batch 4, seq 256 (= n_positions), 4 layers, 256 wide, all cores.
 set -euo pipefail
 here="$(cd "$(dirname "$0")/.." && pwd)"
-DOCS="${1:-200}"; B="${2:-4}"; T="${3:-256}"; L="${4:-4}"; C="${5:-256}"; THREADS="${6:-0}"; REPEAT="${REPEAT:-2}"
+DOCS="${1:-200}"; B="${2:-4}"; T="${3:-256}"; L="${4:-4}"; C="${5:-256}"; THREADS="${6:-0}"; REPEAT="${REPEAT:-3}"
 kiln="${KILN:-$here/build/kiln}"
 work="$(mktemp -d /tmp/kiln_packing_bench.XXXXXX)"
 trap 'rm -rf "$work"' EXIT
@@ -68,30 +68,32 @@ print(packed, padded, total, 1 - total / (len(seqs) * T), f"{s[0]}/{s[len(s)//2]
 EOF
 )
 
-run() {  # mode steps -> summed step seconds; checks the run ended exactly at the end of the epoch
+run() {  # mode steps repeat: one epoch; checks the run ended exactly at the end of the epoch
+  rm -rf "$work/ckpt"
   "$kiln" train --model "$work/config.json" --data "$work/data/train_*.bin" --batching "$1" --batch "$B" --seq "$T" \
-    --steps "$2" --data-order sequential --lr 1e-4 --threads "$THREADS" --no-progress --metrics "$work/$1.jsonl" \
-    --out "$work/ckpt_$1" --keep-checkpoints 1 2>/dev/null
-  /usr/bin/python3 - "$work/$1.jsonl" "$work/ckpt_$1/latest/train_state.safetensors" "$DOCS" <<'EOF2'
+    --steps "$2" --data-order sequential --lr 1e-4 --threads "$THREADS" --no-progress \
+    --metrics "$work/$1.$3.jsonl" --out "$work/ckpt" 2>/dev/null
+  /usr/bin/python3 - "$work/ckpt/latest/train_state.safetensors" "$DOCS" <<'EOF'
 import json, struct, sys
-f = open(sys.argv[2], "rb")
+f = open(sys.argv[1], "rb")
 meta = json.loads(f.read(struct.unpack("<Q", f.read(8))[0]))["__metadata__"]
-assert (meta["loader_epoch"], meta["loader_position"], meta["loader_shard"]) == ("0", sys.argv[3], "0"), meta
-print(sum(json.loads(l)["ms"] for l in open(sys.argv[1])) / 1e3)
-EOF2
+assert (meta["loader_epoch"], meta["loader_position"], meta["loader_shard"]) == ("0", sys.argv[2], "0"), meta
+EOF
 }
 echo "corpus: $DOCS documents, $TOKENS tokens, lengths min/median/max $SPREAD; model ${L} layers x ${C}, B=$B T=$T"
-packed_s=inf; padded_s=inf
-best() { /usr/bin/python3 -c "import sys; print(min(float(sys.argv[1]), float(sys.argv[2])))" "$1" "$2"; }
-for _ in $(seq "$REPEAT"); do
-  rm -rf "$work/ckpt_packed" "$work/ckpt_padded"
-  packed_s=$(best "$packed_s" "$(run packed "$PACKED_STEPS")")
-  padded_s=$(best "$padded_s" "$(run padded "$PADDED_STEPS")")
+for r in $(seq "$REPEAT"); do
+  run packed "$PACKED_STEPS" "$r"
+  run padded "$PADDED_STEPS" "$r"
 done
-/usr/bin/python3 -c "
-import sys
-tok, ps, ds, pk, pd, pad = int(sys.argv[1]), float(sys.argv[2]), float(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5]), float(sys.argv[6])
-print(f'packed: {pk} steps, {ps:.1f} s, {tok / ps:.0f} real tokens/s (no padding)')
-print(f'padded: {pd} steps, {ds:.1f} s, {tok / ds:.0f} real tokens/s ({pad:.1%} of the computed tokens are padding)')
-print(f'gain: packing trains {ds / ps:.2f}x the real tokens per second of padded batching')
-" "$TOKENS" "$packed_s" "$padded_s" "$PACKED_STEPS" "$PADDED_STEPS" "$PAD_FRAC"
+# The same steps see the same data in every repeat: each step's fastest time filters out other load.
+/usr/bin/python3 - "$work" "$REPEAT" "$TOKENS" "$PACKED_STEPS" "$PADDED_STEPS" "$PAD_FRAC" <<'EOF'
+import json, sys
+work, R, tok, pk, pd, pad = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5]), float(sys.argv[6])
+def epoch_seconds(mode):
+    runs = [[json.loads(l)["ms"] for l in open(f"{work}/{mode}.{r}.jsonl")] for r in range(1, R + 1)]
+    return sum(min(step) for step in zip(*runs)) / 1e3
+ps, ds = epoch_seconds("packed"), epoch_seconds("padded")
+print(f"packed: {pk} steps, {ps:.1f} s, {tok / ps:.0f} real tokens/s (no padding)")
+print(f"padded: {pd} steps, {ds:.1f} s, {tok / ds:.0f} real tokens/s ({pad:.1%} of the computed tokens are padding)")
+print(f"gain: packing trains {ds / ps:.2f}x the real tokens per second of padded batching")
+EOF
