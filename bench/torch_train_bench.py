@@ -13,7 +13,7 @@ import time
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests", "peer"))
-from torch_gpt2 import forward, param_names  # noqa: E402
+from torch_gpt2 import forward, param_names, param_shape  # noqa: E402
 
 ap = argparse.ArgumentParser()
 ap.add_argument("config")
@@ -26,25 +26,9 @@ a = ap.parse_args()
 torch.set_num_threads(a.threads)
 cfg = json.load(open(a.config))
 C, V, L = cfg["n_embd"], cfg["vocab_size"], cfg["n_layer"]
-shapes = {"transformer.wte.weight": (V, C), "transformer.wpe.weight": (cfg["n_positions"], C)}
 P = {}
 for n in param_names(cfg):
-    if n in shapes:
-        s = shapes[n]
-    elif n.endswith("c_attn.weight"):
-        s = (C, 3 * C)
-    elif n.endswith("c_attn.bias"):
-        s = (3 * C,)
-    elif n.endswith("c_fc.weight"):
-        s = (C, 4 * C)
-    elif n.endswith("c_fc.bias"):
-        s = (4 * C,)
-    elif n.endswith("mlp.c_proj.weight"):
-        s = (4 * C, C)
-    elif n.endswith("attn.c_proj.weight"):
-        s = (C, C)
-    else:
-        s = (C,)
+    s = param_shape(cfg, n)
     P[n] = (torch.randn(s) * 0.02 if len(s) > 1 else torch.ones(s)).requires_grad_(True)
 opt = torch.optim.AdamW(list(P.values()), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.1, foreach=True)
 x = torch.randint(0, V, (a.batch, a.seq))

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 
 here = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(here, "..", "peer"))
-from torch_gpt2 import forward, load_checkpoint, param_names, write_safetensors  # noqa: E402
+from torch_gpt2 import param_shape, forward, load_checkpoint, param_names, write_safetensors  # noqa: E402
 
 kiln, work = sys.argv[1], sys.argv[2]
 os.makedirs(work, exist_ok=True)
@@ -45,24 +45,7 @@ def write_model(d, cfg, seed):
     C, V = cfg["n_embd"], cfg["vocab_size"]
     W = {}
     for n in param_names(cfg):
-        if n.endswith("wte.weight"):
-            s = (V, C)
-        elif n.endswith("wpe.weight"):
-            s = (cfg["n_positions"], C)
-        elif n.endswith("c_attn.weight"):
-            s = (C, 3 * C)
-        elif n.endswith("c_attn.bias"):
-            s = (3 * C,)
-        elif n.endswith("c_fc.weight"):
-            s = (C, 4 * C)
-        elif n.endswith("c_fc.bias"):
-            s = (4 * C,)
-        elif n.endswith("mlp.c_proj.weight"):
-            s = (4 * C, C)
-        elif n.endswith("attn.c_proj.weight"):
-            s = (C, C)
-        else:
-            s = (C,)
+        s = param_shape(cfg, n)
         if n.endswith("ln_1.weight") or n.endswith("ln_2.weight") or n.endswith("ln_f.weight"):
             W[n] = 1.0 + 0.1 * torch.randn(s, generator=g)
         elif len(s) == 1:

@@ -16,7 +16,7 @@ import torch
 
 here = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(here, "..", "peer"))
-from torch_gpt2 import param_names, read_safetensors, write_safetensors  # noqa: E402
+from torch_gpt2 import param_names, param_shape, read_safetensors, write_safetensors  # noqa: E402
 
 kiln, work = sys.argv[1], sys.argv[2]
 os.makedirs(work, exist_ok=True)
@@ -28,17 +28,9 @@ json.dump(cfg, open(os.path.join(init, "config.json"), "w"))
 # Initial weights: GPT-2-like scales, non-trivial LayerNorm gains and biases so every gradient matters.
 g = torch.Generator().manual_seed(1234)
 C = cfg["n_embd"]
-shapes = {"transformer.wte.weight": (cfg["vocab_size"], C), "transformer.wpe.weight": (cfg["n_positions"], C),
-          "transformer.ln_f.weight": (C,), "transformer.ln_f.bias": (C,)}
-for l in range(cfg["n_layer"]):
-    p = f"transformer.h.{l}."
-    shapes.update({p + "ln_1.weight": (C,), p + "ln_1.bias": (C,), p + "attn.c_attn.weight": (C, 3 * C),
-                   p + "attn.c_attn.bias": (3 * C,), p + "attn.c_proj.weight": (C, C), p + "attn.c_proj.bias": (C,),
-                   p + "ln_2.weight": (C,), p + "ln_2.bias": (C,), p + "mlp.c_fc.weight": (C, 4 * C),
-                   p + "mlp.c_fc.bias": (4 * C,), p + "mlp.c_proj.weight": (4 * C, C), p + "mlp.c_proj.bias": (C,)})
 W = {}
 for n in param_names(cfg):
-    s = shapes[n]
+    s = param_shape(cfg, n)
     if n.endswith("ln_1.weight") or n.endswith("ln_2.weight") or n.endswith("ln_f.weight"):
         W[n] = 1.0 + 0.1 * torch.randn(s, generator=g)
     elif len(s) == 1:

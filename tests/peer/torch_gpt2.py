@@ -69,6 +69,17 @@ def param_names(cfg):
     return names + ["transformer.ln_f.weight", "transformer.ln_f.bias"]
 
 
+def param_shape(cfg, name):
+    """Hugging Face GPT-2 shape of a parameter (Conv1D weights are [in, out])."""
+    C, V = cfg["n_embd"], cfg["vocab_size"]
+    for suffix, shape in [("wte.weight", (V, C)), ("wpe.weight", (cfg["n_positions"], C)),
+                          ("c_attn.weight", (C, 3 * C)), ("c_attn.bias", (3 * C,)), ("c_fc.weight", (C, 4 * C)),
+                          ("c_fc.bias", (4 * C,)), ("mlp.c_proj.weight", (4 * C, C)), ("attn.c_proj.weight", (C, C))]:
+        if name.endswith(suffix):
+            return shape
+    return (C,)
+
+
 def forward(P, cfg, idx):
     """idx: [B, T] token ids -> logits [B, T, V]."""
     B, T = idx.shape
