@@ -16,6 +16,9 @@
 // matrix; the backward recomputes probabilities from lse. ref:: materialises the full score matrix.
 #pragma once
 #include <cstdint>
+#include <vector>
+
+#include "core/error.h"
 
 namespace kiln {
 
@@ -26,6 +29,31 @@ struct AttentionParams {
   const int32_t* cu_seqlens = nullptr;  // [num_seqs + 1], optional
   int num_seqs = 0;
 };
+
+// One sequence's rows: [start, start + len).
+struct AttentionSpan {
+  int64_t start, len;
+};
+
+// The sequences the tokens form (B rows of T, or the packed cu_seqlens), validated; N is the total token count.
+inline std::vector<AttentionSpan> attention_spans(const AttentionParams& p, int64_t& N) {
+  KILN_CHECK(p.NH >= 1 && p.HD >= 1, "attention: NH (", p.NH, ") and HD (", p.HD, ") must be positive");
+  std::vector<AttentionSpan> s;
+  if (p.cu_seqlens == nullptr) {
+    KILN_CHECK(p.B >= 0 && p.T >= 0, "attention: B (", p.B, ") and T (", p.T, ") must be non-negative");
+    for (int b = 0; b < p.B; b++) s.push_back({int64_t(b) * p.T, p.T});
+    N = int64_t(p.B) * p.T;
+    return s;
+  }
+  KILN_CHECK(p.num_seqs >= 0, "attention: num_seqs (", p.num_seqs, ") must be non-negative");
+  KILN_CHECK(p.cu_seqlens[0] == 0, "attention: cu_seqlens[0] is ", p.cu_seqlens[0], ", expected 0");
+  for (int i = 0; i < p.num_seqs; i++) {
+    KILN_CHECK(p.cu_seqlens[i + 1] >= p.cu_seqlens[i], "attention: cu_seqlens decreases at index ", i + 1);
+    s.push_back({p.cu_seqlens[i], p.cu_seqlens[i + 1] - p.cu_seqlens[i]});
+  }
+  N = p.cu_seqlens[p.num_seqs];
+  return s;
+}
 
 namespace cpu {
 void attention_forward(float* out, float* lse, const float* qkv, const AttentionParams& p);

@@ -90,21 +90,27 @@ bool is_val_document(uint64_t seed, uint64_t index, double val_fraction) {
   return u < val_fraction;
 }
 
-PrepareStats prepare_data(const PrepareOptions& opt) {
-  KILN_CHECK(opt.val_fraction >= 0 && opt.val_fraction <= 1, "--val-fraction must be in [0, 1], got ",
-             opt.val_fraction);
-  KILN_CHECK(opt.shard_tokens > 0 && opt.shard_tokens <= INT32_MAX, "--shard-tokens must be in [1, 2^31), got ",
-             opt.shard_tokens);
-  KILN_CHECK(!opt.inputs.empty(), "no input files given");
-  KILN_CHECK(!opt.out.empty(), "no output directory given");
+std::vector<std::string> check_and_expand_inputs(const std::vector<std::string>& patterns, const std::string& out,
+                                                 double val_fraction, int64_t shard_tokens) {
+  KILN_CHECK(val_fraction >= 0 && val_fraction <= 1, "--val-fraction must be in [0, 1], got ", val_fraction);
+  KILN_CHECK(shard_tokens > 0 && shard_tokens <= INT32_MAX, "--shard-tokens must be in [1, 2^31), got ",
+             shard_tokens);
+  KILN_CHECK(!patterns.empty(), "no input files given");
+  KILN_CHECK(!out.empty(), "no output directory given");
   std::vector<std::string> files;
-  for (const auto& pattern : opt.inputs)
+  for (const auto& pattern : patterns)
     for (auto& f : expand_glob(pattern)) files.push_back(f);
-  uint64_t total_bytes = 0;
-  for (const auto& f : files) {
+  for (const auto& f : files)
     KILN_CHECK(file_exists(f) && !std::filesystem::is_directory(f), f, ": no such input file");
-    total_bytes += std::filesystem::file_size(f);
-  }
+  KILN_CHECK(!files.empty(), "no input files match");
+  return files;
+}
+
+PrepareStats prepare_data(const PrepareOptions& opt) {
+  const std::vector<std::string> files =
+      check_and_expand_inputs(opt.inputs, opt.out, opt.val_fraction, opt.shard_tokens);
+  uint64_t total_bytes = 0;
+  for (const auto& f : files) total_bytes += std::filesystem::file_size(f);
   const Tokenizer tok = Tokenizer::load(opt.tokenizer);
   KILN_CHECK(tok.eot_id().has_value(), opt.tokenizer, ": the tokenizer has no end-of-text token (<|endoftext|>)");
   const uint32_t eot = *tok.eot_id();

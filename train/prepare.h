@@ -39,6 +39,11 @@ struct PrepareStats {
 PrepareStats prepare_data(const PrepareOptions& options);
 
 // True if document `index` goes to the validation split.
+// Shared by `data prepare` and `data prepare-sft`: checks the split/shard options and expands the input
+// patterns into existing regular files (throws naming the first problem).
+std::vector<std::string> check_and_expand_inputs(const std::vector<std::string>& patterns, const std::string& out,
+                                                 double val_fraction, int64_t shard_tokens);
+
 bool is_val_document(uint64_t seed, uint64_t index, double val_fraction);
 
 }  // namespace kiln

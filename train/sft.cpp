@@ -155,18 +155,8 @@ class MaskedShardWriter {
 }  // namespace
 
 SftPrepareStats prepare_sft(const SftPrepareOptions& opt) {
-  KILN_CHECK(opt.val_fraction >= 0 && opt.val_fraction <= 1, "--val-fraction must be in [0, 1], got ",
-             opt.val_fraction);
-  KILN_CHECK(opt.shard_tokens > 0 && opt.shard_tokens <= INT32_MAX, "--shard-tokens must be in [1, 2^31), got ",
-             opt.shard_tokens);
-  KILN_CHECK(!opt.inputs.empty(), "no input files given");
-  KILN_CHECK(!opt.out.empty(), "no output directory given");
-  std::vector<std::string> files;
-  for (const auto& pattern : opt.inputs)
-    for (auto& f : expand_glob(pattern)) files.push_back(f);
-  for (const auto& f : files)
-    KILN_CHECK(file_exists(f) && !std::filesystem::is_directory(f), f, ": no such input file");
-  KILN_CHECK(!files.empty(), "no input files match");
+  const std::vector<std::string> files =
+      check_and_expand_inputs(opt.inputs, opt.out, opt.val_fraction, opt.shard_tokens);
   const Tokenizer tok = Tokenizer::load(opt.tokenizer);
   KILN_CHECK(tok.eot_id().has_value(), opt.tokenizer, ": the tokenizer has no end-of-text token (<|endoftext|>)");
 

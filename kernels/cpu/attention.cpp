@@ -165,29 +165,12 @@ void bgemm(float* C, int64_t ldc, int rows, int lanes, const float* S, int64_t s
   }
 }
 
-struct Span {
-  int64_t start, len;
-};
+using Span = AttentionSpan;
 
 // Validated sequences; N is the total token count.
 std::vector<Span> spans(const AttentionParams& p, int64_t& N) {
-  KILN_CHECK(p.NH >= 1, "attention: NH is ", p.NH, ", must be positive");
   KILN_CHECK(p.HD >= 16 && p.HD % 16 == 0, "attention: HD is ", p.HD, ", the CPU kernel needs a multiple of 16");
-  std::vector<Span> s;
-  if (p.cu_seqlens == nullptr) {
-    KILN_CHECK(p.B >= 0 && p.T >= 0, "attention: B (", p.B, ") and T (", p.T, ") must be non-negative");
-    for (int b = 0; b < p.B; b++) s.push_back({int64_t(b) * p.T, p.T});
-    N = int64_t(p.B) * p.T;
-    return s;
-  }
-  KILN_CHECK(p.num_seqs >= 0, "attention: num_seqs is ", p.num_seqs, ", must be non-negative");
-  KILN_CHECK(p.cu_seqlens[0] == 0, "attention: cu_seqlens[0] is ", p.cu_seqlens[0], ", expected 0");
-  for (int i = 0; i < p.num_seqs; i++) {
-    KILN_CHECK(p.cu_seqlens[i + 1] >= p.cu_seqlens[i], "attention: cu_seqlens decreases at index ", i + 1);
-    s.push_back({p.cu_seqlens[i], p.cu_seqlens[i + 1] - p.cu_seqlens[i]});
-  }
-  N = p.cu_seqlens[p.num_seqs];
-  return s;
+  return attention_spans(p, N);
 }
 
 // Σ a[d]·b[d] over n (a multiple of 16) floats, in a fixed order.

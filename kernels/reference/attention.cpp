@@ -11,29 +11,8 @@
 namespace kiln::ref {
 namespace {
 
-struct Span {
-  int64_t start, len;
-};
-
-// The sequences the tokens form, validated; N is the total token count.
-std::vector<Span> spans(const AttentionParams& p, int64_t& N) {
-  KILN_CHECK(p.NH >= 1 && p.HD >= 1, "attention: NH (", p.NH, ") and HD (", p.HD, ") must be positive");
-  std::vector<Span> s;
-  if (p.cu_seqlens == nullptr) {
-    KILN_CHECK(p.B >= 0 && p.T >= 0, "attention: B (", p.B, ") and T (", p.T, ") must be non-negative");
-    for (int b = 0; b < p.B; b++) s.push_back({int64_t(b) * p.T, p.T});
-    N = int64_t(p.B) * p.T;
-    return s;
-  }
-  KILN_CHECK(p.num_seqs >= 0, "attention: num_seqs (", p.num_seqs, ") must be non-negative");
-  KILN_CHECK(p.cu_seqlens[0] == 0, "attention: cu_seqlens[0] is ", p.cu_seqlens[0], ", expected 0");
-  for (int i = 0; i < p.num_seqs; i++) {
-    KILN_CHECK(p.cu_seqlens[i + 1] >= p.cu_seqlens[i], "attention: cu_seqlens decreases at index ", i + 1);
-    s.push_back({p.cu_seqlens[i], p.cu_seqlens[i + 1] - p.cu_seqlens[i]});
-  }
-  N = p.cu_seqlens[p.num_seqs];
-  return s;
-}
+using Span = AttentionSpan;
+std::vector<Span> spans(const AttentionParams& p, int64_t& N) { return attention_spans(p, N); }
 
 // Scaled, masked scores of one (sequence, head) followed by a row softmax: P[i*T + j]; lse[i] is the log
 // of row i's softmax denominator including its max.

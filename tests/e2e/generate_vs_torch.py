@@ -25,7 +25,7 @@ import torch.nn.functional as F
 
 here = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(here, "..", "peer"))
-from torch_gpt2 import param_shape, forward, load_checkpoint, param_names, write_safetensors  # noqa: E402
+from torch_gpt2 import random_weights, forward, load_checkpoint, param_names, write_safetensors  # noqa: E402
 
 kiln, work = sys.argv[1], sys.argv[2]
 os.makedirs(work, exist_ok=True)
@@ -41,17 +41,7 @@ def check(cond, what):
 def write_model(d, cfg, seed):
     os.makedirs(d, exist_ok=True)
     json.dump(cfg, open(os.path.join(d, "config.json"), "w"))
-    g = torch.Generator().manual_seed(seed)
-    C, V = cfg["n_embd"], cfg["vocab_size"]
-    W = {}
-    for n in param_names(cfg):
-        s = param_shape(cfg, n)
-        if n.endswith("ln_1.weight") or n.endswith("ln_2.weight") or n.endswith("ln_f.weight"):
-            W[n] = 1.0 + 0.1 * torch.randn(s, generator=g)
-        elif len(s) == 1:
-            W[n] = 0.05 * torch.randn(s, generator=g)
-        else:
-            W[n] = 0.1 * torch.randn(s, generator=g)
+    W, _ = random_weights(cfg, seed, 0.05, 0.1)
     write_safetensors(os.path.join(d, "model.safetensors"), W)
 
 

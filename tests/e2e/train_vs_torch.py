@@ -16,7 +16,7 @@ import torch
 
 here = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(here, "..", "peer"))
-from torch_gpt2 import param_names, param_shape, read_safetensors, write_safetensors  # noqa: E402
+from torch_gpt2 import param_names, random_weights, read_safetensors, write_safetensors  # noqa: E402
 
 kiln, work = sys.argv[1], sys.argv[2]
 os.makedirs(work, exist_ok=True)
@@ -26,17 +26,8 @@ os.makedirs(init, exist_ok=True)
 json.dump(cfg, open(os.path.join(init, "config.json"), "w"))
 
 # Initial weights: GPT-2-like scales, non-trivial LayerNorm gains and biases so every gradient matters.
-g = torch.Generator().manual_seed(1234)
+W, g = random_weights(cfg, 1234, 0.02, 0.05)
 C = cfg["n_embd"]
-W = {}
-for n in param_names(cfg):
-    s = param_shape(cfg, n)
-    if n.endswith("ln_1.weight") or n.endswith("ln_2.weight") or n.endswith("ln_f.weight"):
-        W[n] = 1.0 + 0.1 * torch.randn(s, generator=g)
-    elif len(s) == 1:
-        W[n] = 0.02 * torch.randn(s, generator=g)
-    else:
-        W[n] = 0.05 * torch.randn(s, generator=g)
 write_safetensors(os.path.join(init, "model.safetensors"), W)
 
 # A shard with structure to learn: a noisy repeating pattern over the vocabulary.

@@ -80,6 +80,19 @@ def param_shape(cfg, name):
     return (C,)
 
 
+def random_weights(cfg, seed, bias_std, weight_std):
+    """Random test weights: LayerNorm gains 1 ± 0.1, biases N(0, bias_std), matrices N(0, weight_std)."""
+    g = torch.Generator().manual_seed(seed)
+    W = {}
+    for n in param_names(cfg):
+        s = param_shape(cfg, n)
+        if n.endswith("ln_1.weight") or n.endswith("ln_2.weight") or n.endswith("ln_f.weight"):
+            W[n] = 1.0 + 0.1 * torch.randn(s, generator=g)
+        else:
+            W[n] = (bias_std if len(s) == 1 else weight_std) * torch.randn(s, generator=g)
+    return W, g
+
+
 def forward(P, cfg, idx):
     """idx: [B, T] token ids -> logits [B, T, V]."""
     B, T = idx.shape
