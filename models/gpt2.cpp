@@ -116,7 +116,6 @@ void GPT2::Activations::allocate(Arena& ar, const GPT2Config& cfg, int64_t N, Re
     ckpt_in.push_back(encoded);
     for (int s = pol.k; s < L; s += pol.k) ckpt_in.push_back(ar.alloc(N * C));
     final_out = ar.alloc(N * C);
-    spare_out = ar.alloc(N * C);
   } else {
     final_out = L ? out.back() : encoded;
   }
@@ -232,7 +231,7 @@ void GPT2::backward(const int32_t* tokens, const int32_t* pos) {
       // Recompute the segment's forward from its kept input, keeping every activation this time.
       const float* x = a_.ckpt_in[size_t(seg)];
       for (int l = s; l < e; l++) {
-        float* y = l == e - 1 ? a_.spare_out : a_.out[size_t(l - s)];
+        float* y = l == e - 1 ? nullptr : a_.out[size_t(l - s)];  // the segment's output is not needed
         blocks_[l].forward(y, x, a_.blocks[size_t(l - s)], a_.scratch, last_attn_, N);
         x = y;
       }

@@ -86,7 +86,6 @@ class GPT2 {
     std::vector<float*> out;                     // none/selective: each layer's output; every:K: segment's
     std::vector<float*> ckpt_in;                 // every:K: input of each segment (ckpt_in[0] = encoded)
     float* final_out = nullptr;                  // [N, C]  input of the final LayerNorm
-    float* spare_out = nullptr;                  // every:K: a recomputed block output nobody reads
     float *lnf_out = nullptr, *lnf_mean = nullptr, *lnf_rstd = nullptr;
     float* dlnf = nullptr;                       // [N, C]
     float* logits = nullptr;                     // [chunk, V]

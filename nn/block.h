@@ -45,7 +45,8 @@ struct Block {
 
   static Block bind(const LayerParams& p, const LayerParams* g, int C, int n_head, float eps);
 
-  // y = block(x); x and y are [N, C] and may not alias.
+  // y = block(x); x and y are [N, C] and may not alias. y == nullptr records the activations only (the
+  // backward never reads y, so recomputation skips the last projection).
   void forward(float* y, const float* x, BlockActivations& a, BlockScratch& s, const AttentionParams& ap,
                int64_t N) const;
   // On entry dy holds dL/dy; on return it holds dL/dx. Uses the activations of the forward on x.
