@@ -39,7 +39,9 @@ std::vector<std::vector<uint32_t>> read_split(const std::string& dir, const std:
     for (int64_t k = 0; k < shard.size(); k++) stream.push_back(shard[k]);
   }
   std::vector<std::vector<uint32_t>> docs;
-  if (!stream.empty()) EXPECT_EQ(starts.at(0), 0);
+  if (!stream.empty()) {
+    EXPECT_EQ(starts.at(0), 0);
+  }
   for (size_t d = 0; d < starts.size(); d++) {
     int64_t end = d + 1 < starts.size() ? starts[d + 1] : int64_t(stream.size());
     docs.emplace_back(stream.begin() + starts[d], stream.begin() + end);

@@ -42,7 +42,10 @@ void memory_plan(const MemoryOptions& o) {
     return std::array<double, 3>{ww, gg, oo};
   };
   const double MB = 1024.0 * 1024.0;
-  nlohmann::json j = {{"params", cfg.num_params()},  {"batch", o.batch},        {"seq", o.seq},
+  // What kiln itself allocates on one process: fp32 weights, gradients and both moments, plus the 16-bit
+  // weight copies in mixed precision (kiln keeps fp32 gradients on the CPU).
+  const double kiln_state = psi * (mixed ? 18 : 16);
+  nlohmann::json j = {{"params", cfg.num_params()}, {"param_floats", psi}, {"kiln_single_process_bytes", kiln_state + acts},  {"batch", o.batch},        {"seq", o.seq},
                       {"dtype", o.dtype},             {"recompute", policy.str()}, {"ranks", o.ranks},
                       {"activations_bytes", acts}};
   for (int s = 0; s <= 3; s++) {
@@ -60,7 +63,9 @@ void memory_plan(const MemoryOptions& o) {
   std::printf("  weights      %10.1f MB\n  gradients    %10.1f MB\n  optimizer    %10.1f MB\n  activations  %10.1f MB\n"
               "  total        %10.1f MB  (ZeRO stage %d over %d ranks, per rank)\n",
               ww / MB, gg / MB, oo / MB, acts / MB, (ww + gg + oo + acts) / MB, o.zero_stage, o.ranks);
-  std::printf("  per rank by ZeRO stage:");
+  std::printf("  kiln on one process (fp32 gradients and moments%s): %.1f MB\n",
+              mixed ? ", fp32 master + 16-bit weight copies" : "", (kiln_state + acts) / MB);
+  std::printf("  per rank by ZeRO stage (paper's accounting):");
   for (int s = 0; s <= 3; s++) {
     auto [a, b, c] = per_rank(s);
     std::printf("  %d: %.1f MB", s, (a + b + c + acts) / MB);

@@ -1,0 +1,46 @@
+"""kiln memory against an independent count: parameter floats from the GPT-2 shapes (each tensor padded to
+16 floats, as the parameter block lays them out), ZeRO per-rank bytes from the paper's accounting
+(fp32: 4Ψ + 4Ψ + 8Ψ; 16-bit: 2Ψ + 2Ψ + 12Ψ; stage 1 shards the optimizer, 2 also gradients, 3 also weights),
+and activations that shrink with recomputation. Bad flags give one-line errors.
+
+usage: memory_plan.py KILN_BINARY
+"""
+import json
+import subprocess
+import sys
+
+kiln = sys.argv[1]
+cfg_path = __file__.rsplit("/", 3)[0] + "/bench/gpt2-124m.json"
+cfg = json.load(open(cfg_path))
+C, V, L, P = cfg["n_embd"], cfg["vocab_size"], cfg["n_layer"], cfg["n_positions"]
+pad = lambda n: (n + 15) // 16 * 16
+per_layer = [C, C, C * 3 * C, 3 * C, C * C, C, C, C, C * 4 * C, 4 * C, 4 * C * C, C]
+psi = pad(V * C) + pad(P * C) + L * sum(pad(n) for n in per_layer) + 2 * pad(C)
+
+
+def plan(*flags):
+    r = subprocess.run([kiln, "memory", "--model", cfg_path, "--json"] + list(flags), capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    return json.loads(r.stdout)
+
+
+ok = True
+for dtype, (w, g, o) in [("fp32", (4, 4, 8)), ("bf16", (2, 2, 12))]:
+    j = plan("--dtype", dtype, "--ranks", "8")
+    ok &= j["params"] == 124439808 and j["param_floats"] == psi
+    for stage in range(4):
+        z = j[f"zero{stage}"]
+        want = (psi * w / (8 if stage >= 3 else 1), psi * g / (8 if stage >= 2 else 1), psi * o / (8 if stage >= 1 else 1))
+        got = (z["weights_bytes"], z["gradients_bytes"], z["optimizer_bytes"])
+        if any(abs(a - b) > 0.5 for a, b in zip(got, want)):
+            print(f"{dtype} stage {stage}: got {got}, want {want}")
+            ok = False
+none, block = plan()["activations_bytes"], plan("--recompute", "block")["activations_bytes"]
+print(f"param floats {psi}; activations none {none / 2**20:.1f} MB, block {block / 2**20:.1f} MB")
+ok &= block * 4 < none
+for bad in [["--zero-stage", "4"], ["--ranks", "0"], ["--recompute", "every:0"], ["--dtype", "fp8"]]:
+    r = subprocess.run([kiln, "memory", "--model", cfg_path] + bad, capture_output=True, text=True)
+    lines = r.stderr.strip().splitlines()
+    ok &= r.returncode != 0 and len(lines) == 1
+print("PASS" if ok else "FAIL")
+sys.exit(0 if ok else 1)
