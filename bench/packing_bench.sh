@@ -14,18 +14,13 @@ work="$(mktemp -d /tmp/kiln_packing_bench.XXXXXX)"
 trap 'rm -rf "$work"' EXIT
 
 # A byte-level tokenizer (GPT-2 files, no merges), the corpus, and the model config.
-/usr/bin/python3 - "$work" "$DOCS" "$T" "$L" "$C" <<'EOF'
+KILN_PEER_DIR="$here/tests/peer" /usr/bin/python3 - "$work" "$DOCS" "$T" "$L" "$C" <<'EOF'
 import json, math, os, random, sys
 work, docs, T, L, C = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5])
-keep = list(range(33, 127)) + list(range(161, 173)) + list(range(174, 256))
-b2u, n = {}, 0
-for b in range(256):
-    if b in keep:
-        b2u[b] = chr(b)
-    else:
-        b2u[b] = chr(256 + n)
-        n += 1
-order = sorted(range(256), key=lambda b: (0 if b2u[b] == chr(b) else 1, ord(b2u[b])))
+sys.path.insert(0, os.environ["KILN_PEER_DIR"])
+from gpt2_bytes import byte_order, bytes_to_unicode
+b2u = bytes_to_unicode()
+order = byte_order(b2u)
 os.makedirs(f"{work}/tok")
 json.dump({**{b2u[b]: i for i, b in enumerate(order)}, "<|endoftext|>": 256}, open(f"{work}/tok/encoder.json", "w"))
 open(f"{work}/tok/vocab.bpe", "w").write("#version: 0.2\n")

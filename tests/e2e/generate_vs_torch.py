@@ -26,6 +26,7 @@ import torch.nn.functional as F
 here = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(here, "..", "peer"))
 from torch_gpt2 import random_weights, forward, load_checkpoint, param_names, write_safetensors  # noqa: E402
+from gpt2_bytes import byte_order as gpt2_byte_order, bytes_to_unicode  # noqa: E402
 
 kiln, work = sys.argv[1], sys.argv[2]
 os.makedirs(work, exist_ok=True)
@@ -107,22 +108,10 @@ check(r.stdout.decode().split() == [str(t) for t in ref], "text mode without a t
 # ---- 3: a tokenizer, text prompts, streaming bytes, end-of-text, --stop ------------------------------------
 
 
-def bytes_to_unicode():
-    keep = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
-    mapping, n = {}, 0
-    for b in range(256):
-        if b in keep:
-            mapping[b] = chr(b)
-        else:
-            mapping[b] = chr(256 + n)
-            n += 1
-    return mapping
-
-
 b2u = bytes_to_unicode()
 merges_text = [("Ġ", "t"), ("h", "e"), ("Ġt", "he"), ("i", "n"), ("Ġ", "a"), ("e", "r"), ("o", "n"), ("Ġ", "s"),
                ("e", "s"), ("Ã", "©")]  # the last one is "é" (C3 A9) as one token
-byte_order = sorted(range(256), key=lambda b: (0 if b2u[b] == chr(b) else 1, ord(b2u[b])))
+byte_order = gpt2_byte_order(b2u)
 vocab = [b2u[b] for b in byte_order] + [a + b for a, b in merges_text] + ["<|endoftext|>"]
 eot = len(vocab) - 1
 u2b = {v: k for k, v in b2u.items()}

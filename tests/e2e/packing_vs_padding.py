@@ -31,6 +31,7 @@ import torch.nn.functional as F
 here = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(here, "..", "peer"))
 from torch_gpt2 import forward, load_checkpoint, param_names, read_shard, write_safetensors  # noqa: E402
+from gpt2_bytes import byte_order as gpt2_byte_order, bytes_to_unicode  # noqa: E402
 
 kiln, work = sys.argv[1], sys.argv[2]
 shutil.rmtree(work, ignore_errors=True)
@@ -53,20 +54,8 @@ def run(args, env=None, expect=0):
 
 
 # ---- a byte-level tokenizer without merges (GPT-2 file format) -------------------------------------------------
-def bytes_to_unicode():
-    keep = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
-    mapping, n = {}, 0
-    for b in range(256):
-        if b in keep:
-            mapping[b] = chr(b)
-        else:
-            mapping[b] = chr(256 + n)
-            n += 1
-    return mapping
-
-
 b2u = bytes_to_unicode()
-byte_order = sorted(range(256), key=lambda b: (0 if b2u[b] == chr(b) else 1, ord(b2u[b])))
+byte_order = gpt2_byte_order(b2u)
 byte_id = {b: i for i, b in enumerate(byte_order)}
 EOT = 256
 tok_dir = os.path.join(work, "tokenizer")
