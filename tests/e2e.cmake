@@ -20,3 +20,7 @@ set_tests_properties(e2e.mixed_precision PROPERTIES LABELS e2e TIMEOUT 300)
 
 add_test(NAME e2e.memory_plan COMMAND ${KILN_PY} ${CMAKE_SOURCE_DIR}/tests/e2e/memory_plan.py $<TARGET_FILE:kiln>)
 set_tests_properties(e2e.memory_plan PROPERTIES LABELS e2e TIMEOUT 120)
+
+add_test(NAME e2e.cli_errors
+         COMMAND ${KILN_PY} ${CMAKE_SOURCE_DIR}/tests/e2e/cli_errors.py $<TARGET_FILE:kiln> ${CMAKE_BINARY_DIR}/e2e/cli_errors)
+set_tests_properties(e2e.cli_errors PROPERTIES LABELS e2e TIMEOUT 120)
