@@ -4,6 +4,7 @@
 // conversion and sum in double. The only difference allowed there is fp32 accumulation error.
 #include <immintrin.h>
 
+#include <bit>
 #include <cmath>
 #include <cstring>
 #include <limits>
@@ -19,16 +20,8 @@ using namespace kiln;
 
 namespace {
 
-uint32_t bits(float x) {
-  uint32_t b;
-  std::memcpy(&b, &x, 4);
-  return b;
-}
-float from_bits(uint32_t b) {
-  float x;
-  std::memcpy(&x, &b, 4);
-  return x;
-}
+uint32_t bits(float x) { return std::bit_cast<uint32_t>(x); }
+float from_bits(uint32_t b) { return std::bit_cast<float>(b); }
 
 // Special values, ties, subnormals and a spread of random bit patterns and random normals.
 std::vector<float> conversion_inputs() {

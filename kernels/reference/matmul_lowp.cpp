@@ -1,5 +1,6 @@
 // Naive reference for the 16-bit-operand products: bit-level scalar conversions written from the IEEE
 // formats, every operand rounded on its own, sums in double. Used only by tests.
+#include <bit>
 #include <cstring>
 
 #include "kernels/matmul_lowp.h"
@@ -11,16 +12,8 @@ const char* lowp_type_name(LowpType t) { return t == LowpType::BF16 ? "bf16" : "
 namespace ref {
 
 namespace {
-uint32_t bits_of(float x) {
-  uint32_t b;
-  std::memcpy(&b, &x, 4);
-  return b;
-}
-float float_of(uint32_t b) {
-  float x;
-  std::memcpy(&x, &b, 4);
-  return x;
-}
+uint32_t bits_of(float x) { return std::bit_cast<uint32_t>(x); }
+float float_of(uint32_t b) { return std::bit_cast<float>(b); }
 }  // namespace
 
 // bf16 is the top half of an fp32: add just under half an ulp, plus one if the kept part is odd (ties
