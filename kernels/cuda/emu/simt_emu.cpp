@@ -1,0 +1,489 @@
+// The SIMT emulator's scheduler, warp collectives and emulated CUDA runtime (see simt_emu.h).
+#include "kernels/cuda/emu/simt_emu.h"
+
+#include <sys/mman.h>
+#include <ucontext.h>
+
+#include <atomic>
+#include <chrono>
+#include <cstdio>
+#include <cstdlib>
+#include <exception>
+#include <memory>
+#include <mutex>
+#include <string>
+#include <vector>
+
+#include "core/error.h"
+
+namespace kiln::emu {
+namespace {
+
+constexpr size_t kStackBytes = 256 * 1024;
+constexpr size_t kSlotBytes = 64;
+constexpr size_t kMaxSmem = 227 * 1024;  // Hopper's per-block opt-in limit
+
+struct Fiber {
+  ucontext_t ctx;
+  dim3 tid;
+  int linear = 0;
+  bool done = false;
+  char* stack = nullptr;
+};
+
+struct Warp {
+  int live = 0, arrived = 0;
+  uint64_t gen = 0;
+  const char* what = nullptr;
+  alignas(16) unsigned char slot[2][32][kSlotBytes];
+};
+
+// One OS thread's emulation state: the block it is running and the fibers that run it.
+struct Runner {
+  dim3 bidx, bdim, gdim;
+  std::vector<unsigned char> smem;
+  size_t smem_bytes = 0;
+  std::vector<Fiber> fibers;
+  std::vector<Warp> warps;
+  int live = 0, bar_arrived = 0;
+  uint64_t bar_gen = 0, events = 0;
+  ucontext_t sched;
+  Fiber* cur = nullptr;
+  const std::function<void()>* body = nullptr;
+  std::string failure;  // set by a fiber that found a bug; the scheduler throws it
+  char* stacks = nullptr;
+  size_t stacks_count = 0;
+
+  ~Runner() {
+    if (stacks) munmap(stacks, stacks_count * kStackBytes);
+  }
+  void ensure_stacks(size_t n) {
+    if (n <= stacks_count) return;
+    if (stacks) munmap(stacks, stacks_count * kStackBytes);
+    void* p = mmap(nullptr, n * kStackBytes, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE,
+                   -1, 0);
+    KILN_CHECK(p != MAP_FAILED, "SIMT emulator: cannot map ", n, " fiber stacks");
+    stacks = static_cast<char*>(p);
+    stacks_count = n;
+  }
+};
+
+thread_local Runner* t_runner = nullptr;
+
+Runner& runner() {
+  if (t_runner == nullptr) {
+    std::fprintf(stderr, "SIMT emulator: a device function was called outside a kernel launch\n");
+    std::abort();
+  }
+  return *t_runner;
+}
+
+void yield(Runner& r) { swapcontext(&r.cur->ctx, &r.sched); }
+
+// A bug found inside a fiber: record it and park the fiber for good (the scheduler stops the launch).
+[[noreturn]] void fiber_fail(Runner& r, std::string msg) {
+  if (r.failure.empty()) r.failure = std::move(msg);
+  for (;;) yield(r);
+}
+
+void fiber_entry() {
+  Runner& r = *t_runner;
+  (*r.body)();
+  Fiber& f = *r.cur;
+  f.done = true;
+  r.live--;
+  r.events++;
+  // A thread that exits no longer counts towards barriers it has not reached.
+  if (r.bar_arrived > 0 && r.bar_arrived == r.live) {
+    r.bar_arrived = 0;
+    r.bar_gen++;
+  }
+  Warp& w = r.warps[f.linear / 32];
+  w.live--;
+  if (w.arrived > 0 && w.arrived == w.live) {
+    w.arrived = 0;
+    w.gen++;
+  }
+  // Returning switches to uc_link (the scheduler).
+}
+
+std::string thread_name(const Fiber& f, const Runner& r) {
+  return str("block (", r.bidx.x, ",", r.bidx.y, ",", r.bidx.z, ") thread (", f.tid.x, ",", f.tid.y, ",", f.tid.z,
+             ")");
+}
+
+void run_block(Runner& r) {
+  const int n = int(r.bdim.x * r.bdim.y * r.bdim.z);
+  // Shared memory starts as NaN bytes, so a read before a write poisons the result instead of passing.
+  std::memset(r.smem.data(), 0xff, r.smem_bytes);
+  r.fibers.assign(size_t(n), Fiber{});
+  r.warps.assign(size_t((n + 31) / 32), Warp{});
+  for (int i = 0; i < n; i++) r.warps[size_t(i / 32)].live++;
+  r.live = n;
+  r.bar_arrived = 0;
+  r.ensure_stacks(size_t(n));
+  for (int i = 0; i < n; i++) {
+    Fiber& f = r.fibers[size_t(i)];
+    f.linear = i;
+    f.tid = dim3(unsigned(i) % r.bdim.x, (unsigned(i) / r.bdim.x) % r.bdim.y, unsigned(i) / (r.bdim.x * r.bdim.y));
+    f.stack = r.stacks + size_t(i) * kStackBytes;
+    getcontext(&f.ctx);
+    f.ctx.uc_stack.ss_sp = f.stack;
+    f.ctx.uc_stack.ss_size = kStackBytes;
+    f.ctx.uc_link = &r.sched;
+    makecontext(&f.ctx, fiber_entry, 0);
+  }
+  while (r.live > 0) {
+    uint64_t before = r.events;
+    for (Fiber& f : r.fibers) {
+      if (f.done) continue;
+      r.cur = &f;
+      swapcontext(&r.sched, &f.ctx);
+      if (!r.failure.empty()) fail(r.failure);
+    }
+    if (r.live > 0 && r.events == before) {
+      const Fiber* waiting = nullptr;
+      for (const Fiber& f : r.fibers)
+        if (!f.done) waiting = &f;
+      fail("SIMT emulator: deadlock in block (", r.bidx.x, ",", r.bidx.y, ",", r.bidx.z, "): ", r.live,
+           " threads wait at a barrier or warp collective that the others never reach (e.g. ",
+           thread_name(*waiting, r), ")");
+    }
+  }
+}
+
+// Graph capture: launches and copies on a capturing stream are recorded instead of run.
+struct StreamState {
+  bool capturing = false;
+  std::vector<std::function<void()>> recorded;
+};
+}  // namespace
+}  // namespace kiln::emu
+
+struct CUstream_st {
+  kiln::emu::StreamState st;
+};
+struct CUevent_st {
+  std::chrono::steady_clock::time_point t;
+};
+struct CUgraph_st {
+  std::vector<std::function<void()>> ops;
+};
+struct CUgraphExec_st {
+  std::vector<std::function<void()>> ops;
+};
+
+namespace kiln::emu {
+namespace {
+CUstream_st g_default_stream;
+CUstream_st* stream_of(cudaStream_t s) { return s ? s : &g_default_stream; }
+
+// Runs op now, or records it if the stream is capturing.
+cudaError_t on_stream(cudaStream_t s, std::function<void()> op) {
+  CUstream_st* st = stream_of(s);
+  if (st->st.capturing)
+    st->st.recorded.push_back(std::move(op));
+  else
+    op();
+  return cudaSuccess;
+}
+}  // namespace
+
+const dim3& thread_idx() { return runner().cur->tid; }
+const dim3& block_idx() { return runner().bidx; }
+const dim3& block_dim() { return runner().bdim; }
+const dim3& grid_dim() { return runner().gdim; }
+char* block_smem() { return reinterpret_cast<char*>(runner().smem.data()); }
+
+void syncthreads() {
+  Runner& r = runner();
+  uint64_t gen = r.bar_gen;
+  r.events++;
+  if (++r.bar_arrived == r.live) {
+    r.bar_arrived = 0;
+    r.bar_gen++;
+    return;
+  }
+  while (r.bar_gen == gen) yield(r);
+}
+
+void warp_exchange(const void* mine, void* all, size_t bytes, const char* what) {
+  Runner& r = runner();
+  if (bytes > kSlotBytes) fiber_fail(r, str("SIMT emulator: ", what, " exchanges more than 64 bytes"));
+  Warp& w = r.warps[size_t(r.cur->linear / 32)];
+  const int lane = r.cur->linear & 31;
+  const uint64_t gen = w.gen;
+  const int buf = int(gen & 1);
+  if (w.arrived == 0) {
+    w.what = what;
+  } else if (std::strcmp(w.what, what) != 0) {
+    fiber_fail(r, str("SIMT emulator: warp divergence in block (", r.bidx.x, ",", r.bidx.y, ",", r.bidx.z, "): ",
+                      thread_name(*r.cur, r), " is at ", what, " while its warp is at ", w.what));
+  }
+  std::memcpy(w.slot[buf][lane], mine, bytes);
+  r.events++;
+  if (++w.arrived == w.live) {
+    w.arrived = 0;
+    w.gen++;
+  } else {
+    while (w.gen == gen) yield(r);
+  }
+  for (int l = 0; l < 32; l++) std::memcpy(static_cast<char*>(all) + size_t(l) * bytes, w.slot[buf][l], bytes);
+}
+
+void check_smem(const void* p, size_t bytes, size_t align, const char* what) {
+  Runner& r = runner();
+  auto a = reinterpret_cast<uintptr_t>(p);
+  auto lo = reinterpret_cast<uintptr_t>(r.smem.data());
+  if (a < lo || a + bytes > lo + r.smem_bytes)
+    fiber_fail(r, str("SIMT emulator: ", what, " at shared offset ", int64_t(a - lo), " (+", bytes,
+                      " bytes) outside the block's ", r.smem_bytes, " bytes of shared memory, ",
+                      thread_name(*r.cur, r)));
+  if (a % align != 0)
+    fiber_fail(r, str("SIMT emulator: ", what, " address not ", align, "-byte aligned, ", thread_name(*r.cur, r)));
+}
+
+namespace {
+float bf(uint32_t reg, int half) {
+  uint32_t u = half ? (reg & 0xffff0000u) : (reg << 16);
+  float f;
+  std::memcpy(&f, &u, 4);
+  return f;
+}
+}  // namespace
+
+void warp_mma_bf16_16816(float d[4], const uint32_t a[4], const uint32_t b[2], const float c[4]) {
+  struct Frag {
+    uint32_t a[4], b[2];
+    float c[4];
+  } mine, all[32];
+  std::memcpy(mine.a, a, sizeof mine.a);
+  std::memcpy(mine.b, b, sizeof mine.b);
+  std::memcpy(mine.c, c, sizeof mine.c);
+  warp_exchange(&mine, all, sizeof(Frag), "mma.m16n8k16");
+  // Who holds A[row][k] and B[k][n] (the layouts in simt.cuh).
+  auto A = [&](int row, int k) {
+    const Frag& f = all[(row % 8) * 4 + (k % 8) / 2];
+    return bf(f.a[(row >= 8 ? 1 : 0) + (k >= 8 ? 2 : 0)], k & 1);
+  };
+  auto B = [&](int k, int n) {
+    const Frag& f = all[n * 4 + (k % 8) / 2];
+    return bf(f.b[k >= 8 ? 1 : 0], k & 1);
+  };
+  const int lane = int(thread_idx().x) & 31, g = lane / 4, t = lane % 4;
+  for (int i = 0; i < 4; i++) {
+    int row = g + (i >= 2 ? 8 : 0), col = 2 * t + (i & 1);
+    double acc = 0;  // products of bf16 are exact in fp32; sum them exactly, round once
+    for (int k = 0; k < 16; k++) acc += double(A(row, k)) * double(B(k, col));
+    d[i] = float(acc + double(c[i]));
+  }
+}
+
+void warp_ldmatrix(uint32_t* r, int count, bool trans, const void* smem_row) {
+  const int lane = int(thread_idx().x) & 31;
+  if (lane < 8 * count) check_smem(smem_row, 16, 16, "ldmatrix row");
+  const void* rows[32];
+  warp_exchange(&smem_row, rows, sizeof(void*), trans ? "ldmatrix.trans" : "ldmatrix");
+  auto elem = [&](int m, int row, int col) {
+    uint16_t v;
+    std::memcpy(&v, static_cast<const char*>(rows[8 * m + row]) + 2 * col, 2);
+    return uint32_t(v);
+  };
+  for (int m = 0; m < count; m++) {
+    if (!trans)
+      r[m] = elem(m, lane / 4, 2 * (lane % 4)) | (elem(m, lane / 4, 2 * (lane % 4) + 1) << 16);
+    else
+      r[m] = elem(m, 2 * (lane % 4), lane / 4) | (elem(m, 2 * (lane % 4) + 1, lane / 4) << 16);
+  }
+}
+
+void launch(dim3 grid, dim3 block, size_t smem_bytes, cudaStream_t stream, std::function<void()> body) {
+  const size_t threads = size_t(block.x) * block.y * block.z;
+  KILN_CHECK(threads >= 1 && threads <= 1024, "SIMT emulator: block of ", threads, " threads (1..1024 allowed)");
+  KILN_CHECK(smem_bytes <= kMaxSmem, "SIMT emulator: ", smem_bytes, " bytes of dynamic shared memory (at most ",
+             kMaxSmem, ")");
+  KILN_CHECK(grid.y <= 65535 && grid.z <= 65535, "SIMT emulator: grid (", grid.x, ",", grid.y, ",", grid.z,
+             ") exceeds the y/z limit of 65535");
+  on_stream(stream, [grid, block, smem_bytes, body = std::move(body)] {
+    const int64_t nblocks = int64_t(grid.x) * grid.y * grid.z;
+    std::string error;
+    std::mutex error_mu;
+#pragma omp parallel
+    {
+      Runner r;
+      r.gdim = grid;
+      r.bdim = block;
+      r.smem.resize(smem_bytes + 16);
+      r.smem_bytes = smem_bytes;
+      r.body = &body;
+      t_runner = &r;
+#pragma omp for schedule(dynamic, 1)
+      for (int64_t b = 0; b < nblocks; b++) {
+        {
+          std::lock_guard<std::mutex> lock(error_mu);
+          if (!error.empty()) continue;
+        }
+        r.bidx = dim3(unsigned(b % grid.x), unsigned((b / grid.x) % grid.y), unsigned(b / (int64_t(grid.x) * grid.y)));
+        try {
+          run_block(r);
+        } catch (const std::exception& e) {
+          std::lock_guard<std::mutex> lock(error_mu);
+          if (error.empty()) error = e.what();
+        }
+      }
+      t_runner = nullptr;
+    }
+    if (!error.empty()) fail(error);
+  });
+}
+
+}  // namespace kiln::emu
+
+// ---- Atomics (blocks may run on several OS threads at once) ----
+float atomicAdd(float* p, float v) { return std::atomic_ref<float>(*p).fetch_add(v); }
+double atomicAdd(double* p, double v) { return std::atomic_ref<double>(*p).fetch_add(v); }
+int atomicAdd(int* p, int v) { return std::atomic_ref<int>(*p).fetch_add(v); }
+unsigned atomicAdd(unsigned* p, unsigned v) { return std::atomic_ref<unsigned>(*p).fetch_add(v); }
+unsigned long long atomicAdd(unsigned long long* p, unsigned long long v) {
+  return std::atomic_ref<unsigned long long>(*p).fetch_add(v);
+}
+int atomicMax(int* p, int v) {
+  std::atomic_ref<int> a(*p);
+  int old = a.load();
+  while (old < v && !a.compare_exchange_weak(old, v)) {
+  }
+  return old;
+}
+int atomicCAS(int* p, int compare, int v) {
+  std::atomic_ref<int> a(*p);
+  a.compare_exchange_strong(compare, v);
+  return compare;
+}
+
+// ---- The emulated CUDA runtime ----
+using kiln::emu::on_stream;
+using kiln::emu::stream_of;
+
+const char* cudaGetErrorString(cudaError_t e) {
+  switch (e) {
+    case cudaSuccess: return "no error";
+    case cudaErrorInvalidValue: return "invalid argument";
+    case cudaErrorMemoryAllocation: return "out of memory";
+    case cudaErrorNoDevice: return "no CUDA-capable device is detected";
+    case cudaErrorStreamCaptureInvalidated: return "operation not permitted when stream is capturing";
+  }
+  return "unknown error";
+}
+cudaError_t cudaGetLastError() { return cudaSuccess; }
+cudaError_t cudaPeekAtLastError() { return cudaSuccess; }
+cudaError_t cudaGetDeviceCount(int* n) {
+  *n = 1;
+  return cudaSuccess;
+}
+cudaError_t cudaSetDevice(int d) { return d == 0 ? cudaSuccess : cudaErrorInvalidValue; }
+cudaError_t cudaGetDevice(int* d) {
+  *d = 0;
+  return cudaSuccess;
+}
+cudaError_t cudaGetDeviceProperties(cudaDeviceProp* p, int) {
+  std::memset(p, 0, sizeof *p);
+  std::snprintf(p->name, sizeof p->name, "kiln SIMT emulator (sm_90 semantics)");
+  p->totalGlobalMem = size_t(8) << 30;
+  p->sharedMemPerBlockOptin = kiln::emu::kMaxSmem;
+  p->multiProcessorCount = 4;
+  p->major = 9;
+  p->minor = 0;
+  return cudaSuccess;
+}
+cudaError_t cudaMemGetInfo(size_t* free_bytes, size_t* total_bytes) {
+  *free_bytes = *total_bytes = size_t(8) << 30;
+  return cudaSuccess;
+}
+cudaError_t cudaMalloc(void** p, size_t bytes) {
+  // Fresh device memory is garbage on a GPU: fill it with NaN bytes so code relying on zeros fails here.
+  *p = std::aligned_alloc(256, (bytes + 255) / 256 * 256 + 256);
+  if (*p == nullptr) return cudaErrorMemoryAllocation;
+  std::memset(*p, 0xff, bytes);
+  return cudaSuccess;
+}
+cudaError_t cudaFree(void* p) {
+  std::free(p);
+  return cudaSuccess;
+}
+cudaError_t cudaMallocHost(void** p, size_t bytes) { return cudaMalloc(p, bytes); }
+cudaError_t cudaFreeHost(void* p) { return cudaFree(p); }
+cudaError_t cudaMemcpy(void* dst, const void* src, size_t bytes, cudaMemcpyKind) {
+  if (bytes) std::memmove(dst, src, bytes);
+  return cudaSuccess;
+}
+cudaError_t cudaMemcpyAsync(void* dst, const void* src, size_t bytes, cudaMemcpyKind, cudaStream_t s) {
+  return on_stream(s, [=] {
+    if (bytes) std::memmove(dst, src, bytes);
+  });
+}
+cudaError_t cudaMemset(void* p, int value, size_t bytes) {
+  std::memset(p, value, bytes);
+  return cudaSuccess;
+}
+cudaError_t cudaMemsetAsync(void* p, int value, size_t bytes, cudaStream_t s) {
+  return on_stream(s, [=] { std::memset(p, value, bytes); });
+}
+cudaError_t cudaDeviceSynchronize() { return cudaSuccess; }
+cudaError_t cudaStreamCreate(cudaStream_t* s) {
+  *s = new CUstream_st;
+  return cudaSuccess;
+}
+cudaError_t cudaStreamDestroy(cudaStream_t s) {
+  delete s;
+  return cudaSuccess;
+}
+cudaError_t cudaStreamSynchronize(cudaStream_t s) {
+  return stream_of(s)->st.capturing ? cudaErrorStreamCaptureInvalidated : cudaSuccess;
+}
+cudaError_t cudaEventCreate(cudaEvent_t* e) {
+  *e = new CUevent_st;
+  return cudaSuccess;
+}
+cudaError_t cudaEventDestroy(cudaEvent_t e) {
+  delete e;
+  return cudaSuccess;
+}
+cudaError_t cudaEventRecord(cudaEvent_t e, cudaStream_t s) {
+  return on_stream(s, [e] { e->t = std::chrono::steady_clock::now(); });
+}
+cudaError_t cudaEventSynchronize(cudaEvent_t) { return cudaSuccess; }
+cudaError_t cudaEventElapsedTime(float* ms, cudaEvent_t start, cudaEvent_t end) {
+  *ms = std::chrono::duration<float, std::milli>(end->t - start->t).count();
+  return cudaSuccess;
+}
+cudaError_t cudaStreamBeginCapture(cudaStream_t s, cudaStreamCaptureMode) {
+  CUstream_st* st = stream_of(s);
+  if (st->st.capturing) return cudaErrorInvalidValue;
+  st->st.capturing = true;
+  st->st.recorded.clear();
+  return cudaSuccess;
+}
+cudaError_t cudaStreamEndCapture(cudaStream_t s, cudaGraph_t* g) {
+  CUstream_st* st = stream_of(s);
+  if (!st->st.capturing) return cudaErrorInvalidValue;
+  st->st.capturing = false;
+  *g = new CUgraph_st{std::move(st->st.recorded)};
+  st->st.recorded.clear();
+  return cudaSuccess;
+}
+cudaError_t cudaGraphInstantiate(cudaGraphExec_t* exec, cudaGraph_t g, unsigned long long) {
+  *exec = new CUgraphExec_st{g->ops};
+  return cudaSuccess;
+}
+cudaError_t cudaGraphLaunch(cudaGraphExec_t exec, cudaStream_t s) {
+  for (auto& op : exec->ops) on_stream(s, op);
+  return cudaSuccess;
+}
+cudaError_t cudaGraphExecDestroy(cudaGraphExec_t exec) {
+  delete exec;
+  return cudaSuccess;
+}
+cudaError_t cudaGraphDestroy(cudaGraph_t g) {
+  delete g;
+  return cudaSuccess;
+}

@@ -1,0 +1,26 @@
+# GPU backend tests (tests/gpu/). The same sources build twice: kiln_gpu_tests_emu runs every CUDA kernel on
+# the SIMT emulator (label unit: runs in CI without a GPU); kiln_gpu_tests runs them on the real device
+# (label cuda: `ctest -L cuda` on a GPU machine; each test skips when no GPU is present).
+file(GLOB KILN_GPU_TEST_SOURCES CONFIGURE_DEPENDS ${CMAKE_SOURCE_DIR}/tests/gpu/test_*.cpp)
+file(GLOB KILN_GPU_TEST_KERNELS CONFIGURE_DEPENDS ${CMAKE_SOURCE_DIR}/tests/gpu/*.cu)
+
+set(KILN_GPU_TEST_EMU_KERNELS "")
+foreach(cu ${KILN_GPU_TEST_KERNELS})
+  get_filename_component(name ${cu} NAME_WE)
+  set(wrapper ${CMAKE_BINARY_DIR}/emu/tests_${name}_emu.cpp)
+  file(CONFIGURE OUTPUT ${wrapper} CONTENT "// Generated: tests/gpu/${name}.cu for the SIMT emulator.\n#include \"tests/gpu/${name}.cu\"\n")
+  list(APPEND KILN_GPU_TEST_EMU_KERNELS ${wrapper})
+endforeach()
+
+add_executable(kiln_gpu_tests_emu ${KILN_GPU_TEST_SOURCES} ${KILN_GPU_TEST_EMU_KERNELS})
+target_link_libraries(kiln_gpu_tests_emu PRIVATE kiln_gpu_emu kiln_lib GTest::gtest GTest::gtest_main)
+target_compile_definitions(kiln_gpu_tests_emu PRIVATE KILN_TEST_EMULATED=1 KILN_SOURCE_DIR="${CMAKE_SOURCE_DIR}")
+gtest_discover_tests(kiln_gpu_tests_emu DISCOVERY_TIMEOUT 60 TEST_PREFIX "emu." PROPERTIES LABELS unit)
+
+if(KILN_CUDA)
+  add_executable(kiln_gpu_tests ${KILN_GPU_TEST_SOURCES} ${KILN_GPU_TEST_KERNELS})
+  target_link_libraries(kiln_gpu_tests PRIVATE kiln_cuda kiln_lib GTest::gtest GTest::gtest_main)
+  target_compile_definitions(kiln_gpu_tests PRIVATE KILN_SOURCE_DIR="${CMAKE_SOURCE_DIR}")
+  # Discovery would run the binary at build time; list the tests when ctest runs instead.
+  gtest_discover_tests(kiln_gpu_tests DISCOVERY_MODE PRE_TEST TEST_PREFIX "cuda." PROPERTIES LABELS cuda)
+endif()
