@@ -4,6 +4,7 @@
 //   p -= lr · (wd·p + (m / (1-b1^t)) / (sqrt(v / (1-b2^t)) + eps))
 // t is the 1-based step count. Also the global gradient norm used for clipping.
 #pragma once
+#include <cstddef>
 #include <cstdint>
 
 namespace kiln {
@@ -21,6 +22,15 @@ void adamw_update(float* param, float* grad, float* m, float* v, int64_t n, cons
 // Sum of squares in double precision (threaded).
 double sum_squares(const float* x, int64_t n);
 }  // namespace cpu
+// cuda:: (kernels/cuda/adamw.cu): fused AdamW on fp32 master weights; also writes the bf16 copy the matmuls
+// read (param16, may be null) and, when h.zero_grad, clears the gradient it read. sum_squares adds the
+// squared norm of x into *out (a device float; the caller zeroes it) with a deterministic two-pass reduction.
+namespace cuda {
+void adamw_update(float* param, uint16_t* param16, float* grad, float* m, float* v, int64_t n, const AdamWHyper& h,
+                  void* stream);
+size_t sum_squares_scratch_floats(int64_t n);
+void sum_squares(float* out, const float* x, int64_t n, float* scratch, void* stream);
+}  // namespace cuda
 namespace ref {
 void adamw_update(float* param, const float* grad, float* m, float* v, int64_t n, const AdamWHyper& h);
 double sum_squares(const float* x, int64_t n);

@@ -28,6 +28,9 @@ struct AttentionParams {
   float scale = 0.125f;
   const int32_t* cu_seqlens = nullptr;  // [num_seqs + 1], optional
   int num_seqs = 0;
+  // cuda:: with cu_seqlens (a device array there): the longest sequence and the total token count.
+  int max_seqlen = 0;
+  int64_t total_tokens = 0;
 };
 
 // One sequence's rows: [start, start + len).
@@ -60,6 +63,16 @@ void attention_forward(float* out, float* lse, const float* qkv, const Attention
 void attention_backward(float* dqkv, const float* dout, const float* qkv, const float* out, const float* lse,
                         const AttentionParams& p);
 }  // namespace cpu
+// cuda:: (kernels/cuda/attention.cu): FlashAttention of our own on tensor cores (mma.sync m16n8k16, bf16
+// operands, fp32 accumulation and softmax), head dims 64 and 128, causal or not, packed sequences through
+// cu_seqlens. qkv/out/dout/dqkv are bf16, lse fp32 [NH, N]. The backward needs
+// attention_backward_scratch_bytes(p) bytes of device scratch (fp32 dQ accumulators).
+namespace cuda {
+void attention_forward(uint16_t* out, float* lse, const uint16_t* qkv, const AttentionParams& p, void* stream);
+size_t attention_backward_scratch_bytes(const AttentionParams& p);
+void attention_backward(uint16_t* dqkv, const uint16_t* dout, const uint16_t* qkv, const uint16_t* out,
+                        const float* lse, const AttentionParams& p, void* scratch, void* stream);
+}  // namespace cuda
 namespace ref {
 void attention_forward(float* out, float* lse, const float* qkv, const AttentionParams& p);
 void attention_backward(float* dqkv, const float* dout, const float* qkv, const float* out, const float* lse,

@@ -40,6 +40,32 @@ struct DecodeAttentionParams {
 namespace cpu {
 void decode_attention(const DecodeAttentionParams& p);
 }
+// cuda:: (kernels/cuda/decode_attention.cu): the same step on the GPU with a bf16 KV cache, split along the
+// cached sequence (flash-decoding) when the cache is long, the splits merged by a second kernel. Every
+// position is read from device memory (past_per_seq) and grids are sized by max_past, so a captured CUDA graph
+// replays correctly step after step.
+namespace cuda {
+struct DecodeAttention {
+  int B = 1, Tq = 1;
+  const int32_t* past_per_seq = nullptr;  // device [B]: cached positions before the first query
+  int max_past = 0;                       // upper bound of past + Tq (the cache capacity)
+  int NH = 1, HD = 64;
+  float scale = 0.125f;
+  const uint16_t* q = nullptr;
+  int64_t q_stride = 0;
+  const uint16_t* k = nullptr;
+  const uint16_t* v = nullptr;
+  int64_t kv_batch_stride = 0, kv_stride = 0;
+  uint16_t* out = nullptr;
+  int64_t out_stride = 0;
+};
+size_t decode_attention_scratch_bytes(const DecodeAttention& p);
+void decode_attention(const DecodeAttention& p, void* scratch, void* stream);
+// Writes the Tq new keys and values of each sequence (from the fused QKV rows, [B·Tq, 3, NH, HD]) into the
+// cache at positions past_per_seq[b] .. + Tq - 1.
+void kv_cache_append(uint16_t* k_cache, uint16_t* v_cache, const uint16_t* qkv, const int32_t* past_per_seq, int B,
+                     int Tq, int NH, int HD, int64_t kv_batch_stride, void* stream);
+}  // namespace cuda
 namespace ref {
 void decode_attention(const DecodeAttentionParams& p);
 }
