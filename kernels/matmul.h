@@ -20,6 +20,35 @@ void matmul_backward(float* dinp, float* dweight, float* dbias, const float* dou
                      const float* weight, int64_t N, int C, int OC);
 }  // namespace cpu
 
+// cuda:: (kernels/cuda/matmul.cu): bf16 operands (uint16_t storage), fp32 accumulation, through cuBLASLt on the
+// GPU. Row-major calls are translated once into cuBLASLt's column-major call (C^T = op(B)^T · op(A)^T); the
+// emulated build runs that same column-major call (transposes, m/n/k, leading dimensions, alpha/beta, bias
+// and GELU epilogues) as plain loops, so the translation is tested without a GPU. cuBLASLt's plans (matmul
+// descriptor, layouts, heuristic's algorithm) are cached per shape, the 32 MiB workspace is allocated once:
+// a steady-state step does no cuBLASLt setup and no allocation. Everything runs on `stream`
+// (kiln::gpu::stream(); the plans' shared bias scratch assumes one stream). Bad shapes fail naming the call.
+//
+// cuBLASLt wants a bf16 output's bias in bf16 (the bias type is D's type), so a bf16-output matmul first
+// rounds the fp32 bias into a bf16 scratch copy (OC <= 65536); fp32-output calls take the fp32 bias as is.
+namespace cuda {
+// out[N, OC] = inp · weight + bias (bias may be null). With gelu_pre: gelu_pre = inp · weight + bias and
+// out = gelu_tanh(gelu_pre) (cuBLASLt's GELU_AUX epilogue when OC % 8 == 0, else a separate pass).
+void matmul_forward(uint16_t* out, const uint16_t* inp, const uint16_t* weight, const float* bias, int64_t N,
+                    int C, int OC, void* stream, uint16_t* gelu_pre = nullptr);
+// out = residual + inp · weight + bias in fp32 (the fused residual add; out may alias residual).
+void matmul_forward_residual(float* out, const float* residual, const uint16_t* inp, const uint16_t* weight,
+                             const float* bias, int64_t N, int C, int OC, void* stream);
+// dinp (bf16, overwritten) = dout · weight^T; dweight (fp32) += inp^T · dout, accumulated by the matmul itself
+// (beta = 1); dbias (fp32) += dout's column sums (a deterministic reduction). dinp and dbias may be null.
+void matmul_backward(uint16_t* dinp, float* dweight, float* dbias, const uint16_t* dout, const uint16_t* inp,
+                     const uint16_t* weight, int64_t N, int C, int OC, void* stream);
+// Row-major like cpu::gemm; with beta == 0, C is not read. bf16 or fp32 output.
+void gemm(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, float alpha, const uint16_t* A,
+          int64_t lda, const uint16_t* B, int64_t ldb, float beta, uint16_t* C, int64_t ldc, void* stream);
+void gemm(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, float alpha, const uint16_t* A,
+          int64_t lda, const uint16_t* B, int64_t ldb, float beta, float* C, int64_t ldc, void* stream);
+}  // namespace cuda
+
 namespace ref {
 void gemm(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, float alpha, const float* A,
           int64_t lda, const float* B, int64_t ldb, float beta, float* C, int64_t ldc);

@@ -1,0 +1,282 @@
+// cuda:: matrix products (kernels/cuda/matmul.cu) against the fp32 reference kernels run on the same
+// bf16-rounded inputs. Tolerances per element: fp32 outputs 1e-4 relative plus 1e-5 of the sum of |terms|
+// (the products are exact, only the fp32 sums differ); bf16 outputs 8e-3 relative (bf16 rounding), plus
+// the bf16 rounding of the bias (the bf16-output path adds a bf16 copy of it) and of GELU's input.
+#include <gtest/gtest.h>
+
+#include <cmath>
+#include <string>
+#include <type_traits>
+
+#include "core/gpu.h"
+#include "kernels/activation.h"
+#include "kernels/matmul.h"
+#include "tests/gpu/gpu_test_util.h"
+
+namespace kiln {
+namespace {
+using test::DeviceVec;
+using test::from_bf16;
+using test::round_bf16;
+using test::to_bf16;
+
+std::vector<float> absv(std::vector<float> v) {
+  for (auto& x : v) x = std::fabs(x);
+  return v;
+}
+
+// |got - want| <= tol for each element; reports the worst one.
+::testing::AssertionResult within(const std::vector<float>& got, const std::vector<float>& want,
+                                  const std::vector<double>& tol) {
+  double worst = 0;
+  size_t wi = 0;
+  for (size_t i = 0; i < want.size(); i++) {
+    if (!std::isfinite(got[i])) return ::testing::AssertionFailure() << "non-finite at " << i;
+    double r = std::fabs(double(got[i]) - want[i]) / tol[i];
+    if (r > worst) worst = r, wi = i;
+  }
+  if (worst <= 1) return ::testing::AssertionSuccess();
+  return ::testing::AssertionFailure() << "index " << wi << ": " << got[wi] << " vs " << want[wi]
+                                       << " (ratio to tolerance " << worst << ")";
+}
+
+struct Linear {
+  int64_t N;
+  int C, OC;
+  std::vector<float> inp, w, bias;  // inp and w already bf16-exact
+  Linear(int64_t n, int c, int oc, uint64_t seed) : N(n), C(c), OC(oc) {
+    inp = round_bf16(test::randn(N * C, seed));
+    w = round_bf16(test::randn(int64_t(C) * OC, seed + 1, 0.2f));
+    bias = test::randn(OC, seed + 2, 0.5f);
+  }
+  // Sum of |terms| of each output, the scale of fp32 summation error.
+  std::vector<float> magnitude(bool with_bias) const {
+    std::vector<float> m(N * OC);
+    auto ab = absv(bias);
+    ref::matmul_forward(m.data(), absv(inp).data(), absv(w).data(), with_bias ? ab.data() : nullptr, N, C, OC);
+    return m;
+  }
+};
+
+void forward_case(int64_t N, int C, int OC, bool with_bias) {
+  Linear L(N, C, OC, 11);
+  std::vector<float> want(N * OC);
+  ref::matmul_forward(want.data(), L.inp.data(), L.w.data(), with_bias ? L.bias.data() : nullptr, N, C, OC);
+  auto mag = L.magnitude(with_bias);
+  DeviceVec<uint16_t> dinp(to_bf16(L.inp)), dw(to_bf16(L.w)), dout(N * OC);
+  DeviceVec<float> db(L.bias);
+  cuda::matmul_forward(dout.get(), dinp.get(), dw.get(), with_bias ? db.get() : nullptr, N, C, OC, gpu::stream());
+  auto got = from_bf16(dout.download());
+  std::vector<double> tol(want.size());
+  for (size_t i = 0; i < tol.size(); i++)
+    tol[i] = 8e-3 * std::fabs(want[i]) + (with_bias ? 4e-3 * std::fabs(L.bias[i % OC]) : 0) + 1e-5 * mag[i] + 1e-30;
+  EXPECT_TRUE(within(got, want, tol)) << "N " << N << " C " << C << " OC " << OC << " bias " << with_bias;
+}
+
+TEST(MatmulGpu, ForwardMatchesReference) {
+  KILN_REQUIRE_GPU();
+  forward_case(37, 72, 200, true);
+  forward_case(37, 72, 200, false);
+  forward_case(5, 24, 36, true);  // OC not a multiple of 8
+}
+
+// gelu_pre = inp·W + bias; out = gelu_tanh(gelu_pre): OC = 200 takes cuBLASLt's GELU_AUX_BIAS epilogue,
+// OC = 36 (aux ld not a multiple of 8) the separate GELU pass, no bias the GELU_AUX epilogue.
+void gelu_case(int64_t N, int C, int OC, bool with_bias) {
+  Linear L(N, C, OC, 21);
+  std::vector<float> pre(N * OC), want(N * OC);
+  ref::matmul_forward(pre.data(), L.inp.data(), L.w.data(), with_bias ? L.bias.data() : nullptr, N, C, OC);
+  ref::gelu_forward(want.data(), pre.data(), N * OC);
+  auto mag = L.magnitude(with_bias);
+  DeviceVec<uint16_t> dinp(to_bf16(L.inp)), dw(to_bf16(L.w)), dout(N * OC), dpre(N * OC);
+  DeviceVec<float> db(L.bias);
+  cuda::matmul_forward(dout.get(), dinp.get(), dw.get(), with_bias ? db.get() : nullptr, N, C, OC, gpu::stream(),
+                       dpre.get());
+  auto got_pre = from_bf16(dpre.download()), got = from_bf16(dout.download());
+  std::vector<double> tol_pre(pre.size()), tol(pre.size());
+  for (size_t i = 0; i < pre.size(); i++) {
+    double x = pre[i], b = with_bias ? std::fabs(L.bias[i % OC]) : 0;
+    double err_pre = 4e-3 * b + 1e-5 * mag[i];  // bias copy + fp32 sums, before rounding the result
+    tol_pre[i] = 8e-3 * std::fabs(x) + err_pre + 1e-30;
+    // GELU's slope, |gelu'(x)| <= 1.13, carries its input's error (its bf16 rounding on the separate pass).
+    double t = std::tanh(0.7978845608 * (x + 0.044715 * x * x * x));
+    double slope = std::fabs(0.5 * (1 + t) + 0.5 * x * (1 - t * t) * 0.7978845608 * (1 + 3 * 0.044715 * x * x));
+    // fp32 GELU loses the tiny tail for x << 0 (1 + tanh cancels): an absolute 1e-7·|x|.
+    tol[i] = 8e-3 * std::fabs(want[i]) + slope * (err_pre + 4e-3 * std::fabs(x)) + 1e-7 * (1 + std::fabs(x));
+  }
+  std::string what = "N " + std::to_string(N) + " C " + std::to_string(C) + " OC " + std::to_string(OC);
+  EXPECT_TRUE(within(got_pre, pre, tol_pre)) << "gelu_pre, " << what;
+  EXPECT_TRUE(within(got, want, tol)) << "gelu out, " << what;
+}
+
+TEST(MatmulGpu, ForwardGeluFusedAndSeparate) {
+  KILN_REQUIRE_GPU();
+  gelu_case(37, 72, 200, true);
+  gelu_case(6, 16, 36, true);
+  gelu_case(9, 40, 48, false);
+}
+
+TEST(MatmulGpu, ForwardResidualInPlaceAndApart) {
+  KILN_REQUIRE_GPU();
+  const int64_t N = 37;
+  const int C = 72, OC = 200;
+  Linear L(N, C, OC, 31);
+  auto residual = test::randn(N * OC, 34);
+  std::vector<float> want(N * OC);
+  ref::matmul_forward(want.data(), L.inp.data(), L.w.data(), L.bias.data(), N, C, OC);
+  auto mag = L.magnitude(true);
+  std::vector<double> tol(want.size());
+  for (size_t i = 0; i < want.size(); i++) {
+    want[i] += residual[i];
+    tol[i] = 1e-4 * std::fabs(want[i]) + 1e-5 * (mag[i] + std::fabs(residual[i]));
+  }
+  DeviceVec<uint16_t> dinp(to_bf16(L.inp)), dw(to_bf16(L.w));
+  DeviceVec<float> db(L.bias), dres(residual), dout(N * OC);
+  cuda::matmul_forward_residual(dout.get(), dres.get(), dinp.get(), dw.get(), db.get(), N, C, OC, gpu::stream());
+  EXPECT_TRUE(within(dout.download(), want, tol)) << "out apart from residual";
+  EXPECT_EQ(dres.download(), residual) << "residual changed";
+  cuda::matmul_forward_residual(dres.get(), dres.get(), dinp.get(), dw.get(), db.get(), N, C, OC, gpu::stream());
+  EXPECT_TRUE(within(dres.download(), want, tol)) << "out == residual";
+  // Without bias.
+  ref::matmul_forward(want.data(), L.inp.data(), L.w.data(), nullptr, N, C, OC);
+  for (size_t i = 0; i < want.size(); i++) want[i] += residual[i];
+  dres.upload(residual);
+  cuda::matmul_forward_residual(dres.get(), dres.get(), dinp.get(), dw.get(), nullptr, N, C, OC, gpu::stream());
+  EXPECT_TRUE(within(dres.download(), want, tol)) << "no bias";
+}
+
+TEST(MatmulGpu, BackwardOverwritesDinpAndAccumulatesDweightDbias) {
+  KILN_REQUIRE_GPU();
+  const int64_t N = 37;
+  const int C = 72, OC = 200;
+  Linear L(N, C, OC, 41);
+  auto dout = round_bf16(test::randn(N * OC, 44));
+  auto dw0 = test::randn(int64_t(C) * OC, 45), db0 = test::randn(OC, 46);
+  // Reference: the fp32 backward on the same values, accumulating into copies of the pre-filled gradients.
+  std::vector<float> want_dinp(N * C), want_dw = dw0, want_db = db0;
+  ref::matmul_backward(want_dinp.data(), want_dw.data(), want_db.data(), dout.data(), L.inp.data(), L.w.data(), N, C,
+                       OC);
+  std::vector<float> mag_dinp(N * C), mag_dw(int64_t(C) * OC, 0.0f), mag_db(OC, 0.0f);
+  ref::matmul_backward(mag_dinp.data(), mag_dw.data(), mag_db.data(), absv(dout).data(), absv(L.inp).data(),
+                       absv(L.w).data(), N, C, OC);
+
+  DeviceVec<uint16_t> ddout(to_bf16(dout)), dinp_in(to_bf16(L.inp)), dwt(to_bf16(L.w)),
+      ddinp(to_bf16(test::randn(N * C, 47)));  // garbage: dinp is overwritten
+  DeviceVec<float> ddw(dw0), ddb(db0);
+  cuda::matmul_backward(ddinp.get(), ddw.get(), ddb.get(), ddout.get(), dinp_in.get(), dwt.get(), N, C, OC,
+                        gpu::stream());
+  std::vector<double> tol_dinp(N * C), tol_dw(want_dw.size()), tol_db(OC);
+  for (size_t i = 0; i < tol_dinp.size(); i++) tol_dinp[i] = 8e-3 * std::fabs(want_dinp[i]) + 1e-5 * mag_dinp[i];
+  for (size_t i = 0; i < tol_dw.size(); i++)
+    tol_dw[i] = 1e-4 * std::fabs(want_dw[i]) + 1e-5 * (mag_dw[i] + std::fabs(dw0[i]));
+  for (int i = 0; i < OC; i++) tol_db[i] = 1e-4 * std::fabs(want_db[i]) + 1e-5 * (mag_db[i] + std::fabs(db0[i]));
+  EXPECT_TRUE(within(from_bf16(ddinp.download()), want_dinp, tol_dinp)) << "dinp";
+  EXPECT_TRUE(within(ddw.download(), want_dw, tol_dw)) << "dweight";
+  EXPECT_TRUE(within(ddb.download(), want_db, tol_db)) << "dbias";
+
+  // A second micro-batch accumulates again; null dinp/dbias are skipped.
+  cuda::matmul_backward(nullptr, ddw.get(), nullptr, ddout.get(), dinp_in.get(), dwt.get(), N, C, OC, gpu::stream());
+  std::vector<float> want_dw2 = want_dw;
+  ref::matmul_backward(nullptr, want_dw2.data(), nullptr, dout.data(), L.inp.data(), L.w.data(), N, C, OC);
+  for (size_t i = 0; i < tol_dw.size(); i++) tol_dw[i] += 1e-5 * mag_dw[i] + 1e-4 * std::fabs(want_dw2[i]);
+  EXPECT_TRUE(within(ddw.download(), want_dw2, tol_dw)) << "dweight, second accumulation";
+  EXPECT_TRUE(within(ddb.download(), want_db, tol_db)) << "dbias untouched when null";
+}
+
+// gemm against ref::gemm in all four transpose combinations, padded leading dimensions (ldc > N), alpha and
+// beta (C pre-filled), bf16 and fp32 outputs.
+template <class T>
+void gemm_case(bool ta, bool tb, int64_t M, int64_t N, int64_t K, float alpha, float beta, uint64_t seed) {
+  const int64_t lda = (ta ? M : K) + 3, ldb = (tb ? K : N) + 5, ldc = N + 7;
+  auto A = round_bf16(test::randn((ta ? K : M) * lda, seed));
+  auto B = round_bf16(test::randn((tb ? N : K) * ldb, seed + 1));
+  auto C0 = test::randn(M * ldc, seed + 2);
+  constexpr bool bf16_out = std::is_same_v<T, uint16_t>;
+  if (bf16_out) C0 = round_bf16(C0);
+  std::vector<float> want = C0, mag = absv(C0);
+  ref::gemm(ta, tb, M, N, K, alpha, A.data(), lda, B.data(), ldb, beta, want.data(), ldc);
+  ref::gemm(ta, tb, M, N, K, std::fabs(alpha), absv(A).data(), lda, absv(B).data(), ldb, std::fabs(beta), mag.data(),
+            ldc);
+  DeviceVec<uint16_t> dA(to_bf16(A)), dB(to_bf16(B));
+  std::vector<float> got;
+  if constexpr (bf16_out) {
+    DeviceVec<uint16_t> dC(to_bf16(C0));
+    cuda::gemm(ta, tb, M, N, K, alpha, dA.get(), lda, dB.get(), ldb, beta, dC.get(), ldc, gpu::stream());
+    got = from_bf16(dC.download());
+  } else {
+    DeviceVec<float> dC(C0);
+    cuda::gemm(ta, tb, M, N, K, alpha, dA.get(), lda, dB.get(), ldb, beta, dC.get(), ldc, gpu::stream());
+    got = dC.download();
+  }
+  std::vector<double> tol(want.size());
+  for (size_t i = 0; i < tol.size(); i++) {
+    bool pad = int64_t(i % ldc) >= N;  // columns past N must keep C's value exactly
+    tol[i] = pad ? 1e-30 : (bf16_out ? 8e-3 : 1e-4) * std::fabs(want[i]) + 1e-5 * mag[i] + 1e-30;
+    if (pad) want[i] = C0[i];
+  }
+  EXPECT_TRUE(within(got, want, tol)) << (bf16_out ? "bf16" : "fp32") << " trans_a " << ta << " trans_b " << tb
+                                      << " M " << M << " N " << N << " K " << K;
+}
+
+TEST(MatmulGpu, GemmAllTransposesPaddedStrides) {
+  KILN_REQUIRE_GPU();
+  for (int ta = 0; ta < 2; ta++)
+    for (int tb = 0; tb < 2; tb++) {
+      gemm_case<float>(ta, tb, 21, 37, 19, 0.75f, 0.5f, 100 + 2 * ta + tb);
+      gemm_case<uint16_t>(ta, tb, 21, 37, 19, 1.25f, 0.0f, 200 + 2 * ta + tb);
+      gemm_case<uint16_t>(ta, tb, 13, 9, 40, -1.0f, 1.0f, 300 + 2 * ta + tb);
+    }
+}
+
+// The tied LM head as GPT-2 runs it: logits[N, V] = x · wte^T with a padded vocabulary stride Vp, then
+// dx = dlogits · wte and dwte += dlogits^T · x (fp32, accumulating).
+TEST(MatmulGpu, TiedLmHeadForwardAndBackward) {
+  KILN_REQUIRE_GPU();
+  const int64_t N = 11, C = 24, V = 50, Vp = 64;
+  auto x = round_bf16(test::randn(N * C, 51));
+  auto wte = round_bf16(test::randn(Vp * C, 52, 0.3f));  // padded rows exist but are not used
+  DeviceVec<uint16_t> dx_in(to_bf16(x)), dwte(to_bf16(wte)), dlogits(N * Vp);
+  cuda::gemm(false, true, N, V, C, 1.0f, dx_in.get(), C, dwte.get(), C, 0.0f, dlogits.get(), Vp, gpu::stream());
+  std::vector<float> want(N * Vp, 0.0f), mag(N * Vp, 0.0f);
+  ref::gemm(false, true, N, V, C, 1.0f, x.data(), C, wte.data(), C, 0.0f, want.data(), Vp);
+  ref::gemm(false, true, N, V, C, 1.0f, absv(x).data(), C, absv(wte).data(), C, 0.0f, mag.data(), Vp);
+  auto logits = from_bf16(dlogits.download());
+  for (int64_t n = 0; n < N; n++)
+    for (int64_t v = 0; v < V; v++) {
+      float w = want[n * Vp + v], g = logits[n * Vp + v];
+      EXPECT_LE(std::fabs(g - w), 8e-3 * std::fabs(w) + 1e-5 * mag[n * Vp + v]) << "logit " << n << "," << v;
+    }
+
+  auto dl = round_bf16(test::randn(N * Vp, 53));
+  auto dwte0 = test::randn(Vp * C, 54);
+  DeviceVec<uint16_t> ddl(to_bf16(dl)), ddx(N * C);
+  DeviceVec<float> ddwte(dwte0);
+  cuda::gemm(false, false, N, C, V, 1.0f, ddl.get(), Vp, dwte.get(), C, 0.0f, ddx.get(), C, gpu::stream());
+  cuda::gemm(true, false, V, C, N, 1.0f, ddl.get(), Vp, dx_in.get(), C, 1.0f, ddwte.get(), C, gpu::stream());
+  std::vector<float> want_dx(N * C), mag_dx(N * C), want_dw = dwte0, mag_dw = absv(dwte0);
+  ref::gemm(false, false, N, C, V, 1.0f, dl.data(), Vp, wte.data(), C, 0.0f, want_dx.data(), C);
+  ref::gemm(false, false, N, C, V, 1.0f, absv(dl).data(), Vp, absv(wte).data(), C, 0.0f, mag_dx.data(), C);
+  ref::gemm(true, false, V, C, N, 1.0f, dl.data(), Vp, x.data(), C, 1.0f, want_dw.data(), C);
+  ref::gemm(true, false, V, C, N, 1.0f, absv(dl).data(), Vp, absv(x).data(), C, 1.0f, mag_dw.data(), C);
+  std::vector<double> tol_dx(N * C), tol_dw(Vp * C);
+  for (size_t i = 0; i < tol_dx.size(); i++) tol_dx[i] = 8e-3 * std::fabs(want_dx[i]) + 1e-5 * mag_dx[i];
+  for (size_t i = 0; i < tol_dw.size(); i++) tol_dw[i] = 1e-4 * std::fabs(want_dw[i]) + 1e-5 * mag_dw[i];
+  EXPECT_TRUE(within(from_bf16(ddx.download()), want_dx, tol_dx)) << "dx";
+  EXPECT_TRUE(within(ddwte.download(), want_dw, tol_dw)) << "dwte (rows past V keep their value)";
+}
+
+TEST(MatmulGpu, BadLeadingDimensionFailsNamingTheCall) {
+  KILN_REQUIRE_GPU();
+  DeviceVec<uint16_t> a(64), b(64), c(64);
+  try {
+    cuda::gemm(false, false, 4, 4, 4, 1.0f, a.get(), 3, b.get(), 4, 0.0f, c.get(), 4, gpu::stream());
+    FAIL() << "no error for lda < K";
+  } catch (const Error& e) {
+    std::string m = e.what();
+    EXPECT_NE(m.find("gemm"), std::string::npos) << m;
+    EXPECT_NE(m.find("leading dimension"), std::string::npos) << m;
+  }
+}
+
+}  // namespace
+}  // namespace kiln
