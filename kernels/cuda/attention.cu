@@ -13,6 +13,7 @@
 // all per warp in registers; dSᵀ goes through shared memory so the block computes dQ_tile = dS·K, added to
 // the fp32 accumulator with atomicAdd. A last kernel writes scale·dQ as bf16. dK (scaled) and dV are written
 // once per key tile. Shared-memory rows are padded by 16 bytes so ldmatrix's 8 rows fall in distinct banks.
+#include <algorithm>
 #include <cmath>
 
 #include "core/error.h"
@@ -291,6 +292,297 @@ void forward(uint16_t* out, float* lse, const uint16_t* qkv, const AttentionPara
   simt::launch(attention_fwd_kernel<HD>, grid, dim3(kFwdThreads), fwd_smem<HD>(), stream, args);
 }
 
+// ---------------------------------------------------------------------------------------------------------
+// Backward
+
+struct BwdArgs {
+  uint16_t* dqkv;
+  const uint16_t* dout;
+  const uint16_t* qkv;
+  const uint16_t* out;
+  const float* lse;
+  float* D;       // [NH, N]: rowsum(dO∘O)
+  float* dq_acc;  // [N, NH, HD] fp32
+  const int32_t* cu_seqlens;
+  int T, NH;
+  int64_t N;
+  float scale, scale_log2;
+  int causal;
+};
+
+// D[h, n] = Σ_d dO[n, h, d]·O[n, h, d] (one warp per row), and dq_acc zeroed.
+template <int HD>
+KILN_GLOBAL void attention_bwd_dot_kernel(BwdArgs a) {
+  const int64_t row = int64_t(blockIdx.x) * 8 + simt::warp_id();
+  if (row >= a.N * a.NH) return;
+  const int64_t n = row / a.NH, h = row % a.NH, off = n * a.NH * HD + h * HD;
+  const int lane = simt::lane_id();
+  const uint32_t* dy = reinterpret_cast<const uint32_t*>(a.dout + off);
+  const uint32_t* y = reinterpret_cast<const uint32_t*>(a.out + off);
+  float s = 0.0f;
+  UNROLL
+  for (int i = lane; i < HD / 2; i += 32) {
+    const uint32_t u = dy[i], v = y[i];
+    s += simt::bf16x2_lo(u) * simt::bf16x2_lo(v) + simt::bf16x2_hi(u) * simt::bf16x2_hi(v);
+    a.dq_acc[off + 2 * i] = 0.0f;
+    a.dq_acc[off + 2 * i + 1] = 0.0f;
+  }
+  s = simt::warp_sum(s);
+  if (lane == 0) a.D[h * a.N + n] = s;
+}
+
+constexpr int kBcB = 128, kBrB = 64, kBwdWarps = kBcB / 16, kBwdThreads = kBwdWarps * 32, kLdS = kBrB + 8;
+
+template <int HD>
+constexpr size_t bwd_smem() {
+  // K, V [kBcB][LD]; Q, dO [2][kBrB][LD]; dSᵀ [kBcB][kLdS]; lse, D [2][kBrB]
+  return size_t(2 * kBcB + 4 * kBrB) * (HD + 8) * sizeof(uint16_t) + size_t(kBcB) * kLdS * sizeof(uint16_t) +
+         4 * kBrB * sizeof(float);
+}
+
+template <int HD>
+KILN_GLOBAL void __launch_bounds__(kBwdThreads, 1) attention_bwd_kernel(BwdArgs a) {
+  constexpr int LD = HD + 8, KD = HD / 16, ND = HD / 8;
+  const SeqSpan sp = seq_span(a.cu_seqlens, a.T, int(blockIdx.z));
+  const int k0 = int(blockIdx.x) * kBcB;
+  if (k0 >= sp.len) return;
+  const int h = int(blockIdx.y), warp = simt::warp_id(), lane = simt::lane_id(), g = lane >> 2, t = lane & 3;
+  const int64_t C = int64_t(a.NH) * HD, ld = 3 * C;
+  const uint16_t* qg = a.qkv + sp.start * ld + int64_t(h) * HD;
+  const uint16_t* kg = qg + C;
+  const uint16_t* vg = qg + 2 * C;
+  const uint16_t* dog = a.dout + sp.start * C + int64_t(h) * HD;
+  const float* lse = a.lse + int64_t(h) * a.N + sp.start;
+  const float* Dg = a.D + int64_t(h) * a.N + sp.start;
+
+  uint16_t* sK = simt::dynamic_smem<uint16_t>();
+  uint16_t* sV = sK + kBcB * LD;
+  uint16_t* sQ = sV + kBcB * LD;      // [2][kBrB][LD]
+  uint16_t* sdO = sQ + 2 * kBrB * LD;  // [2][kBrB][LD]
+  uint16_t* sdS = sdO + 2 * kBrB * LD; // [kBcB][kLdS]: dSᵀ, keys × queries
+  float* sL = reinterpret_cast<float*>(sdS + kBcB * kLdS);  // [2][kBrB]: lse·log2(e) (+inf past the end)
+  float* sD = sL + 2 * kBrB;                                 // [2][kBrB]
+
+  auto load_queries = [&](int stage, int q0) {
+    load_tile<kBrB, HD, LD, kBwdThreads>(sQ + stage * kBrB * LD, qg + int64_t(q0) * ld, ld, sp.len - q0);
+    load_tile<kBrB, HD, LD, kBwdThreads>(sdO + stage * kBrB * LD, dog + int64_t(q0) * C, C, sp.len - q0);
+    const int i = int(threadIdx.x);
+    if (i < kBrB) {
+      const bool ok = q0 + i < sp.len;
+      sL[stage * kBrB + i] = ok ? lse[q0 + i] * kLog2e : INFINITY;  // P = exp2(-inf) = 0 on padding rows
+      sD[stage * kBrB + i] = ok ? Dg[q0 + i] : 0.0f;
+    }
+  };
+
+  load_tile<kBcB, HD, LD, kBwdThreads>(sK, kg + int64_t(k0) * ld, ld, sp.len - k0);
+  load_tile<kBcB, HD, LD, kBwdThreads>(sV, vg + int64_t(k0) * ld, ld, sp.len - k0);
+  // Causal: queries before the key tile see none of it.
+  const int qstart = a.causal ? k0 / kBrB * kBrB : 0;
+  const int nq = (sp.len - qstart + kBrB - 1) / kBrB;
+  load_queries(0, qstart);
+  simt::cp_async_commit();
+
+  const int kw = k0 + warp * 16;  // this warp's first key
+  const int key_a = kw + g, key_b = kw + g + 8;
+  float dv[ND][4], dk[ND][4];
+  UNROLL
+  for (int i = 0; i < ND; i++)
+    UNROLL
+    for (int e = 0; e < 4; e++) dv[i][e] = dk[i][e] = 0.0f;
+
+  for (int it = 0; it < nq; it++) {
+    const int q0 = qstart + it * kBrB, st = it & 1;
+    if (it + 1 < nq) {
+      load_queries(st ^ 1, q0 + kBrB);
+      simt::cp_async_commit();
+      simt::cp_async_wait<1>();
+    } else {
+      simt::cp_async_wait<0>();
+    }
+    __syncthreads();
+    const uint16_t* tQ = sQ + st * kBrB * LD;
+    const uint16_t* tdO = sdO + st * kBrB * LD;
+    const float* tL = sL + st * kBrB;
+    const float* tD = sD + st * kBrB;
+    uint32_t* dsrow_a = reinterpret_cast<uint32_t*>(sdS + (warp * 16 + g) * kLdS);
+    uint32_t* dsrow_b = reinterpret_cast<uint32_t*>(sdS + (warp * 16 + g + 8) * kLdS);
+    // Nothing to add when this warp's keys are past the end or (causal) after every query of the tile.
+    const bool active = kw < sp.len && !(a.causal && q0 + kBrB - 1 < kw);
+    if (active) {
+      float s[kBrB / 8][4], dp[kBrB / 8][4];
+      UNROLL
+      for (int i = 0; i < kBrB / 8; i++)
+        UNROLL
+        for (int e = 0; e < 4; e++) s[i][e] = dp[i][e] = 0.0f;
+      // Sᵀ = K·Qᵀ (rows: this warp's 16 keys, columns: the tile's queries)
+      UNROLL
+      for (int kk = 0; kk < KD; kk++) {
+        uint32_t ka[4];
+        load_a(ka, sK, LD, warp * 16, kk * 16);
+        UNROLL
+        for (int nb = 0; nb < kBrB / 8; nb += 2) {
+          uint32_t b[4];
+          load_b_nmajor(b, tQ, LD, nb * 8, kk * 16);
+          mma(s[nb], ka, b);
+          mma(s[nb + 1], ka, b + 2);
+        }
+      }
+      // Pᵀ = exp2(Sᵀ·scale·log2e − lse·log2e), hidden entries exactly 0.
+      const bool mask = kw + 16 > sp.len || (a.causal && q0 < kw + 15);
+      UNROLL
+      for (int nb = 0; nb < kBrB / 8; nb++)
+        UNROLL
+        for (int e = 0; e < 4; e++) {
+          const int qi = nb * 8 + 2 * t + (e & 1), key = e < 2 ? key_a : key_b;
+          float p = exp2f(s[nb][e] * a.scale_log2 - tL[qi]);
+          if (mask && (key >= sp.len || (a.causal && q0 + qi < key))) p = 0.0f;
+          s[nb][e] = p;
+        }
+      // dV += Pᵀ·dO
+      {
+        uint32_t pf[kBrB / 16][4];
+        to_a_frags<kBrB / 8>(pf, s);
+        UNROLL
+        for (int kk = 0; kk < kBrB / 16; kk++)
+          UNROLL
+          for (int nd = 0; nd < ND; nd += 2) {
+            uint32_t b[4];
+            load_b_kmajor(b, tdO, LD, nd * 8, kk * 16);
+            mma(dv[nd], pf[kk], b);
+            mma(dv[nd + 1], pf[kk], b + 2);
+          }
+      }
+      // dPᵀ = V·dOᵀ
+      UNROLL
+      for (int kk = 0; kk < KD; kk++) {
+        uint32_t va[4];
+        load_a(va, sV, LD, warp * 16, kk * 16);
+        UNROLL
+        for (int nb = 0; nb < kBrB / 8; nb += 2) {
+          uint32_t b[4];
+          load_b_nmajor(b, tdO, LD, nb * 8, kk * 16);
+          mma(dp[nb], va, b);
+          mma(dp[nb + 1], va, b + 2);
+        }
+      }
+      // dSᵀ = Pᵀ∘(dPᵀ − D)
+      UNROLL
+      for (int nb = 0; nb < kBrB / 8; nb++)
+        UNROLL
+        for (int e = 0; e < 4; e++) dp[nb][e] = s[nb][e] * (dp[nb][e] - tD[nb * 8 + 2 * t + (e & 1)]);
+      uint32_t dsf[kBrB / 16][4];
+      to_a_frags<kBrB / 8>(dsf, dp);
+      // dK += dSᵀ·Q
+      UNROLL
+      for (int kk = 0; kk < kBrB / 16; kk++)
+        UNROLL
+        for (int nd = 0; nd < ND; nd += 2) {
+          uint32_t b[4];
+          load_b_kmajor(b, tQ, LD, nd * 8, kk * 16);
+          mma(dk[nd], dsf[kk], b);
+          mma(dk[nd + 1], dsf[kk], b + 2);
+        }
+      UNROLL
+      for (int kk = 0; kk < kBrB / 16; kk++) {
+        dsrow_a[kk * 8 + t] = dsf[kk][0];
+        dsrow_b[kk * 8 + t] = dsf[kk][1];
+        dsrow_a[kk * 8 + 4 + t] = dsf[kk][2];
+        dsrow_b[kk * 8 + 4 + t] = dsf[kk][3];
+      }
+    } else {
+      UNROLL
+      for (int i = t; i < kBrB / 2; i += 4) dsrow_a[i] = dsrow_b[i] = 0u;
+    }
+    __syncthreads();  // dSᵀ complete; the Q/dO stage is no longer read (the next iteration may refill it)
+
+    // dQ[tile] += dS·K: warp w takes 16 query rows and half (8 warps) of the head dims.
+    constexpr int kRowGroups = kBrB / 16, kDimSplit = kBwdWarps / kRowGroups, NQ = ND / kDimSplit;
+    const int qr = (warp % kRowGroups) * 16, d0 = (warp / kRowGroups) * (HD / kDimSplit);
+    // Key steps of 16 that can hold a nonzero dS for these rows: none past the end, none (causal) after them.
+    int ksteps = (sp.len - k0 + 15) / 16;
+    if (a.causal) ksteps = std::min(ksteps, (q0 + qr + 16 - k0 + 15) / 16);
+    ksteps = std::min(ksteps, kBcB / 16);
+    if (q0 + qr < sp.len && ksteps > 0) {
+      float dq[NQ][4];
+      UNROLL
+      for (int i = 0; i < NQ; i++) dq[i][0] = dq[i][1] = dq[i][2] = dq[i][3] = 0.0f;
+      for (int kk = 0; kk < ksteps; kk++) {
+        uint32_t af[4];
+        load_a_trans(af, sdS, kLdS, qr, kk * 16);
+        UNROLL
+        for (int nd = 0; nd < NQ; nd += 2) {
+          uint32_t b[4];
+          load_b_kmajor(b, sK, LD, d0 + nd * 8, kk * 16);
+          mma(dq[nd], af, b);
+          mma(dq[nd + 1], af, b + 2);
+        }
+      }
+      const int row_a = q0 + qr + g, row_b = row_a + 8;
+      float* acc_a = a.dq_acc + (sp.start + row_a) * C + int64_t(h) * HD + d0 + 2 * t;
+      float* acc_b = acc_a + 8 * C;
+      UNROLL
+      for (int nd = 0; nd < NQ; nd++) {
+        if (row_a < sp.len) {
+          atomicAdd(acc_a + nd * 8, dq[nd][0]);
+          atomicAdd(acc_a + nd * 8 + 1, dq[nd][1]);
+        }
+        if (row_b < sp.len) {
+          atomicAdd(acc_b + nd * 8, dq[nd][2]);
+          atomicAdd(acc_b + nd * 8 + 1, dq[nd][3]);
+        }
+      }
+    }
+    // No barrier here: the next iteration writes dSᵀ only after its first __syncthreads.
+  }
+
+  // dK (scaled) and dV rows of this warp.
+  uint16_t* dkg = a.dqkv + sp.start * ld + C + int64_t(h) * HD;
+  uint16_t* dvg = dkg + C;
+  if (key_a < sp.len) {
+    uint32_t* rk = reinterpret_cast<uint32_t*>(dkg + int64_t(key_a) * ld);
+    uint32_t* rv = reinterpret_cast<uint32_t*>(dvg + int64_t(key_a) * ld);
+    UNROLL
+    for (int i = 0; i < ND; i++) {
+      rk[i * 4 + t] = simt::pack_bf16x2(dk[i][0] * a.scale, dk[i][1] * a.scale);
+      rv[i * 4 + t] = simt::pack_bf16x2(dv[i][0], dv[i][1]);
+    }
+  }
+  if (key_b < sp.len) {
+    uint32_t* rk = reinterpret_cast<uint32_t*>(dkg + int64_t(key_b) * ld);
+    uint32_t* rv = reinterpret_cast<uint32_t*>(dvg + int64_t(key_b) * ld);
+    UNROLL
+    for (int i = 0; i < ND; i++) {
+      rk[i * 4 + t] = simt::pack_bf16x2(dk[i][2] * a.scale, dk[i][3] * a.scale);
+      rv[i * 4 + t] = simt::pack_bf16x2(dv[i][2], dv[i][3]);
+    }
+  }
+}
+
+// dqkv's query part = bf16(scale · dq_acc), two elements per thread.
+KILN_GLOBAL void attention_bwd_dq_kernel(BwdArgs a, int HD) {
+  const int64_t C = int64_t(a.NH) * HD, pairs = a.N * C / 2;
+  for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < pairs; i += int64_t(gridDim.x) * blockDim.x) {
+    const int64_t n = i / (C / 2), c = 2 * (i % (C / 2));
+    const float* acc = a.dq_acc + n * C + c;
+    *reinterpret_cast<uint32_t*>(a.dqkv + n * 3 * C + c) = simt::pack_bf16x2(acc[0] * a.scale, acc[1] * a.scale);
+  }
+}
+
+inline size_t round_up(size_t x, size_t a) { return (x + a - 1) / a * a; }
+
+template <int HD>
+void backward(const BwdArgs& args, const AttentionParams& p, const Shape& sh, cudaStream_t stream) {
+  static const bool smem_ok = simt::allow_smem(attention_bwd_kernel<HD>, bwd_smem<HD>()) == cudaSuccess;
+  KILN_CHECK(smem_ok, "attention_backward: the device cannot give ", bwd_smem<HD>(), " bytes of shared memory");
+  const int64_t rows = sh.N * p.NH;
+  simt::launch(attention_bwd_dot_kernel<HD>, dim3(unsigned((rows + 7) / 8)), dim3(256), 0, stream, args);
+  const dim3 grid(unsigned((sh.max_len + kBcB - 1) / kBcB), unsigned(p.NH), unsigned(sh.seqs));
+  simt::launch(attention_bwd_kernel<HD>, grid, dim3(kBwdThreads), bwd_smem<HD>(), stream, args);
+  const int64_t pairs = sh.N * p.NH * HD / 2;
+  const unsigned blocks = unsigned(std::min<int64_t>((pairs + 255) / 256, 4096));
+  simt::launch(attention_bwd_dq_kernel, dim3(blocks), dim3(256), 0, stream, args, HD);
+}
+
 }  // namespace
 
 void attention_forward(uint16_t* out, float* lse, const uint16_t* qkv, const AttentionParams& p, void* stream) {
@@ -303,10 +595,26 @@ void attention_forward(uint16_t* out, float* lse, const uint16_t* qkv, const Att
   else forward<128>(out, lse, qkv, p, sh, s);
 }
 
-size_t attention_backward_scratch_bytes(const AttentionParams&) { return 0; }
-void attention_backward(uint16_t*, const uint16_t*, const uint16_t*, const uint16_t*, const float*,
-                        const AttentionParams&, void*, void*) {
-  fail("attention_backward: not implemented yet");
+size_t attention_backward_scratch_bytes(const AttentionParams& p) {
+  const Shape sh = shape_of(p, "attention_backward");
+  return round_up(size_t(sh.N) * p.NH * p.HD * sizeof(float), 256) + size_t(sh.N) * p.NH * sizeof(float);
+}
+
+void attention_backward(uint16_t* dqkv, const uint16_t* dout, const uint16_t* qkv, const uint16_t* out,
+                        const float* lse, const AttentionParams& p, void* scratch, void* stream) {
+  const Shape sh = shape_of(p, "attention_backward");
+  if (sh.N == 0 || sh.seqs == 0 || sh.max_len == 0) return;
+  KILN_CHECK(dqkv && dout && qkv && out && lse && scratch, "attention_backward: null pointer argument");
+  KILN_CHECK(reinterpret_cast<uintptr_t>(qkv) % 16 == 0 && reinterpret_cast<uintptr_t>(dout) % 16 == 0,
+             "attention_backward: qkv and dout must be 16-byte aligned");
+  float* dq_acc = static_cast<float*>(scratch);
+  float* D = reinterpret_cast<float*>(static_cast<char*>(scratch) +
+                                      round_up(size_t(sh.N) * p.NH * p.HD * sizeof(float), 256));
+  const BwdArgs args{dqkv, dout, qkv, out, lse, D, dq_acc, p.cu_seqlens, p.T, p.NH, sh.N,
+                     p.scale, p.scale * kLog2e, p.causal ? 1 : 0};
+  const auto s = static_cast<cudaStream_t>(stream);
+  if (p.HD == 64) backward<64>(args, p, sh, s);
+  else backward<128>(args, p, sh, s);
 }
 
 }  // namespace kiln::cuda

@@ -215,5 +215,19 @@ TEST(AttentionGpu, ForwardPackedSequences) {
     for (bool causal : {true, false}) check_attention(Problem(2, hd, causal, {1, 37, 64, 90}, true), false, 5 + hd);
 }
 
+TEST(AttentionGpu, BackwardBatchedHd64) {
+  KILN_REQUIRE_GPU();
+  for (bool causal : {true, false}) check_attention(Problem(2, 64, causal, {100, 100}, false), true, 11 + causal);
+}
+TEST(AttentionGpu, BackwardBatchedHd128) {
+  KILN_REQUIRE_GPU();
+  for (bool causal : {true, false}) check_attention(Problem(2, 128, causal, {130, 130}, false), true, 13 + causal);
+}
+TEST(AttentionGpu, BackwardPackedSequences) {
+  KILN_REQUIRE_GPU();
+  for (int hd : {64, 128})
+    for (bool causal : {true, false}) check_attention(Problem(2, hd, causal, {1, 37, 64, 90}, true), true, 15 + hd);
+}
+
 }  // namespace
 }  // namespace kiln
