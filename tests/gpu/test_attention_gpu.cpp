@@ -11,6 +11,7 @@
 
 #include "core/gpu.h"
 #include "kernels/attention.h"
+#include "kernels/decode_attention.h"
 #include "tests/gpu/gpu_test_util.h"
 
 namespace kiln {
@@ -227,6 +228,148 @@ TEST(AttentionGpu, BackwardPackedSequences) {
   KILN_REQUIRE_GPU();
   for (int hd : {64, 128})
     for (bool causal : {true, false}) check_attention(Problem(2, hd, causal, {1, 37, 64, 90}, true), true, 15 + hd);
+}
+
+// ---- Decode attention (kernels/cuda/decode_attention.cu) against ref::decode_attention ----
+
+struct DecodeCase {
+  int HD, Tq, NH = 2, capacity;
+  std::vector<int32_t> past;
+  int64_t C() const { return int64_t(NH) * HD; }
+  int B() const { return int(past.size()); }
+};
+
+struct DecodeData {
+  std::vector<float> qkv, kc, vc;  // bf16-rounded: QKV rows [B·Tq][3C], caches [B][capacity][C]
+};
+DecodeData decode_data(const DecodeCase& dc, uint64_t seed) {
+  const int64_t C = dc.C();
+  return {test::round_bf16(test::randn(size_t(dc.B() * dc.Tq * 3 * C), seed)),
+          test::round_bf16(test::randn(size_t(dc.B() * dc.capacity * C), seed + 1)),
+          test::round_bf16(test::randn(size_t(dc.B() * dc.capacity * C), seed + 2))};
+}
+
+// The fp32 reference and the naive bf16 yardstick (P rounded to bf16 before P·V, output rounded).
+void decode_references(const DecodeCase& dc, const DecodeData& x, std::vector<float>& ref, std::vector<float>& naive) {
+  const int64_t C = dc.C();
+  const float scale = 1.0f / std::sqrt(float(dc.HD));
+  DecodeAttentionParams rp;
+  rp.B = dc.B(), rp.Tq = dc.Tq, rp.past_per_seq = dc.past.data(), rp.NH = dc.NH, rp.HD = dc.HD, rp.scale = scale;
+  rp.q = x.qkv.data(), rp.q_stride = 3 * C, rp.k = x.kc.data(), rp.v = x.vc.data();
+  rp.kv_batch_stride = dc.capacity * C, rp.kv_stride = C;
+  ref.assign(size_t(dc.B() * dc.Tq * C), 0.0f);
+  rp.out = ref.data(), rp.out_stride = C;
+  ref::decode_attention(rp);
+  naive.assign(ref.size(), 0.0f);
+  for (int b = 0; b < dc.B(); b++)
+    for (int i = 0; i < dc.Tq; i++)
+      for (int h = 0; h < dc.NH; h++) {
+        const int64_t row = int64_t(b) * dc.Tq + i, n = dc.past[size_t(b)] + i + 1;
+        const float* q = &x.qkv[size_t(row * 3 * C + h * dc.HD)];
+        std::vector<float> s(static_cast<size_t>(n));
+        float mx = -INFINITY, sum = 0;
+        for (int64_t j = 0; j < n; j++) {
+          const float* k = &x.kc[size_t((b * dc.capacity + j) * C + h * dc.HD)];
+          float dot = 0;
+          for (int d = 0; d < dc.HD; d++) dot += q[d] * k[d];
+          mx = std::max(mx, s[size_t(j)] = dot * scale);
+        }
+        for (auto& v : s) sum += (v = std::exp(v - mx));
+        for (int d = 0; d < dc.HD; d++) {
+          float acc = 0;
+          for (int64_t j = 0; j < n; j++) acc += rb(s[size_t(j)] / sum) * x.vc[size_t((b * dc.capacity + j) * C + h * dc.HD + d)];
+          naive[size_t(row * C + h * dc.HD + d)] = rb(acc);
+        }
+      }
+}
+
+struct DecodeDevice {
+  DeviceVec<uint16_t> qkv, kc, vc, out;
+  DeviceVec<int32_t> past;
+  DeviceVec<char> scratch;
+  cuda::DecodeAttention p;
+  DecodeDevice(const DecodeCase& dc, const DecodeData& x)
+      : qkv(test::to_bf16(x.qkv)), kc(test::to_bf16(x.kc)), vc(test::to_bf16(x.vc)),
+        out(size_t(dc.B() * dc.Tq * dc.C())), past(dc.past) {
+    const int64_t C = dc.C();
+    p.B = dc.B(), p.Tq = dc.Tq, p.past_per_seq = past.get(), p.max_past = dc.capacity, p.NH = dc.NH, p.HD = dc.HD;
+    p.scale = 1.0f / std::sqrt(float(dc.HD));
+    p.q = qkv.get(), p.q_stride = 3 * C, p.k = kc.get(), p.v = vc.get();
+    p.kv_batch_stride = dc.capacity * C, p.kv_stride = C, p.out = out.get(), p.out_stride = C;
+    scratch = DeviceVec<char>(cuda::decode_attention_scratch_bytes(p));
+  }
+};
+
+void expect_decode_matches(const DecodeCase& dc, const DecodeData& x, const std::vector<float>& got) {
+  std::vector<float> ref, naive;
+  decode_references(dc, x, ref, naive);
+  std::printf("  HD %d Tq %d past {%d, %d}:", dc.HD, dc.Tq, dc.past[0], dc.past[1]);
+  expect_within_naive("decode", {max_abs_diff(got, ref), max_abs_diff(naive, ref)});
+}
+
+TEST(DecodeAttentionGpu, MatchesReferenceAcrossSplits) {
+  KILN_REQUIRE_GPU();
+  uint64_t seed = 100;
+  for (int hd : {64, 128})
+    for (int tq : {1, 3})
+      for (std::vector<int32_t> past : {std::vector<int32_t>{0, 300}, std::vector<int32_t>{77, 250}}) {
+        const DecodeCase dc{hd, tq, 2, 320, past};  // 320 positions: 5 tiles, 5 splits
+        const DecodeData x = decode_data(dc, seed += 3);
+        DecodeDevice dev(dc, x);
+        // More than one split's partials: the merge kernel is exercised.
+        EXPECT_GT(dev.scratch.n, size_t(dc.B() * tq * dc.NH * (hd + 2)) * sizeof(float));
+        cuda::decode_attention(dev.p, dev.scratch.get(), gpu::stream());
+        expect_decode_matches(dc, x, test::from_bf16(dev.out.download()));
+      }
+}
+
+TEST(DecodeAttentionGpu, SixteenQueriesContinuingAPrefix) {
+  KILN_REQUIRE_GPU();
+  const DecodeCase dc{64, 16, 2, 96, {5, 70}};
+  const DecodeData x = decode_data(dc, 7);
+  DecodeDevice dev(dc, x);
+  cuda::decode_attention(dev.p, dev.scratch.get(), gpu::stream());
+  expect_decode_matches(dc, x, test::from_bf16(dev.out.download()));
+}
+
+// Captured once, replayed after the positions on the device changed: the graph must follow them.
+TEST(DecodeAttentionGpu, CapturedGraphFollowsDevicePositions) {
+  KILN_REQUIRE_GPU();
+  DecodeCase dc{64, 1, 2, 256, {10, 200}};
+  const DecodeData x = decode_data(dc, 9);
+  DecodeDevice dev(dc, x);
+  gpu::Graph graph;
+  graph.begin();
+  cuda::decode_attention(dev.p, dev.scratch.get(), gpu::stream());
+  graph.end();
+  graph.launch();
+  expect_decode_matches(dc, x, test::from_bf16(dev.out.download()));
+  dc.past = {130, 11};
+  dev.past.upload(dc.past);
+  graph.launch();
+  expect_decode_matches(dc, x, test::from_bf16(dev.out.download()));
+}
+
+TEST(DecodeAttentionGpu, KvCacheAppendWritesAtEachSequencesPosition) {
+  KILN_REQUIRE_GPU();
+  const int B = 2, Tq = 3, NH = 2, HD = 64, cap = 16;
+  const int64_t C = NH * HD;
+  const std::vector<int32_t> past = {3, 10};
+  const auto qkv = test::to_bf16(test::randn(size_t(B * Tq * 3 * C), 31));
+  auto kc = test::to_bf16(test::randn(size_t(B * cap * C), 32));
+  auto vc = test::to_bf16(test::randn(size_t(B * cap * C), 33));
+  DeviceVec<uint16_t> dqkv(qkv), dk(kc), dv(vc);
+  DeviceVec<int32_t> dpast(past);
+  cuda::kv_cache_append(dk.get(), dv.get(), dqkv.get(), dpast.get(), B, Tq, NH, HD, cap * C, gpu::stream());
+  for (int b = 0; b < B; b++)
+    for (int i = 0; i < Tq; i++)
+      for (int64_t c = 0; c < C; c++) {
+        const int64_t row = b * Tq + i, at = (b * cap + past[size_t(b)] + i) * C + c;
+        kc[size_t(at)] = qkv[size_t(row * 3 * C + C + c)];
+        vc[size_t(at)] = qkv[size_t(row * 3 * C + 2 * C + c)];
+      }
+  EXPECT_EQ(dk.download(), kc);
+  EXPECT_EQ(dv.download(), vc);
 }
 
 }  // namespace
