@@ -10,8 +10,8 @@
 //      runs its long strides (>= 2048) as global compare-exchange passes and its short ones in shared memory.
 //      The key holds n, so equal ids end up in increasing n: the order is fixed by the input alone.
 //   3. One block per sorted position: the block at the start of a run of equal ids sums the run's dout rows
-//      in that order (each thread owning 8 columns) and adds the sum to the table row (+=); the other
-//      blocks return at once. Each table row is written by exactly one thread group.
+//      in a fixed order (each thread owning 8 columns, four rows in flight) and adds the sum to the table
+//      row (+=); the other blocks return at once. Each table row is written by exactly one thread group.
 // Scratch: 2·P keys of 8 bytes.
 #include "kernels/embedding.h"
 
@@ -113,18 +113,31 @@ KILN_GLOBAL void __launch_bounds__(256) run_sum_kernel(Tables tb, const uint64_t
   if (i > 0 && uint32_t(k[i - 1] >> 32) == id) return;  // not the start of a run
   const int u = int(blockIdx.y * blockDim.x + threadIdx.x);
   if (u >= C / kN) return;
-  int64_t end = i + 1;
-  while (end < N && uint32_t(k[end] >> 32) == id) end++;
-  float acc[kN] = {};
-  for (int64_t r = i; r < end; r++) {
-    float d[kN];
-    simt::load_vec<kN>(d, dout + int64_t(uint32_t(k[r])) * C + int64_t(u) * kN);
-    for (int c = 0; c < kN; c++) acc[c] += d[c];
+  // Four rows in flight per step (hot tokens make runs of thousands of rows) and the run's end found on the
+  // way; a fixed order all the same: four interleaved partial sums, then (a0 + a1) + (a2 + a3).
+  const float* d0 = dout + int64_t(u) * kN;
+  float acc[4][kN] = {};
+  for (int64_t r = i;; r += 4) {
+    bool in[4];  // keys are sorted: a prefix of the four belongs to the run
+    uint32_t n[4];
+    for (int q = 0; q < 4; q++) {
+      const uint64_t key = r + q < N ? k[r + q] : kPad;
+      in[q] = uint32_t(key >> 32) == id && key != kPad;
+      n[q] = uint32_t(key);
+    }
+    for (int q = 0; q < 4; q++)
+      if (in[q]) {
+        float d[kN];
+        simt::load_vec<kN>(d, d0 + int64_t(n[q]) * C);
+        for (int c = 0; c < kN; c++) acc[q][c] += d[c];
+      }
+    if (!in[3]) break;
   }
+  for (int c = 0; c < kN; c++) acc[0][c] = (acc[0][c] + acc[1][c]) + (acc[2][c] + acc[3][c]);
   float* dst = (blockIdx.z == 0 ? tb.dw[0] : tb.dw[1]) + int64_t(id) * C + int64_t(u) * kN;
   float cur[kN];
   simt::load_vec<kN>(cur, dst);
-  for (int c = 0; c < kN; c++) cur[c] += acc[c];
+  for (int c = 0; c < kN; c++) cur[c] += acc[0][c];
   simt::store_vec<kN>(dst, cur);
 }
 
