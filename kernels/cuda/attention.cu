@@ -92,7 +92,7 @@ KILN_DEVICE float quad_sum(float v) {
 // Accumulator tiles [16][8·NB] as the A operand of the next product: k-steps of 16 columns.
 template <int NB>
 KILN_DEVICE void to_a_frags(uint32_t a[NB / 2][4], const float s[NB][4]) {
-UNROLL
+  UNROLL
   for (int kk = 0; kk < NB / 2; kk++) {
     a[kk][0] = simt::pack_bf16x2(s[2 * kk][0], s[2 * kk][1]);
     a[kk][1] = simt::pack_bf16x2(s[2 * kk][2], s[2 * kk][3]);
@@ -152,7 +152,7 @@ KILN_GLOBAL void __launch_bounds__(kFwdThreads, HD == 64 ? 2 : 1) attention_fwd_
 
   uint32_t qf[KD][4];
   float o[ND][4];
-UNROLL
+  UNROLL
   for (int i = 0; i < ND; i++) o[i][0] = o[i][1] = o[i][2] = o[i][3] = 0.0f;
   float m_a = -INFINITY, m_b = -INFINITY, l_a = 0.0f, l_b = 0.0f;
 
@@ -169,7 +169,7 @@ UNROLL
     }
     __syncthreads();
     if (j == 0) {
-UNROLL
+      UNROLL
       for (int kk = 0; kk < KD; kk++) load_a(qf[kk], sQ, LD, warp * 16, kk * 16);
     }
     // Warps whose rows are past the sequence end, or (causal) entirely above this key tile, have nothing to add.
@@ -178,11 +178,11 @@ UNROLL
       const uint16_t* tK = sK + (j & 1) * kBc * LD;
       const uint16_t* tV = sV + (j & 1) * kBc * LD;
       float s[kBc / 8][4];
-UNROLL
+      UNROLL
       for (int i = 0; i < kBc / 8; i++) s[i][0] = s[i][1] = s[i][2] = s[i][3] = 0.0f;
-UNROLL
+      UNROLL
       for (int kk = 0; kk < KD; kk++)
-UNROLL
+        UNROLL
         for (int nb = 0; nb < kBc / 8; nb += 2) {
           uint32_t b[4];
           load_b_nmajor(b, tK, LD, nb * 8, kk * 16);
@@ -190,40 +190,39 @@ UNROLL
           mma(s[nb + 1], qf[kk], b + 2);
         }
       const bool mask = k0 + kBc > sp.len || (a.causal && k0 + kBc - 1 > qw);
+      // Max over the raw scores (scale > 0), then p = exp2(s·scale·log2e − m) as one FMA per score.
       float mx_a = -INFINITY, mx_b = -INFINITY;
-UNROLL
+      UNROLL
       for (int nb = 0; nb < kBc / 8; nb++)
-UNROLL
+        UNROLL
         for (int e = 0; e < 4; e++) {
-          float x = s[nb][e] * a.scale_log2;
           if (mask) {
             const int col = k0 + nb * 8 + 2 * t + (e & 1), row = e < 2 ? row_a : row_b;
-            if (col >= sp.len || (a.causal && col > row)) x = -INFINITY;
+            if (col >= sp.len || (a.causal && col > row)) s[nb][e] = -INFINITY;
           }
-          s[nb][e] = x;
-          if (e < 2) mx_a = fmaxf(mx_a, x);
-          else mx_b = fmaxf(mx_b, x);
+          if (e < 2) mx_a = fmaxf(mx_a, s[nb][e]);
+          else mx_b = fmaxf(mx_b, s[nb][e]);
         }
-      mx_a = fmaxf(m_a, quad_max(mx_a));
-      mx_b = fmaxf(m_b, quad_max(mx_b));
+      mx_a = fmaxf(m_a, quad_max(mx_a) * a.scale_log2);
+      mx_b = fmaxf(m_b, quad_max(mx_b) * a.scale_log2);
       // A row with every key so far hidden keeps m = -inf; exponentiate against 0 then (all terms are 0).
       const float base_a = mx_a == -INFINITY ? 0.0f : mx_a, base_b = mx_b == -INFINITY ? 0.0f : mx_b;
       const float alpha_a = exp2f(m_a - base_a), alpha_b = exp2f(m_b - base_b);
       m_a = mx_a;
       m_b = mx_b;
       float sum_a = 0.0f, sum_b = 0.0f;
-UNROLL
+      UNROLL
       for (int nb = 0; nb < kBc / 8; nb++) {
-        s[nb][0] = exp2f(s[nb][0] - base_a);
-        s[nb][1] = exp2f(s[nb][1] - base_a);
-        s[nb][2] = exp2f(s[nb][2] - base_b);
-        s[nb][3] = exp2f(s[nb][3] - base_b);
+        s[nb][0] = exp2f(fmaf(s[nb][0], a.scale_log2, -base_a));
+        s[nb][1] = exp2f(fmaf(s[nb][1], a.scale_log2, -base_a));
+        s[nb][2] = exp2f(fmaf(s[nb][2], a.scale_log2, -base_b));
+        s[nb][3] = exp2f(fmaf(s[nb][3], a.scale_log2, -base_b));
         sum_a += s[nb][0] + s[nb][1];
         sum_b += s[nb][2] + s[nb][3];
       }
       l_a = l_a * alpha_a + sum_a;  // per-lane partial sums; the quad is summed at the end
       l_b = l_b * alpha_b + sum_b;
-UNROLL
+      UNROLL
       for (int i = 0; i < ND; i++) {
         o[i][0] *= alpha_a;
         o[i][1] *= alpha_a;
@@ -232,9 +231,9 @@ UNROLL
       }
       uint32_t pf[kBc / 16][4];
       to_a_frags<kBc / 8>(pf, s);
-UNROLL
+      UNROLL
       for (int kk = 0; kk < kBc / 16; kk++)
-UNROLL
+        UNROLL
         for (int nd = 0; nd < ND; nd += 2) {
           uint32_t b[4];
           load_b_kmajor(b, tV, LD, nd * 8, kk * 16);
@@ -252,13 +251,13 @@ UNROLL
   uint16_t* og = a.out + sp.start * C + int64_t(h) * HD;
   if (row_a < sp.len) {
     uint32_t* orow = reinterpret_cast<uint32_t*>(og + int64_t(row_a) * C);
-UNROLL
+    UNROLL
     for (int i = 0; i < ND; i++) orow[i * 4 + t] = simt::pack_bf16x2(o[i][0] * inv_a, o[i][1] * inv_a);
     if (t == 0) a.lse[int64_t(h) * a.N + sp.start + row_a] = m_a * kLn2 + logf(l_a);
   }
   if (row_b < sp.len) {
     uint32_t* orow = reinterpret_cast<uint32_t*>(og + int64_t(row_b) * C);
-UNROLL
+    UNROLL
     for (int i = 0; i < ND; i++) orow[i * 4 + t] = simt::pack_bf16x2(o[i][2] * inv_b, o[i][3] * inv_b);
     if (t == 0) a.lse[int64_t(h) * a.N + sp.start + row_b] = m_b * kLn2 + logf(l_b);
   }
@@ -272,13 +271,17 @@ struct Shape {
 Shape shape_of(const AttentionParams& p, const char* op) {
   KILN_CHECK(p.NH >= 1, op, ": NH is ", p.NH);
   KILN_CHECK(p.HD == 64 || p.HD == 128, op, ": head dim ", p.HD, " is not supported by the CUDA kernel (64 or 128)");
+  KILN_CHECK(p.scale > 0.0f, op, ": scale must be positive (got ", p.scale, ")");
+  KILN_CHECK(p.NH <= 65535, op, ": NH ", p.NH, " exceeds the grid's 65535");
   if (p.cu_seqlens) {
     KILN_CHECK(p.num_seqs >= 0 && p.max_seqlen >= 0 && p.total_tokens >= 0, op,
                ": packed sequences need num_seqs, max_seqlen and total_tokens (got ", p.num_seqs, ", ", p.max_seqlen,
                ", ", p.total_tokens, ")");
+    KILN_CHECK(p.num_seqs <= 65535, op, ": ", p.num_seqs, " packed sequences exceed the grid's 65535");
     return {p.total_tokens, p.num_seqs, p.max_seqlen};
   }
   KILN_CHECK(p.B >= 0 && p.T >= 0, op, ": B (", p.B, ") and T (", p.T, ") must be non-negative");
+  KILN_CHECK(p.B <= 65535, op, ": batch ", p.B, " exceeds the grid's 65535");
   return {int64_t(p.B) * p.T, p.B, p.T};
 }
 

@@ -213,7 +213,7 @@ TEST(AttentionGpu, ForwardBatchedHd128) {
 TEST(AttentionGpu, ForwardPackedSequences) {
   KILN_REQUIRE_GPU();
   for (int hd : {64, 128})
-    for (bool causal : {true, false}) check_attention(Problem(2, hd, causal, {1, 37, 64, 90}, true), false, 5 + hd);
+    for (bool causal : {true, false}) check_attention(Problem(2, hd, causal, {1, 37, 0, 64, 90}, true), false, 5 + hd);
 }
 
 TEST(AttentionGpu, BackwardBatchedHd64) {
@@ -227,7 +227,7 @@ TEST(AttentionGpu, BackwardBatchedHd128) {
 TEST(AttentionGpu, BackwardPackedSequences) {
   KILN_REQUIRE_GPU();
   for (int hd : {64, 128})
-    for (bool causal : {true, false}) check_attention(Problem(2, hd, causal, {1, 37, 64, 90}, true), true, 15 + hd);
+    for (bool causal : {true, false}) check_attention(Problem(2, hd, causal, {1, 37, 0, 64, 90}, true), true, 15 + hd);
 }
 
 // ---- Decode attention (kernels/cuda/decode_attention.cu) against ref::decode_attention ----
