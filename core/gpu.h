@@ -39,9 +39,13 @@ void* malloc(size_t bytes, const char* what);
 void free(void* p);
 void copy_to_device(void* dst, const void* src, size_t bytes);  // ordered on stream(); src must stay valid until sync
 void copy_to_host(void* dst, const void* src, size_t bytes);    // waits for the stream
+void copy_to_host_async(void* dst, const void* src, size_t bytes);  // ordered on stream(); valid after synchronize()
 void copy_device(void* dst, const void* src, size_t bytes);
 void memset(void* p, int value, size_t bytes);
 void synchronize();
+// Page-locked host memory: the staging buffers that copies inside captured graphs read and write.
+void* malloc_host(size_t bytes, const char* what);
+void free_host(void* p);
 // Raises a kiln::Error if a previous launch failed (named by `what`).
 void check(const char* what);
 

@@ -19,22 +19,35 @@
 
 namespace kiln {
 
-class Decoder {
+// What the generation loop needs of a model with a KV cache; the CPU Decoder below and the GPU CudaDecoder
+// (infer/decoder_cuda.h) implement it.
+class IncrementalDecoder {
+ public:
+  virtual ~IncrementalDecoder() = default;
+  // tokens: [batch, n] row-major, each in [0, vocab_size). Runs them at positions length() .. length()+n-1.
+  // Returns the logits [batch, V] of each sequence's last new token (host memory), or with all_logits
+  // [batch, n, V]. Throws kiln::Error if a token is out of range or the cache would overflow max_positions.
+  virtual const float* forward(const int32_t* tokens, int n, bool all_logits = false) = 0;
+  virtual int length() const = 0;         // positions in the cache
+  virtual int max_positions() const = 0;
+  virtual int batch() const = 0;
+  virtual void reset() = 0;               // forget the cache (its memory is kept)
+  virtual const GPT2Config& config() const = 0;
+};
+
+class Decoder : public IncrementalDecoder {
  public:
   // params: a parameter block laid out as ParamTable::gpt2(cfg) (e.g. GPT2::params()); not copied, so it
   // must outlive the decoder. max_positions 0 means cfg.n_positions.
   Decoder(const GPT2Config& cfg, const float* params, int batch = 1, int max_positions = 0);
 
-  // tokens: [batch, n] row-major, each in [0, vocab_size). Runs them at positions length() .. length()+n-1.
-  // Returns the logits [batch, V] of each sequence's last new token, or with all_logits [batch, n, V].
-  // Throws kiln::Error if a token is out of range or the cache would overflow max_positions.
-  const float* forward(const int32_t* tokens, int n, bool all_logits = false);
+  const float* forward(const int32_t* tokens, int n, bool all_logits = false) override;
 
-  int length() const { return length_; }       // positions in the cache
-  int max_positions() const { return cache_.max_positions(); }
-  int batch() const { return batch_; }
-  void reset() { length_ = 0; }                // forget the cache (its memory is kept)
-  const GPT2Config& config() const { return cfg_; }
+  int length() const override { return length_; }
+  int max_positions() const override { return cache_.max_positions(); }
+  int batch() const override { return batch_; }
+  void reset() override { length_ = 0; }
+  const GPT2Config& config() const override { return cfg_; }
   size_t cache_bytes() const { return cache_.bytes(); }
 
   // Tokens per forward() call are run in chunks of at most this many positions (bounds activation memory).

@@ -17,7 +17,7 @@ const char* finish_reason_name(FinishReason r) {
   return "?";
 }
 
-FinishReason generate(Decoder& dec, Sampler& sampler, const std::vector<int32_t>& prompt, const GenerateLimits& lim,
+FinishReason generate(IncrementalDecoder& dec, Sampler& sampler, const std::vector<int32_t>& prompt, const GenerateLimits& lim,
                       const std::function<bool(int32_t)>& on_token, GenerateStats* stats) {
   using Clock = std::chrono::steady_clock;
   KILN_CHECK(dec.batch() == 1, "generate: the decoder must have batch 1, not ", dec.batch());

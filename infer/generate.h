@@ -35,7 +35,7 @@ struct GenerateLimits {
 // Runs one sequence (the decoder must have batch 1; it is reset first). on_token is called with each new
 // token as soon as it is sampled and returns false to stop there (e.g. a stop string appeared).
 // Throws kiln::Error if the prompt is empty or longer than max_length.
-FinishReason generate(Decoder& dec, Sampler& sampler, const std::vector<int32_t>& prompt, const GenerateLimits& lim,
+FinishReason generate(IncrementalDecoder& dec, Sampler& sampler, const std::vector<int32_t>& prompt, const GenerateLimits& lim,
                       const std::function<bool(int32_t)>& on_token, GenerateStats* stats = nullptr);
 
 }  // namespace kiln

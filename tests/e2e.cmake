@@ -24,3 +24,16 @@ set_tests_properties(e2e.memory_plan PROPERTIES LABELS e2e TIMEOUT 120)
 add_test(NAME e2e.cli_errors
          COMMAND ${KILN_PY} ${CMAKE_SOURCE_DIR}/tests/e2e/cli_errors.py $<TARGET_FILE:kiln> ${CMAKE_BINARY_DIR}/e2e/cli_errors)
 set_tests_properties(e2e.cli_errors PROPERTIES LABELS e2e TIMEOUT 120)
+
+# The GPU trainer and decoder against the CPU trainer: on the SIMT emulator everywhere (kiln-emu), and on the
+# real device when the CUDA backend is built (label cuda; skipped when no GPU is present).
+add_test(NAME e2e.gpu_emu_train_tracks_cpu
+         COMMAND ${KILN_PY} ${CMAKE_SOURCE_DIR}/tests/e2e/gpu_train_tracks_cpu.py $<TARGET_FILE:kiln>
+                 $<TARGET_FILE:kiln-emu> ${CMAKE_BINARY_DIR}/e2e/gpu_emu_train)
+set_tests_properties(e2e.gpu_emu_train_tracks_cpu PROPERTIES LABELS e2e TIMEOUT 600)
+if(KILN_CUDA)
+  add_test(NAME cuda.train_tracks_cpu
+           COMMAND ${KILN_PY} ${CMAKE_SOURCE_DIR}/tests/e2e/gpu_train_tracks_cpu.py $<TARGET_FILE:kiln>
+                   $<TARGET_FILE:kiln> ${CMAKE_BINARY_DIR}/e2e/cuda_train)
+  set_tests_properties(cuda.train_tracks_cpu PROPERTIES LABELS cuda TIMEOUT 600 SKIP_RETURN_CODE 77)
+endif()

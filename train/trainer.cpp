@@ -18,7 +18,9 @@
 #include "core/error.h"
 #include "core/file_io.h"
 #include "models/checkpoint.h"
+#include "core/gpu.h"
 #include "models/gpt2.h"
+#include "models/gpt2_cuda.h"
 #include "train/checkpoint_dir.h"
 #include "train/dataloader.h"
 #include "train/packing.h"
@@ -74,15 +76,53 @@ void validate(const TrainOptions& o) {
   if (o.eval_every > 0) KILN_CHECK(!o.val_data.empty(), "--eval-every needs --val-data");
 }
 
+// What the steps run on: the CPU model, or the GPU model with the CPU model and optimizer as the host copy
+// that checkpoints are written from and resumed into.
+struct Engine {
+  GPT2& host;
+  AdamW& adam;
+  std::unique_ptr<GPT2Cuda> gpu;
+
+  double forward(const Batch& b, float grad_scale) {
+    const AttentionParams ap = b.attention(host.config());
+    if (gpu) return gpu->forward(b.tokens.data(), b.pos.data(), b.targets.data(), b.n_tokens, ap, grad_scale);
+    return host.forward(b.tokens.data(), b.pos.data(), b.targets.data(), ap, grad_scale);
+  }
+  void backward(const Batch& b) {
+    if (gpu)
+      gpu->backward();
+    else
+      host.backward(b.tokens.data(), b.pos.data());
+  }
+  double grad_norm(float unscale) { return gpu ? gpu->grad_norm(unscale) : adam.grad_norm(host.grads(), unscale); }
+  void update(float lr, int64_t t, double norm, float unscale) {
+    if (gpu) return gpu->adamw_update(adam.config(), lr, t, norm, unscale);
+    adam.update(host.params(), host.grads(), lr, t, norm, unscale, /*zero_grads=*/true);
+    host.refresh_lowp_weights();
+  }
+  void zero_grad() { gpu ? gpu->zero_grad() : host.zero_grad(); }
+  void poison_grad() {
+    if (gpu)
+      gpu->poison_grad();
+    else
+      host.grads()[0] = INFINITY;
+  }
+  // Brings weights and moments to the host before a checkpoint.
+  void to_host() {
+    if (!gpu) return;
+    gpu->download_params(host.params());
+    gpu->download_moments(adam.m(), adam.v());
+  }
+};
+
 // Mean loss per target over val_batches batches from the start of the validation data.
-double evaluate(GPT2& model, BatchSource& val, int batches, Batch& batch) {
+double evaluate(Engine& engine, BatchSource& val, int batches, Batch& batch) {
   val.reset();
   double sum = 0;
   int64_t n = 0;
   for (int i = 0; i < batches; i++) {
     val.next(batch);
-    sum += model.forward(batch.tokens.data(), batch.pos.data(), batch.targets.data(),
-                         batch.attention(model.config()), 0.0f);
+    sum += engine.forward(batch, 0.0f);
     n += batch.count_targets();
   }
   return n ? sum / double(n) : 0.0;
@@ -132,6 +172,14 @@ std::unique_ptr<BatchSource> make_batch_source(const TrainOptions& opt, const st
 double train(const TrainOptions& opt) {
   validate(opt);
   RecomputePolicy::parse(opt.recompute);  // reject a bad policy before any work
+  const DeviceSpec device = parse_device(opt.device);
+  if (device.cuda) {
+    KILN_CHECK(opt.dtype == "bf16", "--device cuda trains in bf16: pass --dtype bf16 (got --dtype ", opt.dtype, ")");
+    KILN_CHECK(opt.recompute == "none", "--recompute ", opt.recompute,
+               ": not available with --device cuda (activations are kept)");
+    KILN_CHECK(opt.loss_scale != "dynamic", "--loss-scale dynamic: bf16 on the GPU needs no loss scaling");
+    gpu::init(device.index);
+  }
   KILN_CHECK(opt.lm_head_chunk >= 0, "--lm-head-chunk must be >= 0");
   set_threads(opt.threads);
   const int B = opt.batch, T = opt.seq;
@@ -146,7 +194,7 @@ double train(const TrainOptions& opt) {
   KILN_CHECK(T <= cfg.n_positions, "--seq ", T, " exceeds the model's n_positions ", cfg.n_positions);
   if (!opt.out.empty()) make_dirs(opt.out);
 
-  GPT2 model(cfg);
+  GPT2 model(cfg, /*with_grads=*/!device.cuda);
   AdamW adam(model.table(), opt.adamw);
   std::unique_ptr<BatchSource> loader = make_batch_source(opt, opt.data, cfg, /*validation=*/false);
   std::unique_ptr<BatchSource> val;
@@ -164,15 +212,32 @@ double train(const TrainOptions& opt) {
     model.init_random(opt.seed);
   }
 
-  if (opt.dtype != "fp32") model.set_compute_type(opt.dtype == "bf16" ? LowpType::BF16 : LowpType::FP16);
-  const size_t act_bytes = model.plan(B, T, RecomputePolicy::parse(opt.recompute), opt.lm_head_chunk);
+  Engine engine{model, adam, nullptr};
+  size_t act_bytes = 0;
   const double MB = 1024.0 * 1024.0;
+  if (device.cuda) {
+    engine.gpu = std::make_unique<GPT2Cuda>(cfg, model.table());
+    const gpu::DeviceInfo info = gpu::init(device.index);
+    std::fprintf(stderr, "kiln train: device %s (sm_%d%d, %d SMs, %.1f GiB)%s\n", info.name.c_str(), info.sm_major,
+                 info.sm_minor, info.sm_count, double(info.total_memory) / double(1 << 30),
+                 info.emulated ? " [SIMT emulator]" : "");
+    engine.gpu->upload_params(model.params());
+    if (!resume_dir.empty()) engine.gpu->upload_moments(adam.m(), adam.v());
+    act_bytes = engine.gpu->plan(int64_t(B) * T);
+    std::fprintf(stderr,
+                 "kiln train: %.2fM parameters | GPU memory plan: weights+bf16 copy+grads+AdamW %.1f MB, "
+                 "activations %.1f MB\n",
+                 double(cfg.num_params()) / 1e6, double(engine.gpu->state_bytes()) / MB, double(act_bytes) / MB);
+  } else {
+  if (opt.dtype != "fp32") model.set_compute_type(opt.dtype == "bf16" ? LowpType::BF16 : LowpType::FP16);
+  act_bytes = model.plan(B, T, RecomputePolicy::parse(opt.recompute), opt.lm_head_chunk);
   std::fprintf(stderr,
                "kiln train: %.2fM parameters | memory plan: weights %.1f MB, grads %.1f MB, AdamW %.1f MB, "
                "activations %.1f MB%s\n",
                double(cfg.num_params()) / 1e6, model.num_floats() * 4 / MB, model.num_floats() * 4 / MB,
                model.num_floats() * 8 / MB, double(act_bytes) / MB,
                opt.dtype == "fp32" ? "" : str(", 16-bit weight copies ", model.num_floats() * 2 / MB, " MB").c_str());
+  }
 
   std::ofstream metrics;
   if (!opt.metrics.empty()) {
@@ -226,13 +291,13 @@ double train(const TrainOptions& opt) {
     const float grad_scale = scaler.scale / float(n_targets);
     double loss_sum = 0;
     for (Batch& b : micro) {
-      loss_sum += model.forward(b.tokens.data(), b.pos.data(), b.targets.data(), b.attention(cfg), grad_scale);
-      model.backward(b.tokens.data(), b.pos.data());
+      loss_sum += engine.forward(b, grad_scale);
+      engine.backward(b);
     }
     loss = loss_sum / double(n_targets);
     const float lr = sched.at(int(step));
-    if (inject_every || inject_at == step + 1) model.grads()[0] = INFINITY;
-    const double norm = adam.grad_norm(model.grads(), 1.0f / scaler.scale);
+    if (inject_every || inject_at == step + 1) engine.poison_grad();
+    const double norm = engine.grad_norm(1.0f / scaler.scale);
     const bool finite = std::isfinite(norm) && std::isfinite(loss);
     if (!scaler.enabled)
       KILN_CHECK(finite, "step ", step + 1, ": loss ", loss, ", gradient norm ", norm,
@@ -240,10 +305,9 @@ double train(const TrainOptions& opt) {
     const float used_scale = scaler.scale;
     if (scaler.record(finite, step + 1)) {
       st.optimizer_steps++;
-      adam.update(model.params(), model.grads(), lr, st.optimizer_steps, norm, 1.0f / used_scale, /*zero_grads=*/true);
-      model.refresh_lowp_weights();
+      engine.update(lr, st.optimizer_steps, norm, 1.0f / used_scale);
     } else {
-      model.zero_grad();
+      engine.zero_grad();
     }
     const double secs = std::chrono::duration<double>(Clock::now() - t0).count();
     steps_this_run++;
@@ -264,7 +328,7 @@ double train(const TrainOptions& opt) {
       if (!finite) m["skipped"] = true;
     }
     if (val && opt.eval_every > 0 && (st.step % opt.eval_every == 0 || last)) {
-      last_val = evaluate(model, *val, opt.val_batches, val_batch);
+      last_val = evaluate(engine, *val, opt.val_batches, val_batch);
       m["val_loss"] = last_val;
     }
     if (metrics.is_open()) {
@@ -283,14 +347,20 @@ double train(const TrainOptions& opt) {
     else if (st.step % log_every == 0 || last)
       std::fprintf(stderr, "%s\n", line);
 
-    if (!opt.out.empty() && ((opt.save_every > 0 && st.step % opt.save_every == 0) || last))
+    if (!opt.out.empty() && ((opt.save_every > 0 && st.step % opt.save_every == 0) || last)) {
+      engine.to_host();
       save_training_checkpoint(opt.out, model, adam, st, opt.save_dtype, opt.tokenizer, opt.keep_checkpoints);
+    }
     // Test hook: die like a killed process (no cleanup) after this step, to test --resume.
     if (kill_at_step > 0 && st.step == kill_at_step) std::raise(SIGKILL);
   }
   if (tty) std::fprintf(stderr, "\n");
-  std::fprintf(stderr, "kiln train: done, final loss %.4f, peak memory %.1f MB (planned %.1f MB)\n", loss,
-               peak_rss_mb(), (model.num_floats() * (opt.dtype == "fp32" ? 16 : 18) + act_bytes) / MB);
+  if (device.cuda)
+    std::fprintf(stderr, "kiln train: done, final loss %.4f, GPU memory planned %.1f MB\n", loss,
+                 double(engine.gpu->state_bytes() + act_bytes) / MB);
+  else
+    std::fprintf(stderr, "kiln train: done, final loss %.4f, peak memory %.1f MB (planned %.1f MB)\n", loss,
+                 peak_rss_mb(), (model.num_floats() * (opt.dtype == "fp32" ? 16 : 18) + act_bytes) / MB);
   return loss;
 }
 

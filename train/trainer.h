@@ -45,6 +45,8 @@ struct TrainOptions {
   // --packing shorthand for packed. Shards with loss masks (supervised data) need packed or padded.
   std::string batching = "rows";
   bool packing = false;
+  // cpu, or cuda / cuda:N: the GPU model (models/gpt2_cuda.h) trains in bf16, the host keeps the checkpoint copy.
+  std::string device = "cpu";
 };
 
 // The training (or validation) batches the options ask for.

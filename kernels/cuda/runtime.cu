@@ -75,11 +75,23 @@ void copy_to_host(void* dst, const void* src, size_t bytes) {
   check_call(cudaMemcpyAsync(dst, src, bytes, cudaMemcpyDeviceToHost, g_stream), "copy to host");
   check_call(cudaStreamSynchronize(g_stream), "copy to host");
 }
+void copy_to_host_async(void* dst, const void* src, size_t bytes) {
+  check_call(cudaMemcpyAsync(dst, src, bytes, cudaMemcpyDeviceToHost, g_stream), "copy to host");
+}
 void copy_device(void* dst, const void* src, size_t bytes) {
   check_call(cudaMemcpyAsync(dst, src, bytes, cudaMemcpyDeviceToDevice, g_stream), "device copy");
 }
 void memset(void* p, int value, size_t bytes) {
   check_call(cudaMemsetAsync(p, value, bytes, g_stream), "memset");
+}
+void* malloc_host(size_t bytes, const char* what) {
+  void* p = nullptr;
+  KILN_CHECK(cudaMallocHost(&p, bytes) == cudaSuccess, "out of pinned host memory allocating ", bytes,
+             " bytes for ", what);
+  return p;
+}
+void free_host(void* p) {
+  if (p) cudaFreeHost(p);
 }
 void synchronize() { check_call(cudaStreamSynchronize(g_stream), "stream synchronize"); }
 void check(const char* what) { check_call(cudaGetLastError(), what); }

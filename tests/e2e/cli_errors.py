@@ -61,6 +61,11 @@ cases = [
     ([kiln, "generate", "--random-init", cfg, "--prompt-ids", "1,2,99", "--max-new", "2"], "99"),
     ([kiln, "memory", "--model", cfg, "--zero-stage", "7"], "--zero-stage"),
     (train() + ["--out", os.path.join(good, "run")], "good.bin/run"),  # a directory below a file
+    (train() + ["--device", "tpu"], "--device"),
+    (train() + ["--device", "cuda", "--dtype", "fp32"], "--dtype"),
+    ([kiln, "generate", "--random-init", cfg, "--prompt-ids", "1", "--device", "cuda:x"], "--device"),
+    # No GPU here: "--device cuda: no usable CUDA device (...)"; on a GPU: this model's head_dim 16 is refused.
+    (train() + ["--device", "cuda", "--dtype", "bf16"], "--device"),
 ]
 if os.geteuid() != 0:  # root ignores directory permissions
     cases.append((train() + ["--out", os.path.join(ro, "run")], "readonly"))

@@ -9,7 +9,9 @@
 #include <nlohmann/json.hpp>
 #include <vector>
 
+#include "core/gpu.h"
 #include "core/rng.h"
+#include "models/gpt2_cuda.h"
 #include "models/gpt2.h"
 #include "tools/kiln/command.h"
 #include "train/optimizer.h"
@@ -20,13 +22,82 @@ namespace {
 struct BenchTrainOptions {
   std::string model;
   int batch = 4, seq = 64, steps = 5, warmup = 1, threads = 0, lm_head_chunk = 0;
-  std::string recompute = "none", dtype = "fp32";
+  std::string recompute = "none", dtype = "fp32", device = "cpu";
 };
+
+// The GPU step (models/gpt2_cuda.h): the same phases, timed on the device stream with events.
+void bench_train_cuda(const BenchTrainOptions& o, int device_index) {
+  using namespace kiln;
+  KILN_CHECK(o.dtype == "bf16", "bench train --device cuda runs bf16: pass --dtype bf16");
+  KILN_CHECK(o.recompute == "none", "bench train --device cuda: --recompute is not available on the GPU");
+  const gpu::DeviceInfo info = gpu::init(device_index);
+  GPT2Config cfg = GPT2Config::load(o.model);
+  GPT2 host(cfg, /*with_grads=*/false);
+  host.init_random(1);
+  GPT2Cuda model(cfg, host.table());
+  model.upload_params(host.params());
+  const int64_t N = int64_t(o.batch) * o.seq;
+  model.plan(N);
+  const size_t n_tok = static_cast<size_t>(N);
+  std::vector<int32_t> in(n_tok), tg(n_tok), pos(n_tok);
+  Rng rng(7);
+  for (int64_t i = 0; i < N; i++) {
+    in[size_t(i)] = int32_t(rng.below(uint64_t(cfg.vocab_size)));
+    tg[size_t(i)] = int32_t(rng.below(uint64_t(cfg.vocab_size)));
+    pos[size_t(i)] = int32_t(i % o.seq);
+  }
+  const AttentionParams ap = cfg.attention(o.batch, o.seq);
+  const AdamWConfig ac;
+  std::vector<double> ms, fwd, bwd, opt;
+  gpu::Timer tf, tb, ta;
+  for (int s = 0; s < o.warmup + o.steps; s++) {
+    tf.start();
+    model.forward(in.data(), pos.data(), tg.data(), N, ap, 1.0f / float(N));  // copies the losses back: synchronous
+    const double f = tf.stop_ms();
+    tb.start();
+    model.backward();
+    const double b = tb.stop_ms();
+    ta.start();
+    model.adamw_update(ac, 1e-4f, s + 1, model.grad_norm(1.0f), 1.0f);
+    const double a = ta.stop_ms();
+    if (s >= o.warmup) {
+      ms.push_back(f + b + a);
+      fwd.push_back(f);
+      bwd.push_back(b);
+      opt.push_back(a);
+    }
+  }
+  auto median = [](std::vector<double> v) {
+    std::sort(v.begin(), v.end());
+    return v[v.size() / 2];
+  };
+  const double med = median(ms);
+  const double n_matmul = double(cfg.num_params()) - double(cfg.n_positions) * cfg.n_embd;
+  const double flops_per_token = 6.0 * n_matmul + 12.0 * cfg.n_layer * o.seq * cfg.n_embd;
+  nlohmann::json j = {{"bench", "train"},
+                      {"device", info.name},
+                      {"emulated", info.emulated},
+                      {"params", cfg.num_params()},
+                      {"batch", o.batch},
+                      {"seq", o.seq},
+                      {"ms_per_step", med},
+                      {"ms_forward", median(fwd)},
+                      {"ms_backward", median(bwd)},
+                      {"ms_optimizer", median(opt)},
+                      {"tokens_per_s", double(N) / (med / 1e3)},
+                      {"tflops", flops_per_token * double(N) / (med / 1e3) / 1e12},
+                      {"dtype", o.dtype},
+                      {"activation_mb", double(model.activation_bytes()) / (1 << 20)},
+                      {"state_mb", double(model.state_bytes()) / (1 << 20)}};
+  std::printf("%s\n", j.dump().c_str());
+}
 
 void bench_train(const BenchTrainOptions& o) {
   using namespace kiln;
   set_threads(o.threads);
   KILN_CHECK(o.batch > 0 && o.seq > 0 && o.steps > 0 && o.warmup >= 0, "bench train: sizes must be positive");
+  const DeviceSpec device = parse_device(o.device);
+  if (device.cuda) return bench_train_cuda(o, device.index);
   GPT2Config cfg = GPT2Config::load(o.model);
   GPT2 model(cfg);
   model.init_random(1);
@@ -105,6 +176,7 @@ kiln::cli::Command bench_cmd("bench", [](CLI::App& root) {
   t->add_option("--warmup", o->warmup, "Untimed steps first")->capture_default_str();
   t->add_option("--threads", o->threads, "CPU threads (0: all cores)")->capture_default_str();
   t->add_option("--dtype", o->dtype, "fp32, bf16 or fp16 matrix products")->capture_default_str();
+  t->add_option("--device", o->device, "cpu, or cuda / cuda:N (bf16)")->capture_default_str();
   t->add_option("--recompute", o->recompute, "none, block, every:K or selective")->capture_default_str();
   t->add_option("--lm-head-chunk", o->lm_head_chunk, "Rows of logits held at once (0: all with --recompute none, else 64)")->capture_default_str();
   t->callback([o] { bench_train(*o); });

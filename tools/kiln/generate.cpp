@@ -19,7 +19,9 @@
 #include <vector>
 
 #include "core/error.h"
+#include "core/gpu.h"
 #include "infer/decoder.h"
+#include "infer/decoder_cuda.h"
 #include "infer/generate.h"
 #include "infer/sampler.h"
 #include "infer/text_stream.h"
@@ -32,8 +34,8 @@
 namespace {
 
 struct GenerateOptions {
-  std::string model, random_init, tokenizer, prompt, prompt_ids, stop;
-  bool has_prompt = false, has_prompt_ids = false, json = false;
+  std::string model, random_init, tokenizer, prompt, prompt_ids, stop, device = "cpu";
+  bool has_prompt = false, has_prompt_ids = false, json = false, no_cuda_graph = false;
   int max_new = 64, threads = 0;
   std::optional<int> eot_id;
   kiln::SamplingParams sampling;
@@ -90,6 +92,8 @@ void run_generate(const GenerateOptions& o) {
   KILN_CHECK(o.has_prompt != o.has_prompt_ids, "give exactly one of --prompt and --prompt-ids");
   o.sampling.validate();
   KILN_CHECK(o.max_new >= 0, "--max-new must be >= 0, got ", o.max_new);
+  const DeviceSpec device = parse_device(o.device);
+  if (device.cuda) gpu::init(device.index);
 
   // Model: a checkpoint, or random weights for benchmarking.
   const GPT2Config cfg = o.model.empty() ? GPT2Config::load(o.random_init) : load_gpt2_config_for(o.model);
@@ -143,7 +147,14 @@ void run_generate(const GenerateOptions& o) {
   KILN_CHECK(int(prompt.size()) <= cfg.n_positions, "the prompt has ", prompt.size(),
              " tokens, more than the model's context of ", cfg.n_positions, " positions (n_positions)");
 
-  Decoder dec(cfg, model.params(), 1);
+  std::unique_ptr<IncrementalDecoder> dec;
+  if (device.cuda) {
+    dec = std::make_unique<CudaDecoder>(cfg, model.params(), 1, 0, !o.no_cuda_graph);
+    const gpu::DeviceInfo info = gpu::init(device.index);
+    std::fprintf(stderr, "kiln generate: device %s%s\n", info.name.c_str(), info.emulated ? " [SIMT emulator]" : "");
+  } else {
+    dec = std::make_unique<Decoder>(cfg, model.params(), 1);
+  }
   Sampler sampler(o.sampling);
   GenerateLimits lim;
   lim.max_new = o.max_new;
@@ -178,7 +189,7 @@ void run_generate(const GenerateOptions& o) {
     return true;
   };
   GenerateStats st;
-  const FinishReason why = generate(dec, sampler, prompt, lim, on_token, &st);
+  const FinishReason why = generate(*dec, sampler, prompt, lim, on_token, &st);
   const std::string rest = stream.finish();
 
   if (o.json) {
@@ -221,6 +232,9 @@ kiln::cli::Command generate_cmd("generate", [](CLI::App& root) {
   c->add_option("--eot-id", o->eot_id, "End-of-text token id (default: the tokenizer's; -1: never stop on one)");
   c->add_flag("--json", o->json, "Print one JSON line {tokens, text, finish_reason} instead of streaming text");
   c->add_option("--threads", o->threads, "CPU threads (0: all cores)")->capture_default_str();
+  c->add_option("--device", o->device, "cpu, or cuda / cuda:N: bf16 weights and KV cache on the GPU")
+      ->capture_default_str();
+  c->add_flag("--no-cuda-graph", o->no_cuda_graph, "With --device cuda: launch the decode step's kernels one by one");
   c->callback([o, p, pi] {
     o->has_prompt = p->count() > 0;
     o->has_prompt_ids = pi->count() > 0;

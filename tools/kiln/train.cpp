@@ -47,6 +47,10 @@ kiln::cli::Command train_cmd("train", [](CLI::App& root) {
       ->capture_default_str();
   c->add_option("--dtype", opt->dtype, "Matrix products in fp32, bf16 or fp16 (fp32 master weights and AdamW)")
       ->capture_default_str();
+  c->add_option("--device", opt->device,
+                "cpu, or cuda / cuda:N: train on the GPU (with --dtype bf16; FlashAttention and cuBLASLt, fp32 "
+                "master weights and AdamW on the device)")
+      ->capture_default_str();
   c->add_option("--loss-scale", opt->loss_scale, "auto (dynamic for fp16), none or dynamic")->capture_default_str();
   c->add_option("--initial-loss-scale", opt->initial_loss_scale, "Starting dynamic loss scale")->capture_default_str();
   c->add_option("--loss-scale-window", opt->loss_scale_window, "Clean steps before the loss scale doubles")

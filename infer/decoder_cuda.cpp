@@ -1,0 +1,197 @@
+#include "infer/decoder_cuda.h"
+
+#include <algorithm>
+#include <cmath>
+
+#include "core/error.h"
+#include "kernels/activation.h"
+#include "kernels/attention.h"
+#include "kernels/decode_attention.h"
+#include "kernels/embedding.h"
+#include "kernels/layernorm.h"
+#include "kernels/matmul.h"
+
+namespace kiln {
+
+CudaDecoder::CudaDecoder(const GPT2Config& cfg, const float* params, int batch, int max_positions, bool use_graph)
+    : cfg_(cfg), table_(ParamTable::gpt2(cfg)), batch_(batch), use_graph_(use_graph) {
+  cfg_.validate("decoder config");
+  KILN_CHECK(gpu::initialized(), "CudaDecoder: the GPU is not initialised");
+  KILN_CHECK(batch >= 1, "decoder: batch must be at least 1, got ", batch);
+  const int C = cfg_.n_embd, NH = cfg_.n_head, HD = cfg_.head_dim(), V = cfg_.vocab_size;
+  KILN_CHECK(HD == 64 || HD == 128, "--device cuda: the attention kernels support head dimensions 64 and 128; this "
+             "model has n_embd / n_head = ", HD);
+  KILN_CHECK(C % 8 == 0, "--device cuda: n_embd must be a multiple of 8 (got ", C, ")");
+  max_pos_ = max_positions > 0 ? max_positions : cfg_.n_positions;
+  KILN_CHECK(max_pos_ <= cfg_.n_positions, "decoder: max_positions ", max_pos_, " exceeds the model's n_positions ",
+             cfg_.n_positions);
+
+  const size_t n = table_.total;
+  params_.resize(n * 4, "weights");
+  params16_.resize(n * 2, "bf16 weights");
+  gpu::copy_to_device(params_.data(), params, n * 4);
+  cuda::cast(params16_.as<uint16_t>(), params_.as<float>(), int64_t(n), gpu::stream());
+  p_ = GPT2Params::bind(table_, params_.as<float>(), cfg_.n_layer);
+  const size_t cache = size_t(cfg_.n_layer) * size_t(batch) * size_t(max_pos_) * size_t(C);
+  kcache_.resize(cache * 2, "KV cache (keys)");
+  vcache_.resize(cache * 2, "KV cache (values)");
+
+  rows_ = int64_t(batch) * kMaxChunk;
+  cuda::DecodeAttention worst;
+  worst.B = batch;
+  worst.Tq = kMaxDecodeQ;
+  worst.max_past = max_pos_;
+  worst.NH = NH;
+  worst.HD = HD;
+  // The activations: measure, then allocate once.
+  auto carve = [&](gpu::DeviceArena& a) {
+    x_ = a.alloc<float>(size_t(rows_ * C));
+    mean_ = a.alloc<float>(size_t(rows_));
+    rstd_ = a.alloc<float>(size_t(rows_));
+    lse_ = a.alloc<float>(size_t(NH * rows_));
+    logits_ = a.alloc<float>(size_t(rows_ * V));
+    ln_ = a.alloc<uint16_t>(size_t(rows_ * C));
+    qkv_ = a.alloc<uint16_t>(size_t(rows_ * 3 * C));
+    att_ = a.alloc<uint16_t>(size_t(rows_ * C));
+    fc_pre_ = a.alloc<uint16_t>(size_t(rows_ * 4 * C));
+    fc_ = a.alloc<uint16_t>(size_t(rows_ * 4 * C));
+    tok_d_ = a.alloc<int32_t>(size_t(rows_));
+    pos_d_ = a.alloc<int32_t>(size_t(rows_));
+    past_d_ = a.alloc<int32_t>(size_t(batch));
+    dec_scratch_ = a.alloc<char>(cuda::decode_attention_scratch_bytes(worst));
+  };
+  gpu::DeviceArena measure;
+  carve(measure);
+  acts_ = gpu::DeviceArena(measure.peak(), "decoder activations");
+  carve(acts_);
+  tok_h_ = static_cast<int32_t*>(gpu::malloc_host(size_t(rows_) * 4, "decoder token staging"));
+  pos_h_ = static_cast<int32_t*>(gpu::malloc_host(size_t(rows_) * 4, "decoder position staging"));
+  past_h_ = static_cast<int32_t*>(gpu::malloc_host(size_t(batch) * 4, "decoder length staging"));
+  logits_h_ = static_cast<float*>(gpu::malloc_host(size_t(rows_ * V) * 4, "decoder logits staging"));
+  gpu::synchronize();
+}
+
+CudaDecoder::~CudaDecoder() {
+  gpu::free_host(tok_h_);
+  gpu::free_host(pos_h_);
+  gpu::free_host(past_h_);
+  gpu::free_host(logits_h_);
+}
+
+size_t CudaDecoder::device_bytes() const {
+  return params_.size() + params16_.size() + kcache_.size() + vcache_.size() + acts_.capacity();
+}
+
+const uint16_t* CudaDecoder::w16(const float* p) const {
+  return params16_.as<uint16_t>() + (p - params_.as<float>());
+}
+
+void CudaDecoder::run(int n, bool flash, bool all_logits) {
+  void* s = gpu::stream();
+  const int B = batch_, C = cfg_.n_embd, NH = cfg_.n_head, HD = cfg_.head_dim(), V = cfg_.vocab_size;
+  const int64_t N = int64_t(B) * n;
+  const float eps = cfg_.layer_norm_epsilon;
+  const int64_t kv_batch_stride = int64_t(max_pos_) * C;
+  const int64_t layer_cache = int64_t(B) * kv_batch_stride;
+  gpu::copy_to_device(tok_d_, tok_h_, size_t(N) * 4);
+  gpu::copy_to_device(pos_d_, pos_h_, size_t(N) * 4);
+  gpu::copy_to_device(past_d_, past_h_, size_t(B) * 4);
+  cuda::embedding_forward(x_, tok_d_, pos_d_, p_.wte, p_.wpe, N, C, s);
+  for (int l = 0; l < cfg_.n_layer; l++) {
+    const LayerParams& w = p_.layers[size_t(l)];
+    uint16_t* kc = kcache_.as<uint16_t>() + l * layer_cache;
+    uint16_t* vc = vcache_.as<uint16_t>() + l * layer_cache;
+    cuda::layernorm_forward(ln_, mean_, rstd_, x_, w.ln1_w, w.ln1_b, N, C, eps, s);
+    cuda::matmul_forward(qkv_, ln_, w16(w.qkv_w), w.qkv_b, N, C, 3 * C, s);
+    cuda::kv_cache_append(kc, vc, qkv_, past_d_, B, n, NH, HD, kv_batch_stride, s);
+    if (flash) {
+      AttentionParams ap = cfg_.attention(B, n);
+      cuda::attention_forward(att_, lse_, qkv_, ap, s);
+    } else {
+      cuda::DecodeAttention d;
+      d.B = B;
+      d.Tq = n;
+      d.past_per_seq = past_d_;
+      d.max_past = max_pos_;
+      d.NH = NH;
+      d.HD = HD;
+      d.scale = 1.0f / std::sqrt(float(HD));
+      d.q = qkv_;
+      d.q_stride = 3 * C;
+      d.k = kc;
+      d.v = vc;
+      d.kv_batch_stride = kv_batch_stride;
+      d.kv_stride = C;
+      d.out = att_;
+      d.out_stride = C;
+      cuda::decode_attention(d, dec_scratch_, s);
+    }
+    cuda::matmul_forward_residual(x_, x_, att_, w16(w.attn_proj_w), w.attn_proj_b, N, C, C, s);
+    cuda::layernorm_forward(ln_, mean_, rstd_, x_, w.ln2_w, w.ln2_b, N, C, eps, s);
+    cuda::matmul_forward(fc_, ln_, w16(w.fc_w), w.fc_b, N, C, 4 * C, s, fc_pre_);
+    cuda::matmul_forward_residual(x_, x_, fc_, w16(w.fc_proj_w), w.fc_proj_b, N, 4 * C, C, s);
+  }
+  // Final LayerNorm and the LM head over every row, or over each sequence's last row only.
+  const uint16_t* wte16 = w16(p_.wte);
+  if (all_logits) {
+    cuda::layernorm_forward(ln_, mean_, rstd_, x_, p_.lnf_w, p_.lnf_b, N, C, eps, s);
+    cuda::gemm(false, true, N, V, C, 1.0f, ln_, C, wte16, C, 0.0f, logits_, V, s);
+    gpu::copy_to_host_async(logits_h_, logits_, size_t(N) * size_t(V) * 4);
+    return;
+  }
+  for (int b = 0; b < B; b++) {
+    const float* last = x_ + (int64_t(b) * n + n - 1) * C;
+    cuda::layernorm_forward(ln_ + int64_t(b) * C, mean_ + b, rstd_ + b, last, p_.lnf_w, p_.lnf_b, 1, C, eps, s);
+  }
+  cuda::gemm(false, true, B, V, C, 1.0f, ln_, C, wte16, C, 0.0f, logits_, V, s);
+  gpu::copy_to_host_async(logits_h_, logits_, size_t(B) * size_t(V) * 4);
+}
+
+const float* CudaDecoder::forward(const int32_t* tokens, int n, bool all_logits) {
+  const int B = batch_, V = cfg_.vocab_size;
+  KILN_CHECK(n >= 1, "decoder: no tokens to run");
+  KILN_CHECK(length_ + n <= max_pos_, "decoder: ", length_, " cached + ", n, " new positions exceed the limit of ",
+             max_pos_);
+  for (int64_t i = 0; i < int64_t(B) * n; i++)
+    KILN_CHECK(tokens[i] >= 0 && tokens[i] < V, "decoder: token ", tokens[i], " outside the vocabulary [0, ", V, ")");
+  all_out_.clear();
+  int done = 0;
+  while (done < n) {
+    // An empty cache takes FlashAttention over whole chunks; later positions go through decode attention.
+    const bool flash = length_ == 0;
+    const int chunk = std::min(n - done, flash ? kMaxChunk : kMaxDecodeQ);
+    for (int b = 0; b < B; b++) {
+      past_h_[b] = length_;
+      for (int i = 0; i < chunk; i++) {
+        tok_h_[b * chunk + i] = tokens[int64_t(b) * n + done + i];
+        pos_h_[b * chunk + i] = length_ + i;
+      }
+    }
+    const bool step = chunk == 1 && !flash && !all_logits && use_graph_;
+    if (step && eager_steps_ >= 1) {
+      // The decode step: capture it once (after one eager run has set up cuBLASLt), then replay.
+      if (!step_graph_.ready()) {
+        step_graph_.begin();
+        run(1, false, false);
+        step_graph_.end();
+      }
+      step_graph_.launch();
+    } else {
+      run(chunk, flash, all_logits);
+      if (step) eager_steps_++;
+    }
+    gpu::synchronize();
+    if (all_logits) {
+      // Gather [B, chunk, V] pieces into [B, n, V].
+      all_out_.resize(size_t(B) * size_t(n) * size_t(V));
+      for (int b = 0; b < B; b++)
+        std::copy(logits_h_ + int64_t(b) * chunk * V, logits_h_ + int64_t(b + 1) * chunk * V,
+                  all_out_.begin() + (int64_t(b) * n + done) * V);
+    }
+    length_ += chunk;
+    done += chunk;
+  }
+  return all_logits ? all_out_.data() : logits_h_;
+}
+
+}  // namespace kiln
