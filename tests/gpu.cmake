@@ -24,3 +24,18 @@ if(KILN_CUDA)
   # Discovery would run the binary at build time; list the tests when ctest runs instead.
   gtest_discover_tests(kiln_gpu_tests DISCOVERY_MODE PRE_TEST TEST_PREFIX "cuda." PROPERTIES LABELS cuda)
 endif()
+
+# The CPU stand-in for compute-sanitizer memcheck: the emulated kernels and the GPU tests built again with
+# AddressSanitizer and UBSan. Emulated device allocations have their exact size and shared memory is exactly
+# the launch's bytes, so a kernel touching one element past a buffer or its shared tile is reported.
+set(KILN_GPU_SANITIZE_FLAGS -fsanitize=address,undefined -fno-sanitize-recover=all -fno-omit-frame-pointer)
+add_executable(kiln_gpu_tests_emu_asan ${KILN_GPU_TEST_SOURCES} ${KILN_GPU_TEST_EMU_KERNELS}
+               ${KILN_EMU_SOURCES})
+target_include_directories(kiln_gpu_tests_emu_asan PRIVATE ${CMAKE_SOURCE_DIR})
+target_compile_options(kiln_gpu_tests_emu_asan PRIVATE ${KILN_GPU_SANITIZE_FLAGS} -O1 -g)
+target_link_options(kiln_gpu_tests_emu_asan PRIVATE ${KILN_GPU_SANITIZE_FLAGS})
+target_link_libraries(kiln_gpu_tests_emu_asan PRIVATE kiln_lib GTest::gtest GTest::gtest_main)
+target_compile_definitions(kiln_gpu_tests_emu_asan PRIVATE KILN_TEST_EMULATED=1 KILN_SOURCE_DIR="${CMAKE_SOURCE_DIR}")
+gtest_discover_tests(kiln_gpu_tests_emu_asan DISCOVERY_TIMEOUT 60 TEST_PREFIX "emu_asan."
+  PROPERTIES LABELS sanitize
+             ENVIRONMENT "ASAN_OPTIONS=detect_leaks=0:abort_on_error=0;UBSAN_OPTIONS=print_stacktrace=1")
