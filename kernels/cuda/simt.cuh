@@ -139,10 +139,12 @@ KILN_DEVICE void ldmatrix_x2_trans(uint32_t r[2], const void* smem_row) {
 #endif
 }
 
-// ---- Asynchronous global -> shared copies (sm_80+), 16 bytes each; the emulator copies at once ----
+// ---- Asynchronous global -> shared copies (sm_80+), 16 bytes each ----
+// The emulator performs a thread's copies only when cp_async_wait retires their group (the latest moment the
+// hardware may complete them), so reading a tile before waiting for it sees stale or NaN-filled shared memory.
 KILN_DEVICE void cp_async_16(void* smem_dst, const void* gmem_src) {
 #if KILN_EMULATED
-  std::memcpy(smem_dst, gmem_src, 16);
+  ::kiln::emu::cp_async(smem_dst, gmem_src, 16);
 #else
   uint32_t addr = uint32_t(__cvta_generic_to_shared(smem_dst));
   asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(addr), "l"(gmem_src));
@@ -151,22 +153,25 @@ KILN_DEVICE void cp_async_16(void* smem_dst, const void* gmem_src) {
 // Zero-fill variant: copies src_bytes (0 or 16) and fills the rest of the 16 with zeros (tile edges).
 KILN_DEVICE void cp_async_16_zfill(void* smem_dst, const void* gmem_src, int src_bytes) {
 #if KILN_EMULATED
-  std::memset(smem_dst, 0, 16);
-  if (src_bytes > 0) std::memcpy(smem_dst, gmem_src, size_t(src_bytes));
+  ::kiln::emu::cp_async(smem_dst, gmem_src, src_bytes);
 #else
   uint32_t addr = uint32_t(__cvta_generic_to_shared(smem_dst));
   asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(addr), "l"(gmem_src), "r"(src_bytes));
 #endif
 }
 KILN_DEVICE void cp_async_commit() {
-#if !KILN_EMULATED
+#if KILN_EMULATED
+  ::kiln::emu::cp_async_commit();
+#else
   asm volatile("cp.async.commit_group;\n" ::);
 #endif
 }
 // Wait until at most n committed groups are still in flight.
 template <int n>
 KILN_DEVICE void cp_async_wait() {
-#if !KILN_EMULATED
+#if KILN_EMULATED
+  ::kiln::emu::cp_async_wait(n);
+#else
   asm volatile("cp.async.wait_group %0;\n" ::"n"(n));
 #endif
 }

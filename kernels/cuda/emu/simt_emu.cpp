@@ -23,8 +23,16 @@ constexpr size_t kStackBytes = 256 * 1024;
 constexpr size_t kSlotBytes = 64;
 constexpr size_t kMaxSmem = 227 * 1024;  // Hopper's per-block opt-in limit
 
+struct AsyncCopy {
+  void* dst;
+  const void* src;
+  int src_bytes;
+};
+
 struct Fiber {
   ucontext_t ctx;
+  std::vector<AsyncCopy> open;                     // issued, not yet committed
+  std::vector<std::vector<AsyncCopy>> committed;  // oldest first
   dim3 tid;
   int linear = 0;
   bool done = false;
@@ -86,10 +94,19 @@ void yield(Runner& r) { swapcontext(&r.cur->ctx, &r.sched); }
   for (;;) yield(r);
 }
 
+void perform(const std::vector<AsyncCopy>& copies) {
+  for (const AsyncCopy& c : copies) {
+    std::memset(c.dst, 0, 16);
+    if (c.src_bytes > 0) std::memcpy(c.dst, c.src, size_t(c.src_bytes));
+  }
+}
+
 void fiber_entry() {
   Runner& r = *t_runner;
   (*r.body)();
   Fiber& f = *r.cur;
+  for (const auto& g : f.committed) perform(g);
+  perform(f.open);
   f.done = true;
   r.live--;
   r.events++;
@@ -241,6 +258,27 @@ void check_smem(const void* p, size_t bytes, size_t align, const char* what) {
                       thread_name(*r.cur, r)));
   if (a % align != 0)
     fiber_fail(r, str("SIMT emulator: ", what, " address not ", align, "-byte aligned, ", thread_name(*r.cur, r)));
+}
+
+void cp_async(void* smem_dst, const void* gmem_src, int src_bytes) {
+  Runner& r = runner();
+  check_smem(smem_dst, 16, 16, "cp.async destination");
+  if (src_bytes < 0 || src_bytes > 16) fiber_fail(r, str("SIMT emulator: cp.async of ", src_bytes, " bytes"));
+  if (src_bytes > 0 && reinterpret_cast<uintptr_t>(gmem_src) % 16 != 0)
+    fiber_fail(r, str("SIMT emulator: cp.async source not 16-byte aligned, ", thread_name(*r.cur, r)));
+  r.cur->open.push_back({smem_dst, gmem_src, src_bytes});
+}
+void cp_async_commit() {
+  Fiber& f = *runner().cur;
+  f.committed.push_back(std::move(f.open));
+  f.open.clear();
+}
+void cp_async_wait(int n) {
+  Fiber& f = *runner().cur;
+  while (int(f.committed.size()) > n) {
+    perform(f.committed.front());
+    f.committed.erase(f.committed.begin());
+  }
 }
 
 namespace {

@@ -43,6 +43,13 @@ void warp_ldmatrix(uint32_t* r, int count, bool trans, const void* smem_row);
 // Fails (naming `what`) unless [p, p+bytes) lies in the block's shared memory and p is `align`-aligned.
 void check_smem(const void* p, size_t bytes, size_t align, const char* what);
 
+// cp.async: queue a 16-byte copy (src_bytes of it from src, the rest zeros) for the calling thread; commit
+// closes the thread's open group; wait(n) performs every committed group but the newest n. A thread's copies
+// left at its exit are performed then.
+void cp_async(void* smem_dst, const void* gmem_src, int src_bytes);
+void cp_async_commit();
+void cp_async_wait(int n);
+
 // Runs (or, while `stream` is capturing a graph, records) one kernel launch.
 void launch(dim3 grid, dim3 block, size_t smem_bytes, cudaStream_t stream, std::function<void()> body);
 
