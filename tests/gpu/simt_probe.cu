@@ -64,6 +64,22 @@ KILN_GLOBAL void bad_barrier_kernel(float* out) {
   out[threadIdx.x] = v;
 }
 
+// Deliberately racy when `barrier` is 0: warp 0 fills a tile with cp.async, warp 1 reads it with ldmatrix.
+KILN_GLOBAL void tile_handoff_kernel(float* out, const uint16_t* src, int barrier) {
+  uint16_t* tile = simt::dynamic_smem<uint16_t>();
+  if (simt::warp_id() == 0 && simt::lane_id() < 8) {
+    simt::cp_async_16(tile + simt::lane_id() * 8, src + simt::lane_id() * 8);
+    simt::cp_async_commit();
+    simt::cp_async_wait<0>();
+  }
+  if (barrier) __syncthreads();
+  if (simt::warp_id() == 1) {
+    uint32_t r[2];
+    simt::ldmatrix_x2(r, tile + (simt::lane_id() % 8) * 8);
+    out[simt::lane_id()] = simt::bf16x2_lo(r[0]);
+  }
+}
+
 KILN_GLOBAL void shuffle_kernel(int* out) {
   int lane = simt::lane_id();
   out[lane] = __shfl_xor_sync(0xffffffffu, lane * 10, 5);
@@ -82,6 +98,10 @@ void block_sum(float* out, const float* x, int n, int blocks, int threads, void*
 }
 void bad_barrier(float* out, void* stream) {
   simt::launch(bad_barrier_kernel, dim3(1), dim3(64), 0, static_cast<cudaStream_t>(stream), out);
+}
+void tile_handoff(float* out, const uint16_t* src, bool barrier, void* stream) {
+  simt::launch(tile_handoff_kernel, dim3(1), dim3(64), 256, static_cast<cudaStream_t>(stream), out, src,
+               barrier ? 1 : 0);
 }
 void shuffles(int* out, void* stream) {
   simt::launch(shuffle_kernel, dim3(1), dim3(32), 0, static_cast<cudaStream_t>(stream), out);

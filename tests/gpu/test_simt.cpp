@@ -49,7 +49,30 @@ TEST(Simt, BlockSumAcrossBlocksAndWarps) {
   EXPECT_NEAR(out.download()[0], ref, 1e-3);
 }
 
+TEST(Simt, TileHandedBetweenWarpsAcrossABarrier) {
+  KILN_REQUIRE_GPU();
+  std::vector<float> src_f(64);
+  for (int i = 0; i < 64; i++) src_f[size_t(i)] = float(i);
+  DeviceVec<uint16_t> src(test::to_bf16(src_f));
+  DeviceVec<float> out(32);
+  probe::tile_handoff(out.get(), src.get(), true, gpu::stream());
+  auto o = out.download();
+  for (int l = 0; l < 32; l++) EXPECT_EQ(o[size_t(l)], float(8 * (l / 4) + 2 * (l % 4))) << "lane " << l;
+}
+
 #ifdef KILN_TEST_EMULATED
+TEST(Simt, EmulatorReportsASharedMemoryRace) {
+  KILN_REQUIRE_GPU();
+  DeviceVec<uint16_t> src(std::vector<uint16_t>(64, 0));
+  DeviceVec<float> out(32);
+  try {
+    probe::tile_handoff(out.get(), src.get(), false, gpu::stream());
+    FAIL() << "no race reported";
+  } catch (const Error& e) {
+    EXPECT_NE(std::string(e.what()).find("shared-memory race"), std::string::npos) << e.what();
+  }
+}
+
 TEST(Simt, EmulatorReportsABarrierSomeThreadsSkip) {
   KILN_REQUIRE_GPU();
   DeviceVec<float> out(64);

@@ -47,10 +47,19 @@ struct Warp {
 };
 
 // One OS thread's emulation state: the block it is running and the fibers that run it.
+// Race shadow of one 16-byte shared-memory chunk: the barrier epoch and warp of its last cp.async write and
+// of its ldmatrix reads in the current epoch.
+struct Shadow {
+  uint64_t w_epoch = ~0ull, r_epoch = ~0ull;
+  int w_warp = -1, r_warp = -1;
+  bool r_many = false;
+};
+
 struct Runner {
   dim3 bidx, bdim, gdim;
   std::vector<unsigned char> smem;
   size_t smem_bytes = 0;
+  std::vector<Shadow> shadow;
   std::vector<Fiber> fibers;
   std::vector<Warp> warps;
   int live = 0, bar_arrived = 0;
@@ -94,8 +103,11 @@ void yield(Runner& r) { swapcontext(&r.cur->ctx, &r.sched); }
   for (;;) yield(r);
 }
 
+void note_smem_write(const void* p);
+
 void perform(const std::vector<AsyncCopy>& copies) {
   for (const AsyncCopy& c : copies) {
+    note_smem_write(c.dst);
     std::memset(c.dst, 0, 16);
     if (c.src_bytes > 0) std::memcpy(c.dst, c.src, size_t(c.src_bytes));
   }
@@ -133,6 +145,8 @@ void run_block(Runner& r) {
   const int n = int(r.bdim.x * r.bdim.y * r.bdim.z);
   // Shared memory starts as NaN bytes, so a read before a write poisons the result instead of passing.
   if (r.smem_bytes) std::memset(r.smem.data(), 0xff, r.smem_bytes);
+  r.shadow.assign((r.smem_bytes + 15) / 16, Shadow{});
+  r.bar_gen = 0;
   r.fibers.assign(size_t(n), Fiber{});
   r.warps.assign(size_t((n + 31) / 32), Warp{});
   for (int i = 0; i < n; i++) r.warps[size_t(i / 32)].live++;
@@ -260,12 +274,51 @@ void check_smem(const void* p, size_t bytes, size_t align, const char* what) {
     fiber_fail(r, str("SIMT emulator: ", what, " address not ", align, "-byte aligned, ", thread_name(*r.cur, r)));
 }
 
+// racecheck's stand-in for the accesses that go through the emulator (cp.async writes, ldmatrix reads): two
+// warps touching one 16-byte chunk between the same pair of __syncthreads, at least one of them writing, is a
+// hazard whatever order the hardware happens to run them in. (Plain loads and stores are not tracked.)
+namespace {
+Shadow& shadow_of(Runner& r, const void* p) {
+  return r.shadow[size_t(static_cast<const unsigned char*>(p) - r.smem.data()) / 16];
+}
+[[noreturn]] void race(Runner& r, const void* p, const char* what, int other_warp) {
+  fiber_fail(r, str("SIMT emulator: shared-memory race at offset ",
+                    static_cast<const unsigned char*>(p) - r.smem.data(), ": warp ", r.cur->linear / 32, " ", what,
+                    " warp ", other_warp, " with no __syncthreads between (", thread_name(*r.cur, r), ")"));
+}
+
+void note_smem_write(const void* p) {
+  Runner& r = runner();
+  Shadow& sh = shadow_of(r, p);
+  const int warp = r.cur->linear / 32;
+  if (sh.r_epoch == r.bar_gen && (sh.r_many || sh.r_warp != warp)) race(r, p, "writes (cp.async) what is read by", sh.r_warp);
+  if (sh.w_epoch == r.bar_gen && sh.w_warp != warp) race(r, p, "writes (cp.async) what is written by", sh.w_warp);
+  sh.w_epoch = r.bar_gen;
+  sh.w_warp = warp;
+}
+
+void note_smem_read(const void* p) {
+  Runner& r = runner();
+  Shadow& sh = shadow_of(r, p);
+  const int warp = r.cur->linear / 32;
+  if (sh.w_epoch == r.bar_gen && sh.w_warp != warp) race(r, p, "reads (ldmatrix) what is written (cp.async) by", sh.w_warp);
+  if (sh.r_epoch != r.bar_gen) {
+    sh.r_epoch = r.bar_gen;
+    sh.r_warp = warp;
+    sh.r_many = false;
+  } else if (sh.r_warp != warp) {
+    sh.r_many = true;
+  }
+}
+}  // namespace
+
 void cp_async(void* smem_dst, const void* gmem_src, int src_bytes) {
   Runner& r = runner();
   check_smem(smem_dst, 16, 16, "cp.async destination");
   if (src_bytes < 0 || src_bytes > 16) fiber_fail(r, str("SIMT emulator: cp.async of ", src_bytes, " bytes"));
   if (src_bytes > 0 && reinterpret_cast<uintptr_t>(gmem_src) % 16 != 0)
     fiber_fail(r, str("SIMT emulator: cp.async source not 16-byte aligned, ", thread_name(*r.cur, r)));
+  note_smem_write(smem_dst);  // the hardware may write any time from now until the wait
   r.cur->open.push_back({smem_dst, gmem_src, src_bytes});
 }
 void cp_async_commit() {
@@ -319,7 +372,10 @@ void warp_mma_bf16_16816(float d[4], const uint32_t a[4], const uint32_t b[2], c
 
 void warp_ldmatrix(uint32_t* r, int count, bool trans, const void* smem_row) {
   const int lane = int(thread_idx().x) & 31;
-  if (lane < 8 * count) check_smem(smem_row, 16, 16, "ldmatrix row");
+  if (lane < 8 * count) {
+    check_smem(smem_row, 16, 16, "ldmatrix row");
+    note_smem_read(smem_row);
+  }
   const void* rows[32];
   warp_exchange(&smem_row, rows, sizeof(void*), trans ? "ldmatrix.trans" : "ldmatrix");
   auto elem = [&](int m, int row, int col) {
