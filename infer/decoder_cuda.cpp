@@ -37,12 +37,7 @@ CudaDecoder::CudaDecoder(const GPT2Config& cfg, const float* params, int batch, 
   vcache_.resize(cache * 2, "KV cache (values)");
 
   rows_ = int64_t(batch) * kMaxChunk;
-  cuda::DecodeAttention worst;
-  worst.B = batch;
-  worst.Tq = kMaxDecodeQ;
-  worst.max_past = max_pos_;
-  worst.NH = NH;
-  worst.HD = HD;
+  const cuda::DecodeAttention worst = decode_params(kMaxDecodeQ, nullptr, nullptr);
   // The activations: measure, then allocate once.
   auto carve = [&](gpu::DeviceArena& a) {
     x_ = a.alloc<float>(size_t(rows_ * C));
@@ -82,6 +77,27 @@ size_t CudaDecoder::device_bytes() const {
   return params_.size() + params16_.size() + kcache_.size() + vcache_.size() + acts_.capacity();
 }
 
+cuda::DecodeAttention CudaDecoder::decode_params(int Tq, const uint16_t* kc, const uint16_t* vc) const {
+  const int C = cfg_.n_embd;
+  cuda::DecodeAttention d;
+  d.B = batch_;
+  d.Tq = Tq;
+  d.past_per_seq = past_d_;
+  d.max_past = max_pos_;
+  d.NH = cfg_.n_head;
+  d.HD = cfg_.head_dim();
+  d.scale = 1.0f / std::sqrt(float(d.HD));
+  d.q = qkv_;
+  d.q_stride = 3 * C;
+  d.k = kc;
+  d.v = vc;
+  d.kv_batch_stride = int64_t(max_pos_) * C;
+  d.kv_stride = C;
+  d.out = att_;
+  d.out_stride = C;
+  return d;
+}
+
 const uint16_t* CudaDecoder::w16(const float* p) const {
   return params16_.as<uint16_t>() + (p - params_.as<float>());
 }
@@ -108,23 +124,7 @@ void CudaDecoder::run(int n, bool flash, bool all_logits) {
       AttentionParams ap = cfg_.attention(B, n);
       cuda::attention_forward(att_, lse_, qkv_, ap, s);
     } else {
-      cuda::DecodeAttention d;
-      d.B = B;
-      d.Tq = n;
-      d.past_per_seq = past_d_;
-      d.max_past = max_pos_;
-      d.NH = NH;
-      d.HD = HD;
-      d.scale = 1.0f / std::sqrt(float(HD));
-      d.q = qkv_;
-      d.q_stride = 3 * C;
-      d.k = kc;
-      d.v = vc;
-      d.kv_batch_stride = kv_batch_stride;
-      d.kv_stride = C;
-      d.out = att_;
-      d.out_stride = C;
-      cuda::decode_attention(d, dec_scratch_, s);
+      cuda::decode_attention(decode_params(n, kc, vc), dec_scratch_, s);
     }
     cuda::matmul_forward_residual(x_, x_, att_, w16(w.attn_proj_w), w.attn_proj_b, N, C, C, s);
     cuda::layernorm_forward(ln_, mean_, rstd_, x_, w.ln2_w, w.ln2_b, N, C, eps, s);

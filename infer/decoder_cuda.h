@@ -12,6 +12,7 @@
 
 #include "core/gpu.h"
 #include "infer/decoder.h"
+#include "kernels/decode_attention.h"
 #include "models/config.h"
 #include "models/gpt2_params.h"
 
@@ -59,6 +60,8 @@ class CudaDecoder : public IncrementalDecoder {
   int eager_steps_ = 0;
 
   const uint16_t* w16(const float* p) const;
+  // Decode-attention arguments for Tq queries against one layer's cache (kc, vc).
+  cuda::DecodeAttention decode_params(int Tq, const uint16_t* kc, const uint16_t* vc) const;
   // One pass over n new positions per sequence (inputs already in the staging buffers); leaves the logits of
   // the last position (or of all, with all_logits) in logits_h_ once the stream is synchronised.
   void run(int n, bool flash, bool all_logits);

@@ -214,21 +214,8 @@ double GPT2Cuda::grad_norm(float unscale) const {
 }
 
 void GPT2Cuda::adamw_update(const AdamWConfig& cfg, float lr, int64_t t, double norm, float unscale) {
-  float clip = 1.0f;
-  if (cfg.grad_clip > 0) {
-    double coef = double(cfg.grad_clip) / (norm + 1e-6);
-    if (coef < 1.0) clip = float(coef);
-  }
   for (const ParamSpec& sp : table_.specs) {
-    AdamWHyper h;
-    h.lr = lr;
-    h.beta1 = cfg.beta1;
-    h.beta2 = cfg.beta2;
-    h.eps = cfg.eps;
-    h.weight_decay = sp.decay ? cfg.weight_decay : 0.0f;
-    h.t = t;
-    h.grad_scale = clip * unscale;
-    h.zero_grad = true;
+    const AdamWHyper h = adamw_hyper(cfg, sp, lr, t, norm, unscale, /*zero_grad=*/true);
     cuda::adamw_update(params_.as<float>() + sp.offset, params16_.as<uint16_t>() + sp.offset,
                        grads_.as<float>() + sp.offset, m_.as<float>() + sp.offset, v_.as<float>() + sp.offset,
                        sp.numel(), h, gpu::stream());

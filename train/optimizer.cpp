@@ -12,22 +12,28 @@ double AdamW::grad_norm(const float* grads, float unscale) const {
   return std::sqrt(cpu::sum_squares(grads, int64_t(table_.total))) * double(unscale);
 }
 
-void AdamW::update(float* params, float* grads, float lr, int64_t t, double norm, float unscale, bool zero_grads) {
+AdamWHyper adamw_hyper(const AdamWConfig& cfg, const ParamSpec& spec, float lr, int64_t t, double norm,
+                       float unscale, bool zero_grad) {
   float clip = 1.0f;
-  if (cfg_.grad_clip > 0) {
-    double coef = double(cfg_.grad_clip) / (norm + 1e-6);
+  if (cfg.grad_clip > 0) {
+    double coef = double(cfg.grad_clip) / (norm + 1e-6);
     if (coef < 1.0) clip = float(coef);
   }
+  AdamWHyper h;
+  h.lr = lr;
+  h.beta1 = cfg.beta1;
+  h.beta2 = cfg.beta2;
+  h.eps = cfg.eps;
+  h.weight_decay = spec.decay ? cfg.weight_decay : 0.0f;
+  h.t = t;
+  h.grad_scale = clip * unscale;
+  h.zero_grad = zero_grad;
+  return h;
+}
+
+void AdamW::update(float* params, float* grads, float lr, int64_t t, double norm, float unscale, bool zero_grads) {
   for (const ParamSpec& s : table_.specs) {
-    AdamWHyper h;
-    h.lr = lr;
-    h.beta1 = cfg_.beta1;
-    h.beta2 = cfg_.beta2;
-    h.eps = cfg_.eps;
-    h.weight_decay = s.decay ? cfg_.weight_decay : 0.0f;
-    h.t = t;
-    h.grad_scale = clip * unscale;
-    h.zero_grad = zero_grads;
+    const AdamWHyper h = adamw_hyper(cfg_, s, lr, t, norm, unscale, zero_grads);
     cpu::adamw_update(params + s.offset, grads + s.offset, m_.f32() + s.offset, v_.f32() + s.offset, s.numel(), h);
   }
 }

@@ -15,6 +15,11 @@ struct AdamWConfig {
   float grad_clip = 1.0f;  // <= 0: no clipping
 };
 
+// The kernel arguments for one tensor's update: lr, betas, eps, weight decay where the tensor takes it, the
+// clipping coefficient (grad_clip / norm when the norm exceeds it) times unscale, and zero_grad.
+AdamWHyper adamw_hyper(const AdamWConfig& cfg, const ParamSpec& spec, float lr, int64_t t, double norm,
+                       float unscale, bool zero_grad);
+
 class AdamW {
  public:
   AdamW(const ParamTable& table, const AdamWConfig& cfg);

@@ -20,13 +20,6 @@
 #include "kernels/attention.h"
 #include "kernels/cuda/simt.cuh"
 
-// Full unrolling on the GPU (fragment arrays must stay in registers); the host compiler ignores `#pragma unroll`.
-#if defined(__CUDACC__)
-#define UNROLL _Pragma("unroll")
-#else
-#define UNROLL
-#endif
-
 namespace kiln::cuda {
 namespace {
 
@@ -92,7 +85,7 @@ KILN_DEVICE float quad_sum(float v) {
 // Accumulator tiles [16][8·NB] as the A operand of the next product: k-steps of 16 columns.
 template <int NB>
 KILN_DEVICE void to_a_frags(uint32_t a[NB / 2][4], const float s[NB][4]) {
-  UNROLL
+  KILN_UNROLL
   for (int kk = 0; kk < NB / 2; kk++) {
     a[kk][0] = simt::pack_bf16x2(s[2 * kk][0], s[2 * kk][1]);
     a[kk][1] = simt::pack_bf16x2(s[2 * kk][2], s[2 * kk][3]);
@@ -152,7 +145,7 @@ KILN_GLOBAL void __launch_bounds__(kFwdThreads, HD == 64 ? 2 : 1) attention_fwd_
 
   uint32_t qf[KD][4];
   float o[ND][4];
-  UNROLL
+  KILN_UNROLL
   for (int i = 0; i < ND; i++) o[i][0] = o[i][1] = o[i][2] = o[i][3] = 0.0f;
   float m_a = -INFINITY, m_b = -INFINITY, l_a = 0.0f, l_b = 0.0f;
 
@@ -169,7 +162,7 @@ KILN_GLOBAL void __launch_bounds__(kFwdThreads, HD == 64 ? 2 : 1) attention_fwd_
     }
     __syncthreads();
     if (j == 0) {
-      UNROLL
+      KILN_UNROLL
       for (int kk = 0; kk < KD; kk++) load_a(qf[kk], sQ, LD, warp * 16, kk * 16);
     }
     // Warps whose rows are past the sequence end, or (causal) entirely above this key tile, have nothing to add.
@@ -178,11 +171,11 @@ KILN_GLOBAL void __launch_bounds__(kFwdThreads, HD == 64 ? 2 : 1) attention_fwd_
       const uint16_t* tK = sK + (j & 1) * kBc * LD;
       const uint16_t* tV = sV + (j & 1) * kBc * LD;
       float s[kBc / 8][4];
-      UNROLL
+      KILN_UNROLL
       for (int i = 0; i < kBc / 8; i++) s[i][0] = s[i][1] = s[i][2] = s[i][3] = 0.0f;
-      UNROLL
+      KILN_UNROLL
       for (int kk = 0; kk < KD; kk++)
-        UNROLL
+        KILN_UNROLL
         for (int nb = 0; nb < kBc / 8; nb += 2) {
           uint32_t b[4];
           load_b_nmajor(b, tK, LD, nb * 8, kk * 16);
@@ -192,9 +185,9 @@ KILN_GLOBAL void __launch_bounds__(kFwdThreads, HD == 64 ? 2 : 1) attention_fwd_
       const bool mask = k0 + kBc > sp.len || (a.causal && k0 + kBc - 1 > qw);
       // Max over the raw scores (scale > 0), then p = exp2(s·scale·log2e − m) as one FMA per score.
       float mx_a = -INFINITY, mx_b = -INFINITY;
-      UNROLL
+      KILN_UNROLL
       for (int nb = 0; nb < kBc / 8; nb++)
-        UNROLL
+        KILN_UNROLL
         for (int e = 0; e < 4; e++) {
           if (mask) {
             const int col = k0 + nb * 8 + 2 * t + (e & 1), row = e < 2 ? row_a : row_b;
@@ -211,7 +204,7 @@ KILN_GLOBAL void __launch_bounds__(kFwdThreads, HD == 64 ? 2 : 1) attention_fwd_
       m_a = mx_a;
       m_b = mx_b;
       float sum_a = 0.0f, sum_b = 0.0f;
-      UNROLL
+      KILN_UNROLL
       for (int nb = 0; nb < kBc / 8; nb++) {
         s[nb][0] = exp2f(fmaf(s[nb][0], a.scale_log2, -base_a));
         s[nb][1] = exp2f(fmaf(s[nb][1], a.scale_log2, -base_a));
@@ -222,7 +215,7 @@ KILN_GLOBAL void __launch_bounds__(kFwdThreads, HD == 64 ? 2 : 1) attention_fwd_
       }
       l_a = l_a * alpha_a + sum_a;  // per-lane partial sums; the quad is summed at the end
       l_b = l_b * alpha_b + sum_b;
-      UNROLL
+      KILN_UNROLL
       for (int i = 0; i < ND; i++) {
         o[i][0] *= alpha_a;
         o[i][1] *= alpha_a;
@@ -231,9 +224,9 @@ KILN_GLOBAL void __launch_bounds__(kFwdThreads, HD == 64 ? 2 : 1) attention_fwd_
       }
       uint32_t pf[kBc / 16][4];
       to_a_frags<kBc / 8>(pf, s);
-      UNROLL
+      KILN_UNROLL
       for (int kk = 0; kk < kBc / 16; kk++)
-        UNROLL
+        KILN_UNROLL
         for (int nd = 0; nd < ND; nd += 2) {
           uint32_t b[4];
           load_b_kmajor(b, tV, LD, nd * 8, kk * 16);
@@ -251,13 +244,13 @@ KILN_GLOBAL void __launch_bounds__(kFwdThreads, HD == 64 ? 2 : 1) attention_fwd_
   uint16_t* og = a.out + sp.start * C + int64_t(h) * HD;
   if (row_a < sp.len) {
     uint32_t* orow = reinterpret_cast<uint32_t*>(og + int64_t(row_a) * C);
-    UNROLL
+    KILN_UNROLL
     for (int i = 0; i < ND; i++) orow[i * 4 + t] = simt::pack_bf16x2(o[i][0] * inv_a, o[i][1] * inv_a);
     if (t == 0) a.lse[int64_t(h) * a.N + sp.start + row_a] = m_a * kLn2 + logf(l_a);
   }
   if (row_b < sp.len) {
     uint32_t* orow = reinterpret_cast<uint32_t*>(og + int64_t(row_b) * C);
-    UNROLL
+    KILN_UNROLL
     for (int i = 0; i < ND; i++) orow[i * 4 + t] = simt::pack_bf16x2(o[i][2] * inv_b, o[i][3] * inv_b);
     if (t == 0) a.lse[int64_t(h) * a.N + sp.start + row_b] = m_b * kLn2 + logf(l_b);
   }
@@ -323,7 +316,7 @@ KILN_GLOBAL void attention_bwd_dot_kernel(BwdArgs a) {
   const uint32_t* dy = reinterpret_cast<const uint32_t*>(a.dout + off);
   const uint32_t* y = reinterpret_cast<const uint32_t*>(a.out + off);
   float s = 0.0f;
-  UNROLL
+  KILN_UNROLL
   for (int i = lane; i < HD / 2; i += 32) {
     const uint32_t u = dy[i], v = y[i];
     s += simt::bf16x2_lo(u) * simt::bf16x2_lo(v) + simt::bf16x2_hi(u) * simt::bf16x2_hi(v);
@@ -388,9 +381,9 @@ KILN_GLOBAL void __launch_bounds__(kBwdThreads, 1) attention_bwd_kernel(BwdArgs 
   const int kw = k0 + warp * 16;  // this warp's first key
   const int key_a = kw + g, key_b = kw + g + 8;
   float dv[ND][4], dk[ND][4];
-  UNROLL
+  KILN_UNROLL
   for (int i = 0; i < ND; i++)
-    UNROLL
+    KILN_UNROLL
     for (int e = 0; e < 4; e++) dv[i][e] = dk[i][e] = 0.0f;
 
   for (int it = 0; it < nq; it++) {
@@ -413,16 +406,16 @@ KILN_GLOBAL void __launch_bounds__(kBwdThreads, 1) attention_bwd_kernel(BwdArgs 
     const bool active = kw < sp.len && !(a.causal && q0 + kBrB - 1 < kw);
     if (active) {
       float s[kBrB / 8][4], dp[kBrB / 8][4];
-      UNROLL
+      KILN_UNROLL
       for (int i = 0; i < kBrB / 8; i++)
-        UNROLL
+        KILN_UNROLL
         for (int e = 0; e < 4; e++) s[i][e] = dp[i][e] = 0.0f;
       // Sᵀ = K·Qᵀ (rows: this warp's 16 keys, columns: the tile's queries)
-      UNROLL
+      KILN_UNROLL
       for (int kk = 0; kk < KD; kk++) {
         uint32_t ka[4];
         load_a(ka, sK, LD, warp * 16, kk * 16);
-        UNROLL
+        KILN_UNROLL
         for (int nb = 0; nb < kBrB / 8; nb += 2) {
           uint32_t b[4];
           load_b_nmajor(b, tQ, LD, nb * 8, kk * 16);
@@ -432,9 +425,9 @@ KILN_GLOBAL void __launch_bounds__(kBwdThreads, 1) attention_bwd_kernel(BwdArgs 
       }
       // Pᵀ = exp2(Sᵀ·scale·log2e − lse·log2e), hidden entries exactly 0.
       const bool mask = kw + 16 > sp.len || (a.causal && q0 < kw + 15);
-      UNROLL
+      KILN_UNROLL
       for (int nb = 0; nb < kBrB / 8; nb++)
-        UNROLL
+        KILN_UNROLL
         for (int e = 0; e < 4; e++) {
           const int qi = nb * 8 + 2 * t + (e & 1), key = e < 2 ? key_a : key_b;
           float p = exp2f(s[nb][e] * a.scale_log2 - tL[qi]);
@@ -445,9 +438,9 @@ KILN_GLOBAL void __launch_bounds__(kBwdThreads, 1) attention_bwd_kernel(BwdArgs 
       {
         uint32_t pf[kBrB / 16][4];
         to_a_frags<kBrB / 8>(pf, s);
-        UNROLL
+        KILN_UNROLL
         for (int kk = 0; kk < kBrB / 16; kk++)
-          UNROLL
+          KILN_UNROLL
           for (int nd = 0; nd < ND; nd += 2) {
             uint32_t b[4];
             load_b_kmajor(b, tdO, LD, nd * 8, kk * 16);
@@ -456,11 +449,11 @@ KILN_GLOBAL void __launch_bounds__(kBwdThreads, 1) attention_bwd_kernel(BwdArgs 
           }
       }
       // dPᵀ = V·dOᵀ
-      UNROLL
+      KILN_UNROLL
       for (int kk = 0; kk < KD; kk++) {
         uint32_t va[4];
         load_a(va, sV, LD, warp * 16, kk * 16);
-        UNROLL
+        KILN_UNROLL
         for (int nb = 0; nb < kBrB / 8; nb += 2) {
           uint32_t b[4];
           load_b_nmajor(b, tdO, LD, nb * 8, kk * 16);
@@ -469,23 +462,23 @@ KILN_GLOBAL void __launch_bounds__(kBwdThreads, 1) attention_bwd_kernel(BwdArgs 
         }
       }
       // dSᵀ = Pᵀ∘(dPᵀ − D)
-      UNROLL
+      KILN_UNROLL
       for (int nb = 0; nb < kBrB / 8; nb++)
-        UNROLL
+        KILN_UNROLL
         for (int e = 0; e < 4; e++) dp[nb][e] = s[nb][e] * (dp[nb][e] - tD[nb * 8 + 2 * t + (e & 1)]);
       uint32_t dsf[kBrB / 16][4];
       to_a_frags<kBrB / 8>(dsf, dp);
       // dK += dSᵀ·Q
-      UNROLL
+      KILN_UNROLL
       for (int kk = 0; kk < kBrB / 16; kk++)
-        UNROLL
+        KILN_UNROLL
         for (int nd = 0; nd < ND; nd += 2) {
           uint32_t b[4];
           load_b_kmajor(b, tQ, LD, nd * 8, kk * 16);
           mma(dk[nd], dsf[kk], b);
           mma(dk[nd + 1], dsf[kk], b + 2);
         }
-      UNROLL
+      KILN_UNROLL
       for (int kk = 0; kk < kBrB / 16; kk++) {
         dsrow_a[kk * 8 + t] = dsf[kk][0];
         dsrow_b[kk * 8 + t] = dsf[kk][1];
@@ -493,7 +486,7 @@ KILN_GLOBAL void __launch_bounds__(kBwdThreads, 1) attention_bwd_kernel(BwdArgs 
         dsrow_b[kk * 8 + 4 + t] = dsf[kk][3];
       }
     } else {
-      UNROLL
+      KILN_UNROLL
       for (int i = t; i < kBrB / 2; i += 4) dsrow_a[i] = dsrow_b[i] = 0u;
     }
     __syncthreads();  // dSᵀ complete; the Q/dO stage is no longer read (the next iteration may refill it)
@@ -507,12 +500,12 @@ KILN_GLOBAL void __launch_bounds__(kBwdThreads, 1) attention_bwd_kernel(BwdArgs 
     ksteps = std::min(ksteps, kBcB / 16);
     if (q0 + qr < sp.len && ksteps > 0) {
       float dq[NQ][4];
-      UNROLL
+      KILN_UNROLL
       for (int i = 0; i < NQ; i++) dq[i][0] = dq[i][1] = dq[i][2] = dq[i][3] = 0.0f;
       for (int kk = 0; kk < ksteps; kk++) {
         uint32_t af[4];
         load_a_trans(af, sdS, kLdS, qr, kk * 16);
-        UNROLL
+        KILN_UNROLL
         for (int nd = 0; nd < NQ; nd += 2) {
           uint32_t b[4];
           load_b_kmajor(b, sK, LD, d0 + nd * 8, kk * 16);
@@ -523,7 +516,7 @@ KILN_GLOBAL void __launch_bounds__(kBwdThreads, 1) attention_bwd_kernel(BwdArgs 
       const int row_a = q0 + qr + g, row_b = row_a + 8;
       float* acc_a = a.dq_acc + (sp.start + row_a) * C + int64_t(h) * HD + d0 + 2 * t;
       float* acc_b = acc_a + 8 * C;
-      UNROLL
+      KILN_UNROLL
       for (int nd = 0; nd < NQ; nd++) {
         if (row_a < sp.len) {
           atomicAdd(acc_a + nd * 8, dq[nd][0]);
@@ -544,7 +537,7 @@ KILN_GLOBAL void __launch_bounds__(kBwdThreads, 1) attention_bwd_kernel(BwdArgs 
   if (key_a < sp.len) {
     uint32_t* rk = reinterpret_cast<uint32_t*>(dkg + int64_t(key_a) * ld);
     uint32_t* rv = reinterpret_cast<uint32_t*>(dvg + int64_t(key_a) * ld);
-    UNROLL
+    KILN_UNROLL
     for (int i = 0; i < ND; i++) {
       rk[i * 4 + t] = simt::pack_bf16x2(dk[i][0] * a.scale, dk[i][1] * a.scale);
       rv[i * 4 + t] = simt::pack_bf16x2(dv[i][0], dv[i][1]);
@@ -553,7 +546,7 @@ KILN_GLOBAL void __launch_bounds__(kBwdThreads, 1) attention_bwd_kernel(BwdArgs 
   if (key_b < sp.len) {
     uint32_t* rk = reinterpret_cast<uint32_t*>(dkg + int64_t(key_b) * ld);
     uint32_t* rv = reinterpret_cast<uint32_t*>(dvg + int64_t(key_b) * ld);
-    UNROLL
+    KILN_UNROLL
     for (int i = 0; i < ND; i++) {
       rk[i * 4 + t] = simt::pack_bf16x2(dk[i][2] * a.scale, dk[i][3] * a.scale);
       rv[i * 4 + t] = simt::pack_bf16x2(dv[i][2], dv[i][3]);

@@ -15,12 +15,6 @@
 #include "kernels/cuda/simt.cuh"
 #include "kernels/decode_attention.h"
 
-#if defined(__CUDACC__)
-#define UNROLL _Pragma("unroll")
-#else
-#define UNROLL
-#endif
-
 namespace kiln::cuda {
 namespace {
 
@@ -74,7 +68,7 @@ KILN_GLOBAL void __launch_bounds__(kThreads) decode_split_kernel(Args a) {
   const uint16_t* vg = a.v + int64_t(b) * a.kv_batch_stride + int64_t(h) * HD;
 
   float o[ND][4];
-  UNROLL
+  KILN_UNROLL
   for (int i = 0; i < ND; i++) o[i][0] = o[i][1] = o[i][2] = o[i][3] = 0.0f;
   float m_a = -INFINITY, m_b = -INFINITY, l_a = 0.0f, l_b = 0.0f;
 
@@ -98,7 +92,7 @@ KILN_GLOBAL void __launch_bounds__(kThreads) decode_split_kernel(Args a) {
       }
       __syncthreads();
       if (j == 0) {
-        UNROLL
+        KILN_UNROLL
         for (int kk = 0; kk < KD; kk++)
           simt::ldmatrix_x4(qf[kk], sQ + ((l8 & 1) * 8 + r8) * LD + kk * 16 + (l8 >> 1) * 8);
       }
@@ -107,7 +101,7 @@ KILN_GLOBAL void __launch_bounds__(kThreads) decode_split_kernel(Args a) {
         const uint16_t* tK = sK + (j & 1) * kTile * LD + warp * 16 * LD;
         const uint16_t* tV = sV + (j & 1) * kTile * LD + warp * 16 * LD;
         float s[2][4] = {{0, 0, 0, 0}, {0, 0, 0, 0}};
-        UNROLL
+        KILN_UNROLL
         for (int kk = 0; kk < KD; kk++) {
           uint32_t bf[4];
           simt::ldmatrix_x4(bf, tK + ((l8 >> 1) * 8 + r8) * LD + kk * 16 + (l8 & 1) * 8);
@@ -115,9 +109,9 @@ KILN_GLOBAL void __launch_bounds__(kThreads) decode_split_kernel(Args a) {
           mma(s[1], qf[kk], bf + 2);
         }
         float mx_a = -INFINITY, mx_b = -INFINITY;
-        UNROLL
+        KILN_UNROLL
         for (int nb = 0; nb < 2; nb++)
-          UNROLL
+          KILN_UNROLL
           for (int e = 0; e < 4; e++) {
             const int key = kw + nb * 8 + 2 * t + (e & 1), row = g + (e < 2 ? 0 : 8);
             const float x = key <= past + row ? s[nb][e] * a.scale_log2 : -INFINITY;
@@ -134,7 +128,7 @@ KILN_GLOBAL void __launch_bounds__(kThreads) decode_split_kernel(Args a) {
         const float alpha_a = exp2f(m_a - base_a), alpha_b = exp2f(m_b - base_b);
         m_a = mx_a;
         m_b = mx_b;
-        UNROLL
+        KILN_UNROLL
         for (int nb = 0; nb < 2; nb++) {
           s[nb][0] = exp2f(s[nb][0] - base_a);
           s[nb][1] = exp2f(s[nb][1] - base_a);
@@ -145,7 +139,7 @@ KILN_GLOBAL void __launch_bounds__(kThreads) decode_split_kernel(Args a) {
         l_b = l_b * alpha_b + s[0][2] + s[0][3] + s[1][2] + s[1][3];
         const uint32_t pf[4] = {simt::pack_bf16x2(s[0][0], s[0][1]), simt::pack_bf16x2(s[0][2], s[0][3]),
                                 simt::pack_bf16x2(s[1][0], s[1][1]), simt::pack_bf16x2(s[1][2], s[1][3])};
-        UNROLL
+        KILN_UNROLL
         for (int nd = 0; nd < ND; nd += 2) {
           o[nd][0] *= alpha_a, o[nd][1] *= alpha_a, o[nd][2] *= alpha_b, o[nd][3] *= alpha_b;
           o[nd + 1][0] *= alpha_a, o[nd + 1][1] *= alpha_a, o[nd + 1][2] *= alpha_b, o[nd + 1][3] *= alpha_b;
@@ -172,7 +166,7 @@ KILN_GLOBAL void __launch_bounds__(kThreads) decode_split_kernel(Args a) {
     wl[warp * 16 + g] = l_a, wl[warp * 16 + g + 8] = l_b;
   }
   float* mo = wo + warp * 16 * HD;
-  UNROLL
+  KILN_UNROLL
   for (int nd = 0; nd < ND; nd++) {
     mo[g * HD + nd * 8 + 2 * t] = o[nd][0];
     mo[g * HD + nd * 8 + 2 * t + 1] = o[nd][1];

@@ -30,6 +30,13 @@
 #define KILN_EMULATED 1
 #endif
 
+// Full unrolling on the GPU (fragment arrays must stay in registers); the host compiler ignores it.
+#if defined(__CUDACC__)
+#define KILN_UNROLL _Pragma("unroll")
+#else
+#define KILN_UNROLL
+#endif
+
 namespace kiln::simt {
 
 constexpr int kWarp = 32;

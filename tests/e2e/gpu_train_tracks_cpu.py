@@ -75,5 +75,12 @@ for extra in [[], ["--no-cuda-graph"]]:
         print(g.stderr)
 print(f"GPU greedy decode (graph): {outs[0]}")
 ok &= outs[0] is not None and len(outs[0]) == 23 and outs[0] == outs[1]
+
+# kiln bench train --device cuda: one JSON line with the GPU step's phases.
+b = subprocess.run([kiln_gpu, "bench", "train", "--device", "cuda", "--dtype", "bf16", "--model", cfg, "--batch", "2",
+                    "--seq", "32", "--steps", "2", "--warmup", "1"], env=env, capture_output=True, text=True)
+bj = json.loads(b.stdout) if b.returncode == 0 else {}
+print(f"bench train --device cuda: {b.stdout.strip() or b.stderr.strip()}")
+ok &= bj.get("tokens_per_s", 0) > 0 and bj.get("ms_forward", 0) > 0 and bj.get("ms_backward", 0) > 0
 print("PASS" if ok else "FAIL")
 sys.exit(0 if ok else 1)

@@ -25,6 +25,19 @@ struct BenchTrainOptions {
   std::string recompute = "none", dtype = "fp32", device = "cpu";
 };
 
+// Random tokens and targets, positions 0..seq-1 in each row: the benchmark batch.
+struct RandomBatch {
+  std::vector<int32_t> in, tg, pos;
+  RandomBatch(int64_t N, int seq, int vocab) : in(static_cast<size_t>(N)), tg(in.size()), pos(in.size()) {
+    kiln::Rng rng(7);
+    for (size_t i = 0; i < in.size(); i++) {
+      in[i] = int32_t(rng.below(uint64_t(vocab)));
+      tg[i] = int32_t(rng.below(uint64_t(vocab)));
+      pos[i] = int32_t(int64_t(i) % seq);
+    }
+  }
+};
+
 // The GPU step (models/gpt2_cuda.h): the same phases, timed on the device stream with events.
 void bench_train_cuda(const BenchTrainOptions& o, int device_index) {
   using namespace kiln;
@@ -38,14 +51,8 @@ void bench_train_cuda(const BenchTrainOptions& o, int device_index) {
   model.upload_params(host.params());
   const int64_t N = int64_t(o.batch) * o.seq;
   model.plan(N);
-  const size_t n_tok = static_cast<size_t>(N);
-  std::vector<int32_t> in(n_tok), tg(n_tok), pos(n_tok);
-  Rng rng(7);
-  for (int64_t i = 0; i < N; i++) {
-    in[size_t(i)] = int32_t(rng.below(uint64_t(cfg.vocab_size)));
-    tg[size_t(i)] = int32_t(rng.below(uint64_t(cfg.vocab_size)));
-    pos[size_t(i)] = int32_t(i % o.seq);
-  }
+  const RandomBatch rb(N, o.seq, cfg.vocab_size);
+  const std::vector<int32_t>&in = rb.in, &tg = rb.tg, &pos = rb.pos;
   const AttentionParams ap = cfg.attention(o.batch, o.seq);
   const AdamWConfig ac;
   std::vector<double> ms, fwd, bwd, opt;
@@ -106,14 +113,8 @@ void bench_train(const BenchTrainOptions& o) {
   if (o.dtype != "fp32") model.set_compute_type(o.dtype == "bf16" ? LowpType::BF16 : LowpType::FP16);
   model.plan(o.batch, o.seq, RecomputePolicy::parse(o.recompute), o.lm_head_chunk);
   const int64_t N = int64_t(o.batch) * o.seq;
-  const size_t n_tok = static_cast<size_t>(N);
-  std::vector<int32_t> in(n_tok), tg(n_tok), pos(n_tok);
-  Rng rng(7);
-  for (int64_t i = 0; i < N; i++) {
-    in[size_t(i)] = int32_t(rng.below(uint64_t(cfg.vocab_size)));
-    tg[size_t(i)] = int32_t(rng.below(uint64_t(cfg.vocab_size)));
-    pos[size_t(i)] = int32_t(i % o.seq);
-  }
+  const RandomBatch rb(N, o.seq, cfg.vocab_size);
+  const std::vector<int32_t>&in = rb.in, &tg = rb.tg, &pos = rb.pos;
   const AttentionParams ap = model.attention_params(o.batch, o.seq);
   // Whole steps, and their phases: forward (with the LM head's backward), backward, optimizer.
   std::vector<double> ms, fwd, bwd, opt;
