@@ -12,6 +12,9 @@
 #include "models/gpt2.h"
 #include "models/gpt2_cuda.h"
 #include "tests/gpu/gpu_test_util.h"
+#ifdef KILN_TEST_EMULATED
+#include "kernels/cuda/emu/simt_emu.h"
+#endif
 
 namespace kiln {
 namespace {
@@ -102,6 +105,31 @@ TEST(GpuGPT2, PackedSequencesTrackCpuFp32) {
   KILN_REQUIRE_GPU();
   compare_step(make_inputs(64, small_config().vocab_size, 5, {0, 1, 23, 50, 64}), 1, 64);
 }
+
+#ifdef KILN_TEST_EMULATED
+// After the plan, whole training steps (forward, backward, norm, AdamW) allocate no device memory.
+TEST(GpuGPT2, StepsAllocateNothingAfterThePlan) {
+  KILN_REQUIRE_GPU();
+  const GPT2Config cfg = small_config();
+  const int B = 2, T = 32;
+  Inputs in = make_inputs(B * T, cfg.vocab_size, 8);
+  GPT2 host(cfg, false);
+  host.init_random(2);
+  GPT2Cuda m(cfg, host.table());
+  m.upload_params(host.params());
+  m.plan(B * T);
+  const AttentionParams ap = cfg.attention(B, T);
+  auto step = [&](int t) {
+    m.forward(in.tokens.data(), in.pos.data(), in.targets.data(), B * T, ap, 1.0f / float(B * T));
+    m.backward();
+    m.adamw_update(AdamWConfig{}, 1e-3f, t, m.grad_norm(1.0f), 1.0f);
+  };
+  step(1);  // first use of the matmul plans and their workspace
+  const int64_t before = emu::malloc_count();
+  for (int t = 2; t <= 4; t++) step(t);
+  EXPECT_EQ(emu::malloc_count(), before);
+}
+#endif
 
 std::vector<float> random_params(const GPT2Config& cfg) {
   GPT2 m(cfg, false);

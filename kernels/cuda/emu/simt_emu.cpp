@@ -493,7 +493,13 @@ cudaError_t cudaMemGetInfo(size_t* free_bytes, size_t* total_bytes) {
   *free_bytes = *total_bytes = size_t(8) << 30;
   return cudaSuccess;
 }
+namespace kiln::emu {
+std::atomic<int64_t> g_mallocs{0};
+int64_t malloc_count() { return g_mallocs.load(); }
+}  // namespace kiln::emu
+
 cudaError_t cudaMalloc(void** p, size_t bytes) {
+  kiln::emu::g_mallocs++;
   // Fresh device memory is garbage on a GPU: fill it with NaN bytes so code relying on zeros fails here.
   // Exactly `bytes` (256-byte aligned like cudaMalloc), so an AddressSanitizer build of the emulator reports
   // a kernel that reads or writes one element past an allocation: the CPU stand-in for compute-sanitizer memcheck.

@@ -50,6 +50,9 @@ void cp_async(void* smem_dst, const void* gmem_src, int src_bytes);
 void cp_async_commit();
 void cp_async_wait(int n);
 
+// Device allocations so far (cudaMalloc calls), for tests that a steady-state step allocates nothing.
+int64_t malloc_count();
+
 // Runs (or, while `stream` is capturing a graph, records) one kernel launch.
 void launch(dim3 grid, dim3 block, size_t smem_bytes, cudaStream_t stream, std::function<void()> body);
 
