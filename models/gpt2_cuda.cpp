@@ -18,7 +18,7 @@ GPT2Cuda::GPT2Cuda(const GPT2Config& cfg, const ParamTable& table) : cfg_(cfg), 
   KILN_CHECK(HD == 64 || HD == 128, "--device cuda: the attention kernels support head dimensions 64 and 128; this "
              "model has n_embd / n_head = ", HD);
   KILN_CHECK(cfg.n_embd % 8 == 0, "--device cuda: n_embd must be a multiple of 8 (got ", cfg.n_embd, ")");
-  Vp_ = (int64_t(cfg.vocab_size) + 63) / 64 * 64;
+  Vp_ = padded_vocab(cfg);
   const size_t n = table.total;
   params_.resize(n * 4, "parameters");
   params16_.resize(n * 2, "bf16 weight copy");
@@ -33,8 +33,6 @@ GPT2Cuda::GPT2Cuda(const GPT2Config& cfg, const ParamTable& table) : cfg_(cfg), 
   g_ = GPT2Params::bind(table, grads_.as<float>(), cfg.n_layer);
   norm_.resize((1 + cuda::sum_squares_scratch_floats(int64_t(n))) * 4, "gradient norm scratch");
 }
-
-size_t GPT2Cuda::state_bytes() const { return table_.total * (4 + 2 + 4 + 4 + 4); }
 
 template <class T>
 T* GPT2Cuda::at16(const float* p, T* base16) const {
@@ -58,8 +56,8 @@ void GPT2Cuda::download_moments(float* m, float* v) const {
   gpu::copy_to_host(v, v_.data(), table_.total * 4);
 }
 
-void GPT2Cuda::carve(gpu::DeviceArena& ar, int64_t N) {
-  const int64_t C = cfg_.n_embd, L = cfg_.n_layer, NH = cfg_.n_head;
+void GPT2Cuda::carve(const GPT2Config& cfg, int64_t Vp, gpu::DeviceArena& ar, int64_t N, Acts& a_) {
+  const int64_t C = cfg.n_embd, L = cfg.n_layer, NH = cfg.n_head;
   a_.x = ar.alloc<float>(size_t((L + 1) * N * C));
   a_.layers.assign(size_t(L), Layer{});
   for (Layer& l : a_.layers) {
@@ -79,7 +77,7 @@ void GPT2Cuda::carve(gpu::DeviceArena& ar, int64_t N) {
   a_.lnf = ar.alloc<uint16_t>(size_t(N * C));
   a_.lnf_mean = ar.alloc<float>(size_t(N));
   a_.lnf_rstd = ar.alloc<float>(size_t(N));
-  a_.logits = ar.alloc<uint16_t>(size_t(N * Vp_));
+  a_.logits = ar.alloc<uint16_t>(size_t(N * Vp));
   a_.losses = ar.alloc<float>(size_t(N));
   a_.dres = ar.alloc<float>(size_t(N * C));
   a_.dres16 = ar.alloc<uint16_t>(size_t(N * C));
@@ -89,7 +87,7 @@ void GPT2Cuda::carve(gpu::DeviceArena& ar, int64_t N) {
   a_.ln_scratch = ar.alloc<float>(cuda::layernorm_backward_scratch_floats(N, int(C)));
   a_.emb_scratch = ar.alloc<char>(cuda::embedding_backward_scratch_bytes(N));
   // The attention backward's scratch for the largest batch shape: N tokens in one sequence bounds every split.
-  AttentionParams worst = cfg_.attention(1, int(N));
+  AttentionParams worst = cfg.attention(1, int(N));
   a_.att_scratch = ar.alloc<char>(cuda::attention_backward_scratch_bytes(worst));
   a_.tokens = ar.alloc<int32_t>(size_t(N));
   a_.targets = ar.alloc<int32_t>(size_t(N));
@@ -97,12 +95,17 @@ void GPT2Cuda::carve(gpu::DeviceArena& ar, int64_t N) {
   a_.cu_seqlens = ar.alloc<int32_t>(size_t(N + 1));
 }
 
+size_t GPT2Cuda::plan_bytes(const GPT2Config& cfg, int64_t max_tokens) {
+  gpu::DeviceArena measure;
+  Acts a;
+  carve(cfg, padded_vocab(cfg), measure, max_tokens, a);
+  return measure.peak();
+}
+
 size_t GPT2Cuda::plan(int64_t max_tokens) {
   KILN_CHECK(max_tokens > 0, "GPT2Cuda::plan: no tokens");
-  gpu::DeviceArena measure;
-  carve(measure, max_tokens);
-  arena_ = gpu::DeviceArena(measure.peak(), "activations");
-  carve(arena_, max_tokens);
+  arena_ = gpu::DeviceArena(plan_bytes(cfg_, max_tokens), "activations");
+  carve(cfg_, Vp_, arena_, max_tokens, a_);
   max_tokens_ = max_tokens;
   return arena_.capacity();
 }

@@ -38,8 +38,12 @@ class GPT2Cuda {
 
   // Sizes the activation arena for micro-batches of up to max_tokens tokens; returns its bytes.
   size_t plan(int64_t max_tokens);
+  // The same plan's bytes, and the model state's (fp32 weights, bf16 copy, fp32 gradients and moments),
+  // without a device (kiln memory --device cuda).
+  static size_t plan_bytes(const GPT2Config& cfg, int64_t max_tokens);
+  static size_t state_bytes(const ParamTable& table) { return table.total * (4 + 2 + 4 + 4 + 4); }
   size_t activation_bytes() const { return arena_.capacity(); }
-  size_t state_bytes() const;  // parameters, bf16 copy, gradients, moments
+  size_t state_bytes() const { return state_bytes(table_); }
 
   // Forward over N tokens (host arrays; attn as for the CPU model, cu_seqlens on the host). Returns the sum of
   // the per-token losses over non-ignored targets. With grad_scale != 0 the logits are replaced by their
@@ -78,12 +82,13 @@ class GPT2Cuda {
     void* att_scratch = nullptr;
     int32_t *tokens = nullptr, *targets = nullptr, *pos = nullptr, *cu_seqlens = nullptr;
   };
-  void carve(gpu::DeviceArena& arena, int64_t N);
+  static void carve(const GPT2Config& cfg, int64_t Vp, gpu::DeviceArena& arena, int64_t N, Acts& a);
   template <class T>
   T* at16(const float* p, T* base16) const;  // the bf16 copy of parameter p
 
   GPT2Config cfg_;
   const ParamTable& table_;
+  static int64_t padded_vocab(const GPT2Config& cfg) { return (int64_t(cfg.vocab_size) + 63) / 64 * 64; }
   int64_t Vp_ = 0;  // padded vocabulary stride of the logits
   gpu::DeviceBuffer params_, params16_, grads_, m_, v_;
   GPT2Params p_, g_;

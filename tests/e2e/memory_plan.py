@@ -42,5 +42,20 @@ for bad in [["--zero-stage", "4"], ["--ranks", "0"], ["--recompute", "every:0"],
     r = subprocess.run([kiln, "memory", "--model", cfg_path] + bad, capture_output=True, text=True)
     lines = r.stderr.strip().splitlines()
     ok &= r.returncode != 0 and len(lines) == 1
+
+# The GPU trainer's plan (kiln memory --device cuda): model state 18 bytes per parameter float (fp32 weights,
+# bf16 copy, fp32 gradients, m, v), and activations against a count of its named buffers (bf16 activations,
+# fp32 residual stream and statistics, logits at a vocabulary stride padded to 64). The kernels' scratch
+# (LayerNorm partial sums, the embedding sort, the dQ accumulator) is not in the count: within 10%.
+B, T, NH = 8, 256, cfg["n_head"]
+N, Vp = B * T, (V + 63) // 64 * 64
+# ln1, att, ln2 (bf16 [N,C]); qkv; fc_pre and fc_gelu; mean/rstd twice; lse; mid (fp32)
+layer = N * C * 2 * 3 + N * 3 * C * 2 + 2 * N * 4 * C * 2 + 4 * N * 4 + NH * N * 4 + N * C * 4
+count = (L + 1) * N * C * 4 + L * layer + N * C * 2 + 2 * N * 4 + N * Vp * 2 + N * 4 \
+    + N * C * 4 + N * C * 2 + N * 4 * C * 2 + N * 3 * C * 2 + N * C * 2 + 4 * N * 4
+g = plan("--device", "cuda", "--batch", str(B), "--seq", str(T))
+print(f"GPU plan: state {g['state_bytes'] / 2**20:.1f} MB (want {18 * psi / 2**20:.1f}), activations "
+      f"{g['activations_bytes'] / 2**20:.1f} MB (named buffers {count / 2**20:.1f} MB)")
+ok &= g["state_bytes"] == 18 * psi and count <= g["activations_bytes"] <= 1.10 * count
 print("PASS" if ok else "FAIL")
 sys.exit(0 if ok else 1)

@@ -6,16 +6,40 @@
 #include <cstdio>
 #include <nlohmann/json.hpp>
 
+#include "core/gpu.h"
 #include "models/gpt2.h"
+#include "models/gpt2_cuda.h"
 #include "tools/kiln/command.h"
 
 namespace {
 
 struct MemoryOptions {
-  std::string model, dtype = "fp32", recompute = "none";
+  std::string model, dtype = "fp32", recompute = "none", device = "cpu";
   int batch = 4, seq = 64, zero_stage = 0, ranks = 1, lm_head_chunk = 0;
   bool json = false;
 };
+
+// The GPU trainer's device memory (models/gpt2_cuda.h), from the same carving code it allocates with; no GPU
+// needed. Beside it the process needs the CUDA context and cuBLASLt's 32 MiB workspace.
+void memory_plan_cuda(const MemoryOptions& o, const kiln::GPT2Config& cfg) {
+  using namespace kiln;
+  KILN_CHECK(o.recompute == "none", "--recompute: the GPU trainer keeps all activations (use --recompute none)");
+  const ParamTable table = ParamTable::gpt2(cfg);
+  const double state = double(GPT2Cuda::state_bytes(table));
+  const double acts = double(GPT2Cuda::plan_bytes(cfg, int64_t(o.batch) * o.seq));
+  const double MB = 1024.0 * 1024.0;
+  if (o.json) {
+    nlohmann::json j = {{"device", "cuda"}, {"params", cfg.num_params()}, {"batch", o.batch}, {"seq", o.seq},
+                        {"state_bytes", state}, {"activations_bytes", acts}, {"total_bytes", state + acts}};
+    std::printf("%s\n", j.dump().c_str());
+    return;
+  }
+  std::printf("model %.2fM parameters, batch %d x %d tokens, GPU (bf16 activations and matrix products)\n",
+              double(cfg.num_params()) / 1e6, o.batch, o.seq);
+  std::printf("  fp32 weights, bf16 copy, fp32 gradients, AdamW m and v  %10.1f MB\n  activations  %10.1f MB\n"
+              "  total        %10.1f MB  (plus the CUDA context and a 32 MiB cuBLASLt workspace)\n",
+              state / MB, acts / MB, (state + acts) / MB);
+}
 
 void memory_plan(const MemoryOptions& o) {
   using namespace kiln;
@@ -26,6 +50,7 @@ void memory_plan(const MemoryOptions& o) {
              o.dtype, "')");
   GPT2Config cfg = GPT2Config::load(o.model);
   KILN_CHECK(o.seq <= cfg.n_positions, "--seq ", o.seq, " exceeds n_positions ", cfg.n_positions);
+  if (parse_device(o.device).cuda) return memory_plan_cuda(o, cfg);
   const RecomputePolicy policy = RecomputePolicy::parse(o.recompute);
   const double psi = double(ParamTable::gpt2(cfg).total);  // floats in the block (with alignment padding)
   const bool mixed = o.dtype != "fp32";
@@ -86,6 +111,7 @@ kiln::cli::Command memory_cmd("memory", [](CLI::App& root) {
   c->add_option("--zero-stage", o->zero_stage, "ZeRO stage 0-3 for the per-rank figure")->capture_default_str();
   c->add_option("--ranks", o->ranks, "Data-parallel ranks")->capture_default_str();
   c->add_flag("--json", o->json, "One JSON line with every stage");
+  c->add_option("--device", o->device, "cpu, or cuda: the GPU trainer's device memory (bf16)")->capture_default_str();
   c->callback([o] { memory_plan(*o); });
 });
 
