@@ -118,7 +118,7 @@ void CudaDecoder::run(int n, bool flash, bool all_logits) {
     uint16_t* kc = kcache_.as<uint16_t>() + l * layer_cache;
     uint16_t* vc = vcache_.as<uint16_t>() + l * layer_cache;
     cuda::layernorm_forward(ln_, mean_, rstd_, x_, w.ln1_w, w.ln1_b, N, C, eps, s);
-    cuda::matmul_forward(qkv_, ln_, w16(w.qkv_w), w.qkv_b, N, C, 3 * C, s);
+    cuda::matmul_forward_bf16_bias(qkv_, ln_, w16(w.qkv_w), w16(w.qkv_b), N, C, 3 * C, s);
     cuda::kv_cache_append(kc, vc, qkv_, past_d_, B, n, NH, HD, kv_batch_stride, s);
     if (flash) {
       AttentionParams ap = cfg_.attention(B, n);
@@ -128,7 +128,7 @@ void CudaDecoder::run(int n, bool flash, bool all_logits) {
     }
     cuda::matmul_forward_residual(x_, x_, att_, w16(w.attn_proj_w), w.attn_proj_b, N, C, C, s);
     cuda::layernorm_forward(ln_, mean_, rstd_, x_, w.ln2_w, w.ln2_b, N, C, eps, s);
-    cuda::matmul_forward(fc_, ln_, w16(w.fc_w), w.fc_b, N, C, 4 * C, s, fc_pre_);
+    cuda::matmul_forward_bf16_bias(fc_, ln_, w16(w.fc_w), w16(w.fc_b), N, C, 4 * C, s, fc_pre_);
     cuda::matmul_forward_residual(x_, x_, fc_, w16(w.fc_proj_w), w.fc_proj_b, N, 4 * C, C, s);
   }
   // Final LayerNorm and the LM head over every row, or over each sequence's last row only.

@@ -35,6 +35,10 @@ namespace cuda {
 // out = gelu_tanh(gelu_pre) (cuBLASLt's GELU_AUX epilogue when OC % 8 == 0, else a separate pass).
 void matmul_forward(uint16_t* out, const uint16_t* inp, const uint16_t* weight, const float* bias, int64_t N,
                     int C, int OC, void* stream, uint16_t* gelu_pre = nullptr);
+// The same with the bias already in bf16 (the model's bf16 parameter copy): no rounding pass before the
+// product, one kernel per call (what the CUDA-graph decode step wants).
+void matmul_forward_bf16_bias(uint16_t* out, const uint16_t* inp, const uint16_t* weight, const uint16_t* bias,
+                              int64_t N, int C, int OC, void* stream, uint16_t* gelu_pre = nullptr);
 // out = residual + inp · weight + bias in fp32 (the fused residual add; out may alias residual).
 void matmul_forward_residual(float* out, const float* residual, const uint16_t* inp, const uint16_t* weight,
                              const float* bias, int64_t N, int C, int OC, void* stream);

@@ -147,11 +147,11 @@ double GPT2Cuda::forward(const int32_t* tokens, const int32_t* pos, const int32_
     float* x = a_.x + size_t(l) * size_t(N) * size_t(C);
     float* x_next = x + size_t(N) * size_t(C);
     cuda::layernorm_forward(a.ln1, a.ln1_mean, a.ln1_rstd, x, w.ln1_w, w.ln1_b, N, C, cfg_.layer_norm_epsilon, s);
-    cuda::matmul_forward(a.qkv, a.ln1, at16(w.qkv_w, w16), w.qkv_b, N, C, 3 * C, s);
+    cuda::matmul_forward_bf16_bias(a.qkv, a.ln1, at16(w.qkv_w, w16), at16(w.qkv_b, w16), N, C, 3 * C, s);
     cuda::attention_forward(a.att, a.lse, a.qkv, ap_, s);
     cuda::matmul_forward_residual(a.mid, x, a.att, at16(w.attn_proj_w, w16), w.attn_proj_b, N, C, C, s);
     cuda::layernorm_forward(a.ln2, a.ln2_mean, a.ln2_rstd, a.mid, w.ln2_w, w.ln2_b, N, C, cfg_.layer_norm_epsilon, s);
-    cuda::matmul_forward(a.fc_gelu, a.ln2, at16(w.fc_w, w16), w.fc_b, N, C, 4 * C, s, a.fc_pre);
+    cuda::matmul_forward_bf16_bias(a.fc_gelu, a.ln2, at16(w.fc_w, w16), at16(w.fc_b, w16), N, C, 4 * C, s, a.fc_pre);
     cuda::matmul_forward_residual(x_next, a.mid, a.fc_gelu, at16(w.fc_proj_w, w16), w.fc_proj_b, N, 4 * C, C, s);
   }
   float* xL = a_.x + size_t(cfg_.n_layer) * size_t(N) * size_t(C);

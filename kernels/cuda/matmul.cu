@@ -291,9 +291,16 @@ void run(const LtCall& c, void* stream) {
 void matmul_forward(uint16_t* out, const uint16_t* inp, const uint16_t* weight, const float* bias, int64_t N, int C,
                     int OC, void* stream, uint16_t* gelu_pre) {
   if (N == 0) return;
+  const uint16_t* b16 = bias ? bias_bf16("matmul_forward", bias, OC, stream) : nullptr;
+  matmul_forward_bf16_bias(out, inp, weight, b16, N, C, OC, stream, gelu_pre);
+}
+
+void matmul_forward_bf16_bias(uint16_t* out, const uint16_t* inp, const uint16_t* weight, const uint16_t* bias,
+                              int64_t N, int C, int OC, void* stream, uint16_t* gelu_pre) {
+  if (N == 0) return;
   LtCall c = row_major("matmul_forward", false, false, N, OC, C, 1.0f, inp, C, weight, OC, 0.0f, Ty::bf16, nullptr,
                        out, OC);
-  if (bias) c.bias = bias_bf16(c.op, bias, OC, stream);
+  if (bias) c.bias = bias;
   if (gelu_pre && OC % 8 == 0) {
     c.epi = bias ? Epi::gelu_aux_bias : Epi::gelu_aux;
     c.aux = gelu_pre, c.aux_ld = OC;

@@ -80,6 +80,25 @@ TEST(MatmulGpu, ForwardMatchesReference) {
   forward_case(5, 24, 36, true);  // OC not a multiple of 8
 }
 
+// A bias already in bf16 (the model's bf16 parameter copy) gives exactly what the fp32 bias gives, since that
+// one is rounded to bf16 first (cuBLASLt's bias type is the output's), with and without the GELU epilogue.
+TEST(MatmulGpu, Bf16BiasEqualsRoundedFp32Bias) {
+  KILN_REQUIRE_GPU();
+  for (int OC : {200, 36}) {
+    Linear L(19, 40, OC, 31);
+    DeviceVec<uint16_t> dinp(to_bf16(L.inp)), dw(to_bf16(L.w)), b16(to_bf16(L.bias));
+    DeviceVec<float> db(L.bias);
+    DeviceVec<uint16_t> o1(19 * OC), o2(19 * OC), p1(19 * OC), p2(19 * OC);
+    cuda::matmul_forward(o1.get(), dinp.get(), dw.get(), db.get(), 19, 40, OC, gpu::stream(), p1.get());
+    cuda::matmul_forward_bf16_bias(o2.get(), dinp.get(), dw.get(), b16.get(), 19, 40, OC, gpu::stream(), p2.get());
+    EXPECT_EQ(o1.download(), o2.download()) << "OC " << OC;
+    EXPECT_EQ(p1.download(), p2.download()) << "OC " << OC;
+    cuda::matmul_forward(o1.get(), dinp.get(), dw.get(), db.get(), 19, 40, OC, gpu::stream());
+    cuda::matmul_forward_bf16_bias(o2.get(), dinp.get(), dw.get(), b16.get(), 19, 40, OC, gpu::stream());
+    EXPECT_EQ(o1.download(), o2.download()) << "OC " << OC << " without GELU";
+  }
+}
+
 // gelu_pre = inp·W + bias; out = gelu_tanh(gelu_pre): OC = 200 takes cuBLASLt's GELU_AUX_BIAS epilogue,
 // OC = 36 (aux ld not a multiple of 8) the separate GELU pass, no bias the GELU_AUX epilogue.
 void gelu_case(int64_t N, int C, int OC, bool with_bias) {
