@@ -129,6 +129,27 @@ TEST(GpuGPT2, StepsAllocateNothingAfterThePlan) {
   for (int t = 2; t <= 4; t++) step(t);
   EXPECT_EQ(emu::malloc_count(), before);
 }
+
+// The attention kernels' shared-memory tiles are laid out so that every ldmatrix reads its 8 rows from 8
+// disjoint bank groups (padded rows): a whole training step and a decode step incur no bank conflict.
+TEST(GpuGPT2, TensorCoreTilesHaveNoBankConflicts) {
+  KILN_REQUIRE_GPU();
+  const GPT2Config cfg = small_config();
+  const int B = 2, T = 48;
+  Inputs in = make_inputs(B * T, cfg.vocab_size, 9);
+  GPT2 host(cfg, false);
+  host.init_random(4);
+  GPT2Cuda m(cfg, host.table());
+  m.upload_params(host.params());
+  m.plan(B * T);
+  const int64_t before = emu::ldmatrix_bank_conflicts();
+  m.forward(in.tokens.data(), in.pos.data(), in.targets.data(), B * T, cfg.attention(B, T), 1.0f / float(B * T));
+  m.backward();
+  CudaDecoder dec(cfg, host.params(), 1, 0, false);
+  dec.forward(in.tokens.data(), 20);
+  dec.forward(in.tokens.data() + 20, 1);
+  EXPECT_EQ(emu::ldmatrix_bank_conflicts() - before, 0);
+}
 #endif
 
 std::vector<float> random_params(const GPT2Config& cfg) {

@@ -5,6 +5,9 @@
 #include "core/gpu.h"
 #include "tests/gpu/gpu_test_util.h"
 #include "tests/gpu/simt_probe.h"
+#ifdef KILN_TEST_EMULATED
+#include "kernels/cuda/emu/simt_emu.h"
+#endif
 
 namespace kiln {
 namespace {
@@ -61,6 +64,17 @@ TEST(Simt, TileHandedBetweenWarpsAcrossABarrier) {
 }
 
 #ifdef KILN_TEST_EMULATED
+// The probe's A tile has unpadded 32-byte rows, so rows 0 and 4 of each 8×8 matrix share banks: the bank
+// conflict counter must see it (the attention kernels' padded tiles are checked to have none).
+TEST(Simt, EmulatorCountsLdmatrixBankConflicts) {
+  KILN_REQUIRE_GPU();
+  DeviceVec<uint16_t> a(std::vector<uint16_t>(256, 0)), b(std::vector<uint16_t>(128, 0));
+  DeviceVec<float> d(256);
+  const int64_t before = emu::ldmatrix_bank_conflicts();
+  probe::mma(d.get(), a.get(), b.get(), gpu::stream());
+  EXPECT_GT(emu::ldmatrix_bank_conflicts() - before, 0);
+}
+
 TEST(Simt, EmulatorReportsASharedMemoryRace) {
   KILN_REQUIRE_GPU();
   DeviceVec<uint16_t> src(std::vector<uint16_t>(64, 0));

@@ -4,6 +4,7 @@
 #include <sys/mman.h>
 #include <ucontext.h>
 
+#include <algorithm>
 #include <atomic>
 #include <chrono>
 #include <cstdio>
@@ -17,6 +18,7 @@
 #include "core/error.h"
 
 namespace kiln::emu {
+std::atomic<int64_t> g_mallocs{0};
 namespace {
 
 constexpr size_t kStackBytes = 256 * 1024;
@@ -86,6 +88,7 @@ struct Runner {
 };
 
 thread_local Runner* t_runner = nullptr;
+std::atomic<int64_t> g_bank_conflicts{0};
 
 Runner& runner() {
   if (t_runner == nullptr) {
@@ -383,6 +386,20 @@ void warp_ldmatrix(uint32_t* r, int count, bool trans, const void* smem_row) {
     std::memcpy(&v, static_cast<const char*>(rows[8 * m + row]) + 2 * col, 2);
     return uint32_t(v);
   };
+  // Bank conflicts (counted once per warp, by lane 0): each matrix's 8 rows are read in one pass only if
+  // their 16-byte rows fall on 8 disjoint groups of 4 banks.
+  if (lane == 0) {
+    const auto* base = reinterpret_cast<const unsigned char*>(block_smem());
+    for (int m = 0; m < count; m++) {
+      int uses[32] = {};
+      int worst = 0;
+      for (int i = 0; i < 8; i++) {
+        const size_t word = size_t(static_cast<const unsigned char*>(rows[8 * m + i]) - base) / 4;
+        for (int b = 0; b < 4; b++) worst = std::max(worst, ++uses[(word + b) % 32]);
+      }
+      g_bank_conflicts += worst - 1;
+    }
+  }
   for (int m = 0; m < count; m++) {
     if (!trans)
       r[m] = elem(m, lane / 4, 2 * (lane % 4)) | (elem(m, lane / 4, 2 * (lane % 4) + 1) << 16);
@@ -494,8 +511,8 @@ cudaError_t cudaMemGetInfo(size_t* free_bytes, size_t* total_bytes) {
   return cudaSuccess;
 }
 namespace kiln::emu {
-std::atomic<int64_t> g_mallocs{0};
 int64_t malloc_count() { return g_mallocs.load(); }
+int64_t ldmatrix_bank_conflicts() { return g_bank_conflicts.load(); }
 }  // namespace kiln::emu
 
 cudaError_t cudaMalloc(void** p, size_t bytes) {

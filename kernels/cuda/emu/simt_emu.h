@@ -52,6 +52,9 @@ void cp_async_wait(int n);
 
 // Device allocations so far (cudaMalloc calls), for tests that a steady-state step allocates nothing.
 int64_t malloc_count();
+// Shared-memory bank conflicts of ldmatrix so far: for each 8×8 matrix, the extra passes its 8 row reads need
+// because some of them share one of the 32 four-byte banks (0 for conflict-free tile layouts).
+int64_t ldmatrix_bank_conflicts();
 
 // Runs (or, while `stream` is capturing a graph, records) one kernel launch.
 void launch(dim3 grid, dim3 block, size_t smem_bytes, cudaStream_t stream, std::function<void()> body);
