@@ -190,6 +190,32 @@ TEST(GpuDecoder, FollowsCpuDecoderAndGraphReplayIsExact) {
   EXPECT_THROW(graph.forward(&bad, 1), Error);
 }
 
+// A prompt longer than one prefill chunk: FlashAttention over the first 256 positions, then the rest of the
+// prompt through decode attention 16 queries at a time, then single steps.
+TEST(GpuDecoder, ChunkedPrefillFollowsTheCpu) {
+  KILN_REQUIRE_GPU();
+  GPT2Config cfg = small_config();
+  cfg.n_layer = 1;
+  cfg.n_positions = 300;
+  const auto params = random_params(cfg);
+  const int V = cfg.vocab_size, prompt = 280;
+  static_assert(CudaDecoder::kMaxChunk < 280);
+  Inputs in = make_inputs(prompt + 2, V, 10);
+  Decoder cpu(cfg, params.data());
+  CudaDecoder dev(cfg, params.data());
+  for (int step = 0; step < 3; step++) {
+    const int n = step == 0 ? prompt : 1;
+    const int32_t* t = in.tokens.data() + (step == 0 ? 0 : prompt + step - 1);
+    const float* c = cpu.forward(t, n);
+    std::vector<float> lc(c, c + V);
+    const float* d = dev.forward(t, n);
+    double scale = 0;
+    for (int i = 0; i < V; i++) scale = std::max(scale, std::fabs(double(lc[size_t(i)])));
+    for (int i = 0; i < V; i++) ASSERT_NEAR(d[i], lc[size_t(i)], 0.05 * scale + 1e-3) << "step " << step << " logit " << i;
+  }
+  EXPECT_EQ(dev.length(), prompt + 2);
+}
+
 TEST(GpuDecoder, AllLogitsOfAPromptFollowTheCpu) {
   KILN_REQUIRE_GPU();
   const GPT2Config cfg = small_config();
