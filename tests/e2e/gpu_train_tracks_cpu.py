@@ -76,6 +76,15 @@ for extra in [[], ["--no-cuda-graph"]]:
 print(f"GPU greedy decode (graph): {outs[0]}")
 ok &= outs[0] is not None and len(outs[0]) == 23 and outs[0] == outs[1]
 
+# kiln eval on the GPU (bf16) agrees with the CPU (fp32) on the trained checkpoint within 1%.
+ev = {}
+for name, binary, extra in [("cpu", kiln_cpu, []), ("gpu", kiln_gpu, ["--device", "cuda"])]:
+    e = subprocess.run([binary, "eval", "--model", os.path.join(work, "ck", "latest"), "--data", data, "--batch", "4",
+                        "--seq", "32", "--max-batches", "5"] + extra, env=env, capture_output=True, text=True)
+    ev[name] = json.loads(e.stdout)["loss"] if e.returncode == 0 else float("nan")
+print(f"eval loss: cpu {ev['cpu']:.5f}, gpu {ev['gpu']:.5f}")
+ok &= abs(ev["gpu"] - ev["cpu"]) < 0.01 * ev["cpu"]
+
 # kiln bench train --device cuda: one JSON line with the GPU step's phases.
 b = subprocess.run([kiln_gpu, "bench", "train", "--device", "cuda", "--dtype", "bf16", "--model", cfg, "--batch", "2",
                     "--seq", "32", "--steps", "2", "--warmup", "1"], env=env, capture_output=True, text=True)

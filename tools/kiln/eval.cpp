@@ -11,8 +11,10 @@
 #include <vector>
 
 #include "core/error.h"
+#include "core/gpu.h"
 #include "models/checkpoint.h"
 #include "models/gpt2.h"
+#include "models/gpt2_cuda.h"
 #include "tools/kiln/command.h"
 #include "train/dataloader.h"
 #include "train/trainer.h"
@@ -20,7 +22,7 @@
 namespace {
 
 struct EvalOptions {
-  std::string model, data;
+  std::string model, data, device = "cpu";
   int batch = 4, seq = 0, max_batches = 0, threads = 0;
 };
 
@@ -32,10 +34,20 @@ void run_eval(const EvalOptions& o) {
   KILN_CHECK(B >= 1, "--batch must be >= 1, got ", B);
   KILN_CHECK(T <= cfg.n_positions, "--seq ", T, " exceeds the model's n_positions ", cfg.n_positions);
   KILN_CHECK(o.max_batches >= 0, "--max-batches must be >= 0 (0: one pass over the data), got ", o.max_batches);
+  const DeviceSpec device = parse_device(o.device);
+  if (device.cuda) gpu::init(device.index);
   GPT2 model(cfg, /*with_grads=*/false);
   load_gpt2_weights(o.model, cfg, model.table(), model.params());
   DataLoader loader(o.data, B, T, DataLoader::Order::Sequential, 0, cfg.vocab_size);
-  model.plan(B, T);
+  // On the GPU: the bf16 model (models/gpt2_cuda.h) with the checkpoint's weights.
+  std::unique_ptr<GPT2Cuda> gpu_model;
+  if (device.cuda) {
+    gpu_model = std::make_unique<GPT2Cuda>(cfg, model.table());
+    gpu_model->upload_params(model.params());
+    gpu_model->plan(int64_t(B) * T);
+  } else {
+    model.plan(B, T);
+  }
 
   const size_t N = size_t(B) * size_t(T);
   std::vector<int32_t> in(N), tg(N), pos(N);
@@ -47,7 +59,8 @@ void run_eval(const EvalOptions& o) {
   while (o.max_batches == 0 || batches < o.max_batches) {
     loader.next(in.data(), tg.data());
     if (loader.state().epoch > 0) break;  // the loader wrapped around: one pass is done
-    sum += model.forward(in.data(), pos.data(), tg.data(), ap, /*grad_scale=*/0.0f);
+    sum += gpu_model ? gpu_model->forward(in.data(), pos.data(), tg.data(), int64_t(N), ap, 0.0f)
+                     : model.forward(in.data(), pos.data(), tg.data(), ap, /*grad_scale=*/0.0f);
     batches++;
   }
   const double secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
@@ -73,6 +86,7 @@ kiln::cli::Command eval_cmd("eval", [](CLI::App& root) {
   c->add_option("--max-batches", o->max_batches, "Stop after N batches (0: one pass over the data)")
       ->capture_default_str();
   c->add_option("--threads", o->threads, "CPU threads (0: all cores)")->capture_default_str();
+  c->add_option("--device", o->device, "cpu, or cuda / cuda:N (bf16)")->capture_default_str();
   c->callback([o] { run_eval(*o); });
 });
 
