@@ -5,6 +5,7 @@
 #include <gtest/gtest.h>
 
 #include <cmath>
+#include <memory>
 #include <vector>
 
 #include "infer/decoder.h"
@@ -107,17 +108,26 @@ TEST(GpuGPT2, PackedSequencesTrackCpuFp32) {
 }
 
 #ifdef KILN_TEST_EMULATED
+// A randomly initialised model on the host and its GPU copy, planned for max_tokens.
+struct GpuModel {
+  GPT2 host;
+  std::unique_ptr<GPT2Cuda> dev;
+  GpuModel(const GPT2Config& cfg, uint64_t seed, int64_t max_tokens) : host(cfg, false) {
+    host.init_random(seed);
+    dev = std::make_unique<GPT2Cuda>(cfg, host.table());
+    dev->upload_params(host.params());
+    dev->plan(max_tokens);
+  }
+};
+
 // After the plan, whole training steps (forward, backward, norm, AdamW) allocate no device memory.
 TEST(GpuGPT2, StepsAllocateNothingAfterThePlan) {
   KILN_REQUIRE_GPU();
   const GPT2Config cfg = small_config();
   const int B = 2, T = 32;
   Inputs in = make_inputs(B * T, cfg.vocab_size, 8);
-  GPT2 host(cfg, false);
-  host.init_random(2);
-  GPT2Cuda m(cfg, host.table());
-  m.upload_params(host.params());
-  m.plan(B * T);
+  GpuModel g(cfg, 2, B * T);
+  GPT2Cuda& m = *g.dev;
   const AttentionParams ap = cfg.attention(B, T);
   auto step = [&](int t) {
     m.forward(in.tokens.data(), in.pos.data(), in.targets.data(), B * T, ap, 1.0f / float(B * T));
@@ -137,15 +147,12 @@ TEST(GpuGPT2, TensorCoreTilesHaveNoBankConflicts) {
   const GPT2Config cfg = small_config();
   const int B = 2, T = 48;
   Inputs in = make_inputs(B * T, cfg.vocab_size, 9);
-  GPT2 host(cfg, false);
-  host.init_random(4);
-  GPT2Cuda m(cfg, host.table());
-  m.upload_params(host.params());
-  m.plan(B * T);
+  GpuModel g(cfg, 4, B * T);
+  GPT2Cuda& m = *g.dev;
   const int64_t before = emu::ldmatrix_bank_conflicts();
   m.forward(in.tokens.data(), in.pos.data(), in.targets.data(), B * T, cfg.attention(B, T), 1.0f / float(B * T));
   m.backward();
-  CudaDecoder dec(cfg, host.params(), 1, 0, false);
+  CudaDecoder dec(cfg, g.host.params(), 1, 0, false);
   dec.forward(in.tokens.data(), 20);
   dec.forward(in.tokens.data() + 20, 1);
   EXPECT_EQ(emu::ldmatrix_bank_conflicts() - before, 0);

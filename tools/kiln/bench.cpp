@@ -38,6 +38,21 @@ struct RandomBatch {
   }
 };
 
+// Per-step phase times (ms) after warm-up, reported as medians.
+struct PhaseTimes {
+  std::vector<double> step, fwd, bwd, opt;
+  void add(double total, double f, double b, double a) {
+    step.push_back(total);
+    fwd.push_back(f);
+    bwd.push_back(b);
+    opt.push_back(a);
+  }
+  static double median(std::vector<double> v) {
+    std::sort(v.begin(), v.end());
+    return v[v.size() / 2];
+  }
+};
+
 // The GPU step (models/gpt2_cuda.h): the same phases, timed on the device stream with events.
 void bench_train_cuda(const BenchTrainOptions& o, int device_index) {
   using namespace kiln;
@@ -55,7 +70,7 @@ void bench_train_cuda(const BenchTrainOptions& o, int device_index) {
   const std::vector<int32_t>&in = rb.in, &tg = rb.tg, &pos = rb.pos;
   const AttentionParams ap = cfg.attention(o.batch, o.seq);
   const AdamWConfig ac;
-  std::vector<double> ms, fwd, bwd, opt;
+  PhaseTimes pt;
   gpu::Timer tf, tb, ta;
   for (int s = 0; s < o.warmup + o.steps; s++) {
     tf.start();
@@ -67,18 +82,9 @@ void bench_train_cuda(const BenchTrainOptions& o, int device_index) {
     ta.start();
     model.adamw_update(ac, 1e-4f, s + 1, model.grad_norm(1.0f), 1.0f);
     const double a = ta.stop_ms();
-    if (s >= o.warmup) {
-      ms.push_back(f + b + a);
-      fwd.push_back(f);
-      bwd.push_back(b);
-      opt.push_back(a);
-    }
+    if (s >= o.warmup) pt.add(f + b + a, f, b, a);
   }
-  auto median = [](std::vector<double> v) {
-    std::sort(v.begin(), v.end());
-    return v[v.size() / 2];
-  };
-  const double med = median(ms);
+  const double med = PhaseTimes::median(pt.step);
   const double n_matmul = double(cfg.num_params()) - double(cfg.n_positions) * cfg.n_embd;
   const double flops_per_token = 6.0 * n_matmul + 12.0 * cfg.n_layer * o.seq * cfg.n_embd;
   nlohmann::json j = {{"bench", "train"},
@@ -88,9 +94,9 @@ void bench_train_cuda(const BenchTrainOptions& o, int device_index) {
                       {"batch", o.batch},
                       {"seq", o.seq},
                       {"ms_per_step", med},
-                      {"ms_forward", median(fwd)},
-                      {"ms_backward", median(bwd)},
-                      {"ms_optimizer", median(opt)},
+                      {"ms_forward", PhaseTimes::median(pt.fwd)},
+                      {"ms_backward", PhaseTimes::median(pt.bwd)},
+                      {"ms_optimizer", PhaseTimes::median(pt.opt)},
                       {"tokens_per_s", double(N) / (med / 1e3)},
                       {"tflops", flops_per_token * double(N) / (med / 1e3) / 1e12},
                       {"dtype", o.dtype},
@@ -117,7 +123,7 @@ void bench_train(const BenchTrainOptions& o) {
   const std::vector<int32_t>&in = rb.in, &tg = rb.tg, &pos = rb.pos;
   const AttentionParams ap = model.attention_params(o.batch, o.seq);
   // Whole steps, and their phases: forward (with the LM head's backward), backward, optimizer.
-  std::vector<double> ms, fwd, bwd, opt;
+  PhaseTimes pt;
   using Clock = std::chrono::steady_clock;
   auto since = [](Clock::time_point t) { return std::chrono::duration<double, std::milli>(Clock::now() - t).count(); };
   for (int s = 0; s < o.warmup + o.steps; s++) {
@@ -132,18 +138,10 @@ void bench_train(const BenchTrainOptions& o) {
     adam.update(model.params(), model.grads(), 1e-4f, s + 1, adam.grad_norm(model.grads()), 1.0f, true);
     model.refresh_lowp_weights();
     const double a = since(t3);
-    if (s >= o.warmup) {
-      ms.push_back(since(t0));
-      fwd.push_back(f);
-      bwd.push_back(b);
-      opt.push_back(a);
-    }
+    if (s >= o.warmup) pt.add(since(t0), f, b, a);
   }
-  auto median = [](std::vector<double> v) {
-    std::sort(v.begin(), v.end());
-    return v[v.size() / 2];
-  };
-  const double med = median(ms);
+  const double med = PhaseTimes::median(pt.step);
+  std::vector<double>& ms = pt.step;
   std::sort(ms.begin(), ms.end());
   const double n_matmul = double(cfg.num_params()) - double(cfg.n_positions) * cfg.n_embd;
   const double flops_per_token = 6.0 * n_matmul + 12.0 * cfg.n_layer * o.seq * cfg.n_embd;
@@ -154,9 +152,9 @@ void bench_train(const BenchTrainOptions& o) {
                       {"threads", omp_get_max_threads()},
                       {"ms_per_step", med},
                       {"ms_min", ms.front()},
-                      {"ms_forward", median(fwd)},
-                      {"ms_backward", median(bwd)},
-                      {"ms_optimizer", median(opt)},
+                      {"ms_forward", PhaseTimes::median(pt.fwd)},
+                      {"ms_backward", PhaseTimes::median(pt.bwd)},
+                      {"ms_optimizer", PhaseTimes::median(pt.opt)},
                       {"tokens_per_s", double(N) / (med / 1e3)},
                       {"gflops", flops_per_token * double(N) / (med / 1e3) / 1e9},
                       {"recompute", o.recompute},
