@@ -94,6 +94,21 @@ KILN_DEVICE void to_a_frags(uint32_t a[NB / 2][4], const float s[NB][4]) {
   }
 }
 
+// acc[ND][4] += A · B over KK k-steps of 16: A as fragments (to_a_frags), B a k-major shared tile (row k of
+// the tile holds columns n0 .. n0 + 8·ND, ld elements apart). P·V, Pᵀ·dO and dSᵀ·Q all take this form.
+template <int KK, int ND>
+KILN_DEVICE void mma_frags_kmajor(float acc[ND][4], const uint32_t a[KK][4], const uint16_t* tile, int ld) {
+  KILN_UNROLL
+  for (int kk = 0; kk < KK; kk++)
+    KILN_UNROLL
+    for (int nd = 0; nd < ND; nd += 2) {
+      uint32_t b[4];
+      load_b_kmajor(b, tile, ld, nd * 8, kk * 16);
+      mma(acc[nd], a[kk], b);
+      mma(acc[nd + 1], a[kk], b + 2);
+    }
+}
+
 // ---------------------------------------------------------------------------------------------------------
 // Forward
 
@@ -224,15 +239,7 @@ KILN_GLOBAL void __launch_bounds__(kFwdThreads, HD == 64 ? 2 : 1) attention_fwd_
       }
       uint32_t pf[kBc / 16][4];
       to_a_frags<kBc / 8>(pf, s);
-      KILN_UNROLL
-      for (int kk = 0; kk < kBc / 16; kk++)
-        KILN_UNROLL
-        for (int nd = 0; nd < ND; nd += 2) {
-          uint32_t b[4];
-          load_b_kmajor(b, tV, LD, nd * 8, kk * 16);
-          mma(o[nd], pf[kk], b);
-          mma(o[nd + 1], pf[kk], b + 2);
-        }
+      mma_frags_kmajor<kBc / 16, ND>(o, pf, tV, LD);
     }
     __syncthreads();  // the next iteration refills this stage
   }
@@ -438,15 +445,7 @@ KILN_GLOBAL void __launch_bounds__(kBwdThreads, 1) attention_bwd_kernel(BwdArgs 
       {
         uint32_t pf[kBrB / 16][4];
         to_a_frags<kBrB / 8>(pf, s);
-        KILN_UNROLL
-        for (int kk = 0; kk < kBrB / 16; kk++)
-          KILN_UNROLL
-          for (int nd = 0; nd < ND; nd += 2) {
-            uint32_t b[4];
-            load_b_kmajor(b, tdO, LD, nd * 8, kk * 16);
-            mma(dv[nd], pf[kk], b);
-            mma(dv[nd + 1], pf[kk], b + 2);
-          }
+        mma_frags_kmajor<kBrB / 16, ND>(dv, pf, tdO, LD);
       }
       // dPᵀ = V·dOᵀ
       KILN_UNROLL
@@ -469,15 +468,7 @@ KILN_GLOBAL void __launch_bounds__(kBwdThreads, 1) attention_bwd_kernel(BwdArgs 
       uint32_t dsf[kBrB / 16][4];
       to_a_frags<kBrB / 8>(dsf, dp);
       // dK += dSᵀ·Q
-      KILN_UNROLL
-      for (int kk = 0; kk < kBrB / 16; kk++)
-        KILN_UNROLL
-        for (int nd = 0; nd < ND; nd += 2) {
-          uint32_t b[4];
-          load_b_kmajor(b, tQ, LD, nd * 8, kk * 16);
-          mma(dk[nd], dsf[kk], b);
-          mma(dk[nd + 1], dsf[kk], b + 2);
-        }
+      mma_frags_kmajor<kBrB / 16, ND>(dk, dsf, tQ, LD);
       KILN_UNROLL
       for (int kk = 0; kk < kBrB / 16; kk++) {
         dsrow_a[kk * 8 + t] = dsf[kk][0];
