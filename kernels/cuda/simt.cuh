@@ -200,7 +200,8 @@ template <class... P, class... A>
 inline void launch(void (*kernel)(P...), dim3 grid, dim3 block, size_t smem_bytes, cudaStream_t stream,
                    A... args) {
 #if KILN_EMULATED
-  ::kiln::emu::launch(grid, block, smem_bytes, stream, [=] { kernel(P(args)...); });
+  ::kiln::emu::launch(reinterpret_cast<const void*>(kernel), grid, block, smem_bytes, stream,
+                      [=] { kernel(P(args)...); });
 #else
   kernel<<<grid, block, smem_bytes, stream>>>(P(args)...);
 #endif

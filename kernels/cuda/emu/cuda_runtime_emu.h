@@ -68,7 +68,13 @@ cudaError_t cudaGraphInstantiate(cudaGraphExec_t* exec, cudaGraph_t g, unsigned 
 cudaError_t cudaGraphLaunch(cudaGraphExec_t exec, cudaStream_t s);
 cudaError_t cudaGraphExecDestroy(cudaGraphExec_t exec);
 cudaError_t cudaGraphDestroy(cudaGraph_t g);
+namespace kiln::emu {
+// Records a kernel's opt-in to more than 48 KiB of dynamic shared memory (checked at launch).
+void set_max_dynamic_smem(const void* kernel, int bytes);
+}  // namespace kiln::emu
 template <class F>
-cudaError_t cudaFuncSetAttribute(F*, cudaFuncAttribute, int) {
+cudaError_t cudaFuncSetAttribute(F* kernel, cudaFuncAttribute attr, int value) {
+  if (attr == cudaFuncAttributeMaxDynamicSharedMemorySize)
+    kiln::emu::set_max_dynamic_smem(reinterpret_cast<const void*>(kernel), value);
   return cudaSuccess;
 }

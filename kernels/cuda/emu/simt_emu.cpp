@@ -10,6 +10,7 @@
 #include <cstdio>
 #include <cstdlib>
 #include <exception>
+#include <map>
 #include <memory>
 #include <mutex>
 #include <string>
@@ -408,7 +409,26 @@ void warp_ldmatrix(uint32_t* r, int count, bool trans, const void* smem_row) {
   }
 }
 
-void launch(dim3 grid, dim3 block, size_t smem_bytes, cudaStream_t stream, std::function<void()> body) {
+namespace {
+std::mutex g_smem_mu;
+std::map<const void*, size_t> g_smem_optin;
+constexpr size_t kDefaultSmem = 48 * 1024;
+}  // namespace
+
+void set_max_dynamic_smem(const void* kernel, int bytes) {
+  std::lock_guard<std::mutex> lock(g_smem_mu);
+  g_smem_optin[kernel] = size_t(bytes);
+}
+
+void launch(const void* kernel, dim3 grid, dim3 block, size_t smem_bytes, cudaStream_t stream,
+            std::function<void()> body) {
+  if (smem_bytes > kDefaultSmem) {
+    std::lock_guard<std::mutex> lock(g_smem_mu);
+    auto it = g_smem_optin.find(kernel);
+    KILN_CHECK(it != g_smem_optin.end() && it->second >= smem_bytes, "SIMT emulator: a launch asks for ", smem_bytes,
+               " bytes of dynamic shared memory, above the default 48 KiB, without cudaFuncSetAttribute("
+               "MaxDynamicSharedMemorySize) for that kernel (a GPU refuses the launch)");
+  }
   const size_t threads = size_t(block.x) * block.y * block.z;
   KILN_CHECK(threads >= 1 && threads <= 1024, "SIMT emulator: block of ", threads, " threads (1..1024 allowed)");
   KILN_CHECK(smem_bytes <= kMaxSmem, "SIMT emulator: ", smem_bytes, " bytes of dynamic shared memory (at most ",

@@ -57,7 +57,10 @@ int64_t malloc_count();
 int64_t ldmatrix_bank_conflicts();
 
 // Runs (or, while `stream` is capturing a graph, records) one kernel launch.
-void launch(dim3 grid, dim3 block, size_t smem_bytes, cudaStream_t stream, std::function<void()> body);
+// `kernel` identifies the function for the shared-memory opt-in check: above 48 KiB of dynamic shared memory a
+// real launch fails unless cudaFuncSetAttribute raised the kernel's limit first.
+void launch(const void* kernel, dim3 grid, dim3 block, size_t smem_bytes, cudaStream_t stream,
+            std::function<void()> body);
 
 template <class T>
 inline T warp_pick(T v, int src, const char* what) {
