@@ -50,26 +50,25 @@ CudaDecoder::CudaDecoder(const GPT2Config& cfg, const float* params, int batch, 
     att_ = a.alloc<uint16_t>(size_t(rows_ * C));
     fc_pre_ = a.alloc<uint16_t>(size_t(rows_ * 4 * C));
     fc_ = a.alloc<uint16_t>(size_t(rows_ * 4 * C));
-    tok_d_ = a.alloc<int32_t>(size_t(rows_));
-    pos_d_ = a.alloc<int32_t>(size_t(rows_));
-    past_d_ = a.alloc<int32_t>(size_t(batch));
+    // Tokens, positions and cache lengths side by side, so one copy per pass brings them over.
+    tok_d_ = a.alloc<int32_t>(inputs_count());
+    pos_d_ = tok_d_ ? tok_d_ + rows_ : nullptr;
+    past_d_ = tok_d_ ? tok_d_ + 2 * rows_ : nullptr;
     dec_scratch_ = a.alloc<char>(cuda::decode_attention_scratch_bytes(worst));
   };
   gpu::DeviceArena measure;
   carve(measure);
   acts_ = gpu::DeviceArena(measure.peak(), "decoder activations");
   carve(acts_);
-  tok_h_ = static_cast<int32_t*>(gpu::malloc_host(size_t(rows_) * 4, "decoder token staging"));
-  pos_h_ = static_cast<int32_t*>(gpu::malloc_host(size_t(rows_) * 4, "decoder position staging"));
-  past_h_ = static_cast<int32_t*>(gpu::malloc_host(size_t(batch) * 4, "decoder length staging"));
+  tok_h_ = static_cast<int32_t*>(gpu::malloc_host(inputs_count() * 4, "decoder input staging"));
+  pos_h_ = tok_h_ + rows_;
+  past_h_ = tok_h_ + 2 * rows_;
   logits_h_ = static_cast<float*>(gpu::malloc_host(size_t(rows_ * V) * 4, "decoder logits staging"));
   gpu::synchronize();
 }
 
 CudaDecoder::~CudaDecoder() {
   gpu::free_host(tok_h_);
-  gpu::free_host(pos_h_);
-  gpu::free_host(past_h_);
   gpu::free_host(logits_h_);
 }
 
@@ -109,9 +108,7 @@ void CudaDecoder::run(int n, bool flash, bool all_logits) {
   const float eps = cfg_.layer_norm_epsilon;
   const int64_t kv_batch_stride = int64_t(max_pos_) * C;
   const int64_t layer_cache = int64_t(B) * kv_batch_stride;
-  gpu::copy_to_device(tok_d_, tok_h_, size_t(N) * 4);
-  gpu::copy_to_device(pos_d_, pos_h_, size_t(N) * 4);
-  gpu::copy_to_device(past_d_, past_h_, size_t(B) * 4);
+  gpu::copy_to_device(tok_d_, tok_h_, inputs_count() * 4);
   cuda::embedding_forward(x_, tok_d_, pos_d_, p_.wte, p_.wpe, N, C, s);
   for (int l = 0; l < cfg_.n_layer; l++) {
     const LayerParams& w = p_.layers[size_t(l)];

@@ -52,7 +52,7 @@ class CudaDecoder : public IncrementalDecoder {
   uint16_t *ln_ = nullptr, *qkv_ = nullptr, *att_ = nullptr, *fc_pre_ = nullptr, *fc_ = nullptr;
   int32_t *tok_d_ = nullptr, *pos_d_ = nullptr, *past_d_ = nullptr;
   void* dec_scratch_ = nullptr;
-  // Page-locked staging: inputs [rows] tokens, [rows] positions, [batch] cache lengths; logits out.
+  // Page-locked staging, one block: [rows] tokens, [rows] positions, [batch] cache lengths; logits out.
   int32_t *tok_h_ = nullptr, *pos_h_ = nullptr, *past_h_ = nullptr;
   float* logits_h_ = nullptr;
   std::vector<float> all_out_;
@@ -60,6 +60,7 @@ class CudaDecoder : public IncrementalDecoder {
   int eager_steps_ = 0;
 
   const uint16_t* w16(const float* p) const;
+  size_t inputs_count() const { return size_t(2 * rows_ + batch_); }
   // Decode-attention arguments for Tq queries against one layer's cache (kc, vc).
   cuda::DecodeAttention decode_params(int Tq, const uint16_t* kc, const uint16_t* vc) const;
   // One pass over n new positions per sequence (inputs already in the staging buffers); leaves the logits of
