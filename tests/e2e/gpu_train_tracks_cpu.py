@@ -1,11 +1,13 @@
 """The GPU trainer (kiln train --device cuda --dtype bf16: bf16 activations, FlashAttention, cuBLASLt
-products, fused AdamW on fp32 master weights) tracks the fp32 CPU trainer over 50 steps from the same
-initial weights on the same data: per-step loss within 1.5% relative, final loss within 1%, and the run
-learns (observed on the emulator: 0.40% worst step, 0.12% final), with two micro-batches accumulated per step. On a machine without a GPU it runs the same CUDA kernels on the SIMT emulator (kiln-emu with
-KILN_GPU_EMULATOR=1); on a GPU machine pass the real kiln. Then the GPU run's checkpoint resumes on the CPU
-trainer (the checkpoint is an ordinary kiln/Hugging Face one), and `kiln generate --device cuda` decodes
-from it, the CUDA-graph decode step giving exactly the tokens of the step launched kernel by kernel.
-Exits 77 (skipped) when the GPU binary finds no device.
+products, fused AdamW on fp32 master weights) tracks the fp32 CPU trainer over 50 steps of two accumulated
+micro-batches, from the same initial weights on the same data: per-step loss within 1.5% relative, final
+loss within 1%, and the run learns (observed on the emulator: 0.40% worst step, 0.12% final). On a machine
+without a GPU it runs the same CUDA kernels on the SIMT emulator (kiln-emu with KILN_GPU_EMULATOR=1); on a
+GPU machine pass the real kiln. Then the GPU checkpoint resumes on the CPU trainer (it is an ordinary
+kiln / Hugging Face checkpoint), `kiln eval --device cuda` agrees with the CPU's eval, `kiln generate
+--device cuda` decodes from it with the CUDA-graph step giving exactly the tokens of kernel-by-kernel
+launches, and `kiln bench train --device cuda` reports its phases. Exits 77 (skipped) when the GPU binary
+finds no device.
 
 usage: gpu_train_tracks_cpu.py KILN_CPU KILN_GPU WORK_DIR [STEPS]
 """
