@@ -3,7 +3,7 @@ products, fused AdamW on fp32 master weights) tracks the fp32 CPU trainer over 5
 micro-batches, from the same initial weights on the same data: per-step loss within 1.5% relative, final
 loss within 1%, and the run learns (observed on the emulator: 0.40% worst step, 0.12% final). On a machine
 without a GPU it runs the same CUDA kernels on the SIMT emulator (kiln-emu with KILN_GPU_EMULATOR=1); on a
-GPU machine pass the real kiln. Then the GPU checkpoint resumes on the CPU trainer (it is an ordinary
+GPU machine pass the real kiln. Then the GPU checkpoint resumes on the CPU trainer and back (it is an ordinary
 kiln / Hugging Face checkpoint), `kiln eval --device cuda` agrees with the CPU's eval, `kiln generate
 --device cuda` decodes from it with the CUDA-graph step giving exactly the tokens of kernel-by-kernel
 launches, and `kiln bench train --device cuda` reports its phases. Exits 77 (skipped) when the GPU binary
@@ -67,6 +67,16 @@ print(f"CPU resume from the GPU checkpoint: exit {r.returncode}, steps {[x['step
 ok &= r.returncode == 0 and resumed and resumed[-1]["step"] == steps + 2 and abs(resumed[-1]["loss"] - gpu[-1]) < 0.5
 if r.returncode != 0:
     print(r.stderr)
+# ... and back: the CPU's checkpoint (with its AdamW moments) resumes on the GPU for two more steps.
+m2 = os.path.join(work, "resume_gpu.jsonl")
+r2 = subprocess.run([kiln_gpu] + common[:common.index("--steps")] + ["--steps", str(steps + 4)] +
+                    common[common.index("--steps") + 2:] + ["--device", "cuda", "--dtype", "bf16", "--out",
+                    os.path.join(work, "ck"), "--resume", "--metrics", m2], env=env, capture_output=True, text=True)
+back = [json.loads(l) for l in open(m2)] if os.path.exists(m2) else []
+print(f"GPU resume from the CPU checkpoint: exit {r2.returncode}, steps {[x['step'] for x in back][-2:]}")
+ok &= r2.returncode == 0 and back and back[-1]["step"] == steps + 4 and abs(back[-1]["loss"] - resumed[-1]["loss"]) < 0.5
+if r2.returncode != 0:
+    print(r2.stderr)
 
 # Greedy decoding on the GPU from the trained checkpoint, with and without the CUDA graph.
 outs = []
