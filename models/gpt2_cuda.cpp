@@ -56,10 +56,12 @@ void GPT2Cuda::download_moments(float* m, float* v) const {
   gpu::copy_to_host(v, v_.data(), table_.total * 4);
 }
 
-void GPT2Cuda::carve(const GPT2Config& cfg, int64_t Vp, gpu::DeviceArena& ar, int64_t N, Acts& a_) {
+void GPT2Cuda::carve(const GPT2Config& cfg, int64_t Vp, gpu::DeviceArena& ar, int64_t N, bool recompute,
+                     Acts& a_) {
   const int64_t C = cfg.n_embd, L = cfg.n_layer, NH = cfg.n_head;
   a_.x = ar.alloc<float>(size_t((L + 1) * N * C));
-  a_.layers.assign(size_t(L), Layer{});
+  // Every layer's activations, or one set that every layer shares when blocks are recomputed.
+  a_.layers.assign(size_t(recompute ? 1 : L), Layer{});
   for (Layer& l : a_.layers) {
     l.ln1 = ar.alloc<uint16_t>(size_t(N * C));
     l.ln1_mean = ar.alloc<float>(size_t(N));
@@ -74,6 +76,7 @@ void GPT2Cuda::carve(const GPT2Config& cfg, int64_t Vp, gpu::DeviceArena& ar, in
     l.fc_pre = ar.alloc<uint16_t>(size_t(N * 4 * C));
     l.fc_gelu = ar.alloc<uint16_t>(size_t(N * 4 * C));
   }
+  if (recompute) a_.layers.resize(size_t(L), a_.layers[0]);
   a_.lnf = ar.alloc<uint16_t>(size_t(N * C));
   a_.lnf_mean = ar.alloc<float>(size_t(N));
   a_.lnf_rstd = ar.alloc<float>(size_t(N));
@@ -95,17 +98,18 @@ void GPT2Cuda::carve(const GPT2Config& cfg, int64_t Vp, gpu::DeviceArena& ar, in
   a_.cu_seqlens = ar.alloc<int32_t>(size_t(N + 1));
 }
 
-size_t GPT2Cuda::plan_bytes(const GPT2Config& cfg, int64_t max_tokens) {
+size_t GPT2Cuda::plan_bytes(const GPT2Config& cfg, int64_t max_tokens, bool recompute_blocks) {
   gpu::DeviceArena measure;
   Acts a;
-  carve(cfg, padded_vocab(cfg), measure, max_tokens, a);
+  carve(cfg, padded_vocab(cfg), measure, max_tokens, recompute_blocks, a);
   return measure.peak();
 }
 
-size_t GPT2Cuda::plan(int64_t max_tokens) {
+size_t GPT2Cuda::plan(int64_t max_tokens, bool recompute_blocks) {
   KILN_CHECK(max_tokens > 0, "GPT2Cuda::plan: no tokens");
-  arena_ = gpu::DeviceArena(plan_bytes(cfg_, max_tokens), "activations");
-  carve(cfg_, Vp_, arena_, max_tokens, a_);
+  arena_ = gpu::DeviceArena(plan_bytes(cfg_, max_tokens, recompute_blocks), "activations");
+  carve(cfg_, Vp_, arena_, max_tokens, recompute_blocks, a_);
+  recompute_ = recompute_blocks;
   max_tokens_ = max_tokens;
   return arena_.capacity();
 }
@@ -141,19 +145,7 @@ double GPT2Cuda::forward(const int32_t* tokens, const int32_t* pos, const int32_
   N_ = N;
 
   cuda::embedding_forward(a_.x, a_.tokens, a_.pos, p_.wte, p_.wpe, N, C, s);
-  for (int l = 0; l < cfg_.n_layer; l++) {
-    const LayerParams& w = p_.layers[size_t(l)];
-    Layer& a = a_.layers[size_t(l)];
-    float* x = a_.x + size_t(l) * size_t(N) * size_t(C);
-    float* x_next = x + size_t(N) * size_t(C);
-    cuda::layernorm_forward(a.ln1, a.ln1_mean, a.ln1_rstd, x, w.ln1_w, w.ln1_b, N, C, cfg_.layer_norm_epsilon, s);
-    cuda::matmul_forward_bf16_bias(a.qkv, a.ln1, at16(w.qkv_w, w16), at16(w.qkv_b, w16), N, C, 3 * C, s);
-    cuda::attention_forward(a.att, a.lse, a.qkv, ap_, s);
-    cuda::matmul_forward_residual(a.mid, x, a.att, at16(w.attn_proj_w, w16), w.attn_proj_b, N, C, C, s);
-    cuda::layernorm_forward(a.ln2, a.ln2_mean, a.ln2_rstd, a.mid, w.ln2_w, w.ln2_b, N, C, cfg_.layer_norm_epsilon, s);
-    cuda::matmul_forward_bf16_bias(a.fc_gelu, a.ln2, at16(w.fc_w, w16), at16(w.fc_b, w16), N, C, 4 * C, s, a.fc_pre);
-    cuda::matmul_forward_residual(x_next, a.mid, a.fc_gelu, at16(w.fc_proj_w, w16), w.fc_proj_b, N, 4 * C, C, s);
-  }
+  for (int l = 0; l < cfg_.n_layer; l++) block_forward(l, /*write_output=*/true);
   float* xL = a_.x + size_t(cfg_.n_layer) * size_t(N) * size_t(C);
   cuda::layernorm_forward(a_.lnf, a_.lnf_mean, a_.lnf_rstd, xL, p_.lnf_w, p_.lnf_b, N, C, cfg_.layer_norm_epsilon, s);
   // Tied LM head: logits[N, V] = lnf[N, C] · wte[V, C]^T.
@@ -164,6 +156,26 @@ double GPT2Cuda::forward(const int32_t* tokens, const int32_t* pos, const int32_
   double sum = 0;
   for (float v : losses) sum += double(v);
   return sum;
+}
+
+void GPT2Cuda::block_forward(int l, bool write_output) {
+  void* s = gpu::stream();
+  const int64_t N = N_;
+  const int C = cfg_.n_embd;
+  const float eps = cfg_.layer_norm_epsilon;
+  uint16_t* w16 = params16_.as<uint16_t>();
+  const LayerParams& w = p_.layers[size_t(l)];
+  Layer& a = a_.layers[size_t(l)];
+  float* x = a_.x + size_t(l) * size_t(N) * size_t(C);
+  cuda::layernorm_forward(a.ln1, a.ln1_mean, a.ln1_rstd, x, w.ln1_w, w.ln1_b, N, C, eps, s);
+  cuda::matmul_forward_bf16_bias(a.qkv, a.ln1, at16(w.qkv_w, w16), at16(w.qkv_b, w16), N, C, 3 * C, s);
+  cuda::attention_forward(a.att, a.lse, a.qkv, ap_, s);
+  cuda::matmul_forward_residual(a.mid, x, a.att, at16(w.attn_proj_w, w16), w.attn_proj_b, N, C, C, s);
+  cuda::layernorm_forward(a.ln2, a.ln2_mean, a.ln2_rstd, a.mid, w.ln2_w, w.ln2_b, N, C, eps, s);
+  cuda::matmul_forward_bf16_bias(a.fc_gelu, a.ln2, at16(w.fc_w, w16), at16(w.fc_b, w16), N, C, 4 * C, s, a.fc_pre);
+  if (write_output)
+    cuda::matmul_forward_residual(x + size_t(N) * size_t(C), a.mid, a.fc_gelu, at16(w.fc_proj_w, w16), w.fc_proj_b, N,
+                                  4 * C, C, s);
 }
 
 void GPT2Cuda::backward() {
@@ -184,6 +196,7 @@ void GPT2Cuda::backward() {
     const LayerParams& g = g_.layers[size_t(l)];
     Layer& a = a_.layers[size_t(l)];
     const float* x = a_.x + size_t(l) * size_t(N) * size_t(C);
+    if (recompute_) block_forward(l, /*write_output=*/false);  // the shared activations now hold block l's
     // MLP: x_next = mid + fc_proj(gelu(fc(ln2(mid)))).
     cuda::cast(a_.dres16, a_.dres, N * C, s);
     cuda::matmul_backward(a_.d_big, g.fc_proj_w, g.fc_proj_b, a_.dres16, a.fc_gelu, at16(w.fc_proj_w, w16), N, 4 * C,

@@ -36,11 +36,14 @@ class GPT2Cuda {
   void upload_moments(const float* m, const float* v);
   void download_moments(float* m, float* v) const;
 
-  // Sizes the activation arena for micro-batches of up to max_tokens tokens; returns its bytes.
-  size_t plan(int64_t max_tokens);
+  // Sizes the activation arena for micro-batches of up to max_tokens tokens; returns its bytes. With
+  // recompute_blocks (--recompute block) only each block's input is kept: the backward re-runs one block's
+  // forward at a time into a single set of block activations, trading a second forward for about L times less
+  // activation memory.
+  size_t plan(int64_t max_tokens, bool recompute_blocks = false);
   // The same plan's bytes, and the model state's (fp32 weights, bf16 copy, fp32 gradients and moments),
   // without a device (kiln memory --device cuda).
-  static size_t plan_bytes(const GPT2Config& cfg, int64_t max_tokens);
+  static size_t plan_bytes(const GPT2Config& cfg, int64_t max_tokens, bool recompute_blocks = false);
   static size_t state_bytes(const ParamTable& table) { return table.total * (4 + 2 + 4 + 4 + 4); }
   size_t activation_bytes() const { return arena_.capacity(); }
   size_t state_bytes() const { return state_bytes(table_); }
@@ -82,7 +85,10 @@ class GPT2Cuda {
     void* att_scratch = nullptr;
     int32_t *tokens = nullptr, *targets = nullptr, *pos = nullptr, *cu_seqlens = nullptr;
   };
-  static void carve(const GPT2Config& cfg, int64_t Vp, gpu::DeviceArena& arena, int64_t N, Acts& a);
+  static void carve(const GPT2Config& cfg, int64_t Vp, gpu::DeviceArena& arena, int64_t N, bool recompute, Acts& a);
+  // Block l's forward from its input a_.x[l] into its activations; with write_output also x[l+1] (the
+  // recomputation in the backward skips that last product, whose result the backward never reads).
+  void block_forward(int l, bool write_output);
   template <class T>
   T* at16(const float* p, T* base16) const;  // the bf16 copy of parameter p
 
@@ -95,6 +101,7 @@ class GPT2Cuda {
   gpu::DeviceArena arena_;
   Acts a_;
   int64_t max_tokens_ = 0;
+  bool recompute_ = false;
   // The last forward's shape, for backward().
   int64_t N_ = 0;
   AttentionParams ap_;

@@ -175,8 +175,8 @@ double train(const TrainOptions& opt) {
   const DeviceSpec device = parse_device(opt.device);
   if (device.cuda) {
     KILN_CHECK(opt.dtype == "bf16", "--device cuda trains in bf16: pass --dtype bf16 (got --dtype ", opt.dtype, ")");
-    KILN_CHECK(opt.recompute == "none", "--recompute ", opt.recompute,
-               ": not available with --device cuda (activations are kept)");
+    KILN_CHECK(opt.recompute == "none" || opt.recompute == "block", "--recompute ", opt.recompute,
+               ": --device cuda supports none and block");
     KILN_CHECK(opt.loss_scale != "dynamic", "--loss-scale dynamic: bf16 on the GPU needs no loss scaling");
     gpu::init(device.index);
   }
@@ -223,7 +223,7 @@ double train(const TrainOptions& opt) {
                  info.emulated ? " [SIMT emulator]" : "");
     engine.gpu->upload_params(model.params());
     if (!resume_dir.empty()) engine.gpu->upload_moments(adam.m(), adam.v());
-    act_bytes = engine.gpu->plan(int64_t(B) * T);
+    act_bytes = engine.gpu->plan(int64_t(B) * T, opt.recompute == "block");
     std::fprintf(stderr,
                  "kiln train: %.2fM parameters | GPU memory plan: weights+bf16 copy+grads+AdamW %.1f MB, "
                  "activations %.1f MB\n",

@@ -99,11 +99,13 @@ for name, binary, extra in [("cpu", kiln_cpu, []), ("gpu", kiln_gpu, ["--device"
 print(f"eval loss: cpu {ev['cpu']:.5f}, gpu {ev['gpu']:.5f}")
 ok &= abs(ev["gpu"] - ev["cpu"]) < 0.01 * ev["cpu"]
 
-# kiln bench train --device cuda: one JSON line with the GPU step's phases.
+# kiln bench train --device cuda (with block recomputation): one JSON line with the GPU step's phases.
 b = subprocess.run([kiln_gpu, "bench", "train", "--device", "cuda", "--dtype", "bf16", "--model", cfg, "--batch", "2",
-                    "--seq", "32", "--steps", "2", "--warmup", "1"], env=env, capture_output=True, text=True)
+                    "--seq", "32", "--steps", "2", "--warmup", "1", "--recompute", "block"], env=env, capture_output=True,
+                   text=True)
 bj = json.loads(b.stdout) if b.returncode == 0 else {}
 print(f"bench train --device cuda: {b.stdout.strip() or b.stderr.strip()}")
 ok &= bj.get("tokens_per_s", 0) > 0 and bj.get("ms_forward", 0) > 0 and bj.get("ms_backward", 0) > 0
+ok &= bj.get("recompute") == "block"
 print("PASS" if ok else "FAIL")
 sys.exit(0 if ok else 1)

@@ -57,5 +57,10 @@ g = plan("--device", "cuda", "--batch", str(B), "--seq", str(T))
 print(f"GPU plan: state {g['state_bytes'] / 2**20:.1f} MB (want {18 * psi / 2**20:.1f}), activations "
       f"{g['activations_bytes'] / 2**20:.1f} MB (named buffers {count / 2**20:.1f} MB)")
 ok &= g["state_bytes"] == 18 * psi and count <= g["activations_bytes"] <= 1.10 * count
+# --recompute block on the GPU keeps each block's input and one block's activations: the L per-layer sets
+# (`layer` bytes each) shrink to one.
+gb = plan("--device", "cuda", "--batch", str(B), "--seq", str(T), "--recompute", "block")
+print(f"GPU plan with block recomputation: activations {gb['activations_bytes'] / 2**20:.1f} MB")
+ok &= abs((g["activations_bytes"] - gb["activations_bytes"]) - (L - 1) * layer) < 0.01 * layer
 print("PASS" if ok else "FAIL")
 sys.exit(0 if ok else 1)

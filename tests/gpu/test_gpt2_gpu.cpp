@@ -140,6 +140,35 @@ TEST(GpuGPT2, StepsAllocateNothingAfterThePlan) {
   EXPECT_EQ(emu::malloc_count(), before);
 }
 
+// --recompute block on the GPU: each block's forward re-runs in the backward from its saved input; the
+// gradients equal those of the run that kept every activation (up to the order of attention's dQ atomics),
+// from far fewer activation bytes.
+TEST(GpuGPT2, BlockRecomputationGivesTheSameGradients) {
+  KILN_REQUIRE_GPU();
+  GPT2Config cfg = small_config();
+  cfg.n_layer = 3;
+  const int B = 2, T = 32;
+  Inputs in = make_inputs(B * T, cfg.vocab_size, 11);
+  GPT2 host(cfg, false);
+  host.init_random(6);
+  std::vector<float> g[2];
+  double loss[2];
+  size_t bytes[2];
+  for (int r = 0; r < 2; r++) {
+    GPT2Cuda m(cfg, host.table());
+    m.upload_params(host.params());
+    bytes[r] = m.plan(B * T, /*recompute_blocks=*/r == 1);
+    loss[r] = m.forward(in.tokens.data(), in.pos.data(), in.targets.data(), B * T, cfg.attention(B, T), 0.01f);
+    m.backward();
+    g[r].resize(host.num_floats());
+    m.download_grads(g[r].data());
+  }
+  EXPECT_EQ(loss[0], loss[1]);
+  EXPECT_LT(rel_l2(g[1].data(), g[0].data(), g[0].size()), 1e-5);
+  EXPECT_LT(double(bytes[1]), 0.75 * double(bytes[0]));
+  EXPECT_EQ(bytes[1], GPT2Cuda::plan_bytes(cfg, B * T, true));
+}
+
 // The attention kernels' shared-memory tiles are laid out so that every ldmatrix reads its 8 rows from 8
 // disjoint bank groups (padded rows): a whole training step and a decode step incur no bank conflict.
 TEST(GpuGPT2, TensorCoreTilesHaveNoBankConflicts) {

@@ -57,7 +57,8 @@ struct PhaseTimes {
 void bench_train_cuda(const BenchTrainOptions& o, int device_index) {
   using namespace kiln;
   KILN_CHECK(o.dtype == "bf16", "bench train --device cuda runs bf16: pass --dtype bf16");
-  KILN_CHECK(o.recompute == "none", "bench train --device cuda: --recompute is not available on the GPU");
+  KILN_CHECK(o.recompute == "none" || o.recompute == "block", "--recompute ", o.recompute,
+             ": --device cuda supports none and block");
   const gpu::DeviceInfo info = gpu::init(device_index);
   GPT2Config cfg = GPT2Config::load(o.model);
   GPT2 host(cfg, /*with_grads=*/false);
@@ -65,7 +66,7 @@ void bench_train_cuda(const BenchTrainOptions& o, int device_index) {
   GPT2Cuda model(cfg, host.table());
   model.upload_params(host.params());
   const int64_t N = int64_t(o.batch) * o.seq;
-  model.plan(N);
+  model.plan(N, o.recompute == "block");
   const RandomBatch rb(N, o.seq, cfg.vocab_size);
   const std::vector<int32_t>&in = rb.in, &tg = rb.tg, &pos = rb.pos;
   const AttentionParams ap = cfg.attention(o.batch, o.seq);
@@ -101,7 +102,8 @@ void bench_train_cuda(const BenchTrainOptions& o, int device_index) {
                       {"tflops", flops_per_token * double(N) / (med / 1e3) / 1e12},
                       {"dtype", o.dtype},
                       {"activation_mb", double(model.activation_bytes()) / (1 << 20)},
-                      {"state_mb", double(model.state_bytes()) / (1 << 20)}};
+                      {"state_mb", double(model.state_bytes()) / (1 << 20)},
+                      {"recompute", o.recompute}};
   std::printf("%s\n", j.dump().c_str());
 }
 

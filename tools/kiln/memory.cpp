@@ -23,19 +23,21 @@ struct MemoryOptions {
 // needed. Beside it the process needs the CUDA context and cuBLASLt's 32 MiB workspace.
 void memory_plan_cuda(const MemoryOptions& o, const kiln::GPT2Config& cfg) {
   using namespace kiln;
-  KILN_CHECK(o.recompute == "none", "--recompute: the GPU trainer keeps all activations (use --recompute none)");
+  KILN_CHECK(o.recompute == "none" || o.recompute == "block", "--recompute ", o.recompute,
+             ": --device cuda supports none and block");
   const ParamTable table = ParamTable::gpt2(cfg);
   const double state = double(GPT2Cuda::state_bytes(table));
-  const double acts = double(GPT2Cuda::plan_bytes(cfg, int64_t(o.batch) * o.seq));
+  const double acts = double(GPT2Cuda::plan_bytes(cfg, int64_t(o.batch) * o.seq, o.recompute == "block"));
   const double MB = 1024.0 * 1024.0;
   if (o.json) {
     nlohmann::json j = {{"device", "cuda"}, {"params", cfg.num_params()}, {"batch", o.batch}, {"seq", o.seq},
+                        {"recompute", o.recompute},
                         {"state_bytes", state}, {"activations_bytes", acts}, {"total_bytes", state + acts}};
     std::printf("%s\n", j.dump().c_str());
     return;
   }
-  std::printf("model %.2fM parameters, batch %d x %d tokens, GPU (bf16 activations and matrix products)\n",
-              double(cfg.num_params()) / 1e6, o.batch, o.seq);
+  std::printf("model %.2fM parameters, batch %d x %d tokens, GPU (bf16 activations and matrix products), "
+              "recompute %s\n", double(cfg.num_params()) / 1e6, o.batch, o.seq, o.recompute.c_str());
   std::printf("  fp32 weights, bf16 copy, fp32 gradients, AdamW m and v  %10.1f MB\n  activations  %10.1f MB\n"
               "  total        %10.1f MB  (plus the CUDA context and a 32 MiB cuBLASLt workspace)\n",
               state / MB, acts / MB, (state + acts) / MB);
