@@ -17,8 +17,8 @@
 
 #include "core/error.h"
 #include "core/file_io.h"
-#include "models/checkpoint.h"
 #include "core/gpu.h"
+#include "models/checkpoint.h"
 #include "models/gpt2.h"
 #include "models/gpt2_cuda.h"
 #include "train/checkpoint_dir.h"
@@ -229,14 +229,14 @@ double train(const TrainOptions& opt) {
                  "activations %.1f MB\n",
                  double(cfg.num_params()) / 1e6, double(engine.gpu->state_bytes()) / MB, double(act_bytes) / MB);
   } else {
-  if (opt.dtype != "fp32") model.set_compute_type(opt.dtype == "bf16" ? LowpType::BF16 : LowpType::FP16);
-  act_bytes = model.plan(B, T, RecomputePolicy::parse(opt.recompute), opt.lm_head_chunk);
-  std::fprintf(stderr,
-               "kiln train: %.2fM parameters | memory plan: weights %.1f MB, grads %.1f MB, AdamW %.1f MB, "
-               "activations %.1f MB%s\n",
-               double(cfg.num_params()) / 1e6, model.num_floats() * 4 / MB, model.num_floats() * 4 / MB,
-               model.num_floats() * 8 / MB, double(act_bytes) / MB,
-               opt.dtype == "fp32" ? "" : str(", 16-bit weight copies ", model.num_floats() * 2 / MB, " MB").c_str());
+    if (opt.dtype != "fp32") model.set_compute_type(opt.dtype == "bf16" ? LowpType::BF16 : LowpType::FP16);
+    act_bytes = model.plan(B, T, RecomputePolicy::parse(opt.recompute), opt.lm_head_chunk);
+    std::fprintf(stderr,
+                 "kiln train: %.2fM parameters | memory plan: weights %.1f MB, grads %.1f MB, AdamW %.1f MB, "
+                 "activations %.1f MB%s\n",
+                 double(cfg.num_params()) / 1e6, model.num_floats() * 4 / MB, model.num_floats() * 4 / MB,
+                 model.num_floats() * 8 / MB, double(act_bytes) / MB,
+                 opt.dtype == "fp32" ? "" : str(", 16-bit weight copies ", model.num_floats() * 2 / MB, " MB").c_str());
   }
 
   std::ofstream metrics;
