@@ -1,4 +1,5 @@
 #include "infer/decoder.h"
+#include "infer/sampler.h"
 
 #include <algorithm>
 #include <cmath>
@@ -39,6 +40,14 @@ void residual_linear(float* res, const float* x, const float* W, const float* b,
 }
 
 }  // namespace
+
+const int32_t* IncrementalDecoder::forward_argmax(const int32_t* tokens, int n, int vocab_limit) {
+  const float* logits = forward(tokens, n);
+  const int V = config().vocab_size;
+  argmax_.resize(size_t(batch()));
+  for (int b = 0; b < batch(); b++) argmax_[size_t(b)] = argmax(logits + int64_t(b) * V, vocab_limit);
+  return argmax_.data();
+}
 
 Decoder::Decoder(const GPT2Config& cfg, const float* params, int batch, int max_positions)
     : cfg_(cfg), table_(ParamTable::gpt2(cfg)), batch_(batch) {

@@ -28,11 +28,18 @@ class IncrementalDecoder {
   // Returns the logits [batch, V] of each sequence's last new token (host memory), or with all_logits
   // [batch, n, V]. Throws kiln::Error if a token is out of range or the cache would overflow max_positions.
   virtual const float* forward(const int32_t* tokens, int n, bool all_logits = false) = 0;
+  // forward() for greedy decoding: the arg max (infer/sampler.h's rule) of each sequence's last logits over
+  // ids [0, vocab_limit), [batch]. This default takes it from the logits; the GPU decoder computes it on the
+  // device and copies back only the ids.
+  virtual const int32_t* forward_argmax(const int32_t* tokens, int n, int vocab_limit);
   virtual int length() const = 0;         // positions in the cache
   virtual int max_positions() const = 0;
   virtual int batch() const = 0;
   virtual void reset() = 0;               // forget the cache (its memory is kept)
   virtual const GPT2Config& config() const = 0;
+
+ private:
+  std::vector<int32_t> argmax_;
 };
 
 class Decoder : public IncrementalDecoder {

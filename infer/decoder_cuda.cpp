@@ -5,6 +5,7 @@
 
 #include "core/error.h"
 #include "kernels/activation.h"
+#include "kernels/argmax.h"
 #include "kernels/attention.h"
 #include "kernels/decode_attention.h"
 #include "kernels/embedding.h"
@@ -54,6 +55,7 @@ CudaDecoder::CudaDecoder(const GPT2Config& cfg, const float* params, int batch, 
     tok_d_ = a.alloc<int32_t>(inputs_count());
     pos_d_ = tok_d_ ? tok_d_ + rows_ : nullptr;
     past_d_ = tok_d_ ? tok_d_ + 2 * rows_ : nullptr;
+    argmax_d_ = a.alloc<int32_t>(size_t(batch));
     dec_scratch_ = a.alloc<char>(cuda::decode_attention_scratch_bytes(worst));
   };
   gpu::DeviceArena measure;
@@ -63,12 +65,14 @@ CudaDecoder::CudaDecoder(const GPT2Config& cfg, const float* params, int batch, 
   tok_h_ = static_cast<int32_t*>(gpu::malloc_host(inputs_count() * 4, "decoder input staging"));
   pos_h_ = tok_h_ + rows_;
   past_h_ = tok_h_ + 2 * rows_;
+  argmax_h_ = static_cast<int32_t*>(gpu::malloc_host(size_t(batch) * 4, "decoder arg max staging"));
   logits_h_ = static_cast<float*>(gpu::malloc_host(size_t(rows_ * V) * 4, "decoder logits staging"));
   gpu::synchronize();
 }
 
 CudaDecoder::~CudaDecoder() {
   gpu::free_host(tok_h_);
+  gpu::free_host(argmax_h_);
   gpu::free_host(logits_h_);
 }
 
@@ -101,7 +105,7 @@ const uint16_t* CudaDecoder::w16(const float* p) const {
   return params16_.as<uint16_t>() + (p - params_.as<float>());
 }
 
-void CudaDecoder::run(int n, bool flash, bool all_logits) {
+void CudaDecoder::run(int n, bool flash, Output out, int limit) {
   void* s = gpu::stream();
   const int B = batch_, C = cfg_.n_embd, NH = cfg_.n_head, HD = cfg_.head_dim(), V = cfg_.vocab_size;
   const int64_t N = int64_t(B) * n;
@@ -130,7 +134,8 @@ void CudaDecoder::run(int n, bool flash, bool all_logits) {
   }
   // Final LayerNorm and the LM head over every row, or over each sequence's last row only.
   const uint16_t* wte16 = w16(p_.wte);
-  if (all_logits) {
+  if (out == Output::None) return;
+  if (out == Output::All) {
     cuda::layernorm_forward(ln_, mean_, rstd_, x_, p_.lnf_w, p_.lnf_b, N, C, eps, s);
     cuda::gemm(false, true, N, V, C, 1.0f, ln_, C, wte16, C, 0.0f, logits_, V, s);
     gpu::copy_to_host_async(logits_h_, logits_, size_t(N) * size_t(V) * 4);
@@ -141,10 +146,27 @@ void CudaDecoder::run(int n, bool flash, bool all_logits) {
     cuda::layernorm_forward(ln_ + int64_t(b) * C, mean_ + b, rstd_ + b, last, p_.lnf_w, p_.lnf_b, 1, C, eps, s);
   }
   cuda::gemm(false, true, B, V, C, 1.0f, ln_, C, wte16, C, 0.0f, logits_, V, s);
-  gpu::copy_to_host_async(logits_h_, logits_, size_t(B) * size_t(V) * 4);
+  if (out == Output::Argmax) {
+    cuda::argmax_rows(argmax_d_, logits_, B, limit, V, s);
+    gpu::copy_to_host_async(argmax_h_, argmax_d_, size_t(B) * 4);
+  } else {
+    gpu::copy_to_host_async(logits_h_, logits_, size_t(B) * size_t(V) * 4);
+  }
 }
 
 const float* CudaDecoder::forward(const int32_t* tokens, int n, bool all_logits) {
+  advance(tokens, n, all_logits ? Output::All : Output::Last, cfg_.vocab_size);
+  return all_logits ? all_out_.data() : logits_h_;
+}
+
+const int32_t* CudaDecoder::forward_argmax(const int32_t* tokens, int n, int vocab_limit) {
+  KILN_CHECK(vocab_limit >= 1 && vocab_limit <= cfg_.vocab_size, "decoder: arg max over ", vocab_limit,
+             " ids of a ", cfg_.vocab_size, "-token vocabulary");
+  advance(tokens, n, Output::Argmax, vocab_limit);
+  return argmax_h_;
+}
+
+void CudaDecoder::advance(const int32_t* tokens, int n, Output out, int limit) {
   const int B = batch_, V = cfg_.vocab_size;
   KILN_CHECK(n >= 1, "decoder: no tokens to run");
   KILN_CHECK(length_ + n <= max_pos_, "decoder: ", length_, " cached + ", n, " new positions exceed the limit of ",
@@ -164,21 +186,25 @@ const float* CudaDecoder::forward(const int32_t* tokens, int n, bool all_logits)
         pos_h_[b * chunk + i] = length_ + i;
       }
     }
-    const bool step = chunk == 1 && !flash && !all_logits && use_graph_;
-    if (step && eager_steps_ >= 1) {
-      // The decode step: capture it once (after one eager run has set up cuBLASLt), then replay.
-      if (!step_graph_.ready()) {
-        step_graph_.begin();
-        run(1, false, false);
-        step_graph_.end();
+    // Only the last chunk's output is wanted, unless all positions' logits are.
+    const Output chunk_out = out == Output::All || done + chunk == n ? out : Output::None;
+    const bool step = chunk == 1 && !flash && (chunk_out == Output::Last || chunk_out == Output::Argmax) && use_graph_;
+    StepGraph& g = step_graphs_[chunk_out == Output::Argmax ? 1 : 0];
+    if (step && g.eager_runs >= 1) {
+      // The decode step: captured once (after an eager run has set up cuBLASLt's plans), then replayed.
+      if (!g.graph.ready() || g.limit != limit) {
+        g.graph.begin();
+        run(1, false, chunk_out, limit);
+        g.graph.end();
+        g.limit = limit;
       }
-      step_graph_.launch();
+      g.graph.launch();
     } else {
-      run(chunk, flash, all_logits);
-      if (step) eager_steps_++;
+      run(chunk, flash, chunk_out, limit);
+      if (step) g.eager_runs++;
     }
     gpu::synchronize();
-    if (all_logits) {
+    if (out == Output::All) {
       // Gather [B, chunk, V] pieces into [B, n, V].
       all_out_.resize(size_t(B) * size_t(n) * size_t(V));
       for (int b = 0; b < B; b++)
@@ -188,7 +214,6 @@ const float* CudaDecoder::forward(const int32_t* tokens, int n, bool all_logits)
     length_ += chunk;
     done += chunk;
   }
-  return all_logits ? all_out_.data() : logits_h_;
 }
 
 }  // namespace kiln

@@ -28,6 +28,8 @@ class CudaDecoder : public IncrementalDecoder {
   CudaDecoder& operator=(const CudaDecoder&) = delete;
 
   const float* forward(const int32_t* tokens, int n, bool all_logits = false) override;
+  // Greedy decoding's step on the device: only the arg max of each sequence's last logits comes back.
+  const int32_t* forward_argmax(const int32_t* tokens, int n, int vocab_limit) override;
   int length() const override { return length_; }
   int max_positions() const override { return max_pos_; }
   int batch() const override { return batch_; }
@@ -53,19 +55,27 @@ class CudaDecoder : public IncrementalDecoder {
   int32_t *tok_d_ = nullptr, *pos_d_ = nullptr, *past_d_ = nullptr;
   void* dec_scratch_ = nullptr;
   // Page-locked staging, one block: [rows] tokens, [rows] positions, [batch] cache lengths; logits out.
-  int32_t *tok_h_ = nullptr, *pos_h_ = nullptr, *past_h_ = nullptr;
+  int32_t *tok_h_ = nullptr, *pos_h_ = nullptr, *past_h_ = nullptr, *argmax_h_ = nullptr;
+  int32_t* argmax_d_ = nullptr;
   float* logits_h_ = nullptr;
   std::vector<float> all_out_;
-  gpu::Graph step_graph_;
-  int eager_steps_ = 0;
+  // The captured decode step, one per output kind (logits, or arg max below `limit`).
+  struct StepGraph {
+    gpu::Graph graph;
+    int eager_runs = 0, limit = 0;
+  };
+  StepGraph step_graphs_[2];
+  enum class Output { None, Last, All, Argmax };
 
   const uint16_t* w16(const float* p) const;
   size_t inputs_count() const { return size_t(2 * rows_ + batch_); }
   // Decode-attention arguments for Tq queries against one layer's cache (kc, vc).
   cuda::DecodeAttention decode_params(int Tq, const uint16_t* kc, const uint16_t* vc) const;
-  // One pass over n new positions per sequence (inputs already in the staging buffers); leaves the logits of
-  // the last position (or of all, with all_logits) in logits_h_ once the stream is synchronised.
-  void run(int n, bool flash, bool all_logits);
+  // One pass over n new positions per sequence (inputs already in the staging buffers); once the stream is
+  // synchronised, logits_h_ holds the last position's logits (Last) or all of them (All), or argmax_h_ the
+  // arg max of the last position's logits over ids below limit (Argmax).
+  void run(int n, bool flash, Output out, int limit);
+  void advance(const int32_t* tokens, int n, Output out, int limit);
 };
 
 }  // namespace kiln

@@ -36,10 +36,14 @@ FinishReason generate(IncrementalDecoder& dec, Sampler& sampler, const std::vect
 
   dec.reset();
   auto t0 = Clock::now();
-  const float* logits = dec.forward(prompt.data(), P);
+  // Greedy decoding asks the decoder for the arg max itself (on a GPU only the id comes back).
+  const bool greedy = sampler.params().greedy();
+  auto next = [&](const int32_t* toks, int n) {
+    return greedy ? dec.forward_argmax(toks, n, V)[0] : sampler.sample(dec.forward(toks, n), V);
+  };
+  int32_t tok = next(prompt.data(), P);
   FinishReason why = FinishReason::Length;
   for (;;) {
-    const int32_t tok = sampler.sample(logits, V);
     auto now = Clock::now();
     if (st.new_tokens == 0)
       st.prefill_s = std::chrono::duration<double>(now - t0).count();
@@ -48,7 +52,8 @@ FinishReason generate(IncrementalDecoder& dec, Sampler& sampler, const std::vect
     if (lim.eot && tok == *lim.eot) { why = FinishReason::EndOfText; break; }
     if (st.new_tokens >= lim.max_new) { why = FinishReason::Length; break; }
     if (P + st.new_tokens >= max_len) { why = FinishReason::Context; break; }
-    logits = dec.forward(&tok, 1);
+    const int32_t prev = tok;
+    tok = next(&prev, 1);
     st.decode_steps++;
   }
   // Decode time: everything after the first sample (the single-token steps, their samples and on_token).

@@ -10,6 +10,7 @@
 
 #include "infer/decoder.h"
 #include "infer/decoder_cuda.h"
+#include "infer/sampler.h"
 #include "models/gpt2.h"
 #include "models/gpt2_cuda.h"
 #include "tests/gpu/gpu_test_util.h"
@@ -250,6 +251,24 @@ TEST(GpuDecoder, ChunkedPrefillFollowsTheCpu) {
     for (int i = 0; i < V; i++) ASSERT_NEAR(d[i], lc[size_t(i)], 0.05 * scale + 1e-3) << "step " << step << " logit " << i;
   }
   EXPECT_EQ(dev.length(), prompt + 2);
+}
+
+// Greedy decoding on the device: the ids forward_argmax returns are the arg max of the logits the same
+// decoder computes (over the sampling limit), eagerly and through the captured graph.
+TEST(GpuDecoder, DeviceArgmaxIsTheArgmaxOfTheLogits) {
+  KILN_REQUIRE_GPU();
+  const GPT2Config cfg = small_config();
+  const auto params = random_params(cfg);
+  const int V = cfg.vocab_size, limit = 240, prompt = 7;
+  Inputs in = make_inputs(prompt + 5, V, 13);
+  CudaDecoder logits_dec(cfg, params.data(), 1, 0, false);
+  CudaDecoder greedy_dec(cfg, params.data(), 1, 0, true);
+  for (int step = 0; step < 6; step++) {
+    const int n = step == 0 ? prompt : 1;
+    const int32_t* t = in.tokens.data() + (step == 0 ? 0 : prompt + step - 1);
+    const int32_t want = argmax(logits_dec.forward(t, n), limit);
+    EXPECT_EQ(greedy_dec.forward_argmax(t, n, limit)[0], want) << "step " << step;
+  }
 }
 
 TEST(GpuDecoder, AllLogitsOfAPromptFollowTheCpu) {
