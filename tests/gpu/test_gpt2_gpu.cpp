@@ -108,18 +108,46 @@ TEST(GpuGPT2, PackedSequencesTrackCpuFp32) {
   compare_step(make_inputs(64, small_config().vocab_size, 5, {0, 1, 23, 50, 64}), 1, 64);
 }
 
-#ifdef KILN_TEST_EMULATED
 // A randomly initialised model on the host and its GPU copy, planned for max_tokens.
 struct GpuModel {
   GPT2 host;
   std::unique_ptr<GPT2Cuda> dev;
-  GpuModel(const GPT2Config& cfg, uint64_t seed, int64_t max_tokens) : host(cfg, false) {
+  size_t plan_bytes = 0;
+  GpuModel(const GPT2Config& cfg, uint64_t seed, int64_t max_tokens, bool recompute = false) : host(cfg, false) {
     host.init_random(seed);
     dev = std::make_unique<GPT2Cuda>(cfg, host.table());
     dev->upload_params(host.params());
-    dev->plan(max_tokens);
+    plan_bytes = dev->plan(max_tokens, recompute);
   }
 };
+
+// --recompute block on the GPU: each block's forward re-runs in the backward from its saved input; the
+// gradients equal those of the run that kept every activation (up to the order of attention's dQ atomics),
+// from far fewer activation bytes.
+TEST(GpuGPT2, BlockRecomputationGivesTheSameGradients) {
+  KILN_REQUIRE_GPU();
+  GPT2Config cfg = small_config();
+  cfg.n_layer = 3;
+  const int B = 2, T = 32;
+  Inputs in = make_inputs(B * T, cfg.vocab_size, 11);
+  std::vector<float> g[2];
+  double loss[2];
+  size_t bytes[2];
+  for (int r = 0; r < 2; r++) {
+    GpuModel gm(cfg, 6, B * T, /*recompute=*/r == 1);
+    bytes[r] = gm.plan_bytes;
+    loss[r] = gm.dev->forward(in.tokens.data(), in.pos.data(), in.targets.data(), B * T, cfg.attention(B, T), 0.01f);
+    gm.dev->backward();
+    g[r].resize(gm.host.num_floats());
+    gm.dev->download_grads(g[r].data());
+  }
+  EXPECT_EQ(loss[0], loss[1]);
+  EXPECT_LT(rel_l2(g[1].data(), g[0].data(), g[0].size()), 1e-5);
+  EXPECT_LT(double(bytes[1]), 0.75 * double(bytes[0]));
+  EXPECT_EQ(bytes[1], GPT2Cuda::plan_bytes(cfg, B * T, true));
+}
+
+#ifdef KILN_TEST_EMULATED
 
 // After the plan, whole training steps (forward, backward, norm, AdamW) allocate no device memory.
 TEST(GpuGPT2, StepsAllocateNothingAfterThePlan) {
@@ -139,35 +167,6 @@ TEST(GpuGPT2, StepsAllocateNothingAfterThePlan) {
   const int64_t before = emu::malloc_count();
   for (int t = 2; t <= 4; t++) step(t);
   EXPECT_EQ(emu::malloc_count(), before);
-}
-
-// --recompute block on the GPU: each block's forward re-runs in the backward from its saved input; the
-// gradients equal those of the run that kept every activation (up to the order of attention's dQ atomics),
-// from far fewer activation bytes.
-TEST(GpuGPT2, BlockRecomputationGivesTheSameGradients) {
-  KILN_REQUIRE_GPU();
-  GPT2Config cfg = small_config();
-  cfg.n_layer = 3;
-  const int B = 2, T = 32;
-  Inputs in = make_inputs(B * T, cfg.vocab_size, 11);
-  GPT2 host(cfg, false);
-  host.init_random(6);
-  std::vector<float> g[2];
-  double loss[2];
-  size_t bytes[2];
-  for (int r = 0; r < 2; r++) {
-    GPT2Cuda m(cfg, host.table());
-    m.upload_params(host.params());
-    bytes[r] = m.plan(B * T, /*recompute_blocks=*/r == 1);
-    loss[r] = m.forward(in.tokens.data(), in.pos.data(), in.targets.data(), B * T, cfg.attention(B, T), 0.01f);
-    m.backward();
-    g[r].resize(host.num_floats());
-    m.download_grads(g[r].data());
-  }
-  EXPECT_EQ(loss[0], loss[1]);
-  EXPECT_LT(rel_l2(g[1].data(), g[0].data(), g[0].size()), 1e-5);
-  EXPECT_LT(double(bytes[1]), 0.75 * double(bytes[0]));
-  EXPECT_EQ(bytes[1], GPT2Cuda::plan_bytes(cfg, B * T, true));
 }
 
 // The attention kernels' shared-memory tiles are laid out so that every ldmatrix reads its 8 rows from 8
