@@ -109,6 +109,25 @@ KILN_DEVICE void mma_frags_kmajor(float acc[ND][4], const uint32_t a[KK][4], con
     }
 }
 
+// acc[NB][4] += A · Bᵀ over KK k-steps of 16: A the 16 rows from row0 of a shared tile (rows row-major, ld
+// elements apart), B an n-major shared tile (row n holds the k values). Sᵀ = K·Qᵀ and dPᵀ = V·dOᵀ take this form.
+template <int KK, int NB>
+KILN_DEVICE void mma_tile_nmajor(float acc[NB][4], const uint16_t* a_tile, int row0, const uint16_t* b_tile,
+                                 int ld) {
+  KILN_UNROLL
+  for (int kk = 0; kk < KK; kk++) {
+    uint32_t af[4];
+    load_a(af, a_tile, ld, row0, kk * 16);
+    KILN_UNROLL
+    for (int nb = 0; nb < NB; nb += 2) {
+      uint32_t b[4];
+      load_b_nmajor(b, b_tile, ld, nb * 8, kk * 16);
+      mma(acc[nb], af, b);
+      mma(acc[nb + 1], af, b + 2);
+    }
+  }
+}
+
 // ---------------------------------------------------------------------------------------------------------
 // Forward
 
@@ -418,18 +437,7 @@ KILN_GLOBAL void __launch_bounds__(kBwdThreads, 1) attention_bwd_kernel(BwdArgs 
         KILN_UNROLL
         for (int e = 0; e < 4; e++) s[i][e] = dp[i][e] = 0.0f;
       // Sᵀ = K·Qᵀ (rows: this warp's 16 keys, columns: the tile's queries)
-      KILN_UNROLL
-      for (int kk = 0; kk < KD; kk++) {
-        uint32_t ka[4];
-        load_a(ka, sK, LD, warp * 16, kk * 16);
-        KILN_UNROLL
-        for (int nb = 0; nb < kBrB / 8; nb += 2) {
-          uint32_t b[4];
-          load_b_nmajor(b, tQ, LD, nb * 8, kk * 16);
-          mma(s[nb], ka, b);
-          mma(s[nb + 1], ka, b + 2);
-        }
-      }
+      mma_tile_nmajor<KD, kBrB / 8>(s, sK, warp * 16, tQ, LD);
       // Pᵀ = exp2(Sᵀ·scale·log2e − lse·log2e), hidden entries exactly 0.
       const bool mask = kw + 16 > sp.len || (a.causal && q0 < kw + 15);
       KILN_UNROLL
@@ -448,18 +456,7 @@ KILN_GLOBAL void __launch_bounds__(kBwdThreads, 1) attention_bwd_kernel(BwdArgs 
         mma_frags_kmajor<kBrB / 16, ND>(dv, pf, tdO, LD);
       }
       // dPᵀ = V·dOᵀ
-      KILN_UNROLL
-      for (int kk = 0; kk < KD; kk++) {
-        uint32_t va[4];
-        load_a(va, sV, LD, warp * 16, kk * 16);
-        KILN_UNROLL
-        for (int nb = 0; nb < kBrB / 8; nb += 2) {
-          uint32_t b[4];
-          load_b_nmajor(b, tdO, LD, nb * 8, kk * 16);
-          mma(dp[nb], va, b);
-          mma(dp[nb + 1], va, b + 2);
-        }
-      }
+      mma_tile_nmajor<KD, kBrB / 8>(dp, sV, warp * 16, tdO, LD);
       // dSᵀ = Pᵀ∘(dPᵀ − D)
       KILN_UNROLL
       for (int nb = 0; nb < kBrB / 8; nb++)
