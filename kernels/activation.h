@@ -1,11 +1,25 @@
-// Elementwise ops: tanh-approximation GELU (GPT-2's "gelu_new") and residual add.
-// gelu_backward overwrites dinp.
+// Elementwise ops: the feed-forward activations and residual add.
+//   GeluTanh  0.5·x·(1 + tanh(sqrt(2/π)·(x + 0.044715·x³)))   GPT-2's "gelu_new", "gelu_pytorch_tanh"
+//   GeluErf   0.5·x·(1 + erf(x/√2))                          "gelu"
+//   Relu      max(x, 0)
+//   Silu      x·sigmoid(x)                                  "silu" / "swish" (SwiGLU's gate)
+//   Relu2     max(x, 0)²                                    "relu2"
+// Gated feed-forwards (SwiGLU, GeGLU) read rows of [gate | up], 2·I values each (the fused gate and up
+// projections' output): out[n][i] = act(gate[n][i]) · up[n][i], out is [N, I].
+// Backwards overwrite dinp / dgate_up, which may alias dout only for the plain (ungated) ops.
 #pragma once
 #include <cstddef>
 #include <cstdint>
 
 namespace kiln {
+
+enum class Activation : uint8_t { GeluTanh, GeluErf, Relu, Silu, Relu2 };
+
 namespace cpu {
+void activation_forward(float* out, const float* inp, int64_t n, Activation a);
+void activation_backward(float* dinp, const float* inp, const float* dout, int64_t n, Activation a);
+void gated_forward(float* out, const float* gate_up, int64_t N, int I, Activation a);
+void gated_backward(float* dgate_up, const float* gate_up, const float* dout, int64_t N, int I, Activation a);
 void gelu_forward(float* out, const float* inp, int64_t n);
 void gelu_backward(float* dinp, const float* inp, const float* dout, int64_t n);
 // out = a + b (out may alias a or b)
@@ -27,6 +41,10 @@ void cast(uint16_t* out, const float* inp, int64_t n, void* stream);
 void cast(float* out, const uint16_t* inp, int64_t n, void* stream);
 }  // namespace cuda
 namespace ref {
+void activation_forward(float* out, const float* inp, int64_t n, Activation a);
+void activation_backward(float* dinp, const float* inp, const float* dout, int64_t n, Activation a);
+void gated_forward(float* out, const float* gate_up, int64_t N, int I, Activation a);
+void gated_backward(float* dgate_up, const float* gate_up, const float* dout, int64_t N, int I, Activation a);
 void gelu_forward(float* out, const float* inp, int64_t n);
 void gelu_backward(float* dinp, const float* inp, const float* dout, int64_t n);
 void add(float* out, const float* a, const float* b, int64_t n);

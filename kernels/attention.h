@@ -1,15 +1,18 @@
 // Scaled dot-product attention over multiple heads, reading q, k, v straight from the fused QKV
 // projection output and writing the merged-heads output, so no permute copies exist.
 //
-// Layouts (N = total tokens = B·T, C = NH·HD):
-//   qkv  [N, 3, NH, HD]  (row n: C query values, then C key values, then C value values)
-//   out  [N, NH, HD]     = [N, C]
-//   lse  [NH, N]         per-row log-sum-exp of the scaled scores, saved for the backward
-//   dqkv [N, 3, NH, HD]  overwritten by the backward
+// Layouts (N = total tokens = B·T; NH query heads, NKV key/value heads, NKV dividing NH; C = NH·HD):
+//   qkv  [N, NH + 2·NKV, HD]  row n: NH query heads, then NKV key heads, then NKV value heads (GPT-2's fused
+//                             c_attn output with NKV = NH; Llama's q/k/v projections fused the same way)
+//   out  [N, NH, HD]          = [N, C]
+//   lse  [NH, N]              per-row log-sum-exp of the scaled scores, saved for the backward
+//   dqkv [N, NH + 2·NKV, HD]  overwritten by the backward
+// Grouped-query attention: query head h reads key/value head h / (NH / NKV) (MQA: NKV = 1).
 //
 // Sequences: with cu_seqlens == nullptr the N tokens are B sequences of T. Otherwise the tokens are
 // num_seqs packed sequences, sequence s spanning rows [cu_seqlens[s], cu_seqlens[s+1]) (B and T unused),
 // and no token attends across a boundary. causal: token i attends to tokens j <= i of its sequence.
+// window > 0 (sliding window, causal only, Mistral): token i attends to tokens j with i − window < j <= i.
 // scale is usually 1/sqrt(HD).
 //
 // cpu:: is FlashAttention: tiled over queries and keys with an online softmax, never holding a T×T
@@ -24,6 +27,8 @@ namespace kiln {
 
 struct AttentionParams {
   int B = 1, T = 0, NH = 1, HD = 64;
+  int NKV = 0;      // key/value heads; 0 means NH
+  int window = 0;   // sliding window in tokens; 0: none
   bool causal = true;
   float scale = 0.125f;
   const int32_t* cu_seqlens = nullptr;  // [num_seqs + 1], optional
@@ -33,6 +38,10 @@ struct AttentionParams {
   int64_t total_tokens = 0;
 };
 
+inline int kv_heads(const AttentionParams& p) { return p.NKV > 0 ? p.NKV : p.NH; }
+// Floats per qkv row.
+inline int64_t qkv_row(const AttentionParams& p) { return int64_t(p.NH + 2 * kv_heads(p)) * p.HD; }
+
 // One sequence's rows: [start, start + len).
 struct AttentionSpan {
   int64_t start, len;
@@ -41,6 +50,9 @@ struct AttentionSpan {
 // The sequences the tokens form (B rows of T, or the packed cu_seqlens), validated; N is the total token count.
 inline std::vector<AttentionSpan> attention_spans(const AttentionParams& p, int64_t& N) {
   KILN_CHECK(p.NH >= 1 && p.HD >= 1, "attention: NH (", p.NH, ") and HD (", p.HD, ") must be positive");
+  KILN_CHECK(p.NKV >= 0 && p.NH % kv_heads(p) == 0, "attention: NKV (", p.NKV, ") must divide NH (", p.NH, ")");
+  KILN_CHECK(p.window >= 0 && (p.window == 0 || p.causal), "attention: window (", p.window,
+             ") must be >= 0 and needs causal attention");
   std::vector<AttentionSpan> s;
   if (p.cu_seqlens == nullptr) {
     KILN_CHECK(p.B >= 0 && p.T >= 0, "attention: B (", p.B, ") and T (", p.T, ") must be non-negative");

@@ -4,11 +4,14 @@
 // whose keys and values have been written to the cache before the call. Query i sees keys 0 .. past_b+i
 // (causal), so the same call serves a decode step (Tq = 1) and a prefill that continues a cached prefix.
 //
-// Layouts (C = NH·HD; every stride is in floats):
+// Grouped-query attention: NKV key/value heads (0 means NH), query head h reads cache head h / (NH / NKV).
+// window > 0: query i (at position past_b + i) sees only keys j > past_b + i − window (sliding window).
+//
+// Layouts (C = NH·HD, KC = NKV·HD; every stride is in floats):
 //   query  (b, i), head h:  q   + (b·Tq + i)·q_stride   + h·HD   (q_stride = 3C reads the fused QKV rows)
-//   key j of sequence b:    k   + b·kv_batch_stride + j·kv_stride + h·HD   (the same for v)
+//   key j of sequence b:    k   + b·kv_batch_stride + j·kv_stride + (h / (NH/NKV))·HD   (the same for v)
 //   output (b, i), head h:  out + (b·Tq + i)·out_stride + h·HD
-// The cache of one layer is [B][positions][C] for K and V (kv_stride = C, kv_batch_stride = positions·C).
+// The cache of one layer is [B][positions][KC] for K and V (kv_stride = KC, kv_batch_stride = positions·KC).
 //
 // cpu:: threads over (sequence, query, head) and, when those are too few to keep every thread busy on a long
 // cache, over splits of the key range (flash-decoding: each split keeps its own max, sum and weighted values,
@@ -25,6 +28,8 @@ struct DecodeAttentionParams {
   int past = 0;                            // cached positions before the first query (all sequences) ...
   const int32_t* past_per_seq = nullptr;   // ... or per sequence [B], when set
   int NH = 1, HD = 64;
+  int NKV = 0;                             // key/value heads; 0 means NH
+  int window = 0;                          // sliding window; 0: none
   float scale = 0.125f;                    // usually 1/sqrt(HD)
   const float* q = nullptr;
   int64_t q_stride = 0;
@@ -50,6 +55,8 @@ struct DecodeAttention {
   const int32_t* past_per_seq = nullptr;  // device [B]: cached positions before the first query
   int max_past = 0;                       // upper bound of past + Tq (the cache capacity)
   int NH = 1, HD = 64;
+  int NKV = 0;                            // key/value heads; 0 means NH
+  int window = 0;                         // sliding window; 0: none
   float scale = 0.125f;
   const uint16_t* q = nullptr;
   int64_t q_stride = 0;
@@ -61,8 +68,8 @@ struct DecodeAttention {
 };
 size_t decode_attention_scratch_bytes(const DecodeAttention& p);
 void decode_attention(const DecodeAttention& p, void* scratch, void* stream);
-// Writes the Tq new keys and values of each sequence (from the fused QKV rows, [B·Tq, 3, NH, HD]) into the
-// cache at positions past_per_seq[b] .. + Tq - 1.
+// Writes the Tq new keys and values of each sequence (from the fused QKV rows, [B·Tq, NH + 2·NKV, HD]) into
+// the cache ([B][positions][NKV·HD]) at positions past_per_seq[b] .. + Tq - 1.
 void kv_cache_append(uint16_t* k_cache, uint16_t* v_cache, const uint16_t* qkv, const int32_t* past_per_seq, int B,
                      int Tq, int NH, int HD, int64_t kv_batch_stride, void* stream);
 }  // namespace cuda

@@ -1,0 +1,34 @@
+// Rotary position embedding in Hugging Face's convention (rotate_half): within each head of HD values, the
+// first rot_dim dims are rotated as pairs (i, i + rot_dim/2), i < rot_dim/2, by the angle pos·inv_freq[i]:
+//   x'[i]             = x[i]·cos − x[i + rot/2]·sin
+//   x'[i + rot/2]     = x[i + rot/2]·cos + x[i]·sin
+// and dims rot_dim .. HD−1 pass unchanged (partial rotary). The angle is computed in fp32 as
+// float(pos) · inv_freq[i] (what the PyTorch models do); cos and sin of it in fp32.
+//
+// In place on rows of the fused projection output: token n's heads start at x + n·ld, `heads` heads of HD
+// values each, side by side. For a [q | k | v] row (kernels/attention.h) heads = NH + NKV rotates the queries
+// and the keys in one call and leaves the values alone. The scaling rules of the families (Llama 3's
+// frequency bands, linear position scaling) are folded into inv_freq by the caller (models/).
+// The backward rotates the gradient by −angle (the transpose of a rotation), also in place.
+#pragma once
+#include <cstdint>
+
+namespace kiln {
+
+struct RopeParams {
+  int heads = 1;                    // heads rotated per row
+  int HD = 64;                      // head size
+  int rot_dim = 64;                 // rotated dims per head (even, <= HD)
+  int64_t ld = 0;                   // row stride in floats (0: heads·HD)
+  const float* inv_freq = nullptr;  // [rot_dim / 2]
+};
+
+namespace cpu {
+void rope_forward(float* x, const int32_t* pos, int64_t N, const RopeParams& p);
+void rope_backward(float* dx, const int32_t* pos, int64_t N, const RopeParams& p);
+}  // namespace cpu
+namespace ref {
+void rope_forward(float* x, const int32_t* pos, int64_t N, const RopeParams& p);
+void rope_backward(float* dx, const int32_t* pos, int64_t N, const RopeParams& p);
+}  // namespace ref
+}  // namespace kiln
