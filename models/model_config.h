@@ -1,0 +1,77 @@
+// The one configuration every architecture is described by. A family (models/families/*.cpp) reads its
+// Hugging Face config.json into this struct and writes it back; the modules and the Transformer read only
+// this struct, never a family's own field names.
+//
+// A decoder-only transformer here is: token embedding (+ learned positions), n_layer pre-norm blocks
+//   h = x + Attention(Norm1(x)),  y = h + FFN(Norm2(h))
+// a final norm and an LM head (tied to the token embedding or its own matrix).
+#pragma once
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#include "kernels/activation.h"
+
+namespace kiln {
+
+enum class NormKind : uint8_t { LayerNorm, RMSNorm };
+enum class PositionKind : uint8_t { Learned, Rotary };
+// How a family's checkpoint stores linear weights: GPT-2's Conv1D [in, out], or nn.Linear [out, in].
+enum class WeightLayout : uint8_t { InOut, OutIn };
+
+// Rotary scaling (Hugging Face rope_scaling / rope_parameters): none, linear position interpolation, or
+// Llama 3's frequency bands.
+struct RopeScaling {
+  enum Kind : uint8_t { None, Linear, Llama3 } kind = None;
+  double factor = 1.0;
+  double low_freq_factor = 1.0, high_freq_factor = 4.0;  // llama3
+  int original_max_positions = 8192;                     // llama3
+};
+
+struct ModelConfig {
+  std::string family;  // model_type: gpt2, llama, mistral, qwen2, qwen3
+  int n_layer = 0;
+  int d_model = 0;       // hidden size C
+  int n_head = 0;        // query heads
+  int n_kv_head = 0;     // key/value heads (divides n_head)
+  int head_dim = 0;      // may differ from d_model / n_head (Qwen3, Llama with an explicit head_dim)
+  int d_ff = 0;          // feed-forward width (the gated forms have two matrices of it)
+  int vocab_size = 0;
+  int max_positions = 0;  // n_positions / max_position_embeddings
+
+  NormKind norm = NormKind::LayerNorm;
+  bool norm_bias = true;  // LayerNorm with a bias
+  float norm_eps = 1e-5f;
+
+  PositionKind positions = PositionKind::Learned;
+  double rope_theta = 10000.0;
+  RopeScaling rope_scaling;
+
+  bool qkv_bias = false;       // biases on the q, k, v projections (GPT-2, Qwen2)
+  bool attn_out_bias = false;  // bias on the attention output projection (GPT-2)
+  bool qk_norm = false;        // per-head RMSNorm of q and k before the rotation (Qwen3)
+  int sliding_window = 0;      // 0: full causal attention (Mistral's sliding_window otherwise)
+
+  bool gated_ffn = false;      // SwiGLU / GeGLU: act(x·Wgate) ∘ (x·Wup), then ·Wdown
+  Activation activation = Activation::GeluTanh;
+  bool ffn_bias = false;       // biases on the feed-forward matrices (GPT-2)
+
+  bool tie_embeddings = true;  // the LM head is the token embedding
+  WeightLayout layout = WeightLayout::OutIn;
+  int bos_token_id = -1, eos_token_id = -1;  // -1: none given
+
+  // Derived sizes.
+  int q_dim() const { return n_head * head_dim; }
+  int kv_dim() const { return n_kv_head * head_dim; }
+  int qkv_dim() const { return q_dim() + 2 * kv_dim(); }
+  float attention_scale() const;
+  // Parameter count, the tied head counted once.
+  int64_t num_params() const;
+  // The rotary inverse frequencies [head_dim / 2] with the scaling rule applied (Hugging Face's
+  // _compute_default_rope_parameters / _compute_llama3_parameters, in double, then rounded to float).
+  std::vector<float> rope_inv_freq() const;
+  // Throws kiln::Error naming `where` and the field when a value is missing, out of range or inconsistent.
+  void validate(const std::string& where) const;
+};
+
+}  // namespace kiln
