@@ -39,6 +39,9 @@ struct ParamTable {
   const ParamSpec* find(const std::string& name) const;      // by file name
   const ParamSpec* find_key(const std::string& key) const;   // by canonical key
   const ParamSpec& get_key(const std::string& key) const;    // throws naming the key when absent
+
+ private:
+  size_t end_ = 0;  // end of the last tensor, before padding
 };
 
 }  // namespace kiln
