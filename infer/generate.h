@@ -6,7 +6,7 @@
 #include <optional>
 #include <vector>
 
-#include "infer/decoder.h"
+#include "models/model.h"
 #include "infer/sampler.h"
 
 namespace kiln {

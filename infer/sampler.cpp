@@ -13,19 +13,6 @@ void SamplingParams::validate() const {
   KILN_CHECK(top_p > 0.0f && top_p <= 1.0f, "--top-p must be in (0, 1], got ", top_p);
 }
 
-int32_t argmax(const float* x, int n) {
-  int32_t best = 0;
-  float bv = -INFINITY;
-  bool found = false;
-  for (int i = 0; i < n; i++)
-    if (x[i] > bv || (!found && x[i] == bv)) {  // the first -inf counts if nothing beats it
-      bv = x[i];
-      best = i;
-      found = true;
-    }
-  return best;
-}
-
 Sampler::Sampler(const SamplingParams& params) : params_(params), rng_(params.seed) { params_.validate(); }
 
 namespace {

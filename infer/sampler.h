@@ -13,6 +13,7 @@
 #include <vector>
 
 #include "core/rng.h"
+#include "kernels/argmax.h"
 
 namespace kiln {
 
@@ -54,8 +55,5 @@ class Sampler {
   Rng rng_;
   SamplerScratch scratch_;
 };
-
-// The arg max of x[0..n) (the lowest index among equal maxima; NaN never wins).
-int32_t argmax(const float* x, int n);
 
 }  // namespace kiln

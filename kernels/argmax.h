@@ -4,6 +4,11 @@
 #pragma once
 #include <cstdint>
 
+namespace kiln {
+// The host version: the arg max of x[0..n) (the lowest index among equal maxima; NaN never wins).
+int32_t argmax(const float* x, int n);
+}  // namespace kiln
+
 namespace kiln::cuda {
 // out[r] = arg max of x[r·ld .. r·ld + n) for r < rows (device arrays).
 void argmax_rows(int32_t* out, const float* x, int64_t rows, int n, int64_t ld, void* stream);

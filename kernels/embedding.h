@@ -1,5 +1,6 @@
 // Token + position embedding: out[n] = wte[tokens[n]] + wpe[pos[n]].
-// Position ids are explicit so packed sequences can restart them at each document.
+// Position ids are explicit so packed sequences can restart them at each document. wpe (and dwpe) may be null:
+// no learned positions (rotary models), out[n] = wte[tokens[n]].
 // The backward accumulates (+=) into dwte and dwpe.
 #pragma once
 #include <cstddef>

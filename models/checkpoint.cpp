@@ -1,7 +1,11 @@
 #include "models/checkpoint.h"
 
+#include <algorithm>
 #include <cstring>
 #include <filesystem>
+#include <map>
+#include <memory>
+#include <nlohmann/json.hpp>
 
 #include "core/error.h"
 #include "core/file_io.h"
@@ -13,21 +17,20 @@ namespace fs = std::filesystem;
 
 namespace {
 
-constexpr const char* kPrefix = "transformer.";
-
-void check_table(const GPT2Config& cfg, const ParamTable& table, const std::string& where) {
-  KILN_CHECK(table.specs.size() == size_t(12 * cfg.n_layer + 4), where, ": parameter table has ", table.specs.size(),
-             " tensors but the config has ", cfg.n_layer, " layers");
-}
-
-// The original GPT-2 files carry the causal-mask buffers of the old GPT2Attention module:
-// "h.<digits>.attn.bias" and "h.<digits>.attn.masked_bias".
-bool is_attention_buffer(const std::string& name) {
-  if (name.rfind("h.", 0) != 0) return false;
+// Buffers some checkpoints carry that are not parameters: GPT-2's causal masks "h.N.attn.bias" /
+// "h.N.attn.masked_bias" (old GPT2Attention) and the rotary "...rotary_emb.inv_freq" of older Llama files.
+bool is_buffer(const std::string& name) {
+  const auto ends = [&](const char* s) {
+    const size_t k = std::strlen(s);
+    return name.size() >= k && name.compare(name.size() - k, k, s) == 0;
+  };
+  if (ends("rotary_emb.inv_freq")) return true;
+  std::string bare = name.rfind("transformer.", 0) == 0 ? name.substr(12) : name;
+  if (bare.rfind("h.", 0) != 0) return false;
   size_t i = 2;
-  while (i < name.size() && name[i] >= '0' && name[i] <= '9') i++;
+  while (i < bare.size() && bare[i] >= '0' && bare[i] <= '9') i++;
   if (i == 2) return false;
-  std::string rest = name.substr(i);
+  const std::string rest = bare.substr(i);
   return rest == ".attn.bias" || rest == ".attn.masked_bias";
 }
 
@@ -37,12 +40,45 @@ std::string shape_str(const std::vector<int64_t>& shape) {
   return out + "]";
 }
 
+// The safetensors files of a checkpoint: one file, or the shards of an index.
+std::vector<std::string> weight_files(const std::string& path) {
+  if (!fs::is_directory(path)) {
+    KILN_CHECK(fs::exists(path), path, ": no such file or directory");
+    return {path};
+  }
+  const fs::path single = fs::path(path) / "model.safetensors", index = fs::path(path) / "model.safetensors.index.json";
+  if (fs::exists(single)) return {single.string()};
+  KILN_CHECK(fs::exists(index), path, ": no model.safetensors or model.safetensors.index.json in this directory");
+  nlohmann::json j;
+  try {
+    j = nlohmann::json::parse(read_file(index.string()));
+  } catch (const nlohmann::json::exception& e) {
+    fail(index.string(), ": malformed JSON (", e.what(), ")");
+  }
+  KILN_CHECK(j.is_object() && j.contains("weight_map") && j["weight_map"].is_object(), index.string(),
+             ": expected an object with a \"weight_map\" object");
+  std::vector<std::string> files;
+  for (auto& [name, file] : j["weight_map"].items()) {
+    KILN_CHECK(file.is_string(), index.string(), ": weight_map[", quote_name(name), "] must be a file name");
+    const std::string f = file.get<std::string>();
+    KILN_CHECK(!f.empty() && f.find('/') == std::string::npos && f != "." && f != "..", index.string(),
+               ": weight_map[", quote_name(name), "] names ", quote_name(f), ", not a file in the directory");
+    const std::string full = (fs::path(path) / f).string();
+    if (std::find(files.begin(), files.end(), full) == files.end()) {
+      KILN_CHECK(fs::exists(full), index.string(), ": shard ", quote_name(f), " (for ", quote_name(name),
+                 ") does not exist");
+      files.push_back(full);
+    }
+  }
+  KILN_CHECK(!files.empty(), index.string(), ": weight_map is empty");
+  return files;
+}
+
 }  // namespace
 
-void save_gpt2_checkpoint(const std::string& dir, const GPT2Config& cfg, const ParamTable& table, const float* params,
-                          DType on_disk) {
+void save_model_checkpoint(const std::string& dir, const ModelConfig& cfg, const ParamTable& table,
+                           const float* params, DType on_disk) {
   cfg.validate(dir);
-  check_table(cfg, table, dir);
   KILN_CHECK(on_disk == DType::F32 || on_disk == DType::BF16 || on_disk == DType::F16, dir,
              ": checkpoints are written as F32, BF16 or F16, not ", dtype_name(on_disk));
   make_dirs(dir);
@@ -50,69 +86,63 @@ void save_gpt2_checkpoint(const std::string& dir, const GPT2Config& cfg, const P
   tensors.reserve(table.specs.size());
   for (const auto& s : table.specs)
     tensors.push_back(Tensor{s.name, DType::F32, s.shape, const_cast<float*>(params + s.offset)});
-  // Weights first: if they cannot be written (disk full, killed), config.json still describes the
-  // weights already there. Each file is replaced by a rename, so neither is ever half-written.
+  // Weights first: if they cannot be written (disk full, killed), config.json still describes the weights
+  // already there. Each file is replaced by a rename, so neither is ever half-written.
   write_safetensors_converted((fs::path(dir) / "model.safetensors").string(), tensors, on_disk, {{"format", "pt"}});
-  write_file_atomic((fs::path(dir) / "config.json").string(), cfg.to_json());
+  write_file_atomic((fs::path(dir) / "config.json").string(), model_config_json(cfg));
 }
 
-std::string gpt2_weights_file(const std::string& path) {
-  if (fs::is_directory(path)) {
-    std::string file = (fs::path(path) / "model.safetensors").string();
-    KILN_CHECK(fs::exists(file), path, ": no model.safetensors in this directory");
-    return file;
-  }
+ModelConfig load_model_config_for(const std::string& path) {
+  if (fs::is_directory(path)) return load_model_config(path);
   KILN_CHECK(fs::exists(path), path, ": no such file or directory");
-  return path;
-}
-
-GPT2Config load_gpt2_config_for(const std::string& path) {
-  if (fs::is_directory(path)) return GPT2Config::load(path);
-  KILN_CHECK(fs::exists(path), path, ": no such file or directory");
-  if (fs::path(path).extension() == ".json") return GPT2Config::load(path);
-  fs::path dir = fs::path(path).parent_path();
-  std::string config = ((dir.empty() ? fs::path(".") : dir) / "config.json").string();
+  if (fs::path(path).extension() == ".json") return load_model_config(path);
+  const fs::path dir = fs::path(path).parent_path();
+  const std::string config = ((dir.empty() ? fs::path(".") : dir) / "config.json").string();
   KILN_CHECK(fs::exists(config), path, ": no config.json beside the weights (looked for ", config, ")");
-  return GPT2Config::load(config);
+  return load_model_config(config);
 }
 
-void load_gpt2_weights(const std::string& path, const GPT2Config& cfg, const ParamTable& table, float* params) {
-  const std::string file = gpt2_weights_file(path);
-  check_table(cfg, table, file);
-  SafeTensorsReader reader(file);
+void load_model_weights(const std::string& path, const ModelConfig& cfg, const ParamTable& table, float* params) {
+  std::vector<std::unique_ptr<SafeTensorsReader>> readers;
+  for (const std::string& f : weight_files(path)) readers.push_back(std::make_unique<SafeTensorsReader>(f));
+  const bool gpt2 = cfg.family == "gpt2";
   std::vector<const SafeTensorsEntry*> found(table.specs.size(), nullptr);
-  for (const auto& e : reader.entries()) {
-    const bool prefixed = e.name.rfind(kPrefix, 0) == 0;
-    const std::string bare = prefixed ? e.name.substr(std::strlen(kPrefix)) : e.name;
-    if (e.name == "lm_head.weight" || is_attention_buffer(bare)) continue;
-    const ParamSpec* spec = table.find(kPrefix + bare);
-    KILN_CHECK(spec, file, ": unexpected tensor ", quote_name(e.name), " (not a parameter of a GPT-2 with ",
-               cfg.n_layer, " layers)");
-    const size_t i = size_t(spec - table.specs.data());
-    KILN_CHECK(!found[i], file, ": tensor ", quote_name(spec->name), " appears twice (as ",
-               quote_name(found[i] ? found[i]->name : ""), " and ", quote_name(e.name), ")");
-    found[i] = &e;
+  std::vector<const std::string*> found_in(table.specs.size(), nullptr);
+  std::map<std::string, size_t> index;
+  for (size_t i = 0; i < table.specs.size(); i++) index[table.specs[i].name] = i;
+  for (const auto& r : readers) {
+    for (const auto& e : r->entries()) {
+      if (is_buffer(e.name) || (cfg.tie_embeddings && e.name == "lm_head.weight")) continue;
+      // Original OpenAI GPT-2 files have no "transformer." prefix.
+      const std::string name = gpt2 && e.name.rfind("transformer.", 0) != 0 ? "transformer." + e.name : e.name;
+      auto it = index.find(name);
+      KILN_CHECK(it != index.end(), r->path(), ": unexpected tensor ", quote_name(e.name), " (not a parameter of this ",
+                 cfg.family, " model with ", cfg.n_layer, " layers)");
+      const size_t i = it->second;
+      KILN_CHECK(!found[i], r->path(), ": tensor ", quote_name(table.specs[i].name), " appears twice (as ",
+                 quote_name(found[i]->name), " in ", *found_in[i], " and ", quote_name(e.name), ")");
+      found[i] = &e;
+      found_in[i] = &r->path();
+    }
   }
   for (size_t i = 0; i < table.specs.size(); i++) {
     const ParamSpec& s = table.specs[i];
     const SafeTensorsEntry* e = found[i];
-    KILN_CHECK(e, file, ": missing tensor ", quote_name(s.name));
-    KILN_CHECK(e->dtype == "F32" || e->dtype == "BF16" || e->dtype == "F16", file, ": tensor ", quote_name(e->name),
-               " has dtype ", e->dtype, "; weights must be F32, BF16 or F16");
-    KILN_CHECK(e->shape == s.shape.vec(), file, ": tensor ", quote_name(e->name), " has shape ", shape_str(e->shape),
-               " but the config (n_embd ", cfg.n_embd, ", vocab_size ", cfg.vocab_size, ", n_positions ",
-               cfg.n_positions, ") needs ", s.shape.str());
+    KILN_CHECK(e, readers.size() == 1 ? readers[0]->path() : path, ": missing tensor ", quote_name(s.name));
+    KILN_CHECK(e->dtype == "F32" || e->dtype == "BF16" || e->dtype == "F16", *found_in[i], ": tensor ",
+               quote_name(e->name), " has dtype ", e->dtype, "; weights must be F32, BF16 or F16");
+    KILN_CHECK(e->shape == s.shape.vec(), *found_in[i], ": tensor ", quote_name(e->name), " has shape ",
+               shape_str(e->shape), " but the config (hidden ", cfg.d_model, ", vocab ", cfg.vocab_size, ", heads ",
+               cfg.n_head, "/", cfg.n_kv_head, " of ", cfg.head_dim, ", ffn ", cfg.d_ff, ") needs ", s.shape.str());
   }
   // Everything is checked before the block is touched, so a bad file leaves the parameters as they were.
+  std::fill(params, params + table.total, 0.0f);
   for (size_t i = 0; i < table.specs.size(); i++) {
     const ParamSpec& s = table.specs[i];
     const SafeTensorsEntry& e = *found[i];
     const DType dt = e.dtype == "F32" ? DType::F32 : e.dtype == "BF16" ? DType::BF16 : DType::F16;
     convert_to_f32(e.bytes, dt, params + s.offset, size_t(s.numel()));
-    size_t end = i + 1 < table.specs.size() ? table.specs[i + 1].offset : table.total;
-    std::fill(params + s.offset + size_t(s.numel()), params + end, 0.0f);
   }
-  std::fill(params, params + (table.specs.empty() ? table.total : table.specs[0].offset), 0.0f);
 }
 
 }  // namespace kiln

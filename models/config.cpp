@@ -5,6 +5,7 @@
 
 #include "core/error.h"
 #include "core/file_io.h"
+#include "models/family.h"
 
 namespace kiln {
 
@@ -29,38 +30,29 @@ int64_t GPT2Config::num_params() const {
   return int64_t(vocab_size) * C + int64_t(n_positions) * C + n_layer * per_layer + 2 * C;
 }
 
-GPT2Config GPT2Config::from_json_text(const std::string& text, const std::string& where) {
-  json j;
-  try {
-    j = json::parse(text);
-  } catch (const json::exception& e) {
-    fail(where, ": malformed JSON (", e.what(), ")");
-  }
-  KILN_CHECK(j.is_object(), where, ": expected a JSON object");
+ModelConfig GPT2Config::model() const {
+  validate("GPT-2 config");
+  nlohmann::json j = {{"model_type", "gpt2"}, {"n_layer", n_layer}, {"n_head", n_head}, {"n_embd", n_embd},
+                      {"vocab_size", vocab_size}, {"n_positions", n_positions}, {"layer_norm_epsilon", layer_norm_epsilon}};
+  return parse_model_config(j.dump(), "GPT-2 config");
+}
+
+GPT2Config GPT2Config::from(const ModelConfig& m, const std::string& where) {
+  KILN_CHECK(m.family == "gpt2", where, ": a GPT-2 model is needed here, this is ", m.family);
+  KILN_CHECK(m.d_ff == 4 * m.d_model && m.activation == Activation::GeluTanh, where,
+             ": GPT-2 with n_inner != 4·n_embd or another activation is not supported here");
   GPT2Config c;
-  auto get_int = [&](const char* field, int& dst) {
-    KILN_CHECK(j.contains(field), where, ": missing field ", field);
-    KILN_CHECK(j[field].is_number_integer(), where, ": field ", field, " must be an integer");
-    int64_t v = j[field].get<int64_t>();
-    KILN_CHECK(v > 0 && v < (int64_t(1) << 30), where, ": field ", field, " out of range (", v, ")");
-    dst = int(v);
-  };
-  get_int("n_layer", c.n_layer);
-  get_int("n_head", c.n_head);
-  get_int("n_embd", c.n_embd);
-  get_int("vocab_size", c.vocab_size);
-  get_int("n_positions", c.n_positions);
-  if (j.contains("layer_norm_epsilon")) {
-    KILN_CHECK(j["layer_norm_epsilon"].is_number(), where, ": field layer_norm_epsilon must be a number");
-    c.layer_norm_epsilon = j["layer_norm_epsilon"].get<float>();
-  }
-  if (j.contains("activation_function")) {
-    auto a = j["activation_function"];
-    KILN_CHECK(a.is_string() && (a == "gelu_new" || a == "gelu_pytorch_tanh"), where,
-               ": activation_function must be gelu_new (GPT-2's tanh GELU)");
-  }
-  c.validate(where);
+  c.n_layer = m.n_layer;
+  c.n_head = m.n_head;
+  c.n_embd = m.d_model;
+  c.vocab_size = m.vocab_size;
+  c.n_positions = m.max_positions;
+  c.layer_norm_epsilon = m.norm_eps;
   return c;
+}
+
+GPT2Config GPT2Config::from_json_text(const std::string& text, const std::string& where) {
+  return from(parse_model_config(text, where), where);
 }
 
 GPT2Config GPT2Config::load(const std::string& path) {
@@ -70,30 +62,6 @@ GPT2Config GPT2Config::load(const std::string& path) {
   return from_json_text(read_file(file), file);
 }
 
-std::string GPT2Config::to_json() const {
-  json j = {
-      {"architectures", {"GPT2LMHeadModel"}},
-      {"model_type", "gpt2"},
-      {"activation_function", "gelu_new"},
-      {"n_layer", n_layer},
-      {"n_head", n_head},
-      {"n_embd", n_embd},
-      {"n_inner", nullptr},
-      {"vocab_size", vocab_size},
-      {"n_positions", n_positions},
-      {"n_ctx", n_positions},
-      {"layer_norm_epsilon", layer_norm_epsilon},
-      {"resid_pdrop", 0.0},
-      {"embd_pdrop", 0.0},
-      {"attn_pdrop", 0.0},
-      {"initializer_range", 0.02},
-      {"scale_attn_weights", true},
-      {"tie_word_embeddings", true},
-      {"bos_token_id", vocab_size - 1},
-      {"eos_token_id", vocab_size - 1},
-      {"torch_dtype", "float32"},
-  };
-  return j.dump(2) + "\n";
-}
+std::string GPT2Config::to_json() const { return model_config_json(model()); }
 
 }  // namespace kiln

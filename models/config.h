@@ -1,10 +1,12 @@
-// GPT-2 hyperparameters, read from and written to a Hugging Face GPT-2 config.json.
+// GPT-2's hyperparameters in its own terms: what the GPU model (models/gpt2_cuda.h) and tests use. Every
+// family, GPT-2 included, is described by ModelConfig (models/model_config.h); these convert both ways.
 #pragma once
 #include <cmath>
 #include <cstdint>
 #include <string>
 
 #include "kernels/attention.h"
+#include "models/model_config.h"
 
 namespace kiln {
 
@@ -33,6 +35,9 @@ struct GPT2Config {
   // Parameter count (the tied LM head counted once).
   int64_t num_params() const;
 
+  // The same model as a ModelConfig (family gpt2), and back (which fails naming `where` unless cfg is a GPT-2).
+  ModelConfig model() const;
+  static GPT2Config from(const ModelConfig& cfg, const std::string& where);
   // Accepts a config.json path or a checkpoint directory containing config.json.
   static GPT2Config load(const std::string& path);
   static GPT2Config from_json_text(const std::string& text, const std::string& where);

@@ -23,15 +23,10 @@ GPT2Cuda::GPT2Cuda(const GPT2Config& cfg, const ParamTable& table) : cfg_(cfg), 
   params_.resize(n * 4, "parameters");
   params16_.resize(n * 2, "bf16 weight copy");
   grads_.resize(n * 4, "gradients");
-  m_.resize(n * 4, "AdamW first moments");
-  v_.resize(n * 4, "AdamW second moments");
   gpu::memset(grads_.data(), 0, n * 4);
-  gpu::memset(m_.data(), 0, n * 4);
-  gpu::memset(v_.data(), 0, n * 4);
   gpu::memset(params16_.data(), 0, n * 2);
   p_ = GPT2Params::bind(table, params_.as<float>(), cfg.n_layer);
   g_ = GPT2Params::bind(table, grads_.as<float>(), cfg.n_layer);
-  norm_.resize((1 + cuda::sum_squares_scratch_floats(int64_t(n))) * 4, "gradient norm scratch");
 }
 
 template <class T>
@@ -46,15 +41,6 @@ void GPT2Cuda::upload_params(const float* host) {
 }
 void GPT2Cuda::download_params(float* host) const { gpu::copy_to_host(host, params_.data(), table_.total * 4); }
 void GPT2Cuda::download_grads(float* host) const { gpu::copy_to_host(host, grads_.data(), table_.total * 4); }
-void GPT2Cuda::upload_moments(const float* m, const float* v) {
-  gpu::copy_to_device(m_.data(), m, table_.total * 4);
-  gpu::copy_to_device(v_.data(), v, table_.total * 4);
-  gpu::synchronize();
-}
-void GPT2Cuda::download_moments(float* m, float* v) const {
-  gpu::copy_to_host(m, m_.data(), table_.total * 4);
-  gpu::copy_to_host(v, v_.data(), table_.total * 4);
-}
 
 void GPT2Cuda::carve(const GPT2Config& cfg, int64_t Vp, gpu::DeviceArena& ar, int64_t N, bool recompute,
                      Acts& a_) {
@@ -219,30 +205,5 @@ void GPT2Cuda::backward() {
 }
 
 void GPT2Cuda::zero_grad() { gpu::memset(grads_.data(), 0, table_.total * 4); }
-
-double GPT2Cuda::grad_norm(float unscale) const {
-  float* out = norm_.as<float>();
-  gpu::memset(out, 0, 4);
-  cuda::sum_squares(out, grads_.as<float>(), int64_t(table_.total), out + 1, gpu::stream());
-  float sq = 0;
-  gpu::copy_to_host(&sq, out, 4);
-  return std::sqrt(double(sq)) * double(unscale);
-}
-
-void GPT2Cuda::adamw_update(const AdamWConfig& cfg, float lr, int64_t t, double norm, float unscale) {
-  for (const ParamSpec& sp : table_.specs) {
-    const AdamWHyper h = adamw_hyper(cfg, sp, lr, t, norm, unscale, /*zero_grad=*/true);
-    cuda::adamw_update(params_.as<float>() + sp.offset, params16_.as<uint16_t>() + sp.offset,
-                       grads_.as<float>() + sp.offset, m_.as<float>() + sp.offset, v_.as<float>() + sp.offset,
-                       sp.numel(), h, gpu::stream());
-  }
-  gpu::check("AdamW");
-}
-
-void GPT2Cuda::poison_grad() {
-  const float inf = INFINITY;
-  gpu::copy_to_device(grads_.data(), &inf, 4);
-  gpu::synchronize();
-}
 
 }  // namespace kiln

@@ -15,17 +15,17 @@
 #include <vector>
 
 #include "core/gpu.h"
-#include "kernels/adamw.h"
 #include "kernels/attention.h"
 #include "models/config.h"
 #include "models/gpt2_params.h"
-#include "train/optimizer.h"
+#include "models/model.h"
 
 namespace kiln {
 
 class GPT2Cuda {
  public:
-  // Allocates parameters (fp32 + bf16 copy), gradients and the AdamW moments on the current device.
+  // Allocates parameters (fp32 + bf16 copy) and gradients on the current device (the optimizer, applied from
+  // outside through blocks(), owns the moments).
   GPT2Cuda(const GPT2Config& cfg, const ParamTable& table);
 
   const GPT2Config& config() const { return cfg_; }
@@ -33,8 +33,8 @@ class GPT2Cuda {
   void upload_params(const float* host);
   void download_params(float* host) const;
   void download_grads(float* host) const;
-  void upload_moments(const float* m, const float* v);
-  void download_moments(float* m, float* v) const;
+  // The device blocks for the optimizer (backend: the GPU's).
+  ParamBlocks blocks(nn::Backend* be) { return {params_.as<float>(), grads_.as<float>(), params16_.as<uint16_t>(), table_.total, be}; }
 
   // Sizes the activation arena for micro-batches of up to max_tokens tokens; returns its bytes. With
   // recompute_blocks (--recompute block) only each block's input is kept: the backward re-runs one block's
@@ -44,6 +44,7 @@ class GPT2Cuda {
   // The same plan's bytes, and the model state's (fp32 weights, bf16 copy, fp32 gradients and moments),
   // without a device (kiln memory --device cuda).
   static size_t plan_bytes(const GPT2Config& cfg, int64_t max_tokens, bool recompute_blocks = false);
+  // Weights, bf16 copy, gradients and the two AdamW moments the optimizer allocates beside them.
   static size_t state_bytes(const ParamTable& table) { return table.total * (4 + 2 + 4 + 4 + 4); }
   size_t activation_bytes() const { return arena_.capacity(); }
   size_t state_bytes() const { return state_bytes(table_); }
@@ -56,13 +57,6 @@ class GPT2Cuda {
   // Accumulates (+=) the parameter gradients of the last forward.
   void backward();
   void zero_grad();
-
-  // AdamW as train/optimizer.h: global gradient norm (times unscale), then the clipped update of every tensor
-  // (weight decay on tensors of two or more dimensions), clearing the gradients.
-  double grad_norm(float unscale) const;
-  void adamw_update(const AdamWConfig& cfg, float lr, int64_t t, double norm, float unscale);
-  // Test hook: makes one gradient infinite (the overflow path of loss scaling).
-  void poison_grad();
 
  private:
   struct Layer {
@@ -96,7 +90,7 @@ class GPT2Cuda {
   const ParamTable& table_;
   static int64_t padded_vocab(const GPT2Config& cfg) { return (int64_t(cfg.vocab_size) + 63) / 64 * 64; }
   int64_t Vp_ = 0;  // padded vocabulary stride of the logits
-  gpu::DeviceBuffer params_, params16_, grads_, m_, v_;
+  gpu::DeviceBuffer params_, params16_, grads_;
   GPT2Params p_, g_;
   gpu::DeviceArena arena_;
   Acts a_;
@@ -105,7 +99,6 @@ class GPT2Cuda {
   // The last forward's shape, for backward().
   int64_t N_ = 0;
   AttentionParams ap_;
-  mutable gpu::DeviceBuffer norm_;  // one float + sum_squares scratch
 };
 
 }  // namespace kiln

@@ -1,44 +1,12 @@
 #include "models/gpt2_params.h"
 
+#include "core/error.h"
+
 namespace kiln {
 
-ParamTable ParamTable::gpt2(const GPT2Config& c) {
-  ParamTable t;
-  const int64_t C = c.n_embd, V = c.vocab_size;
-  auto add = [&](const std::string& name, Shape shape) {
-    ParamSpec s{name, shape, shape.ndim >= 2, t.total};
-    t.total += (size_t(shape.numel()) + 15) / 16 * 16;
-    t.specs.push_back(std::move(s));
-  };
-  add("transformer.wte.weight", {V, C});
-  add("transformer.wpe.weight", {c.n_positions, C});
-  for (int l = 0; l < c.n_layer; l++) {
-    std::string p = "transformer.h." + std::to_string(l) + ".";
-    add(p + "ln_1.weight", {C});
-    add(p + "ln_1.bias", {C});
-    add(p + "attn.c_attn.weight", {C, 3 * C});
-    add(p + "attn.c_attn.bias", {3 * C});
-    add(p + "attn.c_proj.weight", {C, C});
-    add(p + "attn.c_proj.bias", {C});
-    add(p + "ln_2.weight", {C});
-    add(p + "ln_2.bias", {C});
-    add(p + "mlp.c_fc.weight", {C, 4 * C});
-    add(p + "mlp.c_fc.bias", {4 * C});
-    add(p + "mlp.c_proj.weight", {4 * C, C});
-    add(p + "mlp.c_proj.bias", {C});
-  }
-  add("transformer.ln_f.weight", {C});
-  add("transformer.ln_f.bias", {C});
-  return t;
-}
-
-const ParamSpec* ParamTable::find(const std::string& name) const {
-  for (const auto& s : specs)
-    if (s.name == name) return &s;
-  return nullptr;
-}
-
 GPT2Params GPT2Params::bind(const ParamTable& t, float* block, int n_layer) {
+  KILN_CHECK(t.specs.size() == size_t(12 * n_layer + 4), "GPT-2 parameter table has ", t.specs.size(),
+             " tensors, expected ", 12 * n_layer + 4);
   GPT2Params p;
   size_t i = 0;
   auto next = [&]() { return block + t.specs[i++].offset; };

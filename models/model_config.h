@@ -59,6 +59,7 @@ struct ModelConfig {
   bool tie_embeddings = true;  // the LM head is the token embedding
   WeightLayout layout = WeightLayout::OutIn;
   int bos_token_id = -1, eos_token_id = -1;  // -1: none given
+  std::string source_json;  // the config.json this came from (its other fields are written back)
 
   // Derived sizes.
   int q_dim() const { return n_head * head_dim; }

@@ -1,115 +1,170 @@
 #include "nn/block.h"
 
-#include "core/memory.h"
-#include "kernels/activation.h"
+#include "core/error.h"
 
 namespace kiln::nn {
 
-namespace {
-// The CPU FlashAttention kernel works on 16-float vectors (GPT-2 and Llama heads are 64 or 128 wide);
-// other head sizes take the naive kernel, which is exact but holds the T×T scores.
-void attention_forward(float* out, float* lse, const float* qkv, const AttentionParams& ap) {
-  if (ap.HD % 16 == 0)
-    cpu::attention_forward(out, lse, qkv, ap);
+void Norm::forward(Backend& be, Act out, float* mean, float* rstd, const float* x, int64_t N) const {
+  if (type == NormType::LayerNorm)
+    be.layernorm_forward(out, mean, rstd, x, w, b, N, dim, eps);
   else
-    ref::attention_forward(out, lse, qkv, ap);
-}
-void attention_backward(float* dqkv, const float* dout, const float* qkv, const float* out, const float* lse,
-                        const AttentionParams& ap) {
-  if (ap.HD % 16 == 0)
-    cpu::attention_backward(dqkv, dout, qkv, out, lse, ap);
-  else
-    ref::attention_backward(dqkv, dout, qkv, out, lse, ap);
-}
-}  // namespace
-
-void BlockActivations::allocate(Arena& arena, int64_t N, int C, int NH, bool selective) {
-  ln1 = selective ? nullptr : arena.alloc(N * C);
-  ln1_mean = arena.alloc(N);
-  ln1_rstd = arena.alloc(N);
-  qkv = arena.alloc(N * 3 * C);
-  atty = arena.alloc(N * C);
-  lse = arena.alloc(int64_t(NH) * N);
-  h = arena.alloc(N * C);
-  ln2 = selective ? nullptr : arena.alloc(N * C);
-  ln2_mean = arena.alloc(N);
-  ln2_rstd = arena.alloc(N);
-  fc = arena.alloc(N * 4 * C);
-  fc_gelu = selective ? nullptr : arena.alloc(N * 4 * C);
+    be.rmsnorm_forward(out, rstd, x, w, N, dim, eps);
 }
 
-void BlockScratch::allocate(Arena& arena, int64_t N, int C, bool selective) {
-  d_ln = arena.alloc(N * C);
-  d_atty = arena.alloc(N * C);
-  d_qkv = arena.alloc(N * 3 * C);
-  d_fc = arena.alloc(N * 4 * C);
-  if (selective) {
-    ln_tmp = arena.alloc(N * C);
-    gelu_tmp = arena.alloc(N * 4 * C);
-  }
-}
-
-Block Block::bind(const LayerParams& p, const LayerParams* g, int C, int n_head, float eps) {
-  Block b;
-  b.n_head = n_head;
-  b.ln1 = {p.ln1_w, p.ln1_b, g ? g->ln1_w : nullptr, g ? g->ln1_b : nullptr, C, eps};
-  b.ln2 = {p.ln2_w, p.ln2_b, g ? g->ln2_w : nullptr, g ? g->ln2_b : nullptr, C, eps};
-  b.qkv = {p.qkv_w, p.qkv_b, g ? g->qkv_w : nullptr, g ? g->qkv_b : nullptr, C, 3 * C};
-  b.attn_proj = {p.attn_proj_w, p.attn_proj_b, g ? g->attn_proj_w : nullptr, g ? g->attn_proj_b : nullptr, C, C};
-  b.fc = {p.fc_w, p.fc_b, g ? g->fc_w : nullptr, g ? g->fc_b : nullptr, C, 4 * C};
-  b.fc_proj = {p.fc_proj_w, p.fc_proj_b, g ? g->fc_proj_w : nullptr, g ? g->fc_proj_b : nullptr, 4 * C, C};
-  return b;
-}
-
-void Block::forward(float* y, const float* x, BlockActivations& a, BlockScratch& s, const AttentionParams& ap,
+void Norm::backward(Backend& be, float* dx, Act dout, const float* x, const float* mean, const float* rstd,
                     int64_t N) const {
-  const int C = ln1.dim;
-  float* ln1_out = a.ln1 ? a.ln1 : s.ln_tmp;
-  float* ln2_out = a.ln2 ? a.ln2 : s.ln_tmp;
-  float* gelu_out = a.fc_gelu ? a.fc_gelu : s.gelu_tmp;
-  ln1.forward(ln1_out, a.ln1_mean, a.ln1_rstd, x, N);
-  qkv.forward(a.qkv, ln1_out, N);
-  attention_forward(a.atty, a.lse, a.qkv, ap);
-  attn_proj.forward(a.h, a.atty, N);
-  cpu::add(a.h, a.h, x, N * C);
-  ln2.forward(ln2_out, a.ln2_mean, a.ln2_rstd, a.h, N);
-  fc.forward(a.fc, ln2_out, N);
-  cpu::gelu_forward(gelu_out, a.fc, N * 4 * C);
-  if (!y) return;
-  fc_proj.forward(y, gelu_out, N);
-  cpu::add(y, y, a.h, N * C);
+  if (type == NormType::LayerNorm)
+    be.layernorm_backward(dx, dw, db, dout, x, w, mean, rstd, N, dim);
+  else
+    be.rmsnorm_backward(dx, dw, dout, x, w, rstd, N, dim);
 }
 
-void Block::backward(float* dy, const float* x, const BlockActivations& a, BlockScratch& s, const AttentionParams& ap,
-                     int64_t N) const {
-  const int C = ln1.dim;
-  // Selective recomputation: rebuild the cheap, large activations from what was kept. The same kernels
-  // on the same inputs give the same bits as the forward did.
-  const float* gelu_out = a.fc_gelu;
-  if (!gelu_out) {
-    cpu::gelu_forward(s.gelu_tmp, a.fc, N * 4 * C);
-    gelu_out = s.gelu_tmp;
+void BlockActivations::allocate(Workspace& ws, int64_t N, const BlockShape& s, bool selective) {
+  ln1 = selective ? Act{} : ws.act(N * s.C);
+  ln1_mean = ws.f32(N);
+  ln1_rstd = ws.f32(N);
+  qkv = ws.act(N * s.qkv());
+  qkv_raw = qkv;
+  if (s.qk_norm) {
+    qkv_raw = ws.act(N * s.qkv());
+    qk_rstd = ws.f32(N * (s.NH + s.NKV));
   }
-  const float* ln2_out = a.ln2;
-  if (!ln2_out) {
-    ln2.forward(s.ln_tmp, a.ln2_mean, a.ln2_rstd, a.h, N);
-    ln2_out = s.ln_tmp;
+  att = ws.act(N * s.qdim());
+  lse = ws.f32(int64_t(s.NH) * N);
+  h = ws.f32(N * s.C);
+  ln2 = selective ? Act{} : ws.act(N * s.C);
+  ln2_mean = ws.f32(N);
+  ln2_rstd = ws.f32(N);
+  up = ws.act(N * s.up());
+  act = selective ? Act{} : ws.act(N * s.F);
+}
+
+void BlockScratch::allocate(Workspace& ws, int64_t N, const BlockShape& s, bool selective) {
+  d_ln = ws.act(N * s.C);
+  d_att = ws.act(N * s.qdim());
+  d_qkv = ws.act(N * s.qkv());
+  d_up = ws.act(N * s.up());
+  if (s.gated) d_act = ws.act(N * s.F);
+  if (ws.act_dtype() != DType::F32) dres = ws.act(N * s.C);
+  if (selective) {
+    ln_tmp = ws.act(N * s.C);
+    act_tmp = ws.act(N * s.F);
   }
-  // MLP branch: dy is dL/dy = dL/dh through the residual, plus the branch's share added by ln2.
-  fc_proj.backward(s.d_fc, dy, gelu_out, N);
-  cpu::gelu_backward(s.d_fc, a.fc, s.d_fc, 4 * C * N);
-  fc.backward(s.d_ln, s.d_fc, ln2_out, N);
-  ln2.backward(dy, s.d_ln, a.h, a.ln2_mean, a.ln2_rstd, N);  // dy now holds dL/dh
+}
+
+// qkv projection -> (q/k norms) -> rotation -> attention (over the new tokens, or the cache).
+void Block::attention_forward(Backend& be, BlockActivations& a, const int32_t* pos, const AttentionParams& ap,
+                              int64_t N, const KVLayer* cache) const {
+  const BlockShape& S = shape;
+  const int64_t QKV = S.qkv();
+  if (S.qk_norm) {
+    // Normalise the q and k heads of the raw projection into qkv (their own weights); v is copied as it is.
+    be.head_rmsnorm_forward(a.qkv, a.qk_rstd, a.qkv_raw, q_norm, N, S.HD, S.NH, QKV, S.qk_eps);
+    be.head_rmsnorm_forward(a.qkv.at(S.qdim()), a.qk_rstd + N * S.NH, a.qkv_raw.at(S.qdim()), k_norm, N, S.HD, S.NKV,
+                            QKV, S.qk_eps);
+    be.copy_rows(a.qkv.at(S.qdim() + int64_t(S.NKV) * S.HD), QKV, a.qkv_raw.at(S.qdim() + int64_t(S.NKV) * S.HD), QKV,
+                 N, int64_t(S.NKV) * S.HD);
+  }
+  if (S.rotary) be.rope_forward(a.qkv, pos, N, rope);
+  if (!cache || cache->fresh) {
+    if (cache)
+      be.kv_append(cache->k, cache->v, cache->batch_stride, a.qkv, QKV, S.qdim(), S.qdim() + int64_t(S.NKV) * S.HD,
+                   int64_t(S.NKV) * S.HD, cache->B, cache->Tq, cache->past);
+    be.attention_forward(a.att, a.lse, a.qkv, ap);
+    return;
+  }
+  be.kv_append(cache->k, cache->v, cache->batch_stride, a.qkv, QKV, S.qdim(), S.qdim() + int64_t(S.NKV) * S.HD,
+               int64_t(S.NKV) * S.HD, cache->B, cache->Tq, cache->past);
+  DecodeAttentionParams d;
+  d.B = cache->B;
+  d.Tq = cache->Tq;
+  d.past_per_seq = cache->past;
+  d.NH = S.NH;
+  d.NKV = S.NKV;
+  d.HD = S.HD;
+  d.window = ap.window;
+  d.scale = ap.scale;
+  d.q = a.qkv.f32();
+  d.q_stride = QKV;
+  d.k = cache->k;
+  d.v = cache->v;
+  d.kv_batch_stride = cache->batch_stride;
+  d.kv_stride = int64_t(S.NKV) * S.HD;
+  d.out = a.att.f32();
+  d.out_stride = S.qdim();
+  be.decode_attention(d);
+}
+
+void Block::forward(Backend& be, float* y, const float* x, BlockActivations& a, BlockScratch& s, const int32_t* pos,
+                    const AttentionParams& ap, int64_t N, const KVLayer* cache) const {
+  const BlockShape& S = shape;
+  Act ln1 = a.ln1 ? a.ln1 : s.ln_tmp;
+  Act ln2 = a.ln2 ? a.ln2 : s.ln_tmp;
+  Act act = a.act ? a.act : s.act_tmp;
+  float* h = a.h ? a.h : y;  // decoding: the stream is updated in place
+  KILN_CHECK(h, "block forward: no buffer for the mid-block residual");
+  norm1.forward(be, ln1, a.ln1_mean, a.ln1_rstd, x, N);
+  be.linear_forward(a.qkv_raw, ln1, qkv, N);
+  attention_forward(be, a, pos, ap, N, cache);
+  be.linear_residual(h, x, a.att, proj, N);
+  norm2.forward(be, ln2, a.ln2_mean, a.ln2_rstd, h, N);
+  be.linear_forward(a.up, ln2, up, N);
+  if (S.gated)
+    be.gated_forward(act, a.up, N, S.F, S.act);
+  else
+    be.activation_forward(act, a.up, N * S.F, S.act);
+  if (!y) return;
+  be.linear_residual(y, h, act, down, N);
+}
+
+void Block::backward(Backend& be, float* dres, const float* x, const BlockActivations& a, BlockScratch& s,
+                     const int32_t* pos, const AttentionParams& ap, int64_t N) const {
+  const BlockShape& S = shape;
+  const int64_t QKV = S.qkv();
+  // Selective recomputation: rebuild the cheap, large activations from what was kept. The same kernels on the
+  // same inputs give the same bits as the forward did.
+  Act act = a.act;
+  if (!act) {
+    act = s.act_tmp;
+    if (S.gated)
+      be.gated_forward(act, a.up, N, S.F, S.act);
+    else
+      be.activation_forward(act, a.up, N * S.F, S.act);
+  }
+  Act ln2 = a.ln2;
+  if (!ln2) {
+    norm2.forward(be, s.ln_tmp, a.ln2_mean, a.ln2_rstd, a.h, N);
+    ln2 = s.ln_tmp;
+  }
+  // FFN branch: dres is dL/dy = dL/dh through the residual, plus the branch's share added by norm2.
+  Act dy = be.residual_operand(dres, s.dres, N * S.C);
+  if (S.gated) {
+    be.linear_backward(s.d_act, dy, act, down, N);
+    be.gated_backward(s.d_up, a.up, s.d_act, N, S.F, S.act);
+  } else {
+    be.linear_backward(s.d_up, dy, act, down, N);
+    be.activation_backward(s.d_up, a.up, s.d_up, N * S.F, S.act);
+  }
+  be.linear_backward(s.d_ln, s.d_up, ln2, up, N);
+  norm2.backward(be, dres, s.d_ln, a.h, a.ln2_mean, a.ln2_rstd, N);  // dres now holds dL/dh
   // Attention branch.
-  attn_proj.backward(s.d_atty, dy, a.atty, N);
-  attention_backward(s.d_qkv, s.d_atty, a.qkv, a.atty, a.lse, ap);
-  const float* ln1_out = a.ln1;
-  if (!ln1_out) {
-    ln1.forward(s.ln_tmp, a.ln1_mean, a.ln1_rstd, x, N);
-    ln1_out = s.ln_tmp;
+  dy = be.residual_operand(dres, s.dres, N * S.C);
+  be.linear_backward(s.d_att, dy, a.att, proj, N);
+  be.attention_backward(s.d_qkv, s.d_att, a.qkv, a.att, a.lse, ap);
+  if (S.rotary) be.rope_backward(s.d_qkv, pos, N, rope);
+  if (S.qk_norm) {
+    // In place: the gradient of the normed q/k heads becomes that of the raw projection's (v passes through).
+    be.head_rmsnorm_backward(s.d_qkv, dq_norm, s.d_qkv, a.qkv_raw, q_norm, a.qk_rstd, N, S.HD, S.NH, QKV);
+    be.head_rmsnorm_backward(s.d_qkv.at(S.qdim()), dk_norm, s.d_qkv.at(S.qdim()), a.qkv_raw.at(S.qdim()), k_norm,
+                             a.qk_rstd + N * S.NH, N, S.HD, S.NKV, QKV);
   }
-  qkv.backward(s.d_ln, s.d_qkv, ln1_out, N);
-  ln1.backward(dy, s.d_ln, x, a.ln1_mean, a.ln1_rstd, N);  // dy now holds dL/dx
+  Act ln1 = a.ln1;
+  if (!ln1) {
+    norm1.forward(be, s.ln_tmp, a.ln1_mean, a.ln1_rstd, x, N);
+    ln1 = s.ln_tmp;
+  }
+  be.linear_backward(s.d_ln, s.d_qkv, ln1, qkv, N);
+  norm1.backward(be, dres, s.d_ln, x, a.ln1_mean, a.ln1_rstd, N);  // dres now holds dL/dx
 }
 
 }  // namespace kiln::nn

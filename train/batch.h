@@ -11,7 +11,6 @@
 #include <vector>
 
 #include "kernels/attention.h"
-#include "models/config.h"
 
 namespace kiln {
 
@@ -26,8 +25,10 @@ struct Batch {
     for (int64_t i = 0; i < n_tokens; i++) n += targets[size_t(i)] >= 0;
     return n;
   }
-  AttentionParams attention(const GPT2Config& cfg) const {
-    AttentionParams ap = cfg.attention(B, T);
+  // The model's attention parameters (base: heads, scale, window) for this batch's rows or packed sequences.
+  AttentionParams attention(AttentionParams ap) const {
+    ap.B = B;
+    ap.T = T;
     if (!cu_seqlens.empty()) {
       ap.cu_seqlens = cu_seqlens.data();
       ap.num_seqs = int(cu_seqlens.size()) - 1;

@@ -62,18 +62,18 @@ std::string latest_checkpoint(const std::string& out) {
   return fs::is_directory(dir) ? dir.string() : "";
 }
 
-std::string save_training_checkpoint(const std::string& out, GPT2& model, AdamW& opt, const TrainState& state,
+std::string save_training_checkpoint(const std::string& out, Model& model, AdamW& opt, const TrainState& state,
                                      const std::string& save_dtype, const std::string& tokenizer_dir, int keep) {
   const std::string name = step_name(state.step);
   const std::string dir = (fs::path(out) / name).string();
   make_dirs(dir);
-  save_gpt2_checkpoint(dir, model.config(), model.table(), model.params(),
-                       save_dtype == "bf16" ? DType::BF16 : DType::F32);
+  save_model_checkpoint(dir, model.config(), model.table(), model.host_params(),
+                        save_dtype == "bf16" ? DType::BF16 : DType::F32);
 
   std::vector<Tensor> tensors = {flat("adamw.exp_avg", opt.m(), opt.num_floats()),
                                  flat("adamw.exp_avg_sq", opt.v(), opt.num_floats())};
   // With bf16 weights on disk the exact fp32 master weights travel in the state file.
-  if (save_dtype == "bf16") tensors.push_back(flat("master_weights", model.params(), model.num_floats()));
+  if (save_dtype == "bf16") tensors.push_back(flat("master_weights", model.host_params(), model.table().total));
   std::map<std::string, std::string> meta = {
       {"format", "kiln-train-state-1"},
       {"step", std::to_string(state.step)},
@@ -82,7 +82,7 @@ std::string save_training_checkpoint(const std::string& out, GPT2& model, AdamW&
       {"loader_shard", std::to_string(state.loader.shard)},
       {"loader_position", std::to_string(state.loader.position)},
       {"last_loss", str(state.last_loss)},
-      {"num_floats", std::to_string(model.num_floats())},
+      {"num_floats", std::to_string(model.table().total)},
       {"optimizer_steps", std::to_string(state.optimizer_steps)},
       {"loss_scale", str(state.loss_scale)},
       {"loss_scale_clean", std::to_string(state.loss_scale_clean)},
@@ -93,7 +93,7 @@ std::string save_training_checkpoint(const std::string& out, GPT2& model, AdamW&
   write_safetensors((fs::path(dir) / kStateFile).string(), tensors, meta);
 
   if (!tokenizer_dir.empty())
-    for (const char* f : {"encoder.json", "vocab.bpe", "tokenizer.json"}) {
+    for (const char* f : {"encoder.json", "vocab.bpe", "tokenizer.json", "tokenizer_config.json"}) {
       fs::path src = fs::path(tokenizer_dir) / f;
       if (fs::exists(src)) write_file_atomic((fs::path(dir) / f).string(), read_file(src.string()));
     }
@@ -117,12 +117,12 @@ std::string save_training_checkpoint(const std::string& out, GPT2& model, AdamW&
   return dir;
 }
 
-TrainState load_training_checkpoint(const std::string& dir, GPT2& model, AdamW& opt) {
+TrainState load_training_checkpoint(const std::string& dir, Model& model, AdamW& opt) {
   const std::string file = (fs::path(dir) / kStateFile).string();
   SafeTensorsReader r(file);
   auto meta = r.metadata();
   KILN_CHECK(meta["format"] == "kiln-train-state-1", file, ": not a kiln training state file");
-  KILN_CHECK(meta_int(meta, "num_floats", file) == int64_t(model.num_floats()), file,
+  KILN_CHECK(meta_int(meta, "num_floats", file) == int64_t(model.table().total), file,
              ": optimizer state does not match the model's parameter count");
   TrainState st;
   st.step = meta_int(meta, "step", file);
@@ -139,16 +139,16 @@ TrainState load_training_checkpoint(const std::string& dir, GPT2& model, AdamW& 
   auto copy = [&](const char* name, float* dst) {
     const Tensor* t = r.find(name);
     KILN_CHECK(t, file, ": tensor ", name, " is missing");
-    KILN_CHECK(t->dtype == DType::F32 && size_t(t->numel()) == model.num_floats(), file, ": tensor ", name,
+    KILN_CHECK(t->dtype == DType::F32 && size_t(t->numel()) == model.table().total, file, ": tensor ", name,
                " has the wrong type or size");
-    std::copy_n(static_cast<const float*>(t->data), model.num_floats(), dst);
+    std::copy_n(static_cast<const float*>(t->data), model.table().total, dst);
   };
   copy("adamw.exp_avg", opt.m());
   copy("adamw.exp_avg_sq", opt.v());
   if (r.find("master_weights"))
-    copy("master_weights", model.params());
+    copy("master_weights", model.host_params());
   else
-    load_gpt2_weights(dir, model.config(), model.table(), model.params());
+    load_model_weights(dir, model.config(), model.table(), model.host_params());
   return st;
 }
 

@@ -1,12 +1,13 @@
-// AdamW over the flat parameter block with per-tensor weight decay (on tensors with two or more
-// dimensions: embeddings and weight matrices; none on biases and LayerNorm gains), plus global-norm
-// gradient clipping as torch.nn.utils.clip_grad_norm_ computes it.
+// AdamW over a model's flat parameter block with per-tensor weight decay (on tensors with two or more
+// dimensions: embeddings and weight matrices; none on biases and norm gains), plus global-norm gradient
+// clipping as torch.nn.utils.clip_grad_norm_ computes it. Applied from outside the model: it works on the
+// model's ParamBlocks through the model's backend, so the same code updates a CPU or a GPU model.
 #pragma once
 #include <cstdint>
 
 #include "core/memory.h"
 #include "kernels/adamw.h"
-#include "models/gpt2_params.h"
+#include "models/model.h"
 
 namespace kiln {
 
@@ -22,29 +23,44 @@ AdamWHyper adamw_hyper(const AdamWConfig& cfg, const ParamSpec& spec, float lr, 
 
 class AdamW {
  public:
-  AdamW(const ParamTable& table, const AdamWConfig& cfg);
+  // be: where the moments live (the model's backend); null means host memory (the CPU kernels).
+  AdamW(const ParamTable& table, const AdamWConfig& cfg, nn::Backend* be = nullptr);
+  ~AdamW();
+  AdamW(const AdamW&) = delete;
+  AdamW& operator=(const AdamW&) = delete;
+
   // Global norm of grads · unscale (unscale undoes a loss scale); inf or NaN if any gradient is.
+  double grad_norm(const ParamBlocks& b, float unscale = 1.0f) const;
+  // One update at learning rate lr from grads · unscale, clipped to the configured global norm given that
+  // gradient's norm. t is the 1-based step count used for bias correction. With zero_grads the gradients are
+  // cleared as they are read, ready for the next step's accumulation. The 16-bit copy, if any, is refreshed.
+  void update(const ParamBlocks& b, float lr, int64_t t, double norm, float unscale = 1.0f, bool zero_grads = false);
+
+  // Host blocks (tests and simple callers): the same on host memory.
   double grad_norm(const float* grads, float unscale = 1.0f) const;
-  // One update at learning rate lr from grads · unscale, clipped to the configured global norm given
-  // that gradient's norm. t is the 1-based step count used for bias correction. With zero_grads the
-  // gradients are cleared as they are read, ready for the next step's accumulation.
   void update(float* params, float* grads, float lr, int64_t t, double norm, float unscale = 1.0f,
               bool zero_grads = false);
-  // grad_norm then update; returns the norm before clipping.
   float step(float* params, float* grads, float lr, int64_t t) {
     double norm = grad_norm(grads);
     update(params, grads, lr, t, norm);
     return float(norm);
   }
+
+  // The moments' host copies (checkpoints): call sync_to_host() before reading them after device updates and
+  // moments_changed() after writing them.
   float* m() { return m_.f32(); }
   float* v() { return v_.f32(); }
+  void sync_to_host();
+  void moments_changed();
   size_t num_floats() const { return table_.total; }
   const AdamWConfig& config() const { return cfg_; }
 
  private:
   const ParamTable& table_;
   AdamWConfig cfg_;
+  nn::Backend* be_ = nullptr;  // null: host
   Buffer m_, v_;
+  float *dm_ = nullptr, *dv_ = nullptr;  // on the backend's device (== host blocks on the host)
 };
 
 }  // namespace kiln

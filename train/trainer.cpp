@@ -19,8 +19,7 @@
 #include "core/file_io.h"
 #include "core/gpu.h"
 #include "models/checkpoint.h"
-#include "models/gpt2.h"
-#include "models/gpt2_cuda.h"
+#include "models/model.h"
 #include "train/checkpoint_dir.h"
 #include "train/dataloader.h"
 #include "train/packing.h"
@@ -76,53 +75,20 @@ void validate(const TrainOptions& o) {
   if (o.eval_every > 0) KILN_CHECK(!o.val_data.empty(), "--eval-every needs --val-data");
 }
 
-// What the steps run on: the CPU model, or the GPU model with the CPU model and optimizer as the host copy
-// that checkpoints are written from and resumed into.
-struct Engine {
-  GPT2& host;
-  AdamW& adam;
-  std::unique_ptr<GPT2Cuda> gpu;
-
-  double forward(const Batch& b, float grad_scale) {
-    const AttentionParams ap = b.attention(host.config());
-    if (gpu) return gpu->forward(b.tokens.data(), b.pos.data(), b.targets.data(), b.n_tokens, ap, grad_scale);
-    return host.forward(b.tokens.data(), b.pos.data(), b.targets.data(), ap, grad_scale);
-  }
-  void backward(const Batch& b) {
-    if (gpu)
-      gpu->backward();
-    else
-      host.backward(b.tokens.data(), b.pos.data());
-  }
-  double grad_norm(float unscale) { return gpu ? gpu->grad_norm(unscale) : adam.grad_norm(host.grads(), unscale); }
-  void update(float lr, int64_t t, double norm, float unscale) {
-    if (gpu) return gpu->adamw_update(adam.config(), lr, t, norm, unscale);
-    adam.update(host.params(), host.grads(), lr, t, norm, unscale, /*zero_grads=*/true);
-    host.refresh_lowp_weights();
-  }
-  void zero_grad() { gpu ? gpu->zero_grad() : host.zero_grad(); }
-  void poison_grad() {
-    if (gpu)
-      gpu->poison_grad();
-    else
-      host.grads()[0] = INFINITY;
-  }
-  // Brings weights and moments to the host before a checkpoint.
-  void to_host() {
-    if (!gpu) return;
-    gpu->download_params(host.params());
-    gpu->download_moments(adam.m(), adam.v());
-  }
-};
+// The forward of one micro-batch.
+double forward(Model& model, const Batch& b, float grad_scale) {
+  const AttentionParams ap = b.attention(model.attention(b.B, b.T));
+  return model.forward(b.tokens.data(), b.pos.data(), b.targets.data(), ap, grad_scale);
+}
 
 // Mean loss per target over val_batches batches from the start of the validation data.
-double evaluate(Engine& engine, BatchSource& val, int batches, Batch& batch) {
+double evaluate(Model& model, BatchSource& val, int batches, Batch& batch) {
   val.reset();
   double sum = 0;
   int64_t n = 0;
   for (int i = 0; i < batches; i++) {
     val.next(batch);
-    sum += engine.forward(batch, 0.0f);
+    sum += forward(model, batch, 0.0f);
     n += batch.count_targets();
   }
   return n ? sum / double(n) : 0.0;
@@ -149,7 +115,7 @@ double peak_rss_mb() {
 }  // namespace
 
 std::unique_ptr<BatchSource> make_batch_source(const TrainOptions& opt, const std::string& data,
-                                               const GPT2Config& cfg, bool validation) {
+                                               const ModelConfig& cfg, bool validation) {
   const auto order = validation ? DataLoader::Order::Sequential : DataLoader::parse_order(opt.data_order);
   KILN_CHECK(!opt.packing || opt.batching == "rows" || opt.batching == "packed",
              "--packing conflicts with --batching ", opt.batching);
@@ -165,8 +131,8 @@ std::unique_ptr<BatchSource> make_batch_source(const TrainOptions& opt, const st
   auto docs = std::make_shared<const DocumentSet>(data, cfg.vocab_size);
   const bool shuffled = order == DataLoader::Order::Shuffled;
   if (mode == "packed")
-    return std::make_unique<PackedSource>(docs, opt.batch, opt.seq, cfg.n_positions, shuffled, opt.seed);
-  return std::make_unique<PaddedSource>(docs, opt.batch, opt.seq, cfg.n_positions, shuffled, opt.seed);
+    return std::make_unique<PackedSource>(docs, opt.batch, opt.seq, cfg.max_positions, shuffled, opt.seed);
+  return std::make_unique<PaddedSource>(docs, opt.batch, opt.seq, cfg.max_positions, shuffled, opt.seed);
 }
 
 double train(const TrainOptions& opt) {
@@ -177,6 +143,7 @@ double train(const TrainOptions& opt) {
     KILN_CHECK(opt.dtype == "bf16", "--device cuda trains in bf16: pass --dtype bf16 (got --dtype ", opt.dtype, ")");
     KILN_CHECK(opt.recompute == "none" || opt.recompute == "block", "--recompute ", opt.recompute,
                ": --device cuda supports none and block");
+    KILN_CHECK(opt.lm_head_chunk == 0, "--lm-head-chunk: --device cuda holds all logits");
     KILN_CHECK(opt.loss_scale != "dynamic", "--loss-scale dynamic: bf16 on the GPU needs no loss scaling");
     gpu::init(device.index);
   }
@@ -190,12 +157,15 @@ double train(const TrainOptions& opt) {
     KILN_CHECK(!resume_dir.empty(), opt.out, ": no checkpoint to resume from (", opt.out, "/latest is missing)");
   }
   const std::string cfg_src = !resume_dir.empty() ? resume_dir : (!opt.init.empty() ? opt.init : opt.model);
-  GPT2Config cfg = GPT2Config::load(cfg_src);
-  KILN_CHECK(T <= cfg.n_positions, "--seq ", T, " exceeds the model's n_positions ", cfg.n_positions);
+  const ModelConfig cfg = load_model_config(cfg_src);
+  KILN_CHECK(T <= cfg.max_positions, "--seq ", T, " exceeds the model's context of ", cfg.max_positions, " positions");
   if (!opt.out.empty()) make_dirs(opt.out);
 
-  GPT2 model(cfg, /*with_grads=*/!device.cuda);
-  AdamW adam(model.table(), opt.adamw);
+  ModelOptions mopt;
+  mopt.cuda = device.cuda;
+  if (opt.dtype != "fp32") mopt.lowp = opt.dtype == "bf16" ? LowpType::BF16 : LowpType::FP16;
+  std::unique_ptr<Model> model = make_model(cfg, mopt);
+  AdamW adam(model->table(), opt.adamw, model->blocks().backend);
   std::unique_ptr<BatchSource> loader = make_batch_source(opt, opt.data, cfg, /*validation=*/false);
   std::unique_ptr<BatchSource> val;
   if (!opt.val_data.empty()) val = make_batch_source(opt, opt.val_data, cfg, /*validation=*/true);
@@ -203,41 +173,40 @@ double train(const TrainOptions& opt) {
   TrainState st;
   st.seed = opt.seed;
   if (!resume_dir.empty()) {
-    st = load_training_checkpoint(resume_dir, model, adam);
+    st = load_training_checkpoint(resume_dir, *model, adam);
     loader->set_state(st.loader);
+    adam.moments_changed();
     KILN_CHECK(st.step <= opt.steps, resume_dir, ": checkpoint is at step ", st.step, ", past --steps ", opt.steps);
+    model->params_changed();
   } else if (!opt.init.empty()) {
-    load_gpt2_weights(opt.init, cfg, model.table(), model.params());
+    load_model_weights(opt.init, cfg, model->table(), model->host_params());
+    model->params_changed();
   } else {
-    model.init_random(opt.seed);
+    model->init_random(opt.seed);
   }
 
-  Engine engine{model, adam, nullptr};
-  size_t act_bytes = 0;
   const double MB = 1024.0 * 1024.0;
   if (device.cuda) {
-    engine.gpu = std::make_unique<GPT2Cuda>(cfg, model.table());
     const gpu::DeviceInfo info = gpu::init(device.index);
     std::fprintf(stderr, "kiln train: device %s (sm_%d%d, %d SMs, %.1f GiB)%s\n", info.name.c_str(), info.sm_major,
                  info.sm_minor, info.sm_count, double(info.total_memory) / double(1 << 30),
                  info.emulated ? " [SIMT emulator]" : "");
-    engine.gpu->upload_params(model.params());
-    if (!resume_dir.empty()) engine.gpu->upload_moments(adam.m(), adam.v());
-    act_bytes = engine.gpu->plan(int64_t(B) * T, opt.recompute == "block");
-    std::fprintf(stderr,
-                 "kiln train: %.2fM parameters | GPU memory plan: weights+bf16 copy+grads+AdamW %.1f MB, "
-                 "activations %.1f MB\n",
-                 double(cfg.num_params()) / 1e6, double(engine.gpu->state_bytes()) / MB, double(act_bytes) / MB);
-  } else {
-    if (opt.dtype != "fp32") model.set_compute_type(opt.dtype == "bf16" ? LowpType::BF16 : LowpType::FP16);
-    act_bytes = model.plan(B, T, RecomputePolicy::parse(opt.recompute), opt.lm_head_chunk);
-    std::fprintf(stderr,
-                 "kiln train: %.2fM parameters | memory plan: weights %.1f MB, grads %.1f MB, AdamW %.1f MB, "
-                 "activations %.1f MB%s\n",
-                 double(cfg.num_params()) / 1e6, model.num_floats() * 4 / MB, model.num_floats() * 4 / MB,
-                 model.num_floats() * 8 / MB, double(act_bytes) / MB,
-                 opt.dtype == "fp32" ? "" : str(", 16-bit weight copies ", model.num_floats() * 2 / MB, " MB").c_str());
   }
+  const size_t act_bytes = model->plan(B, T, RecomputePolicy::parse(opt.recompute), opt.lm_head_chunk);
+  const size_t n_floats = model->table().total;
+  if (device.cuda)
+    std::fprintf(stderr,
+                 "kiln train: %s, %.2fM parameters | GPU memory plan: weights+bf16 copy+grads+AdamW %.1f MB, "
+                 "activations %.1f MB\n",
+                 cfg.family.c_str(), double(cfg.num_params()) / 1e6, double(model->state_bytes()) / MB,
+                 double(act_bytes) / MB);
+  else
+    std::fprintf(stderr,
+                 "kiln train: %s, %.2fM parameters | memory plan: weights %.1f MB, grads %.1f MB, AdamW %.1f MB, "
+                 "activations %.1f MB%s\n",
+                 cfg.family.c_str(), double(cfg.num_params()) / 1e6, n_floats * 4 / MB, n_floats * 4 / MB,
+                 n_floats * 8 / MB, double(act_bytes) / MB,
+                 opt.dtype == "fp32" ? "" : str(", 16-bit weight copies ", n_floats * 2 / MB, " MB").c_str());
 
   std::ofstream metrics;
   if (!opt.metrics.empty()) {
@@ -291,13 +260,16 @@ double train(const TrainOptions& opt) {
     const float grad_scale = scaler.scale / float(n_targets);
     double loss_sum = 0;
     for (Batch& b : micro) {
-      loss_sum += engine.forward(b, grad_scale);
-      engine.backward(b);
+      loss_sum += forward(*model, b, grad_scale);
+      model->backward();
     }
     loss = loss_sum / double(n_targets);
     const float lr = sched.at(int(step));
-    if (inject_every || inject_at == step + 1) engine.poison_grad();
-    const double norm = engine.grad_norm(1.0f / scaler.scale);
+    if (inject_every || inject_at == step + 1) {
+      const float inf = INFINITY;  // test hook: one infinite gradient (the overflow path of loss scaling)
+      model->blocks().backend->upload(model->blocks().grads, &inf, sizeof inf);
+    }
+    const double norm = adam.grad_norm(model->blocks(), 1.0f / scaler.scale);
     const bool finite = std::isfinite(norm) && std::isfinite(loss);
     if (!scaler.enabled)
       KILN_CHECK(finite, "step ", step + 1, ": loss ", loss, ", gradient norm ", norm,
@@ -305,9 +277,9 @@ double train(const TrainOptions& opt) {
     const float used_scale = scaler.scale;
     if (scaler.record(finite, step + 1)) {
       st.optimizer_steps++;
-      engine.update(lr, st.optimizer_steps, norm, 1.0f / used_scale);
+      adam.update(model->blocks(), lr, st.optimizer_steps, norm, 1.0f / used_scale, /*zero_grads=*/true);
     } else {
-      engine.zero_grad();
+      model->zero_grad();
     }
     const double secs = std::chrono::duration<double>(Clock::now() - t0).count();
     steps_this_run++;
@@ -328,7 +300,7 @@ double train(const TrainOptions& opt) {
       if (!finite) m["skipped"] = true;
     }
     if (val && opt.eval_every > 0 && (st.step % opt.eval_every == 0 || last)) {
-      last_val = evaluate(engine, *val, opt.val_batches, val_batch);
+      last_val = evaluate(*model, *val, opt.val_batches, val_batch);
       m["val_loss"] = last_val;
     }
     if (metrics.is_open()) {
@@ -348,8 +320,9 @@ double train(const TrainOptions& opt) {
       std::fprintf(stderr, "%s\n", line);
 
     if (!opt.out.empty() && ((opt.save_every > 0 && st.step % opt.save_every == 0) || last)) {
-      engine.to_host();
-      save_training_checkpoint(opt.out, model, adam, st, opt.save_dtype, opt.tokenizer, opt.keep_checkpoints);
+      model->sync_to_host();
+      adam.sync_to_host();
+      save_training_checkpoint(opt.out, *model, adam, st, opt.save_dtype, opt.tokenizer, opt.keep_checkpoints);
     }
     // Test hook: die like a killed process (no cleanup) after this step, to test --resume.
     if (kill_at_step > 0 && st.step == kill_at_step) std::raise(SIGKILL);
@@ -357,10 +330,10 @@ double train(const TrainOptions& opt) {
   if (tty) std::fprintf(stderr, "\n");
   if (device.cuda)
     std::fprintf(stderr, "kiln train: done, final loss %.4f, GPU memory planned %.1f MB\n", loss,
-                 double(engine.gpu->state_bytes() + act_bytes) / MB);
+                 double(model->state_bytes() + act_bytes) / MB);
   else
     std::fprintf(stderr, "kiln train: done, final loss %.4f, peak memory %.1f MB (planned %.1f MB)\n", loss,
-                 peak_rss_mb(), (model.num_floats() * (opt.dtype == "fp32" ? 16 : 18) + act_bytes) / MB);
+                 peak_rss_mb(), (n_floats * (opt.dtype == "fp32" ? 16 : 18) + act_bytes) / MB);
   return loss;
 }
 

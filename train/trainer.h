@@ -5,7 +5,7 @@
 #include <memory>
 #include <string>
 
-#include "models/config.h"
+#include "models/model_config.h"
 #include "train/batch.h"
 #include "train/optimizer.h"
 
@@ -45,13 +45,13 @@ struct TrainOptions {
   // --packing shorthand for packed. Shards with loss masks (supervised data) need packed or padded.
   std::string batching = "rows";
   bool packing = false;
-  // cpu, or cuda / cuda:N: the GPU model (models/gpt2_cuda.h) trains in bf16, the host keeps the checkpoint copy.
+  // cpu, or cuda / cuda:N: the model trains in bf16 on the GPU, the host keeps the checkpoint copy.
   std::string device = "cpu";
 };
 
 // The training (or validation) batches the options ask for.
 std::unique_ptr<BatchSource> make_batch_source(const TrainOptions& opt, const std::string& data,
-                                               const GPT2Config& cfg, bool validation);
+                                               const ModelConfig& cfg, bool validation);
 
 // Runs training; throws kiln::Error on bad input. Returns the final training loss.
 double train(const TrainOptions& opt);

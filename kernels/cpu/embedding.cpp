@@ -3,6 +3,8 @@
 // deterministic.
 #include "kernels/embedding.h"
 
+#include <cstring>
+
 #include <omp.h>
 
 #include <algorithm>
@@ -28,8 +30,12 @@ void embedding_forward(float* out, const int32_t* tokens, const int32_t* pos, co
 #pragma omp parallel for schedule(static) if (N * C > 16384)
   for (int64_t n = 0; n < N; n++) {
     const float* t = wte + int64_t(tokens[n]) * C;
-    const float* p = wpe + int64_t(pos[n]) * C;
     float* o = out + n * C;
+    if (!wpe) {
+      std::memcpy(o, t, sizeof(float) * size_t(C));
+      continue;
+    }
+    const float* p = wpe + int64_t(pos[n]) * C;
 #pragma omp simd
     for (int c = 0; c < C; c++) o[c] = t[c] + p[c];
   }

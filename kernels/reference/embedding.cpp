@@ -7,8 +7,7 @@ void embedding_forward(float* out, const int32_t* tokens, const int32_t* pos, co
                        int64_t N, int C) {
   for (int64_t n = 0; n < N; n++) {
     const float* t = wte + int64_t(tokens[n]) * C;
-    const float* p = wpe + int64_t(pos[n]) * C;
-    for (int c = 0; c < C; c++) out[n * C + c] = t[c] + p[c];
+    for (int c = 0; c < C; c++) out[n * C + c] = t[c] + (wpe ? wpe[int64_t(pos[n]) * C + c] : 0.0f);
   }
 }
 

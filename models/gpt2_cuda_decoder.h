@@ -11,17 +11,17 @@
 #include <vector>
 
 #include "core/gpu.h"
-#include "infer/decoder.h"
 #include "kernels/decode_attention.h"
 #include "models/config.h"
 #include "models/gpt2_params.h"
+#include "models/model.h"
 
 namespace kiln {
 
 class CudaDecoder : public IncrementalDecoder {
  public:
-  // params: a host parameter block laid out as ParamTable::gpt2(cfg); copied to the device.
-  CudaDecoder(const GPT2Config& cfg, const float* params, int batch = 1, int max_positions = 0,
+  // params: a host parameter block laid out as model_param_table(cfg); copied to the device.
+  CudaDecoder(const ModelConfig& cfg, const float* params, int batch = 1, int max_positions = 0,
               bool use_graph = true);
   ~CudaDecoder() override;
   CudaDecoder(const CudaDecoder&) = delete;
@@ -34,13 +34,15 @@ class CudaDecoder : public IncrementalDecoder {
   int max_positions() const override { return max_pos_; }
   int batch() const override { return batch_; }
   void reset() override { length_ = 0; }
-  const GPT2Config& config() const override { return cfg_; }
+  const ModelConfig& config() const override { return model_cfg_; }
+  size_t cache_bytes() const override { return kcache_.size() + vcache_.size(); }
   size_t device_bytes() const;
 
   static constexpr int kMaxChunk = 256;   // prefill positions per pass
   static constexpr int kMaxDecodeQ = 16;  // queries per decode-attention pass after the first chunk
 
  private:
+  ModelConfig model_cfg_;
   GPT2Config cfg_;
   ParamTable table_;
   int batch_, max_pos_, length_ = 0;

@@ -1,4 +1,4 @@
-#include "infer/decoder_cuda.h"
+#include "models/gpt2_cuda_decoder.h"
 
 #include <algorithm>
 #include <cmath>
@@ -11,11 +11,13 @@
 #include "kernels/embedding.h"
 #include "kernels/layernorm.h"
 #include "kernels/matmul.h"
+#include "models/family.h"
 
 namespace kiln {
 
-CudaDecoder::CudaDecoder(const GPT2Config& cfg, const float* params, int batch, int max_positions, bool use_graph)
-    : cfg_(cfg), table_(ParamTable::gpt2(cfg)), batch_(batch), use_graph_(use_graph) {
+CudaDecoder::CudaDecoder(const ModelConfig& cfg, const float* params, int batch, int max_positions, bool use_graph)
+    : model_cfg_(cfg), cfg_(GPT2Config::from(cfg, "--device cuda")), table_(model_param_table(cfg)), batch_(batch),
+      use_graph_(use_graph) {
   cfg_.validate("decoder config");
   KILN_CHECK(gpu::initialized(), "CudaDecoder: the GPU is not initialised");
   KILN_CHECK(batch >= 1, "decoder: batch must be at least 1, got ", batch);

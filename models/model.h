@@ -1,0 +1,109 @@
+// What train/, infer/ and tools/ see of a model: a language model made by a factory from its ModelConfig, on a
+// device, for training (forward, backward, parameter blocks for the optimizer) or for KV-cache decoding. They
+// never name a family or an implementation.
+#pragma once
+#include <cstdint>
+#include <memory>
+#include <optional>
+#include <string>
+#include <vector>
+
+#include "kernels/attention.h"
+#include "kernels/matmul_lowp.h"
+#include "models/model_config.h"
+#include "models/param_table.h"
+#include "models/recompute.h"
+#include "nn/backend.h"
+
+namespace kiln {
+
+struct ModelOptions {
+  bool cuda = false;                 // the GPU backend (else the CPU)
+  std::optional<LowpType> lowp;      // 16-bit matrix products (mixed precision), fp32 when unset
+  bool with_grads = true;
+};
+
+// The flat blocks the optimizer works on (ParamTable layout), on the model's device.
+struct ParamBlocks {
+  float* params = nullptr;
+  float* grads = nullptr;
+  uint16_t* params16 = nullptr;  // the 16-bit copy the products read (null without one)
+  size_t n = 0;
+  nn::Backend* backend = nullptr;
+};
+
+class Model {
+ public:
+  virtual ~Model() = default;
+  virtual const ModelConfig& config() const = 0;
+  virtual const ParamTable& table() const = 0;
+
+  // The host copy of the parameters (what checkpoints read and write). After changing it, call
+  // params_changed(); before reading it after training steps on a device, call sync_to_host().
+  virtual float* host_params() = 0;
+  virtual void params_changed() = 0;
+  virtual void sync_to_host() = 0;
+  // Random initialisation in the GPT-2 scheme (N(0, 0.02), residual projections N(0, 0.02/sqrt(2·n_layer)),
+  // biases 0, norm gains 1), deterministic for a seed whatever the thread count; then params_changed().
+  void init_random(uint64_t seed);
+
+  // Sizes the activation memory for batches of up to B·T tokens under a recomputation policy; lm_head_chunk:
+  // rows of logits held at once (0: all, 64 with recomputation). Returns bytes.
+  virtual size_t plan(int B, int T, RecomputePolicy policy = {}, int lm_head_chunk = 0) = 0;
+  virtual size_t activation_bytes() const = 0;
+  // Model state on the device (weights, 16-bit copy, gradients), for the memory report.
+  virtual size_t state_bytes() const = 0;
+
+  // Forward over N tokens (host arrays; attn says how they form sequences). Returns the sum of per-token losses
+  // over non-ignored targets (targets null or negative: none). With grad_scale != 0 (training) the LM head's
+  // backward runs here as each chunk's loss gradient exists, and backward() continues from the final norm.
+  virtual double forward(const int32_t* tokens, const int32_t* pos, const int32_t* targets,
+                         const AttentionParams& attn, float grad_scale) = 0;
+  virtual void backward() = 0;
+  virtual void zero_grad() = 0;
+  // Logits of the last forward [N, V] on the host, when it ran without gradients and held all rows.
+  virtual const float* logits() const = 0;
+
+  virtual ParamBlocks blocks() = 0;
+  // Attention parameters of this model for B rows of T (add cu_seqlens for packed sequences).
+  AttentionParams attention(int B, int T) const;
+};
+
+std::unique_ptr<Model> make_model(const ModelConfig& cfg, const ModelOptions& opt = {});
+
+// A model with a KV cache: the generation loop's view (infer/generate.h).
+class IncrementalDecoder {
+ public:
+  virtual ~IncrementalDecoder() = default;
+  // tokens: [batch, n] row-major, each in [0, vocab_size). Runs them at positions length() .. length()+n-1.
+  // Returns the logits [batch, V] of each sequence's last new token (host memory), or with all_logits
+  // [batch, n, V]. Throws kiln::Error if a token is out of range or the cache would overflow max_positions.
+  virtual const float* forward(const int32_t* tokens, int n, bool all_logits = false) = 0;
+  // forward() for greedy decoding: the arg max (infer/sampler.h's rule) of each sequence's last logits over
+  // ids [0, vocab_limit), [batch]. This default takes it from the logits; a device decoder may compute it there
+  // and copy back only the ids.
+  virtual const int32_t* forward_argmax(const int32_t* tokens, int n, int vocab_limit);
+  virtual int length() const = 0;  // positions in the cache
+  virtual int max_positions() const = 0;
+  virtual int batch() const = 0;
+  virtual void reset() = 0;  // forget the cache (its memory is kept)
+  virtual const ModelConfig& config() const = 0;
+  virtual size_t cache_bytes() const = 0;
+
+ private:
+  std::vector<int32_t> argmax_;
+};
+
+struct DecoderOptions {
+  bool cuda = false;
+  int batch = 1;
+  int max_positions = 0;   // 0: the model's
+  bool cuda_graph = true;  // GPU: capture the single-token step once and replay it
+};
+
+// A decoder over a host parameter block in cfg's ParamTable layout. The CPU decoder reads it in place (it
+// must outlive the decoder); the GPU decoder copies it to the device.
+std::unique_ptr<IncrementalDecoder> make_decoder(const ModelConfig& cfg, const float* params,
+                                                 const DecoderOptions& opt = {});
+
+}  // namespace kiln

@@ -1,0 +1,139 @@
+// The device the modules run on. Every module (nn/*.h) is written once against this interface, and a backend
+// implements each op with its own kernels (kernels/cpu/ today; the CUDA backend brings kernels/cuda/). So the
+// same module code serves training and decoding on each backend, and train/ applies the optimizer through the
+// same object from outside the model.
+//
+// Types: the activations that matrix products read and write are `Act` (fp32 on the CPU; a GPU backend keeps
+// them in bf16); the residual stream, norm statistics, log-sum-exps, losses, parameters and gradients are fp32
+// everywhere (plain float*). Integer inputs (tokens, positions) are device arrays on a device backend.
+// Gradient conventions follow kernels/*.h: parameter gradients accumulate (+=); a norm's dinp accumulates into
+// the residual stream's gradient; a linear's dinp is overwritten.
+#pragma once
+#include <cstddef>
+#include <cstdint>
+#include <memory>
+#include <optional>
+
+#include "core/dtype.h"
+#include "kernels/activation.h"
+#include "kernels/adamw.h"
+#include "kernels/attention.h"
+#include "kernels/decode_attention.h"
+#include "kernels/matmul_lowp.h"
+#include "kernels/rope.h"
+
+namespace kiln::nn {
+
+// An activation buffer in the backend's activation type.
+struct Act {
+  void* p = nullptr;
+  DType dtype = DType::F32;
+  explicit operator bool() const { return p != nullptr; }
+  Act at(int64_t elems) const {
+    return {p ? static_cast<char*>(p) + elems * int64_t(dtype_size(dtype)) : nullptr, dtype};
+  }
+  float* f32() const;  // checks the type
+};
+
+// Storage order of a weight matrix: Conv1D [in, out] (GPT-2's files) or nn.Linear [out, in].
+enum class Layout : uint8_t { InOut, OutIn };
+
+// A linear map y = x·W + b as the modules hold it: the fp32 weight and bias, their gradients (null when not
+// training), and the 16-bit copy the products read under mixed precision (null: fp32 products).
+struct Weight {
+  const float* w = nullptr;
+  const float* b = nullptr;
+  float* dw = nullptr;
+  float* db = nullptr;
+  const uint16_t* w16 = nullptr;
+  int in = 0, out = 0;
+  Layout layout = Layout::OutIn;
+};
+
+// Ops a backend does not implement fail with one line naming the op and the backend.
+class Backend {
+ public:
+  virtual ~Backend() = default;
+  virtual const char* name() const = 0;
+  virtual DType act_dtype() const = 0;
+  // The 16-bit type of the matrix products (Weight::w16 copies are in it), or nullopt for fp32 products.
+  virtual std::optional<LowpType> lowp() const = 0;
+
+  // Memory on this device.
+  virtual void* alloc(size_t bytes, const char* what) = 0;
+  virtual void free(void* p) = 0;
+  virtual void upload(void* dst, const void* host, size_t bytes) = 0;
+  virtual void download(void* host, const void* src, size_t bytes) = 0;
+  virtual void memset(void* p, int value, size_t bytes) = 0;
+
+  // Linear layers. forward: y = x·W + b. residual: out = residual + x·W + b (out may alias residual: decoding
+  // updates the stream in place). backward: dx = dy·Wᵀ (overwritten; null: not computed), dW += xᵀ·dy,
+  // db += colsum(dy).
+  virtual void linear_forward(Act y, Act x, const Weight& w, int64_t N);
+  virtual void linear_residual(float* out, const float* residual, Act x, const Weight& w, int64_t N);
+  virtual void linear_backward(Act dx, Act dy, Act x, const Weight& w, int64_t N);
+  // The residual stream's gradient as a matrix product's operand (a view on the CPU; a cast into `scratch` on a
+  // backend whose activations are narrower).
+  virtual Act residual_operand(float* dres, Act scratch, int64_t n);
+
+  // Norms over rows of C read the fp32 residual stream and write an activation.
+  virtual void layernorm_forward(Act out, float* mean, float* rstd, const float* x, const float* w, const float* b,
+                                 int64_t N, int C, float eps);
+  virtual void layernorm_backward(float* dx, float* dw, float* db, Act dout, const float* x, const float* w,
+                                  const float* mean, const float* rstd, int64_t N, int C);
+  virtual void rmsnorm_forward(Act out, float* rstd, const float* x, const float* w, int64_t N, int C, float eps);
+  virtual void rmsnorm_backward(float* dx, float* dw, Act dout, const float* x, const float* w, const float* rstd,
+                                int64_t N, int C);
+  // Per-head RMSNorm on activation rows (Qwen3's q/k norms): `heads` groups of C per row of stride ld.
+  // backward overwrites din (which may alias dout).
+  virtual void head_rmsnorm_forward(Act out, float* rstd, Act in, const float* w, int64_t N, int C, int heads,
+                                    int64_t ld, float eps);
+  virtual void head_rmsnorm_backward(Act din, float* dw, Act dout, Act in, const float* w, const float* rstd,
+                                     int64_t N, int C, int heads, int64_t ld);
+  // Rotary embedding in place (kernels/rope.h); inv_freq and pos live on this device.
+  virtual void rope_forward(Act x, const int32_t* pos, int64_t N, const RopeParams& p);
+  virtual void rope_backward(Act dx, const int32_t* pos, int64_t N, const RopeParams& p);
+
+  // Activations (kernels/activation.h).
+  virtual void activation_forward(Act out, Act in, int64_t n, Activation a);
+  virtual void activation_backward(Act din, Act in, Act dout, int64_t n, Activation a);
+  virtual void gated_forward(Act out, Act gate_up, int64_t N, int I, Activation a);
+  virtual void gated_backward(Act dgate_up, Act gate_up, Act dout, int64_t N, int I, Activation a);
+  // out = a + b in fp32.
+  virtual void add(float* out, const float* a, const float* b, int64_t n);
+  // N rows of `width` values from src (row stride ld_src) to dst (row stride ld_dst).
+  virtual void copy_rows(Act dst, int64_t ld_dst, Act src, int64_t ld_src, int64_t N, int64_t width);
+
+  // Attention over packed or fixed rows (kernels/attention.h), and against a KV cache (kernels/decode_attention.h;
+  // the q/k/v/out pointers of `p` are on this device).
+  virtual void attention_forward(Act out, float* lse, Act qkv, const AttentionParams& p);
+  virtual void attention_backward(Act dqkv, Act dout, Act qkv, Act out, const float* lse,
+                                  const AttentionParams& p);
+  virtual void decode_attention(const DecodeAttentionParams& p);
+  // Writes the key and value heads of B·Tq qkv rows (row stride qkv_ld; keys at k_off, values at v_off, kv_width
+  // values each) into a layer's cache at positions past_b .. past_b + Tq − 1 of sequence b.
+  virtual void kv_append(float* k_cache, float* v_cache, int64_t batch_stride, Act qkv, int64_t qkv_ld, int64_t k_off,
+                         int64_t v_off, int64_t kv_width, int B, int Tq, const int32_t* past);
+
+  // Embeddings: out[n] = wte[tokens[n]] (+ wpe[pos[n]] when wpe is set); backward accumulates.
+  virtual void embedding_forward(float* out, const int32_t* tokens, const int32_t* pos, const float* wte,
+                                 const float* wpe, int64_t N, int C);
+  virtual void embedding_backward(float* dwte, float* dwpe, const float* dout, const int32_t* tokens,
+                                  const int32_t* pos, int64_t N, int C);
+  // Fused softmax + cross-entropy (kernels/crossentropy.h); with grad_scale != 0 the logits become their gradient.
+  virtual void softmax_crossentropy(Act logits, float* losses, const int32_t* targets, int64_t N, int V, int64_t ld,
+                                    float grad_scale);
+
+  // The optimizer's ops over flat fp32 blocks (kernels/adamw.h); param16, when set, receives the 16-bit copy.
+  virtual void adamw_update(float* param, uint16_t* param16, float* grad, float* m, float* v, int64_t n,
+                            const AdamWHyper& h);
+  virtual double sum_squares(const float* x, int64_t n);
+  virtual void to_lowp(uint16_t* dst, const float* src, int64_t n, LowpType t);
+};
+
+// The CPU backend (kernels/cpu/): fp32 activations; with `lowp` set, 16-bit matrix products.
+std::unique_ptr<Backend> make_cpu_backend(std::optional<LowpType> lowp = std::nullopt);
+// The GPU backend on the current device (gpu::init first): bf16 activations and products.
+std::unique_ptr<Backend> make_cuda_backend();
+
+}  // namespace kiln::nn
