@@ -1,5 +1,6 @@
 // Reference decode attention: for every (sequence, query, head) the scores against all visible keys in
 // double precision, a softmax and the weighted sum of values. Simple on purpose; it checks the cpu kernel.
+#include <algorithm>
 #include <cmath>
 #include <vector>
 
@@ -11,6 +12,10 @@ namespace kiln::ref {
 void decode_attention(const DecodeAttentionParams& p) {
   KILN_CHECK(p.B >= 0 && p.Tq >= 0 && p.NH >= 1 && p.HD >= 1, "decode_attention: bad sizes B=", p.B, " Tq=", p.Tq,
              " NH=", p.NH, " HD=", p.HD);
+  const int NKV = p.NKV > 0 ? p.NKV : p.NH;
+  KILN_CHECK(p.NKV >= 0 && p.NH % NKV == 0, "decode_attention: NKV (", p.NKV, ") must divide NH (", p.NH, ")");
+  KILN_CHECK(p.window >= 0, "decode_attention: window (", p.window, ") must be >= 0");
+  const int group = p.NH / NKV;
   std::vector<double> s;
   for (int b = 0; b < p.B; b++) {
     const int past = p.past_of(b);
@@ -18,24 +23,27 @@ void decode_attention(const DecodeAttentionParams& p) {
     const float* kb = p.k + int64_t(b) * p.kv_batch_stride;
     const float* vb = p.v + int64_t(b) * p.kv_batch_stride;
     for (int i = 0; i < p.Tq; i++) {
-      const int64_t row = int64_t(b) * p.Tq + i, n_keys = int64_t(past) + i + 1;
+      const int64_t row = int64_t(b) * p.Tq + i, last = int64_t(past) + i;
+      // Keys first .. last are visible: all of them, or those within the window.
+      const int64_t first = p.window > 0 ? std::max<int64_t>(0, last - p.window + 1) : 0;
       for (int h = 0; h < p.NH; h++) {
+        const int64_t kvoff = int64_t(h / group) * p.HD;
         const float* q = p.q + row * p.q_stride + int64_t(h) * p.HD;
-        s.assign(size_t(n_keys), 0.0);
+        s.assign(size_t(last - first + 1), 0.0);
         double mx = -INFINITY;
-        for (int64_t j = 0; j < n_keys; j++) {
-          const float* k = kb + j * p.kv_stride + int64_t(h) * p.HD;
+        for (int64_t j = first; j <= last; j++) {
+          const float* k = kb + j * p.kv_stride + kvoff;
           double dot = 0;
           for (int d = 0; d < p.HD; d++) dot += double(q[d]) * double(k[d]);
-          s[size_t(j)] = dot * double(p.scale);
-          mx = std::max(mx, s[size_t(j)]);
+          s[size_t(j - first)] = dot * double(p.scale);
+          mx = std::max(mx, s[size_t(j - first)]);
         }
         double sum = 0;
         for (auto& x : s) sum += (x = std::exp(x - mx));
         float* o = p.out + row * p.out_stride + int64_t(h) * p.HD;
         for (int d = 0; d < p.HD; d++) {
           double acc = 0;
-          for (int64_t j = 0; j < n_keys; j++) acc += s[size_t(j)] * double(vb[j * p.kv_stride + int64_t(h) * p.HD + d]);
+          for (int64_t j = first; j <= last; j++) acc += s[size_t(j - first)] * double(vb[j * p.kv_stride + kvoff + d]);
           o[d] = float(acc / sum);
         }
       }

@@ -1,0 +1,36 @@
+// Naive reference rotary embedding: the angle in fp32 as the header specifies, the rotation in double; tests only.
+#include "kernels/rope.h"
+
+#include <cmath>
+
+#include "core/error.h"
+
+namespace kiln::ref {
+
+namespace {
+// sign = +1 rotates by the angle (forward), −1 by its negative (the backward: the transposed rotation).
+void rotate(float* x, const int32_t* pos, int64_t N, const RopeParams& p, double sign) {
+  KILN_CHECK(p.heads >= 1 && p.HD >= 1, "rope: heads (", p.heads, ") and HD (", p.HD, ") must be positive");
+  KILN_CHECK(p.rot_dim >= 0 && p.rot_dim % 2 == 0 && p.rot_dim <= p.HD, "rope: rot_dim (", p.rot_dim,
+             ") must be even and <= HD (", p.HD, ")");
+  KILN_CHECK(p.inv_freq != nullptr || p.rot_dim == 0, "rope: inv_freq is null");
+  const int64_t L = p.ld > 0 ? p.ld : int64_t(p.heads) * p.HD;
+  const int half = p.rot_dim / 2;
+  for (int64_t n = 0; n < N; n++)
+    for (int h = 0; h < p.heads; h++) {
+      float* r = x + n * L + int64_t(h) * p.HD;
+      for (int i = 0; i < half; i++) {
+        const float angle = float(pos[n]) * p.inv_freq[i];
+        const double c = std::cos(double(angle)), s = sign * std::sin(double(angle));
+        const double a = r[i], b = r[i + half];
+        r[i] = float(a * c - b * s);
+        r[i + half] = float(b * c + a * s);
+      }
+    }
+}
+}  // namespace
+
+void rope_forward(float* x, const int32_t* pos, int64_t N, const RopeParams& p) { rotate(x, pos, N, p, 1.0); }
+void rope_backward(float* dx, const int32_t* pos, int64_t N, const RopeParams& p) { rotate(dx, pos, N, p, -1.0); }
+
+}  // namespace kiln::ref
