@@ -21,9 +21,7 @@ class Gpt2CudaModel final : public Model {
  public:
   Gpt2CudaModel(const ModelConfig& cfg, const ModelOptions& opt)
       : cfg_(cfg), table_(model_param_table(cfg)), be_(nn::make_cuda_backend()), host_(table_.total * sizeof(float)),
-        gpu_(GPT2Config::from(cfg, "--device cuda"), table_) {
-    KILN_CHECK(opt.with_grads, "--device cuda: the GPU model is built for training");
-  }
+        gpu_(GPT2Config::from(cfg, "--device cuda"), table_) {}
   const ModelConfig& config() const override { return cfg_; }
   const ParamTable& table() const override { return table_; }
   float* host_params() override { return host_.f32(); }
@@ -43,6 +41,7 @@ class Gpt2CudaModel final : public Model {
   }
   void backward() override { gpu_.backward(); }
   void zero_grad() override { gpu_.zero_grad(); }
+  void synchronize() override { gpu::synchronize(); }
   const float* logits() const override { fail("--device cuda: the GPU model keeps no host logits"); }
   ParamBlocks blocks() override { return gpu_.blocks(be_.get()); }
 
@@ -64,6 +63,19 @@ std::unique_ptr<Model> make_model(const ModelConfig& cfg, const ModelOptions& op
     return std::make_unique<Gpt2CudaModel>(cfg, opt);
   }
   return std::make_unique<Transformer>(cfg, opt);
+}
+
+MemoryPlan plan_memory(const ModelConfig& cfg, bool cuda, int64_t N, RecomputePolicy policy, int lm_head_chunk) {
+  MemoryPlan m;
+  if (cuda) {
+    const GPT2Config g = GPT2Config::from(cfg, "--device cuda");
+    m.state = GPT2Cuda::state_bytes(model_param_table(cfg));
+    m.activations = GPT2Cuda::plan_bytes(g, N, policy.kind == RecomputePolicy::Every);
+    return m;
+  }
+  m.state = model_param_table(cfg).total * 2 * sizeof(float);
+  m.activations = Transformer::plan_bytes(cfg, N, policy, lm_head_chunk);
+  return m;
 }
 
 std::unique_ptr<IncrementalDecoder> make_decoder(const ModelConfig& cfg, const float* params,

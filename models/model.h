@@ -61,6 +61,8 @@ class Model {
                          const AttentionParams& attn, float grad_scale) = 0;
   virtual void backward() = 0;
   virtual void zero_grad() = 0;
+  // Waits for the device's queued work (timing).
+  virtual void synchronize() {}
   // Logits of the last forward [N, V] on the host, when it ran without gradients and held all rows.
   virtual const float* logits() const = 0;
 
@@ -70,6 +72,13 @@ class Model {
 };
 
 std::unique_ptr<Model> make_model(const ModelConfig& cfg, const ModelOptions& opt = {});
+
+// The memory a training step of up to N tokens plans, without building the model: model state (weights,
+// gradients, 16-bit copies where used; on the GPU also the AdamW moments) and activations, in bytes.
+struct MemoryPlan {
+  size_t state = 0, activations = 0;
+};
+MemoryPlan plan_memory(const ModelConfig& cfg, bool cuda, int64_t N, RecomputePolicy policy, int lm_head_chunk);
 
 // A model with a KV cache: the generation loop's view (infer/generate.h).
 class IncrementalDecoder {

@@ -25,7 +25,7 @@ int64_t ModelConfig::num_params() const {
 
 std::vector<float> ModelConfig::rope_inv_freq() const {
   const int half = head_dim / 2;
-  std::vector<float> freq(size_t(half));
+  std::vector<float> freq(static_cast<size_t>(half));
   const double pi = 3.14159265358979323846;
   for (int i = 0; i < half; i++) {
     // Hugging Face: 1 / theta^(2i / d), computed in fp32 from fp32 exponents.

@@ -11,8 +11,8 @@
 
 #include "core/gpu.h"
 #include "core/rng.h"
-#include "models/gpt2_cuda.h"
-#include "models/gpt2.h"
+#include "models/family.h"
+#include "models/model.h"
 #include "tools/kiln/command.h"
 #include "train/optimizer.h"
 #include "train/trainer.h"
@@ -53,101 +53,56 @@ struct PhaseTimes {
   }
 };
 
-// The GPU step (models/gpt2_cuda.h): the same phases, timed on the device stream with events.
-void bench_train_cuda(const BenchTrainOptions& o, int device_index) {
-  using namespace kiln;
-  KILN_CHECK(o.dtype == "bf16", "bench train --device cuda runs bf16: pass --dtype bf16");
-  KILN_CHECK(o.recompute == "none" || o.recompute == "block", "--recompute ", o.recompute,
-             ": --device cuda supports none and block");
-  const gpu::DeviceInfo info = gpu::init(device_index);
-  GPT2Config cfg = GPT2Config::load(o.model);
-  GPT2 host(cfg, /*with_grads=*/false);
-  host.init_random(1);
-  GPT2Cuda model(cfg, host.table());
-  model.upload_params(host.params());
-  const int64_t N = int64_t(o.batch) * o.seq;
-  model.plan(N, o.recompute == "block");
-  const RandomBatch rb(N, o.seq, cfg.vocab_size);
-  const std::vector<int32_t>&in = rb.in, &tg = rb.tg, &pos = rb.pos;
-  const AttentionParams ap = cfg.attention(o.batch, o.seq);
-  const AdamWConfig ac;
-  PhaseTimes pt;
-  gpu::Timer tf, tb, ta;
-  for (int s = 0; s < o.warmup + o.steps; s++) {
-    tf.start();
-    model.forward(in.data(), pos.data(), tg.data(), N, ap, 1.0f / float(N));  // copies the losses back: synchronous
-    const double f = tf.stop_ms();
-    tb.start();
-    model.backward();
-    const double b = tb.stop_ms();
-    ta.start();
-    model.adamw_update(ac, 1e-4f, s + 1, model.grad_norm(1.0f), 1.0f);
-    const double a = ta.stop_ms();
-    if (s >= o.warmup) pt.add(f + b + a, f, b, a);
-  }
-  const double med = PhaseTimes::median(pt.step);
-  const double n_matmul = double(cfg.num_params()) - double(cfg.n_positions) * cfg.n_embd;
-  const double flops_per_token = 6.0 * n_matmul + 12.0 * cfg.n_layer * o.seq * cfg.n_embd;
-  nlohmann::json j = {{"bench", "train"},
-                      {"device", info.name},
-                      {"emulated", info.emulated},
-                      {"params", cfg.num_params()},
-                      {"batch", o.batch},
-                      {"seq", o.seq},
-                      {"ms_per_step", med},
-                      {"ms_forward", PhaseTimes::median(pt.fwd)},
-                      {"ms_backward", PhaseTimes::median(pt.bwd)},
-                      {"ms_optimizer", PhaseTimes::median(pt.opt)},
-                      {"tokens_per_s", double(N) / (med / 1e3)},
-                      {"tflops", flops_per_token * double(N) / (med / 1e3) / 1e12},
-                      {"dtype", o.dtype},
-                      {"activation_mb", double(model.activation_bytes()) / (1 << 20)},
-                      {"state_mb", double(model.state_bytes()) / (1 << 20)},
-                      {"recompute", o.recompute}};
-  std::printf("%s\n", j.dump().c_str());
-}
-
 void bench_train(const BenchTrainOptions& o) {
   using namespace kiln;
   set_threads(o.threads);
   KILN_CHECK(o.batch > 0 && o.seq > 0 && o.steps > 0 && o.warmup >= 0, "bench train: sizes must be positive");
-  const DeviceSpec device = parse_device(o.device);
-  if (device.cuda) return bench_train_cuda(o, device.index);
-  GPT2Config cfg = GPT2Config::load(o.model);
-  GPT2 model(cfg);
-  model.init_random(1);
-  AdamW adam(model.table(), AdamWConfig{});
   KILN_CHECK(o.dtype == "fp32" || o.dtype == "bf16" || o.dtype == "fp16", "--dtype: expected fp32, bf16 or fp16");
-  if (o.dtype != "fp32") model.set_compute_type(o.dtype == "bf16" ? LowpType::BF16 : LowpType::FP16);
-  model.plan(o.batch, o.seq, RecomputePolicy::parse(o.recompute), o.lm_head_chunk);
+  const DeviceSpec device = parse_device(o.device);
+  if (device.cuda) {
+    KILN_CHECK(o.dtype == "bf16", "bench train --device cuda runs bf16: pass --dtype bf16");
+    gpu::init(device.index);
+  }
+  const ModelConfig cfg = load_model_config(o.model);
+  ModelOptions mo;
+  mo.cuda = device.cuda;
+  if (o.dtype != "fp32") mo.lowp = o.dtype == "bf16" ? LowpType::BF16 : LowpType::FP16;
+  std::unique_ptr<Model> model = make_model(cfg, mo);
+  model->init_random(1);
+  AdamW adam(model->table(), AdamWConfig{}, model->blocks().backend);
+  model->plan(o.batch, o.seq, RecomputePolicy::parse(o.recompute), o.lm_head_chunk);
   const int64_t N = int64_t(o.batch) * o.seq;
   const RandomBatch rb(N, o.seq, cfg.vocab_size);
   const std::vector<int32_t>&in = rb.in, &tg = rb.tg, &pos = rb.pos;
-  const AttentionParams ap = model.attention_params(o.batch, o.seq);
-  // Whole steps, and their phases: forward (with the LM head's backward), backward, optimizer.
+  const AttentionParams ap = model->attention(o.batch, o.seq);
+  // Whole steps, and their phases: forward (with the LM head's backward), backward, optimizer. Each phase ends
+  // with the device synchronised, so wall-clock times are the device's.
   PhaseTimes pt;
   using Clock = std::chrono::steady_clock;
   auto since = [](Clock::time_point t) { return std::chrono::duration<double, std::milli>(Clock::now() - t).count(); };
   for (int s = 0; s < o.warmup + o.steps; s++) {
     auto t0 = Clock::now();
-    auto t1 = Clock::now();
-    model.forward(in.data(), pos.data(), tg.data(), ap, 1.0f / float(N));
-    const double f = since(t1);
+    model->forward(in.data(), pos.data(), tg.data(), ap, 1.0f / float(N));  // copies the losses back: synchronous
+    const double f = since(t0);
     auto t2 = Clock::now();
-    model.backward(in.data(), pos.data());
+    model->backward();
+    model->synchronize();
     const double b = since(t2);
     auto t3 = Clock::now();
-    adam.update(model.params(), model.grads(), 1e-4f, s + 1, adam.grad_norm(model.grads()), 1.0f, true);
-    model.refresh_lowp_weights();
+    adam.update(model->blocks(), 1e-4f, s + 1, adam.grad_norm(model->blocks()), 1.0f, true);
+    model->synchronize();
     const double a = since(t3);
     if (s >= o.warmup) pt.add(since(t0), f, b, a);
   }
   const double med = PhaseTimes::median(pt.step);
   std::vector<double>& ms = pt.step;
   std::sort(ms.begin(), ms.end());
-  const double n_matmul = double(cfg.num_params()) - double(cfg.n_positions) * cfg.n_embd;
-  const double flops_per_token = 6.0 * n_matmul + 12.0 * cfg.n_layer * o.seq * cfg.n_embd;
+  const double learned = cfg.positions == PositionKind::Learned ? double(cfg.max_positions) * cfg.d_model : 0.0;
+  const double n_matmul = double(cfg.num_params()) - learned;
+  const double flops_per_token = 6.0 * n_matmul + 12.0 * cfg.n_layer * o.seq * cfg.q_dim();
   nlohmann::json j = {{"bench", "train"},
+                      {"family", cfg.family},
+                      {"device", device.cuda ? "cuda" : "cpu"},
                       {"params", cfg.num_params()},
                       {"batch", o.batch},
                       {"seq", o.seq},
@@ -161,7 +116,8 @@ void bench_train(const BenchTrainOptions& o) {
                       {"gflops", flops_per_token * double(N) / (med / 1e3) / 1e9},
                       {"recompute", o.recompute},
                       {"dtype", o.dtype},
-                      {"activation_mb", double(model.activation_bytes()) / (1 << 20)}};
+                      {"activation_mb", double(model->activation_bytes()) / (1 << 20)},
+                      {"state_mb", double(model->state_bytes()) / (1 << 20)}};
   std::printf("%s\n", j.dump().c_str());
 }
 

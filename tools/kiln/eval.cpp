@@ -13,8 +13,8 @@
 #include "core/error.h"
 #include "core/gpu.h"
 #include "models/checkpoint.h"
-#include "models/gpt2.h"
-#include "models/gpt2_cuda.h"
+#include "models/checkpoint.h"
+#include "models/model.h"
 #include "tools/kiln/command.h"
 #include "train/dataloader.h"
 #include "train/trainer.h"
@@ -29,38 +29,33 @@ struct EvalOptions {
 void run_eval(const EvalOptions& o) {
   using namespace kiln;
   set_threads(o.threads);
-  const GPT2Config cfg = load_gpt2_config_for(o.model);
-  const int B = o.batch, T = o.seq > 0 ? o.seq : cfg.n_positions;
+  const ModelConfig cfg = load_model_config_for(o.model);
+  const int B = o.batch, T = o.seq > 0 ? o.seq : cfg.max_positions;
   KILN_CHECK(B >= 1, "--batch must be >= 1, got ", B);
-  KILN_CHECK(T <= cfg.n_positions, "--seq ", T, " exceeds the model's n_positions ", cfg.n_positions);
+  KILN_CHECK(T <= cfg.max_positions, "--seq ", T, " exceeds the model's context of ", cfg.max_positions);
   KILN_CHECK(o.max_batches >= 0, "--max-batches must be >= 0 (0: one pass over the data), got ", o.max_batches);
   const DeviceSpec device = parse_device(o.device);
   if (device.cuda) gpu::init(device.index);
-  GPT2 model(cfg, /*with_grads=*/false);
-  load_gpt2_weights(o.model, cfg, model.table(), model.params());
+  ModelOptions mo;
+  mo.cuda = device.cuda;
+  mo.with_grads = false;
+  std::unique_ptr<Model> model = make_model(cfg, mo);
+  load_model_weights(o.model, cfg, model->table(), model->host_params());
+  model->params_changed();
+  model->plan(B, T);
   DataLoader loader(o.data, B, T, DataLoader::Order::Sequential, 0, cfg.vocab_size);
-  // On the GPU: the bf16 model (models/gpt2_cuda.h) with the checkpoint's weights.
-  std::unique_ptr<GPT2Cuda> gpu_model;
-  if (device.cuda) {
-    gpu_model = std::make_unique<GPT2Cuda>(cfg, model.table());
-    gpu_model->upload_params(model.params());
-    gpu_model->plan(int64_t(B) * T);
-  } else {
-    model.plan(B, T);
-  }
 
   const size_t N = size_t(B) * size_t(T);
   std::vector<int32_t> in(N), tg(N), pos(N);
   for (size_t i = 0; i < N; i++) pos[i] = int32_t(i % size_t(T));
-  const AttentionParams ap = model.attention_params(B, T);
+  const AttentionParams ap = model->attention(B, T);
   double sum = 0;
   int64_t batches = 0;
   const auto t0 = std::chrono::steady_clock::now();
   while (o.max_batches == 0 || batches < o.max_batches) {
     loader.next(in.data(), tg.data());
     if (loader.state().epoch > 0) break;  // the loader wrapped around: one pass is done
-    sum += gpu_model ? gpu_model->forward(in.data(), pos.data(), tg.data(), int64_t(N), ap, 0.0f)
-                     : model.forward(in.data(), pos.data(), tg.data(), ap, /*grad_scale=*/0.0f);
+    sum += model->forward(in.data(), pos.data(), tg.data(), ap, /*grad_scale=*/0.0f);
     batches++;
   }
   const double secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();

@@ -1,4 +1,4 @@
-// kiln generate: continue a prompt with a GPT-2 checkpoint (KV-cache decoding, infer/generate.h).
+// kiln generate: continue a prompt with a checkpoint of any family (KV-cache decoding, infer/generate.h).
 //
 // Text mode streams the prompt and then the completion to stdout as tokens arrive (only whole UTF-8
 // characters until the end); without a tokenizer it prints token ids. --json prints one line instead:
@@ -20,13 +20,12 @@
 
 #include "core/error.h"
 #include "core/gpu.h"
-#include "infer/decoder.h"
-#include "infer/decoder_cuda.h"
 #include "infer/generate.h"
 #include "infer/sampler.h"
 #include "infer/text_stream.h"
 #include "models/checkpoint.h"
-#include "models/gpt2.h"
+#include "models/family.h"
+#include "models/model.h"
 #include "tokenizer/bpe.h"
 #include "tools/kiln/command.h"
 #include "train/trainer.h"
@@ -96,12 +95,14 @@ void run_generate(const GenerateOptions& o) {
   if (device.cuda) gpu::init(device.index);
 
   // Model: a checkpoint, or random weights for benchmarking.
-  const GPT2Config cfg = o.model.empty() ? GPT2Config::load(o.random_init) : load_gpt2_config_for(o.model);
-  GPT2 model(cfg, /*with_grads=*/false);
+  const ModelConfig cfg = o.model.empty() ? load_model_config(o.random_init) : load_model_config_for(o.model);
+  ModelOptions mo;
+  mo.with_grads = false;
+  std::unique_ptr<Model> model = make_model(cfg, mo);  // the host copy of the weights the decoder reads
   if (o.model.empty())
-    model.init_random(1);
+    model->init_random(1);
   else
-    load_gpt2_weights(o.model, cfg, model.table(), model.params());
+    load_model_weights(o.model, cfg, model->table(), model->host_params());
   const int V = cfg.vocab_size;
 
   // Tokenizer: --tokenizer, else the model directory when it has tokenizer files.
@@ -144,16 +145,16 @@ void run_generate(const GenerateOptions& o) {
   for (size_t i = 0; i < prompt.size(); i++)
     KILN_CHECK(prompt[i] >= 0 && prompt[i] < V, "prompt token ", i, " has id ", prompt[i],
                ", outside the model's vocabulary [0, ", V, ")");
-  KILN_CHECK(int(prompt.size()) <= cfg.n_positions, "the prompt has ", prompt.size(),
-             " tokens, more than the model's context of ", cfg.n_positions, " positions (n_positions)");
+  KILN_CHECK(int(prompt.size()) <= cfg.max_positions, "the prompt has ", prompt.size(),
+             " tokens, more than the model's context of ", cfg.max_positions, " positions");
 
-  std::unique_ptr<IncrementalDecoder> dec;
+  DecoderOptions dopt;
+  dopt.cuda = device.cuda;
+  dopt.cuda_graph = !o.no_cuda_graph;
+  std::unique_ptr<IncrementalDecoder> dec = make_decoder(cfg, model->host_params(), dopt);
   if (device.cuda) {
-    dec = std::make_unique<CudaDecoder>(cfg, model.params(), 1, 0, !o.no_cuda_graph);
     const gpu::DeviceInfo info = gpu::init(device.index);
     std::fprintf(stderr, "kiln generate: device %s%s\n", info.name.c_str(), info.emulated ? " [SIMT emulator]" : "");
-  } else {
-    dec = std::make_unique<Decoder>(cfg, model.params(), 1);
   }
   Sampler sampler(o.sampling);
   GenerateLimits lim;
@@ -205,7 +206,7 @@ void run_generate(const GenerateOptions& o) {
   std::fflush(stdout);
   if (why == FinishReason::Context)
     std::fprintf(stderr, "kiln generate: stopped at the model's context limit of %d positions (%d new tokens)\n",
-                 cfg.n_positions, st.new_tokens);
+                 cfg.max_positions, st.new_tokens);
   std::fprintf(stderr, "kiln generate: prefill %d tokens in %.3f s (%.1f tokens/s), decode %d tokens in %.3f s "
                "(%.1f tokens/s), finish: %s\n",
                st.prompt_tokens, st.prefill_s, st.prefill_s > 0 ? st.prompt_tokens / st.prefill_s : 0.0,
@@ -215,7 +216,7 @@ void run_generate(const GenerateOptions& o) {
 
 kiln::cli::Command generate_cmd("generate", [](CLI::App& root) {
   auto o = std::make_shared<GenerateOptions>();
-  auto* c = root.add_subcommand("generate", "Continue a prompt with a GPT-2 checkpoint (KV-cache decoding)");
+  auto* c = root.add_subcommand("generate", "Continue a prompt with a checkpoint of any family (KV-cache decoding)");
   c->add_option("--model", o->model, "Checkpoint directory (config.json + model.safetensors) or .safetensors file");
   c->add_option("--random-init", o->random_init, "Instead of --model: a config.json for random weights (benchmarks)");
   c->add_option("--tokenizer", o->tokenizer, "Tokenizer directory (default: the model directory if it has one)");

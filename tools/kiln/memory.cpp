@@ -7,8 +7,8 @@
 #include <nlohmann/json.hpp>
 
 #include "core/gpu.h"
-#include "models/gpt2.h"
-#include "models/gpt2_cuda.h"
+#include "models/family.h"
+#include "models/model.h"
 #include "tools/kiln/command.h"
 
 namespace {
@@ -19,15 +19,15 @@ struct MemoryOptions {
   bool json = false;
 };
 
-// The GPU trainer's device memory (models/gpt2_cuda.h), from the same carving code it allocates with; no GPU
-// needed. Beside it the process needs the CUDA context and cuBLASLt's 32 MiB workspace.
-void memory_plan_cuda(const MemoryOptions& o, const kiln::GPT2Config& cfg) {
+// The GPU trainer's device memory, from the same carving code it allocates with; no GPU needed. Beside it the
+// process needs the CUDA context and cuBLASLt's 32 MiB workspace.
+void memory_plan_cuda(const MemoryOptions& o, const kiln::ModelConfig& cfg) {
   using namespace kiln;
   KILN_CHECK(o.recompute == "none" || o.recompute == "block", "--recompute ", o.recompute,
              ": --device cuda supports none and block");
-  const ParamTable table = ParamTable::gpt2(cfg);
-  const double state = double(GPT2Cuda::state_bytes(table));
-  const double acts = double(GPT2Cuda::plan_bytes(cfg, int64_t(o.batch) * o.seq, o.recompute == "block"));
+  const MemoryPlan plan =
+      plan_memory(cfg, true, int64_t(o.batch) * o.seq, RecomputePolicy::parse(o.recompute), o.lm_head_chunk);
+  const double state = double(plan.state), acts = double(plan.activations);
   const double MB = 1024.0 * 1024.0;
   if (o.json) {
     nlohmann::json j = {{"device", "cuda"}, {"params", cfg.num_params()}, {"batch", o.batch}, {"seq", o.seq},
@@ -50,16 +50,16 @@ void memory_plan(const MemoryOptions& o) {
   KILN_CHECK(o.ranks >= 1, "--ranks must be >= 1 (got ", o.ranks, ")");
   KILN_CHECK(o.dtype == "fp32" || o.dtype == "bf16" || o.dtype == "fp16", "--dtype: expected fp32, bf16 or fp16 (got '",
              o.dtype, "')");
-  GPT2Config cfg = GPT2Config::load(o.model);
-  KILN_CHECK(o.seq <= cfg.n_positions, "--seq ", o.seq, " exceeds n_positions ", cfg.n_positions);
+  const ModelConfig cfg = load_model_config(o.model);
+  KILN_CHECK(o.seq <= cfg.max_positions, "--seq ", o.seq, " exceeds the model's context of ", cfg.max_positions);
   if (parse_device(o.device).cuda) return memory_plan_cuda(o, cfg);
   const RecomputePolicy policy = RecomputePolicy::parse(o.recompute);
-  const double psi = double(ParamTable::gpt2(cfg).total);  // floats in the block (with alignment padding)
+  const double psi = double(model_param_table(cfg).total);  // floats in the block (with alignment padding)
   const bool mixed = o.dtype != "fp32";
   // Model state bytes per parameter: weights, gradients, optimizer (AdamW m and v, plus fp32 master weights
   // when the working copy is 16-bit).
   const double w = mixed ? 2 : 4, g = mixed ? 2 : 4, opt = mixed ? 12 : 8;
-  const double acts = double(GPT2::plan_bytes(cfg, int64_t(o.batch) * o.seq, policy, o.lm_head_chunk));
+  const double acts = double(plan_memory(cfg, false, int64_t(o.batch) * o.seq, policy, o.lm_head_chunk).activations);
   const double n = o.ranks;
   auto per_rank = [&](int stage) {
     double ww = psi * w, gg = psi * g, oo = psi * opt;
@@ -72,7 +72,7 @@ void memory_plan(const MemoryOptions& o) {
   // What kiln itself allocates on one process: fp32 weights, gradients and both moments, plus the 16-bit
   // weight copies in mixed precision (kiln keeps fp32 gradients on the CPU).
   const double kiln_state = psi * (mixed ? 18 : 16);
-  nlohmann::json j = {{"params", cfg.num_params()}, {"param_floats", psi}, {"kiln_single_process_bytes", kiln_state + acts},  {"batch", o.batch},        {"seq", o.seq},
+  nlohmann::json j = {{"family", cfg.family}, {"params", cfg.num_params()}, {"param_floats", psi}, {"kiln_single_process_bytes", kiln_state + acts},  {"batch", o.batch},        {"seq", o.seq},
                       {"dtype", o.dtype},             {"recompute", policy.str()}, {"ranks", o.ranks},
                       {"activations_bytes", acts}};
   for (int s = 0; s <= 3; s++) {
