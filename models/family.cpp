@@ -62,7 +62,8 @@ std::string model_config_json(const ModelConfig& cfg) {
     nlohmann::json src = nlohmann::json::parse(cfg.source_json, nullptr, false);
     if (src.is_object()) j = src;
   }
-  for (auto& [k, v] : f.to_json(cfg).items()) j[k] = v;
+  const nlohmann::json ours = f.to_json(cfg);
+  for (auto& [k, v] : ours.items()) j[k] = v;
   j["architectures"] = {f.architecture};
   j["model_type"] = f.model_type;
   return j.dump(2) + "\n";
