@@ -18,6 +18,13 @@ add_test(NAME e2e.mixed_precision
                  ${CMAKE_BINARY_DIR}/e2e/mixed_precision)
 set_tests_properties(e2e.mixed_precision PROPERTIES LABELS e2e TIMEOUT 300)
 
+# The Hugging Face Llama family (llama, mistral, qwen2, qwen3): training, sharded loading, bf16 and greedy decoding
+# against the independent PyTorch reference tests/peer/torch_llama.py.
+add_test(NAME e2e.families_vs_torch
+         COMMAND ${KILN_PY} ${CMAKE_SOURCE_DIR}/tests/e2e/families_vs_torch.py $<TARGET_FILE:kiln>
+                 ${CMAKE_BINARY_DIR}/e2e/families_vs_torch)
+set_tests_properties(e2e.families_vs_torch PROPERTIES LABELS e2e TIMEOUT 600)
+
 add_test(NAME e2e.memory_plan COMMAND ${KILN_PY} ${CMAKE_SOURCE_DIR}/tests/e2e/memory_plan.py $<TARGET_FILE:kiln>)
 set_tests_properties(e2e.memory_plan PROPERTIES LABELS e2e TIMEOUT 120)
 
