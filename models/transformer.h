@@ -92,7 +92,7 @@ class Transformer final : public Model {
   void lm_head(const int32_t* targets, float grad_scale, int64_t N, double* loss_sum);
 };
 
-class TransformerDecoder final : public IncrementalDecoder {
+class TransformerDecoder : public IncrementalDecoder {
  public:
   TransformerDecoder(const ModelConfig& cfg, const float* params, int batch, int max_positions);
 

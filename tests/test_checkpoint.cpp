@@ -14,7 +14,7 @@
 #include "core/file_io.h"
 #include "core/safetensors.h"
 #include "io_test_helpers.h"
-#include "models/checkpoint.h"
+#include "tests/gpt2_compat.h"
 #include "test_util.h"
 
 namespace kiln {
@@ -69,7 +69,7 @@ template <class F>
 TEST(Checkpoint, SaveThenLoadF32IsExact) {
   ScratchDir dir("ckpt_f32");
   GPT2Config cfg = tiny_config();
-  ParamTable table = ParamTable::gpt2(cfg);
+  ParamTable table = gpt2_table(cfg);
   std::vector<float> params = test::randn(table.total, 7, 0.5f);
   save_gpt2_checkpoint(dir / "ckpt", cfg, table, params.data(), DType::F32);
   EXPECT_TRUE(file_exists(dir / "ckpt/config.json"));
@@ -96,7 +96,7 @@ TEST(Checkpoint, SaveThenLoadF32IsExact) {
 TEST(Checkpoint, Bf16OnDiskGivesRoundToNearestEvenValues) {
   ScratchDir dir("ckpt_bf16");
   GPT2Config cfg = tiny_config();
-  ParamTable table = ParamTable::gpt2(cfg);
+  ParamTable table = gpt2_table(cfg);
   std::vector<float> params = test::randn(table.total, 11, 0.5f);
   float* wte = params.data() + table.specs[0].offset;
   wte[0] = 1.0f + 1.0f / 256;  // ties: to 1.0 and to 1 + 2/128 (the even neighbours)
@@ -115,7 +115,7 @@ TEST(Checkpoint, Bf16OnDiskGivesRoundToNearestEvenValues) {
 TEST(Checkpoint, PeerReadsOurCheckpoint) {
   ScratchDir dir("ckpt_peer_check");
   GPT2Config cfg = tiny_config();
-  ParamTable table = ParamTable::gpt2(cfg);
+  ParamTable table = gpt2_table(cfg);
   std::vector<float> params = formula_params(table);
   for (const char* dt : {"F32", "BF16"}) {
     std::string d = dir / dt;
@@ -145,7 +145,7 @@ TEST(Checkpoint, LoadsTheOriginalOpenaiLayout) {
     EXPECT_EQ(cfg.n_layer, want.n_layer);
     EXPECT_EQ(cfg.n_embd, want.n_embd);
     EXPECT_EQ(cfg.vocab_size, want.vocab_size);
-    ParamTable table = ParamTable::gpt2(cfg);
+    ParamTable table = gpt2_table(cfg);
     std::vector<float> loaded(table.total, kNaN);
     load_gpt2_weights(d, cfg, table, loaded.data());
     bool bf16 = std::string(c.dtype) == "BF16";
@@ -163,7 +163,7 @@ TEST(Checkpoint, LoadsTheOriginalOpenaiLayout) {
 struct BadWeights : ::testing::Test {
   ScratchDir dir{"ckpt_bad"};
   GPT2Config cfg = tiny_config();
-  ParamTable table = ParamTable::gpt2(cfg);
+  ParamTable table = gpt2_table(cfg);
   std::vector<float> params = formula_params(table);
   std::vector<Tensor> good() {
     std::vector<Tensor> t;
@@ -222,7 +222,7 @@ TEST_F(BadWeights, ConfigDoesNotMatchTheWeights) {
   write_safetensors(path, good());
   GPT2Config wider = cfg;
   wider.n_embd = 16;
-  ParamTable wt = ParamTable::gpt2(wider);
+  ParamTable wt = gpt2_table(wider);
   std::vector<float> block(wt.total);
   EXPECT_KILN_ERROR(load_gpt2_weights(path, wider, wt, block.data()), "small.safetensors");
   EXPECT_KILN_ERROR(load_gpt2_weights(path, wider, wt, block.data()), "[11, 16]");
@@ -243,7 +243,7 @@ TEST_F(BadWeights, MissingFiles) {
 struct UnwritableCheckpoint : ::testing::Test {
   ScratchDir dir{"ckpt_unwritable"};
   GPT2Config cfg = tiny_config();
-  ParamTable table = ParamTable::gpt2(cfg);
+  ParamTable table = gpt2_table(cfg);
   std::vector<float> old_params = test::randn(table.total, 1);
   std::vector<float> new_params = test::randn(table.total, 2);
   std::string ckpt = dir / "ckpt";

@@ -9,12 +9,12 @@
 #include <vector>
 
 #include "core/error.h"
-#include "infer/decoder.h"
+#include "tests/gpt2_compat.h"
 #include "infer/sampler.h"
 #include "infer/text_stream.h"
 #include "kernels/decode_attention.h"
 #include "kernels/gemv.h"
-#include "models/gpt2.h"
+#include "tests/gpt2_compat.h"
 #include "test_util.h"
 
 using namespace kiln;

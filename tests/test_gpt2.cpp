@@ -7,7 +7,7 @@
 #include <filesystem>
 #include <vector>
 
-#include "models/gpt2.h"
+#include "tests/gpt2_compat.h"
 #include "test_util.h"
 #include "train/dataloader.h"
 #include "train/schedule.h"

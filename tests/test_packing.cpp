@@ -14,7 +14,7 @@
 
 #include "core/error.h"
 #include "core/rng.h"
-#include "models/gpt2.h"
+#include "tests/gpt2_compat.h"
 #include "tokenizer/bpe.h"
 #include "train/doc_index.h"
 #include "train/packing.h"
@@ -204,7 +204,7 @@ TEST(Packing, PackedLossIsTheSumOfPerDocumentLosses) {
   for (int k = 0; k < 3; k++) {
     src.next(b);
     ASSERT_GT(b.cu_seqlens.size(), 2u) << "several documents per batch";
-    const double packed = model.forward(b.tokens.data(), b.pos.data(), b.targets.data(), b.attention(cfg), 0.0f);
+    const double packed = model.forward(b.tokens.data(), b.pos.data(), b.targets.data(), b.attention(cfg.attention(1, 1)), 0.0f);
     double separate = 0;
     for (size_t s = 0; s + 1 < b.cu_seqlens.size(); s++, doc++) {
       const int64_t g0 = c.starts[size_t(doc)], n = c.starts[size_t(doc) + 1] - g0;
@@ -235,13 +235,13 @@ TEST(Packing, NoAttentionAcrossDocuments) {
   src.next(b);
   const size_t nseq = b.cu_seqlens.size() - 1, V = size_t(cfg.vocab_size);
   ASSERT_GE(nseq, 3u);
-  model.forward(b.tokens.data(), b.pos.data(), b.targets.data(), b.attention(cfg), 0.0f);
+  model.forward(b.tokens.data(), b.pos.data(), b.targets.data(), b.attention(cfg.attention(1, 1)), 0.0f);
   const std::vector<float> before(model.logits(), model.logits() + size_t(b.n_tokens) * V);
   for (size_t victim : {size_t(0), nseq / 2, nseq - 1}) {
     Batch p = b;
     for (int32_t i = p.cu_seqlens[victim]; i < p.cu_seqlens[victim + 1]; i++)
       p.tokens[size_t(i)] = (p.tokens[size_t(i)] + 17) % cfg.vocab_size;
-    model.forward(p.tokens.data(), p.pos.data(), p.targets.data(), p.attention(cfg), 0.0f);
+    model.forward(p.tokens.data(), p.pos.data(), p.targets.data(), p.attention(cfg.attention(1, 1)), 0.0f);
     const float* after = model.logits();
     for (size_t s = 0; s < nseq; s++) {
       const size_t a = size_t(b.cu_seqlens[s]) * V, e = size_t(b.cu_seqlens[s + 1]) * V;
@@ -261,7 +261,7 @@ double epoch_mean_loss(GPT2& model, DocumentBatchSource& src, int64_t* n_targets
   Batch b;
   do {
     src.next(b);
-    sum += model.forward(b.tokens.data(), b.pos.data(), b.targets.data(), b.attention(model.config()), 0.0f);
+    sum += model.forward(b.tokens.data(), b.pos.data(), b.targets.data(), b.attention(model.attention_params(1, 1)), 0.0f);
     *n_targets += b.count_targets();
   } while (src.state().position < src.documents().num_documents());
   return sum / double(*n_targets);
@@ -358,12 +358,12 @@ TEST(Packing, BadShardSetsGiveOneLineErrors) {
   TrainOptions opt;
   opt.batch = 1;
   opt.seq = 4;
-  EXPECT_THROW(make_batch_source(opt, c.pattern, tiny_config(32), false), Error);
+  EXPECT_THROW(make_batch_source(opt, c.pattern, tiny_config(32).model(), false), Error);
   opt.packing = true;
-  EXPECT_NO_THROW(make_batch_source(opt, c.pattern, tiny_config(32), false));
+  EXPECT_NO_THROW(make_batch_source(opt, c.pattern, tiny_config(32).model(), false));
   opt.packing = false;
   opt.batching = "sideways";
-  EXPECT_THROW(make_batch_source(opt, c.pattern, tiny_config(32), false), Error);
+  EXPECT_THROW(make_batch_source(opt, c.pattern, tiny_config(32).model(), false), Error);
 }
 
 // A byte-level vocabulary: ids 0..255 are the bytes in order, 256 is end-of-text, so the expected token

@@ -8,10 +8,10 @@
 #include <memory>
 #include <vector>
 
-#include "infer/decoder.h"
-#include "infer/decoder_cuda.h"
+#include "tests/gpt2_compat.h"
+#include "models/gpt2_cuda_decoder.h"
 #include "infer/sampler.h"
-#include "models/gpt2.h"
+#include "tests/gpt2_compat.h"
 #include "models/gpt2_cuda.h"
 #include "tests/gpu/gpu_test_util.h"
 #ifdef KILN_TEST_EMULATED

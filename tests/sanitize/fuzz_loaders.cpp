@@ -10,7 +10,7 @@
 
 #include "core/safetensors.h"
 #include "io_test_helpers.h"
-#include "models/checkpoint.h"
+#include "tests/gpt2_compat.h"
 #include "train/shards.h"
 
 namespace kiln {
@@ -209,7 +209,7 @@ GPT2Config tiny() {
 TEST(SanitizeGpt2Loader, CorruptWeightsAndConfigs) {
   ScratchDir dir("san_gpt2");
   GPT2Config cfg = tiny();
-  ParamTable table = ParamTable::gpt2(cfg);
+  ParamTable table = gpt2_table(cfg);
   std::vector<float> params(table.total, 0.25f);
   std::string ckpt = dir / "ckpt";
   save_gpt2_checkpoint(ckpt, cfg, table, params.data(), DType::BF16);
@@ -234,7 +234,7 @@ TEST(SanitizeGpt2Loader, CorruptWeightsAndConfigs) {
     std::string what = "iteration " + std::to_string(iter);
     GPT2Config got;
     if (loads_or_refuses([&] { got = load_gpt2_config_for(bad); }, "config.json", what) && got.num_params() < 100000) {
-      ParamTable t = ParamTable::gpt2(got);
+      ParamTable t = gpt2_table(got);
       std::vector<float> b(t.total);
       loads_or_refuses([&] { load_gpt2_weights(bad, got, t, b.data()); }, "model.safetensors", what);
     }
