@@ -40,7 +40,7 @@ ModelConfig GPT2Config::model() const {
 GPT2Config GPT2Config::from(const ModelConfig& m, const std::string& where) {
   KILN_CHECK(m.family == "gpt2", where, ": a GPT-2 model is needed here, this is ", m.family);
   KILN_CHECK(m.d_ff == 4 * m.d_model && m.activation == Activation::GeluTanh, where,
-             ": GPT-2 with n_inner != 4·n_embd or another activation is not supported here");
+             ": activation_function must be gelu_new and n_inner 4·n_embd for this GPT-2 path (the GPU model)");
   GPT2Config c;
   c.n_layer = m.n_layer;
   c.n_head = m.n_head;
