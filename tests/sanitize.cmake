@@ -6,6 +6,15 @@ set(KILN_LOADER_SOURCES
   ${CMAKE_SOURCE_DIR}/core/safetensors.cpp
   ${CMAKE_SOURCE_DIR}/models/config.cpp
   ${CMAKE_SOURCE_DIR}/models/gpt2_params.cpp
+  ${CMAKE_SOURCE_DIR}/models/param_table.cpp
+  ${CMAKE_SOURCE_DIR}/models/model_config.cpp
+  ${CMAKE_SOURCE_DIR}/models/family.cpp
+  ${CMAKE_SOURCE_DIR}/models/families/hf_llama.cpp
+  ${CMAKE_SOURCE_DIR}/models/families/gpt2.cpp
+  ${CMAKE_SOURCE_DIR}/models/families/llama.cpp
+  ${CMAKE_SOURCE_DIR}/models/families/mistral.cpp
+  ${CMAKE_SOURCE_DIR}/models/families/qwen2.cpp
+  ${CMAKE_SOURCE_DIR}/models/families/qwen3.cpp
   ${CMAKE_SOURCE_DIR}/models/checkpoint.cpp
   ${CMAKE_SOURCE_DIR}/train/shards.cpp)
 file(GLOB KILN_SANITIZE_TEST_SOURCES CONFIGURE_DEPENDS ${CMAKE_CURRENT_SOURCE_DIR}/sanitize/*.cpp)

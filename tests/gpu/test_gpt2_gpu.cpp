@@ -9,6 +9,7 @@
 #include <vector>
 
 #include "tests/gpt2_compat.h"
+#include "train/optimizer.h"
 #include "models/gpt2_cuda_decoder.h"
 #include "infer/sampler.h"
 #include "tests/gpt2_compat.h"
@@ -89,7 +90,9 @@ void compare_step(const Inputs& in, int B, int T) {
   gpu_model.download_grads(g.data());
   double sq = 0;
   for (size_t i = 0; i < cpu.num_floats(); i++) sq += double(cpu.grads()[i]) * cpu.grads()[i];
-  EXPECT_NEAR(gpu_model.grad_norm(1.0f), std::sqrt(sq), 0.03 * std::sqrt(sq));
+  std::unique_ptr<nn::Backend> be = nn::make_cuda_backend();
+  AdamW opt(cpu.table(), AdamWConfig{}, be.get());
+  EXPECT_NEAR(opt.grad_norm(gpu_model.blocks(be.get()), 1.0f), std::sqrt(sq), 0.03 * std::sqrt(sq));
   for (const ParamSpec& s : cpu.table().specs) {
     // The attention key bias has an exactly-zero gradient (softmax is shift-invariant per query): only noise.
     if (s.name.find("c_attn.bias") != std::string::npos) continue;
@@ -158,10 +161,12 @@ TEST(GpuGPT2, StepsAllocateNothingAfterThePlan) {
   GpuModel g(cfg, 2, B * T);
   GPT2Cuda& m = *g.dev;
   const AttentionParams ap = cfg.attention(B, T);
+  std::unique_ptr<nn::Backend> be = nn::make_cuda_backend();
+  AdamW opt(gpt2_table(cfg), AdamWConfig{}, be.get());
   auto step = [&](int t) {
     m.forward(in.tokens.data(), in.pos.data(), in.targets.data(), B * T, ap, 1.0f / float(B * T));
     m.backward();
-    m.adamw_update(AdamWConfig{}, 1e-3f, t, m.grad_norm(1.0f), 1.0f);
+    opt.update(m.blocks(be.get()), 1e-3f, t, opt.grad_norm(m.blocks(be.get()), 1.0f), 1.0f);
   };
   step(1);  // first use of the matmul plans and their workspace
   const int64_t before = emu::malloc_count();
@@ -181,7 +186,7 @@ TEST(GpuGPT2, TensorCoreTilesHaveNoBankConflicts) {
   const int64_t before = emu::ldmatrix_bank_conflicts();
   m.forward(in.tokens.data(), in.pos.data(), in.targets.data(), B * T, cfg.attention(B, T), 1.0f / float(B * T));
   m.backward();
-  CudaDecoder dec(cfg, g.host.params(), 1, 0, false);
+  CudaDecoder dec(cfg.model(), g.host.params(), 1, 0, false);
   dec.forward(in.tokens.data(), 20);
   dec.forward(in.tokens.data() + 20, 1);
   EXPECT_EQ(emu::ldmatrix_bank_conflicts() - before, 0);
@@ -201,8 +206,8 @@ TEST(GpuDecoder, FollowsCpuDecoderAndGraphReplayIsExact) {
   const int V = cfg.vocab_size, prompt = 12, steps = 6;
   Inputs in = make_inputs(prompt + steps, V, 6);
   Decoder cpu(cfg, params.data());
-  CudaDecoder eager(cfg, params.data(), 1, 0, /*use_graph=*/false);
-  CudaDecoder graph(cfg, params.data(), 1, 0, /*use_graph=*/true);
+  CudaDecoder eager(cfg.model(), params.data(), 1, 0, /*use_graph=*/false);
+  CudaDecoder graph(cfg.model(), params.data(), 1, 0, /*use_graph=*/true);
   const float* lc = cpu.forward(in.tokens.data(), prompt);
   const float* le = eager.forward(in.tokens.data(), prompt);
   const float* lg = graph.forward(in.tokens.data(), prompt);
@@ -238,7 +243,7 @@ TEST(GpuDecoder, ChunkedPrefillFollowsTheCpu) {
   static_assert(CudaDecoder::kMaxChunk < 280);
   Inputs in = make_inputs(prompt + 2, V, 10);
   Decoder cpu(cfg, params.data());
-  CudaDecoder dev(cfg, params.data());
+  CudaDecoder dev(cfg.model(), params.data());
   for (int step = 0; step < 3; step++) {
     const int n = step == 0 ? prompt : 1;
     const int32_t* t = in.tokens.data() + (step == 0 ? 0 : prompt + step - 1);
@@ -260,8 +265,8 @@ TEST(GpuDecoder, DeviceArgmaxIsTheArgmaxOfTheLogits) {
   const auto params = random_params(cfg);
   const int V = cfg.vocab_size, limit = 240, prompt = 7;
   Inputs in = make_inputs(prompt + 5, V, 13);
-  CudaDecoder logits_dec(cfg, params.data(), 1, 0, false);
-  CudaDecoder greedy_dec(cfg, params.data(), 1, 0, true);
+  CudaDecoder logits_dec(cfg.model(), params.data(), 1, 0, false);
+  CudaDecoder greedy_dec(cfg.model(), params.data(), 1, 0, true);
   for (int step = 0; step < 6; step++) {
     const int n = step == 0 ? prompt : 1;
     const int32_t* t = in.tokens.data() + (step == 0 ? 0 : prompt + step - 1);
@@ -277,7 +282,7 @@ TEST(GpuDecoder, AllLogitsOfAPromptFollowTheCpu) {
   const int V = cfg.vocab_size, B = 2, n = 9;
   Inputs in = make_inputs(B * n, V, 7);
   Decoder cpu(cfg, params.data(), B);
-  CudaDecoder dev(cfg, params.data(), B);
+  CudaDecoder dev(cfg.model(), params.data(), B);
   const float* c = cpu.forward(in.tokens.data(), n, true);
   std::vector<float> lc(c, c + size_t(B) * n * V);
   const float* d = dev.forward(in.tokens.data(), n, true);
