@@ -37,7 +37,9 @@ ModelConfig parse_model_config(const std::string& text, const std::string& where
     KILN_CHECK(j["model_type"].is_string(), where, ": field model_type must be a string");
     type = j["model_type"].get<std::string>();
   } else {
-    KILN_CHECK(j.contains("n_embd"), where, ": missing field model_type");
+    // kiln's first checkpoints wrote GPT-2 configs without one: GPT-2's own keys say which family it is.
+    const bool gpt2 = j.contains("n_embd") || j.contains("n_layer") || j.contains("n_head") || j.contains("n_positions");
+    KILN_CHECK(gpt2, where, ": missing field model_type");
     type = "gpt2";
   }
   ModelConfig c = find_family(type, where).parse(j, where);

@@ -27,7 +27,7 @@ struct Family {
 const std::vector<const Family*>& families();
 const Family& find_family(const std::string& model_type, const std::string& where);
 
-// config.json text -> ModelConfig (dispatching on model_type; a file without one that has GPT-2's n_embd is
+// config.json text -> ModelConfig (dispatching on model_type; a file without one that has GPT-2's keys is
 // GPT-2, as kiln's first checkpoints were written). The source text is kept so writing it back preserves the
 // fields kiln does not use.
 ModelConfig parse_model_config(const std::string& text, const std::string& where);

@@ -162,7 +162,8 @@ TEST(GpuGPT2, StepsAllocateNothingAfterThePlan) {
   GPT2Cuda& m = *g.dev;
   const AttentionParams ap = cfg.attention(B, T);
   std::unique_ptr<nn::Backend> be = nn::make_cuda_backend();
-  AdamW opt(gpt2_table(cfg), AdamWConfig{}, be.get());
+  const ParamTable table = gpt2_table(cfg);
+  AdamW opt(table, AdamWConfig{}, be.get());
   auto step = [&](int t) {
     m.forward(in.tokens.data(), in.pos.data(), in.targets.data(), B * T, ap, 1.0f / float(B * T));
     m.backward();
