@@ -12,6 +12,7 @@
 #include "tokenizer/bpe.h"
 #include "tokenizer/pretokenize.h"
 #include "tokenizer/tokenizer_config.h"
+#include "tokenizer/train.h"
 
 namespace kiln {
 namespace {
@@ -246,6 +247,29 @@ TEST(HfTokenizer, TokenizerConfigLoadsAndSavesBack) {
   EXPECT_EQ(u.config()->chat_template, "{{ x }}");
   EXPECT_EQ(u.config()->chat_templates.at("default"), "{{ x }}");
   EXPECT_EQ(u.config()->model_max_length, 8192);
+}
+
+// A vocabulary kiln trains with Llama 3's / Qwen2's rule, saved, is read the same way by the peer.
+TEST(HfTokenizer, TrainedWithLlama3AndQwen2RulesMatchesHuggingFaceJs) {
+  std::string corpus = test::fortunes_text(400000);
+  if (corpus.empty()) GTEST_SKIP() << "fortunes not installed";
+  for (PreTokenizer pre : {PreTokenizer::kLlama3, PreTokenizer::kQwen2}) {
+    BpeTrainOptions opt;
+    opt.vocab_size = 1200;
+    opt.pre_tokenizer = pre;
+    Tokenizer t = train_bpe_texts({corpus}, opt);
+    EXPECT_EQ(t.pre_tokenizer(), pre);
+    std::string dir = fresh_dir("hf_trained");
+    t.save(dir);
+    EXPECT_FALSE(std::filesystem::exists(dir + "/vocab.bpe"));
+    Tokenizer back = Tokenizer::load(dir);
+    EXPECT_EQ(back.pre_tokenizer(), pre);
+    if (!test::have_node() || !test::have_hf_js()) continue;
+    auto texts = peer_texts();
+    auto want = test::hf_peer_encode(dir + "/tokenizer.json", texts, /*plain=*/true);
+    ASSERT_EQ(want.size(), texts.size());
+    for (size_t i = 0; i < texts.size(); i++) ASSERT_EQ(back.encode(texts[i]), want[i]) << "text " << i;
+  }
 }
 
 void expect_one_line_error(const std::string& path, const std::vector<std::string>& needles) {
