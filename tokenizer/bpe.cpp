@@ -318,8 +318,13 @@ void Tokenizer::encode_word(std::string_view word, std::vector<uint32_t>& out) c
   if (cacheable) cache.insert(word, h, out.data() + before, out.size() - before);
 }
 
-void Tokenizer::encode_ordinary(std::string_view text, std::vector<uint32_t>& out) const {
+// Llama 3's and Qwen2's matchers; callers choose (a branch inside encode_ordinary cost GPT-2's loop ~4%).
+[[gnu::noinline]] void Tokenizer::encode_ordinary_split(std::string_view text, std::vector<uint32_t>& out) const {
   pretok::pretokenize(pre_, text, [&](size_t b, size_t e) { encode_word(text.substr(b, e - b), out); });
+}
+
+void Tokenizer::encode_ordinary(std::string_view text, std::vector<uint32_t>& out) const {
+  pretok::pretokenize(text, [&](size_t b, size_t e) { encode_word(text.substr(b, e - b), out); });
 }
 
 // Leftmost, then longest (specials_ is sorted longest first) match of the tokens in `group` within
@@ -395,7 +400,13 @@ void Tokenizer::split_specials(std::string_view text, bool allow_special, Ordina
 
 void Tokenizer::encode_append(std::string_view text, std::vector<uint32_t>& out, bool allow_special) const {
   split_specials(
-      text, allow_special, [&](size_t b, size_t e) { encode_ordinary(text.substr(b, e - b), out); },
+      text, allow_special,
+      [&](size_t b, size_t e) {
+        if (pre_ == PreTokenizer::kGpt2)
+          encode_ordinary(text.substr(b, e - b), out);
+        else
+          encode_ordinary_split(text.substr(b, e - b), out);
+      },
       [&](uint32_t id) { out.push_back(id); });
 }
 
@@ -440,7 +451,10 @@ std::vector<uint32_t> Tokenizer::encode(std::string_view text, bool allow_specia
       // writes one (false sharing between threads).
       std::vector<uint32_t> local;
       local.reserve((p.end - p.begin) / 3 + 16);
-      encode_ordinary(text.substr(p.begin, p.end - p.begin), local);
+      if (pre_ == PreTokenizer::kGpt2)
+        encode_ordinary(text.substr(p.begin, p.end - p.begin), local);
+      else
+        encode_ordinary_split(text.substr(p.begin, p.end - p.begin), local);
       outs[i] = std::move(local);
     }
   }

@@ -126,6 +126,7 @@ class Tokenizer {
 
  private:
   void encode_ordinary(std::string_view text, std::vector<uint32_t>& out) const;
+  void encode_ordinary_split(std::string_view text, std::vector<uint32_t>& out) const;
   void encode_word(std::string_view word, std::vector<uint32_t>& out) const;
   void bpe_short(std::string_view word, std::vector<uint32_t>& out) const;
   void bpe_long(std::string_view word, std::vector<uint32_t>& out) const;
@@ -144,15 +145,17 @@ class Tokenizer {
   std::unordered_map<std::string, uint32_t> token_to_id_;  // raw bytes -> id (byte-level tokens)
   uint32_t byte_id_[256] = {};
   bpe_detail::PairMap ranks_;
+  std::optional<uint32_t> eot_;
+  bool ignore_merges_ = false;
+  uint64_t serial_ = 0;  // identifies this vocabulary to the per-thread word caches
+  // Below: not read per word.
   std::vector<uint32_t> unnormalized_, normalized_;  // indices into specials_ of the two matching passes
-  std::optional<uint32_t> eot_, bos_;
+  std::optional<uint32_t> bos_;
   PreTokenizer pre_ = PreTokenizer::kGpt2;
   std::vector<uint32_t> prefix_, suffix_;            // what is added around a text (see prefix_ids())
   std::vector<uint32_t> post_prefix_, post_suffix_;  // what tokenizer.json's post_processor adds
   std::string post_processor_json_;                  // as loaded, written back by to_hf_json()
   std::optional<TokenizerConfig> config_;
-  bool ignore_merges_ = false;
-  uint64_t serial_ = 0;  // identifies this vocabulary to the per-thread word caches
 };
 
 }  // namespace kiln
