@@ -169,6 +169,10 @@ TEST(HfTokenizer, TokenTypesBosAndOrdinaryText) {
   EXPECT_EQ(t.token_type(50259), TokenType::kUserDefined);
   EXPECT_EQ(t.token_type(50260), TokenType::kUserDefined);
   EXPECT_EQ(t.token_type(*t.token_id("a")), TokenType::kNormal);
+  auto types = t.token_types();
+  ASSERT_EQ(types.size(), 50262u);
+  EXPECT_EQ(std::count(types.begin(), types.end(), TokenType::kControl), 4);  // the file's special=true ones
+  EXPECT_EQ(std::count(types.begin(), types.end(), TokenType::kUserDefined), 2);
   EXPECT_EQ(t.prefix_ids(), std::vector<uint32_t>{50257});
   EXPECT_TRUE(t.suffix_ids().empty());
   EXPECT_EQ(t.bos_id(), 50257u);

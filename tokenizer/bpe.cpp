@@ -163,6 +163,12 @@ TokenType Tokenizer::token_type(uint32_t id) const {
   return TokenType::kNormal;
 }
 
+std::vector<TokenType> Tokenizer::token_types() const {
+  std::vector<TokenType> types(tokens_.size(), TokenType::kNormal);
+  for (const SpecialToken& s : specials_) types[s.id] = s.special ? TokenType::kControl : TokenType::kUserDefined;
+  return types;
+}
+
 void Tokenizer::set_config(TokenizerConfig c, const std::string& source) {
   auto id_of = [&](const std::optional<std::string>& content, const char* field) -> std::optional<uint32_t> {
     if (!content) return std::nullopt;

@@ -106,6 +106,8 @@ class Tokenizer {
   PreTokenizer pre_tokenizer() const { return pre_; }
   // Normal, control (special added tokens) or user-defined (non-special added tokens).
   TokenType token_type(uint32_t id) const;
+  // token_type of every id, in id order (for GGUF's tokenizer.ggml.token_type).
+  std::vector<TokenType> token_types() const;
   // Ids to put before / after a text's ids for the model (not done by encode()): tokenizer_config.json's
   // add_bos_token / add_eos_token when given, else what tokenizer.json's post_processor adds.
   const std::vector<uint32_t>& prefix_ids() const { return prefix_; }
