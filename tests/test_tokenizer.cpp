@@ -20,6 +20,9 @@ using test::fresh_dir;
 using test::have_gpt2_files;
 using test::have_node;
 using test::write_text;
+using test::hand_texts;
+using test::mixed_texts;
+using test::fortune_pieces;
 
 #define REQUIRE_GPT2()                                                                        \
   do {                                                                                        \
@@ -29,75 +32,6 @@ using test::write_text;
 const Tokenizer& gpt2() {
   static const Tokenizer t = Tokenizer::load(test::gpt2_dir());
   return t;
-}
-
-// Hand-written texts covering each branch of the pre-tokenization regex.
-std::vector<std::string> hand_texts() {
-  return {
-      "Hello world",
-      "The quick brown fox jumps over the lazy dog. It's 3:14pm; we've 2 cats & they'll eat.",
-      "I'm sure you'd say she's right, but they're wrong and we've shown it. 'tis the season.",
-      "IT'S LOUD. WE'RE HERE. YOU'LL SEE. I'D SAY. I'M OK. WE'VE. DON'T.",  // uppercase: not split by GPT-2
-      "'s 't 're 've 'm 'll 'd ''s x's x'S 'sss 'reel '''d'",
-      "def f(x):\n\tif x > 0:\n\t\treturn x ** 2  # square\n\treturn -x\n\nprint(f(3))\n",
-      "for (int i = 0; i < n; ++i) { a[i] += b[i] * 2; }  // C++\r\n#include <vector>\r\n",
-      "   leading spaces\n\n\n   and   many    gaps\t\t\ttabs \t mixed\n \n  \n",
-      "trailing spaces    ",
-      "\n\n\n",
-      " ",
-      "a",
-      "",
-      "1234567890 3.14159 -42 1,000,000 0xDEADBEEF 2nd 3rd 12abc abc123",
-      "emoji: 😀🎉👍🏽 family 👨‍👩‍👧‍👦 flags 🇫🇷🇯🇵 ❤️",
-      "日本語のテキストです。中文文本，还有标点符号！한국어 텍스트",
-      "Crème brûlée, naïve café, São Paulo, Zürich, Øresund, Łódź, İstanbul",
-      "Ελληνικά και Русский текст, עברית, العربية, हिन्दी, ไทย",
-      "mixed: abcΑΒΓабв123١٢٣٤Ⅻⅻ½¾ x²y³ 𝔘𝔫𝔦𝔠𝔬𝔡𝔢",
-      "nbsp\u00a0here\u2003em space\u3000ideographic\u2028line sep",
-      "punct!!! ??? ... --- *** ((())) [[x]] {{y}} \"quoted\" `code` ~tilde~ @at #hash $money %pct ^caret",
-      "<|endoftext|>",  // only compared with allow_special=false: the npm package has no special tokens
-      "URL https://example.com/path?query=1&b=2#frag and email a.b@c.de",
-      "ＦＵＬＬＷＩＤＴＨ ｔｅｘｔ and ｶﾀｶﾅ",
-      std::string(3000, 'a'),  // a long word: the heap-based merge loop
-      std::string(1500, ' ') + "x" + std::string(700, '\n') + "y" + std::string(300, '\t'),
-      std::string(2000, '7'),
-      "abc" + std::string(500, '!') + "def",
-  };
-}
-
-// Random mixtures of fragments from many scripts and classes (seeded).
-std::vector<std::string> mixed_texts(int count, uint64_t seed) {
-  // clang-format off
-  const std::vector<std::string> frags = {
-      "the", " the", "The", " of", "and", " ", "  ", "   ", "\n", "\n\n", "\t", " \t", "\r\n", "'s", "'t", "'re",
-      "'ve", "'m", "'ll", "'d", "'S", "'", "''", "\"", ".", ",", "!", "?", "...", "-", "_", "(", ")", "{", "}", "0",
-      "12", "345", "6789", "3.5", "é", "ü", "ñ", "ß", "Ω", "λ", "ж", "中", "文", "日本", "한", "😀", "🎉", "‍", "️",
-      "٣", "Ⅻ", "½", "\u00a0", "\u2003", "\u3000", "tokenization", "Straße", "Ünïcödé", "x", "Q", "z9", "a_b",
-      "==", "->", "::", "/*", "*/", "#", "//", "$", "%", "&", "|", "~", "^", "`", "@", "™", "©", "→", "∑", "√", "≠"};
-  // clang-format on
-  Rng rng(seed);
-  std::vector<std::string> out;
-  for (int i = 0; i < count; i++) {
-    std::string s;
-    int n = 1 + int(rng.next_u32() % 60);
-    for (int k = 0; k < n; k++) s += frags[rng.next_u32() % frags.size()];
-    out.push_back(s);
-  }
-  return out;
-}
-
-// Fortune files cut at line ends into pieces of about `piece` bytes.
-std::vector<std::string> fortune_pieces(size_t total, size_t piece) {
-  std::string all = test::fortunes_text(total, 8192);
-  std::vector<std::string> out;
-  size_t pos = 0;
-  while (pos < all.size()) {
-    size_t cut = all.find('\n', std::min(all.size(), pos + piece));
-    cut = cut == std::string::npos ? all.size() : cut + 1;
-    out.push_back(all.substr(pos, cut - pos));
-    pos = cut;
-  }
-  return out;
 }
 
 std::string show(const std::string& s) { return nlohmann::json(s).dump().substr(0, 200); }

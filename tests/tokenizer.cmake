@@ -10,7 +10,8 @@ file(GLOB KILN_TOKENIZER_SOURCES CONFIGURE_DEPENDS ${CMAKE_SOURCE_DIR}/tokenizer
 add_executable(kiln_tokenizer_sanitize_tests ${KILN_TOKENIZER_SOURCES}
   ${CMAKE_SOURCE_DIR}/train/doc_index.cpp ${CMAKE_SOURCE_DIR}/train/prepare.cpp ${CMAKE_SOURCE_DIR}/train/shards.cpp
   ${CMAKE_SOURCE_DIR}/core/file_io.cpp
-  ${CMAKE_CURRENT_SOURCE_DIR}/test_tokenizer.cpp ${CMAKE_CURRENT_SOURCE_DIR}/test_data_prepare.cpp)
+  ${CMAKE_CURRENT_SOURCE_DIR}/test_tokenizer.cpp ${CMAKE_CURRENT_SOURCE_DIR}/test_tokenizer_hf.cpp
+  ${CMAKE_CURRENT_SOURCE_DIR}/test_data_prepare.cpp)
 set(KILN_TOKENIZER_SANITIZE_FLAGS -fsanitize=address,undefined -fno-sanitize-recover=all -fno-omit-frame-pointer)
 target_include_directories(kiln_tokenizer_sanitize_tests PRIVATE ${CMAKE_SOURCE_DIR})
 target_compile_options(kiln_tokenizer_sanitize_tests PRIVATE ${KILN_TOKENIZER_SANITIZE_FLAGS} -O1 -g)

@@ -41,6 +41,17 @@ tok = json.load(open(path("tok/tokenizer.json")))
 assert tok["model"]["type"] == "BPE" and len(tok["model"]["vocab"]) == 320
 assert tok["added_tokens"][0]["content"] == "<|endoftext|>" and tok["added_tokens"][0]["id"] == 319
 
+# Llama 3's pre-tokenizer: tokenizer.json names its Split regex; GPT-2's files are not written.
+out = json.loads(run("tokenizer", "train", "--input", path("corpus.txt"), "--vocab-size", "300", "--out",
+                     path("tok_llama3"), "--pre-tokenizer", "llama3").stdout)
+assert out["pre_tokenizer"] == "llama-bpe", out
+tok3 = json.load(open(path("tok_llama3/tokenizer.json")))
+assert tok3["pre_tokenizer"]["pretokenizers"][0]["pattern"]["Regex"].endswith(r"\s+(?!\S)|\s+"), tok3["pre_tokenizer"]
+assert not os.path.exists(path("tok_llama3/vocab.bpe"))
+p3 = run("tokenizer", "train", "--input", path("corpus.txt"), "--vocab-size", "300", "--out", path("t3"),
+         "--pre-tokenizer", "gpt4", ok=False)
+assert p3.returncode != 0 and b"gpt4" in p3.stderr, p3.stderr
+
 # Arbitrary bytes (invalid UTF-8 included) survive encode -> decode.
 raw = "Hello, wörld! it's 42\n\n  x".encode() + b"\xff\xfe\xc3(\x80 end<|endoftext|>tail"
 with open(path("raw.bin"), "wb") as f:

@@ -68,17 +68,39 @@ std::string spelled(const std::vector<std::string>& tokens, const std::vector<bo
 
 }  // namespace
 
+// tokenizer_config.json (and chat_template.jinja, where newer transformers keep the template) beside a
+// tokenizer.json.
+static void attach_config(Tokenizer& t, const fs::path& dir) {
+  const fs::path cfg = dir / "tokenizer_config.json";
+  std::error_code ec;
+  if (!fs::exists(cfg, ec)) return;
+  TokenizerConfig c = TokenizerConfig::load(cfg.string());
+  const fs::path jinja = dir / "chat_template.jinja";
+  if (c.chat_templates.empty() && fs::exists(jinja, ec)) {
+    c.chat_template = read_file(jinja.string());
+    c.chat_templates["default"] = c.chat_template;
+  }
+  t.set_config(std::move(c), cfg.string());
+}
+
 Tokenizer Tokenizer::load(const std::string& path) {
   std::error_code ec;
   if (fs::is_directory(path, ec)) {
     fs::path d(path);
+    // tokenizer.json first: it says which pre-tokenizer; encoder.json + vocab.bpe are GPT-2's.
+    if (fs::exists(d / "tokenizer.json")) {
+      Tokenizer t = load_hf_json((d / "tokenizer.json").string());
+      attach_config(t, d);
+      return t;
+    }
     if (fs::exists(d / "encoder.json") && fs::exists(d / "vocab.bpe"))
       return load_gpt2((d / "encoder.json").string(), (d / "vocab.bpe").string());
-    if (fs::exists(d / "tokenizer.json")) return load_hf_json((d / "tokenizer.json").string());
     fail(path, ": no tokenizer here (expected encoder.json + vocab.bpe, or tokenizer.json)");
   }
   KILN_CHECK(fs::exists(path, ec), path, ": no such tokenizer file or directory");
-  return load_hf_json(path);
+  Tokenizer t = load_hf_json(path);
+  attach_config(t, fs::path(path).parent_path().empty() ? fs::path(".") : fs::path(path).parent_path());
+  return t;
 }
 
 static Tokenizer gpt2_impl(const std::string& encoder_json, const std::string& vocab_bpe) {
@@ -117,7 +139,123 @@ static Tokenizer gpt2_impl(const std::string& encoder_json, const std::string& v
   return Tokenizer::from_parts(std::move(v.tokens), merges, std::move(specials), std::move(v.raw), vocab_bpe);
 }
 
-static Tokenizer hf_json_impl(const std::string& path) {
+namespace {
+
+// Hugging Face's regexes for Llama 3 and Qwen2 (Split pre-tokenizers), exactly as their files spell them.
+const char* const kLlama3Pattern =
+    R"((?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+)";
+const char* const kQwen2Pattern =
+    R"((?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+)";
+
+// GPT-2's ByteLevel (regex on), or Split(Llama 3 / Qwen2 regex, Isolated) then ByteLevel (regex off).
+PreTokenizer parse_pre_tokenizer(const json& pre, const std::string& path) {
+  auto unsupported = [&](const std::string& field, const json& v, const char* why) {
+    fail(path, ": ", field, " ", v.dump(), " is not supported (", why, ")");
+  };
+  const char* kinds = "kiln implements ByteLevel, and Split with Llama 3's or Qwen2's regex then ByteLevel";
+  if (!pre.is_object()) unsupported("pre_tokenizer", pre, kinds);
+  auto byte_level = [&](const json& b, const std::string& field, bool use_regex) {
+    if (!b.is_object() || b.value("type", "") != "ByteLevel") unsupported(field, b, kinds);
+    KILN_CHECK(!b.value("add_prefix_space", false), path, ": ", field, ".add_prefix_space=true is not supported");
+    KILN_CHECK(b.value("use_regex", true) == use_regex, path, ": ", field, ".use_regex=", !use_regex,
+               " is not supported", use_regex ? "" : " after a Split");
+  };
+  const std::string type = pre.value("type", "");
+  if (type == "ByteLevel") {
+    byte_level(pre, "pre_tokenizer", true);
+    return PreTokenizer::kGpt2;
+  }
+  if (type != "Sequence") unsupported("pre_tokenizer", pre, kinds);
+  KILN_CHECK(pre.contains("pretokenizers") && pre["pretokenizers"].is_array(), path,
+             ": pre_tokenizer.pretokenizers must be an array");
+  const json& seq = pre["pretokenizers"];
+  if (seq.size() == 1) {
+    byte_level(seq[0], "pre_tokenizer.pretokenizers[0]", true);
+    return PreTokenizer::kGpt2;
+  }
+  if (seq.size() != 2) unsupported("pre_tokenizer", pre, kinds);
+  const json& split = seq[0];
+  const std::string f = "pre_tokenizer.pretokenizers[0]";
+  if (!split.is_object() || split.value("type", "") != "Split") unsupported(f, split, kinds);
+  KILN_CHECK(split.contains("pattern") && split["pattern"].is_object() && split["pattern"].contains("Regex") &&
+                 split["pattern"]["Regex"].is_string(),
+             path, ": ", f, ".pattern must be {\"Regex\": string}");
+  const std::string p = split["pattern"]["Regex"].get<std::string>();
+  PreTokenizer kind;
+  if (p == kLlama3Pattern)
+    kind = PreTokenizer::kLlama3;
+  else if (p == kQwen2Pattern)
+    kind = PreTokenizer::kQwen2;
+  else
+    unsupported(f + ".pattern.Regex", split["pattern"]["Regex"], "kiln implements Llama 3's and Qwen2's patterns");
+  KILN_CHECK(split.value("behavior", "") == "Isolated", path, ": ", f, ".behavior ", split.value("behavior", "null"),
+             " is not supported (Isolated is)");
+  KILN_CHECK(!split.value("invert", false), path, ": ", f, ".invert=true is not supported");
+  byte_level(seq[1], "pre_tokenizer.pretokenizers[1]", false);
+  return kind;
+}
+
+}  // namespace
+
+// Friend of Tokenizer: fills in what tokenizer.json's post_processor adds.
+struct HfJsonLoader {
+  static void post_processor(const json& pp, const std::string& path, const std::string& field, Tokenizer& t) {
+    KILN_CHECK(pp.is_object() && pp.contains("type") && pp["type"].is_string(), path, ": ", field,
+               " must be an object with a \"type\"");
+    const std::string type = pp["type"].get<std::string>();
+    if (type == "ByteLevel") return;  // offsets only
+    if (type == "Sequence") {
+      KILN_CHECK(pp.contains("processors") && pp["processors"].is_array(), path, ": ", field,
+                 ".processors must be an array");
+      for (size_t i = 0; i < pp["processors"].size(); i++)
+        post_processor(pp["processors"][i], path, str(field, ".processors[", i, "]"), t);
+      return;
+    }
+    KILN_CHECK(type == "TemplateProcessing", path, ": ", field, ".type ", type,
+               " is not supported (ByteLevel and TemplateProcessing are)");
+    KILN_CHECK(pp.contains("single") && pp["single"].is_array(), path, ": ", field, ".single must be an array");
+    const json specials = pp.value("special_tokens", json::object());
+    KILN_CHECK(specials.is_object(), path, ": ", field, ".special_tokens must be an object");
+    bool seen_a = false;
+    std::vector<uint32_t> prefix, suffix;
+    for (size_t i = 0; i < pp["single"].size(); i++) {
+      const json& item = pp["single"][i];
+      const std::string where = str(field, ".single[", i, "]");
+      if (item.is_object() && item.contains("Sequence")) {
+        KILN_CHECK(!seen_a && item["Sequence"].value("id", "") == "A", path, ": ", where,
+                   " must be the one {\"Sequence\": {\"id\": \"A\"}}");
+        seen_a = true;
+        continue;
+      }
+      KILN_CHECK(item.is_object() && item.contains("SpecialToken") && item["SpecialToken"].contains("id") &&
+                     item["SpecialToken"]["id"].is_string(),
+                 path, ": ", where, " must be a Sequence or a SpecialToken with an \"id\"");
+      const std::string name = item["SpecialToken"]["id"].get<std::string>();
+      KILN_CHECK(specials.contains(name) && specials[name].contains("ids") && specials[name]["ids"].is_array(), path,
+                 ": ", where, " names '", name, "', which ", field, ".special_tokens does not give ids for");
+      for (const json& id : specials[name]["ids"]) {
+        uint32_t v = json_id(id, path, str(field, ".special_tokens['", name, "'].ids"));
+        KILN_CHECK(v < uint32_t(t.vocab_size()), path, ": ", field, ".special_tokens['", name, "'] has id ", v,
+                   " outside the vocabulary");
+        (seen_a ? suffix : prefix).push_back(v);
+      }
+    }
+    KILN_CHECK(seen_a, path, ": ", field, ".single has no {\"Sequence\": {\"id\": \"A\"}}");
+    t.post_prefix_.insert(t.post_prefix_.end(), prefix.begin(), prefix.end());
+    t.post_suffix_.insert(t.post_suffix_.end(), suffix.begin(), suffix.end());
+  }
+  static void attach(const json& pp, const std::string& path, Tokenizer& t) {
+    post_processor(pp, path, "post_processor", t);
+    // Written back as loaded, except a lone ByteLevel, which saving writes anyway.
+    if (pp.value("type", "") != "ByteLevel") t.post_processor_json_ = pp.dump();
+    t.prefix_ = t.post_prefix_;
+    t.suffix_ = t.post_suffix_;
+    if (!t.post_prefix_.empty()) t.bos_ = t.post_prefix_[0];
+  }
+};
+
+namespace {
+Tokenizer hf_json_impl(const std::string& path) {
   json j = parse_json_file(path);
   KILN_CHECK(j.is_object() && j.contains("model") && j["model"].is_object(), path,
              ": not a tokenizer.json (no \"model\" object)");
@@ -126,15 +264,9 @@ static Tokenizer hf_json_impl(const std::string& path) {
   KILN_CHECK(type == "BPE", path, ": model.type is ", type, "; kiln reads byte-level BPE models only");
   KILN_CHECK(!j.contains("normalizer") || j["normalizer"].is_null(), path, ": normalizer ", j["normalizer"].dump(),
              " is not supported (byte-level BPE has none)");
-  // The pre-tokenizer must be GPT-2's ByteLevel (alone or as the only step of a Sequence).
-  const json* pre = j.contains("pre_tokenizer") ? &j["pre_tokenizer"] : nullptr;
-  if (pre && pre->is_object() && pre->value("type", "") == "Sequence" && pre->contains("pretokenizers") &&
-      (*pre)["pretokenizers"].is_array() && (*pre)["pretokenizers"].size() == 1)
-    pre = &(*pre)["pretokenizers"][0];
-  KILN_CHECK(pre && pre->is_object() && pre->value("type", "") == "ByteLevel", path, ": pre_tokenizer ",
-             pre ? pre->dump() : std::string("null"), " is not supported (kiln implements GPT-2's ByteLevel)");
-  KILN_CHECK(!pre->value("add_prefix_space", false), path, ": pre_tokenizer.add_prefix_space=true is not supported");
-  KILN_CHECK(pre->value("use_regex", true), path, ": pre_tokenizer.use_regex=false is not supported");
+  const PreTokenizer pre = parse_pre_tokenizer(j.contains("pre_tokenizer") ? j["pre_tokenizer"] : json(), path);
+  KILN_CHECK(!j.contains("decoder") || j["decoder"].is_null() || j["decoder"].value("type", "") == "ByteLevel", path,
+             ": decoder ", j["decoder"].dump(), " is not supported (kiln decodes ByteLevel)");
   auto empty_or_null = [&](const char* key) {
     return !m.contains(key) || m[key].is_null() || (m[key].is_string() && m[key].get<std::string>().empty());
   };
@@ -163,9 +295,19 @@ static Tokenizer hf_json_impl(const std::string& path) {
       KILN_CHECK(a.is_object() && a.contains("id") && a.contains("content") && a["content"].is_string(), path, ": ",
                  where, " needs \"id\" and \"content\"");
       uint32_t id = json_id(a["id"], path, where);
-      std::string content = a["content"].get<std::string>();
-      if (id >= v.seen.size() || !v.seen[id]) v.put(id, content);
-      specials.push_back({content, id});
+      auto flag = [&](const char* key, bool dflt) {
+        if (!a.contains(key) || a[key].is_null()) return dflt;
+        KILN_CHECK(a[key].is_boolean(), path, ": ", where, ".", key, " must be true or false");
+        return a[key].get<bool>();
+      };
+      SpecialToken t{a["content"].get<std::string>(), id};
+      t.special = flag("special", true);
+      t.lstrip = flag("lstrip", false);
+      t.rstrip = flag("rstrip", false);
+      t.normalized = flag("normalized", !t.special);  // Hugging Face's default
+      KILN_CHECK(!flag("single_word", false), path, ": ", where, ".single_word=true is not supported");
+      if (id >= v.seen.size() || !v.seen[id]) v.put(id, t.content);
+      specials.push_back(std::move(t));
     }
   }
   v.check_complete(path);
@@ -188,9 +330,14 @@ static Tokenizer hf_json_impl(const std::string& path) {
     KILN_CHECK(ib != by_spelling.end(), where, ": token '", ab.second, "' is not in model.vocab");
     merges.emplace_back(ia->second, ib->second);
   }
-  return Tokenizer::from_parts(std::move(v.tokens), merges, std::move(specials), std::move(v.raw), path,
-                               m.value("ignore_merges", false));
+  Tokenizer t = Tokenizer::from_parts(std::move(v.tokens), merges, std::move(specials), std::move(v.raw), path,
+                                      m.value("ignore_merges", false), pre);
+  if (j.contains("post_processor") && !j["post_processor"].is_null())
+    HfJsonLoader::attach(j["post_processor"], path, t);
+  return t;
 }
+
+}  // namespace
 
 // A field of the wrong JSON type surfaces as nlohmann's type_error: report it as kiln::Error naming the file.
 Tokenizer Tokenizer::load_gpt2(const std::string& encoder_json, const std::string& vocab_bpe) {
@@ -259,16 +406,28 @@ std::string Tokenizer::to_hf_json() const {
     added.push_back(ojson{{"id", s.id},
                           {"content", s.content},
                           {"single_word", false},
-                          {"lstrip", false},
-                          {"rstrip", false},
-                          {"normalized", false},
-                          {"special", true}});
+                          {"lstrip", s.lstrip},
+                          {"rstrip", s.rstrip},
+                          {"normalized", s.normalized},
+                          {"special", s.special}});
   j["added_tokens"] = added;
   j["normalizer"] = nullptr;
-  j["pre_tokenizer"] =
-      ojson{{"type", "ByteLevel"}, {"add_prefix_space", false}, {"trim_offsets", true}, {"use_regex", true}};
-  j["post_processor"] =
-      ojson{{"type", "ByteLevel"}, {"add_prefix_space", true}, {"trim_offsets", false}, {"use_regex", true}};
+  if (pre_ == PreTokenizer::kGpt2) {
+    j["pre_tokenizer"] =
+        ojson{{"type", "ByteLevel"}, {"add_prefix_space", false}, {"trim_offsets", true}, {"use_regex", true}};
+  } else {
+    ojson split{{"type", "Split"},
+                {"pattern", {{"Regex", pre_ == PreTokenizer::kLlama3 ? kLlama3Pattern : kQwen2Pattern}}},
+                {"behavior", "Isolated"},
+                {"invert", false}};
+    ojson bl{{"type", "ByteLevel"}, {"add_prefix_space", false}, {"trim_offsets", true}, {"use_regex", false}};
+    j["pre_tokenizer"] = ojson{{"type", "Sequence"}, {"pretokenizers", ojson::array({split, bl})}};
+  }
+  if (!post_processor_json_.empty())
+    j["post_processor"] = ojson::parse(post_processor_json_);
+  else
+    j["post_processor"] =
+        ojson{{"type", "ByteLevel"}, {"add_prefix_space", true}, {"trim_offsets", false}, {"use_regex", true}};
   j["decoder"] = ojson{{"type", "ByteLevel"}, {"add_prefix_space", true}, {"trim_offsets", true}, {"use_regex", true}};
   ojson model;
   model["type"] = "BPE";
@@ -297,9 +456,12 @@ std::string Tokenizer::to_hf_json() const {
 void Tokenizer::save(const std::string& dir) const {
   make_dirs(dir);
   fs::path d(dir);
-  write_file_atomic((d / "encoder.json").string(), to_encoder_json());
-  write_file_atomic((d / "vocab.bpe").string(), to_vocab_bpe());
+  if (pre_ == PreTokenizer::kGpt2) {
+    write_file_atomic((d / "encoder.json").string(), to_encoder_json());
+    write_file_atomic((d / "vocab.bpe").string(), to_vocab_bpe());
+  }
   write_file_atomic((d / "tokenizer.json").string(), to_hf_json());
+  if (config_) write_file_atomic((d / "tokenizer_config.json").string(), config_->text);
 }
 
 }  // namespace kiln

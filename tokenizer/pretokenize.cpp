@@ -101,4 +101,18 @@ size_t next_safe_split(std::string_view text, size_t from) {
   return text.size();
 }
 
+bool is_safe_split(PreTokenizer pre, std::string_view text, size_t p) {
+  if (pre == PreTokenizer::kGpt2) return is_safe_split(text, p);
+  const uint8_t* s = reinterpret_cast<const uint8_t*>(text.data());
+  // No alternative takes a ' ' after a non-space character, and none looks behind.
+  return p > 0 && p < text.size() && s[p] == ' ' && class_before(s, text.size(), p) != kSpace;
+}
+
+size_t next_safe_split(PreTokenizer pre, std::string_view text, size_t from) {
+  if (pre == PreTokenizer::kGpt2) return next_safe_split(text, from);
+  for (size_t p = std::max<size_t>(from, 1); p < text.size(); p++)
+    if (is_safe_split(pre, text, p)) return p;
+  return text.size();
+}
+
 }  // namespace kiln::pretok

@@ -45,7 +45,8 @@ struct Word {
 }  // namespace
 
 std::vector<std::pair<std::string, int64_t>> count_pretokens(const std::vector<std::string_view>& texts,
-                                                             const std::vector<std::string>& specials, int threads) {
+                                                             const std::vector<std::string>& specials, int threads,
+                                                             PreTokenizer pre) {
   std::vector<std::string_view> segs, chunks;
   for (auto t : texts) split_out_specials(t, specials, segs);
   // Cut long stretches at safe split points so that threads share the work.
@@ -53,7 +54,7 @@ std::vector<std::pair<std::string, int64_t>> count_pretokens(const std::vector<s
   for (auto seg : segs) {
     size_t pos = 0;
     while (pos < seg.size()) {
-      size_t cut = seg.size() - pos > 2 * kChunk ? pretok::next_safe_split(seg, pos + kChunk) : seg.size();
+      size_t cut = seg.size() - pos > 2 * kChunk ? pretok::next_safe_split(pre, seg, pos + kChunk) : seg.size();
       chunks.push_back(seg.substr(pos, cut - pos));
       pos = cut;
     }
@@ -65,7 +66,7 @@ std::vector<std::pair<std::string, int64_t>> count_pretokens(const std::vector<s
   for (size_t i = 0; i < chunks.size(); i++) {
     auto& m = maps[omp_get_thread_num()];
     std::string_view c = chunks[i];
-    pretok::pretokenize(c, [&](size_t b, size_t e) { m[c.substr(b, e - b)]++; });
+    pretok::pretokenize(pre, c, [&](size_t b, size_t e) { m[c.substr(b, e - b)]++; });
   }
   for (int t = 1; t < threads; t++)
     for (auto& [k, v] : maps[t]) maps[0][k] += v;
@@ -92,7 +93,7 @@ Tokenizer train_bpe_texts(const std::vector<std::string_view>& texts, const BpeT
   }
 
   std::vector<Word> words;
-  for (auto& [w, c] : count_pretokens(texts, opt.special_tokens, opt.threads)) {
+  for (auto& [w, c] : count_pretokens(texts, opt.special_tokens, opt.threads, opt.pre_tokenizer)) {
     Word word{{}, c};
     for (unsigned char ch : w) word.ids.push_back(byte_id[ch]);
     words.push_back(std::move(word));
@@ -195,7 +196,8 @@ Tokenizer train_bpe_texts(const std::vector<std::string_view>& texts, const BpeT
     specials.push_back({s, uint32_t(tokens.size())});
     tokens.push_back(s);
   }
-  return Tokenizer::from_parts(std::move(tokens), merges, std::move(specials), {}, "trained tokenizer");
+  return Tokenizer::from_parts(std::move(tokens), merges, std::move(specials), {}, "trained tokenizer", false,
+                               opt.pre_tokenizer);
 }
 
 Tokenizer train_bpe(const std::vector<std::string>& files, const BpeTrainOptions& opt) {

@@ -1,4 +1,4 @@
-// Byte-level BPE training, GPT-2 style: the corpus is pre-tokenized with GPT-2's rule, pre-tokens are
+// Byte-level BPE training, GPT-2 style: the corpus is pre-tokenized (GPT-2's rule, or Llama 3's / Qwen2's), pre-tokens are
 // counted, and the most frequent adjacent pair is merged repeatedly (incremental pair counts with a
 // lazily updated priority queue). Ids: the 256 bytes first in GPT-2's byte order, then one id per merge,
 // then the special tokens (<|endoftext|> by default) last.
@@ -22,6 +22,8 @@ struct BpeTrainOptions {
   int64_t min_pair_count = 2;
   // Threads for counting pre-tokens; 0 = all.
   int threads = 0;
+  // The pre-tokenization rule; the trained tokenizer keeps it (and its tokenizer.json says it).
+  PreTokenizer pre_tokenizer = PreTokenizer::kGpt2;
   // Called now and then.
   std::function<void(int merges_done, int merges_wanted)> progress;
 };
@@ -33,6 +35,7 @@ Tokenizer train_bpe_texts(const std::vector<std::string_view>& texts, const BpeT
 
 // Pre-token -> count over a text, ignoring special-token strings (exposed for tests).
 std::vector<std::pair<std::string, int64_t>> count_pretokens(const std::vector<std::string_view>& texts,
-                                                             const std::vector<std::string>& specials, int threads);
+                                                             const std::vector<std::string>& specials, int threads,
+                                                             PreTokenizer pre = PreTokenizer::kGpt2);
 
 }  // namespace kiln

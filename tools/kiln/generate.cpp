@@ -133,6 +133,8 @@ void run_generate(const GenerateOptions& o) {
   if (o.has_prompt) {
     KILN_CHECK(tok, "--prompt needs a tokenizer: pass --tokenizer DIR (", o.model.empty() ? "no model directory" : o.model,
                " has no encoder.json + vocab.bpe or tokenizer.json), or give --prompt-ids");
+    // bos when the tokenizer asks for it (tokenizer_config.json's add_bos_token, or a TemplateProcessing).
+    for (uint32_t id : tok->prefix_ids()) prompt.push_back(int32_t(id));
     for (uint32_t id : tok->encode(o.prompt)) prompt.push_back(int32_t(id));
   } else {
     prompt = parse_ids(o.prompt_ids);

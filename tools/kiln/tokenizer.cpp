@@ -99,10 +99,11 @@ kiln::cli::Command tokenizer_cmd("tokenizer", [](CLI::App& root) {
     std::vector<std::string> specials = {"<|endoftext|>"};
     int64_t min_pair_count = 2;
     int threads = 0;
+    std::string pre = "gpt2";
   };
   auto ta = std::make_shared<TrainArgs>();
   auto* train =
-      tok->add_subcommand("train", "Learn BPE merges from text files; writes encoder.json, vocab.bpe, tokenizer.json");
+      tok->add_subcommand("train", "Learn BPE merges from text files; writes tokenizer.json (and encoder.json + vocab.bpe for gpt2)");
   train->add_option("--input", ta->inputs, "Text files or globs")->required();
   train->add_option("--vocab-size", ta->vocab_size, "Vocabulary size: 256 bytes + merges + special tokens")->required();
   train->add_option("--out", ta->out, "Output directory")->required();
@@ -110,8 +111,14 @@ kiln::cli::Command tokenizer_cmd("tokenizer", [](CLI::App& root) {
   train->add_option("--min-pair-count", ta->min_pair_count, "Stop when the best pair occurs fewer times")
       ->capture_default_str();
   train->add_option("--threads", ta->threads, "Threads for counting pre-tokens (0: all)")->capture_default_str();
+  train->add_option("--pre-tokenizer", ta->pre, "Pre-tokenization rule: gpt2, llama3 or qwen2")
+      ->check(CLI::IsMember({"gpt2", "llama3", "qwen2"}))
+      ->capture_default_str();
   train->callback([ta] {
     kiln::BpeTrainOptions opt;
+    opt.pre_tokenizer = ta->pre == "llama3"  ? kiln::PreTokenizer::kLlama3
+                        : ta->pre == "qwen2" ? kiln::PreTokenizer::kQwen2
+                                             : kiln::PreTokenizer::kGpt2;
     opt.vocab_size = ta->vocab_size;
     opt.special_tokens = ta->specials;
     opt.min_pair_count = ta->min_pair_count;
@@ -122,7 +129,8 @@ kiln::cli::Command tokenizer_cmd("tokenizer", [](CLI::App& root) {
     double secs = seconds_since(t0);
     t.save(ta->out);
     nlohmann::json j = {
-        {"out", ta->out}, {"vocab_size", t.vocab_size()}, {"merges", t.num_merges()}, {"seconds", secs}};
+        {"out", ta->out}, {"vocab_size", t.vocab_size()}, {"merges", t.num_merges()}, {"seconds", secs},
+        {"pre_tokenizer", kiln::gguf_pre_name(t.pre_tokenizer())}};
     if (t.vocab_size() < ta->vocab_size)
       std::fprintf(stderr, "kiln: the corpus ran out of pairs occurring %lld+ times: vocabulary is %d, not %d\n",
                    (long long)ta->min_pair_count, t.vocab_size(), ta->vocab_size);
@@ -206,7 +214,8 @@ kiln::cli::Command tokenizer_cmd("tokenizer", [](CLI::App& root) {
     double s1 = best(1, single_ids);
     double sn = best(threads, threaded_ids);
     double mb = double(text.size()) / 1e6;
-    nlohmann::json j = {{"bytes", text.size()},
+    nlohmann::json j = {{"pre_tokenizer", kiln::gguf_pre_name(t.pre_tokenizer())},
+                        {"bytes", text.size()},
                         {"tokens", single_ids.size()},
                         {"single_first_run_mb_s", mb / first},  // cold word cache
                         {"single_mb_s", mb / s1},
