@@ -28,4 +28,10 @@ fi
 if [ ! -f "$here/third_party/npm/node_modules/@huggingface/tokenizers/package.json" ]; then
   (cd "$here/third_party/npm" && npm install --silent --no-audit --no-fund @huggingface/tokenizers@0.2.0 >/dev/null)
 fi
+# llama.cpp as a peer for the GGUF export (tests/peer/llama_cpp_greedy.mjs): the CPU build only (83 MB; without
+# --omit=optional every platform's GPU build comes too).
+if [ ! -f "$here/third_party/npm/node_modules/node-llama-cpp/package.json" ]; then
+  (cd "$here/third_party/npm" && npm install --silent --no-audit --no-fund -E --omit=optional \
+     node-llama-cpp@3.21.1 @node-llama-cpp/linux-x64@3.21.1 >/dev/null)
+fi
 echo "setup: ok" >&2
