@@ -16,6 +16,12 @@
 // write the same memory; the summation order inside an item is fixed, so results are the same bits on every
 // run and for every thread count. Per key tile (outer) and query tile (inner), P is recomputed from lse,
 // D = rowsum(dO∘O), dS = P∘(dP − D), and dV += Pᵀ·dO, dK += scale·dSᵀ·Q, dQ += scale·dS·K.
+//
+// Grouped-query attention: a forward item reads its query head's key/value head. A backward item is
+// (sequence, key/value head) and runs the group's query heads one after the other inside, so the dK, dV rows
+// the group shares still have one writer and a fixed summation order.
+// Sliding window: key tiles entirely before a query tile's window are skipped (forward and backward), and
+// tiles that straddle the window's edge are masked like the causal diagonal (without the Trim savings).
 #include <omp.h>
 
 #include <algorithm>
@@ -224,6 +230,21 @@ inline i32x16 causal_visible(int v, int64_t q0, int64_t k0, int j) {
   return (lane_index() + v * kLanes) >= int32_t(k0 + j - q0);
 }
 
+// The same for the window's far edge: key k0+j visible to query q0+i iff q0+i < k0+j+window. Only called
+// on tiles where that bound lies within the query tile, so it fits an int.
+inline i32x16 window_visible(int v, int64_t q0, int64_t k0, int j, int window) {
+  return (lane_index() + v * kLanes) < int32_t(k0 + j - q0 + window);
+}
+
+// The first key tile holding a key that query tile q0 sees (key tiles start at multiples of kBc).
+inline int64_t first_key_tile(const AttentionParams& p, int64_t q0) {
+  return p.window > 0 ? std::max<int64_t>(0, q0 - p.window + 1) / kBc * kBc : 0;
+}
+// Whether some (real) query of tile [q0, q0+qn) is hidden by the window from some key of tile k0.
+inline bool window_masks(const AttentionParams& p, int64_t q0, int qn, int64_t k0) {
+  return p.window > 0 && k0 + p.window <= q0 + qn - 1;
+}
+
 struct ForwardScratch {
   Buffer qt, st, ot;
   explicit ForwardScratch(int HD)
@@ -233,11 +254,11 @@ struct ForwardScratch {
 // One (sequence, head, query tile): rows q0..q0+qn of sequence sp.
 void forward_tile(float* out, float* lse, const float* qkv, const AttentionParams& p, int64_t N, Span sp, int h,
                   int64_t q0, ForwardScratch& w) {
-  const int HD = p.HD;
-  const int64_t C = int64_t(p.NH) * HD, ld = 3 * C;
+  const int HD = p.HD, NKV = kv_heads(p), kvh = h / (p.NH / NKV);
+  const int64_t C = int64_t(p.NH) * HD, ld = qkv_row(p);
   const float* qb = qkv + sp.start * ld + int64_t(h) * HD;
-  const float* kb = qb + C;
-  const float* vb = qb + 2 * C;
+  const float* kb = qkv + sp.start * ld + int64_t(p.NH + kvh) * HD;
+  const float* vb = qkv + sp.start * ld + int64_t(p.NH + NKV + kvh) * HD;
   const int qn = int(std::min<int64_t>(kBr, sp.len - q0));
   const int nvq = (qn + kLanes - 1) / kLanes, lanes = nvq * kLanes;  // lane vectors holding real queries
   float* Qt = w.qt.f32();
@@ -250,10 +271,11 @@ void forward_tile(float* out, float* lse, const float* qkv, const AttentionParam
   const f32x16 scale = splat(p.scale);
 
   const int64_t kend = p.causal ? q0 + qn : sp.len;  // key tiles past the last query are fully masked
-  for (int64_t k0 = 0; k0 < kend; k0 += kBc) {
+  for (int64_t k0 = first_key_tile(p, q0); k0 < kend; k0 += kBc) {
     const int kn = int(std::min<int64_t>(kBc, kend - k0));
     // On the diagonal, some keys are hidden from some queries: skip what is fully hidden, mask the rest.
     const bool mask = p.causal && k0 + kn - 1 > q0;
+    const bool wmask = window_masks(p, q0, qn, k0);
     const Trim lanes_from = mask ? Trim::kLanesFrom : Trim::kNone;
     bgemm(St, kBr, kn, lanes, kb + k0 * ld, ld, 1, Qt, kBr, HD, false, lanes_from, int(k0 - q0));  // Sᵀ = K·Qᵀ
     f32x16 mt[kVq];
@@ -262,20 +284,24 @@ void forward_tile(float* out, float* lse, const float* qkv, const AttentionParam
       for (int v = 0; v < nvq; v++) {
         f32x16 x = load(St + j * kBr + v * kLanes) * scale;
         if (mask) x = causal_visible(v, q0, k0, j) ? x : splat(-kInf);
+        if (wmask) x = window_visible(v, q0, k0, j, p.window) ? x : splat(-kInf);
         store(St + j * kBr + v * kLanes, x);
         mt[v] = vmax(mt[v], x);
       }
-    f32x16 alpha[kVq], sum[kVq];
+    f32x16 alpha[kVq], sum[kVq], mref[kVq];
     for (int v = 0; v < nvq; v++) {
-      // Finite from the first tile on: key 0 is visible to every query.
+      // Without a window the max is finite from the first tile on (key 0 is visible to every query). With one,
+      // a query may see no key of its first tiles: subtract 0 then, not -inf (which would give NaN).
       const f32x16 mnew = vmax(m[v], mt[v]);
-      alpha[v] = vexp(m[v] - mnew);
+      mref[v] = mnew;
+      if (p.window > 0) mref[v] = mnew == splat(-kInf) ? f32x16{} : mnew;
+      alpha[v] = vexp(m[v] - mref[v]);
       m[v] = mnew;
       sum[v] = f32x16{};
     }
     for (int j = 0; j < kn; j++)
       for (int v = 0; v < nvq; v++) {
-        const f32x16 pr = vexp(load(St + j * kBr + v * kLanes) - m[v]);
+        const f32x16 pr = vexp(load(St + j * kBr + v * kLanes) - mref[v]);
         store(St + j * kBr + v * kLanes, pr);
         sum[v] += pr;
       }
@@ -335,12 +361,12 @@ void attention_backward(float* dqkv, const float* dout, const float* qkv, const 
   const std::vector<Span> seqs = spans(p, N);
   if (N == 0) return;
   KILN_CHECK(dqkv && dout && qkv && out && lse, "attention_backward: null pointer argument");
-  const int HD = p.HD;
-  const int64_t C = int64_t(p.NH) * HD, ld = 3 * C;
+  const int HD = p.HD, NKV = kv_heads(p), group = p.NH / NKV;
+  const int64_t C = int64_t(p.NH) * HD, ld = qkv_row(p);
   int64_t max_len = 0;
   for (const Span& s : seqs) max_len = std::max(max_len, s.len);
   const int64_t max_pad = (max_len + kBr - 1) / kBr * kBr;
-  const int64_t n_items = int64_t(seqs.size()) * p.NH;
+  const int64_t n_items = int64_t(seqs.size()) * NKV;
 
 #pragma omp parallel if (n_items > 1)
   {
@@ -351,74 +377,88 @@ void attention_backward(float* dqkv, const float* dout, const float* qkv, const 
     Buffer st(sizeof(float) * kBc * kBr), dst(sizeof(float) * kBc * kBr);
 #pragma omp for schedule(dynamic, 1)
     for (int64_t t = 0; t < n_items; t++) {
-      const Span sp = seqs[size_t(t / p.NH)];
-      const int h = int(t % p.NH);
+      const Span sp = seqs[size_t(t / NKV)];
+      const int kvh = int(t % NKV);
       if (sp.len == 0) continue;
-      const float* qb = qkv + sp.start * ld + int64_t(h) * HD;
-      const float* kb = qb + C;
-      const float* vb = qb + 2 * C;
-      const float* ob = out + sp.start * C + int64_t(h) * HD;
-      const float* dob = dout + sp.start * C + int64_t(h) * HD;
-      float* dqb = dqkv + sp.start * ld + int64_t(h) * HD;
-      const int64_t len = sp.len, pad = (len + kBr - 1) / kBr * kBr;
-      float* Qt = qt_all.f32();
-      float* dOt = dot_all.f32();
-      float* L = lse_pad.f32();
-      float* D = dvec.f32();
-      float* Pt = st.f32();
-      float* dSt = dst.f32();
+      const float* kb = qkv + sp.start * ld + int64_t(p.NH + kvh) * HD;
+      const float* vb = qkv + sp.start * ld + int64_t(p.NH + NKV + kvh) * HD;
+      float* dkb = dqkv + sp.start * ld + int64_t(p.NH + kvh) * HD;
+      float* dvb = dqkv + sp.start * ld + int64_t(p.NH + NKV + kvh) * HD;
+      for (int g = 0; g < group; g++) {
+        const int h = kvh * group + g;
+        const float* qb = qkv + sp.start * ld + int64_t(h) * HD;
+        const float* ob = out + sp.start * C + int64_t(h) * HD;
+        const float* dob = dout + sp.start * C + int64_t(h) * HD;
+        float* dqb = dqkv + sp.start * ld + int64_t(h) * HD;
+        const int64_t len = sp.len, pad = (len + kBr - 1) / kBr * kBr;
+        float* Qt = qt_all.f32();
+        float* dOt = dot_all.f32();
+        float* L = lse_pad.f32();
+        float* D = dvec.f32();
+        float* Pt = st.f32();
+        float* dSt = dst.f32();
 
-      for (int64_t q0 = 0; q0 < len; q0 += kBr) {
-        const int qn = int(std::min<int64_t>(kBr, len - q0));
-        pack_transposed(Qt + q0 * HD, qb + q0 * ld, ld, qn, HD);
-        pack_transposed(dOt + q0 * HD, dob + q0 * C, C, qn, HD);
-      }
-      // Padded query lanes get lse = +inf, so their probabilities are exactly 0.
-      for (int64_t i = 0; i < pad; i++) {
-        L[i] = i < len ? lse[int64_t(h) * N + sp.start + i] : kInf;
-        D[i] = i < len ? dot(dob + i * C, ob + i * C, HD) : 0.0f;
-      }
-
-      const f32x16 scale = splat(p.scale);
-      for (int64_t k0 = 0; k0 < len; k0 += kBc) {
-        const int kn = int(std::min<int64_t>(kBc, len - k0));
-        float* dKb = dqb + k0 * ld + C;
-        float* dVb = dqb + k0 * ld + 2 * C;
-        // With causality, query tiles that end before key k0 see none of these keys.
-        const int64_t qstart = p.causal ? k0 / kBr * kBr : 0;
-        for (int64_t q0 = qstart; q0 < len; q0 += kBr) {
+        for (int64_t q0 = 0; q0 < len; q0 += kBr) {
           const int qn = int(std::min<int64_t>(kBr, len - q0));
-          const int nvq = (qn + kLanes - 1) / kLanes, lanes = nvq * kLanes;
-          const bool mask = p.causal && k0 + kn - 1 > q0;
-          const Trim lanes_from = mask ? Trim::kLanesFrom : Trim::kNone;
-          const int delta = int(k0 - q0);
-          // Sᵀ = K·Qᵀ into Pt, dPᵀ = V·dOᵀ into dSt; both become Pᵀ and dSᵀ in place below.
-          bgemm(Pt, kBr, kn, lanes, kb + k0 * ld, ld, 1, Qt + q0 * HD, kBr, HD, false, lanes_from, delta);
-          bgemm(dSt, kBr, kn, lanes, vb + k0 * ld, ld, 1, dOt + q0 * HD, kBr, HD, false, lanes_from, delta);
-          for (int j = 0; j < kn; j++)
-            for (int v = 0; v < nvq; v++) {
-              const f32x16 x = load(Pt + j * kBr + v * kLanes) * scale - load(L + q0 + v * kLanes);
-              const f32x16 dp = load(dSt + j * kBr + v * kLanes);
-              f32x16 pr = vexp(x), ds = pr * (dp - load(D + q0 + v * kLanes)) * scale;
-              if (mask) {
-                // Hidden entries may hold stale values (their products were skipped): select exact zeros.
-                const i32x16 visible = causal_visible(v, q0, k0, j);
-                pr = visible ? pr : f32x16{};
-                ds = visible ? ds : f32x16{};
-              }
-              store(Pt + j * kBr + v * kLanes, pr);
-              store(dSt + j * kBr + v * kLanes, ds);
-            }
-          const Trim k_from = mask ? Trim::kKFrom : Trim::kNone, k_up_to = mask ? Trim::kKUpTo : Trim::kNone;
-          // The first contribution to a gradient row overwrites it (dqkv is not zeroed beforehand): the first
-          // query tile for dK, dV; the first key tile (k0 = 0, which every query sees) for dQ.
-          const bool first_q = q0 == qstart, first_k = k0 == 0;
-          // dV += Pᵀ·dO, dK += dSᵀ·Q, dQ += dS·K (scale is folded into dS).
-          bgemm(dVb, ld, kn, HD, Pt, kBr, 1, dob + q0 * C, C, qn, !first_q, k_from, delta);
-          bgemm(dKb, ld, kn, HD, dSt, kBr, 1, qb + q0 * ld, ld, qn, !first_q, k_from, delta);
-          bgemm(dqb + q0 * ld, ld, qn, HD, dSt, 1, kBr, kb + k0 * ld, ld, kn, !first_k, k_up_to, -delta);
+          pack_transposed(Qt + q0 * HD, qb + q0 * ld, ld, qn, HD);
+          pack_transposed(dOt + q0 * HD, dob + q0 * C, C, qn, HD);
         }
-      }
+        // Padded query lanes get lse = +inf, so their probabilities are exactly 0.
+        for (int64_t i = 0; i < pad; i++) {
+          L[i] = i < len ? lse[int64_t(h) * N + sp.start + i] : kInf;
+          D[i] = i < len ? dot(dob + i * C, ob + i * C, HD) : 0.0f;
+        }
+
+        const f32x16 scale = splat(p.scale);
+        for (int64_t k0 = 0; k0 < len; k0 += kBc) {
+          const int kn = int(std::min<int64_t>(kBc, len - k0));
+          float* dKb = dkb + k0 * ld;
+          float* dVb = dvb + k0 * ld;
+          // With causality, query tiles that end before key k0 see none of these keys; with a window, nor do
+          // queries at or past the last key + window.
+          const int64_t qstart = p.causal ? k0 / kBr * kBr : 0;
+          const int64_t qend = p.window > 0 ? std::min<int64_t>(len, k0 + kn - 1 + p.window) : len;
+          for (int64_t q0 = qstart; q0 < qend; q0 += kBr) {
+            const int qn = int(std::min<int64_t>(kBr, len - q0));
+            const int nvq = (qn + kLanes - 1) / kLanes, lanes = nvq * kLanes;
+            const bool mask = p.causal && k0 + kn - 1 > q0;
+            const bool wmask = window_masks(p, q0, qn, k0);
+            const Trim lanes_from = mask ? Trim::kLanesFrom : Trim::kNone;
+            const int delta = int(k0 - q0);
+            // Sᵀ = K·Qᵀ into Pt, dPᵀ = V·dOᵀ into dSt; both become Pᵀ and dSᵀ in place below.
+            bgemm(Pt, kBr, kn, lanes, kb + k0 * ld, ld, 1, Qt + q0 * HD, kBr, HD, false, lanes_from, delta);
+            bgemm(dSt, kBr, kn, lanes, vb + k0 * ld, ld, 1, dOt + q0 * HD, kBr, HD, false, lanes_from, delta);
+            for (int j = 0; j < kn; j++)
+              for (int v = 0; v < nvq; v++) {
+                const f32x16 x = load(Pt + j * kBr + v * kLanes) * scale - load(L + q0 + v * kLanes);
+                const f32x16 dp = load(dSt + j * kBr + v * kLanes);
+                f32x16 pr = vexp(x), ds = pr * (dp - load(D + q0 + v * kLanes)) * scale;
+                if (mask) {
+                  // Hidden entries may hold stale values (their products were skipped): select exact zeros.
+                  const i32x16 visible = causal_visible(v, q0, k0, j);
+                  pr = visible ? pr : f32x16{};
+                  ds = visible ? ds : f32x16{};
+                }
+                if (wmask) {
+                  const i32x16 visible = window_visible(v, q0, k0, j, p.window);
+                  pr = visible ? pr : f32x16{};
+                  ds = visible ? ds : f32x16{};
+                }
+                store(Pt + j * kBr + v * kLanes, pr);
+                store(dSt + j * kBr + v * kLanes, ds);
+              }
+            const Trim k_from = mask ? Trim::kKFrom : Trim::kNone, k_up_to = mask ? Trim::kKUpTo : Trim::kNone;
+            // The first contribution to a gradient row overwrites it (dqkv is not zeroed beforehand): the group's
+            // first head's first query tile for dK, dV; the first key tile the query tile sees (k0 = 0 without a
+            // window) for dQ.
+            const bool first_q = g == 0 && q0 == qstart, first_k = k0 == first_key_tile(p, q0);
+            // dV += Pᵀ·dO, dK += dSᵀ·Q, dQ += dS·K (scale is folded into dS).
+            bgemm(dVb, ld, kn, HD, Pt, kBr, 1, dob + q0 * C, C, qn, !first_q, k_from, delta);
+            bgemm(dKb, ld, kn, HD, dSt, kBr, 1, qb + q0 * ld, ld, qn, !first_q, k_from, delta);
+            bgemm(dqb + q0 * ld, ld, qn, HD, dSt, 1, kBr, kb + k0 * ld, ld, kn, !first_k, k_up_to, -delta);
+          }
+        }
+      }  // query heads of the group
     }
   }
 }

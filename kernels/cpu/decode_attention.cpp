@@ -8,6 +8,9 @@
 // When (sequences × queries × heads) items are too few for the threads — one token decoding with few heads on
 // many cores — the key range is split as well (flash-decoding): each split leaves (m, l, Σ p·v) in a scratch
 // buffer and a second pass merges the splits of each (query, head) with the usual max rescaling.
+//
+// Grouped-query attention only changes which cache head an item reads (h / (NH / NKV)); a sliding window
+// only moves the first key of the range an item walks.
 #include <omp.h>
 
 #include <algorithm>
@@ -128,6 +131,10 @@ void decode_attention(const DecodeAttentionParams& p) {
     max_keys = std::max<int64_t>(max_keys, int64_t(p.past_of(b)) + p.Tq);
   }
   const int HD = p.HD, NH = p.NH;
+  const int NKV = p.NKV > 0 ? p.NKV : NH;
+  KILN_CHECK(p.NKV >= 0 && NH % NKV == 0, "decode_attention: NKV (", p.NKV, ") must divide NH (", NH, ")");
+  KILN_CHECK(p.window >= 0, "decode_attention: window (", p.window, ") must be >= 0");
+  const int group = NH / NKV;
   const int64_t pairs = rows * NH;
   const int nt = omp_get_max_threads();
   // Split the keys only when the (query, head) pairs cannot keep ~4 items per thread and the cache is long.
@@ -138,7 +145,12 @@ void decode_attention(const DecodeAttentionParams& p) {
   // Too little work to wake the team: run on the calling thread.
   const bool threaded = pairs * max_keys * HD >= (1 << 16);
 
-  auto key_count = [&](int64_t row) { return int64_t(p.past_of(int(row / p.Tq))) + row % p.Tq + 1; };
+  // Query `row` sees keys [first_key, key_end): up to its own position, from the window's start.
+  auto key_end = [&](int64_t row) { return int64_t(p.past_of(int(row / p.Tq))) + row % p.Tq + 1; };
+  auto first_key = [&](int64_t row) {
+    return p.window > 0 ? std::max<int64_t>(0, key_end(row) - p.window) : int64_t(0);
+  };
+  auto kv_off = [&](int64_t h) { return h / group * HD; };
   auto base = [&](int64_t row, const float* cache) { return cache + (row / p.Tq) * p.kv_batch_stride; };
 
   if (splits == 1) {
@@ -150,8 +162,8 @@ void decode_attention(const DecodeAttentionParams& p) {
       for (int64_t it = 0; it < pairs; it++) {
         const int64_t row = it / NH, h = it % NH;
         float m, l;
-        attend(p.q + row * p.q_stride + h * HD, base(row, p.k) + h * HD, base(row, p.v) + h * HD, p.kv_stride, HD,
-               p.scale, 0, key_count(row), acc.data(), m, l);
+        attend(p.q + row * p.q_stride + h * HD, base(row, p.k) + kv_off(h), base(row, p.v) + kv_off(h),
+               p.kv_stride, HD, p.scale, first_key(row), key_end(row), acc.data(), m, l);
         float* o = p.out + row * p.out_stride + h * HD;
         const float inv = 1.0f / l;
         for (int d = 0; d < HD; d++) o[d] = acc[size_t(d)] * inv;
@@ -168,11 +180,11 @@ void decode_attention(const DecodeAttentionParams& p) {
 #pragma omp parallel for schedule(dynamic) if (threaded)
   for (int64_t it = 0; it < pairs * splits; it++) {
     const int64_t pair = it / splits, sp = it % splits, row = pair / NH, h = pair % NH;
-    const int64_t n = key_count(row), len = (n + splits - 1) / splits;
-    const int64_t j0 = std::min(n, sp * len), j1 = std::min(n, j0 + len);
+    const int64_t f = first_key(row), e = key_end(row), len = (e - f + splits - 1) / splits;
+    const int64_t j0 = std::min(e, f + sp * len), j1 = std::min(e, j0 + len);
     float* out = part + it * slot;
-    attend(p.q + row * p.q_stride + h * HD, base(row, p.k) + h * HD, base(row, p.v) + h * HD, p.kv_stride, HD,
-           p.scale, j0, j1, out + 2, out[0], out[1]);
+    attend(p.q + row * p.q_stride + h * HD, base(row, p.k) + kv_off(h), base(row, p.v) + kv_off(h), p.kv_stride,
+           HD, p.scale, j0, j1, out + 2, out[0], out[1]);
   }
   // Merge the splits of each (query, head).
 #pragma omp parallel for schedule(static) if (threaded && pairs >= nt)
