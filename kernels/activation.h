@@ -39,6 +39,18 @@ void add(float* out, const float* a, const float* b, int64_t n, void* stream);
 // Round to nearest even / widen exactly.
 void cast(uint16_t* out, const float* inp, int64_t n, void* stream);
 void cast(float* out, const uint16_t* inp, int64_t n, void* stream);
+// Any Activation, plain and gated (gate_up rows [gate | up] of 2·I values); dinp may alias dout (plain only).
+void activation_forward(uint16_t* out, const uint16_t* inp, int64_t n, Activation a, void* stream);
+void activation_forward(float* out, const float* inp, int64_t n, Activation a, void* stream);
+void activation_backward(uint16_t* dinp, const uint16_t* inp, const uint16_t* dout, int64_t n, Activation a,
+                         void* stream);
+void activation_backward(float* dinp, const float* inp, const float* dout, int64_t n, Activation a, void* stream);
+void gated_forward(uint16_t* out, const uint16_t* gate_up, int64_t N, int I, Activation a, void* stream);
+void gated_forward(float* out, const float* gate_up, int64_t N, int I, Activation a, void* stream);
+void gated_backward(uint16_t* dgate_up, const uint16_t* gate_up, const uint16_t* dout, int64_t N, int I,
+                    Activation a, void* stream);
+void gated_backward(float* dgate_up, const float* gate_up, const float* dout, int64_t N, int I, Activation a,
+                    void* stream);
 }  // namespace cuda
 namespace ref {
 void activation_forward(float* out, const float* inp, int64_t n, Activation a);

@@ -77,7 +77,7 @@ void attention_backward(float* dqkv, const float* dout, const float* qkv, const 
 }  // namespace cpu
 // cuda:: (kernels/cuda/attention.cu): FlashAttention of our own on tensor cores (mma.sync m16n8k16, bf16
 // operands, fp32 accumulation and softmax), head dims 64 and 128, causal or not, packed sequences through
-// cu_seqlens. qkv/out/dout/dqkv are bf16, lse fp32 [NH, N]. The backward needs
+// cu_seqlens, grouped-query (NKV) and sliding-window attention. qkv/out/dout/dqkv are bf16, lse fp32 [NH, N]. The backward needs
 // attention_backward_scratch_bytes(p) bytes of device scratch (fp32 dQ accumulators).
 namespace cuda {
 void attention_forward(uint16_t* out, float* lse, const uint16_t* qkv, const AttentionParams& p, void* stream);

@@ -71,7 +71,7 @@ void decode_attention(const DecodeAttention& p, void* scratch, void* stream);
 // Writes the Tq new keys and values of each sequence (from the fused QKV rows, [B·Tq, NH + 2·NKV, HD]) into
 // the cache ([B][positions][NKV·HD]) at positions past_per_seq[b] .. + Tq - 1.
 void kv_cache_append(uint16_t* k_cache, uint16_t* v_cache, const uint16_t* qkv, const int32_t* past_per_seq, int B,
-                     int Tq, int NH, int HD, int64_t kv_batch_stride, void* stream);
+                     int Tq, int NH, int NKV, int HD, int64_t kv_batch_stride, void* stream);
 }  // namespace cuda
 namespace ref {
 void decode_attention(const DecodeAttentionParams& p);

@@ -8,6 +8,7 @@
 // gradient, to which the normalised branch adds its share) and is overwritten otherwise; when overwritten
 // it may alias dout (each row is read whole before it is written).
 #pragma once
+#include <cstddef>
 #include <cstdint>
 
 namespace kiln {
@@ -17,6 +18,28 @@ void rmsnorm_forward(float* out, float* rstd, const float* inp, const float* wei
 void rmsnorm_backward(float* dinp, float* dweight, const float* dout, const float* inp, const float* weight,
                       const float* rstd, int64_t N, int C, bool accumulate, int heads = 1, int64_t ld = 0);
 }  // namespace cpu
+// cuda:: (kernels/cuda/rmsnorm.cu). The residual-stream form reads the fp32 stream and the fp32 weight and
+// writes bf16 or fp32 (one group per row, heads = 1); the backward reads dout in the same type and writes
+// dinp in fp32 (+= when `accumulate`, else =). The per-head form (Qwen3's q/k norms) reads and writes bf16
+// rows of the qkv buffer in place or not (in and out share `ld`, in elements; 0: heads·C), its backward
+// writes bf16 dinp (may alias dout). dweight accumulates (+=) deterministically: per-block partial sums in
+// `scratch`, rmsnorm_backward_scratch_floats(N·heads, C) floats, then one reduction in block order.
+namespace cuda {
+void rmsnorm_forward(uint16_t* out, float* rstd, const float* inp, const float* weight, int64_t N, int C, float eps,
+                     void* stream);
+void rmsnorm_forward(float* out, float* rstd, const float* inp, const float* weight, int64_t N, int C, float eps,
+                     void* stream);
+void rmsnorm_forward(uint16_t* out, float* rstd, const uint16_t* inp, const float* weight, int64_t N, int C,
+                     float eps, int heads, int64_t ld, void* stream);
+size_t rmsnorm_backward_scratch_floats(int64_t groups, int C);
+void rmsnorm_backward(float* dinp, float* dweight, const uint16_t* dout, const float* inp, const float* weight,
+                      const float* rstd, int64_t N, int C, bool accumulate, float* scratch, void* stream);
+void rmsnorm_backward(float* dinp, float* dweight, const float* dout, const float* inp, const float* weight,
+                      const float* rstd, int64_t N, int C, bool accumulate, float* scratch, void* stream);
+void rmsnorm_backward(uint16_t* dinp, float* dweight, const uint16_t* dout, const uint16_t* inp,
+                      const float* weight, const float* rstd, int64_t N, int C, bool accumulate, int heads,
+                      int64_t ld, float* scratch, void* stream);
+}  // namespace cuda
 namespace ref {
 void rmsnorm_forward(float* out, float* rstd, const float* inp, const float* weight, int64_t N, int C, float eps,
                      int heads = 1, int64_t ld = 0);

@@ -27,6 +27,14 @@ namespace cpu {
 void rope_forward(float* x, const int32_t* pos, int64_t N, const RopeParams& p);
 void rope_backward(float* dx, const int32_t* pos, int64_t N, const RopeParams& p);
 }  // namespace cpu
+// cuda:: (kernels/cuda/rope.cu): the same in place on bf16 (fp32 math) or fp32 rows; p.inv_freq and pos are
+// device arrays.
+namespace cuda {
+void rope_forward(uint16_t* x, const int32_t* pos, int64_t N, const RopeParams& p, void* stream);
+void rope_forward(float* x, const int32_t* pos, int64_t N, const RopeParams& p, void* stream);
+void rope_backward(uint16_t* dx, const int32_t* pos, int64_t N, const RopeParams& p, void* stream);
+void rope_backward(float* dx, const int32_t* pos, int64_t N, const RopeParams& p, void* stream);
+}  // namespace cuda
 namespace ref {
 void rope_forward(float* x, const int32_t* pos, int64_t N, const RopeParams& p);
 void rope_backward(float* dx, const int32_t* pos, int64_t N, const RopeParams& p);

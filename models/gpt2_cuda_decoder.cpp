@@ -122,7 +122,7 @@ void CudaDecoder::run(int n, bool flash, Output out, int limit) {
     uint16_t* vc = vcache_.as<uint16_t>() + l * layer_cache;
     cuda::layernorm_forward(ln_, mean_, rstd_, x_, w.ln1_w, w.ln1_b, N, C, eps, s);
     cuda::matmul_forward_bf16_bias(qkv_, ln_, w16(w.qkv_w), w16(w.qkv_b), N, C, 3 * C, s);
-    cuda::kv_cache_append(kc, vc, qkv_, past_d_, B, n, NH, HD, kv_batch_stride, s);
+    cuda::kv_cache_append(kc, vc, qkv_, past_d_, B, n, NH, NH, HD, kv_batch_stride, s);
     if (flash) {
       AttentionParams ap = cfg_.attention(B, n);
       cuda::attention_forward(att_, lse_, qkv_, ap, s);

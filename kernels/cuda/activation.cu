@@ -1,12 +1,19 @@
-// Elementwise ops on the GPU: tanh-approximation GELU (forward, backward), residual add, bf16 <-> fp32 casts.
+// Elementwise ops on the GPU: the activations (kernels/activation.h; GELU forward and backward as before),
+// the gated forms, residual add, bf16 <-> fp32 casts.
 // One grid-stride kernel, templated on the operation and the operand types: each thread handles 8 elements
 // per step with 16-byte accesses when every pointer is 16-byte aligned (the last n % 8 elements are done
 // one by one), else 1 element per step. Math in fp32; bf16 results round to nearest even.
 // GELU as kernels/cpu/activation.cpp: 0.5·x·(1 + tanh(u)) = x·sigmoid(2u), u = sqrt(2/π)·(x + 0.044715·x³),
 // and with s = sigmoid(2u): d/dx = s + 2·x·s·(1 - s)·u'(x), u' = sqrt(2/π)·(1 + 3·0.044715·x²).
+// The gated kernel walks out[N, I] (8 columns of one row per step when I % 8 == 0 and the rows are aligned)
+// and reads gate and up from the [gate | up] row; its backward writes both halves of dgate_up.
 #include "kernels/activation.h"
 
 #include <algorithm>
+#include <cmath>
+#include <type_traits>
+
+#include "core/error.h"
 
 #include "kernels/cuda/vec.cuh"
 
@@ -40,6 +47,45 @@ struct Add {
 struct Copy {  // the casts: the conversion happens in load_vec / store_vec
   static constexpr int kArity = 1;
   KILN_DEVICE float operator()(float a, float) const { return a; }
+};
+
+// The activations and their derivatives, selected at compile time.
+template <Activation A>
+KILN_DEVICE float act(float x) {
+  if constexpr (A == Activation::GeluTanh) return x * sigmoid_2u(x);
+  else if constexpr (A == Activation::GeluErf) return 0.5f * x * (1.0f + erff(x * 0.7071067811865476f));
+  else if constexpr (A == Activation::Relu) return fmaxf(x, 0.0f);
+  else if constexpr (A == Activation::Silu) return x / (1.0f + expf(-x));
+  else {
+    const float r = fmaxf(x, 0.0f);
+    return r * r;
+  }
+}
+template <Activation A>
+KILN_DEVICE float act_grad(float x) {
+  if constexpr (A == Activation::GeluTanh) {
+    const float s = sigmoid_2u(x);
+    return s + 2.0f * x * s * (1.0f - s) * (kGeluK * (1.0f + 3.0f * kGeluC * x * x));
+  } else if constexpr (A == Activation::GeluErf) {  // Φ(x) + x·φ(x)
+    return 0.5f * (1.0f + erff(x * 0.7071067811865476f)) + x * 0.3989422804014327f * expf(-0.5f * x * x);
+  } else if constexpr (A == Activation::Relu) {
+    return x > 0.0f ? 1.0f : 0.0f;
+  } else if constexpr (A == Activation::Silu) {
+    const float s = 1.0f / (1.0f + expf(-x));
+    return s * (1.0f + x * (1.0f - s));
+  } else {
+    return 2.0f * fmaxf(x, 0.0f);
+  }
+}
+template <Activation A>
+struct ActForward {
+  static constexpr int kArity = 1;
+  KILN_DEVICE float operator()(float x, float) const { return act<A>(x); }
+};
+template <Activation A>
+struct ActBackward {  // a = inp, b = dout
+  static constexpr int kArity = 2;
+  KILN_DEVICE float operator()(float x, float dy) const { return act_grad<A>(x) * dy; }
 };
 
 // out[i] = op(a[i], b[i]). No __restrict__: out may alias a or b (same index only).
@@ -79,6 +125,80 @@ void map(TO* out, const TA* a, const TB* b, int64_t n, Op op, void* stream) {
     simt::launch(map_kernel<1, Op, TO, TA, TB>, grid(n), dim3(kThreads), 0, s, out, a, b, n, op);
 }
 
+// Gated: element (n, i) of out[N, I]; gate at gate_up[n·2I + i], up at + I. Backward (dout given):
+// dgate = act'(gate)·up·dy, dup = act(gate)·dy, written to dgate_up (never aliasing dout).
+template <int kN, Activation A, bool kBackward, class TO, class TI>
+KILN_GLOBAL void __launch_bounds__(256) gated_kernel(TO* out, const TI* gate_up, const TI* dout, int64_t N, int I) {
+  const int64_t stride = int64_t(gridDim.x) * blockDim.x;
+  const int64_t units = N * I / kN;
+  for (int64_t u = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; u < units; u += stride) {
+    const int64_t e = u * kN, n = e / I, i = e % I;  // kN columns of one row (kN divides I)
+    const TI* gp = gate_up + n * 2 * I + i;
+    float g[kN], up[kN];
+    simt::load_vec<kN>(g, gp);
+    simt::load_vec<kN>(up, gp + I);
+    if constexpr (!kBackward) {
+      float r[kN];
+      for (int k = 0; k < kN; k++) r[k] = act<A>(g[k]) * up[k];
+      simt::store_vec<kN>(out + e, r);
+    } else {
+      float dy[kN], dg[kN], du[kN];
+      simt::load_vec<kN>(dy, dout + e);
+      for (int k = 0; k < kN; k++) {
+        dg[k] = act_grad<A>(g[k]) * up[k] * dy[k];
+        du[k] = act<A>(g[k]) * dy[k];
+      }
+      TO* dp = out + n * 2 * I + i;
+      simt::store_vec<kN>(dp, dg);
+      simt::store_vec<kN>(dp + I, du);
+    }
+  }
+}
+
+template <Activation A, bool kBackward, class TO, class TI>
+void gated(TO* out, const TI* gate_up, const TI* dout, int64_t N, int I, void* stream) {
+  KILN_CHECK(N >= 0 && I >= 0, "gated activation: bad sizes N=", N, " I=", I);
+  const int64_t n = N * I;
+  if (n <= 0) return;
+  constexpr int kThreads = 256;
+  auto grid = [&](int64_t units) { return dim3(unsigned(std::min<int64_t>((units + kThreads - 1) / kThreads, 4096))); };
+  const auto s = static_cast<cudaStream_t>(stream);
+  if (I % 8 == 0 && simt::aligned16(out) && simt::aligned16(gate_up) && simt::aligned16(dout))
+    simt::launch(gated_kernel<8, A, kBackward, TO, TI>, grid(n / 8), dim3(kThreads), 0, s, out, gate_up, dout, N, I);
+  else
+    simt::launch(gated_kernel<1, A, kBackward, TO, TI>, grid(n), dim3(kThreads), 0, s, out, gate_up, dout, N, I);
+}
+
+// Calls f(std::integral_constant<Activation, a>{}) so the activation is a template argument below.
+template <class F>
+void dispatch(Activation a, F&& f) {
+  switch (a) {
+    case Activation::GeluTanh: return f(std::integral_constant<Activation, Activation::GeluTanh>{});
+    case Activation::GeluErf: return f(std::integral_constant<Activation, Activation::GeluErf>{});
+    case Activation::Relu: return f(std::integral_constant<Activation, Activation::Relu>{});
+    case Activation::Silu: return f(std::integral_constant<Activation, Activation::Silu>{});
+    case Activation::Relu2: return f(std::integral_constant<Activation, Activation::Relu2>{});
+  }
+  ::kiln::fail("activation: unknown Activation ", int(a));
+}
+
+template <class T>
+void act_forward(T* out, const T* inp, int64_t n, Activation a, void* stream) {
+  dispatch(a, [&](auto A) { map(out, inp, static_cast<const T*>(nullptr), n, ActForward<decltype(A)::value>{}, stream); });
+}
+template <class T>
+void act_backward(T* dinp, const T* inp, const T* dout, int64_t n, Activation a, void* stream) {
+  dispatch(a, [&](auto A) { map(dinp, inp, dout, n, ActBackward<decltype(A)::value>{}, stream); });
+}
+template <class T>
+void gate_forward(T* out, const T* gate_up, int64_t N, int I, Activation a, void* stream) {
+  dispatch(a, [&](auto A) { gated<decltype(A)::value, false>(out, gate_up, static_cast<const T*>(nullptr), N, I, stream); });
+}
+template <class T>
+void gate_backward(T* dgate_up, const T* gate_up, const T* dout, int64_t N, int I, Activation a, void* stream) {
+  dispatch(a, [&](auto A) { gated<decltype(A)::value, true>(dgate_up, gate_up, dout, N, I, stream); });
+}
+
 }  // namespace
 
 void gelu_forward(uint16_t* out, const uint16_t* inp, int64_t n, void* stream) {
@@ -100,6 +220,34 @@ void cast(uint16_t* out, const float* inp, int64_t n, void* stream) {
 }
 void cast(float* out, const uint16_t* inp, int64_t n, void* stream) {
   map(out, inp, static_cast<const uint16_t*>(nullptr), n, Copy{}, stream);
+}
+
+void activation_forward(uint16_t* out, const uint16_t* inp, int64_t n, Activation a, void* stream) {
+  act_forward(out, inp, n, a, stream);
+}
+void activation_forward(float* out, const float* inp, int64_t n, Activation a, void* stream) {
+  act_forward(out, inp, n, a, stream);
+}
+void activation_backward(uint16_t* dinp, const uint16_t* inp, const uint16_t* dout, int64_t n, Activation a,
+                         void* stream) {
+  act_backward(dinp, inp, dout, n, a, stream);
+}
+void activation_backward(float* dinp, const float* inp, const float* dout, int64_t n, Activation a, void* stream) {
+  act_backward(dinp, inp, dout, n, a, stream);
+}
+void gated_forward(uint16_t* out, const uint16_t* gate_up, int64_t N, int I, Activation a, void* stream) {
+  gate_forward(out, gate_up, N, I, a, stream);
+}
+void gated_forward(float* out, const float* gate_up, int64_t N, int I, Activation a, void* stream) {
+  gate_forward(out, gate_up, N, I, a, stream);
+}
+void gated_backward(uint16_t* dgate_up, const uint16_t* gate_up, const uint16_t* dout, int64_t N, int I,
+                    Activation a, void* stream) {
+  gate_backward(dgate_up, gate_up, dout, N, I, a, stream);
+}
+void gated_backward(float* dgate_up, const float* gate_up, const float* dout, int64_t N, int I, Activation a,
+                    void* stream) {
+  gate_backward(dgate_up, gate_up, dout, N, I, a, stream);
 }
 
 }  // namespace kiln::cuda

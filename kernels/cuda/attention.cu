@@ -13,6 +13,13 @@
 // all per warp in registers; dSᵀ goes through shared memory so the block computes dQ_tile = dS·K, added to
 // the fp32 accumulator with atomicAdd. A last kernel writes scale·dQ as bf16. dK (scaled) and dV are written
 // once per key tile. Shared-memory rows are padded by 16 bytes so ldmatrix's 8 rows fall in distinct banks.
+//
+// Grouped-query attention: query head h reads kv head h / group (group = NH / NKV; qkv rows are
+// [NH q | NKV k | NKV v] heads). The backward's block belongs to a kv head and walks the query tiles of every
+// query head of its group in turn, so dK and dV sum the group in registers (deterministic, one write).
+// Sliding window (causal, window > 0): query i sees keys j with i − window < j <= i. The forward starts at the
+// first key tile inside its query tile's window, the backward stops at the last query tile that sees its key
+// tile; warps skip tiles wholly outside, and tiles crossing the window's edge are masked element by element.
 #include <algorithm>
 #include <cmath>
 
@@ -136,7 +143,7 @@ struct FwdArgs {
   float* lse;
   const uint16_t* qkv;
   const int32_t* cu_seqlens;
-  int T, NH;
+  int T, NH, group, window;  // group = NH / NKV
   int64_t N;
   float scale_log2;  // scale · log2(e)
   int causal;
@@ -158,23 +165,27 @@ KILN_GLOBAL void __launch_bounds__(kFwdThreads, HD == 64 ? 2 : 1) attention_fwd_
   const int q0 = int(gridDim.x - 1 - blockIdx.x) * kBr;
   if (q0 >= sp.len) return;
   const int h = int(blockIdx.y), warp = simt::warp_id(), lane = simt::lane_id(), g = lane >> 2, t = lane & 3;
-  const int64_t C = int64_t(a.NH) * HD, ld = 3 * C;
+  const int NKV = a.NH / a.group;
+  const int64_t C = int64_t(a.NH) * HD, ld = int64_t(a.NH + 2 * NKV) * HD;
+  const int64_t kvh = h / a.group;
   const uint16_t* qg = a.qkv + sp.start * ld + int64_t(h) * HD;
-  const uint16_t* kg = qg + C;
-  const uint16_t* vg = qg + 2 * C;
+  const uint16_t* kg = a.qkv + sp.start * ld + (a.NH + kvh) * HD;
+  const uint16_t* vg = kg + int64_t(NKV) * HD;
 
   uint16_t* sQ = simt::dynamic_smem<uint16_t>();
   uint16_t* sK = sQ + kBr * LD;     // [2][kBc][LD]
   uint16_t* sV = sK + 2 * kBc * LD;  // [2][kBc][LD]
 
   const int kend = a.causal && q0 + kBr < sp.len ? q0 + kBr : sp.len;
-  const int ntiles = (kend + kBc - 1) / kBc;
+  // Window: the tile's first query q0 sees keys after q0 − window, the lowest bound of its rows.
+  const int kbeg = a.window > 0 ? std::max(0, q0 - a.window + 1) / kBc * kBc : 0;
+  const int ntiles = (kend - kbeg + kBc - 1) / kBc;
   const int qw = q0 + warp * 16;  // this warp's first row (sequence-relative)
   const int row_a = qw + g, row_b = qw + g + 8;
 
   load_tile<kBr, HD, LD, kFwdThreads>(sQ, qg + int64_t(q0) * ld, ld, sp.len - q0);
-  load_tile<kBc, HD, LD, kFwdThreads>(sK, kg, ld, sp.len);
-  load_tile<kBc, HD, LD, kFwdThreads>(sV, vg, ld, sp.len);
+  load_tile<kBc, HD, LD, kFwdThreads>(sK, kg + int64_t(kbeg) * ld, ld, sp.len - kbeg);
+  load_tile<kBc, HD, LD, kFwdThreads>(sV, vg + int64_t(kbeg) * ld, ld, sp.len - kbeg);
   simt::cp_async_commit();
 
   uint32_t qf[KD][4];
@@ -184,7 +195,7 @@ KILN_GLOBAL void __launch_bounds__(kFwdThreads, HD == 64 ? 2 : 1) attention_fwd_
   float m_a = -INFINITY, m_b = -INFINITY, l_a = 0.0f, l_b = 0.0f;
 
   for (int j = 0; j < ntiles; j++) {
-    const int k0 = j * kBc;
+    const int k0 = kbeg + j * kBc;
     if (j + 1 < ntiles) {
       const int st = (j + 1) & 1, kn = k0 + kBc;
       load_tile<kBc, HD, LD, kFwdThreads>(sK + st * kBc * LD, kg + int64_t(kn) * ld, ld, sp.len - kn);
@@ -199,8 +210,10 @@ KILN_GLOBAL void __launch_bounds__(kFwdThreads, HD == 64 ? 2 : 1) attention_fwd_
       KILN_UNROLL
       for (int kk = 0; kk < KD; kk++) load_a(qf[kk], sQ, LD, warp * 16, kk * 16);
     }
-    // Warps whose rows are past the sequence end, or (causal) entirely above this key tile, have nothing to add.
-    const bool active = qw < sp.len && !(a.causal && k0 > qw + 15);
+    // Warps whose rows are past the sequence end, or (causal) entirely above this key tile, or (window) entirely
+    // past its window, have nothing to add.
+    const bool active = qw < sp.len && !(a.causal && k0 > qw + 15) &&
+                        !(a.window > 0 && k0 + kBc - 1 <= qw - a.window);
     if (active) {
       const uint16_t* tK = sK + (j & 1) * kBc * LD;
       const uint16_t* tV = sV + (j & 1) * kBc * LD;
@@ -216,7 +229,8 @@ KILN_GLOBAL void __launch_bounds__(kFwdThreads, HD == 64 ? 2 : 1) attention_fwd_
           mma(s[nb], qf[kk], b);
           mma(s[nb + 1], qf[kk], b + 2);
         }
-      const bool mask = k0 + kBc > sp.len || (a.causal && k0 + kBc - 1 > qw);
+      const bool mask = k0 + kBc > sp.len || (a.causal && k0 + kBc - 1 > qw) ||
+                        (a.window > 0 && k0 <= qw + 15 - a.window);
       // Max over the raw scores (scale > 0), then p = exp2(s·scale·log2e − m) as one FMA per score.
       float mx_a = -INFINITY, mx_b = -INFINITY;
       KILN_UNROLL
@@ -225,7 +239,8 @@ KILN_GLOBAL void __launch_bounds__(kFwdThreads, HD == 64 ? 2 : 1) attention_fwd_
         for (int e = 0; e < 4; e++) {
           if (mask) {
             const int col = k0 + nb * 8 + 2 * t + (e & 1), row = e < 2 ? row_a : row_b;
-            if (col >= sp.len || (a.causal && col > row)) s[nb][e] = -INFINITY;
+            if (col >= sp.len || (a.causal && col > row) || (a.window > 0 && col <= row - a.window))
+              s[nb][e] = -INFINITY;
           }
           if (e < 2) mx_a = fmaxf(mx_a, s[nb][e]);
           else mx_b = fmaxf(mx_b, s[nb][e]);
@@ -289,6 +304,9 @@ struct Shape {
 };
 Shape shape_of(const AttentionParams& p, const char* op) {
   KILN_CHECK(p.NH >= 1, op, ": NH is ", p.NH);
+  KILN_CHECK(p.NKV >= 0 && p.NH % kv_heads(p) == 0, op, ": NKV (", p.NKV, ") must divide NH (", p.NH, ")");
+  KILN_CHECK(p.window >= 0 && (p.window == 0 || p.causal), op, ": window (", p.window,
+             ") must be >= 0 and needs causal attention");
   KILN_CHECK(p.HD == 64 || p.HD == 128, op, ": head dim ", p.HD, " is not supported by the CUDA kernel (64 or 128)");
   KILN_CHECK(p.scale > 0.0f, op, ": scale must be positive (got ", p.scale, ")");
   KILN_CHECK(p.NH <= 65535, op, ": NH ", p.NH, " exceeds the grid's 65535");
@@ -309,7 +327,8 @@ void forward(uint16_t* out, float* lse, const uint16_t* qkv, const AttentionPara
              cudaStream_t stream) {
   static const bool smem_ok = simt::allow_smem(attention_fwd_kernel<HD>, fwd_smem<HD>()) == cudaSuccess;
   KILN_CHECK(smem_ok, "attention_forward: the device cannot give ", fwd_smem<HD>(), " bytes of shared memory");
-  const FwdArgs args{out, lse, qkv, p.cu_seqlens, p.T, p.NH, sh.N, p.scale * kLog2e, p.causal ? 1 : 0};
+  const FwdArgs args{out, lse, qkv, p.cu_seqlens, p.T, p.NH, p.NH / kv_heads(p), p.window, sh.N, p.scale * kLog2e,
+                     p.causal ? 1 : 0};
   const dim3 grid(unsigned((sh.max_len + kBr - 1) / kBr), unsigned(p.NH), unsigned(sh.seqs));
   simt::launch(attention_fwd_kernel<HD>, grid, dim3(kFwdThreads), fwd_smem<HD>(), stream, args);
 }
@@ -326,7 +345,7 @@ struct BwdArgs {
   float* D;       // [NH, N]: rowsum(dO∘O)
   float* dq_acc;  // [N, NH, HD] fp32
   const int32_t* cu_seqlens;
-  int T, NH;
+  int T, NH, group, window;  // group = NH / NKV
   int64_t N;
   float scale, scale_log2;
   int causal;
@@ -368,14 +387,12 @@ KILN_GLOBAL void __launch_bounds__(kBwdThreads, 1) attention_bwd_kernel(BwdArgs 
   const SeqSpan sp = seq_span(a.cu_seqlens, a.T, int(blockIdx.z));
   const int k0 = int(blockIdx.x) * kBcB;
   if (k0 >= sp.len) return;
-  const int h = int(blockIdx.y), warp = simt::warp_id(), lane = simt::lane_id(), g = lane >> 2, t = lane & 3;
-  const int64_t C = int64_t(a.NH) * HD, ld = 3 * C;
-  const uint16_t* qg = a.qkv + sp.start * ld + int64_t(h) * HD;
-  const uint16_t* kg = qg + C;
-  const uint16_t* vg = qg + 2 * C;
-  const uint16_t* dog = a.dout + sp.start * C + int64_t(h) * HD;
-  const float* lse = a.lse + int64_t(h) * a.N + sp.start;
-  const float* Dg = a.D + int64_t(h) * a.N + sp.start;
+  // This block's kv head; it walks the query heads kvh·group .. kvh·group + group − 1.
+  const int kvh = int(blockIdx.y), warp = simt::warp_id(), lane = simt::lane_id(), g = lane >> 2, t = lane & 3;
+  const int NKV = a.NH / a.group;
+  const int64_t C = int64_t(a.NH) * HD, ld = int64_t(a.NH + 2 * NKV) * HD;
+  const uint16_t* kg = a.qkv + sp.start * ld + (a.NH + int64_t(kvh)) * HD;
+  const uint16_t* vg = kg + int64_t(NKV) * HD;
 
   uint16_t* sK = simt::dynamic_smem<uint16_t>();
   uint16_t* sV = sK + kBcB * LD;
@@ -385,7 +402,11 @@ KILN_GLOBAL void __launch_bounds__(kBwdThreads, 1) attention_bwd_kernel(BwdArgs 
   float* sL = reinterpret_cast<float*>(sdS + kBcB * kLdS);  // [2][kBrB]: lse·log2(e) (+inf past the end)
   float* sD = sL + 2 * kBrB;                                 // [2][kBrB]
 
-  auto load_queries = [&](int stage, int q0) {
+  auto load_queries = [&](int stage, int h, int q0) {
+    const uint16_t* qg = a.qkv + sp.start * ld + int64_t(h) * HD;
+    const uint16_t* dog = a.dout + sp.start * C + int64_t(h) * HD;
+    const float* lse = a.lse + int64_t(h) * a.N + sp.start;
+    const float* Dg = a.D + int64_t(h) * a.N + sp.start;
     load_tile<kBrB, HD, LD, kBwdThreads>(sQ + stage * kBrB * LD, qg + int64_t(q0) * ld, ld, sp.len - q0);
     load_tile<kBrB, HD, LD, kBwdThreads>(sdO + stage * kBrB * LD, dog + int64_t(q0) * C, C, sp.len - q0);
     const int i = int(threadIdx.x);
@@ -400,8 +421,11 @@ KILN_GLOBAL void __launch_bounds__(kBwdThreads, 1) attention_bwd_kernel(BwdArgs 
   load_tile<kBcB, HD, LD, kBwdThreads>(sV, vg + int64_t(k0) * ld, ld, sp.len - k0);
   // Causal: queries before the key tile see none of it.
   const int qstart = a.causal ? k0 / kBrB * kBrB : 0;
-  const int nq = (sp.len - qstart + kBrB - 1) / kBrB;
-  load_queries(0, qstart);
+  // Window: queries from k0 + kBcB − 1 + window on see none of it.
+  const int qend = a.window > 0 ? std::min(sp.len, k0 + kBcB - 1 + a.window) : sp.len;
+  const int nq = (qend - qstart + kBrB - 1) / kBrB;
+  const int h0 = kvh * a.group;
+  load_queries(0, h0, qstart);
   simt::cp_async_commit();
 
   const int kw = k0 + warp * 16;  // this warp's first key
@@ -412,10 +436,11 @@ KILN_GLOBAL void __launch_bounds__(kBwdThreads, 1) attention_bwd_kernel(BwdArgs 
     KILN_UNROLL
     for (int e = 0; e < 4; e++) dv[i][e] = dk[i][e] = 0.0f;
 
-  for (int it = 0; it < nq; it++) {
-    const int q0 = qstart + it * kBrB, st = it & 1;
-    if (it + 1 < nq) {
-      load_queries(st ^ 1, q0 + kBrB);
+  // One pipeline over (query head of the group, query tile), so the prefetch runs across heads too.
+  for (int it = 0; it < a.group * nq; it++) {
+    const int h = h0 + it / nq, q0 = qstart + it % nq * kBrB, st = it & 1;
+    if (it + 1 < a.group * nq) {
+      load_queries(st ^ 1, h0 + (it + 1) / nq, qstart + (it + 1) % nq * kBrB);
       simt::cp_async_commit();
       simt::cp_async_wait<1>();
     } else {
@@ -429,7 +454,8 @@ KILN_GLOBAL void __launch_bounds__(kBwdThreads, 1) attention_bwd_kernel(BwdArgs 
     uint32_t* dsrow_a = reinterpret_cast<uint32_t*>(sdS + (warp * 16 + g) * kLdS);
     uint32_t* dsrow_b = reinterpret_cast<uint32_t*>(sdS + (warp * 16 + g + 8) * kLdS);
     // Nothing to add when this warp's keys are past the end or (causal) after every query of the tile.
-    const bool active = kw < sp.len && !(a.causal && q0 + kBrB - 1 < kw);
+    const bool active = kw < sp.len && !(a.causal && q0 + kBrB - 1 < kw) &&
+                        !(a.window > 0 && q0 >= kw + 15 + a.window);
     if (active) {
       float s[kBrB / 8][4], dp[kBrB / 8][4];
       KILN_UNROLL
@@ -439,14 +465,16 @@ KILN_GLOBAL void __launch_bounds__(kBwdThreads, 1) attention_bwd_kernel(BwdArgs 
       // Sᵀ = K·Qᵀ (rows: this warp's 16 keys, columns: the tile's queries)
       mma_tile_nmajor<KD, kBrB / 8>(s, sK, warp * 16, tQ, LD);
       // Pᵀ = exp2(Sᵀ·scale·log2e − lse·log2e), hidden entries exactly 0.
-      const bool mask = kw + 16 > sp.len || (a.causal && q0 < kw + 15);
+      const bool mask = kw + 16 > sp.len || (a.causal && q0 < kw + 15) ||
+                        (a.window > 0 && q0 + kBrB - 1 >= kw + a.window);
       KILN_UNROLL
       for (int nb = 0; nb < kBrB / 8; nb++)
         KILN_UNROLL
         for (int e = 0; e < 4; e++) {
           const int qi = nb * 8 + 2 * t + (e & 1), key = e < 2 ? key_a : key_b;
           float p = exp2f(s[nb][e] * a.scale_log2 - tL[qi]);
-          if (mask && (key >= sp.len || (a.causal && q0 + qi < key))) p = 0.0f;
+          if (mask && (key >= sp.len || (a.causal && q0 + qi < key) || (a.window > 0 && q0 + qi >= key + a.window)))
+            p = 0.0f;
           s[nb][e] = p;
         }
       // dV += Pᵀ·dO
@@ -486,11 +514,13 @@ KILN_GLOBAL void __launch_bounds__(kBwdThreads, 1) attention_bwd_kernel(BwdArgs 
     int ksteps = (sp.len - k0 + 15) / 16;
     if (a.causal) ksteps = std::min(ksteps, (q0 + qr + 16 - k0 + 15) / 16);
     ksteps = std::min(ksteps, kBcB / 16);
-    if (q0 + qr < sp.len && ksteps > 0) {
+    // Window: keys up to row − window are hidden from every one of these rows (their dS is 0).
+    const int kfirst = a.window > 0 ? std::max(0, q0 + qr - a.window + 1 - k0) / 16 : 0;
+    if (q0 + qr < sp.len && ksteps > kfirst) {
       float dq[NQ][4];
       KILN_UNROLL
       for (int i = 0; i < NQ; i++) dq[i][0] = dq[i][1] = dq[i][2] = dq[i][3] = 0.0f;
-      for (int kk = 0; kk < ksteps; kk++) {
+      for (int kk = kfirst; kk < ksteps; kk++) {
         uint32_t af[4];
         load_a_trans(af, sdS, kLdS, qr, kk * 16);
         KILN_UNROLL
@@ -520,8 +550,8 @@ KILN_GLOBAL void __launch_bounds__(kBwdThreads, 1) attention_bwd_kernel(BwdArgs 
   }
 
   // dK (scaled) and dV rows of this warp.
-  uint16_t* dkg = a.dqkv + sp.start * ld + C + int64_t(h) * HD;
-  uint16_t* dvg = dkg + C;
+  uint16_t* dkg = a.dqkv + sp.start * ld + (a.NH + int64_t(kvh)) * HD;
+  uint16_t* dvg = dkg + int64_t(NKV) * HD;
   if (key_a < sp.len) {
     uint32_t* rk = reinterpret_cast<uint32_t*>(dkg + int64_t(key_a) * ld);
     uint32_t* rv = reinterpret_cast<uint32_t*>(dvg + int64_t(key_a) * ld);
@@ -544,11 +574,11 @@ KILN_GLOBAL void __launch_bounds__(kBwdThreads, 1) attention_bwd_kernel(BwdArgs 
 
 // dqkv's query part = bf16(scale · dq_acc), two elements per thread.
 KILN_GLOBAL void attention_bwd_dq_kernel(BwdArgs a, int HD) {
-  const int64_t C = int64_t(a.NH) * HD, pairs = a.N * C / 2;
+  const int64_t C = int64_t(a.NH) * HD, pairs = a.N * C / 2, row = int64_t(a.NH + 2 * (a.NH / a.group)) * HD;
   for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < pairs; i += int64_t(gridDim.x) * blockDim.x) {
     const int64_t n = i / (C / 2), c = 2 * (i % (C / 2));
     const float* acc = a.dq_acc + n * C + c;
-    *reinterpret_cast<uint32_t*>(a.dqkv + n * 3 * C + c) = simt::pack_bf16x2(acc[0] * a.scale, acc[1] * a.scale);
+    *reinterpret_cast<uint32_t*>(a.dqkv + n * row + c) = simt::pack_bf16x2(acc[0] * a.scale, acc[1] * a.scale);
   }
 }
 
@@ -560,7 +590,7 @@ void backward(const BwdArgs& args, const AttentionParams& p, const Shape& sh, cu
   KILN_CHECK(smem_ok, "attention_backward: the device cannot give ", bwd_smem<HD>(), " bytes of shared memory");
   const int64_t rows = sh.N * p.NH;
   simt::launch(attention_bwd_dot_kernel<HD>, dim3(unsigned((rows + 7) / 8)), dim3(256), 0, stream, args);
-  const dim3 grid(unsigned((sh.max_len + kBcB - 1) / kBcB), unsigned(p.NH), unsigned(sh.seqs));
+  const dim3 grid(unsigned((sh.max_len + kBcB - 1) / kBcB), unsigned(kv_heads(p)), unsigned(sh.seqs));
   simt::launch(attention_bwd_kernel<HD>, grid, dim3(kBwdThreads), bwd_smem<HD>(), stream, args);
   const int64_t pairs = sh.N * p.NH * HD / 2;
   const unsigned blocks = unsigned(std::min<int64_t>((pairs + 255) / 256, 4096));
@@ -594,8 +624,8 @@ void attention_backward(uint16_t* dqkv, const uint16_t* dout, const uint16_t* qk
   float* dq_acc = static_cast<float*>(scratch);
   float* D = reinterpret_cast<float*>(static_cast<char*>(scratch) +
                                       round_up(size_t(sh.N) * p.NH * p.HD * sizeof(float), 256));
-  const BwdArgs args{dqkv, dout, qkv, out, lse, D, dq_acc, p.cu_seqlens, p.T, p.NH, sh.N,
-                     p.scale, p.scale * kLog2e, p.causal ? 1 : 0};
+  const BwdArgs args{dqkv, dout, qkv, out, lse, D, dq_acc, p.cu_seqlens, p.T, p.NH, p.NH / kv_heads(p), p.window,
+                     sh.N, p.scale, p.scale * kLog2e, p.causal ? 1 : 0};
   const auto s = static_cast<cudaStream_t>(stream);
   if (p.HD == 64) backward<64>(args, p, sh, s);
   else backward<128>(args, p, sh, s);

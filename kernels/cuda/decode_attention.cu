@@ -7,7 +7,10 @@
 // P·V. At the end the 4 warps' states are merged in shared memory and the block leaves (m, l, Σ p·v) of its
 // split in scratch; a second kernel merges the splits of every (query, head) and writes bf16.
 // Positions come from past_per_seq on the device; grids depend only on B, Tq, NH and max_past, so a captured
-// CUDA graph replays correctly as the cache grows. Query i of sequence b sees keys 0 .. past_b + i.
+// CUDA graph replays correctly as the cache grows. Query i of sequence b sees keys 0 .. past_b + i, and with a
+// sliding window only those after past_b + i − window: a split skips the tiles before the window of its first
+// query (it leaves an empty partial when none remains) and the scores outside it are masked.
+// Grouped-query attention: query head h reads cache head h / (NH / NKV).
 #include <algorithm>
 #include <cmath>
 
@@ -30,7 +33,7 @@ struct Args {
   float* part;  // [B·Tq][NH][splits][2 + HD]: m (log2 domain), l, Σ p·v
   const int32_t* past;
   int64_t q_stride, kv_batch_stride, kv_stride, out_stride;
-  int Tq, NH, splits, tiles_per_split;
+  int Tq, NH, group, window, splits, tiles_per_split;  // group = NH / NKV
   float scale_log2;
 };
 
@@ -58,14 +61,17 @@ KILN_GLOBAL void __launch_bounds__(kThreads) decode_split_kernel(Args a) {
   const int split = int(blockIdx.x), h = int(blockIdx.y), b = int(blockIdx.z);
   const int warp = simt::warp_id(), lane = simt::lane_id(), g = lane >> 2, t = lane & 3, l8 = lane >> 3, r8 = lane & 7;
   const int past = a.past[b], nkeys = past + a.Tq;  // keys any query of this sequence sees
-  const int tile0 = split * a.tiles_per_split;
-  const int tile1 = std::min(tile0 + a.tiles_per_split, (nkeys + kTile - 1) / kTile);
+  // The window hides keys <= past − window from every query (query 0's bound is the lowest).
+  const int first = a.window > 0 ? std::max(0, past - a.window + 1) / kTile : 0;
+  const int tile0 = std::max(split * a.tiles_per_split, first);
+  const int tile1 = std::min((split + 1) * a.tiles_per_split, (nkeys + kTile - 1) / kTile);
 
   uint16_t* sQ = simt::dynamic_smem<uint16_t>();
   uint16_t* sK = sQ + 16 * LD;       // [2][kTile][LD]
   uint16_t* sV = sK + 2 * kTile * LD;  // [2][kTile][LD]
-  const uint16_t* kg = a.k + int64_t(b) * a.kv_batch_stride + int64_t(h) * HD;
-  const uint16_t* vg = a.v + int64_t(b) * a.kv_batch_stride + int64_t(h) * HD;
+  const int64_t kvh = h / a.group;
+  const uint16_t* kg = a.k + int64_t(b) * a.kv_batch_stride + kvh * HD;
+  const uint16_t* vg = a.v + int64_t(b) * a.kv_batch_stride + kvh * HD;
 
   float o[ND][4];
   KILN_UNROLL
@@ -114,7 +120,8 @@ KILN_GLOBAL void __launch_bounds__(kThreads) decode_split_kernel(Args a) {
           KILN_UNROLL
           for (int e = 0; e < 4; e++) {
             const int key = kw + nb * 8 + 2 * t + (e & 1), row = g + (e < 2 ? 0 : 8);
-            const float x = key <= past + row ? s[nb][e] * a.scale_log2 : -INFINITY;
+            const bool seen = key <= past + row && (a.window <= 0 || key > past + row - a.window);
+            const float x = seen ? s[nb][e] * a.scale_log2 : -INFINITY;
             s[nb][e] = x;
             if (e < 2) mx_a = fmaxf(mx_a, x);
             else mx_b = fmaxf(mx_b, x);
@@ -219,6 +226,8 @@ Plan plan_of(const DecodeAttention& p) {
              " NH=", p.NH, " (the CUDA kernel takes 1..16 queries per sequence)");
   KILN_CHECK(p.HD == 64 || p.HD == 128, "decode_attention: head dim ", p.HD,
              " is not supported by the CUDA kernel (64 or 128)");
+  KILN_CHECK(p.NKV >= 0 && p.NH % (p.NKV > 0 ? p.NKV : p.NH) == 0 && p.window >= 0, "decode_attention: NKV (",
+             p.NKV, ") must divide NH (", p.NH, ") and window (", p.window, ") be >= 0");
   KILN_CHECK(p.max_past >= p.Tq, "decode_attention: max_past (", p.max_past, ") must bound past + Tq (Tq = ", p.Tq,
              ")");
   const int tiles = (p.max_past + kTile - 1) / kTile;
@@ -245,7 +254,8 @@ void decode_attention(const DecodeAttention& p, void* scratch, void* stream) {
                  p.kv_batch_stride % 8 == 0,
              "decode_attention: q, k, v and their strides must be 16-byte aligned (strides multiples of 8)");
   const Args args{p.q, p.k, p.v, p.out, static_cast<float*>(scratch), p.past_per_seq, p.q_stride,
-                  p.kv_batch_stride, p.kv_stride, p.out_stride, p.Tq, p.NH, pl.splits, pl.tiles_per_split,
+                  p.kv_batch_stride, p.kv_stride, p.out_stride, p.Tq, p.NH, p.NH / (p.NKV > 0 ? p.NKV : p.NH), p.window,
+                  pl.splits, pl.tiles_per_split,
                   p.scale * kLog2e};
   const auto s = static_cast<cudaStream_t>(stream);
   const dim3 grid(unsigned(pl.splits), unsigned(p.NH), unsigned(p.B));
@@ -261,30 +271,32 @@ void decode_attention(const DecodeAttention& p, void* scratch, void* stream) {
   }
 }
 
-// One thread per pair of bf16 values of K or V.
+// One thread per pair of bf16 values of K or V (qkv rows [NH q | NKV k | NKV v] heads, cache rows NKV·HD).
 KILN_GLOBAL void kv_append_kernel(uint16_t* k_cache, uint16_t* v_cache, const uint16_t* qkv, const int32_t* past,
-                                  int Tq, int NH, int HD, int64_t kv_batch_stride, int64_t total) {
-  const int64_t C = int64_t(NH) * HD, half = C / 2;
+                                  int Tq, int NH, int NKV, int HD, int64_t kv_batch_stride, int64_t total) {
+  const int64_t C = int64_t(NKV) * HD, half = C / 2, row_len = int64_t(NH + 2 * NKV) * HD;
   for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < total; i += int64_t(gridDim.x) * blockDim.x) {
     const int64_t row = i / half, c = 2 * (i % half);  // row = b·Tq + j
     const int64_t b = row / Tq, j = row % Tq;
     const int64_t dst = b * kv_batch_stride + (past[b] + j) * C + c;
-    const uint16_t* src = qkv + row * 3 * C + C + c;
+    const uint16_t* src = qkv + row * row_len + int64_t(NH) * HD + c;
     *reinterpret_cast<uint32_t*>(k_cache + dst) = *reinterpret_cast<const uint32_t*>(src);
     *reinterpret_cast<uint32_t*>(v_cache + dst) = *reinterpret_cast<const uint32_t*>(src + C);
   }
 }
 
 void kv_cache_append(uint16_t* k_cache, uint16_t* v_cache, const uint16_t* qkv, const int32_t* past_per_seq, int B,
-                     int Tq, int NH, int HD, int64_t kv_batch_stride, void* stream) {
-  KILN_CHECK(B >= 0 && Tq >= 0 && NH >= 1 && HD >= 2 && HD % 2 == 0 && kv_batch_stride % 2 == 0,
-             "kv_cache_append: bad sizes B=", B, " Tq=", Tq, " NH=", NH, " HD=", HD);
-  const int64_t total = int64_t(B) * Tq * NH * HD / 2;
+                     int Tq, int NH, int NKV, int HD, int64_t kv_batch_stride, void* stream) {
+  if (NKV == 0) NKV = NH;
+  KILN_CHECK(B >= 0 && Tq >= 0 && NH >= 1 && NKV >= 1 && NH % NKV == 0 && HD >= 2 && HD % 2 == 0 &&
+                 kv_batch_stride % 2 == 0,
+             "kv_cache_append: bad sizes B=", B, " Tq=", Tq, " NH=", NH, " NKV=", NKV, " HD=", HD);
+  const int64_t total = int64_t(B) * Tq * NKV * HD / 2;
   if (total == 0) return;
   KILN_CHECK(k_cache && v_cache && qkv && past_per_seq, "kv_cache_append: null pointer argument");
   const unsigned blocks = unsigned(std::min<int64_t>((total + 255) / 256, 1024));
   simt::launch(kv_append_kernel, dim3(blocks), dim3(256), 0, static_cast<cudaStream_t>(stream), k_cache, v_cache,
-               qkv, past_per_seq, Tq, NH, HD, kv_batch_stride, total);
+               qkv, past_per_seq, Tq, NH, NKV, HD, kv_batch_stride, total);
 }
 
 }  // namespace kiln::cuda

@@ -360,7 +360,7 @@ TEST(DecodeAttentionGpu, KvCacheAppendWritesAtEachSequencesPosition) {
   auto vc = test::to_bf16(test::randn(size_t(B * cap * C), 33));
   DeviceVec<uint16_t> dqkv(qkv), dk(kc), dv(vc);
   DeviceVec<int32_t> dpast(past);
-  cuda::kv_cache_append(dk.get(), dv.get(), dqkv.get(), dpast.get(), B, Tq, NH, HD, cap * C, gpu::stream());
+  cuda::kv_cache_append(dk.get(), dv.get(), dqkv.get(), dpast.get(), B, Tq, NH, NH, HD, cap * C, gpu::stream());
   for (int b = 0; b < B; b++)
     for (int i = 0; i < Tq; i++)
       for (int64_t c = 0; c < C; c++) {
