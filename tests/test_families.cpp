@@ -1,0 +1,231 @@
+// The Llama-style families through the one Transformer, on the CPU: gradients against finite differences,
+// recomputation policies bit-identical, packed sequences equal to separate ones, KV-cache decoding equal to
+// full recomputation (one token at a time, chunked prefill, a batch), and config.json errors that name the
+// field. Each family is a small config with its distinguishing feature switched on.
+#include <gtest/gtest.h>
+
+#include <cmath>
+#include <cstring>
+#include <string>
+#include <vector>
+
+#include "core/error.h"
+#include "core/rng.h"
+#include "models/family.h"
+#include "models/model.h"
+#include "test_util.h"
+
+using namespace kiln;
+
+namespace {
+
+struct Case {
+  const char* name;
+  const char* json;
+};
+
+// llama: GQA 4/2, head_dim 12 != 32/4, Llama 3 rope scaling, untied head. mistral: window 3 < T. qwen2: q/k/v
+// biases, tied head, linear rope scaling. qwen3: q/k norms, head_dim 10. gpt2 rides along as the baseline.
+const Case kCases[] = {
+    {"llama", R"({"model_type":"llama","hidden_size":32,"num_attention_heads":4,"num_key_value_heads":2,
+       "head_dim":12,"num_hidden_layers":3,"intermediate_size":40,"vocab_size":41,"max_position_embeddings":64,
+       "rms_norm_eps":1e-5,"rope_theta":10000.0,"rope_scaling":{"rope_type":"llama3","factor":8.0,
+       "low_freq_factor":1.0,"high_freq_factor":4.0,"original_max_position_embeddings":16},
+       "hidden_act":"silu","tie_word_embeddings":false})"},
+    {"mistral", R"({"model_type":"mistral","hidden_size":32,"num_attention_heads":4,"num_key_value_heads":1,
+       "num_hidden_layers":2,"intermediate_size":48,"vocab_size":37,"max_position_embeddings":64,
+       "rms_norm_eps":1e-5,"rope_theta":1000000.0,"sliding_window":3,"hidden_act":"silu",
+       "tie_word_embeddings":false})"},
+    {"qwen2", R"({"model_type":"qwen2","hidden_size":32,"num_attention_heads":4,"num_key_value_heads":4,
+       "num_hidden_layers":2,"intermediate_size":36,"vocab_size":43,"max_position_embeddings":64,
+       "rms_norm_eps":1e-6,"rope_theta":10000.0,"rope_scaling":{"type":"linear","factor":2.0},
+       "hidden_act":"silu","tie_word_embeddings":true,"use_sliding_window":false})"},
+    {"qwen3", R"({"model_type":"qwen3","hidden_size":32,"num_attention_heads":4,"num_key_value_heads":2,
+       "head_dim":10,"num_hidden_layers":2,"intermediate_size":44,"vocab_size":39,"max_position_embeddings":64,
+       "rms_norm_eps":1e-6,"rope_theta":1000000.0,"hidden_act":"silu","tie_word_embeddings":false})"},
+    {"gpt2", R"({"model_type":"gpt2","n_layer":2,"n_head":2,"n_embd":32,"vocab_size":37,"n_positions":64})"},
+};
+
+void PrintTo(const Case& c, std::ostream* os) { *os << c.name; }
+
+ModelConfig config_of(const Case& c) { return parse_model_config(c.json, std::string(c.name) + "/config.json"); }
+
+// Random weights with non-trivial norm gains and biases (the GPT-2 init sets them to 1 and 0, which would hide
+// a gain or bias applied to the wrong side).
+std::unique_ptr<Model> model_of(const ModelConfig& cfg, uint64_t seed, bool grads = true) {
+  ModelOptions o;
+  o.with_grads = grads;
+  auto m = make_model(cfg, o);
+  m->init_random(seed);
+  Rng r(seed + 1);
+  for (const ParamSpec& s : m->table().specs)
+    if (s.shape.ndim == 1)
+      for (int64_t i = 0; i < s.numel(); i++) m->host_params()[s.offset + i] += 0.3f * r.normal();
+  m->params_changed();
+  return m;
+}
+
+struct Batch {
+  int B = 2, T = 9;
+  std::vector<int32_t> tokens, targets, pos;
+  Batch(int vocab, uint64_t seed) {
+    Rng r(seed);
+    for (int i = 0; i < B * T; i++) {
+      tokens.push_back(int32_t(r.below(uint64_t(vocab))));
+      targets.push_back(int32_t(r.below(uint64_t(vocab))));
+      pos.push_back(i % T);
+    }
+    targets[4] = -1;  // an ignored target
+  }
+};
+
+std::vector<float> grads_of(Model& m, const Batch& b, const char* policy, double* loss) {
+  m.plan(b.B, b.T, RecomputePolicy::parse(policy));
+  m.zero_grad();
+  *loss = m.forward(b.tokens.data(), b.pos.data(), b.targets.data(), m.attention(b.B, b.T), 0.05f);
+  m.backward();
+  const ParamBlocks pb = m.blocks();
+  return std::vector<float>(pb.grads, pb.grads + pb.n);
+}
+
+class Families : public ::testing::TestWithParam<Case> {};
+
+}  // namespace
+
+TEST_P(Families, GradientsMatchFiniteDifferences) {
+  const ModelConfig cfg = config_of(GetParam());
+  Batch b(cfg.vocab_size, 5);
+  auto m = model_of(cfg, 3);
+  double loss = 0;
+  std::vector<float> g = grads_of(*m, b, "none", &loss);
+  float* p = m->host_params();
+  auto loss_at = [&](size_t i, float delta) {
+    const float old = p[i];
+    p[i] = old + delta;
+    m->params_changed();
+    const double l = m->forward(b.tokens.data(), b.pos.data(), b.targets.data(), m->attention(b.B, b.T), 0.0f);
+    p[i] = old;
+    m->params_changed();
+    return l * 0.05;  // the gradient above is of 0.05 · sum of losses
+  };
+  Rng r(9);
+  int checked = 0;
+  for (const ParamSpec& s : m->table().specs) {
+    for (int k = 0; k < 2; k++) {
+      const size_t i = s.offset + size_t(r.below(uint64_t(s.numel())));
+      const float h = 1e-2f;
+      const double fd = (loss_at(i, h) - loss_at(i, -h)) / (2.0 * h);
+      EXPECT_NEAR(g[i], fd, 2e-4 + 2e-2 * std::fabs(fd)) << s.name << " element " << i - s.offset;
+      checked++;
+    }
+  }
+  EXPECT_GE(checked, 2 * int(m->table().specs.size()));
+}
+
+TEST_P(Families, RecomputePoliciesGiveBitIdenticalGradients) {
+  const ModelConfig cfg = config_of(GetParam());
+  Batch b(cfg.vocab_size, 6);
+  double l0 = 0;
+  auto m = model_of(cfg, 4);
+  const std::vector<float> base = grads_of(*m, b, "none", &l0);
+  for (const char* policy : {"block", "every:2", "selective"}) {
+    auto mp = model_of(cfg, 4);
+    double l = 0;
+    const std::vector<float> g = grads_of(*mp, b, policy, &l);
+    EXPECT_EQ(l, l0) << policy;
+    EXPECT_EQ(0, std::memcmp(g.data(), base.data(), g.size() * sizeof(float))) << policy;
+  }
+}
+
+// Two sequences packed into one row (cu_seqlens, positions restarting) give each sequence's loss and the
+// gradients of running them as separate rows, up to summation order.
+TEST_P(Families, PackedSequencesEqualSeparateRows) {
+  const ModelConfig cfg = config_of(GetParam());
+  Batch b(cfg.vocab_size, 7);
+  auto m = model_of(cfg, 8);
+  double separate = 0;
+  const std::vector<float> g0 = grads_of(*m, b, "none", &separate);
+
+  const int32_t cu[] = {0, b.T, 2 * b.T};
+  AttentionParams ap = m->attention(1, 2 * b.T);
+  ap.cu_seqlens = cu;
+  ap.num_seqs = 2;
+  ap.max_seqlen = b.T;
+  m->plan(1, 2 * b.T);
+  m->zero_grad();
+  const double packed = m->forward(b.tokens.data(), b.pos.data(), b.targets.data(), ap, 0.05f);
+  m->backward();
+  const ParamBlocks pb = m->blocks();
+  EXPECT_NEAR(packed, separate, 1e-5 * std::fabs(separate));
+  EXPECT_TRUE(test::all_close(pb.grads, g0.data(), pb.n, 1e-4, 1e-6));
+}
+
+// The KV cache is a mode of attention: logits from the decoder, fed one token at a time, in chunks, or all at
+// once for a batch of two, equal the training forward's logits over the whole sequence.
+TEST_P(Families, KvCacheLogitsEqualFullRecompute) {
+  const ModelConfig cfg = config_of(GetParam());
+  const int T = 11, V = cfg.vocab_size;
+  auto m = model_of(cfg, 12, /*grads=*/false);
+  Rng r(21);
+  std::vector<int32_t> tok(2 * T), pos(2 * T);
+  for (int i = 0; i < 2 * T; i++) tok[i] = int32_t(r.below(uint64_t(V))), pos[i] = i % T;
+  m->plan(2, T);
+  m->forward(tok.data(), pos.data(), nullptr, m->attention(2, T), 0.0f);
+  const std::vector<float> full(m->logits(), m->logits() + size_t(2) * T * V);
+
+  DecoderOptions one;
+  auto d = make_decoder(cfg, m->host_params(), one);
+  for (int t = 0; t < T; t++) {
+    const float* l = d->forward(&tok[t], 1);
+    EXPECT_TRUE(test::all_close(l, &full[size_t(t) * V], V, 1e-5, 1e-5)) << "token " << t;
+  }
+  d->reset();
+  d->forward(tok.data(), 4);
+  const float* rest = d->forward(tok.data() + 4, T - 4, /*all_logits=*/true);
+  EXPECT_TRUE(test::all_close(rest, &full[size_t(4) * V], size_t(T - 4) * V, 1e-5, 1e-5)) << "chunked prefill";
+
+  DecoderOptions two;
+  two.batch = 2;
+  auto d2 = make_decoder(cfg, m->host_params(), two);
+  const float* all = d2->forward(tok.data(), T, /*all_logits=*/true);
+  EXPECT_TRUE(test::all_close(all, full.data(), full.size(), 1e-5, 1e-5)) << "batch of two";
+}
+
+INSTANTIATE_TEST_SUITE_P(, Families, ::testing::ValuesIn(kCases),
+                         [](const ::testing::TestParamInfo<Case>& i) { return std::string(i.param.name); });
+
+// config.json errors: one line naming the file and the field.
+TEST(FamilyConfig, BadConfigsNameTheField) {
+  auto error_of = [](const std::string& json) -> std::string {
+    try {
+      ModelConfig c = parse_model_config(json, "m/config.json");
+      c.validate("m/config.json");
+    } catch (const Error& e) {
+      return e.what();
+    }
+    return "(no error)";
+  };
+  const std::string llama = R"("hidden_size":32,"num_attention_heads":4,"num_hidden_layers":1,
+      "intermediate_size":40,"vocab_size":41,"max_position_embeddings":64)";
+  auto expect = [&](const std::string& json, std::initializer_list<const char*> words) {
+    const std::string e = error_of(json);
+    EXPECT_EQ(e.find('\n'), std::string::npos) << e;
+    EXPECT_NE(e.find("m/config.json"), std::string::npos) << e;
+    for (const char* w : words) EXPECT_NE(e.find(w), std::string::npos) << "'" << w << "' not in: " << e;
+  };
+  expect(R"({"model_type":"falcon",)" + llama + "}", {"model_type", "falcon", "llama"});
+  expect(R"({"model_type":"llama","num_key_value_heads":3,)" + llama + "}", {"num_key_value_heads"});
+  expect(R"({"model_type":"llama","rope_scaling":{"rope_type":"yarn","factor":4.0},)" + llama + "}",
+         {"rope_scaling", "yarn"});
+  expect(R"({"model_type":"llama","hidden_size":30,"num_attention_heads":4,"num_hidden_layers":1,
+      "intermediate_size":40,"vocab_size":41,"max_position_embeddings":64})",
+         {"hidden_size", "num_attention_heads"});
+  expect(R"({"model_type":"llama","num_attention_heads":4,"num_hidden_layers":1,"intermediate_size":40,
+      "vocab_size":41,"max_position_embeddings":64})",
+         {"hidden_size"});
+  expect(R"({"model_type":"qwen2","hidden_act":"swish2",)" + llama + "}", {"hidden_act", "swish2"});
+  expect(R"({"model_type":"llama","hidden_size":"wide","num_attention_heads":4,"num_hidden_layers":1,
+      "intermediate_size":40,"vocab_size":41,"max_position_embeddings":64})",
+         {"hidden_size"});
+  expect("{not json", {"config.json"});
+}
