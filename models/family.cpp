@@ -56,6 +56,19 @@ ModelConfig load_model_config(const std::string& path) {
   return parse_model_config(read_file(file), file);
 }
 
+std::string map_tensor_name(const std::string& key, NamePairs top, NamePairs part, const char* layer_prefix,
+                            const char* family) {
+  for (const auto& [k, n] : top)
+    if (key == k) return n;
+  const size_t a = key.find('.', 4), b = key.rfind('.');
+  if (key.rfind("blk.", 0) == 0 && a != std::string::npos && b > a) {
+    const std::string layer = key.substr(4, a - 4), name = key.substr(a + 1, b - a - 1);
+    for (const auto& [k, n] : part)
+      if (name == k) return layer_prefix + layer + "." + n + key.substr(b);
+  }
+  fail("no ", family, " name for tensor ", key);
+}
+
 std::string model_config_json(const ModelConfig& cfg) {
   const Family& f = find_family(cfg.family, "model config");
   // Fields of the source config kiln does not use are kept (with kiln's values over them).

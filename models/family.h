@@ -3,8 +3,10 @@
 // composition (models/transformer.h) chosen by ModelConfig's fields, so a family file is short: its config
 // parser, its writer, its weight-name map. models/families/*.cpp hold one each.
 #pragma once
+#include <initializer_list>
 #include <nlohmann/json.hpp>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "models/model_config.h"
@@ -35,6 +37,13 @@ ModelConfig parse_model_config(const std::string& text, const std::string& where
 ModelConfig load_model_config(const std::string& path);
 // The family's config.json for cfg.
 std::string model_config_json(const ModelConfig& cfg);
+
+// A family's weight-name map from two tables: whole keys (`top`: "token_embd.weight" -> "transformer.wte.weight")
+// and block parts (`part`: blk.N.<part>.<suffix> -> <layer_prefix>N.<name>.<suffix>). Throws naming `family`
+// and the key when neither table has it.
+using NamePairs = std::initializer_list<std::pair<const char*, const char*>>;
+std::string map_tensor_name(const std::string& key, NamePairs top, NamePairs part, const char* layer_prefix,
+                            const char* family);
 
 // Every tensor the composition needs for cfg, in block order, named by the family.
 ParamTable model_param_table(const ModelConfig& cfg);

@@ -52,21 +52,14 @@ nlohmann::json to_json(const ModelConfig& c) {
 }
 
 std::string file_name(const std::string& key) {
-  static const std::pair<const char*, const char*> top[] = {{"token_embd.weight", "transformer.wte.weight"},
-                                                            {"position_embd.weight", "transformer.wpe.weight"},
-                                                            {"output_norm.weight", "transformer.ln_f.weight"},
-                                                            {"output_norm.bias", "transformer.ln_f.bias"}};
-  for (const auto& [k, n] : top)
-    if (key == k) return n;
-  static const std::pair<const char*, const char*> part[] = {
-      {"attn_norm", "ln_1"},         {"ffn_norm", "ln_2"},  {"attn_qkv", "attn.c_attn"},
-      {"attn_output", "attn.c_proj"}, {"ffn_up", "mlp.c_fc"}, {"ffn_down", "mlp.c_proj"}};
-  const size_t a = key.find('.', 4), b = key.rfind('.');
-  KILN_CHECK(key.rfind("blk.", 0) == 0 && a != std::string::npos && b > a, "no GPT-2 name for tensor ", key);
-  const std::string layer = key.substr(4, a - 4), name = key.substr(a + 1, b - a - 1), suffix = key.substr(b);
-  for (const auto& [k, n] : part)
-    if (name == k) return "transformer.h." + layer + "." + n + suffix;
-  fail("no GPT-2 name for tensor ", key);
+  return map_tensor_name(key,
+                         {{"token_embd.weight", "transformer.wte.weight"},
+                          {"position_embd.weight", "transformer.wpe.weight"},
+                          {"output_norm.weight", "transformer.ln_f.weight"},
+                          {"output_norm.bias", "transformer.ln_f.bias"}},
+                         {{"attn_norm", "ln_1"}, {"ffn_norm", "ln_2"}, {"attn_qkv", "attn.c_attn"},
+                          {"attn_output", "attn.c_proj"}, {"ffn_up", "mlp.c_fc"}, {"ffn_down", "mlp.c_proj"}},
+                         "transformer.h.", "GPT-2");
 }
 
 }  // namespace

@@ -158,26 +158,17 @@ json llama_like_json(const ModelConfig& c) {
 }
 
 std::string llama_file_name(const std::string& key) {
-  static const std::pair<const char*, const char*> top[] = {
-      {"token_embd.weight", "model.embed_tokens.weight"},
-      {"output_norm.weight", "model.norm.weight"},
-      {"output.weight", "lm_head.weight"}};
-  for (const auto& [k, n] : top)
-    if (key == k) return n;
-  // blk.N.<part>.<weight|bias>
-  static const std::pair<const char*, const char*> part[] = {
-      {"attn_norm", "input_layernorm"},         {"ffn_norm", "post_attention_layernorm"},
-      {"attn_q", "self_attn.q_proj"},           {"attn_k", "self_attn.k_proj"},
-      {"attn_v", "self_attn.v_proj"},           {"attn_output", "self_attn.o_proj"},
-      {"attn_q_norm", "self_attn.q_norm"},      {"attn_k_norm", "self_attn.k_norm"},
-      {"ffn_gate", "mlp.gate_proj"},            {"ffn_up", "mlp.up_proj"},
-      {"ffn_down", "mlp.down_proj"}};
-  const size_t a = key.find('.', 4), b = key.rfind('.');
-  KILN_CHECK(key.rfind("blk.", 0) == 0 && a != std::string::npos && b > a, "no Llama name for tensor ", key);
-  const std::string layer = key.substr(4, a - 4), name = key.substr(a + 1, b - a - 1), suffix = key.substr(b);
-  for (const auto& [k, n] : part)
-    if (name == k) return "model.layers." + layer + "." + n + suffix;
-  fail("no Llama name for tensor ", key);
+  return map_tensor_name(key,
+                         {{"token_embd.weight", "model.embed_tokens.weight"},
+                          {"output_norm.weight", "model.norm.weight"},
+                          {"output.weight", "lm_head.weight"}},
+                         {{"attn_norm", "input_layernorm"},    {"ffn_norm", "post_attention_layernorm"},
+                          {"attn_q", "self_attn.q_proj"},      {"attn_k", "self_attn.k_proj"},
+                          {"attn_v", "self_attn.v_proj"},      {"attn_output", "self_attn.o_proj"},
+                          {"attn_q_norm", "self_attn.q_norm"}, {"attn_k_norm", "self_attn.k_norm"},
+                          {"ffn_gate", "mlp.gate_proj"},       {"ffn_up", "mlp.up_proj"},
+                          {"ffn_down", "mlp.down_proj"}},
+                         "model.layers.", "Llama");
 }
 
 }  // namespace kiln::hf

@@ -1,5 +1,5 @@
 """End-to-end check of the Hugging Face Llama-family models (llama, mistral, qwen2, qwen3) in kiln against the
-independent PyTorch reference (tests/peer/torch_llama.py, torch_llama_train.py).
+independent PyTorch reference (tests/peer/torch_llama.py, torch_train_ref.py --model llama).
 
 For each of four small configurations (tests/peer/torch_llama.py test_configs()):
   llama    GQA 4 heads / 2 kv heads, explicit head_dim 32 (!= hidden/heads), rope_scaling llama3, untied head
@@ -9,7 +9,7 @@ For each of four small configurations (tests/peer/torch_llama.py test_configs())
 hidden 64, 2 layers, vocab ~200, a random checkpoint with Hugging Face names (non-trivial norm gains) and a
 shard with structure to learn:
   1. `kiln train --init` (sequential batches, AdamW with decay, clipping low enough to engage, accumulation,
-     warmup + cosine) against torch_llama_train.py: per-step loss within 1e-4, final weights
+     warmup + cosine) against torch_train_ref.py --model llama: per-step loss within 1e-4, final weights
      (OUT/latest/model.safetensors, Hugging Face names) within 1e-4 relative; kiln's config.json describes the same
      model;
   2. `kiln generate --model OUT/latest --prompt-ids 3,17,42 --max-new 40 --temperature 0 --eot-id -1 --json`:
@@ -57,7 +57,7 @@ def kiln_run(args):
 
 hp = dict(batch=4, seq=32, grad_accum=2, steps=12, lr=3e-3, min_lr=3e-4, warmup=3, weight_decay=0.1, grad_clip=0.5)
 flags = ["--" + k.replace("_", "-") + "=" + str(v) for k, v in hp.items()]
-ref_flags = flags  # torch_llama_train.py takes the same names (its schedule flag is --schedule)
+ref_flags = flags  # torch_train_ref.py --model llama takes the same names (its schedule flag is --schedule)
 PROMPT = [3, 17, 42]
 # Initial-weight seeds chosen so that the greedy continuation from the trained weights has no near tie (the
 # reference's smallest top-1/top-2 logit gap over the 40 tokens is about 1e-2 for each).
@@ -110,7 +110,7 @@ for seed, (fam, cfg) in enumerate(test_configs().items(), start=11):
     out = os.path.join(d, "kiln_out")
     ours = kiln_train(init, shard, out, os.path.join(d, "metrics.jsonl"))
     ref_json, ref_w = os.path.join(d, "ref.json"), os.path.join(d, "ref.safetensors")
-    subprocess.run([sys.executable, os.path.join(peer, "torch_llama_train.py"), init, shard, ref_json, ref_w,
+    subprocess.run([sys.executable, os.path.join(peer, "torch_train_ref.py"), init, shard, ref_json, ref_w, "--model", "llama",
                     "--schedule", "cosine"] + ref_flags, check=True, stdout=subprocess.DEVNULL)
     ref = json.load(open(ref_json))
     worst_loss = 0.0
