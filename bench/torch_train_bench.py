@@ -1,7 +1,8 @@
-"""PyTorch peer for `kiln bench train`: the same GPT-2 training step (forward, backward, AdamW with
-clipping) in fp32 on the CPU, timed the same way (median over steps after warm-up). Prints one JSON line.
+"""PyTorch peer for `kiln bench train`: the same training step (forward, backward, AdamW with clipping) of a GPT-2
+(tests/peer/torch_gpt2.py) or a Llama-family model (tests/peer/torch_llama.py, by the config's model_type) on the
+CPU, in fp32 or under bf16 autocast, timed the same way (median over steps after warm-up). Prints one JSON line.
 
-usage: torch_train_bench.py CONFIG_JSON --batch B --seq T --steps K [--threads N]
+usage: torch_train_bench.py CONFIG_JSON --batch B --seq T --steps K [--threads N] [--dtype fp32|bf16]
 Run with LD_LIBRARY_PATH=/usr/lib/x86_64-linux-gnu/openblas-openmp so torch uses OpenBLAS.
 """
 import argparse
@@ -13,7 +14,6 @@ import time
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests", "peer"))
-from torch_gpt2 import forward, param_names, param_shape  # noqa: E402
 
 ap = argparse.ArgumentParser()
 ap.add_argument("config")
@@ -22,10 +22,18 @@ ap.add_argument("--seq", type=int, default=64)
 ap.add_argument("--steps", type=int, default=5)
 ap.add_argument("--warmup", type=int, default=1)
 ap.add_argument("--threads", type=int, default=os.cpu_count())
+ap.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32")
 a = ap.parse_args()
 torch.set_num_threads(a.threads)
 cfg = json.load(open(a.config))
-C, V, L = cfg["n_embd"], cfg["vocab_size"], cfg["n_layer"]
+if cfg.get("model_type", "gpt2") == "gpt2":
+    from torch_gpt2 import forward, param_names, param_shape  # noqa: E402
+    C, V, L, learned, q_dim = cfg["n_embd"], cfg["vocab_size"], cfg["n_layer"], cfg["n_positions"], cfg["n_embd"]
+else:
+    from torch_llama import forward, param_names, param_shape, resolve  # noqa: E402
+    r = resolve(cfg)
+    C, V, L, learned = cfg["hidden_size"], cfg["vocab_size"], cfg["num_hidden_layers"], 0
+    q_dim = r["H"] * r["D"]
 P = {}
 for n in param_names(cfg):
     s = param_shape(cfg, n)
@@ -37,8 +45,9 @@ times = []
 for s in range(a.warmup + a.steps):
     t0 = time.perf_counter()
     opt.zero_grad(set_to_none=True)
-    logits = forward(P, cfg, x)
-    loss = torch.nn.functional.cross_entropy(logits.view(-1, V), y.view(-1))
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=a.dtype == "bf16"):
+        logits = forward(P, cfg, x)
+    loss = torch.nn.functional.cross_entropy(logits.float().view(-1, V), y.view(-1))
     loss.backward()
     torch.nn.utils.clip_grad_norm_(list(P.values()), 1.0)
     opt.step()
@@ -48,8 +57,8 @@ for s in range(a.warmup + a.steps):
 times.sort()
 med = times[len(times) // 2]
 n_params = sum(p.numel() for p in P.values())
-n_matmul = n_params - cfg["n_positions"] * C
-flops = (6 * n_matmul + 12 * L * a.seq * C) * a.batch * a.seq
-print(json.dumps({"bench": "train", "peer": "pytorch " + torch.__version__, "ms_per_step": med,
+n_matmul = n_params - learned * C
+flops = (6 * n_matmul + 12 * L * a.seq * q_dim) * a.batch * a.seq
+print(json.dumps({"bench": "train", "peer": "pytorch " + torch.__version__, "dtype": a.dtype, "ms_per_step": med,
                   "tokens_per_s": a.batch * a.seq / (med / 1e3), "gflops": flops / (med / 1e3) / 1e9,
                   "blas": sorted({l.split()[-1] for l in open("/proc/self/maps") if "blas" in l})}))

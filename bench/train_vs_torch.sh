@@ -1,13 +1,14 @@
 #!/usr/bin/env bash
 # Training-step benchmark: kiln and PyTorch side by side on the same model and batch, printed with the ratio.
-# usage: bench/train_vs_torch.sh [config.json] [batch] [seq] [steps]
+# usage: bench/train_vs_torch.sh [config.json] [batch] [seq] [steps] [fp32|bf16]
+# (config: bench/gpt2-124m.json by default, or bench/llama-124m.json, the Llama family at the same size)
 set -euo pipefail
 here="$(cd "$(dirname "$0")/.." && pwd)"
-cfg="${1:-$here/bench/gpt2-124m.json}"; B="${2:-4}"; T="${3:-64}"; K="${4:-5}"
+cfg="${1:-$here/bench/gpt2-124m.json}"; B="${2:-4}"; T="${3:-64}"; K="${4:-5}"; D="${5:-fp32}"
 kiln="${KILN:-$here/build/kiln}"
-ours=$("$kiln" bench train --model "$cfg" --batch "$B" --seq "$T" --steps "$K")
+ours=$("$kiln" bench train --model "$cfg" --batch "$B" --seq "$T" --steps "$K" --dtype "$D")
 peer=$(LD_LIBRARY_PATH=/usr/lib/x86_64-linux-gnu/openblas-openmp /usr/bin/python3 "$here/bench/torch_train_bench.py" \
-       "$cfg" --batch "$B" --seq "$T" --steps "$K")
+       "$cfg" --batch "$B" --seq "$T" --steps "$K" --dtype "$D")
 echo "kiln:    $ours"
 echo "pytorch: $peer"
 /usr/bin/python3 -c "
