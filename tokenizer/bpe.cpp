@@ -1,4 +1,5 @@
 #include "tokenizer/bpe.h"
+#include "tokenizer/normalize.h"
 
 #include <omp.h>
 
@@ -404,15 +405,27 @@ void Tokenizer::split_specials(std::string_view text, bool allow_special, Ordina
       special);
 }
 
+// Text between added tokens: normalized (NFC when the tokenizer.json asks for it), pre-tokenized, merged.
+void Tokenizer::encode_text(std::string_view text, std::vector<uint32_t>& out) const {
+  if (nfc_ && !nfc_is_identity(text)) {
+    const std::string normalized = nfc(text);
+    encode_text_normalized(normalized, out);
+  } else {
+    encode_text_normalized(text, out);
+  }
+}
+
+void Tokenizer::encode_text_normalized(std::string_view text, std::vector<uint32_t>& out) const {
+  if (pre_ == PreTokenizer::kGpt2)
+    encode_ordinary(text, out);
+  else
+    encode_ordinary_split(text, out);
+}
+
 void Tokenizer::encode_append(std::string_view text, std::vector<uint32_t>& out, bool allow_special) const {
   split_specials(
       text, allow_special,
-      [&](size_t b, size_t e) {
-        if (pre_ == PreTokenizer::kGpt2)
-          encode_ordinary(text.substr(b, e - b), out);
-        else
-          encode_ordinary_split(text.substr(b, e - b), out);
-      },
+      [&](size_t b, size_t e) { encode_text(text.substr(b, e - b), out); },
       [&](uint32_t id) { out.push_back(id); });
 }
 
@@ -457,10 +470,7 @@ std::vector<uint32_t> Tokenizer::encode(std::string_view text, bool allow_specia
       // writes one (false sharing between threads).
       std::vector<uint32_t> local;
       local.reserve((p.end - p.begin) / 3 + 16);
-      if (pre_ == PreTokenizer::kGpt2)
-        encode_ordinary(text.substr(p.begin, p.end - p.begin), local);
-      else
-        encode_ordinary_split(text.substr(p.begin, p.end - p.begin), local);
+      encode_text(text.substr(p.begin, p.end - p.begin), local);
       outs[i] = std::move(local);
     }
   }

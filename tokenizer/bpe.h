@@ -104,6 +104,7 @@ class Tokenizer {
   std::optional<uint32_t> bos_id() const { return bos_; }
 
   PreTokenizer pre_tokenizer() const { return pre_; }
+  bool normalizes_nfc() const { return nfc_; }
   // Normal, control (special added tokens) or user-defined (non-special added tokens).
   TokenType token_type(uint32_t id) const;
   // token_type of every id, in id order (for GGUF's tokenizer.ggml.token_type).
@@ -127,6 +128,8 @@ class Tokenizer {
   std::string to_hf_json() const;
 
  private:
+  void encode_text(std::string_view text, std::vector<uint32_t>& out) const;
+  void encode_text_normalized(std::string_view text, std::vector<uint32_t>& out) const;
   void encode_ordinary(std::string_view text, std::vector<uint32_t>& out) const;
   void encode_ordinary_split(std::string_view text, std::vector<uint32_t>& out) const;
   void encode_word(std::string_view word, std::vector<uint32_t>& out) const;
@@ -154,6 +157,7 @@ class Tokenizer {
   std::vector<uint32_t> unnormalized_, normalized_;  // indices into specials_ of the two matching passes
   std::optional<uint32_t> bos_;
   PreTokenizer pre_ = PreTokenizer::kGpt2;
+  bool nfc_ = false;  // tokenizer.json's normalizer is NFC (Qwen2): applied to the text between added tokens
   std::vector<uint32_t> prefix_, suffix_;            // what is added around a text (see prefix_ids())
   std::vector<uint32_t> post_prefix_, post_suffix_;  // what tokenizer.json's post_processor adds
   std::string post_processor_json_;                  // as loaded, written back by to_hf_json()

@@ -199,6 +199,7 @@ PreTokenizer parse_pre_tokenizer(const json& pre, const std::string& path) {
 
 // Friend of Tokenizer: fills in what tokenizer.json's post_processor adds.
 struct HfJsonLoader {
+  static void set_nfc(Tokenizer& t, bool nfc) { t.nfc_ = nfc; }
   static void post_processor(const json& pp, const std::string& path, const std::string& field, Tokenizer& t) {
     KILN_CHECK(pp.is_object() && pp.contains("type") && pp["type"].is_string(), path, ": ", field,
                " must be an object with a \"type\"");
@@ -255,6 +256,19 @@ struct HfJsonLoader {
 };
 
 namespace {
+// The normalizers kiln applies: none, or NFC (alone or as the one member of a Sequence, as Qwen2 writes it).
+bool parse_normalizer(const json& n, const std::string& path) {
+  if (n.is_null()) return false;
+  const json* one = &n;
+  if (n.is_object() && n.value("type", "") == "Sequence" && n.contains("normalizers") && n["normalizers"].is_array()) {
+    if (n["normalizers"].empty()) return false;
+    if (n["normalizers"].size() == 1) one = &n["normalizers"][0];
+  }
+  KILN_CHECK(one->is_object() && one->value("type", "") == "NFC", path, ": normalizer ", n.dump(),
+             " is not supported (kiln applies none or NFC)");
+  return true;
+}
+
 Tokenizer hf_json_impl(const std::string& path) {
   json j = parse_json_file(path);
   KILN_CHECK(j.is_object() && j.contains("model") && j["model"].is_object(), path,
@@ -262,8 +276,7 @@ Tokenizer hf_json_impl(const std::string& path) {
   const json& m = j["model"];
   std::string type = m.value("type", "BPE");
   KILN_CHECK(type == "BPE", path, ": model.type is ", type, "; kiln reads byte-level BPE models only");
-  KILN_CHECK(!j.contains("normalizer") || j["normalizer"].is_null(), path, ": normalizer ", j["normalizer"].dump(),
-             " is not supported (byte-level BPE has none)");
+  const bool nfc = parse_normalizer(j.contains("normalizer") ? j["normalizer"] : json(), path);
   const PreTokenizer pre = parse_pre_tokenizer(j.contains("pre_tokenizer") ? j["pre_tokenizer"] : json(), path);
   KILN_CHECK(!j.contains("decoder") || j["decoder"].is_null() || j["decoder"].value("type", "") == "ByteLevel", path,
              ": decoder ", j["decoder"].dump(), " is not supported (kiln decodes ByteLevel)");
@@ -332,6 +345,7 @@ Tokenizer hf_json_impl(const std::string& path) {
   }
   Tokenizer t = Tokenizer::from_parts(std::move(v.tokens), merges, std::move(specials), std::move(v.raw), path,
                                       m.value("ignore_merges", false), pre);
+  HfJsonLoader::set_nfc(t, nfc);
   if (j.contains("post_processor") && !j["post_processor"].is_null())
     HfJsonLoader::attach(j["post_processor"], path, t);
   return t;
@@ -411,7 +425,7 @@ std::string Tokenizer::to_hf_json() const {
                           {"normalized", s.normalized},
                           {"special", s.special}});
   j["added_tokens"] = added;
-  j["normalizer"] = nullptr;
+  j["normalizer"] = nfc_ ? ojson{{"type", "NFC"}} : ojson(nullptr);
   if (pre_ == PreTokenizer::kGpt2) {
     j["pre_tokenizer"] =
         ojson{{"type", "ByteLevel"}, {"add_prefix_space", false}, {"trim_offsets", true}, {"use_regex", true}};

@@ -1,6 +1,7 @@
 #include "models/families/hf_llama.h"
 
 #include "core/error.h"
+#include "models/family.h"
 
 namespace kiln::hf {
 
