@@ -1,6 +1,8 @@
 #include "models/checkpoint.h"
 
 #include <algorithm>
+#include <cctype>
+#include <cstdio>
 #include <cstring>
 #include <filesystem>
 #include <map>
@@ -76,20 +78,86 @@ std::vector<std::string> weight_files(const std::string& path) {
 
 }  // namespace
 
+namespace {
+
+bool is_shard_name(const std::string& f) {
+  // model-00001-of-00003.safetensors
+  return f.size() == 32 && f.rfind("model-", 0) == 0 && f.compare(11, 4, "-of-") == 0 &&
+         f.compare(20, 12, ".safetensors") == 0 &&
+         std::all_of(f.begin() + 6, f.begin() + 11, ::isdigit) && std::all_of(f.begin() + 15, f.begin() + 20, ::isdigit);
+}
+
+// After a save: the other form, and shards the new save does not use, would shadow or confuse the new files.
+void remove_stale(const fs::path& dir, bool sharded, const std::vector<std::string>& keep) {
+  std::error_code ec;
+  if (sharded) {
+    fs::remove(dir / "model.safetensors", ec);
+  } else {
+    fs::remove(dir / "model.safetensors.index.json", ec);
+  }
+  for (const auto& e : fs::directory_iterator(dir, ec)) {
+    const std::string f = e.path().filename().string();
+    if (is_shard_name(f) && std::find(keep.begin(), keep.end(), f) == keep.end()) fs::remove(e.path(), ec);
+  }
+}
+
+}  // namespace
+
+size_t parse_byte_size(const std::string& text, const std::string& what) {
+  size_t digits = 0;
+  while (digits < text.size() && std::isdigit(static_cast<unsigned char>(text[digits]))) digits++;
+  const std::string unit = text.substr(digits);
+  static const std::pair<const char*, double> units[] = {{"", 1},          {"B", 1},          {"KB", 1e3},
+                                                         {"MB", 1e6},      {"GB", 1e9},       {"TB", 1e12},
+                                                         {"KiB", 1024.0},  {"MiB", 1048576.0}, {"GiB", 1073741824.0}};
+  KILN_CHECK(digits > 0 && digits <= 15, what, ": expected a size such as 5GB, 500MB or a byte count, got '", text, "'");
+  for (const auto& [u, mult] : units)
+    if (unit == u) return size_t(double(std::stoull(text.substr(0, digits))) * mult);
+  fail(what, ": unknown unit '", unit, "' in '", text, "' (B, KB, MB, GB, TB, KiB, MiB, GiB)");
+}
+
 void save_model_checkpoint(const std::string& dir, const ModelConfig& cfg, const ParamTable& table,
-                           const float* params, DType on_disk) {
+                           const float* params, DType on_disk, size_t max_shard_bytes) {
   cfg.validate(dir);
   KILN_CHECK(on_disk == DType::F32 || on_disk == DType::BF16 || on_disk == DType::F16, dir,
              ": checkpoints are written as F32, BF16 or F16, not ", dtype_name(on_disk));
   make_dirs(dir);
   std::vector<Tensor> tensors;
   tensors.reserve(table.specs.size());
-  for (const auto& s : table.specs)
+  size_t total = 0;
+  for (const auto& s : table.specs) {
     tensors.push_back(Tensor{s.name, DType::F32, s.shape, const_cast<float*>(params + s.offset)});
+    total += size_t(s.numel()) * dtype_size(on_disk);
+  }
   // Weights first: if they cannot be written (disk full, killed), config.json still describes the weights
-  // already there. Each file is replaced by a rename, so neither is ever half-written.
-  write_safetensors_converted((fs::path(dir) / "model.safetensors").string(), tensors, on_disk, {{"format", "pt"}});
-  write_file_atomic((fs::path(dir) / "config.json").string(), model_config_json(cfg));
+  // already there. Each file is replaced by a rename, so none is ever half-written.
+  const fs::path d(dir);
+  if (max_shard_bytes == 0 || total <= max_shard_bytes) {
+    write_safetensors_converted((d / "model.safetensors").string(), tensors, on_disk, {{"format", "pt"}});
+    remove_stale(d, false, {});
+  } else {
+    std::vector<std::vector<Tensor>> shards(1);
+    size_t bytes = 0;
+    for (const Tensor& t : tensors) {
+      const size_t b = size_t(t.shape.numel()) * dtype_size(on_disk);
+      if (!shards.back().empty() && bytes + b > max_shard_bytes) shards.emplace_back(), bytes = 0;
+      shards.back().push_back(t);
+      bytes += b;
+    }
+    char name[40];
+    std::vector<std::string> files;
+    nlohmann::ordered_json map = nlohmann::ordered_json::object();
+    for (size_t i = 0; i < shards.size(); i++) {
+      std::snprintf(name, sizeof(name), "model-%05zu-of-%05zu.safetensors", i + 1, shards.size());
+      files.push_back(name);
+      write_safetensors_converted((d / name).string(), shards[i], on_disk, {{"format", "pt"}});
+      for (const Tensor& t : shards[i]) map[t.name] = name;
+    }
+    nlohmann::ordered_json index = {{"metadata", {{"total_size", total}}}, {"weight_map", map}};
+    write_file_atomic((d / "model.safetensors.index.json").string(), index.dump(2) + "\n");
+    remove_stale(d, true, files);
+  }
+  write_file_atomic((d / "config.json").string(), model_config_json(cfg));
 }
 
 ModelConfig load_model_config_for(const std::string& path) {

@@ -17,10 +17,18 @@
 namespace kiln {
 
 // Writes dir/model.safetensors (metadata {"format": "pt"}) and then dir/config.json, each atomically, creating
-// dir if needed. on_disk: F32, BF16 or F16 (converted with round-to-nearest-even). Throws kiln::Error naming the
-// directory if it cannot be created or written; files already there stay whole.
+// dir if needed. on_disk: F32, BF16 or F16 (converted with round-to-nearest-even). With max_shard_bytes > 0 and
+// more weight bytes than that, writes Hugging Face's sharded form instead: model-00001-of-0000N.safetensors, each
+// at most max_shard_bytes (a larger tensor gets a shard of its own), in table order, then
+// model.safetensors.index.json ({"metadata": {"total_size"}, "weight_map"}). The form not written (and shards of
+// an earlier save that the new index does not name) is removed once the new files are complete. Throws
+// kiln::Error naming the directory if it cannot be created or written; files already there stay whole.
 void save_model_checkpoint(const std::string& dir, const ModelConfig& cfg, const ParamTable& table,
-                           const float* params, DType on_disk);
+                           const float* params, DType on_disk, size_t max_shard_bytes = 0);
+
+// "5GB", "500MB", "2GiB", "64KB", "1000" (bytes) -> bytes, as Hugging Face's max_shard_size reads them (GB = 10^9,
+// GiB = 2^30); "0" means no sharding. Throws naming `what` for anything else.
+size_t parse_byte_size(const std::string& text, const std::string& what);
 
 // The config for a checkpoint: `path` is a checkpoint directory, a config.json, or a .safetensors file (whose
 // directory holds config.json).

@@ -4,13 +4,22 @@
 // field. Each family is a small config with its distinguishing feature switched on.
 #include <gtest/gtest.h>
 
+#include <unistd.h>
+
+#include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <filesystem>
+#include <fstream>
+#include <nlohmann/json.hpp>
+#include <set>
 #include <string>
 #include <vector>
 
 #include "core/error.h"
 #include "core/rng.h"
+#include "core/safetensors.h"
+#include "models/checkpoint.h"
 #include "models/family.h"
 #include "models/model.h"
 #include "test_util.h"
@@ -228,4 +237,110 @@ TEST(FamilyConfig, BadConfigsNameTheField) {
       "intermediate_size":40,"vocab_size":41,"max_position_embeddings":64})",
          {"hidden_size"});
   expect("{not json", {"config.json"});
+}
+
+// Sharded saves: Hugging Face's file names and index, every tensor back bit for bit, and the other form removed
+// so a later load cannot pick up stale weights.
+TEST(FamilyCheckpoint, ShardedSaveLoadsBackExactly) {
+  namespace fs = std::filesystem;
+  const ModelConfig cfg = config_of(kCases[0]);
+  auto m = model_of(cfg, 31, /*grads=*/false);
+  const ParamTable& t = m->table();
+  const std::string dir = ::testing::TempDir() + "kiln_sharded_" + std::to_string(::getpid());
+  fs::remove_all(dir);
+  save_model_checkpoint(dir, cfg, t, m->host_params(), DType::F32);  // first one file...
+  ASSERT_TRUE(fs::exists(dir + "/model.safetensors"));
+  save_model_checkpoint(dir, cfg, t, m->host_params(), DType::F32, 8000);  // ...then shards of at most 8000 B
+  EXPECT_FALSE(fs::exists(dir + "/model.safetensors"));
+  const nlohmann::json index = nlohmann::json::parse(std::ifstream(dir + "/model.safetensors.index.json"));
+  std::set<std::string> files;
+  for (auto& [name, file] : index["weight_map"].items()) files.insert(file.get<std::string>());
+  EXPECT_GT(files.size(), 3u);
+  EXPECT_EQ(*files.begin(), "model-00001-of-" + std::string(5 - std::to_string(files.size()).size(), '0') +
+                                std::to_string(files.size()) + ".safetensors");
+  EXPECT_EQ(index["weight_map"].size(), t.specs.size());
+  size_t total = 0;
+  for (const ParamSpec& s : t.specs) total += size_t(s.numel()) * 4;
+  EXPECT_EQ(index["metadata"]["total_size"].get<size_t>(), total);
+  for (const std::string& f : files) {
+    const auto bytes = fs::file_size(dir + "/" + f);
+    EXPECT_TRUE(bytes <= 8000 + 4096) << f << ": " << bytes;  // the tensors' bytes plus the header
+  }
+  std::vector<float> back(t.total, -1.0f);
+  load_model_weights(dir, cfg, t, back.data());
+  for (const ParamSpec& s : t.specs)
+    EXPECT_EQ(0, std::memcmp(back.data() + s.offset, m->host_params() + s.offset, size_t(s.numel()) * 4)) << s.name;
+  // Back to one file: the index and the shards go.
+  save_model_checkpoint(dir, cfg, t, m->host_params(), DType::BF16);
+  EXPECT_FALSE(fs::exists(dir + "/model.safetensors.index.json"));
+  EXPECT_FALSE(fs::exists(dir + "/" + *files.begin()));
+  EXPECT_EQ(parse_byte_size("5GB", "x"), size_t(5000000000));
+  EXPECT_EQ(parse_byte_size("2MiB", "x"), size_t(2) << 20);
+  EXPECT_EQ(parse_byte_size("0", "x"), size_t(0));
+  EXPECT_THROW(parse_byte_size("5 GB", "--max-shard-size"), Error);
+  EXPECT_THROW(parse_byte_size("GB", "--max-shard-size"), Error);
+  fs::remove_all(dir);
+}
+
+// A sharded checkpoint with a tensor missing, an extra one, a misshaped one, or an index naming a missing file:
+// one line naming the file and the tensor, and the parameter block untouched.
+TEST(FamilyCheckpoint, BadShardsNameTheFileAndTensor) {
+  namespace fs = std::filesystem;
+  const ModelConfig cfg = config_of(kCases[3]);
+  auto m = model_of(cfg, 32, /*grads=*/false);
+  const ParamTable& t = m->table();
+  const std::string base = ::testing::TempDir() + "kiln_badshards_" + std::to_string(::getpid());
+  fs::remove_all(base);
+  save_model_checkpoint(base + "/good", cfg, t, m->host_params(), DType::F32, 6000);
+  const nlohmann::json index = nlohmann::json::parse(std::ifstream(base + "/good/model.safetensors.index.json"));
+  const std::string victim = "model.layers.1.self_attn.k_norm.weight";
+  const std::string shard = index["weight_map"][victim].get<std::string>();
+
+  // Rewrites the shard holding `victim` with its tensors changed by `edit`.
+  auto variant = [&](const std::string& name, auto edit) {
+    const std::string dir = base + "/" + name;
+    fs::copy(base + "/good", dir, fs::copy_options::recursive);
+    SafeTensorsReader r(dir + "/" + shard);
+    std::vector<std::vector<float>> keep;
+    std::vector<Tensor> ts;
+    keep.reserve(r.tensors().size());
+    for (const Tensor& e : r.tensors()) {
+      keep.emplace_back(e.f32(), e.f32() + e.numel());
+      ts.push_back(Tensor{e.name, DType::F32, e.shape, keep.back().data()});
+    }
+    edit(ts, keep);
+    write_safetensors(dir + "/" + shard, ts, {{"format", "pt"}});
+    return dir;
+  };
+  auto expect_error = [&](const std::string& dir, std::initializer_list<std::string> words) {
+    std::vector<float> block(t.total, 7.0f);
+    try {
+      load_model_weights(dir, cfg, t, block.data());
+      ADD_FAILURE() << dir << ": no error";
+    } catch (const Error& e) {
+      const std::string msg = e.what();
+      EXPECT_EQ(msg.find('\n'), std::string::npos) << msg;
+      for (const auto& w : words) EXPECT_NE(msg.find(w), std::string::npos) << "'" << w << "' not in: " << msg;
+    }
+    EXPECT_TRUE(std::all_of(block.begin(), block.end(), [](float x) { return x == 7.0f; })) << dir;
+  };
+  std::vector<float> extra(5, 1.0f);
+  expect_error(variant("missing", [&](auto& ts, auto&) {
+                 std::erase_if(ts, [&](const Tensor& x) { return x.name == victim; });
+               }),
+               {"missing tensor", victim});
+  expect_error(variant("extra", [&](auto& ts, auto&) {
+                 ts.push_back(Tensor{"model.layers.9.mlp.up_proj.weight", DType::F32, Shape{5}, extra.data()});
+               }),
+               {shard, "unexpected tensor", "model.layers.9.mlp.up_proj.weight"});
+  expect_error(variant("misshaped", [&](auto& ts, auto&) {
+                 for (Tensor& x : ts)
+                   if (x.name == victim) x.shape = Shape{x.shape.numel() / 2};
+               }),
+               {shard, victim, "shape"});
+  const std::string gone = base + "/gone";
+  fs::copy(base + "/good", gone, fs::copy_options::recursive);
+  fs::remove(gone + "/" + shard);
+  expect_error(gone, {"model.safetensors.index.json", shard, "does not exist"});
+  fs::remove_all(base);
 }

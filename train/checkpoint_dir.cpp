@@ -63,12 +63,13 @@ std::string latest_checkpoint(const std::string& out) {
 }
 
 std::string save_training_checkpoint(const std::string& out, Model& model, AdamW& opt, const TrainState& state,
-                                     const std::string& save_dtype, const std::string& tokenizer_dir, int keep) {
+                                     const std::string& save_dtype, const std::string& tokenizer_dir, int keep,
+                                     size_t max_shard_bytes) {
   const std::string name = step_name(state.step);
   const std::string dir = (fs::path(out) / name).string();
   make_dirs(dir);
   save_model_checkpoint(dir, model.config(), model.table(), model.host_params(),
-                        save_dtype == "bf16" ? DType::BF16 : DType::F32);
+                        save_dtype == "bf16" ? DType::BF16 : DType::F32, max_shard_bytes);
 
   std::vector<Tensor> tensors = {flat("adamw.exp_avg", opt.m(), opt.num_floats()),
                                  flat("adamw.exp_avg_sq", opt.v(), opt.num_floats())};

@@ -28,7 +28,8 @@ struct TrainState {
 // first) for `state.step` and points <out>/latest at it; removes older
 // step directories beyond `keep` (0 keeps all). Returns the checkpoint directory.
 std::string save_training_checkpoint(const std::string& out, Model& model, AdamW& opt, const TrainState& state,
-                                     const std::string& save_dtype, const std::string& tokenizer_dir, int keep);
+                                     const std::string& save_dtype, const std::string& tokenizer_dir, int keep,
+                                     size_t max_shard_bytes = 0);
 // Loads weights, optimizer moments and state from a checkpoint directory written above into the host copies
 // (then call the model's params_changed() and the optimizer's moments_changed()).
 TrainState load_training_checkpoint(const std::string& dir, Model& model, AdamW& opt);

@@ -69,6 +69,7 @@ void validate(const TrainOptions& o) {
              "--initial-loss-scale, --loss-scale-window and --max-skipped-steps must be positive");
   KILN_CHECK(o.save_dtype == "f32" || o.save_dtype == "bf16", "--save-dtype: expected f32 or bf16, got '",
              o.save_dtype, "'");
+  parse_byte_size(o.max_shard_size, "--max-shard-size");
   KILN_CHECK(!o.data.empty(), "--data is required");
   KILN_CHECK(!o.model.empty() || !o.init.empty() || o.resume, "one of --model or --init is required");
   KILN_CHECK(!o.resume || !o.out.empty(), "--resume needs --out (the directory holding the checkpoints)");
@@ -322,7 +323,8 @@ double train(const TrainOptions& opt) {
     if (!opt.out.empty() && ((opt.save_every > 0 && st.step % opt.save_every == 0) || last)) {
       model->sync_to_host();
       adam.sync_to_host();
-      save_training_checkpoint(opt.out, *model, adam, st, opt.save_dtype, opt.tokenizer, opt.keep_checkpoints);
+      save_training_checkpoint(opt.out, *model, adam, st, opt.save_dtype, opt.tokenizer, opt.keep_checkpoints,
+                               parse_byte_size(opt.max_shard_size, "--max-shard-size"));
     }
     // Test hook: die like a killed process (no cleanup) after this step, to test --resume.
     if (kill_at_step > 0 && st.step == kill_at_step) std::raise(SIGKILL);

@@ -28,6 +28,7 @@ struct TrainOptions {
   int save_every = 0;      // 0: only at the end
   int keep_checkpoints = 2;
   std::string save_dtype = "f32";
+  std::string max_shard_size = "0";  // weights above this are saved as Hugging Face shards ("5GB"; 0: one file)
   bool resume = false;
   std::string metrics;     // JSONL path
   int eval_every = 0;

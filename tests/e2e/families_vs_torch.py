@@ -181,10 +181,17 @@ for seed, (fam, cfg) in enumerate(test_configs().items(), start=11):
     kiln_run(["train", "--init", init3, "--data", shard, "--data-order", "sequential", "--threads", "2",
               "--lr-schedule", "cosine", "--out", os.path.join(d, "kiln_out_sharded"),
               "--metrics", os.path.join(d, "metrics_sharded.jsonl"), "--no-progress"] +
-             [f for f in flags if not f.startswith("--steps=")] + ["--steps=1"])
+             [f for f in flags if not f.startswith("--steps=")] + ["--steps=1", "--max-shard-size=20KB"])
     sm = [json.loads(l) for l in open(os.path.join(d, "metrics_sharded.jsonl")) if l.strip()]
     check(len(sm) == 1 and abs(sm[0]["loss"] - ours[0]["loss"]) <= 1e-6,
           f"{fam}: 3-shard init trains to the same first-step loss ({sm[0]['loss']:.6f} vs {ours[0]['loss']:.6f})")
+    # kiln's own sharded save (--max-shard-size) reads back in the reference.
+    saved = os.path.join(d, "kiln_out_sharded", "latest")
+    wm = json.load(open(os.path.join(saved, "model.safetensors.index.json")))["weight_map"]
+    _, PS = load_checkpoint(saved)
+    check(len(set(wm.values())) > 1 and set(PS) == set(names) and
+          not os.path.exists(os.path.join(saved, "model.safetensors")),
+          f"{fam}: kiln's --max-shard-size save is {len(set(wm.values()))} shards + index, read by the reference")
 
     # ---- 4: bf16 tracks fp32 -------------------------------------------------------------------------------------
     b16 = kiln_train(init, shard, os.path.join(d, "kiln_out_bf16"), os.path.join(d, "metrics_bf16.jsonl"),

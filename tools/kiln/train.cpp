@@ -39,6 +39,9 @@ kiln::cli::Command train_cmd("train", [](CLI::App& root) {
       ->capture_default_str();
   c->add_option("--save-dtype", opt->save_dtype, "Weights on disk: f32 or bf16 (training state stays f32)")
       ->capture_default_str();
+  c->add_option("--max-shard-size", opt->max_shard_size,
+                "Save weights above this size as Hugging Face shards + model.safetensors.index.json (5GB, 500MB; 0: one file)")
+      ->capture_default_str();
   c->add_flag("--resume", opt->resume, "Continue from <out>/latest: weights, AdamW state, step and data position");
   c->add_option("--metrics", opt->metrics, "JSONL file: one object per step (step, loss, lr, grad_norm, ...)");
   c->add_option("--recompute", opt->recompute, "Gradient checkpointing: none, block, every:K or selective")
