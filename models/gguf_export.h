@@ -25,7 +25,7 @@ namespace kiln {
 struct GgufTokenizer {
   std::vector<std::string> tokens;   // byte-level spelling (GPT-2's byte-to-unicode form), one per id
   std::vector<std::string> merges;   // "a b", in rank order
-  std::vector<int32_t> token_type;   // per token: 1 normal, 3 control, 4 user-defined; empty: all normal
+  std::vector<int32_t> token_type;   // per token: 1 normal, 3 control, 4 user-defined, 5 unused; empty: all normal
   int bos_id = -1, eos_id = -1;      // -1: none
   bool add_bos_token = false;
   std::string pre;                   // pre-tokenizer: "gpt-2", "llama-bpe", "qwen2", ...
