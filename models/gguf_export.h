@@ -35,6 +35,10 @@ struct GgufTokenizer {
 // The GGUF architecture name llama.cpp uses for a family ("llama" for mistral); throws for an unknown family.
 std::string gguf_arch(const std::string& family);
 
+// Throws the one-line kiln::Error export_gguf would for a configuration it cannot export (an unsupported family
+// or feature), so a caller can fail before reading the weights.
+void check_gguf_export(const ModelConfig& cfg);
+
 // Writes the model to out_path (atomically). Matrices are written as `type` (F32, F16 or Q8_0; Q8_0 falls back
 // to F16 for rows that are not a multiple of 32 values); norms, biases and rope factors are always F32.
 // An unsupported family or feature throws a one-line kiln::Error and writes nothing.

@@ -44,7 +44,11 @@ void run_export(const ExportOptions& o) {
   using namespace kiln;
   const GgufType type = o.dtype == "f16" ? GgufType::F16 : o.dtype == "q8_0" ? GgufType::Q8_0 : GgufType::F32;
   const ModelConfig cfg = load_model_config_for(o.model);
-  gguf_arch(cfg.family);  // an unsupported family fails before the weights are read
+  try {  // an unsupported family or feature fails before the weights are read, naming the checkpoint
+    check_gguf_export(cfg);
+  } catch (const Error& e) {
+    fail(o.model, ": ", e.what());
+  }
 
   // The tokenizer first: it is small, and a missing one should not wait for the weights.
   const std::string tok_dir = o.tokenizer.empty() ? model_dir(o.model) : o.tokenizer;
