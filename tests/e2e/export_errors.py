@@ -63,7 +63,7 @@ cases = [  # (command, output path that must not appear, what the message must n
     (export(fmt="onnx"), os.path.join(work, "out.gguf"), "--format"),
     (export(model=missing), os.path.join(work, "out.gguf"), "transformer.h.1.mlp.c_fc.bias"),
     (export(model=no_tok), os.path.join(work, "out.gguf"), "tokenizer"),
-    (export(model=small), os.path.join(work, "out.gguf"), "320 tokens but the model's vocab_size is 300"),
+    (export(model=small), os.path.join(work, "out.gguf"), f"{g.VOCAB} tokens but the model's vocab_size is 300"),
     (export(out=os.path.join(not_a_dir, "out.gguf")), os.path.join(not_a_dir, "out.gguf"), "plain_file"),
     (export(out=a_dir), None, "a_dir"),
 ]

@@ -12,12 +12,13 @@ F32/F16/Q8_0 GGUFs, and checks:
     format's error (F16_MARGIN, Q8_MARGIN);
   - llama.cpp's tokenization by the GGUF's vocabulary == `kiln tokenizer encode` on the checkpoint's
     tokenizer.json, with and without special tokens, for the gpt-2, llama-bpe and qwen2 pre-tokenizers; and
-    llama.cpp reads the same bos / eos and chat template.
+    llama.cpp reads the bos / eos, add_bos_token, token types, pre-tokenizer and chat template the files say.
 
 usage: gguf_llama_cpp.py KILN WORK_DIR      (exit 77: node-llama-cpp not installed)
 """
 import json
 import os
+import random
 import shutil
 import struct
 import subprocess
@@ -31,11 +32,14 @@ FAMILIES = ["gpt2", "llama", "mistral", "qwen2", "qwen3"]
 TYPES = ["f32", "f16", "q8_0"]
 PROMPT = [5, 80, 200, 7, 300, 42]
 K = 10
-VOCAB = 320        # the tokenizer's: 256 bytes + 62 merges + <|endoftext|> (318) + <|user|> (319)
-EOT, USER = 318, 319
+VOCAB = 512        # the tokenizer's: 256 bytes + 254 merges + <|endoftext|> (510) + <|user|> (511)
+EOT, USER = 510, 511
 MARGIN = 0.02      # llama.cpp's F32 arithmetic and the reference's differ by far less than this
 F16_MARGIN = 0.2   # F16 matrices move these logits by a few 1e-3
 Q8_MARGIN = 1.0    # Q8_0 (and the F16 fallback) by a few 1e-2
+# Parameter seeds, picked among 1..30 by the reference alone: along the greedy path the top-2 margin stays above
+# 0.1 and at least four different tokens come (a model that repeats one token tests the cache little).
+SEEDS = {"gpt2": 13, "llama": 2, "mistral": 3, "qwen2": 14, "qwen3": 1}
 PRE = {"gpt2": "gpt2", "llama": "llama3", "mistral": "llama3", "qwen2": "qwen2", "qwen3": "qwen2"}
 TEMPLATE = "{% for m in messages %}<|user|>{{ m['content'] }}<|endoftext|>{% endfor %}"
 
@@ -66,7 +70,7 @@ def config(fam):
     elif fam == "qwen2":
         c.update(rope_theta=1000000.0)
     elif fam == "qwen3":
-        c.update(head_dim=32, rope_theta=1000000.0, vocab_size=336)  # q_dim 128 != d_model; 16 padding rows
+        c.update(head_dim=32, rope_theta=1000000.0, vocab_size=VOCAB + 16)  # q_dim 128 != d_model; padding
     hf = dict(model_type=fam, hidden_size=c["d_model"], intermediate_size=c["d_ff"], num_hidden_layers=2,
               num_attention_heads=4, num_key_value_heads=2, head_dim=c["head_dim"], vocab_size=c["vocab_size"],
               max_position_embeddings=128, rms_norm_eps=1e-6, hidden_act="silu", rope_theta=c["rope_theta"],
@@ -147,19 +151,28 @@ def write_safetensors(path, tensors):
 
 
 def corpus():
-    """Text for the tokenizers: words, contractions, numbers, punctuation, accents and CJK, repeated so that
-    62 merges occur at least twice."""
-    lines = ["The quick brown fox jumps over the lazy dog. It's 2024, and we'll see 3.14159 again!",
-             "Don't stop: the café's naïve owner said 東京 and 北京 are 12345 km apart (roughly).",
-             "    indented code(x, y) { return x + y; }\n\tand tabs\n\nthen blank lines",
-             "I'LL be there; they're here; she'd gone. Numbers: 7, 42, 100000, 2.71828."]
-    return "\n".join(lines[i % len(lines)] + f" #{i}" for i in range(40)) + "\n"
+    """Text for the tokenizers, made so that merges cross the places where the pre-tokenizers differ: digit runs
+    (GPT-2 keeps a run with its leading space, Llama 3 cuts 3 digits, Qwen2 1), contractions in either case
+    (Llama 3 and Qwen2 match them case-insensitively), punctuation before a word (which they attach to it), runs
+    of spaces and newlines, accents and CJK. Deterministic."""
+    rng = random.Random(0)
+    syll = ["the", "an", "qu", "ick", "br", "own", "fox", "ju", "mp", "ov", "er", "la", "zy", "do", "g", "it", "in",
+            "ing", "ed", "re", "con", "ti", "on"]
+    word = lambda: "".join(rng.choice(syll) for _ in range(rng.randint(1, 3)))
+    pieces = [lambda: " " + word(), lambda: " " + word().capitalize(), lambda: " " + str(rng.randint(0, 10 ** 7)),
+              lambda: " " + str(rng.randint(0, 999)) + "." + str(rng.randint(0, 99)),
+              lambda: " " + word() + rng.choice(["'s", "'t", "'re", "'ll", "'ve", "'d", "'m"]),
+              lambda: " " + word().upper() + rng.choice(["'S", "'T", "'LL", "'RE"]),
+              lambda: " " + rng.choice("([\"-") + word(), lambda: rng.choice([",", ".", ";", "!", "?"]),
+              lambda: rng.choice(["  ", "   ", "\t", "\n", "\n\n", " \n  "]),
+              lambda: " " + rng.choice(["café", "naïve", "東京", "北京", "Ünïcödé", "\U0001F642"])]
+    return "".join(rng.choice(pieces)() for _ in range(6000)) + "\n"
 
 
-TEXTS = ["Hello world, it's 2024!", "  leading spaces and\ttabs\n\nnew lines   ",
-         "numbers 1234567 and 3.14159, 42x", "unicode: café, naïve, 東京, emoji \U0001F642 done",
-         "I'LL DON'T we're they've", "special <|endoftext|> in the middle",
-         "user token <|user|>hello <|user|> again"]
+TEXTS = ["Hello world, it's 2024!", "  leading spaces and\ttabs\n\nnew lines   \n  x",
+         "numbers 1234567 and 3.14159, 42x 9 10 100", "unicode: café, naïve, 東京北京, emoji \U0001F642 done",
+         "I'LL DON'T we're they've IT'S ThE quick's", "(brown) [fox] -jumps \"over\" the lazy-dog",
+         "special <|endoftext|> in the middle", "user token <|user|>hello <|user|> again"]
 
 
 def make_tokenizer(kiln, work, pre):
@@ -186,7 +199,7 @@ def make_model_dir(work, fam, tok_dir):
     shutil.rmtree(d, ignore_errors=True)
     os.makedirs(d)
     c, hf = config(fam)
-    p = random_params(c, seed=FAMILIES.index(fam) + 1)
+    p = random_params(c, seed=SEEDS[fam])
     json.dump(hf, open(os.path.join(d, "config.json"), "w"), indent=1)
     write_safetensors(os.path.join(d, "model.safetensors"), p)
     shutil.copy(os.path.join(tok_dir, "tokenizer.json"), d)
@@ -368,13 +381,19 @@ def main():
     # Tokenization: the GGUF's vocabulary in llama.cpp against kiln on the checkpoint's tokenizer.json.
     texts = os.path.join(work, "texts.json")
     json.dump(TEXTS, open(texts, "w"))
-    for fam in ["gpt2", "llama", "qwen2"]:
+    for fam in FAMILIES:
         d = os.path.join(work, fam)
         peer = json.loads(run(["node", os.path.join(PEER, "llama_cpp_tokenize.mjs"),
                                os.path.join(d, "model-f32.gguf"), texts]).strip().splitlines()[-1])
-        if (peer["bos"], peer["eos"]) != (EOT, EOT) or peer["chat_template"] != TEMPLATE:
-            failures.append(f"{fam}: llama.cpp reads bos {peer['bos']}, eos {peer['eos']}, template "
-                            f"{peer['chat_template']!r}")
+        # What the checkpoint's files say: tokenizer_config.json's bos/eos/add_bos_token/template, the added
+        # tokens' special flags, the pre-tokenizer trained with, and padding past the tokenizer's 320 ids.
+        V = config(fam)[0]["vocab_size"]
+        types = [1] * EOT + [3, 4] + [5] * (V - VOCAB)
+        want = dict(bos=EOT, eos=EOT, add_bos=fam == "llama", chat_template=TEMPLATE, token_type=types,
+                    pre={"gpt2": "gpt-2", "llama3": "llama-bpe", "qwen2": "qwen2"}[PRE[fam]])
+        for key, value in want.items():
+            if peer[key] != value:
+                failures.append(f"{fam}: llama.cpp reads {key} {str(peer[key])[:200]}, not {str(value)[:200]}")
         agree = 0
         for i, text in enumerate(TEXTS):
             for mode in ["special", "ordinary"]:

@@ -2,7 +2,9 @@
 // tokenizes texts with it.
 //   node llama_cpp_tokenize.mjs MODEL.gguf TEXTS.json
 // TEXTS.json is a JSON array of strings. Prints one JSON line:
-//   {"special": [[ids], ...], "ordinary": [[ids], ...], "bos": id, "eos": id, "chat_template": "..."}
+//   {"special": [[ids], ...], "ordinary": [[ids], ...], "bos": id, "eos": id, "add_bos": bool, "pre": "...",
+//    "token_type": [per id], "chat_template": "..."}
+// add_bos is llama.cpp's own reading (shouldPrependBosToken); pre and token_type are the file's metadata.
 // special: control tokens spelled in the text are matched (llama.cpp's parse_special); ordinary: they are text.
 // User-defined tokens are matched in both.
 import fs from "node:fs";
@@ -23,7 +25,10 @@ const result = {
   ordinary: texts.map((t) => Array.from(model.tokenize(t, false))),
   bos: model.tokens.bos,
   eos: model.tokens.eos,
-  chat_template: model.fileInfo?.metadata?.tokenizer?.chat_template ?? null,
+  add_bos: model.tokens.shouldPrependBosToken,
+  pre: model.fileInfo.metadata.tokenizer.ggml.pre ?? null,
+  token_type: Array.from(model.fileInfo.metadata.tokenizer.ggml.token_type ?? []),
+  chat_template: model.fileInfo.metadata.tokenizer.chat_template ?? null,
 };
 console.log(JSON.stringify(result));
 await model.dispose();
