@@ -346,8 +346,12 @@ def check_tokenizer(kiln, work, model_dir, label, texts, want, failures):
     peer = json.loads(run(["node", os.path.join(PEER, "llama_cpp_tokenize.mjs"),
                            os.path.join(model_dir, "model-f32.gguf"), path]).strip().splitlines()[-1])
     for key, value in want.items():
-        if peer[key] != value:
-            failures.append(f"{label}: llama.cpp reads {key} {str(peer[key])[:200]}, not {str(value)[:200]}")
+        got = peer[key]
+        if isinstance(value, list) and isinstance(got, list) and len(got) == len(value) and got != value:
+            i = next(i for i in range(len(value)) if got[i] != value[i])
+            failures.append(f"{label}: llama.cpp reads {key}[{i}] = {got[i]}, not {value[i]}")
+        elif got != value:
+            failures.append(f"{label}: llama.cpp reads {key} {str(got)[:200]}, not {str(value)[:200]}")
     agree, tokens = 0, 0
     for i, text in enumerate(texts):
         for mode in ["special", "ordinary"]:
