@@ -198,6 +198,8 @@ std::string gguf_arch(const std::string& family) {
   fail(kWhere, ": family '", family, "' has no GGUF export");
 }
 
+void check_gguf_export(const ModelConfig& cfg) { check_config(cfg); }
+
 std::vector<float> llama3_rope_factors(const ModelConfig& c) {
   const RopeScaling& s = c.rope_scaling;
   const double low_wavelen = s.original_max_positions / s.low_freq_factor;

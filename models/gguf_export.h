@@ -25,7 +25,7 @@ namespace kiln {
 struct GgufTokenizer {
   std::vector<std::string> tokens;   // byte-level spelling (GPT-2's byte-to-unicode form), one per id
   std::vector<std::string> merges;   // "a b", in rank order
-  std::vector<int32_t> token_type;   // per token: 1 normal, 3 control, 4 user-defined; empty: all normal
+  std::vector<int32_t> token_type;   // per token: 1 normal, 3 control, 4 user-defined, 5 unused; empty: all normal
   int bos_id = -1, eos_id = -1;      // -1: none
   bool add_bos_token = false;
   std::string pre;                   // pre-tokenizer: "gpt-2", "llama-bpe", "qwen2", ...
@@ -34,6 +34,10 @@ struct GgufTokenizer {
 
 // The GGUF architecture name llama.cpp uses for a family ("llama" for mistral); throws for an unknown family.
 std::string gguf_arch(const std::string& family);
+
+// Throws the one-line kiln::Error export_gguf would for a configuration it cannot export (an unsupported family
+// or feature), so a caller can fail before reading the weights.
+void check_gguf_export(const ModelConfig& cfg);
 
 // Writes the model to out_path (atomically). Matrices are written as `type` (F32, F16 or Q8_0; Q8_0 falls back
 // to F16 for rows that are not a multiple of 32 values); norms, biases and rope factors are always F32.

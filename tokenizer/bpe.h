@@ -117,6 +117,9 @@ class Tokenizer {
   const std::optional<TokenizerConfig>& config() const { return config_; }
   // Attaches a tokenizer_config.json (bos/eos tokens must be in the vocabulary; source names it in errors).
   void set_config(TokenizerConfig config, const std::string& source);
+  // How files spell token id: GPT-2's byte-to-unicode form, or verbatim for added tokens and vocabulary
+  // entries outside the byte alphabet (tokenizer.json's vocab, GGUF's tokenizer.ggml.tokens).
+  std::string spelling(uint32_t id) const;
   // The id of a token given its raw bytes (byte-level tokens and specials).
   std::optional<uint32_t> token_id(std::string_view bytes) const;
 

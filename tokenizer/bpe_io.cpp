@@ -398,6 +398,11 @@ std::string spelled_vocab(const std::vector<std::string>& tokens, const std::vec
 }
 }  // namespace
 
+std::string Tokenizer::spelling(uint32_t id) const {
+  KILN_CHECK(id < tokens_.size(), "token id ", id, " outside the vocabulary of ", tokens_.size());
+  return spelled(tokens_, raw_, id);
+}
+
 std::string Tokenizer::to_encoder_json() const { return spelled_vocab(tokens_, raw_, "") + "\n"; }
 
 std::string Tokenizer::to_vocab_bpe() const {
