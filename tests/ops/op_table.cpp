@@ -878,6 +878,7 @@ struct Attn {
 void add_attention(std::vector<OpCase>& t) {
   const Attn cases[] = {
       {2, 2, 64, true, 0, {70, 70}, false, true},        // MHA, two sequences, partial tiles
+      {2, 2, 128, false, 0, {130}, false, true},         // HD 128, not causal, two key tiles
       {4, 1, 64, false, 0, {50}, false, true},           // MQA, not causal
       {4, 2, 64, true, 40, {150}, false, true},          // GQA, window inside the 128-row tile
       {2, 1, 128, true, 30, {1, 37, 0, 90}, true, true}, // packed (one empty), window, HD 128
