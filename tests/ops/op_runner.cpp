@@ -96,8 +96,9 @@ void compare(const OpCase& c, const Tensors& got, const Tensors& want, const Ten
 
 // Each gradient against a central difference of the loss along a random direction d: the analytic side is
 // Σ g·(x₊ − x₋)/2h over the float inputs actually evaluated. The difference's own error is estimated from
-// the same difference at h/2 plus the loss's rounding noise (2^-24·Σ|terms| / h); the gradient's from one
-// rounding of its storage type per term. The factor 4 covers estimates that happen to come out small.
+// the same difference at h/2 plus the loss's rounding noise; the gradient's from one rounding of its
+// storage type per term (Σ|g·d|, as if all errors had one sign). The factor 4 covers estimates that happen
+// to come out small.
 void fd_check(const OpCase& c, const Tensors& got, uint64_t seed, Worst& w) {
   for (const GradOf& gr : c.grads) {
     const auto& x0 = c.inputs[size_t(gr.in)].v;
@@ -128,7 +129,9 @@ void fd_check(const OpCase& c, const Tensors& got, uint64_t seed, Worst& w) {
     const double h = c.fd_h > 0 ? c.fd_h : c.fd_step * std::max(rms, 1e-3);
     const double f1 = fd(h, true), f2 = fd(h / 2, false);
     const DType gdt = got[size_t(gr.out)].dt;
-    const double tol = 4 * (std::fabs(f1 - f2) + 2 * 0x1p-24 * noise_scale / (h / 2) +
+    // The loss's outputs round independently: its error is about 2^-24·sqrt(Σ terms²), at h/2 twice the
+    // difference's.
+    const double tol = 4 * (std::fabs(f1 - f2) + 0x1p-24 * std::sqrt(noise_scale) / (h / 2) +
                               unit_roundoff(gdt) * analytic_abs);
     const double err = std::fabs(analytic - f1);
     const double ratio = err == 0 ? 0 : err / tol;

@@ -93,14 +93,14 @@ struct DevInts {
 
 void* stream() { return gpu::stream(); }
 
-// Σ a·b in double; *abs gets Σ|a·b| (the scale of the loss's rounding noise).
-double dot(const std::vector<float>& a, const std::vector<float>& b, double* abs) {
-  double s = 0, sa = 0;
+// Σ a·b in double; *sq gets Σ(a·b)² (the scale of the loss's rounding noise).
+double dot(const std::vector<float>& a, const std::vector<float>& b, double* sq) {
+  double s = 0, s2 = 0;
   for (size_t i = 0; i < a.size(); i++) {
     s += double(a[i]) * b[i];
-    sa += std::fabs(double(a[i]) * b[i]);
+    s2 += std::pow(double(a[i]) * b[i], 2);
   }
-  if (abs) *abs += sa;
+  if (sq) *sq += s2;
   return s;
 }
 
@@ -121,9 +121,9 @@ OpCase make(std::string op, std::string name, Mode mode, Tensors inputs) {
 
 // The loss <fwd(in)[out_index], in[weight_index]> for a gradient case.
 std::function<double(const Tensors&, double*)> dot_loss(OpFn fwd, int out_index, int weight_index) {
-  return [fwd, out_index, weight_index](const Tensors& in, double* abs) {
-    *abs = 0;
-    return dot(fwd(in)[size_t(out_index)].v, in[size_t(weight_index)].v, abs);
+  return [fwd, out_index, weight_index](const Tensors& in, double* sq) {
+    *sq = 0;
+    return dot(fwd(in)[size_t(out_index)].v, in[size_t(weight_index)].v, sq);
   };
 }
 
@@ -1224,11 +1224,11 @@ void add_crossentropy(std::vector<OpCase>& t) {
         c.ref = [=](const Tensors& in) { return zero_pad(host(ref_fn, in, gs)[1]); };
         if (dt == F32) c.cpu = [=](const Tensors& in) { return zero_pad(host(cpu_fn, in, gs)[1]); };
         if (x.gpu) c.cuda = [=](const Tensors& in) { return Tensors{dev(in, gs)[1]}; };
-        c.loss = [=](const Tensors& in, double* abs) {
+        c.loss = [=](const Tensors& in, double* sq) {
           const auto l = host(ref_fn, in, 0.0f)[0].v;
           double s = 0;
-          *abs = 0;
-          for (float v : l) s += double(v) * gs, *abs += std::fabs(double(v) * gs);
+          *sq = 0;
+          for (float v : l) s += double(v) * gs, *sq += std::pow(double(v) * gs, 2);
           return s;
         };
         c.grads = {{0, 0, -1}};

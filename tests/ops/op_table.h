@@ -56,7 +56,7 @@ struct OpCase {
   double k = 4;         // tolerance factor over the yardstick
   bool exact = false;   // outputs must equal ref's bit for bit (copies, single additions)
   // Gradient mode.
-  std::function<double(const Tensors&, double* abs_sum)> loss;  // abs_sum: Σ|terms| (rounding noise scale)
+  std::function<double(const Tensors&, double* sq_sum)> loss;  // sq_sum: Σ terms² (rounding noise scale)
   std::vector<GradOf> grads;
   double fd_step = 1e-2;  // finite-difference step relative to the input's rms ...
   double fd_h = 0;        // ... or this absolute step when set
