@@ -685,15 +685,16 @@ void add_matmul(std::vector<OpCase>& t) {
   };
   for (S s : {S{37, 53, 29}, S{64, 48, 72}})
     for (int tr = 0; tr < 4; tr++)
-      for (int kind = 0; kind < 3; kind++) {  // 0: fp32; 1: bf16 → fp32; 2: bf16 → bf16
+      for (int kind = 0; kind < 3; kind++)  // 0: fp32; 1: bf16 → fp32; 2: bf16 → bf16
+        for (bool accumulate : {true, false}) {  // beta = 0: C is not read
         const bool ta = tr & 1, tb = tr & 2;
         const int64_t M = s.M, N = s.N, K = s.K;
         const int64_t lda = (ta ? M : K) + 3, ldb = (tb ? K : N) + 5, ldc = N + 2;
         const int64_t arows = ta ? K : M, brows = tb ? N : K;
         const DType din = kind == 0 ? F32 : BF16, dout = kind == 2 ? BF16 : F32;
-        const float alpha = 0.7f, beta = 0.3f;
-        const std::string name = fmt("M%ld N%ld K%ld %c%c %s->%s", long(M), long(N), long(K), ta ? 'T' : 'N',
-                                     tb ? 'T' : 'N', dtype_name(din), dtype_name(dout));
+        const float alpha = accumulate ? 0.7f : -1.0f, beta = accumulate ? 0.3f : 0.0f;
+        const std::string name = fmt("M%ld N%ld K%ld %c%c %s->%s alpha %g beta %g", long(M), long(N), long(K),
+                                     ta ? 'T' : 'N', tb ? 'T' : 'N', dtype_name(din), dtype_name(dout), alpha, beta);
         OpCase c = make("gemm", name, Mode::Forward,
                         {{"A", randn(size_t(arows * lda), 101 + tr, 1.0f, din), din},
                          {"B", randn(size_t(brows * ldb), 102 + tr, 1.0f, din), din},
