@@ -81,14 +81,15 @@ void compare(const OpCase& c, const Tensors& got, const Tensors& want, const Ten
         ratio = same_bits(g[i], r[i]) ? 0 : INFINITY;
       else {
         const double err = std::fabs(double(g[i]) - r[i]);
-        const double tol = c.k * (std::fabs(double(yard[t].v[i]) - r[i]) + u * (std::fabs(double(r[i])) + rms_ref) + rms);
+        const double tol =
+            c.k * (std::fabs(double(yard[t].v[i]) - r[i]) + u * (std::fabs(double(r[i])) + rms_ref) + rms);
         ratio = err == 0 ? 0 : tol == 0 ? INFINITY : err / tol;
       }
       if (ratio > worst) worst = ratio, wi = i;
     }
     char where[160];
-    std::snprintf(where, sizeof where, "%s[%zu]: %.9g vs %.9g", want[t].name.c_str(), wi,
-                  r.empty() ? 0.0 : g[wi], r.empty() ? 0.0 : r[wi]);
+    std::snprintf(where, sizeof where, "%s[%zu]: %.9g vs %.9g", want[t].name.c_str(), wi, r.empty() ? 0.0 : g[wi],
+                  r.empty() ? 0.0 : r[wi]);
     w.add(worst, where);
     EXPECT_LE(worst, 1.0) << c.op << " " << c.name << ": " << where << " (" << worst << " of the tolerance)";
   }
@@ -131,8 +132,8 @@ void fd_check(const OpCase& c, const Tensors& got, uint64_t seed, Worst& w) {
     const DType gdt = got[size_t(gr.out)].dt;
     // The loss's outputs round independently: its error is about 2^-24·sqrt(Σ terms²), at h/2 twice the
     // difference's.
-    const double tol = 4 * (std::fabs(f1 - f2) + 0x1p-24 * std::sqrt(noise_scale) / (h / 2) +
-                              unit_roundoff(gdt) * analytic_abs);
+    const double tol =
+        4 * (std::fabs(f1 - f2) + 0x1p-24 * std::sqrt(noise_scale) / (h / 2) + unit_roundoff(gdt) * analytic_abs);
     const double err = std::fabs(analytic - f1);
     const double ratio = err == 0 ? 0 : err / tol;
     char where[200];
@@ -169,8 +170,9 @@ class OpTest : public ::testing::Test {
         Tensors yard;
         if (!c->exact) {
           yard = c->ref(perturbed(c->inputs, seed));
-              // Rounded to what this backend stores each output as.
-          for (size_t t = 0; t < yard.size() && t < got.size(); t++) yard[t].v = round_to(std::move(yard[t].v), got[t].dt);
+          // Rounded to what this backend stores each output as.
+          for (size_t t = 0; t < yard.size() && t < got.size(); t++)
+            yard[t].v = round_to(std::move(yard[t].v), got[t].dt);
         }
         compare(*c, got, want, yard, w);
       }
@@ -178,9 +180,8 @@ class OpTest : public ::testing::Test {
       std::printf("  %-28s worst %.3f of tolerance (%s)\n", c->name.c_str(), w.ratio, w.where.c_str());
       all.add(w.ratio, c->name + ": " + w.where);
     }
-    std::printf("[ops] %s %s %s: %zu cases, worst error %.3f of tolerance (%s)\n", first.op.c_str(),
-                backend_name(b_), first.mode == Mode::Forward ? "forward" : "gradient", cases_.size(), all.ratio,
-                all.where.c_str());
+    std::printf("[ops] %s %s %s: %zu cases, worst error %.3f of tolerance (%s)\n", first.op.c_str(), backend_name(b_),
+                first.mode == Mode::Forward ? "forward" : "gradient", cases_.size(), all.ratio, all.where.c_str());
   }
 
  private:

@@ -43,7 +43,9 @@ struct Dev {
   DType dt = F32;
   int off = 0;
   Dev(size_t count, DType t, int offset = 0)
-      : buf(std::max<size_t>((count + size_t(offset)) * (t == F32 ? 4 : 2), 4), "ops test"), n(count), dt(t),
+      : buf(std::max<size_t>((count + size_t(offset)) * (t == F32 ? 4 : 2), 4), "ops test"),
+        n(count),
+        dt(t),
         off(offset) {}
   void* ptr() const { return static_cast<char*>(buf.data()) + size_t(off) * (dt == F32 ? 4 : 2); }
   float* f() const { return static_cast<float*>(ptr()); }
@@ -135,179 +137,186 @@ double ksum(double len) { return 4 + std::sqrt(len); }
 // bf16 outputs: their own rounding (and the bf16 inputs') dominate the fp32 arithmetic inside the kernels.
 double kfor(DType out, double len) { return out == BF16 ? 4 : ksum(len); }
 
+// Row-wise ops (the norms): N rows of C, in fp32 and, where the GPU runs the shape, with bf16 activations.
+struct Rows {
+  int64_t N;
+  int C;
+  bool gpu;
+};
+struct RowCase {
+  int64_t N;
+  int C;
+  bool gpu;
+  DType dt;
+  std::string name;
+};
+std::vector<RowCase> row_cases(std::initializer_list<Rows> shapes) {
+  std::vector<RowCase> r;
+  for (const Rows& s : shapes)
+    for (DType dt : {F32, BF16})
+      if (dt == F32 || s.gpu) r.push_back({s.N, s.C, s.gpu, dt, fmt("N%ld C%d %s", long(s.N), s.C, dtype_name(dt))});
+  return r;
+}
+
 // --------------------------------------------------------------------------------------------- layernorm
 
 void add_layernorm(std::vector<OpCase>& t) {
-  struct S {
-    int64_t N;
-    int C;
-    bool gpu;
-  };
   // 72, 256: the CUDA vector path (one warp / one 8-column slot per thread); 50: scalar fallback; 1030: the
   // fallback with 4 slots per thread; 203×16: many rows per block in the backward; 300×100: CPU threads.
-  for (S s : {S{37, 72, true}, S{21, 256, true}, S{13, 50, true}, S{5, 1030, true}, S{203, 16, true},
-              S{300, 100, false}})
-    for (DType dt : {F32, BF16}) {
-      if (dt == BF16 && !s.gpu) continue;
-      const int64_t N = s.N;
-      const int C = s.C;
-      const std::string name = fmt("N%ld C%d %s", long(N), C, dtype_name(dt));
-      auto x = randn(size_t(N * C), 11 + C, 2.0f);
-      for (auto& v : x) v += 3.0f;  // an offset: the variance must not come from E[x²] - E[x]²
-      const Tensor tx{"x", x}, tw{"weight", randn(size_t(C), 12 + C)}, tb{"bias", randn(size_t(C), 13 + C)};
-      {
-        OpCase c = make("layernorm", name, Mode::Forward, {tx, tw, tb});
-        c.k = kfor(dt, C);
-        c.ref = [=](const Tensors& in) {
-          std::vector<float> out(size_t(N * C)), mean(static_cast<size_t>(N)), rstd(static_cast<size_t>(N));
-          ref::layernorm_forward(out.data(), mean.data(), rstd.data(), in[0].v.data(), in[1].v.data(),
-                                 in[2].v.data(), N, C, kEps);
-          return Tensors{{"out", out, dt}, {"mean", mean}, {"rstd", rstd}};
+  for (const RowCase& r : row_cases(
+           {{37, 72, true}, {21, 256, true}, {13, 50, true}, {5, 1030, true}, {203, 16, true}, {300, 100, false}})) {
+    const int64_t N = r.N;
+    const int C = r.C;
+    const bool gpu = r.gpu;
+    const DType dt = r.dt;
+    const std::string& name = r.name;
+    auto x = randn(size_t(N * C), 11 + C, 2.0f);
+    for (auto& v : x) v += 3.0f;  // an offset: the variance must not come from E[x²] - E[x]²
+    const Tensor tx{"x", x}, tw{"weight", randn(size_t(C), 12 + C)}, tb{"bias", randn(size_t(C), 13 + C)};
+    // fn = ref:: or cpu:: layernorm_forward: {out, mean, rstd}.
+    auto host_fwd = [=](auto fn, const Tensors& in) {
+      std::vector<float> out(size_t(N * C)), mean(static_cast<size_t>(N)), rstd(static_cast<size_t>(N));
+      fn(out.data(), mean.data(), rstd.data(), in[0].v.data(), in[1].v.data(), in[2].v.data(), N, C, kEps);
+      return Tensors{{"out", out, dt}, {"mean", mean}, {"rstd", rstd}};
+    };
+    using Fwd = void (*)(float*, float*, float*, const float*, const float*, const float*, int64_t, int, float);
+    const Fwd ref_f = ref::layernorm_forward, cpu_f = cpu::layernorm_forward;
+    OpFn fwd = [=](const Tensors& in) { return host_fwd(ref_f, in); };
+    {
+      OpCase c = make("layernorm", name, Mode::Forward, {tx, tw, tb});
+      c.k = kfor(dt, C);
+      c.ref = fwd;
+      if (dt == F32) c.cpu = [=](const Tensors& in) { return host_fwd(cpu_f, in); };
+      if (gpu)
+        c.cuda = [=](const Tensors& in) {
+          Dev x = up(in[0]), w = up(in[1]), b = up(in[2]), out(size_t(N * C), dt), mean(size_t(N), F32),
+              rstd(size_t(N), F32);
+          out.with([&](auto* o) {
+            cuda::layernorm_forward(o, mean.f(), rstd.f(), x.f(), w.f(), b.f(), N, C, kEps, stream());
+          });
+          return Tensors{down("out", out), down("mean", mean), down("rstd", rstd)};
         };
-        if (dt == F32)
-          c.cpu = [=](const Tensors& in) {
-            std::vector<float> out(size_t(N * C)), mean(static_cast<size_t>(N)), rstd(static_cast<size_t>(N));
-            cpu::layernorm_forward(out.data(), mean.data(), rstd.data(), in[0].v.data(), in[1].v.data(),
-                                   in[2].v.data(), N, C, kEps);
-            return Tensors{{"out", out}, {"mean", mean}, {"rstd", rstd}};
-          };
-        if (s.gpu)
-          c.cuda = [=](const Tensors& in) {
-            Dev x = up(in[0]), w = up(in[1]), b = up(in[2]), out(size_t(N * C), dt), mean(size_t(N), F32),
-                rstd(size_t(N), F32);
-            out.with([&](auto* o) {
-              cuda::layernorm_forward(o, mean.f(), rstd.f(), x.f(), w.f(), b.f(), N, C, kEps, stream());
-            });
-            return Tensors{down("out", out), down("mean", mean), down("rstd", rstd)};
-          };
-        t.push_back(std::move(c));
-      }
-      {
-        // The gradients accumulate: they start from random values.
-        OpCase c = make("layernorm", name, Mode::Gradient,
-                        {tx, tw, tb, {"dout", randn(size_t(N * C), 23 + C, 1.0f, dt), dt},
-                         {"dinp0", randn(size_t(N * C), 24 + C)}, {"dweight0", randn(size_t(C), 25 + C)},
-                         {"dbias0", randn(size_t(C), 26 + C)}});
-        OpFn fwd = [=](const Tensors& in) {
-          std::vector<float> out(size_t(N * C)), mean(static_cast<size_t>(N)), rstd(static_cast<size_t>(N));
-          ref::layernorm_forward(out.data(), mean.data(), rstd.data(), in[0].v.data(), in[1].v.data(),
-                                 in[2].v.data(), N, C, kEps);
-          return Tensors{{"out", out}, {"mean", mean}, {"rstd", rstd}};
-        };
-        c.ref = [=](const Tensors& in) {
-          const Tensors f = fwd(in);
+      t.push_back(std::move(c));
+    }
+    {
+      // The gradients accumulate: they start from random values.
+      OpCase c = make("layernorm", name, Mode::Gradient,
+                      {tx,
+                       tw,
+                       tb,
+                       {"dout", randn(size_t(N * C), 23 + C, 1.0f, dt), dt},
+                       {"dinp0", randn(size_t(N * C), 24 + C)},
+                       {"dweight0", randn(size_t(C), 25 + C)},
+                       {"dbias0", randn(size_t(C), 26 + C)}});
+      c.ref = [=](const Tensors& in) {
+        const Tensors f = fwd(in);
+        auto dx = in[4].v, dw = in[5].v, db = in[6].v;
+        ref::layernorm_backward(dx.data(), dw.data(), db.data(), in[3].v.data(), in[0].v.data(), in[1].v.data(),
+                                f[1].v.data(), f[2].v.data(), N, C);
+        return Tensors{{"dinp", dx}, {"dweight", dw}, {"dbias", db}};
+      };
+      if (dt == F32)
+        c.cpu = [=](const Tensors& in) {
+          const Tensors f = host_fwd(cpu_f, in);
           auto dx = in[4].v, dw = in[5].v, db = in[6].v;
-          ref::layernorm_backward(dx.data(), dw.data(), db.data(), in[3].v.data(), in[0].v.data(), in[1].v.data(),
+          cpu::layernorm_backward(dx.data(), dw.data(), db.data(), in[3].v.data(), in[0].v.data(), in[1].v.data(),
                                   f[1].v.data(), f[2].v.data(), N, C);
           return Tensors{{"dinp", dx}, {"dweight", dw}, {"dbias", db}};
         };
-        if (dt == F32)
-          c.cpu = [=](const Tensors& in) {
-            std::vector<float> out(size_t(N * C)), mean(static_cast<size_t>(N)), rstd(static_cast<size_t>(N));
-            cpu::layernorm_forward(out.data(), mean.data(), rstd.data(), in[0].v.data(), in[1].v.data(),
-                                   in[2].v.data(), N, C, kEps);
-            auto dx = in[4].v, dw = in[5].v, db = in[6].v;
-            cpu::layernorm_backward(dx.data(), dw.data(), db.data(), in[3].v.data(), in[0].v.data(),
-                                    in[1].v.data(), mean.data(), rstd.data(), N, C);
-            return Tensors{{"dinp", dx}, {"dweight", dw}, {"dbias", db}};
-          };
-        if (s.gpu)
-          c.cuda = [=](const Tensors& in) {
-            Dev x = up(in[0]), w = up(in[1]), b = up(in[2]), dy = up(in[3]), dx = up(in[4]), dw = up(in[5]),
-                db = up(in[6]), out(size_t(N * C), F32), mean(size_t(N), F32), rstd(size_t(N), F32),
-                scratch(cuda::layernorm_backward_scratch_floats(N, C), F32);
-            cuda::layernorm_forward(out.f(), mean.f(), rstd.f(), x.f(), w.f(), b.f(), N, C, kEps, stream());
-            dy.with([&](auto* d) {
-              cuda::layernorm_backward(dx.f(), dw.f(), db.f(), d, x.f(), w.f(), mean.f(), rstd.f(), N, C,
-                                       scratch.f(), stream());
-            });
-            return Tensors{down("dinp", dx), down("dweight", dw), down("dbias", db)};
-          };
-        c.loss = dot_loss(fwd, 0, 3);
-        c.grads = {{0, 0, 4}, {1, 1, 5}, {2, 2, 6}};
-        c.k = ksum(double(std::max<int64_t>(N, C)));  // dweight sums over the rows
-        t.push_back(std::move(c));
-      }
+      if (gpu)
+        c.cuda = [=](const Tensors& in) {
+          Dev x = up(in[0]), w = up(in[1]), b = up(in[2]), dy = up(in[3]), dx = up(in[4]), dw = up(in[5]),
+              db = up(in[6]), out(size_t(N * C), F32), mean(size_t(N), F32), rstd(size_t(N), F32),
+              scratch(cuda::layernorm_backward_scratch_floats(N, C), F32);
+          cuda::layernorm_forward(out.f(), mean.f(), rstd.f(), x.f(), w.f(), b.f(), N, C, kEps, stream());
+          dy.with([&](auto* d) {
+            cuda::layernorm_backward(dx.f(), dw.f(), db.f(), d, x.f(), w.f(), mean.f(), rstd.f(), N, C, scratch.f(),
+                                     stream());
+          });
+          return Tensors{down("dinp", dx), down("dweight", dw), down("dbias", db)};
+        };
+      c.loss = dot_loss(fwd, 0, 3);
+      c.grads = {{0, 0, 4}, {1, 1, 5}, {2, 2, 6}};
+      c.k = ksum(double(std::max<int64_t>(N, C)));  // dweight sums over the rows
+      t.push_back(std::move(c));
     }
+  }
 }
 
 // ----------------------------------------------------------------------------------------------- rmsnorm
 
 void add_rmsnorm(std::vector<OpCase>& t) {
   // The residual-stream form (one group per row): fp32 in, fp32 or bf16 out, dinp fp32 (= or +=).
-  struct S {
-    int64_t N;
-    int C;
-    bool gpu;
-  };
-  for (S s : {S{37, 72, true}, S{21, 256, true}, S{13, 50, true}, S{5, 1030, true}, S{7, 37, false},
-              S{300, 100, false}})
-    for (DType dt : {F32, BF16}) {
-      if (dt == BF16 && !s.gpu) continue;
-      const int64_t N = s.N;
-      const int C = s.C;
-      const std::string name = fmt("N%ld C%d %s", long(N), C, dtype_name(dt));
-      const Tensor tx{"x", randn(size_t(N * C), 1 + C, 2.0f)}, tw{"weight", randn(size_t(C), 2 + C)};
-      OpFn fwd = [=](const Tensors& in) {
-        std::vector<float> out(size_t(N * C)), rstd(static_cast<size_t>(N));
-        ref::rmsnorm_forward(out.data(), rstd.data(), in[0].v.data(), in[1].v.data(), N, C, kEps);
-        return Tensors{{"out", out, dt}, {"rstd", rstd}};
+  for (const RowCase& r : row_cases(
+           {{37, 72, true}, {21, 256, true}, {13, 50, true}, {5, 1030, true}, {7, 37, false}, {300, 100, false}})) {
+    const int64_t N = r.N;
+    const int C = r.C;
+    const bool gpu = r.gpu;
+    const DType dt = r.dt;
+    const std::string& name = r.name;
+    const Tensor tx{"x", randn(size_t(N * C), 1 + C, 2.0f)}, tw{"weight", randn(size_t(C), 2 + C)};
+    OpFn fwd = [=](const Tensors& in) {
+      std::vector<float> out(size_t(N * C)), rstd(static_cast<size_t>(N));
+      ref::rmsnorm_forward(out.data(), rstd.data(), in[0].v.data(), in[1].v.data(), N, C, kEps);
+      return Tensors{{"out", out, dt}, {"rstd", rstd}};
+    };
+    {
+      OpCase c = make("rmsnorm", name, Mode::Forward, {tx, tw});
+      c.k = kfor(dt, C);
+      c.ref = fwd;
+      if (dt == F32)
+        c.cpu = [=](const Tensors& in) {
+          std::vector<float> out(size_t(N * C)), rstd(static_cast<size_t>(N));
+          cpu::rmsnorm_forward(out.data(), rstd.data(), in[0].v.data(), in[1].v.data(), N, C, kEps);
+          return Tensors{{"out", out}, {"rstd", rstd}};
+        };
+      if (gpu)
+        c.cuda = [=](const Tensors& in) {
+          Dev x = up(in[0]), w = up(in[1]), out(size_t(N * C), dt), rstd(size_t(N), F32);
+          out.with([&](auto* o) { cuda::rmsnorm_forward(o, rstd.f(), x.f(), w.f(), N, C, kEps, stream()); });
+          return Tensors{down("out", out), down("rstd", rstd)};
+        };
+      t.push_back(std::move(c));
+    }
+    for (bool acc : {false, true}) {
+      OpCase c = make("rmsnorm", name + (acc ? " accumulate" : " overwrite"), Mode::Gradient,
+                      {tx,
+                       tw,
+                       {"dout", randn(size_t(N * C), 3 + C, 1.0f, dt), dt},
+                       {"dinp0", randn(size_t(N * C), 4 + C)},
+                       {"dweight0", randn(size_t(C), 5 + C)}});
+      c.ref = [=](const Tensors& in) {
+        const Tensors f = fwd(in);
+        auto dx = in[3].v, dw = in[4].v;
+        ref::rmsnorm_backward(dx.data(), dw.data(), in[2].v.data(), in[0].v.data(), in[1].v.data(), f[1].v.data(), N, C,
+                              acc);
+        return Tensors{{"dinp", dx}, {"dweight", dw}};
       };
-      {
-        OpCase c = make("rmsnorm", name, Mode::Forward, {tx, tw});
-        c.k = kfor(dt, C);
-        c.ref = fwd;
-        if (dt == F32)
-          c.cpu = [=](const Tensors& in) {
-            std::vector<float> out(size_t(N * C)), rstd(static_cast<size_t>(N));
-            cpu::rmsnorm_forward(out.data(), rstd.data(), in[0].v.data(), in[1].v.data(), N, C, kEps);
-            return Tensors{{"out", out}, {"rstd", rstd}};
-          };
-        if (s.gpu)
-          c.cuda = [=](const Tensors& in) {
-            Dev x = up(in[0]), w = up(in[1]), out(size_t(N * C), dt), rstd(size_t(N), F32);
-            out.with([&](auto* o) { cuda::rmsnorm_forward(o, rstd.f(), x.f(), w.f(), N, C, kEps, stream()); });
-            return Tensors{down("out", out), down("rstd", rstd)};
-          };
-        t.push_back(std::move(c));
-      }
-      for (bool acc : {false, true}) {
-        OpCase c = make("rmsnorm", name + (acc ? " accumulate" : " overwrite"), Mode::Gradient,
-                        {tx, tw, {"dout", randn(size_t(N * C), 3 + C, 1.0f, dt), dt},
-                         {"dinp0", randn(size_t(N * C), 4 + C)}, {"dweight0", randn(size_t(C), 5 + C)}});
-        c.ref = [=](const Tensors& in) {
-          const Tensors f = fwd(in);
+      if (dt == F32)
+        c.cpu = [=](const Tensors& in) {
+          std::vector<float> out(size_t(N * C)), rstd(static_cast<size_t>(N));
+          cpu::rmsnorm_forward(out.data(), rstd.data(), in[0].v.data(), in[1].v.data(), N, C, kEps);
           auto dx = in[3].v, dw = in[4].v;
-          ref::rmsnorm_backward(dx.data(), dw.data(), in[2].v.data(), in[0].v.data(), in[1].v.data(),
-                                f[1].v.data(), N, C, acc);
+          cpu::rmsnorm_backward(dx.data(), dw.data(), in[2].v.data(), in[0].v.data(), in[1].v.data(), rstd.data(), N, C,
+                                acc);
           return Tensors{{"dinp", dx}, {"dweight", dw}};
         };
-        if (dt == F32)
-          c.cpu = [=](const Tensors& in) {
-            std::vector<float> out(size_t(N * C)), rstd(static_cast<size_t>(N));
-            cpu::rmsnorm_forward(out.data(), rstd.data(), in[0].v.data(), in[1].v.data(), N, C, kEps);
-            auto dx = in[3].v, dw = in[4].v;
-            cpu::rmsnorm_backward(dx.data(), dw.data(), in[2].v.data(), in[0].v.data(), in[1].v.data(),
-                                  rstd.data(), N, C, acc);
-            return Tensors{{"dinp", dx}, {"dweight", dw}};
-          };
-        if (s.gpu)
-          c.cuda = [=](const Tensors& in) {
-            Dev x = up(in[0]), w = up(in[1]), dy = up(in[2]), dx = up(in[3]), dw = up(in[4]),
-                out(size_t(N * C), F32), rstd(size_t(N), F32),
-                scratch(cuda::rmsnorm_backward_scratch_floats(N, C), F32);
-            cuda::rmsnorm_forward(out.f(), rstd.f(), x.f(), w.f(), N, C, kEps, stream());
-            dy.with([&](auto* d) {
-              cuda::rmsnorm_backward(dx.f(), dw.f(), d, x.f(), w.f(), rstd.f(), N, C, acc, scratch.f(), stream());
-            });
-            return Tensors{down("dinp", dx), down("dweight", dw)};
-          };
-        c.loss = dot_loss(fwd, 0, 2);
-        c.grads = {{0, 0, acc ? 3 : -1}, {1, 1, 4}};
-        c.k = ksum(double(std::max<int64_t>(N, C)));
-        t.push_back(std::move(c));
-      }
+      if (gpu)
+        c.cuda = [=](const Tensors& in) {
+          Dev x = up(in[0]), w = up(in[1]), dy = up(in[2]), dx = up(in[3]), dw = up(in[4]), out(size_t(N * C), F32),
+              rstd(size_t(N), F32), scratch(cuda::rmsnorm_backward_scratch_floats(N, C), F32);
+          cuda::rmsnorm_forward(out.f(), rstd.f(), x.f(), w.f(), N, C, kEps, stream());
+          dy.with([&](auto* d) {
+            cuda::rmsnorm_backward(dx.f(), dw.f(), d, x.f(), w.f(), rstd.f(), N, C, acc, scratch.f(), stream());
+          });
+          return Tensors{down("dinp", dx), down("dweight", dw)};
+        };
+      c.loss = dot_loss(fwd, 0, 2);
+      c.grads = {{0, 0, acc ? 3 : -1}, {1, 1, 4}};
+      c.k = ksum(double(std::max<int64_t>(N, C)));
+      t.push_back(std::move(c));
     }
+  }
 
   // The per-head form (Qwen3's q/k norms): `heads` groups of C side by side from `off` into rows of ld
   // values (the rest of the row passes through). In place on the row buffer; the backward in place on dout.
@@ -324,21 +333,19 @@ void add_rmsnorm(std::vector<OpCase>& t) {
       const int C = s.C, heads = s.heads;
       const bool gpu = dt == BF16 && C % 8 == 0 && L % 8 == 0;
       if (dt == BF16 && !gpu) continue;
-      const std::string name = fmt("N%ld C%d heads %d ld %ld off %ld %s", long(N), C, heads, long(L), long(off),
-                                   dtype_name(dt));
+      const std::string name =
+          fmt("N%ld C%d heads %d ld %ld off %ld %s", long(N), C, heads, long(L), long(off), dtype_name(dt));
       const Tensor tx{"x", randn(size_t(N * L), 6 + C + heads, 2.0f, dt), dt}, tw{"weight", randn(size_t(C), 7)};
       OpFn fwd = [=](const Tensors& in) {
         auto out = in[0].v;
         std::vector<float> rstd(size_t(N * heads));
-        ref::rmsnorm_forward(out.data() + off, rstd.data(), in[0].v.data() + off, in[1].v.data(), N, C, kEps, heads,
-                             L);
+        ref::rmsnorm_forward(out.data() + off, rstd.data(), in[0].v.data() + off, in[1].v.data(), N, C, kEps, heads, L);
         return Tensors{{"out", out, dt}, {"rstd", rstd}};
       };
       auto cpu_fwd = [=](const Tensors& in) {
         auto out = in[0].v;
         std::vector<float> rstd(size_t(N * heads));
-        cpu::rmsnorm_forward(out.data() + off, rstd.data(), in[0].v.data() + off, in[1].v.data(), N, C, kEps,
-                             heads, L);
+        cpu::rmsnorm_forward(out.data() + off, rstd.data(), in[0].v.data() + off, in[1].v.data(), N, C, kEps, heads, L);
         return Tensors{{"out", out}, {"rstd", rstd}};
       };
       {
@@ -357,9 +364,9 @@ void add_rmsnorm(std::vector<OpCase>& t) {
       {
         // dinp overwrites dout in place, so outside the groups it keeps dout: the gradient of the loss
         // Σ out·dout there, where out passes x through.
-        OpCase c = make("rmsnorm_heads", name, Mode::Gradient,
-                        {tx, tw, {"dout", randn(size_t(N * L), 8 + C, 1.0f, dt), dt},
-                         {"dweight0", randn(size_t(C), 9 + C)}});
+        OpCase c =
+            make("rmsnorm_heads", name, Mode::Gradient,
+                 {tx, tw, {"dout", randn(size_t(N * L), 8 + C, 1.0f, dt), dt}, {"dweight0", randn(size_t(C), 9 + C)}});
         c.ref = [=](const Tensors& in) {
           const Tensors f = fwd(in);
           auto dx = in[2].v, dw = in[3].v;
@@ -371,8 +378,8 @@ void add_rmsnorm(std::vector<OpCase>& t) {
           c.cpu = [=](const Tensors& in) {
             const Tensors f = cpu_fwd(in);
             auto dx = in[2].v, dw = in[3].v;
-            cpu::rmsnorm_backward(dx.data() + off, dw.data(), dx.data() + off, in[0].v.data() + off,
-                                  in[1].v.data(), f[1].v.data(), N, C, false, heads, L);
+            cpu::rmsnorm_backward(dx.data() + off, dw.data(), dx.data() + off, in[0].v.data() + off, in[1].v.data(),
+                                  f[1].v.data(), N, C, false, heads, L);
             return Tensors{{"dinp", dx}, {"dweight", dw}};
           };
         if (gpu)
@@ -380,8 +387,8 @@ void add_rmsnorm(std::vector<OpCase>& t) {
             Dev x = up(in[0]), w = up(in[1]), dy = up(in[2]), dw = up(in[3]), out(size_t(N * L), BF16),
                 rstd(size_t(N * heads), F32), scratch(cuda::rmsnorm_backward_scratch_floats(N * heads, C), F32);
             cuda::rmsnorm_forward(out.h() + off, rstd.f(), x.h() + off, w.f(), N, C, kEps, heads, L, stream());
-            cuda::rmsnorm_backward(dy.h() + off, dw.f(), dy.h() + off, x.h() + off, w.f(), rstd.f(), N, C, false,
-                                   heads, L, scratch.f(), stream());
+            cuda::rmsnorm_backward(dy.h() + off, dw.f(), dy.h() + off, x.h() + off, w.f(), rstd.f(), N, C, false, heads,
+                                   L, scratch.f(), stream());
             return Tensors{down("dinp", dy), down("dweight", dw)};
           };
         c.loss = dot_loss(fwd, 0, 2);
@@ -480,11 +487,16 @@ void add_rope(std::vector<OpCase>& t) {
 
 const char* act_name(Activation a) {
   switch (a) {
-    case Activation::GeluTanh: return "gelu_tanh";
-    case Activation::GeluErf: return "gelu_erf";
-    case Activation::Relu: return "relu";
-    case Activation::Silu: return "silu";
-    case Activation::Relu2: return "relu2";
+    case Activation::GeluTanh:
+      return "gelu_tanh";
+    case Activation::GeluErf:
+      return "gelu_erf";
+    case Activation::Relu:
+      return "relu";
+    case Activation::Silu:
+      return "silu";
+    case Activation::Relu2:
+      return "relu2";
   }
   return "?";
 }
@@ -685,51 +697,51 @@ void add_matmul(std::vector<OpCase>& t) {
   };
   for (S s : {S{37, 53, 29}, S{64, 48, 72}})
     for (int tr = 0; tr < 4; tr++)
-      for (int kind = 0; kind < 3; kind++)  // 0: fp32; 1: bf16 → fp32; 2: bf16 → bf16
+      for (int kind = 0; kind < 3; kind++)       // 0: fp32; 1: bf16 → fp32; 2: bf16 → bf16
         for (bool accumulate : {true, false}) {  // beta = 0: C is not read
-        const bool ta = tr & 1, tb = tr & 2;
-        const int64_t M = s.M, N = s.N, K = s.K;
-        const int64_t lda = (ta ? M : K) + 3, ldb = (tb ? K : N) + 5, ldc = N + 2;
-        const int64_t arows = ta ? K : M, brows = tb ? N : K;
-        const DType din = kind == 0 ? F32 : BF16, dout = kind == 2 ? BF16 : F32;
-        const float alpha = accumulate ? 0.7f : -1.0f, beta = accumulate ? 0.3f : 0.0f;
-        const std::string name = fmt("M%ld N%ld K%ld %c%c %s->%s alpha %g beta %g", long(M), long(N), long(K),
-                                     ta ? 'T' : 'N', tb ? 'T' : 'N', dtype_name(din), dtype_name(dout), alpha, beta);
-        OpCase c = make("gemm", name, Mode::Forward,
-                        {{"A", randn(size_t(arows * lda), 101 + tr, 1.0f, din), din},
-                         {"B", randn(size_t(brows * ldb), 102 + tr, 1.0f, din), din},
-                         {"C", randn(size_t(M * ldc), 103, 1.0f, dout), dout}});
-        c.k = kfor(dout, double(K));
-        c.ref = [=](const Tensors& in) {
-          auto C = in[2].v;
-          ref::gemm(ta, tb, M, N, K, alpha, in[0].v.data(), lda, in[1].v.data(), ldb, beta, C.data(), ldc);
-          return Tensors{{"C", C, dout}};
-        };
-        if (kind == 0)
-          c.cpu = [=](const Tensors& in) {
+          const bool ta = tr & 1, tb = tr & 2;
+          const int64_t M = s.M, N = s.N, K = s.K;
+          const int64_t lda = (ta ? M : K) + 3, ldb = (tb ? K : N) + 5, ldc = N + 2;
+          const int64_t arows = ta ? K : M, brows = tb ? N : K;
+          const DType din = kind == 0 ? F32 : BF16, dout = kind == 2 ? BF16 : F32;
+          const float alpha = accumulate ? 0.7f : -1.0f, beta = accumulate ? 0.3f : 0.0f;
+          const std::string name = fmt("M%ld N%ld K%ld %c%c %s->%s alpha %g beta %g", long(M), long(N), long(K),
+                                       ta ? 'T' : 'N', tb ? 'T' : 'N', dtype_name(din), dtype_name(dout), alpha, beta);
+          OpCase c = make("gemm", name, Mode::Forward,
+                          {{"A", randn(size_t(arows * lda), 101 + tr, 1.0f, din), din},
+                           {"B", randn(size_t(brows * ldb), 102 + tr, 1.0f, din), din},
+                           {"C", randn(size_t(M * ldc), 103, 1.0f, dout), dout}});
+          c.k = kfor(dout, double(K));
+          c.ref = [=](const Tensors& in) {
             auto C = in[2].v;
-            cpu::gemm(ta, tb, M, N, K, alpha, in[0].v.data(), lda, in[1].v.data(), ldb, beta, C.data(), ldc);
-            return Tensors{{"C", C}};
+            ref::gemm(ta, tb, M, N, K, alpha, in[0].v.data(), lda, in[1].v.data(), ldb, beta, C.data(), ldc);
+            return Tensors{{"C", C, dout}};
           };
-        if (kind == 1)
-          c.cpu = [=](const Tensors& in) {
-            auto C = in[2].v;
-            std::vector<char> scratch(kLowpScratchBytes + 64);
-            void* sp = scratch.data() + (64 - reinterpret_cast<uintptr_t>(scratch.data()) % 64);
-            cpu::gemm_lowp(LowpType::BF16, ta, tb, M, N, K, alpha, f32_operand(in[0].v.data(), lda),
-                           f32_operand(in[1].v.data(), ldb), beta, C.data(), ldc, sp);
-            return Tensors{{"C", C}};
-          };
-        if (kind > 0)
-          c.cuda = [=](const Tensors& in) {
-            Dev A = up(in[0]), B = up(in[1]), C = up(in[2]);
-            C.with([&](auto* cp) {
-              cuda::gemm(ta, tb, M, N, K, alpha, A.h(), lda, B.h(), ldb, beta, cp, ldc, stream());
-            });
-            return Tensors{down("C", C)};
-          };
-        t.push_back(std::move(c));
-      }
+          if (kind == 0)
+            c.cpu = [=](const Tensors& in) {
+              auto C = in[2].v;
+              cpu::gemm(ta, tb, M, N, K, alpha, in[0].v.data(), lda, in[1].v.data(), ldb, beta, C.data(), ldc);
+              return Tensors{{"C", C}};
+            };
+          if (kind == 1)
+            c.cpu = [=](const Tensors& in) {
+              auto C = in[2].v;
+              std::vector<char> scratch(kLowpScratchBytes + 64);
+              void* sp = scratch.data() + (64 - reinterpret_cast<uintptr_t>(scratch.data()) % 64);
+              cpu::gemm_lowp(LowpType::BF16, ta, tb, M, N, K, alpha, f32_operand(in[0].v.data(), lda),
+                             f32_operand(in[1].v.data(), ldb), beta, C.data(), ldc, sp);
+              return Tensors{{"C", C}};
+            };
+          if (kind > 0)
+            c.cuda = [=](const Tensors& in) {
+              Dev A = up(in[0]), B = up(in[1]), C = up(in[2]);
+              C.with([&](auto* cp) {
+                cuda::gemm(ta, tb, M, N, K, alpha, A.h(), lda, B.h(), ldb, beta, cp, ldc, stream());
+              });
+              return Tensors{down("C", C)};
+            };
+          t.push_back(std::move(c));
+        }
 
   // Linear layers (Conv1D layout, weight [C, OC]): forward with and without bias, the fused GELU
   // (OC % 8 == 0: cuBLASLt's epilogue; 36: the separate pass), the fused residual add; the backward
@@ -761,8 +773,7 @@ void add_matmul(std::vector<OpCase>& t) {
       };
       OpFn fwd = [=](const Tensors& in) {
         std::vector<float> out(size_t(N * OC));
-        ref::matmul_forward(out.data(), in[0].v.data(), in[1].v.data(), has_bias ? in[2].v.data() : nullptr, N, C,
-                            OC);
+        ref::matmul_forward(out.data(), in[0].v.data(), in[1].v.data(), has_bias ? in[2].v.data() : nullptr, N, C, OC);
         return Tensors{{"out", out, dt}};
       };
       {
@@ -777,8 +788,7 @@ void add_matmul(std::vector<OpCase>& t) {
           } else {
             auto sc = scratch();
             const auto w16 = to16(in[1].v);
-            cpu::matmul_forward_lowp(out.data(), in[0].v.data(), w16.data(), b, N, C, OC, LowpType::BF16,
-                                     aligned(*sc));
+            cpu::matmul_forward_lowp(out.data(), in[0].v.data(), w16.data(), b, N, C, OC, LowpType::BF16, aligned(*sc));
           }
           return Tensors{{"out", out}};
         };
@@ -808,7 +818,8 @@ void add_matmul(std::vector<OpCase>& t) {
         c.k = 2 * kfor(BF16, C);  // two roundings of the product (gelu_pre, then out) against the yardstick's one
         t.push_back(std::move(c));
 
-        OpCase r = make("matmul_residual", name, Mode::Forward, {tin, tw, tb, {"residual", randn(size_t(N * OC), 114)}});
+        OpCase r =
+            make("matmul_residual", name, Mode::Forward, {tin, tw, tb, {"residual", randn(size_t(N * OC), 114)}});
         r.k = ksum(C);
         r.ref = [=](const Tensors& in) {
           auto out = fwd(in)[0].v;
@@ -825,8 +836,12 @@ void add_matmul(std::vector<OpCase>& t) {
       }
       {
         OpCase c = make("matmul", name, Mode::Gradient,
-                        {tin, tw, tb, {"dout", randn(size_t(N * OC), 115, 1.0f, dt), dt},
-                         {"dweight0", randn(size_t(C * OC), 116)}, {"dbias0", randn(size_t(OC), 117)}});
+                        {tin,
+                         tw,
+                         tb,
+                         {"dout", randn(size_t(N * OC), 115, 1.0f, dt), dt},
+                         {"dweight0", randn(size_t(C * OC), 116)},
+                         {"dbias0", randn(size_t(OC), 117)}});
         c.ref = [=](const Tensors& in) {
           std::vector<float> dx(size_t(N * C), 9.0f);
           auto dw = in[4].v, db = in[5].v;
@@ -838,13 +853,13 @@ void add_matmul(std::vector<OpCase>& t) {
           std::vector<float> dx(size_t(N * C), 9.0f);  // overwritten
           auto dw = in[4].v, db = in[5].v;
           if (dt == F32) {
-            cpu::matmul_backward(dx.data(), dw.data(), db.data(), in[3].v.data(), in[0].v.data(), in[1].v.data(), N,
-                                 C, OC);
+            cpu::matmul_backward(dx.data(), dw.data(), db.data(), in[3].v.data(), in[0].v.data(), in[1].v.data(), N, C,
+                                 OC);
           } else {
             auto sc = scratch();
             const auto w16 = to16(in[1].v);
-            cpu::matmul_backward_lowp(dx.data(), dw.data(), db.data(), in[3].v.data(), in[0].v.data(), w16.data(), N,
-                                      C, OC, LowpType::BF16, aligned(*sc));
+            cpu::matmul_backward_lowp(dx.data(), dw.data(), db.data(), in[3].v.data(), in[0].v.data(), w16.data(), N, C,
+                                      OC, LowpType::BF16, aligned(*sc));
           }
           return Tensors{{"dinp", dx}, {"dweight", dw}, {"dbias", db}};
         };
@@ -878,15 +893,15 @@ struct Attn {
 
 void add_attention(std::vector<OpCase>& t) {
   const Attn cases[] = {
-      {2, 2, 64, true, 0, {70, 70}, false, true},        // MHA, two sequences, partial tiles
-      {2, 2, 128, false, 0, {130}, false, true},         // HD 128, not causal, two key tiles
-      {4, 1, 64, false, 0, {50}, false, true},           // MQA, not causal
-      {4, 2, 64, true, 40, {150}, false, true},          // GQA, window inside the 128-row tile
-      {2, 1, 128, true, 30, {1, 37, 0, 90}, true, true}, // packed (one empty), window, HD 128
-      {2, 2, 64, false, 0, {5, 0, 65, 1}, true, true},   // packed, not causal
-      {3, 1, 48, true, 0, {33, 33, 33}, false, false},   // CPU: HD 48 (not a tile multiple), B = 3
-      {2, 2, 32, true, 7, {1}, false, false},            // CPU: T = 1
-      {2, 1, 32, true, 0, {129}, false, false, 8.0f},    // CPU: large scores across key tiles
+      {2, 2, 64, true, 0, {70, 70}, false, true},         // MHA, two sequences, partial tiles
+      {2, 2, 128, false, 0, {130}, false, true},          // HD 128, not causal, two key tiles
+      {4, 1, 64, false, 0, {50}, false, true},            // MQA, not causal
+      {4, 2, 64, true, 40, {150}, false, true},           // GQA, window inside the 128-row tile
+      {2, 1, 128, true, 30, {1, 37, 0, 90}, true, true},  // packed (one empty), window, HD 128
+      {2, 2, 64, false, 0, {5, 0, 65, 1}, true, true},    // packed, not causal
+      {3, 1, 48, true, 0, {33, 33, 33}, false, false},    // CPU: HD 48 (not a tile multiple), B = 3
+      {2, 2, 32, true, 7, {1}, false, false},             // CPU: T = 1
+      {2, 1, 32, true, 0, {129}, false, false, 8.0f},     // CPU: large scores across key tiles
   };
   for (const Attn& a : cases)
     for (DType dt : {F32, BF16}) {
@@ -910,9 +925,9 @@ void add_attention(std::vector<OpCase>& t) {
         if (!lens.empty()) lens += ',';
         lens += std::to_string(l);
       }
-      const std::string name = fmt("NH %d NKV %d HD %d %s w %d %s {%s}%s %s", a.NH, a.NKV, a.HD,
-                                   a.causal ? "causal" : "full", a.window, a.packed ? "packed" : "batched",
-                                   lens.c_str(), a.scale_mul > 1 ? " x8" : "", dtype_name(dt));
+      const std::string name =
+          fmt("NH %d NKV %d HD %d %s w %d %s {%s}%s %s", a.NH, a.NKV, a.HD, a.causal ? "causal" : "full", a.window,
+              a.packed ? "packed" : "batched", lens.c_str(), a.scale_mul > 1 ? " x8" : "", dtype_name(dt));
       // fn(p with host cu_seqlens) for the host sides.
       auto host_p = [=](const std::vector<int32_t>& cuh) {
         AttentionParams q = p;
@@ -994,9 +1009,9 @@ void add_decode_attention(std::vector<OpCase>& t) {
   // 320 cached positions: 5 tiles, several splits merged; 16 queries continuing a prefix; HD 20: the CPU's
   // scalar path; a long cache with one head: the CPU's split path.
   const D cases[] = {
-      {4, 2, 64, 1, 0, 320, {0, 300}, true},  {4, 1, 64, 3, 50, 320, {77, 250}, true},
+      {4, 2, 64, 1, 0, 320, {0, 300}, true},    {4, 1, 64, 3, 50, 320, {77, 250}, true},
       {4, 4, 128, 1, 130, 320, {0, 300}, true}, {2, 2, 64, 16, 0, 96, {5, 70}, true},
-      {3, 1, 20, 2, 9, 64, {11, 40}, false},  {1, 1, 32, 1, 0, 4000, {3990}, false},
+      {3, 1, 20, 2, 9, 64, {11, 40}, false},    {1, 1, 32, 1, 0, 4000, {3990}, false},
   };
   for (const D& d : cases)
     for (DType dt : {F32, BF16}) {
@@ -1086,8 +1101,8 @@ void add_embedding(std::vector<OpCase>& t) {
     bool wpe;
   };
   // 72, 256: vector paths; 50: scalar; 2100 rows pad to 4096 sort keys (two chunks merged); no wpe: rotary.
-  for (E e : {E{300, 72, 97, 64, true}, E{129, 256, 50, 40, true}, E{77, 50, 30, 16, true},
-              E{2100, 8, 300, 128, true}, E{40, 24, 11, 1, false}}) {
+  for (E e : {E{300, 72, 97, 64, true}, E{129, 256, 50, 40, true}, E{77, 50, 30, 16, true}, E{2100, 8, 300, 128, true},
+              E{40, 24, 11, 1, false}}) {
     const int64_t N = e.N;
     const int C = e.C;
     const bool has_wpe = e.wpe;
@@ -1102,8 +1117,8 @@ void add_embedding(std::vector<OpCase>& t) {
     const Tensor twte{"wte", randn(size_t(e.V) * C, 52)}, twpe{"wpe", randn(size_t(e.T) * C, 53)};
     OpFn fwd = [=](const Tensors& in) {
       std::vector<float> out(size_t(N * C));
-      ref::embedding_forward(out.data(), tok.data(), pos.data(), in[0].v.data(), has_wpe ? in[1].v.data() : nullptr,
-                             N, C);
+      ref::embedding_forward(out.data(), tok.data(), pos.data(), in[0].v.data(), has_wpe ? in[1].v.data() : nullptr, N,
+                             C);
       return Tensors{{"out", out}};
     };
     {
@@ -1126,18 +1141,21 @@ void add_embedding(std::vector<OpCase>& t) {
     }
     {
       OpCase c = make("embedding", name, Mode::Gradient,
-                      {twte, twpe, {"dout", randn(size_t(N * C), 54)}, {"dwte0", randn(twte.v.size(), 55)},
+                      {twte,
+                       twpe,
+                       {"dout", randn(size_t(N * C), 54)},
+                       {"dwte0", randn(twte.v.size(), 55)},
                        {"dwpe0", randn(twpe.v.size(), 56)}});
       c.ref = [=](const Tensors& in) {
         auto dwte = in[3].v, dwpe = in[4].v;
-        ref::embedding_backward(dwte.data(), has_wpe ? dwpe.data() : nullptr, in[2].v.data(), tok.data(), pos.data(),
-                                N, C);
+        ref::embedding_backward(dwte.data(), has_wpe ? dwpe.data() : nullptr, in[2].v.data(), tok.data(), pos.data(), N,
+                                C);
         return Tensors{{"dwte", dwte}, {"dwpe", dwpe}};
       };
       c.cpu = [=](const Tensors& in) {
         auto dwte = in[3].v, dwpe = in[4].v;
-        cpu::embedding_backward(dwte.data(), has_wpe ? dwpe.data() : nullptr, in[2].v.data(), tok.data(), pos.data(),
-                                N, C);
+        cpu::embedding_backward(dwte.data(), has_wpe ? dwpe.data() : nullptr, in[2].v.data(), tok.data(), pos.data(), N,
+                                C);
         return Tensors{{"dwte", dwte}, {"dwpe", dwpe}};
       };
       c.cuda = [=](const Tensors& in) {
@@ -1256,10 +1274,10 @@ void add_adamw(std::vector<OpCase>& t) {
     const bool p16 = s.p16;
     auto v = randn(size_t(n), 74, 0.1f);
     for (auto& e : v) e = e * e;
-    OpCase c = make("adamw", fmt("n %ld off %d%s%s", long(n), off, s.zero ? " zero_grad" : "", p16 ? " param16" : ""),
-                    Mode::Forward,
-                    {{"param", randn(size_t(n), 71)}, {"grad", randn(size_t(n), 72)}, {"m", randn(size_t(n), 73, 0.1f)},
-                     {"v", v}});
+    OpCase c = make(
+        "adamw", fmt("n %ld off %d%s%s", long(n), off, s.zero ? " zero_grad" : "", p16 ? " param16" : ""),
+        Mode::Forward,
+        {{"param", randn(size_t(n), 71)}, {"grad", randn(size_t(n), 72)}, {"m", randn(size_t(n), 73, 0.1f)}, {"v", v}});
     c.ref = [=](const Tensors& in) {
       auto p = in[0].v, g = in[1].v, m = in[2].v, vv = in[3].v;
       ref::adamw_update(p.data(), g.data(), m.data(), vv.data(), n, h);
@@ -1293,12 +1311,8 @@ void add_adamw(std::vector<OpCase>& t) {
     for (int off : {0, 1}) {
       OpCase c = make("sum_squares", fmt("n %ld off %d", long(n), off), Mode::Forward,
                       {{"x", randn(size_t(n), 81 + uint64_t(n))}});
-      c.ref = [=](const Tensors& in) {
-        return Tensors{{"sum", {float(1.5 + ref::sum_squares(in[0].v.data(), n))}}};
-      };
-      c.cpu = [=](const Tensors& in) {
-        return Tensors{{"sum", {float(1.5 + cpu::sum_squares(in[0].v.data(), n))}}};
-      };
+      c.ref = [=](const Tensors& in) { return Tensors{{"sum", {float(1.5 + ref::sum_squares(in[0].v.data(), n))}}}; };
+      c.cpu = [=](const Tensors& in) { return Tensors{{"sum", {float(1.5 + cpu::sum_squares(in[0].v.data(), n))}}}; };
       c.cuda = [=](const Tensors& in) {
         Dev x = up(in[0], off), out = up(std::vector<float>{1.5f}, F32),
             scratch(cuda::sum_squares_scratch_floats(n), F32);
