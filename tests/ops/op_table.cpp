@@ -1225,6 +1225,7 @@ void add_crossentropy(std::vector<OpCase>& t) {
         // Without a gradient: the losses, and the logits left untouched.
         OpCase c = make("crossentropy", name, Mode::Forward, {tl});
         c.k = ksum(V);
+        c.exact_outputs = {1};
         c.ref = [=](const Tensors& in) { return host(ref_fn, in, 0.0f); };
         if (dt == F32) c.cpu = [=](const Tensors& in) { return host(cpu_fn, in, 0.0f); };
         if (x.gpu) c.cuda = [=](const Tensors& in) { return dev(in, 0.0f); };

@@ -54,7 +54,8 @@ struct OpCase {
   Tensors inputs;
   OpFn ref, cpu, cuda;  // cpu / cuda empty: not run there
   double k = 4;         // tolerance factor over the yardstick
-  bool exact = false;   // outputs must equal ref's bit for bit (copies, single additions)
+  bool exact = false;   // outputs must equal ref's bit for bit (copies, single additions) ...
+  std::vector<int> exact_outputs;  // ... or just these ones
   // Gradient mode.
   std::function<double(const Tensors&, double* sq_sum)> loss;  // sq_sum: Σ terms² (rounding noise scale)
   std::vector<GradOf> grads;
