@@ -13,9 +13,9 @@ void embedding_forward(float* out, const int32_t* tokens, const int32_t* pos, co
 void embedding_backward(float* dwte, float* dwpe, const float* dout, const int32_t* tokens, const int32_t* pos,
                         int64_t N, int C);
 }  // namespace cpu
-// cuda:: (kernels/cuda/embedding.cu): fp32 tables and residual stream; the backward is deterministic (each
-// table row's gradient is summed by one thread group in token order, no float atomics).
-// positions/tokens are device arrays; `scratch` holds embedding_backward_scratch_bytes(N) bytes.
+// cuda:: (kernels/cuda/embedding.cu): fp32 tables and residual stream (wpe/dwpe may be null there too);
+// the backward is deterministic (each table row's gradient is summed by one thread group in token order, no
+// float atomics). positions/tokens are device arrays; `scratch` holds embedding_backward_scratch_bytes(N) bytes.
 namespace cuda {
 void embedding_forward(float* out, const int32_t* tokens, const int32_t* pos, const float* wte, const float* wpe,
                        int64_t N, int C, void* stream);

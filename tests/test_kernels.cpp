@@ -1,6 +1,6 @@
-// CPU kernels other than attention: every cpu:: op against its naive ref:: op on awkward sizes (some above
-// the threading thresholds), every ref:: backward against central finite differences of a scalar loss,
-// and the vectorised exp against exp computed in double.
+// CPU kernels other than attention, what the op table (tests/ops/) does not cover: the vectorised exp against
+// exp computed in double, the matmul's null gradients, bad ids and targets, overflow, the AdamW step as torch
+// orders it. Every cpu:: op against ref:: and every ref:: backward against finite differences is the table's.
 #include <gtest/gtest.h>
 
 #include <cmath>
@@ -21,7 +21,6 @@
 
 using namespace kiln;
 using kiln::test::all_close;
-using kiln::test::finite_diff;
 using kiln::test::randn;
 
 namespace {
@@ -31,22 +30,6 @@ std::vector<int32_t> rand_ids(size_t n, int32_t hi, uint64_t seed) {
   std::vector<int32_t> v(n);
   for (auto& x : v) x = int32_t(r.below(uint64_t(hi)));
   return v;
-}
-
-// sum_i out[i]·w[i] in double: the scalar loss whose gradient with respect to out is w.
-double dot(const std::vector<float>& out, const std::vector<float>& w) {
-  double s = 0;
-  for (size_t i = 0; i < out.size(); i++) s += double(out[i]) * w[i];
-  return s;
-}
-
-// Checks every element of an analytic gradient against a central difference of loss() in x.
-void expect_fd(std::vector<float>& x, const std::vector<float>& grad, const std::function<double()>& loss,
-               float h, double tol, const char* what) {
-  for (size_t i = 0; i < x.size(); i++) {
-    double fd = finite_diff(x, i, loss, h);
-    EXPECT_NEAR(grad[i], fd, tol * (1.0 + std::fabs(fd))) << what << "[" << i << "]";
-  }
 }
 
 // Distance in units in the last place between two finite floats of the same sign (or zeros).
@@ -113,43 +96,9 @@ TEST(KernelsExp, SaturatesSubnormalsAndPassesNaN) {
 
 // ------------------------------------------------------------------------------------------- matmul
 
-TEST(KernelsMatmul, GemmMatchesReferenceForAllTransposes) {
-  const int64_t M = 37, N = 100, K = 48, pad = 3;
-  for (bool ta : {false, true}) {
-    for (bool tb : {false, true}) {
-      for (float beta : {0.0f, 0.3f}) {
-        // Stored shapes: A is [M,K] or [K,M], B is [K,N] or [N,K]; each row padded by `pad`.
-        const int64_t lda = (ta ? M : K) + pad, ldb = (tb ? K : N) + pad, ldc = N + pad;
-        auto A = randn((ta ? K : M) * lda, 1), B = randn((tb ? N : K) * ldb, 2);
-        auto C0 = randn(M * ldc, 3);
-        // beta == 0 must not read C: poison it.
-        if (beta == 0.0f) std::fill(C0.begin(), C0.end(), std::numeric_limits<float>::quiet_NaN());
-        auto Cc = C0, Cr = C0;
-        cpu::gemm(ta, tb, M, N, K, 0.7f, A.data(), lda, B.data(), ldb, beta, Cc.data(), ldc);
-        ref::gemm(ta, tb, M, N, K, 0.7f, A.data(), lda, B.data(), ldb, beta, Cr.data(), ldc);
-        for (int64_t i = 0; i < M; i++)
-          EXPECT_TRUE(all_close(Cc.data() + i * ldc, Cr.data() + i * ldc, N, 1e-4, 1e-5))
-              << "ta=" << ta << " tb=" << tb << " beta=" << beta << " row " << i;
-      }
-    }
-  }
-}
-
 TEST(KernelsMatmul, GemmRejectsSizesBeyondBlasInt) {
   EXPECT_THROW(cpu::gemm(false, false, int64_t(1) << 32, 4, 4, 1.0f, nullptr, 4, nullptr, 4, 0.0f, nullptr, 4),
                Error);
-}
-
-TEST(KernelsMatmul, ForwardMatchesReference) {
-  const int64_t N = 37;
-  const int C = 48, OC = 100;
-  auto inp = randn(N * C, 10), w = randn(size_t(C) * OC, 11, 0.2f), b = randn(OC, 12);
-  for (const float* bias : std::vector<const float*>{b.data(), nullptr}) {
-    std::vector<float> oc(N * OC, std::numeric_limits<float>::quiet_NaN()), orf(N * OC);
-    cpu::matmul_forward(oc.data(), inp.data(), w.data(), bias, N, C, OC);
-    ref::matmul_forward(orf.data(), inp.data(), w.data(), bias, N, C, OC);
-    EXPECT_TRUE(all_close(oc, orf, 1e-4, 1e-5)) << (bias ? "with bias" : "no bias");
-  }
 }
 
 TEST(KernelsMatmul, BackwardOverwritesDinpAndAccumulatesWeightAndBias) {
@@ -170,100 +119,9 @@ TEST(KernelsMatmul, BackwardOverwritesDinpAndAccumulatesWeightAndBias) {
   EXPECT_TRUE(all_close(dw_only, dwr, 1e-4, 1e-4));
 }
 
-TEST(KernelsMatmul, ReferenceBackwardMatchesFiniteDifferences) {
-  const int64_t N = 3;
-  const int C = 4, OC = 5;
-  auto inp = randn(N * C, 30), w = randn(size_t(C) * OC, 31), b = randn(OC, 32), R = randn(N * OC, 33);
-  std::vector<float> out(N * OC);
-  auto loss = [&] {
-    ref::matmul_forward(out.data(), inp.data(), w.data(), b.data(), N, C, OC);
-    return dot(out, R);
-  };
-  std::vector<float> di(N * C), dw(size_t(C) * OC, 0.0f), db(OC, 0.0f);
-  ref::matmul_backward(di.data(), dw.data(), db.data(), R.data(), inp.data(), w.data(), N, C, OC);
-  // The loss is linear in each input, so the only error is rounding of the float outputs.
-  expect_fd(inp, di, loss, 1e-2f, 1e-3, "dinp");
-  expect_fd(w, dw, loss, 1e-2f, 1e-3, "dweight");
-  expect_fd(b, db, loss, 1e-2f, 1e-3, "dbias");
-}
-
 // ---------------------------------------------------------------------------------------- layernorm
 
-TEST(KernelsLayerNorm, ForwardMatchesReference) {
-  for (auto [N, C] : {std::pair<int64_t, int>{37, 48}, {211, 100}}) {
-    auto inp = randn(N * C, 40, 2.0f), w = randn(C, 41), b = randn(C, 42);
-    for (auto& x : inp) x += 30.0f;  // a large mean: the variance must not cancel
-    std::vector<float> oc(N * C), orf(N * C), mc(N), mr(N), rc(N), rr(N);
-    cpu::layernorm_forward(oc.data(), mc.data(), rc.data(), inp.data(), w.data(), b.data(), N, C, 1e-5f);
-    ref::layernorm_forward(orf.data(), mr.data(), rr.data(), inp.data(), w.data(), b.data(), N, C, 1e-5f);
-    EXPECT_TRUE(all_close(oc, orf, 1e-4, 1e-4)) << "C=" << C;
-    EXPECT_TRUE(all_close(mc, mr, 1e-6, 1e-5));
-    EXPECT_TRUE(all_close(rc, rr, 1e-4, 1e-6));
-  }
-}
-
-TEST(KernelsLayerNorm, BackwardAccumulatesLikeReference) {
-  for (auto [N, C] : {std::pair<int64_t, int>{37, 48}, {211, 100}}) {
-    auto inp = randn(N * C, 50), w = randn(C, 51), b = randn(C, 52), dout = randn(N * C, 53);
-    std::vector<float> out(N * C), mean(N), rstd(N);
-    ref::layernorm_forward(out.data(), mean.data(), rstd.data(), inp.data(), w.data(), b.data(), N, C, 1e-5f);
-    auto di0 = randn(N * C, 54), dw0 = randn(C, 55), db0 = randn(C, 56);
-    auto dic = di0, dir = di0, dwc = dw0, dwr = dw0, dbc = db0, dbr = db0;
-    cpu::layernorm_backward(dic.data(), dwc.data(), dbc.data(), dout.data(), inp.data(), w.data(), mean.data(),
-                            rstd.data(), N, C);
-    ref::layernorm_backward(dir.data(), dwr.data(), dbr.data(), dout.data(), inp.data(), w.data(), mean.data(),
-                            rstd.data(), N, C);
-    EXPECT_TRUE(all_close(dic, dir, 1e-4, 1e-4)) << "C=" << C;
-    EXPECT_TRUE(all_close(dwc, dwr, 1e-4, 1e-4));
-    EXPECT_TRUE(all_close(dbc, dbr, 1e-4, 1e-4));
-  }
-}
-
-TEST(KernelsLayerNorm, ReferenceBackwardMatchesFiniteDifferences) {
-  const int64_t N = 3;
-  const int C = 7;
-  auto inp = randn(N * C, 60), w = randn(C, 61), b = randn(C, 62), R = randn(N * C, 63);
-  std::vector<float> out(N * C), mean(N), rstd(N);
-  auto loss = [&] {
-    ref::layernorm_forward(out.data(), mean.data(), rstd.data(), inp.data(), w.data(), b.data(), N, C, 1e-5f);
-    return dot(out, R);
-  };
-  loss();
-  std::vector<float> di(N * C, 0.0f), dw(C, 0.0f), db(C, 0.0f);
-  ref::layernorm_backward(di.data(), dw.data(), db.data(), R.data(), inp.data(), w.data(), mean.data(),
-                          rstd.data(), N, C);
-  expect_fd(inp, di, loss, 1e-2f, 2e-3, "dinp");
-  expect_fd(w, dw, loss, 1e-2f, 2e-3, "dweight");
-  expect_fd(b, db, loss, 1e-2f, 2e-3, "dbias");
-}
-
 // --------------------------------------------------------------------------------------------- gelu
-
-TEST(KernelsGelu, ForwardAndBackwardMatchReference) {
-  for (int64_t n : {1001, 40009}) {  // serial, and threaded with a ragged tail
-    auto x = randn(n, 70, 3.0f), dout = randn(n, 71);
-    const float edges[] = {0.0f, -0.0f, 1e-6f, -1e-6f, 10.0f, -10.0f, 20.0f, -20.0f, 100.0f, -100.0f, 5e3f, -5e3f};
-    for (size_t i = 0; i < std::size(edges); i++) x[i * 7] = edges[i];
-    std::vector<float> yc(n), yr(n), dc(n, 9.0f), dr(n, -9.0f);  // backward overwrites
-    cpu::gelu_forward(yc.data(), x.data(), n);
-    ref::gelu_forward(yr.data(), x.data(), n);
-    EXPECT_TRUE(all_close(yc, yr, 1e-5, 1e-6)) << "n=" << n;
-    cpu::gelu_backward(dc.data(), x.data(), dout.data(), n);
-    ref::gelu_backward(dr.data(), x.data(), dout.data(), n);
-    EXPECT_TRUE(all_close(dc, dr, 1e-5, 1e-6)) << "n=" << n;
-  }
-}
-
-TEST(KernelsGelu, ReferenceBackwardMatchesFiniteDifferences) {
-  auto x = randn(23, 72, 2.0f), R = randn(23, 73);
-  std::vector<float> y(23), d(23);
-  auto loss = [&] {
-    ref::gelu_forward(y.data(), x.data(), 23);
-    return dot(y, R);
-  };
-  ref::gelu_backward(d.data(), x.data(), R.data(), 23);
-  expect_fd(x, d, loss, 1e-2f, 1e-3, "dinp");
-}
 
 TEST(KernelsGelu, AddMatchesReferenceAndMayAlias) {
   for (int64_t n : {37, 40009}) {
@@ -278,42 +136,6 @@ TEST(KernelsGelu, AddMatchesReferenceAndMayAlias) {
 }
 
 // ---------------------------------------------------------------------------------------- embedding
-
-TEST(KernelsEmbedding, ForwardAndBackwardMatchReference) {
-  const int V = 1001, maxT = 64;
-  for (auto [N, C] : {std::pair<int64_t, int>{37, 48}, {400, 100}}) {
-    auto tokens = rand_ids(N, 50, 80);  // few distinct ids: many repeats to accumulate
-    tokens[0] = V - 1;
-    auto pos = rand_ids(N, maxT, 81);
-    auto wte = randn(size_t(V) * C, 82), wpe = randn(size_t(maxT) * C, 83), dout = randn(N * C, 84);
-    std::vector<float> oc(N * C), orf(N * C);
-    cpu::embedding_forward(oc.data(), tokens.data(), pos.data(), wte.data(), wpe.data(), N, C);
-    ref::embedding_forward(orf.data(), tokens.data(), pos.data(), wte.data(), wpe.data(), N, C);
-    EXPECT_EQ(oc, orf);
-    auto dte0 = randn(size_t(V) * C, 85), dpe0 = randn(size_t(maxT) * C, 86);
-    auto dtec = dte0, dter = dte0, dpec = dpe0, dper = dpe0;
-    cpu::embedding_backward(dtec.data(), dpec.data(), dout.data(), tokens.data(), pos.data(), N, C);
-    ref::embedding_backward(dter.data(), dper.data(), dout.data(), tokens.data(), pos.data(), N, C);
-    EXPECT_TRUE(all_close(dtec, dter, 1e-6, 1e-6)) << "N=" << N;
-    EXPECT_TRUE(all_close(dpec, dper, 1e-6, 1e-6)) << "N=" << N;
-  }
-}
-
-TEST(KernelsEmbedding, ReferenceBackwardMatchesFiniteDifferences) {
-  const int64_t N = 6;
-  const int C = 3, V = 5, maxT = 4;
-  std::vector<int32_t> tokens = {1, 3, 1, 0, 4, 1}, pos = {0, 1, 2, 0, 1, 3};
-  auto wte = randn(V * C, 90), wpe = randn(maxT * C, 91), R = randn(N * C, 92);
-  std::vector<float> out(N * C);
-  auto loss = [&] {
-    ref::embedding_forward(out.data(), tokens.data(), pos.data(), wte.data(), wpe.data(), N, C);
-    return dot(out, R);
-  };
-  std::vector<float> dte(V * C, 0.0f), dpe(maxT * C, 0.0f);
-  ref::embedding_backward(dte.data(), dpe.data(), R.data(), tokens.data(), pos.data(), N, C);
-  expect_fd(wte, dte, loss, 1e-2f, 1e-3, "dwte");
-  expect_fd(wpe, dpe, loss, 1e-2f, 1e-3, "dwpe");
-}
 
 TEST(KernelsEmbedding, NegativeIdRaisesError) {
   std::vector<int32_t> tokens = {0, -1}, pos = {0, 1};
@@ -341,25 +163,6 @@ CEProblem make_ce(int64_t N, int V, int64_t ld, uint64_t seed, float scale = 2.0
 }
 }  // namespace
 
-TEST(KernelsCrossEntropy, MatchesReferenceWithPaddedRows) {
-  for (auto [N, V] : {std::pair<int64_t, int>{5, 13}, {37, 1001}}) {
-    auto p = make_ce(N, V, V + 9, 100);
-    p.targets[1] = V - 1;
-    p.targets[2] = 0;
-    const float scale = 1.0f / 29.0f;
-    for (float gs : {scale, 0.0f}) {
-      auto lc = p.logits, lr = p.logits;
-      std::vector<float> losc(N), losr(N);
-      cpu::softmax_crossentropy(lc.data(), losc.data(), p.targets.data(), N, V, p.ld, gs);
-      ref::softmax_crossentropy(lr.data(), losr.data(), p.targets.data(), N, V, p.ld, gs);
-      EXPECT_TRUE(all_close(losc, losr, 1e-5, 1e-5)) << "V=" << V << " gs=" << gs;
-      EXPECT_TRUE(all_close(lc, lr, 1e-4, 1e-7)) << "V=" << V << " gs=" << gs;
-      for (int64_t n = 0; n < N; n++)  // the padding after each row is never touched
-        for (int64_t i = V; i < p.ld; i++) EXPECT_EQ(lc[n * p.ld + i], p.logits[n * p.ld + i]);
-    }
-  }
-}
-
 TEST(KernelsCrossEntropy, IgnoredTargetsGiveZeroLossAndZeroGradient) {
   auto p = make_ce(37, 1001, 1001, 110);
   std::vector<float> losses(37, 5.0f);
@@ -368,31 +171,6 @@ TEST(KernelsCrossEntropy, IgnoredTargetsGiveZeroLossAndZeroGradient) {
     if (p.targets[n] >= 0) continue;
     EXPECT_EQ(losses[n], 0.0f) << n;
     for (int i = 0; i < 1001; i++) ASSERT_EQ(p.logits[n * 1001 + i], 0.0f) << n << "," << i;
-  }
-}
-
-TEST(KernelsCrossEntropy, GradientIsFiniteDifferenceOfMeanLoss) {
-  const int64_t N = 6;
-  const int V = 11;
-  auto p = make_ce(N, V, V, 120);
-  int valid = 0;
-  for (int32_t t : p.targets) valid += t >= 0;
-  // Mean over the rows that count, as the trainer computes it: grad_scale = 1 / valid.
-  std::vector<float> losses(N);
-  auto mean_loss = [&] {
-    auto l = p.logits;  // grad_scale 0: logits untouched, but keep the copy honest anyway
-    ref::softmax_crossentropy(l.data(), losses.data(), p.targets.data(), N, V, V, 0.0f);
-    double s = 0;
-    for (float x : losses) s += x;
-    return s / valid;
-  };
-  for (int backend = 0; backend < 2; backend++) {
-    auto grad = p.logits;
-    if (backend == 0)
-      ref::softmax_crossentropy(grad.data(), losses.data(), p.targets.data(), N, V, V, 1.0f / valid);
-    else
-      cpu::softmax_crossentropy(grad.data(), losses.data(), p.targets.data(), N, V, V, 1.0f / valid);
-    expect_fd(p.logits, grad, mean_loss, 1e-2f, 1e-4, backend == 0 ? "ref dlogits" : "cpu dlogits");
   }
 }
 

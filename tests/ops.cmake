@@ -1,0 +1,29 @@
+# The op table (tests/ops/): every op's cases declared once, run on each backend. Like tests/gpu.cmake, the
+# same sources build twice: kiln_ops_tests_emu runs the CPU kernels, the reference's own gradient checks and
+# the CUDA kernels on the SIMT emulator (label unit); kiln_ops_tests runs the CUDA kernels on the real device
+# (label cuda; each test skips when no GPU is present).
+set(KILN_OPS_TEST_SOURCES ${CMAKE_SOURCE_DIR}/tests/ops/op_table.cpp ${CMAKE_SOURCE_DIR}/tests/ops/op_runner.cpp)
+
+add_executable(kiln_ops_tests_emu ${KILN_OPS_TEST_SOURCES})
+target_link_libraries(kiln_ops_tests_emu PRIVATE kiln_lib kiln_gpu_emu GTest::gtest)
+target_compile_definitions(kiln_ops_tests_emu PRIVATE KILN_TEST_EMULATED=1)
+gtest_discover_tests(kiln_ops_tests_emu DISCOVERY_TIMEOUT 60 TEST_PREFIX "ops_emu." PROPERTIES LABELS unit)
+
+if(KILN_CUDA)
+  add_executable(kiln_ops_tests ${KILN_OPS_TEST_SOURCES})
+  target_link_libraries(kiln_ops_tests PRIVATE kiln_lib kiln_cuda GTest::gtest)
+  gtest_discover_tests(kiln_ops_tests DISCOVERY_MODE PRE_TEST TEST_PREFIX "ops_cuda." PROPERTIES LABELS cuda)
+endif()
+
+# The table once more with AddressSanitizer and UBSan over the emulated kernels (label sanitize, as
+# kiln_gpu_tests_emu_asan in tests/gpu.cmake): the odd shapes and misaligned pointers must stay inside
+# their buffers and shared tiles. (KILN_GPU_SANITIZE_FLAGS: tests/gpu.cmake, included before this file.)
+add_executable(kiln_ops_tests_emu_asan ${KILN_OPS_TEST_SOURCES} ${KILN_EMU_SOURCES})
+target_include_directories(kiln_ops_tests_emu_asan PRIVATE ${CMAKE_SOURCE_DIR})
+target_compile_options(kiln_ops_tests_emu_asan PRIVATE ${KILN_GPU_SANITIZE_FLAGS} -O1 -g)
+target_link_options(kiln_ops_tests_emu_asan PRIVATE ${KILN_GPU_SANITIZE_FLAGS})
+target_link_libraries(kiln_ops_tests_emu_asan PRIVATE kiln_lib GTest::gtest)
+target_compile_definitions(kiln_ops_tests_emu_asan PRIVATE KILN_TEST_EMULATED=1)
+gtest_discover_tests(kiln_ops_tests_emu_asan DISCOVERY_TIMEOUT 60 TEST_PREFIX "ops_emu_asan."
+  PROPERTIES LABELS sanitize
+             ENVIRONMENT "ASAN_OPTIONS=detect_leaks=0:abort_on_error=0;UBSAN_OPTIONS=print_stacktrace=1")
