@@ -34,8 +34,11 @@ class SafeTensorsReader {
  public:
   // Maps and validates the file; throws kiln::Error naming the file (and tensor) on any defect.
   explicit SafeTensorsReader(const std::string& path);
+  // Parses a copy of an in-memory file the same way; `name` stands for the file in error messages (tests,
+  // the fuzzer).
+  static SafeTensorsReader from_bytes(std::string bytes, std::string name);
 
-  const std::string& path() const { return file_.path(); }
+  const std::string& path() const { return path_; }
   // Every entry of the header, in data order.
   const std::vector<SafeTensorsEntry>& entries() const { return entries_; }
   const SafeTensorsEntry* find_entry(const std::string& name) const;
@@ -49,7 +52,11 @@ class SafeTensorsReader {
   const std::map<std::string, std::string>& metadata() const { return metadata_; }
 
  private:
-  MappedFile file_;
+  SafeTensorsReader() = default;
+  void parse(const uint8_t* bytes, size_t size);
+  std::string path_;
+  MappedFile file_;                      // the mapping, for a file
+  std::unique_ptr<std::string> copy_;    // the bytes, for from_bytes (a heap string: moving the reader keeps pointers)
   std::vector<SafeTensorsEntry> entries_;
   std::vector<Tensor> tensors_;
   std::map<std::string, std::string> metadata_;

@@ -15,14 +15,17 @@ using json = nlohmann::json;
 using ojson = nlohmann::ordered_json;
 namespace fs = std::filesystem;
 
-json parse_json_file(const std::string& path) {
-  KILN_CHECK(file_exists(path), path, ": no such file");
-  std::string text = read_file(path);
+json parse_json_text(const std::string& text, const std::string& path) {
   try {
     return json::parse(text);
   } catch (const json::parse_error& e) {
     fail(path, ": malformed JSON (", e.what(), ")");
   }
+}
+
+json parse_json_file(const std::string& path) {
+  KILN_CHECK(file_exists(path), path, ": no such file");
+  return parse_json_text(read_file(path), path);
 }
 
 // Spelled vocabulary (file strings -> id) into raw tokens; tokens outside the byte alphabet stay verbatim.
@@ -255,8 +258,8 @@ struct HfJsonLoader {
 };
 
 namespace {
-Tokenizer hf_json_impl(const std::string& path) {
-  json j = parse_json_file(path);
+Tokenizer hf_json_impl(const std::string& text, const std::string& path) {
+  json j = parse_json_text(text, path);
   KILN_CHECK(j.is_object() && j.contains("model") && j["model"].is_object(), path,
              ": not a tokenizer.json (no \"model\" object)");
   const json& m = j["model"];
@@ -349,10 +352,15 @@ Tokenizer Tokenizer::load_gpt2(const std::string& encoder_json, const std::strin
 }
 
 Tokenizer Tokenizer::load_hf_json(const std::string& path) {
+  KILN_CHECK(file_exists(path), path, ": no such file");
+  return parse_hf_json(read_file(path), path);
+}
+
+Tokenizer Tokenizer::parse_hf_json(const std::string& text, const std::string& source) {
   try {
-    return hf_json_impl(path);
+    return hf_json_impl(text, source);
   } catch (const json::exception& e) {
-    fail(path, ": ", e.what());
+    fail(source, ": ", e.what());
   }
 }
 
