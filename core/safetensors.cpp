@@ -315,24 +315,6 @@ void write_safetensors_converted(const std::string& path, const std::vector<Tens
   write_items(path, std::move(items), metadata);
 }
 
-std::string quote_name(std::string_view name) {
-  constexpr size_t kMax = 120;
-  std::string out = "\"";
-  for (size_t i = 0; i < name.size() && i < kMax; i++) {
-    unsigned char c = static_cast<unsigned char>(name[i]);
-    if (c < 0x20 || c == 0x7f || c == '"' || c == '\\') {
-      const char* hex = "0123456789abcdef";
-      out += "\\x";
-      out += hex[c >> 4];
-      out += hex[c & 15];
-    } else {
-      out += char(c);
-    }
-  }
-  if (name.size() > kMax) out += "...";
-  return out + "\"";
-}
-
 void convert_to_f32(const void* src, DType src_dtype, float* dst, size_t n) {
   const uint8_t* p = static_cast<const uint8_t*>(src);
   switch (src_dtype) {

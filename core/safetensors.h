@@ -14,6 +14,7 @@
 #include <vector>
 
 #include "core/file_io.h"
+#include "core/quote.h"
 #include "core/tensor.h"
 
 namespace kiln {
@@ -73,10 +74,6 @@ void write_safetensors(const std::string& path, const std::vector<Tensor>& tenso
 // so a converted copy of the whole set never exists in memory.
 void write_safetensors_converted(const std::string& path, const std::vector<Tensor>& f32_tensors, DType on_disk,
                                  const std::map<std::string, std::string>& metadata = {});
-
-// For error messages: a name from a file in double quotes (not std::quoted, which leaves control characters), control
-// characters escaped and long names cut, so the message stays one readable line whatever the file holds.
-std::string quote_name(std::string_view name);
 
 // Converts n elements stored as `src_dtype` (F32, BF16 or F16; src may be unaligned) to f32.
 void convert_to_f32(const void* src, DType src_dtype, float* dst, size_t n);

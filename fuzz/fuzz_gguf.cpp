@@ -6,6 +6,7 @@
 #include <vector>
 
 #include "core/gguf.h"
+#include "core/quote.h"
 #include "fuzz/fuzz_util.h"
 
 using namespace kiln;
@@ -20,11 +21,12 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
         for (const auto& m : f.metadata) {
           FUZZ_CHECK(f.find(m.key) == &m.value, "metadata key found twice: ", m.key);
           const GgufValue& v = m.value;
-          fuzz::accepts([&] { sum = sum + v.as_uint(m.key); }, "");
-          fuzz::accepts([&] { sum = sum + uint64_t(v.as_int(m.key)); }, "");
-          fuzz::accepts([&] { sum = sum + uint64_t(v.as_float(m.key) != 0); }, "");
-          fuzz::accepts([&] { sum = sum + v.as_bool(m.key); }, "");
-          fuzz::accepts([&] { sum = sum + v.as_string(m.key).size(); }, "");
+          const std::string what = quote_name(m.key);  // the accessors' messages name what the caller says
+          fuzz::accepts([&] { sum = sum + v.as_uint(what); }, "");
+          fuzz::accepts([&] { sum = sum + uint64_t(v.as_int(what)); }, "");
+          fuzz::accepts([&] { sum = sum + uint64_t(v.as_float(what) != 0); }, "");
+          fuzz::accepts([&] { sum = sum + v.as_bool(what); }, "");
+          fuzz::accepts([&] { sum = sum + v.as_string(what).size(); }, "");
           for (const auto& s : v.strings) sum = sum + s.size();
         }
         std::vector<std::pair<uint64_t, uint64_t>> ranges;

@@ -35,6 +35,9 @@ bool accepts(F&& f, std::string_view needle) {
     return true;
   } catch (const Error& e) {
     const std::string m = e.what();
+    // KILN_FUZZ_VERBOSE=1: print every refusal (to see why a seed is refused).
+    static const bool verbose = std::getenv("KILN_FUZZ_VERBOSE") != nullptr;
+    if (verbose) std::fprintf(stderr, "refused: %s\n", m.c_str());
     FUZZ_CHECK(m.find('\n') == std::string::npos && m.find('\r') == std::string::npos, "message is not one line: ", m);
     FUZZ_CHECK(needle.empty() || m.find(needle) != std::string::npos, "message does not name ", needle, ": ", m);
     return false;
