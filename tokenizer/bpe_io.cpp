@@ -116,7 +116,7 @@ static Tokenizer gpt2_impl(const std::string& encoder_json, const std::string& v
     uint32_t id = json_id(it.value(), encoder_json, "token " + quote_name(it.key()));
     // Ids run 0..n-1 without gaps; refusing a larger one here keeps a tiny file from sizing the table to 2^31.
     KILN_CHECK(id < enc.size(), encoder_json, ": token ", quote_name(it.key()), " has id ", id, ", but the file lists ",
-               enc.size(), " tokens");
+               enc.size(), " tokens (ids run from 0 without gaps)");
     KILN_CHECK(id >= v.seen.size() || !v.seen[id], encoder_json, ": id ", id, " is used twice");
     v.put(id, it.key());
     by_spelling.emplace(it.key(), id);
@@ -291,7 +291,8 @@ Tokenizer hf_json_impl(const std::string& text, const std::string& path) {
   // tables are sized keeps a tiny file from asking for 2^31 tokens.
   const size_t n_listed = m["vocab"].size() + (j.contains("added_tokens") ? j["added_tokens"].size() : 0);
   auto check_range = [&](uint32_t id, const std::string& what) {
-    KILN_CHECK(id < n_listed, path, ": ", what, " has id ", id, ", but the file lists ", n_listed, " tokens");
+    KILN_CHECK(id < n_listed, path, ": ", what, " has id ", id, ", but the file lists ", n_listed,
+               " tokens (ids run from 0 without gaps)");
   };
   Vocab v;
   std::unordered_map<std::string, uint32_t> by_spelling;
