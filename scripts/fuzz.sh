@@ -37,16 +37,19 @@ if [ "$do_build" = 1 ]; then
   cmake --build "$build" -j"${KILN_JOBS:-2}" --target kiln_fuzzers >/dev/null
 fi
 
+for t in "${targets[@]}"; do
+  if [ ! -x "$build/fuzz/fuzz_$t" ]; then
+    echo "fuzz.sh: $build/fuzz/fuzz_$t is not built (scripts/fuzz.sh builds it)" >&2
+    [ "$do_build" = 0 ] && exit 77
+    exit 1
+  fi
+done
+
 mkdir -p "$build/fuzz-artifacts"
 status=0
 printf '%-12s %12s %9s %8s\n' target executions seconds crashes
 for t in "${targets[@]}"; do
   bin="$build/fuzz/fuzz_$t"
-  if [ ! -x "$bin" ]; then
-    echo "fuzz.sh: $bin is not built (scripts/fuzz.sh builds it)" >&2
-    [ "$do_build" = 0 ] && exit 77
-    exit 1
-  fi
   # New inputs go to a scratch corpus: the committed seeds (second directory) are only read.
   work="$(mktemp -d "${TMPDIR:-/tmp}/kiln_fuzz_${t}.XXXXXX")"
   log="$build/fuzz-artifacts/$t.log"
