@@ -48,16 +48,22 @@ inline float bf16_to_f32(uint16_t h) {
   return f;
 }
 
-// IEEE half <-> float (round-to-nearest-even), via the F16C-compatible compiler type.
+// IEEE half <-> float (round-to-nearest-even), via the F16C-compatible compiler type. clang before 15 has
+// _Float16 on x86 only with AVX512-FP16; its __fp16 converts the same way (the fuzz build, fuzz/, uses clang 14).
+#if defined(__clang__) && __clang_major__ < 15
+using kiln_half_t = __fp16;
+#else
+using kiln_half_t = _Float16;
+#endif
 inline uint16_t f32_to_f16(float f) {
-  _Float16 h = static_cast<_Float16>(f);
+  kiln_half_t h = static_cast<kiln_half_t>(f);
   uint16_t u;
   std::memcpy(&u, &h, 2);
   return u;
 }
 
 inline float f16_to_f32(uint16_t u) {
-  _Float16 h;
+  kiln_half_t h;
   std::memcpy(&h, &u, 2);
   return static_cast<float>(h);
 }

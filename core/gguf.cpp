@@ -8,6 +8,7 @@
 #include "core/dtype.h"
 #include "core/error.h"
 #include "core/file_io.h"
+#include "core/quote.h"
 
 namespace kiln {
 
@@ -446,10 +447,12 @@ void GgufFile::parse(const uint8_t* p, size_t n) {
     const std::string field = "metadata " + std::to_string(i);
     std::string key = c.string(field + " key");
     KILN_CHECK(!key.empty(), path_, ": ", field, ": empty key");
-    KILN_CHECK(keys.insert(key).second, path_, ": duplicate metadata key ", key);
-    const uint32_t t = c.get<uint32_t>("metadata " + key + " type");
-    KILN_CHECK(valid_value_type(t), path_, ": metadata ", key, ": unknown value type ", t);
-    GgufValue v = read_value(c, GgufValueType(t), "metadata " + key);
+    // Keys and names come from the file: quoted in messages, so a control character cannot break the line.
+    const std::string qkey = quote_name(key);
+    KILN_CHECK(keys.insert(key).second, path_, ": duplicate metadata key ", qkey);
+    const uint32_t t = c.get<uint32_t>("metadata " + qkey + " type");
+    KILN_CHECK(valid_value_type(t), path_, ": metadata ", qkey, ": unknown value type ", t);
+    GgufValue v = read_value(c, GgufValueType(t), "metadata " + qkey);
     metadata.push_back({std::move(key), std::move(v)});
   }
   if (const GgufValue* a = find("general.alignment")) {
@@ -463,10 +466,10 @@ void GgufFile::parse(const uint8_t* p, size_t n) {
   for (uint64_t i = 0; i < n_tensors; i++) {
     GgufTensorInfo t;
     t.name = c.string("tensor info " + std::to_string(i) + " name");
-    const std::string field = "tensor " + t.name;
+    const std::string field = "tensor " + quote_name(t.name);
     KILN_CHECK(!t.name.empty() && t.name.size() <= kMaxTensorName, path_, ": tensor info ", i, ": name of length ",
                t.name.size());
-    KILN_CHECK(names.insert(t.name).second, path_, ": duplicate tensor ", t.name);
+    KILN_CHECK(names.insert(t.name).second, path_, ": duplicate tensor ", quote_name(t.name));
     const uint32_t nd = c.get<uint32_t>(field + " dimension count");
     KILN_CHECK(nd >= 1 && nd <= uint32_t(kMaxDims), path_, ": ", field, ": ", nd, " dimensions");
     uint64_t numel = 1;
@@ -495,7 +498,7 @@ void GgufFile::parse(const uint8_t* p, size_t n) {
   // Tensors must lie inside the data section and not overlap.
   std::vector<const GgufTensorInfo*> by_offset;
   for (auto& t : tensors) {
-    KILN_CHECK(t.offset <= data_size && t.nbytes <= data_size - t.offset, path_, ": tensor ", t.name, ": data [",
+    KILN_CHECK(t.offset <= data_size && t.nbytes <= data_size - t.offset, path_, ": tensor ", quote_name(t.name), ": data [",
                t.offset, ", +", t.nbytes, ") runs past the end of the file (data section has ", data_size,
                " bytes)");
     t.data = p + data_offset + t.offset;
@@ -505,7 +508,7 @@ void GgufFile::parse(const uint8_t* p, size_t n) {
             [](const GgufTensorInfo* a, const GgufTensorInfo* b) { return a->offset < b->offset; });
   for (size_t i = 1; i < by_offset.size(); i++)
     KILN_CHECK(by_offset[i - 1]->offset + by_offset[i - 1]->nbytes <= by_offset[i]->offset, path_, ": tensor ",
-               by_offset[i]->name, " overlaps tensor ", by_offset[i - 1]->name);
+               quote_name(by_offset[i]->name), " overlaps tensor ", quote_name(by_offset[i - 1]->name));
 }
 
 const GgufValue* GgufFile::find(const std::string& key) const {
@@ -516,7 +519,7 @@ const GgufValue* GgufFile::find(const std::string& key) const {
 
 const GgufValue& GgufFile::get(const std::string& key) const {
   const GgufValue* v = find(key);
-  KILN_CHECK(v, path_, ": no metadata key ", key);
+  KILN_CHECK(v, path_, ": no metadata key ", quote_name(key));
   return *v;
 }
 
@@ -528,7 +531,7 @@ const GgufTensorInfo* GgufFile::find_tensor(const std::string& name) const {
 
 const GgufTensorInfo& GgufFile::get_tensor(const std::string& name) const {
   const GgufTensorInfo* t = find_tensor(name);
-  KILN_CHECK(t, path_, ": no tensor ", name);
+  KILN_CHECK(t, path_, ": no tensor ", quote_name(name));
   return *t;
 }
 

@@ -99,19 +99,31 @@ int64_t SafeTensorsEntry::numel() const {
   return n;
 }
 
-SafeTensorsReader::SafeTensorsReader(const std::string& path) : file_(path) {
-  const size_t size = file_.size();
+SafeTensorsReader::SafeTensorsReader(const std::string& path) : path_(path), file_(path) {
+  parse(file_.data(), file_.size());
+}
+
+SafeTensorsReader SafeTensorsReader::from_bytes(std::string bytes, std::string name) {
+  SafeTensorsReader r;
+  r.path_ = std::move(name);
+  r.copy_ = std::make_unique<std::string>(std::move(bytes));
+  r.parse(reinterpret_cast<const uint8_t*>(r.copy_->data()), r.copy_->size());
+  return r;
+}
+
+void SafeTensorsReader::parse(const uint8_t* bytes, const size_t size) {
+  const std::string& path = path_;
   KILN_CHECK(size >= 8, path, ": too short for a safetensors file (", size, " bytes)");
   uint64_t n = 0;
-  for (int i = 7; i >= 0; i--) n = (n << 8) | file_.data()[i];
+  for (int i = 7; i >= 0; i--) n = (n << 8) | bytes[i];
   KILN_CHECK(n <= size - 8, path, ": safetensors header length ", n, " is beyond the end of the file (", size,
              " bytes; truncated or not a safetensors file)");
-  KILN_CHECK(n >= 2 && file_.data()[8] == '{', path, ": safetensors header does not start with '{'");
-  const char* text = reinterpret_cast<const char*>(file_.data() + 8);
+  KILN_CHECK(n >= 2 && bytes[8] == '{', path, ": safetensors header does not start with '{'");
+  const char* text = reinterpret_cast<const char*>(bytes + 8);
   json header = parse_header(text, size_t(n), path);
   KILN_CHECK(header.is_object(), path, ": safetensors header is not a JSON object");
 
-  const uint8_t* data = file_.data() + 8 + n;
+  const uint8_t* data = bytes + 8 + n;
   const size_t data_size = size - 8 - n;
   for (auto& [name, info] : header.items()) {
     const std::string where = str(path, ": tensor ", quote_name(name));
@@ -301,24 +313,6 @@ void write_safetensors_converted(const std::string& path, const std::vector<Tens
     items.push_back({&t, on_disk});
   }
   write_items(path, std::move(items), metadata);
-}
-
-std::string quote_name(std::string_view name) {
-  constexpr size_t kMax = 120;
-  std::string out = "\"";
-  for (size_t i = 0; i < name.size() && i < kMax; i++) {
-    unsigned char c = static_cast<unsigned char>(name[i]);
-    if (c < 0x20 || c == 0x7f || c == '"' || c == '\\') {
-      const char* hex = "0123456789abcdef";
-      out += "\\x";
-      out += hex[c >> 4];
-      out += hex[c & 15];
-    } else {
-      out += char(c);
-    }
-  }
-  if (name.size() > kMax) out += "...";
-  return out + "\"";
 }
 
 void convert_to_f32(const void* src, DType src_dtype, float* dst, size_t n) {

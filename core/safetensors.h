@@ -14,6 +14,7 @@
 #include <vector>
 
 #include "core/file_io.h"
+#include "core/quote.h"
 #include "core/tensor.h"
 
 namespace kiln {
@@ -34,8 +35,11 @@ class SafeTensorsReader {
  public:
   // Maps and validates the file; throws kiln::Error naming the file (and tensor) on any defect.
   explicit SafeTensorsReader(const std::string& path);
+  // Parses a copy of an in-memory file the same way; `name` stands for the file in error messages (tests,
+  // the fuzzer).
+  static SafeTensorsReader from_bytes(std::string bytes, std::string name);
 
-  const std::string& path() const { return file_.path(); }
+  const std::string& path() const { return path_; }
   // Every entry of the header, in data order.
   const std::vector<SafeTensorsEntry>& entries() const { return entries_; }
   const SafeTensorsEntry* find_entry(const std::string& name) const;
@@ -49,7 +53,11 @@ class SafeTensorsReader {
   const std::map<std::string, std::string>& metadata() const { return metadata_; }
 
  private:
-  MappedFile file_;
+  SafeTensorsReader() = default;
+  void parse(const uint8_t* bytes, size_t size);
+  std::string path_;
+  MappedFile file_;                      // the mapping, for a file
+  std::unique_ptr<std::string> copy_;    // the bytes, for from_bytes (a heap string: moving the reader keeps pointers)
   std::vector<SafeTensorsEntry> entries_;
   std::vector<Tensor> tensors_;
   std::map<std::string, std::string> metadata_;
@@ -66,10 +74,6 @@ void write_safetensors(const std::string& path, const std::vector<Tensor>& tenso
 // so a converted copy of the whole set never exists in memory.
 void write_safetensors_converted(const std::string& path, const std::vector<Tensor>& f32_tensors, DType on_disk,
                                  const std::map<std::string, std::string>& metadata = {});
-
-// For error messages: a name from a file in double quotes (not std::quoted, which leaves control characters), control
-// characters escaped and long names cut, so the message stays one readable line whatever the file holds.
-std::string quote_name(std::string_view name);
 
 // Converts n elements stored as `src_dtype` (F32, BF16 or F16; src may be unaligned) to f32.
 void convert_to_f32(const void* src, DType src_dtype, float* dst, size_t n);

@@ -51,28 +51,13 @@ std::vector<std::string> weight_files(const std::string& path) {
   const fs::path single = fs::path(path) / "model.safetensors", index = fs::path(path) / "model.safetensors.index.json";
   if (fs::exists(single)) return {single.string()};
   KILN_CHECK(fs::exists(index), path, ": no model.safetensors or model.safetensors.index.json in this directory");
-  nlohmann::json j;
-  try {
-    j = nlohmann::json::parse(read_file(index.string()));
-  } catch (const nlohmann::json::exception& e) {
-    fail(index.string(), ": malformed JSON (", e.what(), ")");
-  }
-  KILN_CHECK(j.is_object() && j.contains("weight_map") && j["weight_map"].is_object(), index.string(),
-             ": expected an object with a \"weight_map\" object");
   std::vector<std::string> files;
-  for (auto& [name, file] : j["weight_map"].items()) {
-    KILN_CHECK(file.is_string(), index.string(), ": weight_map[", quote_name(name), "] must be a file name");
-    const std::string f = file.get<std::string>();
-    KILN_CHECK(!f.empty() && f.find('/') == std::string::npos && f != "." && f != "..", index.string(),
-               ": weight_map[", quote_name(name), "] names ", quote_name(f), ", not a file in the directory");
-    const std::string full = (fs::path(path) / f).string();
-    if (std::find(files.begin(), files.end(), full) == files.end()) {
-      KILN_CHECK(fs::exists(full), index.string(), ": shard ", quote_name(f), " (for ", quote_name(name),
-                 ") does not exist");
-      files.push_back(full);
-    }
+  for (const IndexShard& s : parse_safetensors_index(read_file(index.string()), index.string())) {
+    const std::string full = (fs::path(path) / s.file).string();
+    KILN_CHECK(fs::exists(full), index.string(), ": shard ", quote_name(s.file), " (for ", quote_name(s.first_tensor),
+               ") does not exist");
+    files.push_back(full);
   }
-  KILN_CHECK(!files.empty(), index.string(), ": weight_map is empty");
   return files;
 }
 
@@ -114,6 +99,30 @@ size_t parse_byte_size(const std::string& text, const std::string& what) {
   for (const auto& [u, mult] : units)
     if (unit == u) return size_t(double(std::stoull(text.substr(0, digits))) * mult);
   fail(what, ": unknown unit '", unit, "' in '", text, "' (B, KB, MB, GB, TB, KiB, MiB, GiB)");
+}
+
+std::vector<IndexShard> parse_safetensors_index(const std::string& text, const std::string& where) {
+  nlohmann::json j;
+  try {
+    j = nlohmann::json::parse(text);
+  } catch (const nlohmann::json::exception& e) {
+    fail(where, ": malformed JSON (", e.what(), ")");
+  }
+  KILN_CHECK(j.is_object() && j.contains("weight_map") && j["weight_map"].is_object(), where,
+             ": expected an object with a \"weight_map\" object");
+  std::vector<IndexShard> shards;
+  for (auto& [name, file] : j["weight_map"].items()) {
+    KILN_CHECK(file.is_string(), where, ": weight_map[", quote_name(name), "] must be a file name");
+    const std::string f = file.get<std::string>();
+    KILN_CHECK(!f.empty() && f.find('/') == std::string::npos && f.find('\0') == std::string::npos && f != "." &&
+                   f != "..",
+               where, ": weight_map[",
+               quote_name(name), "] names ", quote_name(f), ", not a file in the directory");
+    const bool seen = std::any_of(shards.begin(), shards.end(), [&](const IndexShard& s) { return s.file == f; });
+    if (!seen) shards.push_back({f, name});
+  }
+  KILN_CHECK(!shards.empty(), where, ": weight_map is empty");
+  return shards;
 }
 
 void save_model_checkpoint(const std::string& dir, const ModelConfig& cfg, const ParamTable& table,

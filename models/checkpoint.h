@@ -8,6 +8,7 @@
 // hub loads here.
 #pragma once
 #include <string>
+#include <vector>
 
 #include "core/dtype.h"
 #include "models/family.h"
@@ -40,6 +41,16 @@ ModelConfig load_model_config_for(const std::string& path);
 // buffers, a tied lm_head.weight); GPT-2 names may lack the "transformer." prefix. A missing, duplicated,
 // unexpected or misshaped tensor, or an index naming a missing file, throws kiln::Error naming the file and
 // tensor; the block is untouched then.
+// The shards a model.safetensors.index.json names (text: the file's contents, where: its path for errors), each
+// once, in order of first use, with the first tensor mapped to it. Malformed JSON, a missing or non-object
+// weight_map, an empty map, or a value that is not a plain file name in the same directory throws kiln::Error
+// naming `where`. load_model_weights reads indices with it.
+struct IndexShard {
+  std::string file;          // as written: a file name beside the index
+  std::string first_tensor;  // the first tensor mapped to it (for messages)
+};
+std::vector<IndexShard> parse_safetensors_index(const std::string& text, const std::string& where);
+
 void load_model_weights(const std::string& path, const ModelConfig& cfg, const ParamTable& table, float* params);
 
 }  // namespace kiln

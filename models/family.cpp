@@ -3,6 +3,7 @@
 #include <filesystem>
 
 #include "core/error.h"
+#include "core/quote.h"
 #include "core/file_io.h"
 
 namespace kiln {
@@ -21,7 +22,7 @@ const Family& find_family(const std::string& model_type, const std::string& wher
     if (model_type == f->model_type) return *f;
     known += std::string(known.empty() ? "" : ", ") + f->model_type;
   }
-  fail(where, ": model_type '", model_type, "' is not supported (", known, ")");
+  fail(where, ": model_type ", quote_name(model_type), " is not supported (", known, ")");
 }
 
 ModelConfig parse_model_config(const std::string& text, const std::string& where) {

@@ -8,20 +8,30 @@ namespace kiln {
 
 float ModelConfig::attention_scale() const { return 1.0f / std::sqrt(float(head_dim)); }
 
-int64_t ModelConfig::num_params() const {
-  const int64_t C = d_model, L = n_layer;
-  const int64_t norm_size = norm_bias && norm == NormKind::LayerNorm ? 2 * C : C;
-  int64_t layer = 2 * norm_size + int64_t(C) * qkv_dim() + int64_t(q_dim()) * C;
-  if (qkv_bias) layer += qkv_dim();
-  if (attn_out_bias) layer += C;
-  if (qk_norm) layer += 2 * head_dim;
-  layer += int64_t(gated_ffn ? 3 : 2) * C * d_ff;
-  if (ffn_bias) layer += (gated_ffn ? 2 : 1) * int64_t(d_ff) + C;
-  int64_t n = int64_t(vocab_size) * C + L * layer + norm_size;
-  if (positions == PositionKind::Learned) n += int64_t(max_positions) * C;
-  if (!tie_embeddings) n += int64_t(vocab_size) * C;
+namespace {
+// The parameter count in 128-bit arithmetic, so that validate() can bound it before anything multiplies
+// the sizes in 64 (or 32) bits.
+__int128 param_count(const ModelConfig& c) {
+  using W = __int128;
+  const W C = c.d_model, L = c.n_layer, HD = c.head_dim, F = c.d_ff;
+  const W q = W(c.n_head) * HD, kv = W(c.n_kv_head) * HD, qkv = q + 2 * kv;
+  const W norm_size = c.norm_bias && c.norm == NormKind::LayerNorm ? 2 * C : C;
+  W layer = 2 * norm_size + C * qkv + q * C;
+  if (c.qkv_bias) layer += qkv;
+  if (c.attn_out_bias) layer += C;
+  if (c.qk_norm) layer += 2 * HD;
+  layer += W(c.gated_ffn ? 3 : 2) * C * F;
+  if (c.ffn_bias) layer += W(c.gated_ffn ? 2 : 1) * F + C;
+  W n = W(c.vocab_size) * C + L * layer + norm_size;
+  if (c.positions == PositionKind::Learned) n += W(c.max_positions) * C;
+  if (!c.tie_embeddings) n += W(c.vocab_size) * C;
   return n;
 }
+// 2^40 parameters (4 TB in f32) is beyond any model kiln runs; the bound keeps every size product in int64.
+constexpr int64_t kMaxParams = int64_t(1) << 40;
+}  // namespace
+
+int64_t ModelConfig::num_params() const { return int64_t(param_count(*this)); }
 
 std::vector<float> ModelConfig::rope_inv_freq() const {
   const int half = head_dim / 2;
@@ -79,6 +89,12 @@ void ModelConfig::validate(const std::string& where) const {
                where, ": rope_scaling (llama3) needs 0 < low_freq_factor < high_freq_factor and "
                "original_max_position_embeddings > 0");
   KILN_CHECK(int64_t(vocab_size) * d_model < (int64_t(1) << 34), where, ": model too large");
+  // The derived widths are ints (q_dim() etc.): heads x head_dim must fit, as must the whole parameter count.
+  const int64_t q = int64_t(n_head) * head_dim, kv = int64_t(n_kv_head) * head_dim;
+  KILN_CHECK(q + 2 * kv < (int64_t(1) << 30), where, ": num_attention_heads (", n_head, ") and num_key_value_heads (",
+             n_kv_head, ") x head_dim (", head_dim, ") are too large");
+  KILN_CHECK(param_count(*this) < kMaxParams, where, ": model too large (", n_layer, " layers of hidden size ", d_model,
+             ", ffn ", d_ff, ": over 2^40 parameters)");
 }
 
 }  // namespace kiln

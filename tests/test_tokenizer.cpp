@@ -285,7 +285,12 @@ TEST(TokenizerFiles, BadFilesGiveOneLineErrors) {
   write_text(
       dir + "/gap.json",
       R"({"pre_tokenizer": {"type": "ByteLevel"}, "model": {"type": "BPE", "vocab": {"a": 0, "b": 2}, "merges": []}})");
-  expect_error(dir + "/gap.json", "no token has id 1");
+  expect_error(dir + "/gap.json", "has id 2, but the file lists 2 tokens");
+  // A gap that the count does not show (an added token reusing id 0): still named.
+  write_text(dir + "/gap2.json",
+             R"({"pre_tokenizer": {"type": "ByteLevel"}, "added_tokens": [{"id": 0, "content": "<s>"}],)"
+             R"( "model": {"type": "BPE", "vocab": {"a": 0, "b": 2}, "merges": []}})");
+  expect_error(dir + "/gap2.json", "no token has id 1");
   if (!have_gpt2_files()) return;
   // A vocab.bpe whose merge names an unknown token, naming the line.
   std::string g = fresh_dir("tok_bad_gpt2");

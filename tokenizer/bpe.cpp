@@ -9,6 +9,7 @@
 #include <queue>
 
 #include "core/error.h"
+#include "core/quote.h"
 #include "tokenizer/pretokenize.h"
 
 namespace kiln {
@@ -104,7 +105,7 @@ Tokenizer Tokenizer::from_parts(std::vector<std::string> tokens,
   if (raw.empty()) raw.assign(n, false);
   KILN_CHECK(raw.size() == n, source, ": internal: raw flags for ", raw.size(), " of ", n, " tokens");
   for (const SpecialToken& s : specials) {
-    KILN_CHECK(s.id < n, source, ": special token ", s.content, " has id ", s.id, " outside the vocabulary of ", n);
+    KILN_CHECK(s.id < n, source, ": special token ", quote_name(s.content), " has id ", s.id, " outside the vocabulary of ", n);
     KILN_CHECK(!s.content.empty(), source, ": special token ", s.id, " is empty");
     tokens[s.id] = s.content;
     raw[s.id] = true;
@@ -174,7 +175,7 @@ void Tokenizer::set_config(TokenizerConfig c, const std::string& source) {
   auto id_of = [&](const std::optional<std::string>& content, const char* field) -> std::optional<uint32_t> {
     if (!content) return std::nullopt;
     auto id = token_id(*content);
-    KILN_CHECK(id, source, ": ", field, " '", *content, "' is not a token of the vocabulary");
+    KILN_CHECK(id, source, ": ", field, " ", quote_name(*content), " is not a token of the vocabulary");
     return id;
   };
   std::optional<uint32_t> bos = id_of(c.bos_token, "bos_token"), eos = id_of(c.eos_token, "eos_token");

@@ -71,6 +71,8 @@ class Tokenizer {
   static Tokenizer load(const std::string& dir_or_file);
   static Tokenizer load_gpt2(const std::string& encoder_json, const std::string& vocab_bpe);
   static Tokenizer load_hf_json(const std::string& tokenizer_json);
+  // A tokenizer.json's text (what load_hf_json reads); `source` names the file in errors (tests, the fuzzer).
+  static Tokenizer parse_hf_json(const std::string& text, const std::string& source);
 
   // tokens[id]: the raw bytes of each token; merges: (left id, right id) in rank order, each of which
   // must concatenate to a token in `tokens`; specials: matched in the text before pre-tokenization.

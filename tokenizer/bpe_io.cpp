@@ -5,6 +5,7 @@
 
 #include "core/error.h"
 #include "core/file_io.h"
+#include "core/quote.h"
 #include "tokenizer/bpe.h"
 
 namespace kiln {
@@ -15,14 +16,17 @@ using json = nlohmann::json;
 using ojson = nlohmann::ordered_json;
 namespace fs = std::filesystem;
 
-json parse_json_file(const std::string& path) {
-  KILN_CHECK(file_exists(path), path, ": no such file");
-  std::string text = read_file(path);
+json parse_json_text(const std::string& text, const std::string& path) {
   try {
     return json::parse(text);
   } catch (const json::parse_error& e) {
     fail(path, ": malformed JSON (", e.what(), ")");
   }
+}
+
+json parse_json_file(const std::string& path) {
+  KILN_CHECK(file_exists(path), path, ": no such file");
+  return parse_json_text(read_file(path), path);
 }
 
 // Spelled vocabulary (file strings -> id) into raw tokens; tokens outside the byte alphabet stay verbatim.
@@ -58,7 +62,7 @@ uint32_t json_id(const json& v, const std::string& source, const std::string& wh
 std::pair<std::string, std::string> split_merge(const std::string& line, const std::string& where) {
   size_t sp = line.find(' ');
   KILN_CHECK(sp != std::string::npos && sp > 0 && sp + 1 < line.size() && line.find(' ', sp + 1) == std::string::npos,
-             where, ": a merge must be two tokens separated by one space, got '", line, "'");
+             where, ": a merge must be two tokens separated by one space, got ", quote_name(line));
   return {line.substr(0, sp), line.substr(sp + 1)};
 }
 
@@ -109,7 +113,10 @@ static Tokenizer gpt2_impl(const std::string& encoder_json, const std::string& v
   Vocab v;
   std::unordered_map<std::string, uint32_t> by_spelling;
   for (auto it = enc.begin(); it != enc.end(); ++it) {
-    uint32_t id = json_id(it.value(), encoder_json, "token '" + it.key() + "'");
+    uint32_t id = json_id(it.value(), encoder_json, "token " + quote_name(it.key()));
+    // Ids run 0..n-1 without gaps; refusing a larger one here keeps a tiny file from sizing the table to 2^31.
+    KILN_CHECK(id < enc.size(), encoder_json, ": token ", quote_name(it.key()), " has id ", id, ", but the file lists ",
+               enc.size(), " tokens (ids run from 0 without gaps)");
     KILN_CHECK(id >= v.seen.size() || !v.seen[id], encoder_json, ": id ", id, " is used twice");
     v.put(id, it.key());
     by_spelling.emplace(it.key(), id);
@@ -130,8 +137,8 @@ static Tokenizer gpt2_impl(const std::string& encoder_json, const std::string& v
     std::string where = str(vocab_bpe, ":", line_no);
     auto [a, b] = split_merge(line, where);
     auto ia = by_spelling.find(a), ib = by_spelling.find(b);
-    KILN_CHECK(ia != by_spelling.end(), where, ": token '", a, "' is not in ", encoder_json);
-    KILN_CHECK(ib != by_spelling.end(), where, ": token '", b, "' is not in ", encoder_json);
+    KILN_CHECK(ia != by_spelling.end(), where, ": token ", quote_name(a), " is not in ", encoder_json);
+    KILN_CHECK(ib != by_spelling.end(), where, ": token ", quote_name(b), " is not in ", encoder_json);
     merges.emplace_back(ia->second, ib->second);
   }
   std::vector<SpecialToken> specials;
@@ -188,7 +195,7 @@ PreTokenizer parse_pre_tokenizer(const json& pre, const std::string& path) {
     kind = PreTokenizer::kQwen2;
   else
     unsupported(f + ".pattern.Regex", split["pattern"]["Regex"], "kiln implements Llama 3's and Qwen2's patterns");
-  KILN_CHECK(split.value("behavior", "") == "Isolated", path, ": ", f, ".behavior ", split.value("behavior", "null"),
+  KILN_CHECK(split.value("behavior", "") == "Isolated", path, ": ", f, ".behavior ", quote_name(split.value("behavior", "null")),
              " is not supported (Isolated is)");
   KILN_CHECK(!split.value("invert", false), path, ": ", f, ".invert=true is not supported");
   byte_level(seq[1], "pre_tokenizer.pretokenizers[1]", false);
@@ -212,7 +219,7 @@ struct HfJsonLoader {
         post_processor(pp["processors"][i], path, str(field, ".processors[", i, "]"), t);
       return;
     }
-    KILN_CHECK(type == "TemplateProcessing", path, ": ", field, ".type ", type,
+    KILN_CHECK(type == "TemplateProcessing", path, ": ", field, ".type ", quote_name(type),
                " is not supported (ByteLevel and TemplateProcessing are)");
     KILN_CHECK(pp.contains("single") && pp["single"].is_array(), path, ": ", field, ".single must be an array");
     const json specials = pp.value("special_tokens", json::object());
@@ -233,10 +240,10 @@ struct HfJsonLoader {
                  path, ": ", where, " must be a Sequence or a SpecialToken with an \"id\"");
       const std::string name = item["SpecialToken"]["id"].get<std::string>();
       KILN_CHECK(specials.contains(name) && specials[name].contains("ids") && specials[name]["ids"].is_array(), path,
-                 ": ", where, " names '", name, "', which ", field, ".special_tokens does not give ids for");
+                 ": ", where, " names ", quote_name(name), ", which ", field, ".special_tokens does not give ids for");
       for (const json& id : specials[name]["ids"]) {
-        uint32_t v = json_id(id, path, str(field, ".special_tokens['", name, "'].ids"));
-        KILN_CHECK(v < uint32_t(t.vocab_size()), path, ": ", field, ".special_tokens['", name, "'] has id ", v,
+        uint32_t v = json_id(id, path, str(field, ".special_tokens[", quote_name(name), "].ids"));
+        KILN_CHECK(v < uint32_t(t.vocab_size()), path, ": ", field, ".special_tokens[", quote_name(name), "] has id ", v,
                    " outside the vocabulary");
         (seen_a ? suffix : prefix).push_back(v);
       }
@@ -269,13 +276,13 @@ bool parse_normalizer(const json& n, const std::string& path) {
   return true;
 }
 
-Tokenizer hf_json_impl(const std::string& path) {
-  json j = parse_json_file(path);
+Tokenizer hf_json_impl(const std::string& text, const std::string& path) {
+  json j = parse_json_text(text, path);
   KILN_CHECK(j.is_object() && j.contains("model") && j["model"].is_object(), path,
              ": not a tokenizer.json (no \"model\" object)");
   const json& m = j["model"];
   std::string type = m.value("type", "BPE");
-  KILN_CHECK(type == "BPE", path, ": model.type is ", type, "; kiln reads byte-level BPE models only");
+  KILN_CHECK(type == "BPE", path, ": model.type is ", quote_name(type), "; kiln reads byte-level BPE models only");
   const bool nfc = parse_normalizer(j.contains("normalizer") ? j["normalizer"] : json(), path);
   const PreTokenizer pre = parse_pre_tokenizer(j.contains("pre_tokenizer") ? j["pre_tokenizer"] : json(), path);
   KILN_CHECK(!j.contains("decoder") || j["decoder"].is_null() || j["decoder"].value("type", "") == "ByteLevel", path,
@@ -291,10 +298,20 @@ Tokenizer hf_json_impl(const std::string& path) {
   KILN_CHECK(m.contains("vocab") && m["vocab"].is_object(), path, ": model.vocab must be an object of token -> id");
   KILN_CHECK(m.contains("merges") && m["merges"].is_array(), path, ": model.merges must be an array");
 
+  KILN_CHECK(!j.contains("added_tokens") || j["added_tokens"].is_null() || j["added_tokens"].is_array(), path,
+             ": added_tokens must be an array");
+  // Ids run 0..n-1 without gaps over model.vocab and added_tokens together: refusing a larger one before the
+  // tables are sized keeps a tiny file from asking for 2^31 tokens.
+  const size_t n_listed = m["vocab"].size() + (j.contains("added_tokens") ? j["added_tokens"].size() : 0);
+  auto check_range = [&](uint32_t id, const std::string& what) {
+    KILN_CHECK(id < n_listed, path, ": ", what, " has id ", id, ", but the file lists ", n_listed,
+               " tokens (ids run from 0 without gaps)");
+  };
   Vocab v;
   std::unordered_map<std::string, uint32_t> by_spelling;
   for (auto it = m["vocab"].begin(); it != m["vocab"].end(); ++it) {
-    uint32_t id = json_id(it.value(), path, "model.vocab['" + it.key() + "']");
+    uint32_t id = json_id(it.value(), path, "model.vocab[" + quote_name(it.key()) + "]");
+    check_range(id, "model.vocab[" + quote_name(it.key()) + "]");
     KILN_CHECK(id >= v.seen.size() || !v.seen[id], path, ": model.vocab uses id ", id, " twice");
     v.put(id, it.key());
     by_spelling.emplace(it.key(), id);
@@ -308,6 +325,7 @@ Tokenizer hf_json_impl(const std::string& path) {
       KILN_CHECK(a.is_object() && a.contains("id") && a.contains("content") && a["content"].is_string(), path, ": ",
                  where, " needs \"id\" and \"content\"");
       uint32_t id = json_id(a["id"], path, where);
+      check_range(id, where);
       auto flag = [&](const char* key, bool dflt) {
         if (!a.contains(key) || a[key].is_null()) return dflt;
         KILN_CHECK(a[key].is_boolean(), path, ": ", where, ".", key, " must be true or false");
@@ -339,8 +357,8 @@ Tokenizer hf_json_impl(const std::string& path) {
       ab = {e[0].get<std::string>(), e[1].get<std::string>()};
     }
     auto ia = by_spelling.find(ab.first), ib = by_spelling.find(ab.second);
-    KILN_CHECK(ia != by_spelling.end(), where, ": token '", ab.first, "' is not in model.vocab");
-    KILN_CHECK(ib != by_spelling.end(), where, ": token '", ab.second, "' is not in model.vocab");
+    KILN_CHECK(ia != by_spelling.end(), where, ": token ", quote_name(ab.first), " is not in model.vocab");
+    KILN_CHECK(ib != by_spelling.end(), where, ": token ", quote_name(ab.second), " is not in model.vocab");
     merges.emplace_back(ia->second, ib->second);
   }
   Tokenizer t = Tokenizer::from_parts(std::move(v.tokens), merges, std::move(specials), std::move(v.raw), path,
@@ -363,10 +381,15 @@ Tokenizer Tokenizer::load_gpt2(const std::string& encoder_json, const std::strin
 }
 
 Tokenizer Tokenizer::load_hf_json(const std::string& path) {
+  KILN_CHECK(file_exists(path), path, ": no such file");
+  return parse_hf_json(read_file(path), path);
+}
+
+Tokenizer Tokenizer::parse_hf_json(const std::string& text, const std::string& source) {
   try {
-    return hf_json_impl(path);
+    return hf_json_impl(text, source);
   } catch (const json::exception& e) {
-    fail(path, ": ", e.what());
+    fail(source, ": ", e.what());
   }
 }
 
@@ -378,7 +401,7 @@ std::string quote(const std::string& s) {
   try {
     return json(s).dump();
   } catch (const json::exception&) {
-    fail("cannot save the tokenizer: token '", s, "' is not valid UTF-8");
+    fail("cannot save the tokenizer: token ", quote_name(s), " is not valid UTF-8");
   }
 }
 
@@ -389,7 +412,7 @@ std::string spelled_vocab(const std::vector<std::string>& tokens, const std::vec
   for (uint32_t id = 0; id < tokens.size(); id++) {
     std::string s = spelled(tokens, raw, id);
     KILN_CHECK(seen.emplace(s, id).second, "cannot save the tokenizer: tokens ", seen[s], " and ", id,
-               " are both spelled '", s, "'");
+               " are both spelled ", quote_name(s));
     out += id ? ",\n" : "\n";
     out += indent;
     out += quote(s) + ": " + std::to_string(id);

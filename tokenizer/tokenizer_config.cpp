@@ -4,6 +4,7 @@
 
 #include "core/error.h"
 #include "core/file_io.h"
+#include "core/quote.h"
 
 namespace kiln {
 
@@ -54,7 +55,7 @@ TokenizerConfig TokenizerConfig::parse(const std::string& text, const std::strin
                    source, ": chat_template[", i, "] must be {\"name\": string, \"template\": string}");
         std::string name = e["name"].get<std::string>();
         KILN_CHECK(c.chat_templates.emplace(name, e["template"].get<std::string>()).second, source,
-                   ": chat_template names '", name, "' twice");
+                   ": chat_template names ", quote_name(name), " twice");
       }
       if (auto it = c.chat_templates.find("default"); it != c.chat_templates.end()) c.chat_template = it->second;
     }

@@ -1,6 +1,7 @@
 #include "models/families/hf_llama.h"
 
 #include "core/error.h"
+#include "core/quote.h"
 #include "models/family.h"
 
 namespace kiln::hf {
@@ -39,7 +40,7 @@ Activation parse_activation(const json& j, const char* field, const std::string&
   if (a == "gelu_new" || a == "gelu_pytorch_tanh") return Activation::GeluTanh;
   if (a == "relu") return Activation::Relu;
   if (a == "relu2") return Activation::Relu2;
-  fail(where, ": ", field, " '", a, "' is not supported (silu, gelu, gelu_new, gelu_pytorch_tanh, relu, relu2)");
+  fail(where, ": ", field, " ", quote_name(a), " is not supported (silu, gelu, gelu_new, gelu_pytorch_tanh, relu, relu2)");
 }
 
 const char* activation_name(Activation a) {
@@ -84,7 +85,7 @@ void parse_rope(const json& j, const std::string& where, ModelConfig& c) {
     r.high_freq_factor = get_number(*s, "high_freq_factor", w, 4.0);
     r.original_max_positions = get_int(*s, "original_max_position_embeddings", w, 8192);
   } else {
-    fail(where, ": rope_scaling type '", type, "' is not supported (linear, llama3)");
+    fail(where, ": rope_scaling type ", quote_name(type), " is not supported (linear, llama3)");
   }
 }
 
