@@ -107,11 +107,12 @@ struct DecoderOptions {
   bool cuda = false;
   int batch = 1;
   int max_positions = 0;   // 0: the model's
-  bool cuda_graph = true;  // GPU: capture the single-token step once and replay it
+  // (No CUDA-graph capture of the decode step: the generic decoder's per-call input uploads synchronise, which a
+  // capture cannot contain; the GPT-2-only decoder that had one is gone.)
 };
 
 // A decoder over a host parameter block in cfg's ParamTable layout. The CPU decoder reads it in place (it
-// must outlive the decoder); the GPU decoder copies it to the device.
+// must outlive the decoder); the GPU decoder copies it to the device (bf16 KV cache and activations).
 std::unique_ptr<IncrementalDecoder> make_decoder(const ModelConfig& cfg, const float* params,
                                                  const DecoderOptions& opt = {});
 

@@ -42,8 +42,10 @@ KILN_GLOBAL void __launch_bounds__(256) embedding_forward_kernel(float* out, con
     const int c = int(k % units) * kN;
     float a[kN], b[kN];
     simt::load_vec<kN>(a, wte + int64_t(tokens[n]) * C + c);
-    simt::load_vec<kN>(b, wpe + int64_t(pos[n]) * C + c);
-    for (int i = 0; i < kN; i++) a[i] += b[i];
+    if (wpe) {  // learned positions (GPT-2); rotary models have none
+      simt::load_vec<kN>(b, wpe + int64_t(pos[n]) * C + c);
+      for (int i = 0; i < kN; i++) a[i] += b[i];
+    }
     simt::store_vec<kN>(out + n * C + c, a);
   }
 }

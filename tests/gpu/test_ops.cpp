@@ -240,6 +240,10 @@ void check_embedding(const EmbCase& ec) {
   DeviceVec<float> dwte(wte), dwpe(wpe), out(rout.size()), ddy(dy), gte(dwte0), gpe(dwpe0);
   cuda::embedding_forward(out.get(), dtok.get(), dpos.get(), dwte.get(), dwpe.get(), N, C, gpu::stream());
   EXPECT_EQ(out.download(), rout) << "forward C=" << C;  // one fp32 addition: exact
+  // Without learned positions (rotary models): the token rows alone, copied exactly.
+  ref::embedding_forward(rout.data(), tok.data(), pos.data(), wte.data(), nullptr, N, C);
+  cuda::embedding_forward(out.get(), dtok.get(), dpos.get(), dwte.get(), nullptr, N, C, gpu::stream());
+  EXPECT_EQ(out.download(), rout) << "forward without positions C=" << C;
 
   DeviceVec<char> scratch(cuda::embedding_backward_scratch_bytes(N));
   cuda::embedding_backward(gte.get(), gpe.get(), ddy.get(), dtok.get(), dpos.get(), N, C, scratch.get(), gpu::stream());
@@ -403,6 +407,27 @@ TEST(GpuOps, SumSquaresAddsIntoOut) {
       cuda::sum_squares(out.get(), dx.get() + offset, n, scratch.get(), gpu::stream());
       EXPECT_EQ(out.download()[0], first);
     }
+}
+
+// copy_rows moves N rows of `width` values between strided buffers bit for bit (the values around them
+// untouched), in bf16 and fp32.
+TEST(GpuOps, CopyRowsIsExactAndStaysInItsRows) {
+  KILN_REQUIRE_GPU();
+  const int64_t N = 7, width = 19, ld_src = 45, ld_dst = 26;
+  auto src = test::randn(size_t(N * ld_src), 71);
+  auto dst0 = test::randn(size_t(N * ld_dst), 72);
+  std::vector<float> want = dst0;
+  for (int64_t n = 0; n < N; n++)
+    for (int64_t c = 0; c < width; c++) want[size_t(n * ld_dst + c)] = src[size_t(n * ld_src + 3 + c)];
+  DeviceVec<float> ds(src), dd(dst0);
+  cuda::copy_rows(dd.get(), ld_dst, ds.get() + 3, ld_src, N, width, gpu::stream());
+  auto got = dd.download();
+  for (size_t i = 0; i < want.size(); i++) ASSERT_TRUE(std::memcmp(&got[i], &want[i], 4) == 0) << "fp32 at " << i;
+  DeviceVec<uint16_t> hs(test::to_bf16(src)), hd(test::to_bf16(dst0));
+  cuda::copy_rows(hd.get(), ld_dst, hs.get() + 3, ld_src, N, width, gpu::stream());
+  const auto got16 = hd.download();
+  const auto want16 = test::to_bf16(want);
+  for (size_t i = 0; i < want16.size(); i++) ASSERT_EQ(got16[i], want16[i]) << "bf16 at " << i;
 }
 
 }  // namespace
