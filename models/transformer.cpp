@@ -523,20 +523,18 @@ void TransformerDecoder::run_chunk(const int32_t* tokens, int n, int64_t tok_str
   ensure_rows(N);
   // Tokens, positions and cached lengths side by side: one copy brings them to a device.
   inputs_.resize(size_t(2 * N + B));
-  int32_t *tok = inputs_.data(), *pos = tok + N, *past = pos + N;
   for (int b = 0; b < B; b++) {
-    past[b] = length_;
+    inputs_[size_t(2 * N + b)] = length_;
     for (int i = 0; i < n; i++) {
       const int32_t t = tokens[b * tok_stride + i];
       KILN_CHECK(t >= 0 && t < V, "token id ", t, " is outside the model's vocabulary [0, ", V, ")");
-      tok[b * n + i] = t;
-      pos[b * n + i] = length_ + i;
+      inputs_[size_t(b * n + i)] = t;
+      inputs_[size_t(N + b * n + i)] = length_ + i;
     }
   }
-  const int32_t* in = static_cast<const int32_t*>(be_->from_host(inputs_d_, inputs_.data(), inputs_.size() * 4));
-  tok = const_cast<int32_t*>(in);
-  pos = tok + N;
-  past = pos + N;
+  const int32_t* tok =
+      static_cast<const int32_t*>(be_->from_host(inputs_d_, inputs_.data(), inputs_.size() * sizeof(int32_t)));
+  const int32_t *pos = tok + N, *past = pos + N;
   be_->embedding_forward(x_, tok, pos, w_.wte, w_.wpe, N, C);
   // A fresh prompt attends within itself (FlashAttention over B rows of n); later tokens attend to the cache.
   AttentionParams flash;
