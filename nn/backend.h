@@ -1,5 +1,5 @@
 // The device the modules run on. Every module (nn/*.h) is written once against this interface, and a backend
-// implements each op with its own kernels (kernels/cpu/ today; the CUDA backend brings kernels/cuda/). So the
+// implements each op with its own kernels (the CPU backend kernels/cpu/, the CUDA backend kernels/cuda/). So the
 // same module code serves training and decoding on each backend, and train/ applies the optimizer through the
 // same object from outside the model.
 //

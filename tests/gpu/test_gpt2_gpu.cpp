@@ -298,7 +298,7 @@ TEST(GpuLlama, AdamWStepsTrackTheCpu) {
 }
 
 // The GPU's activation plan as kiln memory reports it: the workspace the model allocates, plus the ops' scratch.
-TEST(GpuGPT2, MemoryPlanCoversTheModelsWorkspace) {
+TEST(GpuLlama, MemoryPlanCoversTheModelsWorkspace) {
   KILN_REQUIRE_GPU();
   const ModelConfig cfg = llama_config();
   ModelOptions o;
@@ -308,6 +308,29 @@ TEST(GpuGPT2, MemoryPlanCoversTheModelsWorkspace) {
   const MemoryPlan p = plan_memory(cfg, true, 32, RecomputePolicy::parse("selective"), 0);
   EXPECT_GT(p.activations, ws);
   EXPECT_EQ(p.activations - ws, nn::make_cuda_backend()->scratch_bytes(training_scratch(cfg, 32)));
+}
+
+// Shapes the GPU kernels do not take are refused when the model or decoder is made, in one line naming the field.
+TEST(GpuLlama, UnsupportedShapesFailInOneLine) {
+  KILN_REQUIRE_GPU();
+  ModelConfig cfg = llama_config();
+  cfg.head_dim = 32;
+  ModelOptions o;
+  o.cuda = true;
+  DecoderOptions d;
+  d.cuda = true;
+  const std::vector<float> params(model_param_table(cfg).total, 0.0f);
+  for (int k = 0; k < 2; k++) {
+    try {
+      if (k == 0) make_model(cfg, o);
+      else make_decoder(cfg, params.data(), d);
+      ADD_FAILURE() << "head_dim 32 accepted";
+    } catch (const Error& e) {
+      const std::string msg = e.what();
+      EXPECT_NE(msg.find("head_dim"), std::string::npos) << msg;
+      EXPECT_EQ(msg.find('\n'), std::string::npos) << msg;
+    }
+  }
 }
 
 #ifdef KILN_TEST_EMULATED
