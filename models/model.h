@@ -107,8 +107,7 @@ struct DecoderOptions {
   bool cuda = false;
   int batch = 1;
   int max_positions = 0;   // 0: the model's
-  // (No CUDA-graph capture of the decode step: the generic decoder's per-call input uploads synchronise, which a
-  // capture cannot contain; the GPT-2-only decoder that had one is gone.)
+  bool cuda_graph = true;  // GPU: capture the single-token step once and replay it
 };
 
 // A decoder over a host parameter block in cfg's ParamTable layout. The CPU decoder reads it in place (it

@@ -450,7 +450,7 @@ const float* Transformer::logits() const {
 // ---- decoding ----
 
 TransformerDecoder::TransformerDecoder(const ModelConfig& cfg, const float* params, int batch, int max_positions,
-                                       bool cuda)
+                                       bool cuda, bool cuda_graph)
     : cfg_(cfg), table_(model_param_table(cfg)), be_(make_backend(cuda, std::nullopt)), batch_(batch) {
   cfg_.validate("decoder config");
   if (cuda) check_device_shapes(cfg_);
@@ -491,6 +491,20 @@ TransformerDecoder::TransformerDecoder(const ModelConfig& cfg, const float* para
   ops.decode.NKV = cfg_.n_kv_head;
   ops.decode.HD = cfg_.head_dim;
   be_->reserve_scratch(ops);
+  use_graph_ = cuda && cuda_graph;
+  if (use_graph_) {
+    inputs_h_ = static_cast<int32_t*>(gpu::malloc_host(size_t(3 * batch) * sizeof(int32_t), "decoder step inputs"));
+    argmax_h_ = static_cast<int32_t*>(gpu::malloc_host(size_t(batch) * sizeof(int32_t), "decoder arg max"));
+    logits_h_ = static_cast<float*>(
+        gpu::malloc_host(size_t(batch) * size_t(cfg_.vocab_size) * sizeof(float), "decoder step logits"));
+  }
+}
+
+TransformerDecoder::~TransformerDecoder() {
+  if (!use_graph_) return;
+  gpu::free_host(inputs_h_);
+  gpu::free_host(argmax_h_);
+  gpu::free_host(logits_h_);
 }
 
 void TransformerDecoder::ensure_rows(int64_t rows) {
@@ -515,26 +529,38 @@ void TransformerDecoder::ensure_rows(int64_t rows) {
   ws_ = nn::Workspace(*be_, measure.peak(), "decoder activations");
   carve(ws_);
   rows_ = rows;
+  ws_epoch_++;
 }
 
-void TransformerDecoder::run_chunk(const int32_t* tokens, int n, int64_t tok_stride) {
-  const int B = batch_, V = cfg_.vocab_size, C = cfg_.d_model;
+void TransformerDecoder::stage_inputs(int32_t* dst, const int32_t* tokens, int n, int64_t tok_stride) const {
+  const int B = batch_, V = cfg_.vocab_size;
   const int64_t N = int64_t(B) * n;
-  ensure_rows(N);
-  // Tokens, positions and cached lengths side by side: one copy brings them to a device.
-  inputs_.resize(size_t(2 * N + B));
   for (int b = 0; b < B; b++) {
-    inputs_[size_t(2 * N + b)] = length_;
+    dst[2 * N + b] = length_;
     for (int i = 0; i < n; i++) {
       const int32_t t = tokens[b * tok_stride + i];
       KILN_CHECK(t >= 0 && t < V, "token id ", t, " is outside the model's vocabulary [0, ", V, ")");
-      inputs_[size_t(b * n + i)] = t;
-      inputs_[size_t(N + b * n + i)] = length_ + i;
+      dst[b * n + i] = t;
+      dst[N + b * n + i] = length_ + i;
     }
   }
+}
+
+void TransformerDecoder::run_chunk(const int32_t* tokens, int n, int64_t tok_stride) {
+  const int64_t N = int64_t(batch_) * n;
+  ensure_rows(N);
+  // Tokens, positions and cached lengths side by side: one copy brings them to a device.
+  inputs_.resize(size_t(2 * N + batch_));
+  stage_inputs(inputs_.data(), tokens, n, tok_stride);
   const int32_t* tok =
       static_cast<const int32_t*>(be_->from_host(inputs_d_, inputs_.data(), inputs_.size() * sizeof(int32_t)));
-  const int32_t *pos = tok + N, *past = pos + N;
+  run_layers(tok, tok + N, tok + 2 * N, n);
+  length_ += n;
+}
+
+void TransformerDecoder::run_layers(const int32_t* tok, const int32_t* pos, const int32_t* past, int n) {
+  const int B = batch_, C = cfg_.d_model;
+  const int64_t N = int64_t(B) * n;
   be_->embedding_forward(x_, tok, pos, w_.wte, w_.wpe, N, C);
   // A fresh prompt attends within itself (FlashAttention over B rows of n); later tokens attend to the cache.
   AttentionParams flash;
@@ -559,7 +585,40 @@ void TransformerDecoder::run_chunk(const int32_t* tokens, int n, int64_t tok_str
     cache.fresh = length_ == 0 && n > 1;
     w_.blocks[size_t(l)].forward(*be_, x_, x_, a_, s_, pos, flash, N, &cache);
   }
-  length_ += n;
+}
+
+bool TransformerDecoder::graph_step(const int32_t* tokens, int n, bool argmax, int limit) {
+  if (!use_graph_ || n != 1 || length_ == 0) return false;
+  StepGraph& g = graphs_[argmax ? 1 : 0];
+  if (g.eager_runs < 1) {  // one eager step first: it sets up cuBLASLt's plans, which a capture cannot
+    g.eager_runs++;
+    return false;
+  }
+  KILN_CHECK(length_ + 1 <= max_pos_, "decoder: ", length_, " cached + 1 new positions exceed the context of ",
+             max_pos_, " positions");
+  const int B = batch_, V = cfg_.vocab_size;
+  ensure_rows(B);
+  stage_inputs(inputs_h_, tokens, 1, 1);
+  if (!g.graph.ready() || g.limit != limit || g.epoch != ws_epoch_) {
+    g.graph.begin();
+    gpu::copy_to_device(inputs_d_, inputs_h_, size_t(3 * B) * sizeof(int32_t));
+    // length_ only decides `fresh` (false for every step): positions and cache lengths come from inputs_d_.
+    run_layers(inputs_d_, inputs_d_ + B, inputs_d_ + 2 * B, 1);
+    last_logits(1);
+    if (argmax) {
+      be_->argmax_rows(argmax_d_, logits_d_, B, limit, V);
+      gpu::copy_to_host_async(argmax_h_, argmax_d_, size_t(B) * sizeof(int32_t));
+    } else {
+      gpu::copy_to_host_async(logits_h_, logits_d_, size_t(B) * size_t(V) * sizeof(float));
+    }
+    g.graph.end();
+    g.limit = limit;
+    g.epoch = ws_epoch_;
+  }
+  g.graph.launch();
+  gpu::synchronize();
+  length_ += 1;
+  return true;
 }
 
 // logits[rows, V] = FinalNorm(hidden) · Wᵀ (fp32 logits on the backend).
@@ -605,6 +664,7 @@ void TransformerDecoder::last_logits(int m) {
 }
 
 const float* TransformerDecoder::forward(const int32_t* tokens, int n, bool all_logits) {
+  if (!all_logits && graph_step(tokens, n, false, cfg_.vocab_size)) return logits_h_;
   advance(tokens, n, all_logits);
   if (all_logits) return logits_.data();
   const size_t bytes = sizeof(float) * size_t(batch_) * size_t(cfg_.vocab_size);
@@ -616,6 +676,7 @@ const int32_t* TransformerDecoder::forward_argmax(const int32_t* tokens, int n, 
   const int V = cfg_.vocab_size;
   KILN_CHECK(vocab_limit >= 1 && vocab_limit <= V, "decoder: arg max over ", vocab_limit, " ids of a ", V,
              "-token vocabulary");
+  if (graph_step(tokens, n, true, vocab_limit)) return argmax_h_;
   advance(tokens, n, false);
   be_->argmax_rows(argmax_d_, logits_d_, batch_, vocab_limit, V);
   argmax_.resize(size_t(batch_));

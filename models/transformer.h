@@ -15,6 +15,7 @@
 #include <memory>
 #include <vector>
 
+#include "core/gpu.h"
 #include "core/memory.h"
 #include "models/model.h"
 #include "nn/block.h"
@@ -113,8 +114,15 @@ nn::OpScratch training_scratch(const ModelConfig& cfg, int64_t N);
 
 class TransformerDecoder : public IncrementalDecoder {
  public:
-  // cuda: on the GPU backend (params copied to the device), else the CPU (params read in place).
-  TransformerDecoder(const ModelConfig& cfg, const float* params, int batch, int max_positions, bool cuda = false);
+  // cuda: on the GPU backend (params copied to the device), else the CPU (params read in place). cuda_graph (GPU
+  // only): the single-token step is captured once in a CUDA graph and replayed; its inputs are copied from
+  // page-locked staging inside the graph and every kernel reads them (positions, cache lengths) from device
+  // memory, so one launch per token replaces the step's ~10 launches per layer.
+  TransformerDecoder(const ModelConfig& cfg, const float* params, int batch, int max_positions, bool cuda = false,
+                     bool cuda_graph = false);
+  ~TransformerDecoder() override;
+  TransformerDecoder(const TransformerDecoder&) = delete;
+  TransformerDecoder& operator=(const TransformerDecoder&) = delete;
 
   const float* forward(const int32_t* tokens, int n, bool all_logits = false) override;
   // Greedy decoding's step: the arg max is taken on the backend, only the ids come back.
@@ -152,8 +160,28 @@ class TransformerDecoder : public IncrementalDecoder {
   std::vector<int32_t> inputs_, argmax_;
   std::vector<float> logits_;   // host: [B, n, V] (all_logits) or, on a device backend, [B, V]
 
+  // The captured step, one per output kind (logits, or the arg max below `limit`), with the workspace it was
+  // captured on (a grown workspace moves every buffer: capture again).
+  struct StepGraph {
+    gpu::Graph graph;
+    int eager_runs = 0, limit = 0;
+    int64_t epoch = -1;
+  };
+  bool use_graph_ = false;
+  StepGraph graphs_[2];
+  int64_t ws_epoch_ = 0;
+  int32_t* inputs_h_ = nullptr;  // page-locked [3·B] inputs of a step
+  float* logits_h_ = nullptr;    // page-locked [B, V]
+  int32_t* argmax_h_ = nullptr;  // page-locked [B]
+
   void ensure_rows(int64_t rows);
+  // [tokens N | positions N | cached lengths B] of n new positions per sequence, validated, into dst.
+  void stage_inputs(int32_t* dst, const int32_t* tokens, int n, int64_t tok_stride) const;
+  // Embedding and every block over n positions per sequence (inputs on the backend); length_ unchanged.
+  void run_layers(const int32_t* tok, const int32_t* pos, const int32_t* past, int n);
   void run_chunk(const int32_t* tokens, int n, int64_t tok_stride);
+  // A single-token step through the captured graph; false when this step is not one (or runs eagerly first).
+  bool graph_step(const int32_t* tokens, int n, bool argmax, int limit);
   // Runs n positions per sequence; with all_logits their logits gather into logits_ ([B, n, V]).
   void advance(const int32_t* tokens, int n, bool all_logits);
   // The last position's logits of each sequence into logits_d_.

@@ -393,10 +393,11 @@ std::vector<float> random_params(const ModelConfig& cfg, uint64_t seed = 9) {
 }
 
 std::unique_ptr<IncrementalDecoder> decoder(const ModelConfig& cfg, const std::vector<float>& params, bool cuda,
-                                            int batch = 1) {
+                                            int batch = 1, bool graph = true) {
   DecoderOptions o;
   o.cuda = cuda;
   o.batch = batch;
+  o.cuda_graph = graph;
   return make_decoder(cfg, params.data(), o);
 }
 
@@ -407,25 +408,31 @@ void expect_close(const float* got, const float* want, int V, const std::string&
   for (int i = 0; i < V; i++) ASSERT_NEAR(got[i], want[i], 0.05 * scale + 1e-3) << where << " logit " << i;
 }
 
-// A prompt through FlashAttention (longer than the sliding window), then single steps through the KV cache.
-TEST(GpuDecoder, FollowsTheCpuDecoder) {
+// A prompt through FlashAttention (longer than the sliding window), then single steps through the KV cache:
+// the eager GPU decoder follows the CPU's logits, and the CUDA-graph step replays exactly the eager one.
+TEST(GpuDecoder, FollowsTheCpuDecoderAndGraphReplayIsExact) {
   KILN_REQUIRE_GPU();
   for (const ModelConfig& cfg : {gpt2_config(), llama_config()}) {
     const auto params = random_params(cfg);
     const int V = cfg.vocab_size, prompt = 12, steps = 6;  // prompt > the sliding window of 8
     Inputs in = make_inputs(prompt + steps, V, 6);
-    auto cpu = decoder(cfg, params, false), dev = decoder(cfg, params, true);
-    const float* c = cpu->forward(in.tokens.data(), prompt);
-    std::vector<float> lc(c, c + V);
-    expect_close(dev->forward(in.tokens.data(), prompt), lc.data(), V, cfg.family + " prompt");
-    for (int t = prompt; t < prompt + steps; t++) {
-      c = cpu->forward(&in.tokens[size_t(t)], 1);
-      lc.assign(c, c + V);
-      expect_close(dev->forward(&in.tokens[size_t(t)], 1), lc.data(), V, cfg.family + " step " + std::to_string(t));
+    auto cpu = decoder(cfg, params, false), eager = decoder(cfg, params, true, 1, false),
+         graph = decoder(cfg, params, true, 1, true);
+    for (int t = 0; t < prompt + steps; t = t == 0 ? prompt : t + 1) {
+      const int n = t == 0 ? prompt : 1;
+      const std::string where = cfg.family + " position " + std::to_string(t + n - 1);
+      const float* c = cpu->forward(&in.tokens[size_t(t)], n);
+      const std::vector<float> lc(c, c + V);
+      const float* e = eager->forward(&in.tokens[size_t(t)], n);
+      const std::vector<float> le(e, e + V);
+      const float* g = graph->forward(&in.tokens[size_t(t)], n);
+      expect_close(le.data(), lc.data(), V, where);
+      for (int i = 0; i < V; i++) ASSERT_EQ(g[i], le[size_t(i)]) << "graph replay differs at " << where << " logit " << i;
     }
-    EXPECT_EQ(dev->length(), prompt + steps);
+    EXPECT_EQ(graph->length(), prompt + steps);
     const int32_t bad = V;
-    EXPECT_THROW(dev->forward(&bad, 1), Error);
+    EXPECT_THROW(graph->forward(&bad, 1), Error);
+    EXPECT_EQ(graph->length(), prompt + steps);
   }
 }
 
@@ -451,16 +458,16 @@ TEST(GpuDecoder, ChunkedPrefillFollowsTheCpu) {
   EXPECT_EQ(dev->length(), prompt + 2);
 }
 
-// Greedy decoding: the ids forward_argmax returns on the device are the arg max of the logits the same decoder
-// computes, and they are the CPU decoder's greedy tokens for as long as the CPU's choice is clear of bf16's error.
+// Greedy decoding: the ids forward_argmax returns on the device (through the captured step) are the arg max of
+// the logits the eager decoder computes, and they are the CPU decoder's greedy tokens for as long as the CPU's choice is clear of bf16's error.
 TEST(GpuDecoder, GreedyTokensMatchTheCpu) {
   KILN_REQUIRE_GPU();
   for (const ModelConfig& cfg : {gpt2_config(), llama_config()}) {
     const auto params = random_params(cfg, 17);
     const int V = cfg.vocab_size, limit = 240, prompt = 7;
     Inputs in = make_inputs(prompt, V, 13);
-    auto cpu = decoder(cfg, params, false), logits_dec = decoder(cfg, params, true),
-         greedy = decoder(cfg, params, true);
+    auto cpu = decoder(cfg, params, false), logits_dec = decoder(cfg, params, true, 1, /*graph=*/false),
+         greedy = decoder(cfg, params, true);  // its steps through the captured graph
     std::vector<int32_t> tc(in.tokens), tg(in.tokens);
     bool diverged = false;
     int compared = 0;

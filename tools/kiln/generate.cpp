@@ -34,7 +34,7 @@ namespace {
 
 struct GenerateOptions {
   std::string model, random_init, tokenizer, prompt, prompt_ids, stop, device = "cpu";
-  bool has_prompt = false, has_prompt_ids = false, json = false;
+  bool has_prompt = false, has_prompt_ids = false, json = false, no_cuda_graph = false;
   int max_new = 64, threads = 0;
   std::optional<int> eot_id;
   kiln::SamplingParams sampling;
@@ -152,6 +152,7 @@ void run_generate(const GenerateOptions& o) {
 
   DecoderOptions dopt;
   dopt.cuda = device.cuda;
+  dopt.cuda_graph = !o.no_cuda_graph;
   std::unique_ptr<IncrementalDecoder> dec = make_decoder(cfg, model->host_params(), dopt);
   if (device.cuda) {
     const gpu::DeviceInfo info = gpu::init(device.index);
@@ -236,6 +237,7 @@ kiln::cli::Command generate_cmd("generate", [](CLI::App& root) {
   c->add_option("--threads", o->threads, "CPU threads (0: all cores)")->capture_default_str();
   c->add_option("--device", o->device, "cpu, or cuda / cuda:N: bf16 weights and KV cache on the GPU")
       ->capture_default_str();
+  c->add_flag("--no-cuda-graph", o->no_cuda_graph, "With --device cuda: launch the decode step's kernels one by one");
   c->callback([o, p, pi] {
     o->has_prompt = p->count() > 0;
     o->has_prompt_ids = pi->count() > 0;
