@@ -39,6 +39,10 @@ void add(float* out, const float* a, const float* b, int64_t n, void* stream);
 // Round to nearest even / widen exactly.
 void cast(uint16_t* out, const float* inp, int64_t n, void* stream);
 void cast(float* out, const uint16_t* inp, int64_t n, void* stream);
+// N rows of `width` values from src (row stride ld_src) to dst (row stride ld_dst), exactly.
+void copy_rows(uint16_t* dst, int64_t ld_dst, const uint16_t* src, int64_t ld_src, int64_t N, int64_t width,
+               void* stream);
+void copy_rows(float* dst, int64_t ld_dst, const float* src, int64_t ld_src, int64_t N, int64_t width, void* stream);
 // Any Activation, plain and gated (gate_up rows [gate | up] of 2·I values); dinp may alias dout (plain only).
 void activation_forward(uint16_t* out, const uint16_t* inp, int64_t n, Activation a, void* stream);
 void activation_forward(float* out, const float* inp, int64_t n, Activation a, void* stream);

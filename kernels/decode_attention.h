@@ -27,6 +27,7 @@ struct DecodeAttentionParams {
   int Tq = 1;                              // new queries per sequence
   int past = 0;                            // cached positions before the first query (all sequences) ...
   const int32_t* past_per_seq = nullptr;   // ... or per sequence [B], when set
+  int max_past = 0;                        // an upper bound of past + Tq (the cache capacity; cuda:: sizes by it)
   int NH = 1, HD = 64;
   int NKV = 0;                             // key/value heads; 0 means NH
   int window = 0;                          // sliding window; 0: none

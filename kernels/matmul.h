@@ -46,6 +46,17 @@ void matmul_forward_residual(float* out, const float* residual, const uint16_t* 
 // (beta = 1); dbias (fp32) += dout's column sums (a deterministic reduction). dinp and dbias may be null.
 void matmul_backward(uint16_t* dinp, float* dweight, float* dbias, const uint16_t* dout, const uint16_t* inp,
                      const uint16_t* weight, int64_t N, int C, int OC, void* stream);
+// A Linear layer's product in either weight layout: weight [C, OC] (Conv1D), or with w_oc_c [OC, C] (nn.Linear):
+// out[N, OC] (row stride ld_out) = inp · W + bias, bias (fp32, may be null) fused in the epilogue. The fp32 form
+// adds residual (may alias out; null: none) as the residual-stream update does.
+void linear_forward(uint16_t* out, int64_t ld_out, const uint16_t* inp, const uint16_t* weight, bool w_oc_c,
+                    const float* bias, int64_t N, int C, int OC, void* stream);
+void linear_forward(float* out, int64_t ld_out, const float* residual, const uint16_t* inp, const uint16_t* weight,
+                    bool w_oc_c, const float* bias, int64_t N, int C, int OC, void* stream);
+// Its backward: dinp (bf16, overwritten) = dout · Wᵀ, dweight (fp32, in W's layout) += the weight gradient,
+// dbias += dout's column sums; dout has row stride ld_dout. Any of dinp, dweight, dbias may be null.
+void linear_backward(uint16_t* dinp, float* dweight, float* dbias, const uint16_t* dout, int64_t ld_dout,
+                     const uint16_t* inp, const uint16_t* weight, bool w_oc_c, int64_t N, int C, int OC, void* stream);
 // Row-major like cpu::gemm; with beta == 0, C is not read. bf16 or fp32 output.
 void gemm(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, float alpha, const uint16_t* A,
           int64_t lda, const uint16_t* B, int64_t ldb, float beta, uint16_t* C, int64_t ldc, void* stream);

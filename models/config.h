@@ -1,4 +1,4 @@
-// GPT-2's hyperparameters in its own terms: what the GPU model (models/gpt2_cuda.h) and tests use. Every
+// GPT-2's hyperparameters in its own terms: what the GPT-2 config loader and the tests use. Every
 // family, GPT-2 included, is described by ModelConfig (models/model_config.h); these convert both ways.
 #pragma once
 #include <cmath>

@@ -111,7 +111,7 @@ struct DecoderOptions {
 };
 
 // A decoder over a host parameter block in cfg's ParamTable layout. The CPU decoder reads it in place (it
-// must outlive the decoder); the GPU decoder copies it to the device.
+// must outlive the decoder); the GPU decoder copies it to the device (bf16 KV cache and activations).
 std::unique_ptr<IncrementalDecoder> make_decoder(const ModelConfig& cfg, const float* params,
                                                  const DecoderOptions& opt = {});
 

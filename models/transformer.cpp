@@ -5,6 +5,7 @@
 #include <cstring>
 
 #include "core/error.h"
+#include "core/gpu.h"
 #include "core/rng.h"
 #include "kernels/argmax.h"
 #include "models/family.h"
@@ -153,40 +154,104 @@ const int32_t* IncrementalDecoder::forward_argmax(const int32_t* tokens, int n, 
 
 // ---- training ----
 
+namespace {
+
+std::unique_ptr<nn::Backend> make_backend(bool cuda, std::optional<LowpType> lowp) {
+  if (!cuda) return nn::make_cpu_backend(lowp);
+  KILN_CHECK(gpu::initialized(), "--device cuda: the GPU is not initialised");
+  KILN_CHECK(!lowp || *lowp == LowpType::BF16, "--device cuda trains in bf16");
+  return nn::make_cuda_backend();
+}
+
+// The GPU kernels' shape limits, checked once with the model (one line naming the config field).
+void check_device_shapes(const ModelConfig& c) {
+  KILN_CHECK(c.head_dim == 64 || c.head_dim == 128, "--device cuda: the attention kernels support head_dim 64 and 128; "
+             "this model has head_dim ", c.head_dim);
+  KILN_CHECK(c.d_model % 8 == 0, "--device cuda: d_model must be a multiple of 8 (got ", c.d_model, ")");
+}
+
+// Converts the matrices (not the learned positions, which no product reads) into the 16-bit copy.
+void refresh_lowp(nn::Backend& be, const ParamTable& t, uint16_t* params16, const float* params) {
+  if (!params16) return;
+  for (const ParamSpec& s : t.specs)
+    if (s.shape.ndim == 2 && s.key != "position_embd.weight")
+      be.to_lowp(params16 + s.offset, params + s.offset, s.numel(), *be.lowp());
+}
+
+int64_t padded_logits_ld(int V, bool device) { return device ? (int64_t(V) + 63) / 64 * 64 : V; }
+
+}  // namespace
+
+nn::OpScratch training_scratch(const ModelConfig& cfg, int64_t N) {
+  nn::OpScratch s;
+  s.rows = N;
+  s.C = cfg.d_model;
+  if (cfg.qk_norm) s.head_groups = N * std::max(cfg.n_head, cfg.n_kv_head);
+  s.HD = cfg.head_dim;
+  // One sequence of N tokens bounds the attention backward's scratch for every split of N.
+  s.attention.B = 1;
+  s.attention.T = int(N);
+  s.attention.NH = cfg.n_head;
+  s.attention.NKV = cfg.n_kv_head;
+  s.attention.HD = cfg.head_dim;
+  s.attention.scale = cfg.attention_scale();
+  s.decode.B = 0;
+  return s;
+}
+
 Transformer::Transformer(const ModelConfig& cfg, const ModelOptions& opt)
-    : cfg_(cfg), table_(model_param_table(cfg)), be_(nn::make_cpu_backend(opt.lowp)) {
+    : cfg_(cfg), table_(model_param_table(cfg)), be_(make_backend(opt.cuda, opt.lowp)) {
   cfg_.validate("model config");
-  KILN_CHECK(!opt.cuda, "the Transformer runs on the CPU backend");
-  params_buf_.resize(table_.total * sizeof(float));
-  params_ = params_buf_.f32();
+  if (opt.cuda) check_device_shapes(cfg_);
+  const size_t n = table_.total;
+  params_buf_ = nn::DeviceBlock(*be_, n * sizeof(float), "parameters");
+  params_ = params_buf_.as<float>();
+  be_->memset(params_, 0, n * sizeof(float));
   if (opt.with_grads) {
-    grads_buf_.resize(table_.total * sizeof(float));
-    grads_ = grads_buf_.f32();
+    grads_buf_ = nn::DeviceBlock(*be_, n * sizeof(float), "gradients");
+    grads_ = grads_buf_.as<float>();
+    be_->memset(grads_, 0, n * sizeof(float));
   }
-  if (opt.lowp) params16_.assign(table_.total, 0);
-  inv_freq_ = cfg_.rope_inv_freq();
-  w_.bind(cfg_, table_, params_, grads_, params16_.empty() ? nullptr : params16_.data(), inv_freq_.data());
+  if (be_->lowp()) {
+    params16_buf_ = nn::DeviceBlock(*be_, n * sizeof(uint16_t), "16-bit weight copy");
+    params16_ = params16_buf_.as<uint16_t>();
+    be_->memset(params16_, 0, n * sizeof(uint16_t));
+  }
+  if (be_->on_host()) {
+    host_ = params_;
+  } else {
+    host_buf_.resize(n * sizeof(float));
+    host_ = host_buf_.f32();
+  }
+  const std::vector<float> inv_freq = cfg_.rope_inv_freq();
+  inv_freq_buf_ = nn::DeviceBlock(*be_, inv_freq.size() * sizeof(float), "rotary frequencies");
+  if (!inv_freq.empty()) be_->upload(inv_freq_buf_.data(), inv_freq.data(), inv_freq.size() * sizeof(float));
+  w_.bind(cfg_, table_, params_, grads_, params16_, inv_freq_buf_.as<float>());
 }
 
 Transformer::~Transformer() = default;
 
 void Transformer::params_changed() {
-  if (params16_.empty()) return;
-  for (const ParamSpec& s : table_.specs)
-    if (s.shape.ndim == 2 && s.key != "position_embd.weight")
-      be_->to_lowp(params16_.data() + s.offset, params_ + s.offset, s.numel(), *be_->lowp());
+  if (!be_->on_host()) be_->upload(params_, host_, table_.total * sizeof(float));
+  refresh_lowp(*be_, table_, params16_, params_);
+}
+
+void Transformer::sync_to_host() {
+  if (!be_->on_host()) be_->download(host_, params_, table_.total * sizeof(float));
+}
+
+void Transformer::synchronize() {
+  if (!be_->on_host()) gpu::synchronize();
 }
 
 size_t Transformer::state_bytes() const {
-  return table_.total * (sizeof(float) * (grads_ ? 2 : 1) + (params16_.empty() ? 0 : 2));
+  return table_.total * (sizeof(float) * (grads_ ? 2 : 1) + (params16_ ? 2 : 0));
 }
 
-ParamBlocks Transformer::blocks() {
-  return {params_, grads_, params16_.empty() ? nullptr : params16_.data(), table_.total, be_.get()};
-}
+ParamBlocks Transformer::blocks() { return {params_, grads_, params16_, table_.total, be_.get()}; }
 
 void Transformer::Activations::allocate(nn::Workspace& ws, const ModelConfig& cfg, int64_t N, RecomputePolicy pol,
-                                        int64_t ch) {
+                                        int64_t ch, bool device) {
   const int C = cfg.d_model, L = cfg.n_layer;
   policy = pol;
   max_tokens = N;
@@ -194,6 +259,7 @@ void Transformer::Activations::allocate(nn::Workspace& ws, const ModelConfig& cf
   // 64 rows at a time unless asked otherwise.
   if (ch <= 0 && pol.kind != RecomputePolicy::None) ch = 64;
   chunk = (ch <= 0 || ch > N) ? N : ch;
+  logits_ld = padded_logits_ld(cfg.vocab_size, device);
   const bool selective = pol.kind == RecomputePolicy::Selective;
   const int kept = pol.kind == RecomputePolicy::Every ? std::min(pol.k, L) : L;
   nn::BlockShape S;
@@ -223,16 +289,23 @@ void Transformer::Activations::allocate(nn::Workspace& ws, const ModelConfig& cf
   lnf_mean = ws.f32(N);
   lnf_rstd = ws.f32(N);
   dlnf = ws.act(N * C);
-  logits = ws.act(chunk * cfg.vocab_size);
+  logits = ws.act(chunk * logits_ld);
   losses = ws.f32(N);
   dres = ws.f32(N * C);
   scratch.allocate(ws, N, S, selective);
+  if (device) {
+    tokens = ws.i32(N);
+    pos = ws.i32(N);
+    targets = ws.i32(N);
+    cu_seqlens = ws.i32(N + 1);
+  }
 }
 
-size_t Transformer::plan_bytes(const ModelConfig& cfg, int64_t N, RecomputePolicy policy, int lm_head_chunk) {
-  nn::Workspace measure;
+size_t Transformer::plan_bytes(const ModelConfig& cfg, int64_t N, RecomputePolicy policy, int lm_head_chunk,
+                               bool device) {
+  nn::Workspace measure(device ? DType::BF16 : DType::F32);
   Activations a;
-  a.allocate(measure, cfg, N, policy, lm_head_chunk);
+  a.allocate(measure, cfg, N, policy, lm_head_chunk, device);
   return measure.peak();
 }
 
@@ -240,8 +313,11 @@ size_t Transformer::plan(int B, int T, RecomputePolicy policy, int lm_head_chunk
   KILN_CHECK(T <= cfg_.max_positions, "sequence length ", T, " exceeds the model's context of ", cfg_.max_positions,
              " positions");
   const int64_t N = int64_t(B) * T;
-  ws_ = nn::Workspace(*be_, plan_bytes(cfg_, N, policy, lm_head_chunk), "activations");
-  a_.allocate(ws_, cfg_, N, policy, lm_head_chunk);
+  const bool device = !be_->on_host();
+  ws_ = nn::Workspace(*be_, plan_bytes(cfg_, N, policy, lm_head_chunk, device), "activations");
+  a_.allocate(ws_, cfg_, N, policy, lm_head_chunk, device);
+  be_->reserve_scratch(training_scratch(cfg_, N));
+  if (device) losses_host_.assign(size_t(N), 0.0f);
   return ws_.capacity();
 }
 
@@ -267,19 +343,22 @@ void Transformer::run_blocks_forward(const AttentionParams& attn, int64_t N) {
 
 void Transformer::lm_head(const int32_t* targets, float grad_scale, int64_t N, double* loss_sum) {
   const int C = cfg_.d_model, V = cfg_.vocab_size;
+  const int64_t ld = a_.logits_ld;
   nn::Weight head = w_.head;
   for (int64_t r0 = 0; r0 < N; r0 += a_.chunk) {
     const int64_t rows = std::min(a_.chunk, N - r0);
     const nn::Act x = a_.lnf_out.at(r0 * C);
-    be_->linear_forward(a_.logits, x, head, rows);
+    be_->linear_forward(a_.logits, x, head, rows, ld);
     if (!targets) continue;
-    be_->softmax_crossentropy(a_.logits, a_.losses + r0, targets + r0, rows, V, V, grad_scale);
+    be_->softmax_crossentropy(a_.logits, a_.losses + r0, targets + r0, rows, V, ld, grad_scale);
     if (grad_scale == 0.0f) continue;
     // The logits now hold their gradient: dlnf = dlogits · W, dW += dlogitsᵀ · lnf.
-    be_->linear_backward(a_.dlnf.at(r0 * C), a_.logits, x, head, rows);
+    be_->linear_backward(a_.dlnf.at(r0 * C), a_.logits, x, head, rows, ld);
   }
-  if (targets)
-    for (int64_t i = 0; i < N; i++) *loss_sum += a_.losses[i];
+  if (!targets) return;
+  const float* losses =
+      static_cast<const float*>(be_->to_host(losses_host_.data(), a_.losses, size_t(N) * sizeof(float)));
+  for (int64_t i = 0; i < N; i++) *loss_sum += losses[i];
 }
 
 double Transformer::forward(const int32_t* tokens, const int32_t* pos, const int32_t* targets,
@@ -288,12 +367,30 @@ double Transformer::forward(const int32_t* tokens, const int32_t* pos, const int
   KILN_CHECK(N <= a_.max_tokens, "batch of ", N, " tokens exceeds the planned ", a_.max_tokens, " (call plan first)");
   KILN_CHECK(grad_scale == 0.0f || grads_, "training forward on a model built without gradients");
   const int C = cfg_.d_model;
+  const size_t bytes = size_t(N) * sizeof(int32_t);
+  // The integer inputs on the backend (views of the caller's arrays on the CPU).
+  tokens = static_cast<const int32_t*>(be_->from_host(a_.tokens, tokens, bytes));
+  pos = static_cast<const int32_t*>(be_->from_host(a_.pos, pos, bytes));
+  if (targets) targets = static_cast<const int32_t*>(be_->from_host(a_.targets, targets, bytes));
+  AttentionParams ap = attn;
+  if (attn.cu_seqlens && !be_->on_host()) {
+    // The device kernel reads cu_seqlens on the device and sizes its grid by the longest sequence.
+    int64_t total = 0;
+    const std::vector<AttentionSpan> spans = attention_spans(attn, total);
+    KILN_CHECK(attn.num_seqs <= N, "packed batch: ", attn.num_seqs, " sequences in ", N, " tokens");
+    int max_len = 0;
+    for (const AttentionSpan& sp : spans) max_len = std::max(max_len, int(sp.len));
+    ap.cu_seqlens = static_cast<const int32_t*>(
+        be_->from_host(a_.cu_seqlens, attn.cu_seqlens, size_t(attn.num_seqs + 1) * sizeof(int32_t)));
+    ap.max_seqlen = max_len;
+    ap.total_tokens = N;
+  }
   last_N_ = N;
-  last_attn_ = attn;
+  last_attn_ = ap;
   last_tokens_ = tokens;
   last_pos_ = pos;
   be_->embedding_forward(a_.encoded, tokens, pos, w_.wte, w_.wpe, N, C);
-  run_blocks_forward(attn, N);
+  run_blocks_forward(ap, N);
   w_.final_norm.forward(*be_, a_.lnf_out, a_.lnf_mean, a_.lnf_rstd, a_.final_out, N);
   double sum = 0;
   lm_head(targets, grad_scale, N, &sum);
@@ -305,7 +402,7 @@ void Transformer::backward() {
   const int64_t N = last_N_;
   const int C = cfg_.d_model, L = cfg_.n_layer;
   const int32_t* pos = last_pos_;
-  std::memset(a_.dres, 0, size_t(N) * C * sizeof(float));
+  be_->memset(a_.dres, 0, size_t(N) * C * sizeof(float));
   w_.final_norm.backward(*be_, a_.dres, a_.dlnf, a_.final_out, a_.lnf_mean, a_.lnf_rstd, N);
   if (a_.policy.kind != RecomputePolicy::Every) {
     for (int l = L - 1; l >= 0; l--) {
@@ -333,62 +430,138 @@ void Transformer::backward() {
 }
 
 void Transformer::zero_grad() {
-  if (grads_) std::memset(grads_, 0, table_.total * sizeof(float));
+  if (grads_) be_->memset(grads_, 0, table_.total * sizeof(float));
 }
 
-const float* Transformer::logits() const { return a_.logits.f32(); }
+const float* Transformer::logits() const {
+  if (be_->on_host()) return a_.logits.f32();
+  // A device's logits are bf16 rows of a padded stride: brought back and widened.
+  KILN_CHECK(last_N_ <= a_.chunk, "logits(): the last forward held ", a_.chunk, " of its ", last_N_, " rows");
+  const int V = cfg_.vocab_size;
+  const int64_t ld = a_.logits_ld;
+  logits16_.resize(size_t(last_N_ * ld));
+  be_->download(logits16_.data(), a_.logits.p, logits16_.size() * sizeof(uint16_t));
+  logits_host_.resize(size_t(last_N_) * size_t(V));
+  for (int64_t r = 0; r < last_N_; r++)
+    for (int v = 0; v < V; v++) logits_host_[size_t(r * V + v)] = bf16_to_f32(logits16_[size_t(r * ld + v)]);
+  return logits_host_.data();
+}
 
 // ---- decoding ----
 
-TransformerDecoder::TransformerDecoder(const ModelConfig& cfg, const float* params, int batch, int max_positions)
-    : cfg_(cfg), table_(model_param_table(cfg)), be_(nn::make_cpu_backend()), batch_(batch) {
+TransformerDecoder::TransformerDecoder(const ModelConfig& cfg, const float* params, int batch, int max_positions,
+                                       bool cuda, bool cuda_graph)
+    : cfg_(cfg), table_(model_param_table(cfg)), be_(make_backend(cuda, std::nullopt)), batch_(batch) {
   cfg_.validate("decoder config");
+  if (cuda) check_device_shapes(cfg_);
   KILN_CHECK(batch >= 1, "decoder: batch must be at least 1, got ", batch);
   max_pos_ = max_positions > 0 ? max_positions : cfg_.max_positions;
   KILN_CHECK(max_pos_ <= cfg_.max_positions, "decoder: max_positions ", max_pos_,
              " exceeds the model's context of ", cfg_.max_positions);
-  inv_freq_ = cfg_.rope_inv_freq();
-  w_.bind(cfg_, table_, params, nullptr, nullptr, inv_freq_.data());
-  const size_t cache = size_t(cfg_.n_layer) * size_t(batch) * size_t(max_pos_) * size_t(cfg_.kv_dim()) * sizeof(float);
-  k_.resize(cache);
-  v_.resize(cache);
+  const std::vector<float> inv_freq = cfg_.rope_inv_freq();
+  inv_freq_buf_ = nn::DeviceBlock(*be_, inv_freq.size() * sizeof(float), "rotary frequencies");
+  if (!inv_freq.empty()) be_->upload(inv_freq_buf_.data(), inv_freq.data(), inv_freq.size() * sizeof(float));
+  // The CPU reads the caller's block in place; a device gets its copy (and the 16-bit one its products read).
+  const float* dev_params = params;
+  uint16_t* params16 = nullptr;
+  if (!be_->on_host()) {
+    const size_t n = table_.total;
+    params_buf_ = nn::DeviceBlock(*be_, n * sizeof(float), "weights");
+    be_->upload(params_buf_.data(), params, n * sizeof(float));
+    dev_params = params_buf_.as<float>();
+    params16_buf_ = nn::DeviceBlock(*be_, n * sizeof(uint16_t), "16-bit weights");
+    params16 = params16_buf_.as<uint16_t>();
+    be_->memset(params16, 0, n * sizeof(uint16_t));
+    refresh_lowp(*be_, table_, params16, dev_params);
+  }
+  w_.bind(cfg_, table_, dev_params, nullptr, params16, inv_freq_buf_.as<float>());
+  const size_t cache = size_t(cfg_.n_layer) * size_t(batch) * size_t(max_pos_) * size_t(cfg_.kv_dim()) *
+                       dtype_size(be_->act_dtype());
+  k_ = nn::DeviceBlock(*be_, cache, "KV cache (keys)");
+  v_ = nn::DeviceBlock(*be_, cache, "KV cache (values)");
+  // Zeroed: a GPU kernel reads whole tiles past the cached length (masked), which must not be NaN patterns.
+  be_->memset(k_.data(), 0, cache);
+  be_->memset(v_.data(), 0, cache);
+  // The decode attention's scratch for the longest piece of queries against the whole cache.
+  nn::OpScratch ops;
+  ops.decode.B = batch;
+  ops.decode.Tq = std::min(kMaxChunk, be_->max_decode_queries());
+  ops.decode.max_past = max_pos_;
+  ops.decode.NH = cfg_.n_head;
+  ops.decode.NKV = cfg_.n_kv_head;
+  ops.decode.HD = cfg_.head_dim;
+  be_->reserve_scratch(ops);
+  use_graph_ = cuda && cuda_graph;
+  if (use_graph_) {
+    inputs_h_ = static_cast<int32_t*>(gpu::malloc_host(size_t(3 * batch) * sizeof(int32_t), "decoder step inputs"));
+    argmax_h_ = static_cast<int32_t*>(gpu::malloc_host(size_t(batch) * sizeof(int32_t), "decoder arg max"));
+    logits_h_ = static_cast<float*>(
+        gpu::malloc_host(size_t(batch) * size_t(cfg_.vocab_size) * sizeof(float), "decoder step logits"));
+  }
+}
+
+TransformerDecoder::~TransformerDecoder() {
+  if (!use_graph_) return;
+  gpu::free_host(inputs_h_);
+  gpu::free_host(argmax_h_);
+  gpu::free_host(logits_h_);
 }
 
 void TransformerDecoder::ensure_rows(int64_t rows) {
   if (rows <= rows_) return;
-  const int C = cfg_.d_model;
+  const int C = cfg_.d_model, B = batch_, V = cfg_.vocab_size;
+  const bool device = !be_->on_host();
   nn::BlockShape S = w_.blocks.empty() ? nn::BlockShape{} : w_.blocks[0].shape;
   auto carve = [&](nn::Workspace& ws) {
     x_ = ws.f32(rows * C);
-    last_ = ws.f32(int64_t(batch_) * C);
+    last_ = ws.f32(int64_t(B) * C);
     ln_ = ws.act(rows * C);
     mean_ = ws.f32(rows);
     rstd_ = ws.f32(rows);
     a_.allocate(ws, rows, S);
     a_.h = nullptr;  // the stream is updated in place
+    logits_d_ = ws.f32(int64_t(B) * V);
+    argmax_d_ = ws.i32(B);
+    inputs_d_ = device ? ws.i32(2 * rows + B) : nullptr;
   };
-  nn::Workspace measure;
+  nn::Workspace measure(be_->act_dtype());
   carve(measure);
   ws_ = nn::Workspace(*be_, measure.peak(), "decoder activations");
   carve(ws_);
   rows_ = rows;
+  ws_epoch_++;
 }
 
-void TransformerDecoder::run_chunk(const int32_t* tokens, int n, int64_t tok_stride) {
-  const int B = batch_, C = cfg_.d_model, V = cfg_.vocab_size;
+void TransformerDecoder::stage_inputs(int32_t* dst, const int32_t* tokens, int n, int64_t tok_stride) const {
+  const int B = batch_, V = cfg_.vocab_size;
   const int64_t N = int64_t(B) * n;
-  ensure_rows(N);
-  tok_.resize(size_t(N));
-  pos_.resize(size_t(N));
-  past_.assign(size_t(B), length_);
-  for (int b = 0; b < B; b++)
+  for (int b = 0; b < B; b++) {
+    dst[2 * N + b] = length_;
     for (int i = 0; i < n; i++) {
       const int32_t t = tokens[b * tok_stride + i];
       KILN_CHECK(t >= 0 && t < V, "token id ", t, " is outside the model's vocabulary [0, ", V, ")");
-      tok_[size_t(b * n + i)] = t;
-      pos_[size_t(b * n + i)] = length_ + i;
+      dst[b * n + i] = t;
+      dst[N + b * n + i] = length_ + i;
     }
-  be_->embedding_forward(x_, tok_.data(), pos_.data(), w_.wte, w_.wpe, N, C);
+  }
+}
+
+void TransformerDecoder::run_chunk(const int32_t* tokens, int n, int64_t tok_stride) {
+  const int64_t N = int64_t(batch_) * n;
+  ensure_rows(N);
+  // Tokens, positions and cached lengths side by side: one copy brings them to a device.
+  inputs_.resize(size_t(2 * N + batch_));
+  stage_inputs(inputs_.data(), tokens, n, tok_stride);
+  const int32_t* tok =
+      static_cast<const int32_t*>(be_->from_host(inputs_d_, inputs_.data(), inputs_.size() * sizeof(int32_t)));
+  run_layers(tok, tok + N, tok + 2 * N, n);
+  length_ += n;
+}
+
+void TransformerDecoder::run_layers(const int32_t* tok, const int32_t* pos, const int32_t* past, int n) {
+  const int B = batch_, C = cfg_.d_model;
+  const int64_t N = int64_t(B) * n;
+  be_->embedding_forward(x_, tok, pos, w_.wte, w_.wpe, N, C);
   // A fresh prompt attends within itself (FlashAttention over B rows of n); later tokens attend to the cache.
   AttentionParams flash;
   flash.B = B;
@@ -399,49 +572,115 @@ void TransformerDecoder::run_chunk(const int32_t* tokens, int n, int64_t tok_str
   flash.window = cfg_.sliding_window;
   flash.scale = cfg_.attention_scale();
   const int64_t layer_cache = int64_t(B) * max_pos_ * cfg_.kv_dim();
+  const nn::Act k{k_.data(), be_->act_dtype()}, v{v_.data(), be_->act_dtype()};
   for (int l = 0; l < cfg_.n_layer; l++) {
     nn::KVLayer cache;
-    cache.k = k_.f32() + l * layer_cache;
-    cache.v = v_.f32() + l * layer_cache;
+    cache.k = k.at(l * layer_cache);
+    cache.v = v.at(l * layer_cache);
     cache.batch_stride = int64_t(max_pos_) * cfg_.kv_dim();
-    cache.past = past_.data();
+    cache.past = past;
+    cache.max_positions = max_pos_;
     cache.B = B;
     cache.Tq = n;
     cache.fresh = length_ == 0 && n > 1;
-    w_.blocks[size_t(l)].forward(*be_, x_, x_, a_, s_, pos_.data(), flash, N, &cache);
+    w_.blocks[size_t(l)].forward(*be_, x_, x_, a_, s_, pos, flash, N, &cache);
   }
-  length_ += n;
 }
 
-// logits[rows, V] = FinalNorm(hidden) · Wᵀ.
+bool TransformerDecoder::graph_step(const int32_t* tokens, int n, bool argmax, int limit) {
+  if (!use_graph_ || n != 1 || length_ == 0) return false;
+  StepGraph& g = graphs_[argmax ? 1 : 0];
+  if (g.eager_runs < 1) {  // one eager step first: it sets up cuBLASLt's plans, which a capture cannot
+    g.eager_runs++;
+    return false;
+  }
+  KILN_CHECK(length_ + 1 <= max_pos_, "decoder: ", length_, " cached + 1 new positions exceed the context of ",
+             max_pos_, " positions");
+  const int B = batch_, V = cfg_.vocab_size;
+  ensure_rows(B);
+  stage_inputs(inputs_h_, tokens, 1, 1);
+  if (!g.graph.ready() || g.limit != limit || g.epoch != ws_epoch_) {
+    g.graph.begin();
+    gpu::copy_to_device(inputs_d_, inputs_h_, size_t(3 * B) * sizeof(int32_t));
+    // length_ only decides `fresh` (false for every step): positions and cache lengths come from inputs_d_.
+    run_layers(inputs_d_, inputs_d_ + B, inputs_d_ + 2 * B, 1);
+    last_logits(1);
+    if (argmax) {
+      be_->argmax_rows(argmax_d_, logits_d_, B, limit, V);
+      gpu::copy_to_host_async(argmax_h_, argmax_d_, size_t(B) * sizeof(int32_t));
+    } else {
+      gpu::copy_to_host_async(logits_h_, logits_d_, size_t(B) * size_t(V) * sizeof(float));
+    }
+    g.graph.end();
+    g.limit = limit;
+    g.epoch = ws_epoch_;
+  }
+  g.graph.launch();
+  gpu::synchronize();
+  length_ += 1;
+  return true;
+}
+
+// logits[rows, V] = FinalNorm(hidden) · Wᵀ (fp32 logits on the backend).
 void TransformerDecoder::lm_head(const float* hidden, int64_t rows, float* logits) {
   w_.final_norm.forward(*be_, ln_, mean_, rstd_, hidden, rows);
   be_->linear_forward(nn::Act{logits, DType::F32}, ln_, w_.head, rows);
 }
 
-const float* TransformerDecoder::forward(const int32_t* tokens, int n, bool all_logits) {
+void TransformerDecoder::advance(const int32_t* tokens, int n, bool all_logits) {
   KILN_CHECK(n >= 1, "decoder: forward needs at least one token per sequence");
   KILN_CHECK(int64_t(length_) + n <= max_pos_, "decoder: ", length_, " cached + ", n,
              " new positions exceed the context of ", max_pos_, " positions");
-  const int B = batch_, C = cfg_.d_model, V = cfg_.vocab_size;
-  logits_.resize(size_t(B) * size_t(all_logits ? n : 1) * size_t(V));
-  for (int c0 = 0; c0 < n; c0 += kMaxChunk) {
-    const int m = std::min(kMaxChunk, n - c0);
+  const int B = batch_, V = cfg_.vocab_size;
+  if (all_logits) logits_.resize(size_t(B) * size_t(n) * size_t(V));
+  for (int c0 = 0; c0 < n;) {
+    // An empty cache takes whole chunks through FlashAttention; later positions go through the decode
+    // attention, as many queries at a time as the backend's kernel takes.
+    const int limit = length_ == 0 ? kMaxChunk : std::min(kMaxChunk, be_->max_decode_queries());
+    const int m = std::min(limit, n - c0);
     run_chunk(tokens + c0, m, n);
     if (all_logits) {
       // Rows of this chunk are [B][m]; their logits go to [B][n][V] at column c0.
-      std::vector<float> chunk_logits(size_t(B) * m * V);
-      lm_head(x_, int64_t(B) * m, chunk_logits.data());
+      const size_t bytes = sizeof(float) * size_t(B) * m * V;
+      if (all_d_.size() < bytes) all_d_ = nn::DeviceBlock(*be_, bytes, "decoder logits");
+      lm_head(x_, int64_t(B) * m, all_d_.as<float>());
+      std::vector<float> host(be_->on_host() ? 0 : size_t(B) * m * V);
+      const float* chunk_logits = static_cast<const float*>(be_->to_host(host.data(), all_d_.data(), bytes));
       for (int b = 0; b < B; b++)
-        std::memcpy(logits_.data() + (size_t(b) * n + c0) * V, chunk_logits.data() + size_t(b) * m * V,
+        std::memcpy(logits_.data() + (size_t(b) * n + c0) * V, chunk_logits + size_t(b) * m * V,
                     sizeof(float) * size_t(m) * V);
-    } else if (c0 + m == n) {
-      for (int b = 0; b < B; b++)
-        std::memcpy(last_ + int64_t(b) * C, x_ + (int64_t(b) * m + m - 1) * C, sizeof(float) * size_t(C));
-      lm_head(last_, B, logits_.data());
     }
+    c0 += m;
+    if (c0 == n && !all_logits) last_logits(m);
   }
-  return logits_.data();
+}
+
+void TransformerDecoder::last_logits(int m) {
+  const int C = cfg_.d_model;
+  // Each sequence's last row of the chunk ([B][m] rows of C).
+  be_->copy_rows(nn::Act{last_, DType::F32}, C, nn::Act{x_ + int64_t(m - 1) * C, DType::F32}, int64_t(m) * C, batch_,
+                 C);
+  lm_head(last_, batch_, logits_d_);
+}
+
+const float* TransformerDecoder::forward(const int32_t* tokens, int n, bool all_logits) {
+  if (!all_logits && graph_step(tokens, n, false, cfg_.vocab_size)) return logits_h_;
+  advance(tokens, n, all_logits);
+  if (all_logits) return logits_.data();
+  const size_t bytes = sizeof(float) * size_t(batch_) * size_t(cfg_.vocab_size);
+  if (!be_->on_host()) logits_.resize(bytes / sizeof(float));
+  return static_cast<const float*>(be_->to_host(logits_.data(), logits_d_, bytes));
+}
+
+const int32_t* TransformerDecoder::forward_argmax(const int32_t* tokens, int n, int vocab_limit) {
+  const int V = cfg_.vocab_size;
+  KILN_CHECK(vocab_limit >= 1 && vocab_limit <= V, "decoder: arg max over ", vocab_limit, " ids of a ", V,
+             "-token vocabulary");
+  if (graph_step(tokens, n, true, vocab_limit)) return argmax_h_;
+  advance(tokens, n, false);
+  be_->argmax_rows(argmax_d_, logits_d_, batch_, vocab_limit, V);
+  argmax_.resize(size_t(batch_));
+  return static_cast<const int32_t*>(be_->to_host(argmax_.data(), argmax_d_, argmax_.size() * sizeof(int32_t)));
 }
 
 }  // namespace kiln

@@ -1,7 +1,12 @@
 // The decoder-only transformer every family composes (models/family.h): token embedding (+ learned positions),
 // n_layer pre-norm blocks (nn/block.h), a final norm and the LM head (tied to the token embedding or its own
 // matrix). One composition serves training (Transformer) and KV-cache decoding (TransformerDecoder); the
-// modules run on an nn::Backend, so the same code serves each device.
+// modules run on an nn::Backend, so the same code serves each device: the CPU (ModelOptions::cuda false) or the
+// GPU (the CUDA backend, or the SIMT emulator). Parameters, gradients, their 16-bit copy, the rotary
+// frequencies, the KV cache and the activation workspace live on the backend; on a device backend a host
+// mirror of the parameters serves checkpoints (host_params / params_changed / sync_to_host), integer inputs
+// are uploaded per call, and losses and logits come back only where the interface returns them. On the CPU
+// every such copy is a view of host memory (nn::Backend::from_host / to_host), so that path copies nothing.
 //
 // TransformerWeights binds the modules to a parameter block by canonical key (models/param_table.h), so a new
 // family only names its tensors.
@@ -10,6 +15,7 @@
 #include <memory>
 #include <vector>
 
+#include "core/gpu.h"
 #include "core/memory.h"
 #include "models/model.h"
 #include "nn/block.h"
@@ -37,12 +43,15 @@ class Transformer final : public Model {
 
   const ModelConfig& config() const override { return cfg_; }
   const ParamTable& table() const override { return table_; }
-  float* host_params() override { return params_; }
+  float* host_params() override { return host_; }
   void params_changed() override;
-  void sync_to_host() override {}
+  void sync_to_host() override;
 
   size_t plan(int B, int T, RecomputePolicy policy = {}, int lm_head_chunk = 0) override;
-  static size_t plan_bytes(const ModelConfig& cfg, int64_t N, RecomputePolicy policy, int lm_head_chunk);
+  // Activation bytes of a plan for N tokens; device: the GPU's (bf16 activations, device inputs, padded logits
+  // rows, the ops' scratch).
+  static size_t plan_bytes(const ModelConfig& cfg, int64_t N, RecomputePolicy policy, int lm_head_chunk,
+                           bool device = false);
   size_t activation_bytes() const override { return ws_.capacity(); }
   size_t state_bytes() const override;
 
@@ -50,6 +59,7 @@ class Transformer final : public Model {
                  float grad_scale) override;
   void backward() override;
   void zero_grad() override;
+  void synchronize() override;
   const float* logits() const override;
   ParamBlocks blocks() override;
 
@@ -57,16 +67,18 @@ class Transformer final : public Model {
   ModelConfig cfg_;
   ParamTable table_;
   std::unique_ptr<nn::Backend> be_;
-  Buffer params_buf_, grads_buf_;
-  float* params_ = nullptr;
+  nn::DeviceBlock params_buf_, grads_buf_, params16_buf_, inv_freq_buf_;
+  float* params_ = nullptr;        // on the backend
   float* grads_ = nullptr;
-  std::vector<uint16_t> params16_;  // 16-bit copies of the matrices (mixed precision), table layout
-  std::vector<float> inv_freq_;
+  uint16_t* params16_ = nullptr;   // 16-bit copies of the matrices (mixed precision), table layout
+  Buffer host_buf_;                // the host mirror (device backends only)
+  float* host_ = nullptr;          // host_params(): params_ itself on the CPU
   TransformerWeights w_;
 
   struct Activations {
     RecomputePolicy policy{};
     int64_t max_tokens = 0, chunk = 0;           // chunk: LM head rows at a time
+    int64_t logits_ld = 0;                       // row stride of the logits (a GPU pads it to 64 columns)
     float* encoded = nullptr;                    // [N, C] input of block 0
     std::vector<nn::BlockActivations> blocks;    // none/selective: one per layer; every:K: K (one segment)
     std::vector<float*> out;                     // none/selective: each layer's output; every:K: segment's
@@ -75,28 +87,46 @@ class Transformer final : public Model {
     nn::Act lnf_out;                             // [N, C]
     float *lnf_mean = nullptr, *lnf_rstd = nullptr;
     nn::Act dlnf;                                // [N, C]
-    nn::Act logits;                              // [chunk, V]
+    nn::Act logits;                              // [chunk, logits_ld]
     float* losses = nullptr;                     // [N]
     float* dres = nullptr;                       // [N, C] gradient of the residual stream
     nn::BlockScratch scratch;
-    void allocate(nn::Workspace& ws, const ModelConfig& cfg, int64_t N, RecomputePolicy policy, int64_t chunk);
+    // Device backends: the integer inputs' copies ([N] each; cu_seqlens [N + 1]).
+    int32_t *tokens = nullptr, *pos = nullptr, *targets = nullptr, *cu_seqlens = nullptr;
+    void allocate(nn::Workspace& ws, const ModelConfig& cfg, int64_t N, RecomputePolicy policy, int64_t chunk,
+                  bool device);
   };
   nn::Workspace ws_;
   Activations a_;
   int64_t last_N_ = 0;
   AttentionParams last_attn_{};
-  const int32_t *last_tokens_ = nullptr, *last_pos_ = nullptr;
-  std::vector<int32_t> tokens_, pos_;  // the last forward's inputs, kept for the backward
+  const int32_t *last_tokens_ = nullptr, *last_pos_ = nullptr;  // on the backend
+  std::vector<float> losses_host_;             // device backends: the losses brought back
+  mutable std::vector<uint16_t> logits16_;     // device backends: logits() brought back ...
+  mutable std::vector<float> logits_host_;     // ... and widened
 
   void run_blocks_forward(const AttentionParams& attn, int64_t N);
   void lm_head(const int32_t* targets, float grad_scale, int64_t N, double* loss_sum);
 };
 
+// The ops' scratch of a training plan for N tokens (nn::OpScratch).
+nn::OpScratch training_scratch(const ModelConfig& cfg, int64_t N);
+
 class TransformerDecoder : public IncrementalDecoder {
  public:
-  TransformerDecoder(const ModelConfig& cfg, const float* params, int batch, int max_positions);
+  // cuda: on the GPU backend (params copied to the device), else the CPU (params read in place). cuda_graph (GPU
+  // only): the single-token step is captured once in a CUDA graph and replayed; its inputs are copied from
+  // page-locked staging inside the graph and every kernel reads them (positions, cache lengths) from device
+  // memory, so one launch per token replaces the step's ~10 launches per layer.
+  TransformerDecoder(const ModelConfig& cfg, const float* params, int batch, int max_positions, bool cuda = false,
+                     bool cuda_graph = false);
+  ~TransformerDecoder() override;
+  TransformerDecoder(const TransformerDecoder&) = delete;
+  TransformerDecoder& operator=(const TransformerDecoder&) = delete;
 
   const float* forward(const int32_t* tokens, int n, bool all_logits = false) override;
+  // Greedy decoding's step: the arg max is taken on the backend, only the ids come back.
+  const int32_t* forward_argmax(const int32_t* tokens, int n, int vocab_limit) override;
   int length() const override { return length_; }
   int max_positions() const override { return max_pos_; }
   int batch() const override { return batch_; }
@@ -111,23 +141,51 @@ class TransformerDecoder : public IncrementalDecoder {
   ModelConfig cfg_;
   ParamTable table_;
   std::unique_ptr<nn::Backend> be_;
-  std::vector<float> inv_freq_;
+  nn::DeviceBlock params_buf_, params16_buf_, inv_freq_buf_;
   TransformerWeights w_;
   int batch_, max_pos_;
   int length_ = 0;
-  Buffer k_, v_;  // [layer][batch][position][NKV·HD]
+  nn::DeviceBlock k_, v_;  // [layer][batch][position][NKV·HD] in the activation type
 
   int64_t rows_ = 0;  // activations for up to rows_ = batch·chunk rows, grown on demand
   nn::Workspace ws_;
   nn::BlockActivations a_;
   nn::BlockScratch s_;
   float *x_ = nullptr, *last_ = nullptr, *mean_ = nullptr, *rstd_ = nullptr;
+  float* logits_d_ = nullptr;   // [B, V] the last positions' logits
+  int32_t* inputs_d_ = nullptr; // [2·rows_ + B]: tokens, positions, cached lengths of a chunk (device backends)
+  int32_t* argmax_d_ = nullptr; // [B]
   nn::Act ln_;
-  std::vector<int32_t> tok_, pos_, past_;
-  std::vector<float> logits_;
+  nn::DeviceBlock all_d_;       // [B·chunk, V] every position's logits (all_logits), grown on demand
+  std::vector<int32_t> inputs_, argmax_;
+  std::vector<float> logits_;   // host: [B, n, V] (all_logits) or, on a device backend, [B, V]
+
+  // The captured step, one per output kind (logits, or the arg max below `limit`), with the workspace it was
+  // captured on (a grown workspace moves every buffer: capture again).
+  struct StepGraph {
+    gpu::Graph graph;
+    int eager_runs = 0, limit = 0;
+    int64_t epoch = -1;
+  };
+  bool use_graph_ = false;
+  StepGraph graphs_[2];
+  int64_t ws_epoch_ = 0;
+  int32_t* inputs_h_ = nullptr;  // page-locked [3·B] inputs of a step
+  float* logits_h_ = nullptr;    // page-locked [B, V]
+  int32_t* argmax_h_ = nullptr;  // page-locked [B]
 
   void ensure_rows(int64_t rows);
+  // [tokens N | positions N | cached lengths B] of n new positions per sequence, validated, into dst.
+  void stage_inputs(int32_t* dst, const int32_t* tokens, int n, int64_t tok_stride) const;
+  // Embedding and every block over n positions per sequence (inputs on the backend); length_ unchanged.
+  void run_layers(const int32_t* tok, const int32_t* pos, const int32_t* past, int n);
   void run_chunk(const int32_t* tokens, int n, int64_t tok_stride);
+  // A single-token step through the captured graph; false when this step is not one (or runs eagerly first).
+  bool graph_step(const int32_t* tokens, int n, bool argmax, int limit);
+  // Runs n positions per sequence; with all_logits their logits gather into logits_ ([B, n, V]).
+  void advance(const int32_t* tokens, int n, bool all_logits);
+  // The last position's logits of each sequence into logits_d_.
+  void last_logits(int m);
   void lm_head(const float* hidden, int64_t rows, float* logits);
 };
 

@@ -11,9 +11,9 @@ namespace {
 }  // namespace
 #define unsupported(op) fail_op(op, name())
 
-void Backend::linear_forward(Act y, Act x, const Weight& w, int64_t N) { unsupported("linear_forward"); }
+void Backend::linear_forward(Act y, Act x, const Weight& w, int64_t N, int64_t ld) { unsupported("linear_forward"); }
 void Backend::linear_residual(float* out, const float* residual, Act x, const Weight& w, int64_t N) { unsupported("linear_residual"); }
-void Backend::linear_backward(Act dx, Act dy, Act x, const Weight& w, int64_t N) { unsupported("linear_backward"); }
+void Backend::linear_backward(Act dx, Act dy, Act x, const Weight& w, int64_t N, int64_t ld) { unsupported("linear_backward"); }
 Act Backend::residual_operand(float* dres, Act scratch, int64_t n) { unsupported("residual_operand"); }
 void Backend::layernorm_forward(Act out, float* mean, float* rstd, const float* x, const float* w, const float* b, int64_t N, int C, float eps) { unsupported("layernorm_forward"); }
 void Backend::layernorm_backward(float* dx, float* dw, float* db, Act dout, const float* x, const float* w, const float* mean, const float* rstd, int64_t N, int C) { unsupported("layernorm_backward"); }
@@ -32,12 +32,13 @@ void Backend::copy_rows(Act dst, int64_t ld_dst, Act src, int64_t ld_src, int64_
 void Backend::attention_forward(Act out, float* lse, Act qkv, const AttentionParams& p) { unsupported("attention_forward"); }
 void Backend::attention_backward(Act dqkv, Act dout, Act qkv, Act out, const float* lse, const AttentionParams& p) { unsupported("attention_backward"); }
 void Backend::decode_attention(const DecodeAttentionParams& p) { unsupported("decode_attention"); }
-void Backend::kv_append(float* k_cache, float* v_cache, int64_t batch_stride, Act qkv, int64_t qkv_ld, int64_t k_off, int64_t v_off, int64_t kv_width, int B, int Tq, const int32_t* past) { unsupported("kv_append"); }
+void Backend::kv_append(Act k_cache, Act v_cache, int64_t batch_stride, Act qkv, int NH, int NKV, int HD, int B, int Tq, const int32_t* past) { unsupported("kv_append"); }
 void Backend::embedding_forward(float* out, const int32_t* tokens, const int32_t* pos, const float* wte, const float* wpe, int64_t N, int C) { unsupported("embedding_forward"); }
 void Backend::embedding_backward(float* dwte, float* dwpe, const float* dout, const int32_t* tokens, const int32_t* pos, int64_t N, int C) { unsupported("embedding_backward"); }
 void Backend::softmax_crossentropy(Act logits, float* losses, const int32_t* targets, int64_t N, int V, int64_t ld, float grad_scale) { unsupported("softmax_crossentropy"); }
 void Backend::adamw_update(float* param, uint16_t* param16, float* grad, float* m, float* v, int64_t n, const AdamWHyper& h) { unsupported("adamw_update"); }
 double Backend::sum_squares(const float* x, int64_t n) { unsupported("sum_squares"); }
 void Backend::to_lowp(uint16_t* dst, const float* src, int64_t n, LowpType t) { unsupported("to_lowp"); }
+void Backend::argmax_rows(int32_t* out, const float* x, int64_t rows, int n, int64_t ld) { unsupported("argmax_rows"); }
 
 }  // namespace kiln::nn

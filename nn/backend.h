@@ -1,5 +1,5 @@
 // The device the modules run on. Every module (nn/*.h) is written once against this interface, and a backend
-// implements each op with its own kernels (kernels/cpu/ today; the CUDA backend brings kernels/cuda/). So the
+// implements each op with its own kernels (the CPU backend kernels/cpu/, the CUDA backend kernels/cuda/). So the
 // same module code serves training and decoding on each backend, and train/ applies the optimizer through the
 // same object from outside the model.
 //
@@ -50,6 +50,17 @@ struct Weight {
   Layout layout = Layout::OutIn;
 };
 
+// The largest shapes a plan will run, for the device scratch some kernels need (the CUDA backend reserves it
+// once, at plan time, so a step allocates nothing). Zero fields need nothing.
+struct OpScratch {
+  int64_t rows = 0;                 // tokens per step (norm rows, embedding rows)
+  int C = 0;                        // norm width
+  int64_t head_groups = 0;          // per-head norms: rows·heads groups ...
+  int HD = 0;                       // ... of HD values
+  AttentionParams attention;        // the attention backward's shape (B·T rows; B = 0: none)
+  DecodeAttentionParams decode;     // the decode attention's shape (B = 0: none)
+};
+
 // Ops a backend does not implement fail with one line naming the op and the backend.
 class Backend {
  public:
@@ -65,13 +76,33 @@ class Backend {
   virtual void upload(void* dst, const void* host, size_t bytes) = 0;
   virtual void download(void* host, const void* src, size_t bytes) = 0;
   virtual void memset(void* p, int value, size_t bytes) = 0;
+  // True when this device's memory is the host's (the CPU): then the views below are the pointers themselves.
+  virtual bool on_host() const { return false; }
+  // Host data as the ops read it: on_host, `host` itself (no copy); else copied into `dst` (this device's).
+  const void* from_host(void* dst, const void* host, size_t bytes) {
+    if (on_host()) return host;
+    upload(dst, host, bytes);
+    return dst;
+  }
+  // Device data on the host: on_host, `src` itself; else copied into `host`.
+  const void* to_host(void* host, const void* src, size_t bytes) {
+    if (on_host()) return src;
+    download(host, src, bytes);
+    return host;
+  }
+  // Reserves the ops' scratch for a plan (see OpScratch); scratch_bytes: how much that is.
+  virtual size_t scratch_bytes(const OpScratch& s) const { return 0; }
+  virtual void reserve_scratch(const OpScratch& s) {}
+  // Queries per sequence that one decode_attention call takes (longer prefixes are run in pieces).
+  virtual int max_decode_queries() const { return 1 << 30; }
 
   // Linear layers. forward: y = x·W + b. residual: out = residual + x·W + b (out may alias residual: decoding
   // updates the stream in place). backward: dx = dy·Wᵀ (overwritten; null: not computed), dW += xᵀ·dy,
-  // db += colsum(dy).
-  virtual void linear_forward(Act y, Act x, const Weight& w, int64_t N);
+  // db += colsum(dy). ld: the row stride of y / dy (0: w.out; a GPU pads the LM head's logits rows). y may be an
+  // fp32 buffer on any backend (the decoder's logits).
+  virtual void linear_forward(Act y, Act x, const Weight& w, int64_t N, int64_t ld = 0);
   virtual void linear_residual(float* out, const float* residual, Act x, const Weight& w, int64_t N);
-  virtual void linear_backward(Act dx, Act dy, Act x, const Weight& w, int64_t N);
+  virtual void linear_backward(Act dx, Act dy, Act x, const Weight& w, int64_t N, int64_t ld = 0);
   // The residual stream's gradient as a matrix product's operand (a view on the CPU; a cast into `scratch` on a
   // backend whose activations are narrower).
   virtual Act residual_operand(float* dres, Act scratch, int64_t n);
@@ -104,16 +135,18 @@ class Backend {
   // N rows of `width` values from src (row stride ld_src) to dst (row stride ld_dst).
   virtual void copy_rows(Act dst, int64_t ld_dst, Act src, int64_t ld_src, int64_t N, int64_t width);
 
-  // Attention over packed or fixed rows (kernels/attention.h), and against a KV cache (kernels/decode_attention.h;
-  // the q/k/v/out pointers of `p` are on this device).
+  // Attention over packed or fixed rows (kernels/attention.h; cu_seqlens, with max_seqlen and total_tokens set,
+  // on this device), and against a KV cache (kernels/decode_attention.h; the q/k/v/out pointers of `p` are this
+  // device's arrays in the activation type, past_per_seq is set and max_past bounds past + Tq).
   virtual void attention_forward(Act out, float* lse, Act qkv, const AttentionParams& p);
   virtual void attention_backward(Act dqkv, Act dout, Act qkv, Act out, const float* lse,
                                   const AttentionParams& p);
   virtual void decode_attention(const DecodeAttentionParams& p);
-  // Writes the key and value heads of B·Tq qkv rows (row stride qkv_ld; keys at k_off, values at v_off, kv_width
-  // values each) into a layer's cache at positions past_b .. past_b + Tq − 1 of sequence b.
-  virtual void kv_append(float* k_cache, float* v_cache, int64_t batch_stride, Act qkv, int64_t qkv_ld, int64_t k_off,
-                         int64_t v_off, int64_t kv_width, int B, int Tq, const int32_t* past);
+  // Writes the key and value heads of B·Tq fused qkv rows ([NH q | NKV k | NKV v] heads of HD) into a layer's
+  // cache ([B][positions][NKV·HD], activation type) at positions past_b .. past_b + Tq − 1 of sequence b
+  // (past: this device's [B]).
+  virtual void kv_append(Act k_cache, Act v_cache, int64_t batch_stride, Act qkv, int NH, int NKV, int HD, int B,
+                         int Tq, const int32_t* past);
 
   // Embeddings: out[n] = wte[tokens[n]] (+ wpe[pos[n]] when wpe is set); backward accumulates.
   virtual void embedding_forward(float* out, const int32_t* tokens, const int32_t* pos, const float* wte,
@@ -129,6 +162,8 @@ class Backend {
                             const AdamWHyper& h);
   virtual double sum_squares(const float* x, int64_t n);
   virtual void to_lowp(uint16_t* dst, const float* src, int64_t n, LowpType t);
+  // out[r] = arg max of x[r·ld .. r·ld + n) (kernels/argmax.h's rule), rows on this device.
+  virtual void argmax_rows(int32_t* out, const float* x, int64_t rows, int n, int64_t ld);
 };
 
 // The CPU backend (kernels/cpu/): fp32 activations; with `lowp` set, 16-bit matrix products.

@@ -9,6 +9,7 @@
 #include "core/memory.h"
 #include "kernels/activation.h"
 #include "kernels/adamw.h"
+#include "kernels/argmax.h"
 #include "kernels/crossentropy.h"
 #include "kernels/embedding.h"
 #include "kernels/gemv.h"
@@ -56,8 +57,10 @@ class CpuBackend final : public Backend {
   void upload(void* dst, const void* host, size_t bytes) override { std::memcpy(dst, host, bytes); }
   void download(void* host, const void* src, size_t bytes) override { std::memcpy(host, src, bytes); }
   void memset(void* p, int value, size_t bytes) override { std::memset(p, value, bytes); }
+  bool on_host() const override { return true; }
 
-  void linear_forward(Act y, Act x, const Weight& w, int64_t N) override {
+  void linear_forward(Act y, Act x, const Weight& w, int64_t N, int64_t ld) override {
+    KILN_CHECK(ld == 0 || ld == w.out, "cpu linear_forward: row stride ", ld, " of a ", w.out, "-column output");
     float* out = F(y);
     const float* in = F(x);
     const bool lp = w.w16 && lowp_;
@@ -86,7 +89,7 @@ class CpuBackend final : public Backend {
   void linear_residual(float* out, const float* residual, Act x, const Weight& w, int64_t N) override {
     if (out != residual) {
       // Training keeps both streams: the branch, then the add (the arithmetic of a separate add).
-      linear_forward(Act{out, DType::F32}, x, w, N);
+      linear_forward(Act{out, DType::F32}, x, w, N, 0);
       cpu::add(out, out, residual, N * w.out);
       return;
     }
@@ -109,7 +112,8 @@ class CpuBackend final : public Backend {
     if (w.b) add_bias_rows(out, w.b, N, w.out);
   }
 
-  void linear_backward(Act dx, Act dy, Act x, const Weight& w, int64_t N) override {
+  void linear_backward(Act dx, Act dy, Act x, const Weight& w, int64_t N, int64_t ld) override {
+    KILN_CHECK(ld == 0 || ld == w.out, "cpu linear_backward: row stride ", ld, " of a ", w.out, "-column gradient");
     float* din = F(dx);
     const float* dout = F(dy);
     const float* in = F(x);
@@ -196,15 +200,16 @@ class CpuBackend final : public Backend {
       ref::attention_backward(F(dqkv), F(dout), F(qkv), F(out), lse, p);
   }
   void decode_attention(const DecodeAttentionParams& p) override { cpu::decode_attention(p); }
-  void kv_append(float* k_cache, float* v_cache, int64_t batch_stride, Act qkv, int64_t qkv_ld, int64_t k_off,
-                 int64_t v_off, int64_t kv_width, int B, int Tq, const int32_t* past) override {
+  void kv_append(Act k_cache, Act v_cache, int64_t batch_stride, Act qkv, int NH, int NKV, int HD, int B, int Tq,
+                 const int32_t* past) override {
+    const int64_t kv_width = int64_t(NKV) * HD, qkv_ld = int64_t(NH + 2 * NKV) * HD, k_off = int64_t(NH) * HD;
     const size_t bytes = sizeof(float) * size_t(kv_width);
     for (int b = 0; b < B; b++)
       for (int i = 0; i < Tq; i++) {
         const float* row = F(qkv) + (int64_t(b) * Tq + i) * qkv_ld;
         const int64_t at = int64_t(b) * batch_stride + int64_t(past[b] + i) * kv_width;
-        std::memcpy(k_cache + at, row + k_off, bytes);
-        std::memcpy(v_cache + at, row + v_off, bytes);
+        std::memcpy(F(k_cache) + at, row + k_off, bytes);
+        std::memcpy(F(v_cache) + at, row + k_off + kv_width, bytes);
       }
   }
 
@@ -228,6 +233,9 @@ class CpuBackend final : public Backend {
   }
   double sum_squares(const float* x, int64_t n) override { return cpu::sum_squares(x, n); }
   void to_lowp(uint16_t* dst, const float* src, int64_t n, LowpType t) override { cpu::to_lowp(dst, src, n, t); }
+  void argmax_rows(int32_t* out, const float* x, int64_t rows, int n, int64_t ld) override {
+    for (int64_t r = 0; r < rows; r++) out[r] = argmax(x + r * ld, n);
+  }
 
  private:
   std::optional<LowpType> lowp_;

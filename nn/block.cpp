@@ -66,31 +66,30 @@ void Block::attention_forward(Backend& be, BlockActivations& a, const int32_t* p
                  N, int64_t(S.NKV) * S.HD);
   }
   if (S.rotary) be.rope_forward(a.qkv, pos, N, rope);
+  if (cache) be.kv_append(cache->k, cache->v, cache->batch_stride, a.qkv, S.NH, S.NKV, S.HD, cache->B, cache->Tq,
+                          cache->past);
   if (!cache || cache->fresh) {
-    if (cache)
-      be.kv_append(cache->k, cache->v, cache->batch_stride, a.qkv, QKV, S.qdim(), S.qdim() + int64_t(S.NKV) * S.HD,
-                   int64_t(S.NKV) * S.HD, cache->B, cache->Tq, cache->past);
     be.attention_forward(a.att, a.lse, a.qkv, ap);
     return;
   }
-  be.kv_append(cache->k, cache->v, cache->batch_stride, a.qkv, QKV, S.qdim(), S.qdim() + int64_t(S.NKV) * S.HD,
-               int64_t(S.NKV) * S.HD, cache->B, cache->Tq, cache->past);
   DecodeAttentionParams d;
   d.B = cache->B;
   d.Tq = cache->Tq;
   d.past_per_seq = cache->past;
+  d.max_past = cache->max_positions;
   d.NH = S.NH;
   d.NKV = S.NKV;
   d.HD = S.HD;
   d.window = ap.window;
   d.scale = ap.scale;
-  d.q = a.qkv.f32();
+  // The pointers are the backend's arrays in its activation type (fp32 on the CPU, bf16 on a GPU).
+  d.q = static_cast<const float*>(a.qkv.p);
   d.q_stride = QKV;
-  d.k = cache->k;
-  d.v = cache->v;
+  d.k = static_cast<const float*>(cache->k.p);
+  d.v = static_cast<const float*>(cache->v.p);
   d.kv_batch_stride = cache->batch_stride;
   d.kv_stride = int64_t(S.NKV) * S.HD;
-  d.out = a.att.f32();
+  d.out = static_cast<float*>(a.att.p);
   d.out_stride = S.qdim();
   be.decode_attention(d);
 }

@@ -80,9 +80,10 @@ struct BlockScratch {
 
 // A layer's KV cache as the attention of a decoding pass sees it.
 struct KVLayer {
-  float *k = nullptr, *v = nullptr;  // [B][positions][NKV·HD]
-  int64_t batch_stride = 0;          // floats between sequences
-  const int32_t* past = nullptr;     // [B] cached positions before the new ones (host array)
+  Act k, v;                          // [B][positions][NKV·HD] in the backend's activation type
+  int64_t batch_stride = 0;          // values between sequences
+  const int32_t* past = nullptr;     // [B] cached positions before the new ones (the backend's array)
+  int max_positions = 0;             // the cache's capacity per sequence
   int B = 1, Tq = 1;
   bool fresh = false;                // every sequence's cache is empty: attend within the new tokens directly
 };

@@ -3,11 +3,40 @@
 // then allocates nothing.
 #pragma once
 #include <cstdint>
+#include <utility>
 
 #include "core/error.h"
 #include "nn/backend.h"
 
 namespace kiln::nn {
+
+// One allocation on a backend, freed with the object (the backend must outlive it).
+class DeviceBlock {
+ public:
+  DeviceBlock() = default;
+  DeviceBlock(Backend& be, size_t bytes, const char* what) : be_(&be), bytes_(bytes) { p_ = be.alloc(bytes, what); }
+  ~DeviceBlock() {
+    if (be_) be_->free(p_);
+  }
+  DeviceBlock(const DeviceBlock&) = delete;
+  DeviceBlock& operator=(const DeviceBlock&) = delete;
+  DeviceBlock(DeviceBlock&& o) noexcept { *this = std::move(o); }
+  DeviceBlock& operator=(DeviceBlock&& o) noexcept {
+    std::swap(be_, o.be_), std::swap(p_, o.p_), std::swap(bytes_, o.bytes_);
+    return *this;
+  }
+  template <class T>
+  T* as() const {
+    return static_cast<T*>(p_);
+  }
+  void* data() const { return p_; }
+  size_t size() const { return bytes_; }
+
+ private:
+  Backend* be_ = nullptr;
+  void* p_ = nullptr;
+  size_t bytes_ = 0;
+};
 
 class Workspace {
  public:

@@ -5,7 +5,6 @@ set(KILN_LOADER_SOURCES
   ${CMAKE_SOURCE_DIR}/core/file_io.cpp
   ${CMAKE_SOURCE_DIR}/core/safetensors.cpp
   ${CMAKE_SOURCE_DIR}/models/config.cpp
-  ${CMAKE_SOURCE_DIR}/models/gpt2_params.cpp
   ${CMAKE_SOURCE_DIR}/models/param_table.cpp
   ${CMAKE_SOURCE_DIR}/models/model_config.cpp
   ${CMAKE_SOURCE_DIR}/models/family.cpp

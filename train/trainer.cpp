@@ -142,9 +142,6 @@ double train(const TrainOptions& opt) {
   const DeviceSpec device = parse_device(opt.device);
   if (device.cuda) {
     KILN_CHECK(opt.dtype == "bf16", "--device cuda trains in bf16: pass --dtype bf16 (got --dtype ", opt.dtype, ")");
-    KILN_CHECK(opt.recompute == "none" || opt.recompute == "block", "--recompute ", opt.recompute,
-               ": --device cuda supports none and block");
-    KILN_CHECK(opt.lm_head_chunk == 0, "--lm-head-chunk: --device cuda holds all logits");
     KILN_CHECK(opt.loss_scale != "dynamic", "--loss-scale dynamic: bf16 on the GPU needs no loss scaling");
     gpu::init(device.index);
   }
@@ -197,7 +194,7 @@ double train(const TrainOptions& opt) {
   const size_t n_floats = model->table().total;
   if (device.cuda)
     std::fprintf(stderr,
-                 "kiln train: %s, %.2fM parameters | GPU memory plan: weights+bf16 copy+grads+AdamW %.1f MB, "
+                 "kiln train: %s, %.2fM parameters | GPU memory plan: weights+bf16 copy+grads %.1f MB, "
                  "activations %.1f MB\n",
                  cfg.family.c_str(), double(cfg.num_params()) / 1e6, double(model->state_bytes()) / MB,
                  double(act_bytes) / MB);

@@ -218,6 +218,31 @@ void add(float* out, const float* a, const float* b, int64_t n, void* stream) { 
 void cast(uint16_t* out, const float* inp, int64_t n, void* stream) {
   map(out, inp, static_cast<const float*>(nullptr), n, Copy{}, stream);
 }
+// One thread per element, grid-stride (a strided copy of a few rows: v heads beside normed q/k, last rows).
+template <class T>
+KILN_GLOBAL void copy_rows_kernel(T* dst, int64_t ld_dst, const T* src, int64_t ld_src, int64_t width, int64_t n) {
+  for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < n; i += int64_t(gridDim.x) * blockDim.x) {
+    const int64_t r = i / width, c = i % width;
+    dst[r * ld_dst + c] = src[r * ld_src + c];
+  }
+}
+template <class T>
+void copy_rows_t(T* dst, int64_t ld_dst, const T* src, int64_t ld_src, int64_t N, int64_t width, void* stream) {
+  KILN_CHECK(N >= 0 && width >= 0 && ld_dst >= width && ld_src >= width, "copy_rows: ", N, " rows of ", width,
+             " with strides ", ld_dst, " and ", ld_src);
+  const int64_t n = N * width;
+  if (n == 0) return;
+  KILN_CHECK(dst && src, "copy_rows: null pointer argument");
+  simt::launch(copy_rows_kernel<T>, dim3(unsigned(std::min<int64_t>((n + 255) / 256, 4096))), dim3(256), 0, static_cast<cudaStream_t>(stream), dst, ld_dst, src,
+               ld_src, width, n);
+}
+void copy_rows(uint16_t* dst, int64_t ld_dst, const uint16_t* src, int64_t ld_src, int64_t N, int64_t width,
+               void* stream) {
+  copy_rows_t(dst, ld_dst, src, ld_src, N, width, stream);
+}
+void copy_rows(float* dst, int64_t ld_dst, const float* src, int64_t ld_src, int64_t N, int64_t width, void* stream) {
+  copy_rows_t(dst, ld_dst, src, ld_src, N, width, stream);
+}
 void cast(float* out, const uint16_t* inp, int64_t n, void* stream) {
   map(out, inp, static_cast<const uint16_t*>(nullptr), n, Copy{}, stream);
 }

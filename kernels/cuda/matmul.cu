@@ -342,6 +342,49 @@ void matmul_backward(uint16_t* dinp, float* dweight, float* dbias, const uint16_
                  size_t(32 * kBiasRows) * sizeof(float), as_stream(stream), dbias, dout, N, OC);
 }
 
+void linear_forward(uint16_t* out, int64_t ld_out, const uint16_t* inp, const uint16_t* weight, bool w_oc_c,
+                    const float* bias, int64_t N, int C, int OC, void* stream) {
+  if (N == 0) return;
+  LtCall c = row_major("linear_forward (bf16)", false, w_oc_c, N, OC, C, 1.0f, inp, C, weight, w_oc_c ? C : OC, 0.0f,
+                       Ty::bf16, nullptr, out, ld_out);
+  if (bias) c.epi = Epi::bias, c.bias = bias_bf16("linear_forward", bias, OC, stream);
+  run(c, stream);
+}
+
+void linear_forward(float* out, int64_t ld_out, const float* residual, const uint16_t* inp, const uint16_t* weight,
+                    bool w_oc_c, const float* bias, int64_t N, int C, int OC, void* stream) {
+  if (N == 0) return;
+  LtCall c = row_major("linear_forward (fp32)", false, w_oc_c, N, OC, C, 1.0f, inp, C, weight, w_oc_c ? C : OC,
+                       residual ? 1.0f : 0.0f, Ty::f32, residual, out, ld_out);
+  if (bias) c.epi = Epi::bias, c.bias = bias;  // fp32 D: the fp32 bias is D's type
+  run(c, stream);
+}
+
+void linear_backward(uint16_t* dinp, float* dweight, float* dbias, const uint16_t* dout, int64_t ld_dout,
+                     const uint16_t* inp, const uint16_t* weight, bool w_oc_c, int64_t N, int C, int OC, void* stream) {
+  if (N == 0) return;
+  // dinp[N, C] = dout · Wᵀ: W [C, OC] is read transposed, W [OC, C] as stored.
+  if (dinp)
+    run(row_major("linear_backward (dinp)", false, !w_oc_c, N, C, OC, 1.0f, dout, ld_dout, weight, w_oc_c ? C : OC,
+                  0.0f, Ty::bf16, nullptr, dinp, C),
+        stream);
+  // dW [C, OC] += inpᵀ · dout, or dW [OC, C] += doutᵀ · inp.
+  if (dweight && !w_oc_c)
+    run(row_major("linear_backward (dweight)", true, false, C, OC, N, 1.0f, inp, C, dout, ld_dout, 1.0f, Ty::f32,
+                  dweight, dweight, OC),
+        stream);
+  if (dweight && w_oc_c)
+    run(row_major("linear_backward (dweight)", true, false, OC, C, N, 1.0f, dout, ld_dout, inp, C, 1.0f, Ty::f32,
+                  dweight, dweight, C),
+        stream);
+  if (dbias) {
+    KILN_CHECK(ld_dout == OC, "cuda::linear_backward: a bias gradient needs dout rows of stride OC (", OC, "), got ",
+               ld_dout);
+    simt::launch(bias_grad_kernel, dim3(unsigned((OC + 31) / 32)), dim3(32, kBiasRows),
+                 size_t(32 * kBiasRows) * sizeof(float), as_stream(stream), dbias, dout, N, OC);
+  }
+}
+
 void gemm(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, float alpha, const uint16_t* A, int64_t lda,
           const uint16_t* B, int64_t ldb, float beta, uint16_t* C, int64_t ldc, void* stream) {
   if (M == 0 || N == 0) return;

@@ -198,3 +198,83 @@ TEST(MatmulGpu, BadLeadingDimensionFailsNamingTheCall) {
 
 }  // namespace
 }  // namespace kiln
+
+namespace kiln {
+namespace {
+
+// cuda::linear_forward / linear_backward in both weight layouts (Conv1D [C, OC] and nn.Linear [OC, C]) against
+// plain double-precision loops on the same bf16 values: the bias fused, a padded output stride, the fp32 form
+// with a residual (apart and in place), and the backward's overwrite / accumulate conventions.
+void linear_layout_case(bool oc_c) {
+  const int64_t N = 13;
+  const int C = 40, OC = 24;
+  const int64_t ld = OC + 8;
+  auto x = round_bf16(test::randn(N * C, 61));
+  auto w = round_bf16(test::randn(int64_t(C) * OC, 62, 0.3f));
+  auto bias = test::randn(OC, 63, 0.5f);
+  auto W = [&](int c, int o) { return double(oc_c ? w[size_t(o) * C + c] : w[size_t(c) * OC + o]); };
+  std::vector<double> y(N * OC), mag(N * OC);
+  for (int64_t n = 0; n < N; n++)
+    for (int o = 0; o < OC; o++) {
+      double s = bias[o], m = std::fabs(bias[o]);
+      for (int c = 0; c < C; c++) s += x[n * C + c] * W(c, o), m += std::fabs(x[n * C + c] * W(c, o));
+      y[n * OC + o] = s, mag[n * OC + o] = m;
+    }
+  DeviceVec<uint16_t> dx(to_bf16(x)), dw(to_bf16(w)), dy16(N * ld);
+  DeviceVec<float> db(bias);
+  const std::string what = oc_c ? "[OC, C]" : "[C, OC]";
+  // bf16 output with a padded stride.
+  cuda::linear_forward(dy16.get(), ld, dx.get(), dw.get(), oc_c, db.get(), N, C, OC, gpu::stream());
+  auto got16 = from_bf16(dy16.download());
+  for (int64_t n = 0; n < N; n++)
+    for (int o = 0; o < OC; o++)
+      ASSERT_NEAR(got16[n * ld + o], y[n * OC + o], 8e-3 * std::fabs(y[n * OC + o]) + 4e-3 * std::fabs(bias[o]) +
+                                                        1e-5 * mag[n * OC + o])
+          << what << " bf16 (" << n << ", " << o << ")";
+  // fp32 output plus a residual, apart and in place.
+  auto res = test::randn(N * OC, 64);
+  DeviceVec<float> dres(res), dout(N * OC);
+  cuda::linear_forward(dout.get(), OC, dres.get(), dx.get(), dw.get(), oc_c, db.get(), N, C, OC, gpu::stream());
+  cuda::linear_forward(dres.get(), OC, dres.get(), dx.get(), dw.get(), oc_c, db.get(), N, C, OC, gpu::stream());
+  for (const auto& got : {dout.download(), dres.download()})
+    for (int64_t i = 0; i < N * OC; i++)
+      ASSERT_NEAR(got[size_t(i)], y[size_t(i)] + res[size_t(i)], 1e-4 * std::fabs(y[size_t(i)]) + 1e-5 * mag[size_t(i)] + 1e-6)
+          << what << " fp32 " << i;
+
+  // Backward from dy (stride OC): dx overwritten, dW (in W's layout) and db accumulated onto what was there.
+  auto dyv = round_bf16(test::randn(N * OC, 65));
+  auto dw0 = test::randn(int64_t(C) * OC, 66), db0 = test::randn(OC, 67);
+  DeviceVec<uint16_t> ddy(to_bf16(dyv)), ddx(to_bf16(test::randn(N * C, 68)));
+  DeviceVec<float> ddw(dw0), ddb(db0);
+  cuda::linear_backward(ddx.get(), ddw.get(), ddb.get(), ddy.get(), OC, dx.get(), dw.get(), oc_c, N, C, OC,
+                        gpu::stream());
+  auto gx = from_bf16(ddx.download());
+  auto gw = ddw.download(), gb = ddb.download();
+  for (int64_t n = 0; n < N; n++)
+    for (int c = 0; c < C; c++) {
+      double s = 0, m = 0;
+      for (int o = 0; o < OC; o++) s += dyv[n * OC + o] * W(c, o), m += std::fabs(dyv[n * OC + o] * W(c, o));
+      ASSERT_NEAR(gx[n * C + c], s, 8e-3 * std::fabs(s) + 1e-5 * m + 1e-6) << what << " dx";
+    }
+  for (int c = 0; c < C; c++)
+    for (int o = 0; o < OC; o++) {
+      double s = 0, m = 0;
+      for (int64_t n = 0; n < N; n++) s += x[n * C + c] * dyv[n * OC + o], m += std::fabs(x[n * C + c] * dyv[n * OC + o]);
+      const size_t at = oc_c ? size_t(o) * C + c : size_t(c) * OC + o;
+      ASSERT_NEAR(gw[at], dw0[at] + s, 1e-4 * std::fabs(s) + 1e-5 * (m + std::fabs(dw0[at]))) << what << " dW";
+    }
+  for (int o = 0; o < OC; o++) {
+    double s = db0[o];
+    for (int64_t n = 0; n < N; n++) s += dyv[n * OC + o];
+    ASSERT_NEAR(gb[o], s, 1e-4 * std::fabs(s) + 1e-5 * N) << what << " db";
+  }
+}
+
+TEST(MatmulGpu, LinearBothWeightLayouts) {
+  KILN_REQUIRE_GPU();
+  linear_layout_case(false);
+  linear_layout_case(true);
+}
+
+}  // namespace
+}  // namespace kiln
