@@ -7,6 +7,9 @@ set -euo pipefail
 here="$(cd "$(dirname "$0")/.." && pwd)"
 cfg="${1:-$here/bench/gpt2-124m.json}"; P="${2:-16}"; N="${3:-128}"; TH="${4:-$(nproc)}"; R="${5:-3}"
 kiln="${KILN:-$here/build/kiln}"
+# The PyTorch peer's OpenBLAS gets the kernels kiln runs on (kiln picks them by CPU feature where OpenBLAS does not
+# recognise the CPU; kernels/matmul.h), so both sides multiply with the same code.
+export OPENBLAS_CORETYPE="${OPENBLAS_CORETYPE:-$("$kiln" version | sed -n 's/^blas core: //p')}"
 py=/usr/bin/python3
 
 ids=$($py -c "

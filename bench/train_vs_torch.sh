@@ -6,6 +6,9 @@ set -euo pipefail
 here="$(cd "$(dirname "$0")/.." && pwd)"
 cfg="${1:-$here/bench/gpt2-124m.json}"; B="${2:-4}"; T="${3:-64}"; K="${4:-5}"; D="${5:-fp32}"
 kiln="${KILN:-$here/build/kiln}"
+# The PyTorch peer's OpenBLAS gets the kernels kiln runs on (kiln picks them by CPU feature where OpenBLAS does not
+# recognise the CPU; kernels/matmul.h), so both sides multiply with the same code.
+export OPENBLAS_CORETYPE="${OPENBLAS_CORETYPE:-$("$kiln" version | sed -n 's/^blas core: //p')}"
 ours=$("$kiln" bench train --model "$cfg" --batch "$B" --seq "$T" --steps "$K" --dtype "$D")
 peer=$(LD_LIBRARY_PATH=/usr/lib/x86_64-linux-gnu/openblas-openmp /usr/bin/python3 "$here/bench/torch_train_bench.py" \
        "$cfg" --batch "$B" --seq "$T" --steps "$K" --dtype "$D")

@@ -16,6 +16,15 @@ void gemm(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, float alp
 
 void matmul_forward(float* out, const float* inp, const float* weight, const float* bias, int64_t N, int C,
                     int OC);
+
+// The fp32 products run on OpenBLAS, which picks its kernels from the CPU model when it loads. On a host it
+// does not recognise (a virtual machine calling itself "Intel Xeon Processor") it falls back to its SSE3
+// "Prescott" kernels, 3-4x slower than the AVX-512 ones the CPU has. blas_core(): the kernels in use.
+// blas_core_for_this_cpu(): the OPENBLAS_CORETYPE the CPU's features call for when the detected core is one of
+// those pre-AVX2 fallbacks (SkylakeX with AVX-512, Haswell with AVX2), else null. It must be set before the
+// library loads, so the kiln CLI sets it and re-executes itself (tools/kiln/main.cpp).
+const char* blas_core();
+const char* blas_core_for_this_cpu();
 void matmul_backward(float* dinp, float* dweight, float* dbias, const float* dout, const float* inp,
                      const float* weight, int64_t N, int C, int OC);
 }  // namespace cpu
@@ -69,6 +78,15 @@ void gemm(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, float alp
           int64_t lda, const float* B, int64_t ldb, float beta, float* C, int64_t ldc);
 void matmul_forward(float* out, const float* inp, const float* weight, const float* bias, int64_t N, int C,
                     int OC);
+
+// The fp32 products run on OpenBLAS, which picks its kernels from the CPU model when it loads. On a host it
+// does not recognise (a virtual machine calling itself "Intel Xeon Processor") it falls back to its SSE3
+// "Prescott" kernels, 3-4x slower than the AVX-512 ones the CPU has. blas_core(): the kernels in use.
+// blas_core_for_this_cpu(): the OPENBLAS_CORETYPE the CPU's features call for when the detected core is one of
+// those pre-AVX2 fallbacks (SkylakeX with AVX-512, Haswell with AVX2), else null. It must be set before the
+// library loads, so the kiln CLI sets it and re-executes itself (tools/kiln/main.cpp).
+const char* blas_core();
+const char* blas_core_for_this_cpu();
 void matmul_backward(float* dinp, float* dweight, float* dbias, const float* dout, const float* inp,
                      const float* weight, int64_t N, int C, int OC);
 }  // namespace ref

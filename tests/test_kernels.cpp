@@ -4,6 +4,8 @@
 #include <gtest/gtest.h>
 
 #include <cmath>
+#include <cstdio>
+#include <string>
 #include <cstdint>
 #include <cstring>
 #include <limits>
@@ -278,4 +280,25 @@ TEST(KernelsAdamW, SumSquaresMatchesDoubleLoop) {
     EXPECT_NEAR(cpu::sum_squares(x.data(), n), want, 1e-12 * want) << n;
     EXPECT_NEAR(ref::sum_squares(x.data(), n), want, 1e-12 * want) << n;
   }
+}
+
+// On a CPU with AVX2, the kiln CLI never multiplies with OpenBLAS's pre-AVX2 fallback kernels: when OpenBLAS does
+// not recognise the CPU (virtual machines), kiln names the kernels by feature and re-executes itself.
+TEST(Blas, CliRunsOnKernelsTheCpuSupports) {
+  __builtin_cpu_init();
+  if (!__builtin_cpu_supports("avx2")) GTEST_SKIP() << "no AVX2 on this CPU";
+  FILE* p = ::popen("env -u OPENBLAS_CORETYPE '" KILN_BINARY_DIR "/kiln' version", "r");
+  ASSERT_NE(p, nullptr);
+  char buf[256] = {};
+  std::string out;
+  while (std::fgets(buf, sizeof(buf), p)) out += buf;
+  ASSERT_EQ(::pclose(p), 0) << out;
+  const size_t at = out.find("blas core: ");
+  ASSERT_NE(at, std::string::npos) << out;
+  std::string core = out.substr(at + 11);
+  core = core.substr(0, core.find('\n'));
+  for (const char* slow : {"Prescott", "Core2", "Penryn", "Dunnington", "Nehalem", "Atom"}) EXPECT_NE(core, slow);
+  // The kernels OpenBLAS picked for this test process are either already right or the ones kiln would name.
+  const char* pick = cpu::blas_core_for_this_cpu();
+  if (pick) EXPECT_TRUE(core == pick) << core << " vs " << pick;
 }

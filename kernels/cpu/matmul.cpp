@@ -7,11 +7,35 @@
 
 #include <algorithm>
 #include <climits>
+#include <cctype>
 #include <cstring>
+#include <string>
 
 #include "core/error.h"
 
+extern "C" char* openblas_get_corename(void);
+
 namespace kiln::cpu {
+
+const char* blas_core() { return openblas_get_corename(); }
+
+const char* blas_core_for_this_cpu() {
+  std::string core = blas_core();
+  std::transform(core.begin(), core.end(), core.begin(), [](unsigned char c) { return char(std::tolower(c)); });
+  static const char* kFallbacks[] = {"prescott", "core2", "penryn", "dunnington", "nehalem", "atom", "katmai",
+                                     "coppermine", "northwood", "banias", "unknown"};
+  if (std::find_if(std::begin(kFallbacks), std::end(kFallbacks), [&](const char* f) { return core == f; }) ==
+      std::end(kFallbacks))
+    return nullptr;
+#if defined(__x86_64__)
+  __builtin_cpu_init();
+  if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl") &&
+      __builtin_cpu_supports("avx512dq"))
+    return "SkylakeX";
+  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return "Haswell";
+#endif
+  return nullptr;
+}
 
 namespace {
 // cblas takes 32-bit sizes: refuse anything larger rather than silently truncating.

@@ -11,6 +11,7 @@
 
 #include "core/gpu.h"
 #include "core/rng.h"
+#include "kernels/matmul.h"
 #include "models/family.h"
 #include "models/model.h"
 #include "tools/kiln/command.h"
@@ -116,6 +117,7 @@ void bench_train(const BenchTrainOptions& o) {
                       {"gflops", flops_per_token * double(N) / (med / 1e3) / 1e9},
                       {"recompute", o.recompute},
                       {"dtype", o.dtype},
+                      {"blas_core", cpu::blas_core()},
                       {"activation_mb", double(model->activation_bytes()) / (1 << 20)},
                       {"state_mb", double(model->state_bytes()) / (1 << 20)}};
   std::printf("%s\n", j.dump().c_str());

@@ -1,8 +1,12 @@
 // kiln: train and serve transformer language models. One file per subcommand in this folder.
+#include <unistd.h>
+
 #include <algorithm>
 #include <cstdio>
+#include <cstdlib>
 
 #include "core/error.h"
+#include "kernels/matmul.h"
 #include "tools/kiln/command.h"
 
 namespace kiln::cli {
@@ -19,6 +23,13 @@ Command::Command(std::string, std::function<void(CLI::App&)> setup, int order) {
 }  // namespace kiln::cli
 
 int main(int argc, char** argv) {
+  // OpenBLAS fell back to kernels slower than this CPU can run (see kernels/matmul.h): name the right ones and
+  // start again, once (the variable is set now), keeping the arguments. If the exec fails, run as we are.
+  if (!std::getenv("OPENBLAS_CORETYPE"))
+    if (const char* core = kiln::cpu::blas_core_for_this_cpu()) {
+      setenv("OPENBLAS_CORETYPE", core, 1);
+      execv("/proc/self/exe", argv);
+    }
   CLI::App app{"kiln: train and serve transformer language models"};
   app.require_subcommand(1);
   app.set_help_all_flag("--help-all", "Help for every subcommand");
