@@ -23,6 +23,10 @@ struct RopeParams {
   const float* inv_freq = nullptr;  // [rot_dim / 2]
 };
 
+// Throws naming the field when p cannot describe a rotation (heads/HD not positive, rot_dim odd or > HD, no
+// inv_freq); every implementation checks with it.
+void check_rope_params(const RopeParams& p);
+
 namespace cpu {
 void rope_forward(float* x, const int32_t* pos, int64_t N, const RopeParams& p);
 void rope_backward(float* dx, const int32_t* pos, int64_t N, const RopeParams& p);

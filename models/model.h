@@ -73,6 +73,9 @@ class Model {
 
 std::unique_ptr<Model> make_model(const ModelConfig& cfg, const ModelOptions& opt = {});
 
+// The attention parameters of a config for B rows of T tokens (causal; cu_seqlens unset).
+AttentionParams attention_params(const ModelConfig& c, int B, int T);
+
 // The memory a training step of up to N tokens plans, without building the model: model state (weights,
 // gradients, 16-bit copies where used; on the GPU also the AdamW moments) and activations, in bytes.
 struct MemoryPlan {

@@ -104,8 +104,9 @@ void TransformerWeights::bind(const ModelConfig& c, const ParamTable& t, const f
 
 // ---- shared by training and decoding ----
 
-AttentionParams Model::attention(int B, int T) const {
-  const ModelConfig& c = config();
+AttentionParams Model::attention(int B, int T) const { return attention_params(config(), B, T); }
+
+AttentionParams attention_params(const ModelConfig& c, int B, int T) {
   AttentionParams ap;
   ap.B = B;
   ap.T = T;
@@ -563,14 +564,7 @@ void TransformerDecoder::run_layers(const int32_t* tok, const int32_t* pos, cons
   const int64_t N = int64_t(B) * n;
   be_->embedding_forward(x_, tok, pos, w_.wte, w_.wpe, N, C);
   // A fresh prompt attends within itself (FlashAttention over B rows of n); later tokens attend to the cache.
-  AttentionParams flash;
-  flash.B = B;
-  flash.T = n;
-  flash.NH = cfg_.n_head;
-  flash.NKV = cfg_.n_kv_head;
-  flash.HD = cfg_.head_dim;
-  flash.window = cfg_.sliding_window;
-  flash.scale = cfg_.attention_scale();
+  const AttentionParams flash = attention_params(cfg_, B, n);
   const int64_t layer_cache = int64_t(B) * max_pos_ * cfg_.kv_dim();
   const nn::Act k{k_.data(), be_->act_dtype()}, v{v_.data(), be_->act_dtype()};
   for (int l = 0; l < cfg_.n_layer; l++) {

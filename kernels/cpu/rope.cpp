@@ -8,15 +8,23 @@
 
 #include "core/error.h"
 
+namespace kiln {
+
+void check_rope_params(const RopeParams& p) {
+  KILN_CHECK(p.heads >= 1 && p.HD >= 1, "rope: heads (", p.heads, ") and HD (", p.HD, ") must be positive");
+  KILN_CHECK(p.rot_dim >= 0 && p.rot_dim % 2 == 0 && p.rot_dim <= p.HD, "rope: rot_dim (", p.rot_dim,
+             ") must be even and <= HD (", p.HD, ")");
+  KILN_CHECK(p.inv_freq != nullptr || p.rot_dim == 0, "rope: inv_freq is null");
+}
+
+}  // namespace kiln
+
 namespace kiln::cpu {
 
 namespace {
 // sign = +1: rotate by the angle (forward); −1: by its negative (backward, the transposed rotation).
 void rotate(float* x, const int32_t* pos, int64_t N, const RopeParams& p, float sign) {
-  KILN_CHECK(p.heads >= 1 && p.HD >= 1, "rope: heads (", p.heads, ") and HD (", p.HD, ") must be positive");
-  KILN_CHECK(p.rot_dim >= 0 && p.rot_dim % 2 == 0 && p.rot_dim <= p.HD, "rope: rot_dim (", p.rot_dim,
-             ") must be even and <= HD (", p.HD, ")");
-  KILN_CHECK(p.inv_freq != nullptr || p.rot_dim == 0, "rope: inv_freq is null");
+  check_rope_params(p);
   const int64_t L = p.ld > 0 ? p.ld : int64_t(p.heads) * p.HD;
   const int half = p.rot_dim / 2;
   if (half == 0 || N == 0) return;
