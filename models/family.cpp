@@ -8,11 +8,11 @@
 
 namespace kiln {
 
-extern const Family kGpt2Family, kLlamaFamily, kMistralFamily, kQwen2Family, kQwen3Family;
+extern const Family kGpt2Family, kLlamaFamily, kMistralFamily, kQwen2Family, kQwen3Family, kQwen3MoeFamily;
 
 const std::vector<const Family*>& families() {
   static const std::vector<const Family*> all = {&kGpt2Family, &kLlamaFamily, &kMistralFamily, &kQwen2Family,
-                                                 &kQwen3Family};
+                                                 &kQwen3Family, &kQwen3MoeFamily};
   return all;
 }
 

@@ -188,7 +188,10 @@ void Model::init_random(uint64_t seed) {
       for (int64_t j = 0; j < s.numel(); j++) w[j] = v;
       continue;
     }
-    const float std = (ends_with(s.key, "attn_output.weight") || ends_with(s.key, "ffn_down.weight")) ? std_resid : 0.02f;
+    const float std = (ends_with(s.key, "attn_output.weight") || ends_with(s.key, "ffn_down.weight") ||
+                       ends_with(s.key, "ffn_down_exps.weight") || ends_with(s.key, "ffn_down_shexp.weight"))
+                          ? std_resid
+                          : 0.02f;
     // One Philox stream per tensor, chunked so threads fill disjoint ranges deterministically.
     const int64_t n_el = s.numel(), chunk = 1 << 16;
 #pragma omp parallel for schedule(static)
