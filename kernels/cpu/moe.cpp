@@ -181,4 +181,57 @@ void grouped_linear_backward(float* dx, float beta, float* dw, const float* dy, 
   }
 }
 
+double moe_seq_aux(float* f, const float* scores, const int32_t* idx, const int32_t* starts, int S,
+                   const MoeRouting& r, float alpha) {
+  const int E = r.E, K = r.K;
+  double loss = 0;
+#pragma omp parallel for schedule(dynamic) reduction(+ : loss) if (S > 1)
+  for (int s = 0; s < S; s++) {
+    const int64_t t0 = starts[s], t1 = starts[s + 1], T = t1 - t0;
+    float* fs = f + int64_t(s) * E;
+    std::vector<float> p(static_cast<size_t>(E), 0.0f);
+    std::memset(fs, 0, sizeof(float) * size_t(E));
+    for (int64_t t = t0; t < t1; t++) {
+      for (int k = 0; k < K; k++) fs[idx[t * K + k]] += 1.0f;
+      const float* sc = scores + t * E;
+      float sum = 0;
+      for (int j = 0; j < E; j++) sum += sc[j];
+      const float inv = 1.0f / sum;
+      for (int j = 0; j < E; j++) p[size_t(j)] += sc[j] * inv;
+    }
+    const float norm = T ? float(E) / (float(K) * float(T)) : 0.0f;
+    double l = 0;
+    for (int i = 0; i < E; i++) {
+      fs[i] *= norm;
+      l += double(fs[i]) * p[size_t(i)];
+    }
+    loss += double(alpha) * l;
+  }
+  return loss;
+}
+
+void moe_seq_aux_backward(float* dlogits, const float* f, const float* scores, const int32_t* starts, int S,
+                          const MoeRouting& r, float scale) {
+  const int E = r.E;
+  for (int s = 0; s < S; s++) {
+    const float* fs = f + int64_t(s) * E;
+#pragma omp parallel for schedule(static) if (starts[s + 1] - starts[s] >= kParallelRows)
+    for (int64_t t = starts[s]; t < starts[s + 1]; t++) {
+      const float* sc = scores + t * E;
+      float* du = dlogits + t * E;
+      float sum = 0, gs = 0;
+      for (int j = 0; j < E; j++) sum += sc[j];
+      const float inv = 1.0f / sum;
+      for (int j = 0; j < E; j++) gs += scale * fs[j] * sc[j] * inv;
+      if (r.sigmoid) {
+        for (int j = 0; j < E; j++) du[j] += (scale * fs[j] - gs) * inv * sc[j] * (1.0f - sc[j]);
+      } else {
+        float d = 0;
+        for (int j = 0; j < E; j++) d += (scale * fs[j] - gs) * inv * sc[j];
+        for (int j = 0; j < E; j++) du[j] += sc[j] * ((scale * fs[j] - gs) * inv - d);
+      }
+    }
+  }
+}
+
 }  // namespace kiln::cpu
