@@ -1,5 +1,7 @@
 // Mixture-of-experts ops on the CPU: routing and combine parallel over tokens, dispatch a serial counting
 // sort (N·K integers), the experts' products one OpenBLAS sgemm per expert over its contiguous rows.
+#include <omp.h>
+
 #include <cmath>
 #include <cstring>
 #include <vector>
@@ -161,24 +163,42 @@ void moe_combine_backward(float* dys, float* dw, const float* dy, const float* y
   }
 }
 
+namespace {
+// Runs fn(e) for every expert with rows. Many experts of few rows each (the usual MoE shape) run one expert per
+// thread, each sgemm single-threaded (OpenBLAS's OpenMP build does not thread inside a parallel region): small
+// products do not scale across threads, whole experts do. Few experts run one after another, each product
+// threaded.
+template <class Fn>
+void for_experts(const int32_t* offsets, int E, Fn&& fn) {
+  int busy = 0;
+  for (int e = 0; e < E; e++) busy += offsets[e + 1] > offsets[e];
+  if (busy >= 2 * omp_get_max_threads()) {
+#pragma omp parallel for schedule(dynamic, 1)
+    for (int e = 0; e < E; e++)
+      if (offsets[e + 1] > offsets[e]) fn(e);
+  } else {
+    for (int e = 0; e < E; e++)
+      if (offsets[e + 1] > offsets[e]) fn(e);
+  }
+}
+}  // namespace
+
 void grouped_linear_forward(float* y, int64_t ldy, const float* x, const float* w, const int32_t* offsets, int E,
                             int in, int out) {
-  for (int e = 0; e < E; e++) {
+  for_experts(offsets, E, [&](int e) {
     const int64_t r0 = offsets[e], rows = offsets[e + 1] - r0;
-    if (rows == 0) continue;
     gemm(false, true, rows, out, in, 1.0f, x + r0 * in, in, w + int64_t(e) * out * in, in, 0.0f, y + r0 * ldy, ldy);
-  }
+  });
 }
 
 void grouped_linear_backward(float* dx, float beta, float* dw, const float* dy, int64_t ldy, const float* x,
                              const float* w, const int32_t* offsets, int E, int in, int out) {
-  for (int e = 0; e < E; e++) {
+  for_experts(offsets, E, [&](int e) {
     const int64_t r0 = offsets[e], rows = offsets[e + 1] - r0;
-    if (rows == 0) continue;
     const float* W = w + int64_t(e) * out * in;
     if (dx) gemm(false, false, rows, in, out, 1.0f, dy + r0 * ldy, ldy, W, in, beta, dx + r0 * in, in);
     if (dw) gemm(true, false, out, in, rows, 1.0f, dy + r0 * ldy, ldy, x + r0 * in, in, 1.0f, dw + int64_t(e) * out * in, in);
-  }
+  });
 }
 
 double moe_seq_aux(float* f, const float* scores, const int32_t* idx, const int32_t* starts, int S,

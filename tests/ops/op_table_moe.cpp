@@ -260,7 +260,7 @@ void add_grouped(std::vector<OpCase>& t) {
     int64_t N;
     int E, K, in, out;
   };
-  for (G s : {G{37, 8, 2, 24, 40}, G{60, 16, 4, 64, 33}, G{9, 6, 3, 17, 8}}) {
+  for (G s : {G{37, 8, 2, 24, 40}, G{60, 16, 4, 64, 33}, G{9, 6, 3, 17, 8}, G{11, 3, 1, 20, 12}}) {
     const int64_t N = s.N, R = N * s.K;
     const int E = s.E, K = s.K, in = s.in, out = s.out;
     const std::vector<int32_t> idx = random_choices(N, K, E, 1, 82 + uint64_t(N));
