@@ -89,3 +89,58 @@ def bias_update(bias, load, gamma):
     """Loss-free balancing (DeepSeek-V3 paper section 2.1.2): b_i += gamma * sign(mean load - load_i)."""
     load = load.to(torch.float64)
     return bias + gamma * torch.sign(load.mean() - load).to(bias.dtype)
+
+
+# ---- self-test ---------------------------------------------------------------------------------------------------
+
+def self_test():
+    """The vectorised routing against a per-token loop written from the paper's description, the experts against
+    a dense per-token sum, the balancing update against a hand count. /usr/bin/python3 tests/peer/torch_moe.py"""
+    ok = True
+
+    def check(cond, what):
+        nonlocal ok
+        print(("ok    " if cond else "FAIL  ") + what)
+        ok &= bool(cond)
+
+    g = torch.Generator().manual_seed(5)
+    N, E, K, G, TG, C, MF = 37, 16, 3, 4, 2, 8, 6
+    logits = torch.randn(N, E, generator=g, dtype=torch.float64)
+    bias = 0.1 * torch.randn(E, generator=g, dtype=torch.float64)
+    idx, w = deepseek_v3_route(logits, bias, K, G, TG, True, 2.5)
+    same = True
+    for t in range(N):
+        s = torch.sigmoid(logits[t])
+        c = s + bias
+        per = E // G
+        gscore = [sorted(c[k * per:(k + 1) * per].tolist())[-2:] for k in range(G)]
+        gscore = [a + b for a, b in gscore]
+        kept = sorted(range(G), key=lambda k: -gscore[k])[:TG]
+        allowed = [e for e in range(E) if e // per in kept]
+        chosen = sorted(allowed, key=lambda e: -float(c[e]))[:K]
+        ww = s[chosen] / s[chosen].sum() * 2.5
+        got = dict(zip(idx[t].tolist(), w[t].tolist()))
+        same &= set(got) == set(chosen) and all(abs(got[e] - float(x)) < 1e-12 for e, x in zip(chosen, ww))
+    check(same, f"DeepSeek-V3 routing ({G} groups, top {TG}, top-{K} of {E}, bias, scale 2.5) == a per-token loop")
+    idx, w = qwen3_moe_route(logits, K, True)
+    p = torch.softmax(logits, -1)
+    ref = [sorted(range(E), key=lambda e: -float(p[t, e]))[:K] for t in range(N)]
+    check(all(sorted(idx[t].tolist()) == sorted(ref[t]) for t in range(N)) and
+          torch.allclose(w.sum(-1).double(), torch.ones(N, dtype=torch.float64), atol=1e-6), "Qwen3-MoE routing: top-k of the softmax, renormalised")
+    P = {f"experts.{e}.{m}_proj.weight": torch.randn((C, MF) if m == "down" else (MF, C), generator=g, dtype=torch.float64)
+         for e in range(E) for m in ("gate", "up", "down")}
+    x = torch.randn(N, C, generator=g, dtype=torch.float64)
+    idx, w = deepseek_v3_route(logits, bias, K, G, TG, True, 2.5)
+    y = run_experts(x, P, "", E, idx, w)
+    dense = torch.stack([sum(w[t, k] * swiglu(x[t:t + 1], P, f"experts.{int(idx[t, k])}.")[0] for k in range(K))
+                         for t in range(N)])
+    check(float((y - dense).abs().max()) < 1e-12, "experts by index_add_ == the per-token weighted sum")
+    b = bias_update(torch.zeros(4, dtype=torch.float64), torch.tensor([5, 1, 3, 3]), 0.1)
+    check(b.tolist() == [-0.1, 0.1, 0.0, 0.0], "bias update: loads 5 1 3 3 (mean 3) -> -g +g 0 0")
+    print("PASS" if ok else "FAIL")
+    return ok
+
+
+if __name__ == "__main__":
+    import sys
+    sys.exit(0 if self_test() else 1)
