@@ -1,7 +1,8 @@
 # GGUF export: the writer, reader and export also build apart from kiln_lib (just the sources they need), so the
 # unit tests link on their own.
 set(KILN_GGUF_SOURCES ${CMAKE_SOURCE_DIR}/core/gguf.cpp ${CMAKE_SOURCE_DIR}/core/file_io.cpp
-                      ${CMAKE_SOURCE_DIR}/models/gguf_export.cpp ${CMAKE_SOURCE_DIR}/models/param_table.cpp)
+                      ${CMAKE_SOURCE_DIR}/models/gguf_export.cpp ${CMAKE_SOURCE_DIR}/models/param_table.cpp
+                      ${CMAKE_SOURCE_DIR}/models/model_config.cpp)
 add_library(kiln_gguf STATIC ${KILN_GGUF_SOURCES})
 target_include_directories(kiln_gguf PUBLIC ${CMAKE_SOURCE_DIR} ${CMAKE_CURRENT_SOURCE_DIR})
 
