@@ -44,6 +44,18 @@ nn::BlockShape block_shape(const ModelConfig& c, int layer) {
   F.F = c.d_ff;
   F.gated = c.gated_ffn;
   F.act = c.activation;
+  if (c.mla.on()) {
+    nn::MLAShape& M = S.mla;
+    M.C = c.d_model;
+    M.NH = c.n_head;
+    M.q_lora = c.mla.q_lora_rank;
+    M.r = c.mla.kv_lora_rank;
+    M.nope = c.mla.qk_nope_dim;
+    M.rope = c.mla.qk_rope_dim;
+    M.vd = c.mla.v_head_dim;
+    M.eps = c.norm_eps;
+    M.interleaved = c.mla.rope_interleave;
+  }
   return S;
 }
 
@@ -85,16 +97,36 @@ void TransformerWeights::bind(const ModelConfig& c, const ParamTable& t, const f
     k.shape = S;
     k.norm1 = norm(b + "attn_norm");
     k.norm2 = norm(b + "ffn_norm");
+    const std::string up = c.gated_ffn ? "ffn_gate" : "ffn_up";  // gate and up packed: [gate | up] rows
+    k.ffn.shape = S.ffn;
+    k.ffn.up = weight(b + up + ".weight", c.ffn_bias ? b + up + ".bias" : "", c.d_model, S.ffn.up());
+    k.ffn.down = weight(b + "ffn_down.weight", c.ffn_bias ? b + "ffn_down.bias" : "", c.d_ff, c.d_model);
+    if (S.mla.on()) {
+      // Latent attention: [q (or q_a) | kv_a_mqa] packed into one product.
+      const nn::MLAShape& M = S.mla;
+      nn::LatentAttention& m = k.mla;
+      m.shape = M;
+      m.a = weight(b + (M.q_lora ? "attn_q_a" : "attn_q") + ".weight", "", c.d_model, M.a());
+      if (M.q_lora) {
+        m.q_b = weight(b + "attn_q_b.weight", "", M.q_lora, M.NH * M.qk());
+        m.q_norm = p(b + "attn_q_a_norm.weight");
+        m.dq_norm = g(b + "attn_q_a_norm.weight");
+      }
+      m.kv_b = weight(b + "attn_kv_b.weight", "", M.r, M.kv());
+      m.kv_norm = p(b + "attn_kv_a_norm.weight");
+      m.dkv_norm = g(b + "attn_kv_a_norm.weight");
+      m.proj = weight(b + "attn_output.weight", "", M.att(), c.d_model);
+      const float f = c.rope_attention_factor();
+      m.q_rope = RopeParams{M.NH, M.qk(), M.rope, M.qkv(), inv_freq, M.interleaved, f};
+      m.k_rope = RopeParams{1, M.rope, M.rope, M.a(), inv_freq, M.interleaved, f};
+      continue;
+    }
     // q, k, v are one matrix: GPT-2's fused c_attn, or the packed q/k/v projections.
     const std::string qkv = c.layout == WeightLayout::InOut ? "attn_qkv" : "attn_q";
     nn::Attention& at = k.attn;
     at.shape = S.attn;
     at.qkv = weight(b + qkv + ".weight", c.qkv_bias ? b + qkv + ".bias" : "", c.d_model, c.qkv_dim());
     at.proj = weight(b + "attn_output.weight", c.attn_out_bias ? b + "attn_output.bias" : "", c.q_dim(), c.d_model);
-    const std::string up = c.gated_ffn ? "ffn_gate" : "ffn_up";  // gate and up packed: [gate | up] rows
-    k.ffn.shape = S.ffn;
-    k.ffn.up = weight(b + up + ".weight", c.ffn_bias ? b + up + ".bias" : "", c.d_model, S.ffn.up());
-    k.ffn.down = weight(b + "ffn_down.weight", c.ffn_bias ? b + "ffn_down.bias" : "", c.d_ff, c.d_model);
     if (c.qk_norm) {
       at.q_norm = p(b + "attn_q_norm.weight");
       at.k_norm = p(b + "attn_k_norm.weight");
@@ -126,6 +158,7 @@ AttentionParams attention_params(const ModelConfig& c, int B, int T) {
   ap.NKV = c.n_kv_head;
   ap.HD = c.head_dim;
   ap.window = c.sliding_window;
+  if (c.mla.on()) ap.HDv = c.mla.v_head_dim;  // heads of nope + rope for q and k, v_head_dim for v
   ap.causal = true;
   ap.scale = c.attention_scale();
   return ap;
@@ -178,6 +211,7 @@ std::unique_ptr<nn::Backend> make_backend(bool cuda, std::optional<LowpType> low
 
 // The GPU kernels' shape limits, checked once with the model (one line naming the config field).
 void check_device_shapes(const ModelConfig& c) {
+  KILN_CHECK(!c.mla.on(), "--device cuda: latent attention (", c.family, ") runs on the CPU only so far");
   KILN_CHECK(c.head_dim == 64 || c.head_dim == 128, "--device cuda: the attention kernels support head_dim 64 and 128; "
              "this model has head_dim ", c.head_dim);
   KILN_CHECK(c.d_model % 8 == 0, "--device cuda: d_model must be a multiple of 8 (got ", c.d_model, ")");
@@ -207,6 +241,7 @@ nn::OpScratch training_scratch(const ModelConfig& cfg, int64_t N) {
   s.attention.NH = cfg.n_head;
   s.attention.NKV = cfg.n_kv_head;
   s.attention.HD = cfg.head_dim;
+  if (cfg.mla.on()) s.attention.HDv = cfg.mla.v_head_dim;
   s.attention.scale = cfg.attention_scale();
   s.decode.B = 0;
   return s;
@@ -480,13 +515,16 @@ TransformerDecoder::TransformerDecoder(const ModelConfig& cfg, const float* para
     refresh_lowp(*be_, table_, params16, dev_params);
   }
   w_.bind(cfg_, table_, dev_params, nullptr, params16, inv_freq_buf_.as<float>());
-  const size_t cache = size_t(cfg_.n_layer) * size_t(batch) * size_t(max_pos_) * size_t(cfg_.kv_dim()) *
+  // Latent attention caches c_KV and the rotary key per position in k_ (no values); the others keys and values.
+  const size_t cache = size_t(cfg_.n_layer) * size_t(batch) * size_t(max_pos_) * size_t(cache_width()) *
                        dtype_size(be_->act_dtype());
   k_ = nn::DeviceBlock(*be_, cache, "KV cache (keys)");
-  v_ = nn::DeviceBlock(*be_, cache, "KV cache (values)");
   // Zeroed: a GPU kernel reads whole tiles past the cached length (masked), which must not be NaN patterns.
   be_->memset(k_.data(), 0, cache);
-  be_->memset(v_.data(), 0, cache);
+  if (!cfg_.mla.on()) {
+    v_ = nn::DeviceBlock(*be_, cache, "KV cache (values)");
+    be_->memset(v_.data(), 0, cache);
+  }
   // The decode attention's scratch for the longest piece of queries against the whole cache.
   nn::OpScratch ops;
   ops.decode.B = batch;
@@ -503,6 +541,20 @@ TransformerDecoder::TransformerDecoder(const ModelConfig& cfg, const float* para
     logits_h_ = static_cast<float*>(
         gpu::malloc_host(size_t(batch) * size_t(cfg_.vocab_size) * sizeof(float), "decoder step logits"));
   }
+}
+
+int64_t TransformerDecoder::cache_width() const {
+  return cfg_.mla.on() ? cfg_.mla.kv_lora_rank + cfg_.mla.qk_rope_dim : cfg_.kv_dim();
+}
+
+void TransformerDecoder::set_latent_absorbed(bool absorbed) {
+  KILN_CHECK(cfg_.mla.on(), "decoder: the absorbed/plain choice is latent attention's (", cfg_.family, " has none)");
+  absorbed_ = absorbed;
+  if (absorbed || expand_.data()) return;
+  const nn::MLAShape M = block_shape(cfg_, 0).mla;
+  const int64_t P = max_pos_;
+  const int64_t n = P * (M.r + M.kv()) + int64_t(batch_) * P * (int64_t(M.NH) * M.qk() + M.att());
+  expand_ = nn::DeviceBlock(*be_, size_t(n) * dtype_size(be_->act_dtype()), "latent attention expansion");
 }
 
 TransformerDecoder::~TransformerDecoder() {
@@ -522,7 +574,7 @@ void TransformerDecoder::ensure_rows(int64_t rows) {
     ln_ = ws.act(rows * C);
     mean_ = ws.f32(rows);
     rstd_ = ws.f32(rows);
-    a_.allocate(ws, rows, block_shape(cfg_, 0));
+    a_.allocate(ws, rows, block_shape(cfg_, 0), false, /*decoding=*/true);
     a_.h = nullptr;  // the stream is updated in place
     logits_d_ = ws.f32(int64_t(B) * V);
     argmax_d_ = ws.i32(B);
@@ -568,18 +620,30 @@ void TransformerDecoder::run_layers(const int32_t* tok, const int32_t* pos, cons
   be_->embedding_forward(x_, tok, pos, w_.wte, w_.wpe, N, C);
   // A fresh prompt attends within itself (FlashAttention over B rows of n); later tokens attend to the cache.
   const AttentionParams flash = attention_params(cfg_, B, n);
-  const int64_t layer_cache = int64_t(B) * max_pos_ * cfg_.kv_dim();
+  const int64_t layer_cache = int64_t(B) * max_pos_ * cache_width();
   const nn::Act k{k_.data(), be_->act_dtype()}, v{v_.data(), be_->act_dtype()};
   for (int l = 0; l < cfg_.n_layer; l++) {
     nn::KVLayer cache;
     cache.k = k.at(l * layer_cache);
     cache.v = v.at(l * layer_cache);
-    cache.batch_stride = int64_t(max_pos_) * cfg_.kv_dim();
+    cache.batch_stride = int64_t(max_pos_) * cache_width();
     cache.past = past;
     cache.max_positions = max_pos_;
     cache.B = B;
     cache.Tq = n;
     cache.fresh = length_ == 0 && n > 1;
+    if (cfg_.mla.on()) {
+      cache.absorbed = absorbed_;
+      const nn::MLAShape M = block_shape(cfg_, l).mla;
+      const DType t = be_->act_dtype();
+      const int64_t P = max_pos_;
+      nn::Act e{expand_.data(), t};
+      cache.expand_c = e;
+      cache.expand_kv = e.at(P * M.r);
+      cache.expand_k = e.at(P * (M.r + M.kv()));
+      cache.expand_v = e.at(P * (M.r + M.kv()) + int64_t(B) * P * M.NH * M.qk());
+      if (!expand_.data()) cache.expand_c = cache.expand_kv = cache.expand_k = cache.expand_v = nn::Act{};
+    }
     w_.blocks[size_t(l)].forward(*be_, x_, x_, a_, s_, pos, flash, N, &cache);
   }
 }

@@ -136,6 +136,9 @@ class TransformerDecoder : public IncrementalDecoder {
   void reset() override { length_ = 0; }
   const ModelConfig& config() const override { return cfg_; }
   size_t cache_bytes() const override { return k_.size() + v_.size(); }
+  // Latent attention: decode in the absorbed-weights form (the default) or the plain one (the cache expanded
+  // through kv_b every step; host backends).
+  void set_latent_absorbed(bool absorbed);
 
   // Tokens per forward() call are run in chunks of at most this many positions (bounds activation memory).
   static constexpr int kMaxChunk = 256;
@@ -148,7 +151,10 @@ class TransformerDecoder : public IncrementalDecoder {
   TransformerWeights w_;
   int batch_, max_pos_;
   int length_ = 0;
-  nn::DeviceBlock k_, v_;  // [layer][batch][position][NKV·HD] in the activation type
+  nn::DeviceBlock k_, v_;  // [layer][batch][position][NKV·HD] in the activation type; MLA: k_ only, [.][r + rope]
+  bool absorbed_ = true;
+  nn::DeviceBlock expand_;  // the plain latent form's expansion buffers (nn::KVLayer)
+  int64_t cache_width() const;  // floats per position and layer in k_
 
   int64_t rows_ = 0;  // activations for up to rows_ = batch·chunk rows, grown on demand
   nn::Workspace ws_;

@@ -1,5 +1,5 @@
 // The pre-norm transformer block every family here is built from:
-//   h = x + Attention(Norm1(x))          Norm: LayerNorm (GPT-2) or RMSNorm (Llama, Mistral, Qwen)
+//   h = x + Attention(Norm1(x))          Attention: nn/attention.h, or latent attention (nn/mla.h, DeepSeek)          Norm: LayerNorm (GPT-2) or RMSNorm (Llama, Mistral, Qwen)
 //   y = h + FFN(Norm2(h))                nn/attention.h, nn/ffn.h
 // The block owns the residual stream and the norms; the attention and feed-forward modules own their products,
 // activations and backward. The same block runs training and decoding (with a KV cache, nn/attention.h KVLayer).
@@ -14,6 +14,7 @@
 #include "nn/attention.h"
 #include "nn/backend.h"
 #include "nn/ffn.h"
+#include "nn/mla.h"
 #include "nn/norm.h"
 #include "nn/workspace.h"
 
@@ -21,7 +22,8 @@ namespace kiln::nn {
 
 // Shapes and options of a block.
 struct BlockShape {
-  AttentionShape attn;
+  AttentionShape attn;  // attn.C is the width whichever attention the block has
+  MLAShape mla;         // latent attention when mla.on()
   FFNShape ffn;
   int C() const { return attn.C; }
 };
@@ -32,11 +34,13 @@ struct BlockActivations {
   Act ln1;  // [N, C]
   float *ln1_mean = nullptr, *ln1_rstd = nullptr;
   AttentionActivations attn;
+  MLAActivations mla;
   float* h = nullptr;  // [N, C] residual stream after attention
   Act ln2;             // [N, C]
   float *ln2_mean = nullptr, *ln2_rstd = nullptr;
   FFNActivations ffn;
-  void allocate(Workspace& ws, int64_t N, const BlockShape& s, bool selective = false);
+  // decoding: also the buffers of the latent attention's decoding forms.
+  void allocate(Workspace& ws, int64_t N, const BlockShape& s, bool selective = false, bool decoding = false);
 };
 
 // Backward scratch shared by all blocks (and the forward's recomputation targets under selective); allocated
@@ -46,6 +50,7 @@ struct BlockScratch {
   Act dres;    // [N, C] the residual gradient as a product operand (backends with narrower activations)
   Act ln_tmp;  // selective recomputation only
   AttentionScratch attn;
+  MLAScratch mla;
   FFNScratch ffn;
   void allocate(Workspace& ws, int64_t N, const BlockShape& s, bool selective = false);
 };
@@ -54,6 +59,7 @@ struct Block {
   BlockShape shape;
   Norm norm1, norm2;
   Attention attn;
+  LatentAttention mla;  // used instead of attn when shape.mla.on()
   FeedForward ffn;
 
   // y = block(x) for N tokens at positions pos. x, y: [N, C] fp32; h (the mid-block residual) is a.h or, when

@@ -22,6 +22,7 @@
 #include "models/checkpoint.h"
 #include "models/family.h"
 #include "models/model.h"
+#include "models/transformer.h"
 #include "test_util.h"
 
 using namespace kiln;
@@ -53,6 +54,20 @@ const Case kCases[] = {
        "head_dim":10,"num_hidden_layers":2,"intermediate_size":44,"vocab_size":39,"max_position_embeddings":64,
        "rms_norm_eps":1e-6,"rope_theta":1000000.0,"hidden_act":"silu","tie_word_embeddings":false})"},
     {"gpt2", R"({"model_type":"gpt2","n_layer":2,"n_head":2,"n_embd":32,"vocab_size":37,"n_positions":64})"},
+    // Latent attention: the query bottleneck, yarn (mscale in the softmax scale), q/k heads 8 + 8, values 16
+    // (the tiled kernel); and queries straight from x, values wider than q/k heads of 12 + 4, interleave off.
+    {"deepseek_v3", R"({"model_type":"deepseek_v3","hidden_size":32,"num_attention_heads":4,
+       "num_key_value_heads":4,"num_hidden_layers":2,"intermediate_size":40,"vocab_size":41,
+       "max_position_embeddings":64,"rms_norm_eps":1e-6,"rope_theta":10000.0,"q_lora_rank":24,
+       "kv_lora_rank":20,"qk_nope_head_dim":8,"qk_rope_head_dim":8,"v_head_dim":16,"head_dim":8,
+       "rope_scaling":{"rope_type":"yarn","factor":4.0,"original_max_position_embeddings":16,"beta_fast":32,
+       "beta_slow":1,"mscale":1.0,"mscale_all_dim":1.0},"first_k_dense_replace":2,"n_routed_experts":8,
+       "hidden_act":"silu","tie_word_embeddings":false})"},
+    {"deepseek_v3_direct_q", R"({"model_type":"deepseek_v3","hidden_size":32,"num_attention_heads":2,
+       "num_hidden_layers":2,"intermediate_size":36,"vocab_size":37,"max_position_embeddings":64,
+       "rms_norm_eps":1e-6,"rope_theta":10000.0,"q_lora_rank":null,"kv_lora_rank":12,"qk_nope_head_dim":12,
+       "qk_rope_head_dim":4,"v_head_dim":32,"rope_interleave":false,"hidden_act":"silu",
+       "tie_word_embeddings":false})"},
 };
 
 void PrintTo(const Case& c, std::ostream* os) { *os << c.name; }
@@ -203,6 +218,38 @@ TEST_P(Families, KvCacheLogitsEqualFullRecompute) {
 INSTANTIATE_TEST_SUITE_P(, Families, ::testing::ValuesIn(kCases),
                          [](const ::testing::TestParamInfo<Case>& i) { return std::string(i.param.name); });
 
+// Latent attention decodes in the absorbed-weights form (W_UK in the query, W_UV in the output, the cache read
+// as one shared head) and in the plain one (the cache expanded through kv_b): the same logits step by step, the
+// same greedy tokens, and a cache of kv_lora_rank + rope floats per token and layer.
+TEST(LatentAttention, AbsorbedDecodingEqualsPlain) {
+  for (const Case& c : kCases) {
+    if (std::string(c.name).rfind("deepseek_v3", 0) != 0) continue;
+    const ModelConfig cfg = config_of(c);
+    const int V = cfg.vocab_size;
+    auto m = model_of(cfg, 31, /*grads=*/false);
+    TransformerDecoder absorbed(cfg, m->host_params(), 1, 40), plain(cfg, m->host_params(), 1, 40);
+    plain.set_latent_absorbed(false);
+    EXPECT_EQ(absorbed.cache_bytes(),
+              size_t(cfg.n_layer) * 40 * (cfg.mla.kv_lora_rank + cfg.mla.qk_rope_dim) * sizeof(float));
+    std::vector<int32_t> prompt = {3, 1, 4, 1, 5};
+    const float* la = absorbed.forward(prompt.data(), int(prompt.size()));
+    const float* lp = plain.forward(prompt.data(), int(prompt.size()));
+    EXPECT_TRUE(test::all_close(la, lp, size_t(V), 1e-5, 1e-5)) << c.name << " prompt";
+    int32_t ta = 0, tp = 0;
+    std::vector<int32_t> ga, gp;
+    for (int step = 0; step < 30; step++) {
+      ta = int32_t(std::max_element(la, la + V) - la);
+      tp = int32_t(std::max_element(lp, lp + V) - lp);
+      ga.push_back(ta);
+      gp.push_back(tp);
+      la = absorbed.forward(&ta, 1);
+      lp = plain.forward(&tp, 1);
+      ASSERT_TRUE(test::all_close(la, lp, size_t(V), 1e-4, 1e-5)) << c.name << " step " << step;
+    }
+    EXPECT_EQ(ga, gp) << c.name;
+  }
+}
+
 // config.json errors: one line naming the file and the field.
 TEST(FamilyConfig, BadConfigsNameTheField) {
   auto error_of = [](const std::string& json) -> std::string {
@@ -233,6 +280,22 @@ TEST(FamilyConfig, BadConfigsNameTheField) {
       "vocab_size":41,"max_position_embeddings":64})",
          {"hidden_size"});
   expect(R"({"model_type":"qwen2","hidden_act":"swish2",)" + llama + "}", {"hidden_act", "swish2"});
+  // deepseek_v3: the latent attention's fields, the MoE layers and the MTP layer this build lacks.
+  const std::string ds = llama + R"(,"kv_lora_rank":16,"qk_nope_head_dim":8,"v_head_dim":8)";
+  expect(R"({"model_type":"deepseek_v3","qk_rope_head_dim":8,)" + llama + "}", {"kv_lora_rank"});
+  expect(R"({"model_type":"deepseek_v3",)" + ds + "}", {"qk_rope_head_dim"});
+  expect(R"({"model_type":"deepseek_v3","qk_rope_head_dim":7,)" + ds + "}", {"qk_rope_head_dim", "even"});
+  expect(R"({"model_type":"deepseek_v3","qk_rope_head_dim":8,"v_head_dim":0,)" + llama +
+             R"(,"kv_lora_rank":16,"qk_nope_head_dim":8})",
+         {"v_head_dim"});
+  expect(R"({"model_type":"deepseek_v3","qk_rope_head_dim":8,"attention_bias":true,)" + ds + "}",
+         {"attention_bias"});
+  expect(R"({"model_type":"deepseek_v3","qk_rope_head_dim":8,"n_routed_experts":4,"first_k_dense_replace":0,)" +
+             ds + "}",
+         {"first_k_dense_replace"});
+  expect(R"({"model_type":"deepseek_v3","qk_rope_head_dim":8,"rope_scaling":{"type":"yarn","factor":4,
+      "beta_fast":0},)" + ds + "}",
+         {"yarn", "beta_fast"});
   expect(R"({"model_type":"llama","hidden_size":"wide","num_attention_heads":4,"num_hidden_layers":1,
       "intermediate_size":40,"vocab_size":41,"max_position_embeddings":64})",
          {"hidden_size"});

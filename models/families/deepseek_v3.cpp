@@ -1,0 +1,83 @@
+// DeepSeek-V3 (DeepseekV3ForCausalLM; Moonlight is one): Llama's pre-norm block with multi-head latent attention
+// (nn/mla.h: q_lora_rank, kv_lora_rank, qk_nope/rope_head_dim, v_head_dim, rope_interleave) and yarn rotary
+// scaling. The DeepSeekMoE layers (first_k_dense_replace onwards) and the multi-token-prediction layer
+// (num_nextn_predict_layers, stored as layer num_hidden_layers) come with their modules; a config that needs
+// one kiln lacks is refused in one line.
+#include "core/error.h"
+#include "models/families/hf_llama.h"
+#include "models/family.h"
+
+namespace kiln {
+namespace {
+
+using json = nlohmann::json;
+
+ModelConfig parse(const json& j, const std::string& where) {
+  LatentAttention m;
+  m.q_lora_rank = hf::get_int(j, "q_lora_rank", where, 0);  // null: queries straight from the hidden state
+  m.kv_lora_rank = hf::get_int(j, "kv_lora_rank", where);
+  m.qk_nope_dim = hf::get_int(j, "qk_nope_head_dim", where);
+  m.qk_rope_dim = hf::get_int(j, "qk_rope_head_dim", where);
+  m.v_head_dim = hf::get_int(j, "v_head_dim", where);
+  m.rope_interleave = hf::get_bool(j, "rope_interleave", where, true);
+  KILN_CHECK(m.kv_lora_rank > 0, where, ": kv_lora_rank must be positive (got ", m.kv_lora_rank, ")");
+  // Hugging Face's head_dim is the rotary width; kiln's is the q/k head (nope + rope).
+  json k = j;
+  k["head_dim"] = m.qk_nope_dim + m.qk_rope_dim;
+  ModelConfig c = hf::parse_llama_like(k, where, "deepseek_v3");
+  c.mla = m;
+  c.n_kv_head = c.n_head;  // every head has its own k_nope and v (num_key_value_heads is not used)
+  KILN_CHECK(!hf::get_bool(j, "attention_bias", where, false), where,
+             ": attention_bias=true is not supported for deepseek_v3");
+  const int dense = hf::get_int(j, "first_k_dense_replace", where, 0);
+  const int experts = hf::get_int(j, "n_routed_experts", where, 0);
+  KILN_CHECK(experts == 0 || dense >= c.n_layer, where, ": first_k_dense_replace (", dense,
+             ") < num_hidden_layers (", c.n_layer, "): the DeepSeekMoE layers are not in this build");
+  const int mtp = hf::get_int(j, "num_nextn_predict_layers", where, 0);
+  KILN_CHECK(mtp == 0, where, ": num_nextn_predict_layers (", mtp, ") > 0: multi-token prediction is not in this build");
+  return c;
+}
+
+json to_json(const ModelConfig& c) {
+  json j = hf::llama_like_json(c);
+  const LatentAttention& m = c.mla;
+  j["head_dim"] = m.qk_rope_dim;  // Hugging Face's rotary width (kiln's head is nope + rope)
+  j["num_key_value_heads"] = c.n_head;
+  j["q_lora_rank"] = m.q_lora_rank ? json(m.q_lora_rank) : json(nullptr);
+  j["kv_lora_rank"] = m.kv_lora_rank;
+  j["qk_nope_head_dim"] = m.qk_nope_dim;
+  j["qk_rope_head_dim"] = m.qk_rope_dim;
+  j["v_head_dim"] = m.v_head_dim;
+  j["rope_interleave"] = m.rope_interleave;
+  j["attention_bias"] = false;
+  j["first_k_dense_replace"] = c.n_layer;  // every layer dense
+  j["num_nextn_predict_layers"] = 0;
+  return j;
+}
+
+std::string file_name(const std::string& key) {
+  return map_tensor_name(key,
+                         {{"token_embd.weight", "model.embed_tokens.weight"},
+                          {"output_norm.weight", "model.norm.weight"},
+                          {"output.weight", "lm_head.weight"}},
+                         {{"attn_norm", "input_layernorm"},
+                          {"ffn_norm", "post_attention_layernorm"},
+                          {"attn_q", "self_attn.q_proj"},
+                          {"attn_q_a", "self_attn.q_a_proj"},
+                          {"attn_q_a_norm", "self_attn.q_a_layernorm"},
+                          {"attn_q_b", "self_attn.q_b_proj"},
+                          {"attn_kv_a_mqa", "self_attn.kv_a_proj_with_mqa"},
+                          {"attn_kv_a_norm", "self_attn.kv_a_layernorm"},
+                          {"attn_kv_b", "self_attn.kv_b_proj"},
+                          {"attn_output", "self_attn.o_proj"},
+                          {"ffn_gate", "mlp.gate_proj"},
+                          {"ffn_up", "mlp.up_proj"},
+                          {"ffn_down", "mlp.down_proj"}},
+                         "model.layers.", "DeepSeek-V3");
+}
+
+}  // namespace
+
+extern const Family kDeepseekV3Family = {"deepseek_v3", "DeepseekV3ForCausalLM", parse, to_json, file_name};
+
+}  // namespace kiln
