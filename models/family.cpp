@@ -102,8 +102,15 @@ ParamTable model_param_table(const ModelConfig& c) {
   };
   add("token_embd.weight", {V, C});
   if (c.positions == PositionKind::Learned) add("position_embd.weight", {c.max_positions, C});
-  for (int l = 0; l < c.n_layer; l++) {
+  for (int l = 0; l < c.n_layer + c.mtp_depth; l++) {
     const std::string b = "blk." + std::to_string(l) + ".";
+    if (l >= c.n_layer) {
+      // A multi-token-prediction module: its norms and projection, then an ordinary block.
+      norm(b + "nextn.enorm");
+      norm(b + "nextn.hnorm");
+      add(b + "nextn.eh_proj.weight", matrix(2 * C, C));
+      norm(b + "nextn.shared_head_norm");
+    }
     norm(b + "attn_norm");
     if (c.mla.on()) {
       // Latent attention (llama.cpp's deepseek2 names); the query projection (or its bottleneck) and

@@ -57,7 +57,8 @@ __int128 param_count(const ModelConfig& c) {
   if (c.qk_norm) layer += 2 * HD;
   layer += W(c.gated_ffn ? 3 : 2) * C * F;
   if (c.ffn_bias) layer += W(c.gated_ffn ? 2 : 1) * F + C;
-  W n = W(c.vocab_size) * C + L * layer + norm_size;
+  // Multi-token prediction: per module one more layer, enorm, hnorm, the shared head's norm and eh_proj.
+  W n = W(c.vocab_size) * C + (L + c.mtp_depth) * layer + norm_size + W(c.mtp_depth) * (3 * C + 2 * C * C);
   if (c.positions == PositionKind::Learned) n += W(c.max_positions) * C;
   if (!c.tie_embeddings) n += W(c.vocab_size) * C;
   return n;
@@ -164,6 +165,8 @@ void ModelConfig::validate(const std::string& where) const {
     KILN_CHECK(positions == PositionKind::Rotary && !qk_norm && !qkv_bias && !attn_out_bias && sliding_window == 0,
                where, ": latent attention has rotary positions and no biases, q/k norms or window");
   }
+  KILN_CHECK(mtp_depth >= 0 && mtp_depth <= 16, where, ": num_nextn_predict_layers must be in [0, 16] (got ",
+             mtp_depth, ")");
   KILN_CHECK(int64_t(vocab_size) * d_model < (int64_t(1) << 34), where, ": model too large");
   // The derived widths are ints (q_dim() etc.): heads x head_dim must fit, as must the whole parameter count.
   const int64_t q = int64_t(n_head) * head_dim, kv = int64_t(n_kv_head) * head_dim;

@@ -69,6 +69,9 @@ struct ModelConfig {
   bool qk_norm = false;        // per-head RMSNorm of q and k before the rotation (Qwen3)
   int sliding_window = 0;      // 0: full causal attention (Mistral's sliding_window otherwise)
   LatentAttention mla;         // multi-head latent attention (deepseek_v3)
+  // Multi-token prediction (DeepSeek-V3): mtp_depth sequential modules after the main layers, module k stored as
+  // layer n_layer + k − 1 (its block, enorm, hnorm, eh_proj, shared_head norm; embedding and head shared).
+  int mtp_depth = 0;
 
   bool gated_ffn = false;      // SwiGLU / GeGLU: act(x·Wgate) ∘ (x·Wup), then ·Wdown
   Activation activation = Activation::GeluTanh;

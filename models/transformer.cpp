@@ -90,9 +90,17 @@ void TransformerWeights::bind(const ModelConfig& c, const ParamTable& t, const f
     return nn::Norm{nt, p(k + ".weight"), p(k + ".bias"), g(k + ".weight"), g(k + ".bias"), c.d_model, c.norm_eps};
   };
   blocks.assign(size_t(c.n_layer), nn::Block{});
-  for (int l = 0; l < c.n_layer; l++) {
+  mtp.assign(size_t(c.mtp_depth), nn::MTPModule{});
+  for (int l = 0; l < c.n_layer + c.mtp_depth; l++) {
     const std::string b = "blk." + std::to_string(l) + ".";
-    nn::Block& k = blocks[size_t(l)];
+    if (l >= c.n_layer) {
+      nn::MTPModule& m = mtp[size_t(l - c.n_layer)];
+      m.enorm = norm(b + "nextn.enorm");
+      m.hnorm = norm(b + "nextn.hnorm");
+      m.head_norm = norm(b + "nextn.shared_head_norm");
+      m.eh_proj = weight(b + "nextn.eh_proj.weight", "", 2 * c.d_model, c.d_model);
+    }
+    nn::Block& k = l < c.n_layer ? blocks[size_t(l)] : mtp[size_t(l - c.n_layer)].block;
     const nn::BlockShape S = block_shape(c, l);
     k.shape = S;
     k.norm1 = norm(b + "attn_norm");
@@ -248,8 +256,9 @@ nn::OpScratch training_scratch(const ModelConfig& cfg, int64_t N) {
 }
 
 Transformer::Transformer(const ModelConfig& cfg, const ModelOptions& opt)
-    : cfg_(cfg), table_(model_param_table(cfg)), be_(make_backend(opt.cuda, opt.lowp)) {
+    : cfg_(cfg), table_(model_param_table(cfg)), be_(make_backend(opt.cuda, opt.lowp)), mtp_lambda_(opt.mtp_lambda) {
   cfg_.validate("model config");
+  KILN_CHECK(opt.mtp_lambda >= 0, "--mtp-lambda must be >= 0 (got ", opt.mtp_lambda, ")");
   if (opt.cuda) check_device_shapes(cfg_);
   const size_t n = table_.total;
   params_buf_ = nn::DeviceBlock(*be_, n * sizeof(float), "parameters");
@@ -333,6 +342,15 @@ void Transformer::Activations::allocate(nn::Workspace& ws, const ModelConfig& cf
   losses = ws.f32(N);
   dres = ws.f32(N * C);
   scratch.allocate(ws, N, block_shape(cfg, 0), selective);
+  mtp.assign(size_t(cfg.mtp_depth), {});
+  for (int k = 0; k < cfg.mtp_depth; k++) mtp[size_t(k)].allocate(ws, N, block_shape(cfg, L + k));
+  if (cfg.mtp_depth > 0) {
+    mtp_scratch.allocate(ws, N, C);
+    if (device) {
+      mtp_tokens = ws.i32(cfg.mtp_depth * N);
+      mtp_targets = ws.i32(cfg.mtp_depth * N);
+    }
+  }
   if (device) {
     tokens = ws.i32(N);
     pos = ws.i32(N);
@@ -381,19 +399,20 @@ void Transformer::run_blocks_forward(const AttentionParams& attn, int64_t N) {
   }
 }
 
-void Transformer::lm_head(const int32_t* targets, float grad_scale, int64_t N, double* loss_sum) {
+void Transformer::lm_head(const int32_t* targets, float grad_scale, int64_t N, double* loss_sum, nn::Act x_all,
+                          nn::Act dx_all) {
   const int C = cfg_.d_model, V = cfg_.vocab_size;
   const int64_t ld = a_.logits_ld;
   nn::Weight head = w_.head;
   for (int64_t r0 = 0; r0 < N; r0 += a_.chunk) {
     const int64_t rows = std::min(a_.chunk, N - r0);
-    const nn::Act x = a_.lnf_out.at(r0 * C);
+    const nn::Act x = x_all.at(r0 * C);
     be_->linear_forward(a_.logits, x, head, rows, ld);
     if (!targets) continue;
     be_->softmax_crossentropy(a_.logits, a_.losses + r0, targets + r0, rows, V, ld, grad_scale);
     if (grad_scale == 0.0f) continue;
     // The logits now hold their gradient: dlnf = dlogits · W, dW += dlogitsᵀ · lnf.
-    be_->linear_backward(a_.dlnf.at(r0 * C), a_.logits, x, head, rows, ld);
+    be_->linear_backward(dx_all.at(r0 * C), a_.logits, x, head, rows, ld);
   }
   if (!targets) return;
   const float* losses =
@@ -411,6 +430,7 @@ double Transformer::forward(const int32_t* tokens, const int32_t* pos, const int
   // The integer inputs on the backend (views of the caller's arrays on the CPU).
   tokens = static_cast<const int32_t*>(be_->from_host(a_.tokens, tokens, bytes));
   pos = static_cast<const int32_t*>(be_->from_host(a_.pos, pos, bytes));
+  const int32_t* host_targets = targets;
   if (targets) targets = static_cast<const int32_t*>(be_->from_host(a_.targets, targets, bytes));
   AttentionParams ap = attn;
   if (attn.cu_seqlens && !be_->on_host()) {
@@ -433,7 +453,10 @@ double Transformer::forward(const int32_t* tokens, const int32_t* pos, const int
   run_blocks_forward(ap, N);
   w_.final_norm.forward(*be_, a_.lnf_out, a_.lnf_mean, a_.lnf_rstd, a_.final_out, N);
   double sum = 0;
-  lm_head(targets, grad_scale, N, &sum);
+  lm_head(targets, grad_scale, N, &sum, a_.lnf_out, a_.dlnf);
+  last_main_ = sum;
+  mtp_ran_ = false;
+  if (cfg_.mtp_depth > 0 && targets && mtp_lambda_ > 0) mtp_forward(host_targets, attn, grad_scale, N, &sum);
   return sum;
 }
 
@@ -443,6 +466,7 @@ void Transformer::backward() {
   const int C = cfg_.d_model, L = cfg_.n_layer;
   const int32_t* pos = last_pos_;
   be_->memset(a_.dres, 0, size_t(N) * C * sizeof(float));
+  if (mtp_ran_) mtp_backward();  // the first module adds its share of dL/d(final block output) to dres
   w_.final_norm.backward(*be_, a_.dres, a_.dlnf, a_.final_out, a_.lnf_mean, a_.lnf_rstd, N);
   if (a_.policy.kind != RecomputePolicy::Every) {
     for (int l = L - 1; l >= 0; l--) {

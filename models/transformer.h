@@ -19,6 +19,7 @@
 #include "core/memory.h"
 #include "models/model.h"
 #include "nn/block.h"
+#include "nn/mtp.h"
 #include "nn/workspace.h"
 
 namespace kiln {
@@ -33,6 +34,7 @@ struct TransformerWeights {
   const float* wte = nullptr;
   const float* wpe = nullptr;  // learned positions, or null
   float *dwte = nullptr, *dwpe = nullptr;
+  std::vector<nn::MTPModule> mtp;  // the multi-token-prediction modules (cfg.mtp_depth)
   // params/grads: blocks in table layout (grads may be null); params16: the 16-bit copy (may be null);
   // inv_freq: the rotary frequencies on the backend's device.
   void bind(const ModelConfig& cfg, const ParamTable& table, const float* params, float* grads,
@@ -64,6 +66,7 @@ class Transformer final : public Model {
   void zero_grad() override;
   void synchronize() override;
   const float* logits() const override;
+  std::vector<std::pair<std::string, double>> loss_parts() const override;
   ParamBlocks blocks() override;
 
  private:
@@ -94,6 +97,9 @@ class Transformer final : public Model {
     float* losses = nullptr;                     // [N]
     float* dres = nullptr;                       // [N, C] gradient of the residual stream
     nn::BlockScratch scratch;
+    std::vector<nn::MTPActivations> mtp;         // one per MTP module
+    nn::MTPScratch mtp_scratch;
+    int32_t *mtp_tokens = nullptr, *mtp_targets = nullptr;  // [depth][N] on the backend (device backends)
     // Device backends: the integer inputs' copies ([N] each; cu_seqlens [N + 1]).
     int32_t *tokens = nullptr, *pos = nullptr, *targets = nullptr, *cu_seqlens = nullptr;
     void allocate(nn::Workspace& ws, const ModelConfig& cfg, int64_t N, RecomputePolicy policy, int64_t chunk,
@@ -108,8 +114,19 @@ class Transformer final : public Model {
   mutable std::vector<uint16_t> logits16_;     // device backends: logits() brought back ...
   mutable std::vector<float> logits_host_;     // ... and widened
 
+  // Multi-token prediction (models/transformer_mtp.cpp).
+  float mtp_lambda_ = 0.3f;
+  bool mtp_ran_ = false;
+  double last_main_ = 0, last_mtp_ = 0;
+  std::vector<int32_t> mtp_host_;  // [depth][2][N]: each depth's shifted tokens and targets
+  std::vector<const int32_t*> mtp_tokens_;  // each depth's tokens on the backend
+  void mtp_forward(const int32_t* host_targets, const AttentionParams& attn, float grad_scale, int64_t N,
+                   double* sum);
+  void mtp_backward();
+
   void run_blocks_forward(const AttentionParams& attn, int64_t N);
-  void lm_head(const int32_t* targets, float grad_scale, int64_t N, double* loss_sum);
+  // The shared head over N rows of x (the final norm's output) with their loss; its gradient into dx.
+  void lm_head(const int32_t* targets, float grad_scale, int64_t N, double* loss_sum, nn::Act x, nn::Act dx);
 };
 
 // The ops' scratch of a training plan for N tokens (nn::OpScratch).

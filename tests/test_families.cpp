@@ -68,6 +68,12 @@ const Case kCases[] = {
        "rms_norm_eps":1e-6,"rope_theta":10000.0,"q_lora_rank":null,"kv_lora_rank":12,"qk_nope_head_dim":12,
        "qk_rope_head_dim":4,"v_head_dim":32,"rope_interleave":false,"hidden_act":"silu",
        "tie_word_embeddings":false})"},
+    // Two multi-token-prediction modules (layers 2 and 3): their gradients, packing (the shifted targets stay
+    // within each sequence) and recomputation; decoding ignores them.
+    {"deepseek_v3_mtp", R"({"model_type":"deepseek_v3","hidden_size":32,"num_attention_heads":2,
+       "num_hidden_layers":2,"intermediate_size":36,"vocab_size":37,"max_position_embeddings":64,
+       "rms_norm_eps":1e-6,"q_lora_rank":16,"kv_lora_rank":16,"qk_nope_head_dim":16,"qk_rope_head_dim":16,
+       "v_head_dim":16,"num_nextn_predict_layers":2,"hidden_act":"silu","tie_word_embeddings":true})"},
 };
 
 void PrintTo(const Case& c, std::ostream* os) { *os << c.name; }
@@ -248,6 +254,42 @@ TEST(LatentAttention, AbsorbedDecodingEqualsPlain) {
     }
     EXPECT_EQ(ga, gp) << c.name;
   }
+}
+
+// Dropping the MTP modules (the same main weights in a model without them) leaves the main logits unchanged, and
+// the model with them reports that same main loss beside its MTP term.
+TEST(MultiTokenPrediction, DroppingTheModulesLeavesMainLogits) {
+  const Case* c = nullptr;
+  for (const Case& k : kCases)
+    if (std::string(k.name) == "deepseek_v3_mtp") c = &k;
+  ASSERT_TRUE(c);
+  const ModelConfig cfg = config_of(*c);
+  ModelConfig main_only = cfg;
+  main_only.mtp_depth = 0;
+  auto m = model_of(cfg, 41, /*grads=*/false);
+  auto m0 = model_of(main_only, 42, /*grads=*/false);
+  for (const ParamSpec& s : m0->table().specs) {
+    const ParamSpec& from = m->table().get_key(s.key);
+    std::memcpy(m0->host_params() + s.offset, m->host_params() + from.offset, sizeof(float) * size_t(s.numel()));
+  }
+  m0->params_changed();
+  EXPECT_GT(m->table().specs.size(), m0->table().specs.size());
+  Batch b(cfg.vocab_size, 43);
+  m->plan(b.B, b.T);
+  m0->plan(b.B, b.T);
+  const AttentionParams ap = m->attention(b.B, b.T);
+  m->forward(b.tokens.data(), b.pos.data(), nullptr, ap, 0.0f);
+  m0->forward(b.tokens.data(), b.pos.data(), nullptr, ap, 0.0f);
+  const size_t n = size_t(b.B) * b.T * cfg.vocab_size;
+  EXPECT_EQ(0, std::memcmp(m->logits(), m0->logits(), n * sizeof(float)));
+  const double main0 = m0->forward(b.tokens.data(), b.pos.data(), b.targets.data(), ap, 0.0f);
+  const double total = m->forward(b.tokens.data(), b.pos.data(), b.targets.data(), ap, 0.0f);
+  const auto parts = m->loss_parts();
+  ASSERT_EQ(parts.size(), 2u);
+  EXPECT_EQ(parts[0].first, "main_loss");
+  EXPECT_EQ(parts[0].second, main0);
+  EXPECT_NEAR(total, main0 + double(0.3f) * parts[1].second, 1e-9 * std::fabs(total));  // λ = 0.3 by default
+  EXPECT_GT(parts[1].second, 0.0);
 }
 
 // config.json errors: one line naming the file and the field.

@@ -1,8 +1,8 @@
 // DeepSeek-V3 (DeepseekV3ForCausalLM; Moonlight is one): Llama's pre-norm block with multi-head latent attention
 // (nn/mla.h: q_lora_rank, kv_lora_rank, qk_nope/rope_head_dim, v_head_dim, rope_interleave) and yarn rotary
-// scaling. The DeepSeekMoE layers (first_k_dense_replace onwards) and the multi-token-prediction layer
-// (num_nextn_predict_layers, stored as layer num_hidden_layers) come with their modules; a config that needs
-// one kiln lacks is refused in one line.
+// scaling, and multi-token prediction (num_nextn_predict_layers modules, stored as layers num_hidden_layers ..;
+// their copies of the embedding and head are not read: kiln shares the main model's). The DeepSeekMoE layers
+// (first_k_dense_replace onwards) come with their module; a config that needs them is refused in one line.
 #include "core/error.h"
 #include "models/families/hf_llama.h"
 #include "models/family.h"
@@ -29,12 +29,13 @@ ModelConfig parse(const json& j, const std::string& where) {
   c.n_kv_head = c.n_head;  // every head has its own k_nope and v (num_key_value_heads is not used)
   KILN_CHECK(!hf::get_bool(j, "attention_bias", where, false), where,
              ": attention_bias=true is not supported for deepseek_v3");
+  c.mtp_depth = hf::get_int(j, "num_nextn_predict_layers", where, 0);
+  // Layers from first_k_dense_replace on (the MTP layers included) are DeepSeekMoE layers.
   const int dense = hf::get_int(j, "first_k_dense_replace", where, 0);
   const int experts = hf::get_int(j, "n_routed_experts", where, 0);
-  KILN_CHECK(experts == 0 || dense >= c.n_layer, where, ": first_k_dense_replace (", dense,
-             ") < num_hidden_layers (", c.n_layer, "): the DeepSeekMoE layers are not in this build");
-  const int mtp = hf::get_int(j, "num_nextn_predict_layers", where, 0);
-  KILN_CHECK(mtp == 0, where, ": num_nextn_predict_layers (", mtp, ") > 0: multi-token prediction is not in this build");
+  KILN_CHECK(experts == 0 || dense >= c.n_layer + c.mtp_depth, where, ": first_k_dense_replace (", dense,
+             ") < num_hidden_layers + num_nextn_predict_layers (", c.n_layer + c.mtp_depth,
+             "): the DeepSeekMoE layers are not in this build");
   return c;
 }
 
@@ -50,8 +51,8 @@ json to_json(const ModelConfig& c) {
   j["v_head_dim"] = m.v_head_dim;
   j["rope_interleave"] = m.rope_interleave;
   j["attention_bias"] = false;
-  j["first_k_dense_replace"] = c.n_layer;  // every layer dense
-  j["num_nextn_predict_layers"] = 0;
+  j["first_k_dense_replace"] = c.n_layer + c.mtp_depth;  // every layer dense
+  j["num_nextn_predict_layers"] = c.mtp_depth;
   return j;
 }
 
@@ -72,7 +73,12 @@ std::string file_name(const std::string& key) {
                           {"attn_output", "self_attn.o_proj"},
                           {"ffn_gate", "mlp.gate_proj"},
                           {"ffn_up", "mlp.up_proj"},
-                          {"ffn_down", "mlp.down_proj"}},
+                          {"ffn_down", "mlp.down_proj"},
+                          // the multi-token-prediction layers' own tensors (llama.cpp's nextn names)
+                          {"nextn.enorm", "enorm"},
+                          {"nextn.hnorm", "hnorm"},
+                          {"nextn.eh_proj", "eh_proj"},
+                          {"nextn.shared_head_norm", "shared_head.norm"}},
                          "model.layers.", "DeepSeek-V3");
 }
 
