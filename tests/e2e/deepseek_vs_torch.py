@@ -134,5 +134,19 @@ for seed, (name, cfg) in enumerate(CONFIGS.items(), start=31):
             print("torch", ref_tokens)
         check(toks_k == ref_tokens, f"{name}: greedy 40 tokens equal torch's (smallest top-2 gap {gap:.2e})")
 
+# A config that declares an MTP layer its checkpoint lacks: one line naming the missing tensor, non-zero exit.
+if not only or "lora_yarn" in only:
+    src = os.path.join(work, "lora_yarn", "init")
+    bad = os.path.join(work, "missing_mtp")
+    shutil.copytree(src, bad)
+    c = json.load(open(os.path.join(bad, "config.json")))
+    c["num_nextn_predict_layers"], c["first_k_dense_replace"] = 1, 3
+    json.dump(c, open(os.path.join(bad, "config.json"), "w"))
+    r = subprocess.run([kiln, "train", "--init", bad, "--data", os.path.join(work, "lora_yarn", "data.bin"),
+                        "--steps", "1", "--no-progress"], capture_output=True)
+    err = r.stderr.decode(errors="replace").strip()
+    check(r.returncode != 0 and len(err.splitlines()) == 1 and "model.layers.2." in err and "missing" in err,
+          f"MTP layer declared but absent: one-line error ({err})")
+
 print("PASS" if ok else "FAIL")
 sys.exit(0 if ok else 1)
