@@ -549,6 +549,15 @@ TransformerDecoder::TransformerDecoder(const ModelConfig& cfg, const float* para
     v_ = nn::DeviceBlock(*be_, cache, "KV cache (values)");
     be_->memset(v_.data(), 0, cache);
   }
+  if (cfg_.mtp_depth > 0) {  // the draft's one-layer cache
+    const size_t one = cache / size_t(cfg_.n_layer);
+    mtp_k_ = nn::DeviceBlock(*be_, one, "MTP draft cache (keys)");
+    be_->memset(mtp_k_.data(), 0, one);
+    if (!cfg_.mla.on()) {
+      mtp_v_ = nn::DeviceBlock(*be_, one, "MTP draft cache (values)");
+      be_->memset(mtp_v_.data(), 0, one);
+    }
+  }
   // The decode attention's scratch for the longest piece of queries against the whole cache.
   nn::OpScratch ops;
   ops.decode.B = batch;
@@ -600,6 +609,10 @@ void TransformerDecoder::ensure_rows(int64_t rows) {
     rstd_ = ws.f32(rows);
     a_.allocate(ws, rows, block_shape(cfg_, 0), false, /*decoding=*/true);
     a_.h = nullptr;  // the stream is updated in place
+    if (cfg_.mtp_depth > 0) {
+      mtp_a_.allocate(ws, rows, block_shape(cfg_, cfg_.n_layer), /*decoding=*/true);
+      mtp_zeros_ = ws.f32(rows * C);
+    }
     logits_d_ = ws.f32(int64_t(B) * V);
     argmax_d_ = ws.i32(B);
     inputs_d_ = device ? ws.i32(2 * rows + B) : nullptr;
@@ -749,6 +762,7 @@ void TransformerDecoder::last_logits(int m) {
 }
 
 const float* TransformerDecoder::forward(const int32_t* tokens, int n, bool all_logits) {
+  note_tokens(tokens, n);
   if (!all_logits && graph_step(tokens, n, false, cfg_.vocab_size)) return logits_h_;
   advance(tokens, n, all_logits);
   if (all_logits) return logits_.data();
@@ -761,6 +775,7 @@ const int32_t* TransformerDecoder::forward_argmax(const int32_t* tokens, int n, 
   const int V = cfg_.vocab_size;
   KILN_CHECK(vocab_limit >= 1 && vocab_limit <= V, "decoder: arg max over ", vocab_limit, " ids of a ", V,
              "-token vocabulary");
+  note_tokens(tokens, n);
   if (graph_step(tokens, n, true, vocab_limit)) return argmax_h_;
   advance(tokens, n, false);
   be_->argmax_rows(argmax_d_, logits_d_, batch_, vocab_limit, V);

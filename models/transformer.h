@@ -150,9 +150,14 @@ class TransformerDecoder : public IncrementalDecoder {
   int length() const override { return length_; }
   int max_positions() const override { return max_pos_; }
   int batch() const override { return batch_; }
-  void reset() override { length_ = 0; }
+  void reset() override { length_ = 0, mtp_length_ = 0, last_n_ = 0; }
   const ModelConfig& config() const override { return cfg_; }
   size_t cache_bytes() const override { return k_.size() + v_.size(); }
+  // Multi-token prediction as a draft (models with MTP modules): after forward() of n positions (one chunk:
+  // n <= kMaxChunk), `next` [batch] the token chosen after them. Runs the first MTP module over those positions
+  // (h_i of the main model with the embedding of token i+1; its own KV cache follows the main one, so call it
+  // after every forward) and returns its logits at the last one [batch, V]: a guess of the token after next.
+  const float* draft(const int32_t* next);
   // Latent attention: decode in the absorbed-weights form (the default) or the plain one (the cache expanded
   // through kv_b every step; host backends).
   void set_latent_absorbed(bool absorbed);
@@ -170,6 +175,14 @@ class TransformerDecoder : public IncrementalDecoder {
   int length_ = 0;
   nn::DeviceBlock k_, v_;  // [layer][batch][position][NKV·HD] in the activation type; MLA: k_ only, [.][r + rope]
   bool absorbed_ = true;
+  // The MTP draft: module 1's KV cache, its activations, the last forward's tokens ([B, n]).
+  nn::DeviceBlock mtp_k_, mtp_v_;
+  nn::MTPActivations mtp_a_;
+  float* mtp_zeros_ = nullptr;
+  std::vector<int32_t> last_tokens_;
+  int last_n_ = 0, mtp_length_ = 0;
+  bool last_one_chunk_ = false;
+  void note_tokens(const int32_t* tokens, int n);
   nn::DeviceBlock expand_;  // the plain latent form's expansion buffers (nn::KVLayer)
   int64_t cache_width() const;  // floats per position and layer in k_
 

@@ -2,7 +2,7 @@
 
 namespace kiln::nn {
 
-void MTPActivations::allocate(Workspace& ws, int64_t N, const BlockShape& s) {
+void MTPActivations::allocate(Workspace& ws, int64_t N, const BlockShape& s, bool decoding) {
   const int64_t C = s.C();
   emb = ws.f32(N * C);
   en = ws.act(N * C);
@@ -11,7 +11,7 @@ void MTPActivations::allocate(Workspace& ws, int64_t N, const BlockShape& s) {
   hn_rstd = ws.f32(N);
   cat = ws.act(2 * N * C);
   x = ws.f32(N * C);
-  blk.allocate(ws, N, s);
+  blk.allocate(ws, N, s, false, decoding);
   h = ws.f32(N * C);
   ln = ws.act(N * C);
   ln_rstd = ws.f32(N);
@@ -28,7 +28,7 @@ void MTPScratch::allocate(Workspace& ws, int64_t N, int C) {
 
 void MTPModule::forward(Backend& be, MTPActivations& a, BlockScratch& bs, const float* prev, const int32_t* tokens,
                         const float* wte, const int32_t* pos, const AttentionParams& ap, int64_t N,
-                        const float* zeros) const {
+                        const float* zeros, const KVLayer* cache) const {
   const int64_t C = block.shape.C();
   be.embedding_forward(a.emb, tokens, pos, wte, nullptr, N, int(C));
   enorm.forward(be, a.en, nullptr, a.en_rstd, a.emb, N);
@@ -36,7 +36,7 @@ void MTPModule::forward(Backend& be, MTPActivations& a, BlockScratch& bs, const 
   be.copy_rows(a.cat, 2 * C, a.en, C, N, C);
   be.copy_rows(a.cat.at(C), 2 * C, a.hn, C, N, C);
   be.linear_residual(a.x, zeros, a.cat, eh_proj, N);  // fp32 out on every backend
-  block.forward(be, a.h, a.x, a.blk, bs, pos, ap, N);
+  block.forward(be, a.h, a.x, a.blk, bs, pos, ap, N, cache);
   head_norm.forward(be, a.ln, nullptr, a.ln_rstd, a.h, N);
 }
 

@@ -26,7 +26,8 @@ struct MTPActivations {
   float* ln_rstd = nullptr;
   Act dln;                                     // [N, C] the head's gradient of ln (set by the model)
   float* dres = nullptr;                       // [N, C] dL/dh (later depths add theirs), then dL/dx
-  void allocate(Workspace& ws, int64_t N, const BlockShape& s);
+  // decoding: the block's activations for a KV-cache forward (the decoder's draft).
+  void allocate(Workspace& ws, int64_t N, const BlockShape& s, bool decoding = false);
 };
 
 // Shared by the modules' backward.
@@ -45,7 +46,7 @@ struct MTPModule {
   // prev: [N, C] the previous depth's hidden state; tokens: the shifted tokens (this device's).
   void forward(Backend& be, MTPActivations& a, BlockScratch& bs, const float* prev, const int32_t* tokens,
                const float* wte, const int32_t* pos, const AttentionParams& ap, int64_t N,
-               const float* zeros) const;
+               const float* zeros, const KVLayer* cache = nullptr) const;
   // Turns a.dln (and what later depths added to a.dres) into parameter gradients, dwte (the embedding's share)
   // and dprev += dL/dprev.
   void backward(Backend& be, float* dprev, MTPActivations& a, BlockScratch& bs, MTPScratch& s, const float* prev,

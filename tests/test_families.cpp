@@ -292,6 +292,42 @@ TEST(MultiTokenPrediction, DroppingTheModulesLeavesMainLogits) {
   EXPECT_GT(parts[1].second, 0.0);
 }
 
+// The decoder's draft (the first MTP module over each forward's positions, with its own KV cache) gives the MTP
+// logits of the training forward: after a prompt and then token by token, in both latent decoding forms. (With
+// one module and no gradient the training forward's logits() are that module's: its head runs last.)
+TEST(MultiTokenPrediction, DraftLogitsEqualTrainingForward) {
+  const Case* c = nullptr;
+  for (const Case& k : kCases)
+    if (std::string(k.name) == "deepseek_v3_mtp") c = &k;
+  ASSERT_TRUE(c);
+  ModelConfig cfg = config_of(*c);
+  cfg.mtp_depth = 1;
+  const int T = 12, V = cfg.vocab_size;
+  auto m = model_of(cfg, 51, /*grads=*/false);
+  Rng r(52);
+  std::vector<int32_t> t(T + 1), pos(T);
+  for (int i = 0; i <= T; i++) t[size_t(i)] = int32_t(r.below(uint64_t(V)));
+  for (int i = 0; i < T; i++) pos[size_t(i)] = i;
+  m->plan(1, T);
+  m->forward(t.data(), pos.data(), t.data() + 1, m->attention(1, T), 0.0f);
+  const std::vector<float> mtp(m->logits(), m->logits() + size_t(T) * V);
+  for (bool absorbed : {true, false}) {
+    TransformerDecoder d(cfg, m->host_params(), 1, 32);
+    d.set_latent_absorbed(absorbed);
+    d.forward(t.data(), 5);
+    const float* l = d.draft(&t[5]);
+    EXPECT_TRUE(test::all_close(l, &mtp[size_t(4) * V], size_t(V), 1e-5, 1e-5)) << "prompt, absorbed " << absorbed;
+    for (int i = 5; i < T - 1; i++) {
+      d.forward(&t[size_t(i)], 1);
+      l = d.draft(&t[size_t(i + 1)]);
+      EXPECT_TRUE(test::all_close(l, &mtp[size_t(i) * V], size_t(V), 1e-5, 1e-5)) << "position " << i;
+    }
+    d.forward(&t[size_t(T - 1)], 1);
+    d.forward(&t[size_t(T)], 1);  // no draft after the previous forward: the draft's cache has a gap
+    EXPECT_THROW(d.draft(&t[0]), Error);
+  }
+}
+
 // config.json errors: one line naming the file and the field.
 TEST(FamilyConfig, BadConfigsNameTheField) {
   auto error_of = [](const std::string& json) -> std::string {
