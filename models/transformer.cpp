@@ -53,7 +53,7 @@ nn::BlockShape block_shape(const ModelConfig& c, int layer) {
     M.nope = c.mla.qk_nope_dim;
     M.rope = c.mla.qk_rope_dim;
     M.vd = c.mla.v_head_dim;
-    M.eps = c.norm_eps;
+    M.eps = 1e-6f;  // Hugging Face's q_a/kv_a_layernorm keep DeepseekV3RMSNorm's default, not rms_norm_eps
     M.interleaved = c.mla.rope_interleave;
   }
   return S;

@@ -4,6 +4,7 @@ reference (tests/peer/torch_deepseek.py, torch_train_ref.py --model deepseek).
 Configurations (hidden 64, 2 layers, vocab 211, dense feed-forward layers):
   lora_yarn   the query bottleneck (q_lora_rank), yarn rope scaling with mscale (softmax scale and cos/sin
               factor), interleaved rotary pairs, q/k heads 16 + 16, v heads 32, untied head
+  (rms_norm_eps 1e-5: the latent norms keep Hugging Face's 1e-6)
   direct_mtp  queries straight from x, rotary pairs not interleaved, v heads wider than q/k heads, one
               multi-token-prediction layer (num_nextn_predict_layers 1, layer index num_hidden_layers)
 For each: a random checkpoint with Hugging Face names and a shard with structure to learn;
@@ -50,7 +51,7 @@ def kiln_run(args):
 
 BASE = {"model_type": "deepseek_v3", "hidden_size": 64, "num_attention_heads": 4, "num_key_value_heads": 4,
         "num_hidden_layers": 2, "intermediate_size": 96, "vocab_size": 211, "max_position_embeddings": 128,
-        "rms_norm_eps": 1e-6, "rope_theta": 10000.0, "hidden_act": "silu", "tie_word_embeddings": False,
+        "rms_norm_eps": 1e-5, "rope_theta": 10000.0, "hidden_act": "silu", "tie_word_embeddings": False,
         "first_k_dense_replace": 2, "n_routed_experts": 8, "bos_token_id": 0, "eos_token_id": 1}
 CONFIGS = {
     "lora_yarn": dict(BASE, q_lora_rank=48, kv_lora_rank=32, qk_nope_head_dim=16, qk_rope_head_dim=16,

@@ -6,6 +6,7 @@ not from kiln's code:
   per layer:  h = x + o_proj(MLA(n1(x)))           x = h + FFN(n2(h))           n1, n2: RMSNorm
   MLA (DeepseekV3Attention):
     q = q_proj(x)  or  q_b_proj(q_a_layernorm(q_a_proj(x)))        [B, T, H, nope + rope]
+    (q_a_layernorm and kv_a_layernorm: DeepseekV3RMSNorm's default eps 1e-6, whatever rms_norm_eps says)
     c, k_rot = split(kv_a_proj_with_mqa(x), [kv_lora_rank, rope])
     k_pass, v = split(kv_b_proj(kv_a_layernorm(c)) per head, [nope, v_head_dim])
     q_rot, k_rot rotated: rope_interleave -> apply_rotary_pos_emb_interleave (view (d/2, 2), transpose, then
@@ -247,14 +248,14 @@ def block(x, P, l, r, cos, sin, scale, allowed, cache):
     a = p + "self_attn."
     h = rms_norm(x, P[p + "input_layernorm.weight"], r["eps"])
     if r["qL"]:
-        q = lin(rms_norm(lin(h, P, a + "q_a_proj"), P[a + "q_a_layernorm.weight"], r["eps"]), P, a + "q_b_proj")
+        q = lin(rms_norm(lin(h, P, a + "q_a_proj"), P[a + "q_a_layernorm.weight"], 1e-6), P, a + "q_b_proj")
     else:
         q = lin(h, P, a + "q_proj")
     q = q.view(B, T, H, r["qk"]).transpose(1, 2)
     q_pass, q_rot = q.split([nope, rope], dim=-1)
     ckv = lin(h, P, a + "kv_a_proj_with_mqa")
     k_pass, k_rot = ckv.split([r["R"], rope], dim=-1)
-    kv = lin(rms_norm(k_pass, P[a + "kv_a_layernorm.weight"], r["eps"]), P, a + "kv_b_proj")
+    kv = lin(rms_norm(k_pass, P[a + "kv_a_layernorm.weight"], 1e-6), P, a + "kv_b_proj")
     kv = kv.view(B, T, H, nope + vd).transpose(1, 2)
     k_pass, v = kv.split([nope, vd], dim=-1)
     k_rot = k_rot.view(B, 1, T, rope)
