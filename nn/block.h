@@ -1,6 +1,7 @@
 // The pre-norm transformer block every family here is built from:
-//   h = x + Attention(Norm1(x))          Attention: nn/attention.h, or latent attention (nn/mla.h, DeepSeek)          Norm: LayerNorm (GPT-2) or RMSNorm (Llama, Mistral, Qwen)
-//   y = h + FFN(Norm2(h))                nn/attention.h, nn/ffn.h
+//   h = x + Attention(Norm1(x))          Attention: nn/attention.h, or latent attention (nn/mla.h, DeepSeek)
+//   y = h + FFN(Norm2(h))                nn/ffn.h (dense) or nn/moe.h (mixture of experts)
+//   Norm: LayerNorm (GPT-2) or RMSNorm (Llama, Mistral, Qwen, DeepSeek)
 // The block owns the residual stream and the norms; the attention and feed-forward modules own their products,
 // activations and backward. The same block runs training and decoding (with a KV cache, nn/attention.h KVLayer).
 //
@@ -15,16 +16,20 @@
 #include "nn/backend.h"
 #include "nn/ffn.h"
 #include "nn/mla.h"
+#include "nn/moe.h"
 #include "nn/norm.h"
 #include "nn/workspace.h"
 
 namespace kiln::nn {
 
 // Shapes and options of a block.
+// A layer's feed-forward is the MoE when moe is set, else the dense ffn. Activations and scratch allocated for
+// a shape with both (ffn.F > 0 and moe set) serve layers of either kind.
 struct BlockShape {
   AttentionShape attn;  // attn.C is the width whichever attention the block has
   MLAShape mla;         // latent attention when mla.on()
   FFNShape ffn;
+  MoEShape moe;
   int C() const { return attn.C; }
 };
 
@@ -39,6 +44,7 @@ struct BlockActivations {
   Act ln2;             // [N, C]
   float *ln2_mean = nullptr, *ln2_rstd = nullptr;
   FFNActivations ffn;
+  MoEActivations moe;
   // decoding: also the buffers of the latent attention's decoding forms.
   void allocate(Workspace& ws, int64_t N, const BlockShape& s, bool selective = false, bool decoding = false);
 };
@@ -52,6 +58,7 @@ struct BlockScratch {
   AttentionScratch attn;
   MLAScratch mla;
   FFNScratch ffn;
+  MoEScratch moe;
   void allocate(Workspace& ws, int64_t N, const BlockShape& s, bool selective = false);
 };
 
@@ -60,7 +67,8 @@ struct Block {
   Norm norm1, norm2;
   Attention attn;
   LatentAttention mla;  // used instead of attn when shape.mla.on()
-  FeedForward ffn;
+  FeedForward ffn;  // dense layers
+  MoE moe;          // mixture-of-experts layers (shape.moe set)
 
   // y = block(x) for N tokens at positions pos. x, y: [N, C] fp32; h (the mid-block residual) is a.h or, when
   // decoding (a.h null), y itself (then y may be x too: the stream is updated in place). y == nullptr records the

@@ -8,3 +8,8 @@ set_target_properties(gemm_bench PROPERTIES RUNTIME_OUTPUT_DIRECTORY ${CMAKE_BIN
 add_executable(mla_decode_bench ${CMAKE_SOURCE_DIR}/bench/mla_decode_bench.cpp)
 target_link_libraries(mla_decode_bench PRIVATE kiln_lib ${KILN_GPU_BACKEND})
 set_target_properties(mla_decode_bench PROPERTIES RUNTIME_OUTPUT_DIRECTORY ${CMAKE_BINARY_DIR})
+
+# The MoE layer (nn::MoE, forward + backward) beside the PyTorch reference's same layer (bench/moe_bench.cpp).
+add_executable(moe_bench ${CMAKE_SOURCE_DIR}/bench/moe_bench.cpp)
+target_link_libraries(moe_bench PRIVATE kiln_lib)
+set_target_properties(moe_bench PROPERTIES RUNTIME_OUTPUT_DIRECTORY ${CMAKE_BINARY_DIR})

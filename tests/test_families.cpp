@@ -61,7 +61,7 @@ const Case kCases[] = {
        "max_position_embeddings":64,"rms_norm_eps":1e-6,"rope_theta":10000.0,"q_lora_rank":24,
        "kv_lora_rank":20,"qk_nope_head_dim":8,"qk_rope_head_dim":8,"v_head_dim":16,"head_dim":8,
        "rope_scaling":{"rope_type":"yarn","factor":4.0,"original_max_position_embeddings":16,"beta_fast":32,
-       "beta_slow":1,"mscale":1.0,"mscale_all_dim":1.0},"first_k_dense_replace":2,"n_routed_experts":8,
+       "beta_slow":1,"mscale":1.0,"mscale_all_dim":1.0},"first_k_dense_replace":2,
        "hidden_act":"silu","tie_word_embeddings":false})"},
     {"deepseek_v3_direct_q", R"({"model_type":"deepseek_v3","hidden_size":32,"num_attention_heads":2,
        "num_hidden_layers":2,"intermediate_size":36,"vocab_size":37,"max_position_embeddings":64,
@@ -368,9 +368,12 @@ TEST(FamilyConfig, BadConfigsNameTheField) {
          {"v_head_dim"});
   expect(R"({"model_type":"deepseek_v3","qk_rope_head_dim":8,"attention_bias":true,)" + ds + "}",
          {"attention_bias"});
-  expect(R"({"model_type":"deepseek_v3","qk_rope_head_dim":8,"n_routed_experts":4,"first_k_dense_replace":0,)" +
-             ds + "}",
-         {"first_k_dense_replace"});
+  expect(R"({"model_type":"deepseek_v3","qk_rope_head_dim":8,"n_routed_experts":4,"num_experts_per_tok":2,
+      "moe_intermediate_size":8,"n_group":3,)" + ds + "}",
+         {"n_group"});
+  expect(R"({"model_type":"deepseek_v3","qk_rope_head_dim":8,"n_routed_experts":4,"num_experts_per_tok":2,
+      "moe_intermediate_size":8,"scoring_func":"softmax",)" + ds + "}",
+         {"scoring_func"});
   expect(R"({"model_type":"deepseek_v3","qk_rope_head_dim":8,"rope_scaling":{"type":"yarn","factor":4,
       "beta_fast":0},)" + ds + "}",
          {"yarn", "beta_fast"});

@@ -1,8 +1,8 @@
 // DeepSeek-V3 (DeepseekV3ForCausalLM; Moonlight is one): Llama's pre-norm block with multi-head latent attention
 // (nn/mla.h: q_lora_rank, kv_lora_rank, qk_nope/rope_head_dim, v_head_dim, rope_interleave) and yarn rotary
-// scaling, and multi-token prediction (num_nextn_predict_layers modules, stored as layers num_hidden_layers ..;
-// their copies of the embedding and head are not read: kiln shares the main model's). The DeepSeekMoE layers
-// (first_k_dense_replace onwards) come with their module; a config that needs them is refused in one line.
+// scaling, multi-token prediction (num_nextn_predict_layers modules, stored as layers num_hidden_layers ..;
+// their copies of the embedding and head are not read: kiln shares the main model's), and DeepSeekMoE layers
+// (nn/moe.h) from first_k_dense_replace on.
 #include "core/error.h"
 #include "models/families/hf_llama.h"
 #include "models/family.h"
@@ -30,12 +30,29 @@ ModelConfig parse(const json& j, const std::string& where) {
   KILN_CHECK(!hf::get_bool(j, "attention_bias", where, false), where,
              ": attention_bias=true is not supported for deepseek_v3");
   c.mtp_depth = hf::get_int(j, "num_nextn_predict_layers", where, 0);
-  // Layers from first_k_dense_replace on (the MTP layers included) are DeepSeekMoE layers.
-  const int dense = hf::get_int(j, "first_k_dense_replace", where, 0);
-  const int experts = hf::get_int(j, "n_routed_experts", where, 0);
-  KILN_CHECK(experts == 0 || dense >= c.n_layer + c.mtp_depth, where, ": first_k_dense_replace (", dense,
-             ") < num_hidden_layers + num_nextn_predict_layers (", c.n_layer + c.mtp_depth,
-             "): the DeepSeekMoE layers are not in this build");
+  // DeepSeekMoE from first_k_dense_replace on (the MTP layers included): sigmoid affinities, selection by
+  // s + e_score_correction_bias (noaux_tc), group-limited routing, routed_scaling_factor. No n_routed_experts:
+  // every layer dense.
+  c.n_experts = hf::get_int(j, "n_routed_experts", where, 0);
+  if (c.n_experts > 0) {
+    c.first_k_dense_replace = hf::get_int(j, "first_k_dense_replace", where, 0);
+    c.moe_top_k = hf::get_int(j, "num_experts_per_tok", where);
+    c.moe_d_ff = hf::get_int(j, "moe_intermediate_size", where);
+    c.n_shared_experts = hf::get_int(j, "n_shared_experts", where, 0);
+    c.moe_groups = hf::get_int(j, "n_group", where, 1);
+    c.moe_topk_groups = hf::get_int(j, "topk_group", where, 1);
+    c.routed_scaling_factor = hf::get_number(j, "routed_scaling_factor", where, 1.0);
+    c.norm_topk_prob = hf::get_bool(j, "norm_topk_prob", where, true);
+    c.moe_scoring = RouterScoring::Sigmoid;
+    c.moe_router_bias = true;
+    KILN_CHECK(hf::get_int(j, "moe_layer_freq", where, 1) == 1, where, ": moe_layer_freq other than 1 is not supported");
+    for (const char* k : {"topk_method", "scoring_func"})
+      if (j.contains(k) && !j[k].is_null()) {
+        const std::string want = k[0] == 't' ? "noaux_tc" : "sigmoid";
+        KILN_CHECK(j[k].is_string() && j[k].get<std::string>() == want, where, ": ", k, " must be \"", want,
+                   "\" (DeepSeek-V3's router)");
+      }
+  }
   return c;
 }
 
@@ -51,12 +68,30 @@ json to_json(const ModelConfig& c) {
   j["v_head_dim"] = m.v_head_dim;
   j["rope_interleave"] = m.rope_interleave;
   j["attention_bias"] = false;
-  j["first_k_dense_replace"] = c.n_layer + c.mtp_depth;  // every layer dense
   j["num_nextn_predict_layers"] = c.mtp_depth;
+  if (c.n_experts > 0) {
+    j["n_routed_experts"] = c.n_experts;
+    j["first_k_dense_replace"] = c.first_k_dense_replace;
+    j["num_experts_per_tok"] = c.moe_top_k;
+    j["moe_intermediate_size"] = c.moe_d_ff;
+    j["n_shared_experts"] = c.n_shared_experts;
+    j["n_group"] = c.moe_groups;
+    j["topk_group"] = c.moe_topk_groups;
+    j["routed_scaling_factor"] = c.routed_scaling_factor;
+    j["norm_topk_prob"] = c.norm_topk_prob;
+    j["topk_method"] = "noaux_tc";
+    j["scoring_func"] = "sigmoid";
+    j["moe_layer_freq"] = 1;
+  } else {
+    j["n_routed_experts"] = nullptr;  // every layer dense
+  }
   return j;
 }
 
 std::string file_name(const std::string& key) {
+  // The MoE tensors as Hugging Face's DeepSeek-V3 names them (mlp.gate, mlp.experts.*, mlp.shared_experts).
+  for (const char* part : {".ffn_gate_inp.", ".exp_probs_b.", "_exps.", "_shexp."})
+    if (key.find(part) != std::string::npos) return hf::moe_file_name(key);
   return map_tensor_name(key,
                          {{"token_embd.weight", "model.embed_tokens.weight"},
                           {"output_norm.weight", "model.norm.weight"},

@@ -10,6 +10,8 @@ Configurations (hidden 64, 2 layers, vocab 211, dense feed-forward layers):
 For each: a random checkpoint with Hugging Face names and a shard with structure to learn;
   1. `kiln train --init` (10 AdamW steps with decay, warmup + cosine, accumulation, clipping; --mtp-lambda 0.3)
      against the reference: per-step total, main and MTP losses within 1e-4; final weights within 1e-4 relative;
+  moe_mtp     DeepSeekMoE layers (the MTP layer too), group-limited sigmoid routing with the selection bias
+              (held still: --bias-update-speed 0), a shared expert
   2. `kiln generate --temperature 0`: 40 greedy tokens equal the reference's (KV cache) from kiln's trained weights.
 
 usage: deepseek_vs_torch.py KILN_BINARY WORK_DIR
@@ -52,17 +54,23 @@ def kiln_run(args):
 BASE = {"model_type": "deepseek_v3", "hidden_size": 64, "num_attention_heads": 4, "num_key_value_heads": 4,
         "num_hidden_layers": 2, "intermediate_size": 96, "vocab_size": 211, "max_position_embeddings": 128,
         "rms_norm_eps": 1e-5, "rope_theta": 10000.0, "hidden_act": "silu", "tie_word_embeddings": False,
-        "first_k_dense_replace": 2, "n_routed_experts": 8, "bos_token_id": 0, "eos_token_id": 1}
+        "bos_token_id": 0, "eos_token_id": 1}
 CONFIGS = {
     "lora_yarn": dict(BASE, q_lora_rank=48, kv_lora_rank=32, qk_nope_head_dim=16, qk_rope_head_dim=16,
                       v_head_dim=32, head_dim=16, rope_interleave=True,
                       rope_scaling={"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32,
                                     "beta_fast": 32, "beta_slow": 1, "mscale": 1.0, "mscale_all_dim": 1.0}),
     "direct_mtp": dict(BASE, q_lora_rank=None, kv_lora_rank=16, qk_nope_head_dim=16, qk_rope_head_dim=16,
-                       v_head_dim=48, head_dim=16, rope_interleave=False, num_nextn_predict_layers=1,
-                       first_k_dense_replace=3),  # the MTP layer (index 2) dense too
+                       v_head_dim=48, head_dim=16, rope_interleave=False, num_nextn_predict_layers=1),
+    # DeepSeekMoE from layer 1 on, the MTP layer (index 2) included: 8 routed experts in 4 groups (2 kept), top 2,
+    # one shared expert, sigmoid affinities with the selection bias, routed_scaling_factor 2.5.
+    "moe_mtp": dict(BASE, q_lora_rank=32, kv_lora_rank=32, qk_nope_head_dim=16, qk_rope_head_dim=16, v_head_dim=16,
+                    head_dim=16, rope_interleave=True, num_nextn_predict_layers=1, first_k_dense_replace=1,
+                    n_routed_experts=8, n_group=4, topk_group=2, num_experts_per_tok=2, n_shared_experts=1,
+                    moe_intermediate_size=32, routed_scaling_factor=2.5, norm_topk_prob=True,
+                    topk_method="noaux_tc", scoring_func="sigmoid"),
 }
-INIT_SEED = {"lora_yarn": 4021, "direct_mtp": 4022}
+INIT_SEED = {"lora_yarn": 4021, "direct_mtp": 4022, "moe_mtp": 4023}
 hp = dict(batch=4, seq=32, grad_accum=2, steps=10, lr=3e-3, min_lr=3e-4, warmup=3, weight_decay=0.1, grad_clip=0.5)
 flags = ["--" + k.replace("_", "-") + "=" + str(v) for k, v in hp.items()]
 LAMBDA = 0.3
@@ -88,7 +96,7 @@ for seed, (name, cfg) in enumerate(CONFIGS.items(), start=31):
     out, metrics = os.path.join(d, "kiln_out"), os.path.join(d, "metrics.jsonl")
     kiln_run(["train", "--init", init, "--data", shard, "--data-order", "sequential", "--threads", "2",
               "--lr-schedule", "cosine", "--out", out, "--metrics", metrics, "--no-progress",
-              f"--mtp-lambda={LAMBDA}"] + flags)
+              f"--mtp-lambda={LAMBDA}", "--bias-update-speed=0"] + flags)  # torch_train_ref: no bias update
     ours = [json.loads(l) for l in open(metrics) if l.strip()]
     ref_json, ref_w = os.path.join(d, "ref.json"), os.path.join(d, "ref.safetensors")
     subprocess.run([sys.executable, os.path.join(peer, "torch_train_ref.py"), init, shard, ref_json, ref_w,
@@ -141,7 +149,7 @@ if not only or "lora_yarn" in only:
     bad = os.path.join(work, "missing_mtp")
     shutil.copytree(src, bad)
     c = json.load(open(os.path.join(bad, "config.json")))
-    c["num_nextn_predict_layers"], c["first_k_dense_replace"] = 1, 3
+    c["num_nextn_predict_layers"] = 1
     json.dump(c, open(os.path.join(bad, "config.json"), "w"))
     r = subprocess.run([kiln, "train", "--init", bad, "--data", os.path.join(work, "lora_yarn", "data.bin"),
                         "--steps", "1", "--no-progress"], capture_output=True)
