@@ -66,6 +66,9 @@ __int128 param_count(const ModelConfig& c, bool active = false) {
     n += L * dense;
   else
     for (int l = 0; l < c.n_layer; l++) n += c.is_moe_layer(l) ? moe : dense;
+  // Multi-token prediction: per module one more layer, enorm, hnorm, the shared head's norm and eh_proj.
+  for (int l = c.n_layer; l < c.n_layer + c.mtp_depth; l++)
+    n += layer + (c.n_experts > 0 && c.is_moe_layer(l) ? moe : dense) + 3 * C + 2 * C * C;
   if (c.positions == PositionKind::Learned) n += W(c.max_positions) * C;
   if (!c.tie_embeddings) n += W(c.vocab_size) * C;
   return n;

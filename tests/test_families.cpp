@@ -274,6 +274,12 @@ TEST(MultiTokenPrediction, DroppingTheModulesLeavesMainLogits) {
   }
   m0->params_changed();
   EXPECT_GT(m->table().specs.size(), m0->table().specs.size());
+  // The parameter count includes the modules: the table's tensors add up to it.
+  for (const ModelConfig* k : std::initializer_list<const ModelConfig*>{&cfg, &main_only}) {
+    int64_t n = 0;
+    for (const ParamSpec& s : model_param_table(*k).specs) n += s.numel();
+    EXPECT_EQ(n, k->num_params()) << k->mtp_depth << " MTP modules";
+  }
   Batch b(cfg.vocab_size, 43);
   m->plan(b.B, b.T);
   m0->plan(b.B, b.T);
