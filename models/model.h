@@ -10,6 +10,7 @@
 
 #include "kernels/attention.h"
 #include "kernels/matmul_lowp.h"
+#include "kernels/narrow_gemv.h"
 #include "models/model_config.h"
 #include "models/param_table.h"
 #include "models/recompute.h"
@@ -111,6 +112,7 @@ struct DecoderOptions {
   int batch = 1;
   int max_positions = 0;   // 0: the model's
   bool cuda_graph = true;  // GPU: capture the single-token step once and replay it
+  WeightFormat weights = WeightFormat::F32;  // CPU: the matrices' format for the products (kernels/narrow_gemv.h)
 };
 
 // A decoder over a host parameter block in cfg's ParamTable layout. The CPU decoder reads it in place (it

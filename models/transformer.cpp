@@ -451,9 +451,11 @@ const float* Transformer::logits() const {
 // ---- decoding ----
 
 TransformerDecoder::TransformerDecoder(const ModelConfig& cfg, const float* params, int batch, int max_positions,
-                                       bool cuda, bool cuda_graph)
+                                       bool cuda, bool cuda_graph, WeightFormat weights)
     : cfg_(cfg), table_(model_param_table(cfg)), be_(make_backend(cuda, std::nullopt)), batch_(batch) {
   cfg_.validate("decoder config");
+  KILN_CHECK(weights == WeightFormat::F32 || !cuda, "decoder: --weights-dtype ", weight_format_name(weights),
+             " runs on the CPU only (the GPU decoder reads bf16 weights)");
   if (cuda) check_device_shapes(cfg_);
   KILN_CHECK(batch >= 1, "decoder: batch must be at least 1, got ", batch);
   max_pos_ = max_positions > 0 ? max_positions : cfg_.max_positions;
@@ -476,6 +478,7 @@ TransformerDecoder::TransformerDecoder(const ModelConfig& cfg, const float* para
     refresh_lowp(*be_, table_, params16, dev_params);
   }
   w_.bind(cfg_, table_, dev_params, nullptr, params16, inv_freq_buf_.as<float>());
+  narrow_.convert(w_, weights);
   const size_t cache = size_t(cfg_.n_layer) * size_t(batch) * size_t(max_pos_) * size_t(cfg_.kv_dim()) *
                        dtype_size(be_->act_dtype());
   k_ = nn::DeviceBlock(*be_, cache, "KV cache (keys)");

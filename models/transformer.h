@@ -18,6 +18,7 @@
 #include "core/gpu.h"
 #include "core/memory.h"
 #include "models/model.h"
+#include "models/narrow_weights.h"
 #include "nn/block.h"
 #include "nn/workspace.h"
 
@@ -118,8 +119,9 @@ class TransformerDecoder : public IncrementalDecoder {
   // only): the single-token step is captured once in a CUDA graph and replayed; its inputs are copied from
   // page-locked staging inside the graph and every kernel reads them (positions, cache lengths) from device
   // memory, so one launch per token replaces the step's ~10 launches per layer.
+  // weights (CPU only): the matrices converted once to this format, which the products then read.
   TransformerDecoder(const ModelConfig& cfg, const float* params, int batch, int max_positions, bool cuda = false,
-                     bool cuda_graph = false);
+                     bool cuda_graph = false, WeightFormat weights = WeightFormat::F32);
   ~TransformerDecoder() override;
   TransformerDecoder(const TransformerDecoder&) = delete;
   TransformerDecoder& operator=(const TransformerDecoder&) = delete;
@@ -143,6 +145,7 @@ class TransformerDecoder : public IncrementalDecoder {
   std::unique_ptr<nn::Backend> be_;
   nn::DeviceBlock params_buf_, params16_buf_, inv_freq_buf_;
   TransformerWeights w_;
+  NarrowWeights narrow_;
   int batch_, max_pos_;
   int length_ = 0;
   nn::DeviceBlock k_, v_;  // [layer][batch][position][NKV·HD] in the activation type

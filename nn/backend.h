@@ -20,6 +20,7 @@
 #include "kernels/attention.h"
 #include "kernels/decode_attention.h"
 #include "kernels/matmul_lowp.h"
+#include "kernels/narrow_gemv.h"
 #include "kernels/rope.h"
 
 namespace kiln::nn {
@@ -46,6 +47,7 @@ struct Weight {
   float* dw = nullptr;
   float* db = nullptr;
   const uint16_t* w16 = nullptr;
+  const NarrowMatrix* narrow = nullptr;  // decoding: a bf16/f16/q8_0 copy [out, in] the products read instead
   int in = 0, out = 0;
   Layout layout = Layout::OutIn;
 };

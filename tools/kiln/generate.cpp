@@ -33,7 +33,7 @@
 namespace {
 
 struct GenerateOptions {
-  std::string model, random_init, tokenizer, prompt, prompt_ids, stop, device = "cpu";
+  std::string model, random_init, tokenizer, prompt, prompt_ids, stop, device = "cpu", weights_dtype = "f32";
   bool has_prompt = false, has_prompt_ids = false, json = false, no_cuda_graph = false;
   int max_new = 64, threads = 0;
   std::optional<int> eot_id;
@@ -153,6 +153,11 @@ void run_generate(const GenerateOptions& o) {
   DecoderOptions dopt;
   dopt.cuda = device.cuda;
   dopt.cuda_graph = !o.no_cuda_graph;
+  const std::optional<WeightFormat> wf = parse_weight_format(o.weights_dtype);
+  KILN_CHECK(wf, "--weights-dtype: '", o.weights_dtype, "' is not one of f32, bf16, f16, q8_0");
+  KILN_CHECK(*wf == WeightFormat::F32 || !device.cuda, "--weights-dtype ", o.weights_dtype,
+             " runs on the CPU only (--device cuda decodes with bf16 weights)");
+  dopt.weights = *wf;
   std::unique_ptr<IncrementalDecoder> dec = make_decoder(cfg, model->host_params(), dopt);
   if (device.cuda) {
     const gpu::DeviceInfo info = gpu::init(device.index);
@@ -236,6 +241,9 @@ kiln::cli::Command generate_cmd("generate", [](CLI::App& root) {
   c->add_flag("--json", o->json, "Print one JSON line {tokens, text, finish_reason} instead of streaming text");
   c->add_option("--threads", o->threads, "CPU threads (0: all cores)")->capture_default_str();
   c->add_option("--device", o->device, "cpu, or cuda / cuda:N: bf16 weights and KV cache on the GPU")
+      ->capture_default_str();
+  c->add_option("--weights-dtype", o->weights_dtype,
+                 "CPU: the weight matrices' format for decoding: f32, bf16, f16 or q8_0 (8-bit, a scale per 32)")
       ->capture_default_str();
   c->add_flag("--no-cuda-graph", o->no_cuda_graph, "With --device cuda: launch the decode step's kernels one by one");
   c->callback([o, p, pi] {
