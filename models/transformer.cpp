@@ -27,6 +27,26 @@ nn::Layout layout_of(const ModelConfig& c) {
 
 // ---- binding by name ----
 
+nn::BlockShape block_shape(const ModelConfig& c, int layer) {
+  (void)layer;  // every layer of the dense families has the same shape
+  nn::BlockShape S;
+  nn::AttentionShape& A = S.attn;
+  A.C = c.d_model;
+  A.NH = c.n_head;
+  A.NKV = c.n_kv_head;
+  A.HD = c.head_dim;
+  A.qk_norm = c.qk_norm;
+  A.qk_eps = c.norm_eps;
+  A.rotary = c.positions == PositionKind::Rotary;
+  A.rot_dim = c.head_dim;
+  nn::FFNShape& F = S.ffn;
+  F.C = c.d_model;
+  F.F = c.d_ff;
+  F.gated = c.gated_ffn;
+  F.act = c.activation;
+  return S;
+}
+
 void TransformerWeights::bind(const ModelConfig& c, const ParamTable& t, const float* params, float* grads,
                               const uint16_t* params16, const float* inv_freq) {
   auto p = [&](const std::string& key) -> const float* {
@@ -57,40 +77,32 @@ void TransformerWeights::bind(const ModelConfig& c, const ParamTable& t, const f
   auto norm = [&](const std::string& k) {
     return nn::Norm{nt, p(k + ".weight"), p(k + ".bias"), g(k + ".weight"), g(k + ".bias"), c.d_model, c.norm_eps};
   };
-  nn::BlockShape S;
-  S.C = c.d_model;
-  S.NH = c.n_head;
-  S.NKV = c.n_kv_head;
-  S.HD = c.head_dim;
-  S.F = c.d_ff;
-  S.gated = c.gated_ffn;
-  S.act = c.activation;
-  S.qk_norm = c.qk_norm;
-  S.qk_eps = c.norm_eps;
-  S.rotary = c.positions == PositionKind::Rotary;
-  S.rot_dim = c.head_dim;
-
   blocks.assign(size_t(c.n_layer), nn::Block{});
   for (int l = 0; l < c.n_layer; l++) {
     const std::string b = "blk." + std::to_string(l) + ".";
     nn::Block& k = blocks[size_t(l)];
+    const nn::BlockShape S = block_shape(c, l);
     k.shape = S;
     k.norm1 = norm(b + "attn_norm");
     k.norm2 = norm(b + "ffn_norm");
     // q, k, v are one matrix: GPT-2's fused c_attn, or the packed q/k/v projections.
     const std::string qkv = c.layout == WeightLayout::InOut ? "attn_qkv" : "attn_q";
-    k.qkv = weight(b + qkv + ".weight", c.qkv_bias ? b + qkv + ".bias" : "", c.d_model, c.qkv_dim());
-    k.proj = weight(b + "attn_output.weight", c.attn_out_bias ? b + "attn_output.bias" : "", c.q_dim(), c.d_model);
+    nn::Attention& at = k.attn;
+    at.shape = S.attn;
+    at.qkv = weight(b + qkv + ".weight", c.qkv_bias ? b + qkv + ".bias" : "", c.d_model, c.qkv_dim());
+    at.proj = weight(b + "attn_output.weight", c.attn_out_bias ? b + "attn_output.bias" : "", c.q_dim(), c.d_model);
     const std::string up = c.gated_ffn ? "ffn_gate" : "ffn_up";  // gate and up packed: [gate | up] rows
-    k.up = weight(b + up + ".weight", c.ffn_bias ? b + up + ".bias" : "", c.d_model, S.up());
-    k.down = weight(b + "ffn_down.weight", c.ffn_bias ? b + "ffn_down.bias" : "", c.d_ff, c.d_model);
+    k.ffn.shape = S.ffn;
+    k.ffn.up = weight(b + up + ".weight", c.ffn_bias ? b + up + ".bias" : "", c.d_model, S.ffn.up());
+    k.ffn.down = weight(b + "ffn_down.weight", c.ffn_bias ? b + "ffn_down.bias" : "", c.d_ff, c.d_model);
     if (c.qk_norm) {
-      k.q_norm = p(b + "attn_q_norm.weight");
-      k.k_norm = p(b + "attn_k_norm.weight");
-      k.dq_norm = g(b + "attn_q_norm.weight");
-      k.dk_norm = g(b + "attn_k_norm.weight");
+      at.q_norm = p(b + "attn_q_norm.weight");
+      at.k_norm = p(b + "attn_k_norm.weight");
+      at.dq_norm = g(b + "attn_q_norm.weight");
+      at.dk_norm = g(b + "attn_k_norm.weight");
     }
-    k.rope = RopeParams{S.NH + S.NKV, S.HD, S.rot_dim, S.qkv(), inv_freq};
+    const nn::AttentionShape& A = S.attn;
+    at.rope = RopeParams{A.NH + A.NKV, A.HD, A.rot_dim, A.qkv(), inv_freq};
   }
   final_norm = norm("output_norm");
   wte = p("token_embd.weight");
@@ -263,19 +275,11 @@ void Transformer::Activations::allocate(nn::Workspace& ws, const ModelConfig& cf
   logits_ld = padded_logits_ld(cfg.vocab_size, device);
   const bool selective = pol.kind == RecomputePolicy::Selective;
   const int kept = pol.kind == RecomputePolicy::Every ? std::min(pol.k, L) : L;
-  nn::BlockShape S;
-  S.C = C;
-  S.NH = cfg.n_head;
-  S.NKV = cfg.n_kv_head;
-  S.HD = cfg.head_dim;
-  S.F = cfg.d_ff;
-  S.gated = cfg.gated_ffn;
-  S.qk_norm = cfg.qk_norm;
   encoded = ws.f32(N * C);
   blocks.assign(size_t(kept), {});
   out.assign(size_t(kept), nullptr);
   for (int i = 0; i < kept; i++) {
-    blocks[size_t(i)].allocate(ws, N, S, selective);
+    blocks[size_t(i)].allocate(ws, N, block_shape(cfg, i), selective);
     out[size_t(i)] = ws.f32(N * C);
   }
   ckpt_in.clear();
@@ -293,7 +297,7 @@ void Transformer::Activations::allocate(nn::Workspace& ws, const ModelConfig& cf
   logits = ws.act(chunk * logits_ld);
   losses = ws.f32(N);
   dres = ws.f32(N * C);
-  scratch.allocate(ws, N, S, selective);
+  scratch.allocate(ws, N, block_shape(cfg, 0), selective);
   if (device) {
     tokens = ws.i32(N);
     pos = ws.i32(N);
@@ -515,14 +519,13 @@ void TransformerDecoder::ensure_rows(int64_t rows) {
   if (rows <= rows_) return;
   const int C = cfg_.d_model, B = batch_, V = cfg_.vocab_size;
   const bool device = !be_->on_host();
-  nn::BlockShape S = w_.blocks.empty() ? nn::BlockShape{} : w_.blocks[0].shape;
   auto carve = [&](nn::Workspace& ws) {
     x_ = ws.f32(rows * C);
     last_ = ws.f32(int64_t(B) * C);
     ln_ = ws.act(rows * C);
     mean_ = ws.f32(rows);
     rstd_ = ws.f32(rows);
-    a_.allocate(ws, rows, S);
+    a_.allocate(ws, rows, block_shape(cfg_, 0));
     a_.h = nullptr;  // the stream is updated in place
     logits_d_ = ws.f32(int64_t(B) * V);
     argmax_d_ = ws.i32(B);

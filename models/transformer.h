@@ -24,6 +24,9 @@
 
 namespace kiln {
 
+// The shapes of layer `layer`'s block under cfg.
+nn::BlockShape block_shape(const ModelConfig& cfg, int layer);
+
 struct TransformerWeights {
   std::vector<nn::Block> blocks;
   nn::Norm final_norm;
