@@ -8,7 +8,7 @@ void NarrowWeights::convert(TransformerWeights& w, WeightFormat f) {
   if (f == WeightFormat::F32) return;
   std::vector<nn::Weight*> all;
   for (nn::Block& b : w.blocks)
-    for (nn::Weight* x : {&b.qkv, &b.proj, &b.up, &b.down}) all.push_back(x);
+    for (nn::Weight* x : {&b.attn.qkv, &b.attn.proj, &b.ffn.up, &b.ffn.down}) all.push_back(x);
   all.push_back(&w.head);
   mats_.resize(all.size());
   storage_.resize(all.size());
