@@ -7,7 +7,8 @@
 //   bf16, f16  one 16-bit value per weight (round to nearest even from fp32).
 //   q8_0       llama.cpp's Q8_0: blocks of 32 weights along K, each an f16 scale d = amax/127 (rounded to
 //              f16) and 32 int8 q = round(w / d) in [-127, 127]; w ≈ d·q. Rows are padded to a multiple of
-//              32 with zero weights. Stored as two arrays: q [M][ld] int8, d [M][ld/32] f16.
+//              32 with zero weights. Stored as two arrays: q [M][ld] as bytes q + 128 (offset binary: what
+//              VNNI's unsigned-by-signed byte product reads), d [M][ld/32] f16.
 // Products (y[n, M] = x[n, K] · Aᵀ):
 //   bf16, f16  fp32 x times the weight widened to fp32, fp32 sums.
 //   q8_0       x quantized per block of 32 the same way (fp32 scale dx = amax/127, qx = round(x/dx)), the
@@ -38,7 +39,7 @@ struct NarrowMatrix {
   WeightFormat fmt = WeightFormat::BF16;
   int64_t M = 0, K = 0;
   int64_t ld = 0;                     // elements per stored row: K, or K rounded up to 32 (q8_0)
-  const void* q = nullptr;            // bf16/f16: uint16 [M][ld]; q8_0: int8 [M][ld]
+  const void* q = nullptr;            // bf16/f16: uint16 [M][ld]; q8_0: uint8 q + 128 [M][ld]
   const uint16_t* d = nullptr;        // q8_0: f16 scales [M][ld/32]; else null
 };
 

@@ -3,3 +3,9 @@
 add_executable(gemm_bench ${CMAKE_SOURCE_DIR}/bench/gemm_bench.cpp)
 target_link_libraries(gemm_bench PRIVATE kiln_lib)
 set_target_properties(gemm_bench PROPERTIES RUNTIME_OUTPUT_DIRECTORY ${CMAKE_BINARY_DIR})
+
+# Batch-1 decoding per weight format beside the machine's streaming read bandwidth, measured in the same run.
+add_executable(decode_bandwidth_bench ${CMAKE_SOURCE_DIR}/bench/decode_bandwidth_bench.cpp)
+target_link_libraries(decode_bandwidth_bench PRIVATE kiln_lib kiln_gpu_emu)
+target_compile_definitions(decode_bandwidth_bench PRIVATE KILN_SOURCE_DIR="${CMAKE_SOURCE_DIR}")
+set_target_properties(decode_bandwidth_bench PROPERTIES RUNTIME_OUTPUT_DIRECTORY ${CMAKE_BINARY_DIR})

@@ -62,7 +62,7 @@ TEST(NarrowGemv, ConversionFollowsTheFormats) {
         }
       if (f == WeightFormat::Q8_0) {
         EXPECT_EQ(n.A.ld, 96);
-        for (int64_t k = K; k < n.A.ld; k++) EXPECT_EQ(static_cast<const int8_t*>(n.A.q)[k], 0);  // padding
+        for (int64_t k = K; k < n.A.ld; k++) EXPECT_EQ(static_cast<const uint8_t*>(n.A.q)[k], 128);  // padding: q = 0
       }
     }
 }

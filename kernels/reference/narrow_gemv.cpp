@@ -24,10 +24,10 @@ void narrow_gemm(float* y, int64_t ldy, const float* x, int64_t ldx, int64_t N, 
     for (int64_t m = 0; m < A.M; m++) {
       double s = 0;
       if (A.fmt == WeightFormat::Q8_0) {
-        const int8_t* w = static_cast<const int8_t*>(A.q) + m * A.ld;
+        const uint8_t* w = static_cast<const uint8_t*>(A.q) + m * A.ld;  // q + 128
         for (int64_t b = 0; b < nb; b++) {
           int64_t t = 0;
-          for (int i = 0; i < kQ8Block; i++) t += int64_t(w[b * kQ8Block + i]) * qx[size_t(b * kQ8Block + i)];
+          for (int i = 0; i < kQ8Block; i++) t += (int64_t(w[b * kQ8Block + i]) - 128) * qx[size_t(b * kQ8Block + i)];
           s += double(f16_to_f32(A.d[m * nb + b])) * double(dx[size_t(b)]) * double(t);
         }
       } else {
