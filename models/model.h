@@ -100,6 +100,10 @@ class IncrementalDecoder {
   virtual int max_positions() const = 0;
   virtual int batch() const = 0;
   virtual void reset() = 0;  // forget the cache (its memory is kept)
+  // Keeps the first `length` positions of the cache (0 <= length <= length()) and forgets the rest, so the next
+  // forward() continues from there (speculative decoding rolls back rejected tokens). Throws kiln::Error here:
+  // a decoder that can roll back overrides it.
+  virtual void truncate(int length);
   virtual const ModelConfig& config() const = 0;
   virtual size_t cache_bytes() const = 0;
 

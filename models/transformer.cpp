@@ -165,6 +165,16 @@ const int32_t* IncrementalDecoder::forward_argmax(const int32_t* tokens, int n, 
   return argmax_.data();
 }
 
+void IncrementalDecoder::truncate(int length) {
+  KILN_CHECK(false, "decoder: this decoder cannot roll its cache back to ", length, " positions");
+}
+
+void TransformerDecoder::truncate(int length) {
+  KILN_CHECK(length >= 0 && length <= length_, "decoder: truncate to ", length, " positions of a cache holding ",
+             length_);
+  length_ = length;
+}
+
 // ---- training ----
 
 namespace {

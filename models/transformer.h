@@ -136,6 +136,7 @@ class TransformerDecoder : public IncrementalDecoder {
   int max_positions() const override { return max_pos_; }
   int batch() const override { return batch_; }
   void reset() override { length_ = 0; }
+  void truncate(int length) override;  // entries past length are overwritten by the next forward
   const ModelConfig& config() const override { return cfg_; }
   size_t cache_bytes() const override { return k_.size() + v_.size(); }
 
