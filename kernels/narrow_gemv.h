@@ -19,7 +19,8 @@
 // cpu:: dispatches at run time: AVX-512 (F/BW/VL) with VNNI (vpdpbusd) for q8_0, F16C widening for f16, a
 // shift for bf16; a portable loop elsewhere. Calls with more than kNarrowDirectRows rows of x (a prompt)
 // widen tiles of the matrix to fp32 and run sgemm on them (x unquantized). ref:: is a plain loop with the
-// same quantization of x and double sums.
+// same quantization of x and double sums. cuda:: is a plain warp-per-output kernel (checked on the SIMT emulator
+// through tests/ops/; the GPU decoder does not use it yet: it decodes with bf16 weights).
 #pragma once
 #include <cstddef>
 #include <cstdint>
@@ -72,9 +73,11 @@ void narrow_gemm(float* y, int64_t ldy, const float* x, int64_t ldx, int64_t N, 
 }  // namespace ref
 
 namespace cuda {
-// The same product on the GPU (all pointers device memory; the matrix's q/d too), y fp32.
+// The same product on the GPU (all pointers device memory, the matrix's q/d too; y fp32), with scratch of
+// narrow_gemm_scratch_bytes (q8_0's quantized x). One warp per output: a plain kernel, not a tuned one.
+size_t narrow_gemm_scratch_bytes(int64_t N, int64_t K);
 void narrow_gemm(float* y, int64_t ldy, const float* x, int64_t ldx, int64_t N, const NarrowMatrix& A,
-                 const float* bias, bool accumulate, void* stream);
+                 const float* bias, bool accumulate, void* scratch, void* stream);
 }  // namespace cuda
 
 }  // namespace kiln
