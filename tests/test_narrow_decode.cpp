@@ -75,7 +75,9 @@ TEST(NarrowDecode, PerplexityOfATrainedModel) {
   o.lr = 4e-3f;
   o.warmup = 10;
   o.progress = false;
+  o.threads = 1;  // a tiny model: one thread (a shared machine's spinning OpenMP barriers only slow it)
   train(o);
+  set_threads(0);  // back to every core for the tests after this one
 
   const std::string ck = (dir / "ckpt" / "step_00000200").string();
   const ModelConfig cfg = load_model_config_for(ck);
