@@ -64,8 +64,7 @@ FinishReason generate_speculative(IncrementalDecoder& target, IncrementalDecoder
   const int V = lim.sample_vocab > 0 ? std::min(lim.sample_vocab, TV) : TV;
   KILN_CHECK(draft.config().vocab_size >= V, "--draft-model: its vocabulary has ", draft.config().vocab_size,
              " tokens, fewer than the ", V, " the target samples from");
-  const int max_len = std::min({lim.max_length > 0 ? lim.max_length : target.max_positions(), target.max_positions(),
-                                draft.max_positions()});
+  const int max_len = std::min(lim.max_length > 0 ? lim.max_length : target.max_positions(), target.max_positions());
   const int P = int(prompt.size());
   KILN_CHECK(P <= max_len, "the prompt has ", P, " tokens, more than the model's context of ", max_len,
              " positions");
@@ -108,7 +107,9 @@ FinishReason generate_speculative(IncrementalDecoder& target, IncrementalDecoder
     const int32_t last = produced.back();
     const int committed = P + st.base.new_tokens;  // tokens so far; the target's cache holds committed - 1
     // Proposals this round: at most K, and no more than the budget and the context leave room to produce.
-    const int k = std::min({draft_tokens, lim.max_new - st.base.new_tokens - 1, max_len - committed - 1});
+    // A draft with a shorter context than the target's stops proposing when it is full (plain steps after).
+    const int k = std::max(0, std::min({draft_tokens, lim.max_new - st.base.new_tokens - 1, max_len - committed - 1,
+                                        draft.max_positions() - committed + 1}));
 
     // Draft: k proposals, each drawn from the draft's filtered distribution.
     drafts.clear();

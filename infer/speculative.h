@@ -5,7 +5,8 @@
 // the first rejection the token is drawn from norm(max(0, p_i − q_i)) instead and the round ends; when all K
 // pass, a bonus token comes from p_{K+1}. The tokens produced are distributed exactly as sampling from the
 // target alone; with temperature 0 both distributions are one-hot, so the output is exactly greedy decoding.
-// Both caches roll back past a rejection (IncrementalDecoder::truncate).
+// Both caches roll back past a rejection (IncrementalDecoder::truncate). A draft whose context is shorter than
+// the target's stops proposing when it is full; the rest are plain target steps.
 #pragma once
 #include <cstdint>
 #include <functional>

@@ -265,7 +265,7 @@ Gen speculative(IncrementalDecoder& t, IncrementalDecoder& d, const std::vector<
 
 TEST(Speculative, GreedyEqualsPlainGreedy) {
   const std::string gpt2 = write_config("gpt2", R"({"n_layer": 2, "n_head": 2, "n_embd": 32, "vocab_size": 96, "n_positions": 40})");
-  const std::string gpt2_small = write_config("gpt2_small", R"({"n_layer": 1, "n_head": 2, "n_embd": 16, "vocab_size": 96, "n_positions": 40})");
+  const std::string gpt2_small = write_config("gpt2_small", R"({"n_layer": 1, "n_head": 2, "n_embd": 16, "vocab_size": 96, "n_positions": 24})");
   const std::string llama = write_config("llama", R"({"model_type": "llama", "num_hidden_layers": 2, "hidden_size": 32,
       "num_attention_heads": 4, "num_key_value_heads": 2, "intermediate_size": 64, "vocab_size": 96,
       "max_position_embeddings": 40, "rms_norm_eps": 1e-5, "rope_theta": 10000.0, "hidden_act": "silu",
@@ -288,7 +288,7 @@ TEST(Speculative, GreedyEqualsPlainGreedy) {
   };
   const Pair pairs[] = {{"gpt2, itself as draft", target_gpt2.get(), target_gpt2.get()},
                         {"gpt2, another gpt2", target_gpt2.get(), other_gpt2.get()},
-                        {"gpt2, a smaller draft", target_gpt2.get(), small.get()},
+                        {"gpt2, a smaller draft with a shorter context", target_gpt2.get(), small.get()},
                         {"llama, a gpt2 draft", target_llama.get(), small.get()}};
   const std::vector<std::vector<int32_t>> prompts = {{5}, {1, 2, 3, 4}, {90, 17, 33, 8, 61, 2, 2, 40, 11}};
   for (WeightFormat f : {WeightFormat::F32, WeightFormat::Q8_0})
