@@ -9,3 +9,8 @@ add_executable(decode_bandwidth_bench ${CMAKE_SOURCE_DIR}/bench/decode_bandwidth
 target_link_libraries(decode_bandwidth_bench PRIVATE kiln_lib kiln_gpu_emu)
 target_compile_definitions(decode_bandwidth_bench PRIVATE KILN_SOURCE_DIR="${CMAKE_SOURCE_DIR}")
 set_target_properties(decode_bandwidth_bench PROPERTIES RUNTIME_OUTPUT_DIRECTORY ${CMAKE_BINARY_DIR})
+
+# The MoE layer (nn::MoE, forward + backward) beside the PyTorch reference's same layer (bench/moe_bench.cpp).
+add_executable(moe_bench ${CMAKE_SOURCE_DIR}/bench/moe_bench.cpp)
+target_link_libraries(moe_bench PRIVATE kiln_lib)
+set_target_properties(moe_bench PROPERTIES RUNTIME_OUTPUT_DIRECTORY ${CMAKE_BINARY_DIR})

@@ -1392,6 +1392,7 @@ std::vector<OpCase> op_table() {
   add_crossentropy(t);
   add_adamw(t);
   add_narrow_gemm(t);
+  add_moe_cases(t);
   return t;
 }
 
