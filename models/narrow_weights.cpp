@@ -7,8 +7,11 @@ namespace kiln {
 void NarrowWeights::convert(TransformerWeights& w, WeightFormat f) {
   if (f == WeightFormat::F32) return;
   std::vector<nn::Weight*> all;
+  // Every linear layer that is present (an MoE layer has no dense FFN; its shared expert, when it has one, is
+  // one; the routed experts' stacked matrices stay fp32).
   for (nn::Block& b : w.blocks)
-    for (nn::Weight* x : {&b.attn.qkv, &b.attn.proj, &b.ffn.up, &b.ffn.down}) all.push_back(x);
+    for (nn::Weight* x : {&b.attn.qkv, &b.attn.proj, &b.ffn.up, &b.ffn.down, &b.moe.shared.up, &b.moe.shared.down})
+      if (x->w && x->in > 0 && x->out > 0) all.push_back(x);
   all.push_back(&w.head);
   mats_.resize(all.size());
   storage_.resize(all.size());

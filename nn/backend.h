@@ -20,8 +20,8 @@
 #include "kernels/attention.h"
 #include "kernels/decode_attention.h"
 #include "kernels/matmul_lowp.h"
-#include "kernels/narrow_gemv.h"
 #include "kernels/moe.h"
+#include "kernels/narrow_gemv.h"
 #include "kernels/rope.h"
 
 namespace kiln::nn {
