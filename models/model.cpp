@@ -30,7 +30,8 @@ MemoryPlan plan_memory(const ModelConfig& cfg, bool cuda, int64_t N, RecomputePo
 
 std::unique_ptr<IncrementalDecoder> make_decoder(const ModelConfig& cfg, const float* params,
                                                  const DecoderOptions& opt) {
-  return std::make_unique<TransformerDecoder>(cfg, params, opt.batch, opt.max_positions, opt.cuda, opt.cuda_graph);
+  return std::make_unique<TransformerDecoder>(cfg, params, opt.batch, opt.max_positions, opt.cuda, opt.cuda_graph,
+                                              opt.weights);
 }
 
 }  // namespace kiln

@@ -10,6 +10,7 @@
 
 #include "kernels/attention.h"
 #include "kernels/matmul_lowp.h"
+#include "kernels/narrow_gemv.h"
 #include "models/model_config.h"
 #include "models/param_table.h"
 #include "models/recompute.h"
@@ -115,6 +116,10 @@ class IncrementalDecoder {
   virtual int max_positions() const = 0;
   virtual int batch() const = 0;
   virtual void reset() = 0;  // forget the cache (its memory is kept)
+  // Keeps the first `length` positions of the cache (0 <= length <= length()) and forgets the rest, so the next
+  // forward() continues from there (speculative decoding rolls back rejected tokens). Throws kiln::Error here:
+  // a decoder that can roll back overrides it.
+  virtual void truncate(int length);
   virtual const ModelConfig& config() const = 0;
   virtual size_t cache_bytes() const = 0;
 
@@ -127,6 +132,7 @@ struct DecoderOptions {
   int batch = 1;
   int max_positions = 0;   // 0: the model's
   bool cuda_graph = true;  // GPU: capture the single-token step once and replay it
+  WeightFormat weights = WeightFormat::F32;  // CPU: the matrices' format for the products (kernels/narrow_gemv.h)
 };
 
 // A decoder over a host parameter block in cfg's ParamTable layout. The CPU decoder reads it in place (it

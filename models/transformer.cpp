@@ -253,6 +253,18 @@ const int32_t* IncrementalDecoder::forward_argmax(const int32_t* tokens, int n, 
   return argmax_.data();
 }
 
+void IncrementalDecoder::truncate(int length) {
+  KILN_CHECK(false, "decoder: this decoder cannot roll its cache back to ", length, " positions");
+}
+
+void TransformerDecoder::truncate(int length) {
+  KILN_CHECK(length >= 0 && length <= length_, "decoder: truncate to ", length, " positions of a cache holding ",
+             length_);
+  length_ = length;
+  mtp_length_ = std::min(mtp_length_, length);  // the MTP draft's cache rolls back with the main one
+  last_n_ = 0;                                  // draft() needs a forward() after this
+}
+
 // ---- training ----
 
 namespace {
@@ -620,9 +632,11 @@ const float* Transformer::logits() const {
 // ---- decoding ----
 
 TransformerDecoder::TransformerDecoder(const ModelConfig& cfg, const float* params, int batch, int max_positions,
-                                       bool cuda, bool cuda_graph)
+                                       bool cuda, bool cuda_graph, WeightFormat weights)
     : cfg_(cfg), table_(model_param_table(cfg)), be_(make_backend(cuda, std::nullopt)), batch_(batch) {
   cfg_.validate("decoder config");
+  KILN_CHECK(weights == WeightFormat::F32 || !cuda, "decoder: --weights-dtype ", weight_format_name(weights),
+             " runs on the CPU only (the GPU decoder reads bf16 weights)");
   if (cuda) check_device_shapes(cfg_);
   KILN_CHECK(batch >= 1, "decoder: batch must be at least 1, got ", batch);
   max_pos_ = max_positions > 0 ? max_positions : cfg_.max_positions;
@@ -645,6 +659,7 @@ TransformerDecoder::TransformerDecoder(const ModelConfig& cfg, const float* para
     refresh_lowp(*be_, table_, params16, dev_params);
   }
   w_.bind(cfg_, table_, dev_params, nullptr, params16, inv_freq_buf_.as<float>());
+  narrow_.convert(w_, weights);
   // Latent attention caches c_KV and the rotary key per position in k_ (no values); the others keys and values.
   const size_t cache = size_t(cfg_.n_layer) * size_t(batch) * size_t(max_pos_) * size_t(cache_width()) *
                        dtype_size(be_->act_dtype());

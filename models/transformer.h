@@ -18,6 +18,7 @@
 #include "core/gpu.h"
 #include "core/memory.h"
 #include "models/model.h"
+#include "models/narrow_weights.h"
 #include "nn/block.h"
 #include "nn/mtp.h"
 #include "nn/workspace.h"
@@ -153,8 +154,9 @@ class TransformerDecoder : public IncrementalDecoder {
   // only): the single-token step is captured once in a CUDA graph and replayed; its inputs are copied from
   // page-locked staging inside the graph and every kernel reads them (positions, cache lengths) from device
   // memory, so one launch per token replaces the step's ~10 launches per layer.
+  // weights (CPU only): the matrices converted once to this format, which the products then read.
   TransformerDecoder(const ModelConfig& cfg, const float* params, int batch, int max_positions, bool cuda = false,
-                     bool cuda_graph = false);
+                     bool cuda_graph = false, WeightFormat weights = WeightFormat::F32);
   ~TransformerDecoder() override;
   TransformerDecoder(const TransformerDecoder&) = delete;
   TransformerDecoder& operator=(const TransformerDecoder&) = delete;
@@ -166,6 +168,7 @@ class TransformerDecoder : public IncrementalDecoder {
   int max_positions() const override { return max_pos_; }
   int batch() const override { return batch_; }
   void reset() override { length_ = 0, mtp_length_ = 0, last_n_ = 0; }
+  void truncate(int length) override;  // entries past length are overwritten by the next forward
   const ModelConfig& config() const override { return cfg_; }
   size_t cache_bytes() const override { return k_.size() + v_.size(); }
   // Multi-token prediction as a draft (models with MTP modules): after forward() of n positions (one chunk:
@@ -186,6 +189,7 @@ class TransformerDecoder : public IncrementalDecoder {
   std::unique_ptr<nn::Backend> be_;
   nn::DeviceBlock params_buf_, params16_buf_, inv_freq_buf_;
   TransformerWeights w_;
+  NarrowWeights narrow_;
   int batch_, max_pos_;
   int length_ = 0;
   nn::DeviceBlock k_, v_;  // [layer][batch][position][NKV·HD] in the activation type; MLA: k_ only, [.][r + rope]

@@ -21,6 +21,7 @@
 #include "kernels/decode_attention.h"
 #include "kernels/matmul_lowp.h"
 #include "kernels/moe.h"
+#include "kernels/narrow_gemv.h"
 #include "kernels/rope.h"
 
 namespace kiln::nn {
@@ -47,6 +48,7 @@ struct Weight {
   float* dw = nullptr;
   float* db = nullptr;
   const uint16_t* w16 = nullptr;
+  const NarrowMatrix* narrow = nullptr;  // decoding: a bf16/f16/q8_0 copy [out, in] the products read instead
   int in = 0, out = 0;
   Layout layout = Layout::OutIn;
 };

@@ -64,6 +64,7 @@ class CpuBackend final : public Backend {
     KILN_CHECK(ld == 0 || ld == w.out, "cpu linear_forward: row stride ", ld, " of a ", w.out, "-column output");
     float* out = F(y);
     const float* in = F(x);
+    if (w.narrow) return cpu::narrow_gemm(out, w.out, in, w.in, N, *w.narrow, w.b, /*accumulate=*/false);
     const bool lp = w.w16 && lowp_;
     if (w.layout == Layout::InOut) {
       if (N == 1 && !lp) return cpu::vecmat(out, in, w.w, w.b, w.in, w.out, /*accumulate=*/false);
@@ -88,6 +89,10 @@ class CpuBackend final : public Backend {
   }
 
   void linear_residual(float* out, const float* residual, Act x, const Weight& w, int64_t N) override {
+    if (w.narrow) {  // decoding's narrow weights: accumulate onto the stream
+      if (out != residual) std::memcpy(out, residual, sizeof(float) * size_t(N * w.out));
+      return cpu::narrow_gemm(out, w.out, F(x), w.in, N, *w.narrow, w.b, /*accumulate=*/true);
+    }
     if (out != residual) {
       // Training keeps both streams: the branch, then the add (the arithmetic of a separate add).
       linear_forward(Act{out, DType::F32}, x, w, N, 0);

@@ -8,6 +8,11 @@ set_target_properties(gemm_bench PROPERTIES RUNTIME_OUTPUT_DIRECTORY ${CMAKE_BIN
 add_executable(mla_decode_bench ${CMAKE_SOURCE_DIR}/bench/mla_decode_bench.cpp)
 target_link_libraries(mla_decode_bench PRIVATE kiln_lib ${KILN_GPU_BACKEND})
 set_target_properties(mla_decode_bench PROPERTIES RUNTIME_OUTPUT_DIRECTORY ${CMAKE_BINARY_DIR})
+# Batch-1 decoding per weight format beside the machine's streaming read bandwidth, measured in the same run.
+add_executable(decode_bandwidth_bench ${CMAKE_SOURCE_DIR}/bench/decode_bandwidth_bench.cpp)
+target_link_libraries(decode_bandwidth_bench PRIVATE kiln_lib kiln_gpu_emu)
+target_compile_definitions(decode_bandwidth_bench PRIVATE KILN_SOURCE_DIR="${CMAKE_SOURCE_DIR}")
+set_target_properties(decode_bandwidth_bench PROPERTIES RUNTIME_OUTPUT_DIRECTORY ${CMAKE_BINARY_DIR})
 
 # The MoE layer (nn::MoE, forward + backward) beside the PyTorch reference's same layer (bench/moe_bench.cpp).
 add_executable(moe_bench ${CMAKE_SOURCE_DIR}/bench/moe_bench.cpp)

@@ -64,6 +64,11 @@ cases = [
     (train() + ["--device", "tpu"], "--device"),
     (train() + ["--device", "cuda", "--dtype", "fp32"], "--dtype"),
     ([kiln, "generate", "--random-init", cfg, "--prompt-ids", "1", "--device", "cuda:x"], "--device"),
+    ([kiln, "generate", "--random-init", cfg, "--prompt-ids", "1", "--weights-dtype", "q4_0"], "--weights-dtype"),
+    ([kiln, "generate", "--random-init", cfg, "--prompt-ids", "1", "--draft-random-init", cfg, "--draft-tokens", "0"],
+     "--draft-tokens"),
+    ([kiln, "generate", "--random-init", cfg, "--prompt-ids", "1", "--draft-model", os.path.join(work, "nowhere")],
+     "nowhere"),
     # No GPU here: "--device cuda: no usable CUDA device (...)"; on a GPU: this model's head_dim 16 is refused.
     (train() + ["--device", "cuda", "--dtype", "bf16"], "--device"),
 ]

@@ -24,6 +24,7 @@
 #include "kernels/layernorm.h"
 #include "kernels/matmul.h"
 #include "kernels/matmul_lowp.h"
+#include "kernels/narrow_gemv.h"
 #include "kernels/rmsnorm.h"
 #include "kernels/rope.h"
 #include "models/model_config.h"
@@ -1343,6 +1344,58 @@ void add_adamw(std::vector<OpCase>& t) {
 
 }  // namespace
 
+// ------------------------------------------------------------------------------------ narrow-weight gemm
+
+// The weight arrives as fp32 and each side converts it the same way (narrow_convert is deterministic), so all
+// read the same narrow matrix. Shapes: a column tail (29, 200), two 16-column chunks (96), GPT-2's width; row
+// counts 1 (decoding), 3, 8 (a verification pass) and 17 (past kNarrowDirectRows: cpu:: keeps x in fp32 there,
+// so the q8_0 case runs on ref and cuda only).
+void add_narrow_gemm(std::vector<OpCase>& t) {
+  struct S {
+    int64_t M, K, N;
+  };
+  for (WeightFormat f : {WeightFormat::BF16, WeightFormat::F16, WeightFormat::Q8_0})
+    for (S sh : {S{70, 96, 1}, S{33, 29, 3}, S{130, 768, 8}, S{20, 200, 17}}) {
+      const int64_t M = sh.M, K = sh.K, N = sh.N;
+      const bool acc = N % 2 == 1;
+      OpCase c = make("narrow_gemm", fmt("%s M%ld K%ld N%ld%s", weight_format_name(f), long(M), long(K), long(N),
+                                         acc ? " accumulate" : ""),
+                      Mode::Forward,
+                      {{"x", randn(size_t(N * K), 81)},
+                       {"w", randn(size_t(M * K), 82, 0.1f)},
+                       {"bias", randn(size_t(M), 83)},
+                       {"y0", randn(size_t(N * M), 84)}});
+      auto host = [=](const Tensors& in, bool use_ref) {
+        std::vector<uint8_t> storage(narrow_bytes(f, M, K));
+        const NarrowMatrix A = narrow_convert(storage.data(), f, in[1].v.data(), M, K, false);
+        std::vector<float> y = in[3].v;
+        if (use_ref)
+          ref::narrow_gemm(y.data(), M, in[0].v.data(), K, N, A, in[2].v.data(), acc);
+        else
+          cpu::narrow_gemm(y.data(), M, in[0].v.data(), K, N, A, in[2].v.data(), acc);
+        return Tensors{{"y", y}};
+      };
+      c.ref = [=](const Tensors& in) { return host(in, true); };
+      if (!(f == WeightFormat::Q8_0 && N > kNarrowDirectRows)) c.cpu = [=](const Tensors& in) { return host(in, false); };
+      c.cuda = [=](const Tensors& in) {
+        std::vector<uint8_t> storage(narrow_bytes(f, M, K));
+        NarrowMatrix A = narrow_convert(storage.data(), f, in[1].v.data(), M, K, false);
+        gpu::DeviceBuffer dq(storage.size(), "ops test");
+        gpu::copy_to_device(dq.data(), storage.data(), storage.size());
+        // The same layout on the device: q at the start, d at its offset.
+        const size_t d_off = A.d ? size_t(reinterpret_cast<const uint8_t*>(A.d) - storage.data()) : 0;
+        A.q = dq.data();
+        if (A.d) A.d = reinterpret_cast<const uint16_t*>(static_cast<const uint8_t*>(dq.data()) + d_off);
+        Dev x = up(in[0]), b = up(in[2]), y = up(in[3]);
+        gpu::DeviceBuffer scratch(cuda::narrow_gemm_scratch_bytes(N, K), "ops test");
+        cuda::narrow_gemm(y.f(), M, x.f(), K, N, A, b.f(), acc, scratch.data(), stream());
+        return Tensors{down("y", y)};
+      };
+      c.k = ksum(double(K));
+      t.push_back(std::move(c));
+    }
+}
+
 std::vector<OpCase> op_table() {
   std::vector<OpCase> t;
   add_layernorm(t);
@@ -1355,6 +1408,7 @@ std::vector<OpCase> op_table() {
   add_embedding(t);
   add_crossentropy(t);
   add_adamw(t);
+  add_narrow_gemm(t);
   add_moe_cases(t);
   return t;
 }

@@ -3,7 +3,9 @@
 // Text mode streams the prompt and then the completion to stdout as tokens arrive (only whole UTF-8
 // characters until the end); without a tokenizer it prints token ids. --json prints one line instead:
 //   {"tokens": [prompt and new ids], "text": prompt text + completion (null without a tokenizer),
-//    "finish_reason": "length" | "eot" | "stop" | "context"}
+//    "finish_reason": "length" | "eot" | "stop" | "context", "weights_dtype", "decode_tokens_per_s",
+//    with a draft model "speculative": {draft_tokens, rounds, drafted, accepted, acceptance_rate,
+//    mean_accepted_length (accepted proposals per round), tokens_per_round}}
 // Prefill and decode speeds go to stderr. The sequence (prompt + new tokens) never exceeds the model's
 // n_positions: generation stops there and says so on stderr. --stop ends the completion before the first
 // occurrence of a string (the stop string itself is not printed; the token that completed it is listed).
@@ -22,6 +24,7 @@
 #include "core/gpu.h"
 #include "infer/generate.h"
 #include "infer/sampler.h"
+#include "infer/speculative.h"
 #include "infer/text_stream.h"
 #include "models/checkpoint.h"
 #include "models/family.h"
@@ -33,7 +36,9 @@
 namespace {
 
 struct GenerateOptions {
-  std::string model, random_init, tokenizer, prompt, prompt_ids, stop, device = "cpu";
+  std::string model, random_init, tokenizer, prompt, prompt_ids, stop, device = "cpu", weights_dtype = "f32";
+  std::string draft_model, draft_random_init;
+  int draft_tokens = 4;
   bool has_prompt = false, has_prompt_ids = false, json = false, no_cuda_graph = false;
   int max_new = 64, threads = 0;
   std::optional<int> eot_id;
@@ -153,7 +158,32 @@ void run_generate(const GenerateOptions& o) {
   DecoderOptions dopt;
   dopt.cuda = device.cuda;
   dopt.cuda_graph = !o.no_cuda_graph;
+  const std::optional<WeightFormat> wf = parse_weight_format(o.weights_dtype);
+  KILN_CHECK(wf, "--weights-dtype: '", o.weights_dtype, "' is not one of f32, bf16, f16, q8_0");
+  KILN_CHECK(*wf == WeightFormat::F32 || !device.cuda, "--weights-dtype ", o.weights_dtype,
+             " runs on the CPU only (--device cuda decodes with bf16 weights)");
+  dopt.weights = *wf;
   std::unique_ptr<IncrementalDecoder> dec = make_decoder(cfg, model->host_params(), dopt);
+  // Speculative decoding: the draft model, on the same device with the same weight format.
+  KILN_CHECK(o.draft_model.empty() || o.draft_random_init.empty(),
+             "give at most one of --draft-model and --draft-random-init");
+  KILN_CHECK(o.draft_tokens >= 1, "--draft-tokens must be >= 1, got ", o.draft_tokens);
+  const bool speculative = !o.draft_model.empty() || !o.draft_random_init.empty();
+  std::unique_ptr<Model> draft_model;
+  std::unique_ptr<IncrementalDecoder> draft;
+  if (speculative) {
+    const ModelConfig dcfg = o.draft_model.empty() ? load_model_config(o.draft_random_init)
+                                                   : load_model_config_for(o.draft_model);
+    draft_model = make_model(dcfg, mo);
+    if (o.draft_model.empty())
+      draft_model->init_random(2);
+    else
+      load_model_weights(o.draft_model, dcfg, draft_model->table(), draft_model->host_params());
+    const int sample_vocab = tok ? tok->vocab_size() : V;
+    KILN_CHECK(dcfg.vocab_size >= sample_vocab, "--draft-model: its vocab_size ", dcfg.vocab_size,
+               " is smaller than the ", sample_vocab, " ids the target samples from");
+    draft = make_decoder(dcfg, draft_model->host_params(), dopt);
+  }
   if (device.cuda) {
     const gpu::DeviceInfo info = gpu::init(device.index);
     std::fprintf(stderr, "kiln generate: device %s%s\n", info.name.c_str(), info.emulated ? " [SIMT emulator]" : "");
@@ -192,7 +222,16 @@ void run_generate(const GenerateOptions& o) {
     return true;
   };
   GenerateStats st;
-  const FinishReason why = generate(*dec, sampler, prompt, lim, on_token, &st);
+  SpeculativeStats sst;
+  FinishReason why;
+  if (speculative) {
+    why = generate_speculative(*dec, *draft, sampler, prompt, lim, o.draft_tokens, on_token, &sst);
+    st = sst.base;
+  } else {
+    why = generate(*dec, sampler, prompt, lim, on_token, &st);
+  }
+  // Tokens/s of the new tokens after the first (the first comes with the prefill).
+  const double decode_tps = st.decode_s > 0 ? (st.new_tokens - 1) / st.decode_s : 0.0;
   const std::string rest = stream.finish();
 
   if (o.json) {
@@ -200,6 +239,17 @@ void run_generate(const GenerateOptions& o) {
     j["tokens"] = all;
     j["text"] = tok ? nlohmann::json(prompt_text + stream.text()) : nlohmann::json(nullptr);
     j["finish_reason"] = finish_reason_name(why);
+    j["weights_dtype"] = o.weights_dtype;
+    j["decode_tokens_per_s"] = decode_tps;
+    if (speculative) {
+      j["speculative"] = {{"draft_tokens", o.draft_tokens},
+                          {"rounds", sst.rounds},
+                          {"drafted", sst.drafted},
+                          {"accepted", sst.accepted},
+                          {"acceptance_rate", sst.acceptance_rate()},
+                          {"mean_accepted_length", sst.mean_accepted()},
+                          {"tokens_per_round", sst.tokens_per_round()}};
+    }
     // Bytes that are not valid UTF-8 (a character cut by the token budget) become U+FFFD in the JSON.
     std::printf("%s\n", j.dump(-1, ' ', false, nlohmann::json::error_handler_t::replace).c_str());
   } else {
@@ -214,6 +264,10 @@ void run_generate(const GenerateOptions& o) {
                st.prompt_tokens, st.prefill_s, st.prefill_s > 0 ? st.prompt_tokens / st.prefill_s : 0.0,
                st.decode_steps, st.decode_s, st.decode_s > 0 ? st.decode_steps / st.decode_s : 0.0,
                finish_reason_name(why));
+  if (speculative)
+    std::fprintf(stderr, "kiln generate: speculative, %d rounds of up to %d drafts: acceptance %.3f, %.2f accepted "
+                 "per round, %.1f new tokens/s\n",
+                 sst.rounds, o.draft_tokens, sst.acceptance_rate(), sst.mean_accepted(), decode_tps);
 }
 
 kiln::cli::Command generate_cmd("generate", [](CLI::App& root) {
@@ -236,6 +290,14 @@ kiln::cli::Command generate_cmd("generate", [](CLI::App& root) {
   c->add_flag("--json", o->json, "Print one JSON line {tokens, text, finish_reason} instead of streaming text");
   c->add_option("--threads", o->threads, "CPU threads (0: all cores)")->capture_default_str();
   c->add_option("--device", o->device, "cpu, or cuda / cuda:N: bf16 weights and KV cache on the GPU")
+      ->capture_default_str();
+  c->add_option("--weights-dtype", o->weights_dtype,
+                 "CPU: the weight matrices' format for decoding: f32, bf16, f16 or q8_0 (8-bit, a scale per 32)")
+      ->capture_default_str();
+  c->add_option("--draft-model", o->draft_model,
+                 "Speculative decoding: a small checkpoint with the same tokenizer that proposes tokens for this one");
+  c->add_option("--draft-random-init", o->draft_random_init, "Instead of --draft-model: a config.json (benchmarks)");
+  c->add_option("--draft-tokens", o->draft_tokens, "Speculative decoding: tokens the draft proposes per round (K)")
       ->capture_default_str();
   c->add_flag("--no-cuda-graph", o->no_cuda_graph, "With --device cuda: launch the decode step's kernels one by one");
   c->callback([o, p, pi] {

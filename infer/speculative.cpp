@@ -1,0 +1,164 @@
+#include "infer/speculative.h"
+
+#include <algorithm>
+#include <chrono>
+
+#include "core/error.h"
+
+namespace kiln {
+
+namespace {
+double uniform53(Rng& rng) { return double(rng.next_u64() >> 11) * (1.0 / 9007199254740992.0); }
+}  // namespace
+
+int32_t sample_dense(const std::vector<double>& w, Rng& rng) {
+  double total = 0;
+  for (double x : w) total += x;
+  const double target = uniform53(rng) * total;
+  double cum = 0;
+  int32_t last = 0;
+  for (size_t i = 0; i < w.size(); i++) {
+    if (w[i] <= 0) continue;
+    cum += w[i];
+    last = int32_t(i);
+    if (target < cum) return int32_t(i);
+  }
+  return last;  // u within rounding of 1
+}
+
+std::vector<double> residual_distribution(const std::vector<double>& p, const std::vector<double>& q) {
+  std::vector<double> r(p.size());
+  double total = 0;
+  for (size_t i = 0; i < p.size(); i++) total += (r[i] = std::max(0.0, p[i] - q[i]));
+  if (total > 0)
+    for (double& x : r) x /= total;
+  return r;
+}
+
+Verdict accept_or_resample(const std::vector<double>& p, const std::vector<double>& q, int32_t x, Rng& rng) {
+  // u < p/q, written without the division (q[x] > 0: x was drawn from q).
+  if (uniform53(rng) * q[size_t(x)] < p[size_t(x)]) return {x, true};
+  thread_local std::vector<double> r;
+  r.resize(p.size());
+  double total = 0;
+  for (size_t i = 0; i < p.size(); i++) total += (r[i] = std::max(0.0, p[i] - q[i]));
+  return {sample_dense(total > 0 ? r : p, rng), false};
+}
+
+void dense_distribution(const Sampler& s, const float* logits, int V, std::vector<double>& out) {
+  thread_local std::vector<Candidate> c;
+  s.candidates(logits, V, c);
+  out.assign(size_t(V), 0.0);
+  for (const Candidate& k : c) out[size_t(k.id)] = k.p;
+}
+
+FinishReason generate_speculative(IncrementalDecoder& target, IncrementalDecoder& draft, const Sampler& sampler,
+                                  const std::vector<int32_t>& prompt, const GenerateLimits& lim, int draft_tokens,
+                                  const std::function<bool(int32_t)>& on_token, SpeculativeStats* stats) {
+  using Clock = std::chrono::steady_clock;
+  KILN_CHECK(target.batch() == 1 && draft.batch() == 1, "speculative decoding: the decoders must have batch 1");
+  KILN_CHECK(draft_tokens >= 1, "--draft-tokens must be >= 1, got ", draft_tokens);
+  KILN_CHECK(!prompt.empty(), "generate: the prompt is empty");
+  KILN_CHECK(lim.max_new >= 0, "--max-new must be >= 0, got ", lim.max_new);
+  const int TV = target.config().vocab_size;
+  const int V = lim.sample_vocab > 0 ? std::min(lim.sample_vocab, TV) : TV;
+  KILN_CHECK(draft.config().vocab_size >= V, "--draft-model: its vocabulary has ", draft.config().vocab_size,
+             " tokens, fewer than the ", V, " the target samples from");
+  const int max_len = std::min(lim.max_length > 0 ? lim.max_length : target.max_positions(), target.max_positions());
+  const int P = int(prompt.size());
+  KILN_CHECK(P <= max_len, "the prompt has ", P, " tokens, more than the model's context of ", max_len,
+             " positions");
+  SpeculativeStats st;
+  st.base.prompt_tokens = P;
+  if (stats) *stats = st;
+  if (lim.max_new == 0) return FinishReason::Length;
+  if (P == max_len) return FinishReason::Context;
+
+  Rng rng(sampler.params().seed);
+  std::vector<double> p;
+  std::vector<std::vector<double>> qs;  // the draft's distribution at each proposal
+  target.reset();
+  draft.reset();
+  const auto t0 = Clock::now();
+  // Both caches hold every committed token but the last one (`last`, not yet fed to either). The draft may lag
+  // further behind: `pending` holds the committed tokens (before last) it has still to take in.
+  const float* lg = target.forward(prompt.data(), P);
+  dense_distribution(sampler, lg, V, p);
+  std::vector<int32_t> pending(prompt.begin(), prompt.end());
+  std::vector<int32_t> produced{sample_dense(p, rng)}, feed, drafts;
+
+  FinishReason why = FinishReason::Length;
+  bool first = true;
+  for (;;) {
+    // Report this round's tokens one by one; each may end generation (as plain decoding would, at it).
+    bool done = false;
+    for (int32_t t : produced) {
+      st.base.new_tokens++;
+      if (first) {
+        st.base.prefill_s = std::chrono::duration<double>(Clock::now() - t0).count();
+        first = false;
+      }
+      if (!on_token(t)) { why = FinishReason::Stop; done = true; break; }
+      if (lim.eot && t == *lim.eot) { why = FinishReason::EndOfText; done = true; break; }
+      if (st.base.new_tokens >= lim.max_new) { why = FinishReason::Length; done = true; break; }
+      if (P + st.base.new_tokens >= max_len) { why = FinishReason::Context; done = true; break; }
+    }
+    if (done) break;
+    const int32_t last = produced.back();
+    const int committed = P + st.base.new_tokens;  // tokens so far; the target's cache holds committed - 1
+    // Proposals this round: at most K, and no more than the budget and the context leave room to produce.
+    // A draft with a shorter context than the target's stops proposing when it is full (plain steps after).
+    const int k = std::max(0, std::min({draft_tokens, lim.max_new - st.base.new_tokens - 1, max_len - committed - 1,
+                                        draft.max_positions() - committed + 1}));
+
+    // Draft: k proposals, each drawn from the draft's filtered distribution.
+    drafts.clear();
+    if (int(qs.size()) < k) qs.resize(size_t(k));
+    if (k > 0) {
+      pending.push_back(last);
+      for (int i = 0; i < k; i++) {
+        const float* dl = draft.forward(pending.data(), int(pending.size()));
+        dense_distribution(sampler, dl, V, qs[size_t(i)]);
+        drafts.push_back(sample_dense(qs[size_t(i)], rng));
+        pending.assign(1, drafts.back());
+      }
+    }
+    // Target: last and the proposals in one pass; position i's logits score proposal i (i = k: the bonus).
+    feed.assign(1, last);
+    feed.insert(feed.end(), drafts.begin(), drafts.end());
+    const float* tl = target.forward(feed.data(), int(feed.size()), /*all_logits=*/true);
+    st.base.decode_steps++;
+    st.rounds++;
+    st.drafted += k;
+    produced.clear();
+    int accepted = 0;
+    for (;; accepted++) {
+      dense_distribution(sampler, tl + size_t(accepted) * size_t(TV), V, p);
+      if (accepted == k) {  // every proposal passed: the bonus token from the target
+        produced.push_back(sample_dense(p, rng));
+        break;
+      }
+      const Verdict v = accept_or_resample(p, qs[size_t(accepted)], drafts[size_t(accepted)], rng);
+      produced.push_back(v.token);
+      if (!v.accepted) break;
+    }
+    st.accepted += accepted;
+    // Roll back past the rejection: the target keeps last and the accepted proposals; the draft took in last
+    // and proposals 0 .. k-2, so it keeps the same, or (all k passed) still has the last proposal to take in.
+    const int keep = committed + accepted;  // cached tokens after this round (all but the newest)
+    target.truncate(keep);
+    if (k == 0) {
+      pending.push_back(last);  // the draft did nothing this round: it still has to take in last
+    } else if (accepted < k) {
+      draft.truncate(keep);
+      pending.clear();
+    } else {
+      pending.assign(1, drafts.back());  // it holds keep - 1 tokens
+    }
+  }
+  st.base.decode_s = std::chrono::duration<double>(Clock::now() - t0).count() - st.base.prefill_s;
+  if (stats) *stats = st;
+  return why;
+}
+
+}  // namespace kiln

@@ -1,0 +1,55 @@
+// Speculative decoding with a draft model (Leviathan, Kalman & Matias 2023, "Fast Inference from Transformers
+// via Speculative Decoding"): a small draft proposes K tokens one at a time, the target scores all of them in
+// one forward pass over K+1 positions, and each proposal x_i is accepted with probability min(1, p_i(x)/q_i(x))
+// (p: the target's distribution, q: the draft's, both after the same temperature / top-k / top-p filter). At
+// the first rejection the token is drawn from norm(max(0, p_i − q_i)) instead and the round ends; when all K
+// pass, a bonus token comes from p_{K+1}. The tokens produced are distributed exactly as sampling from the
+// target alone; with temperature 0 both distributions are one-hot, so the output is exactly greedy decoding.
+// Both caches roll back past a rejection (IncrementalDecoder::truncate). A draft whose context is shorter than
+// the target's stops proposing when it is full; the rest are plain target steps.
+#pragma once
+#include <cstdint>
+#include <functional>
+#include <vector>
+
+#include "core/rng.h"
+#include "infer/generate.h"
+#include "infer/sampler.h"
+#include "models/model.h"
+
+namespace kiln {
+
+struct SpeculativeStats {
+  GenerateStats base;       // prompt, new tokens, prefill and decode times (decode_steps: verification passes)
+  int rounds = 0;           // draft-then-verify rounds
+  int64_t drafted = 0;      // tokens proposed
+  int64_t accepted = 0;     // proposals accepted
+  double acceptance_rate() const { return drafted ? double(accepted) / double(drafted) : 0.0; }
+  // Proposals accepted per round, and tokens produced per round (accepted + the resampled or bonus token).
+  double mean_accepted() const { return rounds ? double(accepted) / rounds : 0.0; }
+  double tokens_per_round() const { return rounds ? double(accepted + rounds) / rounds : 0.0; }
+};
+
+// The rejection step for a proposal x drawn from q: accept with probability min(1, p[x]/q[x]) (u < p/q with
+// u uniform in [0, 1)); otherwise a token drawn from the residual norm(max(0, p − q)) (from p itself when the
+// residual is empty, which only rounding can make happen). p and q are dense distributions over V ids.
+struct Verdict {
+  int32_t token;
+  bool accepted;
+};
+Verdict accept_or_resample(const std::vector<double>& p, const std::vector<double>& q, int32_t x, Rng& rng);
+// norm(max(0, p − q)) (all zero when p ≤ q everywhere).
+std::vector<double> residual_distribution(const std::vector<double>& p, const std::vector<double>& q);
+// A draw from a dense distribution (weights need not sum to 1).
+int32_t sample_dense(const std::vector<double>& w, Rng& rng);
+// The sampler's filtered distribution of a row of logits, dense over [0, V).
+void dense_distribution(const Sampler& s, const float* logits, int V, std::vector<double>& out);
+
+// generate() (infer/generate.h) with a draft: the same limits, on_token contract and finish reasons; both
+// decoders batch 1 with vocabularies covering the sampled ids; each is reset first. draft_tokens >= 1.
+// The sampler's parameters apply to both models; draws come from an Rng seeded by its seed.
+FinishReason generate_speculative(IncrementalDecoder& target, IncrementalDecoder& draft, const Sampler& sampler,
+                                  const std::vector<int32_t>& prompt, const GenerateLimits& lim, int draft_tokens,
+                                  const std::function<bool(int32_t)>& on_token, SpeculativeStats* stats = nullptr);
+
+}  // namespace kiln

@@ -1,0 +1,506 @@
+// Narrow-weight products on the CPU (see kernels/narrow_gemv.h).
+//
+// Direct path (up to kNarrowDirectRows rows of x): the threads take contiguous slices of the matrix's rows and
+// stream them once per group of x rows (8 for q8_0, 4 for the 16-bit formats: the accumulators the registers
+// hold), each (row, x row) pair with its own fp32 accumulators, so a row's result is the same whatever the
+// group size. x is prepared once per call by the calling thread (quantized, or split for bf16).
+//   q8_0 (VNNI): vpdpbusd multiplies unsigned by signed bytes, so the weights are stored offset by 128
+//   (u = q + 128) and x stays signed; each int32 lane starts at −128·Σ qx of its 4 bytes (made once per x),
+//   so t = vpdpbusd(start, u, qx) = Σ q·qx exactly. One 64-byte vector is two blocks (lanes 0-7 block 2j, 8-15
+//   block 2j+1); the products d·dx of 16 blocks are made once and spread to the lanes by a permute; the int32
+//   lanes are scaled and summed in fp32 over two accumulators (even and odd pairs).
+//   bf16: one 64-byte load is 16 (even, odd) pairs of weights; a shift gives the even columns exactly as fp32
+//   and a mask the odd ones, against x split the same way. f16: vcvtph2ps per 16. Four accumulators.
+// Wide path: tiles of 128 matrix rows widened to fp32, then sgemm (a prompt's rows reuse each tile).
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#include <immintrin.h>
+#pragma GCC diagnostic pop
+#include <omp.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <vector>
+
+#include "core/dtype.h"
+#include "core/error.h"
+#include "kernels/matmul.h"
+#include "kernels/narrow_gemv.h"
+
+namespace kiln {
+
+const char* weight_format_name(WeightFormat f) {
+  switch (f) {
+    case WeightFormat::F32: return "f32";
+    case WeightFormat::BF16: return "bf16";
+    case WeightFormat::F16: return "f16";
+    case WeightFormat::Q8_0: return "q8_0";
+  }
+  return "?";
+}
+
+std::optional<WeightFormat> parse_weight_format(const std::string& s) {
+  for (WeightFormat f : {WeightFormat::F32, WeightFormat::BF16, WeightFormat::F16, WeightFormat::Q8_0})
+    if (s == weight_format_name(f)) return f;
+  return std::nullopt;
+}
+
+namespace {
+
+constexpr size_t kAlignBytes = 64;
+size_t round_up(size_t n, size_t a) { return (n + a - 1) / a * a; }
+int64_t row_ld(WeightFormat f, int64_t K) { return f == WeightFormat::Q8_0 ? (K + kQ8Block - 1) / kQ8Block * kQ8Block : K; }
+size_t q_bytes(WeightFormat f, int64_t M, int64_t K) {
+  return round_up(size_t(M) * size_t(row_ld(f, K)) * (f == WeightFormat::Q8_0 ? 1 : 2), kAlignBytes);
+}
+
+// Quantizes one block of n <= 32 values (the rest of the block is zero): d = amax/127, q = round(v/d).
+// Weights round d to f16 first and divide by the rounded value (what the stored scale reconstructs).
+void quantize_weight_block(const float* v, int n, uint16_t* d16, uint8_t* q) {
+  float amax = 0;
+  for (int i = 0; i < n; i++) amax = std::max(amax, std::fabs(v[i]));
+  *d16 = f32_to_f16(amax / 127.0f);
+  const float d = f16_to_f32(*d16);
+  const float id = d > 0 ? 1.0f / d : 0.0f;
+  for (int i = 0; i < kQ8Block; i++) {
+    const float r = i < n ? std::nearbyint(v[i] * id) : 0.0f;
+    q[i] = uint8_t(int(std::clamp(r, -127.0f, 127.0f)) + 128);
+  }
+}
+
+}  // namespace
+
+size_t narrow_bytes(WeightFormat f, int64_t M, int64_t K) {
+  KILN_CHECK(f != WeightFormat::F32, "narrow_bytes: f32 has no narrow copy");
+  size_t n = q_bytes(f, M, K);
+  if (f == WeightFormat::Q8_0) n += round_up(size_t(M) * size_t(row_ld(f, K) / kQ8Block) * 2, kAlignBytes);
+  return n;
+}
+
+NarrowMatrix narrow_convert(void* storage, WeightFormat f, const float* src, int64_t M, int64_t K, bool transposed) {
+  KILN_CHECK(f != WeightFormat::F32, "narrow_convert: f32 has no narrow copy");
+  NarrowMatrix A;
+  A.fmt = f;
+  A.M = M;
+  A.K = K;
+  A.ld = row_ld(f, K);
+  char* base = static_cast<char*>(storage);
+  A.q = base;
+  uint16_t* d = f == WeightFormat::Q8_0 ? reinterpret_cast<uint16_t*>(base + q_bytes(f, M, K)) : nullptr;
+  A.d = d;
+  const int64_t ld = A.ld, nb = ld / kQ8Block;
+  // Rows in tiles of 64: a transposed source is gathered a tile at a time (64 contiguous floats per k).
+  constexpr int64_t kTile = 64;
+#pragma omp parallel
+  {
+    std::vector<float> row(size_t(kTile * K));
+#pragma omp for schedule(static)
+    for (int64_t m0 = 0; m0 < M; m0 += kTile) {
+      const int64_t mt = std::min(kTile, M - m0);
+      if (transposed) {
+        for (int64_t k = 0; k < K; k++)
+          for (int64_t i = 0; i < mt; i++) row[size_t(i * K + k)] = src[k * M + m0 + i];
+      } else {
+        std::memcpy(row.data(), src + m0 * K, sizeof(float) * size_t(mt * K));
+      }
+      for (int64_t i = 0; i < mt; i++) {
+        const float* r = row.data() + i * K;
+        const int64_t m = m0 + i;
+        if (f == WeightFormat::Q8_0) {
+          uint8_t* q = static_cast<uint8_t*>(const_cast<void*>(A.q)) + m * ld;
+          for (int64_t b = 0; b < nb; b++)
+            quantize_weight_block(r + b * kQ8Block, int(std::min<int64_t>(kQ8Block, K - b * kQ8Block)),
+                                  d + m * nb + b, q + b * kQ8Block);
+        } else {
+          uint16_t* q = static_cast<uint16_t*>(const_cast<void*>(A.q)) + m * ld;
+          for (int64_t k = 0; k < K; k++) q[k] = f == WeightFormat::BF16 ? f32_to_bf16(r[k]) : f32_to_f16(r[k]);
+        }
+      }
+    }
+  }
+  return A;
+}
+
+float narrow_at(const NarrowMatrix& A, int64_t m, int64_t k) {
+  switch (A.fmt) {
+    case WeightFormat::BF16: return bf16_to_f32(static_cast<const uint16_t*>(A.q)[m * A.ld + k]);
+    case WeightFormat::F16: return f16_to_f32(static_cast<const uint16_t*>(A.q)[m * A.ld + k]);
+    case WeightFormat::Q8_0:
+      return f16_to_f32(A.d[m * (A.ld / kQ8Block) + k / kQ8Block]) *
+             float(int(static_cast<const uint8_t*>(A.q)[m * A.ld + k]) - 128);
+    case WeightFormat::F32: break;
+  }
+  return 0;
+}
+
+namespace ref {
+
+void quantize_q8_block(const float* x, int n, float* dx, int8_t* qx) {
+  float amax = 0;
+  for (int i = 0; i < n; i++) amax = std::max(amax, std::fabs(x[i]));
+  *dx = amax / 127.0f;
+  const float id = amax > 0 ? 127.0f / amax : 0.0f;
+  for (int i = 0; i < kQ8Block; i++) qx[i] = i < n ? int8_t(std::clamp(std::nearbyint(x[i] * id), -127.0f, 127.0f)) : 0;
+}
+
+}  // namespace ref
+
+namespace cpu {
+namespace {
+
+bool g_portable = false;
+
+bool has_avx512() {
+  static const bool ok = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+                         __builtin_cpu_supports("avx512vl");
+  return ok;
+}
+bool has_vnni() {
+  static const bool ok = has_avx512() && __builtin_cpu_supports("avx512vnni");
+  return ok;
+}
+
+// x of one call prepared for the kernels (the caller's thread fills it once; the team reads it).
+//   q8_0: per row qx [ld + 64] (zero-padded: an odd last block is read as a whole 64-byte pair), dx
+//   [nb + 16] (zero-padded for 16-wide loads), and per pair of blocks the start value of each int32 lane of
+//   vpdpbusd: −128·Σ qx over the lane's 4 bytes (the weights are stored offset by 128).
+//   bf16: per row the whole 32-column chunks with even columns first, then odd ones (what one 64-byte load of
+//   weights splits into), [K / 32 · 32].
+struct XQ {
+  std::vector<int8_t> qx;
+  std::vector<float> dx, split;
+  std::vector<int32_t> start;
+  int64_t ld = 0, nb = 0, np = 0, ldq = 0, ldd = 0, lds = 0;
+};
+
+void quantize_x(XQ& X, const float* x, int64_t ldx, int64_t N, int64_t K, int64_t ld) {
+  X.ld = ld;
+  X.nb = ld / kQ8Block;
+  X.np = (X.nb + 1) / 2;
+  X.ldq = ld + 64;
+  X.ldd = X.nb + 16;
+  X.qx.assign(size_t(N * X.ldq), 0);
+  X.dx.assign(size_t(N * X.ldd), 0.0f);
+  X.start.assign(size_t(N * X.np * 16), 0);
+  for (int64_t n = 0; n < N; n++) {
+    int8_t* q = X.qx.data() + n * X.ldq;
+    for (int64_t b = 0; b < X.nb; b++)
+      ref::quantize_q8_block(x + n * ldx + b * kQ8Block, int(std::min<int64_t>(kQ8Block, K - b * kQ8Block)),
+                             X.dx.data() + n * X.ldd + b, q + b * kQ8Block);
+    int32_t* st = X.start.data() + n * X.np * 16;
+    for (int64_t l = 0; l < X.np * 16; l++)
+      st[l] = -128 * (int32_t(q[4 * l]) + q[4 * l + 1] + q[4 * l + 2] + q[4 * l + 3]);
+  }
+}
+
+#define KILN_VNNI_Q __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512vnni")))
+// quantize_x with AVX-512: the same arithmetic (amax, 127/amax as a scalar, x·id rounded to nearest even by
+// vcvtps2dq, as nearbyint does), and the lane start values from a vpdpbusd of 1-bytes with qx.
+KILN_VNNI_Q void quantize_x_simd(XQ& X, const float* x, int64_t ldx, int64_t N, int64_t K, int64_t ld) {
+  X.ld = ld;
+  X.nb = ld / kQ8Block;
+  X.np = (X.nb + 1) / 2;
+  X.ldq = ld + 64;
+  X.ldd = X.nb + 16;
+  X.qx.resize(size_t(N * X.ldq));
+  X.dx.resize(size_t(N * X.ldd));
+  X.start.resize(size_t(N * X.np * 16));
+  const __m512i ones = _mm512_set1_epi8(1);
+  for (int64_t n = 0; n < N; n++) {
+    int8_t* q = X.qx.data() + n * X.ldq;
+    float* dx = X.dx.data() + n * X.ldd;
+    const float* xr = x + n * ldx;
+    for (int64_t b = 0; b < X.nb; b++) {
+      const int64_t k = b * kQ8Block, left = std::min<int64_t>(kQ8Block, K - k);
+      const __mmask16 m0 = __mmask16(left >= 16 ? 0xffff : (1u << left) - 1);
+      const __mmask16 m1 = __mmask16(left >= 32 ? 0xffff : left <= 16 ? 0 : (1u << (left - 16)) - 1);
+      const __m512 v0 = _mm512_maskz_loadu_ps(m0, xr + k), v1 = _mm512_maskz_loadu_ps(m1, xr + k + 16);
+      const float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(v0), _mm512_abs_ps(v1)));
+      dx[b] = amax / 127.0f;
+      const __m512 id = _mm512_set1_ps(amax > 0 ? 127.0f / amax : 0.0f);
+      const __m512i q0 = _mm512_cvtps_epi32(_mm512_mul_ps(v0, id)), q1 = _mm512_cvtps_epi32(_mm512_mul_ps(v1, id));
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(q + k), _mm512_cvtsepi32_epi8(q0));
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(q + k + 16), _mm512_cvtsepi32_epi8(q1));
+    }
+    std::memset(q + ld, 0, 64);
+    std::memset(dx + X.nb, 0, 16 * sizeof(float));
+    for (int64_t p = 0; p < X.np; p++) {
+      const __m512i v = _mm512_loadu_si512(q + p * 64);
+      const __m512i sum = _mm512_dpbusd_epi32(_mm512_setzero_si512(), ones, v);
+      _mm512_storeu_si512(X.start.data() + (n * X.np + p) * 16, _mm512_mullo_epi32(sum, _mm512_set1_epi32(-128)));
+    }
+  }
+}
+
+KILN_VNNI_Q void split_x(XQ& X, const float* x, int64_t ldx, int64_t N, int64_t K) {
+  X.lds = K / 32 * 32;
+  X.split.resize(size_t(N * X.lds));
+  const __m512i even = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
+  const __m512i odd = _mm512_add_epi32(even, _mm512_set1_epi32(1));
+  for (int64_t n = 0; n < N; n++)
+    for (int64_t c = 0; c < X.lds; c += 32) {
+      const __m512 a = _mm512_loadu_ps(x + n * ldx + c), b = _mm512_loadu_ps(x + n * ldx + c + 16);
+      _mm512_storeu_ps(X.split.data() + n * X.lds + c, _mm512_permutex2var_ps(a, even, b));
+      _mm512_storeu_ps(X.split.data() + n * X.lds + c + 16, _mm512_permutex2var_ps(a, odd, b));
+    }
+}
+
+// ---- portable kernels: one (row, x row) at a time ----
+
+void rows_portable(float* dot, const float* x, int64_t ldx, int64_t n0, int64_t nr, const NarrowMatrix& A,
+                   const XQ& X, int64_t m0, int64_t m1) {
+  for (int64_t m = m0; m < m1; m++)
+    for (int64_t n = n0; n < n0 + nr; n++) {
+      float s = 0;
+      if (A.fmt == WeightFormat::Q8_0) {
+        const uint8_t* w = static_cast<const uint8_t*>(A.q) + m * A.ld;
+        const int8_t* q = X.qx.data() + n * X.ldq;
+        for (int64_t b = 0; b < X.nb; b++) {
+          // Σ (u − 128)·qx as Σ u·qx − 128·Σ qx: GCC 12's vectorizer turns the first form into a wrong
+          // unsigned-by-signed dot product at -O2 and above.
+          int32_t t = 0, sq = 0;
+          for (int i = 0; i < kQ8Block; i++) {
+            t += int32_t(w[b * kQ8Block + i]) * int32_t(q[b * kQ8Block + i]);
+            sq += q[b * kQ8Block + i];
+          }
+          t -= 128 * sq;
+          s += f16_to_f32(A.d[m * X.nb + b]) * X.dx[size_t(n * X.ldd + b)] * float(t);
+        }
+      } else {
+        const uint16_t* w = static_cast<const uint16_t*>(A.q) + m * A.ld;
+        const float* xr = x + n * ldx;
+        for (int64_t k = 0; k < A.K; k++)
+          s += (A.fmt == WeightFormat::BF16 ? bf16_to_f32(w[k]) : f16_to_f32(w[k])) * xr[k];
+      }
+      dot[(n - n0) * (m1 - m0) + (m - m0)] = s;
+    }
+}
+
+// ---- AVX-512 kernels ----
+#define KILN_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,f16c,fma")))
+#define KILN_VNNI __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512vnni,f16c,fma")))
+
+// 16 weights of row w from column k as fp32 (columns past K: zero).
+template <WeightFormat F>
+KILN_AVX512 inline __m512 widen16(const uint16_t* w, int64_t k, int64_t K) {
+  __m256i h;
+  if (k + 16 <= K)
+    h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + k));
+  else
+    h = _mm256_maskz_loadu_epi16(__mmask16((1u << (K - k)) - 1), w + k);
+  if constexpr (F == WeightFormat::F16) return _mm512_cvtph_ps(h);
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+}
+KILN_AVX512 inline __m512 x16(const float* x, int64_t k, int64_t K) {
+  if (k + 16 <= K) return _mm512_loadu_ps(x + k);
+  return _mm512_maskz_loadu_ps(__mmask16((1u << (K - k)) - 1), x + k);
+}
+
+// dot[n][m - m0] for NR rows of x against rows [m0, m1) of a 16-bit matrix. Four accumulators per x row
+// cover the FMA latency. bf16: one 64-byte load is 16 pairs of weights; a shift gives the even columns and
+// a mask the odd ones, exactly as fp32, against x split the same way (XQ::split). f16: vcvtph2ps per 16.
+template <WeightFormat F, int NR>
+KILN_AVX512 void rows16(float* dot, int64_t ldd, const float* x, int64_t ldx, const XQ& X, int64_t n0,
+                        const NarrowMatrix& A, int64_t m0, int64_t m1) {
+  const int64_t K = A.K;
+  const int64_t K32 = K / 32 * 32;
+  const __m512i hi = _mm512_set1_epi32(int32_t(0xffff0000u));
+  for (int64_t m = m0; m < m1; m++) {
+    const uint16_t* w = static_cast<const uint16_t*>(A.q) + m * A.ld;
+    __m512 a[NR][4];
+    for (int n = 0; n < NR; n++)
+      for (int j = 0; j < 4; j++) a[n][j] = _mm512_setzero_ps();
+    int64_t k = 0;
+    for (; k + 64 <= K32; k += 64) {
+      if constexpr (F == WeightFormat::BF16) {
+        const __m512i v0 = _mm512_loadu_si512(w + k), v1 = _mm512_loadu_si512(w + k + 32);
+        const __m512 e0 = _mm512_castsi512_ps(_mm512_slli_epi32(v0, 16)), o0 = _mm512_castsi512_ps(_mm512_and_si512(v0, hi));
+        const __m512 e1 = _mm512_castsi512_ps(_mm512_slli_epi32(v1, 16)), o1 = _mm512_castsi512_ps(_mm512_and_si512(v1, hi));
+        for (int n = 0; n < NR; n++) {
+          const float* xs = X.split.data() + (n0 + n) * X.lds + k;
+          a[n][0] = _mm512_fmadd_ps(e0, _mm512_loadu_ps(xs), a[n][0]);
+          a[n][1] = _mm512_fmadd_ps(o0, _mm512_loadu_ps(xs + 16), a[n][1]);
+          a[n][2] = _mm512_fmadd_ps(e1, _mm512_loadu_ps(xs + 32), a[n][2]);
+          a[n][3] = _mm512_fmadd_ps(o1, _mm512_loadu_ps(xs + 48), a[n][3]);
+        }
+      } else {
+        const __m512 w0 = widen16<F>(w, k, K), w1 = widen16<F>(w, k + 16, K);
+        const __m512 w2 = widen16<F>(w, k + 32, K), w3 = widen16<F>(w, k + 48, K);
+        for (int n = 0; n < NR; n++) {
+          const float* xr = x + (n0 + n) * ldx + k;
+          a[n][0] = _mm512_fmadd_ps(w0, _mm512_loadu_ps(xr), a[n][0]);
+          a[n][1] = _mm512_fmadd_ps(w1, _mm512_loadu_ps(xr + 16), a[n][1]);
+          a[n][2] = _mm512_fmadd_ps(w2, _mm512_loadu_ps(xr + 32), a[n][2]);
+          a[n][3] = _mm512_fmadd_ps(w3, _mm512_loadu_ps(xr + 48), a[n][3]);
+        }
+      }
+    }
+    for (; k < K; k += 16) {  // the last columns (fewer than 64) 16 at a time into the first accumulator
+      const __m512 w0 = widen16<F>(w, k, K);
+      for (int n = 0; n < NR; n++) a[n][0] = _mm512_fmadd_ps(w0, x16(x + (n0 + n) * ldx, k, K), a[n][0]);
+    }
+    for (int n = 0; n < NR; n++)
+      dot[n * ldd + (m - m0)] =
+          _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(a[n][0], a[n][1]), _mm512_add_ps(a[n][2], a[n][3])));
+  }
+}
+
+// Lane permutation spreading 16 block scales to pair j (blocks 2j, 2j+1), j < 8.
+KILN_VNNI inline __m512i pair_index(int j) {
+  return _mm512_inserti32x8(_mm512_set1_epi32(2 * j), _mm256_set1_epi32(2 * j + 1), 1);
+}
+
+// q8_0: per pair of blocks one vpdpbusd (weights u8, x s8, started at −128·Σx per lane: exactly Σ q·qx), its
+// int32 lanes to fp32 times d·dx of their block (16 blocks' products made once, spread by a permute), into two
+// accumulators (even and odd pairs).
+template <int NR>
+KILN_VNNI void rows_q8_vnni(float* dot, int64_t ldd, const XQ& X, const NarrowMatrix& A, int64_t n0, int64_t m0,
+                            int64_t m1) {
+  const int64_t ld = A.ld, nb = X.nb, np = X.np;
+  __m512i idx[8];
+  for (int j = 0; j < 8; j++) idx[j] = pair_index(j);
+  for (int64_t m = m0; m < m1; m++) {
+    const uint8_t* w = static_cast<const uint8_t*>(A.q) + m * ld;
+    const uint16_t* d = A.d + m * nb;
+    __m512 acc[NR][2];
+    for (int n = 0; n < NR; n++) acc[n][0] = acc[n][1] = _mm512_setzero_ps();
+    for (int64_t g = 0; g < nb; g += 16) {  // 16 blocks (8 pairs) share one load of the scales
+      const int64_t gb = std::min<int64_t>(16, nb - g);
+      const __m512 dw = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(__mmask16((1u << gb) - 1), d + g));
+      __m512 s16[NR];
+      for (int n = 0; n < NR; n++) s16[n] = _mm512_mul_ps(dw, _mm512_loadu_ps(X.dx.data() + (n0 + n) * X.ldd + g));
+      const int64_t pairs = (gb + 1) / 2;
+      for (int64_t j = 0; j < pairs; j++) {
+        const int64_t p = g / 2 + j, off = p * 64;
+        const __m512i wv = 2 * p + 1 < nb ? _mm512_loadu_si512(w + off)
+                                          : _mm512_maskz_loadu_epi8(__mmask64(0xffffffffull), w + off);
+        for (int n = 0; n < NR; n++) {
+          const __m512i st = _mm512_loadu_si512(X.start.data() + ((n0 + n) * np + p) * 16);
+          const __m512i xv = _mm512_loadu_si512(X.qx.data() + (n0 + n) * X.ldq + off);
+          const __m512i t = _mm512_dpbusd_epi32(st, wv, xv);
+          acc[n][j & 1] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(t), _mm512_permutexvar_ps(idx[j], s16[n]), acc[n][j & 1]);
+        }
+      }
+    }
+    for (int n = 0; n < NR; n++) dot[n * ldd + (m - m0)] = _mm512_reduce_add_ps(_mm512_add_ps(acc[n][0], acc[n][1]));
+  }
+}
+
+template <int NR>
+void rows_simd(float* dot, int64_t ldd, const float* x, int64_t ldx, const NarrowMatrix& A, const XQ& X, int64_t n0,
+               int64_t m0, int64_t m1) {
+  switch (A.fmt) {
+    case WeightFormat::BF16: return rows16<WeightFormat::BF16, NR>(dot, ldd, x, ldx, X, n0, A, m0, m1);
+    case WeightFormat::F16: return rows16<WeightFormat::F16, NR>(dot, ldd, x, ldx, X, n0, A, m0, m1);
+    case WeightFormat::Q8_0: return rows_q8_vnni<NR>(dot, ldd, X, A, n0, m0, m1);
+    case WeightFormat::F32: return;
+  }
+}
+
+void rows_group(float* dot, int64_t ldd, const float* x, int64_t ldx, int64_t nr, const NarrowMatrix& A,
+                const XQ& X, int64_t n0, int64_t m0, int64_t m1) {
+  switch (nr) {
+    case 1: return rows_simd<1>(dot, ldd, x, ldx, A, X, n0, m0, m1);
+    case 2: return rows_simd<2>(dot, ldd, x, ldx, A, X, n0, m0, m1);
+    case 3: return rows_simd<3>(dot, ldd, x, ldx, A, X, n0, m0, m1);
+    case 4: return rows_simd<4>(dot, ldd, x, ldx, A, X, n0, m0, m1);
+    case 5: return rows_simd<5>(dot, ldd, x, ldx, A, X, n0, m0, m1);
+    case 6: return rows_simd<6>(dot, ldd, x, ldx, A, X, n0, m0, m1);
+    case 7: return rows_simd<7>(dot, ldd, x, ldx, A, X, n0, m0, m1);
+    default: return rows_simd<8>(dot, ldd, x, ldx, A, X, n0, m0, m1);
+  }
+}
+
+bool use_simd(WeightFormat f) {
+  if (g_portable) return false;
+  return f == WeightFormat::Q8_0 ? has_vnni() : has_avx512();
+}
+
+// Rows of the matrix a thread takes at a time (its slice is contiguous; partial dots for them live on its stack).
+constexpr int64_t kRowChunk = 64;
+
+void narrow_direct(float* y, int64_t ldy, const float* x, int64_t ldx, int64_t N, const NarrowMatrix& A,
+                   const float* bias, bool accumulate) {
+  // The caller's thread quantizes x once; the team reads it through this reference (not its own thread_local).
+  thread_local XQ xq;
+  XQ& X = xq;
+  const bool simd = use_simd(A.fmt);
+  if (A.fmt == WeightFormat::Q8_0) {
+    if (simd)
+      quantize_x_simd(X, x, ldx, N, A.K, A.ld);
+    else
+      quantize_x(X, x, ldx, N, A.K, A.ld);
+  }
+  if (A.fmt == WeightFormat::BF16 && simd) split_x(X, x, ldx, N, A.K);
+  // x rows per pass over the matrix: as many as the registers hold accumulators for.
+  const int64_t group = A.fmt == WeightFormat::Q8_0 ? 8 : 4;
+  const int64_t M = A.M;
+  const bool parallel = M * A.K * N >= (1 << 15);
+#pragma omp parallel if (parallel)
+  {
+    const int T = omp_get_num_threads(), t = omp_get_thread_num();
+    const int64_t per = (M + T - 1) / T;
+    const int64_t b = std::min(M, per * t), e = std::min(M, b + per);
+    float dot[8 * kRowChunk];
+    for (int64_t m0 = b; m0 < e; m0 += kRowChunk) {
+      const int64_t m1 = std::min(e, m0 + kRowChunk), mt = m1 - m0;
+      for (int64_t n0 = 0; n0 < N; n0 += group) {
+        const int64_t nr = std::min<int64_t>(group, N - n0);
+        if (simd)
+          rows_group(dot, mt, x, ldx, nr, A, X, n0, m0, m1);
+        else
+          rows_portable(dot, x, ldx, n0, nr, A, X, m0, m1);
+        for (int64_t n = 0; n < nr; n++)
+          for (int64_t i = 0; i < mt; i++) {
+            float s = dot[n * mt + i];
+            if (bias) s += bias[m0 + i];
+            float& out = y[(n0 + n) * ldy + m0 + i];
+            out = accumulate ? out + s : s;
+          }
+      }
+    }
+  }
+}
+
+// Widens rows [m0, m0 + mt) of A into tile [mt][K] fp32.
+void widen_tile(float* tile, const NarrowMatrix& A, int64_t m0, int64_t mt) {
+#pragma omp parallel for schedule(static)
+  for (int64_t i = 0; i < mt; i++)
+    for (int64_t k = 0; k < A.K; k++) tile[i * A.K + k] = narrow_at(A, m0 + i, k);
+}
+
+void narrow_wide(float* y, int64_t ldy, const float* x, int64_t ldx, int64_t N, const NarrowMatrix& A,
+                 const float* bias, bool accumulate) {
+  constexpr int64_t kTileRows = 128;
+  thread_local std::vector<float> tile;
+  tile.resize(size_t(kTileRows * A.K));
+  for (int64_t m0 = 0; m0 < A.M; m0 += kTileRows) {
+    const int64_t mt = std::min(kTileRows, A.M - m0);
+    widen_tile(tile.data(), A, m0, mt);
+    gemm(false, true, N, mt, A.K, 1.0f, x, ldx, tile.data(), A.K, accumulate ? 1.0f : 0.0f, y + m0, ldy);
+  }
+  if (bias)
+    for (int64_t n = 0; n < N; n++)
+      for (int64_t m = 0; m < A.M; m++) y[n * ldy + m] += bias[m];
+}
+
+}  // namespace
+
+void narrow_gemm(float* y, int64_t ldy, const float* x, int64_t ldx, int64_t N, const NarrowMatrix& A,
+                 const float* bias, bool accumulate) {
+  KILN_CHECK(A.fmt != WeightFormat::F32, "narrow_gemm: an f32 matrix");
+  if (N <= 0 || A.M <= 0) return;
+  if (N > kNarrowDirectRows) return narrow_wide(y, ldy, x, ldx, N, A, bias, accumulate);
+  narrow_direct(y, ldy, x, ldx, N, A, bias, accumulate);
+}
+
+const char* narrow_kernel_name(WeightFormat f) {
+  if (!use_simd(f)) return "portable";
+  return f == WeightFormat::Q8_0 ? "avx512-vnni" : "avx512";
+}
+
+void narrow_force_portable(bool on) { g_portable = on; }
+
+}  // namespace cpu
+}  // namespace kiln

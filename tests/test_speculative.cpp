@@ -1,0 +1,350 @@
+// Speculative decoding (infer/speculative.h). The rejection step against the exact residual distribution and
+// the acceptance probability; whole speculative generations on small vocabularies (Markov-chain "models" whose
+// next-token distributions are known exactly) against the target's own distribution of the first four tokens
+// by a χ² test and a total-variation bound, at several draft/target mismatches; and greedy speculative output
+// equal to plain greedy output for real decoders (several prompts and models, f32 and q8_0 weights, at the
+// context limit, with end-of-text inside a draft), plus the cache roll-back itself.
+#include <cmath>
+#include <filesystem>
+#include <fstream>
+#include <map>
+#include <string>
+#include <vector>
+
+#include "core/error.h"
+#include "infer/generate.h"
+#include "infer/speculative.h"
+#include "models/family.h"
+#include "models/model.h"
+#include "test_util.h"
+
+using namespace kiln;
+namespace fs = std::filesystem;
+
+namespace {
+
+// p-value > 0.01 for a χ² statistic with df degrees of freedom, by the Wilson–Hilferty normal approximation
+// (accurate to well under 0.01 in p for df >= 10; the cube root of χ²/df is close to normal).
+bool chi2_passes(double chi2, int df) {
+  const double a = 2.0 / (9.0 * df);
+  const double z = (std::cbrt(chi2 / df) - (1 - a)) / std::sqrt(a);
+  return z < 2.326;  // the one-sided 1% point of N(0, 1)
+}
+
+// χ² of counts against probabilities (cells with expected count < 5 are pooled into one).
+struct Chi2 {
+  double stat = 0;
+  int df = 0;
+};
+Chi2 chi2_of(const std::vector<double>& expect_p, const std::vector<int64_t>& counts, int64_t n) {
+  Chi2 c;
+  double pooled_e = 0, pooled_o = 0;
+  int cells = 0;
+  for (size_t i = 0; i < expect_p.size(); i++) {
+    const double e = expect_p[i] * double(n);
+    if (e < 5) {
+      pooled_e += e, pooled_o += double(counts[i]);
+      EXPECT_TRUE(expect_p[i] > 0 || counts[i] == 0) << "cell " << i << " has probability 0 but was drawn";
+      continue;
+    }
+    c.stat += (double(counts[i]) - e) * (double(counts[i]) - e) / e;
+    cells++;
+  }
+  if (pooled_e > 0) c.stat += (pooled_o - pooled_e) * (pooled_o - pooled_e) / pooled_e, cells++;
+  c.df = cells - 1;
+  return c;
+}
+
+std::vector<double> normalized(std::vector<double> v) {
+  double s = 0;
+  for (double x : v) s += x;
+  for (double& x : v) x /= s;
+  return v;
+}
+
+TEST(Speculative, ResidualDistributionByHand) {
+  const std::vector<double> p = {0.5, 0.2, 0.3, 0.0}, q = {0.1, 0.6, 0.1, 0.2};
+  // max(0, p − q) = {0.4, 0, 0.2, 0}, normalised by 0.6.
+  const std::vector<double> r = residual_distribution(p, q);
+  EXPECT_NEAR(r[0], 0.4 / 0.6, 1e-12);
+  EXPECT_EQ(r[1], 0.0);
+  EXPECT_NEAR(r[2], 0.2 / 0.6, 1e-12);
+  EXPECT_EQ(r[3], 0.0);
+}
+
+TEST(Speculative, RejectionStepAgainstTheExactResidual) {
+  const std::vector<double> p = normalized({0.30, 0.05, 0.25, 0.10, 0.20, 0.10});
+  const std::vector<double> q = normalized({0.05, 0.40, 0.10, 0.15, 0.20, 0.10});
+  Rng rng(5);
+  const int64_t n = 100000;
+  // A fixed proposal with p < q: accepted with probability p/q; a rejection draws from the residual.
+  for (int32_t x : {1, 3}) {
+    std::vector<int64_t> counts(p.size(), 0);
+    int64_t acc = 0, rej = 0;
+    for (int64_t i = 0; i < n; i++) {
+      const Verdict v = accept_or_resample(p, q, x, rng);
+      if (v.accepted) {
+        acc++;
+        EXPECT_EQ(v.token, x);
+      } else {
+        rej++;
+        counts[size_t(v.token)]++;
+      }
+    }
+    const double pa = p[size_t(x)] / q[size_t(x)];
+    EXPECT_NEAR(double(acc) / n, pa, 4.0 * std::sqrt(pa * (1 - pa) / n));  // 4 standard deviations
+    std::vector<double> r(p.size());
+    double tot = 0;
+    for (size_t i = 0; i < p.size(); i++) tot += (r[i] = std::max(0.0, p[i] - q[i]));
+    for (double& v : r) v /= tot;
+    const Chi2 c = chi2_of(r, counts, rej);
+    EXPECT_TRUE(chi2_passes(c.stat, std::max(c.df, 10))) << "x=" << x << " chi2 " << c.stat << " df " << c.df;
+  }
+  // A proposal with p >= q is always accepted.
+  for (int i = 0; i < 1000; i++) EXPECT_TRUE(accept_or_resample(p, q, 0, rng).accepted);
+  // x ~ q, then the step: the output is distributed as p.
+  std::vector<int64_t> counts(p.size(), 0);
+  for (int64_t i = 0; i < n; i++) counts[size_t(accept_or_resample(p, q, sample_dense(q, rng), rng).token)]++;
+  const Chi2 c = chi2_of(p, counts, n);
+  EXPECT_TRUE(chi2_passes(c.stat, std::max(c.df, 10))) << "chi2 " << c.stat;
+}
+
+// A "model" whose next-token logits depend only on the last token: logits[prev][v].
+class MarkovDecoder final : public IncrementalDecoder {
+ public:
+  MarkovDecoder(std::vector<std::vector<float>> table, int max_pos) : table_(std::move(table)) {
+    cfg_.vocab_size = int(table_.size());
+    cfg_.max_positions = max_pos;
+  }
+  const float* forward(const int32_t* tokens, int n, bool all_logits) override {
+    KILN_CHECK(length() + n <= cfg_.max_positions, "markov: overflow");
+    out_.clear();
+    for (int i = 0; i < n; i++) {
+      hist_.push_back(tokens[i]);
+      if (all_logits || i == n - 1) out_.insert(out_.end(), table_[size_t(tokens[i])].begin(), table_[size_t(tokens[i])].end());
+    }
+    forwards++;
+    return out_.data();
+  }
+  int length() const override { return int(hist_.size()); }
+  int max_positions() const override { return cfg_.max_positions; }
+  int batch() const override { return 1; }
+  void reset() override { hist_.clear(); }
+  void truncate(int length) override {
+    KILN_CHECK(length >= 0 && length <= this->length(), "markov: bad truncate");
+    hist_.resize(size_t(length));
+  }
+  const ModelConfig& config() const override { return cfg_; }
+  size_t cache_bytes() const override { return 0; }
+  const std::vector<int32_t>& history() const { return hist_; }
+  int forwards = 0;
+
+ private:
+  std::vector<std::vector<float>> table_;
+  std::vector<int32_t> hist_;
+  std::vector<float> out_;
+  ModelConfig cfg_;
+};
+
+std::vector<std::vector<float>> random_table(int V, uint64_t seed, float scale) {
+  Rng r(seed);
+  std::vector<std::vector<float>> t(static_cast<size_t>(V), std::vector<float>(static_cast<size_t>(V)));
+  for (auto& row : t)
+    for (float& x : row) x = r.normal() * scale;
+  return t;
+}
+
+// The exact distribution of the first L tokens after `start` under the target's sampler.
+std::vector<double> exact_joint(const std::vector<std::vector<float>>& table, const Sampler& s, int32_t start, int L) {
+  const int V = int(table.size());
+  std::vector<double> joint = {1.0};
+  std::vector<int32_t> lasts = {start};
+  for (int step = 0; step < L; step++) {
+    std::vector<double> nj;
+    std::vector<int32_t> nl;
+    for (size_t c = 0; c < joint.size(); c++) {
+      std::vector<double> d;
+      dense_distribution(s, table[size_t(lasts[c])].data(), V, d);
+      for (int v = 0; v < V; v++) nj.push_back(joint[c] * d[size_t(v)]), nl.push_back(v);
+    }
+    joint.swap(nj);
+    lasts.swap(nl);
+  }
+  return joint;
+}
+
+TEST(Speculative, SamplesFollowTheTargetDistribution) {
+  const int V = 4, L = 4;  // the first four tokens: 256 cells
+  const int64_t n = 100000;
+  const auto target = random_table(V, 1, 1.5f);
+  struct Case {
+    const char* name;
+    std::vector<std::vector<float>> draft;
+    int K, top_k;
+  };
+  std::vector<Case> cases = {
+      {"draft = target", target, 3, 0},
+      {"mild mismatch", random_table(V, 2, 0.5f), 3, 0},
+      {"strong mismatch", random_table(V, 3, 3.0f), 2, 0},
+      {"top-k 2 (disjoint supports)", random_table(V, 4, 2.0f), 3, 2},
+  };
+  // Mild mismatch: the target plus noise.
+  for (size_t i = 0; i < target.size(); i++)
+    for (size_t j = 0; j < target[i].size(); j++) cases[1].draft[i][j] += target[i][j];
+  for (const Case& c : cases) {
+    SamplingParams sp;
+    sp.temperature = 1.0f;
+    sp.top_k = c.top_k;
+    sp.seed = 17;
+    Sampler sampler(sp);
+    const std::vector<double> exact = exact_joint(target, sampler, 0, L);
+    std::vector<int64_t> counts(exact.size(), 0);
+    MarkovDecoder t(target, 64), d(c.draft, 64);
+    SpeculativeStats total;
+    for (int64_t i = 0; i < n; i++) {
+      sp.seed = uint64_t(i) + 1;
+      Sampler s(sp);
+      std::vector<int32_t> got;
+      GenerateLimits lim;
+      lim.max_new = L;
+      SpeculativeStats st;
+      generate_speculative(t, d, s, {0}, lim, c.K, [&](int32_t x) { got.push_back(x); return true; }, &st);
+      ASSERT_EQ(got.size(), size_t(L));
+      size_t cell = 0;
+      for (int32_t x : got) cell = cell * V + size_t(x);
+      counts[cell]++;
+      total.drafted += st.drafted, total.accepted += st.accepted;
+    }
+    const Chi2 x2 = chi2_of(exact, counts, n);
+    double tv = 0, expect_tv = 0;
+    for (size_t i = 0; i < exact.size(); i++) {
+      tv += 0.5 * std::fabs(double(counts[i]) / n - exact[i]);
+      expect_tv += 0.5 * std::sqrt(2.0 * exact[i] * (1 - exact[i]) / (M_PI * n));  // E|binomial/n − p|
+    }
+    std::printf("%s: acceptance %.3f, chi2 %.1f (df %d), TV %.4f (sampling noise alone: %.4f)\n", c.name,
+                total.acceptance_rate(), x2.stat, x2.df, tv, expect_tv);
+    EXPECT_TRUE(chi2_passes(x2.stat, x2.df)) << c.name << ": chi2 " << x2.stat << " df " << x2.df;
+    // The stated bound: total variation within 1.5x what 10^5 exact draws give on average.
+    EXPECT_LT(tv, 1.5 * expect_tv) << c.name;
+  }
+}
+
+// ---- greedy: identical to plain decoding ----
+
+std::string write_config(const std::string& name, const std::string& json) {
+  const fs::path dir = fs::path(KILN_BINARY_DIR) / "test_speculative";
+  fs::create_directories(dir);
+  const fs::path p = dir / (name + ".json");
+  std::ofstream(p) << json;
+  return p.string();
+}
+
+struct Gen {
+  std::vector<int32_t> tokens;
+  FinishReason why;
+};
+
+Gen plain(IncrementalDecoder& dec, const std::vector<int32_t>& prompt, const GenerateLimits& lim) {
+  SamplingParams sp;
+  sp.temperature = 0;
+  Sampler s(sp);
+  Gen r;
+  r.why = generate(dec, s, prompt, lim, [&](int32_t t) { r.tokens.push_back(t); return true; });
+  return r;
+}
+
+Gen speculative(IncrementalDecoder& t, IncrementalDecoder& d, const std::vector<int32_t>& prompt,
+                const GenerateLimits& lim, int K, SpeculativeStats* st = nullptr) {
+  SamplingParams sp;
+  sp.temperature = 0;
+  Sampler s(sp);
+  Gen r;
+  r.why = generate_speculative(t, d, s, prompt, lim, K, [&](int32_t x) { r.tokens.push_back(x); return true; }, st);
+  return r;
+}
+
+TEST(Speculative, GreedyEqualsPlainGreedy) {
+  const std::string gpt2 = write_config("gpt2", R"({"n_layer": 2, "n_head": 2, "n_embd": 32, "vocab_size": 96, "n_positions": 40})");
+  const std::string gpt2_small = write_config("gpt2_small", R"({"n_layer": 1, "n_head": 2, "n_embd": 16, "vocab_size": 96, "n_positions": 24})");
+  const std::string llama = write_config("llama", R"({"model_type": "llama", "num_hidden_layers": 2, "hidden_size": 32,
+      "num_attention_heads": 4, "num_key_value_heads": 2, "intermediate_size": 64, "vocab_size": 96,
+      "max_position_embeddings": 40, "rms_norm_eps": 1e-5, "rope_theta": 10000.0, "hidden_act": "silu",
+      "tie_word_embeddings": false})");
+  ModelOptions mo;
+  mo.with_grads = false;
+  auto make = [&](const std::string& path, uint64_t seed) {
+    auto m = make_model(load_model_config(path), mo);
+    m->init_random(seed);
+    // Larger weights than GPT-2's initialisation: outputs that vary with the context (not one token repeated).
+    float* w = m->host_params();
+    for (size_t i = 0; i < m->table().total; i++) w[i] *= 20.0f;
+    m->params_changed();
+    return m;
+  };
+  auto target_gpt2 = make(gpt2, 1), other_gpt2 = make(gpt2, 2), small = make(gpt2_small, 3), target_llama = make(llama, 4);
+  struct Pair {
+    const char* name;
+    Model *target, *draft;
+  };
+  const Pair pairs[] = {{"gpt2, itself as draft", target_gpt2.get(), target_gpt2.get()},
+                        {"gpt2, another gpt2", target_gpt2.get(), other_gpt2.get()},
+                        {"gpt2, a smaller draft with a shorter context", target_gpt2.get(), small.get()},
+                        {"llama, a gpt2 draft", target_llama.get(), small.get()}};
+  const std::vector<std::vector<int32_t>> prompts = {{5}, {1, 2, 3, 4}, {90, 17, 33, 8, 61, 2, 2, 40, 11}};
+  for (WeightFormat f : {WeightFormat::F32, WeightFormat::Q8_0})
+    for (const Pair& pr : pairs)
+      for (const auto& prompt : prompts)
+        for (int K : {1, 3, 5}) {
+          SCOPED_TRACE(std::string(pr.name) + " " + weight_format_name(f) + " K" + std::to_string(K) + " prompt " +
+                       std::to_string(prompt.size()));
+          DecoderOptions d;
+          d.weights = f;
+          auto t = make_decoder(pr.target->config(), pr.target->host_params(), d);
+          auto dr = make_decoder(pr.draft->config(), pr.draft->host_params(), d);
+          GenerateLimits lim;
+          lim.max_new = 100;  // past the 40-position context: both stop there
+          const Gen a = plain(*t, prompt, lim);
+          SpeculativeStats st;
+          const Gen b = speculative(*t, *dr, prompt, lim, K, &st);
+          ASSERT_EQ(a.why, FinishReason::Context);
+          EXPECT_EQ(b.why, a.why);
+          EXPECT_EQ(b.tokens, a.tokens);
+          if (pr.target == pr.draft) EXPECT_EQ(st.accepted, st.drafted);  // its own draft: every proposal passes
+          // End-of-text inside a draft: stop at a token from the middle of the plain output.
+          GenerateLimits le = lim;
+          le.eot = a.tokens[a.tokens.size() / 2];
+          const Gen c = plain(*t, prompt, le), e = speculative(*t, *dr, prompt, le, K);
+          EXPECT_EQ(c.why, FinishReason::EndOfText);
+          EXPECT_EQ(e.why, c.why);
+          EXPECT_EQ(e.tokens, c.tokens);
+          // A token budget that ends inside a round.
+          GenerateLimits lb = lim;
+          lb.max_new = 7;
+          EXPECT_EQ(speculative(*t, *dr, prompt, lb, K).tokens, plain(*t, prompt, lb).tokens);
+        }
+}
+
+TEST(Speculative, TruncateRollsTheCacheBack) {
+  const std::string gpt2 = write_config("gpt2_t", R"({"n_layer": 2, "n_head": 2, "n_embd": 32, "vocab_size": 50, "n_positions": 32})");
+  ModelOptions mo;
+  mo.with_grads = false;
+  auto m = make_model(load_model_config(gpt2), mo);
+  m->init_random(9);
+  auto dec = make_decoder(m->config(), m->host_params());
+  const std::vector<int32_t> a = {1, 2, 3, 4, 5}, b = {1, 2, 3, 9, 8};
+  dec->forward(a.data(), 5);
+  dec->truncate(3);
+  EXPECT_EQ(dec->length(), 3);
+  dec->reset();
+  const float* ref = dec->forward(b.data(), 5);
+  const std::vector<float> want(ref, ref + 50);
+  dec->reset();
+  dec->forward(a.data(), 5);
+  dec->truncate(3);
+  const float* got = dec->forward(b.data() + 3, 2);
+  EXPECT_TRUE(test::all_close(std::vector<float>(got, got + 50), want, 0, 1e-5));
+  EXPECT_THROW(dec->truncate(6), Error);
+  EXPECT_THROW(dec->truncate(-1), Error);
+}
+
+}  // namespace
