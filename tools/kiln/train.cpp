@@ -1,5 +1,6 @@
 // kiln train: train a GPT-2-architecture model on token shards.
 #include "tools/kiln/command.h"
+#include "train/classify_trainer.h"
 #include "train/diffusion_trainer.h"
 #include "train/trainer.h"
 
@@ -78,7 +79,7 @@ kiln::cli::Command train_cmd("train", [](CLI::App& root) {
   c->add_option("--objective", *objective,
                 "lm (language model on token shards), or an image objective on image shards (kiln data "
                 "prepare-images) with --model a DiT preset (DiT-S/2, DiT-S/4, DiT-B/2, DiT-B/4) or config: ddpm, ve, "
-                "edm, flow, gvp")
+                "edm, flow, gvp; or classify (a ViT classifier on image shards, --model a vit config or none)")
       ->capture_default_str();
   c->add_option("--ema-decay", img->ema_decay, "Image models: decay of the EMA copy of the weights")
       ->capture_default_str();
@@ -88,6 +89,7 @@ kiln::cli::Command train_cmd("train", [](CLI::App& root) {
   c->add_option("--flow-t", img->flow_t, "--objective flow: uniform or logit-normal t")->capture_default_str();
   c->callback([opt, img, objective] {
     if (*objective == "lm") return (void)kiln::train(*opt);
+    if (*objective == "classify") return (void)kiln::train_classifier(*opt);
     img->objective = *objective;
     kiln::train_images(*opt, *img);
   });
