@@ -10,7 +10,9 @@
 #include "core/safetensors.h"
 #include "infer/diffusion_sampler.h"
 #include "tools/kiln/command.h"
+#include "train/classify_trainer.h"
 #include "train/diffusion_trainer.h"
+#include "train/images.h"
 #include "train/trainer.h"
 
 namespace {
@@ -20,6 +22,7 @@ struct SampleCli {
   kiln::SamplerOptions s;
   int count = 16, cls = -1, batch = 64, threads = 0;
   bool unconditional = false, raw_weights = false;
+  std::string judge, reference;
   uint64_t seed = 1;
 };
 
@@ -64,6 +67,10 @@ kiln::cli::Command sample_cmd("sample", [](CLI::App& root) {
   c->add_option("--sigma-max", o->s.sigma_max, "edm-*, euler-maruyama: largest sigma (0: the objective's)");
   c->add_option("--batch", o->batch, "Images per network call")->capture_default_str();
   c->add_option("--threads", o->threads, "CPU threads (0: all cores)")->capture_default_str();
+  c->add_option("--judge", o->judge,
+                "Classifier directory (kiln train --objective classify): report the share of samples classified as "
+                "their class and, with --reference, the Fréchet distance in its feature space");
+  c->add_option("--reference", o->reference, "Image shards (a prepared directory: its test split) for the distance");
   c->add_flag("--raw-weights", o->raw_weights, "Use model.safetensors instead of the EMA weights");
   c->callback([o] {
     kiln::set_threads(o->threads);
@@ -105,6 +112,25 @@ kiln::cli::Command sample_cmd("sample", [](CLI::App& root) {
                         {"objective", f.objective.name}, {"steps", o->s.steps}, {"nfe", res.nfe},
                         {"guidance", o->s.guidance}, {"count", o->count}, {"seconds", secs},
                         {"images_per_second", o->count / secs}};
+    if (!o->judge.empty()) {
+      kiln::ImageJudge judge(o->judge);
+      const int D = judge.feature_dim();
+      std::vector<int32_t> pred(size_t(o->count));
+      std::vector<float> feats(size_t(o->count) * D);
+      judge.run(x.data(), o->count, pred.data(), feats.data());
+      if (!o->unconditional) {
+        int right = 0;
+        for (int k = 0; k < o->count; k++) right += pred[size_t(k)] == labels[size_t(k)];
+        j["class_accuracy"] = double(right) / o->count;
+      }
+      if (!o->reference.empty()) {
+        const kiln::ImageSet ref = kiln::load_images(o->reference, "test");
+        std::vector<float> rf(size_t(ref.size()) * D);
+        judge.run(ref.images.data(), ref.size(), nullptr, rf.data());
+        j["frechet_distance"] = kiln::frechet_distance(feats.data(), o->count, rf.data(), ref.size(), D);
+        j["reference_images"] = ref.size();
+      }
+    }
     std::printf("%s\n", j.dump().c_str());
   });
 });
