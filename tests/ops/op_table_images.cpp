@@ -8,6 +8,7 @@
 #include "core/dtype.h"
 #include "core/gpu.h"
 #include "kernels/adaln.h"
+#include "kernels/upsample.h"
 #include "tests/ops/op_table.h"
 
 namespace kiln::ops {
@@ -210,8 +211,132 @@ void add_adaln(std::vector<OpCase>& t) {
   }
 }
 
+// ------------------------------------------------------------------------------------------- upsampling
+
+void add_upsample(std::vector<OpCase>& t) {
+  struct U {
+    int64_t planes;
+    int H, W, s;
+  };
+  for (Upsample mode : {Upsample::Nearest, Upsample::Bilinear})
+    for (U u : {U{6, 5, 7, 2}, U{2, 4, 4, 3}, U{3, 1, 6, 2}}) {
+      const int64_t planes = u.planes, n_in = planes * u.H * u.W, n_out = n_in * u.s * u.s;
+      const int H = u.H, W = u.W, sc = u.s;
+      char nb[96];
+      std::snprintf(nb, sizeof nb, "%s planes%ld %dx%d s%d", mode == Upsample::Nearest ? "nearest" : "bilinear",
+                    long(planes), H, W, sc);
+      const std::string name = nb;
+      const Tensor tin{"in", randn(size_t(n_in), uint64_t(n_in + sc))};
+      OpFn fwd = [=](const Tensors& in) {
+        std::vector<float> out(static_cast<size_t>(n_out));
+        ref::upsample_forward(out.data(), in[0].v.data(), planes, H, W, sc, mode);
+        return Tensors{{"out", out}};
+      };
+      {
+        OpCase c = make("upsample", name, Mode::Forward, {tin});
+        c.exact = mode == Upsample::Nearest;  // copies
+        c.ref = fwd;
+        c.cpu = [=](const Tensors& in) {
+          std::vector<float> out(static_cast<size_t>(n_out));
+          cpu::upsample_forward(out.data(), in[0].v.data(), planes, H, W, sc, mode);
+          return Tensors{{"out", out}};
+        };
+        c.cuda = [=](const Tensors& in) {
+          Dev x = up(in[0]), out(static_cast<size_t>(n_out), F32);
+          cuda::upsample_forward(out.f(), x.f(), planes, H, W, sc, mode, stream());
+          return Tensors{down("out", out)};
+        };
+        t.push_back(std::move(c));
+      }
+      {
+        OpCase c = make("upsample", name, Mode::Gradient, {tin, {"dout", randn(size_t(n_out), uint64_t(n_out))}});
+        auto host = [=](auto fn, const Tensors& in) {
+          std::vector<float> din(static_cast<size_t>(n_in));
+          fn(din.data(), in[1].v.data(), planes, H, W, sc, mode);
+          return Tensors{{"din", din}};
+        };
+        using Bwd = void (*)(float*, const float*, int64_t, int, int, int, Upsample);
+        const Bwd rb = ref::upsample_backward, cb = cpu::upsample_backward;
+        c.ref = [=](const Tensors& in) { return host(rb, in); };
+        c.cpu = [=](const Tensors& in) { return host(cb, in); };
+        c.cuda = [=](const Tensors& in) {
+          Dev dy = up(in[1]), dx(static_cast<size_t>(n_in), F32);
+          cuda::upsample_backward(dx.f(), dy.f(), planes, H, W, sc, mode, stream());
+          return Tensors{down("din", dx)};
+        };
+        c.loss = [fwd](const Tensors& in, double* sq) {
+          *sq = 0;
+          return dot(fwd(in)[0].v, in[1].v, sq);
+        };
+        c.grads = {{0, 0}};
+        c.k = 4 + 2 * sc;  // sums of up to (2s)² terms
+        t.push_back(std::move(c));
+      }
+    }
+  // pixel shuffle: the unshuffle is its adjoint (the gradient case checks that by finite differences).
+  struct S {
+    int B, C, H, W, r;
+  };
+  for (S p : {S{2, 3, 4, 5, 2}, S{1, 2, 3, 3, 3}}) {
+    const int B = p.B, C = p.C, H = p.H, W = p.W, r = p.r;
+    const int64_t n = int64_t(B) * C * H * W * r * r;
+    char nb[64];
+    std::snprintf(nb, sizeof nb, "B%d C%d %dx%d r%d", B, C, H, W, r);
+    const Tensor tin{"in", randn(size_t(n), uint64_t(n + r))};
+    OpFn fwd = [=](const Tensors& in) {
+      std::vector<float> out(static_cast<size_t>(n));
+      ref::pixel_shuffle(out.data(), in[0].v.data(), B, C, H, W, r);
+      return Tensors{{"out", out}};
+    };
+    {
+      OpCase c = make("pixel_shuffle", nb, Mode::Forward, {tin});
+      c.exact = true;
+      c.ref = fwd;
+      c.cpu = [=](const Tensors& in) {
+        std::vector<float> out(static_cast<size_t>(n));
+        cpu::pixel_shuffle(out.data(), in[0].v.data(), B, C, H, W, r);
+        return Tensors{{"out", out}};
+      };
+      c.cuda = [=](const Tensors& in) {
+        Dev x = up(in[0]), out(static_cast<size_t>(n), F32);
+        cuda::pixel_shuffle(out.f(), x.f(), B, C, H, W, r, stream());
+        return Tensors{down("out", out)};
+      };
+      t.push_back(std::move(c));
+    }
+    {
+      OpCase c = make("pixel_shuffle", nb, Mode::Gradient, {tin, {"dout", randn(size_t(n), uint64_t(n))}});
+      c.exact = true;
+      c.ref = [=](const Tensors& in) {
+        std::vector<float> d(static_cast<size_t>(n));
+        ref::pixel_unshuffle(d.data(), in[1].v.data(), B, C, H, W, r);
+        return Tensors{{"din", d}};
+      };
+      c.cpu = [=](const Tensors& in) {
+        std::vector<float> d(static_cast<size_t>(n));
+        cpu::pixel_unshuffle(d.data(), in[1].v.data(), B, C, H, W, r);
+        return Tensors{{"din", d}};
+      };
+      c.cuda = [=](const Tensors& in) {
+        Dev dy = up(in[1]), dx(static_cast<size_t>(n), F32);
+        cuda::pixel_unshuffle(dx.f(), dy.f(), B, C, H, W, r, stream());
+        return Tensors{down("din", dx)};
+      };
+      c.loss = [fwd](const Tensors& in, double* sq) {
+        *sq = 0;
+        return dot(fwd(in)[0].v, in[1].v, sq);
+      };
+      c.grads = {{0, 0}};
+      t.push_back(std::move(c));
+    }
+  }
+}
+
 }  // namespace
 
-void add_image_ops(std::vector<OpCase>& t) { add_adaln(t); }
+void add_image_ops(std::vector<OpCase>& t) {
+  add_adaln(t);
+  add_upsample(t);
+}
 
 }  // namespace kiln::ops
