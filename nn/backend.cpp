@@ -29,6 +29,10 @@ void Backend::gated_forward(Act out, Act gate_up, int64_t N, int I, Activation a
 void Backend::gated_backward(Act dgate_up, Act gate_up, Act dout, int64_t N, int I, Activation a) { unsupported("gated_backward"); }
 void Backend::add(float* out, const float* a, const float* b, int64_t n) { unsupported("add"); }
 void Backend::copy_rows(Act dst, int64_t ld_dst, Act src, int64_t ld_src, int64_t N, int64_t width) { unsupported("copy_rows"); }
+void Backend::modulate_forward(Act out, Act x, Act shift, Act scale, int B, int T, int C, int64_t ld) { unsupported("modulate_forward"); }
+void Backend::modulate_backward(Act dx, Act dshift, Act dscale, Act dout, Act x, Act scale, int B, int T, int C, int64_t ld) { unsupported("modulate_backward"); }
+void Backend::gate_forward(float* y, const float* res, const float* u, Act gate, int B, int T, int C, int64_t ld) { unsupported("gate_forward"); }
+void Backend::gate_backward(Act du, Act dgate, const float* dy, const float* u, Act gate, int B, int T, int C, int64_t ld) { unsupported("gate_backward"); }
 void Backend::attention_forward(Act out, float* lse, Act qkv, const AttentionParams& p) { unsupported("attention_forward"); }
 void Backend::attention_backward(Act dqkv, Act dout, Act qkv, Act out, const float* lse, const AttentionParams& p) { unsupported("attention_backward"); }
 void Backend::decode_attention(const DecodeAttentionParams& p) { unsupported("decode_attention"); }

@@ -17,6 +17,7 @@
 #include "core/dtype.h"
 #include "kernels/activation.h"
 #include "kernels/adamw.h"
+#include "kernels/adaln.h"
 #include "kernels/attention.h"
 #include "kernels/decode_attention.h"
 #include "kernels/matmul_lowp.h"
@@ -137,6 +138,16 @@ class Backend {
   virtual void add(float* out, const float* a, const float* b, int64_t n);
   // N rows of `width` values from src (row stride ld_src) to dst (row stride ld_dst).
   virtual void copy_rows(Act dst, int64_t ld_dst, Act src, int64_t ld_src, int64_t N, int64_t width);
+
+  // adaLN modulation (DiT; kernels/adaln.h): per-sample rows (stride ld) over B sequences of T tokens of C.
+  // modulate: out = x·(1 + scale) + shift; gate: y = res + gate·u (fp32 stream and branch). Backward outputs
+  // are overwritten.
+  virtual void modulate_forward(Act out, Act x, Act shift, Act scale, int B, int T, int C, int64_t ld);
+  virtual void modulate_backward(Act dx, Act dshift, Act dscale, Act dout, Act x, Act scale, int B, int T, int C,
+                                 int64_t ld);
+  virtual void gate_forward(float* y, const float* res, const float* u, Act gate, int B, int T, int C, int64_t ld);
+  virtual void gate_backward(Act du, Act dgate, const float* dy, const float* u, Act gate, int B, int T, int C,
+                             int64_t ld);
 
   // Attention over packed or fixed rows (kernels/attention.h; cu_seqlens, with max_seqlen and total_tokens set,
   // on this device), and against a KV cache (kernels/decode_attention.h; the q/k/v/out pointers of `p` are this

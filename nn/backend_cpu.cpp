@@ -188,6 +188,20 @@ class CpuBackend final : public Backend {
     cpu::gated_backward(F(dgate_up), F(gate_up), F(dout), N, I, a);
   }
   void add(float* out, const float* a, const float* b, int64_t n) override { cpu::add(out, a, b, n); }
+  void modulate_forward(Act out, Act x, Act shift, Act scale, int B, int T, int C, int64_t ld) override {
+    cpu::modulate_forward(F(out), F(x), F(shift), F(scale), B, T, C, ld);
+  }
+  void modulate_backward(Act dx, Act dshift, Act dscale, Act dout, Act x, Act scale, int B, int T, int C,
+                         int64_t ld) override {
+    cpu::modulate_backward(F(dx), F(dshift), F(dscale), F(dout), F(x), F(scale), B, T, C, ld);
+  }
+  void gate_forward(float* y, const float* res, const float* u, Act gate, int B, int T, int C, int64_t ld) override {
+    cpu::gate_forward(y, res, u, F(gate), B, T, C, ld);
+  }
+  void gate_backward(Act du, Act dgate, const float* dy, const float* u, Act gate, int B, int T, int C,
+                     int64_t ld) override {
+    cpu::gate_backward(F(du), F(dgate), dy, u, F(gate), B, T, C, ld);
+  }
   void copy_rows(Act dst, int64_t ld_dst, Act src, int64_t ld_src, int64_t N, int64_t width) override {
     for (int64_t n = 0; n < N; n++) std::memcpy(F(dst) + n * ld_dst, F(src) + n * ld_src, sizeof(float) * size_t(width));
   }

@@ -161,6 +161,20 @@ class CudaBackend final : public Backend {
     cuda::gated_backward(H(dgate_up), H(gate_up), H(dout), N, I, a, s());
   }
   void add(float* out, const float* a, const float* b, int64_t n) override { cuda::add(out, a, b, n, s()); }
+  void modulate_forward(Act out, Act x, Act shift, Act scale, int B, int T, int C, int64_t ld) override {
+    cuda::modulate_forward(H(out), H(x), H(shift), H(scale), B, T, C, ld, s());
+  }
+  void modulate_backward(Act dx, Act dshift, Act dscale, Act dout, Act x, Act scale, int B, int T, int C,
+                         int64_t ld) override {
+    cuda::modulate_backward(H(dx), H(dshift), H(dscale), H(dout), H(x), H(scale), B, T, C, ld, s());
+  }
+  void gate_forward(float* y, const float* res, const float* u, Act gate, int B, int T, int C, int64_t ld) override {
+    cuda::gate_forward(y, res, u, H(gate), B, T, C, ld, s());
+  }
+  void gate_backward(Act du, Act dgate, const float* dy, const float* u, Act gate, int B, int T, int C,
+                     int64_t ld) override {
+    cuda::gate_backward(H(du), H(dgate), dy, u, H(gate), B, T, C, ld, s());
+  }
   void copy_rows(Act dst, int64_t ld_dst, Act src, int64_t ld_src, int64_t N, int64_t width) override {
     KILN_CHECK(dst.dtype == src.dtype, "cuda copy_rows: ", dtype_name(src.dtype), " rows into ", dtype_name(dst.dtype));
     if (dst.dtype == DType::F32)

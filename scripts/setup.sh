@@ -8,6 +8,7 @@ pkgs=(build-essential cmake git pkg-config
       libopenblas-dev libopenblas0-openmp nlohmann-json3-dev libcli11-dev libcpp-httplib-dev
       libgtest-dev googletest libbenchmark-dev libdnnl-dev
       python3-torch python3-numpy fortunes
+      libpng-dev zlib1g-dev dataset-fashion-mnist  # images: PNG, gzipped idx, the Fashion-MNIST data set
       clang libclang-rt-dev libomp-dev)  # the libFuzzer build (fuzz/, scripts/fuzz.sh)
 # Node.js with npm may come from another source (its nodejs package bundles npm and conflicts with Debian's npm).
 command -v npm >/dev/null 2>&1 || pkgs+=(nodejs npm)

@@ -3,7 +3,8 @@
 # the CUDA kernels on the SIMT emulator (label unit); kiln_ops_tests runs the CUDA kernels on the real device
 # (label cuda; each test skips when no GPU is present).
 set(KILN_OPS_TEST_SOURCES ${CMAKE_SOURCE_DIR}/tests/ops/op_table.cpp ${CMAKE_SOURCE_DIR}/tests/ops/op_runner.cpp
-    ${CMAKE_SOURCE_DIR}/tests/ops/op_table_moe.cpp)
+                          ${CMAKE_SOURCE_DIR}/tests/ops/op_table_images.cpp
+                          ${CMAKE_SOURCE_DIR}/tests/ops/op_table_moe.cpp)
 
 add_executable(kiln_ops_tests_emu ${KILN_OPS_TEST_SOURCES})
 target_link_libraries(kiln_ops_tests_emu PRIVATE kiln_lib kiln_gpu_emu GTest::gtest)

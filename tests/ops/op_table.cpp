@@ -1409,6 +1409,7 @@ std::vector<OpCase> op_table() {
   add_crossentropy(t);
   add_adamw(t);
   add_narrow_gemm(t);
+  add_image_ops(t);
   add_moe_cases(t);
   return t;
 }

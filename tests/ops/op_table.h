@@ -64,6 +64,8 @@ struct OpCase {
 };
 
 std::vector<OpCase> op_table();
+// The image models' ops (tests/ops/op_table_images.cpp), appended by op_table().
+void add_image_ops(std::vector<OpCase>& t);
 void add_moe_cases(std::vector<OpCase>& t);  // tests/ops/op_table_moe.cpp
 
 // Helpers for building cases (op_table.cpp) and backends.

@@ -1,5 +1,7 @@
 // kiln train: train a GPT-2-architecture model on token shards.
 #include "tools/kiln/command.h"
+#include "train/classify_trainer.h"
+#include "train/diffusion_trainer.h"
 #include "train/trainer.h"
 
 namespace {
@@ -82,7 +84,26 @@ kiln::cli::Command train_cmd("train", [](CLI::App& root) {
       ->capture_default_str();
   c->add_flag("--packing", opt->packing, "Same as --batching packed");
   c->add_flag("!--no-progress", opt->progress, "No live progress line");
-  c->callback([opt] { kiln::train(*opt); });
+  // Image models (train/diffusion_trainer.h): --objective other than lm trains a DiT on image shards.
+  auto img = std::make_shared<kiln::ImageTrainOptions>();
+  auto objective = std::make_shared<std::string>("lm");
+  c->add_option("--objective", *objective,
+                "lm (language model on token shards), or an image objective on image shards (kiln data "
+                "prepare-images) with --model a DiT preset (DiT-S/2, DiT-S/4, DiT-B/2, DiT-B/4) or config: ddpm, ve, "
+                "edm, flow, gvp; or classify (a ViT classifier on image shards, --model a vit config or none)")
+      ->capture_default_str();
+  c->add_option("--ema-decay", img->ema_decay, "Image models: decay of the EMA copy of the weights")
+      ->capture_default_str();
+  c->add_option("--label-dropout", img->label_dropout,
+                "Image models: probability a label is replaced by the null class (classifier-free guidance)")
+      ->capture_default_str();
+  c->add_option("--flow-t", img->flow_t, "--objective flow: uniform or logit-normal t")->capture_default_str();
+  c->callback([opt, img, objective] {
+    if (*objective == "lm") return (void)kiln::train(*opt);
+    if (*objective == "classify") return (void)kiln::train_classifier(*opt);
+    img->objective = *objective;
+    kiln::train_images(*opt, *img);
+  });
 });
 
 }  // namespace

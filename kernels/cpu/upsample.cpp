@@ -1,0 +1,89 @@
+// Upsampling and pixel (un)shuffle on the CPU (kernels/upsample.h): threads over planes; the backward gathers,
+// each input element summing the outputs that read it.
+#include "kernels/upsample.h"
+
+#include <algorithm>
+
+namespace kiln::cpu {
+
+namespace {
+// The gradient that input (i, j) of a plane receives, from the outputs within the window that can read it.
+float gather(const float* d, int i, int j, int H, int W, int s, Upsample mode) {
+  const int OW = W * s;
+  float acc = 0;
+  if (mode == Upsample::Nearest) {
+    for (int y = i * s; y < (i + 1) * s; y++)
+      for (int x = j * s; x < (j + 1) * s; x++) acc += d[y * OW + x];
+    return acc;
+  }
+  // Output y reads rows ⌊u⌋, ⌊u⌋ + 1 with u ≈ y/s: only y in [s(i − 1), s(i + 2)) can reach row i.
+  for (int y = std::max(0, s * (i - 1)); y < std::min(H * s, s * (i + 2)); y++) {
+    int y0, y1;
+    float wy;
+    bilinear_taps(y, H, s, y0, y1, wy);
+    const float ay = (y0 == i ? 1 - wy : 0.0f) + (y1 == i ? wy : 0.0f);
+    if (ay == 0) continue;
+    for (int x = std::max(0, s * (j - 1)); x < std::min(W * s, s * (j + 2)); x++) {
+      int x0, x1;
+      float wx;
+      bilinear_taps(x, W, s, x0, x1, wx);
+      const float ax = (x0 == j ? 1 - wx : 0.0f) + (x1 == j ? wx : 0.0f);
+      acc += ay * ax * d[y * OW + x];
+    }
+  }
+  return acc;
+}
+}  // namespace
+
+void upsample_forward(float* out, const float* in, int64_t planes, int H, int W, int s, Upsample mode) {
+  const int OH = H * s, OW = W * s;
+#pragma omp parallel for schedule(static) if (planes * OH * OW > 16384)
+  for (int64_t p = 0; p < planes; p++) {
+    const float* src = in + p * H * W;
+    float* o = out + p * OH * OW;
+    for (int y = 0; y < OH; y++)
+      for (int x = 0; x < OW; x++) {
+        if (mode == Upsample::Nearest) {
+          o[y * OW + x] = src[(y / s) * W + x / s];
+          continue;
+        }
+        int y0, y1, x0, x1;
+        float wy, wx;
+        bilinear_taps(y, H, s, y0, y1, wy);
+        bilinear_taps(x, W, s, x0, x1, wx);
+        o[y * OW + x] = (1 - wy) * ((1 - wx) * src[y0 * W + x0] + wx * src[y0 * W + x1]) +
+                        wy * ((1 - wx) * src[y1 * W + x0] + wx * src[y1 * W + x1]);
+      }
+  }
+}
+
+void upsample_backward(float* din, const float* dout, int64_t planes, int H, int W, int s, Upsample mode) {
+#pragma omp parallel for schedule(static) if (planes * H * W * s * s > 16384)
+  for (int64_t p = 0; p < planes; p++)
+    for (int i = 0; i < H; i++)
+      for (int j = 0; j < W; j++) din[(p * H + i) * W + j] = gather(dout + p * H * s * W * s, i, j, H, W, s, mode);
+}
+
+void pixel_shuffle(float* out, const float* in, int B, int C, int H, int W, int r) {
+#pragma omp parallel for collapse(2) schedule(static) if (int64_t(B) * C * H * W * r * r > 16384)
+  for (int b = 0; b < B; b++)
+    for (int c = 0; c < C; c++)
+      for (int y = 0; y < H * r; y++)
+        for (int x = 0; x < W * r; x++)
+          out[((int64_t(b) * C + c) * H * r + y) * W * r + x] =
+              in[((int64_t(b) * C * r * r + c * r * r + (y % r) * r + x % r) * H + y / r) * W + x / r];
+}
+
+void pixel_unshuffle(float* out, const float* in, int B, int C, int H, int W, int r) {
+#pragma omp parallel for collapse(2) schedule(static) if (int64_t(B) * C * H * W * r * r > 16384)
+  for (int b = 0; b < B; b++)
+    for (int k = 0; k < C * r * r; k++)
+      for (int h = 0; h < H; h++)
+        for (int w = 0; w < W; w++) {
+          const int c = k / (r * r), i = (k / r) % r, j = k % r;
+          out[((int64_t(b) * C * r * r + k) * H + h) * W + w] =
+              in[((int64_t(b) * C + c) * H * r + h * r + i) * W * r + w * r + j];
+        }
+}
+
+}  // namespace kiln::cpu

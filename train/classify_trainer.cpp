@@ -1,0 +1,226 @@
+// The classifier trainer and the judge (train/classify_trainer.h).
+#include "train/classify_trainer.h"
+
+#include <unistd.h>
+
+#include <algorithm>
+#include <chrono>
+#include <cmath>
+#include <cstdio>
+#include <filesystem>
+#include <nlohmann/json.hpp>
+
+#include "core/error.h"
+#include "core/file_io.h"
+#include "core/rng.h"
+#include "core/safetensors.h"
+#include "train/images.h"
+#include "train/optimizer.h"
+#include "train/schedule.h"
+
+namespace kiln {
+
+namespace fs = std::filesystem;
+
+namespace {
+
+double accuracy(ViT& m, const ImageSet& s, int batch, int64_t limit = -1) {
+  const int64_t n = limit > 0 ? std::min(limit, s.size()) : s.size();
+  std::vector<float> logits(size_t(batch) * s.classes);
+  int64_t right = 0;
+  for (int64_t i = 0; i < n; i += batch) {
+    const int b = int(std::min<int64_t>(batch, n - i));
+    m.forward(logits.data(), nullptr, s.images.data() + i * s.pixels(), nullptr, b);
+    for (int k = 0; k < b; k++) {
+      const float* l = logits.data() + int64_t(k) * s.classes;
+      right += int(std::max_element(l, l + s.classes) - l) == s.labels[size_t(i + k)];
+    }
+  }
+  return double(right) / double(n);
+}
+
+// Eigenvalues of a symmetric matrix (n×n, row-major; destroyed) by cyclic Jacobi rotations; vectors into V.
+void jacobi(std::vector<double>& A, int n, std::vector<double>& eig, std::vector<double>* V) {
+  if (V) {
+    V->assign(size_t(n) * n, 0.0);
+    for (int i = 0; i < n; i++) (*V)[size_t(i) * n + i] = 1;
+  }
+  for (int sweep = 0; sweep < 100; sweep++) {
+    double off = 0;
+    for (int i = 0; i < n; i++)
+      for (int j = i + 1; j < n; j++) off += A[size_t(i) * n + j] * A[size_t(i) * n + j];
+    if (off < 1e-30) break;
+    for (int p = 0; p < n; p++)
+      for (int q = p + 1; q < n; q++) {
+        const double apq = A[size_t(p) * n + q];
+        if (std::fabs(apq) < 1e-300) continue;
+        const double theta = (A[size_t(q) * n + q] - A[size_t(p) * n + p]) / (2 * apq);
+        const double t = (theta >= 0 ? 1 : -1) / (std::fabs(theta) + std::sqrt(theta * theta + 1));
+        const double c = 1 / std::sqrt(t * t + 1), s = t * c;
+        for (int k = 0; k < n; k++) {  // A ← Jᵀ A J
+          const double akp = A[size_t(k) * n + p], akq = A[size_t(k) * n + q];
+          A[size_t(k) * n + p] = c * akp - s * akq, A[size_t(k) * n + q] = s * akp + c * akq;
+        }
+        for (int k = 0; k < n; k++) {
+          const double apk = A[size_t(p) * n + k], aqk = A[size_t(q) * n + k];
+          A[size_t(p) * n + k] = c * apk - s * aqk, A[size_t(q) * n + k] = s * apk + c * aqk;
+        }
+        if (V)
+          for (int k = 0; k < n; k++) {
+            double& vp = (*V)[size_t(k) * n + p];
+            double& vq = (*V)[size_t(k) * n + q];
+            const double a = vp, b = vq;
+            vp = c * a - s * b, vq = s * a + c * b;
+          }
+      }
+  }
+  eig.resize(size_t(n));
+  for (int i = 0; i < n; i++) eig[size_t(i)] = A[size_t(i) * n + i];
+}
+
+void moments(const float* x, int64_t n, int D, std::vector<double>& mu, std::vector<double>& cov) {
+  mu.assign(size_t(D), 0), cov.assign(size_t(D) * D, 0);
+  for (int64_t i = 0; i < n; i++)
+    for (int d = 0; d < D; d++) mu[size_t(d)] += x[i * D + d] / double(n);
+  for (int64_t i = 0; i < n; i++)
+    for (int a = 0; a < D; a++) {
+      const double da = x[i * D + a] - mu[size_t(a)];
+      for (int b = 0; b < D; b++) cov[size_t(a) * D + b] += da * (x[i * D + b] - mu[size_t(b)]) / double(n - 1);
+    }
+}
+
+}  // namespace
+
+double frechet_distance(const float* a, int64_t na, const float* b, int64_t nb, int D) {
+  KILN_CHECK(na > 1 && nb > 1, "Fréchet distance: need at least two samples on each side");
+  std::vector<double> m1, c1, m2, c2, e, V;
+  moments(a, na, D, m1, c1);
+  moments(b, nb, D, m2, c2);
+  // S = Σ₁^½ from Σ₁'s eigen-decomposition, then the eigenvalues of S·Σ₂·S.
+  std::vector<double> A = c1;
+  jacobi(A, D, e, &V);
+  std::vector<double> S(size_t(D) * D, 0), T(size_t(D) * D, 0), M(size_t(D) * D, 0);
+  for (int i = 0; i < D; i++)
+    for (int j = 0; j < D; j++)
+      for (int k = 0; k < D; k++)
+        S[size_t(i) * D + j] += V[size_t(i) * D + k] * std::sqrt(std::max(0.0, e[size_t(k)])) * V[size_t(j) * D + k];
+  for (int i = 0; i < D; i++)
+    for (int k = 0; k < D; k++)
+      for (int j = 0; j < D; j++) T[size_t(i) * D + j] += S[size_t(i) * D + k] * c2[size_t(k) * D + j];
+  for (int i = 0; i < D; i++)
+    for (int k = 0; k < D; k++)
+      for (int j = 0; j < D; j++) M[size_t(i) * D + j] += T[size_t(i) * D + k] * S[size_t(k) * D + j];
+  jacobi(M, D, e, nullptr);
+  double tr = 0, dm = 0;
+  for (int i = 0; i < D; i++) {
+    tr += c1[size_t(i) * D + i] + c2[size_t(i) * D + i] - 2 * std::sqrt(std::max(0.0, e[size_t(i)]));
+    dm += (m1[size_t(i)] - m2[size_t(i)]) * (m1[size_t(i)] - m2[size_t(i)]);
+  }
+  return dm + tr;
+}
+
+double train_classifier(const TrainOptions& opt) {
+  set_threads(opt.threads);
+  KILN_CHECK(!opt.out.empty(), "--objective classify needs --out");
+  const ImageSet data = load_images(opt.data, "train");
+  ImageSet test;
+  const bool dir = fs::is_directory(opt.data);
+  if (!opt.val_data.empty())
+    test = load_images(opt.val_data, "test");
+  else if (dir && !expand_glob((fs::path(opt.data) / "test_*.safetensors").string()).empty())
+    test = load_images(opt.data, "test");
+  else if (dir && !expand_glob((fs::path(opt.data) / "val_*.safetensors").string()).empty())
+    test = load_images(opt.data, "val");
+  ViTConfig cfg;
+  if (!opt.model.empty()) {
+    const std::string p = fs::is_directory(opt.model) ? (fs::path(opt.model) / "config.json").string() : opt.model;
+    cfg = ViTConfig::from_json(read_file(p), p);
+  }
+  KILN_CHECK(data.height == data.width, "images: not square");
+  cfg.image_size = data.height, cfg.channels = data.channels, cfg.classes = data.classes;
+  cfg.validate();
+  auto be = nn::make_cpu_backend();
+  ViT m(cfg, *be);
+  m.init_random(opt.seed);
+  m.plan(opt.batch);
+  AdamW adam(m.table(), opt.adamw);
+  LrSchedule sched;
+  sched.kind = LrSchedule::parse(opt.lr_schedule);
+  sched.lr = opt.lr, sched.min_lr = opt.min_lr, sched.warmup = opt.warmup, sched.total = opt.steps;
+  Rng rng(opt.seed);
+  const int64_t P = data.pixels();
+  std::vector<float> x(size_t(opt.batch) * P), logits(size_t(opt.batch) * cfg.classes);
+  std::vector<int32_t> y(size_t(opt.batch));
+  std::FILE* metrics = opt.metrics.empty() ? nullptr : std::fopen(opt.metrics.c_str(), "w");
+  KILN_CHECK(opt.metrics.empty() || metrics, "--metrics ", opt.metrics, ": cannot open for writing");
+  const bool tty = opt.progress && isatty(2);
+  const auto t0 = std::chrono::steady_clock::now();
+  double last = 0;
+  for (int step = 0; step < opt.steps; step++) {
+    for (int i = 0; i < opt.batch; i++) {
+      const int64_t k = int64_t(rng.below(uint64_t(data.size())));
+      std::copy_n(data.images.data() + k * P, P, x.data() + int64_t(i) * P);
+      y[size_t(i)] = data.labels[size_t(k)];
+    }
+    last = m.forward(logits.data(), nullptr, x.data(), y.data(), opt.batch);
+    m.backward();
+    const float lr = sched.at(step);
+    const double norm = adam.grad_norm(m.grads());
+    adam.update(m.params(), m.grads(), lr, step + 1, norm, 1.0f, true);
+    nlohmann::json j = {{"step", step + 1}, {"loss", last}, {"lr", lr}, {"grad_norm", norm}};
+    if (opt.eval_every > 0 && (step + 1) % opt.eval_every == 0 && test.size() > 0)
+      j["test_accuracy_1000"] = accuracy(m, test, opt.batch, 1000);
+    if (metrics) std::fprintf(metrics, "%s\n", j.dump().c_str()), std::fflush(metrics);
+    if (tty) std::fprintf(stderr, "\rstep %d/%d loss %.4f", step + 1, opt.steps, last);
+  }
+  if (tty) std::fprintf(stderr, "\n");
+  if (metrics) std::fclose(metrics);
+  make_dirs(opt.out);
+  write_file_atomic((fs::path(opt.out) / "config.json").string(), cfg.to_json());
+  std::vector<Tensor> ts;
+  for (const ParamSpec& s : m.table().specs) ts.push_back({s.name, DType::F32, s.shape, m.params() + s.offset});
+  write_safetensors((fs::path(opt.out) / "model.safetensors").string(), ts);
+  const double acc = test.size() > 0 ? accuracy(m, test, opt.batch) : std::nan("");
+  const double secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  nlohmann::json j = {{"objective", "classify"}, {"steps", opt.steps}, {"loss", last}, {"test_images", test.size()},
+                      {"test_accuracy", acc}, {"seconds", secs}};
+  write_file_atomic((fs::path(opt.out) / "eval.json").string(), j.dump(2) + "\n");
+  std::printf("%s\n", j.dump().c_str());
+  return acc;
+}
+
+ImageJudge::ImageJudge(const std::string& dir, int batch) : batch_(batch) {
+  const std::string cp = (fs::path(dir) / "config.json").string();
+  KILN_CHECK(file_exists(cp), "--judge ", dir, ": no config.json (a directory from kiln train --objective classify)");
+  const ViTConfig cfg = ViTConfig::from_json(read_file(cp), cp);
+  be_ = nn::make_cpu_backend();
+  vit_ = std::make_unique<ViT>(cfg, *be_, false);
+  SafeTensorsReader r((fs::path(dir) / "model.safetensors").string());
+  for (const ParamSpec& s : vit_->table().specs) {
+    const Tensor& t = r.get(s.name);
+    KILN_CHECK(t.numel() == s.numel(), dir, "/model.safetensors: tensor ", s.name, " has the wrong size");
+    convert_to_f32(t.data, t.dtype, vit_->params() + s.offset, size_t(s.numel()));
+  }
+  vit_->plan(batch);
+}
+
+ImageJudge::~ImageJudge() = default;
+
+int ImageJudge::feature_dim() const { return vit_->config().hidden; }
+
+void ImageJudge::run(const float* images, int64_t n, int32_t* pred, float* features) {
+  const ViTConfig& c = vit_->config();
+  const int64_t P = int64_t(c.channels) * c.image_size * c.image_size;
+  std::vector<float> logits(size_t(batch_) * c.classes);
+  for (int64_t i = 0; i < n; i += batch_) {
+    const int b = int(std::min<int64_t>(batch_, n - i));
+    vit_->forward(logits.data(), features ? features + i * c.hidden : nullptr, images + i * P, nullptr, b);
+    if (pred)
+      for (int k = 0; k < b; k++) {
+        const float* l = logits.data() + int64_t(k) * c.classes;
+        pred[i + k] = int32_t(std::max_element(l, l + c.classes) - l);
+      }
+  }
+}
+
+}  // namespace kiln

@@ -1,0 +1,39 @@
+// `kiln train --objective classify`: the ViT of models/vit.h trained by cross-entropy on image shards, and the
+// judge that uses it on generated images: class accuracy of class-conditional samples and a Fréchet distance
+// between feature statistics (our stand-in for FID: the classifier's pooled features instead of Inception's).
+// The classifier directory: <out>/config.json (model_type vit), <out>/model.safetensors, <out>/eval.json.
+#pragma once
+#include <cstdint>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "models/vit.h"
+#include "train/trainer.h"
+
+namespace kiln {
+
+// TrainOptions supplies model (a vit config.json, or empty for models/vit.h's default), data, batch, steps, lr,
+// min_lr, lr_schedule, warmup, adamw, seed, threads, out, metrics, eval_every, progress. Returns the test (or val)
+// accuracy.
+double train_classifier(const TrainOptions& opt);
+
+class ImageJudge {
+ public:
+  explicit ImageJudge(const std::string& dir, int batch = 256);
+  ~ImageJudge();
+  int feature_dim() const;
+  // Predictions [n] and features [n, D] (either may be null) of n images [n, C, H, W].
+  void run(const float* images, int64_t n, int32_t* pred, float* features);
+
+ private:
+  std::unique_ptr<nn::Backend> be_;
+  std::unique_ptr<ViT> vit_;
+  int batch_;
+};
+
+// ‖μ₁ − μ₂‖² + Tr(Σ₁ + Σ₂ − 2(Σ₁Σ₂)^½) of two feature sets [n, D] (Tr(Σ₁Σ₂)^½ from the eigenvalues of the symmetric
+// Σ₁^½Σ₂Σ₁^½, by Jacobi rotations in double).
+double frechet_distance(const float* a, int64_t na, const float* b, int64_t nb, int D);
+
+}  // namespace kiln

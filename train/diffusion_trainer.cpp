@@ -1,0 +1,263 @@
+// The image training loop (train/diffusion_trainer.h).
+#include "train/diffusion_trainer.h"
+
+#include <unistd.h>
+
+#include <chrono>
+#include <cmath>
+#include <cstdio>
+#include <filesystem>
+#include <fstream>
+#include <nlohmann/json.hpp>
+
+#include "core/error.h"
+#include "core/file_io.h"
+#include "core/safetensors.h"
+#include "train/checkpoint_dir.h"
+#include "train/images.h"
+#include "train/optimizer.h"
+#include "train/schedule.h"
+
+namespace kiln {
+
+namespace fs = std::filesystem;
+
+namespace {
+
+using Clock = std::chrono::steady_clock;
+
+DiTConfig model_config(const std::string& model, const ImageSet& data) {
+  DiTConfig c;
+  if (model.rfind("DiT-", 0) == 0) {
+    c = DiTConfig::preset(model);
+  } else {
+    KILN_CHECK(!model.empty(), "--model: give a DiT preset (DiT-S/2, DiT-S/4, DiT-B/2, DiT-B/4) or a config.json");
+    const std::string path = fs::is_directory(model) ? (fs::path(model) / "config.json").string() : model;
+    KILN_CHECK(file_exists(path), "--model ", model, ": no such preset or config file");
+    c = DiTConfig::from_json(read_file(path), path);
+  }
+  KILN_CHECK(data.height == data.width, "images: ", data.height, "x", data.width, " images are not square");
+  c.image_size = data.height, c.channels = data.channels, c.classes = data.classes;
+  c.validate();
+  return c;
+}
+
+std::vector<Tensor> tensors_of(const ParamTable& t, float* block) {
+  std::vector<Tensor> ts;
+  for (const ParamSpec& s : t.specs) ts.push_back({s.name, DType::F32, s.shape, block + s.offset});
+  return ts;
+}
+
+void read_into(const std::string& path, const ParamTable& t, float* block) {
+  SafeTensorsReader r(path);
+  for (const ParamSpec& s : t.specs) {
+    const Tensor& x = r.get(s.name);
+    KILN_CHECK(x.numel() == s.numel(), path, ": tensor ", s.name, " has ", x.numel(), " values, the model ",
+               s.numel());
+    convert_to_f32(x.data, x.dtype, block + s.offset, size_t(s.numel()));
+  }
+}
+
+std::string config_json(const DiTConfig& c, const ImageTrainOptions& img) {
+  nlohmann::json j = nlohmann::json::parse(c.to_json());
+  j["objective"] = img.objective, j["flow_t"] = img.flow_t, j["label_dropout"] = img.label_dropout;
+  return j.dump(2) + "\n";
+}
+
+struct ImageBatch {
+  std::vector<float> x0, eps, net_in, c_noise, F, dF;
+  std::vector<double> levels;
+  std::vector<int32_t> labels;
+};
+
+// One batch drawn from the generator: indices, label drops, levels, noise (in this order).
+void draw(ImageBatch& b, const ImageSet& data, const Objective& o, float drop, int B, Rng& r) {
+  const int64_t P = data.pixels();
+  b.x0.resize(size_t(B * P)), b.eps.resize(size_t(B * P)), b.net_in.resize(size_t(B * P));
+  b.F.resize(size_t(B * P)), b.dF.resize(size_t(B * P));
+  b.c_noise.resize(size_t(B)), b.levels.resize(size_t(B)), b.labels.resize(size_t(B));
+  for (int i = 0; i < B; i++) {
+    const int64_t k = int64_t(r.below(uint64_t(data.size())));
+    std::copy_n(data.images.data() + k * P, P, b.x0.data() + i * P);
+    b.labels[size_t(i)] = data.labels[size_t(k)];
+  }
+  for (int i = 0; i < B; i++)
+    if (r.uniform() < drop) b.labels[size_t(i)] = data.classes;
+  for (int i = 0; i < B; i++) b.levels[size_t(i)] = o.sample_level(r);
+  for (auto& e : b.eps) e = r.normal();
+  objective_inputs(o, b.x0.data(), b.eps.data(), b.levels.data(), B, P, b.net_in.data(), b.c_noise.data());
+}
+
+}  // namespace
+
+ImageModelFiles find_image_model(const std::string& path) {
+  ImageModelFiles f;
+  f.dir = path;
+  if (!file_exists((fs::path(path) / "config.json").string())) {
+    const std::string l = latest_checkpoint(path);
+    KILN_CHECK(!l.empty(), "--model ", path, ": no config.json and no latest checkpoint");
+    f.dir = l;
+  }
+  const std::string cp = (fs::path(f.dir) / "config.json").string();
+  const std::string text = read_file(cp);
+  f.config = DiTConfig::from_json(text, cp);
+  const nlohmann::json j = nlohmann::json::parse(text);
+  KILN_CHECK(j.contains("objective") && j["objective"].is_string(), cp, ": no \"objective\" (not an image model "
+             "trained by kiln train --objective)");
+  f.objective = Objective::make(j["objective"].get<std::string>(), j.value("flow_t", "uniform"));
+  f.label_dropout = j.value("label_dropout", 0.0f);
+  return f;
+}
+
+void load_image_weights(const ImageModelFiles& f, DiT& model, bool ema) {
+  std::string p = (fs::path(f.dir) / "ema.safetensors").string();
+  if (!ema || !file_exists(p)) p = (fs::path(f.dir) / "model.safetensors").string();
+  KILN_CHECK(model.backend().on_host(), "load_image_weights: host backend only");
+  read_into(p, model.table(), model.params());
+}
+
+double train_images(const TrainOptions& opt, const ImageTrainOptions& img) {
+  set_threads(opt.threads);
+  const Objective obj = Objective::make(img.objective, img.flow_t);
+  KILN_CHECK(img.ema_decay >= 0 && img.ema_decay < 1, "--ema-decay ", img.ema_decay, ": must be in [0, 1)");
+  KILN_CHECK(img.label_dropout >= 0 && img.label_dropout <= 1, "--label-dropout ", img.label_dropout,
+             ": must be in [0, 1]");
+  KILN_CHECK(opt.batch > 0 && opt.grad_accum > 0 && opt.steps >= 0, "--batch, --grad-accum must be positive and "
+             "--steps non-negative");
+  KILN_CHECK(opt.dtype == "fp32" && opt.device == "cpu", "--objective ", img.objective,
+             ": image models train in fp32 on the CPU for now (--dtype fp32 --device cpu)");
+  const ImageSet data = load_images(opt.data, "train");
+  ImageSet val;
+  if (!opt.val_data.empty())
+    val = load_images(opt.val_data, "val");
+  else if (fs::is_directory(opt.data) && !expand_glob((fs::path(opt.data) / "val_*.safetensors").string()).empty())
+    val = load_images(opt.data, "val");
+  const DiTConfig cfg = model_config(opt.model, data);
+  const int64_t P = data.pixels();
+
+  auto be = nn::make_cpu_backend();
+  DiT model(cfg, *be);
+  model.init_random(opt.seed);
+  model.plan(opt.batch);
+  const ParamTable& table = model.table();
+  AdamW adam(table, opt.adamw);
+  std::vector<float> ema(model.params(), model.params() + table.total);
+  LrSchedule sched;
+  sched.kind = LrSchedule::parse(opt.lr_schedule);
+  sched.lr = opt.lr, sched.min_lr = opt.min_lr, sched.warmup = opt.warmup, sched.total = opt.steps;
+  Rng rng(opt.seed);
+  int64_t step = 0;
+
+  if (opt.resume) {
+    KILN_CHECK(!opt.out.empty(), "--resume needs --out");
+    const std::string dir = latest_checkpoint(opt.out);
+    KILN_CHECK(!dir.empty(), "--resume: no checkpoint in ", opt.out);
+    read_into((fs::path(dir) / "model.safetensors").string(), table, model.params());
+    read_into((fs::path(dir) / "ema.safetensors").string(), table, ema.data());
+    SafeTensorsReader st((fs::path(dir) / "train_state.safetensors").string());
+    convert_to_f32(st.get("adam.m").data, DType::F32, adam.m(), table.total);
+    convert_to_f32(st.get("adam.v").data, DType::F32, adam.v(), table.total);
+    auto meta = [&](const char* k) {
+      auto it = st.metadata().find(k);
+      KILN_CHECK(it != st.metadata().end(), dir, "/train_state.safetensors: metadata ", k, " missing");
+      return std::stoull(it->second);
+    };
+    step = int64_t(meta("step"));
+    rng = Rng(meta("rng_seed"), meta("rng_position"));
+    std::fprintf(stderr, "resumed from %s at step %ld\n", dir.c_str(), long(step));
+  }
+
+  auto save = [&](int64_t s) {
+    if (opt.out.empty()) return;
+    make_dirs(opt.out);
+    char name[32];
+    std::snprintf(name, sizeof name, "step_%08ld", long(s));
+    const fs::path dir = fs::path(opt.out) / name;
+    make_dirs(dir.string());
+    write_file_atomic((dir / "config.json").string(), config_json(cfg, img));
+    write_safetensors((dir / "model.safetensors").string(), tensors_of(table, model.params()));
+    write_safetensors((dir / "ema.safetensors").string(), tensors_of(table, ema.data()));
+    const int64_t n = int64_t(table.total);
+    write_safetensors((dir / "train_state.safetensors").string(),
+                      {{"adam.m", DType::F32, Shape{n}, adam.m()}, {"adam.v", DType::F32, Shape{n}, adam.v()}},
+                      {{"step", std::to_string(s)}, {"rng_seed", std::to_string(rng.seed())},
+                       {"rng_position", std::to_string(rng.position())}});
+    const std::string tmp = (fs::path(opt.out) / ".latest.tmp").string();
+    fs::remove(tmp);
+    KILN_CHECK(::symlink(name, tmp.c_str()) == 0, tmp, ": cannot create symlink");
+    KILN_CHECK(std::rename(tmp.c_str(), (fs::path(opt.out) / "latest").c_str()) == 0, opt.out,
+               "/latest: cannot update");
+    // Older step directories beyond keep_checkpoints.
+    if (opt.keep_checkpoints > 0) {
+      std::vector<std::string> steps;
+      for (auto& e : fs::directory_iterator(opt.out))
+        if (e.is_directory() && e.path().filename().string().rfind("step_", 0) == 0)
+          steps.push_back(e.path().string());
+      std::sort(steps.begin(), steps.end());
+      for (size_t i = 0; i + size_t(opt.keep_checkpoints) < steps.size(); i++) fs::remove_all(steps[i]);
+    }
+  };
+
+  // Validation: a fixed generator, the same batches every time.
+  auto validate = [&]() {
+    if (val.size() == 0) return std::nan("");
+    Rng vr(opt.seed ^ 0x5eed5eedull);
+    ImageBatch vb;
+    double sum = 0;
+    for (int i = 0; i < opt.val_batches; i++) {
+      draw(vb, val, obj, 0.0f, opt.batch, vr);
+      model.forward(vb.F.data(), vb.net_in.data(), vb.c_noise.data(), vb.labels.data(), opt.batch);
+      sum += objective_loss(obj, vb.x0.data(), vb.eps.data(), vb.levels.data(), vb.F.data(), opt.batch, P, nullptr);
+    }
+    return sum / opt.val_batches;
+  };
+
+  std::FILE* metrics = nullptr;
+  if (!opt.metrics.empty()) {
+    metrics = std::fopen(opt.metrics.c_str(), opt.resume ? "a" : "w");
+    KILN_CHECK(metrics, "--metrics ", opt.metrics, ": cannot open for writing");
+  }
+  const bool tty = opt.progress && isatty(2);
+  ImageBatch b;
+  double last = 0;
+  const auto t_start = Clock::now();
+  for (; step < opt.steps; step++) {
+    const auto t0 = Clock::now();
+    double loss = 0;
+    for (int m = 0; m < opt.grad_accum; m++) {
+      draw(b, data, obj, img.label_dropout, opt.batch, rng);
+      model.forward(b.F.data(), b.net_in.data(), b.c_noise.data(), b.labels.data(), opt.batch);
+      loss += objective_loss(obj, b.x0.data(), b.eps.data(), b.levels.data(), b.F.data(), opt.batch, P, b.dF.data()) /
+              opt.grad_accum;
+      for (auto& g : b.dF) g /= float(opt.grad_accum);
+      model.backward(b.dF.data());
+    }
+    KILN_CHECK(std::isfinite(loss), "step ", step + 1, ": the loss is ", loss);
+    const float lr = sched.at(int(step));
+    const double norm = adam.grad_norm(model.grads());
+    adam.update(model.params(), model.grads(), lr, step + 1, norm, 1.0f, /*zero_grads=*/true);
+    const float d = img.ema_decay;
+    float* p = model.params();
+#pragma omp parallel for schedule(static)
+    for (size_t i = 0; i < table.total; i++) ema[i] = d * ema[i] + (1 - d) * p[i];
+    last = loss;
+    const double secs = std::chrono::duration<double>(Clock::now() - t0).count();
+    nlohmann::json j = {{"step", step + 1}, {"loss", loss}, {"lr", lr}, {"grad_norm", norm}, {"step_seconds", secs}};
+    if (opt.eval_every > 0 && (step + 1) % opt.eval_every == 0) j["val_loss"] = validate();
+    if (metrics) std::fprintf(metrics, "%s\n", j.dump().c_str()), std::fflush(metrics);
+    if (tty)
+      std::fprintf(stderr, "\rstep %ld/%d loss %.4f lr %.2e %.2fs/step", long(step + 1), opt.steps, loss, lr, secs);
+    if (opt.save_every > 0 && (step + 1) % opt.save_every == 0 && step + 1 < opt.steps) save(step + 1);
+  }
+  if (tty) std::fprintf(stderr, "\n");
+  if (metrics) std::fclose(metrics);
+  save(step);
+  const double total = std::chrono::duration<double>(Clock::now() - t_start).count();
+  nlohmann::json summary = {{"objective", img.objective}, {"steps", step}, {"loss", last}, {"seconds", total},
+                            {"param_floats", table.total}};
+  if (val.size() > 0) summary["val_loss"] = validate();
+  std::printf("%s\n", summary.dump().c_str());
+  return last;
+}
+
+}  // namespace kiln
