@@ -49,9 +49,9 @@ struct Weight {
   float* dw = nullptr;
   float* db = nullptr;
   const uint16_t* w16 = nullptr;
-  const NarrowMatrix* narrow = nullptr;  // decoding: a bf16/f16/q8_0 copy [out, in] the products read instead
   int in = 0, out = 0;
   Layout layout = Layout::OutIn;
+  const NarrowMatrix* narrow = nullptr;  // decoding: a bf16/f16/q8_0 copy [out, in] the products read instead
 };
 
 // The largest shapes a plan will run, for the device scratch some kernels need (the CUDA backend reserves it
