@@ -7,6 +7,7 @@ SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO="sudo"
 pkgs=(build-essential cmake git pkg-config
       libopenblas-dev libopenblas0-openmp nlohmann-json3-dev libcli11-dev libcpp-httplib-dev
       libgtest-dev googletest libbenchmark-dev libdnnl-dev
+      libopenmpi-dev openmpi-bin  # multi-process training (dist/mpi/, mpirun in the dist tests)
       python3-torch python3-numpy fortunes
       clang libclang-rt-dev libomp-dev)  # the libFuzzer build (fuzz/, scripts/fuzz.sh)
 # Node.js with npm may come from another source (its nodejs package bundles npm and conflicts with Debian's npm).

@@ -1,4 +1,7 @@
 // kiln train: train a GPT-2-architecture model on token shards.
+#include <cstdlib>
+
+#include "dist/communicator.h"
 #include "tools/kiln/command.h"
 #include "train/trainer.h"
 
@@ -14,7 +17,14 @@ kiln::cli::Command train_cmd("train", [](CLI::App& root) {
   c->add_option("--eval-every", opt->eval_every, "Evaluate validation loss every N steps (0: never)");
   c->add_option("--val-batches", opt->val_batches, "Batches per validation evaluation")->capture_default_str();
   c->add_option("--tokenizer", opt->tokenizer, "Tokenizer directory copied into every checkpoint");
-  c->add_option("--batch", opt->batch, "Sequences per micro-batch (B)")->capture_default_str();
+  c->add_option("--batch", opt->batch,
+                "Sequences per micro-batch (B), global: under mpirun each of N ranks trains on B/N of them (packed: "
+                "about 1/N of the tokens, whole sequences)")
+      ->capture_default_str();
+  c->add_option("--zero-stage", opt->zero_stage,
+                "ZeRO partitioning across ranks: 0 replicated state, gradients all-reduced; 1 optimizer state "
+                "sharded; 2 gradients reduce-scattered per micro-batch too (3: not yet)")
+      ->capture_default_str();
   c->add_option("--seq", opt->seq, "Tokens per sequence (T)")->capture_default_str();
   c->add_option("--grad-accum", opt->grad_accum, "Micro-batches per optimizer step")->capture_default_str();
   c->add_option("--steps", opt->steps, "Optimizer steps")->capture_default_str();
@@ -71,7 +81,13 @@ kiln::cli::Command train_cmd("train", [](CLI::App& root) {
       ->capture_default_str();
   c->add_flag("--packing", opt->packing, "Same as --batching packed");
   c->add_flag("!--no-progress", opt->progress, "No live progress line");
-  c->callback([opt] { kiln::train(*opt); });
+  c->callback([opt] {
+    try {
+      kiln::train(*opt);
+    } catch (const kiln::dist::RankQuiet&) {
+      std::exit(1);  // rank 0 prints the job's error
+    }
+  });
 });
 
 }  // namespace

@@ -1,0 +1,82 @@
+// Data-parallel training: which share of a global micro-batch a rank trains on, and the gradient reduction
+// and optimizer step of ZeRO stages 0-2 (Rajbhandari et al., "ZeRO: Memory Optimizations Toward Training
+// Trillion Parameter Models"), over a dist::Communicator.
+//
+// Batches. --batch is global: every rank reads the same global micro-batch (the loaders are cheap views of
+// mmapped shards, and one loader state serves any number of ranks, so --resume works with a different N)
+// and trains on its share of it (take_share). The loss is normalised by the global count of targets, so the
+// gradients summed over the ranks are the single-process gradients, and a run's loss curve does not depend
+// on N beyond the order of floating-point sums.
+//
+// Stages (the flat gradient block is cut into one segment per rank, dist::segment_counts):
+//   0: gradients all-reduced in buckets; every rank runs the whole AdamW update.
+//   1: gradients reduce-scattered: a rank owns its segment's summed gradient and its optimizer state (AdamW
+//      moments for that segment only), updates its parameter segment, and the parameters are all-gathered.
+//   2: as 1, but the gradients are reduce-scattered after every micro-batch into the rank's segment, so
+//      only the segment accumulates across micro-batches (the sums then differ from 1 in order only).
+//      The model still allocates its whole gradient block: freeing the other segments as they are produced
+//      needs per-layer gradient hooks in the model (not done), so stage 2 saves no memory over 1 yet.
+//   3: not implemented (parameters gathered layer by layer need the same hooks).
+#pragma once
+#include <cstdint>
+#include <memory>
+#include <vector>
+
+#include "dist/communicator.h"
+#include "models/model.h"
+#include "train/batch.h"
+#include "train/optimizer.h"
+
+namespace kiln {
+
+// This rank's share of a global micro-batch: rows [r·B/N, (r+1)·B/N) of fixed rows (B divisible by N), or a
+// contiguous run of whole sequences of a packed batch, cut where the running token count passes r·n/N (a
+// rank may get none: local.n_tokens == 0).
+void take_share(const Batch& global, int rank, int ranks, Batch& local);
+
+class DataParallel {
+ public:
+  // grads: the communicator of the gradient and parameter buffers (NCCL for device models), host: the one
+  // for scalars (MPI); the same for CPU ranks.
+  DataParallel(dist::Communicator& host, dist::Communicator& grads, Model& model, const AdamWConfig& cfg,
+               int zero_stage);
+  ~DataParallel();
+
+  int stage() const { return stage_; }
+  AdamW& optimizer() { return *adam_; }
+
+  // After each micro-batch's backward (stage 2 reduce-scatters here and accumulates into its segment).
+  void after_backward();
+  // After the step's last backward: the gradients are summed over the ranks (stage 0: everywhere; 1, 2: in
+  // this rank's segment).
+  void reduce_gradients();
+  // Global norm of the summed gradients · unscale (inf or NaN on every rank if any rank overflowed).
+  double grad_norm(float unscale);
+  // One AdamW step on the summed gradients (this rank's segment at stages 1, 2, then all-gathered); clears
+  // the gradients.
+  void update(float lr, int64_t t, double norm, float unscale);
+  // A skipped step: clears the gradients.
+  void skip();
+
+  // Checkpoints in the single-process format. gather_optimizer (collective) fills `full`'s host moments on
+  // rank 0 (a whole-block host AdamW); scatter_optimizer takes this rank's part of a whole-block one.
+  void gather_optimizer(AdamW& full);
+  void scatter_optimizer(AdamW& full);
+
+  // Bytes of model and optimizer state this rank allocated for the split (the moments; stage 2's segment).
+  size_t optimizer_bytes() const;
+
+ private:
+  dist::Communicator &host_, &grads_comm_;
+  Model& model_;
+  int stage_;
+  std::vector<size_t> counts_;  // segment of each rank, in floats
+  size_t lo_ = 0, hi_ = 0;      // this rank's segment
+  std::unique_ptr<AdamW> adam_;
+  float* accum_ = nullptr;  // stage 2: the segment's gradient summed over the micro-batches (model's device)
+  bool accum_has_ = false;
+
+  void gather_params();
+};
+
+}  // namespace kiln
