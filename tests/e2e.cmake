@@ -44,3 +44,12 @@ if(KILN_CUDA)
                    $<TARGET_FILE:kiln> ${CMAKE_BINARY_DIR}/e2e/cuda_train)
   set_tests_properties(cuda.train_tracks_cpu PROPERTIES LABELS cuda TIMEOUT 600 SKIP_RETURN_CODE 77)
 endif()
+
+# Data-parallel training over MPI (dist/, train/data_parallel.h): 2 and 3 ranks against one process, resume
+# across rank counts, a killed rank, one-line errors. Needs OpenMPI (scripts/setup.sh installs it).
+if(KILN_MPIRUN)
+  add_test(NAME e2e.dist_train
+           COMMAND ${KILN_PY} ${CMAKE_SOURCE_DIR}/tests/e2e/dist_train.py $<TARGET_FILE:kiln> ${KILN_MPIRUN}
+                   ${CMAKE_BINARY_DIR}/e2e/dist_train)
+  set_tests_properties(e2e.dist_train PROPERTIES LABELS e2e TIMEOUT 300)
+endif()
