@@ -71,29 +71,26 @@ DataParallel::DataParallel(dist::Communicator& host, dist::Communicator& grads, 
   AdamWShard shard;
   if (stage_ >= 1) shard = {lo_, hi_};
   adam_ = std::make_unique<AdamW>(model.table(), cfg, b.backend, shard);
-  if (stage_ == 2 && hi_ > lo_) {
-    accum_ = static_cast<float*>(b.backend->alloc((hi_ - lo_) * sizeof(float), "ZeRO-2 gradient segment"));
-    b.backend->memset(accum_, 0, (hi_ - lo_) * sizeof(float));
-  }
 }
 
-DataParallel::~DataParallel() {
-  if (accum_) model_.blocks().backend->free(accum_);
-}
+DataParallel::~DataParallel() = default;
 
-size_t DataParallel::optimizer_bytes() const {
-  return adam_->shard_floats() * 2 * sizeof(float) + (accum_ ? (hi_ - lo_) * sizeof(float) : 0);
-}
+size_t DataParallel::optimizer_bytes() const { return adam_->shard_floats() * 2 * sizeof(float); }
 
 void DataParallel::after_backward() {
   if (stage_ != 2 || host_.size() == 1) return;
-  // Stage 2: this micro-batch's gradients are summed into the owners' segments now; the rest of the block is
-  // cleared for the next micro-batch.
+  // Stage 2: this micro-batch's gradients are summed into the owners' segments now, and the other segments are
+  // cleared. The next backward adds its gradients onto both, so the next reduce-scatter sums the owner's
+  // running total with every rank's new contribution: the segment accumulates without a second buffer.
   const ParamBlocks b = model_.blocks();
   grads_comm_.reduce_scatter_sum(b.grads, counts_);
-  if (hi_ > lo_) b.backend->add(accum_, accum_, b.grads + lo_, int64_t(hi_ - lo_));
-  accum_has_ = true;
-  model_.zero_grad();
+  clear_others();
+}
+
+void DataParallel::clear_others() {
+  const ParamBlocks b = model_.blocks();
+  b.backend->memset(b.grads, 0, lo_ * sizeof(float));
+  b.backend->memset(b.grads + hi_, 0, (b.n - hi_) * sizeof(float));
 }
 
 void DataParallel::reduce_gradients() {
@@ -104,12 +101,8 @@ void DataParallel::reduce_gradients() {
     for (size_t at = 0; at < b.n; at += bucket) grads_comm_.all_reduce_sum(b.grads + at, std::min(bucket, b.n - at));
   } else if (stage_ == 1) {
     grads_comm_.reduce_scatter_sum(b.grads, counts_);
-  } else if (accum_has_) {
-    // Stage 2: the accumulated segment becomes the segment's gradient.
-    if (hi_ > lo_) b.backend->add(b.grads + lo_, accum_, b.grads + lo_, int64_t(hi_ - lo_));
-    if (hi_ > lo_) b.backend->memset(accum_, 0, (hi_ - lo_) * sizeof(float));
-    accum_has_ = false;
   }
+  // Stage 2: reduced by the last after_backward.
 }
 
 double DataParallel::grad_norm(float unscale) {
@@ -125,18 +118,12 @@ void DataParallel::update(float lr, int64_t t, double norm, float unscale) {
   const ParamBlocks b = model_.blocks();
   adam_->update(b, lr, t, norm, unscale, /*zero_grads=*/true);
   if (stage_ >= 1 && host_.size() > 1) {
-    // The update cleared only this rank's segment of the gradients.
-    b.backend->memset(b.grads, 0, lo_ * sizeof(float));
-    b.backend->memset(b.grads + hi_, 0, (b.n - hi_) * sizeof(float));
+    clear_others();  // the update cleared only this rank's segment of the gradients
     gather_params();
   }
 }
 
-void DataParallel::skip() {
-  model_.zero_grad();
-  if (accum_) model_.blocks().backend->memset(accum_, 0, (hi_ - lo_) * sizeof(float));
-  accum_has_ = false;
-}
+void DataParallel::skip() { model_.zero_grad(); }
 
 void DataParallel::gather_params() {
   const ParamBlocks b = model_.blocks();

@@ -12,10 +12,10 @@
 //   0: gradients all-reduced in buckets; every rank runs the whole AdamW update.
 //   1: gradients reduce-scattered: a rank owns its segment's summed gradient and its optimizer state (AdamW
 //      moments for that segment only), updates its parameter segment, and the parameters are all-gathered.
-//   2: as 1, but the gradients are reduce-scattered after every micro-batch into the rank's segment, so
-//      only the segment accumulates across micro-batches (the sums then differ from 1 in order only).
-//      The model still allocates its whole gradient block: freeing the other segments as they are produced
-//      needs per-layer gradient hooks in the model (not done), so stage 2 saves no memory over 1 yet.
+//   2: as 1, but the gradients are reduce-scattered after every micro-batch, so only the rank's segment
+//      accumulates across micro-batches (the sums then differ from stage 1 in order only). The model still
+//      allocates its whole gradient block: dropping the other segments as they are produced needs per-layer
+//      gradient buffers in the model (not done), so stage 2 needs the memory of stage 1 for now.
 //   3: not implemented (parameters gathered layer by layer need the same hooks).
 #pragma once
 #include <cstdint>
@@ -63,7 +63,7 @@ class DataParallel {
   void gather_optimizer(AdamW& full);
   void scatter_optimizer(AdamW& full);
 
-  // Bytes of model and optimizer state this rank allocated for the split (the moments; stage 2's segment).
+  // Bytes of optimizer state this rank holds (AdamW moments: all, or its segment's).
   size_t optimizer_bytes() const;
 
  private:
@@ -73,10 +73,9 @@ class DataParallel {
   std::vector<size_t> counts_;  // segment of each rank, in floats
   size_t lo_ = 0, hi_ = 0;      // this rank's segment
   std::unique_ptr<AdamW> adam_;
-  float* accum_ = nullptr;  // stage 2: the segment's gradient summed over the micro-batches (model's device)
-  bool accum_has_ = false;
 
   void gather_params();
+  void clear_others();  // zeroes the gradients outside this rank's segment
 };
 
 }  // namespace kiln

@@ -36,6 +36,15 @@ def write_shard(path, n, mult):
 
 shard = os.path.join(work, "data.bin")
 write_shard(shard, 6000, 3)
+# The same tokens as documents (a .idx of start offsets, train/doc_index.h) for packed batches.
+packed = os.path.join(work, "packed.bin")
+write_shard(packed, 6000, 3)
+starts, at = [], 0
+while at < 6000:
+    starts.append(at)
+    at += 3 + (at * 7919) % 38
+with open(packed + ".idx", "wb") as f:
+    f.write(struct.pack("<IIq", 0x434F444B, 1, len(starts)) + struct.pack(f"<{len(starts)}q", *starts))
 other = os.path.join(work, "other.bin")
 write_shard(other, 5000, 5)
 env = dict(os.environ, OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1", OMP_NUM_THREADS="1")
@@ -48,9 +57,9 @@ def args(out, extra=(), data=shard):
             "--metrics", out + ".jsonl", "--threads", "1", "--no-progress"] + list(extra)
 
 
-def run(ranks, name, extra=(), resume=False, hook=None, timeout=120, quiet=True):
+def run(ranks, name, extra=(), resume=False, hook=None, timeout=120, quiet=True, data=shard):
     out = os.path.join(work, name)
-    a = args(out, list(extra) + (["--resume"] if resume else []))
+    a = args(out, list(extra) + (["--resume"] if resume else []), data=data)
     cmd = [kiln] + a if ranks == 1 else [mpirun] + (["-q"] if quiet else []) + ["--oversubscribe", "-np", str(ranks), kiln] + a
     t0 = time.time()
     r = subprocess.run(cmd, env=dict(env, **(hook or {})), capture_output=True, text=True, timeout=timeout)
@@ -105,6 +114,17 @@ for ranks in (2, 3):
               f"{ranks} ranks, ZeRO {stage}: max loss diff {dl:.2e} (<= {tol:g}), weights rel diff {dw:.2e}")
         lines = [l for l in r.stderr.splitlines() if l.startswith("step ")]
         check(len(lines) == len(set(lines)), f"{ranks} ranks, ZeRO {stage}: progress lines from one rank only")
+
+# Packed batches: whole documents, each rank a contiguous run of them (fewer tokens on some ranks).
+pref, r, _ = run(1, "packed_ref", ["--batching", "packed"], data=packed)
+assert r.returncode == 0, r.stderr
+lp, wp = losses(pref), weights(pref)
+for ranks, stage in ((2, 1), (3, 0)):
+    out, r, _ = run(ranks, f"packed_r{ranks}", ["--batching", "packed", "--zero-stage", str(stage)], data=packed)
+    lb = losses(out) if r.returncode == 0 else []
+    dl = max(abs(x - y) for x, y in zip(lp, lb)) if len(lb) == STEPS else 1
+    dw = rel_diff(wp, weights(out)) if r.returncode == 0 else 1
+    check(dl <= 1e-6 and dw <= 1e-5, f"packed, {ranks} ranks, ZeRO {stage}: max loss diff {dl:.2e}, weights {dw:.2e}")
 
 # Resume across rank counts: all ranks killed after step 6 (last checkpoint: step 4), resumed on the other N.
 for first, second, stage in ((2, 1, 1), (1, 2, 1), (3, 2, 0)):
