@@ -59,3 +59,9 @@ if(KILN_MPIRUN)
                    ${CMAKE_BINARY_DIR}/e2e/dist_memory)
   set_tests_properties(e2e.dist_memory PROPERTIES LABELS e2e TIMEOUT 300)
 endif()
+if(KILN_MPIRUN)
+  add_test(NAME e2e.dist_hosts
+           COMMAND ${KILN_PY} ${CMAKE_SOURCE_DIR}/tests/e2e/dist_hosts.py $<TARGET_FILE:kiln> ${KILN_MPIRUN}
+                   ${CMAKE_BINARY_DIR}/e2e/dist_hosts)
+  set_tests_properties(e2e.dist_hosts PROPERTIES LABELS e2e TIMEOUT 300 SKIP_RETURN_CODE 77 RUN_SERIAL TRUE)
+endif()
