@@ -1,6 +1,7 @@
 #include "train/data_parallel.h"
 
 #include <algorithm>
+#include <chrono>
 #include <cmath>
 #include <cstdlib>
 
@@ -51,6 +52,9 @@ void take_share(const Batch& g, int rank, int ranks, Batch& local) {
 
 namespace {
 
+using Clock = std::chrono::steady_clock;
+double seconds_since(Clock::time_point t0) { return std::chrono::duration<double>(Clock::now() - t0).count(); }
+
 // Buckets of the stage-0 all-reduce: bounded messages (the size DDP defaults to, 25 MB).
 size_t bucket_floats() {
   const char* env = std::getenv("KILN_DIST_BUCKET_MB");
@@ -83,7 +87,9 @@ void DataParallel::after_backward() {
   // cleared. The next backward adds its gradients onto both, so the next reduce-scatter sums the owner's
   // running total with every rank's new contribution: the segment accumulates without a second buffer.
   const ParamBlocks b = model_.blocks();
+  const auto t0 = Clock::now();
   grads_comm_.reduce_scatter_sum(b.grads, counts_);
+  comm_seconds_ += seconds_since(t0);
   clear_others();
 }
 
@@ -96,6 +102,7 @@ void DataParallel::clear_others() {
 void DataParallel::reduce_gradients() {
   if (host_.size() == 1) return;
   const ParamBlocks b = model_.blocks();
+  const auto t0 = Clock::now();
   if (stage_ == 0) {
     const size_t bucket = bucket_floats();
     for (size_t at = 0; at < b.n; at += bucket) grads_comm_.all_reduce_sum(b.grads + at, std::min(bucket, b.n - at));
@@ -103,6 +110,7 @@ void DataParallel::reduce_gradients() {
     grads_comm_.reduce_scatter_sum(b.grads, counts_);
   }
   // Stage 2: reduced by the last after_backward.
+  comm_seconds_ += seconds_since(t0);
 }
 
 double DataParallel::grad_norm(float unscale) {
@@ -110,7 +118,9 @@ double DataParallel::grad_norm(float unscale) {
   // The segments' squared norms, summed over the ranks (an inf or NaN anywhere reaches every rank).
   const ParamBlocks b = model_.blocks();
   double sq = hi_ > lo_ ? b.backend->sum_squares(b.grads + lo_, int64_t(hi_ - lo_)) : 0.0;
+  const auto t0 = Clock::now();
   host_.all_reduce_sum(&sq, 1);
+  comm_seconds_ += seconds_since(t0);
   return std::sqrt(sq) * double(unscale);
 }
 
@@ -125,9 +135,17 @@ void DataParallel::update(float lr, int64_t t, double norm, float unscale) {
 
 void DataParallel::skip() { model_.zero_grad(); }
 
+double DataParallel::take_comm_seconds() {
+  const double s = comm_seconds_;
+  comm_seconds_ = 0;
+  return s;
+}
+
 void DataParallel::gather_params() {
   const ParamBlocks b = model_.blocks();
+  const auto t0 = Clock::now();
   grads_comm_.all_gather(b.params, counts_);
+  comm_seconds_ += seconds_since(t0);
   // The 16-bit copy the products read: refreshed from the gathered fp32 weights (the update wrote only this
   // rank's segment of it).
   if (b.params16) b.backend->to_lowp(b.params16, b.params, int64_t(b.n), *b.backend->lowp());

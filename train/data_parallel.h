@@ -63,6 +63,10 @@ class DataParallel {
   void gather_optimizer(AdamW& full);
   void scatter_optimizer(AdamW& full);
 
+  // Seconds spent in the gradient and parameter collectives since the last call (waiting for the slowest
+  // rank included).
+  double take_comm_seconds();
+
   // Bytes of optimizer state this rank holds (AdamW moments: all, or its segment's).
   size_t optimizer_bytes() const;
 
@@ -73,6 +77,7 @@ class DataParallel {
   std::vector<size_t> counts_;  // segment of each rank, in floats
   size_t lo_ = 0, hi_ = 0;      // this rank's segment
   std::unique_ptr<AdamW> adam_;
+  double comm_seconds_ = 0;
 
   void gather_params();
   void clear_others();  // zeroes the gradients outside this rank's segment

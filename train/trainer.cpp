@@ -446,6 +446,7 @@ double train(const TrainOptions& opt, dist::Communicator& comm) {
     nlohmann::json m = {{"step", st.step},         {"loss", loss},
                         {"lr", lr},                {"grad_norm", norm},
                         {"tokens_per_s", double(tokens_per_step) / secs}, {"ms", secs * 1e3}};
+    if (ranks > 1) m["comm_ms"] = dp->take_comm_seconds() * 1e3;
     if (scaler.enabled) {
       m["loss_scale"] = used_scale;
       m["skipped_steps"] = scaler.skipped;
