@@ -27,8 +27,13 @@ class Communicator {
   virtual int rank() const = 0;
   virtual int size() const = 0;
   virtual std::string name() const = 0;  // "single", "mpi", "nccl"
+  // Ranks on this rank's machine (sharing its cores and memory).
+  virtual int local_size() const { return size(); }
   // True when buffers are device memory (NCCL), false for host memory.
   virtual bool device_buffers() const { return false; }
+  // True when collectives may be called from another thread than the one that made the communicator (one
+  // thread at a time): a communication thread may reduce gradients during the backward.
+  virtual bool thread_serialized() const { return true; }
 
   // In-place sum over the ranks.
   virtual void all_reduce_sum(float* data, size_t n) = 0;

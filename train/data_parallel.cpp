@@ -2,8 +2,18 @@
 
 #include <algorithm>
 #include <chrono>
+#include <condition_variable>
+#include <cstdio>
+#include <deque>
+#include <functional>
+#include <mutex>
+#include <string>
+#include <thread>
 #include <cmath>
 #include <cstdlib>
+
+#include <omp.h>
+#include <unistd.h>
 
 #include "core/error.h"
 
@@ -64,6 +74,73 @@ size_t bucket_floats() {
 
 }  // namespace
 
+// The communication thread of the overlap: reduces queued float ranges in order, one collective at a time
+// (the main thread calls no collective until drain() returns, as MPI_THREAD_SERIALIZED asks).
+class DataParallel::Stream {
+ public:
+  explicit Stream(std::function<void(size_t, size_t)> reduce) : reduce_(std::move(reduce)), th_([this] { run(); }) {}
+  ~Stream() {
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      stop_ = true;
+    }
+    cv_.notify_all();
+    th_.join();
+  }
+  void push(size_t begin, size_t end) {
+    if (begin >= end) return;
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      queue_.emplace_back(begin, end);
+      pending_++;
+    }
+    cv_.notify_all();
+  }
+  // Waits for every queued range; returns the seconds spent in the collectives since the last drain.
+  double drain() {
+    std::unique_lock<std::mutex> lock(mu_);
+    done_.wait(lock, [&] { return pending_ == 0; });
+    KILN_CHECK(error_.empty(), error_);
+    const double s = busy_;
+    busy_ = 0;
+    return s;
+  }
+
+ private:
+  std::function<void(size_t, size_t)> reduce_;
+  std::mutex mu_;
+  std::condition_variable cv_, done_;
+  std::deque<std::pair<size_t, size_t>> queue_;
+  int pending_ = 0;
+  bool stop_ = false;
+  double busy_ = 0;
+  std::string error_;
+  std::thread th_;
+
+  void run() {
+    std::unique_lock<std::mutex> lock(mu_);
+    for (;;) {
+      cv_.wait(lock, [&] { return stop_ || !queue_.empty(); });
+      if (queue_.empty()) return;
+      const auto [begin, end] = queue_.front();
+      queue_.pop_front();
+      lock.unlock();
+      const auto t0 = Clock::now();
+      std::string err;
+      try {
+        reduce_(begin, end);
+      } catch (const std::exception& e) {
+        err = e.what();
+      }
+      const double secs = seconds_since(t0);
+      lock.lock();
+      busy_ += secs;
+      if (!err.empty() && error_.empty()) error_ = err;
+      if (--pending_ == 0) done_.notify_all();
+    }
+  }
+};
+
 DataParallel::DataParallel(dist::Communicator& host, dist::Communicator& grads, Model& model, const AdamWConfig& cfg,
                            int zero_stage)
     : host_(host), grads_comm_(grads), model_(model), stage_(zero_stage) {
@@ -75,22 +152,114 @@ DataParallel::DataParallel(dist::Communicator& host, dist::Communicator& grads, 
   AdamWShard shard;
   if (stage_ >= 1) shard = {lo_, hi_};
   adam_ = std::make_unique<AdamW>(model.table(), cfg, b.backend, shard);
+  // Overlap by default only with a core to spare for each rank's communication thread: on a machine whose
+  // cores the ranks' compute threads already fill, that thread only takes time from the backward (measured
+  // slower on 2 ranks x 1 thread on 2 cores).
+  const char* env = std::getenv("KILN_DIST_OVERLAP");
+  const bool spare = host.local_size() * (omp_get_max_threads() + 1) <= int(sysconf(_SC_NPROCESSORS_ONLN));
+  const bool want = env ? std::string(env) != "0" : spare;
+  if (want && host.size() > 1 && !grads.device_buffers() && grads.thread_serialized() && find_layer_ranges()) {
+    stream_ = std::make_unique<Stream>([this](size_t a, size_t e) { reduce_range(a, e); });
+    model.set_layer_grads_hook([this](int l) {
+      if (!armed_ || l != next_layer_ - 1) return;  // layers come in descending order
+      next_layer_ = l;
+      stream_->push(layer_range_[size_t(l)].first, layer_range_[size_t(l)].second);
+    });
+  }
 }
 
-DataParallel::~DataParallel() = default;
+DataParallel::~DataParallel() {
+  if (stream_) model_.set_layer_grads_hook(nullptr);
+}
 
 size_t DataParallel::optimizer_bytes() const { return adam_->shard_floats() * 2 * sizeof(float); }
 
+// Each layer's tensors ("blk.N." keys) as one float range; false (no overlap) unless the ranges are disjoint
+// and no other tensor lies inside one.
+bool DataParallel::find_layer_ranges() {
+  const ParamTable& t = model_.table();
+  const int L = model_.config().n_layer;
+  layer_range_.assign(size_t(L), {SIZE_MAX, 0});
+  for (const ParamSpec& s : t.specs) {
+    int l = -1;
+    if (std::sscanf(s.key.c_str(), "blk.%d.", &l) != 1 || l < 0 || l >= L) continue;
+    auto& r = layer_range_[size_t(l)];
+    r.first = std::min(r.first, s.offset);
+    r.second = std::max(r.second, s.offset + size_t(s.numel()));
+  }
+  std::vector<std::pair<size_t, size_t>> sorted = layer_range_;
+  for (auto& r : sorted)
+    if (r.first > r.second) return false;
+  std::sort(sorted.begin(), sorted.end());
+  for (size_t i = 1; i < sorted.size(); i++)
+    if (sorted[i].first < sorted[i - 1].second) return false;
+  for (const ParamSpec& s : t.specs) {
+    int l = -1;
+    if (std::sscanf(s.key.c_str(), "blk.%d.", &l) == 1 && l >= 0 && l < L) continue;
+    for (const auto& r : sorted)
+      if (s.offset < r.second && s.offset + size_t(s.numel()) > r.first) return false;
+  }
+  // The rest of the block, between and around the layers (padding included: it is zero everywhere).
+  rest_ranges_.clear();
+  size_t at = 0;
+  for (const auto& r : sorted) {
+    if (r.first > at) rest_ranges_.emplace_back(at, r.first);
+    at = r.second;
+  }
+  if (at < t.total) rest_ranges_.emplace_back(at, t.total);
+  return true;
+}
+
+void DataParallel::reduce_range(size_t begin, size_t end) {
+  float* g = model_.blocks().grads;
+  if (stage_ == 0) {
+    const size_t bucket = bucket_floats();
+    for (size_t at = begin; at < end; at += bucket) grads_comm_.all_reduce_sum(g + at, std::min(bucket, end - at));
+    return;
+  }
+  // The range's part of every rank's segment (segments are in rank order, so the parts are too).
+  std::vector<size_t> counts(counts_.size());
+  size_t seg = 0;
+  for (size_t r = 0; r < counts_.size(); r++) {
+    const size_t a = std::max(begin, seg), e = std::min(end, seg + counts_[r]);
+    counts[r] = e > a ? e - a : 0;
+    seg += counts_[r];
+  }
+  grads_comm_.reduce_scatter_sum(g + begin, counts);
+}
+
+void DataParallel::begin_micro(bool last) {
+  if (!stream_) return;
+  armed_ = stage_ == 2 || last;
+  next_layer_ = model_.config().n_layer;
+}
+
 void DataParallel::after_backward() {
-  if (stage_ != 2 || host_.size() == 1) return;
-  // Stage 2: this micro-batch's gradients are summed into the owners' segments now, and the other segments are
+  if (host_.size() == 1) return;
+  if (armed_) {
+    // Layers the backward did not report (a rank with no tokens in this micro-batch runs no backward), in the
+    // same descending order as every other rank, then the rest of the block; then wait for the thread.
+    for (int l = next_layer_ - 1; l >= 0; l--) stream_->push(layer_range_[size_t(l)].first, layer_range_[size_t(l)].second);
+    for (const auto& r : rest_ranges_) stream_->push(r.first, r.second);
+    const auto t0 = Clock::now();
+    comm_.total += stream_->drain();
+    comm_.exposed += seconds_since(t0);
+    armed_ = false;
+    reduced_ = true;
+  } else if (stage_ == 2) {
+    // Stage 2 without overlap: the whole block reduce-scattered now.
+    const auto t0 = Clock::now();
+    grads_comm_.reduce_scatter_sum(model_.blocks().grads, counts_);
+    const double secs = seconds_since(t0);
+    comm_.total += secs;
+    comm_.exposed += secs;
+  } else {
+    return;
+  }
+  // Stage 2: this micro-batch's gradients are now summed into the owners' segments; the other segments are
   // cleared. The next backward adds its gradients onto both, so the next reduce-scatter sums the owner's
   // running total with every rank's new contribution: the segment accumulates without a second buffer.
-  const ParamBlocks b = model_.blocks();
-  const auto t0 = Clock::now();
-  grads_comm_.reduce_scatter_sum(b.grads, counts_);
-  comm_seconds_ += seconds_since(t0);
-  clear_others();
+  if (stage_ == 2) clear_others();
 }
 
 void DataParallel::clear_others() {
@@ -101,16 +270,14 @@ void DataParallel::clear_others() {
 
 void DataParallel::reduce_gradients() {
   if (host_.size() == 1) return;
-  const ParamBlocks b = model_.blocks();
+  const bool done = reduced_ || stage_ == 2;  // reduced during (or after) the last backward
+  reduced_ = false;
+  if (done) return;
   const auto t0 = Clock::now();
-  if (stage_ == 0) {
-    const size_t bucket = bucket_floats();
-    for (size_t at = 0; at < b.n; at += bucket) grads_comm_.all_reduce_sum(b.grads + at, std::min(bucket, b.n - at));
-  } else if (stage_ == 1) {
-    grads_comm_.reduce_scatter_sum(b.grads, counts_);
-  }
-  // Stage 2: reduced by the last after_backward.
-  comm_seconds_ += seconds_since(t0);
+  reduce_range(0, model_.blocks().n);
+  const double secs = seconds_since(t0);
+  comm_.total += secs;
+  comm_.exposed += secs;
 }
 
 double DataParallel::grad_norm(float unscale) {
@@ -120,7 +287,8 @@ double DataParallel::grad_norm(float unscale) {
   double sq = hi_ > lo_ ? b.backend->sum_squares(b.grads + lo_, int64_t(hi_ - lo_)) : 0.0;
   const auto t0 = Clock::now();
   host_.all_reduce_sum(&sq, 1);
-  comm_seconds_ += seconds_since(t0);
+  comm_.total += seconds_since(t0);
+  comm_.exposed += seconds_since(t0);
   return std::sqrt(sq) * double(unscale);
 }
 
@@ -135,17 +303,19 @@ void DataParallel::update(float lr, int64_t t, double norm, float unscale) {
 
 void DataParallel::skip() { model_.zero_grad(); }
 
-double DataParallel::take_comm_seconds() {
-  const double s = comm_seconds_;
-  comm_seconds_ = 0;
-  return s;
+DataParallel::CommTime DataParallel::take_comm_seconds() {
+  const CommTime c = comm_;
+  comm_ = {};
+  return c;
 }
 
 void DataParallel::gather_params() {
   const ParamBlocks b = model_.blocks();
   const auto t0 = Clock::now();
   grads_comm_.all_gather(b.params, counts_);
-  comm_seconds_ += seconds_since(t0);
+  const double secs = seconds_since(t0);
+  comm_.total += secs;
+  comm_.exposed += secs;
   // The 16-bit copy the products read: refreshed from the gathered fp32 weights (the update wrote only this
   // rank's segment of it).
   if (b.params16) b.backend->to_lowp(b.params16, b.params, int64_t(b.n), *b.backend->lowp());

@@ -17,6 +17,14 @@
 //      allocates its whole gradient block: dropping the other segments as they are produced needs per-layer
 //      gradient buffers in the model (not done), so stage 2 needs the memory of stage 1 for now.
 //   3: not implemented (parameters gathered layer by layer need the same hooks).
+//
+// Overlap. With host buffers and more than one rank, the reduction runs on a communication thread during the
+// backward: the model reports each layer's gradients complete (Model::set_layer_grads_hook) and the thread
+// all-reduces (stage 0) or reduce-scatters (1, 2) that layer's range while the backward goes on; the
+// embeddings, final norm and head follow when backward() returns. Stages 0 and 1 do it in the step's last
+// micro-batch, stage 2 in every one. It is on when each rank has a spare core for that thread (local ranks x
+// (threads + 1) <= cores); KILN_DIST_OVERLAP=1 or 0 forces it. Without it the reduction runs after the
+// backward, in buckets of KILN_DIST_BUCKET_MB (25 by default).
 #pragma once
 #include <cstdint>
 #include <memory>
@@ -45,7 +53,11 @@ class DataParallel {
   int stage() const { return stage_; }
   AdamW& optimizer() { return *adam_; }
 
-  // After each micro-batch's backward (stage 2 reduce-scatters here and accumulates into its segment).
+  // Before each micro-batch's forward, on every rank (also one that has no tokens in it): `last` when it is the
+  // step's last.
+  void begin_micro(bool last);
+  // After each micro-batch's backward, on every rank (stage 2 reduce-scatters here; with overlap, waits for
+  // the communication thread).
   void after_backward();
   // After the step's last backward: the gradients are summed over the ranks (stage 0: everywhere; 1, 2: in
   // this rank's segment).
@@ -64,8 +76,12 @@ class DataParallel {
   void scatter_optimizer(AdamW& full);
 
   // Seconds spent in the gradient and parameter collectives since the last call (waiting for the slowest
-  // rank included).
-  double take_comm_seconds();
+  // rank included), and the part of them the step waited for (the rest was hidden behind the backward).
+  struct CommTime {
+    double total = 0, exposed = 0;
+  };
+  CommTime take_comm_seconds();
+  bool overlapping() const { return stream_ != nullptr; }
 
   // Bytes of optimizer state this rank holds (AdamW moments: all, or its segment's).
   size_t optimizer_bytes() const;
@@ -77,8 +93,16 @@ class DataParallel {
   std::vector<size_t> counts_;  // segment of each rank, in floats
   size_t lo_ = 0, hi_ = 0;      // this rank's segment
   std::unique_ptr<AdamW> adam_;
-  double comm_seconds_ = 0;
+  CommTime comm_;
+  // Overlap: the float range of each layer's tensors, the ranges outside every layer, the thread.
+  std::vector<std::pair<size_t, size_t>> layer_range_, rest_ranges_;
+  class Stream;
+  std::unique_ptr<Stream> stream_;
+  bool armed_ = false, reduced_ = false;
+  int next_layer_ = 0;  // layers below this one are not yet queued (descending)
 
+  void reduce_range(size_t begin, size_t end);  // stage 0: all-reduce; 1, 2: reduce-scatter of the range
+  bool find_layer_ranges();
   void gather_params();
   void clear_others();  // zeroes the gradients outside this rank's segment
 };

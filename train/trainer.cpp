@@ -327,9 +327,10 @@ double train(const TrainOptions& opt, dist::Communicator& comm) {
     per[size_t(rank)] = state_measured;
     comm.all_reduce_sum(per.data(), per.size());
     if (root)
-      std::fprintf(stderr, "kiln train: %d ranks (%s%s), ZeRO stage %d, global batch %d | state per rank measured "
-                   "%.1f MB (largest rank; weights, grads, optimizer part)\n",
+      std::fprintf(stderr, "kiln train: %d ranks (%s%s), ZeRO stage %d, global batch %d, reduction %s | state per "
+                   "rank measured %.1f MB (largest rank; weights, grads, optimizer part)\n",
                    ranks, comm.name().c_str(), nccl ? " + nccl" : "", opt.zero_stage, B,
+                   dp->overlapping() ? "overlapped with the backward" : "after the backward",
                    *std::max_element(per.begin(), per.end()) / MB);
   } else if (std::getenv("KILN_REPORT_STATE_MEMORY")) {
     std::fprintf(stderr, "kiln train: state measured %.1f MB\n", state_measured / MB);
@@ -397,11 +398,19 @@ double train(const TrainOptions& opt, dist::Communicator& comm) {
     dist::agree_on_error(comm, step_error);
     const float grad_scale = scaler.scale / float(n_targets);  // the global count: gradients sum over ranks
     double loss_sum = 0;
-    for (Batch& b : micro) {
-      take_share(b, rank, ranks, local);
+    for (size_t i = 0; i < micro.size(); i++) {
+      const bool last_micro = i + 1 == micro.size();
+      take_share(micro[i], rank, ranks, local);
+      dp->begin_micro(last_micro);
       if (local.n_tokens > 0) {
         loss_sum += forward(*model, local, grad_scale);
         model->backward();
+      }
+      if (last_micro && (inject_every || inject_at == step + 1) && root) {
+        // Test hook: one infinite gradient (the overflow path of loss scaling), before it is reduced: the
+        // first float is an embedding's, reduced after the backward.
+        const float inf = INFINITY;
+        model->blocks().backend->upload(model->blocks().grads, &inf, sizeof inf);
       }
       dp->after_backward();
     }
@@ -409,10 +418,6 @@ double train(const TrainOptions& opt, dist::Communicator& comm) {
     comm.all_reduce_sum(&loss_sum, 1);
     loss = loss_sum / double(n_targets);
     const float lr = sched.at(int(step));
-    if ((inject_every || inject_at == step + 1) && root) {
-      const float inf = INFINITY;  // test hook: one infinite gradient (the overflow path of loss scaling)
-      model->blocks().backend->upload(model->blocks().grads, &inf, sizeof inf);
-    }
     dp->reduce_gradients();
     const double norm = dp->grad_norm(1.0f / scaler.scale);
     const bool finite = std::isfinite(norm) && std::isfinite(loss);
@@ -446,7 +451,12 @@ double train(const TrainOptions& opt, dist::Communicator& comm) {
     nlohmann::json m = {{"step", st.step},         {"loss", loss},
                         {"lr", lr},                {"grad_norm", norm},
                         {"tokens_per_s", double(tokens_per_step) / secs}, {"ms", secs * 1e3}};
-    if (ranks > 1) m["comm_ms"] = dp->take_comm_seconds() * 1e3;
+    if (ranks > 1) {
+      // Time in collectives, and how much of it the step waited for (the rest overlapped the backward).
+      const auto c = dp->take_comm_seconds();
+      m["comm_ms"] = c.total * 1e3;
+      m["comm_exposed_ms"] = c.exposed * 1e3;
+    }
     if (scaler.enabled) {
       m["loss_scale"] = used_scale;
       m["skipped_steps"] = scaler.skipped;

@@ -21,13 +21,19 @@ class MpiCommunicator : public Communicator {
     int inited = 0;
     MPI_Initialized(&inited);
     if (!inited) {
-      int provided = 0;
-      // Only the main thread calls MPI (OpenMP threads compute between the collectives).
-      MPI_Init_thread(nullptr, nullptr, MPI_THREAD_FUNNELED, &provided);
+      // One thread at a time calls MPI: the main thread, or the gradient thread during the backward
+      // (train/data_parallel.cpp); OpenMP threads only compute.
+      MPI_Init_thread(nullptr, nullptr, MPI_THREAD_SERIALIZED, &provided_);
       owns_ = true;
+    } else {
+      MPI_Query_thread(&provided_);
     }
     MPI_Comm_rank(MPI_COMM_WORLD, &rank_);
     MPI_Comm_size(MPI_COMM_WORLD, &size_);
+    MPI_Comm local;
+    MPI_Comm_split_type(MPI_COMM_WORLD, MPI_COMM_TYPE_SHARED, rank_, MPI_INFO_NULL, &local);
+    MPI_Comm_size(local, &local_size_);
+    MPI_Comm_free(&local);
   }
   ~MpiCommunicator() override {
     if (owns_) MPI_Finalize();
@@ -35,6 +41,8 @@ class MpiCommunicator : public Communicator {
   int rank() const override { return rank_; }
   int size() const override { return size_; }
   std::string name() const override { return "mpi"; }
+  int local_size() const override { return local_size_; }
+  bool thread_serialized() const override { return provided_ >= MPI_THREAD_SERIALIZED; }
 
   void all_reduce_sum(float* data, size_t n) override { all_reduce(data, n, MPI_FLOAT); }
   void all_reduce_sum(double* data, size_t n) override { all_reduce(data, n, MPI_DOUBLE); }
@@ -85,7 +93,7 @@ class MpiCommunicator : public Communicator {
   }
 
  private:
-  int rank_ = 0, size_ = 1;
+  int rank_ = 0, size_ = 1, provided_ = 0, local_size_ = 1;
   bool owns_ = false;
 
   template <class T>

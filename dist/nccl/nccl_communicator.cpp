@@ -37,7 +37,9 @@ class NcclCommunicator : public Communicator {
   int rank() const override { return rank_; }
   int size() const override { return size_; }
   std::string name() const override { return "nccl"; }
+  int local_size() const override { return bootstrap_.local_size(); }
   bool device_buffers() const override { return true; }
+  bool thread_serialized() const override { return false; }  // the device context belongs to the main thread
 
   // Every collective is synchronous towards the caller: the device's queued work first (the gradients were
   // written on the default stream), then the collective on our stream, then wait for it.

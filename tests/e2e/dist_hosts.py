@@ -56,7 +56,7 @@ try:
          "btl_tcp_if_include", "10.231.0.0/24", "--mca", "oob_tcp_if_include", "10.231.0.0/24", "-np", "2", "sh", "-c",
          "ip -o -4 addr show | grep -o '10\\.231\\.0\\.[0-9]*'"], env=env, capture_output=True, text=True, timeout=60)
     hosts = sorted(where.stdout.split())
-    remote, _ = train("hosts", ["ip", "netns", "exec", "kiln_a", mpirun, "-q", "--host", "10.231.0.1,10.231.0.2",
+    remote, remote_log = train("hosts", ["ip", "netns", "exec", "kiln_a", mpirun, "-q", "--host", "10.231.0.1,10.231.0.2",
                                 "--mca", "plm_rsh_agent", script + " agent", "--mca", "plm_rsh_no_tree_spawn", "1",
                                 "--mca", "btl", "tcp,self", "--mca", "btl_tcp_if_include", "10.231.0.0/24",
                                 "--mca", "oob_tcp_if_include", "10.231.0.0/24", "-np", "2"])
@@ -66,7 +66,10 @@ finally:
 
 d_local = max(abs(a - b) for a, b in zip(local, remote))
 d_one = max(abs(a - b) for a, b in zip(one, remote))
-ok = hosts == ["10.231.0.1", "10.231.0.2"] and len(remote) == 6 and d_local <= 1e-6 and d_one <= 1e-6
-print(f"ranks on {hosts}; losses across hosts vs one host: max diff {d_local:.2e}; vs one process {d_one:.2e}")
+# One rank a host leaves a core for the communication thread: the reduction overlaps the backward there.
+overlap = "overlapped with the backward" in remote_log
+ok = hosts == ["10.231.0.1", "10.231.0.2"] and len(remote) == 6 and d_local <= 1e-6 and d_one <= 1e-6 and overlap
+print(f"ranks on {hosts}; losses across hosts vs one host: max diff {d_local:.2e}; vs one process {d_one:.2e}; "
+      f"reduction overlapped: {overlap}")
 print("PASS" if ok else "FAIL")
 sys.exit(0 if ok else 1)
