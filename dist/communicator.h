@@ -27,8 +27,9 @@ class Communicator {
   virtual int rank() const = 0;
   virtual int size() const = 0;
   virtual std::string name() const = 0;  // "single", "mpi", "nccl"
-  // Ranks on this rank's machine (sharing its cores and memory).
+  // Ranks on this rank's machine (sharing its cores, memory and GPUs), and this rank's place among them.
   virtual int local_size() const { return size(); }
+  virtual int local_rank() const { return rank(); }
   // True when buffers are device memory (NCCL), false for host memory.
   virtual bool device_buffers() const { return false; }
   // True when collectives may be called from another thread than the one that made the communicator (one

@@ -232,6 +232,8 @@ double train(const TrainOptions& opt, dist::Communicator& comm) {
                ranks, " ranks");
     RecomputePolicy::parse(opt.recompute);  // reject a bad policy before any work
     device = parse_device(opt.device);
+    // One GPU a rank: --device cuda:N gives the machine's ranks GPUs N, N+1, ... in local rank order.
+    if (device.cuda && comm.local_size() > 1) device.index += comm.local_rank();
     if (device.cuda) {
       KILN_CHECK(opt.dtype == "bf16", "--device cuda trains in bf16: pass --dtype bf16 (got --dtype ", opt.dtype, ")");
       KILN_CHECK(opt.loss_scale != "dynamic", "--loss-scale dynamic: bf16 on the GPU needs no loss scaling");

@@ -33,6 +33,7 @@ class MpiCommunicator : public Communicator {
     MPI_Comm local;
     MPI_Comm_split_type(MPI_COMM_WORLD, MPI_COMM_TYPE_SHARED, rank_, MPI_INFO_NULL, &local);
     MPI_Comm_size(local, &local_size_);
+    MPI_Comm_rank(local, &local_rank_);
     MPI_Comm_free(&local);
   }
   ~MpiCommunicator() override {
@@ -42,6 +43,7 @@ class MpiCommunicator : public Communicator {
   int size() const override { return size_; }
   std::string name() const override { return "mpi"; }
   int local_size() const override { return local_size_; }
+  int local_rank() const override { return local_rank_; }
   bool thread_serialized() const override { return provided_ >= MPI_THREAD_SERIALIZED; }
 
   void all_reduce_sum(float* data, size_t n) override { all_reduce(data, n, MPI_FLOAT); }
@@ -93,7 +95,7 @@ class MpiCommunicator : public Communicator {
   }
 
  private:
-  int rank_ = 0, size_ = 1, provided_ = 0, local_size_ = 1;
+  int rank_ = 0, size_ = 1, provided_ = 0, local_size_ = 1, local_rank_ = 0;
   bool owns_ = false;
 
   template <class T>

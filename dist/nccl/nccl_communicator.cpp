@@ -4,6 +4,8 @@
 #include <cuda_runtime.h>
 #include <nccl.h>
 
+#include <cstdlib>
+
 #include "core/error.h"
 #include "dist/communicator.h"
 
@@ -38,6 +40,7 @@ class NcclCommunicator : public Communicator {
   int size() const override { return size_; }
   std::string name() const override { return "nccl"; }
   int local_size() const override { return bootstrap_.local_size(); }
+  int local_rank() const override { return bootstrap_.local_rank(); }
   bool device_buffers() const override { return true; }
   bool thread_serialized() const override { return false; }  // the device context belongs to the main thread
 
@@ -88,6 +91,7 @@ class NcclCommunicator : public Communicator {
   [[noreturn]] void abort(int code) override {
     ncclCommAbort(comm_);
     bootstrap_.abort(code);
+    std::_Exit(code);  // not reached: the bootstrap ends the job
   }
 
  private:

@@ -62,7 +62,8 @@ kiln::cli::Command train_cmd("train", [](CLI::App& root) {
       ->capture_default_str();
   c->add_option("--device", opt->device,
                 "cpu, or cuda / cuda:N: train on the GPU (with --dtype bf16; FlashAttention and cuBLASLt, fp32 "
-                "master weights and AdamW on the device)")
+                "master weights and AdamW on the device; under mpirun the ranks of a machine take GPUs N, N+1, ... and "
+                "reduce gradients with NCCL)")
       ->capture_default_str();
   c->add_option("--loss-scale", opt->loss_scale, "auto (dynamic for fp16), none or dynamic")->capture_default_str();
   c->add_option("--initial-loss-scale", opt->initial_loss_scale, "Starting dynamic loss scale")->capture_default_str();
