@@ -242,8 +242,11 @@ void DataParallel::after_backward() {
     for (int l = next_layer_ - 1; l >= 0; l--) stream_->push(layer_range_[size_t(l)].first, layer_range_[size_t(l)].second);
     for (const auto& r : rest_ranges_) stream_->push(r.first, r.second);
     const auto t0 = Clock::now();
-    comm_.total += stream_->drain();
-    comm_.exposed += seconds_since(t0);
+    const double busy = stream_->drain(), waited = seconds_since(t0);
+    comm_.total += busy;
+    comm_.exposed += waited;
+    comm_.overlapped += busy;
+    comm_.overlap_wait += waited;
     armed_ = false;
     reduced_ = true;
   } else if (stage_ == 2) {

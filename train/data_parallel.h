@@ -77,8 +77,10 @@ class DataParallel {
 
   // Seconds spent in the gradient and parameter collectives since the last call (waiting for the slowest
   // rank included), and the part of them the step waited for (the rest was hidden behind the backward).
+  // overlapped: the part of total run by the communication thread during the backward, overlap_wait: how long
+  // the step waited for it after the backward (so 1 - overlap_wait / overlapped of it was hidden).
   struct CommTime {
-    double total = 0, exposed = 0;
+    double total = 0, exposed = 0, overlapped = 0, overlap_wait = 0;
   };
   CommTime take_comm_seconds();
   bool overlapping() const { return stream_ != nullptr; }

@@ -458,6 +458,10 @@ double train(const TrainOptions& opt, dist::Communicator& comm) {
       const auto c = dp->take_comm_seconds();
       m["comm_ms"] = c.total * 1e3;
       m["comm_exposed_ms"] = c.exposed * 1e3;
+      if (dp->overlapping()) {
+        m["overlap_ms"] = c.overlapped * 1e3;
+        m["overlap_wait_ms"] = c.overlap_wait * 1e3;
+      }
     }
     if (scaler.enabled) {
       m["loss_scale"] = used_scale;
