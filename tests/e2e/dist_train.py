@@ -119,13 +119,16 @@ for ranks in (2, 3):
 # machine has no core to spare for it, so it is off by default), and fp16 loss scaling with an overflow on
 # rank 0 only: every rank skips that step (weights within 1e-4 here: a master weight that differs in its
 # last bits can round to another fp16 copy, and the products then differ by an fp16 step).
-for ranks, stage in ((2, 0), (3, 1), (2, 2)):
-    out, r, _ = run(ranks, f"overlap_r{ranks}z{stage}", ["--zero-stage", str(stage)], hook={"KILN_DIST_OVERLAP": "1"})
+# With recomputation (the layers' gradients then complete inside the recomputed segments).
+for ranks, stage, rc in ((2, 0, "block"), (3, 1, "every:2"), (2, 2, "none")):
+    out, r, _ = run(ranks, f"overlap_r{ranks}z{stage}", ["--zero-stage", str(stage), "--recompute", rc],
+                    hook={"KILN_DIST_OVERLAP": "1"})
     lb = losses(out) if r.returncode == 0 else []
     dl = max(abs(x - y) for x, y in zip(la, lb)) if len(lb) == STEPS else 1
     dw = rel_diff(wa, weights(out)) if r.returncode == 0 else 1
     check(dl <= (1e-6 if stage < 2 else 1e-5) and dw <= 1e-5 and "overlapped with the backward" in r.stderr,
-          f"overlapped reduction, {ranks} ranks, ZeRO {stage}: max loss diff {dl:.2e}, weights {dw:.2e}")
+          f"overlapped reduction, {ranks} ranks, ZeRO {stage}, --recompute {rc}: max loss diff {dl:.2e}, "
+          f"weights {dw:.2e}")
 fp16 = ["--dtype", "fp16", "--initial-loss-scale", "1024"]
 f_ref, r, _ = run(1, "fp16_ref", fp16, hook={"KILN_TEST_OVERFLOW_AT_STEP": "3"})
 assert r.returncode == 0, r.stderr
@@ -140,6 +143,17 @@ for ranks, stage in ((2, 0), (2, 1)):
     check(skipped == [3] and dl <= 1e-5 and dw <= 1e-4,
           f"fp16, overflow on rank 0 at step 3, {ranks} ranks, ZeRO {stage}: skipped {skipped}, "
           f"loss diff {dl:.2e}, weights {dw:.2e}")
+
+# Evaluation: each rank takes its share of every validation batch.
+val = ["--val-data", other, "--eval-every", "4", "--val-batches", "3"]
+vref, r, _ = run(1, "val_ref", val)
+assert r.returncode == 0, r.stderr
+vals = lambda out: [json.loads(l)["val_loss"] for l in open(out + ".jsonl") if "val_loss" in l]
+for ranks in (2, 3):
+    out, r, _ = run(ranks, f"val_r{ranks}", val + ["--zero-stage", "1"])
+    va, vb = vals(vref), vals(out) if r.returncode == 0 else []
+    dv = max(abs(x - y) for x, y in zip(va, vb)) if len(vb) == len(va) == 2 else 1
+    check(dv <= 1e-6, f"evaluation on {ranks} ranks: val losses {vb}, max diff {dv:.2e}")
 
 # Packed batches: whole documents, each rank a contiguous run of them (fewer tokens on some ranks).
 pref, r, _ = run(1, "packed_ref", ["--batching", "packed"], data=packed)
