@@ -28,7 +28,16 @@ nn::Layout layout_of(const ModelConfig& c) {
 // ---- binding by name ----
 
 nn::BlockShape block_shape(const ModelConfig& c, int layer) {
-  (void)layer;  // every layer of the dense families has the same shape
+  nn::BlockShape S = block_shape_all(c);
+  // A layer has one feed-forward: the mixture of experts or the dense one.
+  if (c.is_moe_layer(layer))
+    S.ffn.F = 0;
+  else
+    S.moe = nn::MoEShape{};
+  return S;
+}
+
+nn::BlockShape block_shape_all(const ModelConfig& c) {
   nn::BlockShape S;
   nn::AttentionShape& A = S.attn;
   A.C = c.d_model;
@@ -44,6 +53,21 @@ nn::BlockShape block_shape(const ModelConfig& c, int layer) {
   F.F = c.d_ff;
   F.gated = c.gated_ffn;
   F.act = c.activation;
+  if (!c.has_dense_ffn()) F.F = 0;
+  if (c.has_moe()) {
+    nn::MoEShape& M = S.moe;
+    M.C = c.d_model;
+    M.F = c.moe_d_ff;
+    M.shared_F = c.n_shared_experts * c.moe_d_ff;
+    MoeRouting& r = M.routing;
+    r.E = c.n_experts;
+    r.K = c.moe_top_k;
+    r.groups = c.moe_groups;
+    r.topk_groups = c.moe_topk_groups;
+    r.sigmoid = c.moe_scoring == RouterScoring::Sigmoid;
+    r.norm_topk = c.norm_topk_prob;
+    r.scale = float(c.routed_scaling_factor);
+  }
   return S;
 }
 
@@ -91,10 +115,30 @@ void TransformerWeights::bind(const ModelConfig& c, const ParamTable& t, const f
     at.shape = S.attn;
     at.qkv = weight(b + qkv + ".weight", c.qkv_bias ? b + qkv + ".bias" : "", c.d_model, c.qkv_dim());
     at.proj = weight(b + "attn_output.weight", c.attn_out_bias ? b + "attn_output.bias" : "", c.q_dim(), c.d_model);
-    const std::string up = c.gated_ffn ? "ffn_gate" : "ffn_up";  // gate and up packed: [gate | up] rows
-    k.ffn.shape = S.ffn;
-    k.ffn.up = weight(b + up + ".weight", c.ffn_bias ? b + up + ".bias" : "", c.d_model, S.ffn.up());
-    k.ffn.down = weight(b + "ffn_down.weight", c.ffn_bias ? b + "ffn_down.bias" : "", c.d_ff, c.d_model);
+    if (S.moe) {
+      nn::MoE& m = k.moe;
+      m.shape = S.moe;
+      m.router = weight(b + "ffn_gate_inp.weight", "", c.d_model, c.n_experts);
+      m.router.w16 = nullptr;  // routing is decided in fp32
+      m.bias = p(b + "exp_probs_b.bias");
+      m.gate = p(b + "ffn_gate_exps.weight");
+      m.up = p(b + "ffn_up_exps.weight");
+      m.down = p(b + "ffn_down_exps.weight");
+      KILN_CHECK(m.gate && m.up && m.down, "parameter table: layer ", l, " lacks its experts");
+      m.dgate = g(b + "ffn_gate_exps.weight");
+      m.dup = g(b + "ffn_up_exps.weight");
+      m.ddown = g(b + "ffn_down_exps.weight");
+      if (S.moe.shared_F) {
+        m.shared.shape = S.moe.shared();
+        m.shared.up = weight(b + "ffn_gate_shexp.weight", "", c.d_model, 2 * S.moe.shared_F);
+        m.shared.down = weight(b + "ffn_down_shexp.weight", "", S.moe.shared_F, c.d_model);
+      }
+    } else {
+      const std::string up = c.gated_ffn ? "ffn_gate" : "ffn_up";  // gate and up packed: [gate | up] rows
+      k.ffn.shape = S.ffn;
+      k.ffn.up = weight(b + up + ".weight", c.ffn_bias ? b + up + ".bias" : "", c.d_model, S.ffn.up());
+      k.ffn.down = weight(b + "ffn_down.weight", c.ffn_bias ? b + "ffn_down.bias" : "", c.d_ff, c.d_model);
+    }
     if (c.qk_norm) {
       at.q_norm = p(b + "attn_q_norm.weight");
       at.k_norm = p(b + "attn_k_norm.weight");
@@ -144,7 +188,10 @@ void Model::init_random(uint64_t seed) {
       for (int64_t j = 0; j < s.numel(); j++) w[j] = v;
       continue;
     }
-    const float std = (ends_with(s.key, "attn_output.weight") || ends_with(s.key, "ffn_down.weight")) ? std_resid : 0.02f;
+    const float std = (ends_with(s.key, "attn_output.weight") || ends_with(s.key, "ffn_down.weight") ||
+                       ends_with(s.key, "ffn_down_exps.weight") || ends_with(s.key, "ffn_down_shexp.weight"))
+                          ? std_resid
+                          : 0.02f;
     // One Philox stream per tensor, chunked so threads fill disjoint ranges deterministically.
     const int64_t n_el = s.numel(), chunk = 1 << 16;
 #pragma omp parallel for schedule(static)
@@ -279,7 +326,9 @@ void Transformer::Activations::allocate(nn::Workspace& ws, const ModelConfig& cf
   blocks.assign(size_t(kept), {});
   out.assign(size_t(kept), nullptr);
   for (int i = 0; i < kept; i++) {
-    blocks[size_t(i)].allocate(ws, N, block_shape(cfg, i), selective);
+    // A segment's slot serves layers of either feed-forward kind.
+    const nn::BlockShape S = pol.kind == RecomputePolicy::Every ? block_shape_all(cfg) : block_shape(cfg, i);
+    blocks[size_t(i)].allocate(ws, N, S, selective);
     out[size_t(i)] = ws.f32(N * C);
   }
   ckpt_in.clear();
@@ -297,7 +346,7 @@ void Transformer::Activations::allocate(nn::Workspace& ws, const ModelConfig& cf
   logits = ws.act(chunk * logits_ld);
   losses = ws.f32(N);
   dres = ws.f32(N * C);
-  scratch.allocate(ws, N, block_shape(cfg, 0), selective);
+  scratch.allocate(ws, N, block_shape_all(cfg), selective);
   if (device) {
     tokens = ws.i32(N);
     pos = ws.i32(N);
@@ -524,7 +573,9 @@ void TransformerDecoder::ensure_rows(int64_t rows) {
     ln_ = ws.act(rows * C);
     mean_ = ws.f32(rows);
     rstd_ = ws.f32(rows);
-    a_.allocate(ws, rows, block_shape(cfg_, 0));
+    const nn::BlockShape S = block_shape_all(cfg_);
+    a_.allocate(ws, rows, S);
+    if (S.moe) s_.moe.allocate(ws, rows, S.moe);  // the router logits and gathered rows
     a_.h = nullptr;  // the stream is updated in place
     logits_d_ = ws.f32(int64_t(B) * V);
     argmax_d_ = ws.i32(B);

@@ -25,6 +25,9 @@ namespace kiln {
 
 // The shapes of layer `layer`'s block under cfg.
 nn::BlockShape block_shape(const ModelConfig& cfg, int layer);
+// Shapes covering every layer (the dense and the MoE feed-forward both set where the model has both): what
+// activations and scratch shared by several layers are allocated for.
+nn::BlockShape block_shape_all(const ModelConfig& cfg);
 
 struct TransformerWeights {
   std::vector<nn::Block> blocks;

@@ -13,7 +13,8 @@ void BlockActivations::allocate(Workspace& ws, int64_t N, const BlockShape& s, b
   ln2 = selective ? Act{} : ws.act(N * s.C());
   ln2_mean = ws.f32(N);
   ln2_rstd = ws.f32(N);
-  ffn.allocate(ws, N, s.ffn, selective);
+  if (s.ffn.F) ffn.allocate(ws, N, s.ffn, selective);
+  if (s.moe) moe.allocate(ws, N, s.moe, selective);
 }
 
 void BlockScratch::allocate(Workspace& ws, int64_t N, const BlockShape& s, bool selective) {
@@ -21,7 +22,8 @@ void BlockScratch::allocate(Workspace& ws, int64_t N, const BlockShape& s, bool 
   if (ws.act_dtype() != DType::F32) dres = ws.act(N * s.C());
   if (selective) ln_tmp = ws.act(N * s.C());
   attn.allocate(ws, N, s.attn);
-  ffn.allocate(ws, N, s.ffn, selective);
+  if (s.ffn.F) ffn.allocate(ws, N, s.ffn, selective);
+  if (s.moe) moe.allocate(ws, N, s.moe, selective);
 }
 
 void Block::forward(Backend& be, float* y, const float* x, BlockActivations& a, BlockScratch& s, const int32_t* pos,
@@ -33,7 +35,10 @@ void Block::forward(Backend& be, float* y, const float* x, BlockActivations& a, 
   norm1.forward(be, ln1, a.ln1_mean, a.ln1_rstd, x, N);
   attn.forward(be, h, x, ln1, a.attn, pos, ap, N, cache);
   norm2.forward(be, ln2, a.ln2_mean, a.ln2_rstd, h, N);
-  ffn.forward(be, y, h, ln2, a.ffn, s.ffn, N);
+  if (shape.moe)
+    moe.forward(be, y, h, ln2, a.moe, s.moe, N);
+  else
+    ffn.forward(be, y, h, ln2, a.ffn, s.ffn, N);
 }
 
 void Block::backward(Backend& be, float* dres, const float* x, const BlockActivations& a, BlockScratch& s,
@@ -47,7 +52,11 @@ void Block::backward(Backend& be, float* dres, const float* x, const BlockActiva
     ln2 = s.ln_tmp;
   }
   // FFN branch: dres is dL/dy = dL/dh through the residual, plus the branch's share added by norm2.
-  ffn.backward(be, s.d_ln, be.residual_operand(dres, s.dres, N * C), ln2, a.ffn, s.ffn, N);
+  const Act dy = be.residual_operand(dres, s.dres, N * C);
+  if (shape.moe)
+    moe.backward(be, s.d_ln, dy, ln2, a.moe, s.moe, N);
+  else
+    ffn.backward(be, s.d_ln, dy, ln2, a.ffn, s.ffn, N);
   norm2.backward(be, dres, s.d_ln, a.h, a.ln2_mean, a.ln2_rstd, N);  // dres now holds dL/dh
   // Attention branch.
   Act ln1 = a.ln1;

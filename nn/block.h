@@ -1,6 +1,6 @@
 // The pre-norm transformer block every family here is built from:
 //   h = x + Attention(Norm1(x))          Norm: LayerNorm (GPT-2) or RMSNorm (Llama, Mistral, Qwen)
-//   y = h + FFN(Norm2(h))                nn/attention.h, nn/ffn.h
+//   y = h + FFN(Norm2(h))                nn/attention.h, nn/ffn.h (dense) or nn/moe.h (mixture of experts)
 // The block owns the residual stream and the norms; the attention and feed-forward modules own their products,
 // activations and backward. The same block runs training and decoding (with a KV cache, nn/attention.h KVLayer).
 //
@@ -14,15 +14,19 @@
 #include "nn/attention.h"
 #include "nn/backend.h"
 #include "nn/ffn.h"
+#include "nn/moe.h"
 #include "nn/norm.h"
 #include "nn/workspace.h"
 
 namespace kiln::nn {
 
 // Shapes and options of a block.
+// A layer's feed-forward is the MoE when moe is set, else the dense ffn. Activations and scratch allocated for
+// a shape with both (ffn.F > 0 and moe set) serve layers of either kind.
 struct BlockShape {
   AttentionShape attn;
   FFNShape ffn;
+  MoEShape moe;
   int C() const { return attn.C; }
 };
 
@@ -36,6 +40,7 @@ struct BlockActivations {
   Act ln2;             // [N, C]
   float *ln2_mean = nullptr, *ln2_rstd = nullptr;
   FFNActivations ffn;
+  MoEActivations moe;
   void allocate(Workspace& ws, int64_t N, const BlockShape& s, bool selective = false);
 };
 
@@ -47,6 +52,7 @@ struct BlockScratch {
   Act ln_tmp;  // selective recomputation only
   AttentionScratch attn;
   FFNScratch ffn;
+  MoEScratch moe;
   void allocate(Workspace& ws, int64_t N, const BlockShape& s, bool selective = false);
 };
 
@@ -54,7 +60,8 @@ struct Block {
   BlockShape shape;
   Norm norm1, norm2;
   Attention attn;
-  FeedForward ffn;
+  FeedForward ffn;  // dense layers
+  MoE moe;          // mixture-of-experts layers (shape.moe set)
 
   // y = block(x) for N tokens at positions pos. x, y: [N, C] fp32; h (the mid-block residual) is a.h or, when
   // decoding (a.h null), y itself (then y may be x too: the stream is updated in place). y == nullptr records the
