@@ -87,8 +87,8 @@ void agree_on_error(Communicator& comm, const std::string& local_error);
 struct AgreedError : Error {
   using Error::Error;
 };
-// Thrown on ranks other than 0 instead of the agreed error, so one line is printed, by rank 0; the CLI exits
-// non-zero without printing.
+// Thrown on ranks other than 0 instead of the agreed error, so one line is printed, by rank 0 (kiln::train
+// prints it there before MPI is finalised, then throws this too); the CLI exits non-zero without printing.
 struct RankQuiet : std::exception {
   const char* what() const noexcept override { return "error reported by rank 0"; }
 };

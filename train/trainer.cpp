@@ -194,8 +194,13 @@ double train(const TrainOptions& opt) {
     return train(opt, *comm);
   } catch (const dist::RankQuiet&) {
     throw;
-  } catch (const dist::AgreedError&) {
-    throw;
+  } catch (const dist::AgreedError& e) {
+    if (comm->size() == 1) throw;
+    // Printed here, before MPI_Finalize (when `comm` goes), which the other ranks wait in: once a rank exits
+    // non-zero mpirun ends the rest, and a line printed after that could be lost.
+    std::fprintf(stderr, "kiln: %s\n", e.what());
+    std::fflush(stderr);
+    throw dist::RankQuiet();
   } catch (const std::exception& e) {
     // Errors agreed on (setup, data, a step's checks) reach every rank together; anything else is this
     // rank's alone, and the others wait in a collective: end the job, naming the rank.
