@@ -53,6 +53,14 @@ void grouped_linear_forward(float* y, int64_t ldy, const float* x, const float* 
 // dx = beta·dx + dy · W_e (dx rows of `in`; null: not computed); dw_e += dy_eᵀ · x_e (null: not computed).
 void grouped_linear_backward(float* dx, float beta, float* dw, const float* dy, int64_t ldy, const float* x,
                              const float* w, const int32_t* offsets, int E, int in, int out);
+// Sequence-wise balance loss (DeepSeek-V3, eq. 17-20) over S sequences of tokens [starts[s], starts[s+1]):
+//   f[s, i] = E / (K·T_s) · #{t in s : expert i chosen at t}     P_i = (1/T_s) Σ_t s'_{i,t},  s' = s / Σ_j s_j
+//   loss = alpha · Σ_s T_s · Σ_i f[s, i]·P_i     (each sequence weighted by its tokens, as the token losses are)
+// moe_seq_aux writes f [S, E] and returns the loss; the backward adds scale · dloss/du to dlogits (f constant).
+double moe_seq_aux(float* f, const float* scores, const int32_t* idx, const int32_t* starts, int S,
+                   const MoeRouting& r, float alpha);
+void moe_seq_aux_backward(float* dlogits, const float* f, const float* scores, const int32_t* starts, int S,
+                          const MoeRouting& r, float scale);
 }  // namespace cpu
 
 namespace ref {
@@ -72,6 +80,10 @@ void grouped_linear_forward(float* y, int64_t ldy, const float* x, const float* 
                             int in, int out);
 void grouped_linear_backward(float* dx, float beta, float* dw, const float* dy, int64_t ldy, const float* x,
                              const float* w, const int32_t* offsets, int E, int in, int out);
+double moe_seq_aux(float* f, const float* scores, const int32_t* idx, const int32_t* starts, int S,
+                   const MoeRouting& r, float alpha);
+void moe_seq_aux_backward(float* dlogits, const float* f, const float* scores, const int32_t* starts, int S,
+                          const MoeRouting& r, float scale);
 }  // namespace ref
 
 }  // namespace kiln

@@ -131,7 +131,10 @@ ParamTable model_param_table(const ModelConfig& c) {
       // experts as one SwiGLU with gate and up back to back.
       const int64_t E = c.n_experts, MF = c.moe_d_ff, SF = int64_t(c.n_shared_experts) * MF;
       add(b + "ffn_gate_inp.weight", {E, C});
-      if (c.moe_router_bias) add(b + "exp_probs_b.bias", {E});
+      if (c.moe_router_bias) {
+        add(b + "exp_probs_b.bias", {E});
+        t.specs.back().trainable = false;  // moved by the balancing update, never by AdamW
+      }
       for (const char* k : {"ffn_gate_exps", "ffn_up_exps", "ffn_down_exps"}) {
         const bool down = k[4] == 'd';
         add(b + k + ".weight", down ? Shape{E, C, MF} : Shape{E, MF, C});

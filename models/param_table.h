@@ -33,6 +33,8 @@ struct ParamSpec {
   // A stacked tensor the files keep as shape[0] separate tensors of shape[1:] (Hugging Face's per-expert
   // mlp.experts.E.*): `name` holds a '*' where the index goes.
   bool split = false;
+  // Moved by a rule of its own, not by the optimizer (the MoE selection bias: loss-free balancing).
+  bool trainable = true;
   int64_t numel() const { return shape.numel(); }
 };
 

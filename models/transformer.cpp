@@ -287,9 +287,52 @@ Transformer::Transformer(const ModelConfig& cfg, const ModelOptions& opt)
   inv_freq_buf_ = nn::DeviceBlock(*be_, inv_freq.size() * sizeof(float), "rotary frequencies");
   if (!inv_freq.empty()) be_->upload(inv_freq_buf_.data(), inv_freq.data(), inv_freq.size() * sizeof(float));
   w_.bind(cfg_, table_, params_, grads_, params16_, inv_freq_buf_.as<float>());
+  for (int l = 0; l < cfg_.n_layer; l++)
+    if (cfg_.is_moe_layer(l)) moe_layers_.push_back(l);
+  if (!moe_layers_.empty()) {
+    const size_t bytes = moe_layers_.size() * size_t(cfg_.n_experts) * sizeof(float);
+    load_buf_ = nn::DeviceBlock(*be_, bytes, "expert load");
+    be_->memset(load_buf_.data(), 0, bytes);
+  }
 }
 
 Transformer::~Transformer() = default;
+
+void Transformer::count_load(int layer, const nn::BlockActivations& a) {
+  if (!counting_ || !cfg_.is_moe_layer(layer)) return;
+  aux_sum_ += a.moe.aux_loss;
+  const size_t j = size_t(std::find(moe_layers_.begin(), moe_layers_.end(), layer) - moe_layers_.begin());
+  be_->moe_count(load_buf_.as<float>() + j * size_t(cfg_.n_experts), a.moe.offsets, cfg_.n_experts);
+}
+
+std::vector<std::vector<float>> Transformer::take_expert_load() {
+  if (moe_layers_.empty()) return {};
+  const size_t E = size_t(cfg_.n_experts);
+  std::vector<float> all(moe_layers_.size() * E);
+  be_->download(all.data(), load_buf_.data(), all.size() * sizeof(float));
+  be_->memset(load_buf_.data(), 0, all.size() * sizeof(float));
+  std::vector<std::vector<float>> out;
+  for (size_t j = 0; j < moe_layers_.size(); j++) out.emplace_back(all.begin() + j * E, all.begin() + (j + 1) * E);
+  return out;
+}
+
+void Transformer::update_expert_bias(const std::vector<std::vector<float>>& load, float gamma) {
+  if (gamma == 0.0f) return;
+  KILN_CHECK(load.size() == moe_layers_.size(), "expert bias update: load of ", load.size(), " layers for ",
+             moe_layers_.size(), " MoE layers");
+  const int E = cfg_.n_experts;
+  for (size_t j = 0; j < moe_layers_.size(); j++) {
+    const ParamSpec* s = table_.find_key("blk." + std::to_string(moe_layers_[j]) + ".exp_probs_b.bias");
+    if (!s) continue;  // a router without a selection bias (Qwen3-MoE)
+    KILN_CHECK(int(load[j].size()) == E, "expert bias update: load of ", load[j].size(), " experts, the model has ", E);
+    // The bias lives on the backend; the host mirror follows (on the CPU they are one array).
+    float* dev = params_ + s->offset;
+    float* host = host_ + s->offset;
+    if (!be_->on_host()) be_->download(host, dev, size_t(E) * sizeof(float));
+    nn::moe_bias_update(host, load[j].data(), E, gamma);
+    if (!be_->on_host()) be_->upload(dev, host, size_t(E) * sizeof(float));
+  }
+}
 
 void Transformer::params_changed() {
   if (!be_->on_host()) be_->upload(params_, host_, table_.total * sizeof(float));
@@ -381,6 +424,7 @@ void Transformer::run_blocks_forward(const AttentionParams& attn, int64_t N) {
   if (a_.policy.kind != RecomputePolicy::Every) {
     for (int l = 0; l < L; l++) {
       w_.blocks[size_t(l)].forward(*be_, a_.out[size_t(l)], x, a_.blocks[size_t(l)], a_.scratch, last_pos_, attn, N);
+      count_load(l, a_.blocks[size_t(l)]);
       x = a_.out[size_t(l)];
     }
     return;
@@ -391,6 +435,7 @@ void Transformer::run_blocks_forward(const AttentionParams& attn, int64_t N) {
   for (int l = 0; l < L; l++) {
     float* y = l == L - 1 ? a_.final_out : ((l + 1) % K == 0 ? a_.ckpt_in[size_t((l + 1) / K)] : a_.out[size_t(l % K)]);
     w_.blocks[size_t(l)].forward(*be_, y, x, a_.blocks[size_t(l % K)], a_.scratch, last_pos_, attn, N);
+    count_load(l, a_.blocks[size_t(l % K)]);
     x = y;
   }
 }
@@ -444,11 +489,23 @@ double Transformer::forward(const int32_t* tokens, const int32_t* pos, const int
   last_tokens_ = tokens;
   last_pos_ = pos;
   be_->embedding_forward(a_.encoded, tokens, pos, w_.wte, w_.wpe, N, C);
+  counting_ = grad_scale != 0.0f;  // the expert load of training forwards only
+  aux_sum_ = 0;
+  if (!moe_layers_.empty()) {
+    // The balance loss's sequences (host spans), its weight and gradient scale, for every MoE layer.
+    seq_starts_.clear();
+    if (attn.cu_seqlens)
+      seq_starts_.assign(attn.cu_seqlens, attn.cu_seqlens + attn.num_seqs + 1);
+    else
+      for (int b = 0; b <= attn.B; b++) seq_starts_.push_back(b * attn.T);
+    for (int l : moe_layers_)
+      w_.blocks[size_t(l)].moe.aux = {seq_aux_alpha_, grad_scale, seq_starts_.data(), int(seq_starts_.size()) - 1};
+  }
   run_blocks_forward(ap, N);
   w_.final_norm.forward(*be_, a_.lnf_out, a_.lnf_mean, a_.lnf_rstd, a_.final_out, N);
   double sum = 0;
   lm_head(targets, grad_scale, N, &sum);
-  return sum;
+  return sum + aux_sum_;
 }
 
 void Transformer::backward() {

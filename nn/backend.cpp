@@ -42,6 +42,8 @@ void Backend::moe_combine(float* y, const float* residual, Act ys, const int32_t
 void Backend::moe_combine_backward(Act dys, float* dw, Act dy, Act ys, const int32_t* slot, const float* w, int64_t N, int K, int C) { unsupported("moe_combine_backward"); }
 void Backend::grouped_linear_forward(Act y, int64_t ldy, Act x, const float* w, const int32_t* offsets, int E, int in, int out) { unsupported("grouped_linear_forward"); }
 void Backend::grouped_linear_backward(Act dx, float beta, float* dw, Act dy, int64_t ldy, Act x, const float* w, const int32_t* offsets, int E, int in, int out) { unsupported("grouped_linear_backward"); }
+double Backend::moe_seq_aux(float* f, const float* scores, const int32_t* idx, const int32_t* starts, int S, const MoeRouting& r, float alpha) { unsupported("moe_seq_aux"); }
+void Backend::moe_seq_aux_backward(float* dlogits, const float* f, const float* scores, const int32_t* starts, int S, const MoeRouting& r, float scale) { unsupported("moe_seq_aux_backward"); }
 void Backend::moe_count(float* load, const int32_t* offsets, int E) { unsupported("moe_count"); }
 void Backend::embedding_forward(float* out, const int32_t* tokens, const int32_t* pos, const float* wte, const float* wpe, int64_t N, int C) { unsupported("embedding_forward"); }
 void Backend::embedding_backward(float* dwte, float* dwpe, const float* dout, const int32_t* tokens, const int32_t* pos, int64_t N, int C) { unsupported("embedding_backward"); }

@@ -169,6 +169,11 @@ class Backend {
   // dx = beta·dx + dy·W_e (null: not computed); dw += the stacked weight gradient (null: not computed).
   virtual void grouped_linear_backward(Act dx, float beta, float* dw, Act dy, int64_t ldy, Act x, const float* w,
                                        const int32_t* offsets, int E, int in, int out);
+  // The sequence-wise balance loss (kernels/moe.h): starts [S + 1] on the host.
+  virtual double moe_seq_aux(float* f, const float* scores, const int32_t* idx, const int32_t* starts, int S,
+                             const MoeRouting& r, float alpha);
+  virtual void moe_seq_aux_backward(float* dlogits, const float* f, const float* scores, const int32_t* starts, int S,
+                                    const MoeRouting& r, float scale);
   // load[e] += the rows expert e received (offsets[e + 1] − offsets[e]), fp32 on this device.
   virtual void moe_count(float* load, const int32_t* offsets, int E);
 

@@ -249,6 +249,14 @@ class CpuBackend final : public Backend {
                                const int32_t* offsets, int E, int in, int out) override {
     cpu::grouped_linear_backward(F(dx), beta, dw, F(dy), ldy, F(x), w, offsets, E, in, out);
   }
+  double moe_seq_aux(float* f, const float* scores, const int32_t* idx, const int32_t* starts, int S,
+                     const MoeRouting& r, float alpha) override {
+    return cpu::moe_seq_aux(f, scores, idx, starts, S, r, alpha);
+  }
+  void moe_seq_aux_backward(float* dlogits, const float* f, const float* scores, const int32_t* starts, int S,
+                            const MoeRouting& r, float scale) override {
+    cpu::moe_seq_aux_backward(dlogits, f, scores, starts, S, r, scale);
+  }
   void moe_count(float* load, const int32_t* offsets, int E) override {
     for (int e = 0; e < E; e++) load[e] += float(offsets[e + 1] - offsets[e]);
   }

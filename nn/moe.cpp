@@ -14,6 +14,7 @@ void MoEActivations::allocate(Workspace& ws, int64_t N, const MoEShape& s, bool 
   act = selective ? Act{} : ws.act(R * s.F);
   ys = ws.act(R * s.C);
   if (s.shared_F) shared.allocate(ws, N, s.shared(), selective);
+  aux_f = ws.f32(N * s.E());
 }
 
 void MoEScratch::allocate(Workspace& ws, int64_t N, const MoEShape& s, bool selective) {
@@ -40,6 +41,7 @@ void MoE::forward(Backend& be, float* y, const float* residual, Act x, MoEActiva
   be.linear_forward(Act{s.logits, DType::F32}, x, router, N);
   be.moe_route(a.scores, a.idx, a.w, s.logits, bias, N, S.routing);
   be.moe_dispatch(a.offsets, a.row_token, a.slot, a.idx, N, K, E);
+  a.aux_loss = aux.on() ? be.moe_seq_aux(a.aux_f, a.scores, a.idx, aux.starts, aux.S, S.routing, aux.alpha) : 0.0;
   be.moe_gather(s.xs, x, a.row_token, R, C);
   // The experts: [gate | up] rows of 2F, SwiGLU, down.
   be.grouped_linear_forward(a.hs, 2 * F, s.xs, gate, a.offsets, E, C, F);
@@ -74,9 +76,17 @@ void MoE::backward(Backend& be, Act dx, Act dy, Act x, const MoEActivations& a, 
   be.grouped_linear_backward(s.d_ys, 1.0f, dup, s.d_hs.at(F), 2 * F, s.xs, up, a.offsets, E, C, F);
   // Router: dL/dw -> dL/du -> dx (overwritten), then the shared experts' and the rows' shares are added.
   be.moe_route_backward(s.logits, s.d_w, a.scores, a.idx, N, S.routing);
+  if (aux.on()) be.moe_seq_aux_backward(s.logits, a.aux_f, a.scores, aux.starts, aux.S, S.routing, aux.alpha * aux.scale);
   be.linear_backward(dx, Act{s.logits, DType::F32}, x, router, N);
   if (S.shared_F) shared.backward(be, s.d_tmp, dy, x, a.shared, s.shared, N);
   be.moe_gather_backward(dx, S.shared_F ? s.d_tmp : Act{}, s.d_ys, a.slot, N, K, C);
+}
+
+void moe_bias_update(float* bias, const float* load, int E, float gamma) {
+  double mean = 0;
+  for (int e = 0; e < E; e++) mean += load[e];
+  mean /= E;
+  for (int e = 0; e < E; e++) bias[e] += gamma * float((mean > load[e]) - (mean < load[e]));
 }
 
 }  // namespace kiln::nn

@@ -41,7 +41,18 @@ struct MoEActivations {
   Act act;                     // [N·K, F] after SwiGLU
   Act ys;                      // [N·K, C] the experts' outputs
   FFNActivations shared;
+  float* aux_f = nullptr;      // [N, E] the balance loss's f per sequence (at most N sequences)
+  double aux_loss = 0;         // the last forward's balance loss (0 when off)
   void allocate(Workspace& ws, int64_t N, const MoEShape& s, bool selective = false);
+};
+
+// The sequence-wise balance loss of a training forward (set by the model before each forward): weight alpha,
+// the loss gradient's scale (the token losses' grad_scale), the sequences as token spans starts[0..S].
+struct MoEAux {
+  float alpha = 0, scale = 0;
+  const int32_t* starts = nullptr;  // host
+  int S = 0;
+  bool on() const { return alpha > 0 && scale != 0 && S > 0; }
 };
 
 struct MoEScratch {
@@ -64,6 +75,7 @@ struct MoE {
   const float *gate = nullptr, *up = nullptr, *down = nullptr;  // stacked [E, F, C], [E, F, C], [E, C, F]
   float *dgate = nullptr, *dup = nullptr, *ddown = nullptr;
   FeedForward shared;                  // when shape.shared_F
+  MoEAux aux;
 
   // y = residual + MoE(x) for N rows of the normed input x; y may alias residual. y == nullptr records the
   // activations only.
@@ -72,5 +84,8 @@ struct MoE {
   // dx = dL/dx (overwritten) from dy = dL/dy; parameter gradients accumulate (the bias gets none).
   void backward(Backend& be, Act dx, Act dy, Act x, const MoEActivations& a, MoEScratch& s, int64_t N) const;
 };
+
+// Loss-free balancing (DeepSeek-V3, section 2.1.2): bias[i] += gamma · sign(mean(load) − load[i]) on the host.
+void moe_bias_update(float* bias, const float* load, int E, float gamma);
 
 }  // namespace kiln::nn

@@ -8,7 +8,9 @@
 
 #include <unistd.h>
 
+#include <algorithm>
 #include <cmath>
+#include <cstdio>
 #include <cstring>
 #include <filesystem>
 #include <string>
@@ -20,7 +22,9 @@
 #include "models/checkpoint.h"
 #include "models/family.h"
 #include "models/model.h"
+#include "nn/moe.h"
 #include "test_util.h"
+#include "train/optimizer.h"
 
 using namespace kiln;
 
@@ -52,10 +56,11 @@ ModelConfig deepseek_style() {
   return c;
 }
 
-std::unique_ptr<Model> model_of(const ModelConfig& cfg, uint64_t seed, bool grads = true) {
+std::unique_ptr<Model> model_of(const ModelConfig& cfg, uint64_t seed, bool grads = true, float aux = 0) {
   ModelOptions o;
   o.with_grads = grads;
   auto m = make_model(cfg, o);
+  m->set_seq_aux_alpha(aux);
   m->init_random(seed);
   Rng r(seed + 1);
   float* p = m->host_params();
@@ -93,8 +98,11 @@ std::vector<float> grads_of(Model& m, const Batch& b, const char* policy, double
 struct Named {
   const char* name;
   ModelConfig (*make)();
+  float aux = 0;  // the sequence-wise balance loss's weight
 };
-const Named kModels[] = {{"qwen3_moe", qwen3_moe}, {"deepseek_style", deepseek_style}};
+// The third: the balance loss on (a large weight, so its gradient matters next to the token losses').
+const Named kModels[] = {{"qwen3_moe", qwen3_moe}, {"deepseek_style", deepseek_style},
+                         {"deepseek_style_seq_aux", deepseek_style, 0.5f}};
 void PrintTo(const Named& n, std::ostream* os) { *os << n.name; }
 
 class Moe : public ::testing::TestWithParam<Named> {};
@@ -104,7 +112,7 @@ class Moe : public ::testing::TestWithParam<Named> {};
 TEST_P(Moe, GradientsMatchFiniteDifferences) {
   const ModelConfig cfg = GetParam().make();
   Batch b(cfg.vocab_size, 5);
-  auto m = model_of(cfg, 3);
+  auto m = model_of(cfg, 3, true, GetParam().aux);
   double loss = 0;
   const std::vector<float> g = grads_of(*m, b, "none", &loss);
   float* p = m->host_params();
@@ -112,7 +120,10 @@ TEST_P(Moe, GradientsMatchFiniteDifferences) {
     const float old = p[i];
     p[i] = old + delta;
     m->params_changed();
-    const double l = m->forward(b.tokens.data(), b.pos.data(), b.targets.data(), m->attention(b.B, b.T), 0.0f);
+    // A training forward when the balance loss is on (evaluation forwards leave it out); its gradient scale
+    // does not change the loss.
+    const float scale = GetParam().aux > 0 ? 1e-30f : 0.0f;
+    const double l = m->forward(b.tokens.data(), b.pos.data(), b.targets.data(), m->attention(b.B, b.T), scale);
     p[i] = old;
     m->params_changed();
     return l * 0.05;
@@ -149,8 +160,8 @@ TEST_P(Moe, GradientsMatchFiniteDifferences) {
   EXPECT_GE(moe_checked, 24);
   EXPECT_LE(retried * 10, checked) << retried << " of " << checked << " elements needed the smaller step";
   // The router's gradient is not zero: the gate weights pass it on.
-  const ParamSpec& router = m->table().get_key(cfg.has_dense_ffn() && cfg.first_k_dense_replace ? "blk.1.ffn_gate_inp.weight"
-                                                                                                 : "blk.0.ffn_gate_inp.weight");
+  const ParamSpec& router =
+      m->table().get_key(cfg.first_k_dense_replace ? "blk.1.ffn_gate_inp.weight" : "blk.0.ffn_gate_inp.weight");
   double norm = 0;
   for (int64_t i = 0; i < router.numel(); i++) norm += std::pow(g[router.offset + size_t(i)], 2);
   EXPECT_GT(norm, 1e-10);
@@ -160,10 +171,10 @@ TEST_P(Moe, RecomputePoliciesGiveBitIdenticalGradients) {
   const ModelConfig cfg = GetParam().make();
   Batch b(cfg.vocab_size, 6);
   double l0 = 0;
-  auto m = model_of(cfg, 4);
+  auto m = model_of(cfg, 4, true, GetParam().aux);
   const std::vector<float> base = grads_of(*m, b, "none", &l0);
   for (const char* policy : {"block", "every:2", "selective"}) {
-    auto mp = model_of(cfg, 4);
+    auto mp = model_of(cfg, 4, true, GetParam().aux);
     double l = 0;
     const std::vector<float> g = grads_of(*mp, b, policy, &l);
     EXPECT_EQ(l, l0) << policy;
@@ -298,4 +309,143 @@ TEST(MoeCheckpoint, ExpertsSavedApartAndLoadedBack) {
     EXPECT_NE(msg.find(victim), std::string::npos) << msg;
   }
   fs::remove_all(dir);
+}
+
+namespace {
+// The layer's selection bias (host view) and router of a MoE layer.
+float* bias_of(Model& m, int layer) { return m.host_params() + m.table().get_key("blk." + std::to_string(layer) + ".exp_probs_b.bias").offset; }
+}  // namespace
+
+// A fixed routing: with the routers zeroed every affinity is sigmoid(0) = 1/2, so the bias alone chooses. With
+// b_e = e/100 the groups {12..15} and {8..11} score highest and every token picks experts 13, 14, 15. The hand
+// count: those three get all N tokens, the rest none; the mean is 3N/16, so their bias drops by gamma and every
+// other expert's rises by gamma. Evaluation forwards do not count, and AdamW never moves the bias.
+TEST(MoeBalance, BiasUpdateEqualsHandCount) {
+  const ModelConfig cfg = deepseek_style();
+  auto m = model_of(cfg, 41);
+  float* p = m->host_params();
+  for (int l = 1; l < cfg.n_layer; l++) {
+    const ParamSpec& r = m->table().get_key("blk." + std::to_string(l) + ".ffn_gate_inp.weight");
+    std::fill(p + r.offset, p + r.offset + r.numel(), 0.0f);
+    for (int e = 0; e < 16; e++) bias_of(*m, l)[e] = float(e) / 100.0f;
+  }
+  m->params_changed();
+  Batch b(cfg.vocab_size, 42);
+  const int N = b.B * b.T;
+  m->plan(b.B, b.T);
+  m->forward(b.tokens.data(), b.pos.data(), b.targets.data(), m->attention(b.B, b.T), 0.0f);  // not counted
+  m->forward(b.tokens.data(), b.pos.data(), b.targets.data(), m->attention(b.B, b.T), 0.05f);
+  m->backward();
+  const auto load = m->take_expert_load();
+  ASSERT_EQ(load.size(), 2u);  // layers 1 and 2
+  for (const auto& l : load)
+    for (int e = 0; e < 16; e++) EXPECT_EQ(l[size_t(e)], e >= 13 ? float(N) : 0.0f) << "expert " << e;
+  // AdamW leaves the bias alone (its gradient is zero and it is not trainable).
+  AdamWConfig ac;
+  AdamW adam(m->table(), ac, m->blocks().backend);
+  adam.update(m->blocks(), 1e-2f, 1, adam.grad_norm(m->blocks()), 1.0f, true);
+  for (int e = 0; e < 16; e++) EXPECT_EQ(bias_of(*m, 1)[e], float(e) / 100.0f);
+  const float gamma = 0.001f;
+  m->update_expert_bias(load, gamma);
+  for (int l = 1; l < cfg.n_layer; l++)
+    for (int e = 0; e < 16; e++)
+      EXPECT_EQ(bias_of(*m, l)[e], float(e) / 100.0f + (e >= 13 ? -gamma : gamma)) << "layer " << l << " expert " << e;
+  // The counts restarted.
+  for (const auto& l : m->take_expert_load())
+    for (float x : l) EXPECT_EQ(x, 0.0f);
+  // Equal loads leave the bias as it is (sign 0).
+  std::vector<float> bias(4, 0.5f);
+  const float even[4] = {3, 3, 3, 3}, mixed[4] = {5, 1, 3, 3};
+  nn::moe_bias_update(bias.data(), even, 4, 0.1f);
+  EXPECT_EQ(bias, std::vector<float>(4, 0.5f));
+  nn::moe_bias_update(bias.data(), mixed, 4, 0.1f);
+  EXPECT_EQ(bias, (std::vector<float>{0.4f, 0.6f, 0.5f, 0.5f}));
+}
+
+// A deliberately skewed router: every token embedding shares a direction c, and the routers of experts 0 and 1
+// lean towards it, so most tokens pick them. Weights frozen, 300 steps of fresh random batches: the balancing
+// update (gamma = 0.001) brings the worst layer's max/mean load (over the last 20 steps) below 1.5; gamma = 0
+// keeps it above.
+TEST(MoeBalance, LossFreeBalancingEvensTheLoad) {
+  ModelConfig cfg = deepseek_style();
+  cfg.n_layer = 2;  // layer 0 dense, layer 1 MoE
+  cfg.n_experts = 8;
+  cfg.moe_top_k = 2;
+  cfg.moe_groups = cfg.moe_topk_groups = 1;
+  cfg.routed_scaling_factor = 1.0;
+  cfg.validate("balance");
+  auto ratio_after = [&](float gamma, double* initial) {
+    auto m = model_of(cfg, 51);
+    float* p = m->host_params();
+    const int C = cfg.d_model;
+    Rng r(52);
+    std::vector<float> c(static_cast<size_t>(C));
+    for (float& x : c) x = r.normal();
+    const ParamSpec& wte = m->table().get_key("token_embd.weight");
+    for (int v = 0; v < cfg.vocab_size; v++)
+      for (int i = 0; i < C; i++) p[wte.offset + size_t(v) * C + i] += 0.05f * c[size_t(i)];
+    for (int l = 1; l < cfg.n_layer; l++) {
+      const ParamSpec& w = m->table().get_key("blk." + std::to_string(l) + ".ffn_gate_inp.weight");
+      for (int e = 0; e < 2; e++)
+        for (int i = 0; i < C; i++) p[w.offset + size_t(e) * C + i] += 0.15f * c[size_t(i)];
+      std::fill(bias_of(*m, l), bias_of(*m, l) + cfg.n_experts, 0.0f);
+    }
+    m->params_changed();
+    const int B = 4, T = 16;
+    m->plan(B, T);
+    std::vector<std::vector<double>> window(1, std::vector<double>(size_t(cfg.n_experts), 0.0));
+    auto worst = [&]() {
+      double w = 0;
+      for (const auto& l : window) {
+        double sum = 0, mx = 0;
+        for (double x : l) sum += x, mx = std::max(mx, x);
+        w = std::max(w, mx * double(l.size()) / sum);
+      }
+      return w;
+    };
+    Rng data(53);
+    std::vector<int32_t> tok(size_t(B * T)), pos(size_t(B * T));
+    for (int step = 0; step < 300; step++) {
+      for (int i = 0; i < B * T; i++) tok[size_t(i)] = int32_t(data.below(uint64_t(cfg.vocab_size))), pos[size_t(i)] = i % T;
+      m->forward(tok.data(), pos.data(), tok.data(), m->attention(B, T), 1e-6f);  // a training forward (counted)
+      m->zero_grad();
+      const auto load = m->take_expert_load();
+      m->update_expert_bias(load, gamma);
+      if (step == 0) {
+        for (size_t e = 0; e < load[0].size(); e++) window[0][e] = load[0][e];
+        *initial = worst();
+      }
+      if (step == 280)
+        for (auto& l : window) std::fill(l.begin(), l.end(), 0.0);
+      if (step >= 280)
+        for (size_t e = 0; e < load[0].size(); e++) window[0][e] += load[0][e];
+    }
+    return worst();
+  };
+  double init0 = 0, init1 = 0;
+  const double frozen = ratio_after(0.0f, &init0), balanced = ratio_after(0.001f, &init1);
+  std::printf("max/mean expert load: initially %.2f; after 300 steps gamma 0: %.2f, gamma 0.001: %.2f\n", init0, frozen,
+              balanced);
+  EXPECT_GT(init0, 2.0);
+  EXPECT_GT(frozen, 1.5);
+  EXPECT_LT(balanced, 1.5);
+}
+
+// The balance loss adds alpha · Σ_s T_s Σ_i f_i P_i to a training forward's loss sum, and nothing to an
+// evaluation forward's.
+TEST(MoeBalance, SeqAuxLossAddsToTrainingLoss) {
+  const ModelConfig cfg = deepseek_style();
+  Batch b(cfg.vocab_size, 61);
+  auto m0 = model_of(cfg, 62), m1 = model_of(cfg, 62, true, 0.5f);
+  m0->plan(b.B, b.T);
+  m1->plan(b.B, b.T);
+  const AttentionParams ap = m0->attention(b.B, b.T);
+  const double train0 = m0->forward(b.tokens.data(), b.pos.data(), b.targets.data(), ap, 0.05f);
+  const double train1 = m1->forward(b.tokens.data(), b.pos.data(), b.targets.data(), ap, 0.05f);
+  const double eval1 = m1->forward(b.tokens.data(), b.pos.data(), b.targets.data(), ap, 0.0f);
+  EXPECT_EQ(eval1, train0);
+  // Each of the 2 MoE layers adds 0.5 · T · Σ_i f_i P_i per sequence; Σ_i f_i P_i is at least about 1 (1 when
+  // perfectly balanced), so the term is at least 2 · 2 · 9 · 0.5 · (a little under 1).
+  EXPECT_GT(train1 - train0, 10.0);
+  EXPECT_LT(train1 - train0, 18.0 * 16);
 }

@@ -77,6 +77,7 @@ AdamWHyper adamw_hyper(const AdamWConfig& cfg, const ParamSpec& spec, float lr, 
 void AdamW::update(float* params, float* grads, float lr, int64_t t, double norm, float unscale, bool zero_grads) {
   KILN_CHECK(!sharded(), "AdamW: the host-block update works on the whole block");
   for (const ParamSpec& s : table_.specs) {
+    if (!s.trainable) continue;  // (its gradient is zero)
     const AdamWHyper h = adamw_hyper(cfg_, s, lr, t, norm, unscale, zero_grads);
     cpu::adamw_update(params + s.offset, grads + s.offset, m_.f32() + s.offset, v_.f32() + s.offset, s.numel(), h);
   }
@@ -85,6 +86,7 @@ void AdamW::update(float* params, float* grads, float lr, int64_t t, double norm
 void AdamW::update(const ParamBlocks& b, float lr, int64_t t, double norm, float unscale, bool zero_grads) {
   KILN_CHECK(b.n == table_.total, "AdamW: parameter block of ", b.n, " floats, the table has ", table_.total);
   for (const ParamSpec& s : table_.specs) {
+    if (!s.trainable) continue;  // (its gradient is zero)
     // The part of this tensor inside the shard (the update is elementwise, so a tensor may be cut anywhere).
     const size_t a = std::max(size_t(s.offset), lo_), e = std::min(size_t(s.offset) + size_t(s.numel()), hi_);
     if (a >= e) continue;

@@ -63,6 +63,10 @@ void validate(const TrainOptions& o) {
   KILN_CHECK(o.min_lr >= 0 && o.min_lr <= o.lr, "--min-lr must be in [0, --lr] (got ", o.min_lr, ")");
   KILN_CHECK(o.warmup >= 0, "--warmup must be >= 0");
   KILN_CHECK(o.adamw.weight_decay >= 0, "--weight-decay must be >= 0");
+  KILN_CHECK(o.seq_aux_alpha >= 0 && std::isfinite(o.seq_aux_alpha), "--seq-aux-alpha must be >= 0 (got ",
+             o.seq_aux_alpha, ")");
+  KILN_CHECK(o.bias_update_speed >= 0 && std::isfinite(o.bias_update_speed),
+             "--bias-update-speed must be >= 0 (got ", o.bias_update_speed, ")");
   KILN_CHECK(o.save_every >= 0 && o.eval_every >= 0, "--save-every and --eval-every must be >= 0");
   KILN_CHECK(o.dtype == "fp32" || o.dtype == "bf16" || o.dtype == "fp16", "--dtype: expected fp32, bf16 or fp16, got '",
              o.dtype, "'");
@@ -178,6 +182,16 @@ std::string run_fingerprint(const TrainOptions& o, const ModelConfig& cfg) {
   return f;
 }
 
+// Sums per-layer vectors (the experts' load) over the ranks, in place.
+void dist_sum(dist::Communicator& comm, std::vector<std::vector<float>>& v) {
+  std::vector<float> flat;
+  for (const auto& x : v) flat.insert(flat.end(), x.begin(), x.end());
+  comm.all_reduce_sum(flat.data(), flat.size());
+  size_t at = 0;
+  for (auto& x : v)
+    for (float& f : x) f = flat[at++];
+}
+
 // Resident memory of this process now, bytes.
 double resident_bytes() {
   std::ifstream in("/proc/self/statm");
@@ -282,6 +296,7 @@ double train(const TrainOptions& opt, dist::Communicator& comm) {
     }
     const double rss0 = resident_bytes();
     model = make_model(cfg, mopt);
+    model->set_seq_aux_alpha(opt.seq_aux_alpha);
     dp = std::make_unique<DataParallel>(comm, nccl ? *nccl : comm, *model, opt.adamw, opt.zero_stage);
     state_measured = resident_bytes() - rss0;
     st.seed = opt.seed;
@@ -430,6 +445,10 @@ double train(const TrainOptions& opt, dist::Communicator& comm) {
     const bool finite = std::isfinite(norm) && std::isfinite(loss);
     // Loss and norm are the same on every rank, and so are these checks: every rank stops at once.
     const float used_scale = scaler.scale;
+    // The step's expert load (MoE models), summed over the ranks so that every rank's selection bias, which
+    // follows it when the step is applied, stays the same.
+    std::vector<std::vector<float>> load = model->take_expert_load();
+    if (ranks > 1 && !load.empty()) dist_sum(comm, load);
     bool apply = false;
     try {
       if (!scaler.enabled)
@@ -442,6 +461,7 @@ double train(const TrainOptions& opt, dist::Communicator& comm) {
     if (apply) {
       st.optimizer_steps++;
       dp->update(lr, st.optimizer_steps, norm, 1.0f / used_scale);
+      if (!load.empty()) model->update_expert_bias(load, opt.bias_update_speed);
     } else {
       dp->skip();
     }
@@ -468,6 +488,18 @@ double train(const TrainOptions& opt, dist::Communicator& comm) {
         m["overlap_wait_ms"] = c.overlap_wait * 1e3;
       }
     }
+    // max/mean expert load, the worst MoE layer's (1: perfectly balanced).
+    double load_ratio = NAN;
+    if (!load.empty()) {
+      m["expert_load"] = load;
+      load_ratio = 0;
+      for (const auto& l : load) {
+        double sum = 0, mx = 0;
+        for (float x : l) sum += x, mx = std::max(mx, double(x));
+        if (sum > 0) load_ratio = std::max(load_ratio, mx * double(l.size()) / sum);
+      }
+      m["expert_load_max_mean"] = load_ratio;
+    }
     if (scaler.enabled) {
       m["loss_scale"] = used_scale;
       m["skipped_steps"] = scaler.skipped;
@@ -484,10 +516,12 @@ double train(const TrainOptions& opt, dist::Communicator& comm) {
     const double elapsed = std::chrono::duration<double>(Clock::now() - run_start).count();
     const double eta = elapsed / double(steps_this_run) * double(opt.steps - st.step);
     char line[256];
-    std::snprintf(line, sizeof line, "step %ld/%d | loss %.4f%s | lr %.2e | %.0f tok/s | ETA %s", long(st.step),
+    char load_str[48] = "";
+    if (!std::isnan(load_ratio)) std::snprintf(load_str, sizeof load_str, " | load max/mean %.2f", load_ratio);
+    std::snprintf(line, sizeof line, "step %ld/%d | loss %.4f%s%s | lr %.2e | %.0f tok/s | ETA %s", long(st.step),
                   opt.steps, loss,
-                  std::isnan(last_val) ? "" : str(" | val ", std::to_string(last_val).substr(0, 6)).c_str(), lr,
-                  double(tokens_per_step) / secs, format_duration(eta).c_str());
+                  std::isnan(last_val) ? "" : str(" | val ", std::to_string(last_val).substr(0, 6)).c_str(), load_str,
+                  lr, double(tokens_per_step) / secs, format_duration(eta).c_str());
     if (tty)
       std::fprintf(stderr, "\r\033[K%s", line);
     else if (root && (st.step % log_every == 0 || last))

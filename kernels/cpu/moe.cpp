@@ -1,5 +1,7 @@
 // Mixture-of-experts ops on the CPU: routing and combine parallel over tokens, dispatch a serial counting
 // sort (N·K integers), the experts' products one OpenBLAS sgemm per expert over its contiguous rows.
+#include <omp.h>
+
 #include <cmath>
 #include <cstring>
 #include <vector>
@@ -161,23 +163,94 @@ void moe_combine_backward(float* dys, float* dw, const float* dy, const float* y
   }
 }
 
+namespace {
+// Runs fn(e) for every expert with rows. Many experts of few rows each (the usual MoE shape) run one expert per
+// thread, each sgemm single-threaded (OpenBLAS's OpenMP build does not thread inside a parallel region): small
+// products do not scale across threads, whole experts do. Few experts run one after another, each product
+// threaded.
+template <class Fn>
+void for_experts(const int32_t* offsets, int E, Fn&& fn) {
+  int busy = 0;
+  for (int e = 0; e < E; e++) busy += offsets[e + 1] > offsets[e];
+  if (busy >= 2 * omp_get_max_threads()) {
+#pragma omp parallel for schedule(dynamic, 1)
+    for (int e = 0; e < E; e++)
+      if (offsets[e + 1] > offsets[e]) fn(e);
+  } else {
+    for (int e = 0; e < E; e++)
+      if (offsets[e + 1] > offsets[e]) fn(e);
+  }
+}
+}  // namespace
+
 void grouped_linear_forward(float* y, int64_t ldy, const float* x, const float* w, const int32_t* offsets, int E,
                             int in, int out) {
-  for (int e = 0; e < E; e++) {
+  for_experts(offsets, E, [&](int e) {
     const int64_t r0 = offsets[e], rows = offsets[e + 1] - r0;
-    if (rows == 0) continue;
     gemm(false, true, rows, out, in, 1.0f, x + r0 * in, in, w + int64_t(e) * out * in, in, 0.0f, y + r0 * ldy, ldy);
-  }
+  });
 }
 
 void grouped_linear_backward(float* dx, float beta, float* dw, const float* dy, int64_t ldy, const float* x,
                              const float* w, const int32_t* offsets, int E, int in, int out) {
-  for (int e = 0; e < E; e++) {
+  for_experts(offsets, E, [&](int e) {
     const int64_t r0 = offsets[e], rows = offsets[e + 1] - r0;
-    if (rows == 0) continue;
     const float* W = w + int64_t(e) * out * in;
     if (dx) gemm(false, false, rows, in, out, 1.0f, dy + r0 * ldy, ldy, W, in, beta, dx + r0 * in, in);
     if (dw) gemm(true, false, out, in, rows, 1.0f, dy + r0 * ldy, ldy, x + r0 * in, in, 1.0f, dw + int64_t(e) * out * in, in);
+  });
+}
+
+double moe_seq_aux(float* f, const float* scores, const int32_t* idx, const int32_t* starts, int S,
+                   const MoeRouting& r, float alpha) {
+  const int E = r.E, K = r.K;
+  double loss = 0;
+#pragma omp parallel for schedule(dynamic) reduction(+ : loss) if (S > 1)
+  for (int s = 0; s < S; s++) {
+    const int64_t t0 = starts[s], t1 = starts[s + 1], T = t1 - t0;
+    float* fs = f + int64_t(s) * E;
+    std::vector<float> p(static_cast<size_t>(E), 0.0f);
+    std::memset(fs, 0, sizeof(float) * size_t(E));
+    for (int64_t t = t0; t < t1; t++) {
+      for (int k = 0; k < K; k++) fs[idx[t * K + k]] += 1.0f;
+      const float* sc = scores + t * E;
+      float sum = 0;
+      for (int j = 0; j < E; j++) sum += sc[j];
+      const float inv = 1.0f / sum;
+      for (int j = 0; j < E; j++) p[size_t(j)] += sc[j] * inv;
+    }
+    const float norm = T ? float(E) / (float(K) * float(T)) : 0.0f;
+    double l = 0;
+    for (int i = 0; i < E; i++) {
+      fs[i] *= norm;
+      l += double(fs[i]) * p[size_t(i)];
+    }
+    loss += double(alpha) * l;
+  }
+  return loss;
+}
+
+void moe_seq_aux_backward(float* dlogits, const float* f, const float* scores, const int32_t* starts, int S,
+                          const MoeRouting& r, float scale) {
+  const int E = r.E;
+  for (int s = 0; s < S; s++) {
+    const float* fs = f + int64_t(s) * E;
+#pragma omp parallel for schedule(static) if (starts[s + 1] - starts[s] >= kParallelRows)
+    for (int64_t t = starts[s]; t < starts[s + 1]; t++) {
+      const float* sc = scores + t * E;
+      float* du = dlogits + t * E;
+      float sum = 0, gs = 0;
+      for (int j = 0; j < E; j++) sum += sc[j];
+      const float inv = 1.0f / sum;
+      for (int j = 0; j < E; j++) gs += scale * fs[j] * sc[j] * inv;
+      if (r.sigmoid) {
+        for (int j = 0; j < E; j++) du[j] += (scale * fs[j] - gs) * inv * sc[j] * (1.0f - sc[j]);
+      } else {
+        float d = 0;
+        for (int j = 0; j < E; j++) d += (scale * fs[j] - gs) * inv * sc[j];
+        for (int j = 0; j < E; j++) du[j] += sc[j] * ((scale * fs[j] - gs) * inv - d);
+      }
+    }
   }
 }
 

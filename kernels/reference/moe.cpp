@@ -185,4 +185,49 @@ void grouped_linear_backward(float* dx, float beta, float* dw, const float* dy, 
   }
 }
 
+double moe_seq_aux(float* f, const float* scores, const int32_t* idx, const int32_t* starts, int S,
+                   const MoeRouting& r, float alpha) {
+  const int E = r.E, K = r.K;
+  double loss = 0;
+  for (int s = 0; s < S; s++) {
+    const int64_t t0 = starts[s], t1 = starts[s + 1], T = t1 - t0;
+    for (int i = 0; i < E; i++) {
+      int64_t count = 0;
+      double p = 0;  // Σ_t s'_{i,t}
+      for (int64_t t = t0; t < t1; t++) {
+        for (int k = 0; k < K; k++) count += idx[t * K + k] == i;
+        double sum = 0;
+        for (int j = 0; j < E; j++) sum += scores[t * E + j];
+        p += scores[t * E + i] / sum;
+      }
+      const double fi = T ? double(E) / (double(K) * double(T)) * double(count) : 0.0;
+      f[int64_t(s) * E + i] = float(fi);
+      loss += double(alpha) * double(float(fi)) * p;
+    }
+  }
+  return loss;
+}
+
+void moe_seq_aux_backward(float* dlogits, const float* f, const float* scores, const int32_t* starts, int S,
+                          const MoeRouting& r, float scale) {
+  const int E = r.E;
+  for (int s = 0; s < S; s++)
+    for (int64_t t = starts[s]; t < starts[s + 1]; t++) {
+      const float* sc = scores + t * E;
+      double sum = 0, gs = 0;
+      for (int j = 0; j < E; j++) sum += sc[j];
+      // d/ds'_i = scale·f_i; through s' = s / Σ s: ds_j = (g_j − Σ_i g_i s'_i) / Σ s.
+      for (int i = 0; i < E; i++) gs += double(scale) * f[int64_t(s) * E + i] * sc[i] / sum;
+      std::vector<double> ds(static_cast<size_t>(E));
+      for (int j = 0; j < E; j++) ds[size_t(j)] = (double(scale) * f[int64_t(s) * E + j] - gs) / sum;
+      if (r.sigmoid) {
+        for (int j = 0; j < E; j++) dlogits[t * E + j] += float(ds[size_t(j)] * sc[j] * (1.0 - sc[j]));
+      } else {
+        double d = 0;
+        for (int j = 0; j < E; j++) d += ds[size_t(j)] * sc[j];
+        for (int j = 0; j < E; j++) dlogits[t * E + j] += float(sc[j] * (ds[size_t(j)] - d));
+      }
+    }
+}
+
 }  // namespace kiln::ref

@@ -260,7 +260,7 @@ void add_grouped(std::vector<OpCase>& t) {
     int64_t N;
     int E, K, in, out;
   };
-  for (G s : {G{37, 8, 2, 24, 40}, G{60, 16, 4, 64, 33}, G{9, 6, 3, 17, 8}}) {
+  for (G s : {G{37, 8, 2, 24, 40}, G{60, 16, 4, 64, 33}, G{9, 6, 3, 17, 8}, G{11, 3, 1, 20, 12}}) {
     const int64_t N = s.N, R = N * s.K;
     const int E = s.E, K = s.K, in = s.in, out = s.out;
     const std::vector<int32_t> idx = random_choices(N, K, E, 1, 82 + uint64_t(N));
@@ -306,12 +306,67 @@ void add_grouped(std::vector<OpCase>& t) {
   }
 }
 
+// The sequence-wise balance loss: sequences of uneven lengths (one empty), choices fixed, affinities from
+// the logits (softmax or sigmoid); the loss's gradient with respect to the logits.
+void add_seq_aux(std::vector<OpCase>& t) {
+  for (bool sigmoid : {false, true}) {
+    MoeRouting r;
+    r.E = 12, r.K = 3, r.sigmoid = sigmoid;
+    const int E = r.E, K = r.K;
+    const std::vector<int32_t> starts = {0, 7, 7, 30, 41};
+    const int S = int(starts.size()) - 1;
+    const int64_t N = starts.back();
+    const std::vector<int32_t> idx = random_choices(N, K, E, -1, 91);
+    const float alpha = 0.37f;
+    auto scores_of = [=](const std::vector<float>& logits) {
+      std::vector<float> sc(size_t(N * E)), w(size_t(N * K));
+      std::vector<int32_t> id(size_t(N * K));
+      ref::moe_route(sc.data(), id.data(), w.data(), logits.data(), nullptr, N, r);
+      return sc;
+    };
+    const std::string name = fmt("N%ld E%d K%d S%d %s", long(N), E, K, S, sigmoid ? "sigmoid" : "softmax");
+    OpFn fwd = [=](const Tensors& in) {
+      const std::vector<float> sc = scores_of(in[0].v);
+      std::vector<float> f(size_t(S * E));
+      const double loss = ref::moe_seq_aux(f.data(), sc.data(), idx.data(), starts.data(), S, r, alpha);
+      return Tensors{{"loss", {float(loss)}}, {"f", f}};
+    };
+    const std::vector<float> logits = randn(size_t(N * E), 92);
+    OpCase f = make("moe_seq_aux", name, Mode::Forward, {{"logits", logits}});
+    f.ref = fwd;
+    f.cpu = [=](const Tensors& in) {
+      const std::vector<float> sc = scores_of(in[0].v);
+      std::vector<float> ff(size_t(S * E));
+      const double loss = cpu::moe_seq_aux(ff.data(), sc.data(), idx.data(), starts.data(), S, r, alpha);
+      return Tensors{{"loss", {float(loss)}}, {"f", ff}};
+    };
+    f.k = 4 + std::sqrt(double(N));
+    t.push_back(std::move(f));
+    OpCase g = make("moe_seq_aux", name, Mode::Gradient, {{"logits", logits}, {"one", {1.0f}}, {"d0", randn(size_t(N * E), 93)}});
+    auto back = [=](bool use_ref, const Tensors& in) {
+      const std::vector<float> sc = scores_of(in[0].v);
+      std::vector<float> ff(size_t(S * E)), du = in[2].v;
+      ref::moe_seq_aux(ff.data(), sc.data(), idx.data(), starts.data(), S, r, alpha);
+      (use_ref ? ref::moe_seq_aux_backward : cpu::moe_seq_aux_backward)(du.data(), ff.data(), sc.data(), starts.data(),
+                                                                        S, r, alpha);
+      return Tensors{{"dlogits", du}};
+    };
+    g.ref = [=](const Tensors& in) { return back(true, in); };
+    g.cpu = [=](const Tensors& in) { return back(false, in); };
+    g.loss = dot_loss(fwd, {{0, 1}});
+    g.grads = {{0, 0, 2}};
+    g.k = 4 + std::sqrt(double(E));
+    t.push_back(std::move(g));
+  }
+}
+
 }  // namespace
 
 void add_moe_cases(std::vector<OpCase>& t) {
   add_route(t);
   add_dispatch(t);
   add_grouped(t);
+  add_seq_aux(t);
 }
 
 }  // namespace kiln::ops
