@@ -3,6 +3,7 @@
 // never name a family or an implementation.
 #pragma once
 #include <cstdint>
+#include <functional>
 #include <memory>
 #include <optional>
 #include <string>
@@ -86,6 +87,20 @@ class Model {
   virtual void set_seq_aux_alpha(float alpha) {}
   // Attention parameters of this model for B rows of T (add cu_seqlens for packed sequences).
   AttentionParams attention(int B, int T) const;
+
+  // Called by backward() as each layer's gradients (the "blk.N." tensors) are complete, layers n_layer-1 .. 0,
+  // on the thread running backward (on a device: once the layer's kernels are queued). The other tensors
+  // (embeddings, final norm, untied head) are complete when backward() returns. Data parallelism uses it to
+  // start reducing gradients during the backward (train/data_parallel.h).
+  void set_layer_grads_hook(std::function<void(int layer)> hook) { layer_grads_hook_ = std::move(hook); }
+
+ protected:
+  void layer_grads_done(int layer) {
+    if (layer_grads_hook_) layer_grads_hook_(layer);
+  }
+
+ private:
+  std::function<void(int)> layer_grads_hook_;
 };
 
 std::unique_ptr<Model> make_model(const ModelConfig& cfg, const ModelOptions& opt = {});

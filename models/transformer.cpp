@@ -590,6 +590,7 @@ void Transformer::backward() {
     for (int l = L - 1; l >= 0; l--) {
       const float* x = l ? a_.out[size_t(l - 1)] : a_.encoded;
       w_.blocks[size_t(l)].backward(*be_, a_.dres, x, a_.blocks[size_t(l)], a_.scratch, pos, last_attn_, N);
+      layer_grads_done(l);
     }
   } else {
     const int K = a_.policy.k;
@@ -605,6 +606,7 @@ void Transformer::backward() {
       for (int l = e - 1; l >= s; l--) {
         const float* in = l == s ? a_.ckpt_in[size_t(seg)] : a_.out[size_t(l - s - 1)];
         w_.blocks[size_t(l)].backward(*be_, a_.dres, in, a_.blocks[size_t(l - s)], a_.scratch, pos, last_attn_, N);
+        layer_grads_done(l);
       }
     }
   }

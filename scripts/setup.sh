@@ -7,6 +7,7 @@ SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO="sudo"
 pkgs=(build-essential cmake git pkg-config
       libopenblas-dev libopenblas0-openmp nlohmann-json3-dev libcli11-dev libcpp-httplib-dev
       libgtest-dev googletest libbenchmark-dev libdnnl-dev
+      libopenmpi-dev openmpi-bin  # multi-process training (dist/mpi/, mpirun in the dist tests)
       python3-torch python3-numpy fortunes
       libpng-dev zlib1g-dev dataset-fashion-mnist  # images: PNG, gzipped idx, the Fashion-MNIST data set
       clang libclang-rt-dev libomp-dev)  # the libFuzzer build (fuzz/, scripts/fuzz.sh)

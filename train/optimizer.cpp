@@ -1,13 +1,20 @@
 #include "train/optimizer.h"
 
+#include <algorithm>
 #include <cmath>
 
 namespace kiln {
 
-AdamW::AdamW(const ParamTable& table, const AdamWConfig& cfg, nn::Backend* be)
-    : table_(table), cfg_(cfg), be_(be), m_(table.total * sizeof(float)), v_(table.total * sizeof(float)) {
+AdamW::AdamW(const ParamTable& table, const AdamWConfig& cfg, nn::Backend* be, AdamWShard shard)
+    : table_(table),
+      cfg_(cfg),
+      be_(be),
+      lo_(std::min(shard.begin, table.total)),
+      hi_(std::max(lo_, std::min(shard.end, table.total))),
+      m_((hi_ - lo_) * sizeof(float)),
+      v_((hi_ - lo_) * sizeof(float)) {
   if (be_ && be_->act_dtype() != DType::F32) {
-    const size_t bytes = table.total * sizeof(float);
+    const size_t bytes = (hi_ - lo_) * sizeof(float);
     dm_ = static_cast<float*>(be_->alloc(bytes, "AdamW first moments"));
     dv_ = static_cast<float*>(be_->alloc(bytes, "AdamW second moments"));
     be_->memset(dm_, 0, bytes);
@@ -28,14 +35,14 @@ AdamW::~AdamW() {
 
 void AdamW::sync_to_host() {
   if (!be_) return;
-  be_->download(m_.data(), dm_, table_.total * sizeof(float));
-  be_->download(v_.data(), dv_, table_.total * sizeof(float));
+  be_->download(m_.data(), dm_, shard_floats() * sizeof(float));
+  be_->download(v_.data(), dv_, shard_floats() * sizeof(float));
 }
 
 void AdamW::moments_changed() {
   if (!be_) return;
-  be_->upload(dm_, m_.data(), table_.total * sizeof(float));
-  be_->upload(dv_, v_.data(), table_.total * sizeof(float));
+  be_->upload(dm_, m_.data(), shard_floats() * sizeof(float));
+  be_->upload(dv_, v_.data(), shard_floats() * sizeof(float));
 }
 
 double AdamW::grad_norm(const float* grads, float unscale) const {
@@ -68,6 +75,7 @@ AdamWHyper adamw_hyper(const AdamWConfig& cfg, const ParamSpec& spec, float lr, 
 }
 
 void AdamW::update(float* params, float* grads, float lr, int64_t t, double norm, float unscale, bool zero_grads) {
+  KILN_CHECK(!sharded(), "AdamW: the host-block update works on the whole block");
   for (const ParamSpec& s : table_.specs) {
     if (!s.trainable) continue;  // (its gradient is zero)
     const AdamWHyper h = adamw_hyper(cfg_, s, lr, t, norm, unscale, zero_grads);
@@ -79,9 +87,12 @@ void AdamW::update(const ParamBlocks& b, float lr, int64_t t, double norm, float
   KILN_CHECK(b.n == table_.total, "AdamW: parameter block of ", b.n, " floats, the table has ", table_.total);
   for (const ParamSpec& s : table_.specs) {
     if (!s.trainable) continue;  // (its gradient is zero)
+    // The part of this tensor inside the shard (the update is elementwise, so a tensor may be cut anywhere).
+    const size_t a = std::max(size_t(s.offset), lo_), e = std::min(size_t(s.offset) + size_t(s.numel()), hi_);
+    if (a >= e) continue;
     const AdamWHyper h = adamw_hyper(cfg_, s, lr, t, norm, unscale, zero_grads);
-    b.backend->adamw_update(b.params + s.offset, b.params16 ? b.params16 + s.offset : nullptr, b.grads + s.offset,
-                            dm_ + s.offset, dv_ + s.offset, s.numel(), h);
+    b.backend->adamw_update(b.params + a, b.params16 ? b.params16 + a : nullptr, b.grads + a, dm_ + (a - lo_),
+                            dv_ + (a - lo_), int64_t(e - a), h);
   }
 }
 

@@ -22,10 +22,16 @@ struct AdamWConfig {
 AdamWHyper adamw_hyper(const AdamWConfig& cfg, const ParamSpec& spec, float lr, int64_t t, double norm,
                        float unscale, bool zero_grad);
 
+// A shard of the block (ZeRO, train/data_parallel.h): floats [shard_begin, shard_end) of the block.
+struct AdamWShard {
+  size_t begin = 0, end = SIZE_MAX;  // end SIZE_MAX: the whole block
+};
+
 class AdamW {
  public:
-  // be: where the moments live (the model's backend); null means host memory (the CPU kernels).
-  AdamW(const ParamTable& table, const AdamWConfig& cfg, nn::Backend* be = nullptr);
+  // be: where the moments live (the model's backend); null means host memory (the CPU kernels). With a shard,
+  // the moments cover only it and update() changes only its floats (ZeRO stage 1 and 2).
+  AdamW(const ParamTable& table, const AdamWConfig& cfg, nn::Backend* be = nullptr, AdamWShard shard = {});
   ~AdamW();
   AdamW(const AdamW&) = delete;
   AdamW& operator=(const AdamW&) = delete;
@@ -49,17 +55,22 @@ class AdamW {
 
   // The moments' host copies (checkpoints): call sync_to_host() before reading them after device updates and
   // moments_changed() after writing them.
+  // Sharded: they hold the shard's floats only (shard_floats()), and num_floats() is still the whole block.
   float* m() { return m_.f32(); }
   float* v() { return v_.f32(); }
   void sync_to_host();
   void moments_changed();
   size_t num_floats() const { return table_.total; }
+  size_t shard_begin() const { return lo_; }
+  size_t shard_floats() const { return hi_ - lo_; }
+  bool sharded() const { return lo_ != 0 || hi_ != table_.total; }
   const AdamWConfig& config() const { return cfg_; }
 
  private:
   const ParamTable& table_;
   AdamWConfig cfg_;
   nn::Backend* be_ = nullptr;  // null: host
+  size_t lo_ = 0, hi_ = 0;     // the shard
   Buffer m_, v_;
   float *dm_ = nullptr, *dv_ = nullptr;  // on the backend's device (== host blocks on the host)
 };

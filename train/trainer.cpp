@@ -5,11 +5,13 @@
 #include <sys/resource.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <chrono>
 #include <csignal>
 #include <cstdlib>
 #include <cmath>
 #include <cstdio>
+#include <filesystem>
 #include <fstream>
 #include <nlohmann/json.hpp>
 #include <sstream>
@@ -21,6 +23,7 @@
 #include "models/checkpoint.h"
 #include "models/model.h"
 #include "train/checkpoint_dir.h"
+#include "train/data_parallel.h"
 #include "train/dataloader.h"
 #include "train/packing.h"
 #include "train/loss_scale.h"
@@ -86,17 +89,42 @@ double forward(Model& model, const Batch& b, float grad_scale) {
   return model.forward(b.tokens.data(), b.pos.data(), b.targets.data(), ap, grad_scale);
 }
 
-// Mean loss per target over val_batches batches from the start of the validation data.
-double evaluate(Model& model, BatchSource& val, int batches, Batch& batch) {
+// Mean loss per target over val_batches batches from the start of the validation data, each rank taking its
+// share of every batch.
+double evaluate(Model& model, BatchSource& val, int batches, Batch& batch, dist::Communicator& comm, Batch& local) {
   val.reset();
   double sum = 0;
   int64_t n = 0;
   for (int i = 0; i < batches; i++) {
     val.next(batch);
-    sum += forward(model, batch, 0.0f);
+    take_share(batch, comm.rank(), comm.size(), local);
+    if (local.n_tokens > 0) sum += forward(model, local, 0.0f);
     n += batch.count_targets();
   }
+  comm.all_reduce_sum(&sum, 1);
   return n ? sum / double(n) : 0.0;
+}
+
+// A checkpoint in the single-process format, written by rank 0 (the optimizer state gathered to it first);
+// a failure to write it stops every rank.
+void save_checkpoint(const TrainOptions& opt, Model& model, DataParallel& dp, const TrainState& st,
+                     dist::Communicator& comm) {
+  model.sync_to_host();
+  std::unique_ptr<AdamW> full;
+  if (dp.optimizer().sharded()) {
+    full = std::make_unique<AdamW>(model.table(), opt.adamw);
+    dp.gather_optimizer(*full);
+  } else {
+    dp.optimizer().sync_to_host();
+  }
+  std::string error;
+  if (comm.rank() == 0) try {
+      save_training_checkpoint(opt.out, model, full ? *full : dp.optimizer(), st, opt.save_dtype, opt.tokenizer,
+                               opt.keep_checkpoints, parse_byte_size(opt.max_shard_size, "--max-shard-size"));
+    } catch (const Error& e) {
+      error = e.what();
+    }
+  dist::agree_on_error(comm, error);
 }
 
 // Keeps metric lines up to `step` (a resumed run rewrites the steps after its checkpoint).
@@ -140,80 +168,199 @@ std::unique_ptr<BatchSource> make_batch_source(const TrainOptions& opt, const st
   return std::make_unique<PaddedSource>(docs, opt.batch, opt.seq, cfg.max_positions, shuffled, opt.seed);
 }
 
+namespace {
+
+// What every rank must agree on: the model, the data and the options that shape the batches and the step.
+std::string run_fingerprint(const TrainOptions& o, const ModelConfig& cfg) {
+  std::string f = str(cfg.family, "|", cfg.num_params(), "|", cfg.vocab_size, "|", o.batch, "|", o.seq, "|",
+                      o.grad_accum, "|", o.steps, "|", o.zero_stage, "|", o.seed, "|", o.lr, "|", o.data_order, "|",
+                      o.batching, o.packing, "|", o.dtype, "|", o.resume);
+  for (const auto& path : expand_glob(o.data)) {
+    std::error_code ec;
+    f += str("|", std::filesystem::file_size(path, ec));
+  }
+  return f;
+}
+
+// Sums per-layer vectors (the experts' load) over the ranks, in place.
+void dist_sum(dist::Communicator& comm, std::vector<std::vector<float>>& v) {
+  std::vector<float> flat;
+  for (const auto& x : v) flat.insert(flat.end(), x.begin(), x.end());
+  comm.all_reduce_sum(flat.data(), flat.size());
+  size_t at = 0;
+  for (auto& x : v)
+    for (float& f : x) f = flat[at++];
+}
+
+// Resident memory of this process now, bytes.
+double resident_bytes() {
+  std::ifstream in("/proc/self/statm");
+  long pages = 0, resident = 0;
+  in >> pages >> resident;
+  return double(resident) * double(sysconf(_SC_PAGESIZE));
+}
+
+}  // namespace
+
 double train(const TrainOptions& opt) {
-  validate(opt);
-  RecomputePolicy::parse(opt.recompute);  // reject a bad policy before any work
-  const DeviceSpec device = parse_device(opt.device);
-  if (device.cuda) {
-    KILN_CHECK(opt.dtype == "bf16", "--device cuda trains in bf16: pass --dtype bf16 (got --dtype ", opt.dtype, ")");
-    KILN_CHECK(opt.loss_scale != "dynamic", "--loss-scale dynamic: bf16 on the GPU needs no loss scaling");
-    gpu::init(device.index);
+  std::unique_ptr<dist::Communicator> comm = dist::make_communicator();
+  try {
+    return train(opt, *comm);
+  } catch (const dist::RankQuiet&) {
+    throw;
+  } catch (const dist::AgreedError& e) {
+    if (comm->size() == 1) throw;
+    // Printed here, before MPI_Finalize (when `comm` goes), which the other ranks wait in: once a rank exits
+    // non-zero mpirun ends the rest, and a line printed after that could be lost.
+    std::fprintf(stderr, "kiln: %s\n", e.what());
+    std::fflush(stderr);
+    throw dist::RankQuiet();
+  } catch (const std::exception& e) {
+    // Errors agreed on (setup, data, a step's checks) reach every rank together; anything else is this
+    // rank's alone, and the others wait in a collective: end the job, naming the rank.
+    if (comm->size() == 1) throw;
+    std::fprintf(stderr, "kiln: rank %d: %s\n", comm->rank(), e.what());
+    comm->abort(1);
   }
-  KILN_CHECK(opt.lm_head_chunk >= 0, "--lm-head-chunk must be >= 0");
-  set_threads(opt.threads);
-  const int B = opt.batch, T = opt.seq;
+  return 0;  // not reached
+}
 
-  std::string resume_dir;
-  if (opt.resume) {
-    resume_dir = latest_checkpoint(opt.out);
-    KILN_CHECK(!resume_dir.empty(), opt.out, ": no checkpoint to resume from (", opt.out, "/latest is missing)");
-  }
-  const std::string cfg_src = !resume_dir.empty() ? resume_dir : (!opt.init.empty() ? opt.init : opt.model);
-  const ModelConfig cfg = load_model_config(cfg_src);
-  KILN_CHECK(T <= cfg.max_positions, "--seq ", T, " exceeds the model's context of ", cfg.max_positions, " positions");
-  if (!opt.out.empty()) make_dirs(opt.out);
-
-  ModelOptions mopt;
-  mopt.cuda = device.cuda;
-  if (opt.dtype != "fp32") mopt.lowp = opt.dtype == "bf16" ? LowpType::BF16 : LowpType::FP16;
-  mopt.mtp_lambda = opt.mtp_lambda;
-  std::unique_ptr<Model> model = make_model(cfg, mopt);
-  model->set_seq_aux_alpha(opt.seq_aux_alpha);
-  AdamW adam(model->table(), opt.adamw, model->blocks().backend);
-  std::unique_ptr<BatchSource> loader = make_batch_source(opt, opt.data, cfg, /*validation=*/false);
-  std::unique_ptr<BatchSource> val;
-  if (!opt.val_data.empty()) val = make_batch_source(opt, opt.val_data, cfg, /*validation=*/true);
-
+double train(const TrainOptions& opt, dist::Communicator& comm) {
+  const int rank = comm.rank(), ranks = comm.size();
+  const bool root = rank == 0;
+  // Setup, on every rank; a rank's error (a flag, its data, a checkpoint) is agreed on below, so every rank
+  // stops with one message from rank 0.
+  std::string setup_error;
+  std::unique_ptr<Model> model;
+  std::unique_ptr<dist::Communicator> nccl;
+  std::unique_ptr<DataParallel> dp;
+  std::unique_ptr<BatchSource> loader, val;
+  ModelConfig cfg;
   TrainState st;
-  st.seed = opt.seed;
-  if (!resume_dir.empty()) {
-    st = load_training_checkpoint(resume_dir, *model, adam);
-    loader->set_state(st.loader);
-    adam.moments_changed();
-    KILN_CHECK(st.step <= opt.steps, resume_dir, ": checkpoint is at step ", st.step, ", past --steps ", opt.steps);
-    model->params_changed();
-  } else if (!opt.init.empty()) {
-    load_model_weights(opt.init, cfg, model->table(), model->host_params());
-    model->params_changed();
-  } else {
-    model->init_random(opt.seed);
+  DeviceSpec device;
+  std::string resume_dir;
+  double state_measured = 0;
+  try {
+    validate(opt);
+    KILN_CHECK(opt.zero_stage >= 0 && opt.zero_stage <= 3, "--zero-stage must be 0, 1, 2 or 3 (got ",
+               opt.zero_stage, ")");
+    KILN_CHECK(opt.zero_stage != 3, "--zero-stage 3 (parameters sharded layer by layer) is not implemented yet; "
+               "use 0, 1 or 2");
+    const bool rows = !opt.packing && opt.batching != "packed";
+    KILN_CHECK(!rows || opt.batch % ranks == 0, "--batch ", opt.batch, " (the global batch) does not divide over ",
+               ranks, " ranks");
+    RecomputePolicy::parse(opt.recompute);  // reject a bad policy before any work
+    device = parse_device(opt.device);
+    // One GPU a rank: --device cuda:N gives the machine's ranks GPUs N, N+1, ... in local rank order.
+    if (device.cuda && comm.local_size() > 1) device.index += comm.local_rank();
+    if (device.cuda) {
+      KILN_CHECK(opt.dtype == "bf16", "--device cuda trains in bf16: pass --dtype bf16 (got --dtype ", opt.dtype, ")");
+      KILN_CHECK(opt.loss_scale != "dynamic", "--loss-scale dynamic: bf16 on the GPU needs no loss scaling");
+      gpu::init(device.index);
+    }
+    KILN_CHECK(opt.lm_head_chunk >= 0, "--lm-head-chunk must be >= 0");
+    set_threads(opt.threads);
+    if (opt.resume) {
+      resume_dir = latest_checkpoint(opt.out);
+      KILN_CHECK(!resume_dir.empty(), opt.out, ": no checkpoint to resume from (", opt.out, "/latest is missing)");
+    }
+    const std::string cfg_src = !resume_dir.empty() ? resume_dir : (!opt.init.empty() ? opt.init : opt.model);
+    cfg = load_model_config(cfg_src);
+    KILN_CHECK(opt.seq <= cfg.max_positions, "--seq ", opt.seq, " exceeds the model's context of ", cfg.max_positions,
+               " positions");
+    if (!opt.out.empty() && root) make_dirs(opt.out);
+    loader = make_batch_source(opt, opt.data, cfg, /*validation=*/false);
+    if (!opt.val_data.empty()) val = make_batch_source(opt, opt.val_data, cfg, /*validation=*/true);
+  } catch (const Error& e) {
+    setup_error = e.what();
   }
+  dist::agree_on_error(comm, setup_error);
+  // Every rank must train the same model on the same data with the same options.
+  if (ranks > 1) {
+    const std::string mine = run_fingerprint(opt, cfg);
+    uint64_t len = mine.size();
+    comm.broadcast(&len, sizeof len, 0);
+    std::string theirs = root ? mine : std::string(len, '\0');
+    comm.broadcast(theirs.data(), len, 0);
+    dist::agree_on_error(comm, theirs == mine ? "" : "the model, data or options differ from rank 0's (the same "
+                                                     "--model/--init, --data and training flags on every rank)");
+  }
+
+  try {
+    ModelOptions mopt;
+    mopt.cuda = device.cuda;
+    if (opt.dtype != "fp32") mopt.lowp = opt.dtype == "bf16" ? LowpType::BF16 : LowpType::FP16;
+    if (device.cuda && ranks > 1) {
+      nccl = dist::make_nccl_communicator(comm, device.index);
+      KILN_CHECK(nccl, "--device cuda on ", ranks, " ranks needs NCCL, and this kiln was built without it");
+    }
+    const double rss0 = resident_bytes();
+    mopt.mtp_lambda = opt.mtp_lambda;
+    model = make_model(cfg, mopt);
+    model->set_seq_aux_alpha(opt.seq_aux_alpha);
+    dp = std::make_unique<DataParallel>(comm, nccl ? *nccl : comm, *model, opt.adamw, opt.zero_stage);
+    state_measured = resident_bytes() - rss0;
+    st.seed = opt.seed;
+    if (!resume_dir.empty()) {
+      // Checkpoints hold the whole optimizer state: each rank keeps its part.
+      AdamW full(model->table(), opt.adamw);
+      st = load_training_checkpoint(resume_dir, *model, full);
+      dp->scatter_optimizer(full);
+      loader->set_state(st.loader);
+      KILN_CHECK(st.step <= opt.steps, resume_dir, ": checkpoint is at step ", st.step, ", past --steps ", opt.steps);
+      model->params_changed();
+    } else if (!opt.init.empty()) {
+      load_model_weights(opt.init, cfg, model->table(), model->host_params());
+      model->params_changed();
+    } else {
+      model->init_random(opt.seed);
+    }
+  } catch (const Error& e) {
+    setup_error = e.what();
+  }
+  dist::agree_on_error(comm, setup_error);
+  const int B = opt.batch, T = opt.seq;
+  const int B_local = (!opt.packing && opt.batching != "packed") ? B / ranks : B;
 
   const double MB = 1024.0 * 1024.0;
-  if (device.cuda) {
+  if (device.cuda && root) {
     const gpu::DeviceInfo info = gpu::init(device.index);
     std::fprintf(stderr, "kiln train: device %s (sm_%d%d, %d SMs, %.1f GiB)%s\n", info.name.c_str(), info.sm_major,
                  info.sm_minor, info.sm_count, double(info.total_memory) / double(1 << 30),
                  info.emulated ? " [SIMT emulator]" : "");
   }
-  const size_t act_bytes = model->plan(B, T, RecomputePolicy::parse(opt.recompute), opt.lm_head_chunk);
+  const size_t act_bytes = model->plan(B_local, T, RecomputePolicy::parse(opt.recompute), opt.lm_head_chunk);
   const size_t n_floats = model->table().total;
-  if (device.cuda)
+  if (root && device.cuda)
     std::fprintf(stderr,
                  "kiln train: %s, %.2fM parameters | GPU memory plan: weights+bf16 copy+grads %.1f MB, "
                  "activations %.1f MB\n",
                  cfg.family.c_str(), double(cfg.num_params()) / 1e6, double(model->state_bytes()) / MB,
                  double(act_bytes) / MB);
-  else
+  else if (root)
     std::fprintf(stderr,
                  "kiln train: %s, %.2fM parameters | memory plan: weights %.1f MB, grads %.1f MB, AdamW %.1f MB, "
                  "activations %.1f MB%s\n",
                  cfg.family.c_str(), double(cfg.num_params()) / 1e6, n_floats * 4 / MB, n_floats * 4 / MB,
-                 n_floats * 8 / MB, double(act_bytes) / MB,
+                 double(dp->optimizer_bytes()) / MB, double(act_bytes) / MB,
                  opt.dtype == "fp32" ? "" : str(", 16-bit weight copies ", n_floats * 2 / MB, " MB").c_str());
+  if (ranks > 1) {
+    // Measured per-rank state (resident growth over building the model and its optimizer part), largest rank.
+    std::vector<double> per(size_t(ranks), 0.0);
+    per[size_t(rank)] = state_measured;
+    comm.all_reduce_sum(per.data(), per.size());
+    if (root)
+      std::fprintf(stderr, "kiln train: %d ranks (%s%s), ZeRO stage %d, global batch %d, reduction %s | state per "
+                   "rank measured %.1f MB (largest rank; weights, grads, optimizer part)\n",
+                   ranks, comm.name().c_str(), nccl ? " + nccl" : "", opt.zero_stage, B,
+                   dp->overlapping() ? "overlapped with the backward" : "after the backward",
+                   *std::max_element(per.begin(), per.end()) / MB);
+  } else if (std::getenv("KILN_REPORT_STATE_MEMORY")) {
+    std::fprintf(stderr, "kiln train: state measured %.1f MB\n", state_measured / MB);
+  }
 
   std::ofstream metrics;
-  if (!opt.metrics.empty()) {
+  if (!opt.metrics.empty() && root) {
     if (opt.resume) truncate_metrics(opt.metrics, st.step);
     metrics.open(opt.metrics, opt.resume ? std::ios::app : std::ios::trunc);
     KILN_CHECK(metrics.good(), opt.metrics, ": cannot open for writing");
@@ -240,57 +387,91 @@ double train(const TrainOptions& opt) {
   const int64_t inject_at = inject_env ? std::atoll(inject_env) : 0;
 
   // A step's micro-batches are read first so the loss is the mean over all of the step's targets
-  // (micro-batches can hold different numbers of them when packed or masked).
+  // (micro-batches can hold different numbers of them when packed or masked). Every rank reads the global
+  // micro-batches and trains on its share (train/data_parallel.h).
   std::vector<Batch> micro(size_t(opt.grad_accum));
-  Batch val_batch;
-  const bool tty = opt.progress && isatty(2);
+  Batch local, val_batch;
+  const bool tty = opt.progress && isatty(2) && root;
   const int log_every = std::max(1, opt.steps / 20);
   double last_val = NAN, loss = st.last_loss;
   auto run_start = Clock::now();
   const char* kill_env = std::getenv("KILN_TEST_KILL_AT_STEP");
   const int64_t kill_at_step = kill_env ? std::atoll(kill_env) : 0;
+  // Test hook: with KILN_TEST_KILL_RANK, only that rank dies, in the middle of the step (after its backward,
+  // before the gradient reduction), so the others are left waiting in a collective.
+  const char* kill_rank_env = std::getenv("KILN_TEST_KILL_RANK");
+  const int kill_rank = kill_rank_env ? std::atoi(kill_rank_env) : -1;
   int64_t steps_this_run = 0;
 
   for (int64_t step = st.step; step < opt.steps; step++) {
     auto t0 = Clock::now();
     // Gradients are zero here: fresh, or cleared by the previous update (or skip).
     int64_t n_targets = 0, tokens_per_step = 0;
-    for (Batch& b : micro) {
-      loader->next(b);
-      n_targets += b.count_targets();
-      tokens_per_step += b.n_tokens;
+    std::string step_error;
+    try {
+      for (Batch& b : micro) {
+        loader->next(b);
+        n_targets += b.count_targets();
+        tokens_per_step += b.n_tokens;
+      }
+      KILN_CHECK(n_targets > 0, "step ", step + 1, ": the batch holds no training targets");
+    } catch (const Error& e) {
+      step_error = e.what();
     }
-    KILN_CHECK(n_targets > 0, "step ", step + 1, ": the batch holds no training targets");
-    const float grad_scale = scaler.scale / float(n_targets);
+    dist::agree_on_error(comm, step_error);
+    const float grad_scale = scaler.scale / float(n_targets);  // the global count: gradients sum over ranks
     double loss_sum = 0;
-    std::vector<std::pair<std::string, double>> parts;  // the model's loss terms (main_loss, mtp_loss), summed
-    for (Batch& b : micro) {
-      loss_sum += forward(*model, b, grad_scale);
-      const auto p = model->loss_parts();
-      if (parts.empty()) parts.assign(p.size(), {});
-      for (size_t i = 0; i < p.size() && i < parts.size(); i++) parts[i] = {p[i].first, parts[i].second + p[i].second};
-      model->backward();
+    // The model's loss terms (main_loss, mtp_loss), summed over micro-batches and ranks; the same names on every
+    // rank (they follow the config).
+    std::vector<std::pair<std::string, double>> parts = model->loss_parts();
+    for (auto& p : parts) p.second = 0;
+    for (size_t i = 0; i < micro.size(); i++) {
+      const bool last_micro = i + 1 == micro.size();
+      take_share(micro[i], rank, ranks, local);
+      dp->begin_micro(last_micro);
+      if (local.n_tokens > 0) {
+        loss_sum += forward(*model, local, grad_scale);
+        const auto mp = model->loss_parts();
+        for (size_t j = 0; j < mp.size() && j < parts.size(); j++) parts[j].second += mp[j].second;
+        model->backward();
+      }
+      if (last_micro && (inject_every || inject_at == step + 1) && root) {
+        // Test hook: one infinite gradient (the overflow path of loss scaling), before it is reduced: the
+        // first float is an embedding's, reduced after the backward.
+        const float inf = INFINITY;
+        model->blocks().backend->upload(model->blocks().grads, &inf, sizeof inf);
+      }
+      dp->after_backward();
     }
+    if (kill_rank == rank && kill_at_step == step + 1) std::raise(SIGKILL);
+    comm.all_reduce_sum(&loss_sum, 1);
     loss = loss_sum / double(n_targets);
+    for (auto& p : parts) comm.all_reduce_sum(&p.second, 1);
     const float lr = sched.at(int(step));
-    if (inject_every || inject_at == step + 1) {
-      const float inf = INFINITY;  // test hook: one infinite gradient (the overflow path of loss scaling)
-      model->blocks().backend->upload(model->blocks().grads, &inf, sizeof inf);
-    }
-    const double norm = adam.grad_norm(model->blocks(), 1.0f / scaler.scale);
+    dp->reduce_gradients();
+    const double norm = dp->grad_norm(1.0f / scaler.scale);
     const bool finite = std::isfinite(norm) && std::isfinite(loss);
-    if (!scaler.enabled)
-      KILN_CHECK(finite, "step ", step + 1, ": loss ", loss, ", gradient norm ", norm,
-                 " is not finite; stopping without saving");
+    // Loss and norm are the same on every rank, and so are these checks: every rank stops at once.
     const float used_scale = scaler.scale;
-    // The step's expert load (MoE models); the selection bias follows it when the step is applied.
-    const std::vector<std::vector<float>> load = model->take_expert_load();
-    if (scaler.record(finite, step + 1)) {
+    // The step's expert load (MoE models), summed over the ranks so that every rank's selection bias, which
+    // follows it when the step is applied, stays the same.
+    std::vector<std::vector<float>> load = model->take_expert_load();
+    if (ranks > 1 && !load.empty()) dist_sum(comm, load);
+    bool apply = false;
+    try {
+      if (!scaler.enabled)
+        KILN_CHECK(finite, "step ", step + 1, ": loss ", loss, ", gradient norm ", norm,
+                   " is not finite; stopping without saving");
+      apply = scaler.record(finite, step + 1);
+    } catch (const Error& e) {
+      dist::fail_together(comm, e.what());
+    }
+    if (apply) {
       st.optimizer_steps++;
-      adam.update(model->blocks(), lr, st.optimizer_steps, norm, 1.0f / used_scale, /*zero_grads=*/true);
+      dp->update(lr, st.optimizer_steps, norm, 1.0f / used_scale);
       if (!load.empty()) model->update_expert_bias(load, opt.bias_update_speed);
     } else {
-      model->zero_grad();
+      dp->skip();
     }
     const double secs = std::chrono::duration<double>(Clock::now() - t0).count();
     steps_this_run++;
@@ -306,6 +487,16 @@ double train(const TrainOptions& opt) {
                         {"lr", lr},                {"grad_norm", norm},
                         {"tokens_per_s", double(tokens_per_step) / secs}, {"ms", secs * 1e3}};
     for (const auto& [name, v] : parts) m[name] = v / double(n_targets);
+    if (ranks > 1) {
+      // Time in collectives, and how much of it the step waited for (the rest overlapped the backward).
+      const auto c = dp->take_comm_seconds();
+      m["comm_ms"] = c.total * 1e3;
+      m["comm_exposed_ms"] = c.exposed * 1e3;
+      if (dp->overlapping()) {
+        m["overlap_ms"] = c.overlapped * 1e3;
+        m["overlap_wait_ms"] = c.overlap_wait * 1e3;
+      }
+    }
     // max/mean expert load, the worst MoE layer's (1: perfectly balanced).
     double load_ratio = NAN;
     if (!load.empty()) {
@@ -324,7 +515,7 @@ double train(const TrainOptions& opt) {
       if (!finite) m["skipped"] = true;
     }
     if (val && opt.eval_every > 0 && (st.step % opt.eval_every == 0 || last)) {
-      last_val = evaluate(*model, *val, opt.val_batches, val_batch);
+      last_val = evaluate(*model, *val, opt.val_batches, val_batch, comm, local);
       m["val_loss"] = last_val;
     }
     if (metrics.is_open()) {
@@ -342,25 +533,22 @@ double train(const TrainOptions& opt) {
                   lr, double(tokens_per_step) / secs, format_duration(eta).c_str());
     if (tty)
       std::fprintf(stderr, "\r\033[K%s", line);
-    else if (st.step % log_every == 0 || last)
+    else if (root && (st.step % log_every == 0 || last))
       std::fprintf(stderr, "%s\n", line);
 
-    if (!opt.out.empty() && ((opt.save_every > 0 && st.step % opt.save_every == 0) || last)) {
-      model->sync_to_host();
-      adam.sync_to_host();
-      save_training_checkpoint(opt.out, *model, adam, st, opt.save_dtype, opt.tokenizer, opt.keep_checkpoints,
-                               parse_byte_size(opt.max_shard_size, "--max-shard-size"));
-    }
+    if (!opt.out.empty() && ((opt.save_every > 0 && st.step % opt.save_every == 0) || last))
+      save_checkpoint(opt, *model, *dp, st, comm);
     // Test hook: die like a killed process (no cleanup) after this step, to test --resume.
-    if (kill_at_step > 0 && st.step == kill_at_step) std::raise(SIGKILL);
+    if (kill_rank < 0 && kill_at_step > 0 && st.step == kill_at_step) std::raise(SIGKILL);
   }
   if (tty) std::fprintf(stderr, "\n");
+  if (!root) return loss;
   if (device.cuda)
     std::fprintf(stderr, "kiln train: done, final loss %.4f, GPU memory planned %.1f MB\n", loss,
                  double(model->state_bytes() + act_bytes) / MB);
   else
     std::fprintf(stderr, "kiln train: done, final loss %.4f, peak memory %.1f MB (planned %.1f MB)\n", loss,
-                 peak_rss_mb(), (n_floats * (opt.dtype == "fp32" ? 16 : 18) + act_bytes) / MB);
+                 peak_rss_mb(), (n_floats * (opt.dtype == "fp32" ? 8 : 10) + dp->optimizer_bytes() + act_bytes) / MB);
   return loss;
 }
 

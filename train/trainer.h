@@ -5,6 +5,7 @@
 #include <memory>
 #include <string>
 
+#include "dist/communicator.h"
 #include "models/model_config.h"
 #include "train/batch.h"
 #include "train/optimizer.h"
@@ -16,7 +17,11 @@ struct TrainOptions {
   std::string init;        // checkpoint directory to start from (weights)
   std::string data, val_data;
   std::string tokenizer;   // directory whose tokenizer files are copied into every checkpoint
+  // batch is global: under mpirun each of the N ranks trains on batch/N rows of every micro-batch (packed:
+  // about 1/N of its tokens, in whole sequences), so runs on any N see the same batches
+  // (train/data_parallel.h).
   int batch = 4, seq = 64, grad_accum = 1, steps = 100;
+  int zero_stage = 0;      // ZeRO stage across ranks: 0 (replicated), 1 (optimizer state), 2 (+ gradients)
   float lr = 6e-4f, min_lr = 0.0f;
   std::string lr_schedule = "cosine";
   int warmup = 0;
@@ -59,8 +64,11 @@ struct TrainOptions {
 std::unique_ptr<BatchSource> make_batch_source(const TrainOptions& opt, const std::string& data,
                                                const ModelConfig& cfg, bool validation);
 
-// Runs training; throws kiln::Error on bad input. Returns the final training loss.
+// Runs training on the job's ranks (dist::make_communicator: mpirun's, or this process alone); throws
+// kiln::Error on bad input (on rank 0; dist::RankQuiet on the others). Returns the final training loss.
 double train(const TrainOptions& opt);
+// The same on a given communicator.
+double train(const TrainOptions& opt, dist::Communicator& comm);
 
 // Threads for OpenMP and OpenBLAS (0 = all cores).
 void set_threads(int threads);

@@ -1,4 +1,7 @@
 // kiln train: train a GPT-2-architecture model on token shards.
+#include <cstdlib>
+
+#include "dist/communicator.h"
 #include "tools/kiln/command.h"
 #include "train/classify_trainer.h"
 #include "train/diffusion_trainer.h"
@@ -16,7 +19,14 @@ kiln::cli::Command train_cmd("train", [](CLI::App& root) {
   c->add_option("--eval-every", opt->eval_every, "Evaluate validation loss every N steps (0: never)");
   c->add_option("--val-batches", opt->val_batches, "Batches per validation evaluation")->capture_default_str();
   c->add_option("--tokenizer", opt->tokenizer, "Tokenizer directory copied into every checkpoint");
-  c->add_option("--batch", opt->batch, "Sequences per micro-batch (B)")->capture_default_str();
+  c->add_option("--batch", opt->batch,
+                "Sequences per micro-batch (B), global: under mpirun each of N ranks trains on B/N of them (packed: "
+                "about 1/N of the tokens, whole sequences)")
+      ->capture_default_str();
+  c->add_option("--zero-stage", opt->zero_stage,
+                "ZeRO partitioning across ranks: 0 replicated state, gradients all-reduced; 1 optimizer state "
+                "sharded; 2 gradients reduce-scattered per micro-batch too (3: not yet)")
+      ->capture_default_str();
   c->add_option("--seq", opt->seq, "Tokens per sequence (T)")->capture_default_str();
   c->add_option("--grad-accum", opt->grad_accum, "Micro-batches per optimizer step")->capture_default_str();
   c->add_option("--steps", opt->steps, "Optimizer steps")->capture_default_str();
@@ -65,7 +75,8 @@ kiln::cli::Command train_cmd("train", [](CLI::App& root) {
       ->capture_default_str();
   c->add_option("--device", opt->device,
                 "cpu, or cuda / cuda:N: train on the GPU (with --dtype bf16; FlashAttention and cuBLASLt, fp32 "
-                "master weights and AdamW on the device)")
+                "master weights and AdamW on the device; under mpirun the ranks of a machine take GPUs N, N+1, ... and "
+                "reduce gradients with NCCL)")
       ->capture_default_str();
   c->add_option("--loss-scale", opt->loss_scale, "auto (dynamic for fp16), none or dynamic")->capture_default_str();
   c->add_option("--initial-loss-scale", opt->initial_loss_scale, "Starting dynamic loss scale")->capture_default_str();
@@ -99,7 +110,14 @@ kiln::cli::Command train_cmd("train", [](CLI::App& root) {
       ->capture_default_str();
   c->add_option("--flow-t", img->flow_t, "--objective flow: uniform or logit-normal t")->capture_default_str();
   c->callback([opt, img, objective] {
-    if (*objective == "lm") return (void)kiln::train(*opt);
+    if (*objective == "lm") {
+      try {
+        kiln::train(*opt);
+      } catch (const kiln::dist::RankQuiet&) {
+        std::exit(1);  // rank 0 prints the job's error
+      }
+      return;
+    }
     if (*objective == "classify") return (void)kiln::train_classifier(*opt);
     img->objective = *objective;
     kiln::train_images(*opt, *img);
