@@ -32,7 +32,7 @@ void Backend::copy_rows(Act dst, int64_t ld_dst, Act src, int64_t ld_src, int64_
 void Backend::attention_forward(Act out, float* lse, Act qkv, const AttentionParams& p) { unsupported("attention_forward"); }
 void Backend::attention_backward(Act dqkv, Act dout, Act qkv, Act out, const float* lse, const AttentionParams& p) { unsupported("attention_backward"); }
 void Backend::decode_attention(const DecodeAttentionParams& p) { unsupported("decode_attention"); }
-void Backend::kv_append(Act k_cache, Act v_cache, int64_t batch_stride, Act qkv, int NH, int NKV, int HD, int B, int Tq, const int32_t* past) { unsupported("kv_append"); }
+void Backend::kv_append(Act k_cache, Act v_cache, int64_t batch_stride, Act qkv, int NH, int NKV, int HD, int B, int Tq, const int32_t* past, const KVPages&) { unsupported("kv_append"); }
 void Backend::embedding_forward(float* out, const int32_t* tokens, const int32_t* pos, const float* wte, const float* wpe, int64_t N, int C) { unsupported("embedding_forward"); }
 void Backend::embedding_backward(float* dwte, float* dwpe, const float* dout, const int32_t* tokens, const int32_t* pos, int64_t N, int C) { unsupported("embedding_backward"); }
 void Backend::softmax_crossentropy(Act logits, float* losses, const int32_t* targets, int64_t N, int V, int64_t ld, float grad_scale) { unsupported("softmax_crossentropy"); }

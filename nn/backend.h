@@ -144,9 +144,9 @@ class Backend {
   virtual void decode_attention(const DecodeAttentionParams& p);
   // Writes the key and value heads of B·Tq fused qkv rows ([NH q | NKV k | NKV v] heads of HD) into a layer's
   // cache ([B][positions][NKV·HD], activation type) at positions past_b .. past_b + Tq − 1 of sequence b
-  // (past: this device's [B]).
+  // (past: this device's [B]); with pages set, into the blocks of a paged cache instead (batch_stride unused).
   virtual void kv_append(Act k_cache, Act v_cache, int64_t batch_stride, Act qkv, int NH, int NKV, int HD, int B,
-                         int Tq, const int32_t* past);
+                         int Tq, const int32_t* past, const KVPages& pages = {});
 
   // Embeddings: out[n] = wte[tokens[n]] (+ wpe[pos[n]] when wpe is set); backward accumulates.
   virtual void embedding_forward(float* out, const int32_t* tokens, const int32_t* pos, const float* wte,

@@ -67,7 +67,7 @@ void Block::attention_forward(Backend& be, BlockActivations& a, const int32_t* p
   }
   if (S.rotary) be.rope_forward(a.qkv, pos, N, rope);
   if (cache) be.kv_append(cache->k, cache->v, cache->batch_stride, a.qkv, S.NH, S.NKV, S.HD, cache->B, cache->Tq,
-                          cache->past);
+                          cache->past, cache->pages);
   if (!cache || cache->fresh) {
     be.attention_forward(a.att, a.lse, a.qkv, ap);
     return;
@@ -91,6 +91,7 @@ void Block::attention_forward(Backend& be, BlockActivations& a, const int32_t* p
   d.kv_stride = int64_t(S.NKV) * S.HD;
   d.out = static_cast<float*>(a.att.p);
   d.out_stride = S.qdim();
+  d.pages = cache->pages;
   be.decode_attention(d);
 }
 

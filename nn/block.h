@@ -86,6 +86,7 @@ struct KVLayer {
   int max_positions = 0;             // the cache's capacity per sequence
   int B = 1, Tq = 1;
   bool fresh = false;                // every sequence's cache is empty: attend within the new tokens directly
+  KVPages pages;                     // set: k and v are a paged cache's block pools (batch_stride unused)
 };
 
 struct Block {
