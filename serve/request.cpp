@@ -60,7 +60,8 @@ const json* field(const json& j, const char* key) {
 int64_t get_int(const json& v, const std::string& name, int64_t lo, int64_t hi) {
   if (v.is_number_unsigned()) {
     const uint64_t u = v.get<uint64_t>();
-    if (u > uint64_t(hi)) bad(name, "must be at most " + std::to_string(hi) + ", got " + std::to_string(u));
+    if (u > uint64_t(hi) || (lo > 0 && u < uint64_t(lo)))
+      bad(name, "must be in [" + std::to_string(lo) + ", " + std::to_string(hi) + "], got " + std::to_string(u));
     return int64_t(u);
   }
   if (v.is_number_float()) {

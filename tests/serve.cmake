@@ -7,3 +7,9 @@ if(KILN_NODE)
                    ${CMAKE_BINARY_DIR}/e2e/serve_openai)
   set_tests_properties(e2e.serve_openai PROPERTIES LABELS e2e TIMEOUT 300)
 endif()
+if(KILN_NODE)
+  add_test(NAME e2e.serve_robustness
+           COMMAND ${KILN_NODE} ${CMAKE_SOURCE_DIR}/tests/serve/robustness.mjs $<TARGET_FILE:kiln>
+                   ${CMAKE_BINARY_DIR}/e2e/serve_robustness 10000)
+  set_tests_properties(e2e.serve_robustness PROPERTIES LABELS e2e TIMEOUT 300)
+endif()

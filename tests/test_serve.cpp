@@ -253,6 +253,7 @@ TEST(ServeRequest, ParsesFieldsAndNamesBadOnes) {
   EXPECT_EQ(param_of("{", false), "<body>");
   EXPECT_EQ(param_of("[1]", false), "<body>");
   EXPECT_EQ(param_of(R"({"prompt":"a","max_tokens":-1})", false), "max_tokens");
+  EXPECT_EQ(param_of(R"({"prompt":"a","max_tokens":0})", false), "max_tokens");
   EXPECT_EQ(param_of(R"({"prompt":"a","max_tokens":1e300})", false), "max_tokens");
   EXPECT_EQ(param_of(R"({"prompt":"a","max_tokens":"5"})", false), "max_tokens");
   EXPECT_EQ(param_of(R"({"prompt":"a","temperature":3})", false), "temperature");
