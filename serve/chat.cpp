@@ -1,6 +1,7 @@
 #include "serve/chat.h"
 
 #include "core/error.h"
+#include "serve/jinja.h"
 
 namespace kiln::serve {
 
@@ -10,7 +11,7 @@ const char* const kSftChatTemplate =
     "{% if add_generation_prompt %}<|assistant|>\n{% endif %}";
 
 struct ChatFormat::Impl {
-  std::string source;
+  jinja::Template tmpl;
 };
 
 ChatFormat ChatFormat::for_tokenizer(const Tokenizer& tok) {
@@ -28,20 +29,27 @@ ChatFormat ChatFormat::for_tokenizer(const Tokenizer& tok) {
 
 ChatFormat::ChatFormat(const std::string& source, std::string bos, std::string eos)
     : bos_(std::move(bos)), eos_(std::move(eos)) {
-  auto impl = std::make_shared<Impl>();
-  impl->source = source;
-  impl_ = impl;
+  try {
+    impl_ = std::make_shared<Impl>(Impl{jinja::Template(source)});
+  } catch (const jinja::Error& e) {
+    throw Error(str("tokenizer_config.json chat_template: ", e.what()));
+  }
 }
 
 std::string ChatFormat::render(const std::vector<ChatMessage>& messages) const {
-  // kiln's SFT format (until the template interpreter renders impl_->source).
-  std::string out;
-  for (const auto& m : messages) {
-    const std::string role = m.role == "tool" ? "user" : m.role;
-    out += "<|" + role + "|>\n" + m.content;
-    out += role == "assistant" ? eos_ : "\n";
+  nlohmann::ordered_json msgs = nlohmann::ordered_json::array();
+  for (const auto& m : messages) msgs.push_back({{"role", m.role}, {"content", m.content}});
+  const nlohmann::ordered_json ctx = {{"messages", msgs}, {"add_generation_prompt", true}, {"bos_token", bos_},
+                              {"eos_token", eos_}};
+  try {
+    return impl_->tmpl.render(ctx);
+  } catch (const jinja::Raised& e) {
+    throw ApiError(400, std::string("the chat template refused the messages: ") + e.what(), "invalid_request_error",
+                   "invalid_messages", "messages");
+  } catch (const jinja::Error& e) {
+    throw ApiError(400, std::string("the chat template failed on these messages: ") + e.what(),
+                   "invalid_request_error", "invalid_messages", "messages");
   }
-  return out + "<|assistant|>\n";
 }
 
 }  // namespace kiln::serve
