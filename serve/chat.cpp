@@ -5,10 +5,9 @@
 
 namespace kiln::serve {
 
+// Newlines are Jinja string escapes, not template text: trim_blocks would eat a newline after a tag.
 const char* const kSftChatTemplate =
-    "{% for message in messages %}<|{{ message.role }}|>\n{{ message.content }}"
-    "{% if message.role == 'assistant' %}{{ eos_token }}{% else %}\n{% endif %}{% endfor %}"
-    "{% if add_generation_prompt %}<|assistant|>\n{% endif %}";
+    "{% for message in messages %}{{ '<|' + message.role + '|>\\n' + message.content }}{% if message.role == 'assistant' %}{{ eos_token }}{% else %}{{ '\\n' }}{% endif %}{% endfor %}{% if add_generation_prompt %}{{ '<|assistant|>\\n' }}{% endif %}";
 
 struct ChatFormat::Impl {
   jinja::Template tmpl;

@@ -65,7 +65,7 @@ for (const [name, contexts] of Object.entries(cases)) {
   let source;
   if (name === "sft") {
     // kiln's default, the SFT format: its Jinja source is what `kiln chat-template` renders with no template.
-    source = "{% for message in messages %}<|{{ message.role }}|>\n{{ message.content }}{% if message.role == 'assistant' %}{{ eos_token }}{% else %}\n{% endif %}{% endfor %}{% if add_generation_prompt %}<|assistant|>\n{% endif %}";
+    source = "{% for message in messages %}{{ '<|' + message.role + '|>\\n' + message.content }}{% if message.role == 'assistant' %}{{ eos_token }}{% else %}{{ '\\n' }}{% endif %}{% endfor %}{% if add_generation_prompt %}{{ '<|assistant|>\\n' }}{% endif %}";
   } else {
     source = fs.readFileSync(path.join(dir, name), "utf8");
     args.push("--template", path.join(dir, name));
