@@ -3,7 +3,8 @@
 // CPU with the same threads. Per run: aggregate decode tokens/s, p50 / p99 inter-token latency and the median
 // time to first token, and the ratio kiln / llama.cpp. Greedy, the same prompt ids, --tokens new tokens each.
 // usage: node bench/serve_bench.mjs KILN WORK_DIR [--threads 2] [--tokens 64] [--streams 1,4,16]
-//        [--config bench/gpt2-124m.json] [--no-peer]
+//        [--config bench/gpt2-124m.json] [--no-peer | --peer-only]
+// Each result line is printed as soon as it is measured.
 import fs from "node:fs";
 import path from "node:path";
 import { spawnSync } from "node:child_process";
@@ -17,7 +18,7 @@ const opt = (name, dflt) => { const i = argv.indexOf(name); return i >= 0 ? argv
 const threads = Number(opt("--threads", "2")), tokens = Number(opt("--tokens", "64"));
 const streams = opt("--streams", "1,4,16").split(",").map(Number);
 const configPath = opt("--config", path.join(here, "gpt2-124m.json"));
-const peer = !argv.includes("--no-peer");
+const peer = !argv.includes("--no-peer"), ours = !argv.includes("--peer-only");
 fs.mkdirSync(work, { recursive: true });
 
 const cfg = { model_type: "gpt2", ...JSON.parse(fs.readFileSync(configPath, "utf8")) };
@@ -74,10 +75,19 @@ async function kilnRun(url, n) {
 }
 
 const results = [];
-const srv = await startServer(kiln, ["--model", modelDir, "--threads", String(threads), "--parallel", "16", "--ctx", "512"]);
-await kilnRun(srv.url, 1);  // warm up
-for (const n of streams) results.push(await kilnRun(srv.url, n));
-await stopServer(srv);
+const fmt = (x, d = 1) => (Number.isFinite(x) ? x.toFixed(d) : "-");
+const show = (r) => {
+  results.push(r);
+  console.log(`${r.name.padEnd(11)} ${String(r.streams).padStart(7)}  ${fmt(r.tps).padStart(8)}  ${fmt(r.itl_p50_ms).padStart(10)}  ${fmt(r.itl_p99_ms).padStart(10)}  ${fmt(r.ttft_ms).padStart(7)}`);
+};
+console.log(`GPT-2 124M (random weights), CPU, ${threads} threads, ${tokens} new tokens per stream, prompt ${prompt.length} tokens`);
+console.log("server      streams  tokens/s   ITL p50 ms  ITL p99 ms  TTFT ms");
+if (ours) {
+  const srv = await startServer(kiln, ["--model", modelDir, "--threads", String(threads), "--parallel", "16", "--ctx", "512"]);
+  await kilnRun(srv.url, 1);  // warm up
+  for (const n of streams) show(await kilnRun(srv.url, n));
+  await stopServer(srv);
+}
 
 // ---- llama.cpp: one context with 16 sequences, evaluated concurrently (node-llama-cpp batches them) ----
 if (peer) {
@@ -111,18 +121,14 @@ if (peer) {
     return summary("llama.cpp", n, t0, performance.now(), r);
   };
   await peerRun(1);  // warm up
-  for (const n of streams) results.push(await peerRun(n));
+  for (const n of streams) show(await peerRun(n));
   await context.dispose();
   await model.dispose();
 }
 
-const fmt = (x, d = 1) => (Number.isFinite(x) ? x.toFixed(d) : "-");
-console.log(`GPT-2 124M (random weights), CPU, ${threads} threads, ${tokens} new tokens per stream, prompt ${prompt.length} tokens`);
-console.log("server      streams  tokens/s   ITL p50 ms  ITL p99 ms  TTFT ms   vs llama.cpp");
 for (const r of results) {
   const p = results.find((x) => x.name === "llama.cpp" && x.streams === r.streams);
-  const ratio = r.name === "kiln" && p ? fmt(r.tps / p.tps, 2) + "x" : "";
-  console.log(`${r.name.padEnd(11)} ${String(r.streams).padStart(7)}  ${fmt(r.tps).padStart(8)}  ${fmt(r.itl_p50_ms).padStart(10)}  ${fmt(r.itl_p99_ms).padStart(10)}  ${fmt(r.ttft_ms).padStart(7)}   ${ratio}`);
+  if (r.name === "kiln" && p) console.log(`${r.streams} streams: kiln / llama.cpp tokens/s = ${fmt(r.tps / p.tps, 2)}`);
 }
 const k1 = results.find((r) => r.name === "kiln" && r.streams === 1), k16 = results.find((r) => r.name === "kiln" && r.streams === 16);
 if (k1 && k16) console.log(`kiln: 16 streams give ${fmt(k16.tps / k1.tps, 2)}x the tokens/s of one`);
