@@ -166,9 +166,22 @@ const float* PagedDecoder::forward(const std::vector<BatchRow>& rows) {
     if (rows[i].n == 1) singles.push_back(int(i));
   }
   if (!singles.empty()) run_pass(rows, singles, 0, 1, true);
+  // Fresh prompts of one length that fit a chunk share a pass too (B rows through FlashAttention).
+  std::vector<bool> done_rows(rows.size(), false);
   for (size_t i = 0; i < rows.size(); i++) {
     const BatchRow& r = rows[i];
-    if (r.n == 1) continue;
+    if (r.n == 1 || r.past != 0 || r.n > kMaxChunk || done_rows[i]) continue;
+    std::vector<int> group;
+    for (size_t j = i; j < rows.size(); j++)
+      if (!done_rows[j] && rows[j].past == 0 && rows[j].n == r.n) {
+        group.push_back(int(j));
+        done_rows[j] = true;
+      }
+    run_pass(rows, group, 0, r.n, true);
+  }
+  for (size_t i = 0; i < rows.size(); i++) {
+    const BatchRow& r = rows[i];
+    if (r.n == 1 || done_rows[i]) continue;
     // The pieces TransformerDecoder runs: whole chunks through FlashAttention while the cache is empty, then
     // as many queries as the backend's decode attention takes.
     for (int done = 0; done < r.n;) {

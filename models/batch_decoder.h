@@ -3,9 +3,9 @@
 // a shared pool (nn::KVLayer::pages) and its own cached length.
 //
 // A forward() groups its rows into passes: every single-token row in one pass (B rows of one query each, the
-// decode attention with per-sequence lengths and block tables), and each longer row (a prefill chunk) in its
-// own pass: through FlashAttention within the chunk when the sequence is empty (as TransformerDecoder's
-// prefill), else through the decode attention over its cached prefix, in pieces of the backend's query limit.
+// decode attention with per-sequence lengths and block tables); fresh prompts of the same length in one pass
+// through FlashAttention within the chunk (as TransformerDecoder's prefill); any other longer row in its own
+// pass, through the decode attention over its cached prefix, in pieces of the backend's query limit.
 #pragma once
 #include <cstdint>
 #include <memory>
