@@ -68,7 +68,7 @@ void PagedDecoder::ensure(int64_t rows, int64_t B, int64_t table_entries) {
   table_cap_ = std::max(table_cap_, table_entries);
   const int C = cfg_.d_model, V = cfg_.vocab_size;
   const bool device = !be_->on_host();
-  const nn::BlockShape S = w_.blocks.empty() ? nn::BlockShape{} : w_.blocks[0].shape;
+  const nn::BlockShape S = block_shape_all(cfg_);
   auto carve = [&](nn::Workspace& ws) {
     x_ = ws.f32(rows_ * C);
     last_ = ws.f32(max_b_ * C);
@@ -76,6 +76,7 @@ void PagedDecoder::ensure(int64_t rows, int64_t B, int64_t table_entries) {
     mean_ = ws.f32(std::max(rows_, max_b_));
     rstd_ = ws.f32(std::max(rows_, max_b_));
     a_.allocate(ws, rows_, S);
+    if (S.moe) s_.moe.allocate(ws, rows_, S.moe);  // the router logits and gathered rows
     a_.h = nullptr;  // the stream is updated in place
     logits_d_ = ws.f32(max_b_ * V);
     inputs_d_ = device ? ws.i32(2 * rows_ + max_b_ + table_cap_) : nullptr;

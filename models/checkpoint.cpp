@@ -132,11 +132,10 @@ void save_model_checkpoint(const std::string& dir, const ModelConfig& cfg, const
              ": checkpoints are written as F32, BF16 or F16, not ", dtype_name(on_disk));
   make_dirs(dir);
   std::vector<Tensor> tensors;
-  tensors.reserve(table.specs.size());
   size_t total = 0;
-  for (const auto& s : table.specs) {
+  for (const FileTensor& s : table.file_tensors()) {
     tensors.push_back(Tensor{s.name, DType::F32, s.shape, const_cast<float*>(params + s.offset)});
-    total += size_t(s.numel()) * dtype_size(on_disk);
+    total += size_t(s.shape.numel()) * dtype_size(on_disk);
   }
   // Weights first: if they cannot be written (disk full, killed), config.json still describes the weights
   // already there. Each file is replaced by a rename, so none is ever half-written.
@@ -183,10 +182,12 @@ void load_model_weights(const std::string& path, const ModelConfig& cfg, const P
   std::vector<std::unique_ptr<SafeTensorsReader>> readers;
   for (const std::string& f : weight_files(path)) readers.push_back(std::make_unique<SafeTensorsReader>(f));
   const bool gpt2 = cfg.family == "gpt2";
-  std::vector<const SafeTensorsEntry*> found(table.specs.size(), nullptr);
-  std::vector<const std::string*> found_in(table.specs.size(), nullptr);
+  // The files' view of the table: stacked experts are one tensor per expert there.
+  const std::vector<FileTensor> want = table.file_tensors();
+  std::vector<const SafeTensorsEntry*> found(want.size(), nullptr);
+  std::vector<const std::string*> found_in(want.size(), nullptr);
   std::map<std::string, size_t> index;
-  for (size_t i = 0; i < table.specs.size(); i++) index[table.specs[i].name] = i;
+  for (size_t i = 0; i < want.size(); i++) index[want[i].name] = i;
   for (const auto& r : readers) {
     for (const auto& e : r->entries()) {
       if (is_buffer(e.name) || (cfg.tie_embeddings && e.name == "lm_head.weight")) continue;
@@ -196,14 +197,14 @@ void load_model_weights(const std::string& path, const ModelConfig& cfg, const P
       KILN_CHECK(it != index.end(), r->path(), ": unexpected tensor ", quote_name(e.name), " (not a parameter of this ",
                  cfg.family, " model with ", cfg.n_layer, " layers)");
       const size_t i = it->second;
-      KILN_CHECK(!found[i], r->path(), ": tensor ", quote_name(table.specs[i].name), " appears twice (as ",
+      KILN_CHECK(!found[i], r->path(), ": tensor ", quote_name(want[i].name), " appears twice (as ",
                  quote_name(found[i]->name), " in ", *found_in[i], " and ", quote_name(e.name), ")");
       found[i] = &e;
       found_in[i] = &r->path();
     }
   }
-  for (size_t i = 0; i < table.specs.size(); i++) {
-    const ParamSpec& s = table.specs[i];
+  for (size_t i = 0; i < want.size(); i++) {
+    const FileTensor& s = want[i];
     const SafeTensorsEntry* e = found[i];
     KILN_CHECK(e, readers.size() == 1 ? readers[0]->path() : path, ": missing tensor ", quote_name(s.name));
     KILN_CHECK(e->dtype == "F32" || e->dtype == "BF16" || e->dtype == "F16", *found_in[i], ": tensor ",
@@ -214,11 +215,11 @@ void load_model_weights(const std::string& path, const ModelConfig& cfg, const P
   }
   // Everything is checked before the block is touched, so a bad file leaves the parameters as they were.
   std::fill(params, params + table.total, 0.0f);
-  for (size_t i = 0; i < table.specs.size(); i++) {
-    const ParamSpec& s = table.specs[i];
+  for (size_t i = 0; i < want.size(); i++) {
+    const FileTensor& s = want[i];
     const SafeTensorsEntry& e = *found[i];
     const DType dt = e.dtype == "F32" ? DType::F32 : e.dtype == "BF16" ? DType::BF16 : DType::F16;
-    convert_to_f32(e.bytes, dt, params + s.offset, size_t(s.numel()));
+    convert_to_f32(e.bytes, dt, params + s.offset, size_t(s.shape.numel()));
   }
 }
 

@@ -8,11 +8,11 @@
 
 namespace kiln {
 
-extern const Family kGpt2Family, kLlamaFamily, kMistralFamily, kQwen2Family, kQwen3Family;
+extern const Family kGpt2Family, kLlamaFamily, kMistralFamily, kQwen2Family, kQwen3Family, kQwen3MoeFamily;
 
 const std::vector<const Family*>& families() {
   static const std::vector<const Family*> all = {&kGpt2Family, &kLlamaFamily, &kMistralFamily, &kQwen2Family,
-                                                 &kQwen3Family};
+                                                 &kQwen3Family, &kQwen3MoeFamily};
   return all;
 }
 
@@ -126,6 +126,27 @@ ParamTable model_param_table(const ModelConfig& c) {
     add(b + "attn_output.weight", matrix(c.q_dim(), C));
     if (c.attn_out_bias) add(b + "attn_output.bias", {C});
     norm(b + "ffn_norm");
+    if (c.is_moe_layer(l)) {
+      // Router, selection bias, the stacked routed experts (one tensor per expert in the files), the shared
+      // experts as one SwiGLU with gate and up back to back.
+      const int64_t E = c.n_experts, MF = c.moe_d_ff, SF = int64_t(c.n_shared_experts) * MF;
+      add(b + "ffn_gate_inp.weight", {E, C});
+      if (c.moe_router_bias) {
+        add(b + "exp_probs_b.bias", {E});
+        t.specs.back().trainable = false;  // moved by the balancing update, never by AdamW
+      }
+      for (const char* k : {"ffn_gate_exps", "ffn_up_exps", "ffn_down_exps"}) {
+        const bool down = k[4] == 'd';
+        add(b + k + ".weight", down ? Shape{E, C, MF} : Shape{E, MF, C});
+        t.split_last();
+      }
+      if (SF) {
+        add(b + "ffn_gate_shexp.weight", {SF, C});
+        add(b + "ffn_up_shexp.weight", {SF, C}, true);
+        add(b + "ffn_down_shexp.weight", {C, SF});
+      }
+      continue;
+    }
     if (c.gated_ffn) {
       // gate and up back to back: one [2F, C] matrix whose output rows are [gate | up].
       add(b + "ffn_gate.weight", matrix(C, F));

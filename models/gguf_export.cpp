@@ -51,7 +51,7 @@ Plan check_config(const ModelConfig& c) {
              kWhere, ": ", f, " configuration has a size that is not positive");
   KILN_CHECK(c.n_head % c.n_kv_head == 0, kWhere, ": n_head ", c.n_head, " is not a multiple of n_kv_head ",
              c.n_kv_head);
-  KILN_CHECK(!c.qk_norm || f == "qwen3", kWhere, ": qk_norm is not supported for ", f,
+  KILN_CHECK(!c.qk_norm || f == "qwen3" || f == "qwen3_moe", kWhere, ": qk_norm is not supported for ", f,
              " (llama.cpp's ", p.arch, " has no q/k norms)");
   if (f == "gpt2") {
     KILN_CHECK(c.norm == NormKind::LayerNorm && c.norm_bias, kWhere, ": gpt2 needs LayerNorm with biases");
@@ -85,9 +85,22 @@ Plan check_config(const ModelConfig& c) {
   } else if (f == "qwen2") {
     KILN_CHECK(!c.attn_out_bias, kWhere, ": qwen2 with an attention output bias is not supported");
     p.zero_qkv_bias = !c.qkv_bias;
-  } else {  // qwen3
-    KILN_CHECK(c.qk_norm, kWhere, ": qwen3 without qk_norm is not supported (llama.cpp requires attn_q_norm)");
-    KILN_CHECK(!c.qkv_bias && !c.attn_out_bias, kWhere, ": qwen3 with attention biases is not supported");
+  } else {  // qwen3, qwen3moe
+    KILN_CHECK(c.qk_norm, kWhere, ": ", f, " without qk_norm is not supported (llama.cpp requires attn_q_norm)");
+    KILN_CHECK(!c.qkv_bias && !c.attn_out_bias, kWhere, ": ", f, " with attention biases is not supported");
+  }
+  if (p.arch == "qwen3moe") {
+    // llama.cpp's qwen3moe graph: every layer a softmax-routed MoE, top-k weights renormalised, no shared
+    // expert, no selection bias, no groups.
+    for (int l = 0; l < c.n_layer; l++)
+      KILN_CHECK(c.is_moe_layer(l), kWhere, ": layer ", l, " is dense (mlp_only_layers / decoder_sparse_step); "
+                 "llama.cpp's qwen3moe needs every layer to be a mixture of experts");
+    KILN_CHECK(c.norm_topk_prob, kWhere, ": llama.cpp's qwen3moe renormalises the top-k weights (norm_topk_prob true)");
+    KILN_CHECK(c.moe_scoring == RouterScoring::Softmax && c.n_shared_experts == 0 && !c.moe_router_bias &&
+                   c.moe_groups == 1 && c.routed_scaling_factor == 1.0,
+               kWhere, ": llama.cpp's qwen3moe has a plain softmax router without shared experts");
+  } else {
+    KILN_CHECK(!c.has_moe(), kWhere, ": ", f, " with mixture-of-experts layers has no GGUF export");
   }
   return p;
 }
@@ -125,6 +138,12 @@ std::vector<int64_t> expected_shape(const ModelConfig& c, const Plan& p, const s
     if (k == "attn_k.bias" || k == "attn_v.bias") return {c.kv_dim()};
   }
   if (c.qk_norm && (k == "attn_q_norm.weight" || k == "attn_k_norm.weight")) return {c.head_dim};
+  if (c.is_moe_layer(layer)) {  // stacked experts: ggml's {C, F, E} is row-major [E, F, C]
+    const int64_t E = c.n_experts, MF = c.moe_d_ff;
+    if (k == "ffn_gate_inp.weight") return {E, C};
+    if (k == "ffn_gate_exps.weight" || k == "ffn_up_exps.weight") return {E, MF, C};
+    if (k == "ffn_down_exps.weight") return {E, C, MF};
+  }
   if (k == "attn_output.weight") return {C, c.q_dim()};
   if (k == "attn_output.bias" && c.attn_out_bias) return {C};
   if (k == "ffn_gate.weight" || k == "ffn_up.weight") return {F, C};
@@ -139,8 +158,11 @@ std::vector<std::string> required_layer_keys(const ModelConfig& c, const Plan& p
             "attn_output.bias", "ffn_norm.weight", "ffn_norm.bias", "ffn_up.weight", "ffn_up.bias",
             "ffn_down.weight", "ffn_down.bias"};
   std::vector<std::string> r = {"attn_norm.weight", "attn_q.weight", "attn_k.weight", "attn_v.weight",
-                                "attn_output.weight", "ffn_norm.weight", "ffn_gate.weight", "ffn_up.weight",
-                                "ffn_down.weight"};
+                                "attn_output.weight", "ffn_norm.weight"};
+  if (p.arch == "qwen3moe")
+    r.insert(r.end(), {"ffn_gate_inp.weight", "ffn_gate_exps.weight", "ffn_up_exps.weight", "ffn_down_exps.weight"});
+  else
+    r.insert(r.end(), {"ffn_gate.weight", "ffn_up.weight", "ffn_down.weight"});
   if (c.qkv_bias) r.insert(r.end(), {"attn_q.bias", "attn_k.bias", "attn_v.bias"});
   if (c.qk_norm) r.insert(r.end(), {"attn_q_norm.weight", "attn_k_norm.weight"});
   if (c.attn_out_bias) r.push_back("attn_output.bias");
@@ -195,6 +217,7 @@ std::string gguf_arch(const std::string& family) {
   if (family == "llama" || family == "mistral") return "llama";
   if (family == "qwen2") return "qwen2";
   if (family == "qwen3") return "qwen3";
+  if (family == "qwen3_moe") return "qwen3moe";
   fail(kWhere, ": family '", family, "' has no GGUF export");
 }
 
@@ -256,6 +279,11 @@ void export_gguf(const std::string& out_path, const ModelConfig& cfg, const Para
       w.set(a + ".rope.scaling.factor", GgufValue::f32(float(cfg.rope_scaling.factor)));
     }
   }
+  if (a == "qwen3moe") {
+    w.set(a + ".expert_count", GgufValue::u32(uint32_t(cfg.n_experts)));
+    w.set(a + ".expert_used_count", GgufValue::u32(uint32_t(cfg.moe_top_k)));
+    w.set(a + ".expert_feed_forward_length", GgufValue::u32(uint32_t(cfg.moe_d_ff)));
+  }
   add_tokenizer(w, cfg, tok);
 
   // Tensors: every table entry llama.cpp's architecture has, converted, matrices in `type`.
@@ -282,7 +310,7 @@ void export_gguf(const std::string& out_path, const ModelConfig& cfg, const Para
     if (plan.permute_qk && (k == "attn_q.weight" || k == "attn_q.bias")) permute_heads = cfg.n_head;
     if (plan.permute_qk && (k == "attn_k.weight" || k == "attn_k.bias")) permute_heads = cfg.n_kv_head;
     const float* src = params + s.offset;
-    const int64_t rows = shape[0], cols = shape.size() > 1 ? shape[1] : 1;
+    const int64_t rows = shape[0], cols = s.numel() / std::max<int64_t>(rows, 1);  // 3-D: [E, F·C] as rows
     const int64_t hd = cfg.head_dim;
     w.add_tensor(s.key, shape, tensor_type(shape), [=](float* dst) {
       if (transpose) {  // Conv1D [in, out] → [out, in]

@@ -67,6 +67,18 @@ class Model {
   virtual const float* logits() const = 0;
 
   virtual ParamBlocks blocks() = 0;
+
+  // Mixture of experts (a model without MoE layers returns nothing and ignores the rest).
+  // The routed rows each expert received in each MoE layer, [MoE layers][experts], over the training forwards
+  // (grad_scale != 0) since the last call; the counts restart.
+  virtual std::vector<std::vector<float>> take_expert_load() { return {}; }
+  // Auxiliary-loss-free balancing, after an optimizer step: each MoE layer's selection bias moves by
+  // b_i += gamma · sign(mean load − load_i) for that layer's load (as take_expert_load returned it).
+  virtual void update_expert_bias(const std::vector<std::vector<float>>& load, float gamma) {}
+  // The complementary sequence-wise balance loss (DeepSeek-V3 eq. 17-20) with weight alpha (0: off): training
+  // forwards then add alpha · Σ_sequences T_s · Σ_i f_i·P_i per MoE layer to the returned loss sum (so the mean
+  // over targets carries alpha · L_Bal per sequence) and its gradient to the routers.
+  virtual void set_seq_aux_alpha(float alpha) {}
   // Attention parameters of this model for B rows of T (add cu_seqlens for packed sequences).
   AttentionParams attention(int B, int T) const;
 };

@@ -11,7 +11,7 @@ float ModelConfig::attention_scale() const { return 1.0f / std::sqrt(float(head_
 namespace {
 // The parameter count in 128-bit arithmetic, so that validate() can bound it before anything multiplies
 // the sizes in 64 (or 32) bits.
-__int128 param_count(const ModelConfig& c) {
+__int128 param_count(const ModelConfig& c, bool active = false) {
   using W = __int128;
   const W C = c.d_model, L = c.n_layer, HD = c.head_dim, F = c.d_ff;
   const W q = W(c.n_head) * HD, kv = W(c.n_kv_head) * HD, qkv = q + 2 * kv;
@@ -20,18 +20,77 @@ __int128 param_count(const ModelConfig& c) {
   if (c.qkv_bias) layer += qkv;
   if (c.attn_out_bias) layer += C;
   if (c.qk_norm) layer += 2 * HD;
-  layer += W(c.gated_ffn ? 3 : 2) * C * F;
-  if (c.ffn_bias) layer += W(c.gated_ffn ? 2 : 1) * F + C;
+  W dense = W(c.gated_ffn ? 3 : 2) * C * F;
+  if (c.ffn_bias) dense += W(c.gated_ffn ? 2 : 1) * F + C;
+  // A MoE layer: router [E, C] (+ bias [E]), routed experts 3·C·moe_d_ff each, the shared SwiGLU.
+  const W E = c.n_experts, MF = c.moe_d_ff;
+  W moe = E * C + (c.moe_router_bias ? E : 0) + W(active ? c.moe_top_k : c.n_experts) * 3 * C * MF +
+          W(c.n_shared_experts) * 3 * C * MF;
   W n = W(c.vocab_size) * C + L * layer + norm_size;
+  if (c.n_experts == 0)
+    n += L * dense;
+  else
+    for (int l = 0; l < c.n_layer; l++) n += c.is_moe_layer(l) ? moe : dense;
   if (c.positions == PositionKind::Learned) n += W(c.max_positions) * C;
   if (!c.tie_embeddings) n += W(c.vocab_size) * C;
   return n;
 }
+void validate_moe(const ModelConfig& c, const std::string& where) {
+  const int E = c.n_experts;
+  KILN_CHECK(E > 0 && E < (1 << 20), where, ": n_routed_experts (num_experts) must be positive (got ", E, ")");
+  KILN_CHECK(c.moe_top_k >= 1 && c.moe_top_k <= E, where, ": num_experts_per_tok (", c.moe_top_k,
+             ") must be between 1 and the ", E, " routed experts");
+  KILN_CHECK(c.moe_d_ff > 0 && c.moe_d_ff < (1 << 30), where, ": moe_intermediate_size must be positive (got ",
+             c.moe_d_ff, ")");
+  KILN_CHECK(c.n_shared_experts >= 0 && c.n_shared_experts < (1 << 10), where, ": n_shared_experts out of range (",
+             c.n_shared_experts, ")");
+  KILN_CHECK(c.moe_groups >= 1 && E % c.moe_groups == 0, where, ": n_group (", c.moe_groups,
+             ") does not divide the ", E, " routed experts");
+  KILN_CHECK(c.moe_topk_groups >= 1 && c.moe_topk_groups <= c.moe_groups, where, ": topk_group (", c.moe_topk_groups,
+             ") must be between 1 and n_group (", c.moe_groups, ")");
+  // A group is scored by its two best experts, and the kept groups must hold top-k experts.
+  KILN_CHECK(c.moe_groups == 1 || E / c.moe_groups >= 2, where, ": n_group (", c.moe_groups,
+             ") leaves fewer than 2 experts per group");
+  KILN_CHECK(int64_t(c.moe_topk_groups) * (E / c.moe_groups) >= c.moe_top_k, where, ": topk_group (",
+             c.moe_topk_groups, ") groups of ", E / c.moe_groups, " experts hold fewer than num_experts_per_tok (",
+             c.moe_top_k, ")");
+  KILN_CHECK(c.routed_scaling_factor > 0 && std::isfinite(c.routed_scaling_factor), where,
+             ": routed_scaling_factor must be positive (got ", c.routed_scaling_factor, ")");
+  KILN_CHECK(c.first_k_dense_replace >= 0 && c.first_k_dense_replace <= c.n_layer, where, ": first_k_dense_replace (",
+             c.first_k_dense_replace, ") must be between 0 and num_hidden_layers (", c.n_layer, ")");
+  KILN_CHECK(c.moe_layer_step >= 1, where, ": decoder_sparse_step must be at least 1 (got ", c.moe_layer_step, ")");
+  for (int l : c.mlp_only_layers)
+    KILN_CHECK(l >= 0 && l < c.n_layer, where, ": mlp_only_layers names layer ", l, " of ", c.n_layer);
+  KILN_CHECK(c.gated_ffn && c.activation == Activation::Silu && !c.ffn_bias && c.layout == WeightLayout::OutIn, where,
+             ": the experts are SwiGLU feed-forwards without biases (hidden_act silu)");
+}
+
 // 2^40 parameters (4 TB in f32) is beyond any model kiln runs; the bound keeps every size product in int64.
 constexpr int64_t kMaxParams = int64_t(1) << 40;
 }  // namespace
 
 int64_t ModelConfig::num_params() const { return int64_t(param_count(*this)); }
+int64_t ModelConfig::active_params() const { return int64_t(param_count(*this, true)); }
+
+bool ModelConfig::is_moe_layer(int l) const {
+  if (n_experts <= 0 || l < first_k_dense_replace) return false;
+  if (moe_layer_step < 1 || (l + 1) % moe_layer_step != 0) return false;
+  for (int d : mlp_only_layers)
+    if (d == l) return false;
+  return true;
+}
+
+bool ModelConfig::has_moe() const {
+  for (int l = 0; l < n_layer; l++)
+    if (is_moe_layer(l)) return true;
+  return false;
+}
+
+bool ModelConfig::has_dense_ffn() const {
+  for (int l = 0; l < n_layer; l++)
+    if (!is_moe_layer(l)) return true;
+  return false;
+}
 
 std::vector<float> ModelConfig::rope_inv_freq() const {
   const int half = head_dim / 2;
@@ -88,6 +147,7 @@ void ModelConfig::validate(const std::string& where) const {
                    rope_scaling.original_max_positions > 0,
                where, ": rope_scaling (llama3) needs 0 < low_freq_factor < high_freq_factor and "
                "original_max_position_embeddings > 0");
+  if (n_experts != 0) validate_moe(*this, where);
   KILN_CHECK(int64_t(vocab_size) * d_model < (int64_t(1) << 34), where, ": model too large");
   // The derived widths are ints (q_dim() etc.): heads x head_dim must fit, as must the whole parameter count.
   const int64_t q = int64_t(n_head) * head_dim, kv = int64_t(n_kv_head) * head_dim;

@@ -18,6 +18,9 @@ enum class NormKind : uint8_t { LayerNorm, RMSNorm };
 enum class PositionKind : uint8_t { Learned, Rotary };
 // How a family's checkpoint stores linear weights: GPT-2's Conv1D [in, out], or nn.Linear [out, in].
 enum class WeightLayout : uint8_t { InOut, OutIn };
+// How a mixture-of-experts router turns its logits into affinities: Qwen3-MoE's softmax over all experts, or
+// DeepSeek-V3's per-expert sigmoid.
+enum class RouterScoring : uint8_t { Softmax, Sigmoid };
 
 // Rotary scaling (Hugging Face rope_scaling / rope_parameters): none, linear position interpolation, or
 // Llama 3's frequency bands.
@@ -56,6 +59,23 @@ struct ModelConfig {
   Activation activation = Activation::GeluTanh;
   bool ffn_bias = false;       // biases on the feed-forward matrices (GPT-2)
 
+  // Mixture of experts (DeepSeekMoE, Qwen3-MoE): n_experts = 0 makes every layer dense. A MoE layer's
+  // feed-forward is n_shared_experts SwiGLUs of width moe_d_ff on every token (one SwiGLU of width
+  // n_shared_experts·moe_d_ff) plus the top moe_top_k of n_experts routed SwiGLU experts, gated by the router.
+  int n_experts = 0;             // n_routed_experts / num_experts
+  int n_shared_experts = 0;      // n_shared_experts (DeepSeek); 0 for Qwen3-MoE
+  int moe_top_k = 0;             // num_experts_per_tok
+  int moe_d_ff = 0;              // moe_intermediate_size
+  int moe_groups = 1;            // n_group: experts in groups of n_experts / moe_groups ...
+  int moe_topk_groups = 1;       // topk_group: ... of which the best this many are searched
+  double routed_scaling_factor = 1.0;
+  bool norm_topk_prob = true;    // the chosen experts' gate weights normalised to sum 1
+  RouterScoring moe_scoring = RouterScoring::Softmax;
+  bool moe_router_bias = false;  // a per-expert selection bias (e_score_correction_bias, loss-free balancing)
+  int first_k_dense_replace = 0; // the first layers stay dense (DeepSeek)
+  int moe_layer_step = 1;        // decoder_sparse_step: layer l is MoE when (l + 1) % step == 0 (Qwen3-MoE)
+  std::vector<int> mlp_only_layers;  // layers kept dense (Qwen3-MoE)
+
   bool tie_embeddings = true;  // the LM head is the token embedding
   WeightLayout layout = WeightLayout::OutIn;
   int bos_token_id = -1, eos_token_id = -1;  // -1: none given
@@ -66,8 +86,14 @@ struct ModelConfig {
   int kv_dim() const { return n_kv_head * head_dim; }
   int qkv_dim() const { return q_dim() + 2 * kv_dim(); }
   float attention_scale() const;
-  // Parameter count, the tied head counted once.
+  // Whether layer l's feed-forward is the mixture of experts.
+  bool is_moe_layer(int l) const;
+  bool has_moe() const;
+  bool has_dense_ffn() const;  // some layer keeps the dense feed-forward
+  // Parameter count, the tied head counted once; active: what one token's forward reads (the top-k routed
+  // experts of each MoE layer instead of all of them).
   int64_t num_params() const;
+  int64_t active_params() const;
   // The rotary inverse frequencies [head_dim / 2] with the scaling rule applied (Hugging Face's
   // _compute_default_rope_parameters / _compute_llama3_parameters, in double, then rounded to float).
   std::vector<float> rope_inv_freq() const;

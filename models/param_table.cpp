@@ -29,4 +29,29 @@ const ParamSpec& ParamTable::get_key(const std::string& key) const {
   return *s;
 }
 
+void ParamTable::split_last() {
+  KILN_CHECK(!specs.empty() && specs.back().shape.ndim >= 2 && specs.back().name.find('*') != std::string::npos,
+             "parameter table: split tensor without a '*' in its name");
+  specs.back().split = true;
+}
+
+std::vector<FileTensor> ParamTable::file_tensors() const {
+  std::vector<FileTensor> out;
+  out.reserve(specs.size());
+  for (size_t i = 0; i < specs.size(); i++) {
+    const ParamSpec& s = specs[i];
+    if (!s.split) {
+      out.push_back({s.name, s.shape, s.offset, i});
+      continue;
+    }
+    Shape part;
+    for (int d = 1; d < s.shape.ndim; d++) part.dims[size_t(part.ndim++)] = s.shape[d];
+    const size_t star = s.name.find('*');
+    for (int64_t e = 0; e < s.shape[0]; e++)
+      out.push_back({s.name.substr(0, star) + std::to_string(e) + s.name.substr(star + 1), part,
+                     s.offset + size_t(e * part.numel()), i});
+  }
+  return out;
+}
+
 }  // namespace kiln

@@ -27,6 +27,50 @@ nn::Layout layout_of(const ModelConfig& c) {
 
 // ---- binding by name ----
 
+nn::BlockShape block_shape(const ModelConfig& c, int layer) {
+  nn::BlockShape S = block_shape_all(c);
+  // A layer has one feed-forward: the mixture of experts or the dense one.
+  if (c.is_moe_layer(layer))
+    S.ffn.F = 0;
+  else
+    S.moe = nn::MoEShape{};
+  return S;
+}
+
+nn::BlockShape block_shape_all(const ModelConfig& c) {
+  nn::BlockShape S;
+  nn::AttentionShape& A = S.attn;
+  A.C = c.d_model;
+  A.NH = c.n_head;
+  A.NKV = c.n_kv_head;
+  A.HD = c.head_dim;
+  A.qk_norm = c.qk_norm;
+  A.qk_eps = c.norm_eps;
+  A.rotary = c.positions == PositionKind::Rotary;
+  A.rot_dim = c.head_dim;
+  nn::FFNShape& F = S.ffn;
+  F.C = c.d_model;
+  F.F = c.d_ff;
+  F.gated = c.gated_ffn;
+  F.act = c.activation;
+  if (!c.has_dense_ffn()) F.F = 0;
+  if (c.has_moe()) {
+    nn::MoEShape& M = S.moe;
+    M.C = c.d_model;
+    M.F = c.moe_d_ff;
+    M.shared_F = c.n_shared_experts * c.moe_d_ff;
+    MoeRouting& r = M.routing;
+    r.E = c.n_experts;
+    r.K = c.moe_top_k;
+    r.groups = c.moe_groups;
+    r.topk_groups = c.moe_topk_groups;
+    r.sigmoid = c.moe_scoring == RouterScoring::Sigmoid;
+    r.norm_topk = c.norm_topk_prob;
+    r.scale = float(c.routed_scaling_factor);
+  }
+  return S;
+}
+
 void TransformerWeights::bind(const ModelConfig& c, const ParamTable& t, const float* params, float* grads,
                               const uint16_t* params16, const float* inv_freq) {
   auto p = [&](const std::string& key) -> const float* {
@@ -57,40 +101,52 @@ void TransformerWeights::bind(const ModelConfig& c, const ParamTable& t, const f
   auto norm = [&](const std::string& k) {
     return nn::Norm{nt, p(k + ".weight"), p(k + ".bias"), g(k + ".weight"), g(k + ".bias"), c.d_model, c.norm_eps};
   };
-  nn::BlockShape S;
-  S.C = c.d_model;
-  S.NH = c.n_head;
-  S.NKV = c.n_kv_head;
-  S.HD = c.head_dim;
-  S.F = c.d_ff;
-  S.gated = c.gated_ffn;
-  S.act = c.activation;
-  S.qk_norm = c.qk_norm;
-  S.qk_eps = c.norm_eps;
-  S.rotary = c.positions == PositionKind::Rotary;
-  S.rot_dim = c.head_dim;
-
   blocks.assign(size_t(c.n_layer), nn::Block{});
   for (int l = 0; l < c.n_layer; l++) {
     const std::string b = "blk." + std::to_string(l) + ".";
     nn::Block& k = blocks[size_t(l)];
+    const nn::BlockShape S = block_shape(c, l);
     k.shape = S;
     k.norm1 = norm(b + "attn_norm");
     k.norm2 = norm(b + "ffn_norm");
     // q, k, v are one matrix: GPT-2's fused c_attn, or the packed q/k/v projections.
     const std::string qkv = c.layout == WeightLayout::InOut ? "attn_qkv" : "attn_q";
-    k.qkv = weight(b + qkv + ".weight", c.qkv_bias ? b + qkv + ".bias" : "", c.d_model, c.qkv_dim());
-    k.proj = weight(b + "attn_output.weight", c.attn_out_bias ? b + "attn_output.bias" : "", c.q_dim(), c.d_model);
-    const std::string up = c.gated_ffn ? "ffn_gate" : "ffn_up";  // gate and up packed: [gate | up] rows
-    k.up = weight(b + up + ".weight", c.ffn_bias ? b + up + ".bias" : "", c.d_model, S.up());
-    k.down = weight(b + "ffn_down.weight", c.ffn_bias ? b + "ffn_down.bias" : "", c.d_ff, c.d_model);
-    if (c.qk_norm) {
-      k.q_norm = p(b + "attn_q_norm.weight");
-      k.k_norm = p(b + "attn_k_norm.weight");
-      k.dq_norm = g(b + "attn_q_norm.weight");
-      k.dk_norm = g(b + "attn_k_norm.weight");
+    nn::Attention& at = k.attn;
+    at.shape = S.attn;
+    at.qkv = weight(b + qkv + ".weight", c.qkv_bias ? b + qkv + ".bias" : "", c.d_model, c.qkv_dim());
+    at.proj = weight(b + "attn_output.weight", c.attn_out_bias ? b + "attn_output.bias" : "", c.q_dim(), c.d_model);
+    if (S.moe) {
+      nn::MoE& m = k.moe;
+      m.shape = S.moe;
+      m.router = weight(b + "ffn_gate_inp.weight", "", c.d_model, c.n_experts);
+      m.router.w16 = nullptr;  // routing is decided in fp32
+      m.bias = p(b + "exp_probs_b.bias");
+      m.gate = p(b + "ffn_gate_exps.weight");
+      m.up = p(b + "ffn_up_exps.weight");
+      m.down = p(b + "ffn_down_exps.weight");
+      KILN_CHECK(m.gate && m.up && m.down, "parameter table: layer ", l, " lacks its experts");
+      m.dgate = g(b + "ffn_gate_exps.weight");
+      m.dup = g(b + "ffn_up_exps.weight");
+      m.ddown = g(b + "ffn_down_exps.weight");
+      if (S.moe.shared_F) {
+        m.shared.shape = S.moe.shared();
+        m.shared.up = weight(b + "ffn_gate_shexp.weight", "", c.d_model, 2 * S.moe.shared_F);
+        m.shared.down = weight(b + "ffn_down_shexp.weight", "", S.moe.shared_F, c.d_model);
+      }
+    } else {
+      const std::string up = c.gated_ffn ? "ffn_gate" : "ffn_up";  // gate and up packed: [gate | up] rows
+      k.ffn.shape = S.ffn;
+      k.ffn.up = weight(b + up + ".weight", c.ffn_bias ? b + up + ".bias" : "", c.d_model, S.ffn.up());
+      k.ffn.down = weight(b + "ffn_down.weight", c.ffn_bias ? b + "ffn_down.bias" : "", c.d_ff, c.d_model);
     }
-    k.rope = RopeParams{S.NH + S.NKV, S.HD, S.rot_dim, S.qkv(), inv_freq};
+    if (c.qk_norm) {
+      at.q_norm = p(b + "attn_q_norm.weight");
+      at.k_norm = p(b + "attn_k_norm.weight");
+      at.dq_norm = g(b + "attn_q_norm.weight");
+      at.dk_norm = g(b + "attn_k_norm.weight");
+    }
+    const nn::AttentionShape& A = S.attn;
+    at.rope = RopeParams{A.NH + A.NKV, A.HD, A.rot_dim, A.qkv(), inv_freq};
   }
   final_norm = norm("output_norm");
   wte = p("token_embd.weight");
@@ -132,7 +188,10 @@ void Model::init_random(uint64_t seed) {
       for (int64_t j = 0; j < s.numel(); j++) w[j] = v;
       continue;
     }
-    const float std = (ends_with(s.key, "attn_output.weight") || ends_with(s.key, "ffn_down.weight")) ? std_resid : 0.02f;
+    const float std = (ends_with(s.key, "attn_output.weight") || ends_with(s.key, "ffn_down.weight") ||
+                       ends_with(s.key, "ffn_down_exps.weight") || ends_with(s.key, "ffn_down_shexp.weight"))
+                          ? std_resid
+                          : 0.02f;
     // One Philox stream per tensor, chunked so threads fill disjoint ranges deterministically.
     const int64_t n_el = s.numel(), chunk = 1 << 16;
 #pragma omp parallel for schedule(static)
@@ -228,9 +287,52 @@ Transformer::Transformer(const ModelConfig& cfg, const ModelOptions& opt)
   inv_freq_buf_ = nn::DeviceBlock(*be_, inv_freq.size() * sizeof(float), "rotary frequencies");
   if (!inv_freq.empty()) be_->upload(inv_freq_buf_.data(), inv_freq.data(), inv_freq.size() * sizeof(float));
   w_.bind(cfg_, table_, params_, grads_, params16_, inv_freq_buf_.as<float>());
+  for (int l = 0; l < cfg_.n_layer; l++)
+    if (cfg_.is_moe_layer(l)) moe_layers_.push_back(l);
+  if (!moe_layers_.empty()) {
+    const size_t bytes = moe_layers_.size() * size_t(cfg_.n_experts) * sizeof(float);
+    load_buf_ = nn::DeviceBlock(*be_, bytes, "expert load");
+    be_->memset(load_buf_.data(), 0, bytes);
+  }
 }
 
 Transformer::~Transformer() = default;
+
+void Transformer::count_load(int layer, const nn::BlockActivations& a) {
+  if (!counting_ || !cfg_.is_moe_layer(layer)) return;
+  aux_sum_ += a.moe.aux_loss;
+  const size_t j = size_t(std::find(moe_layers_.begin(), moe_layers_.end(), layer) - moe_layers_.begin());
+  be_->moe_count(load_buf_.as<float>() + j * size_t(cfg_.n_experts), a.moe.offsets, cfg_.n_experts);
+}
+
+std::vector<std::vector<float>> Transformer::take_expert_load() {
+  if (moe_layers_.empty()) return {};
+  const size_t E = size_t(cfg_.n_experts);
+  std::vector<float> all(moe_layers_.size() * E);
+  be_->download(all.data(), load_buf_.data(), all.size() * sizeof(float));
+  be_->memset(load_buf_.data(), 0, all.size() * sizeof(float));
+  std::vector<std::vector<float>> out;
+  for (size_t j = 0; j < moe_layers_.size(); j++) out.emplace_back(all.begin() + j * E, all.begin() + (j + 1) * E);
+  return out;
+}
+
+void Transformer::update_expert_bias(const std::vector<std::vector<float>>& load, float gamma) {
+  if (gamma == 0.0f) return;
+  KILN_CHECK(load.size() == moe_layers_.size(), "expert bias update: load of ", load.size(), " layers for ",
+             moe_layers_.size(), " MoE layers");
+  const int E = cfg_.n_experts;
+  for (size_t j = 0; j < moe_layers_.size(); j++) {
+    const ParamSpec* s = table_.find_key("blk." + std::to_string(moe_layers_[j]) + ".exp_probs_b.bias");
+    if (!s) continue;  // a router without a selection bias (Qwen3-MoE)
+    KILN_CHECK(int(load[j].size()) == E, "expert bias update: load of ", load[j].size(), " experts, the model has ", E);
+    // The bias lives on the backend; the host mirror follows (on the CPU they are one array).
+    float* dev = params_ + s->offset;
+    float* host = host_ + s->offset;
+    if (!be_->on_host()) be_->download(host, dev, size_t(E) * sizeof(float));
+    nn::moe_bias_update(host, load[j].data(), E, gamma);
+    if (!be_->on_host()) be_->upload(dev, host, size_t(E) * sizeof(float));
+  }
+}
 
 void Transformer::params_changed() {
   if (!be_->on_host()) be_->upload(params_, host_, table_.total * sizeof(float));
@@ -263,18 +365,12 @@ void Transformer::Activations::allocate(nn::Workspace& ws, const ModelConfig& cf
   logits_ld = padded_logits_ld(cfg.vocab_size, device);
   const bool selective = pol.kind == RecomputePolicy::Selective;
   const int kept = pol.kind == RecomputePolicy::Every ? std::min(pol.k, L) : L;
-  nn::BlockShape S;
-  S.C = C;
-  S.NH = cfg.n_head;
-  S.NKV = cfg.n_kv_head;
-  S.HD = cfg.head_dim;
-  S.F = cfg.d_ff;
-  S.gated = cfg.gated_ffn;
-  S.qk_norm = cfg.qk_norm;
   encoded = ws.f32(N * C);
   blocks.assign(size_t(kept), {});
   out.assign(size_t(kept), nullptr);
   for (int i = 0; i < kept; i++) {
+    // A segment's slot serves layers of either feed-forward kind.
+    const nn::BlockShape S = pol.kind == RecomputePolicy::Every ? block_shape_all(cfg) : block_shape(cfg, i);
     blocks[size_t(i)].allocate(ws, N, S, selective);
     out[size_t(i)] = ws.f32(N * C);
   }
@@ -293,7 +389,7 @@ void Transformer::Activations::allocate(nn::Workspace& ws, const ModelConfig& cf
   logits = ws.act(chunk * logits_ld);
   losses = ws.f32(N);
   dres = ws.f32(N * C);
-  scratch.allocate(ws, N, S, selective);
+  scratch.allocate(ws, N, block_shape_all(cfg), selective);
   if (device) {
     tokens = ws.i32(N);
     pos = ws.i32(N);
@@ -328,6 +424,7 @@ void Transformer::run_blocks_forward(const AttentionParams& attn, int64_t N) {
   if (a_.policy.kind != RecomputePolicy::Every) {
     for (int l = 0; l < L; l++) {
       w_.blocks[size_t(l)].forward(*be_, a_.out[size_t(l)], x, a_.blocks[size_t(l)], a_.scratch, last_pos_, attn, N);
+      count_load(l, a_.blocks[size_t(l)]);
       x = a_.out[size_t(l)];
     }
     return;
@@ -338,6 +435,7 @@ void Transformer::run_blocks_forward(const AttentionParams& attn, int64_t N) {
   for (int l = 0; l < L; l++) {
     float* y = l == L - 1 ? a_.final_out : ((l + 1) % K == 0 ? a_.ckpt_in[size_t((l + 1) / K)] : a_.out[size_t(l % K)]);
     w_.blocks[size_t(l)].forward(*be_, y, x, a_.blocks[size_t(l % K)], a_.scratch, last_pos_, attn, N);
+    count_load(l, a_.blocks[size_t(l % K)]);
     x = y;
   }
 }
@@ -391,11 +489,23 @@ double Transformer::forward(const int32_t* tokens, const int32_t* pos, const int
   last_tokens_ = tokens;
   last_pos_ = pos;
   be_->embedding_forward(a_.encoded, tokens, pos, w_.wte, w_.wpe, N, C);
+  counting_ = grad_scale != 0.0f;  // the expert load of training forwards only
+  aux_sum_ = 0;
+  if (!moe_layers_.empty()) {
+    // The balance loss's sequences (host spans), its weight and gradient scale, for every MoE layer.
+    seq_starts_.clear();
+    if (attn.cu_seqlens)
+      seq_starts_.assign(attn.cu_seqlens, attn.cu_seqlens + attn.num_seqs + 1);
+    else
+      for (int b = 0; b <= attn.B; b++) seq_starts_.push_back(b * attn.T);
+    for (int l : moe_layers_)
+      w_.blocks[size_t(l)].moe.aux = {seq_aux_alpha_, grad_scale, seq_starts_.data(), int(seq_starts_.size()) - 1};
+  }
   run_blocks_forward(ap, N);
   w_.final_norm.forward(*be_, a_.lnf_out, a_.lnf_mean, a_.lnf_rstd, a_.final_out, N);
   double sum = 0;
   lm_head(targets, grad_scale, N, &sum);
-  return sum;
+  return sum + aux_sum_;
 }
 
 void Transformer::backward() {
@@ -512,14 +622,15 @@ void TransformerDecoder::ensure_rows(int64_t rows) {
   if (rows <= rows_) return;
   const int C = cfg_.d_model, B = batch_, V = cfg_.vocab_size;
   const bool device = !be_->on_host();
-  nn::BlockShape S = w_.blocks.empty() ? nn::BlockShape{} : w_.blocks[0].shape;
   auto carve = [&](nn::Workspace& ws) {
     x_ = ws.f32(rows * C);
     last_ = ws.f32(int64_t(B) * C);
     ln_ = ws.act(rows * C);
     mean_ = ws.f32(rows);
     rstd_ = ws.f32(rows);
+    const nn::BlockShape S = block_shape_all(cfg_);
     a_.allocate(ws, rows, S);
+    if (S.moe) s_.moe.allocate(ws, rows, S.moe);  // the router logits and gathered rows
     a_.h = nullptr;  // the stream is updated in place
     logits_d_ = ws.f32(int64_t(B) * V);
     argmax_d_ = ws.i32(B);

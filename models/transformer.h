@@ -23,6 +23,12 @@
 
 namespace kiln {
 
+// The shapes of layer `layer`'s block under cfg.
+nn::BlockShape block_shape(const ModelConfig& cfg, int layer);
+// Shapes covering every layer (the dense and the MoE feed-forward both set where the model has both): what
+// activations and scratch shared by several layers are allocated for.
+nn::BlockShape block_shape_all(const ModelConfig& cfg);
+
 struct TransformerWeights {
   std::vector<nn::Block> blocks;
   nn::Norm final_norm;
@@ -62,6 +68,9 @@ class Transformer final : public Model {
   void synchronize() override;
   const float* logits() const override;
   ParamBlocks blocks() override;
+  std::vector<std::vector<float>> take_expert_load() override;
+  void update_expert_bias(const std::vector<std::vector<float>>& load, float gamma) override;
+  void set_seq_aux_alpha(float alpha) override { seq_aux_alpha_ = alpha; }
 
  private:
   ModelConfig cfg_;
@@ -74,6 +83,13 @@ class Transformer final : public Model {
   Buffer host_buf_;                // the host mirror (device backends only)
   float* host_ = nullptr;          // host_params(): params_ itself on the CPU
   TransformerWeights w_;
+  // Expert load per MoE layer ([moe_layers_.size()][E] on the backend), counted in training forwards.
+  std::vector<int> moe_layers_;
+  nn::DeviceBlock load_buf_;
+  bool counting_ = false;
+  float seq_aux_alpha_ = 0;
+  std::vector<int32_t> seq_starts_;  // the batch's sequences as token spans (the balance loss)
+  double aux_sum_ = 0;               // the balance loss of the last forward
 
   struct Activations {
     RecomputePolicy policy{};
@@ -106,6 +122,8 @@ class Transformer final : public Model {
   mutable std::vector<float> logits_host_;     // ... and widened
 
   void run_blocks_forward(const AttentionParams& attn, int64_t N);
+  // After block `layer`'s forward (not its recomputation): its expert load and balance loss.
+  void count_load(int layer, const nn::BlockActivations& a);
   void lm_head(const int32_t* targets, float grad_scale, int64_t N, double* loss_sum);
 };
 

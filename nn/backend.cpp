@@ -33,6 +33,18 @@ void Backend::attention_forward(Act out, float* lse, Act qkv, const AttentionPar
 void Backend::attention_backward(Act dqkv, Act dout, Act qkv, Act out, const float* lse, const AttentionParams& p) { unsupported("attention_backward"); }
 void Backend::decode_attention(const DecodeAttentionParams& p) { unsupported("decode_attention"); }
 void Backend::kv_append(Act k_cache, Act v_cache, int64_t batch_stride, Act qkv, int NH, int NKV, int HD, int B, int Tq, const int32_t* past, const KVPages&) { unsupported("kv_append"); }
+void Backend::moe_route(float* scores, int32_t* idx, float* w, const float* logits, const float* bias, int64_t N, const MoeRouting& r) { unsupported("moe_route"); }
+void Backend::moe_route_backward(float* dlogits, const float* dw, const float* scores, const int32_t* idx, int64_t N, const MoeRouting& r) { unsupported("moe_route_backward"); }
+void Backend::moe_dispatch(int32_t* offsets, int32_t* row_token, int32_t* slot, const int32_t* idx, int64_t N, int K, int E) { unsupported("moe_dispatch"); }
+void Backend::moe_gather(Act xs, Act x, const int32_t* row_token, int64_t R, int C) { unsupported("moe_gather"); }
+void Backend::moe_gather_backward(Act dx, Act extra, Act dxs, const int32_t* slot, int64_t N, int K, int C) { unsupported("moe_gather_backward"); }
+void Backend::moe_combine(float* y, const float* residual, Act ys, const int32_t* slot, const float* w, int64_t N, int K, int C) { unsupported("moe_combine"); }
+void Backend::moe_combine_backward(Act dys, float* dw, Act dy, Act ys, const int32_t* slot, const float* w, int64_t N, int K, int C) { unsupported("moe_combine_backward"); }
+void Backend::grouped_linear_forward(Act y, int64_t ldy, Act x, const float* w, const int32_t* offsets, int E, int in, int out) { unsupported("grouped_linear_forward"); }
+void Backend::grouped_linear_backward(Act dx, float beta, float* dw, Act dy, int64_t ldy, Act x, const float* w, const int32_t* offsets, int E, int in, int out) { unsupported("grouped_linear_backward"); }
+double Backend::moe_seq_aux(float* f, const float* scores, const int32_t* idx, const int32_t* starts, int S, const MoeRouting& r, float alpha) { unsupported("moe_seq_aux"); }
+void Backend::moe_seq_aux_backward(float* dlogits, const float* f, const float* scores, const int32_t* starts, int S, const MoeRouting& r, float scale) { unsupported("moe_seq_aux_backward"); }
+void Backend::moe_count(float* load, const int32_t* offsets, int E) { unsupported("moe_count"); }
 void Backend::embedding_forward(float* out, const int32_t* tokens, const int32_t* pos, const float* wte, const float* wpe, int64_t N, int C) { unsupported("embedding_forward"); }
 void Backend::embedding_backward(float* dwte, float* dwpe, const float* dout, const int32_t* tokens, const int32_t* pos, int64_t N, int C) { unsupported("embedding_backward"); }
 void Backend::softmax_crossentropy(Act logits, float* losses, const int32_t* targets, int64_t N, int V, int64_t ld, float grad_scale) { unsupported("softmax_crossentropy"); }

@@ -20,6 +20,7 @@
 #include "kernels/attention.h"
 #include "kernels/decode_attention.h"
 #include "kernels/matmul_lowp.h"
+#include "kernels/moe.h"
 #include "kernels/rope.h"
 
 namespace kiln::nn {
@@ -147,6 +148,34 @@ class Backend {
   // (past: this device's [B]); with pages set, into the blocks of a paged cache instead (batch_stride unused).
   virtual void kv_append(Act k_cache, Act v_cache, int64_t batch_stride, Act qkv, int NH, int NKV, int HD, int B,
                          int Tq, const int32_t* past, const KVPages& pages = {});
+
+  // Mixture of experts (kernels/moe.h). Router logits, affinities and gate weights are fp32; indices, offsets
+  // and slots are this device's int32 arrays. The grouped products read W stacked [E, out, in] (nn.Linear).
+  virtual void moe_route(float* scores, int32_t* idx, float* w, const float* logits, const float* bias, int64_t N,
+                         const MoeRouting& r);
+  virtual void moe_route_backward(float* dlogits, const float* dw, const float* scores, const int32_t* idx,
+                                  int64_t N, const MoeRouting& r);
+  virtual void moe_dispatch(int32_t* offsets, int32_t* row_token, int32_t* slot, const int32_t* idx, int64_t N,
+                            int K, int E);
+  virtual void moe_gather(Act xs, Act x, const int32_t* row_token, int64_t R, int C);
+  // dx += extra (may be null) + Σ_k dxs[slot]: the gather's backward.
+  virtual void moe_gather_backward(Act dx, Act extra, Act dxs, const int32_t* slot, int64_t N, int K, int C);
+  virtual void moe_combine(float* y, const float* residual, Act ys, const int32_t* slot, const float* w, int64_t N,
+                           int K, int C);
+  virtual void moe_combine_backward(Act dys, float* dw, Act dy, Act ys, const int32_t* slot, const float* w,
+                                    int64_t N, int K, int C);
+  virtual void grouped_linear_forward(Act y, int64_t ldy, Act x, const float* w, const int32_t* offsets, int E, int in,
+                                      int out);
+  // dx = beta·dx + dy·W_e (null: not computed); dw += the stacked weight gradient (null: not computed).
+  virtual void grouped_linear_backward(Act dx, float beta, float* dw, Act dy, int64_t ldy, Act x, const float* w,
+                                       const int32_t* offsets, int E, int in, int out);
+  // The sequence-wise balance loss (kernels/moe.h): starts [S + 1] on the host.
+  virtual double moe_seq_aux(float* f, const float* scores, const int32_t* idx, const int32_t* starts, int S,
+                             const MoeRouting& r, float alpha);
+  virtual void moe_seq_aux_backward(float* dlogits, const float* f, const float* scores, const int32_t* starts, int S,
+                                    const MoeRouting& r, float scale);
+  // load[e] += the rows expert e received (offsets[e + 1] − offsets[e]), fp32 on this device.
+  virtual void moe_count(float* load, const int32_t* offsets, int E);
 
   // Embeddings: out[n] = wte[tokens[n]] (+ wpe[pos[n]] when wpe is set); backward accumulates.
   virtual void embedding_forward(float* out, const int32_t* tokens, const int32_t* pos, const float* wte,

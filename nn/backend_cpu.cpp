@@ -15,6 +15,7 @@
 #include "kernels/gemv.h"
 #include "kernels/layernorm.h"
 #include "kernels/matmul.h"
+#include "kernels/moe.h"
 #include "kernels/rmsnorm.h"
 #include "nn/backend.h"
 
@@ -212,6 +213,53 @@ class CpuBackend final : public Backend {
         std::memcpy(F(k_cache) + at, row + k_off, bytes);
         std::memcpy(F(v_cache) + at, row + k_off + kv_width, bytes);
       }
+  }
+
+  void moe_route(float* scores, int32_t* idx, float* w, const float* logits, const float* bias, int64_t N,
+                 const MoeRouting& r) override {
+    cpu::moe_route(scores, idx, w, logits, bias, N, r);
+  }
+  void moe_route_backward(float* dlogits, const float* dw, const float* scores, const int32_t* idx, int64_t N,
+                          const MoeRouting& r) override {
+    cpu::moe_route_backward(dlogits, dw, scores, idx, N, r);
+  }
+  void moe_dispatch(int32_t* offsets, int32_t* row_token, int32_t* slot, const int32_t* idx, int64_t N, int K,
+                    int E) override {
+    cpu::moe_dispatch(offsets, row_token, slot, idx, N, K, E);
+  }
+  void moe_gather(Act xs, Act x, const int32_t* row_token, int64_t R, int C) override {
+    cpu::moe_gather(F(xs), F(x), row_token, R, C);
+  }
+  void moe_gather_backward(Act dx, Act extra, Act dxs, const int32_t* slot, int64_t N, int K, int C) override {
+    cpu::moe_gather_backward(F(dx), F(extra), F(dxs), slot, N, K, C);
+  }
+  void moe_combine(float* y, const float* residual, Act ys, const int32_t* slot, const float* w, int64_t N, int K,
+                   int C) override {
+    cpu::moe_combine(y, residual, F(ys), slot, w, N, K, C);
+  }
+  void moe_combine_backward(Act dys, float* dw, Act dy, Act ys, const int32_t* slot, const float* w, int64_t N, int K,
+                            int C) override {
+    cpu::moe_combine_backward(F(dys), dw, F(dy), F(ys), slot, w, N, K, C);
+  }
+  // The experts' products stay fp32 under --lowp (the 16-bit copy covers 2-D matrices only).
+  void grouped_linear_forward(Act y, int64_t ldy, Act x, const float* w, const int32_t* offsets, int E, int in,
+                              int out) override {
+    cpu::grouped_linear_forward(F(y), ldy, F(x), w, offsets, E, in, out);
+  }
+  void grouped_linear_backward(Act dx, float beta, float* dw, Act dy, int64_t ldy, Act x, const float* w,
+                               const int32_t* offsets, int E, int in, int out) override {
+    cpu::grouped_linear_backward(F(dx), beta, dw, F(dy), ldy, F(x), w, offsets, E, in, out);
+  }
+  double moe_seq_aux(float* f, const float* scores, const int32_t* idx, const int32_t* starts, int S,
+                     const MoeRouting& r, float alpha) override {
+    return cpu::moe_seq_aux(f, scores, idx, starts, S, r, alpha);
+  }
+  void moe_seq_aux_backward(float* dlogits, const float* f, const float* scores, const int32_t* starts, int S,
+                            const MoeRouting& r, float scale) override {
+    cpu::moe_seq_aux_backward(dlogits, f, scores, starts, S, r, scale);
+  }
+  void moe_count(float* load, const int32_t* offsets, int E) override {
+    for (int e = 0; e < E; e++) load[e] += float(offsets[e + 1] - offsets[e]);
   }
 
   void embedding_forward(float* out, const int32_t* tokens, const int32_t* pos, const float* wte, const float* wpe,

@@ -22,8 +22,15 @@ set_tests_properties(e2e.mixed_precision PROPERTIES LABELS e2e TIMEOUT 300)
 # against the independent PyTorch reference tests/peer/torch_llama.py.
 add_test(NAME e2e.families_vs_torch
          COMMAND ${KILN_PY} ${CMAKE_SOURCE_DIR}/tests/e2e/families_vs_torch.py $<TARGET_FILE:kiln>
-                 ${CMAKE_BINARY_DIR}/e2e/families_vs_torch)
+                 ${CMAKE_BINARY_DIR}/e2e/families_vs_torch llama,mistral,qwen2,qwen3)
 set_tests_properties(e2e.families_vs_torch PROPERTIES LABELS e2e TIMEOUT 600)
+# Qwen3-MoE the same way (tests/peer/torch_moe.py's layer), and that reference's own checks.
+add_test(NAME e2e.moe_vs_torch
+         COMMAND ${KILN_PY} ${CMAKE_SOURCE_DIR}/tests/e2e/families_vs_torch.py $<TARGET_FILE:kiln>
+                 ${CMAKE_BINARY_DIR}/e2e/moe_vs_torch qwen3_moe)
+set_tests_properties(e2e.moe_vs_torch PROPERTIES LABELS e2e TIMEOUT 600)
+add_test(NAME e2e.torch_moe_reference COMMAND ${KILN_PY} ${CMAKE_SOURCE_DIR}/tests/peer/torch_moe.py)
+set_tests_properties(e2e.torch_moe_reference PROPERTIES LABELS e2e TIMEOUT 120)
 
 add_test(NAME e2e.memory_plan COMMAND ${KILN_PY} ${CMAKE_SOURCE_DIR}/tests/e2e/memory_plan.py $<TARGET_FILE:kiln>)
 set_tests_properties(e2e.memory_plan PROPERTIES LABELS e2e TIMEOUT 120)

@@ -3,3 +3,8 @@
 add_executable(gemm_bench ${CMAKE_SOURCE_DIR}/bench/gemm_bench.cpp)
 target_link_libraries(gemm_bench PRIVATE kiln_lib)
 set_target_properties(gemm_bench PROPERTIES RUNTIME_OUTPUT_DIRECTORY ${CMAKE_BINARY_DIR})
+
+# The MoE layer (nn::MoE, forward + backward) beside the PyTorch reference's same layer (bench/moe_bench.cpp).
+add_executable(moe_bench ${CMAKE_SOURCE_DIR}/bench/moe_bench.cpp)
+target_link_libraries(moe_bench PRIVATE kiln_lib)
+set_target_properties(moe_bench PROPERTIES RUNTIME_OUTPUT_DIRECTORY ${CMAKE_BINARY_DIR})

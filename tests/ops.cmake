@@ -2,7 +2,8 @@
 # same sources build twice: kiln_ops_tests_emu runs the CPU kernels, the reference's own gradient checks and
 # the CUDA kernels on the SIMT emulator (label unit); kiln_ops_tests runs the CUDA kernels on the real device
 # (label cuda; each test skips when no GPU is present).
-set(KILN_OPS_TEST_SOURCES ${CMAKE_SOURCE_DIR}/tests/ops/op_table.cpp ${CMAKE_SOURCE_DIR}/tests/ops/op_runner.cpp)
+set(KILN_OPS_TEST_SOURCES ${CMAKE_SOURCE_DIR}/tests/ops/op_table.cpp ${CMAKE_SOURCE_DIR}/tests/ops/op_runner.cpp
+    ${CMAKE_SOURCE_DIR}/tests/ops/op_table_moe.cpp)
 
 add_executable(kiln_ops_tests_emu ${KILN_OPS_TEST_SOURCES})
 target_link_libraries(kiln_ops_tests_emu PRIVATE kiln_lib kiln_gpu_emu GTest::gtest)

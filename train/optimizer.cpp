@@ -69,6 +69,7 @@ AdamWHyper adamw_hyper(const AdamWConfig& cfg, const ParamSpec& spec, float lr, 
 
 void AdamW::update(float* params, float* grads, float lr, int64_t t, double norm, float unscale, bool zero_grads) {
   for (const ParamSpec& s : table_.specs) {
+    if (!s.trainable) continue;  // (its gradient is zero)
     const AdamWHyper h = adamw_hyper(cfg_, s, lr, t, norm, unscale, zero_grads);
     cpu::adamw_update(params + s.offset, grads + s.offset, m_.f32() + s.offset, v_.f32() + s.offset, s.numel(), h);
   }
@@ -77,6 +78,7 @@ void AdamW::update(float* params, float* grads, float lr, int64_t t, double norm
 void AdamW::update(const ParamBlocks& b, float lr, int64_t t, double norm, float unscale, bool zero_grads) {
   KILN_CHECK(b.n == table_.total, "AdamW: parameter block of ", b.n, " floats, the table has ", table_.total);
   for (const ParamSpec& s : table_.specs) {
+    if (!s.trainable) continue;  // (its gradient is zero)
     const AdamWHyper h = adamw_hyper(cfg_, s, lr, t, norm, unscale, zero_grads);
     b.backend->adamw_update(b.params + s.offset, b.params16 ? b.params16 + s.offset : nullptr, b.grads + s.offset,
                             dm_ + s.offset, dv_ + s.offset, s.numel(), h);

@@ -1,5 +1,6 @@
 // AdamW over a model's flat parameter block with per-tensor weight decay (on tensors with two or more
-// dimensions: embeddings and weight matrices; none on biases and norm gains), plus global-norm gradient
+// dimensions: embeddings and weight matrices; none on biases and norm gains; tensors not `trainable` are left
+// alone), plus global-norm gradient
 // clipping as torch.nn.utils.clip_grad_norm_ computes it. Applied from outside the model: it works on the
 // model's ParamBlocks through the model's backend, so the same code updates a CPU or a GPU model.
 #pragma once

@@ -60,6 +60,10 @@ void validate(const TrainOptions& o) {
   KILN_CHECK(o.min_lr >= 0 && o.min_lr <= o.lr, "--min-lr must be in [0, --lr] (got ", o.min_lr, ")");
   KILN_CHECK(o.warmup >= 0, "--warmup must be >= 0");
   KILN_CHECK(o.adamw.weight_decay >= 0, "--weight-decay must be >= 0");
+  KILN_CHECK(o.seq_aux_alpha >= 0 && std::isfinite(o.seq_aux_alpha), "--seq-aux-alpha must be >= 0 (got ",
+             o.seq_aux_alpha, ")");
+  KILN_CHECK(o.bias_update_speed >= 0 && std::isfinite(o.bias_update_speed),
+             "--bias-update-speed must be >= 0 (got ", o.bias_update_speed, ")");
   KILN_CHECK(o.save_every >= 0 && o.eval_every >= 0, "--save-every and --eval-every must be >= 0");
   KILN_CHECK(o.dtype == "fp32" || o.dtype == "bf16" || o.dtype == "fp16", "--dtype: expected fp32, bf16 or fp16, got '",
              o.dtype, "'");
@@ -163,6 +167,7 @@ double train(const TrainOptions& opt) {
   mopt.cuda = device.cuda;
   if (opt.dtype != "fp32") mopt.lowp = opt.dtype == "bf16" ? LowpType::BF16 : LowpType::FP16;
   std::unique_ptr<Model> model = make_model(cfg, mopt);
+  model->set_seq_aux_alpha(opt.seq_aux_alpha);
   AdamW adam(model->table(), opt.adamw, model->blocks().backend);
   std::unique_ptr<BatchSource> loader = make_batch_source(opt, opt.data, cfg, /*validation=*/false);
   std::unique_ptr<BatchSource> val;
@@ -273,9 +278,12 @@ double train(const TrainOptions& opt) {
       KILN_CHECK(finite, "step ", step + 1, ": loss ", loss, ", gradient norm ", norm,
                  " is not finite; stopping without saving");
     const float used_scale = scaler.scale;
+    // The step's expert load (MoE models); the selection bias follows it when the step is applied.
+    const std::vector<std::vector<float>> load = model->take_expert_load();
     if (scaler.record(finite, step + 1)) {
       st.optimizer_steps++;
       adam.update(model->blocks(), lr, st.optimizer_steps, norm, 1.0f / used_scale, /*zero_grads=*/true);
+      if (!load.empty()) model->update_expert_bias(load, opt.bias_update_speed);
     } else {
       model->zero_grad();
     }
@@ -292,6 +300,18 @@ double train(const TrainOptions& opt) {
     nlohmann::json m = {{"step", st.step},         {"loss", loss},
                         {"lr", lr},                {"grad_norm", norm},
                         {"tokens_per_s", double(tokens_per_step) / secs}, {"ms", secs * 1e3}};
+    // max/mean expert load, the worst MoE layer's (1: perfectly balanced).
+    double load_ratio = NAN;
+    if (!load.empty()) {
+      m["expert_load"] = load;
+      load_ratio = 0;
+      for (const auto& l : load) {
+        double sum = 0, mx = 0;
+        for (float x : l) sum += x, mx = std::max(mx, double(x));
+        if (sum > 0) load_ratio = std::max(load_ratio, mx * double(l.size()) / sum);
+      }
+      m["expert_load_max_mean"] = load_ratio;
+    }
     if (scaler.enabled) {
       m["loss_scale"] = used_scale;
       m["skipped_steps"] = scaler.skipped;
@@ -308,10 +328,12 @@ double train(const TrainOptions& opt) {
     const double elapsed = std::chrono::duration<double>(Clock::now() - run_start).count();
     const double eta = elapsed / double(steps_this_run) * double(opt.steps - st.step);
     char line[256];
-    std::snprintf(line, sizeof line, "step %ld/%d | loss %.4f%s | lr %.2e | %.0f tok/s | ETA %s", long(st.step),
+    char load_str[48] = "";
+    if (!std::isnan(load_ratio)) std::snprintf(load_str, sizeof load_str, " | load max/mean %.2f", load_ratio);
+    std::snprintf(line, sizeof line, "step %ld/%d | loss %.4f%s%s | lr %.2e | %.0f tok/s | ETA %s", long(st.step),
                   opt.steps, loss,
-                  std::isnan(last_val) ? "" : str(" | val ", std::to_string(last_val).substr(0, 6)).c_str(), lr,
-                  double(tokens_per_step) / secs, format_duration(eta).c_str());
+                  std::isnan(last_val) ? "" : str(" | val ", std::to_string(last_val).substr(0, 6)).c_str(), load_str,
+                  lr, double(tokens_per_step) / secs, format_duration(eta).c_str());
     if (tty)
       std::fprintf(stderr, "\r\033[K%s", line);
     else if (st.step % log_every == 0 || last)

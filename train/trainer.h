@@ -48,6 +48,10 @@ struct TrainOptions {
   bool packing = false;
   // cpu, or cuda / cuda:N: the model trains in bf16 on the GPU, the host keeps the checkpoint copy.
   std::string device = "cpu";
+  // Mixture of experts: the loss-free balancing step γ of the selection bias after each optimizer step
+  // (DeepSeek-V3's 0.001; 0 freezes the bias).
+  float bias_update_speed = 0.001f;
+  float seq_aux_alpha = 0.0f;  // the sequence-wise balance loss's weight (DeepSeek-V3 used 0.0001; 0: off)
 };
 
 // The training (or validation) batches the options ask for.

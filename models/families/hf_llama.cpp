@@ -173,4 +173,19 @@ std::string llama_file_name(const std::string& key) {
                          "model.layers.", "Llama");
 }
 
+std::string moe_file_name(const std::string& key) {
+  const size_t a = key.find('.', 4), b = key.rfind('.');
+  if (key.rfind("blk.", 0) == 0 && a != std::string::npos && b > a) {
+    const std::string prefix = "model.layers." + key.substr(4, a - 4) + ".mlp.";
+    const std::string part = key.substr(a + 1, b - a - 1), suffix = key.substr(b);
+    if (part == "ffn_gate_inp") return prefix + "gate" + suffix;
+    if (part == "exp_probs_b") return prefix + "gate.e_score_correction_bias";
+    for (const char* p : {"gate", "up", "down"}) {
+      if (part == std::string("ffn_") + p + "_exps") return prefix + "experts.*." + p + "_proj" + suffix;
+      if (part == std::string("ffn_") + p + "_shexp") return prefix + "shared_experts." + p + "_proj" + suffix;
+    }
+  }
+  return llama_file_name(key);
+}
+
 }  // namespace kiln::hf

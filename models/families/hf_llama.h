@@ -15,6 +15,11 @@ ModelConfig parse_llama_like(const nlohmann::json& j, const std::string& where, 
 nlohmann::json llama_like_json(const ModelConfig& c);
 // "blk.3.attn_q.weight" -> "model.layers.3.self_attn.q_proj.weight", etc.
 std::string llama_file_name(const std::string& key);
+// llama_file_name plus the mixture-of-experts tensors of Qwen3MoeForCausalLM / DeepseekV3ForCausalLM:
+//   ffn_gate_inp -> mlp.gate, exp_probs_b.bias -> mlp.gate.e_score_correction_bias,
+//   ffn_{gate,up,down}_exps -> mlp.experts.*.{gate,up,down}_proj (one file tensor per expert),
+//   ffn_{gate,up,down}_shexp -> mlp.shared_experts.{gate,up,down}_proj.
+std::string moe_file_name(const std::string& key);
 
 // Typed field access with one-line errors naming the field.
 int get_int(const nlohmann::json& j, const char* field, const std::string& where, int fallback = -1);

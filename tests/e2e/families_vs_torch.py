@@ -1,11 +1,13 @@
-"""End-to-end check of the Hugging Face Llama-family models (llama, mistral, qwen2, qwen3) in kiln against the
-independent PyTorch reference (tests/peer/torch_llama.py, torch_train_ref.py --model llama).
+"""End-to-end check of the Hugging Face Llama-family models (llama, mistral, qwen2, qwen3, qwen3_moe) in kiln against
+the independent PyTorch reference (tests/peer/torch_llama.py, torch_moe.py, torch_train_ref.py --model llama).
 
 For each of four small configurations (tests/peer/torch_llama.py test_configs()):
   llama    GQA 4 heads / 2 kv heads, explicit head_dim 32 (!= hidden/heads), rope_scaling llama3, untied head
   mistral  GQA, sliding_window 8 (smaller than --seq 32), untied head
   qwen2    q/k/v biases (no o_proj bias), tied head (no lm_head.weight), rope_scaling linear ("type" key)
   qwen3    q_norm/k_norm over head_dim, head_dim 24 != hidden/heads, GQA, untied head
+  qwen3_moe  Qwen3's attention, 8 experts top-2 (softmax router, norm_topk_prob) on layers 0 and 2, layer 1
+           dense (mlp_only_layers); one checkpoint tensor per expert
 hidden 64, 2 layers, vocab ~200, a random checkpoint with Hugging Face names (non-trivial norm gains) and a
 shard with structure to learn:
   1. `kiln train --init` (sequential batches, AdamW with decay, clipping low enough to engage, accumulation,
@@ -18,7 +20,7 @@ shard with structure to learn:
   3. a 3-shard copy of the initial checkpoint (model.safetensors.index.json) trains to the same first-step loss;
   4. `--dtype bf16`: per-step losses within 1% relative of the fp32 run (and not identical to it).
 
-usage: families_vs_torch.py KILN_BINARY WORK_DIR
+usage: families_vs_torch.py KILN_BINARY WORK_DIR [FAMILY,...]   (default: all)
 """
 import json
 import os
@@ -36,6 +38,7 @@ from torch_llama import (greedy, load_checkpoint, param_names, random_checkpoint
                          resolve, rope_inv_freq, test_configs)
 
 kiln, work = sys.argv[1], sys.argv[2]
+only = sys.argv[3].split(",") if len(sys.argv) > 3 else None
 shutil.rmtree(work, ignore_errors=True)
 os.makedirs(work)
 ok = True
@@ -61,7 +64,7 @@ ref_flags = flags  # torch_train_ref.py --model llama takes the same names (its 
 PROMPT = [3, 17, 42]
 # Initial-weight seeds chosen so that the greedy continuation from the trained weights has no near tie (the
 # reference's smallest top-1/top-2 logit gap over the 40 tokens is about 1e-2 for each).
-INIT_SEED = {"llama": 2011, "mistral": 6012, "qwen2": 1013, "qwen3": 5014}
+INIT_SEED = {"llama": 2011, "mistral": 6012, "qwen2": 1013, "qwen3": 5014, "qwen3_moe": 7015}
 
 
 def same_model(a, b):
@@ -90,6 +93,8 @@ def kiln_train(init, shard, out, metrics, extra=()):
 
 
 for seed, (fam, cfg) in enumerate(test_configs().items(), start=11):
+    if only and fam not in only:
+        continue
     print(f"==== {fam}", flush=True)
     d = os.path.join(work, fam)
     os.makedirs(d)

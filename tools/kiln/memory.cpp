@@ -28,7 +28,8 @@ void memory_plan_cuda(const MemoryOptions& o, const kiln::ModelConfig& cfg) {
   const double state = double(plan.state), acts = double(plan.activations);
   const double MB = 1024.0 * 1024.0;
   if (o.json) {
-    nlohmann::json j = {{"device", "cuda"}, {"params", cfg.num_params()}, {"batch", o.batch}, {"seq", o.seq},
+    nlohmann::json j = {{"device", "cuda"}, {"params", cfg.num_params()}, {"active_params", cfg.active_params()},
+                        {"batch", o.batch}, {"seq", o.seq},
                         {"recompute", o.recompute},
                         {"state_bytes", state}, {"activations_bytes", acts}, {"total_bytes", state + acts}};
     std::printf("%s\n", j.dump().c_str());
@@ -70,7 +71,8 @@ void memory_plan(const MemoryOptions& o) {
   // What kiln itself allocates on one process: fp32 weights, gradients and both moments, plus the 16-bit
   // weight copies in mixed precision (kiln keeps fp32 gradients on the CPU).
   const double kiln_state = psi * (mixed ? 18 : 16);
-  nlohmann::json j = {{"family", cfg.family}, {"params", cfg.num_params()}, {"param_floats", psi}, {"kiln_single_process_bytes", kiln_state + acts},  {"batch", o.batch},        {"seq", o.seq},
+  nlohmann::json j = {{"family", cfg.family}, {"params", cfg.num_params()}, {"active_params", cfg.active_params()},
+                      {"param_floats", psi}, {"kiln_single_process_bytes", kiln_state + acts},  {"batch", o.batch},        {"seq", o.seq},
                       {"dtype", o.dtype},             {"recompute", policy.str()}, {"ranks", o.ranks},
                       {"activations_bytes", acts}};
   for (int s = 0; s <= 3; s++) {
@@ -85,6 +87,10 @@ void memory_plan(const MemoryOptions& o) {
   auto [ww, gg, oo] = per_rank(o.zero_stage);
   std::printf("model %.2fM parameters, batch %d x %d tokens, %s, recompute %s\n", double(cfg.num_params()) / 1e6,
               o.batch, o.seq, o.dtype.c_str(), policy.str().c_str());
+  // A mixture of experts reads only its chosen experts per token.
+  if (cfg.has_moe())
+    std::printf("  active per token %.2fM parameters (top %d of %d routed experts)\n", double(cfg.active_params()) / 1e6,
+                cfg.moe_top_k, cfg.n_experts);
   std::printf("  weights      %10.1f MB\n  gradients    %10.1f MB\n  optimizer    %10.1f MB\n  activations  %10.1f MB\n"
               "  total        %10.1f MB  (ZeRO stage %d over %d ranks, per rank)\n",
               ww / MB, gg / MB, oo / MB, acts / MB, (ww + gg + oo + acts) / MB, o.zero_stage, o.ranks);

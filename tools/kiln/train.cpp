@@ -27,6 +27,13 @@ kiln::cli::Command train_cmd("train", [](CLI::App& root) {
   c->add_option("--beta1", opt->adamw.beta1, "AdamW beta1")->capture_default_str();
   c->add_option("--beta2", opt->adamw.beta2, "AdamW beta2")->capture_default_str();
   c->add_option("--adam-eps", opt->adamw.eps, "AdamW epsilon")->capture_default_str();
+  c->add_option("--bias-update-speed", opt->bias_update_speed,
+                 "Mixture of experts: loss-free balancing step of the expert selection bias after each optimizer "
+                 "step (0 freezes it)")
+      ->capture_default_str();
+  c->add_option("--seq-aux-alpha", opt->seq_aux_alpha,
+                 "Mixture of experts: weight of the sequence-wise balance loss (DeepSeek-V3 eq. 17-20; 0: off)")
+      ->capture_default_str();
   c->add_option("--grad-clip", opt->adamw.grad_clip, "Clip the global gradient norm to this (0: off)")
       ->capture_default_str();
   c->add_option("--seed", opt->seed, "Seed for initialisation and data order")->capture_default_str();
