@@ -141,7 +141,14 @@ TEST_P(PagedDecoderTest, MatchesContiguousDecoderPerSequence) {
   EXPECT_TRUE(std::equal(a, a + V, b));
 }
 
-INSTANTIATE_TEST_SUITE_P(Families, PagedDecoderTest, ::testing::ValuesIn(kConfigs));
+namespace {
+std::string family_name(const ::testing::TestParamInfo<const char*>& i) {
+  static const char* const names[] = {"llama", "mistral", "gpt2"};
+  return names[i.index];
+}
+}  // namespace
+
+INSTANTIATE_TEST_SUITE_P(Families, PagedDecoderTest, ::testing::ValuesIn(kConfigs), family_name);
 
 TEST(PagedDecoder, RejectsBadRows) {
   const ModelConfig cfg = parse_model_config(kConfigs[2], "config.json");
