@@ -14,6 +14,8 @@
 // and no token attends across a boundary. causal: token i attends to tokens j <= i of its sequence.
 // window > 0 (sliding window, causal only, Mistral): token i attends to tokens j with i − window < j <= i.
 // scale is usually 1/sqrt(HD).
+// HDv (multi-head latent attention, DeepSeek): the value heads may be narrower or wider than the q/k heads:
+//   qkv [N, (NH + NKV)·HD + NKV·HDv]   out/dout [N, NH·HDv]     (HDv = 0: HD, the layouts above)
 //
 // cpu:: is FlashAttention: tiled over queries and keys with an online softmax, never holding a T×T
 // matrix; the backward recomputes probabilities from lse. ref:: materialises the full score matrix.
@@ -28,6 +30,7 @@ namespace kiln {
 struct AttentionParams {
   int B = 1, T = 0, NH = 1, HD = 64;
   int NKV = 0;      // key/value heads; 0 means NH
+  int HDv = 0;      // value head dim; 0 means HD
   int window = 0;   // sliding window in tokens; 0: none
   bool causal = true;
   float scale = 0.125f;
@@ -39,8 +42,12 @@ struct AttentionParams {
 };
 
 inline int kv_heads(const AttentionParams& p) { return p.NKV > 0 ? p.NKV : p.NH; }
-// Floats per qkv row.
-inline int64_t qkv_row(const AttentionParams& p) { return int64_t(p.NH + 2 * kv_heads(p)) * p.HD; }
+inline int v_dim(const AttentionParams& p) { return p.HDv > 0 ? p.HDv : p.HD; }
+// Floats per qkv row, and per output row.
+inline int64_t qkv_row(const AttentionParams& p) {
+  return int64_t(p.NH + kv_heads(p)) * p.HD + int64_t(kv_heads(p)) * v_dim(p);
+}
+inline int64_t attention_out_row(const AttentionParams& p) { return int64_t(p.NH) * v_dim(p); }
 
 // One sequence's rows: [start, start + len).
 struct AttentionSpan {
@@ -50,6 +57,7 @@ struct AttentionSpan {
 // The sequences the tokens form (B rows of T, or the packed cu_seqlens), validated; N is the total token count.
 inline std::vector<AttentionSpan> attention_spans(const AttentionParams& p, int64_t& N) {
   KILN_CHECK(p.NH >= 1 && p.HD >= 1, "attention: NH (", p.NH, ") and HD (", p.HD, ") must be positive");
+  KILN_CHECK(p.HDv >= 0, "attention: HDv (", p.HDv, ") must be >= 0");
   KILN_CHECK(p.NKV >= 0 && p.NH % kv_heads(p) == 0, "attention: NKV (", p.NKV, ") must divide NH (", p.NH, ")");
   KILN_CHECK(p.window >= 0 && (p.window == 0 || p.causal), "attention: window (", p.window,
              ") must be >= 0 and needs causal attention");

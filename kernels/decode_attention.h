@@ -12,6 +12,9 @@
 //   key j of sequence b:    k   + b·kv_batch_stride + j·kv_stride + (h / (NH/NKV))·HD   (the same for v)
 //   output (b, i), head h:  out + (b·Tq + i)·out_stride + h·HD
 // The cache of one layer is [B][positions][KC] for K and V (kv_stride = KC, kv_batch_stride = positions·KC).
+// Multi-head latent attention: the value heads may have their own width HDv and strides (v_stride,
+// v_batch_stride; 0: those of k), and the output is [.., NH·HDv]; the absorbed form reads its values from the
+// keys' own rows (v = k, HDv < HD: the latent part of each cached row).
 //
 // cpu:: threads over (sequence, query, head) and, when those are too few to keep every thread busy on a long
 // cache, over splits of the key range (flash-decoding: each split keeps its own max, sum and weighted values,
@@ -53,9 +56,14 @@ struct DecodeAttentionParams {
   int64_t kv_batch_stride = 0, kv_stride = 0;
   float* out = nullptr;
   int64_t out_stride = 0;
+  int HDv = 0;                             // value head dim; 0 means HD
+  int64_t v_batch_stride = 0, v_stride = 0;  // 0: kv_batch_stride, kv_stride
   KVPages pages;                           // set: k and v are the pools of a paged cache (kv_batch_stride unused)
 
   int past_of(int b) const { return past_per_seq ? past_per_seq[b] : past; }
+  int hdv() const { return HDv > 0 ? HDv : HD; }
+  int64_t vbs() const { return v_batch_stride > 0 ? v_batch_stride : kv_batch_stride; }
+  int64_t vs() const { return v_stride > 0 ? v_stride : kv_stride; }
 };
 
 namespace cpu {

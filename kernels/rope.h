@@ -10,6 +10,9 @@
 // and the keys in one call and leaves the values alone. The scaling rules of the families (Llama 3's
 // frequency bands, linear position scaling) are folded into inv_freq by the caller (models/).
 // The backward rotates the gradient by −angle (the transpose of a rotation), also in place.
+// interleaved (DeepSeek's layout, as Hugging Face's apply_rotary_pos_emb_interleave reads it): the pairs are
+// (2i, 2i + 1) instead of (i, i + rot/2). Hugging Face de-interleaves q and k alike before rotate_half, so the
+// scores (all attention reads) are the same. factor multiplies cos and sin (yarn's attention_factor; 1 else).
 #pragma once
 #include <cstdint>
 
@@ -21,7 +24,13 @@ struct RopeParams {
   int rot_dim = 64;                 // rotated dims per head (even, <= HD)
   int64_t ld = 0;                   // row stride in floats (0: heads·HD)
   const float* inv_freq = nullptr;  // [rot_dim / 2]
+  bool interleaved = false;         // pairs (2i, 2i+1) instead of (i, i + rot_dim/2)
+  float factor = 1.0f;              // scales cos and sin
 };
+
+// Offsets within a head of pair i's two elements.
+inline int rope_first(const RopeParams& p, int i) { return p.interleaved ? 2 * i : i; }
+inline int rope_partner(const RopeParams& p) { return p.interleaved ? 1 : p.rot_dim / 2; }
 
 // Throws naming the field when p cannot describe a rotation (heads/HD not positive, rot_dim odd or > HD, no
 // inv_freq); every implementation checks with it.

@@ -8,11 +8,12 @@
 
 namespace kiln {
 
-extern const Family kGpt2Family, kLlamaFamily, kMistralFamily, kQwen2Family, kQwen3Family, kQwen3MoeFamily;
+extern const Family kGpt2Family, kLlamaFamily, kMistralFamily, kQwen2Family, kQwen3Family, kQwen3MoeFamily,
+    kDeepseekV3Family;
 
 const std::vector<const Family*>& families() {
-  static const std::vector<const Family*> all = {&kGpt2Family, &kLlamaFamily, &kMistralFamily, &kQwen2Family,
-                                                 &kQwen3Family, &kQwen3MoeFamily};
+  static const std::vector<const Family*> all = {&kGpt2Family,  &kLlamaFamily,    &kMistralFamily,   &kQwen2Family,
+                                                 &kQwen3Family, &kQwen3MoeFamily, &kDeepseekV3Family};
   return all;
 }
 
@@ -102,10 +103,34 @@ ParamTable model_param_table(const ModelConfig& c) {
   };
   add("token_embd.weight", {V, C});
   if (c.positions == PositionKind::Learned) add("position_embd.weight", {c.max_positions, C});
-  for (int l = 0; l < c.n_layer; l++) {
+  for (int l = 0; l < c.n_layer + c.mtp_depth; l++) {
     const std::string b = "blk." + std::to_string(l) + ".";
+    if (l >= c.n_layer) {
+      // A multi-token-prediction module: its norms and projection, then an ordinary block.
+      norm(b + "nextn.enorm");
+      norm(b + "nextn.hnorm");
+      add(b + "nextn.eh_proj.weight", matrix(2 * C, C));
+      norm(b + "nextn.shared_head_norm");
+    }
     norm(b + "attn_norm");
-    if (inout) {
+    if (c.mla.on()) {
+      // Latent attention (llama.cpp's deepseek2 names); the query projection (or its bottleneck) and
+      // kv_a_mqa back to back: one product.
+      const LatentAttention& m = c.mla;
+      const int64_t NH = c.n_head, qk = m.qk_dim(), r = m.kv_lora_rank;
+      if (m.q_lora_rank) {
+        add(b + "attn_q_a.weight", matrix(C, m.q_lora_rank));
+        add(b + "attn_kv_a_mqa.weight", matrix(C, r + m.qk_rope_dim), true);
+        add(b + "attn_q_a_norm.weight", {m.q_lora_rank});
+        add(b + "attn_q_b.weight", matrix(m.q_lora_rank, NH * qk));
+      } else {
+        add(b + "attn_q.weight", matrix(C, NH * qk));
+        add(b + "attn_kv_a_mqa.weight", matrix(C, r + m.qk_rope_dim), true);
+      }
+      add(b + "attn_kv_a_norm.weight", {r});
+      add(b + "attn_kv_b.weight", matrix(r, NH * (m.qk_nope_dim + m.v_head_dim)));
+      add(b + "attn_output.weight", matrix(NH * m.v_head_dim, C));
+    } else if (inout) {
       add(b + "attn_qkv.weight", matrix(C, c.qkv_dim()));
       if (c.qkv_bias) add(b + "attn_qkv.bias", {c.qkv_dim()});
     } else {
@@ -123,7 +148,7 @@ ParamTable model_param_table(const ModelConfig& c) {
       add(b + "attn_q_norm.weight", {HD});
       add(b + "attn_k_norm.weight", {HD});
     }
-    add(b + "attn_output.weight", matrix(c.q_dim(), C));
+    if (!c.mla.on()) add(b + "attn_output.weight", matrix(c.q_dim(), C));
     if (c.attn_out_bias) add(b + "attn_output.bias", {C});
     norm(b + "ffn_norm");
     if (c.is_moe_layer(l)) {

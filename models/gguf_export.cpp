@@ -17,6 +17,7 @@ struct Plan {
   bool permute_qk = false;      // Hugging Face rotate-half → llama.cpp adjacent pairs (arch "llama")
   bool zero_qkv_bias = false;   // qwen2 requires q/k/v biases: zeros when the model has none
   bool rope_freqs = false;      // Llama 3 rope scaling as a tensor
+  bool permute_rope = false;    // deepseek2: rotate-half rotary parts → adjacent pairs (rope_interleave false)
 };
 
 std::string shape_str(const std::vector<int64_t>& s) {
@@ -51,6 +52,20 @@ Plan check_config(const ModelConfig& c) {
              kWhere, ": ", f, " configuration has a size that is not positive");
   KILN_CHECK(c.n_head % c.n_kv_head == 0, kWhere, ": n_head ", c.n_head, " is not a multiple of n_kv_head ",
              c.n_kv_head);
+  if (p.arch == "deepseek2") {
+    // llama.cpp's deepseek2 in the absorbed MLA form: rotary parts on adjacent pairs (DeepSeek's interleaved
+    // layout as released; rotate-half checkpoints are permuted), every layer dense, no MTP layers in the file.
+    KILN_CHECK(c.mla.on() && c.mla.q_lora_rank > 0, kWhere, ": llama.cpp's deepseek2 reads queries without "
+               "q_lora_rank only for its 26/27-layer lite variant: export needs a q_lora_rank model");
+    KILN_CHECK(c.n_layer != 26 && c.n_layer != 27, kWhere, ": llama.cpp treats deepseek2 models of 26 or 27 layers "
+               "as the lite variant (no q_lora_rank): ", c.n_layer, " layers are not exported");
+    KILN_CHECK(c.rope_scaling.kind == RopeScaling::None, kWhere,
+               ": deepseek_v3 with rope_scaling is not exported (llama.cpp's yarn pre-scaling is not checked yet)");
+    KILN_CHECK(c.gated_ffn && c.activation == Activation::Silu && !c.tie_embeddings, kWhere,
+               ": deepseek2 needs a SwiGLU feed-forward and an untied head");
+    p.permute_rope = !c.mla.rope_interleave;
+    return p;
+  }
   KILN_CHECK(!c.qk_norm || f == "qwen3" || f == "qwen3_moe", kWhere, ": qk_norm is not supported for ", f,
              " (llama.cpp's ", p.arch, " has no q/k norms)");
   if (f == "gpt2") {
@@ -111,6 +126,21 @@ std::vector<int64_t> expected_shape(const ModelConfig& c, const Plan& p, const s
   std::string k;
   const int layer = split_key(key, k);
   const int64_t C = c.d_model, V = c.vocab_size, F = c.d_ff;
+  if (p.arch == "deepseek2" && layer >= 0 && layer < c.n_layer) {
+    const LatentAttention& m = c.mla;
+    const int64_t NH = c.n_head, r = m.kv_lora_rank;
+    if (k == "attn_norm.weight" || k == "ffn_norm.weight") return {C};
+    if (k == "attn_q_a.weight") return {m.q_lora_rank, C};
+    if (k == "attn_q_a_norm.weight") return {m.q_lora_rank};
+    if (k == "attn_q_b.weight") return {NH * m.qk_dim(), m.q_lora_rank};
+    if (k == "attn_kv_a_mqa.weight") return {r + m.qk_rope_dim, C};
+    if (k == "attn_kv_a_norm.weight") return {r};
+    if (k == "attn_kv_b.weight") return {NH * (m.qk_nope_dim + m.v_head_dim), r};  // written as attn_k_b, attn_v_b
+    if (k == "attn_output.weight") return {C, NH * m.v_head_dim};
+    if (k == "ffn_gate.weight" || k == "ffn_up.weight") return {F, C};
+    if (k == "ffn_down.weight") return {C, F};
+    return {};
+  }
   const bool gpt2 = p.arch == "gpt2";
   if (layer < 0) {
     if (k == "token_embd.weight" || k == "output.weight") return {V, C};
@@ -153,6 +183,11 @@ std::vector<int64_t> expected_shape(const ModelConfig& c, const Plan& p, const s
 
 // The per-layer tensors llama.cpp requires (besides the ones outside the blocks).
 std::vector<std::string> required_layer_keys(const ModelConfig& c, const Plan& p) {
+  if (p.arch == "deepseek2")
+    return {"attn_norm.weight",      "attn_q_a.weight",  "attn_q_a_norm.weight", "attn_q_b.weight",
+            "attn_kv_a_mqa.weight",  "attn_kv_a_norm.weight", "attn_k_b.weight", "attn_v_b.weight",
+            "attn_output.weight",    "ffn_norm.weight",  "ffn_gate.weight",      "ffn_up.weight",
+            "ffn_down.weight"};
   if (p.arch == "gpt2")
     return {"attn_norm.weight", "attn_norm.bias", "attn_qkv.weight", "attn_qkv.bias", "attn_output.weight",
             "attn_output.bias", "ffn_norm.weight", "ffn_norm.bias", "ffn_up.weight", "ffn_up.bias",
@@ -180,6 +215,26 @@ void permute_rows(const float* src, float* dst, int64_t heads, int64_t hd, int64
         float* d = dst + (h * hd + 2 * i + j) * in;
         std::copy(s, s + in, d);
       }
+}
+
+// kv_b_proj [NH·(nope + vd), r] as llama.cpp's absorbed form reads it: attn_k_b [NH][r][nope] (each head's W_UK
+// transposed, folded into the query) and attn_v_b [NH][vd][r] (W_UV).
+template <class TypeOf>
+void add_deepseek2_kv_b(GgufWriter& w, const ModelConfig& c, const std::string& key, const float* src,
+                        const TypeOf& type_of) {
+  const LatentAttention& m = c.mla;
+  const int64_t NH = c.n_head, r = m.kv_lora_rank, nope = m.qk_nope_dim, vd = m.v_head_dim, row = nope + vd;
+  const std::string b = key.substr(0, key.size() - std::string("attn_kv_b.weight").size());
+  const std::vector<int64_t> ks = {NH, r, nope}, vs = {NH, vd, r};
+  w.add_tensor(b + "attn_k_b.weight", ks, type_of(ks), [=](float* dst) {
+    for (int64_t h = 0; h < NH; h++)
+      for (int64_t j = 0; j < r; j++)
+        for (int64_t d = 0; d < nope; d++) dst[(h * r + j) * nope + d] = src[(h * row + d) * r + j];
+  });
+  w.add_tensor(b + "attn_v_b.weight", vs, type_of(vs), [=](float* dst) {
+    for (int64_t h = 0; h < NH; h++)
+      std::copy(src + (h * row + nope) * r, src + (h * row + nope + vd) * r, dst + h * vd * r);
+  });
 }
 
 bool pre_name_ok(const std::string& s) {
@@ -217,6 +272,7 @@ std::string gguf_arch(const std::string& family) {
   if (family == "llama" || family == "mistral") return "llama";
   if (family == "qwen2") return "qwen2";
   if (family == "qwen3") return "qwen3";
+  if (family == "deepseek_v3") return "deepseek2";
   if (family == "qwen3_moe") return "qwen3moe";
   fail(kWhere, ": family '", family, "' has no GGUF export");
 }
@@ -264,7 +320,27 @@ void export_gguf(const std::string& out_path, const ModelConfig& cfg, const Para
   w.set(a + ".vocab_size", GgufValue::u32(uint32_t(cfg.vocab_size)));
   w.set(a + ".attention.head_count", GgufValue::u32(uint32_t(cfg.n_head)));
   w.set(a + ".attention.head_count_kv", GgufValue::u32(uint32_t(cfg.n_kv_head)));
-  if (a == "gpt2") {
+  if (a == "deepseek2") {
+    // The absorbed form: one shared key head of kv_lora_rank + rope dims, values the latent's kv_lora_rank;
+    // the *_mla lengths are the real heads. Dense layers only: no experts.
+    const LatentAttention& m = cfg.mla;
+    w.set(a + ".attention.head_count_kv", GgufValue::u32(1));
+    w.set(a + ".attention.layer_norm_rms_epsilon", GgufValue::f32(cfg.norm_eps));
+    w.set(a + ".rope.freq_base", GgufValue::f32(float(cfg.rope_theta)));
+    w.set(a + ".rope.dimension_count", GgufValue::u32(uint32_t(m.qk_rope_dim)));
+    w.set(a + ".attention.q_lora_rank", GgufValue::u32(uint32_t(m.q_lora_rank)));
+    w.set(a + ".attention.kv_lora_rank", GgufValue::u32(uint32_t(m.kv_lora_rank)));
+    w.set(a + ".attention.key_length", GgufValue::u32(uint32_t(m.kv_lora_rank + m.qk_rope_dim)));
+    w.set(a + ".attention.value_length", GgufValue::u32(uint32_t(m.kv_lora_rank)));
+    w.set(a + ".attention.key_length_mla", GgufValue::u32(uint32_t(m.qk_dim())));
+    w.set(a + ".attention.value_length_mla", GgufValue::u32(uint32_t(m.v_head_dim)));
+    w.set(a + ".leading_dense_block_count", GgufValue::u32(uint32_t(cfg.n_layer)));
+    w.set(a + ".expert_count", GgufValue::u32(0));
+    w.set(a + ".expert_used_count", GgufValue::u32(0));
+    w.set(a + ".expert_shared_count", GgufValue::u32(0));
+    w.set(a + ".expert_feed_forward_length", GgufValue::u32(uint32_t(cfg.d_ff)));
+    w.set(a + ".expert_weights_scale", GgufValue::f32(1.0f));
+  } else if (a == "gpt2") {
     w.set(a + ".attention.layer_norm_epsilon", GgufValue::f32(cfg.norm_eps));
   } else {
     w.set(a + ".attention.layer_norm_rms_epsilon", GgufValue::f32(cfg.norm_eps));
@@ -295,6 +371,17 @@ void export_gguf(const std::string& out_path, const ModelConfig& cfg, const Para
   std::set<std::string> written;
   for (const ParamSpec& s : table.specs) {
     if (s.key == "output.weight" && cfg.tie_embeddings) continue;  // llama.cpp reuses token_embd
+    {
+      std::string rest;
+      const int l = split_key(s.key, rest);
+      if (a == "deepseek2" && l >= cfg.n_layer) continue;  // the MTP layers: left out, as llama.cpp's converter does
+      if (a == "deepseek2" && rest == "attn_kv_b.weight") {
+        add_deepseek2_kv_b(w, cfg, s.key, params + s.offset, tensor_type);
+        written.insert("blk." + std::to_string(l) + ".attn_k_b.weight");
+        written.insert("blk." + std::to_string(l) + ".attn_v_b.weight");
+        continue;
+      }
+    }
     const std::vector<int64_t> want = expected_shape(cfg, plan, s.key);
     KILN_CHECK(!want.empty(), kWhere, ": tensor ", s.key, " (", s.name, ") has no place in llama.cpp's ", a);
     std::string k;
@@ -309,6 +396,8 @@ void export_gguf(const std::string& out_path, const ModelConfig& cfg, const Para
     int64_t permute_heads = 0;
     if (plan.permute_qk && (k == "attn_q.weight" || k == "attn_q.bias")) permute_heads = cfg.n_head;
     if (plan.permute_qk && (k == "attn_k.weight" || k == "attn_k.bias")) permute_heads = cfg.n_kv_head;
+    // deepseek2 from rotate-half: each query head's rotary rows, and kv_a_mqa's, to adjacent pairs.
+    const bool rope_rows = plan.permute_rope && (k == "attn_q_b.weight" || k == "attn_kv_a_mqa.weight");
     const float* src = params + s.offset;
     const int64_t rows = shape[0], cols = s.numel() / std::max<int64_t>(rows, 1);  // 3-D: [E, F·C] as rows
     const int64_t hd = cfg.head_dim;
@@ -318,6 +407,18 @@ void export_gguf(const std::string& out_path, const ModelConfig& cfg, const Para
           for (int64_t i = 0; i < cols; i++) dst[o * cols + i] = src[i * rows + o];
       } else if (permute_heads) {
         permute_rows(src, dst, permute_heads, hd, cols);
+      } else if (rope_rows) {
+        const LatentAttention& m = cfg.mla;
+        std::copy(src, src + rows * cols, dst);
+        const int64_t rope = m.qk_rope_dim;
+        if (k == "attn_kv_a_mqa.weight") {
+          permute_rows(src + m.kv_lora_rank * cols, dst + m.kv_lora_rank * cols, 1, rope, cols);
+        } else {
+          for (int64_t h = 0; h < cfg.n_head; h++) {
+            const int64_t at = (h * m.qk_dim() + m.qk_nope_dim) * cols;
+            permute_rows(src + at, dst + at, 1, rope, cols);
+          }
+        }
       } else {
         std::copy(src, src + rows * cols, dst);
       }

@@ -21,6 +21,7 @@ struct ModelOptions {
   bool cuda = false;                 // the GPU backend (else the CPU)
   std::optional<LowpType> lowp;      // 16-bit matrix products (mixed precision), fp32 when unset
   bool with_grads = true;
+  float mtp_lambda = 0.3f;           // weight of the multi-token-prediction losses (models with MTP modules)
 };
 
 // The flat blocks the optimizer works on (ParamTable layout), on the model's device.
@@ -65,6 +66,9 @@ class Model {
   virtual void synchronize() {}
   // Logits of the last forward [N, V] on the host, when it ran without gradients and held all rows.
   virtual const float* logits() const = 0;
+  // The loss terms of the last forward with targets, as sums like forward()'s (e.g. main_loss, and mtp_loss: the
+  // MTP depths' mean); empty when the loss has one term.
+  virtual std::vector<std::pair<std::string, double>> loss_parts() const { return {}; }
 
   virtual ParamBlocks blocks() = 0;
 

@@ -24,11 +24,28 @@ enum class RouterScoring : uint8_t { Softmax, Sigmoid };
 
 // Rotary scaling (Hugging Face rope_scaling / rope_parameters): none, linear position interpolation, or
 // Llama 3's frequency bands.
+// Rotary scaling (Hugging Face rope_scaling / rope_parameters): none, linear position interpolation, Llama 3's
+// frequency bands, or yarn (DeepSeek-V3).
 struct RopeScaling {
-  enum Kind : uint8_t { None, Linear, Llama3 } kind = None;
+  enum Kind : uint8_t { None, Linear, Llama3, Yarn } kind = None;
   double factor = 1.0;
   double low_freq_factor = 1.0, high_freq_factor = 4.0;  // llama3
-  int original_max_positions = 8192;                     // llama3
+  int original_max_positions = 8192;                     // llama3, yarn
+  double beta_fast = 32, beta_slow = 1;                  // yarn
+  double mscale = 0, mscale_all_dim = 0;                 // yarn (0: not given)
+  double attention_factor = 0;                           // yarn (0: not given, derived from the mscales)
+  bool truncate = true;                                  // yarn
+};
+
+// Multi-head latent attention (DeepSeek-V2/V3): queries directly (q_lora_rank 0) or through a rank-q_lora_rank
+// bottleneck; keys and values from a latent c_KV of rank kv_lora_rank plus one rotary key of qk_rope_dim shared
+// by the heads. On when kv_lora_rank > 0; head_dim is then qk_nope_dim + qk_rope_dim.
+struct LatentAttention {
+  int q_lora_rank = 0, kv_lora_rank = 0;
+  int qk_nope_dim = 0, qk_rope_dim = 0, v_head_dim = 0;
+  bool rope_interleave = true;  // DeepSeek's interleaved rotary pairs
+  bool on() const { return kv_lora_rank > 0; }
+  int qk_dim() const { return qk_nope_dim + qk_rope_dim; }
 };
 
 struct ModelConfig {
@@ -54,6 +71,10 @@ struct ModelConfig {
   bool attn_out_bias = false;  // bias on the attention output projection (GPT-2)
   bool qk_norm = false;        // per-head RMSNorm of q and k before the rotation (Qwen3)
   int sliding_window = 0;      // 0: full causal attention (Mistral's sliding_window otherwise)
+  LatentAttention mla;         // multi-head latent attention (deepseek_v3)
+  // Multi-token prediction (DeepSeek-V3): mtp_depth sequential modules after the main layers, module k stored as
+  // layer n_layer + k − 1 (its block, enorm, hnorm, eh_proj, shared_head norm; embedding and head shared).
+  int mtp_depth = 0;
 
   bool gated_ffn = false;      // SwiGLU / GeGLU: act(x·Wgate) ∘ (x·Wup), then ·Wdown
   Activation activation = Activation::GeluTanh;
@@ -86,6 +107,10 @@ struct ModelConfig {
   int kv_dim() const { return n_kv_head * head_dim; }
   int qkv_dim() const { return q_dim() + 2 * kv_dim(); }
   float attention_scale() const;
+  // Yarn's cos/sin factor (1 otherwise).
+  float rope_attention_factor() const;
+  // Floats of a layer's decoding cache per token: c_KV + the rotary key (MLA), else keys + values.
+  int64_t cache_floats_per_token() const;
   // Whether layer l's feed-forward is the mixture of experts.
   bool is_moe_layer(int l) const;
   bool has_moe() const;
@@ -94,7 +119,8 @@ struct ModelConfig {
   // experts of each MoE layer instead of all of them).
   int64_t num_params() const;
   int64_t active_params() const;
-  // The rotary inverse frequencies [head_dim / 2] with the scaling rule applied (Hugging Face's
+  // The rotary inverse frequencies [rotary dims / 2] (head_dim, or MLA's qk_rope_dim) with the scaling rule
+  // applied (Hugging Face's
   // _compute_default_rope_parameters / _compute_llama3_parameters, in double, then rounded to float).
   std::vector<float> rope_inv_freq() const;
   // Throws kiln::Error naming `where` and the field when a value is missing, out of range or inconsistent.

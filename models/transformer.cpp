@@ -53,6 +53,18 @@ nn::BlockShape block_shape_all(const ModelConfig& c) {
   F.F = c.d_ff;
   F.gated = c.gated_ffn;
   F.act = c.activation;
+  if (c.mla.on()) {
+    nn::MLAShape& M = S.mla;
+    M.C = c.d_model;
+    M.NH = c.n_head;
+    M.q_lora = c.mla.q_lora_rank;
+    M.r = c.mla.kv_lora_rank;
+    M.nope = c.mla.qk_nope_dim;
+    M.rope = c.mla.qk_rope_dim;
+    M.vd = c.mla.v_head_dim;
+    M.eps = 1e-6f;  // Hugging Face's q_a/kv_a_layernorm keep DeepseekV3RMSNorm's default, not rms_norm_eps
+    M.interleaved = c.mla.rope_interleave;
+  }
   if (!c.has_dense_ffn()) F.F = 0;
   if (c.has_moe()) {
     nn::MoEShape& M = S.moe;
@@ -102,19 +114,21 @@ void TransformerWeights::bind(const ModelConfig& c, const ParamTable& t, const f
     return nn::Norm{nt, p(k + ".weight"), p(k + ".bias"), g(k + ".weight"), g(k + ".bias"), c.d_model, c.norm_eps};
   };
   blocks.assign(size_t(c.n_layer), nn::Block{});
-  for (int l = 0; l < c.n_layer; l++) {
+  mtp.assign(size_t(c.mtp_depth), nn::MTPModule{});
+  for (int l = 0; l < c.n_layer + c.mtp_depth; l++) {
     const std::string b = "blk." + std::to_string(l) + ".";
-    nn::Block& k = blocks[size_t(l)];
+    if (l >= c.n_layer) {
+      nn::MTPModule& m = mtp[size_t(l - c.n_layer)];
+      m.enorm = norm(b + "nextn.enorm");
+      m.hnorm = norm(b + "nextn.hnorm");
+      m.head_norm = norm(b + "nextn.shared_head_norm");
+      m.eh_proj = weight(b + "nextn.eh_proj.weight", "", 2 * c.d_model, c.d_model);
+    }
+    nn::Block& k = l < c.n_layer ? blocks[size_t(l)] : mtp[size_t(l - c.n_layer)].block;
     const nn::BlockShape S = block_shape(c, l);
     k.shape = S;
     k.norm1 = norm(b + "attn_norm");
     k.norm2 = norm(b + "ffn_norm");
-    // q, k, v are one matrix: GPT-2's fused c_attn, or the packed q/k/v projections.
-    const std::string qkv = c.layout == WeightLayout::InOut ? "attn_qkv" : "attn_q";
-    nn::Attention& at = k.attn;
-    at.shape = S.attn;
-    at.qkv = weight(b + qkv + ".weight", c.qkv_bias ? b + qkv + ".bias" : "", c.d_model, c.qkv_dim());
-    at.proj = weight(b + "attn_output.weight", c.attn_out_bias ? b + "attn_output.bias" : "", c.q_dim(), c.d_model);
     if (S.moe) {
       nn::MoE& m = k.moe;
       m.shape = S.moe;
@@ -139,6 +153,32 @@ void TransformerWeights::bind(const ModelConfig& c, const ParamTable& t, const f
       k.ffn.up = weight(b + up + ".weight", c.ffn_bias ? b + up + ".bias" : "", c.d_model, S.ffn.up());
       k.ffn.down = weight(b + "ffn_down.weight", c.ffn_bias ? b + "ffn_down.bias" : "", c.d_ff, c.d_model);
     }
+    if (S.mla.on()) {
+      // Latent attention: [q (or q_a) | kv_a_mqa] packed into one product.
+      const nn::MLAShape& M = S.mla;
+      nn::LatentAttention& m = k.mla;
+      m.shape = M;
+      m.a = weight(b + (M.q_lora ? "attn_q_a" : "attn_q") + ".weight", "", c.d_model, M.a());
+      if (M.q_lora) {
+        m.q_b = weight(b + "attn_q_b.weight", "", M.q_lora, M.NH * M.qk());
+        m.q_norm = p(b + "attn_q_a_norm.weight");
+        m.dq_norm = g(b + "attn_q_a_norm.weight");
+      }
+      m.kv_b = weight(b + "attn_kv_b.weight", "", M.r, M.kv());
+      m.kv_norm = p(b + "attn_kv_a_norm.weight");
+      m.dkv_norm = g(b + "attn_kv_a_norm.weight");
+      m.proj = weight(b + "attn_output.weight", "", M.att(), c.d_model);
+      const float f = c.rope_attention_factor();
+      m.q_rope = RopeParams{M.NH, M.qk(), M.rope, M.qkv(), inv_freq, M.interleaved, f};
+      m.k_rope = RopeParams{1, M.rope, M.rope, M.a(), inv_freq, M.interleaved, f};
+      continue;
+    }
+    // q, k, v are one matrix: GPT-2's fused c_attn, or the packed q/k/v projections.
+    const std::string qkv = c.layout == WeightLayout::InOut ? "attn_qkv" : "attn_q";
+    nn::Attention& at = k.attn;
+    at.shape = S.attn;
+    at.qkv = weight(b + qkv + ".weight", c.qkv_bias ? b + qkv + ".bias" : "", c.d_model, c.qkv_dim());
+    at.proj = weight(b + "attn_output.weight", c.attn_out_bias ? b + "attn_output.bias" : "", c.q_dim(), c.d_model);
     if (c.qk_norm) {
       at.q_norm = p(b + "attn_q_norm.weight");
       at.k_norm = p(b + "attn_k_norm.weight");
@@ -170,6 +210,7 @@ AttentionParams attention_params(const ModelConfig& c, int B, int T) {
   ap.NKV = c.n_kv_head;
   ap.HD = c.head_dim;
   ap.window = c.sliding_window;
+  if (c.mla.on()) ap.HDv = c.mla.v_head_dim;  // heads of nope + rope for q and k, v_head_dim for v
   ap.causal = true;
   ap.scale = c.attention_scale();
   return ap;
@@ -225,6 +266,7 @@ std::unique_ptr<nn::Backend> make_backend(bool cuda, std::optional<LowpType> low
 
 // The GPU kernels' shape limits, checked once with the model (one line naming the config field).
 void check_device_shapes(const ModelConfig& c) {
+  KILN_CHECK(!c.mla.on(), "--device cuda: latent attention (", c.family, ") runs on the CPU only so far");
   KILN_CHECK(c.head_dim == 64 || c.head_dim == 128, "--device cuda: the attention kernels support head_dim 64 and 128; "
              "this model has head_dim ", c.head_dim);
   KILN_CHECK(c.d_model % 8 == 0, "--device cuda: d_model must be a multiple of 8 (got ", c.d_model, ")");
@@ -254,14 +296,16 @@ nn::OpScratch training_scratch(const ModelConfig& cfg, int64_t N) {
   s.attention.NH = cfg.n_head;
   s.attention.NKV = cfg.n_kv_head;
   s.attention.HD = cfg.head_dim;
+  if (cfg.mla.on()) s.attention.HDv = cfg.mla.v_head_dim;
   s.attention.scale = cfg.attention_scale();
   s.decode.B = 0;
   return s;
 }
 
 Transformer::Transformer(const ModelConfig& cfg, const ModelOptions& opt)
-    : cfg_(cfg), table_(model_param_table(cfg)), be_(make_backend(opt.cuda, opt.lowp)) {
+    : cfg_(cfg), table_(model_param_table(cfg)), be_(make_backend(opt.cuda, opt.lowp)), mtp_lambda_(opt.mtp_lambda) {
   cfg_.validate("model config");
+  KILN_CHECK(opt.mtp_lambda >= 0, "--mtp-lambda must be >= 0 (got ", opt.mtp_lambda, ")");
   if (opt.cuda) check_device_shapes(cfg_);
   const size_t n = table_.total;
   params_buf_ = nn::DeviceBlock(*be_, n * sizeof(float), "parameters");
@@ -390,6 +434,15 @@ void Transformer::Activations::allocate(nn::Workspace& ws, const ModelConfig& cf
   losses = ws.f32(N);
   dres = ws.f32(N * C);
   scratch.allocate(ws, N, block_shape_all(cfg), selective);
+  mtp.assign(size_t(cfg.mtp_depth), {});
+  for (int k = 0; k < cfg.mtp_depth; k++) mtp[size_t(k)].allocate(ws, N, block_shape(cfg, L + k));
+  if (cfg.mtp_depth > 0) {
+    mtp_scratch.allocate(ws, N, C);
+    if (device) {
+      mtp_tokens = ws.i32(cfg.mtp_depth * N);
+      mtp_targets = ws.i32(cfg.mtp_depth * N);
+    }
+  }
   if (device) {
     tokens = ws.i32(N);
     pos = ws.i32(N);
@@ -440,19 +493,20 @@ void Transformer::run_blocks_forward(const AttentionParams& attn, int64_t N) {
   }
 }
 
-void Transformer::lm_head(const int32_t* targets, float grad_scale, int64_t N, double* loss_sum) {
+void Transformer::lm_head(const int32_t* targets, float grad_scale, int64_t N, double* loss_sum, nn::Act x_all,
+                          nn::Act dx_all) {
   const int C = cfg_.d_model, V = cfg_.vocab_size;
   const int64_t ld = a_.logits_ld;
   nn::Weight head = w_.head;
   for (int64_t r0 = 0; r0 < N; r0 += a_.chunk) {
     const int64_t rows = std::min(a_.chunk, N - r0);
-    const nn::Act x = a_.lnf_out.at(r0 * C);
+    const nn::Act x = x_all.at(r0 * C);
     be_->linear_forward(a_.logits, x, head, rows, ld);
     if (!targets) continue;
     be_->softmax_crossentropy(a_.logits, a_.losses + r0, targets + r0, rows, V, ld, grad_scale);
     if (grad_scale == 0.0f) continue;
     // The logits now hold their gradient: dlnf = dlogits · W, dW += dlogitsᵀ · lnf.
-    be_->linear_backward(a_.dlnf.at(r0 * C), a_.logits, x, head, rows, ld);
+    be_->linear_backward(dx_all.at(r0 * C), a_.logits, x, head, rows, ld);
   }
   if (!targets) return;
   const float* losses =
@@ -470,6 +524,7 @@ double Transformer::forward(const int32_t* tokens, const int32_t* pos, const int
   // The integer inputs on the backend (views of the caller's arrays on the CPU).
   tokens = static_cast<const int32_t*>(be_->from_host(a_.tokens, tokens, bytes));
   pos = static_cast<const int32_t*>(be_->from_host(a_.pos, pos, bytes));
+  const int32_t* host_targets = targets;
   if (targets) targets = static_cast<const int32_t*>(be_->from_host(a_.targets, targets, bytes));
   AttentionParams ap = attn;
   if (attn.cu_seqlens && !be_->on_host()) {
@@ -504,7 +559,10 @@ double Transformer::forward(const int32_t* tokens, const int32_t* pos, const int
   run_blocks_forward(ap, N);
   w_.final_norm.forward(*be_, a_.lnf_out, a_.lnf_mean, a_.lnf_rstd, a_.final_out, N);
   double sum = 0;
-  lm_head(targets, grad_scale, N, &sum);
+  lm_head(targets, grad_scale, N, &sum, a_.lnf_out, a_.dlnf);
+  last_main_ = sum;
+  mtp_ran_ = false;
+  if (cfg_.mtp_depth > 0 && targets && mtp_lambda_ > 0) mtp_forward(host_targets, attn, grad_scale, N, &sum);
   return sum + aux_sum_;
 }
 
@@ -514,6 +572,7 @@ void Transformer::backward() {
   const int C = cfg_.d_model, L = cfg_.n_layer;
   const int32_t* pos = last_pos_;
   be_->memset(a_.dres, 0, size_t(N) * C * sizeof(float));
+  if (mtp_ran_) mtp_backward();  // the first module adds its share of dL/d(final block output) to dres
   w_.final_norm.backward(*be_, a_.dres, a_.dlnf, a_.final_out, a_.lnf_mean, a_.lnf_rstd, N);
   if (a_.policy.kind != RecomputePolicy::Every) {
     for (int l = L - 1; l >= 0; l--) {
@@ -586,13 +645,25 @@ TransformerDecoder::TransformerDecoder(const ModelConfig& cfg, const float* para
     refresh_lowp(*be_, table_, params16, dev_params);
   }
   w_.bind(cfg_, table_, dev_params, nullptr, params16, inv_freq_buf_.as<float>());
-  const size_t cache = size_t(cfg_.n_layer) * size_t(batch) * size_t(max_pos_) * size_t(cfg_.kv_dim()) *
+  // Latent attention caches c_KV and the rotary key per position in k_ (no values); the others keys and values.
+  const size_t cache = size_t(cfg_.n_layer) * size_t(batch) * size_t(max_pos_) * size_t(cache_width()) *
                        dtype_size(be_->act_dtype());
   k_ = nn::DeviceBlock(*be_, cache, "KV cache (keys)");
-  v_ = nn::DeviceBlock(*be_, cache, "KV cache (values)");
   // Zeroed: a GPU kernel reads whole tiles past the cached length (masked), which must not be NaN patterns.
   be_->memset(k_.data(), 0, cache);
-  be_->memset(v_.data(), 0, cache);
+  if (!cfg_.mla.on()) {
+    v_ = nn::DeviceBlock(*be_, cache, "KV cache (values)");
+    be_->memset(v_.data(), 0, cache);
+  }
+  if (cfg_.mtp_depth > 0) {  // the draft's one-layer cache
+    const size_t one = cache / size_t(cfg_.n_layer);
+    mtp_k_ = nn::DeviceBlock(*be_, one, "MTP draft cache (keys)");
+    be_->memset(mtp_k_.data(), 0, one);
+    if (!cfg_.mla.on()) {
+      mtp_v_ = nn::DeviceBlock(*be_, one, "MTP draft cache (values)");
+      be_->memset(mtp_v_.data(), 0, one);
+    }
+  }
   // The decode attention's scratch for the longest piece of queries against the whole cache.
   nn::OpScratch ops;
   ops.decode.B = batch;
@@ -609,6 +680,20 @@ TransformerDecoder::TransformerDecoder(const ModelConfig& cfg, const float* para
     logits_h_ = static_cast<float*>(
         gpu::malloc_host(size_t(batch) * size_t(cfg_.vocab_size) * sizeof(float), "decoder step logits"));
   }
+}
+
+int64_t TransformerDecoder::cache_width() const {
+  return cfg_.mla.on() ? cfg_.mla.kv_lora_rank + cfg_.mla.qk_rope_dim : cfg_.kv_dim();
+}
+
+void TransformerDecoder::set_latent_absorbed(bool absorbed) {
+  KILN_CHECK(cfg_.mla.on(), "decoder: the absorbed/plain choice is latent attention's (", cfg_.family, " has none)");
+  absorbed_ = absorbed;
+  if (absorbed || expand_.data()) return;
+  const nn::MLAShape M = block_shape(cfg_, 0).mla;
+  const int64_t P = max_pos_;
+  const int64_t n = P * (M.r + M.kv()) + int64_t(batch_) * P * (int64_t(M.NH) * M.qk() + M.att());
+  expand_ = nn::DeviceBlock(*be_, size_t(n) * dtype_size(be_->act_dtype()), "latent attention expansion");
 }
 
 TransformerDecoder::~TransformerDecoder() {
@@ -629,9 +714,13 @@ void TransformerDecoder::ensure_rows(int64_t rows) {
     mean_ = ws.f32(rows);
     rstd_ = ws.f32(rows);
     const nn::BlockShape S = block_shape_all(cfg_);
-    a_.allocate(ws, rows, S);
+    a_.allocate(ws, rows, S, false, /*decoding=*/true);
     if (S.moe) s_.moe.allocate(ws, rows, S.moe);  // the router logits and gathered rows
     a_.h = nullptr;  // the stream is updated in place
+    if (cfg_.mtp_depth > 0) {
+      mtp_a_.allocate(ws, rows, block_shape(cfg_, cfg_.n_layer), /*decoding=*/true);
+      mtp_zeros_ = ws.f32(rows * C);
+    }
     logits_d_ = ws.f32(int64_t(B) * V);
     argmax_d_ = ws.i32(B);
     inputs_d_ = device ? ws.i32(2 * rows + B) : nullptr;
@@ -676,18 +765,30 @@ void TransformerDecoder::run_layers(const int32_t* tok, const int32_t* pos, cons
   be_->embedding_forward(x_, tok, pos, w_.wte, w_.wpe, N, C);
   // A fresh prompt attends within itself (FlashAttention over B rows of n); later tokens attend to the cache.
   const AttentionParams flash = attention_params(cfg_, B, n);
-  const int64_t layer_cache = int64_t(B) * max_pos_ * cfg_.kv_dim();
+  const int64_t layer_cache = int64_t(B) * max_pos_ * cache_width();
   const nn::Act k{k_.data(), be_->act_dtype()}, v{v_.data(), be_->act_dtype()};
   for (int l = 0; l < cfg_.n_layer; l++) {
     nn::KVLayer cache;
     cache.k = k.at(l * layer_cache);
     cache.v = v.at(l * layer_cache);
-    cache.batch_stride = int64_t(max_pos_) * cfg_.kv_dim();
+    cache.batch_stride = int64_t(max_pos_) * cache_width();
     cache.past = past;
     cache.max_positions = max_pos_;
     cache.B = B;
     cache.Tq = n;
     cache.fresh = length_ == 0 && n > 1;
+    if (cfg_.mla.on()) {
+      cache.absorbed = absorbed_;
+      const nn::MLAShape M = block_shape(cfg_, l).mla;
+      const DType t = be_->act_dtype();
+      const int64_t P = max_pos_;
+      nn::Act e{expand_.data(), t};
+      cache.expand_c = e;
+      cache.expand_kv = e.at(P * M.r);
+      cache.expand_k = e.at(P * (M.r + M.kv()));
+      cache.expand_v = e.at(P * (M.r + M.kv()) + int64_t(B) * P * M.NH * M.qk());
+      if (!expand_.data()) cache.expand_c = cache.expand_kv = cache.expand_k = cache.expand_v = nn::Act{};
+    }
     w_.blocks[size_t(l)].forward(*be_, x_, x_, a_, s_, pos, flash, N, &cache);
   }
 }
@@ -769,6 +870,7 @@ void TransformerDecoder::last_logits(int m) {
 }
 
 const float* TransformerDecoder::forward(const int32_t* tokens, int n, bool all_logits) {
+  note_tokens(tokens, n);
   if (!all_logits && graph_step(tokens, n, false, cfg_.vocab_size)) return logits_h_;
   advance(tokens, n, all_logits);
   if (all_logits) return logits_.data();
@@ -781,6 +883,7 @@ const int32_t* TransformerDecoder::forward_argmax(const int32_t* tokens, int n, 
   const int V = cfg_.vocab_size;
   KILN_CHECK(vocab_limit >= 1 && vocab_limit <= V, "decoder: arg max over ", vocab_limit, " ids of a ", V,
              "-token vocabulary");
+  note_tokens(tokens, n);
   if (graph_step(tokens, n, true, vocab_limit)) return argmax_h_;
   advance(tokens, n, false);
   be_->argmax_rows(argmax_d_, logits_d_, batch_, vocab_limit, V);

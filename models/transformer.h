@@ -19,6 +19,7 @@
 #include "core/memory.h"
 #include "models/model.h"
 #include "nn/block.h"
+#include "nn/mtp.h"
 #include "nn/workspace.h"
 
 namespace kiln {
@@ -36,6 +37,7 @@ struct TransformerWeights {
   const float* wte = nullptr;
   const float* wpe = nullptr;  // learned positions, or null
   float *dwte = nullptr, *dwpe = nullptr;
+  std::vector<nn::MTPModule> mtp;  // the multi-token-prediction modules (cfg.mtp_depth)
   // params/grads: blocks in table layout (grads may be null); params16: the 16-bit copy (may be null);
   // inv_freq: the rotary frequencies on the backend's device.
   void bind(const ModelConfig& cfg, const ParamTable& table, const float* params, float* grads,
@@ -67,6 +69,7 @@ class Transformer final : public Model {
   void zero_grad() override;
   void synchronize() override;
   const float* logits() const override;
+  std::vector<std::pair<std::string, double>> loss_parts() const override;
   ParamBlocks blocks() override;
   std::vector<std::vector<float>> take_expert_load() override;
   void update_expert_bias(const std::vector<std::vector<float>>& load, float gamma) override;
@@ -107,6 +110,9 @@ class Transformer final : public Model {
     float* losses = nullptr;                     // [N]
     float* dres = nullptr;                       // [N, C] gradient of the residual stream
     nn::BlockScratch scratch;
+    std::vector<nn::MTPActivations> mtp;         // one per MTP module
+    nn::MTPScratch mtp_scratch;
+    int32_t *mtp_tokens = nullptr, *mtp_targets = nullptr;  // [depth][N] on the backend (device backends)
     // Device backends: the integer inputs' copies ([N] each; cu_seqlens [N + 1]).
     int32_t *tokens = nullptr, *pos = nullptr, *targets = nullptr, *cu_seqlens = nullptr;
     void allocate(nn::Workspace& ws, const ModelConfig& cfg, int64_t N, RecomputePolicy policy, int64_t chunk,
@@ -121,10 +127,21 @@ class Transformer final : public Model {
   mutable std::vector<uint16_t> logits16_;     // device backends: logits() brought back ...
   mutable std::vector<float> logits_host_;     // ... and widened
 
+  // Multi-token prediction (models/transformer_mtp.cpp).
+  float mtp_lambda_ = 0.3f;
+  bool mtp_ran_ = false;
+  double last_main_ = 0, last_mtp_ = 0;
+  std::vector<int32_t> mtp_host_;  // [depth][2][N]: each depth's shifted tokens and targets
+  std::vector<const int32_t*> mtp_tokens_;  // each depth's tokens on the backend
+  void mtp_forward(const int32_t* host_targets, const AttentionParams& attn, float grad_scale, int64_t N,
+                   double* sum);
+  void mtp_backward();
+
   void run_blocks_forward(const AttentionParams& attn, int64_t N);
   // After block `layer`'s forward (not its recomputation): its expert load and balance loss.
   void count_load(int layer, const nn::BlockActivations& a);
-  void lm_head(const int32_t* targets, float grad_scale, int64_t N, double* loss_sum);
+  // The shared head over N rows of x (the final norm's output) with their loss; its gradient into dx.
+  void lm_head(const int32_t* targets, float grad_scale, int64_t N, double* loss_sum, nn::Act x, nn::Act dx);
 };
 
 // The ops' scratch of a training plan for N tokens (nn::OpScratch).
@@ -148,9 +165,17 @@ class TransformerDecoder : public IncrementalDecoder {
   int length() const override { return length_; }
   int max_positions() const override { return max_pos_; }
   int batch() const override { return batch_; }
-  void reset() override { length_ = 0; }
+  void reset() override { length_ = 0, mtp_length_ = 0, last_n_ = 0; }
   const ModelConfig& config() const override { return cfg_; }
   size_t cache_bytes() const override { return k_.size() + v_.size(); }
+  // Multi-token prediction as a draft (models with MTP modules): after forward() of n positions (one chunk:
+  // n <= kMaxChunk), `next` [batch] the token chosen after them. Runs the first MTP module over those positions
+  // (h_i of the main model with the embedding of token i+1; its own KV cache follows the main one, so call it
+  // after every forward) and returns its logits at the last one [batch, V]: a guess of the token after next.
+  const float* draft(const int32_t* next);
+  // Latent attention: decode in the absorbed-weights form (the default) or the plain one (the cache expanded
+  // through kv_b every step; host backends).
+  void set_latent_absorbed(bool absorbed);
 
   // Tokens per forward() call are run in chunks of at most this many positions (bounds activation memory).
   static constexpr int kMaxChunk = 256;
@@ -163,7 +188,18 @@ class TransformerDecoder : public IncrementalDecoder {
   TransformerWeights w_;
   int batch_, max_pos_;
   int length_ = 0;
-  nn::DeviceBlock k_, v_;  // [layer][batch][position][NKV·HD] in the activation type
+  nn::DeviceBlock k_, v_;  // [layer][batch][position][NKV·HD] in the activation type; MLA: k_ only, [.][r + rope]
+  bool absorbed_ = true;
+  // The MTP draft: module 1's KV cache, its activations, the last forward's tokens ([B, n]).
+  nn::DeviceBlock mtp_k_, mtp_v_;
+  nn::MTPActivations mtp_a_;
+  float* mtp_zeros_ = nullptr;
+  std::vector<int32_t> last_tokens_;
+  int last_n_ = 0, mtp_length_ = 0;
+  bool last_one_chunk_ = false;
+  void note_tokens(const int32_t* tokens, int n);
+  nn::DeviceBlock expand_;  // the plain latent form's expansion buffers (nn::KVLayer)
+  int64_t cache_width() const;  // floats per position and layer in k_
 
   int64_t rows_ = 0;  // activations for up to rows_ = batch·chunk rows, grown on demand
   nn::Workspace ws_;

@@ -189,18 +189,35 @@ class CpuBackend final : public Backend {
 
   void attention_forward(Act out, float* lse, Act qkv, const AttentionParams& p) override {
     // The FlashAttention kernel works on 16-float vectors; other head sizes take the exact naive kernel.
-    if (p.HD % 16 == 0)
+    if (p.HD % 16 == 0 && v_dim(p) % 16 == 0)
       cpu::attention_forward(F(out), lse, F(qkv), p);
     else
       ref::attention_forward(F(out), lse, F(qkv), p);
   }
   void attention_backward(Act dqkv, Act dout, Act qkv, Act out, const float* lse, const AttentionParams& p) override {
-    if (p.HD % 16 == 0)
+    if (p.HD % 16 == 0 && v_dim(p) % 16 == 0)
       cpu::attention_backward(F(dqkv), F(dout), F(qkv), F(out), lse, p);
     else
       ref::attention_backward(F(dqkv), F(dout), F(qkv), F(out), lse, p);
   }
   void decode_attention(const DecodeAttentionParams& p) override { cpu::decode_attention(p); }
+  void sum_heads(Act out, int64_t ld_out, Act in, int64_t ld_in, int64_t N, int heads, int64_t head_stride,
+                 int width) override {
+    for (int64_t n = 0; n < N; n++) {
+      float* o = F(out) + n * ld_out;
+      const float* r = F(in) + n * ld_in;
+      for (int d = 0; d < width; d++) o[d] = r[d];
+      for (int h = 1; h < heads; h++)
+        for (int d = 0; d < width; d++) o[d] += r[h * head_stride + d];
+    }
+  }
+  void rows_append(Act cache, int64_t batch_stride, Act src, int64_t ld_src, int width, int B, int Tq,
+                   const int32_t* past) override {
+    for (int b = 0; b < B; b++)
+      for (int i = 0; i < Tq; i++)
+        std::memcpy(F(cache) + int64_t(b) * batch_stride + int64_t(past[b] + i) * width,
+                    F(src) + (int64_t(b) * Tq + i) * ld_src, sizeof(float) * size_t(width));
+  }
   void kv_append(Act k_cache, Act v_cache, int64_t batch_stride, Act qkv, int NH, int NKV, int HD, int B, int Tq,
                  const int32_t* past, const KVPages& pages) override {
     const int64_t kv_width = int64_t(NKV) * HD, qkv_ld = int64_t(NH + 2 * NKV) * HD, k_off = int64_t(NH) * HD;

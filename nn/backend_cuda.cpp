@@ -33,6 +33,9 @@ uint16_t* H(Act a) {
 }
 
 cuda::DecodeAttention to_cuda(const DecodeAttentionParams& p) {
+  KILN_CHECK(p.hdv() == p.HD && p.vs() == p.kv_stride && p.vbs() == p.kv_batch_stride,
+             "cuda backend: decode attention with value heads of their own width or strides (latent attention) "
+             "is not supported");
   cuda::DecodeAttention d;
   d.B = p.B;
   d.Tq = p.Tq;

@@ -4,11 +4,14 @@
 
 namespace kiln::nn {
 
-void BlockActivations::allocate(Workspace& ws, int64_t N, const BlockShape& s, bool selective) {
+void BlockActivations::allocate(Workspace& ws, int64_t N, const BlockShape& s, bool selective, bool decoding) {
   ln1 = selective ? Act{} : ws.act(N * s.C());
   ln1_mean = ws.f32(N);
   ln1_rstd = ws.f32(N);
-  attn.allocate(ws, N, s.attn);
+  if (s.mla.on())
+    mla.allocate(ws, N, s.mla, decoding);
+  else
+    attn.allocate(ws, N, s.attn);
   h = ws.f32(N * s.C());
   ln2 = selective ? Act{} : ws.act(N * s.C());
   ln2_mean = ws.f32(N);
@@ -21,7 +24,10 @@ void BlockScratch::allocate(Workspace& ws, int64_t N, const BlockShape& s, bool 
   d_ln = ws.act(N * s.C());
   if (ws.act_dtype() != DType::F32) dres = ws.act(N * s.C());
   if (selective) ln_tmp = ws.act(N * s.C());
-  attn.allocate(ws, N, s.attn);
+  if (s.mla.on())
+    mla.allocate(ws, N, s.mla);
+  else
+    attn.allocate(ws, N, s.attn);
   if (s.ffn.F) ffn.allocate(ws, N, s.ffn, selective);
   if (s.moe) moe.allocate(ws, N, s.moe, selective);
 }
@@ -33,7 +39,10 @@ void Block::forward(Backend& be, float* y, const float* x, BlockActivations& a, 
   float* h = a.h ? a.h : y;  // decoding: the stream is updated in place
   KILN_CHECK(h, "block forward: no buffer for the mid-block residual");
   norm1.forward(be, ln1, a.ln1_mean, a.ln1_rstd, x, N);
-  attn.forward(be, h, x, ln1, a.attn, pos, ap, N, cache);
+  if (shape.mla.on())
+    mla.forward(be, h, x, ln1, a.mla, pos, ap, N, cache);
+  else
+    attn.forward(be, h, x, ln1, a.attn, pos, ap, N, cache);
   norm2.forward(be, ln2, a.ln2_mean, a.ln2_rstd, h, N);
   if (shape.moe)
     moe.forward(be, y, h, ln2, a.moe, s.moe, N);
@@ -64,7 +73,10 @@ void Block::backward(Backend& be, float* dres, const float* x, const BlockActiva
     norm1.forward(be, s.ln_tmp, a.ln1_mean, a.ln1_rstd, x, N);
     ln1 = s.ln_tmp;
   }
-  attn.backward(be, s.d_ln, be.residual_operand(dres, s.dres, N * C), ln1, a.attn, s.attn, pos, ap, N);
+  if (shape.mla.on())
+    mla.backward(be, s.d_ln, be.residual_operand(dres, s.dres, N * C), ln1, a.mla, s.mla, pos, ap, N);
+  else
+    attn.backward(be, s.d_ln, be.residual_operand(dres, s.dres, N * C), ln1, a.attn, s.attn, pos, ap, N);
   norm1.backward(be, dres, s.d_ln, x, a.ln1_mean, a.ln1_rstd, N);  // dres now holds dL/dx
 }
 

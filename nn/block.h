@@ -1,6 +1,7 @@
 // The pre-norm transformer block every family here is built from:
-//   h = x + Attention(Norm1(x))          Norm: LayerNorm (GPT-2) or RMSNorm (Llama, Mistral, Qwen)
-//   y = h + FFN(Norm2(h))                nn/attention.h, nn/ffn.h (dense) or nn/moe.h (mixture of experts)
+//   h = x + Attention(Norm1(x))          Attention: nn/attention.h, or latent attention (nn/mla.h, DeepSeek)
+//   y = h + FFN(Norm2(h))                nn/ffn.h (dense) or nn/moe.h (mixture of experts)
+//   Norm: LayerNorm (GPT-2) or RMSNorm (Llama, Mistral, Qwen, DeepSeek)
 // The block owns the residual stream and the norms; the attention and feed-forward modules own their products,
 // activations and backward. The same block runs training and decoding (with a KV cache, nn/attention.h KVLayer).
 //
@@ -14,6 +15,7 @@
 #include "nn/attention.h"
 #include "nn/backend.h"
 #include "nn/ffn.h"
+#include "nn/mla.h"
 #include "nn/moe.h"
 #include "nn/norm.h"
 #include "nn/workspace.h"
@@ -24,7 +26,8 @@ namespace kiln::nn {
 // A layer's feed-forward is the MoE when moe is set, else the dense ffn. Activations and scratch allocated for
 // a shape with both (ffn.F > 0 and moe set) serve layers of either kind.
 struct BlockShape {
-  AttentionShape attn;
+  AttentionShape attn;  // attn.C is the width whichever attention the block has
+  MLAShape mla;         // latent attention when mla.on()
   FFNShape ffn;
   MoEShape moe;
   int C() const { return attn.C; }
@@ -36,12 +39,14 @@ struct BlockActivations {
   Act ln1;  // [N, C]
   float *ln1_mean = nullptr, *ln1_rstd = nullptr;
   AttentionActivations attn;
+  MLAActivations mla;
   float* h = nullptr;  // [N, C] residual stream after attention
   Act ln2;             // [N, C]
   float *ln2_mean = nullptr, *ln2_rstd = nullptr;
   FFNActivations ffn;
   MoEActivations moe;
-  void allocate(Workspace& ws, int64_t N, const BlockShape& s, bool selective = false);
+  // decoding: also the buffers of the latent attention's decoding forms.
+  void allocate(Workspace& ws, int64_t N, const BlockShape& s, bool selective = false, bool decoding = false);
 };
 
 // Backward scratch shared by all blocks (and the forward's recomputation targets under selective); allocated
@@ -51,6 +56,7 @@ struct BlockScratch {
   Act dres;    // [N, C] the residual gradient as a product operand (backends with narrower activations)
   Act ln_tmp;  // selective recomputation only
   AttentionScratch attn;
+  MLAScratch mla;
   FFNScratch ffn;
   MoEScratch moe;
   void allocate(Workspace& ws, int64_t N, const BlockShape& s, bool selective = false);
@@ -60,6 +66,7 @@ struct Block {
   BlockShape shape;
   Norm norm1, norm2;
   Attention attn;
+  LatentAttention mla;  // used instead of attn when shape.mla.on()
   FeedForward ffn;  // dense layers
   MoE moe;          // mixture-of-experts layers (shape.moe set)
 

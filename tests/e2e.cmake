@@ -51,3 +51,10 @@ if(KILN_CUDA)
                    $<TARGET_FILE:kiln> ${CMAKE_BINARY_DIR}/e2e/cuda_train)
   set_tests_properties(cuda.train_tracks_cpu PROPERTIES LABELS cuda TIMEOUT 600 SKIP_RETURN_CODE 77)
 endif()
+
+# DeepSeek-V3 (latent attention, multi-token prediction): training and greedy decoding against the independent
+# PyTorch reference tests/peer/torch_deepseek.py.
+add_test(NAME e2e.deepseek_vs_torch
+         COMMAND ${KILN_PY} ${CMAKE_SOURCE_DIR}/tests/e2e/deepseek_vs_torch.py $<TARGET_FILE:kiln>
+                 ${CMAKE_BINARY_DIR}/e2e/deepseek_vs_torch)
+set_tests_properties(e2e.deepseek_vs_torch PROPERTIES LABELS e2e TIMEOUT 600)

@@ -4,6 +4,11 @@ add_executable(gemm_bench ${CMAKE_SOURCE_DIR}/bench/gemm_bench.cpp)
 target_link_libraries(gemm_bench PRIVATE kiln_lib)
 set_target_properties(gemm_bench PROPERTIES RUNTIME_OUTPUT_DIRECTORY ${CMAKE_BINARY_DIR})
 
+# Latent-attention decoding (absorbed and plain) beside GQA of the same width: KV bytes/token, tokens/s at 1k.
+add_executable(mla_decode_bench ${CMAKE_SOURCE_DIR}/bench/mla_decode_bench.cpp)
+target_link_libraries(mla_decode_bench PRIVATE kiln_lib ${KILN_GPU_BACKEND})
+set_target_properties(mla_decode_bench PROPERTIES RUNTIME_OUTPUT_DIRECTORY ${CMAKE_BINARY_DIR})
+
 # The MoE layer (nn::MoE, forward + backward) beside the PyTorch reference's same layer (bench/moe_bench.cpp).
 add_executable(moe_bench ${CMAKE_SOURCE_DIR}/bench/moe_bench.cpp)
 target_link_libraries(moe_bench PRIVATE kiln_lib)

@@ -22,6 +22,7 @@
 #include "models/checkpoint.h"
 #include "models/family.h"
 #include "models/model.h"
+#include "models/transformer.h"
 #include "test_util.h"
 
 using namespace kiln;
@@ -53,6 +54,26 @@ const Case kCases[] = {
        "head_dim":10,"num_hidden_layers":2,"intermediate_size":44,"vocab_size":39,"max_position_embeddings":64,
        "rms_norm_eps":1e-6,"rope_theta":1000000.0,"hidden_act":"silu","tie_word_embeddings":false})"},
     {"gpt2", R"({"model_type":"gpt2","n_layer":2,"n_head":2,"n_embd":32,"vocab_size":37,"n_positions":64})"},
+    // Latent attention: the query bottleneck, yarn (mscale in the softmax scale), q/k heads 8 + 8, values 16
+    // (the tiled kernel); and queries straight from x, values wider than q/k heads of 12 + 4, interleave off.
+    {"deepseek_v3", R"({"model_type":"deepseek_v3","hidden_size":32,"num_attention_heads":4,
+       "num_key_value_heads":4,"num_hidden_layers":2,"intermediate_size":40,"vocab_size":41,
+       "max_position_embeddings":64,"rms_norm_eps":1e-6,"rope_theta":10000.0,"q_lora_rank":24,
+       "kv_lora_rank":20,"qk_nope_head_dim":8,"qk_rope_head_dim":8,"v_head_dim":16,"head_dim":8,
+       "rope_scaling":{"rope_type":"yarn","factor":4.0,"original_max_position_embeddings":16,"beta_fast":32,
+       "beta_slow":1,"mscale":1.0,"mscale_all_dim":1.0},"first_k_dense_replace":2,
+       "hidden_act":"silu","tie_word_embeddings":false})"},
+    {"deepseek_v3_direct_q", R"({"model_type":"deepseek_v3","hidden_size":32,"num_attention_heads":2,
+       "num_hidden_layers":2,"intermediate_size":36,"vocab_size":37,"max_position_embeddings":64,
+       "rms_norm_eps":1e-6,"rope_theta":10000.0,"q_lora_rank":null,"kv_lora_rank":12,"qk_nope_head_dim":12,
+       "qk_rope_head_dim":4,"v_head_dim":32,"rope_interleave":false,"hidden_act":"silu",
+       "tie_word_embeddings":false})"},
+    // Two multi-token-prediction modules (layers 2 and 3): their gradients, packing (the shifted targets stay
+    // within each sequence) and recomputation; decoding ignores them.
+    {"deepseek_v3_mtp", R"({"model_type":"deepseek_v3","hidden_size":32,"num_attention_heads":2,
+       "num_hidden_layers":2,"intermediate_size":36,"vocab_size":37,"max_position_embeddings":64,
+       "rms_norm_eps":1e-6,"q_lora_rank":16,"kv_lora_rank":16,"qk_nope_head_dim":16,"qk_rope_head_dim":16,
+       "v_head_dim":16,"num_nextn_predict_layers":2,"hidden_act":"silu","tie_word_embeddings":true})"},
 };
 
 void PrintTo(const Case& c, std::ostream* os) { *os << c.name; }
@@ -203,6 +224,116 @@ TEST_P(Families, KvCacheLogitsEqualFullRecompute) {
 INSTANTIATE_TEST_SUITE_P(, Families, ::testing::ValuesIn(kCases),
                          [](const ::testing::TestParamInfo<Case>& i) { return std::string(i.param.name); });
 
+// Latent attention decodes in the absorbed-weights form (W_UK in the query, W_UV in the output, the cache read
+// as one shared head) and in the plain one (the cache expanded through kv_b): the same logits step by step, the
+// same greedy tokens, and a cache of kv_lora_rank + rope floats per token and layer.
+TEST(LatentAttention, AbsorbedDecodingEqualsPlain) {
+  for (const Case& c : kCases) {
+    if (std::string(c.name).rfind("deepseek_v3", 0) != 0) continue;
+    const ModelConfig cfg = config_of(c);
+    const int V = cfg.vocab_size;
+    auto m = model_of(cfg, 31, /*grads=*/false);
+    TransformerDecoder absorbed(cfg, m->host_params(), 1, 40), plain(cfg, m->host_params(), 1, 40);
+    plain.set_latent_absorbed(false);
+    EXPECT_EQ(absorbed.cache_bytes(),
+              size_t(cfg.n_layer) * 40 * (cfg.mla.kv_lora_rank + cfg.mla.qk_rope_dim) * sizeof(float));
+    std::vector<int32_t> prompt = {3, 1, 4, 1, 5};
+    const float* la = absorbed.forward(prompt.data(), int(prompt.size()));
+    const float* lp = plain.forward(prompt.data(), int(prompt.size()));
+    EXPECT_TRUE(test::all_close(la, lp, size_t(V), 1e-5, 1e-5)) << c.name << " prompt";
+    int32_t ta = 0, tp = 0;
+    std::vector<int32_t> ga, gp;
+    for (int step = 0; step < 30; step++) {
+      ta = int32_t(std::max_element(la, la + V) - la);
+      tp = int32_t(std::max_element(lp, lp + V) - lp);
+      ga.push_back(ta);
+      gp.push_back(tp);
+      la = absorbed.forward(&ta, 1);
+      lp = plain.forward(&tp, 1);
+      ASSERT_TRUE(test::all_close(la, lp, size_t(V), 1e-4, 1e-5)) << c.name << " step " << step;
+    }
+    EXPECT_EQ(ga, gp) << c.name;
+  }
+}
+
+// Dropping the MTP modules (the same main weights in a model without them) leaves the main logits unchanged, and
+// the model with them reports that same main loss beside its MTP term.
+TEST(MultiTokenPrediction, DroppingTheModulesLeavesMainLogits) {
+  const Case* c = nullptr;
+  for (const Case& k : kCases)
+    if (std::string(k.name) == "deepseek_v3_mtp") c = &k;
+  ASSERT_TRUE(c);
+  const ModelConfig cfg = config_of(*c);
+  ModelConfig main_only = cfg;
+  main_only.mtp_depth = 0;
+  auto m = model_of(cfg, 41, /*grads=*/false);
+  auto m0 = model_of(main_only, 42, /*grads=*/false);
+  for (const ParamSpec& s : m0->table().specs) {
+    const ParamSpec& from = m->table().get_key(s.key);
+    std::memcpy(m0->host_params() + s.offset, m->host_params() + from.offset, sizeof(float) * size_t(s.numel()));
+  }
+  m0->params_changed();
+  EXPECT_GT(m->table().specs.size(), m0->table().specs.size());
+  // The parameter count includes the modules: the table's tensors add up to it.
+  for (const ModelConfig* k : std::initializer_list<const ModelConfig*>{&cfg, &main_only}) {
+    int64_t n = 0;
+    for (const ParamSpec& s : model_param_table(*k).specs) n += s.numel();
+    EXPECT_EQ(n, k->num_params()) << k->mtp_depth << " MTP modules";
+  }
+  Batch b(cfg.vocab_size, 43);
+  m->plan(b.B, b.T);
+  m0->plan(b.B, b.T);
+  const AttentionParams ap = m->attention(b.B, b.T);
+  m->forward(b.tokens.data(), b.pos.data(), nullptr, ap, 0.0f);
+  m0->forward(b.tokens.data(), b.pos.data(), nullptr, ap, 0.0f);
+  const size_t n = size_t(b.B) * b.T * cfg.vocab_size;
+  EXPECT_EQ(0, std::memcmp(m->logits(), m0->logits(), n * sizeof(float)));
+  const double main0 = m0->forward(b.tokens.data(), b.pos.data(), b.targets.data(), ap, 0.0f);
+  const double total = m->forward(b.tokens.data(), b.pos.data(), b.targets.data(), ap, 0.0f);
+  const auto parts = m->loss_parts();
+  ASSERT_EQ(parts.size(), 2u);
+  EXPECT_EQ(parts[0].first, "main_loss");
+  EXPECT_EQ(parts[0].second, main0);
+  EXPECT_NEAR(total, main0 + double(0.3f) * parts[1].second, 1e-9 * std::fabs(total));  // λ = 0.3 by default
+  EXPECT_GT(parts[1].second, 0.0);
+}
+
+// The decoder's draft (the first MTP module over each forward's positions, with its own KV cache) gives the MTP
+// logits of the training forward: after a prompt and then token by token, in both latent decoding forms. (With
+// one module and no gradient the training forward's logits() are that module's: its head runs last.)
+TEST(MultiTokenPrediction, DraftLogitsEqualTrainingForward) {
+  const Case* c = nullptr;
+  for (const Case& k : kCases)
+    if (std::string(k.name) == "deepseek_v3_mtp") c = &k;
+  ASSERT_TRUE(c);
+  ModelConfig cfg = config_of(*c);
+  cfg.mtp_depth = 1;
+  const int T = 12, V = cfg.vocab_size;
+  auto m = model_of(cfg, 51, /*grads=*/false);
+  Rng r(52);
+  std::vector<int32_t> t(T + 1), pos(T);
+  for (int i = 0; i <= T; i++) t[size_t(i)] = int32_t(r.below(uint64_t(V)));
+  for (int i = 0; i < T; i++) pos[size_t(i)] = i;
+  m->plan(1, T);
+  m->forward(t.data(), pos.data(), t.data() + 1, m->attention(1, T), 0.0f);
+  const std::vector<float> mtp(m->logits(), m->logits() + size_t(T) * V);
+  for (bool absorbed : {true, false}) {
+    TransformerDecoder d(cfg, m->host_params(), 1, 32);
+    d.set_latent_absorbed(absorbed);
+    d.forward(t.data(), 5);
+    const float* l = d.draft(&t[5]);
+    EXPECT_TRUE(test::all_close(l, &mtp[size_t(4) * V], size_t(V), 1e-5, 1e-5)) << "prompt, absorbed " << absorbed;
+    for (int i = 5; i < T - 1; i++) {
+      d.forward(&t[size_t(i)], 1);
+      l = d.draft(&t[size_t(i + 1)]);
+      EXPECT_TRUE(test::all_close(l, &mtp[size_t(i) * V], size_t(V), 1e-5, 1e-5)) << "position " << i;
+    }
+    d.forward(&t[size_t(T - 1)], 1);
+    d.forward(&t[size_t(T)], 1);  // no draft after the previous forward: the draft's cache has a gap
+    EXPECT_THROW(d.draft(&t[0]), Error);
+  }
+}
+
 // config.json errors: one line naming the file and the field.
 TEST(FamilyConfig, BadConfigsNameTheField) {
   auto error_of = [](const std::string& json) -> std::string {
@@ -233,6 +364,25 @@ TEST(FamilyConfig, BadConfigsNameTheField) {
       "vocab_size":41,"max_position_embeddings":64})",
          {"hidden_size"});
   expect(R"({"model_type":"qwen2","hidden_act":"swish2",)" + llama + "}", {"hidden_act", "swish2"});
+  // deepseek_v3: the latent attention's fields, the MoE layers and the MTP layer this build lacks.
+  const std::string ds = llama + R"(,"kv_lora_rank":16,"qk_nope_head_dim":8,"v_head_dim":8)";
+  expect(R"({"model_type":"deepseek_v3","qk_rope_head_dim":8,)" + llama + "}", {"kv_lora_rank"});
+  expect(R"({"model_type":"deepseek_v3",)" + ds + "}", {"qk_rope_head_dim"});
+  expect(R"({"model_type":"deepseek_v3","qk_rope_head_dim":7,)" + ds + "}", {"qk_rope_head_dim", "even"});
+  expect(R"({"model_type":"deepseek_v3","qk_rope_head_dim":8,"v_head_dim":0,)" + llama +
+             R"(,"kv_lora_rank":16,"qk_nope_head_dim":8})",
+         {"v_head_dim"});
+  expect(R"({"model_type":"deepseek_v3","qk_rope_head_dim":8,"attention_bias":true,)" + ds + "}",
+         {"attention_bias"});
+  expect(R"({"model_type":"deepseek_v3","qk_rope_head_dim":8,"n_routed_experts":4,"num_experts_per_tok":2,
+      "moe_intermediate_size":8,"n_group":3,)" + ds + "}",
+         {"n_group"});
+  expect(R"({"model_type":"deepseek_v3","qk_rope_head_dim":8,"n_routed_experts":4,"num_experts_per_tok":2,
+      "moe_intermediate_size":8,"scoring_func":"softmax",)" + ds + "}",
+         {"scoring_func"});
+  expect(R"({"model_type":"deepseek_v3","qk_rope_head_dim":8,"rope_scaling":{"type":"yarn","factor":4,
+      "beta_fast":0},)" + ds + "}",
+         {"yarn", "beta_fast"});
   expect(R"({"model_type":"llama","hidden_size":"wide","num_attention_heads":4,"num_hidden_layers":1,
       "intermediate_size":40,"vocab_size":41,"max_position_embeddings":64})",
          {"hidden_size"});

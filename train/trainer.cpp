@@ -166,6 +166,7 @@ double train(const TrainOptions& opt) {
   ModelOptions mopt;
   mopt.cuda = device.cuda;
   if (opt.dtype != "fp32") mopt.lowp = opt.dtype == "bf16" ? LowpType::BF16 : LowpType::FP16;
+  mopt.mtp_lambda = opt.mtp_lambda;
   std::unique_ptr<Model> model = make_model(cfg, mopt);
   model->set_seq_aux_alpha(opt.seq_aux_alpha);
   AdamW adam(model->table(), opt.adamw, model->blocks().backend);
@@ -262,8 +263,12 @@ double train(const TrainOptions& opt) {
     KILN_CHECK(n_targets > 0, "step ", step + 1, ": the batch holds no training targets");
     const float grad_scale = scaler.scale / float(n_targets);
     double loss_sum = 0;
+    std::vector<std::pair<std::string, double>> parts;  // the model's loss terms (main_loss, mtp_loss), summed
     for (Batch& b : micro) {
       loss_sum += forward(*model, b, grad_scale);
+      const auto p = model->loss_parts();
+      if (parts.empty()) parts.assign(p.size(), {});
+      for (size_t i = 0; i < p.size() && i < parts.size(); i++) parts[i] = {p[i].first, parts[i].second + p[i].second};
       model->backward();
     }
     loss = loss_sum / double(n_targets);
@@ -300,6 +305,7 @@ double train(const TrainOptions& opt) {
     nlohmann::json m = {{"step", st.step},         {"loss", loss},
                         {"lr", lr},                {"grad_norm", norm},
                         {"tokens_per_s", double(tokens_per_step) / secs}, {"ms", secs * 1e3}};
+    for (const auto& [name, v] : parts) m[name] = v / double(n_targets);
     // max/mean expert load, the worst MoE layer's (1: perfectly balanced).
     double load_ratio = NAN;
     if (!load.empty()) {

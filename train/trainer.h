@@ -21,6 +21,7 @@ struct TrainOptions {
   std::string lr_schedule = "cosine";
   int warmup = 0;
   AdamWConfig adamw;
+  float mtp_lambda = 0.3f;  // weight of the multi-token-prediction losses (models that have MTP modules)
   uint64_t seed = 1337;
   std::string data_order = "shuffled";
   int threads = 0;         // 0: all cores

@@ -176,6 +176,7 @@ using Span = AttentionSpan;
 // Validated sequences; N is the total token count.
 std::vector<Span> spans(const AttentionParams& p, int64_t& N) {
   KILN_CHECK(p.HD >= 16 && p.HD % 16 == 0, "attention: HD is ", p.HD, ", the CPU kernel needs a multiple of 16");
+  KILN_CHECK(v_dim(p) % 16 == 0, "attention: HDv is ", v_dim(p), ", the CPU kernel needs a multiple of 16");
   return attention_spans(p, N);
 }
 
@@ -247,18 +248,18 @@ inline bool window_masks(const AttentionParams& p, int64_t q0, int qn, int64_t k
 
 struct ForwardScratch {
   Buffer qt, st, ot;
-  explicit ForwardScratch(int HD)
-      : qt(sizeof(float) * HD * kBr), st(sizeof(float) * kBc * kBr), ot(sizeof(float) * HD * kBr) {}
+  ForwardScratch(int HD, int HDv)
+      : qt(sizeof(float) * HD * kBr), st(sizeof(float) * kBc * kBr), ot(sizeof(float) * HDv * kBr) {}
 };
 
 // One (sequence, head, query tile): rows q0..q0+qn of sequence sp.
 void forward_tile(float* out, float* lse, const float* qkv, const AttentionParams& p, int64_t N, Span sp, int h,
                   int64_t q0, ForwardScratch& w) {
-  const int HD = p.HD, NKV = kv_heads(p), kvh = h / (p.NH / NKV);
-  const int64_t C = int64_t(p.NH) * HD, ld = qkv_row(p);
+  const int HD = p.HD, HDv = v_dim(p), NKV = kv_heads(p), kvh = h / (p.NH / NKV);
+  const int64_t C = attention_out_row(p), ld = qkv_row(p);
   const float* qb = qkv + sp.start * ld + int64_t(h) * HD;
   const float* kb = qkv + sp.start * ld + int64_t(p.NH + kvh) * HD;
-  const float* vb = qkv + sp.start * ld + int64_t(p.NH + NKV + kvh) * HD;
+  const float* vb = qkv + sp.start * ld + int64_t(p.NH + NKV) * HD + int64_t(kvh) * HDv;
   const int qn = int(std::min<int64_t>(kBr, sp.len - q0));
   const int nvq = (qn + kLanes - 1) / kLanes, lanes = nvq * kLanes;  // lane vectors holding real queries
   float* Qt = w.qt.f32();
@@ -307,9 +308,9 @@ void forward_tile(float* out, float* lse, const float* qkv, const AttentionParam
       }
     for (int v = 0; v < nvq; v++) l[v] = l[v] * alpha[v] + sum[v];
     if (k0 > 0)  // the first key tile writes Oᵀ, later ones rescale and accumulate
-      for (int d = 0; d < HD; d++)
+      for (int d = 0; d < HDv; d++)
         for (int v = 0; v < nvq; v++) store(Ot + d * kBr + v * kLanes, load(Ot + d * kBr + v * kLanes) * alpha[v]);
-    bgemm(Ot, kBr, HD, lanes, vb + k0 * ld, 1, ld, St, kBr, kn, k0 > 0, mask ? Trim::kKUpToLane : Trim::kNone,
+    bgemm(Ot, kBr, HDv, lanes, vb + k0 * ld, 1, ld, St, kBr, kn, k0 > 0, mask ? Trim::kKUpToLane : Trim::kNone,
           int(q0 - k0));  // Oᵀ += Vᵀ·Pᵀ
   }
 
@@ -320,9 +321,9 @@ void forward_tile(float* out, float* lse, const float* qkv, const AttentionParam
     store(lrow + v * kLanes, l[v]);
   }
   for (int i = 0; i < qn; i++) lse[int64_t(h) * N + sp.start + q0 + i] = mrow[i] + std::log(lrow[i]);
-  float* o = out + (sp.start + q0) * C + int64_t(h) * HD;
+  float* o = out + (sp.start + q0) * C + int64_t(h) * HDv;
   for (int i0 = 0; i0 < qn; i0 += kLanes)
-    for (int d0 = 0; d0 < HD; d0 += kLanes) {
+    for (int d0 = 0; d0 < HDv; d0 += kLanes) {
       f32x16 r[16];
       for (int d = 0; d < 16; d++) r[d] = load(Ot + (d0 + d) * kBr + i0) * load(inv_l + i0);
       transpose16(r);
@@ -348,7 +349,7 @@ void attention_forward(float* out, float* lse, const float* qkv, const Attention
   const int64_t n_items = int64_t(items.size());
 #pragma omp parallel if (n_items > 1)
   {
-    ForwardScratch w(p.HD);
+    ForwardScratch w(p.HD, v_dim(p));
 #pragma omp for schedule(dynamic, 1)
     for (int64_t t = 0; t < n_items; t++)
       forward_tile(out, lse, qkv, p, N, seqs[items[t].seq], items[t].head, items[t].q0, w);
@@ -361,8 +362,8 @@ void attention_backward(float* dqkv, const float* dout, const float* qkv, const 
   const std::vector<Span> seqs = spans(p, N);
   if (N == 0) return;
   KILN_CHECK(dqkv && dout && qkv && out && lse, "attention_backward: null pointer argument");
-  const int HD = p.HD, NKV = kv_heads(p), group = p.NH / NKV;
-  const int64_t C = int64_t(p.NH) * HD, ld = qkv_row(p);
+  const int HD = p.HD, HDv = v_dim(p), NKV = kv_heads(p), group = p.NH / NKV;
+  const int64_t C = attention_out_row(p), ld = qkv_row(p);
   int64_t max_len = 0;
   for (const Span& s : seqs) max_len = std::max(max_len, s.len);
   const int64_t max_pad = (max_len + kBr - 1) / kBr * kBr;
@@ -372,7 +373,7 @@ void attention_backward(float* dqkv, const float* dout, const float* qkv, const 
   {
     // Per thread: Qᵀ and dOᵀ of a whole sequence as [tile][d][Br], lse and D padded to whole tiles,
     // and the Pᵀ and dSᵀ tiles.
-    Buffer qt_all(sizeof(float) * HD * max_pad), dot_all(sizeof(float) * HD * max_pad);
+    Buffer qt_all(sizeof(float) * HD * max_pad), dot_all(sizeof(float) * HDv * max_pad);
     Buffer lse_pad(sizeof(float) * max_pad), dvec(sizeof(float) * max_pad);
     Buffer st(sizeof(float) * kBc * kBr), dst(sizeof(float) * kBc * kBr);
 #pragma omp for schedule(dynamic, 1)
@@ -381,14 +382,14 @@ void attention_backward(float* dqkv, const float* dout, const float* qkv, const 
       const int kvh = int(t % NKV);
       if (sp.len == 0) continue;
       const float* kb = qkv + sp.start * ld + int64_t(p.NH + kvh) * HD;
-      const float* vb = qkv + sp.start * ld + int64_t(p.NH + NKV + kvh) * HD;
+      const float* vb = qkv + sp.start * ld + int64_t(p.NH + NKV) * HD + int64_t(kvh) * HDv;
       float* dkb = dqkv + sp.start * ld + int64_t(p.NH + kvh) * HD;
-      float* dvb = dqkv + sp.start * ld + int64_t(p.NH + NKV + kvh) * HD;
+      float* dvb = dqkv + sp.start * ld + int64_t(p.NH + NKV) * HD + int64_t(kvh) * HDv;
       for (int g = 0; g < group; g++) {
         const int h = kvh * group + g;
         const float* qb = qkv + sp.start * ld + int64_t(h) * HD;
-        const float* ob = out + sp.start * C + int64_t(h) * HD;
-        const float* dob = dout + sp.start * C + int64_t(h) * HD;
+        const float* ob = out + sp.start * C + int64_t(h) * HDv;
+        const float* dob = dout + sp.start * C + int64_t(h) * HDv;
         float* dqb = dqkv + sp.start * ld + int64_t(h) * HD;
         const int64_t len = sp.len, pad = (len + kBr - 1) / kBr * kBr;
         float* Qt = qt_all.f32();
@@ -401,12 +402,12 @@ void attention_backward(float* dqkv, const float* dout, const float* qkv, const 
         for (int64_t q0 = 0; q0 < len; q0 += kBr) {
           const int qn = int(std::min<int64_t>(kBr, len - q0));
           pack_transposed(Qt + q0 * HD, qb + q0 * ld, ld, qn, HD);
-          pack_transposed(dOt + q0 * HD, dob + q0 * C, C, qn, HD);
+          pack_transposed(dOt + q0 * HDv, dob + q0 * C, C, qn, HDv);
         }
         // Padded query lanes get lse = +inf, so their probabilities are exactly 0.
         for (int64_t i = 0; i < pad; i++) {
           L[i] = i < len ? lse[int64_t(h) * N + sp.start + i] : kInf;
-          D[i] = i < len ? dot(dob + i * C, ob + i * C, HD) : 0.0f;
+          D[i] = i < len ? dot(dob + i * C, ob + i * C, HDv) : 0.0f;
         }
 
         const f32x16 scale = splat(p.scale);
@@ -427,7 +428,7 @@ void attention_backward(float* dqkv, const float* dout, const float* qkv, const 
             const int delta = int(k0 - q0);
             // Sᵀ = K·Qᵀ into Pt, dPᵀ = V·dOᵀ into dSt; both become Pᵀ and dSᵀ in place below.
             bgemm(Pt, kBr, kn, lanes, kb + k0 * ld, ld, 1, Qt + q0 * HD, kBr, HD, false, lanes_from, delta);
-            bgemm(dSt, kBr, kn, lanes, vb + k0 * ld, ld, 1, dOt + q0 * HD, kBr, HD, false, lanes_from, delta);
+            bgemm(dSt, kBr, kn, lanes, vb + k0 * ld, ld, 1, dOt + q0 * HDv, kBr, HDv, false, lanes_from, delta);
             for (int j = 0; j < kn; j++)
               for (int v = 0; v < nvq; v++) {
                 const f32x16 x = load(Pt + j * kBr + v * kLanes) * scale - load(L + q0 + v * kLanes);
@@ -453,7 +454,7 @@ void attention_backward(float* dqkv, const float* dout, const float* qkv, const 
             // window) for dQ.
             const bool first_q = g == 0 && q0 == qstart, first_k = k0 == first_key_tile(p, q0);
             // dV += Pᵀ·dO, dK += dSᵀ·Q, dQ += dS·K (scale is folded into dS).
-            bgemm(dVb, ld, kn, HD, Pt, kBr, 1, dob + q0 * C, C, qn, !first_q, k_from, delta);
+            bgemm(dVb, ld, kn, HDv, Pt, kBr, 1, dob + q0 * C, C, qn, !first_q, k_from, delta);
             bgemm(dKb, ld, kn, HD, dSt, kBr, 1, qb + q0 * ld, ld, qn, !first_q, k_from, delta);
             bgemm(dqb + q0 * ld, ld, qn, HD, dSt, 1, kBr, kb + k0 * ld, ld, kn, !first_k, k_up_to, -delta);
           }

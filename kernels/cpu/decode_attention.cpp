@@ -94,13 +94,14 @@ inline float exp_block(float* s, int n, float m) {
 // Softmax-weighted values of keys [j0, j1) for one query and head. On return acc holds Σ exp(s_j - m)·v_j
 // (not normalised), m the max score and l = Σ exp(s_j - m). An empty range gives m = -inf, l = 0, acc = 0.
 // pages: key j is row pages.row(b, j) of k and v (a paged cache), else row j.
-void attend(const float* q, const float* k, const float* v, int64_t stride, int HD, float scale, int64_t j0,
-            int64_t j1, float* acc, float& m, float& l, const KVPages& pages, int b) {
+void attend(const float* q, const float* k, const float* v, int64_t stride, int64_t vstride, int HD, int HDv,
+            float scale, int64_t j0, int64_t j1, float* acc, float& m, float& l, const KVPages& pages, int b) {
   auto key = [&](int64_t j) { return pages ? pages.row(b, j) * stride : j * stride; };
+  auto val = [&](int64_t j) { return pages ? pages.row(b, j) * vstride : j * vstride; };
   float s[kBlock];
   m = -INFINITY;
   l = 0;
-  std::memset(acc, 0, sizeof(float) * size_t(HD));
+  std::memset(acc, 0, sizeof(float) * size_t(HDv));
   for (int64_t jb = j0; jb < j1; jb += kBlock) {
     const int n = int(std::min<int64_t>(kBlock, j1 - jb));
     float bm = -INFINITY;
@@ -112,11 +113,11 @@ void attend(const float* q, const float* k, const float* v, int64_t stride, int 
       // exp(-inf) = 0 on the first block, where acc and l are still zero anyway.
       const float corr = vmath::exp_scalar(m - bm);
       l *= corr;
-      scale_in_place(acc, corr, HD);
+      scale_in_place(acc, corr, HDv);
       m = bm;
     }
     l += exp_block(s, n, m);
-    for (int t = 0; t < n; t++) axpy(acc, s[t], v + key(jb + t), HD);
+    for (int t = 0; t < n; t++) axpy(acc, s[t], v + val(jb + t), HDv);
   }
 }
 
@@ -132,7 +133,7 @@ void decode_attention(const DecodeAttentionParams& p) {
     KILN_CHECK(p.past_of(b) >= 0, "decode_attention: sequence ", b, " has negative past ", p.past_of(b));
     max_keys = std::max<int64_t>(max_keys, int64_t(p.past_of(b)) + p.Tq);
   }
-  const int HD = p.HD, NH = p.NH;
+  const int HD = p.HD, NH = p.NH, HDv = p.hdv();
   const int NKV = p.NKV > 0 ? p.NKV : NH;
   KILN_CHECK(p.NKV >= 0 && NH % NKV == 0, "decode_attention: NKV (", p.NKV, ") must divide NH (", NH, ")");
   KILN_CHECK(p.window >= 0, "decode_attention: window (", p.window, ") must be >= 0");
@@ -153,32 +154,34 @@ void decode_attention(const DecodeAttentionParams& p) {
     return p.window > 0 ? std::max<int64_t>(0, key_end(row) - p.window) : int64_t(0);
   };
   auto kv_off = [&](int64_t h) { return h / group * HD; };
+  auto v_off = [&](int64_t h) { return h / group * HDv; };
   auto base = [&](int64_t row, const float* cache) {
     return p.pages ? cache : cache + (row / p.Tq) * p.kv_batch_stride;
   };
+  auto vbase = [&](int64_t row) { return p.pages ? p.v : p.v + (row / p.Tq) * p.vbs(); };
   auto seq = [&](int64_t row) { return int(row / p.Tq); };
 
   if (splits == 1) {
 #pragma omp parallel if (threaded)
     {
       thread_local std::vector<float> acc;  // each thread's own, reused across calls
-      acc.resize(size_t(HD));
+      acc.resize(size_t(HDv));
 #pragma omp for schedule(dynamic)
       for (int64_t it = 0; it < pairs; it++) {
         const int64_t row = it / NH, h = it % NH;
         float m, l;
-        attend(p.q + row * p.q_stride + h * HD, base(row, p.k) + kv_off(h), base(row, p.v) + kv_off(h),
-               p.kv_stride, HD, p.scale, first_key(row), key_end(row), acc.data(), m, l, p.pages, seq(row));
-        float* o = p.out + row * p.out_stride + h * HD;
+        attend(p.q + row * p.q_stride + h * HD, base(row, p.k) + kv_off(h), vbase(row) + v_off(h), p.kv_stride,
+               p.vs(), HD, HDv, p.scale, first_key(row), key_end(row), acc.data(), m, l, p.pages, seq(row));
+        float* o = p.out + row * p.out_stride + h * HDv;
         const float inv = 1.0f / l;
-        for (int d = 0; d < HD; d++) o[d] = acc[size_t(d)] * inv;
+        for (int d = 0; d < HDv; d++) o[d] = acc[size_t(d)] * inv;
       }
     }
     return;
   }
 
   // Split pass: item (pair, split) leaves [m, l, acc[HD]] in its slot.
-  const int64_t slot = HD + 2;
+  const int64_t slot = HDv + 2;
   thread_local std::vector<float> partial;
   partial.resize(size_t(pairs * splits * slot));
   float* part = partial.data();
@@ -188,8 +191,8 @@ void decode_attention(const DecodeAttentionParams& p) {
     const int64_t f = first_key(row), e = key_end(row), len = (e - f + splits - 1) / splits;
     const int64_t j0 = std::min(e, f + sp * len), j1 = std::min(e, j0 + len);
     float* out = part + it * slot;
-    attend(p.q + row * p.q_stride + h * HD, base(row, p.k) + kv_off(h), base(row, p.v) + kv_off(h), p.kv_stride,
-           HD, p.scale, j0, j1, out + 2, out[0], out[1], p.pages, seq(row));
+    attend(p.q + row * p.q_stride + h * HD, base(row, p.k) + kv_off(h), vbase(row) + v_off(h), p.kv_stride,
+           p.vs(), HD, HDv, p.scale, j0, j1, out + 2, out[0], out[1], p.pages, seq(row));
   }
   // Merge the splits of each (query, head).
 #pragma omp parallel for schedule(static) if (threaded && pairs >= nt)
@@ -198,18 +201,18 @@ void decode_attention(const DecodeAttentionParams& p) {
     float m = -INFINITY;
     for (int64_t sp = 0; sp < splits; sp++) m = std::max(m, pp[sp * slot]);
     const int64_t row = pair / NH, h = pair % NH;
-    float* o = p.out + row * p.out_stride + h * HD;
-    std::memset(o, 0, sizeof(float) * size_t(HD));
+    float* o = p.out + row * p.out_stride + h * HDv;
+    std::memset(o, 0, sizeof(float) * size_t(HDv));
     float l = 0;
     for (int64_t sp = 0; sp < splits; sp++) {
       const float* s = pp + sp * slot;
       if (s[1] == 0.0f) continue;  // empty split
       const float w = vmath::exp_scalar(s[0] - m);
       l += w * s[1];
-      axpy(o, w, s + 2, HD);
+      axpy(o, w, s + 2, HDv);
     }
     const float inv = 1.0f / l;
-    for (int d = 0; d < HD; d++) o[d] *= inv;
+    for (int d = 0; d < HDv; d++) o[d] *= inv;
   }
 }
 

@@ -31,7 +31,7 @@ void moe_route(float* scores, int32_t* idx, float* w, const float* logits, const
   const int E = r.E, K = r.K, G = r.groups, per = E / G;
 #pragma omp parallel if (N >= kParallelRows)
   {
-    std::vector<float> choice(static_cast<size_t>(E)), gs(static_cast<size_t>(G)), tmp(static_cast<size_t>(per));
+    std::vector<float> choice(static_cast<size_t>(E)), gs(static_cast<size_t>(G));
     std::vector<int32_t> gi(static_cast<size_t>(G));
 #pragma omp for schedule(static)
     for (int64_t n = 0; n < N; n++) {
@@ -48,12 +48,16 @@ void moe_route(float* scores, int32_t* idx, float* w, const float* logits, const
       }
       for (int e = 0; e < E; e++) choice[size_t(e)] = s[e] + (bias ? bias[e] : 0.0f);
       if (G > 1) {
-        for (int g = 0; g < G; g++) {
-          int32_t two[2];
-          std::memcpy(tmp.data(), choice.data() + g * per, sizeof(float) * size_t(per));
-          const std::vector<float> orig = tmp;
-          top_k(two, tmp.data(), per, 2);
-          gs[size_t(g)] = orig[size_t(two[0])] + orig[size_t(two[1])];
+        for (int g = 0; g < G; g++) {  // the sum of the group's two highest s + b
+          const float* c = choice.data() + g * per;
+          float a = -INFINITY, b = -INFINITY;
+          for (int i = 0; i < per; i++) {
+            if (c[i] > a)
+              b = a, a = c[i];
+            else if (c[i] > b)
+              b = c[i];
+          }
+          gs[size_t(g)] = a + b;
         }
         top_k(gi.data(), gs.data(), G, r.topk_groups);
         std::vector<bool> kept(size_t(G), false);

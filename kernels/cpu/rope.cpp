@@ -37,11 +37,19 @@ void rotate(float* x, const int32_t* pos, int64_t N, const RopeParams& p, float 
     for (int64_t n = 0; n < N; n++) {
       for (int i = 0; i < half; i++) {
         const float angle = float(pos[n]) * p.inv_freq[i];
-        cv[i] = std::cos(angle);
-        sv[i] = sign * std::sin(angle);
+        cv[i] = p.factor * std::cos(angle);
+        sv[i] = p.factor * sign * std::sin(angle);
       }
       for (int h = 0; h < p.heads; h++) {
         float* a = x + n * L + int64_t(h) * p.HD;
+        if (p.interleaved) {
+          for (int i = 0; i < half; i++) {
+            const float xa = a[2 * i], xb = a[2 * i + 1];
+            a[2 * i] = xa * cv[i] - xb * sv[i];
+            a[2 * i + 1] = xb * cv[i] + xa * sv[i];
+          }
+          continue;
+        }
         float* b = a + half;
 #pragma omp simd
         for (int i = 0; i < half; i++) {

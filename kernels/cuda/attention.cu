@@ -308,6 +308,8 @@ Shape shape_of(const AttentionParams& p, const char* op) {
   KILN_CHECK(p.window >= 0 && (p.window == 0 || p.causal), op, ": window (", p.window,
              ") must be >= 0 and needs causal attention");
   KILN_CHECK(p.HD == 64 || p.HD == 128, op, ": head dim ", p.HD, " is not supported by the CUDA kernel (64 or 128)");
+  KILN_CHECK(v_dim(p) == p.HD, op, ": value head dim ", v_dim(p), " != q/k head dim ", p.HD,
+             " is not supported by the CUDA kernel");
   KILN_CHECK(p.scale > 0.0f, op, ": scale must be positive (got ", p.scale, ")");
   KILN_CHECK(p.NH <= 65535, op, ": NH ", p.NH, " exceeds the grid's 65535");
   if (p.cu_seqlens) {

@@ -22,18 +22,20 @@ KILN_DEVICE void store1(uint16_t* p, float v) { *p = simt::f32_to_bf16(v); }
 // sign = +1: forward rotation by the angle; -1: by its negative (the backward).
 template <class T>
 KILN_GLOBAL void __launch_bounds__(256) rope_kernel(T* x, const int32_t* pos, const float* inv_freq, int64_t N,
-                                                    int heads, int HD, int half, int64_t ld, float sign) {
+                                                    int heads, int HD, int half, int64_t ld, float sign,
+                                                    bool interleaved, float factor) {
   const int64_t total = N * heads * half;
   for (int64_t idx = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; idx < total;
        idx += int64_t(gridDim.x) * blockDim.x) {
     const int i = int(idx % half);
     const int64_t nh = idx / half, n = nh / heads, h = nh % heads;
-    T* p = x + n * ld + h * HD + i;
+    T* p = x + n * ld + h * HD + (interleaved ? 2 * i : i);
+    T* q = p + (interleaved ? 1 : half);
     const float ang = float(pos[n]) * inv_freq[i];
-    const float c = cosf(ang), s = sign * sinf(ang);
-    const float a = load1(p), b = load1(p + half);
+    const float c = factor * cosf(ang), s = factor * sign * sinf(ang);
+    const float a = load1(p), b = load1(q);
     store1(p, a * c - b * s);
-    store1(p + half, b * c + a * s);
+    store1(q, b * c + a * s);
   }
 }
 
@@ -49,7 +51,7 @@ void rope(T* x, const int32_t* pos, int64_t N, const RopeParams& p, float sign, 
   KILN_CHECK(x && pos && p.inv_freq, what, ": null pointer argument");
   const unsigned blocks = unsigned(std::min<int64_t>((total + 255) / 256, 4096));
   simt::launch(rope_kernel<T>, dim3(blocks), dim3(256), 0, static_cast<cudaStream_t>(stream), x, pos, p.inv_freq, N,
-               p.heads, p.HD, half, ld, sign);
+               p.heads, p.HD, half, ld, sign, p.interleaved, p.factor);
 }
 
 }  // namespace

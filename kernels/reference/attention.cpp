@@ -20,7 +20,8 @@ struct Layout {
 };
 Layout layout(const AttentionParams& p, int h) {
   const int NKV = kv_heads(p), kvh = h / (p.NH / NKV);
-  return {qkv_row(p), int64_t(h) * p.HD, int64_t(p.NH + kvh) * p.HD, int64_t(p.NH + NKV + kvh) * p.HD};
+  return {qkv_row(p), int64_t(h) * p.HD, int64_t(p.NH + kvh) * p.HD,
+          int64_t(p.NH + NKV) * p.HD + int64_t(kvh) * v_dim(p)};
 }
 
 // Whether query i sees key j (positions within the sequence).
@@ -63,7 +64,8 @@ std::vector<double> probabilities(const float* qkv, const AttentionParams& p, Sp
 void attention_forward(float* out, float* lse, const float* qkv, const AttentionParams& p) {
   int64_t N = 0;
   const std::vector<Span> seqs = attention_spans(p, N);
-  const int64_t C = int64_t(p.NH) * p.HD;
+  const int64_t C = attention_out_row(p);
+  const int HDv = v_dim(p);
   for (const Span& sp : seqs) {
     const int64_t T = sp.len;
     for (int h = 0; h < p.NH; h++) {
@@ -72,8 +74,8 @@ void attention_forward(float* out, float* lse, const float* qkv, const Attention
       const std::vector<double> P = probabilities(qkv, p, sp, h, &row_lse);
       for (int64_t i = 0; i < T; i++) {
         lse[int64_t(h) * N + sp.start + i] = float(row_lse[size_t(i)]);
-        float* o = out + (sp.start + i) * C + int64_t(h) * p.HD;
-        for (int d = 0; d < p.HD; d++) {
+        float* o = out + (sp.start + i) * C + int64_t(h) * HDv;
+        for (int d = 0; d < HDv; d++) {
           double acc = 0;
           for (int64_t j = 0; j < T; j++) acc += P[i * T + j] * double(qkv[(sp.start + j) * L.row + L.v + d]);
           o[d] = float(acc);
@@ -93,13 +95,13 @@ void attention_backward(float* dqkv, const float* dout, const float* qkv, const 
   (void)lse;
   int64_t N = 0;
   const std::vector<Span> seqs = attention_spans(p, N);
-  const int64_t C = int64_t(p.NH) * p.HD, R = qkv_row(p);
-  const int HD = p.HD, NKV = kv_heads(p);
+  const int64_t C = attention_out_row(p), R = qkv_row(p);
+  const int HD = p.HD, HDv = v_dim(p), NKV = kv_heads(p);
   for (int64_t n = 0; n < N * R; n++) dqkv[n] = 0.0f;
   for (const Span& sp : seqs) {
     const int64_t T = sp.len;
     // dK, dV per kv head, accumulated in double over the group, written once at the end.
-    std::vector<double> gk(size_t(NKV * T * HD), 0.0), gv(size_t(NKV * T * HD), 0.0);
+    std::vector<double> gk(size_t(NKV * T * HD), 0.0), gv(size_t(NKV * T * HDv), 0.0);
     for (int h = 0; h < p.NH; h++) {
       const Layout L = layout(p, h);
       const int kvh = h / (p.NH / NKV);
@@ -107,14 +109,14 @@ void attention_backward(float* dqkv, const float* dout, const float* qkv, const 
       auto q = [&](int64_t i, int d) { return double(qkv[(sp.start + i) * R + L.q + d]); };
       auto k = [&](int64_t j, int d) { return double(qkv[(sp.start + j) * R + L.k + d]); };
       auto v = [&](int64_t j, int d) { return double(qkv[(sp.start + j) * R + L.v + d]); };
-      auto dO = [&](int64_t i, int d) { return double(dout[(sp.start + i) * C + int64_t(h) * HD + d]); };
+      auto dO = [&](int64_t i, int d) { return double(dout[(sp.start + i) * C + int64_t(h) * HDv + d]); };
 
       std::vector<double> dS(size_t(T * T), 0.0);
       for (int64_t i = 0; i < T; i++) {
         double rowdot = 0;
         for (int64_t j = 0; j < T; j++) {
           double dp = 0;
-          for (int d = 0; d < HD; d++) dp += dO(i, d) * v(j, d);
+          for (int d = 0; d < HDv; d++) dp += dO(i, d) * v(j, d);
           dS[i * T + j] = dp;
           rowdot += P[i * T + j] * dp;
         }
@@ -122,25 +124,24 @@ void attention_backward(float* dqkv, const float* dout, const float* qkv, const 
       }
       std::vector<double> gq(size_t(T * HD), 0.0);
       double* gkh = gk.data() + size_t(kvh) * T * HD;
-      double* gvh = gv.data() + size_t(kvh) * T * HD;
+      double* gvh = gv.data() + size_t(kvh) * T * HDv;
       for (int64_t i = 0; i < T; i++)
-        for (int64_t j = 0; j < T; j++)
+        for (int64_t j = 0; j < T; j++) {
           for (int d = 0; d < HD; d++) {
             gq[i * HD + d] += dS[i * T + j] * k(j, d);
             gkh[j * HD + d] += dS[i * T + j] * q(i, d);
-            gvh[j * HD + d] += P[i * T + j] * dO(i, d);
           }
+          for (int d = 0; d < HDv; d++) gvh[j * HDv + d] += P[i * T + j] * dO(i, d);
+        }
       for (int64_t i = 0; i < T; i++)
         for (int d = 0; d < HD; d++) dqkv[(sp.start + i) * R + L.q + d] = float(double(p.scale) * gq[i * HD + d]);
     }
     for (int kvh = 0; kvh < NKV; kvh++)
       for (int64_t i = 0; i < T; i++) {
         float* dk = dqkv + (sp.start + i) * R + int64_t(p.NH + kvh) * HD;
-        float* dv = dqkv + (sp.start + i) * R + int64_t(p.NH + NKV + kvh) * HD;
-        for (int d = 0; d < HD; d++) {
-          dk[d] = float(double(p.scale) * gk[(size_t(kvh) * T + i) * HD + d]);
-          dv[d] = float(gv[(size_t(kvh) * T + i) * HD + d]);
-        }
+        float* dv = dqkv + (sp.start + i) * R + int64_t(p.NH + NKV) * HD + int64_t(kvh) * HDv;
+        for (int d = 0; d < HD; d++) dk[d] = float(double(p.scale) * gk[(size_t(kvh) * T + i) * HD + d]);
+        for (int d = 0; d < HDv; d++) dv[d] = float(gv[(size_t(kvh) * T + i) * HDv + d]);
       }
   }
 }

@@ -20,19 +20,20 @@ void decode_attention(const DecodeAttentionParams& p) {
   for (int b = 0; b < p.B; b++) {
     const int past = p.past_of(b);
     KILN_CHECK(past >= 0, "decode_attention: sequence ", b, " has negative past ", past);
-    // Key j's row: in the sequence's own slab, or through the block table.
-    auto at = [&](int64_t j) { return p.pages ? p.pages.row(b, j) * p.kv_stride : b * p.kv_batch_stride + j * p.kv_stride; };
+    // Key and value j of sequence b: in the sequence's own slab, or through the block table.
+    auto kat = [&](int64_t j) { return p.pages ? p.pages.row(b, j) * p.kv_stride : b * p.kv_batch_stride + j * p.kv_stride; };
+    auto vat = [&](int64_t j) { return p.pages ? p.pages.row(b, j) * p.vs() : b * p.vbs() + j * p.vs(); };
     for (int i = 0; i < p.Tq; i++) {
       const int64_t row = int64_t(b) * p.Tq + i, last = int64_t(past) + i;
       // Keys first .. last are visible: all of them, or those within the window.
       const int64_t first = p.window > 0 ? std::max<int64_t>(0, last - p.window + 1) : 0;
       for (int h = 0; h < p.NH; h++) {
-        const int64_t kvoff = int64_t(h / group) * p.HD;
+        const int64_t kvoff = int64_t(h / group) * p.HD, voff = int64_t(h / group) * p.hdv();
         const float* q = p.q + row * p.q_stride + int64_t(h) * p.HD;
         s.assign(size_t(last - first + 1), 0.0);
         double mx = -INFINITY;
         for (int64_t j = first; j <= last; j++) {
-          const float* k = p.k + at(j) + kvoff;
+          const float* k = p.k + kat(j) + kvoff;
           double dot = 0;
           for (int d = 0; d < p.HD; d++) dot += double(q[d]) * double(k[d]);
           s[size_t(j - first)] = dot * double(p.scale);
@@ -40,10 +41,10 @@ void decode_attention(const DecodeAttentionParams& p) {
         }
         double sum = 0;
         for (auto& x : s) sum += (x = std::exp(x - mx));
-        float* o = p.out + row * p.out_stride + int64_t(h) * p.HD;
-        for (int d = 0; d < p.HD; d++) {
+        float* o = p.out + row * p.out_stride + int64_t(h) * p.hdv();
+        for (int d = 0; d < p.hdv(); d++) {
           double acc = 0;
-          for (int64_t j = first; j <= last; j++) acc += s[size_t(j - first)] * double(p.v[at(j) + kvoff + d]);
+          for (int64_t j = first; j <= last; j++) acc += s[size_t(j - first)] * double(p.v[vat(j) + voff + d]);
           o[d] = float(acc / sum);
         }
       }

@@ -18,10 +18,12 @@ void rotate(float* x, const int32_t* pos, int64_t N, const RopeParams& p, double
       float* r = x + n * L + int64_t(h) * p.HD;
       for (int i = 0; i < half; i++) {
         const float angle = float(pos[n]) * p.inv_freq[i];
-        const double c = std::cos(double(angle)), s = sign * std::sin(double(angle));
-        const double a = r[i], b = r[i + half];
-        r[i] = float(a * c - b * s);
-        r[i + half] = float(b * c + a * s);
+        const double c = p.factor * std::cos(double(angle)), s = p.factor * sign * std::sin(double(angle));
+        float* ra = r + rope_first(p, i);
+        float* rb = ra + rope_partner(p);
+        const double a = *ra, b = *rb;
+        *ra = float(a * c - b * s);
+        *rb = float(b * c + a * s);
       }
     }
 }

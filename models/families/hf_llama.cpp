@@ -84,8 +84,19 @@ void parse_rope(const json& j, const std::string& where, ModelConfig& c) {
     r.low_freq_factor = get_number(*s, "low_freq_factor", w, 1.0);
     r.high_freq_factor = get_number(*s, "high_freq_factor", w, 4.0);
     r.original_max_positions = get_int(*s, "original_max_position_embeddings", w, 8192);
+  } else if (type == "yarn") {
+    RopeScaling& r = c.rope_scaling;
+    r.kind = RopeScaling::Yarn;
+    r.factor = get_number(*s, "factor", w, 0.0);
+    r.original_max_positions = get_int(*s, "original_max_position_embeddings", w, c.max_positions);
+    r.beta_fast = get_number(*s, "beta_fast", w, 32.0);
+    r.beta_slow = get_number(*s, "beta_slow", w, 1.0);
+    r.mscale = get_number(*s, "mscale", w, 0.0);
+    r.mscale_all_dim = get_number(*s, "mscale_all_dim", w, 0.0);
+    r.attention_factor = get_number(*s, "attention_factor", w, 0.0);
+    r.truncate = get_bool(*s, "truncate", w, true);
   } else {
-    fail(where, ": rope_scaling type ", quote_name(type), " is not supported (linear, llama3)");
+    fail(where, ": rope_scaling type ", quote_name(type), " is not supported (linear, llama3, yarn)");
   }
 }
 
@@ -127,6 +138,8 @@ ModelConfig parse_llama_like(const json& j, const std::string& where, const char
   c.bos_token_id = token_id(j, "bos_token_id", where);
   c.eos_token_id = token_id(j, "eos_token_id", where);
   parse_rope(j, where, c);
+  KILN_CHECK(c.rope_scaling.kind != RopeScaling::Yarn || std::string(family) == "deepseek_v3", where,
+             ": rope_scaling type \"yarn\" is supported for deepseek_v3 only");
   KILN_CHECK(get_int(j, "pretraining_tp", where, 1) == 1, where, ": pretraining_tp other than 1 is not supported");
   return c;
 }
@@ -153,6 +166,17 @@ json llama_like_json(const ModelConfig& c) {
                          {"low_freq_factor", r.low_freq_factor},
                          {"high_freq_factor", r.high_freq_factor},
                          {"original_max_position_embeddings", r.original_max_positions}};
+  if (r.kind == RopeScaling::Yarn) {
+    j["rope_scaling"] = {{"rope_type", "yarn"},
+                         {"factor", r.factor},
+                         {"original_max_position_embeddings", r.original_max_positions},
+                         {"beta_fast", r.beta_fast},
+                         {"beta_slow", r.beta_slow},
+                         {"truncate", r.truncate}};
+    if (r.mscale != 0) j["rope_scaling"]["mscale"] = r.mscale;
+    if (r.mscale_all_dim != 0) j["rope_scaling"]["mscale_all_dim"] = r.mscale_all_dim;
+    if (r.attention_factor != 0) j["rope_scaling"]["attention_factor"] = r.attention_factor;
+  }
   if (r.kind == RopeScaling::None) j["rope_scaling"] = nullptr;
   if (c.bos_token_id >= 0) j["bos_token_id"] = c.bos_token_id;
   if (c.eos_token_id >= 0) j["eos_token_id"] = c.eos_token_id;

@@ -425,10 +425,14 @@ void add_rope(std::vector<OpCase>& t) {
     int heads, HD, rot;
     int64_t ld;
     bool llama3;
+    bool interleaved = false;
+    float factor = 1.0f;
   };
-  // Partial rotary with padding between rows; full; an odd pair count; Llama 3 frequencies on long positions.
+  // Partial rotary with padding between rows; full; an odd pair count; Llama 3 frequencies on long positions;
+  // DeepSeek's interleaved pairs, with yarn's cos/sin factor.
   for (S s : {S{5, 24, 16, 5 * 24 + 8, false}, S{3, 64, 64, 0, false}, S{2, 10, 6, 0, false},
-              S{4, 64, 64, 6 * 64, true}, S{2, 128, 128, 0, true}})
+              S{4, 64, 64, 6 * 64, true}, S{2, 128, 128, 0, true}, S{3, 24, 8, 3 * 24 + 8, false, true},
+              S{2, 64, 64, 0, false, true, 1.25f}})
     for (DType dt : {F32, BF16}) {
       const int64_t N = 9, L = s.ld > 0 ? s.ld : int64_t(s.heads) * s.HD;
       const auto freq = s.llama3 ? llama3_inv_freq(s.rot) : plain_inv_freq(s.rot, 10000.0);
@@ -437,8 +441,10 @@ void add_rope(std::vector<OpCase>& t) {
         pos[size_t(n)] = int32_t(s.llama3 ? (n * 4093 + 5) % 32768 : (n * 977 + 3) % 4096);
       RopeParams p;
       p.heads = s.heads, p.HD = s.HD, p.rot_dim = s.rot, p.ld = s.ld;
-      const std::string name = fmt("heads %d HD %d rot %d ld %ld %s %s", s.heads, s.HD, s.rot, long(L),
-                                   s.llama3 ? "llama3" : "plain", dtype_name(dt));
+      p.interleaved = s.interleaved, p.factor = s.factor;
+      const std::string name = fmt("heads %d HD %d rot %d ld %ld %s%s factor %g %s", s.heads, s.HD, s.rot, long(L),
+                                   s.llama3 ? "llama3" : "plain", s.interleaved ? " interleaved" : "",
+                                   double(s.factor), dtype_name(dt));
       // fn(x, pos, N, p) in place on a copy of in[i].
       auto host = [=](auto fn, const std::vector<float>& x) {
         auto y = x;
@@ -890,6 +896,7 @@ struct Attn {
   bool packed;                // cu_seqlens (else B sequences of equal length)
   bool gpu;
   float scale_mul = 1.0f;  // > 1: peaky softmax (the running max moves between key tiles)
+  int HDv = 0;             // value head dim (MLA); 0: HD
 };
 
 void add_attention(std::vector<OpCase>& t) {
@@ -903,6 +910,8 @@ void add_attention(std::vector<OpCase>& t) {
       {3, 1, 48, true, 0, {33, 33, 33}, false, false},    // CPU: HD 48 (not a tile multiple), B = 3
       {2, 2, 32, true, 7, {1}, false, false},             // CPU: T = 1
       {2, 1, 32, true, 0, {129}, false, false, 8.0f},     // CPU: large scores across key tiles
+      {2, 2, 48, true, 0, {70, 70}, false, false, 1.0f, 32},  // CPU: MLA, q/k heads 48, v heads 32
+      {4, 4, 32, true, 0, {5, 66, 0}, true, false, 1.0f, 64}, // CPU: MLA packed, v heads wider than q/k
   };
   for (const Attn& a : cases)
     for (DType dt : {F32, BF16}) {
@@ -913,21 +922,22 @@ void add_attention(std::vector<OpCase>& t) {
       const int64_t N = cu.back();
       const int max_len = *std::max_element(a.lens.begin(), a.lens.end());
       AttentionParams p;
-      p.NH = a.NH, p.NKV = a.NKV, p.HD = a.HD, p.causal = a.causal, p.window = a.window;
+      p.NH = a.NH, p.NKV = a.NKV, p.HD = a.HD, p.causal = a.causal, p.window = a.window, p.HDv = a.HDv;
       p.scale = a.scale_mul / std::sqrt(float(a.HD));
       if (a.packed) {
         p.num_seqs = int(a.lens.size()), p.max_seqlen = max_len, p.total_tokens = N;
       } else {
         p.B = int(a.lens.size()), p.T = a.lens[0];
       }
-      const int64_t L = qkv_row(p), C = int64_t(a.NH) * a.HD;
+      const int64_t L = qkv_row(p), C = attention_out_row(p);
       std::string lens;
       for (int32_t l : a.lens) {
         if (!lens.empty()) lens += ',';
         lens += std::to_string(l);
       }
       const std::string name =
-          fmt("NH %d NKV %d HD %d %s w %d %s {%s}%s %s", a.NH, a.NKV, a.HD, a.causal ? "causal" : "full", a.window,
+          fmt("NH %d NKV %d HD %d%s %s w %d %s {%s}%s %s", a.NH, a.NKV, a.HD,
+              a.HDv ? fmt(" HDv %d", a.HDv).c_str() : "", a.causal ? "causal" : "full", a.window,
               a.packed ? "packed" : "batched", lens.c_str(), a.scale_mul > 1 ? " x8" : "", dtype_name(dt));
       // fn(p with host cu_seqlens) for the host sides.
       auto host_p = [=](const std::vector<int32_t>& cuh) {
@@ -1006,6 +1016,7 @@ void add_decode_attention(std::vector<OpCase>& t) {
     int NH, NKV, HD, Tq, window, cap;
     std::vector<int32_t> past;
     bool gpu;
+    int HDv = 0;  // MLA: value heads of their own width (0: HD)
   };
   // 320 cached positions: 5 tiles, several splits merged; 16 queries continuing a prefix; HD 20: the CPU's
   // scalar path; a long cache with one head: the CPU's split path.
@@ -1013,25 +1024,31 @@ void add_decode_attention(std::vector<OpCase>& t) {
       {4, 2, 64, 1, 0, 320, {0, 300}, true},    {4, 1, 64, 3, 50, 320, {77, 250}, true},
       {4, 4, 128, 1, 130, 320, {0, 300}, true}, {2, 2, 64, 16, 0, 96, {5, 70}, true},
       {3, 1, 20, 2, 9, 64, {11, 40}, false},    {1, 1, 32, 1, 0, 4000, {3990}, false},
+      {4, 1, 48, 2, 0, 320, {7, 300}, false, 32},  // MLA absorbed: one latent head, values narrower than keys
+      {8, 1, 24, 1, 0, 4000, {3990}, false, 16},   // ... on the split path
+      {2, 2, 32, 3, 0, 64, {0, 40}, false, 48},    // values wider than keys
   };
   for (const D& d : cases)
     for (DType dt : {F32, BF16}) {
       if (dt == BF16 && !d.gpu) continue;
       const int B = int(d.past.size());
-      const int64_t L = int64_t(d.NH + 2 * d.NKV) * d.HD, KC = int64_t(d.NKV) * d.HD, C = int64_t(d.NH) * d.HD;
+      const int HDv = d.HDv ? d.HDv : d.HD;
+      const int64_t L = int64_t(d.NH + 2 * d.NKV) * d.HD, KC = int64_t(d.NKV) * d.HD, C = int64_t(d.NH) * HDv;
+      const int64_t VC = int64_t(d.NKV) * HDv;
       const float scale = 1.0f / std::sqrt(float(d.HD));
       std::string past;
       for (int32_t v : d.past) {
         if (!past.empty()) past += ',';
         past += std::to_string(v);
       }
-      const std::string name = fmt("NH %d NKV %d HD %d Tq %d w %d cap %d past {%s} %s", d.NH, d.NKV, d.HD, d.Tq,
-                                   d.window, d.cap, past.c_str(), dtype_name(dt));
+      const std::string name = fmt("NH %d NKV %d HD %d HDv %d Tq %d w %d cap %d past {%s} %s", d.NH, d.NKV, d.HD,
+                                   HDv, d.Tq, d.window, d.cap, past.c_str(), dtype_name(dt));
       auto host = [=](auto fn, const Tensors& in) {
         DecodeAttentionParams p;
         p.B = B, p.Tq = d.Tq, p.past_per_seq = d.past.data(), p.NH = d.NH, p.HD = d.HD, p.NKV = d.NKV;
         p.window = d.window, p.scale = scale, p.q = in[0].v.data(), p.q_stride = L, p.k = in[1].v.data();
         p.v = in[2].v.data(), p.kv_batch_stride = d.cap * KC, p.kv_stride = KC;
+        if (d.HDv) p.HDv = HDv, p.v_batch_stride = d.cap * VC, p.v_stride = VC;
         std::vector<float> out(size_t(B * d.Tq * C));
         p.out = out.data(), p.out_stride = C;
         fn(p);
@@ -1040,7 +1057,7 @@ void add_decode_attention(std::vector<OpCase>& t) {
       OpCase c = make("decode_attention", name, Mode::Forward,
                       {{"q", randn(size_t(B * d.Tq * L), 301 + d.HD, 1.0f, dt), dt},
                        {"k_cache", randn(size_t(B * d.cap * KC), 302, 1.0f, dt), dt},
-                       {"v_cache", randn(size_t(B * d.cap * KC), 303, 1.0f, dt), dt}});
+                       {"v_cache", randn(size_t(B * d.cap * VC), 303, 1.0f, dt), dt}});
       c.k = kfor(dt, d.HD + d.cap);
       c.ref = [=](const Tensors& in) { return Tensors{{"out", host(ref::decode_attention, in), dt}}; };
       if (dt == F32) c.cpu = [=](const Tensors& in) { return Tensors{{"out", host(cpu::decode_attention, in)}}; };

@@ -29,12 +29,15 @@ ap.add_argument("--schedule", default="cosine")
 ap.add_argument("--beta2", type=float, default=0.95)
 ap.add_argument("--float64", action="store_true")
 ap.add_argument("--threads", type=int, default=2)
-ap.add_argument("--model", choices=["gpt2", "llama"], default="gpt2")
+ap.add_argument("--model", choices=["gpt2", "llama", "deepseek"], default="gpt2")
+ap.add_argument("--mtp-lambda", type=float, default=0.3)
 args = ap.parse_args()
 if args.model == "gpt2":
     from torch_gpt2 import forward, load_checkpoint, read_shard, write_safetensors  # noqa: E402
-else:
+elif args.model == "llama":
     from torch_llama import forward, load_checkpoint, read_shard, write_safetensors  # noqa: E402
+else:
+    from torch_deepseek import forward, load_checkpoint, losses as ds_losses, read_shard, write_safetensors  # noqa
 
 torch.set_num_threads(args.threads)
 dtype = torch.float64 if args.float64 else torch.float32
@@ -59,21 +62,29 @@ def lr_at(step):
 B, T, A = args.batch, args.seq, args.grad_accum
 n_targets = A * B * T
 pos = 0
-losses, norms = [], []
+losses, norms, main_losses, mtp_losses = [], [], [], []
 for step in range(args.steps):
     opt.zero_grad()
-    total = 0.0
+    total = main_total = mtp_total = 0.0
     for micro in range(A):
         if pos + B * T + 1 > len(toks):
             pos = 0
         buf = toks[pos: pos + B * T + 1]
         pos += B * T
         x, y = buf[:-1].view(B, T), buf[1:].view(B, T)
-        logits = forward(P, cfg, x)
-        loss_sum = F.cross_entropy(logits.view(-1, logits.size(-1)), y.reshape(-1), reduction="sum")
+        if args.model == "deepseek":
+            # DeepSeek-V3's objective: main + lambda/D * sum of the D MTP depths' losses (each over n_targets).
+            main, mtp = ds_losses(P, cfg, x, y)
+            loss_sum = main + (args.mtp_lambda / len(mtp)) * sum(mtp) if mtp else main
+            main_total += main.item() / n_targets
+            if mtp:
+                mtp_total += float(sum(m.item() for m in mtp)) / len(mtp) / n_targets
+        else:
+            logits = forward(P, cfg, x)
+            loss_sum = F.cross_entropy(logits.view(-1, logits.size(-1)), y.reshape(-1), reduction="sum")
         (loss_sum / n_targets).backward()
         total += loss_sum.item() / n_targets
-    params = list(P.values())
+    params = [p for p in P.values() if p.requires_grad]
     if args.grad_clip > 0:
         norm = float(torch.nn.utils.clip_grad_norm_(params, args.grad_clip))
     else:
@@ -82,8 +93,11 @@ for step in range(args.steps):
         g["lr"] = lr_at(step)
     opt.step()
     losses.append(total)
+    main_losses.append(main_total)
+    mtp_losses.append(mtp_total)
     norms.append(norm)
     print(f"step {step:3d}  loss {total:.6f}  grad_norm {norm:.4f}  lr {lr_at(step):.3e}", flush=True)
 
-json.dump({"losses": losses, "grad_norms": norms}, open(args.out_json, "w"))
+json.dump({"losses": losses, "grad_norms": norms, "main_losses": main_losses, "mtp_losses": mtp_losses},
+          open(args.out_json, "w"))
 write_safetensors(args.out_weights, P)

@@ -2,6 +2,7 @@
 // state and activations, and what ZeRO stages 1-3 leave per rank (Rajbhandari et al.'s accounting:
 // with Ψ parameters and Adam in mixed precision, 2Ψ + 2Ψ + 12Ψ bytes of model state; in fp32, 4Ψ + 4Ψ + 8Ψ).
 // The activation figure is the exact size of the arena the trainer allocates (same code path).
+#include <algorithm>
 #include <array>
 #include <cstdio>
 #include <nlohmann/json.hpp>
@@ -21,6 +22,27 @@ struct MemoryOptions {
 
 // The GPU trainer's device memory, from the same carving code it allocates with; no GPU needed. Beside it the
 // process needs the CUDA context and cuBLASLt's 32 MiB workspace.
+// Decoding state per token (the KV cache over all layers) at `bytes` per value, and, for latent attention, that of
+// ordinary attention of the same width (d_model / n_head wide heads): one key/value head per query head (MHA),
+// and one per four (GQA, Llama 3's grouping).
+nlohmann::json cache_per_token(const kiln::ModelConfig& cfg, double bytes) {
+  nlohmann::json j = {{"kv_cache_bytes_per_token", double(cfg.cache_floats_per_token()) * bytes}};
+  if (cfg.mla.on()) {
+    const double hd = double(cfg.d_model) / cfg.n_head, L = cfg.n_layer;
+    j["mha_kv_cache_bytes_per_token"] = L * 2 * cfg.n_head * hd * bytes;
+    j["gqa4_kv_cache_bytes_per_token"] = L * 2 * std::max(1, cfg.n_head / 4) * hd * bytes;
+  }
+  return j;
+}
+
+void print_cache(const nlohmann::json& c) {
+  std::printf("  decoding KV cache  %.0f bytes per token", c["kv_cache_bytes_per_token"].get<double>());
+  if (c.contains("mha_kv_cache_bytes_per_token"))
+    std::printf(" (latent: c_KV + rotary key; attention of the same width: MHA %.0f, GQA/4 %.0f)",
+                c["mha_kv_cache_bytes_per_token"].get<double>(), c["gqa4_kv_cache_bytes_per_token"].get<double>());
+  std::printf("\n");
+}
+
 void memory_plan_cuda(const MemoryOptions& o, const kiln::ModelConfig& cfg) {
   using namespace kiln;
   const MemoryPlan plan =
@@ -32,6 +54,7 @@ void memory_plan_cuda(const MemoryOptions& o, const kiln::ModelConfig& cfg) {
                         {"batch", o.batch}, {"seq", o.seq},
                         {"recompute", o.recompute},
                         {"state_bytes", state}, {"activations_bytes", acts}, {"total_bytes", state + acts}};
+    j.update(cache_per_token(cfg, 2));
     std::printf("%s\n", j.dump().c_str());
     return;
   }
@@ -40,6 +63,7 @@ void memory_plan_cuda(const MemoryOptions& o, const kiln::ModelConfig& cfg) {
   std::printf("  fp32 weights, bf16 copy, fp32 gradients, AdamW m and v  %10.1f MB\n  activations  %10.1f MB\n"
               "  total        %10.1f MB  (plus the CUDA context and a 32 MiB cuBLASLt workspace)\n",
               state / MB, acts / MB, (state + acts) / MB);
+  print_cache(cache_per_token(cfg, 2));
 }
 
 void memory_plan(const MemoryOptions& o) {
@@ -75,6 +99,7 @@ void memory_plan(const MemoryOptions& o) {
                       {"param_floats", psi}, {"kiln_single_process_bytes", kiln_state + acts},  {"batch", o.batch},        {"seq", o.seq},
                       {"dtype", o.dtype},             {"recompute", policy.str()}, {"ranks", o.ranks},
                       {"activations_bytes", acts}};
+  j.update(cache_per_token(cfg, 4));
   for (int s = 0; s <= 3; s++) {
     auto [ww, gg, oo] = per_rank(s);
     j["zero" + std::to_string(s)] = {{"weights_bytes", ww}, {"gradients_bytes", gg}, {"optimizer_bytes", oo},
@@ -102,6 +127,7 @@ void memory_plan(const MemoryOptions& o) {
     std::printf("  %d: %.1f MB", s, (a + b + c + acts) / MB);
   }
   std::printf("\n");
+  print_cache(cache_per_token(cfg, 4));
 }
 
 kiln::cli::Command memory_cmd("memory", [](CLI::App& root) {

@@ -22,6 +22,10 @@ kiln::cli::Command train_cmd("train", [](CLI::App& root) {
   c->add_option("--min-lr", opt->min_lr, "Floor of the cosine schedule")->capture_default_str();
   c->add_option("--lr-schedule", opt->lr_schedule, "constant or cosine (after warmup)")->capture_default_str();
   c->add_option("--warmup", opt->warmup, "Linear warmup steps")->capture_default_str();
+  c->add_option("--mtp-lambda", opt->mtp_lambda,
+                 "Weight λ of the multi-token-prediction losses: loss = main + λ/D·Σ MTP (models with MTP modules; "
+                 "0 skips them)")
+      ->check(CLI::NonNegativeNumber);
   c->add_option("--weight-decay", opt->adamw.weight_decay, "AdamW decoupled weight decay (matrices only)")
       ->capture_default_str();
   c->add_option("--beta1", opt->adamw.beta1, "AdamW beta1")->capture_default_str();
