@@ -25,6 +25,20 @@
 
 namespace kiln {
 
+// A paged KV cache (continuous batching): the cache is a pool of blocks of `block_size` positions, each
+// [block_size][KC]; sequence b's position j lives in block table[b·stride + j / block_size] at row
+// j % block_size. Unset (table null): the contiguous [B][positions][KC] layout of kv_batch_stride.
+struct KVPages {
+  const int32_t* table = nullptr;  // [B][stride] block ids (this device's array)
+  int block_size = 0;              // positions per block (cuda:: needs a multiple of 64)
+  int64_t stride = 0;              // table entries per sequence
+  explicit operator bool() const { return table != nullptr; }
+  // The cache row (in units of kv_stride) of position j of sequence b.
+  int64_t row(int b, int64_t j) const {
+    return int64_t(table[int64_t(b) * stride + j / block_size]) * block_size + j % block_size;
+  }
+};
+
 struct DecodeAttentionParams {
   int B = 1;                               // sequences
   int Tq = 1;                              // new queries per sequence
@@ -44,6 +58,7 @@ struct DecodeAttentionParams {
   int64_t out_stride = 0;
   int HDv = 0;                             // value head dim; 0 means HD
   int64_t v_batch_stride = 0, v_stride = 0;  // 0: kv_batch_stride, kv_stride
+  KVPages pages;                           // set: k and v are the pools of a paged cache (kv_batch_stride unused)
 
   int past_of(int b) const { return past_per_seq ? past_per_seq[b] : past; }
   int hdv() const { return HDv > 0 ? HDv : HD; }
@@ -74,13 +89,15 @@ struct DecodeAttention {
   int64_t kv_batch_stride = 0, kv_stride = 0;
   uint16_t* out = nullptr;
   int64_t out_stride = 0;
+  KVPages pages;                          // device table; block_size a multiple of 64
 };
 size_t decode_attention_scratch_bytes(const DecodeAttention& p);
 void decode_attention(const DecodeAttention& p, void* scratch, void* stream);
 // Writes the Tq new keys and values of each sequence (from the fused QKV rows, [B·Tq, NH + 2·NKV, HD]) into
-// the cache ([B][positions][NKV·HD]) at positions past_per_seq[b] .. + Tq - 1.
+// the cache ([B][positions][NKV·HD], or the blocks of `pages`) at positions past_per_seq[b] .. + Tq - 1.
 void kv_cache_append(uint16_t* k_cache, uint16_t* v_cache, const uint16_t* qkv, const int32_t* past_per_seq, int B,
-                     int Tq, int NH, int NKV, int HD, int64_t kv_batch_stride, void* stream);
+                     int Tq, int NH, int NKV, int HD, int64_t kv_batch_stride, void* stream,
+                     const KVPages& pages = {});
 }  // namespace cuda
 namespace ref {
 void decode_attention(const DecodeAttentionParams& p);

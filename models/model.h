@@ -155,4 +155,41 @@ struct DecoderOptions {
 std::unique_ptr<IncrementalDecoder> make_decoder(const ModelConfig& cfg, const float* params,
                                                  const DecoderOptions& opt = {});
 
+// A decoder for continuous batching: every sequence has its own length, and its KV cache lives in blocks of a
+// shared pool (a paged cache) named by the caller's block table, so sequences join and leave between calls and
+// full blocks of a common prompt prefix can be shared. One forward() runs a new piece of every row given: the
+// single-token rows together (the weights are read once for all of them), a longer piece (a prefill chunk) as
+// its own pass in the same call.
+struct BatchRow {
+  const int32_t* tokens = nullptr;  // n new tokens at positions past .. past + n - 1
+  int n = 0;
+  int past = 0;                     // positions already in the sequence's blocks
+  const int32_t* blocks = nullptr;  // the sequence's block ids, covering positions [0, past + n)
+  int n_blocks = 0;
+};
+
+class BatchDecoder {
+ public:
+  virtual ~BatchDecoder() = default;
+  // The logits [rows, V] of each row's last new token, in the order of `rows` (host memory, valid until the
+  // next call). Throws kiln::Error for a token out of range, a block id outside the pool, or too few blocks.
+  virtual const float* forward(const std::vector<BatchRow>& rows) = 0;
+  virtual int block_size() const = 0;
+  virtual int num_blocks() const = 0;
+  virtual int max_positions() const = 0;  // per sequence
+  virtual const ModelConfig& config() const = 0;
+  virtual size_t cache_bytes() const = 0;
+};
+
+struct BatchDecoderOptions {
+  bool cuda = false;
+  int block_size = 64;     // positions per KV block (the GPU kernels need a multiple of 64)
+  int num_blocks = 0;      // blocks in the pool; 0: enough for 8 sequences of max_positions
+  int max_positions = 0;   // 0: the model's
+};
+
+// Over a host parameter block in cfg's ParamTable layout (read in place on the CPU, copied to a device).
+std::unique_ptr<BatchDecoder> make_batch_decoder(const ModelConfig& cfg, const float* params,
+                                                 const BatchDecoderOptions& opt = {});
+
 }  // namespace kiln

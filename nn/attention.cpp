@@ -34,7 +34,7 @@ void Attention::forward(Backend& be, float* h, const float* residual, Act x, Att
   }
   if (S.rotary) be.rope_forward(a.qkv, pos, N, rope);
   if (cache) be.kv_append(cache->k, cache->v, cache->batch_stride, a.qkv, S.NH, S.NKV, S.HD, cache->B, cache->Tq,
-                          cache->past);
+                          cache->past, cache->pages);
   if (!cache || cache->fresh) {
     be.attention_forward(a.att, a.lse, a.qkv, ap);
   } else {
@@ -57,6 +57,7 @@ void Attention::forward(Backend& be, float* h, const float* residual, Act x, Att
     d.kv_stride = int64_t(S.NKV) * S.HD;
     d.out = static_cast<float*>(a.att.p);
     d.out_stride = S.qdim();
+    d.pages = cache->pages;
     be.decode_attention(d);
   }
   be.linear_residual(h, residual, a.att, proj, N);

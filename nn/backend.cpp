@@ -36,7 +36,7 @@ void Backend::gate_backward(Act du, Act dgate, const float* dy, const float* u, 
 void Backend::attention_forward(Act out, float* lse, Act qkv, const AttentionParams& p) { unsupported("attention_forward"); }
 void Backend::attention_backward(Act dqkv, Act dout, Act qkv, Act out, const float* lse, const AttentionParams& p) { unsupported("attention_backward"); }
 void Backend::decode_attention(const DecodeAttentionParams& p) { unsupported("decode_attention"); }
-void Backend::kv_append(Act k_cache, Act v_cache, int64_t batch_stride, Act qkv, int NH, int NKV, int HD, int B, int Tq, const int32_t* past) { unsupported("kv_append"); }
+void Backend::kv_append(Act k_cache, Act v_cache, int64_t batch_stride, Act qkv, int NH, int NKV, int HD, int B, int Tq, const int32_t* past, const KVPages&) { unsupported("kv_append"); }
 void Backend::sum_heads(Act out, int64_t ld_out, Act in, int64_t ld_in, int64_t N, int heads, int64_t head_stride, int width) { unsupported("sum_heads"); }
 void Backend::rows_append(Act cache, int64_t batch_stride, Act src, int64_t ld_src, int width, int B, int Tq, const int32_t* past) { unsupported("rows_append"); }
 void Backend::moe_route(float* scores, int32_t* idx, float* w, const float* logits, const float* bias, int64_t N, const MoeRouting& r) { unsupported("moe_route"); }

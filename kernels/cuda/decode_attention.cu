@@ -35,7 +35,18 @@ struct Args {
   int64_t q_stride, kv_batch_stride, kv_stride, out_stride;
   int Tq, NH, group, window, splits, tiles_per_split;  // group = NH / NKV
   float scale_log2;
+  const int32_t* table;  // paged cache: [B][table_stride] block ids (null: contiguous slabs)
+  int block_size;
+  int64_t table_stride;
 };
+
+// Where key j of sequence b starts (values from the cache's start); a tile of kTile keys never crosses a
+// block (block_size is a multiple of kTile), so a tile's rows are kv_stride apart either way.
+KILN_DEVICE int64_t key_at(const Args& a, int b, int64_t j) {
+  if (!a.table) return int64_t(b) * a.kv_batch_stride + j * a.kv_stride;
+  return (int64_t(a.table[int64_t(b) * a.table_stride + j / a.block_size]) * a.block_size + j % a.block_size) *
+         a.kv_stride;
+}
 
 template <int HD>
 constexpr size_t smem_bytes() {
@@ -70,8 +81,8 @@ KILN_GLOBAL void __launch_bounds__(kThreads) decode_split_kernel(Args a) {
   uint16_t* sK = sQ + 16 * LD;       // [2][kTile][LD]
   uint16_t* sV = sK + 2 * kTile * LD;  // [2][kTile][LD]
   const int64_t kvh = h / a.group;
-  const uint16_t* kg = a.k + int64_t(b) * a.kv_batch_stride + kvh * HD;
-  const uint16_t* vg = a.v + int64_t(b) * a.kv_batch_stride + kvh * HD;
+  const uint16_t* kg = a.k + kvh * HD;  // key j of this sequence: kg + key_at(a, b, j)
+  const uint16_t* vg = a.v + kvh * HD;
 
   float o[ND][4];
   KILN_UNROLL
@@ -81,16 +92,16 @@ KILN_GLOBAL void __launch_bounds__(kThreads) decode_split_kernel(Args a) {
   if (tile0 < tile1) {
     load_rows<16, HD, LD>(sQ, a.q + int64_t(b) * a.Tq * a.q_stride + int64_t(h) * HD, a.q_stride, a.Tq);
     const int kb = tile0 * kTile;
-    load_rows<kTile, HD, LD>(sK, kg + int64_t(kb) * a.kv_stride, a.kv_stride, nkeys - kb);
-    load_rows<kTile, HD, LD>(sV, vg + int64_t(kb) * a.kv_stride, a.kv_stride, nkeys - kb);
+    load_rows<kTile, HD, LD>(sK, kg + key_at(a, b, kb), a.kv_stride, nkeys - kb);
+    load_rows<kTile, HD, LD>(sV, vg + key_at(a, b, kb), a.kv_stride, nkeys - kb);
     simt::cp_async_commit();
     uint32_t qf[KD][4];
     for (int tile = tile0; tile < tile1; tile++) {
       const int j = tile - tile0, k0 = tile * kTile;
       if (tile + 1 < tile1) {
         const int st = (j + 1) & 1, kn = k0 + kTile;
-        load_rows<kTile, HD, LD>(sK + st * kTile * LD, kg + int64_t(kn) * a.kv_stride, a.kv_stride, nkeys - kn);
-        load_rows<kTile, HD, LD>(sV + st * kTile * LD, vg + int64_t(kn) * a.kv_stride, a.kv_stride, nkeys - kn);
+        load_rows<kTile, HD, LD>(sK + st * kTile * LD, kg + key_at(a, b, kn), a.kv_stride, nkeys - kn);
+        load_rows<kTile, HD, LD>(sV + st * kTile * LD, vg + key_at(a, b, kn), a.kv_stride, nkeys - kn);
         simt::cp_async_commit();
         simt::cp_async_wait<1>();
       } else {
@@ -256,7 +267,9 @@ void decode_attention(const DecodeAttention& p, void* scratch, void* stream) {
   const Args args{p.q, p.k, p.v, p.out, static_cast<float*>(scratch), p.past_per_seq, p.q_stride,
                   p.kv_batch_stride, p.kv_stride, p.out_stride, p.Tq, p.NH, p.NH / (p.NKV > 0 ? p.NKV : p.NH), p.window,
                   pl.splits, pl.tiles_per_split,
-                  p.scale * kLog2e};
+                  p.scale * kLog2e, p.pages.table, p.pages.block_size, p.pages.stride};
+  KILN_CHECK(!p.pages || (p.pages.block_size > 0 && p.pages.block_size % kTile == 0),
+             "decode_attention: a paged cache's block size (", p.pages.block_size, ") must be a multiple of ", kTile);
   const auto s = static_cast<cudaStream_t>(stream);
   const dim3 grid(unsigned(pl.splits), unsigned(p.NH), unsigned(p.B));
   const dim3 merge_grid(unsigned(p.B * p.Tq), unsigned(p.NH));
@@ -273,12 +286,15 @@ void decode_attention(const DecodeAttention& p, void* scratch, void* stream) {
 
 // One thread per pair of bf16 values of K or V (qkv rows [NH q | NKV k | NKV v] heads, cache rows NKV·HD).
 KILN_GLOBAL void kv_append_kernel(uint16_t* k_cache, uint16_t* v_cache, const uint16_t* qkv, const int32_t* past,
-                                  int Tq, int NH, int NKV, int HD, int64_t kv_batch_stride, int64_t total) {
+                                  int Tq, int NH, int NKV, int HD, int64_t kv_batch_stride, int64_t total,
+                                  const int32_t* table, int block_size, int64_t table_stride) {
   const int64_t C = int64_t(NKV) * HD, half = C / 2, row_len = int64_t(NH + 2 * NKV) * HD;
   for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < total; i += int64_t(gridDim.x) * blockDim.x) {
     const int64_t row = i / half, c = 2 * (i % half);  // row = b·Tq + j
     const int64_t b = row / Tq, j = row % Tq;
-    const int64_t dst = b * kv_batch_stride + (past[b] + j) * C + c;
+    const int64_t pos = past[b] + j;
+    const int64_t dst = table ? (int64_t(table[b * table_stride + pos / block_size]) * block_size + pos % block_size) * C + c
+                              : b * kv_batch_stride + pos * C + c;
     const uint16_t* src = qkv + row * row_len + int64_t(NH) * HD + c;
     *reinterpret_cast<uint32_t*>(k_cache + dst) = *reinterpret_cast<const uint32_t*>(src);
     *reinterpret_cast<uint32_t*>(v_cache + dst) = *reinterpret_cast<const uint32_t*>(src + C);
@@ -286,8 +302,9 @@ KILN_GLOBAL void kv_append_kernel(uint16_t* k_cache, uint16_t* v_cache, const ui
 }
 
 void kv_cache_append(uint16_t* k_cache, uint16_t* v_cache, const uint16_t* qkv, const int32_t* past_per_seq, int B,
-                     int Tq, int NH, int NKV, int HD, int64_t kv_batch_stride, void* stream) {
+                     int Tq, int NH, int NKV, int HD, int64_t kv_batch_stride, void* stream, const KVPages& pages) {
   if (NKV == 0) NKV = NH;
+  KILN_CHECK(!pages || pages.block_size > 0, "kv_cache_append: a paged cache needs a block size");
   KILN_CHECK(B >= 0 && Tq >= 0 && NH >= 1 && NKV >= 1 && NH % NKV == 0 && HD >= 2 && HD % 2 == 0 &&
                  kv_batch_stride % 2 == 0,
              "kv_cache_append: bad sizes B=", B, " Tq=", Tq, " NH=", NH, " NKV=", NKV, " HD=", HD);
@@ -296,7 +313,7 @@ void kv_cache_append(uint16_t* k_cache, uint16_t* v_cache, const uint16_t* qkv, 
   KILN_CHECK(k_cache && v_cache && qkv && past_per_seq, "kv_cache_append: null pointer argument");
   const unsigned blocks = unsigned(std::min<int64_t>((total + 255) / 256, 1024));
   simt::launch(kv_append_kernel, dim3(blocks), dim3(256), 0, static_cast<cudaStream_t>(stream), k_cache, v_cache,
-               qkv, past_per_seq, Tq, NH, NKV, HD, kv_batch_stride, total);
+               qkv, past_per_seq, Tq, NH, NKV, HD, kv_batch_stride, total, pages.table, pages.block_size, pages.stride);
 }
 
 }  // namespace kiln::cuda

@@ -20,8 +20,9 @@ void decode_attention(const DecodeAttentionParams& p) {
   for (int b = 0; b < p.B; b++) {
     const int past = p.past_of(b);
     KILN_CHECK(past >= 0, "decode_attention: sequence ", b, " has negative past ", past);
-    const float* kb = p.k + int64_t(b) * p.kv_batch_stride;
-    const float* vb = p.v + int64_t(b) * p.vbs();
+    // Key and value j of sequence b: in the sequence's own slab, or through the block table.
+    auto kat = [&](int64_t j) { return p.pages ? p.pages.row(b, j) * p.kv_stride : b * p.kv_batch_stride + j * p.kv_stride; };
+    auto vat = [&](int64_t j) { return p.pages ? p.pages.row(b, j) * p.vs() : b * p.vbs() + j * p.vs(); };
     for (int i = 0; i < p.Tq; i++) {
       const int64_t row = int64_t(b) * p.Tq + i, last = int64_t(past) + i;
       // Keys first .. last are visible: all of them, or those within the window.
@@ -32,7 +33,7 @@ void decode_attention(const DecodeAttentionParams& p) {
         s.assign(size_t(last - first + 1), 0.0);
         double mx = -INFINITY;
         for (int64_t j = first; j <= last; j++) {
-          const float* k = kb + j * p.kv_stride + kvoff;
+          const float* k = p.k + kat(j) + kvoff;
           double dot = 0;
           for (int d = 0; d < p.HD; d++) dot += double(q[d]) * double(k[d]);
           s[size_t(j - first)] = dot * double(p.scale);
@@ -43,7 +44,7 @@ void decode_attention(const DecodeAttentionParams& p) {
         float* o = p.out + row * p.out_stride + int64_t(h) * p.hdv();
         for (int d = 0; d < p.hdv(); d++) {
           double acc = 0;
-          for (int64_t j = first; j <= last; j++) acc += s[size_t(j - first)] * double(vb[j * p.vs() + voff + d]);
+          for (int64_t j = first; j <= last; j++) acc += s[size_t(j - first)] * double(p.v[vat(j) + voff + d]);
           o[d] = float(acc / sum);
         }
       }

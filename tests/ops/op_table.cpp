@@ -28,6 +28,7 @@
 #include "kernels/rmsnorm.h"
 #include "kernels/rope.h"
 #include "models/model_config.h"
+#include "nn/backend.h"
 
 namespace kiln::ops {
 namespace {
@@ -1076,6 +1077,72 @@ void add_decode_attention(std::vector<OpCase>& t) {
       t.push_back(std::move(c));
     }
 
+  // A paged cache: the same attention with each sequence's positions in blocks of 64 scattered over a pool
+  // through a block table. The reference gathers the blocks back into the contiguous layout and runs the
+  // contiguous reference; cpu:: and cuda:: read the pool through the table.
+  struct P {
+    int NH, NKV, Tq, window;
+    std::vector<int32_t> past;
+  };
+  for (const P& d : {P{4, 2, 1, 0, {0, 300}}, P{4, 1, 3, 50, {77, 250}}, P{2, 2, 16, 0, {5, 130}}})
+    for (DType dt : {F32, BF16}) {
+      const int B = int(d.past.size()), HD = 64, bs = 64, per_seq = 5, pool = 13, cap = per_seq * bs;
+      const int64_t L = int64_t(d.NH + 2 * d.NKV) * HD, KC = int64_t(d.NKV) * HD, C = int64_t(d.NH) * HD;
+      // Block ids: sequence b's i-th block is (7·(b·per_seq + i) + 3) mod pool (a permutation, pool prime).
+      std::vector<int32_t> table(size_t(B * per_seq));
+      for (int i = 0; i < B * per_seq; i++) table[size_t(i)] = (7 * i + 3) % pool;
+      const float scale = 1.0f / std::sqrt(float(HD));
+      const std::string name = fmt("paged NH %d NKV %d Tq %d w %d past {%d,%d} %s", d.NH, d.NKV, d.Tq, d.window,
+                                   d.past[0], d.past[1], dtype_name(dt));
+      auto params = [=](const float* q, const float* k, const float* v, float* out) {
+        DecodeAttentionParams p;
+        p.B = B, p.Tq = d.Tq, p.past_per_seq = d.past.data(), p.NH = d.NH, p.HD = HD, p.NKV = d.NKV;
+        p.window = d.window, p.scale = scale, p.q = q, p.q_stride = L, p.k = k, p.v = v, p.kv_stride = KC;
+        p.out = out, p.out_stride = C;
+        return p;
+      };
+      OpCase c = make("decode_attention", name, Mode::Forward,
+                      {{"q", randn(size_t(B * d.Tq * L), 311, 1.0f, dt), dt},
+                       {"k_pool", randn(size_t(pool * bs * KC), 312, 1.0f, dt), dt},
+                       {"v_pool", randn(size_t(pool * bs * KC), 313, 1.0f, dt), dt}});
+      c.k = kfor(dt, HD + cap);
+      c.ref = [=](const Tensors& in) {
+        std::vector<float> k(size_t(B * cap * KC)), v(k.size()), out(size_t(B * d.Tq * C));
+        for (int b = 0; b < B; b++)
+          for (int i = 0; i < per_seq; i++) {
+            const size_t src = size_t(table[size_t(b * per_seq + i)]) * bs * KC, dst = size_t(b * cap + i * bs) * KC;
+            std::copy_n(in[1].v.begin() + long(src), bs * KC, k.begin() + long(dst));
+            std::copy_n(in[2].v.begin() + long(src), bs * KC, v.begin() + long(dst));
+          }
+        DecodeAttentionParams p = params(in[0].v.data(), k.data(), v.data(), out.data());
+        p.kv_batch_stride = cap * KC;
+        ref::decode_attention(p);
+        return Tensors{{"out", out, dt}};
+      };
+      if (dt == F32)
+        c.cpu = [=](const Tensors& in) {
+          std::vector<float> out(size_t(B * d.Tq * C));
+          DecodeAttentionParams p = params(in[0].v.data(), in[1].v.data(), in[2].v.data(), out.data());
+          p.pages = KVPages{table.data(), bs, per_seq};
+          cpu::decode_attention(p);
+          return Tensors{{"out", out}};
+        };
+      if (dt == BF16)
+        c.cuda = [=](const Tensors& in) {
+          Dev q = up(in[0]), k = up(in[1]), v = up(in[2]), out(size_t(B * d.Tq * C), BF16);
+          DevInts dp(d.past), dt_(table);
+          cuda::DecodeAttention p;
+          p.B = B, p.Tq = d.Tq, p.past_per_seq = dp.get(), p.max_past = cap, p.NH = d.NH, p.NKV = d.NKV;
+          p.HD = HD, p.window = d.window, p.scale = scale, p.q = q.h(), p.q_stride = L, p.k = k.h(), p.v = v.h();
+          p.kv_stride = KC, p.out = out.h(), p.out_stride = C;
+          p.pages = KVPages{dt_.get(), bs, per_seq};
+          gpu::DeviceBuffer scratch(std::max<size_t>(cuda::decode_attention_scratch_bytes(p), 4), "ops test");
+          cuda::decode_attention(p, scratch.data(), stream());
+          return Tensors{down("out", out)};
+        };
+      t.push_back(std::move(c));
+    }
+
   // The KV-cache append: the new keys and values of the fused QKV rows copied to each sequence's position.
   struct A {
     int NH, NKV, HD;
@@ -1106,6 +1173,51 @@ void add_decode_attention(std::vector<OpCase>& t) {
       cuda::kv_cache_append(k.h(), v.h(), qkv.h(), dp.get(), B, Tq, a.NH, a.NKV, a.HD, cap * KC, stream());
       return Tensors{down("k_cache", k), down("v_cache", v)};
     };
+    t.push_back(std::move(c));
+  }
+}
+
+// The paged KV-cache append: the same copy into the blocks a table names (blocks of 64, scattered).
+void add_kv_append_paged(std::vector<OpCase>& t) {
+  const int B = 2, Tq = 3, NH = 4, NKV = 2, HD = 64, bs = 64, per_seq = 2, pool = 5;
+  const std::vector<int32_t> past = {62, 100}, table = {3, 0, 4, 1};  // sequence 0 crosses a block boundary
+  const int64_t L = int64_t(NH + 2 * NKV) * HD, KC = int64_t(NKV) * HD;
+  for (DType dt : {F32, BF16}) {
+    OpCase c = make("kv_append", fmt("paged %s", dtype_name(dt)), Mode::Forward,
+                    {{"qkv", randn(size_t(B * Tq * L), 54, 1.0f, dt), dt},
+                     {"k_pool", randn(size_t(pool * bs * KC), 55, 1.0f, dt), dt},
+                     {"v_pool", randn(size_t(pool * bs * KC), 56, 1.0f, dt), dt}});
+    c.exact = true;
+    c.ref = [=](const Tensors& in) {
+      auto kc = in[1].v, vc = in[2].v;
+      for (int b = 0; b < B; b++)
+        for (int i = 0; i < Tq; i++) {
+          const int j = past[size_t(b)] + i;
+          const int64_t row = b * Tq + i, at = (int64_t(table[size_t(b * per_seq + j / bs)]) * bs + j % bs) * KC;
+          for (int64_t e = 0; e < KC; e++) {
+            kc[size_t(at + e)] = in[0].v[size_t(row * L + NH * HD + e)];
+            vc[size_t(at + e)] = in[0].v[size_t(row * L + NH * HD + KC + e)];
+          }
+        }
+      return Tensors{{"k_pool", kc, dt}, {"v_pool", vc, dt}};
+    };
+    if (dt == F32)
+      c.cpu = [=](const Tensors& in) {
+        auto be = nn::make_cpu_backend();
+        auto qkv = in[0].v, kc = in[1].v, vc = in[2].v;
+        be->kv_append(nn::Act{kc.data(), kiln::DType::F32}, nn::Act{vc.data(), kiln::DType::F32}, 0,
+                      nn::Act{qkv.data(), kiln::DType::F32}, NH, NKV, HD, B, Tq, past.data(),
+                      KVPages{table.data(), bs, per_seq});
+        return Tensors{{"k_pool", kc}, {"v_pool", vc}};
+      };
+    if (dt == BF16)
+      c.cuda = [=](const Tensors& in) {
+        Dev qkv = up(in[0]), k = up(in[1]), v = up(in[2]);
+        DevInts dp(past), dtab(table);
+        cuda::kv_cache_append(k.h(), v.h(), qkv.h(), dp.get(), B, Tq, NH, NKV, HD, 0, stream(),
+                              KVPages{dtab.get(), bs, per_seq});
+        return Tensors{down("k_pool", k), down("v_pool", v)};
+      };
     t.push_back(std::move(c));
   }
 }
@@ -1405,6 +1517,7 @@ std::vector<OpCase> op_table() {
   add_matmul(t);
   add_attention(t);
   add_decode_attention(t);
+  add_kv_append_paged(t);
   add_embedding(t);
   add_crossentropy(t);
   add_adamw(t);

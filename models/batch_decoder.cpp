@@ -1,0 +1,203 @@
+#include "models/batch_decoder.h"
+
+#include <algorithm>
+#include <cstring>
+
+#include "core/error.h"
+#include "core/gpu.h"
+#include "models/family.h"
+
+namespace kiln {
+
+namespace {
+
+// The same device setup as the other decoder (models/transformer.cpp keeps its copies private).
+std::unique_ptr<nn::Backend> backend_for(bool cuda, const ModelConfig& c) {
+  if (!cuda) return nn::make_cpu_backend();
+  KILN_CHECK(gpu::initialized(), "--device cuda: the GPU is not initialised");
+  KILN_CHECK(c.head_dim == 64 || c.head_dim == 128, "--device cuda: the attention kernels support head_dim 64 and 128; "
+             "this model has head_dim ", c.head_dim);
+  KILN_CHECK(c.d_model % 8 == 0, "--device cuda: d_model must be a multiple of 8 (got ", c.d_model, ")");
+  return nn::make_cuda_backend();
+}
+
+}  // namespace
+
+PagedDecoder::PagedDecoder(const ModelConfig& cfg, const float* params, const BatchDecoderOptions& opt)
+    : cfg_(cfg), table_(model_param_table(cfg)), be_(backend_for(opt.cuda, cfg)), block_size_(opt.block_size) {
+  cfg_.validate("decoder config");
+  max_pos_ = opt.max_positions > 0 ? opt.max_positions : cfg_.max_positions;
+  KILN_CHECK(max_pos_ <= cfg_.max_positions, "decoder: max_positions ", max_pos_, " exceeds the model's context of ",
+             cfg_.max_positions);
+  KILN_CHECK(block_size_ >= 1, "decoder: the KV block size must be at least 1, got ", block_size_);
+  KILN_CHECK(!opt.cuda || block_size_ % 64 == 0, "--device cuda: the KV block size must be a multiple of 64, got ",
+             block_size_);
+  const int per_seq = (max_pos_ + block_size_ - 1) / block_size_;
+  num_blocks_ = opt.num_blocks > 0 ? opt.num_blocks : 8 * per_seq;
+  const std::vector<float> inv_freq = cfg_.rope_inv_freq();
+  inv_freq_buf_ = nn::DeviceBlock(*be_, inv_freq.size() * sizeof(float), "rotary frequencies");
+  if (!inv_freq.empty()) be_->upload(inv_freq_buf_.data(), inv_freq.data(), inv_freq.size() * sizeof(float));
+  const float* dev_params = params;
+  uint16_t* params16 = nullptr;
+  if (!be_->on_host()) {
+    const size_t n = table_.total;
+    params_buf_ = nn::DeviceBlock(*be_, n * sizeof(float), "weights");
+    be_->upload(params_buf_.data(), params, n * sizeof(float));
+    dev_params = params_buf_.as<float>();
+    params16_buf_ = nn::DeviceBlock(*be_, n * sizeof(uint16_t), "16-bit weights");
+    params16 = params16_buf_.as<uint16_t>();
+    be_->memset(params16, 0, n * sizeof(uint16_t));
+    for (const ParamSpec& s : table_.specs)
+      if (s.shape.ndim == 2 && s.key != "position_embd.weight")
+        be_->to_lowp(params16 + s.offset, dev_params + s.offset, s.numel(), *be_->lowp());
+  }
+  w_.bind(cfg_, table_, dev_params, nullptr, params16, inv_freq_buf_.as<float>());
+  const size_t pool = size_t(cfg_.n_layer) * size_t(num_blocks_) * size_t(block_size_) * size_t(cfg_.kv_dim()) *
+                      dtype_size(be_->act_dtype());
+  k_ = nn::DeviceBlock(*be_, pool, "KV cache blocks (keys)");
+  v_ = nn::DeviceBlock(*be_, pool, "KV cache blocks (values)");
+  // Zeroed: a GPU kernel reads whole tiles past the cached length (masked), which must not be NaN patterns.
+  be_->memset(k_.data(), 0, pool);
+  be_->memset(v_.data(), 0, pool);
+}
+
+void PagedDecoder::ensure(int64_t rows, int64_t B, int64_t table_entries) {
+  if (rows <= rows_ && B <= max_b_ && table_entries <= table_cap_) return;
+  rows_ = std::max(rows_, rows);
+  max_b_ = std::max(max_b_, B);
+  table_cap_ = std::max(table_cap_, table_entries);
+  const int C = cfg_.d_model, V = cfg_.vocab_size;
+  const bool device = !be_->on_host();
+  const nn::BlockShape S = block_shape_all(cfg_);
+  auto carve = [&](nn::Workspace& ws) {
+    x_ = ws.f32(rows_ * C);
+    last_ = ws.f32(max_b_ * C);
+    ln_ = ws.act(std::max(rows_, max_b_) * C);
+    mean_ = ws.f32(std::max(rows_, max_b_));
+    rstd_ = ws.f32(std::max(rows_, max_b_));
+    a_.allocate(ws, rows_, S);
+    if (S.moe) s_.moe.allocate(ws, rows_, S.moe);  // the router logits and gathered rows
+    a_.h = nullptr;  // the stream is updated in place
+    logits_d_ = ws.f32(max_b_ * V);
+    inputs_d_ = device ? ws.i32(2 * rows_ + max_b_ + table_cap_) : nullptr;
+  };
+  nn::Workspace measure(be_->act_dtype());
+  carve(measure);
+  ws_ = nn::Workspace(*be_, measure.peak(), "batch decoder activations");
+  carve(ws_);
+  nn::OpScratch ops;  // the decode attention's scratch for this many sequences against a whole context
+  ops.decode.B = int(max_b_);
+  ops.decode.Tq = int(std::min<int64_t>(rows_, std::min(kMaxChunk, be_->max_decode_queries())));
+  ops.decode.max_past = max_pos_;
+  ops.decode.NH = cfg_.n_head;
+  ops.decode.NKV = cfg_.n_kv_head;
+  ops.decode.HD = cfg_.head_dim;
+  be_->reserve_scratch(ops);
+}
+
+void PagedDecoder::run_pass(const std::vector<BatchRow>& rows, const std::vector<int>& idx, int from, int Tq,
+                            bool last) {
+  const int B = int(idx.size()), C = cfg_.d_model, V = cfg_.vocab_size;
+  const int64_t N = int64_t(B) * Tq;
+  int64_t stride = 1;
+  for (int i : idx) stride = std::max<int64_t>(stride, rows[size_t(i)].n_blocks);
+  ensure(N, B, B * stride);
+  // [tokens N | positions N | cached lengths B | block table B·stride]: one copy brings them to a device.
+  inputs_.assign(size_t(2 * N + B + B * stride), 0);
+  int32_t *tok = inputs_.data(), *pos = tok + N, *past = pos + N, *table = past + B;
+  bool fresh = Tq > 1;
+  for (int b = 0; b < B; b++) {
+    const BatchRow& r = rows[size_t(idx[size_t(b)])];
+    const int p0 = r.past + from;
+    KILN_CHECK(r.past >= 0 && int64_t(p0) + Tq <= max_pos_, "decoder: ", p0, " cached + ", Tq,
+               " new positions exceed the context of ", max_pos_, " positions");
+    KILN_CHECK(int64_t(r.n_blocks) * block_size_ >= int64_t(p0) + Tq, "decoder: ", r.n_blocks, " blocks of ",
+               block_size_, " hold fewer than the ", p0 + Tq, " positions of a sequence");
+    past[b] = p0;
+    fresh = fresh && p0 == 0;
+    for (int i = 0; i < Tq; i++) {
+      const int32_t t = r.tokens[from + i];
+      KILN_CHECK(t >= 0 && t < V, "token id ", t, " is outside the model's vocabulary [0, ", V, ")");
+      tok[b * Tq + i] = t;
+      pos[b * Tq + i] = p0 + i;
+    }
+    for (int i = 0; i < r.n_blocks; i++) {
+      KILN_CHECK(r.blocks[i] >= 0 && r.blocks[i] < num_blocks_, "decoder: block id ", r.blocks[i],
+                 " is outside the pool of ", num_blocks_, " blocks");
+      table[b * stride + i] = r.blocks[i];
+    }
+  }
+  const int32_t* in =
+      static_cast<const int32_t*>(be_->from_host(inputs_d_, inputs_.data(), inputs_.size() * sizeof(int32_t)));
+  const int32_t *tok_d = in, *pos_d = in + N, *past_d = in + 2 * N, *table_d = in + 2 * N + B;
+  be_->embedding_forward(x_, tok_d, pos_d, w_.wte, w_.wpe, N, C);
+  const AttentionParams flash = attention_params(cfg_, B, Tq);
+  const int64_t layer_pool = int64_t(num_blocks_) * block_size_ * cfg_.kv_dim();
+  const nn::Act k{k_.data(), be_->act_dtype()}, v{v_.data(), be_->act_dtype()};
+  for (int l = 0; l < cfg_.n_layer; l++) {
+    nn::KVLayer cache;
+    cache.k = k.at(l * layer_pool);
+    cache.v = v.at(l * layer_pool);
+    cache.past = past_d;
+    cache.max_positions = max_pos_;
+    cache.B = B;
+    cache.Tq = Tq;
+    cache.fresh = fresh;
+    cache.pages = KVPages{table_d, block_size_, stride};
+    w_.blocks[size_t(l)].forward(*be_, x_, x_, a_, s_, pos_d, flash, N, &cache);
+  }
+  if (!last) return;
+  // Each sequence's last row, through the final norm and the head.
+  be_->copy_rows(nn::Act{last_, DType::F32}, C, nn::Act{x_ + int64_t(Tq - 1) * C, DType::F32}, int64_t(Tq) * C, B, C);
+  w_.final_norm.forward(*be_, ln_, mean_, rstd_, last_, B);
+  be_->linear_forward(nn::Act{logits_d_, DType::F32}, ln_, w_.head, B);
+  const size_t bytes = sizeof(float) * size_t(B) * size_t(V);
+  if (!be_->on_host()) pass_logits_.resize(size_t(B) * size_t(V));
+  const float* lg = static_cast<const float*>(be_->to_host(pass_logits_.data(), logits_d_, bytes));
+  for (int b = 0; b < B; b++)
+    std::memcpy(logits_.data() + size_t(idx[size_t(b)]) * V, lg + size_t(b) * V, sizeof(float) * size_t(V));
+}
+
+const float* PagedDecoder::forward(const std::vector<BatchRow>& rows) {
+  const int V = cfg_.vocab_size;
+  logits_.resize(rows.size() * size_t(V));
+  std::vector<int> singles;
+  for (size_t i = 0; i < rows.size(); i++) {
+    KILN_CHECK(rows[i].n >= 1, "decoder: row ", i, " has no new tokens");
+    if (rows[i].n == 1) singles.push_back(int(i));
+  }
+  if (!singles.empty()) run_pass(rows, singles, 0, 1, true);
+  // Fresh prompts of one length that fit a chunk share a pass too (B rows through FlashAttention).
+  std::vector<bool> done_rows(rows.size(), false);
+  for (size_t i = 0; i < rows.size(); i++) {
+    const BatchRow& r = rows[i];
+    if (r.n == 1 || r.past != 0 || r.n > kMaxChunk || done_rows[i]) continue;
+    std::vector<int> group;
+    for (size_t j = i; j < rows.size(); j++)
+      if (!done_rows[j] && rows[j].past == 0 && rows[j].n == r.n) {
+        group.push_back(int(j));
+        done_rows[j] = true;
+      }
+    run_pass(rows, group, 0, r.n, true);
+  }
+  for (size_t i = 0; i < rows.size(); i++) {
+    const BatchRow& r = rows[i];
+    if (r.n == 1 || done_rows[i]) continue;
+    // The pieces TransformerDecoder runs: whole chunks through FlashAttention while the cache is empty, then
+    // as many queries as the backend's decode attention takes.
+    for (int done = 0; done < r.n;) {
+      const int limit = r.past + done == 0 ? kMaxChunk : std::min(kMaxChunk, be_->max_decode_queries());
+      const int m = std::min(limit, r.n - done);
+      run_pass(rows, {int(i)}, done, m, done + m == r.n);
+      done += m;
+    }
+  }
+  return logits_.data();
+}
+
+std::unique_ptr<BatchDecoder> make_batch_decoder(const ModelConfig& cfg, const float* params,
+                                                 const BatchDecoderOptions& opt) {
+  return std::make_unique<PagedDecoder>(cfg, params, opt);
+}
+
+}  // namespace kiln
