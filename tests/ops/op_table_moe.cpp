@@ -6,6 +6,8 @@
 #include <cmath>
 #include <cstdio>
 
+#include "core/dtype.h"
+#include "core/gpu.h"
 #include "core/rng.h"
 #include "kernels/moe.h"
 #include "tests/ops/op_table.h"
@@ -47,6 +49,53 @@ std::function<double(const Tensors&, double*)> dot_loss(OpFn fwd, std::vector<st
     return s;
   };
 }
+
+
+// Device copies for the cuda:: cases: fp32 or bf16 (each element rounded to bf16 as it goes up) or int32.
+struct DevBuf {
+  gpu::DeviceBuffer buf;
+  size_t n;
+  bool bf16;
+  DevBuf(size_t count, bool half) : buf(std::max<size_t>(count * (half ? 2 : 4), 4), "moe ops test"), n(count), bf16(half) {}
+  float* f() const { return buf.as<float>(); }
+  uint16_t* h() const { return buf.as<uint16_t>(); }
+  int32_t* i() const { return buf.as<int32_t>(); }
+};
+DevBuf upf(const std::vector<float>& v, bool half = false) {
+  DevBuf d(v.size(), half);
+  if (half) {
+    std::vector<uint16_t> h(v.size());
+    for (size_t i = 0; i < v.size(); i++) h[i] = f32_to_bf16(v[i]);
+    gpu::copy_to_device(d.buf.data(), h.data(), h.size() * 2);
+  } else {
+    gpu::copy_to_device(d.buf.data(), v.data(), v.size() * 4);
+  }
+  gpu::synchronize();
+  return d;
+}
+DevBuf upi(const std::vector<int32_t>& v) {
+  DevBuf d(v.size(), false);
+  gpu::copy_to_device(d.buf.data(), v.data(), v.size() * 4);
+  gpu::synchronize();
+  return d;
+}
+std::vector<float> downf(const DevBuf& d) {
+  std::vector<float> v(d.n);
+  if (d.bf16) {
+    std::vector<uint16_t> h(d.n);
+    gpu::copy_to_host(h.data(), d.buf.data(), d.n * 2);
+    for (size_t i = 0; i < d.n; i++) v[i] = bf16_to_f32(h[i]);
+  } else {
+    gpu::copy_to_host(v.data(), d.buf.data(), d.n * 4);
+  }
+  return v;
+}
+std::vector<int32_t> downi(const DevBuf& d) {
+  std::vector<int32_t> v(d.n);
+  gpu::copy_to_host(v.data(), d.buf.data(), d.n * 4);
+  return v;
+}
+void* stream() { return gpu::stream(); }
 
 std::vector<float> as_float(const std::vector<int32_t>& v) { return {v.begin(), v.end()}; }
 
@@ -125,6 +174,12 @@ void add_route(std::vector<OpCase>& t) {
         cpu::moe_route(scores.data(), idx.data(), w.data(), in[0].v.data(), has_bias ? bias.data() : nullptr, N, r);
         return Tensors{{"scores", scores}, {"w", w}, {"idx", as_float(idx)}};
       };
+      c.cuda = [=](const Tensors& in) {
+        DevBuf u = upf(in[0].v), sc(size_t(N * E), false), w(size_t(N * K), false), id(size_t(N * K), false);
+        DevBuf b = upf(has_bias ? bias : std::vector<float>{0.0f});
+        cuda::moe_route(sc.f(), id.i(), w.f(), u.f(), has_bias ? b.f() : nullptr, N, r, stream());
+        return Tensors{{"scores", downf(sc)}, {"w", downf(w)}, {"idx", as_float(downi(id))}};
+      };
       c.exact_outputs = {2};
       c.k = 4 + std::sqrt(double(E));
       t.push_back(std::move(c));
@@ -145,6 +200,14 @@ void add_route(std::vector<OpCase>& t) {
         else
           cpu::moe_route_backward(du.data(), in[1].v.data(), sc.data(), idx.data(), N, r);
         return Tensors{{"dlogits", du}};
+      };
+      c.cuda = [=](const Tensors& in) {
+        std::vector<float> sc(static_cast<size_t>(N * E)), ww(static_cast<size_t>(N * K));
+        std::vector<int32_t> id(static_cast<size_t>(N * K));
+        ref::moe_route(sc.data(), id.data(), ww.data(), in[0].v.data(), has_bias ? bias.data() : nullptr, N, r);
+        DevBuf dsc = upf(sc), dw = upf(in[1].v), did = upi(idx), du(size_t(N * E), false);
+        cuda::moe_route_backward(du.f(), dw.f(), dsc.f(), did.i(), N, r, stream());
+        return Tensors{{"dlogits", downf(du)}};
       };
       c.ref = [=](const Tensors& in) { return back(true, in); };
       c.cpu = [=](const Tensors& in) { return back(false, in); };
@@ -180,6 +243,11 @@ void add_dispatch(std::vector<OpCase>& t) {
       };
       c.ref = [=](const Tensors&) { return out(true); };
       c.cpu = [=](const Tensors&) { return out(false); };
+      c.cuda = [=](const Tensors&) {
+        DevBuf did = upi(idx), off(size_t(E + 1), false), rt(size_t(R), false), sl(size_t(R), false);
+        cuda::moe_dispatch(off.i(), rt.i(), sl.i(), did.i(), N, K, E, stream());
+        return Tensors{{"offsets", as_float(downi(off))}, {"row_token", as_float(downi(rt))}, {"slot", as_float(downi(sl))}};
+      };
       c.exact = true;
       t.push_back(std::move(c));
     }
@@ -198,6 +266,11 @@ void add_dispatch(std::vector<OpCase>& t) {
         cpu::moe_gather(xs.data(), in[0].v.data(), rt.data(), R, C);
         return Tensors{{"xs", xs}};
       };
+      f.cuda = [=](const Tensors& in) {
+        DevBuf x = upf(in[0].v), drt = upi(rt), xs(size_t(R * C), false);
+        cuda::moe_gather(xs.f(), x.f(), drt.i(), R, C, stream());
+        return Tensors{{"xs", downf(xs)}};
+      };
       f.exact = true;
       t.push_back(std::move(f));
       OpCase g = make("moe_gather", name, Mode::Gradient,
@@ -213,6 +286,13 @@ void add_dispatch(std::vector<OpCase>& t) {
       };
       g.ref = [=](const Tensors& in) { return back(true, in); };
       g.cpu = [=](const Tensors& in) { return back(false, in); };
+      g.cuda = [=](const Tensors& in) {
+        DevBuf dx = upf(in[2].v), ex = upf(in[3].v), dxs = upf(in[1].v), dsl = upi(sl);
+        cuda::moe_gather_backward(dx.f(), ex.f(), dxs.f(), dsl.i(), N, K, C, stream());
+        auto v = downf(dx);
+        for (size_t i = 0; i < v.size(); i++) v[i] -= in[3].v[i];
+        return Tensors{{"dx", v}};
+      };
       g.loss = dot_loss(fwd, {{0, 1}});
       g.grads = {{0, 0, 2}};
       g.k = 4 + K;
@@ -234,6 +314,11 @@ void add_dispatch(std::vector<OpCase>& t) {
         cpu::moe_combine(y.data(), y.data(), in[1].v.data(), sl.data(), in[2].v.data(), N, K, C);
         return Tensors{{"y", y}};
       };
+      f.cuda = [=](const Tensors& in) {
+        DevBuf y = upf(in[0].v), ys = upf(in[1].v), ww = upf(in[2].v), dsl = upi(sl);
+        cuda::moe_combine(y.f(), y.f(), ys.f(), dsl.i(), ww.f(), N, K, C, stream());
+        return Tensors{{"y", downf(y)}};
+      };
       f.k = 4 + K;
       t.push_back(std::move(f));
       Tensors gin = inputs;
@@ -247,6 +332,12 @@ void add_dispatch(std::vector<OpCase>& t) {
       };
       g.ref = [=](const Tensors& in) { return back(true, in); };
       g.cpu = [=](const Tensors& in) { return back(false, in); };
+      g.cuda = [=](const Tensors& in) {
+        DevBuf ys = upf(in[1].v), ww = upf(in[2].v), dy = upf(in[3].v), dsl = upi(sl), dys(size_t(R * C), false),
+            dw(size_t(N * K), false);
+        cuda::moe_combine_backward(dys.f(), dw.f(), dy.f(), ys.f(), dsl.i(), ww.f(), N, K, C, stream());
+        return Tensors{{"dys", downf(dys)}, {"dw", downf(dw)}};
+      };
       g.loss = dot_loss(fwd, {{0, 3}});
       g.grads = {{0, 1, -1}, {1, 2, -1}};
       g.k = 4 + std::sqrt(double(C));
@@ -282,6 +373,11 @@ void add_grouped(std::vector<OpCase>& t) {
       cpu::grouped_linear_forward(y.data(), ldy, x[0].v.data(), x[1].v.data(), off.data(), E, in, out);
       return Tensors{{"y", y}};
     };
+    f.cuda = [=](const Tensors& x) {
+      DevBuf dx = upf(x[0].v), dw = upf(x[1].v), doff = upi(off), y = upf(std::vector<float>(size_t(R * ldy), 0.0f));
+      cuda::grouped_linear_forward(y.f(), ldy, dx.f(), dw.f(), doff.i(), E, in, out, stream());
+      return Tensors{{"y", downf(y)}};
+    };
     f.k = 4 + std::sqrt(double(in));
     t.push_back(std::move(f));
     for (float beta : {0.0f, 1.0f}) {
@@ -298,6 +394,12 @@ void add_grouped(std::vector<OpCase>& t) {
       };
       g.ref = [=](const Tensors& x) { return back(true, x); };
       g.cpu = [=](const Tensors& x) { return back(false, x); };
+      g.cuda = [=](const Tensors& x) {
+        DevBuf dx = upf(beta != 0.0f ? x[3].v : std::vector<float>(size_t(R * in), NAN)), dw = upf(x[4].v),
+            dy = upf(x[2].v), xx = upf(x[0].v), w = upf(x[1].v), doff = upi(off);
+        cuda::grouped_linear_backward(dx.f(), beta, dw.f(), dy.f(), ldy, xx.f(), w.f(), doff.i(), E, in, out, stream());
+        return Tensors{{"dx", downf(dx)}, {"dw", downf(dw)}};
+      };
       g.loss = dot_loss(fwd, {{0, 2}});
       g.grads = {{0, 0, beta != 0.0f ? 3 : -1}, {1, 1, 4}};
       g.k = 4 + std::sqrt(double(std::max<int64_t>(R, out)));
@@ -340,6 +442,11 @@ void add_seq_aux(std::vector<OpCase>& t) {
       const double loss = cpu::moe_seq_aux(ff.data(), sc.data(), idx.data(), starts.data(), S, r, alpha);
       return Tensors{{"loss", {float(loss)}}, {"f", ff}};
     };
+    f.cuda = [=](const Tensors& in) {
+      DevBuf sc = upf(scores_of(in[0].v)), did = upi(idx), ff(size_t(S * E), false);
+      const double loss = cuda::moe_seq_aux(ff.f(), sc.f(), did.i(), starts.data(), S, r, alpha, stream());
+      return Tensors{{"loss", {float(loss)}}, {"f", downf(ff)}};
+    };
     f.k = 4 + std::sqrt(double(N));
     t.push_back(std::move(f));
     OpCase g = make("moe_seq_aux", name, Mode::Gradient, {{"logits", logits}, {"one", {1.0f}}, {"d0", randn(size_t(N * E), 93)}});
@@ -353,6 +460,14 @@ void add_seq_aux(std::vector<OpCase>& t) {
     };
     g.ref = [=](const Tensors& in) { return back(true, in); };
     g.cpu = [=](const Tensors& in) { return back(false, in); };
+    g.cuda = [=](const Tensors& in) {
+      const std::vector<float> sc = scores_of(in[0].v);
+      std::vector<float> ff(size_t(S * E));
+      ref::moe_seq_aux(ff.data(), sc.data(), idx.data(), starts.data(), S, r, alpha);
+      DevBuf dsc = upf(sc), dff = upf(ff), du = upf(in[2].v);
+      cuda::moe_seq_aux_backward(du.f(), dff.f(), dsc.f(), starts.data(), S, r, alpha, stream());
+      return Tensors{{"dlogits", downf(du)}};
+    };
     g.loss = dot_loss(fwd, {{0, 1}});
     g.grads = {{0, 0, 2}};
     g.k = 4 + std::sqrt(double(E));
