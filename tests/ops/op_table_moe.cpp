@@ -5,6 +5,7 @@
 // yardstick's input roundings nor the finite-difference steps change which experts are chosen.
 #include <cmath>
 #include <cstdio>
+#include <tuple>
 
 #include "core/dtype.h"
 #include "core/gpu.h"
@@ -475,6 +476,96 @@ void add_seq_aux(std::vector<OpCase>& t) {
   }
 }
 
+
+// The experts' products and combine as the bf16 CUDA backend runs them: bf16 activations and weights (rounded
+// once here, so the reference reads the same numbers), fp32 sums; bf16 outputs except dW and the fp32 stream.
+void add_bf16(std::vector<OpCase>& t) {
+  constexpr DType B = DType::BF16;
+  auto bf = [](const std::vector<float>& v) { return Tensor{"", v, DType::BF16}; };
+  for (auto [N, E, K, in, out] : {std::tuple{37, 8, 2, 24, 40}, std::tuple{60, 16, 4, 64, 33}}) {
+    const int64_t R = int64_t(N) * K, ldy = out + 3;
+    const std::vector<int32_t> idx = random_choices(N, K, E, 1, 95 + uint64_t(N));
+    std::vector<int32_t> off(static_cast<size_t>(E + 1)), rt(static_cast<size_t>(R)), sl(static_cast<size_t>(R));
+    ref::moe_dispatch(off.data(), rt.data(), sl.data(), idx.data(), N, K, E);
+    const std::string name = fmt("R%ld E%d in%d out%d bf16", long(R), E, in, out);
+    Tensor x = bf(randn(size_t(R * in), 96, 1.0f, B)), w = bf(randn(size_t(E) * out * in, 97, 0.2f, B));
+    x.name = "x", w.name = "w";
+    OpFn fwd = [=](const Tensors& a) {
+      std::vector<float> y(size_t(R * ldy), 0.0f);
+      ref::grouped_linear_forward(y.data(), ldy, a[0].v.data(), a[1].v.data(), off.data(), E, in, out);
+      return Tensors{{"y", y, B}};
+    };
+    OpCase f = make("grouped_linear", name, Mode::Forward, {x, w});
+    f.ref = fwd;
+    f.cuda = [=](const Tensors& a) {
+      DevBuf dx = upf(a[0].v, true), dw = upf(a[1].v, true), doff = upi(off),
+             y = upf(std::vector<float>(size_t(R * ldy), 0.0f), true);
+      cuda::grouped_linear_forward(y.h(), ldy, dx.h(), dw.h(), doff.i(), E, in, out, stream());
+      return Tensors{{"y", downf(y), B}};
+    };
+    t.push_back(std::move(f));
+    Tensor dy = bf(randn(size_t(R * ldy), 98, 1.0f, B)), dx0 = bf(randn(size_t(R * in), 99, 1.0f, B));
+    dy.name = "dy", dx0.name = "dx0";
+    OpCase g = make("grouped_linear", name + " dx+=", Mode::Gradient, {x, w, dy, dx0, {"dw0", randn(size_t(E) * out * in, 100)}});
+    g.ref = [=](const Tensors& a) {
+      std::vector<float> dx = a[3].v, dw = a[4].v;
+      ref::grouped_linear_backward(dx.data(), 1.0f, dw.data(), a[2].v.data(), ldy, a[0].v.data(), a[1].v.data(),
+                                   off.data(), E, in, out);
+      return Tensors{{"dx", dx, B}, {"dw", dw}};
+    };
+    g.cuda = [=](const Tensors& a) {
+      DevBuf dx = upf(a[3].v, true), dw = upf(a[4].v), ddy = upf(a[2].v, true), xx = upf(a[0].v, true),
+             ww = upf(a[1].v, true), doff = upi(off);
+      cuda::grouped_linear_backward(dx.h(), 1.0f, dw.f(), ddy.h(), ldy, xx.h(), ww.h(), doff.i(), E, in, out, stream());
+      return Tensors{{"dx", downf(dx), B}, {"dw", downf(dw)}};
+    };
+    g.loss = dot_loss(fwd, {{0, 2}});
+    g.grads = {{0, 0, 3}, {1, 1, 4}};
+    g.k = 4 + std::sqrt(double(std::max<int64_t>(R, out)));
+    t.push_back(std::move(g));
+
+    // combine: the fp32 stream plus the gated bf16 expert rows; its backward's dys in bf16.
+    const int C = in;
+    Tensor ys = bf(randn(size_t(R * C), 101, 1.0f, B));
+    ys.name = "ys";
+    const Tensors cin{{"residual", randn(size_t(N) * C, 102)}, ys, {"w", randn(size_t(N * K), 103)}};
+    OpFn cf = [=](const Tensors& a) {
+      std::vector<float> y(size_t(N) * C);
+      ref::moe_combine(y.data(), a[0].v.data(), a[1].v.data(), sl.data(), a[2].v.data(), N, K, C);
+      return Tensors{{"y", y}};
+    };
+    OpCase c = make("moe_combine", fmt("N%d K%d C%d bf16", N, K, C), Mode::Forward, cin);
+    c.ref = cf;
+    c.cuda = [=](const Tensors& a) {
+      DevBuf y = upf(a[0].v), dys = upf(a[1].v, true), ww = upf(a[2].v), dsl = upi(sl);
+      cuda::moe_combine(y.f(), y.f(), dys.h(), dsl.i(), ww.f(), N, K, C, stream());
+      return Tensors{{"y", downf(y)}};
+    };
+    c.k = 4 + K;
+    t.push_back(std::move(c));
+    Tensors gin = cin;
+    Tensor cdy = bf(randn(size_t(N) * C, 104, 1.0f, B));
+    cdy.name = "dy";
+    gin.push_back(cdy);
+    OpCase cg = make("moe_combine", fmt("N%d K%d C%d bf16", N, K, C), Mode::Gradient, gin);
+    cg.ref = [=](const Tensors& a) {
+      std::vector<float> dys(size_t(R * C)), dw(size_t(N * K));
+      ref::moe_combine_backward(dys.data(), dw.data(), a[3].v.data(), a[1].v.data(), sl.data(), a[2].v.data(), N, K, C);
+      return Tensors{{"dys", dys, B}, {"dw", dw}};
+    };
+    cg.cuda = [=](const Tensors& a) {
+      DevBuf dys(size_t(R * C), true), dw(size_t(N * K), false), ddy = upf(a[3].v, true), dyy = upf(a[1].v, true),
+          ww = upf(a[2].v), dsl = upi(sl);
+      cuda::moe_combine_backward(dys.h(), dw.f(), ddy.h(), dyy.h(), dsl.i(), ww.f(), N, K, C, stream());
+      return Tensors{{"dys", downf(dys), B}, {"dw", downf(dw)}};
+    };
+    cg.loss = dot_loss(cf, {{0, 3}});
+    cg.grads = {{0, 1, -1}, {1, 2, -1}};
+    cg.k = 4 + std::sqrt(double(C));
+    t.push_back(std::move(cg));
+  }
+}
+
 }  // namespace
 
 void add_moe_cases(std::vector<OpCase>& t) {
@@ -482,6 +573,7 @@ void add_moe_cases(std::vector<OpCase>& t) {
   add_dispatch(t);
   add_grouped(t);
   add_seq_aux(t);
+  add_bf16(t);
 }
 
 }  // namespace kiln::ops
