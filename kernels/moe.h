@@ -89,6 +89,13 @@ void moe_dispatch(int32_t* offsets, int32_t* row_token, int32_t* slot, const int
 KILN_MOE_CUDA_TYPED(uint16_t)
 KILN_MOE_CUDA_TYPED(float)
 #undef KILN_MOE_CUDA_TYPED
+// The training backend's form: bf16 activations, the fp32 master weights read directly.
+void grouped_linear_forward(uint16_t* y, int64_t ldy, const uint16_t* x, const float* w, const int32_t* offsets, int E,
+                            int in, int out, void* stream);
+void grouped_linear_backward(uint16_t* dx, float beta, float* dw, const uint16_t* dy, int64_t ldy, const uint16_t* x,
+                             const float* w, const int32_t* offsets, int E, int in, int out, void* stream);
+// load[e] += offsets[e + 1] − offsets[e].
+void moe_count(float* load, const int32_t* offsets, int E, void* stream);
 double moe_seq_aux(float* f, const float* scores, const int32_t* idx, const int32_t* starts, int S,
                    const MoeRouting& r, float alpha, void* stream);
 void moe_seq_aux_backward(float* dlogits, const float* f, const float* scores, const int32_t* starts, int S,

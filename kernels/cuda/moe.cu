@@ -209,9 +209,9 @@ constexpr int kTile = 32, kTK = 16, kThreads = 256;
 // B(k, n) = B[k·sbk + n·sbn]. mode 0 (forward, dx): the rows are expert e's [offsets[e], offsets[e+1]), the
 // block's (expert, row tile) found by walking the offsets; W_e is B (B + e·out·in). mode 1 (dW): the block's
 // expert is blockIdx.z, its rows the reduction index, m and n tile dW_e.
-template <class T, class O>
+template <class T, class TB, class O>
 KILN_GLOBAL void __launch_bounds__(kThreads)
-    grouped_kernel(O* out, int64_t ldo, float beta, const T* A, int64_t sam, int64_t sak, const T* B, int64_t sbk,
+    grouped_kernel(O* out, int64_t ldo, float beta, const T* A, int64_t sam, int64_t sak, const TB* B, int64_t sbk,
                    int64_t sbn, int64_t wstride, const int32_t* offsets, int E, int M, int Ncols, int Kdim, int mode) {
   int e = 0, m0 = 0, rows = 0, kdim = Kdim;
   int64_t arow0 = 0;
@@ -236,7 +236,7 @@ KILN_GLOBAL void __launch_bounds__(kThreads)
     out += int64_t(e) * wstride;
   }
   const T* Ae = mode == 0 ? A + arow0 * sam : A + arow0 * sak;
-  const T* Be = mode == 0 ? B + int64_t(e) * wstride : B + arow0 * sbk;
+  const TB* Be = mode == 0 ? B + int64_t(e) * wstride : B + arow0 * sbk;
   float* as = simt::dynamic_smem<float>();  // [kTile][kTK + 1]
   float* bs = as + kTile * (kTK + 1);       // [kTK][kTile + 1]
   const int tid = int(threadIdx.x), tx = tid % 32, ty = tid / 32, n0 = int(blockIdx.x) * kTile;
@@ -270,8 +270,8 @@ constexpr size_t kGroupedSmem = sizeof(float) * (kTile * (kTK + 1) + kTK * (kTil
 // Row tiles over all experts: at most R/32 + E (each expert's last tile may be partial).
 unsigned row_tiles(int64_t R, int E) { return unsigned((R + kTile - 1) / kTile + E); }
 
-template <class T>
-void grouped_fwd(T* y, int64_t ldy, const T* x, const T* w, const int32_t* offsets, int E, int in, int out,
+template <class T, class TW>
+void grouped_fwd(T* y, int64_t ldy, const T* x, const TW* w, const int32_t* offsets, int E, int in, int out,
                  void* stream) {
   KILN_CHECK(E >= 1 && in >= 1 && out >= 1 && ldy >= out, "cuda::grouped_linear_forward: bad sizes E=", E,
              " in=", in, " out=", out, " ldy=", ldy);
@@ -279,13 +279,13 @@ void grouped_fwd(T* y, int64_t ldy, const T* x, const T* w, const int32_t* offse
   int32_t R = 0;
   gpu::copy_to_host(&R, offsets + E, sizeof R);
   if (R == 0) return;
-  simt::launch(grouped_kernel<T, T>, dim3(unsigned((out + kTile - 1) / kTile), row_tiles(R, E)), dim3(kThreads),
+  simt::launch(grouped_kernel<T, TW, T>, dim3(unsigned((out + kTile - 1) / kTile), row_tiles(R, E)), dim3(kThreads),
                kGroupedSmem, cs(stream), y, ldy, 0.0f, x, int64_t(in), int64_t(1), w, int64_t(1), int64_t(in),
                int64_t(out) * in, offsets, E, 0, out, in, 0);
 }
 
-template <class T>
-void grouped_bwd(T* dx, float beta, float* dw, const T* dy, int64_t ldy, const T* x, const T* w,
+template <class T, class TW>
+void grouped_bwd(T* dx, float beta, float* dw, const T* dy, int64_t ldy, const T* x, const TW* w,
                  const int32_t* offsets, int E, int in, int out, void* stream) {
   KILN_CHECK(E >= 1 && in >= 1 && out >= 1 && ldy >= out, "cuda::grouped_linear_backward: bad sizes E=", E,
              " in=", in, " out=", out, " ldy=", ldy);
@@ -293,11 +293,11 @@ void grouped_bwd(T* dx, float beta, float* dw, const T* dy, int64_t ldy, const T
   gpu::copy_to_host(&R, offsets + E, sizeof R);
   if (R == 0) return;
   if (dx)  // dx_e = dy_e · W_e: A = dy (row stride ldy), B(k = o, n = i) = W_e[o·in + i]
-    simt::launch(grouped_kernel<T, T>, dim3(unsigned((in + kTile - 1) / kTile), row_tiles(R, E)), dim3(kThreads),
+    simt::launch(grouped_kernel<T, TW, T>, dim3(unsigned((in + kTile - 1) / kTile), row_tiles(R, E)), dim3(kThreads),
                  kGroupedSmem, cs(stream), dx, int64_t(in), beta, dy, ldy, int64_t(1), w, int64_t(in), int64_t(1),
                  int64_t(out) * in, offsets, E, 0, in, out, 0);
   if (dw)  // dW_e[o, i] += Σ_r dy[r, o]·x[r, i]: A(m = o, k = r) = dy[r·ldy + o], B(k = r, n = i) = x[r·in + i]
-    simt::launch(grouped_kernel<T, float>,
+    simt::launch(grouped_kernel<T, T, float>,
                  dim3(unsigned((in + kTile - 1) / kTile), unsigned((out + kTile - 1) / kTile), unsigned(E)),
                  dim3(kThreads), kGroupedSmem, cs(stream), dw, int64_t(in), 1.0f, dy, int64_t(1), ldy, x,
                  int64_t(in), int64_t(1), int64_t(out) * in, offsets, E, out, in, 0, 1);
@@ -358,6 +358,11 @@ KILN_GLOBAL void __launch_bounds__(128) seq_aux_backward_kernel(float* dlogits, 
       for (int j = 0; j < E; j++) du[j] += sc[j] * ((scale * fs[j] - gs) * inv - d);
     }
   }
+}
+
+KILN_GLOBAL void __launch_bounds__(128) count_kernel(float* load, const int32_t* offsets, int E) {
+  for (int e = int(blockIdx.x * blockDim.x + threadIdx.x); e < E; e += int(gridDim.x * blockDim.x))
+    load[e] += float(offsets[e + 1] - offsets[e]);
 }
 
 }  // namespace
@@ -421,6 +426,20 @@ void moe_dispatch(int32_t* offsets, int32_t* row_token, int32_t* slot, const int
 KILN_MOE_TYPED(uint16_t)
 KILN_MOE_TYPED(float)
 #undef KILN_MOE_TYPED
+
+void grouped_linear_forward(uint16_t* y, int64_t ldy, const uint16_t* x, const float* w, const int32_t* offsets, int E,
+                            int in, int out, void* stream) {
+  grouped_fwd(y, ldy, x, w, offsets, E, in, out, stream);
+}
+void grouped_linear_backward(uint16_t* dx, float beta, float* dw, const uint16_t* dy, int64_t ldy, const uint16_t* x,
+                             const float* w, const int32_t* offsets, int E, int in, int out, void* stream) {
+  grouped_bwd(dx, beta, dw, dy, ldy, x, w, offsets, E, in, out, stream);
+}
+
+void moe_count(float* load, const int32_t* offsets, int E, void* stream) {
+  if (E <= 0) return;
+  simt::launch(count_kernel, dim3(blocks_for(E, 128)), dim3(128), 0, cs(stream), load, offsets, E);
+}
 
 double moe_seq_aux(float* f, const float* scores, const int32_t* idx, const int32_t* starts, int S,
                    const MoeRouting& r, float alpha, void* stream) {
