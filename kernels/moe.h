@@ -94,6 +94,11 @@ void grouped_linear_forward(uint16_t* y, int64_t ldy, const uint16_t* x, const f
                             int in, int out, void* stream);
 void grouped_linear_backward(uint16_t* dx, float beta, float* dw, const uint16_t* dy, int64_t ldy, const uint16_t* x,
                              const float* w, const int32_t* offsets, int E, int in, int out, void* stream);
+// The router's product with its fp32 weight W [E, in] (routing is decided in fp32): logits [N, E] = x·Wᵀ; the
+// backward overwrites dx [N, in] = dlogits·W (null: skipped) and adds dW += dlogitsᵀ·x (null: skipped).
+void router_forward(float* logits, const uint16_t* x, const float* w, int64_t N, int in, int E, void* stream);
+void router_backward(uint16_t* dx, float* dw, const float* dlogits, const uint16_t* x, const float* w, int64_t N,
+                     int in, int E, void* stream);
 // load[e] += offsets[e + 1] − offsets[e].
 void moe_count(float* load, const int32_t* offsets, int E, void* stream);
 double moe_seq_aux(float* f, const float* scores, const int32_t* idx, const int32_t* starts, int S,

@@ -89,6 +89,7 @@ class CudaBackend final : public Backend {
 
   // ---- linear layers ----
   void linear_forward(Act y, Act x, const Weight& w, int64_t N, int64_t ld) override {
+    if (!w.w16 && fp32_router(y, w, ld)) return cuda::router_forward(static_cast<float*>(y.p), H(x), w.w, N, w.in, w.out, s());
     KILN_CHECK(w.w16, "cuda linear_forward: the weight has no bf16 copy");
     const bool oc_c = w.layout == Layout::OutIn;
     if (ld == 0) ld = w.out;
@@ -102,6 +103,8 @@ class CudaBackend final : public Backend {
     cuda::linear_forward(out, w.out, residual, H(x), w.w16, w.layout == Layout::OutIn, w.b, N, w.in, w.out, s());
   }
   void linear_backward(Act dx, Act dy, Act x, const Weight& w, int64_t N, int64_t ld) override {
+    if (!w.w16 && fp32_router(dy, w, ld))
+      return cuda::router_backward(H(dx), w.dw, static_cast<const float*>(dy.p), H(x), w.w, N, w.in, w.out, s());
     KILN_CHECK(w.w16, "cuda linear_backward: the weight has no bf16 copy");
     cuda::linear_backward(H(dx), w.dw, w.db, H(dy), ld ? ld : w.out, H(x), w.w16, w.layout == Layout::OutIn, N, w.in,
                           w.out, s());
@@ -274,6 +277,10 @@ class CudaBackend final : public Backend {
 
  private:
   static void* s() { return gpu::stream(); }
+  // The MoE router: an fp32 weight without a bf16 copy (nn.Linear, no bias) and fp32 logits.
+  static bool fp32_router(Act y, const Weight& w, int64_t ld) {
+    return y.dtype == DType::F32 && w.w && !w.b && w.layout == Layout::OutIn && (ld == 0 || ld == w.out);
+  }
   // The reserved scratch, checked against what this call needs.
   float* scratch(const char* op, size_t bytes) {
     KILN_CHECK(bytes <= scratch_.size(), "cuda ", op, ": needs ", bytes, " bytes of scratch, the plan reserved ",

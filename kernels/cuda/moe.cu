@@ -4,7 +4,7 @@
 //   dispatch: one block; thread e counts and places expert e's choices in token order (stable, no atomics).
 //   gather, combine and their backwards: one thread per (row, column), the K terms summed in k order.
 //   grouped products: a tiled SIMT kernel (32×32 output tiles, fp32 accumulation) whose blocks find their
-//     expert and row tile from the device offsets, so no host copy of the offsets is needed. dW_e is one
+//     expert and row tiles from the device offsets, so the host never reads them (graph capture works). dW_e is one
 //     block per output tile per expert, summing its rows in order (deterministic, +=).
 #include <algorithm>
 #include <cmath>
@@ -205,81 +205,87 @@ KILN_GLOBAL void __launch_bounds__(256) combine_backward_dw_kernel(float* dw, co
 
 constexpr int kTile = 32, kTK = 16, kThreads = 256;
 
-// One 32×32 tile of out[m, n] (= or beta·out +) Σ_k A(m, k)·B(k, n), A(m, k) = A[m·sam + k·sak],
-// B(k, n) = B[k·sbk + n·sbn]. mode 0 (forward, dx): the rows are expert e's [offsets[e], offsets[e+1]), the
-// block's (expert, row tile) found by walking the offsets; W_e is B (B + e·out·in). mode 1 (dW): the block's
-// expert is blockIdx.z, its rows the reduction index, m and n tile dW_e.
+// 32×32 tiles of out[m, n] (= or beta·out +) Σ_k A(m, k)·B(k, n), A(m, k) = A[m·sam + k·sak],
+// B(k, n) = B[k·sbk + n·sbn]. mode 0 (forward, dx): the rows are expert e's [offsets[e], offsets[e+1]); the
+// blocks of a grid column walk the row tiles of all experts (tile t, t + gridDim.y, ...), each tile's expert
+// found from the device offsets, so the host never reads them (the decoder captures these launches in a CUDA
+// graph). W_e is B (B + e·out·in). mode 1 (dW): the block's expert is blockIdx.z, its rows the reduction index,
+// m and n tile dW_e. mode 2: one dense product of M rows (the router), grid-strided the same way.
 template <class T, class TB, class O>
 KILN_GLOBAL void __launch_bounds__(kThreads)
     grouped_kernel(O* out, int64_t ldo, float beta, const T* A, int64_t sam, int64_t sak, const TB* B, int64_t sbk,
                    int64_t sbn, int64_t wstride, const int32_t* offsets, int E, int M, int Ncols, int Kdim, int mode) {
-  int e = 0, m0 = 0, rows = 0, kdim = Kdim;
-  int64_t arow0 = 0;
-  if (mode == 0) {
-    int t = int(blockIdx.y);
-    for (e = 0; e < E; e++) {
-      const int n = offsets[e + 1] - offsets[e], tiles = (n + kTile - 1) / kTile;
-      if (t < tiles) break;
-      t -= tiles;
-    }
-    if (e == E) return;  // past the last tile (the grid is an upper bound)
-    m0 = t * kTile;
-    rows = offsets[e + 1] - offsets[e];
-    arow0 = offsets[e];
-    out += int64_t(arow0) * ldo;
-  } else {
-    e = int(blockIdx.z);
-    m0 = int(blockIdx.y) * kTile;
-    rows = M;
-    kdim = offsets[e + 1] - offsets[e];
-    arow0 = offsets[e];
-    out += int64_t(e) * wstride;
-  }
-  const T* Ae = mode == 0 ? A + arow0 * sam : A + arow0 * sak;
-  const TB* Be = mode == 0 ? B + int64_t(e) * wstride : B + arow0 * sbk;
   float* as = simt::dynamic_smem<float>();  // [kTile][kTK + 1]
   float* bs = as + kTile * (kTK + 1);       // [kTK][kTile + 1]
   const int tid = int(threadIdx.x), tx = tid % 32, ty = tid / 32, n0 = int(blockIdx.x) * kTile;
-  float acc[4] = {0, 0, 0, 0};
-  for (int k0 = 0; k0 < kdim; k0 += kTK) {
-    for (int i = tid; i < kTile * kTK; i += kThreads) {
-      const int mm = i / kTK, kk = i % kTK, gm = m0 + mm, gk = k0 + kk;
-      as[mm * (kTK + 1) + kk] = gm < rows && gk < kdim ? ld1(Ae + int64_t(gm) * sam + int64_t(gk) * sak) : 0.0f;
-      const int kb = i / kTile, nb = i % kTile, gkb = k0 + kb, gn = n0 + nb;
-      bs[kb * (kTile + 1) + nb] = gkb < kdim && gn < Ncols ? ld1(Be + int64_t(gkb) * sbk + int64_t(gn) * sbn) : 0.0f;
+  for (int tile = int(blockIdx.y);; tile += int(gridDim.y)) {  // uniform over the block: barriers stay matched
+    int e = 0, m0 = 0, rows = 0, kdim = Kdim;
+    int64_t arow0 = 0;
+    O* o = out;
+    if (mode == 0) {
+      int t = tile;
+      for (e = 0; e < E; e++) {
+        const int n = offsets[e + 1] - offsets[e], tiles = (n + kTile - 1) / kTile;
+        if (t < tiles) break;
+        t -= tiles;
+      }
+      if (e == E) return;  // past the last tile
+      m0 = t * kTile;
+      rows = offsets[e + 1] - offsets[e];
+      arow0 = offsets[e];
+      o += arow0 * ldo;
+    } else if (mode == 2) {
+      m0 = tile * kTile;
+      rows = M;
+      if (m0 >= M) return;
+    } else {
+      if (tile != int(blockIdx.y)) return;  // dW: one tile per block
+      e = int(blockIdx.z);
+      m0 = tile * kTile;
+      rows = M;
+      kdim = offsets[e + 1] - offsets[e];
+      arow0 = offsets[e];
+      o += int64_t(e) * wstride;
     }
-    __syncthreads();
-    for (int kk = 0; kk < kTK; kk++) {
-      const float b = bs[kk * (kTile + 1) + tx];
-      for (int j = 0; j < 4; j++) acc[j] += as[(ty + 8 * j) * (kTK + 1) + kk] * b;
+    const T* Ae = mode == 0 ? A + arow0 * sam : A + arow0 * sak;
+    const TB* Be = mode == 0 ? B + int64_t(e) * wstride : B + arow0 * sbk;
+    float acc[4] = {0, 0, 0, 0};
+    for (int k0 = 0; k0 < kdim; k0 += kTK) {
+      for (int i = tid; i < kTile * kTK; i += kThreads) {
+        const int mm = i / kTK, kk = i % kTK, gm = m0 + mm, gk = k0 + kk;
+        as[mm * (kTK + 1) + kk] = gm < rows && gk < kdim ? ld1(Ae + int64_t(gm) * sam + int64_t(gk) * sak) : 0.0f;
+        const int kb = i / kTile, nb = i % kTile, gkb = k0 + kb, gn = n0 + nb;
+        bs[kb * (kTile + 1) + nb] = gkb < kdim && gn < Ncols ? ld1(Be + int64_t(gkb) * sbk + int64_t(gn) * sbn) : 0.0f;
+      }
+      __syncthreads();
+      for (int kk = 0; kk < kTK; kk++) {
+        const float b = bs[kk * (kTile + 1) + tx];
+        for (int j = 0; j < 4; j++) acc[j] += as[(ty + 8 * j) * (kTK + 1) + kk] * b;
+      }
+      __syncthreads();
     }
-    __syncthreads();
-  }
-  const int gn = n0 + tx;
-  if (gn >= Ncols) return;
-  for (int j = 0; j < 4; j++) {
-    const int gm = m0 + ty + 8 * j;
-    if (gm >= rows) continue;
-    O* p = out + int64_t(gm) * ldo + gn;
-    st1(p, beta != 0.0f ? beta * ld1(p) + acc[j] : acc[j]);
+    const int gn = n0 + tx;
+    for (int j = 0; j < 4 && gn < Ncols; j++) {
+      const int gm = m0 + ty + 8 * j;
+      if (gm >= rows) continue;
+      O* p = o + int64_t(gm) * ldo + gn;
+      st1(p, beta != 0.0f ? beta * ld1(p) + acc[j] : acc[j]);
+    }
   }
 }
 
 constexpr size_t kGroupedSmem = sizeof(float) * (kTile * (kTK + 1) + kTK * (kTile + 1));
 
-// Row tiles over all experts: at most R/32 + E (each expert's last tile may be partial).
-unsigned row_tiles(int64_t R, int E) { return unsigned((R + kTile - 1) / kTile + E); }
+// Blocks per grid column for the row tiles of all experts (the rows are on the device): each walks several
+// tiles when there are more.
+unsigned row_blocks(int E) { return unsigned(std::min(E + 32, 1024)); }
 
 template <class T, class TW>
 void grouped_fwd(T* y, int64_t ldy, const T* x, const TW* w, const int32_t* offsets, int E, int in, int out,
                  void* stream) {
   KILN_CHECK(E >= 1 && in >= 1 && out >= 1 && ldy >= out, "cuda::grouped_linear_forward: bad sizes E=", E,
              " in=", in, " out=", out, " ldy=", ldy);
-  // The number of rows is on the device; the grid covers a row bound the caller cannot exceed: we read it once.
-  int32_t R = 0;
-  gpu::copy_to_host(&R, offsets + E, sizeof R);
-  if (R == 0) return;
-  simt::launch(grouped_kernel<T, TW, T>, dim3(unsigned((out + kTile - 1) / kTile), row_tiles(R, E)), dim3(kThreads),
+  simt::launch(grouped_kernel<T, TW, T>, dim3(unsigned((out + kTile - 1) / kTile), row_blocks(E)), dim3(kThreads),
                kGroupedSmem, cs(stream), y, ldy, 0.0f, x, int64_t(in), int64_t(1), w, int64_t(1), int64_t(in),
                int64_t(out) * in, offsets, E, 0, out, in, 0);
 }
@@ -289,11 +295,8 @@ void grouped_bwd(T* dx, float beta, float* dw, const T* dy, int64_t ldy, const T
                  const int32_t* offsets, int E, int in, int out, void* stream) {
   KILN_CHECK(E >= 1 && in >= 1 && out >= 1 && ldy >= out, "cuda::grouped_linear_backward: bad sizes E=", E,
              " in=", in, " out=", out, " ldy=", ldy);
-  int32_t R = 0;
-  gpu::copy_to_host(&R, offsets + E, sizeof R);
-  if (R == 0) return;
   if (dx)  // dx_e = dy_e · W_e: A = dy (row stride ldy), B(k = o, n = i) = W_e[o·in + i]
-    simt::launch(grouped_kernel<T, TW, T>, dim3(unsigned((in + kTile - 1) / kTile), row_tiles(R, E)), dim3(kThreads),
+    simt::launch(grouped_kernel<T, TW, T>, dim3(unsigned((in + kTile - 1) / kTile), row_blocks(E)), dim3(kThreads),
                  kGroupedSmem, cs(stream), dx, int64_t(in), beta, dy, ldy, int64_t(1), w, int64_t(in), int64_t(1),
                  int64_t(out) * in, offsets, E, 0, in, out, 0);
   if (dw)  // dW_e[o, i] += Σ_r dy[r, o]·x[r, i]: A(m = o, k = r) = dy[r·ldy + o], B(k = r, n = i) = x[r·in + i]
@@ -434,6 +437,32 @@ void grouped_linear_forward(uint16_t* y, int64_t ldy, const uint16_t* x, const f
 void grouped_linear_backward(uint16_t* dx, float beta, float* dw, const uint16_t* dy, int64_t ldy, const uint16_t* x,
                              const float* w, const int32_t* offsets, int E, int in, int out, void* stream) {
   grouped_bwd(dx, beta, dw, dy, ldy, x, w, offsets, E, in, out, stream);
+}
+
+void router_forward(float* logits, const uint16_t* x, const float* w, int64_t N, int in, int E, void* stream) {
+  KILN_CHECK(N >= 0 && N < (int64_t(1) << 31) && in >= 1 && E >= 1, "cuda::router_forward: bad sizes N=", N, " in=", in,
+             " E=", E);
+  if (N == 0) return;
+  simt::launch(grouped_kernel<uint16_t, float, float>, dim3(unsigned((E + kTile - 1) / kTile), unsigned(std::min<int64_t>((N + kTile - 1) / kTile, 65535))),
+               dim3(kThreads), kGroupedSmem, cs(stream), logits, int64_t(E), 0.0f, x, int64_t(in), int64_t(1), w,
+               int64_t(1), int64_t(in), int64_t(0), nullptr, 1, int(N), E, in, 2);
+}
+
+void router_backward(uint16_t* dx, float* dw, const float* dlogits, const uint16_t* x, const float* w, int64_t N,
+                     int in, int E, void* stream) {
+  KILN_CHECK(N >= 0 && N < (int64_t(1) << 31) && in >= 1 && E >= 1, "cuda::router_backward: bad sizes N=", N,
+             " in=", in, " E=", E);
+  if (N == 0) return;
+  if (dx)  // dx[n, i] = Σ_e du[n, e]·W[e, i]
+    simt::launch(grouped_kernel<float, float, uint16_t>,
+                 dim3(unsigned((in + kTile - 1) / kTile), unsigned(std::min<int64_t>((N + kTile - 1) / kTile, 65535))), dim3(kThreads),
+                 kGroupedSmem, cs(stream), dx, int64_t(in), 0.0f, dlogits, int64_t(E), int64_t(1), w, int64_t(in),
+                 int64_t(1), int64_t(0), nullptr, 1, int(N), in, E, 2);
+  if (dw)  // dW[e, i] += Σ_n du[n, e]·x[n, i]
+    simt::launch(grouped_kernel<float, uint16_t, float>,
+                 dim3(unsigned((in + kTile - 1) / kTile), unsigned((E + kTile - 1) / kTile)), dim3(kThreads),
+                 kGroupedSmem, cs(stream), dw, int64_t(in), 1.0f, dlogits, int64_t(1), int64_t(E), x, int64_t(in),
+                 int64_t(1), int64_t(0), nullptr, 1, E, in, int(N), 2);
 }
 
 void moe_count(float* load, const int32_t* offsets, int E, void* stream) {

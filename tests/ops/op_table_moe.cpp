@@ -566,6 +566,51 @@ void add_bf16(std::vector<OpCase>& t) {
   }
 }
 
+// The router's product on the CUDA backend: bf16 activations times the fp32 weight [E, in], fp32 logits; the
+// reference is the one-expert grouped product.
+void add_router(std::vector<OpCase>& t) {
+  constexpr DType B = DType::BF16;
+  for (auto [N, in, E] : {std::tuple{37, 64, 8}, std::tuple{70, 40, 64}}) {
+    const std::vector<int32_t> off = {0, N};
+    Tensor x{"x", randn(size_t(N) * in, 105, 1.0f, B), B};
+    const Tensors inputs{x, {"w", randn(size_t(E) * in, 106, 0.2f)}};
+    OpFn fwd = [=](const Tensors& a) {
+      std::vector<float> y(size_t(N) * E);
+      ref::grouped_linear_forward(y.data(), E, a[0].v.data(), a[1].v.data(), off.data(), 1, in, E);
+      return Tensors{{"logits", y}};
+    };
+    const std::string name = fmt("N%d in%d E%d bf16 x, fp32 weight", N, in, E);
+    OpCase f = make("moe_router", name, Mode::Forward, inputs);
+    f.ref = fwd;
+    f.cuda = [=](const Tensors& a) {
+      DevBuf dx = upf(a[0].v, true), dw = upf(a[1].v), y(size_t(N) * E, false);
+      cuda::router_forward(y.f(), dx.h(), dw.f(), N, in, E, stream());
+      return Tensors{{"logits", downf(y)}};
+    };
+    f.k = 4 + std::sqrt(double(in));
+    t.push_back(std::move(f));
+    Tensors gin = inputs;
+    gin.push_back({"dlogits", randn(size_t(N) * E, 107)});
+    gin.push_back({"dw0", randn(size_t(E) * in, 108)});
+    OpCase g = make("moe_router", name, Mode::Gradient, gin);
+    g.ref = [=](const Tensors& a) {
+      std::vector<float> dx(size_t(N) * in), dw = a[3].v;
+      ref::grouped_linear_backward(dx.data(), 0.0f, dw.data(), a[2].v.data(), E, a[0].v.data(), a[1].v.data(),
+                                   off.data(), 1, in, E);
+      return Tensors{{"dx", dx, B}, {"dw", dw}};
+    };
+    g.cuda = [=](const Tensors& a) {
+      DevBuf dx(size_t(N) * in, true), dw = upf(a[3].v), du = upf(a[2].v), xx = upf(a[0].v, true), w = upf(a[1].v);
+      cuda::router_backward(dx.h(), dw.f(), du.f(), xx.h(), w.f(), N, in, E, stream());
+      return Tensors{{"dx", downf(dx), B}, {"dw", downf(dw)}};
+    };
+    g.loss = dot_loss(fwd, {{0, 2}});
+    g.grads = {{0, 0, -1}, {1, 1, 3}};
+    g.k = 4 + std::sqrt(double(std::max(N, E)));
+    t.push_back(std::move(g));
+  }
+}
+
 }  // namespace
 
 void add_moe_cases(std::vector<OpCase>& t) {
@@ -574,6 +619,7 @@ void add_moe_cases(std::vector<OpCase>& t) {
   add_grouped(t);
   add_seq_aux(t);
   add_bf16(t);
+  add_router(t);
 }
 
 }  // namespace kiln::ops
