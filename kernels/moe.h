@@ -63,6 +63,50 @@ void moe_seq_aux_backward(float* dlogits, const float* f, const float* scores, c
                           const MoeRouting& r, float scale);
 }  // namespace cpu
 
+// cuda:: (kernels/cuda/moe.cu): the same contracts on device pointers, on `stream`. Routing, its backward and
+// the balance loss are fp32; activations (x, xs, ys, dy, ...) and the experts' weights are bf16 (uint16_t) or
+// fp32 (one type per call), summed in fp32. Dispatch is a stable counting sort on the device (one block).
+// moe_seq_aux takes `starts` on the host and returns the loss on the host (it waits for the stream).
+namespace cuda {
+void moe_route(float* scores, int32_t* idx, float* w, const float* logits, const float* bias, int64_t N,
+               const MoeRouting& r, void* stream);
+void moe_route_backward(float* dlogits, const float* dw, const float* scores, const int32_t* idx, int64_t N,
+                        const MoeRouting& r, void* stream);
+void moe_dispatch(int32_t* offsets, int32_t* row_token, int32_t* slot, const int32_t* idx, int64_t N, int K, int E,
+                  void* stream);
+#define KILN_MOE_CUDA_TYPED(T)                                                                                     \
+  void moe_gather(T* xs, const T* x, const int32_t* row_token, int64_t R, int C, void* stream);                    \
+  void moe_gather_backward(T* dx, const T* extra, const T* dxs, const int32_t* slot, int64_t N, int K, int C,      \
+                           void* stream);                                                                          \
+  void moe_combine(float* y, const float* residual, const T* ys, const int32_t* slot, const float* w, int64_t N,   \
+                   int K, int C, void* stream);                                                                    \
+  void moe_combine_backward(T* dys, float* dw, const T* dy, const T* ys, const int32_t* slot, const float* w,      \
+                            int64_t N, int K, int C, void* stream);                                                \
+  void grouped_linear_forward(T* y, int64_t ldy, const T* x, const T* w, const int32_t* offsets, int E, int in,    \
+                              int out, void* stream);                                                              \
+  void grouped_linear_backward(T* dx, float beta, float* dw, const T* dy, int64_t ldy, const T* x, const T* w,     \
+                               const int32_t* offsets, int E, int in, int out, void* stream);
+KILN_MOE_CUDA_TYPED(uint16_t)
+KILN_MOE_CUDA_TYPED(float)
+#undef KILN_MOE_CUDA_TYPED
+// The training backend's form: bf16 activations, the fp32 master weights read directly.
+void grouped_linear_forward(uint16_t* y, int64_t ldy, const uint16_t* x, const float* w, const int32_t* offsets, int E,
+                            int in, int out, void* stream);
+void grouped_linear_backward(uint16_t* dx, float beta, float* dw, const uint16_t* dy, int64_t ldy, const uint16_t* x,
+                             const float* w, const int32_t* offsets, int E, int in, int out, void* stream);
+// The router's product with its fp32 weight W [E, in] (routing is decided in fp32): logits [N, E] = x·Wᵀ; the
+// backward overwrites dx [N, in] = dlogits·W (null: skipped) and adds dW += dlogitsᵀ·x (null: skipped).
+void router_forward(float* logits, const uint16_t* x, const float* w, int64_t N, int in, int E, void* stream);
+void router_backward(uint16_t* dx, float* dw, const float* dlogits, const uint16_t* x, const float* w, int64_t N,
+                     int in, int E, void* stream);
+// load[e] += offsets[e + 1] − offsets[e].
+void moe_count(float* load, const int32_t* offsets, int E, void* stream);
+double moe_seq_aux(float* f, const float* scores, const int32_t* idx, const int32_t* starts, int S,
+                   const MoeRouting& r, float alpha, void* stream);
+void moe_seq_aux_backward(float* dlogits, const float* f, const float* scores, const int32_t* starts, int S,
+                          const MoeRouting& r, float scale, void* stream);
+}  // namespace cuda
+
 namespace ref {
 void moe_route(float* scores, int32_t* idx, float* w, const float* logits, const float* bias, int64_t N,
                const MoeRouting& r);

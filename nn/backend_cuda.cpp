@@ -19,6 +19,7 @@
 #include "kernels/embedding.h"
 #include "kernels/layernorm.h"
 #include "kernels/matmul.h"
+#include "kernels/moe.h"
 #include "kernels/rmsnorm.h"
 #include "kernels/rope.h"
 #include "nn/backend.h"
@@ -92,6 +93,7 @@ class CudaBackend final : public Backend {
 
   // ---- linear layers ----
   void linear_forward(Act y, Act x, const Weight& w, int64_t N, int64_t ld) override {
+    if (!w.w16 && fp32_router(y, w, ld)) return cuda::router_forward(static_cast<float*>(y.p), H(x), w.w, N, w.in, w.out, s());
     KILN_CHECK(w.w16, "cuda linear_forward: the weight has no bf16 copy");
     const bool oc_c = w.layout == Layout::OutIn;
     if (ld == 0) ld = w.out;
@@ -105,6 +107,8 @@ class CudaBackend final : public Backend {
     cuda::linear_forward(out, w.out, residual, H(x), w.w16, w.layout == Layout::OutIn, w.b, N, w.in, w.out, s());
   }
   void linear_backward(Act dx, Act dy, Act x, const Weight& w, int64_t N, int64_t ld) override {
+    if (!w.w16 && fp32_router(dy, w, ld))
+      return cuda::router_backward(H(dx), w.dw, static_cast<const float*>(dy.p), H(x), w.w, N, w.in, w.out, s());
     KILN_CHECK(w.w16, "cuda linear_backward: the weight has no bf16 copy");
     cuda::linear_backward(H(dx), w.dw, w.db, H(dy), ld ? ld : w.out, H(x), w.w16, w.layout == Layout::OutIn, N, w.in,
                           w.out, s());
@@ -202,6 +206,51 @@ class CudaBackend final : public Backend {
     cuda::kv_cache_append(H(k_cache), H(v_cache), H(qkv), past, B, Tq, NH, NKV, HD, batch_stride, s(), pages);
   }
 
+  // ---- mixture of experts (kernels/cuda/moe.cu): bf16 rows, fp32 routing and master weights ----
+  void moe_route(float* scores, int32_t* idx, float* w, const float* logits, const float* bias, int64_t N,
+                 const MoeRouting& r) override {
+    cuda::moe_route(scores, idx, w, logits, bias, N, r, s());
+  }
+  void moe_route_backward(float* dlogits, const float* dw, const float* scores, const int32_t* idx, int64_t N,
+                          const MoeRouting& r) override {
+    cuda::moe_route_backward(dlogits, dw, scores, idx, N, r, s());
+  }
+  void moe_dispatch(int32_t* offsets, int32_t* row_token, int32_t* slot, const int32_t* idx, int64_t N, int K,
+                    int E) override {
+    cuda::moe_dispatch(offsets, row_token, slot, idx, N, K, E, s());
+  }
+  void moe_gather(Act xs, Act x, const int32_t* row_token, int64_t R, int C) override {
+    cuda::moe_gather(H(xs), H(x), row_token, R, C, s());
+  }
+  void moe_gather_backward(Act dx, Act extra, Act dxs, const int32_t* slot, int64_t N, int K, int C) override {
+    cuda::moe_gather_backward(H(dx), H(extra), H(dxs), slot, N, K, C, s());
+  }
+  void moe_combine(float* y, const float* residual, Act ys, const int32_t* slot, const float* w, int64_t N, int K,
+                   int C) override {
+    cuda::moe_combine(y, residual, H(ys), slot, w, N, K, C, s());
+  }
+  void moe_combine_backward(Act dys, float* dw, Act dy, Act ys, const int32_t* slot, const float* w, int64_t N, int K,
+                            int C) override {
+    cuda::moe_combine_backward(H(dys), dw, H(dy), H(ys), slot, w, N, K, C, s());
+  }
+  void grouped_linear_forward(Act y, int64_t ldy, Act x, const float* w, const int32_t* offsets, int E, int in,
+                              int out) override {
+    cuda::grouped_linear_forward(H(y), ldy, H(x), w, offsets, E, in, out, s());
+  }
+  void grouped_linear_backward(Act dx, float beta, float* dw, Act dy, int64_t ldy, Act x, const float* w,
+                               const int32_t* offsets, int E, int in, int out) override {
+    cuda::grouped_linear_backward(H(dx), beta, dw, H(dy), ldy, H(x), w, offsets, E, in, out, s());
+  }
+  double moe_seq_aux(float* f, const float* scores, const int32_t* idx, const int32_t* starts, int S,
+                     const MoeRouting& r, float alpha) override {
+    return cuda::moe_seq_aux(f, scores, idx, starts, S, r, alpha, s());
+  }
+  void moe_seq_aux_backward(float* dlogits, const float* f, const float* scores, const int32_t* starts, int S,
+                            const MoeRouting& r, float scale) override {
+    cuda::moe_seq_aux_backward(dlogits, f, scores, starts, S, r, scale, s());
+  }
+  void moe_count(float* load, const int32_t* offsets, int E) override { cuda::moe_count(load, offsets, E, s()); }
+
   // ---- embeddings, loss ----
   void embedding_forward(float* out, const int32_t* tokens, const int32_t* pos, const float* wte, const float* wpe,
                          int64_t N, int C) override {
@@ -246,6 +295,10 @@ class CudaBackend final : public Backend {
 
  private:
   static void* s() { return gpu::stream(); }
+  // The MoE router: an fp32 weight without a bf16 copy (nn.Linear, no bias) and fp32 logits.
+  static bool fp32_router(Act y, const Weight& w, int64_t ld) {
+    return y.dtype == DType::F32 && w.w && !w.b && w.layout == Layout::OutIn && (ld == 0 || ld == w.out);
+  }
   // The reserved scratch, checked against what this call needs.
   float* scratch(const char* op, size_t bytes) {
     KILN_CHECK(bytes <= scratch_.size(), "cuda ", op, ": needs ", bytes, " bytes of scratch, the plan reserved ",

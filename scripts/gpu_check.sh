@@ -24,7 +24,7 @@ gencode="-gencode=arch=compute_${sm}a,code=sm_${sm}a"
   cmake -S . -B build-gpu -G Ninja -DCMAKE_BUILD_TYPE=Release -DKILN_CUDA=ON -DCMAKE_PREFIX_PATH="$root/usr" \
     -DKILN_OPENBLAS="$root/usr/lib/$arch/openblas-openmp/libopenblas.so.0" \
     -DKILN_CBLAS_INCLUDE="$root/usr/include/$arch/openblas-openmp" -DKILN_CUDA_GENCODE="$gencode" &&
-  cmake --build build-gpu -j"$(nproc)" --target kiln kiln_gpu_tests cuda_attention_bench
+  cmake --build build-gpu -j"$(nproc)" --target kiln kiln_gpu_tests kiln_ops_tests cuda_attention_bench
 } > "$out/build.txt" 2>&1 || { tail -40 "$out/build.txt"; exit 1; }
 echo "gpu_check: built for sm_$sm"
 
@@ -33,12 +33,20 @@ if [ "$what" = all ] || [ "$what" = tests ]; then
   tail -3 "$out/gpu_tests.txt"
   python3 tests/e2e/gpu_train_tracks_cpu.py build-gpu/kiln build-gpu/kiln /tmp/kiln_e2e > "$out/train_tracks.txt" 2>&1
   grep -v '^step' "$out/train_tracks.txt" | tail -5
+  # The mixture-of-experts ops (kernels/cuda/moe.cu) against the reference, and a tiny Qwen3-MoE trained on the GPU.
+  build-gpu/tests/kiln_ops_tests --gtest_filter='*moe*:*grouped*' > "$out/moe_ops.txt" 2>&1
+  tail -3 "$out/moe_ops.txt"
+  python3 tests/e2e/gpu_moe_train_tracks_cpu.py build-gpu/kiln build-gpu/kiln /tmp/kiln_e2e_moe > "$out/moe_train_tracks.txt" 2>&1
+  grep -v '^step' "$out/moe_train_tracks.txt" | tail -4
 fi
 if [ "$what" = all ] || [ "$what" = sanitize ]; then
   for tool in memcheck racecheck; do
     compute-sanitizer --tool "$tool" --error-exitcode 1 build-gpu/tests/kiln_gpu_tests \
       --gtest_filter='AttentionGpu.*:DecodeAttentionGpu.*' > "$out/$tool.txt" 2>&1
     echo "gpu_check: compute-sanitizer $tool exit $?: $(grep -E 'ERROR SUMMARY|RACECHECK SUMMARY' "$out/$tool.txt" | tail -1)"
+    compute-sanitizer --tool "$tool" --error-exitcode 1 build-gpu/tests/kiln_ops_tests \
+      --gtest_filter='*moe*cuda*:*grouped*cuda*' > "$out/moe_$tool.txt" 2>&1
+    echo "gpu_check: compute-sanitizer $tool (moe ops) exit $?: $(grep -E 'ERROR SUMMARY|RACECHECK SUMMARY' "$out/moe_$tool.txt" | tail -1)"
   done
 fi
 if [ "$what" = all ] || [ "$what" = bench ]; then

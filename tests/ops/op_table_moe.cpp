@@ -5,7 +5,10 @@
 // yardstick's input roundings nor the finite-difference steps change which experts are chosen.
 #include <cmath>
 #include <cstdio>
+#include <tuple>
 
+#include "core/dtype.h"
+#include "core/gpu.h"
 #include "core/rng.h"
 #include "kernels/moe.h"
 #include "tests/ops/op_table.h"
@@ -47,6 +50,53 @@ std::function<double(const Tensors&, double*)> dot_loss(OpFn fwd, std::vector<st
     return s;
   };
 }
+
+
+// Device copies for the cuda:: cases: fp32 or bf16 (each element rounded to bf16 as it goes up) or int32.
+struct DevBuf {
+  gpu::DeviceBuffer buf;
+  size_t n;
+  bool bf16;
+  DevBuf(size_t count, bool half) : buf(std::max<size_t>(count * (half ? 2 : 4), 4), "moe ops test"), n(count), bf16(half) {}
+  float* f() const { return buf.as<float>(); }
+  uint16_t* h() const { return buf.as<uint16_t>(); }
+  int32_t* i() const { return buf.as<int32_t>(); }
+};
+DevBuf upf(const std::vector<float>& v, bool half = false) {
+  DevBuf d(v.size(), half);
+  if (half) {
+    std::vector<uint16_t> h(v.size());
+    for (size_t i = 0; i < v.size(); i++) h[i] = f32_to_bf16(v[i]);
+    gpu::copy_to_device(d.buf.data(), h.data(), h.size() * 2);
+  } else {
+    gpu::copy_to_device(d.buf.data(), v.data(), v.size() * 4);
+  }
+  gpu::synchronize();
+  return d;
+}
+DevBuf upi(const std::vector<int32_t>& v) {
+  DevBuf d(v.size(), false);
+  gpu::copy_to_device(d.buf.data(), v.data(), v.size() * 4);
+  gpu::synchronize();
+  return d;
+}
+std::vector<float> downf(const DevBuf& d) {
+  std::vector<float> v(d.n);
+  if (d.bf16) {
+    std::vector<uint16_t> h(d.n);
+    gpu::copy_to_host(h.data(), d.buf.data(), d.n * 2);
+    for (size_t i = 0; i < d.n; i++) v[i] = bf16_to_f32(h[i]);
+  } else {
+    gpu::copy_to_host(v.data(), d.buf.data(), d.n * 4);
+  }
+  return v;
+}
+std::vector<int32_t> downi(const DevBuf& d) {
+  std::vector<int32_t> v(d.n);
+  gpu::copy_to_host(v.data(), d.buf.data(), d.n * 4);
+  return v;
+}
+void* stream() { return gpu::stream(); }
 
 std::vector<float> as_float(const std::vector<int32_t>& v) { return {v.begin(), v.end()}; }
 
@@ -125,6 +175,12 @@ void add_route(std::vector<OpCase>& t) {
         cpu::moe_route(scores.data(), idx.data(), w.data(), in[0].v.data(), has_bias ? bias.data() : nullptr, N, r);
         return Tensors{{"scores", scores}, {"w", w}, {"idx", as_float(idx)}};
       };
+      c.cuda = [=](const Tensors& in) {
+        DevBuf u = upf(in[0].v), sc(size_t(N * E), false), w(size_t(N * K), false), id(size_t(N * K), false);
+        DevBuf b = upf(has_bias ? bias : std::vector<float>{0.0f});
+        cuda::moe_route(sc.f(), id.i(), w.f(), u.f(), has_bias ? b.f() : nullptr, N, r, stream());
+        return Tensors{{"scores", downf(sc)}, {"w", downf(w)}, {"idx", as_float(downi(id))}};
+      };
       c.exact_outputs = {2};
       c.k = 4 + std::sqrt(double(E));
       t.push_back(std::move(c));
@@ -145,6 +201,14 @@ void add_route(std::vector<OpCase>& t) {
         else
           cpu::moe_route_backward(du.data(), in[1].v.data(), sc.data(), idx.data(), N, r);
         return Tensors{{"dlogits", du}};
+      };
+      c.cuda = [=](const Tensors& in) {
+        std::vector<float> sc(static_cast<size_t>(N * E)), ww(static_cast<size_t>(N * K));
+        std::vector<int32_t> id(static_cast<size_t>(N * K));
+        ref::moe_route(sc.data(), id.data(), ww.data(), in[0].v.data(), has_bias ? bias.data() : nullptr, N, r);
+        DevBuf dsc = upf(sc), dw = upf(in[1].v), did = upi(idx), du(size_t(N * E), false);
+        cuda::moe_route_backward(du.f(), dw.f(), dsc.f(), did.i(), N, r, stream());
+        return Tensors{{"dlogits", downf(du)}};
       };
       c.ref = [=](const Tensors& in) { return back(true, in); };
       c.cpu = [=](const Tensors& in) { return back(false, in); };
@@ -180,6 +244,11 @@ void add_dispatch(std::vector<OpCase>& t) {
       };
       c.ref = [=](const Tensors&) { return out(true); };
       c.cpu = [=](const Tensors&) { return out(false); };
+      c.cuda = [=](const Tensors&) {
+        DevBuf did = upi(idx), off(size_t(E + 1), false), rt(size_t(R), false), sl(size_t(R), false);
+        cuda::moe_dispatch(off.i(), rt.i(), sl.i(), did.i(), N, K, E, stream());
+        return Tensors{{"offsets", as_float(downi(off))}, {"row_token", as_float(downi(rt))}, {"slot", as_float(downi(sl))}};
+      };
       c.exact = true;
       t.push_back(std::move(c));
     }
@@ -198,6 +267,11 @@ void add_dispatch(std::vector<OpCase>& t) {
         cpu::moe_gather(xs.data(), in[0].v.data(), rt.data(), R, C);
         return Tensors{{"xs", xs}};
       };
+      f.cuda = [=](const Tensors& in) {
+        DevBuf x = upf(in[0].v), drt = upi(rt), xs(size_t(R * C), false);
+        cuda::moe_gather(xs.f(), x.f(), drt.i(), R, C, stream());
+        return Tensors{{"xs", downf(xs)}};
+      };
       f.exact = true;
       t.push_back(std::move(f));
       OpCase g = make("moe_gather", name, Mode::Gradient,
@@ -213,6 +287,13 @@ void add_dispatch(std::vector<OpCase>& t) {
       };
       g.ref = [=](const Tensors& in) { return back(true, in); };
       g.cpu = [=](const Tensors& in) { return back(false, in); };
+      g.cuda = [=](const Tensors& in) {
+        DevBuf dx = upf(in[2].v), ex = upf(in[3].v), dxs = upf(in[1].v), dsl = upi(sl);
+        cuda::moe_gather_backward(dx.f(), ex.f(), dxs.f(), dsl.i(), N, K, C, stream());
+        auto v = downf(dx);
+        for (size_t i = 0; i < v.size(); i++) v[i] -= in[3].v[i];
+        return Tensors{{"dx", v}};
+      };
       g.loss = dot_loss(fwd, {{0, 1}});
       g.grads = {{0, 0, 2}};
       g.k = 4 + K;
@@ -234,6 +315,11 @@ void add_dispatch(std::vector<OpCase>& t) {
         cpu::moe_combine(y.data(), y.data(), in[1].v.data(), sl.data(), in[2].v.data(), N, K, C);
         return Tensors{{"y", y}};
       };
+      f.cuda = [=](const Tensors& in) {
+        DevBuf y = upf(in[0].v), ys = upf(in[1].v), ww = upf(in[2].v), dsl = upi(sl);
+        cuda::moe_combine(y.f(), y.f(), ys.f(), dsl.i(), ww.f(), N, K, C, stream());
+        return Tensors{{"y", downf(y)}};
+      };
       f.k = 4 + K;
       t.push_back(std::move(f));
       Tensors gin = inputs;
@@ -247,6 +333,12 @@ void add_dispatch(std::vector<OpCase>& t) {
       };
       g.ref = [=](const Tensors& in) { return back(true, in); };
       g.cpu = [=](const Tensors& in) { return back(false, in); };
+      g.cuda = [=](const Tensors& in) {
+        DevBuf ys = upf(in[1].v), ww = upf(in[2].v), dy = upf(in[3].v), dsl = upi(sl), dys(size_t(R * C), false),
+            dw(size_t(N * K), false);
+        cuda::moe_combine_backward(dys.f(), dw.f(), dy.f(), ys.f(), dsl.i(), ww.f(), N, K, C, stream());
+        return Tensors{{"dys", downf(dys)}, {"dw", downf(dw)}};
+      };
       g.loss = dot_loss(fwd, {{0, 3}});
       g.grads = {{0, 1, -1}, {1, 2, -1}};
       g.k = 4 + std::sqrt(double(C));
@@ -282,6 +374,11 @@ void add_grouped(std::vector<OpCase>& t) {
       cpu::grouped_linear_forward(y.data(), ldy, x[0].v.data(), x[1].v.data(), off.data(), E, in, out);
       return Tensors{{"y", y}};
     };
+    f.cuda = [=](const Tensors& x) {
+      DevBuf dx = upf(x[0].v), dw = upf(x[1].v), doff = upi(off), y = upf(std::vector<float>(size_t(R * ldy), 0.0f));
+      cuda::grouped_linear_forward(y.f(), ldy, dx.f(), dw.f(), doff.i(), E, in, out, stream());
+      return Tensors{{"y", downf(y)}};
+    };
     f.k = 4 + std::sqrt(double(in));
     t.push_back(std::move(f));
     for (float beta : {0.0f, 1.0f}) {
@@ -298,6 +395,12 @@ void add_grouped(std::vector<OpCase>& t) {
       };
       g.ref = [=](const Tensors& x) { return back(true, x); };
       g.cpu = [=](const Tensors& x) { return back(false, x); };
+      g.cuda = [=](const Tensors& x) {
+        DevBuf dx = upf(beta != 0.0f ? x[3].v : std::vector<float>(size_t(R * in), NAN)), dw = upf(x[4].v),
+            dy = upf(x[2].v), xx = upf(x[0].v), w = upf(x[1].v), doff = upi(off);
+        cuda::grouped_linear_backward(dx.f(), beta, dw.f(), dy.f(), ldy, xx.f(), w.f(), doff.i(), E, in, out, stream());
+        return Tensors{{"dx", downf(dx)}, {"dw", downf(dw)}};
+      };
       g.loss = dot_loss(fwd, {{0, 2}});
       g.grads = {{0, 0, beta != 0.0f ? 3 : -1}, {1, 1, 4}};
       g.k = 4 + std::sqrt(double(std::max<int64_t>(R, out)));
@@ -340,6 +443,11 @@ void add_seq_aux(std::vector<OpCase>& t) {
       const double loss = cpu::moe_seq_aux(ff.data(), sc.data(), idx.data(), starts.data(), S, r, alpha);
       return Tensors{{"loss", {float(loss)}}, {"f", ff}};
     };
+    f.cuda = [=](const Tensors& in) {
+      DevBuf sc = upf(scores_of(in[0].v)), did = upi(idx), ff(size_t(S * E), false);
+      const double loss = cuda::moe_seq_aux(ff.f(), sc.f(), did.i(), starts.data(), S, r, alpha, stream());
+      return Tensors{{"loss", {float(loss)}}, {"f", downf(ff)}};
+    };
     f.k = 4 + std::sqrt(double(N));
     t.push_back(std::move(f));
     OpCase g = make("moe_seq_aux", name, Mode::Gradient, {{"logits", logits}, {"one", {1.0f}}, {"d0", randn(size_t(N * E), 93)}});
@@ -353,9 +461,152 @@ void add_seq_aux(std::vector<OpCase>& t) {
     };
     g.ref = [=](const Tensors& in) { return back(true, in); };
     g.cpu = [=](const Tensors& in) { return back(false, in); };
+    g.cuda = [=](const Tensors& in) {
+      const std::vector<float> sc = scores_of(in[0].v);
+      std::vector<float> ff(size_t(S * E));
+      ref::moe_seq_aux(ff.data(), sc.data(), idx.data(), starts.data(), S, r, alpha);
+      DevBuf dsc = upf(sc), dff = upf(ff), du = upf(in[2].v);
+      cuda::moe_seq_aux_backward(du.f(), dff.f(), dsc.f(), starts.data(), S, r, alpha, stream());
+      return Tensors{{"dlogits", downf(du)}};
+    };
     g.loss = dot_loss(fwd, {{0, 1}});
     g.grads = {{0, 0, 2}};
     g.k = 4 + std::sqrt(double(E));
+    t.push_back(std::move(g));
+  }
+}
+
+
+// The experts' products and combine as the bf16 CUDA backend runs them: bf16 activations and weights (rounded
+// once here, so the reference reads the same numbers), fp32 sums; bf16 outputs except dW and the fp32 stream.
+void add_bf16(std::vector<OpCase>& t) {
+  constexpr DType B = DType::BF16;
+  auto bf = [](const std::vector<float>& v) { return Tensor{"", v, DType::BF16}; };
+  for (auto [N, E, K, in, out] : {std::tuple{37, 8, 2, 24, 40}, std::tuple{60, 16, 4, 64, 33}}) {
+    const int64_t R = int64_t(N) * K, ldy = out + 3;
+    const std::vector<int32_t> idx = random_choices(N, K, E, 1, 95 + uint64_t(N));
+    std::vector<int32_t> off(static_cast<size_t>(E + 1)), rt(static_cast<size_t>(R)), sl(static_cast<size_t>(R));
+    ref::moe_dispatch(off.data(), rt.data(), sl.data(), idx.data(), N, K, E);
+    const std::string name = fmt("R%ld E%d in%d out%d bf16", long(R), E, in, out);
+    Tensor x = bf(randn(size_t(R * in), 96, 1.0f, B)), w = bf(randn(size_t(E) * out * in, 97, 0.2f, B));
+    x.name = "x", w.name = "w";
+    OpFn fwd = [=](const Tensors& a) {
+      std::vector<float> y(size_t(R * ldy), 0.0f);
+      ref::grouped_linear_forward(y.data(), ldy, a[0].v.data(), a[1].v.data(), off.data(), E, in, out);
+      return Tensors{{"y", y, B}};
+    };
+    OpCase f = make("grouped_linear", name, Mode::Forward, {x, w});
+    f.ref = fwd;
+    f.cuda = [=](const Tensors& a) {
+      DevBuf dx = upf(a[0].v, true), dw = upf(a[1].v, true), doff = upi(off),
+             y = upf(std::vector<float>(size_t(R * ldy), 0.0f), true);
+      cuda::grouped_linear_forward(y.h(), ldy, dx.h(), dw.h(), doff.i(), E, in, out, stream());
+      return Tensors{{"y", downf(y), B}};
+    };
+    t.push_back(std::move(f));
+    Tensor dy = bf(randn(size_t(R * ldy), 98, 1.0f, B)), dx0 = bf(randn(size_t(R * in), 99, 1.0f, B));
+    dy.name = "dy", dx0.name = "dx0";
+    OpCase g = make("grouped_linear", name + " dx+=", Mode::Gradient, {x, w, dy, dx0, {"dw0", randn(size_t(E) * out * in, 100)}});
+    g.ref = [=](const Tensors& a) {
+      std::vector<float> dx = a[3].v, dw = a[4].v;
+      ref::grouped_linear_backward(dx.data(), 1.0f, dw.data(), a[2].v.data(), ldy, a[0].v.data(), a[1].v.data(),
+                                   off.data(), E, in, out);
+      return Tensors{{"dx", dx, B}, {"dw", dw}};
+    };
+    g.cuda = [=](const Tensors& a) {
+      DevBuf dx = upf(a[3].v, true), dw = upf(a[4].v), ddy = upf(a[2].v, true), xx = upf(a[0].v, true),
+             ww = upf(a[1].v, true), doff = upi(off);
+      cuda::grouped_linear_backward(dx.h(), 1.0f, dw.f(), ddy.h(), ldy, xx.h(), ww.h(), doff.i(), E, in, out, stream());
+      return Tensors{{"dx", downf(dx), B}, {"dw", downf(dw)}};
+    };
+    g.loss = dot_loss(fwd, {{0, 2}});
+    g.grads = {{0, 0, 3}, {1, 1, 4}};
+    g.k = 4 + std::sqrt(double(std::max<int64_t>(R, out)));
+    t.push_back(std::move(g));
+
+    // combine: the fp32 stream plus the gated bf16 expert rows; its backward's dys in bf16.
+    const int C = in;
+    Tensor ys = bf(randn(size_t(R * C), 101, 1.0f, B));
+    ys.name = "ys";
+    const Tensors cin{{"residual", randn(size_t(N) * C, 102)}, ys, {"w", randn(size_t(N * K), 103)}};
+    OpFn cf = [=](const Tensors& a) {
+      std::vector<float> y(size_t(N) * C);
+      ref::moe_combine(y.data(), a[0].v.data(), a[1].v.data(), sl.data(), a[2].v.data(), N, K, C);
+      return Tensors{{"y", y}};
+    };
+    OpCase c = make("moe_combine", fmt("N%d K%d C%d bf16", N, K, C), Mode::Forward, cin);
+    c.ref = cf;
+    c.cuda = [=](const Tensors& a) {
+      DevBuf y = upf(a[0].v), dys = upf(a[1].v, true), ww = upf(a[2].v), dsl = upi(sl);
+      cuda::moe_combine(y.f(), y.f(), dys.h(), dsl.i(), ww.f(), N, K, C, stream());
+      return Tensors{{"y", downf(y)}};
+    };
+    c.k = 4 + K;
+    t.push_back(std::move(c));
+    Tensors gin = cin;
+    Tensor cdy = bf(randn(size_t(N) * C, 104, 1.0f, B));
+    cdy.name = "dy";
+    gin.push_back(cdy);
+    OpCase cg = make("moe_combine", fmt("N%d K%d C%d bf16", N, K, C), Mode::Gradient, gin);
+    cg.ref = [=](const Tensors& a) {
+      std::vector<float> dys(size_t(R * C)), dw(size_t(N * K));
+      ref::moe_combine_backward(dys.data(), dw.data(), a[3].v.data(), a[1].v.data(), sl.data(), a[2].v.data(), N, K, C);
+      return Tensors{{"dys", dys, B}, {"dw", dw}};
+    };
+    cg.cuda = [=](const Tensors& a) {
+      DevBuf dys(size_t(R * C), true), dw(size_t(N * K), false), ddy = upf(a[3].v, true), dyy = upf(a[1].v, true),
+          ww = upf(a[2].v), dsl = upi(sl);
+      cuda::moe_combine_backward(dys.h(), dw.f(), ddy.h(), dyy.h(), dsl.i(), ww.f(), N, K, C, stream());
+      return Tensors{{"dys", downf(dys), B}, {"dw", downf(dw)}};
+    };
+    cg.loss = dot_loss(cf, {{0, 3}});
+    cg.grads = {{0, 1, -1}, {1, 2, -1}};
+    cg.k = 4 + std::sqrt(double(C));
+    t.push_back(std::move(cg));
+  }
+}
+
+// The router's product on the CUDA backend: bf16 activations times the fp32 weight [E, in], fp32 logits; the
+// reference is the one-expert grouped product.
+void add_router(std::vector<OpCase>& t) {
+  constexpr DType B = DType::BF16;
+  for (auto [N, in, E] : {std::tuple{37, 64, 8}, std::tuple{70, 40, 64}}) {
+    const std::vector<int32_t> off = {0, N};
+    Tensor x{"x", randn(size_t(N) * in, 105, 1.0f, B), B};
+    const Tensors inputs{x, {"w", randn(size_t(E) * in, 106, 0.2f)}};
+    OpFn fwd = [=](const Tensors& a) {
+      std::vector<float> y(size_t(N) * E);
+      ref::grouped_linear_forward(y.data(), E, a[0].v.data(), a[1].v.data(), off.data(), 1, in, E);
+      return Tensors{{"logits", y}};
+    };
+    const std::string name = fmt("N%d in%d E%d bf16 x, fp32 weight", N, in, E);
+    OpCase f = make("moe_router", name, Mode::Forward, inputs);
+    f.ref = fwd;
+    f.cuda = [=](const Tensors& a) {
+      DevBuf dx = upf(a[0].v, true), dw = upf(a[1].v), y(size_t(N) * E, false);
+      cuda::router_forward(y.f(), dx.h(), dw.f(), N, in, E, stream());
+      return Tensors{{"logits", downf(y)}};
+    };
+    f.k = 4 + std::sqrt(double(in));
+    t.push_back(std::move(f));
+    Tensors gin = inputs;
+    gin.push_back({"dlogits", randn(size_t(N) * E, 107)});
+    gin.push_back({"dw0", randn(size_t(E) * in, 108)});
+    OpCase g = make("moe_router", name, Mode::Gradient, gin);
+    g.ref = [=](const Tensors& a) {
+      std::vector<float> dx(size_t(N) * in), dw = a[3].v;
+      ref::grouped_linear_backward(dx.data(), 0.0f, dw.data(), a[2].v.data(), E, a[0].v.data(), a[1].v.data(),
+                                   off.data(), 1, in, E);
+      return Tensors{{"dx", dx, B}, {"dw", dw}};
+    };
+    g.cuda = [=](const Tensors& a) {
+      DevBuf dx(size_t(N) * in, true), dw = upf(a[3].v), du = upf(a[2].v), xx = upf(a[0].v, true), w = upf(a[1].v);
+      cuda::router_backward(dx.h(), dw.f(), du.f(), xx.h(), w.f(), N, in, E, stream());
+      return Tensors{{"dx", downf(dx), B}, {"dw", downf(dw)}};
+    };
+    g.loss = dot_loss(fwd, {{0, 2}});
+    g.grads = {{0, 0, -1}, {1, 1, 3}};
+    g.k = 4 + std::sqrt(double(std::max(N, E)));
     t.push_back(std::move(g));
   }
 }
@@ -367,6 +618,8 @@ void add_moe_cases(std::vector<OpCase>& t) {
   add_dispatch(t);
   add_grouped(t);
   add_seq_aux(t);
+  add_bf16(t);
+  add_router(t);
 }
 
 }  // namespace kiln::ops
