@@ -25,7 +25,11 @@ struct MoeRouting {
   float scale = 1.0f;               // routed_scaling_factor
 };
 
-// The denominator's guard of a normalised sigmoid gate (DeepSeek-V3's 1e-20); softmax gates have none.
+// The denominator's guard of a normalised sigmoid gate (DeepSeek-V3's 1e-20); softmax gates have none. The
+// CUDA kernels call it too.
+#ifdef __CUDACC__
+__host__ __device__
+#endif
 inline float moe_norm_eps(const MoeRouting& r) { return r.sigmoid ? 1e-20f : 0.0f; }
 
 namespace cpu {
