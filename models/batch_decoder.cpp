@@ -9,23 +9,11 @@
 
 namespace kiln {
 
-namespace {
-
-// The same device setup as the other decoder (models/transformer.cpp keeps its copies private).
-std::unique_ptr<nn::Backend> backend_for(bool cuda, const ModelConfig& c) {
-  if (!cuda) return nn::make_cpu_backend();
-  KILN_CHECK(gpu::initialized(), "--device cuda: the GPU is not initialised");
-  KILN_CHECK(c.head_dim == 64 || c.head_dim == 128, "--device cuda: the attention kernels support head_dim 64 and 128; "
-             "this model has head_dim ", c.head_dim);
-  KILN_CHECK(c.d_model % 8 == 0, "--device cuda: d_model must be a multiple of 8 (got ", c.d_model, ")");
-  return nn::make_cuda_backend();
-}
-
-}  // namespace
 
 PagedDecoder::PagedDecoder(const ModelConfig& cfg, const float* params, const BatchDecoderOptions& opt)
-    : cfg_(cfg), table_(model_param_table(cfg)), be_(backend_for(opt.cuda, cfg)), block_size_(opt.block_size) {
+    : cfg_(cfg), table_(model_param_table(cfg)), be_(make_backend_for(cfg, opt.cuda, std::nullopt)), block_size_(opt.block_size) {
   cfg_.validate("decoder config");
+  KILN_CHECK(!cfg_.mla.on(), "the paged decoder (kiln serve) has no latent attention (", cfg_.family, ") yet");
   max_pos_ = opt.max_positions > 0 ? opt.max_positions : cfg_.max_positions;
   KILN_CHECK(max_pos_ <= cfg_.max_positions, "decoder: max_positions ", max_pos_, " exceeds the model's context of ",
              cfg_.max_positions);
@@ -34,24 +22,7 @@ PagedDecoder::PagedDecoder(const ModelConfig& cfg, const float* params, const Ba
              block_size_);
   const int per_seq = (max_pos_ + block_size_ - 1) / block_size_;
   num_blocks_ = opt.num_blocks > 0 ? opt.num_blocks : 8 * per_seq;
-  const std::vector<float> inv_freq = cfg_.rope_inv_freq();
-  inv_freq_buf_ = nn::DeviceBlock(*be_, inv_freq.size() * sizeof(float), "rotary frequencies");
-  if (!inv_freq.empty()) be_->upload(inv_freq_buf_.data(), inv_freq.data(), inv_freq.size() * sizeof(float));
-  const float* dev_params = params;
-  uint16_t* params16 = nullptr;
-  if (!be_->on_host()) {
-    const size_t n = table_.total;
-    params_buf_ = nn::DeviceBlock(*be_, n * sizeof(float), "weights");
-    be_->upload(params_buf_.data(), params, n * sizeof(float));
-    dev_params = params_buf_.as<float>();
-    params16_buf_ = nn::DeviceBlock(*be_, n * sizeof(uint16_t), "16-bit weights");
-    params16 = params16_buf_.as<uint16_t>();
-    be_->memset(params16, 0, n * sizeof(uint16_t));
-    for (const ParamSpec& s : table_.specs)
-      if (s.shape.ndim == 2 && s.key != "position_embd.weight")
-        be_->to_lowp(params16 + s.offset, dev_params + s.offset, s.numel(), *be_->lowp());
-  }
-  w_.bind(cfg_, table_, dev_params, nullptr, params16, inv_freq_buf_.as<float>());
+  weights_.load(*be_, cfg_, table_, params, w_);
   const size_t pool = size_t(cfg_.n_layer) * size_t(num_blocks_) * size_t(block_size_) * size_t(cfg_.kv_dim()) *
                       dtype_size(be_->act_dtype());
   k_ = nn::DeviceBlock(*be_, pool, "KV cache blocks (keys)");

@@ -37,7 +37,7 @@ class PagedDecoder final : public BatchDecoder {
   ModelConfig cfg_;
   ParamTable table_;
   std::unique_ptr<nn::Backend> be_;
-  nn::DeviceBlock params_buf_, params16_buf_, inv_freq_buf_;
+  DecoderWeights weights_;
   TransformerWeights w_;
   int block_size_, num_blocks_, max_pos_;
   nn::DeviceBlock k_, v_;  // [layer][block][block_size][NKV·HD] in the activation type

@@ -12,6 +12,7 @@
 #include "core/error.h"
 #include "core/file_io.h"
 #include "core/safetensors.h"
+#include "models/family.h"
 
 namespace kiln {
 
@@ -182,6 +183,7 @@ void load_model_weights(const std::string& path, const ModelConfig& cfg, const P
   std::vector<std::unique_ptr<SafeTensorsReader>> readers;
   for (const std::string& f : weight_files(path)) readers.push_back(std::make_unique<SafeTensorsReader>(f));
   const bool gpt2 = cfg.family == "gpt2";
+  const Family& family = find_family(cfg.family, path);
   // The files' view of the table: stacked experts are one tensor per expert there.
   const std::vector<FileTensor> want = table.file_tensors();
   std::vector<const SafeTensorsEntry*> found(want.size(), nullptr);
@@ -191,6 +193,7 @@ void load_model_weights(const std::string& path, const ModelConfig& cfg, const P
   for (const auto& r : readers) {
     for (const auto& e : r->entries()) {
       if (is_buffer(e.name) || (cfg.tie_embeddings && e.name == "lm_head.weight")) continue;
+      if (family.skipped_copy && family.skipped_copy(e.name, cfg)) continue;
       // Original OpenAI GPT-2 files have no "transformer." prefix.
       const std::string name = gpt2 && e.name.rfind("transformer.", 0) != 0 ? "transformer." + e.name : e.name;
       auto it = index.find(name);

@@ -23,6 +23,8 @@ struct Family {
   nlohmann::json (*to_json)(const ModelConfig& c);
   // Canonical key ("blk.3.attn_q.weight") -> the name in the family's checkpoints.
   std::string (*file_name)(const std::string& key);
+  // Tensors the family's files may hold that kiln keeps once elsewhere (null: none); the loader skips them.
+  bool (*skipped_copy)(const std::string& file_name, const ModelConfig& c) = nullptr;
 };
 
 // The families kiln knows; find_family fails with one line naming `where` and the known model types.

@@ -296,6 +296,32 @@ int64_t padded_logits_ld(int V, bool device) { return device ? (int64_t(V) + 63)
 
 }  // namespace
 
+std::unique_ptr<nn::Backend> make_backend_for(const ModelConfig& cfg, bool cuda, std::optional<LowpType> lowp) {
+  std::unique_ptr<nn::Backend> be = make_backend(cuda, lowp);
+  if (cuda) check_device_shapes(cfg);
+  return be;
+}
+
+void DecoderWeights::load(nn::Backend& be, const ModelConfig& cfg, const ParamTable& t, const float* host,
+                          TransformerWeights& w) {
+  const std::vector<float> freqs = cfg.rope_inv_freq();
+  inv_freq = nn::DeviceBlock(be, freqs.size() * sizeof(float), "rotary frequencies");
+  if (!freqs.empty()) be.upload(inv_freq.data(), freqs.data(), freqs.size() * sizeof(float));
+  const float* dev = host;
+  uint16_t* p16 = nullptr;
+  if (!be.on_host()) {
+    const size_t n = t.total;
+    params = nn::DeviceBlock(be, n * sizeof(float), "weights");
+    be.upload(params.data(), host, n * sizeof(float));
+    dev = params.as<float>();
+    params16 = nn::DeviceBlock(be, n * sizeof(uint16_t), "16-bit weights");
+    p16 = params16.as<uint16_t>();
+    be.memset(p16, 0, n * sizeof(uint16_t));
+    refresh_lowp(be, t, p16, dev);
+  }
+  w.bind(cfg, t, dev, nullptr, p16, inv_freq.as<float>());
+}
+
 nn::OpScratch training_scratch(const ModelConfig& cfg, int64_t N) {
   nn::OpScratch s;
   s.rows = N;
@@ -644,23 +670,7 @@ TransformerDecoder::TransformerDecoder(const ModelConfig& cfg, const float* para
   max_pos_ = max_positions > 0 ? max_positions : cfg_.max_positions;
   KILN_CHECK(max_pos_ <= cfg_.max_positions, "decoder: max_positions ", max_pos_,
              " exceeds the model's context of ", cfg_.max_positions);
-  const std::vector<float> inv_freq = cfg_.rope_inv_freq();
-  inv_freq_buf_ = nn::DeviceBlock(*be_, inv_freq.size() * sizeof(float), "rotary frequencies");
-  if (!inv_freq.empty()) be_->upload(inv_freq_buf_.data(), inv_freq.data(), inv_freq.size() * sizeof(float));
-  // The CPU reads the caller's block in place; a device gets its copy (and the 16-bit one its products read).
-  const float* dev_params = params;
-  uint16_t* params16 = nullptr;
-  if (!be_->on_host()) {
-    const size_t n = table_.total;
-    params_buf_ = nn::DeviceBlock(*be_, n * sizeof(float), "weights");
-    be_->upload(params_buf_.data(), params, n * sizeof(float));
-    dev_params = params_buf_.as<float>();
-    params16_buf_ = nn::DeviceBlock(*be_, n * sizeof(uint16_t), "16-bit weights");
-    params16 = params16_buf_.as<uint16_t>();
-    be_->memset(params16, 0, n * sizeof(uint16_t));
-    refresh_lowp(*be_, table_, params16, dev_params);
-  }
-  w_.bind(cfg_, table_, dev_params, nullptr, params16, inv_freq_buf_.as<float>());
+  weights_.load(*be_, cfg_, table_, params, w_);
   narrow_.convert(w_, weights);
   // Latent attention caches c_KV and the rotary key per position in k_ (no values); the others keys and values.
   const size_t cache = size_t(cfg_.n_layer) * size_t(batch) * size_t(max_pos_) * size_t(cache_width()) *

@@ -31,6 +31,20 @@ nn::BlockShape block_shape(const ModelConfig& cfg, int layer);
 // activations and scratch shared by several layers are allocated for.
 nn::BlockShape block_shape_all(const ModelConfig& cfg);
 
+struct TransformerWeights;
+
+// The backend a model or decoder of cfg runs on: the CPU, or the GPU (initialised, and the model within its
+// kernels' shape limits: one line naming the field otherwise).
+std::unique_ptr<nn::Backend> make_backend_for(const ModelConfig& cfg, bool cuda, std::optional<LowpType> lowp);
+
+// A decoder's weights on its backend, bound to the modules: the CPU reads the caller's host block in place (it
+// must outlive the decoder); a device gets a copy and the 16-bit copy its products read. Also the rotary
+// frequencies.
+struct DecoderWeights {
+  nn::DeviceBlock params, params16, inv_freq;
+  void load(nn::Backend& be, const ModelConfig& cfg, const ParamTable& t, const float* host, TransformerWeights& w);
+};
+
 struct TransformerWeights {
   std::vector<nn::Block> blocks;
   nn::Norm final_norm;
@@ -187,7 +201,7 @@ class TransformerDecoder : public IncrementalDecoder {
   ModelConfig cfg_;
   ParamTable table_;
   std::unique_ptr<nn::Backend> be_;
-  nn::DeviceBlock params_buf_, params16_buf_, inv_freq_buf_;
+  DecoderWeights weights_;
   TransformerWeights w_;
   NarrowWeights narrow_;
   int batch_, max_pos_;

@@ -157,5 +157,25 @@ if not only or "lora_yarn" in only:
     check(r.returncode != 0 and len(err.splitlines()) == 1 and "model.layers.2." in err and "missing" in err,
           f"MTP layer declared but absent: one-line error ({err})")
 
+# The released checkpoints give each MTP layer its own copy of the embedding and the head; kiln shares the main
+# model's (the paper's definition) and skips the copies: the same greedy tokens with and without them.
+if not only or "direct_mtp" in only:
+    from torch_gpt2 import write_safetensors  # noqa: E402
+    src = os.path.join(work, "direct_mtp", "init")
+    copies = os.path.join(work, "mtp_copies")
+    shutil.copytree(src, copies)
+    st = os.path.join(copies, "model.safetensors")
+    T = read_safetensors(st)
+    L = CONFIGS["direct_mtp"]["num_hidden_layers"]
+    T[f"model.layers.{L}.embed_tokens.weight"] = T["model.embed_tokens.weight"].clone()
+    T[f"model.layers.{L}.shared_head.head.weight"] = T["lm_head.weight"].clone()
+    write_safetensors(st, T)
+    runs = []
+    for d in (src, copies):
+        r = kiln_run(["generate", "--model", d, "--prompt-ids", ",".join(map(str, PROMPT)), "--max-new", "12",
+                      "--temperature", "0", "--eot-id", "-1", "--json", "--threads", "2"])
+        runs.append(json.loads(r.stdout)["tokens"])
+    check(runs[0] == runs[1], "MTP layers' own embedding/head copies in the checkpoint are skipped")
+
 print("PASS" if ok else "FAIL")
 sys.exit(0 if ok else 1)
