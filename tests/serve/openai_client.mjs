@@ -222,7 +222,10 @@ const streamChat = async (p, abortAfter = 0) => {
   check(gen1 - gen0 === 16 * 24, "/metrics: generated tokens == 16 x 24 sent");
   const mixed = await Promise.all(prompts.map((p, i) => streamChat(p, i % 2 ? 3 : 0)));
   check(mixed.every((t, i) => i % 2 === 1 || t === alone[i]), "disconnecting half mid-stream: the rest unchanged");
-  await new Promise((r) => setTimeout(r, 300));
+  // The server frees a disconnected sequence at its next step; on a loaded machine a step can take a while, so
+  // wait (bounded) until nothing runs before reading the counters.
+  for (let i = 0; i < 300 && await metric("kiln_running_sequences") !== 0; i++)
+    await new Promise((r) => setTimeout(r, 100));
   const gen2 = await metric("kiln_generation_tokens_total");
   check(gen2 - gen1 >= 8 * 24 && gen2 - gen1 < 16 * 24, `/metrics: the disconnected streams stopped early (${gen2 - gen1} tokens)`);
   check(await metric("kiln_running_sequences") === 0 && await metric("kiln_kv_cache_used_blocks") === 0,
@@ -235,8 +238,17 @@ const streamChat = async (p, abortAfter = 0) => {
 {
   const small = await startServer(kiln, ["--model", model, "--threads", "1", "--parallel", "1", "--max-queue", "1"]);
   const body = JSON.stringify({ prompt, max_tokens: 200, temperature: 0 });
-  const rs = await Promise.all([0, 1, 2, 3].map(() => fetch(small.url + "/v1/completions", { method: "POST",
-    headers: { "Content-Type": "application/json" }, body })));
+  const post = () => fetch(small.url + "/v1/completions", { method: "POST",
+    headers: { "Content-Type": "application/json" }, body });
+  // The first request runs (its slot taken) before three more arrive: one of them waits, the others are refused.
+  const first = post();
+  for (let i = 0; i < 300; i++) {
+    const t = await (await fetch(small.url + "/metrics")).text();
+    if (/^kiln_running_sequences 1$/m.test(t)) break;
+    await new Promise((r) => setTimeout(r, 20));
+  }
+  const others = Promise.all([1, 2, 3].map(post));
+  const rs = [await first, ...(await others)];
   const busy = rs.filter((r) => r.status === 503);
   check(busy.length >= 1 && busy.every((r) => r.headers.get("retry-after") === "1"), `full queue: ${busy.length} x 503 with Retry-After`);
   const okr = rs.filter((r) => r.status === 200);
