@@ -20,6 +20,11 @@
 namespace kiln {
 // The pre-tokenization rules kiln implements (tokenizer.json's pre_tokenizer; GGUF's tokenizer.ggml.pre).
 enum class PreTokenizer : uint8_t { kGpt2, kLlama3, kQwen2 };
+// The command line's names of those rules ("gpt2", "llama3", "qwen2"); anything else is gpt2's (the CLI checks
+// the name before it asks).
+inline PreTokenizer pre_tokenizer_named(std::string_view name) {
+  return name == "llama3" ? PreTokenizer::kLlama3 : name == "qwen2" ? PreTokenizer::kQwen2 : PreTokenizer::kGpt2;
+}
 }  // namespace kiln
 
 namespace kiln::pretok {

@@ -24,7 +24,7 @@ struct MemoryOptions {
 // process needs the CUDA context and cuBLASLt's 32 MiB workspace.
 // Decoding state per token (the KV cache over all layers) at `bytes` per value, and, for latent attention, that of
 // ordinary attention of the same width (d_model / n_head wide heads): one key/value head per query head (MHA),
-// and one per four (GQA, Llama 3's grouping).
+// and one per four query heads (GQA at the common 4:1 grouping).
 nlohmann::json cache_per_token(const kiln::ModelConfig& cfg, double bytes) {
   nlohmann::json j = {{"kv_cache_bytes_per_token", double(cfg.cache_floats_per_token()) * bytes}};
   if (cfg.mla.on()) {

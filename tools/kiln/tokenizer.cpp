@@ -9,6 +9,7 @@
 #include "core/error.h"
 #include "core/file_io.h"
 #include "tokenizer/bpe.h"
+#include "tokenizer/pretokenize.h"
 #include "tokenizer/train.h"
 #include "tools/kiln/command.h"
 
@@ -116,9 +117,7 @@ kiln::cli::Command tokenizer_cmd("tokenizer", [](CLI::App& root) {
       ->capture_default_str();
   train->callback([ta] {
     kiln::BpeTrainOptions opt;
-    opt.pre_tokenizer = ta->pre == "llama3"  ? kiln::PreTokenizer::kLlama3
-                        : ta->pre == "qwen2" ? kiln::PreTokenizer::kQwen2
-                                             : kiln::PreTokenizer::kGpt2;
+    opt.pre_tokenizer = kiln::pre_tokenizer_named(ta->pre);
     opt.vocab_size = ta->vocab_size;
     opt.special_tokens = ta->specials;
     opt.min_pair_count = ta->min_pair_count;
