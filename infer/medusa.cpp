@@ -14,7 +14,10 @@ bool bfs_less(const std::vector<int>& a, const std::vector<int>& b) {
 }
 std::string item_str(const std::vector<int>& p) {
   std::string s;
-  for (size_t i = 0; i < p.size(); i++) s += (i ? "," : "") + std::to_string(p[i]);
+  for (size_t i = 0; i < p.size(); i++) {
+    if (i) s += ',';
+    s += std::to_string(p[i]);
+  }
   return s;
 }
 
@@ -75,7 +78,10 @@ int MedusaTree::depth() const {
 
 std::string MedusaTree::str() const {
   std::string s;
-  for (size_t i = 0; i < nodes.size(); i++) s += (i ? ";" : "") + item_str(nodes[i]);
+  for (size_t i = 0; i < nodes.size(); i++) {
+    if (i) s += ';';
+    s += item_str(nodes[i]);
+  }
   return s;
 }
 
@@ -142,7 +148,8 @@ FinishReason generate_medusa(IncrementalDecoder& dec, const nn::MedusaHeads& hea
   std::vector<float> h(dec.hidden(), dec.hidden() + C);  // the last position's hidden state
   int32_t root = sampler.sample(lg, SV);
 
-  std::vector<float> head_logits(static_cast<size_t>(V)), u(static_cast<size_t>(C)), z(static_cast<size_t>(C)), prob(static_cast<size_t>(V));
+  std::vector<float> head_logits(static_cast<size_t>(V)), u(static_cast<size_t>(C)), z(static_cast<size_t>(C));
+  std::vector<double> prob(static_cast<size_t>(V));
   std::vector<std::vector<int32_t>> top(static_cast<size_t>(hs.K));
   std::vector<int32_t> tokens(static_cast<size_t>(n_all)), ids(static_cast<size_t>(V)), path;
   std::vector<int> best_len(static_cast<size_t>(n_all));

@@ -35,6 +35,8 @@ struct MedusaActivations {
 };
 
 struct MedusaHeads {
+  MedusaHeads() = default;
+  MedusaHeads(const MedusaShape& s, const float* p, float* g = nullptr) : shape(s), params(p), grads(g) {}
   MedusaShape shape;
   const float* params = nullptr;  // [shape.total()]
   float* grads = nullptr;         // same layout (accumulated into), may be null for inference

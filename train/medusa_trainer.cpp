@@ -85,6 +85,11 @@ double train_medusa(const TrainOptions& opt, const MedusaTrainOptions& m) {
   const ParamTable table = medusa_param_table(s);
   std::vector<float> params(table.total, 0.0f), grads(table.total, 0.0f);
   nn::MedusaHeads::init_from_lm_head(s, params.data(), lm_head_matrix(cfg, model->table(), model->host_params()));
+  // An --init checkpoint that has K heads already: training continues from them.
+  if (const auto w = load_medusa_heads(opt.init, cfg); w && w->shape.K == m.heads) {
+    std::copy(w->params.begin(), w->params.end(), params.begin());
+    std::printf("kiln train: continuing from the %d Medusa heads of %s\n", m.heads, opt.init.c_str());
+  }
   nn::MedusaHeads heads{s, params.data(), grads.data()};
   AdamW opt_heads(table, opt.adamw);
   std::unique_ptr<AdamW> opt_base;
@@ -183,9 +188,11 @@ double train_medusa(const TrainOptions& opt, const MedusaTrainOptions& m) {
     j["ms"] = std::chrono::duration<double, std::milli>(Clock::now() - t0).count();
     last_loss = total;
     if (metrics.is_open()) metrics << j.dump() << "\n" << std::flush;
-    if (step + 1 == opt.steps || (step + 1) % 10 == 0)
+    if (step + 1 == opt.steps || (step + 1) % 10 == 0) {
       std::printf("step %d/%d loss %.4f head-1 top-1 %.3f (%.0f ms)\n", step + 1, opt.steps, total,
                   j["medusa_top1_1"].get<double>(), j["ms"].get<double>());
+      std::fflush(stdout);
+    }
     if ((opt.save_every > 0 && (step + 1) % opt.save_every == 0) || step + 1 == opt.steps)
       save(opt, *model, s, params.data(), step + 1, tokenizer_dir);
   }

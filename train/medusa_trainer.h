@@ -3,6 +3,7 @@
 //     t+k+1, and the loss is Σ_k λ_k·CE_k with Medusa's decay weights λ_k = decay^k (decay 0.8).
 //   Medusa-2 (joint): loss = CE_base + w·Σ_k λ_k·CE_k (w: --medusa-heads-weight, Medusa's 0.2), and the base
 //     trains too (its gradient from both terms, through the final norm).
+// Heads start as Medusa-1 initialises them, or from the --init checkpoint's own K heads when it has them.
 // Every step's JSONL line carries the total loss and each head's loss and top-1 accuracy (medusa_loss_k,
 // medusa_top1_k). Checkpoints hold the base (as trained, or unchanged) and medusa.safetensors
 // (models/medusa_checkpoint.h), with the tokenizer, under <out>/step_N and <out>/latest.
