@@ -11,7 +11,8 @@
 #   target/latest         a 32M GPT-2 (6 layers, 640 wide, 256-token context)
 #   draft/latest          a 4M GPT-2 (4 layers, 256 wide) on the same tokenizer
 #   target-medusa/latest  the target with Medusa heads (kiln train --medusa-heads, Medusa-1: the base frozen)
-# Set KILN_TRAIN_STEPS_SCALE=0.5 to halve every training run (a loaded machine).
+# Set KILN_TRAIN_STEPS_SCALE=0.5 to halve every training run (a loaded machine), or KILN_BENCH_NO_TRAIN=1 to
+# train nothing (the methods whose models are missing are left out).
 set -euo pipefail
 kiln=$(realpath "$1")
 dir=${2:-/work/bench-models}
@@ -21,12 +22,13 @@ threads=${5:-2}
 fmt=${6:-bf16}
 py=/usr/bin/python3
 scale=${KILN_TRAIN_STEPS_SCALE:-1}
+no_train=${KILN_BENCH_NO_TRAIN:-0}
 steps() { $py -c "import sys; print(max(1, int($1 * $scale)))"; }
 mkdir -p "$dir"
 cd "$dir"
 
 # ---- models (only what is missing) ----
-if [ ! -f data/train_000000.bin ]; then
+if [ "$no_train" = 1 ]; then :; elif [ ! -f data/train_000000.bin ]; then
   corpus=()
   for f in /usr/share/games/fortunes/*; do
     case "$f" in *.dat|*.u8) continue ;; esac
@@ -36,19 +38,19 @@ if [ ! -f data/train_000000.bin ]; then
   nice -n 10 "$kiln" data prepare --tokenizer tokenizer --input "${corpus[@]}" --doc-separator '%' \
     --val-fraction 0.05 --out data
 fi
-if [ ! -e target/latest ]; then
+if [ "$no_train" != 1 ] && [ ! -e target/latest ]; then
   echo '{"n_layer": 6, "n_head": 10, "n_embd": 640, "vocab_size": 4096, "n_positions": 256, "layer_norm_epsilon": 1e-5}' > target.json
   nice -n 10 "$kiln" train --model target.json --tokenizer tokenizer --data "data/train_*.bin" --batch 8 --seq 128 \
     --steps "$(steps 300)" --lr 1.5e-3 --min-lr 1.5e-4 --warmup 30 --weight-decay 0.1 --out target --save-every 100 \
     --keep-checkpoints 1 --metrics target.jsonl --no-progress --threads "$threads"
 fi
-if [ ! -e draft/latest ]; then
+if [ "$no_train" != 1 ] && [ ! -e draft/latest ]; then
   echo '{"n_layer": 4, "n_head": 4, "n_embd": 256, "vocab_size": 4096, "n_positions": 256, "layer_norm_epsilon": 1e-5}' > draft.json
   nice -n 10 "$kiln" train --model draft.json --tokenizer tokenizer --data "data/train_*.bin" --batch 16 --seq 128 \
     --steps "$(steps 1000)" --lr 2e-3 --min-lr 2e-4 --warmup 50 --weight-decay 0.1 --out draft --save-every 500 \
     --keep-checkpoints 1 --metrics draft.jsonl --no-progress --threads "$threads"
 fi
-if [ ! -e target-medusa/latest ]; then
+if [ "$no_train" != 1 ] && [ ! -e target-medusa/latest ]; then
   nice -n 10 "$kiln" train --medusa-heads 3 --init target/latest --data "data/train_*.bin" --batch 8 --seq 128 \
     --steps "$(steps 150)" --lr 1e-3 --min-lr 1e-4 --warmup 10 --weight-decay 0 --out target-medusa \
     --metrics target-medusa.jsonl --threads "$threads"
@@ -80,8 +82,10 @@ echo "decode_methods: $fmt weights, $max_new new tokens per prompt, ${#prompts[@
 echo "  target $(readlink -f target/latest), draft $(readlink -f draft/latest), heads $(readlink -f target-medusa/latest)"
 {
   measure plain --model target-medusa/latest --no-medusa
-  measure "speculative K=4" --model target-medusa/latest --no-medusa --draft-model draft/latest --draft-tokens 4
-  measure "speculative K=6" --model target-medusa/latest --no-medusa --draft-model draft/latest --draft-tokens 6
+  if [ -e draft/latest ]; then
+    measure "speculative K=4" --model target-medusa/latest --no-medusa --draft-model draft/latest --draft-tokens 4
+    measure "speculative K=6" --model target-medusa/latest --no-medusa --draft-model draft/latest --draft-tokens 6
+  fi
   measure "medusa tree 16" --model target-medusa/latest --medusa
   measure "medusa chain 4" --model target-medusa/latest --medusa --medusa-tree "0;0,0;0,0,0"
   measure "medusa tree 8" --model target-medusa/latest --medusa --medusa-tree "0;1;2;0,0;0,1;1,0;0,0,0"

@@ -5,7 +5,12 @@
 //   {"tokens": [prompt and new ids], "text": prompt text + completion (null without a tokenizer),
 //    "finish_reason": "length" | "eot" | "stop" | "context", "weights_dtype", "decode_tokens_per_s",
 //    with a draft model "speculative": {draft_tokens, rounds, drafted, accepted, acceptance_rate,
-//    mean_accepted_length (accepted proposals per round), tokens_per_round}}
+//    mean_accepted_length (accepted proposals per round), tokens_per_round},
+//    with Medusa heads "medusa": {heads, tree_nodes, tree_depth, acceptance: greedy | typical, rounds, accepted,
+//    acceptance_rate (accepted / (rounds · tree depth)), mean_accepted_length (tokens per round)}}
+// Medusa (infer/medusa.h) runs by default when the checkpoint has heads (medusa.safetensors), on the CPU and
+// without a draft model; --no-medusa turns it off. Greedy acceptance at temperature 0 (output = plain greedy),
+// typical acceptance (--typical-threshold, --typical-alpha) when sampling.
 // Prefill and decode speeds go to stderr. The sequence (prompt + new tokens) never exceeds the model's
 // n_positions: generation stops there and says so on stderr. --stop ends the completion before the first
 // occurrence of a string (the stop string itself is not printed; the token that completed it is listed).
