@@ -74,7 +74,7 @@ rows = [json.loads(l) for l in sys.stdin if l.strip()]
 r = rows[0]
 st = r.get("medusa") or r.get("speculative") or {}
 print(json.dumps({"label": sys.argv[1], "tps": statistics.median(x["decode_tokens_per_s"] for x in rows),
-                  "acc": st.get("acceptance_rate"), "len": st.get("mean_accepted_length", st.get("tokens_per_round")),
+                  "acc": st.get("acceptance_rate"), "len": st.get("tokens_per_round", st.get("mean_accepted_length")),
                   "tokens": r["tokens"]}))' "$label"
   done
 }
