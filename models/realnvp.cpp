@@ -144,6 +144,10 @@ RealNVP::RealNVP(const RealNVPConfig& cfg, nn::Backend& be) : cfg_(cfg), be_(be)
   }
   for (int k = 0; k < cfg_.final_couplings; k++) checkerboard(k % 2);
   KILN_CHECK(zoff + int64_t(C) * H * W == cfg_.pixels(), "realnvp: latent size mismatch");
+  // 1 once init_actnorm ran (kept in checkpoints, so a loaded model is not initialised again); no gradient.
+  table_.add("actnorm_initialized", "actnorm_initialized", Shape{1});
+  table_.specs.back().trainable = false;
+  init_flag_ = table_.specs.back().offset;
   params_.assign(table_.total, 0.0f);
   grads_.assign(table_.total, 0.0f);
 }
@@ -268,7 +272,12 @@ void RealNVP::run_forward(const float* x, int B, bool init) {
   for (int b = 0; b < B; b++) std::memcpy(z_.data() + b * P + (P - left), cur.data() + b * left, size_t(left) * 4);
 }
 
-void RealNVP::init_actnorm(const float* x, int B) { run_forward(x, B, true); }
+void RealNVP::init_actnorm(const float* x, int B) {
+  run_forward(x, B, true);
+  params_[init_flag_] = 1.0f;
+}
+
+bool RealNVP::actnorm_initialized() const { return params_[init_flag_] != 0.0f; }
 
 void RealNVP::forward(double* logp, const float* x, int B, float* z, double* logdet) {
   run_forward(x, B, false);

@@ -21,7 +21,7 @@
 //               a mask is an index set and squeeze/factor-out only choose which values couple. Its output
 //               layer starts at zero: every coupling starts as the identity.
 // Parameters (ParamTable, one block): layers.L.logs, layers.L.bias [C] (actnorm L); layers.L.mlp.K.weight
-// [out, in], layers.L.mlp.K.bias [out], layers.L.scale [|B|] (affine couplings only).
+// [out, in], layers.L.mlp.K.bias [out], layers.L.scale [|B|] (affine couplings only); actnorm_initialized [1].
 // Forward and backward of each layer sit side by side in realnvp.cpp, with the inverse.
 #pragma once
 #include <cstdint>
@@ -61,8 +61,9 @@ class RealNVP {
   void init_random(uint64_t seed);  // Xavier-uniform hidden layers, zero output layers, actnorm identity
   void zero_grad();
 
-  // Sets every actnorm from the batch x [B, P] (in order, each from its own input).
+  // Sets every actnorm from the batch x [B, P] (in order, each from its own input), and the flag below.
   void init_actnorm(const float* x, int B);
+  bool actnorm_initialized() const;  // the parameter actnorm_initialized [1] (not trained)
   // log p(x) in nats of each of B images x [B, P] into logp [B] (z [B, P] too when not null); keeps what
   // backward() needs.
   void forward(double* logp, const float* x, int B, float* z = nullptr, double* logdet = nullptr);
@@ -81,6 +82,7 @@ class RealNVP {
   ParamTable table_;
   std::vector<float> params_, grads_;
   std::vector<Layer> layers_;
+  size_t init_flag_ = 0;
   // The last forward: each layer's input, the latents, per-layer scratch.
   int B_ = 0;
   std::vector<std::vector<float>> in_;

@@ -150,6 +150,7 @@ def main():
     t = read_safetensors(sys.argv[2])
     x = t.pop("x").to(dt)
     w = t.pop("w").to(dt)
+    t.pop("actnorm_initialized", None)  # a flag, not a parameter of the map
     B = x.shape[0]
     x = x.reshape(B, -1).requires_grad_(True)
     p = {k: v.to(dt).requires_grad_(True) for k, v in t.items()}
