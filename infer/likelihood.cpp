@@ -1,6 +1,7 @@
 // The probability-flow likelihood of infer/likelihood.h.
 #include "infer/likelihood.h"
 
+#include <algorithm>
 #include <cmath>
 
 #include "core/error.h"
@@ -177,6 +178,24 @@ MeanSE mean_se(const std::vector<double>& v) {
   for (double x : v) ss += (x - m.mean) * (x - m.mean);
   m.se = std::sqrt(ss / double(v.size() - 1) / double(v.size()));
   return m;
+}
+
+std::vector<double> dataset_bits_per_dim(const Objective& o, const LikelihoodOptions& opt, const DiffusionNet& net,
+                                         const float* images, const int32_t* labels, int64_t N, int64_t P,
+                                         int batch, uint64_t seed, int* nfe) {
+  KILN_CHECK(batch > 0, "--batch ", batch, ": must be positive");
+  check_likelihood(o, opt, P);
+  Rng r(seed);
+  std::vector<double> bpd;
+  for (int64_t i = 0; i < N; i += batch) {
+    const int b = int(std::min<int64_t>(batch, N - i));
+    std::vector<float> x(images + i * P, images + (i + b) * P);
+    dequantize(x.data(), int64_t(x.size()), r);
+    const LikelihoodResult res = log_likelihood(o, opt, net, x.data(), labels + i, b, P, rng_noise(r));
+    for (double l : res.log_density) bpd.push_back(bits_per_dim(l, P));
+    if (nfe) *nfe = res.nfe;  // the same for every batch
+  }
+  return bpd;
 }
 
 }  // namespace kiln

@@ -67,4 +67,11 @@ struct MeanSE {
 };
 MeanSE mean_se(const std::vector<double>& v);
 
+// Bits/dim of N images [N, P] (values p/127.5 − 1), each dequantised once (generator seeded by `seed`, which
+// also draws the probes), in batches of `batch`: one value per image in bpd (the mean and its standard error
+// cover the dequantisation, the probes and the images together); nfe: the network evaluations per image.
+std::vector<double> dataset_bits_per_dim(const Objective& o, const LikelihoodOptions& opt, const DiffusionNet& net,
+                                         const float* images, const int32_t* labels, int64_t N, int64_t P,
+                                         int batch, uint64_t seed, int* nfe = nullptr);
+
 }  // namespace kiln
