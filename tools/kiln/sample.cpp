@@ -75,17 +75,17 @@ kiln::cli::Command sample_cmd("sample", [](CLI::App& root) {
   c->callback([o] {
     kiln::set_threads(o->threads);
     const kiln::ImageModelFiles f = kiln::find_image_model(o->model);
-    const kiln::DiTConfig& cfg = f.config;
+    kiln::ImageModelOptions mo;
+    mo.with_grads = false;
+    std::unique_ptr<kiln::ImageModel> model = kiln::load_image_model(f, mo, !o->raw_weights);
+    const kiln::ImageGeometry cfg = model->geometry();
     KILN_CHECK(o->count > 0, "--count ", o->count, ": must be positive");
     KILN_CHECK(o->batch > 0, "--batch ", o->batch, ": must be positive");
     KILN_CHECK(o->cls < cfg.classes, "--class ", o->cls, ": the model has classes 0..", cfg.classes - 1);
     o->s.null_class = cfg.classes;
     kiln::check_sampler(f.objective, o->s);
-    auto be = kiln::nn::make_cpu_backend();
-    kiln::DiT model(cfg, *be, /*with_grads=*/false);
-    kiln::load_image_weights(f, model, !o->raw_weights);
     const int planned = std::min(o->batch, o->count);
-    model.plan(planned);
+    model->plan(planned);
     std::vector<int32_t> labels(size_t(o->count));
     for (int k = 0; k < o->count; k++)
       labels[size_t(k)] = o->unconditional ? cfg.classes : o->cls >= 0 ? o->cls : k % cfg.classes;
@@ -93,7 +93,7 @@ kiln::cli::Command sample_cmd("sample", [](CLI::App& root) {
     std::vector<float> x(size_t(o->count) * P);
     kiln::Rng r(o->seed);
     const auto t0 = std::chrono::steady_clock::now();
-    const kiln::SampleResult res = kiln::sample(f.objective, o->s, kiln::dit_net(model, f.objective, planned),
+    const kiln::SampleResult res = kiln::sample(f.objective, o->s, kiln::denoiser_net(*model, f.objective, planned),
                                                 x.data(), labels.data(), o->count, P, kiln::rng_noise(r));
     const double secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
     kiln::write_png(o->out, grid(x, o->count, cfg.channels, cfg.image_size));
