@@ -169,7 +169,7 @@ def main():
     ldj = []
     for b in range(B):
         J = torch.autograd.functional.jacobian(lambda v: forward(cfg, layers, pd, v.reshape(1, -1))[0][0],
-                                               x[b].detach())
+                                               x[b].detach(), vectorize=True)
         ldj.append(torch.linalg.slogdet(J)[1])
     out["logdet_jacobian"] = torch.stack(ldj)
     write_safetensors(sys.argv[3], out)
