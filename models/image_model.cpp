@@ -10,6 +10,8 @@
 #include "core/error.h"
 #include "core/file_io.h"
 #include "models/dit.h"
+#include "models/realnvp.h"
+#include "models/realnvp_image.h"
 #include "models/vit.h"
 
 namespace kiln {
@@ -178,6 +180,15 @@ const std::vector<ImageFamily>& families() {
        [](const std::string& text, const std::string& where, const ImageModelOptions& o) {
          return std::unique_ptr<ImageModel>(new ViTImage(ViTConfig::from_json(text, where), o));
        }},
+      // Presets: realnvp (affine couplings), nice (additive).
+      {"realnvp", [] { return RealNVPConfig().to_json(); },
+       [](const std::string& n) -> std::optional<std::string> {
+         if (n != "realnvp" && n != "nice") return std::nullopt;
+         RealNVPConfig c;
+         c.additive = n == "nice";
+         return c.to_json();
+       },
+       make_realnvp_image},
   };
   return f;
 }
@@ -220,7 +231,7 @@ std::unique_ptr<ImageModel> make_image_model(const std::string& text, const std:
 std::string image_model_config(const std::string& model, ImageTask task, const ImageGeometry* g) {
   std::string text, where = "--model " + model;
   if (model.empty()) {
-    const ImageFamily* f = find_family(task == ImageTask::Denoise ? "dit" : task == ImageTask::Classify ? "vit" : "");
+    const ImageFamily* f = find_family(task == ImageTask::Denoise ? "dit" : task == ImageTask::Classify ? "vit" : "realnvp");
     KILN_CHECK(f, "--model: no default model for the ", image_task_name(task), " task: give a config.json");
     text = f->default_config();
   } else {

@@ -92,3 +92,8 @@ if(KILN_MPIRUN)
                    ${CMAKE_BINARY_DIR}/e2e/dist_hosts)
   set_tests_properties(e2e.dist_hosts PROPERTIES LABELS e2e TIMEOUT 300 SKIP_RETURN_CODE 77 RUN_SERIAL TRUE)
 endif()
+
+# Likelihoods and normalizing flows through the CLI (train --objective nll, sample, likelihood) on a tiny image set.
+add_test(NAME e2e.flows_cli
+         COMMAND ${KILN_PY} ${CMAKE_SOURCE_DIR}/tests/e2e/flows_cli.py $<TARGET_FILE:kiln> ${CMAKE_BINARY_DIR}/e2e/flows_cli)
+set_tests_properties(e2e.flows_cli PROPERTIES LABELS e2e TIMEOUT 600)

@@ -119,7 +119,19 @@ double frechet_distance(const float* a, int64_t na, const float* b, int64_t nb, 
   return dm + tr;
 }
 
-double train_classifier(const TrainOptions& opt) {
+// The mean evaluation loss (a density model's bits/dim) over the first n test images, weighted by batch size.
+static double test_loss(ImageModel& m, const ImageSet& test, int batch, int64_t n) {
+  n = std::min<int64_t>(n, test.size());
+  const int64_t P = test.pixels();
+  double s = 0;
+  for (int64_t i = 0; i < n; i += batch) {
+    const int b = int(std::min<int64_t>(batch, n - i));
+    s += m.loss_forward(test.images.data() + i * P, test.labels.data() + i, b, /*train=*/false) * b;
+  }
+  return s / double(n);
+}
+
+double train_classifier(const TrainOptions& opt, ImageTask task) {
   set_threads(opt.threads);
   KILN_CHECK(!opt.out.empty(), "--objective classify needs --out");
   const ImageSet data = load_images(opt.data, "train");
@@ -135,11 +147,13 @@ double train_classifier(const TrainOptions& opt) {
   const ImageGeometry g{data.height, data.channels, data.classes};
   ImageModelOptions mo;
   std::unique_ptr<ImageModel> mp =
-      make_image_model(image_model_config(opt.model, ImageTask::Classify, &g), "--model " + opt.model, mo);
+      make_image_model(image_model_config(opt.model, task, &g), "--model " + opt.model, mo);
   ImageModel& m = *mp;
   KILN_CHECK(m.provides(ImageTask::Classify) || m.provides(ImageTask::Density), "--model ", opt.model, ": a ",
              m.type(), " model computes no loss of its own (classify or density)");
   const bool classify = m.provides(ImageTask::Classify);
+  KILN_CHECK(m.provides(task), "--objective ", task == ImageTask::Density ? "nll" : "classify", ": a ", m.type(),
+             " model does not provide the ", image_task_name(task), " task");
   m.init_random(opt.seed);
   m.plan(opt.batch, RecomputePolicy::parse(opt.recompute));
   AdamW adam(m.table(), opt.adamw, m.blocks().backend);
@@ -170,6 +184,8 @@ double train_classifier(const TrainOptions& opt) {
     nlohmann::json j = {{"step", step + 1}, {"loss", last}, {"lr", lr}, {"grad_norm", norm}};
     if (classify && opt.eval_every > 0 && (step + 1) % opt.eval_every == 0 && test.size() > 0)
       j["test_accuracy_1000"] = accuracy(m, test, opt.batch, 1000);
+    if (!classify && opt.eval_every > 0 && (step + 1) % opt.eval_every == 0 && test.size() > 0)
+      j["test_loss_1000"] = test_loss(m, test, opt.batch, 1000);
     if (metrics) std::fprintf(metrics, "%s\n", j.dump().c_str()), std::fflush(metrics);
     if (tty) std::fprintf(stderr, "\rstep %d/%d loss %.4f", step + 1, opt.steps, last);
   }
@@ -183,8 +199,11 @@ double train_classifier(const TrainOptions& opt) {
   write_safetensors((fs::path(opt.out) / "model.safetensors").string(), ts);
   const double acc = classify && test.size() > 0 ? accuracy(m, test, opt.batch) : std::nan("");
   const double secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
-  nlohmann::json j = {{"objective", "classify"}, {"steps", opt.steps}, {"loss", last}, {"test_images", test.size()},
-                      {"test_accuracy", acc}, {"seconds", secs}};
+  nlohmann::json j = {{"objective", classify ? "classify" : "nll"}, {"steps", opt.steps}, {"loss", last},
+                      {"test_images", test.size()}, {"seconds", secs}};
+  if (classify) j["test_accuracy"] = acc;
+  // A density model: its loss (bits/dim) on the whole test split.
+  if (!classify && test.size() > 0) j["test_loss"] = test_loss(m, test, opt.batch, test.size());
   write_file_atomic((fs::path(opt.out) / "eval.json").string(), j.dump(2) + "\n");
   std::printf("%s\n", j.dump().c_str());
   return acc;

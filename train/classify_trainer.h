@@ -16,7 +16,9 @@ namespace kiln {
 // TrainOptions supplies model (a config.json of a classify or density model, or empty for the default vit), data, batch, steps, lr,
 // min_lr, lr_schedule, warmup, adamw, seed, threads, out, metrics, eval_every, progress. Returns the test (or val)
 // accuracy.
-double train_classifier(const TrainOptions& opt);
+// task Classify (--objective classify) or Density (--objective nll: a normalizing flow, loss in bits/dim); the
+// default --model is the factory's default for the task.
+double train_classifier(const TrainOptions& opt, ImageTask task = ImageTask::Classify);
 
 class ImageJudge {
  public:

@@ -117,7 +117,9 @@ kiln::cli::Command train_cmd("train", [](CLI::App& root) {
   c->add_option("--objective", *objective,
                 "lm (language model on token shards), or an image objective on image shards (kiln data "
                 "prepare-images) with --model a DiT preset (DiT-S/2, DiT-S/4, DiT-B/2, DiT-B/4) or config: ddpm, ve, "
-                "edm, flow, gvp; or classify (a ViT classifier on image shards, --model a vit config or none)")
+                "edm, flow, gvp; or classify (a ViT classifier on image shards, --model a vit config or none); or nll (a "
+                "normalizing flow by maximum likelihood, logged in bits/dim: --model realnvp, nice or a realnvp "
+                "config)")
       ->capture_default_str();
   c->add_option("--ema-decay", img->ema_decay, "Image models: decay of the EMA copy of the weights")
       ->capture_default_str();
@@ -141,6 +143,8 @@ kiln::cli::Command train_cmd("train", [](CLI::App& root) {
       return;
     }
     if (*objective == "classify") return (void)kiln::train_classifier(*opt);
+    // A density model (a normalizing flow) by exact maximum likelihood: the same loss-model trainer.
+    if (*objective == "nll") return (void)kiln::train_classifier(*opt, kiln::ImageTask::Density);
     img->objective = *objective;
     kiln::train_images(*opt, *img);
   });
