@@ -278,9 +278,14 @@ std::unique_ptr<nn::Backend> make_backend(bool cuda, std::optional<LowpType> low
 
 // The GPU kernels' shape limits, checked once with the model (one line naming the config field).
 void check_device_shapes(const ModelConfig& c) {
-  KILN_CHECK(!c.mla.on(), "--device cuda: latent attention (", c.family, ") runs on the CPU only so far");
-  KILN_CHECK(c.head_dim == 64 || c.head_dim == 128, "--device cuda: the attention kernels support head_dim 64 and 128; "
-             "this model has head_dim ", c.head_dim);
+  if (c.mla.on()) {
+    KILN_CHECK(cuda_attention_dims(c.mla.qk_dim(), c.mla.v_head_dim), "--device cuda: the attention kernels take "
+               "latent attention's qk_nope_head_dim + qk_rope_head_dim / v_head_dim of ", kCudaAttentionDims,
+               "; this model has ", c.mla.qk_dim(), "/", c.mla.v_head_dim);
+  } else {
+    KILN_CHECK(c.head_dim == 64 || c.head_dim == 128, "--device cuda: the attention kernels support head_dim 64 and "
+               "128; this model has head_dim ", c.head_dim);
+  }
   KILN_CHECK(c.d_model % 8 == 0, "--device cuda: d_model must be a multiple of 8 (got ", c.d_model, ")");
 }
 
@@ -328,6 +333,10 @@ nn::OpScratch training_scratch(const ModelConfig& cfg, int64_t N) {
   s.C = cfg.d_model;
   if (cfg.qk_norm) s.head_groups = N * std::max(cfg.n_head, cfg.n_kv_head);
   s.HD = cfg.head_dim;
+  if (cfg.mla.on()) {  // latent attention's norms of q_a and c_KV: one group per row
+    s.head_groups = std::max(s.head_groups, N);
+    s.HD = std::max({s.HD, cfg.mla.q_lora_rank, cfg.mla.kv_lora_rank});
+  }
   // One sequence of N tokens bounds the attention backward's scratch for every split of N.
   s.attention.B = 1;
   s.attention.T = int(N);
@@ -699,6 +708,11 @@ TransformerDecoder::TransformerDecoder(const ModelConfig& cfg, const float* para
   ops.decode.NH = cfg_.n_head;
   ops.decode.NKV = cfg_.n_kv_head;
   ops.decode.HD = cfg_.head_dim;
+  if (cfg_.mla.on()) {  // the absorbed form: one shared head of the cached latent row, values its first r floats
+    ops.decode.NKV = 1;
+    ops.decode.HD = int(cache_width());
+    ops.decode.HDv = cfg_.mla.kv_lora_rank;
+  }
   be_->reserve_scratch(ops);
   use_graph_ = cuda && cuda_graph;
   if (use_graph_) {
