@@ -1246,7 +1246,7 @@ void add_latent_glue(std::vector<OpCase>& t) {
       oc.k = kfor(dt, c.heads);
       const int64_t out_n = c.N * c.ld_out;
       oc.ref = [=](const Tensors& in) {
-        std::vector<float> out(size_t(out_n));
+        std::vector<float> out(static_cast<size_t>(out_n));
         for (int64_t n = 0; n < c.N; n++)
           for (int d = 0; d < c.width; d++) {
             double s = 0;
@@ -1258,7 +1258,7 @@ void add_latent_glue(std::vector<OpCase>& t) {
       if (dt == F32)
         oc.cpu = [=](const Tensors& in) {
           auto be = nn::make_cpu_backend();
-          std::vector<float> x = in[0].v, out(size_t(out_n));
+          std::vector<float> x = in[0].v, out(static_cast<size_t>(out_n));
           be->sum_heads(nn::Act{out.data(), kiln::DType::F32}, c.ld_out, nn::Act{x.data(), kiln::DType::F32}, c.ld_in,
                         c.N, c.heads, c.head_stride, c.width);
           return Tensors{{"out", out}};
