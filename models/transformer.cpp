@@ -378,7 +378,8 @@ Transformer::Transformer(const ModelConfig& cfg, const ModelOptions& opt)
   inv_freq_buf_ = nn::DeviceBlock(*be_, inv_freq.size() * sizeof(float), "rotary frequencies");
   if (!inv_freq.empty()) be_->upload(inv_freq_buf_.data(), inv_freq.data(), inv_freq.size() * sizeof(float));
   w_.bind(cfg_, table_, params_, grads_, params16_, inv_freq_buf_.as<float>());
-  for (int l = 0; l < cfg_.n_layer; l++)
+  // The MTP modules' blocks (layers n_layer ..) count and balance like the main ones.
+  for (int l = 0; l < cfg_.n_layer + cfg_.mtp_depth; l++)
     if (cfg_.is_moe_layer(l)) moe_layers_.push_back(l);
   if (!moe_layers_.empty()) {
     const size_t bytes = moe_layers_.size() * size_t(cfg_.n_experts) * sizeof(float);
@@ -601,7 +602,8 @@ double Transformer::forward(const int32_t* tokens, const int32_t* pos, const int
     else
       for (int b = 0; b <= attn.B; b++) seq_starts_.push_back(b * attn.T);
     for (int l : moe_layers_)
-      w_.blocks[size_t(l)].moe.aux = {seq_aux_alpha_, grad_scale, seq_starts_.data(), int(seq_starts_.size()) - 1};
+      if (l < cfg_.n_layer)  // the balance loss is the main model's (the MTP modules' routers: load only)
+        w_.blocks[size_t(l)].moe.aux = {seq_aux_alpha_, grad_scale, seq_starts_.data(), int(seq_starts_.size()) - 1};
   }
   run_blocks_forward(ap, N);
   w_.final_norm.forward(*be_, a_.lnf_out, a_.lnf_mean, a_.lnf_rstd, a_.final_out, N);
