@@ -84,9 +84,14 @@ void attention_backward(float* dqkv, const float* dout, const float* qkv, const 
                         const AttentionParams& p);
 }  // namespace cpu
 // cuda:: (kernels/cuda/attention.cu): FlashAttention of our own on tensor cores (mma.sync m16n8k16, bf16
-// operands, fp32 accumulation and softmax), head dims 64 and 128, causal or not, packed sequences through
-// cu_seqlens, grouped-query (NKV) and sliding-window attention. qkv/out/dout/dqkv are bf16, lse fp32 [NH, N]. The backward needs
-// attention_backward_scratch_bytes(p) bytes of device scratch (fp32 dQ accumulators).
+// operands, fp32 accumulation and softmax), causal or not, packed sequences through cu_seqlens, grouped-query
+// (NKV) and sliding-window attention. Head dims (q/k, v): (64, 64) and (128, 128); for latent attention (64, 32)
+// and DeepSeek's (192, 128) (each pair is a kernel instantiation). qkv/out/dout/dqkv are bf16, lse fp32 [NH, N].
+// The backward needs attention_backward_scratch_bytes(p) bytes of device scratch (fp32 dQ accumulators).
+inline constexpr const char* kCudaAttentionDims = "64/64, 128/128, 64/32 or 192/128";
+inline bool cuda_attention_dims(int HD, int HDv) {
+  return (HD == HDv && (HD == 64 || HD == 128)) || (HD == 64 && HDv == 32) || (HD == 192 && HDv == 128);
+}
 namespace cuda {
 void attention_forward(uint16_t* out, float* lse, const uint16_t* qkv, const AttentionParams& p, void* stream);
 size_t attention_backward_scratch_bytes(const AttentionParams& p);

@@ -96,6 +96,10 @@ struct DecodeAttention {
   uint16_t* out = nullptr;
   int64_t out_stride = 0;
   KVPages pages;                          // device table; block_size a multiple of 64
+  // Latent attention: value heads of their own width and strides (0: HD and k's strides). Any HD/HDv other
+  // than equal 64 or 128 takes a SIMT kernel (warps over keys, lanes over dims; HDv <= 512, no pages).
+  int HDv = 0;
+  int64_t v_batch_stride = 0, v_stride = 0;
 };
 size_t decode_attention_scratch_bytes(const DecodeAttention& p);
 void decode_attention(const DecodeAttention& p, void* scratch, void* stream);

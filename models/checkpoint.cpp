@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <cctype>
+#include <cmath>
 #include <cstdio>
 #include <cstring>
 #include <filesystem>
@@ -138,6 +139,15 @@ void save_model_checkpoint(const std::string& dir, const ModelConfig& cfg, const
     tensors.push_back(Tensor{s.name, DType::F32, s.shape, const_cast<float*>(params + s.offset)});
     total += size_t(s.shape.numel()) * dtype_size(on_disk);
   }
+  // The family's copies (DeepSeek-V3's MTP embedding/head) under their own names, so its loaders find them.
+  const Family& family = find_family(cfg.family, dir);
+  if (family.copies)
+    for (const auto& [name, key] : family.copies(cfg)) {
+      const ParamSpec* s = table.find_key(key);
+      KILN_CHECK(s, dir, ": the copy ", quote_name(name), " repeats ", key, ", which this model does not have");
+      tensors.push_back(Tensor{name, DType::F32, s->shape, const_cast<float*>(params + s->offset)});
+      total += size_t(s->shape.numel()) * dtype_size(on_disk);
+    }
   // Weights first: if they cannot be written (disk full, killed), config.json still describes the weights
   // already there. Each file is replaced by a rename, so none is ever half-written.
   const fs::path d(dir);
@@ -190,10 +200,18 @@ void load_model_weights(const std::string& path, const ModelConfig& cfg, const P
   std::vector<const std::string*> found_in(want.size(), nullptr);
   std::map<std::string, size_t> index;
   for (size_t i = 0; i < want.size(); i++) index[want[i].name] = i;
+  // The family's copies present in the files: compared with the tensor they repeat once that is loaded.
+  std::map<std::string, std::string> copy_of;
+  if (family.copies)
+    for (const auto& [name, key] : family.copies(cfg)) copy_of[name] = key;
+  std::vector<std::pair<const SafeTensorsEntry*, const std::string*>> copies_found;
   for (const auto& r : readers) {
     for (const auto& e : r->entries()) {
       if (is_buffer(e.name) || (cfg.tie_embeddings && e.name == "lm_head.weight")) continue;
-      if (family.skipped_copy && family.skipped_copy(e.name, cfg)) continue;
+      if (copy_of.count(e.name)) {
+        copies_found.emplace_back(&e, &r->path());
+        continue;
+      }
       // Original OpenAI GPT-2 files have no "transformer." prefix.
       const std::string name = gpt2 && e.name.rfind("transformer.", 0) != 0 ? "transformer." + e.name : e.name;
       auto it = index.find(name);
@@ -223,6 +241,23 @@ void load_model_weights(const std::string& path, const ModelConfig& cfg, const P
     const SafeTensorsEntry& e = *found[i];
     const DType dt = e.dtype == "F32" ? DType::F32 : e.dtype == "BF16" ? DType::BF16 : DType::F16;
     convert_to_f32(e.bytes, dt, params + s.offset, size_t(s.shape.numel()));
+  }
+  for (const auto& [e, file] : copies_found) {
+    const std::string& key = copy_of.at(e->name);
+    const ParamSpec* s = table.find_key(key);
+    KILN_CHECK(s, *file, ": tensor ", quote_name(e->name), " repeats ", key, ", which this model does not have");
+    KILN_CHECK(e->shape == s->shape.vec() && (e->dtype == "F32" || e->dtype == "BF16" || e->dtype == "F16"), *file,
+               ": tensor ", quote_name(e->name), " (", e->dtype, " ", shape_str(e->shape), ") cannot be a copy of ",
+               quote_name(family.file_name(key)), " (", s->shape.str(), ")");
+    std::vector<float> v(size_t(s->shape.numel()));
+    convert_to_f32(e->bytes, e->dtype == "F32" ? DType::F32 : e->dtype == "BF16" ? DType::BF16 : DType::F16, v.data(),
+                   v.size());
+    double worst = 0;
+    for (size_t j = 0; j < v.size(); j++) worst = std::max(worst, double(std::fabs(v[j] - params[s->offset + j])));
+    if (worst > 0)
+      std::fprintf(stderr, "kiln: warning: %s: %s differs from %s (max |difference| %.3g); the model uses %s\n",
+                   file->c_str(), quote_name(e->name).c_str(), quote_name(family.file_name(key)).c_str(), worst,
+                   quote_name(family.file_name(key)).c_str());
   }
 }
 

@@ -23,8 +23,10 @@ struct Family {
   nlohmann::json (*to_json)(const ModelConfig& c);
   // Canonical key ("blk.3.attn_q.weight") -> the name in the family's checkpoints.
   std::string (*file_name)(const std::string& key);
-  // Tensors the family's files may hold that kiln keeps once elsewhere (null: none); the loader skips them.
-  bool (*skipped_copy)(const std::string& file_name, const ModelConfig& c) = nullptr;
+  // Tensors the family's files hold twice where kiln keeps one (null: none): pairs (the copy's file name, the
+  // canonical key of the tensor it repeats). The loader compares each copy present with that tensor (a one-line
+  // warning when they differ; kiln uses the tensor, not the copy); the saver writes the copies back.
+  std::vector<std::pair<std::string, std::string>> (*copies)(const ModelConfig& c) = nullptr;
 };
 
 // The families kiln knows; find_family fails with one line naming `where` and the known model types.

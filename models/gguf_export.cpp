@@ -54,15 +54,36 @@ Plan check_config(const ModelConfig& c) {
              c.n_kv_head);
   if (p.arch == "deepseek2") {
     // llama.cpp's deepseek2 in the absorbed MLA form: rotary parts on adjacent pairs (DeepSeek's interleaved
-    // layout as released; rotate-half checkpoints are permuted), every layer dense, no MTP layers in the file.
-    KILN_CHECK(c.mla.on() && c.mla.q_lora_rank > 0, kWhere, ": llama.cpp's deepseek2 reads queries without "
-               "q_lora_rank only for its 26/27-layer lite variant: export needs a q_lora_rank model");
-    KILN_CHECK(c.n_layer != 26 && c.n_layer != 27, kWhere, ": llama.cpp treats deepseek2 models of 26 or 27 layers "
-               "as the lite variant (no q_lora_rank): ", c.n_layer, " layers are not exported");
-    KILN_CHECK(c.rope_scaling.kind == RopeScaling::None, kWhere,
-               ": deepseek_v3 with rope_scaling is not exported (llama.cpp's yarn pre-scaling is not checked yet)");
+    // layout as released; rotate-half checkpoints are permuted), no MTP layers in the file. Its lite variant
+    // (queries straight from x, no q_lora_rank) is chosen by the layer count alone (26 or 27 in llama.cpp 3.21.1).
+    KILN_CHECK(c.mla.on(), kWhere, ": deepseek2 needs latent attention (kv_lora_rank)");
+    const bool lite_layers = c.n_layer == 26 || c.n_layer == 27;
+    if (c.mla.q_lora_rank == 0)
+      KILN_CHECK(lite_layers, kWhere, ": llama.cpp's deepseek2 reads queries without q_lora_rank only in its lite "
+                 "variant, which it recognises by 26 or 27 layers: this model has ", c.n_layer);
+    else
+      KILN_CHECK(!lite_layers, kWhere, ": llama.cpp treats deepseek2 models of 26 or 27 layers as the lite variant "
+                 "(no q_lora_rank): ", c.n_layer, " layers with q_lora_rank ", c.mla.q_lora_rank, " are not exported");
+    // Yarn as llama.cpp's deepseek2 computes it: cos/sin unscaled (its attn_factor cancels yarn's mscale), the
+    // softmax scale times (1 + yarn_log_multiplier·ln factor)², ggml's ramp with beta_fast 32 / beta_slow 1.
+    // Hugging Face leaves cos/sin unscaled only when mscale == mscale_all_dim.
+    const RopeScaling& rs = c.rope_scaling;
+    KILN_CHECK(rs.kind == RopeScaling::None || rs.kind == RopeScaling::Yarn, kWhere,
+               ": deepseek2 takes rope_scaling yarn or none");
+    if (rs.kind == RopeScaling::Yarn)
+      KILN_CHECK(rs.mscale_all_dim != 0 && rs.mscale == rs.mscale_all_dim && rs.attention_factor == 0 && rs.truncate &&
+                     rs.beta_fast == 32 && rs.beta_slow == 1,
+                 kWhere, ": deepseek2 takes yarn rope_scaling with mscale == mscale_all_dim (nonzero), beta_fast 32, "
+                 "beta_slow 1 and no attention_factor (llama.cpp's fixed yarn)");
     KILN_CHECK(c.gated_ffn && c.activation == Activation::Silu && !c.tie_embeddings, kWhere,
                ": deepseek2 needs a SwiGLU feed-forward and an untied head");
+    if (c.has_moe()) {
+      // llama.cpp: the first leading_dense_block_count layers dense, every later one a mixture of experts.
+      for (int l = 0; l < c.n_layer; l++)
+        KILN_CHECK(c.is_moe_layer(l) == (l >= c.first_k_dense_replace), kWhere, ": layer ", l, " is ",
+                   c.is_moe_layer(l) ? "a mixture of experts" : "dense",
+                   "; llama.cpp's deepseek2 has dense layers only before first_k_dense_replace");
+    }
     p.permute_rope = !c.mla.rope_interleave;
     return p;
   }
@@ -130,6 +151,16 @@ std::vector<int64_t> expected_shape(const ModelConfig& c, const Plan& p, const s
     const LatentAttention& m = c.mla;
     const int64_t NH = c.n_head, r = m.kv_lora_rank;
     if (k == "attn_norm.weight" || k == "ffn_norm.weight") return {C};
+    if (c.is_moe_layer(layer)) {  // router, selection bias, stacked experts ([E, F, C] row-major), shared experts
+      const int64_t E = c.n_experts, MF = c.moe_d_ff, SF = int64_t(c.n_shared_experts) * MF;
+      if (k == "ffn_gate_inp.weight") return {E, C};
+      if (k == "exp_probs_b.bias" && c.moe_router_bias) return {E};
+      if (k == "ffn_gate_exps.weight" || k == "ffn_up_exps.weight") return {E, MF, C};
+      if (k == "ffn_down_exps.weight") return {E, C, MF};
+      if (SF && (k == "ffn_gate_shexp.weight" || k == "ffn_up_shexp.weight")) return {SF, C};
+      if (SF && k == "ffn_down_shexp.weight") return {C, SF};
+    }
+    if (k == "attn_q.weight" && m.q_lora_rank == 0) return {NH * m.qk_dim(), C};  // the lite variant
     if (k == "attn_q_a.weight") return {m.q_lora_rank, C};
     if (k == "attn_q_a_norm.weight") return {m.q_lora_rank};
     if (k == "attn_q_b.weight") return {NH * m.qk_dim(), m.q_lora_rank};
@@ -182,12 +213,24 @@ std::vector<int64_t> expected_shape(const ModelConfig& c, const Plan& p, const s
 }
 
 // The per-layer tensors llama.cpp requires (besides the ones outside the blocks).
-std::vector<std::string> required_layer_keys(const ModelConfig& c, const Plan& p) {
-  if (p.arch == "deepseek2")
-    return {"attn_norm.weight",      "attn_q_a.weight",  "attn_q_a_norm.weight", "attn_q_b.weight",
-            "attn_kv_a_mqa.weight",  "attn_kv_a_norm.weight", "attn_k_b.weight", "attn_v_b.weight",
-            "attn_output.weight",    "ffn_norm.weight",  "ffn_gate.weight",      "ffn_up.weight",
-            "ffn_down.weight"};
+std::vector<std::string> required_layer_keys(const ModelConfig& c, const Plan& p, int layer) {
+  if (p.arch == "deepseek2") {
+    std::vector<std::string> r = {"attn_norm.weight", "attn_kv_a_mqa.weight", "attn_kv_a_norm.weight",
+                                  "attn_k_b.weight",  "attn_v_b.weight",      "attn_output.weight",
+                                  "ffn_norm.weight"};
+    if (c.mla.q_lora_rank)
+      r.insert(r.end(), {"attn_q_a.weight", "attn_q_a_norm.weight", "attn_q_b.weight"});
+    else
+      r.push_back("attn_q.weight");
+    if (!c.is_moe_layer(layer)) {
+      r.insert(r.end(), {"ffn_gate.weight", "ffn_up.weight", "ffn_down.weight"});
+      return r;
+    }
+    r.insert(r.end(), {"ffn_gate_inp.weight", "ffn_gate_exps.weight", "ffn_up_exps.weight", "ffn_down_exps.weight"});
+    if (c.moe_router_bias) r.push_back("exp_probs_b.bias");
+    if (c.n_shared_experts) r.insert(r.end(), {"ffn_gate_shexp.weight", "ffn_up_shexp.weight", "ffn_down_shexp.weight"});
+    return r;
+  }
   if (p.arch == "gpt2")
     return {"attn_norm.weight", "attn_norm.bias", "attn_qkv.weight", "attn_qkv.bias", "attn_output.weight",
             "attn_output.bias", "ffn_norm.weight", "ffn_norm.bias", "ffn_up.weight", "ffn_up.bias",
@@ -322,7 +365,7 @@ void export_gguf(const std::string& out_path, const ModelConfig& cfg, const Para
   w.set(a + ".attention.head_count_kv", GgufValue::u32(uint32_t(cfg.n_kv_head)));
   if (a == "deepseek2") {
     // The absorbed form: one shared key head of kv_lora_rank + rope dims, values the latent's kv_lora_rank;
-    // the *_mla lengths are the real heads. Dense layers only: no experts.
+    // the *_mla lengths are the real heads.
     const LatentAttention& m = cfg.mla;
     w.set(a + ".attention.head_count_kv", GgufValue::u32(1));
     w.set(a + ".attention.layer_norm_rms_epsilon", GgufValue::f32(cfg.norm_eps));
@@ -334,12 +377,33 @@ void export_gguf(const std::string& out_path, const ModelConfig& cfg, const Para
     w.set(a + ".attention.value_length", GgufValue::u32(uint32_t(m.kv_lora_rank)));
     w.set(a + ".attention.key_length_mla", GgufValue::u32(uint32_t(m.qk_dim())));
     w.set(a + ".attention.value_length_mla", GgufValue::u32(uint32_t(m.v_head_dim)));
-    w.set(a + ".leading_dense_block_count", GgufValue::u32(uint32_t(cfg.n_layer)));
-    w.set(a + ".expert_count", GgufValue::u32(0));
-    w.set(a + ".expert_used_count", GgufValue::u32(0));
-    w.set(a + ".expert_shared_count", GgufValue::u32(0));
-    w.set(a + ".expert_feed_forward_length", GgufValue::u32(uint32_t(cfg.d_ff)));
-    w.set(a + ".expert_weights_scale", GgufValue::f32(1.0f));
+    if (cfg.has_moe()) {
+      // DeepSeekMoE: sigmoid (2) or softmax (1) affinities, the selection bias as exp_probs_b, top-k groups.
+      w.set(a + ".leading_dense_block_count", GgufValue::u32(uint32_t(cfg.first_k_dense_replace)));
+      w.set(a + ".expert_count", GgufValue::u32(uint32_t(cfg.n_experts)));
+      w.set(a + ".expert_used_count", GgufValue::u32(uint32_t(cfg.moe_top_k)));
+      w.set(a + ".expert_shared_count", GgufValue::u32(uint32_t(cfg.n_shared_experts)));
+      w.set(a + ".expert_feed_forward_length", GgufValue::u32(uint32_t(cfg.moe_d_ff)));
+      w.set(a + ".expert_weights_scale", GgufValue::f32(float(cfg.routed_scaling_factor)));
+      w.set(a + ".expert_weights_norm", GgufValue::boolean(cfg.norm_topk_prob));
+      w.set(a + ".expert_gating_func", GgufValue::u32(cfg.moe_scoring == RouterScoring::Sigmoid ? 2 : 1));
+      w.set(a + ".expert_group_count", GgufValue::u32(uint32_t(cfg.moe_groups)));
+      w.set(a + ".expert_group_used_count", GgufValue::u32(uint32_t(cfg.moe_topk_groups)));
+    } else {
+      w.set(a + ".leading_dense_block_count", GgufValue::u32(uint32_t(cfg.n_layer)));
+      w.set(a + ".expert_count", GgufValue::u32(0));
+      w.set(a + ".expert_used_count", GgufValue::u32(0));
+      w.set(a + ".expert_shared_count", GgufValue::u32(0));
+      w.set(a + ".expert_feed_forward_length", GgufValue::u32(uint32_t(cfg.d_ff)));
+      w.set(a + ".expert_weights_scale", GgufValue::f32(1.0f));
+    }
+    const RopeScaling& rs = cfg.rope_scaling;
+    if (rs.kind == RopeScaling::Yarn) {  // check_config admits only the yarn llama.cpp computes
+      w.set(a + ".rope.scaling.type", GgufValue::str("yarn"));
+      w.set(a + ".rope.scaling.factor", GgufValue::f32(float(rs.factor)));
+      w.set(a + ".rope.scaling.original_context_length", GgufValue::u32(uint32_t(rs.original_max_positions)));
+      w.set(a + ".rope.scaling.yarn_log_multiplier", GgufValue::f32(float(0.1 * rs.mscale_all_dim)));
+    }
   } else if (a == "gpt2") {
     w.set(a + ".attention.layer_norm_epsilon", GgufValue::f32(cfg.norm_eps));
   } else {
@@ -397,7 +461,8 @@ void export_gguf(const std::string& out_path, const ModelConfig& cfg, const Para
     if (plan.permute_qk && (k == "attn_q.weight" || k == "attn_q.bias")) permute_heads = cfg.n_head;
     if (plan.permute_qk && (k == "attn_k.weight" || k == "attn_k.bias")) permute_heads = cfg.n_kv_head;
     // deepseek2 from rotate-half: each query head's rotary rows, and kv_a_mqa's, to adjacent pairs.
-    const bool rope_rows = plan.permute_rope && (k == "attn_q_b.weight" || k == "attn_kv_a_mqa.weight");
+    const bool rope_rows =
+        plan.permute_rope && (k == "attn_q_b.weight" || k == "attn_q.weight" || k == "attn_kv_a_mqa.weight");
     const float* src = params + s.offset;
     const int64_t rows = shape[0], cols = s.numel() / std::max<int64_t>(rows, 1);  // 3-D: [E, F·C] as rows
     const int64_t hd = cfg.head_dim;
@@ -445,7 +510,7 @@ void export_gguf(const std::string& out_path, const ModelConfig& cfg, const Para
   if (a == "gpt2") need.insert(need.end(), {"position_embd.weight", "output_norm.bias"});
   if (!cfg.tie_embeddings) need.push_back("output.weight");
   for (int l = 0; l < cfg.n_layer; l++)
-    for (const auto& k : required_layer_keys(cfg, plan)) need.push_back("blk." + std::to_string(l) + "." + k);
+    for (const auto& k : required_layer_keys(cfg, plan, l)) need.push_back("blk." + std::to_string(l) + "." + k);
   for (const auto& k : need)
     KILN_CHECK(written.count(k), kWhere, ": the parameter table has no ", k, " (llama.cpp's ", a, " requires it)");
 

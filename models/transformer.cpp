@@ -284,9 +284,14 @@ std::unique_ptr<nn::Backend> make_backend(bool cuda, std::optional<LowpType> low
 
 // The GPU kernels' shape limits, checked once with the model (one line naming the config field).
 void check_device_shapes(const ModelConfig& c) {
-  KILN_CHECK(!c.mla.on(), "--device cuda: latent attention (", c.family, ") runs on the CPU only so far");
-  KILN_CHECK(c.head_dim == 64 || c.head_dim == 128, "--device cuda: the attention kernels support head_dim 64 and 128; "
-             "this model has head_dim ", c.head_dim);
+  if (c.mla.on()) {
+    KILN_CHECK(cuda_attention_dims(c.mla.qk_dim(), c.mla.v_head_dim), "--device cuda: the attention kernels take "
+               "latent attention's qk_nope_head_dim + qk_rope_head_dim / v_head_dim of ", kCudaAttentionDims,
+               "; this model has ", c.mla.qk_dim(), "/", c.mla.v_head_dim);
+  } else {
+    KILN_CHECK(c.head_dim == 64 || c.head_dim == 128, "--device cuda: the attention kernels support head_dim 64 and "
+               "128; this model has head_dim ", c.head_dim);
+  }
   KILN_CHECK(c.d_model % 8 == 0, "--device cuda: d_model must be a multiple of 8 (got ", c.d_model, ")");
 }
 
@@ -334,6 +339,10 @@ nn::OpScratch training_scratch(const ModelConfig& cfg, int64_t N) {
   s.C = cfg.d_model;
   if (cfg.qk_norm) s.head_groups = N * std::max(cfg.n_head, cfg.n_kv_head);
   s.HD = cfg.head_dim;
+  if (cfg.mla.on()) {  // latent attention's norms of q_a and c_KV: one group per row
+    s.head_groups = std::max(s.head_groups, N);
+    s.HD = std::max({s.HD, cfg.mla.q_lora_rank, cfg.mla.kv_lora_rank});
+  }
   // One sequence of N tokens bounds the attention backward's scratch for every split of N.
   s.attention.B = 1;
   s.attention.T = int(N);
@@ -375,7 +384,8 @@ Transformer::Transformer(const ModelConfig& cfg, const ModelOptions& opt)
   inv_freq_buf_ = nn::DeviceBlock(*be_, inv_freq.size() * sizeof(float), "rotary frequencies");
   if (!inv_freq.empty()) be_->upload(inv_freq_buf_.data(), inv_freq.data(), inv_freq.size() * sizeof(float));
   w_.bind(cfg_, table_, params_, grads_, params16_, inv_freq_buf_.as<float>());
-  for (int l = 0; l < cfg_.n_layer; l++)
+  // The MTP modules' blocks (layers n_layer ..) count and balance like the main ones.
+  for (int l = 0; l < cfg_.n_layer + cfg_.mtp_depth; l++)
     if (cfg_.is_moe_layer(l)) moe_layers_.push_back(l);
   if (!moe_layers_.empty()) {
     const size_t bytes = moe_layers_.size() * size_t(cfg_.n_experts) * sizeof(float);
@@ -598,7 +608,8 @@ double Transformer::forward(const int32_t* tokens, const int32_t* pos, const int
     else
       for (int b = 0; b <= attn.B; b++) seq_starts_.push_back(b * attn.T);
     for (int l : moe_layers_)
-      w_.blocks[size_t(l)].moe.aux = {seq_aux_alpha_, grad_scale, seq_starts_.data(), int(seq_starts_.size()) - 1};
+      if (l < cfg_.n_layer)  // the balance loss is the main model's (the MTP modules' routers: load only)
+        w_.blocks[size_t(l)].moe.aux = {seq_aux_alpha_, grad_scale, seq_starts_.data(), int(seq_starts_.size()) - 1};
   }
   run_blocks_forward(ap, N);
   w_.final_norm.forward(*be_, a_.lnf_out, a_.lnf_mean, a_.lnf_rstd, a_.final_out, N);
@@ -720,6 +731,11 @@ TransformerDecoder::TransformerDecoder(const ModelConfig& cfg, const float* para
   ops.decode.NH = cfg_.n_head;
   ops.decode.NKV = cfg_.n_kv_head;
   ops.decode.HD = cfg_.head_dim;
+  if (cfg_.mla.on()) {  // the absorbed form: one shared head of the cached latent row, values its first r floats
+    ops.decode.NKV = 1;
+    ops.decode.HD = int(cache_width());
+    ops.decode.HDv = cfg_.mla.kv_lora_rank;
+  }
   be_->reserve_scratch(ops);
   use_graph_ = cuda && cuda_graph;
   if (use_graph_) {

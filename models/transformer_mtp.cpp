@@ -43,6 +43,7 @@ void Transformer::mtp_forward(const int32_t* host_targets, const AttentionParams
     nn::MTPActivations& a = a_.mtp[size_t(k)];
     w_.mtp[size_t(k)].forward(*be_, a, a_.scratch, prev, mtp_tokens_[size_t(k)], w_.wte, last_pos_, last_attn_, N,
                               a_.mtp_scratch.zeros);
+    count_load(cfg_.n_layer + k, a.blk);  // a MoE block inside the module: its expert load and bias update
     double s = 0;
     lm_head(tgt, scale, N, &s, a.ln, a.dln);
     mtp_sum += s;

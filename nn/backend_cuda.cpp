@@ -34,10 +34,10 @@ uint16_t* H(Act a) {
 }
 
 cuda::DecodeAttention to_cuda(const DecodeAttentionParams& p) {
-  KILN_CHECK(p.hdv() == p.HD && p.vs() == p.kv_stride && p.vbs() == p.kv_batch_stride,
-             "cuda backend: decode attention with value heads of their own width or strides (latent attention) "
-             "is not supported");
   cuda::DecodeAttention d;
+  d.HDv = p.hdv();  // latent attention: values of their own width and strides
+  d.v_stride = p.vs();
+  d.v_batch_stride = p.vbs();
   d.B = p.B;
   d.Tq = p.Tq;
   d.past_per_seq = p.past_per_seq;
@@ -201,6 +201,14 @@ class CudaBackend final : public Backend {
     const cuda::DecodeAttention d = to_cuda(p);
     void* sc = scratch("decode_attention", cuda::decode_attention_scratch_bytes(d));
     cuda::decode_attention(d, sc, s());
+  }
+  void sum_heads(Act out, int64_t ld_out, Act in, int64_t ld_in, int64_t N, int heads, int64_t head_stride,
+                 int width) override {
+    cuda::sum_heads(H(out), ld_out, H(in), ld_in, N, heads, head_stride, width, s());
+  }
+  void rows_append(Act cache, int64_t batch_stride, Act src, int64_t ld_src, int width, int B, int Tq,
+                   const int32_t* past) override {
+    cuda::rows_append(H(cache), batch_stride, H(src), ld_src, width, B, Tq, past, s());
   }
   void kv_append(Act k_cache, Act v_cache, int64_t batch_stride, Act qkv, int NH, int NKV, int HD, int B, int Tq,
                  const int32_t* past, const KVPages& pages) override {

@@ -49,6 +49,10 @@ add_test(NAME e2e.gpu_emu_moe_train_tracks_cpu
          COMMAND ${KILN_PY} ${CMAKE_SOURCE_DIR}/tests/e2e/gpu_moe_train_tracks_cpu.py $<TARGET_FILE:kiln>
                  $<TARGET_FILE:kiln-emu> ${CMAKE_BINARY_DIR}/e2e/gpu_emu_moe_train)
 set_tests_properties(e2e.gpu_emu_moe_train_tracks_cpu PROPERTIES LABELS e2e TIMEOUT 600)
+add_test(NAME e2e.gpu_emu_mla_train_tracks_cpu
+         COMMAND ${KILN_PY} ${CMAKE_SOURCE_DIR}/tests/e2e/gpu_mla_train_tracks_cpu.py $<TARGET_FILE:kiln>
+                 $<TARGET_FILE:kiln-emu> ${CMAKE_BINARY_DIR}/e2e/gpu_emu_mla_train)
+set_tests_properties(e2e.gpu_emu_mla_train_tracks_cpu PROPERTIES LABELS e2e TIMEOUT 600)
 if(KILN_CUDA)
   add_test(NAME cuda.train_tracks_cpu
            COMMAND ${KILN_PY} ${CMAKE_SOURCE_DIR}/tests/e2e/gpu_train_tracks_cpu.py $<TARGET_FILE:kiln>
@@ -58,6 +62,10 @@ if(KILN_CUDA)
            COMMAND ${KILN_PY} ${CMAKE_SOURCE_DIR}/tests/e2e/gpu_moe_train_tracks_cpu.py $<TARGET_FILE:kiln>
                    $<TARGET_FILE:kiln> ${CMAKE_BINARY_DIR}/e2e/cuda_moe_train)
   set_tests_properties(cuda.moe_train_tracks_cpu PROPERTIES LABELS cuda TIMEOUT 600 SKIP_RETURN_CODE 77)
+  add_test(NAME cuda.mla_train_tracks_cpu
+           COMMAND ${KILN_PY} ${CMAKE_SOURCE_DIR}/tests/e2e/gpu_mla_train_tracks_cpu.py $<TARGET_FILE:kiln>
+                   $<TARGET_FILE:kiln> ${CMAKE_BINARY_DIR}/e2e/cuda_mla_train)
+  set_tests_properties(cuda.mla_train_tracks_cpu PROPERTIES LABELS cuda TIMEOUT 600 SKIP_RETURN_CODE 77)
 endif()
 
 # DeepSeek-V3 (latent attention, multi-token prediction): training and greedy decoding against the independent

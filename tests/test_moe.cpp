@@ -362,6 +362,43 @@ TEST(MoeBalance, BiasUpdateEqualsHandCount) {
   EXPECT_EQ(bias, (std::vector<float>{0.4f, 0.6f, 0.5f, 0.5f}));
 }
 
+// A MoE block inside the MTP module (layer n_layer): counted in expert_load beside the main layers and its
+// selection bias moved by the same rule. Zero routers and biases e/100: every one of the N positions the module
+// runs on picks experts 13..15 (as in BiasUpdateEqualsHandCount), so the hand count is N for those, 0 else.
+TEST(MoeBalance, MtpModuleBlockCountedAndBalanced) {
+  // deepseek_style()'s routing on a deepseek_v3 model (latent attention) with one MTP module.
+  const ModelConfig cfg = parse_model_config(R"({"model_type":"deepseek_v3","hidden_size":32,
+    "num_attention_heads":4,"num_key_value_heads":4,"num_hidden_layers":3,"intermediate_size":40,"vocab_size":41,
+    "max_position_embeddings":64,"rms_norm_eps":1e-6,"rope_theta":10000.0,"hidden_act":"silu",
+    "tie_word_embeddings":false,"q_lora_rank":null,"kv_lora_rank":16,"qk_nope_head_dim":8,"qk_rope_head_dim":8,
+    "v_head_dim":8,"head_dim":8,"num_nextn_predict_layers":1,"first_k_dense_replace":1,"n_routed_experts":16,
+    "n_group":4,"topk_group":2,"num_experts_per_tok":3,"n_shared_experts":1,"moe_intermediate_size":12,
+    "routed_scaling_factor":2.5,"norm_topk_prob":true,"topk_method":"noaux_tc","scoring_func":"sigmoid"})",
+                                             "deepseek_v3 with MTP");
+  ASSERT_TRUE(cfg.is_moe_layer(cfg.n_layer));
+  auto m = model_of(cfg, 43);
+  float* p = m->host_params();
+  for (int l = 1; l <= cfg.n_layer; l++) {
+    const ParamSpec& r = m->table().get_key("blk." + std::to_string(l) + ".ffn_gate_inp.weight");
+    std::fill(p + r.offset, p + r.offset + r.numel(), 0.0f);
+    for (int e = 0; e < 16; e++) bias_of(*m, l)[e] = float(e) / 100.0f;
+  }
+  m->params_changed();
+  Batch b(cfg.vocab_size, 44);
+  const int N = b.B * b.T;
+  m->plan(b.B, b.T);
+  m->forward(b.tokens.data(), b.pos.data(), b.targets.data(), m->attention(b.B, b.T), 0.05f);
+  m->backward();
+  const auto load = m->take_expert_load();
+  ASSERT_EQ(load.size(), 3u);  // layers 1 and 2, and the MTP module's layer 3
+  for (const auto& l : load)
+    for (int e = 0; e < 16; e++) EXPECT_EQ(l[size_t(e)], e >= 13 ? float(N) : 0.0f) << "expert " << e;
+  const float gamma = 0.001f;
+  m->update_expert_bias(load, gamma);
+  for (int e = 0; e < 16; e++)
+    EXPECT_EQ(bias_of(*m, cfg.n_layer)[e], float(e) / 100.0f + (e >= 13 ? -gamma : gamma)) << "expert " << e;
+}
+
 // A deliberately skewed router: every token embedding shares a direction c, and the routers of experts 0 and 1
 // lean towards it, so most tokens pick them. Weights frozen, 300 steps of fresh random batches: the balancing
 // update (gamma = 0.001) brings the worst layer's max/mean load (over the last 20 steps) below 1.5; gamma = 0

@@ -243,6 +243,48 @@ void copy_rows(uint16_t* dst, int64_t ld_dst, const uint16_t* src, int64_t ld_sr
 void copy_rows(float* dst, int64_t ld_dst, const float* src, int64_t ld_src, int64_t N, int64_t width, void* stream) {
   copy_rows_t(dst, ld_dst, src, ld_src, N, width, stream);
 }
+
+// One thread per output element: the heads' values summed in fp32.
+KILN_GLOBAL void sum_heads_kernel(uint16_t* out, int64_t ld_out, const uint16_t* in, int64_t ld_in, int heads,
+                                  int64_t head_stride, int width, int64_t n) {
+  for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < n; i += int64_t(gridDim.x) * blockDim.x) {
+    const int64_t r = i / width, c = i % width;
+    const uint16_t* row = in + r * ld_in + c;
+    float s = 0.0f;
+    for (int h = 0; h < heads; h++) s += simt::bf16_to_f32(row[h * head_stride]);
+    out[r * ld_out + c] = simt::f32_to_bf16(s);
+  }
+}
+void sum_heads(uint16_t* out, int64_t ld_out, const uint16_t* in, int64_t ld_in, int64_t N, int heads,
+               int64_t head_stride, int width, void* stream) {
+  KILN_CHECK(N >= 0 && heads >= 1 && width >= 0 && ld_out >= width && head_stride >= 0, "sum_heads: ", N,
+             " rows of ", heads, " heads of ", width, " (strides ", ld_out, ", ", ld_in, ", ", head_stride, ")");
+  const int64_t n = N * width;
+  if (n == 0) return;
+  KILN_CHECK(out && in, "sum_heads: null pointer argument");
+  simt::launch(sum_heads_kernel, dim3(unsigned(std::min<int64_t>((n + 255) / 256, 4096))), dim3(256), 0,
+               static_cast<cudaStream_t>(stream), out, ld_out, in, ld_in, heads, head_stride, width, n);
+}
+
+// One thread per copied element; the destination row comes from the sequence's cached length on the device.
+KILN_GLOBAL void rows_append_kernel(uint16_t* cache, int64_t batch_stride, const uint16_t* src, int64_t ld_src,
+                                    int width, int Tq, const int32_t* past, int64_t n) {
+  for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < n; i += int64_t(gridDim.x) * blockDim.x) {
+    const int64_t r = i / width, c = i % width, b = r / Tq, j = r % Tq;
+    cache[b * batch_stride + (past[b] + j) * width + c] = src[r * ld_src + c];
+  }
+}
+void rows_append(uint16_t* cache, int64_t batch_stride, const uint16_t* src, int64_t ld_src, int width, int B, int Tq,
+                 const int32_t* past, void* stream) {
+  KILN_CHECK(B >= 0 && Tq >= 0 && width >= 0 && ld_src >= width, "rows_append: ", B, "x", Tq, " rows of ", width,
+             " (source stride ", ld_src, ")");
+  const int64_t n = int64_t(B) * Tq * width;
+  if (n == 0) return;
+  KILN_CHECK(cache && src && past, "rows_append: null pointer argument");
+  simt::launch(rows_append_kernel, dim3(unsigned(std::min<int64_t>((n + 255) / 256, 4096))), dim3(256), 0,
+               static_cast<cudaStream_t>(stream), cache, batch_stride, src, ld_src, width, Tq, past, n);
+}
+
 void cast(float* out, const uint16_t* inp, int64_t n, void* stream) {
   map(out, inp, static_cast<const uint16_t*>(nullptr), n, Copy{}, stream);
 }

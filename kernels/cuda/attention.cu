@@ -151,30 +151,32 @@ struct FwdArgs {
 
 constexpr int kBr = 128, kBc = 64, kFwdWarps = kBr / 16, kFwdThreads = kFwdWarps * 32;
 
-template <int HD>
+// HDV: the value heads' width (multi-head latent attention: q/k heads of nope + rope dims, narrower values).
+template <int HD, int HDV>
 constexpr size_t fwd_smem() {
-  return size_t(kBr + 4 * kBc) * (HD + 8) * sizeof(uint16_t);  // Q, then K and V in two stages
+  return size_t(kBr + 2 * kBc) * (HD + 8) * sizeof(uint16_t) +  // Q, then K in two stages
+         size_t(2 * kBc) * (HDV + 8) * sizeof(uint16_t);        // V in two stages
 }
 
 // Two blocks per SM for HD 64 (<= 128 registers); HD 128 needs ~220 registers, one block of 8 warps.
-template <int HD>
+template <int HD, int HDV>
 KILN_GLOBAL void __launch_bounds__(kFwdThreads, HD == 64 ? 2 : 1) attention_fwd_kernel(FwdArgs a) {
-  constexpr int LD = HD + 8, KD = HD / 16, ND = HD / 8;
+  constexpr int LD = HD + 8, LDV = HDV + 8, KD = HD / 16, ND = HDV / 8;
   const SeqSpan sp = seq_span(a.cu_seqlens, a.T, int(blockIdx.z));
   // Heaviest (causal) tiles first: they start while the light ones fill the tail.
   const int q0 = int(gridDim.x - 1 - blockIdx.x) * kBr;
   if (q0 >= sp.len) return;
   const int h = int(blockIdx.y), warp = simt::warp_id(), lane = simt::lane_id(), g = lane >> 2, t = lane & 3;
   const int NKV = a.NH / a.group;
-  const int64_t C = int64_t(a.NH) * HD, ld = int64_t(a.NH + 2 * NKV) * HD;
+  const int64_t C = int64_t(a.NH) * HDV, ld = int64_t(a.NH + NKV) * HD + int64_t(NKV) * HDV;
   const int64_t kvh = h / a.group;
   const uint16_t* qg = a.qkv + sp.start * ld + int64_t(h) * HD;
   const uint16_t* kg = a.qkv + sp.start * ld + (a.NH + kvh) * HD;
-  const uint16_t* vg = kg + int64_t(NKV) * HD;
+  const uint16_t* vg = a.qkv + sp.start * ld + int64_t(a.NH + NKV) * HD + kvh * HDV;
 
   uint16_t* sQ = simt::dynamic_smem<uint16_t>();
-  uint16_t* sK = sQ + kBr * LD;     // [2][kBc][LD]
-  uint16_t* sV = sK + 2 * kBc * LD;  // [2][kBc][LD]
+  uint16_t* sK = sQ + kBr * LD;      // [2][kBc][LD]
+  uint16_t* sV = sK + 2 * kBc * LD;  // [2][kBc][LDV]
 
   const int kend = a.causal && q0 + kBr < sp.len ? q0 + kBr : sp.len;
   // Window: the tile's first query q0 sees keys after q0 − window, the lowest bound of its rows.
@@ -185,7 +187,7 @@ KILN_GLOBAL void __launch_bounds__(kFwdThreads, HD == 64 ? 2 : 1) attention_fwd_
 
   load_tile<kBr, HD, LD, kFwdThreads>(sQ, qg + int64_t(q0) * ld, ld, sp.len - q0);
   load_tile<kBc, HD, LD, kFwdThreads>(sK, kg + int64_t(kbeg) * ld, ld, sp.len - kbeg);
-  load_tile<kBc, HD, LD, kFwdThreads>(sV, vg + int64_t(kbeg) * ld, ld, sp.len - kbeg);
+  load_tile<kBc, HDV, LDV, kFwdThreads>(sV, vg + int64_t(kbeg) * ld, ld, sp.len - kbeg);
   simt::cp_async_commit();
 
   uint32_t qf[KD][4];
@@ -199,7 +201,7 @@ KILN_GLOBAL void __launch_bounds__(kFwdThreads, HD == 64 ? 2 : 1) attention_fwd_
     if (j + 1 < ntiles) {
       const int st = (j + 1) & 1, kn = k0 + kBc;
       load_tile<kBc, HD, LD, kFwdThreads>(sK + st * kBc * LD, kg + int64_t(kn) * ld, ld, sp.len - kn);
-      load_tile<kBc, HD, LD, kFwdThreads>(sV + st * kBc * LD, vg + int64_t(kn) * ld, ld, sp.len - kn);
+      load_tile<kBc, HDV, LDV, kFwdThreads>(sV + st * kBc * LDV, vg + int64_t(kn) * ld, ld, sp.len - kn);
       simt::cp_async_commit();
       simt::cp_async_wait<1>();
     } else {
@@ -216,7 +218,7 @@ KILN_GLOBAL void __launch_bounds__(kFwdThreads, HD == 64 ? 2 : 1) attention_fwd_
                         !(a.window > 0 && k0 + kBc - 1 <= qw - a.window);
     if (active) {
       const uint16_t* tK = sK + (j & 1) * kBc * LD;
-      const uint16_t* tV = sV + (j & 1) * kBc * LD;
+      const uint16_t* tV = sV + (j & 1) * kBc * LDV;
       float s[kBc / 8][4];
       KILN_UNROLL
       for (int i = 0; i < kBc / 8; i++) s[i][0] = s[i][1] = s[i][2] = s[i][3] = 0.0f;
@@ -273,7 +275,7 @@ KILN_GLOBAL void __launch_bounds__(kFwdThreads, HD == 64 ? 2 : 1) attention_fwd_
       }
       uint32_t pf[kBc / 16][4];
       to_a_frags<kBc / 8>(pf, s);
-      mma_frags_kmajor<kBc / 16, ND>(o, pf, tV, LD);
+      mma_frags_kmajor<kBc / 16, ND>(o, pf, tV, LDV);
     }
     __syncthreads();  // the next iteration refills this stage
   }
@@ -282,7 +284,7 @@ KILN_GLOBAL void __launch_bounds__(kFwdThreads, HD == 64 ? 2 : 1) attention_fwd_
   l_a = quad_sum(l_a);
   l_b = quad_sum(l_b);
   const float inv_a = 1.0f / l_a, inv_b = 1.0f / l_b;
-  uint16_t* og = a.out + sp.start * C + int64_t(h) * HD;
+  uint16_t* og = a.out + sp.start * C + int64_t(h) * HDV;
   if (row_a < sp.len) {
     uint32_t* orow = reinterpret_cast<uint32_t*>(og + int64_t(row_a) * C);
     KILN_UNROLL
@@ -307,9 +309,8 @@ Shape shape_of(const AttentionParams& p, const char* op) {
   KILN_CHECK(p.NKV >= 0 && p.NH % kv_heads(p) == 0, op, ": NKV (", p.NKV, ") must divide NH (", p.NH, ")");
   KILN_CHECK(p.window >= 0 && (p.window == 0 || p.causal), op, ": window (", p.window,
              ") must be >= 0 and needs causal attention");
-  KILN_CHECK(p.HD == 64 || p.HD == 128, op, ": head dim ", p.HD, " is not supported by the CUDA kernel (64 or 128)");
-  KILN_CHECK(v_dim(p) == p.HD, op, ": value head dim ", v_dim(p), " != q/k head dim ", p.HD,
-             " is not supported by the CUDA kernel");
+  KILN_CHECK(cuda_attention_dims(p.HD, v_dim(p)), op, ": head dims q/k ", p.HD, ", v ", v_dim(p),
+             " are not supported by the CUDA kernel (", kCudaAttentionDims, ")");
   KILN_CHECK(p.scale > 0.0f, op, ": scale must be positive (got ", p.scale, ")");
   KILN_CHECK(p.NH <= 65535, op, ": NH ", p.NH, " exceeds the grid's 65535");
   if (p.cu_seqlens) {
@@ -324,15 +325,16 @@ Shape shape_of(const AttentionParams& p, const char* op) {
   return {int64_t(p.B) * p.T, p.B, p.T};
 }
 
-template <int HD>
+template <int HD, int HDV>
 void forward(uint16_t* out, float* lse, const uint16_t* qkv, const AttentionParams& p, const Shape& sh,
              cudaStream_t stream) {
-  static const bool smem_ok = simt::allow_smem(attention_fwd_kernel<HD>, fwd_smem<HD>()) == cudaSuccess;
-  KILN_CHECK(smem_ok, "attention_forward: the device cannot give ", fwd_smem<HD>(), " bytes of shared memory");
+  constexpr size_t smem = fwd_smem<HD, HDV>();
+  static const bool smem_ok = simt::allow_smem(attention_fwd_kernel<HD, HDV>, smem) == cudaSuccess;
+  KILN_CHECK(smem_ok, "attention_forward: the device cannot give ", smem, " bytes of shared memory");
   const FwdArgs args{out, lse, qkv, p.cu_seqlens, p.T, p.NH, p.NH / kv_heads(p), p.window, sh.N, p.scale * kLog2e,
                      p.causal ? 1 : 0};
   const dim3 grid(unsigned((sh.max_len + kBr - 1) / kBr), unsigned(p.NH), unsigned(sh.seqs));
-  simt::launch(attention_fwd_kernel<HD>, grid, dim3(kFwdThreads), fwd_smem<HD>(), stream, args);
+  simt::launch(attention_fwd_kernel<HD, HDV>, grid, dim3(kFwdThreads), smem, stream, args);
 }
 
 // ---------------------------------------------------------------------------------------------------------
@@ -353,64 +355,66 @@ struct BwdArgs {
   int causal;
 };
 
-// D[h, n] = Σ_d dO[n, h, d]·O[n, h, d] (one warp per row), and dq_acc zeroed.
-template <int HD>
+// D[h, n] = Σ_d dO[n, h, d]·O[n, h, d] (one warp per row, dO/O heads of HDV), and dq_acc (heads of HD) zeroed.
+template <int HD, int HDV>
 KILN_GLOBAL void attention_bwd_dot_kernel(BwdArgs a) {
   const int64_t row = int64_t(blockIdx.x) * 8 + simt::warp_id();
   if (row >= a.N * a.NH) return;
-  const int64_t n = row / a.NH, h = row % a.NH, off = n * a.NH * HD + h * HD;
+  const int64_t n = row / a.NH, h = row % a.NH, off = n * a.NH * HDV + h * HDV, qoff = n * a.NH * HD + h * HD;
   const int lane = simt::lane_id();
   const uint32_t* dy = reinterpret_cast<const uint32_t*>(a.dout + off);
   const uint32_t* y = reinterpret_cast<const uint32_t*>(a.out + off);
   float s = 0.0f;
   KILN_UNROLL
-  for (int i = lane; i < HD / 2; i += 32) {
+  for (int i = lane; i < HDV / 2; i += 32) {
     const uint32_t u = dy[i], v = y[i];
     s += simt::bf16x2_lo(u) * simt::bf16x2_lo(v) + simt::bf16x2_hi(u) * simt::bf16x2_hi(v);
-    a.dq_acc[off + 2 * i] = 0.0f;
-    a.dq_acc[off + 2 * i + 1] = 0.0f;
   }
+  KILN_UNROLL
+  for (int i = lane; i < HD; i += 32) a.dq_acc[qoff + i] = 0.0f;
   s = simt::warp_sum(s);
   if (lane == 0) a.D[h * a.N + n] = s;
 }
 
 constexpr int kBcB = 128, kBrB = 64, kBwdWarps = kBcB / 16, kBwdThreads = kBwdWarps * 32, kLdS = kBrB + 8;
 
-template <int HD>
+template <int HD, int HDV>
 constexpr size_t bwd_smem() {
-  // K, V [kBcB][LD]; Q, dO [2][kBrB][LD]; dSᵀ [kBcB][kLdS]; lse, D [2][kBrB]
-  return size_t(2 * kBcB + 4 * kBrB) * (HD + 8) * sizeof(uint16_t) + size_t(kBcB) * kLdS * sizeof(uint16_t) +
+  // K [kBcB][LD], V [kBcB][LDV]; Q [2][kBrB][LD], dO [2][kBrB][LDV]; dSᵀ [kBcB][kLdS]; lse, D [2][kBrB]
+  return size_t(kBcB + 2 * kBrB) * (HD + 8 + HDV + 8) * sizeof(uint16_t) + size_t(kBcB) * kLdS * sizeof(uint16_t) +
          4 * kBrB * sizeof(float);
 }
 
-template <int HD>
+template <int HD, int HDV>
 KILN_GLOBAL void __launch_bounds__(kBwdThreads, 1) attention_bwd_kernel(BwdArgs a) {
-  constexpr int LD = HD + 8, KD = HD / 16, ND = HD / 8;
+  constexpr int LD = HD + 8, LDV = HDV + 8, KD = HD / 16, KDV = HDV / 16, ND = HD / 8, NDV = HDV / 8;
   const SeqSpan sp = seq_span(a.cu_seqlens, a.T, int(blockIdx.z));
   const int k0 = int(blockIdx.x) * kBcB;
   if (k0 >= sp.len) return;
   // This block's kv head; it walks the query heads kvh·group .. kvh·group + group − 1.
   const int kvh = int(blockIdx.y), warp = simt::warp_id(), lane = simt::lane_id(), g = lane >> 2, t = lane & 3;
   const int NKV = a.NH / a.group;
-  const int64_t C = int64_t(a.NH) * HD, ld = int64_t(a.NH + 2 * NKV) * HD;
+  // C: dq_acc's row (heads of HD); CV: out/dout's row (heads of HDV).
+  const int64_t C = int64_t(a.NH) * HD, CV = int64_t(a.NH) * HDV, ld = int64_t(a.NH + NKV) * HD + int64_t(NKV) * HDV;
+  const int64_t voff = int64_t(a.NH + NKV) * HD + int64_t(kvh) * HDV;  // this kv head's values within a row
   const uint16_t* kg = a.qkv + sp.start * ld + (a.NH + int64_t(kvh)) * HD;
-  const uint16_t* vg = kg + int64_t(NKV) * HD;
+  const uint16_t* vg = a.qkv + sp.start * ld + voff;
 
   uint16_t* sK = simt::dynamic_smem<uint16_t>();
-  uint16_t* sV = sK + kBcB * LD;
-  uint16_t* sQ = sV + kBcB * LD;      // [2][kBrB][LD]
-  uint16_t* sdO = sQ + 2 * kBrB * LD;  // [2][kBrB][LD]
-  uint16_t* sdS = sdO + 2 * kBrB * LD; // [kBcB][kLdS]: dSᵀ, keys × queries
+  uint16_t* sV = sK + kBcB * LD;        // [kBcB][LDV]
+  uint16_t* sQ = sV + kBcB * LDV;       // [2][kBrB][LD]
+  uint16_t* sdO = sQ + 2 * kBrB * LD;   // [2][kBrB][LDV]
+  uint16_t* sdS = sdO + 2 * kBrB * LDV; // [kBcB][kLdS]: dSᵀ, keys × queries
   float* sL = reinterpret_cast<float*>(sdS + kBcB * kLdS);  // [2][kBrB]: lse·log2(e) (+inf past the end)
   float* sD = sL + 2 * kBrB;                                 // [2][kBrB]
 
   auto load_queries = [&](int stage, int h, int q0) {
     const uint16_t* qg = a.qkv + sp.start * ld + int64_t(h) * HD;
-    const uint16_t* dog = a.dout + sp.start * C + int64_t(h) * HD;
+    const uint16_t* dog = a.dout + sp.start * CV + int64_t(h) * HDV;
     const float* lse = a.lse + int64_t(h) * a.N + sp.start;
     const float* Dg = a.D + int64_t(h) * a.N + sp.start;
     load_tile<kBrB, HD, LD, kBwdThreads>(sQ + stage * kBrB * LD, qg + int64_t(q0) * ld, ld, sp.len - q0);
-    load_tile<kBrB, HD, LD, kBwdThreads>(sdO + stage * kBrB * LD, dog + int64_t(q0) * C, C, sp.len - q0);
+    load_tile<kBrB, HDV, LDV, kBwdThreads>(sdO + stage * kBrB * LDV, dog + int64_t(q0) * CV, CV, sp.len - q0);
     const int i = int(threadIdx.x);
     if (i < kBrB) {
       const bool ok = q0 + i < sp.len;
@@ -420,7 +424,7 @@ KILN_GLOBAL void __launch_bounds__(kBwdThreads, 1) attention_bwd_kernel(BwdArgs 
   };
 
   load_tile<kBcB, HD, LD, kBwdThreads>(sK, kg + int64_t(k0) * ld, ld, sp.len - k0);
-  load_tile<kBcB, HD, LD, kBwdThreads>(sV, vg + int64_t(k0) * ld, ld, sp.len - k0);
+  load_tile<kBcB, HDV, LDV, kBwdThreads>(sV, vg + int64_t(k0) * ld, ld, sp.len - k0);
   // Causal: queries before the key tile see none of it.
   const int qstart = a.causal ? k0 / kBrB * kBrB : 0;
   // Window: queries from k0 + kBcB − 1 + window on see none of it.
@@ -432,11 +436,15 @@ KILN_GLOBAL void __launch_bounds__(kBwdThreads, 1) attention_bwd_kernel(BwdArgs 
 
   const int kw = k0 + warp * 16;  // this warp's first key
   const int key_a = kw + g, key_b = kw + g + 8;
-  float dv[ND][4], dk[ND][4];
+  float dv[NDV][4], dk[ND][4];
   KILN_UNROLL
   for (int i = 0; i < ND; i++)
     KILN_UNROLL
-    for (int e = 0; e < 4; e++) dv[i][e] = dk[i][e] = 0.0f;
+    for (int e = 0; e < 4; e++) dk[i][e] = 0.0f;
+  KILN_UNROLL
+  for (int i = 0; i < NDV; i++)
+    KILN_UNROLL
+    for (int e = 0; e < 4; e++) dv[i][e] = 0.0f;
 
   // One pipeline over (query head of the group, query tile), so the prefetch runs across heads too.
   for (int it = 0; it < a.group * nq; it++) {
@@ -450,7 +458,7 @@ KILN_GLOBAL void __launch_bounds__(kBwdThreads, 1) attention_bwd_kernel(BwdArgs 
     }
     __syncthreads();
     const uint16_t* tQ = sQ + st * kBrB * LD;
-    const uint16_t* tdO = sdO + st * kBrB * LD;
+    const uint16_t* tdO = sdO + st * kBrB * LDV;
     const float* tL = sL + st * kBrB;
     const float* tD = sD + st * kBrB;
     uint32_t* dsrow_a = reinterpret_cast<uint32_t*>(sdS + (warp * 16 + g) * kLdS);
@@ -483,10 +491,10 @@ KILN_GLOBAL void __launch_bounds__(kBwdThreads, 1) attention_bwd_kernel(BwdArgs 
       {
         uint32_t pf[kBrB / 16][4];
         to_a_frags<kBrB / 8>(pf, s);
-        mma_frags_kmajor<kBrB / 16, ND>(dv, pf, tdO, LD);
+        mma_frags_kmajor<kBrB / 16, NDV>(dv, pf, tdO, LDV);
       }
       // dPᵀ = V·dOᵀ
-      mma_tile_nmajor<KD, kBrB / 8>(dp, sV, warp * 16, tdO, LD);
+      mma_tile_nmajor<KDV, kBrB / 8>(dp, sV, warp * 16, tdO, LDV);
       // dSᵀ = Pᵀ∘(dPᵀ − D)
       KILN_UNROLL
       for (int nb = 0; nb < kBrB / 8; nb++)
@@ -553,30 +561,28 @@ KILN_GLOBAL void __launch_bounds__(kBwdThreads, 1) attention_bwd_kernel(BwdArgs 
 
   // dK (scaled) and dV rows of this warp.
   uint16_t* dkg = a.dqkv + sp.start * ld + (a.NH + int64_t(kvh)) * HD;
-  uint16_t* dvg = dkg + int64_t(NKV) * HD;
+  uint16_t* dvg = a.dqkv + sp.start * ld + voff;
   if (key_a < sp.len) {
     uint32_t* rk = reinterpret_cast<uint32_t*>(dkg + int64_t(key_a) * ld);
     uint32_t* rv = reinterpret_cast<uint32_t*>(dvg + int64_t(key_a) * ld);
     KILN_UNROLL
-    for (int i = 0; i < ND; i++) {
-      rk[i * 4 + t] = simt::pack_bf16x2(dk[i][0] * a.scale, dk[i][1] * a.scale);
-      rv[i * 4 + t] = simt::pack_bf16x2(dv[i][0], dv[i][1]);
-    }
+    for (int i = 0; i < ND; i++) rk[i * 4 + t] = simt::pack_bf16x2(dk[i][0] * a.scale, dk[i][1] * a.scale);
+    KILN_UNROLL
+    for (int i = 0; i < NDV; i++) rv[i * 4 + t] = simt::pack_bf16x2(dv[i][0], dv[i][1]);
   }
   if (key_b < sp.len) {
     uint32_t* rk = reinterpret_cast<uint32_t*>(dkg + int64_t(key_b) * ld);
     uint32_t* rv = reinterpret_cast<uint32_t*>(dvg + int64_t(key_b) * ld);
     KILN_UNROLL
-    for (int i = 0; i < ND; i++) {
-      rk[i * 4 + t] = simt::pack_bf16x2(dk[i][2] * a.scale, dk[i][3] * a.scale);
-      rv[i * 4 + t] = simt::pack_bf16x2(dv[i][2], dv[i][3]);
-    }
+    for (int i = 0; i < ND; i++) rk[i * 4 + t] = simt::pack_bf16x2(dk[i][2] * a.scale, dk[i][3] * a.scale);
+    KILN_UNROLL
+    for (int i = 0; i < NDV; i++) rv[i * 4 + t] = simt::pack_bf16x2(dv[i][2], dv[i][3]);
   }
 }
 
 // dqkv's query part = bf16(scale · dq_acc), two elements per thread.
-KILN_GLOBAL void attention_bwd_dq_kernel(BwdArgs a, int HD) {
-  const int64_t C = int64_t(a.NH) * HD, pairs = a.N * C / 2, row = int64_t(a.NH + 2 * (a.NH / a.group)) * HD;
+KILN_GLOBAL void attention_bwd_dq_kernel(BwdArgs a, int HD, int64_t row) {
+  const int64_t C = int64_t(a.NH) * HD, pairs = a.N * C / 2;
   for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < pairs; i += int64_t(gridDim.x) * blockDim.x) {
     const int64_t n = i / (C / 2), c = 2 * (i % (C / 2));
     const float* acc = a.dq_acc + n * C + c;
@@ -586,17 +592,18 @@ KILN_GLOBAL void attention_bwd_dq_kernel(BwdArgs a, int HD) {
 
 inline size_t round_up(size_t x, size_t a) { return (x + a - 1) / a * a; }
 
-template <int HD>
+template <int HD, int HDV>
 void backward(const BwdArgs& args, const AttentionParams& p, const Shape& sh, cudaStream_t stream) {
-  static const bool smem_ok = simt::allow_smem(attention_bwd_kernel<HD>, bwd_smem<HD>()) == cudaSuccess;
-  KILN_CHECK(smem_ok, "attention_backward: the device cannot give ", bwd_smem<HD>(), " bytes of shared memory");
+  constexpr size_t smem = bwd_smem<HD, HDV>();
+  static const bool smem_ok = simt::allow_smem(attention_bwd_kernel<HD, HDV>, smem) == cudaSuccess;
+  KILN_CHECK(smem_ok, "attention_backward: the device cannot give ", smem, " bytes of shared memory");
   const int64_t rows = sh.N * p.NH;
-  simt::launch(attention_bwd_dot_kernel<HD>, dim3(unsigned((rows + 7) / 8)), dim3(256), 0, stream, args);
+  simt::launch(attention_bwd_dot_kernel<HD, HDV>, dim3(unsigned((rows + 7) / 8)), dim3(256), 0, stream, args);
   const dim3 grid(unsigned((sh.max_len + kBcB - 1) / kBcB), unsigned(kv_heads(p)), unsigned(sh.seqs));
-  simt::launch(attention_bwd_kernel<HD>, grid, dim3(kBwdThreads), bwd_smem<HD>(), stream, args);
+  simt::launch(attention_bwd_kernel<HD, HDV>, grid, dim3(kBwdThreads), smem, stream, args);
   const int64_t pairs = sh.N * p.NH * HD / 2;
   const unsigned blocks = unsigned(std::min<int64_t>((pairs + 255) / 256, 4096));
-  simt::launch(attention_bwd_dq_kernel, dim3(blocks), dim3(256), 0, stream, args, HD);
+  simt::launch(attention_bwd_dq_kernel, dim3(blocks), dim3(256), 0, stream, args, HD, qkv_row(p));
 }
 
 }  // namespace
@@ -607,8 +614,12 @@ void attention_forward(uint16_t* out, float* lse, const uint16_t* qkv, const Att
   KILN_CHECK(out && lse && qkv, "attention_forward: null out, lse or qkv pointer");
   KILN_CHECK(reinterpret_cast<uintptr_t>(qkv) % 16 == 0, "attention_forward: qkv must be 16-byte aligned");
   const auto s = static_cast<cudaStream_t>(stream);
-  if (p.HD == 64) forward<64>(out, lse, qkv, p, sh, s);
-  else forward<128>(out, lse, qkv, p, sh, s);
+  switch (p.HD * 1000 + v_dim(p)) {  // the pairs cuda_attention_dims admits
+    case 64064: return forward<64, 64>(out, lse, qkv, p, sh, s);
+    case 128128: return forward<128, 128>(out, lse, qkv, p, sh, s);
+    case 64032: return forward<64, 32>(out, lse, qkv, p, sh, s);
+    default: return forward<192, 128>(out, lse, qkv, p, sh, s);
+  }
 }
 
 size_t attention_backward_scratch_bytes(const AttentionParams& p) {
@@ -629,8 +640,12 @@ void attention_backward(uint16_t* dqkv, const uint16_t* dout, const uint16_t* qk
   const BwdArgs args{dqkv, dout, qkv, out, lse, D, dq_acc, p.cu_seqlens, p.T, p.NH, p.NH / kv_heads(p), p.window,
                      sh.N, p.scale, p.scale * kLog2e, p.causal ? 1 : 0};
   const auto s = static_cast<cudaStream_t>(stream);
-  if (p.HD == 64) backward<64>(args, p, sh, s);
-  else backward<128>(args, p, sh, s);
+  switch (p.HD * 1000 + v_dim(p)) {
+    case 64064: return backward<64, 64>(args, p, sh, s);
+    case 128128: return backward<128, 128>(args, p, sh, s);
+    case 64032: return backward<64, 32>(args, p, sh, s);
+    default: return backward<192, 128>(args, p, sh, s);
+  }
 }
 
 }  // namespace kiln::cuda

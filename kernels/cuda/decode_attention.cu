@@ -227,6 +227,100 @@ KILN_GLOBAL void decode_merge_kernel(Args a) {
   a.out[int64_t(row) * a.out_stride + int64_t(h) * HD + d] = simt::f32_to_bf16(acc / l);
 }
 
+// ---- any head dims (latent attention's absorbed form: keys of kv_lora_rank + rope dims, values the latent) ----
+// One block of kWideWarps warps per (head, query, sequence). The query sits in shared memory as fp32; warp w
+// takes keys w, w + kWideWarps, ... of the visible range, a key's score one warp-wide dot product (lanes over
+// dims), and keeps its online softmax (m, l) and the weighted values (lane d holds dims d, d + 32, ...). The
+// warps' states merge in shared memory at the end. No splits: the block walks the whole visible range.
+constexpr int kWideWarps = 4, kWideThreads = kWideWarps * 32, kWideMaxV = 512;
+
+struct WideArgs {
+  const uint16_t* q;
+  const uint16_t* k;
+  const uint16_t* v;
+  uint16_t* out;
+  const int32_t* past;
+  int64_t q_stride, kv_batch_stride, kv_stride, v_batch_stride, v_stride, out_stride;
+  int Tq, NH, group, window, HD, HDv;
+  float scale_log2;
+};
+
+KILN_GLOBAL void __launch_bounds__(kWideThreads) decode_wide_kernel(WideArgs a) {
+  const int h = int(blockIdx.x), i = int(blockIdx.y), b = int(blockIdx.z);
+  const int warp = simt::warp_id(), lane = simt::lane_id();
+  float* sq = simt::dynamic_smem<float>();  // [HD] the query, then [kWideWarps][2 + HDv] the warps' states
+  float* st = sq + a.HD;
+  const uint16_t* qrow = a.q + (int64_t(b) * a.Tq + i) * a.q_stride + int64_t(h) * a.HD;
+  for (int d = int(threadIdx.x); d < a.HD; d += kWideThreads) sq[d] = simt::bf16_to_f32(qrow[d]);
+  __syncthreads();
+  const int64_t kvh = h / a.group;
+  const uint16_t* kb = a.k + int64_t(b) * a.kv_batch_stride + kvh * a.HD;
+  const uint16_t* vb = a.v + int64_t(b) * a.v_batch_stride + kvh * a.HDv;
+  const int self = a.past[b] + i;  // this query's position: it sees keys lo .. self
+  const int lo = a.window > 0 ? std::max(0, self - a.window + 1) : 0;
+  float m = -INFINITY, l = 0.0f, acc[kWideMaxV / 32];
+  KILN_UNROLL
+  for (int r = 0; r < kWideMaxV / 32; r++) acc[r] = 0.0f;
+  for (int j = lo + warp; j <= self; j += kWideWarps) {
+    const uint16_t* kr = kb + int64_t(j) * a.kv_stride;
+    float dot = 0.0f;
+    for (int d = lane; d < a.HD; d += 32) dot += sq[d] * simt::bf16_to_f32(kr[d]);
+    const float x = simt::warp_sum(dot) * a.scale_log2;  // every lane holds the score
+    const float mn = fmaxf(m, x), alpha = exp2f(m - mn), p = exp2f(x - mn);
+    m = mn;
+    l = l * alpha + p;
+    const uint16_t* vr = vb + int64_t(j) * a.v_stride;
+    KILN_UNROLL
+    for (int r = 0; r < kWideMaxV / 32; r++) {
+      const int d = lane + 32 * r;
+      if (d < a.HDv) acc[r] = acc[r] * alpha + p * simt::bf16_to_f32(vr[d]);
+    }
+  }
+  float* ws = st + warp * (2 + a.HDv);
+  if (lane == 0) ws[0] = m, ws[1] = l;
+  KILN_UNROLL
+  for (int r = 0; r < kWideMaxV / 32; r++) {
+    const int d = lane + 32 * r;
+    if (d < a.HDv) ws[2 + d] = acc[r];
+  }
+  __syncthreads();
+  float mx = -INFINITY;
+  for (int w = 0; w < kWideWarps; w++) mx = fmaxf(mx, st[w * (2 + a.HDv)]);
+  uint16_t* orow = a.out + (int64_t(b) * a.Tq + i) * a.out_stride + int64_t(h) * a.HDv;
+  for (int d = int(threadIdx.x); d < a.HDv; d += kWideThreads) {
+    float sum = 0.0f, val = 0.0f;
+    for (int w = 0; w < kWideWarps; w++) {
+      const float* s = st + w * (2 + a.HDv);
+      if (s[1] == 0.0f) continue;  // a warp that saw no key
+      const float f = exp2f(s[0] - mx);
+      sum += f * s[1];
+      val += f * s[2 + d];
+    }
+    orow[d] = simt::f32_to_bf16(val / sum);
+  }
+}
+
+bool tensor_core_shape(const DecodeAttention& p) {
+  const int hdv = p.HDv > 0 ? p.HDv : p.HD;
+  return (p.HD == 64 || p.HD == 128) && hdv == p.HD && (p.v_stride == 0 || p.v_stride == p.kv_stride) &&
+         (p.v_batch_stride == 0 || p.v_batch_stride == p.kv_batch_stride);
+}
+
+void decode_wide(const DecodeAttention& p, cudaStream_t s) {
+  const int hdv = p.HDv > 0 ? p.HDv : p.HD;
+  KILN_CHECK(!p.pages, "decode_attention: a paged cache needs equal q/k/v head dims of 64 or 128 (got ", p.HD, "/",
+             hdv, ")");
+  KILN_CHECK(p.HD >= 1 && hdv >= 1 && hdv <= kWideMaxV, "decode_attention: value head dim ", hdv, " (at most ",
+             kWideMaxV, ")");
+  const WideArgs args{p.q, p.k, p.v, p.out, p.past_per_seq, p.q_stride, p.kv_batch_stride, p.kv_stride,
+                      p.v_batch_stride > 0 ? p.v_batch_stride : p.kv_batch_stride,
+                      p.v_stride > 0 ? p.v_stride : p.kv_stride, p.out_stride, p.Tq, p.NH,
+                      p.NH / (p.NKV > 0 ? p.NKV : p.NH), p.window, p.HD, hdv, p.scale * kLog2e};
+  const size_t smem = (size_t(p.HD) + size_t(kWideWarps) * (2 + hdv)) * sizeof(float);
+  simt::launch(decode_wide_kernel, dim3(unsigned(p.NH), unsigned(p.Tq), unsigned(p.B)), dim3(kWideThreads), smem, s,
+               args);
+}
+
 // The split plan: a function of the sizes only (never of the positions), so the scratch size and the grids
 // stay fixed while a captured graph replays.
 struct Plan {
@@ -235,12 +329,11 @@ struct Plan {
 Plan plan_of(const DecodeAttention& p) {
   KILN_CHECK(p.B >= 0 && p.Tq >= 1 && p.Tq <= 16 && p.NH >= 1, "decode_attention: bad sizes B=", p.B, " Tq=", p.Tq,
              " NH=", p.NH, " (the CUDA kernel takes 1..16 queries per sequence)");
-  KILN_CHECK(p.HD == 64 || p.HD == 128, "decode_attention: head dim ", p.HD,
-             " is not supported by the CUDA kernel (64 or 128)");
   KILN_CHECK(p.NKV >= 0 && p.NH % (p.NKV > 0 ? p.NKV : p.NH) == 0 && p.window >= 0, "decode_attention: NKV (",
              p.NKV, ") must divide NH (", p.NH, ") and window (", p.window, ") be >= 0");
   KILN_CHECK(p.max_past >= p.Tq, "decode_attention: max_past (", p.max_past, ") must bound past + Tq (Tq = ", p.Tq,
              ")");
+  if (!tensor_core_shape(p)) return {0, 0};  // the SIMT kernel: no splits, no scratch
   const int tiles = (p.max_past + kTile - 1) / kTile;
   const int64_t pairs = std::max<int64_t>(1, int64_t(p.B) * p.NH);
   const int want = int(std::max<int64_t>(1, (kTargetBlocks + pairs - 1) / pairs));
@@ -253,13 +346,16 @@ Plan plan_of(const DecodeAttention& p) {
 
 size_t decode_attention_scratch_bytes(const DecodeAttention& p) {
   const Plan pl = plan_of(p);
+  if (pl.splits == 0) return 0;
   return size_t(p.B) * p.Tq * p.NH * pl.splits * (2 + p.HD) * sizeof(float);
 }
 
 void decode_attention(const DecodeAttention& p, void* scratch, void* stream) {
   const Plan pl = plan_of(p);
   if (p.B == 0) return;
-  KILN_CHECK(p.q && p.k && p.v && p.out && p.past_per_seq && scratch, "decode_attention: null pointer argument");
+  KILN_CHECK(p.q && p.k && p.v && p.out && p.past_per_seq, "decode_attention: null pointer argument");
+  if (pl.splits == 0) return decode_wide(p, static_cast<cudaStream_t>(stream));  // needs no scratch
+  KILN_CHECK(scratch, "decode_attention: null scratch");
   auto aligned = [](const void* ptr) { return reinterpret_cast<uintptr_t>(ptr) % 16 == 0; };
   KILN_CHECK(aligned(p.q) && aligned(p.k) && aligned(p.v) && p.q_stride % 8 == 0 && p.kv_stride % 8 == 0 &&
                  p.kv_batch_stride % 8 == 0,

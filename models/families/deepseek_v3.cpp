@@ -118,24 +118,21 @@ std::string file_name(const std::string& key) {
 }
 
 // The released checkpoints give each MTP layer its own copy of the embedding and the output head
-// (model.layers.<n_layer + k>.embed_tokens / shared_head.head); the modules share the main model's, as the paper
-// defines them, so the copies are not read.
-bool skipped_copy(const std::string& name, const ModelConfig& c) {
-  const std::string prefix = "model.layers.";
-  if (name.rfind(prefix, 0) != 0) return false;
-  const size_t dot = name.find('.', prefix.size());
-  if (dot == std::string::npos) return false;
-  const std::string layer = name.substr(prefix.size(), dot - prefix.size());
-  if (layer.empty() || layer.size() > 6 || layer.find_first_not_of("0123456789") != std::string::npos) return false;
-  const int l = std::stoi(layer);
-  if (l < c.n_layer || l >= c.n_layer + c.mtp_depth) return false;
-  const std::string rest = name.substr(dot + 1);
-  return rest == "embed_tokens.weight" || rest == "shared_head.head.weight";
+// (model.layers.<n_layer + k>.embed_tokens / shared_head.head, the names Hugging Face's loader expects); the
+// modules share the main model's, as the paper defines them.
+std::vector<std::pair<std::string, std::string>> copies(const ModelConfig& c) {
+  std::vector<std::pair<std::string, std::string>> r;
+  for (int k = 0; k < c.mtp_depth; k++) {
+    const std::string b = "model.layers." + std::to_string(c.n_layer + k) + ".";
+    r.emplace_back(b + "embed_tokens.weight", "token_embd.weight");
+    if (!c.tie_embeddings) r.emplace_back(b + "shared_head.head.weight", "output.weight");
+  }
+  return r;
 }
 
 }  // namespace
 
 extern const Family kDeepseekV3Family = {"deepseek_v3", "DeepseekV3ForCausalLM", parse, to_json, file_name,
-                                         skipped_copy};
+                                         copies};
 
 }  // namespace kiln

@@ -130,6 +130,13 @@ for seed, (name, cfg) in enumerate(CONFIGS.items(), start=31):
     check(not bad, f"{name}: final weights (Hugging Face names) within 1e-4 relative of torch (worst {rel_worst:.2e})"
           + (f": {bad[:4]}" if bad else ""))
 
+    if mtp:  # the saved checkpoint carries the MTP layer's embedding/head copies Hugging Face's loader expects
+        L = cfg["num_hidden_layers"]
+        same = all(f"model.layers.{L}.{c}" in kw and torch.equal(kw[f"model.layers.{L}.{c}"], kw[m])
+                   for c, m in (("embed_tokens.weight", "model.embed_tokens.weight"),
+                                ("shared_head.head.weight", "lm_head.weight")))
+        check(same, f"{name}: saved model.layers.{L}.embed_tokens / shared_head.head equal the main embedding / head")
+
     P = {n: kw[n] for n in names if n in kw}
     if len(P) == len(names):
         ref_tokens, gap, _ = greedy(P, cfg, PROMPT, 40)
@@ -158,7 +165,8 @@ if not only or "lora_yarn" in only:
           f"MTP layer declared but absent: one-line error ({err})")
 
 # The released checkpoints give each MTP layer its own copy of the embedding and the head; kiln shares the main
-# model's (the paper's definition) and skips the copies: the same greedy tokens with and without them.
+# model's (the paper's definition): the same greedy tokens with and without the copies, no warning when they
+# equal the main tensors, and one warning line naming the copy when one differs.
 if not only or "direct_mtp" in only:
     from torch_gpt2 import write_safetensors  # noqa: E402
     src = os.path.join(work, "direct_mtp", "init")
@@ -170,12 +178,19 @@ if not only or "direct_mtp" in only:
     T[f"model.layers.{L}.embed_tokens.weight"] = T["model.embed_tokens.weight"].clone()
     T[f"model.layers.{L}.shared_head.head.weight"] = T["lm_head.weight"].clone()
     write_safetensors(st, T)
-    runs = []
-    for d in (src, copies):
+    differ = os.path.join(work, "mtp_copies_differ")
+    shutil.copytree(copies, differ)
+    T[f"model.layers.{L}.shared_head.head.weight"] = T["lm_head.weight"] + 0.01
+    write_safetensors(os.path.join(differ, "model.safetensors"), T)
+    runs, warns = [], []
+    for d in (src, copies, differ):
         r = kiln_run(["generate", "--model", d, "--prompt-ids", ",".join(map(str, PROMPT)), "--max-new", "12",
                       "--temperature", "0", "--eot-id", "-1", "--json", "--threads", "2"])
         runs.append(json.loads(r.stdout)["tokens"])
-    check(runs[0] == runs[1], "MTP layers' own embedding/head copies in the checkpoint are skipped")
+        warns.append([l for l in r.stderr.decode(errors="replace").splitlines() if "warning" in l])
+    check(runs[0] == runs[1] == runs[2], "MTP layers' own embedding/head copies in the checkpoint are not used")
+    check(not warns[1] and len(warns[2]) == 1 and f"model.layers.{L}.shared_head.head.weight" in warns[2][0]
+          and "lm_head.weight" in warns[2][0], f"a differing copy is one warning line ({warns[2]})")
 
 print("PASS" if ok else "FAIL")
 sys.exit(0 if ok else 1)

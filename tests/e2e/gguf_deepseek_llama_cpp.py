@@ -2,10 +2,14 @@
 """`kiln export --format gguf` of deepseek_v3 as llama.cpp's deepseek2 (absorbed MLA: attn_k_b / attn_v_b split
 from kv_b_proj, one shared key head of kv_lora_rank + rope dims), against llama.cpp (node-llama-cpp 3.21.1).
 
-Two tiny random checkpoints (2 layers, width 64, 4 heads, q_lora_rank 32, kv_lora_rank 32, q/k heads 16 + 16,
-v heads 32, vocab 512 with a tokenizer from `kiln tokenizer train`): rope_interleave true (DeepSeek's released
+Tiny random checkpoints (width 64, 4 heads, kv_lora_rank 32, q/k heads 16 + 16, v heads 32, vocab 512 with a
+tokenizer from `kiln tokenizer train`): 2 layers with q_lora_rank 32, rope_interleave true (DeepSeek's released
 layout, written as it is) and false (rotate-half, the rotary rows permuted to adjacent pairs), the second with
-one MTP layer (left out of the file). llama.cpp's greedy tokens on the F32 file == `kiln generate`'s == the
+one MTP layer (left out of the file); DeepSeekMoE from layer 1 on (ffn_gate_inp, exp_probs_b for the correction
+bias, stacked ffn_*_exps, shared ffn_*_shexp; sigmoid gating, top-2 of 8 experts in 4 groups of which 2 are kept,
+routed_scaling_factor 2.5) with yarn rope scaling (factor 4 over 64 original positions, mscale = mscale_all_dim
+= 1: rope.scaling.* keys, yarn_log_multiplier 0.1); and the lite variant (no q_lora_rank, 27 layers: llama.cpp
+3.21.1 recognises it by the layer count), with MoE from layer 3 on. llama.cpp's greedy tokens on the F32 file == `kiln generate`'s == the
 PyTorch reference's (tests/peer/torch_deepseek.py), whose top-2 margin along the path exceeds 0.02 (seeds
 chosen by the reference alone). Configurations llama.cpp's deepseek2 cannot hold are one-line errors.
 
@@ -44,8 +48,16 @@ BASE = {"model_type": "deepseek_v3", "hidden_size": 64, "num_attention_heads": 4
         "rope_theta": 10000.0, "q_lora_rank": 32, "kv_lora_rank": 32, "qk_nope_head_dim": 16,
         "qk_rope_head_dim": 16, "v_head_dim": 32, "head_dim": 16, "hidden_act": "silu",
         "tie_word_embeddings": False, "bos_token_id": 510, "eos_token_id": 510}
+MOE = dict(first_k_dense_replace=1, n_routed_experts=8, n_group=4, topk_group=2, num_experts_per_tok=2,
+           n_shared_experts=1, moe_intermediate_size=32, routed_scaling_factor=2.5, norm_topk_prob=True,
+           topk_method="noaux_tc", scoring_func="sigmoid")
+YARN = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64, "beta_fast": 32,
+        "beta_slow": 1, "mscale": 1.0, "mscale_all_dim": 1.0}
 CASES = {"interleaved": dict(BASE, rope_interleave=True),
-         "rotate_half_mtp": dict(BASE, rope_interleave=False, num_nextn_predict_layers=1)}
+         "rotate_half_mtp": dict(BASE, rope_interleave=False, num_nextn_predict_layers=1),
+         "moe_yarn": dict(BASE, rope_interleave=True, rope_scaling=YARN, **MOE),
+         "lite_moe": dict(BASE, rope_interleave=True, q_lora_rank=None, num_hidden_layers=27,
+                          **dict(MOE, first_k_dense_replace=3))}
 PROMPT = [5, 80, 200, 7, 300, 42]
 K, MARGIN = 10, 0.02
 
@@ -76,11 +88,23 @@ for name, cfg in CASES.items():
                            str(K), "--temperature", "0", "--eot-id", "-1", "--json"]))["tokens"][len(PROMPT):]
     print(f"{name} (seed {seed}, margin {gap:.3f}): llama.cpp {lc}\n  kiln {kg}\n  torch {ref}")
     check(lc == kg == ref, f"{name}: llama.cpp's greedy tokens on the deepseek2 GGUF == kiln generate == torch")
+    if name == "moe_yarn":
+        # The match covers the expert groups and the correction bias only if they change the path: the
+        # reference without groups, and with the bias zeroed, must choose other tokens.
+        _, P = load_checkpoint(d)
+        flat = greedy(P, dict(cfg, n_group=1, topk_group=1), PROMPT, K)[0][len(PROMPT):]
+        for k in P:
+            if k.endswith("e_score_correction_bias"):
+                P[k] = P[k] * 0
+        nobias = greedy(P, cfg, PROMPT, K)[0][len(PROMPT):]
+        check(flat != ref and nobias != ref, f"{name}: groups and correction bias change the path (without groups "
+              f"{flat}, without bias {nobias})")
 
-# What deepseek2 cannot hold: queries without q_lora_rank (llama.cpp's lite variant only), yarn.
+# What deepseek2 cannot hold: queries without q_lora_rank outside the 26/27-layer lite variant, q_lora_rank at
+# 26/27 layers, yarn whose Hugging Face cos/sin scale is not 1 (mscale != mscale_all_dim).
 for what, extra in (("q_lora_rank", {"q_lora_rank": None}),
-                    ("rope_scaling", {"rope_scaling": {"rope_type": "yarn", "factor": 4.0,
-                                                       "original_max_position_embeddings": 64}})):
+                    ("q_lora_rank", {"num_hidden_layers": 26}),
+                    ("mscale", {"rope_scaling": dict(YARN, mscale=0.707)})):
     d = os.path.join(work, "bad_" + what)
     random_checkpoint(d, dict(BASE, **extra), 1)
     shutil.copy(os.path.join(tok, "tokenizer.json"), d)

@@ -913,6 +913,9 @@ void add_attention(std::vector<OpCase>& t) {
       {2, 1, 32, true, 0, {129}, false, false, 8.0f},     // CPU: large scores across key tiles
       {2, 2, 48, true, 0, {70, 70}, false, false, 1.0f, 32},  // CPU: MLA, q/k heads 48, v heads 32
       {4, 4, 32, true, 0, {5, 66, 0}, true, false, 1.0f, 64}, // CPU: MLA packed, v heads wider than q/k
+      {2, 2, 64, true, 0, {70, 70}, false, true, 1.0f, 32},   // MLA: q/k heads 64, v heads 32 (both sides)
+      {4, 4, 64, true, 0, {5, 66, 0}, true, true, 1.0f, 32},  // ... packed (one empty)
+      {2, 2, 192, true, 0, {40}, false, true, 1.0f, 128},     // DeepSeek's 192/128
   };
   for (const Attn& a : cases)
     for (DType dt : {F32, BF16}) {
@@ -1035,9 +1038,10 @@ void add_decode_attention(std::vector<OpCase>& t) {
       {4, 2, 64, 1, 0, 320, {0, 300}, true},    {4, 1, 64, 3, 50, 320, {77, 250}, true},
       {4, 4, 128, 1, 130, 320, {0, 300}, true}, {2, 2, 64, 16, 0, 96, {5, 70}, true},
       {3, 1, 20, 2, 9, 64, {11, 40}, false},    {1, 1, 32, 1, 0, 4000, {3990}, false},
-      {4, 1, 48, 2, 0, 320, {7, 300}, false, 32},  // MLA absorbed: one latent head, values narrower than keys
+      {4, 1, 48, 2, 0, 320, {7, 300}, true, 32},   // MLA absorbed: one latent head, values narrower than keys
       {8, 1, 24, 1, 0, 4000, {3990}, false, 16},   // ... on the split path
-      {2, 2, 32, 3, 0, 64, {0, 40}, false, 48},    // values wider than keys
+      {2, 2, 32, 3, 0, 64, {0, 40}, true, 48},     // values wider than keys
+      {4, 1, 80, 1, 0, 200, {0, 150}, true, 64},   // absorbed, kv_lora_rank 64 + rope 16 (the SIMT kernel)
       {4, 2, 64, 6, 0, 96, {5, 40}, false, 0, small_tree},  // tree attention (the CPU and the reference)
       {2, 1, 32, 16, 0, 600, {300, 7}, false, 0, big_tree},
   };
@@ -1084,6 +1088,7 @@ void add_decode_attention(std::vector<OpCase>& t) {
           p.B = B, p.Tq = d.Tq, p.past_per_seq = dp.get(), p.max_past = d.cap, p.NH = d.NH, p.NKV = d.NKV;
           p.HD = d.HD, p.window = d.window, p.scale = scale, p.q = q.h(), p.q_stride = L, p.k = k.h(), p.v = v.h();
           p.kv_batch_stride = d.cap * KC, p.kv_stride = KC, p.out = out.h(), p.out_stride = C;
+          if (d.HDv) p.HDv = HDv, p.v_batch_stride = d.cap * VC, p.v_stride = VC;
           gpu::DeviceBuffer scratch(std::max<size_t>(cuda::decode_attention_scratch_bytes(p), 4), "ops test");
           cuda::decode_attention(p, scratch.data(), stream());
           return Tensors{down("out", out)};
@@ -1231,6 +1236,87 @@ void add_kv_append_paged(std::vector<OpCase>& t) {
         cuda::kv_cache_append(k.h(), v.h(), qkv.h(), dp.get(), B, Tq, NH, NKV, HD, 0, stream(),
                               KVPages{dtab.get(), bs, per_seq});
         return Tensors{down("k_pool", k), down("v_pool", v)};
+      };
+    t.push_back(std::move(c));
+  }
+}
+
+// ------------------------------------------------------------------------- latent attention's row glue
+
+// sum_heads (the shared rotary key's gradient summed over the heads' rows) and rows_append (latent rows into a
+// per-sequence cache at each sequence's cached length), through the backends' ops against naive loops.
+void add_latent_glue(std::vector<OpCase>& t) {
+  struct S {
+    int64_t N;
+    int heads, width;
+    int64_t ld_in, head_stride, ld_out;
+  };
+  for (S c0 : {S{37, 4, 16, 4 * 48 + 8, 48, 80}, S{5, 1, 64, 64, 0, 64}, S{300, 16, 64, 16 * 192, 192, 576}})
+    for (DType dt : {F32, BF16}) {
+      const S c = c0;
+      OpCase oc = make("sum_heads", fmt("N %lld heads %d width %d %s", (long long)c.N, c.heads, c.width,
+                                        dtype_name(dt)),
+                       Mode::Forward, {{"in", randn(size_t(c.N * c.ld_in), 61 + c.heads, 1.0f, dt), dt}});
+      oc.k = kfor(dt, c.heads);
+      const int64_t out_n = c.N * c.ld_out;
+      oc.ref = [=](const Tensors& in) {
+        std::vector<float> out(static_cast<size_t>(out_n));
+        for (int64_t n = 0; n < c.N; n++)
+          for (int d = 0; d < c.width; d++) {
+            double s = 0;
+            for (int h = 0; h < c.heads; h++) s += in[0].v[size_t(n * c.ld_in + h * c.head_stride + d)];
+            out[size_t(n * c.ld_out + d)] = float(s);
+          }
+        return Tensors{{"out", out, dt}};
+      };
+      if (dt == F32)
+        oc.cpu = [=](const Tensors& in) {
+          auto be = nn::make_cpu_backend();
+          std::vector<float> x = in[0].v, out(static_cast<size_t>(out_n));
+          be->sum_heads(nn::Act{out.data(), kiln::DType::F32}, c.ld_out, nn::Act{x.data(), kiln::DType::F32}, c.ld_in,
+                        c.N, c.heads, c.head_stride, c.width);
+          return Tensors{{"out", out}};
+        };
+      if (dt == BF16)
+        oc.cuda = [=](const Tensors& in) {
+          Dev x = up(in[0]), out(size_t(out_n), BF16);
+          gpu::memset(out.ptr(), 0, size_t(out_n) * 2);
+          cuda::sum_heads(out.h(), c.ld_out, x.h(), c.ld_in, c.N, c.heads, c.head_stride, c.width, stream());
+          return Tensors{down("out", out)};
+        };
+      t.push_back(std::move(oc));
+    }
+  // rows_append: B = 3 sequences of Tq = 2 new rows (stride 40, width 24) into a cache of 10 positions each.
+  const int B = 3, Tq = 2, W = 24, cap = 10;
+  const int64_t ld = 40, bs = int64_t(cap) * W;
+  const std::vector<int32_t> past = {0, 7, 3};
+  for (DType dt : {F32, BF16}) {
+    OpCase c = make("rows_append", fmt("B %d Tq %d width %d %s", B, Tq, W, dtype_name(dt)), Mode::Forward,
+                    {{"src", randn(size_t(B * Tq * ld), 71, 1.0f, dt), dt},
+                     {"cache", randn(size_t(B * bs), 72, 1.0f, dt), dt}});
+    c.exact = true;
+    c.ref = [=](const Tensors& in) {
+      auto cache = in[1].v;
+      for (int b = 0; b < B; b++)
+        for (int i = 0; i < Tq; i++)
+          for (int d = 0; d < W; d++)
+            cache[size_t(b * bs + (past[size_t(b)] + i) * W + d)] = in[0].v[size_t((b * Tq + i) * ld + d)];
+      return Tensors{{"cache", cache, dt}};
+    };
+    if (dt == F32)
+      c.cpu = [=](const Tensors& in) {
+        auto be = nn::make_cpu_backend();
+        auto src = in[0].v, cache = in[1].v;
+        be->rows_append(nn::Act{cache.data(), kiln::DType::F32}, bs, nn::Act{src.data(), kiln::DType::F32}, ld, W, B,
+                        Tq, past.data());
+        return Tensors{{"cache", cache}};
+      };
+    if (dt == BF16)
+      c.cuda = [=](const Tensors& in) {
+        Dev src = up(in[0]), cache = up(in[1]);
+        DevInts dp(past);
+        cuda::rows_append(cache.h(), bs, src.h(), ld, W, B, Tq, dp.get(), stream());
+        return Tensors{down("cache", cache)};
       };
     t.push_back(std::move(c));
   }
@@ -1532,6 +1618,7 @@ std::vector<OpCase> op_table() {
   add_attention(t);
   add_decode_attention(t);
   add_kv_append_paged(t);
+  add_latent_glue(t);
   add_embedding(t);
   add_crossentropy(t);
   add_adamw(t);
