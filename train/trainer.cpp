@@ -21,6 +21,7 @@
 #include "core/file_io.h"
 #include "core/gpu.h"
 #include "models/checkpoint.h"
+#include "models/family.h"
 #include "models/model.h"
 #include "train/checkpoint_dir.h"
 #include "train/data_parallel.h"
@@ -98,22 +99,28 @@ double evaluate(Model& model, BatchSource& val, int batches, Batch& batch, dist:
   for (int i = 0; i < batches; i++) {
     val.next(batch);
     take_share(batch, comm.rank(), comm.size(), local);
-    if (local.n_tokens > 0) sum += forward(model, local, 0.0f);
+    if (local.n_tokens > 0)
+      sum += forward(model, local, 0.0f);
+    else
+      model.idle_pass(false);  // a sharded model's collectives (ZeRO 2, 3), which every rank makes
     n += batch.count_targets();
   }
   comm.all_reduce_sum(&sum, 1);
   return n ? sum / double(n) : 0.0;
 }
 
-// A checkpoint in the single-process format, written by rank 0 (the optimizer state gathered to it first);
-// a failure to write it stops every rank.
+// A checkpoint in the single-process format, written by rank 0 (the optimizer state gathered to it first,
+// segment by segment, and at stage 3 the parameters); a failure to write it stops every rank.
 void save_checkpoint(const TrainOptions& opt, Model& model, DataParallel& dp, const TrainState& st,
                      dist::Communicator& comm) {
-  model.sync_to_host();
+  if (dp.stage() >= 3)
+    dp.gather_host_params();
+  else
+    model.sync_to_host();
   std::unique_ptr<AdamW> full;
   if (dp.optimizer().sharded()) {
-    full = std::make_unique<AdamW>(model.table(), opt.adamw);
-    dp.gather_optimizer(*full);
+    if (comm.rank() == 0) full = std::make_unique<AdamW>(model.table(), opt.adamw);
+    dp.gather_optimizer(full.get());
   } else {
     dp.optimizer().sync_to_host();
   }
@@ -124,6 +131,7 @@ void save_checkpoint(const TrainOptions& opt, Model& model, DataParallel& dp, co
     } catch (const Error& e) {
       error = e.what();
     }
+  model.drop_host_params();  // stage 3: the whole-block copy was for the checkpoint only
   dist::agree_on_error(comm, error);
 }
 
@@ -244,8 +252,6 @@ double train(const TrainOptions& opt, dist::Communicator& comm) {
     validate(opt);
     KILN_CHECK(opt.zero_stage >= 0 && opt.zero_stage <= 3, "--zero-stage must be 0, 1, 2 or 3 (got ",
                opt.zero_stage, ")");
-    KILN_CHECK(opt.zero_stage != 3, "--zero-stage 3 (parameters sharded layer by layer) is not implemented yet; "
-               "use 0, 1 or 2");
     const bool rows = !opt.packing && opt.batching != "packed";
     KILN_CHECK(!rows || opt.batch % ranks == 0, "--batch ", opt.batch, " (the global batch) does not divide over ",
                ranks, " ranks");
@@ -296,6 +302,8 @@ double train(const TrainOptions& opt, dist::Communicator& comm) {
     }
     const double rss0 = resident_bytes();
     mopt.mtp_lambda = opt.mtp_lambda;
+    // ZeRO 2, 3: the model holds this rank's segment of the gradients (and parameters) only.
+    mopt.shard = DataParallel::shard_options(model_param_table(cfg), opt.zero_stage, rank, ranks);
     model = make_model(cfg, mopt);
     model->set_seq_aux_alpha(opt.seq_aux_alpha);
     dp = std::make_unique<DataParallel>(comm, nccl ? *nccl : comm, *model, opt.adamw, opt.zero_stage);
@@ -434,6 +442,8 @@ double train(const TrainOptions& opt, dist::Communicator& comm) {
         const auto mp = model->loss_parts();
         for (size_t j = 0; j < mp.size() && j < parts.size(); j++) parts[j].second += mp[j].second;
         model->backward();
+      } else {
+        model->idle_pass(true);  // a sharded model's collectives (ZeRO 2, 3), which every rank makes
       }
       if (last_micro && (inject_every || inject_at == step + 1) && root) {
         // Test hook: one infinite gradient (the overflow path of loss scaling), before it is reduced: the
