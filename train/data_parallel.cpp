@@ -427,8 +427,28 @@ void DataParallel::gather_params() {
 
 void DataParallel::gather_host_params() {
   if (stage_ < 3) return;
-  model_.sync_to_host();  // this rank's segment
-  host_.all_gather(model_.host_params(), counts_);
+  // Segment by segment to rank 0 (as gather_optimizer): only rank 0 makes the whole-block host copy.
+  const bool root = host_.rank() == 0;
+  float* full = nullptr;
+  if (root) {
+    model_.sync_to_host();  // its own segment
+    full = model_.host_params();
+  }
+  std::vector<float> part;
+  for (int r = 1; r < host_.size(); r++) {
+    const size_t off = dist::segment_offset(counts_, r), cnt = counts_[size_t(r)];
+    if (cnt == 0) continue;
+    float* dst = full ? full + off : nullptr;
+    if (!root) {
+      part.resize(cnt);
+      dst = part.data();
+      if (r == host_.rank()) {
+        const ParamBlocks b = model_.blocks();
+        b.backend->download(dst, b.params, cnt * sizeof(float));
+      }
+    }
+    host_.broadcast(dst, cnt * sizeof(float), r);
+  }
 }
 
 void DataParallel::gather_optimizer(AdamW* full) {

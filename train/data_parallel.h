@@ -82,8 +82,8 @@ class DataParallel {
   // one by one. scatter_optimizer takes this rank's part of a whole-block one.
   void gather_optimizer(AdamW* full);
   void scatter_optimizer(AdamW& full);
-  // Stage 3 (collective): the model's whole-block host copy of the parameters filled on every rank from the
-  // segments (a checkpoint's weights); drop it after with Model::drop_host_params().
+  // Stage 3 (collective): the model's whole-block host copy of the parameters filled on rank 0 from the
+  // segments, one at a time (a checkpoint's weights); drop it after with Model::drop_host_params().
   void gather_host_params();
 
   // The model options of a rank's model at this stage: its segment at stages 2 and 3.
