@@ -122,7 +122,9 @@ TEST_P(Shard, SegmentGradientsAreTheWholeModels) {
     EXPECT_LE(err, 1e-6 * std::max(ref, 1e-3)) << "segment [" << lo << ", " << hi << ")";
     // Every unit reduced once per micro-batch; at stage 3 every layer fetched for the forward and the backward.
     EXPECT_EQ(ex.reduces.size(), 2 * ex.units.size());
-    if (c.stage == 3) EXPECT_GE(ex.fetches.size(), 2 * 2 * size_t(cfg.n_layer));
+    if (c.stage == 3) {
+      EXPECT_GE(ex.fetches.size(), 2 * 2 * size_t(cfg.n_layer));
+    }
     // A rank without tokens makes the same exchange calls.
     const size_t f0 = ex.fetches.size(), r0 = ex.reduces.size();
     std::vector<int> fetched(ex.fetches.end() - ptrdiff_t(f0 / 2), ex.fetches.end());

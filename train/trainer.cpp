@@ -338,7 +338,6 @@ double train(const TrainOptions& opt, dist::Communicator& comm) {
                  info.emulated ? " [SIMT emulator]" : "");
   }
   const size_t act_bytes = model->plan(B_local, T, RecomputePolicy::parse(opt.recompute), opt.lm_head_chunk);
-  const size_t n_floats = model->table().total;
   if (root && device.cuda)
     std::fprintf(stderr,
                  "kiln train: %s, %.2fM parameters | GPU memory plan: weights+bf16 copy+grads %.1f MB, "
@@ -347,11 +346,11 @@ double train(const TrainOptions& opt, dist::Communicator& comm) {
                  double(act_bytes) / MB);
   else if (root)
     std::fprintf(stderr,
-                 "kiln train: %s, %.2fM parameters | memory plan: weights %.1f MB, grads %.1f MB, AdamW %.1f MB, "
-                 "activations %.1f MB%s\n",
-                 cfg.family.c_str(), double(cfg.num_params()) / 1e6, n_floats * 4 / MB, n_floats * 4 / MB,
-                 double(dp->optimizer_bytes()) / MB, double(act_bytes) / MB,
-                 opt.dtype == "fp32" ? "" : str(", 16-bit weight copies ", n_floats * 2 / MB, " MB").c_str());
+                 "kiln train: %s, %.2fM parameters | memory plan: weights, grads%s %.1f MB, AdamW %.1f MB, "
+                 "activations %.1f MB (per rank)\n",
+                 cfg.family.c_str(), double(cfg.num_params()) / 1e6,
+                 opt.dtype == "fp32" ? "" : ", 16-bit weight copies", double(model->state_bytes()) / MB,
+                 double(dp->optimizer_bytes()) / MB, double(act_bytes) / MB);
   if (ranks > 1) {
     // Measured per-rank state (resident growth over building the model and its optimizer part), largest rank.
     std::vector<double> per(size_t(ranks), 0.0);
@@ -558,7 +557,7 @@ double train(const TrainOptions& opt, dist::Communicator& comm) {
                  double(model->state_bytes() + act_bytes) / MB);
   else
     std::fprintf(stderr, "kiln train: done, final loss %.4f, peak memory %.1f MB (planned %.1f MB)\n", loss,
-                 peak_rss_mb(), (n_floats * (opt.dtype == "fp32" ? 8 : 10) + dp->optimizer_bytes() + act_bytes) / MB);
+                 peak_rss_mb(), double(model->state_bytes() + dp->optimizer_bytes() + act_bytes) / MB);
   return loss;
 }
 
