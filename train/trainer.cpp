@@ -360,7 +360,8 @@ double train(const TrainOptions& opt, dist::Communicator& comm) {
       std::fprintf(stderr, "kiln train: %d ranks (%s%s), ZeRO stage %d, global batch %d, reduction %s | state per "
                    "rank measured %.1f MB (largest rank; weights, grads, optimizer part)\n",
                    ranks, comm.name().c_str(), nccl ? " + nccl" : "", opt.zero_stage, B,
-                   dp->overlapping() ? "overlapped with the backward" : "after the backward",
+                   dp->overlapping() ? "overlapped with the backward"
+                   : opt.zero_stage >= 2 ? "unit by unit as the model asks" : "after the backward",
                    *std::max_element(per.begin(), per.end()) / MB);
   } else if (std::getenv("KILN_REPORT_STATE_MEMORY")) {
     std::fprintf(stderr, "kiln train: state measured %.1f MB\n", state_measured / MB);
