@@ -48,7 +48,7 @@ z2 = [json.loads(l) for l in open(sys.argv[7])][1:]
 ov = statistics.median(r["overlap_ms"] for r in z2)
 wait = statistics.median(r["overlap_wait_ms"] for r in z2)
 print(f"ZeRO 2 overlapped (2 micro-batches): {statistics.median(r['ms'] for r in z2):.0f} ms/step, reduce-scatter "
-      f"{ov:.0f} ms on the communication thread, {wait:.0f} ms waited after the backward: "
+      f"{ov:.0f} ms on the communication thread, {wait:.0f} ms waited for (a buffer, or the last after the backward): "
       f"{100 * max(0.0, 1 - wait / ov):.0f}% hidden")
 z3 = [json.loads(l) for l in open(sys.argv[8])][1:]
 m3 = statistics.median(r["ms"] for r in z3)
