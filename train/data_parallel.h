@@ -1,5 +1,5 @@
 // Data-parallel training: which share of a global micro-batch a rank trains on, and the gradient reduction
-// and optimizer step of ZeRO stages 0-2 (Rajbhandari et al., "ZeRO: Memory Optimizations Toward Training
+// and optimizer step of ZeRO stages 0-3 (Rajbhandari et al., "ZeRO: Memory Optimizations Toward Training
 // Trillion Parameter Models"), over a dist::Communicator.
 //
 // Batches. --batch is global: every rank reads the same global micro-batch (the loaders are cheap views of
