@@ -19,20 +19,49 @@
 
 namespace kiln {
 
+// ZeRO stages 2 and 3 (train/data_parallel.h): the model keeps gradients (stage 2) and also parameters (stage 3)
+// for one segment [begin, end) of the block only. The block is cut into units, contiguous ranges in table order
+// (Model::units()): the front (embeddings), each layer, the back (MTP modules, final norm, untied head). A unit's
+// gradient is produced in a working buffer and handed to the ShardExchange as soon as it is complete; at stage
+// 3 each unit's parameters are fetched into a working buffer before use (the layers into two alternating ones,
+// so the next layer's fetch runs while the current one computes). Stage < 2: one whole block of each.
+struct ShardOptions {
+  int stage = 0;
+  size_t begin = 0, end = 0;
+};
+
+// What a sharded model asks of data parallelism. Every rank makes the same calls in the same order (a rank
+// without tokens runs Model::idle_pass), so an implementation may run collectives in them. fetch and reduce
+// may return before the work is done (a communication thread); wait_* block until it is.
+class ShardExchange {
+ public:
+  virtual ~ShardExchange() = default;
+  // Stage 3: fill dst (the unit's floats, in table order) with unit u's parameters.
+  virtual void fetch(int unit, float* dst) = 0;
+  virtual void wait_fetch(int unit) = 0;
+  // src holds this rank's gradient of unit u: sum it over the ranks into the owners' shards (src is scratch
+  // afterwards, and reusable once wait_reduce returns).
+  virtual void reduce(int unit, float* src) = 0;
+  virtual void wait_reduce(int unit) = 0;
+};
+
 struct ModelOptions {
   bool cuda = false;                 // the GPU backend (else the CPU)
   std::optional<LowpType> lowp;      // 16-bit matrix products (mixed precision), fp32 when unset
   bool with_grads = true;
   float mtp_lambda = 0.3f;           // weight of the multi-token-prediction losses (models with MTP modules)
+  ShardOptions shard;                // ZeRO 2, 3: this rank's segment of the state
 };
 
-// The flat blocks the optimizer works on (ParamTable layout), on the model's device.
+// The flat blocks the optimizer works on (ParamTable layout), on the model's device: floats [offset, offset + n)
+// of the block (offset 0 and n the whole block, except in a sharded model: its segment, ShardOptions).
 struct ParamBlocks {
   float* params = nullptr;
   float* grads = nullptr;
-  uint16_t* params16 = nullptr;  // the 16-bit copy the products read (null without one)
+  uint16_t* params16 = nullptr;  // the 16-bit copy the products read (null without one, or at stage 3)
   size_t n = 0;
   nn::Backend* backend = nullptr;
+  size_t offset = 0;
 };
 
 class Model {
@@ -43,9 +72,13 @@ class Model {
 
   // The host copy of the parameters (what checkpoints read and write). After changing it, call
   // params_changed(); before reading it after training steps on a device, call sync_to_host().
+  // Stage 3 (ShardOptions): a whole-block host copy made on demand; params_changed() takes this rank's segment
+  // from it and frees it, sync_to_host() fills only that segment (data parallelism gathers the others), and
+  // drop_host_params() frees it unread.
   virtual float* host_params() = 0;
   virtual void params_changed() = 0;
   virtual void sync_to_host() = 0;
+  virtual void drop_host_params() {}
   // Random initialisation in the GPT-2 scheme (N(0, 0.02), residual projections N(0, 0.02/sqrt(2·n_layer)),
   // biases 0, norm gains 1), deterministic for a seed whatever the thread count; then params_changed().
   void init_random(uint64_t seed);
@@ -78,6 +111,14 @@ class Model {
   virtual float* final_hidden_grad();
 
   virtual ParamBlocks blocks() = 0;
+
+  // Sharded storage (ShardOptions): the units' float ranges [begin, end), in table order, covering the block
+  // (empty: the model cannot shard), the exchange its forwards and backwards call, and the calls of a training
+  // forward and backward (train) or of a forward alone, without computing, for a rank whose share of a batch
+  // is empty.
+  virtual std::vector<std::pair<size_t, size_t>> units() const { return {}; }
+  virtual void set_shard_exchange(ShardExchange* ex) {}
+  virtual void idle_pass(bool train) {}
 
   // Mixture of experts (a model without MoE layers returns nothing and ignores the rest).
   // The routed rows each expert received in each MoE layer, [MoE layers][experts], over the training forwards
@@ -119,6 +160,10 @@ struct MemoryPlan {
   size_t state = 0, activations = 0;
 };
 MemoryPlan plan_memory(const ModelConfig& cfg, bool cuda, int64_t N, RecomputePolicy policy, int lm_head_chunk);
+// The working buffers a sharded model (ShardOptions) allocates beside its segment, in bytes: at stage 2 and 3
+// gradient buffers for the front, the back and two layers; at stage 3 also parameter buffers for them (and
+// their 16-bit copies with lowp).
+size_t shard_buffer_bytes(const ModelConfig& cfg, int stage, bool lowp);
 
 // A model with a KV cache: the generation loop's view (infer/generate.h).
 class IncrementalDecoder {

@@ -85,21 +85,28 @@ nn::BlockShape block_shape_all(const ModelConfig& c) {
 
 void TransformerWeights::bind(const ModelConfig& c, const ParamTable& t, const float* params, float* grads,
                               const uint16_t* params16, const float* inv_freq) {
+  bind(c, t, [&](size_t off) {
+    return TensorHome{params + off, grads ? grads + off : nullptr, params16 ? params16 + off : nullptr};
+  }, inv_freq);
+}
+
+void TransformerWeights::bind(const ModelConfig& c, const ParamTable& t, const LocateTensor& locate,
+                              const float* inv_freq) {
   auto p = [&](const std::string& key) -> const float* {
     const ParamSpec* s = t.find_key(key);
-    return s ? params + s->offset : nullptr;
+    return s ? locate(s->offset).p : nullptr;
   };
   auto g = [&](const std::string& key) -> float* {
     const ParamSpec* s = t.find_key(key);
-    return s && grads ? grads + s->offset : nullptr;
+    return s ? locate(s->offset).g : nullptr;
   };
   auto p16 = [&](const std::string& key) -> const uint16_t* {
     const ParamSpec* s = t.find_key(key);
-    return s && params16 ? params16 + s->offset : nullptr;
+    return s ? locate(s->offset).p16 : nullptr;
   };
   auto weight = [&](const std::string& w, const std::string& b, int in, int out) {
     nn::Weight x;
-    x.w = &params[t.get_key(w).offset];
+    x.w = locate(t.get_key(w).offset).p;
     x.dw = g(w);
     x.w16 = p16(w);
     x.b = b.empty() ? nullptr : p(b);
@@ -361,29 +368,36 @@ Transformer::Transformer(const ModelConfig& cfg, const ModelOptions& opt)
   KILN_CHECK(opt.mtp_lambda >= 0, "--mtp-lambda must be >= 0 (got ", opt.mtp_lambda, ")");
   if (opt.cuda) check_device_shapes(cfg_);
   const size_t n = table_.total;
-  params_buf_ = nn::DeviceBlock(*be_, n * sizeof(float), "parameters");
-  params_ = params_buf_.as<float>();
-  be_->memset(params_, 0, n * sizeof(float));
-  if (opt.with_grads) {
-    grads_buf_ = nn::DeviceBlock(*be_, n * sizeof(float), "gradients");
-    grads_ = grads_buf_.as<float>();
-    be_->memset(grads_, 0, n * sizeof(float));
-  }
-  if (be_->lowp()) {
-    params16_buf_ = nn::DeviceBlock(*be_, n * sizeof(uint16_t), "16-bit weight copy");
-    params16_ = params16_buf_.as<uint16_t>();
-    be_->memset(params16_, 0, n * sizeof(uint16_t));
-  }
-  if (be_->on_host()) {
-    host_ = params_;
-  } else {
-    host_buf_.resize(n * sizeof(float));
-    host_ = host_buf_.f32();
-  }
   const std::vector<float> inv_freq = cfg_.rope_inv_freq();
   inv_freq_buf_ = nn::DeviceBlock(*be_, inv_freq.size() * sizeof(float), "rotary frequencies");
   if (!inv_freq.empty()) be_->upload(inv_freq_buf_.data(), inv_freq.data(), inv_freq.size() * sizeof(float));
-  w_.bind(cfg_, table_, params_, grads_, params16_, inv_freq_buf_.as<float>());
+  if (opt.shard.stage >= 2) {
+    KILN_CHECK(opt.with_grads, "sharded storage (ZeRO ", opt.shard.stage, ") is for training models");
+    shard_setup(opt);  // models/transformer_shard.cpp
+  } else {
+    params_buf_ = nn::DeviceBlock(*be_, n * sizeof(float), "parameters");
+    params_ = params_buf_.as<float>();
+    be_->memset(params_, 0, n * sizeof(float));
+    if (opt.with_grads) {
+      grads_buf_ = nn::DeviceBlock(*be_, n * sizeof(float), "gradients");
+      grads_ = grads_buf_.as<float>();
+      be_->memset(grads_, 0, n * sizeof(float));
+    }
+    if (be_->lowp()) {
+      params16_buf_ = nn::DeviceBlock(*be_, n * sizeof(uint16_t), "16-bit weight copy");
+      params16_ = params16_buf_.as<uint16_t>();
+      be_->memset(params16_, 0, n * sizeof(uint16_t));
+    }
+    w_.bind(cfg_, table_, params_, grads_, params16_, inv_freq_buf_.as<float>());
+  }
+  if (shard_.stage < 3) {
+    if (be_->on_host()) {
+      host_ = params_;
+    } else {
+      host_buf_.resize(n * sizeof(float));
+      host_ = host_buf_.f32();
+    }
+  }
   // The MTP modules' blocks (layers n_layer ..) count and balance like the main ones.
   for (int l = 0; l < cfg_.n_layer + cfg_.mtp_depth; l++)
     if (cfg_.is_moe_layer(l)) moe_layers_.push_back(l);
@@ -423,6 +437,17 @@ void Transformer::update_expert_bias(const std::vector<std::vector<float>>& load
     const ParamSpec* s = table_.find_key("blk." + std::to_string(moe_layers_[j]) + ".exp_probs_b.bias");
     if (!s) continue;  // a router without a selection bias (Qwen3-MoE)
     KILN_CHECK(int(load[j].size()) == E, "expert bias update: load of ", load[j].size(), " experts, the model has ", E);
+    if (shard_.stage >= 3) {
+      // Only this rank's segment of the bias is kept (the update is elementwise): moved there alone.
+      const size_t a = std::max(s->offset, shard_.begin), e = std::min(s->offset + size_t(E), shard_.end);
+      if (a >= e) continue;
+      std::vector<float> bias(size_t(E), 0.0f);
+      float* dev = pshard_buf_.as<float>() + (a - shard_.begin);
+      be_->download(bias.data() + (a - s->offset), dev, (e - a) * sizeof(float));
+      nn::moe_bias_update(bias.data(), load[j].data(), E, gamma);
+      be_->upload(dev, bias.data() + (a - s->offset), (e - a) * sizeof(float));
+      continue;
+    }
     // The bias lives on the backend; the host mirror follows (on the CPU they are one array).
     float* dev = params_ + s->offset;
     float* host = host_ + s->offset;
@@ -432,13 +457,40 @@ void Transformer::update_expert_bias(const std::vector<std::vector<float>>& load
   }
 }
 
+float* Transformer::host_params() {
+  if (shard_.stage >= 3 && !host_) {
+    host_buf_.resize(table_.total * sizeof(float));
+    host_ = host_buf_.f32();
+  }
+  return host_;
+}
+
 void Transformer::params_changed() {
+  if (shard_.stage >= 3) {
+    // This rank's segment from the whole-block host copy, which is then freed; the slots refetch.
+    if (shard_.end > shard_.begin)
+      be_->upload(pshard_buf_.data(), host_params() + shard_.begin, (shard_.end - shard_.begin) * sizeof(float));
+    drop_host_params();
+    for (Slot& s : slots_) s.holds = -1;
+    return;
+  }
   if (!be_->on_host()) be_->upload(params_, host_, table_.total * sizeof(float));
   refresh_lowp(*be_, table_, params16_, params_);
 }
 
 void Transformer::sync_to_host() {
+  if (shard_.stage >= 3) {
+    if (shard_.end > shard_.begin)
+      be_->download(host_params() + shard_.begin, pshard_buf_.data(), (shard_.end - shard_.begin) * sizeof(float));
+    return;
+  }
   if (!be_->on_host()) be_->download(host_, params_, table_.total * sizeof(float));
+}
+
+void Transformer::drop_host_params() {
+  if (shard_.stage < 3) return;
+  host_buf_.resize(0);
+  host_ = nullptr;
 }
 
 void Transformer::synchronize() {
@@ -446,10 +498,23 @@ void Transformer::synchronize() {
 }
 
 size_t Transformer::state_bytes() const {
+  if (sharded()) {
+    size_t bytes = pshard_buf_.size() + gshard_buf_.size() + params_buf_.size() + params16_buf_.size();
+    for (const Slot& s : slots_) bytes += s.p.size() + s.p16.size() + s.g.size();
+    return bytes;
+  }
   return table_.total * (sizeof(float) * (grads_ ? 2 : 1) + (params16_ ? 2 : 0));
 }
 
-ParamBlocks Transformer::blocks() { return {params_, grads_, params16_, table_.total, be_.get()}; }
+ParamBlocks Transformer::blocks() {
+  if (!sharded()) return {params_, grads_, params16_, table_.total, be_.get()};
+  // The segment: its gradients; its parameters in the whole block (stage 2) or alone (stage 3, no 16-bit copy:
+  // the slots convert what they fetch).
+  const size_t lo = shard_.begin, n = shard_.end - shard_.begin;
+  float* g = gshard_buf_.as<float>();
+  if (shard_.stage >= 3) return {pshard_buf_.as<float>(), g, nullptr, n, be_.get(), lo};
+  return {params_ + lo, g, params16_ ? params16_ + lo : nullptr, n, be_.get(), lo};
+}
 
 void Transformer::Activations::allocate(nn::Workspace& ws, const ModelConfig& cfg, int64_t N, RecomputePolicy pol,
                                         int64_t ch, bool device) {
@@ -530,6 +595,7 @@ void Transformer::run_blocks_forward(const AttentionParams& attn, int64_t N) {
   const float* x = a_.encoded;
   if (a_.policy.kind != RecomputePolicy::Every) {
     for (int l = 0; l < L; l++) {
+      use_params(1 + l, l + 1 < L ? 2 + l : -1);  // stage 3: this layer's parameters, the next one's fetch started
       w_.blocks[size_t(l)].forward(*be_, a_.out[size_t(l)], x, a_.blocks[size_t(l)], a_.scratch, last_pos_, attn, N);
       count_load(l, a_.blocks[size_t(l)]);
       x = a_.out[size_t(l)];
@@ -541,6 +607,7 @@ void Transformer::run_blocks_forward(const AttentionParams& attn, int64_t N) {
   const int K = a_.policy.k;
   for (int l = 0; l < L; l++) {
     float* y = l == L - 1 ? a_.final_out : ((l + 1) % K == 0 ? a_.ckpt_in[size_t((l + 1) / K)] : a_.out[size_t(l % K)]);
+    use_params(1 + l, l + 1 < L ? 2 + l : -1);
     w_.blocks[size_t(l)].forward(*be_, y, x, a_.blocks[size_t(l % K)], a_.scratch, last_pos_, attn, N);
     count_load(l, a_.blocks[size_t(l % K)]);
     x = y;
@@ -572,7 +639,7 @@ double Transformer::forward(const int32_t* tokens, const int32_t* pos, const int
                             const AttentionParams& attn, float grad_scale) {
   const int64_t N = attn.cu_seqlens ? attn.cu_seqlens[attn.num_seqs] : int64_t(attn.B) * attn.T;
   KILN_CHECK(N <= a_.max_tokens, "batch of ", N, " tokens exceeds the planned ", a_.max_tokens, " (call plan first)");
-  KILN_CHECK(grad_scale == 0.0f || grads_, "training forward on a model built without gradients");
+  KILN_CHECK(grad_scale == 0.0f || grads_ || sharded(), "training forward on a model built without gradients");
   const int C = cfg_.d_model;
   const size_t bytes = size_t(N) * sizeof(int32_t);
   // The integer inputs on the backend (views of the caller's arrays on the CPU).
@@ -597,6 +664,7 @@ double Transformer::forward(const int32_t* tokens, const int32_t* pos, const int
   last_attn_ = ap;
   last_tokens_ = tokens;
   last_pos_ = pos;
+  if (sharded()) shard_forward_begin(grad_scale != 0.0f);  // stage 3: the front and back parameters fetched
   be_->embedding_forward(a_.encoded, tokens, pos, w_.wte, w_.wpe, N, C);
   counting_ = grad_scale != 0.0f;  // the expert load of training forwards only
   aux_sum_ = 0;
@@ -637,41 +705,45 @@ float* Transformer::final_hidden_grad() {
 }
 
 void Transformer::backward() {
-  KILN_CHECK(grads_, "backward on a model built without gradients");
+  KILN_CHECK(grads_ || sharded(), "backward on a model built without gradients");
   const int64_t N = last_N_;
   const int C = cfg_.d_model, L = cfg_.n_layer;
   const int32_t* pos = last_pos_;
   be_->memset(a_.dres, 0, size_t(N) * C * sizeof(float));
   if (mtp_ran_) mtp_backward();  // the first module adds its share of dL/d(final block output) to dres
   w_.final_norm.backward(*be_, a_.dres, a_.dlnf, a_.final_out, a_.lnf_mean, a_.lnf_rstd, N);
-  if (a_.policy.kind != RecomputePolicy::Every) {
-    for (int l = L - 1; l >= 0; l--) {
-      const float* x = l ? a_.out[size_t(l - 1)] : a_.encoded;
-      w_.blocks[size_t(l)].backward(*be_, a_.dres, x, a_.blocks[size_t(l)], a_.scratch, pos, last_attn_, N);
-      layer_grads_done(l);
+  // The layers in the order backward_visits gives: each one's backward, and under every:K first the forward of
+  // its segment recomputed from the segment's kept input (keeping every activation this time).
+  const std::vector<std::pair<int, bool>> visits = backward_visits();
+  const bool every = a_.policy.kind == RecomputePolicy::Every;
+  const int K = every ? a_.policy.k : 1;
+  for (size_t i = 0; i < visits.size(); i++) {
+    const auto [l, back] = visits[i];
+    use_params(1 + l, i + 1 < visits.size() ? 1 + visits[i + 1].first : -1);  // stage 3
+    const int s = l / K * K, e = std::min(L, s + K), seg = l / K;
+    // The layer's input and its activations.
+    const float* x = !every ? (l ? a_.out[size_t(l - 1)] : a_.encoded)
+                            : (l == s ? a_.ckpt_in[size_t(seg)] : a_.out[size_t(l - s - 1)]);
+    nn::BlockActivations& act = a_.blocks[size_t(every ? l - s : l)];
+    if (!back) {
+      float* y = l == e - 1 ? nullptr : a_.out[size_t(l - s)];  // the segment's output is not needed
+      w_.blocks[size_t(l)].forward(*be_, y, x, act, a_.scratch, pos, last_attn_, N);
+      continue;
     }
-  } else {
-    const int K = a_.policy.k;
-    for (int seg = (L - 1) / K; seg >= 0; seg--) {
-      const int s = seg * K, e = std::min(L, s + K);
-      // Recompute the segment's forward from its kept input, keeping every activation this time.
-      const float* x = a_.ckpt_in[size_t(seg)];
-      for (int l = s; l < e; l++) {
-        float* y = l == e - 1 ? nullptr : a_.out[size_t(l - s)];  // the segment's output is not needed
-        w_.blocks[size_t(l)].forward(*be_, y, x, a_.blocks[size_t(l - s)], a_.scratch, pos, last_attn_, N);
-        x = y;
-      }
-      for (int l = e - 1; l >= s; l--) {
-        const float* in = l == s ? a_.ckpt_in[size_t(seg)] : a_.out[size_t(l - s - 1)];
-        w_.blocks[size_t(l)].backward(*be_, a_.dres, in, a_.blocks[size_t(l - s)], a_.scratch, pos, last_attn_, N);
-        layer_grads_done(l);
-      }
-    }
+    grad_begin(1 + l);  // sharded: the layer's gradient buffer, free and cleared
+    w_.blocks[size_t(l)].backward(*be_, a_.dres, x, act, a_.scratch, pos, last_attn_, N);
+    grad_end(1 + l);    // sharded: handed to the exchange
+    layer_grads_done(l);
   }
   be_->embedding_backward(w_.dwte, w_.dwpe, a_.dres, last_tokens_, pos, N, C);
+  if (sharded()) shard_backward_end();
 }
 
 void Transformer::zero_grad() {
+  if (sharded()) {
+    be_->memset(gshard_buf_.data(), 0, gshard_buf_.size());
+    return;
+  }
   if (grads_) be_->memset(grads_, 0, table_.total * sizeof(float));
 }
 

@@ -12,6 +12,7 @@
 // family only names its tensors.
 #pragma once
 #include <cstdint>
+#include <functional>
 #include <memory>
 #include <vector>
 
@@ -45,6 +46,19 @@ struct DecoderWeights {
   void load(nn::Backend& be, const ModelConfig& cfg, const ParamTable& t, const float* host, TransformerWeights& w);
 };
 
+// Where the tensor at a table offset lives: its parameters, gradient (null: none) and 16-bit copy (null: none).
+struct TensorHome {
+  const float* p = nullptr;
+  float* g = nullptr;
+  const uint16_t* p16 = nullptr;
+};
+using LocateTensor = std::function<TensorHome(size_t offset)>;
+
+// The units of sharded storage (ShardOptions) as boundaries b[0..n_layer+2]: unit 0 the front [b0, b1) (the
+// embeddings), unit 1 + l layer l, unit n_layer + 1 the back (MTP modules, final norm, untied head). Empty when
+// the table's layers are not contiguous ranges in order.
+std::vector<size_t> shard_unit_bounds(const ModelConfig& cfg, const ParamTable& t);
+
 struct TransformerWeights {
   std::vector<nn::Block> blocks;
   nn::Norm final_norm;
@@ -57,6 +71,8 @@ struct TransformerWeights {
   // inv_freq: the rotary frequencies on the backend's device.
   void bind(const ModelConfig& cfg, const ParamTable& table, const float* params, float* grads,
             const uint16_t* params16, const float* inv_freq);
+  // The same, each tensor where `locate` puts it (sharded storage: the units' working buffers).
+  void bind(const ModelConfig& cfg, const ParamTable& table, const LocateTensor& locate, const float* inv_freq);
 };
 
 class Transformer final : public Model {
@@ -66,7 +82,7 @@ class Transformer final : public Model {
 
   const ModelConfig& config() const override { return cfg_; }
   const ParamTable& table() const override { return table_; }
-  float* host_params() override { return host_; }
+  float* host_params() override;
   void params_changed() override;
   void sync_to_host() override;
 
@@ -88,6 +104,10 @@ class Transformer final : public Model {
   const float* final_hidden() const override;
   float* final_hidden_grad() override;
   ParamBlocks blocks() override;
+  void drop_host_params() override;
+  std::vector<std::pair<size_t, size_t>> units() const override;
+  void set_shard_exchange(ShardExchange* ex) override { ex_ = ex; }
+  void idle_pass(bool train) override;
   std::vector<std::vector<float>> take_expert_load() override;
   void update_expert_bias(const std::vector<std::vector<float>>& load, float gamma) override;
   void set_seq_aux_alpha(float alpha) override { seq_aux_alpha_ = alpha; }
@@ -103,6 +123,38 @@ class Transformer final : public Model {
   Buffer host_buf_;                // the host mirror (device backends only)
   float* host_ = nullptr;          // host_params(): params_ itself on the CPU
   TransformerWeights w_;
+
+  // Sharded storage (ShardOptions, models/transformer_shard.cpp). Units u = 0 (front), 1 + l (layer l),
+  // L + 1 (back) live in working slots: 0 front, 1 back, 2 + l % 2 the layers.
+  ShardOptions shard_;
+  std::vector<size_t> unit_;            // unit boundaries (shard_unit_bounds)
+  ShardExchange* ex_ = nullptr;
+  nn::DeviceBlock pshard_buf_, gshard_buf_;  // the segment's parameters (stage 3) and summed gradients (2, 3)
+  struct Slot {
+    nn::DeviceBlock p, p16, g;          // parameters and 16-bit copy (stage 3), gradients
+    size_t floats = 0;
+    int holds = -1, fetching = -1;      // unit whose parameters are in p / being fetched into it
+    int reducing = -1;                  // unit whose gradient in g is being reduced
+  };
+  Slot slots_[4];
+  int slot_of(int unit) const;
+  size_t unit_size(int u) const { return unit_[size_t(u) + 1] - unit_[size_t(u)]; }
+  void shard_setup(const ModelOptions& opt);
+  void shard_bind();
+  // Stage 3: unit u's parameters in its slot (fetched, or waited for, and converted to 16 bits), then the fetch
+  // of `next` (-1: none) started if its slot is free of u.
+  void use_params(int u, int next);
+  // A training forward's start: the front and back parameters (stage 3), their gradient buffers cleared; a
+  // layer's backward: its gradient buffer free and cleared (grad_begin), then handed on (grad_end); the
+  // backward's end: the front and back gradients handed on.
+  void shard_forward_begin(bool train);
+  void grad_begin(int u);
+  void grad_end(int u);
+  void shard_backward_end();
+  // The backward's visits of the layers in order: (layer, false) recomputes its forward (every:K), (layer,
+  // true) runs its backward.
+  std::vector<std::pair<int, bool>> backward_visits() const;
+  bool sharded() const { return shard_.stage >= 2; }
   // Expert load per MoE layer ([moe_layers_.size()][E] on the backend), counted in training forwards.
   std::vector<int> moe_layers_;
   nn::DeviceBlock load_buf_;

@@ -11,6 +11,7 @@
 #include <thread>
 #include <cmath>
 #include <cstdlib>
+#include <cstring>
 
 #include <omp.h>
 #include <unistd.h>
@@ -74,11 +75,12 @@ size_t bucket_floats() {
 
 }  // namespace
 
-// The communication thread of the overlap: reduces queued float ranges in order, one collective at a time
-// (the main thread calls no collective until drain() returns, as MPI_THREAD_SERIALIZED asks).
+// The communication thread of the overlap: runs queued collectives in order, one at a time (the main thread
+// calls no collective of its own until drain() returns, as MPI_THREAD_SERIALIZED asks). Each task gets a
+// ticket; wait(ticket) returns once that task (and every earlier one) is done.
 class DataParallel::Stream {
  public:
-  explicit Stream(std::function<void(size_t, size_t)> reduce) : reduce_(std::move(reduce)), th_([this] { run(); }) {}
+  Stream() : th_([this] { run(); }) {}
   ~Stream() {
     {
       std::lock_guard<std::mutex> lock(mu_);
@@ -87,19 +89,25 @@ class DataParallel::Stream {
     cv_.notify_all();
     th_.join();
   }
-  void push(size_t begin, size_t end) {
-    if (begin >= end) return;
+  uint64_t push(std::function<void()> task) {
+    uint64_t t;
     {
       std::lock_guard<std::mutex> lock(mu_);
-      queue_.emplace_back(begin, end);
-      pending_++;
+      queue_.push_back(std::move(task));
+      t = ++pushed_;
     }
     cv_.notify_all();
+    return t;
   }
-  // Waits for every queued range; returns the seconds spent in the collectives since the last drain.
+  void wait(uint64_t ticket) {
+    std::unique_lock<std::mutex> lock(mu_);
+    done_.wait(lock, [&] { return finished_ >= ticket; });
+    KILN_CHECK(error_.empty(), error_);
+  }
+  // Waits for every queued task; returns the seconds spent in them since the last drain.
   double drain() {
     std::unique_lock<std::mutex> lock(mu_);
-    done_.wait(lock, [&] { return pending_ == 0; });
+    done_.wait(lock, [&] { return finished_ == pushed_; });
     KILN_CHECK(error_.empty(), error_);
     const double s = busy_;
     busy_ = 0;
@@ -107,11 +115,10 @@ class DataParallel::Stream {
   }
 
  private:
-  std::function<void(size_t, size_t)> reduce_;
   std::mutex mu_;
   std::condition_variable cv_, done_;
-  std::deque<std::pair<size_t, size_t>> queue_;
-  int pending_ = 0;
+  std::deque<std::function<void()>> queue_;
+  uint64_t pushed_ = 0, finished_ = 0;
   bool stop_ = false;
   double busy_ = 0;
   std::string error_;
@@ -122,13 +129,13 @@ class DataParallel::Stream {
     for (;;) {
       cv_.wait(lock, [&] { return stop_ || !queue_.empty(); });
       if (queue_.empty()) return;
-      const auto [begin, end] = queue_.front();
+      std::function<void()> task = std::move(queue_.front());
       queue_.pop_front();
       lock.unlock();
       const auto t0 = Clock::now();
       std::string err;
       try {
-        reduce_(begin, end);
+        task();
       } catch (const std::exception& e) {
         err = e.what();
       }
@@ -136,19 +143,75 @@ class DataParallel::Stream {
       lock.lock();
       busy_ += secs;
       if (!err.empty() && error_.empty()) error_ = err;
-      if (--pending_ == 0) done_.notify_all();
+      finished_++;
+      done_.notify_all();
     }
   }
 };
 
+// What a sharded model (stages 2, 3) calls: each fetch and reduce on the communication thread when there is
+// one (waits then block on its ticket), else at once.
+class DataParallel::Exchange final : public ShardExchange {
+ public:
+  explicit Exchange(DataParallel& dp) : dp_(dp), fetch_(dp.units_.size(), 0), reduce_(dp.units_.size(), 0) {}
+  void fetch(int u, float* dst) override {
+    run(fetch_[size_t(u)], [this, u, dst] { dp_.fetch_unit(u, dst); });
+  }
+  void wait_fetch(int u) override { wait(fetch_[size_t(u)]); }
+  void reduce(int u, float* src) override {
+    run(reduce_[size_t(u)], [this, u, src] { dp_.reduce_unit(u, src); });
+  }
+  void wait_reduce(int u) override { wait(reduce_[size_t(u)]); }
+
+ private:
+  DataParallel& dp_;
+  std::vector<uint64_t> fetch_, reduce_;  // each unit's last ticket
+
+  void run(uint64_t& ticket, std::function<void()> task) {
+    if (dp_.stream_) {
+      ticket = dp_.stream_->push(std::move(task));
+      return;
+    }
+    const auto t0 = Clock::now();
+    task();
+    const double secs = seconds_since(t0);
+    dp_.comm_.total += secs;
+    dp_.comm_.exposed += secs;
+  }
+  void wait(uint64_t ticket) {
+    if (!dp_.stream_ || ticket == 0) return;
+    const auto t0 = Clock::now();
+    dp_.stream_->wait(ticket);
+    const double waited = seconds_since(t0);
+    dp_.comm_.exposed += waited;
+    dp_.comm_.overlap_wait += waited;
+  }
+};
+
+ShardOptions DataParallel::shard_options(const ParamTable& table, int stage, int rank, int ranks) {
+  ShardOptions o;
+  if (stage < 2) return o;
+  const std::vector<size_t> counts = dist::segment_counts(table.total, ranks);
+  o.stage = stage;
+  o.begin = dist::segment_offset(counts, rank);
+  o.end = o.begin + counts[size_t(rank)];
+  return o;
+}
+
 DataParallel::DataParallel(dist::Communicator& host, dist::Communicator& grads, Model& model, const AdamWConfig& cfg,
                            int zero_stage)
     : host_(host), grads_comm_(grads), model_(model), stage_(zero_stage) {
-  KILN_CHECK(stage_ >= 0 && stage_ <= 2, "--zero-stage ", stage_, ": stages 0, 1 and 2 are implemented");
+  KILN_CHECK(stage_ >= 0 && stage_ <= 3, "--zero-stage ", stage_, ": stages 0, 1, 2 and 3 are implemented");
   const ParamBlocks b = model.blocks();
-  counts_ = dist::segment_counts(b.n, host.size());
+  n_ = model.table().total;
+  counts_ = dist::segment_counts(n_, host.size());
   lo_ = dist::segment_offset(counts_, host.rank());
   hi_ = lo_ + counts_[size_t(host.rank())];
+  if (stage_ >= 2) {
+    units_ = model.units();
+    KILN_CHECK(!units_.empty() && b.offset == lo_ && b.n == hi_ - lo_, "--zero-stage ", stage_,
+               ": the model was not built with this rank's segment (ModelOptions::shard)");
+  }
   AdamWShard shard;
   if (stage_ >= 1) shard = {lo_, hi_};
   adam_ = std::make_unique<AdamW>(model.table(), cfg, b.backend, shard);
@@ -158,18 +221,26 @@ DataParallel::DataParallel(dist::Communicator& host, dist::Communicator& grads, 
   const char* env = std::getenv("KILN_DIST_OVERLAP");
   const bool spare = host.local_size() * (omp_get_max_threads() + 1) <= int(sysconf(_SC_NPROCESSORS_ONLN));
   const bool want = env ? std::string(env) != "0" : spare;
-  if (want && host.size() > 1 && !grads.device_buffers() && grads.thread_serialized() && find_layer_ranges()) {
-    stream_ = std::make_unique<Stream>([this](size_t a, size_t e) { reduce_range(a, e); });
+  const bool can = want && host.size() > 1 && !grads.device_buffers() && grads.thread_serialized();
+  if (stage_ >= 2) {
+    if (can) stream_ = std::make_unique<Stream>();
+    exchange_ = std::make_unique<Exchange>(*this);
+    model.set_shard_exchange(exchange_.get());
+  } else if (can && find_layer_ranges()) {
+    stream_ = std::make_unique<Stream>();
     model.set_layer_grads_hook([this](int l) {
       if (!armed_ || l != next_layer_ - 1) return;  // layers come in descending order
       next_layer_ = l;
-      stream_->push(layer_range_[size_t(l)].first, layer_range_[size_t(l)].second);
+      const auto [a, e] = layer_range_[size_t(l)];
+      stream_->push([this, a, e] { reduce_range(a, e); });
     });
   }
 }
 
 DataParallel::~DataParallel() {
-  if (stream_) model_.set_layer_grads_hook(nullptr);
+  if (stream_ && stage_ < 2) model_.set_layer_grads_hook(nullptr);
+  if (exchange_) model_.set_shard_exchange(nullptr);
+  stream_.reset();  // the thread ends before the exchange it may be running for
 }
 
 size_t DataParallel::optimizer_bytes() const { return adam_->shard_floats() * 2 * sizeof(float); }
@@ -210,6 +281,17 @@ bool DataParallel::find_layer_ranges() {
   return true;
 }
 
+std::vector<size_t> DataParallel::part_counts(size_t begin, size_t end) const {
+  std::vector<size_t> counts(counts_.size());
+  size_t seg = 0;
+  for (size_t r = 0; r < counts_.size(); r++) {
+    const size_t a = std::max(begin, seg), e = std::min(end, seg + counts_[r]);
+    counts[r] = e > a ? e - a : 0;
+    seg += counts_[r];
+  }
+  return counts;
+}
+
 void DataParallel::reduce_range(size_t begin, size_t end) {
   float* g = model_.blocks().grads;
   if (stage_ == 0) {
@@ -218,76 +300,88 @@ void DataParallel::reduce_range(size_t begin, size_t end) {
     return;
   }
   // The range's part of every rank's segment (segments are in rank order, so the parts are too).
-  std::vector<size_t> counts(counts_.size());
-  size_t seg = 0;
-  for (size_t r = 0; r < counts_.size(); r++) {
-    const size_t a = std::max(begin, seg), e = std::min(end, seg + counts_[r]);
-    counts[r] = e > a ? e - a : 0;
-    seg += counts_[r];
+  grads_comm_.reduce_scatter_sum(g + begin, part_counts(begin, end));
+}
+
+void DataParallel::fetch_unit(int u, float* dst) {
+  const auto [ub, ue] = units_[size_t(u)];
+  const ParamBlocks b = model_.blocks();
+  // This rank's part into place, then every part to every rank (in place).
+  const size_t a = std::max(ub, lo_), e = std::min(ue, hi_);
+  if (a < e) {
+    if (b.backend->on_host())
+      std::memcpy(dst + (a - ub), b.params + (a - lo_), (e - a) * sizeof(float));
+    else
+      b.backend->copy_rows(nn::Act{dst + (a - ub)}, int64_t(e - a), nn::Act{b.params + (a - lo_)}, int64_t(e - a), 1,
+                           int64_t(e - a));
   }
-  grads_comm_.reduce_scatter_sum(g + begin, counts);
+  grads_comm_.all_gather(dst, part_counts(ub, ue));
+}
+
+void DataParallel::reduce_unit(int u, float* src) {
+  const auto [ub, ue] = units_[size_t(u)];
+  const ParamBlocks b = model_.blocks();
+  grads_comm_.reduce_scatter_sum(src, part_counts(ub, ue));
+  // This micro-batch's sum over the ranks of this rank's part, added to the step's.
+  const size_t a = std::max(ub, lo_), e = std::min(ue, hi_);
+  if (a < e) b.backend->add(b.grads + (a - lo_), b.grads + (a - lo_), src + (a - ub), int64_t(e - a));
 }
 
 void DataParallel::begin_micro(bool last) {
-  if (!stream_) return;
-  armed_ = stage_ == 2 || last;
+  if (!stream_ || stage_ >= 2) return;
+  armed_ = last;
   next_layer_ = model_.config().n_layer;
 }
 
 void DataParallel::after_backward() {
-  if (host_.size() == 1) return;
-  if (armed_) {
-    // Layers the backward did not report (a rank with no tokens in this micro-batch runs no backward), in the
-    // same descending order as every other rank, then the rest of the block; then wait for the thread.
-    for (int l = next_layer_ - 1; l >= 0; l--) stream_->push(layer_range_[size_t(l)].first, layer_range_[size_t(l)].second);
-    for (const auto& r : rest_ranges_) stream_->push(r.first, r.second);
+  if (stage_ >= 2) {
+    // Every unit's reduction done (the model asked for them during the backward).
+    if (!stream_) return;
     const auto t0 = Clock::now();
     const double busy = stream_->drain(), waited = seconds_since(t0);
     comm_.total += busy;
     comm_.exposed += waited;
     comm_.overlapped += busy;
     comm_.overlap_wait += waited;
-    armed_ = false;
-    reduced_ = true;
-  } else if (stage_ == 2) {
-    // Stage 2 without overlap: the whole block reduce-scattered now.
-    const auto t0 = Clock::now();
-    grads_comm_.reduce_scatter_sum(model_.blocks().grads, counts_);
-    const double secs = seconds_since(t0);
-    comm_.total += secs;
-    comm_.exposed += secs;
-  } else {
     return;
   }
-  // Stage 2: this micro-batch's gradients are now summed into the owners' segments; the other segments are
-  // cleared. The next backward adds its gradients onto both, so the next reduce-scatter sums the owner's
-  // running total with every rank's new contribution: the segment accumulates without a second buffer.
-  if (stage_ == 2) clear_others();
-}
-
-void DataParallel::clear_others() {
-  const ParamBlocks b = model_.blocks();
-  b.backend->memset(b.grads, 0, lo_ * sizeof(float));
-  b.backend->memset(b.grads + hi_, 0, (b.n - hi_) * sizeof(float));
+  if (host_.size() == 1 || !armed_) return;
+  // Layers the backward did not report (a rank with no tokens in this micro-batch runs no backward), in the
+  // same descending order as every other rank, then the rest of the block; then wait for the thread.
+  for (int l = next_layer_ - 1; l >= 0; l--) {
+    const auto [a, e] = layer_range_[size_t(l)];
+    stream_->push([this, a, e] { reduce_range(a, e); });
+  }
+  for (const auto& [a, e] : rest_ranges_) stream_->push([this, a = a, e = e] { reduce_range(a, e); });
+  const auto t0 = Clock::now();
+  const double busy = stream_->drain(), waited = seconds_since(t0);
+  comm_.total += busy;
+  comm_.exposed += waited;
+  comm_.overlapped += busy;
+  comm_.overlap_wait += waited;
+  armed_ = false;
+  reduced_ = true;
 }
 
 void DataParallel::reduce_gradients() {
-  if (host_.size() == 1) return;
-  const bool done = reduced_ || stage_ == 2;  // reduced during (or after) the last backward
+  if (host_.size() == 1 || stage_ >= 2) return;  // 2, 3: reduced unit by unit in every backward
+  const bool done = reduced_;  // reduced during the last backward
   reduced_ = false;
   if (done) return;
   const auto t0 = Clock::now();
-  reduce_range(0, model_.blocks().n);
+  reduce_range(0, n_);
   const double secs = seconds_since(t0);
   comm_.total += secs;
   comm_.exposed += secs;
 }
 
 double DataParallel::grad_norm(float unscale) {
-  if (host_.size() == 1 || stage_ == 0) return adam_->grad_norm(model_.blocks(), unscale);
+  if (host_.size() == 1 && stage_ < 2) return adam_->grad_norm(model_.blocks(), unscale);
+  if (stage_ == 0) return adam_->grad_norm(model_.blocks(), unscale);
   // The segments' squared norms, summed over the ranks (an inf or NaN anywhere reaches every rank).
   const ParamBlocks b = model_.blocks();
-  double sq = hi_ > lo_ ? b.backend->sum_squares(b.grads + lo_, int64_t(hi_ - lo_)) : 0.0;
+  const float* g = b.grads + (lo_ - b.offset);
+  double sq = hi_ > lo_ ? b.backend->sum_squares(g, int64_t(hi_ - lo_)) : 0.0;
   const auto t0 = Clock::now();
   host_.all_reduce_sum(&sq, 1);
   comm_.total += seconds_since(t0);
@@ -298,8 +392,12 @@ double DataParallel::grad_norm(float unscale) {
 void DataParallel::update(float lr, int64_t t, double norm, float unscale) {
   const ParamBlocks b = model_.blocks();
   adam_->update(b, lr, t, norm, unscale, /*zero_grads=*/true);
-  if (stage_ >= 1 && host_.size() > 1) {
-    clear_others();  // the update cleared only this rank's segment of the gradients
+  if (stage_ >= 1 && stage_ <= 2 && host_.size() > 1) {
+    if (stage_ == 1) {
+      // The update cleared only this rank's segment of the whole gradient block.
+      b.backend->memset(b.grads, 0, lo_ * sizeof(float));
+      b.backend->memset(b.grads + hi_, 0, (b.n - hi_) * sizeof(float));
+    }
     gather_params();
   }
 }
@@ -313,33 +411,76 @@ DataParallel::CommTime DataParallel::take_comm_seconds() {
 }
 
 void DataParallel::gather_params() {
+  // Stage 1: the whole block; stage 2: blocks() is the segment of the model's whole parameter block.
   const ParamBlocks b = model_.blocks();
+  float* params = b.params - b.offset;
+  uint16_t* params16 = b.params16 ? b.params16 - b.offset : nullptr;
   const auto t0 = Clock::now();
-  grads_comm_.all_gather(b.params, counts_);
+  grads_comm_.all_gather(params, counts_);
   const double secs = seconds_since(t0);
   comm_.total += secs;
   comm_.exposed += secs;
   // The 16-bit copy the products read: refreshed from the gathered fp32 weights (the update wrote only this
   // rank's segment of it).
-  if (b.params16) b.backend->to_lowp(b.params16, b.params, int64_t(b.n), *b.backend->lowp());
+  if (params16) b.backend->to_lowp(params16, params, int64_t(n_), *b.backend->lowp());
 }
 
-void DataParallel::gather_optimizer(AdamW& full) {
+void DataParallel::gather_host_params() {
+  if (stage_ < 3) return;
+  // Segment by segment to rank 0 (as gather_optimizer): only rank 0 makes the whole-block host copy.
+  const bool root = host_.rank() == 0;
+  float* full = nullptr;
+  if (root) {
+    model_.sync_to_host();  // its own segment
+    full = model_.host_params();
+  }
+  std::vector<float> part;
+  for (int r = 1; r < host_.size(); r++) {
+    const size_t off = dist::segment_offset(counts_, r), cnt = counts_[size_t(r)];
+    if (cnt == 0) continue;
+    float* dst = full ? full + off : nullptr;
+    if (!root) {
+      part.resize(cnt);
+      dst = part.data();
+      if (r == host_.rank()) {
+        const ParamBlocks b = model_.blocks();
+        b.backend->download(dst, b.params, cnt * sizeof(float));
+      }
+    }
+    host_.broadcast(dst, cnt * sizeof(float), r);
+  }
+}
+
+void DataParallel::gather_optimizer(AdamW* full) {
   adam_->sync_to_host();
+  const bool root = host_.rank() == 0;
   if (!adam_->sharded()) {
-    if (host_.rank() == 0) {
-      std::copy_n(adam_->m(), adam_->num_floats(), full.m());
-      std::copy_n(adam_->v(), adam_->num_floats(), full.v());
+    if (root) {
+      std::copy_n(adam_->m(), adam_->num_floats(), full->m());
+      std::copy_n(adam_->v(), adam_->num_floats(), full->v());
     }
     return;
   }
-  // Each rank's moments into its segment of a whole-block buffer, all-gathered over the host communicator
-  // (rank 0 keeps the result; the others' copies are dropped with `full`).
-  for (int which = 0; which < 2; which++) {
-    float* dst = which == 0 ? full.m() : full.v();
-    const float* src = which == 0 ? adam_->m() : adam_->v();
-    std::copy_n(src, hi_ - lo_, dst + lo_);
-    host_.all_gather(dst, counts_);
+  // Segment by segment: rank r broadcasts its moments and rank 0 keeps them, so no rank but 0 ever holds more
+  // than its own part (a broadcast, not a point-to-point send: the communicator's collectives suffice).
+  std::vector<float> part;
+  for (int r = 0; r < host_.size(); r++) {
+    const size_t off = dist::segment_offset(counts_, r), cnt = counts_[size_t(r)];
+    if (cnt == 0) continue;
+    for (int which = 0; which < 2; which++) {
+      float* src = which == 0 ? adam_->m() : adam_->v();
+      float* dst = nullptr;
+      if (root) dst = (which == 0 ? full->m() : full->v()) + off;
+      if (r == host_.rank()) {
+        if (root) std::copy_n(src, cnt, dst);
+        host_.broadcast(src, cnt * sizeof(float), r);
+      } else if (root) {
+        host_.broadcast(dst, cnt * sizeof(float), r);
+      } else {
+        part.resize(cnt);
+        host_.broadcast(part.data(), cnt * sizeof(float), r);
+      }
+    }
   }
 }
 

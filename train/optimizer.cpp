@@ -51,8 +51,8 @@ double AdamW::grad_norm(const float* grads, float unscale) const {
 }
 
 double AdamW::grad_norm(const ParamBlocks& b, float unscale) const {
-  if (!be_) return grad_norm(b.grads, unscale);
-  return std::sqrt(b.backend->sum_squares(b.grads, int64_t(table_.total))) * double(unscale);
+  if (!be_ && b.n == table_.total) return grad_norm(b.grads, unscale);
+  return std::sqrt(b.backend->sum_squares(b.grads, int64_t(b.n))) * double(unscale);
 }
 
 AdamWHyper adamw_hyper(const AdamWConfig& cfg, const ParamSpec& spec, float lr, int64_t t, double norm,
@@ -84,14 +84,18 @@ void AdamW::update(float* params, float* grads, float lr, int64_t t, double norm
 }
 
 void AdamW::update(const ParamBlocks& b, float lr, int64_t t, double norm, float unscale, bool zero_grads) {
-  KILN_CHECK(b.n == table_.total, "AdamW: parameter block of ", b.n, " floats, the table has ", table_.total);
+  // The blocks hold floats [b.offset, b.offset + b.n) of the table's layout (a sharded model: its segment), which
+  // must cover the shard.
+  KILN_CHECK(b.offset <= lo_ && b.offset + b.n >= hi_ && b.offset + b.n <= table_.total, "AdamW: parameter block of ",
+             b.n, " floats at ", b.offset, " does not cover the shard [", lo_, ", ", hi_, ") of ", table_.total);
   for (const ParamSpec& s : table_.specs) {
     if (!s.trainable) continue;  // (its gradient is zero)
     // The part of this tensor inside the shard (the update is elementwise, so a tensor may be cut anywhere).
     const size_t a = std::max(size_t(s.offset), lo_), e = std::min(size_t(s.offset) + size_t(s.numel()), hi_);
     if (a >= e) continue;
     const AdamWHyper h = adamw_hyper(cfg_, s, lr, t, norm, unscale, zero_grads);
-    b.backend->adamw_update(b.params + a, b.params16 ? b.params16 + a : nullptr, b.grads + a, dm_ + (a - lo_),
+    const size_t at = a - b.offset;
+    b.backend->adamw_update(b.params + at, b.params16 ? b.params16 + at : nullptr, b.grads + at, dm_ + (a - lo_),
                             dv_ + (a - lo_), int64_t(e - a), h);
   }
 }

@@ -21,6 +21,7 @@
 #include "core/file_io.h"
 #include "core/gpu.h"
 #include "models/checkpoint.h"
+#include "models/family.h"
 #include "models/model.h"
 #include "train/checkpoint_dir.h"
 #include "train/data_parallel.h"
@@ -98,22 +99,28 @@ double evaluate(Model& model, BatchSource& val, int batches, Batch& batch, dist:
   for (int i = 0; i < batches; i++) {
     val.next(batch);
     take_share(batch, comm.rank(), comm.size(), local);
-    if (local.n_tokens > 0) sum += forward(model, local, 0.0f);
+    if (local.n_tokens > 0)
+      sum += forward(model, local, 0.0f);
+    else
+      model.idle_pass(false);  // a sharded model's collectives (ZeRO 2, 3), which every rank makes
     n += batch.count_targets();
   }
   comm.all_reduce_sum(&sum, 1);
   return n ? sum / double(n) : 0.0;
 }
 
-// A checkpoint in the single-process format, written by rank 0 (the optimizer state gathered to it first);
-// a failure to write it stops every rank.
+// A checkpoint in the single-process format, written by rank 0 (the optimizer state gathered to it first,
+// segment by segment, and at stage 3 the parameters); a failure to write it stops every rank.
 void save_checkpoint(const TrainOptions& opt, Model& model, DataParallel& dp, const TrainState& st,
                      dist::Communicator& comm) {
-  model.sync_to_host();
+  if (dp.stage() >= 3)
+    dp.gather_host_params();
+  else
+    model.sync_to_host();
   std::unique_ptr<AdamW> full;
   if (dp.optimizer().sharded()) {
-    full = std::make_unique<AdamW>(model.table(), opt.adamw);
-    dp.gather_optimizer(*full);
+    if (comm.rank() == 0) full = std::make_unique<AdamW>(model.table(), opt.adamw);
+    dp.gather_optimizer(full.get());
   } else {
     dp.optimizer().sync_to_host();
   }
@@ -124,6 +131,7 @@ void save_checkpoint(const TrainOptions& opt, Model& model, DataParallel& dp, co
     } catch (const Error& e) {
       error = e.what();
     }
+  model.drop_host_params();  // stage 3: the whole-block copy was for the checkpoint only
   dist::agree_on_error(comm, error);
 }
 
@@ -244,8 +252,6 @@ double train(const TrainOptions& opt, dist::Communicator& comm) {
     validate(opt);
     KILN_CHECK(opt.zero_stage >= 0 && opt.zero_stage <= 3, "--zero-stage must be 0, 1, 2 or 3 (got ",
                opt.zero_stage, ")");
-    KILN_CHECK(opt.zero_stage != 3, "--zero-stage 3 (parameters sharded layer by layer) is not implemented yet; "
-               "use 0, 1 or 2");
     const bool rows = !opt.packing && opt.batching != "packed";
     KILN_CHECK(!rows || opt.batch % ranks == 0, "--batch ", opt.batch, " (the global batch) does not divide over ",
                ranks, " ranks");
@@ -296,6 +302,8 @@ double train(const TrainOptions& opt, dist::Communicator& comm) {
     }
     const double rss0 = resident_bytes();
     mopt.mtp_lambda = opt.mtp_lambda;
+    // ZeRO 2, 3: the model holds this rank's segment of the gradients (and parameters) only.
+    mopt.shard = DataParallel::shard_options(model_param_table(cfg), opt.zero_stage, rank, ranks);
     model = make_model(cfg, mopt);
     model->set_seq_aux_alpha(opt.seq_aux_alpha);
     dp = std::make_unique<DataParallel>(comm, nccl ? *nccl : comm, *model, opt.adamw, opt.zero_stage);
@@ -330,7 +338,6 @@ double train(const TrainOptions& opt, dist::Communicator& comm) {
                  info.emulated ? " [SIMT emulator]" : "");
   }
   const size_t act_bytes = model->plan(B_local, T, RecomputePolicy::parse(opt.recompute), opt.lm_head_chunk);
-  const size_t n_floats = model->table().total;
   if (root && device.cuda)
     std::fprintf(stderr,
                  "kiln train: %s, %.2fM parameters | GPU memory plan: weights+bf16 copy+grads %.1f MB, "
@@ -339,11 +346,11 @@ double train(const TrainOptions& opt, dist::Communicator& comm) {
                  double(act_bytes) / MB);
   else if (root)
     std::fprintf(stderr,
-                 "kiln train: %s, %.2fM parameters | memory plan: weights %.1f MB, grads %.1f MB, AdamW %.1f MB, "
-                 "activations %.1f MB%s\n",
-                 cfg.family.c_str(), double(cfg.num_params()) / 1e6, n_floats * 4 / MB, n_floats * 4 / MB,
-                 double(dp->optimizer_bytes()) / MB, double(act_bytes) / MB,
-                 opt.dtype == "fp32" ? "" : str(", 16-bit weight copies ", n_floats * 2 / MB, " MB").c_str());
+                 "kiln train: %s, %.2fM parameters | memory plan: weights, grads%s %.1f MB, AdamW %.1f MB, "
+                 "activations %.1f MB (per rank)\n",
+                 cfg.family.c_str(), double(cfg.num_params()) / 1e6,
+                 opt.dtype == "fp32" ? "" : ", 16-bit weight copies", double(model->state_bytes()) / MB,
+                 double(dp->optimizer_bytes()) / MB, double(act_bytes) / MB);
   if (ranks > 1) {
     // Measured per-rank state (resident growth over building the model and its optimizer part), largest rank.
     std::vector<double> per(size_t(ranks), 0.0);
@@ -353,7 +360,8 @@ double train(const TrainOptions& opt, dist::Communicator& comm) {
       std::fprintf(stderr, "kiln train: %d ranks (%s%s), ZeRO stage %d, global batch %d, reduction %s | state per "
                    "rank measured %.1f MB (largest rank; weights, grads, optimizer part)\n",
                    ranks, comm.name().c_str(), nccl ? " + nccl" : "", opt.zero_stage, B,
-                   dp->overlapping() ? "overlapped with the backward" : "after the backward",
+                   dp->overlapping() ? "overlapped with the backward"
+                   : opt.zero_stage >= 2 ? "unit by unit as the model asks" : "after the backward",
                    *std::max_element(per.begin(), per.end()) / MB);
   } else if (std::getenv("KILN_REPORT_STATE_MEMORY")) {
     std::fprintf(stderr, "kiln train: state measured %.1f MB\n", state_measured / MB);
@@ -434,6 +442,8 @@ double train(const TrainOptions& opt, dist::Communicator& comm) {
         const auto mp = model->loss_parts();
         for (size_t j = 0; j < mp.size() && j < parts.size(); j++) parts[j].second += mp[j].second;
         model->backward();
+      } else {
+        model->idle_pass(true);  // a sharded model's collectives (ZeRO 2, 3), which every rank makes
       }
       if (last_micro && (inject_every || inject_at == step + 1) && root) {
         // Test hook: one infinite gradient (the overflow path of loss scaling), before it is reduced: the
@@ -548,7 +558,7 @@ double train(const TrainOptions& opt, dist::Communicator& comm) {
                  double(model->state_bytes() + act_bytes) / MB);
   else
     std::fprintf(stderr, "kiln train: done, final loss %.4f, peak memory %.1f MB (planned %.1f MB)\n", loss,
-                 peak_rss_mb(), (n_floats * (opt.dtype == "fp32" ? 8 : 10) + dp->optimizer_bytes() + act_bytes) / MB);
+                 peak_rss_mb(), double(model->state_bytes() + dp->optimizer_bytes() + act_bytes) / MB);
   return loss;
 }
 

@@ -2,9 +2,11 @@
 
 The peer is kiln itself on one process (the single-process trainer is checked against PyTorch by
 train_vs_torch.py); what this test shows is that splitting the global batch over 2 and 3 ranks, summing the
-gradients over them (ZeRO stages 0, 1, 2) and resuming across different rank counts changes nothing but the
-order of floating-point sums: per-step losses within 1e-6 (stages 0, 1; 1e-5 at stage 2, whose micro-batch
-gradients are reduced one by one, summed in another order), final weights within 1e-5 relative.
+gradients over them (ZeRO stages 0-3: stage 2 with sharded gradients, stage 3 also with parameters gathered
+layer by layer) and resuming across different rank counts and stages changes nothing but the order of
+floating-point sums: per-step losses within 1e-6 (stages 0, 1; 1e-5 at stages 2 and 3, where each
+micro-batch's gradient is summed over the ranks before it is added to the step's, where one process adds the
+micro-batches inside the products), final weights within 1e-5 relative.
 Then the faults: a rank killed mid-step ends the job in bounded time naming the rank, the last checkpoint
 is intact and --resume continues the curve; a rank that cannot open its data, ranks that disagree about the
 data, --zero-stage 4 and a global batch the ranks do not divide each give one line from rank 0 and a non-zero
@@ -101,7 +103,7 @@ la, wa = losses(ref), weights(ref)
 check(len(la) == STEPS, f"reference: {len(la)} steps, final loss {la[-1]:.6f}")
 
 for ranks in (2, 3):
-    for stage in (0, 1, 2):
+    for stage in (0, 1, 2, 3):
         out, r, _ = run(ranks, f"r{ranks}z{stage}", ["--zero-stage", str(stage)])
         if r.returncode != 0:
             check(False, f"{ranks} ranks stage {stage}: exit {r.returncode}: {r.stderr[-500:]}")
@@ -120,7 +122,8 @@ for ranks in (2, 3):
 # rank 0 only: every rank skips that step (weights within 1e-4 here: a master weight that differs in its
 # last bits can round to another fp16 copy, and the products then differ by an fp16 step).
 # With recomputation (the layers' gradients then complete inside the recomputed segments).
-for ranks, stage, rc in ((2, 0, "block"), (3, 1, "every:2"), (2, 2, "none")):
+# Stage 3 gathers each layer's parameters on that thread too, the next layer's while the current one computes.
+for ranks, stage, rc in ((2, 0, "block"), (3, 1, "every:2"), (2, 2, "none"), (2, 3, "every:2"), (3, 3, "block")):
     out, r, _ = run(ranks, f"overlap_r{ranks}z{stage}", ["--zero-stage", str(stage), "--recompute", rc],
                     hook={"KILN_DIST_OVERLAP": "1"})
     lb = losses(out) if r.returncode == 0 else []
@@ -132,7 +135,7 @@ for ranks, stage, rc in ((2, 0, "block"), (3, 1, "every:2"), (2, 2, "none")):
 fp16 = ["--dtype", "fp16", "--initial-loss-scale", "1024"]
 f_ref, r, _ = run(1, "fp16_ref", fp16, hook={"KILN_TEST_OVERFLOW_AT_STEP": "3"})
 assert r.returncode == 0, r.stderr
-for ranks, stage in ((2, 0), (2, 1)):
+for ranks, stage in ((2, 0), (2, 1), (2, 3)):
     out, r, _ = run(ranks, f"fp16_r{ranks}z{stage}", fp16 + ["--zero-stage", str(stage)],
                     hook={"KILN_TEST_OVERFLOW_AT_STEP": "3"})
     m = [json.loads(l) for l in open(out + ".jsonl")] if r.returncode == 0 else []
@@ -157,53 +160,73 @@ fam_cfgs = {
                   "moe_intermediate_size": 12, "norm_topk_prob": True, "decoder_sparse_step": 1,
                   "mlp_only_layers": [1]},
 }
-# The MoE run also has the sequence-wise balance loss on and its selection bias following the expert load,
-# which must be the load summed over the ranks for every rank's bias to stay the single process's.
+# DeepSeek-V3: latent attention, DeepSeekMoE with the selection bias from layer 1 on, a multi-token-prediction
+# module (sharded storage keeps it with the final norm and head).
+fam_cfgs["deepseek_v3"] = {
+    "model_type": "deepseek_v3", "hidden_size": 32, "num_attention_heads": 2, "num_key_value_heads": 2,
+    "num_hidden_layers": 3, "intermediate_size": 48, "vocab_size": 97, "max_position_embeddings": 32,
+    "rms_norm_eps": 1e-5, "rope_theta": 10000.0, "hidden_act": "silu", "tie_word_embeddings": False,
+    "q_lora_rank": 16, "kv_lora_rank": 16, "qk_nope_head_dim": 8, "qk_rope_head_dim": 8, "v_head_dim": 8,
+    "head_dim": 8, "rope_interleave": True, "num_nextn_predict_layers": 1, "first_k_dense_replace": 1,
+    "n_routed_experts": 8, "n_group": 4, "topk_group": 2, "num_experts_per_tok": 2, "n_shared_experts": 1,
+    "moe_intermediate_size": 8, "routed_scaling_factor": 2.5, "norm_topk_prob": True, "topk_method": "noaux_tc",
+    "scoring_func": "sigmoid"}
+# The MoE runs also have the sequence-wise balance loss on and the selection bias following the expert load,
+# which must be the load summed over the ranks for every rank's bias to stay the single process's (at stage 3
+# each rank moves its segment of the bias).
 for fam, fc in fam_cfgs.items():
     path = os.path.join(work, fam + ".json")
     json.dump(fc, open(path, "w"))
-    fx = ["--seq-aux-alpha", "0.01", "--bias-update-speed", "0.01"] if fam == "qwen3_moe" else []
+    fx = ["--seq-aux-alpha", "0.01", "--bias-update-speed", "0.01"] if fam != "llama" else []
     fref, r, _ = run(1, f"{fam}_ref", fx, model=path)
     assert r.returncode == 0, r.stderr
-    out, r, _ = run(2, f"{fam}_r2", fx + ["--zero-stage", "1"], hook={"KILN_DIST_OVERLAP": "1"}, model=path)
-    lb = losses(out) if r.returncode == 0 else []
-    dl = max(abs(x - y) for x, y in zip(losses(fref), lb)) if len(lb) == STEPS else 1
-    dw = rel_diff(weights(fref), weights(out)) if r.returncode == 0 else 1
-    check(dl <= 1e-6 and dw <= 1e-5, f"{fam}, 2 ranks, ZeRO 1, overlapped: max loss diff {dl:.2e}, weights {dw:.2e}")
+    for ranks, stage in ((2, 1), (2, 3), (3, 2)) if fam != "deepseek_v3" else ((2, 3), (3, 3)):
+        out, r, _ = run(ranks, f"{fam}_r{ranks}z{stage}", fx + ["--zero-stage", str(stage)],
+                        hook={"KILN_DIST_OVERLAP": "1"}, model=path)
+        lb = losses(out) if r.returncode == 0 else []
+        dl = max(abs(x - y) for x, y in zip(losses(fref), lb)) if len(lb) == STEPS else 1
+        dw = rel_diff(weights(fref), weights(out)) if r.returncode == 0 else 1
+        tol = 1e-6 if stage < 2 else 1e-5
+        check(dl <= tol and dw <= 1e-5,
+              f"{fam}, {ranks} ranks, ZeRO {stage}, overlapped: max loss diff {dl:.2e}, weights {dw:.2e}")
 
 # Evaluation: each rank takes its share of every validation batch.
 val = ["--val-data", other, "--eval-every", "4", "--val-batches", "3"]
 vref, r, _ = run(1, "val_ref", val)
 assert r.returncode == 0, r.stderr
 vals = lambda out: [json.loads(l)["val_loss"] for l in open(out + ".jsonl") if "val_loss" in l]
-for ranks in (2, 3):
-    out, r, _ = run(ranks, f"val_r{ranks}", val + ["--zero-stage", "1"])
+for ranks, stage in ((2, 1), (3, 1), (3, 3)):
+    out, r, _ = run(ranks, f"val_r{ranks}z{stage}", val + ["--zero-stage", str(stage)])
     va, vb = vals(vref), vals(out) if r.returncode == 0 else []
     dv = max(abs(x - y) for x, y in zip(va, vb)) if len(vb) == len(va) == 2 else 1
-    check(dv <= 1e-6, f"evaluation on {ranks} ranks: val losses {vb}, max diff {dv:.2e}")
+    check(dv <= (1e-6 if stage < 2 else 1e-5), f"evaluation on {ranks} ranks, ZeRO {stage}: val losses {vb}, max diff {dv:.2e}")
 
 # Packed batches: whole documents, each rank a contiguous run of them (fewer tokens on some ranks).
 pref, r, _ = run(1, "packed_ref", ["--batching", "packed"], data=packed)
 assert r.returncode == 0, r.stderr
 lp, wp = losses(pref), weights(pref)
-for ranks, stage in ((2, 1), (3, 0)):
-    out, r, _ = run(ranks, f"packed_r{ranks}", ["--batching", "packed", "--zero-stage", str(stage)], data=packed)
+# At stage 3 with 6 ranks some rank's share of a micro-batch is empty: it makes the collectives of a forward and
+# backward without computing (Model::idle_pass).
+for ranks, stage in ((2, 1), (3, 0), (3, 3), (6, 3)):
+    out, r, _ = run(ranks, f"packed_r{ranks}z{stage}", ["--batching", "packed", "--zero-stage", str(stage)], data=packed)
     lb = losses(out) if r.returncode == 0 else []
     dl = max(abs(x - y) for x, y in zip(lp, lb)) if len(lb) == STEPS else 1
     dw = rel_diff(wp, weights(out)) if r.returncode == 0 else 1
-    check(dl <= 1e-6 and dw <= 1e-5, f"packed, {ranks} ranks, ZeRO {stage}: max loss diff {dl:.2e}, weights {dw:.2e}")
+    check(dl <= (1e-6 if stage < 2 else 1e-5) and dw <= 1e-5, f"packed, {ranks} ranks, ZeRO {stage}: max loss diff {dl:.2e}, weights {dw:.2e}")
 
 # Resume across rank counts: all ranks killed after step 6 (last checkpoint: step 4), resumed on the other N.
-for first, second, stage in ((2, 1, 1), (1, 2, 1), (3, 2, 0)):
-    name = f"resume{first}to{second}"
+# Stage 3 too, and across stages (a stage-3 checkpoint resumed at stage 1 and the reverse).
+for first, second, stage, stage2 in ((2, 1, 1, 1), (1, 2, 1, 1), (3, 2, 0, 0), (2, 1, 3, 3), (1, 2, 3, 3),
+                                     (3, 2, 3, 1), (2, 3, 1, 3)):
+    name = f"resume{first}z{stage}to{second}z{stage2}"
     out, r, _ = run(first, name, ["--zero-stage", str(stage)], hook={"KILN_TEST_KILL_AT_STEP": "6"})
     check(r.returncode != 0 and os.path.realpath(os.path.join(out, "latest")).endswith("step_00000004"),
           f"{name}: killed after step 6, latest is step 4")
-    out, r, _ = run(second, name, ["--zero-stage", str(stage)], resume=True)
+    out, r, _ = run(second, name, ["--zero-stage", str(stage2)], resume=True)
     lb = losses(out)
     dl = max(abs(x - y) for x, y in zip(la, lb)) if len(lb) == STEPS else 1
     dw = rel_diff(wa, weights(out)) if r.returncode == 0 else 1
-    check(r.returncode == 0 and dl <= 1e-6 and dw <= 1e-5,
+    check(r.returncode == 0 and dl <= (1e-6 if max(stage, stage2) < 2 else 1e-5) and dw <= 1e-5,
           f"{name}: {first} ranks resumed on {second}: {len(lb)} steps, max loss diff {dl:.2e}, weights {dw:.2e}")
 
 # A rank killed mid-step (after its backward, before the reduction): mpirun ends the job, naming the rank

@@ -84,6 +84,8 @@ void memory_plan(const MemoryOptions& o) {
   const double w = mixed ? 2 : 4, g = mixed ? 2 : 4, opt = mixed ? 12 : 8;
   const double acts = double(plan_memory(cfg, false, int64_t(o.batch) * o.seq, policy, o.lm_head_chunk).activations);
   const double n = o.ranks;
+  // DeepSpeed's formulas (Rajbhandari et al., ZeRO, Figure 1, K = 12 for mixed-precision Adam): stage 1 the
+  // optimizer states / N, stage 2 also the gradients / N, stage 3 also the parameters / N.
   auto per_rank = [&](int stage) {
     double ww = psi * w, gg = psi * g, oo = psi * opt;
     if (stage >= 1) oo /= n;
@@ -91,6 +93,10 @@ void memory_plan(const MemoryOptions& o) {
     if (stage >= 3) ww /= n;
     return std::array<double, 3>{ww, gg, oo};
   };
+  // Beside them, what a sharded model works in (stages 2, 3; models/model.h ShardOptions): the gradient
+  // buffers of the embeddings, the final norm and head, and two layers; at stage 3 their parameter buffers too
+  // (the partitioned stages' analogue of DeepSpeed's reduce and prefetch buckets).
+  auto buffers = [&](int stage) { return double(shard_buffer_bytes(cfg, stage, mixed)); };
   const double MB = 1024.0 * 1024.0;
   // What kiln itself allocates on one process: fp32 weights, gradients and both moments, plus the 16-bit
   // weight copies in mixed precision (kiln keeps fp32 gradients on the CPU).
@@ -103,7 +109,7 @@ void memory_plan(const MemoryOptions& o) {
   for (int s = 0; s <= 3; s++) {
     auto [ww, gg, oo] = per_rank(s);
     j["zero" + std::to_string(s)] = {{"weights_bytes", ww}, {"gradients_bytes", gg}, {"optimizer_bytes", oo},
-                                     {"total_bytes", ww + gg + oo + acts}};
+                                     {"buffers_bytes", buffers(s)}, {"total_bytes", ww + gg + oo + buffers(s) + acts}};
   }
   if (o.json) {
     std::printf("%s\n", j.dump().c_str());
@@ -116,15 +122,17 @@ void memory_plan(const MemoryOptions& o) {
   if (cfg.has_moe())
     std::printf("  active per token %.2fM parameters (top %d of %d routed experts)\n", double(cfg.active_params()) / 1e6,
                 cfg.moe_top_k, cfg.n_experts);
-  std::printf("  weights      %10.1f MB\n  gradients    %10.1f MB\n  optimizer    %10.1f MB\n  activations  %10.1f MB\n"
-              "  total        %10.1f MB  (ZeRO stage %d over %d ranks, per rank)\n",
-              ww / MB, gg / MB, oo / MB, acts / MB, (ww + gg + oo + acts) / MB, o.zero_stage, o.ranks);
+  const double bb = buffers(o.zero_stage);
+  std::printf("  weights      %10.1f MB\n  gradients    %10.1f MB\n  optimizer    %10.1f MB\n", ww / MB, gg / MB, oo / MB);
+  if (bb > 0) std::printf("  buffers      %10.1f MB  (a sharded model's per-unit working buffers)\n", bb / MB);
+  std::printf("  activations  %10.1f MB\n  total        %10.1f MB  (ZeRO stage %d over %d ranks, per rank)\n",
+              acts / MB, (ww + gg + oo + bb + acts) / MB, o.zero_stage, o.ranks);
   std::printf("  kiln on one process (fp32 gradients and moments%s): %.1f MB\n",
               mixed ? ", fp32 master + 16-bit weight copies" : "", (kiln_state + acts) / MB);
-  std::printf("  per rank by ZeRO stage (paper's accounting):");
+  std::printf("  per rank by ZeRO stage (paper's accounting, plus the working buffers):");
   for (int s = 0; s <= 3; s++) {
     auto [a, b, c] = per_rank(s);
-    std::printf("  %d: %.1f MB", s, (a + b + c + acts) / MB);
+    std::printf("  %d: %.1f MB", s, (a + b + c + buffers(s) + acts) / MB);
   }
   std::printf("\n");
   print_cache(cache_per_token(cfg, 4));
