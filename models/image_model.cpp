@@ -104,7 +104,11 @@ class DiTImage final : public ImageModel {
 class ViTImage final : public ImageModel {
  public:
   ViTImage(const ViTConfig& c, const ImageModelOptions& opt)
-      : be_(backend_for(opt, "vit")), m_(c, *be_, opt.with_grads) {}
+      : be_(backend_for(opt, "vit")), m_(c, *be_, opt.with_grads) {
+    KILN_CHECK(opt.label_smoothing >= 0 && opt.label_smoothing < 1, "--label-smoothing ", opt.label_smoothing,
+               ": must be in [0, 1)");
+    m_.set_label_smoothing(opt.label_smoothing);
+  }
   std::string type() const override { return "vit"; }
   std::string config_json() const override { return m_.config().to_json(); }
   ImageGeometry geometry() const override {

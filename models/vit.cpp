@@ -1,6 +1,7 @@
 // The ViT classifier (models/vit.h).
 #include "models/vit.h"
 
+#include <algorithm>
 #include <cmath>
 #include <cstring>
 #include <nlohmann/json.hpp>
@@ -193,6 +194,25 @@ double ViT::forward(float* logits, float* features, const float* images, const i
   if (!labels) return 0;
   for (int b = 0; b < B; b++)
     KILN_CHECK(labels[b] >= 0 && labels[b] < K, "ViT: label ", labels[b], " of image ", b, " out of range");
+  if (smoothing_ > 0) {
+    // Smoothed targets on the host (B·K values): loss −Σ_k t_k·log p_k, its gradient (p − t)/B into logits_.
+    std::vector<float> g(size_t(B) * K);
+    double s = 0;
+    for (int b = 0; b < B; b++) {
+      const float* l = logits + int64_t(b) * K;
+      const float mx = *std::max_element(l, l + K);
+      double z = 0;
+      for (int k = 0; k < K; k++) z += std::exp(double(l[k] - mx));
+      const double lz = std::log(z) + mx;
+      for (int k = 0; k < K; k++) {
+        const double t = (k == labels[b] ? 1.0 - smoothing_ : 0.0) + smoothing_ / K;
+        s -= t * (double(l[k]) - lz);
+        g[size_t(b) * K + k] = float((std::exp(double(l[k]) - lz) - t) / B);
+      }
+    }
+    if (with_grads_) be_.upload(logits_.p, g.data(), g.size() * 4);
+    return s / B;
+  }
   be_.upload(targets_, labels, size_t(B) * 4);
   // The logits become their gradient of the mean loss.
   be_.softmax_crossentropy(logits_, losses_, targets_, B, K, K, with_grads_ ? 1.0f / float(B) : 0.0f);

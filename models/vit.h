@@ -43,8 +43,11 @@ class ViT {
   // backward(); without, returns 0.
   double forward(float* logits, float* features, const float* images, const int32_t* labels, int B);
   void backward();
+  // Label smoothing ε of the training loss: targets (1 − ε)·onehot + ε/classes (0: plain cross-entropy).
+  void set_label_smoothing(float eps) { smoothing_ = eps; }
 
  private:
+  float smoothing_ = 0;
   void carve(nn::Workspace& ws, int B);
   ViTConfig cfg_;
   nn::Backend& be_;

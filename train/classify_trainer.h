@@ -9,14 +9,15 @@
 #include <vector>
 
 #include "models/image_model.h"
+#include "train/diffusion_trainer.h"
 #include "train/trainer.h"
 
 namespace kiln {
 
 // TrainOptions supplies model (a config.json of a classify or density model, or empty for the default vit), data, batch, steps, lr,
-// min_lr, lr_schedule, warmup, adamw, seed, threads, out, metrics, eval_every, progress. Returns the test (or val)
-// accuracy.
-double train_classifier(const TrainOptions& opt);
+// min_lr, lr_schedule, warmup, adamw, seed, threads, out, metrics, eval_every, progress; img its augment and
+// label_smoothing. Returns the test (or val) accuracy.
+double train_classifier(const TrainOptions& opt, const ImageTrainOptions& img = {});
 
 class ImageJudge {
  public:

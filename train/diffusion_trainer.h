@@ -23,6 +23,9 @@ struct ImageTrainOptions {
   std::string flow_t = "uniform";  // flow: uniform | logit-normal
   float ema_decay = 0.999f;
   float label_dropout = 0.1f;      // labels replaced by the null class (classifier-free guidance)
+  // classify: training augmentation (train/images.h's Augment) and label smoothing.
+  std::string augment = "none";
+  float label_smoothing = 0;
 };
 
 // TrainOptions supplies: model (a DiT preset such as DiT-S/2, or a config.json / directory with one; image size,

@@ -108,6 +108,12 @@ kiln::cli::Command train_cmd("train", [](CLI::App& root) {
   c->add_option("--label-dropout", img->label_dropout,
                 "Image models: probability a label is replaced by the null class (classifier-free guidance)")
       ->capture_default_str();
+  c->add_option("--augment", img->augment,
+                "--objective classify: none, or a comma list of crop:K (random shift by up to K pixels) and flip "
+                "(random left-right mirror)")
+      ->capture_default_str();
+  c->add_option("--label-smoothing", img->label_smoothing, "--objective classify: label smoothing epsilon")
+      ->capture_default_str();
   c->add_option("--flow-t", img->flow_t, "--objective flow: uniform or logit-normal t")->capture_default_str();
   c->callback([opt, img, objective] {
     if (*objective == "lm") {
@@ -118,7 +124,7 @@ kiln::cli::Command train_cmd("train", [](CLI::App& root) {
       }
       return;
     }
-    if (*objective == "classify") return (void)kiln::train_classifier(*opt);
+    if (*objective == "classify") return (void)kiln::train_classifier(*opt, *img);
     img->objective = *objective;
     kiln::train_images(*opt, *img);
   });
