@@ -187,7 +187,15 @@ DiT::DiT(const DiTConfig& cfg, nn::Backend& be, bool with_grads)
     grads_ = nn::DeviceBlock(be, table_.total * 4, "DiT gradients");
     be.memset(grads_.data(), 0, table_.total * 4);
   }
+  if (be.lowp()) {
+    params16_ = nn::DeviceBlock(be, table_.total * 2, "DiT 16-bit weights");
+    be.memset(params16_.data(), 0, table_.total * 2);
+  }
   bind();
+}
+
+void DiT::params_changed() {
+  if (be_.lowp()) be_.to_lowp(params16(), params(), int64_t(table_.total), *be_.lowp());
 }
 
 DiT::~DiT() = default;
@@ -196,11 +204,13 @@ void DiT::bind() {
   const int D = cfg_.hidden, F = cfg_.mlp_ratio * D;
   float* P = params();
   float* G = with_grads_ ? grads() : nullptr;
+  uint16_t* P16 = params16();
   auto at = [&](const std::string& n) { return P + table_.get_key(n).offset; };
   auto gat = [&](const std::string& n) { return G ? G + table_.get_key(n).offset : nullptr; };
   auto weight = [&](const std::string& w, const std::string& b, int in, int out) {
     nn::Weight x;
     x.w = at(w), x.b = at(b), x.dw = gat(w), x.db = gat(b), x.in = in, x.out = out, x.layout = nn::Layout::OutIn;
+    if (P16) x.w16 = P16 + table_.get_key(w).offset;
     return x;
   };
   x_emb_ = weight("x_embedder.proj.weight", "x_embedder.proj.bias", cfg_.patch_dim(), D);
@@ -246,6 +256,7 @@ void DiT::init_random(uint64_t seed) {
     }
   }
   be_.upload(params(), h.data(), h.size() * 4);
+  params_changed();
 }
 
 void DiT::zero_grad() {

@@ -55,8 +55,7 @@ namespace {
 
 std::unique_ptr<nn::Backend> backend_for(const ImageModelOptions& opt, const char* family) {
   KILN_CHECK(!opt.cuda, "a ", family, " model runs on the CPU for now (--device cpu)");
-  KILN_CHECK(!opt.lowp, "a ", family, " model trains in fp32 for now (--dtype fp32)");
-  return nn::make_cpu_backend();
+  return nn::make_cpu_backend(opt.lowp);
 }
 
 // The DiT as a denoise model.
@@ -73,11 +72,12 @@ class DiTImage final : public ImageModel {
   bool provides(ImageTask t) const override { return t == ImageTask::Denoise; }
   const ParamTable& table() const override { return m_.table(); }
   float* host_params() override { return m_.params(); }
-  void params_changed() override {}
+  void params_changed() override { m_.params_changed(); }
   void sync_to_host() override {}
   ParamBlocks blocks() override {
     ParamBlocks b;
-    b.params = m_.params(), b.grads = m_.grads(), b.n = m_.table().total, b.backend = be_.get();
+    b.params = m_.params(), b.grads = m_.grads(), b.params16 = m_.params16(), b.n = m_.table().total;
+    b.backend = be_.get();
     return b;
   }
   void init_random(uint64_t seed) override { m_.init_random(seed); }
@@ -118,11 +118,12 @@ class ViTImage final : public ImageModel {
   bool provides(ImageTask t) const override { return t == ImageTask::Classify; }
   const ParamTable& table() const override { return m_.table(); }
   float* host_params() override { return m_.params(); }
-  void params_changed() override {}
+  void params_changed() override { m_.params_changed(); }
   void sync_to_host() override {}
   ParamBlocks blocks() override {
     ParamBlocks b;
-    b.params = m_.params(), b.grads = m_.grads(), b.n = m_.table().total, b.backend = be_.get();
+    b.params = m_.params(), b.grads = m_.grads(), b.params16 = m_.params16(), b.n = m_.table().total;
+    b.backend = be_.get();
     return b;
   }
   void init_random(uint64_t seed) override { m_.init_random(seed); }

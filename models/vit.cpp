@@ -77,7 +77,12 @@ ViT::ViT(const ViTConfig& cfg, nn::Backend& be, bool with_grads)
     grads_ = nn::DeviceBlock(be, table_.total * 4, "ViT gradients");
     be.memset(grads_.data(), 0, table_.total * 4);
   }
+  if (be.lowp()) {
+    params16_ = nn::DeviceBlock(be, table_.total * 2, "ViT 16-bit weights");
+    be.memset(params16_.data(), 0, table_.total * 2);
+  }
   const int D = cfg.hidden, F = cfg.mlp_ratio * D;
+  uint16_t* P16 = params16();
   float* P = params();
   float* G = with_grads ? grads() : nullptr;
   auto at = [&](const std::string& n) { return P + table_.get_key(n).offset; };
@@ -86,6 +91,7 @@ ViT::ViT(const ViTConfig& cfg, nn::Backend& be, bool with_grads)
     nn::Weight w;
     w.w = at(p + ".weight"), w.b = at(p + ".bias"), w.dw = gat(p + ".weight"), w.db = gat(p + ".bias");
     w.in = in, w.out = out, w.layout = nn::Layout::OutIn;
+    if (P16) w.w16 = P16 + table_.get_key(p + ".weight").offset;
     return w;
   };
   auto norm = [&](const std::string& p) {
@@ -128,6 +134,11 @@ void ViT::init_random(uint64_t seed) {
     for (int64_t j = 0; j < s.numel(); j++) w[j] = (2.0f * r.uniform() - 1.0f) * bound;
   }
   be_.upload(params(), h.data(), h.size() * 4);
+  params_changed();
+}
+
+void ViT::params_changed() {
+  if (be_.lowp()) be_.to_lowp(params16(), params(), int64_t(table_.total), *be_.lowp());
 }
 
 void ViT::zero_grad() {

@@ -35,6 +35,9 @@ class ViT {
   const ParamTable& table() const { return table_; }
   float* params() { return params_.as<float>(); }
   float* grads() { return grads_.as<float>(); }
+  // The 16-bit weight copy of a lowp backend (as the DiT's, models/dit.h); params_changed() refreshes it.
+  uint16_t* params16() { return params16_.as<uint16_t>(); }
+  void params_changed();
   void init_random(uint64_t seed);  // Xavier-uniform matrices, zero biases, unit norm gains
   void zero_grad();
   size_t plan(int B);
@@ -53,7 +56,7 @@ class ViT {
   nn::Backend& be_;
   ParamTable table_;
   bool with_grads_;
-  nn::DeviceBlock params_, grads_;
+  nn::DeviceBlock params_, grads_, params16_;
   nn::Weight patch_, head_;
   nn::Norm norm_;
   std::vector<nn::Block> blocks_;

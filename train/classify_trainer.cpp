@@ -133,7 +133,7 @@ double train_classifier(const TrainOptions& opt, const ImageTrainOptions& img) {
     test = load_images(opt.data, "val");
   KILN_CHECK(data.height == data.width, "images: not square");
   const ImageGeometry g{data.height, data.channels, data.classes};
-  ImageModelOptions mo;
+  ImageModelOptions mo = image_model_options(opt);
   mo.label_smoothing = img.label_smoothing;
   const Augment aug = Augment::parse(img.augment);
   std::unique_ptr<ImageModel> mp =

@@ -34,6 +34,9 @@ struct ImageTrainOptions {
 // resume, metrics, eval_every, val_batches, progress. Returns the last step's loss.
 double train_images(const TrainOptions& opt, const ImageTrainOptions& img);
 
+// The model options of --device and --dtype (fp32, or bf16: 16-bit products, fp32 master weights and AdamW).
+ImageModelOptions image_model_options(const TrainOptions& opt);
+
 // A trained image model as `kiln sample` reads it: a checkpoint directory (or an --out directory: its latest).
 struct ImageModelFiles {
   std::string dir;
