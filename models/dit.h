@@ -82,8 +82,9 @@ class DiT {
   void init_random(uint64_t seed);
   void zero_grad();
 
-  // Activation memory for batches of up to B images. Returns bytes.
-  size_t plan(int B);
+  // Activation memory for batches of up to B images; recompute_blocks keeps only each block's input and reruns
+  // the block's forward during the backward (gradients bit-identical). Returns bytes.
+  size_t plan(int B, bool recompute_blocks = false);
   // out = D(x; c_noise, y) before any preconditioning: x [B, C, H, W], c_noise [B], labels [B] in [0, classes]
   // (classes: the null class), out [B, C, H, W]; all host arrays. Keeps what backward() needs.
   void forward(float* out, const float* x, const float* c_noise, const int32_t* labels, int B);
@@ -99,6 +100,9 @@ class DiT {
   };
   void carve(nn::Workspace& ws, int B);
   void bind();
+  void block_forward(int l);
+  AttentionParams attention(int B) const;
+  bool recompute_ = false;
 
   DiTConfig cfg_;
   nn::Backend& be_;

@@ -83,10 +83,10 @@ class DiTImage final : public ImageModel {
   void init_random(uint64_t seed) override { m_.init_random(seed); }
   void zero_grad() override { m_.zero_grad(); }
   size_t plan(int B, RecomputePolicy policy) override {
-    KILN_CHECK(policy.kind == RecomputePolicy::None, "--recompute ", policy.str(), ": the dit model keeps all "
-               "activations for now (--recompute none)");
+    KILN_CHECK(policy.kind == RecomputePolicy::None || (policy.kind == RecomputePolicy::Every && policy.k == 1),
+               "--recompute ", policy.str(), ": the dit model supports none or block");
     planned_ = B;
-    return m_.plan(B);
+    return m_.plan(B, policy.kind == RecomputePolicy::Every);
   }
   int planned() const override { return planned_; }
   void denoise(float* out, const float* x, const float* c_noise, const int32_t* labels, int B) override {
