@@ -48,8 +48,8 @@ for obj in flow edm ddpm; do
     run train --objective "$obj" "${extra[@]}" --model "$MODEL" --data "$OUT/fm" --batch "$BATCH" --steps "$STEPS" \
       --lr "$LR" --warmup $((STEPS / 50 + 1)) --min-lr 1e-5 --weight-decay 0 --ema-decay 0.999 --label-dropout 0.1 \
       --save-every 2000 --keep-checkpoints 2 --val-batches 0 --threads "$THREADS" --metrics "$dir.jsonl" --out "$dir" \
-      --no-progress \
-      > "$dir.summary.tmp" && mv "$dir.summary.tmp" "$dir/summary.json"
+      --no-progress > "$dir.summary.tmp"
+    mv "$dir.summary.tmp" "$dir/summary.json"
   fi
 done
 
