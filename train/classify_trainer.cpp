@@ -127,9 +127,9 @@ double train_classifier(const TrainOptions& opt, const ImageTrainOptions& img) {
   const bool dir = fs::is_directory(opt.data);
   if (!opt.val_data.empty())
     test = load_images(opt.val_data, "test");
-  else if (dir && !expand_glob((fs::path(opt.data) / "test_*.safetensors").string()).empty())
+  else if (dir && has_image_split(opt.data, "test"))
     test = load_images(opt.data, "test");
-  else if (dir && !expand_glob((fs::path(opt.data) / "val_*.safetensors").string()).empty())
+  else if (dir && has_image_split(opt.data, "val"))
     test = load_images(opt.data, "val");
   KILN_CHECK(data.height == data.width, "images: not square");
   const ImageGeometry g{data.height, data.channels, data.classes};

@@ -135,7 +135,7 @@ double train_images(const TrainOptions& opt, const ImageTrainOptions& img) {
   ImageSet val;
   if (!opt.val_data.empty())
     val = load_images(opt.val_data, "val");
-  else if (fs::is_directory(opt.data) && !expand_glob((fs::path(opt.data) / "val_*.safetensors").string()).empty())
+  else if (has_image_split(opt.data, "val"))
     val = load_images(opt.data, "val");
   std::unique_ptr<ImageModel> mp = make_denoiser(opt, data, mo);
   ImageModel& model = *mp;

@@ -275,6 +275,11 @@ ImageSet load_images(const std::string& path, const std::string& split) {
   return s;
 }
 
+bool has_image_split(const std::string& dir, const std::string& split) {
+  return std::filesystem::is_directory(dir) &&
+         std::filesystem::exists(std::filesystem::path(dir) / (split + "_000000.safetensors"));
+}
+
 Augment Augment::parse(const std::string& s) {
   Augment a;
   if (s.empty() || s == "none") return a;

@@ -47,6 +47,9 @@ struct ImageSet {
   int64_t pixels() const { return int64_t(channels) * height * width; }
 };
 
+// Whether a prepared directory holds a split (its first shard, <dir>/<split>_000000.safetensors, exists).
+bool has_image_split(const std::string& dir, const std::string& split);
+
 // Loads a split: `path` is a shard file, a glob of them, or a prepared directory plus `split` (train, val, test).
 // Throws kiln::Error naming the file and tensor on any defect (shape, dtype, label range, mixed image sizes).
 ImageSet load_images(const std::string& path, const std::string& split = "train");
