@@ -11,6 +11,9 @@
 #   KILN=build/kiln                 the binary
 #   MODEL=bench/dit-fmnist-small.json   the DiT (a config or a preset such as DiT-S/2)
 #   STEPS=20000 BATCH=128 LR=3e-4   training budget of each model
+#   EMA_DECAY=0.999                 the EMA the samples read (short runs: the EMA is still mostly the initialisation,
+#                                   so sample them with SAMPLE_FLAGS=--raw-weights or a smaller decay)
+#   SAMPLE_FLAGS=                   extra kiln sample flags (e.g. --raw-weights)
 #   COUNT=10000                     samples per setting (the distance is over these vs the 10,000 test images)
 #   GUIDANCE=2                      the guided setting's w (the unguided one is w = 1)
 #   JUDGE=$OUT/vit                  classifier directory (trained here with the recipe below if missing)
@@ -26,7 +29,7 @@ OUT="${OUT:-/work/bench-models/images}"
 KILN="${KILN:-$here/build/kiln}"
 MODEL="${MODEL:-$here/bench/dit-fmnist-small.json}"
 STEPS="${STEPS:-20000}"; BATCH="${BATCH:-128}"; LR="${LR:-3e-4}"
-COUNT="${COUNT:-10000}"; GUIDANCE="${GUIDANCE:-2}"
+COUNT="${COUNT:-10000}"; GUIDANCE="${GUIDANCE:-2}"; EMA_DECAY="${EMA_DECAY:-0.999}"; SAMPLE_FLAGS="${SAMPLE_FLAGS:-}"
 JUDGE="${JUDGE:-$OUT/vit}"; JUDGE_STEPS="${JUDGE_STEPS:-5000}"; THREADS="${THREADS:-0}"
 SETTINGS="${SETTINGS:-flow:flow-heun:25 flow:flow-euler:50 flow:flow-heun:5 edm:edm-heun:18 edm:edm-euler:35 edm:edm-heun:3 ddpm:ddpm:50 ddpm:ddim:50 ddpm:ddpm:10}"
 F=/usr/share/datasets/fashion-mnist
@@ -46,7 +49,7 @@ for obj in flow edm ddpm; do
   if [ ! -e "$dir/latest" ] || ! grep -q "\"steps\":$STEPS" "$dir/summary.json" 2>/dev/null; then
     extra=(); [ "$obj" = flow ] && extra=(--flow-t logit-normal)
     run train --objective "$obj" "${extra[@]}" --model "$MODEL" --data "$OUT/fm" --batch "$BATCH" --steps "$STEPS" \
-      --lr "$LR" --warmup $((STEPS / 50 + 1)) --min-lr 1e-5 --weight-decay 0 --ema-decay 0.999 --label-dropout 0.1 \
+      --lr "$LR" --warmup $((STEPS / 50 + 1)) --min-lr 1e-5 --weight-decay 0 --ema-decay "$EMA_DECAY" --label-dropout 0.1 \
       --save-every 2000 --keep-checkpoints 2 --val-batches 0 --threads "$THREADS" --metrics "$dir.jsonl" --out "$dir" \
       --no-progress > "$dir.summary.tmp"
     mv "$dir.summary.tmp" "$dir/summary.json"
@@ -68,7 +71,7 @@ for s in $SETTINGS; do
   IFS=: read -r obj sampler steps <<< "$s"
   for w in 1 "$GUIDANCE"; do
     line=$(run sample --model "$OUT/dit-$obj" --sampler "$sampler" --steps "$steps" --guidance "$w" --count "$COUNT" \
-      --batch 250 --seed 7 --threads "$THREADS" --out "$OUT/samples-$obj-$sampler-$steps-w$w.png" --judge "$JUDGE" --reference "$OUT/fm")
+      --batch 250 --seed 7 --threads "$THREADS" $SAMPLE_FLAGS --out "$OUT/samples-$obj-$sampler-$steps-w$w.png" --judge "$JUDGE" --reference "$OUT/fm")
     echo "$line" >> "$res"
   done
 done
