@@ -2,6 +2,8 @@
 //   nearest   out[b,c,y,x] = in[b,c,⌊y/s⌋,⌊x/s⌋]                       [B, C, sH, sW]
 //   bilinear  align_corners = False: source coordinate u = (y + ½)/s − ½ clamped at 0, rows ⌊u⌋ and
 //             min(⌊u⌋ + 1, H − 1) mixed by u − ⌊u⌋ (the same along x)   [B, C, sH, sW]  (PyTorch's rule)
+//   bilinear_aligned  align_corners = True: u = y·(H − 1)/(sH − 1) (0 when sH = 1), the corners' centres
+//             coincide; the same taps otherwise                          [B, C, sH, sW]
 //   pixel_shuffle    [B, C·r², H, W] -> [B, C, rH, rW]: out[b,c,hr+i,wr+j] = in[b, c·r² + i·r + j, h, w]
 //   pixel_unshuffle  its inverse
 // Backward: din = the adjoint applied to dout (overwritten). ref:: scatters the adjoint; cpu:: and cuda:: gather it
@@ -11,7 +13,7 @@
 
 namespace kiln {
 
-enum class Upsample { Nearest, Bilinear };
+enum class Upsample { Nearest, Bilinear, BilinearAligned };
 
 namespace cpu {
 void upsample_forward(float* out, const float* in, int64_t planes, int H, int W, int s, Upsample mode);
@@ -34,13 +36,36 @@ void pixel_unshuffle(float* out, const float* in, int B, int C, int H, int W, in
 }  // namespace ref
 
 // The bilinear taps of output coordinate y (of s·n) along an axis of n: rows i0, i1 and the weight of i1.
-inline void bilinear_taps(int y, int n, int s, int& i0, int& i1, float& w1) {
-  float u = (float(y) + 0.5f) / float(s) - 0.5f;
+// Written for host and device (the CUDA kernels call it too).
+#if defined(__CUDACC__)
+#define KILN_UPSAMPLE_HD __host__ __device__
+#else
+#define KILN_UPSAMPLE_HD
+#endif
+KILN_UPSAMPLE_HD inline void bilinear_taps(int y, int n, int s, int& i0, int& i1, float& w1, bool aligned = false) {
+  float u;
+  if (aligned)
+    u = s * n > 1 ? float(y) * float(n - 1) / float(s * n - 1) : 0.0f;
+  else
+    u = (float(y) + 0.5f) / float(s) - 0.5f;
   if (u < 0) u = 0;
   i0 = int(u);
   if (i0 > n - 1) i0 = n - 1;
   i1 = i0 + 1 < n ? i0 + 1 : n - 1;
   w1 = u - float(i0);
+}
+
+// The outputs [lo, hi) along an axis that can read input row i (a superset: the backward gathers over it).
+KILN_UPSAMPLE_HD inline void bilinear_reach(int i, int n, int s, bool aligned, int& lo, int& hi) {
+  if (!aligned || n == 1) {
+    lo = s * (i - 1) > 0 ? s * (i - 1) : 0, hi = s * (i + 2) < n * s ? s * (i + 2) : n * s;
+    return;
+  }
+  // u = y·(n − 1)/(sn − 1) reads row i when i − 1 < u < i + 1.
+  const double r = double(s * n - 1) / double(n - 1);
+  lo = int((i - 1) * r) - 1, hi = int((i + 1) * r) + 2;
+  if (lo < 0) lo = 0;
+  if (hi > n * s) hi = n * s;
 }
 
 }  // namespace kiln

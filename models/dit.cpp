@@ -187,7 +187,15 @@ DiT::DiT(const DiTConfig& cfg, nn::Backend& be, bool with_grads)
     grads_ = nn::DeviceBlock(be, table_.total * 4, "DiT gradients");
     be.memset(grads_.data(), 0, table_.total * 4);
   }
+  if (be.lowp()) {
+    params16_ = nn::DeviceBlock(be, table_.total * 2, "DiT 16-bit weights");
+    be.memset(params16_.data(), 0, table_.total * 2);
+  }
   bind();
+}
+
+void DiT::params_changed() {
+  if (be_.lowp()) be_.to_lowp(params16(), params(), int64_t(table_.total), *be_.lowp());
 }
 
 DiT::~DiT() = default;
@@ -196,11 +204,13 @@ void DiT::bind() {
   const int D = cfg_.hidden, F = cfg_.mlp_ratio * D;
   float* P = params();
   float* G = with_grads_ ? grads() : nullptr;
+  uint16_t* P16 = params16();
   auto at = [&](const std::string& n) { return P + table_.get_key(n).offset; };
   auto gat = [&](const std::string& n) { return G ? G + table_.get_key(n).offset : nullptr; };
   auto weight = [&](const std::string& w, const std::string& b, int in, int out) {
     nn::Weight x;
     x.w = at(w), x.b = at(b), x.dw = gat(w), x.db = gat(b), x.in = in, x.out = out, x.layout = nn::Layout::OutIn;
+    if (P16) x.w16 = P16 + table_.get_key(w).offset;
     return x;
   };
   x_emb_ = weight("x_embedder.proj.weight", "x_embedder.proj.bias", cfg_.patch_dim(), D);
@@ -246,6 +256,7 @@ void DiT::init_random(uint64_t seed) {
     }
   }
   be_.upload(params(), h.data(), h.size() * 4);
+  params_changed();
 }
 
 void DiT::zero_grad() {
@@ -265,8 +276,10 @@ void DiT::carve(nn::Workspace& ws, int B) {
   labels_ = ws.i32(B), zpos_ = ws.i32(B);
   xs_.assign(size_t(cfg_.depth + 1), nullptr);
   for (auto& x : xs_) x = ws.f32(N * D);
-  acts_.assign(size_t(cfg_.depth), {});
-  for (int l = 0; l < cfg_.depth; l++) {
+  // With block recomputation one set of block activations serves every block (the backward reruns each block's
+  // forward into it from the kept residual stream xs_[l]).
+  acts_.assign(size_t(recompute_ ? std::min(1, cfg_.depth) : cfg_.depth), {});
+  for (int l = 0; l < int(acts_.size()); l++) {
     BlockActs& a = acts_[size_t(l)];
     a.ln1 = ws.act(N * D), a.m1 = ws.act(N * D), a.ln2 = ws.act(N * D), a.m2 = ws.act(N * D);
     a.mean1 = ws.f32(N), a.rstd1 = ws.f32(N), a.mean2 = ws.f32(N), a.rstd2 = ws.f32(N);
@@ -288,8 +301,9 @@ void DiT::carve(nn::Workspace& ws, int B) {
   }
 }
 
-size_t DiT::plan(int B) {
+size_t DiT::plan(int B, bool recompute_blocks) {
   KILN_CHECK(B > 0, "DiT plan: batch ", B, " must be positive");
+  recompute_ = recompute_blocks;
   nn::Workspace measure(be_.act_dtype());
   carve(measure, B);
   ws_ = nn::Workspace(be_, measure.peak(), "DiT activations");
@@ -307,6 +321,33 @@ size_t DiT::plan(int B) {
   be_.memset(zerosD_, 0, size_t(D) * 4);
   be_.memset(zpos_, 0, size_t(B) * 4);
   return ws_.capacity();
+}
+
+AttentionParams DiT::attention(int B) const {
+  AttentionParams ap;
+  const int D = cfg_.hidden;
+  ap.B = B, ap.T = cfg_.tokens(), ap.NH = cfg_.heads, ap.NKV = cfg_.heads, ap.HD = D / cfg_.heads, ap.causal = false;
+  ap.scale = 1.0f / std::sqrt(float(ap.HD));
+  return ap;
+}
+
+// Block l from xs_[l] into xs_[l + 1], keeping its activations (in the shared set when recomputing).
+void DiT::block_forward(int l) {
+  const int B = B_, D = cfg_.hidden, T = cfg_.tokens();
+  const int64_t N = int64_t(B) * T, M = cfg_.mod_width();
+  const float eps = 1e-6f;
+  const AttentionParams ap = attention(B);
+  BlockActs& a = acts_[recompute_ ? 0 : size_t(l)];
+  const nn::Act m = mod_.at(int64_t(l) * 6 * D);  // shift1 scale1 gate1 shift2 scale2 gate2, row stride M
+  const float* xin = xs_[size_t(l)];
+  be_.layernorm_forward(a.ln1, a.mean1, a.rstd1, xin, ones_, zerosD_, N, D, eps);
+  be_.modulate_forward(a.m1, a.ln1, m, m.at(D), B, T, D, M);
+  attn_[size_t(l)].forward(be_, a.u1, zeros_, a.m1, a.attn, nullptr, ap, N);
+  be_.gate_forward(a.h, xin, a.u1, m.at(2 * D), B, T, D, M);
+  be_.layernorm_forward(a.ln2, a.mean2, a.rstd2, a.h, ones_, zerosD_, N, D, eps);
+  be_.modulate_forward(a.m2, a.ln2, m.at(3 * D), m.at(4 * D), B, T, D, M);
+  ffn_[size_t(l)].forward(be_, a.u2, zeros_, a.m2, a.ffn, fs_, N);
+  be_.gate_forward(xs_[size_t(l) + 1], a.h, a.u2, m.at(5 * D), B, T, D, M);
 }
 
 void DiT::forward(float* out, const float* x, const float* c_noise, const int32_t* labels, int B) {
@@ -337,22 +378,7 @@ void DiT::forward(float* out, const float* x, const float* c_noise, const int32_
   be_.activation_forward(sc_, cact_, int64_t(B) * D, Activation::Silu);
   be_.linear_forward(mod_, sc_, ada_, B);
 
-  AttentionParams ap;
-  ap.B = B, ap.T = T, ap.NH = cfg_.heads, ap.NKV = cfg_.heads, ap.HD = D / cfg_.heads, ap.causal = false;
-  ap.scale = 1.0f / std::sqrt(float(ap.HD));
-  for (int l = 0; l < cfg_.depth; l++) {
-    BlockActs& a = acts_[size_t(l)];
-    const nn::Act m = mod_.at(int64_t(l) * 6 * D);  // shift1 scale1 gate1 shift2 scale2 gate2, row stride M
-    const float* xin = xs_[size_t(l)];
-    be_.layernorm_forward(a.ln1, a.mean1, a.rstd1, xin, ones_, zerosD_, N, D, eps);
-    be_.modulate_forward(a.m1, a.ln1, m, m.at(D), B, T, D, M);
-    attn_[size_t(l)].forward(be_, a.u1, zeros_, a.m1, a.attn, nullptr, ap, N);
-    be_.gate_forward(a.h, xin, a.u1, m.at(2 * D), B, T, D, M);
-    be_.layernorm_forward(a.ln2, a.mean2, a.rstd2, a.h, ones_, zerosD_, N, D, eps);
-    be_.modulate_forward(a.m2, a.ln2, m.at(3 * D), m.at(4 * D), B, T, D, M);
-    ffn_[size_t(l)].forward(be_, a.u2, zeros_, a.m2, a.ffn, fs_, N);
-    be_.gate_forward(xs_[size_t(l) + 1], a.h, a.u2, m.at(5 * D), B, T, D, M);
-  }
+  for (int l = 0; l < cfg_.depth; l++) block_forward(l);
   const nn::Act mf = mod_.at(int64_t(cfg_.depth) * 6 * D);  // final shift, scale
   be_.layernorm_forward(lnf_, meanf_, rstdf_, xs_.back(), ones_, zerosD_, N, D, eps);
   be_.modulate_forward(mf_, lnf_, mf, mf.at(D), B, T, D, M);
@@ -380,7 +406,8 @@ void DiT::backward(const float* dout) {
   be_.layernorm_backward(dres_, dummy_, dummy_ + D, dln_, xs_.back(), ones_, meanf_, rstdf_, N, D);
 
   for (int l = cfg_.depth - 1; l >= 0; l--) {
-    const BlockActs& a = acts_[size_t(l)];
+    if (recompute_) block_forward(l);  // the same kernels on the same input: identical activations
+    const BlockActs& a = acts_[recompute_ ? 0 : size_t(l)];
     const nn::Act m = mod_.at(int64_t(l) * 6 * D), dm = dmod_.at(int64_t(l) * 6 * D);
     // y = h + gate2·u2: dres is dL/dy and passes through to dL/dh.
     be_.gate_backward(du_, dm.at(5 * D), dres_, a.u2, m.at(5 * D), B, T, D, M);

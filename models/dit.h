@@ -61,7 +61,8 @@ void dit_timestep_embedding(float* out, const float* t, int B, int dim);
 
 class DiT {
  public:
-  // be: the backend the model runs on (CPU for now: fp32 activations).
+  // be: the backend the model runs on (CPU for now: fp32 activations; with a lowp backend the matrix products
+  // read a 16-bit copy of the weights, fp32 master weights and gradients).
   DiT(const DiTConfig& cfg, nn::Backend& be, bool with_grads = true);
   ~DiT();
   DiT(const DiT&) = delete;
@@ -72,13 +73,18 @@ class DiT {
   nn::Backend& backend() { return be_; }
   float* params() { return params_.as<float>(); }  // on the backend (the host on the CPU)
   float* grads() { return grads_.as<float>(); }
+  // The 16-bit copy of the parameters the products read when the backend has a lowp type (mixed precision;
+  // null otherwise). Call params_changed() after writing params() other than through the optimizer.
+  uint16_t* params16() { return params16_.as<uint16_t>(); }
+  void params_changed();
   // DiT's initialisation: Xavier-uniform linears (the patch embedding as a matrix), zero biases, N(0, 0.02)
   // class table and noise MLP, zero adaLN products and output layer (adaLN-Zero: every block starts as identity).
   void init_random(uint64_t seed);
   void zero_grad();
 
-  // Activation memory for batches of up to B images. Returns bytes.
-  size_t plan(int B);
+  // Activation memory for batches of up to B images; recompute_blocks keeps only each block's input and reruns
+  // the block's forward during the backward (gradients bit-identical). Returns bytes.
+  size_t plan(int B, bool recompute_blocks = false);
   // out = D(x; c_noise, y) before any preconditioning: x [B, C, H, W], c_noise [B], labels [B] in [0, classes]
   // (classes: the null class), out [B, C, H, W]; all host arrays. Keeps what backward() needs.
   void forward(float* out, const float* x, const float* c_noise, const int32_t* labels, int B);
@@ -94,12 +100,15 @@ class DiT {
   };
   void carve(nn::Workspace& ws, int B);
   void bind();
+  void block_forward(int l);
+  AttentionParams attention(int B) const;
+  bool recompute_ = false;
 
   DiTConfig cfg_;
   nn::Backend& be_;
   ParamTable table_;
   bool with_grads_;
-  nn::DeviceBlock params_, grads_;
+  nn::DeviceBlock params_, grads_, params16_;
   // Modules and weights bound to the block.
   nn::Weight x_emb_, t1_, t2_, ada_, final_;
   const float* ytable_ = nullptr;

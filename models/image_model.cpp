@@ -57,8 +57,7 @@ namespace {
 
 std::unique_ptr<nn::Backend> backend_for(const ImageModelOptions& opt, const char* family) {
   KILN_CHECK(!opt.cuda, "a ", family, " model runs on the CPU for now (--device cpu)");
-  KILN_CHECK(!opt.lowp, "a ", family, " model trains in fp32 for now (--dtype fp32)");
-  return nn::make_cpu_backend();
+  return nn::make_cpu_backend(opt.lowp);
 }
 
 // The DiT as a denoise model.
@@ -75,20 +74,21 @@ class DiTImage final : public ImageModel {
   bool provides(ImageTask t) const override { return t == ImageTask::Denoise; }
   const ParamTable& table() const override { return m_.table(); }
   float* host_params() override { return m_.params(); }
-  void params_changed() override {}
+  void params_changed() override { m_.params_changed(); }
   void sync_to_host() override {}
   ParamBlocks blocks() override {
     ParamBlocks b;
-    b.params = m_.params(), b.grads = m_.grads(), b.n = m_.table().total, b.backend = be_.get();
+    b.params = m_.params(), b.grads = m_.grads(), b.params16 = m_.params16(), b.n = m_.table().total;
+    b.backend = be_.get();
     return b;
   }
   void init_random(uint64_t seed) override { m_.init_random(seed); }
   void zero_grad() override { m_.zero_grad(); }
   size_t plan(int B, RecomputePolicy policy) override {
-    KILN_CHECK(policy.kind == RecomputePolicy::None, "--recompute ", policy.str(), ": the dit model keeps all "
-               "activations for now (--recompute none)");
+    KILN_CHECK(policy.kind == RecomputePolicy::None || (policy.kind == RecomputePolicy::Every && policy.k == 1),
+               "--recompute ", policy.str(), ": the dit model supports none or block");
     planned_ = B;
-    return m_.plan(B);
+    return m_.plan(B, policy.kind == RecomputePolicy::Every);
   }
   int planned() const override { return planned_; }
   void denoise(float* out, const float* x, const float* c_noise, const int32_t* labels, int B) override {
@@ -106,7 +106,11 @@ class DiTImage final : public ImageModel {
 class ViTImage final : public ImageModel {
  public:
   ViTImage(const ViTConfig& c, const ImageModelOptions& opt)
-      : be_(backend_for(opt, "vit")), m_(c, *be_, opt.with_grads) {}
+      : be_(backend_for(opt, "vit")), m_(c, *be_, opt.with_grads) {
+    KILN_CHECK(opt.label_smoothing >= 0 && opt.label_smoothing < 1, "--label-smoothing ", opt.label_smoothing,
+               ": must be in [0, 1)");
+    m_.set_label_smoothing(opt.label_smoothing);
+  }
   std::string type() const override { return "vit"; }
   std::string config_json() const override { return m_.config().to_json(); }
   ImageGeometry geometry() const override {
@@ -116,11 +120,12 @@ class ViTImage final : public ImageModel {
   bool provides(ImageTask t) const override { return t == ImageTask::Classify; }
   const ParamTable& table() const override { return m_.table(); }
   float* host_params() override { return m_.params(); }
-  void params_changed() override {}
+  void params_changed() override { m_.params_changed(); }
   void sync_to_host() override {}
   ParamBlocks blocks() override {
     ParamBlocks b;
-    b.params = m_.params(), b.grads = m_.grads(), b.n = m_.table().total, b.backend = be_.get();
+    b.params = m_.params(), b.grads = m_.grads(), b.params16 = m_.params16(), b.n = m_.table().total;
+    b.backend = be_.get();
     return b;
   }
   void init_random(uint64_t seed) override { m_.init_random(seed); }

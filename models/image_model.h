@@ -30,6 +30,7 @@ struct ImageModelOptions {
   bool cuda = false;             // the GPU backend (else the CPU)
   std::optional<LowpType> lowp;  // 16-bit matrix products (mixed precision), fp32 when unset
   bool with_grads = true;
+  float label_smoothing = 0;     // classify models: ε of the training loss's smoothed targets
 };
 
 // The data's geometry, which a config takes from the images it trains on.

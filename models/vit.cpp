@@ -1,6 +1,7 @@
 // The ViT classifier (models/vit.h).
 #include "models/vit.h"
 
+#include <algorithm>
 #include <cmath>
 #include <cstring>
 #include <nlohmann/json.hpp>
@@ -76,7 +77,12 @@ ViT::ViT(const ViTConfig& cfg, nn::Backend& be, bool with_grads)
     grads_ = nn::DeviceBlock(be, table_.total * 4, "ViT gradients");
     be.memset(grads_.data(), 0, table_.total * 4);
   }
+  if (be.lowp()) {
+    params16_ = nn::DeviceBlock(be, table_.total * 2, "ViT 16-bit weights");
+    be.memset(params16_.data(), 0, table_.total * 2);
+  }
   const int D = cfg.hidden, F = cfg.mlp_ratio * D;
+  uint16_t* P16 = params16();
   float* P = params();
   float* G = with_grads ? grads() : nullptr;
   auto at = [&](const std::string& n) { return P + table_.get_key(n).offset; };
@@ -85,6 +91,7 @@ ViT::ViT(const ViTConfig& cfg, nn::Backend& be, bool with_grads)
     nn::Weight w;
     w.w = at(p + ".weight"), w.b = at(p + ".bias"), w.dw = gat(p + ".weight"), w.db = gat(p + ".bias");
     w.in = in, w.out = out, w.layout = nn::Layout::OutIn;
+    if (P16) w.w16 = P16 + table_.get_key(p + ".weight").offset;
     return w;
   };
   auto norm = [&](const std::string& p) {
@@ -127,6 +134,11 @@ void ViT::init_random(uint64_t seed) {
     for (int64_t j = 0; j < s.numel(); j++) w[j] = (2.0f * r.uniform() - 1.0f) * bound;
   }
   be_.upload(params(), h.data(), h.size() * 4);
+  params_changed();
+}
+
+void ViT::params_changed() {
+  if (be_.lowp()) be_.to_lowp(params16(), params(), int64_t(table_.total), *be_.lowp());
 }
 
 void ViT::zero_grad() {
@@ -193,6 +205,25 @@ double ViT::forward(float* logits, float* features, const float* images, const i
   if (!labels) return 0;
   for (int b = 0; b < B; b++)
     KILN_CHECK(labels[b] >= 0 && labels[b] < K, "ViT: label ", labels[b], " of image ", b, " out of range");
+  if (smoothing_ > 0) {
+    // Smoothed targets on the host (B·K values): loss −Σ_k t_k·log p_k, its gradient (p − t)/B into logits_.
+    std::vector<float> g(size_t(B) * K);
+    double s = 0;
+    for (int b = 0; b < B; b++) {
+      const float* l = logits + int64_t(b) * K;
+      const float mx = *std::max_element(l, l + K);
+      double z = 0;
+      for (int k = 0; k < K; k++) z += std::exp(double(l[k] - mx));
+      const double lz = std::log(z) + mx;
+      for (int k = 0; k < K; k++) {
+        const double t = (k == labels[b] ? 1.0 - smoothing_ : 0.0) + smoothing_ / K;
+        s -= t * (double(l[k]) - lz);
+        g[size_t(b) * K + k] = float((std::exp(double(l[k]) - lz) - t) / B);
+      }
+    }
+    if (with_grads_) be_.upload(logits_.p, g.data(), g.size() * 4);
+    return s / B;
+  }
   be_.upload(targets_, labels, size_t(B) * 4);
   // The logits become their gradient of the mean loss.
   be_.softmax_crossentropy(logits_, losses_, targets_, B, K, K, with_grads_ ? 1.0f / float(B) : 0.0f);

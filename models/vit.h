@@ -35,6 +35,9 @@ class ViT {
   const ParamTable& table() const { return table_; }
   float* params() { return params_.as<float>(); }
   float* grads() { return grads_.as<float>(); }
+  // The 16-bit weight copy of a lowp backend (as the DiT's, models/dit.h); params_changed() refreshes it.
+  uint16_t* params16() { return params16_.as<uint16_t>(); }
+  void params_changed();
   void init_random(uint64_t seed);  // Xavier-uniform matrices, zero biases, unit norm gains
   void zero_grad();
   size_t plan(int B);
@@ -43,14 +46,17 @@ class ViT {
   // backward(); without, returns 0.
   double forward(float* logits, float* features, const float* images, const int32_t* labels, int B);
   void backward();
+  // Label smoothing ε of the training loss: targets (1 − ε)·onehot + ε/classes (0: plain cross-entropy).
+  void set_label_smoothing(float eps) { smoothing_ = eps; }
 
  private:
+  float smoothing_ = 0;
   void carve(nn::Workspace& ws, int B);
   ViTConfig cfg_;
   nn::Backend& be_;
   ParamTable table_;
   bool with_grads_;
-  nn::DeviceBlock params_, grads_;
+  nn::DeviceBlock params_, grads_, params16_;
   nn::Weight patch_, head_;
   nn::Norm norm_;
   std::vector<nn::Block> blocks_;

@@ -11,6 +11,7 @@
 #include "tests/test_util.h"
 #include "tests/tokenizer_test_util.h"
 #include "train/classify_trainer.h"
+#include "train/images.h"
 #include "train/optimizer.h"
 
 namespace kiln {
@@ -47,6 +48,74 @@ TEST(ViT, GradientMatchesFiniteDifference) {
   };
   const double h = 1e-3, fd = (at(h) - at(-h)) / (2 * h);
   EXPECT_NEAR(analytic, fd, 2e-3 * std::fabs(fd) + 1e-4) << analytic << " vs " << fd;
+}
+
+TEST(ViT, LabelSmoothingLossAndGradient) {
+  // The smoothed loss against the formula on the logits of a forward without labels, and its gradient against a
+  // directional finite difference of that formula.
+  auto be = nn::make_cpu_backend();
+  const float eps = 0.2f;
+  ViT m(tiny(), *be);
+  Rng r(7);
+  for (size_t i = 0; i < m.table().total; i++) m.params()[i] = 0.3f * r.normal();
+  const int B = 4, K = 3;
+  m.plan(B);
+  m.set_label_smoothing(eps);
+  const auto x = test::randn(size_t(B) * 64, 9);
+  const std::vector<int32_t> y = {2, 0, 1, 2};
+  std::vector<float> logits(size_t(B) * K);
+  auto smoothed = [&](ViT& v) {  // −Σ t·log softmax, in double from the logits alone
+    v.forward(logits.data(), nullptr, x.data(), nullptr, B);
+    double s = 0;
+    for (int b = 0; b < B; b++) {
+      double z = 0;
+      for (int k = 0; k < K; k++) z += std::exp(double(logits[size_t(b * K + k)]));
+      for (int k = 0; k < K; k++)
+        s -= ((k == y[size_t(b)] ? 1 - eps : 0) + eps / K) * (logits[size_t(b * K + k)] - std::log(z));
+    }
+    return s / B;
+  };
+  const double expect = smoothed(m);
+  const double loss = m.forward(logits.data(), nullptr, x.data(), y.data(), B);
+  EXPECT_NEAR(loss, expect, 1e-5);
+  m.backward();
+  const std::vector<float> p0(m.params(), m.params() + m.table().total);
+  const auto dir = test::randn(p0.size(), 11);
+  double analytic = 0;
+  for (size_t i = 0; i < p0.size(); i++) analytic += double(m.grads()[i]) * dir[i];
+  auto at = [&](double h) {
+    ViT probe(tiny(), *be, false);
+    for (size_t i = 0; i < p0.size(); i++) probe.params()[i] = float(p0[i] + h * dir[i]);
+    probe.plan(B);
+    return smoothed(probe);
+  };
+  const double h = 1e-3, fd = (at(h) - at(-h)) / (2 * h);
+  EXPECT_NEAR(analytic, fd, 2e-3 * std::fabs(fd) + 1e-4) << analytic << " vs " << fd;
+}
+
+TEST(ViT, AugmentShiftsAndMirrors) {
+  // A 1×3×4 image with distinct pixels: crop:1 shifts by the drawn (dy, dx) and fills with −1; flip mirrors.
+  EXPECT_EQ(Augment::parse("crop:2,flip").crop, 2);
+  EXPECT_TRUE(Augment::parse("flip").flip);
+  EXPECT_FALSE(Augment::parse("none").any());
+  EXPECT_THROW(Augment::parse("rotate"), Error);
+  EXPECT_THROW(Augment::parse("crop:x"), Error);
+  std::vector<float> src(12);
+  for (int i = 0; i < 12; i++) src[size_t(i)] = float(i) / 10;
+  for (uint64_t seed = 1; seed < 40; seed++) {
+    Augment a = Augment::parse("crop:1,flip");
+    std::vector<float> x = src;
+    Rng r(seed), q(seed);  // q replays the draws: dy, dx, flip
+    augment_batch(x.data(), 1, 1, 3, 4, a, r);
+    const int dy = int(q.below(3)) - 1, dx = int(q.below(3)) - 1;
+    const bool flip = q.uniform() < 0.5;
+    for (int i = 0; i < 3; i++)
+      for (int j = 0; j < 4; j++) {
+        const int si = i + dy, sj = (flip ? 3 - j : j) + dx;
+        const float want = si >= 0 && si < 3 && sj >= 0 && sj < 4 ? src[size_t(si * 4 + sj)] : -1.0f;
+        EXPECT_EQ(x[size_t(i * 4 + j)], want) << seed << " " << i << " " << j;
+      }
+  }
 }
 
 TEST(ViT, LearnsASeparableProblem) {

@@ -131,7 +131,7 @@ static double test_loss(ImageModel& m, const ImageSet& test, int batch, int64_t 
   return s / double(n);
 }
 
-double train_classifier(const TrainOptions& opt, ImageTask task) {
+double train_classifier(const TrainOptions& opt, const ImageTrainOptions& img, ImageTask task) {
   set_threads(opt.threads);
   KILN_CHECK(!opt.out.empty(), "--objective classify needs --out");
   const ImageSet data = load_images(opt.data, "train");
@@ -139,13 +139,15 @@ double train_classifier(const TrainOptions& opt, ImageTask task) {
   const bool dir = fs::is_directory(opt.data);
   if (!opt.val_data.empty())
     test = load_images(opt.val_data, "test");
-  else if (dir && !expand_glob((fs::path(opt.data) / "test_*.safetensors").string()).empty())
+  else if (dir && has_image_split(opt.data, "test"))
     test = load_images(opt.data, "test");
-  else if (dir && !expand_glob((fs::path(opt.data) / "val_*.safetensors").string()).empty())
+  else if (dir && has_image_split(opt.data, "val"))
     test = load_images(opt.data, "val");
   KILN_CHECK(data.height == data.width, "images: not square");
   const ImageGeometry g{data.height, data.channels, data.classes};
-  ImageModelOptions mo;
+  ImageModelOptions mo = image_model_options(opt);
+  mo.label_smoothing = img.label_smoothing;
+  const Augment aug = Augment::parse(img.augment);
   std::unique_ptr<ImageModel> mp =
       make_image_model(image_model_config(opt.model, task, &g), "--model " + opt.model, mo);
   ImageModel& m = *mp;
@@ -167,6 +169,15 @@ double train_classifier(const TrainOptions& opt, ImageTask task) {
   std::FILE* metrics = opt.metrics.empty() ? nullptr : std::fopen(opt.metrics.c_str(), "w");
   KILN_CHECK(opt.metrics.empty() || metrics, "--metrics ", opt.metrics, ": cannot open for writing");
   const bool tty = opt.progress && isatty(2);
+  // The classifier directory, rewritten (atomically) every save_every steps and at the end.
+  auto save = [&] {
+    make_dirs(opt.out);
+    write_file_atomic((fs::path(opt.out) / "config.json").string(), m.config_json());
+    m.sync_to_host();
+    std::vector<Tensor> ts;
+    for (const ParamSpec& s : m.table().specs) ts.push_back({s.name, DType::F32, s.shape, m.host_params() + s.offset});
+    write_safetensors((fs::path(opt.out) / "model.safetensors").string(), ts);
+  };
   const auto t0 = std::chrono::steady_clock::now();
   double last = 0;
   for (int step = 0; step < opt.steps; step++) {
@@ -175,6 +186,7 @@ double train_classifier(const TrainOptions& opt, ImageTask task) {
       std::copy_n(data.images.data() + k * P, P, x.data() + int64_t(i) * P);
       y[size_t(i)] = data.labels[size_t(k)];
     }
+    augment_batch(x.data(), opt.batch, data.channels, data.height, data.width, aug, rng);
     last = m.loss_forward(x.data(), y.data(), opt.batch, /*train=*/true);
     m.loss_backward();
     const float lr = sched.at(step);
@@ -188,15 +200,11 @@ double train_classifier(const TrainOptions& opt, ImageTask task) {
       j["test_loss_1000"] = test_loss(m, test, opt.batch, 1000);
     if (metrics) std::fprintf(metrics, "%s\n", j.dump().c_str()), std::fflush(metrics);
     if (tty) std::fprintf(stderr, "\rstep %d/%d loss %.4f", step + 1, opt.steps, last);
+    if (opt.save_every > 0 && (step + 1) % opt.save_every == 0 && step + 1 < opt.steps) save();
   }
   if (tty) std::fprintf(stderr, "\n");
   if (metrics) std::fclose(metrics);
-  make_dirs(opt.out);
-  write_file_atomic((fs::path(opt.out) / "config.json").string(), m.config_json());
-  m.sync_to_host();
-  std::vector<Tensor> ts;
-  for (const ParamSpec& s : m.table().specs) ts.push_back({s.name, DType::F32, s.shape, m.host_params() + s.offset});
-  write_safetensors((fs::path(opt.out) / "model.safetensors").string(), ts);
+  save();
   const double acc = classify && test.size() > 0 ? accuracy(m, test, opt.batch) : std::nan("");
   const double secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
   nlohmann::json j = {{"objective", classify ? "classify" : "nll"}, {"steps", opt.steps}, {"loss", last},

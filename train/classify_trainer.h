@@ -9,16 +9,18 @@
 #include <vector>
 
 #include "models/image_model.h"
+#include "train/diffusion_trainer.h"
 #include "train/trainer.h"
 
 namespace kiln {
 
 // TrainOptions supplies model (a config.json of a classify or density model, or empty for the default vit), data, batch, steps, lr,
-// min_lr, lr_schedule, warmup, adamw, seed, threads, out, metrics, eval_every, progress. Returns the test (or val)
-// accuracy.
+// min_lr, lr_schedule, warmup, adamw, seed, threads, out, metrics, eval_every, progress; img its augment and
+// label_smoothing. Returns the test (or val) accuracy.
 // task Classify (--objective classify) or Density (--objective nll: a normalizing flow, loss in bits/dim); the
 // default --model is the factory's default for the task.
-double train_classifier(const TrainOptions& opt, ImageTask task = ImageTask::Classify);
+double train_classifier(const TrainOptions& opt, const ImageTrainOptions& img = {},
+                        ImageTask task = ImageTask::Classify);
 
 class ImageJudge {
  public:

@@ -85,6 +85,15 @@ void draw(ImageBatch& b, const ImageSet& data, const Objective& o, float drop, i
 
 }  // namespace
 
+ImageModelOptions image_model_options(const TrainOptions& opt) {
+  KILN_CHECK(opt.device == "cpu", "--device ", opt.device, ": image models train on the CPU for now (--device cpu)");
+  KILN_CHECK(opt.dtype == "fp32" || opt.dtype == "bf16", "--dtype ", opt.dtype, ": image models train in fp32 or "
+             "bf16 (fp16 would need loss scaling)");
+  ImageModelOptions mo;
+  if (opt.dtype == "bf16") mo.lowp = LowpType::BF16;
+  return mo;
+}
+
 ImageModelFiles find_image_model(const std::string& path) {
   ImageModelFiles f;
   f.dir = path;
@@ -121,15 +130,13 @@ double train_images(const TrainOptions& opt, const ImageTrainOptions& img) {
              ": must be in [0, 1]");
   KILN_CHECK(opt.batch > 0 && opt.grad_accum > 0 && opt.steps >= 0, "--batch, --grad-accum must be positive and "
              "--steps non-negative");
-  KILN_CHECK(opt.dtype == "fp32" && opt.device == "cpu", "--objective ", img.objective,
-             ": image models train in fp32 on the CPU for now (--dtype fp32 --device cpu)");
+  const ImageModelOptions mo = image_model_options(opt);
   const ImageSet data = load_images(opt.data, "train");
   ImageSet val;
   if (!opt.val_data.empty())
     val = load_images(opt.val_data, "val");
-  else if (fs::is_directory(opt.data) && !expand_glob((fs::path(opt.data) / "val_*.safetensors").string()).empty())
+  else if (has_image_split(opt.data, "val"))
     val = load_images(opt.data, "val");
-  ImageModelOptions mo;
   std::unique_ptr<ImageModel> mp = make_denoiser(opt, data, mo);
   ImageModel& model = *mp;
   const int64_t P = data.pixels();

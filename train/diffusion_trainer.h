@@ -23,6 +23,9 @@ struct ImageTrainOptions {
   std::string flow_t = "uniform";  // flow: uniform | logit-normal
   float ema_decay = 0.999f;
   float label_dropout = 0.1f;      // labels replaced by the null class (classifier-free guidance)
+  // classify: training augmentation (train/images.h's Augment) and label smoothing.
+  std::string augment = "none";
+  float label_smoothing = 0;
 };
 
 // TrainOptions supplies: model (a DiT preset such as DiT-S/2, or a config.json / directory with one; image size,
@@ -30,6 +33,9 @@ struct ImageTrainOptions {
 // grad_accum, steps, lr, min_lr, lr_schedule, warmup, adamw, seed, threads, out, save_every, keep_checkpoints,
 // resume, metrics, eval_every, val_batches, progress. Returns the last step's loss.
 double train_images(const TrainOptions& opt, const ImageTrainOptions& img);
+
+// The model options of --device and --dtype (fp32, or bf16: 16-bit products, fp32 master weights and AdamW).
+ImageModelOptions image_model_options(const TrainOptions& opt);
 
 // A trained image model as `kiln sample` reads it: a checkpoint directory (or an --out directory: its latest).
 struct ImageModelFiles {

@@ -275,4 +275,49 @@ ImageSet load_images(const std::string& path, const std::string& split) {
   return s;
 }
 
+bool has_image_split(const std::string& dir, const std::string& split) {
+  return std::filesystem::is_directory(dir) &&
+         std::filesystem::exists(std::filesystem::path(dir) / (split + "_000000.safetensors"));
+}
+
+Augment Augment::parse(const std::string& s) {
+  Augment a;
+  if (s.empty() || s == "none") return a;
+  size_t at = 0;
+  while (at <= s.size()) {
+    const size_t comma = std::min(s.find(',', at), s.size());
+    const std::string item = s.substr(at, comma - at);
+    if (item == "flip") {
+      a.flip = true;
+    } else if (item.rfind("crop:", 0) == 0 && item.size() > 5 && item.size() < 8 &&
+               item.find_first_not_of("0123456789", 5) == std::string::npos) {
+      a.crop = std::stoi(item.substr(5));
+    } else {
+      fail("--augment '", s, "': expected none or a comma list of crop:K and flip (got '", item, "')");
+    }
+    at = comma + 1;
+  }
+  return a;
+}
+
+void augment_batch(float* x, int B, int C, int H, int W, const Augment& a, Rng& r) {
+  if (!a.any()) return;
+  std::vector<float> src(size_t(C) * H * W);
+  for (int b = 0; b < B; b++) {
+    const int dy = a.crop ? int(r.below(uint64_t(2 * a.crop + 1))) - a.crop : 0;
+    const int dx = a.crop ? int(r.below(uint64_t(2 * a.crop + 1))) - a.crop : 0;
+    const bool flip = a.flip && r.uniform() < 0.5;
+    float* im = x + int64_t(b) * C * H * W;
+    std::copy_n(im, src.size(), src.data());
+    // out(i, j) = in(i + dy, j' + dx) with j' the mirrored column; outside the image: the background.
+    for (int c = 0; c < C; c++)
+      for (int i = 0; i < H; i++)
+        for (int j = 0; j < W; j++) {
+          const int si = i + dy, sj = (flip ? W - 1 - j : j) + dx;
+          im[(int64_t(c) * H + i) * W + j] =
+              si >= 0 && si < H && sj >= 0 && sj < W ? src[(size_t(c) * H + si) * W + sj] : -1.0f;
+        }
+  }
+}
+
 }  // namespace kiln

@@ -14,6 +14,8 @@
 #include <string>
 #include <vector>
 
+#include "core/rng.h"
+
 namespace kiln {
 
 struct ImagePrepareOptions {
@@ -45,9 +47,23 @@ struct ImageSet {
   int64_t pixels() const { return int64_t(channels) * height * width; }
 };
 
+// Whether a prepared directory holds a split (its first shard, <dir>/<split>_000000.safetensors, exists).
+bool has_image_split(const std::string& dir, const std::string& split);
+
 // Loads a split: `path` is a shard file, a glob of them, or a prepared directory plus `split` (train, val, test).
 // Throws kiln::Error naming the file and tensor on any defect (shape, dtype, label range, mixed image sizes).
 ImageSet load_images(const std::string& path, const std::string& split = "train");
+
+// Training augmentation of a batch x [B, C, H, W] in place: "none", or a comma list of "crop:K" (shift each
+// image by a uniform (dy, dx) in [-K, K]², filling with the background value -1: a random crop of the image
+// padded by K) and "flip" (mirror left-right with probability 1/2). Draws from r, per image: dy, dx, flip.
+struct Augment {
+  int crop = 0;
+  bool flip = false;
+  static Augment parse(const std::string& s);  // one-line error naming --augment
+  bool any() const { return crop > 0 || flip; }
+};
+void augment_batch(float* x, int B, int C, int H, int W, const Augment& a, Rng& r);
 
 // Reads an idx file (gzip or plain): magic 0x0803 (u8 images [N, H, W]) or 0x0801 (u8 labels [N]).
 struct IdxArray {

@@ -16,17 +16,21 @@ float gather(const float* d, int i, int j, int H, int W, int s, Upsample mode) {
       for (int x = j * s; x < (j + 1) * s; x++) acc += d[y * OW + x];
     return acc;
   }
-  // Output y reads rows ⌊u⌋, ⌊u⌋ + 1 with u ≈ y/s: only y in [s(i − 1), s(i + 2)) can reach row i.
-  for (int y = std::max(0, s * (i - 1)); y < std::min(H * s, s * (i + 2)); y++) {
+  // Output y reads rows ⌊u⌋, ⌊u⌋ + 1: only the outputs bilinear_reach names can reach row i (column j).
+  const bool al = mode == Upsample::BilinearAligned;
+  int ylo, yhi, xlo, xhi;
+  bilinear_reach(i, H, s, al, ylo, yhi);
+  bilinear_reach(j, W, s, al, xlo, xhi);
+  for (int y = ylo; y < yhi; y++) {
     int y0, y1;
     float wy;
-    bilinear_taps(y, H, s, y0, y1, wy);
+    bilinear_taps(y, H, s, y0, y1, wy, al);
     const float ay = (y0 == i ? 1 - wy : 0.0f) + (y1 == i ? wy : 0.0f);
     if (ay == 0) continue;
-    for (int x = std::max(0, s * (j - 1)); x < std::min(W * s, s * (j + 2)); x++) {
+    for (int x = xlo; x < xhi; x++) {
       int x0, x1;
       float wx;
-      bilinear_taps(x, W, s, x0, x1, wx);
+      bilinear_taps(x, W, s, x0, x1, wx, al);
       const float ax = (x0 == j ? 1 - wx : 0.0f) + (x1 == j ? wx : 0.0f);
       acc += ay * ax * d[y * OW + x];
     }
@@ -37,6 +41,7 @@ float gather(const float* d, int i, int j, int H, int W, int s, Upsample mode) {
 
 void upsample_forward(float* out, const float* in, int64_t planes, int H, int W, int s, Upsample mode) {
   const int OH = H * s, OW = W * s;
+  const bool al = mode == Upsample::BilinearAligned;
 #pragma omp parallel for schedule(static) if (planes * OH * OW > 16384)
   for (int64_t p = 0; p < planes; p++) {
     const float* src = in + p * H * W;
@@ -49,8 +54,8 @@ void upsample_forward(float* out, const float* in, int64_t planes, int H, int W,
         }
         int y0, y1, x0, x1;
         float wy, wx;
-        bilinear_taps(y, H, s, y0, y1, wy);
-        bilinear_taps(x, W, s, x0, x1, wx);
+        bilinear_taps(y, H, s, y0, y1, wy, al);
+        bilinear_taps(x, W, s, x0, x1, wx, al);
         o[y * OW + x] = (1 - wy) * ((1 - wx) * src[y0 * W + x0] + wx * src[y0 * W + x1]) +
                         wy * ((1 - wx) * src[y1 * W + x0] + wx * src[y1 * W + x1]);
       }

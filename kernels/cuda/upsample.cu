@@ -9,61 +9,56 @@
 namespace kiln::cuda {
 namespace {
 
-KILN_DEVICE void taps(int y, int n, int s, int& i0, int& i1, float& w1) {
-  float u = (float(y) + 0.5f) / float(s) - 0.5f;
-  if (u < 0) u = 0;
-  i0 = int(u);
-  if (i0 > n - 1) i0 = n - 1;
-  i1 = i0 + 1 < n ? i0 + 1 : n - 1;
-  w1 = u - float(i0);
-}
-
+// mode: 0 nearest, 1 bilinear, 2 bilinear with aligned corners (kernels/upsample.h's taps and reach).
 KILN_GLOBAL void __launch_bounds__(256) up_fwd(float* out, const float* in, int64_t planes, int H, int W, int s,
-                                               int bilinear) {
+                                               int mode) {
   const int OH = H * s, OW = W * s;
+  const bool al = mode == 2;
   const int64_t n = planes * OH * OW;
   for (int64_t e = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; e < n; e += int64_t(gridDim.x) * blockDim.x) {
     const int64_t p = e / (int64_t(OH) * OW);
     const int y = int(e / OW % OH), x = int(e % OW);
     const float* src = in + p * H * W;
-    if (!bilinear) {
+    if (mode == 0) {
       out[e] = src[(y / s) * W + x / s];
       continue;
     }
     int y0, y1, x0, x1;
     float wy, wx;
-    taps(y, H, s, y0, y1, wy);
-    taps(x, W, s, x0, x1, wx);
+    bilinear_taps(y, H, s, y0, y1, wy, al);
+    bilinear_taps(x, W, s, x0, x1, wx, al);
     out[e] = (1 - wy) * ((1 - wx) * src[y0 * W + x0] + wx * src[y0 * W + x1]) +
              wy * ((1 - wx) * src[y1 * W + x0] + wx * src[y1 * W + x1]);
   }
 }
 
 KILN_GLOBAL void __launch_bounds__(256) up_bwd(float* din, const float* dout, int64_t planes, int H, int W, int s,
-                                               int bilinear) {
+                                               int mode) {
   const int64_t n = planes * H * W;
+  const bool al = mode == 2;
   const int OW = W * s;
   for (int64_t e = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; e < n; e += int64_t(gridDim.x) * blockDim.x) {
     const int64_t p = e / (int64_t(H) * W);
     const int i = int(e / W % H), j = int(e % W);
     const float* d = dout + p * H * s * OW;
     float acc = 0;
-    if (!bilinear) {
+    if (mode == 0) {
       for (int y = i * s; y < (i + 1) * s; y++)
         for (int x = j * s; x < (j + 1) * s; x++) acc += d[y * OW + x];
     } else {
-      const int ylo = s * (i - 1) > 0 ? s * (i - 1) : 0, yhi = s * (i + 2) < H * s ? s * (i + 2) : H * s;
-      const int xlo = s * (j - 1) > 0 ? s * (j - 1) : 0, xhi = s * (j + 2) < W * s ? s * (j + 2) : W * s;
+      int ylo, yhi, xlo, xhi;
+      bilinear_reach(i, H, s, al, ylo, yhi);
+      bilinear_reach(j, W, s, al, xlo, xhi);
       for (int y = ylo; y < yhi; y++) {
         int y0, y1;
         float wy;
-        taps(y, H, s, y0, y1, wy);
+        bilinear_taps(y, H, s, y0, y1, wy, al);
         const float ay = (y0 == i ? 1 - wy : 0.0f) + (y1 == i ? wy : 0.0f);
         if (ay == 0) continue;
         for (int x = xlo; x < xhi; x++) {
           int x0, x1;
           float wx;
-          taps(x, W, s, x0, x1, wx);
+          bilinear_taps(x, W, s, x0, x1, wx, al);
           const float ax = (x0 == j ? 1 - wx : 0.0f) + (x1 == j ? wx : 0.0f);
           acc += ay * ax * d[y * OW + x];
         }
@@ -97,13 +92,13 @@ dim3 grid(int64_t n) { return dim3(unsigned(std::max<int64_t>(1, std::min<int64_
 void upsample_forward(float* out, const float* in, int64_t planes, int H, int W, int s, Upsample mode, void* stream) {
   KILN_CHECK(planes >= 0 && H > 0 && W > 0 && s >= 1, "upsample: bad sizes");
   simt::launch(up_fwd, grid(planes * H * W * s * s), dim3(256), 0, static_cast<cudaStream_t>(stream), out, in, planes,
-               H, W, s, int(mode == Upsample::Bilinear));
+               H, W, s, int(mode));
 }
 void upsample_backward(float* din, const float* dout, int64_t planes, int H, int W, int s, Upsample mode,
                        void* stream) {
   KILN_CHECK(planes >= 0 && H > 0 && W > 0 && s >= 1, "upsample: bad sizes");
   simt::launch(up_bwd, grid(planes * H * W), dim3(256), 0, static_cast<cudaStream_t>(stream), din, dout, planes, H, W,
-               s, int(mode == Upsample::Bilinear));
+               s, int(mode));
 }
 void pixel_shuffle(float* out, const float* in, int B, int C, int H, int W, int r, void* stream) {
   simt::launch(shuffle, grid(int64_t(B) * C * H * W * r * r), dim3(256), 0, static_cast<cudaStream_t>(stream), out,

@@ -9,6 +9,7 @@ namespace kiln::ref {
 
 void upsample_forward(float* out, const float* in, int64_t planes, int H, int W, int s, Upsample mode) {
   const int OH = H * s, OW = W * s;
+  const bool al = mode == Upsample::BilinearAligned;
   for (int64_t p = 0; p < planes; p++)
     for (int y = 0; y < OH; y++)
       for (int x = 0; x < OW; x++) {
@@ -19,8 +20,8 @@ void upsample_forward(float* out, const float* in, int64_t planes, int H, int W,
         } else {
           int y0, y1, x0, x1;
           float wy, wx;
-          bilinear_taps(y, H, s, y0, y1, wy);
-          bilinear_taps(x, W, s, x0, x1, wx);
+          bilinear_taps(y, H, s, y0, y1, wy, al);
+          bilinear_taps(x, W, s, x0, x1, wx, al);
           v = (1.0 - wy) * ((1.0 - wx) * src[y0 * W + x0] + double(wx) * src[y0 * W + x1]) +
               double(wy) * ((1.0 - wx) * src[y1 * W + x0] + double(wx) * src[y1 * W + x1]);
         }
@@ -30,6 +31,7 @@ void upsample_forward(float* out, const float* in, int64_t planes, int H, int W,
 
 void upsample_backward(float* din, const float* dout, int64_t planes, int H, int W, int s, Upsample mode) {
   const int OH = H * s, OW = W * s;
+  const bool al = mode == Upsample::BilinearAligned;
   std::vector<double> acc(size_t(H) * W);
   for (int64_t p = 0; p < planes; p++) {
     std::fill(acc.begin(), acc.end(), 0.0);
@@ -42,8 +44,8 @@ void upsample_backward(float* din, const float* dout, int64_t planes, int H, int
         }
         int y0, y1, x0, x1;
         float wy, wx;
-        bilinear_taps(y, H, s, y0, y1, wy);
-        bilinear_taps(x, W, s, x0, x1, wx);
+        bilinear_taps(y, H, s, y0, y1, wy, al);
+        bilinear_taps(x, W, s, x0, x1, wx, al);
         acc[size_t(y0 * W + x0)] += (1.0 - wy) * (1.0 - wx) * d;
         acc[size_t(y0 * W + x1)] += (1.0 - wy) * double(wx) * d;
         acc[size_t(y1 * W + x0)] += double(wy) * (1.0 - wx) * d;

@@ -218,12 +218,13 @@ void add_upsample(std::vector<OpCase>& t) {
     int64_t planes;
     int H, W, s;
   };
-  for (Upsample mode : {Upsample::Nearest, Upsample::Bilinear})
-    for (U u : {U{6, 5, 7, 2}, U{2, 4, 4, 3}, U{3, 1, 6, 2}}) {
+  for (Upsample mode : {Upsample::Nearest, Upsample::Bilinear, Upsample::BilinearAligned})
+    for (U u : {U{6, 5, 7, 2}, U{2, 4, 4, 3}, U{3, 1, 6, 2}, U{2, 2, 3, 4}}) {
       const int64_t planes = u.planes, n_in = planes * u.H * u.W, n_out = n_in * u.s * u.s;
       const int H = u.H, W = u.W, sc = u.s;
       char nb[96];
-      std::snprintf(nb, sizeof nb, "%s planes%ld %dx%d s%d", mode == Upsample::Nearest ? "nearest" : "bilinear",
+      std::snprintf(nb, sizeof nb, "%s planes%ld %dx%d s%d",
+                    mode == Upsample::Nearest ? "nearest" : mode == Upsample::Bilinear ? "bilinear" : "bilinear_aligned",
                     long(planes), H, W, sc);
       const std::string name = nb;
       const Tensor tin{"in", randn(size_t(n_in), uint64_t(n_in + sc))};

@@ -126,6 +126,12 @@ kiln::cli::Command train_cmd("train", [](CLI::App& root) {
   c->add_option("--label-dropout", img->label_dropout,
                 "Image models: probability a label is replaced by the null class (classifier-free guidance)")
       ->capture_default_str();
+  c->add_option("--augment", img->augment,
+                "--objective classify: none, or a comma list of crop:K (random shift by up to K pixels) and flip "
+                "(random left-right mirror)")
+      ->capture_default_str();
+  c->add_option("--label-smoothing", img->label_smoothing, "--objective classify: label smoothing epsilon")
+      ->capture_default_str();
   c->add_option("--flow-t", img->flow_t, "--objective flow: uniform or logit-normal t")->capture_default_str();
   c->callback([opt, img, objective, medusa] {
     if (medusa->heads > 0) {
@@ -142,9 +148,9 @@ kiln::cli::Command train_cmd("train", [](CLI::App& root) {
       }
       return;
     }
-    if (*objective == "classify") return (void)kiln::train_classifier(*opt);
+    if (*objective == "classify") return (void)kiln::train_classifier(*opt, *img);
     // A density model (a normalizing flow) by exact maximum likelihood: the same loss-model trainer.
-    if (*objective == "nll") return (void)kiln::train_classifier(*opt, kiln::ImageTask::Density);
+    if (*objective == "nll") return (void)kiln::train_classifier(*opt, *img, kiln::ImageTask::Density);
     img->objective = *objective;
     kiln::train_images(*opt, *img);
   });
