@@ -13,13 +13,13 @@ foreach(cu ${KILN_GPU_TEST_KERNELS})
 endforeach()
 
 add_executable(kiln_gpu_tests_emu ${KILN_GPU_TEST_SOURCES} ${KILN_GPU_TEST_EMU_KERNELS})
-target_link_libraries(kiln_gpu_tests_emu PRIVATE kiln_lib kiln_gpu_emu GTest::gtest GTest::gtest_main)
+target_link_libraries(kiln_gpu_tests_emu PRIVATE GTest::gtest GTest::gtest_main kiln_lib kiln_gpu_emu)
 target_compile_definitions(kiln_gpu_tests_emu PRIVATE KILN_TEST_EMULATED=1 KILN_SOURCE_DIR="${CMAKE_SOURCE_DIR}")
 gtest_discover_tests(kiln_gpu_tests_emu DISCOVERY_TIMEOUT 60 TEST_PREFIX "emu." PROPERTIES LABELS unit)
 
 if(KILN_CUDA)
   add_executable(kiln_gpu_tests ${KILN_GPU_TEST_SOURCES} ${KILN_GPU_TEST_KERNELS})
-  target_link_libraries(kiln_gpu_tests PRIVATE kiln_lib kiln_cuda GTest::gtest GTest::gtest_main)
+  target_link_libraries(kiln_gpu_tests PRIVATE GTest::gtest GTest::gtest_main kiln_lib kiln_cuda)
   target_compile_definitions(kiln_gpu_tests PRIVATE KILN_SOURCE_DIR="${CMAKE_SOURCE_DIR}")
   # Discovery would run the binary at build time; list the tests when ctest runs instead.
   gtest_discover_tests(kiln_gpu_tests DISCOVERY_MODE PRE_TEST TEST_PREFIX "cuda." PROPERTIES LABELS cuda)

@@ -7,13 +7,15 @@ set(KILN_OPS_TEST_SOURCES ${CMAKE_SOURCE_DIR}/tests/ops/op_table.cpp ${CMAKE_SOU
                           ${CMAKE_SOURCE_DIR}/tests/ops/op_table_moe.cpp)
 
 add_executable(kiln_ops_tests_emu ${KILN_OPS_TEST_SOURCES})
-target_link_libraries(kiln_ops_tests_emu PRIVATE kiln_lib kiln_gpu_emu GTest::gtest)
+# gtest first: its string instantiations must not pull kiln_lib members (and the GPU backend) in after the
+# backend archive.
+target_link_libraries(kiln_ops_tests_emu PRIVATE GTest::gtest kiln_lib kiln_gpu_emu)
 target_compile_definitions(kiln_ops_tests_emu PRIVATE KILN_TEST_EMULATED=1)
 gtest_discover_tests(kiln_ops_tests_emu DISCOVERY_TIMEOUT 60 TEST_PREFIX "ops_emu." PROPERTIES LABELS unit)
 
 if(KILN_CUDA)
   add_executable(kiln_ops_tests ${KILN_OPS_TEST_SOURCES})
-  target_link_libraries(kiln_ops_tests PRIVATE kiln_lib kiln_cuda GTest::gtest)
+  target_link_libraries(kiln_ops_tests PRIVATE GTest::gtest kiln_lib kiln_cuda)
   gtest_discover_tests(kiln_ops_tests DISCOVERY_MODE PRE_TEST TEST_PREFIX "ops_cuda." PROPERTIES LABELS cuda)
 endif()
 
