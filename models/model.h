@@ -137,6 +137,13 @@ class IncrementalDecoder {
   virtual void truncate(int length);
   virtual const ModelConfig& config() const = 0;
   virtual size_t cache_bytes() const = 0;
+  // Self-drafting (multi-token-prediction modules, infer/mtp_decode.h): 0 for a model without them, else the
+  // most positions a forward() may have for self_draft() to follow it.
+  virtual int self_draft_chunk() const { return 0; }
+  // After each forward() of n <= self_draft_chunk() positions: `next` [batch] the token after the first m of
+  // them (1 <= m <= n; a truncate() back to those m may come between). Returns the model's own guess [batch, V]
+  // (logits) of the token after next. Throws kiln::Error here: a decoder with MTP modules overrides it.
+  virtual const float* self_draft(const int32_t* next, int m);
 
  private:
   std::vector<int32_t> argmax_;

@@ -5,7 +5,9 @@
 //   {"tokens": [prompt and new ids], "text": prompt text + completion (null without a tokenizer),
 //    "finish_reason": "length" | "eot" | "stop" | "context", "weights_dtype", "decode_tokens_per_s",
 //    with a draft model "speculative": {draft_tokens, rounds, drafted, accepted, acceptance_rate,
-//    mean_accepted_length (accepted proposals per round), tokens_per_round}}
+//    mean_accepted_length (accepted proposals per round), tokens_per_round}; with MTP self-drafting the same
+//    object with "method": "mtp" (a model with MTP modules drafts with its first module unless
+//    --no-mtp-draft; one guess per round)}
 // Prefill and decode speeds go to stderr. The sequence (prompt + new tokens) never exceeds the model's
 // n_positions: generation stops there and says so on stderr. --stop ends the completion before the first
 // occurrence of a string (the stop string itself is not printed; the token that completed it is listed).
@@ -23,6 +25,7 @@
 #include "core/error.h"
 #include "core/gpu.h"
 #include "infer/generate.h"
+#include "infer/mtp_decode.h"
 #include "infer/sampler.h"
 #include "infer/speculative.h"
 #include "infer/text_stream.h"
@@ -40,6 +43,7 @@ struct GenerateOptions {
   std::string draft_model, draft_random_init;
   int draft_tokens = 4;
   bool has_prompt = false, has_prompt_ids = false, json = false, no_cuda_graph = false;
+  bool mtp_draft = false, no_mtp_draft = false, draft_tokens_given = false;
   int max_new = 64, threads = 0;
   std::optional<int> eot_id;
   kiln::SamplingParams sampling;
@@ -184,6 +188,14 @@ void run_generate(const GenerateOptions& o) {
                " is smaller than the ", sample_vocab, " ids the target samples from");
     draft = make_decoder(dcfg, draft_model->host_params(), dopt);
   }
+  // MTP self-drafting: --mtp-draft, or by default when the model has the modules and no draft model is given.
+  KILN_CHECK(!(o.mtp_draft && o.no_mtp_draft), "give at most one of --mtp-draft and --no-mtp-draft");
+  KILN_CHECK(!(o.mtp_draft && speculative), "give at most one of --mtp-draft and --draft-model");
+  KILN_CHECK(!o.mtp_draft || dec->self_draft_chunk() > 0, "--mtp-draft: the model (", cfg.family,
+             ") has no multi-token-prediction modules (num_nextn_predict_layers)");
+  const bool mtp = !speculative && !o.no_mtp_draft && dec->self_draft_chunk() > 0;
+  KILN_CHECK(!mtp || !o.draft_tokens_given || o.draft_tokens == 1, "--draft-tokens ", o.draft_tokens,
+             ": MTP self-drafting proposes 1 token per round (the model's first MTP module)");
   if (device.cuda) {
     const gpu::DeviceInfo info = gpu::init(device.index);
     std::fprintf(stderr, "kiln generate: device %s%s\n", info.name.c_str(), info.emulated ? " [SIMT emulator]" : "");
@@ -227,6 +239,9 @@ void run_generate(const GenerateOptions& o) {
   if (speculative) {
     why = generate_speculative(*dec, *draft, sampler, prompt, lim, o.draft_tokens, on_token, &sst);
     st = sst.base;
+  } else if (mtp) {
+    why = generate_self_draft(*dec, sampler, prompt, lim, on_token, &sst);
+    st = sst.base;
   } else {
     why = generate(*dec, sampler, prompt, lim, on_token, &st);
   }
@@ -241,8 +256,9 @@ void run_generate(const GenerateOptions& o) {
     j["finish_reason"] = finish_reason_name(why);
     j["weights_dtype"] = o.weights_dtype;
     j["decode_tokens_per_s"] = decode_tps;
-    if (speculative) {
-      j["speculative"] = {{"draft_tokens", o.draft_tokens},
+    if (speculative || mtp) {
+      j["speculative"] = {{"method", mtp ? "mtp" : "draft_model"},
+                          {"draft_tokens", mtp ? 1 : o.draft_tokens},
                           {"rounds", sst.rounds},
                           {"drafted", sst.drafted},
                           {"accepted", sst.accepted},
@@ -264,10 +280,11 @@ void run_generate(const GenerateOptions& o) {
                st.prompt_tokens, st.prefill_s, st.prefill_s > 0 ? st.prompt_tokens / st.prefill_s : 0.0,
                st.decode_steps, st.decode_s, st.decode_s > 0 ? st.decode_steps / st.decode_s : 0.0,
                finish_reason_name(why));
-  if (speculative)
-    std::fprintf(stderr, "kiln generate: speculative, %d rounds of up to %d drafts: acceptance %.3f, %.2f accepted "
+  if (speculative || mtp)
+    std::fprintf(stderr, "kiln generate: %s, %d rounds of up to %d drafts: acceptance %.3f, %.2f accepted "
                  "per round, %.1f new tokens/s\n",
-                 sst.rounds, o.draft_tokens, sst.acceptance_rate(), sst.mean_accepted(), decode_tps);
+                 mtp ? "MTP self-drafting" : "speculative", sst.rounds, mtp ? 1 : o.draft_tokens,
+                 sst.acceptance_rate(), sst.mean_accepted(), decode_tps);
 }
 
 kiln::cli::Command generate_cmd("generate", [](CLI::App& root) {
@@ -297,11 +314,16 @@ kiln::cli::Command generate_cmd("generate", [](CLI::App& root) {
   c->add_option("--draft-model", o->draft_model,
                  "Speculative decoding: a small checkpoint with the same tokenizer that proposes tokens for this one");
   c->add_option("--draft-random-init", o->draft_random_init, "Instead of --draft-model: a config.json (benchmarks)");
-  c->add_option("--draft-tokens", o->draft_tokens, "Speculative decoding: tokens the draft proposes per round (K)")
-      ->capture_default_str();
+  auto* dt = c->add_option("--draft-tokens", o->draft_tokens,
+                            "Speculative decoding: tokens the draft proposes per round (K; MTP self-drafting: 1)")
+                ->capture_default_str();
+  c->add_flag("--mtp-draft", o->mtp_draft,
+              "Draft with the model's own multi-token-prediction module (the default when it has one)");
+  c->add_flag("--no-mtp-draft", o->no_mtp_draft, "Plain decoding for a model with MTP modules");
   c->add_flag("--no-cuda-graph", o->no_cuda_graph, "With --device cuda: launch the decode step's kernels one by one");
-  c->callback([o, p, pi] {
+  c->callback([o, p, pi, dt] {
     o->has_prompt = p->count() > 0;
+    o->draft_tokens_given = dt->count() > 0;
     o->has_prompt_ids = pi->count() > 0;
     run_generate(*o);
   });
