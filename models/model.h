@@ -193,6 +193,9 @@ struct BatchDecoderOptions {
   int block_size = 64;     // positions per KV block (the GPU kernels need a multiple of 64)
   int num_blocks = 0;      // blocks in the pool; 0: enough for 8 sequences of max_positions
   int max_positions = 0;   // 0: the model's
+  // CPU: the matrices' format for the products (kernels/narrow_gemv.h), as DecoderOptions::weights. A step of up
+  // to kNarrowDirectRows sequences reads the format directly, each row as a single-sequence step computes it.
+  WeightFormat weights = WeightFormat::F32;
 };
 
 // Over a host parameter block in cfg's ParamTable layout (read in place on the CPU, copied to a device).
