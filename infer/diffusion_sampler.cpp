@@ -55,15 +55,17 @@ NoiseSource rng_noise(Rng& r) {
   };
 }
 
-DiffusionNet dit_net(DiT& model, const Objective& o, int planned) {
+DiffusionNet denoiser_net(ImageModel& model, const Objective& o, int planned) {
+  KILN_CHECK(model.provides(ImageTask::Denoise), "a ", model.type(), " model is not a denoiser: the diffusion "
+             "samplers need one");
   return [&model, o, planned](float* F, const float* xt, double level, const int32_t* labels, int B) {
-    const int64_t P = int64_t(model.config().channels) * model.config().image_size * model.config().image_size;
+    const int64_t P = model.pixels();
     const Coefficients k = o.at(level);
     std::vector<float> in(size_t(planned) * P), cn(size_t(planned), float(k.c_noise));
     for (int b0 = 0; b0 < B; b0 += planned) {
       const int nb = std::min(planned, B - b0);
       for (int64_t j = 0; j < nb * P; j++) in[size_t(j)] = float(k.c_in * xt[b0 * P + j]);
-      model.forward(F + b0 * P, in.data(), cn.data(), labels + b0, nb);
+      model.denoise(F + b0 * P, in.data(), cn.data(), labels + b0, nb);
     }
   };
 }

@@ -16,7 +16,7 @@
 
 #include "core/rng.h"
 #include "models/diffusion.h"
-#include "models/dit.h"
+#include "models/image_model.h"
 
 namespace kiln {
 
@@ -48,9 +48,9 @@ void check_sampler(const Objective& o, const SamplerOptions& s);
 // Samples B images of P values into x (host), labels [B]; the starting noise comes from `noise` too.
 SampleResult sample(const Objective& o, const SamplerOptions& s, const DiffusionNet& net, float* x,
                     const int32_t* labels, int B, int64_t P, const NoiseSource& noise, bool record = false);
-// The DiT as the samplers' network under objective o: it reads c_in·x_t and c_noise; batches larger than the
-// model's plan run in pieces.
-DiffusionNet dit_net(DiT& model, const Objective& o, int planned_batch);
+// A denoise model (models/image_model.h) as the samplers' network under objective o: it reads c_in·x_t and
+// c_noise; batches larger than the model's plan run in pieces.
+DiffusionNet denoiser_net(ImageModel& model, const Objective& o, int planned_batch);
 
 // The σ steps of EDM (σ_0 = σ_max ... σ_{N−1} = σ_min, then 0).
 std::vector<double> edm_sigmas(int N, double sigma_min, double sigma_max, double rho);

@@ -4,6 +4,11 @@
 // whose keys and values have been written to the cache before the call. Query i sees keys 0 .. past_b+i
 // (causal), so the same call serves a decode step (Tq = 1) and a prefill that continues a cached prefix.
 //
+// Tree attention (Medusa's candidate trees): with `tree` set, the Tq new queries are nodes of a tree of candidate
+// tokens, not a sequence: query i sees the cached keys 0 .. past_b−1 and new key past_b+j only where bit j of
+// tree[i] is set (its ancestors and itself); Tq <= 64, no window. The caller gives each node the position of
+// its depth (rotary) and writes its key at cache slot past_b+i as usual.
+//
 // Grouped-query attention: NKV key/value heads (0 means NH), query head h reads cache head h / (NH / NKV).
 // window > 0: query i (at position past_b + i) sees only keys j > past_b + i − window (sliding window).
 //
@@ -59,6 +64,7 @@ struct DecodeAttentionParams {
   int HDv = 0;                             // value head dim; 0 means HD
   int64_t v_batch_stride = 0, v_stride = 0;  // 0: kv_batch_stride, kv_stride
   KVPages pages;                           // set: k and v are the pools of a paged cache (kv_batch_stride unused)
+  const uint64_t* tree = nullptr;          // [Tq] host masks of tree attention (the same for every sequence), or null
 
   int past_of(int b) const { return past_per_seq ? past_per_seq[b] : past; }
   int hdv() const { return HDv > 0 ? HDv : HD; }

@@ -71,6 +71,11 @@ class Model {
   // The loss terms of the last forward with targets, as sums like forward()'s (e.g. main_loss, and mtp_loss: the
   // MTP depths' mean); empty when the loss has one term.
   virtual std::vector<std::pair<std::string, double>> loss_parts() const { return {}; }
+  // Extra heads on the last hidden state (Medusa, nn/medusa.h) read the final norm's output of the last
+  // forward, [N, C] fp32 on the host; joint training adds their dL/dh to final_hidden_grad() [N, C] between
+  // forward() (which writes the LM head's share there) and backward(). Host backends only: others throw.
+  virtual const float* final_hidden() const;
+  virtual float* final_hidden_grad();
 
   virtual ParamBlocks blocks() = 0;
 
@@ -135,6 +140,18 @@ class IncrementalDecoder {
   // forward() continues from there (speculative decoding rolls back rejected tokens). Throws kiln::Error here:
   // a decoder that can roll back overrides it.
   virtual void truncate(int length);
+  // Medusa (infer/medusa.h); batch 1, host backends. These defaults throw: a decoder that can overrides them.
+  // The final norm's output [rows, C] of the last forward: every position with all_logits (the last chunk of
+  // TransformerDecoder::kMaxChunk), else the last position; and of every node after forward_tree.
+  virtual const float* hidden() const;
+  // A candidate tree in one pass (tree attention, kernels/decode_attention.h): n <= 64 nodes, node i at position
+  // length() + depth[i], seeing the cache and the nodes whose bits tree[i] sets (its ancestors and itself; a
+  // parent comes before its children). Their keys go to cache slots length() .. length()+n-1 and length() grows
+  // by n. Returns every node's logits [n, V].
+  virtual const float* forward_tree(const int32_t* tokens, int n, const int32_t* depth, const uint64_t* tree);
+  // After forward_tree from a cache of `base` positions: keeps the m nodes nodes[0] < nodes[1] < ... (an accepted
+  // path), moving their cache entries to slots base .. base+m-1; length() becomes base + m.
+  virtual void keep_path(int base, const int32_t* nodes, int m);
   virtual const ModelConfig& config() const = 0;
   virtual size_t cache_bytes() const = 0;
   // Self-drafting (multi-token-prediction modules, infer/mtp_decode.h): 0 for a model without them, else the

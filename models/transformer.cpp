@@ -270,6 +270,12 @@ void TransformerDecoder::truncate(int length) {
   // draft() may still follow, over the part of the last forward that is kept (self-drafting after a rejection).
 }
 
+const float* IncrementalDecoder::hidden() const { fail("decoder: this decoder does not expose hidden states"); }
+const float* IncrementalDecoder::forward_tree(const int32_t*, int, const int32_t*, const uint64_t*) {
+  fail("decoder: this decoder has no tree attention");
+}
+void IncrementalDecoder::keep_path(int, const int32_t*, int) { fail("decoder: this decoder has no tree attention"); }
+
 // ---- training ----
 
 namespace {
@@ -609,6 +615,21 @@ double Transformer::forward(const int32_t* tokens, const int32_t* pos, const int
   return sum + aux_sum_;
 }
 
+const float* Model::final_hidden() const { fail("this model does not expose its final hidden state"); }
+float* Model::final_hidden_grad() { fail("this model does not expose its final hidden state"); }
+
+const float* Transformer::final_hidden() const {
+  KILN_CHECK(be_->on_host() && a_.lnf_out.dtype == DType::F32,
+             "the final hidden state is read on the CPU in fp32 (Medusa heads train there)");
+  return static_cast<const float*>(a_.lnf_out.p);
+}
+
+float* Transformer::final_hidden_grad() {
+  KILN_CHECK(be_->on_host() && a_.dlnf.dtype == DType::F32,
+             "the final hidden state's gradient is written on the CPU in fp32 (Medusa heads train there)");
+  return static_cast<float*>(a_.dlnf.p);
+}
+
 void Transformer::backward() {
   KILN_CHECK(grads_, "backward on a model built without gradients");
   const int64_t N = last_N_;
@@ -810,6 +831,7 @@ void TransformerDecoder::run_layers(const int32_t* tok, const int32_t* pos, cons
     cache.B = B;
     cache.Tq = n;
     cache.fresh = length_ == 0 && n > 1;
+    cache.tree = tree_;
     if (cfg_.mla.on()) {
       cache.absorbed = absorbed_;
       const nn::MLAShape M = block_shape(cfg_, l).mla;
@@ -922,6 +944,67 @@ const int32_t* TransformerDecoder::forward_argmax(const int32_t* tokens, int n, 
   be_->argmax_rows(argmax_d_, logits_d_, batch_, vocab_limit, V);
   argmax_.resize(size_t(batch_));
   return static_cast<const int32_t*>(be_->to_host(argmax_.data(), argmax_d_, argmax_.size() * sizeof(int32_t)));
+}
+
+}  // namespace kiln
+
+namespace kiln {
+
+const float* TransformerDecoder::hidden() const {
+  KILN_CHECK(be_->on_host() && ln_.dtype == DType::F32, "decoder: hidden states are read on the CPU in fp32");
+  return static_cast<const float*>(ln_.p);
+}
+
+const float* TransformerDecoder::forward_tree(const int32_t* tokens, int n, const int32_t* depth,
+                                              const uint64_t* tree) {
+  KILN_CHECK(batch_ == 1 && be_->on_host(), "decoder: tree attention runs on the CPU with batch 1");
+  KILN_CHECK(!cfg_.mla.on(), "decoder: tree attention is not written for latent attention (", cfg_.family, ")");
+  KILN_CHECK(n >= 1 && n <= 64, "decoder: a tree has 1 to 64 nodes, got ", n);
+  KILN_CHECK(length_ > 0, "decoder: a tree continues a prompt (the cache is empty)");
+  KILN_CHECK(int64_t(length_) + n <= max_pos_, "decoder: ", length_, " cached + ", n,
+             " tree nodes exceed the context of ", max_pos_, " positions");
+  for (int i = 0; i < n; i++)
+    KILN_CHECK(depth[i] >= 0 && depth[i] <= i && ((tree[i] >> i) & 1) && (tree[i] >> i) == 1,
+               "decoder: tree node ", i, " has a bad depth or mask (a node sees itself and earlier nodes only)");
+  last_n_ = 0;  // the MTP draft needs a plain forward after this
+  const int V = cfg_.vocab_size;
+  ensure_rows(n);
+  inputs_.resize(size_t(2 * n + 1));
+  stage_inputs(inputs_.data(), tokens, n, n);
+  for (int i = 0; i < n; i++) inputs_[size_t(n + i)] = length_ + depth[i];  // a node's position is its depth's
+  const int32_t* tok = inputs_.data();  // host backend: the arrays are read in place
+  tree_ = tree;
+  run_layers(tok, tok + n, tok + 2 * n, n);
+  tree_ = nullptr;
+  length_ += n;
+  const size_t bytes = sizeof(float) * size_t(n) * V;
+  if (all_d_.size() < bytes) all_d_ = nn::DeviceBlock(*be_, bytes, "decoder logits");
+  lm_head(x_, n, all_d_.as<float>());
+  return all_d_.as<float>();
+}
+
+void TransformerDecoder::keep_path(int base, const int32_t* nodes, int m) {
+  KILN_CHECK(be_->on_host() && batch_ == 1, "decoder: keep_path runs on the CPU with batch 1");
+  KILN_CHECK(base >= 0 && m >= 0 && base + m <= length_, "decoder: keep_path of ", m, " nodes past ", base,
+             " in a cache of ", length_);
+  const int64_t W = cache_width();
+  const size_t row = size_t(W) * dtype_size(be_->act_dtype());
+  const int64_t layer_cache = int64_t(max_pos_) * W;
+  char* k = static_cast<char*>(k_.data());
+  char* v = static_cast<char*>(v_.data());
+  for (int i = 0; i < m; i++) {
+    KILN_CHECK(nodes[i] >= i && base + nodes[i] < length_ && (i == 0 || nodes[i] > nodes[i - 1]),
+               "decoder: keep_path's nodes must increase within the tree");
+    if (nodes[i] == i) continue;
+    for (int l = 0; l < cfg_.n_layer; l++) {
+      const size_t dst = size_t(l * layer_cache + int64_t(base + i) * W) * dtype_size(be_->act_dtype());
+      const size_t src = size_t(l * layer_cache + int64_t(base + nodes[i]) * W) * dtype_size(be_->act_dtype());
+      std::memmove(k + dst, k + src, row);
+      if (v) std::memmove(v + dst, v + src, row);
+    }
+  }
+  length_ = base + m;
+  mtp_length_ = std::min(mtp_length_, length_);
 }
 
 }  // namespace kiln

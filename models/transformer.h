@@ -86,6 +86,8 @@ class Transformer final : public Model {
   void synchronize() override;
   const float* logits() const override;
   std::vector<std::pair<std::string, double>> loss_parts() const override;
+  const float* final_hidden() const override;
+  float* final_hidden_grad() override;
   ParamBlocks blocks() override;
   std::vector<std::vector<float>> take_expert_load() override;
   void update_expert_bias(const std::vector<std::vector<float>>& load, float gamma) override;
@@ -184,6 +186,9 @@ class TransformerDecoder : public IncrementalDecoder {
   int batch() const override { return batch_; }
   void reset() override { length_ = 0, mtp_length_ = 0, last_n_ = 0, last_start_ = 0; }
   void truncate(int length) override;  // entries past length are overwritten by the next forward
+  const float* hidden() const override;
+  const float* forward_tree(const int32_t* tokens, int n, const int32_t* depth, const uint64_t* tree) override;
+  void keep_path(int base, const int32_t* nodes, int m) override;
   const ModelConfig& config() const override { return cfg_; }
   size_t cache_bytes() const override { return k_.size() + v_.size(); }
   // Multi-token prediction as a draft (models with MTP modules): after forward() of n positions (one chunk:
@@ -214,6 +219,7 @@ class TransformerDecoder : public IncrementalDecoder {
   int length_ = 0;
   nn::DeviceBlock k_, v_;  // [layer][batch][position][NKV·HD] in the activation type; MLA: k_ only, [.][r + rope]
   bool absorbed_ = true;
+  const uint64_t* tree_ = nullptr;  // forward_tree's masks while its layers run
   // The MTP draft: module 1's KV cache, its activations, the last forward's tokens ([B, n]).
   nn::DeviceBlock mtp_k_, mtp_v_;
   nn::MTPActivations mtp_a_;

@@ -58,6 +58,7 @@ void Attention::forward(Backend& be, float* h, const float* residual, Act x, Att
     d.out = static_cast<float*>(a.att.p);
     d.out_stride = S.qdim();
     d.pages = cache->pages;
+    d.tree = cache->tree;
     be.decode_attention(d);
   }
   be.linear_residual(h, residual, a.att, proj, N);

@@ -1,6 +1,10 @@
 #include "serve/server.h"
 
+#include <arpa/inet.h>
 #include <httplib.h>
+#include <netinet/in.h>
+#include <sys/resource.h>
+#include <sys/socket.h>
 
 #include <chrono>
 #include <ctime>
@@ -41,6 +45,46 @@ std::string route_label(const std::string& path) {
   for (const char* k : known)
     if (path == k) return k;
   return "other";
+}
+
+// cpp-httplib 0.11 tells a handler nothing about its connection, so a non-streaming handler that waits for its
+// job finds its socket by the connection's two addresses and peeks at it: a read of 0 bytes means the client
+// closed. `fd` caches the descriptor found; it is checked again each time, since descriptors are reused.
+bool same_endpoint(const sockaddr_storage& a, const std::string& ip, int port) {
+  char buf[INET6_ADDRSTRLEN] = {};
+  if (a.ss_family == AF_INET) {
+    auto* v4 = reinterpret_cast<const sockaddr_in*>(&a);
+    inet_ntop(AF_INET, &v4->sin_addr, buf, sizeof buf);
+    return ntohs(v4->sin_port) == port && ip == buf;
+  }
+  if (a.ss_family == AF_INET6) {
+    auto* v6 = reinterpret_cast<const sockaddr_in6*>(&a);
+    inet_ntop(AF_INET6, &v6->sin6_addr, buf, sizeof buf);
+    return ntohs(v6->sin6_port) == port && ip == buf;
+  }
+  return false;
+}
+
+bool is_connection_of(int fd, const httplib::Request& req) {
+  sockaddr_storage peer{}, self{};
+  socklen_t pl = sizeof peer, sl = sizeof self;
+  if (getpeername(fd, reinterpret_cast<sockaddr*>(&peer), &pl) != 0) return false;
+  if (getsockname(fd, reinterpret_cast<sockaddr*>(&self), &sl) != 0) return false;
+  return same_endpoint(peer, req.remote_addr, req.remote_port) && same_endpoint(self, req.local_addr, req.local_port);
+}
+
+bool client_gone(const httplib::Request& req, int& fd) {
+  if (fd < 0 || !is_connection_of(fd, req)) {
+    fd = -1;
+    rlimit lim{};
+    const int top = getrlimit(RLIMIT_NOFILE, &lim) == 0 ? int(std::min<rlim_t>(lim.rlim_cur, 65536)) : 1024;
+    for (int i = 3; i < top && fd < 0; i++)
+      if (is_connection_of(i, req)) fd = i;
+    if (fd < 0) return true;  // the connection's socket is gone
+  }
+  char c;
+  const ssize_t got = recv(fd, &c, 1, MSG_PEEK | MSG_DONTWAIT);
+  return got == 0 || (got < 0 && errno != EAGAIN && errno != EWOULDBLOCK && errno != EINTR);
 }
 
 // Per choice, what a non-streaming response accumulates.
@@ -310,6 +354,7 @@ void Server::Impl::completions(const httplib::Request& req, httplib::Response& r
   if (!r.stream) {
     std::vector<ChoiceResult> out(static_cast<size_t>(choices));
     std::vector<ChoiceEvent> ev;
+    int fd = -1;
     while (!job->done()) {
       ev.clear();
       job->wait(ev, std::chrono::milliseconds(200));
@@ -321,6 +366,11 @@ void Server::Impl::completions(const httplib::Request& req, httplib::Response& r
         c.tokens = e.tokens;
       }
       if (stopping && !job->done()) job->fail("the server is shutting down");
+      if (!job->done() && client_gone(req, fd)) {
+        job->cancel();  // frees its sequences at the next step; nobody reads the answer
+        res.status = 499;  // nginx's "client closed request", so /metrics counts these apart
+        return;
+      }
     }
     const std::string err = job->error();
     if (!err.empty()) throw ApiError(err.find("shutting down") != std::string::npos ? 503 : 500, err, "server_error");

@@ -66,6 +66,12 @@ add_test(NAME e2e.deepseek_vs_torch
          COMMAND ${KILN_PY} ${CMAKE_SOURCE_DIR}/tests/e2e/deepseek_vs_torch.py $<TARGET_FILE:kiln>
                  ${CMAKE_BINARY_DIR}/e2e/deepseek_vs_torch)
 set_tests_properties(e2e.deepseek_vs_torch PROPERTIES LABELS e2e TIMEOUT 600)
+# Medusa heads (Medusa-1 on a frozen base) against the PyTorch reference tests/peer/torch_medusa.py, then greedy
+# decoding with them equal to plain greedy.
+add_test(NAME e2e.medusa_vs_torch
+         COMMAND ${KILN_PY} ${CMAKE_SOURCE_DIR}/tests/e2e/medusa_vs_torch.py $<TARGET_FILE:kiln>
+                 ${CMAKE_BINARY_DIR}/e2e/medusa_vs_torch)
+set_tests_properties(e2e.medusa_vs_torch PROPERTIES LABELS e2e TIMEOUT 300)
 # Data-parallel training over MPI (dist/, train/data_parallel.h): 2 and 3 ranks against one process, resume
 # across rank counts, a killed rank, one-line errors. Needs OpenMPI (scripts/setup.sh installs it).
 if(KILN_MPIRUN)
@@ -86,3 +92,8 @@ if(KILN_MPIRUN)
                    ${CMAKE_BINARY_DIR}/e2e/dist_hosts)
   set_tests_properties(e2e.dist_hosts PROPERTIES LABELS e2e TIMEOUT 300 SKIP_RETURN_CODE 77 RUN_SERIAL TRUE)
 endif()
+
+# Likelihoods and normalizing flows through the CLI (train --objective nll, sample, likelihood) on a tiny image set.
+add_test(NAME e2e.flows_cli
+         COMMAND ${KILN_PY} ${CMAKE_SOURCE_DIR}/tests/e2e/flows_cli.py $<TARGET_FILE:kiln> ${CMAKE_BINARY_DIR}/e2e/flows_cli)
+set_tests_properties(e2e.flows_cli PROPERTIES LABELS e2e TIMEOUT 600)

@@ -36,6 +36,10 @@ target_compile_options(kiln_gpu_tests_emu_asan PRIVATE ${KILN_GPU_SANITIZE_FLAGS
 target_link_options(kiln_gpu_tests_emu_asan PRIVATE ${KILN_GPU_SANITIZE_FLAGS})
 target_link_libraries(kiln_gpu_tests_emu_asan PRIVATE kiln_lib GTest::gtest GTest::gtest_main)
 target_compile_definitions(kiln_gpu_tests_emu_asan PRIVATE KILN_TEST_EMULATED=1 KILN_SOURCE_DIR="${CMAKE_SOURCE_DIR}")
+# Whole-model repeats (recompute policies, AdamW tracking, greedy decoding, the largest attention shapes) run
+# only in the plain emulator build: under ASan they cost minutes of CI and reach no kernel that the op table's odd
+# shapes (ops_emu_asan.*) and the remaining tests here do not already run sanitized.
 gtest_discover_tests(kiln_gpu_tests_emu_asan DISCOVERY_TIMEOUT 60 TEST_PREFIX "emu_asan."
+  TEST_FILTER "-*Recomput*:*AdamWStepsTrackTheCpu:*StepsAllocateNothingAfterThePlan:GpuDecoder.GreedyTokensMatchTheCpu:GpuDecoder.Follows*:AttentionGpu.BackwardBatchedHd128:AttentionGpu.BackwardPackedSequences"
   PROPERTIES LABELS sanitize
              ENVIRONMENT "ASAN_OPTIONS=detect_leaks=0:abort_on_error=0;UBSAN_OPTIONS=print_stacktrace=1")

@@ -168,8 +168,17 @@ TEST(ImageTraining, ResumeIsExact) {
   // The checkpoint is what kiln sample reads; asking it for a sampler of another objective is one line.
   const ImageModelFiles mf = find_image_model((d.path / "a").string());
   EXPECT_EQ(mf.objective.name, "flow");
-  EXPECT_EQ(mf.config.classes, 3);
-  EXPECT_EQ(mf.config.image_size, 8);
+  const std::unique_ptr<ImageModel> m = load_image_model(mf);
+  EXPECT_EQ(m->geometry().classes, 3);
+  EXPECT_EQ(m->geometry().image_size, 8);
+  EXPECT_TRUE(m->provides(ImageTask::Denoise));
+  EXPECT_FALSE(m->provides(ImageTask::Classify));
+  // The factory's errors: a model that does not denoise, an unknown model_type.
+  std::ofstream(d.path / "vit.json") << "{\"model_type\": \"vit\", \"hidden\": 16, \"depth\": 1, \"heads\": 2}";
+  TrainOptions ov = o;
+  ov.model = (d.path / "vit.json").string(), ov.resume = false, ov.out = "";
+  EXPECT_THROW(train_images(ov, io), Error);
+  EXPECT_THROW(make_image_model("{\"model_type\": \"gan\"}", "x.json"), Error);
   // Bad flags.
   io.objective = "score";
   EXPECT_THROW(train_images(o, io), Error);

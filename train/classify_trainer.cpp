@@ -24,13 +24,13 @@ namespace fs = std::filesystem;
 
 namespace {
 
-double accuracy(ViT& m, const ImageSet& s, int batch, int64_t limit = -1) {
+double accuracy(ImageModel& m, const ImageSet& s, int batch, int64_t limit = -1) {
   const int64_t n = limit > 0 ? std::min(limit, s.size()) : s.size();
   std::vector<float> logits(size_t(batch) * s.classes);
   int64_t right = 0;
   for (int64_t i = 0; i < n; i += batch) {
     const int b = int(std::min<int64_t>(batch, n - i));
-    m.forward(logits.data(), nullptr, s.images.data() + i * s.pixels(), nullptr, b);
+    m.predict(logits.data(), nullptr, s.images.data() + i * s.pixels(), b);
     for (int k = 0; k < b; k++) {
       const float* l = logits.data() + int64_t(k) * s.classes;
       right += int(std::max_element(l, l + s.classes) - l) == s.labels[size_t(i + k)];
@@ -119,7 +119,19 @@ double frechet_distance(const float* a, int64_t na, const float* b, int64_t nb, 
   return dm + tr;
 }
 
-double train_classifier(const TrainOptions& opt) {
+// The mean evaluation loss (a density model's bits/dim) over the first n test images, weighted by batch size.
+static double test_loss(ImageModel& m, const ImageSet& test, int batch, int64_t n) {
+  n = std::min<int64_t>(n, test.size());
+  const int64_t P = test.pixels();
+  double s = 0;
+  for (int64_t i = 0; i < n; i += batch) {
+    const int b = int(std::min<int64_t>(batch, n - i));
+    s += m.loss_forward(test.images.data() + i * P, test.labels.data() + i, b, /*train=*/false) * b;
+  }
+  return s / double(n);
+}
+
+double train_classifier(const TrainOptions& opt, ImageTask task) {
   set_threads(opt.threads);
   KILN_CHECK(!opt.out.empty(), "--objective classify needs --out");
   const ImageSet data = load_images(opt.data, "train");
@@ -131,25 +143,26 @@ double train_classifier(const TrainOptions& opt) {
     test = load_images(opt.data, "test");
   else if (dir && !expand_glob((fs::path(opt.data) / "val_*.safetensors").string()).empty())
     test = load_images(opt.data, "val");
-  ViTConfig cfg;
-  if (!opt.model.empty()) {
-    const std::string p = fs::is_directory(opt.model) ? (fs::path(opt.model) / "config.json").string() : opt.model;
-    cfg = ViTConfig::from_json(read_file(p), p);
-  }
   KILN_CHECK(data.height == data.width, "images: not square");
-  cfg.image_size = data.height, cfg.channels = data.channels, cfg.classes = data.classes;
-  cfg.validate();
-  auto be = nn::make_cpu_backend();
-  ViT m(cfg, *be);
+  const ImageGeometry g{data.height, data.channels, data.classes};
+  ImageModelOptions mo;
+  std::unique_ptr<ImageModel> mp =
+      make_image_model(image_model_config(opt.model, task, &g), "--model " + opt.model, mo);
+  ImageModel& m = *mp;
+  KILN_CHECK(m.provides(ImageTask::Classify) || m.provides(ImageTask::Density), "--model ", opt.model, ": a ",
+             m.type(), " model computes no loss of its own (classify or density)");
+  const bool classify = m.provides(ImageTask::Classify);
+  KILN_CHECK(m.provides(task), "--objective ", task == ImageTask::Density ? "nll" : "classify", ": a ", m.type(),
+             " model does not provide the ", image_task_name(task), " task");
   m.init_random(opt.seed);
-  m.plan(opt.batch);
-  AdamW adam(m.table(), opt.adamw);
+  m.plan(opt.batch, RecomputePolicy::parse(opt.recompute));
+  AdamW adam(m.table(), opt.adamw, m.blocks().backend);
   LrSchedule sched;
   sched.kind = LrSchedule::parse(opt.lr_schedule);
   sched.lr = opt.lr, sched.min_lr = opt.min_lr, sched.warmup = opt.warmup, sched.total = opt.steps;
   Rng rng(opt.seed);
   const int64_t P = data.pixels();
-  std::vector<float> x(size_t(opt.batch) * P), logits(size_t(opt.batch) * cfg.classes);
+  std::vector<float> x(size_t(opt.batch) * P);
   std::vector<int32_t> y(size_t(opt.batch));
   std::FILE* metrics = opt.metrics.empty() ? nullptr : std::fopen(opt.metrics.c_str(), "w");
   KILN_CHECK(opt.metrics.empty() || metrics, "--metrics ", opt.metrics, ": cannot open for writing");
@@ -162,28 +175,35 @@ double train_classifier(const TrainOptions& opt) {
       std::copy_n(data.images.data() + k * P, P, x.data() + int64_t(i) * P);
       y[size_t(i)] = data.labels[size_t(k)];
     }
-    last = m.forward(logits.data(), nullptr, x.data(), y.data(), opt.batch);
-    m.backward();
+    last = m.loss_forward(x.data(), y.data(), opt.batch, /*train=*/true);
+    m.loss_backward();
     const float lr = sched.at(step);
-    const double norm = adam.grad_norm(m.grads());
-    adam.update(m.params(), m.grads(), lr, step + 1, norm, 1.0f, true);
+    const ParamBlocks pb = m.blocks();
+    const double norm = adam.grad_norm(pb);
+    adam.update(pb, lr, step + 1, norm, 1.0f, true);
     nlohmann::json j = {{"step", step + 1}, {"loss", last}, {"lr", lr}, {"grad_norm", norm}};
-    if (opt.eval_every > 0 && (step + 1) % opt.eval_every == 0 && test.size() > 0)
+    if (classify && opt.eval_every > 0 && (step + 1) % opt.eval_every == 0 && test.size() > 0)
       j["test_accuracy_1000"] = accuracy(m, test, opt.batch, 1000);
+    if (!classify && opt.eval_every > 0 && (step + 1) % opt.eval_every == 0 && test.size() > 0)
+      j["test_loss_1000"] = test_loss(m, test, opt.batch, 1000);
     if (metrics) std::fprintf(metrics, "%s\n", j.dump().c_str()), std::fflush(metrics);
     if (tty) std::fprintf(stderr, "\rstep %d/%d loss %.4f", step + 1, opt.steps, last);
   }
   if (tty) std::fprintf(stderr, "\n");
   if (metrics) std::fclose(metrics);
   make_dirs(opt.out);
-  write_file_atomic((fs::path(opt.out) / "config.json").string(), cfg.to_json());
+  write_file_atomic((fs::path(opt.out) / "config.json").string(), m.config_json());
+  m.sync_to_host();
   std::vector<Tensor> ts;
-  for (const ParamSpec& s : m.table().specs) ts.push_back({s.name, DType::F32, s.shape, m.params() + s.offset});
+  for (const ParamSpec& s : m.table().specs) ts.push_back({s.name, DType::F32, s.shape, m.host_params() + s.offset});
   write_safetensors((fs::path(opt.out) / "model.safetensors").string(), ts);
-  const double acc = test.size() > 0 ? accuracy(m, test, opt.batch) : std::nan("");
+  const double acc = classify && test.size() > 0 ? accuracy(m, test, opt.batch) : std::nan("");
   const double secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
-  nlohmann::json j = {{"objective", "classify"}, {"steps", opt.steps}, {"loss", last}, {"test_images", test.size()},
-                      {"test_accuracy", acc}, {"seconds", secs}};
+  nlohmann::json j = {{"objective", classify ? "classify" : "nll"}, {"steps", opt.steps}, {"loss", last},
+                      {"test_images", test.size()}, {"seconds", secs}};
+  if (classify) j["test_accuracy"] = acc;
+  // A density model: its loss (bits/dim) on the whole test split.
+  if (!classify && test.size() > 0) j["test_loss"] = test_loss(m, test, opt.batch, test.size());
   write_file_atomic((fs::path(opt.out) / "eval.json").string(), j.dump(2) + "\n");
   std::printf("%s\n", j.dump().c_str());
   return acc;
@@ -192,33 +212,36 @@ double train_classifier(const TrainOptions& opt) {
 ImageJudge::ImageJudge(const std::string& dir, int batch) : batch_(batch) {
   const std::string cp = (fs::path(dir) / "config.json").string();
   KILN_CHECK(file_exists(cp), "--judge ", dir, ": no config.json (a directory from kiln train --objective classify)");
-  const ViTConfig cfg = ViTConfig::from_json(read_file(cp), cp);
-  be_ = nn::make_cpu_backend();
-  vit_ = std::make_unique<ViT>(cfg, *be_, false);
+  ImageModelOptions mo;
+  mo.with_grads = false;
+  m_ = make_image_model(read_file(cp), cp, mo);
+  KILN_CHECK(m_->provides(ImageTask::Classify), "--judge ", dir, ": a ", m_->type(), " model is not a classifier");
   SafeTensorsReader r((fs::path(dir) / "model.safetensors").string());
-  for (const ParamSpec& s : vit_->table().specs) {
+  for (const ParamSpec& s : m_->table().specs) {
     const Tensor& t = r.get(s.name);
     KILN_CHECK(t.numel() == s.numel(), dir, "/model.safetensors: tensor ", s.name, " has the wrong size");
-    convert_to_f32(t.data, t.dtype, vit_->params() + s.offset, size_t(s.numel()));
+    convert_to_f32(t.data, t.dtype, m_->host_params() + s.offset, size_t(s.numel()));
   }
-  vit_->plan(batch);
+  m_->params_changed();
+  m_->plan(batch);
 }
 
 ImageJudge::~ImageJudge() = default;
 
-int ImageJudge::feature_dim() const { return vit_->config().hidden; }
+int ImageJudge::feature_dim() const { return m_->feature_dim(); }
 
 void ImageJudge::run(const float* images, int64_t n, int32_t* pred, float* features) {
-  const ViTConfig& c = vit_->config();
-  const int64_t P = int64_t(c.channels) * c.image_size * c.image_size;
-  std::vector<float> logits(size_t(batch_) * c.classes);
+  const ImageGeometry g = m_->geometry();
+  const int64_t P = m_->pixels();
+  const int D = m_->feature_dim();
+  std::vector<float> logits(size_t(batch_) * g.classes);
   for (int64_t i = 0; i < n; i += batch_) {
     const int b = int(std::min<int64_t>(batch_, n - i));
-    vit_->forward(logits.data(), features ? features + i * c.hidden : nullptr, images + i * P, nullptr, b);
+    m_->predict(logits.data(), features ? features + i * D : nullptr, images + i * P, b);
     if (pred)
       for (int k = 0; k < b; k++) {
-        const float* l = logits.data() + int64_t(k) * c.classes;
-        pred[i + k] = int32_t(std::max_element(l, l + c.classes) - l);
+        const float* l = logits.data() + int64_t(k) * g.classes;
+        pred[i + k] = int32_t(std::max_element(l, l + g.classes) - l);
       }
   }
 }

@@ -1,22 +1,24 @@
-// `kiln train --objective classify`: the ViT of models/vit.h trained by cross-entropy on image shards, and the
-// judge that uses it on generated images: class accuracy of class-conditional samples and a Fréchet distance
+// `kiln train --objective classify`: a loss model (models/image_model.h: a classifier such as the ViT, trained by
+// cross-entropy, or a density model by its negative log-likelihood) trained on image shards, and the judge that uses it on generated images: class accuracy of class-conditional samples and a Fréchet distance
 // between feature statistics (our stand-in for FID: the classifier's pooled features instead of Inception's).
-// The classifier directory: <out>/config.json (model_type vit), <out>/model.safetensors, <out>/eval.json.
+// The classifier directory: <out>/config.json (its model_type), <out>/model.safetensors, <out>/eval.json.
 #pragma once
 #include <cstdint>
 #include <memory>
 #include <string>
 #include <vector>
 
-#include "models/vit.h"
+#include "models/image_model.h"
 #include "train/trainer.h"
 
 namespace kiln {
 
-// TrainOptions supplies model (a vit config.json, or empty for models/vit.h's default), data, batch, steps, lr,
+// TrainOptions supplies model (a config.json of a classify or density model, or empty for the default vit), data, batch, steps, lr,
 // min_lr, lr_schedule, warmup, adamw, seed, threads, out, metrics, eval_every, progress. Returns the test (or val)
 // accuracy.
-double train_classifier(const TrainOptions& opt);
+// task Classify (--objective classify) or Density (--objective nll: a normalizing flow, loss in bits/dim); the
+// default --model is the factory's default for the task.
+double train_classifier(const TrainOptions& opt, ImageTask task = ImageTask::Classify);
 
 class ImageJudge {
  public:
@@ -27,8 +29,7 @@ class ImageJudge {
   void run(const float* images, int64_t n, int32_t* pred, float* features);
 
  private:
-  std::unique_ptr<nn::Backend> be_;
-  std::unique_ptr<ViT> vit_;
+  std::unique_ptr<ImageModel> m_;
   int batch_;
 };
 

@@ -26,20 +26,15 @@ namespace {
 
 using Clock = std::chrono::steady_clock;
 
-DiTConfig model_config(const std::string& model, const ImageSet& data) {
-  DiTConfig c;
-  if (model.rfind("DiT-", 0) == 0) {
-    c = DiTConfig::preset(model);
-  } else {
-    KILN_CHECK(!model.empty(), "--model: give a DiT preset (DiT-S/2, DiT-S/4, DiT-B/2, DiT-B/4) or a config.json");
-    const std::string path = fs::is_directory(model) ? (fs::path(model) / "config.json").string() : model;
-    KILN_CHECK(file_exists(path), "--model ", model, ": no such preset or config file");
-    c = DiTConfig::from_json(read_file(path), path);
-  }
+// The model for --model (a preset, a config.json or a directory with one; the data's geometry); it must denoise.
+std::unique_ptr<ImageModel> make_denoiser(const TrainOptions& opt, const ImageSet& data, const ImageModelOptions& mo) {
   KILN_CHECK(data.height == data.width, "images: ", data.height, "x", data.width, " images are not square");
-  c.image_size = data.height, c.channels = data.channels, c.classes = data.classes;
-  c.validate();
-  return c;
+  KILN_CHECK(!opt.model.empty(), "--model: give a DiT preset (DiT-S/2, DiT-S/4, DiT-B/2, DiT-B/4) or a config.json");
+  const ImageGeometry g{data.height, data.channels, data.classes};
+  auto m = make_image_model(image_model_config(opt.model, ImageTask::Denoise, &g), "--model " + opt.model, mo);
+  KILN_CHECK(m->provides(ImageTask::Denoise), "--model ", opt.model, ": a ", m->type(),
+             " model is not a denoiser (the diffusion objectives need one, e.g. DiT-S/2)");
+  return m;
 }
 
 std::vector<Tensor> tensors_of(const ParamTable& t, float* block) {
@@ -58,8 +53,8 @@ void read_into(const std::string& path, const ParamTable& t, float* block) {
   }
 }
 
-std::string config_json(const DiTConfig& c, const ImageTrainOptions& img) {
-  nlohmann::json j = nlohmann::json::parse(c.to_json());
+std::string config_json(const ImageModel& m, const ImageTrainOptions& img) {
+  nlohmann::json j = nlohmann::json::parse(m.config_json());
   j["objective"] = img.objective, j["flow_t"] = img.flow_t, j["label_dropout"] = img.label_dropout;
   return j.dump(2) + "\n";
 }
@@ -100,7 +95,7 @@ ImageModelFiles find_image_model(const std::string& path) {
   }
   const std::string cp = (fs::path(f.dir) / "config.json").string();
   const std::string text = read_file(cp);
-  f.config = DiTConfig::from_json(text, cp);
+  f.config_json = text;
   const nlohmann::json j = nlohmann::json::parse(text);
   KILN_CHECK(j.contains("objective") && j["objective"].is_string(), cp, ": no \"objective\" (not an image model "
              "trained by kiln train --objective)");
@@ -109,11 +104,13 @@ ImageModelFiles find_image_model(const std::string& path) {
   return f;
 }
 
-void load_image_weights(const ImageModelFiles& f, DiT& model, bool ema) {
+std::unique_ptr<ImageModel> load_image_model(const ImageModelFiles& f, const ImageModelOptions& opt, bool ema) {
+  auto m = make_image_model(f.config_json, (fs::path(f.dir) / "config.json").string(), opt);
   std::string p = (fs::path(f.dir) / "ema.safetensors").string();
   if (!ema || !file_exists(p)) p = (fs::path(f.dir) / "model.safetensors").string();
-  KILN_CHECK(model.backend().on_host(), "load_image_weights: host backend only");
-  read_into(p, model.table(), model.params());
+  read_into(p, m->table(), m->host_params());
+  m->params_changed();
+  return m;
 }
 
 double train_images(const TrainOptions& opt, const ImageTrainOptions& img) {
@@ -132,16 +129,16 @@ double train_images(const TrainOptions& opt, const ImageTrainOptions& img) {
     val = load_images(opt.val_data, "val");
   else if (fs::is_directory(opt.data) && !expand_glob((fs::path(opt.data) / "val_*.safetensors").string()).empty())
     val = load_images(opt.data, "val");
-  const DiTConfig cfg = model_config(opt.model, data);
+  ImageModelOptions mo;
+  std::unique_ptr<ImageModel> mp = make_denoiser(opt, data, mo);
+  ImageModel& model = *mp;
   const int64_t P = data.pixels();
-
-  auto be = nn::make_cpu_backend();
-  DiT model(cfg, *be);
   model.init_random(opt.seed);
-  model.plan(opt.batch);
+  model.plan(opt.batch, RecomputePolicy::parse(opt.recompute));
   const ParamTable& table = model.table();
-  AdamW adam(table, opt.adamw);
-  std::vector<float> ema(model.params(), model.params() + table.total);
+  AdamW adam(table, opt.adamw, model.blocks().backend);
+  model.ema_reset();
+  std::vector<float>& ema = model.ema();
   LrSchedule sched;
   sched.kind = LrSchedule::parse(opt.lr_schedule);
   sched.lr = opt.lr, sched.min_lr = opt.min_lr, sched.warmup = opt.warmup, sched.total = opt.steps;
@@ -152,11 +149,13 @@ double train_images(const TrainOptions& opt, const ImageTrainOptions& img) {
     KILN_CHECK(!opt.out.empty(), "--resume needs --out");
     const std::string dir = latest_checkpoint(opt.out);
     KILN_CHECK(!dir.empty(), "--resume: no checkpoint in ", opt.out);
-    read_into((fs::path(dir) / "model.safetensors").string(), table, model.params());
+    read_into((fs::path(dir) / "model.safetensors").string(), table, model.host_params());
+    model.params_changed();
     read_into((fs::path(dir) / "ema.safetensors").string(), table, ema.data());
     SafeTensorsReader st((fs::path(dir) / "train_state.safetensors").string());
     convert_to_f32(st.get("adam.m").data, DType::F32, adam.m(), table.total);
     convert_to_f32(st.get("adam.v").data, DType::F32, adam.v(), table.total);
+    adam.moments_changed();
     auto meta = [&](const char* k) {
       auto it = st.metadata().find(k);
       KILN_CHECK(it != st.metadata().end(), dir, "/train_state.safetensors: metadata ", k, " missing");
@@ -174,8 +173,10 @@ double train_images(const TrainOptions& opt, const ImageTrainOptions& img) {
     std::snprintf(name, sizeof name, "step_%08ld", long(s));
     const fs::path dir = fs::path(opt.out) / name;
     make_dirs(dir.string());
-    write_file_atomic((dir / "config.json").string(), config_json(cfg, img));
-    write_safetensors((dir / "model.safetensors").string(), tensors_of(table, model.params()));
+    write_file_atomic((dir / "config.json").string(), config_json(model, img));
+    model.sync_to_host();
+    adam.sync_to_host();
+    write_safetensors((dir / "model.safetensors").string(), tensors_of(table, model.host_params()));
     write_safetensors((dir / "ema.safetensors").string(), tensors_of(table, ema.data()));
     const int64_t n = int64_t(table.total);
     write_safetensors((dir / "train_state.safetensors").string(),
@@ -206,7 +207,7 @@ double train_images(const TrainOptions& opt, const ImageTrainOptions& img) {
     double sum = 0;
     for (int i = 0; i < opt.val_batches; i++) {
       draw(vb, val, obj, 0.0f, opt.batch, vr);
-      model.forward(vb.F.data(), vb.net_in.data(), vb.c_noise.data(), vb.labels.data(), opt.batch);
+      model.denoise(vb.F.data(), vb.net_in.data(), vb.c_noise.data(), vb.labels.data(), opt.batch);
       sum += objective_loss(obj, vb.x0.data(), vb.eps.data(), vb.levels.data(), vb.F.data(), opt.batch, P, nullptr);
     }
     return sum / opt.val_batches;
@@ -226,20 +227,18 @@ double train_images(const TrainOptions& opt, const ImageTrainOptions& img) {
     double loss = 0;
     for (int m = 0; m < opt.grad_accum; m++) {
       draw(b, data, obj, img.label_dropout, opt.batch, rng);
-      model.forward(b.F.data(), b.net_in.data(), b.c_noise.data(), b.labels.data(), opt.batch);
+      model.denoise(b.F.data(), b.net_in.data(), b.c_noise.data(), b.labels.data(), opt.batch);
       loss += objective_loss(obj, b.x0.data(), b.eps.data(), b.levels.data(), b.F.data(), opt.batch, P, b.dF.data()) /
               opt.grad_accum;
       for (auto& g : b.dF) g /= float(opt.grad_accum);
-      model.backward(b.dF.data());
+      model.denoise_backward(b.dF.data());
     }
     KILN_CHECK(std::isfinite(loss), "step ", step + 1, ": the loss is ", loss);
     const float lr = sched.at(int(step));
-    const double norm = adam.grad_norm(model.grads());
-    adam.update(model.params(), model.grads(), lr, step + 1, norm, 1.0f, /*zero_grads=*/true);
-    const float d = img.ema_decay;
-    float* p = model.params();
-#pragma omp parallel for schedule(static)
-    for (size_t i = 0; i < table.total; i++) ema[i] = d * ema[i] + (1 - d) * p[i];
+    const ParamBlocks pb = model.blocks();
+    const double norm = adam.grad_norm(pb);
+    adam.update(pb, lr, step + 1, norm, 1.0f, /*zero_grads=*/true);
+    model.ema_update(img.ema_decay);
     last = loss;
     const double secs = std::chrono::duration<double>(Clock::now() - t0).count();
     nlohmann::json j = {{"step", step + 1}, {"loss", loss}, {"lr", lr}, {"grad_norm", norm}, {"step_seconds", secs}};

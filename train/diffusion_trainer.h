@@ -1,8 +1,8 @@
-// Training the image models: a DiT (models/dit.h) under one of the objectives of models/diffusion.h on image
-// shards (train/images.h), with the language-model trainer's machinery: AdamW with per-tensor decay and global-norm
+// Training the image models: a denoiser (models/image_model.h) under one of the objectives of models/diffusion.h
+// on image shards (train/images.h), with the language-model trainer's machinery: AdamW with per-tensor decay and global-norm
 // clipping (train/optimizer.h), the warmup + cosine schedule (train/schedule.h), gradient accumulation, JSONL
 // metrics, validation, an EMA copy of the weights, and atomic checkpoints that resume exactly:
-//   <out>/step_NNNNNNNN/config.json          the DiT configuration + "objective", "flow_t", "label_dropout"
+//   <out>/step_NNNNNNNN/config.json          the model configuration + "objective", "flow_t", "label_dropout"
 //   <out>/step_NNNNNNNN/model.safetensors    the weights (the reference's tensor names)
 //   <out>/step_NNNNNNNN/ema.safetensors      the EMA weights (what `kiln sample` reads)
 //   <out>/step_NNNNNNNN/train_state.safetensors  AdamW moments; metadata: step, the generator's position
@@ -13,7 +13,7 @@
 #include <string>
 
 #include "models/diffusion.h"
-#include "models/dit.h"
+#include "models/image_model.h"
 #include "train/trainer.h"
 
 namespace kiln {
@@ -34,12 +34,13 @@ double train_images(const TrainOptions& opt, const ImageTrainOptions& img);
 // A trained image model as `kiln sample` reads it: a checkpoint directory (or an --out directory: its latest).
 struct ImageModelFiles {
   std::string dir;
-  DiTConfig config;
+  std::string config_json;  // the model's config.json (make_image_model reads it)
   Objective objective;
   float label_dropout = 0;
 };
 ImageModelFiles find_image_model(const std::string& path);
-// Loads ema.safetensors (ema true, when present) or model.safetensors into the model's parameters.
-void load_image_weights(const ImageModelFiles& f, DiT& model, bool ema = true);
+// The model with ema.safetensors (ema true, when present) or model.safetensors as its parameters.
+std::unique_ptr<ImageModel> load_image_model(const ImageModelFiles& f, const ImageModelOptions& opt = {},
+                                             bool ema = true);
 
 }  // namespace kiln

@@ -121,6 +121,29 @@ void attend(const float* q, const float* k, const float* v, int64_t stride, int6
   }
 }
 
+// Tree attention's new keys: after attend() over the cached keys, fold in the new keys past+j whose bit j is
+// set in mask, one at a time (the same online softmax; a tree has at most 64 of them).
+void attend_tree(const float* q, const float* k, const float* v, int64_t stride, int64_t vstride, int HD, int HDv,
+                 float scale, int64_t past, uint64_t mask, float* acc, float& m, float& l, const KVPages& pages,
+                 int b) {
+  for (int j = 0; j < 64; j++) {
+    if (!((mask >> j) & 1)) continue;
+    const int64_t key = past + j;
+    const int64_t kr = pages ? pages.row(b, key) * stride : key * stride;
+    const int64_t vr = pages ? pages.row(b, key) * vstride : key * vstride;
+    const float sc = dot(q, k + kr, HD) * scale;
+    if (sc > m) {
+      const float corr = vmath::exp_scalar(m - sc);
+      l *= corr;
+      scale_in_place(acc, corr, HDv);
+      m = sc;
+    }
+    const float w = vmath::exp_scalar(sc - m);
+    l += w;
+    axpy(acc, w, v + vr, HDv);
+  }
+}
+
 }  // namespace
 
 void decode_attention(const DecodeAttentionParams& p) {
@@ -137,6 +160,8 @@ void decode_attention(const DecodeAttentionParams& p) {
   const int NKV = p.NKV > 0 ? p.NKV : NH;
   KILN_CHECK(p.NKV >= 0 && NH % NKV == 0, "decode_attention: NKV (", p.NKV, ") must divide NH (", NH, ")");
   KILN_CHECK(p.window >= 0, "decode_attention: window (", p.window, ") must be >= 0");
+  KILN_CHECK(!p.tree || (p.Tq <= 64 && p.window == 0), "decode_attention: a tree takes at most 64 queries and "
+             "no window (Tq=", p.Tq, ", window=", p.window, ")");
   const int group = NH / NKV;
   const int64_t pairs = rows * NH;
   const int nt = omp_get_max_threads();
@@ -145,6 +170,7 @@ void decode_attention(const DecodeAttentionParams& p) {
   if (pairs < 4 * int64_t(nt))
     splits = std::min((4 * int64_t(nt) + pairs - 1) / pairs, (max_keys + kMinSplit - 1) / kMinSplit);
   splits = std::max<int64_t>(splits, 1);
+  if (p.tree) splits = 1;  // a tree's queries are many; its new keys are folded in per item
   // Too little work to wake the team: run on the calling thread.
   const bool threaded = pairs * max_keys * HD >= (1 << 16);
 
@@ -170,8 +196,17 @@ void decode_attention(const DecodeAttentionParams& p) {
       for (int64_t it = 0; it < pairs; it++) {
         const int64_t row = it / NH, h = it % NH;
         float m, l;
-        attend(p.q + row * p.q_stride + h * HD, base(row, p.k) + kv_off(h), vbase(row) + v_off(h), p.kv_stride,
-               p.vs(), HD, HDv, p.scale, first_key(row), key_end(row), acc.data(), m, l, p.pages, seq(row));
+        const float* q = p.q + row * p.q_stride + h * HD;
+        const float *kb = base(row, p.k) + kv_off(h), *vb = vbase(row) + v_off(h);
+        if (p.tree) {  // the cached keys, then the node's ancestors among the new ones
+          const int64_t past = p.past_of(seq(row));
+          attend(q, kb, vb, p.kv_stride, p.vs(), HD, HDv, p.scale, 0, past, acc.data(), m, l, p.pages, seq(row));
+          attend_tree(q, kb, vb, p.kv_stride, p.vs(), HD, HDv, p.scale, past, p.tree[row % p.Tq], acc.data(), m, l,
+                      p.pages, seq(row));
+        } else {
+          attend(q, kb, vb, p.kv_stride, p.vs(), HD, HDv, p.scale, first_key(row), key_end(row), acc.data(), m, l,
+                 p.pages, seq(row));
+        }
         float* o = p.out + row * p.out_stride + h * HDv;
         const float inv = 1.0f / l;
         for (int d = 0; d < HDv; d++) o[d] = acc[size_t(d)] * inv;

@@ -15,6 +15,8 @@ void decode_attention(const DecodeAttentionParams& p) {
   const int NKV = p.NKV > 0 ? p.NKV : p.NH;
   KILN_CHECK(p.NKV >= 0 && p.NH % NKV == 0, "decode_attention: NKV (", p.NKV, ") must divide NH (", p.NH, ")");
   KILN_CHECK(p.window >= 0, "decode_attention: window (", p.window, ") must be >= 0");
+  KILN_CHECK(!p.tree || (p.Tq <= 64 && p.window == 0), "decode_attention: a tree takes at most 64 queries and "
+             "no window (Tq=", p.Tq, ", window=", p.window, ")");
   const int group = p.NH / NKV;
   std::vector<double> s;
   for (int b = 0; b < p.B; b++) {
@@ -30,9 +32,16 @@ void decode_attention(const DecodeAttentionParams& p) {
       for (int h = 0; h < p.NH; h++) {
         const int64_t kvoff = int64_t(h / group) * p.HD, voff = int64_t(h / group) * p.hdv();
         const float* q = p.q + row * p.q_stride + int64_t(h) * p.HD;
-        s.assign(size_t(last - first + 1), 0.0);
         double mx = -INFINITY;
-        for (int64_t j = first; j <= last; j++) {
+        // Tree attention: a new key the query's mask leaves out scores -inf (weight 0).
+        auto visible = [&](int64_t j) { return !p.tree || j < past || ((p.tree[i] >> (j - past)) & 1); };
+        const int64_t stop = p.tree ? int64_t(past) + p.Tq - 1 : last;
+        s.assign(size_t(stop - first + 1), 0.0);
+        for (int64_t j = first; j <= stop; j++) {
+          if (!visible(j)) {
+            s[size_t(j - first)] = -INFINITY;
+            continue;
+          }
           const float* k = p.k + kat(j) + kvoff;
           double dot = 0;
           for (int d = 0; d < p.HD; d++) dot += double(q[d]) * double(k[d]);
@@ -44,7 +53,8 @@ void decode_attention(const DecodeAttentionParams& p) {
         float* o = p.out + row * p.out_stride + int64_t(h) * p.hdv();
         for (int d = 0; d < p.hdv(); d++) {
           double acc = 0;
-          for (int64_t j = first; j <= last; j++) acc += s[size_t(j - first)] * double(p.v[vat(j) + voff + d]);
+          for (int64_t j = first; j <= stop; j++)
+            if (visible(j)) acc += s[size_t(j - first)] * double(p.v[vat(j) + voff + d]);
           o[d] = float(acc / sum);
         }
       }

@@ -1018,7 +1018,17 @@ void add_decode_attention(std::vector<OpCase>& t) {
     std::vector<int32_t> past;
     bool gpu;
     int HDv = 0;  // MLA: value heads of their own width (0: HD)
+    std::vector<uint64_t> tree = {};  // tree attention: query i's mask over the new keys (empty: causal)
   };
+  // Medusa-style candidate trees: node i sees its ancestors and itself. A root with two chains of 3 and 2, and
+  // a 16-node tree (parents 0,0,0,1,1,2,4,4,5,7,7,8,10,11,13 for nodes 1..15).
+  auto tree_of = [](const std::vector<int>& parent) {
+    std::vector<uint64_t> m(parent.size() + 1, 1);
+    for (size_t i = 1; i <= parent.size(); i++) m[i] = m[size_t(parent[i - 1])] | (uint64_t(1) << i);
+    return m;
+  };
+  const std::vector<uint64_t> small_tree = tree_of({0, 1, 2, 0, 4});
+  const std::vector<uint64_t> big_tree = tree_of({0, 0, 0, 1, 1, 2, 4, 4, 5, 7, 7, 8, 10, 11, 13});
   // 320 cached positions: 5 tiles, several splits merged; 16 queries continuing a prefix; HD 20: the CPU's
   // scalar path; a long cache with one head: the CPU's split path.
   const D cases[] = {
@@ -1028,6 +1038,8 @@ void add_decode_attention(std::vector<OpCase>& t) {
       {4, 1, 48, 2, 0, 320, {7, 300}, false, 32},  // MLA absorbed: one latent head, values narrower than keys
       {8, 1, 24, 1, 0, 4000, {3990}, false, 16},   // ... on the split path
       {2, 2, 32, 3, 0, 64, {0, 40}, false, 48},    // values wider than keys
+      {4, 2, 64, 6, 0, 96, {5, 40}, false, 0, small_tree},  // tree attention (the CPU and the reference)
+      {2, 1, 32, 16, 0, 600, {300, 7}, false, 0, big_tree},
   };
   for (const D& d : cases)
     for (DType dt : {F32, BF16}) {
@@ -1042,14 +1054,16 @@ void add_decode_attention(std::vector<OpCase>& t) {
         if (!past.empty()) past += ',';
         past += std::to_string(v);
       }
-      const std::string name = fmt("NH %d NKV %d HD %d HDv %d Tq %d w %d cap %d past {%s} %s", d.NH, d.NKV, d.HD,
-                                   HDv, d.Tq, d.window, d.cap, past.c_str(), dtype_name(dt));
+      const std::string name = fmt("NH %d NKV %d HD %d HDv %d Tq %d w %d cap %d past {%s}%s %s", d.NH, d.NKV, d.HD,
+                                   HDv, d.Tq, d.window, d.cap, past.c_str(), d.tree.empty() ? "" : " tree",
+                                   dtype_name(dt));
       auto host = [=](auto fn, const Tensors& in) {
         DecodeAttentionParams p;
         p.B = B, p.Tq = d.Tq, p.past_per_seq = d.past.data(), p.NH = d.NH, p.HD = d.HD, p.NKV = d.NKV;
         p.window = d.window, p.scale = scale, p.q = in[0].v.data(), p.q_stride = L, p.k = in[1].v.data();
         p.v = in[2].v.data(), p.kv_batch_stride = d.cap * KC, p.kv_stride = KC;
         if (d.HDv) p.HDv = HDv, p.v_batch_stride = d.cap * VC, p.v_stride = VC;
+        if (!d.tree.empty()) p.tree = d.tree.data();
         std::vector<float> out(size_t(B * d.Tq * C));
         p.out = out.data(), p.out_stride = C;
         fn(p);

@@ -232,6 +232,21 @@ const streamChat = async (p, abortAfter = 0) => {
     "/metrics: no sequence running and no KV block held afterwards");
   const req1 = await metric('kiln_requests_total{route="/v1/chat/completions",status="200"}');
   check(req1 - req0 >= 24, "/metrics: requests counted");
+  // A non-streaming client that goes away frees its sequences too, long before their 4 x 200 tokens are made.
+  const ctl = new AbortController();
+  const gone = fetch(srv.url + "/v1/completions", { method: "POST", signal: ctl.signal,
+    headers: { "Content-Type": "application/json", ...auth },
+    body: JSON.stringify({ prompt: "A long answer", max_tokens: 200, n: 4, temperature: 0 }) });
+  for (let i = 0; i < 300 && await metric("kiln_running_sequences") === 0; i++)
+    await new Promise((r) => setTimeout(r, 20));
+  ctl.abort();
+  await gone.catch(() => {});
+  for (let i = 0; i < 300 && await metric("kiln_running_sequences") !== 0; i++)
+    await new Promise((r) => setTimeout(r, 100));
+  const gen3 = await metric("kiln_generation_tokens_total");
+  check(await metric("kiln_running_sequences") === 0 && gen3 - gen2 < 800 &&
+    await metric('kiln_requests_total{route="/v1/completions",status="499"}') === 1,
+    `a disconnected non-streaming request is freed early (${gen3 - gen2} of 800 tokens made; counted as 499)`);
 }
 
 // ---- 5. a full queue; shutdown ------------------------------------------------------------------------------

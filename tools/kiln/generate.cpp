@@ -7,7 +7,12 @@
 //    with a draft model "speculative": {draft_tokens, rounds, drafted, accepted, acceptance_rate,
 //    mean_accepted_length (accepted proposals per round), tokens_per_round}; with MTP self-drafting the same
 //    object with "method": "mtp" (a model with MTP modules drafts with its first module unless
-//    --no-mtp-draft; one guess per round)}
+//    --no-mtp-draft; one guess per round),
+//    with Medusa heads "medusa": {heads, tree_nodes, tree_depth, acceptance: greedy | typical, rounds, accepted,
+//    acceptance_rate (accepted / (rounds · tree depth)), mean_accepted_length (tokens per round)}}
+// Medusa (infer/medusa.h) runs by default when the checkpoint has heads (medusa.safetensors), on the CPU and
+// without a draft model; --no-medusa turns it off. Greedy acceptance at temperature 0 (output = plain greedy),
+// typical acceptance (--typical-threshold, --typical-alpha) when sampling.
 // Prefill and decode speeds go to stderr. The sequence (prompt + new tokens) never exceeds the model's
 // n_positions: generation stops there and says so on stderr. --stop ends the completion before the first
 // occurrence of a string (the stop string itself is not printed; the token that completed it is listed).
@@ -25,12 +30,14 @@
 #include "core/error.h"
 #include "core/gpu.h"
 #include "infer/generate.h"
+#include "infer/medusa.h"
 #include "infer/mtp_decode.h"
 #include "infer/sampler.h"
 #include "infer/speculative.h"
 #include "infer/text_stream.h"
 #include "models/checkpoint.h"
 #include "models/family.h"
+#include "models/medusa_checkpoint.h"
 #include "models/model.h"
 #include "tokenizer/bpe.h"
 #include "tools/kiln/command.h"
@@ -42,6 +49,9 @@ struct GenerateOptions {
   std::string model, random_init, tokenizer, prompt, prompt_ids, stop, device = "cpu", weights_dtype = "f32";
   std::string draft_model, draft_random_init;
   int draft_tokens = 4;
+  bool medusa = false, no_medusa = false;
+  std::string medusa_tree;
+  float typical_threshold = 0.09f, typical_alpha = 0.3f;
   bool has_prompt = false, has_prompt_ids = false, json = false, no_cuda_graph = false;
   bool mtp_draft = false, no_mtp_draft = false, draft_tokens_given = false;
   int max_new = 64, threads = 0;
@@ -188,12 +198,28 @@ void run_generate(const GenerateOptions& o) {
                " is smaller than the ", sample_vocab, " ids the target samples from");
     draft = make_decoder(dcfg, draft_model->host_params(), dopt);
   }
+  // Medusa: the checkpoint's heads (medusa.safetensors), used when asked or, by default, when they exist
+  // (not beside a draft model, and on the CPU where tree attention runs).
+  KILN_CHECK(!(o.medusa && o.no_medusa), "give at most one of --medusa and --no-medusa");
+  std::optional<MedusaWeights> medusa_w;
+  if (!o.model.empty() && !o.no_medusa) medusa_w = load_medusa_heads(o.model, cfg);
+  KILN_CHECK(!o.medusa || medusa_w, "--medusa: ", o.model.empty() ? "--random-init has" : o.model + " has",
+             " no Medusa heads (medusa.safetensors; kiln train --medusa-heads K --init BASE makes them)");
+  KILN_CHECK(!o.medusa || !speculative, "give at most one of --medusa and --draft-model");
+  KILN_CHECK(!o.medusa || !device.cuda, "--medusa decodes on the CPU (tree attention has no CUDA kernel yet)");
+  const bool use_medusa = medusa_w && !speculative && !device.cuda;
+  MedusaParams mparams;
+  if (!o.medusa_tree.empty()) mparams.tree = MedusaTree::parse(o.medusa_tree);
+  mparams.typical = !o.sampling.greedy();
+  mparams.typical_threshold = o.typical_threshold;
+  mparams.typical_alpha = o.typical_alpha;
   // MTP self-drafting: --mtp-draft, or by default when the model has the modules and no draft model is given.
   KILN_CHECK(!(o.mtp_draft && o.no_mtp_draft), "give at most one of --mtp-draft and --no-mtp-draft");
   KILN_CHECK(!(o.mtp_draft && speculative), "give at most one of --mtp-draft and --draft-model");
+  KILN_CHECK(!(o.mtp_draft && use_medusa), "give at most one of --mtp-draft and --medusa (or pass --no-medusa)");
   KILN_CHECK(!o.mtp_draft || dec->self_draft_chunk() > 0, "--mtp-draft: the model (", cfg.family,
              ") has no multi-token-prediction modules (num_nextn_predict_layers)");
-  const bool mtp = !speculative && !o.no_mtp_draft && dec->self_draft_chunk() > 0;
+  const bool mtp = !speculative && !use_medusa && !o.no_mtp_draft && dec->self_draft_chunk() > 0;
   KILN_CHECK(!mtp || !o.draft_tokens_given || o.draft_tokens == 1, "--draft-tokens ", o.draft_tokens,
              ": MTP self-drafting proposes 1 token per round (the model's first MTP module)");
   if (device.cuda) {
@@ -235,8 +261,14 @@ void run_generate(const GenerateOptions& o) {
   };
   GenerateStats st;
   SpeculativeStats sst;
+  MedusaStats mst;
   FinishReason why;
-  if (speculative) {
+  if (use_medusa) {
+    nn::MedusaHeads heads{medusa_w->shape, medusa_w->params.data(), nullptr};
+    heads.set_weight_format(*wf);  // the heads read the same format as the base
+    why = generate_medusa(*dec, heads, sampler, prompt, lim, mparams, on_token, &mst);
+    st = mst.base;
+  } else if (speculative) {
     why = generate_speculative(*dec, *draft, sampler, prompt, lim, o.draft_tokens, on_token, &sst);
     st = sst.base;
   } else if (mtp) {
@@ -266,6 +298,16 @@ void run_generate(const GenerateOptions& o) {
                           {"mean_accepted_length", sst.mean_accepted()},
                           {"tokens_per_round", sst.tokens_per_round()}};
     }
+    if (use_medusa) {
+      j["medusa"] = {{"heads", medusa_w->shape.K},
+                     {"tree_nodes", mst.tree_nodes},
+                     {"tree_depth", mst.depth},
+                     {"acceptance", mparams.typical ? "typical" : "greedy"},
+                     {"rounds", mst.rounds},
+                     {"accepted", mst.accepted},
+                     {"acceptance_rate", mst.acceptance_rate()},
+                     {"mean_accepted_length", mst.mean_accepted_length()}};
+    }
     // Bytes that are not valid UTF-8 (a character cut by the token budget) become U+FFFD in the JSON.
     std::printf("%s\n", j.dump(-1, ' ', false, nlohmann::json::error_handler_t::replace).c_str());
   } else {
@@ -280,6 +322,11 @@ void run_generate(const GenerateOptions& o) {
                st.prompt_tokens, st.prefill_s, st.prefill_s > 0 ? st.prompt_tokens / st.prefill_s : 0.0,
                st.decode_steps, st.decode_s, st.decode_s > 0 ? st.decode_steps / st.decode_s : 0.0,
                finish_reason_name(why));
+  if (use_medusa)
+    std::fprintf(stderr, "kiln generate: medusa, %d heads, %d rounds of a %d-node tree: acceptance %.3f, %.2f tokens "
+                 "per round, %.1f new tokens/s\n",
+                 medusa_w->shape.K, mst.rounds, mst.tree_nodes, mst.acceptance_rate(), mst.mean_accepted_length(),
+                 decode_tps);
   if (speculative || mtp)
     std::fprintf(stderr, "kiln generate: %s, %d rounds of up to %d drafts: acceptance %.3f, %.2f accepted "
                  "per round, %.1f new tokens/s\n",
@@ -320,6 +367,19 @@ kiln::cli::Command generate_cmd("generate", [](CLI::App& root) {
   c->add_flag("--mtp-draft", o->mtp_draft,
               "Draft with the model's own multi-token-prediction module (the default when it has one)");
   c->add_flag("--no-mtp-draft", o->no_mtp_draft, "Plain decoding for a model with MTP modules");
+  c->add_flag("--medusa", o->medusa,
+              "Decode with the checkpoint's Medusa heads (the default when it has them): a candidate tree checked "
+              "in one pass per round");
+  c->add_flag("--no-medusa", o->no_medusa, "Ignore the checkpoint's Medusa heads (plain decoding)");
+  c->add_option("--medusa-tree", o->medusa_tree,
+                "Medusa's static candidate tree: nodes as paths of head ranks, e.g. '0;1;0,0;0,1;0,0,0' (default: "
+                "15 nodes to depth 4)");
+  c->add_option("--typical-threshold", o->typical_threshold,
+                "Medusa with --temperature > 0: typical acceptance's threshold epsilon")
+      ->capture_default_str();
+  c->add_option("--typical-alpha", o->typical_alpha,
+                "Medusa with --temperature > 0: typical acceptance's alpha (accept p > min(eps, alpha*exp(-H)))")
+      ->capture_default_str();
   c->add_flag("--no-cuda-graph", o->no_cuda_graph, "With --device cuda: launch the decode step's kernels one by one");
   c->callback([o, p, pi, dt] {
     o->has_prompt = p->count() > 0;

@@ -1,5 +1,6 @@
 // kiln sample: images from a trained image model (kiln train --objective ...) with one of the samplers of
-// infer/diffusion_sampler.h; writes a PNG grid and the raw samples (safetensors), prints the evaluations used.
+// infer/diffusion_sampler.h, or from a normalizing flow (kiln train --objective nll: x = f⁻¹(z)); writes a PNG grid
+// and the raw samples (safetensors), prints the evaluations used.
 #include <chrono>
 #include <cmath>
 #include <cstdio>
@@ -10,6 +11,7 @@
 #include "core/safetensors.h"
 #include "infer/diffusion_sampler.h"
 #include "tools/kiln/command.h"
+#include "tools/kiln/image_density.h"
 #include "train/classify_trainer.h"
 #include "train/diffusion_trainer.h"
 #include "train/images.h"
@@ -22,6 +24,7 @@ struct SampleCli {
   kiln::SamplerOptions s;
   int count = 16, cls = -1, batch = 64, threads = 0;
   bool unconditional = false, raw_weights = false;
+  double temperature = 1.0;
   std::string judge, reference;
   uint64_t seed = 1;
 };
@@ -50,8 +53,7 @@ kiln::cli::Command sample_cmd("sample", [](CLI::App& root) {
   c->add_option("--model", o->model, "Checkpoint directory (or a training --out directory: its latest)")->required();
   c->add_option("--sampler", o->s.name,
                 "ddpm, ddim (ddpm models); euler-maruyama, edm-euler, edm-heun (ve, edm); flow-euler, flow-midpoint, "
-                "flow-heun (flow, gvp)")
-      ->required();
+                "flow-heun (flow, gvp); not used by a flow (density) model");
   c->add_option("--steps", o->s.steps, "Sampler steps")->capture_default_str();
   c->add_option("--guidance", o->s.guidance, "Classifier-free guidance scale w (1: none)")->capture_default_str();
   c->add_option("--class", o->cls, "Class of every sample (default: classes in turn, 0, 1, ...)");
@@ -72,20 +74,49 @@ kiln::cli::Command sample_cmd("sample", [](CLI::App& root) {
                 "their class and, with --reference, the Fréchet distance in its feature space");
   c->add_option("--reference", o->reference, "Image shards (a prepared directory: its test split) for the distance");
   c->add_flag("--raw-weights", o->raw_weights, "Use model.safetensors instead of the EMA weights");
-  c->callback([o] {
+  c->add_option("--temperature", o->temperature, "Flow (density) models: latents z ~ N(0, T^2)")
+      ->capture_default_str();
+  c->callback([o, c] {
     kiln::set_threads(o->threads);
+    KILN_CHECK(o->count > 0, "--count ", o->count, ": must be positive");
+    KILN_CHECK(o->batch > 0, "--batch ", o->batch, ": must be positive");
+    if (std::unique_ptr<kiln::ImageModel> flow = kiln::cli::load_density_model(o->model)) {
+      // A normalizing flow: x = f⁻¹(z), one inverse per image.
+      KILN_CHECK(o->temperature > 0, "--temperature ", o->temperature, ": must be positive");
+      const kiln::ImageGeometry g = flow->geometry();
+      flow->plan(std::min(o->batch, o->count));
+      kiln::Rng r(o->seed);
+      const auto t0 = std::chrono::steady_clock::now();
+      const std::vector<float> x = kiln::cli::sample_density(*flow, o->count, o->temperature, r, o->batch);
+      const double secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+      kiln::write_png(o->out, grid(x, o->count, g.channels, g.image_size));
+      std::string st = o->out;
+      if (st.size() > 4 && st.substr(st.size() - 4) == ".png") st = st.substr(0, st.size() - 4);
+      st += ".safetensors";
+      const int64_t H = g.image_size;
+      kiln::write_safetensors(st, {{"images", kiln::DType::F32, kiln::Shape{o->count, g.channels, H, H},
+                                    const_cast<float*>(x.data())}},
+                              {{"model", flow->type()}, {"temperature", std::to_string(o->temperature)}});
+      nlohmann::json j = {{"out", o->out}, {"samples", st}, {"model", flow->type()}, {"nfe", 1},
+                          {"temperature", o->temperature}, {"count", o->count}, {"seconds", secs},
+                          {"images_per_second", o->count / secs}};
+      std::printf("%s\n", j.dump().c_str());
+      return;
+    }
+    KILN_CHECK(c->count("--sampler") > 0, "--sampler: required for a diffusion model (ddpm, ddim, euler-maruyama, "
+               "edm-euler, edm-heun, flow-euler, flow-midpoint, flow-heun)");
     const kiln::ImageModelFiles f = kiln::find_image_model(o->model);
-    const kiln::DiTConfig& cfg = f.config;
+    kiln::ImageModelOptions mo;
+    mo.with_grads = false;
+    std::unique_ptr<kiln::ImageModel> model = kiln::load_image_model(f, mo, !o->raw_weights);
+    const kiln::ImageGeometry cfg = model->geometry();
     KILN_CHECK(o->count > 0, "--count ", o->count, ": must be positive");
     KILN_CHECK(o->batch > 0, "--batch ", o->batch, ": must be positive");
     KILN_CHECK(o->cls < cfg.classes, "--class ", o->cls, ": the model has classes 0..", cfg.classes - 1);
     o->s.null_class = cfg.classes;
     kiln::check_sampler(f.objective, o->s);
-    auto be = kiln::nn::make_cpu_backend();
-    kiln::DiT model(cfg, *be, /*with_grads=*/false);
-    kiln::load_image_weights(f, model, !o->raw_weights);
     const int planned = std::min(o->batch, o->count);
-    model.plan(planned);
+    model->plan(planned);
     std::vector<int32_t> labels(size_t(o->count));
     for (int k = 0; k < o->count; k++)
       labels[size_t(k)] = o->unconditional ? cfg.classes : o->cls >= 0 ? o->cls : k % cfg.classes;
@@ -93,7 +124,7 @@ kiln::cli::Command sample_cmd("sample", [](CLI::App& root) {
     std::vector<float> x(size_t(o->count) * P);
     kiln::Rng r(o->seed);
     const auto t0 = std::chrono::steady_clock::now();
-    const kiln::SampleResult res = kiln::sample(f.objective, o->s, kiln::dit_net(model, f.objective, planned),
+    const kiln::SampleResult res = kiln::sample(f.objective, o->s, kiln::denoiser_net(*model, f.objective, planned),
                                                 x.data(), labels.data(), o->count, P, kiln::rng_noise(r));
     const double secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
     kiln::write_png(o->out, grid(x, o->count, cfg.channels, cfg.image_size));

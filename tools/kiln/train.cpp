@@ -1,10 +1,13 @@
 // kiln train: train a GPT-2-architecture model on token shards.
 #include <cstdlib>
 
+#include "core/error.h"
+
 #include "dist/communicator.h"
 #include "tools/kiln/command.h"
 #include "train/classify_trainer.h"
 #include "train/diffusion_trainer.h"
+#include "train/medusa_trainer.h"
 #include "train/trainer.h"
 
 namespace {
@@ -95,13 +98,28 @@ kiln::cli::Command train_cmd("train", [](CLI::App& root) {
       ->capture_default_str();
   c->add_flag("--packing", opt->packing, "Same as --batching packed");
   c->add_flag("!--no-progress", opt->progress, "No live progress line");
+  // Medusa heads on a trained base (train/medusa_trainer.h).
+  auto medusa = std::make_shared<kiln::MedusaTrainOptions>();
+  c->add_option("--medusa-heads", medusa->heads,
+                "Train K Medusa heads (head k predicts the token k+1 places past the next) on the base given by "
+                "--init; the base stays frozen (Medusa-1) unless --medusa-joint")
+      ->check(CLI::Range(1, 16));
+  c->add_flag("--medusa-joint", medusa->joint,
+              "Medusa-2: train the base too, on its LM loss plus --medusa-heads-weight times the heads' loss");
+  c->add_option("--medusa-decay", medusa->decay, "Head k's loss weight is decay^k (Medusa's 0.8)")
+      ->capture_default_str();
+  c->add_option("--medusa-heads-weight", medusa->heads_weight,
+                "With --medusa-joint: the heads' loss weight beside the base's LM loss (Medusa-2's 0.2)")
+      ->capture_default_str();
   // Image models (train/diffusion_trainer.h): --objective other than lm trains a DiT on image shards.
   auto img = std::make_shared<kiln::ImageTrainOptions>();
   auto objective = std::make_shared<std::string>("lm");
   c->add_option("--objective", *objective,
                 "lm (language model on token shards), or an image objective on image shards (kiln data "
                 "prepare-images) with --model a DiT preset (DiT-S/2, DiT-S/4, DiT-B/2, DiT-B/4) or config: ddpm, ve, "
-                "edm, flow, gvp; or classify (a ViT classifier on image shards, --model a vit config or none)")
+                "edm, flow, gvp; or classify (a ViT classifier on image shards, --model a vit config or none); or nll (a "
+                "normalizing flow by maximum likelihood, logged in bits/dim: --model realnvp, nice or a realnvp "
+                "config)")
       ->capture_default_str();
   c->add_option("--ema-decay", img->ema_decay, "Image models: decay of the EMA copy of the weights")
       ->capture_default_str();
@@ -109,7 +127,13 @@ kiln::cli::Command train_cmd("train", [](CLI::App& root) {
                 "Image models: probability a label is replaced by the null class (classifier-free guidance)")
       ->capture_default_str();
   c->add_option("--flow-t", img->flow_t, "--objective flow: uniform or logit-normal t")->capture_default_str();
-  c->callback([opt, img, objective] {
+  c->callback([opt, img, objective, medusa] {
+    if (medusa->heads > 0) {
+      KILN_CHECK(*objective == "lm", "--medusa-heads trains a language model's heads (--objective lm)");
+      kiln::train_medusa(*opt, *medusa);
+      return;
+    }
+    KILN_CHECK(!medusa->joint, "--medusa-joint needs --medusa-heads K");
     if (*objective == "lm") {
       try {
         kiln::train(*opt);
@@ -119,6 +143,8 @@ kiln::cli::Command train_cmd("train", [](CLI::App& root) {
       return;
     }
     if (*objective == "classify") return (void)kiln::train_classifier(*opt);
+    // A density model (a normalizing flow) by exact maximum likelihood: the same loss-model trainer.
+    if (*objective == "nll") return (void)kiln::train_classifier(*opt, kiln::ImageTask::Density);
     img->objective = *objective;
     kiln::train_images(*opt, *img);
   });

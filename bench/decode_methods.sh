@@ -1,0 +1,109 @@
+#!/usr/bin/env bash
+# Decoding methods side by side at batch 1 on the CPU, in the same run and weight format: plain greedy, speculative
+# decoding with a small draft, and Medusa heads (a candidate tree per pass): tokens/s (median of REPS runs over
+# each prompt), acceptance, and the ratio to plain greedy. Greedy, so every method's output must equal plain
+# greedy's (checked, per prompt).
+#
+#   bench/decode_methods.sh KILN [MODELS_DIR] [MAX_NEW] [REPS] [THREADS] [FORMAT]
+#
+# MODELS_DIR (default /work/bench-models) holds, or gets (trained here on Debian's fortunes corpus, as
+# scripts/quickstart.sh prepares it, under `nice -n 10`):
+#   target/latest         a 32M GPT-2 (6 layers, 640 wide, 256-token context)
+#   draft/latest          a 4M GPT-2 (4 layers, 256 wide) on the same tokenizer
+#   target-medusa/latest  the target with Medusa heads (kiln train --medusa-heads, Medusa-1: the base frozen)
+# Set KILN_TRAIN_STEPS_SCALE=0.5 to halve every training run (a loaded machine), or KILN_BENCH_NO_TRAIN=1 to
+# train nothing (the methods whose models are missing are left out).
+set -euo pipefail
+kiln=$(realpath "$1")
+dir=${2:-/work/bench-models}
+max_new=${3:-128}
+reps=${4:-3}
+threads=${5:-2}
+fmt=${6:-bf16}
+py=/usr/bin/python3
+scale=${KILN_TRAIN_STEPS_SCALE:-1}
+no_train=${KILN_BENCH_NO_TRAIN:-0}
+steps() { $py -c "import sys; print(max(1, int($1 * $scale)))"; }
+mkdir -p "$dir"
+cd "$dir"
+
+# ---- models (only what is missing) ----
+if [ "$no_train" = 1 ]; then :; elif [ ! -f data/train_000000.bin ]; then
+  corpus=()
+  for f in /usr/share/games/fortunes/*; do
+    case "$f" in *.dat|*.u8) continue ;; esac
+    [ -f "$f" ] && corpus+=("$f")
+  done
+  nice -n 10 "$kiln" tokenizer train --input "${corpus[@]}" --vocab-size 4096 --out tokenizer
+  nice -n 10 "$kiln" data prepare --tokenizer tokenizer --input "${corpus[@]}" --doc-separator '%' \
+    --val-fraction 0.05 --out data
+fi
+if [ "$no_train" != 1 ] && [ ! -e target/latest ]; then
+  echo '{"n_layer": 6, "n_head": 10, "n_embd": 640, "vocab_size": 4096, "n_positions": 256, "layer_norm_epsilon": 1e-5}' > target.json
+  nice -n 10 "$kiln" train --model target.json --tokenizer tokenizer --data "data/train_*.bin" --batch 8 --seq 128 \
+    --steps "$(steps 300)" --lr 1.5e-3 --min-lr 1.5e-4 --warmup 30 --weight-decay 0.1 --out target --save-every 100 \
+    --keep-checkpoints 1 --metrics target.jsonl --no-progress --threads "$threads"
+fi
+if [ "$no_train" != 1 ] && [ ! -e draft/latest ]; then
+  echo '{"n_layer": 4, "n_head": 4, "n_embd": 256, "vocab_size": 4096, "n_positions": 256, "layer_norm_epsilon": 1e-5}' > draft.json
+  nice -n 10 "$kiln" train --model draft.json --tokenizer tokenizer --data "data/train_*.bin" --batch 16 --seq 128 \
+    --steps "$(steps 1000)" --lr 2e-3 --min-lr 2e-4 --warmup 50 --weight-decay 0.1 --out draft --save-every 500 \
+    --keep-checkpoints 1 --metrics draft.jsonl --no-progress --threads "$threads"
+fi
+if [ "$no_train" != 1 ] && [ ! -e target-medusa/latest ]; then
+  nice -n 10 "$kiln" train --medusa-heads 3 --init target/latest --data "data/train_*.bin" --batch 8 --seq 128 \
+    --steps "$(steps 150)" --lr 1e-3 --min-lr 1e-4 --warmup 10 --weight-decay 0 --out target-medusa \
+    --metrics target-medusa.jsonl --threads "$threads"
+fi
+
+# ---- bench ----
+prompts=("The meaning of life is" "A computer" "Q: Why did the chicken" "You will be")
+run() {  # prompt, extra args... -> one JSON line
+  local prompt=$1; shift
+  "$kiln" generate --prompt "$prompt" --max-new "$max_new" --temperature 0 --json --eot-id -1 \
+    --threads "$threads" --weights-dtype "$fmt" "$@" 2>/dev/null
+}
+measure() {  # label, extra args... -> one JSON line per prompt: median tokens/s over reps, stats, tokens
+  local label=$1; shift
+  for p in "${prompts[@]}"; do
+    local out=()
+    for _ in $(seq "$reps"); do out+=("$(run "$p" "$@")"); done
+    printf '%s\n' "${out[@]}" | $py -c '
+import json, sys, statistics
+rows = [json.loads(l) for l in sys.stdin if l.strip()]
+r = rows[0]
+st = r.get("medusa") or r.get("speculative") or {}
+print(json.dumps({"label": sys.argv[1], "tps": statistics.median(x["decode_tokens_per_s"] for x in rows),
+                  "acc": st.get("acceptance_rate"), "len": st.get("tokens_per_round", st.get("mean_accepted_length")),
+                  "tokens": r["tokens"]}))' "$label"
+  done
+}
+echo "decode_methods: $fmt weights, $max_new new tokens per prompt, ${#prompts[@]} prompts, median of $reps, $threads threads"
+echo "  target $(readlink -f target/latest), draft $(readlink -f draft/latest), heads $(readlink -f target-medusa/latest)"
+{
+  measure plain --model target-medusa/latest --no-medusa
+  if [ -e draft/latest ]; then
+    measure "speculative K=4" --model target-medusa/latest --no-medusa --draft-model draft/latest --draft-tokens 4
+    measure "speculative K=6" --model target-medusa/latest --no-medusa --draft-model draft/latest --draft-tokens 6
+  fi
+  measure "medusa tree 16" --model target-medusa/latest --medusa
+  measure "medusa chain 4" --model target-medusa/latest --medusa --medusa-tree "0;0,0;0,0,0"
+  measure "medusa tree 8" --model target-medusa/latest --medusa --medusa-tree "0;1;2;0,0;0,1;1,0;0,0,0"
+} | $py -c '
+import json, sys, statistics
+rows = [json.loads(l) for l in sys.stdin if l.strip()]
+labels = list(dict.fromkeys(r["label"] for r in rows))
+plain = [r for r in rows if r["label"] == "plain"]
+print("%-18s %9s %8s %10s %9s  output" % ("method", "tokens/s", "x plain", "acceptance", "tok/round"))
+for lab in labels:
+    rs = [r for r in rows if r["label"] == lab]
+    tps = statistics.median(r["tps"] for r in rs)
+    ratio = statistics.median(r["tps"] / p["tps"] for r, p in zip(rs, plain))
+    acc = [r["acc"] for r in rs if r["acc"] is not None]
+    ln = [r["len"] for r in rs if r["len"] is not None]
+    same = all(r["tokens"] == p["tokens"] for r, p in zip(rs, plain))
+    a = statistics.median(acc) if acc else float("nan")
+    l = statistics.median(ln) if ln else 1.0
+    print("%-18s %9.1f %8.2f %10.3f %9.2f  %s" % (lab, tps, ratio, a, l, "= plain greedy" if same else "DIFFERS FROM PLAIN GREEDY"))
+print("(tokens/s and x plain: medians over the prompts of the median run of each prompt; acceptance: speculative, accepted /"
+      " drafted; medusa, accepted / (rounds x tree depth); tok/round: tokens per target pass)")'

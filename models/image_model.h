@@ -1,0 +1,108 @@
+// What train/ and infer/ see of an image model (as models/model.h is for language models): a model made by a
+// factory from its config.json ("model_type" names the family), which provides one or more tasks:
+//   denoise   a network F(x; c_noise, y) for the objectives of models/diffusion.h (the DiT)
+//   classify  logits and pooled features of images, trained by its own cross-entropy (the ViT)
+//   density   an exact log-likelihood model, trained by its own negative log-likelihood, that can also map
+//             latents to images (normalizing flows)
+// Classify and density models are "loss models": loss_forward() computes the loss the trainer minimises, so one
+// trainer (train/classify_trainer.h) trains both. The parameters live in one flat block in the model's
+// ParamTable layout (the optimizer works on blocks()), with a host copy for checkpoints and an EMA copy kept
+// through the interface. train/ and infer/ never name a family or an implementation.
+#pragma once
+#include <cstdint>
+#include <memory>
+#include <optional>
+#include <string>
+#include <vector>
+
+#include "kernels/matmul_lowp.h"
+#include "models/model.h"
+#include "models/param_table.h"
+#include "models/recompute.h"
+#include "nn/backend.h"
+
+namespace kiln {
+
+enum class ImageTask { Denoise, Classify, Density };
+const char* image_task_name(ImageTask t);
+
+struct ImageModelOptions {
+  bool cuda = false;             // the GPU backend (else the CPU)
+  std::optional<LowpType> lowp;  // 16-bit matrix products (mixed precision), fp32 when unset
+  bool with_grads = true;
+};
+
+// The data's geometry, which a config takes from the images it trains on.
+struct ImageGeometry {
+  int image_size = 28, channels = 1, classes = 10;
+};
+
+class ImageModel {
+ public:
+  virtual ~ImageModel() = default;
+  virtual std::string type() const = 0;         // the config's model_type
+  virtual std::string config_json() const = 0;  // a config.json that rebuilds this model
+  virtual ImageGeometry geometry() const = 0;
+  virtual bool provides(ImageTask t) const = 0;
+  virtual const ParamTable& table() const = 0;
+  int64_t pixels() const {
+    const ImageGeometry g = geometry();
+    return int64_t(g.channels) * g.image_size * g.image_size;
+  }
+
+  // Parameters: the host copy (checkpoints read and write it; call params_changed() after writing and
+  // sync_to_host() before reading after device steps) and the blocks the optimizer updates.
+  virtual float* host_params() = 0;
+  virtual void params_changed() = 0;
+  virtual void sync_to_host() = 0;
+  virtual ParamBlocks blocks() = 0;
+  // The family's initialisation, deterministic for a seed; then params_changed().
+  virtual void init_random(uint64_t seed) = 0;
+  virtual void zero_grad() = 0;
+  // Activation memory for batches of up to B images under a recomputation policy. Returns bytes.
+  virtual size_t plan(int B, RecomputePolicy policy = {}) = 0;
+  virtual int planned() const = 0;
+
+  // Denoise: out = F(x; c_noise, labels) for x [B, C, H, W], c_noise [B], labels [B] in [0, classes] (classes:
+  // the null class); host arrays. denoise_backward accumulates the gradients of <out, dout> for the last forward.
+  virtual void denoise(float* out, const float* x, const float* c_noise, const int32_t* labels, int B);
+  virtual void denoise_backward(const float* dout);
+
+  // Loss models: the mean training loss over B images (classify: cross-entropy, labels required; density: the
+  // negative log-likelihood in the family's unit). With train, loss_backward() accumulates its gradients.
+  virtual double loss_forward(const float* images, const int32_t* labels, int B, bool train);
+  virtual void loss_backward();
+  // Classify: logits [B, classes] and features [B, feature_dim()] (either may be null) of B images.
+  virtual void predict(float* logits, float* features, const float* images, int B);
+  virtual int feature_dim() const { return 0; }
+  // Density: images [B, C, H, W] from latents z [B, C, H, W] (labels may be null).
+  virtual void generate(float* images, const float* z, const int32_t* labels, int B);
+
+  // The EMA copy of the parameters (host, ParamTable layout): ema_reset() copies the current weights,
+  // ema_update(d) blends ema = d·ema + (1 − d)·params.
+  void ema_reset();
+  void ema_update(float decay);
+  std::vector<float>& ema() { return ema_; }
+
+ protected:
+  [[noreturn]] void unsupported(ImageTask t) const;
+
+ private:
+  std::vector<float> ema_;
+};
+
+// Builds the model a config.json describes (model_type: dit, vit, or a family added to the table in
+// image_model.cpp). `where` names the source in errors.
+std::unique_ptr<ImageModel> make_image_model(const std::string& config_json, const std::string& where,
+                                             const ImageModelOptions& opt = {});
+
+// The config.json text for --model: a family's preset name (DiT-S/2 ...), a config.json path or a directory
+// holding one, or empty for the default configuration of the family that provides `task` by default (denoise:
+// dit, classify: vit); image_size, channels and classes are set from
+// the data's geometry (g null: kept). Throws a one-line error naming --model.
+std::string image_model_config(const std::string& model, ImageTask task, const ImageGeometry* g = nullptr);
+
+// The model types of the table (for messages).
+std::string image_model_types();
+
+}  // namespace kiln

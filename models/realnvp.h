@@ -1,0 +1,93 @@
+// A RealNVP normalizing flow (Dinh, Sohl-Dickstein & Bengio 2017; NICE, Dinh et al. 2015, as its additive special
+// case), with Glow's actnorm (Kingma & Dhariwal 2018) in place of batch norm. An invertible map x -> z of images
+// [C, H, W] (values in [-1, 1]) to standard normal latents, so log p(x) = log N(z; 0, I) + log|det ∂z/∂x| exactly.
+//
+// The layers, in order (the same list is built again by tests/peer/torch_realnvp.py):
+//   for each of `scales` scales:
+//     `couplings` × (actnorm, checkerboard coupling)   parity k % 2: A = positions with (i + j) % 2 == parity
+//     squeeze                                          [C, H, W] -> [4C, H/2, W/2], channel c·4 + 2·di + dj
+//     `couplings` × (actnorm, channel coupling)        k even: A = the first half of the channels, k odd: the second
+//     factor out                                       the first half of the channels leaves as latents
+//   `final_couplings` × (actnorm, checkerboard coupling) on what is left
+// The latent vector z [P] is the factored-out parts in order, then the last scale's output.
+//
+//   actnorm     y = x·e^{logs_c} + bias_c per channel; log-det H·W·Σ logs_c. Data-dependent init (init_actnorm):
+//               each actnorm's output has zero mean and unit variance per channel on the first batch.
+//   coupling    the set A conditions, the complement B is transformed:
+//               (s̃, t) = MLP(x_A),  s = e^{scale} ⊙ tanh(s̃),  y_B = x_B ⊙ e^{s} + t,  y_A = x_A;  log-det Σ s
+//               additive (NICE): t = MLP(x_A), y_B = x_B + t, log-det 0.
+//               The MLP (|A| -> hidden -> ... -> 2|B| or |B|) is kiln's linear layers with tanh-GELU between
+//               them, over the gathered x_A: fully connected, not convolutional (kiln has no convolution op), so
+//               a mask is an index set and squeeze/factor-out only choose which values couple. Its output
+//               layer starts at zero: every coupling starts as the identity.
+// Parameters (ParamTable, one block): layers.L.logs, layers.L.bias [C] (actnorm L); layers.L.mlp.K.weight
+// [out, in], layers.L.mlp.K.bias [out], layers.L.scale [|B|] (affine couplings only); actnorm_initialized [1].
+// Forward and backward of each layer sit side by side in realnvp.cpp, with the inverse.
+#pragma once
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#include "models/param_table.h"
+#include "nn/backend.h"
+
+namespace kiln {
+
+struct RealNVPConfig {
+  int image_size = 28, channels = 1, classes = 10;  // classes: unused by the flow (unconditional), kept for data
+  int scales = 2;           // squeeze + factor-out levels; image_size must divide by 2^scales
+  int couplings = 3;        // checkerboard couplings before each squeeze and channel couplings after it
+  int final_couplings = 4;  // checkerboard couplings on the last scale
+  int hidden = 256;         // coupling MLP width
+  int depth = 2;            // hidden layers of each coupling MLP (≥ 1)
+  bool additive = false;    // NICE's additive coupling
+  int64_t pixels() const { return int64_t(channels) * image_size * image_size; }
+  void validate() const;  // one-line errors naming the field
+  std::string to_json() const;  // with "model_type": "realnvp"
+  static RealNVPConfig from_json(const std::string& text, const std::string& where);
+};
+
+class RealNVP {
+ public:
+  // be: a host backend (the CPU) whose linear and activation ops the coupling MLPs use.
+  RealNVP(const RealNVPConfig& cfg, nn::Backend& be);
+  ~RealNVP();
+  RealNVP(const RealNVP&) = delete;
+  RealNVP& operator=(const RealNVP&) = delete;
+  const RealNVPConfig& config() const { return cfg_; }
+  const ParamTable& table() const { return table_; }
+  float* params() { return params_.data(); }
+  float* grads() { return grads_.data(); }
+  void init_random(uint64_t seed);  // Xavier-uniform hidden layers, zero output layers, actnorm identity
+  void zero_grad();
+
+  // Sets every actnorm from the batch x [B, P] (in order, each from its own input), and the flag below.
+  void init_actnorm(const float* x, int B);
+  bool actnorm_initialized() const;  // the parameter actnorm_initialized [1] (not trained)
+  // log p(x) in nats of each of B images x [B, P] into logp [B] (z [B, P] too when not null); keeps what
+  // backward() needs.
+  void forward(double* logp, const float* x, int B, float* z = nullptr, double* logdet = nullptr);
+  // Accumulates the parameter gradients of Σ_b w_b·log p(x_b) for the last forward; dx [B, P] (when not null)
+  // receives its gradient with respect to the images.
+  void backward(const double* w, float* dx = nullptr);
+  // x = f⁻¹(z) for B latents z [B, P].
+  void inverse(float* x, const float* z, int B);
+
+  struct Layer;  // defined in realnvp.cpp
+
+ private:
+  void run_forward(const float* x, int B, bool init);
+  RealNVPConfig cfg_;
+  nn::Backend& be_;
+  ParamTable table_;
+  std::vector<float> params_, grads_;
+  std::vector<Layer> layers_;
+  size_t init_flag_ = 0;
+  // The last forward: each layer's input, the latents, per-layer scratch.
+  int B_ = 0;
+  std::vector<std::vector<float>> in_;
+  std::vector<float> z_;
+  std::vector<double> logdet_;
+};
+
+}  // namespace kiln
