@@ -22,7 +22,10 @@ PagedDecoder::PagedDecoder(const ModelConfig& cfg, const float* params, const Ba
              block_size_);
   const int per_seq = (max_pos_ + block_size_ - 1) / block_size_;
   num_blocks_ = opt.num_blocks > 0 ? opt.num_blocks : 8 * per_seq;
+  KILN_CHECK(opt.weights == WeightFormat::F32 || !opt.cuda, "--weights-dtype ", weight_format_name(opt.weights),
+             " runs on the CPU only (--device cuda decodes with bf16 weights)");
   weights_.load(*be_, cfg_, table_, params, w_);
+  narrow_.convert(w_, opt.weights);
   const size_t pool = size_t(cfg_.n_layer) * size_t(num_blocks_) * size_t(block_size_) * size_t(cfg_.kv_dim()) *
                       dtype_size(be_->act_dtype());
   k_ = nn::DeviceBlock(*be_, pool, "KV cache blocks (keys)");

@@ -12,6 +12,7 @@
 #include <vector>
 
 #include "models/model.h"
+#include "models/narrow_weights.h"
 #include "models/transformer.h"
 #include "nn/block.h"
 #include "nn/workspace.h"
@@ -39,6 +40,7 @@ class PagedDecoder final : public BatchDecoder {
   std::unique_ptr<nn::Backend> be_;
   DecoderWeights weights_;
   TransformerWeights w_;
+  NarrowWeights narrow_;  // --weights-dtype: the matrices' narrow copies the products read
   int block_size_, num_blocks_, max_pos_;
   nn::DeviceBlock k_, v_;  // [layer][block][block_size][NKV·HD] in the activation type
 

@@ -199,6 +199,13 @@ class IncrementalDecoder {
   virtual void keep_path(int base, const int32_t* nodes, int m);
   virtual const ModelConfig& config() const = 0;
   virtual size_t cache_bytes() const = 0;
+  // Self-drafting (multi-token-prediction modules, infer/mtp_decode.h): 0 for a model without them, else the
+  // most positions a forward() may have for self_draft() to follow it.
+  virtual int self_draft_chunk() const { return 0; }
+  // After each forward() of n <= self_draft_chunk() positions: `next` [batch] the token after the first m of
+  // them (1 <= m <= n; a truncate() back to those m may come between). Returns the model's own guess [batch, V]
+  // (logits) of the token after next. Throws kiln::Error here: a decoder with MTP modules overrides it.
+  virtual const float* self_draft(const int32_t* next, int m);
 
  private:
   std::vector<int32_t> argmax_;
@@ -248,6 +255,9 @@ struct BatchDecoderOptions {
   int block_size = 64;     // positions per KV block (the GPU kernels need a multiple of 64)
   int num_blocks = 0;      // blocks in the pool; 0: enough for 8 sequences of max_positions
   int max_positions = 0;   // 0: the model's
+  // CPU: the matrices' format for the products (kernels/narrow_gemv.h), as DecoderOptions::weights. A step of up
+  // to kNarrowDirectRows sequences reads the format directly, each row as a single-sequence step computes it.
+  WeightFormat weights = WeightFormat::F32;
 };
 
 // Over a host parameter block in cfg's ParamTable layout (read in place on the CPU, copied to a device).

@@ -264,12 +264,17 @@ void IncrementalDecoder::truncate(int length) {
   KILN_CHECK(false, "decoder: this decoder cannot roll its cache back to ", length, " positions");
 }
 
+const float* IncrementalDecoder::self_draft(const int32_t*, int) {
+  KILN_CHECK(false, "decoder: this model has no multi-token-prediction modules to draft with");
+  return nullptr;
+}
+
 void TransformerDecoder::truncate(int length) {
   KILN_CHECK(length >= 0 && length <= length_, "decoder: truncate to ", length, " positions of a cache holding ",
              length_);
   length_ = length;
   mtp_length_ = std::min(mtp_length_, length);  // the MTP draft's cache rolls back with the main one
-  last_n_ = 0;                                  // draft() needs a forward() after this
+  // draft() may still follow, over the part of the last forward that is kept (self-drafting after a rejection).
 }
 
 const float* IncrementalDecoder::hidden() const { fail("decoder: this decoder does not expose hidden states"); }
@@ -856,6 +861,7 @@ void TransformerDecoder::ensure_rows(int64_t rows) {
     if (cfg_.mtp_depth > 0) {
       mtp_a_.allocate(ws, rows, block_shape(cfg_, cfg_.n_layer), /*decoding=*/true);
       mtp_zeros_ = ws.f32(rows * C);
+      mtp_prev_ = ws.f32(rows * C);
     }
     logits_d_ = ws.f32(int64_t(B) * V);
     argmax_d_ = ws.i32(B);

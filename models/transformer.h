@@ -11,6 +11,7 @@
 // TransformerWeights binds the modules to a parameter block by canonical key (models/param_table.h), so a new
 // family only names its tensors.
 #pragma once
+#include <algorithm>
 #include <cstdint>
 #include <functional>
 #include <memory>
@@ -235,7 +236,7 @@ class TransformerDecoder : public IncrementalDecoder {
   int length() const override { return length_; }
   int max_positions() const override { return max_pos_; }
   int batch() const override { return batch_; }
-  void reset() override { length_ = 0, mtp_length_ = 0, last_n_ = 0; }
+  void reset() override { length_ = 0, mtp_length_ = 0, last_n_ = 0, last_start_ = 0; }
   void truncate(int length) override;  // entries past length are overwritten by the next forward
   const float* hidden() const override;
   const float* forward_tree(const int32_t* tokens, int n, const int32_t* depth, const uint64_t* tree) override;
@@ -243,10 +244,15 @@ class TransformerDecoder : public IncrementalDecoder {
   const ModelConfig& config() const override { return cfg_; }
   size_t cache_bytes() const override { return k_.size() + v_.size(); }
   // Multi-token prediction as a draft (models with MTP modules): after forward() of n positions (one chunk:
-  // n <= kMaxChunk), `next` [batch] the token chosen after them. Runs the first MTP module over those positions
-  // (h_i of the main model with the embedding of token i+1; its own KV cache follows the main one, so call it
-  // after every forward) and returns its logits at the last one [batch, V]: a guess of the token after next.
-  const float* draft(const int32_t* next);
+  // n <= kMaxChunk), `next` [batch] the token chosen after the first m of them (m = 0: all n). Runs the first
+  // MTP module over those m positions (h_i of the main model with the embedding of token i+1; its own KV cache
+  // follows the main one, so call it after every forward) and returns its logits at the last one [batch, V]: a
+  // guess of the token after next. A truncate() back to m of the n positions may come between (a rejection).
+  const float* draft(const int32_t* next, int m = 0);
+  int self_draft_chunk() const override {
+    return cfg_.mtp_depth > 0 ? std::min(kMaxChunk, be_->max_decode_queries()) : 0;
+  }
+  const float* self_draft(const int32_t* next, int m) override { return draft(next, m); }
   // Latent attention: decode in the absorbed-weights form (the default) or the plain one (the cache expanded
   // through kv_b every step; host backends).
   void set_latent_absorbed(bool absorbed);
@@ -270,8 +276,9 @@ class TransformerDecoder : public IncrementalDecoder {
   nn::DeviceBlock mtp_k_, mtp_v_;
   nn::MTPActivations mtp_a_;
   float* mtp_zeros_ = nullptr;
+  float* mtp_prev_ = nullptr;  // [B·m, C] the kept rows of x_ when draft() runs over part of the last forward
   std::vector<int32_t> last_tokens_;
-  int last_n_ = 0, mtp_length_ = 0;
+  int last_n_ = 0, last_start_ = 0, mtp_length_ = 0;  // the last forward: n positions from last_start_
   bool last_one_chunk_ = false;
   void note_tokens(const int32_t* tokens, int n);
   nn::DeviceBlock expand_;  // the plain latent form's expansion buffers (nn::KVLayer)

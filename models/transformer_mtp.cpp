@@ -80,29 +80,41 @@ void TransformerDecoder::note_tokens(const int32_t* tokens, int n) {
   if (cfg_.mtp_depth == 0 || n < 1) return;
   last_tokens_.assign(tokens, tokens + size_t(batch_) * size_t(n));
   last_n_ = n;
+  last_start_ = length_;
   const int limit = length_ == 0 ? kMaxChunk : std::min(kMaxChunk, be_->max_decode_queries());
   last_one_chunk_ = n <= limit;
 }
 
-// Module 1 at positions p .. p+n−1 of the last forward: h_i (still in x_, the stream before the final norm) and
-// the embedding of token i+1 (the next input, or `next` for the last), attending over its own cache.
-const float* TransformerDecoder::draft(const int32_t* next) {
+// Module 1 at positions p .. p+m−1 of the last forward (p its first position): h_i (still in x_, the stream
+// before the final norm) and the embedding of token i+1 (the next input, or `next` for the last), attending
+// over its own cache.
+const float* TransformerDecoder::draft(const int32_t* next, int m) {
   KILN_CHECK(cfg_.mtp_depth > 0, "decoder: draft() needs multi-token-prediction modules (", cfg_.family,
              " model without num_nextn_predict_layers)");
-  const int n = last_n_, B = batch_, C = cfg_.d_model, V = cfg_.vocab_size;
-  KILN_CHECK(n > 0 && mtp_length_ == length_ - n, "decoder: draft() follows each forward() (the draft's cache ",
-             "holds ", mtp_length_, " of the ", length_ - n, " positions before the last forward)");
+  const int n = last_n_, B = batch_, C = cfg_.d_model, V = cfg_.vocab_size, p = last_start_;
+  if (m == 0) m = n;
+  KILN_CHECK(n > 0 && mtp_length_ == p,
+             "decoder: draft() follows each forward() (the draft's cache holds ", mtp_length_, " positions, the ",
+             "last forward started at ", p, ")");
+  KILN_CHECK(m >= 1 && m <= n && length_ >= p + m, "decoder: draft() over ", m, " positions of a forward of ", n,
+             " of which the cache keeps ", length_ - p);
   KILN_CHECK(last_one_chunk_, "decoder: draft() after a forward of ", n, " positions (more than one chunk of ",
              kMaxChunk, ")");
-  const int64_t N = int64_t(B) * n;
-  const int p = length_ - n;
+  const int64_t N = int64_t(B) * m;
+  // The module's input rows: x_ holds [B][n] rows; with m < n the first m of each sequence, packed.
+  const float* prev = x_;
+  if (m < n) {
+    be_->copy_rows(nn::Act{mtp_prev_, DType::F32}, int64_t(m) * C, nn::Act{x_, DType::F32}, int64_t(n) * C, B,
+                   int64_t(m) * C);
+    prev = mtp_prev_;
+  }
   inputs_.resize(size_t(2 * N + B));
   for (int b = 0; b < B; b++) {
     KILN_CHECK(next[b] >= 0 && next[b] < V, "token id ", next[b], " is outside the model's vocabulary [0, ", V, ")");
     inputs_[size_t(2 * N + b)] = p;
-    for (int i = 0; i < n; i++) {
-      inputs_[size_t(b * n + i)] = i + 1 < n ? last_tokens_[size_t(b * n + i + 1)] : next[b];
-      inputs_[size_t(N + b * n + i)] = p + i;
+    for (int i = 0; i < m; i++) {
+      inputs_[size_t(b * m + i)] = i + 1 < m ? last_tokens_[size_t(b * n + i + 1)] : next[b];
+      inputs_[size_t(N + b * m + i)] = p + i;
     }
   }
   const int32_t* tok =
@@ -114,8 +126,8 @@ const float* TransformerDecoder::draft(const int32_t* next) {
   cache.past = tok + 2 * N;
   cache.max_positions = max_pos_;
   cache.B = B;
-  cache.Tq = n;
-  cache.fresh = p == 0 && n > 1;
+  cache.Tq = m;
+  cache.fresh = p == 0 && m > 1;
   cache.absorbed = absorbed_;
   if (cfg_.mla.on() && expand_.data()) {  // the plain form's expansion buffers, shared with the main layers
     const nn::MLAShape M = block_shape(cfg_, 0).mla;
@@ -127,10 +139,11 @@ const float* TransformerDecoder::draft(const int32_t* next) {
     cache.expand_v = e.at(P * (M.r + M.kv()) + int64_t(B) * P * M.NH * M.qk());
   }
   be_->memset(mtp_zeros_, 0, size_t(N) * C * sizeof(float));
-  w_.mtp[0].forward(*be_, mtp_a_, s_, x_, tok, w_.wte, tok + N, attention_params(cfg_, B, n), N, mtp_zeros_, &cache);
-  mtp_length_ = length_;
+  w_.mtp[0].forward(*be_, mtp_a_, s_, prev, tok, w_.wte, tok + N, attention_params(cfg_, B, m), N, mtp_zeros_,
+                    &cache);
+  mtp_length_ = p + m;
   // The last position's head input of each sequence, through the shared head.
-  be_->copy_rows(ln_, C, mtp_a_.ln.at(int64_t(n - 1) * C), int64_t(n) * C, B, C);
+  be_->copy_rows(ln_, C, mtp_a_.ln.at(int64_t(m - 1) * C), int64_t(m) * C, B, C);
   be_->linear_forward(nn::Act{logits_d_, DType::F32}, ln_, w_.head, B);
   const size_t bytes = sizeof(float) * size_t(B) * size_t(V);
   if (!be_->on_host()) logits_.resize(bytes / sizeof(float));

@@ -8,6 +8,9 @@
 #include <vector>
 
 #include "core/rng.h"
+#include "infer/generate.h"
+#include "infer/sampler.h"
+#include "kernels/argmax.h"
 #include "models/family.h"
 #include "models/model.h"
 #include "serve/kv_blocks.h"
@@ -149,6 +152,71 @@ std::string family_name(const ::testing::TestParamInfo<const char*>& i) {
 }  // namespace
 
 INSTANTIATE_TEST_SUITE_P(Families, PagedDecoderTest, ::testing::ValuesIn(kConfigs), family_name);
+
+// kiln serve --weights-dtype: four sequences decoded greedily together (joining at different steps, so the
+// batched step has 1 to 4 rows) pick the tokens that `kiln generate --weights-dtype` (the contiguous decoder with
+// the same narrow copies, alone) picks, in every format.
+TEST(PagedDecoder, NarrowWeightsGreedyEqualsGenerate) {
+  const ModelConfig cfg = parse_model_config(kConfigs[0], "config.json");
+  auto model = random_model(cfg, 21);
+  const int V = cfg.vocab_size, bs = 8, new_tokens = 24;
+  for (WeightFormat f : {WeightFormat::BF16, WeightFormat::F16, WeightFormat::Q8_0}) {
+    SCOPED_TRACE(weight_format_name(f));
+    BatchDecoderOptions bo;
+    bo.block_size = bs;
+    bo.num_blocks = 32;
+    bo.weights = f;
+    auto dec = make_batch_decoder(cfg, model->host_params(), bo);
+    DecoderOptions dopt;
+    dopt.weights = f;
+    auto solo = make_decoder(cfg, model->host_params(), dopt);
+    struct S {
+      std::vector<int32_t> tokens, want;
+      int prompt, start, past = 0;
+      std::vector<int32_t> blocks;
+    };
+    Rng r(4);
+    std::vector<S> seqs(4);
+    const int prompts[] = {9, 3, 14, 1}, starts[] = {0, 0, 3, 5};
+    for (size_t i = 0; i < seqs.size(); i++) {
+      S& s = seqs[i];
+      s.prompt = prompts[i], s.start = starts[i];
+      for (int k = 0; k < s.prompt; k++) s.tokens.push_back(int32_t(r.below(uint64_t(V))));
+      for (int k = 0; k * bs < s.prompt + new_tokens; k++) s.blocks.push_back(int32_t(i * 8 + size_t(k)));
+      SamplingParams sp;
+      sp.temperature = 0;
+      Sampler greedy(sp);
+      GenerateLimits lim;
+      lim.max_new = new_tokens;
+      generate(*solo, greedy, s.tokens, lim, [&](int32_t t) { s.want.push_back(t); return true; });
+      ASSERT_EQ(int(s.want.size()), new_tokens);
+    }
+    for (int step = 0;; step++) {
+      std::vector<BatchRow> rows;
+      std::vector<S*> who;
+      for (S& s : seqs) {
+        if (step < s.start || int(s.tokens.size()) >= s.prompt + new_tokens) continue;
+        BatchRow row;
+        row.tokens = s.tokens.data() + s.past;
+        row.n = int(s.tokens.size()) - s.past;
+        row.past = s.past;
+        row.blocks = s.blocks.data();
+        row.n_blocks = int(s.blocks.size());
+        rows.push_back(row);
+        who.push_back(&s);
+      }
+      if (rows.empty()) break;
+      const float* lg = dec->forward(rows);
+      for (size_t i = 0; i < rows.size(); i++) {
+        who[i]->past += rows[i].n;
+        who[i]->tokens.push_back(argmax(lg + i * size_t(V), V));
+      }
+    }
+    for (const S& s : seqs)
+      EXPECT_EQ(std::vector<int32_t>(s.tokens.begin() + s.prompt, s.tokens.end()), s.want)
+          << "sequence " << (&s - seqs.data());
+  }
+}
 
 TEST(PagedDecoder, RejectsBadRows) {
   const ModelConfig cfg = parse_model_config(kConfigs[2], "config.json");

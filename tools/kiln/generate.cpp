@@ -5,7 +5,9 @@
 //   {"tokens": [prompt and new ids], "text": prompt text + completion (null without a tokenizer),
 //    "finish_reason": "length" | "eot" | "stop" | "context", "weights_dtype", "decode_tokens_per_s",
 //    with a draft model "speculative": {draft_tokens, rounds, drafted, accepted, acceptance_rate,
-//    mean_accepted_length (accepted proposals per round), tokens_per_round},
+//    mean_accepted_length (accepted proposals per round), tokens_per_round}; with MTP self-drafting the same
+//    object with "method": "mtp" (a model with MTP modules drafts with its first module unless
+//    --no-mtp-draft; one guess per round),
 //    with Medusa heads "medusa": {heads, tree_nodes, tree_depth, acceptance: greedy | typical, rounds, accepted,
 //    acceptance_rate (accepted / (rounds · tree depth)), mean_accepted_length (tokens per round)}}
 // Medusa (infer/medusa.h) runs by default when the checkpoint has heads (medusa.safetensors), on the CPU and
@@ -29,6 +31,7 @@
 #include "core/gpu.h"
 #include "infer/generate.h"
 #include "infer/medusa.h"
+#include "infer/mtp_decode.h"
 #include "infer/sampler.h"
 #include "infer/speculative.h"
 #include "infer/text_stream.h"
@@ -50,6 +53,7 @@ struct GenerateOptions {
   std::string medusa_tree;
   float typical_threshold = 0.09f, typical_alpha = 0.3f;
   bool has_prompt = false, has_prompt_ids = false, json = false, no_cuda_graph = false;
+  bool mtp_draft = false, no_mtp_draft = false, draft_tokens_given = false;
   int max_new = 64, threads = 0;
   std::optional<int> eot_id;
   kiln::SamplingParams sampling;
@@ -209,6 +213,15 @@ void run_generate(const GenerateOptions& o) {
   mparams.typical = !o.sampling.greedy();
   mparams.typical_threshold = o.typical_threshold;
   mparams.typical_alpha = o.typical_alpha;
+  // MTP self-drafting: --mtp-draft, or by default when the model has the modules and no draft model is given.
+  KILN_CHECK(!(o.mtp_draft && o.no_mtp_draft), "give at most one of --mtp-draft and --no-mtp-draft");
+  KILN_CHECK(!(o.mtp_draft && speculative), "give at most one of --mtp-draft and --draft-model");
+  KILN_CHECK(!(o.mtp_draft && use_medusa), "give at most one of --mtp-draft and --medusa (or pass --no-medusa)");
+  KILN_CHECK(!o.mtp_draft || dec->self_draft_chunk() > 0, "--mtp-draft: the model (", cfg.family,
+             ") has no multi-token-prediction modules (num_nextn_predict_layers)");
+  const bool mtp = !speculative && !use_medusa && !o.no_mtp_draft && dec->self_draft_chunk() > 0;
+  KILN_CHECK(!mtp || !o.draft_tokens_given || o.draft_tokens == 1, "--draft-tokens ", o.draft_tokens,
+             ": MTP self-drafting proposes 1 token per round (the model's first MTP module)");
   if (device.cuda) {
     const gpu::DeviceInfo info = gpu::init(device.index);
     std::fprintf(stderr, "kiln generate: device %s%s\n", info.name.c_str(), info.emulated ? " [SIMT emulator]" : "");
@@ -258,6 +271,9 @@ void run_generate(const GenerateOptions& o) {
   } else if (speculative) {
     why = generate_speculative(*dec, *draft, sampler, prompt, lim, o.draft_tokens, on_token, &sst);
     st = sst.base;
+  } else if (mtp) {
+    why = generate_self_draft(*dec, sampler, prompt, lim, on_token, &sst);
+    st = sst.base;
   } else {
     why = generate(*dec, sampler, prompt, lim, on_token, &st);
   }
@@ -272,8 +288,9 @@ void run_generate(const GenerateOptions& o) {
     j["finish_reason"] = finish_reason_name(why);
     j["weights_dtype"] = o.weights_dtype;
     j["decode_tokens_per_s"] = decode_tps;
-    if (speculative) {
-      j["speculative"] = {{"draft_tokens", o.draft_tokens},
+    if (speculative || mtp) {
+      j["speculative"] = {{"method", mtp ? "mtp" : "draft_model"},
+                          {"draft_tokens", mtp ? 1 : o.draft_tokens},
                           {"rounds", sst.rounds},
                           {"drafted", sst.drafted},
                           {"accepted", sst.accepted},
@@ -310,10 +327,11 @@ void run_generate(const GenerateOptions& o) {
                  "per round, %.1f new tokens/s\n",
                  medusa_w->shape.K, mst.rounds, mst.tree_nodes, mst.acceptance_rate(), mst.mean_accepted_length(),
                  decode_tps);
-  if (speculative)
-    std::fprintf(stderr, "kiln generate: speculative, %d rounds of up to %d drafts: acceptance %.3f, %.2f accepted "
+  if (speculative || mtp)
+    std::fprintf(stderr, "kiln generate: %s, %d rounds of up to %d drafts: acceptance %.3f, %.2f accepted "
                  "per round, %.1f new tokens/s\n",
-                 sst.rounds, o.draft_tokens, sst.acceptance_rate(), sst.mean_accepted(), decode_tps);
+                 mtp ? "MTP self-drafting" : "speculative", sst.rounds, mtp ? 1 : o.draft_tokens,
+                 sst.acceptance_rate(), sst.mean_accepted(), decode_tps);
 }
 
 kiln::cli::Command generate_cmd("generate", [](CLI::App& root) {
@@ -343,8 +361,12 @@ kiln::cli::Command generate_cmd("generate", [](CLI::App& root) {
   c->add_option("--draft-model", o->draft_model,
                  "Speculative decoding: a small checkpoint with the same tokenizer that proposes tokens for this one");
   c->add_option("--draft-random-init", o->draft_random_init, "Instead of --draft-model: a config.json (benchmarks)");
-  c->add_option("--draft-tokens", o->draft_tokens, "Speculative decoding: tokens the draft proposes per round (K)")
-      ->capture_default_str();
+  auto* dt = c->add_option("--draft-tokens", o->draft_tokens,
+                            "Speculative decoding: tokens the draft proposes per round (K; MTP self-drafting: 1)")
+                ->capture_default_str();
+  c->add_flag("--mtp-draft", o->mtp_draft,
+              "Draft with the model's own multi-token-prediction module (the default when it has one)");
+  c->add_flag("--no-mtp-draft", o->no_mtp_draft, "Plain decoding for a model with MTP modules");
   c->add_flag("--medusa", o->medusa,
               "Decode with the checkpoint's Medusa heads (the default when it has them): a candidate tree checked "
               "in one pass per round");
@@ -359,8 +381,9 @@ kiln::cli::Command generate_cmd("generate", [](CLI::App& root) {
                 "Medusa with --temperature > 0: typical acceptance's alpha (accept p > min(eps, alpha*exp(-H)))")
       ->capture_default_str();
   c->add_flag("--no-cuda-graph", o->no_cuda_graph, "With --device cuda: launch the decode step's kernels one by one");
-  c->callback([o, p, pi] {
+  c->callback([o, p, pi, dt] {
     o->has_prompt = p->count() > 0;
+    o->draft_tokens_given = dt->count() > 0;
     o->has_prompt_ids = pi->count() > 0;
     run_generate(*o);
   });

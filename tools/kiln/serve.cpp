@@ -13,6 +13,7 @@
 #include <fstream>
 #include <iterator>
 #include <memory>
+#include <optional>
 #include <string>
 #include <thread>
 #include <vector>
@@ -32,6 +33,7 @@ namespace {
 
 struct ServeOptions {
   std::string model, random_init, tokenizer, host = "127.0.0.1", api_key, api_key_file, model_name, device = "cpu";
+  std::string weights_dtype = "f32";
   int port = 8080, parallel = 16, ctx = 0, threads = 0, max_queue = 64, timeout = 60, kv_blocks = 0;
   int block_size = 64, prefill_chunk = 256, http_threads = 64;
   size_t max_body = 8u << 20;
@@ -150,6 +152,9 @@ void run_serve(const ServeOptions& o) {
     bo.cuda = device.cuda;
     bo.block_size = o.block_size;
     bo.max_positions = ctx;
+    const std::optional<WeightFormat> wf = parse_weight_format(o.weights_dtype);
+    KILN_CHECK(wf, "--weights-dtype: '", o.weights_dtype, "' is not one of f32, bf16, f16, q8_0");
+    bo.weights = *wf;
     // Default pool: every slot a whole context.
     bo.num_blocks = o.kv_blocks > 0 ? o.kv_blocks : o.parallel * ((ctx + o.block_size - 1) / o.block_size);
     std::unique_ptr<BatchDecoder> dec = make_batch_decoder(cfg, model->host_params(), bo);
@@ -234,6 +239,9 @@ kiln::cli::Command serve_cmd("serve", [](CLI::App& root) {
   c->add_option("--http-threads", o->http_threads, "Connections served at once")->capture_default_str();
   c->add_flag("--no-prefix-cache", o->no_prefix_cache, "Do not reuse the KV blocks of a shared prompt prefix");
   c->add_option("--device", o->device, "cpu, or cuda / cuda:N")->capture_default_str();
+  c->add_option("--weights-dtype", o->weights_dtype,
+                 "CPU: the weight matrices' format for decoding: f32, bf16, f16 or q8_0 (8-bit, a scale per 32)")
+      ->capture_default_str();
   c->callback([o] { run_serve(*o); });
 });
 
