@@ -50,19 +50,7 @@ FinishReason generate_self_draft(IncrementalDecoder& dec, const Sampler& sampler
   bool first = true;
   for (;;) {
     // Report this round's tokens one by one; each may end generation (as plain decoding would, at it).
-    bool done = false;
-    for (int32_t t : produced) {
-      st.base.new_tokens++;
-      if (first) {
-        st.base.prefill_s = std::chrono::duration<double>(Clock::now() - t0).count();
-        first = false;
-      }
-      if (!on_token(t)) { why = FinishReason::Stop; done = true; break; }
-      if (lim.eot && t == *lim.eot) { why = FinishReason::EndOfText; done = true; break; }
-      if (st.base.new_tokens >= lim.max_new) { why = FinishReason::Length; done = true; break; }
-      if (P + st.base.new_tokens >= max_len) { why = FinishReason::Context; done = true; break; }
-    }
-    if (done) break;
+    if (report_round(produced, st, first, t0, on_token, lim, P, max_len, why)) break;
     const int32_t last = produced.back();
     const int committed = P + st.base.new_tokens;  // tokens so far; the cache holds committed - 1
     // A guess only when the budget and the context leave room for two tokens this round (then never again:

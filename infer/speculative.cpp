@@ -52,6 +52,23 @@ void dense_distribution(const Sampler& s, const float* logits, int V, std::vecto
   for (const Candidate& k : c) out[size_t(k.id)] = k.p;
 }
 
+bool report_round(const std::vector<int32_t>& produced, SpeculativeStats& st, bool& first,
+                  std::chrono::steady_clock::time_point t0, const std::function<bool(int32_t)>& on_token,
+                  const GenerateLimits& lim, int P, int max_len, FinishReason& why) {
+  for (int32_t t : produced) {
+    st.base.new_tokens++;
+    if (first) {
+      st.base.prefill_s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+      first = false;
+    }
+    if (!on_token(t)) return why = FinishReason::Stop, true;
+    if (lim.eot && t == *lim.eot) return why = FinishReason::EndOfText, true;
+    if (st.base.new_tokens >= lim.max_new) return why = FinishReason::Length, true;
+    if (P + st.base.new_tokens >= max_len) return why = FinishReason::Context, true;
+  }
+  return false;
+}
+
 FinishReason generate_speculative(IncrementalDecoder& target, IncrementalDecoder& draft, const Sampler& sampler,
                                   const std::vector<int32_t>& prompt, const GenerateLimits& lim, int draft_tokens,
                                   const std::function<bool(int32_t)>& on_token, SpeculativeStats* stats) {
@@ -91,19 +108,7 @@ FinishReason generate_speculative(IncrementalDecoder& target, IncrementalDecoder
   bool first = true;
   for (;;) {
     // Report this round's tokens one by one; each may end generation (as plain decoding would, at it).
-    bool done = false;
-    for (int32_t t : produced) {
-      st.base.new_tokens++;
-      if (first) {
-        st.base.prefill_s = std::chrono::duration<double>(Clock::now() - t0).count();
-        first = false;
-      }
-      if (!on_token(t)) { why = FinishReason::Stop; done = true; break; }
-      if (lim.eot && t == *lim.eot) { why = FinishReason::EndOfText; done = true; break; }
-      if (st.base.new_tokens >= lim.max_new) { why = FinishReason::Length; done = true; break; }
-      if (P + st.base.new_tokens >= max_len) { why = FinishReason::Context; done = true; break; }
-    }
-    if (done) break;
+    if (report_round(produced, st, first, t0, on_token, lim, P, max_len, why)) break;
     const int32_t last = produced.back();
     const int committed = P + st.base.new_tokens;  // tokens so far; the target's cache holds committed - 1
     // Proposals this round: at most K, and no more than the budget and the context leave room to produce.

@@ -8,6 +8,7 @@
 // Both caches roll back past a rejection (IncrementalDecoder::truncate). A draft whose context is shorter than
 // the target's stops proposing when it is full; the rest are plain target steps.
 #pragma once
+#include <chrono>
 #include <cstdint>
 #include <functional>
 #include <vector>
@@ -44,6 +45,13 @@ std::vector<double> residual_distribution(const std::vector<double>& p, const st
 int32_t sample_dense(const std::vector<double>& w, Rng& rng);
 // The sampler's filtered distribution of a row of logits, dense over [0, V).
 void dense_distribution(const Sampler& s, const float* logits, int V, std::vector<double>& out);
+
+// Reports one round's tokens one by one to on_token, as plain decoding would (the first token of the run also
+// stamps st.base.prefill_s, measured from t0); returns true when one of them ends generation (why says how).
+// P is the prompt's length and max_len the context. Shared by the draft-model and the self-drafting loops.
+bool report_round(const std::vector<int32_t>& produced, SpeculativeStats& st, bool& first,
+                  std::chrono::steady_clock::time_point t0, const std::function<bool(int32_t)>& on_token,
+                  const GenerateLimits& lim, int P, int max_len, FinishReason& why);
 
 // generate() (infer/generate.h) with a draft: the same limits, on_token contract and finish reasons; both
 // decoders batch 1 with vocabularies covering the sampled ids; each is reset first. draft_tokens >= 1.

@@ -61,75 +61,35 @@ std::unique_ptr<nn::Backend> backend_for(const ImageModelOptions& opt, const cha
 }
 
 // The DiT as a denoise model.
-class DiTImage final : public ImageModel {
+class DiTImage final : public HostImageModel<DiT> {
  public:
   DiTImage(const DiTConfig& c, const ImageModelOptions& opt)
-      : be_(backend_for(opt, "dit")), m_(c, *be_, opt.with_grads) {}
+      : HostImageModel(backend_for(opt, "dit"), c, opt.with_grads) {}
   std::string type() const override { return "dit"; }
-  std::string config_json() const override { return m_.config().to_json(); }
-  ImageGeometry geometry() const override {
-    const DiTConfig& c = m_.config();
-    return {c.image_size, c.channels, c.classes};
-  }
   bool provides(ImageTask t) const override { return t == ImageTask::Denoise; }
-  const ParamTable& table() const override { return m_.table(); }
-  float* host_params() override { return m_.params(); }
-  void params_changed() override { m_.params_changed(); }
-  void sync_to_host() override {}
-  ParamBlocks blocks() override {
-    ParamBlocks b;
-    b.params = m_.params(), b.grads = m_.grads(), b.params16 = m_.params16(), b.n = m_.table().total;
-    b.backend = be_.get();
-    return b;
-  }
-  void init_random(uint64_t seed) override { m_.init_random(seed); }
-  void zero_grad() override { m_.zero_grad(); }
   size_t plan(int B, RecomputePolicy policy) override {
     KILN_CHECK(policy.kind == RecomputePolicy::None || (policy.kind == RecomputePolicy::Every && policy.k == 1),
                "--recompute ", policy.str(), ": the dit model supports none or block");
     planned_ = B;
     return m_.plan(B, policy.kind == RecomputePolicy::Every);
   }
-  int planned() const override { return planned_; }
   void denoise(float* out, const float* x, const float* c_noise, const int32_t* labels, int B) override {
     m_.forward(out, x, c_noise, labels, B);
   }
   void denoise_backward(const float* dout) override { m_.backward(dout); }
-
- private:
-  std::unique_ptr<nn::Backend> be_;
-  DiT m_;
-  int planned_ = 0;
 };
 
 // The ViT as a classify model.
-class ViTImage final : public ImageModel {
+class ViTImage final : public HostImageModel<ViT> {
  public:
   ViTImage(const ViTConfig& c, const ImageModelOptions& opt)
-      : be_(backend_for(opt, "vit")), m_(c, *be_, opt.with_grads) {
+      : HostImageModel(backend_for(opt, "vit"), c, opt.with_grads) {
     KILN_CHECK(opt.label_smoothing >= 0 && opt.label_smoothing < 1, "--label-smoothing ", opt.label_smoothing,
                ": must be in [0, 1)");
     m_.set_label_smoothing(opt.label_smoothing);
   }
   std::string type() const override { return "vit"; }
-  std::string config_json() const override { return m_.config().to_json(); }
-  ImageGeometry geometry() const override {
-    const ViTConfig& c = m_.config();
-    return {c.image_size, c.channels, c.classes};
-  }
   bool provides(ImageTask t) const override { return t == ImageTask::Classify; }
-  const ParamTable& table() const override { return m_.table(); }
-  float* host_params() override { return m_.params(); }
-  void params_changed() override { m_.params_changed(); }
-  void sync_to_host() override {}
-  ParamBlocks blocks() override {
-    ParamBlocks b;
-    b.params = m_.params(), b.grads = m_.grads(), b.params16 = m_.params16(), b.n = m_.table().total;
-    b.backend = be_.get();
-    return b;
-  }
-  void init_random(uint64_t seed) override { m_.init_random(seed); }
-  void zero_grad() override { m_.zero_grad(); }
   size_t plan(int B, RecomputePolicy policy) override {
     KILN_CHECK(policy.kind == RecomputePolicy::None, "--recompute ", policy.str(), ": the vit model keeps all "
                "activations for now (--recompute none)");
@@ -137,7 +97,6 @@ class ViTImage final : public ImageModel {
     logits_.resize(size_t(B) * m_.config().classes);
     return m_.plan(B);
   }
-  int planned() const override { return planned_; }
   double loss_forward(const float* images, const int32_t* labels, int B, bool train) override {
     KILN_CHECK(labels, "vit: the classify loss needs labels");
     const double l = m_.forward(logits_.data(), nullptr, images, labels, B);
@@ -155,9 +114,6 @@ class ViTImage final : public ImageModel {
   int feature_dim() const override { return m_.config().hidden; }
 
  private:
-  std::unique_ptr<nn::Backend> be_;
-  ViT m_;
-  int planned_ = 0;
   bool trained_ = false;
   std::vector<float> logits_;
 };

@@ -92,6 +92,40 @@ class ImageModel {
   std::vector<float> ema_;
 };
 
+// What the families' adapters share: a network Net on a backend of its own, whose config has to_json(),
+// image_size, channels and classes, and which holds its parameters (params(), grads(), params16() or nullptr)
+// in table() layout, host-resident. An adapter derives from it and adds type(), provides(), plan() and its tasks.
+template <class Net>
+class HostImageModel : public ImageModel {
+ public:
+  template <class Config>
+  HostImageModel(std::unique_ptr<nn::Backend> be, const Config& c, bool with_grads)
+      : be_(std::move(be)), m_(c, *be_, with_grads) {}
+  std::string config_json() const override { return m_.config().to_json(); }
+  ImageGeometry geometry() const override {
+    const auto& c = m_.config();
+    return {c.image_size, c.channels, c.classes};
+  }
+  const ParamTable& table() const override { return m_.table(); }
+  float* host_params() override { return m_.params(); }
+  void params_changed() override { m_.params_changed(); }
+  void sync_to_host() override {}
+  ParamBlocks blocks() override {
+    ParamBlocks b;
+    b.params = m_.params(), b.grads = m_.grads(), b.params16 = m_.params16(), b.n = m_.table().total;
+    b.backend = be_.get();
+    return b;
+  }
+  void init_random(uint64_t seed) override { m_.init_random(seed); }
+  void zero_grad() override { m_.zero_grad(); }
+  int planned() const override { return planned_; }
+
+ protected:
+  std::unique_ptr<nn::Backend> be_;
+  Net m_;
+  int planned_ = 0;
+};
+
 // Builds the model a config.json describes (model_type: dit, vit, or a family added to the table in
 // image_model.cpp). `where` names the source in errors.
 std::unique_ptr<ImageModel> make_image_model(const std::string& config_json, const std::string& where,

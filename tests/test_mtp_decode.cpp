@@ -21,6 +21,9 @@
 
 using namespace kiln;
 
+using kiln::test::exact_joint;
+using kiln::test::random_table;
+
 namespace {
 
 ModelConfig deepseek_mtp(int max_pos, int V = 53) {
@@ -211,33 +214,6 @@ class MarkovMTP final : public IncrementalDecoder {
   int start_ = 0, n_ = 0;
   ModelConfig cfg_;
 };
-
-std::vector<std::vector<float>> random_table(int V, uint64_t seed, float scale) {
-  Rng r(seed);
-  std::vector<std::vector<float>> t(static_cast<size_t>(V), std::vector<float>(static_cast<size_t>(V)));
-  for (auto& row : t)
-    for (float& x : row) x = r.normal() * scale;
-  return t;
-}
-
-// The exact distribution of the first L tokens after `start` under the sampler, from the table alone.
-std::vector<double> exact_joint(const std::vector<std::vector<float>>& table, const Sampler& s, int32_t start, int L) {
-  const int V = int(table.size());
-  std::vector<double> joint = {1.0};
-  std::vector<int32_t> lasts = {start};
-  for (int step = 0; step < L; step++) {
-    std::vector<double> nj;
-    std::vector<int32_t> nl;
-    for (size_t c = 0; c < joint.size(); c++) {
-      std::vector<double> d;
-      dense_distribution(s, table[size_t(lasts[c])].data(), V, d);
-      for (int v = 0; v < V; v++) nj.push_back(joint[c] * d[size_t(v)]), nl.push_back(v);
-    }
-    joint.swap(nj);
-    lasts.swap(nl);
-  }
-  return joint;
-}
 
 TEST(MTPDecode, SamplesFollowTheModelDistribution) {
   const int V = 4, L = 4;  // the first four tokens: 256 cells
