@@ -10,6 +10,8 @@ cmake -B build -DCMAKE_BUILD_TYPE=Release >/dev/null
 cmake --build build -j"$(nproc)" --target kiln
 kiln=build/kiln
 run=runs/fortunes
+# The quickstart's own directory: each run starts afresh (the data step refuses to overwrite shards).
+rm -rf "$run"
 mkdir -p "$run"
 
 # The corpus: every fortune file (not the .dat indexes); fortunes are separated by lines holding '%'.
