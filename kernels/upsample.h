@@ -68,4 +68,36 @@ KILN_UPSAMPLE_HD inline void bilinear_reach(int i, int n, int s, bool aligned, i
   if (hi > n * s) hi = n * s;
 }
 
+// The gradient that input (i, j) of an H×W plane receives from d, its output gradient (sH×sW): the sum over the
+// outputs that read it (the backward gathers, so no two threads write one input). mode 0, 1, 2: Upsample's order.
+KILN_UPSAMPLE_HD inline float upsample_gather(const float* d, int i, int j, int H, int W, int s, int mode) {
+  const int OW = W * s;
+  float acc = 0;
+  if (mode == 0) {
+    for (int y = i * s; y < (i + 1) * s; y++)
+      for (int x = j * s; x < (j + 1) * s; x++) acc += d[y * OW + x];
+    return acc;
+  }
+  // Output y reads rows ⌊u⌋, ⌊u⌋ + 1: only the outputs bilinear_reach names can reach row i (column j).
+  const bool al = mode == 2;
+  int ylo, yhi, xlo, xhi;
+  bilinear_reach(i, H, s, al, ylo, yhi);
+  bilinear_reach(j, W, s, al, xlo, xhi);
+  for (int y = ylo; y < yhi; y++) {
+    int y0, y1;
+    float wy;
+    bilinear_taps(y, H, s, y0, y1, wy, al);
+    const float ay = (y0 == i ? 1 - wy : 0.0f) + (y1 == i ? wy : 0.0f);
+    if (ay == 0) continue;
+    for (int x = xlo; x < xhi; x++) {
+      int x0, x1;
+      float wx;
+      bilinear_taps(x, W, s, x0, x1, wx, al);
+      const float ax = (x0 == j ? 1 - wx : 0.0f) + (x1 == j ? wx : 0.0f);
+      acc += ay * ax * d[y * OW + x];
+    }
+  }
+  return acc;
+}
+
 }  // namespace kiln

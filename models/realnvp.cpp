@@ -7,6 +7,7 @@
 
 #include "core/error.h"
 #include "core/rng.h"
+#include "models/image_config.h"
 
 namespace kiln {
 
@@ -32,25 +33,15 @@ std::string RealNVPConfig::to_json() const {
 }
 
 RealNVPConfig RealNVPConfig::from_json(const std::string& text, const std::string& where) {
-  nlohmann::json j;
-  try {
-    j = nlohmann::json::parse(text);
-  } catch (const std::exception& e) {
-    fail(where, ": not valid JSON (", e.what(), ")");
-  }
-  KILN_CHECK(j.is_object() && j.value("model_type", "") == "realnvp", where, ": model_type must be \"realnvp\"");
+  const ImageConfigReader r(text, where, "realnvp");
   RealNVPConfig c;
-  auto get = [&](const char* k, int& v) {
-    if (!j.contains(k)) return;
-    KILN_CHECK(j[k].is_number_integer(), where, ": field ", k, " must be an integer");
-    v = j[k].get<int>();
-  };
+  auto get = [&](const char* k, int& v) { r.get(k, v); };
   get("image_size", c.image_size), get("channels", c.channels), get("classes", c.classes);
   get("scales", c.scales), get("couplings", c.couplings), get("final_couplings", c.final_couplings);
   get("hidden", c.hidden), get("depth", c.depth);
-  if (j.contains("additive")) {
-    KILN_CHECK(j["additive"].is_boolean(), where, ": field additive must be true or false");
-    c.additive = j["additive"].get<bool>();
+  if (r.json().contains("additive")) {
+    KILN_CHECK(r.json()["additive"].is_boolean(), where, ": field additive must be true or false");
+    c.additive = r.json()["additive"].get<bool>();
   }
   c.validate();
   return c;

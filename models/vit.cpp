@@ -8,6 +8,7 @@
 
 #include "core/error.h"
 #include "core/rng.h"
+#include "models/image_config.h"
 
 namespace kiln {
 
@@ -28,19 +29,9 @@ std::string ViTConfig::to_json() const {
 }
 
 ViTConfig ViTConfig::from_json(const std::string& text, const std::string& where) {
-  nlohmann::json j;
-  try {
-    j = nlohmann::json::parse(text);
-  } catch (const std::exception& e) {
-    fail(where, ": not valid JSON (", e.what(), ")");
-  }
-  KILN_CHECK(j.is_object() && j.value("model_type", "") == "vit", where, ": model_type must be \"vit\"");
+  const ImageConfigReader r(text, where, "vit");
   ViTConfig c;
-  auto get = [&](const char* k, int& v) {
-    if (!j.contains(k)) return;
-    KILN_CHECK(j[k].is_number_integer(), where, ": field ", k, " must be an integer");
-    v = j[k].get<int>();
-  };
+  auto get = [&](const char* k, int& v) { r.get(k, v); };
   get("image_size", c.image_size), get("channels", c.channels), get("patch", c.patch), get("hidden", c.hidden);
   get("depth", c.depth), get("heads", c.heads), get("mlp_ratio", c.mlp_ratio), get("classes", c.classes);
   c.validate();

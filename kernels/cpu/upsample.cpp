@@ -6,39 +6,6 @@
 
 namespace kiln::cpu {
 
-namespace {
-// The gradient that input (i, j) of a plane receives, from the outputs within the window that can read it.
-float gather(const float* d, int i, int j, int H, int W, int s, Upsample mode) {
-  const int OW = W * s;
-  float acc = 0;
-  if (mode == Upsample::Nearest) {
-    for (int y = i * s; y < (i + 1) * s; y++)
-      for (int x = j * s; x < (j + 1) * s; x++) acc += d[y * OW + x];
-    return acc;
-  }
-  // Output y reads rows ⌊u⌋, ⌊u⌋ + 1: only the outputs bilinear_reach names can reach row i (column j).
-  const bool al = mode == Upsample::BilinearAligned;
-  int ylo, yhi, xlo, xhi;
-  bilinear_reach(i, H, s, al, ylo, yhi);
-  bilinear_reach(j, W, s, al, xlo, xhi);
-  for (int y = ylo; y < yhi; y++) {
-    int y0, y1;
-    float wy;
-    bilinear_taps(y, H, s, y0, y1, wy, al);
-    const float ay = (y0 == i ? 1 - wy : 0.0f) + (y1 == i ? wy : 0.0f);
-    if (ay == 0) continue;
-    for (int x = xlo; x < xhi; x++) {
-      int x0, x1;
-      float wx;
-      bilinear_taps(x, W, s, x0, x1, wx, al);
-      const float ax = (x0 == j ? 1 - wx : 0.0f) + (x1 == j ? wx : 0.0f);
-      acc += ay * ax * d[y * OW + x];
-    }
-  }
-  return acc;
-}
-}  // namespace
-
 void upsample_forward(float* out, const float* in, int64_t planes, int H, int W, int s, Upsample mode) {
   const int OH = H * s, OW = W * s;
   const bool al = mode == Upsample::BilinearAligned;
@@ -66,7 +33,7 @@ void upsample_backward(float* din, const float* dout, int64_t planes, int H, int
 #pragma omp parallel for schedule(static) if (planes * H * W * s * s > 16384)
   for (int64_t p = 0; p < planes; p++)
     for (int i = 0; i < H; i++)
-      for (int j = 0; j < W; j++) din[(p * H + i) * W + j] = gather(dout + p * H * s * W * s, i, j, H, W, s, mode);
+      for (int j = 0; j < W; j++) din[(p * H + i) * W + j] = upsample_gather(dout + p * H * s * W * s, i, j, H, W, s, int(mode));
 }
 
 void pixel_shuffle(float* out, const float* in, int B, int C, int H, int W, int r) {

@@ -35,36 +35,10 @@ KILN_GLOBAL void __launch_bounds__(256) up_fwd(float* out, const float* in, int6
 KILN_GLOBAL void __launch_bounds__(256) up_bwd(float* din, const float* dout, int64_t planes, int H, int W, int s,
                                                int mode) {
   const int64_t n = planes * H * W;
-  const bool al = mode == 2;
-  const int OW = W * s;
   for (int64_t e = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; e < n; e += int64_t(gridDim.x) * blockDim.x) {
     const int64_t p = e / (int64_t(H) * W);
     const int i = int(e / W % H), j = int(e % W);
-    const float* d = dout + p * H * s * OW;
-    float acc = 0;
-    if (mode == 0) {
-      for (int y = i * s; y < (i + 1) * s; y++)
-        for (int x = j * s; x < (j + 1) * s; x++) acc += d[y * OW + x];
-    } else {
-      int ylo, yhi, xlo, xhi;
-      bilinear_reach(i, H, s, al, ylo, yhi);
-      bilinear_reach(j, W, s, al, xlo, xhi);
-      for (int y = ylo; y < yhi; y++) {
-        int y0, y1;
-        float wy;
-        bilinear_taps(y, H, s, y0, y1, wy, al);
-        const float ay = (y0 == i ? 1 - wy : 0.0f) + (y1 == i ? wy : 0.0f);
-        if (ay == 0) continue;
-        for (int x = xlo; x < xhi; x++) {
-          int x0, x1;
-          float wx;
-          bilinear_taps(x, W, s, x0, x1, wx, al);
-          const float ax = (x0 == j ? 1 - wx : 0.0f) + (x1 == j ? wx : 0.0f);
-          acc += ay * ax * d[y * OW + x];
-        }
-      }
-    }
-    din[e] = acc;
+    din[e] = upsample_gather(dout + p * H * s * W * s, i, j, H, W, s, mode);
   }
 }
 
