@@ -96,17 +96,26 @@ inline float exp_block(float* s, int n, float m) {
 // pages: key j is row pages.row(b, j) of k and v (a paged cache), else row j.
 void attend(const float* q, const float* k, const float* v, int64_t stride, int64_t vstride, int HD, int HDv,
             float scale, int64_t j0, int64_t j1, float* acc, float& m, float& l, const KVPages& pages, int b) {
-  auto key = [&](int64_t j) { return pages ? pages.row(b, j) * stride : j * stride; };
-  auto val = [&](int64_t j) { return pages ? pages.row(b, j) * vstride : j * vstride; };
   float s[kBlock];
+  int64_t rows[kBlock];  // the block's cache rows: one table lookup per page, not a division per key
   m = -INFINITY;
   l = 0;
   std::memset(acc, 0, sizeof(float) * size_t(HDv));
   for (int64_t jb = j0; jb < j1; jb += kBlock) {
     const int n = int(std::min<int64_t>(kBlock, j1 - jb));
+    if (pages) {
+      int64_t blk = jb / pages.block_size, off = jb % pages.block_size;
+      const int32_t* table = pages.table + int64_t(b) * pages.stride;
+      for (int t = 0; t < n; t++) {
+        rows[t] = int64_t(table[blk]) * pages.block_size + off;
+        if (++off == pages.block_size) off = 0, blk++;
+      }
+    } else {
+      for (int t = 0; t < n; t++) rows[t] = jb + t;
+    }
     float bm = -INFINITY;
     for (int t = 0; t < n; t++) {
-      s[t] = dot(q, k + key(jb + t), HD) * scale;
+      s[t] = dot(q, k + rows[t] * stride, HD) * scale;
       bm = std::max(bm, s[t]);
     }
     if (bm > m) {
@@ -117,7 +126,7 @@ void attend(const float* q, const float* k, const float* v, int64_t stride, int6
       m = bm;
     }
     l += exp_block(s, n, m);
-    for (int t = 0; t < n; t++) axpy(acc, s[t], v + val(jb + t), HDv);
+    for (int t = 0; t < n; t++) axpy(acc, s[t], v + rows[t] * vstride, HDv);
   }
 }
 
