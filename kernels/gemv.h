@@ -17,7 +17,7 @@
 //   vecmat_batch: y[r·ldy + n] = (accumulate ? y : 0) + Σ_k x[r·ldx + k]·W[k, n] (+ bias[n])   W [K, N]
 //   matvec_batch: y[r·ldy + m] = (accumulate ? y : 0) + Σ_k A[m, k]·x[r·ldx + k] (+ bias[m])   A [M, K]
 // cpu:: splits the columns of W (vecmat) or the rows of A (matvec) over the threads; register tiles of up to
-// 6 rows of x × 64 columns (vecmat) or 4 rows of A × 4 rows of x (matvec) reuse each loaded weight vector.
+// 6 rows of x × 64 columns (vecmat) or 6 rows of A × 4 rows of x (matvec) reuse each loaded weight vector.
 #pragma once
 #include <cstdint>
 

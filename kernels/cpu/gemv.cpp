@@ -9,6 +9,7 @@
 #include <cstring>
 #include <vector>
 
+#include "kernels/cpu/vec_reduce.h"
 #include "kernels/gemv.h"
 
 namespace kiln::cpu {
@@ -74,20 +75,9 @@ inline float dot(const float* a, const float* b, int64_t K) {
 
 // ---- Batch forms ----
 
-typedef float f32x8 __attribute__((vector_size(32)));
-typedef float f32x4 __attribute__((vector_size(16)));
-
-// A fixed tree: (lanes i and i+8), then (i, i+4), (i, i+2), (i, i+1).
-inline float hsum_tree(f32x16 v) {
-  const f32x8 a = __builtin_shufflevector(v, v, 0, 1, 2, 3, 4, 5, 6, 7) +
-                  __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15);
-  const f32x4 b = __builtin_shufflevector(a, a, 0, 1, 2, 3) + __builtin_shufflevector(a, a, 4, 5, 6, 7);
-  return (b[0] + b[2]) + (b[1] + b[3]);
-}
-
 constexpr int kGroupRows = 6;       // rows of x per vecmat register tile (6 × 4 accumulators)
 constexpr int64_t kTileCols = 64;   // columns per vecmat register tile
-constexpr int64_t kKBlock = 16;     // rows of W per pass over the partial sums
+constexpr int64_t kKBlock = 32;     // rows of W per pass over the partial sums
 
 // Columns [c0, c1) of G rows of y over rows [k0, k1) of W. y holds the partial sums between blocks; `zero`:
 // start from 0 instead (the first block without accumulate); bias (or null) is added after the last block.
@@ -158,20 +148,30 @@ void matvec_tile(float* y, int64_t ldy, const float* x, int64_t ldx, const float
       for (int i = 0; i < MR; i++) acc[i][j] += a[i] * xv;
     }
   }
+  alignas(64) float sums[MR * NR];
+  if constexpr (MR * NR == 16) {
+    f32x16 p[16];
+    for (int i = 0; i < MR; i++)
+      for (int j = 0; j < NR; j++) p[i * NR + j] = acc[i][j];
+    store16(sums, vred::hsum16x16(p));
+  } else {
+    for (int i = 0; i < MR; i++)
+      for (int j = 0; j < NR; j++) sums[i * NR + j] = vred::hsum(acc[i][j]);
+  }
   for (int i = 0; i < MR; i++)
     for (int j = 0; j < NR; j++) {
-      float s = hsum_tree(acc[i][j]);
+      float s = sums[i * NR + j];
       for (int64_t k = K16; k < K; k++) s += A[(m + i) * K + k] * x[j * ldx + k];
       float& out = y[j * ldy + m + i];
       out = (accumulate ? out + s : s) + (bias ? bias[m + i] : 0.0f);
     }
 }
 
-template <int MR>
+template <int MR, int NG>
 void matvec_rows_of_x(float* y, int64_t ldy, const float* x, int64_t ldx, int64_t R, const float* A, int64_t K,
                       int64_t m, bool accumulate, const float* bias) {
   int64_t r = 0;
-  for (; r + 4 <= R; r += 4) matvec_tile<MR, 4>(y + r * ldy, ldy, x + r * ldx, ldx, A, K, m, accumulate, bias);
+  for (; r + NG <= R; r += NG) matvec_tile<MR, NG>(y + r * ldy, ldy, x + r * ldx, ldx, A, K, m, accumulate, bias);
   switch (R - r) {
     case 3: return matvec_tile<MR, 3>(y + r * ldy, ldy, x + r * ldx, ldx, A, K, m, accumulate, bias);
     case 2: return matvec_tile<MR, 2>(y + r * ldy, ldy, x + r * ldx, ldx, A, K, m, accumulate, bias);
@@ -204,9 +204,10 @@ void vecmat_batch(float* y, int64_t ldy, const float* x, int64_t ldx, int64_t R,
     team_slice(N, kTileCols, omp_get_num_threads(), omp_get_thread_num(), c0, c1);
     for (int64_t k0 = 0; k0 < K && c0 < c1; k0 += kKBlock) {
       const int64_t k1 = std::min(K, k0 + kKBlock);
-      for (int64_t r = 0; r < R; r += kGroupRows)
-        vecmat_group_n(int(std::min<int64_t>(kGroupRows, R - r)), y + r * ldy, ldy, x + r * ldx, ldx, W, N, k0, k1,
-                       c0, c1, k0 == 0 && !accumulate, k1 == K ? bias : nullptr);
+      for (int64_t c = c0; c < c1; c += kTileCols)  // the groups in turn over one tile of W (in L1)
+        for (int64_t r = 0; r < R; r += kGroupRows)
+          vecmat_group_n(int(std::min<int64_t>(kGroupRows, R - r)), y + r * ldy, ldy, x + r * ldx, ldx, W, N, k0,
+                         k1, c, std::min(c1, c + kTileCols), k0 == 0 && !accumulate, k1 == K ? bias : nullptr);
     }
   }
 }
@@ -220,8 +221,9 @@ void matvec_batch(float* y, int64_t ldy, const float* x, int64_t ldx, int64_t R,
     int64_t m0, m1;
     team_slice(M, 4, omp_get_num_threads(), omp_get_thread_num(), m0, m1);
     int64_t m = m0;
-    for (; m + 4 <= m1; m += 4) matvec_rows_of_x<4>(y, ldy, x, ldx, R, A, K, m, accumulate, bias);
-    for (; m < m1; m++) matvec_rows_of_x<1>(y, ldy, x, ldx, R, A, K, m, accumulate, bias);
+    for (; m + 6 <= m1; m += 6) matvec_rows_of_x<6, 4>(y, ldy, x, ldx, R, A, K, m, accumulate, bias);
+    for (; m + 4 <= m1; m += 4) matvec_rows_of_x<4, 4>(y, ldy, x, ldx, R, A, K, m, accumulate, bias);
+    for (; m < m1; m++) matvec_rows_of_x<1, 4>(y, ldy, x, ldx, R, A, K, m, accumulate, bias);
   }
 }
 
