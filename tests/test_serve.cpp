@@ -51,16 +51,19 @@ bool close(const float* a, const float* b, int n, float tol) {
 }
 
 // One sequence fed token by token after its prompt (teacher forcing): the reference logits of each step.
+// With hidden: the final norm's output behind each of those logits.
 std::vector<std::vector<float>> reference(const ModelConfig& cfg, const float* params, const std::vector<int32_t>& t,
-                                          int prompt) {
+                                          int prompt, std::vector<std::vector<float>>* hidden = nullptr) {
   auto dec = make_decoder(cfg, params);
-  const int V = cfg.vocab_size;
+  const int V = cfg.vocab_size, C = cfg.d_model;
   std::vector<std::vector<float>> out;
   const float* lg = dec->forward(t.data(), prompt);
   out.emplace_back(lg, lg + V);
+  if (hidden) hidden->emplace_back(dec->hidden(), dec->hidden() + C);
   for (size_t i = size_t(prompt); i < t.size(); i++) {
     lg = dec->forward(&t[i], 1);
     out.emplace_back(lg, lg + V);
+    if (hidden) hidden->emplace_back(dec->hidden(), dec->hidden() + C);
   }
   return out;
 }
@@ -142,6 +145,80 @@ TEST_P(PagedDecoderTest, MatchesContiguousDecoderPerSequence) {
   const float* a = dec->forward({row});
   const float* b = solo->forward(s.tokens.data(), s.prompt);
   EXPECT_TRUE(std::equal(a, a + V, b));
+}
+
+// Speculative checks (serve/engine.h): after their prompts, three sequences run continuations of 4, 4 and 2
+// tokens in one forward with every position's logits (the two of 4 share a pass), beside a single-token row
+// and a fresh prompt; they roll back to their prompts and run their real continuations over the rejected
+// positions. Every logits row, and the hidden state kept behind it (Medusa's input), equals the contiguous
+// decoder's for that sequence alone (teacher-forced).
+TEST_P(PagedDecoderTest, ChecksContinuationsWithAllLogitsAndRollsBack) {
+  const ModelConfig cfg = parse_model_config(GetParam(), "config.json");
+  auto model = random_model(cfg, 13);
+  const int V = cfg.vocab_size, bs = 4;
+  BatchDecoderOptions bo;
+  bo.block_size = bs;
+  bo.num_blocks = 64;
+  bo.keep_hidden = true;
+  auto dec = make_batch_decoder(cfg, model->host_params(), bo);
+  const int C = cfg.d_model;
+  Rng r(5);
+  auto toks = [&](int n) {
+    std::vector<int32_t> t(static_cast<size_t>(n));
+    for (auto& x : t) x = int32_t(r.below(uint64_t(V)));
+    return t;
+  };
+  struct S {
+    std::vector<int32_t> real, wrong;  // prompt + continuation; prompt + a continuation to be rejected
+    int prompt, n;                     // the continuation's length
+    std::vector<int32_t> blocks;
+    std::vector<std::vector<float>> ref_real, ref_wrong, hid_real, hid_wrong;
+  };
+  std::vector<S> seqs = {{toks(13), {}, 9, 4, {}}, {toks(11), {}, 7, 4, {}}, {toks(8), {}, 6, 2, {}},
+                         {toks(6), {}, 5, 1, {}}};
+  int next = 0;
+  for (S& s : seqs) {
+    s.wrong.assign(s.real.begin(), s.real.begin() + s.prompt);
+    for (int32_t t : toks(s.n)) s.wrong.push_back(t);
+    s.ref_real = reference(cfg, model->host_params(), s.real, s.prompt, &s.hid_real);
+    s.ref_wrong = reference(cfg, model->host_params(), s.wrong, s.prompt, &s.hid_wrong);
+    while (int(s.blocks.size()) * bs < int(s.real.size())) s.blocks.push_back(int32_t((next++ * 29 + 3) % 64));
+  }
+  const std::vector<int32_t> fresh = toks(7);
+  std::vector<int32_t> fresh_blocks = {60, 62};  // not among the ids above
+  auto row = [](const std::vector<int32_t>& t, int past, int n, const std::vector<int32_t>& blocks, bool all) {
+    BatchRow b{t.data() + past, n, past, blocks.data(), int(blocks.size())};
+    b.all_logits = all;
+    return b;
+  };
+  std::vector<BatchRow> rows;
+  for (const S& s : seqs) rows.push_back(row(s.real, 0, s.prompt, s.blocks, false));
+  dec->forward(rows);
+  for (int round = 0; round < 2; round++) {
+    rows.clear();
+    for (const S& s : seqs) {
+      const std::vector<int32_t>& t = round == 0 ? s.wrong : s.real;
+      // The last prompt token again (as the engine feeds its newest token), then the continuation.
+      rows.push_back(row(t, s.prompt - 1, s.n + 1, s.blocks, s.n > 1));
+    }
+    rows.push_back(row(fresh, 0, int(fresh.size()), fresh_blocks, false));
+    const float* lg = dec->forward(rows);
+    size_t off = 0;
+    for (const S& s : seqs) {
+      const auto& ref = round == 0 ? s.ref_wrong : s.ref_real;
+      const int m = s.n > 1 ? s.n + 1 : 1;
+      for (int j = 0; j < m; j++) {
+        // Position prompt - 1 + j (or the last one for the single-token row).
+        const size_t k = size_t(s.n > 1 ? j : s.n);
+        ASSERT_TRUE(close(lg + (off + size_t(j)) * size_t(V), ref[k].data(), V, 2e-4f))
+            << "round " << round << ", sequence " << (&s - seqs.data()) << ", row " << j;
+        const auto& hid = round == 0 ? s.hid_wrong : s.hid_real;
+        ASSERT_TRUE(close(dec->hidden() + (off + size_t(j)) * size_t(C), hid[k].data(), C, 2e-4f))
+            << "hidden: round " << round << ", sequence " << (&s - seqs.data()) << ", row " << j;
+      }
+      off += size_t(m);
+    }
+  }
 }
 
 namespace {
