@@ -4,7 +4,7 @@
 // aggregate decode tokens/s (completion tokens / wall time of the batch of requests), median of the rounds, the
 // ratio to plain, the acceptance from /metrics, and whether the greedy texts equal plain's.
 // usage: node bench/serve_speculative_bench.mjs KILN TARGET_DIR DRAFT_DIR [--medusa-dir DIR] [--threads 1]
-//        [--tokens 128] [--streams 1,4] [--repeat 3] [--draft-tokens 4]
+//        [--tokens 128] [--streams 1,4] [--repeat 3] [--draft-tokens 4] [--weights-dtype f32]
 import { startServer, stopServer } from "../tests/serve/harness.mjs";
 
 const argv = process.argv.slice(2);
@@ -17,7 +17,7 @@ const medusaDir = opt("--medusa-dir", null);
 const prompts = ["Once upon a time", "The little dog", "She looked at the sky and", "One day, a boy named Tom",
   "The king said", "In the morning the children"];
 
-const common = ["--threads", threads, "--parallel", "16"];
+const common = ["--threads", threads, "--parallel", "16", "--weights-dtype", opt("--weights-dtype", "f32")];
 const methods = [["plain", ["--model", target]], [`draft K=${K}`, ["--model", target, "--draft-model", draft, "--draft-tokens", K]]];
 if (medusaDir) methods.push(["medusa chain", ["--model", medusaDir, "--medusa"]]);
 const servers = [];
@@ -52,7 +52,8 @@ for (let r = 0; r < repeat; r++)
       texts.set(key, x.texts);
     }
 const median = (a) => [...a].sort((x, y) => x - y)[Math.floor((a.length - 1) / 2)];
-console.log(`kiln serve, greedy, ${tokens} new tokens per request, --threads ${threads}, median of ${repeat} interleaved rounds`);
+console.log(`kiln serve, greedy, ${tokens} new tokens per request, --threads ${threads}, --weights-dtype ` +
+  `${opt("--weights-dtype", "f32")}, median of ${repeat} interleaved rounds`);
 console.log("method          streams  tokens/s  x plain  acceptance  text == plain");
 for (const { name, srv } of servers) {
   const drafted = await metric(srv.url, "kiln_spec_draft_tokens_total");
