@@ -1,9 +1,12 @@
 """The image models through the CLI on the GPU backend (kiln train / sample / likelihood --device cuda): a small
 DiT trained by flow matching on --device cuda --dtype bf16 tracks the same run on the CPU in fp32 (per-step loss
-within 3% relative, from the same weights and batches), `kiln sample --device cuda` from its checkpoint gives the
-CPU's samples of that checkpoint (relative L2 within 3%: bf16 activations) with the same evaluation count,
-`kiln likelihood --device cuda` (the VJP trace, the default) agrees with the CPU's within 2%, a small ViT trains on
-the GPU, and what the GPU cannot run is one line: a flow on --device cuda, fp32 on the GPU. On a machine without a
+within 3% relative, from the same weights and batches; observed 0.08%), `kiln sample --device cuda` from its
+checkpoint gives the CPU's samples of that checkpoint (relative L2 within 3%, and not bit-identical: it ran in
+bf16) with the same evaluation count, `kiln likelihood --device cuda` (the VJP trace, the default) agrees with the
+CPU's within 2%, a small ViT trains on the GPU, and what the GPU cannot run is one line: a flow on --device cuda,
+fp32 on the GPU. After 12 steps the DiT is still close to adaLN-Zero's identity (its output mostly the fp32
+biases), so samples and likelihoods agree far closer than bf16 accuracy (observed 6e-6, 3e-7); the bf16-accuracy
+checks on weights that exercise every path are tests/gpu/test_image_gpu.cpp's. On a machine without a
 GPU the CUDA kernels run on the SIMT emulator (kiln-emu with KILN_GPU_EMULATOR=1); on a GPU machine pass the real
 kiln. Exits 77 (skipped) when the GPU binary finds no device.
 
@@ -77,9 +80,11 @@ if probe.returncode != 0 and ("no usable CUDA device" in probe.stderr or "withou
     sys.exit(77)
 
 ok = True
-steps = 5
+# Enough steps at a high rate that the adaLN-Zero products and the output layer leave zero (else the output is
+# the fp32 bias alone and bf16 would not show).
+steps = 12
 common = ["train", "--objective", "flow", "--model", dit, "--data", data, "--batch", "4", "--steps", str(steps),
-          "--lr", "3e-3", "--warmup", "1", "--seed", "3", "--threads", "2", "--no-progress"]
+          "--lr", "1e-2", "--warmup", "1", "--seed", "3", "--threads", "2", "--no-progress"]
 losses = {}
 for name, binary, extra in [("cpu", kiln_cpu, ["--dtype", "fp32"]),
                             ("gpu", kiln_gpu, ["--device", "cuda", "--dtype", "bf16"])]:
@@ -104,7 +109,8 @@ for name, binary, extra in [("cpu", kiln_cpu, []), ("gpu", kiln_gpu, ["--device"
 num = sum((a - b) ** 2 for a, b in zip(samples["gpu"][1], samples["cpu"][1]))
 den = sum(b * b for b in samples["cpu"][1])
 rel = math.sqrt(num / den)
-good = samples["gpu"][0] == samples["cpu"][0] == 5 and rel < 0.03
+# flow-heun: two evaluations a step. Not bit-identical (bf16 on the GPU), but close.
+good = samples["gpu"][0] == samples["cpu"][0] == 6 and 0 < rel < 0.03
 print(("ok  " if good else "BAD ") + f"dit sample flow-heun: gpu vs cpu relative L2 {rel:.2e}, nfe {samples['gpu'][0]}")
 ok &= good
 
@@ -114,9 +120,9 @@ for name, binary, extra in [("cpu", kiln_cpu, []), ("gpu", kiln_gpu, ["--device"
     lk[name] = json.loads(run(binary, ["likelihood", "--model", os.path.join(work, "gpu"), "--data", data, "--count",
                                        "4", "--batch", "4", "--steps", "2", "--probes", "1"] + extra).stdout)
 d = abs(lk["gpu"]["bits_per_dim"] - lk["cpu"]["bits_per_dim"]) / abs(lk["cpu"]["bits_per_dim"])
-good = d < 0.02 and lk["gpu"]["jacobian"] == "vjp"
-print(("ok  " if good else "BAD ") + f"dit likelihood (vjp): gpu {lk['gpu']['bits_per_dim']:.4f} cpu "
-      f"{lk['cpu']['bits_per_dim']:.4f} bits/dim")
+good = 0 < d < 0.02 and lk["gpu"]["jacobian"] == "vjp"
+print(("ok  " if good else "BAD ") + f"dit likelihood (vjp): gpu {lk['gpu']['bits_per_dim']:.5f} cpu "
+      f"{lk['cpu']['bits_per_dim']:.5f} bits/dim (relative {d:.1e})")
 ok &= good
 
 # A ViT classifier on the GPU (head dim 64) learns a little.
