@@ -7,12 +7,18 @@
 #   bench/decode_methods.sh KILN [MODELS_DIR] [MAX_NEW] [REPS] [THREADS] [FORMAT]
 #
 # MODELS_DIR (default /work/bench-models) holds, or gets (trained here on Debian's fortunes corpus, as
-# scripts/quickstart.sh prepares it, under `nice -n 10`):
+# scripts/quickstart.sh prepares it, under `nice -n 19` on KILN_TRAIN_THREADS threads, default 1: a shared
+# machine; the target checkpoints every 20 steps and a rerun resumes it until target/DONE exists):
 #   target/latest         a 32M GPT-2 (6 layers, 640 wide, 256-token context)
 #   draft/latest          a 4M GPT-2 (4 layers, 256 wide) on the same tokenizer
 #   target-medusa/latest  the target with Medusa heads (kiln train --medusa-heads, Medusa-1: the base frozen)
 # Set KILN_TRAIN_STEPS_SCALE=0.5 to halve every training run (a loaded machine), or KILN_BENCH_NO_TRAIN=1 to
-# train nothing (the methods whose models are missing are left out).
+# train nothing (the methods whose models are missing are left out). A target stopped early (killed) is used as
+# it stands once target/DONE is created by hand; the header line names the checkpoint step used.
+# Methods: plain greedy; speculative with K = 2, 3, 4, 6 proposals, and with drafting that ends early where the
+# draft is unsure (--draft-min-prob); Medusa with the default 16-node tree, smaller trees and chains. On a CPU
+# whose multi-row products are compute-bound, each verified row costs a fraction of a step
+# (bench/verify_pass_bench.cpp measures it), so the small configurations are the interesting ones.
 set -euo pipefail
 kiln=$(realpath "$1")
 dir=${2:-/work/bench-models}
@@ -22,6 +28,7 @@ threads=${5:-2}
 fmt=${6:-bf16}
 py=/usr/bin/python3
 scale=${KILN_TRAIN_STEPS_SCALE:-1}
+tthreads=${KILN_TRAIN_THREADS:-1}
 no_train=${KILN_BENCH_NO_TRAIN:-0}
 steps() { $py -c "import sys; print(max(1, int($1 * $scale)))"; }
 mkdir -p "$dir"
@@ -34,26 +41,29 @@ if [ "$no_train" = 1 ]; then :; elif [ ! -f data/train_000000.bin ]; then
     case "$f" in *.dat|*.u8) continue ;; esac
     [ -f "$f" ] && corpus+=("$f")
   done
-  nice -n 10 "$kiln" tokenizer train --input "${corpus[@]}" --vocab-size 4096 --out tokenizer
-  nice -n 10 "$kiln" data prepare --tokenizer tokenizer --input "${corpus[@]}" --doc-separator '%' \
+  nice -n 19 "$kiln" tokenizer train --input "${corpus[@]}" --vocab-size 4096 --out tokenizer
+  nice -n 19 "$kiln" data prepare --tokenizer tokenizer --input "${corpus[@]}" --doc-separator '%' \
     --val-fraction 0.05 --out data
 fi
-if [ "$no_train" != 1 ] && [ ! -e target/latest ]; then
+if [ "$no_train" != 1 ] && [ ! -e target/DONE ]; then
   echo '{"n_layer": 6, "n_head": 10, "n_embd": 640, "vocab_size": 4096, "n_positions": 256, "layer_norm_epsilon": 1e-5}' > target.json
-  nice -n 10 "$kiln" train --model target.json --tokenizer tokenizer --data "data/train_*.bin" --batch 8 --seq 128 \
-    --steps "$(steps 300)" --lr 1.5e-3 --min-lr 1.5e-4 --warmup 30 --weight-decay 0.1 --out target --save-every 100 \
-    --keep-checkpoints 1 --metrics target.jsonl --no-progress --threads "$threads"
+  resume=(); [ -e target/latest ] && resume=(--resume)
+  nice -n 19 "$kiln" train --model target.json --tokenizer tokenizer --data "data/train_*.bin" \
+    --val-data "data/val_*.bin" --eval-every 100 --val-batches 10 --batch 8 --seq 128 \
+    --steps "$(steps 300)" --lr 1.5e-3 --min-lr 1.5e-4 --warmup 30 --weight-decay 0.1 --out target --save-every 20 \
+    --keep-checkpoints 1 --metrics target.jsonl --no-progress --threads "$tthreads" "${resume[@]}"
+  touch target/DONE
 fi
 if [ "$no_train" != 1 ] && [ ! -e draft/latest ]; then
   echo '{"n_layer": 4, "n_head": 4, "n_embd": 256, "vocab_size": 4096, "n_positions": 256, "layer_norm_epsilon": 1e-5}' > draft.json
-  nice -n 10 "$kiln" train --model draft.json --tokenizer tokenizer --data "data/train_*.bin" --batch 16 --seq 128 \
+  nice -n 19 "$kiln" train --model draft.json --tokenizer tokenizer --data "data/train_*.bin" --batch 16 --seq 128 \
     --steps "$(steps 1000)" --lr 2e-3 --min-lr 2e-4 --warmup 50 --weight-decay 0.1 --out draft --save-every 500 \
-    --keep-checkpoints 1 --metrics draft.jsonl --no-progress --threads "$threads"
+    --keep-checkpoints 1 --metrics draft.jsonl --no-progress --threads "$tthreads"
 fi
 if [ "$no_train" != 1 ] && [ ! -e target-medusa/latest ]; then
-  nice -n 10 "$kiln" train --medusa-heads 3 --init target/latest --data "data/train_*.bin" --batch 8 --seq 128 \
+  nice -n 19 "$kiln" train --medusa-heads 3 --init target/latest --data "data/train_*.bin" --batch 8 --seq 128 \
     --steps "$(steps 150)" --lr 1e-3 --min-lr 1e-4 --warmup 10 --weight-decay 0 --out target-medusa \
-    --metrics target-medusa.jsonl --threads "$threads"
+    --metrics target-medusa.jsonl --threads "$tthreads"
 fi
 
 # ---- bench ----
@@ -83,12 +93,17 @@ echo "  target $(readlink -f target/latest), draft $(readlink -f draft/latest), 
 {
   measure plain --model target-medusa/latest --no-medusa
   if [ -e draft/latest ]; then
-    measure "speculative K=4" --model target-medusa/latest --no-medusa --draft-model draft/latest --draft-tokens 4
-    measure "speculative K=6" --model target-medusa/latest --no-medusa --draft-model draft/latest --draft-tokens 6
+    spec=(--model target-medusa/latest --no-medusa --draft-model draft/latest)
+    for k in 2 3 4 6; do measure "speculative K=$k" "${spec[@]}" --draft-tokens $k; done
+    for mp in ${KILN_BENCH_MIN_PROBS:-0.4 0.6}; do
+      measure "spec K=6 p>=$mp" "${spec[@]}" --draft-tokens 6 --draft-min-prob "$mp"
+    done
   fi
   measure "medusa tree 16" --model target-medusa/latest --medusa
-  measure "medusa chain 4" --model target-medusa/latest --medusa --medusa-tree "0;0,0;0,0,0"
   measure "medusa tree 8" --model target-medusa/latest --medusa --medusa-tree "0;1;2;0,0;0,1;1,0;0,0,0"
+  measure "medusa tree 4" --model target-medusa/latest --medusa --medusa-tree "0;1;0,0"
+  measure "medusa chain d3" --model target-medusa/latest --medusa --medusa-tree "0;0,0;0,0,0"
+  measure "medusa chain d2" --model target-medusa/latest --medusa --medusa-tree "0;0,0"
 } | $py -c '
 import json, sys, statistics
 rows = [json.loads(l) for l in sys.stdin if l.strip()]
@@ -106,4 +121,5 @@ for lab in labels:
     l = statistics.median(ln) if ln else 1.0
     print("%-18s %9.1f %8.2f %10.3f %9.2f  %s" % (lab, tps, ratio, a, l, "= plain greedy" if same else "DIFFERS FROM PLAIN GREEDY"))
 print("(tokens/s and x plain: medians over the prompts of the median run of each prompt; acceptance: speculative, accepted /"
-      " drafted; medusa, accepted / (rounds x tree depth); tok/round: tokens per target pass)")'
+      " drafted; medusa, accepted / (rounds x tree depth); tok/round: tokens per target pass; medusa tree N: N rows per"
+      " pass with the root, chain dD: D heads in a chain)")'
