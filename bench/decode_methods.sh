@@ -73,53 +73,59 @@ run() {  # prompt, extra args... -> one JSON line
   "$kiln" generate --prompt "$prompt" --max-new "$max_new" --temperature 0 --json --eot-id -1 \
     --threads "$threads" --weights-dtype "$fmt" "$@" 2>/dev/null
 }
-measure() {  # label, extra args... -> one JSON line per prompt: median tokens/s over reps, stats, tokens
-  local label=$1; shift
-  for p in "${prompts[@]}"; do
-    local out=()
-    for _ in $(seq "$reps"); do out+=("$(run "$p" "$@")"); done
-    printf '%s\n' "${out[@]}" | $py -c '
-import json, sys, statistics
-rows = [json.loads(l) for l in sys.stdin if l.strip()]
-r = rows[0]
-st = r.get("medusa") or r.get("speculative") or {}
-print(json.dumps({"label": sys.argv[1], "tps": statistics.median(x["decode_tokens_per_s"] for x in rows),
-                  "acc": st.get("acceptance_rate"), "len": st.get("tokens_per_round", st.get("mean_accepted_length")),
-                  "tokens": r["tokens"]}))' "$label"
-  done
-}
+labels=() margs=()  # each method's label and its generate arguments joined by '|'
+method() { local l=$1; shift; labels+=("$l"); margs+=("$(IFS='|'; echo "$*")"); }
+method plain --model target-medusa/latest --no-medusa
+if [ -e draft/latest ]; then
+  spec="--model|target-medusa/latest|--no-medusa|--draft-model|draft/latest"
+  for k in 2 3 4 6; do method "speculative K=$k" "$spec|--draft-tokens|$k"; done
+  for mp in ${KILN_BENCH_MIN_PROBS:-0.3 0.4 0.6}; do method "spec K=6 p>=$mp" "$spec|--draft-tokens|6|--draft-min-prob|$mp"; done
+fi
+method "medusa tree 16" --model target-medusa/latest --medusa
+method "medusa tree 8" --model target-medusa/latest --medusa --medusa-tree "0;1;2;0,0;0,1;1,0;0,0,0"
+method "medusa tree 4" --model target-medusa/latest --medusa --medusa-tree "0;1;0,0"
+method "medusa chain d3" --model target-medusa/latest --medusa --medusa-tree "0;0,0;0,0,0"
+method "medusa chain d2" --model target-medusa/latest --medusa --medusa-tree "0;0,0"
 echo "decode_methods: $fmt weights, $max_new new tokens per prompt, ${#prompts[@]} prompts, median of $reps, $threads threads"
 echo "  target $(readlink -f target/latest), draft $(readlink -f draft/latest), heads $(readlink -f target-medusa/latest)"
+echo "  (every method's run of a prompt follows the others' in each repetition, so all see the same load)"
+# One line per run: method index, prompt index, the JSON line.
 {
-  measure plain --model target-medusa/latest --no-medusa
-  if [ -e draft/latest ]; then
-    spec=(--model target-medusa/latest --no-medusa --draft-model draft/latest)
-    for k in 2 3 4 6; do measure "speculative K=$k" "${spec[@]}" --draft-tokens $k; done
-    for mp in ${KILN_BENCH_MIN_PROBS:-0.4 0.6}; do
-      measure "spec K=6 p>=$mp" "${spec[@]}" --draft-tokens 6 --draft-min-prob "$mp"
+  for _ in $(seq "$reps"); do
+    for pi in "${!prompts[@]}"; do
+      for mi in "${!labels[@]}"; do
+        IFS='|' read -ra a <<< "${margs[$mi]}"
+        echo "$mi $pi $(run "${prompts[$pi]}" "${a[@]}")"
+      done
     done
-  fi
-  measure "medusa tree 16" --model target-medusa/latest --medusa
-  measure "medusa tree 8" --model target-medusa/latest --medusa --medusa-tree "0;1;2;0,0;0,1;1,0;0,0,0"
-  measure "medusa tree 4" --model target-medusa/latest --medusa --medusa-tree "0;1;0,0"
-  measure "medusa chain d3" --model target-medusa/latest --medusa --medusa-tree "0;0,0;0,0,0"
-  measure "medusa chain d2" --model target-medusa/latest --medusa --medusa-tree "0;0,0"
+  done
 } | $py -c '
 import json, sys, statistics
-rows = [json.loads(l) for l in sys.stdin if l.strip()]
-labels = list(dict.fromkeys(r["label"] for r in rows))
-plain = [r for r in rows if r["label"] == "plain"]
+labels = sys.argv[1:]
+runs = {}  # (method, prompt) -> JSON rows
+for line in sys.stdin:
+    parts = line.split(" ", 2)
+    if len(parts) < 3 or not parts[2].strip():
+        continue
+    runs.setdefault((int(parts[0]), int(parts[1])), []).append(json.loads(parts[2]))
+prompts = sorted({p for _, p in runs})
+def tps(m, p): return statistics.median(x["decode_tokens_per_s"] for x in runs[(m, p)])
+def stat(m, p):
+    r = runs[(m, p)][0]
+    return r.get("medusa") or r.get("speculative") or {}
 print("%-18s %9s %8s %10s %9s  output" % ("method", "tokens/s", "x plain", "acceptance", "tok/round"))
-for lab in labels:
-    rs = [r for r in rows if r["label"] == lab]
-    tps = statistics.median(r["tps"] for r in rs)
-    ratio = statistics.median(r["tps"] / p["tps"] for r, p in zip(rs, plain))
-    acc = [r["acc"] for r in rs if r["acc"] is not None]
-    ln = [r["len"] for r in rs if r["len"] is not None]
-    same = all(r["tokens"] == p["tokens"] for r, p in zip(rs, plain))
+for m, lab in enumerate(labels):
+    ps = [p for p in prompts if (m, p) in runs]
+    if not ps:
+        continue
+    t = statistics.median(tps(m, p) for p in ps)
+    ratio = statistics.median(tps(m, p) / tps(0, p) for p in ps)
+    acc = [stat(m, p).get("acceptance_rate") for p in ps if stat(m, p)]
+    ln = [stat(m, p).get("tokens_per_round", stat(m, p).get("mean_accepted_length")) for p in ps if stat(m, p)]
+    same = all(runs[(m, p)][0]["tokens"] == runs[(0, p)][0]["tokens"] for p in ps)
     a = statistics.median(acc) if acc else float("nan")
     l = statistics.median(ln) if ln else 1.0
-    print("%-18s %9.1f %8.2f %10.3f %9.2f  %s" % (lab, tps, ratio, a, l, "= plain greedy" if same else "DIFFERS FROM PLAIN GREEDY"))
+    print("%-18s %9.1f %8.2f %10.3f %9.2f  %s" % (lab, t, ratio, a, l, "= plain greedy" if same else "DIFFERS FROM PLAIN GREEDY"))
 print("(tokens/s and x plain: medians over the prompts of the median run of each prompt; acceptance: speculative, accepted /"
       " drafted; medusa, accepted / (rounds x tree depth); tok/round: tokens per target pass; medusa tree N: N rows per"
-      " pass with the root, chain dD: D heads in a chain)")'
+      " pass with the root, chain dD: D heads in a chain)")' "${labels[@]}"
