@@ -87,6 +87,8 @@ FinishReason generate_speculative(IncrementalDecoder& target, IncrementalDecoder
              " positions");
   SpeculativeStats st;
   st.base.prompt_tokens = P;
+  st.drafted_at.assign(size_t(draft_tokens), 0);
+  st.accepted_at.assign(size_t(draft_tokens), 0);
   if (stats) *stats = st;
   if (lim.max_new == 0) return FinishReason::Length;
   if (P == max_len) return FinishReason::Context;
@@ -135,6 +137,7 @@ FinishReason generate_speculative(IncrementalDecoder& target, IncrementalDecoder
     st.base.decode_steps++;
     st.rounds++;
     st.drafted += k;
+    for (int j = 0; j < k; j++) st.drafted_at[size_t(j)]++;
     produced.clear();
     int accepted = 0;
     for (;; accepted++) {
@@ -146,6 +149,7 @@ FinishReason generate_speculative(IncrementalDecoder& target, IncrementalDecoder
       const Verdict v = accept_or_resample(p, qs[size_t(accepted)], drafts[size_t(accepted)], rng);
       produced.push_back(v.token);
       if (!v.accepted) break;
+      st.accepted_at[size_t(accepted)]++;
     }
     st.accepted += accepted;
     // Roll back past the rejection: the target keeps last and the accepted proposals; the draft took in last

@@ -199,13 +199,16 @@ class IncrementalDecoder {
   virtual void keep_path(int base, const int32_t* nodes, int m);
   virtual const ModelConfig& config() const = 0;
   virtual size_t cache_bytes() const = 0;
-  // Self-drafting (multi-token-prediction modules, infer/mtp_decode.h): 0 for a model without them, else the
-  // most positions a forward() may have for self_draft() to follow it.
-  virtual int self_draft_chunk() const { return 0; }
-  // After each forward() of n <= self_draft_chunk() positions: `next` [batch] the token after the first m of
-  // them (1 <= m <= n; a truncate() back to those m may come between). Returns the model's own guess [batch, V]
-  // (logits) of the token after next. Throws kiln::Error here: a decoder with MTP modules overrides it.
-  virtual const float* self_draft(const int32_t* next, int m);
+  // Self-drafting (multi-token-prediction modules, infer/mtp_decode.h; batch 1): the number of modules, 0 for a
+  // model without them.
+  virtual int self_draft_depth() const { return 0; }
+  // Draft k of a round (1 <= k <= self_draft_depth()): module k's guess [V] (logits) of token length() + k, the
+  // cache holding tokens 0 .. length()−1. `token` is module k's own input: for k = 1 token length() (the next
+  // input, already chosen), for k > 1 draft k−1 (drawn from the previous call's guess). Drafts 1 .. k−1 of the
+  // same round come first. A round may follow any forward() and truncate(): each module first catches up over
+  // the cached positions it has not seen or saw with other tokens (a rejected draft). Throws kiln::Error here:
+  // a decoder with MTP modules overrides it.
+  virtual const float* self_draft(int k, int32_t token);
 
  private:
   std::vector<int32_t> argmax_;
