@@ -2,9 +2,10 @@
 // context) on the same weights (GPT-2 124M with random weights, exported to GGUF by `kiln export`), both on the
 // CPU with the same threads. Per run: aggregate decode tokens/s, p50 / p99 inter-token latency and the median
 // time to first token, and the ratio kiln / llama.cpp. Greedy, the same prompt ids, --tokens new tokens each.
-// usage: node bench/serve_bench.mjs KILN WORK_DIR [--threads 2] [--tokens 64] [--streams 1,4,16]
+// usage: node bench/serve_bench.mjs KILN WORK_DIR [--threads 2] [--tokens 64] [--streams 1,4,16] [--repeat 1]
 //        [--config bench/gpt2-124m.json] [--no-peer | --peer-only]
-// Each result line is printed as soon as it is measured.
+// Each result line is printed as soon as it is measured: with --repeat R, the run of median tokens/s of R runs
+// at that stream count, followed by all R tokens/s figures.
 import fs from "node:fs";
 import path from "node:path";
 import { spawnSync } from "node:child_process";
@@ -18,6 +19,14 @@ const opt = (name, dflt) => { const i = argv.indexOf(name); return i >= 0 ? argv
 const threads = Number(opt("--threads", "2")), tokens = Number(opt("--tokens", "64"));
 const streams = opt("--streams", "1,4,16").split(",").map(Number);
 const configPath = opt("--config", path.join(here, "gpt2-124m.json"));
+const repeat = Math.max(1, Number(opt("--repeat", "1")));
+// The summary of median tokens/s over `repeat` runs, with every run's tokens/s in `all`.
+async function medianOf(run) {
+  const rs = [];
+  for (let i = 0; i < repeat; i++) rs.push(await run());
+  const sorted = [...rs].sort((a, b) => a.tps - b.tps);
+  return { ...sorted[Math.floor((sorted.length - 1) / 2)], all: rs.map((r) => r.tps) };
+}
 const peer = !argv.includes("--no-peer"), ours = !argv.includes("--peer-only");
 fs.mkdirSync(work, { recursive: true });
 
@@ -78,14 +87,15 @@ const results = [];
 const fmt = (x, d = 1) => (Number.isFinite(x) ? x.toFixed(d) : "-");
 const show = (r) => {
   results.push(r);
-  console.log(`${r.name.padEnd(11)} ${String(r.streams).padStart(7)}  ${fmt(r.tps).padStart(8)}  ${fmt(r.itl_p50_ms).padStart(10)}  ${fmt(r.itl_p99_ms).padStart(10)}  ${fmt(r.ttft_ms).padStart(7)}`);
+  console.log(`${r.name.padEnd(11)} ${String(r.streams).padStart(7)}  ${fmt(r.tps).padStart(8)}  ${fmt(r.itl_p50_ms).padStart(10)}  ${fmt(r.itl_p99_ms).padStart(10)}  ${fmt(r.ttft_ms).padStart(7)}` +
+              (r.all && r.all.length > 1 ? `   (runs: ${r.all.map((t) => fmt(t)).join(", ")})` : ""));
 };
 console.log(`GPT-2 124M (random weights), CPU, ${threads} threads, ${tokens} new tokens per stream, prompt ${prompt.length} tokens`);
 console.log("server      streams  tokens/s   ITL p50 ms  ITL p99 ms  TTFT ms");
 if (ours) {
   const srv = await startServer(kiln, ["--model", modelDir, "--threads", String(threads), "--parallel", "16", "--ctx", "512"]);
   await kilnRun(srv.url, 1);  // warm up
-  for (const n of streams) show(await kilnRun(srv.url, n));
+  for (const n of streams) show(await medianOf(() => kilnRun(srv.url, n)));
   await stopServer(srv);
 }
 
@@ -121,7 +131,7 @@ if (peer) {
     return summary("llama.cpp", n, t0, performance.now(), r);
   };
   await peerRun(1);  // warm up
-  for (const n of streams) show(await peerRun(n));
+  for (const n of streams) show(await medianOf(() => peerRun(n)));
   await context.dispose();
   await model.dispose();
 }

@@ -1,7 +1,7 @@
 // The CPU backend: each op is the kernels/cpu/ kernel of kernels/*.h; fp32 activations.
 // Linear layers take either weight layout: Conv1D [in, out] through the Linear kernels, nn.Linear [out, in]
-// through the same sgemm with the weight transposed (the tied LM head's calls). One row (decoding) is a
-// memory-bound matrix-vector product (kernels/gemv.h).
+// through the same sgemm with the weight transposed (the tied LM head's calls). Up to kBatchGemvRows rows (a
+// decoding step) take the streaming products of kernels/gemv.h, which are memory-bound and pack nothing.
 #include <cstdlib>
 #include <cstring>
 
@@ -66,15 +66,16 @@ class CpuBackend final : public Backend {
     const float* in = F(x);
     if (w.narrow) return cpu::narrow_gemm(out, w.out, in, w.in, N, *w.narrow, w.b, /*accumulate=*/false);
     const bool lp = w.w16 && lowp_;
+    // A decoding step or verification pass (few rows): the streaming products, no packing, each row's result
+    // independent of the others.
+    if (N <= cpu::kBatchGemvRows && !lp) {
+      if (w.layout == Layout::InOut)
+        return cpu::vecmat_batch(out, w.out, in, w.in, N, w.w, w.b, w.in, w.out, /*accumulate=*/false);
+      return cpu::matvec_batch(out, w.out, in, w.in, N, w.w, w.b, w.out, w.in, /*accumulate=*/false);
+    }
     if (w.layout == Layout::InOut) {
-      if (N == 1 && !lp) return cpu::vecmat(out, in, w.w, w.b, w.in, w.out, /*accumulate=*/false);
       if (lp) return cpu::matmul_forward_lowp(out, in, w.w16, w.b, N, w.in, w.out, *lowp_, scratch_.data());
       return cpu::matmul_forward(out, in, w.w, w.b, N, w.in, w.out);
-    }
-    if (N == 1 && !lp) {
-      cpu::matvec(out, w.w, in, w.out, w.in);
-      if (w.b) add_bias_rows(out, w.b, 1, w.out);
-      return;
     }
     if (w.b) {
 #pragma omp parallel for schedule(static) if (N * w.out > 16384)
@@ -101,18 +102,16 @@ class CpuBackend final : public Backend {
     }
     // In place (decoding): accumulate straight into the stream (beta = 1), no branch buffer.
     const float* in = F(x);
-    if (N == 1 && !(w.w16 && lowp_) && w.layout == Layout::InOut)
-      return cpu::vecmat(out, in, w.w, w.b, w.in, w.out, /*accumulate=*/true);
+    if (N <= cpu::kBatchGemvRows && !(w.w16 && lowp_)) {
+      if (w.layout == Layout::InOut)
+        return cpu::vecmat_batch(out, w.out, in, w.in, N, w.w, w.b, w.in, w.out, /*accumulate=*/true);
+      return cpu::matvec_batch(out, w.out, in, w.in, N, w.w, w.b, w.out, w.in, /*accumulate=*/true);
+    }
     if (w.w16 && lowp_)
       cpu::gemm_lowp(*lowp_, false, w.layout == Layout::OutIn, N, w.out, w.in, 1.0f, f32_operand(in, w.in),
                      lowp_operand(w.w16, w.layout == Layout::OutIn ? w.in : w.out), 1.0f, out, w.out,
                      scratch_.data());
-    else if (w.layout == Layout::OutIn && N == 1) {
-      // One row against an [out, in] matrix: the streaming matrix-vector kernel, then the add.
-      if (row_.size() < size_t(w.out) * sizeof(float)) row_.resize(size_t(w.out) * sizeof(float));
-      cpu::matvec(row_.f32(), w.w, in, w.out, w.in);
-      cpu::add(out, out, row_.f32(), w.out);
-    } else
+    else
       cpu::gemm(false, w.layout == Layout::OutIn, N, w.out, w.in, 1.0f, in, w.in, w.w,
                 w.layout == Layout::OutIn ? w.in : w.out, 1.0f, out, w.out);
     if (w.b) add_bias_rows(out, w.b, N, w.out);
@@ -325,7 +324,6 @@ class CpuBackend final : public Backend {
  private:
   std::optional<LowpType> lowp_;
   Buffer scratch_;  // the 16-bit products' packing space
-  Buffer row_;      // one output row (in-place decoding through [out, in] weights)
 };
 
 }  // namespace

@@ -1,8 +1,11 @@
 // Generation: the decode-attention kernel (cpu:: against ref::), the KV-cache decoder against the training
 // model's full-recompute forward, and the sampler (seeded reproducibility, greedy, top-k / top-p support
 // checked against an independent computation by sorting).
+#include <omp.h>
+
 #include <algorithm>
 #include <cmath>
+#include <cstring>
 #include <map>
 #include <numeric>
 #include <set>
@@ -117,6 +120,44 @@ TEST(Gemv, MatchesReference) {
     ref::matvec(mr.data(), W.data(), xn.data(), K, N);
     EXPECT_TRUE(all_close(mc, mr, 1e-4, 1e-4 * std::sqrt(double(N)))) << "matvec";
   }
+}
+
+// The decoding batch's products: each row of an R-row call equals a one-row call bit for bit, with 1 or 2
+// threads (the property that makes greedy decoding in a batch exactly greedy decoding alone).
+TEST(Gemv, BatchRowsAreIndependent) {
+  const int saved_threads = omp_get_max_threads();
+  uint64_t seed = 700;
+  for (auto [K, N] : {std::pair<int, int>{768, 2304}, {3072, 768}, {37, 83}, {200, 129}}) {
+    SCOPED_TRACE(::testing::Message() << "K=" << K << " N=" << N);
+    const int64_t R = 16;
+    const auto x = randn(size_t(R * K), seed++), W = randn(size_t(K) * N, seed++), b = randn(size_t(N), seed++);
+    const auto y0 = randn(size_t(R * N), seed++);
+    for (bool out_in : {false, true}) {
+      std::vector<float> one_thread;
+      for (int threads : {1, 2}) {
+        omp_set_num_threads(threads);
+        // matvec_batch reads W as A [N rows of K].
+        auto run = [&](float* y, const float* xr, int64_t rows) {
+          if (out_in)
+            cpu::matvec_batch(y, N, xr, K, rows, W.data(), b.data(), N, K, true);
+          else
+            cpu::vecmat_batch(y, N, xr, K, rows, W.data(), b.data(), K, N, true);
+        };
+        for (int64_t rows : {int64_t(1), int64_t(5), R}) {
+          std::vector<float> batched = y0, single = y0;
+          run(batched.data(), x.data(), rows);
+          for (int64_t r = 0; r < rows; r++) run(single.data() + r * N, x.data() + r * K, 1);
+          EXPECT_EQ(0, std::memcmp(batched.data(), single.data(), sizeof(float) * size_t(rows * N)))
+              << (out_in ? "matvec_batch" : "vecmat_batch") << " rows=" << rows << " threads=" << threads;
+          if (rows == R && threads == 1) one_thread = batched;
+          if (rows == R && threads == 2) {
+            EXPECT_EQ(one_thread, batched) << "1 vs 2 threads";
+          }
+        }
+      }
+    }
+  }
+  omp_set_num_threads(saved_threads);
 }
 
 namespace {

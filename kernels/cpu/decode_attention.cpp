@@ -20,6 +20,7 @@
 
 #include "core/error.h"
 #include "kernels/cpu/vec_math.h"
+#include "kernels/cpu/vec_reduce.h"
 #include "kernels/decode_attention.h"
 
 namespace kiln::cpu {
@@ -91,22 +92,95 @@ inline float exp_block(float* s, int n, float m) {
   return sum;
 }
 
+// The block's cache rows: one table lookup per page, not a division per key.
+inline void block_rows(int64_t* rows, int64_t jb, int n, const KVPages& pages, int b) {
+  if (!pages) {
+    for (int t = 0; t < n; t++) rows[t] = jb + t;
+    return;
+  }
+  int64_t blk = jb / pages.block_size, off = jb % pages.block_size;
+  const int32_t* table = pages.table + int64_t(b) * pages.stride;
+  for (int t = 0; t < n; t++) {
+    rows[t] = int64_t(table[blk]) * pages.block_size + off;
+    if (++off == pages.block_size) off = 0, blk++;
+  }
+}
+
+// attend() for head sizes that are whole vectors (QV·16 for the keys, VV·16 for the values): the query and the
+// running weighted values stay in registers, and the scores of 16 keys are reduced together.
+template <int QV, int VV>
+void attend_vec(const float* q, const float* k, const float* v, int64_t stride, int64_t vstride, float scale,
+                int64_t j0, int64_t j1, float* acc_out, float& m, float& l, const KVPages& pages, int b) {
+  alignas(64) float s[kBlock];
+  int64_t rows[kBlock];
+  f32x16 qv[QV], acc[VV];
+  for (int i = 0; i < QV; i++) qv[i] = load16(q + 16 * i);
+  for (int i = 0; i < VV; i++) acc[i] = f32x16{};
+  m = -INFINITY;
+  l = 0;
+  for (int64_t jb = j0; jb < j1; jb += kBlock) {
+    const int n = int(std::min<int64_t>(kBlock, j1 - jb));
+    block_rows(rows, jb, n, pages, b);
+    int t = 0;
+    f32x16 bmv = f32x16{} - INFINITY;
+    for (; t + 16 <= n; t += 16) {
+      f32x16 p[16];
+      for (int i = 0; i < 16; i++) {
+        const float* kr = k + rows[t + i] * stride;
+        f32x16 a = qv[0] * load16(kr);
+        for (int d = 1; d < QV; d++) a += qv[d] * load16(kr + 16 * d);
+        p[i] = a;
+      }
+      const f32x16 sc = vred::hsum16x16(p) * scale;
+      store16(s + t, sc);
+      bmv = bmv > sc ? bmv : sc;
+    }
+    float bm = -INFINITY;
+    for (int i = 0; i < 16; i++) bm = std::max(bm, bmv[i]);
+    for (; t < n; t++) {  // the last keys one at a time
+      const float* kr = k + rows[t] * stride;
+      f32x16 a = qv[0] * load16(kr);
+      for (int d = 1; d < QV; d++) a += qv[d] * load16(kr + 16 * d);
+      s[t] = hsum16(a) * scale;
+      bm = std::max(bm, s[t]);
+    }
+    if (bm > m) {
+      const float corr = vmath::exp_scalar(m - bm);
+      l *= corr;
+      for (int i = 0; i < VV; i++) acc[i] *= corr;
+      m = bm;
+    }
+    l += exp_block(s, n, m);
+    for (t = 0; t < n; t++) {
+      const float* vr = v + rows[t] * vstride;
+      const float w = s[t];
+      for (int i = 0; i < VV; i++) acc[i] += w * load16(vr + 16 * i);
+    }
+  }
+  for (int i = 0; i < VV; i++) store16(acc_out + 16 * i, acc[i]);
+}
+
 // Softmax-weighted values of keys [j0, j1) for one query and head. On return acc holds Σ exp(s_j - m)·v_j
 // (not normalised), m the max score and l = Σ exp(s_j - m). An empty range gives m = -inf, l = 0, acc = 0.
 // pages: key j is row pages.row(b, j) of k and v (a paged cache), else row j.
 void attend(const float* q, const float* k, const float* v, int64_t stride, int64_t vstride, int HD, int HDv,
             float scale, int64_t j0, int64_t j1, float* acc, float& m, float& l, const KVPages& pages, int b) {
-  auto key = [&](int64_t j) { return pages ? pages.row(b, j) * stride : j * stride; };
-  auto val = [&](int64_t j) { return pages ? pages.row(b, j) * vstride : j * vstride; };
+  if (HD == HDv && (HD == 32 || HD == 64 || HD == 128)) {
+    if (HD == 32) return attend_vec<2, 2>(q, k, v, stride, vstride, scale, j0, j1, acc, m, l, pages, b);
+    if (HD == 64) return attend_vec<4, 4>(q, k, v, stride, vstride, scale, j0, j1, acc, m, l, pages, b);
+    return attend_vec<8, 8>(q, k, v, stride, vstride, scale, j0, j1, acc, m, l, pages, b);
+  }
   float s[kBlock];
+  int64_t rows[kBlock];
   m = -INFINITY;
   l = 0;
   std::memset(acc, 0, sizeof(float) * size_t(HDv));
   for (int64_t jb = j0; jb < j1; jb += kBlock) {
     const int n = int(std::min<int64_t>(kBlock, j1 - jb));
+    block_rows(rows, jb, n, pages, b);
     float bm = -INFINITY;
     for (int t = 0; t < n; t++) {
-      s[t] = dot(q, k + key(jb + t), HD) * scale;
+      s[t] = dot(q, k + rows[t] * stride, HD) * scale;
       bm = std::max(bm, s[t]);
     }
     if (bm > m) {
@@ -117,7 +191,7 @@ void attend(const float* q, const float* k, const float* v, int64_t stride, int6
       m = bm;
     }
     l += exp_block(s, n, m);
-    for (int t = 0; t < n; t++) axpy(acc, s[t], v + val(jb + t), HDv);
+    for (int t = 0; t < n; t++) axpy(acc, s[t], v + rows[t] * vstride, HDv);
   }
 }
 

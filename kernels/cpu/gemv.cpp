@@ -9,6 +9,7 @@
 #include <cstring>
 #include <vector>
 
+#include "kernels/cpu/vec_reduce.h"
 #include "kernels/gemv.h"
 
 namespace kiln::cpu {
@@ -72,7 +73,159 @@ inline float dot(const float* a, const float* b, int64_t K) {
   return s;
 }
 
+// ---- Batch forms ----
+
+constexpr int kGroupRows = 6;       // rows of x per vecmat register tile (6 × 4 accumulators)
+constexpr int64_t kTileCols = 64;   // columns per vecmat register tile
+constexpr int64_t kKBlock = 32;     // rows of W per pass over the partial sums
+
+// Columns [c0, c1) of G rows of y over rows [k0, k1) of W. y holds the partial sums between blocks; `zero`:
+// start from 0 instead (the first block without accumulate); bias (or null) is added after the last block.
+template <int G>
+void vecmat_group(float* y, int64_t ldy, const float* x, int64_t ldx, const float* W, int64_t N, int64_t k0,
+                  int64_t k1, int64_t c0, int64_t c1, bool zero, const float* bias) {
+  int64_t c = c0;
+  for (; c + kTileCols <= c1; c += kTileCols) {
+    f32x16 acc[G][4];
+    for (int g = 0; g < G; g++)
+      for (int j = 0; j < 4; j++) acc[g][j] = zero ? f32x16{} : load16(y + g * ldy + c + 16 * j);
+    for (int64_t k = k0; k < k1; k++) {
+      const float* w = W + k * N + c;
+      const f32x16 w0 = load16(w), w1 = load16(w + 16), w2 = load16(w + 32), w3 = load16(w + 48);
+      for (int g = 0; g < G; g++) {
+        const float xv = x[g * ldx + k];
+        acc[g][0] += w0 * xv;
+        acc[g][1] += w1 * xv;
+        acc[g][2] += w2 * xv;
+        acc[g][3] += w3 * xv;
+      }
+    }
+    for (int g = 0; g < G; g++)
+      for (int j = 0; j < 4; j++) store16(y + g * ldy + c + 16 * j, bias ? acc[g][j] + load16(bias + c + 16 * j) : acc[g][j]);
+  }
+  for (; c + 16 <= c1; c += 16) {
+    f32x16 acc[G];
+    for (int g = 0; g < G; g++) acc[g] = zero ? f32x16{} : load16(y + g * ldy + c);
+    for (int64_t k = k0; k < k1; k++) {
+      const f32x16 w = load16(W + k * N + c);
+      for (int g = 0; g < G; g++) acc[g] += w * x[g * ldx + k];
+    }
+    for (int g = 0; g < G; g++) store16(y + g * ldy + c, bias ? acc[g] + load16(bias + c) : acc[g]);
+  }
+  for (; c < c1; c++)
+    for (int g = 0; g < G; g++) {
+      float a = zero ? 0.0f : y[g * ldy + c];
+      for (int64_t k = k0; k < k1; k++) a += x[g * ldx + k] * W[k * N + c];
+      y[g * ldy + c] = bias ? a + bias[c] : a;
+    }
+}
+
+void vecmat_group_n(int G, float* y, int64_t ldy, const float* x, int64_t ldx, const float* W, int64_t N,
+                    int64_t k0, int64_t k1, int64_t c0, int64_t c1, bool zero, const float* bias) {
+  switch (G) {
+    case 1: return vecmat_group<1>(y, ldy, x, ldx, W, N, k0, k1, c0, c1, zero, bias);
+    case 2: return vecmat_group<2>(y, ldy, x, ldx, W, N, k0, k1, c0, c1, zero, bias);
+    case 3: return vecmat_group<3>(y, ldy, x, ldx, W, N, k0, k1, c0, c1, zero, bias);
+    case 4: return vecmat_group<4>(y, ldy, x, ldx, W, N, k0, k1, c0, c1, zero, bias);
+    case 5: return vecmat_group<5>(y, ldy, x, ldx, W, N, k0, k1, c0, c1, zero, bias);
+    default: return vecmat_group<6>(y, ldy, x, ldx, W, N, k0, k1, c0, c1, zero, bias);
+  }
+}
+
+// y[j·ldy + m + i] for MR rows of A from m and NR rows of x.
+template <int MR, int NR>
+void matvec_tile(float* y, int64_t ldy, const float* x, int64_t ldx, const float* A, int64_t K, int64_t m,
+                 bool accumulate, const float* bias) {
+  f32x16 acc[MR][NR];
+  for (int i = 0; i < MR; i++)
+    for (int j = 0; j < NR; j++) acc[i][j] = f32x16{};
+  const int64_t K16 = K / 16 * 16;
+  for (int64_t k = 0; k < K16; k += 16) {
+    f32x16 a[MR];
+    for (int i = 0; i < MR; i++) a[i] = load16(A + (m + i) * K + k);
+    for (int j = 0; j < NR; j++) {
+      const f32x16 xv = load16(x + j * ldx + k);
+      for (int i = 0; i < MR; i++) acc[i][j] += a[i] * xv;
+    }
+  }
+  alignas(64) float sums[MR * NR];
+  if constexpr (MR * NR == 16) {
+    f32x16 p[16];
+    for (int i = 0; i < MR; i++)
+      for (int j = 0; j < NR; j++) p[i * NR + j] = acc[i][j];
+    store16(sums, vred::hsum16x16(p));
+  } else {
+    for (int i = 0; i < MR; i++)
+      for (int j = 0; j < NR; j++) sums[i * NR + j] = vred::hsum(acc[i][j]);
+  }
+  for (int i = 0; i < MR; i++)
+    for (int j = 0; j < NR; j++) {
+      float s = sums[i * NR + j];
+      for (int64_t k = K16; k < K; k++) s += A[(m + i) * K + k] * x[j * ldx + k];
+      float& out = y[j * ldy + m + i];
+      out = (accumulate ? out + s : s) + (bias ? bias[m + i] : 0.0f);
+    }
+}
+
+template <int MR, int NG>
+void matvec_rows_of_x(float* y, int64_t ldy, const float* x, int64_t ldx, int64_t R, const float* A, int64_t K,
+                      int64_t m, bool accumulate, const float* bias) {
+  int64_t r = 0;
+  for (; r + NG <= R; r += NG) matvec_tile<MR, NG>(y + r * ldy, ldy, x + r * ldx, ldx, A, K, m, accumulate, bias);
+  switch (R - r) {
+    case 3: return matvec_tile<MR, 3>(y + r * ldy, ldy, x + r * ldx, ldx, A, K, m, accumulate, bias);
+    case 2: return matvec_tile<MR, 2>(y + r * ldy, ldy, x + r * ldx, ldx, A, K, m, accumulate, bias);
+    case 1: return matvec_tile<MR, 1>(y + r * ldy, ldy, x + r * ldx, ldx, A, K, m, accumulate, bias);
+    default: return;
+  }
+}
+
+// The team's slice of [0, n) in multiples of `align` (thread t of T).
+inline void team_slice(int64_t n, int64_t align, int T, int t, int64_t& b, int64_t& e) {
+  const int64_t per = ((n + T - 1) / T + align - 1) / align * align;
+  b = std::min(n, per * t);
+  e = std::min(n, b + per);
+}
+
 }  // namespace
+
+void vecmat_batch(float* y, int64_t ldy, const float* x, int64_t ldx, int64_t R, const float* W, const float* bias,
+                  int64_t K, int64_t N, bool accumulate) {
+  if (R <= 0 || N <= 0) return;
+  if (K == 0) {  // no sum: the old y (or 0) and the bias
+    for (int64_t r = 0; r < R; r++)
+      for (int64_t n = 0; n < N; n++) y[r * ldy + n] = (accumulate ? y[r * ldy + n] : 0.0f) + (bias ? bias[n] : 0.0f);
+    return;
+  }
+  const int nt = std::max(1, std::min<int>(omp_get_max_threads(), int((N + kTileCols - 1) / kTileCols)));
+#pragma omp parallel num_threads(nt) if (nt > 1 && R * K * N >= kSerialBelow)
+  {
+    int64_t c0, c1;
+    team_slice(N, kTileCols, omp_get_num_threads(), omp_get_thread_num(), c0, c1);
+    for (int64_t k0 = 0; k0 < K && c0 < c1; k0 += kKBlock) {
+      const int64_t k1 = std::min(K, k0 + kKBlock);
+      for (int64_t c = c0; c < c1; c += kTileCols)  // the groups in turn over one tile of W (in L1)
+        for (int64_t r = 0; r < R; r += kGroupRows)
+          vecmat_group_n(int(std::min<int64_t>(kGroupRows, R - r)), y + r * ldy, ldy, x + r * ldx, ldx, W, N, k0,
+                         k1, c, std::min(c1, c + kTileCols), k0 == 0 && !accumulate, k1 == K ? bias : nullptr);
+    }
+  }
+}
+
+void matvec_batch(float* y, int64_t ldy, const float* x, int64_t ldx, int64_t R, const float* A, const float* bias,
+                  int64_t M, int64_t K, bool accumulate) {
+  if (R <= 0 || M <= 0) return;
+  const int nt = std::max(1, std::min<int>(omp_get_max_threads(), int((M + 3) / 4)));
+#pragma omp parallel num_threads(nt) if (nt > 1 && R * K * M >= kSerialBelow)
+  {
+    int64_t m0, m1;
+    team_slice(M, 4, omp_get_num_threads(), omp_get_thread_num(), m0, m1);
+    int64_t m = m0;
+    for (; m + 6 <= m1; m += 6) matvec_rows_of_x<6, 4>(y, ldy, x, ldx, R, A, K, m, accumulate, bias);
+    for (; m + 4 <= m1; m += 4) matvec_rows_of_x<4, 4>(y, ldy, x, ldx, R, A, K, m, accumulate, bias);
+    for (; m < m1; m++) matvec_rows_of_x<1, 4>(y, ldy, x, ldx, R, A, K, m, accumulate, bias);
+  }
+}
 
 void vecmat(float* y, const float* x, const float* W, const float* bias, int64_t K, int64_t N, bool accumulate) {
   if (N <= 0) return;

@@ -24,6 +24,7 @@
 #include "kernels/layernorm.h"
 #include "kernels/matmul.h"
 #include "kernels/matmul_lowp.h"
+#include "kernels/gemv.h"
 #include "kernels/narrow_gemv.h"
 #include "kernels/rmsnorm.h"
 #include "kernels/rope.h"
@@ -1608,6 +1609,44 @@ void add_narrow_gemm(std::vector<OpCase>& t) {
     }
 }
 
+// ------------------------------------------------------------------------------- decoding-batch products
+
+// vecmat_batch (W [K, N]) and matvec_batch (A [M, K]) at R rows, with row strides wider than the rows (x and y
+// inside larger buffers, as a verification pass's rows are). Shapes: tails in every dimension (N 29, 100 = one
+// 64-tile + 36; M 70 = 17 tiles of 4 + 2; K 29 < 16·2), GPT-2's width, and R = 1, 5, 7 and 16 (register-tile tails
+// of 6 rows and of 4). CPU only: the GPU decoder's products are cuBLAS's.
+void add_batch_gemv(std::vector<OpCase>& t) {
+  struct S {
+    int64_t R, K, N;
+  };
+  for (bool out_in : {false, true})
+    for (S sh : {S{1, 96, 100}, S{5, 29, 70}, S{7, 768, 130}, S{16, 200, 29}}) {
+      const int64_t R = sh.R, K = sh.K, N = sh.N, ldx = K + 3, ldy = N + 5;
+      const bool acc = R % 2 == 1;
+      OpCase c = make(out_in ? "matvec_batch" : "vecmat_batch",
+                      fmt("R%ld K%ld N%ld%s", long(R), long(K), long(N), acc ? " accumulate" : ""), Mode::Forward,
+                      {{"x", randn(size_t(R * ldx), 91)},
+                       {"w", randn(size_t(K * N), 92, 0.1f)},
+                       {"bias", randn(size_t(N), 93)},
+                       {"y0", randn(size_t(R * ldy), 94)}});
+      auto host = [=](const Tensors& in, bool use_ref) {
+        std::vector<float> y = in[3].v;
+        const float* x = in[0].v.data();
+        const float* w = in[1].v.data();
+        const float* b = in[2].v.data();
+        if (out_in)
+          (use_ref ? ref::matvec_batch : cpu::matvec_batch)(y.data(), ldy, x, ldx, R, w, b, N, K, acc);
+        else
+          (use_ref ? ref::vecmat_batch : cpu::vecmat_batch)(y.data(), ldy, x, ldx, R, w, b, K, N, acc);
+        return Tensors{{"y", y}};
+      };
+      c.ref = [=](const Tensors& in) { return host(in, true); };
+      c.cpu = [=](const Tensors& in) { return host(in, false); };
+      c.k = ksum(double(K));
+      t.push_back(std::move(c));
+    }
+}
+
 std::vector<OpCase> op_table() {
   std::vector<OpCase> t;
   add_layernorm(t);
@@ -1623,6 +1662,7 @@ std::vector<OpCase> op_table() {
   add_crossentropy(t);
   add_adamw(t);
   add_narrow_gemm(t);
+  add_batch_gemv(t);
   add_image_ops(t);
   add_moe_cases(t);
   return t;
