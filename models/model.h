@@ -185,8 +185,9 @@ class IncrementalDecoder {
   // forward() continues from there (speculative decoding rolls back rejected tokens). Throws kiln::Error here:
   // a decoder that can roll back overrides it.
   virtual void truncate(int length);
-  // Medusa (infer/medusa.h); batch 1, host backends. These defaults throw: a decoder that can overrides them.
-  // The final norm's output [rows, C] of the last forward: every position with all_logits (the last chunk of
+  // Medusa (infer/medusa.h); batch 1, on the CPU and GPU decoders. These defaults throw: a decoder that can
+  // overrides them.
+  // The final norm's output [rows, C] (host memory, fp32; a GPU decoder's bf16 rows widened) of the last forward: every position with all_logits (the last chunk of
   // TransformerDecoder::kMaxChunk), else the last position; and of every node after forward_tree.
   virtual const float* hidden() const;
   // A candidate tree in one pass (tree attention, kernels/decode_attention.h): n <= 64 nodes, node i at position

@@ -273,7 +273,11 @@ class TransformerDecoder : public IncrementalDecoder {
   int length_ = 0;
   nn::DeviceBlock k_, v_;  // [layer][batch][position][NKV·HD] in the activation type; MLA: k_ only, [.][r + rope]
   bool absorbed_ = true;
-  const uint64_t* tree_ = nullptr;  // forward_tree's masks while its layers run
+  const uint64_t* tree_ = nullptr;  // forward_tree's masks while its layers run (the backend's memory)
+  nn::DeviceBlock tree_d_;          // a device decoder's copy of them (64 masks)
+  int hidden_rows_ = 0;             // rows of ln_ that the last forward left (hidden())
+  mutable std::vector<uint16_t> hidden16_;  // a device decoder's hidden(): the bf16 rows, then widened
+  mutable std::vector<float> hidden_host_;
   // The MTP draft (batch 1): each module's one-layer KV cache ([depth][positions][width]), the hidden states
   // each depth reads ([depth][positions][C], fp32: depth 0 the main model's, depth k module k's output), the
   // token each module entry read, the tokens of the main cache, and what is still valid.

@@ -11,8 +11,8 @@
 //    "accepted_per_position": accepted / proposed of each draft position,
 //    with Medusa heads "medusa": {heads, tree_nodes, tree_depth, acceptance: greedy | typical, rounds, accepted,
 //    acceptance_rate (accepted / (rounds · tree depth)), mean_accepted_length (tokens per round)}}
-// Medusa (infer/medusa.h) runs by default when the checkpoint has heads (medusa.safetensors), on the CPU and
-// without a draft model; --no-medusa turns it off. Greedy acceptance at temperature 0 (output = plain greedy),
+// Medusa (infer/medusa.h) runs by default when the checkpoint has heads (medusa.safetensors), without a draft
+// model (on the GPU too: the tree through the GPU decoder, the heads on the CPU); --no-medusa turns it off. Greedy acceptance at temperature 0 (output = plain greedy),
 // typical acceptance (--typical-threshold, --typical-alpha) when sampling.
 // Prefill and decode speeds go to stderr. The sequence (prompt + new tokens) never exceeds the model's
 // n_positions: generation stops there and says so on stderr. --stop ends the completion before the first
@@ -199,16 +199,15 @@ void run_generate(const GenerateOptions& o) {
                " is smaller than the ", sample_vocab, " ids the target samples from");
     draft = make_decoder(dcfg, draft_model->host_params(), dopt);
   }
-  // Medusa: the checkpoint's heads (medusa.safetensors), used when asked or, by default, when they exist
-  // (not beside a draft model, and on the CPU where tree attention runs).
+  // Medusa: the checkpoint's heads (medusa.safetensors), used when asked or, by default, when they exist (not
+  // beside a draft model). With --device cuda the tree runs on the GPU and the heads on the CPU.
   KILN_CHECK(!(o.medusa && o.no_medusa), "give at most one of --medusa and --no-medusa");
   std::optional<MedusaWeights> medusa_w;
   if (!o.model.empty() && !o.no_medusa) medusa_w = load_medusa_heads(o.model, cfg);
   KILN_CHECK(!o.medusa || medusa_w, "--medusa: ", o.model.empty() ? "--random-init has" : o.model + " has",
              " no Medusa heads (medusa.safetensors; kiln train --medusa-heads K --init BASE makes them)");
   KILN_CHECK(!o.medusa || !speculative, "give at most one of --medusa and --draft-model");
-  KILN_CHECK(!o.medusa || !device.cuda, "--medusa decodes on the CPU (tree attention has no CUDA kernel yet)");
-  const bool use_medusa = medusa_w && !speculative && !device.cuda;
+  const bool use_medusa = medusa_w && !speculative;
   MedusaParams mparams;
   if (!o.medusa_tree.empty()) mparams.tree = MedusaTree::parse(o.medusa_tree);
   mparams.typical = !o.sampling.greedy();
