@@ -4,8 +4,9 @@
 // time to first token, and the ratio kiln / llama.cpp. Greedy, the same prompt ids, --tokens new tokens each.
 // usage: node bench/serve_bench.mjs KILN WORK_DIR [--threads 2] [--tokens 64] [--streams 1,4,16] [--repeat 1]
 //        [--config bench/gpt2-124m.json] [--no-peer | --peer-only]
-// Each result line is printed as soon as it is measured: with --repeat R, the run of median tokens/s of R runs
-// at that stream count, followed by all R tokens/s figures.
+// With --repeat R, every stream count runs once per round, R rounds (interleaved, so that a slow spell of the
+// shared host falls on all of them alike); each line is the run of median tokens/s at that stream count, with
+// all R figures, and the 16-vs-1 line is the median of the R rounds' own ratios.
 import fs from "node:fs";
 import path from "node:path";
 import { spawnSync } from "node:child_process";
@@ -20,12 +21,16 @@ const threads = Number(opt("--threads", "2")), tokens = Number(opt("--tokens", "
 const streams = opt("--streams", "1,4,16").split(",").map(Number);
 const configPath = opt("--config", path.join(here, "gpt2-124m.json"));
 const repeat = Math.max(1, Number(opt("--repeat", "1")));
-// The summary of median tokens/s over `repeat` runs, with every run's tokens/s in `all`.
-async function medianOf(run) {
-  const rs = [];
-  for (let i = 0; i < repeat; i++) rs.push(await run());
-  const sorted = [...rs].sort((a, b) => a.tps - b.tps);
-  return { ...sorted[Math.floor((sorted.length - 1) / 2)], all: rs.map((r) => r.tps) };
+// Runs `run(n)` for every stream count, `repeat` rounds; returns the median-tokens/s summary per stream count
+// (all rounds' tokens/s in `all`, in round order).
+async function rounds(run) {
+  const by = new Map(streams.map((n) => [n, []]));
+  for (let i = 0; i < repeat; i++)
+    for (const n of streams) by.get(n).push(await run(n));
+  return streams.map((n) => {
+    const rs = by.get(n), sorted = [...rs].sort((a, b) => a.tps - b.tps);
+    return { ...sorted[Math.floor((sorted.length - 1) / 2)], all: rs.map((r) => r.tps) };
+  });
 }
 const peer = !argv.includes("--no-peer"), ours = !argv.includes("--peer-only");
 fs.mkdirSync(work, { recursive: true });
@@ -95,7 +100,7 @@ console.log("server      streams  tokens/s   ITL p50 ms  ITL p99 ms  TTFT ms");
 if (ours) {
   const srv = await startServer(kiln, ["--model", modelDir, "--threads", String(threads), "--parallel", "16", "--ctx", "512"]);
   await kilnRun(srv.url, 1);  // warm up
-  for (const n of streams) show(await medianOf(() => kilnRun(srv.url, n)));
+  for (const r of await rounds((n) => kilnRun(srv.url, n))) show(r);
   await stopServer(srv);
 }
 
@@ -131,7 +136,7 @@ if (peer) {
     return summary("llama.cpp", n, t0, performance.now(), r);
   };
   await peerRun(1);  // warm up
-  for (const n of streams) show(await medianOf(() => peerRun(n)));
+  for (const r of await rounds((n) => peerRun(n))) show(r);
   await context.dispose();
   await model.dispose();
 }
@@ -141,5 +146,10 @@ for (const r of results) {
   if (r.name === "kiln" && p) console.log(`${r.streams} streams: kiln / llama.cpp tokens/s = ${fmt(r.tps / p.tps, 2)}`);
 }
 const k1 = results.find((r) => r.name === "kiln" && r.streams === 1), k16 = results.find((r) => r.name === "kiln" && r.streams === 16);
-if (k1 && k16) console.log(`kiln: 16 streams give ${fmt(k16.tps / k1.tps, 2)}x the tokens/s of one`);
+if (k1 && k16) {
+  const ratios = k16.all.map((t, i) => t / k1.all[i]).sort((a, b) => a - b);
+  const med = ratios[Math.floor((ratios.length - 1) / 2)];
+  console.log(`kiln: 16 streams give ${fmt(med, 2)}x the tokens/s of one` +
+              (ratios.length > 1 ? ` (median of ${ratios.length} rounds: ${ratios.map((x) => fmt(x, 2)).join(", ")})` : ""));
+}
 process.exit(0);

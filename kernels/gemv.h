@@ -11,7 +11,7 @@
 //
 // The batch forms take R rows of x at once (a decoding step of R sequences, or a verification pass over R
 // positions): the matrix is streamed once per call, not once per row, and no operand is packed (sgemm repacks
-// the whole weight on every call, which at R <= 16 costs as much as the arithmetic). Each output is summed in one
+// the whole weight on every call, which at R <= 64 costs as much as the arithmetic). Each output is summed in one
 // fixed order (k ascending from the old y, then the bias) whatever R and the thread count are, so a row's result
 // is bit-identical to a one-row call: greedy decoding in a batch is exactly greedy decoding alone.
 //   vecmat_batch: y[r·ldy + n] = (accumulate ? y : 0) + Σ_k x[r·ldx + k]·W[k, n] (+ bias[n])   W [K, N]
@@ -23,8 +23,9 @@
 
 namespace kiln {
 namespace cpu {
-// The CPU backend's products take the batch forms up to this many rows (sgemm above: a prompt's chunk).
-constexpr int64_t kBatchGemvRows = 16;
+// The CPU backend's products take the batch forms up to this many rows, sgemm above (a long prompt's chunk): at 16,
+// 32 and 64 rows of the GPT-2 shapes they measured 2-4x OpenBLAS's sgemm (bench/batch_gemv_bench.cpp).
+constexpr int64_t kBatchGemvRows = 64;
 void vecmat(float* y, const float* x, const float* W, const float* bias, int64_t K, int64_t N, bool accumulate);
 void matvec(float* y, const float* A, const float* x, int64_t M, int64_t K);
 void vecmat_batch(float* y, int64_t ldy, const float* x, int64_t ldx, int64_t R, const float* W, const float* bias,
