@@ -57,11 +57,13 @@ void check_likelihood(const Objective& o, const LikelihoodOptions& opt, int64_t 
              "': expected hutchinson or exact");
   KILN_CHECK(opt.probe == "rademacher" || opt.probe == "gaussian", "--probe '", opt.probe,
              "': expected rademacher or gaussian");
+  KILN_CHECK(opt.jacobian == "vjp" || opt.jacobian == "fd", "--jacobian '", opt.jacobian,
+             "': expected vjp or fd");
   KILN_CHECK(opt.probes >= 1, "--probes ", opt.probes, ": must be positive");
   KILN_CHECK(opt.steps >= 1, "--steps ", opt.steps, ": must be positive");
   KILN_CHECK(opt.fd_step > 0 && opt.fd_step < 1, "--fd-step ", opt.fd_step, ": must be in (0, 1)");
   KILN_CHECK(opt.trace != "exact" || P <= 4096, "--trace exact: ", P, " dimensions need ", 2 * P + 1,
-             " evaluations per stage; use --trace hutchinson");
+             " evaluations per stage (vjp: ", P, " backward passes); use --trace hutchinson");
   const Path p = path_of(o, opt);
   KILN_CHECK(p.u0 < p.u1, "--level-min must be below --level-max");
   if (!sigma_levels(o)) KILN_CHECK(p.u0 > 0 && p.u1 <= 1, "--level-min/--level-max: t must lie in (0, 1]");
@@ -69,8 +71,11 @@ void check_likelihood(const Objective& o, const LikelihoodOptions& opt, int64_t 
 
 LikelihoodResult log_likelihood(const Objective& o, const LikelihoodOptions& opt, const DiffusionNet& net,
                                 const float* x_in, const int32_t* labels, int B, int64_t P,
-                                const NoiseSource& noise) {
+                                const NoiseSource& noise, const DiffusionVJP& vjp) {
   check_likelihood(o, opt, P);
+  const bool reverse = opt.jacobian == "vjp";
+  KILN_CHECK(!reverse || vjp, "--jacobian vjp: this network provides no vector-Jacobian product; use --jacobian fd");
+  KILN_CHECK(reverse || net, "--jacobian fd: no network to evaluate");
   const Path path = path_of(o, opt);
   const bool exact = opt.trace == "exact";
   const int K = exact ? int(P) : opt.probes;
@@ -84,17 +89,51 @@ LikelihoodResult log_likelihood(const Objective& o, const LikelihoodOptions& opt
     if (opt.probe == "rademacher")
       for (float& v : z) v = v < 0 ? -1.0f : 1.0f;
   }
-  // One call per stage on [x | x + h·z_1 | x − h·z_1 | ...]: (1 + 2K)·B samples.
-  const int64_t rows = int64_t(1 + 2 * K) * B;
-  std::vector<float> in(size_t(rows * P)), F(size_t(rows * P));
+  // One call per stage. fd: F on [x | x + h·z_1 | x − h·z_1 | ...], (1 + 2K)·B samples. vjp: F and the VJPs
+  // on [x | x | ...] with upstream gradients [z_1 | z_2 | ...] (exact: the basis vectors), K·B samples.
+  const int64_t rows = int64_t(reverse ? K : 1 + 2 * K) * B;
+  std::vector<float> in(size_t(rows * P)), F(size_t(rows * P)), V, Z;
   std::vector<int32_t> lab(static_cast<size_t>(rows));
   for (int64_t r = 0; r < rows; r++) lab[size_t(r)] = labels[r % B];
+  if (reverse) {
+    V.resize(in.size());
+    if (exact) {
+      Z.assign(in.size(), 0.0f);
+      for (int k = 0; k < K; k++)
+        for (int b = 0; b < B; b++) Z[size_t((int64_t(k) * B + b) * P + k)] = 1.0f;
+    } else {
+      Z = z;  // [K][B·P]: the rows' order already
+    }
+  }
 
   LikelihoodResult res;
   // f(x, u) into fx [n] and div f into dv [B].
   auto stage = [&](const std::vector<double>& x, double u, std::vector<double>& fx, std::vector<double>& dv) {
     double alpha, beta;
     drift_coefficients(o, path, u, alpha, beta);
+    if (reverse) {
+      for (int k = 0; k < K; k++)
+        for (int64_t j = 0; j < n; j++) in[size_t(k * n + j)] = float(x[size_t(j)]);
+      vjp(F.data(), V.data(), in.data(), Z.data(), path.level(u), lab.data(), int(rows));
+      res.nfe += K, res.vjps += K;
+      for (int64_t j = 0; j < n; j++) fx[size_t(j)] = alpha * x[size_t(j)] + beta * F[size_t(j)];
+      for (int b = 0; b < B; b++) {
+        double tr = 0;
+        for (int k = 0; k < K; k++) {
+          const int64_t row = (int64_t(k) * B + b) * P;
+          if (exact) {
+            tr += V[size_t(row + k)];  // e_kᵀ·J·e_k
+          } else {
+            double q = 0;
+            for (int64_t i = 0; i < P; i++) q += double(Z[size_t(row + i)]) * V[size_t(row + i)];
+            tr += q;
+          }
+        }
+        if (!exact) tr /= K;
+        dv[size_t(b)] = alpha * double(P) + beta * tr;
+      }
+      return;
+    }
     // The step in the scale of x at this level (√(a² + s²) for data of unit scale), so that the fp32 input
     // resolves it equally well at σ = 80 as at σ = 0.002.
     const Coefficients kl = o.at(path.level(u));
@@ -161,6 +200,25 @@ LikelihoodResult log_likelihood(const Objective& o, const LikelihoodOptions& opt
   return res;
 }
 
+DiffusionVJP denoiser_vjp(ImageModel& model, const Objective& o, int planned) {
+  KILN_CHECK(model.provides(ImageTask::Denoise), "a ", model.type(), " model is not a denoiser: the likelihood "
+             "needs one");
+  return [&model, o, planned](float* F, float* v, const float* xt, const float* z, double level,
+                              const int32_t* labels, int B) {
+    const int64_t P = model.pixels();
+    const Coefficients k = o.at(level);
+    std::vector<float> in(size_t(planned) * P), cn(size_t(planned), float(k.c_noise));
+    for (int b0 = 0; b0 < B; b0 += planned) {
+      const int nb = std::min(planned, B - b0);
+      for (int64_t j = 0; j < nb * P; j++) in[size_t(j)] = float(k.c_in * xt[b0 * P + j]);
+      model.denoise(F + b0 * P, in.data(), cn.data(), labels + b0, nb);
+      // F(x) = D(c_in·x): the chain rule's c_in on the input gradient.
+      model.denoise_vjp(v + b0 * P, z + b0 * P);
+      for (int64_t j = 0; j < nb * P; j++) v[b0 * P + j] = float(k.c_in * v[b0 * P + j]);
+    }
+  };
+}
+
 void dequantize(float* x, int64_t n, Rng& r, double scale) {
   for (int64_t i = 0; i < n; i++) x[i] = float(x[i] + (double(r.uniform()) - 0.5) / scale);
 }
@@ -182,7 +240,7 @@ MeanSE mean_se(const std::vector<double>& v) {
 
 std::vector<double> dataset_bits_per_dim(const Objective& o, const LikelihoodOptions& opt, const DiffusionNet& net,
                                          const float* images, const int32_t* labels, int64_t N, int64_t P,
-                                         int batch, uint64_t seed, int* nfe) {
+                                         int batch, uint64_t seed, int* nfe, const DiffusionVJP& vjp) {
   KILN_CHECK(batch > 0, "--batch ", batch, ": must be positive");
   check_likelihood(o, opt, P);
   Rng r(seed);
@@ -191,7 +249,7 @@ std::vector<double> dataset_bits_per_dim(const Objective& o, const LikelihoodOpt
     const int b = int(std::min<int64_t>(batch, N - i));
     std::vector<float> x(images + i * P, images + (i + b) * P);
     dequantize(x.data(), int64_t(x.size()), r);
-    const LikelihoodResult res = log_likelihood(o, opt, net, x.data(), labels + i, b, P, rng_noise(r));
+    const LikelihoodResult res = log_likelihood(o, opt, net, x.data(), labels + i, b, P, rng_noise(r), vjp);
     for (double l : res.log_density) bpd.push_back(bits_per_dim(l, P));
     if (nfe) *nfe = res.nfe;  // the same for every batch
   }

@@ -36,7 +36,7 @@ FinishReason generate_self_draft(IncrementalDecoder& dec, const Sampler& sampler
   if (P == max_len) return FinishReason::Context;
 
   Rng rng(sampler.params().seed);
-  std::vector<double> p;
+  std::vector<double> p;  // the prefill's distribution
   std::vector<std::vector<double>> qs(static_cast<size_t>(draft_tokens));  // each draft's distribution
   dec.reset();
   const auto t0 = Clock::now();
@@ -66,19 +66,9 @@ FinishReason generate_self_draft(IncrementalDecoder& dec, const Sampler& sampler
     st.rounds++;
     st.drafted += k;
     for (int j = 0; j < k; j++) st.drafted_at[size_t(j)]++;
-    produced.clear();
-    int accepted = 0;
-    for (;; accepted++) {
-      dense_distribution(sampler, tl + size_t(accepted) * size_t(TV), V, p);
-      if (accepted == k) {  // every draft passed: the bonus token from the model
-        produced.push_back(sample_dense(p, rng));
-        break;
-      }
-      const Verdict v = accept_or_resample(p, qs[size_t(accepted)], feed[size_t(accepted + 1)], rng);
-      produced.push_back(v.token);
-      if (!v.accepted) break;
-      st.accepted_at[size_t(accepted)]++;
-    }
+    // Draft j stands at feed[j + 1].
+    const int accepted = verify_proposals(sampler, tl, TV, V, qs.data(), feed.data() + 1, k, rng, produced);
+    for (int j = 0; j < accepted; j++) st.accepted_at[size_t(j)]++;
     st.accepted += accepted;
     // Roll back past the rejection: the cache keeps last and the accepted drafts; the modules find the
     // rejected ones at the next draft and run those positions again.

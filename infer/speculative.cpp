@@ -52,6 +52,25 @@ void dense_distribution(const Sampler& s, const float* logits, int V, std::vecto
   for (const Candidate& k : c) out[size_t(k.id)] = k.p;
 }
 
+int verify_proposals(const Sampler& sampler, const float* target_logits, int TV, int V,
+                     const std::vector<double>* qs, const int32_t* drafts, int k, Rng& rng,
+                     std::vector<int32_t>& produced) {
+  thread_local std::vector<double> p;
+  produced.clear();
+  int accepted = 0;
+  for (;; accepted++) {
+    dense_distribution(sampler, target_logits + size_t(accepted) * size_t(TV), V, p);
+    if (accepted == k) {  // every proposal passed: the bonus token from the target
+      produced.push_back(sample_dense(p, rng));
+      break;
+    }
+    const Verdict v = accept_or_resample(p, qs[accepted], drafts[accepted], rng);
+    produced.push_back(v.token);
+    if (!v.accepted) break;
+  }
+  return accepted;
+}
+
 bool report_round(const std::vector<int32_t>& produced, SpeculativeStats& st, bool& first,
                   std::chrono::steady_clock::time_point t0, const std::function<bool(int32_t)>& on_token,
                   const GenerateLimits& lim, int P, int max_len, FinishReason& why) {
@@ -138,19 +157,8 @@ FinishReason generate_speculative(IncrementalDecoder& target, IncrementalDecoder
     st.rounds++;
     st.drafted += k;
     for (int j = 0; j < k; j++) st.drafted_at[size_t(j)]++;
-    produced.clear();
-    int accepted = 0;
-    for (;; accepted++) {
-      dense_distribution(sampler, tl + size_t(accepted) * size_t(TV), V, p);
-      if (accepted == k) {  // every proposal passed: the bonus token from the target
-        produced.push_back(sample_dense(p, rng));
-        break;
-      }
-      const Verdict v = accept_or_resample(p, qs[size_t(accepted)], drafts[size_t(accepted)], rng);
-      produced.push_back(v.token);
-      if (!v.accepted) break;
-      st.accepted_at[size_t(accepted)]++;
-    }
+    const int accepted = verify_proposals(sampler, tl, TV, V, qs.data(), drafts.data(), k, rng, produced);
+    for (int j = 0; j < accepted; j++) st.accepted_at[size_t(j)]++;
     st.accepted += accepted;
     // Roll back past the rejection: the target keeps last and the accepted proposals; the draft took in last
     // and proposals 0 .. k-2, so it keeps the same, or (all k passed) still has the last proposal to take in.

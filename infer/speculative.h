@@ -50,6 +50,14 @@ int32_t sample_dense(const std::vector<double>& w, Rng& rng);
 // The sampler's filtered distribution of a row of logits, dense over [0, V).
 void dense_distribution(const Sampler& s, const float* logits, int V, std::vector<double>& out);
 
+// One round's verification: target_logits [k+1, TV] (row i scores proposal i, row k the bonus), qs[i] the
+// draft's distribution at proposal drafts[i]. produced gets the accepted proposals, then the resampled token
+// (at the first rejection) or the bonus one (all k passed); returns the number accepted. Shared by
+// generate_speculative and the server's batched rounds (serve/engine.h).
+int verify_proposals(const Sampler& sampler, const float* target_logits, int TV, int V,
+                     const std::vector<double>* qs, const int32_t* drafts, int k, Rng& rng,
+                     std::vector<int32_t>& produced);
+
 // Reports one round's tokens one by one to on_token, as plain decoding would (the first token of the run also
 // stamps st.base.prefill_s, measured from t0); returns true when one of them ends generation (why says how).
 // P is the prompt's length and max_len the context. Shared by the draft-model and the self-drafting loops.

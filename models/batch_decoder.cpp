@@ -9,6 +9,9 @@
 
 namespace kiln {
 
+const float* BatchDecoder::hidden() const {
+  fail("decoder: this batch decoder keeps no hidden states (BatchDecoderOptions::keep_hidden)");
+}
 
 PagedDecoder::PagedDecoder(const ModelConfig& cfg, const float* params, const BatchDecoderOptions& opt)
     : cfg_(cfg), table_(model_param_table(cfg)), be_(make_backend_for(cfg, opt.cuda, std::nullopt)), block_size_(opt.block_size) {
@@ -24,6 +27,9 @@ PagedDecoder::PagedDecoder(const ModelConfig& cfg, const float* params, const Ba
   num_blocks_ = opt.num_blocks > 0 ? opt.num_blocks : 8 * per_seq;
   KILN_CHECK(opt.weights == WeightFormat::F32 || !opt.cuda, "--weights-dtype ", weight_format_name(opt.weights),
              " runs on the CPU only (--device cuda decodes with bf16 weights)");
+  keep_hidden_ = opt.keep_hidden;
+  KILN_CHECK(!keep_hidden_ || (be_->on_host() && be_->act_dtype() == DType::F32),
+             "decoder: hidden states (Medusa heads) are kept on the CPU only");
   weights_.load(*be_, cfg_, table_, params, w_);
   narrow_.convert(w_, opt.weights);
   const size_t pool = size_t(cfg_.n_layer) * size_t(num_blocks_) * size_t(block_size_) * size_t(cfg_.kv_dim()) *
@@ -35,11 +41,12 @@ PagedDecoder::PagedDecoder(const ModelConfig& cfg, const float* params, const Ba
   be_->memset(v_.data(), 0, pool);
 }
 
-void PagedDecoder::ensure(int64_t rows, int64_t B, int64_t table_entries) {
-  if (rows <= rows_ && B <= max_b_ && table_entries <= table_cap_) return;
+void PagedDecoder::ensure(int64_t rows, int64_t B, int64_t table_entries, int64_t logit_rows) {
+  if (rows <= rows_ && B <= max_b_ && table_entries <= table_cap_ && logit_rows <= logit_rows_) return;
   rows_ = std::max(rows_, rows);
   max_b_ = std::max(max_b_, B);
   table_cap_ = std::max(table_cap_, table_entries);
+  logit_rows_ = std::max({logit_rows_, max_b_, logit_rows});
   const int C = cfg_.d_model, V = cfg_.vocab_size;
   const bool device = !be_->on_host();
   const nn::BlockShape S = block_shape_all(cfg_);
@@ -52,7 +59,7 @@ void PagedDecoder::ensure(int64_t rows, int64_t B, int64_t table_entries) {
     a_.allocate(ws, rows_, S);
     if (S.moe) s_.moe.allocate(ws, rows_, S.moe);  // the router logits and gathered rows
     a_.h = nullptr;  // the stream is updated in place
-    logits_d_ = ws.f32(max_b_ * V);
+    logits_d_ = ws.f32(logit_rows_ * V);
     inputs_d_ = device ? ws.i32(2 * rows_ + max_b_ + table_cap_) : nullptr;
   };
   nn::Workspace measure(be_->act_dtype());
@@ -74,8 +81,12 @@ void PagedDecoder::run_pass(const std::vector<BatchRow>& rows, const std::vector
   const int B = int(idx.size()), C = cfg_.d_model, V = cfg_.vocab_size;
   const int64_t N = int64_t(B) * Tq;
   int64_t stride = 1;
-  for (int i : idx) stride = std::max<int64_t>(stride, rows[size_t(i)].n_blocks);
-  ensure(N, B, B * stride);
+  bool all = false;  // some row wants every position's logits: the head runs over all N rows
+  for (int i : idx) {
+    stride = std::max<int64_t>(stride, rows[size_t(i)].n_blocks);
+    all = all || rows[size_t(i)].all_logits;
+  }
+  ensure(N, B, B * stride, all ? N : B);
   // [tokens N | positions N | cached lengths B | block table B·stride]: one copy brings them to a device.
   inputs_.assign(size_t(2 * N + B + B * stride), 0);
   int32_t *tok = inputs_.data(), *pos = tok + N, *past = pos + N, *table = past + B;
@@ -120,35 +131,75 @@ void PagedDecoder::run_pass(const std::vector<BatchRow>& rows, const std::vector
     cache.pages = KVPages{table_d, block_size_, stride};
     w_.blocks[size_t(l)].forward(*be_, x_, x_, a_, s_, pos_d, flash, N, &cache);
   }
-  if (!last) return;
+  if (!last && !all) return;
+  const size_t bytes = sizeof(float) * size_t(V);
+  if (all) {
+    // Every row through the final norm and the head; each sequence takes all its rows or (not all_logits, last
+    // piece) its last.
+    w_.final_norm.forward(*be_, ln_, mean_, rstd_, x_, N);
+    be_->linear_forward(nn::Act{logits_d_, DType::F32}, ln_, w_.head, N);
+    if (keep_hidden_)
+      for (int b = 0; b < B; b++) {
+        const int i = idx[size_t(b)];
+        const float* hb = ln_.f32() + size_t(b) * size_t(Tq) * C;
+        if (rows[size_t(i)].all_logits)
+          std::memcpy(hidden_.data() + (off_[size_t(i)] + size_t(from)) * C, hb, sizeof(float) * size_t(Tq) * C);
+        else if (last)
+          std::memcpy(hidden_.data() + off_[size_t(i)] * C, hb + size_t(Tq - 1) * C, sizeof(float) * C);
+      }
+    if (!be_->on_host()) pass_logits_.resize(size_t(N) * size_t(V));
+    const float* lg = static_cast<const float*>(be_->to_host(pass_logits_.data(), logits_d_, bytes * size_t(N)));
+    for (int b = 0; b < B; b++) {
+      const int i = idx[size_t(b)];
+      const float* rb = lg + size_t(b) * size_t(Tq) * size_t(V);
+      if (rows[size_t(i)].all_logits)
+        std::memcpy(logits_.data() + (off_[size_t(i)] + size_t(from)) * V, rb, bytes * size_t(Tq));
+      else if (last)
+        std::memcpy(logits_.data() + off_[size_t(i)] * V, rb + size_t(Tq - 1) * V, bytes);
+    }
+    return;
+  }
   // Each sequence's last row, through the final norm and the head.
   be_->copy_rows(nn::Act{last_, DType::F32}, C, nn::Act{x_ + int64_t(Tq - 1) * C, DType::F32}, int64_t(Tq) * C, B, C);
   w_.final_norm.forward(*be_, ln_, mean_, rstd_, last_, B);
   be_->linear_forward(nn::Act{logits_d_, DType::F32}, ln_, w_.head, B);
-  const size_t bytes = sizeof(float) * size_t(B) * size_t(V);
+  if (keep_hidden_)
+    for (int b = 0; b < B; b++)
+      std::memcpy(hidden_.data() + off_[size_t(idx[size_t(b)])] * C, ln_.f32() + size_t(b) * C, sizeof(float) * C);
   if (!be_->on_host()) pass_logits_.resize(size_t(B) * size_t(V));
-  const float* lg = static_cast<const float*>(be_->to_host(pass_logits_.data(), logits_d_, bytes));
+  const float* lg = static_cast<const float*>(be_->to_host(pass_logits_.data(), logits_d_, bytes * size_t(B)));
   for (int b = 0; b < B; b++)
-    std::memcpy(logits_.data() + size_t(idx[size_t(b)]) * V, lg + size_t(b) * V, sizeof(float) * size_t(V));
+    std::memcpy(logits_.data() + off_[size_t(idx[size_t(b)])] * V, lg + size_t(b) * V, bytes);
 }
 
 const float* PagedDecoder::forward(const std::vector<BatchRow>& rows) {
   const int V = cfg_.vocab_size;
-  logits_.resize(rows.size() * size_t(V));
-  std::vector<int> singles;
+  // Where each row's logits go: one [V] vector, or n of them with all_logits.
+  off_.resize(rows.size());
+  size_t total = 0;
   for (size_t i = 0; i < rows.size(); i++) {
     KILN_CHECK(rows[i].n >= 1, "decoder: row ", i, " has no new tokens");
-    if (rows[i].n == 1) singles.push_back(int(i));
+    off_[i] = total;
+    total += rows[i].all_logits ? size_t(rows[i].n) : 1;
   }
+  logits_.resize(total * size_t(V));
+  if (keep_hidden_) hidden_.resize(total * size_t(cfg_.d_model));
+  std::vector<int> singles;
+  for (size_t i = 0; i < rows.size(); i++)
+    if (rows[i].n == 1) singles.push_back(int(i));
   if (!singles.empty()) run_pass(rows, singles, 0, 1, true);
-  // Fresh prompts of one length that fit a chunk share a pass too (B rows through FlashAttention).
+  // Rows of one length share a pass: fresh prompts that fit a chunk (B rows through FlashAttention), and short
+  // continuations of cached sequences (speculative checks of K+1 tokens: the decode attention, per-sequence
+  // lengths), so the weights are read once for all of them.
+  const int short_limit = std::min(kMaxChunk, be_->max_decode_queries());
   std::vector<bool> done_rows(rows.size(), false);
   for (size_t i = 0; i < rows.size(); i++) {
     const BatchRow& r = rows[i];
-    if (r.n == 1 || r.past != 0 || r.n > kMaxChunk || done_rows[i]) continue;
+    const bool fresh = r.past == 0 && r.n <= kMaxChunk, cont = r.past > 0 && r.n <= short_limit;
+    if (r.n == 1 || done_rows[i] || !(fresh || cont)) continue;
     std::vector<int> group;
     for (size_t j = i; j < rows.size(); j++)
-      if (!done_rows[j] && rows[j].past == 0 && rows[j].n == r.n) {
+      if (!done_rows[j] && (rows[j].past == 0) == fresh && rows[j].n == r.n) {
         group.push_back(int(j));
         done_rows[j] = true;
       }
@@ -160,7 +211,7 @@ const float* PagedDecoder::forward(const std::vector<BatchRow>& rows) {
     // The pieces TransformerDecoder runs: whole chunks through FlashAttention while the cache is empty, then
     // as many queries as the backend's decode attention takes.
     for (int done = 0; done < r.n;) {
-      const int limit = r.past + done == 0 ? kMaxChunk : std::min(kMaxChunk, be_->max_decode_queries());
+      const int limit = r.past + done == 0 ? kMaxChunk : short_limit;
       const int m = std::min(limit, r.n - done);
       run_pass(rows, {int(i)}, done, m, done + m == r.n);
       done += m;

@@ -5,7 +5,8 @@
 // A forward() groups its rows into passes: every single-token row in one pass (B rows of one query each, the
 // decode attention with per-sequence lengths and block tables); fresh prompts of the same length in one pass
 // through FlashAttention within the chunk (as TransformerDecoder's prefill); any other longer row in its own
-// pass, through the decode attention over its cached prefix, in pieces of the backend's query limit.
+// pass, through the decode attention over its cached prefix, in pieces of the backend's query limit, except
+// that continuations of one length within that limit (speculative checks) share a pass.
 #pragma once
 #include <cstdint>
 #include <memory>
@@ -31,6 +32,7 @@ class PagedDecoder final : public BatchDecoder {
   int max_positions() const override { return max_pos_; }
   const ModelConfig& config() const override { return cfg_; }
   size_t cache_bytes() const override { return k_.size() + v_.size(); }
+  const float* hidden() const override { return keep_hidden_ ? hidden_.data() : BatchDecoder::hidden(); }
 
   static constexpr int kMaxChunk = 256;  // positions of a fresh prompt run at once
 
@@ -44,7 +46,7 @@ class PagedDecoder final : public BatchDecoder {
   int block_size_, num_blocks_, max_pos_;
   nn::DeviceBlock k_, v_;  // [layer][block][block_size][NKV·HD] in the activation type
 
-  int64_t rows_ = 0, max_b_ = 0, table_cap_ = 0;  // workspace sized for these (grown on demand)
+  int64_t rows_ = 0, max_b_ = 0, table_cap_ = 0, logit_rows_ = 0;  // workspace sized for these (grown on demand)
   nn::Workspace ws_;
   nn::BlockActivations a_;
   nn::BlockScratch s_;
@@ -53,10 +55,13 @@ class PagedDecoder final : public BatchDecoder {
   nn::Act ln_;
   std::vector<int32_t> inputs_;
   std::vector<float> logits_, pass_logits_;
+  std::vector<size_t> off_;  // each row's first logits vector in logits_
+  bool keep_hidden_ = false;
+  std::vector<float> hidden_;  // the final norm's output behind each logits row (keep_hidden)
 
-  void ensure(int64_t rows, int64_t B, int64_t table_entries);
+  void ensure(int64_t rows, int64_t B, int64_t table_entries, int64_t logit_rows);
   // One pass: B sequences of Tq new tokens each (rows[idx[i]] from offset `from`); the logits of each row's
-  // last token go to logits_ at its index when `last` is set.
+  // last token go to logits_ at its offset when `last` is set, those of every token for an all_logits row.
   void run_pass(const std::vector<BatchRow>& rows, const std::vector<int>& idx, int from, int Tq, bool last);
 };
 

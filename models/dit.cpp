@@ -9,6 +9,7 @@
 #include "core/error.h"
 #include "core/rng.h"
 #include "models/image_config.h"
+#include "nn/act_io.h"
 
 namespace kiln {
 
@@ -109,6 +110,20 @@ void dit_patchify(float* tokens, const float* images, int B, const DiTConfig& c)
       }
 }
 
+// patchify is a permutation, so its adjoint (the input gradient's rearrangement) is its inverse.
+void dit_unpatchify_in(float* images, const float* tokens, int B, const DiTConfig& c) {
+  const int p = c.patch, G = c.grid(), H = c.image_size, C = c.channels, P = c.patch_dim();
+  for (int b = 0; b < B; b++)
+    for (int gi = 0; gi < G; gi++)
+      for (int gj = 0; gj < G; gj++) {
+        const float* tok = tokens + (int64_t(b) * G * G + gi * G + gj) * P;
+        for (int ch = 0; ch < C; ch++)
+          for (int i = 0; i < p; i++)
+            for (int j = 0; j < p; j++)
+              images[((int64_t(b) * C + ch) * H + gi * p + i) * H + gj * p + j] = tok[(ch * p + i) * p + j];
+      }
+}
+
 // The output tokens' features are (i, j, c): the reference's reshape (h, w, p, p, c).
 static void out_layout(float* tokens, float* images, int B, const DiTConfig& c, bool to_images) {
   const int p = c.patch, G = c.grid(), H = c.image_size, C = c.channels, P = c.patch_dim();
@@ -170,8 +185,9 @@ void dit_timestep_embedding(float* out, const float* t, int B, int dim) {
 
 DiT::DiT(const DiTConfig& cfg, nn::Backend& be, bool with_grads)
     : cfg_(cfg), be_(be), table_(dit_param_table(cfg)), with_grads_(with_grads) {
-  KILN_CHECK(be.act_dtype() == DType::F32, "DiT: the ", be.name(), " backend's activations are not fp32 (the DiT "
-             "runs on the CPU backend for now)");
+  // The GPU attention kernels take head dims 64 and 128 (DiT-S and DiT-B: 64).
+  KILN_CHECK(be.on_host() || cuda_attention_dims(cfg.hidden / cfg.heads, cfg.hidden / cfg.heads), "DiT config: hidden ",
+             cfg.hidden, " / heads ", cfg.heads, " = head dim ", cfg.hidden / cfg.heads, ": --device cuda takes 64 or 128");
   params_ = nn::DeviceBlock(be, table_.total * 4, "DiT parameters");
   be.memset(params_.data(), 0, table_.total * 4);
   if (with_grads) {
@@ -278,13 +294,15 @@ void DiT::carve(nn::Workspace& ws, int B) {
     a.attn.allocate(ws, N, attn_[size_t(l)].shape);
     a.ffn.allocate(ws, N, ffn_[size_t(l)].shape);
   }
-  lnf_ = ws.act(N * D), mf_ = ws.act(N * D), out_ = ws.act(N * cfg_.patch_dim());
+  // The output in fp32 on every backend (a product may write fp32 rows): the host reads it without rounding.
+  lnf_ = ws.act(N * D), mf_ = ws.act(N * D), out_ = nn::Act{ws.f32(N * cfg_.patch_dim()), DType::F32};
   meanf_ = ws.f32(N), rstdf_ = ws.f32(N);
   if (with_grads_) {
     dres_ = ws.f32(N * D);
     dop_ = ws.act(N * D), du_ = ws.act(N * D), dm_ = ws.act(N * D), dln_ = ws.act(N * D);
     dmod_ = ws.act(B * M), dsc_ = ws.act(B * D), dc_ = ws.act(B * D), dt1s_ = ws.act(B * D), dt1_ = ws.act(B * D);
-    dout_ = ws.act(N * cfg_.patch_dim());
+    dcf_ = ws.f32(B * D);
+    dout_ = ws.act(N * cfg_.patch_dim()), dpatches_ = ws.act(N * cfg_.patch_dim());
     if (cfg_.depth > 0) {
       as_.allocate(ws, N, attn_[0].shape);
       fs_.allocate(ws, N, ffn_[0].shape);
@@ -311,6 +329,12 @@ size_t DiT::plan(int B, bool recompute_blocks) {
   be_.upload(ones_, ones.data(), ones.size() * 4);
   be_.memset(zerosD_, 0, size_t(D) * 4);
   be_.memset(zpos_, 0, size_t(B) * 4);
+  // The device scratch of the norm, embedding and attention backwards (nothing on the CPU).
+  nn::OpScratch ops;
+  ops.rows = int64_t(B) * T, ops.C = int(D);
+  ops.decode.B = 0;  // no KV-cache decoding
+  if (with_grads_ && cfg_.depth > 0) ops.attention = attention(B);
+  be_.reserve_scratch(ops);
   return ws_.capacity();
 }
 
@@ -353,10 +377,10 @@ void DiT::forward(float* out, const float* x, const float* c_noise, const int32_
   // Inputs: patches, the noise level's frequencies, labels.
   host_tokens_.resize(size_t(N) * cfg_.patch_dim());
   dit_patchify(host_tokens_.data(), x, B, cfg_);
-  be_.upload(patches_.p, host_tokens_.data(), host_tokens_.size() * 4);
+  nn::upload_act(be_, patches_, host_tokens_.data(), int64_t(host_tokens_.size()));
   std::vector<float> freq(size_t(B) * cfg_.freq_dim);
   dit_timestep_embedding(freq.data(), c_noise, B, cfg_.freq_dim);
-  be_.upload(tfreq_.p, freq.data(), freq.size() * 4);
+  nn::upload_act(be_, tfreq_, freq.data(), int64_t(freq.size()));
   be_.upload(labels_, labels, size_t(B) * 4);
 
   be_.linear_residual(xs_[0], pos_, patches_, x_emb_, N);
@@ -378,13 +402,13 @@ void DiT::forward(float* out, const float* x, const float* c_noise, const int32_
   dit_unpatchify(out, host_tokens_.data(), B, cfg_);
 }
 
-void DiT::backward(const float* dout) {
+void DiT::backward(const float* dout, float* dx) {
   KILN_CHECK(with_grads_, "DiT backward: the model was made without gradients");
   KILN_CHECK(B_ > 0, "DiT backward: no forward to differentiate");
   const int B = B_, D = cfg_.hidden, T = cfg_.tokens();
   const int64_t N = int64_t(B) * T, M = cfg_.mod_width();
   dit_patchify_out(host_tokens_.data(), dout, B, cfg_);
-  be_.upload(dout_.p, host_tokens_.data(), host_tokens_.size() * 4);
+  nn::upload_act(be_, dout_, host_tokens_.data(), int64_t(host_tokens_.size()));
   AttentionParams ap;
   ap.B = B, ap.T = T, ap.NH = cfg_.heads, ap.NKV = cfg_.heads, ap.HD = D / cfg_.heads, ap.causal = false;
   ap.scale = 1.0f / std::sqrt(float(ap.HD));
@@ -411,13 +435,18 @@ void DiT::backward(const float* dout) {
     be_.modulate_backward(dln_, dm, dm.at(D), dm_, a.ln1, m.at(D), B, T, D, M);
     be_.layernorm_backward(dres_, dummy_, dummy_ + D, dln_, xs_[size_t(l)], ones_, a.mean1, a.rstd1, N, D);
   }
-  be_.linear_backward(nn::Act{}, be_.residual_operand(dres_, dop_, N * D), patches_, x_emb_, N);
+  // The patch embedding; with dx, its input gradient too (the positions and the conditioning do not depend on x).
+  be_.linear_backward(dx ? dpatches_ : nn::Act{}, be_.residual_operand(dres_, dop_, N * D), patches_, x_emb_, N);
+  if (dx) {
+    nn::download_act(be_, host_tokens_.data(), dpatches_, N * cfg_.patch_dim());
+    dit_unpatchify_in(dx, host_tokens_.data(), B, cfg_);
+  }
 
   // Conditioning: back through the one adaLN product, SiLU, the noise MLP and the class table.
   be_.linear_backward(dsc_, dmod_, sc_, ada_, B);
   be_.activation_backward(dc_, cact_, dsc_, int64_t(B) * D, Activation::Silu);
   be_.linear_backward(dt1s_, dc_, t1s_, t2_, B);
-  be_.embedding_backward(dytable_, nullptr, dc_.f32(), labels_, zpos_, B, D);
+  be_.embedding_backward(dytable_, nullptr, nn::act_as_f32(be_, dcf_, dc_, int64_t(B) * D), labels_, zpos_, B, D);
   be_.activation_backward(dt1_, t1a_, dt1s_, int64_t(B) * D, Activation::Silu);
   be_.linear_backward(nn::Act{}, dt1_, tfreq_, t1_, B);
 }

@@ -55,14 +55,15 @@ ParamTable dit_param_table(const DiTConfig& cfg);
 void dit_patchify(float* tokens, const float* images, int B, const DiTConfig& cfg);      // [B,C,H,W] -> [B,T,C·p·p]
 void dit_unpatchify(float* images, const float* tokens, int B, const DiTConfig& cfg);    // [B,T,p·p·C] -> [B,C,H,W]
 void dit_patchify_out(float* tokens, const float* images, int B, const DiTConfig& cfg);  // inverse of unpatchify
+void dit_unpatchify_in(float* images, const float* tokens, int B, const DiTConfig& cfg);  // inverse of patchify
 // The fixed positions [T, D] and the noise-level frequencies [B, freq_dim].
 std::vector<float> dit_pos_embed(const DiTConfig& cfg);
 void dit_timestep_embedding(float* out, const float* t, int B, int dim);
 
 class DiT {
  public:
-  // be: the backend the model runs on (CPU for now: fp32 activations; with a lowp backend the matrix products
-  // read a 16-bit copy of the weights, fp32 master weights and gradients).
+  // be: the backend the model runs on: the CPU (fp32 activations; with a lowp backend the matrix products read a
+  // 16-bit copy of the weights) or the GPU (bf16 activations and products); fp32 master weights and gradients.
   DiT(const DiTConfig& cfg, nn::Backend& be, bool with_grads = true);
   ~DiT();
   DiT(const DiT&) = delete;
@@ -88,8 +89,9 @@ class DiT {
   // out = D(x; c_noise, y) before any preconditioning: x [B, C, H, W], c_noise [B], labels [B] in [0, classes]
   // (classes: the null class), out [B, C, H, W]; all host arrays. Keeps what backward() needs.
   void forward(float* out, const float* x, const float* c_noise, const int32_t* labels, int B);
-  // Accumulates the parameter gradients of <out, dout> for the last forward; dout [B, C, H, W] on the host.
-  void backward(const float* dout);
+  // Accumulates the parameter gradients of <out, dout> for the last forward; dout [B, C, H, W] on the host. With
+  // dx (host, [B, C, H, W]) also writes the input gradient (∂out/∂x)ᵀ·dout: the vector-Jacobian product.
+  void backward(const float* dout, float* dx = nullptr);
 
  private:
   struct BlockActs {
@@ -120,13 +122,13 @@ class DiT {
   int planned_ = 0, B_ = 0;
   nn::Act patches_, tfreq_, t1a_, t1s_, cact_, sc_, mod_, lnf_, mf_, out_;
   float *pos_ = nullptr, *zeros_ = nullptr, *ones_ = nullptr, *zerosD_ = nullptr, *dummy_ = nullptr;
-  float *yemb_ = nullptr, *c_ = nullptr, *meanf_ = nullptr, *rstdf_ = nullptr;
+  float *yemb_ = nullptr, *c_ = nullptr, *meanf_ = nullptr, *rstdf_ = nullptr, *dcf_ = nullptr;
   int32_t *labels_ = nullptr, *zpos_ = nullptr;
   std::vector<float*> xs_;  // depth + 1 residual streams
   std::vector<BlockActs> acts_;
   // Backward scratch.
   float* dres_ = nullptr;
-  nn::Act dop_, du_, dm_, dln_, dmod_, dsc_, dc_, dt1s_, dt1_, dout_;
+  nn::Act dop_, du_, dm_, dln_, dmod_, dsc_, dc_, dt1s_, dt1_, dout_, dpatches_;
   nn::AttentionScratch as_;
   nn::FFNScratch fs_;
   std::vector<float> host_tokens_;

@@ -9,6 +9,7 @@
 
 #include "core/error.h"
 #include "core/file_io.h"
+#include "core/gpu.h"
 #include "models/dit.h"
 #include "models/realnvp.h"
 #include "models/realnvp_image.h"
@@ -32,6 +33,7 @@ void ImageModel::unsupported(ImageTask t) const {
 }
 void ImageModel::denoise(float*, const float*, const float*, const int32_t*, int) { unsupported(ImageTask::Denoise); }
 void ImageModel::denoise_backward(const float*) { unsupported(ImageTask::Denoise); }
+void ImageModel::denoise_vjp(float*, const float*) { unsupported(ImageTask::Denoise); }
 double ImageModel::loss_forward(const float*, const int32_t*, int, bool) { unsupported(ImageTask::Classify); }
 void ImageModel::loss_backward() { unsupported(ImageTask::Classify); }
 void ImageModel::predict(float*, float*, const float*, int) { unsupported(ImageTask::Classify); }
@@ -55,9 +57,12 @@ void ImageModel::ema_update(float d) {
 
 namespace {
 
+// The DiT and the ViT run on either backend (the GPU's: bf16 activations and products, fp32 master weights).
 std::unique_ptr<nn::Backend> backend_for(const ImageModelOptions& opt, const char* family) {
-  KILN_CHECK(!opt.cuda, "a ", family, " model runs on the CPU for now (--device cpu)");
-  return nn::make_cpu_backend(opt.lowp);
+  if (!opt.cuda) return nn::make_cpu_backend(opt.lowp);
+  KILN_CHECK(gpu::initialized(), "--device cuda: the GPU is not initialised (a ", family, " model)");
+  KILN_CHECK(!opt.lowp || *opt.lowp == LowpType::BF16, "--device cuda: image models run in bf16");
+  return nn::make_cuda_backend();
 }
 
 // The DiT as a denoise model.
@@ -77,6 +82,7 @@ class DiTImage final : public HostImageModel<DiT> {
     m_.forward(out, x, c_noise, labels, B);
   }
   void denoise_backward(const float* dout) override { m_.backward(dout); }
+  void denoise_vjp(float* dx, const float* dout) override { m_.backward(dout, dx); }
 };
 
 // The ViT as a classify model.

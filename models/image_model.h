@@ -27,7 +27,7 @@ enum class ImageTask { Denoise, Classify, Density };
 const char* image_task_name(ImageTask t);
 
 struct ImageModelOptions {
-  bool cuda = false;             // the GPU backend (else the CPU)
+  bool cuda = false;             // the GPU backend (gpu::init first; bf16 activations and products), else the CPU
   std::optional<LowpType> lowp;  // 16-bit matrix products (mixed precision), fp32 when unset
   bool with_grads = true;
   float label_smoothing = 0;     // classify models: ε of the training loss's smoothed targets
@@ -68,6 +68,10 @@ class ImageModel {
   // the null class); host arrays. denoise_backward accumulates the gradients of <out, dout> for the last forward.
   virtual void denoise(float* out, const float* x, const float* c_noise, const int32_t* labels, int B);
   virtual void denoise_backward(const float* dout);
+  // Denoise: dx = (∂out/∂x)ᵀ·dout [B, C, H, W] for the last denoise forward, by one backward pass (the
+  // likelihood's exact Jacobian products); needs a model made with gradients, whose parameter gradients
+  // accumulate as in denoise_backward (zero_grad() before training on).
+  virtual void denoise_vjp(float* dx, const float* dout);
 
   // Loss models: the mean training loss over B images (classify: cross-entropy, labels required; density: the
   // negative log-likelihood in the family's unit). With train, loss_backward() accumulates its gradients.
@@ -78,6 +82,11 @@ class ImageModel {
   virtual int feature_dim() const { return 0; }
   // Density: images [B, C, H, W] from latents z [B, C, H, W] (labels may be null).
   virtual void generate(float* images, const float* z, const int32_t* labels, int B);
+
+  // A generator the model itself draws from while training (a flow's dequantisation noise), saved with a
+  // checkpoint so that a resumed run draws what the uninterrupted one would: false when the model has none.
+  virtual bool training_rng(uint64_t& seed, uint64_t& position) const { return false; }
+  virtual void set_training_rng(uint64_t seed, uint64_t position) {}
 
   // The EMA copy of the parameters (host, ParamTable layout): ema_reset() copies the current weights,
   // ema_update(d) blends ema = d·ema + (1 − d)·params.
@@ -94,29 +103,41 @@ class ImageModel {
 
 // What the families' adapters share: a network Net on a backend of its own, whose config has to_json(),
 // image_size, channels and classes, and which holds its parameters (params(), grads(), params16() or nullptr)
-// in table() layout, host-resident. An adapter derives from it and adds type(), provides(), plan() and its tasks.
+// in table() layout on that backend. On the CPU the host copy is the parameters themselves; on a device backend
+// it is a mirror: sync_to_host() downloads the device's values into it, params_changed() uploads it (and the
+// network refreshes its 16-bit copy). An adapter derives from it and adds type(), provides(), plan() and its tasks.
 template <class Net>
 class HostImageModel : public ImageModel {
  public:
   template <class Config>
   HostImageModel(std::unique_ptr<nn::Backend> be, const Config& c, bool with_grads)
-      : be_(std::move(be)), m_(c, *be_, with_grads) {}
+      : be_(std::move(be)), m_(c, *be_, with_grads) {
+    if (!be_->on_host()) host_.assign(m_.table().total, 0.0f);
+  }
   std::string config_json() const override { return m_.config().to_json(); }
   ImageGeometry geometry() const override {
     const auto& c = m_.config();
     return {c.image_size, c.channels, c.classes};
   }
   const ParamTable& table() const override { return m_.table(); }
-  float* host_params() override { return m_.params(); }
-  void params_changed() override { m_.params_changed(); }
-  void sync_to_host() override {}
+  float* host_params() override { return be_->on_host() ? m_.params() : host_.data(); }
+  void params_changed() override {
+    if (!be_->on_host()) be_->upload(m_.params(), host_.data(), host_.size() * 4);
+    m_.params_changed();
+  }
+  void sync_to_host() override {
+    if (!be_->on_host()) be_->download(host_.data(), m_.params(), host_.size() * 4);
+  }
   ParamBlocks blocks() override {
     ParamBlocks b;
     b.params = m_.params(), b.grads = m_.grads(), b.params16 = m_.params16(), b.n = m_.table().total;
     b.backend = be_.get();
     return b;
   }
-  void init_random(uint64_t seed) override { m_.init_random(seed); }
+  void init_random(uint64_t seed) override {
+    m_.init_random(seed);
+    sync_to_host();
+  }
   void zero_grad() override { m_.zero_grad(); }
   int planned() const override { return planned_; }
 
@@ -124,6 +145,7 @@ class HostImageModel : public ImageModel {
   std::unique_ptr<nn::Backend> be_;
   Net m_;
   int planned_ = 0;
+  std::vector<float> host_;  // the host mirror of a device backend's parameters (empty on the CPU)
 };
 
 // Builds the model a config.json describes (model_type: dit, vit, or a family added to the table in

@@ -239,19 +239,23 @@ struct BatchRow {
   int past = 0;                     // positions already in the sequence's blocks
   const int32_t* blocks = nullptr;  // the sequence's block ids, covering positions [0, past + n)
   int n_blocks = 0;
+  bool all_logits = false;          // the logits of every new token, not only the last (speculative checks)
 };
 
 class BatchDecoder {
  public:
   virtual ~BatchDecoder() = default;
-  // The logits [rows, V] of each row's last new token, in the order of `rows` (host memory, valid until the
-  // next call). Throws kiln::Error for a token out of range, a block id outside the pool, or too few blocks.
+  // The logits of each row's last new token (or of its n new tokens with all_logits), [V] each, in the order of
+  // `rows`, rows one after another (host memory, valid until the next call). Throws kiln::Error for a token out of range, a block id outside the pool, or too few blocks.
   virtual const float* forward(const std::vector<BatchRow>& rows) = 0;
   virtual int block_size() const = 0;
   virtual int num_blocks() const = 0;
   virtual int max_positions() const = 0;  // per sequence
   virtual const ModelConfig& config() const = 0;
   virtual size_t cache_bytes() const = 0;
+  // With BatchDecoderOptions::keep_hidden (host backends): the final norm's output [C] behind each logits row of
+  // the last forward(), in the same layout (Medusa heads read it). Throws kiln::Error otherwise.
+  virtual const float* hidden() const;
 };
 
 struct BatchDecoderOptions {
@@ -262,6 +266,7 @@ struct BatchDecoderOptions {
   // CPU: the matrices' format for the products (kernels/narrow_gemv.h), as DecoderOptions::weights. A step of up
   // to kNarrowDirectRows sequences reads the format directly, each row as a single-sequence step computes it.
   WeightFormat weights = WeightFormat::F32;
+  bool keep_hidden = false;  // keep the final norm's output of every logits row (BatchDecoder::hidden)
 };
 
 // Over a host parameter block in cfg's ParamTable layout (read in place on the CPU, copied to a device).

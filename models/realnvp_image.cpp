@@ -1,7 +1,7 @@
 // The RealNVP flow (models/realnvp.h) as a density model of models/image_model.h: its loss is bits per dimension
 // of uniformly dequantised 8-bit images (infer/likelihood.h states the bound):
 //   x = v + (u − ½)/127.5, u ~ U(0, 1) per value,   loss = −mean_b log p(x_b)/(P·ln 2) + log₂ 127.5.
-// Training draws u from the model's generator (seeded by init_random; a resumed run draws a fresh stream);
+// Training draws u from the model's generator (seeded by init_random; checkpoints carry its position);
 // evaluation (train false) from a fixed seed, so a test set's bits/dim does not depend on what ran before. The
 // first training batch initialises the actnorms (data-dependent init), unless the loaded weights say it ran.
 #include "models/realnvp_image.h"
@@ -41,6 +41,11 @@ class RealNVPImage final : public ImageModel {
     rng_ = Rng(seed ^ 0x9e3779b97f4a7c15ull);
   }
   void zero_grad() override { m_.zero_grad(); }
+  bool training_rng(uint64_t& seed, uint64_t& position) const override {
+    seed = rng_.seed(), position = rng_.position();
+    return true;
+  }
+  void set_training_rng(uint64_t seed, uint64_t position) override { rng_ = Rng(seed, position); }
   size_t plan(int B, RecomputePolicy) override {
     KILN_CHECK(B > 0, "realnvp plan: batch ", B, " must be positive");
     planned_ = B;

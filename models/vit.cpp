@@ -9,6 +9,7 @@
 #include "core/error.h"
 #include "core/rng.h"
 #include "models/image_config.h"
+#include "nn/act_io.h"
 
 namespace kiln {
 
@@ -61,7 +62,9 @@ ParamTable vit_param_table(const ViTConfig& c) {
 
 ViT::ViT(const ViTConfig& cfg, nn::Backend& be, bool with_grads)
     : cfg_(cfg), be_(be), table_(vit_param_table(cfg)), with_grads_(with_grads) {
-  KILN_CHECK(be.act_dtype() == DType::F32, "ViT: the ", be.name(), " backend's activations are not fp32");
+  // The GPU attention kernels take head dims 64 and 128 (the default ViT's 24 runs on the CPU only).
+  KILN_CHECK(be.on_host() || cuda_attention_dims(cfg.hidden / cfg.heads, cfg.hidden / cfg.heads), "ViT config: hidden ",
+             cfg.hidden, " / heads ", cfg.heads, " = head dim ", cfg.hidden / cfg.heads, ": --device cuda takes 64 or 128");
   params_ = nn::DeviceBlock(be, table_.total * 4, "ViT parameters");
   be.memset(params_.data(), 0, table_.total * 4);
   if (with_grads) {
@@ -148,7 +151,7 @@ void ViT::carve(nn::Workspace& ws, int B) {
   pooled_ = ws.act(B * D), logits_ = ws.act(int64_t(B) * cfg_.classes);
   losses_ = ws.f32(B), targets_ = ws.i32(B);
   if (with_grads_) {
-    dpooled_ = ws.act(B * D), dlnf_ = ws.act(N * D), dres_ = ws.f32(N * D);
+    dpooled_ = ws.act(B * D), dlnf_ = ws.act(N * D), dres_ = ws.f32(N * D), dop_ = ws.act(N * D);
     if (cfg_.depth > 0) scratch_.allocate(ws, N, blocks_[0].shape);
   }
 }
@@ -165,6 +168,15 @@ size_t ViT::plan(int B) {
   std::vector<float> tiled(size_t(B) * T * D);
   for (int b = 0; b < B; b++) std::memcpy(tiled.data() + b * T * D, pe.data(), pe.size() * 4);
   be_.upload(pos_, tiled.data(), tiled.size() * 4);
+  // The device scratch of the norm and attention backwards (nothing on the CPU).
+  nn::OpScratch ops;
+  ops.rows = int64_t(B) * T, ops.C = int(D);
+  ops.decode.B = 0;  // no KV-cache decoding
+  if (with_grads_ && cfg_.depth > 0) {
+    ops.attention.B = B, ops.attention.T = int(T), ops.attention.NH = cfg_.heads, ops.attention.NKV = cfg_.heads;
+    ops.attention.HD = int(D) / cfg_.heads, ops.attention.causal = false;
+  }
+  be_.reserve_scratch(ops);
   return ws_.capacity();
 }
 
@@ -175,7 +187,7 @@ double ViT::forward(float* logits, float* features, const float* images, const i
   const int64_t N = int64_t(B) * T;
   host_.resize(size_t(N) * cfg_.layout().patch_dim());
   dit_patchify(host_.data(), images, B, cfg_.layout());
-  be_.upload(patches_.p, host_.data(), host_.size() * 4);
+  nn::upload_act(be_, patches_, host_.data(), int64_t(host_.size()));
   be_.linear_residual(xs_[0], pos_, patches_, patch_, N);
   AttentionParams ap;
   ap.B = B, ap.T = T, ap.NH = cfg_.heads, ap.NKV = cfg_.heads, ap.HD = D / cfg_.heads, ap.causal = false;
@@ -185,14 +197,14 @@ double ViT::forward(float* logits, float* features, const float* images, const i
   norm_.forward(be_, lnf_, meanf_, rstdf_, xs_.back(), N);
   // Mean over each image's tokens (on the host: B·T·D values).
   std::vector<float> ln(size_t(N) * D), pooled(size_t(B) * D, 0.0f);
-  be_.download(ln.data(), lnf_.p, ln.size() * 4);
+  nn::download_act(be_, ln.data(), lnf_, int64_t(ln.size()));
   for (int b = 0; b < B; b++)
     for (int t = 0; t < T; t++)
       for (int c = 0; c < D; c++) pooled[size_t(b) * D + c] += ln[(size_t(b) * T + t) * D + c] / float(T);
-  be_.upload(pooled_.p, pooled.data(), pooled.size() * 4);
+  nn::upload_act(be_, pooled_, pooled.data(), int64_t(pooled.size()));
   if (features) std::memcpy(features, pooled.data(), pooled.size() * 4);
   be_.linear_forward(logits_, pooled_, head_, B);
-  be_.download(logits, logits_.p, size_t(B) * K * 4);
+  nn::download_act(be_, logits, logits_, int64_t(B) * K);
   if (!labels) return 0;
   for (int b = 0; b < B; b++)
     KILN_CHECK(labels[b] >= 0 && labels[b] < K, "ViT: label ", labels[b], " of image ", b, " out of range");
@@ -212,7 +224,7 @@ double ViT::forward(float* logits, float* features, const float* images, const i
         g[size_t(b) * K + k] = float((std::exp(double(l[k]) - lz) - t) / B);
       }
     }
-    if (with_grads_) be_.upload(logits_.p, g.data(), g.size() * 4);
+    if (with_grads_) nn::upload_act(be_, logits_, g.data(), int64_t(g.size()));
     return s / B;
   }
   be_.upload(targets_, labels, size_t(B) * 4);
@@ -231,11 +243,11 @@ void ViT::backward() {
   const int64_t N = int64_t(B) * T;
   be_.linear_backward(dpooled_, logits_, pooled_, head_, B);
   std::vector<float> dp(size_t(B) * D), dl(size_t(N) * D);
-  be_.download(dp.data(), dpooled_.p, dp.size() * 4);
+  nn::download_act(be_, dp.data(), dpooled_, int64_t(dp.size()));
   for (int b = 0; b < B; b++)
     for (int t = 0; t < T; t++)
       for (int c = 0; c < D; c++) dl[(size_t(b) * T + t) * D + c] = dp[size_t(b) * D + c] / float(T);
-  be_.upload(dlnf_.p, dl.data(), dl.size() * 4);
+  nn::upload_act(be_, dlnf_, dl.data(), int64_t(dl.size()));
   be_.memset(dres_, 0, size_t(N) * D * 4);
   norm_.backward(be_, dres_, dlnf_, xs_.back(), meanf_, rstdf_, N);
   AttentionParams ap;
@@ -243,7 +255,7 @@ void ViT::backward() {
   ap.scale = 1.0f / std::sqrt(float(ap.HD));
   for (int l = cfg_.depth - 1; l >= 0; l--)
     blocks_[size_t(l)].backward(be_, dres_, xs_[size_t(l)], acts_[size_t(l)], scratch_, nullptr, ap, N);
-  be_.linear_backward(nn::Act{}, be_.residual_operand(dres_, nn::Act{}, N * D), patches_, patch_, N);
+  be_.linear_backward(nn::Act{}, be_.residual_operand(dres_, dop_, N * D), patches_, patch_, N);
 }
 
 }  // namespace kiln

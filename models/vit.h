@@ -2,7 +2,7 @@
 // attention, GELU MLP), used to judge generated images:
 //   patchify (as the DiT, models/dit.h) -> linear to D + fixed 2-D sin-cos positions -> depth blocks ->
 //   LayerNorm -> mean over tokens (the features) -> linear head -> softmax cross-entropy.
-// Forward and backward sit side by side in vit.cpp. CPU backend (fp32 activations).
+// Forward and backward sit side by side in vit.cpp. On the CPU (fp32 activations) or the GPU backend (bf16).
 #pragma once
 #include <cstdint>
 #include <string>
@@ -62,7 +62,7 @@ class ViT {
   std::vector<nn::Block> blocks_;
   nn::Workspace ws_;
   int planned_ = 0, B_ = 0;
-  nn::Act patches_, lnf_, pooled_, logits_, dpooled_, dlnf_;
+  nn::Act patches_, lnf_, pooled_, logits_, dpooled_, dlnf_, dop_;
   float *pos_ = nullptr, *meanf_ = nullptr, *rstdf_ = nullptr, *losses_ = nullptr, *dres_ = nullptr;
   int32_t* targets_ = nullptr;
   std::vector<float*> xs_;

@@ -7,6 +7,7 @@
 
 #include "core/error.h"
 #include "infer/sampler.h"
+#include "infer/speculative.h"
 #include "serve/request.h"
 #include "serve/stop_text.h"
 
@@ -70,7 +71,15 @@ struct Engine::Seq {
   std::unordered_map<int32_t, int> counts;  // generated tokens (the penalties)
   bool published = false, done = false;
   Clock::time_point last;
-  Seq(const SamplingParams& sp, std::vector<std::string> stop) : sampler(sp), text(std::move(stop)) {}
+  // Speculative decoding: the draft's cache holds tokens[0, dcached); this step's k proposals, the draft's
+  // distribution at each, and what the target checks ([last token, proposals]). rng: the acceptance draws.
+  int dcached = 0, k = 0, n = 0;  // n: this step's new target positions
+  std::vector<int32_t> drafts, feed, produced;
+  std::vector<std::vector<double>> qs;
+  std::vector<float> hid;  // Medusa: the hidden state behind the newest token
+  Rng rng;
+  Seq(const SamplingParams& sp, std::vector<std::string> stop)
+      : sampler(sp), text(std::move(stop)), rng(sp.seed ^ 0x5bd1e995ull) {}
 };
 
 Engine::Engine(BatchDecoder& dec, const Tokenizer& tok, const EngineOptions& opt, Metrics& metrics)
@@ -78,6 +87,25 @@ Engine::Engine(BatchDecoder& dec, const Tokenizer& tok, const EngineOptions& opt
       pool_(dec.num_blocks(), dec.block_size(), opt.prefix_cache) {
   if (opt_.sample_vocab <= 0 || opt_.sample_vocab > dec.config().vocab_size) opt_.sample_vocab = dec.config().vocab_size;
   metrics_.kv_total_blocks = pool_.num_blocks();
+  if (BatchDecoder* d = opt_.draft) {
+    KILN_CHECK(d->block_size() == dec.block_size() && d->num_blocks() == dec.num_blocks(),
+               "--draft-model: its KV pool (", d->num_blocks(), " blocks of ", d->block_size(),
+               ") differs from the target's (", dec.num_blocks(), " of ", dec.block_size(), ")");
+    KILN_CHECK(d->max_positions() >= dec.max_positions(), "--draft-model: its context of ", d->max_positions(),
+               " positions is shorter than the served context of ", dec.max_positions());
+    KILN_CHECK(d->config().vocab_size >= opt_.sample_vocab, "--draft-model: its vocabulary has ",
+               d->config().vocab_size, " tokens, fewer than the ", opt_.sample_vocab, " the server samples from");
+    KILN_CHECK(opt_.draft_tokens >= 1 && opt_.draft_tokens <= kMaxDraftTokens, "--draft-tokens must be in [1, ",
+               kMaxDraftTokens, "], got ", opt_.draft_tokens);
+  }
+  if (const nn::MedusaHeads* h = opt_.medusa) {
+    KILN_CHECK(!opt_.draft, "give at most one of --medusa and --draft-model");
+    KILN_CHECK(h->shape.C == dec.config().d_model && h->shape.V == dec.config().vocab_size,
+               "--medusa: the heads' shape (C ", h->shape.C, ", V ", h->shape.V, ") does not match the model's");
+    KILN_CHECK(opt_.draft_tokens >= 1 && opt_.draft_tokens <= h->shape.K, "--medusa-tokens must be in [1, ",
+               h->shape.K, "] (the heads), got ", opt_.draft_tokens);
+    dec.hidden();  // throws unless the decoder keeps hidden states
+  }
 }
 
 Engine::~Engine() { stop(); }
@@ -152,6 +180,7 @@ void Engine::admit() {
       s->prompt_len = int(s->tokens.size());
       s->max_new = job->max_new()[size_t(i)];
       ok = pool_.acquire(s->tokens, s->prompt_len + s->max_new, s->blocks, s->cached);
+      s->dcached = s->cached;  // shared prompt blocks hold the draft's keys too
       if (ok) seqs.push_back(std::move(s));
     }
     if (!ok) {
@@ -176,21 +205,30 @@ void Engine::finish(Seq& s, const std::string& reason) {
   (void)reason;
 }
 
+const float* Engine::penalised(const Seq& s, const float* logits) {
+  const JobParams& p = s.job->params();
+  if (p.presence_penalty == 0 && p.frequency_penalty == 0) return logits;
+  const int V = opt_.sample_vocab;
+  thread_local std::vector<float> adj;
+  adj.assign(logits, logits + V);
+  for (const auto& [t, c] : s.counts)
+    if (t < V) adj[size_t(t)] -= p.frequency_penalty * float(c) + p.presence_penalty;
+  return adj.data();
+}
+
 void Engine::sample(Seq& s, const float* logits) {
+  logits = penalised(s, logits);
+  const int32_t t = s.sampler.sample(logits, opt_.sample_vocab);
+  emit(s, t, logits);
+}
+
+void Engine::emit(Seq& s, int32_t t, const float* logits) {
   if (!s.published) {  // the prompt's KV is complete: its full blocks may serve later prompts
     pool_.publish(std::vector<int32_t>(s.tokens.begin(), s.tokens.begin() + s.prompt_len), s.blocks);
     s.published = true;
   }
   const int V = opt_.sample_vocab;
   const JobParams& p = s.job->params();
-  thread_local std::vector<float> adj;
-  if (p.presence_penalty != 0 || p.frequency_penalty != 0) {
-    adj.assign(logits, logits + V);
-    for (const auto& [t, c] : s.counts)
-      if (t < V) adj[size_t(t)] -= p.frequency_penalty * float(c) + p.presence_penalty;
-    logits = adj.data();
-  }
-  const int32_t t = s.sampler.sample(logits, V);
   ChoiceEvent e;
   e.index = s.index;
   if (p.logprobs) {
@@ -242,38 +280,174 @@ void Engine::sample(Seq& s, const float* logits) {
   if (last) finish(s, "done");
 }
 
+// The draft's side of a step: the prompt chunks the target reads this step (so both caches hold every prompt,
+// and a published prompt block holds both models' keys), then k proposals for each drafting sequence, one
+// batched forward per proposal: the first takes in the committed tokens the draft has not seen (the newest, or
+// two when every proposal of the last round passed), the others one proposal each.
+void Engine::propose(const std::vector<Seq*>& prefill, const std::vector<Seq*>& drafting) {
+  BatchDecoder& d = *opt_.draft;
+  const int DV = d.config().vocab_size, V = opt_.sample_vocab;
+  int kmax = 0;
+  for (Seq* s : drafting) {
+    kmax = std::max(kmax, s->k);
+    s->drafts.clear();
+    if (int(s->qs.size()) < s->k) s->qs.resize(size_t(s->k));
+  }
+  std::vector<BatchRow> rows;
+  std::vector<Seq*> who;
+  for (int i = 0; i < std::max(kmax, prefill.empty() ? 0 : 1); i++) {
+    rows.clear();
+    who.clear();
+    auto add = [&](Seq* s, const int32_t* t, int n, int past) {
+      BatchRow r;
+      r.tokens = t;
+      r.n = n;
+      r.past = past;
+      r.blocks = s->blocks.data();
+      r.n_blocks = int(s->blocks.size());
+      rows.push_back(r);
+      who.push_back(s);
+    };
+    if (i == 0)
+      for (Seq* s : prefill) {
+        add(s, s->tokens.data() + s->dcached, s->n, s->dcached);
+        s->dcached += s->n;
+      }
+    const size_t first_proposal = rows.size();
+    for (Seq* s : drafting) {
+      if (s->k <= i) continue;
+      const int T = int(s->tokens.size());
+      if (i == 0)
+        add(s, s->tokens.data() + s->dcached, T - s->dcached, s->dcached);
+      else
+        add(s, &s->drafts[size_t(i - 1)], 1, T + i - 1);
+    }
+    if (rows.empty()) continue;
+    const float* logits = d.forward(rows);
+    for (size_t r = first_proposal; r < rows.size(); r++) {
+      Seq& s = *who[r];
+      std::vector<double>& q = s.qs[size_t(i)];
+      dense_distribution(s.sampler, logits + r * size_t(DV), V, q);
+      s.drafts.push_back(sample_dense(q, s.rng));
+    }
+  }
+}
+
+void Engine::propose_medusa(const std::vector<Seq*>& drafting) {
+  const nn::MedusaHeads& h = *opt_.medusa;
+  const int C = h.shape.C, HV = h.shape.V, V = opt_.sample_vocab;
+  thread_local std::vector<float> in, out, u, z;
+  std::vector<Seq*> who;
+  for (Seq* s : drafting) s->drafts.clear();
+  for (int j = 0; j < opt_.draft_tokens; j++) {
+    who.clear();
+    for (Seq* s : drafting)
+      if (s->k > j) who.push_back(s);
+    if (who.empty()) break;
+    const int64_t n = int64_t(who.size());
+    in.resize(size_t(n) * C);
+    out.resize(size_t(n) * HV);
+    u.resize(size_t(n) * C);
+    z.resize(size_t(n) * C);
+    for (int64_t b = 0; b < n; b++) std::copy(who[size_t(b)]->hid.begin(), who[size_t(b)]->hid.end(), in.begin() + b * C);
+    h.forward_head(j, in.data(), n, out.data(), u.data(), z.data());
+    for (int64_t b = 0; b < n; b++) {
+      Seq& s = *who[size_t(b)];
+      const float* lg = out.data() + b * HV;
+      int32_t best = 0;  // the arg max, the lowest id among equal maxima (the sampler's rule)
+      for (int32_t i = 1; i < V; i++)
+        if (lg[i] > lg[best]) best = i;
+      s.drafts.push_back(best);
+      if (int(s.qs.size()) <= j) s.qs.resize(size_t(j) + 1);
+      s.qs[size_t(j)].assign(size_t(V), 0.0);  // a deterministic proposal: q is one-hot
+      s.qs[size_t(j)][size_t(best)] = 1.0;
+    }
+  }
+}
+
 void Engine::step() {
   for (auto& s : running_)
     if (s->job->cancelled()) finish(*s, "cancelled");
   std::erase_if(running_, [](const std::unique_ptr<Seq>& s) { return s->done; });
   if (running_.empty()) return;
-  std::vector<BatchRow> rows;
-  std::vector<Seq*> who;
+  std::vector<Seq*> who, prefill, drafting;
   int budget = opt_.prefill_chunk;
   for (auto& s : running_) {
     const int avail = int(s->tokens.size()) - s->cached;
-    int n = 1;
+    s->k = 0;
     if (avail > 1) {  // prompt positions: within the step's prefill budget
-      n = std::min(avail, budget);
-      if (n <= 0) continue;
-      budget -= n;
+      s->n = std::min(avail, budget);
+      if (s->n <= 0) continue;
+      budget -= s->n;
+      prefill.push_back(s.get());
+    } else {
+      s->n = 1;
+      const JobParams& p = s->job->params();
+      // Proposals: at most K, and no more than max_tokens leaves room to produce after them (which also keeps
+      // every position checked inside the sequence's blocks and the context).
+      if ((opt_.draft || opt_.medusa) && p.presence_penalty == 0 && p.frequency_penalty == 0)
+        s->k = std::max(0, std::min(opt_.draft_tokens, s->max_new - s->generated - 1));
+      if (opt_.medusa && s->hid.empty()) s->k = 0;  // a one-token prompt: no hidden state yet
+      if (s->k > 0) drafting.push_back(s.get());
     }
+    who.push_back(s.get());
+  }
+  if (opt_.draft) propose(prefill, drafting);
+  if (opt_.medusa) propose_medusa(drafting);
+  std::vector<BatchRow> rows;
+  for (Seq* s : who) {
     BatchRow r;
-    r.tokens = s->tokens.data() + s->cached;
-    r.n = n;
+    if (s->k > 0) {  // the newest token and the proposals, every position's logits
+      s->feed.assign(1, s->tokens.back());
+      s->feed.insert(s->feed.end(), s->drafts.begin(), s->drafts.end());
+      r.tokens = s->feed.data();
+      r.n = s->k + 1;
+      r.all_logits = true;
+    } else {
+      r.tokens = s->tokens.data() + s->cached;
+      r.n = s->n;
+    }
     r.past = s->cached;
     r.blocks = s->blocks.data();
     r.n_blocks = int(s->blocks.size());
     rows.push_back(r);
-    who.push_back(s.get());
   }
   const float* logits = dec_.forward(rows);
   metrics_.steps++;
-  const size_t V = size_t(dec_.config().vocab_size);
+  const size_t TV = size_t(dec_.config().vocab_size);
+  size_t off = 0;
   for (size_t i = 0; i < rows.size(); i++) {
     Seq& s = *who[i];
-    s.cached += rows[i].n;
-    if (s.cached == int(s.tokens.size())) sample(s, logits + i * V);
+    const float* lg = logits + off * TV;
+    off += rows[i].all_logits ? size_t(rows[i].n) : 1;
+    const int C = dec_.config().d_model;
+    auto keep_hidden = [&](size_t row) {  // Medusa's next proposals read the state behind the newest token
+      if (!opt_.medusa) return;
+      const float* hd = dec_.hidden() + row * size_t(C);
+      s.hid.assign(hd, hd + C);
+    };
+    if (s.k == 0) {
+      s.cached += rows[i].n;
+      if (s.cached == int(s.tokens.size())) {
+        keep_hidden(off - 1);
+        sample(s, lg);
+      }
+      continue;
+    }
+    // Verify: the exact acceptance rule (infer/speculative.h), then the tokens one by one as plain decoding
+    // reports them; a finish inside the run drops the rest.
+    const int T = int(s.tokens.size());
+    const int accepted = verify_proposals(s.sampler, lg, int(TV), opt_.sample_vocab, s.qs.data(), s.drafts.data(),
+                                          s.k, s.rng, s.produced);
+    metrics_.spec_drafted += s.k;
+    metrics_.spec_accepted += accepted;
+    metrics_.spec_rounds++;
+    for (size_t j = 0; j < s.produced.size() && !s.done; j++) emit(s, s.produced[j], lg + j * TV);
+    keep_hidden(off - size_t(rows[i].n) + size_t(accepted));
+    // Roll back past the rejection: the target keeps the newest token and the accepted proposals; the draft
+    // took in proposals 0 .. k-2 after the committed tokens, so it keeps as many of them as were accepted.
+    s.cached = T + accepted;
+    s.dcached = T + std::min(accepted, s.k - 1);
   }
   std::erase_if(running_, [](const std::unique_ptr<Seq>& s) { return s->done; });
 }

@@ -8,6 +8,23 @@
 // through their stop strings (serve/stop_text.h), and leave the batch as soon as they finish or their client
 // goes away, their blocks returning to the pool at once.
 //
+// Speculative decoding (EngineOptions::draft, Leviathan et al.): a draft model with its own paged cache over the
+// same block ids (a second pool of the same shape, so a sequence's block table serves both and a shared prompt
+// block holds both models' keys). Each step the draft proposes up to draft_tokens tokens for every decoding
+// sequence, one batched draft forward per proposal; the target then checks every sequence's last token and
+// proposals in one batched forward (all their logits), and each sequence keeps what infer/speculative.h's exact
+// rule accepts, plus the target's resampled or bonus token. Emission is token by token as without drafting
+// (stop strings, end of text and max_tokens cut the run where plain decoding would stop). Rolling back is only
+// moving a sequence's cached lengths: every block it can need (prompt + max_tokens) is its own from admission,
+// and proposals never reach past that, so a rollback neither frees nor takes blocks. Sequences with presence or
+// frequency penalties decode without drafting (their distribution would change with each accepted token).
+//
+// Medusa heads (EngineOptions::medusa) draft instead of a model: the chain of heads 1..K's most likely tokens from
+// the hidden state behind the sequence's newest token, batched across sequences per head. Tree candidates
+// would need tree attention through the paged cache; a chain is a single path, so the target checks it like a
+// draft model's proposals, with the same exact rule: the proposal distribution is one-hot (the draft is
+// deterministic), so greedy output is plain greedy output and samples follow the target's distribution.
+//
 // Determinism: greedy decoding depends only on the logits, which are the same alone or batched up to the
 // floating-point order of the batched matrix products (the CPU's fp32 GEMM and the single-row product may
 // differ in the last bits; no test prompt here meets a near-tie). A seeded sample draws from choice i's own
@@ -27,6 +44,7 @@
 #include <vector>
 
 #include "models/model.h"
+#include "nn/medusa.h"
 #include "serve/kv_blocks.h"
 #include "serve/metrics.h"
 #include "tokenizer/bpe.h"
@@ -92,6 +110,8 @@ class Job {
   std::string error_;
 };
 
+inline constexpr int kMaxDraftTokens = 15;  // K + 1 positions fit the GPU decode attention's 16 queries
+
 struct EngineOptions {
   int parallel = 16;         // sequences in the batch at once
   int max_queue = 64;        // requests waiting beyond which submit() refuses (503)
@@ -99,6 +119,13 @@ struct EngineOptions {
   bool prefix_cache = true;
   int sample_vocab = 0;      // sample among ids [0, sample_vocab) (the tokenizer's); 0: the model's
   std::optional<int32_t> eot;
+  // Speculative decoding: a draft with the target's block size and pool size (the same block ids), proposing
+  // up to draft_tokens tokens a step for each sequence.
+  BatchDecoder* draft = nullptr;
+  int draft_tokens = 4;
+  // Or Medusa heads on the target's last hidden state (the decoder keeps them: BatchDecoderOptions::keep_hidden):
+  // the chain of each head's top-1 token, draft_tokens long (at most the heads), checked like a draft's.
+  const nn::MedusaHeads* medusa = nullptr;
 };
 
 class Engine {
@@ -132,6 +159,10 @@ class Engine {
   void step();
   void finish(Seq& s, const std::string& reason);
   void sample(Seq& s, const float* logits);
+  const float* penalised(const Seq& s, const float* logits);  // the logits after presence / frequency penalties
+  void emit(Seq& s, int32_t t, const float* logits);           // reports t (logits: its row, for logprobs)
+  void propose(const std::vector<Seq*>& prefill, const std::vector<Seq*>& drafting);
+  void propose_medusa(const std::vector<Seq*>& drafting);
 };
 
 }  // namespace kiln::serve

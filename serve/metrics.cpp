@@ -57,6 +57,10 @@ std::string Metrics::render() const {
   gauge("kiln_kv_cache_cached_blocks", "gauge", "Idle KV-cache blocks kept for prefix reuse", kv_cached_blocks);
   gauge("kiln_kv_cache_total_blocks", "gauge", "KV-cache blocks in the pool", kv_total_blocks);
   gauge("kiln_scheduler_steps_total", "counter", "Batched forward passes", steps);
+  gauge("kiln_spec_rounds_total", "counter", "Speculative rounds (a sequence's proposals checked by the target)",
+        spec_rounds);
+  gauge("kiln_spec_draft_tokens_total", "counter", "Tokens proposed by the draft", spec_drafted);
+  gauge("kiln_spec_accepted_tokens_total", "counter", "Proposed tokens the target accepted", spec_accepted);
   s += ttft.render("kiln_time_to_first_token_seconds", "Time from a request's arrival to its first token");
   s += itl.render("kiln_inter_token_latency_seconds", "Time between consecutive tokens of a sequence");
   return s;

@@ -29,6 +29,7 @@ struct Metrics {
   std::atomic<int64_t> prompt_tokens{0}, generation_tokens{0}, prefix_cached_tokens{0};
   std::atomic<int64_t> queued{0}, running{0}, kv_used_blocks{0}, kv_cached_blocks{0}, kv_total_blocks{0};
   std::atomic<int64_t> steps{0};
+  std::atomic<int64_t> spec_rounds{0}, spec_drafted{0}, spec_accepted{0};  // speculative decoding
   Histogram ttft{{0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30}};
   Histogram itl{{0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5}};
   void count_request(const std::string& route, int status);

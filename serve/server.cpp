@@ -233,6 +233,7 @@ Server::Server(ServerOptions opt, Metrics& metrics) : impl_(std::make_unique<Imp
     auto m = I.served();
     json d = {{"id", m->id}, {"object", "model"}, {"created", int64_t(std::time(nullptr))}, {"owned_by", "kiln"},
               {"max_model_len", m->ctx}};
+    if (!m->drafting.empty()) d["speculative"] = {{"method", m->drafting}, {"draft_tokens", m->draft_tokens}};
     res.set_content(dump(json{{"object", "list"}, {"data", json::array({d})}}), "application/json");
   });
   http.Post("/tokenize", [&I](const httplib::Request& req, httplib::Response& res) {

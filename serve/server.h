@@ -45,6 +45,8 @@ struct ServedModel {
   int ctx = 0;                // positions per sequence
   int vocab = 0;              // the model's vocabulary
   std::optional<int32_t> eot;
+  std::string drafting;       // "" or the speculative method in use ("draft_model"), shown by /v1/models
+  int draft_tokens = 0;
 };
 
 class Server {

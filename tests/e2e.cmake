@@ -53,7 +53,16 @@ add_test(NAME e2e.gpu_emu_mla_train_tracks_cpu
          COMMAND ${KILN_PY} ${CMAKE_SOURCE_DIR}/tests/e2e/gpu_mla_train_tracks_cpu.py $<TARGET_FILE:kiln>
                  $<TARGET_FILE:kiln-emu> ${CMAKE_BINARY_DIR}/e2e/gpu_emu_mla_train)
 set_tests_properties(e2e.gpu_emu_mla_train_tracks_cpu PROPERTIES LABELS e2e TIMEOUT 600)
+# The image models (DiT, ViT) through train / sample / likelihood --device cuda against the CPU.
+add_test(NAME e2e.gpu_emu_image_cli
+         COMMAND ${KILN_PY} ${CMAKE_SOURCE_DIR}/tests/e2e/gpu_image_cli.py $<TARGET_FILE:kiln>
+                 $<TARGET_FILE:kiln-emu> ${CMAKE_BINARY_DIR}/e2e/gpu_emu_image_cli)
+set_tests_properties(e2e.gpu_emu_image_cli PROPERTIES LABELS e2e TIMEOUT 600)
 if(KILN_CUDA)
+  add_test(NAME cuda.image_cli
+           COMMAND ${KILN_PY} ${CMAKE_SOURCE_DIR}/tests/e2e/gpu_image_cli.py $<TARGET_FILE:kiln>
+                   $<TARGET_FILE:kiln> ${CMAKE_BINARY_DIR}/e2e/cuda_image_cli)
+  set_tests_properties(cuda.image_cli PROPERTIES LABELS cuda TIMEOUT 600 SKIP_RETURN_CODE 77)
   add_test(NAME cuda.train_tracks_cpu
            COMMAND ${KILN_PY} ${CMAKE_SOURCE_DIR}/tests/e2e/gpu_train_tracks_cpu.py $<TARGET_FILE:kiln>
                    $<TARGET_FILE:kiln> ${CMAKE_BINARY_DIR}/e2e/cuda_train)

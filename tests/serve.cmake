@@ -19,3 +19,9 @@ if(KILN_NODE)
                    ${CMAKE_BINARY_DIR}/e2e/serve_jinja)
   set_tests_properties(e2e.serve_jinja_vs_hf PROPERTIES LABELS e2e TIMEOUT 120)
 endif()
+if(KILN_NODE)
+  add_test(NAME e2e.serve_speculative
+           COMMAND ${KILN_NODE} ${CMAKE_SOURCE_DIR}/tests/serve/speculative.mjs $<TARGET_FILE:kiln>
+                   ${CMAKE_BINARY_DIR}/e2e/serve_speculative)
+  set_tests_properties(e2e.serve_speculative PROPERTIES LABELS e2e TIMEOUT 300)
+endif()

@@ -3,13 +3,18 @@
 // and a mixture of two diagonal Gaussians (a nonlinear denoiser: the components' posteriors weighted by their
 // responsibilities). At the path's start ℓ₀ the marginal is analytic, N(x; aμ, M) (per component), so the ODE's
 // log p(x) must equal it: to integration and finite-difference error with the exact trace, and within the
-// estimator's standard error with Hutchinson's.
+// estimator's standard error with Hutchinson's; both for the finite-difference JVP (--jacobian fd) and the
+// vector-Jacobian product (--jacobian vjp; here the analytic network's Jacobian by a central difference in
+// double precision, error ~1e-10). Then a small DiT: its VJP through the backward pass against finite
+// differences of its forward, and the likelihood by either Jacobian path.
 #include <gtest/gtest.h>
 
 #include <cmath>
+#include <memory>
 
 #include "core/error.h"
 #include "infer/likelihood.h"
+#include "models/image_model.h"
 
 namespace kiln {
 namespace {
@@ -114,16 +119,47 @@ Mixture mixture() {
   return {2, {0.3, 0.7}, {{-0.6, 0.4}, {0.5, -0.2}}, {{0.2, 0, 0.05, 0.15}, {0.25, 0, -0.1, 0.2}}};
 }
 
-// The exact network of objective o for data d: F = tx·E[x₀|x] + te·E[ε|x].
+// The exact network of objective o for data d: F = tx·E[x₀|x] + te·E[ε|x], in double for one sample.
+void exact_F(const Objective& o, const Mixture& d, double level, const double* x, double* F) {
+  const Coefficients k = o.at(level);
+  std::vector<double> x0(static_cast<size_t>(d.P)), eps(static_cast<size_t>(d.P));
+  d.density(x, k.a, k.s, x0.data(), eps.data());
+  for (int i = 0; i < d.P; i++) F[i] = k.tx * x0[size_t(i)] + k.te * eps[size_t(i)];
+}
+
 DiffusionNet exact_net(const Objective& o, const Mixture& d) {
   return [&o, &d](float* F, const float* xt, double level, const int32_t*, int B) {
-    const Coefficients k = o.at(level);
     const int P = d.P;
-    std::vector<double> x(static_cast<size_t>(P)), x0(static_cast<size_t>(P)), eps(static_cast<size_t>(P));
+    std::vector<double> x(static_cast<size_t>(P)), f(static_cast<size_t>(P));
     for (int b = 0; b < B; b++) {
       for (int i = 0; i < P; i++) x[size_t(i)] = xt[b * P + i];
-      d.density(x.data(), k.a, k.s, x0.data(), eps.data());
-      for (int i = 0; i < P; i++) F[b * P + i] = float(k.tx * x0[size_t(i)] + k.te * eps[size_t(i)]);
+      exact_F(o, d, level, x.data(), f.data());
+      for (int i = 0; i < P; i++) F[b * P + i] = float(f[size_t(i)]);
+    }
+  };
+}
+
+// Its vector-Jacobian product v = zᵀ·∂F/∂x, the Jacobian's columns by central differences in double (h = 1e-6
+// times the level's scale: truncation ~1e-12, rounding ~1e-10).
+DiffusionVJP exact_vjp(const Objective& o, const Mixture& d) {
+  return [&o, &d](float* F, float* v, const float* xt, const float* z, double level, const int32_t*, int B) {
+    const int P = d.P;
+    const Coefficients k = o.at(level);
+    const double h = 1e-6 * std::sqrt(k.a * k.a + k.s * k.s);
+    std::vector<double> x(static_cast<size_t>(P)), f(static_cast<size_t>(P)), fp = f, fm = f;
+    for (int b = 0; b < B; b++) {
+      for (int i = 0; i < P; i++) x[size_t(i)] = xt[b * P + i];
+      exact_F(o, d, level, x.data(), f.data());
+      for (int i = 0; i < P; i++) F[b * P + i] = float(f[size_t(i)]), v[b * P + i] = 0;
+      for (int j = 0; j < P; j++) {  // column j of J: ∂F/∂x_j; v_j = Σ_i z_i·J_ij
+        const double xj = x[size_t(j)];
+        x[size_t(j)] = xj + h, exact_F(o, d, level, x.data(), fp.data());
+        x[size_t(j)] = xj - h, exact_F(o, d, level, x.data(), fm.data());
+        x[size_t(j)] = xj;
+        double s = 0;
+        for (int i = 0; i < P; i++) s += double(z[b * P + i]) * (fp[size_t(i)] - fm[size_t(i)]) / (2 * h);
+        v[b * P + j] = float(s);
+      }
     }
   };
 }
@@ -142,6 +178,7 @@ std::vector<double> analytic(const Objective& o, const Mixture& d, const std::ve
 double start_level(const std::string& obj) { return obj == "ve" ? 0.02 : obj == "edm" ? 0.002 : 1e-3; }
 
 TEST(Likelihood, ExactTraceMatchesAnalyticDensity) {
+  for (const char* jac : {"fd", "vjp"})
   for (const Mixture& d : {gaussian(), mixture()}) {
     for (const char* name : {"flow", "gvp", "edm", "ve"}) {
       const Objective o = Objective::make(name);
@@ -150,24 +187,27 @@ TEST(Likelihood, ExactTraceMatchesAnalyticDensity) {
       const std::vector<float> x = d.draw(B, r);
       std::vector<int32_t> labels(static_cast<size_t>(B), 0);
       LikelihoodOptions opt;
-      opt.trace = "exact", opt.steps = 48;
+      opt.trace = "exact", opt.steps = 48, opt.jacobian = jac;
       // ve/edm: the N(0, σ_max²) prior ignores the data's mean, an error of about μ·x/σ_max² ~ |μ|/σ_max nats
       // (0.02 at σ_max = 80 here); at σ_max = 5000 it is below 1e-3, and the path (ln σ from ln 0.002) is
       // 14.7 long: 96 steps (48 leave 4e-3 of RK4 error, 96 under 2e-3).
       if (std::string(name) == "ve" || std::string(name) == "edm") opt.level_max = 5000, opt.steps = 96;
       const LikelihoodResult res = log_likelihood(o, opt, exact_net(o, d), x.data(), labels.data(), B, d.P,
-                                                  rng_noise(r));
+                                                  rng_noise(r), exact_vjp(o, d));
       const std::vector<double> want = analytic(o, d, x, start_level(name));
       double worst = 0;
       for (int b = 0; b < B; b++) worst = std::max(worst, std::fabs(res.log_density[size_t(b)] - want[size_t(b)]));
-      EXPECT_LT(worst, 2e-3) << name << " P=" << d.P;
-      EXPECT_EQ(res.nfe, 4 * opt.steps * (1 + 2 * d.P)) << name;
+      EXPECT_LT(worst, 2e-3) << name << " P=" << d.P << " " << jac;
+      const bool vjp = std::string(jac) == "vjp";
+      EXPECT_EQ(res.nfe, 4 * opt.steps * (vjp ? d.P : 1 + 2 * d.P)) << name;
+      EXPECT_EQ(res.vjps, vjp ? 4 * opt.steps * d.P : 0) << name;
     }
   }
 }
 
 TEST(Likelihood, HutchinsonAgreesWithExactTraceWithinItsError) {
   const Mixture d = mixture();
+  for (const char* jac : {"fd", "vjp"})
   for (const char* probe : {"rademacher", "gaussian"}) {
     for (const char* name : {"flow", "edm"}) {
       const Objective o = Objective::make(name);
@@ -176,17 +216,18 @@ TEST(Likelihood, HutchinsonAgreesWithExactTraceWithinItsError) {
       const std::vector<float> x = d.draw(B, r);
       std::vector<int32_t> labels(static_cast<size_t>(B), 0);
       LikelihoodOptions opt;
-      opt.steps = 24, opt.probe = probe, opt.probes = 2;
+      opt.steps = 24, opt.probe = probe, opt.probes = 2, opt.jacobian = jac;
       if (std::string(name) == "edm") opt.level_max = 5000;
       const LikelihoodResult h = log_likelihood(o, opt, exact_net(o, d), x.data(), labels.data(), B, d.P,
-                                                rng_noise(r));
-      EXPECT_EQ(h.nfe, 4 * opt.steps * 5);
+                                                rng_noise(r), exact_vjp(o, d));
+      EXPECT_EQ(h.nfe, 4 * opt.steps * (std::string(jac) == "vjp" ? 2 : 5));
       const std::vector<double> want = analytic(o, d, x, start_level(name));
       std::vector<double> diff;
       for (int b = 0; b < B; b++) diff.push_back(h.log_density[size_t(b)] - want[size_t(b)]);
       const MeanSE m = mean_se(diff);
       // Unbiased: the mean error is within 4 standard errors of zero, and the estimator does scatter.
-      EXPECT_LT(std::fabs(m.mean), 4 * m.se + 1e-3) << name << " " << probe << " mean " << m.mean << " se " << m.se;
+      EXPECT_LT(std::fabs(m.mean), 4 * m.se + 1e-3) << name << " " << probe << " " << jac << " mean " << m.mean
+                                                     << " se " << m.se;
       EXPECT_GT(m.se, 1e-4) << name << " " << probe;
     }
   }
@@ -204,6 +245,78 @@ TEST(Likelihood, BitsPerDimOfDequantisedData) {
   const MeanSE m = mean_se({1, 2, 3, 4});
   EXPECT_DOUBLE_EQ(m.mean, 2.5);
   EXPECT_NEAR(m.se, std::sqrt(5.0 / 3.0 / 4.0), 1e-12);
+}
+
+// A small DiT (random weights moved off adaLN-Zero's zeros so every path carries signal).
+std::unique_ptr<ImageModel> small_dit(int planned) {
+  auto m = make_image_model(R"({"model_type": "dit", "image_size": 4, "channels": 1, "patch": 2, "hidden": 16,
+    "depth": 1, "heads": 2, "mlp_ratio": 2, "classes": 2, "freq_dim": 16})", "test");
+  m->init_random(5);
+  Rng r(6);
+  float* p = m->host_params();
+  for (size_t i = 0; i < m->table().total; i++) p[i] += 0.2f * r.normal();
+  m->params_changed();
+  m->plan(planned);
+  return m;
+}
+
+TEST(Likelihood, DiTVjpMatchesFiniteDifferencesOfItsForward) {
+  const int B = 2;
+  auto m = small_dit(B);
+  const int64_t P = m->pixels();
+  const Objective o = Objective::make("edm");
+  const double level = 0.7;
+  Rng r(8);
+  std::vector<float> x(size_t(B * P)), z(x.size()), F(x.size()), v(x.size());
+  for (auto& e : x) e = r.normal();
+  for (auto& e : z) e = r.normal();
+  const std::vector<int32_t> labels = {0, 2};
+  denoiser_vjp(*m, o, B)(F.data(), v.data(), x.data(), z.data(), level, labels.data(), B);
+  // Every entry of v = zᵀ·J against the Jacobian's columns by central differences of the fp32 forward (h = 1e-2:
+  // truncation ~1e-5, rounding ~1e-5 relative).
+  const DiffusionNet net = denoiser_net(*m, o, B);
+  std::vector<float> F0(x.size()), Fp(x.size()), Fm(x.size());
+  net(F0.data(), x.data(), level, labels.data(), B);
+  for (size_t i = 0; i < F.size(); i++) EXPECT_NEAR(F[i], F0[i], 1e-6);  // the same forward
+  const double h = 1e-2;
+  double worst = 0, scale = 0;
+  for (int64_t j = 0; j < P; j++) {
+    std::vector<float> xp = x, xm = x;
+    for (int b = 0; b < B; b++) xp[size_t(b * P + j)] += float(h), xm[size_t(b * P + j)] -= float(h);
+    net(Fp.data(), xp.data(), level, labels.data(), B);
+    net(Fm.data(), xm.data(), level, labels.data(), B);
+    for (int b = 0; b < B; b++) {
+      double s = 0;
+      for (int64_t i = 0; i < P; i++) s += double(z[size_t(b * P + i)]) * (double(Fp[size_t(b * P + i)]) - Fm[size_t(b * P + i)]) / (2 * h);
+      worst = std::max(worst, std::fabs(s - v[size_t(b * P + j)]));
+      scale = std::max(scale, std::fabs(s));
+    }
+  }
+  EXPECT_GT(scale, 1e-2);
+  EXPECT_LT(worst, 2e-3 * scale) << "worst " << worst << " of " << scale;
+}
+
+TEST(Likelihood, DiTDensityByVjpMatchesFiniteDifferences) {
+  const int B = 2;
+  const Objective o = Objective::make("flow");
+  auto m = small_dit(B * 16);
+  const int64_t P = m->pixels();
+  Rng r(9);
+  std::vector<float> x(size_t(B * P));
+  for (auto& e : x) e = 0.5f * r.normal();
+  const std::vector<int32_t> labels = {1, 2};
+  LikelihoodOptions opt;
+  opt.trace = "exact", opt.steps = 4;
+  double ld[2];
+  for (int k = 0; k < 2; k++) {
+    opt.jacobian = k == 0 ? "vjp" : "fd";
+    Rng rn(1);
+    const LikelihoodResult res = log_likelihood(o, opt, denoiser_net(*m, o, B * 16), x.data(), labels.data(), B, P,
+                                                rng_noise(rn), denoiser_vjp(*m, o, B * 16));
+    ld[k] = res.log_density[0] + res.log_density[1];
+  }
+  // The difference quotient's error (~1e-4 of the trace, infer/likelihood.h) bounds the disagreement.
+  EXPECT_NEAR(ld[0], ld[1], 1e-3 * std::fabs(ld[1]) + 1e-3) << ld[0] << " vs " << ld[1];
 }
 
 TEST(Likelihood, OneLineErrors) {
@@ -231,6 +344,10 @@ TEST(Likelihood, OneLineErrors) {
   bad("edm", o, "--probes");
   o = {}, o.level_min = 2;
   bad("flow", o, "--level-min");
+  o = {}, o.jacobian = "reverse";
+  bad("flow", o, "--jacobian");
+  o = {};  // vjp, the default, of a network that has none
+  bad("flow", o, "--jacobian vjp");
 }
 
 }  // namespace

@@ -5,6 +5,9 @@
 
 #include <algorithm>
 #include <cmath>
+#include <memory>
+#include <optional>
+#include <string>
 #include <vector>
 
 #include "core/rng.h"
@@ -13,6 +16,7 @@
 #include "kernels/argmax.h"
 #include "models/family.h"
 #include "models/model.h"
+#include "serve/engine.h"
 #include "serve/kv_blocks.h"
 #include "serve/request.h"
 #include "serve/stop_text.h"
@@ -51,16 +55,19 @@ bool close(const float* a, const float* b, int n, float tol) {
 }
 
 // One sequence fed token by token after its prompt (teacher forcing): the reference logits of each step.
+// With hidden: the final norm's output behind each of those logits.
 std::vector<std::vector<float>> reference(const ModelConfig& cfg, const float* params, const std::vector<int32_t>& t,
-                                          int prompt) {
+                                          int prompt, std::vector<std::vector<float>>* hidden = nullptr) {
   auto dec = make_decoder(cfg, params);
-  const int V = cfg.vocab_size;
+  const int V = cfg.vocab_size, C = cfg.d_model;
   std::vector<std::vector<float>> out;
   const float* lg = dec->forward(t.data(), prompt);
   out.emplace_back(lg, lg + V);
+  if (hidden) hidden->emplace_back(dec->hidden(), dec->hidden() + C);
   for (size_t i = size_t(prompt); i < t.size(); i++) {
     lg = dec->forward(&t[i], 1);
     out.emplace_back(lg, lg + V);
+    if (hidden) hidden->emplace_back(dec->hidden(), dec->hidden() + C);
   }
   return out;
 }
@@ -150,6 +157,197 @@ TEST_P(PagedDecoderTest, MatchesContiguousDecoderPerSequence) {
   const float* a = dec->forward({row});
   const float* b = solo->forward(s.tokens.data(), s.prompt);
   EXPECT_TRUE(std::equal(a, a + V, b));
+}
+
+// Speculative checks (serve/engine.h): after their prompts, three sequences run continuations of 4, 4 and 2
+// tokens in one forward with every position's logits (the two of 4 share a pass), beside a single-token row
+// and a fresh prompt; they roll back to their prompts and run their real continuations over the rejected
+// positions. Every logits row, and the hidden state kept behind it (Medusa's input), equals the contiguous
+// decoder's for that sequence alone (teacher-forced).
+TEST_P(PagedDecoderTest, ChecksContinuationsWithAllLogitsAndRollsBack) {
+  const ModelConfig cfg = parse_model_config(GetParam(), "config.json");
+  auto model = random_model(cfg, 13);
+  const int V = cfg.vocab_size, bs = 4;
+  BatchDecoderOptions bo;
+  bo.block_size = bs;
+  bo.num_blocks = 64;
+  bo.keep_hidden = true;
+  auto dec = make_batch_decoder(cfg, model->host_params(), bo);
+  const int C = cfg.d_model;
+  Rng r(5);
+  auto toks = [&](int n) {
+    std::vector<int32_t> t(static_cast<size_t>(n));
+    for (auto& x : t) x = int32_t(r.below(uint64_t(V)));
+    return t;
+  };
+  struct S {
+    std::vector<int32_t> real, wrong;  // prompt + continuation; prompt + a continuation to be rejected
+    int prompt, n;                     // the continuation's length
+    std::vector<int32_t> blocks;
+    std::vector<std::vector<float>> ref_real, ref_wrong, hid_real, hid_wrong;
+  };
+  std::vector<S> seqs = {{toks(13), {}, 9, 4, {}}, {toks(11), {}, 7, 4, {}}, {toks(8), {}, 6, 2, {}},
+                         {toks(6), {}, 5, 1, {}}};
+  int next = 0;
+  for (S& s : seqs) {
+    s.wrong.assign(s.real.begin(), s.real.begin() + s.prompt);
+    for (int32_t t : toks(s.n)) s.wrong.push_back(t);
+    s.ref_real = reference(cfg, model->host_params(), s.real, s.prompt, &s.hid_real);
+    s.ref_wrong = reference(cfg, model->host_params(), s.wrong, s.prompt, &s.hid_wrong);
+    while (int(s.blocks.size()) * bs < int(s.real.size())) s.blocks.push_back(int32_t((next++ * 29 + 3) % 64));
+  }
+  const std::vector<int32_t> fresh = toks(7);
+  std::vector<int32_t> fresh_blocks = {60, 62};  // not among the ids above
+  auto row = [](const std::vector<int32_t>& t, int past, int n, const std::vector<int32_t>& blocks, bool all) {
+    BatchRow b{t.data() + past, n, past, blocks.data(), int(blocks.size())};
+    b.all_logits = all;
+    return b;
+  };
+  std::vector<BatchRow> rows;
+  for (const S& s : seqs) rows.push_back(row(s.real, 0, s.prompt, s.blocks, false));
+  dec->forward(rows);
+  for (int round = 0; round < 2; round++) {
+    rows.clear();
+    for (const S& s : seqs) {
+      const std::vector<int32_t>& t = round == 0 ? s.wrong : s.real;
+      // The last prompt token again (as the engine feeds its newest token), then the continuation.
+      rows.push_back(row(t, s.prompt - 1, s.n + 1, s.blocks, s.n > 1));
+    }
+    rows.push_back(row(fresh, 0, int(fresh.size()), fresh_blocks, false));
+    const float* lg = dec->forward(rows);
+    size_t off = 0;
+    for (const S& s : seqs) {
+      const auto& ref = round == 0 ? s.ref_wrong : s.ref_real;
+      const int m = s.n > 1 ? s.n + 1 : 1;
+      for (int j = 0; j < m; j++) {
+        // Position prompt - 1 + j (or the last one for the single-token row).
+        const size_t k = size_t(s.n > 1 ? j : s.n);
+        ASSERT_TRUE(close(lg + (off + size_t(j)) * size_t(V), ref[k].data(), V, 2e-4f))
+            << "round " << round << ", sequence " << (&s - seqs.data()) << ", row " << j;
+        const auto& hid = round == 0 ? s.hid_wrong : s.hid_real;
+        ASSERT_TRUE(close(dec->hidden() + (off + size_t(j)) * size_t(C), hid[k].data(), C, 2e-4f))
+            << "hidden: round " << round << ", sequence " << (&s - seqs.data()) << ", row " << j;
+      }
+      off += size_t(m);
+    }
+  }
+}
+
+namespace {
+// Greedy continuation by the contiguous decoder alone (the sampler's rule: the lowest id among equal maxima).
+std::vector<int32_t> greedy_alone(const ModelConfig& cfg, const float* params, const std::vector<int32_t>& prompt,
+                                  int n) {
+  auto dec = make_decoder(cfg, params);
+  std::vector<int32_t> out;
+  const float* lg = dec->forward(prompt.data(), int(prompt.size()));
+  for (int i = 0; i < n; i++) {
+    int32_t best = 0;
+    for (int32_t t = 1; t < cfg.vocab_size; t++)
+      if (lg[t] > lg[best]) best = t;
+    out.push_back(best);
+    if (i + 1 < n) lg = dec->forward(&best, 1);
+  }
+  return out;
+}
+
+struct Served {
+  std::string text, finish;
+  int tokens = 0;
+};
+
+// Runs jobs (one prompt each, greedy) through an engine at once and collects what each choice reported.
+std::vector<Served> serve_all(BatchDecoder& dec, BatchDecoder* draft, int K, std::optional<int32_t> eot,
+                              const std::vector<std::vector<int32_t>>& prompts, int max_new,
+                              const std::vector<std::string>& stop) {
+  std::vector<std::string> pieces;
+  for (int i = 0; i < 256; i++) pieces.push_back(std::string(1, char(('A' + i) % 256)));  // id i: 'A' + i
+  const Tokenizer tok = Tokenizer::from_parts(pieces, {}, {});
+  serve::EngineOptions eo;
+  eo.parallel = 8;
+  eo.eot = eot;
+  eo.draft = draft;
+  eo.draft_tokens = K;
+  serve::Metrics metrics;
+  serve::Engine engine(dec, tok, eo, metrics);
+  engine.start();
+  std::vector<std::shared_ptr<serve::Job>> jobs;
+  serve::JobParams jp;
+  jp.temperature = 0;
+  jp.stop = stop;
+  for (const auto& p : prompts) {
+    jobs.push_back(std::make_shared<serve::Job>(std::vector<std::vector<int32_t>>{p}, std::vector<int>{max_new}, jp));
+    engine.submit(jobs.back());
+  }
+  std::vector<Served> out(prompts.size());
+  for (size_t i = 0; i < jobs.size(); i++) {
+    std::vector<serve::ChoiceEvent> ev;
+    while (!jobs[i]->done()) jobs[i]->wait(ev, std::chrono::milliseconds(100));
+    EXPECT_EQ(jobs[i]->error(), "");
+    for (const auto& e : ev) {
+      out[i].text += e.text;
+      out[i].tokens = e.tokens;
+      if (!e.finish.empty()) out[i].finish = e.finish;
+    }
+  }
+  engine.stop();
+  if (draft) EXPECT_GT(metrics.spec_drafted.load(), 0);
+  return out;
+}
+}  // namespace
+
+// Speculative rounds in the engine (serve/engine.h): three prompts served at once with a draft that always
+// agrees (the target itself: whole runs accepted) or one that mostly does not (another random model), against
+// the contiguous decoder's greedy tokens alone. The text matches; an end-of-text token inside an accepted run
+// ends the choice there ("stop", the tokens up to and with it); a stop string inside a run cuts the text where
+// plain serving cuts it; max_tokens is never passed.
+TEST(ServeSpeculative, EngineGreedyEqualsPlainWithEndOfTextAndStopsInsideRuns) {
+  const ModelConfig cfg = parse_model_config(kConfigs[2], "config.json");
+  auto model = random_model(cfg, 17), other = random_model(cfg, 29);
+  BatchDecoderOptions bo;
+  bo.block_size = 4;
+  bo.num_blocks = 96;
+  auto dec = make_batch_decoder(cfg, model->host_params(), bo);
+  auto same = make_batch_decoder(cfg, model->host_params(), bo);
+  auto diff = make_batch_decoder(cfg, other->host_params(), bo);
+  const std::vector<std::vector<int32_t>> prompts = {{1, 2, 3, 4, 5}, {7, 3}, {30, 20, 10, 0, 11, 12, 13}};
+  const int max_new = 20;
+  std::vector<std::vector<int32_t>> ref;
+  for (const auto& p : prompts) ref.push_back(greedy_alone(cfg, model->host_params(), p, max_new));
+  auto text_of = [](const std::vector<int32_t>& t, size_t n) {
+    std::string s;
+    for (size_t i = 0; i < n && i < t.size(); i++) s += char('A' + t[i]);
+    return s;
+  };
+  // End of text: the first prompt's 7th greedy token (its first occurrence ends the plain text).
+  const int32_t eot = ref[0][6];
+  for (BatchDecoder* draft : {same.get(), diff.get()}) {
+    for (int K : {1, 4}) {
+      SCOPED_TRACE(std::string(draft == same.get() ? "agreeing" : "random") + " draft, K " + std::to_string(K));
+      const auto full = serve_all(*dec, draft, K, std::nullopt, prompts, max_new, {});
+      for (size_t i = 0; i < prompts.size(); i++) {
+        EXPECT_EQ(full[i].text, text_of(ref[i], size_t(max_new))) << "prompt " << i;
+        EXPECT_EQ(full[i].tokens, max_new);
+        EXPECT_EQ(full[i].finish, "length");
+      }
+      const auto ended = serve_all(*dec, draft, K, eot, prompts, max_new, {});
+      for (size_t i = 0; i < prompts.size(); i++) {
+        const auto at = std::find(ref[i].begin(), ref[i].end(), eot);
+        const size_t n = size_t(at - ref[i].begin());
+        EXPECT_EQ(ended[i].text, text_of(ref[i], n)) << "prompt " << i;  // end of text has no text
+        EXPECT_EQ(ended[i].tokens, at == ref[i].end() ? max_new : int(n) + 1) << "prompt " << i;
+        EXPECT_EQ(ended[i].finish, at == ref[i].end() ? "length" : "stop") << "prompt " << i;
+      }
+      // A stop string from the middle of each text.
+      std::vector<std::string> stops;
+      for (const auto& r : ref) stops.push_back(text_of(r, 12).substr(9, 2));
+      for (size_t i = 0; i < prompts.size(); i++) {
+        const auto stopped = serve_all(*dec, draft, K, std::nullopt, {prompts[i]}, max_new, {stops[i]});
+        const std::string t = text_of(ref[i], size_t(max_new));
+        EXPECT_EQ(stopped[0].text, t.substr(0, t.find(stops[i]))) << "prompt " << i;
+        EXPECT_EQ(stopped[0].finish, "stop");
+      }
+    }
+  }
 }
 
 namespace {

@@ -8,12 +8,14 @@
 #include <cmath>
 #include <cstdio>
 #include <filesystem>
+#include <map>
 #include <nlohmann/json.hpp>
 
 #include "core/error.h"
 #include "core/file_io.h"
 #include "core/rng.h"
 #include "core/safetensors.h"
+#include "train/checkpoint_dir.h"
 #include "train/images.h"
 #include "train/optimizer.h"
 #include "train/schedule.h"
@@ -119,6 +121,35 @@ double frechet_distance(const float* a, int64_t na, const float* b, int64_t nb, 
   return dm + tr;
 }
 
+// The resume state of a loss model: one file, <out>/step_NNNNNNNN/train_state.safetensors, holding everything a
+// resumed run needs (the weights, the EMA, the AdamW moments; metadata: the step, the trainer's and the model's
+// generators), written atomically and pointed at by <out>/latest afterwards, so a kill leaves a whole state.
+constexpr const char* kLossState = "train_state.safetensors";
+
+std::string step_dir_name(int64_t step) {
+  char name[32];
+  std::snprintf(name, sizeof name, "step_%08ld", long(step));
+  return name;
+}
+
+uint64_t meta_u64(const SafeTensorsReader& r, const std::string& file, const char* key) {
+  auto it = r.metadata().find(key);
+  KILN_CHECK(it != r.metadata().end(), file, ": metadata ", key, " missing");
+  try {
+    return std::stoull(it->second);
+  } catch (const std::logic_error&) {
+    fail(file, ": metadata ", key, " is not an integer ('", it->second, "')");
+  }
+}
+
+void copy_flat(const SafeTensorsReader& r, const std::string& file, const char* name, float* dst, size_t n) {
+  const Tensor* t = r.find(name);
+  KILN_CHECK(t, file, ": tensor ", name, " is missing");
+  KILN_CHECK(t->dtype == DType::F32 && size_t(t->numel()) == n, file, ": tensor ", name, " has ", t->numel(),
+             " values, the model ", n, " (another model?)");
+  std::copy_n(static_cast<const float*>(t->data), n, dst);
+}
+
 // The mean evaluation loss (a density model's bits/dim) over the first n test images, weighted by batch size.
 static double test_loss(ImageModel& m, const ImageSet& test, int batch, int64_t n) {
   n = std::min<int64_t>(n, test.size());
@@ -156,6 +187,9 @@ double train_classifier(const TrainOptions& opt, const ImageTrainOptions& img, I
   const bool classify = m.provides(ImageTask::Classify);
   KILN_CHECK(m.provides(task), "--objective ", task == ImageTask::Density ? "nll" : "classify", ": a ", m.type(),
              " model does not provide the ", image_task_name(task), " task");
+  const bool ema_on = img.loss_model_ema;
+  KILN_CHECK(!ema_on || (img.ema_decay >= 0 && img.ema_decay < 1), "--ema-decay ", img.ema_decay,
+             ": must be in [0, 1)");
   m.init_random(opt.seed);
   m.plan(opt.batch, RecomputePolicy::parse(opt.recompute));
   AdamW adam(m.table(), opt.adamw, m.blocks().backend);
@@ -164,23 +198,78 @@ double train_classifier(const TrainOptions& opt, const ImageTrainOptions& img, I
   sched.lr = opt.lr, sched.min_lr = opt.min_lr, sched.warmup = opt.warmup, sched.total = opt.steps;
   Rng rng(opt.seed);
   const int64_t P = data.pixels();
+  const size_t n = m.table().total;
   std::vector<float> x(size_t(opt.batch) * P);
   std::vector<int32_t> y(size_t(opt.batch));
-  std::FILE* metrics = opt.metrics.empty() ? nullptr : std::fopen(opt.metrics.c_str(), "w");
+  int start = 0;
+  if (opt.resume) {
+    const std::string dir = latest_checkpoint(opt.out);
+    KILN_CHECK(!dir.empty(), "--resume: no checkpoint in ", opt.out, " (", opt.out, "/latest is missing)");
+    const std::string file = (fs::path(dir) / kLossState).string();
+    SafeTensorsReader r(file);
+    copy_flat(r, file, "params", m.host_params(), n);
+    m.params_changed();
+    if (ema_on) {
+      KILN_CHECK(r.find("ema"), file, ": no EMA weights (the run was trained without --ema-decay)");
+      m.ema().resize(n);
+      copy_flat(r, file, "ema", m.ema().data(), n);
+    }
+    copy_flat(r, file, "adam.m", adam.m(), n);
+    copy_flat(r, file, "adam.v", adam.v(), n);
+    adam.moments_changed();
+    start = int(meta_u64(r, file, "step"));
+    rng = Rng(meta_u64(r, file, "rng_seed"), meta_u64(r, file, "rng_position"));
+    uint64_t ms, mp;
+    if (m.training_rng(ms, mp))
+      m.set_training_rng(meta_u64(r, file, "model_rng_seed"), meta_u64(r, file, "model_rng_position"));
+    std::fprintf(stderr, "resumed from %s at step %d\n", dir.c_str(), start);
+  }
+  std::FILE* metrics = opt.metrics.empty() ? nullptr : std::fopen(opt.metrics.c_str(), opt.resume ? "a" : "w");
   KILN_CHECK(opt.metrics.empty() || metrics, "--metrics ", opt.metrics, ": cannot open for writing");
   const bool tty = opt.progress && isatty(2);
-  // The classifier directory, rewritten (atomically) every save_every steps and at the end.
-  auto save = [&] {
+  // The model directory, rewritten (atomically) every save_every steps and at the end: config.json,
+  // model.safetensors, ema.safetensors (with an EMA; what kiln sample and likelihood read), and the resume state.
+  auto save = [&](int64_t step) {
     make_dirs(opt.out);
     write_file_atomic((fs::path(opt.out) / "config.json").string(), m.config_json());
     m.sync_to_host();
-    std::vector<Tensor> ts;
-    for (const ParamSpec& s : m.table().specs) ts.push_back({s.name, DType::F32, s.shape, m.host_params() + s.offset});
-    write_safetensors((fs::path(opt.out) / "model.safetensors").string(), ts);
+    adam.sync_to_host();
+    auto tensors = [&](float* block) {
+      std::vector<Tensor> ts;
+      for (const ParamSpec& s : m.table().specs) ts.push_back({s.name, DType::F32, s.shape, block + s.offset});
+      return ts;
+    };
+    write_safetensors((fs::path(opt.out) / "model.safetensors").string(), tensors(m.host_params()));
+    if (ema_on) write_safetensors((fs::path(opt.out) / "ema.safetensors").string(), tensors(m.ema().data()));
+    const std::string name = step_dir_name(step);
+    make_dirs((fs::path(opt.out) / name).string());
+    std::vector<Tensor> st = {{"params", DType::F32, Shape{int64_t(n)}, m.host_params()},
+                              {"adam.m", DType::F32, Shape{int64_t(n)}, adam.m()},
+                              {"adam.v", DType::F32, Shape{int64_t(n)}, adam.v()}};
+    if (ema_on) st.push_back({"ema", DType::F32, Shape{int64_t(n)}, m.ema().data()});
+    std::map<std::string, std::string> meta = {{"step", std::to_string(step)},
+                                               {"rng_seed", std::to_string(rng.seed())},
+                                               {"rng_position", std::to_string(rng.position())}};
+    uint64_t ms, mp;
+    if (m.training_rng(ms, mp)) meta["model_rng_seed"] = std::to_string(ms), meta["model_rng_position"] = std::to_string(mp);
+    write_safetensors((fs::path(opt.out) / name / kLossState).string(), st, meta);
+    // Move latest only now that the state is whole; then drop the states beyond keep_checkpoints.
+    const std::string tmp = (fs::path(opt.out) / ".latest.tmp").string();
+    fs::remove(tmp);
+    KILN_CHECK(::symlink(name.c_str(), tmp.c_str()) == 0, tmp, ": cannot create symlink");
+    KILN_CHECK(std::rename(tmp.c_str(), (fs::path(opt.out) / "latest").c_str()) == 0, opt.out,
+               "/latest: cannot update");
+    if (opt.keep_checkpoints > 0) {
+      std::vector<std::string> steps;
+      for (auto& e : fs::directory_iterator(opt.out))
+        if (e.is_directory() && e.path().filename().string().rfind("step_", 0) == 0) steps.push_back(e.path().string());
+      std::sort(steps.begin(), steps.end());
+      for (size_t i = 0; i + size_t(opt.keep_checkpoints) < steps.size(); i++) fs::remove_all(steps[i]);
+    }
   };
   const auto t0 = std::chrono::steady_clock::now();
   double last = 0;
-  for (int step = 0; step < opt.steps; step++) {
+  for (int step = start; step < opt.steps; step++) {
     for (int i = 0; i < opt.batch; i++) {
       const int64_t k = int64_t(rng.below(uint64_t(data.size())));
       std::copy_n(data.images.data() + k * P, P, x.data() + int64_t(i) * P);
@@ -193,6 +282,13 @@ double train_classifier(const TrainOptions& opt, const ImageTrainOptions& img, I
     const ParamBlocks pb = m.blocks();
     const double norm = adam.grad_norm(pb);
     adam.update(pb, lr, step + 1, norm, 1.0f, true);
+    // The EMA starts from the weights after the first update (a flow's actnorms are set from the first batch).
+    if (ema_on) {
+      if (step == 0)
+        m.ema_reset();
+      else
+        m.ema_update(img.ema_decay);
+    }
     nlohmann::json j = {{"step", step + 1}, {"loss", last}, {"lr", lr}, {"grad_norm", norm}};
     if (classify && opt.eval_every > 0 && (step + 1) % opt.eval_every == 0 && test.size() > 0)
       j["test_accuracy_1000"] = accuracy(m, test, opt.batch, 1000);
@@ -200,11 +296,11 @@ double train_classifier(const TrainOptions& opt, const ImageTrainOptions& img, I
       j["test_loss_1000"] = test_loss(m, test, opt.batch, 1000);
     if (metrics) std::fprintf(metrics, "%s\n", j.dump().c_str()), std::fflush(metrics);
     if (tty) std::fprintf(stderr, "\rstep %d/%d loss %.4f", step + 1, opt.steps, last);
-    if (opt.save_every > 0 && (step + 1) % opt.save_every == 0 && step + 1 < opt.steps) save();
+    if (opt.save_every > 0 && (step + 1) % opt.save_every == 0 && step + 1 < opt.steps) save(step + 1);
   }
   if (tty) std::fprintf(stderr, "\n");
   if (metrics) std::fclose(metrics);
-  save();
+  save(std::max(start, opt.steps));
   const double acc = classify && test.size() > 0 ? accuracy(m, test, opt.batch) : std::nan("");
   const double secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
   nlohmann::json j = {{"objective", classify ? "classify" : "nll"}, {"steps", opt.steps}, {"loss", last},
@@ -212,6 +308,20 @@ double train_classifier(const TrainOptions& opt, const ImageTrainOptions& img, I
   if (classify) j["test_accuracy"] = acc;
   // A density model: its loss (bits/dim) on the whole test split.
   if (!classify && test.size() > 0) j["test_loss"] = test_loss(m, test, opt.batch, test.size());
+  // The same with the EMA weights (what kiln sample and likelihood read unless --raw-weights).
+  if (ema_on && test.size() > 0) {
+    m.sync_to_host();
+    const std::vector<float> raw(m.host_params(), m.host_params() + n);
+    std::copy_n(m.ema().data(), n, m.host_params());
+    m.params_changed();
+    if (classify)
+      j["test_accuracy_ema"] = accuracy(m, test, opt.batch);
+    else
+      j["test_loss_ema"] = test_loss(m, test, opt.batch, test.size());
+    std::copy_n(raw.data(), n, m.host_params());
+    m.params_changed();
+    j["ema_decay"] = img.ema_decay;
+  }
   write_file_atomic((fs::path(opt.out) / "eval.json").string(), j.dump(2) + "\n");
   std::printf("%s\n", j.dump().c_str());
   return acc;

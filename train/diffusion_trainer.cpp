@@ -12,6 +12,7 @@
 
 #include "core/error.h"
 #include "core/file_io.h"
+#include "core/gpu.h"
 #include "core/safetensors.h"
 #include "train/checkpoint_dir.h"
 #include "train/images.h"
@@ -86,11 +87,17 @@ void draw(ImageBatch& b, const ImageSet& data, const Objective& o, float drop, i
 }  // namespace
 
 ImageModelOptions image_model_options(const TrainOptions& opt) {
-  KILN_CHECK(opt.device == "cpu", "--device ", opt.device, ": image models train on the CPU for now (--device cpu)");
   KILN_CHECK(opt.dtype == "fp32" || opt.dtype == "bf16", "--dtype ", opt.dtype, ": image models train in fp32 or "
              "bf16 (fp16 would need loss scaling)");
   ImageModelOptions mo;
   if (opt.dtype == "bf16") mo.lowp = LowpType::BF16;
+  const DeviceSpec device = parse_device(opt.device);
+  if (device.cuda) {
+    // As the language-model trainer: the GPU backend's activations and products are bf16.
+    KILN_CHECK(opt.dtype == "bf16", "--device cuda trains in bf16: pass --dtype bf16 (got --dtype ", opt.dtype, ")");
+    gpu::init(device.index);
+    mo.cuda = true;
+  }
   return mo;
 }
 

@@ -22,6 +22,9 @@ struct ImageTrainOptions {
   std::string objective = "edm";   // ddpm | ve | edm | flow | gvp
   std::string flow_t = "uniform";  // flow: uniform | logit-normal
   float ema_decay = 0.999f;
+  // Loss models (--objective classify | nll) keep an EMA only when asked (the CLI sets this from --ema-decay);
+  // the diffusion trainer always keeps one.
+  bool loss_model_ema = false;
   float label_dropout = 0.1f;      // labels replaced by the null class (classifier-free guidance)
   // classify: training augmentation (train/images.h's Augment) and label smoothing.
   std::string augment = "none";

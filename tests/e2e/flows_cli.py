@@ -104,14 +104,20 @@ run(["train", "--objective", "flow", "--model", dit, "--data", data, "--batch", 
      os.path.join(work, "dit"), "--no-progress", "--threads", "1"])
 common = ["likelihood", "--model", os.path.join(work, "dit"), "--data", data, "--count", "8", "--batch", "8",
           "--steps", "4"]
-ex = json.loads(run(common + ["--trace", "exact"]).stdout)
+ex = json.loads(run(common + ["--trace", "exact"]).stdout)  # --jacobian vjp, the default
 hu = json.loads(run(common + ["--probes", "4"]).stdout)
+fd = json.loads(run(common + ["--trace", "exact", "--jacobian", "fd"]).stdout)
 # Same images and dequantisation (seed 1): Hutchinson's mean within 4 standard errors of the exact trace's.
 diff = abs(ex["bits_per_dim"] - hu["bits_per_dim"])
-good = ex["nfe_per_image"] == 4 * 4 * (1 + 2 * 64) and hu["nfe_per_image"] == 4 * 4 * 9 and \
-    diff < 4 * hu["standard_error"] + 0.01
+good = ex["nfe_per_image"] == 4 * 4 * 64 and ex["backward_passes_per_image"] == 4 * 4 * 64 and \
+    hu["nfe_per_image"] == 4 * 4 * 4 and diff < 4 * hu["standard_error"] + 0.01
 print(("ok  " if good else "BAD ") + f"dit: exact {ex['bits_per_dim']:.4f}, hutchinson {hu['bits_per_dim']:.4f} "
       f"± {hu['standard_error']:.4f}")
+ok &= good
+# The exact trace by backward passes and by finite differences: the same density up to the difference
+# quotient's error (~1e-4 relative on the trace, infer/likelihood.h).
+good = fd["nfe_per_image"] == 4 * 4 * (1 + 2 * 64) and abs(fd["bits_per_dim"] - ex["bits_per_dim"]) < 1e-3
+print(("ok  " if good else "BAD ") + f"dit: exact trace vjp {ex['bits_per_dim']:.6f}, fd {fd['bits_per_dim']:.6f}")
 ok &= good
 
 # Bad input: one line, non-zero exit.
@@ -123,6 +129,7 @@ cases = [
     (common + ["--trace", "approx"], "--trace"),
     (common + ["--probes", "0"], "--probes"),
     (common + ["--probe", "sphere"], "--probe"),
+    (common + ["--jacobian", "reverse"], "--jacobian"),
     (["likelihood", "--model", os.path.join(work, "realnvp"), "--data", data, "--split", "extra"], "extra"),
     (["train", "--objective", "nll", "--model", dit, "--data", data, "--steps", "1", "--out",
       os.path.join(work, "x"), "--no-progress"], "density"),

@@ -24,8 +24,9 @@ inline std::string image_model_dir(const std::string& path) {
   return l;
 }
 
-// The model of a directory when it is a density model (its weights loaded), else null.
-inline std::unique_ptr<ImageModel> load_density_model(const std::string& path) {
+// The model of a directory when it is a density model (its weights loaded: ema.safetensors when asked and present,
+// as kiln train --objective nll --ema-decay writes it, else model.safetensors), else null.
+inline std::unique_ptr<ImageModel> load_density_model(const std::string& path, bool ema = true) {
   const std::string dir = image_model_dir(path);
   const std::string cp = (std::filesystem::path(dir) / "config.json").string();
   ImageModelFiles f;
@@ -33,7 +34,7 @@ inline std::unique_ptr<ImageModel> load_density_model(const std::string& path) {
   ImageModelOptions mo;
   mo.with_grads = false;
   if (!make_image_model(f.config_json, cp, mo)->provides(ImageTask::Density)) return nullptr;
-  return load_image_model(f, mo, /*ema=*/false);
+  return load_image_model(f, mo, ema);
 }
 
 // K images from latents z ~ N(0, T²·I) (T: the temperature), in batches.

@@ -10,6 +10,7 @@
 #include <nlohmann/json.hpp>
 
 #include "core/error.h"
+#include "core/gpu.h"
 #include "infer/diffusion_sampler.h"
 #include "infer/likelihood.h"
 #include "tools/kiln/command.h"
@@ -21,7 +22,7 @@
 namespace {
 
 struct LikelihoodCli {
-  std::string model, data, split = "test";
+  std::string model, data, split = "test", device = "cpu";
   kiln::LikelihoodOptions l;
   int64_t count = 100;
   int batch = 16, threads = 0;
@@ -43,13 +44,21 @@ kiln::cli::Command likelihood_cmd("likelihood", [](CLI::App& root) {
   c->add_option("--probes", o->l.probes, "Diffusion: Hutchinson probes per image")->capture_default_str();
   c->add_option("--probe", o->l.probe, "Diffusion: rademacher or gaussian probes")->capture_default_str();
   c->add_option("--steps", o->l.steps, "Diffusion: RK4 steps of the ODE")->capture_default_str();
+  c->add_option("--jacobian", o->l.jacobian,
+                "Diffusion: vjp (z^T J by one backward pass: exact, the default) or fd (a central finite difference "
+                "of two extra forwards per probe)")
+      ->capture_default_str();
   c->add_option("--fd-step", o->l.fd_step, "Diffusion: finite-difference step of the JVP (times the level's scale)")
       ->capture_default_str();
   c->add_option("--level-min", o->l.level_min, "Diffusion: where the path starts (t or sigma; 0: the objective's)");
   c->add_option("--level-max", o->l.level_max, "Diffusion: where it ends (t or sigma; 0: the objective's)");
   c->add_option("--seed", o->seed, "Seed of the dequantisation noise and the probes")->capture_default_str();
   c->add_option("--threads", o->threads, "CPU threads (0: all cores)")->capture_default_str();
-  c->add_flag("--raw-weights", o->raw_weights, "Diffusion: model.safetensors instead of the EMA weights");
+  c->add_option("--device", o->device, "Diffusion: cpu, or cuda / cuda:N (the network in bf16 on the GPU; use "
+                "--jacobian vjp there: a difference quotient of bf16 outputs is noise)")
+      ->capture_default_str();
+  c->add_flag("--raw-weights", o->raw_weights, "model.safetensors instead of the EMA weights (ema.safetensors: "
+              "a diffusion model's always, a flow's when trained with --ema-decay)");
   c->callback([o] {
     kiln::set_threads(o->threads);
     KILN_CHECK(o->count >= 0, "--count ", o->count, ": must be non-negative");
@@ -59,9 +68,12 @@ kiln::cli::Command likelihood_cmd("likelihood", [](CLI::App& root) {
     KILN_CHECK(N > 0, "--data ", o->data, ": no images in the ", o->split, " split");
     const auto t0 = std::chrono::steady_clock::now();
     nlohmann::json j;
-    std::unique_ptr<kiln::ImageModel> flow = kiln::cli::load_density_model(o->model);
+    std::unique_ptr<kiln::ImageModel> flow = kiln::cli::load_density_model(o->model, !o->raw_weights);
     const int64_t P = data.pixels();
+    const kiln::DeviceSpec device = kiln::parse_device(o->device);
     if (flow) {
+      KILN_CHECK(!device.cuda, "--device ", o->device, ": a ", flow->type(), " model runs on the CPU for now "
+                 "(--device cpu)");
       const kiln::ImageGeometry g = flow->geometry();
       KILN_CHECK(int64_t(g.channels) * g.image_size * g.image_size == P && g.image_size == data.height, "--data ",
                  o->data, ": ", data.channels, "x", data.height, "x", data.width, " images, the model takes ",
@@ -74,16 +86,18 @@ kiln::cli::Command likelihood_cmd("likelihood", [](CLI::App& root) {
     } else {
       const kiln::ImageModelFiles f = kiln::find_image_model(o->model);
       kiln::ImageModelOptions mo;
-      mo.with_grads = false;
+      const bool vjp = o->l.jacobian == "vjp";
+      mo.with_grads = vjp;  // the backward pass of the VJP
+      if (device.cuda) kiln::gpu::init(device.index), mo.cuda = true;
       std::unique_ptr<kiln::ImageModel> model = kiln::load_image_model(f, mo, !o->raw_weights);
       KILN_CHECK(model->provides(kiln::ImageTask::Denoise), "--model ", o->model, ": a ", model->type(),
                  " model is neither a diffusion nor a density model");
       KILN_CHECK(model->pixels() == P, "--data ", o->data, ": images of ", P, " values, the model takes ",
                  model->pixels());
       kiln::check_likelihood(f.objective, o->l, P);
-      // One network call holds (1 + 2K) copies of the batch.
+      // One network call holds (1 + 2K) copies of the batch (vjp: K).
       const int K = o->l.trace == "exact" ? int(P) : o->l.probes;
-      const int planned = int(std::min<int64_t>(int64_t(o->batch) * (1 + 2 * K), 256));
+      const int planned = int(std::min<int64_t>(int64_t(o->batch) * (vjp ? K : 1 + 2 * K), 256));
       model->plan(planned);
       // The null class when the model was trained with label dropout: the unconditional density p(x).
       const kiln::ImageGeometry g = model->geometry();
@@ -92,12 +106,12 @@ kiln::cli::Command likelihood_cmd("likelihood", [](CLI::App& root) {
       int nfe = 0;
       const std::vector<double> b = kiln::dataset_bits_per_dim(
           f.objective, o->l, kiln::denoiser_net(*model, f.objective, planned), data.images.data(), labels.data(), N,
-          P, o->batch, o->seed, &nfe);
+          P, o->batch, o->seed, &nfe, vjp ? kiln::denoiser_vjp(*model, f.objective, planned) : kiln::DiffusionVJP());
       const kiln::MeanSE m = kiln::mean_se(b);
       j = {{"model", model->type()}, {"objective", f.objective.name}, {"method", "probability-flow ODE"},
-           {"trace", o->l.trace}, {"probes", K}, {"probe", o->l.probe}, {"steps", o->l.steps},
+           {"trace", o->l.trace}, {"jacobian", o->l.jacobian}, {"probes", K}, {"probe", o->l.probe}, {"steps", o->l.steps},
            {"bits_per_dim", m.mean}, {"standard_error", m.se}, {"standard_error_over", "images"}, {"images", N},
-           {"nfe_per_image", nfe}, {"conditioning", f.label_dropout > 0 ? "null class" : "true labels"}};
+           {"nfe_per_image", nfe}, {"backward_passes_per_image", vjp ? nfe : 0}, {"conditioning", f.label_dropout > 0 ? "null class" : "true labels"}};
     }
     j["seconds"] = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
     j["dequantisation"] = "uniform, bits/dim = -log p/(P ln 2) + log2(127.5)";

@@ -7,6 +7,7 @@
 #include <nlohmann/json.hpp>
 
 #include "core/error.h"
+#include "core/gpu.h"
 #include "core/png.h"
 #include "core/safetensors.h"
 #include "infer/diffusion_sampler.h"
@@ -25,7 +26,7 @@ struct SampleCli {
   int count = 16, cls = -1, batch = 64, threads = 0;
   bool unconditional = false, raw_weights = false;
   double temperature = 1.0;
-  std::string judge, reference;
+  std::string judge, reference, device = "cpu";
   uint64_t seed = 1;
 };
 
@@ -69,18 +70,24 @@ kiln::cli::Command sample_cmd("sample", [](CLI::App& root) {
   c->add_option("--sigma-max", o->s.sigma_max, "edm-*, euler-maruyama: largest sigma (0: the objective's)");
   c->add_option("--batch", o->batch, "Images per network call")->capture_default_str();
   c->add_option("--threads", o->threads, "CPU threads (0: all cores)")->capture_default_str();
+  c->add_option("--device", o->device, "cpu, or cuda / cuda:N: run a diffusion model's network on the GPU (bf16 "
+                "activations and products; the sampler's updates stay fp32 on the host)")
+      ->capture_default_str();
   c->add_option("--judge", o->judge,
                 "Classifier directory (kiln train --objective classify): report the share of samples classified as "
                 "their class and, with --reference, the Fréchet distance in its feature space");
   c->add_option("--reference", o->reference, "Image shards (a prepared directory: its test split) for the distance");
-  c->add_flag("--raw-weights", o->raw_weights, "Use model.safetensors instead of the EMA weights");
+  c->add_flag("--raw-weights", o->raw_weights, "Use model.safetensors instead of the EMA weights (ema.safetensors)");
   c->add_option("--temperature", o->temperature, "Flow (density) models: latents z ~ N(0, T^2)")
       ->capture_default_str();
   c->callback([o, c] {
     kiln::set_threads(o->threads);
     KILN_CHECK(o->count > 0, "--count ", o->count, ": must be positive");
     KILN_CHECK(o->batch > 0, "--batch ", o->batch, ": must be positive");
-    if (std::unique_ptr<kiln::ImageModel> flow = kiln::cli::load_density_model(o->model)) {
+    const kiln::DeviceSpec device = kiln::parse_device(o->device);
+    if (std::unique_ptr<kiln::ImageModel> flow = kiln::cli::load_density_model(o->model, !o->raw_weights)) {
+      KILN_CHECK(!device.cuda, "--device ", o->device, ": a ", flow->type(), " model samples on the CPU for now "
+                 "(--device cpu)");
       // A normalizing flow: x = f⁻¹(z), one inverse per image.
       KILN_CHECK(o->temperature > 0, "--temperature ", o->temperature, ": must be positive");
       const kiln::ImageGeometry g = flow->geometry();
@@ -108,6 +115,7 @@ kiln::cli::Command sample_cmd("sample", [](CLI::App& root) {
     const kiln::ImageModelFiles f = kiln::find_image_model(o->model);
     kiln::ImageModelOptions mo;
     mo.with_grads = false;
+    if (device.cuda) kiln::gpu::init(device.index), mo.cuda = true;
     std::unique_ptr<kiln::ImageModel> model = kiln::load_image_model(f, mo, !o->raw_weights);
     const kiln::ImageGeometry cfg = model->geometry();
     KILN_CHECK(o->count > 0, "--count ", o->count, ": must be positive");

@@ -21,6 +21,7 @@
 #include "core/error.h"
 #include "core/gpu.h"
 #include "models/checkpoint.h"
+#include "models/medusa_checkpoint.h"
 #include "models/model.h"
 #include "serve/chat.h"
 #include "serve/engine.h"
@@ -34,6 +35,10 @@ namespace {
 struct ServeOptions {
   std::string model, random_init, tokenizer, host = "127.0.0.1", api_key, api_key_file, model_name, device = "cpu";
   std::string weights_dtype = "f32";
+  std::string draft_model, draft_random_init;  // speculative decoding (serve/engine.h)
+  int draft_tokens = 4;
+  bool medusa = false;   // Medusa heads of the checkpoint, as a chain of top-1 guesses
+  int medusa_tokens = 0;  // 0: every head
   int port = 8080, parallel = 16, ctx = 0, threads = 0, max_queue = 64, timeout = 60, kv_blocks = 0;
   int block_size = 64, prefill_chunk = 256, http_threads = 64;
   size_t max_body = 8u << 20;
@@ -113,11 +118,13 @@ void run_serve(const ServeOptions& o) {
   std::fprintf(stderr, "kiln serve: listening on http://%s:%d (loading the model)\n", o.host.c_str(), server.port());
   std::thread http([&] { server.run(); });
   std::atomic<bool> stop{false};
+  std::atomic<bool> failed{false};  // loading failed: the signal thread is ended quietly (one error line)
   std::unique_ptr<serve::Engine> engine;
   std::mutex engine_m;
   std::thread signals([&] {
     int sig = 0;
     sigwait(&sigs, &sig);
+    if (failed) return;
     std::fprintf(stderr, "kiln serve: %s, shutting down\n", sig == SIGINT ? "SIGINT" : "SIGTERM");
     stop = true;
     {
@@ -155,9 +162,51 @@ void run_serve(const ServeOptions& o) {
     const std::optional<WeightFormat> wf = parse_weight_format(o.weights_dtype);
     KILN_CHECK(wf, "--weights-dtype: '", o.weights_dtype, "' is not one of f32, bf16, f16, q8_0");
     bo.weights = *wf;
+    // Medusa: the checkpoint's heads read the decoder's last hidden states (host memory).
+    std::optional<MedusaWeights> medusa_w;
+    std::unique_ptr<nn::MedusaHeads> heads;
+    if (o.medusa) {
+      KILN_CHECK(!o.model.empty(), "--medusa needs --model (the heads are the checkpoint's medusa.safetensors)");
+      KILN_CHECK(o.draft_model.empty() && o.draft_random_init.empty(), "give at most one of --medusa and --draft-model");
+      KILN_CHECK(!device.cuda, "--medusa serves on the CPU (the heads read host hidden states)");
+      medusa_w = load_medusa_heads(o.model, cfg);
+      KILN_CHECK(medusa_w, "--medusa: ", o.model,
+                 " has no Medusa heads (medusa.safetensors; kiln train --medusa-heads K --init BASE makes them)");
+      const int K = medusa_w->shape.K;
+      KILN_CHECK(o.medusa_tokens >= 0 && o.medusa_tokens <= std::min(K, serve::kMaxDraftTokens),
+                 "--medusa-tokens must be in [1, ", std::min(K, serve::kMaxDraftTokens), "] (the checkpoint has ", K,
+                 " heads), got ", o.medusa_tokens);
+      heads = std::make_unique<nn::MedusaHeads>(medusa_w->shape, medusa_w->params.data(), nullptr);
+      heads->set_weight_format(*wf);  // the heads read the base's format
+      bo.keep_hidden = true;
+    }
+    KILN_CHECK(o.medusa_tokens == 0 || o.medusa, "--medusa-tokens needs --medusa");
     // Default pool: every slot a whole context.
     bo.num_blocks = o.kv_blocks > 0 ? o.kv_blocks : o.parallel * ((ctx + o.block_size - 1) / o.block_size);
     std::unique_ptr<BatchDecoder> dec = make_batch_decoder(cfg, model->host_params(), bo);
+    // Speculative decoding: the draft decodes through its own paged cache of the target's shape (the same block
+    // ids), with the same device and weight format.
+    KILN_CHECK(o.draft_model.empty() || o.draft_random_init.empty(),
+               "give at most one of --draft-model and --draft-random-init");
+    const bool speculative = !o.draft_model.empty() || !o.draft_random_init.empty();
+    KILN_CHECK(!speculative || (o.draft_tokens >= 1 && o.draft_tokens <= serve::kMaxDraftTokens),
+               "--draft-tokens must be in [1, ", serve::kMaxDraftTokens, "], got ", o.draft_tokens);
+    std::unique_ptr<Model> draft_model;
+    std::unique_ptr<BatchDecoder> draft;
+    if (speculative) {
+      const std::string& dsrc = o.draft_model.empty() ? o.draft_random_init : o.draft_model;
+      const ModelConfig dcfg = o.draft_model.empty() ? load_model_config(dsrc) : load_model_config_for(dsrc);
+      KILN_CHECK(dcfg.vocab_size == cfg.vocab_size, "--draft-model ", dsrc, ": its vocab_size ", dcfg.vocab_size,
+                 " differs from the target's ", cfg.vocab_size, " (the draft must share the target's tokenizer)");
+      KILN_CHECK(dcfg.max_positions >= ctx, "--draft-model ", dsrc, ": its context of ", dcfg.max_positions,
+                 " positions is shorter than the served context of ", ctx, " (lower --ctx)");
+      draft_model = make_model(dcfg, mo);
+      if (o.draft_model.empty())
+        draft_model->init_random(2);
+      else
+        load_model_weights(dsrc, dcfg, draft_model->table(), draft_model->host_params());
+      draft = make_batch_decoder(dcfg, draft_model->host_params(), bo);
+    }
     const serve::ChatFormat chat = serve::ChatFormat::for_tokenizer(tok);
     serve::EngineOptions eo;
     eo.parallel = o.parallel;
@@ -166,6 +215,12 @@ void run_serve(const ServeOptions& o) {
     eo.prefix_cache = !o.no_prefix_cache;
     eo.sample_vocab = tok.vocab_size();
     if (tok.eot_id()) eo.eot = int32_t(*tok.eot_id());
+    eo.draft = draft.get();
+    eo.draft_tokens = o.draft_tokens;
+    if (heads) {
+      eo.medusa = heads.get();
+      eo.draft_tokens = o.medusa_tokens > 0 ? o.medusa_tokens : std::min(heads->shape.K, serve::kMaxDraftTokens);
+    }
     {
       std::lock_guard<std::mutex> lk(engine_m);
       if (!stop) {
@@ -186,12 +241,22 @@ void run_serve(const ServeOptions& o) {
       sm.ctx = ctx;
       sm.vocab = cfg.vocab_size;
       sm.eot = eo.eot;
+      if (speculative || heads) {
+        sm.drafting = heads ? "medusa_chain" : "draft_model";
+        sm.draft_tokens = eo.draft_tokens;
+      }
       server.set_model(sm);
+      const std::string drafting =
+          heads ? str("Medusa heads, a chain of ", eo.draft_tokens, " top-1 guesses a round")
+          : speculative ? str("draft model ", o.draft_model.empty() ? o.draft_random_init : o.draft_model, ", ",
+                              o.draft_tokens, " tokens a round")
+                        : std::string("none");
       std::fprintf(stderr,
                    "kiln serve: ready: model %s, context %d, %d sequences at once, KV cache %d blocks of %d (%.1f MiB), "
-                   "chat template: %s\n",
+                   "chat template: %s, speculative decoding: %s\n",
                    sm.id.c_str(), ctx, o.parallel, dec->num_blocks(), dec->block_size(),
-                   double(dec->cache_bytes()) / (1 << 20), chat.is_default() ? "kiln SFT (default)" : "the model's");
+                   double(dec->cache_bytes()) / (1 << 20), chat.is_default() ? "kiln SFT (default)" : "the model's",
+                   drafting.c_str());
     }
     http.join();
     {
@@ -203,6 +268,7 @@ void run_serve(const ServeOptions& o) {
     // Loading failed: close the listener and report.
     server.stop();
     if (http.joinable()) http.join();
+    failed = true;
     pthread_kill(signals.native_handle(), SIGTERM);
     signals.join();
     throw;
@@ -241,6 +307,17 @@ kiln::cli::Command serve_cmd("serve", [](CLI::App& root) {
   c->add_option("--device", o->device, "cpu, or cuda / cuda:N")->capture_default_str();
   c->add_option("--weights-dtype", o->weights_dtype,
                  "CPU: the weight matrices' format for decoding: f32, bf16, f16 or q8_0 (8-bit, a scale per 32)")
+      ->capture_default_str();
+  c->add_option("--draft-model", o->draft_model,
+                 "Speculative decoding: a draft checkpoint with the target's vocabulary (its own paged cache)");
+  c->add_option("--draft-random-init", o->draft_random_init,
+                 "Instead of --draft-model: a config.json for a random draft (tests)");
+  c->add_option("--draft-tokens", o->draft_tokens, "Tokens the draft proposes per round (1 to 15)")
+      ->capture_default_str();
+  c->add_flag("--medusa", o->medusa,
+              "Speculative decoding with the checkpoint's Medusa heads (medusa.safetensors), CPU: each round the "
+              "chain of the heads' top-1 tokens, checked by the model in one batched pass");
+  c->add_option("--medusa-tokens", o->medusa_tokens, "With --medusa: heads used per round (0: all)")
       ->capture_default_str();
   c->callback([o] { run_serve(*o); });
 });

@@ -124,7 +124,8 @@ kiln::cli::Command train_cmd("train", [](CLI::App& root) {
                 "normalizing flow by maximum likelihood, logged in bits/dim: --model realnvp, nice or a realnvp "
                 "config)")
       ->capture_default_str();
-  c->add_option("--ema-decay", img->ema_decay, "Image models: decay of the EMA copy of the weights")
+  c->add_option("--ema-decay", img->ema_decay, "Image models: decay of the EMA copy of the weights (diffusion: "
+                "always kept; classify and nll: kept when this is given)")
       ->capture_default_str();
   c->add_option("--label-dropout", img->label_dropout,
                 "Image models: probability a label is replaced by the null class (classifier-free guidance)")
@@ -136,7 +137,8 @@ kiln::cli::Command train_cmd("train", [](CLI::App& root) {
   c->add_option("--label-smoothing", img->label_smoothing, "--objective classify: label smoothing epsilon")
       ->capture_default_str();
   c->add_option("--flow-t", img->flow_t, "--objective flow: uniform or logit-normal t")->capture_default_str();
-  c->callback([opt, img, objective, medusa] {
+  c->callback([opt, img, objective, medusa, c] {
+    img->loss_model_ema = c->count("--ema-decay") > 0;
     if (medusa->heads > 0) {
       KILN_CHECK(*objective == "lm", "--medusa-heads trains a language model's heads (--objective lm)");
       kiln::train_medusa(*opt, *medusa);

@@ -1,0 +1,142 @@
+// kiln serve --draft-model (speculative decoding inside continuous batching, serve/engine.h): greedy text equals
+// the plain server's, streaming and not, for one client and for several at once, with a draft that agrees with
+// the target (the target itself: nearly every proposal passes, bonus tokens and the draft's lag) and with one
+// that does not (another random model: nearly every proposal fails, rollbacks); stop strings that fall inside an
+// accepted run cut the text where the plain server cuts it; /metrics counts proposals and acceptances;
+// /v1/models and the startup line name the drafting; bad combinations are one-line errors at startup. The same
+// for --medusa (a chain of the heads' top-1 guesses, tests/serve/make_medusa.py's heads).
+// usage: node speculative.mjs KILN WORK_DIR
+import fs from "node:fs";
+import path from "node:path";
+import { spawnSync } from "node:child_process";
+import { check, failed, here, makeModel, npm, startServer, stopServer, sseEvents } from "./harness.mjs";
+
+const [kiln, work] = process.argv.slice(2);
+fs.mkdirSync(work, { recursive: true });
+const target = makeModel(path.join(work, "target"));
+// A smaller random draft with the target's vocabulary, and one with another vocabulary (refused).
+const cfg = (o) => { const f = path.join(work, o.name + ".json"); fs.writeFileSync(f, JSON.stringify(o.cfg)); return f; };
+const gpt2cfg = (extra) => ({ model_type: "gpt2", n_layer: 1, n_head: 2, n_embd: 32, vocab_size: 50257,
+  n_positions: 256, layer_norm_epsilon: 1e-5, ...extra });
+const otherDraft = path.join(work, "draft");
+{
+  const r = spawnSync("/usr/bin/python3", [path.join(here, "make_model.py"), otherDraft, npm,
+    cfg({ name: "draft_cfg", cfg: gpt2cfg({}) })], { encoding: "utf8" });
+  if (r.status !== 0) throw new Error("make_model.py (draft) failed: " + r.stderr);
+}
+// The target with 3 Medusa heads (tests/serve/make_medusa.py).
+const withHeads = path.join(work, "target_medusa");
+{
+  const r = spawnSync("/usr/bin/python3", [path.join(here, "make_medusa.py"), target, withHeads, "3"], { encoding: "utf8" });
+  if (r.status !== 0) throw new Error("make_medusa.py failed: " + r.stderr);
+}
+const prompts = ["The meaning of life is", "Once upon a time", "In 1492, Columbus", "def fibonacci(n):",
+  "The quick brown fox", "Water boils at"];
+const MAX = 40;
+
+async function complete(url, prompt, extra = {}) {
+  const r = await fetch(url + "/v1/completions", { method: "POST", headers: { "content-type": "application/json" },
+    body: JSON.stringify({ prompt, max_tokens: MAX, temperature: 0, ...extra }) });
+  const j = await r.json();
+  if (!j.choices) throw new Error("completion failed: " + JSON.stringify(j));
+  return { text: j.choices[0].text, finish: j.choices[0].finish_reason, tokens: j.usage.completion_tokens };
+}
+async function stream(url, prompt, extra = {}) {
+  const r = await fetch(url + "/v1/completions", { method: "POST", headers: { "content-type": "application/json" },
+    body: JSON.stringify({ prompt, max_tokens: MAX, temperature: 0, stream: true, ...extra }) });
+  let text = "", finish = null;
+  for (const e of await sseEvents(r)) {
+    if (e === "[DONE]") break;
+    const c = JSON.parse(e);
+    if (c.choices?.length) { text += c.choices[0].text ?? ""; finish = c.choices[0].finish_reason ?? finish; }
+  }
+  return { text, finish };
+}
+async function metric(url, name) {
+  const m = (await (await fetch(url + "/metrics")).text()).match(new RegExp("^" + name + " (\\d+)", "m"));
+  return m ? Number(m[1]) : NaN;
+}
+
+// ---- the plain server's greedy texts, and where a stop string inside them cuts ------------------------------
+const plain = await startServer(kiln, ["--model", target, "--threads", "2", "--parallel", "8"]);
+const ref = [];
+for (const p of prompts) ref.push(await complete(plain.url, p));
+// A stop string from the middle of each text (past the first tokens, so it falls inside a drafted run).
+const stops = ref.map((r) => r.text.slice(Math.floor(r.text.length / 2), Math.floor(r.text.length / 2) + 3));
+const refStop = [];
+for (let i = 0; i < prompts.length; i++) refStop.push(await complete(plain.url, prompts[i], { stop: [stops[i]] }));
+const refShort = await complete(plain.url, prompts[0], { max_tokens: 7 });
+check(ref.every((r) => r.finish === "length" && r.tokens === MAX), "plain: every reference ran to max_tokens");
+check(refStop.every((r) => r.finish === "stop"), "plain: the stop strings stop the references");
+check(/speculative decoding: none/.test(plain.stderr()), "plain: the startup line says no drafting");
+await stopServer(plain);
+
+for (const [label, draft, k] of [["self-draft", target, 4], ["random draft", otherDraft, 3], ["medusa", null, 3]]) {
+  const medusa = draft === null;
+  const srv = await startServer(kiln, medusa
+    ? ["--model", withHeads, "--model-name", "target", "--threads", "2", "--parallel", "8", "--medusa"]
+    : ["--model", target, "--threads", "2", "--parallel", "8", "--draft-model", draft, "--draft-tokens", String(k)]);
+  check(new RegExp(medusa ? `speculative decoding: Medusa heads, a chain of ${k} top-1 guesses`
+    : `speculative decoding: draft model .*, ${k} tokens a round`).test(srv.stderr()),
+    `${label}: the startup line names the drafting`);
+  const models = await (await fetch(srv.url + "/v1/models")).json();
+  const method = medusa ? "medusa_chain" : "draft_model";
+  check(models.data[0].speculative?.method === method && models.data[0].speculative?.draft_tokens === k,
+    `${label}: /v1/models says speculative ${method}, ${k} tokens`);
+  // One client at a time, not streaming and streaming.
+  let same = true, sameStream = true;
+  for (let i = 0; i < prompts.length; i++) {
+    const a = await complete(srv.url, prompts[i]);
+    same &&= a.text === ref[i].text && a.finish === "length" && a.tokens === MAX;
+    const s = await stream(srv.url, prompts[i]);
+    sameStream &&= s.text === ref[i].text && s.finish === "length";
+  }
+  check(same, `${label}: greedy text == the plain server's (one client)`);
+  check(sameStream, `${label}: streamed greedy text == the plain server's (one client)`);
+  // Several clients at once (their rounds batched), streaming and not mixed.
+  const together = await Promise.all(prompts.map((p, i) => (i % 2 ? stream(srv.url, p) : complete(srv.url, p))));
+  check(together.every((r, i) => r.text === ref[i].text), `${label}: ${prompts.length} concurrent clients each get the plain text`);
+  // Stop strings inside accepted runs, and a short max_tokens.
+  const st = await Promise.all(prompts.map((p, i) => stream(srv.url, p, { stop: [stops[i]] })));
+  check(st.every((r, i) => r.text === refStop[i].text && r.finish === "stop"),
+    `${label}: stop strings cut where the plain server cuts (streaming, concurrent)`);
+  const short = await complete(srv.url, prompts[0], { max_tokens: 7 });
+  check(short.text === refShort.text && short.tokens === 7 && short.finish === "length",
+    `${label}: max_tokens 7 gives the plain server's 7 tokens`);
+  // Seeded sampling runs through the acceptance rule and is reproducible alone.
+  const s1 = await complete(srv.url, prompts[1], { temperature: 0.9, seed: 42 });
+  const s2 = await complete(srv.url, prompts[1], { temperature: 0.9, seed: 42 });
+  check(s1.text === s2.text && s1.tokens === MAX, `${label}: a seeded sample repeats with its seed`);
+  const drafted = await metric(srv.url, "kiln_spec_draft_tokens_total");
+  const accepted = await metric(srv.url, "kiln_spec_accepted_tokens_total");
+  const rounds = await metric(srv.url, "kiln_spec_rounds_total");
+  console.log(`# ${label}: ${rounds} rounds, ${drafted} drafted, ${accepted} accepted`);
+  check(drafted > 0 && rounds > 0 && accepted >= 0 && accepted <= drafted, `${label}: /metrics counts rounds and proposals`);
+  if (draft === target) check(accepted >= 0.9 * drafted, `${label}: the target drafting for itself passes >= 90% of proposals`);
+  else if (!medusa) check(accepted < 0.5 * drafted, `${label}: a random draft mostly fails (rollbacks exercised)`);
+  await stopServer(srv);
+}
+
+// ---- bad combinations: one-line errors at startup ---------------------------------------------------------
+const smallVocab = path.join(work, "small_vocab.json");
+fs.writeFileSync(smallVocab, JSON.stringify(gpt2cfg({ vocab_size: 50304 })));
+const shortCtx = path.join(work, "short_ctx.json");
+fs.writeFileSync(shortCtx, JSON.stringify(gpt2cfg({ n_positions: 64 })));
+for (const [what, args, pattern, modelDir] of [
+  ["draft vocabulary differs", ["--draft-random-init", smallVocab], /vocab_size 50304 differs from the target's 50257/],
+  ["--draft-tokens 0", ["--draft-model", otherDraft, "--draft-tokens", "0"], /--draft-tokens must be in \[1, 15\], got 0/],
+  ["--draft-tokens 99", ["--draft-model", otherDraft, "--draft-tokens", "99"], /--draft-tokens must be in \[1, 15\], got 99/],
+  ["draft context shorter", ["--draft-random-init", shortCtx], /its context of 64 positions is shorter than the served context of 256/],
+  ["--medusa without heads", ["--medusa"], /--medusa: .* has no Medusa heads/],
+  ["--medusa-tokens 4 of 3 heads", ["--medusa", "--medusa-tokens", "4"], /--medusa-tokens must be in \[1, 3\]/, withHeads],
+  ["--medusa with a draft", ["--medusa", "--draft-model", otherDraft], /give at most one of --medusa and --draft-model/, withHeads],
+]) {
+  const r = spawnSync(kiln, ["serve", "--port", "0", "--model", modelDir ?? target, "--threads", "1", ...args], { encoding: "utf8",
+    timeout: 60000 });
+  const lines = r.stderr.trim().split("\n").filter((l) => !/listening on/.test(l));
+  check(r.status !== 0 && r.status !== null && lines.length === 1 && pattern.test(lines[0]),
+    `startup error, ${what}: ${JSON.stringify(lines.join(" | ").slice(0, 200))}`);
+}
+
+if (failed()) { console.log(`${failed()} check(s) failed`); process.exit(1); }
+console.log("all checks passed");
