@@ -7,7 +7,6 @@
 #include <omp.h>
 
 #include <algorithm>
-#include <chrono>
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
@@ -15,7 +14,7 @@
 #include <string>
 #include <vector>
 
-#include "core/rng.h"
+#include "bench/bench_util.h"
 #include "kernels/gemv.h"
 #include "kernels/matmul.h"
 
@@ -23,27 +22,10 @@ using namespace kiln;
 
 namespace {
 
-std::vector<float> random_vec(size_t n, uint64_t seed) {
-  Rng r(seed);
-  std::vector<float> v(n);
-  for (auto& x : v) x = r.uniform() * 2.0f - 1.0f;
-  return v;
-}
-
 double median_call(const std::function<void()>& fn) {
   fn();
   std::vector<double> per;
-  for (int b = 0; b < 7; b++) {
-    int calls = 0;
-    const auto t0 = std::chrono::steady_clock::now();
-    double el = 0;
-    do {
-      fn();
-      calls++;
-      el = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
-    } while (el < 0.05);
-    per.push_back(el / calls);
-  }
+  for (int b = 0; b < 7; b++) per.push_back(bench::seconds_of_batch(fn, 0.05));
   std::sort(per.begin(), per.end());
   return per[per.size() / 2];
 }
@@ -84,9 +66,9 @@ int main(int argc, char** argv) {
               "1-row ms", "x sgemm");
   double sum_k = 0, sum_s = 0;
   for (const Shape& s : shapes) {
-    const std::vector<float> W = random_vec(size_t(s.K * s.N), 1), bias = random_vec(size_t(s.N), 2);
+    const std::vector<float> W = bench::random_vec(size_t(s.K * s.N), 1), bias = bench::random_vec(size_t(s.N), 2);
     for (int64_t R : rows) {
-      const std::vector<float> x = random_vec(size_t(R * s.K), 3);
+      const std::vector<float> x = bench::random_vec(size_t(R * s.K), 3);
       std::vector<float> y(size_t(R * s.N));
       const double tk = median_call([&] {
         if (s.out_in)

@@ -15,7 +15,7 @@
 #include <string>
 #include <vector>
 
-#include "core/rng.h"
+#include "bench/bench_util.h"
 #include "kernels/activation.h"
 #include "kernels/adamw.h"
 #include "kernels/crossentropy.h"
@@ -26,29 +26,12 @@ using namespace kiln;
 
 namespace {
 
-std::vector<float> random_vec(size_t n, uint64_t seed, float scale = 1.0f) {
-  Rng r(seed);
-  std::vector<float> v(n);
-  for (auto& x : v) x = (r.uniform() * 2.0f - 1.0f) * scale;
-  return v;
-}
-
 // Seconds per call of the fastest batch: one warm-up, then batches of calls each lasting >= min_s. The
 // minimum, not the median: the build machine is shared, and interference only ever adds time.
 double time_call(const std::function<void()>& fn, double min_s = 0.1, int batches = 5) {
   fn();
   std::vector<double> per_call;
-  for (int b = 0; b < batches; b++) {
-    int calls = 0;
-    auto t0 = std::chrono::steady_clock::now();
-    double el = 0;
-    do {
-      fn();
-      calls++;
-      el = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
-    } while (el < min_s);
-    per_call.push_back(el / calls);
-  }
+  for (int b = 0; b < batches; b++) per_call.push_back(bench::seconds_of_batch(fn, min_s));
   return *std::min_element(per_call.begin(), per_call.end());
 }
 
@@ -62,7 +45,7 @@ struct GemmCase {
 double gemm_gflops(const GemmCase& c) {
   // Stored shapes: A is [M,K] (or [K,M] transposed), B is [K,N] (or [N,K]).
   const int64_t lda = c.ta ? c.M : c.K, ldb = c.tb ? c.K : c.N;
-  auto A = random_vec(size_t(c.M * c.K), 1), B = random_vec(size_t(c.K * c.N), 2);
+  auto A = bench::random_vec(size_t(c.M * c.K), 1), B = bench::random_vec(size_t(c.K * c.N), 2);
   std::vector<float> C(size_t(c.M * c.N), 0.0f);
   double s = time_call([&] {
     cpu::gemm(c.ta, c.tb, c.M, c.N, c.K, 1.0f, A.data(), lda, B.data(), ldb, c.beta, C.data(), c.N);
@@ -146,7 +129,7 @@ int main(int argc, char** argv) {
   {
     std::vector<int32_t> targets(N);
     for (int64_t n = 0; n < N; n++) targets[n] = int32_t((n * 7919) % V);
-    std::vector<float> logits = random_vec(size_t(N * V), 3, 4.0f), losses(N);
+    std::vector<float> logits = bench::random_vec(size_t(N * V), 3, 4.0f), losses(N);
     // The kernel overwrites the logits with their gradient; later calls run on those values, which are as
     // good an input as any (finite, same shape), so no copy is timed.
     auto ce = [&](bool use_cpu) {
@@ -157,7 +140,7 @@ int main(int argc, char** argv) {
   }
   {
     const int64_t n = N * 3072;
-    auto x = random_vec(size_t(n), 4, 3.0f), d = random_vec(size_t(n), 5);
+    auto x = bench::random_vec(size_t(n), 4, 3.0f), d = bench::random_vec(size_t(n), 5);
     std::vector<float> y(n);
     row("gelu forward N x 3072", [&] { cpu::gelu_forward(y.data(), x.data(), n); },
         [&] { ref::gelu_forward(y.data(), x.data(), n); });
@@ -165,7 +148,7 @@ int main(int argc, char** argv) {
         [&] { ref::gelu_backward(y.data(), x.data(), d.data(), n); });
   }
   {
-    auto x = random_vec(size_t(N * C), 6), w = random_vec(C, 7), b = random_vec(C, 8), d = random_vec(N * C, 9);
+    auto x = bench::random_vec(size_t(N * C), 6), w = bench::random_vec(C, 7), b = bench::random_vec(C, 8), d = bench::random_vec(N * C, 9);
     std::vector<float> y(N * C), mean(N), rstd(N), dx(N * C), dw(C), db(C);
     row("layernorm forward N x 768",
         [&] { cpu::layernorm_forward(y.data(), mean.data(), rstd.data(), x.data(), w.data(), b.data(), N, C, 1e-5f); },
@@ -182,7 +165,7 @@ int main(int argc, char** argv) {
   }
   {
     const int64_t n = 124'000'000 / 8;  // an eighth of GPT-2 124M (memory-bound; the ratio carries over)
-    auto p = random_vec(size_t(n), 10), g = random_vec(size_t(n), 11);
+    auto p = bench::random_vec(size_t(n), 10), g = bench::random_vec(size_t(n), 11);
     std::vector<float> m(n, 0.0f), v(n, 0.0f);
     AdamWHyper h;
     h.weight_decay = 0.1f;

@@ -22,7 +22,7 @@
 #include <vector>
 
 #include "core/memory.h"
-#include "core/rng.h"
+#include "bench/bench_util.h"
 #include "kernels/matmul_lowp.h"
 
 #ifdef KILN_HAVE_DNNL
@@ -33,24 +33,6 @@ using namespace kiln;
 
 namespace {
 
-std::vector<float> random_vec(size_t n, uint64_t seed) {
-  Rng r(seed);
-  std::vector<float> v(n);
-  for (auto& x : v) x = r.uniform() * 2.0f - 1.0f;
-  return v;
-}
-
-double seconds_of_batch(const std::function<void()>& fn, double min_s) {
-  int calls = 0;
-  const auto t0 = std::chrono::steady_clock::now();
-  double el = 0;
-  do {
-    fn();
-    calls++;
-    el = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
-  } while (el < min_s);
-  return el / calls;
-}
 
 // Fastest batch of each engine, batches interleaved so that interference from other work on the
 // machine falls on all engines alike (it only ever adds time, so the minimum is the cleanest figure).
@@ -58,7 +40,7 @@ std::vector<double> time_interleaved(const std::vector<std::function<void()>>& f
   std::vector<double> best(fns.size(), 1e30);
   for (auto& f : fns) f();  // warm-up (first-touch, primitive caches)
   for (int b = 0; b < batches; b++)
-    for (size_t i = 0; i < fns.size(); i++) best[i] = std::min(best[i], seconds_of_batch(fns[i], min_s));
+    for (size_t i = 0; i < fns.size(); i++) best[i] = std::min(best[i], bench::seconds_of_batch(fns[i], min_s));
   return best;
 }
 
@@ -144,7 +126,7 @@ int main(int argc, char** argv) {
   for (const Case& c : gpt2_cases(tokens)) {
     if (!filter.empty() && (c.layer + " " + c.op).find(filter) == std::string::npos) continue;
     const int64_t lda = c.ta ? c.M : c.K, ldb = c.tb ? c.K : c.N;
-    const auto A = random_vec(size_t(c.M * c.K), 1), B = random_vec(size_t(c.K * c.N), 2);
+    const auto A = bench::random_vec(size_t(c.M * c.K), 1), B = bench::random_vec(size_t(c.K * c.N), 2);
     std::vector<uint16_t> Al(A.size()), Bl(B.size());
     cpu::to_lowp(Al.data(), A.data(), int64_t(A.size()), LowpType::BF16);
     cpu::to_lowp(Bl.data(), B.data(), int64_t(B.size()), LowpType::BF16);

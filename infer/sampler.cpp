@@ -96,6 +96,18 @@ void Sampler::candidates(const float* logits, int V, std::vector<Candidate>& out
   for (size_t i = 0; i < keep; i++) out.push_back({s.idx[i], float(s.w[size_t(s.idx[i])] / total)});
 }
 
+void Sampler::distribution(const float* logits, int V, std::vector<double>& dense) const {
+  dense.assign(size_t(V), 0.0);
+  if (params_.greedy()) {
+    dense[size_t(argmax(logits, V))] = 1.0;
+    return;
+  }
+  thread_local SamplerScratch s;
+  double total = 0;
+  const size_t keep = filter(params_, logits, V, s, total, /*sorted=*/false);
+  for (size_t i = 0; i < keep; i++) dense[size_t(s.idx[i])] = s.w[size_t(s.idx[i])] / total;
+}
+
 int32_t Sampler::sample(const float* logits, int V) {
   KILN_CHECK(V >= 1, "sampling: empty vocabulary");
   // Two words per draw whatever the path, so the stream position depends only on the number of samples.

@@ -47,6 +47,9 @@ class Sampler {
   // The tokens a draw can return and their probabilities (greedy: the arg max alone with p = 1), ordered by
   // decreasing probability. Exposed for tests and for callers that want the distribution itself.
   void candidates(const float* logits, int V, std::vector<Candidate>& out) const;
+  // The same distribution dense over [0, V) (0 for filtered-out ids), without ordering it: what speculative
+  // decoding's acceptance rule reads per position (a sort of the vocabulary per position would cost more).
+  void distribution(const float* logits, int V, std::vector<double>& dense) const;
 
   const SamplingParams& params() const { return params_; }
 

@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <chrono>
+#include <cmath>
 
 #include "core/error.h"
 
@@ -46,10 +47,7 @@ Verdict accept_or_resample(const std::vector<double>& p, const std::vector<doubl
 }
 
 void dense_distribution(const Sampler& s, const float* logits, int V, std::vector<double>& out) {
-  thread_local std::vector<Candidate> c;
-  s.candidates(logits, V, c);
-  out.assign(size_t(V), 0.0);
-  for (const Candidate& k : c) out[size_t(k.id)] = k.p;
+  s.distribution(logits, V, out);
 }
 
 int verify_proposals(const Sampler& sampler, const float* target_logits, int TV, int V,
@@ -88,18 +86,33 @@ bool report_round(const std::vector<int32_t>& produced, SpeculativeStats& st, bo
   return false;
 }
 
+namespace {
+// The draft's probability of its most likely token under its raw logits (temperature 1, no filters): how sure
+// it is, which decides whether a proposal is worth a verification row (--draft-min-prob).
+double top_probability(const float* logits, int V) {
+  float m = logits[0];
+  for (int i = 1; i < V; i++) m = std::max(m, logits[i]);
+  double sum = 0;
+  for (int i = 0; i < V; i++) sum += std::exp(double(logits[i]) - double(m));
+  return 1.0 / sum;
+}
+}  // namespace
+
 FinishReason generate_speculative(IncrementalDecoder& target, IncrementalDecoder& draft, const Sampler& sampler,
                                   const std::vector<int32_t>& prompt, const GenerateLimits& lim, int draft_tokens,
-                                  const std::function<bool(int32_t)>& on_token, SpeculativeStats* stats) {
+                                  const std::function<bool(int32_t)>& on_token, SpeculativeStats* stats,
+                                  double draft_min_prob) {
   using Clock = std::chrono::steady_clock;
   KILN_CHECK(target.batch() == 1 && draft.batch() == 1, "speculative decoding: the decoders must have batch 1");
   KILN_CHECK(draft_tokens >= 1, "--draft-tokens must be >= 1, got ", draft_tokens);
+  KILN_CHECK(draft_min_prob >= 0 && draft_min_prob < 1, "--draft-min-prob must be in [0, 1), got ", draft_min_prob);
   KILN_CHECK(!prompt.empty(), "generate: the prompt is empty");
   KILN_CHECK(lim.max_new >= 0, "--max-new must be >= 0, got ", lim.max_new);
   const int TV = target.config().vocab_size;
   const int V = lim.sample_vocab > 0 ? std::min(lim.sample_vocab, TV) : TV;
-  KILN_CHECK(draft.config().vocab_size >= V, "--draft-model: its vocabulary has ", draft.config().vocab_size,
-             " tokens, fewer than the ", V, " the target samples from");
+  const int DV = draft.config().vocab_size;
+  KILN_CHECK(DV >= V, "--draft-model: its vocabulary has ", DV, " tokens, fewer than the ", V,
+             " the target samples from");
   const int max_len = std::min(lim.max_length > 0 ? lim.max_length : target.max_positions(), target.max_positions());
   const int P = int(prompt.size());
   KILN_CHECK(P <= max_len, "the prompt has ", P, " tokens, more than the model's context of ", max_len,
@@ -118,16 +131,17 @@ FinishReason generate_speculative(IncrementalDecoder& target, IncrementalDecoder
   target.reset();
   draft.reset();
   const auto t0 = Clock::now();
-  // Both caches hold every committed token but the last one (`last`, not yet fed to either). The draft may lag
-  // further behind: `pending` holds the committed tokens (before last) it has still to take in.
+  // seq: every committed token. The target's cache holds all of them but the last (not yet fed); the draft's a
+  // prefix of them (it may lag further behind: it takes in the rest, seq[draft.length() ..], when it next runs).
   const float* lg = target.forward(prompt.data(), P);
   dense_distribution(sampler, lg, V, p);
-  std::vector<int32_t> pending(prompt.begin(), prompt.end());
+  std::vector<int32_t> seq(prompt.begin(), prompt.end());
   std::vector<int32_t> produced{sample_dense(p, rng)}, feed, drafts;
 
   FinishReason why = FinishReason::Length;
   bool first = true;
   for (;;) {
+    seq.insert(seq.end(), produced.begin(), produced.end());
     // Report this round's tokens one by one; each may end generation (as plain decoding would, at it).
     if (report_round(produced, st, first, t0, on_token, lim, P, max_len, why)) break;
     const int32_t last = produced.back();
@@ -137,41 +151,35 @@ FinishReason generate_speculative(IncrementalDecoder& target, IncrementalDecoder
     const int k = std::max(0, std::min({draft_tokens, lim.max_new - st.base.new_tokens - 1, max_len - committed - 1,
                                         draft.max_positions() - committed + 1}));
 
-    // Draft: k proposals, each drawn from the draft's filtered distribution.
+    // Draft: up to k proposals, each drawn from the draft's filtered distribution. It stops early when it is
+    // unsure (its top probability below draft_min_prob): a proposal it would likely lose costs a verification
+    // row. The choice reads only the draft, so the output distribution stays the target's.
     drafts.clear();
     if (int(qs.size()) < k) qs.resize(size_t(k));
-    if (k > 0) {
-      pending.push_back(last);
-      for (int i = 0; i < k; i++) {
-        const float* dl = draft.forward(pending.data(), int(pending.size()));
-        dense_distribution(sampler, dl, V, qs[size_t(i)]);
-        drafts.push_back(sample_dense(qs[size_t(i)], rng));
-        pending.assign(1, drafts.back());
-      }
+    for (int i = 0; i < k; i++) {
+      const float* dl = i == 0 ? draft.forward(seq.data() + draft.length(), committed - draft.length())
+                               : draft.forward(&drafts.back(), 1);
+      if (draft_min_prob > 0 && top_probability(dl, DV) < draft_min_prob) break;
+      dense_distribution(sampler, dl, V, qs[size_t(i)]);
+      drafts.push_back(sample_dense(qs[size_t(i)], rng));
     }
-    // Target: last and the proposals in one pass; position i's logits score proposal i (i = k: the bonus).
+    const int kd = int(drafts.size());
+    // Target: last and the proposals in one pass; position i's logits score proposal i (i = kd: the bonus).
     feed.assign(1, last);
     feed.insert(feed.end(), drafts.begin(), drafts.end());
     const float* tl = target.forward(feed.data(), int(feed.size()), /*all_logits=*/true);
     st.base.decode_steps++;
     st.rounds++;
-    st.drafted += k;
-    for (int j = 0; j < k; j++) st.drafted_at[size_t(j)]++;
-    const int accepted = verify_proposals(sampler, tl, TV, V, qs.data(), drafts.data(), k, rng, produced);
+    st.drafted += kd;
+    for (int j = 0; j < kd; j++) st.drafted_at[size_t(j)]++;
+    const int accepted = verify_proposals(sampler, tl, TV, V, qs.data(), drafts.data(), kd, rng, produced);
     for (int j = 0; j < accepted; j++) st.accepted_at[size_t(j)]++;
     st.accepted += accepted;
-    // Roll back past the rejection: the target keeps last and the accepted proposals; the draft took in last
-    // and proposals 0 .. k-2, so it keeps the same, or (all k passed) still has the last proposal to take in.
+    // Roll back past the rejection: both keep last and the accepted proposals at most (the draft may hold fewer:
+    // it has not taken in its last proposal, or did not run this round).
     const int keep = committed + accepted;  // cached tokens after this round (all but the newest)
     target.truncate(keep);
-    if (k == 0) {
-      pending.push_back(last);  // the draft did nothing this round: it still has to take in last
-    } else if (accepted < k) {
-      draft.truncate(keep);
-      pending.clear();
-    } else {
-      pending.assign(1, drafts.back());  // it holds keep - 1 tokens
-    }
+    if (draft.length() > keep) draft.truncate(keep);
   }
   st.base.decode_s = std::chrono::duration<double>(Clock::now() - t0).count() - st.base.prefill_s;
   if (stats) *stats = st;

@@ -67,9 +67,11 @@ bool report_round(const std::vector<int32_t>& produced, SpeculativeStats& st, bo
 
 // generate() (infer/generate.h) with a draft: the same limits, on_token contract and finish reasons; both
 // decoders batch 1 with vocabularies covering the sampled ids; each is reset first. draft_tokens >= 1.
-// The sampler's parameters apply to both models; draws come from an Rng seeded by its seed.
+// The sampler's parameters apply to both models; draws come from an Rng seeded by its seed. draft_min_prob > 0
+// ends a round's drafting early, before a proposal where the draft's top probability (raw logits) is below it.
 FinishReason generate_speculative(IncrementalDecoder& target, IncrementalDecoder& draft, const Sampler& sampler,
                                   const std::vector<int32_t>& prompt, const GenerateLimits& lim, int draft_tokens,
-                                  const std::function<bool(int32_t)>& on_token, SpeculativeStats* stats = nullptr);
+                                  const std::function<bool(int32_t)>& on_token, SpeculativeStats* stats = nullptr,
+                                  double draft_min_prob = 0.0);
 
 }  // namespace kiln

@@ -52,8 +52,10 @@ NarrowMatrix narrow_convert(void* storage, WeightFormat f, const float* src, int
 // The weight [m, k] of a narrow matrix in fp32 (exact).
 float narrow_at(const NarrowMatrix& A, int64_t m, int64_t k);
 
-// Calls of cpu::narrow_gemm with more rows than this widen tiles and use sgemm.
-constexpr int kNarrowDirectRows = 16;
+// Calls of cpu::narrow_gemm with more rows than this widen tiles and use sgemm. 64: a Medusa tree (up to 64
+// nodes) or a verification pass stays on the direct path, where each row costs what a 1-row step's products do
+// (the widening costs ~8 bf16 steps of a 32M model whatever the row count; direct rows ~0.2 step each).
+constexpr int kNarrowDirectRows = 64;
 
 namespace cpu {
 // y[n·ldy + m] = (accumulate ? y : 0) + Σ_k x[n·ldx + k]·A[m, k] (+ bias[m]) for n < N, m < M.

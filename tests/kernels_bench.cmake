@@ -18,7 +18,11 @@ set_target_properties(decode_bandwidth_bench PROPERTIES RUNTIME_OUTPUT_DIRECTORY
 add_executable(moe_bench ${CMAKE_SOURCE_DIR}/bench/moe_bench.cpp)
 target_link_libraries(moe_bench PRIVATE kiln_lib)
 set_target_properties(moe_bench PROPERTIES RUNTIME_OUTPUT_DIRECTORY ${CMAKE_BINARY_DIR})
-# The decoding batch's products (vecmat_batch / matvec_batch) beside OpenBLAS sgemm at 1-16 rows.
+# The decoding batch's products (vecmat_batch / matvec_batch) beside OpenBLAS sgemm at 1-64 rows.
 add_executable(batch_gemv_bench ${CMAKE_SOURCE_DIR}/bench/batch_gemv_bench.cpp)
 target_link_libraries(batch_gemv_bench PRIVATE kiln_lib)
 set_target_properties(batch_gemv_bench PROPERTIES RUNTIME_OUTPUT_DIRECTORY ${CMAKE_BINARY_DIR})
+# A verification pass (K+1 positions, a Medusa tree) beside the 1-token decoding step of the same decoder.
+add_executable(verify_pass_bench ${CMAKE_SOURCE_DIR}/bench/verify_pass_bench.cpp)
+target_link_libraries(verify_pass_bench PRIVATE kiln_lib kiln_gpu_emu)
+set_target_properties(verify_pass_bench PROPERTIES RUNTIME_OUTPUT_DIRECTORY ${CMAKE_BINARY_DIR})

@@ -104,7 +104,8 @@ void expect_matches_ref(WeightFormat f, int64_t M, int64_t K, int64_t N, bool bi
 TEST(NarrowGemv, MatchesReference) {
   for (WeightFormat f : kFormats)
     for (int64_t K : {16, 29, 64, 96, 200, 768})
-      for (int64_t N : {1, 3, 8, 9, 16, 17, 40})
+      for (int64_t N : {int64_t(1), int64_t(3), int64_t(8), int64_t(9), int64_t(16), int64_t(17), int64_t(40),
+                        int64_t(kNarrowDirectRows + 1)})
         for (bool portable : {false, true}) {
           if (N > 9 && K != 96 && K != 768) continue;
           expect_matches_ref(f, 70, K, N, N % 2 == 1, N == 3 || N == 17, portable);

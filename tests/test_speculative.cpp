@@ -128,16 +128,20 @@ TEST(Speculative, SamplesFollowTheTargetDistribution) {
     const char* name;
     std::vector<std::vector<float>> draft;
     int K, top_k;
+    double min_prob = 0;  // --draft-min-prob: rounds of fewer proposals when the draft is unsure
   };
   std::vector<Case> cases = {
       {"draft = target", target, 3, 0},
       {"mild mismatch", random_table(V, 2, 0.5f), 3, 0},
       {"strong mismatch", random_table(V, 3, 3.0f), 2, 0},
       {"top-k 2 (disjoint supports)", random_table(V, 4, 2.0f), 3, 2},
+      {"mild mismatch, drafting ends below p 0.6", {}, 3, 0, 0.6},
   };
   // Mild mismatch: the target plus noise.
   for (size_t i = 0; i < target.size(); i++)
     for (size_t j = 0; j < target[i].size(); j++) cases[1].draft[i][j] += target[i][j];
+  cases[4].draft = cases[1].draft;
+  double mild_per_round = 0;
   for (const Case& c : cases) {
     SamplingParams sp;
     sp.temperature = 1.0f;
@@ -155,12 +159,13 @@ TEST(Speculative, SamplesFollowTheTargetDistribution) {
       GenerateLimits lim;
       lim.max_new = L;
       SpeculativeStats st;
-      generate_speculative(t, d, s, {0}, lim, c.K, [&](int32_t x) { got.push_back(x); return true; }, &st);
+      generate_speculative(t, d, s, {0}, lim, c.K, [&](int32_t x) { got.push_back(x); return true; }, &st,
+                           c.min_prob);
       ASSERT_EQ(got.size(), size_t(L));
       size_t cell = 0;
       for (int32_t x : got) cell = cell * V + size_t(x);
       counts[cell]++;
-      total.drafted += st.drafted, total.accepted += st.accepted;
+      total.drafted += st.drafted, total.accepted += st.accepted, total.rounds += st.rounds;
     }
     const Chi2 x2 = chi2_of(exact, counts, n);
     double tv = 0, expect_tv = 0;
@@ -168,8 +173,13 @@ TEST(Speculative, SamplesFollowTheTargetDistribution) {
       tv += 0.5 * std::fabs(double(counts[i]) / n - exact[i]);
       expect_tv += 0.5 * std::sqrt(2.0 * exact[i] * (1 - exact[i]) / (M_PI * n));  // E|binomial/n − p|
     }
-    std::printf("%s: acceptance %.3f, chi2 %.1f (df %d), TV %.4f (sampling noise alone: %.4f)\n", c.name,
-                total.acceptance_rate(), x2.stat, x2.df, tv, expect_tv);
+    std::printf("%s: acceptance %.3f, %.2f proposals per round, chi2 %.1f (df %d), TV %.4f (sampling noise alone: "
+                "%.4f)\n", c.name, total.acceptance_rate(), double(total.drafted) / double(total.rounds), x2.stat, x2.df,
+                tv, expect_tv);
+    // The same draft without the threshold (case 1, run before) proposes more per round.
+    const double per_round = double(total.drafted) / double(total.rounds);
+    if (c.min_prob > 0) EXPECT_LT(per_round, 0.8 * mild_per_round) << "drafting never ended early";
+    if (&c == &cases[1]) mild_per_round = per_round;
     EXPECT_TRUE(chi2_passes(x2.stat, x2.df)) << c.name << ": chi2 " << x2.stat << " df " << x2.df;
     // The stated bound: total variation within 1.5x what 10^5 exact draws give on average.
     EXPECT_LT(tv, 1.5 * expect_tv) << c.name;
@@ -201,12 +211,13 @@ Gen plain(IncrementalDecoder& dec, const std::vector<int32_t>& prompt, const Gen
 }
 
 Gen speculative(IncrementalDecoder& t, IncrementalDecoder& d, const std::vector<int32_t>& prompt,
-                const GenerateLimits& lim, int K, SpeculativeStats* st = nullptr) {
+                const GenerateLimits& lim, int K, SpeculativeStats* st = nullptr, double min_prob = 0) {
   SamplingParams sp;
   sp.temperature = 0;
   Sampler s(sp);
   Gen r;
-  r.why = generate_speculative(t, d, s, prompt, lim, K, [&](int32_t x) { r.tokens.push_back(x); return true; }, st);
+  r.why = generate_speculative(t, d, s, prompt, lim, K, [&](int32_t x) { r.tokens.push_back(x); return true; }, st,
+                               min_prob);
   return r;
 }
 
@@ -257,6 +268,11 @@ TEST(Speculative, GreedyEqualsPlainGreedy) {
           EXPECT_EQ(b.why, a.why);
           EXPECT_EQ(b.tokens, a.tokens);
           if (pr.target == pr.draft) EXPECT_EQ(st.accepted, st.drafted);  // its own draft: every proposal passes
+          // Drafting that ends early when the draft is unsure (rounds of 0 .. K proposals): the same output.
+          SpeculativeStats sm;
+          const Gen m = speculative(*t, *dr, prompt, lim, K, &sm, 0.6);
+          EXPECT_EQ(m.tokens, a.tokens);
+          EXPECT_LE(sm.drafted, int64_t(sm.rounds) * K);
           // End-of-text inside a draft: stop at a token from the middle of the plain output.
           GenerateLimits le = lim;
           le.eot = a.tokens[a.tokens.size() / 2];

@@ -1570,14 +1570,14 @@ void add_adamw(std::vector<OpCase>& t) {
 
 // The weight arrives as fp32 and each side converts it the same way (narrow_convert is deterministic), so all
 // read the same narrow matrix. Shapes: a column tail (29, 200), two 16-column chunks (96), GPT-2's width; row
-// counts 1 (decoding), 3, 8 (a verification pass) and 17 (past kNarrowDirectRows: cpu:: keeps x in fp32 there,
-// so the q8_0 case runs on ref and cuda only).
+// counts 1 (decoding), 3, 8 (a verification pass) and kNarrowDirectRows + 1 (cpu:: keeps x in fp32 there, so
+// the q8_0 case runs on ref and cuda only).
 void add_narrow_gemm(std::vector<OpCase>& t) {
   struct S {
     int64_t M, K, N;
   };
   for (WeightFormat f : {WeightFormat::BF16, WeightFormat::F16, WeightFormat::Q8_0})
-    for (S sh : {S{70, 96, 1}, S{33, 29, 3}, S{130, 768, 8}, S{20, 200, 17}}) {
+    for (S sh : {S{70, 96, 1}, S{33, 29, 3}, S{130, 768, 8}, S{20, 200, kNarrowDirectRows + 1}}) {
       const int64_t M = sh.M, K = sh.K, N = sh.N;
       const bool acc = N % 2 == 1;
       OpCase c = make("narrow_gemm", fmt("%s M%ld K%ld N%ld%s", weight_format_name(f), long(M), long(K), long(N),

@@ -50,6 +50,7 @@ struct GenerateOptions {
   std::string model, random_init, tokenizer, prompt, prompt_ids, stop, device = "cpu", weights_dtype = "f32";
   std::string draft_model, draft_random_init;
   int draft_tokens = 4;
+  double draft_min_prob = 0.0;
   bool medusa = false, no_medusa = false;
   std::string medusa_tree;
   float typical_threshold = 0.09f, typical_alpha = 0.3f;
@@ -183,6 +184,8 @@ void run_generate(const GenerateOptions& o) {
   KILN_CHECK(o.draft_model.empty() || o.draft_random_init.empty(),
              "give at most one of --draft-model and --draft-random-init");
   KILN_CHECK(o.draft_tokens >= 1, "--draft-tokens must be >= 1, got ", o.draft_tokens);
+  KILN_CHECK(o.draft_min_prob >= 0 && o.draft_min_prob < 1, "--draft-min-prob must be in [0, 1), got ",
+             o.draft_min_prob);
   const bool speculative = !o.draft_model.empty() || !o.draft_random_init.empty();
   std::unique_ptr<Model> draft_model;
   std::unique_ptr<IncrementalDecoder> draft;
@@ -273,7 +276,7 @@ void run_generate(const GenerateOptions& o) {
     why = generate_medusa(*dec, heads, sampler, prompt, lim, mparams, on_token, &mst);
     st = mst.base;
   } else if (speculative) {
-    why = generate_speculative(*dec, *draft, sampler, prompt, lim, draft_tokens, on_token, &sst);
+    why = generate_speculative(*dec, *draft, sampler, prompt, lim, draft_tokens, on_token, &sst, o.draft_min_prob);
     st = sst.base;
   } else if (mtp) {
     why = generate_self_draft(*dec, sampler, prompt, lim, draft_tokens, on_token, &sst);
@@ -373,6 +376,10 @@ kiln::cli::Command generate_cmd("generate", [](CLI::App& root) {
                             "Speculative decoding: tokens the draft proposes per round (K; MTP self-drafting: at most, and by "
                             "default, the model's number of MTP modules)")
                 ->capture_default_str();
+  c->add_option("--draft-min-prob", o->draft_min_prob,
+                "Speculative decoding: end a round's drafting before a proposal the draft gives less than this "
+                "probability (its raw softmax; 0: always K): each proposal costs a row of the target's pass")
+      ->capture_default_str();
   c->add_flag("--mtp-draft", o->mtp_draft,
               "Draft with the model's own multi-token-prediction modules (the default when it has them)");
   c->add_flag("--no-mtp-draft", o->no_mtp_draft, "Plain decoding for a model with MTP modules");
