@@ -56,7 +56,7 @@ struct MedusaStats {
 };
 
 // generate() with Medusa heads: the same limits, on_token contract and finish reasons. The decoder has batch 1
-// and tree attention (the CPU TransformerDecoder); heads match its d_model and vocabulary. Greedy unless
+// and tree attention (TransformerDecoder on the CPU or the GPU); heads match its d_model and vocabulary. Greedy unless
 // params.typical (then the sampler's temperature / top-k / top-p give the roots).
 FinishReason generate_medusa(IncrementalDecoder& dec, const nn::MedusaHeads& heads, const Sampler& sampler,
                              const std::vector<int32_t>& prompt, const GenerateLimits& lim,

@@ -9,13 +9,16 @@
 namespace kiln {
 
 FinishReason generate_self_draft(IncrementalDecoder& dec, const Sampler& sampler, const std::vector<int32_t>& prompt,
-                                 const GenerateLimits& lim, const std::function<bool(int32_t)>& on_token,
-                                 SpeculativeStats* stats) {
+                                 const GenerateLimits& lim, int draft_tokens,
+                                 const std::function<bool(int32_t)>& on_token, SpeculativeStats* stats) {
   using Clock = std::chrono::steady_clock;
   KILN_CHECK(dec.batch() == 1, "MTP self-drafting: the decoder must have batch 1");
-  const int chunk = dec.self_draft_chunk();
-  KILN_CHECK(chunk >= 2, "--mtp-draft: the model (", dec.config().family,
+  const int D = dec.self_draft_depth();
+  KILN_CHECK(D >= 1, "--mtp-draft: the model (", dec.config().family,
              ") has no multi-token-prediction modules (num_nextn_predict_layers) to draft with");
+  KILN_CHECK(draft_tokens >= 1 && draft_tokens <= D, "--draft-tokens ", draft_tokens, ": the model has ", D,
+             " multi-token-prediction module", D == 1 ? "" : "s", ", so MTP self-drafting proposes 1 to ", D,
+             " tokens per round");
   KILN_CHECK(!prompt.empty(), "generate: the prompt is empty");
   KILN_CHECK(lim.max_new >= 0, "--max-new must be >= 0, got ", lim.max_new);
   const int TV = dec.config().vocab_size;
@@ -26,24 +29,20 @@ FinishReason generate_self_draft(IncrementalDecoder& dec, const Sampler& sampler
              " positions");
   SpeculativeStats st;
   st.base.prompt_tokens = P;
+  st.drafted_at.assign(size_t(draft_tokens), 0);
+  st.accepted_at.assign(size_t(draft_tokens), 0);
   if (stats) *stats = st;
   if (lim.max_new == 0) return FinishReason::Length;
   if (P == max_len) return FinishReason::Context;
 
   Rng rng(sampler.params().seed);
-  std::vector<double> p, q;
+  std::vector<double> p;  // the prefill's distribution
+  std::vector<std::vector<double>> qs(static_cast<size_t>(draft_tokens));  // each draft's distribution
   dec.reset();
   const auto t0 = Clock::now();
-  // The prompt in pieces the draft can follow: after each but the last, the module takes the piece in (its
-  // guess discarded), so its cache covers the prompt; the last piece's turn comes with the first token.
-  const float* lg = nullptr;
-  int kept = 0;  // positions of the last forward that the cache keeps: the draft runs over them
-  for (int s = 0; s < P; s += kept) {
-    kept = std::min(chunk, P - s);
-    lg = dec.forward(prompt.data() + s, kept);
-    if (s + kept < P) dec.self_draft(&prompt[size_t(s + kept)], kept);
-  }
-  dense_distribution(sampler, lg, V, p);
+  // The cache holds every committed token but the last (`last`, not yet fed); the modules catch up over the
+  // prompt at the first draft.
+  dense_distribution(sampler, dec.forward(prompt.data(), P), V, p);
   std::vector<int32_t> produced{sample_dense(p, rng)}, feed;
 
   FinishReason why = FinishReason::Length;
@@ -53,37 +52,27 @@ FinishReason generate_self_draft(IncrementalDecoder& dec, const Sampler& sampler
     if (report_round(produced, st, first, t0, on_token, lim, P, max_len, why)) break;
     const int32_t last = produced.back();
     const int committed = P + st.base.new_tokens;  // tokens so far; the cache holds committed - 1
-    // A guess only when the budget and the context leave room for two tokens this round (then never again:
-    // both only shrink, so the draft's cache may fall behind from here on).
-    const int k = (lim.max_new - st.base.new_tokens >= 2 && max_len - committed >= 2) ? 1 : 0;
+    // Drafts this round: at most K, and no more than the budget and the context leave room to produce.
+    const int k = std::max(0, std::min({draft_tokens, lim.max_new - st.base.new_tokens - 1, max_len - committed - 1}));
+    // Draft j from module j, its input the previous draft (the first: last).
     feed.assign(1, last);
-    if (k) {
-      dense_distribution(sampler, dec.self_draft(&last, kept), V, q);
-      feed.push_back(sample_dense(q, rng));
+    for (int j = 0; j < k; j++) {
+      dense_distribution(sampler, dec.self_draft(j + 1, feed.back()), V, qs[size_t(j)]);
+      feed.push_back(sample_dense(qs[size_t(j)], rng));
     }
-    // The model: last and the guess in one pass; position 0's logits score the guess, position 1's the bonus.
+    // The model: last and the drafts in one pass; position j's logits score draft j (j = k: the bonus).
     const float* tl = dec.forward(feed.data(), int(feed.size()), /*all_logits=*/true);
     st.base.decode_steps++;
     st.rounds++;
     st.drafted += k;
-    produced.clear();
-    dense_distribution(sampler, tl, V, p);
-    int accepted = 0;
-    if (k == 0) {
-      produced.push_back(sample_dense(p, rng));
-    } else {
-      const Verdict v = accept_or_resample(p, q, feed[1], rng);
-      produced.push_back(v.token);
-      if (v.accepted) {
-        accepted = 1;
-        dense_distribution(sampler, tl + size_t(TV), V, p);
-        produced.push_back(sample_dense(p, rng));
-      }
-    }
+    for (int j = 0; j < k; j++) st.drafted_at[size_t(j)]++;
+    // Draft j stands at feed[j + 1].
+    const int accepted = verify_proposals(sampler, tl, TV, V, qs.data(), feed.data() + 1, k, rng, produced);
+    for (int j = 0; j < accepted; j++) st.accepted_at[size_t(j)]++;
     st.accepted += accepted;
-    // Roll back past a rejection: the cache keeps last and the accepted guess, and the next draft runs over them.
+    // Roll back past the rejection: the cache keeps last and the accepted drafts; the modules find the
+    // rejected ones at the next draft and run those positions again.
     dec.truncate(committed + accepted);
-    kept = 1 + accepted;
   }
   st.base.decode_s = std::chrono::duration<double>(Clock::now() - t0).count() - st.base.prefill_s;
   if (stats) *stats = st;

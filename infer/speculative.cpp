@@ -119,6 +119,8 @@ FinishReason generate_speculative(IncrementalDecoder& target, IncrementalDecoder
              " positions");
   SpeculativeStats st;
   st.base.prompt_tokens = P;
+  st.drafted_at.assign(size_t(draft_tokens), 0);
+  st.accepted_at.assign(size_t(draft_tokens), 0);
   if (stats) *stats = st;
   if (lim.max_new == 0) return FinishReason::Length;
   if (P == max_len) return FinishReason::Context;
@@ -169,7 +171,9 @@ FinishReason generate_speculative(IncrementalDecoder& target, IncrementalDecoder
     st.base.decode_steps++;
     st.rounds++;
     st.drafted += kd;
+    for (int j = 0; j < kd; j++) st.drafted_at[size_t(j)]++;
     const int accepted = verify_proposals(sampler, tl, TV, V, qs.data(), drafts.data(), kd, rng, produced);
+    for (int j = 0; j < accepted; j++) st.accepted_at[size_t(j)]++;
     st.accepted += accepted;
     // Roll back past the rejection: both keep last and the accepted proposals at most (the draft may hold fewer:
     // it has not taken in its last proposal, or did not run this round).

@@ -25,6 +25,10 @@ struct SpeculativeStats {
   int rounds = 0;           // draft-then-verify rounds
   int64_t drafted = 0;      // tokens proposed
   int64_t accepted = 0;     // proposals accepted
+  // Per draft position j (0-based): rounds that proposed a j-th token, and those in which it was accepted (with
+  // every one before it). accepted_at[j] / drafted_at[j] is the acceptance of position j; accepted_at[j] /
+  // accepted_at[j−1] the chance it passes given that the ones before it did.
+  std::vector<int64_t> drafted_at, accepted_at;
   double acceptance_rate() const { return drafted ? double(accepted) / double(drafted) : 0.0; }
   // Proposals accepted per round, and tokens produced per round (accepted + the resampled or bonus token).
   double mean_accepted() const { return rounds ? double(accepted) / rounds : 0.0; }

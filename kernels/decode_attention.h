@@ -100,6 +100,9 @@ struct DecodeAttention {
   // than equal 64 or 128 takes a SIMT kernel (warps over keys, lanes over dims; HDv <= 512, no pages).
   int HDv = 0;
   int64_t v_batch_stride = 0, v_stride = 0;
+  // Tree attention (Medusa): device [Tq] masks as in DecodeAttentionParams::tree (the same for every sequence),
+  // or null. Takes the SIMT kernel: Tq <= 64 nodes, no window, no pages.
+  const uint64_t* tree = nullptr;
 };
 size_t decode_attention_scratch_bytes(const DecodeAttention& p);
 void decode_attention(const DecodeAttention& p, void* scratch, void* stream);

@@ -185,8 +185,9 @@ class IncrementalDecoder {
   // forward() continues from there (speculative decoding rolls back rejected tokens). Throws kiln::Error here:
   // a decoder that can roll back overrides it.
   virtual void truncate(int length);
-  // Medusa (infer/medusa.h); batch 1, host backends. These defaults throw: a decoder that can overrides them.
-  // The final norm's output [rows, C] of the last forward: every position with all_logits (the last chunk of
+  // Medusa (infer/medusa.h); batch 1, on the CPU and GPU decoders. These defaults throw: a decoder that can
+  // overrides them.
+  // The final norm's output [rows, C] (host memory, fp32; a GPU decoder's bf16 rows widened) of the last forward: every position with all_logits (the last chunk of
   // TransformerDecoder::kMaxChunk), else the last position; and of every node after forward_tree.
   virtual const float* hidden() const;
   // A candidate tree in one pass (tree attention, kernels/decode_attention.h): n <= 64 nodes, node i at position
@@ -199,13 +200,16 @@ class IncrementalDecoder {
   virtual void keep_path(int base, const int32_t* nodes, int m);
   virtual const ModelConfig& config() const = 0;
   virtual size_t cache_bytes() const = 0;
-  // Self-drafting (multi-token-prediction modules, infer/mtp_decode.h): 0 for a model without them, else the
-  // most positions a forward() may have for self_draft() to follow it.
-  virtual int self_draft_chunk() const { return 0; }
-  // After each forward() of n <= self_draft_chunk() positions: `next` [batch] the token after the first m of
-  // them (1 <= m <= n; a truncate() back to those m may come between). Returns the model's own guess [batch, V]
-  // (logits) of the token after next. Throws kiln::Error here: a decoder with MTP modules overrides it.
-  virtual const float* self_draft(const int32_t* next, int m);
+  // Self-drafting (multi-token-prediction modules, infer/mtp_decode.h; batch 1): the number of modules, 0 for a
+  // model without them.
+  virtual int self_draft_depth() const { return 0; }
+  // Draft k of a round (1 <= k <= self_draft_depth()): module k's guess [V] (logits) of token length() + k, the
+  // cache holding tokens 0 .. length()−1. `token` is module k's own input: for k = 1 token length() (the next
+  // input, already chosen), for k > 1 draft k−1 (drawn from the previous call's guess). Drafts 1 .. k−1 of the
+  // same round come first. A round may follow any forward() and truncate(): each module first catches up over
+  // the cached positions it has not seen or saw with other tokens (a rejected draft). Throws kiln::Error here:
+  // a decoder with MTP modules overrides it.
+  virtual const float* self_draft(int k, int32_t token);
 
  private:
   std::vector<int32_t> argmax_;

@@ -264,7 +264,7 @@ void IncrementalDecoder::truncate(int length) {
   KILN_CHECK(false, "decoder: this decoder cannot roll its cache back to ", length, " positions");
 }
 
-const float* IncrementalDecoder::self_draft(const int32_t*, int) {
+const float* IncrementalDecoder::self_draft(int, int32_t) {
   KILN_CHECK(false, "decoder: this model has no multi-token-prediction modules to draft with");
   return nullptr;
 }
@@ -273,8 +273,7 @@ void TransformerDecoder::truncate(int length) {
   KILN_CHECK(length >= 0 && length <= length_, "decoder: truncate to ", length, " positions of a cache holding ",
              length_);
   length_ = length;
-  mtp_length_ = std::min(mtp_length_, length);  // the MTP draft's cache rolls back with the main one
-  // draft() may still follow, over the part of the last forward that is kept (self-drafting after a rejection).
+  mtp_forget(length);  // the MTP modules' caches roll back with the main one
 }
 
 const float* IncrementalDecoder::hidden() const { fail("decoder: this decoder does not expose hidden states"); }
@@ -791,14 +790,21 @@ TransformerDecoder::TransformerDecoder(const ModelConfig& cfg, const float* para
     v_ = nn::DeviceBlock(*be_, cache, "KV cache (values)");
     be_->memset(v_.data(), 0, cache);
   }
-  if (cfg_.mtp_depth > 0) {  // the draft's one-layer cache
-    const size_t one = cache / size_t(cfg_.n_layer);
+  if (self_draft_depth() > 0) {  // the draft's one-layer caches and hidden states, one per module
+    const int D = cfg_.mtp_depth;
+    const size_t one = cache / size_t(cfg_.n_layer) * size_t(D);
     mtp_k_ = nn::DeviceBlock(*be_, one, "MTP draft cache (keys)");
     be_->memset(mtp_k_.data(), 0, one);
     if (!cfg_.mla.on()) {
       mtp_v_ = nn::DeviceBlock(*be_, one, "MTP draft cache (values)");
       be_->memset(mtp_v_.data(), 0, one);
     }
+    const size_t hist = size_t(D) * size_t(max_pos_) * size_t(cfg_.d_model) * sizeof(float);
+    mtp_hist_ = nn::DeviceBlock(*be_, hist, "MTP draft hidden states");
+    mtp_used_.assign(size_t(D), std::vector<int32_t>(size_t(max_pos_), -1));
+    mtp_len_.assign(size_t(D), 0);
+    mtp_dirty_.assign(size_t(D), 0);
+    tok_hist_.reserve(size_t(max_pos_));
   }
   // The decode attention's scratch for the longest piece of queries against the whole cache.
   nn::OpScratch ops;
@@ -861,7 +867,6 @@ void TransformerDecoder::ensure_rows(int64_t rows) {
     if (cfg_.mtp_depth > 0) {
       mtp_a_.allocate(ws, rows, block_shape(cfg_, cfg_.n_layer), /*decoding=*/true);
       mtp_zeros_ = ws.f32(rows * C);
-      mtp_prev_ = ws.f32(rows * C);
     }
     logits_d_ = ws.f32(int64_t(B) * V);
     argmax_d_ = ws.i32(B);
@@ -898,6 +903,7 @@ void TransformerDecoder::run_chunk(const int32_t* tokens, int n, int64_t tok_str
   const int32_t* tok =
       static_cast<const int32_t*>(be_->from_host(inputs_d_, inputs_.data(), inputs_.size() * sizeof(int32_t)));
   run_layers(tok, tok + N, tok + 2 * N, n);
+  note_forward(tokens, length_, n);
   length_ += n;
 }
 
@@ -965,6 +971,8 @@ bool TransformerDecoder::graph_step(const int32_t* tokens, int n, bool argmax, i
     g.epoch = ws_epoch_;
   }
   g.graph.launch();
+  hidden_rows_ = B;
+  note_forward(tokens, length_, 1);
   gpu::synchronize();
   length_ += 1;
   return true;
@@ -993,6 +1001,7 @@ void TransformerDecoder::advance(const int32_t* tokens, int n, bool all_logits) 
       const size_t bytes = sizeof(float) * size_t(B) * m * V;
       if (all_d_.size() < bytes) all_d_ = nn::DeviceBlock(*be_, bytes, "decoder logits");
       lm_head(x_, int64_t(B) * m, all_d_.as<float>());
+      hidden_rows_ = B * m;
       std::vector<float> host(be_->on_host() ? 0 : size_t(B) * m * V);
       const float* chunk_logits = static_cast<const float*>(be_->to_host(host.data(), all_d_.data(), bytes));
       for (int b = 0; b < B; b++)
@@ -1010,10 +1019,10 @@ void TransformerDecoder::last_logits(int m) {
   be_->copy_rows(nn::Act{last_, DType::F32}, C, nn::Act{x_ + int64_t(m - 1) * C, DType::F32}, int64_t(m) * C, batch_,
                  C);
   lm_head(last_, batch_, logits_d_);
+  hidden_rows_ = batch_;
 }
 
 const float* TransformerDecoder::forward(const int32_t* tokens, int n, bool all_logits) {
-  note_tokens(tokens, n);
   if (!all_logits && graph_step(tokens, n, false, cfg_.vocab_size)) return logits_h_;
   advance(tokens, n, all_logits);
   if (all_logits) return logits_.data();
@@ -1026,73 +1035,11 @@ const int32_t* TransformerDecoder::forward_argmax(const int32_t* tokens, int n, 
   const int V = cfg_.vocab_size;
   KILN_CHECK(vocab_limit >= 1 && vocab_limit <= V, "decoder: arg max over ", vocab_limit, " ids of a ", V,
              "-token vocabulary");
-  note_tokens(tokens, n);
   if (graph_step(tokens, n, true, vocab_limit)) return argmax_h_;
   advance(tokens, n, false);
   be_->argmax_rows(argmax_d_, logits_d_, batch_, vocab_limit, V);
   argmax_.resize(size_t(batch_));
   return static_cast<const int32_t*>(be_->to_host(argmax_.data(), argmax_d_, argmax_.size() * sizeof(int32_t)));
-}
-
-}  // namespace kiln
-
-namespace kiln {
-
-const float* TransformerDecoder::hidden() const {
-  KILN_CHECK(be_->on_host() && ln_.dtype == DType::F32, "decoder: hidden states are read on the CPU in fp32");
-  return static_cast<const float*>(ln_.p);
-}
-
-const float* TransformerDecoder::forward_tree(const int32_t* tokens, int n, const int32_t* depth,
-                                              const uint64_t* tree) {
-  KILN_CHECK(batch_ == 1 && be_->on_host(), "decoder: tree attention runs on the CPU with batch 1");
-  KILN_CHECK(!cfg_.mla.on(), "decoder: tree attention is not written for latent attention (", cfg_.family, ")");
-  KILN_CHECK(n >= 1 && n <= 64, "decoder: a tree has 1 to 64 nodes, got ", n);
-  KILN_CHECK(length_ > 0, "decoder: a tree continues a prompt (the cache is empty)");
-  KILN_CHECK(int64_t(length_) + n <= max_pos_, "decoder: ", length_, " cached + ", n,
-             " tree nodes exceed the context of ", max_pos_, " positions");
-  for (int i = 0; i < n; i++)
-    KILN_CHECK(depth[i] >= 0 && depth[i] <= i && ((tree[i] >> i) & 1) && (tree[i] >> i) == 1,
-               "decoder: tree node ", i, " has a bad depth or mask (a node sees itself and earlier nodes only)");
-  last_n_ = 0;  // the MTP draft needs a plain forward after this
-  const int V = cfg_.vocab_size;
-  ensure_rows(n);
-  inputs_.resize(size_t(2 * n + 1));
-  stage_inputs(inputs_.data(), tokens, n, n);
-  for (int i = 0; i < n; i++) inputs_[size_t(n + i)] = length_ + depth[i];  // a node's position is its depth's
-  const int32_t* tok = inputs_.data();  // host backend: the arrays are read in place
-  tree_ = tree;
-  run_layers(tok, tok + n, tok + 2 * n, n);
-  tree_ = nullptr;
-  length_ += n;
-  const size_t bytes = sizeof(float) * size_t(n) * V;
-  if (all_d_.size() < bytes) all_d_ = nn::DeviceBlock(*be_, bytes, "decoder logits");
-  lm_head(x_, n, all_d_.as<float>());
-  return all_d_.as<float>();
-}
-
-void TransformerDecoder::keep_path(int base, const int32_t* nodes, int m) {
-  KILN_CHECK(be_->on_host() && batch_ == 1, "decoder: keep_path runs on the CPU with batch 1");
-  KILN_CHECK(base >= 0 && m >= 0 && base + m <= length_, "decoder: keep_path of ", m, " nodes past ", base,
-             " in a cache of ", length_);
-  const int64_t W = cache_width();
-  const size_t row = size_t(W) * dtype_size(be_->act_dtype());
-  const int64_t layer_cache = int64_t(max_pos_) * W;
-  char* k = static_cast<char*>(k_.data());
-  char* v = static_cast<char*>(v_.data());
-  for (int i = 0; i < m; i++) {
-    KILN_CHECK(nodes[i] >= i && base + nodes[i] < length_ && (i == 0 || nodes[i] > nodes[i - 1]),
-               "decoder: keep_path's nodes must increase within the tree");
-    if (nodes[i] == i) continue;
-    for (int l = 0; l < cfg_.n_layer; l++) {
-      const size_t dst = size_t(l * layer_cache + int64_t(base + i) * W) * dtype_size(be_->act_dtype());
-      const size_t src = size_t(l * layer_cache + int64_t(base + nodes[i]) * W) * dtype_size(be_->act_dtype());
-      std::memmove(k + dst, k + src, row);
-      if (v) std::memmove(v + dst, v + src, row);
-    }
-  }
-  length_ = base + m;
-  mtp_length_ = std::min(mtp_length_, length_);
 }
 
 }  // namespace kiln

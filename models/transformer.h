@@ -236,23 +236,25 @@ class TransformerDecoder : public IncrementalDecoder {
   int length() const override { return length_; }
   int max_positions() const override { return max_pos_; }
   int batch() const override { return batch_; }
-  void reset() override { length_ = 0, mtp_length_ = 0, last_n_ = 0, last_start_ = 0; }
+  void reset() override {
+    length_ = 0;
+    mtp_forget(0);
+  }
   void truncate(int length) override;  // entries past length are overwritten by the next forward
   const float* hidden() const override;
   const float* forward_tree(const int32_t* tokens, int n, const int32_t* depth, const uint64_t* tree) override;
   void keep_path(int base, const int32_t* nodes, int m) override;
   const ModelConfig& config() const override { return cfg_; }
   size_t cache_bytes() const override { return k_.size() + v_.size(); }
-  // Multi-token prediction as a draft (models with MTP modules): after forward() of n positions (one chunk:
-  // n <= kMaxChunk), `next` [batch] the token chosen after the first m of them (m = 0: all n). Runs the first
-  // MTP module over those m positions (h_i of the main model with the embedding of token i+1; its own KV cache
-  // follows the main one, so call it after every forward) and returns its logits at the last one [batch, V]: a
-  // guess of the token after next. A truncate() back to m of the n positions may come between (a rejection).
-  const float* draft(const int32_t* next, int m = 0);
-  int self_draft_chunk() const override {
-    return cfg_.mtp_depth > 0 ? std::min(kMaxChunk, be_->max_decode_queries()) : 0;
-  }
-  const float* self_draft(const int32_t* next, int m) override { return draft(next, m); }
+  // Multi-token prediction as a draft (models/transformer_mtp.cpp; batch 1): module k at position i reads the
+  // previous depth's hidden state h^{k-1}_i (h^0: the main model's last block output) and the embedding of token
+  // i+k, and guesses token i+k+1, attending over its own KV cache, as the modules were trained. Module k's
+  // input at the last cached positions includes drafts 1 .. k−1 of the round: those entries are recomputed
+  // when a later round finds other tokens there (a rejection), and so is every entry past a position whose
+  // input hidden state changed (the main model or module k−1 ran it again).
+  int self_draft_depth() const override { return batch_ == 1 ? cfg_.mtp_depth : 0; }
+  const float* self_draft(int k, int32_t token) override;
+
   // Latent attention: decode in the absorbed-weights form (the default) or the plain one (the cache expanded
   // through kv_b every step; host backends).
   void set_latent_absorbed(bool absorbed);
@@ -271,16 +273,28 @@ class TransformerDecoder : public IncrementalDecoder {
   int length_ = 0;
   nn::DeviceBlock k_, v_;  // [layer][batch][position][NKV·HD] in the activation type; MLA: k_ only, [.][r + rope]
   bool absorbed_ = true;
-  const uint64_t* tree_ = nullptr;  // forward_tree's masks while its layers run
-  // The MTP draft: module 1's KV cache, its activations, the last forward's tokens ([B, n]).
-  nn::DeviceBlock mtp_k_, mtp_v_;
+  const uint64_t* tree_ = nullptr;  // forward_tree's masks while its layers run (the backend's memory)
+  nn::DeviceBlock tree_d_;          // a device decoder's copy of them (64 masks)
+  int hidden_rows_ = 0;             // rows of ln_ that the last forward left (hidden())
+  mutable std::vector<uint16_t> hidden16_;  // a device decoder's hidden(): the bf16 rows, then widened
+  mutable std::vector<float> hidden_host_;
+  // The MTP draft (batch 1): each module's one-layer KV cache ([depth][positions][width]), the hidden states
+  // each depth reads ([depth][positions][C], fp32: depth 0 the main model's, depth k module k's output), the
+  // token each module entry read, the tokens of the main cache, and what is still valid.
+  nn::DeviceBlock mtp_k_, mtp_v_, mtp_hist_;
   nn::MTPActivations mtp_a_;
   float* mtp_zeros_ = nullptr;
-  float* mtp_prev_ = nullptr;  // [B·m, C] the kept rows of x_ when draft() runs over part of the last forward
-  std::vector<int32_t> last_tokens_;
-  int last_n_ = 0, last_start_ = 0, mtp_length_ = 0;  // the last forward: n positions from last_start_
-  bool last_one_chunk_ = false;
-  void note_tokens(const int32_t* tokens, int n);
+  std::vector<std::vector<int32_t>> mtp_used_;  // [depth][position]
+  std::vector<int32_t> tok_hist_;               // [position] the main cache's tokens
+  std::vector<int> mtp_len_;                    // [depth] module entries computed (valid ones: a prefix)
+  std::vector<int> mtp_dirty_;                  // [depth] first position whose input hidden state changed since
+  int hidden_len_ = 0;                          // positions whose main hidden state is in mtp_hist_
+  std::vector<int32_t> round_in_;               // this round's module inputs past the cache: next, drafts 1 ..
+  int round_len_ = -1;                          // the cache length the round started at
+  void note_forward(const int32_t* tokens, int start, int n);  // after a plain chunk at positions start ..
+  void mtp_forget(int length);                  // the cache rolls back (or a tree) to `length` positions
+  void mtp_run(int k, int start, int end);      // module k over positions [start, end)
+
   nn::DeviceBlock expand_;  // the plain latent form's expansion buffers (nn::KVLayer)
   int64_t cache_width() const;  // floats per position and layer in k_
 

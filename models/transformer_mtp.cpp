@@ -76,77 +76,118 @@ std::vector<std::pair<std::string, double>> Transformer::loss_parts() const {
 
 namespace kiln {
 
-void TransformerDecoder::note_tokens(const int32_t* tokens, int n) {
-  if (cfg_.mtp_depth == 0 || n < 1) return;
-  last_tokens_.assign(tokens, tokens + size_t(batch_) * size_t(n));
-  last_n_ = n;
-  last_start_ = length_;
-  const int limit = length_ == 0 ? kMaxChunk : std::min(kMaxChunk, be_->max_decode_queries());
-  last_one_chunk_ = n <= limit;
+// After a plain chunk at positions start .. start+n−1 (batch 1): its tokens, and its hidden states (x_, the
+// stream before the final norm) as depth 0's input. Module 1's entries from `start` on read other hidden states
+// now.
+void TransformerDecoder::note_forward(const int32_t* tokens, int start, int n) {
+  if (self_draft_depth() == 0) return;
+  const int C = cfg_.d_model;
+  tok_hist_.resize(size_t(start));
+  tok_hist_.insert(tok_hist_.end(), tokens, tokens + n);
+  be_->copy_rows(nn::Act{mtp_hist_.as<float>() + int64_t(start) * C, DType::F32}, C, nn::Act{x_, DType::F32}, C, n,
+                 C);
+  if (hidden_len_ >= start) hidden_len_ = start + n;
+  mtp_dirty_[0] = std::min(mtp_dirty_[0], start);
 }
 
-// Module 1 at positions p .. p+m−1 of the last forward (p its first position): h_i (still in x_, the stream
-// before the final norm) and the embedding of token i+1 (the next input, or `next` for the last), attending
-// over its own cache.
-const float* TransformerDecoder::draft(const int32_t* next, int m) {
-  KILN_CHECK(cfg_.mtp_depth > 0, "decoder: draft() needs multi-token-prediction modules (", cfg_.family,
-             " model without num_nextn_predict_layers)");
-  const int n = last_n_, B = batch_, C = cfg_.d_model, V = cfg_.vocab_size, p = last_start_;
-  if (m == 0) m = n;
-  KILN_CHECK(n > 0 && mtp_length_ == p,
-             "decoder: draft() follows each forward() (the draft's cache holds ", mtp_length_, " positions, the ",
-             "last forward started at ", p, ")");
-  KILN_CHECK(m >= 1 && m <= n && length_ >= p + m, "decoder: draft() over ", m, " positions of a forward of ", n,
-             " of which the cache keeps ", length_ - p);
-  KILN_CHECK(last_one_chunk_, "decoder: draft() after a forward of ", n, " positions (more than one chunk of ",
-             kMaxChunk, ")");
-  const int64_t N = int64_t(B) * m;
-  // The module's input rows: x_ holds [B][n] rows; with m < n the first m of each sequence, packed.
-  const float* prev = x_;
-  if (m < n) {
-    be_->copy_rows(nn::Act{mtp_prev_, DType::F32}, int64_t(m) * C, nn::Act{x_, DType::F32}, int64_t(n) * C, B,
-                   int64_t(m) * C);
-    prev = mtp_prev_;
-  }
-  inputs_.resize(size_t(2 * N + B));
-  for (int b = 0; b < B; b++) {
-    KILN_CHECK(next[b] >= 0 && next[b] < V, "token id ", next[b], " is outside the model's vocabulary [0, ", V, ")");
-    inputs_[size_t(2 * N + b)] = p;
+void TransformerDecoder::mtp_forget(int length) {
+  if (self_draft_depth() == 0) return;
+  for (int& l : mtp_len_) l = std::min(l, length);
+  hidden_len_ = std::min(hidden_len_, length);
+  if (int(tok_hist_.size()) > length) tok_hist_.resize(size_t(length));
+  round_len_ = -1;
+}
+
+// Module k (1-based) over positions [start, end) of its cache, in pieces as the main layers take them: each
+// position i reads depth k−1's hidden state at i and the embedding of token i+k (the main cache's, or past it
+// this round's inputs), writes its key and value at i, and (below the last module) its output as depth k's
+// hidden state. Leaves the head's input of position end−1 in mtp_a_.ln's last row of the last piece.
+void TransformerDecoder::mtp_run(int k, int start, int end) {
+  const int C = cfg_.d_model, L = length_;
+  const int64_t width = cache_width();
+  const size_t one = size_t(max_pos_) * size_t(width);  // one module's cache, in elements
+  float* hist = mtp_hist_.as<float>();
+  std::vector<int32_t>& used = mtp_used_[size_t(k - 1)];
+  int m = 0;
+  for (int p = start; p < end; p += m) {
+    // An empty cache takes a whole piece through FlashAttention, later ones the decode attention.
+    const int limit = p == 0 ? kMaxChunk : std::min(kMaxChunk, be_->max_decode_queries());
+    m = std::min(limit, end - p);
+    ensure_rows(m);
+    inputs_.resize(size_t(2 * m + 1));
     for (int i = 0; i < m; i++) {
-      inputs_[size_t(b * m + i)] = i + 1 < m ? last_tokens_[size_t(b * n + i + 1)] : next[b];
-      inputs_[size_t(N + b * m + i)] = p + i;
+      const int at = p + i + k;  // the token module k reads at position p+i
+      const int32_t t = at < L ? tok_hist_[size_t(at)] : round_in_[size_t(at - L)];
+      inputs_[size_t(i)] = t;
+      used[size_t(p + i)] = t;
+      inputs_[size_t(m + i)] = p + i;
+    }
+    inputs_[size_t(2 * m)] = p;
+    const int32_t* tok =
+        static_cast<const int32_t*>(be_->from_host(inputs_d_, inputs_.data(), inputs_.size() * sizeof(int32_t)));
+    nn::KVLayer cache;
+    cache.k = nn::Act{mtp_k_.data(), be_->act_dtype()}.at(int64_t(k - 1) * int64_t(one));
+    if (mtp_v_.data()) cache.v = nn::Act{mtp_v_.data(), be_->act_dtype()}.at(int64_t(k - 1) * int64_t(one));
+    cache.batch_stride = int64_t(max_pos_) * width;
+    cache.past = tok + 2 * m;
+    cache.max_positions = max_pos_;
+    cache.B = 1;
+    cache.Tq = m;
+    cache.fresh = p == 0 && m > 1;
+    cache.absorbed = absorbed_;
+    if (cfg_.mla.on() && expand_.data()) {  // the plain form's expansion buffers, shared with the main layers
+      const nn::MLAShape M = block_shape(cfg_, 0).mla;
+      const int64_t P = max_pos_;
+      const nn::Act e{expand_.data(), be_->act_dtype()};
+      cache.expand_c = e;
+      cache.expand_kv = e.at(P * M.r);
+      cache.expand_k = e.at(P * (M.r + M.kv()));
+      cache.expand_v = e.at(P * (M.r + M.kv()) + P * M.NH * M.qk());
+    }
+    be_->memset(mtp_zeros_, 0, size_t(m) * C * sizeof(float));
+    const float* prev = hist + (int64_t(k - 1) * max_pos_ + p) * C;
+    w_.mtp[size_t(k - 1)].forward(*be_, mtp_a_, s_, prev, tok, w_.wte, tok + m, attention_params(cfg_, 1, m), m,
+                                  mtp_zeros_, &cache);
+    if (k < cfg_.mtp_depth)
+      be_->copy_rows(nn::Act{hist + (int64_t(k) * max_pos_ + p) * C, DType::F32}, C,
+                     nn::Act{mtp_a_.h, DType::F32}, C, m, C);
+  }
+  // The head's input of the last position.
+  be_->copy_rows(ln_, C, mtp_a_.ln.at(int64_t(m - 1) * C), C, 1, C);
+}
+
+const float* TransformerDecoder::self_draft(int k, int32_t token) {
+  const int D = self_draft_depth(), L = length_, V = cfg_.vocab_size;
+  KILN_CHECK(D > 0, "decoder: self-drafting needs multi-token-prediction modules and batch 1 (", cfg_.family,
+             " model with ", cfg_.mtp_depth, " modules, batch ", batch_, ")");
+  KILN_CHECK(k >= 1 && k <= D, "decoder: draft ", k, " of a model with ", D, " multi-token-prediction modules");
+  KILN_CHECK(k == 1 || (round_len_ == L && int(round_in_.size()) == k - 1), "decoder: draft ", k,
+             " follows drafts 1 .. ", k - 1, " of the same round");
+  KILN_CHECK(L >= 1 && hidden_len_ >= L, "decoder: self-drafting needs the main model's hidden state at every ",
+             "cached position (", hidden_len_, " of ", L, "; a plain forward after a tree)");
+  KILN_CHECK(token >= 0 && token < V, "token id ", token, " is outside the model's vocabulary [0, ", V, ")");
+  if (k == 1) round_in_.clear(), round_len_ = L;
+  round_in_.push_back(token);
+  // The module's valid prefix: entries before any position whose input hidden state changed, and before the
+  // first one that read another token than the one there now (a rejected draft of an earlier round).
+  const std::vector<int32_t>& used = mtp_used_[size_t(k - 1)];
+  int start = std::min({mtp_len_[size_t(k - 1)], mtp_dirty_[size_t(k - 1)], L});
+  for (int i = 0; i < start; i++) {
+    const int at = i + k;
+    if (used[size_t(i)] != (at < L ? tok_hist_[size_t(at)] : round_in_[size_t(at - L)])) {
+      start = i;
+      break;
     }
   }
-  const int32_t* tok =
-      static_cast<const int32_t*>(be_->from_host(inputs_d_, inputs_.data(), inputs_.size() * sizeof(int32_t)));
-  nn::KVLayer cache;
-  cache.k = nn::Act{mtp_k_.data(), be_->act_dtype()};
-  cache.v = nn::Act{mtp_v_.data(), be_->act_dtype()};
-  cache.batch_stride = int64_t(max_pos_) * cache_width();
-  cache.past = tok + 2 * N;
-  cache.max_positions = max_pos_;
-  cache.B = B;
-  cache.Tq = m;
-  cache.fresh = p == 0 && m > 1;
-  cache.absorbed = absorbed_;
-  if (cfg_.mla.on() && expand_.data()) {  // the plain form's expansion buffers, shared with the main layers
-    const nn::MLAShape M = block_shape(cfg_, 0).mla;
-    const int64_t P = max_pos_;
-    const nn::Act e{expand_.data(), be_->act_dtype()};
-    cache.expand_c = e;
-    cache.expand_kv = e.at(P * M.r);
-    cache.expand_k = e.at(P * (M.r + M.kv()));
-    cache.expand_v = e.at(P * (M.r + M.kv()) + int64_t(B) * P * M.NH * M.qk());
-  }
-  be_->memset(mtp_zeros_, 0, size_t(N) * C * sizeof(float));
-  w_.mtp[0].forward(*be_, mtp_a_, s_, prev, tok, w_.wte, tok + N, attention_params(cfg_, B, m), N, mtp_zeros_,
-                    &cache);
-  mtp_length_ = p + m;
-  // The last position's head input of each sequence, through the shared head.
-  be_->copy_rows(ln_, C, mtp_a_.ln.at(int64_t(m - 1) * C), int64_t(m) * C, B, C);
-  be_->linear_forward(nn::Act{logits_d_, DType::F32}, ln_, w_.head, B);
-  const size_t bytes = sizeof(float) * size_t(B) * size_t(V);
-  if (!be_->on_host()) logits_.resize(bytes / sizeof(float));
+  // Position L−1 always runs: its logits are the guess (and with k > 1 it reads this round's drafts).
+  start = std::min(start, L - 1);
+  mtp_run(k, start, L);
+  mtp_len_[size_t(k - 1)] = L;
+  mtp_dirty_[size_t(k - 1)] = max_pos_;
+  if (k < D) mtp_dirty_[size_t(k)] = std::min(mtp_dirty_[size_t(k)], start);
+  be_->linear_forward(nn::Act{logits_d_, DType::F32}, ln_, w_.head, 1);
+  const size_t bytes = sizeof(float) * size_t(V);
+  if (!be_->on_host()) logits_.resize(size_t(V));
   return static_cast<const float*>(be_->to_host(logits_.data(), logits_d_, bytes));
 }
 

@@ -51,7 +51,7 @@ struct KVLayer {
   int B = 1, Tq = 1;
   bool fresh = false;                // every sequence's cache is empty: attend within the new tokens directly
   KVPages pages;                     // set: k and v are a paged cache's block pools (batch_stride unused)
-  const uint64_t* tree = nullptr;    // tree attention: [Tq] host masks (kernels/decode_attention.h), or null
+  const uint64_t* tree = nullptr;    // tree attention: [Tq] masks in the backend's memory (kernels/decode_attention.h)
   // Latent attention (nn/mla.h): k is [B][positions][kv_lora_rank + rope] (v unused). The plain form (absorbed
   // false, host backends) expands it each step through expand_c [positions, r], expand_kv [positions, kv_b out]
   // into expand_k [B][positions][NH·qk] and expand_v [B][positions][NH·vd].

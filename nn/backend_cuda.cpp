@@ -56,6 +56,7 @@ cuda::DecodeAttention to_cuda(const DecodeAttentionParams& p) {
   d.out = reinterpret_cast<uint16_t*>(p.out);
   d.out_stride = p.out_stride;
   d.pages = p.pages;
+  d.tree = p.tree;  // device masks (TransformerDecoder::forward_tree uploads them)
   return d;
 }
 
@@ -197,7 +198,6 @@ class CudaBackend final : public Backend {
     cuda::attention_backward(H(dqkv), H(dout), H(qkv), H(out), lse, p, sc, s());
   }
   void decode_attention(const DecodeAttentionParams& p) override {
-    KILN_CHECK(!p.tree, "decode_attention: tree attention (Medusa) runs on the CPU backend only");
     const cuda::DecodeAttention d = to_cuda(p);
     void* sc = scratch("decode_attention", cuda::decode_attention_scratch_bytes(d));
     cuda::decode_attention(d, sc, s());

@@ -89,6 +89,12 @@ add_test(NAME e2e.medusa_vs_torch
          COMMAND ${KILN_PY} ${CMAKE_SOURCE_DIR}/tests/e2e/medusa_vs_torch.py $<TARGET_FILE:kiln>
                  ${CMAKE_BINARY_DIR}/e2e/medusa_vs_torch)
 set_tests_properties(e2e.medusa_vs_torch PROPERTIES LABELS e2e TIMEOUT 300)
+# Medusa-2 (the base and the heads trained jointly on one weighted loss) against PyTorch autograd: the first
+# batch's loss terms and every gradient tensor, then eight AdamW steps' losses (tests/e2e/medusa2_vs_torch.py).
+add_test(NAME e2e.medusa2_vs_torch
+         COMMAND ${KILN_PY} ${CMAKE_SOURCE_DIR}/tests/e2e/medusa2_vs_torch.py $<TARGET_FILE:kiln>
+                 ${CMAKE_BINARY_DIR}/e2e/medusa2_vs_torch)
+set_tests_properties(e2e.medusa2_vs_torch PROPERTIES LABELS e2e TIMEOUT 300)
 # Data-parallel training over MPI (dist/, train/data_parallel.h): 2 and 3 ranks against one process at ZeRO
 # stages 0-3, resume across rank counts and stages, a killed rank, one-line errors (about 90 runs of a tiny
 # model: minutes on a loaded machine). Needs OpenMPI (scripts/setup.sh installs it).

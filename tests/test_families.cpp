@@ -298,7 +298,7 @@ TEST(MultiTokenPrediction, DroppingTheModulesLeavesMainLogits) {
   EXPECT_GT(parts[1].second, 0.0);
 }
 
-// The decoder's draft (the first MTP module over each forward's positions, with its own KV cache) gives the MTP
+// The decoder's draft (the first MTP module over the cached positions, with its own KV cache) gives the MTP
 // logits of the training forward: after a prompt and then token by token, in both latent decoding forms. (With
 // one module and no gradient the training forward's logits() are that module's: its head runs last.)
 TEST(MultiTokenPrediction, DraftLogitsEqualTrainingForward) {
@@ -321,16 +321,14 @@ TEST(MultiTokenPrediction, DraftLogitsEqualTrainingForward) {
     TransformerDecoder d(cfg, m->host_params(), 1, 32);
     d.set_latent_absorbed(absorbed);
     d.forward(t.data(), 5);
-    const float* l = d.draft(&t[5]);
+    const float* l = d.self_draft(1, t[5]);
     EXPECT_TRUE(test::all_close(l, &mtp[size_t(4) * V], size_t(V), 1e-5, 1e-5)) << "prompt, absorbed " << absorbed;
     for (int i = 5; i < T - 1; i++) {
       d.forward(&t[size_t(i)], 1);
-      l = d.draft(&t[size_t(i + 1)]);
+      l = d.self_draft(1, t[size_t(i + 1)]);
       EXPECT_TRUE(test::all_close(l, &mtp[size_t(i) * V], size_t(V), 1e-5, 1e-5)) << "position " << i;
     }
-    d.forward(&t[size_t(T - 1)], 1);
-    d.forward(&t[size_t(T)], 1);  // no draft after the previous forward: the draft's cache has a gap
-    EXPECT_THROW(d.draft(&t[0]), Error);
+    EXPECT_THROW(d.self_draft(2, t[0]), Error);  // one module
   }
 }
 

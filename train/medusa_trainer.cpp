@@ -11,6 +11,7 @@
 
 #include "core/error.h"
 #include "core/file_io.h"
+#include "core/safetensors.h"
 #include "models/checkpoint.h"
 #include "models/medusa_checkpoint.h"
 #include "nn/medusa.h"
@@ -53,6 +54,24 @@ std::string save(const TrainOptions& opt, Model& model, const nn::MedusaShape& s
   KILN_CHECK(::symlink(name, tmp.c_str()) == 0, tmp, ": cannot create symlink");
   KILN_CHECK(std::rename(tmp.c_str(), (fs::path(opt.out) / "latest").c_str()) == 0, opt.out, "/latest: cannot update");
   return dir;
+}
+
+// The step's gradients: the base's (joint training) in its table's file layout, then the heads'.
+void write_grads(const std::string& path, Model& model, bool joint, const nn::MedusaShape& s, const float* grads) {
+  std::vector<Tensor> ts;
+  if (joint) {
+    const ParamBlocks b = model.blocks();
+    KILN_CHECK(b.grads && b.backend && b.backend->on_host(), "--medusa-grads-out: the base's gradients are not on the host");
+    for (const FileTensor& f : model.table().file_tensors())
+      ts.push_back(Tensor{f.name, DType::F32, f.shape, b.grads + f.offset});
+  }
+  for (int k = 0; k < s.K; k++) {
+    const std::string h = "medusa." + std::to_string(k) + ".";
+    ts.push_back({h + "res.weight", DType::F32, Shape{s.C, s.C}, const_cast<float*>(grads + s.w_off(k))});
+    ts.push_back({h + "res.bias", DType::F32, Shape{s.C}, const_cast<float*>(grads + s.b_off(k))});
+    ts.push_back({h + "head.weight", DType::F32, Shape{s.V, s.C}, const_cast<float*>(grads + s.h_off(k))});
+  }
+  write_safetensors(path, ts, {{"format", "pt"}});
 }
 
 }  // namespace
@@ -160,6 +179,7 @@ double train_medusa(const TrainOptions& opt, const MedusaTrainOptions& m) {
       heads.backward(h, N, logits.data(), act, m.joint ? model->final_hidden_grad() : nullptr);
       if (m.joint) model->backward();
     }
+    if (step == 0 && !m.grads_out.empty()) write_grads(m.grads_out, *model, m.joint, s, grads.data());
     const double norm = opt_heads.grad_norm(grads.data());
     opt_heads.update(params.data(), grads.data(), lr, step + 1, norm, 1.0f, /*zero_grads=*/true);
     double base_norm = 0;

@@ -17,6 +17,9 @@ struct MedusaTrainOptions {
   bool joint = false;        // Medusa-2
   float decay = 0.8f;        // λ_k = decay^k
   float heads_weight = 0.2f; // joint: the weight of the heads' loss beside the base's
+  // Set: the first step's gradients of the loss (before clipping), the base's under its file names (with
+  // joint) and the heads' under medusa.safetensors' names, written to this safetensors file (a peer checks them).
+  std::string grads_out;
 };
 
 // The per-head targets of a batch: head k (1-based) at row i gets the token k places after row i's target, when

@@ -11,6 +11,8 @@
 // sliding window only those after past_b + i − window: a split skips the tiles before the window of its first
 // query (it leaves an empty partial when none remains) and the scores outside it are masked.
 // Grouped-query attention: query head h reads cache head h / (NH / NKV).
+// Tree attention (Medusa's candidate trees) takes the SIMT kernel below: query i skips the new keys its mask
+// leaves out (they are other branches of the tree); the tensor-core kernel stays causal-only.
 #include <algorithm>
 #include <cmath>
 
@@ -243,6 +245,7 @@ struct WideArgs {
   int64_t q_stride, kv_batch_stride, kv_stride, v_batch_stride, v_stride, out_stride;
   int Tq, NH, group, window, HD, HDv;
   float scale_log2;
+  const uint64_t* tree;  // [Tq] node masks over the new keys, or null (causal)
 };
 
 KILN_GLOBAL void __launch_bounds__(kWideThreads) decode_wide_kernel(WideArgs a) {
@@ -256,12 +259,15 @@ KILN_GLOBAL void __launch_bounds__(kWideThreads) decode_wide_kernel(WideArgs a) 
   const int64_t kvh = h / a.group;
   const uint16_t* kb = a.k + int64_t(b) * a.kv_batch_stride + kvh * a.HD;
   const uint16_t* vb = a.v + int64_t(b) * a.v_batch_stride + kvh * a.HDv;
-  const int self = a.past[b] + i;  // this query's position: it sees keys lo .. self
+  const int past = a.past[b], self = past + i;  // this query's slot: it sees keys lo .. self
   const int lo = a.window > 0 ? std::max(0, self - a.window + 1) : 0;
+  // A tree node sees the cache and the new keys of its ancestors and itself (bits of its mask; none past i).
+  const uint64_t mask = a.tree ? a.tree[i] : ~uint64_t(0);
   float m = -INFINITY, l = 0.0f, acc[kWideMaxV / 32];
   KILN_UNROLL
   for (int r = 0; r < kWideMaxV / 32; r++) acc[r] = 0.0f;
   for (int j = lo + warp; j <= self; j += kWideWarps) {
+    if (j >= past && !((mask >> (j - past)) & 1)) continue;  // the same j in every lane: the warp stays together
     const uint16_t* kr = kb + int64_t(j) * a.kv_stride;
     float dot = 0.0f;
     for (int d = lane; d < a.HD; d += 32) dot += sq[d] * simt::bf16_to_f32(kr[d]);
@@ -312,10 +318,12 @@ void decode_wide(const DecodeAttention& p, cudaStream_t s) {
              hdv, ")");
   KILN_CHECK(p.HD >= 1 && hdv >= 1 && hdv <= kWideMaxV, "decode_attention: value head dim ", hdv, " (at most ",
              kWideMaxV, ")");
+  KILN_CHECK(!p.tree || (p.window == 0 && p.Tq <= 64), "decode_attention: a tree takes at most 64 queries and ",
+             "no sliding window (Tq = ", p.Tq, ", window = ", p.window, ")");
   const WideArgs args{p.q, p.k, p.v, p.out, p.past_per_seq, p.q_stride, p.kv_batch_stride, p.kv_stride,
                       p.v_batch_stride > 0 ? p.v_batch_stride : p.kv_batch_stride,
                       p.v_stride > 0 ? p.v_stride : p.kv_stride, p.out_stride, p.Tq, p.NH,
-                      p.NH / (p.NKV > 0 ? p.NKV : p.NH), p.window, p.HD, hdv, p.scale * kLog2e};
+                      p.NH / (p.NKV > 0 ? p.NKV : p.NH), p.window, p.HD, hdv, p.scale * kLog2e, p.tree};
   const size_t smem = (size_t(p.HD) + size_t(kWideWarps) * (2 + hdv)) * sizeof(float);
   simt::launch(decode_wide_kernel, dim3(unsigned(p.NH), unsigned(p.Tq), unsigned(p.B)), dim3(kWideThreads), smem, s,
                args);
@@ -327,13 +335,14 @@ struct Plan {
   int splits, tiles_per_split;
 };
 Plan plan_of(const DecodeAttention& p) {
-  KILN_CHECK(p.B >= 0 && p.Tq >= 1 && p.Tq <= 16 && p.NH >= 1, "decode_attention: bad sizes B=", p.B, " Tq=", p.Tq,
-             " NH=", p.NH, " (the CUDA kernel takes 1..16 queries per sequence)");
+  const int max_tq = p.tree ? 64 : 16;
+  KILN_CHECK(p.B >= 0 && p.Tq >= 1 && p.Tq <= max_tq && p.NH >= 1, "decode_attention: bad sizes B=", p.B, " Tq=",
+             p.Tq, " NH=", p.NH, " (the CUDA kernel takes 1..16 queries per sequence, a tree 1..64 nodes)");
   KILN_CHECK(p.NKV >= 0 && p.NH % (p.NKV > 0 ? p.NKV : p.NH) == 0 && p.window >= 0, "decode_attention: NKV (",
              p.NKV, ") must divide NH (", p.NH, ") and window (", p.window, ") be >= 0");
   KILN_CHECK(p.max_past >= p.Tq, "decode_attention: max_past (", p.max_past, ") must bound past + Tq (Tq = ", p.Tq,
              ")");
-  if (!tensor_core_shape(p)) return {0, 0};  // the SIMT kernel: no splits, no scratch
+  if (p.tree || !tensor_core_shape(p)) return {0, 0};  // the SIMT kernel: no splits, no scratch
   const int tiles = (p.max_past + kTile - 1) / kTile;
   const int64_t pairs = std::max<int64_t>(1, int64_t(p.B) * p.NH);
   const int want = int(std::max<int64_t>(1, (kTargetBlocks + pairs - 1) / pairs));

@@ -1033,6 +1033,9 @@ void add_decode_attention(std::vector<OpCase>& t) {
   };
   const std::vector<uint64_t> small_tree = tree_of({0, 1, 2, 0, 4});
   const std::vector<uint64_t> big_tree = tree_of({0, 0, 0, 1, 1, 2, 4, 4, 5, 7, 7, 8, 10, 11, 13});
+  // 24 nodes (past the tensor-core kernel's 16 queries: cuda:: takes its SIMT kernel for every tree).
+  const std::vector<uint64_t> wide_tree =
+      tree_of({0, 0, 1, 1, 2, 3, 3, 4, 6, 6, 7, 8, 9, 9, 10, 12, 12, 13, 15, 16, 18, 19, 20});
   // 320 cached positions: 5 tiles, several splits merged; 16 queries continuing a prefix; HD 20: the CPU's
   // scalar path; a long cache with one head: the CPU's split path.
   const D cases[] = {
@@ -1043,8 +1046,9 @@ void add_decode_attention(std::vector<OpCase>& t) {
       {8, 1, 24, 1, 0, 4000, {3990}, false, 16},   // ... on the split path
       {2, 2, 32, 3, 0, 64, {0, 40}, true, 48},     // values wider than keys
       {4, 1, 80, 1, 0, 200, {0, 150}, true, 64},   // absorbed, kv_lora_rank 64 + rope 16 (the SIMT kernel)
-      {4, 2, 64, 6, 0, 96, {5, 40}, false, 0, small_tree},  // tree attention (the CPU and the reference)
-      {2, 1, 32, 16, 0, 600, {300, 7}, false, 0, big_tree},
+      {4, 2, 64, 6, 0, 96, {5, 40}, true, 0, small_tree},  // tree attention
+      {2, 1, 32, 16, 0, 600, {300, 7}, true, 0, big_tree},
+      {4, 4, 128, 24, 0, 160, {100, 3}, true, 0, wide_tree},
   };
   for (const D& d : cases)
     for (DType dt : {F32, BF16}) {
@@ -1090,6 +1094,11 @@ void add_decode_attention(std::vector<OpCase>& t) {
           p.HD = d.HD, p.window = d.window, p.scale = scale, p.q = q.h(), p.q_stride = L, p.k = k.h(), p.v = v.h();
           p.kv_batch_stride = d.cap * KC, p.kv_stride = KC, p.out = out.h(), p.out_stride = C;
           if (d.HDv) p.HDv = HDv, p.v_batch_stride = d.cap * VC, p.v_stride = VC;
+          gpu::DeviceBuffer tree(std::max<size_t>(d.tree.size() * sizeof(uint64_t), 8), "ops test");
+          if (!d.tree.empty()) {
+            gpu::copy_to_device(tree.data(), d.tree.data(), d.tree.size() * sizeof(uint64_t));
+            p.tree = tree.as<uint64_t>();
+          }
           gpu::DeviceBuffer scratch(std::max<size_t>(cuda::decode_attention_scratch_bytes(p), 4), "ops test");
           cuda::decode_attention(p, scratch.data(), stream());
           return Tensors{down("out", out)};

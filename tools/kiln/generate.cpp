@@ -6,12 +6,13 @@
 //    "finish_reason": "length" | "eot" | "stop" | "context", "weights_dtype", "decode_tokens_per_s",
 //    with a draft model "speculative": {draft_tokens, rounds, drafted, accepted, acceptance_rate,
 //    mean_accepted_length (accepted proposals per round), tokens_per_round}; with MTP self-drafting the same
-//    object with "method": "mtp" (a model with MTP modules drafts with its first module unless
-//    --no-mtp-draft; one guess per round),
+//    object with "method": "mtp" (a model with MTP modules drafts with them unless --no-mtp-draft: K chained
+//    guesses per round, K = --draft-tokens, by default the number of modules, more refused); both with
+//    "accepted_per_position": accepted / proposed of each draft position,
 //    with Medusa heads "medusa": {heads, tree_nodes, tree_depth, acceptance: greedy | typical, rounds, accepted,
 //    acceptance_rate (accepted / (rounds · tree depth)), mean_accepted_length (tokens per round)}}
-// Medusa (infer/medusa.h) runs by default when the checkpoint has heads (medusa.safetensors), on the CPU and
-// without a draft model; --no-medusa turns it off. Greedy acceptance at temperature 0 (output = plain greedy),
+// Medusa (infer/medusa.h) runs by default when the checkpoint has heads (medusa.safetensors), without a draft
+// model (on the GPU too: the tree through the GPU decoder, the heads on the CPU); --no-medusa turns it off. Greedy acceptance at temperature 0 (output = plain greedy),
 // typical acceptance (--typical-threshold, --typical-alpha) when sampling.
 // Prefill and decode speeds go to stderr. The sequence (prompt + new tokens) never exceeds the model's
 // n_positions: generation stops there and says so on stderr. --stop ends the completion before the first
@@ -201,16 +202,15 @@ void run_generate(const GenerateOptions& o) {
                " is smaller than the ", sample_vocab, " ids the target samples from");
     draft = make_decoder(dcfg, draft_model->host_params(), dopt);
   }
-  // Medusa: the checkpoint's heads (medusa.safetensors), used when asked or, by default, when they exist
-  // (not beside a draft model, and on the CPU where tree attention runs).
+  // Medusa: the checkpoint's heads (medusa.safetensors), used when asked or, by default, when they exist (not
+  // beside a draft model). With --device cuda the tree runs on the GPU and the heads on the CPU.
   KILN_CHECK(!(o.medusa && o.no_medusa), "give at most one of --medusa and --no-medusa");
   std::optional<MedusaWeights> medusa_w;
   if (!o.model.empty() && !o.no_medusa) medusa_w = load_medusa_heads(o.model, cfg);
   KILN_CHECK(!o.medusa || medusa_w, "--medusa: ", o.model.empty() ? "--random-init has" : o.model + " has",
              " no Medusa heads (medusa.safetensors; kiln train --medusa-heads K --init BASE makes them)");
   KILN_CHECK(!o.medusa || !speculative, "give at most one of --medusa and --draft-model");
-  KILN_CHECK(!o.medusa || !device.cuda, "--medusa decodes on the CPU (tree attention has no CUDA kernel yet)");
-  const bool use_medusa = medusa_w && !speculative && !device.cuda;
+  const bool use_medusa = medusa_w && !speculative;
   MedusaParams mparams;
   if (!o.medusa_tree.empty()) mparams.tree = MedusaTree::parse(o.medusa_tree);
   mparams.typical = !o.sampling.greedy();
@@ -220,11 +220,15 @@ void run_generate(const GenerateOptions& o) {
   KILN_CHECK(!(o.mtp_draft && o.no_mtp_draft), "give at most one of --mtp-draft and --no-mtp-draft");
   KILN_CHECK(!(o.mtp_draft && speculative), "give at most one of --mtp-draft and --draft-model");
   KILN_CHECK(!(o.mtp_draft && use_medusa), "give at most one of --mtp-draft and --medusa (or pass --no-medusa)");
-  KILN_CHECK(!o.mtp_draft || dec->self_draft_chunk() > 0, "--mtp-draft: the model (", cfg.family,
+  const int mtp_depth = dec->self_draft_depth();
+  KILN_CHECK(!o.mtp_draft || mtp_depth > 0, "--mtp-draft: the model (", cfg.family,
              ") has no multi-token-prediction modules (num_nextn_predict_layers)");
-  const bool mtp = !speculative && !use_medusa && !o.no_mtp_draft && dec->self_draft_chunk() > 0;
-  KILN_CHECK(!mtp || !o.draft_tokens_given || o.draft_tokens == 1, "--draft-tokens ", o.draft_tokens,
-             ": MTP self-drafting proposes 1 token per round (the model's first MTP module)");
+  const bool mtp = !speculative && !use_medusa && !o.no_mtp_draft && mtp_depth > 0;
+  // MTP: one draft per module by default; more than the modules is refused (module k was trained for depth k).
+  const int draft_tokens = mtp && !o.draft_tokens_given ? mtp_depth : o.draft_tokens;
+  KILN_CHECK(!mtp || draft_tokens <= mtp_depth, "--draft-tokens ", draft_tokens, ": the model has ", mtp_depth,
+             " multi-token-prediction module", mtp_depth == 1 ? "" : "s",
+             " (num_nextn_predict_layers), so MTP self-drafting proposes at most ", mtp_depth, " per round");
   if (device.cuda) {
     const gpu::DeviceInfo info = gpu::init(device.index);
     std::fprintf(stderr, "kiln generate: device %s%s\n", info.name.c_str(), info.emulated ? " [SIMT emulator]" : "");
@@ -272,10 +276,10 @@ void run_generate(const GenerateOptions& o) {
     why = generate_medusa(*dec, heads, sampler, prompt, lim, mparams, on_token, &mst);
     st = mst.base;
   } else if (speculative) {
-    why = generate_speculative(*dec, *draft, sampler, prompt, lim, o.draft_tokens, on_token, &sst, o.draft_min_prob);
+    why = generate_speculative(*dec, *draft, sampler, prompt, lim, draft_tokens, on_token, &sst, o.draft_min_prob);
     st = sst.base;
   } else if (mtp) {
-    why = generate_self_draft(*dec, sampler, prompt, lim, on_token, &sst);
+    why = generate_self_draft(*dec, sampler, prompt, lim, draft_tokens, on_token, &sst);
     st = sst.base;
   } else {
     why = generate(*dec, sampler, prompt, lim, on_token, &st);
@@ -293,13 +297,17 @@ void run_generate(const GenerateOptions& o) {
     j["decode_tokens_per_s"] = decode_tps;
     if (speculative || mtp) {
       j["speculative"] = {{"method", mtp ? "mtp" : "draft_model"},
-                          {"draft_tokens", mtp ? 1 : o.draft_tokens},
+                          {"draft_tokens", draft_tokens},
                           {"rounds", sst.rounds},
                           {"drafted", sst.drafted},
                           {"accepted", sst.accepted},
                           {"acceptance_rate", sst.acceptance_rate()},
                           {"mean_accepted_length", sst.mean_accepted()},
                           {"tokens_per_round", sst.tokens_per_round()}};
+      std::vector<double> per;
+      for (size_t i = 0; i < sst.drafted_at.size(); i++)
+        per.push_back(sst.drafted_at[i] ? double(sst.accepted_at[i]) / double(sst.drafted_at[i]) : 0.0);
+      j["speculative"]["accepted_per_position"] = per;
     }
     if (use_medusa) {
       j["medusa"] = {{"heads", medusa_w->shape.K},
@@ -333,7 +341,7 @@ void run_generate(const GenerateOptions& o) {
   if (speculative || mtp)
     std::fprintf(stderr, "kiln generate: %s, %d rounds of up to %d drafts: acceptance %.3f, %.2f accepted "
                  "per round, %.1f new tokens/s\n",
-                 mtp ? "MTP self-drafting" : "speculative", sst.rounds, mtp ? 1 : o.draft_tokens,
+                 mtp ? "MTP self-drafting" : "speculative", sst.rounds, draft_tokens,
                  sst.acceptance_rate(), sst.mean_accepted(), decode_tps);
 }
 
@@ -365,14 +373,15 @@ kiln::cli::Command generate_cmd("generate", [](CLI::App& root) {
                  "Speculative decoding: a small checkpoint with the same tokenizer that proposes tokens for this one");
   c->add_option("--draft-random-init", o->draft_random_init, "Instead of --draft-model: a config.json (benchmarks)");
   auto* dt = c->add_option("--draft-tokens", o->draft_tokens,
-                            "Speculative decoding: tokens the draft proposes per round (K; MTP self-drafting: 1)")
+                            "Speculative decoding: tokens the draft proposes per round (K; MTP self-drafting: at most, and by "
+                            "default, the model's number of MTP modules)")
                 ->capture_default_str();
   c->add_option("--draft-min-prob", o->draft_min_prob,
                 "Speculative decoding: end a round's drafting before a proposal the draft gives less than this "
                 "probability (its raw softmax; 0: always K): each proposal costs a row of the target's pass")
       ->capture_default_str();
   c->add_flag("--mtp-draft", o->mtp_draft,
-              "Draft with the model's own multi-token-prediction module (the default when it has one)");
+              "Draft with the model's own multi-token-prediction modules (the default when it has them)");
   c->add_flag("--no-mtp-draft", o->no_mtp_draft, "Plain decoding for a model with MTP modules");
   c->add_flag("--medusa", o->medusa,
               "Decode with the checkpoint's Medusa heads (the default when it has them): a candidate tree checked "

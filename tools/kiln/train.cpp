@@ -108,6 +108,9 @@ kiln::cli::Command train_cmd("train", [](CLI::App& root) {
               "Medusa-2: train the base too, on its LM loss plus --medusa-heads-weight times the heads' loss");
   c->add_option("--medusa-decay", medusa->decay, "Head k's loss weight is decay^k (Medusa's 0.8)")
       ->capture_default_str();
+  c->add_option("--medusa-grads-out", medusa->grads_out,
+                "With --medusa-heads: write the first step's gradients (heads; with --medusa-joint the base too) "
+                "to this safetensors file, for checking against a peer");
   c->add_option("--medusa-heads-weight", medusa->heads_weight,
                 "With --medusa-joint: the heads' loss weight beside the base's LM loss (Medusa-2's 0.2)")
       ->capture_default_str();
