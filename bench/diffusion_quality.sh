@@ -60,7 +60,7 @@ done
 if [ ! -f "$JUDGE/model.safetensors" ]; then
   printf '{"model_type": "vit", "patch": 4, "hidden": 64, "depth": 6, "heads": 4, "mlp_ratio": 4}\n' > "$OUT/vit-judge.json"
   run train --objective classify --model "$OUT/vit-judge.json" --data "$OUT/fm" --batch 128 --steps "$JUDGE_STEPS" \
-    --lr 2e-3 --min-lr 1e-5 --warmup 200 --weight-decay 0.05 --augment crop:1,flip --label-smoothing 0.1 \
+    --lr 2e-3 --min-lr 1e-5 --warmup 300 --weight-decay 0.05 --augment crop:1,flip --label-smoothing 0.1 \
     --eval-every 500 --save-every 500 --threads "$THREADS" --metrics "$JUDGE.jsonl" --out "$JUDGE" --no-progress
 fi
 [ -f "$JUDGE/eval.json" ] && echo "judge: $(tr -d '\n ' < "$JUDGE/eval.json")"
