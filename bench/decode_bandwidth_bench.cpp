@@ -19,6 +19,7 @@
 #include <string>
 #include <vector>
 
+#include "bench/bench_util.h"
 #include "core/memory.h"
 #include "kernels/matmul.h"
 #include "kernels/narrow_gemv.h"
@@ -74,11 +75,7 @@ double matrix_bytes(const ModelConfig& c, WeightFormat f) {
 
 int main(int argc, char** argv) {
   // The prompt's prefill runs sgemm: OpenBLAS with this CPU's kernels (kernels/matmul.h), as the CLI does.
-  if (!std::getenv("OPENBLAS_CORETYPE"))
-    if (const char* core = cpu::blas_core_for_this_cpu()) {
-      setenv("OPENBLAS_CORETYPE", core, 1);
-      execv("/proc/self/exe", argv);
-    }
+  bench::prefer_blas_core(argv);
   std::string config = std::string(KILN_SOURCE_DIR) + "/bench/gpt2-124m.json";
   std::string formats = "f32,bf16,f16,q8_0";
   int threads = 2, steps = 64, prompt = 16;

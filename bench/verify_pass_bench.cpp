@@ -21,6 +21,7 @@
 #include <string>
 #include <vector>
 
+#include "bench/bench_util.h"
 #include "kernels/matmul.h"
 #include "kernels/narrow_gemv.h"
 #include "models/family.h"
@@ -57,11 +58,7 @@ std::vector<std::string> split(const std::string& s) {
 }  // namespace
 
 int main(int argc, char** argv) {
-  if (!std::getenv("OPENBLAS_CORETYPE"))
-    if (const char* core = cpu::blas_core_for_this_cpu()) {
-      setenv("OPENBLAS_CORETYPE", core, 1);
-      execv("/proc/self/exe", argv);
-    }
+  bench::prefer_blas_core(argv);
   std::string config = "/work/bench-models/target.json", formats = "bf16,f32", rows_s = "2,3,5,7,9,16,17";
   std::string gemm;  // "M,K": time one matrix instead of the model
   int threads = 1, rounds = 20, prompt = 32, tree = 16;
