@@ -93,8 +93,8 @@ def random_weights(cfg, seed, bias_std, weight_std):
     return W, g
 
 
-def forward(P, cfg, idx):
-    """idx: [B, T] token ids -> logits [B, T, V]."""
+def hidden(P, cfg, idx):
+    """idx: [B, T] token ids -> the final LayerNorm's output [B, T, C]."""
     B, T = idx.shape
     C, H = cfg["n_embd"], cfg["n_head"]
     eps = cfg.get("layer_norm_epsilon", 1e-5)
@@ -113,8 +113,12 @@ def forward(P, cfg, idx):
         h = F.layer_norm(x, (C,), P[p + "ln_2.weight"], P[p + "ln_2.bias"], eps)
         h = F.gelu(h @ P[p + "mlp.c_fc.weight"] + P[p + "mlp.c_fc.bias"], approximate="tanh")
         x = x + h @ P[p + "mlp.c_proj.weight"] + P[p + "mlp.c_proj.bias"]
-    x = F.layer_norm(x, (C,), P["transformer.ln_f.weight"], P["transformer.ln_f.bias"], eps)
-    return x @ P["transformer.wte.weight"].t()
+    return F.layer_norm(x, (C,), P["transformer.ln_f.weight"], P["transformer.ln_f.bias"], eps)
+
+
+def forward(P, cfg, idx):
+    """idx: [B, T] token ids -> logits [B, T, V] (the tied LM head)."""
+    return hidden(P, cfg, idx) @ P["transformer.wte.weight"].t()
 
 
 def load_checkpoint(d, dtype=torch.float32):

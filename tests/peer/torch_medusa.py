@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import torch_gpt2  # noqa: E402
 from torch_gpt2 import load_checkpoint, read_shard  # noqa: E402
 
 ap = argparse.ArgumentParser()
@@ -41,22 +42,8 @@ eps = cfg.get("layer_norm_epsilon", 1e-5)
 
 
 def hidden(idx):
-    """The base's last hidden state (after ln_f), [B, T, C]: GPT-2 written out as torch_gpt2.forward is."""
-    B, T = idx.shape
-    H = cfg["n_head"]
-    x = P["transformer.wte.weight"][idx] + P["transformer.wpe.weight"][torch.arange(T)]
-    mask = torch.ones(T, T, dtype=torch.bool).tril()
-    for l in range(cfg["n_layer"]):
-        p = f"transformer.h.{l}."
-        h = F.layer_norm(x, (C,), P[p + "ln_1.weight"], P[p + "ln_1.bias"], eps)
-        q, k, v = (h @ P[p + "attn.c_attn.weight"] + P[p + "attn.c_attn.bias"]).split(C, dim=2)
-        q, k, v = (t.view(B, T, H, C // H).transpose(1, 2) for t in (q, k, v))
-        att = ((q @ k.transpose(-2, -1)) / math.sqrt(C // H)).masked_fill(~mask, float("-inf")).softmax(dim=-1)
-        x = x + (att @ v).transpose(1, 2).reshape(B, T, C) @ P[p + "attn.c_proj.weight"] + P[p + "attn.c_proj.bias"]
-        h = F.layer_norm(x, (C,), P[p + "ln_2.weight"], P[p + "ln_2.bias"], eps)
-        h = F.gelu(h @ P[p + "mlp.c_fc.weight"] + P[p + "mlp.c_fc.bias"], approximate="tanh")
-        x = x + h @ P[p + "mlp.c_proj.weight"] + P[p + "mlp.c_proj.bias"]
-    return F.layer_norm(x, (C,), P["transformer.ln_f.weight"], P["transformer.ln_f.bias"], eps)
+    """The base's last hidden state (after ln_f), [B, T, C]."""
+    return torch_gpt2.hidden(P, cfg, idx)
 
 
 class ResBlock(torch.nn.Module):  # Medusa's: x + SiLU(Linear(x)), the linear zero-initialised
