@@ -30,9 +30,8 @@ const withHeads = path.join(work, "target_medusa");
   const r = spawnSync("/usr/bin/python3", [path.join(here, "make_medusa.py"), target, withHeads, "3"], { encoding: "utf8" });
   if (r.status !== 0) throw new Error("make_medusa.py failed: " + r.stderr);
 }
-const prompts = ["The meaning of life is", "Once upon a time", "In 1492, Columbus", "def fibonacci(n):",
-  "The quick brown fox", "Water boils at"];
-const MAX = 40;
+const prompts = ["The meaning of life is", "Once upon a time", "In 1492, Columbus", "def fibonacci(n):"];
+const MAX = 24;
 
 async function complete(url, prompt, extra = {}) {
   const r = await fetch(url + "/v1/completions", { method: "POST", headers: { "content-type": "application/json" },

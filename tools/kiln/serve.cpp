@@ -294,7 +294,7 @@ kiln::cli::Command serve_cmd("serve", [](CLI::App& root) {
   c->add_option("--threads", o->threads, "CPU threads of the compute (0: all cores)")->capture_default_str();
   c->add_option("--max-queue", o->max_queue, "Requests that may wait; beyond them 503 with Retry-After")
       ->capture_default_str();
-  c->add_option("--timeout", o->timeout, "Seconds a connection may stay silent (reads, writes, keep-alive)")
+  c->add_option("--timeout", o->timeout, "Seconds a connection may stay silent in a read or a write (an idle keep-alive connection: at most 5)")
       ->capture_default_str();
   c->add_option("--kv-blocks", o->kv_blocks, "KV-cache blocks in the pool (0: --parallel whole contexts)")
       ->capture_default_str();
