@@ -1,6 +1,5 @@
 // The decoding batch's products (kernels/gemv.h vecmat_batch / matvec_batch) on the GPT-2 124M shapes at R rows,
-// beside the peer measured in the same run: OpenBLAS's sgemm through cpu::gemm (what the decoder ran before), and
-// at R = 1 the one-row kernels (vecmat / matvec). Prints ms per call, GFLOP/s, the weight's read rate in GB/s,
+// beside the peer measured in the same run: OpenBLAS's sgemm through cpu::gemm (what the decoder ran before). Prints ms per call, GFLOP/s, the weight's read rate in GB/s,
 // and the ratio to sgemm. Median of 7 batches of calls lasting >= 50 ms each.
 //
 //   ./build/batch_gemv_bench [--rows 1,2,4,8,16] [--threads T]
@@ -62,8 +61,7 @@ int main(int argc, char** argv) {
                           {"lm_head 768->50257", 768, 50257, true}};
   std::printf("batch_gemv_bench: %d threads; kiln = vecmat_batch / matvec_batch, peer = OpenBLAS sgemm (same run)\n",
               omp_get_max_threads());
-  std::printf("%-20s %3s %10s %10s %8s %8s %10s %8s\n", "shape", "R", "kiln ms", "sgemm ms", "GFLOP/s", "GB/s",
-              "1-row ms", "x sgemm");
+  std::printf("%-20s %3s %10s %10s %8s %8s %8s\n", "shape", "R", "kiln ms", "sgemm ms", "GFLOP/s", "GB/s", "x sgemm");
   double sum_k = 0, sum_s = 0;
   for (const Shape& s : shapes) {
     const std::vector<float> W = bench::random_vec(size_t(s.K * s.N), 1), bias = bench::random_vec(size_t(s.N), 2);
@@ -80,21 +78,11 @@ int main(int argc, char** argv) {
         cpu::gemm(false, s.out_in, R, s.N, s.K, 1.0f, x.data(), s.K, W.data(), s.out_in ? s.K : s.N, 0.0f, y.data(),
                   s.N);
       });
-      double t1 = 0;
-      if (R == 1)
-        t1 = median_call([&] {
-          if (s.out_in)
-            cpu::matvec(y.data(), W.data(), x.data(), s.N, s.K);
-          else
-            cpu::vecmat(y.data(), x.data(), W.data(), bias.data(), s.K, s.N, false);
-        });
       sum_k += tk;
       sum_s += ts;
       const double flops = 2.0 * double(R) * double(s.K) * double(s.N);
-      char one[32] = "";
-      if (R == 1) std::snprintf(one, sizeof one, "%10.3f", t1 * 1e3);
-      std::printf("%-20s %3lld %10.3f %10.3f %8.1f %8.1f %10s %7.2fx\n", s.name, (long long)R, tk * 1e3, ts * 1e3,
-                  flops / tk * 1e-9, double(s.K * s.N) * 4.0 / tk * 1e-9, one, ts / tk);
+      std::printf("%-20s %3lld %10.3f %10.3f %8.1f %8.1f %7.2fx\n", s.name, (long long)R, tk * 1e3, ts * 1e3,
+                  flops / tk * 1e-9, double(s.K * s.N) * 4.0 / tk * 1e-9, ts / tk);
     }
   }
   std::printf("all shapes and rows: kiln %.2f ms, sgemm %.2f ms, %.2fx\n", sum_k * 1e3, sum_s * 1e3, sum_s / sum_k);

@@ -56,7 +56,7 @@ void MedusaHeads::forward_head(int k, const float* h, int64_t N, float* logits, 
       const float* hr = h + r * s.C;
       float *zr = z + r * s.C, *ur = u + r * s.C;
       if (narrow.empty())
-        cpu::matvec(zr, params + s.w_off(k), hr, s.C, s.C);
+        cpu::matvec_batch(zr, s.C, hr, s.C, 1, params + s.w_off(k), nullptr, s.C, s.C, false);
       else
         cpu::narrow_gemm(zr, s.C, hr, s.C, 1, narrow[size_t(2 * k)], nullptr, false);
       for (int c = 0; c < s.C; c++) {
@@ -65,7 +65,7 @@ void MedusaHeads::forward_head(int k, const float* h, int64_t N, float* logits, 
         ur[c] = hr[c] + zz * sigmoid(zz);
       }
       if (narrow.empty())
-        cpu::matvec(logits + r * s.V, params + s.h_off(k), ur, s.V, s.C);
+        cpu::matvec_batch(logits + r * s.V, s.V, ur, s.C, 1, params + s.h_off(k), nullptr, s.V, s.C, false);
       else
         cpu::narrow_gemm(logits + r * s.V, s.V, ur, s.C, 1, narrow[size_t(2 * k + 1)], nullptr, false);
     }

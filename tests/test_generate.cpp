@@ -109,14 +109,14 @@ TEST(Gemv, MatchesReference) {
     for (bool acc : {false, true})
       for (bool bias : {false, true}) {
         std::vector<float> yc = y0, yr = y0;
-        cpu::vecmat(yc.data(), x.data(), W.data(), bias ? b.data() : nullptr, K, N, acc);
+        cpu::vecmat_batch(yc.data(), N, x.data(), K, 1, W.data(), bias ? b.data() : nullptr, K, N, acc);
         ref::vecmat(yr.data(), x.data(), W.data(), bias ? b.data() : nullptr, K, N, acc);
         EXPECT_TRUE(all_close(yc, yr, 1e-4, 1e-4 * std::sqrt(double(K)))) << "vecmat acc=" << acc << " bias=" << bias;
       }
     // matvec with the same matrix read as [K rows, N columns].
     const auto xn = randn(size_t(N), seed++);
     std::vector<float> mc(size_t(K), 9.0f), mr(size_t(K), -9.0f);
-    cpu::matvec(mc.data(), W.data(), xn.data(), K, N);
+    cpu::matvec_batch(mc.data(), K, xn.data(), N, 1, W.data(), nullptr, K, N, false);
     ref::matvec(mr.data(), W.data(), xn.data(), K, N);
     EXPECT_TRUE(all_close(mc, mr, 1e-4, 1e-4 * std::sqrt(double(N)))) << "matvec";
   }
