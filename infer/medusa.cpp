@@ -5,6 +5,7 @@
 #include <cmath>
 
 #include "core/error.h"
+#include "kernels/argmax.h"
 
 namespace kiln {
 
@@ -85,6 +86,66 @@ std::string MedusaTree::str() const {
   return s;
 }
 
+MedusaLayout::MedusaLayout(const MedusaTree& tree, int K) {
+  for (const auto& p : tree.nodes)
+    if (int(p.size()) <= K) nodes.push_back(p);
+  n_all = int(nodes.size()) + 1;
+  parent.assign(size_t(n_all), -1);
+  depth.assign(size_t(n_all), 0);
+  width.assign(size_t(std::max(K, 0)), 0);
+  mask.assign(size_t(n_all), 1);
+  for (int i = 1; i < n_all; i++) {
+    const std::vector<int>& p = nodes[size_t(i - 1)];
+    depth[size_t(i)] = int(p.size());
+    depth_used = std::max(depth_used, int(p.size()));
+    width[p.size() - 1] = std::max(width[p.size() - 1], p.back() + 1);
+    if (p.size() > 1) {
+      const std::vector<int> up(p.begin(), p.end() - 1);
+      parent[size_t(i)] = int(std::find(nodes.begin(), nodes.end(), up) - nodes.begin()) + 1;
+    } else {
+      parent[size_t(i)] = 0;
+    }
+    mask[size_t(i)] = mask[size_t(parent[size_t(i)])] | (uint64_t(1) << i);
+  }
+  children.resize(size_t(n_all));
+  for (int i = 1; i < n_all; i++) children[size_t(parent[size_t(i)])].push_back(i);
+}
+
+int MedusaLayout::fill(int32_t root, const std::vector<std::vector<int32_t>>& top, int n, int32_t* tokens) const {
+  // A prefix of the breadth-first order is a tree too; nodes whose rank the vocabulary lacks are cut with what
+  // follows (rare: only with a tiny vocabulary).
+  n = std::min(n, n_all);
+  for (int i = 1; i < n; i++) {
+    const std::vector<int>& p = nodes[size_t(i - 1)];
+    if (p.back() >= int(top[p.size() - 1].size())) {
+      n = i;
+      break;
+    }
+  }
+  tokens[0] = root;
+  for (int i = 1; i < n; i++) {
+    const std::vector<int>& p = nodes[size_t(i - 1)];
+    tokens[i] = top[p.size() - 1][size_t(p.back())];
+  }
+  return n;
+}
+
+int32_t MedusaLayout::greedy_path(const int32_t* tokens, int n, const float* logits, int V, int SV,
+                                  std::vector<int32_t>& path) const {
+  path.assign(1, 0);
+  int cur = 0;
+  for (;;) {
+    const float* x = logits + size_t(cur) * size_t(V);
+    const int32_t want = argmax(x, SV);  // the greedy sampler's rule
+    int next = -1;
+    for (int c : children[size_t(cur)])
+      if (c < n && tokens[c] == want) next = c;
+    if (next < 0) return want;
+    path.push_back(next);
+    cur = next;
+  }
+}
+
 FinishReason generate_medusa(IncrementalDecoder& dec, const nn::MedusaHeads& heads, const Sampler& sampler_in,
                              const std::vector<int32_t>& prompt, const GenerateLimits& lim,
                              const MedusaParams& mp, const std::function<bool(int32_t)>& on_token,
@@ -107,30 +168,10 @@ FinishReason generate_medusa(IncrementalDecoder& dec, const nn::MedusaHeads& hea
   KILN_CHECK(P <= max_len, "the prompt has ", P, " tokens, more than the model's context of ", max_len,
              " positions");
 
-  // The tree within the heads' reach: nodes deeper than K are dropped (with their subtrees).
-  std::vector<std::vector<int>> nodes;
-  for (const auto& p : mp.tree.nodes)
-    if (int(p.size()) <= hs.K) nodes.push_back(p);
-  const int n_all = int(nodes.size()) + 1;  // + the root
-  int depth_used = 0;
-  std::vector<int> parent(size_t(n_all), -1), depth(size_t(n_all), 0);
-  std::vector<int> width(size_t(hs.K), 0);  // candidates needed from each head
-  std::vector<uint64_t> mask(size_t(n_all), 1);
-  for (int i = 1; i < n_all; i++) {
-    const std::vector<int>& p = nodes[size_t(i - 1)];
-    depth[size_t(i)] = int(p.size());
-    depth_used = std::max(depth_used, int(p.size()));
-    width[p.size() - 1] = std::max(width[p.size() - 1], p.back() + 1);
-    if (p.size() > 1) {
-      const std::vector<int> up(p.begin(), p.end() - 1);
-      parent[size_t(i)] = int(std::find(nodes.begin(), nodes.end(), up) - nodes.begin()) + 1;
-    } else {
-      parent[size_t(i)] = 0;
-    }
-    mask[size_t(i)] = mask[size_t(parent[size_t(i)])] | (uint64_t(1) << i);
-  }
-  std::vector<std::vector<int>> children(static_cast<size_t>(n_all));
-  for (int i = 1; i < n_all; i++) children[size_t(parent[size_t(i)])].push_back(i);
+  const MedusaLayout L(mp.tree, hs.K);
+  const int n_all = L.n_all, depth_used = L.depth_used;
+  const std::vector<int>& width = L.width;
+  const std::vector<std::vector<int>>& children = L.children;
 
   MedusaStats st;
   st.base.prompt_tokens = P;
@@ -181,40 +222,16 @@ FinishReason generate_medusa(IncrementalDecoder& dec, const nn::MedusaHeads& hea
       });
       top[size_t(k)].assign(ids.begin(), ids.begin() + w);
     }
-    // The tree's nodes that fit: a prefix of the breadth-first order is a tree too; nodes whose rank the
-    // vocabulary lacks are cut with what follows (rare: only with a tiny vocabulary).
-    int n = std::min(n_all, max_len - base);
-    for (int i = 1; i < n; i++) {
-      const std::vector<int>& p = nodes[size_t(i - 1)];
-      if (p.back() >= int(top[p.size() - 1].size())) {
-        n = i;
-        break;
-      }
-    }
-    tokens[0] = root;
-    for (int i = 1; i < n; i++) {
-      const std::vector<int>& p = nodes[size_t(i - 1)];
-      tokens[size_t(i)] = top[p.size() - 1][size_t(p.back())];
-    }
-    const float* tl = dec.forward_tree(tokens.data(), n, depth.data(), mask.data());
+    const int n = L.fill(root, top, std::min(n_all, max_len - base), tokens.data());
+    const float* tl = dec.forward_tree(tokens.data(), n, L.depth.data(), L.mask.data());
     st.base.decode_steps++;
     st.rounds++;
     // Acceptance: the path from the root.
     path.assign(1, 0);
     int cur = 0;
     if (!mp.typical || sampler.params().greedy()) {
-      for (;;) {
-        const int32_t want = sampler.sample(tl + size_t(cur) * V, SV);  // greedy: the arg max
-        int next = -1;
-        for (int c : children[size_t(cur)])
-          if (c < n && tokens[size_t(c)] == want) next = c;
-        if (next < 0) {
-          root = want;
-          break;
-        }
-        path.push_back(next);
-        cur = next;
-      }
+      root = L.greedy_path(tokens.data(), n, tl, V, SV, path);
+      cur = path.back();
     } else {
       // ok[i]: node i's token is typical under its parent's tempered distribution; best_len: the longest chain of
       // such nodes below i (children after parents in the order, so walk backwards).

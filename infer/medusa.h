@@ -38,6 +38,26 @@ struct MedusaTree {
   std::string str() const;
 };
 
+// A tree laid out for a pass with K heads (nodes deeper than K dropped with their subtrees): node 0 is the root,
+// node i > 0 is nodes[i - 1]; its parent, depth and tree-attention mask (ancestors and itself), each head's
+// candidates needed. generate_medusa and kiln serve build their passes from it.
+struct MedusaLayout {
+  std::vector<std::vector<int>> nodes;
+  int n_all = 1;       // nodes per pass, root included
+  int depth_used = 0;  // the longest path (at most K)
+  std::vector<int> parent, depth, width;  // width[k]: the top choices head k must give
+  std::vector<uint64_t> mask;
+  std::vector<std::vector<int>> children;
+  MedusaLayout(const MedusaTree& tree, int K);
+  // The pass's tokens from the root and each head's top choices (top[k], most likely first): the first n nodes
+  // (n <= n_all: the room left), cut earlier where a rank is missing from top (a tiny vocabulary). Returns n.
+  int fill(int32_t root, const std::vector<std::vector<int32_t>>& top, int n, int32_t* tokens) const;
+  // Greedy acceptance over a pass of n nodes with logits [n][V]: from the root, the child whose token is the arg
+  // max over [0, SV) at its parent (the lowest id among equal maxima). path: the nodes kept, root first; returns
+  // the arg max after the path's last node (the next root).
+  int32_t greedy_path(const int32_t* tokens, int n, const float* logits, int V, int SV, std::vector<int32_t>& path) const;
+};
+
 struct MedusaParams {
   MedusaTree tree = MedusaTree::default_tree();
   bool typical = false;             // typical acceptance (else greedy: needs temperature 0)

@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <cstring>
 
+#include "core/dtype.h"
 #include "core/error.h"
 #include "core/gpu.h"
 #include "models/family.h"
@@ -11,6 +12,10 @@ namespace kiln {
 
 const float* BatchDecoder::hidden() const {
   fail("decoder: this batch decoder keeps no hidden states (BatchDecoderOptions::keep_hidden)");
+}
+
+void BatchDecoder::keep_path(const int32_t*, int, int, const int32_t*, int) {
+  fail("decoder: this batch decoder has no tree attention");
 }
 
 PagedDecoder::PagedDecoder(const ModelConfig& cfg, const float* params, const BatchDecoderOptions& opt)
@@ -91,8 +96,10 @@ void PagedDecoder::run_pass(const std::vector<BatchRow>& rows, const std::vector
   inputs_.assign(size_t(2 * N + B + B * stride), 0);
   int32_t *tok = inputs_.data(), *pos = tok + N, *past = pos + N, *table = past + B;
   bool fresh = Tq > 1;
+  const uint64_t* tree = rows[size_t(idx[0])].tree;  // one mask array for the pass (forward groups by it)
   for (int b = 0; b < B; b++) {
     const BatchRow& r = rows[size_t(idx[size_t(b)])];
+    KILN_CHECK(r.tree == tree, "decoder: a pass mixes tree rows of different masks");
     const int p0 = r.past + from;
     KILN_CHECK(r.past >= 0 && int64_t(p0) + Tq <= max_pos_, "decoder: ", p0, " cached + ", Tq,
                " new positions exceed the context of ", max_pos_, " positions");
@@ -104,7 +111,7 @@ void PagedDecoder::run_pass(const std::vector<BatchRow>& rows, const std::vector
       const int32_t t = r.tokens[from + i];
       KILN_CHECK(t >= 0 && t < V, "token id ", t, " is outside the model's vocabulary [0, ", V, ")");
       tok[b * Tq + i] = t;
-      pos[b * Tq + i] = p0 + i;
+      pos[b * Tq + i] = p0 + (tree ? r.depth[from + i] : i);  // a tree node's position is its depth's
     }
     for (int i = 0; i < r.n_blocks; i++) {
       KILN_CHECK(r.blocks[i] >= 0 && r.blocks[i] < num_blocks_, "decoder: block id ", r.blocks[i],
@@ -129,6 +136,7 @@ void PagedDecoder::run_pass(const std::vector<BatchRow>& rows, const std::vector
     cache.Tq = Tq;
     cache.fresh = fresh;
     cache.pages = KVPages{table_d, block_size_, stride};
+    cache.tree = tree;  // host masks (tree rows run on host backends only)
     w_.blocks[size_t(l)].forward(*be_, x_, x_, a_, s_, pos_d, flash, N, &cache);
   }
   if (!last && !all) return;
@@ -184,15 +192,38 @@ const float* PagedDecoder::forward(const std::vector<BatchRow>& rows) {
   }
   logits_.resize(total * size_t(V));
   if (keep_hidden_) hidden_.resize(total * size_t(cfg_.d_model));
+  for (size_t i = 0; i < rows.size(); i++) {
+    const BatchRow& r = rows[i];
+    if (!r.tree) continue;
+    KILN_CHECK(be_->on_host(), "decoder: tree rows (Medusa trees) run on the CPU only");
+    KILN_CHECK(r.depth && r.all_logits && r.past > 0 && r.n >= 1 && r.n <= 64, "decoder: row ", i,
+               " is a tree of ", r.n, " nodes (1 to 64, after a cached prefix, with depths and all logits)");
+    KILN_CHECK(cfg_.sliding_window == 0, "decoder: tree attention has no sliding window (", cfg_.family, ")");
+    for (int j = 0; j < r.n; j++)
+      KILN_CHECK(r.depth[j] >= 0 && r.depth[j] <= j && ((r.tree[j] >> j) & 1) && (r.tree[j] >> j) == 1,
+                 "decoder: tree node ", j, " of row ", i, " has a bad depth or mask (a node sees itself and earlier "
+                 "nodes only)");
+  }
+  std::vector<bool> done_rows(rows.size(), false);
+  // Tree rows: those of one size and mask array in one pass (the masks are the same for every sequence).
+  for (size_t i = 0; i < rows.size(); i++) {
+    if (!rows[i].tree || done_rows[i]) continue;
+    std::vector<int> group;
+    for (size_t j = i; j < rows.size(); j++)
+      if (!done_rows[j] && rows[j].tree == rows[i].tree && rows[j].n == rows[i].n) {
+        group.push_back(int(j));
+        done_rows[j] = true;
+      }
+    run_pass(rows, group, 0, rows[i].n, true);
+  }
   std::vector<int> singles;
   for (size_t i = 0; i < rows.size(); i++)
-    if (rows[i].n == 1) singles.push_back(int(i));
+    if (rows[i].n == 1 && !rows[i].tree) singles.push_back(int(i));
   if (!singles.empty()) run_pass(rows, singles, 0, 1, true);
   // Rows of one length share a pass: fresh prompts that fit a chunk (B rows through FlashAttention), and short
   // continuations of cached sequences (speculative checks of K+1 tokens: the decode attention, per-sequence
   // lengths), so the weights are read once for all of them.
   const int short_limit = std::min(kMaxChunk, be_->max_decode_queries());
-  std::vector<bool> done_rows(rows.size(), false);
   for (size_t i = 0; i < rows.size(); i++) {
     const BatchRow& r = rows[i];
     const bool fresh = r.past == 0 && r.n <= kMaxChunk, cont = r.past > 0 && r.n <= short_limit;
@@ -218,6 +249,35 @@ const float* PagedDecoder::forward(const std::vector<BatchRow>& rows) {
     }
   }
   return logits_.data();
+}
+
+void PagedDecoder::keep_path(const int32_t* blocks, int n_blocks, int base, const int32_t* nodes, int m) {
+  KILN_CHECK(be_->on_host(), "decoder: keep_path runs on the CPU only");
+  KILN_CHECK(base >= 0 && m >= 0 && int64_t(base) + m <= max_pos_, "decoder: keep_path of ", m, " nodes past ", base,
+             " outside the context of ", max_pos_);
+  const int64_t W = cfg_.kv_dim();
+  const size_t es = dtype_size(be_->act_dtype()), row = size_t(W) * es;
+  const int64_t layer_pool = int64_t(num_blocks_) * block_size_ * W;
+  // Slot j of the sequence: row blocks[j / block_size] * block_size + j % block_size of each layer's pool.
+  auto slot = [&](int64_t j) {
+    KILN_CHECK(j / block_size_ < n_blocks, "decoder: keep_path reads slot ", j, " past the sequence's ", n_blocks,
+               " blocks");
+    const int32_t blk = blocks[j / block_size_];
+    KILN_CHECK(blk >= 0 && blk < num_blocks_, "decoder: block id ", blk, " is outside the pool of ", num_blocks_, " blocks");
+    return (int64_t(blk) * block_size_ + j % block_size_) * W;
+  };
+  char* k = static_cast<char*>(k_.data());
+  char* v = static_cast<char*>(v_.data());
+  for (int i = 0; i < m; i++) {
+    KILN_CHECK(nodes[i] >= i && nodes[i] < 64 && (i == 0 || nodes[i] > nodes[i - 1]),
+               "decoder: keep_path's nodes must increase within the tree");
+    if (nodes[i] == i) continue;
+    const int64_t dst = slot(base + i), src = slot(base + nodes[i]);
+    for (int l = 0; l < cfg_.n_layer; l++) {  // dst < src in slot order: earlier moves never overwrite a later source
+      std::memmove(k + size_t(l * layer_pool + dst) * es, k + size_t(l * layer_pool + src) * es, row);
+      std::memmove(v + size_t(l * layer_pool + dst) * es, v + size_t(l * layer_pool + src) * es, row);
+    }
+  }
 }
 
 std::unique_ptr<BatchDecoder> make_batch_decoder(const ModelConfig& cfg, const float* params,

@@ -6,7 +6,9 @@
 // decode attention with per-sequence lengths and block tables); fresh prompts of the same length in one pass
 // through FlashAttention within the chunk (as TransformerDecoder's prefill); any other longer row in its own
 // pass, through the decode attention over its cached prefix, in pieces of the backend's query limit, except
-// that continuations of one length within that limit (speculative checks) share a pass.
+// that continuations of one length within that limit (speculative checks) share a pass. Tree rows (Medusa's
+// candidate trees) of one size and one mask array share a pass through the tree attention (host backends);
+// keep_path then moves the accepted nodes' keys and values to consecutive slots in the sequence's blocks.
 #pragma once
 #include <cstdint>
 #include <memory>
@@ -33,6 +35,7 @@ class PagedDecoder final : public BatchDecoder {
   const ModelConfig& config() const override { return cfg_; }
   size_t cache_bytes() const override { return k_.size() + v_.size(); }
   const float* hidden() const override { return keep_hidden_ ? hidden_.data() : BatchDecoder::hidden(); }
+  void keep_path(const int32_t* blocks, int n_blocks, int base, const int32_t* nodes, int m) override;
 
   static constexpr int kMaxChunk = 256;  // positions of a fresh prompt run at once
 

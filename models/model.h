@@ -240,6 +240,11 @@ struct BatchRow {
   const int32_t* blocks = nullptr;  // the sequence's block ids, covering positions [0, past + n)
   int n_blocks = 0;
   bool all_logits = false;          // the logits of every new token, not only the last (speculative checks)
+  // Tree attention (Medusa's candidate trees, kernels/decode_attention.h): the n tokens are tree nodes, node i
+  // at position past + depth[i] seeing the cache and the new nodes of mask tree[i]; its key goes to slot past + i.
+  // Host backends only; needs all_logits.
+  const int32_t* depth = nullptr;
+  const uint64_t* tree = nullptr;
 };
 
 class BatchDecoder {
@@ -256,6 +261,10 @@ class BatchDecoder {
   // With BatchDecoderOptions::keep_hidden (host backends): the final norm's output [C] behind each logits row of
   // the last forward(), in the same layout (Medusa heads read it). Throws kiln::Error otherwise.
   virtual const float* hidden() const;
+  // After a tree row: keeps m of its nodes (nodes[i] >= i, increasing), node nodes[i]'s cache entry moving to
+  // slot base + i in the sequence's blocks (the accepted path, compacted in place; the caller's length is then
+  // base + m). Throws kiln::Error where the decoder has no tree attention.
+  virtual void keep_path(const int32_t* blocks, int n_blocks, int base, const int32_t* nodes, int m);
 };
 
 struct BatchDecoderOptions {

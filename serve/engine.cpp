@@ -74,6 +74,7 @@ struct Engine::Seq {
   // Speculative decoding: the draft's cache holds tokens[0, dcached); this step's k proposals, the draft's
   // distribution at each, and what the target checks ([last token, proposals]). rng: the acceptance draws.
   int dcached = 0, k = 0, n = 0;  // n: this step's new target positions
+  int tn = 0;                     // Medusa tree: this step's nodes (0: no tree row)
   std::vector<int32_t> drafts, feed, produced;
   std::vector<std::vector<double>> qs;
   std::vector<float> hid;  // Medusa: the hidden state behind the newest token
@@ -105,7 +106,9 @@ Engine::Engine(BatchDecoder& dec, const Tokenizer& tok, const EngineOptions& opt
     KILN_CHECK(opt_.draft_tokens >= 1 && opt_.draft_tokens <= h->shape.K, "--medusa-tokens must be in [1, ",
                h->shape.K, "] (the heads), got ", opt_.draft_tokens);
     dec.hidden();  // throws unless the decoder keeps hidden states
+    if (opt_.medusa_tree) layout_.emplace(*opt_.medusa_tree, h->shape.K);
   }
+  KILN_CHECK(!opt_.medusa_tree || opt_.medusa, "--medusa-tree needs --medusa");
 }
 
 Engine::~Engine() { stop(); }
@@ -365,16 +368,52 @@ void Engine::propose_medusa(const std::vector<Seq*>& drafting) {
   }
 }
 
+void Engine::propose_tree(const std::vector<Seq*>& trees) {
+  const nn::MedusaHeads& h = *opt_.medusa;
+  const MedusaLayout& L = *layout_;
+  const int C = h.shape.C, HV = h.shape.V, V = opt_.sample_vocab;
+  thread_local std::vector<float> in, out, u, z;
+  thread_local std::vector<int32_t> ids;
+  const int64_t n = int64_t(trees.size());
+  in.resize(size_t(n) * C);
+  for (int64_t b = 0; b < n; b++) std::copy(trees[size_t(b)]->hid.begin(), trees[size_t(b)]->hid.end(), in.begin() + b * C);
+  out.resize(size_t(n) * HV);
+  u.resize(size_t(n) * C);
+  z.resize(size_t(n) * C);
+  ids.resize(size_t(V));
+  // Each head once over every sequence's hidden state; its top choices (the ranks the tree names) per sequence.
+  std::vector<std::vector<std::vector<int32_t>>> top(size_t(n), std::vector<std::vector<int32_t>>(size_t(h.shape.K)));
+  for (int k = 0; k < L.depth_used; k++) {
+    const int w = std::min(L.width[size_t(k)], V);
+    if (w == 0) continue;
+    h.forward_head(k, in.data(), n, out.data(), u.data(), z.data());
+    for (int64_t b = 0; b < n; b++) {
+      const float* lg = out.data() + b * HV;
+      for (int v = 0; v < V; v++) ids[size_t(v)] = v;
+      std::partial_sort(ids.begin(), ids.begin() + w, ids.end(), [&](int32_t a, int32_t c) {
+        return lg[a] > lg[c] || (lg[a] == lg[c] && a < c);
+      });
+      top[size_t(b)][size_t(k)].assign(ids.begin(), ids.begin() + w);
+    }
+  }
+  for (int64_t b = 0; b < n; b++) {
+    Seq& s = *trees[size_t(b)];
+    s.feed.resize(size_t(L.n_all));
+    s.tn = L.fill(s.tokens.back(), top[size_t(b)], s.tn, s.feed.data());
+  }
+}
+
 void Engine::step() {
   for (auto& s : running_)
     if (s->job->cancelled()) finish(*s, "cancelled");
   std::erase_if(running_, [](const std::unique_ptr<Seq>& s) { return s->done; });
   if (running_.empty()) return;
-  std::vector<Seq*> who, prefill, drafting;
+  std::vector<Seq*> who, prefill, drafting, trees;
   int budget = opt_.prefill_chunk;
   for (auto& s : running_) {
     const int avail = int(s->tokens.size()) - s->cached;
     s->k = 0;
+    s->tn = 0;
     if (avail > 1) {  // prompt positions: within the step's prefill budget
       s->n = std::min(avail, budget);
       if (s->n <= 0) continue;
@@ -388,16 +427,32 @@ void Engine::step() {
       if ((opt_.draft || opt_.medusa) && p.presence_penalty == 0 && p.frequency_penalty == 0)
         s->k = std::max(0, std::min(opt_.draft_tokens, s->max_new - s->generated - 1));
       if (opt_.medusa && s->hid.empty()) s->k = 0;  // a one-token prompt: no hidden state yet
+      if (s->k > 0 && layout_ && s->sampler.params().greedy()) {
+        // A tree instead of the chain: its nodes take slots cached .. cached + tn - 1, within the blocks held
+        // (prompt + max_tokens) and the context.
+        const int room = std::min(s->prompt_len + s->max_new, dec_.max_positions()) - s->cached;
+        s->tn = std::min(layout_->n_all, room);
+        s->k = 0;
+        if (s->tn >= 2) trees.push_back(s.get());
+        else s->tn = 0;
+      }
       if (s->k > 0) drafting.push_back(s.get());
     }
     who.push_back(s.get());
   }
   if (opt_.draft) propose(prefill, drafting);
   if (opt_.medusa) propose_medusa(drafting);
+  if (!trees.empty()) propose_tree(trees);
   std::vector<BatchRow> rows;
   for (Seq* s : who) {
     BatchRow r;
-    if (s->k > 0) {  // the newest token and the proposals, every position's logits
+    if (s->tn > 0) {  // the newest token as the root and its candidate tree, every node's logits
+      r.tokens = s->feed.data();
+      r.n = s->tn;
+      r.all_logits = true;
+      r.depth = layout_->depth.data();
+      r.tree = layout_->mask.data();
+    } else if (s->k > 0) {  // the newest token and the proposals, every position's logits
       s->feed.assign(1, s->tokens.back());
       s->feed.insert(s->feed.end(), s->drafts.begin(), s->drafts.end());
       r.tokens = s->feed.data();
@@ -426,6 +481,25 @@ void Engine::step() {
       const float* hd = dec_.hidden() + row * size_t(C);
       s.hid.assign(hd, hd + C);
     };
+    if (s.tn > 0) {
+      // Greedy acceptance down the tree; the path's entries compacted in place before anything is emitted (a
+      // finish releases the blocks).
+      const size_t first = off - size_t(rows[i].n);
+      thread_local std::vector<int32_t> path;
+      const int32_t next = layout_->greedy_path(s.feed.data(), s.tn, lg, int(TV), opt_.sample_vocab, path);
+      keep_hidden(first + size_t(path.back()));
+      dec_.keep_path(s.blocks.data(), int(s.blocks.size()), s.cached, path.data(), int(path.size()));
+      s.cached += int(path.size());
+      int depth = 0;
+      for (int j = 0; j < s.tn; j++) depth = std::max(depth, layout_->depth[size_t(j)]);
+      metrics_.spec_drafted += depth;  // acceptance = accepted / (rounds · depth), as kiln generate reports
+      metrics_.spec_accepted += int64_t(path.size()) - 1;
+      metrics_.spec_rounds++;
+      for (size_t j = 1; j < path.size() && !s.done; j++)
+        emit(s, s.feed[size_t(path[j])], lg + size_t(path[j - 1]) * TV);
+      if (!s.done) emit(s, next, lg + size_t(path.back()) * TV);
+      continue;
+    }
     if (s.k == 0) {
       s.cached += rows[i].n;
       if (s.cached == int(s.tokens.size())) {

@@ -25,6 +25,14 @@
 // draft model's proposals, with the same exact rule: the proposal distribution is one-hot (the draft is
 // deterministic), so greedy output is plain greedy output and samples follow the target's distribution.
 //
+// Medusa trees (EngineOptions::medusa_tree, as kiln generate's --medusa-tree): greedy sequences (temperature 0,
+// no penalties) check a static tree of the heads' top choices instead (infer/medusa.h MedusaLayout), one tree row
+// each in the batched forward (tree attention through the paged cache); the longest path of the target's own
+// arg maxes is kept, its nodes' cache entries compacted in place (BatchDecoder::keep_path), and the arg max
+// after it is the next token: every token is the target's greedy choice on its exact prefix, so the output is
+// plain greedy's. Sampled sequences keep the chain and its exact rule. The tree is cut (a breadth-first prefix)
+// to the positions left in the sequence's blocks and context.
+//
 // Determinism: greedy decoding depends only on the logits, which are the same alone or batched up to the
 // floating-point order of the batched matrix products (the CPU's fp32 GEMM and the single-row product may
 // differ in the last bits; no test prompt here meets a near-tie). A seeded sample draws from choice i's own
@@ -43,6 +51,7 @@
 #include <thread>
 #include <vector>
 
+#include "infer/medusa.h"
 #include "models/model.h"
 #include "nn/medusa.h"
 #include "serve/kv_blocks.h"
@@ -126,6 +135,8 @@ struct EngineOptions {
   // Or Medusa heads on the target's last hidden state (the decoder keeps them: BatchDecoderOptions::keep_hidden):
   // the chain of each head's top-1 token, draft_tokens long (at most the heads), checked like a draft's.
   const nn::MedusaHeads* medusa = nullptr;
+  // With medusa: greedy sequences check this candidate tree instead of the chain (CPU decoders).
+  std::optional<MedusaTree> medusa_tree;
 };
 
 class Engine {
@@ -153,6 +164,7 @@ class Engine {
   bool stop_ = false;
   std::vector<std::unique_ptr<Seq>> running_;  // the scheduler thread's own
   std::thread thread_;
+  std::optional<MedusaLayout> layout_;  // medusa_tree within the heads' reach
 
   void loop();
   void admit();
@@ -163,6 +175,7 @@ class Engine {
   void emit(Seq& s, int32_t t, const float* logits);           // reports t (logits: its row, for logprobs)
   void propose(const std::vector<Seq*>& prefill, const std::vector<Seq*>& drafting);
   void propose_medusa(const std::vector<Seq*>& drafting);
+  void propose_tree(const std::vector<Seq*>& trees);  // each sequence's tree tokens (feed) and size (tn)
 };
 
 }  // namespace kiln::serve

@@ -20,6 +20,7 @@
 
 #include "core/error.h"
 #include "core/gpu.h"
+#include "infer/medusa.h"
 #include "models/checkpoint.h"
 #include "models/medusa_checkpoint.h"
 #include "models/model.h"
@@ -39,6 +40,7 @@ struct ServeOptions {
   int draft_tokens = 4;
   bool medusa = false;   // Medusa heads of the checkpoint, as a chain of top-1 guesses
   int medusa_tokens = 0;  // 0: every head
+  std::string medusa_tree;  // greedy requests check this candidate tree (kiln generate's syntax; "default")
   int port = 8080, parallel = 16, ctx = 0, threads = 0, max_queue = 64, timeout = 60, kv_blocks = 0;
   int block_size = 64, prefill_chunk = 256, http_threads = 64;
   size_t max_body = 8u << 20;
@@ -181,6 +183,7 @@ void run_serve(const ServeOptions& o) {
       bo.keep_hidden = true;
     }
     KILN_CHECK(o.medusa_tokens == 0 || o.medusa, "--medusa-tokens needs --medusa");
+    KILN_CHECK(o.medusa_tree.empty() || o.medusa, "--medusa-tree needs --medusa");
     // Default pool: every slot a whole context.
     bo.num_blocks = o.kv_blocks > 0 ? o.kv_blocks : o.parallel * ((ctx + o.block_size - 1) / o.block_size);
     std::unique_ptr<BatchDecoder> dec = make_batch_decoder(cfg, model->host_params(), bo);
@@ -220,6 +223,8 @@ void run_serve(const ServeOptions& o) {
     if (heads) {
       eo.medusa = heads.get();
       eo.draft_tokens = o.medusa_tokens > 0 ? o.medusa_tokens : std::min(heads->shape.K, serve::kMaxDraftTokens);
+      if (!o.medusa_tree.empty())
+        eo.medusa_tree = o.medusa_tree == "default" ? MedusaTree::default_tree() : MedusaTree::parse(o.medusa_tree);
     }
     {
       std::lock_guard<std::mutex> lk(engine_m);
@@ -242,12 +247,13 @@ void run_serve(const ServeOptions& o) {
       sm.vocab = cfg.vocab_size;
       sm.eot = eo.eot;
       if (speculative || heads) {
-        sm.drafting = heads ? "medusa_chain" : "draft_model";
+        sm.drafting = heads ? (eo.medusa_tree ? "medusa_tree" : "medusa_chain") : "draft_model";
         sm.draft_tokens = eo.draft_tokens;
       }
       server.set_model(sm);
       const std::string drafting =
-          heads ? str("Medusa heads, a chain of ", eo.draft_tokens, " top-1 guesses a round")
+          heads ? str("Medusa heads, a chain of ", eo.draft_tokens, " top-1 guesses a round",
+                      eo.medusa_tree ? str(" (greedy requests: a tree of ", eo.medusa_tree->nodes.size(), " nodes)") : "")
           : speculative ? str("draft model ", o.draft_model.empty() ? o.draft_random_init : o.draft_model, ", ",
                               o.draft_tokens, " tokens a round")
                         : std::string("none");
@@ -319,6 +325,11 @@ kiln::cli::Command serve_cmd("serve", [](CLI::App& root) {
               "chain of the heads' top-1 tokens, checked by the model in one batched pass");
   c->add_option("--medusa-tokens", o->medusa_tokens, "With --medusa: heads used per round (0: all)")
       ->capture_default_str();
+  c->add_option("--medusa-tree", o->medusa_tree,
+                "With --medusa: greedy requests (temperature 0) check this static candidate tree of the heads' top "
+                "choices with tree attention instead of the chain (output = plain greedy; sampled requests keep the "
+                "chain). Nodes as paths of head ranks as kiln generate's --medusa-tree, e.g. '0;1;0,0;0,1;0,0,0', or "
+                "'default' (15 nodes to depth 4)");
   c->callback([o] { run_serve(*o); });
 });
 
