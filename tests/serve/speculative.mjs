@@ -4,7 +4,8 @@
 // that does not (another random model: nearly every proposal fails, rollbacks); stop strings that fall inside an
 // accepted run cut the text where the plain server cuts it; /metrics counts proposals and acceptances;
 // /v1/models and the startup line name the drafting; bad combinations are one-line errors at startup. The same
-// for --medusa (a chain of the heads' top-1 guesses, tests/serve/make_medusa.py's heads).
+// for --medusa (a chain of the heads' top-1 guesses, tests/serve/make_medusa.py's heads) and --medusa-tree
+// (greedy requests check the default candidate tree with tree attention; sampled ones keep the chain).
 // usage: node speculative.mjs KILN WORK_DIR
 import fs from "node:fs";
 import path from "node:path";
@@ -59,7 +60,9 @@ async function metric(url, name) {
 // ---- the plain server's greedy texts, and where a stop string inside them cuts ------------------------------
 const plain = await startServer(kiln, ["--model", target, "--threads", "2", "--parallel", "8"]);
 const ref = [];
+const tPlain = performance.now();
 for (const p of prompts) ref.push(await complete(plain.url, p));
+const plainTps = prompts.length * MAX / ((performance.now() - tPlain) / 1000);  // one client, for the log
 // A stop string from the middle of each text (past the first tokens, so it falls inside a drafted run).
 const stops = ref.map((r) => r.text.slice(Math.floor(r.text.length / 2), Math.floor(r.text.length / 2) + 3));
 const refStop = [];
@@ -70,22 +73,27 @@ check(refStop.every((r) => r.finish === "stop"), "plain: the stop strings stop t
 check(/speculative decoding: none/.test(plain.stderr()), "plain: the startup line says no drafting");
 await stopServer(plain);
 
-for (const [label, draft, k] of [["self-draft", target, 4], ["random draft", otherDraft, 3], ["medusa", null, 3]]) {
+for (const [label, draft, k, tree] of [["self-draft", target, 4], ["random draft", otherDraft, 3], ["medusa", null, 3],
+  ["medusa tree", null, 3, true]]) {
   const medusa = draft === null;
   const srv = await startServer(kiln, medusa
-    ? ["--model", withHeads, "--model-name", "target", "--threads", "2", "--parallel", "8", "--medusa"]
+    ? ["--model", withHeads, "--model-name", "target", "--threads", "2", "--parallel", "8", "--medusa",
+       ...(tree ? ["--medusa-tree", "default"] : [])]
     : ["--model", target, "--threads", "2", "--parallel", "8", "--draft-model", draft, "--draft-tokens", String(k)]);
-  check(new RegExp(medusa ? `speculative decoding: Medusa heads, a chain of ${k} top-1 guesses`
+  check(new RegExp(medusa ? `speculative decoding: Medusa heads, a chain of ${k} top-1 guesses` +
+    (tree ? ".*greedy requests: a tree of 15 nodes" : "")
     : `speculative decoding: draft model .*, ${k} tokens a round`).test(srv.stderr()),
     `${label}: the startup line names the drafting`);
   const models = await (await fetch(srv.url + "/v1/models")).json();
-  const method = medusa ? "medusa_chain" : "draft_model";
+  const method = tree ? "medusa_tree" : medusa ? "medusa_chain" : "draft_model";
   check(models.data[0].speculative?.method === method && models.data[0].speculative?.draft_tokens === k,
     `${label}: /v1/models says speculative ${method}, ${k} tokens`);
   // One client at a time, not streaming and streaming.
-  let same = true, sameStream = true;
+  let same = true, sameStream = true, oneClient = 0;
   for (let i = 0; i < prompts.length; i++) {
+    const t0 = performance.now();
     const a = await complete(srv.url, prompts[i]);
+    oneClient += performance.now() - t0;
     same &&= a.text === ref[i].text && a.finish === "length" && a.tokens === MAX;
     const s = await stream(srv.url, prompts[i]);
     sameStream &&= s.text === ref[i].text && s.finish === "length";
@@ -109,7 +117,8 @@ for (const [label, draft, k] of [["self-draft", target, 4], ["random draft", oth
   const drafted = await metric(srv.url, "kiln_spec_draft_tokens_total");
   const accepted = await metric(srv.url, "kiln_spec_accepted_tokens_total");
   const rounds = await metric(srv.url, "kiln_spec_rounds_total");
-  console.log(`# ${label}: ${rounds} rounds, ${drafted} drafted, ${accepted} accepted`);
+  console.log(`# ${label}: ${rounds} rounds, ${drafted} drafted, ${accepted} accepted; one client ` +
+    `${(prompts.length * MAX / (oneClient / 1000)).toFixed(1)} tokens/s (plain ${plainTps.toFixed(1)})`);
   check(drafted > 0 && rounds > 0 && accepted >= 0 && accepted <= drafted, `${label}: /metrics counts rounds and proposals`);
   if (draft === target) check(accepted >= 0.9 * drafted, `${label}: the target drafting for itself passes >= 90% of proposals`);
   else if (!medusa) check(accepted < 0.5 * drafted, `${label}: a random draft mostly fails (rollbacks exercised)`);
@@ -129,6 +138,8 @@ for (const [what, args, pattern, modelDir] of [
   ["--medusa without heads", ["--medusa"], /--medusa: .* has no Medusa heads/],
   ["--medusa-tokens 4 of 3 heads", ["--medusa", "--medusa-tokens", "4"], /--medusa-tokens must be in \[1, 3\]/, withHeads],
   ["--medusa with a draft", ["--medusa", "--draft-model", otherDraft], /give at most one of --medusa and --draft-model/, withHeads],
+  ["--medusa-tree without --medusa", ["--medusa-tree", "default"], /--medusa-tree needs --medusa/, withHeads],
+  ["--medusa-tree bad node", ["--medusa", "--medusa-tree", "0;x"], /--medusa-tree: node 'x' is not a path of ranks/, withHeads],
 ]) {
   const r = spawnSync(kiln, ["serve", "--port", "0", "--model", modelDir ?? target, "--threads", "1", ...args], { encoding: "utf8",
     timeout: 60000 });
