@@ -1,5 +1,5 @@
 // kiln serve with and without speculative decoding, in the same run: a plain server, one with --draft-model and
-// (when the target directory given has Medusa heads) one with --medusa, all up at once and asked in turn
+// (when the target directory given has Medusa heads) one with --medusa and one with --medusa --medusa-tree, all up at once and asked in turn
 // (interleaved rounds, so a slow spell of the shared host falls on all alike). Per method and stream count:
 // aggregate decode tokens/s (completion tokens / wall time of the batch of requests), median of the rounds, the
 // ratio to plain, the acceptance from /metrics, and whether the greedy texts equal plain's.
@@ -19,7 +19,8 @@ const prompts = ["Once upon a time", "The little dog", "She looked at the sky an
 
 const common = ["--threads", threads, "--parallel", "16", "--weights-dtype", opt("--weights-dtype", "f32")];
 const methods = [["plain", ["--model", target]], [`draft K=${K}`, ["--model", target, "--draft-model", draft, "--draft-tokens", K]]];
-if (medusaDir) methods.push(["medusa chain", ["--model", medusaDir, "--medusa"]]);
+if (medusaDir) methods.push(["medusa chain", ["--model", medusaDir, "--medusa"]],
+  ["medusa tree", ["--model", medusaDir, "--medusa", "--medusa-tree", "default"]]);
 const servers = [];
 for (const [name, args] of methods) servers.push({ name, srv: await startServer(kiln, [...common, ...args]) });
 
