@@ -146,6 +146,48 @@ int32_t MedusaLayout::greedy_path(const int32_t* tokens, int n, const float* log
   }
 }
 
+void MedusaLayout::typical_path(const int32_t* tokens, int n, const float* logits, int V, int SV, float temp,
+                                float threshold, float alpha, std::vector<int32_t>& path) const {
+  thread_local std::vector<double> prob;
+  prob.resize(size_t(SV));
+  std::vector<int> best_len(static_cast<size_t>(n));
+  path.assign(1, 0);
+  int cur = 0;
+  // ok[i]: node i's token is typical under its parent's tempered distribution; best_len: the longest chain of
+  // such nodes below i (children after parents in the order, so walk backwards).
+  std::vector<char> ok(size_t(n), 0);
+  for (int p = 0; p < n; p++) {
+    bool any = false;
+    for (int c : children[size_t(p)]) any |= c < n;
+    if (!any) continue;
+    const float* x = logits + size_t(p) * size_t(V);
+    float mx = x[0];
+    for (int v = 1; v < SV; v++) mx = std::max(mx, x[v]);
+    double sum = 0, ent = 0;
+    for (int v = 0; v < SV; v++) sum += (prob[size_t(v)] = std::exp((x[v] - mx) / temp));
+    for (int v = 0; v < SV; v++) {
+      const double q = prob[size_t(v)] / sum;
+      if (q > 0) ent -= q * std::log(q);
+    }
+    const double bar = std::min(double(threshold), double(alpha) * std::exp(-ent));
+    for (int c : children[size_t(p)])
+      if (c < n) ok[size_t(c)] = prob[size_t(tokens[c])] / sum > bar;
+  }
+  for (int i = n - 1; i >= 0; i--) {
+    best_len[size_t(i)] = 0;
+    for (int c : children[size_t(i)])
+      if (c < n && ok[size_t(c)]) best_len[size_t(i)] = std::max(best_len[size_t(i)], 1 + best_len[size_t(c)]);
+  }
+  while (best_len[size_t(cur)] > 0) {
+    for (int c : children[size_t(cur)])
+      if (c < n && ok[size_t(c)] && 1 + best_len[size_t(c)] == best_len[size_t(cur)]) {
+        cur = c;
+        break;
+      }
+    path.push_back(cur);
+  }
+}
+
 FinishReason generate_medusa(IncrementalDecoder& dec, const nn::MedusaHeads& heads, const Sampler& sampler_in,
                              const std::vector<int32_t>& prompt, const GenerateLimits& lim,
                              const MedusaParams& mp, const std::function<bool(int32_t)>& on_token,
@@ -171,7 +213,6 @@ FinishReason generate_medusa(IncrementalDecoder& dec, const nn::MedusaHeads& hea
   const MedusaLayout L(mp.tree, hs.K);
   const int n_all = L.n_all, depth_used = L.depth_used;
   const std::vector<int>& width = L.width;
-  const std::vector<std::vector<int>>& children = L.children;
 
   MedusaStats st;
   st.base.prompt_tokens = P;
@@ -190,10 +231,8 @@ FinishReason generate_medusa(IncrementalDecoder& dec, const nn::MedusaHeads& hea
   int32_t root = sampler.sample(lg, SV);
 
   std::vector<float> head_logits(static_cast<size_t>(V)), u(static_cast<size_t>(C)), z(static_cast<size_t>(C));
-  std::vector<double> prob(static_cast<size_t>(V));
   std::vector<std::vector<int32_t>> top(static_cast<size_t>(hs.K));
   std::vector<int32_t> tokens(static_cast<size_t>(n_all)), ids(static_cast<size_t>(V)), path;
-  std::vector<int> best_len(static_cast<size_t>(n_all));
   FinishReason why = FinishReason::Length;
   bool first = true;
   auto emit = [&](int32_t t, FinishReason& r) {  // false: generation ends at t
@@ -233,39 +272,8 @@ FinishReason generate_medusa(IncrementalDecoder& dec, const nn::MedusaHeads& hea
       root = L.greedy_path(tokens.data(), n, tl, V, SV, path);
       cur = path.back();
     } else {
-      // ok[i]: node i's token is typical under its parent's tempered distribution; best_len: the longest chain of
-      // such nodes below i (children after parents in the order, so walk backwards).
-      std::vector<char> ok(size_t(n), 0);
-      for (int p = 0; p < n; p++) {
-        bool any = false;
-        for (int c : children[size_t(p)]) any |= c < n;
-        if (!any) continue;
-        const float* x = tl + size_t(p) * V;
-        float mx = x[0];
-        for (int v = 1; v < SV; v++) mx = std::max(mx, x[v]);
-        double sum = 0, ent = 0;
-        for (int v = 0; v < SV; v++) sum += (prob[size_t(v)] = std::exp((x[v] - mx) / temp));
-        for (int v = 0; v < SV; v++) {
-          const double q = prob[size_t(v)] / sum;
-          if (q > 0) ent -= q * std::log(q);
-        }
-        const double bar = std::min(double(mp.typical_threshold), double(mp.typical_alpha) * std::exp(-ent));
-        for (int c : children[size_t(p)])
-          if (c < n) ok[size_t(c)] = prob[size_t(tokens[size_t(c)])] / sum > bar;
-      }
-      for (int i = n - 1; i >= 0; i--) {
-        best_len[size_t(i)] = 0;
-        for (int c : children[size_t(i)])
-          if (c < n && ok[size_t(c)]) best_len[size_t(i)] = std::max(best_len[size_t(i)], 1 + best_len[size_t(c)]);
-      }
-      while (best_len[size_t(cur)] > 0) {
-        for (int c : children[size_t(cur)])
-          if (c < n && ok[size_t(c)] && 1 + best_len[size_t(c)] == best_len[size_t(cur)]) {
-            cur = c;
-            break;
-          }
-        path.push_back(cur);
-      }
+      L.typical_path(tokens.data(), n, tl, V, SV, temp, mp.typical_threshold, mp.typical_alpha, path);
+      cur = path.back();
       root = sampler.sample(tl + size_t(cur) * V, SV);
     }
     h.assign(dec.hidden() + size_t(cur) * C, dec.hidden() + size_t(cur + 1) * C);

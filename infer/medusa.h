@@ -56,6 +56,10 @@ struct MedusaLayout {
   // max over [0, SV) at its parent (the lowest id among equal maxima). path: the nodes kept, root first; returns
   // the arg max after the path's last node (the next root).
   int32_t greedy_path(const int32_t* tokens, int n, const float* logits, int V, int SV, std::vector<int32_t>& path) const;
+  // Typical acceptance (temperature temp, ε threshold, α alpha): the longest path of acceptable nodes (the
+  // earlier node on ties), root first; the caller samples the next root at its last node.
+  void typical_path(const int32_t* tokens, int n, const float* logits, int V, int SV, float temp, float threshold,
+                    float alpha, std::vector<int32_t>& path) const;
 };
 
 struct MedusaParams {

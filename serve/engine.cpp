@@ -109,6 +109,8 @@ Engine::Engine(BatchDecoder& dec, const Tokenizer& tok, const EngineOptions& opt
     if (opt_.medusa_tree) layout_.emplace(*opt_.medusa_tree, h->shape.K);
   }
   KILN_CHECK(!opt_.medusa_tree || opt_.medusa, "--medusa-tree needs --medusa");
+  KILN_CHECK(!opt_.medusa_typical || opt_.medusa_tree, "--typical-threshold / --typical-alpha need --medusa-tree");
+  KILN_CHECK(opt_.typical_threshold > 0 && opt_.typical_alpha > 0, "--typical-threshold and --typical-alpha must be > 0");
 }
 
 Engine::~Engine() { stop(); }
@@ -427,7 +429,7 @@ void Engine::step() {
       if ((opt_.draft || opt_.medusa) && p.presence_penalty == 0 && p.frequency_penalty == 0)
         s->k = std::max(0, std::min(opt_.draft_tokens, s->max_new - s->generated - 1));
       if (opt_.medusa && s->hid.empty()) s->k = 0;  // a one-token prompt: no hidden state yet
-      if (s->k > 0 && layout_ && s->sampler.params().greedy()) {
+      if (s->k > 0 && layout_ && (s->sampler.params().greedy() || opt_.medusa_typical)) {
         // A tree instead of the chain: its nodes take slots cached .. cached + tn - 1, within the blocks held
         // (prompt + max_tokens) and the context.
         const int room = std::min(s->prompt_len + s->max_new, dec_.max_positions()) - s->cached;
@@ -486,7 +488,14 @@ void Engine::step() {
       // finish releases the blocks).
       const size_t first = off - size_t(rows[i].n);
       thread_local std::vector<int32_t> path;
-      const int32_t next = layout_->greedy_path(s.feed.data(), s.tn, lg, int(TV), opt_.sample_vocab, path);
+      int32_t next;
+      if (s.sampler.params().greedy()) {
+        next = layout_->greedy_path(s.feed.data(), s.tn, lg, int(TV), opt_.sample_vocab, path);
+      } else {
+        layout_->typical_path(s.feed.data(), s.tn, lg, int(TV), opt_.sample_vocab, s.sampler.params().temperature,
+                              opt_.typical_threshold, opt_.typical_alpha, path);
+        next = s.sampler.sample(lg + size_t(path.back()) * TV, opt_.sample_vocab);
+      }
       keep_hidden(first + size_t(path.back()));
       dec_.keep_path(s.blocks.data(), int(s.blocks.size()), s.cached, path.data(), int(path.size()));
       s.cached += int(path.size());

@@ -30,7 +30,8 @@
 // each in the batched forward (tree attention through the paged cache); the longest path of the target's own
 // arg maxes is kept, its nodes' cache entries compacted in place (BatchDecoder::keep_path), and the arg max
 // after it is the next token: every token is the target's greedy choice on its exact prefix, so the output is
-// plain greedy's. Sampled sequences keep the chain and its exact rule. The tree is cut (a breadth-first prefix)
+// plain greedy's. Sampled sequences keep the chain and its exact rule, or with medusa_typical take the tree
+// with typical acceptance as kiln generate does when sampling. The tree is cut (a breadth-first prefix)
 // to the positions left in the sequence's blocks and context.
 //
 // Determinism: greedy decoding depends only on the logits, which are the same alone or batched up to the
@@ -137,6 +138,11 @@ struct EngineOptions {
   const nn::MedusaHeads* medusa = nullptr;
   // With medusa: greedy sequences check this candidate tree instead of the chain (CPU decoders).
   std::optional<MedusaTree> medusa_tree;
+  // With medusa_tree: sampled sequences (no penalties) check the tree too, with Medusa's typical acceptance
+  // (infer/medusa.h; not lossless: the accepted tokens need only be typical under the target), the next token
+  // sampled at the path's end.
+  bool medusa_typical = false;
+  float typical_threshold = 0.09f, typical_alpha = 0.3f;
 };
 
 class Engine {

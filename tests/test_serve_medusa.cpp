@@ -176,23 +176,36 @@ struct Served {
 
 // Greedy jobs (one prompt each) served at once with Medusa heads and a tree; the tokens each choice reported
 // (the tokenizer maps id i to 'A' + i, so the text gives them back).
-std::vector<Served> serve_tree(BatchDecoder& dec, const nn::MedusaHeads& heads, const MedusaTree& tree,
+// typical: {ε, α} for sampled jobs (temperature 0.8, seed 5); heads null: plain serving.
+std::vector<Served> serve_tree(BatchDecoder& dec, const nn::MedusaHeads* heads, const MedusaTree& tree,
                                std::optional<int32_t> eot, const std::vector<std::vector<int32_t>>& prompts,
-                               int max_new, serve::Metrics& metrics) {
+                               int max_new, serve::Metrics& metrics,
+                               std::optional<std::pair<float, float>> typical = std::nullopt) {
   std::vector<std::string> pieces;
   for (int i = 0; i < 256; i++) pieces.push_back(std::string(1, char(('A' + i) % 256)));
   const Tokenizer tok = Tokenizer::from_parts(pieces, {}, {});
   serve::EngineOptions eo;
   eo.parallel = 8;
   eo.eot = eot;
-  eo.medusa = &heads;
-  eo.draft_tokens = heads.shape.K;
-  eo.medusa_tree = tree;
+  if (heads) {
+    eo.medusa = heads;
+    eo.draft_tokens = heads->shape.K;
+    eo.medusa_tree = tree;
+  }
+  if (typical && heads) {
+    eo.medusa_typical = true;
+    eo.typical_threshold = typical->first;
+    eo.typical_alpha = typical->second;
+  }
   serve::Engine engine(dec, tok, eo, metrics);
   engine.start();
   std::vector<std::shared_ptr<serve::Job>> jobs;
   serve::JobParams jp;
   jp.temperature = 0;
+  if (typical) {
+    jp.temperature = 0.8f;
+    jp.seed = 5;
+  }
   for (const auto& p : prompts) {
     jobs.push_back(std::make_shared<serve::Job>(std::vector<std::vector<int32_t>>{p}, std::vector<int>{max_new}, jp));
     engine.submit(jobs.back());
@@ -245,7 +258,7 @@ TEST(ServeMedusaTree, GreedyEqualsPlainGreedyForConcurrentStreams) {
   for (const MedusaTree& tree : {MedusaTree::default_tree(), MedusaTree::parse("0;0,0;0,0,0;0,0,0,0;1;0,1")}) {
     SCOPED_TRACE(tree.str());
     serve::Metrics m;
-    const auto full = serve_tree(*dec, heads, tree, std::nullopt, prompts, max_new, m);
+    const auto full = serve_tree(*dec, &heads, tree, std::nullopt, prompts, max_new, m);
     for (size_t i = 0; i < prompts.size(); i++) {
       EXPECT_EQ(full[i].tokens, ref[i]) << "prompt " << i;
       EXPECT_EQ(full[i].finish, "length");
@@ -253,7 +266,7 @@ TEST(ServeMedusaTree, GreedyEqualsPlainGreedyForConcurrentStreams) {
     EXPECT_GT(m.spec_rounds.load(), 0);
     EXPECT_GT(m.spec_accepted.load(), 10);
     serve::Metrics me;
-    const auto ended = serve_tree(*dec, heads, tree, eot, prompts, max_new, me);
+    const auto ended = serve_tree(*dec, &heads, tree, eot, prompts, max_new, me);
     for (size_t i = 0; i < prompts.size(); i++) {
       const auto at = std::find(ref[i].begin(), ref[i].end(), eot);
       const std::vector<int32_t> want(ref[i].begin(), at == ref[i].end() ? at : at + 1);
@@ -262,8 +275,39 @@ TEST(ServeMedusaTree, GreedyEqualsPlainGreedyForConcurrentStreams) {
     }
     // max_tokens smaller than one round's reach.
     serve::Metrics ms;
-    const auto shortest = serve_tree(*dec, heads, tree, std::nullopt, prompts, 2, ms);
+    const auto shortest = serve_tree(*dec, &heads, tree, std::nullopt, prompts, 2, ms);
     for (size_t i = 0; i < prompts.size(); i++)
       EXPECT_EQ(shortest[i].tokens, std::vector<int32_t>(ref[i].begin(), ref[i].begin() + 2)) << "prompt " << i;
   }
+}
+
+// Typical acceptance at its extremes (kiln generate's rule, infer/medusa.h): a bar no probability passes keeps no
+// node, so each round samples one token at the root from the sampler's own stream: the text is plain seeded
+// serving's; a bar every node passes keeps a whole path of the tree's depth every round the full tree fits.
+TEST(ServeMedusaTree, TypicalAcceptanceAtItsExtremes) {
+  const ModelConfig cfg = parse_model_config(kLlama, "config.json");
+  auto model = random_model(cfg, 17);
+  const float* P = model->host_params();
+  const nn::MedusaShape hs = medusa_shape(cfg, 3);
+  std::vector<float> hp(size_t(hs.total()));
+  nn::MedusaHeads::init_from_lm_head(hs, hp.data(), lm_head_matrix(cfg, model->table(), P));
+  const nn::MedusaHeads heads{hs, hp.data(), nullptr};
+  BatchDecoderOptions bo;
+  bo.block_size = 4;
+  bo.num_blocks = 96;
+  bo.keep_hidden = true;
+  auto dec = make_batch_decoder(cfg, P, bo);
+  const std::vector<std::vector<int32_t>> prompts = {{1, 2, 3, 4, 5}, {7, 3}};
+  const MedusaTree tree = MedusaTree::parse("0;1;0,0;0,0,0");
+  serve::Metrics mp, mn, ma;
+  const auto plain = serve_tree(*dec, nullptr, tree, std::nullopt, prompts, 20, mp, std::pair{0.f, 0.f});
+  const auto none = serve_tree(*dec, &heads, tree, std::nullopt, prompts, 20, mn, std::pair{1.0f, 1e9f});
+  for (size_t i = 0; i < prompts.size(); i++) EXPECT_EQ(none[i].tokens, plain[i].tokens) << "prompt " << i;
+  EXPECT_GT(mn.spec_rounds.load(), 0);
+  EXPECT_EQ(mn.spec_accepted.load(), 0);
+  const auto all = serve_tree(*dec, &heads, tree, std::nullopt, prompts, 20, ma, std::pair{1e-30f, 1e-30f});
+  for (size_t i = 0; i < prompts.size(); i++) EXPECT_EQ(int(all[i].tokens.size()), 20) << "prompt " << i;
+  // 20 tokens, 4 a full round: rounds 1..4 of each stream see the whole tree (room for 4 nodes) and keep 3.
+  EXPECT_GE(ma.spec_accepted.load(), 2 * 4 * 3);
+  EXPECT_EQ(ma.spec_accepted.load(), ma.spec_drafted.load());
 }

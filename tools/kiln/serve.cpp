@@ -40,6 +40,7 @@ struct ServeOptions {
   int draft_tokens = 4;
   bool medusa = false;   // Medusa heads of the checkpoint, as a chain of top-1 guesses
   int medusa_tokens = 0;  // 0: every head
+  float typical_threshold = 0, typical_alpha = 0;  // either > 0: sampled requests take typical acceptance
   std::string medusa_tree;  // greedy requests check this candidate tree (kiln generate's syntax; "default")
   int port = 8080, parallel = 16, ctx = 0, threads = 0, max_queue = 64, timeout = 60, kv_blocks = 0;
   int block_size = 64, prefill_chunk = 256, http_threads = 64;
@@ -226,6 +227,10 @@ void run_serve(const ServeOptions& o) {
       if (!o.medusa_tree.empty())
         eo.medusa_tree = o.medusa_tree == "default" ? MedusaTree::default_tree() : MedusaTree::parse(o.medusa_tree);
     }
+    KILN_CHECK(o.typical_threshold >= 0 && o.typical_alpha >= 0, "--typical-threshold and --typical-alpha must be > 0");
+    eo.medusa_typical = o.typical_threshold > 0 || o.typical_alpha > 0;
+    if (o.typical_threshold > 0) eo.typical_threshold = o.typical_threshold;
+    if (o.typical_alpha > 0) eo.typical_alpha = o.typical_alpha;
     {
       std::lock_guard<std::mutex> lk(engine_m);
       if (!stop) {
@@ -330,6 +335,11 @@ kiln::cli::Command serve_cmd("serve", [](CLI::App& root) {
                 "choices with tree attention instead of the chain (output = plain greedy; sampled requests keep the "
                 "chain). Nodes as paths of head ranks as kiln generate's --medusa-tree, e.g. '0;1;0,0;0,1;0,0,0', or "
                 "'default' (15 nodes to depth 4)");
+  c->add_option("--typical-threshold", o->typical_threshold,
+                "With --medusa-tree: sampled requests check the tree too, with typical acceptance of this epsilon "
+                "(Medusa's 0.09; not lossless), instead of the exact chain");
+  c->add_option("--typical-alpha", o->typical_alpha,
+                "With --medusa-tree: typical acceptance's alpha (Medusa's 0.3); giving it turns typical acceptance on");
   c->callback([o] { run_serve(*o); });
 });
 
