@@ -2,7 +2,7 @@
 // behind them) must equal those of its path decoded alone by the contiguous decoder (plain causal decoding), and
 // the accepted path compacted in the sequence's blocks must continue like a plain cache; the engine's greedy tree
 // decoding of several concurrent streams against the contiguous decoder's greedy tokens alone, with max_tokens
-// and end of text inside a tree.
+// and end of text inside a tree; typical acceptance for sampled streams at its extremes.
 #include <gtest/gtest.h>
 
 #include <algorithm>
