@@ -10,6 +10,7 @@
 # unless the environment names a policy (kiln sample sets it itself; torch's OpenMP threads also lose 2-3x to
 # spinning on a loaded machine, measured).
 # usage: bench/dit_sample_vs_torch.sh CHECKPOINT_DIR [COUNT=16] [ROUNDS=3] [THREADS=2] [GUIDANCES="1 2"] [TOL=1e-2]
+#   GUIDANCES: integer scales w (1: none)
 set -euo pipefail
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 model="$(readlink -f "$1")"; count="${2:-16}"; rounds="${3:-3}"; threads="${4:-2}"; guidances="${5:-1 2}"
@@ -29,9 +30,9 @@ c = json.load(open(sys.argv[1]))
 torch.manual_seed(0)
 write_safetensors(sys.argv[3], {"noise": torch.randn(int(sys.argv[2]), c["channels"], c["image_size"], c["image_size"])})
 EOF
-kiln_run() {  # guidance -> images/s; samples in $tmp/kiln.safetensors
+kiln_run() {  # guidance (an integer) -> images/s; samples in $tmp/kiln.safetensors. One network call per evaluation.
   "$here/build/kiln" sample --model "$model" --raw-weights --sampler edm-heun --steps 18 --guidance "$1" \
-    --count "$count" --batch "$count" --threads "$threads" --noise "$tmp/noise.safetensors" --out "$tmp/kiln.png" |
+    --count "$count" --batch $((count * ($1 == 1 ? 1 : 2))) --threads "$threads" --noise "$tmp/noise.safetensors" --out "$tmp/kiln.png" |
     $py -c "import json,sys; j=json.load(sys.stdin); assert j['nfe'] == 35, j; print(j['images_per_second'])"
 }
 torch_run() {
