@@ -3,7 +3,8 @@
 // measured in the same run on the same threads: a plain streaming read (AVX-512 loads summed, over a buffer
 // far larger than the caches), the most a token step could draw. Prints, per format: the bytes a token reads
 // (the matrices in that format, plus the KV cache at the mean position), the median tokens/s over the steps,
-// the bandwidth that implies, and its fraction of the streaming read (the goal: >= 0.85).
+// the bandwidth that implies, and its fraction of the streaming read (the goal: >= 0.85), also as the median of
+// each round's own fraction.
 //
 //   ./build/decode_bandwidth_bench [--config bench/gpt2-124m.json] [--threads 2] [--steps 64] [--formats f32,...]
 #include <immintrin.h>
@@ -138,15 +139,21 @@ int main(int argc, char** argv) {
   }
   const double bw = median(peer);
   std::printf("peer: streaming read of 512 MiB, median of %d: %.1f GB/s\n", steps, bw);
-  std::printf("%-6s %-12s %10s %10s %10s %8s\n", "format", "kernel", "MB/token", "tokens/s", "GB/s", "ratio");
+  std::printf("%-6s %-12s %10s %10s %10s %8s %8s\n", "format", "kernel", "MB/token", "tokens/s", "GB/s", "ratio",
+              "rounds");
   for (size_t i = 0; i < fs.size(); i++) {
     const double mean_pos = prompt + steps / 2.0;
     const double kv = double(cfg.n_layer) * 2 * mean_pos * cfg.kv_dim() * 4;
     const double bytes = matrix_bytes(cfg, fs[i]) + kv;
     const double tps = 1.0 / median(per[i]);
     const double gbs = bytes * tps / 1e9;
-    std::printf("%-6s %-12s %10.1f %10.1f %10.1f %8.3f\n", weight_format_name(fs[i]),
-                fs[i] == WeightFormat::F32 ? "gemv-f32" : cpu::narrow_kernel_name(fs[i]), bytes / 1e6, tps, gbs, gbs / bw);
+    // rounds: the median over the rounds of each round's own ratio (its step against the read just before it),
+    // steadier than the ratio of the medians when the machine's other tenants come and go.
+    std::vector<double> own;
+    for (size_t r = 0; r < per[i].size(); r++) own.push_back(bytes / per[i][r] / 1e9 / peer[r]);
+    std::printf("%-6s %-12s %10.1f %10.1f %10.1f %8.3f %8.3f\n", weight_format_name(fs[i]),
+                fs[i] == WeightFormat::F32 ? "gemv-f32" : cpu::narrow_kernel_name(fs[i]), bytes / 1e6, tps, gbs, gbs / bw,
+                median(own));
   }
   return 0;
 }
