@@ -1,14 +1,15 @@
 // Narrow-weight products on the CPU (see kernels/narrow_gemv.h).
 //
 // Direct path (up to kNarrowDirectRows rows of x): the threads take contiguous slices of the matrix's rows and
-// stream them once per group of x rows (8 for q8_0; 2 for the 16-bit formats, 4 matrix rows at a time: the
-// accumulators the registers hold), each (row, x row) pair with its own fp32 accumulators, so a row's result is the same whatever the
-// group size. x is prepared once per call by the calling thread (quantized, or split for bf16).
+// stream them once per group of x rows (8 for q8_0, 4 matrix rows at a time at one x row, 2 at two, else 1;
+// 2 for the 16-bit formats, 4 matrix rows at a time: the accumulators the registers hold), each (row, x row)
+// pair with its own fp32 accumulators, so a row's result is the same whatever the group size. x is prepared once per call by the calling thread (quantized, or split for bf16).
 //   q8_0 (VNNI): vpdpbusd multiplies unsigned by signed bytes, so the weights are stored offset by 128
 //   (u = q + 128) and x stays signed; each int32 lane starts at −128·Σ qx of its 4 bytes (made once per x),
 //   so t = vpdpbusd(start, u, qx) = Σ q·qx exactly. One 64-byte vector is two blocks (lanes 0-7 block 2j, 8-15
 //   block 2j+1); the products d·dx of 16 blocks are made once and spread to the lanes by a permute; the int32
-//   lanes are scaled and summed in fp32 over two accumulators (even and odd pairs).
+//   lanes are scaled and summed in fp32 over two accumulators (even and odd pairs). The scales are a second
+//   stream (after all the weights), prefetched as the weights are.
 //   bf16: one 64-byte load is 16 (even, odd) pairs of weights; a shift gives the even columns exactly as fp32
 //   and a mask the odd ones, against x split the same way. f16: vcvtph2ps per 16. Two accumulators per pair.
 // Wide path: tiles of 128 matrix rows widened to fp32, then sgemm (a prompt's rows reuse each tile).
