@@ -54,9 +54,10 @@ constexpr size_t kAlignBytes = 64;
 // 768-wide bf16 row is 1.5 KB, four read side by side), too short for the hardware prefetcher to get ahead, and a
 // one-row product was waiting on memory (bf16 LM head at 1 row: 8.1 ms without, 3.2 ms with 16 KB ahead; 4 KB
 // 6.2, 8 KB 4.1, 32 KB 6.7: bench/verify_pass_bench --gemm 50257,768). Into L2 (T1), not L1: a prefetch to L1
-// holds one of the core's few L1 fill buffers until its line arrives; at one thread, GPT-2's matrices in turn
-// against a streaming read before each pass (interleaved, 40 rounds, 4 runs): f16 0.83 -> 0.87 of the read,
-// q8_0 0.89 -> 0.90, bf16 0.89 either way.
+// holds one of the core's few L1 fill buffers until its line arrives. Measured with a scratch A/B program (not
+// kept): one thread, GPT-2 124M's matrices at one row, each pass after its own streaming read, T0 and T1
+// alternating, 40 rounds, 4 runs, loaded machine: f16 0.83 -> 0.87 of the read, q8_0 0.89 -> 0.90, bf16 0.89
+// either way.
 constexpr int kPrefetchBytes = 16384;
 constexpr auto kPrefetchHint = _MM_HINT_T1;
 size_t round_up(size_t n, size_t a) { return (n + a - 1) / a * a; }
