@@ -74,8 +74,9 @@ kiln::cli::Command sample_cmd("sample", [](CLI::App& root) {
   c->add_option("--batch", o->batch, "Rows per network call (with --guidance every image is two rows, its "
                 "conditional and unconditional ones)")->capture_default_str();
   c->add_option("--threads", o->threads, "CPU threads (0: all cores)")->capture_default_str();
-  c->add_option("--device", o->device, "cpu, or cuda / cuda:N: run a diffusion model's network on the GPU (bf16 "
-                "activations and products; the sampler's updates stay fp32 on the host)")
+  c->add_option("--device", o->device, "cpu, or cuda / cuda:N: run a diffusion model's network (a flow's coupling "
+                "MLPs) on the GPU (bf16 activations and products; the sampler's updates, the flow's elementwise "
+                "layers stay fp32 on the host)")
       ->capture_default_str();
   c->add_option("--judge", o->judge,
                 "Classifier directory (kiln train --objective classify): report the share of samples classified as "
@@ -90,9 +91,7 @@ kiln::cli::Command sample_cmd("sample", [](CLI::App& root) {
     KILN_CHECK(o->count > 0, "--count ", o->count, ": must be positive");
     KILN_CHECK(o->batch > 0, "--batch ", o->batch, ": must be positive");
     const kiln::DeviceSpec device = kiln::parse_device(o->device);
-    if (std::unique_ptr<kiln::ImageModel> flow = kiln::cli::load_density_model(o->model, !o->raw_weights)) {
-      KILN_CHECK(!device.cuda, "--device ", o->device, ": a ", flow->type(), " model samples on the CPU for now "
-                 "(--device cpu)");
+    if (std::unique_ptr<kiln::ImageModel> flow = kiln::cli::load_density_model(o->model, !o->raw_weights, device)) {
       // A normalizing flow: x = f⁻¹(z), one inverse per image.
       KILN_CHECK(o->temperature > 0, "--temperature ", o->temperature, ": must be positive");
       const kiln::ImageGeometry g = flow->geometry();
