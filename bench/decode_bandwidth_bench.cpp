@@ -3,9 +3,12 @@
 // measured in the same run on the same threads: a plain streaming read (AVX-512 loads summed, over a buffer
 // far larger than the caches), the most a token step could draw. Prints, per format: the bytes a token reads
 // (the matrices in that format, plus the KV cache at the mean position), the median tokens/s over the steps,
-// the bandwidth that implies, and its fraction of the streaming read (the goal: >= 0.85).
+// the bandwidth that implies, and its fraction of the streaming read (the goal: >= 0.85), also as the median of
+// each round's own fraction.
 //
 //   ./build/decode_bandwidth_bench [--config bench/gpt2-124m.json] [--threads 2] [--steps 64] [--formats f32,...]
+//   ./build/decode_bandwidth_bench --peer-only 1 [--threads 2] [--steps 5]: the streaming read alone (median of
+//   --steps reads), for a driver that interleaves it with its own runs (bench/decode_formats.py).
 #include <immintrin.h>
 #include <omp.h>
 #include <unistd.h>
@@ -78,19 +81,29 @@ int main(int argc, char** argv) {
   bench::prefer_blas_core(argv);
   std::string config = std::string(KILN_SOURCE_DIR) + "/bench/gpt2-124m.json";
   std::string formats = "f32,bf16,f16,q8_0";
-  int threads = 2, steps = 64, prompt = 16;
+  int threads = 2, steps = 64, prompt = 16, peer_only = 0;
   for (int i = 1; i + 1 < argc; i += 2) {
     const std::string a = argv[i];
     if (a == "--config") config = argv[i + 1];
     else if (a == "--threads") threads = std::atoi(argv[i + 1]);
     else if (a == "--steps") steps = std::atoi(argv[i + 1]);
     else if (a == "--formats") formats = argv[i + 1];
+    else if (a == "--peer-only") peer_only = std::atoi(argv[i + 1]);
     else {
       std::fprintf(stderr, "decode_bandwidth_bench: unknown option %s\n", a.c_str());
       return 2;
     }
   }
   set_threads(threads);
+  const size_t peer_bytes = size_t(512) << 20;
+  if (peer_only) {
+    Buffer buf(peer_bytes);
+    std::vector<double> peer;
+    for (int s = 0; s < std::max(1, steps); s++)
+      peer.push_back(read_bandwidth(static_cast<const float*>(buf.data()), peer_bytes));
+    std::printf("peer: streaming read of 512 MiB, median of %d: %.1f GB/s\n", int(peer.size()), median(peer));
+    return 0;
+  }
   const ModelConfig cfg = load_model_config(config);
   ModelOptions mo;
   mo.with_grads = false;
@@ -124,7 +137,6 @@ int main(int argc, char** argv) {
     decs.push_back(make_decoder(cfg, model->host_params(), d));
     next[i] = decs[i]->forward_argmax(toks.data(), prompt, cfg.vocab_size)[0];
   }
-  const size_t peer_bytes = size_t(512) << 20;
   Buffer buf(peer_bytes);  // zero-filled: its pages exist
   std::vector<double> peer;
   std::vector<std::vector<double>> per(fs.size());
@@ -138,15 +150,21 @@ int main(int argc, char** argv) {
   }
   const double bw = median(peer);
   std::printf("peer: streaming read of 512 MiB, median of %d: %.1f GB/s\n", steps, bw);
-  std::printf("%-6s %-12s %10s %10s %10s %8s\n", "format", "kernel", "MB/token", "tokens/s", "GB/s", "ratio");
+  std::printf("%-6s %-12s %10s %10s %10s %8s %8s\n", "format", "kernel", "MB/token", "tokens/s", "GB/s", "ratio",
+              "rounds");
   for (size_t i = 0; i < fs.size(); i++) {
     const double mean_pos = prompt + steps / 2.0;
     const double kv = double(cfg.n_layer) * 2 * mean_pos * cfg.kv_dim() * 4;
     const double bytes = matrix_bytes(cfg, fs[i]) + kv;
     const double tps = 1.0 / median(per[i]);
     const double gbs = bytes * tps / 1e9;
-    std::printf("%-6s %-12s %10.1f %10.1f %10.1f %8.3f\n", weight_format_name(fs[i]),
-                fs[i] == WeightFormat::F32 ? "gemv-f32" : cpu::narrow_kernel_name(fs[i]), bytes / 1e6, tps, gbs, gbs / bw);
+    // rounds: the median over the rounds of each round's own ratio (its step against the read just before it),
+    // steadier than the ratio of the medians when the machine's other tenants come and go.
+    std::vector<double> own;
+    for (size_t r = 0; r < per[i].size(); r++) own.push_back(bytes / per[i][r] / 1e9 / peer[r]);
+    std::printf("%-6s %-12s %10.1f %10.1f %10.1f %8.3f %8.3f\n", weight_format_name(fs[i]),
+                fs[i] == WeightFormat::F32 ? "gemv-f32" : cpu::narrow_kernel_name(fs[i]), bytes / 1e6, tps, gbs, gbs / bw,
+                median(own));
   }
   return 0;
 }

@@ -12,7 +12,10 @@ between the tokens its iterator yields. Its own per-token JS overhead is the sam
 layer, 64 wide, a 512-token vocabulary) whose compute is negligible; it is printed, and llama.cpp's tokens/s
 with it taken out beside the raw one. The streaming-read bandwidth and each format's bytes per token come from
 bench/decode_bandwidth_bench in the same run; the fraction of the bandwidth each decoder reaches is tokens/s x
-bytes per token / bandwidth. Medians of --reps runs. Greedy, --eot-id -1, the same prompt everywhere.
+bytes per token / bandwidth, with the bandwidth read (decode_bandwidth_bench --peer-only) just before each
+decoding run: on a shared machine the streaming read moves by 2x within minutes, so each run is set against
+its own. Medians of --reps runs (of the tokens/s, and of the per-run fractions). Greedy, --eot-id -1, the same
+prompt everywhere.
 """
 import argparse
 import json
@@ -78,6 +81,23 @@ def median(f, reps):
     return statistics.median(f() for _ in range(reps))
 
 
+def peer_gbs(a):
+    """The streaming read now (median of 3 reads of 512 MiB), for the decoding run that follows it."""
+    out = run([a.bandwidth_bench, "--peer-only", "1", "--threads", str(a.threads), "--steps", "3"])
+    return float(re.search(r"streaming read .*?: ([\d.]+) GB/s", out).group(1))
+
+
+def interleaved(f, mb, a):
+    """Medians over --reps of (tokens/s, tokens/s x MB per token / the streaming read just before the run)."""
+    tps, frac = [], []
+    for _ in range(a.reps):
+        bw = peer_gbs(a)
+        t = f()
+        tps.append(t)
+        frac.append(t * mb * 1e6 / (bw * 1e9))
+    return statistics.median(tps), statistics.median(frac)
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--kiln", required=True)
@@ -113,22 +133,26 @@ def main():
     overhead_tps = median(lambda: llama_tps(gguf(a.kiln, tiny, "f32"), a, [5, 80, 200, 7, 300, 42]), a.reps)
     overhead_ms = 1000.0 / overhead_tps
     print(f"decode_formats: {a.config}, {a.threads} threads, {a.new} new tokens, median of {a.reps}")
-    print(f"streaming read (decode_bandwidth_bench): {bw:.1f} GB/s")
+    print(f"streaming read (decode_bandwidth_bench, at the start): {bw:.1f} GB/s; its own rounds, each step "
+          "against the read before it:")
+    for line in bw_out.splitlines():
+        if line.split() and line.split()[0] in ("format", "f32", "bf16", "f16", "q8_0"):
+            print("  " + line)
     print(f"llama.cpp per-token overhead (node-llama-cpp, tiny 1x64 GPT-2): {overhead_ms:.3f} ms "
           f"({overhead_tps:.0f} tokens/s)")
     print(f"{'format':<6} {'MB/tok':>7} {'kiln t/s':>9} {'llama t/s':>10} {'llama-ovh':>10} {'kiln/llama':>10} "
           f"{'kiln bw':>8} {'llama bw':>9}")
     for fmt in ("f32", "bf16", "f16", "q8_0"):
-        k = median(lambda: kiln_tps(a.kiln, d, fmt, a), a.reps)
-        frac = lambda tps: tps * mb.get(fmt, 0) * 1e6 / (bw * 1e9)
+        k, kf = interleaved(lambda: kiln_tps(a.kiln, d, fmt, a), mb.get(fmt, 0), a)
         if fmt == "bf16":  # kiln export writes no BF16 GGUF
-            print(f"{fmt:<6} {mb.get(fmt, 0):7.1f} {k:9.1f} {'-':>10} {'-':>10} {'-':>10} {frac(k):8.3f} {'-':>9}")
+            print(f"{fmt:<6} {mb.get(fmt, 0):7.1f} {k:9.1f} {'-':>10} {'-':>10} {'-':>10} {kf:8.3f} {'-':>9}")
             continue
-        l = median(lambda: llama_tps(gguf(a.kiln, d, fmt), a, PROMPT), a.reps)
+        l, lf = interleaved(lambda: llama_tps(gguf(a.kiln, d, fmt), a, PROMPT), mb.get(fmt, 0), a)
         corrected = 1000.0 / max(1e-9, 1000.0 / l - overhead_ms)
-        print(f"{fmt:<6} {mb.get(fmt, 0):7.1f} {k:9.1f} {l:10.1f} {corrected:10.1f} {k / l:10.2f} {frac(k):8.3f} "
-              f"{frac(l):9.3f}")
-    print("(llama-ovh: llama.cpp's tokens/s with the per-token overhead taken out; bw: fraction of the streaming read)")
+        print(f"{fmt:<6} {mb.get(fmt, 0):7.1f} {k:9.1f} {l:10.1f} {corrected:10.1f} {k / l:10.2f} {kf:8.3f} "
+              f"{lf:9.3f}")
+    print("(llama-ovh: llama.cpp's tokens/s with the per-token overhead taken out; bw: fraction of the streaming read "
+          "measured just before each run, median over the runs)")
 
 
 if __name__ == "__main__":

@@ -284,8 +284,9 @@ void DiT::carve(nn::Workspace& ws, int B) {
   xs_.assign(size_t(cfg_.depth + 1), nullptr);
   for (auto& x : xs_) x = ws.f32(N * D);
   // With block recomputation one set of block activations serves every block (the backward reruns each block's
-  // forward into it from the kept residual stream xs_[l]).
-  acts_.assign(size_t(recompute_ ? std::min(1, cfg_.depth) : cfg_.depth), {});
+  // forward into it from the kept residual stream xs_[l]); so does a model without gradients (sampling), which
+  // never reads them again: 1/depth of the memory, and the set stays warmer in the caches.
+  acts_.assign(size_t(shared_acts() ? std::min(1, cfg_.depth) : cfg_.depth), {});
   for (int l = 0; l < int(acts_.size()); l++) {
     BlockActs& a = acts_[size_t(l)];
     a.ln1 = ws.act(N * D), a.m1 = ws.act(N * D), a.ln2 = ws.act(N * D), a.m2 = ws.act(N * D);
@@ -352,7 +353,7 @@ void DiT::block_forward(int l) {
   const int64_t N = int64_t(B) * T, M = cfg_.mod_width();
   const float eps = 1e-6f;
   const AttentionParams ap = attention(B);
-  BlockActs& a = acts_[recompute_ ? 0 : size_t(l)];
+  BlockActs& a = acts_[shared_acts() ? 0 : size_t(l)];
   const nn::Act m = mod_.at(int64_t(l) * 6 * D);  // shift1 scale1 gate1 shift2 scale2 gate2, row stride M
   const float* xin = xs_[size_t(l)];
   be_.layernorm_forward(a.ln1, a.mean1, a.rstd1, xin, ones_, zerosD_, N, D, eps);

@@ -105,6 +105,7 @@ class DiT {
   void block_forward(int l);
   AttentionParams attention(int B) const;
   bool recompute_ = false;
+  bool shared_acts() const { return recompute_ || !with_grads_; }  // one BlockActs set for every block
 
   DiTConfig cfg_;
   nn::Backend& be_;

@@ -5,6 +5,7 @@
 #include <cstring>
 #include <nlohmann/json.hpp>
 
+#include "core/dtype.h"
 #include "core/error.h"
 #include "core/rng.h"
 #include "models/image_config.h"
@@ -62,17 +63,78 @@ struct RealNVP::Layer {
   std::vector<int32_t> perm;
   // factor out: the first half goes to z at zoff
   int64_t zoff = 0;
-  // The last forward's coupling activations: the gathered x_A, each linear's output (pre) and activation (post).
-  std::vector<float> xa;
+  // The last forward's coupling activations: the gathered x_A, each linear's output (pre) and activation (post)
+  // on the host backend, and the MLP's output (s̃ then t; or t) on every backend.
+  std::vector<float> xa, out;
   std::vector<std::vector<float>> pre, post;
+  size_t id = 0;  // index in layers_ (the device's buffers of this layer)
   int64_t out_n() const { return kind == FactorOut ? n / 2 : n; }
+};
+
+// A device backend's buffers: the weights (fp32, their bf16 copy, the gradients, in ParamTable layout) and, per
+// coupling, the MLP's activations for batches of up to `cap` (bf16; the last linear's output fp32), with scratch.
+struct RealNVP::Device {
+  explicit Device(nn::Backend& b) : be(b) {}
+  ~Device() {
+    free_batch();
+    for (void* p : fixed) be.free(p);
+  }
+  Device(const Device&) = delete;
+  Device& operator=(const Device&) = delete;
+  nn::Backend& be;
+  std::vector<void*> fixed, batch;
+  float* params = nullptr;
+  float* grads = nullptr;
+  uint16_t* w16 = nullptr;
+  struct Mlp {
+    uint16_t* xa = nullptr;
+    std::vector<uint16_t*> pre, post;  // hidden layers: pre-activation and activation
+    float* out = nullptr;
+  };
+  std::vector<Mlp> mlp;  // by layer index
+  float* stage = nullptr;  // fp32 [cap · widest]: host values on their way to bf16
+  uint16_t *da = nullptr, *db = nullptr;  // bf16 [cap · widest]: the backward's gradients
+  int cap = 0;
+  template <class T>
+  T* get(std::vector<void*>& owner, int64_t n) {
+    void* p = be.alloc(size_t(std::max<int64_t>(n, 1)) * sizeof(T), "realnvp");
+    owner.push_back(p);
+    return static_cast<T*>(p);
+  }
+  void free_batch() {
+    for (void* p : batch) be.free(p);
+    batch.clear();
+  }
+  // Sizes the per-batch buffers for B images (reallocated only when B grows).
+  void reserve(const std::vector<Layer>& layers, int B) {
+    if (B <= cap) return;
+    free_batch();
+    cap = B;
+    mlp.assign(layers.size(), {});
+    int64_t widest = 1;
+    for (const Layer& l : layers) {
+      if (l.kind != Layer::Coupling) continue;
+      Mlp& m = mlp[l.id];
+      const size_t L = l.dims.size() - 1;
+      m.xa = get<uint16_t>(batch, int64_t(B) * l.dims[0]);
+      for (size_t k = 0; k + 1 < L; k++) {
+        m.pre.push_back(get<uint16_t>(batch, int64_t(B) * l.dims[k + 1]));
+        m.post.push_back(get<uint16_t>(batch, int64_t(B) * l.dims[k + 1]));
+      }
+      m.out = get<float>(batch, int64_t(B) * l.dims.back());
+      for (int d : l.dims) widest = std::max<int64_t>(widest, d);
+    }
+    stage = get<float>(batch, widest * B);
+    da = get<uint16_t>(batch, widest * B), db = get<uint16_t>(batch, widest * B);
+  }
 };
 
 RealNVP::~RealNVP() = default;
 
 RealNVP::RealNVP(const RealNVPConfig& cfg, nn::Backend& be) : cfg_(cfg), be_(be) {
   cfg_.validate();
-  KILN_CHECK(be_.on_host(), "realnvp: runs on a host backend (the CPU) for now");
+  KILN_CHECK(be_.on_host() || be_.lowp() == LowpType::BF16,
+             "realnvp: a device backend must run bf16 products (got ", be_.name(), ")");
   int C = cfg_.channels, H = cfg_.image_size, W = cfg_.image_size;
   int64_t zoff = 0;
   auto name = [&](const std::string& s) { return "layers." + std::to_string(layers_.size()) + "." + s; };
@@ -108,6 +170,7 @@ RealNVP::RealNVP(const RealNVPConfig& cfg, nn::Backend& be) : cfg_(cfg), be_(be)
       table_.add(name("scale"), name("scale"), Shape{int64_t(l.T.size())});
       l.scale = table_.specs.back().offset;
     }
+    l.id = layers_.size();
     layers_.push_back(std::move(l));
   };
   auto checkerboard = [&](int parity) { coupling([parity](int, int i, int j) { return (i + j) % 2 == parity; }); };
@@ -141,6 +204,13 @@ RealNVP::RealNVP(const RealNVPConfig& cfg, nn::Backend& be) : cfg_(cfg), be_(be)
   init_flag_ = table_.specs.back().offset;
   params_.assign(table_.total, 0.0f);
   grads_.assign(table_.total, 0.0f);
+  if (!be_.on_host()) {
+    dev_ = std::make_unique<Device>(be_);
+    dev_->params = dev_->get<float>(dev_->fixed, int64_t(table_.total));
+    dev_->grads = dev_->get<float>(dev_->fixed, int64_t(table_.total));
+    dev_->w16 = dev_->get<uint16_t>(dev_->fixed, int64_t(table_.total));
+    be_.memset(dev_->grads, 0, table_.total * 4);
+  }
 }
 
 void RealNVP::init_random(uint64_t seed) {
@@ -166,12 +236,116 @@ nn::Act act(const float* p) { return {const_cast<float*>(p), DType::F32}; }
 
 }  // namespace
 
+// ---- the couplings' MLPs: forward and backward, on the host or on the device ----
+
+void RealNVP::sync_weights() {
+  if (!dev_) return;
+  be_.upload(dev_->params, params_.data(), params_.size() * 4);
+  be_.to_lowp(dev_->w16, dev_->params, int64_t(params_.size()), LowpType::BF16);
+}
+
+void RealNVP::mlp_forward(Layer& l, int B) {
+  const int L = int(l.dims.size()) - 1;
+  auto weight = [&](int k) {
+    nn::Weight w;
+    const float* p = dev_ ? dev_->params : params_.data();
+    w.w = p + l.w[size_t(k)], w.b = p + l.b[size_t(k)];
+    if (dev_) w.w16 = dev_->w16 + l.w[size_t(k)];
+    w.in = l.dims[size_t(k)], w.out = l.dims[size_t(k) + 1];
+    return w;
+  };
+  l.out.resize(size_t(B) * size_t(l.dims.back()));
+  if (!dev_) {
+    l.pre.resize(size_t(L)), l.post.resize(size_t(L));
+    const float* h = l.xa.data();
+    for (int k = 0; k < L; k++) {
+      const nn::Weight w = weight(k);
+      l.pre[size_t(k)].resize(static_cast<size_t>(B) * w.out);
+      be_.linear_forward(act(l.pre[size_t(k)].data()), act(h), w, B);
+      if (k + 1 < L) {
+        l.post[size_t(k)].resize(l.pre[size_t(k)].size());
+        be_.activation_forward(act(l.post[size_t(k)].data()), act(l.pre[size_t(k)].data()),
+                               int64_t(l.pre[size_t(k)].size()), Activation::GeluTanh);
+        h = l.post[size_t(k)].data();
+      }
+    }
+    l.out = l.pre.back();
+    return;
+  }
+  // Device: x_A to bf16 there, the hidden layers in bf16, the last linear's output in fp32 back to the host.
+  dev_->reserve(layers_, B);
+  Device::Mlp& m = dev_->mlp[l.id];
+  be_.upload(dev_->stage, l.xa.data(), l.xa.size() * 4);
+  be_.to_lowp(m.xa, dev_->stage, int64_t(l.xa.size()), LowpType::BF16);
+  const uint16_t* h = m.xa;
+  auto bf = [](const uint16_t* p) { return nn::Act{const_cast<uint16_t*>(p), DType::BF16}; };
+  for (int k = 0; k < L; k++) {
+    const nn::Weight w = weight(k);
+    if (k + 1 < L) {
+      be_.linear_forward(bf(m.pre[size_t(k)]), bf(h), w, B);
+      be_.activation_forward(bf(m.post[size_t(k)]), bf(m.pre[size_t(k)]), int64_t(B) * w.out, Activation::GeluTanh);
+      h = m.post[size_t(k)];
+    } else {
+      be_.linear_forward(act(m.out), bf(h), w, B);
+    }
+  }
+  be_.download(l.out.data(), m.out, l.out.size() * 4);
+}
+
+void RealNVP::mlp_backward(Layer& l, int B, const std::vector<float>& dout, std::vector<float>& dxa) {
+  const int L = int(l.dims.size()) - 1;
+  auto weight = [&](int k) {
+    nn::Weight w;
+    const float* p = dev_ ? dev_->params : params_.data();
+    float* g = dev_ ? dev_->grads : grads_.data();
+    w.w = p + l.w[size_t(k)], w.b = p + l.b[size_t(k)];
+    w.dw = g + l.w[size_t(k)], w.db = g + l.b[size_t(k)];
+    if (dev_) w.w16 = dev_->w16 + l.w[size_t(k)];
+    w.in = l.dims[size_t(k)], w.out = l.dims[size_t(k) + 1];
+    return w;
+  };
+  if (!dev_) {
+    // Linear k reads h_k (x_A, then the activations).
+    std::vector<float> dpre = dout;
+    for (int k = L - 1; k >= 0; k--) {
+      const nn::Weight w = weight(k);
+      const float* h = k == 0 ? l.xa.data() : l.post[size_t(k) - 1].data();
+      dxa.assign(static_cast<size_t>(B) * w.in, 0.0f);
+      be_.linear_backward(act(dxa.data()), act(dpre.data()), act(h), w, B);
+      if (k > 0) {
+        dpre.assign(dxa.size(), 0.0f);
+        be_.activation_backward(act(dpre.data()), act(l.pre[size_t(k) - 1].data()), act(dxa.data()),
+                                int64_t(dxa.size()), Activation::GeluTanh);
+      }
+    }
+    return;
+  }
+  // Device: dout to bf16 there; da holds the gradient entering linear k, db the one leaving it.
+  Device::Mlp& m = dev_->mlp[l.id];
+  auto bf = [](uint16_t* p) { return nn::Act{p, DType::BF16}; };
+  be_.upload(dev_->stage, dout.data(), dout.size() * 4);
+  be_.to_lowp(dev_->da, dev_->stage, int64_t(dout.size()), LowpType::BF16);
+  for (int k = L - 1; k >= 0; k--) {
+    const nn::Weight w = weight(k);
+    uint16_t* h = k == 0 ? m.xa : m.post[size_t(k) - 1];
+    be_.linear_backward(bf(dev_->db), bf(dev_->da), bf(h), w, B);
+    if (k > 0)
+      be_.activation_backward(bf(dev_->da), bf(m.pre[size_t(k) - 1]), bf(dev_->db), int64_t(B) * w.in,
+                              Activation::GeluTanh);
+  }
+  std::vector<uint16_t> d16(static_cast<size_t>(B) * l.dims[0]);
+  be_.download(d16.data(), dev_->db, d16.size() * 2);
+  dxa.resize(d16.size());
+  for (size_t i = 0; i < d16.size(); i++) dxa[i] = bf16_to_f32(d16[i]);
+}
+
 // ---- forward (and the actnorm init, which runs the forward) ----
 
 void RealNVP::run_forward(const float* x, int B, bool init) {
   KILN_CHECK(B > 0, "realnvp: batch ", B, " must be positive");
   const int64_t P = cfg_.pixels();
   B_ = B;
+  sync_weights();
   in_.resize(layers_.size());
   z_.assign(size_t(B * P), 0.0f);
   logdet_.assign(static_cast<size_t>(B), 0.0);
@@ -209,26 +383,12 @@ void RealNVP::run_forward(const float* x, int B, bool init) {
         }
       }
     } else if (l.kind == Layer::Coupling) {
-      const int nA = int(l.A.size()), nT = int(l.T.size()), L = int(l.dims.size()) - 1;
+      const int nA = int(l.A.size()), nT = int(l.T.size());
       l.xa.resize(static_cast<size_t>(B) * nA);
       for (int b = 0; b < B; b++)
         for (int i = 0; i < nA; i++) l.xa[size_t(b * nA + i)] = cur[size_t(b * n + l.A[size_t(i)])];
-      l.pre.resize(static_cast<size_t>(L)), l.post.resize(static_cast<size_t>(L));
-      const float* h = l.xa.data();
-      for (int k = 0; k < L; k++) {
-        nn::Weight w;
-        w.w = params_.data() + l.w[size_t(k)], w.b = params_.data() + l.b[size_t(k)];
-        w.in = l.dims[size_t(k)], w.out = l.dims[size_t(k) + 1];
-        l.pre[size_t(k)].resize(static_cast<size_t>(B) * w.out);
-        be_.linear_forward(act(l.pre[size_t(k)].data()), act(h), w, B);
-        if (k + 1 < L) {
-          l.post[size_t(k)].resize(l.pre[size_t(k)].size());
-          be_.activation_forward(act(l.post[size_t(k)].data()), act(l.pre[size_t(k)].data()),
-                                 int64_t(l.pre[size_t(k)].size()), Activation::GeluTanh);
-          h = l.post[size_t(k)].data();
-        }
-      }
-      const float* o = l.pre.back().data();
+      mlp_forward(l, B);
+      const float* o = l.out.data();
       const int ow = l.dims.back();
       const float* scale = params_.data() + l.scale;
       y = cur;
@@ -319,8 +479,8 @@ void RealNVP::backward(const double* wts, float* dx_out) {
         dlogs[c] += float(gl), dbias[c] += float(gb);
       }
     } else if (l.kind == Layer::Coupling) {
-      const int nA = int(l.A.size()), nT = int(l.T.size()), L = int(l.dims.size()) - 1, ow = l.dims.back();
-      const float* o = l.pre.back().data();
+      const int nA = int(l.A.size()), nT = int(l.T.size()), ow = l.dims.back();
+      const float* o = l.out.data();
       const float* scale = params_.data() + l.scale;
       float* dscale = grads_.data() + l.scale;
       std::vector<float> dout(static_cast<size_t>(B) * ow);
@@ -343,22 +503,8 @@ void RealNVP::backward(const double* wts, float* dx_out) {
         }
       if (!cfg_.additive)
         for (int j = 0; j < nT; j++) dscale[j] += float(gscale[size_t(j)]);
-      // Back through the MLP: linear k reads h_k (x_A, then the activations).
-      std::vector<float> dpre = std::move(dout), dh;
-      for (int k = L - 1; k >= 0; k--) {
-        nn::Weight w;
-        w.w = params_.data() + l.w[size_t(k)], w.b = params_.data() + l.b[size_t(k)];
-        w.dw = grads_.data() + l.w[size_t(k)], w.db = grads_.data() + l.b[size_t(k)];
-        w.in = l.dims[size_t(k)], w.out = l.dims[size_t(k) + 1];
-        const float* h = k == 0 ? l.xa.data() : l.post[size_t(k) - 1].data();
-        dh.assign(static_cast<size_t>(B) * w.in, 0.0f);
-        be_.linear_backward(act(dh.data()), act(dpre.data()), act(h), w, B);
-        if (k > 0) {
-          dpre.assign(dh.size(), 0.0f);
-          be_.activation_backward(act(dpre.data()), act(l.pre[size_t(k) - 1].data()), act(dh.data()),
-                                  int64_t(dh.size()), Activation::GeluTanh);
-        }
-      }
+      std::vector<float> dh;
+      mlp_backward(l, B, dout, dh);
       for (int b = 0; b < B; b++)
         for (int i = 0; i < nA; i++) dx[size_t(b * n + l.A[size_t(i)])] += dh[size_t(b * nA + i)];
     } else if (l.kind == Layer::Squeeze) {
@@ -374,6 +520,13 @@ void RealNVP::backward(const double* wts, float* dx_out) {
     dy.swap(dx);
   }
   if (dx_out) std::memcpy(dx_out, dy.data(), dy.size() * 4);
+  if (dev_) {
+    // The MLPs' gradients accumulated on the device: into the host's, and the device's start again from zero.
+    std::vector<float> g(grads_.size());
+    be_.download(g.data(), dev_->grads, g.size() * 4);
+    for (size_t i = 0; i < g.size(); i++) grads_[i] += g[i];
+    be_.memset(dev_->grads, 0, g.size() * 4);
+  }
 }
 
 // ---- inverse ----
@@ -382,10 +535,12 @@ void RealNVP::inverse(float* x_out, const float* z, int B) {
   KILN_CHECK(B > 0, "realnvp: batch ", B, " must be positive");
   const int64_t P = cfg_.pixels();
   const int64_t left = layers_.empty() ? P : layers_.back().out_n();
+  B_ = 0;  // the MLPs' kept activations are the inverse's now: no backward until the next forward
+  sync_weights();
   std::vector<float> y(size_t(B * left));
   for (int b = 0; b < B; b++) std::memcpy(y.data() + b * left, z + b * P + (P - left), size_t(left) * 4);
   for (size_t li = layers_.size(); li-- > 0;) {
-    const Layer& l = layers_[li];
+    Layer& l = layers_[li];
     const int64_t n = l.n;
     std::vector<float> x(size_t(B * n));
     if (l.kind == Layer::ActNorm) {
@@ -399,22 +554,12 @@ void RealNVP::inverse(float* x_out, const float* z, int B) {
         }
     } else if (l.kind == Layer::Coupling) {
       // x_A = y_A, so the MLP sees the same input as in the forward.
-      const int nA = int(l.A.size()), nT = int(l.T.size()), L = int(l.dims.size()) - 1, ow = l.dims.back();
-      std::vector<float> xa(static_cast<size_t>(B) * nA), h, pre;
+      const int nA = int(l.A.size()), nT = int(l.T.size()), ow = l.dims.back();
+      l.xa.resize(static_cast<size_t>(B) * nA);
       for (int b = 0; b < B; b++)
-        for (int i = 0; i < nA; i++) xa[size_t(b * nA + i)] = y[size_t(b * n + l.A[size_t(i)])];
-      h = xa;
-      for (int k = 0; k < L; k++) {
-        nn::Weight w;
-        w.w = params_.data() + l.w[size_t(k)], w.b = params_.data() + l.b[size_t(k)];
-        w.in = l.dims[size_t(k)], w.out = l.dims[size_t(k) + 1];
-        pre.assign(static_cast<size_t>(B) * w.out, 0.0f);
-        be_.linear_forward(act(pre.data()), act(h.data()), w, B);
-        if (k + 1 < L) {
-          h.assign(pre.size(), 0.0f);
-          be_.activation_forward(act(h.data()), act(pre.data()), int64_t(pre.size()), Activation::GeluTanh);
-        }
-      }
+        for (int i = 0; i < nA; i++) l.xa[size_t(b * nA + i)] = y[size_t(b * n + l.A[size_t(i)])];
+      mlp_forward(l, B);
+      const std::vector<float>& pre = l.out;
       const float* scale = params_.data() + l.scale;
       x = y;
       for (int b = 0; b < B; b++)

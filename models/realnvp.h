@@ -23,8 +23,16 @@
 // Parameters (ParamTable, one block): layers.L.logs, layers.L.bias [C] (actnorm L); layers.L.mlp.K.weight
 // [out, in], layers.L.mlp.K.bias [out], layers.L.scale [|B|] (affine couplings only); actnorm_initialized [1].
 // Forward and backward of each layer sit side by side in realnvp.cpp, with the inverse.
+//
+// Backends: on the CPU everything is fp32 on the host. On a device backend (the GPU) the coupling MLPs — all of
+// the flow's matrix products — run there in the backend's bf16 activations and products, from a bf16 copy of the
+// host's fp32 master weights (uploaded at each forward and inverse); their parameter gradients accumulate in
+// fp32 on the device and are added into grads() at the end of backward(). The elementwise layers (actnorm, the
+// couplings' affine map and log-det, squeeze, factor-out) stay fp32 on the host, so the host holds the
+// parameters and gradients that the optimizer steps either way.
 #pragma once
 #include <cstdint>
+#include <memory>
 #include <string>
 #include <vector>
 
@@ -49,7 +57,7 @@ struct RealNVPConfig {
 
 class RealNVP {
  public:
-  // be: a host backend (the CPU) whose linear and activation ops the coupling MLPs use.
+  // be: the backend whose linear and activation ops the coupling MLPs use (the CPU, or a device: see above).
   RealNVP(const RealNVPConfig& cfg, nn::Backend& be);
   ~RealNVP();
   RealNVP(const RealNVP&) = delete;
@@ -73,10 +81,16 @@ class RealNVP {
   // x = f⁻¹(z) for B latents z [B, P].
   void inverse(float* x, const float* z, int B);
 
-  struct Layer;  // defined in realnvp.cpp
+  struct Layer;   // defined in realnvp.cpp
+  struct Device;  // realnvp.cpp: the device copies of the weights and the MLPs' device activations
 
  private:
   void run_forward(const float* x, int B, bool init);
+  // A coupling's MLP on l.xa [B, |A|] into l.out [B, out] (keeping what mlp_backward needs), and its backward
+  // from dout [B, out] into dxa [B, |A|] (overwritten), accumulating the parameter gradients.
+  void mlp_forward(Layer& l, int B);
+  void mlp_backward(Layer& l, int B, const std::vector<float>& dout, std::vector<float>& dxa);
+  void sync_weights();  // device: the host's weights to the device (fp32 and bf16)
   RealNVPConfig cfg_;
   nn::Backend& be_;
   ParamTable table_;
@@ -88,6 +102,7 @@ class RealNVP {
   std::vector<std::vector<float>> in_;
   std::vector<float> z_;
   std::vector<double> logdet_;
+  std::unique_ptr<Device> dev_;  // null on a host backend
 };
 
 }  // namespace kiln

@@ -4,11 +4,14 @@
 // Training draws u from the model's generator (seeded by init_random; checkpoints carry its position);
 // evaluation (train false) from a fixed seed, so a test set's bits/dim does not depend on what ran before. The
 // first training batch initialises the actnorms (data-dependent init), unless the loaded weights say it ran.
+// With opt.cuda the couplings' MLPs run on the GPU backend in bf16 (models/realnvp.h); the parameters, their
+// gradients and so the optimizer stay fp32 on the host (blocks() names a CPU backend for them).
 #include "models/realnvp_image.h"
 
 #include <cmath>
 
 #include "core/error.h"
+#include "core/gpu.h"
 #include "core/rng.h"
 #include "models/realnvp.h"
 
@@ -19,7 +22,8 @@ namespace {
 class RealNVPImage final : public ImageModel {
  public:
   RealNVPImage(const RealNVPConfig& c, const ImageModelOptions& opt)
-      : be_(make_be(opt)), m_(c, *be_), grads_(opt.with_grads) {}
+      : be_(make_be(opt)), host_be_(be_->on_host() ? nullptr : nn::make_cpu_backend()), m_(c, *be_),
+        grads_(opt.with_grads) {}
   std::string type() const override { return "realnvp"; }
   std::string config_json() const override { return m_.config().to_json(); }
   ImageGeometry geometry() const override {
@@ -33,7 +37,8 @@ class RealNVPImage final : public ImageModel {
   void sync_to_host() override {}
   ParamBlocks blocks() override {
     ParamBlocks b;
-    b.params = m_.params(), b.grads = m_.grads(), b.n = m_.table().total, b.backend = be_.get();
+    b.params = m_.params(), b.grads = m_.grads(), b.n = m_.table().total;
+    b.backend = host_be_ ? host_be_.get() : be_.get();  // the host holds the parameters on either backend
     return b;
   }
   void init_random(uint64_t seed) override {
@@ -77,11 +82,15 @@ class RealNVPImage final : public ImageModel {
 
  private:
   static std::unique_ptr<nn::Backend> make_be(const ImageModelOptions& opt) {
-    KILN_CHECK(!opt.cuda, "a realnvp model runs on the CPU for now (--device cpu)");
-    KILN_CHECK(!opt.lowp, "a realnvp model trains in fp32 for now (--dtype fp32)");
+    if (opt.cuda) {
+      KILN_CHECK(gpu::initialized(), "--device cuda: the GPU is not initialised (a realnvp model)");
+      KILN_CHECK(!opt.lowp || *opt.lowp == LowpType::BF16, "--device cuda: a realnvp model's MLPs run in bf16");
+      return nn::make_cuda_backend();
+    }
+    KILN_CHECK(!opt.lowp, "a realnvp model trains in fp32 on the CPU (--dtype fp32; bf16 is --device cuda's)");
     return nn::make_cpu_backend();
   }
-  std::unique_ptr<nn::Backend> be_;
+  std::unique_ptr<nn::Backend> be_, host_be_;
   RealNVP m_;
   bool grads_;
   Rng rng_{1};

@@ -29,8 +29,14 @@ endif()
 # AddressSanitizer and UBSan. Emulated device allocations have their exact size and shared memory is exactly
 # the launch's bytes, so a kernel touching one element past a buffer or its shared tile is reported.
 set(KILN_GPU_SANITIZE_FLAGS -fsanitize=address,undefined -fno-sanitize-recover=all -fno-omit-frame-pointer)
+# The sanitized emulator kernels are compiled once, as objects that both sanitized test binaries link (here and
+# tests/ops.cmake): they are the largest part of the sanitizer builds.
+add_library(kiln_gpu_emu_asan OBJECT ${KILN_EMU_SOURCES})
+target_include_directories(kiln_gpu_emu_asan PRIVATE ${CMAKE_SOURCE_DIR})
+target_compile_options(kiln_gpu_emu_asan PRIVATE ${KILN_GPU_SANITIZE_FLAGS} -O1 -g)
+target_link_libraries(kiln_gpu_emu_asan PRIVATE kiln_lib)
 add_executable(kiln_gpu_tests_emu_asan ${KILN_GPU_TEST_SOURCES} ${KILN_GPU_TEST_EMU_KERNELS}
-               ${KILN_EMU_SOURCES})
+               $<TARGET_OBJECTS:kiln_gpu_emu_asan>)
 target_include_directories(kiln_gpu_tests_emu_asan PRIVATE ${CMAKE_SOURCE_DIR})
 target_compile_options(kiln_gpu_tests_emu_asan PRIVATE ${KILN_GPU_SANITIZE_FLAGS} -O1 -g)
 target_link_options(kiln_gpu_tests_emu_asan PRIVATE ${KILN_GPU_SANITIZE_FLAGS})

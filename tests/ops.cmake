@@ -22,7 +22,7 @@ endif()
 # The table once more with AddressSanitizer and UBSan over the emulated kernels (label sanitize, as
 # kiln_gpu_tests_emu_asan in tests/gpu.cmake): the odd shapes and misaligned pointers must stay inside
 # their buffers and shared tiles. (KILN_GPU_SANITIZE_FLAGS: tests/gpu.cmake, included before this file.)
-add_executable(kiln_ops_tests_emu_asan ${KILN_OPS_TEST_SOURCES} ${KILN_EMU_SOURCES})
+add_executable(kiln_ops_tests_emu_asan ${KILN_OPS_TEST_SOURCES} $<TARGET_OBJECTS:kiln_gpu_emu_asan>)
 target_include_directories(kiln_ops_tests_emu_asan PRIVATE ${CMAKE_SOURCE_DIR})
 target_compile_options(kiln_ops_tests_emu_asan PRIVATE ${KILN_GPU_SANITIZE_FLAGS} -O1 -g)
 target_link_options(kiln_ops_tests_emu_asan PRIVATE ${KILN_GPU_SANITIZE_FLAGS})

@@ -238,8 +238,10 @@ TEST(Samplers, GuidanceAndErrors) {
   // Guidance: F = F(∅) + w·(F(c) − F(∅)) with a network whose output is its label; one NFE per guided call.
   const Objective o = Objective::make("flow");
   int calls = 0;
+  std::vector<int32_t> seen;  // the labels of the last call
   DiffusionNet net = [&](float* F, const float*, double, const int32_t* y, int B) {
     calls++;
+    seen.assign(y, y + B);
     for (int b = 0; b < B; b++) F[b] = float(y[b]);
   };
   SamplerOptions s;
@@ -254,7 +256,8 @@ TEST(Samplers, GuidanceAndErrors) {
   }
   const SampleResult res = sample(o, s, net, x.data(), y, 2, 1, rng_noise(r));
   EXPECT_EQ(res.nfe, 4);
-  EXPECT_EQ(calls, 8);  // conditional and unconditional each step
+  EXPECT_EQ(calls, 4);  // the conditional and unconditional rows in one call each step
+  EXPECT_EQ(seen, (std::vector<int32_t>{2, 4, 10, 10}));
   // v = 10 + 3·(y − 10) at every step, integrated over t from 1 to 0: x = start − v.
   EXPECT_NEAR(x[0], start[0] - (10 + 3 * (2 - 10)), 1e-5);
   EXPECT_NEAR(x[1], start[1] - (10 + 3 * (4 - 10)), 1e-5);

@@ -9,6 +9,7 @@
 
 #include "core/error.h"
 #include "core/file_io.h"
+#include "core/gpu.h"
 #include "core/rng.h"
 #include "models/image_model.h"
 #include "train/checkpoint_dir.h"
@@ -25,8 +26,10 @@ inline std::string image_model_dir(const std::string& path) {
 }
 
 // The model of a directory when it is a density model (its weights loaded: ema.safetensors when asked and present,
-// as kiln train --objective nll --ema-decay writes it, else model.safetensors), else null.
-inline std::unique_ptr<ImageModel> load_density_model(const std::string& path, bool ema = true) {
+// as kiln train --objective nll --ema-decay writes it, else model.safetensors), else null. With device.cuda
+// the GPU is initialised and the model made on it (only once the directory is known to hold a density model).
+inline std::unique_ptr<ImageModel> load_density_model(const std::string& path, bool ema = true,
+                                                      const DeviceSpec& device = {}) {
   const std::string dir = image_model_dir(path);
   const std::string cp = (std::filesystem::path(dir) / "config.json").string();
   ImageModelFiles f;
@@ -34,6 +37,7 @@ inline std::unique_ptr<ImageModel> load_density_model(const std::string& path, b
   ImageModelOptions mo;
   mo.with_grads = false;
   if (!make_image_model(f.config_json, cp, mo)->provides(ImageTask::Density)) return nullptr;
+  if (device.cuda) gpu::init(device.index), mo.cuda = true;
   return load_image_model(f, mo, ema);
 }
 

@@ -54,8 +54,8 @@ kiln::cli::Command likelihood_cmd("likelihood", [](CLI::App& root) {
   c->add_option("--level-max", o->l.level_max, "Diffusion: where it ends (t or sigma; 0: the objective's)");
   c->add_option("--seed", o->seed, "Seed of the dequantisation noise and the probes")->capture_default_str();
   c->add_option("--threads", o->threads, "CPU threads (0: all cores)")->capture_default_str();
-  c->add_option("--device", o->device, "Diffusion: cpu, or cuda / cuda:N (the network in bf16 on the GPU; use "
-                "--jacobian vjp there: a difference quotient of bf16 outputs is noise)")
+  c->add_option("--device", o->device, "cpu, or cuda / cuda:N. Diffusion: the network in bf16 on the GPU (use "
+                "--jacobian vjp there: a difference quotient of bf16 outputs is noise); a flow: its coupling MLPs")
       ->capture_default_str();
   c->add_flag("--raw-weights", o->raw_weights, "model.safetensors instead of the EMA weights (ema.safetensors: "
               "a diffusion model's always, a flow's when trained with --ema-decay)");
@@ -68,12 +68,10 @@ kiln::cli::Command likelihood_cmd("likelihood", [](CLI::App& root) {
     KILN_CHECK(N > 0, "--data ", o->data, ": no images in the ", o->split, " split");
     const auto t0 = std::chrono::steady_clock::now();
     nlohmann::json j;
-    std::unique_ptr<kiln::ImageModel> flow = kiln::cli::load_density_model(o->model, !o->raw_weights);
-    const int64_t P = data.pixels();
     const kiln::DeviceSpec device = kiln::parse_device(o->device);
+    std::unique_ptr<kiln::ImageModel> flow = kiln::cli::load_density_model(o->model, !o->raw_weights, device);
+    const int64_t P = data.pixels();
     if (flow) {
-      KILN_CHECK(!device.cuda, "--device ", o->device, ": a ", flow->type(), " model runs on the CPU for now "
-                 "(--device cpu)");
       const kiln::ImageGeometry g = flow->geometry();
       KILN_CHECK(int64_t(g.channels) * g.image_size * g.image_size == P && g.image_size == data.height, "--data ",
                  o->data, ": ", data.channels, "x", data.height, "x", data.width, " images, the model takes ",

@@ -13,6 +13,7 @@
 #include "infer/diffusion_sampler.h"
 #include "tools/kiln/command.h"
 #include "tools/kiln/image_density.h"
+#include "tools/kiln/omp_wait.h"
 #include "train/classify_trainer.h"
 #include "train/diffusion_trainer.h"
 #include "train/images.h"
@@ -26,7 +27,7 @@ struct SampleCli {
   int count = 16, cls = -1, batch = 64, threads = 0;
   bool unconditional = false, raw_weights = false;
   double temperature = 1.0;
-  std::string judge, reference, device = "cpu";
+  std::string judge, reference, device = "cpu", noise;
   uint64_t seed = 1;
 };
 
@@ -63,15 +64,19 @@ kiln::cli::Command sample_cmd("sample", [](CLI::App& root) {
   c->add_option("--out", o->out, "PNG grid path; the samples also go to the same name with .safetensors")
       ->capture_default_str();
   c->add_option("--seed", o->seed, "Noise seed")->capture_default_str();
+  c->add_option("--noise", o->noise, "safetensors file whose F32 tensor 'noise' [count, C, H, W] is the starting "
+                "noise (the rest of the sampler's draws, if any, come from --seed): to sample what a peer samples");
   c->add_option("--eta", o->s.eta, "ddim: eta (0: deterministic)")->capture_default_str();
   c->add_option("--churn", o->s.churn, "edm-*: S_churn (0: deterministic)")->capture_default_str();
   c->add_option("--rho", o->s.rho, "edm-*, euler-maruyama: the step schedule's rho")->capture_default_str();
   c->add_option("--sigma-min", o->s.sigma_min, "edm-*, euler-maruyama: smallest sigma (0: the objective's)");
   c->add_option("--sigma-max", o->s.sigma_max, "edm-*, euler-maruyama: largest sigma (0: the objective's)");
-  c->add_option("--batch", o->batch, "Images per network call")->capture_default_str();
+  c->add_option("--batch", o->batch, "Rows per network call (with --guidance every image is two rows, its "
+                "conditional and unconditional ones)")->capture_default_str();
   c->add_option("--threads", o->threads, "CPU threads (0: all cores)")->capture_default_str();
-  c->add_option("--device", o->device, "cpu, or cuda / cuda:N: run a diffusion model's network on the GPU (bf16 "
-                "activations and products; the sampler's updates stay fp32 on the host)")
+  c->add_option("--device", o->device, "cpu, or cuda / cuda:N: run a diffusion model's network (a flow's coupling "
+                "MLPs) on the GPU (bf16 activations and products; the sampler's updates, the flow's elementwise "
+                "layers stay fp32 on the host)")
       ->capture_default_str();
   c->add_option("--judge", o->judge,
                 "Classifier directory (kiln train --objective classify): report the share of samples classified as "
@@ -81,13 +86,12 @@ kiln::cli::Command sample_cmd("sample", [](CLI::App& root) {
   c->add_option("--temperature", o->temperature, "Flow (density) models: latents z ~ N(0, T^2)")
       ->capture_default_str();
   c->callback([o, c] {
+    kiln::cli::prefer_passive_omp_wait();  // thousands of parallel regions per sample on a shared machine
     kiln::set_threads(o->threads);
     KILN_CHECK(o->count > 0, "--count ", o->count, ": must be positive");
     KILN_CHECK(o->batch > 0, "--batch ", o->batch, ": must be positive");
     const kiln::DeviceSpec device = kiln::parse_device(o->device);
-    if (std::unique_ptr<kiln::ImageModel> flow = kiln::cli::load_density_model(o->model, !o->raw_weights)) {
-      KILN_CHECK(!device.cuda, "--device ", o->device, ": a ", flow->type(), " model samples on the CPU for now "
-                 "(--device cpu)");
+    if (std::unique_ptr<kiln::ImageModel> flow = kiln::cli::load_density_model(o->model, !o->raw_weights, device)) {
       // A normalizing flow: x = f⁻¹(z), one inverse per image.
       KILN_CHECK(o->temperature > 0, "--temperature ", o->temperature, ": must be positive");
       const kiln::ImageGeometry g = flow->geometry();
@@ -123,7 +127,8 @@ kiln::cli::Command sample_cmd("sample", [](CLI::App& root) {
     KILN_CHECK(o->cls < cfg.classes, "--class ", o->cls, ": the model has classes 0..", cfg.classes - 1);
     o->s.null_class = cfg.classes;
     kiln::check_sampler(f.objective, o->s);
-    const int planned = std::min(o->batch, o->count);
+    // The sampler asks for the guided rows (conditional then unconditional) in one call of 2·count.
+    const int planned = std::min(o->batch, o->count * (o->s.guidance != 1 ? 2 : 1));
     model->plan(planned);
     std::vector<int32_t> labels(size_t(o->count));
     for (int k = 0; k < o->count; k++)
@@ -131,9 +136,26 @@ kiln::cli::Command sample_cmd("sample", [](CLI::App& root) {
     const int64_t P = int64_t(cfg.channels) * cfg.image_size * cfg.image_size;
     std::vector<float> x(size_t(o->count) * P);
     kiln::Rng r(o->seed);
+    kiln::NoiseSource noise = kiln::rng_noise(r);
+    std::vector<float> given;  // --noise: the first draw of count·P values comes from the file
+    if (!o->noise.empty()) {
+      const kiln::SafeTensorsReader st(o->noise);
+      const kiln::Tensor& t = st.get("noise");
+      KILN_CHECK(t.dtype == kiln::DType::F32 && t.numel() == o->count * P, "--noise ", o->noise, ": tensor 'noise' "
+                 "must be F32 with ", o->count * P, " values (count ", o->count, " x ", P, "), has ", t.numel());
+      given.assign(t.f32(), t.f32() + t.numel());
+      noise = [&given, rn = kiln::rng_noise(r)](float* z, int64_t n) {
+        if (!given.empty() && n == int64_t(given.size())) {
+          std::copy(given.begin(), given.end(), z);
+          given.clear();
+        } else {
+          rn(z, n);
+        }
+      };
+    }
     const auto t0 = std::chrono::steady_clock::now();
     const kiln::SampleResult res = kiln::sample(f.objective, o->s, kiln::denoiser_net(*model, f.objective, planned),
-                                                x.data(), labels.data(), o->count, P, kiln::rng_noise(r));
+                                                x.data(), labels.data(), o->count, P, noise);
     const double secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
     kiln::write_png(o->out, grid(x, o->count, cfg.channels, cfg.image_size));
     std::string st = o->out;

@@ -29,6 +29,7 @@
 #include "serve/server.h"
 #include "tokenizer/bpe.h"
 #include "tools/kiln/command.h"
+#include "tools/kiln/omp_wait.h"
 #include "train/trainer.h"
 
 namespace {
@@ -55,32 +56,9 @@ std::string trim(std::string s) {
   return s.substr(a);
 }
 
-// OpenMP threads that spin while they wait for each other (libgomp's default) collapse when another process
-// takes a core: a 2-thread decode step waits for a descheduled spinner. Passive waiting degrades in proportion
-// instead (measured on the loaded 2-core machine: 1 stream 2.3 -> 6.0 tokens/s, 16 streams 6.8 -> 29.2). The
-// policy is read when the runtime loads, so the server sets it and starts itself again, once, unless the
-// environment already names one.
-void prefer_passive_omp_wait() {
-  if (std::getenv("OMP_WAIT_POLICY")) return;
-  std::ifstream f("/proc/self/cmdline", std::ios::binary);
-  std::string all((std::istreambuf_iterator<char>(f)), std::istreambuf_iterator<char>());
-  std::vector<std::string> args;
-  for (size_t i = 0; i < all.size();) {
-    const size_t j = all.find('\0', i);
-    args.push_back(all.substr(i, (j == std::string::npos ? all.size() : j) - i));
-    i = j == std::string::npos ? all.size() : j + 1;
-  }
-  if (args.empty()) return;
-  std::vector<char*> argv;
-  for (auto& a : args) argv.push_back(a.data());
-  argv.push_back(nullptr);
-  setenv("OMP_WAIT_POLICY", "passive", 1);
-  execv("/proc/self/exe", argv.data());  // on failure: run as we are
-}
-
 void run_serve(const ServeOptions& o) {
   using namespace kiln;
-  prefer_passive_omp_wait();
+  kiln::cli::prefer_passive_omp_wait();
   KILN_CHECK(o.model.empty() != o.random_init.empty(), "give exactly one of --model (a checkpoint) and --random-init");
   KILN_CHECK(o.parallel >= 1 && o.parallel <= 1024, "--parallel must be in [1, 1024], got ", o.parallel);
   KILN_CHECK(o.max_queue >= 0, "--max-queue must be >= 0, got ", o.max_queue);
