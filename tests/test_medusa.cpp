@@ -19,6 +19,7 @@
 #include "models/medusa_checkpoint.h"
 #include "models/model.h"
 #include "nn/medusa.h"
+#include "decode_test_util.h"
 #include "test_util.h"
 #include "train/medusa_trainer.h"
 
@@ -147,12 +148,7 @@ TEST(Medusa, TreeNodeLogitsEqualTheirPathDecodedAlone) {
   // Parents of nodes 1..9 (node 0 the root), depths follow.
   const std::vector<int> parent = {-1, 0, 0, 0, 1, 1, 2, 4, 4, 7};
   const int n = int(parent.size());
-  std::vector<int32_t> depth(size_t(n), 0);
-  std::vector<uint64_t> mask(size_t(n), 1);
-  for (int i = 1; i < n; i++) {
-    depth[size_t(i)] = depth[size_t(parent[size_t(i)])] + 1;
-    mask[size_t(i)] = mask[size_t(parent[size_t(i)])] | (uint64_t(1) << i);
-  }
+  const auto [depth, mask] = test::tree_from_parents(parent);
   const std::vector<int32_t> tokens = {7, 3, 50, 3, 9, 9, 70, 1, 2, 95};
   const std::vector<int32_t> prompt = {4, 8, 15, 16, 23};
   for (Model* m : {ms.gpt2.get(), ms.gpt2_big.get(), ms.llama.get()})

@@ -20,9 +20,11 @@
 #include "serve/kv_blocks.h"
 #include "serve/request.h"
 #include "serve/stop_text.h"
+#include "decode_test_util.h"
 #include "test_util.h"
 
 using namespace kiln;
+using kiln::test::greedy_alone;
 
 namespace {
 
@@ -234,21 +236,6 @@ TEST_P(PagedDecoderTest, ChecksContinuationsWithAllLogitsAndRollsBack) {
 }
 
 namespace {
-// Greedy continuation by the contiguous decoder alone (the sampler's rule: the lowest id among equal maxima).
-std::vector<int32_t> greedy_alone(const ModelConfig& cfg, const float* params, const std::vector<int32_t>& prompt,
-                                  int n) {
-  auto dec = make_decoder(cfg, params);
-  std::vector<int32_t> out;
-  const float* lg = dec->forward(prompt.data(), int(prompt.size()));
-  for (int i = 0; i < n; i++) {
-    int32_t best = 0;
-    for (int32_t t = 1; t < cfg.vocab_size; t++)
-      if (lg[t] > lg[best]) best = t;
-    out.push_back(best);
-    if (i + 1 < n) lg = dec->forward(&best, 1);
-  }
-  return out;
-}
 
 struct Served {
   std::string text, finish;

@@ -19,9 +19,11 @@
 #include "models/model.h"
 #include "nn/medusa.h"
 #include "serve/engine.h"
+#include "decode_test_util.h"
 #include "test_util.h"
 
 using namespace kiln;
+using kiln::test::greedy_alone;
 
 namespace {
 
@@ -52,20 +54,6 @@ void alone(const ModelConfig& cfg, const float* params, const std::vector<int32_
   hid.assign(dec->hidden(), dec->hidden() + cfg.d_model);
 }
 
-std::vector<int32_t> greedy_alone(const ModelConfig& cfg, const float* params, const std::vector<int32_t>& prompt,
-                                  int n) {
-  auto dec = make_decoder(cfg, params);
-  std::vector<int32_t> out;
-  const float* lg = dec->forward(prompt.data(), int(prompt.size()));
-  for (int i = 0; i < n; i++) {
-    int32_t best = 0;
-    for (int32_t t = 1; t < cfg.vocab_size; t++)
-      if (lg[t] > lg[best]) best = t;
-    out.push_back(best);
-    if (i + 1 < n) lg = dec->forward(&best, 1);
-  }
-  return out;
-}
 
 }  // namespace
 
@@ -86,12 +74,7 @@ TEST(PagedDecoderTree, NodeLogitsEqualTheirPathAloneAndTheKeptPathContinues) {
     auto dec = make_batch_decoder(cfg, P, bo);
     const std::vector<int> parent = {-1, 0, 0, 0, 1, 1, 2, 4, 4, 7};
     const int n = int(parent.size());
-    std::vector<int32_t> depth(size_t(n), 0);
-    std::vector<uint64_t> mask(size_t(n), 1);
-    for (int i = 1; i < n; i++) {
-      depth[size_t(i)] = depth[size_t(parent[size_t(i)])] + 1;
-      mask[size_t(i)] = mask[size_t(parent[size_t(i)])] | (uint64_t(1) << i);
-    }
+    const auto [depth, mask] = test::tree_from_parents(parent);
     const std::vector<std::vector<int32_t>> prompts = {{4, 8, 15, 16, 23}, {30, 2, 9}, {5, 6, 7}};
     const std::vector<std::vector<int32_t>> trees = {{7, 3, 20, 3, 9, 9, 30, 1, 2, 35}, {1, 2, 3, 4, 5, 6, 7, 8, 9, 10}};
     const std::vector<std::vector<int32_t>> blocks = {{9, 2, 17, 5, 30}, {3, 22, 11, 0}, {8, 14}};

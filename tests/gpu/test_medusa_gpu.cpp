@@ -19,6 +19,7 @@
 #include "models/medusa_checkpoint.h"
 #include "models/model.h"
 #include "nn/medusa.h"
+#include "tests/decode_test_util.h"
 #include "tests/gpu/gpu_test_util.h"
 
 namespace kiln {
@@ -98,12 +99,8 @@ TEST(GpuMedusa, TreeNodeLogitsEqualTheirPathDecodedAlone) {
     const std::vector<int> parent(all.begin(), all.begin() + (cfg.family == "gpt2" ? 10 : 20));
     const int n = int(parent.size()), V = cfg.vocab_size, C = cfg.d_model;
     SCOPED_TRACE(cfg.family + " tree of " + std::to_string(n));
-    std::vector<int32_t> depth(static_cast<size_t>(n), 0), tokens(static_cast<size_t>(n));
-    std::vector<uint64_t> mask(size_t(n), 1);
-    for (int i = 1; i < n; i++) {
-      depth[size_t(i)] = depth[size_t(parent[size_t(i)])] + 1;
-      mask[size_t(i)] = mask[size_t(parent[size_t(i)])] | (uint64_t(1) << i);
-    }
+    const auto [depth, mask] = test::tree_from_parents(parent);
+    std::vector<int32_t> tokens(static_cast<size_t>(n));
     for (int i = 0; i < n; i++) tokens[size_t(i)] = int32_t((37 * i + 11) % V);
     const std::vector<int32_t> prompt = {4, 8, 15, 16, 23};
     const auto params = params_of(cfg, 3, 4.0f);
