@@ -55,6 +55,16 @@ void alone(const ModelConfig& cfg, const float* params, const std::vector<int32_
 }
 
 
+
+// A paged decoder with blocks of 4 positions that keeps each row's hidden state (the Medusa heads read it).
+auto paged_decoder(const ModelConfig& cfg, const float* P, int num_blocks) {
+  BatchDecoderOptions bo;
+  bo.block_size = 4;
+  bo.num_blocks = num_blocks;
+  bo.keep_hidden = true;
+  return make_batch_decoder(cfg, P, bo);
+}
+
 }  // namespace
 
 // Two sequences (blocks of 4 scattered over the pool) each check a tree of 10 nodes in one pass beside a third
@@ -67,11 +77,7 @@ TEST(PagedDecoderTree, NodeLogitsEqualTheirPathAloneAndTheKeptPathContinues) {
     auto model = random_model(cfg, 11);
     const float* P = model->host_params();
     const int V = cfg.vocab_size, C = cfg.d_model;
-    BatchDecoderOptions bo;
-    bo.block_size = 4;
-    bo.num_blocks = 32;
-    bo.keep_hidden = true;
-    auto dec = make_batch_decoder(cfg, P, bo);
+    auto dec = paged_decoder(cfg, P, 32);
     const std::vector<int> parent = {-1, 0, 0, 0, 1, 1, 2, 4, 4, 7};
     const int n = int(parent.size());
     const auto [depth, mask] = test::tree_from_parents(parent);
@@ -228,11 +234,7 @@ TEST(ServeMedusaTree, GreedyEqualsPlainGreedyForConcurrentStreams) {
   Rng r(3);
   for (float& x : hp) x += 0.01f * float(r.normal());
   const nn::MedusaHeads heads{hs, hp.data(), nullptr};
-  BatchDecoderOptions bo;
-  bo.block_size = 4;
-  bo.num_blocks = 96;
-  bo.keep_hidden = true;
-  auto dec = make_batch_decoder(cfg, P, bo);
+  auto dec = paged_decoder(cfg, P, 96);
   const std::vector<std::vector<int32_t>> prompts = {{1, 2, 3, 4, 5}, {7, 3}, {30, 20, 10, 0, 11, 12, 13}, {9}};
   const int max_new = 23;  // not a multiple of any round: the last round is cut
   std::vector<std::vector<int32_t>> ref;
@@ -275,11 +277,7 @@ TEST(ServeMedusaTree, TypicalAcceptanceAtItsExtremes) {
   std::vector<float> hp(size_t(hs.total()));
   nn::MedusaHeads::init_from_lm_head(hs, hp.data(), lm_head_matrix(cfg, model->table(), P));
   const nn::MedusaHeads heads{hs, hp.data(), nullptr};
-  BatchDecoderOptions bo;
-  bo.block_size = 4;
-  bo.num_blocks = 96;
-  bo.keep_hidden = true;
-  auto dec = make_batch_decoder(cfg, P, bo);
+  auto dec = paged_decoder(cfg, P, 96);
   const std::vector<std::vector<int32_t>> prompts = {{1, 2, 3, 4, 5}, {7, 3}};
   const MedusaTree tree = MedusaTree::parse("0;1;0,0;0,0,0");
   serve::Metrics mp, mn, ma;
