@@ -1,12 +1,28 @@
-// Decoding references shared by the decoder, Medusa and serve tests: greedy decoding by the contiguous decoder
-// alone, and a candidate tree's depths and ancestor masks from its parent list.
+// Decoding references shared by the decoder, Medusa and serve tests: random models, greedy decoding by the
+// contiguous decoder alone, and a candidate tree's depths and ancestor masks from its parent list.
 #pragma once
 #include <cstdint>
+#include <memory>
 #include <vector>
 
+#include "core/rng.h"
 #include "models/model.h"
+#include "models/param_table.h"
 
 namespace kiln::test {
+
+// A random model without gradients, its weights perturbed enough that every position matters.
+inline std::unique_ptr<Model> random_model(const ModelConfig& cfg, uint64_t seed) {
+  ModelOptions o;
+  o.with_grads = false;
+  auto m = make_model(cfg, o);
+  m->init_random(seed);
+  Rng r(seed + 1);
+  for (const ParamSpec& s : m->table().specs)
+    for (int64_t i = 0; i < s.numel(); i++) m->host_params()[s.offset + i] += (s.shape.ndim == 1 ? 0.3f : 0.1f) * r.normal();
+  m->params_changed();
+  return m;
+}
 
 // Greedy continuation by the contiguous decoder alone (the sampler's rule: the lowest id among equal maxima).
 inline std::vector<int32_t> greedy_alone(const ModelConfig& cfg, const float* params,

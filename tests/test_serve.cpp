@@ -25,6 +25,7 @@
 
 using namespace kiln;
 using kiln::test::greedy_alone;
+using kiln::test::random_model;
 
 namespace {
 
@@ -37,18 +38,6 @@ const char* kConfigs[] = {
        "sliding_window":5,"hidden_act":"silu","tie_word_embeddings":false})",
     R"({"model_type":"gpt2","n_layer":2,"n_head":2,"n_embd":32,"vocab_size":37,"n_positions":64})",
 };
-
-std::unique_ptr<Model> random_model(const ModelConfig& cfg, uint64_t seed) {
-  ModelOptions o;
-  o.with_grads = false;
-  auto m = make_model(cfg, o);
-  m->init_random(seed);
-  Rng r(seed + 1);  // weights large enough that every position matters
-  for (const ParamSpec& s : m->table().specs)
-    for (int64_t i = 0; i < s.numel(); i++) m->host_params()[s.offset + i] += (s.shape.ndim == 1 ? 0.3f : 0.1f) * r.normal();
-  m->params_changed();
-  return m;
-}
 
 bool close(const float* a, const float* b, int n, float tol) {
   for (int i = 0; i < n; i++)

@@ -24,6 +24,7 @@
 
 using namespace kiln;
 using kiln::test::greedy_alone;
+using kiln::test::random_model;
 
 namespace {
 
@@ -32,18 +33,6 @@ const char* kLlama =
        "num_hidden_layers":2,"intermediate_size":40,"vocab_size":41,"max_position_embeddings":64,"rms_norm_eps":1e-5,
        "rope_theta":10000.0,"hidden_act":"silu","tie_word_embeddings":false})";
 const char* kGpt2 = R"({"model_type":"gpt2","n_layer":2,"n_head":2,"n_embd":32,"vocab_size":37,"n_positions":64})";
-
-std::unique_ptr<Model> random_model(const ModelConfig& cfg, uint64_t seed) {
-  ModelOptions o;
-  o.with_grads = false;
-  auto m = make_model(cfg, o);
-  m->init_random(seed);
-  Rng r(seed + 1);  // weights large enough that every position matters
-  for (const ParamSpec& s : m->table().specs)
-    for (int64_t i = 0; i < s.numel(); i++) m->host_params()[s.offset + i] += (s.shape.ndim == 1 ? 0.3f : 0.1f) * r.normal();
-  m->params_changed();
-  return m;
-}
 
 // The contiguous decoder's last logits and hidden state after `t`.
 void alone(const ModelConfig& cfg, const float* params, const std::vector<int32_t>& t, std::vector<float>& lg,
