@@ -20,7 +20,10 @@
 #   JUDGE_STEPS=5000                its steps when this script trains it
 #   THREADS=0                       CPU threads of every run (0: all cores; 1 on a machine shared by many jobs:
 #                                   OpenMP's spinning threads oversubscribe it badly)
-#   SETTINGS="..."                  objective:sampler:steps triples (default below)
+#   SETTINGS="..."                  objective:sampler:steps triples (default below); only their objectives are trained
+# Resumable: a trained model (summary.json of STEPS), the judge (summary.json) and each setting's result
+# ($OUT/samples-*.json, newer than its model and the judge) are kept, so runs with disjoint SETTINGS can share the
+# cores (THREADS=1 each) and a last run with every setting assembles the table.
 # Reduced scale: e.g. STEPS=300 COUNT=200 MODEL=tiny.json bench/diffusion_quality.sh (state it with the numbers).
 # Long runs go under nice -n 10.
 set -euo pipefail
@@ -43,8 +46,9 @@ if [ ! -f "$OUT/fm/images.json" ]; then
     --out "$OUT/fm" >/dev/null
 fi
 
-# 2. The three models: one network, one budget; flow matching with logit-normal t (SiT/SD3's choice).
-for obj in flow edm ddpm; do
+# 2. The models SETTINGS names (flow, edm, ddpm by default): one network, one budget; flow matching with
+# logit-normal t (SiT/SD3's choice).
+for obj in $(for s in $SETTINGS; do echo "${s%%:*}"; done | awk '!seen[$0]++'); do
   dir="$OUT/dit-$obj"
   if [ ! -e "$dir/latest" ] || ! grep -q "\"steps\":$STEPS" "$dir/summary.json" 2>/dev/null; then
     extra=(); [ "$obj" = flow ] && extra=(--flow-t logit-normal)
@@ -57,11 +61,15 @@ for obj in flow edm ddpm; do
 done
 
 # 3. The judge: a ViT classifier (the issue asks >= 90% test accuracy); its eval.json holds the number.
-if [ ! -f "$JUDGE/model.safetensors" ]; then
+# A finished run has summary.json (a checkpoint saved on the way is not the judge yet).
+while [ -f "$JUDGE.summary.tmp" ] && [ ! -f "$JUDGE/summary.json" ]; do sleep 30; done  # another run trains it
+if [ ! -f "$JUDGE/summary.json" ]; then
   printf '{"model_type": "vit", "patch": 4, "hidden": 64, "depth": 6, "heads": 4, "mlp_ratio": 4}\n' > "$OUT/vit-judge.json"
   run train --objective classify --model "$OUT/vit-judge.json" --data "$OUT/fm" --batch 128 --steps "$JUDGE_STEPS" \
     --lr 2e-3 --min-lr 1e-5 --warmup 300 --weight-decay 0.05 --augment crop:1,flip --label-smoothing 0.1 \
-    --eval-every 500 --save-every 500 --threads "$THREADS" --metrics "$JUDGE.jsonl" --out "$JUDGE" --no-progress
+    --eval-every 500 --save-every 500 --threads "$THREADS" --metrics "$JUDGE.jsonl" --out "$JUDGE" --no-progress \
+    > "$JUDGE.summary.tmp"
+  mv "$JUDGE.summary.tmp" "$JUDGE/summary.json"
 fi
 [ -f "$JUDGE/eval.json" ] && echo "judge: $(tr -d '\n ' < "$JUDGE/eval.json")"
 
@@ -70,9 +78,18 @@ res="$OUT/quality.jsonl"; : > "$res"
 for s in $SETTINGS; do
   IFS=: read -r obj sampler steps <<< "$s"
   for w in 1 "$GUIDANCE"; do
-    line=$(run sample --model "$OUT/dit-$obj" --sampler "$sampler" --steps "$steps" --guidance "$w" --count "$COUNT" \
-      --batch 250 --seed 7 --threads "$THREADS" $SAMPLE_FLAGS --out "$OUT/samples-$obj-$sampler-$steps-w$w.png" --judge "$JUDGE" --reference "$OUT/fm")
-    echo "$line" >> "$res"
+    name="$OUT/samples-$obj-$sampler-$steps-w$w"
+    # A setting sampled before (same count, newer than its model and the judge) is not sampled again.
+    if [ -s "$name.json" ] && [ "$name.json" -nt "$OUT/dit-$obj/summary.json" ] && [ "$name.json" -nt "$JUDGE/model.safetensors" ] \
+       && grep -q "\"count\":$COUNT," "$name.json"; then
+      cat "$name.json" >> "$res"
+      continue
+    fi
+    run sample --model "$OUT/dit-$obj" --sampler "$sampler" --steps "$steps" --guidance "$w" --count "$COUNT" \
+      --batch 250 --seed 7 --threads "$THREADS" $SAMPLE_FLAGS --out "$name.png" --judge "$JUDGE" --reference "$OUT/fm" \
+      > "$name.json.tmp"
+    mv "$name.json.tmp" "$name.json"
+    cat "$name.json" >> "$res"
   done
 done
 
