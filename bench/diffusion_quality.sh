@@ -11,8 +11,10 @@
 #   KILN=build/kiln                 the binary
 #   MODEL=bench/dit-fmnist-small.json   the DiT (a config or a preset such as DiT-S/2)
 #   STEPS=20000 BATCH=128 LR=3e-4   training budget of each model
-#   EMA_DECAY=0.999                 the EMA the samples read (short runs: the EMA is still mostly the initialisation,
-#                                   so sample them with SAMPLE_FLAGS=--raw-weights or a smaller decay)
+#   EMA_DECAY=0.999                 the EMA the samples read. Short runs: an EMA of 0.999 after 3000 steps still
+#                                   weighs the first third of training by 13% and the initialisation by 5%, and its
+#                                   samples were noise where the final weights' were clothes; sample such runs with
+#                                   SAMPLE_FLAGS=--raw-weights (the cosine schedule has already annealed them)
 #   SAMPLE_FLAGS=                   extra kiln sample flags (e.g. --raw-weights)
 #   COUNT=10000                     samples per setting (the distance is over these vs the 10,000 test images)
 #   GUIDANCE=2                      the guided setting's w (the unguided one is w = 1)
@@ -78,7 +80,8 @@ res="$OUT/quality.jsonl"; : > "$res"
 for s in $SETTINGS; do
   IFS=: read -r obj sampler steps <<< "$s"
   for w in 1 "$GUIDANCE"; do
-    name="$OUT/samples-$obj-$sampler-$steps-w$w"
+    tag="$(printf '%s' "$SAMPLE_FLAGS" | tr -c 'a-z0-9' '-' | tr -s '-' | sed 's/^-//; s/-$//')"
+    name="$OUT/samples-$obj-$sampler-$steps-w$w${tag:+-$tag}"
     # A setting sampled before (same count, newer than its model and the judge) is not sampled again.
     if [ -s "$name.json" ] && [ "$name.json" -nt "$OUT/dit-$obj/summary.json" ] && [ "$name.json" -nt "$JUDGE/model.safetensors" ] \
        && grep -q "\"count\":$COUNT," "$name.json"; then
@@ -94,10 +97,11 @@ for s in $SETTINGS; do
 done
 
 # 5. The table.
-/usr/bin/python3 - "$res" "$OUT/quality.md" "$COUNT" "$STEPS" <<'EOF'
+/usr/bin/python3 - "$res" "$OUT/quality.md" "$COUNT" "$STEPS" "$SAMPLE_FLAGS" <<'EOF'
 import json, sys
 rows = [json.loads(l) for l in open(sys.argv[1]) if l.strip()]
-out = [f"samples {sys.argv[3]} per setting, models trained {sys.argv[4]} steps; Fréchet distance in the judge's features vs the test set",
+out = [f"samples {sys.argv[3]} per setting, models trained {sys.argv[4]} steps{(', sampled with ' + sys.argv[5]) if sys.argv[5] else ''}; "
+       "Fréchet distance in the judge's features vs the test set",
        "", "| objective | sampler | steps | NFE | guidance | class accuracy | Fréchet distance | images/s |",
        "|---|---|---|---|---|---|---|---|"]
 for r in rows:
