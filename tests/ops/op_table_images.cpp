@@ -669,9 +669,12 @@ void add_coupling(std::vector<OpCase>& t) {
             typed(dxa, [&](auto* p) { cuda::flow_gather_backward(dx.f(), p, d.c, stream()); });
             return Tensors{down("dx", dx)};
           };
-          c.loss = [gfwd](const Tensors& in, double* sq) {
+          // Σ dxa·x_A, on the gathered values before their rounding to the MLP's type.
+          c.loss = [=](const Tensors& in, double* sq) {
             *sq = 0;
-            return dot(gfwd(in)[0].v, in[1].v, sq);
+            std::vector<float> xa(static_cast<size_t>(B * nA));
+            ref::flow_gather(xa.data(), in[0].v.data(), host_c());
+            return dot(xa, in[1].v, sq);
           };
           c.grads = {{0, 0, 2}};
           c.exact = true;  // one addition per value
