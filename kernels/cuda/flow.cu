@@ -41,6 +41,9 @@ KILN_DEVICE void block_sum_d(double (&v)[kV], double* smem) {
   __syncthreads();  // the next call may overwrite smem
 }
 
+// FlowCoupling::out_width() in device code (the struct's member is host-only).
+KILN_DEVICE int out_width(const FlowCoupling& c) { return c.additive ? c.nT : 2 * c.nT; }
+
 #define KILN_GRID_STRIDE(e, count) \
   for (int64_t e = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; e < (count); e += int64_t(gridDim.x) * blockDim.x)
 
@@ -113,7 +116,7 @@ KILN_GLOBAL void __launch_bounds__(kThreads) coupling_fwd(float* y, double* logd
                                                           const float* scale, FlowCoupling c) {
   const int b = int(blockIdx.x), nT = c.nT;
   const int64_t base = int64_t(b) * c.n;
-  const float* ob = o + int64_t(b) * c.out_width();
+  const float* ob = o + int64_t(b) * out_width(c);
   for (int i = int(threadIdx.x); i < c.nA; i += kThreads) y[base + c.A[i]] = x[base + c.A[i]];
   double ld[1] = {0};
   for (int j = int(threadIdx.x); j < nT; j += kThreads) {
@@ -138,7 +141,7 @@ KILN_GLOBAL void __launch_bounds__(kThreads) coupling_bwd(float* dx, T* dout, fl
     const int64_t at = e / c.nA * c.n + c.A[e % c.nA];
     dx[at] = dy[at];
   }
-  const int nT = c.nT, ow = c.out_width();
+  const int nT = c.nT, ow = out_width(c);
   KILN_GRID_STRIDE(j, nT) {
     double g = 0;
     for (int b = 0; b < c.B; b++) {
@@ -167,7 +170,7 @@ KILN_GLOBAL void __launch_bounds__(kThreads) coupling_inv(float* x, const float*
     const int64_t at = e / c.nA * c.n + c.A[e % c.nA];
     x[at] = y[at];
   }
-  const int nT = c.nT, ow = c.out_width();
+  const int nT = c.nT, ow = out_width(c);
   KILN_GRID_STRIDE(e, int64_t(c.B) * nT) {
     const int64_t b = e / nT;
     const int j = int(e % nT);

@@ -187,7 +187,7 @@ TEST(RealNVPGpu, InverseOfForwardIsTheIdentity) {
   double worst = 0;
   for (size_t i = 0; i < x.size(); i++) worst = std::max(worst, double(std::fabs(back[i] - x[i])));
   std::printf("inverse(forward(x)): max |error| %.2e\n", worst);
-  EXPECT_LT(worst, 1e-4);
+  EXPECT_LT(worst, 1e-5);  // the emulator shows 3.6e-7
   // A backward after an inverse is refused (the kept activations are the inverse's).
   std::vector<double> w(static_cast<size_t>(B), 1.0);
   EXPECT_THROW(m.backward(w.data()), Error);
