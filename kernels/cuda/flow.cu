@@ -13,17 +13,8 @@ namespace {
 
 constexpr int kThreads = 256;  // a power of two (the tree below halves it)
 
-template <class T>
-KILN_DEVICE float ld1(const T* p) {
-  float f[1];
-  simt::load_vec<1>(f, p);
-  return f[0];
-}
-template <class T>
-KILN_DEVICE void st1(T* p, float v) {
-  float f[1] = {v};
-  simt::store_vec<1>(p, f);
-}
+using simt::ld1;
+using simt::st1;
 
 // Sums of kV doubles over the block (kThreads threads) in a fixed tree order; every thread gets the totals.
 // smem: kV·kThreads doubles.
