@@ -28,11 +28,11 @@
 // On a device backend (the GPU) the whole flow runs there: the coupling MLPs in the backend's bf16 activations
 // and products, from a bf16 copy of the host's fp32 master weights (uploaded at each forward and inverse), and
 // the elementwise layers (kernels/flow.h: actnorm, the couplings' gather, affine map and log-det, squeeze,
-// factor-out) in fp32, with each layer's input kept on the device for the backward. Only the images go up and
-// the latents and log-dets come down (forward), the latents' gradient goes up (backward) and the latents up and
-// the images down (inverse). The parameter gradients accumulate in fp32 on the device and are added into
-// grads() at the end of backward(), so the host holds the parameters and gradients that the optimizer steps
-// either way.
+// factor-out) in fp32, with each layer's input kept on the device for the backward. What crosses: the weights
+// up (each forward and inverse); the images up, the latents and log-dets down (forward); the latents' gradient
+// and the samples' weights up (backward); the latents up, the images down (inverse). The parameter gradients
+// accumulate in fp32 on the device and are added into grads() at the end of backward(), so the host holds the
+// parameters and gradients that the optimizer steps either way.
 #pragma once
 #include <cstdint>
 #include <memory>
