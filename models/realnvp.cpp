@@ -1,6 +1,7 @@
 // The RealNVP flow of models/realnvp.h: the layer list, and each layer's forward, backward and inverse.
 #include "models/realnvp.h"
 
+#include <algorithm>
 #include <cmath>
 #include <cstring>
 #include <nlohmann/json.hpp>
@@ -8,6 +9,7 @@
 #include "core/dtype.h"
 #include "core/error.h"
 #include "core/rng.h"
+#include "kernels/flow.h"
 #include "models/image_config.h"
 
 namespace kiln {
@@ -59,73 +61,96 @@ struct RealNVP::Layer {
   std::vector<int> dims;          // |A|, hidden × depth, out
   std::vector<size_t> w, b;       // offsets of each linear's weight and bias
   size_t scale = 0;
-  // squeeze: y[k] = x[perm[k]]
-  std::vector<int32_t> perm;
-  // factor out: the first half goes to z at zoff
+  // factor out: the first half goes to z at zoff (squeeze is pixel_unshuffle: y[c·4 + 2·di + dj, i, j] =
+  // x[c, 2i + di, 2j + dj])
   int64_t zoff = 0;
-  // The last forward's coupling activations: the gathered x_A, each linear's output (pre) and activation (post)
-  // on the host backend, and the MLP's output (s̃ then t; or t) on every backend.
-  std::vector<float> xa, out;
-  std::vector<std::vector<float>> pre, post;
-  size_t id = 0;  // index in layers_ (the device's buffers of this layer)
+  size_t id = 0;  // index in layers_ (the buffers of this layer)
   int64_t out_n() const { return kind == FactorOut ? n / 2 : n; }
 };
 
-// A device backend's buffers: the weights (fp32, their bf16 copy, the gradients, in ParamTable layout) and, per
-// coupling, the MLP's activations for batches of up to `cap` (bf16; the last linear's output fp32), with scratch.
-struct RealNVP::Device {
-  explicit Device(nn::Backend& b) : be(b) {}
-  ~Device() {
+// The flow's buffers in the backend's memory (the host's on the CPU backend): on a device backend the weights'
+// copies (fp32, their bf16 copy, the gradients, in ParamTable layout); every coupling's index sets; and for
+// batches of up to `cap` each layer's input, the latents and their gradient, the log-dets, the loss weights,
+// two fp32 buffers that the backward's gradient and the inverse's values alternate between, and per coupling
+// the MLP's activations (the backend's activation type; the last linear's output fp32).
+struct RealNVP::Buffers {
+  explicit Buffers(nn::Backend& b) : be(b) {}
+  ~Buffers() {
     free_batch();
     for (void* p : fixed) be.free(p);
   }
-  Device(const Device&) = delete;
-  Device& operator=(const Device&) = delete;
+  Buffers(const Buffers&) = delete;
+  Buffers& operator=(const Buffers&) = delete;
   nn::Backend& be;
   std::vector<void*> fixed, batch;
-  float* params = nullptr;
+  float* params = nullptr;  // null on the host backend (params_ and grads_ are used in place)
   float* grads = nullptr;
   uint16_t* w16 = nullptr;
   struct Mlp {
-    uint16_t* xa = nullptr;
-    std::vector<uint16_t*> pre, post;  // hidden layers: pre-activation and activation
+    const int32_t *A = nullptr, *T = nullptr;
+    void* xa = nullptr;
+    std::vector<void*> pre, post;  // hidden layers: pre-activation and activation
     float* out = nullptr;
   };
-  std::vector<Mlp> mlp;  // by layer index
-  float* stage = nullptr;  // fp32 [cap · widest]: host values on their way to bf16
-  uint16_t *da = nullptr, *db = nullptr;  // bf16 [cap · widest]: the backward's gradients
+  std::vector<Mlp> mlp;     // by layer index
+  std::vector<float*> in;   // in[l]: layer l's input; in[layers]: the last layer's output
+  float *z = nullptr, *dz = nullptr, *g0 = nullptr, *g1 = nullptr;
+  double *logdet = nullptr, *w = nullptr;
+  void *da = nullptr, *db = nullptr;  // the MLP backward's gradients, [cap · widest]
   int cap = 0;
+  void* get(std::vector<void*>& owner, int64_t n, size_t elem) {
+    void* p = be.alloc(size_t(std::max<int64_t>(n, 1)) * elem, "realnvp");
+    owner.push_back(p);
+    return p;
+  }
   template <class T>
   T* get(std::vector<void*>& owner, int64_t n) {
-    void* p = be.alloc(size_t(std::max<int64_t>(n, 1)) * sizeof(T), "realnvp");
-    owner.push_back(p);
-    return static_cast<T*>(p);
+    return static_cast<T*>(get(owner, n, sizeof(T)));
   }
+  nn::Act act(void* p) const { return {p, be.act_dtype()}; }
   void free_batch() {
     for (void* p : batch) be.free(p);
     batch.clear();
   }
-  // Sizes the per-batch buffers for B images (reallocated only when B grows).
-  void reserve(const std::vector<Layer>& layers, int B) {
+  // The index sets, once.
+  void init(const std::vector<Layer>& layers) {
+    mlp.assign(layers.size(), {});
+    for (const Layer& l : layers) {
+      if (l.kind != Layer::Coupling) continue;
+      int32_t* A = get<int32_t>(fixed, int64_t(l.A.size()));
+      int32_t* T = get<int32_t>(fixed, int64_t(l.T.size()));
+      be.upload(A, l.A.data(), l.A.size() * 4);
+      be.upload(T, l.T.data(), l.T.size() * 4);
+      mlp[l.id].A = A, mlp[l.id].T = T;
+    }
+  }
+  // Sizes the per-batch buffers for B samples of P values (reallocated only when B grows).
+  void reserve(const std::vector<Layer>& layers, int B, int64_t P) {
     if (B <= cap) return;
     free_batch();
     cap = B;
-    mlp.assign(layers.size(), {});
+    const size_t ae = dtype_size(be.act_dtype());
     int64_t widest = 1;
+    in.clear();
     for (const Layer& l : layers) {
+      in.push_back(get<float>(batch, B * l.n));
       if (l.kind != Layer::Coupling) continue;
       Mlp& m = mlp[l.id];
       const size_t L = l.dims.size() - 1;
-      m.xa = get<uint16_t>(batch, int64_t(B) * l.dims[0]);
+      m.xa = get(batch, int64_t(B) * l.dims[0], ae);
+      m.pre.clear(), m.post.clear();
       for (size_t k = 0; k + 1 < L; k++) {
-        m.pre.push_back(get<uint16_t>(batch, int64_t(B) * l.dims[k + 1]));
-        m.post.push_back(get<uint16_t>(batch, int64_t(B) * l.dims[k + 1]));
+        m.pre.push_back(get(batch, int64_t(B) * l.dims[k + 1], ae));
+        m.post.push_back(get(batch, int64_t(B) * l.dims[k + 1], ae));
       }
       m.out = get<float>(batch, int64_t(B) * l.dims.back());
       for (int d : l.dims) widest = std::max<int64_t>(widest, d);
     }
-    stage = get<float>(batch, widest * B);
-    da = get<uint16_t>(batch, widest * B), db = get<uint16_t>(batch, widest * B);
+    in.push_back(get<float>(batch, B * (layers.empty() ? P : layers.back().out_n())));
+    z = get<float>(batch, B * P), dz = get<float>(batch, B * P);
+    g0 = get<float>(batch, B * P), g1 = get<float>(batch, B * P);
+    logdet = get<double>(batch, B), w = get<double>(batch, B);
+    da = get(batch, widest * B, ae), db = get(batch, widest * B, ae);
   }
 };
 
@@ -182,11 +207,6 @@ RealNVP::RealNVP(const RealNVPConfig& cfg, nn::Backend& be) : cfg_(cfg), be_(be)
     for (int k = 0; k < cfg_.couplings; k++) checkerboard(k % 2);
     Layer q{Layer::Squeeze};
     q.C = C, q.H = H, q.W = W, q.n = int64_t(C) * H * W;
-    for (int c = 0; c < C; c++)
-      for (int di = 0; di < 2; di++)
-        for (int dj = 0; dj < 2; dj++)
-          for (int i = 0; i < H / 2; i++)
-            for (int j = 0; j < W / 2; j++) q.perm.push_back(int32_t((c * H + 2 * i + di) * W + 2 * j + dj));
     layers_.push_back(std::move(q));
     C *= 4, H /= 2, W /= 2;
     for (int k = 0; k < cfg_.couplings; k++) channel(k % 2 == 0);
@@ -204,13 +224,14 @@ RealNVP::RealNVP(const RealNVPConfig& cfg, nn::Backend& be) : cfg_(cfg), be_(be)
   init_flag_ = table_.specs.back().offset;
   params_.assign(table_.total, 0.0f);
   grads_.assign(table_.total, 0.0f);
+  buf_ = std::make_unique<Buffers>(be_);
   if (!be_.on_host()) {
-    dev_ = std::make_unique<Device>(be_);
-    dev_->params = dev_->get<float>(dev_->fixed, int64_t(table_.total));
-    dev_->grads = dev_->get<float>(dev_->fixed, int64_t(table_.total));
-    dev_->w16 = dev_->get<uint16_t>(dev_->fixed, int64_t(table_.total));
-    be_.memset(dev_->grads, 0, table_.total * 4);
+    buf_->params = buf_->get<float>(buf_->fixed, int64_t(table_.total));
+    buf_->grads = buf_->get<float>(buf_->fixed, int64_t(table_.total));
+    buf_->w16 = buf_->get<uint16_t>(buf_->fixed, int64_t(table_.total));
+    be_.memset(buf_->grads, 0, table_.total * 4);
   }
+  buf_->init(layers_);
 }
 
 void RealNVP::init_random(uint64_t seed) {
@@ -231,112 +252,68 @@ void RealNVP::zero_grad() { std::fill(grads_.begin(), grads_.end(), 0.0f); }
 
 namespace {
 
-nn::Act act(float* p) { return {p, DType::F32}; }
-nn::Act act(const float* p) { return {const_cast<float*>(p), DType::F32}; }
+nn::Act f32(float* p) { return {p, DType::F32}; }
+nn::Act f32(const float* p) { return {const_cast<float*>(p), DType::F32}; }
 
 }  // namespace
 
-// ---- the couplings' MLPs: forward and backward, on the host or on the device ----
+float* RealNVP::dparams() { return buf_->params ? buf_->params : params_.data(); }
+float* RealNVP::dgrads() { return buf_->grads ? buf_->grads : grads_.data(); }
+
+FlowCoupling RealNVP::coupling(const Layer& l, int B) const {
+  FlowCoupling c;
+  c.B = B, c.n = l.n, c.A = buf_->mlp[l.id].A, c.T = buf_->mlp[l.id].T;
+  c.nA = int(l.A.size()), c.nT = int(l.T.size()), c.additive = cfg_.additive;
+  return c;
+}
+
+// ---- the couplings' MLPs: forward and backward, in the backend's activations ----
 
 void RealNVP::sync_weights() {
-  if (!dev_) return;
-  be_.upload(dev_->params, params_.data(), params_.size() * 4);
-  be_.to_lowp(dev_->w16, dev_->params, int64_t(params_.size()), LowpType::BF16);
+  if (!buf_->params) return;
+  be_.upload(buf_->params, params_.data(), params_.size() * 4);
+  be_.to_lowp(buf_->w16, buf_->params, int64_t(params_.size()), LowpType::BF16);
 }
 
-void RealNVP::mlp_forward(Layer& l, int B) {
+nn::Weight RealNVP::weight(const Layer& l, int k, bool grads) {
+  nn::Weight w;
+  const float* p = dparams();
+  w.w = p + l.w[size_t(k)], w.b = p + l.b[size_t(k)];
+  if (grads) w.dw = dgrads() + l.w[size_t(k)], w.db = dgrads() + l.b[size_t(k)];
+  if (buf_->w16) w.w16 = buf_->w16 + l.w[size_t(k)];
+  w.in = l.dims[size_t(k)], w.out = l.dims[size_t(k) + 1];
+  return w;
+}
+
+// The MLP on the gathered x_A (mlp.xa) into mlp.out (fp32), keeping the hidden activations.
+void RealNVP::mlp_forward(const Layer& l, int B) {
   const int L = int(l.dims.size()) - 1;
-  auto weight = [&](int k) {
-    nn::Weight w;
-    const float* p = dev_ ? dev_->params : params_.data();
-    w.w = p + l.w[size_t(k)], w.b = p + l.b[size_t(k)];
-    if (dev_) w.w16 = dev_->w16 + l.w[size_t(k)];
-    w.in = l.dims[size_t(k)], w.out = l.dims[size_t(k) + 1];
-    return w;
-  };
-  l.out.resize(size_t(B) * size_t(l.dims.back()));
-  if (!dev_) {
-    l.pre.resize(size_t(L)), l.post.resize(size_t(L));
-    const float* h = l.xa.data();
-    for (int k = 0; k < L; k++) {
-      const nn::Weight w = weight(k);
-      l.pre[size_t(k)].resize(static_cast<size_t>(B) * w.out);
-      be_.linear_forward(act(l.pre[size_t(k)].data()), act(h), w, B);
-      if (k + 1 < L) {
-        l.post[size_t(k)].resize(l.pre[size_t(k)].size());
-        be_.activation_forward(act(l.post[size_t(k)].data()), act(l.pre[size_t(k)].data()),
-                               int64_t(l.pre[size_t(k)].size()), Activation::GeluTanh);
-        h = l.post[size_t(k)].data();
-      }
-    }
-    l.out = l.pre.back();
-    return;
-  }
-  // Device: x_A to bf16 there, the hidden layers in bf16, the last linear's output in fp32 back to the host.
-  dev_->reserve(layers_, B);
-  Device::Mlp& m = dev_->mlp[l.id];
-  be_.upload(dev_->stage, l.xa.data(), l.xa.size() * 4);
-  be_.to_lowp(m.xa, dev_->stage, int64_t(l.xa.size()), LowpType::BF16);
-  const uint16_t* h = m.xa;
-  auto bf = [](const uint16_t* p) { return nn::Act{const_cast<uint16_t*>(p), DType::BF16}; };
+  Buffers::Mlp& m = buf_->mlp[l.id];
+  nn::Act h = buf_->act(m.xa);
   for (int k = 0; k < L; k++) {
-    const nn::Weight w = weight(k);
-    if (k + 1 < L) {
-      be_.linear_forward(bf(m.pre[size_t(k)]), bf(h), w, B);
-      be_.activation_forward(bf(m.post[size_t(k)]), bf(m.pre[size_t(k)]), int64_t(B) * w.out, Activation::GeluTanh);
-      h = m.post[size_t(k)];
-    } else {
-      be_.linear_forward(act(m.out), bf(h), w, B);
+    const nn::Weight w = weight(l, k, false);
+    if (k + 1 == L) {
+      be_.linear_forward(f32(m.out), h, w, B);
+      break;
     }
+    const nn::Act pre = buf_->act(m.pre[size_t(k)]), post = buf_->act(m.post[size_t(k)]);
+    be_.linear_forward(pre, h, w, B);
+    be_.activation_forward(post, pre, int64_t(B) * w.out, Activation::GeluTanh);
+    h = post;
   }
-  be_.download(l.out.data(), m.out, l.out.size() * 4);
 }
 
-void RealNVP::mlp_backward(Layer& l, int B, const std::vector<float>& dout, std::vector<float>& dxa) {
+// From d(out) in buf_->da to d(x_A) in buf_->db, accumulating the parameter gradients: da holds the gradient
+// entering linear k, db the one leaving it.
+void RealNVP::mlp_backward(const Layer& l, int B) {
   const int L = int(l.dims.size()) - 1;
-  auto weight = [&](int k) {
-    nn::Weight w;
-    const float* p = dev_ ? dev_->params : params_.data();
-    float* g = dev_ ? dev_->grads : grads_.data();
-    w.w = p + l.w[size_t(k)], w.b = p + l.b[size_t(k)];
-    w.dw = g + l.w[size_t(k)], w.db = g + l.b[size_t(k)];
-    if (dev_) w.w16 = dev_->w16 + l.w[size_t(k)];
-    w.in = l.dims[size_t(k)], w.out = l.dims[size_t(k) + 1];
-    return w;
-  };
-  if (!dev_) {
-    // Linear k reads h_k (x_A, then the activations).
-    std::vector<float> dpre = dout;
-    for (int k = L - 1; k >= 0; k--) {
-      const nn::Weight w = weight(k);
-      const float* h = k == 0 ? l.xa.data() : l.post[size_t(k) - 1].data();
-      dxa.assign(static_cast<size_t>(B) * w.in, 0.0f);
-      be_.linear_backward(act(dxa.data()), act(dpre.data()), act(h), w, B);
-      if (k > 0) {
-        dpre.assign(dxa.size(), 0.0f);
-        be_.activation_backward(act(dpre.data()), act(l.pre[size_t(k) - 1].data()), act(dxa.data()),
-                                int64_t(dxa.size()), Activation::GeluTanh);
-      }
-    }
-    return;
-  }
-  // Device: dout to bf16 there; da holds the gradient entering linear k, db the one leaving it.
-  Device::Mlp& m = dev_->mlp[l.id];
-  auto bf = [](uint16_t* p) { return nn::Act{p, DType::BF16}; };
-  be_.upload(dev_->stage, dout.data(), dout.size() * 4);
-  be_.to_lowp(dev_->da, dev_->stage, int64_t(dout.size()), LowpType::BF16);
+  Buffers::Mlp& m = buf_->mlp[l.id];
+  const nn::Act da = buf_->act(buf_->da), db = buf_->act(buf_->db);
   for (int k = L - 1; k >= 0; k--) {
-    const nn::Weight w = weight(k);
-    uint16_t* h = k == 0 ? m.xa : m.post[size_t(k) - 1];
-    be_.linear_backward(bf(dev_->db), bf(dev_->da), bf(h), w, B);
-    if (k > 0)
-      be_.activation_backward(bf(dev_->da), bf(m.pre[size_t(k) - 1]), bf(dev_->db), int64_t(B) * w.in,
-                              Activation::GeluTanh);
+    const nn::Weight w = weight(l, k, true);
+    be_.linear_backward(db, da, buf_->act(k == 0 ? m.xa : m.post[size_t(k) - 1]), w, B);
+    if (k > 0) be_.activation_backward(da, buf_->act(m.pre[size_t(k) - 1]), db, int64_t(B) * w.in, Activation::GeluTanh);
   }
-  std::vector<uint16_t> d16(static_cast<size_t>(B) * l.dims[0]);
-  be_.download(d16.data(), dev_->db, d16.size() * 2);
-  dxa.resize(d16.size());
-  for (size_t i = 0; i < d16.size(); i++) dxa[i] = bf16_to_f32(d16[i]);
 }
 
 // ---- forward (and the actnorm init, which runs the forward) ----
@@ -346,81 +323,45 @@ void RealNVP::run_forward(const float* x, int B, bool init) {
   const int64_t P = cfg_.pixels();
   B_ = B;
   sync_weights();
-  in_.resize(layers_.size());
-  z_.assign(size_t(B * P), 0.0f);
-  logdet_.assign(static_cast<size_t>(B), 0.0);
-  std::vector<float> cur(x, x + B * P);
+  Buffers& d = *buf_;
+  d.reserve(layers_, B, P);
+  be_.upload(d.in[0], x, size_t(B * P) * 4);
+  be_.memset(d.logdet, 0, size_t(B) * 8);
+  float* prm = dparams();
   for (size_t li = 0; li < layers_.size(); li++) {
-    Layer& l = layers_[li];
-    in_[li] = cur;
+    const Layer& l = layers_[li];
+    const float* cur = d.in[li];
+    float* y = d.in[li + 1];
     const int64_t n = l.n;
-    std::vector<float> y(size_t(B * l.out_n()));
     if (l.kind == Layer::ActNorm) {
       const int64_t hw = int64_t(l.H) * l.W;
-      float* logs = params_.data() + l.logs;
-      float* bias = params_.data() + l.bias;
       if (init) {
-        // Zero mean, unit variance per channel over the batch and the positions.
-        for (int c = 0; c < l.C; c++) {
-          double s = 0, ss = 0;
-          for (int b = 0; b < B; b++)
-            for (int64_t i = 0; i < hw; i++) {
-              const double v = cur[size_t(b * n + c * hw + i)];
-              s += v, ss += v * v;
-            }
-          const double cnt = double(B) * hw, mean = s / cnt, var = std::max(0.0, ss / cnt - mean * mean);
-          const double sd = std::sqrt(var + 1e-6);
-          logs[c] = float(-std::log(sd)), bias[c] = float(-mean / sd);
+        be_.actnorm_init(prm + l.logs, prm + l.bias, cur, B, l.C, hw);
+        if (d.params) {  // the host's master copy
+          be_.download(params_.data() + l.logs, prm + l.logs, size_t(l.C) * 4);
+          be_.download(params_.data() + l.bias, prm + l.bias, size_t(l.C) * 4);
         }
       }
-      double ld = 0;
-      for (int c = 0; c < l.C; c++) ld += double(logs[c]) * hw;
-      for (int b = 0; b < B; b++) {
-        logdet_[size_t(b)] += ld;
-        for (int c = 0; c < l.C; c++) {
-          const float e = std::exp(logs[c]);
-          for (int64_t i = 0; i < hw; i++) y[size_t(b * n + c * hw + i)] = cur[size_t(b * n + c * hw + i)] * e + bias[c];
-        }
-      }
+      be_.actnorm_forward(y, d.logdet, cur, prm + l.logs, prm + l.bias, B, l.C, hw);
     } else if (l.kind == Layer::Coupling) {
-      const int nA = int(l.A.size()), nT = int(l.T.size());
-      l.xa.resize(static_cast<size_t>(B) * nA);
-      for (int b = 0; b < B; b++)
-        for (int i = 0; i < nA; i++) l.xa[size_t(b * nA + i)] = cur[size_t(b * n + l.A[size_t(i)])];
+      const FlowCoupling c = coupling(l, B);
+      be_.flow_gather(d.act(d.mlp[l.id].xa), cur, c);
       mlp_forward(l, B);
-      const float* o = l.out.data();
-      const int ow = l.dims.back();
-      const float* scale = params_.data() + l.scale;
-      y = cur;
-      for (int b = 0; b < B; b++) {
-        double ld = 0;
-        for (int j = 0; j < nT; j++) {
-          const size_t at = size_t(b * n + l.T[size_t(j)]);
-          if (cfg_.additive) {
-            y[at] = cur[at] + o[b * ow + j];
-          } else {
-            const double s = std::exp(double(scale[j])) * std::tanh(double(o[b * ow + j]));
-            y[at] = float(cur[at] * std::exp(s) + o[b * ow + nT + j]);
-            ld += s;
-          }
-        }
-        logdet_[size_t(b)] += ld;
-      }
+      be_.coupling_forward(y, d.logdet, cur, d.mlp[l.id].out, cfg_.additive ? nullptr : prm + l.scale, c);
     } else if (l.kind == Layer::Squeeze) {
-      for (int b = 0; b < B; b++)
-        for (int64_t k = 0; k < n; k++) y[size_t(b * n + k)] = cur[size_t(b * n + l.perm[size_t(k)])];
+      be_.pixel_unshuffle(y, cur, B, l.C, l.H / 2, l.W / 2, 2);
     } else {  // factor out
       const int64_t h = n / 2;
-      for (int b = 0; b < B; b++) {
-        std::memcpy(z_.data() + b * P + l.zoff, cur.data() + b * n, size_t(h) * 4);
-        std::memcpy(y.data() + b * h, cur.data() + b * n + h, size_t(h) * 4);
-      }
+      be_.copy_rows(f32(d.z + l.zoff), P, f32(cur), n, B, h);
+      be_.copy_rows(f32(y), h, f32(cur + h), n, B, h);
     }
-    cur.swap(y);
   }
   // What is left is the last part of z.
-  const int64_t left = int64_t(cur.size()) / B;
-  for (int b = 0; b < B; b++) std::memcpy(z_.data() + b * P + (P - left), cur.data() + b * left, size_t(left) * 4);
+  const int64_t left = layers_.empty() ? P : layers_.back().out_n();
+  be_.copy_rows(f32(d.z + (P - left)), P, f32(d.in.back()), left, B, left);
+  z_.resize(size_t(B * P)), logdet_.resize(size_t(B));
+  be_.download(z_.data(), d.z, z_.size() * 4);
+  be_.download(logdet_.data(), d.logdet, logdet_.size() * 8);
 }
 
 void RealNVP::init_actnorm(const float* x, int B) {
@@ -448,84 +389,50 @@ void RealNVP::backward(const double* wts, float* dx_out) {
   KILN_CHECK(B_ > 0, "realnvp backward: no forward to differentiate");
   const int B = B_;
   const int64_t P = cfg_.pixels();
+  Buffers& d = *buf_;
   // d(w·log N(z))/dz = −w·z; the log-det's weight is w itself.
   std::vector<float> dz(z_.size());
   for (int b = 0; b < B; b++)
     for (int64_t i = 0; i < P; i++) dz[size_t(b * P + i)] = float(-wts[b] * z_[size_t(b * P + i)]);
+  be_.upload(d.dz, dz.data(), dz.size() * 4);
+  be_.upload(d.w, wts, size_t(B) * 8);
+  double wsum = 0;
+  for (int b = 0; b < B; b++) wsum += wts[b];
+  const float* prm = dparams();
+  float* grd = dgrads();
   const int64_t left = layers_.empty() ? P : layers_.back().out_n();
-  std::vector<float> dy(size_t(B * left));
-  for (int b = 0; b < B; b++) std::memcpy(dy.data() + b * left, dz.data() + b * P + (P - left), size_t(left) * 4);
+  float *dy = d.g0, *dx = d.g1;
+  be_.copy_rows(f32(dy), left, f32(d.dz + (P - left)), P, B, left);
   for (size_t li = layers_.size(); li-- > 0;) {
-    Layer& l = layers_[li];
-    const std::vector<float>& x = in_[li];
+    const Layer& l = layers_[li];
+    const float* x = d.in[li];
     const int64_t n = l.n;
-    std::vector<float> dx(size_t(B * n));
     if (l.kind == Layer::ActNorm) {
-      const int64_t hw = int64_t(l.H) * l.W;
-      const float* logs = params_.data() + l.logs;
-      float* dlogs = grads_.data() + l.logs;
-      float* dbias = grads_.data() + l.bias;
-      double wsum = 0;
-      for (int b = 0; b < B; b++) wsum += wts[b];
-      for (int c = 0; c < l.C; c++) {
-        const float e = std::exp(logs[c]);
-        double gl = wsum * double(hw), gb = 0;
-        for (int b = 0; b < B; b++)
-          for (int64_t i = 0; i < hw; i++) {
-            const size_t at = size_t(b * n + c * hw + i);
-            dx[at] = dy[at] * e;
-            gl += double(dy[at]) * x[at] * e, gb += dy[at];
-          }
-        dlogs[c] += float(gl), dbias[c] += float(gb);
-      }
+      be_.actnorm_backward(dx, grd + l.logs, grd + l.bias, dy, x, prm + l.logs, wsum, B, l.C, int64_t(l.H) * l.W);
     } else if (l.kind == Layer::Coupling) {
-      const int nA = int(l.A.size()), nT = int(l.T.size()), ow = l.dims.back();
-      const float* o = l.out.data();
-      const float* scale = params_.data() + l.scale;
-      float* dscale = grads_.data() + l.scale;
-      std::vector<float> dout(static_cast<size_t>(B) * ow);
-      dx = dy;  // y_A = x_A passes through; the T entries are overwritten below
-      std::vector<double> gscale(static_cast<size_t>(nT), 0.0);
-      for (int b = 0; b < B; b++)
-        for (int j = 0; j < nT; j++) {
-          const size_t at = size_t(b * n + l.T[size_t(j)]);
-          if (cfg_.additive) {
-            dout[size_t(b * ow + j)] = dy[at];  // dt
-            continue;
-          }
-          const double es = std::exp(double(scale[j])), th = std::tanh(double(o[b * ow + j]));
-          const double s = es * th, e = std::exp(s);
-          const double ds = double(dy[at]) * x[at] * e + wts[b];
-          dx[at] = float(dy[at] * e);
-          gscale[size_t(j)] += ds * s;  // ∂s/∂scale = s
-          dout[size_t(b * ow + j)] = float(ds * es * (1 - th * th));
-          dout[size_t(b * ow + nT + j)] = dy[at];
-        }
-      if (!cfg_.additive)
-        for (int j = 0; j < nT; j++) dscale[j] += float(gscale[size_t(j)]);
-      std::vector<float> dh;
-      mlp_backward(l, B, dout, dh);
-      for (int b = 0; b < B; b++)
-        for (int i = 0; i < nA; i++) dx[size_t(b * n + l.A[size_t(i)])] += dh[size_t(b * nA + i)];
+      // d(MLP out) into da; x_A passes through, and the MLP's gradient joins it at A.
+      const FlowCoupling c = coupling(l, B);
+      const bool aff = !cfg_.additive;
+      be_.coupling_backward(dx, d.act(d.da), aff ? grd + l.scale : nullptr, dy, x, d.mlp[l.id].out,
+                            aff ? prm + l.scale : nullptr, d.w, c);
+      mlp_backward(l, B);
+      be_.flow_gather_backward(dx, d.act(d.db), c);
     } else if (l.kind == Layer::Squeeze) {
-      for (int b = 0; b < B; b++)
-        for (int64_t k = 0; k < n; k++) dx[size_t(b * n + l.perm[size_t(k)])] = dy[size_t(b * n + k)];
+      be_.pixel_shuffle(dx, dy, B, l.C, l.H / 2, l.W / 2, 2);
     } else {
       const int64_t h = n / 2;
-      for (int b = 0; b < B; b++) {
-        std::memcpy(dx.data() + b * n, dz.data() + b * P + l.zoff, size_t(h) * 4);
-        std::memcpy(dx.data() + b * n + h, dy.data() + b * h, size_t(h) * 4);
-      }
+      be_.copy_rows(f32(dx), n, f32(d.dz + l.zoff), P, B, h);
+      be_.copy_rows(f32(dx + h), n, f32(dy), h, B, h);
     }
-    dy.swap(dx);
+    std::swap(dy, dx);
   }
-  if (dx_out) std::memcpy(dx_out, dy.data(), dy.size() * 4);
-  if (dev_) {
-    // The MLPs' gradients accumulated on the device: into the host's, and the device's start again from zero.
+  if (dx_out) be_.download(dx_out, dy, size_t(B * P) * 4);
+  if (d.grads) {
+    // The gradients accumulated on the device: into the host's, and the device's start again from zero.
     std::vector<float> g(grads_.size());
-    be_.download(g.data(), dev_->grads, g.size() * 4);
+    be_.download(g.data(), d.grads, g.size() * 4);
     for (size_t i = 0; i < g.size(); i++) grads_[i] += g[i];
-    be_.memset(dev_->grads, 0, g.size() * 4);
+    be_.memset(d.grads, 0, g.size() * 4);
   }
 }
 
@@ -537,54 +444,33 @@ void RealNVP::inverse(float* x_out, const float* z, int B) {
   const int64_t left = layers_.empty() ? P : layers_.back().out_n();
   B_ = 0;  // the MLPs' kept activations are the inverse's now: no backward until the next forward
   sync_weights();
-  std::vector<float> y(size_t(B * left));
-  for (int b = 0; b < B; b++) std::memcpy(y.data() + b * left, z + b * P + (P - left), size_t(left) * 4);
+  Buffers& d = *buf_;
+  d.reserve(layers_, B, P);
+  be_.upload(d.z, z, size_t(B * P) * 4);
+  const float* prm = dparams();
+  float *y = d.g0, *x = d.g1;
+  be_.copy_rows(f32(y), left, f32(d.z + (P - left)), P, B, left);
   for (size_t li = layers_.size(); li-- > 0;) {
-    Layer& l = layers_[li];
+    const Layer& l = layers_[li];
     const int64_t n = l.n;
-    std::vector<float> x(size_t(B * n));
     if (l.kind == Layer::ActNorm) {
-      const int64_t hw = int64_t(l.H) * l.W;
-      const float* logs = params_.data() + l.logs;
-      const float* bias = params_.data() + l.bias;
-      for (int b = 0; b < B; b++)
-        for (int c = 0; c < l.C; c++) {
-          const float e = std::exp(-logs[c]);
-          for (int64_t i = 0; i < hw; i++) x[size_t(b * n + c * hw + i)] = (y[size_t(b * n + c * hw + i)] - bias[c]) * e;
-        }
+      be_.actnorm_inverse(x, y, prm + l.logs, prm + l.bias, B, l.C, int64_t(l.H) * l.W);
     } else if (l.kind == Layer::Coupling) {
       // x_A = y_A, so the MLP sees the same input as in the forward.
-      const int nA = int(l.A.size()), nT = int(l.T.size()), ow = l.dims.back();
-      l.xa.resize(static_cast<size_t>(B) * nA);
-      for (int b = 0; b < B; b++)
-        for (int i = 0; i < nA; i++) l.xa[size_t(b * nA + i)] = y[size_t(b * n + l.A[size_t(i)])];
+      const FlowCoupling c = coupling(l, B);
+      be_.flow_gather(d.act(d.mlp[l.id].xa), y, c);
       mlp_forward(l, B);
-      const std::vector<float>& pre = l.out;
-      const float* scale = params_.data() + l.scale;
-      x = y;
-      for (int b = 0; b < B; b++)
-        for (int j = 0; j < nT; j++) {
-          const size_t at = size_t(b * n + l.T[size_t(j)]);
-          if (cfg_.additive) {
-            x[at] = y[at] - pre[size_t(b * ow + j)];
-          } else {
-            const double s = std::exp(double(scale[j])) * std::tanh(double(pre[size_t(b * ow + j)]));
-            x[at] = float((y[at] - pre[size_t(b * ow + nT + j)]) * std::exp(-s));
-          }
-        }
+      be_.coupling_inverse(x, y, d.mlp[l.id].out, cfg_.additive ? nullptr : prm + l.scale, c);
     } else if (l.kind == Layer::Squeeze) {
-      for (int b = 0; b < B; b++)
-        for (int64_t k = 0; k < n; k++) x[size_t(b * n + l.perm[size_t(k)])] = y[size_t(b * n + k)];
+      be_.pixel_shuffle(x, y, B, l.C, l.H / 2, l.W / 2, 2);
     } else {
       const int64_t h = n / 2;
-      for (int b = 0; b < B; b++) {
-        std::memcpy(x.data() + b * n, z + b * P + l.zoff, size_t(h) * 4);
-        std::memcpy(x.data() + b * n + h, y.data() + b * h, size_t(h) * 4);
-      }
+      be_.copy_rows(f32(x), n, f32(d.z + l.zoff), P, B, h);
+      be_.copy_rows(f32(x + h), n, f32(y), h, B, h);
     }
-    y.swap(x);
+    std::swap(y, x);
   }
-  std::memcpy(x_out, y.data(), y.size() * 4);
+  be_.download(x_out, y, size_t(B * P) * 4);
 }
 
 }  // namespace kiln

@@ -22,13 +22,16 @@
 //               layer starts at zero: every coupling starts as the identity.
 // Parameters (ParamTable, one block): layers.L.logs, layers.L.bias [C] (actnorm L); layers.L.mlp.K.weight
 // [out, in], layers.L.mlp.K.bias [out], layers.L.scale [|B|] (affine couplings only); actnorm_initialized [1].
-// Forward and backward of each layer sit side by side in realnvp.cpp, with the inverse.
+// The layers' forward, backward and inverse are kernels/flow.h's ops (nn::Backend); realnvp.cpp composes them.
 //
-// Backends: on the CPU everything is fp32 on the host. On a device backend (the GPU) the coupling MLPs — all of
-// the flow's matrix products — run there in the backend's bf16 activations and products, from a bf16 copy of the
-// host's fp32 master weights (uploaded at each forward and inverse); their parameter gradients accumulate in
-// fp32 on the device and are added into grads() at the end of backward(). The elementwise layers (actnorm, the
-// couplings' affine map and log-det, squeeze, factor-out) stay fp32 on the host, so the host holds the
+// Backends: the same code runs on either, through nn::Backend's ops. On the CPU everything is fp32 on the host.
+// On a device backend (the GPU) the whole flow runs there: the coupling MLPs in the backend's bf16 activations
+// and products, from a bf16 copy of the host's fp32 master weights (uploaded at each forward and inverse), and
+// the elementwise layers (kernels/flow.h: actnorm, the couplings' gather, affine map and log-det, squeeze,
+// factor-out) in fp32, with each layer's input kept on the device for the backward. What crosses: the weights
+// up (each forward and inverse); the images up, the latents and log-dets down (forward); the latents' gradient
+// and the samples' weights up (backward); the latents up, the images down (inverse). The parameter gradients
+// accumulate in fp32 on the device and are added into grads() at the end of backward(), so the host holds the
 // parameters and gradients that the optimizer steps either way.
 #pragma once
 #include <cstdint>
@@ -57,7 +60,7 @@ struct RealNVPConfig {
 
 class RealNVP {
  public:
-  // be: the backend whose linear and activation ops the coupling MLPs use (the CPU, or a device: see above).
+  // be: the backend whose ops run the flow (the CPU, or a device: see above).
   RealNVP(const RealNVPConfig& cfg, nn::Backend& be);
   ~RealNVP();
   RealNVP(const RealNVP&) = delete;
@@ -81,15 +84,19 @@ class RealNVP {
   // x = f⁻¹(z) for B latents z [B, P].
   void inverse(float* x, const float* z, int B);
 
-  struct Layer;   // defined in realnvp.cpp
-  struct Device;  // realnvp.cpp: the device copies of the weights and the MLPs' device activations
+  struct Layer;    // defined in realnvp.cpp
+  struct Buffers;  // realnvp.cpp: the backend's buffers (device weight copies, activations, index sets)
 
  private:
   void run_forward(const float* x, int B, bool init);
-  // A coupling's MLP on l.xa [B, |A|] into l.out [B, out] (keeping what mlp_backward needs), and its backward
-  // from dout [B, out] into dxa [B, |A|] (overwritten), accumulating the parameter gradients.
-  void mlp_forward(Layer& l, int B);
-  void mlp_backward(Layer& l, int B, const std::vector<float>& dout, std::vector<float>& dxa);
+  // A coupling's MLP on the gathered x_A into its fp32 output (keeping what mlp_backward needs), and its backward
+  // from the output's gradient to x_A's (the buffers' da to db), accumulating the parameter gradients.
+  void mlp_forward(const Layer& l, int B);
+  void mlp_backward(const Layer& l, int B);
+  nn::Weight weight(const Layer& l, int k, bool grads);
+  FlowCoupling coupling(const Layer& l, int B) const;  // the layer's index sets on the backend
+  float* dparams();  // the parameters and gradients the ops read: the device's copies, or params_ / grads_
+  float* dgrads();
   void sync_weights();  // device: the host's weights to the device (fp32 and bf16)
   RealNVPConfig cfg_;
   nn::Backend& be_;
@@ -97,12 +104,11 @@ class RealNVP {
   std::vector<float> params_, grads_;
   std::vector<Layer> layers_;
   size_t init_flag_ = 0;
-  // The last forward: each layer's input, the latents, per-layer scratch.
+  // The last forward: the latents and log-dets on the host (its activations are in buf_).
   int B_ = 0;
-  std::vector<std::vector<float>> in_;
   std::vector<float> z_;
   std::vector<double> logdet_;
-  std::unique_ptr<Device> dev_;  // null on a host backend
+  std::unique_ptr<Buffers> buf_;
 };
 
 }  // namespace kiln

@@ -4,8 +4,9 @@
 // Training draws u from the model's generator (seeded by init_random; checkpoints carry its position);
 // evaluation (train false) from a fixed seed, so a test set's bits/dim does not depend on what ran before. The
 // first training batch initialises the actnorms (data-dependent init), unless the loaded weights say it ran.
-// With opt.cuda the couplings' MLPs run on the GPU backend in bf16 (models/realnvp.h); the parameters, their
-// gradients and so the optimizer stay fp32 on the host (blocks() names a CPU backend for them).
+// With opt.cuda the flow runs on the GPU backend (its MLPs in bf16, the elementwise layers in fp32:
+// models/realnvp.h); the master parameters, their gradients and so the optimizer stay fp32 on the host
+// (blocks() names a CPU backend for them).
 #include "models/realnvp_image.h"
 
 #include <cmath>

@@ -29,6 +29,17 @@ void Backend::gated_forward(Act out, Act gate_up, int64_t N, int I, Activation a
 void Backend::gated_backward(Act dgate_up, Act gate_up, Act dout, int64_t N, int I, Activation a) { unsupported("gated_backward"); }
 void Backend::add(float* out, const float* a, const float* b, int64_t n) { unsupported("add"); }
 void Backend::copy_rows(Act dst, int64_t ld_dst, Act src, int64_t ld_src, int64_t N, int64_t width) { unsupported("copy_rows"); }
+void Backend::actnorm_forward(float* y, double* logdet, const float* x, const float* logs, const float* bias, int B, int C, int64_t HW) { unsupported("actnorm_forward"); }
+void Backend::actnorm_backward(float* dx, float* dlogs, float* dbias, const float* dy, const float* x, const float* logs, double wsum, int B, int C, int64_t HW) { unsupported("actnorm_backward"); }
+void Backend::actnorm_inverse(float* x, const float* y, const float* logs, const float* bias, int B, int C, int64_t HW) { unsupported("actnorm_inverse"); }
+void Backend::actnorm_init(float* logs, float* bias, const float* x, int B, int C, int64_t HW) { unsupported("actnorm_init"); }
+void Backend::flow_gather(Act xa, const float* x, const FlowCoupling& c) { unsupported("flow_gather"); }
+void Backend::flow_gather_backward(float* dx, Act dxa, const FlowCoupling& c) { unsupported("flow_gather_backward"); }
+void Backend::coupling_forward(float* y, double* logdet, const float* x, const float* out, const float* scale, const FlowCoupling& c) { unsupported("coupling_forward"); }
+void Backend::coupling_backward(float* dx, Act dout, float* dscale, const float* dy, const float* x, const float* out, const float* scale, const double* w, const FlowCoupling& c) { unsupported("coupling_backward"); }
+void Backend::coupling_inverse(float* x, const float* y, const float* out, const float* scale, const FlowCoupling& c) { unsupported("coupling_inverse"); }
+void Backend::pixel_shuffle(float* out, const float* in, int B, int C, int H, int W, int r) { unsupported("pixel_shuffle"); }
+void Backend::pixel_unshuffle(float* out, const float* in, int B, int C, int H, int W, int r) { unsupported("pixel_unshuffle"); }
 void Backend::modulate_forward(Act out, Act x, Act shift, Act scale, int B, int T, int C, int64_t ld) { unsupported("modulate_forward"); }
 void Backend::modulate_backward(Act dx, Act dshift, Act dscale, Act dout, Act x, Act scale, int B, int T, int C, int64_t ld) { unsupported("modulate_backward"); }
 void Backend::gate_forward(float* y, const float* res, const float* u, Act gate, int B, int T, int C, int64_t ld) { unsupported("gate_forward"); }

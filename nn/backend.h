@@ -20,6 +20,7 @@
 #include "kernels/adaln.h"
 #include "kernels/attention.h"
 #include "kernels/decode_attention.h"
+#include "kernels/flow.h"
 #include "kernels/matmul_lowp.h"
 #include "kernels/moe.h"
 #include "kernels/narrow_gemv.h"
@@ -138,6 +139,28 @@ class Backend {
   virtual void add(float* out, const float* a, const float* b, int64_t n);
   // N rows of `width` values from src (row stride ld_src) to dst (row stride ld_dst).
   virtual void copy_rows(Act dst, int64_t ld_dst, Act src, int64_t ld_src, int64_t N, int64_t width);
+
+  // Normalizing-flow layers (kernels/flow.h), fp32 activations on every backend: actnorm, a coupling's gather of
+  // its conditioning values into the MLP's input (xa, in the activation type) and its affine or additive map.
+  // The coupling's index arrays, log-dets [B] and loss weights w [B] (double) are this device's.
+  virtual void actnorm_forward(float* y, double* logdet, const float* x, const float* logs, const float* bias, int B,
+                               int C, int64_t HW);
+  virtual void actnorm_backward(float* dx, float* dlogs, float* dbias, const float* dy, const float* x,
+                                const float* logs, double wsum, int B, int C, int64_t HW);
+  virtual void actnorm_inverse(float* x, const float* y, const float* logs, const float* bias, int B, int C,
+                               int64_t HW);
+  virtual void actnorm_init(float* logs, float* bias, const float* x, int B, int C, int64_t HW);
+  virtual void flow_gather(Act xa, const float* x, const FlowCoupling& c);
+  virtual void flow_gather_backward(float* dx, Act dxa, const FlowCoupling& c);
+  virtual void coupling_forward(float* y, double* logdet, const float* x, const float* out, const float* scale,
+                                const FlowCoupling& c);
+  virtual void coupling_backward(float* dx, Act dout, float* dscale, const float* dy, const float* x,
+                                 const float* out, const float* scale, const double* w, const FlowCoupling& c);
+  virtual void coupling_inverse(float* x, const float* y, const float* out, const float* scale,
+                                const FlowCoupling& c);
+  // Pixel (un)shuffle of fp32 planes (kernels/upsample.h; a flow's squeeze is pixel_unshuffle with r = 2).
+  virtual void pixel_shuffle(float* out, const float* in, int B, int C, int H, int W, int r);
+  virtual void pixel_unshuffle(float* out, const float* in, int B, int C, int H, int W, int r);
 
   // adaLN modulation (DiT; kernels/adaln.h): per-sample rows (stride ld) over B sequences of T tokens of C.
   // modulate: out = x·(1 + scale) + shift; gate: y = res + gate·u (fp32 stream and branch). Backward outputs

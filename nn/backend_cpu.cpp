@@ -12,11 +12,13 @@
 #include "kernels/argmax.h"
 #include "kernels/crossentropy.h"
 #include "kernels/embedding.h"
+#include "kernels/flow.h"
 #include "kernels/gemv.h"
 #include "kernels/layernorm.h"
 #include "kernels/matmul.h"
 #include "kernels/moe.h"
 #include "kernels/rmsnorm.h"
+#include "kernels/upsample.h"
 #include "nn/backend.h"
 
 namespace kiln::nn {
@@ -203,6 +205,44 @@ class CpuBackend final : public Backend {
   }
   void copy_rows(Act dst, int64_t ld_dst, Act src, int64_t ld_src, int64_t N, int64_t width) override {
     for (int64_t n = 0; n < N; n++) std::memcpy(F(dst) + n * ld_dst, F(src) + n * ld_src, sizeof(float) * size_t(width));
+  }
+
+  void actnorm_forward(float* y, double* logdet, const float* x, const float* logs, const float* bias, int B, int C,
+                       int64_t HW) override {
+    cpu::actnorm_forward(y, logdet, x, logs, bias, B, C, HW);
+  }
+  void actnorm_backward(float* dx, float* dlogs, float* dbias, const float* dy, const float* x, const float* logs,
+                        double wsum, int B, int C, int64_t HW) override {
+    cpu::actnorm_backward(dx, dlogs, dbias, dy, x, logs, wsum, B, C, HW);
+  }
+  void actnorm_inverse(float* x, const float* y, const float* logs, const float* bias, int B, int C,
+                       int64_t HW) override {
+    cpu::actnorm_inverse(x, y, logs, bias, B, C, HW);
+  }
+  void actnorm_init(float* logs, float* bias, const float* x, int B, int C, int64_t HW) override {
+    cpu::actnorm_init(logs, bias, x, B, C, HW);
+  }
+  void flow_gather(Act xa, const float* x, const FlowCoupling& c) override { cpu::flow_gather(xa.f32(), x, c); }
+  void flow_gather_backward(float* dx, Act dxa, const FlowCoupling& c) override {
+    cpu::flow_gather_backward(dx, dxa.f32(), c);
+  }
+  void coupling_forward(float* y, double* logdet, const float* x, const float* out, const float* scale,
+                        const FlowCoupling& c) override {
+    cpu::coupling_forward(y, logdet, x, out, scale, c);
+  }
+  void coupling_backward(float* dx, Act dout, float* dscale, const float* dy, const float* x, const float* out,
+                         const float* scale, const double* w, const FlowCoupling& c) override {
+    cpu::coupling_backward(dx, dout.f32(), dscale, dy, x, out, scale, w, c);
+  }
+  void coupling_inverse(float* x, const float* y, const float* out, const float* scale,
+                        const FlowCoupling& c) override {
+    cpu::coupling_inverse(x, y, out, scale, c);
+  }
+  void pixel_shuffle(float* out, const float* in, int B, int C, int H, int W, int r) override {
+    cpu::pixel_shuffle(out, in, B, C, H, W, r);
+  }
+  void pixel_unshuffle(float* out, const float* in, int B, int C, int H, int W, int r) override {
+    cpu::pixel_unshuffle(out, in, B, C, H, W, r);
   }
 
   void attention_forward(Act out, float* lse, Act qkv, const AttentionParams& p) override {

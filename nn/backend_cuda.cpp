@@ -17,11 +17,13 @@
 #include "kernels/crossentropy.h"
 #include "kernels/decode_attention.h"
 #include "kernels/embedding.h"
+#include "kernels/flow.h"
 #include "kernels/layernorm.h"
 #include "kernels/matmul.h"
 #include "kernels/moe.h"
 #include "kernels/rmsnorm.h"
 #include "kernels/rope.h"
+#include "kernels/upsample.h"
 #include "nn/backend.h"
 
 namespace kiln::nn {
@@ -187,6 +189,56 @@ class CudaBackend final : public Backend {
       cuda::copy_rows(static_cast<float*>(dst.p), ld_dst, static_cast<const float*>(src.p), ld_src, N, width, s());
     else
       cuda::copy_rows(H(dst), ld_dst, H(src), ld_src, N, width, s());
+  }
+
+  // ---- normalizing flows (kernels/cuda/flow.cu): fp32 values, the MLP's side (xa, dxa, dout) bf16 or fp32 ----
+  void actnorm_forward(float* y, double* logdet, const float* x, const float* logs, const float* bias, int B, int C,
+                       int64_t HW) override {
+    cuda::actnorm_forward(y, logdet, x, logs, bias, B, C, HW, s());
+  }
+  void actnorm_backward(float* dx, float* dlogs, float* dbias, const float* dy, const float* x, const float* logs,
+                        double wsum, int B, int C, int64_t HW) override {
+    cuda::actnorm_backward(dx, dlogs, dbias, dy, x, logs, wsum, B, C, HW, s());
+  }
+  void actnorm_inverse(float* x, const float* y, const float* logs, const float* bias, int B, int C,
+                       int64_t HW) override {
+    cuda::actnorm_inverse(x, y, logs, bias, B, C, HW, s());
+  }
+  void actnorm_init(float* logs, float* bias, const float* x, int B, int C, int64_t HW) override {
+    cuda::actnorm_init(logs, bias, x, B, C, HW, s());
+  }
+  void flow_gather(Act xa, const float* x, const FlowCoupling& c) override {
+    if (xa.dtype == DType::F32)
+      cuda::flow_gather(static_cast<float*>(xa.p), x, c, s());
+    else
+      cuda::flow_gather(H(xa), x, c, s());
+  }
+  void flow_gather_backward(float* dx, Act dxa, const FlowCoupling& c) override {
+    if (dxa.dtype == DType::F32)
+      cuda::flow_gather_backward(dx, static_cast<const float*>(dxa.p), c, s());
+    else
+      cuda::flow_gather_backward(dx, H(dxa), c, s());
+  }
+  void coupling_forward(float* y, double* logdet, const float* x, const float* out, const float* scale,
+                        const FlowCoupling& c) override {
+    cuda::coupling_forward(y, logdet, x, out, scale, c, s());
+  }
+  void coupling_backward(float* dx, Act dout, float* dscale, const float* dy, const float* x, const float* out,
+                         const float* scale, const double* w, const FlowCoupling& c) override {
+    if (dout.dtype == DType::F32)
+      cuda::coupling_backward(dx, static_cast<float*>(dout.p), dscale, dy, x, out, scale, w, c, s());
+    else
+      cuda::coupling_backward(dx, H(dout), dscale, dy, x, out, scale, w, c, s());
+  }
+  void coupling_inverse(float* x, const float* y, const float* out, const float* scale,
+                        const FlowCoupling& c) override {
+    cuda::coupling_inverse(x, y, out, scale, c, s());
+  }
+  void pixel_shuffle(float* out, const float* in, int B, int C, int H, int W, int r) override {
+    cuda::pixel_shuffle(out, in, B, C, H, W, r, s());
+  }
+  void pixel_unshuffle(float* out, const float* in, int B, int C, int H, int W, int r) override {
+    cuda::pixel_unshuffle(out, in, B, C, H, W, r, s());
   }
 
   // ---- attention ----

@@ -11,17 +11,8 @@
 namespace kiln::cuda {
 namespace {
 
-template <class T>
-KILN_DEVICE float ld1(const T* p) {
-  float f[1];
-  simt::load_vec<1>(f, p);
-  return f[0];
-}
-template <class T>
-KILN_DEVICE void st1(T* p, float v) {
-  float f[1] = {v};
-  simt::store_vec<1>(p, f);
-}
+using simt::ld1;
+using simt::st1;
 
 template <class T>
 KILN_GLOBAL void __launch_bounds__(256) modulate_forward_kernel(T* out, const T* x, const T* shift, const T* scale,

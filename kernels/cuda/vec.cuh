@@ -81,6 +81,19 @@ KILN_DEVICE void store_vec(uint16_t* p, const float (&f)[kN]) {
   }
 }
 
+// One element at p as a float, and a float stored into one element (fp32, or bf16 rounded to nearest even).
+template <class T>
+KILN_DEVICE float ld1(const T* p) {
+  float f[1];
+  load_vec<1>(f, p);
+  return f[0];
+}
+template <class T>
+KILN_DEVICE void st1(T* p, float v) {
+  float f[1] = {v};
+  store_vec<1>(p, f);
+}
+
 // Sum of v[0..kV) over the block; every thread receives the totals. The order of the additions is fixed
 // (warp butterfly, then the warps in index order), so the result is the same on every run. smem holds
 // 2·32·kV floats; `parity` alternates between two halves of it so consecutive calls need one barrier each

@@ -1,5 +1,5 @@
 // The RealNVP / NICE flow on the GPU backend (models/realnvp.h: the couplings' MLPs in bf16 on the device, the
-// elementwise layers fp32 on the host) against the same flow on the CPU in fp32 (itself checked against PyTorch
+// elementwise layers of kernels/flow.h fp32 there too) against the same flow on the CPU in fp32 (itself checked against PyTorch
 // and finite differences in tests/test_realnvp.cpp): on the same weights, images and dequantisation noise the
 // bits/dim, every parameter gradient and a few AdamW steps must agree within bf16 accuracy, sampling (the
 // inverse) must match the CPU's on the same latents, and inverse(forward(x)) = x on the device. bf16 rounds each
@@ -168,7 +168,7 @@ TEST(RealNVPGpu, SamplingMatchesTheCpuOnTheSameNoise) {
 }
 
 // inverse(forward(x)) = x on the device: the inverse runs the MLPs on the same conditioning values, so only the
-// host's fp32 elementwise arithmetic separates the two.
+// device's fp32 elementwise arithmetic separates the two.
 TEST(RealNVPGpu, InverseOfForwardIsTheIdentity) {
   KILN_REQUIRE_GPU();
   RealNVPConfig c = RealNVPConfig::from_json(tiny_json(false), "test");
@@ -187,7 +187,7 @@ TEST(RealNVPGpu, InverseOfForwardIsTheIdentity) {
   double worst = 0;
   for (size_t i = 0; i < x.size(); i++) worst = std::max(worst, double(std::fabs(back[i] - x[i])));
   std::printf("inverse(forward(x)): max |error| %.2e\n", worst);
-  EXPECT_LT(worst, 1e-4);
+  EXPECT_LT(worst, 1e-5);  // the emulator shows 3.6e-7
   // A backward after an inverse is refused (the kept activations are the inverse's).
   std::vector<double> w(static_cast<size_t>(B), 1.0);
   EXPECT_THROW(m.backward(w.data()), Error);
