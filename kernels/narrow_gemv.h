@@ -20,7 +20,8 @@
 // shift for bf16; a portable loop elsewhere. Calls with more than kNarrowDirectRows rows of x (a prompt)
 // widen tiles of the matrix to fp32 and run sgemm on them (x unquantized). ref:: is a plain loop with the
 // same quantization of x and double sums. cuda:: is a plain warp-per-output kernel (checked on the SIMT emulator
-// through tests/ops/; the GPU decoder does not use it yet: it decodes with bf16 weights).
+// through tests/ops/), which the GPU backend runs for every row count (a prompt too) when a weight has a narrow
+// copy on the device (models/narrow_weights.h).
 #pragma once
 #include <cstddef>
 #include <cstdint>
@@ -80,6 +81,12 @@ namespace cuda {
 size_t narrow_gemm_scratch_bytes(int64_t N, int64_t K);
 void narrow_gemm(float* y, int64_t ldy, const float* x, int64_t ldx, int64_t N, const NarrowMatrix& A,
                  const float* bias, bool accumulate, void* scratch, void* stream);
+// The GPU backend's forms, x bf16 (its activations): y fp32 = base + x·Aᵀ + bias (base fp32 of y's stride, may be
+// y itself or null: the residual stream, the logits), or y bf16 = x·Aᵀ + bias (rounded once).
+void narrow_gemm(float* y, int64_t ldy, const float* base, const uint16_t* x, int64_t ldx, int64_t N,
+                 const NarrowMatrix& A, const float* bias, void* scratch, void* stream);
+void narrow_gemm(uint16_t* y, int64_t ldy, const uint16_t* x, int64_t ldx, int64_t N, const NarrowMatrix& A,
+                 const float* bias, void* scratch, void* stream);
 }  // namespace cuda
 
 }  // namespace kiln

@@ -30,13 +30,10 @@ PagedDecoder::PagedDecoder(const ModelConfig& cfg, const float* params, const Ba
              block_size_);
   const int per_seq = (max_pos_ + block_size_ - 1) / block_size_;
   num_blocks_ = opt.num_blocks > 0 ? opt.num_blocks : 8 * per_seq;
-  KILN_CHECK(opt.weights == WeightFormat::F32 || !opt.cuda, "--weights-dtype ", weight_format_name(opt.weights),
-             " runs on the CPU only (--device cuda decodes with bf16 weights)");
   keep_hidden_ = opt.keep_hidden;
   KILN_CHECK(!keep_hidden_ || (be_->on_host() && be_->act_dtype() == DType::F32),
              "decoder: hidden states (Medusa heads) are kept on the CPU only");
-  weights_.load(*be_, cfg_, table_, params, w_);
-  narrow_.convert(w_, opt.weights);
+  weights_.load(*be_, cfg_, table_, params, w_, opt.weights);
   const size_t pool = size_t(cfg_.n_layer) * size_t(num_blocks_) * size_t(block_size_) * size_t(cfg_.kv_dim()) *
                       dtype_size(be_->act_dtype());
   k_ = nn::DeviceBlock(*be_, pool, "KV cache blocks (keys)");
@@ -78,6 +75,7 @@ void PagedDecoder::ensure(int64_t rows, int64_t B, int64_t table_entries, int64_
   ops.decode.NH = cfg_.n_head;
   ops.decode.NKV = cfg_.n_kv_head;
   ops.decode.HD = cfg_.head_dim;
+  weights_.narrow.plan(ops, std::max(rows_, logit_rows_));
   be_->reserve_scratch(ops);
 }
 

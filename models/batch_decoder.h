@@ -45,7 +45,6 @@ class PagedDecoder final : public BatchDecoder {
   std::unique_ptr<nn::Backend> be_;
   DecoderWeights weights_;
   TransformerWeights w_;
-  NarrowWeights narrow_;  // --weights-dtype: the matrices' narrow copies the products read
   int block_size_, num_blocks_, max_pos_;
   nn::DeviceBlock k_, v_;  // [layer][block][block_size][NKV·HD] in the activation type
 

@@ -220,7 +220,9 @@ struct DecoderOptions {
   int batch = 1;
   int max_positions = 0;   // 0: the model's
   bool cuda_graph = true;  // GPU: capture the single-token step once and replay it
-  WeightFormat weights = WeightFormat::F32;  // CPU: the matrices' format for the products (kernels/narrow_gemv.h)
+  // The matrices' format for the products (kernels/narrow_gemv.h). GPU: f16 and q8_0 go through cuda::narrow_gemm
+  // on the device's narrow copy; f32 and bf16 both mean its bf16 tensor-core products.
+  WeightFormat weights = WeightFormat::F32;
 };
 
 // A decoder over a host parameter block in cfg's ParamTable layout. The CPU decoder reads it in place (it
@@ -272,7 +274,7 @@ struct BatchDecoderOptions {
   int block_size = 64;     // positions per KV block (the GPU kernels need a multiple of 64)
   int num_blocks = 0;      // blocks in the pool; 0: enough for 8 sequences of max_positions
   int max_positions = 0;   // 0: the model's
-  // CPU: the matrices' format for the products (kernels/narrow_gemv.h), as DecoderOptions::weights. A step of up
+  // The matrices' format for the products (kernels/narrow_gemv.h), as DecoderOptions::weights. CPU: a step of up
   // to kNarrowDirectRows sequences reads the format directly, each row as a single-sequence step computes it.
   WeightFormat weights = WeightFormat::F32;
   bool keep_hidden = false;  // keep the final norm's output of every logits row (BatchDecoder::hidden)

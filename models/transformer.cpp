@@ -324,24 +324,103 @@ std::unique_ptr<nn::Backend> make_backend_for(const ModelConfig& cfg, bool cuda,
   return be;
 }
 
+namespace {
+
+// Some of the table's tensors packed into a smaller block: tensors adjacent in the table (packed ones read across
+// their neighbours: q|k|v, gate|up) stay adjacent, and each keeps its offset modulo 16 floats (the table's
+// alignment).
+struct CompactTable {
+  std::vector<std::pair<size_t, size_t>> kept;  // stretches [begin, end) of the table
+  std::vector<size_t> at;                       // where each begins in the block
+  size_t total = 0;
+  CompactTable(const ParamTable& t, const std::function<bool(const ParamSpec&)>& keep) {
+    std::vector<const ParamSpec*> order;
+    for (const ParamSpec& s : t.specs) order.push_back(&s);
+    std::sort(order.begin(), order.end(), [](const ParamSpec* a, const ParamSpec* b) { return a->offset < b->offset; });
+    for (const ParamSpec* s : order) {
+      if (!keep(*s)) continue;
+      const size_t b = s->offset, e = b + size_t(s->numel());
+      if (!kept.empty() && kept.back().second == b) {
+        kept.back().second = e;
+      } else {
+        kept.push_back({b, e});
+        at.push_back((total + 15) / 16 * 16 + b % 16);
+      }
+      total = at.back() + (e - kept.back().first);
+    }
+  }
+  // The block offset of table offset `off`, or SIZE_MAX where it is not kept.
+  size_t find(size_t off) const {
+    for (size_t i = 0; i < kept.size(); i++)
+      if (off >= kept[i].first && off < kept[i].second) return at[i] + (off - kept[i].first);
+    return SIZE_MAX;
+  }
+};
+
+}  // namespace
+
 void DecoderWeights::load(nn::Backend& be, const ModelConfig& cfg, const ParamTable& t, const float* host,
-                          TransformerWeights& w) {
+                          TransformerWeights& w, WeightFormat f) {
   const std::vector<float> freqs = cfg.rope_inv_freq();
   inv_freq = nn::DeviceBlock(be, freqs.size() * sizeof(float), "rotary frequencies");
   if (!freqs.empty()) be.upload(inv_freq.data(), freqs.data(), freqs.size() * sizeof(float));
-  const float* dev = host;
-  uint16_t* p16 = nullptr;
-  if (!be.on_host()) {
+  if (be.on_host()) {
+    w.bind(cfg, t, host, nullptr, nullptr, inv_freq.as<float>());
+    narrow.convert(w, f);
+    return;
+  }
+  // bf16 is what the device's own products read (tensor cores, bf16 copies of every matrix): no narrow copy.
+  if (f == WeightFormat::BF16) f = WeightFormat::F32;
+  if (f == WeightFormat::F32) {
     const size_t n = t.total;
     params = nn::DeviceBlock(be, n * sizeof(float), "weights");
     be.upload(params.data(), host, n * sizeof(float));
-    dev = params.as<float>();
+    const float* dev = params.as<float>();
     params16 = nn::DeviceBlock(be, n * sizeof(uint16_t), "16-bit weights");
-    p16 = params16.as<uint16_t>();
+    uint16_t* p16 = params16.as<uint16_t>();
     be.memset(p16, 0, n * sizeof(uint16_t));
     refresh_lowp(be, t, p16, dev);
+    w.bind(cfg, t, dev, nullptr, p16, inv_freq.as<float>());
+    return;
   }
-  w.bind(cfg, t, dev, nullptr, p16, inv_freq.as<float>());
+  // Narrow on a device: the copies are made from the host block, and the device gets the rest.
+  TransformerWeights hw;
+  hw.bind(cfg, t, host, nullptr, nullptr, inv_freq.as<float>());
+  narrow.convert(hw, f);
+  const ParamSpec* embd = t.find_key("token_embd.weight");
+  std::vector<std::pair<size_t, size_t>> narrow_only;  // the converted matrices' floats
+  for (const nn::Weight* x : NarrowWeights::matrices(hw))
+    if (!embd || x->w != host + embd->offset)  // a tied head's embedding stays: the lookup reads it
+      narrow_only.push_back({size_t(x->w - host), size_t(x->w - host) + size_t(x->in) * size_t(x->out)});
+  auto fp32 = [&](const ParamSpec& s) {
+    for (const auto& [b, e] : narrow_only)
+      if (s.offset >= b && s.offset < e) return false;
+    return true;
+  };
+  // bf16: the matrices the device's own products still read (refresh_lowp's rule; the embeddings are read in
+  // fp32 only, a head being narrow).
+  auto bf16 = [&](const ParamSpec& s) {
+    return fp32(s) && s.shape.ndim == 2 && s.key != "token_embd.weight" && s.key != "position_embd.weight";
+  };
+  const CompactTable c32(t, fp32), c16(t, bf16);
+  std::vector<float> staged(c32.total, 0.0f);
+  for (size_t i = 0; i < c32.kept.size(); i++)
+    std::copy(host + c32.kept[i].first, host + c32.kept[i].second, staged.begin() + ptrdiff_t(c32.at[i]));
+  params = nn::DeviceBlock(be, staged.size() * sizeof(float), "weights");
+  be.upload(params.data(), staged.data(), staged.size() * sizeof(float));
+  const float* dev = params.as<float>();
+  params16 = nn::DeviceBlock(be, c16.total * sizeof(uint16_t), "16-bit weights");
+  uint16_t* p16 = params16.as<uint16_t>();
+  be.memset(p16, 0, c16.total * sizeof(uint16_t));
+  for (const ParamSpec& s : t.specs) {
+    const size_t a = c32.find(s.offset), b = c16.find(s.offset);
+    if (s.shape.ndim == 2 && b != SIZE_MAX) be.to_lowp(p16 + b, dev + a, s.numel(), *be.lowp());
+  }
+  w.bind(cfg, t, [&](size_t off) {
+    const size_t a = c32.find(off), b = c16.find(off);
+    return TensorHome{a == SIZE_MAX ? nullptr : dev + a, nullptr, b == SIZE_MAX ? nullptr : p16 + b};
+  }, inv_freq.as<float>());
+  narrow.upload(be, w);
 }
 
 nn::OpScratch training_scratch(const ModelConfig& cfg, int64_t N) {
@@ -771,15 +850,12 @@ TransformerDecoder::TransformerDecoder(const ModelConfig& cfg, const float* para
                                        bool cuda, bool cuda_graph, WeightFormat weights)
     : cfg_(cfg), table_(model_param_table(cfg)), be_(make_backend(cuda, std::nullopt)), batch_(batch) {
   cfg_.validate("decoder config");
-  KILN_CHECK(weights == WeightFormat::F32 || !cuda, "decoder: --weights-dtype ", weight_format_name(weights),
-             " runs on the CPU only (the GPU decoder reads bf16 weights)");
   if (cuda) check_device_shapes(cfg_);
   KILN_CHECK(batch >= 1, "decoder: batch must be at least 1, got ", batch);
   max_pos_ = max_positions > 0 ? max_positions : cfg_.max_positions;
   KILN_CHECK(max_pos_ <= cfg_.max_positions, "decoder: max_positions ", max_pos_,
              " exceeds the model's context of ", cfg_.max_positions);
-  weights_.load(*be_, cfg_, table_, params, w_);
-  narrow_.convert(w_, weights);
+  weights_.load(*be_, cfg_, table_, params, w_, weights);
   // Latent attention caches c_KV and the rotary key per position in k_ (no values); the others keys and values.
   const size_t cache = size_t(cfg_.n_layer) * size_t(batch) * size_t(max_pos_) * size_t(cache_width()) *
                        dtype_size(be_->act_dtype());
@@ -819,6 +895,7 @@ TransformerDecoder::TransformerDecoder(const ModelConfig& cfg, const float* para
     ops.decode.HD = int(cache_width());
     ops.decode.HDv = cfg_.mla.kv_lora_rank;
   }
+  weights_.narrow.plan(ops, int64_t(batch) * kMaxChunk);  // a chunk of every sequence
   be_->reserve_scratch(ops);
   use_graph_ = cuda && cuda_graph;
   if (use_graph_) {

@@ -41,10 +41,14 @@ std::unique_ptr<nn::Backend> make_backend_for(const ModelConfig& cfg, bool cuda,
 
 // A decoder's weights on its backend, bound to the modules: the CPU reads the caller's host block in place (it
 // must outlive the decoder); a device gets a copy and the 16-bit copy its products read. Also the rotary
-// frequencies.
+// frequencies. With a narrow format f (--weights-dtype bf16/f16/q8_0) the matrices of NarrowWeights::matrices
+// are converted; a device then holds only their narrow copies (neither their fp32 nor their bf16 form, nor the
+// bf16 form of a token embedding whose head is narrow: the lookup reads fp32).
 struct DecoderWeights {
   nn::DeviceBlock params, params16, inv_freq;
-  void load(nn::Backend& be, const ModelConfig& cfg, const ParamTable& t, const float* host, TransformerWeights& w);
+  NarrowWeights narrow;
+  void load(nn::Backend& be, const ModelConfig& cfg, const ParamTable& t, const float* host, TransformerWeights& w,
+            WeightFormat f = WeightFormat::F32);
 };
 
 // Where the tensor at a table offset lives: its parameters, gradient (null: none) and 16-bit copy (null: none).
@@ -223,7 +227,7 @@ class TransformerDecoder : public IncrementalDecoder {
   // only): the single-token step is captured once in a CUDA graph and replayed; its inputs are copied from
   // page-locked staging inside the graph and every kernel reads them (positions, cache lengths) from device
   // memory, so one launch per token replaces the step's ~10 launches per layer.
-  // weights (CPU only): the matrices converted once to this format, which the products then read.
+  // weights: the matrices converted once to this format, which the products then read (DecoderOptions::weights).
   TransformerDecoder(const ModelConfig& cfg, const float* params, int batch, int max_positions, bool cuda = false,
                      bool cuda_graph = false, WeightFormat weights = WeightFormat::F32);
   ~TransformerDecoder() override;
@@ -261,6 +265,8 @@ class TransformerDecoder : public IncrementalDecoder {
 
   // Tokens per forward() call are run in chunks of at most this many positions (bounds activation memory).
   static constexpr int kMaxChunk = 256;
+  // What the decoder holds of the weights (on a device: its memory).
+  const DecoderWeights& weights() const { return weights_; }
 
  private:
   ModelConfig cfg_;
@@ -268,7 +274,6 @@ class TransformerDecoder : public IncrementalDecoder {
   std::unique_ptr<nn::Backend> be_;
   DecoderWeights weights_;
   TransformerWeights w_;
-  NarrowWeights narrow_;
   int batch_, max_pos_;
   int length_ = 0;
   nn::DeviceBlock k_, v_;  // [layer][batch][position][NKV·HD] in the activation type; MLA: k_ only, [.][r + rope]

@@ -64,6 +64,8 @@ struct OpScratch {
   int HD = 0;                       // ... of HD values
   AttentionParams attention;        // the attention backward's shape (B·T rows; B = 0: none)
   DecodeAttentionParams decode;     // the decode attention's shape (B = 0: none)
+  int64_t narrow_rows = 0;          // q8_0 narrow weights: rows of x per product ...
+  int narrow_in = 0;                // ... of this many columns at most (cuda::narrow_gemm_scratch_bytes)
 };
 
 // Ops a backend does not implement fail with one line naming the op and the backend.

@@ -1,7 +1,7 @@
 // The GPU backend: every module op on the kernels of kernels/cuda/ (through core/gpu.h's stream), so the one
 // composition of nn/block.h and models/transformer.h runs every family on the GPU (or the SIMT emulator).
-// Activations are bf16 (Act dtype BF16); matrix products read the bf16 weight copy (Weight::w16) and
-// accumulate in fp32; the residual stream, norm statistics, parameters and gradients are fp32. Both weight
+// Activations are bf16 (Act dtype BF16); matrix products read the bf16 weight copy (Weight::w16), or a
+// decoder's narrow copy (Weight::narrow: cuda::narrow_gemm), and accumulate in fp32; the residual stream, norm statistics, parameters and gradients are fp32. Both weight
 // layouts go through cuda::linear_forward / linear_backward. The scratch some kernels need (norm and embedding
 // backward partials, attention dQ accumulators, decode-attention splits) is one buffer reserved at plan time
 // for the largest shapes (reserve_scratch); the ops run in order on one stream, so they share it.
@@ -87,6 +87,7 @@ class CudaBackend final : public Backend {
     if (s.head_groups > 0 && s.HD > 0) b = std::max(b, cuda::rmsnorm_backward_scratch_floats(s.head_groups, s.HD) * 4);
     if (s.attention.B > 0 && s.attention.T > 0) b = std::max(b, cuda::attention_backward_scratch_bytes(s.attention));
     if (s.decode.B > 0) b = std::max(b, cuda::decode_attention_scratch_bytes(to_cuda(s.decode)));
+    if (s.narrow_rows > 0 && s.narrow_in > 0) b = std::max(b, cuda::narrow_gemm_scratch_bytes(s.narrow_rows, s.narrow_in));
     return b;
   }
   void reserve_scratch(const OpScratch& s) override {
@@ -96,6 +97,14 @@ class CudaBackend final : public Backend {
 
   // ---- linear layers ----
   void linear_forward(Act y, Act x, const Weight& w, int64_t N, int64_t ld) override {
+    if (w.narrow) {  // decoding's narrow weights (models/narrow_weights.h): every row count, a prompt too
+      if (ld == 0) ld = w.out;
+      if (y.dtype == DType::F32)
+        cuda::narrow_gemm(static_cast<float*>(y.p), ld, nullptr, H(x), w.in, N, *w.narrow, w.b, narrow_scratch(w, N), s());
+      else
+        cuda::narrow_gemm(H(y), ld, H(x), w.in, N, *w.narrow, w.b, narrow_scratch(w, N), s());
+      return;
+    }
     if (!w.w16 && fp32_router(y, w, ld)) return cuda::router_forward(static_cast<float*>(y.p), H(x), w.w, N, w.in, w.out, s());
     KILN_CHECK(w.w16, "cuda linear_forward: the weight has no bf16 copy");
     const bool oc_c = w.layout == Layout::OutIn;
@@ -106,6 +115,8 @@ class CudaBackend final : public Backend {
       cuda::linear_forward(H(y), ld, H(x), w.w16, oc_c, w.b, N, w.in, w.out, s());
   }
   void linear_residual(float* out, const float* residual, Act x, const Weight& w, int64_t N) override {
+    if (w.narrow)
+      return cuda::narrow_gemm(out, w.out, residual, H(x), w.in, N, *w.narrow, w.b, narrow_scratch(w, N), s());
     KILN_CHECK(w.w16, "cuda linear_residual: the weight has no bf16 copy");
     cuda::linear_forward(out, w.out, residual, H(x), w.w16, w.layout == Layout::OutIn, w.b, N, w.in, w.out, s());
   }
@@ -365,6 +376,11 @@ class CudaBackend final : public Backend {
     KILN_CHECK(bytes <= scratch_.size(), "cuda ", op, ": needs ", bytes, " bytes of scratch, the plan reserved ",
                scratch_.size(), " (plan the model for this shape first)");
     return scratch_.as<float>();
+  }
+  // q8_0 quantizes x into the scratch; the 16-bit formats need none.
+  void* narrow_scratch(const Weight& w, int64_t N) {
+    if (w.narrow->fmt != WeightFormat::Q8_0) return nullptr;
+    return scratch("narrow_gemm", cuda::narrow_gemm_scratch_bytes(N, w.in));
   }
   gpu::DeviceBuffer scratch_, norm_scratch_;
 };

@@ -176,8 +176,6 @@ void run_generate(const GenerateOptions& o) {
   dopt.cuda_graph = !o.no_cuda_graph;
   const std::optional<WeightFormat> wf = parse_weight_format(o.weights_dtype);
   KILN_CHECK(wf, "--weights-dtype: '", o.weights_dtype, "' is not one of f32, bf16, f16, q8_0");
-  KILN_CHECK(*wf == WeightFormat::F32 || !device.cuda, "--weights-dtype ", o.weights_dtype,
-             " runs on the CPU only (--device cuda decodes with bf16 weights)");
   dopt.weights = *wf;
   std::unique_ptr<IncrementalDecoder> dec = make_decoder(cfg, model->host_params(), dopt);
   // Speculative decoding: the draft model, on the same device with the same weight format.
@@ -367,7 +365,8 @@ kiln::cli::Command generate_cmd("generate", [](CLI::App& root) {
   c->add_option("--device", o->device, "cpu, or cuda / cuda:N: bf16 weights and KV cache on the GPU")
       ->capture_default_str();
   c->add_option("--weights-dtype", o->weights_dtype,
-                 "CPU: the weight matrices' format for decoding: f32, bf16, f16 or q8_0 (8-bit, a scale per 32)")
+                 "The weight matrices' format for decoding: f32, bf16, f16 or q8_0 (8-bit, a scale per 32); "
+                 "--device cuda: f32 and bf16 both mean its bf16 products")
       ->capture_default_str();
   c->add_option("--draft-model", o->draft_model,
                  "Speculative decoding: a small checkpoint with the same tokenizer that proposes tokens for this one");

@@ -295,7 +295,8 @@ kiln::cli::Command serve_cmd("serve", [](CLI::App& root) {
   c->add_flag("--no-prefix-cache", o->no_prefix_cache, "Do not reuse the KV blocks of a shared prompt prefix");
   c->add_option("--device", o->device, "cpu, or cuda / cuda:N")->capture_default_str();
   c->add_option("--weights-dtype", o->weights_dtype,
-                 "CPU: the weight matrices' format for decoding: f32, bf16, f16 or q8_0 (8-bit, a scale per 32)")
+                 "The weight matrices' format for decoding: f32, bf16, f16 or q8_0 (8-bit, a scale per 32); "
+                 "--device cuda: f32 and bf16 both mean its bf16 products")
       ->capture_default_str();
   c->add_option("--draft-model", o->draft_model,
                  "Speculative decoding: a draft checkpoint with the target's vocabulary (its own paged cache)");
