@@ -31,8 +31,8 @@ PagedDecoder::PagedDecoder(const ModelConfig& cfg, const float* params, const Ba
   const int per_seq = (max_pos_ + block_size_ - 1) / block_size_;
   num_blocks_ = opt.num_blocks > 0 ? opt.num_blocks : 8 * per_seq;
   keep_hidden_ = opt.keep_hidden;
-  KILN_CHECK(!keep_hidden_ || (be_->on_host() && be_->act_dtype() == DType::F32),
-             "decoder: hidden states (Medusa heads) are kept on the CPU only");
+  KILN_CHECK(!keep_hidden_ || !be_->on_host() || be_->act_dtype() == DType::F32,
+             "decoder: hidden states (Medusa heads) need fp32 activations on the CPU");
   weights_.load(*be_, cfg_, table_, params, w_, opt.weights);
   const size_t pool = size_t(cfg_.n_layer) * size_t(num_blocks_) * size_t(block_size_) * size_t(cfg_.kv_dim()) *
                       dtype_size(be_->act_dtype());
@@ -77,6 +77,18 @@ void PagedDecoder::ensure(int64_t rows, int64_t B, int64_t table_entries, int64_
   ops.decode.HD = cfg_.head_dim;
   weights_.narrow.plan(ops, std::max(rows_, logit_rows_));
   be_->reserve_scratch(ops);
+}
+
+const float* PagedDecoder::host_hidden(int64_t rows) {
+  if (be_->on_host()) return ln_.f32();
+  KILN_CHECK(be_->act_dtype() == DType::BF16, "decoder: a device's hidden states are bf16");
+  // A device's final-norm rows are bf16: brought over and widened for the host heads (Medusa).
+  const size_t n = size_t(rows) * size_t(cfg_.d_model);
+  hidden16_.resize(n);
+  hidden32_.resize(n);
+  const uint16_t* h = static_cast<const uint16_t*>(be_->to_host(hidden16_.data(), ln_.p, n * sizeof(uint16_t)));
+  for (size_t i = 0; i < n; i++) hidden32_[i] = bf16_to_f32(h[i]);
+  return hidden32_.data();
 }
 
 void PagedDecoder::run_pass(const std::vector<BatchRow>& rows, const std::vector<int>& idx, int from, int Tq,
@@ -144,15 +156,17 @@ void PagedDecoder::run_pass(const std::vector<BatchRow>& rows, const std::vector
     // piece) its last.
     w_.final_norm.forward(*be_, ln_, mean_, rstd_, x_, N);
     be_->linear_forward(nn::Act{logits_d_, DType::F32}, ln_, w_.head, N);
-    if (keep_hidden_)
+    if (keep_hidden_) {
+      const float* h = host_hidden(N);
       for (int b = 0; b < B; b++) {
         const int i = idx[size_t(b)];
-        const float* hb = ln_.f32() + size_t(b) * size_t(Tq) * C;
+        const float* hb = h + size_t(b) * size_t(Tq) * C;
         if (rows[size_t(i)].all_logits)
           std::memcpy(hidden_.data() + (off_[size_t(i)] + size_t(from)) * C, hb, sizeof(float) * size_t(Tq) * C);
         else if (last)
           std::memcpy(hidden_.data() + off_[size_t(i)] * C, hb + size_t(Tq - 1) * C, sizeof(float) * C);
       }
+    }
     if (!be_->on_host()) pass_logits_.resize(size_t(N) * size_t(V));
     const float* lg = static_cast<const float*>(be_->to_host(pass_logits_.data(), logits_d_, bytes * size_t(N)));
     for (int b = 0; b < B; b++) {
@@ -169,9 +183,11 @@ void PagedDecoder::run_pass(const std::vector<BatchRow>& rows, const std::vector
   be_->copy_rows(nn::Act{last_, DType::F32}, C, nn::Act{x_ + int64_t(Tq - 1) * C, DType::F32}, int64_t(Tq) * C, B, C);
   w_.final_norm.forward(*be_, ln_, mean_, rstd_, last_, B);
   be_->linear_forward(nn::Act{logits_d_, DType::F32}, ln_, w_.head, B);
-  if (keep_hidden_)
+  if (keep_hidden_) {
+    const float* h = host_hidden(B);
     for (int b = 0; b < B; b++)
-      std::memcpy(hidden_.data() + off_[size_t(idx[size_t(b)])] * C, ln_.f32() + size_t(b) * C, sizeof(float) * C);
+      std::memcpy(hidden_.data() + off_[size_t(idx[size_t(b)])] * C, h + size_t(b) * C, sizeof(float) * C);
+  }
   if (!be_->on_host()) pass_logits_.resize(size_t(B) * size_t(V));
   const float* lg = static_cast<const float*>(be_->to_host(pass_logits_.data(), logits_d_, bytes * size_t(B)));
   for (int b = 0; b < B; b++)

@@ -60,6 +60,11 @@ class PagedDecoder final : public BatchDecoder {
   std::vector<size_t> off_;  // each row's first logits vector in logits_
   bool keep_hidden_ = false;
   std::vector<float> hidden_;  // the final norm's output behind each logits row (keep_hidden)
+  std::vector<uint16_t> hidden16_;  // a device's bf16 rows of it, and them widened
+  std::vector<float> hidden32_;
+
+  // The first `rows` rows of the final norm's output ln_, in fp32 host memory.
+  const float* host_hidden(int64_t rows);
 
   void ensure(int64_t rows, int64_t B, int64_t table_entries, int64_t logit_rows);
   // One pass: B sequences of Tq new tokens each (rows[idx[i]] from offset `from`); the logits of each row's

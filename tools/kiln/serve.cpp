@@ -149,7 +149,10 @@ void run_serve(const ServeOptions& o) {
     if (o.medusa) {
       KILN_CHECK(!o.model.empty(), "--medusa needs --model (the heads are the checkpoint's medusa.safetensors)");
       KILN_CHECK(o.draft_model.empty() && o.draft_random_init.empty(), "give at most one of --medusa and --draft-model");
-      KILN_CHECK(!device.cuda, "--medusa serves on the CPU (the heads read host hidden states)");
+      // On a device the heads (host) read the final norm's rows copied back each step; the trees' attention
+      // masks are the CPU decode attention's.
+      KILN_CHECK(!device.cuda || o.medusa_tree.empty(), "--medusa-tree runs on the CPU only (--device cuda drafts "
+                 "with the chain of the heads' top-1 tokens)");
       medusa_w = load_medusa_heads(o.model, cfg);
       KILN_CHECK(medusa_w, "--medusa: ", o.model,
                  " has no Medusa heads (medusa.safetensors; kiln train --medusa-heads K --init BASE makes them)");
