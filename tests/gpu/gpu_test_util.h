@@ -11,6 +11,7 @@
 #include "core/dtype.h"
 #include "core/error.h"
 #include "core/gpu.h"
+#include "models/model_config.h"
 #include "tests/test_util.h"
 
 namespace kiln::test {
@@ -34,6 +35,44 @@ inline bool gpu_ready() {
 }
 #define KILN_REQUIRE_GPU() \
   if (!::kiln::test::gpu_ready()) GTEST_SKIP() << "no GPU"
+
+// Small configs of head width 64 (the GPU attention kernels take 64 and 128): GPT-2 (Conv1D layout, biases, a
+// tied head) and a Llama (RMSNorm, rotary positions, a gated SiLU FFN, an untied head).
+inline ModelConfig gpu_gpt2_config(int n_layer, int d_model, int d_ff, int vocab) {
+  ModelConfig c;
+  c.family = "gpt2";
+  c.n_layer = n_layer;
+  c.d_model = d_model;
+  c.n_head = c.n_kv_head = d_model / 64;
+  c.head_dim = 64;
+  c.d_ff = d_ff;
+  c.vocab_size = vocab;
+  c.max_positions = 64;
+  c.qkv_bias = c.attn_out_bias = c.ffn_bias = true;
+  c.layout = WeightLayout::InOut;
+  return c;
+}
+inline ModelConfig gpu_llama_config(int n_layer, int n_head, int n_kv_head, int d_model, int d_ff, int vocab) {
+  ModelConfig c;
+  c.family = "llama";
+  c.n_layer = n_layer;
+  c.d_model = d_model;
+  c.n_head = n_head;
+  c.n_kv_head = n_kv_head;
+  c.head_dim = 64;
+  c.d_ff = d_ff;
+  c.vocab_size = vocab;
+  c.max_positions = 64;
+  c.norm = NormKind::RMSNorm;
+  c.norm_bias = false;
+  c.norm_eps = 1e-6f;
+  c.positions = PositionKind::Rotary;
+  c.rope_theta = 10000.0;
+  c.gated_ffn = true;
+  c.activation = Activation::Silu;
+  c.tie_embeddings = false;
+  return c;
+}
 
 // A device copy of a host vector, freed with the object.
 template <class T>

@@ -20,43 +20,9 @@
 namespace kiln {
 namespace {
 
-ModelConfig gpt2_config() {
-  ModelConfig c;
-  c.family = "gpt2";
-  c.n_layer = 1;
-  c.d_model = 128;
-  c.n_head = 2;
-  c.n_kv_head = 2;
-  c.head_dim = 64;
-  c.d_ff = 256;
-  c.vocab_size = 250;
-  c.max_positions = 64;
-  c.qkv_bias = c.attn_out_bias = c.ffn_bias = true;
-  c.layout = WeightLayout::InOut;
-  return c;
-}
-
-ModelConfig llama_config() {
-  ModelConfig c;
-  c.family = "llama";
-  c.n_layer = 1;
-  c.d_model = 128;
-  c.n_head = 4;
-  c.n_kv_head = 2;
-  c.head_dim = 64;
-  c.d_ff = 200;  // q8_0 pads the down projection's rows to 224
-  c.vocab_size = 250;
-  c.max_positions = 64;
-  c.norm = NormKind::RMSNorm;
-  c.norm_bias = false;
-  c.norm_eps = 1e-6f;
-  c.positions = PositionKind::Rotary;
-  c.rope_theta = 10000.0;
-  c.gated_ffn = true;
-  c.activation = Activation::Silu;
-  c.tie_embeddings = false;
-  return c;
-}
+ModelConfig gpt2_config() { return test::gpu_gpt2_config(1, 128, 256, 250); }
+// q8_0 pads the down projection's rows (d_ff 200) to 224.
+ModelConfig llama_config() { return test::gpu_llama_config(1, 4, 2, 128, 200, 250); }
 
 std::vector<float> random_params(const ModelConfig& cfg, uint64_t seed) {
   auto m = make_model(cfg, ModelOptions{false, std::nullopt, false});

@@ -23,28 +23,7 @@
 namespace kiln {
 namespace {
 
-// Head width 64 (the GPU attention kernels take 64 and 128), small enough for the SIMT emulator.
-ModelConfig llama_small() {
-  ModelConfig c;
-  c.family = "llama";
-  c.n_layer = 1;
-  c.d_model = 64;
-  c.n_head = 1;
-  c.n_kv_head = 1;
-  c.head_dim = 64;
-  c.d_ff = 96;
-  c.vocab_size = 60;
-  c.max_positions = 64;
-  c.norm = NormKind::RMSNorm;
-  c.norm_bias = false;
-  c.norm_eps = 1e-6f;
-  c.positions = PositionKind::Rotary;
-  c.rope_theta = 10000.0;
-  c.gated_ffn = true;
-  c.activation = Activation::Silu;
-  c.tie_embeddings = false;
-  return c;
-}
+ModelConfig llama_small() { return test::gpu_llama_config(1, 1, 1, 64, 96, 60); }  // small for the emulator
 
 std::unique_ptr<BatchDecoder> paged(const ModelConfig& cfg, const float* P, bool cuda) {
   BatchDecoderOptions o;
