@@ -50,6 +50,7 @@ double read_bandwidth(const float* p, size_t bytes) {
   {
     const int T = omp_get_num_threads(), t = omp_get_thread_num();
     const int64_t per = (n / T) / 64 * 64, b = per * t, e = t == T - 1 ? n : b + per;
+#ifdef __AVX512F__
     __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
     for (int64_t i = b; i < e; i += 64) {
       a0 = _mm512_add_ps(a0, _mm512_load_ps(p + i));
@@ -58,6 +59,16 @@ double read_bandwidth(const float* p, size_t bytes) {
       a3 = _mm512_add_ps(a3, _mm512_load_ps(p + i + 48));
     }
     total += _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(a0, a1), _mm512_add_ps(a2, a3)));
+#else  // AVX: eight 32-byte accumulators for each 256-byte step
+    __m256 a[8];
+    for (__m256& v : a) v = _mm256_setzero_ps();
+    for (int64_t i = b; i < e; i += 64)
+      for (int j = 0; j < 8; j++) a[j] = _mm256_add_ps(a[j], _mm256_load_ps(p + i + 8 * j));
+    alignas(32) float lanes[8];
+    for (int j = 1; j < 8; j++) a[0] = _mm256_add_ps(a[0], a[j]);
+    _mm256_store_ps(lanes, a[0]);
+    for (float x : lanes) total += x;
+#endif
   }
   sink = sink + total;
   return double(n) * sizeof(float) / std::chrono::duration<double>(Clock::now() - t0).count() / 1e9;

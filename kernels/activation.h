@@ -11,6 +11,8 @@
 #include <cstddef>
 #include <cstdint>
 
+#include "kernels/decode_attention.h"  // KVPages
+
 namespace kiln {
 
 enum class Activation : uint8_t { GeluTanh, GeluErf, Relu, Silu, Relu2 };
@@ -46,11 +48,11 @@ void copy_rows(float* dst, int64_t ld_dst, const float* src, int64_t ld_src, int
 // Multi-head latent attention's glue (nn/backend.h): out[n][0, width) = Σ_h in[n·ld_in + h·head_stride + [0,
 // width)] summed in fp32 and rounded once (out overwritten); rows_append copies B·Tq rows of `width` (row stride
 // ld_src) into a per-sequence cache [B][positions][width] (batch_stride apart) at positions past[b] + i (past:
-// device [B]), exactly.
+// device [B]), exactly; with pages set, into a paged cache's blocks of rows of `width` (batch_stride unused).
 void sum_heads(uint16_t* out, int64_t ld_out, const uint16_t* in, int64_t ld_in, int64_t N, int heads,
                int64_t head_stride, int width, void* stream);
 void rows_append(uint16_t* cache, int64_t batch_stride, const uint16_t* src, int64_t ld_src, int width, int B, int Tq,
-                 const int32_t* past, void* stream);
+                 const int32_t* past, void* stream, const KVPages& pages = {});
 // Any Activation, plain and gated (gate_up rows [gate | up] of 2·I values); dinp may alias dout (plain only).
 void activation_forward(uint16_t* out, const uint16_t* inp, int64_t n, Activation a, void* stream);
 void activation_forward(float* out, const float* inp, int64_t n, Activation a, void* stream);

@@ -17,7 +17,7 @@
 // for N = 1 and N = 8), so a verification pass over K+1 positions computes what K+1 single steps would.
 //
 // cpu:: dispatches at run time: AVX-512 (F/BW/VL) with VNNI (vpdpbusd) for q8_0, F16C widening for f16, a
-// shift for bf16; a portable loop elsewhere. Calls with more than kNarrowDirectRows rows of x (a prompt)
+// shift for bf16; AVX2 + FMA + F16C where the CPU has no AVX-512 (vpmaddubsw for q8_0); a portable loop elsewhere. Calls with more than kNarrowDirectRows rows of x (a prompt)
 // widen tiles of the matrix to fp32 and run sgemm on them (x unquantized). ref:: is a plain loop with the
 // same quantization of x and double sums. cuda:: is a plain warp-per-output kernel (checked on the SIMT emulator
 // through tests/ops/), which the GPU backend runs for every row count (a prompt too) when a weight has a narrow
@@ -62,10 +62,12 @@ namespace cpu {
 // y[n·ldy + m] = (accumulate ? y : 0) + Σ_k x[n·ldx + k]·A[m, k] (+ bias[m]) for n < N, m < M.
 void narrow_gemm(float* y, int64_t ldy, const float* x, int64_t ldx, int64_t N, const NarrowMatrix& A,
                  const float* bias, bool accumulate);
-// Which kernel narrow_gemm runs for a format on this CPU ("avx512-vnni", "avx512", "portable").
+// Which kernel narrow_gemm runs for a format on this CPU ("avx512-vnni", "avx512", "avx2", "portable").
 const char* narrow_kernel_name(WeightFormat f);
-// Forces the portable kernels (tests compare them with the SIMD ones).
-void narrow_force_portable(bool on);
+// The kernel levels, best last. narrow_limit_isa caps the level the kernels use (tests run each level this CPU
+// has against ref::); the default is the best the CPU has.
+enum class NarrowIsa : uint8_t { Portable, Avx2, Avx512 };
+void narrow_limit_isa(NarrowIsa max);
 }  // namespace cpu
 
 namespace ref {

@@ -18,10 +18,23 @@ void BatchDecoder::keep_path(const int32_t*, int, int, const int32_t*, int) {
   fail("decoder: this batch decoder has no tree attention");
 }
 
+const float* BatchDecoder::stream() const {
+  fail("decoder: this batch decoder keeps no streams (BatchDecoderOptions::keep_stream)");
+}
+
+const float* BatchDecoder::self_draft(int, const std::vector<DraftRow>&) {
+  fail("decoder: this batch decoder has no multi-token-prediction modules to draft with");
+}
+
+const float* BatchDecoder::draft_hidden() const {
+  fail("decoder: this batch decoder has no multi-token-prediction modules to draft with");
+}
+
 PagedDecoder::PagedDecoder(const ModelConfig& cfg, const float* params, const BatchDecoderOptions& opt)
     : cfg_(cfg), table_(model_param_table(cfg)), be_(make_backend_for(cfg, opt.cuda, std::nullopt)), block_size_(opt.block_size) {
   cfg_.validate("decoder config");
-  KILN_CHECK(!cfg_.mla.on(), "the paged decoder (kiln serve) has no latent attention (", cfg_.family, ") yet");
+  KILN_CHECK(!cfg_.mla.on() || !opt.cuda, "--device cuda: the paged decoder (kiln serve) has no latent attention on "
+             "the GPU yet (", cfg_.family, "; its decode attention takes paged heads of 64 or 128)");
   max_pos_ = opt.max_positions > 0 ? opt.max_positions : cfg_.max_positions;
   KILN_CHECK(max_pos_ <= cfg_.max_positions, "decoder: max_positions ", max_pos_, " exceeds the model's context of ",
              cfg_.max_positions);
@@ -31,16 +44,31 @@ PagedDecoder::PagedDecoder(const ModelConfig& cfg, const float* params, const Ba
   const int per_seq = (max_pos_ + block_size_ - 1) / block_size_;
   num_blocks_ = opt.num_blocks > 0 ? opt.num_blocks : 8 * per_seq;
   keep_hidden_ = opt.keep_hidden;
+  keep_stream_ = opt.keep_stream;
+  KILN_CHECK(!keep_stream_ || be_->on_host(), "decoder: the streams (MTP self-drafting) are kept on the CPU only");
+  if (opt.self_draft) {
+    KILN_CHECK(cfg_.mtp_depth > 0, "MTP self-drafting: the model (", cfg_.family,
+               ") has no multi-token-prediction modules (num_nextn_predict_layers)");
+    KILN_CHECK(be_->on_host(), "MTP self-drafting in the paged decoder runs on the CPU only");
+    mtp_ = cfg_.mtp_depth;
+  }
   KILN_CHECK(!keep_hidden_ || !be_->on_host() || be_->act_dtype() == DType::F32,
              "decoder: hidden states (Medusa heads) need fp32 activations on the CPU");
   weights_.load(*be_, cfg_, table_, params, w_, opt.weights);
-  const size_t pool = size_t(cfg_.n_layer) * size_t(num_blocks_) * size_t(block_size_) * size_t(cfg_.kv_dim()) *
+  // Latent attention caches c_KV and the rotary key per position in k_ (no values); the others keys and values.
+  const size_t pool = size_t(cfg_.n_layer + mtp_) * size_t(num_blocks_) * size_t(block_size_) * size_t(cache_width()) *
                       dtype_size(be_->act_dtype());
   k_ = nn::DeviceBlock(*be_, pool, "KV cache blocks (keys)");
-  v_ = nn::DeviceBlock(*be_, pool, "KV cache blocks (values)");
   // Zeroed: a GPU kernel reads whole tiles past the cached length (masked), which must not be NaN patterns.
   be_->memset(k_.data(), 0, pool);
-  be_->memset(v_.data(), 0, pool);
+  if (!cfg_.mla.on()) {
+    v_ = nn::DeviceBlock(*be_, pool, "KV cache blocks (values)");
+    be_->memset(v_.data(), 0, pool);
+  }
+}
+
+int64_t PagedDecoder::cache_width() const {
+  return cfg_.mla.on() ? cfg_.mla.kv_lora_rank + cfg_.mla.qk_rope_dim : cfg_.kv_dim();
 }
 
 void PagedDecoder::ensure(int64_t rows, int64_t B, int64_t table_entries, int64_t logit_rows) {
@@ -58,9 +86,13 @@ void PagedDecoder::ensure(int64_t rows, int64_t B, int64_t table_entries, int64_
     ln_ = ws.act(std::max(rows_, max_b_) * C);
     mean_ = ws.f32(std::max(rows_, max_b_));
     rstd_ = ws.f32(std::max(rows_, max_b_));
-    a_.allocate(ws, rows_, S);
+    a_.allocate(ws, rows_, S, /*selective=*/false, /*decoding=*/true);
     if (S.moe) s_.moe.allocate(ws, rows_, S.moe);  // the router logits and gathered rows
     a_.h = nullptr;  // the stream is updated in place
+    if (mtp_) {
+      mtp_a_.allocate(ws, rows_, block_shape(cfg_, cfg_.n_layer), /*decoding=*/true);
+      mtp_zeros_ = ws.f32(rows_ * C);
+    }
     logits_d_ = ws.f32(logit_rows_ * V);
     inputs_d_ = device ? ws.i32(2 * rows_ + max_b_ + table_cap_) : nullptr;
   };
@@ -75,8 +107,32 @@ void PagedDecoder::ensure(int64_t rows, int64_t B, int64_t table_entries, int64_
   ops.decode.NH = cfg_.n_head;
   ops.decode.NKV = cfg_.n_kv_head;
   ops.decode.HD = cfg_.head_dim;
+  if (cfg_.mla.on()) {  // the absorbed form: one shared head of the cached latent row, values its first r floats
+    ops.decode.NKV = 1;
+    ops.decode.HD = int(cache_width());
+    ops.decode.HDv = cfg_.mla.kv_lora_rank;
+  }
   weights_.narrow.plan(ops, std::max(rows_, logit_rows_));
   be_->reserve_scratch(ops);
+}
+
+nn::KVLayer PagedDecoder::cache_layer(int layer, const int32_t* past_d, const int32_t* table_d, int64_t stride, int B,
+                                      int Tq, bool fresh) const {
+  const int64_t layer_pool = int64_t(num_blocks_) * block_size_ * cache_width();
+  nn::KVLayer cache;
+  cache.k = nn::Act{k_.data(), be_->act_dtype()}.at(layer * layer_pool);
+  cache.v = nn::Act{v_.data(), be_->act_dtype()}.at(layer * layer_pool);  // null with latent attention
+  cache.past = past_d;
+  cache.max_positions = max_pos_;
+  cache.B = B;
+  cache.Tq = Tq;
+  cache.fresh = fresh;
+  cache.pages = KVPages{table_d, block_size_, stride};
+  return cache;
+}
+
+const int32_t* PagedDecoder::stage(const std::vector<int32_t>& host) {
+  return static_cast<const int32_t*>(be_->from_host(inputs_d_, host.data(), host.size() * sizeof(int32_t)));
 }
 
 const float* PagedDecoder::host_hidden(int64_t rows) {
@@ -129,26 +185,19 @@ void PagedDecoder::run_pass(const std::vector<BatchRow>& rows, const std::vector
       table[b * stride + i] = r.blocks[i];
     }
   }
-  const int32_t* in =
-      static_cast<const int32_t*>(be_->from_host(inputs_d_, inputs_.data(), inputs_.size() * sizeof(int32_t)));
+  const int32_t* in = stage(inputs_);
   const int32_t *tok_d = in, *pos_d = in + N, *past_d = in + 2 * N, *table_d = in + 2 * N + B;
   be_->embedding_forward(x_, tok_d, pos_d, w_.wte, w_.wpe, N, C);
   const AttentionParams flash = attention_params(cfg_, B, Tq);
-  const int64_t layer_pool = int64_t(num_blocks_) * block_size_ * cfg_.kv_dim();
-  const nn::Act k{k_.data(), be_->act_dtype()}, v{v_.data(), be_->act_dtype()};
   for (int l = 0; l < cfg_.n_layer; l++) {
-    nn::KVLayer cache;
-    cache.k = k.at(l * layer_pool);
-    cache.v = v.at(l * layer_pool);
-    cache.past = past_d;
-    cache.max_positions = max_pos_;
-    cache.B = B;
-    cache.Tq = Tq;
-    cache.fresh = fresh;
-    cache.pages = KVPages{table_d, block_size_, stride};
+    nn::KVLayer cache = cache_layer(l, past_d, table_d, stride, B, Tq, fresh);
     cache.tree = tree;  // host masks (tree rows run on host backends only)
     w_.blocks[size_t(l)].forward(*be_, x_, x_, a_, s_, pos_d, flash, N, &cache);
   }
+  if (keep_stream_)  // host backends: x_ is host fp32
+    for (int b = 0; b < B; b++)
+      std::memcpy(stream_.data() + (stream_off_[size_t(idx[size_t(b)])] + size_t(from)) * C,
+                  x_ + int64_t(b) * Tq * C, sizeof(float) * size_t(Tq) * C);
   if (!last && !all) return;
   const size_t bytes = sizeof(float) * size_t(V);
   if (all) {
@@ -206,10 +255,17 @@ const float* PagedDecoder::forward(const std::vector<BatchRow>& rows) {
   }
   logits_.resize(total * size_t(V));
   if (keep_hidden_) hidden_.resize(total * size_t(cfg_.d_model));
+  if (keep_stream_) {
+    stream_off_.resize(rows.size());
+    size_t n = 0;
+    for (size_t i = 0; i < rows.size(); i++) stream_off_[i] = n, n += size_t(rows[i].n);
+    stream_.resize(n * size_t(cfg_.d_model));
+  }
   for (size_t i = 0; i < rows.size(); i++) {
     const BatchRow& r = rows[i];
     if (!r.tree) continue;
     KILN_CHECK(be_->on_host(), "decoder: tree rows (Medusa trees) run on the CPU only");
+    KILN_CHECK(!cfg_.mla.on(), "decoder: tree attention is not written for latent attention (", cfg_.family, ")");
     KILN_CHECK(r.depth && r.all_logits && r.past > 0 && r.n >= 1 && r.n <= 64, "decoder: row ", i,
                " is a tree of ", r.n, " nodes (1 to 64, after a cached prefix, with depths and all logits)");
     KILN_CHECK(cfg_.sliding_window == 0, "decoder: tree attention has no sliding window (", cfg_.family, ")");
@@ -265,11 +321,105 @@ const float* PagedDecoder::forward(const std::vector<BatchRow>& rows) {
   return logits_.data();
 }
 
+// Module k over rows[idx] from `from`: each position's previous-depth hidden state and token, its key and value
+// into the module's cache layer; the module's output to draft_hidden_, and with `last` each row's last position
+// through the head norm (in the module) and the shared head.
+void PagedDecoder::module_pass(int k, const std::vector<DraftRow>& rows, const std::vector<int>& idx, int from, int Tq,
+                               bool last) {
+  const int B = int(idx.size()), C = cfg_.d_model, V = cfg_.vocab_size;
+  const int64_t N = int64_t(B) * Tq;
+  int64_t stride = 1;
+  for (int i : idx) stride = std::max<int64_t>(stride, rows[size_t(i)].n_blocks);
+  ensure(N, B, B * stride, B);
+  inputs_.assign(size_t(2 * N + B + B * stride), 0);
+  int32_t *tok = inputs_.data(), *pos = tok + N, *past = pos + N, *table = past + B;
+  prev_.resize(size_t(N) * size_t(C));
+  bool fresh = Tq > 1;
+  for (int b = 0; b < B; b++) {
+    const DraftRow& r = rows[size_t(idx[size_t(b)])];
+    const int p0 = r.past + from;
+    KILN_CHECK(r.past >= 0 && int64_t(p0) + Tq <= max_pos_, "decoder: draft row at ", p0, " + ", Tq,
+               " positions exceeds the context of ", max_pos_, " positions");
+    KILN_CHECK(int64_t(r.n_blocks) * block_size_ >= int64_t(p0) + Tq, "decoder: ", r.n_blocks, " blocks of ",
+               block_size_, " hold fewer than the ", p0 + Tq, " positions of a draft row");
+    past[b] = p0;
+    fresh = fresh && p0 == 0;
+    for (int i = 0; i < Tq; i++) {
+      const int32_t t = r.tokens[from + i];
+      KILN_CHECK(t >= 0 && t < V, "token id ", t, " is outside the model's vocabulary [0, ", V, ")");
+      tok[b * Tq + i] = t;
+      pos[b * Tq + i] = p0 + i;
+    }
+    std::memcpy(prev_.data() + size_t(b) * size_t(Tq) * C, r.hidden + size_t(from) * C, sizeof(float) * size_t(Tq) * C);
+    for (int i = 0; i < r.n_blocks; i++) {
+      KILN_CHECK(r.blocks[i] >= 0 && r.blocks[i] < num_blocks_, "decoder: block id ", r.blocks[i],
+                 " is outside the pool of ", num_blocks_, " blocks");
+      table[b * stride + i] = r.blocks[i];
+    }
+  }
+  const int32_t* in = stage(inputs_);
+  const int32_t *tok_d = in, *pos_d = in + N, *past_d = in + 2 * N, *table_d = in + 2 * N + B;
+  const nn::KVLayer cache = cache_layer(cfg_.n_layer + k - 1, past_d, table_d, stride, B, Tq, fresh);
+  be_->memset(mtp_zeros_, 0, size_t(N) * C * sizeof(float));
+  w_.mtp[size_t(k - 1)].forward(*be_, mtp_a_, s_, prev_.data(), tok_d, w_.wte, pos_d, attention_params(cfg_, B, Tq), N,
+                                mtp_zeros_, &cache);
+  for (int b = 0; b < B; b++)  // host backends: the module's output is host fp32
+    std::memcpy(draft_hidden_.data() + (draft_off_[size_t(idx[size_t(b)])] + size_t(from)) * C,
+                mtp_a_.h + int64_t(b) * Tq * C, sizeof(float) * size_t(Tq) * C);
+  if (!last) return;
+  be_->copy_rows(ln_, C, mtp_a_.ln.at(int64_t(Tq - 1) * C), int64_t(Tq) * C, B, C);
+  be_->linear_forward(nn::Act{logits_d_, DType::F32}, ln_, w_.head, B);
+  for (int b = 0; b < B; b++)
+    std::memcpy(draft_logits_.data() + size_t(idx[size_t(b)]) * V, logits_d_ + int64_t(b) * V, sizeof(float) * V);
+}
+
+const float* PagedDecoder::self_draft(int k, const std::vector<DraftRow>& rows) {
+  KILN_CHECK(mtp_ > 0, "decoder: self-drafting needs BatchDecoderOptions::self_draft and a model with MTP modules");
+  KILN_CHECK(k >= 1 && k <= mtp_, "decoder: draft ", k, " of a model with ", mtp_, " multi-token-prediction modules");
+  const int C = cfg_.d_model, V = cfg_.vocab_size;
+  draft_off_.resize(rows.size());
+  size_t total = 0;
+  for (size_t i = 0; i < rows.size(); i++) {
+    KILN_CHECK(rows[i].n >= 1 && rows[i].tokens && rows[i].hidden, "decoder: draft row ", i,
+               " has no positions, tokens or hidden states");
+    draft_off_[i] = total;
+    total += size_t(rows[i].n);
+  }
+  draft_logits_.resize(rows.size() * size_t(V));
+  draft_hidden_.resize(total * size_t(C));
+  // forward()'s grouping: rows of one length share a pass (fresh ones through FlashAttention within a chunk,
+  // continuations through the decode attention); any other row in pieces of its own.
+  const int short_limit = std::min(kMaxChunk, be_->max_decode_queries());
+  std::vector<bool> done(rows.size(), false);
+  for (size_t i = 0; i < rows.size(); i++) {
+    const DraftRow& r = rows[i];
+    const bool fresh = r.past == 0 && r.n <= kMaxChunk, cont = r.past > 0 && r.n <= short_limit;
+    if (done[i] || !(fresh || cont)) continue;
+    std::vector<int> group;
+    for (size_t j = i; j < rows.size(); j++)
+      if (!done[j] && (rows[j].past == 0) == fresh && rows[j].n == r.n) {
+        group.push_back(int(j));
+        done[j] = true;
+      }
+    module_pass(k, rows, group, 0, r.n, true);
+  }
+  for (size_t i = 0; i < rows.size(); i++) {
+    if (done[i]) continue;
+    const DraftRow& r = rows[i];
+    for (int d = 0; d < r.n;) {
+      const int m = std::min(r.past + d == 0 ? kMaxChunk : short_limit, r.n - d);
+      module_pass(k, rows, {int(i)}, d, m, d + m == r.n);
+      d += m;
+    }
+  }
+  return draft_logits_.data();
+}
+
 void PagedDecoder::keep_path(const int32_t* blocks, int n_blocks, int base, const int32_t* nodes, int m) {
   KILN_CHECK(be_->on_host(), "decoder: keep_path runs on the CPU only");
   KILN_CHECK(base >= 0 && m >= 0 && int64_t(base) + m <= max_pos_, "decoder: keep_path of ", m, " nodes past ", base,
              " outside the context of ", max_pos_);
-  const int64_t W = cfg_.kv_dim();
+  const int64_t W = cache_width();
   const size_t es = dtype_size(be_->act_dtype()), row = size_t(W) * es;
   const int64_t layer_pool = int64_t(num_blocks_) * block_size_ * W;
   // Slot j of the sequence: row blocks[j / block_size] * block_size + j % block_size of each layer's pool.
@@ -289,7 +439,7 @@ void PagedDecoder::keep_path(const int32_t* blocks, int n_blocks, int base, cons
     const int64_t dst = slot(base + i), src = slot(base + nodes[i]);
     for (int l = 0; l < cfg_.n_layer; l++) {  // dst < src in slot order: earlier moves never overwrite a later source
       std::memmove(k + size_t(l * layer_pool + dst) * es, k + size_t(l * layer_pool + src) * es, row);
-      std::memmove(v + size_t(l * layer_pool + dst) * es, v + size_t(l * layer_pool + src) * es, row);
+      if (v) std::memmove(v + size_t(l * layer_pool + dst) * es, v + size_t(l * layer_pool + src) * es, row);
     }
   }
 }

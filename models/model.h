@@ -249,6 +249,18 @@ struct BatchRow {
   const uint64_t* tree = nullptr;
 };
 
+// A row of a multi-token-prediction module's pass (BatchDecoder::self_draft): module k at positions past ..
+// past + n − 1 of a sequence, position i reading the previous depth's hidden state at i (the main model's
+// stream for k = 1, module k−1's output after it) and the embedding of token i + k.
+struct DraftRow {
+  const int32_t* tokens = nullptr;  // [n] the token each position reads (i + k)
+  const float* hidden = nullptr;    // [n, C] host fp32: the previous depth's hidden states at those positions
+  int n = 0;
+  int past = 0;                     // the module's cached positions before these
+  const int32_t* blocks = nullptr;  // the sequence's block ids (the target's), covering [0, past + n)
+  int n_blocks = 0;
+};
+
 class BatchDecoder {
  public:
   virtual ~BatchDecoder() = default;
@@ -267,6 +279,18 @@ class BatchDecoder {
   // slot base + i in the sequence's blocks (the accepted path, compacted in place; the caller's length is then
   // base + m). Throws kiln::Error where the decoder has no tree attention.
   virtual void keep_path(const int32_t* blocks, int n_blocks, int base, const int32_t* nodes, int m);
+  // With BatchDecoderOptions::keep_stream: the stream after the last layer (before the final norm) of every new
+  // token of the last forward(), [Σ n, C] host fp32, rows in the order of `rows` (MTP module 1's input). Throws
+  // kiln::Error otherwise.
+  virtual const float* stream() const;
+  // Self-drafting (serve/engine.h): the model's multi-token-prediction modules, each with its own layer of the
+  // paged cache (the same block ids), when BatchDecoderOptions::self_draft is set; 0 otherwise.
+  virtual int self_draft_depth() const { return 0; }
+  // Module k (1 <= k <= self_draft_depth()) over each row: returns the logits [V] of each row's last position
+  // (module k's guess of the token k + 1 after it), rows in order; draft_hidden() then holds the module's output
+  // [Σ n, C] (module k + 1's input). Throws kiln::Error here: a decoder with the modules overrides it.
+  virtual const float* self_draft(int k, const std::vector<DraftRow>& rows);
+  virtual const float* draft_hidden() const;
 };
 
 struct BatchDecoderOptions {
@@ -278,6 +302,8 @@ struct BatchDecoderOptions {
   // to kNarrowDirectRows sequences reads the format directly, each row as a single-sequence step computes it.
   WeightFormat weights = WeightFormat::F32;
   bool keep_hidden = false;  // keep the final norm's output of every logits row (BatchDecoder::hidden)
+  bool keep_stream = false;  // keep the stream of every new token (BatchDecoder::stream; host backends)
+  bool self_draft = false;   // cache layers for the model's MTP modules (BatchDecoder::self_draft; host backends)
 };
 
 // Over a host parameter block in cfg's ParamTable layout (read in place on the CPU, copied to a device).

@@ -49,7 +49,7 @@ void Backend::attention_backward(Act dqkv, Act dout, Act qkv, Act out, const flo
 void Backend::decode_attention(const DecodeAttentionParams& p) { unsupported("decode_attention"); }
 void Backend::kv_append(Act k_cache, Act v_cache, int64_t batch_stride, Act qkv, int NH, int NKV, int HD, int B, int Tq, const int32_t* past, const KVPages&) { unsupported("kv_append"); }
 void Backend::sum_heads(Act out, int64_t ld_out, Act in, int64_t ld_in, int64_t N, int heads, int64_t head_stride, int width) { unsupported("sum_heads"); }
-void Backend::rows_append(Act cache, int64_t batch_stride, Act src, int64_t ld_src, int width, int B, int Tq, const int32_t* past) { unsupported("rows_append"); }
+void Backend::rows_append(Act cache, int64_t batch_stride, Act src, int64_t ld_src, int width, int B, int Tq, const int32_t* past, const KVPages& pages) { unsupported("rows_append"); }
 void Backend::moe_route(float* scores, int32_t* idx, float* w, const float* logits, const float* bias, int64_t N, const MoeRouting& r) { unsupported("moe_route"); }
 void Backend::moe_route_backward(float* dlogits, const float* dw, const float* scores, const int32_t* idx, int64_t N, const MoeRouting& r) { unsupported("moe_route_backward"); }
 void Backend::moe_dispatch(int32_t* offsets, int32_t* row_token, int32_t* slot, const int32_t* idx, int64_t N, int K, int E) { unsupported("moe_dispatch"); }

@@ -190,11 +190,12 @@ class Backend {
   // Multi-head latent attention's glue (nn/mla.h). sum_heads: out[n][0, width) = Σ_h in[n·ld_in + h·head_stride
   // + [0, width)] (the shared rotary key's gradient from every head), out of row stride ld_out, overwritten.
   // rows_append: B·Tq rows of `width` values (row stride ld_src) into a per-sequence cache [B][positions][width]
-  // (batch_stride between sequences) at positions past_b .. past_b + Tq − 1 (past: this device's [B]).
+  // (batch_stride between sequences) at positions past_b .. past_b + Tq − 1 (past: this device's [B]); with
+  // pages set, into the blocks of a paged cache of rows of `width` instead (batch_stride unused).
   virtual void sum_heads(Act out, int64_t ld_out, Act in, int64_t ld_in, int64_t N, int heads, int64_t head_stride,
                          int width);
   virtual void rows_append(Act cache, int64_t batch_stride, Act src, int64_t ld_src, int width, int B, int Tq,
-                           const int32_t* past);
+                           const int32_t* past, const KVPages& pages = {});
 
   // Mixture of experts (kernels/moe.h). Router logits, affinities and gate weights are fp32; indices, offsets
   // and slots are this device's int32 arrays. The grouped products read W stacked [E, out, in] (nn.Linear).

@@ -270,11 +270,13 @@ class CpuBackend final : public Backend {
     }
   }
   void rows_append(Act cache, int64_t batch_stride, Act src, int64_t ld_src, int width, int B, int Tq,
-                   const int32_t* past) override {
+                   const int32_t* past, const KVPages& pages) override {
     for (int b = 0; b < B; b++)
-      for (int i = 0; i < Tq; i++)
-        std::memcpy(F(cache) + int64_t(b) * batch_stride + int64_t(past[b] + i) * width,
-                    F(src) + (int64_t(b) * Tq + i) * ld_src, sizeof(float) * size_t(width));
+      for (int i = 0; i < Tq; i++) {
+        const int64_t j = int64_t(past[b]) + i;
+        const int64_t at = pages ? pages.row(b, j) * width : int64_t(b) * batch_stride + j * width;
+        std::memcpy(F(cache) + at, F(src) + (int64_t(b) * Tq + i) * ld_src, sizeof(float) * size_t(width));
+      }
   }
   void kv_append(Act k_cache, Act v_cache, int64_t batch_stride, Act qkv, int NH, int NKV, int HD, int B, int Tq,
                  const int32_t* past, const KVPages& pages) override {

@@ -270,8 +270,8 @@ class CudaBackend final : public Backend {
     cuda::sum_heads(H(out), ld_out, H(in), ld_in, N, heads, head_stride, width, s());
   }
   void rows_append(Act cache, int64_t batch_stride, Act src, int64_t ld_src, int width, int B, int Tq,
-                   const int32_t* past) override {
-    cuda::rows_append(H(cache), batch_stride, H(src), ld_src, width, B, Tq, past, s());
+                   const int32_t* past, const KVPages& pages) override {
+    cuda::rows_append(H(cache), batch_stride, H(src), ld_src, width, B, Tq, past, s(), pages);
   }
   void kv_append(Act k_cache, Act v_cache, int64_t batch_stride, Act qkv, int NH, int NKV, int HD, int B, int Tq,
                  const int32_t* past, const KVPages& pages) override {

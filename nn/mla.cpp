@@ -84,7 +84,9 @@ void LatentAttention::forward(Backend& be, float* h, const float* residual, Act 
   be.head_rmsnorm_forward(a.xn.at(qa), a.rstd_kv, a.xa.at(qa), kv_norm, N, S.r, 1, A, S.eps);
   be.copy_rows(a.xn.at(qa + S.r), A, a.xa.at(qa + S.r), A, N, S.rope);
   be.rope_forward(a.xn.at(qa + S.r), pos, N, k_rope);
-  if (cache) be.rows_append(cache->k, cache->batch_stride, a.xn.at(qa), A, S.latent(), cache->B, cache->Tq, cache->past);
+  if (cache)
+    be.rows_append(cache->k, cache->batch_stride, a.xn.at(qa), A, S.latent(), cache->B, cache->Tq, cache->past,
+                   cache->pages);
   if (!cache || cache->fresh) {
     be.copy_rows(a.c, S.r, a.xn.at(qa), A, N, S.r);
     be.linear_forward(a.kv, a.c, kv_b, N);
@@ -155,6 +157,7 @@ void LatentAttention::decode_absorbed(Backend& be, MLAActivations& a, const Atte
   d.k = d.v = static_cast<const float*>(cache.k.p);  // values: the first r floats of each cached row
   d.kv_batch_stride = cache.batch_stride;
   d.kv_stride = L;
+  d.pages = cache.pages;
   d.out = static_cast<float*>(a.lat_out.p);
   d.out_stride = int64_t(S.NH) * S.r;
   be.decode_attention(d);
@@ -170,6 +173,7 @@ void LatentAttention::decode_plain(Backend& be, MLAActivations& a, const Attenti
                                    const KVLayer& cache) const {
   const MLAShape& S = shape;
   KILN_CHECK(be.on_host(), "latent attention: the plain (expanded) decoding form runs on host backends only");
+  KILN_CHECK(!cache.pages, "latent attention: the plain decoding form has no paged cache");
   KILN_CHECK(cache.expand_k && cache.expand_v && cache.expand_c && cache.expand_kv,
              "latent attention: the plain decoding form needs its expansion buffers");
   const int64_t L = S.latent(), KV = S.kv(), KS = int64_t(S.NH) * S.qk(), VS = S.att();

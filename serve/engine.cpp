@@ -78,6 +78,11 @@ struct Engine::Seq {
   std::vector<int32_t> drafts, feed, produced;
   std::vector<std::vector<double>> qs;
   std::vector<float> hid;  // Medusa: the hidden state behind the newest token
+  // MTP self-drafting: per module k (0-based) its cached length and the token its entry at each position read;
+  // per depth d the hidden states of positions [hbase[d], hbase[d] + rows) (d = 0: the target's stream).
+  std::vector<int> mlen, hbase;
+  std::vector<std::vector<int32_t>> mused;
+  std::vector<std::vector<float>> hrows;
   Rng rng;
   Seq(const SamplingParams& sp, std::vector<std::string> stop)
       : sampler(sp), text(std::move(stop)), rng(sp.seed ^ 0x5bd1e995ull) {}
@@ -85,7 +90,7 @@ struct Engine::Seq {
 
 Engine::Engine(BatchDecoder& dec, const Tokenizer& tok, const EngineOptions& opt, Metrics& metrics)
     : dec_(dec), tok_(tok), opt_(opt), metrics_(metrics),
-      pool_(dec.num_blocks(), dec.block_size(), opt.prefix_cache) {
+      pool_(dec.num_blocks(), dec.block_size(), opt.prefix_cache && !opt.mtp) {
   if (opt_.sample_vocab <= 0 || opt_.sample_vocab > dec.config().vocab_size) opt_.sample_vocab = dec.config().vocab_size;
   metrics_.kv_total_blocks = pool_.num_blocks();
   if (BatchDecoder* d = opt_.draft) {
@@ -107,6 +112,16 @@ Engine::Engine(BatchDecoder& dec, const Tokenizer& tok, const EngineOptions& opt
                h->shape.K, "] (the heads), got ", opt_.draft_tokens);
     dec.hidden();  // throws unless the decoder keeps hidden states
     if (opt_.medusa_tree) layout_.emplace(*opt_.medusa_tree, h->shape.K);
+  }
+  if (opt_.mtp) {
+    KILN_CHECK(!opt_.draft && !opt_.medusa, "give at most one of MTP self-drafting, --medusa and --draft-model");
+    const int D = dec.self_draft_depth();
+    KILN_CHECK(D > 0, "MTP self-drafting: the decoder has no multi-token-prediction modules (", dec.config().family,
+               " model; BatchDecoderOptions::self_draft)");
+    KILN_CHECK(opt_.draft_tokens >= 1 && opt_.draft_tokens <= std::min(D, kMaxDraftTokens), "--draft-tokens ",
+               opt_.draft_tokens, ": the model has ", D, " multi-token-prediction module", D == 1 ? "" : "s",
+               ", so MTP self-drafting proposes 1 to ", std::min(D, kMaxDraftTokens), " tokens a round");
+    dec.stream();  // throws unless the decoder keeps the streams
   }
   KILN_CHECK(!opt_.medusa_tree || opt_.medusa, "--medusa-tree needs --medusa");
   KILN_CHECK(!opt_.medusa_typical || opt_.medusa_tree, "--typical-threshold / --typical-alpha need --medusa-tree");
@@ -186,6 +201,13 @@ void Engine::admit() {
       s->max_new = job->max_new()[size_t(i)];
       ok = pool_.acquire(s->tokens, s->prompt_len + s->max_new, s->blocks, s->cached);
       s->dcached = s->cached;  // shared prompt blocks hold the draft's keys too
+      if (opt_.mtp && p.presence_penalty == 0 && p.frequency_penalty == 0) {  // a sequence that may draft
+        const int D = dec_.self_draft_depth();
+        s->mlen.assign(size_t(D), 0);
+        s->hbase.assign(size_t(D), 0);
+        s->mused.assign(size_t(D), std::vector<int32_t>(size_t(s->prompt_len + s->max_new), -1));
+        s->hrows.assign(size_t(D), {});
+      }
       if (ok) seqs.push_back(std::move(s));
     }
     if (!ok) {
@@ -338,6 +360,104 @@ void Engine::propose(const std::vector<Seq*>& prefill, const std::vector<Seq*>& 
   }
 }
 
+namespace {
+
+// Depth d's hidden states from position `at` on: the rows from `at` are replaced by n new ones (at is at most one
+// past the last row kept).
+void put_rows(std::vector<float>& rows, int base, int at, const float* src, int n, int C) {
+  KILN_CHECK(at >= base && size_t(at - base) * size_t(C) <= rows.size(), "engine: MTP hidden states of position ", at,
+             " do not follow those kept (", base, " + ", rows.size() / size_t(C), ")");
+  rows.resize(size_t(at - base) * size_t(C));
+  rows.insert(rows.end(), src, src + size_t(n) * size_t(C));
+}
+
+}  // namespace
+
+void Engine::mtp_commit(Seq& s, const float* stream, int past, int valid) {
+  if (s.mlen.empty()) return;  // a sequence that never drafts
+  const int C = dec_.config().d_model, D = int(s.mlen.size()), T = int(s.tokens.size());
+  put_rows(s.hrows[0], s.hbase[0], past, stream, valid, C);
+  int bound = past;  // depth k's hidden states changed from here on
+  for (int k = 0; k < D; k++) {
+    int& m = s.mlen[size_t(k)];
+    m = std::min(m, bound);
+    // Only the last entries can have read a draft: module k + 1 at position i reads token i + k + 1.
+    for (int i = std::max(0, m - D - 1); i < m; i++) {
+      const int at = i + k + 1;
+      if (at >= T || s.mused[size_t(k)][size_t(i)] != s.tokens[size_t(at)]) {
+        m = i;
+        break;
+      }
+    }
+    if (k + 1 < D) {  // the module's outputs (depth k + 1) are valid where its entries are
+      std::vector<float>& h = s.hrows[size_t(k + 1)];
+      h.resize(std::min(h.size(), size_t(std::max(0, m - s.hbase[size_t(k + 1)])) * size_t(C)));
+    }
+    bound = m;
+  }
+}
+
+// Draft j of every drafting sequence from module j in one batched pass: the module first takes in the positions
+// it has not cached (or holds stale entries for) up to the newest cached one, whose output is the guess.
+void Engine::propose_mtp(const std::vector<Seq*>& drafting) {
+  const int C = dec_.config().d_model, D = dec_.self_draft_depth(), V = opt_.sample_vocab;
+  const size_t TV = size_t(dec_.config().vocab_size);
+  int kmax = 0;
+  for (Seq* s : drafting) {
+    kmax = std::max(kmax, s->k);
+    s->drafts.clear();
+    if (int(s->qs.size()) < s->k) s->qs.resize(size_t(s->k));
+  }
+  std::vector<DraftRow> rows;
+  std::vector<Seq*> who;
+  std::vector<std::vector<int32_t>> toks(drafting.size());
+  for (int j = 1; j <= kmax; j++) {
+    const size_t d = size_t(j - 1);  // module j reads depth j − 1
+    rows.clear();
+    who.clear();
+    for (Seq* s : drafting) {
+      if (s->k < j) continue;
+      const int L = s->cached, T = int(s->tokens.size());
+      const int start = std::min(s->mlen[d], L - 1);
+      // Depth d's rows before `start` are no longer needed (entries below it read committed tokens only).
+      std::vector<float>& h = s->hrows[d];
+      const int drop = std::min(start - s->hbase[d], int(h.size() / size_t(C)));
+      h.erase(h.begin(), h.begin() + std::ptrdiff_t(drop) * C);
+      s->hbase[d] += drop;
+      KILN_CHECK(s->hbase[d] <= start && s->hbase[d] + int(h.size() / size_t(C)) >= L, "engine: MTP depth ", d,
+                 " holds positions ", s->hbase[d], " + ", h.size() / size_t(C), ", not ", start, " .. ", L - 1);
+      std::vector<int32_t>& t = toks[who.size()];
+      t.resize(size_t(L - start));
+      for (int i = start; i < L; i++) {
+        const int at = i + j;  // this round's drafts follow the tokens
+        t[size_t(i - start)] = at < T ? s->tokens[size_t(at)] : s->drafts[size_t(at - T)];
+      }
+      DraftRow r;
+      r.tokens = t.data();
+      r.hidden = h.data() + size_t(start - s->hbase[d]) * size_t(C);
+      r.n = L - start;
+      r.past = start;
+      r.blocks = s->blocks.data();
+      r.n_blocks = int(s->blocks.size());
+      rows.push_back(r);
+      who.push_back(s);
+    }
+    if (rows.empty()) break;
+    const float* lg = dec_.self_draft(j, rows);
+    const float* out = dec_.draft_hidden();
+    size_t off = 0;
+    for (size_t r = 0; r < rows.size(); r++) {
+      Seq& s = *who[r];
+      for (int i = 0; i < rows[r].n; i++) s.mused[d][size_t(rows[r].past + i)] = rows[r].tokens[i];
+      s.mlen[d] = s.cached;
+      if (j < D) put_rows(s.hrows[d + 1], s.hbase[d + 1], rows[r].past, out + off * size_t(C), rows[r].n, C);
+      off += size_t(rows[r].n);
+      dense_distribution(s.sampler, lg + r * TV, V, s.qs[d]);
+      s.drafts.push_back(sample_dense(s.qs[d], s.rng));
+    }
+  }
+}
+
 void Engine::propose_medusa(const std::vector<Seq*>& drafting) {
   const nn::MedusaHeads& h = *opt_.medusa;
   const int C = h.shape.C, HV = h.shape.V, V = opt_.sample_vocab;
@@ -426,9 +546,10 @@ void Engine::step() {
       const JobParams& p = s->job->params();
       // Proposals: at most K, and no more than max_tokens leaves room to produce after them (which also keeps
       // every position checked inside the sequence's blocks and the context).
-      if ((opt_.draft || opt_.medusa) && p.presence_penalty == 0 && p.frequency_penalty == 0)
+      if ((opt_.draft || opt_.medusa || opt_.mtp) && p.presence_penalty == 0 && p.frequency_penalty == 0)
         s->k = std::max(0, std::min(opt_.draft_tokens, s->max_new - s->generated - 1));
       if (opt_.medusa && s->hid.empty()) s->k = 0;  // a one-token prompt: no hidden state yet
+      if (opt_.mtp && s->cached == 0) s->k = 0;     // the modules draft from a cached position
       if (s->k > 0 && layout_ && (s->sampler.params().greedy() || opt_.medusa_typical)) {
         // A tree instead of the chain: its nodes take slots cached .. cached + tn - 1, within the blocks held
         // (prompt + max_tokens) and the context.
@@ -444,6 +565,7 @@ void Engine::step() {
   }
   if (opt_.draft) propose(prefill, drafting);
   if (opt_.medusa) propose_medusa(drafting);
+  if (opt_.mtp) propose_mtp(drafting);
   if (!trees.empty()) propose_tree(trees);
   std::vector<BatchRow> rows;
   for (Seq* s : who) {
@@ -472,12 +594,14 @@ void Engine::step() {
   const float* logits = dec_.forward(rows);
   metrics_.steps++;
   const size_t TV = size_t(dec_.config().vocab_size);
-  size_t off = 0;
+  const int C = dec_.config().d_model;
+  size_t off = 0, soff = 0;  // the row's first logits row and first stream row
   for (size_t i = 0; i < rows.size(); i++) {
     Seq& s = *who[i];
     const float* lg = logits + off * TV;
     off += rows[i].all_logits ? size_t(rows[i].n) : 1;
-    const int C = dec_.config().d_model;
+    const float* st = opt_.mtp ? dec_.stream() + soff * size_t(C) : nullptr;
+    soff += size_t(rows[i].n);
     auto keep_hidden = [&](size_t row) {  // Medusa's next proposals read the state behind the newest token
       if (!opt_.medusa) return;
       const float* hd = dec_.hidden() + row * size_t(C);
@@ -510,6 +634,7 @@ void Engine::step() {
       continue;
     }
     if (s.k == 0) {
+      if (opt_.mtp) mtp_commit(s, st, s.cached, rows[i].n);
       s.cached += rows[i].n;
       if (s.cached == int(s.tokens.size())) {
         keep_hidden(off - 1);
@@ -531,6 +656,7 @@ void Engine::step() {
     // took in proposals 0 .. k-2 after the committed tokens, so it keeps as many of them as were accepted.
     s.cached = T + accepted;
     s.dcached = T + std::min(accepted, s.k - 1);
+    if (opt_.mtp) mtp_commit(s, st, T - 1, accepted + 1);
   }
   std::erase_if(running_, [](const std::unique_ptr<Seq>& s) { return s->done; });
 }

@@ -25,6 +25,13 @@
 // draft model's proposals, with the same exact rule: the proposal distribution is one-hot (the draft is
 // deterministic), so greedy output is plain greedy output and samples follow the target's distribution.
 //
+// MTP self-drafting (EngineOptions::mtp): module k of the model proposes draft k of a round from the previous
+// depth's hidden state (module 1: the target's stream, which the decoder keeps for every new token) and the
+// token before it, through its own layer of the paged cache; like Medusa's chain, the proposals are checked as
+// a draft model's. Each sequence keeps per module its cached length and the token each entry read, and per depth
+// the hidden states of the positions the next module has yet to take in; a rejected draft invalidates the
+// entries that read it (and every later module's from there), which the next round runs again.
+//
 // Medusa trees (EngineOptions::medusa_tree, as kiln generate's --medusa-tree): greedy sequences (temperature 0,
 // no penalties) check a static tree of the heads' top choices instead (infer/medusa.h MedusaLayout), one tree row
 // each in the batched forward (tree attention through the paged cache); the longest path of the target's own
@@ -143,6 +150,10 @@ struct EngineOptions {
   // sampled at the path's end.
   bool medusa_typical = false;
   float typical_threshold = 0.09f, typical_alpha = 0.3f;
+  // Or MTP self-drafting: the decoder's multi-token-prediction modules (BatchDecoderOptions::self_draft and
+  // keep_stream) propose draft_tokens (at most the modules) a round, checked like a draft model's. Turns the
+  // prefix cache off: a module's entry at a block's last positions reads the tokens after the block.
+  bool mtp = false;
 };
 
 class Engine {
@@ -182,6 +193,10 @@ class Engine {
   void propose(const std::vector<Seq*>& prefill, const std::vector<Seq*>& drafting);
   void propose_medusa(const std::vector<Seq*>& drafting);
   void propose_tree(const std::vector<Seq*>& trees);  // each sequence's tree tokens (feed) and size (tn)
+  void propose_mtp(const std::vector<Seq*>& drafting);
+  // After a forward: the stream rows of a sequence's valid new positions (MTP module 1's input), and the
+  // modules' entries that read a token other than the one committed there now (a rejected draft) dropped.
+  void mtp_commit(Seq& s, const float* stream, int past, int valid);
 };
 
 }  // namespace kiln::serve

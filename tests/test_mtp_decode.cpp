@@ -12,6 +12,7 @@
 #include <vector>
 
 #include "chi2_test_util.h"
+#include "mtp_test_util.h"
 #include "core/error.h"
 #include "core/rng.h"
 #include "infer/generate.h"
@@ -25,61 +26,16 @@ using namespace kiln;
 
 using kiln::test::exact_joint;
 using kiln::test::random_table;
+using kiln::test::deepseek_mtp;
+using kiln::test::depth_logits;
+using kiln::test::mtp_model;
 
 namespace {
-
-ModelConfig deepseek_mtp(int max_pos, int V = 53, int modules = 3) {
-  const std::string json = R"({"model_type":"deepseek_v3","hidden_size":32,"num_attention_heads":2,
-       "num_hidden_layers":2,"intermediate_size":36,"vocab_size":)" + std::to_string(V) +
-                           R"(,"max_position_embeddings":)" + std::to_string(max_pos) + R"(,
-       "rms_norm_eps":1e-6,"q_lora_rank":16,"kv_lora_rank":16,"qk_nope_head_dim":16,"qk_rope_head_dim":16,
-       "v_head_dim":16,"num_nextn_predict_layers":)" + std::to_string(modules) + R"(,"hidden_act":"silu",
-       "tie_word_embeddings":false})";
-  return parse_model_config(json, "deepseek_mtp/config.json");
-}
-
-// Random weights, scaled up so that the output varies with the context, with non-trivial norm gains.
-std::unique_ptr<Model> model_of(const ModelConfig& cfg, uint64_t seed, float scale) {
-  ModelOptions o;
-  o.with_grads = false;
-  auto m = make_model(cfg, o);
-  m->init_random(seed);
-  Rng r(seed + 1);
-  for (const ParamSpec& s : m->table().specs)
-    for (int64_t i = 0; i < s.numel(); i++) {
-      float& w = m->host_params()[s.offset + i];
-      w = s.shape.ndim == 1 ? w + 0.3f * r.normal() : w * scale;
-    }
-  m->params_changed();
-  return m;
-}
-
-// The training forward's logits of depth k (module k at position i guesses token i+k+1) [T, V]: a model with
-// k modules holding the same tensors, whose last head is module k's.
-std::vector<float> depth_logits(const ModelConfig& cfg, Model& full, int k, const std::vector<int32_t>& t,
-                                int T) {
-  ModelConfig c = cfg;
-  c.mtp_depth = k;
-  ModelOptions o;
-  o.with_grads = false;
-  auto m = make_model(c, o);
-  for (const ParamSpec& s : m->table().specs) {
-    const ParamSpec* f = full.table().find(s.name);
-    EXPECT_TRUE(f) << s.name;
-    std::copy_n(full.host_params() + f->offset, s.numel(), m->host_params() + s.offset);
-  }
-  m->params_changed();
-  std::vector<int32_t> pos(static_cast<size_t>(T));
-  for (int i = 0; i < T; i++) pos[size_t(i)] = i;
-  m->plan(1, T);
-  m->forward(t.data(), pos.data(), t.data() + 1, m->attention(1, T), 0.0f);
-  return std::vector<float>(m->logits(), m->logits() + size_t(T) * size_t(c.vocab_size));
-}
 
 TEST(MTPDecode, ChainedDraftsEqualTrainingForward) {
   const ModelConfig cfg = deepseek_mtp(32, 37, 3);
   const int T = 14, V = cfg.vocab_size;
-  auto m = model_of(cfg, 61, 1.0f);
+  auto m = mtp_model(cfg, 61, 1.0f);
   Rng r(62);
   std::vector<int32_t> t(T + 1);
   for (int32_t& x : t) x = int32_t(r.below(uint64_t(V)));
@@ -154,7 +110,7 @@ TEST(MTPDecode, GreedyEqualsPlainGreedy) {
   for (int32_t& x : long_prompt) x = int32_t(r.below(uint64_t(V)));
   const std::vector<std::vector<int32_t>> prompts = {{5}, {1, 2, 3, 4}, {50, 17, 33, 8, 41, 2, 2, 40, 11},
                                                      long_prompt};
-  auto m = model_of(cfg, 75, 4.0f);
+  auto m = mtp_model(cfg, 75, 4.0f);
   for (WeightFormat f : {WeightFormat::F32, WeightFormat::Q8_0})
     for (const auto& prompt : prompts) {
       DecoderOptions d;

@@ -1,6 +1,7 @@
 // Narrow-weight products (kernels/narrow_gemv.h): the conversion against the formats' definitions (bf16/f16
 // exactly the scalar rounding; q8_0 within half a step of its block's scale, and the scale amax/127), the CPU
-// kernels (SIMD and portable) against ref::, and a row's result independent of how many rows a call takes.
+// kernels (each level this CPU has: AVX-512, AVX2, portable) against ref::, and a row's result independent of how
+// many rows a call takes.
 #include <cmath>
 #include <vector>
 
@@ -23,6 +24,16 @@ struct Narrow {
 };
 
 const WeightFormat kFormats[] = {WeightFormat::BF16, WeightFormat::F16, WeightFormat::Q8_0};
+const cpu::NarrowIsa kLevels[] = {cpu::NarrowIsa::Avx512, cpu::NarrowIsa::Avx2, cpu::NarrowIsa::Portable};
+const char* level_name(cpu::NarrowIsa l) {
+  return l == cpu::NarrowIsa::Avx512 ? "avx512" : l == cpu::NarrowIsa::Avx2 ? "avx2" : "portable";
+}
+
+// Caps the kernels at a level for a scope (a level the CPU lacks runs the best one below it).
+struct LimitIsa {
+  explicit LimitIsa(cpu::NarrowIsa l) { cpu::narrow_limit_isa(l); }
+  ~LimitIsa() { cpu::narrow_limit_isa(cpu::NarrowIsa::Avx512); }
+};
 
 TEST(NarrowGemv, FormatNames) {
   for (WeightFormat f : {WeightFormat::F32, WeightFormat::BF16, WeightFormat::F16, WeightFormat::Q8_0})
@@ -67,9 +78,9 @@ TEST(NarrowGemv, ConversionFollowsTheFormats) {
     }
 }
 
-void expect_matches_ref(WeightFormat f, int64_t M, int64_t K, int64_t N, bool bias, bool acc, bool portable) {
+void expect_matches_ref(WeightFormat f, int64_t M, int64_t K, int64_t N, bool bias, bool acc, cpu::NarrowIsa level) {
   SCOPED_TRACE(std::string(weight_format_name(f)) + " M" + std::to_string(M) + " K" + std::to_string(K) + " N" +
-               std::to_string(N) + (bias ? " bias" : "") + (acc ? " acc" : "") + (portable ? " portable" : ""));
+               std::to_string(N) + (bias ? " bias" : "") + (acc ? " acc" : "") + " " + level_name(level));
   const std::vector<float> w = test::randn(size_t(M * K), 11, 0.1f);
   const std::vector<float> b = test::randn(size_t(M), 12, 0.5f);
   const int64_t ldx = K + 3, ldy = M + 5;
@@ -77,9 +88,10 @@ void expect_matches_ref(WeightFormat f, int64_t M, int64_t K, int64_t N, bool bi
   const std::vector<float> y0 = test::randn(size_t(N * ldy), 14);
   Narrow n(f, w, M, K, false);
   std::vector<float> got = y0, want = y0;
-  cpu::narrow_force_portable(portable);
-  cpu::narrow_gemm(got.data(), ldy, x.data(), ldx, N, n.A, bias ? b.data() : nullptr, acc);
-  cpu::narrow_force_portable(false);
+  {
+    LimitIsa limit(level);
+    cpu::narrow_gemm(got.data(), ldy, x.data(), ldx, N, n.A, bias ? b.data() : nullptr, acc);
+  }
   const bool wide = N > kNarrowDirectRows;
   if (!wide) {
     ref::narrow_gemm(want.data(), ldy, x.data(), ldx, N, n.A, bias ? b.data() : nullptr, acc);
@@ -106,25 +118,31 @@ TEST(NarrowGemv, MatchesReference) {
     for (int64_t K : {16, 29, 64, 96, 200, 768})
       for (int64_t N : {int64_t(1), int64_t(3), int64_t(8), int64_t(9), int64_t(16), int64_t(17), int64_t(40),
                         int64_t(kNarrowDirectRows + 1)})
-        for (bool portable : {false, true}) {
+        for (cpu::NarrowIsa level : kLevels) {
           if (N > 9 && K != 96 && K != 768) continue;
-          expect_matches_ref(f, 70, K, N, N % 2 == 1, N == 3 || N == 17, portable);
+          expect_matches_ref(f, 70, K, N, N % 2 == 1, N == 3 || N == 17, level);
         }
   // Enough rows for the threads to split the matrix.
-  for (WeightFormat f : kFormats) expect_matches_ref(f, 1000, 512, 2, true, true, false);
+  for (WeightFormat f : kFormats)
+    for (cpu::NarrowIsa level : kLevels) expect_matches_ref(f, 1000, 512, 2, true, true, level);
 }
 
 TEST(NarrowGemv, RowResultIndependentOfRowCount) {
-  const int64_t M = 300, K = 160, N = kNarrowDirectRows;
+  const int64_t M = 300, K = 168, N = kNarrowDirectRows;  // K: the 16-bit kernels' 16- and 8-wide steps and a tail
   const std::vector<float> w = test::randn(size_t(M * K), 21, 0.1f), x = test::randn(size_t(N * K), 22);
-  for (WeightFormat f : kFormats) {
-    Narrow n(f, w, M, K, false);
-    std::vector<float> all(size_t(N * M));
-    cpu::narrow_gemm(all.data(), M, x.data(), K, N, n.A, nullptr, false);
-    for (int64_t r = 0; r < N; r++) {
-      std::vector<float> one(static_cast<size_t>(M));
-      cpu::narrow_gemm(one.data(), M, x.data() + r * K, K, 1, n.A, nullptr, false);
-      for (int64_t m = 0; m < M; m++) ASSERT_EQ(one[size_t(m)], all[size_t(r * M + m)]) << weight_format_name(f) << " row " << r;
+  for (cpu::NarrowIsa level : kLevels) {
+    LimitIsa limit(level);
+    for (WeightFormat f : kFormats) {
+      Narrow n(f, w, M, K, false);
+      std::vector<float> all(size_t(N * M));
+      cpu::narrow_gemm(all.data(), M, x.data(), K, N, n.A, nullptr, false);
+      for (int64_t r = 0; r < N; r++) {
+        std::vector<float> one(static_cast<size_t>(M));
+        cpu::narrow_gemm(one.data(), M, x.data() + r * K, K, 1, n.A, nullptr, false);
+        for (int64_t m = 0; m < M; m++)
+          ASSERT_EQ(one[size_t(m)], all[size_t(r * M + m)]) << weight_format_name(f) << " " << level_name(level)
+                                                             << " row " << r;
+      }
     }
   }
 }
@@ -132,9 +150,14 @@ TEST(NarrowGemv, RowResultIndependentOfRowCount) {
 TEST(NarrowGemv, KernelNames) {
   // This machine's kernels (the names say which path the speed numbers come from).
   for (WeightFormat f : kFormats) EXPECT_NE(std::string(cpu::narrow_kernel_name(f)), "");
-  cpu::narrow_force_portable(true);
-  EXPECT_STREQ(cpu::narrow_kernel_name(WeightFormat::Q8_0), "portable");
-  cpu::narrow_force_portable(false);
+  {
+    LimitIsa limit(cpu::NarrowIsa::Portable);
+    EXPECT_STREQ(cpu::narrow_kernel_name(WeightFormat::Q8_0), "portable");
+  }
+  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c")) {
+    LimitIsa limit(cpu::NarrowIsa::Avx2);
+    for (WeightFormat f : kFormats) EXPECT_STREQ(cpu::narrow_kernel_name(f), "avx2");
+  }
 }
 
 }  // namespace

@@ -20,6 +20,7 @@
 #include "nn/medusa.h"
 #include "serve/engine.h"
 #include "decode_test_util.h"
+#include "serve_test_util.h"
 #include "test_util.h"
 
 using namespace kiln;
@@ -152,16 +153,12 @@ struct Served {
   std::string finish;
 };
 
-// Greedy jobs (one prompt each) served at once with Medusa heads and a tree; the tokens each choice reported
-// (the tokenizer maps id i to 'A' + i, so the text gives them back).
+// Greedy jobs (one prompt each) served at once with Medusa heads and a tree; the tokens each choice reported.
 // typical: {ε, α} for sampled jobs (temperature 0.8, seed 5); heads null: plain serving.
 std::vector<Served> serve_tree(BatchDecoder& dec, const nn::MedusaHeads* heads, const MedusaTree& tree,
                                std::optional<int32_t> eot, const std::vector<std::vector<int32_t>>& prompts,
                                int max_new, serve::Metrics& metrics,
                                std::optional<std::pair<float, float>> typical = std::nullopt) {
-  std::vector<std::string> pieces;
-  for (int i = 0; i < 256; i++) pieces.push_back(std::string(1, char(('A' + i) % 256)));
-  const Tokenizer tok = Tokenizer::from_parts(pieces, {}, {});
   serve::EngineOptions eo;
   eo.parallel = 8;
   eo.eot = eot;
@@ -175,35 +172,18 @@ std::vector<Served> serve_tree(BatchDecoder& dec, const nn::MedusaHeads* heads, 
     eo.typical_threshold = typical->first;
     eo.typical_alpha = typical->second;
   }
-  serve::Engine engine(dec, tok, eo, metrics);
-  engine.start();
-  std::vector<std::shared_ptr<serve::Job>> jobs;
   serve::JobParams jp;
   jp.temperature = 0;
   if (typical) {
     jp.temperature = 0.8f;
     jp.seed = 5;
   }
-  for (const auto& p : prompts) {
-    jobs.push_back(std::make_shared<serve::Job>(std::vector<std::vector<int32_t>>{p}, std::vector<int>{max_new}, jp));
-    engine.submit(jobs.back());
+  std::vector<Served> out;
+  for (const test::Served& s : test::serve_jobs(dec, eo, prompts, max_new, jp, metrics)) {
+    Served o{test::letter_ids(s.text), s.finish};
+    if (eot && s.tokens == int(o.tokens.size()) + 1) o.tokens.push_back(*eot);  // end of text has no text
+    out.push_back(o);
   }
-  std::vector<Served> out(prompts.size());
-  for (size_t i = 0; i < jobs.size(); i++) {
-    std::vector<serve::ChoiceEvent> ev;
-    while (!jobs[i]->done()) jobs[i]->wait(ev, std::chrono::milliseconds(100));
-    EXPECT_EQ(jobs[i]->error(), "");
-    std::string text;
-    int n = 0;
-    for (const auto& e : ev) {
-      text += e.text;
-      n = e.tokens;
-      if (!e.finish.empty()) out[i].finish = e.finish;
-    }
-    for (char c : text) out[i].tokens.push_back(int32_t(c - 'A'));
-    if (eot && n == int(out[i].tokens.size()) + 1) out[i].tokens.push_back(*eot);  // end of text has no text
-  }
-  engine.stop();
   return out;
 }
 

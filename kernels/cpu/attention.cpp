@@ -93,7 +93,9 @@ inline void block(float* C, int64_t ldc, const float* s, int64_t srs, int64_t sk
 #pragma GCC unroll 4
     for (int v = 0; v < NV; v++) {
       f32x16 t = load(A + k * lda + v * kLanes);
+#ifdef __AVX512F__  // one zmm register; without AVX-512 the 16 lanes span two registers
       asm("" : "+v"(t));  // keep the row in a register (GCC would otherwise reload it for every FMA)
+#endif
       a[v] = t;
     }
 #pragma GCC unroll 8

@@ -25,10 +25,18 @@
 #include <climits>
 #include <cstring>
 
+#include "core/dtype.h"
 #include "core/error.h"
 #include "kernels/cpu/parallel.h"
 #include "kernels/matmul.h"
 #include "kernels/matmul_lowp.h"
+
+// The conversions use AVX-512 (F, BW, VL) where the build targets it, else plain loops.
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__)
+#define KILN_LOWP_AVX512 1
+#else
+#define KILN_LOWP_AVX512 0
+#endif
 
 namespace kiln::cpu {
 
@@ -37,6 +45,7 @@ namespace kiln::cpu {
 // ---------------------------------------------------------------------------------------------------
 namespace {
 
+#if KILN_LOWP_AVX512
 // Exact round-to-nearest-even of 16 floats to bf16 in integer arithmetic (keeps subnormals, quiets
 // NaN): the fix-up for lanes the hardware instruction flushes (it treats subnormal inputs as zero).
 inline __m256i bf16_rne_exact(__m512 v) {
@@ -110,6 +119,31 @@ void round_trip_range(float* dst, const float* src, int64_t n, LowpType t) {
     _mm512_mask_storeu_ps(dst + i, m, widen16(h, t));
   }
 }
+
+#else
+// Without AVX-512: the scalar conversions of core/dtype.h (the same rounding), which the compiler vectorises.
+void to_bf16_range(uint16_t* dst, const float* src, int64_t b, int64_t e) {
+  for (int64_t i = b; i < e; i++) dst[i] = f32_to_bf16(src[i]);
+}
+
+void to_fp16_range(uint16_t* dst, const float* src, int64_t b, int64_t e) {
+  for (int64_t i = b; i < e; i++) dst[i] = f32_to_f16(src[i]);
+}
+
+void from_lowp_range(float* dst, const uint16_t* src, int64_t b, int64_t e, LowpType t) {
+  if (t == LowpType::BF16)
+    for (int64_t i = b; i < e; i++) dst[i] = bf16_to_f32(src[i]);
+  else
+    for (int64_t i = b; i < e; i++) dst[i] = f16_to_f32(src[i]);
+}
+
+void round_trip_range(float* dst, const float* src, int64_t n, LowpType t) {
+  if (t == LowpType::BF16)
+    for (int64_t i = 0; i < n; i++) dst[i] = bf16_to_f32(f32_to_bf16(src[i]));
+  else
+    for (int64_t i = 0; i < n; i++) dst[i] = f16_to_f32(f32_to_f16(src[i]));
+}
+#endif  // KILN_LOWP_AVX512
 
 int blas_int(int64_t v, const char* what) {
   KILN_CHECK(v >= 0 && v <= INT_MAX, "gemm_lowp: ", what, " = ", v, " does not fit a 32-bit BLAS integer");

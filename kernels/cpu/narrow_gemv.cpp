@@ -160,8 +160,13 @@ void quantize_q8_block(const float* x, int n, float* dx, int8_t* qx) {
 namespace cpu {
 namespace {
 
-bool g_portable = false;
+NarrowIsa g_limit = NarrowIsa::Avx512;  // the best level the kernels may use (tests lower it)
 
+bool has_avx2() {
+  static const bool ok = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
+                         __builtin_cpu_supports("f16c");
+  return ok;
+}
 bool has_avx512() {
   static const bool ok = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
                          __builtin_cpu_supports("avx512vl");
@@ -388,8 +393,8 @@ KILN_VNNI void tile_q8(float* dot, int64_t ldd, const XQ& X, const NarrowMatrix&
   for (int i = 0; i < MR; i++)
     for (int n = 0; n < NR; n++) acc[i][n][0] = acc[i][n][1] = _mm512_setzero_ps();
   // One pair p of every (row, x row): j is p's place in its group of 16 blocks (p's parity is j's).
-  auto pair = [&](int64_t p, __m512i idx, const __m512 (&s16)[MR][NR], bool full, int par)
-                  __attribute__((always_inline)) {
+  auto pair = [&](int64_t p, __m512i idx, const __m512 (&s16)[MR][NR], bool full, int par) __attribute__((
+                  always_inline, target("avx512f,avx512bw,avx512vl,avx512dq,avx512vnni,f16c,fma"))) {
     const int64_t off = p * 64;
     __m512i xv[NR], st[NR];
     for (int n = 0; n < NR; n++) {
@@ -470,9 +475,166 @@ void rows_group(float* dot, int64_t ldd, const float* x, int64_t ldx, int64_t nr
   }
 }
 
-bool use_simd(WeightFormat f) {
-  if (g_portable) return false;
-  return f == WeightFormat::Q8_0 ? has_vnni() : has_avx512();
+// ---- AVX2 kernels (CPUs without AVX-512: Zen 2, Haswell to Alder Lake) ----
+// The same structure as the AVX-512 ones at half the width: each (row, x row) pair has two accumulators (the
+// 16-bit formats: columns k..k+7 and k+8..k+15 of each 16; q8_0: even and odd blocks), summed in the same order
+// whatever MR and NR are, so a row's value does not depend on the group it is computed in.
+#define KILN_AVX2 __attribute__((target("avx2,fma,f16c")))
+
+KILN_AVX2 inline float hsum8(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+
+// 8 weights from w as fp32.
+template <WeightFormat F>
+KILN_AVX2 inline __m256 widen8(const uint16_t* w) {
+  const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(w));
+  if constexpr (F == WeightFormat::F16) return _mm256_cvtph_ps(h);
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+}
+
+// dot[n][m - m0] for NR rows of x against MR rows of a 16-bit matrix from row m: 16 columns a step, the last
+// K % 8 columns in scalar (added after the vector sum).
+template <WeightFormat F, int MR, int NR>
+KILN_AVX2 void tile16_avx2(float* dot, int64_t ldd, const float* x, int64_t ldx, int64_t n0, const NarrowMatrix& A,
+                           int64_t m, int64_t m0) {
+  const int64_t K = A.K;
+  const uint16_t* w[MR];
+  for (int i = 0; i < MR; i++) w[i] = static_cast<const uint16_t*>(A.q) + (m + i) * A.ld;
+  __m256 a0[MR][NR], a1[MR][NR];
+  for (int i = 0; i < MR; i++)
+    for (int n = 0; n < NR; n++) a0[i][n] = a1[i][n] = _mm256_setzero_ps();
+  int64_t k = 0;
+  for (; k + 16 <= K; k += 16) {
+    __m256 e[MR], o[MR];
+    for (int i = 0; i < MR; i++) {
+      if ((k & 31) == 0) _mm_prefetch(reinterpret_cast<const char*>(w[i] + k) + kPrefetchBytes, kPrefetchHint);
+      e[i] = widen8<F>(w[i] + k);
+      o[i] = widen8<F>(w[i] + k + 8);
+    }
+    for (int n = 0; n < NR; n++) {
+      const float* xr = x + (n0 + n) * ldx + k;
+      const __m256 xe = _mm256_loadu_ps(xr), xo = _mm256_loadu_ps(xr + 8);
+      for (int i = 0; i < MR; i++) {
+        a0[i][n] = _mm256_fmadd_ps(e[i], xe, a0[i][n]);
+        a1[i][n] = _mm256_fmadd_ps(o[i], xo, a1[i][n]);
+      }
+    }
+  }
+  for (; k + 8 <= K; k += 8)
+    for (int i = 0; i < MR; i++) {
+      const __m256 e = widen8<F>(w[i] + k);
+      for (int n = 0; n < NR; n++) a0[i][n] = _mm256_fmadd_ps(e, _mm256_loadu_ps(x + (n0 + n) * ldx + k), a0[i][n]);
+    }
+  for (int i = 0; i < MR; i++)
+    for (int n = 0; n < NR; n++) {
+      float s = hsum8(_mm256_add_ps(a0[i][n], a1[i][n]));
+      const float* xr = x + (n0 + n) * ldx;
+      for (int64_t c = k; c < K; c++)
+        s += (F == WeightFormat::BF16 ? bf16_to_f32(w[i][c]) : f16_to_f32(w[i][c])) * xr[c];
+      dot[n * ldd + (m + i - m0)] = s;
+    }
+}
+
+template <WeightFormat F, int NR>
+KILN_AVX2 void rows16_avx2(float* dot, int64_t ldd, const float* x, int64_t ldx, int64_t n0, const NarrowMatrix& A,
+                           int64_t m0, int64_t m1) {
+  constexpr int MR = NR == 1 ? 4 : 2;
+  int64_t m = m0;
+  for (; m + MR <= m1; m += MR) tile16_avx2<F, MR, NR>(dot, ldd, x, ldx, n0, A, m, m0);
+  for (; m < m1; m++) tile16_avx2<F, 1, NR>(dot, ldd, x, ldx, n0, A, m, m0);
+}
+
+// q8_0: per block, the signed weights (u − 128: the stored bytes with the top bit flipped) against qx by
+// vpmaddubsw on |qx| and the weights carrying qx's sign (llama.cpp's AVX2 trick: both in [−127, 127], so the
+// 16-bit pair sums cannot saturate), vpmaddwd to int32 (exact), then fp32 times d·dx of the block into the
+// even or odd blocks' accumulator. x is quantized by quantize_x (the portable rule).
+template <int MR, int NR>
+KILN_AVX2 void tile_q8_avx2(float* dot, int64_t ldd, const XQ& X, const NarrowMatrix& A, int64_t n0, int64_t m,
+                            int64_t m0) {
+  const int64_t ld = A.ld, nb = X.nb;
+  const uint8_t* w[MR];
+  const uint16_t* d[MR];
+  for (int i = 0; i < MR; i++) {
+    w[i] = static_cast<const uint8_t*>(A.q) + (m + i) * ld;
+    d[i] = A.d + (m + i) * nb;
+  }
+  __m256 acc[MR][NR][2];
+  for (int i = 0; i < MR; i++)
+    for (int n = 0; n < NR; n++) acc[i][n][0] = acc[i][n][1] = _mm256_setzero_ps();
+  const __m256i flip = _mm256_set1_epi8(int8_t(0x80));
+  const __m256i ones = _mm256_set1_epi16(1);
+  for (int64_t g = 0; g < nb; g += 8) {  // 8 blocks share one widening of the scales
+    const int64_t gb = std::min<int64_t>(8, nb - g);
+    alignas(32) float s8[MR][NR][8];
+    for (int i = 0; i < MR; i++) {
+      _mm_prefetch(reinterpret_cast<const char*>(d[i] + g) + kPrefetchBytes / 16, kPrefetchHint);
+      alignas(16) uint16_t dh[8] = {};
+      for (int64_t j = 0; j < gb; j++) dh[j] = d[i][g + j];
+      const __m256 dw = _mm256_cvtph_ps(_mm_load_si128(reinterpret_cast<const __m128i*>(dh)));
+      for (int n = 0; n < NR; n++)
+        _mm256_store_ps(s8[i][n], _mm256_mul_ps(dw, _mm256_loadu_ps(X.dx.data() + (n0 + n) * X.ldd + g)));
+    }
+    for (int64_t j = 0; j < gb; j++) {
+      const int64_t off = (g + j) * kQ8Block;
+      __m256i ax[NR], sx[NR];
+      for (int n = 0; n < NR; n++) {
+        sx[n] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(X.qx.data() + (n0 + n) * X.ldq + off));
+        ax[n] = _mm256_sign_epi8(sx[n], sx[n]);
+      }
+      for (int i = 0; i < MR; i++) {
+        if ((j & 1) == 0) _mm_prefetch(reinterpret_cast<const char*>(w[i] + off) + kPrefetchBytes, kPrefetchHint);
+        const __m256i q = _mm256_xor_si256(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(w[i] + off)), flip);
+        for (int n = 0; n < NR; n++) {
+          const __m256i t = _mm256_madd_epi16(_mm256_maddubs_epi16(ax[n], _mm256_sign_epi8(q, sx[n])), ones);
+          acc[i][n][j & 1] =
+              _mm256_fmadd_ps(_mm256_cvtepi32_ps(t), _mm256_broadcast_ss(&s8[i][n][j]), acc[i][n][j & 1]);
+        }
+      }
+    }
+  }
+  for (int i = 0; i < MR; i++)
+    for (int n = 0; n < NR; n++) dot[n * ldd + (m + i - m0)] = hsum8(_mm256_add_ps(acc[i][n][0], acc[i][n][1]));
+}
+
+template <int NR>
+KILN_AVX2 void rows_q8_avx2(float* dot, int64_t ldd, const XQ& X, const NarrowMatrix& A, int64_t n0, int64_t m0,
+                            int64_t m1) {
+  constexpr int MR = NR == 1 ? 4 : NR == 2 ? 2 : 1;
+  int64_t m = m0;
+  for (; m + MR <= m1; m += MR) tile_q8_avx2<MR, NR>(dot, ldd, X, A, n0, m, m0);
+  for (; m < m1; m++) tile_q8_avx2<1, NR>(dot, ldd, X, A, n0, m, m0);
+}
+
+template <int NR>
+void rows_avx2(float* dot, int64_t ldd, const float* x, int64_t ldx, const NarrowMatrix& A, const XQ& X, int64_t n0,
+               int64_t m0, int64_t m1) {
+  switch (A.fmt) {
+    case WeightFormat::BF16: return rows16_avx2<WeightFormat::BF16, NR>(dot, ldd, x, ldx, n0, A, m0, m1);
+    case WeightFormat::F16: return rows16_avx2<WeightFormat::F16, NR>(dot, ldd, x, ldx, n0, A, m0, m1);
+    case WeightFormat::Q8_0: return rows_q8_avx2<NR>(dot, ldd, X, A, n0, m0, m1);
+    case WeightFormat::F32: return;
+  }
+}
+
+void rows_group_avx2(float* dot, int64_t ldd, const float* x, int64_t ldx, int64_t nr, const NarrowMatrix& A,
+                     const XQ& X, int64_t n0, int64_t m0, int64_t m1) {
+  switch (nr) {
+    case 1: return rows_avx2<1>(dot, ldd, x, ldx, A, X, n0, m0, m1);
+    case 2: return rows_avx2<2>(dot, ldd, x, ldx, A, X, n0, m0, m1);
+    case 3: return rows_avx2<3>(dot, ldd, x, ldx, A, X, n0, m0, m1);
+    default: return rows_avx2<4>(dot, ldd, x, ldx, A, X, n0, m0, m1);
+  }
+}
+
+// The kernels a format runs on this CPU, at most g_limit.
+NarrowIsa isa(WeightFormat f) {
+  if (g_limit == NarrowIsa::Avx512 && (f == WeightFormat::Q8_0 ? has_vnni() : has_avx512())) return NarrowIsa::Avx512;
+  if (g_limit != NarrowIsa::Portable && has_avx2()) return NarrowIsa::Avx2;
+  return NarrowIsa::Portable;
 }
 
 // Rows of the matrix a thread takes at a time (its slice is contiguous; partial dots for them live on its stack).
@@ -483,16 +645,16 @@ void narrow_direct(float* y, int64_t ldy, const float* x, int64_t ldx, int64_t N
   // The caller's thread quantizes x once; the team reads it through this reference (not its own thread_local).
   thread_local XQ xq;
   XQ& X = xq;
-  const bool simd = use_simd(A.fmt);
+  const NarrowIsa level = isa(A.fmt);
   if (A.fmt == WeightFormat::Q8_0) {
-    if (simd)
+    if (level == NarrowIsa::Avx512)
       quantize_x_simd(X, x, ldx, N, A.K, A.ld);
     else
       quantize_x(X, x, ldx, N, A.K, A.ld);
   }
-  if (A.fmt == WeightFormat::BF16 && simd) split_x(X, x, ldx, N, A.K);
+  if (A.fmt == WeightFormat::BF16 && level == NarrowIsa::Avx512) split_x(X, x, ldx, N, A.K);
   // x rows per pass over the matrix: as many as the registers hold accumulators for.
-  const int64_t group = A.fmt == WeightFormat::Q8_0 ? 8 : 2;
+  const int64_t group = A.fmt == WeightFormat::Q8_0 ? (level == NarrowIsa::Avx512 ? 8 : 4) : 2;
   const int64_t M = A.M;
   const bool parallel = M * A.K * N >= (1 << 15);
 #pragma omp parallel if (parallel)
@@ -505,8 +667,10 @@ void narrow_direct(float* y, int64_t ldy, const float* x, int64_t ldx, int64_t N
       const int64_t m1 = std::min(e, m0 + kRowChunk), mt = m1 - m0;
       for (int64_t n0 = 0; n0 < N; n0 += group) {
         const int64_t nr = std::min<int64_t>(group, N - n0);
-        if (simd)
+        if (level == NarrowIsa::Avx512)
           rows_group(dot, mt, x, ldx, nr, A, X, n0, m0, m1);
+        else if (level == NarrowIsa::Avx2)
+          rows_group_avx2(dot, mt, x, ldx, nr, A, X, n0, m0, m1);
         else
           rows_portable(dot, x, ldx, n0, nr, A, X, m0, m1);
         for (int64_t n = 0; n < nr; n++)
@@ -575,11 +739,15 @@ void narrow_gemm(float* y, int64_t ldy, const float* x, int64_t ldx, int64_t N, 
 }
 
 const char* narrow_kernel_name(WeightFormat f) {
-  if (!use_simd(f)) return "portable";
-  return f == WeightFormat::Q8_0 ? "avx512-vnni" : "avx512";
+  switch (isa(f)) {
+    case NarrowIsa::Avx512: return f == WeightFormat::Q8_0 ? "avx512-vnni" : "avx512";
+    case NarrowIsa::Avx2: return "avx2";
+    case NarrowIsa::Portable: break;
+  }
+  return "portable";
 }
 
-void narrow_force_portable(bool on) { g_portable = on; }
+void narrow_limit_isa(NarrowIsa max) { g_limit = max; }
 
 }  // namespace cpu
 }  // namespace kiln

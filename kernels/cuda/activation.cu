@@ -266,23 +266,28 @@ void sum_heads(uint16_t* out, int64_t ld_out, const uint16_t* in, int64_t ld_in,
                static_cast<cudaStream_t>(stream), out, ld_out, in, ld_in, heads, head_stride, width, n);
 }
 
-// One thread per copied element; the destination row comes from the sequence's cached length on the device.
+// One thread per copied element; the destination row comes from the sequence's cached length on the device
+// (and with a block table, from the block holding that position).
 KILN_GLOBAL void rows_append_kernel(uint16_t* cache, int64_t batch_stride, const uint16_t* src, int64_t ld_src,
-                                    int width, int Tq, const int32_t* past, int64_t n) {
+                                    int width, int Tq, const int32_t* past, int64_t n, const int32_t* table,
+                                    int block_size, int64_t table_stride) {
   for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < n; i += int64_t(gridDim.x) * blockDim.x) {
-    const int64_t r = i / width, c = i % width, b = r / Tq, j = r % Tq;
-    cache[b * batch_stride + (past[b] + j) * width + c] = src[r * ld_src + c];
+    const int64_t r = i / width, c = i % width, b = r / Tq, j = past[b] + r % Tq;
+    const int64_t at = table ? (int64_t(table[b * table_stride + j / block_size]) * block_size + j % block_size) * width
+                             : b * batch_stride + j * width;
+    cache[at + c] = src[r * ld_src + c];
   }
 }
 void rows_append(uint16_t* cache, int64_t batch_stride, const uint16_t* src, int64_t ld_src, int width, int B, int Tq,
-                 const int32_t* past, void* stream) {
+                 const int32_t* past, void* stream, const KVPages& pages) {
   KILN_CHECK(B >= 0 && Tq >= 0 && width >= 0 && ld_src >= width, "rows_append: ", B, "x", Tq, " rows of ", width,
              " (source stride ", ld_src, ")");
   const int64_t n = int64_t(B) * Tq * width;
   if (n == 0) return;
   KILN_CHECK(cache && src && past, "rows_append: null pointer argument");
   simt::launch(rows_append_kernel, dim3(unsigned(std::min<int64_t>((n + 255) / 256, 4096))), dim3(256), 0,
-               static_cast<cudaStream_t>(stream), cache, batch_stride, src, ld_src, width, Tq, past, n);
+               static_cast<cudaStream_t>(stream), cache, batch_stride, src, ld_src, width, Tq, past, n, pages.table,
+               pages.block_size, pages.stride);
 }
 
 void cast(float* out, const uint16_t* inp, int64_t n, void* stream) {

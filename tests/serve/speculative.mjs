@@ -5,7 +5,8 @@
 // accepted run cut the text where the plain server cuts it; /metrics counts proposals and acceptances;
 // /v1/models and the startup line name the drafting; bad combinations are one-line errors at startup. The same
 // for --medusa (a chain of the heads' top-1 guesses, tests/serve/make_medusa.py's heads) and --medusa-tree
-// (greedy requests check the default candidate tree with tree attention; sampled ones keep the chain).
+// (greedy requests check the default candidate tree with tree attention; sampled ones keep the chain), and for
+// MTP self-drafting (a deepseek_v3-style model's own modules, the default for such a model).
 // usage: node speculative.mjs KILN WORK_DIR
 import fs from "node:fs";
 import path from "node:path";
@@ -125,6 +126,49 @@ for (const [label, draft, k, tree] of [["self-draft", target, 4], ["random draft
   await stopServer(srv);
 }
 
+// ---- MTP self-drafting: a deepseek_v3-style model with two MTP modules (random weights, GPT-2's tokenizer) ---
+const mtpCfg = path.join(work, "deepseek_mtp.json");
+fs.writeFileSync(mtpCfg, JSON.stringify({ model_type: "deepseek_v3", hidden_size: 64, num_attention_heads: 2,
+  num_hidden_layers: 2, intermediate_size: 96, vocab_size: 50257, max_position_embeddings: 256, rms_norm_eps: 1e-6,
+  q_lora_rank: 32, kv_lora_rank: 32, qk_nope_head_dim: 16, qk_rope_head_dim: 16, v_head_dim: 16,
+  num_nextn_predict_layers: 2, hidden_act: "silu", tie_word_embeddings: false }));
+{
+  const mtpArgs = ["--random-init", mtpCfg, "--tokenizer", target, "--threads", "2", "--parallel", "8"];
+  const base = await startServer(kiln, [...mtpArgs, "--no-mtp-draft"]);
+  check(/speculative decoding: none/.test(base.stderr()), "mtp: --no-mtp-draft serves without drafting");
+  const mref = [];
+  for (const p of prompts) mref.push(await complete(base.url, p));
+  const mstops = mref.map((r) => r.text.slice(Math.floor(r.text.length / 2), Math.floor(r.text.length / 2) + 3));
+  const mrefStop = [];
+  for (let i = 0; i < prompts.length; i++) mrefStop.push(await complete(base.url, prompts[i], { stop: [mstops[i]] }));
+  await stopServer(base);
+  const srv = await startServer(kiln, mtpArgs);  // drafting with the modules is the default
+  check(/speculative decoding: MTP self-drafting, 2 of the model's 2 modules a round/.test(srv.stderr()),
+    "mtp: the startup line names MTP self-drafting");
+  const models = await (await fetch(srv.url + "/v1/models")).json();
+  check(models.data[0].speculative?.method === "mtp" && models.data[0].speculative?.draft_tokens === 2,
+    "mtp: /v1/models says speculative mtp, 2 tokens");
+  let same = true, sameStream = true;
+  for (let i = 0; i < prompts.length; i++) {
+    same &&= (await complete(srv.url, prompts[i])).text === mref[i].text;
+    sameStream &&= (await stream(srv.url, prompts[i])).text === mref[i].text;
+  }
+  check(same && sameStream, "mtp: greedy text == the plain server's (one client, streaming and not)");
+  const together = await Promise.all(prompts.map((p, i) => (i % 2 ? stream(srv.url, p) : complete(srv.url, p))));
+  check(together.every((r, i) => r.text === mref[i].text), "mtp: concurrent clients each get the plain text");
+  const st = await Promise.all(prompts.map((p, i) => stream(srv.url, p, { stop: [mstops[i]] })));
+  check(st.every((r, i) => r.text === mrefStop[i].text && r.finish === mrefStop[i].finish),
+    "mtp: stop strings cut where the plain server cuts");
+  const s1 = await complete(srv.url, prompts[2], { temperature: 0.9, seed: 7 });
+  const s2 = await complete(srv.url, prompts[2], { temperature: 0.9, seed: 7 });
+  check(s1.text === s2.text && s1.tokens === MAX, "mtp: a seeded sample repeats with its seed");
+  const drafted = await metric(srv.url, "kiln_spec_draft_tokens_total");
+  const rounds = await metric(srv.url, "kiln_spec_rounds_total");
+  console.log(`# mtp: ${rounds} rounds, ${drafted} drafted, ${await metric(srv.url, "kiln_spec_accepted_tokens_total")} accepted`);
+  check(drafted > 0 && rounds > 0, "mtp: /metrics counts rounds and proposals");
+  await stopServer(srv);
+}
+
 // ---- bad combinations: one-line errors at startup ---------------------------------------------------------
 const smallVocab = path.join(work, "small_vocab.json");
 fs.writeFileSync(smallVocab, JSON.stringify(gpt2cfg({ vocab_size: 50304 })));
@@ -140,8 +184,12 @@ for (const [what, args, pattern, modelDir] of [
   ["--medusa with a draft", ["--medusa", "--draft-model", otherDraft], /give at most one of --medusa and --draft-model/, withHeads],
   ["--medusa-tree without --medusa", ["--medusa-tree", "default"], /--medusa-tree needs --medusa/, withHeads],
   ["--medusa-tree bad node", ["--medusa", "--medusa-tree", "0;x"], /--medusa-tree: node 'x' is not a path of ranks/, withHeads],
+  ["--mtp-draft without modules", ["--mtp-draft"], /--mtp-draft: the model \(gpt2\) has no multi-token-prediction modules/],
+  ["--draft-tokens 3 of 2 modules", ["--draft-tokens", "3"], /--draft-tokens 3: the model has 2 multi-token-prediction modules/, mtpCfg],
+  ["--mtp-draft with a draft", ["--mtp-draft", "--draft-model", otherDraft], /give at most one of --mtp-draft, --medusa and --draft-model/, mtpCfg],
 ]) {
-  const r = spawnSync(kiln, ["serve", "--port", "0", "--model", modelDir ?? target, "--threads", "1", ...args], { encoding: "utf8",
+  const model = modelDir === mtpCfg ? ["--random-init", mtpCfg, "--tokenizer", target] : ["--model", modelDir ?? target];
+  const r = spawnSync(kiln, ["serve", "--port", "0", ...model, "--threads", "1", ...args], { encoding: "utf8",
     timeout: 60000 });
   const lines = r.stderr.trim().split("\n").filter((l) => !/listening on/.test(l));
   check(r.status !== 0 && r.status !== null && lines.length === 1 && pattern.test(lines[0]),

@@ -43,6 +43,7 @@ struct ServeOptions {
   int medusa_tokens = 0;  // 0: every head
   float typical_threshold = 0, typical_alpha = 0;  // either > 0: sampled requests take typical acceptance
   std::string medusa_tree;  // greedy requests check this candidate tree (kiln generate's syntax; "default")
+  bool mtp_draft = false, no_mtp_draft = false, draft_tokens_given = false;  // MTP self-drafting
   int port = 8080, parallel = 16, ctx = 0, threads = 0, max_queue = 64, timeout = 60, kv_blocks = 0;
   int block_size = 64, prefill_chunk = 256, http_threads = 64;
   size_t max_body = 8u << 20;
@@ -168,6 +169,20 @@ void run_serve(const ServeOptions& o) {
     KILN_CHECK(o.medusa_tree.empty() || o.medusa, "--medusa-tree needs --medusa");
     // Default pool: every slot a whole context.
     bo.num_blocks = o.kv_blocks > 0 ? o.kv_blocks : o.parallel * ((ctx + o.block_size - 1) / o.block_size);
+    // MTP self-drafting: --mtp-draft, or by default for a model with the modules and no other drafting (as kiln
+    // generate does).
+    const bool other_drafting = o.medusa || !o.draft_model.empty() || !o.draft_random_init.empty();
+    KILN_CHECK(!(o.mtp_draft && o.no_mtp_draft), "give at most one of --mtp-draft and --no-mtp-draft");
+    KILN_CHECK(!(o.mtp_draft && other_drafting), "give at most one of --mtp-draft, --medusa and --draft-model");
+    KILN_CHECK(!o.mtp_draft || cfg.mtp_depth > 0, "--mtp-draft: the model (", cfg.family,
+               ") has no multi-token-prediction modules (num_nextn_predict_layers)");
+    const bool mtp = !other_drafting && !o.no_mtp_draft && cfg.mtp_depth > 0 && (o.mtp_draft || !device.cuda);
+    KILN_CHECK(!mtp || !device.cuda, "--mtp-draft runs on the CPU only (pass --no-mtp-draft on --device cuda)");
+    const int mtp_tokens = std::min(cfg.mtp_depth, serve::kMaxDraftTokens);
+    KILN_CHECK(!mtp || !o.draft_tokens_given || (o.draft_tokens >= 1 && o.draft_tokens <= mtp_tokens),
+               "--draft-tokens ", o.draft_tokens, ": the model has ", cfg.mtp_depth, " multi-token-prediction module",
+               cfg.mtp_depth == 1 ? "" : "s", ", so MTP self-drafting proposes 1 to ", mtp_tokens, " per round");
+    bo.self_draft = bo.keep_stream = mtp;
     std::unique_ptr<BatchDecoder> dec = make_batch_decoder(cfg, model->host_params(), bo);
     // Speculative decoding: the draft decodes through its own paged cache of the target's shape (the same block
     // ids), with the same device and weight format.
@@ -202,6 +217,10 @@ void run_serve(const ServeOptions& o) {
     if (tok.eot_id()) eo.eot = int32_t(*tok.eot_id());
     eo.draft = draft.get();
     eo.draft_tokens = o.draft_tokens;
+    if (mtp) {
+      eo.mtp = true;
+      eo.draft_tokens = o.draft_tokens_given ? o.draft_tokens : mtp_tokens;
+    }
     if (heads) {
       eo.medusa = heads.get();
       eo.draft_tokens = o.medusa_tokens > 0 ? o.medusa_tokens : std::min(heads->shape.K, serve::kMaxDraftTokens);
@@ -232,8 +251,8 @@ void run_serve(const ServeOptions& o) {
       sm.ctx = ctx;
       sm.vocab = cfg.vocab_size;
       sm.eot = eo.eot;
-      if (speculative || heads) {
-        sm.drafting = heads ? (eo.medusa_tree ? "medusa_tree" : "medusa_chain") : "draft_model";
+      if (speculative || heads || mtp) {
+        sm.drafting = heads ? (eo.medusa_tree ? "medusa_tree" : "medusa_chain") : mtp ? "mtp" : "draft_model";
         sm.draft_tokens = eo.draft_tokens;
       }
       server.set_model(sm);
@@ -242,6 +261,8 @@ void run_serve(const ServeOptions& o) {
                       eo.medusa_tree ? str(" (greedy requests: a tree of ", eo.medusa_tree->nodes.size(), " nodes)") : "")
           : speculative ? str("draft model ", o.draft_model.empty() ? o.draft_random_init : o.draft_model, ", ",
                               o.draft_tokens, " tokens a round")
+          : mtp         ? str("MTP self-drafting, ", eo.draft_tokens, " of the model's ", cfg.mtp_depth,
+                              " modules a round (prefix cache off)")
                         : std::string("none");
       std::fprintf(stderr,
                    "kiln serve: ready: model %s, context %d, %d sequences at once, KV cache %d blocks of %d (%.1f MiB), "
@@ -305,8 +326,14 @@ kiln::cli::Command serve_cmd("serve", [](CLI::App& root) {
                  "Speculative decoding: a draft checkpoint with the target's vocabulary (its own paged cache)");
   c->add_option("--draft-random-init", o->draft_random_init,
                  "Instead of --draft-model: a config.json for a random draft (tests)");
-  c->add_option("--draft-tokens", o->draft_tokens, "Tokens the draft proposes per round (1 to 15)")
-      ->capture_default_str();
+  CLI::Option* dt = c->add_option("--draft-tokens", o->draft_tokens,
+                                  "Tokens the draft proposes per round (1 to 15; MTP self-drafting: 1 to the "
+                                  "modules, default all of them)")
+                        ->capture_default_str();
+  c->add_flag("--mtp-draft", o->mtp_draft,
+              "Draft with the model's own multi-token-prediction modules (the default on the CPU when it has them; "
+              "turns the prefix cache off)");
+  c->add_flag("--no-mtp-draft", o->no_mtp_draft, "Plain decoding for a model with MTP modules");
   c->add_flag("--medusa", o->medusa,
               "Speculative decoding with the checkpoint's Medusa heads (medusa.safetensors), CPU: each round the "
               "chain of the heads' top-1 tokens, checked by the model in one batched pass");
@@ -322,7 +349,10 @@ kiln::cli::Command serve_cmd("serve", [](CLI::App& root) {
                 "(Medusa's 0.09; not lossless), instead of the exact chain");
   c->add_option("--typical-alpha", o->typical_alpha,
                 "With --medusa-tree: typical acceptance's alpha (Medusa's 0.3); giving it turns typical acceptance on");
-  c->callback([o] { run_serve(*o); });
+  c->callback([o, dt] {
+    o->draft_tokens_given = dt->count() > 0;
+    run_serve(*o);
+  });
 });
 
 }  // namespace
