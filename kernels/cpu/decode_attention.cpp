@@ -26,22 +26,15 @@
 namespace kiln::cpu {
 namespace {
 
-typedef float f32x16 __attribute__((vector_size(64)));
-typedef float f32x16_u __attribute__((vector_size(64), aligned(4)));
 
 constexpr int kBlock = 128;      // keys scored per block
 constexpr int kMinSplit = 256;   // never split the keys into ranges shorter than this
-
-inline f32x16 load16(const float* p) { return *reinterpret_cast<const f32x16_u*>(p); }
-inline void store16(float* p, f32x16 v) { *reinterpret_cast<f32x16_u*>(p) = v; }
 
 inline float hsum16(f32x16 v) {
 #ifdef __AVX512F__
   return _mm512_reduce_add_ps(__m512(v));
 #else
-  float s = 0;
-  for (int i = 0; i < 16; i++) s += v[i];
-  return s;
+  return vred::hsum(v);
 #endif
 }
 
@@ -133,7 +126,7 @@ void attend_vec(const float* q, const float* k, const float* v, int64_t stride, 
       }
       const f32x16 sc = vred::hsum16x16(p) * scale;
       store16(s + t, sc);
-      bmv = bmv > sc ? bmv : sc;
+      bmv = vmax16(bmv, sc);
     }
     float bm = -INFINITY;
     for (int i = 0; i < 16; i++) bm = std::max(bm, bmv[i]);

@@ -19,12 +19,6 @@
 namespace kiln::cpu {
 namespace {
 
-typedef float f32x16 __attribute__((vector_size(64)));
-typedef float f32x16_u __attribute__((vector_size(64), aligned(4)));
-
-inline f32x16 load16(const float* p) { return *reinterpret_cast<const f32x16_u*>(p); }
-inline void store16(float* p, f32x16 v) { *reinterpret_cast<f32x16_u*>(p) = v; }
-
 // Below this many matrix elements a product runs on the calling thread.
 constexpr int64_t kSerialBelow = 1 << 16;
 
@@ -94,6 +88,8 @@ void vecmat_group_n(int G, float* y, int64_t ldy, const float* x, int64_t ldx, c
   }
 }
 
+constexpr int kMatvecPrefetch = 4096;  // bytes ahead in each row of A (one row of x)
+
 // y[j·ldy + m + i] for MR rows of A from m and NR rows of x.
 template <int MR, int NR>
 void matvec_tile(float* y, int64_t ldy, const float* x, int64_t ldx, const float* A, int64_t K, int64_t m,
@@ -103,11 +99,22 @@ void matvec_tile(float* y, int64_t ldy, const float* x, int64_t ldx, const float
     for (int j = 0; j < NR; j++) acc[i][j] = f32x16{};
   const int64_t K16 = K / 16 * 16;
   for (int64_t k = 0; k < K16; k += 16) {
-    f32x16 a[MR];
-    for (int i = 0; i < MR; i++) a[i] = load16(A + (m + i) * K + k);
-    for (int j = 0; j < NR; j++) {
-      const f32x16 xv = load16(x + j * ldx + k);
-      for (int i = 0; i < MR; i++) acc[i][j] += a[i] * xv;
+    if constexpr (NR == 1) {
+      // One row of x: each row of A streams straight into its accumulator (no row held for other x rows, which
+      // without AVX-512's 32 registers spilled), fetched into L2 kMatvecPrefetch bytes ahead.
+      const f32x16 xv = load16(x + k);
+      for (int i = 0; i < MR; i++) {
+        const float* a = A + (m + i) * K + k;
+        if ((k & 16) == 0) _mm_prefetch(reinterpret_cast<const char*>(a) + kMatvecPrefetch, _MM_HINT_T1);
+        acc[i][0] += load16(a) * xv;
+      }
+    } else {
+      f32x16 a[MR];
+      for (int i = 0; i < MR; i++) a[i] = load16(A + (m + i) * K + k);
+      for (int j = 0; j < NR; j++) {
+        const f32x16 xv = load16(x + j * ldx + k);
+        for (int i = 0; i < MR; i++) acc[i][j] += a[i] * xv;
+      }
     }
   }
   alignas(64) float sums[MR * NR];
