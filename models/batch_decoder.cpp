@@ -131,6 +131,31 @@ nn::KVLayer PagedDecoder::cache_layer(int layer, const int32_t* past_d, const in
   return cache;
 }
 
+int PagedDecoder::stage_row(int b, int B, int Tq, int64_t stride, int from, int past, const int32_t* tokens,
+                            const int32_t* depth, const int32_t* blocks, int n_blocks) {
+  const int64_t N = int64_t(B) * Tq;
+  const int V = cfg_.vocab_size;
+  int32_t *tok = inputs_.data(), *pos = tok + N, *pasts = pos + N, *table = pasts + B;
+  const int p0 = past + from;
+  KILN_CHECK(past >= 0 && int64_t(p0) + Tq <= max_pos_, "decoder: ", p0, " cached + ", Tq,
+             " new positions exceed the context of ", max_pos_, " positions");
+  KILN_CHECK(int64_t(n_blocks) * block_size_ >= int64_t(p0) + Tq, "decoder: ", n_blocks, " blocks of ", block_size_,
+             " hold fewer than the ", p0 + Tq, " positions of a sequence");
+  pasts[b] = p0;
+  for (int i = 0; i < Tq; i++) {
+    const int32_t t = tokens[from + i];
+    KILN_CHECK(t >= 0 && t < V, "token id ", t, " is outside the model's vocabulary [0, ", V, ")");
+    tok[b * Tq + i] = t;
+    pos[b * Tq + i] = p0 + (depth ? depth[from + i] : i);  // a tree node's position is its depth's
+  }
+  for (int i = 0; i < n_blocks; i++) {
+    KILN_CHECK(blocks[i] >= 0 && blocks[i] < num_blocks_, "decoder: block id ", blocks[i], " is outside the pool of ",
+               num_blocks_, " blocks");
+    table[b * stride + i] = blocks[i];
+  }
+  return p0;
+}
+
 const int32_t* PagedDecoder::stage(const std::vector<int32_t>& host) {
   return static_cast<const int32_t*>(be_->from_host(inputs_d_, host.data(), host.size() * sizeof(int32_t)));
 }
@@ -160,30 +185,13 @@ void PagedDecoder::run_pass(const std::vector<BatchRow>& rows, const std::vector
   ensure(N, B, B * stride, all ? N : B);
   // [tokens N | positions N | cached lengths B | block table B·stride]: one copy brings them to a device.
   inputs_.assign(size_t(2 * N + B + B * stride), 0);
-  int32_t *tok = inputs_.data(), *pos = tok + N, *past = pos + N, *table = past + B;
   bool fresh = Tq > 1;
   const uint64_t* tree = rows[size_t(idx[0])].tree;  // one mask array for the pass (forward groups by it)
   for (int b = 0; b < B; b++) {
     const BatchRow& r = rows[size_t(idx[size_t(b)])];
     KILN_CHECK(r.tree == tree, "decoder: a pass mixes tree rows of different masks");
-    const int p0 = r.past + from;
-    KILN_CHECK(r.past >= 0 && int64_t(p0) + Tq <= max_pos_, "decoder: ", p0, " cached + ", Tq,
-               " new positions exceed the context of ", max_pos_, " positions");
-    KILN_CHECK(int64_t(r.n_blocks) * block_size_ >= int64_t(p0) + Tq, "decoder: ", r.n_blocks, " blocks of ",
-               block_size_, " hold fewer than the ", p0 + Tq, " positions of a sequence");
-    past[b] = p0;
-    fresh = fresh && p0 == 0;
-    for (int i = 0; i < Tq; i++) {
-      const int32_t t = r.tokens[from + i];
-      KILN_CHECK(t >= 0 && t < V, "token id ", t, " is outside the model's vocabulary [0, ", V, ")");
-      tok[b * Tq + i] = t;
-      pos[b * Tq + i] = p0 + (tree ? r.depth[from + i] : i);  // a tree node's position is its depth's
-    }
-    for (int i = 0; i < r.n_blocks; i++) {
-      KILN_CHECK(r.blocks[i] >= 0 && r.blocks[i] < num_blocks_, "decoder: block id ", r.blocks[i],
-                 " is outside the pool of ", num_blocks_, " blocks");
-      table[b * stride + i] = r.blocks[i];
-    }
+    fresh = stage_row(b, B, Tq, stride, from, r.past, r.tokens, tree ? r.depth : nullptr, r.blocks, r.n_blocks) == 0 &&
+            fresh;
   }
   const int32_t* in = stage(inputs_);
   const int32_t *tok_d = in, *pos_d = in + N, *past_d = in + 2 * N, *table_d = in + 2 * N + B;
@@ -332,30 +340,12 @@ void PagedDecoder::module_pass(int k, const std::vector<DraftRow>& rows, const s
   for (int i : idx) stride = std::max<int64_t>(stride, rows[size_t(i)].n_blocks);
   ensure(N, B, B * stride, B);
   inputs_.assign(size_t(2 * N + B + B * stride), 0);
-  int32_t *tok = inputs_.data(), *pos = tok + N, *past = pos + N, *table = past + B;
   prev_.resize(size_t(N) * size_t(C));
   bool fresh = Tq > 1;
   for (int b = 0; b < B; b++) {
     const DraftRow& r = rows[size_t(idx[size_t(b)])];
-    const int p0 = r.past + from;
-    KILN_CHECK(r.past >= 0 && int64_t(p0) + Tq <= max_pos_, "decoder: draft row at ", p0, " + ", Tq,
-               " positions exceeds the context of ", max_pos_, " positions");
-    KILN_CHECK(int64_t(r.n_blocks) * block_size_ >= int64_t(p0) + Tq, "decoder: ", r.n_blocks, " blocks of ",
-               block_size_, " hold fewer than the ", p0 + Tq, " positions of a draft row");
-    past[b] = p0;
-    fresh = fresh && p0 == 0;
-    for (int i = 0; i < Tq; i++) {
-      const int32_t t = r.tokens[from + i];
-      KILN_CHECK(t >= 0 && t < V, "token id ", t, " is outside the model's vocabulary [0, ", V, ")");
-      tok[b * Tq + i] = t;
-      pos[b * Tq + i] = p0 + i;
-    }
+    fresh = stage_row(b, B, Tq, stride, from, r.past, r.tokens, nullptr, r.blocks, r.n_blocks) == 0 && fresh;
     std::memcpy(prev_.data() + size_t(b) * size_t(Tq) * C, r.hidden + size_t(from) * C, sizeof(float) * size_t(Tq) * C);
-    for (int i = 0; i < r.n_blocks; i++) {
-      KILN_CHECK(r.blocks[i] >= 0 && r.blocks[i] < num_blocks_, "decoder: block id ", r.blocks[i],
-                 " is outside the pool of ", num_blocks_, " blocks");
-      table[b * stride + i] = r.blocks[i];
-    }
   }
   const int32_t* in = stage(inputs_);
   const int32_t *tok_d = in, *pos_d = in + N, *past_d = in + 2 * N, *table_d = in + 2 * N + B;

@@ -93,6 +93,11 @@ class PagedDecoder final : public BatchDecoder {
   // The cache layers of one pass: per-layer views of the pools, the pass's positions and block tables.
   nn::KVLayer cache_layer(int layer, const int32_t* past_d, const int32_t* table_d, int64_t stride, int B, int Tq,
                           bool fresh) const;
+  // Row b of a pass of B rows of Tq positions from `from`, into inputs_ (laid out as stage() sends it): checks its
+  // positions, tokens and block ids and writes its tokens, positions (a tree node's: its depth's), cached length
+  // and block table; returns its first position.
+  int stage_row(int b, int B, int Tq, int64_t stride, int from, int past, const int32_t* tokens, const int32_t* depth,
+                const int32_t* blocks, int n_blocks);
   // Stages a pass's [tokens N | positions N | cached lengths B | block table B·stride] on the backend.
   const int32_t* stage(const std::vector<int32_t>& host);
   // Module k over rows[idx] from offset `from`, Tq positions each (self_draft's pieces).

@@ -1,8 +1,8 @@
 // FlashAttention on the CPU (forward and backward), for head dims that are multiples of 16.
 //
 // Everything runs in "transposed" tiles: a tile of scores is stored as Sᵀ[key j][query i], with the
-// queries of a tile along the 16-float vector lanes. Then
-//   - the online-softmax statistics (running max m, running sum l) are one vector per 16 queries, and the
+// queries of a tile along the vector lanes (16 floats with AVX-512, 8 with AVX). Then
+//   - the online-softmax statistics (running max m, running sum l) are one vector per kLanes queries, and the
 //     max / sum over keys are plain element-wise vector ops (no horizontal reductions);
 //   - every product is "broadcast a scalar, FMA a vector row", reading K, V, dO in place from their
 //     row-major buffers; only Q (and dO in the backward) is packed transposed, once per tile.
@@ -37,33 +37,42 @@
 namespace kiln::cpu {
 namespace {
 
-// 16 floats: one AVX-512 register with -march=native (GCC vector extensions, so other targets still build).
-typedef float f32x16 __attribute__((vector_size(64)));
-typedef float f32x16_unaligned __attribute__((vector_size(64), aligned(4)));
-typedef int32_t i32x16 __attribute__((vector_size(64)));
-
+// One vector register of floats (GCC vector extensions, so other targets still build): 16 lanes with AVX-512, 8
+// without (a 64-byte vector has no machine mode there, and GCC keeps it in memory).
+#ifdef __AVX512F__
 constexpr int kLanes = 16;
-constexpr int kBr = 64;  // queries per tile (vector lanes of the transposed tiles)
+#else
+constexpr int kLanes = 8;
+#endif
+typedef float vfloat __attribute__((vector_size(4 * kLanes)));
+typedef float vfloat_u __attribute__((vector_size(4 * kLanes), aligned(4)));
+typedef int32_t vint __attribute__((vector_size(4 * kLanes)));
+
+constexpr int kBr = 4 * kLanes;  // queries per tile (vector lanes of the transposed tiles)
 constexpr int kBc = 64;  // keys per tile
 constexpr int kVq = kBr / kLanes;
 constexpr float kInf = std::numeric_limits<float>::infinity();
 
-inline f32x16 load(const float* p) { return *reinterpret_cast<const f32x16_unaligned*>(p); }
-inline void store(float* p, f32x16 v) { *reinterpret_cast<f32x16_unaligned*>(p) = v; }
-inline f32x16 splat(float x) { return f32x16{} + x; }
-inline f32x16 vmax(f32x16 a, f32x16 b) { return a > b ? a : b; }
-inline i32x16 lane_index() { return i32x16{0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15}; }
+inline vfloat load(const float* p) { return *reinterpret_cast<const vfloat_u*>(p); }
+inline void store(float* p, vfloat v) { *reinterpret_cast<vfloat_u*>(p) = v; }
+inline vfloat splat(float x) { return vfloat{} + x; }
+inline vfloat vmax(vfloat a, vfloat b) { return a > b ? a : b; }
+inline vint lane_index() {
+  vint v{};
+  for (int i = 0; i < kLanes; i++) v[i] = i;
+  return v;
+}
 
-// e^x for 16 lanes, within ~2 ulp: x = k·ln2 + r with |r| <= ln2/2, e^r by a degree-7 Taylor polynomial,
+// e^x for every lane, within ~2 ulp: x = k·ln2 + r with |r| <= ln2/2, e^r by a degree-7 Taylor polynomial,
 // 2^k built in the exponent bits. Inputs below -87 (including -inf) give exactly 0; NaN stays NaN.
-inline f32x16 vexp(f32x16 x) {
-  const f32x16 lo = splat(-87.0f), hi = splat(88.0f);
-  f32x16 xc = x < lo ? lo : x;
+inline vfloat vexp(vfloat x) {
+  const vfloat lo = splat(-87.0f), hi = splat(88.0f);
+  vfloat xc = x < lo ? lo : x;
   xc = xc > hi ? hi : xc;
-  const f32x16 magic = splat(12582912.0f);  // 1.5·2^23: adding and subtracting it rounds to an integer
-  const f32x16 k = (xc * 1.44269504088896341f + magic) - magic;
-  const f32x16 r = (xc - k * 0.693145751953125f) - k * 1.428606765330187e-06f;  // ln2 split hi + lo
-  f32x16 poly = splat(1.0f / 5040.0f);
+  const vfloat magic = splat(12582912.0f);  // 1.5·2^23: adding and subtracting it rounds to an integer
+  const vfloat k = (xc * 1.44269504088896341f + magic) - magic;
+  const vfloat r = (xc - k * 0.693145751953125f) - k * 1.428606765330187e-06f;  // ln2 split hi + lo
+  vfloat poly = splat(1.0f / 5040.0f);
   poly = poly * r + 1.0f / 720.0f;
   poly = poly * r + 1.0f / 120.0f;
   poly = poly * r + 1.0f / 24.0f;
@@ -71,31 +80,29 @@ inline f32x16 vexp(f32x16 x) {
   poly = poly * r + 0.5f;
   poly = poly * r + 1.0f;
   poly = poly * r + 1.0f;
-  const i32x16 bits = (__builtin_convertvector(k, i32x16) + 127) << 23;
-  const f32x16 result = poly * (f32x16)bits;  // a vector cast reinterprets the bits
-  return x < lo ? f32x16{} : result;
+  const vint bits = (__builtin_convertvector(k, vint) + 127) << 23;
+  const vfloat result = poly * (vfloat)bits;  // a vector cast reinterprets the bits
+  return x < lo ? vfloat{} : result;
 }
 
-// The one product shape everything uses: for r < R and 16·NV lanes,
+// The one product shape everything uses: for r < R and kLanes·NV lanes,
 //   C[r][lanes] (+)= Σ_{k in [kb, ke)} s[r·srs + k·sks] · A[k·lda + lanes]
 // i.e. broadcast a scalar of s (any layout, by strides) and FMA a vector row of A. Accumulators stay in
 // registers for the whole k loop (R·NV of them).
 template <int R, int NV>
 inline void block(float* C, int64_t ldc, const float* s, int64_t srs, int64_t sks, const float* A, int64_t lda,
                   int kb, int ke, bool accumulate) {
-  f32x16 c[R][NV];
+  vfloat c[R][NV];
 #pragma GCC unroll 8
   for (int r = 0; r < R; r++)
 #pragma GCC unroll 4
-    for (int v = 0; v < NV; v++) c[r][v] = accumulate ? load(C + r * ldc + v * kLanes) : f32x16{};
+    for (int v = 0; v < NV; v++) c[r][v] = accumulate ? load(C + r * ldc + v * kLanes) : vfloat{};
   for (int k = kb; k < ke; k++) {
-    f32x16 a[NV];
+    vfloat a[NV];
 #pragma GCC unroll 4
     for (int v = 0; v < NV; v++) {
-      f32x16 t = load(A + k * lda + v * kLanes);
-#ifdef __AVX512F__  // one zmm register; without AVX-512 the 16 lanes span two registers
+      vfloat t = load(A + k * lda + v * kLanes);
       asm("" : "+v"(t));  // keep the row in a register (GCC would otherwise reload it for every FMA)
-#endif
       a[v] = t;
     }
 #pragma GCC unroll 8
@@ -131,8 +138,8 @@ inline void block_nv(int nv, float* C, int64_t ldc, const float* s, int64_t srs,
 //   kKUpToLane: lane i needs only k <= i + delta   (Oᵀ += Vᵀ·Pᵀ: lanes are queries, k runs over keys)
 enum class Trim { kNone, kLanesFrom, kKFrom, kKUpTo, kKUpToLane };
 
-// C[rows][lanes] (+)= S[rows][K] · A[K][lanes], S addressed by strides, lanes a multiple of 16.
-// Lane chunks of 64 outside, so one chunk of A stays in L1 while all row blocks pass over it.
+// C[rows][lanes] (+)= S[rows][K] · A[K][lanes], S addressed by strides, lanes a multiple of kLanes.
+// Lane chunks of 4 vectors outside, so one chunk of A stays in L1 while all row blocks pass over it.
 constexpr int kRows = 4;
 template <int R>
 inline void row_block(int r, int l0, int nv, float* C, int64_t ldc, const float* S, int64_t srs, int64_t sks,
@@ -184,31 +191,39 @@ std::vector<Span> spans(const AttentionParams& p, int64_t& N) {
 
 // Σ a[d]·b[d] over n (a multiple of 16) floats, in a fixed order.
 inline float dot(const float* a, const float* b, int n) {
-  f32x16 acc{};
+  vfloat acc{};
   for (int d = 0; d < n; d += kLanes) acc += load(a + d) * load(b + d);
   float sum = 0;
   for (int lane = 0; lane < kLanes; lane++) sum += acc[lane];
   return sum;
 }
 
-// Transposes 16 rows of 16 floats in registers: afterwards r[c][i] holds what r[i][c] held. Four levels,
-// each swapping the off-diagonal b×b blocks (b = 8, 4, 2, 1) with two-source shuffles.
-inline void transpose16(f32x16 r[16]) {
-  static constexpr i32x16 lo[4] = {{0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23},
-                                   {0, 1, 2, 3, 16, 17, 18, 19, 8, 9, 10, 11, 24, 25, 26, 27},
-                                   {0, 1, 16, 17, 4, 5, 20, 21, 8, 9, 24, 25, 12, 13, 28, 29},
-                                   {0, 16, 2, 18, 4, 20, 6, 22, 8, 24, 10, 26, 12, 28, 14, 30}};
-  static constexpr i32x16 hi[4] = {{8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30, 31},
-                                   {4, 5, 6, 7, 20, 21, 22, 23, 12, 13, 14, 15, 28, 29, 30, 31},
-                                   {2, 3, 18, 19, 6, 7, 22, 23, 10, 11, 26, 27, 14, 15, 30, 31},
-                                   {1, 17, 3, 19, 5, 21, 7, 23, 9, 25, 11, 27, 13, 29, 15, 31}};
+// Transposes kLanes rows of kLanes floats in registers: afterwards r[c][i] holds what r[i][c] held. One level per
+// b = kLanes/2 .. 1, each swapping the off-diagonal b×b blocks of rows i and i + b with two-source shuffles (lane
+// c of the first takes x[c] or y[c − b], of the second x[c + b] or y[c]; y's lanes count from kLanes).
+inline void transpose_lanes(vfloat r[kLanes]) {
+#ifdef __AVX512F__
+  constexpr int kLevels = 4;
+  static constexpr vint lo[kLevels] = {{0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23},
+                                       {0, 1, 2, 3, 16, 17, 18, 19, 8, 9, 10, 11, 24, 25, 26, 27},
+                                       {0, 1, 16, 17, 4, 5, 20, 21, 8, 9, 24, 25, 12, 13, 28, 29},
+                                       {0, 16, 2, 18, 4, 20, 6, 22, 8, 24, 10, 26, 12, 28, 14, 30}};
+  static constexpr vint hi[kLevels] = {{8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30, 31},
+                                       {4, 5, 6, 7, 20, 21, 22, 23, 12, 13, 14, 15, 28, 29, 30, 31},
+                                       {2, 3, 18, 19, 6, 7, 22, 23, 10, 11, 26, 27, 14, 15, 30, 31},
+                                       {1, 17, 3, 19, 5, 21, 7, 23, 9, 25, 11, 27, 13, 29, 15, 31}};
+#else
+  constexpr int kLevels = 3;
+  static constexpr vint lo[kLevels] = {{0, 1, 2, 3, 8, 9, 10, 11}, {0, 1, 8, 9, 4, 5, 12, 13}, {0, 8, 2, 10, 4, 12, 6, 14}};
+  static constexpr vint hi[kLevels] = {{4, 5, 6, 7, 12, 13, 14, 15}, {2, 3, 10, 11, 6, 7, 14, 15}, {1, 9, 3, 11, 5, 13, 7, 15}};
+#endif
 #pragma GCC unroll 4
-  for (int level = 0; level < 4; level++) {
-    const int b = 8 >> level;
+  for (int level = 0; level < kLevels; level++) {
+    const int b = kLanes >> (level + 1);
 #pragma GCC unroll 16
-    for (int i = 0; i < 16; i++)
+    for (int i = 0; i < kLanes; i++)
       if (!(i & b)) {
-        const f32x16 x = r[i], y = r[i + b];
+        const vfloat x = r[i], y = r[i + b];
         r[i] = __builtin_shuffle(x, y, lo[level]);
         r[i + b] = __builtin_shuffle(x, y, hi[level]);
       }
@@ -220,22 +235,22 @@ inline void transpose16(f32x16 r[16]) {
 void pack_transposed(float* tile, const float* rows, int64_t ld, int n, int HD) {
   for (int i0 = 0; i0 < kBr; i0 += kLanes)
     for (int d0 = 0; d0 < HD; d0 += kLanes) {
-      f32x16 r[16];
-      for (int i = 0; i < 16; i++) r[i] = i0 + i < n ? load(rows + (i0 + i) * ld + d0) : f32x16{};
-      transpose16(r);
-      for (int d = 0; d < 16; d++) store(tile + int64_t(d0 + d) * kBr + i0, r[d]);
+      vfloat r[kLanes];
+      for (int i = 0; i < kLanes; i++) r[i] = i0 + i < n ? load(rows + (i0 + i) * ld + d0) : vfloat{};
+      transpose_lanes(r);
+      for (int d = 0; d < kLanes; d++) store(tile + int64_t(d0 + d) * kBr + i0, r[d]);
     }
 }
 
 // Sᵀ[j][lanes] for key j of a tile starting at key k0, query tile starting at q0: is the key visible?
-inline i32x16 causal_visible(int v, int64_t q0, int64_t k0, int j) {
+inline vint causal_visible(int v, int64_t q0, int64_t k0, int j) {
   // key k0+j visible to query q0+i iff i >= k0 + j - q0
   return (lane_index() + v * kLanes) >= int32_t(k0 + j - q0);
 }
 
 // The same for the window's far edge: key k0+j visible to query q0+i iff q0+i < k0+j+window. Only called
 // on tiles where that bound lies within the query tile, so it fits an int.
-inline i32x16 window_visible(int v, int64_t q0, int64_t k0, int j, int window) {
+inline vint window_visible(int v, int64_t q0, int64_t k0, int j, int window) {
   return (lane_index() + v * kLanes) < int32_t(k0 + j - q0 + window);
 }
 
@@ -269,9 +284,9 @@ void forward_tile(float* out, float* lse, const float* qkv, const AttentionParam
   float* Ot = w.ot.f32();
   pack_transposed(Qt, qb + q0 * ld, ld, qn, HD);
 
-  f32x16 m[kVq], l[kVq];
-  for (int v = 0; v < nvq; v++) { m[v] = splat(-kInf); l[v] = f32x16{}; }
-  const f32x16 scale = splat(p.scale);
+  vfloat m[kVq], l[kVq];
+  for (int v = 0; v < nvq; v++) { m[v] = splat(-kInf); l[v] = vfloat{}; }
+  const vfloat scale = splat(p.scale);
 
   const int64_t kend = p.causal ? q0 + qn : sp.len;  // key tiles past the last query are fully masked
   for (int64_t k0 = first_key_tile(p, q0); k0 < kend; k0 += kBc) {
@@ -281,30 +296,30 @@ void forward_tile(float* out, float* lse, const float* qkv, const AttentionParam
     const bool wmask = window_masks(p, q0, qn, k0);
     const Trim lanes_from = mask ? Trim::kLanesFrom : Trim::kNone;
     bgemm(St, kBr, kn, lanes, kb + k0 * ld, ld, 1, Qt, kBr, HD, false, lanes_from, int(k0 - q0));  // Sᵀ = K·Qᵀ
-    f32x16 mt[kVq];
+    vfloat mt[kVq];
     for (int v = 0; v < nvq; v++) mt[v] = splat(-kInf);
     for (int j = 0; j < kn; j++)
       for (int v = 0; v < nvq; v++) {
-        f32x16 x = load(St + j * kBr + v * kLanes) * scale;
+        vfloat x = load(St + j * kBr + v * kLanes) * scale;
         if (mask) x = causal_visible(v, q0, k0, j) ? x : splat(-kInf);
         if (wmask) x = window_visible(v, q0, k0, j, p.window) ? x : splat(-kInf);
         store(St + j * kBr + v * kLanes, x);
         mt[v] = vmax(mt[v], x);
       }
-    f32x16 alpha[kVq], sum[kVq], mref[kVq];
+    vfloat alpha[kVq], sum[kVq], mref[kVq];
     for (int v = 0; v < nvq; v++) {
       // Without a window the max is finite from the first tile on (key 0 is visible to every query). With one,
       // a query may see no key of its first tiles: subtract 0 then, not -inf (which would give NaN).
-      const f32x16 mnew = vmax(m[v], mt[v]);
+      const vfloat mnew = vmax(m[v], mt[v]);
       mref[v] = mnew;
-      if (p.window > 0) mref[v] = mnew == splat(-kInf) ? f32x16{} : mnew;
+      if (p.window > 0) mref[v] = mnew == splat(-kInf) ? vfloat{} : mnew;
       alpha[v] = vexp(m[v] - mref[v]);
       m[v] = mnew;
-      sum[v] = f32x16{};
+      sum[v] = vfloat{};
     }
     for (int j = 0; j < kn; j++)
       for (int v = 0; v < nvq; v++) {
-        const f32x16 pr = vexp(load(St + j * kBr + v * kLanes) - mref[v]);
+        const vfloat pr = vexp(load(St + j * kBr + v * kLanes) - mref[v]);
         store(St + j * kBr + v * kLanes, pr);
         sum[v] += pr;
       }
@@ -326,10 +341,10 @@ void forward_tile(float* out, float* lse, const float* qkv, const AttentionParam
   float* o = out + (sp.start + q0) * C + int64_t(h) * HDv;
   for (int i0 = 0; i0 < qn; i0 += kLanes)
     for (int d0 = 0; d0 < HDv; d0 += kLanes) {
-      f32x16 r[16];
-      for (int d = 0; d < 16; d++) r[d] = load(Ot + (d0 + d) * kBr + i0) * load(inv_l + i0);
-      transpose16(r);
-      for (int i = 0; i < std::min(16, qn - i0); i++) store(o + (i0 + i) * C + d0, r[i]);
+      vfloat r[kLanes];
+      for (int d = 0; d < kLanes; d++) r[d] = load(Ot + (d0 + d) * kBr + i0) * load(inv_l + i0);
+      transpose_lanes(r);
+      for (int i = 0; i < std::min(kLanes, qn - i0); i++) store(o + (i0 + i) * C + d0, r[i]);
     }
 }
 
@@ -412,7 +427,7 @@ void attention_backward(float* dqkv, const float* dout, const float* qkv, const 
           D[i] = i < len ? dot(dob + i * C, ob + i * C, HDv) : 0.0f;
         }
 
-        const f32x16 scale = splat(p.scale);
+        const vfloat scale = splat(p.scale);
         for (int64_t k0 = 0; k0 < len; k0 += kBc) {
           const int kn = int(std::min<int64_t>(kBc, len - k0));
           float* dKb = dkb + k0 * ld;
@@ -433,19 +448,19 @@ void attention_backward(float* dqkv, const float* dout, const float* qkv, const 
             bgemm(dSt, kBr, kn, lanes, vb + k0 * ld, ld, 1, dOt + q0 * HDv, kBr, HDv, false, lanes_from, delta);
             for (int j = 0; j < kn; j++)
               for (int v = 0; v < nvq; v++) {
-                const f32x16 x = load(Pt + j * kBr + v * kLanes) * scale - load(L + q0 + v * kLanes);
-                const f32x16 dp = load(dSt + j * kBr + v * kLanes);
-                f32x16 pr = vexp(x), ds = pr * (dp - load(D + q0 + v * kLanes)) * scale;
+                const vfloat x = load(Pt + j * kBr + v * kLanes) * scale - load(L + q0 + v * kLanes);
+                const vfloat dp = load(dSt + j * kBr + v * kLanes);
+                vfloat pr = vexp(x), ds = pr * (dp - load(D + q0 + v * kLanes)) * scale;
                 if (mask) {
                   // Hidden entries may hold stale values (their products were skipped): select exact zeros.
-                  const i32x16 visible = causal_visible(v, q0, k0, j);
-                  pr = visible ? pr : f32x16{};
-                  ds = visible ? ds : f32x16{};
+                  const vint visible = causal_visible(v, q0, k0, j);
+                  pr = visible ? pr : vfloat{};
+                  ds = visible ? ds : vfloat{};
                 }
                 if (wmask) {
-                  const i32x16 visible = window_visible(v, q0, k0, j, p.window);
-                  pr = visible ? pr : f32x16{};
-                  ds = visible ? ds : f32x16{};
+                  const vint visible = window_visible(v, q0, k0, j, p.window);
+                  pr = visible ? pr : vfloat{};
+                  ds = visible ? ds : vfloat{};
                 }
                 store(Pt + j * kBr + v * kLanes, pr);
                 store(dSt + j * kBr + v * kLanes, ds);
