@@ -30,6 +30,42 @@ const float* BatchDecoder::draft_hidden() const {
   fail("decoder: this batch decoder has no multi-token-prediction modules to draft with");
 }
 
+namespace {
+
+// The passes of the rows not yet done (forward() and self_draft() share them): rows of one length share a pass,
+// fresh prompts that fit a chunk (B rows through FlashAttention) and short continuations of cached sequences
+// (speculative checks of K+1 tokens: the decode attention, per-sequence lengths), so the weights are read once
+// for all of them; any other row runs in the pieces TransformerDecoder runs: whole chunks through FlashAttention
+// while the cache is empty, then as many queries as the backend's decode attention takes.
+// pass(indices, from, Tq, last) runs Tq positions of each of those rows from offset `from`.
+template <class Row, class Pass>
+void passes_by_length(const std::vector<Row>& rows, std::vector<bool>& done, int short_limit, const Pass& pass) {
+  constexpr int kChunk = PagedDecoder::kMaxChunk;
+  for (size_t i = 0; i < rows.size(); i++) {
+    const Row& r = rows[i];
+    const bool fresh = r.past == 0 && r.n <= kChunk, cont = r.past > 0 && r.n <= short_limit;
+    if (done[i] || !(fresh || cont)) continue;
+    std::vector<int> group;
+    for (size_t j = i; j < rows.size(); j++)
+      if (!done[j] && (rows[j].past == 0) == fresh && rows[j].n == r.n) {
+        group.push_back(int(j));
+        done[j] = true;
+      }
+    pass(group, 0, r.n, true);
+  }
+  for (size_t i = 0; i < rows.size(); i++) {
+    if (done[i]) continue;
+    const Row& r = rows[i];
+    for (int d = 0; d < r.n;) {
+      const int m = std::min(r.past + d == 0 ? kChunk : short_limit, r.n - d);
+      pass(std::vector<int>{int(i)}, d, m, d + m == r.n);
+      d += m;
+    }
+  }
+}
+
+}  // namespace
+
 PagedDecoder::PagedDecoder(const ModelConfig& cfg, const float* params, const BatchDecoderOptions& opt)
     : cfg_(cfg), table_(model_param_table(cfg)), be_(make_backend_for(cfg, opt.cuda, std::nullopt)), block_size_(opt.block_size) {
   cfg_.validate("decoder config");
@@ -294,38 +330,16 @@ const float* PagedDecoder::forward(const std::vector<BatchRow>& rows) {
       }
     run_pass(rows, group, 0, rows[i].n, true);
   }
+  // Every single-token row in one pass, whatever its cached length.
   std::vector<int> singles;
   for (size_t i = 0; i < rows.size(); i++)
-    if (rows[i].n == 1 && !rows[i].tree) singles.push_back(int(i));
-  if (!singles.empty()) run_pass(rows, singles, 0, 1, true);
-  // Rows of one length share a pass: fresh prompts that fit a chunk (B rows through FlashAttention), and short
-  // continuations of cached sequences (speculative checks of K+1 tokens: the decode attention, per-sequence
-  // lengths), so the weights are read once for all of them.
-  const int short_limit = std::min(kMaxChunk, be_->max_decode_queries());
-  for (size_t i = 0; i < rows.size(); i++) {
-    const BatchRow& r = rows[i];
-    const bool fresh = r.past == 0 && r.n <= kMaxChunk, cont = r.past > 0 && r.n <= short_limit;
-    if (r.n == 1 || done_rows[i] || !(fresh || cont)) continue;
-    std::vector<int> group;
-    for (size_t j = i; j < rows.size(); j++)
-      if (!done_rows[j] && (rows[j].past == 0) == fresh && rows[j].n == r.n) {
-        group.push_back(int(j));
-        done_rows[j] = true;
-      }
-    run_pass(rows, group, 0, r.n, true);
-  }
-  for (size_t i = 0; i < rows.size(); i++) {
-    const BatchRow& r = rows[i];
-    if (r.n == 1 || done_rows[i]) continue;
-    // The pieces TransformerDecoder runs: whole chunks through FlashAttention while the cache is empty, then
-    // as many queries as the backend's decode attention takes.
-    for (int done = 0; done < r.n;) {
-      const int limit = r.past + done == 0 ? kMaxChunk : short_limit;
-      const int m = std::min(limit, r.n - done);
-      run_pass(rows, {int(i)}, done, m, done + m == r.n);
-      done += m;
+    if (rows[i].n == 1 && !rows[i].tree) {
+      singles.push_back(int(i));
+      done_rows[i] = true;
     }
-  }
+  if (!singles.empty()) run_pass(rows, singles, 0, 1, true);
+  passes_by_length(rows, done_rows, std::min(kMaxChunk, be_->max_decode_queries()),
+                   [&](const std::vector<int>& idx, int from, int Tq, bool last) { run_pass(rows, idx, from, Tq, last); });
   return logits_.data();
 }
 
@@ -377,31 +391,11 @@ const float* PagedDecoder::self_draft(int k, const std::vector<DraftRow>& rows) 
   }
   draft_logits_.resize(rows.size() * size_t(V));
   draft_hidden_.resize(total * size_t(C));
-  // forward()'s grouping: rows of one length share a pass (fresh ones through FlashAttention within a chunk,
-  // continuations through the decode attention); any other row in pieces of its own.
-  const int short_limit = std::min(kMaxChunk, be_->max_decode_queries());
   std::vector<bool> done(rows.size(), false);
-  for (size_t i = 0; i < rows.size(); i++) {
-    const DraftRow& r = rows[i];
-    const bool fresh = r.past == 0 && r.n <= kMaxChunk, cont = r.past > 0 && r.n <= short_limit;
-    if (done[i] || !(fresh || cont)) continue;
-    std::vector<int> group;
-    for (size_t j = i; j < rows.size(); j++)
-      if (!done[j] && (rows[j].past == 0) == fresh && rows[j].n == r.n) {
-        group.push_back(int(j));
-        done[j] = true;
-      }
-    module_pass(k, rows, group, 0, r.n, true);
-  }
-  for (size_t i = 0; i < rows.size(); i++) {
-    if (done[i]) continue;
-    const DraftRow& r = rows[i];
-    for (int d = 0; d < r.n;) {
-      const int m = std::min(r.past + d == 0 ? kMaxChunk : short_limit, r.n - d);
-      module_pass(k, rows, {int(i)}, d, m, d + m == r.n);
-      d += m;
-    }
-  }
+  passes_by_length(rows, done, std::min(kMaxChunk, be_->max_decode_queries()),
+                   [&](const std::vector<int>& idx, int from, int Tq, bool last) {
+                     module_pass(k, rows, idx, from, Tq, last);
+                   });
   return draft_logits_.data();
 }
 

@@ -1330,6 +1330,41 @@ void add_latent_glue(std::vector<OpCase>& t) {
       };
     t.push_back(std::move(c));
   }
+  // The same rows into a paged cache: a pool of 8 blocks of 4 rows, each sequence's 3 blocks scattered over it
+  // (sequence 1's rows 7 and 8 straddle its second and third blocks).
+  const int block = 4, per_seq = 3, pool = 8;
+  const std::vector<int32_t> table = {5, 1, 7, 2, 6, 0, 3, 4, 1};
+  for (DType dt : {F32, BF16}) {
+    OpCase c = make("rows_append", fmt("paged B %d Tq %d width %d %s", B, Tq, W, dtype_name(dt)), Mode::Forward,
+                    {{"src", randn(size_t(B * Tq * ld), 73, 1.0f, dt), dt},
+                     {"cache", randn(size_t(pool * block * W), 74, 1.0f, dt), dt}});
+    c.exact = true;
+    c.ref = [=](const Tensors& in) {
+      auto cache = in[1].v;
+      for (int b = 0; b < B; b++)
+        for (int i = 0; i < Tq; i++) {
+          const int j = past[size_t(b)] + i, row = table[size_t(b * per_seq + j / block)] * block + j % block;
+          for (int d = 0; d < W; d++) cache[size_t(row * W + d)] = in[0].v[size_t((b * Tq + i) * ld + d)];
+        }
+      return Tensors{{"cache", cache, dt}};
+    };
+    if (dt == F32)
+      c.cpu = [=](const Tensors& in) {
+        auto be = nn::make_cpu_backend();
+        auto src = in[0].v, cache = in[1].v;
+        be->rows_append(nn::Act{cache.data(), kiln::DType::F32}, 0, nn::Act{src.data(), kiln::DType::F32}, ld, W, B,
+                        Tq, past.data(), KVPages{table.data(), block, per_seq});
+        return Tensors{{"cache", cache}};
+      };
+    if (dt == BF16)
+      c.cuda = [=](const Tensors& in) {
+        Dev src = up(in[0]), cache = up(in[1]);
+        DevInts dp(past), dtab(table);
+        cuda::rows_append(cache.h(), 0, src.h(), ld, W, B, Tq, dp.get(), stream(), KVPages{dtab.get(), block, per_seq});
+        return Tensors{down("cache", cache)};
+      };
+    t.push_back(std::move(c));
+  }
 }
 
 // --------------------------------------------------------------------------------------------- embedding
