@@ -17,11 +17,12 @@
 // for N = 1 and N = 8), so a verification pass over K+1 positions computes what K+1 single steps would.
 //
 // cpu:: dispatches at run time: AVX-512 (F/BW/VL) with VNNI (vpdpbusd) for q8_0, F16C widening for f16, a
-// shift for bf16; AVX2 + FMA + F16C where the CPU has no AVX-512 (vpmaddubsw for q8_0); a portable loop elsewhere. Calls with more than kNarrowDirectRows rows of x (a prompt)
-// widen tiles of the matrix to fp32 and run sgemm on them (x unquantized). ref:: is a plain loop with the
-// same quantization of x and double sums. cuda:: is a plain warp-per-output kernel (checked on the SIMT emulator
-// through tests/ops/), which the GPU backend runs for every row count (a prompt too) when a weight has a narrow
-// copy on the device (models/narrow_weights.h).
+// shift for bf16; AVX2 + FMA + F16C where the CPU has no AVX-512 (vpmaddubsw for q8_0); a portable loop
+// elsewhere. Calls with more than kNarrowDirectRows rows of x (a prompt) widen tiles of the matrix to fp32 and
+// run sgemm on them (x unquantized). ref:: is a plain loop with the same quantization of x and double sums.
+// cuda:: is a plain warp-per-output kernel (checked on the SIMT emulator through tests/ops/), which the GPU
+// backend runs for every row count (a prompt too) when a weight has a narrow copy on the device
+// (models/narrow_weights.h).
 #pragma once
 #include <cstddef>
 #include <cstdint>

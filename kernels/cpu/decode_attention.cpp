@@ -26,7 +26,6 @@
 namespace kiln::cpu {
 namespace {
 
-
 constexpr int kBlock = 128;      // keys scored per block
 constexpr int kMinSplit = 256;   // never split the keys into ranges shorter than this
 

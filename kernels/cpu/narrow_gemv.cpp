@@ -22,6 +22,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <type_traits>
 #include <vector>
 
 #include "core/dtype.h"
@@ -461,18 +462,18 @@ void rows_simd(float* dot, int64_t ldd, const float* x, int64_t ldx, const Narro
   }
 }
 
+// f(std::integral_constant<int, nr>{}) for nr in [1, Max], Max for any larger nr: the kernels take the number of
+// x rows as a template parameter.
+template <int Max, class F>
+void with_rows(int64_t nr, const F& f) {
+  if constexpr (Max > 1)
+    if (nr < Max) return with_rows<Max - 1>(nr, f);
+  f(std::integral_constant<int, Max>{});
+}
+
 void rows_group(float* dot, int64_t ldd, const float* x, int64_t ldx, int64_t nr, const NarrowMatrix& A,
                 const XQ& X, int64_t n0, int64_t m0, int64_t m1) {
-  switch (nr) {
-    case 1: return rows_simd<1>(dot, ldd, x, ldx, A, X, n0, m0, m1);
-    case 2: return rows_simd<2>(dot, ldd, x, ldx, A, X, n0, m0, m1);
-    case 3: return rows_simd<3>(dot, ldd, x, ldx, A, X, n0, m0, m1);
-    case 4: return rows_simd<4>(dot, ldd, x, ldx, A, X, n0, m0, m1);
-    case 5: return rows_simd<5>(dot, ldd, x, ldx, A, X, n0, m0, m1);
-    case 6: return rows_simd<6>(dot, ldd, x, ldx, A, X, n0, m0, m1);
-    case 7: return rows_simd<7>(dot, ldd, x, ldx, A, X, n0, m0, m1);
-    default: return rows_simd<8>(dot, ldd, x, ldx, A, X, n0, m0, m1);
-  }
+  with_rows<8>(nr, [&](auto NR) { rows_simd<decltype(NR)::value>(dot, ldd, x, ldx, A, X, n0, m0, m1); });
 }
 
 // ---- AVX2 kernels (CPUs without AVX-512: Zen 2, Haswell to Alder Lake) ----
@@ -620,12 +621,7 @@ void rows_avx2(float* dot, int64_t ldd, const float* x, int64_t ldx, const Narro
 
 void rows_group_avx2(float* dot, int64_t ldd, const float* x, int64_t ldx, int64_t nr, const NarrowMatrix& A,
                      const XQ& X, int64_t n0, int64_t m0, int64_t m1) {
-  switch (nr) {
-    case 1: return rows_avx2<1>(dot, ldd, x, ldx, A, X, n0, m0, m1);
-    case 2: return rows_avx2<2>(dot, ldd, x, ldx, A, X, n0, m0, m1);
-    case 3: return rows_avx2<3>(dot, ldd, x, ldx, A, X, n0, m0, m1);
-    default: return rows_avx2<4>(dot, ldd, x, ldx, A, X, n0, m0, m1);
-  }
+  with_rows<4>(nr, [&](auto NR) { rows_avx2<decltype(NR)::value>(dot, ldd, x, ldx, A, X, n0, m0, m1); });
 }
 
 // The kernels a format runs on this CPU, at most g_limit.
