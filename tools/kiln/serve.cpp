@@ -178,10 +178,7 @@ void run_serve(const ServeOptions& o) {
                ") has no multi-token-prediction modules (num_nextn_predict_layers)");
     const bool mtp = !other_drafting && !o.no_mtp_draft && cfg.mtp_depth > 0 && (o.mtp_draft || !device.cuda);
     KILN_CHECK(!mtp || !device.cuda, "--mtp-draft runs on the CPU only (pass --no-mtp-draft on --device cuda)");
-    const int mtp_tokens = std::min(cfg.mtp_depth, serve::kMaxDraftTokens);
-    KILN_CHECK(!mtp || !o.draft_tokens_given || (o.draft_tokens >= 1 && o.draft_tokens <= mtp_tokens),
-               "--draft-tokens ", o.draft_tokens, ": the model has ", cfg.mtp_depth, " multi-token-prediction module",
-               cfg.mtp_depth == 1 ? "" : "s", ", so MTP self-drafting proposes 1 to ", mtp_tokens, " per round");
+    const int mtp_tokens = std::min(cfg.mtp_depth, serve::kMaxDraftTokens);  // default; the engine checks a given K
     bo.self_draft = bo.keep_stream = mtp;
     std::unique_ptr<BatchDecoder> dec = make_batch_decoder(cfg, model->host_params(), bo);
     // Speculative decoding: the draft decodes through its own paged cache of the target's shape (the same block
