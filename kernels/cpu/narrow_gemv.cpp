@@ -1,7 +1,7 @@
 // Narrow-weight products on the CPU (see kernels/narrow_gemv.h).
 //
 // Direct path (up to kNarrowDirectRows rows of x): the threads take contiguous slices of the matrix's rows and
-// stream them once per group of x rows (8 for q8_0, 4 matrix rows at a time at one x row, 2 at two, else 1;
+// stream them once per group of x rows (8 for q8_0, 2 matrix rows at a time at one or two x rows, else 1;
 // 2 for the 16-bit formats, 4 matrix rows at a time: the accumulators the registers hold), each (row, x row)
 // pair with its own fp32 accumulators, so a row's result is the same whatever the group size. x is prepared once per call by the calling thread (quantized, or split for bf16).
 //   q8_0 (VNNI): vpdpbusd multiplies unsigned by signed bytes, so the weights are stored offset by 128
@@ -377,7 +377,7 @@ KILN_VNNI inline __m512i pair_index(int j) {
 // q8_0: per pair of blocks one vpdpbusd (weights u8, x s8, started at −128·Σx per lane: exactly Σ q·qx), its
 // int32 lanes to fp32 times d·dx of their block (16 blocks' products made once, spread by a permute), into two
 // accumulators (even and odd pairs, in pair order: the same value whatever MR and NR are). MR rows of the matrix at
-// a time (4 at one row of x: four streams in flight, each x vector loaded once for them); a whole group of 16
+// a time (each x vector loaded once for them; see rows_q8_vnni for MR); a whole group of 16
 // blocks is unrolled so that the permute indices and the accumulators stay in registers (the loop over a runtime
 // pair index kept them on the stack: 0.71 of the streaming read at one thread).
 template <int MR, int NR>
@@ -444,8 +444,11 @@ KILN_VNNI void tile_q8(float* dot, int64_t ldd, const XQ& X, const NarrowMatrix&
 template <int NR>
 KILN_VNNI void rows_q8_vnni(float* dot, int64_t ldd, const XQ& X, const NarrowMatrix& A, int64_t n0, int64_t m0,
                             int64_t m1) {
-  // As many matrix rows as the registers hold accumulators for (2·MR·NR of them, MR·NR scale vectors, 8 indices).
-  constexpr int MR = NR == 1 ? 4 : NR == 2 ? 2 : 1;
+  // Two matrix rows at a time at one or two x rows (four streams, weights and scales, per core), one past that (the
+  // accumulators: 2·MR·NR, MR·NR scale vectors, 8 indices). Four rows at one x row kept eight streams in flight,
+  // more than a Sapphire Rapids core follows: decode_bandwidth_bench --formats q8_0, alternating builds, 1 thread
+  // 0.85 -> 0.89-0.95 of the read, 2 threads 0.78-0.81 -> 0.83-0.89.
+  constexpr int MR = NR <= 2 ? 2 : 1;
   int64_t m = m0;
   for (; m + MR <= m1; m += MR) tile_q8<MR, NR>(dot, ldd, X, A, n0, m, m0);
   for (; m < m1; m++) tile_q8<1, NR>(dot, ldd, X, A, n0, m, m0);
@@ -602,7 +605,7 @@ KILN_AVX2 void tile_q8_avx2(float* dot, int64_t ldd, const XQ& X, const NarrowMa
 template <int NR>
 KILN_AVX2 void rows_q8_avx2(float* dot, int64_t ldd, const XQ& X, const NarrowMatrix& A, int64_t n0, int64_t m0,
                             int64_t m1) {
-  constexpr int MR = NR == 1 ? 4 : NR == 2 ? 2 : 1;
+  constexpr int MR = NR == 1 ? 2 : NR == 2 ? 2 : 1;
   int64_t m = m0;
   for (; m + MR <= m1; m += MR) tile_q8_avx2<MR, NR>(dot, ldd, X, A, n0, m, m0);
   for (; m < m1; m++) tile_q8_avx2<1, NR>(dot, ldd, X, A, n0, m, m0);
