@@ -7,6 +7,8 @@
 // each round's own fraction.
 //
 //   ./build/decode_bandwidth_bench [--config bench/gpt2-124m.json] [--threads 2] [--steps 64] [--formats f32,...]
+//                                  [--isa avx512|avx2|portable]: the narrow kernels capped at that level (the AVX2
+//                                  ones measured on an AVX-512 CPU, say)
 //   ./build/decode_bandwidth_bench --peer-only 1 [--threads 2] [--steps 5]: the streaming read alone (median of
 //   --steps reads), for a driver that interleaves it with its own runs (bench/decode_formats.py).
 #include <immintrin.h>
@@ -93,14 +95,27 @@ int main(int argc, char** argv) {
   std::string config = std::string(KILN_SOURCE_DIR) + "/bench/gpt2-124m.json";
   std::string formats = "f32,bf16,f16,q8_0";
   int threads = 2, steps = 64, prompt = 16, peer_only = 0;
-  for (int i = 1; i + 1 < argc; i += 2) {
+  for (int i = 1; i < argc; i += 2) {
     const std::string a = argv[i];
+    if (i + 1 == argc) {
+      std::fprintf(stderr, "decode_bandwidth_bench: %s needs a value\n", a.c_str());
+      return 2;
+    }
     if (a == "--config") config = argv[i + 1];
     else if (a == "--threads") threads = std::atoi(argv[i + 1]);
     else if (a == "--steps") steps = std::atoi(argv[i + 1]);
     else if (a == "--formats") formats = argv[i + 1];
     else if (a == "--peer-only") peer_only = std::atoi(argv[i + 1]);
-    else {
+    else if (a == "--isa") {
+      const std::string v = argv[i + 1];
+      if (v != "avx512" && v != "avx2" && v != "portable") {
+        std::fprintf(stderr, "decode_bandwidth_bench: --isa %s: expected avx512, avx2 or portable\n", v.c_str());
+        return 2;
+      }
+      cpu::narrow_limit_isa(v == "avx512" ? cpu::NarrowIsa::Avx512
+                            : v == "avx2" ? cpu::NarrowIsa::Avx2
+                                          : cpu::NarrowIsa::Portable);
+    } else {
       std::fprintf(stderr, "decode_bandwidth_bench: unknown option %s\n", a.c_str());
       return 2;
     }
