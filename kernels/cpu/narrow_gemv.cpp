@@ -554,9 +554,11 @@ KILN_AVX2 void rows16_avx2(float* dot, int64_t ldd, const float* x, int64_t ldx,
 
 // q8_0: per block, the signed weights (u − 128: the stored bytes with the top bit flipped) against qx by
 // vpmaddubsw on |qx| and the weights carrying qx's sign (llama.cpp's AVX2 trick: both in [−127, 127], so the
-// 16-bit pair sums cannot saturate), vpmaddwd to int32 (exact), then fp32 times d·dx of the block (a scalar
-// product, broadcast) into the even or odd blocks' accumulator: blocks go in pairs, so each accumulator is a
-// register (the same value whatever MR and NR are). x is quantized by quantize_x (the portable rule).
+// 16-bit pair sums cannot saturate), vpmaddwd to int32 (exact), then fp32 times d·dx of the block into the even or
+// odd blocks' accumulator: blocks go in pairs, so each accumulator is a register (the same value whatever MR and
+// NR are). The products d·dx are made 8 blocks at a time as one vector and spread to each block by a permute (a
+// scalar product and broadcast per block had cost as much as the block's integer work). x is quantized by
+// quantize_x (the portable rule).
 template <int MR, int NR>
 KILN_AVX2 void tile_q8_avx2(float* dot, int64_t ldd, const XQ& X, const NarrowMatrix& A, int64_t n0, int64_t m,
                             int64_t m0) {
@@ -572,30 +574,45 @@ KILN_AVX2 void tile_q8_avx2(float* dot, int64_t ldd, const XQ& X, const NarrowMa
     for (int n = 0; n < NR; n++) acc[i][n][0] = acc[i][n][1] = _mm256_setzero_ps();
   const __m256i flip = _mm256_set1_epi8(int8_t(0x80));
   const __m256i ones = _mm256_set1_epi16(1);
-  for (int64_t b = 0; b < nb; b += 2) {
-#pragma GCC unroll 2
-    for (int u = 0; u < 2; u++) {
-      const int64_t blk = b + u;
-      if (blk >= nb) break;
-      const int64_t off = blk * kQ8Block;
-      __m256i ax[NR], sx[NR];
+  auto block = [&](int64_t blk, int j, const __m256 (&s8)[MR][NR]) __attribute__((always_inline, target("avx2,fma,f16c"))) {
+    const int64_t off = blk * kQ8Block;
+    const __m256i idx = _mm256_set1_epi32(j);
+    __m256i ax[NR], sx[NR];
+    for (int n = 0; n < NR; n++) {
+      sx[n] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(X.qx.data() + (n0 + n) * X.ldq + off));
+      ax[n] = _mm256_sign_epi8(sx[n], sx[n]);
+    }
+    for (int i = 0; i < MR; i++) {
+      if ((j & 1) == 0) _mm_prefetch(reinterpret_cast<const char*>(w[i] + off) + kPrefetchBytes, kPrefetchHint);
+      const __m256i q = _mm256_xor_si256(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(w[i] + off)), flip);
       for (int n = 0; n < NR; n++) {
-        sx[n] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(X.qx.data() + (n0 + n) * X.ldq + off));
-        ax[n] = _mm256_sign_epi8(sx[n], sx[n]);
+        const __m256i t = _mm256_madd_epi16(_mm256_maddubs_epi16(ax[n], _mm256_sign_epi8(q, sx[n])), ones);
+        acc[i][n][j & 1] =
+            _mm256_fmadd_ps(_mm256_cvtepi32_ps(t), _mm256_permutevar8x32_ps(s8[i][n], idx), acc[i][n][j & 1]);
       }
-      for (int i = 0; i < MR; i++) {
-        if (u == 0) {
-          _mm_prefetch(reinterpret_cast<const char*>(w[i] + off) + kPrefetchBytes, kPrefetchHint);
-          if ((blk & 31) == 0) _mm_prefetch(reinterpret_cast<const char*>(d[i] + blk) + kPrefetchBytes / 16, kPrefetchHint);
-        }
-        const __m256i q = _mm256_xor_si256(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(w[i] + off)), flip);
-        const float dw = _cvtsh_ss(d[i][blk]);
-        for (int n = 0; n < NR; n++) {
-          const __m256i t = _mm256_madd_epi16(_mm256_maddubs_epi16(ax[n], _mm256_sign_epi8(q, sx[n])), ones);
-          const __m256 sc = _mm256_set1_ps(dw * X.dx[size_t((n0 + n) * X.ldd + blk)]);
-          acc[i][n][u] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(t), sc, acc[i][n][u]);
-        }
+    }
+  };
+  for (int64_t g = 0; g < nb; g += 8) {  // 8 blocks share one vector of d·dx per (row, x row)
+    const int64_t gb = std::min<int64_t>(8, nb - g);
+    __m256 s8[MR][NR];
+    for (int i = 0; i < MR; i++) {
+      if ((g & 31) == 0) _mm_prefetch(reinterpret_cast<const char*>(d[i] + g) + kPrefetchBytes / 16, kPrefetchHint);
+      __m128i h;
+      if (gb == 8) {
+        h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(d[i] + g));
+      } else {
+        alignas(16) uint16_t part[8] = {};
+        std::memcpy(part, d[i] + g, size_t(gb) * sizeof(uint16_t));
+        h = _mm_load_si128(reinterpret_cast<const __m128i*>(part));
       }
+      const __m256 dw = _mm256_cvtph_ps(h);  // dx is zero-padded past nb (XQ::ldd)
+      for (int n = 0; n < NR; n++) s8[i][n] = _mm256_mul_ps(dw, _mm256_loadu_ps(X.dx.data() + (n0 + n) * X.ldd + g));
+    }
+    if (gb == 8) {
+#pragma GCC unroll 8
+      for (int j = 0; j < 8; j++) block(g + j, j, s8);
+    } else {
+      for (int j = 0; j < int(gb); j++) block(g + j, j, s8);
     }
   }
   for (int i = 0; i < MR; i++)
