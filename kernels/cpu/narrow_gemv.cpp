@@ -574,7 +574,8 @@ KILN_AVX2 void tile_q8_avx2(float* dot, int64_t ldd, const XQ& X, const NarrowMa
     for (int n = 0; n < NR; n++) acc[i][n][0] = acc[i][n][1] = _mm256_setzero_ps();
   const __m256i flip = _mm256_set1_epi8(int8_t(0x80));
   const __m256i ones = _mm256_set1_epi16(1);
-  auto block = [&](int64_t blk, int j, const __m256 (&s8)[MR][NR]) __attribute__((always_inline, target("avx2,fma,f16c"))) {
+  auto block = [&](int64_t blk, int j, const __m256 (&s8)[MR][NR])
+                   __attribute__((always_inline, target("avx2,fma,f16c"))) {
     const int64_t off = blk * kQ8Block;
     const __m256i idx = _mm256_set1_epi32(j);
     __m256i ax[NR], sx[NR];
@@ -622,7 +623,7 @@ KILN_AVX2 void tile_q8_avx2(float* dot, int64_t ldd, const XQ& X, const NarrowMa
 template <int NR>
 KILN_AVX2 void rows_q8_avx2(float* dot, int64_t ldd, const XQ& X, const NarrowMatrix& A, int64_t n0, int64_t m0,
                             int64_t m1) {
-  constexpr int MR = NR == 1 ? 2 : NR == 2 ? 2 : 1;
+  constexpr int MR = NR == 1 ? 4 : NR == 2 ? 2 : 1;
   int64_t m = m0;
   for (; m + MR <= m1; m += MR) tile_q8_avx2<MR, NR>(dot, ldd, X, A, n0, m, m0);
   for (; m < m1; m++) tile_q8_avx2<1, NR>(dot, ldd, X, A, n0, m, m0);
