@@ -1,12 +1,12 @@
 // kiln's SIMT emulator: runs CUDA kernels written against kernels/cuda/simt.cuh on the CPU.
 //
 // A launch runs its blocks one after another on each OpenMP thread; inside a block every CUDA thread is a
-// fiber (ucontext) with its own stack. A fiber runs until it reaches __syncthreads or a warp collective
-// (__shfl_*_sync, __syncwarp, mma, ldmatrix) and then waits there until every live thread of its block
-// (or warp) has arrived, so barriers and lock-step warp operations behave as on the GPU. The emulator also
-// checks what the GPU would not report: a barrier some threads never reach (deadlock), lanes of one warp
-// at different collectives, ldmatrix / cp.async addresses outside shared memory or misaligned, shared
-// memory read before it is written (it starts filled with NaN bytes).
+// fiber with its own stack (switched by a few instructions, simt_emu.cpp). A fiber runs until it reaches
+// __syncthreads or a warp collective (__shfl_*_sync, __syncwarp, mma, ldmatrix) and then waits there until
+// every live thread of its block (or warp) has arrived, so barriers and lock-step warp operations behave as on
+// the GPU. The emulator also checks what the GPU would not report: a barrier some threads never reach
+// (deadlock), lanes of one warp at different collectives, ldmatrix / cp.async addresses outside shared memory
+// or misaligned, shared memory read before it is written (it starts filled with NaN bytes).
 //
 // It also provides the part of the CUDA runtime API kiln calls (cudaMalloc on host memory, synchronous
 // streams, events, graph capture by recording launches), so kernels/cuda/*.cu compile unchanged with a
