@@ -33,12 +33,12 @@ set(KILN_GPU_SANITIZE_FLAGS -fsanitize=address,undefined -fno-sanitize-recover=a
 # tests/ops.cmake): they are the largest part of the sanitizer builds.
 add_library(kiln_gpu_emu_asan OBJECT ${KILN_EMU_SOURCES})
 target_include_directories(kiln_gpu_emu_asan PRIVATE ${CMAKE_SOURCE_DIR})
-target_compile_options(kiln_gpu_emu_asan PRIVATE ${KILN_GPU_SANITIZE_FLAGS} -O1 -g)
+target_compile_options(kiln_gpu_emu_asan PRIVATE ${KILN_GPU_SANITIZE_FLAGS} -O1 -g1)
 target_link_libraries(kiln_gpu_emu_asan PRIVATE kiln_lib)
 add_executable(kiln_gpu_tests_emu_asan ${KILN_GPU_TEST_SOURCES} ${KILN_GPU_TEST_EMU_KERNELS}
                $<TARGET_OBJECTS:kiln_gpu_emu_asan>)
 target_include_directories(kiln_gpu_tests_emu_asan PRIVATE ${CMAKE_SOURCE_DIR})
-target_compile_options(kiln_gpu_tests_emu_asan PRIVATE ${KILN_GPU_SANITIZE_FLAGS} -O1 -g)
+target_compile_options(kiln_gpu_tests_emu_asan PRIVATE ${KILN_GPU_SANITIZE_FLAGS} -O1 -g1)
 target_link_options(kiln_gpu_tests_emu_asan PRIVATE ${KILN_GPU_SANITIZE_FLAGS})
 target_link_libraries(kiln_gpu_tests_emu_asan PRIVATE kiln_lib GTest::gtest GTest::gtest_main)
 target_compile_definitions(kiln_gpu_tests_emu_asan PRIVATE KILN_TEST_EMULATED=1 KILN_SOURCE_DIR="${CMAKE_SOURCE_DIR}")

@@ -14,7 +14,7 @@ add_executable(kiln_tokenizer_sanitize_tests ${KILN_TOKENIZER_SOURCES}
   ${CMAKE_CURRENT_SOURCE_DIR}/test_data_prepare.cpp)
 set(KILN_TOKENIZER_SANITIZE_FLAGS -fsanitize=address,undefined -fno-sanitize-recover=all -fno-omit-frame-pointer)
 target_include_directories(kiln_tokenizer_sanitize_tests PRIVATE ${CMAKE_SOURCE_DIR})
-target_compile_options(kiln_tokenizer_sanitize_tests PRIVATE ${KILN_TOKENIZER_SANITIZE_FLAGS} -O1 -g)
+target_compile_options(kiln_tokenizer_sanitize_tests PRIVATE ${KILN_TOKENIZER_SANITIZE_FLAGS} -O1 -g1)
 target_link_options(kiln_tokenizer_sanitize_tests PRIVATE ${KILN_TOKENIZER_SANITIZE_FLAGS})
 target_link_libraries(kiln_tokenizer_sanitize_tests PRIVATE OpenMP::OpenMP_CXX nlohmann_json::nlohmann_json
                                                             GTest::gtest GTest::gtest_main)
