@@ -1,9 +1,11 @@
 // Errors: every user-facing failure is a kiln::Error whose message is one line naming the file or field.
 // The CLI catches it, prints "kiln: <message>" and exits non-zero.
 #pragma once
+#include <cstdint>
 #include <sstream>
 #include <stdexcept>
 #include <string>
+#include <vector>
 
 namespace kiln {
 
@@ -17,6 +19,13 @@ std::string str(const Args&... args) {
   std::ostringstream os;
   (os << ... << args);
   return os.str();
+}
+
+// A shape as the messages print it: "[2, 3]".
+inline std::string shape_str(const std::vector<int64_t>& shape) {
+  std::string out = "[";
+  for (size_t i = 0; i < shape.size(); i++) out += (i ? ", " : "") + std::to_string(shape[i]);
+  return out + "]";
 }
 
 template <class... Args>

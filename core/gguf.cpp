@@ -62,12 +62,12 @@ uint64_t gguf_type_bytes(GgufType t, uint64_t n) {
     case GgufType::F16: case GgufType::BF16: case GgufType::I16: return 2 * n;
     case GgufType::I8: return n;
     case GgufType::I64: case GgufType::F64: return 8 * n;
-    case GgufType::Q8_0: return n / kQ8Block * kQ8BlockBytes;
+    case GgufType::Q8_0: return n / kGgufQ8Block * kGgufQ8BlockBytes;
   }
   return 0;
 }
 
-static uint64_t block_size(GgufType t) { return t == GgufType::Q8_0 ? kQ8Block : 1; }
+static uint64_t block_size(GgufType t) { return t == GgufType::Q8_0 ? kGgufQ8Block : 1; }
 
 size_t gguf_value_type_size(GgufValueType t) {
   switch (t) {
@@ -183,17 +183,17 @@ void gguf_encode(GgufType type, const float* src, uint64_t n, uint8_t* dst) {
       }
       return;
     case GgufType::Q8_0:
-      KILN_CHECK(n % kQ8Block == 0, "gguf: Q8_0 needs a multiple of 32 values, got ", n);
-      for (uint64_t b = 0; b < n / kQ8Block; b++) {
-        const float* x = src + b * kQ8Block;
-        uint8_t* out = dst + b * kQ8BlockBytes;
+      KILN_CHECK(n % kGgufQ8Block == 0, "gguf: Q8_0 needs a multiple of 32 values, got ", n);
+      for (uint64_t b = 0; b < n / kGgufQ8Block; b++) {
+        const float* x = src + b * kGgufQ8Block;
+        uint8_t* out = dst + b * kGgufQ8BlockBytes;
         float amax = 0.0f;
-        for (int j = 0; j < kQ8Block; j++) amax = std::max(amax, std::fabs(x[j]));
+        for (int j = 0; j < kGgufQ8Block; j++) amax = std::max(amax, std::fabs(x[j]));
         const float d = amax / 127.0f;
         const float id = d != 0.0f ? 1.0f / d : 0.0f;  // ggml multiplies by the inverse, not divides
         const uint16_t dh = f32_to_f16(d);
         std::memcpy(out, &dh, 2);
-        for (int j = 0; j < kQ8Block; j++) out[2 + j] = uint8_t(int8_t(std::roundf(x[j] * id)));
+        for (int j = 0; j < kGgufQ8Block; j++) out[2 + j] = uint8_t(int8_t(std::roundf(x[j] * id)));
       }
       return;
     default: fail("gguf: cannot encode tensors of type ", gguf_type_name(type));
@@ -212,12 +212,12 @@ void gguf_decode(GgufType type, const uint8_t* src, uint64_t n, float* dst) {
       }
       return;
     case GgufType::Q8_0:
-      for (uint64_t b = 0; b < n / kQ8Block; b++) {
-        const uint8_t* in = src + b * kQ8BlockBytes;
+      for (uint64_t b = 0; b < n / kGgufQ8Block; b++) {
+        const uint8_t* in = src + b * kGgufQ8BlockBytes;
         uint16_t dh;
         std::memcpy(&dh, in, 2);
         const float d = f16_to_f32(dh);
-        for (int j = 0; j < kQ8Block; j++) dst[b * kQ8Block + j] = d * float(int8_t(in[2 + j]));
+        for (int j = 0; j < kGgufQ8Block; j++) dst[b * kGgufQ8Block + j] = d * float(int8_t(in[2 + j]));
       }
       return;
     default: fail("gguf: cannot decode tensors of type ", gguf_type_name(type));

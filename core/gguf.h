@@ -24,8 +24,8 @@ enum class GgufValueType : uint32_t {
 // and of a few other plain types.
 enum class GgufType : uint32_t { F32 = 0, F16 = 1, Q8_0 = 8, I8 = 24, I16 = 25, I32 = 26, I64 = 27, F64 = 28, BF16 = 30 };
 
-constexpr int kQ8Block = 32;        // values per Q8_0 block
-constexpr int kQ8BlockBytes = 34;   // f16 scale + 32 int8
+constexpr int kGgufQ8Block = 32;        // values per Q8_0 block
+constexpr int kGgufQ8BlockBytes = 34;   // f16 scale + 32 int8
 
 const char* gguf_type_name(GgufType t);
 // Bytes of n values of type t (n a multiple of the block size for block types); 0 for an unknown type.

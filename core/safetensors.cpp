@@ -85,12 +85,6 @@ int64_t checked_numel(const std::vector<int64_t>& shape, const std::string& wher
   return n;
 }
 
-std::string shape_str(const std::vector<int64_t>& s) {
-  std::string out = "[";
-  for (size_t i = 0; i < s.size(); i++) out += (i ? ", " : "") + std::to_string(s[i]);
-  return out + "]";
-}
-
 }  // namespace
 
 int64_t SafeTensorsEntry::numel() const {

@@ -38,12 +38,6 @@ bool is_buffer(const std::string& name) {
   return rest == ".attn.bias" || rest == ".attn.masked_bias";
 }
 
-std::string shape_str(const std::vector<int64_t>& shape) {
-  std::string out = "[";
-  for (size_t i = 0; i < shape.size(); i++) out += (i ? ", " : "") + std::to_string(shape[i]);
-  return out + "]";
-}
-
 // The safetensors files of a checkpoint: one file, or the shards of an index.
 std::vector<std::string> weight_files(const std::string& path) {
   if (!fs::is_directory(path)) {

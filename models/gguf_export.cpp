@@ -20,12 +20,6 @@ struct Plan {
   bool permute_rope = false;    // deepseek2: rotate-half rotary parts → adjacent pairs (rope_interleave false)
 };
 
-std::string shape_str(const std::vector<int64_t>& s) {
-  std::string out = "[";
-  for (size_t i = 0; i < s.size(); i++) out += (i ? ", " : "") + std::to_string(s[i]);
-  return out + "]";
-}
-
 // Splits "blk.12.attn_q.weight" into layer 12 and "attn_q.weight"; -1 for the tensors outside the blocks.
 int split_key(const std::string& key, std::string& rest) {
   if (key.rfind("blk.", 0) != 0) {
@@ -429,7 +423,7 @@ void export_gguf(const std::string& out_path, const ModelConfig& cfg, const Para
   // Tensors: every table entry llama.cpp's architecture has, converted, matrices in `type`.
   const auto tensor_type = [&](const std::vector<int64_t>& shape) {
     if (shape.size() < 2 || type == GgufType::F32) return GgufType::F32;  // norms and biases stay F32
-    if (type == GgufType::Q8_0 && shape.back() % kQ8Block != 0) return GgufType::F16;
+    if (type == GgufType::Q8_0 && shape.back() % kGgufQ8Block != 0) return GgufType::F16;
     return type;
   };
   std::set<std::string> written;

@@ -32,6 +32,7 @@ set(KILN_GPU_SANITIZE_FLAGS -fsanitize=address,undefined -fno-sanitize-recover=a
 # The sanitized emulator kernels are compiled once, as objects that both sanitized test binaries link (here and
 # tests/ops.cmake): they are the largest part of the sanitizer builds.
 add_library(kiln_gpu_emu_asan OBJECT ${KILN_EMU_SOURCES})
+set_target_properties(kiln_gpu_emu_asan PROPERTIES UNITY_BUILD OFF)  # kernels, as kiln_gpu_emu
 target_include_directories(kiln_gpu_emu_asan PRIVATE ${CMAKE_SOURCE_DIR})
 target_compile_options(kiln_gpu_emu_asan PRIVATE ${KILN_GPU_SANITIZE_FLAGS} -O1 -g1)
 target_link_libraries(kiln_gpu_emu_asan PRIVATE kiln_lib)
@@ -49,3 +50,8 @@ gtest_discover_tests(kiln_gpu_tests_emu_asan DISCOVERY_TIMEOUT 60 TEST_PREFIX "e
   TEST_FILTER "-*Recomput*:*AdamWStepsTrackTheCpu:*StepsAllocateNothingAfterThePlan:GpuDecoder.GreedyTokensMatchTheCpu:GpuDecoder.Follows*:GpuMedusa.*:GpuMTP.*:AttentionGpu.BackwardBatchedHd128:AttentionGpu.BackwardPackedSequences"
   PROPERTIES LABELS sanitize
              ENVIRONMENT "ASAN_OPTIONS=detect_leaks=0:abort_on_error=0;UBSAN_OPTIONS=print_stacktrace=1")
+# The GPU test files each define their own model configs and comparison helpers: compiled one by one.
+set_target_properties(kiln_gpu_tests_emu kiln_gpu_tests_emu_asan PROPERTIES UNITY_BUILD OFF)
+if(KILN_CUDA)
+  set_target_properties(kiln_gpu_tests PROPERTIES UNITY_BUILD OFF)
+endif()

@@ -16,7 +16,9 @@ set_target_properties(decode_bandwidth_bench PROPERTIES RUNTIME_OUTPUT_DIRECTORY
 
 # The MoE layer (nn::MoE, forward + backward) beside the PyTorch reference's same layer (bench/moe_bench.cpp).
 add_executable(moe_bench ${CMAKE_SOURCE_DIR}/bench/moe_bench.cpp)
-target_link_libraries(moe_bench PRIVATE kiln_lib)
+# nn's objects carry the GPU backend's calls too (the unity build puts them in one object): the emulated backend
+# resolves them, as for the tests.
+target_link_libraries(moe_bench PRIVATE kiln_lib kiln_gpu_emu)
 set_target_properties(moe_bench PROPERTIES RUNTIME_OUTPUT_DIRECTORY ${CMAKE_BINARY_DIR})
 # The decoding batch's products (vecmat_batch / matvec_batch) beside OpenBLAS sgemm at 1-64 rows.
 add_executable(batch_gemv_bench ${CMAKE_SOURCE_DIR}/bench/batch_gemv_bench.cpp)

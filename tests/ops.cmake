@@ -31,3 +31,8 @@ target_compile_definitions(kiln_ops_tests_emu_asan PRIVATE KILN_TEST_EMULATED=1)
 gtest_discover_tests(kiln_ops_tests_emu_asan DISCOVERY_TIMEOUT 60 TEST_PREFIX "ops_emu_asan."
   PROPERTIES LABELS sanitize
              ENVIRONMENT "ASAN_OPTIONS=detect_leaks=0:abort_on_error=0;UBSAN_OPTIONS=print_stacktrace=1")
+# The op table's files each define their own small helpers (make, fmt, dot, ...): compiled one by one.
+set_target_properties(kiln_ops_tests_emu kiln_ops_tests_emu_asan PROPERTIES UNITY_BUILD OFF)
+if(KILN_CUDA)
+  set_target_properties(kiln_ops_tests PROPERTIES UNITY_BUILD OFF)
+endif()

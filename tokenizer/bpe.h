@@ -69,6 +69,8 @@ class Tokenizer {
   // tokenizer_config.json beside tokenizer.json is loaded with it. Throws kiln::Error naming the file and
   // the problem.
   static Tokenizer load(const std::string& dir_or_file);
+  // Whether dir is a folder holding what load() reads from one: tokenizer.json, or encoder.json + vocab.bpe.
+  static bool in_dir(const std::string& dir);
   static Tokenizer load_gpt2(const std::string& encoder_json, const std::string& vocab_bpe);
   static Tokenizer load_hf_json(const std::string& tokenizer_json);
   // A tokenizer.json's text (what load_hf_json reads); `source` names the file in errors (tests, the fuzzer).

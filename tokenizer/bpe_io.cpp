@@ -87,6 +87,13 @@ static void attach_config(Tokenizer& t, const fs::path& dir) {
   t.set_config(std::move(c), cfg.string());
 }
 
+bool Tokenizer::in_dir(const std::string& dir) {
+  std::error_code ec;
+  const fs::path d(dir);
+  return fs::is_directory(d, ec) &&
+         (fs::exists(d / "tokenizer.json", ec) || (fs::exists(d / "encoder.json", ec) && fs::exists(d / "vocab.bpe", ec)));
+}
+
 Tokenizer Tokenizer::load(const std::string& path) {
   std::error_code ec;
   if (fs::is_directory(path, ec)) {

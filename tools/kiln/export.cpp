@@ -34,12 +34,6 @@ std::string model_dir(const std::string& model) {
   return d.empty() ? "." : d;
 }
 
-bool has_tokenizer_files(const std::string& dir) {
-  std::error_code ec;
-  const fs::path d(dir);
-  return fs::exists(d / "tokenizer.json", ec) || (fs::exists(d / "encoder.json", ec) && fs::exists(d / "vocab.bpe", ec));
-}
-
 void run_export(const ExportOptions& o) {
   using namespace kiln;
   const GgufType type = o.dtype == "f16" ? GgufType::F16 : o.dtype == "q8_0" ? GgufType::Q8_0 : GgufType::F32;
@@ -52,7 +46,7 @@ void run_export(const ExportOptions& o) {
 
   // The tokenizer first: it is small, and a missing one should not wait for the weights.
   const std::string tok_dir = o.tokenizer.empty() ? model_dir(o.model) : o.tokenizer;
-  KILN_CHECK(!o.tokenizer.empty() || has_tokenizer_files(tok_dir), tok_dir,
+  KILN_CHECK(!o.tokenizer.empty() || Tokenizer::in_dir(tok_dir), tok_dir,
              ": no tokenizer.json (or encoder.json + vocab.bpe) to put in the GGUF file; pass --tokenizer DIR");
   const Tokenizer tok = Tokenizer::load(tok_dir);
   const GgufTokenizer gtok = gguf_tokenizer(tok, cfg.vocab_size, tok_dir);

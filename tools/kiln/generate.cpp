@@ -61,14 +61,6 @@ struct GenerateOptions {
   kiln::SamplingParams sampling;
 };
 
-bool has_tokenizer_files(const std::string& dir) {
-  namespace fs = std::filesystem;
-  std::error_code ec;
-  const fs::path d(dir);
-  return fs::is_directory(d, ec) &&
-         (fs::exists(d / "tokenizer.json", ec) || (fs::exists(d / "encoder.json", ec) && fs::exists(d / "vocab.bpe", ec)));
-}
-
 std::string trim(const std::string& s) {
   const size_t a = s.find_first_not_of(" \t\n"), b = s.find_last_not_of(" \t\n");
   return a == std::string::npos ? "" : s.substr(a, b - a + 1);
@@ -134,7 +126,7 @@ void run_generate(const GenerateOptions& o) {
     const std::string d = std::filesystem::is_directory(o.model, ec)
                               ? o.model
                               : std::filesystem::path(o.model).parent_path().string();
-    if (has_tokenizer_files(d.empty() ? "." : d)) tok_dir = d.empty() ? "." : d;
+    if (kiln::Tokenizer::in_dir(d.empty() ? "." : d)) tok_dir = d.empty() ? "." : d;
   }
   std::unique_ptr<Tokenizer> tok;
   if (!tok_dir.empty()) {
