@@ -2,7 +2,12 @@
 #include "kernels/cuda/emu/simt_emu.h"
 
 #include <sys/mman.h>
-#if !defined(__x86_64__)
+// The assembly switch on x86-64; ucontext elsewhere, or when KILN_EMU_UCONTEXT is defined (how that path is
+// tried on x86-64).
+#if defined(__x86_64__) && !defined(KILN_EMU_UCONTEXT)
+#define KILN_EMU_ASM_SWITCH 1
+#else
+#define KILN_EMU_ASM_SWITCH 0
 #include <ucontext.h>
 #endif
 #if defined(__SANITIZE_ADDRESS__)
@@ -29,8 +34,8 @@
 // three quarters of the emulator's time (a barrier in a 256-thread block is 512 switches). On x86-64 a switch
 // here pushes the callee-saved registers and the SSE / x87 control words on the old stack, stores its stack
 // pointer and pops the same from the new one; a new fiber's stack is laid out as if it had switched away at
-// the start of kiln_emu_fiber_start, which calls the entry function held in rbx. Elsewhere ucontext stays.
-#if defined(__x86_64__)
+// the start of kiln_emu_fiber_start, which calls the entry function held in rbx.
+#if KILN_EMU_ASM_SWITCH
 extern "C" void kiln_emu_switch(void** save_sp, void* load_sp);
 extern "C" void kiln_emu_fiber_start();
 asm(R"(
@@ -78,7 +83,7 @@ namespace kiln::emu {
 std::atomic<int64_t> g_mallocs{0};
 namespace {
 
-#if defined(__x86_64__)
+#if KILN_EMU_ASM_SWITCH
 struct Context {
   void* sp = nullptr;
 };
