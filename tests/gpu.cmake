@@ -50,8 +50,3 @@ gtest_discover_tests(kiln_gpu_tests_emu_asan DISCOVERY_TIMEOUT 60 TEST_PREFIX "e
   TEST_FILTER "-*Recomput*:*AdamWStepsTrackTheCpu:*StepsAllocateNothingAfterThePlan:GpuDecoder.GreedyTokensMatchTheCpu:GpuDecoder.Follows*:GpuMedusa.*:GpuMTP.*:AttentionGpu.BackwardBatchedHd128:AttentionGpu.BackwardPackedSequences"
   PROPERTIES LABELS sanitize
              ENVIRONMENT "ASAN_OPTIONS=detect_leaks=0:abort_on_error=0;UBSAN_OPTIONS=print_stacktrace=1")
-# The GPU test files each define their own model configs and comparison helpers: compiled one by one.
-set_target_properties(kiln_gpu_tests_emu kiln_gpu_tests_emu_asan PROPERTIES UNITY_BUILD OFF)
-if(KILN_CUDA)
-  set_target_properties(kiln_gpu_tests PROPERTIES UNITY_BUILD OFF)
-endif()

@@ -5,7 +5,9 @@
 #include <gtest/gtest.h>
 
 #include <algorithm>
+#include <cmath>
 #include <cstdlib>
+#include <string>
 #include <vector>
 
 #include "core/dtype.h"
@@ -103,5 +105,22 @@ inline std::vector<float> from_bf16(const std::vector<uint16_t>& x) {
 }
 // x rounded to bf16 and back: the input the GPU actually sees.
 inline std::vector<float> round_bf16(const std::vector<float>& x) { return from_bf16(to_bf16(x)); }
+
+// GPU values within bf16 accuracy of the CPU's: each of n within 5% of the row's largest magnitude (+1e-3).
+inline void expect_close(const float* got, const float* want, int n, const std::string& where) {
+  double scale = 0;
+  for (int i = 0; i < n; i++) scale = std::max(scale, std::fabs(double(want[i])));
+  for (int i = 0; i < n; i++) ASSERT_NEAR(got[i], want[i], 0.05 * scale + 1e-3) << where << " element " << i;
+}
+
+// ||a - b|| / ||b|| over n values (||a - b|| when b is all zero).
+inline double rel_l2(const float* a, const float* b, size_t n) {
+  double num = 0, den = 0;
+  for (size_t i = 0; i < n; i++) {
+    num += (double(a[i]) - b[i]) * (double(a[i]) - b[i]);
+    den += double(b[i]) * b[i];
+  }
+  return den > 0 ? std::sqrt(num / den) : std::sqrt(num);
+}
 
 }  // namespace kiln::test

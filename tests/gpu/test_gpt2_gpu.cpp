@@ -73,15 +73,6 @@ ModelConfig llama_config() {
   return c;
 }
 
-// ||a - b|| / ||b|| over a range.
-double rel_l2(const float* a, const float* b, size_t n) {
-  double num = 0, den = 0;
-  for (size_t i = 0; i < n; i++) {
-    num += (double(a[i]) - b[i]) * (double(a[i]) - b[i]);
-    den += double(b[i]) * b[i];
-  }
-  return den > 0 ? std::sqrt(num / den) : std::sqrt(num);
-}
 
 struct Inputs {
   std::vector<int32_t> tokens, targets, pos, cu;
@@ -172,7 +163,7 @@ void compare_step(const ModelConfig& cfg, const Inputs& in, int B, int T) {
     // Without q/k norms the key bias has an exactly-zero gradient (softmax is shift-invariant per query): noise.
     if (s.name.find("c_attn.bias") != std::string::npos || (!cfg.qk_norm && s.key.find("attn_k.bias") != std::string::npos))
       continue;
-    EXPECT_LT(rel_l2(g.data() + s.offset, gc + s.offset, size_t(s.numel())), 0.05) << s.key;
+    EXPECT_LT(test::rel_l2(g.data() + s.offset, gc + s.offset, size_t(s.numel())), 0.05) << s.key;
   }
 }
 
@@ -224,7 +215,7 @@ void recompute_policies_agree(ModelConfig cfg) {
       continue;
     }
     EXPECT_EQ(loss, loss0) << name;
-    EXPECT_LT(rel_l2(g.data(), g0.data(), g0.size()), 1e-5) << name;
+    EXPECT_LT(test::rel_l2(g.data(), g0.data(), g0.size()), 1e-5) << name;
     EXPECT_LT(bytes, bytes0) << name;
   }
   // The LM head 5 rows at a time (the loss gradient of each chunk as it exists): the same values, the head's
@@ -236,7 +227,7 @@ void recompute_policies_agree(ModelConfig cfg) {
   m->backward();
   EXPECT_NEAR(loss, loss0, 1e-5 * loss0);
   const std::vector<float> g = device_grads(*m);
-  EXPECT_LT(rel_l2(g.data(), g0.data(), g0.size()), 1e-4);
+  EXPECT_LT(test::rel_l2(g.data(), g0.data(), g0.size()), 1e-4);
 }
 
 TEST(GpuGPT2, RecomputationPoliciesGiveTheSameGradients) {
@@ -284,7 +275,7 @@ void adamw_steps_track(const ModelConfig& cfg) {
     dc[i] = cpu->host_params()[i] - init[i];
     dg[i] = gpu->host_params()[i] - init[i];
   }
-  EXPECT_LT(rel_l2(dg.data(), dc.data(), dc.size()), 0.25);
+  EXPECT_LT(test::rel_l2(dg.data(), dc.data(), dc.size()), 0.25);
 }
 
 TEST(GpuGPT2, AdamWStepsTrackTheCpu) {
@@ -401,13 +392,6 @@ std::unique_ptr<IncrementalDecoder> decoder(const ModelConfig& cfg, const std::v
   return make_decoder(cfg, params.data(), o);
 }
 
-// Logits of one row within bf16 accuracy of the fp32 ones.
-void expect_close(const float* got, const float* want, int V, const std::string& where) {
-  double scale = 0;
-  for (int i = 0; i < V; i++) scale = std::max(scale, std::fabs(double(want[i])));
-  for (int i = 0; i < V; i++) ASSERT_NEAR(got[i], want[i], 0.05 * scale + 1e-3) << where << " logit " << i;
-}
-
 // A prompt through FlashAttention (longer than the sliding window), then single steps through the KV cache:
 // the eager GPU decoder follows the CPU's logits, and the CUDA-graph step replays exactly the eager one.
 TEST(GpuDecoder, FollowsTheCpuDecoderAndGraphReplayIsExact) {
@@ -426,7 +410,7 @@ TEST(GpuDecoder, FollowsTheCpuDecoderAndGraphReplayIsExact) {
       const float* e = eager->forward(&in.tokens[size_t(t)], n);
       const std::vector<float> le(e, e + V);
       const float* g = graph->forward(&in.tokens[size_t(t)], n);
-      expect_close(le.data(), lc.data(), V, where);
+      test::expect_close(le.data(), lc.data(), V, where);
       for (int i = 0; i < V; i++) ASSERT_EQ(g[i], le[size_t(i)]) << "graph replay differs at " << where << " logit " << i;
     }
     EXPECT_EQ(graph->length(), prompt + steps);
@@ -453,7 +437,7 @@ TEST(GpuDecoder, ChunkedPrefillFollowsTheCpu) {
     const int32_t* t = in.tokens.data() + (step == 0 ? 0 : prompt + step - 1);
     const float* c = cpu->forward(t, n);
     std::vector<float> lc(c, c + V);
-    expect_close(dev->forward(t, n), lc.data(), V, "step " + std::to_string(step));
+    test::expect_close(dev->forward(t, n), lc.data(), V, "step " + std::to_string(step));
   }
   EXPECT_EQ(dev->length(), prompt + 2);
 }
@@ -510,13 +494,13 @@ TEST(GpuDecoder, AllLogitsOfAPromptFollowTheCpu) {
     std::vector<float> lc(c, c + size_t(B) * n * V);
     const float* d = dev->forward(in.tokens.data(), n, true);
     for (int r = 0; r < B * n; r++)
-      expect_close(d + size_t(r) * V, lc.data() + size_t(r) * V, V, cfg.family + " row " + std::to_string(r));
+      test::expect_close(d + size_t(r) * V, lc.data() + size_t(r) * V, V, cfg.family + " row " + std::to_string(r));
     // Then a batched step through the cache.
     const int32_t next[2] = {3, 4};
     c = cpu->forward(next, 1);
     lc.assign(c, c + size_t(B) * V);
     d = dev->forward(next, 1);
-    for (int b = 0; b < B; b++) expect_close(d + b * V, lc.data() + b * V, V, cfg.family + " batched step");
+    for (int b = 0; b < B; b++) test::expect_close(d + b * V, lc.data() + b * V, V, cfg.family + " batched step");
   }
 }
 

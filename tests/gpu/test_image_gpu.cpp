@@ -25,12 +25,6 @@
 namespace kiln {
 namespace {
 
-double rel_l2(const float* a, const float* b, size_t n) {
-  double num = 0, den = 0;
-  for (size_t i = 0; i < n; i++) num += (double(a[i]) - b[i]) * (double(a[i]) - b[i]), den += double(b[i]) * b[i];
-  return std::sqrt(num / std::max(den, 1e-30));
-}
-
 // A DiT with head dim 64 (the GPU attention kernels take 64 and 128): 8×8 images, patch 2 (16 tokens), 2 blocks.
 const char* kDiT = R"({"model_type": "dit", "image_size": 8, "channels": 1, "patch": 2, "hidden": 64, "depth": 2,
   "heads": 1, "mlp_ratio": 2, "classes": 3, "freq_dim": 32})";
@@ -68,11 +62,11 @@ std::vector<float> grads_of(ImageModel& m) {
 
 void expect_grads_match(ImageModel& cpu, ImageModel& gpu, double tol) {
   const std::vector<float> gc = grads_of(cpu), gg = grads_of(gpu);
-  const double all = rel_l2(gg.data(), gc.data(), gc.size());
+  const double all = test::rel_l2(gg.data(), gc.data(), gc.size());
   EXPECT_LT(all, tol) << "all gradients";
   double worst = 0;
   for (const ParamSpec& s : cpu.table().specs) {
-    const double e = rel_l2(gg.data() + s.offset, gc.data() + s.offset, size_t(s.numel()));
+    const double e = test::rel_l2(gg.data() + s.offset, gc.data() + s.offset, size_t(s.numel()));
     EXPECT_LT(e, 4 * tol) << s.name;
     worst = std::max(worst, e);
   }
@@ -96,7 +90,7 @@ TEST(ImageGpu, DiTLossOutputAndGradientsMatchTheCpu) {
   std::vector<float> Fc(in.size()), Fg(in.size()), dc(in.size()), dg(in.size());
   p.cpu->denoise(Fc.data(), in.data(), cn.data(), labels.data(), B);
   p.gpu->denoise(Fg.data(), in.data(), cn.data(), labels.data(), B);
-  const double eF = rel_l2(Fg.data(), Fc.data(), Fc.size());
+  const double eF = test::rel_l2(Fg.data(), Fc.data(), Fc.size());
   EXPECT_LT(eF, 1e-2);
   const double lc = objective_loss(o, x0.data(), eps.data(), lv.data(), Fc.data(), B, P, dc.data());
   const double lg = objective_loss(o, x0.data(), eps.data(), lv.data(), Fg.data(), B, P, dg.data());
@@ -127,7 +121,7 @@ TEST(ImageGpu, DiTSamplerTrajectoryMatchesTheCpu) {
     ASSERT_EQ(a.trajectory.size(), b.trajectory.size());
     double worst = 0;
     for (size_t k = 0; k < a.trajectory.size(); k++) {
-      const double e = rel_l2(b.trajectory[k].data(), a.trajectory[k].data(), a.trajectory[k].size());
+      const double e = test::rel_l2(b.trajectory[k].data(), a.trajectory[k].data(), a.trajectory[k].size());
       EXPECT_LT(e, 1e-2) << obj << " step " << k;
       worst = std::max(worst, e);
     }
@@ -172,7 +166,7 @@ TEST(ImageGpu, DiTAdamWStepsTrackTheCpu) {
   EXPECT_GT(first, 0);
   // The device parameters come back through the host mirror (what a checkpoint writes).
   p.cpu->sync_to_host(), p.gpu->sync_to_host();
-  EXPECT_LT(rel_l2(p.gpu->host_params(), p.cpu->host_params(), p.cpu->table().total), 1e-2);
+  EXPECT_LT(test::rel_l2(p.gpu->host_params(), p.cpu->host_params(), p.cpu->table().total), 1e-2);
 }
 
 // Block recomputation on the device reruns the same kernels on the same inputs: bit-identical gradients, and
@@ -199,7 +193,7 @@ TEST(ImageGpu, DiTRecomputationAndInputGradientOnTheDevice) {
   // And the device's input gradient is the CPU's within bf16 accuracy.
   p.cpu->denoise(F.data(), x.data(), cn.data(), labels.data(), B);
   p.cpu->denoise_vjp(dx_cpu.data(), dout.data());
-  const double e = rel_l2(dx_plain.data(), dx_cpu.data(), dx_cpu.size());
+  const double e = test::rel_l2(dx_plain.data(), dx_cpu.data(), dx_cpu.size());
   EXPECT_LT(e, 2e-2);
   std::printf("dit input gradient (vjp): gpu vs cpu relative L2 %.2e\n", e);
 }
@@ -222,8 +216,8 @@ TEST(ImageGpu, ViTLossLogitsAndGradientsMatchTheCpu) {
   std::vector<float> lgc(size_t(B) * 3), lgg(lgc.size()), fc(size_t(B) * p.cpu->feature_dim()), fg(fc.size());
   p.cpu->predict(lgc.data(), fc.data(), x.data(), B);
   p.gpu->predict(lgg.data(), fg.data(), x.data(), B);
-  EXPECT_LT(rel_l2(lgg.data(), lgc.data(), lgc.size()), 1e-2);
-  EXPECT_LT(rel_l2(fg.data(), fc.data(), fc.size()), 1e-2);
+  EXPECT_LT(test::rel_l2(lgg.data(), lgc.data(), lgc.size()), 1e-2);
+  EXPECT_LT(test::rel_l2(fg.data(), fc.data(), fc.size()), 1e-2);
 }
 
 TEST(ImageGpu, HeadDimsTheKernelsLackAreRefused) {

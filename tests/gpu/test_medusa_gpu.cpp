@@ -83,13 +83,6 @@ std::unique_ptr<IncrementalDecoder> gpu_decoder(const ModelConfig& cfg, const st
   return make_decoder(cfg, params.data(), o);
 }
 
-// Within bf16 accuracy of each other, relative to the row's scale.
-void expect_close(const float* got, const float* want, int n, const std::string& where) {
-  double scale = 0;
-  for (int i = 0; i < n; i++) scale = std::max(scale, std::fabs(double(want[i])));
-  for (int i = 0; i < n; i++) ASSERT_NEAR(got[i], want[i], 0.05 * scale + 1e-3) << where << " element " << i;
-}
-
 TEST(GpuMedusa, TreeNodeLogitsEqualTheirPathDecodedAlone) {
   KILN_REQUIRE_GPU();
   // Parents of nodes 1..19 (node 0 the root; depths follow): 20 nodes, more than the tensor-core kernel's 16
@@ -119,8 +112,8 @@ TEST(GpuMedusa, TreeNodeLogitsEqualTheirPathDecodedAlone) {
       alone->truncate(int(prompt.size()));
       const float* want = nullptr;
       for (int32_t t : path) want = alone->forward(&t, 1);
-      expect_close(tree.data() + size_t(i) * V, want, V, "node " + std::to_string(i) + " logits");
-      expect_close(hid.data() + size_t(i) * C, alone->hidden(), C, "node " + std::to_string(i) + " hidden");
+      test::expect_close(tree.data() + size_t(i) * V, want, V, "node " + std::to_string(i) + " logits");
+      test::expect_close(hid.data() + size_t(i) * C, alone->hidden(), C, "node " + std::to_string(i) + " hidden");
     }
     // Keep the path 0 -> 1 -> 4 -> 7 and continue: the compacted cache decodes like a plain one.
     const std::vector<int32_t> keep = {0, 1, 4, 7};
@@ -133,7 +126,7 @@ TEST(GpuMedusa, TreeNodeLogitsEqualTheirPathDecodedAlone) {
     for (int k : keep) seq.push_back(tokens[size_t(k)]);
     seq.push_back(next);
     alone->truncate(0);
-    expect_close(got.data(), alone->forward(seq.data(), int(seq.size())), V, "after keep_path");
+    test::expect_close(got.data(), alone->forward(seq.data(), int(seq.size())), V, "after keep_path");
   }
 }
 

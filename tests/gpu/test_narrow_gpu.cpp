@@ -20,11 +20,11 @@
 namespace kiln {
 namespace {
 
-ModelConfig gpt2_config() { return test::gpu_gpt2_config(1, 128, 256, 250); }
+ModelConfig narrow_gpt2() { return test::gpu_gpt2_config(1, 128, 256, 250); }
 // q8_0 pads the down projection's rows (d_ff 200) to 224.
-ModelConfig llama_config() { return test::gpu_llama_config(1, 4, 2, 128, 200, 250); }
+ModelConfig narrow_llama() { return test::gpu_llama_config(1, 4, 2, 128, 200, 250); }
 
-std::vector<float> random_params(const ModelConfig& cfg, uint64_t seed) {
+std::vector<float> spread_params(const ModelConfig& cfg, uint64_t seed) {
   auto m = make_model(cfg, ModelOptions{false, std::nullopt, false});
   m->init_random(seed);
   // The 1-D tensors (norm gains, biases) moved off 1 and 0, the matrices a little larger than the init's, so
@@ -44,12 +44,6 @@ std::unique_ptr<IncrementalDecoder> decoder(const ModelConfig& cfg, const std::v
   return make_decoder(cfg, p.data(), o);
 }
 
-void expect_close(const float* got, const float* want, int V, const std::string& where) {
-  double scale = 0;
-  for (int i = 0; i < V; i++) scale = std::max(scale, std::fabs(double(want[i])));
-  for (int i = 0; i < V; i++) ASSERT_NEAR(got[i], want[i], 0.05 * scale + 1e-3) << where << " logit " << i;
-}
-
 int32_t argmax(const float* x, int n) { return int32_t(std::max_element(x, x + n) - x); }
 
 // A 10-token prompt (every row's logits: the narrow product over many rows), then greedy single steps on the CPU's
@@ -60,12 +54,12 @@ TEST(GpuNarrowDecoder, FollowsTheCpuDecoderWithTheSameWeights) {
 #ifdef __SANITIZE_ADDRESS__
   // The sanitized build checks the memory accesses: the Llama config alone (its q8_0 rows are padded) keeps the
   // emulated run near a minute; the plain emulator build runs both.
-  const std::vector<ModelConfig> configs = {llama_config()};
+  const std::vector<ModelConfig> configs = {narrow_llama()};
 #else
-  const std::vector<ModelConfig> configs = {gpt2_config(), llama_config()};
+  const std::vector<ModelConfig> configs = {narrow_gpt2(), narrow_llama()};
 #endif
   for (const ModelConfig& cfg : configs) {
-    const std::vector<float> params = random_params(cfg, 21);
+    const std::vector<float> params = spread_params(cfg, 21);
     const int V = cfg.vocab_size, prompt = 10;
     for (WeightFormat f : {WeightFormat::F16, WeightFormat::Q8_0}) {
       const std::string what = cfg.family + " " + weight_format_name(f);
@@ -78,7 +72,7 @@ TEST(GpuNarrowDecoder, FollowsTheCpuDecoderWithTheSameWeights) {
       std::vector<float> want(c, c + size_t(prompt) * V);
       const float* g = eager->forward(toks.data(), prompt, true);
       for (int i = 0; i < prompt; i++)
-        expect_close(g + size_t(i) * V, want.data() + size_t(i) * V, V, what + " prompt row " + std::to_string(i));
+        test::expect_close(g + size_t(i) * V, want.data() + size_t(i) * V, V, what + " prompt row " + std::to_string(i));
       int32_t next = graph->forward_argmax(toks.data(), prompt, V)[0];
       EXPECT_EQ(next, argmax(g + size_t(prompt - 1) * V, V)) << what;
       int compared = 0;
@@ -86,7 +80,7 @@ TEST(GpuNarrowDecoder, FollowsTheCpuDecoderWithTheSameWeights) {
         const float* lc = step == 0 ? want.data() + size_t(prompt - 1) * V : cpu->forward(&toks.back(), 1);
         const float* lg = step == 0 ? nullptr : eager->forward(&toks.back(), 1);
         if (lg) {
-          expect_close(lg, lc, V, what + " step " + std::to_string(step));
+          test::expect_close(lg, lc, V, what + " step " + std::to_string(step));
           const int32_t got = graph->forward_argmax(&toks.back(), 1, V)[0];
           EXPECT_EQ(got, argmax(lg, V)) << what << " step " << step;
           next = got;
@@ -113,8 +107,8 @@ TEST(GpuNarrowDecoder, FollowsTheCpuDecoderWithTheSameWeights) {
 // in fp32 only those other tensors.
 TEST(GpuNarrowDecoder, DeviceHoldsOnlyTheNarrowCopyOfEachMatrix) {
   KILN_REQUIRE_GPU();
-  for (const ModelConfig& cfg : {gpt2_config(), llama_config()}) {
-    const std::vector<float> params = random_params(cfg, 5);
+  for (const ModelConfig& cfg : {narrow_gpt2(), narrow_llama()}) {
+    const std::vector<float> params = spread_params(cfg, 5);
     const ParamTable t = model_param_table(cfg);
     const int C = cfg.d_model;
     // [out, in] of every matrix the products read.
@@ -153,8 +147,8 @@ TEST(GpuNarrowDecoder, DeviceHoldsOnlyTheNarrowCopyOfEachMatrix) {
 // with the same format.
 TEST(GpuNarrowDecoder, PagedDecoderFollowsTheCpu) {
   KILN_REQUIRE_GPU();
-  const ModelConfig cfg = llama_config();
-  const std::vector<float> params = random_params(cfg, 8);
+  const ModelConfig cfg = narrow_llama();
+  const std::vector<float> params = spread_params(cfg, 8);
   const int V = cfg.vocab_size;
 #ifdef __SANITIZE_ADDRESS__
   // Sanitized: q8_0 alone (the f16 products' accesses are checked by the test above).
@@ -184,7 +178,7 @@ TEST(GpuNarrowDecoder, PagedDecoderFollowsTheCpu) {
       const std::vector<float> want(lc, lc + rows.size() * size_t(V));
       const float* lg = gpu->forward(rows);
       for (size_t i = 0; i < rows.size(); i++)
-        expect_close(lg + i * V, want.data() + i * V, V,
+        test::expect_close(lg + i * V, want.data() + i * V, V,
                      std::string(weight_format_name(f)) + " step " + std::to_string(step) + " row " + std::to_string(i));
       pa += rows[0].n;
       if (rows.size() > 1) pb += rows[1].n;

@@ -23,12 +23,6 @@
 namespace kiln {
 namespace {
 
-double rel_l2(const float* a, const float* b, size_t n) {
-  double num = 0, den = 0;
-  for (size_t i = 0; i < n; i++) num += (double(a[i]) - b[i]) * (double(a[i]) - b[i]), den += double(b[i]) * b[i];
-  return std::sqrt(num / std::max(den, 1e-30));
-}
-
 // 4×4 images, one scale (a squeeze to 4×2×2, two channel couplings, a factor-out), two checkerboard couplings
 // on either side: every layer kind, with MLPs of two hidden layers.
 std::string tiny_json(bool additive) {
@@ -87,7 +81,7 @@ void check_loss_and_grads(bool additive) {
   p.cpu->zero_grad(), p.gpu->zero_grad();
   p.cpu->loss_backward(), p.gpu->loss_backward();
   const std::vector<float> gc = grads_of(*p.cpu), gg = grads_of(*p.gpu);
-  const double all = rel_l2(gg.data(), gc.data(), gc.size());
+  const double all = test::rel_l2(gg.data(), gc.data(), gc.size());
   EXPECT_LT(all, 2e-2) << "all gradients";
   // Per tensor, relative to the larger of its own norm and the norm a tensor of its size has at the overall RMS:
   // an actnorm bias's gradient is a sum of dy over positions that nearly cancels, so its own norm is a poor scale.
@@ -144,7 +138,7 @@ TEST(RealNVPGpu, AdamWStepsTrackTheCpu) {
     EXPECT_NEAR(l[1], l[0], 5e-3 * std::fabs(l[0]) + 1e-3) << "step " << step;
   }
   EXPECT_LT(last, first);  // the steps train
-  const double e = rel_l2(p.gpu->host_params(), p.cpu->host_params(), p.cpu->table().total);
+  const double e = test::rel_l2(p.gpu->host_params(), p.cpu->host_params(), p.cpu->table().total);
   std::printf("adamw: parameters relative L2 %.2e after 3 steps\n", e);
   EXPECT_LT(e, 1e-2);
 }
@@ -161,7 +155,7 @@ TEST(RealNVPGpu, SamplingMatchesTheCpuOnTheSameNoise) {
     for (float& v : z) v = 0.8f * r.normal();
     p.cpu->generate(xc.data(), z.data(), nullptr, B);
     p.gpu->generate(xg.data(), z.data(), nullptr, B);
-    const double e = rel_l2(xg.data(), xc.data(), xc.size());
+    const double e = test::rel_l2(xg.data(), xc.data(), xc.size());
     std::printf("%s samples: relative L2 %.2e\n", additive ? "nice" : "realnvp", e);
     EXPECT_LT(e, 2e-2);
   }
