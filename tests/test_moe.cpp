@@ -73,10 +73,10 @@ std::unique_ptr<Model> model_of(const ModelConfig& cfg, uint64_t seed, bool grad
   return m;
 }
 
-struct Batch {
+struct MoeBatch {
   int B = 2, T = 9;
   std::vector<int32_t> tokens, targets, pos;
-  Batch(int vocab, uint64_t seed) {
+  MoeBatch(int vocab, uint64_t seed) {
     Rng r(seed);
     for (int i = 0; i < B * T; i++) {
       tokens.push_back(int32_t(r.below(uint64_t(vocab))));
@@ -86,7 +86,7 @@ struct Batch {
   }
 };
 
-std::vector<float> grads_of(Model& m, const Batch& b, const char* policy, double* loss) {
+std::vector<float> grads_of(Model& m, const MoeBatch& b, const char* policy, double* loss) {
   m.plan(b.B, b.T, RecomputePolicy::parse(policy));
   m.zero_grad();
   *loss = m.forward(b.tokens.data(), b.pos.data(), b.targets.data(), m.attention(b.B, b.T), 0.05f);
@@ -111,7 +111,7 @@ class Moe : public ::testing::TestWithParam<Named> {};
 
 TEST_P(Moe, GradientsMatchFiniteDifferences) {
   const ModelConfig cfg = GetParam().make();
-  Batch b(cfg.vocab_size, 5);
+  MoeBatch b(cfg.vocab_size, 5);
   auto m = model_of(cfg, 3, true, GetParam().aux);
   double loss = 0;
   const std::vector<float> g = grads_of(*m, b, "none", &loss);
@@ -169,7 +169,7 @@ TEST_P(Moe, GradientsMatchFiniteDifferences) {
 
 TEST_P(Moe, RecomputePoliciesGiveBitIdenticalGradients) {
   const ModelConfig cfg = GetParam().make();
-  Batch b(cfg.vocab_size, 6);
+  MoeBatch b(cfg.vocab_size, 6);
   double l0 = 0;
   auto m = model_of(cfg, 4, true, GetParam().aux);
   const std::vector<float> base = grads_of(*m, b, "none", &l0);
@@ -330,7 +330,7 @@ TEST(MoeBalance, BiasUpdateEqualsHandCount) {
     for (int e = 0; e < 16; e++) bias_of(*m, l)[e] = float(e) / 100.0f;
   }
   m->params_changed();
-  Batch b(cfg.vocab_size, 42);
+  MoeBatch b(cfg.vocab_size, 42);
   const int N = b.B * b.T;
   m->plan(b.B, b.T);
   m->forward(b.tokens.data(), b.pos.data(), b.targets.data(), m->attention(b.B, b.T), 0.0f);  // not counted
@@ -384,7 +384,7 @@ TEST(MoeBalance, MtpModuleBlockCountedAndBalanced) {
     for (int e = 0; e < 16; e++) bias_of(*m, l)[e] = float(e) / 100.0f;
   }
   m->params_changed();
-  Batch b(cfg.vocab_size, 44);
+  MoeBatch b(cfg.vocab_size, 44);
   const int N = b.B * b.T;
   m->plan(b.B, b.T);
   m->forward(b.tokens.data(), b.pos.data(), b.targets.data(), m->attention(b.B, b.T), 0.05f);
@@ -472,7 +472,7 @@ TEST(MoeBalance, LossFreeBalancingEvensTheLoad) {
 // evaluation forward's.
 TEST(MoeBalance, SeqAuxLossAddsToTrainingLoss) {
   const ModelConfig cfg = deepseek_style();
-  Batch b(cfg.vocab_size, 61);
+  MoeBatch b(cfg.vocab_size, 61);
   auto m0 = model_of(cfg, 62), m1 = model_of(cfg, 62, true, 0.5f);
   m0->plan(b.B, b.T);
   m1->plan(b.B, b.T);

@@ -84,18 +84,18 @@ TEST(MTPDecode, ChainedDraftsEqualTrainingForward) {
   }
 }
 
-struct Gen {
+struct MtpGen {
   std::vector<int32_t> tokens;
   FinishReason why;
 };
 
 // K: drafts per round with MTP self-drafting, 0 for plain decoding.
-Gen run(IncrementalDecoder& dec, const std::vector<int32_t>& prompt, const GenerateLimits& lim, int K,
+MtpGen run(IncrementalDecoder& dec, const std::vector<int32_t>& prompt, const GenerateLimits& lim, int K,
         SpeculativeStats* st = nullptr) {
   SamplingParams sp;
   sp.temperature = 0;
   Sampler s(sp);
-  Gen g;
+  MtpGen g;
   auto on = [&](int32_t t) { g.tokens.push_back(t); return true; };
   g.why = K ? generate_self_draft(dec, s, prompt, lim, K, on, st) : generate(dec, s, prompt, lim, on);
   return g;
@@ -120,14 +120,14 @@ TEST(MTPDecode, GreedyEqualsPlainGreedy) {
       GenerateLimits lim;
       lim.max_new = 400;  // past the context: both stop there
       lim.max_length = prompt.size() > 100 ? 0 : 48;
-      const Gen a = run(*dec, prompt, lim, 0);
+      const MtpGen a = run(*dec, prompt, lim, 0);
       ASSERT_EQ(a.why, FinishReason::Context);
       for (int K = 1; K <= 3; K++) {
         if (f == WeightFormat::Q8_0 && K != 3) continue;  // the format changes the products, not the loop
         SCOPED_TRACE(std::string(weight_format_name(f)) + " prompt " + std::to_string(prompt.size()) + " K " +
                      std::to_string(K));
         SpeculativeStats st;
-        const Gen b = run(*dec, prompt, lim, K, &st);
+        const MtpGen b = run(*dec, prompt, lim, K, &st);
         EXPECT_EQ(b.why, a.why);
         EXPECT_EQ(b.tokens, a.tokens);
         EXPECT_GT(st.drafted, 0);
@@ -145,7 +145,7 @@ TEST(MTPDecode, GreedyEqualsPlainGreedy) {
         for (size_t at : {a.tokens.size() / 2, a.tokens.size() / 3 + 1}) {
           GenerateLimits le = lim;
           le.eot = a.tokens[at];
-          const Gen c = run(*dec, prompt, le, 0), e = run(*dec, prompt, le, K);
+          const MtpGen c = run(*dec, prompt, le, 0), e = run(*dec, prompt, le, K);
           EXPECT_EQ(c.why, FinishReason::EndOfText);
           EXPECT_EQ(e.why, c.why);
           EXPECT_EQ(e.tokens, c.tokens);
@@ -154,7 +154,7 @@ TEST(MTPDecode, GreedyEqualsPlainGreedy) {
         for (int budget : {1, 2, 3, 7, 8}) {
           GenerateLimits lb = lim;
           lb.max_new = budget;
-          const Gen c = run(*dec, prompt, lb, 0), e = run(*dec, prompt, lb, K);
+          const MtpGen c = run(*dec, prompt, lb, 0), e = run(*dec, prompt, lb, K);
           EXPECT_EQ(e.why, FinishReason::Length);
           EXPECT_EQ(e.tokens, c.tokens) << "budget " << budget;
         }

@@ -148,14 +148,14 @@ TEST(PagedDecoderTree, NodeLogitsEqualTheirPathAloneAndTheKeptPathContinues) {
 
 namespace {
 
-struct Served {
+struct ServedTokens {
   std::vector<int32_t> tokens;
   std::string finish;
 };
 
 // Greedy jobs (one prompt each) served at once with Medusa heads and a tree; the tokens each choice reported.
 // typical: {ε, α} for sampled jobs (temperature 0.8, seed 5); heads null: plain serving.
-std::vector<Served> serve_tree(BatchDecoder& dec, const nn::MedusaHeads* heads, const MedusaTree& tree,
+std::vector<ServedTokens> serve_tree(BatchDecoder& dec, const nn::MedusaHeads* heads, const MedusaTree& tree,
                                std::optional<int32_t> eot, const std::vector<std::vector<int32_t>>& prompts,
                                int max_new, serve::Metrics& metrics,
                                std::optional<std::pair<float, float>> typical = std::nullopt) {
@@ -178,9 +178,9 @@ std::vector<Served> serve_tree(BatchDecoder& dec, const nn::MedusaHeads* heads, 
     jp.temperature = 0.8f;
     jp.seed = 5;
   }
-  std::vector<Served> out;
+  std::vector<ServedTokens> out;
   for (const test::Served& s : test::serve_jobs(dec, eo, prompts, max_new, jp, metrics)) {
-    Served o{test::letter_ids(s.text), s.finish};
+    ServedTokens o{test::letter_ids(s.text), s.finish};
     if (eot && s.tokens == int(o.tokens.size()) + 1) o.tokens.push_back(*eot);  // end of text has no text
     out.push_back(o);
   }

@@ -20,7 +20,7 @@ using namespace kiln;
 
 namespace {
 
-const char* kGpt2 = R"({"model_type":"gpt2","n_layer":3,"n_head":2,"n_embd":16,"vocab_size":37,"n_positions":32})";
+const char* kShardGpt2 = R"({"model_type":"gpt2","n_layer":3,"n_head":2,"n_embd":16,"vocab_size":37,"n_positions":32})";
 const char* kMoe = R"({"model_type":"qwen3_moe","hidden_size":16,"num_attention_heads":2,"num_key_value_heads":1,
   "head_dim":8,"num_hidden_layers":3,"intermediate_size":24,"vocab_size":37,"max_position_embeddings":32,
   "rms_norm_eps":1e-6,"rope_theta":10000.0,"hidden_act":"silu","tie_word_embeddings":false,"num_experts":4,
@@ -135,12 +135,12 @@ TEST_P(Shard, SegmentGradientsAreTheWholeModels) {
 }
 
 INSTANTIATE_TEST_SUITE_P(Models, Shard,
-                         ::testing::Values(Case{kGpt2, 2, "none"}, Case{kGpt2, 3, "none"}, Case{kGpt2, 3, "every:2"},
-                                           Case{kGpt2, 3, "selective"}, Case{kMoe, 2, "block"},
-                                           Case{kMoe, 3, "every:2"}));
+                         ::testing::Values(Case{kShardGpt2, 2, "none"}, Case{kShardGpt2, 3, "none"},
+                                           Case{kShardGpt2, 3, "every:2"}, Case{kShardGpt2, 3, "selective"},
+                                           Case{kMoe, 2, "block"}, Case{kMoe, 3, "every:2"}));
 
 TEST(Shard, BufferBytesAreWhatTheModelAllocates) {
-  const ModelConfig cfg = parse_model_config(kGpt2, "config.json");
+  const ModelConfig cfg = parse_model_config(kShardGpt2, "config.json");
   const size_t n = model_param_table(cfg).total;
   for (int stage : {2, 3}) {
     ModelOptions o;

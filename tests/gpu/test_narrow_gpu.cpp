@@ -72,7 +72,8 @@ TEST(GpuNarrowDecoder, FollowsTheCpuDecoderWithTheSameWeights) {
       std::vector<float> want(c, c + size_t(prompt) * V);
       const float* g = eager->forward(toks.data(), prompt, true);
       for (int i = 0; i < prompt; i++)
-        test::expect_close(g + size_t(i) * V, want.data() + size_t(i) * V, V, what + " prompt row " + std::to_string(i));
+        test::expect_close(g + size_t(i) * V, want.data() + size_t(i) * V, V,
+                           what + " prompt row " + std::to_string(i));
       int32_t next = graph->forward_argmax(toks.data(), prompt, V)[0];
       EXPECT_EQ(next, argmax(g + size_t(prompt - 1) * V, V)) << what;
       int compared = 0;
