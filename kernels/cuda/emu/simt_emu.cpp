@@ -90,11 +90,6 @@ struct Context {
 // A context that starts entry() (which must never return) on [stack, stack + bytes).
 void context_init(Context& c, char* stack, size_t bytes, void (*entry)()) {
   auto top = (reinterpret_cast<uintptr_t>(stack) + bytes) & ~uintptr_t(15);
-#if defined(__SANITIZE_ADDRESS__)
-  // The previous fiber on this stack switched away for good from inside fiber_entry, whose frames' redzones
-  // are still poisoned: clear the top of the stack, where they and the new fiber's first frame lie.
-  __asan_unpoison_memory_region(reinterpret_cast<void*>(top - 8192), 8192);
-#endif
   // kiln_emu_switch's frame: 8 bytes unused, mxcsr, x87 control word, r15 r14 r13 r12 rbx rbp, return address;
   // after its ret the stack pointer is 16-byte aligned, as the call in kiln_emu_fiber_start needs.
   auto* frame = reinterpret_cast<uint64_t*>(top - 88);
@@ -309,6 +304,11 @@ void run_block(Runner& r) {
     f.linear = i;
     f.tid = dim3(unsigned(i) % r.bdim.x, (unsigned(i) / r.bdim.x) % r.bdim.y, unsigned(i) / (r.bdim.x * r.bdim.y));
     f.stack = stacks + size_t(i) * kStackBytes;
+#if defined(__SANITIZE_ADDRESS__)
+    // The previous fiber on this stack switched away for good from inside fiber_entry, whose frames' redzones
+    // are still poisoned: clear the top of the stack, where they and the new fiber's first frame lie.
+    __asan_unpoison_memory_region(f.stack + kStackBytes - 8192, 8192);
+#endif
     // Stack tops 256 KiB apart would all fall in the same cache sets: each fiber's starts a line further in.
     context_init(f.ctx, f.stack, kStackBytes - size_t(i % 64) * 64, fiber_entry);
   }
