@@ -8,7 +8,7 @@
 #
 # MODELS_DIR (default /work/bench-models) holds, or gets (trained here on Debian's fortunes corpus, as
 # scripts/quickstart.sh prepares it, under `nice -n 19` on KILN_TRAIN_THREADS threads, default 1: a shared
-# machine; the target checkpoints every 20 steps and a rerun resumes it until target/DONE exists):
+# machine; the target checkpoints every 50 steps and a rerun resumes it until target/DONE exists):
 #   target/latest         a 32M GPT-2 (6 layers, 640 wide, 256-token context)
 #   draft/latest          a 4M GPT-2 (4 layers, 256 wide) on the same tokenizer
 #   target-medusa/latest  the target with Medusa heads (kiln train --medusa-heads, Medusa-1: the base frozen)
@@ -49,20 +49,21 @@ if [ "$no_train" != 1 ] && [ ! -e target/DONE ]; then
   echo '{"n_layer": 6, "n_head": 10, "n_embd": 640, "vocab_size": 4096, "n_positions": 256, "layer_norm_epsilon": 1e-5}' > target.json
   resume=(); [ -e target/latest ] && resume=(--resume)
   nice -n 19 "$kiln" train --model target.json --tokenizer tokenizer --data "data/train_*.bin" \
-    --val-data "data/val_*.bin" --eval-every 100 --val-batches 10 --batch 8 --seq 128 \
-    --steps "$(steps 300)" --lr 1.5e-3 --min-lr 1.5e-4 --warmup 30 --weight-decay 0.1 --out target --save-every 20 \
+    --val-data "data/val_*.bin" --eval-every 100 --val-batches 10 --batch 16 --seq 128 \
+    --steps "$(steps 800)" --lr 1.5e-3 --min-lr 1.5e-4 --warmup 50 --weight-decay 0.1 --out target --save-every 50 \
     --keep-checkpoints 1 --metrics target.jsonl --no-progress --threads "$tthreads" "${resume[@]}"
   touch target/DONE
 fi
 if [ "$no_train" != 1 ] && [ ! -e draft/latest ]; then
   echo '{"n_layer": 4, "n_head": 4, "n_embd": 256, "vocab_size": 4096, "n_positions": 256, "layer_norm_epsilon": 1e-5}' > draft.json
-  nice -n 19 "$kiln" train --model draft.json --tokenizer tokenizer --data "data/train_*.bin" --batch 16 --seq 128 \
-    --steps "$(steps 1000)" --lr 2e-3 --min-lr 2e-4 --warmup 50 --weight-decay 0.1 --out draft --save-every 500 \
+  nice -n 19 "$kiln" train --model draft.json --tokenizer tokenizer --data "data/train_*.bin" \
+    --val-data "data/val_*.bin" --eval-every 500 --val-batches 10 --batch 16 --seq 128 \
+    --steps "$(steps 1200)" --lr 2e-3 --min-lr 2e-4 --warmup 50 --weight-decay 0.1 --out draft --save-every 500 \
     --keep-checkpoints 1 --metrics draft.jsonl --no-progress --threads "$tthreads"
 fi
 if [ "$no_train" != 1 ] && [ ! -e target-medusa/latest ]; then
-  nice -n 19 "$kiln" train --medusa-heads 3 --init target/latest --data "data/train_*.bin" --batch 8 --seq 128 \
-    --steps "$(steps 150)" --lr 1e-3 --min-lr 1e-4 --warmup 10 --weight-decay 0 --out target-medusa \
+  nice -n 19 "$kiln" train --medusa-heads 3 --init target/latest --data "data/train_*.bin" --batch 16 --seq 128 \
+    --steps "$(steps 200)" --lr 1e-3 --min-lr 1e-4 --warmup 10 --weight-decay 0 --out target-medusa \
     --metrics target-medusa.jsonl --threads "$tthreads"
 fi
 
