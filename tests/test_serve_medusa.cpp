@@ -156,9 +156,9 @@ struct ServedTokens {
 // Greedy jobs (one prompt each) served at once with Medusa heads and a tree; the tokens each choice reported.
 // typical: {ε, α} for sampled jobs (temperature 0.8, seed 5); heads null: plain serving.
 std::vector<ServedTokens> serve_tree(BatchDecoder& dec, const nn::MedusaHeads* heads, const MedusaTree& tree,
-                               std::optional<int32_t> eot, const std::vector<std::vector<int32_t>>& prompts,
-                               int max_new, serve::Metrics& metrics,
-                               std::optional<std::pair<float, float>> typical = std::nullopt) {
+                                     std::optional<int32_t> eot, const std::vector<std::vector<int32_t>>& prompts,
+                                     int max_new, serve::Metrics& metrics,
+                                     std::optional<std::pair<float, float>> typical = std::nullopt) {
   serve::EngineOptions eo;
   eo.parallel = 8;
   eo.eot = eot;

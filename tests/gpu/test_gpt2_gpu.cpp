@@ -73,7 +73,6 @@ ModelConfig llama_config() {
   return c;
 }
 
-
 struct Inputs {
   std::vector<int32_t> tokens, targets, pos, cu;
 };
