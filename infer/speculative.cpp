@@ -98,21 +98,16 @@ double top_probability(const float* logits, int V) {
 }
 }  // namespace
 
-FinishReason generate_speculative(IncrementalDecoder& target, IncrementalDecoder& draft, const Sampler& sampler,
-                                  const std::vector<int32_t>& prompt, const GenerateLimits& lim, int draft_tokens,
-                                  const std::function<bool(int32_t)>& on_token, SpeculativeStats* stats,
-                                  double draft_min_prob) {
+FinishReason generate_drafted(IncrementalDecoder& target, const Sampler& sampler, const std::vector<int32_t>& prompt,
+                              const GenerateLimits& lim, int draft_tokens, const ProposeFn& propose,
+                              const std::function<bool(int32_t)>& on_token, SpeculativeStats* stats) {
   using Clock = std::chrono::steady_clock;
-  KILN_CHECK(target.batch() == 1 && draft.batch() == 1, "speculative decoding: the decoders must have batch 1");
+  KILN_CHECK(target.batch() == 1, "speculative decoding: the decoder must have batch 1");
   KILN_CHECK(draft_tokens >= 1, "--draft-tokens must be >= 1, got ", draft_tokens);
-  KILN_CHECK(draft_min_prob >= 0 && draft_min_prob < 1, "--draft-min-prob must be in [0, 1), got ", draft_min_prob);
   KILN_CHECK(!prompt.empty(), "generate: the prompt is empty");
   KILN_CHECK(lim.max_new >= 0, "--max-new must be >= 0, got ", lim.max_new);
   const int TV = target.config().vocab_size;
   const int V = lim.sample_vocab > 0 ? std::min(lim.sample_vocab, TV) : TV;
-  const int DV = draft.config().vocab_size;
-  KILN_CHECK(DV >= V, "--draft-model: its vocabulary has ", DV, " tokens, fewer than the ", V,
-             " the target samples from");
   const int max_len = std::min(lim.max_length > 0 ? lim.max_length : target.max_positions(), target.max_positions());
   const int P = int(prompt.size());
   KILN_CHECK(P <= max_len, "the prompt has ", P, " tokens, more than the model's context of ", max_len,
@@ -127,14 +122,11 @@ FinishReason generate_speculative(IncrementalDecoder& target, IncrementalDecoder
 
   Rng rng(sampler.params().seed);
   std::vector<double> p;
-  std::vector<std::vector<double>> qs;  // the draft's distribution at each proposal
+  std::vector<std::vector<double>> qs(static_cast<size_t>(draft_tokens));  // each proposal's distribution
   target.reset();
-  draft.reset();
   const auto t0 = Clock::now();
-  // seq: every committed token. The target's cache holds all of them but the last (not yet fed); the draft's a
-  // prefix of them (it may lag further behind: it takes in the rest, seq[draft.length() ..], when it next runs).
-  const float* lg = target.forward(prompt.data(), P);
-  dense_distribution(sampler, lg, V, p);
+  // seq: every committed token; the target's cache holds all of them but the last (not yet fed).
+  dense_distribution(sampler, target.forward(prompt.data(), P), V, p);
   std::vector<int32_t> seq(prompt.begin(), prompt.end());
   std::vector<int32_t> produced{sample_dense(p, rng)}, feed, drafts;
 
@@ -144,28 +136,17 @@ FinishReason generate_speculative(IncrementalDecoder& target, IncrementalDecoder
     seq.insert(seq.end(), produced.begin(), produced.end());
     // Report this round's tokens one by one; each may end generation (as plain decoding would, at it).
     if (report_round(produced, st, first, t0, on_token, lim, P, max_len, why)) break;
-    const int32_t last = produced.back();
     const int committed = P + st.base.new_tokens;  // tokens so far; the target's cache holds committed - 1
     // Proposals this round: at most K, and no more than the budget and the context leave room to produce.
-    // A draft with a shorter context than the target's stops proposing when it is full (plain steps after).
-    const int k = std::max(0, std::min({draft_tokens, lim.max_new - st.base.new_tokens - 1, max_len - committed - 1,
-                                        draft.max_positions() - committed + 1}));
-
-    // Draft: up to k proposals, each drawn from the draft's filtered distribution. It stops early when it is
-    // unsure (its top probability below draft_min_prob): a proposal it would likely lose costs a verification
-    // row. The choice reads only the draft, so the output distribution stays the target's.
+    const int k = std::max(0, std::min({draft_tokens, lim.max_new - st.base.new_tokens - 1, max_len - committed - 1}));
     drafts.clear();
-    if (int(qs.size()) < k) qs.resize(size_t(k));
-    for (int i = 0; i < k; i++) {
-      const float* dl = i == 0 ? draft.forward(seq.data() + draft.length(), committed - draft.length())
-                               : draft.forward(&drafts.back(), 1);
-      if (draft_min_prob > 0 && top_probability(dl, DV) < draft_min_prob) break;
-      dense_distribution(sampler, dl, V, qs[size_t(i)]);
-      drafts.push_back(sample_dense(qs[size_t(i)], rng));
-    }
+    propose(seq, k, V, rng, drafts, qs);  // every round, k = 0 too (a proposer may sync its state)
+    KILN_CHECK(int(drafts.size()) <= k, "speculative decoding: ", drafts.size(), " proposals where ", k,
+               " were asked for");
     const int kd = int(drafts.size());
-    // Target: last and the proposals in one pass; position i's logits score proposal i (i = kd: the bonus).
-    feed.assign(1, last);
+    // Target: the last token and the proposals in one pass; position i's logits score proposal i (i = kd: the
+    // bonus).
+    feed.assign(1, seq.back());
     feed.insert(feed.end(), drafts.begin(), drafts.end());
     const float* tl = target.forward(feed.data(), int(feed.size()), /*all_logits=*/true);
     st.base.decode_steps++;
@@ -175,15 +156,46 @@ FinishReason generate_speculative(IncrementalDecoder& target, IncrementalDecoder
     const int accepted = verify_proposals(sampler, tl, TV, V, qs.data(), drafts.data(), kd, rng, produced);
     for (int j = 0; j < accepted; j++) st.accepted_at[size_t(j)]++;
     st.accepted += accepted;
-    // Roll back past the rejection: both keep last and the accepted proposals at most (the draft may hold fewer:
-    // it has not taken in its last proposal, or did not run this round).
-    const int keep = committed + accepted;  // cached tokens after this round (all but the newest)
-    target.truncate(keep);
-    if (draft.length() > keep) draft.truncate(keep);
+    // Roll back past the rejection: the cache keeps the last token and the accepted proposals.
+    target.truncate(committed + accepted);
   }
   st.base.decode_s = std::chrono::duration<double>(Clock::now() - t0).count() - st.base.prefill_s;
   if (stats) *stats = st;
   return why;
+}
+
+FinishReason generate_speculative(IncrementalDecoder& target, IncrementalDecoder& draft, const Sampler& sampler,
+                                  const std::vector<int32_t>& prompt, const GenerateLimits& lim, int draft_tokens,
+                                  const std::function<bool(int32_t)>& on_token, SpeculativeStats* stats,
+                                  double draft_min_prob) {
+  KILN_CHECK(draft.batch() == 1, "speculative decoding: the draft decoder must have batch 1");
+  KILN_CHECK(draft_min_prob >= 0 && draft_min_prob < 1, "--draft-min-prob must be in [0, 1), got ", draft_min_prob);
+  const int TV = target.config().vocab_size;
+  const int V = lim.sample_vocab > 0 ? std::min(lim.sample_vocab, TV) : TV;
+  const int DV = draft.config().vocab_size;
+  KILN_CHECK(DV >= V, "--draft-model: its vocabulary has ", DV, " tokens, fewer than the ", V,
+             " the target samples from");
+  draft.reset();
+  // The draft's cache holds a prefix of seq: what it took in last time, less what the target rejected. It takes
+  // in the rest, seq[draft.length() ..], when it next runs.
+  auto propose = [&](const std::vector<int32_t>& seq, int k, int sample_vocab, Rng& rng, std::vector<int32_t>& drafts,
+                     std::vector<std::vector<double>>& qs) {
+    const int committed = int(seq.size());
+    if (draft.length() > committed - 1) draft.truncate(committed - 1);  // past a rejection (all but seq.back() hold)
+    // A draft with a shorter context than the target's stops proposing when it is full (plain steps after).
+    k = std::min(k, draft.max_positions() - committed + 1);
+    for (int i = 0; i < k; i++) {
+      const float* dl = i == 0 ? draft.forward(seq.data() + draft.length(), committed - draft.length())
+                               : draft.forward(&drafts.back(), 1);
+      // Drafting ends early where the draft is unsure (its top probability below draft_min_prob): a proposal it
+      // would likely lose costs a verification row. The choice reads only the draft, so the output distribution
+      // stays the target's.
+      if (draft_min_prob > 0 && top_probability(dl, DV) < draft_min_prob) break;
+      dense_distribution(sampler, dl, sample_vocab, qs[size_t(i)]);
+      drafts.push_back(sample_dense(qs[size_t(i)], rng));
+    }
+  };
+  return generate_drafted(target, sampler, prompt, lim, draft_tokens, propose, on_token, stats);
 }
 
 }  // namespace kiln

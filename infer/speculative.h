@@ -65,6 +65,20 @@ bool report_round(const std::vector<int32_t>& produced, SpeculativeStats& st, bo
                   std::chrono::steady_clock::time_point t0, const std::function<bool(int32_t)>& on_token,
                   const GenerateLimits& lim, int P, int max_len, FinishReason& why);
 
+// A round's proposer: up to k tokens to follow seq (every committed token; the last is not yet in the target's
+// cache), appended to drafts, the distribution each was drawn from (dense over the V sampled ids) in qs[i] (qs
+// has k entries, reused between rounds). Fewer, or none, is fine. Called every round, k = 0 included.
+using ProposeFn = std::function<void(const std::vector<int32_t>& seq, int k, int V, Rng& rng,
+                                     std::vector<int32_t>& drafts, std::vector<std::vector<double>>& qs)>;
+
+// The draft-then-verify loop that every drafting method shares: generate()'s limits, on_token contract and
+// finish reasons; the target batch 1 and reset first; draws from an Rng seeded by the sampler's seed. Each round
+// the target scores the last token and the proposals in one pass (all logits), verify_proposals decides, and the
+// target's cache rolls back past the rejection. stats: rounds are verification passes.
+FinishReason generate_drafted(IncrementalDecoder& target, const Sampler& sampler, const std::vector<int32_t>& prompt,
+                              const GenerateLimits& lim, int draft_tokens, const ProposeFn& propose,
+                              const std::function<bool(int32_t)>& on_token, SpeculativeStats* stats = nullptr);
+
 // generate() (infer/generate.h) with a draft: the same limits, on_token contract and finish reasons; both
 // decoders batch 1 with vocabularies covering the sampled ids; each is reset first. draft_tokens >= 1.
 // The sampler's parameters apply to both models; draws come from an Rng seeded by its seed. draft_min_prob > 0

@@ -3,7 +3,9 @@
 // next-token distributions are known exactly) against the target's own distribution of the first four tokens
 // by a χ² test and a total-variation bound, at several draft/target mismatches; and greedy speculative output
 // equal to plain greedy output for real decoders (several prompts and models, f32 and q8_0 weights, at the
-// context limit, with end-of-text inside a draft), plus the cache roll-back itself.
+// context limit, with end-of-text inside a draft), plus the cache roll-back itself. Prompt lookup (n-gram
+// drafting, infer/prompt_lookup.h): its proposals by hand, its samples by the same χ² test, its greedy output
+// equal to plain greedy output.
 #include <cmath>
 #include <filesystem>
 #include <fstream>
@@ -13,6 +15,7 @@
 
 #include "core/error.h"
 #include "infer/generate.h"
+#include "infer/prompt_lookup.h"
 #include "infer/speculative.h"
 #include "models/family.h"
 #include "models/model.h"
@@ -186,6 +189,67 @@ TEST(Speculative, SamplesFollowTheTargetDistribution) {
   }
 }
 
+TEST(PromptLookup, ProposalsByHand) {
+  auto look = [](std::vector<int32_t> seq, int k, int max_ngram = 3, int min_ngram = 1) {
+    std::vector<int32_t> out = {99};  // cleared first
+    lookup_proposals(seq.data(), int(seq.size()), PromptLookupParams{max_ngram, min_ngram}, k, out);
+    return out;
+  };
+  using V = std::vector<int32_t>;
+  // [1 2] occurred at 0: what followed it, then on through the proposals themselves (3 1 2 3 ...).
+  EXPECT_EQ(look({1, 2, 3, 1, 2}, 4), (V{3, 1, 2, 3}));
+  EXPECT_EQ(look({1, 2, 3, 1, 2}, 2), (V{3, 1}));
+  // The longest suffix wins over a later shorter one: [5 1 2] at 0 (followed by 8), not [1 2] at 4 (followed by 9).
+  EXPECT_EQ(look({5, 1, 2, 8, 1, 2, 9, 5, 1, 2}, 2), (V{8, 1}));
+  EXPECT_EQ(look({5, 1, 2, 8, 1, 2, 9, 5, 1, 2}, 2, 2), (V{9, 5}));  // n-grams of 2 at most: the latest [1 2]
+  // The latest occurrence of a suffix wins: [4] at 2 (followed by 6), not at 0 (followed by 5).
+  EXPECT_EQ(look({4, 5, 4, 6, 4}, 3), (V{6, 4, 6}));
+  // A run repeats itself.
+  EXPECT_EQ(look({3, 7, 7}, 5), (V{7, 7, 7, 7, 7}));
+  // No earlier occurrence, or only shorter than min_ngram: nothing.
+  EXPECT_EQ(look({1, 2, 3}, 4), V{});
+  EXPECT_EQ(look({1, 2, 1}, 4, 3, 2), V{});
+  EXPECT_EQ(look({1, 2, 1}, 4, 3, 1), (V{2, 1, 2, 1}));
+  EXPECT_EQ(look({1}, 4), V{});
+  EXPECT_EQ(look({1, 2, 1, 2}, 0), V{});
+}
+
+TEST(PromptLookup, SamplesFollowTheTargetDistribution) {
+  // The proposals come from the sequence (the prompt and what was sampled), the target is a Markov chain: the
+  // first five tokens after the prompt against their exact joint distribution.
+  const int V = 4, L = 5;
+  const int64_t n = 100000;
+  const auto target = random_table(V, 11, 1.5f);
+  const std::vector<int32_t> prompt = {1, 2, 3, 0, 1, 2, 0};
+  for (int top_k : {0, 2}) {
+    SamplingParams sp;
+    sp.temperature = 1.0f;
+    sp.top_k = top_k;
+    const std::vector<double> exact = exact_joint(target, Sampler(sp), prompt.back(), L);
+    std::vector<int64_t> counts(exact.size(), 0);
+    MarkovDecoder t(target, 64);
+    SpeculativeStats total;
+    for (int64_t i = 0; i < n; i++) {
+      sp.seed = uint64_t(i) + 1;
+      std::vector<int32_t> got;
+      GenerateLimits lim;
+      lim.max_new = L;
+      SpeculativeStats st;
+      generate_prompt_lookup(t, Sampler(sp), prompt, lim, 3, PromptLookupParams{},
+                             [&](int32_t x) { got.push_back(x); return true; }, &st);
+      ASSERT_EQ(got.size(), size_t(L));
+      size_t cell = 0;
+      for (int32_t x : got) cell = cell * V + size_t(x);
+      counts[cell]++;
+      total.drafted += st.drafted, total.accepted += st.accepted;
+    }
+    const Chi2 x2 = chi2_of(exact, counts, n);
+    std::printf("top-k %d: acceptance %.3f, chi2 %.1f (df %d)\n", top_k, total.acceptance_rate(), x2.stat, x2.df);
+    EXPECT_GT(total.drafted, n);  // it did propose (the prompt holds every token)
+    EXPECT_TRUE(chi2_passes(x2.stat, x2.df)) << "top-k " << top_k << ": chi2 " << x2.stat << " df " << x2.df;
+  }
+}
+
 // ---- greedy: identical to plain decoding ----
 
 std::string write_config(const std::string& name, const std::string& json) {
@@ -218,6 +282,16 @@ Gen speculative(IncrementalDecoder& t, IncrementalDecoder& d, const std::vector<
   Gen r;
   r.why = generate_speculative(t, d, s, prompt, lim, K, [&](int32_t x) { r.tokens.push_back(x); return true; }, st,
                                min_prob);
+  return r;
+}
+
+Gen lookup(IncrementalDecoder& t, const std::vector<int32_t>& prompt, const GenerateLimits& lim, int K,
+           SpeculativeStats* st = nullptr) {
+  SamplingParams sp;
+  sp.temperature = 0;
+  Gen r;
+  r.why = generate_prompt_lookup(t, Sampler(sp), prompt, lim, K, PromptLookupParams{},
+                                 [&](int32_t x) { r.tokens.push_back(x); return true; }, st);
   return r;
 }
 
@@ -284,6 +358,15 @@ TEST(Speculative, GreedyEqualsPlainGreedy) {
           GenerateLimits lb = lim;
           lb.max_new = 7;
           EXPECT_EQ(speculative(*t, *dr, prompt, lb, K).tokens, plain(*t, prompt, lb).tokens);
+          // Prompt lookup (the draft model unused), the same three limits.
+          if (&pr != &pairs[1] && &pr != &pairs[3]) continue;  // once per target
+          SpeculativeStats sl;
+          const Gen l = lookup(*t, prompt, lim, K, &sl);
+          EXPECT_EQ(l.why, a.why);
+          EXPECT_EQ(l.tokens, a.tokens);
+          EXPECT_GT(sl.drafted, 0);
+          EXPECT_EQ(lookup(*t, prompt, le, K).tokens, c.tokens);
+          EXPECT_EQ(lookup(*t, prompt, lb, K).tokens, plain(*t, prompt, lb).tokens);
         }
 }
 

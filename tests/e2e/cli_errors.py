@@ -69,6 +69,10 @@ cases = [
      "--draft-tokens"),
     ([kiln, "generate", "--random-init", cfg, "--prompt-ids", "1", "--draft-model", os.path.join(work, "nowhere")],
      "nowhere"),
+    ([kiln, "generate", "--random-init", cfg, "--prompt-ids", "1", "--prompt-lookup", "--lookup-min-ngram", "0"],
+     "--lookup-min-ngram"),
+    ([kiln, "generate", "--random-init", cfg, "--prompt-ids", "1", "--prompt-lookup", "--draft-random-init", cfg],
+     "--prompt-lookup"),
     # No GPU here: "--device cuda: no usable CUDA device (...)"; on a GPU: this model's head_dim 16 is refused.
     (train() + ["--device", "cuda", "--dtype", "bf16"], "--device"),
 ]

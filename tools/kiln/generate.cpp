@@ -8,7 +8,8 @@
 //    mean_accepted_length (accepted proposals per round), tokens_per_round}; with MTP self-drafting the same
 //    object with "method": "mtp" (a model with MTP modules drafts with them unless --no-mtp-draft: K chained
 //    guesses per round, K = --draft-tokens, by default the number of modules, more refused); both with
-//    "accepted_per_position": accepted / proposed of each draft position,
+//    "accepted_per_position": accepted / proposed of each draft position; with --prompt-lookup (n-gram drafting
+//    from the sequence itself, infer/prompt_lookup.h) the same object with "method": "prompt_lookup",
 //    with Medusa heads "medusa": {heads, tree_nodes, tree_depth, acceptance: greedy | typical, rounds, accepted,
 //    acceptance_rate (accepted / (rounds · tree depth)), mean_accepted_length (tokens per round)}}
 // Medusa (infer/medusa.h) runs by default when the checkpoint has heads (medusa.safetensors), without a draft
@@ -33,6 +34,7 @@
 #include "infer/generate.h"
 #include "infer/medusa.h"
 #include "infer/mtp_decode.h"
+#include "infer/prompt_lookup.h"
 #include "infer/sampler.h"
 #include "infer/speculative.h"
 #include "infer/text_stream.h"
@@ -55,7 +57,8 @@ struct GenerateOptions {
   std::string medusa_tree;
   float typical_threshold = 0.09f, typical_alpha = 0.3f;
   bool has_prompt = false, has_prompt_ids = false, json = false, no_cuda_graph = false;
-  bool mtp_draft = false, no_mtp_draft = false, draft_tokens_given = false;
+  bool mtp_draft = false, no_mtp_draft = false, draft_tokens_given = false, prompt_lookup = false;
+  kiln::PromptLookupParams lookup;
   int max_new = 64, threads = 0;
   std::optional<int> eot_id;
   kiln::SamplingParams sampling;
@@ -177,6 +180,10 @@ void run_generate(const GenerateOptions& o) {
   KILN_CHECK(o.draft_min_prob >= 0 && o.draft_min_prob < 1, "--draft-min-prob must be in [0, 1), got ",
              o.draft_min_prob);
   const bool speculative = !o.draft_model.empty() || !o.draft_random_init.empty();
+  KILN_CHECK(!(o.prompt_lookup && speculative), "give at most one of --prompt-lookup and --draft-model");
+  KILN_CHECK(!o.prompt_lookup || (o.lookup.min_ngram >= 1 && o.lookup.max_ngram >= o.lookup.min_ngram),
+             "--lookup-min-ngram (", o.lookup.min_ngram, ") and --lookup-max-ngram (", o.lookup.max_ngram,
+             ") must satisfy 1 <= min <= max");
   std::unique_ptr<Model> draft_model;
   std::unique_ptr<IncrementalDecoder> draft;
   if (speculative) {
@@ -200,7 +207,8 @@ void run_generate(const GenerateOptions& o) {
   KILN_CHECK(!o.medusa || medusa_w, "--medusa: ", o.model.empty() ? "--random-init has" : o.model + " has",
              " no Medusa heads (medusa.safetensors; kiln train --medusa-heads K --init BASE makes them)");
   KILN_CHECK(!o.medusa || !speculative, "give at most one of --medusa and --draft-model");
-  const bool use_medusa = medusa_w && !speculative;
+  KILN_CHECK(!o.medusa || !o.prompt_lookup, "give at most one of --medusa and --prompt-lookup");
+  const bool use_medusa = medusa_w && !speculative && !o.prompt_lookup;
   MedusaParams mparams;
   if (!o.medusa_tree.empty()) mparams.tree = MedusaTree::parse(o.medusa_tree);
   mparams.typical = !o.sampling.greedy();
@@ -209,11 +217,12 @@ void run_generate(const GenerateOptions& o) {
   // MTP self-drafting: --mtp-draft, or by default when the model has the modules and no draft model is given.
   KILN_CHECK(!(o.mtp_draft && o.no_mtp_draft), "give at most one of --mtp-draft and --no-mtp-draft");
   KILN_CHECK(!(o.mtp_draft && speculative), "give at most one of --mtp-draft and --draft-model");
+  KILN_CHECK(!(o.mtp_draft && o.prompt_lookup), "give at most one of --mtp-draft and --prompt-lookup");
   KILN_CHECK(!(o.mtp_draft && use_medusa), "give at most one of --mtp-draft and --medusa (or pass --no-medusa)");
   const int mtp_depth = dec->self_draft_depth();
   KILN_CHECK(!o.mtp_draft || mtp_depth > 0, "--mtp-draft: the model (", cfg.family,
              ") has no multi-token-prediction modules (num_nextn_predict_layers)");
-  const bool mtp = !speculative && !use_medusa && !o.no_mtp_draft && mtp_depth > 0;
+  const bool mtp = !speculative && !o.prompt_lookup && !use_medusa && !o.no_mtp_draft && mtp_depth > 0;
   // MTP: one draft per module by default; more than the modules is refused (module k was trained for depth k).
   const int draft_tokens = mtp && !o.draft_tokens_given ? mtp_depth : o.draft_tokens;
   KILN_CHECK(!mtp || draft_tokens <= mtp_depth, "--draft-tokens ", draft_tokens, ": the model has ", mtp_depth,
@@ -271,6 +280,9 @@ void run_generate(const GenerateOptions& o) {
   } else if (mtp) {
     why = generate_self_draft(*dec, sampler, prompt, lim, draft_tokens, on_token, &sst);
     st = sst.base;
+  } else if (o.prompt_lookup) {
+    why = generate_prompt_lookup(*dec, sampler, prompt, lim, draft_tokens, o.lookup, on_token, &sst);
+    st = sst.base;
   } else {
     why = generate(*dec, sampler, prompt, lim, on_token, &st);
   }
@@ -278,6 +290,7 @@ void run_generate(const GenerateOptions& o) {
   const double decode_tps = st.decode_s > 0 ? (st.new_tokens - 1) / st.decode_s : 0.0;
   const std::string rest = stream.finish();
 
+  const bool drafted = speculative || mtp || o.prompt_lookup;
   if (o.json) {
     nlohmann::json j;
     j["tokens"] = all;
@@ -285,8 +298,8 @@ void run_generate(const GenerateOptions& o) {
     j["finish_reason"] = finish_reason_name(why);
     j["weights_dtype"] = o.weights_dtype;
     j["decode_tokens_per_s"] = decode_tps;
-    if (speculative || mtp) {
-      j["speculative"] = {{"method", mtp ? "mtp" : "draft_model"},
+    if (drafted) {
+      j["speculative"] = {{"method", mtp ? "mtp" : o.prompt_lookup ? "prompt_lookup" : "draft_model"},
                           {"draft_tokens", draft_tokens},
                           {"rounds", sst.rounds},
                           {"drafted", sst.drafted},
@@ -328,10 +341,10 @@ void run_generate(const GenerateOptions& o) {
                  "per round, %.1f new tokens/s\n",
                  medusa_w->shape.K, mst.rounds, mst.tree_nodes, mst.acceptance_rate(), mst.mean_accepted_length(),
                  decode_tps);
-  if (speculative || mtp)
+  if (drafted)
     std::fprintf(stderr, "kiln generate: %s, %d rounds of up to %d drafts: acceptance %.3f, %.2f accepted "
                  "per round, %.1f new tokens/s\n",
-                 mtp ? "MTP self-drafting" : "speculative", sst.rounds, draft_tokens,
+                 mtp ? "MTP self-drafting" : o.prompt_lookup ? "prompt lookup" : "speculative", sst.rounds, draft_tokens,
                  sst.acceptance_rate(), sst.mean_accepted(), decode_tps);
 }
 
@@ -370,6 +383,14 @@ kiln::cli::Command generate_cmd("generate", [](CLI::App& root) {
   c->add_option("--draft-min-prob", o->draft_min_prob,
                 "Speculative decoding: end a round's drafting before a proposal the draft gives less than this "
                 "probability (its raw softmax; 0: always K): each proposal costs a row of the target's pass")
+      ->capture_default_str();
+  c->add_flag("--prompt-lookup", o->prompt_lookup,
+              "Speculative decoding without a draft model: propose the --draft-tokens tokens that followed the latest "
+              "earlier occurrence of the sequence's last n tokens (n-gram drafting)");
+  c->add_option("--lookup-max-ngram", o->lookup.max_ngram, "--prompt-lookup: the longest suffix matched")
+      ->capture_default_str();
+  c->add_option("--lookup-min-ngram", o->lookup.min_ngram,
+                "--prompt-lookup: the shortest suffix matched (none that long: a plain step)")
       ->capture_default_str();
   c->add_flag("--mtp-draft", o->mtp_draft,
               "Draft with the model's own multi-token-prediction modules (the default when it has them)");

@@ -1,0 +1,46 @@
+#include "infer/prompt_lookup.h"
+
+#include <algorithm>
+#include <cstring>
+
+#include "core/error.h"
+
+namespace kiln {
+
+void lookup_proposals(const int32_t* seq, int n, const PromptLookupParams& p, int k, std::vector<int32_t>& out) {
+  out.clear();
+  if (k <= 0) return;
+  for (int g = std::min(p.max_ngram, n - 1); g >= p.min_ngram; g--) {
+    const int32_t* suffix = seq + (n - g);
+    for (int s = n - g - 1; s >= 0; s--) {
+      if (std::memcmp(seq + s, suffix, size_t(g) * sizeof(int32_t)) != 0) continue;
+      // Copy what followed; from n on the source is out itself (s + g + j − n < j), which repeats a run.
+      for (int j = 0; j < k; j++) {
+        const int src = s + g + j;
+        out.push_back(src < n ? seq[src] : out[size_t(src - n)]);
+      }
+      return;
+    }
+  }
+}
+
+FinishReason generate_prompt_lookup(IncrementalDecoder& dec, const Sampler& sampler, const std::vector<int32_t>& prompt,
+                                    const GenerateLimits& lim, int draft_tokens, const PromptLookupParams& p,
+                                    const std::function<bool(int32_t)>& on_token, SpeculativeStats* stats) {
+  KILN_CHECK(p.min_ngram >= 1 && p.max_ngram >= p.min_ngram, "prompt lookup: the n-gram lengths must satisfy 1 <= ",
+             "--lookup-min-ngram (", p.min_ngram, ") <= --lookup-max-ngram (", p.max_ngram, ")");
+  auto propose = [&](const std::vector<int32_t>& seq, int k, int V, Rng&, std::vector<int32_t>& drafts,
+                     std::vector<std::vector<double>>& qs) {
+    lookup_proposals(seq.data(), int(seq.size()), p, k, drafts);
+    // A prompt id past the sampled vocabulary can never be sampled: the list ends before it.
+    const auto bad = std::find_if(drafts.begin(), drafts.end(), [&](int32_t x) { return x < 0 || x >= V; });
+    drafts.erase(bad, drafts.end());
+    for (size_t i = 0; i < drafts.size(); i++) {  // the draft's distribution: all mass on its proposal
+      qs[i].assign(size_t(V), 0.0);
+      qs[i][size_t(drafts[i])] = 1.0;
+    }
+  };
+  return generate_drafted(dec, sampler, prompt, lim, draft_tokens, propose, on_token, stats);
+}
+
+}  // namespace kiln

@@ -1,0 +1,38 @@
+// Prompt lookup decoding (n-gram drafting; Saxena 2023, llama.cpp's lookup, vLLM's and Hugging Face's n-gram
+// speculation): speculative decoding without a draft model. The proposals are the tokens that followed the most
+// recent earlier occurrence of the sequence's last n tokens (n from max_ngram down to min_ngram, the longest
+// match wins), copied on past the end of the sequence when the match is close to it (a run or a loop repeats
+// itself). Text that copies its context (an edited file, a summary, a quoted question, a greedy loop) is drafted
+// for almost nothing; the target verifies as in infer/speculative.h. The draft is deterministic (q one-hot at
+// its proposal), so the exact rule accepts x with probability p(x) and otherwise samples from p with x removed:
+// the output is distributed as plain sampling and greedy output equals plain greedy output.
+#pragma once
+#include <cstdint>
+#include <functional>
+#include <vector>
+
+#include "infer/generate.h"
+#include "infer/sampler.h"
+#include "infer/speculative.h"
+#include "models/model.h"
+
+namespace kiln {
+
+struct PromptLookupParams {
+  int max_ngram = 3;  // the longest suffix matched
+  int min_ngram = 1;  // the shortest; no match of at least this length: no proposals (a plain step)
+};
+
+// Up to k proposals to follow seq[0, n) into out (cleared first): for g = min(max_ngram, n − 1) down to min_ngram,
+// the latest s < n − g with seq[s, s + g) = seq[n − g, n) gives out[j] = ext[s + g + j], ext being seq followed
+// by out itself. Nothing when no suffix of at least min_ngram tokens occurred before.
+void lookup_proposals(const int32_t* seq, int n, const PromptLookupParams& p, int k, std::vector<int32_t>& out);
+
+// generate() with prompt lookup: K = draft_tokens proposals at most per round; the same limits, on_token
+// contract, finish reasons and stats as generate_speculative (a proposal past the sampled vocabulary ends the
+// round's list). 1 <= min_ngram <= max_ngram.
+FinishReason generate_prompt_lookup(IncrementalDecoder& dec, const Sampler& sampler, const std::vector<int32_t>& prompt,
+                                    const GenerateLimits& lim, int draft_tokens, const PromptLookupParams& p,
+                                    const std::function<bool(int32_t)>& on_token, SpeculativeStats* stats = nullptr);
+
+}  // namespace kiln
