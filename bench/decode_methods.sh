@@ -16,7 +16,8 @@
 # train nothing (the methods whose models are missing are left out). A target stopped early (killed) is used as
 # it stands once target/DONE is created by hand; the header line names the checkpoint step used.
 # Methods: plain greedy; speculative with K = 2, 3, 4, 6 proposals, and with drafting that ends early where the
-# draft is unsure (--draft-min-prob); Medusa with the default 16-node tree, smaller trees and chains. On a CPU
+# draft is unsure (--draft-min-prob); prompt lookup (n-gram drafting from the sequence, no draft model) with K = 4,
+# 6, 8; Medusa with the default 16-node tree, smaller trees and chains. On a CPU
 # whose multi-row products are compute-bound, each verified row costs a fraction of a step
 # (bench/verify_pass_bench.cpp measures it), so the small configurations are the interesting ones.
 set -euo pipefail
@@ -82,6 +83,7 @@ if [ -e draft/latest ]; then
   for k in 2 3 4 6; do method "speculative K=$k" "$spec|--draft-tokens|$k"; done
   for mp in ${KILN_BENCH_MIN_PROBS:-0.3 0.4 0.6}; do method "spec K=6 p>=$mp" "$spec|--draft-tokens|6|--draft-min-prob|$mp"; done
 fi
+for k in 4 6 8; do method "prompt lookup K=$k" --model target-medusa/latest --no-medusa --prompt-lookup --draft-tokens "$k"; done
 method "medusa tree 16" --model target-medusa/latest --medusa
 method "medusa tree 8" --model target-medusa/latest --medusa --medusa-tree "0;1;2;0,0;0,1;1,0;0,0,0"
 method "medusa tree 4" --model target-medusa/latest --medusa --medusa-tree "0;1;0,0"

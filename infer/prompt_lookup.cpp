@@ -24,6 +24,17 @@ void lookup_proposals(const int32_t* seq, int n, const PromptLookupParams& p, in
   }
 }
 
+void lookup_draft(const int32_t* seq, int n, const PromptLookupParams& p, int k, int V, std::vector<int32_t>& drafts,
+                  std::vector<std::vector<double>>& qs) {
+  lookup_proposals(seq, n, p, k, drafts);
+  drafts.erase(std::find_if(drafts.begin(), drafts.end(), [&](int32_t x) { return x < 0 || x >= V; }), drafts.end());
+  if (qs.size() < drafts.size()) qs.resize(drafts.size());
+  for (size_t i = 0; i < drafts.size(); i++) {  // all the draft's mass on its proposal
+    qs[i].assign(size_t(V), 0.0);
+    qs[i][size_t(drafts[i])] = 1.0;
+  }
+}
+
 FinishReason generate_prompt_lookup(IncrementalDecoder& dec, const Sampler& sampler, const std::vector<int32_t>& prompt,
                                     const GenerateLimits& lim, int draft_tokens, const PromptLookupParams& p,
                                     const std::function<bool(int32_t)>& on_token, SpeculativeStats* stats) {
@@ -31,14 +42,7 @@ FinishReason generate_prompt_lookup(IncrementalDecoder& dec, const Sampler& samp
              "--lookup-min-ngram (", p.min_ngram, ") <= --lookup-max-ngram (", p.max_ngram, ")");
   auto propose = [&](const std::vector<int32_t>& seq, int k, int V, Rng&, std::vector<int32_t>& drafts,
                      std::vector<std::vector<double>>& qs) {
-    lookup_proposals(seq.data(), int(seq.size()), p, k, drafts);
-    // A prompt id past the sampled vocabulary can never be sampled: the list ends before it.
-    const auto bad = std::find_if(drafts.begin(), drafts.end(), [&](int32_t x) { return x < 0 || x >= V; });
-    drafts.erase(bad, drafts.end());
-    for (size_t i = 0; i < drafts.size(); i++) {  // the draft's distribution: all mass on its proposal
-      qs[i].assign(size_t(V), 0.0);
-      qs[i][size_t(drafts[i])] = 1.0;
-    }
+    lookup_draft(seq.data(), int(seq.size()), p, k, V, drafts, qs);
   };
   return generate_drafted(dec, sampler, prompt, lim, draft_tokens, propose, on_token, stats);
 }

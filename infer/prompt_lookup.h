@@ -27,10 +27,13 @@ struct PromptLookupParams {
 // the latest s < n − g with seq[s, s + g) = seq[n − g, n) gives out[j] = ext[s + g + j], ext being seq followed
 // by out itself. Nothing when no suffix of at least min_ngram tokens occurred before.
 void lookup_proposals(const int32_t* seq, int n, const PromptLookupParams& p, int k, std::vector<int32_t>& out);
+// A round's draft: lookup_proposals cut before the first id outside the sampled [0, V) (it can never be sampled),
+// and qs[i] the draft's distribution at drafts[i], one-hot (qs grown to hold them). Shared with the server.
+void lookup_draft(const int32_t* seq, int n, const PromptLookupParams& p, int k, int V, std::vector<int32_t>& drafts,
+                  std::vector<std::vector<double>>& qs);
 
 // generate() with prompt lookup: K = draft_tokens proposals at most per round; the same limits, on_token
-// contract, finish reasons and stats as generate_speculative (a proposal past the sampled vocabulary ends the
-// round's list). 1 <= min_ngram <= max_ngram.
+// contract, finish reasons and stats as generate_speculative. 1 <= min_ngram <= max_ngram.
 FinishReason generate_prompt_lookup(IncrementalDecoder& dec, const Sampler& sampler, const std::vector<int32_t>& prompt,
                                     const GenerateLimits& lim, int draft_tokens, const PromptLookupParams& p,
                                     const std::function<bool(int32_t)>& on_token, SpeculativeStats* stats = nullptr);

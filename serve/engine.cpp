@@ -123,6 +123,14 @@ Engine::Engine(BatchDecoder& dec, const Tokenizer& tok, const EngineOptions& opt
                ", so MTP self-drafting proposes 1 to ", std::min(D, kMaxDraftTokens), " tokens a round");
     dec.stream();  // throws unless the decoder keeps the streams
   }
+  if (const auto& lp = opt_.prompt_lookup) {
+    KILN_CHECK(!opt_.draft && !opt_.medusa && !opt_.mtp,
+               "give at most one of --prompt-lookup, --draft-model, --medusa and MTP self-drafting");
+    KILN_CHECK(opt_.draft_tokens >= 1 && opt_.draft_tokens <= kMaxDraftTokens, "--draft-tokens must be in [1, ",
+               kMaxDraftTokens, "], got ", opt_.draft_tokens);
+    KILN_CHECK(lp->min_ngram >= 1 && lp->max_ngram >= lp->min_ngram, "--lookup-min-ngram (", lp->min_ngram,
+               ") and --lookup-max-ngram (", lp->max_ngram, ") must satisfy 1 <= min <= max");
+  }
   KILN_CHECK(!opt_.medusa_tree || opt_.medusa, "--medusa-tree needs --medusa");
   KILN_CHECK(!opt_.medusa_typical || opt_.medusa_tree, "--typical-threshold / --typical-alpha need --medusa-tree");
   KILN_CHECK(opt_.typical_threshold > 0 && opt_.typical_alpha > 0, "--typical-threshold and --typical-alpha must be > 0");
@@ -490,6 +498,15 @@ void Engine::propose_medusa(const std::vector<Seq*>& drafting) {
   }
 }
 
+// Each drafting sequence's proposals from its own tokens; k becomes their number (0: a plain step).
+void Engine::propose_lookup(const std::vector<Seq*>& drafting) {
+  for (Seq* s : drafting) {
+    lookup_draft(s->tokens.data(), int(s->tokens.size()), *opt_.prompt_lookup, s->k, opt_.sample_vocab, s->drafts,
+                 s->qs);
+    s->k = int(s->drafts.size());
+  }
+}
+
 void Engine::propose_tree(const std::vector<Seq*>& trees) {
   const nn::MedusaHeads& h = *opt_.medusa;
   const MedusaLayout& L = *layout_;
@@ -546,7 +563,8 @@ void Engine::step() {
       const JobParams& p = s->job->params();
       // Proposals: at most K, and no more than max_tokens leaves room to produce after them (which also keeps
       // every position checked inside the sequence's blocks and the context).
-      if ((opt_.draft || opt_.medusa || opt_.mtp) && p.presence_penalty == 0 && p.frequency_penalty == 0)
+      if ((opt_.draft || opt_.medusa || opt_.mtp || opt_.prompt_lookup) && p.presence_penalty == 0 &&
+          p.frequency_penalty == 0)
         s->k = std::max(0, std::min(opt_.draft_tokens, s->max_new - s->generated - 1));
       if (opt_.medusa && s->hid.empty()) s->k = 0;  // a one-token prompt: no hidden state yet
       if (opt_.mtp && s->cached == 0) s->k = 0;     // the modules draft from a cached position
@@ -566,6 +584,7 @@ void Engine::step() {
   if (opt_.draft) propose(prefill, drafting);
   if (opt_.medusa) propose_medusa(drafting);
   if (opt_.mtp) propose_mtp(drafting);
+  if (opt_.prompt_lookup) propose_lookup(drafting);
   if (!trees.empty()) propose_tree(trees);
   std::vector<BatchRow> rows;
   for (Seq* s : who) {

@@ -25,6 +25,9 @@
 // draft model's proposals, with the same exact rule: the proposal distribution is one-hot (the draft is
 // deterministic), so greedy output is plain greedy output and samples follow the target's distribution.
 //
+// Prompt lookup (EngineOptions::prompt_lookup) drafts from the sequence itself: the tokens after the latest
+// earlier occurrence of its last n tokens, one-hot proposals checked as a draft model's.
+//
 // MTP self-drafting (EngineOptions::mtp): module k of the model proposes draft k of a round from the previous
 // depth's hidden state (module 1: the target's stream, which the decoder keeps for every new token) and the
 // token before it, through its own layer of the paged cache; like Medusa's chain, the proposals are checked as
@@ -60,6 +63,7 @@
 #include <vector>
 
 #include "infer/medusa.h"
+#include "infer/prompt_lookup.h"
 #include "models/model.h"
 #include "nn/medusa.h"
 #include "serve/kv_blocks.h"
@@ -154,6 +158,10 @@ struct EngineOptions {
   // keep_stream) propose draft_tokens (at most the modules) a round, checked like a draft model's. Turns the
   // prefix cache off: a module's entry at a block's last positions reads the tokens after the block.
   bool mtp = false;
+  // Or prompt lookup (n-gram drafting, infer/prompt_lookup.h): each sequence's proposals are what followed the
+  // latest earlier occurrence of its last tokens in its own prompt and output, draft_tokens at most, checked
+  // like a draft model's (one-hot proposals).
+  std::optional<PromptLookupParams> prompt_lookup;
 };
 
 class Engine {
@@ -194,6 +202,7 @@ class Engine {
   void propose_medusa(const std::vector<Seq*>& drafting);
   void propose_tree(const std::vector<Seq*>& trees);  // each sequence's tree tokens (feed) and size (tn)
   void propose_mtp(const std::vector<Seq*>& drafting);
+  void propose_lookup(const std::vector<Seq*>& drafting);
   // After a forward: the stream rows of a sequence's valid new positions (MTP module 1's input), and the
   // modules' entries that read a token other than the one committed there now (a rejected draft) dropped.
   void mtp_commit(Seq& s, const float* stream, int past, int valid);

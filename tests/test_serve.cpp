@@ -244,29 +244,32 @@ namespace {
 
 using test::Served;
 
-// Greedy jobs through an engine, with a draft model proposing K tokens a round (none: plain serving).
+// Greedy jobs through an engine, with a draft model proposing K tokens a round, or prompt lookup (neither: plain
+// serving); drafted: the proposals made.
 std::vector<Served> serve_all(BatchDecoder& dec, BatchDecoder* draft, int K, std::optional<int32_t> eot,
                               const std::vector<std::vector<int32_t>>& prompts, int max_new,
-                              const std::vector<std::string>& stop) {
+                              const std::vector<std::string>& stop, bool lookup = false, int64_t* drafted = nullptr) {
   serve::EngineOptions eo;
   eo.parallel = 8;
   eo.eot = eot;
   eo.draft = draft;
   eo.draft_tokens = K;
+  if (lookup) eo.prompt_lookup = PromptLookupParams{};
   serve::JobParams jp;
   jp.temperature = 0;
   jp.stop = stop;
   serve::Metrics metrics;
   auto out = test::serve_jobs(dec, eo, prompts, max_new, jp, metrics);
   if (draft) EXPECT_GT(metrics.spec_drafted.load(), 0);
+  if (drafted) *drafted = metrics.spec_drafted.load();
   return out;
 }
 
 }  // namespace
 
 // Speculative rounds in the engine (serve/engine.h): three prompts served at once with a draft that always
-// agrees (the target itself: whole runs accepted) or one that mostly does not (another random model), against
-// the contiguous decoder's greedy tokens alone. The text matches; an end-of-text token inside an accepted run
+// agrees (the target itself: whole runs accepted) or one that mostly does not (another random model), or prompt
+// lookup's proposals (repeats in the prompts and the output), against the contiguous decoder's greedy tokens alone. The text matches; an end-of-text token inside an accepted run
 // ends the choice there ("stop", the tokens up to and with it); a stop string inside a run cuts the text where
 // plain serving cuts it; max_tokens is never passed.
 TEST(ServeSpeculative, EngineGreedyEqualsPlainWithEndOfTextAndStopsInsideRuns) {
@@ -278,7 +281,7 @@ TEST(ServeSpeculative, EngineGreedyEqualsPlainWithEndOfTextAndStopsInsideRuns) {
   auto dec = make_batch_decoder(cfg, model->host_params(), bo);
   auto same = make_batch_decoder(cfg, model->host_params(), bo);
   auto diff = make_batch_decoder(cfg, other->host_params(), bo);
-  const std::vector<std::vector<int32_t>> prompts = {{1, 2, 3, 4, 5}, {7, 3}, {30, 20, 10, 0, 11, 12, 13}};
+  const std::vector<std::vector<int32_t>> prompts = {{1, 2, 3, 4, 5}, {7, 3}, {30, 20, 10, 0, 11, 12, 13, 20, 10}};
   const int max_new = 20;
   std::vector<std::vector<int32_t>> ref;
   for (const auto& p : prompts) ref.push_back(greedy_alone(cfg, model->host_params(), p, max_new));
@@ -289,16 +292,20 @@ TEST(ServeSpeculative, EngineGreedyEqualsPlainWithEndOfTextAndStopsInsideRuns) {
   };
   // End of text: the first prompt's 7th greedy token (its first occurrence ends the plain text).
   const int32_t eot = ref[0][6];
-  for (BatchDecoder* draft : {same.get(), diff.get()}) {
+  for (BatchDecoder* draft : {same.get(), diff.get(), static_cast<BatchDecoder*>(nullptr)}) {
     for (int K : {1, 4}) {
-      SCOPED_TRACE(std::string(draft == same.get() ? "agreeing" : "random") + " draft, K " + std::to_string(K));
-      const auto full = serve_all(*dec, draft, K, std::nullopt, prompts, max_new, {});
+      const bool lookup = !draft;
+      SCOPED_TRACE(std::string(lookup ? "prompt lookup" : draft == same.get() ? "agreeing draft" : "random draft") +
+                   ", K " + std::to_string(K));
+      int64_t drafted = 0;
+      const auto full = serve_all(*dec, draft, K, std::nullopt, prompts, max_new, {}, lookup, &drafted);
+      EXPECT_GT(drafted, 0);  // prompt lookup too: the repeats in the third prompt and the outputs
       for (size_t i = 0; i < prompts.size(); i++) {
         EXPECT_EQ(full[i].text, text_of(ref[i], size_t(max_new))) << "prompt " << i;
         EXPECT_EQ(full[i].tokens, max_new);
         EXPECT_EQ(full[i].finish, "length");
       }
-      const auto ended = serve_all(*dec, draft, K, eot, prompts, max_new, {});
+      const auto ended = serve_all(*dec, draft, K, eot, prompts, max_new, {}, lookup);
       for (size_t i = 0; i < prompts.size(); i++) {
         const auto at = std::find(ref[i].begin(), ref[i].end(), eot);
         const size_t n = size_t(at - ref[i].begin());
@@ -310,7 +317,7 @@ TEST(ServeSpeculative, EngineGreedyEqualsPlainWithEndOfTextAndStopsInsideRuns) {
       std::vector<std::string> stops;
       for (const auto& r : ref) stops.push_back(text_of(r, 12).substr(9, 2));
       for (size_t i = 0; i < prompts.size(); i++) {
-        const auto stopped = serve_all(*dec, draft, K, std::nullopt, {prompts[i]}, max_new, {stops[i]});
+        const auto stopped = serve_all(*dec, draft, K, std::nullopt, {prompts[i]}, max_new, {stops[i]}, lookup);
         const std::string t = text_of(ref[i], size_t(max_new));
         EXPECT_EQ(stopped[0].text, t.substr(0, t.find(stops[i]))) << "prompt " << i;
         EXPECT_EQ(stopped[0].finish, "stop");

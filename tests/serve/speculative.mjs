@@ -6,7 +6,8 @@
 // /v1/models and the startup line name the drafting; bad combinations are one-line errors at startup. The same
 // for --medusa (a chain of the heads' top-1 guesses, tests/serve/make_medusa.py's heads) and --medusa-tree
 // (greedy requests check the default candidate tree with tree attention; sampled ones keep the chain), and for
-// MTP self-drafting (a deepseek_v3-style model's own modules, the default for such a model).
+// MTP self-drafting (a deepseek_v3-style model's own modules, the default for such a model), and for
+// --prompt-lookup (n-gram proposals from each request's own tokens).
 // usage: node speculative.mjs KILN WORK_DIR
 import fs from "node:fs";
 import path from "node:path";
@@ -75,18 +76,20 @@ check(/speculative decoding: none/.test(plain.stderr()), "plain: the startup lin
 await stopServer(plain);
 
 for (const [label, draft, k, tree] of [["self-draft", target, 4], ["random draft", otherDraft, 3], ["medusa", null, 3],
-  ["medusa tree", null, 3, true]]) {
-  const medusa = draft === null;
+  ["medusa tree", null, 3, true], ["prompt lookup", "lookup", 5]]) {
+  const medusa = draft === null, lookup = draft === "lookup";
   const srv = await startServer(kiln, medusa
     ? ["--model", withHeads, "--model-name", "target", "--threads", "2", "--parallel", "8", "--medusa",
        ...(tree ? ["--medusa-tree", "default"] : [])]
+    : lookup ? ["--model", target, "--threads", "2", "--parallel", "8", "--prompt-lookup", "--draft-tokens", String(k)]
     : ["--model", target, "--threads", "2", "--parallel", "8", "--draft-model", draft, "--draft-tokens", String(k)]);
   check(new RegExp(medusa ? `speculative decoding: Medusa heads, a chain of ${k} top-1 guesses` +
     (tree ? ".*greedy requests: a tree of 15 nodes" : "")
+    : lookup ? `speculative decoding: prompt lookup, up to ${k} tokens a round from n-grams of 1 to 3`
     : `speculative decoding: draft model .*, ${k} tokens a round`).test(srv.stderr()),
     `${label}: the startup line names the drafting`);
   const models = await (await fetch(srv.url + "/v1/models")).json();
-  const method = tree ? "medusa_tree" : medusa ? "medusa_chain" : "draft_model";
+  const method = tree ? "medusa_tree" : medusa ? "medusa_chain" : lookup ? "prompt_lookup" : "draft_model";
   check(models.data[0].speculative?.method === method && models.data[0].speculative?.draft_tokens === k,
     `${label}: /v1/models says speculative ${method}, ${k} tokens`);
   // One client at a time, not streaming and streaming.
@@ -122,7 +125,7 @@ for (const [label, draft, k, tree] of [["self-draft", target, 4], ["random draft
     `${(prompts.length * MAX / (oneClient / 1000)).toFixed(1)} tokens/s (plain ${plainTps.toFixed(1)})`);
   check(drafted > 0 && rounds > 0 && accepted >= 0 && accepted <= drafted, `${label}: /metrics counts rounds and proposals`);
   if (draft === target) check(accepted >= 0.9 * drafted, `${label}: the target drafting for itself passes >= 90% of proposals`);
-  else if (!medusa) check(accepted < 0.5 * drafted, `${label}: a random draft mostly fails (rollbacks exercised)`);
+  else if (!medusa && !lookup) check(accepted < 0.5 * drafted, `${label}: a random draft mostly fails (rollbacks exercised)`);
   await stopServer(srv);
 }
 
@@ -186,7 +189,10 @@ for (const [what, args, pattern, modelDir] of [
   ["--medusa-tree bad node", ["--medusa", "--medusa-tree", "0;x"], /--medusa-tree: node 'x' is not a path of ranks/, withHeads],
   ["--mtp-draft without modules", ["--mtp-draft"], /--mtp-draft: the model \(gpt2\) has no multi-token-prediction modules/],
   ["--draft-tokens 3 of 2 modules", ["--draft-tokens", "3"], /--draft-tokens 3: the model has 2 multi-token-prediction modules/, mtpCfg],
-  ["--mtp-draft with a draft", ["--mtp-draft", "--draft-model", otherDraft], /give at most one of --mtp-draft, --medusa and --draft-model/, mtpCfg],
+  ["--mtp-draft with a draft", ["--mtp-draft", "--draft-model", otherDraft], /give at most one of --mtp-draft, --medusa, --draft-model and --prompt-lookup/, mtpCfg],
+  ["--prompt-lookup with a draft", ["--prompt-lookup", "--draft-model", otherDraft], /give at most one of --prompt-lookup, --medusa and --draft-model/],
+  ["--prompt-lookup --draft-tokens 16", ["--prompt-lookup", "--draft-tokens", "16"], /--draft-tokens must be in \[1, 15\], got 16/],
+  ["--lookup-min-ngram 0", ["--prompt-lookup", "--lookup-min-ngram", "0"], /--lookup-min-ngram \(0\) and --lookup-max-ngram \(3\) must satisfy 1 <= min <= max/],
 ]) {
   const model = modelDir === mtpCfg ? ["--random-init", mtpCfg, "--tokenizer", target] : ["--model", modelDir ?? target];
   const r = spawnSync(kiln, ["serve", "--port", "0", ...model, "--threads", "1", ...args], { encoding: "utf8",

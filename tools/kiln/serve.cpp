@@ -21,6 +21,7 @@
 #include "core/error.h"
 #include "core/gpu.h"
 #include "infer/medusa.h"
+#include "infer/prompt_lookup.h"
 #include "models/checkpoint.h"
 #include "models/medusa_checkpoint.h"
 #include "models/model.h"
@@ -44,6 +45,8 @@ struct ServeOptions {
   float typical_threshold = 0, typical_alpha = 0;  // either > 0: sampled requests take typical acceptance
   std::string medusa_tree;  // greedy requests check this candidate tree (kiln generate's syntax; "default")
   bool mtp_draft = false, no_mtp_draft = false, draft_tokens_given = false;  // MTP self-drafting
+  bool prompt_lookup = false;  // n-gram drafting from each sequence's own tokens
+  kiln::PromptLookupParams lookup;
   int port = 8080, parallel = 16, ctx = 0, threads = 0, max_queue = 64, timeout = 60, kv_blocks = 0;
   int block_size = 64, prefill_chunk = 256, http_threads = 64;
   size_t max_body = 8u << 20;
@@ -171,9 +174,12 @@ void run_serve(const ServeOptions& o) {
     bo.num_blocks = o.kv_blocks > 0 ? o.kv_blocks : o.parallel * ((ctx + o.block_size - 1) / o.block_size);
     // MTP self-drafting: --mtp-draft, or by default for a model with the modules and no other drafting (as kiln
     // generate does).
-    const bool other_drafting = o.medusa || !o.draft_model.empty() || !o.draft_random_init.empty();
+    const bool other_drafting = o.medusa || !o.draft_model.empty() || !o.draft_random_init.empty() || o.prompt_lookup;
+    KILN_CHECK(!o.prompt_lookup || !(o.medusa || !o.draft_model.empty() || !o.draft_random_init.empty()),
+               "give at most one of --prompt-lookup, --medusa and --draft-model");
     KILN_CHECK(!(o.mtp_draft && o.no_mtp_draft), "give at most one of --mtp-draft and --no-mtp-draft");
-    KILN_CHECK(!(o.mtp_draft && other_drafting), "give at most one of --mtp-draft, --medusa and --draft-model");
+    KILN_CHECK(!(o.mtp_draft && other_drafting),
+               "give at most one of --mtp-draft, --medusa, --draft-model and --prompt-lookup");
     KILN_CHECK(!o.mtp_draft || cfg.mtp_depth > 0, "--mtp-draft: the model (", cfg.family,
                ") has no multi-token-prediction modules (num_nextn_predict_layers)");
     const bool mtp = !other_drafting && !o.no_mtp_draft && cfg.mtp_depth > 0 && (o.mtp_draft || !device.cuda);
@@ -218,6 +224,7 @@ void run_serve(const ServeOptions& o) {
       eo.mtp = true;
       eo.draft_tokens = o.draft_tokens_given ? o.draft_tokens : mtp_tokens;
     }
+    if (o.prompt_lookup) eo.prompt_lookup = o.lookup;
     if (heads) {
       eo.medusa = heads.get();
       eo.draft_tokens = o.medusa_tokens > 0 ? o.medusa_tokens : std::min(heads->shape.K, serve::kMaxDraftTokens);
@@ -248,8 +255,11 @@ void run_serve(const ServeOptions& o) {
       sm.ctx = ctx;
       sm.vocab = cfg.vocab_size;
       sm.eot = eo.eot;
-      if (speculative || heads || mtp) {
-        sm.drafting = heads ? (eo.medusa_tree ? "medusa_tree" : "medusa_chain") : mtp ? "mtp" : "draft_model";
+      if (speculative || heads || mtp || o.prompt_lookup) {
+        sm.drafting = heads           ? (eo.medusa_tree ? "medusa_tree" : "medusa_chain")
+                      : mtp           ? "mtp"
+                      : o.prompt_lookup ? "prompt_lookup"
+                                        : "draft_model";
         sm.draft_tokens = eo.draft_tokens;
       }
       server.set_model(sm);
@@ -260,7 +270,9 @@ void run_serve(const ServeOptions& o) {
                               o.draft_tokens, " tokens a round")
           : mtp         ? str("MTP self-drafting, ", eo.draft_tokens, " of the model's ", cfg.mtp_depth,
                               " modules a round (prefix cache off)")
-                        : std::string("none");
+          : o.prompt_lookup ? str("prompt lookup, up to ", eo.draft_tokens, " tokens a round from n-grams of ",
+                                  o.lookup.min_ngram, " to ", o.lookup.max_ngram)
+                            : std::string("none");
       std::fprintf(stderr,
                    "kiln serve: ready: model %s, context %d, %d sequences at once, KV cache %d blocks of %d (%.1f MiB), "
                    "chat template: %s, speculative decoding: %s\n",
@@ -327,6 +339,14 @@ kiln::cli::Command serve_cmd("serve", [](CLI::App& root) {
                                   "Tokens the draft proposes per round (1 to 15; MTP self-drafting: 1 to the "
                                   "modules, default all of them)")
                         ->capture_default_str();
+  c->add_flag("--prompt-lookup", o->prompt_lookup,
+              "Speculative decoding without a draft model: each round proposes the --draft-tokens tokens that followed "
+              "the latest earlier occurrence of the sequence's last n tokens (n-gram drafting)");
+  c->add_option("--lookup-max-ngram", o->lookup.max_ngram, "--prompt-lookup: the longest suffix matched")
+      ->capture_default_str();
+  c->add_option("--lookup-min-ngram", o->lookup.min_ngram,
+                "--prompt-lookup: the shortest suffix matched (none that long: a plain step)")
+      ->capture_default_str();
   c->add_flag("--mtp-draft", o->mtp_draft,
               "Draft with the model's own multi-token-prediction modules (the default on the CPU when it has them; "
               "turns the prefix cache off)");
