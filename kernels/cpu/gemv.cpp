@@ -29,8 +29,10 @@ constexpr int64_t kTileCols = 64;   // columns per vecmat register tile
 // Rows of W per pass over the partial sums. Each row of a block is a stream of its own (a tile reads 256 bytes of
 // each): with few rows of x, 32 streams are more than the hardware prefetcher follows, so 8 there, with a
 // software prefetch 16 rows ahead at one row (GPT-2 124M f32 decoding on 1 thread: 11.6 -> 20.6 GB/s, 0.47 ->
-// 0.71 of the streaming read, build/decode_bandwidth_bench); 32 once several rows of x share the tile.
-inline int64_t k_block(int64_t R) { return R < kGroupRows ? 8 : 32; }
+// 0.71 of the streaming read, build/decode_bandwidth_bench); 32 once several rows of x share the tile (from 2 rows:
+// with 8, 3-5 rows cost 1.5-2.0 one-row steps of the 32M bench target against 1.15-1.55 with 32,
+// build/verify_pass_bench --formats f32). Blocks only move where the partial sums wait, never their order.
+inline int64_t k_block(int64_t R) { return R < 2 ? 8 : 32; }
 constexpr int64_t kPrefetchRows = 16;
 
 // Columns [c0, c1) of G rows of y over rows [k0, k1) of W. y holds the partial sums between blocks; `zero`:
