@@ -7,6 +7,11 @@
 
 namespace kiln {
 
+void PromptLookupParams::validate() const {
+  KILN_CHECK(min_ngram >= 1 && max_ngram >= min_ngram, "--lookup-min-ngram (", min_ngram, ") and --lookup-max-ngram (",
+             max_ngram, ") must satisfy 1 <= min <= max");
+}
+
 void lookup_proposals(const int32_t* seq, int n, const PromptLookupParams& p, int k, std::vector<int32_t>& out) {
   out.clear();
   if (k <= 0) return;
@@ -38,8 +43,7 @@ void lookup_draft(const int32_t* seq, int n, const PromptLookupParams& p, int k,
 FinishReason generate_prompt_lookup(IncrementalDecoder& dec, const Sampler& sampler, const std::vector<int32_t>& prompt,
                                     const GenerateLimits& lim, int draft_tokens, const PromptLookupParams& p,
                                     const std::function<bool(int32_t)>& on_token, SpeculativeStats* stats) {
-  KILN_CHECK(p.min_ngram >= 1 && p.max_ngram >= p.min_ngram, "prompt lookup: the n-gram lengths must satisfy 1 <= ",
-             "--lookup-min-ngram (", p.min_ngram, ") <= --lookup-max-ngram (", p.max_ngram, ")");
+  p.validate();
   auto propose = [&](const std::vector<int32_t>& seq, int k, int V, Rng&, std::vector<int32_t>& drafts,
                      std::vector<std::vector<double>>& qs) {
     lookup_draft(seq.data(), int(seq.size()), p, k, V, drafts, qs);

@@ -21,6 +21,7 @@ namespace kiln {
 struct PromptLookupParams {
   int max_ngram = 3;  // the longest suffix matched
   int min_ngram = 1;  // the shortest; no match of at least this length: no proposals (a plain step)
+  void validate() const;  // 1 <= min_ngram <= max_ngram, else a one-line error naming the flags
 };
 
 // Up to k proposals to follow seq[0, n) into out (cleared first): for g = min(max_ngram, n − 1) down to min_ngram,

@@ -128,8 +128,7 @@ Engine::Engine(BatchDecoder& dec, const Tokenizer& tok, const EngineOptions& opt
                "give at most one of --prompt-lookup, --draft-model, --medusa and MTP self-drafting");
     KILN_CHECK(opt_.draft_tokens >= 1 && opt_.draft_tokens <= kMaxDraftTokens, "--draft-tokens must be in [1, ",
                kMaxDraftTokens, "], got ", opt_.draft_tokens);
-    KILN_CHECK(lp->min_ngram >= 1 && lp->max_ngram >= lp->min_ngram, "--lookup-min-ngram (", lp->min_ngram,
-               ") and --lookup-max-ngram (", lp->max_ngram, ") must satisfy 1 <= min <= max");
+    lp->validate();
   }
   KILN_CHECK(!opt_.medusa_tree || opt_.medusa, "--medusa-tree needs --medusa");
   KILN_CHECK(!opt_.medusa_typical || opt_.medusa_tree, "--typical-threshold / --typical-alpha need --medusa-tree");

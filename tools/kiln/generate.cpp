@@ -44,6 +44,7 @@
 #include "models/model.h"
 #include "tokenizer/bpe.h"
 #include "tools/kiln/command.h"
+#include "tools/kiln/lookup_options.h"
 #include "train/trainer.h"
 
 namespace {
@@ -181,9 +182,7 @@ void run_generate(const GenerateOptions& o) {
              o.draft_min_prob);
   const bool speculative = !o.draft_model.empty() || !o.draft_random_init.empty();
   KILN_CHECK(!(o.prompt_lookup && speculative), "give at most one of --prompt-lookup and --draft-model");
-  KILN_CHECK(!o.prompt_lookup || (o.lookup.min_ngram >= 1 && o.lookup.max_ngram >= o.lookup.min_ngram),
-             "--lookup-min-ngram (", o.lookup.min_ngram, ") and --lookup-max-ngram (", o.lookup.max_ngram,
-             ") must satisfy 1 <= min <= max");
+  if (o.prompt_lookup) o.lookup.validate();
   std::unique_ptr<Model> draft_model;
   std::unique_ptr<IncrementalDecoder> draft;
   if (speculative) {
@@ -384,14 +383,7 @@ kiln::cli::Command generate_cmd("generate", [](CLI::App& root) {
                 "Speculative decoding: end a round's drafting before a proposal the draft gives less than this "
                 "probability (its raw softmax; 0: always K): each proposal costs a row of the target's pass")
       ->capture_default_str();
-  c->add_flag("--prompt-lookup", o->prompt_lookup,
-              "Speculative decoding without a draft model: propose the --draft-tokens tokens that followed the latest "
-              "earlier occurrence of the sequence's last n tokens (n-gram drafting)");
-  c->add_option("--lookup-max-ngram", o->lookup.max_ngram, "--prompt-lookup: the longest suffix matched")
-      ->capture_default_str();
-  c->add_option("--lookup-min-ngram", o->lookup.min_ngram,
-                "--prompt-lookup: the shortest suffix matched (none that long: a plain step)")
-      ->capture_default_str();
+  kiln::cli::add_prompt_lookup_options(c, o->prompt_lookup, o->lookup);
   c->add_flag("--mtp-draft", o->mtp_draft,
               "Draft with the model's own multi-token-prediction modules (the default when it has them)");
   c->add_flag("--no-mtp-draft", o->no_mtp_draft, "Plain decoding for a model with MTP modules");

@@ -21,7 +21,6 @@
 #include "core/error.h"
 #include "core/gpu.h"
 #include "infer/medusa.h"
-#include "infer/prompt_lookup.h"
 #include "models/checkpoint.h"
 #include "models/medusa_checkpoint.h"
 #include "models/model.h"
@@ -30,6 +29,7 @@
 #include "serve/server.h"
 #include "tokenizer/bpe.h"
 #include "tools/kiln/command.h"
+#include "tools/kiln/lookup_options.h"
 #include "tools/kiln/omp_wait.h"
 #include "train/trainer.h"
 
@@ -339,14 +339,7 @@ kiln::cli::Command serve_cmd("serve", [](CLI::App& root) {
                                   "Tokens the draft proposes per round (1 to 15; MTP self-drafting: 1 to the "
                                   "modules, default all of them)")
                         ->capture_default_str();
-  c->add_flag("--prompt-lookup", o->prompt_lookup,
-              "Speculative decoding without a draft model: each round proposes the --draft-tokens tokens that followed "
-              "the latest earlier occurrence of the sequence's last n tokens (n-gram drafting)");
-  c->add_option("--lookup-max-ngram", o->lookup.max_ngram, "--prompt-lookup: the longest suffix matched")
-      ->capture_default_str();
-  c->add_option("--lookup-min-ngram", o->lookup.min_ngram,
-                "--prompt-lookup: the shortest suffix matched (none that long: a plain step)")
-      ->capture_default_str();
+  kiln::cli::add_prompt_lookup_options(c, o->prompt_lookup, o->lookup);
   c->add_flag("--mtp-draft", o->mtp_draft,
               "Draft with the model's own multi-token-prediction modules (the default on the CPU when it has them; "
               "turns the prefix cache off)");
