@@ -29,8 +29,17 @@ void lookup_proposals(const int32_t* seq, int n, const PromptLookupParams& p, in
   }
 }
 
-void lookup_draft(const int32_t* seq, int n, const PromptLookupParams& p, int k, int V, std::vector<int32_t>& drafts,
-                  std::vector<std::vector<double>>& qs) {
+void lookup_draft(const int32_t* seq, int n, const PromptLookupParams& p, int k, int V, LookupState& state,
+                  std::vector<int32_t>& drafts, std::vector<std::vector<double>>& qs) {
+  if (p.adaptive) {
+    // The sequence grew by the accepted proposals and one token from the target since the last round.
+    if (state.last_drafted > 0) {
+      const int accepted = n - state.last_n - 1;
+      state.length = accepted >= state.last_drafted ? 2 * state.length : std::max(1, accepted + 1);
+    }
+    if (state.length <= 0 || state.length > k) state.length = k;
+    k = state.length;
+  }
   lookup_proposals(seq, n, p, k, drafts);
   drafts.erase(std::find_if(drafts.begin(), drafts.end(), [&](int32_t x) { return x < 0 || x >= V; }), drafts.end());
   if (qs.size() < drafts.size()) qs.resize(drafts.size());
@@ -38,15 +47,18 @@ void lookup_draft(const int32_t* seq, int n, const PromptLookupParams& p, int k,
     qs[i].assign(size_t(V), 0.0);
     qs[i][size_t(drafts[i])] = 1.0;
   }
+  state.last_n = n;
+  state.last_drafted = int(drafts.size());
 }
 
 FinishReason generate_prompt_lookup(IncrementalDecoder& dec, const Sampler& sampler, const std::vector<int32_t>& prompt,
                                     const GenerateLimits& lim, int draft_tokens, const PromptLookupParams& p,
                                     const std::function<bool(int32_t)>& on_token, SpeculativeStats* stats) {
   p.validate();
+  LookupState state;
   auto propose = [&](const std::vector<int32_t>& seq, int k, int V, Rng&, std::vector<int32_t>& drafts,
                      std::vector<std::vector<double>>& qs) {
-    lookup_draft(seq.data(), int(seq.size()), p, k, V, drafts, qs);
+    lookup_draft(seq.data(), int(seq.size()), p, k, V, state, drafts, qs);
   };
   return generate_drafted(dec, sampler, prompt, lim, draft_tokens, propose, on_token, stats);
 }

@@ -21,6 +21,10 @@ namespace kiln {
 struct PromptLookupParams {
   int max_ngram = 3;  // the longest suffix matched
   int min_ngram = 1;  // the shortest; no match of at least this length: no proposals (a plain step)
+  // The round's length adapts (HF's assisted generation does the same): after a round whose proposals all passed
+  // it doubles (up to K), after a rejection it becomes the accepted count + 1. A match found in text that does not
+  // repeat mostly fails, and each failed proposal costs a verification row; false: always K.
+  bool adaptive = true;
   void validate() const;  // 1 <= min_ngram <= max_ngram, else a one-line error naming the flags
 };
 
@@ -28,10 +32,16 @@ struct PromptLookupParams {
 // the latest s < n − g with seq[s, s + g) = seq[n − g, n) gives out[j] = ext[s + g + j], ext being seq followed
 // by out itself. Nothing when no suffix of at least min_ngram tokens occurred before.
 void lookup_proposals(const int32_t* seq, int n, const PromptLookupParams& p, int k, std::vector<int32_t>& out);
-// A round's draft: lookup_proposals cut before the first id outside the sampled [0, V) (it can never be sampled),
-// and qs[i] the draft's distribution at drafts[i], one-hot (qs grown to hold them). Shared with the server.
-void lookup_draft(const int32_t* seq, int n, const PromptLookupParams& p, int k, int V, std::vector<int32_t>& drafts,
-                  std::vector<std::vector<double>>& qs);
+// One sequence's adaptive length: the last round's (0: none yet), and what that round saw (its sequence length
+// and its number of proposals), from which the next call learns how many passed.
+struct LookupState {
+  int length = 0, last_n = -1, last_drafted = 0;
+};
+// A round's draft of at most k proposals (fewer with p.adaptive, by state): lookup_proposals cut before the first
+// id outside the sampled [0, V) (it can never be sampled), and qs[i] the draft's distribution at drafts[i], one-hot
+// (qs grown to hold them). Shared with the server.
+void lookup_draft(const int32_t* seq, int n, const PromptLookupParams& p, int k, int V, LookupState& state,
+                  std::vector<int32_t>& drafts, std::vector<std::vector<double>>& qs);
 
 // generate() with prompt lookup: K = draft_tokens proposals at most per round; the same limits, on_token
 // contract, finish reasons and stats as generate_speculative. 1 <= min_ngram <= max_ngram.

@@ -78,6 +78,7 @@ struct Engine::Seq {
   std::vector<int32_t> drafts, feed, produced;
   std::vector<std::vector<double>> qs;
   std::vector<float> hid;  // Medusa: the hidden state behind the newest token
+  LookupState lookup;      // prompt lookup: the adaptive proposal length
   // MTP self-drafting: per module k (0-based) its cached length and the token its entry at each position read;
   // per depth d the hidden states of positions [hbase[d], hbase[d] + rows) (d = 0: the target's stream).
   std::vector<int> mlen, hbase;
@@ -500,8 +501,8 @@ void Engine::propose_medusa(const std::vector<Seq*>& drafting) {
 // Each drafting sequence's proposals from its own tokens; k becomes their number (0: a plain step).
 void Engine::propose_lookup(const std::vector<Seq*>& drafting) {
   for (Seq* s : drafting) {
-    lookup_draft(s->tokens.data(), int(s->tokens.size()), *opt_.prompt_lookup, s->k, opt_.sample_vocab, s->drafts,
-                 s->qs);
+    lookup_draft(s->tokens.data(), int(s->tokens.size()), *opt_.prompt_lookup, s->k, opt_.sample_vocab, s->lookup,
+                 s->drafts, s->qs);
     s->k = int(s->drafts.size());
   }
 }

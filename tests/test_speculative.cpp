@@ -214,6 +214,33 @@ TEST(PromptLookup, ProposalsByHand) {
   EXPECT_EQ(look({1, 2, 1, 2}, 0), V{});
 }
 
+TEST(PromptLookup, TheLengthAdaptsToWhatPassed) {
+  const PromptLookupParams p;
+  LookupState st;
+  std::vector<int32_t> d;
+  std::vector<std::vector<double>> qs;
+  std::vector<int32_t> seq = {1, 2, 3, 1, 2};
+  lookup_draft(seq.data(), int(seq.size()), p, 4, 10, st, d, qs);
+  EXPECT_EQ(d, (std::vector<int32_t>{3, 1, 2, 3}));  // the first round: K
+  ASSERT_EQ(qs.size(), 4u);
+  EXPECT_EQ(qs[1], (std::vector<double>{0, 1, 0, 0, 0, 0, 0, 0, 0, 0}));  // one-hot at the proposal
+  // One accepted (3), then the target's 2 instead of 1: two proposals next (the 3 2 after the latest 2).
+  seq.insert(seq.end(), {3, 2});
+  lookup_draft(seq.data(), int(seq.size()), p, 4, 10, st, d, qs);
+  EXPECT_EQ(d, (std::vector<int32_t>{3, 2}));
+  // Both passed, then the target's 3: twice as many (at most K, here 4).
+  seq.insert(seq.end(), {3, 2, 3});
+  lookup_draft(seq.data(), int(seq.size()), p, 4, 10, st, d, qs);
+  EXPECT_EQ(d, (std::vector<int32_t>{2, 3, 2, 3}));
+  // Fixed length: always K; and an id past the sampled vocabulary ends the list.
+  PromptLookupParams fixed;
+  fixed.adaptive = false;
+  LookupState fs;
+  const std::vector<int32_t> big = {12, 1, 2, 12, 1, 2, 12, 1};
+  lookup_draft(big.data(), int(big.size()), fixed, 4, 10, fs, d, qs);
+  EXPECT_EQ(d, (std::vector<int32_t>{2}));  // 2 12 1 2 followed; 12 is not sampled
+}
+
 TEST(PromptLookup, SamplesFollowTheTargetDistribution) {
   // The proposals come from the sequence (the prompt and what was sampled), the target is a Markov chain: the
   // first five tokens after the prompt against their exact joint distribution.
@@ -286,11 +313,13 @@ Gen speculative(IncrementalDecoder& t, IncrementalDecoder& d, const std::vector<
 }
 
 Gen lookup(IncrementalDecoder& t, const std::vector<int32_t>& prompt, const GenerateLimits& lim, int K,
-           SpeculativeStats* st = nullptr) {
+           SpeculativeStats* st = nullptr, bool adaptive = true) {
   SamplingParams sp;
   sp.temperature = 0;
   Gen r;
-  r.why = generate_prompt_lookup(t, Sampler(sp), prompt, lim, K, PromptLookupParams{},
+  PromptLookupParams lp;
+  lp.adaptive = adaptive;
+  r.why = generate_prompt_lookup(t, Sampler(sp), prompt, lim, K, lp,
                                  [&](int32_t x) { r.tokens.push_back(x); return true; }, st);
   return r;
 }
@@ -367,6 +396,7 @@ TEST(Speculative, GreedyEqualsPlainGreedy) {
           EXPECT_GT(sl.drafted, 0);
           EXPECT_EQ(lookup(*t, prompt, le, K).tokens, c.tokens);
           EXPECT_EQ(lookup(*t, prompt, lb, K).tokens, plain(*t, prompt, lb).tokens);
+          EXPECT_EQ(lookup(*t, prompt, lim, K, nullptr, /*adaptive=*/false).tokens, a.tokens);
         }
 }
 
