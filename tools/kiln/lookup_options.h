@@ -15,7 +15,7 @@ inline void add_prompt_lookup_options(CLI::App* c, bool& on, PromptLookupParams&
   c->add_option("--lookup-min-ngram", p.min_ngram,
                 "--prompt-lookup: the shortest suffix matched (none that long: a plain step)")
       ->capture_default_str();
-  c->add_flag("--lookup-fixed-length{false}", p.adaptive,
+  c->add_flag_callback("--lookup-fixed-length", [&p] { p.adaptive = false; },
               "--prompt-lookup: always propose --draft-tokens (default: the length doubles after a round that all "
               "passed and falls to the accepted count + 1 after a rejection)");
 }
