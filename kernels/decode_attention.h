@@ -97,11 +97,11 @@ struct DecodeAttention {
   int64_t out_stride = 0;
   KVPages pages;                          // device table; block_size a multiple of 64
   // Latent attention: value heads of their own width and strides (0: HD and k's strides). Any HD/HDv other
-  // than equal 64 or 128 takes a SIMT kernel (warps over keys, lanes over dims; HDv <= 512, no pages).
+  // than equal 64 or 128 takes a SIMT kernel (warps over keys, lanes over dims; HDv <= 512).
   int HDv = 0;
   int64_t v_batch_stride = 0, v_stride = 0;
   // Tree attention (Medusa): device [Tq] masks as in DecodeAttentionParams::tree (the same for every sequence),
-  // or null. Takes the SIMT kernel: Tq <= 64 nodes, no window, no pages.
+  // or null. Takes the SIMT kernel: Tq <= 64 nodes, no window.
   const uint64_t* tree = nullptr;
 };
 size_t decode_attention_scratch_bytes(const DecodeAttention& p);

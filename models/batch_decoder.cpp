@@ -69,8 +69,6 @@ void passes_by_length(const std::vector<Row>& rows, std::vector<bool>& done, int
 PagedDecoder::PagedDecoder(const ModelConfig& cfg, const float* params, const BatchDecoderOptions& opt)
     : cfg_(cfg), table_(model_param_table(cfg)), be_(make_backend_for(cfg, opt.cuda, std::nullopt)), block_size_(opt.block_size) {
   cfg_.validate("decoder config");
-  KILN_CHECK(!cfg_.mla.on() || !opt.cuda, "--device cuda: the paged decoder (kiln serve) has no latent attention on "
-             "the GPU yet (", cfg_.family, "; its decode attention takes paged heads of 64 or 128)");
   max_pos_ = opt.max_positions > 0 ? opt.max_positions : cfg_.max_positions;
   KILN_CHECK(max_pos_ <= cfg_.max_positions, "decoder: max_positions ", max_pos_, " exceeds the model's context of ",
              cfg_.max_positions);
@@ -81,11 +79,9 @@ PagedDecoder::PagedDecoder(const ModelConfig& cfg, const float* params, const Ba
   num_blocks_ = opt.num_blocks > 0 ? opt.num_blocks : 8 * per_seq;
   keep_hidden_ = opt.keep_hidden;
   keep_stream_ = opt.keep_stream;
-  KILN_CHECK(!keep_stream_ || be_->on_host(), "decoder: the streams (MTP self-drafting) are kept on the CPU only");
   if (opt.self_draft) {
     KILN_CHECK(cfg_.mtp_depth > 0, "MTP self-drafting: the model (", cfg_.family,
                ") has no multi-token-prediction modules (num_nextn_predict_layers)");
-    KILN_CHECK(be_->on_host(), "MTP self-drafting in the paged decoder runs on the CPU only");
     mtp_ = cfg_.mtp_depth;
   }
   KILN_CHECK(!keep_hidden_ || !be_->on_host() || be_->act_dtype() == DType::F32,
@@ -128,6 +124,7 @@ void PagedDecoder::ensure(int64_t rows, int64_t B, int64_t table_entries, int64_
     if (mtp_) {
       mtp_a_.allocate(ws, rows_, block_shape(cfg_, cfg_.n_layer), /*decoding=*/true);
       mtp_zeros_ = ws.f32(rows_ * C);
+      prev_d_ = device ? ws.f32(rows_ * C) : nullptr;
     }
     logits_d_ = ws.f32(logit_rows_ * V);
     inputs_d_ = device ? ws.i32(2 * rows_ + max_b_ + table_cap_) : nullptr;
@@ -231,17 +228,25 @@ void PagedDecoder::run_pass(const std::vector<BatchRow>& rows, const std::vector
   }
   const int32_t* in = stage(inputs_);
   const int32_t *tok_d = in, *pos_d = in + N, *past_d = in + 2 * N, *table_d = in + 2 * N + B;
+  const uint64_t* tree_d = tree;  // the masks in the backend's memory
+  if (tree && !be_->on_host()) {
+    if (!tree_d_.data()) tree_d_ = nn::DeviceBlock(*be_, 64 * sizeof(uint64_t), "tree masks");
+    tree_d = static_cast<const uint64_t*>(be_->from_host(tree_d_.data(), tree, size_t(Tq) * sizeof(uint64_t)));
+  }
   be_->embedding_forward(x_, tok_d, pos_d, w_.wte, w_.wpe, N, C);
   const AttentionParams flash = attention_params(cfg_, B, Tq);
   for (int l = 0; l < cfg_.n_layer; l++) {
     nn::KVLayer cache = cache_layer(l, past_d, table_d, stride, B, Tq, fresh);
-    cache.tree = tree;  // host masks (tree rows run on host backends only)
+    cache.tree = tree_d;
     w_.blocks[size_t(l)].forward(*be_, x_, x_, a_, s_, pos_d, flash, N, &cache);
   }
-  if (keep_stream_)  // host backends: x_ is host fp32
+  if (keep_stream_) {  // x_ is fp32 in the backend's memory
+    if (!be_->on_host()) pass_stream_.resize(size_t(N) * C);
+    const float* xs = static_cast<const float*>(be_->to_host(pass_stream_.data(), x_, sizeof(float) * size_t(N) * C));
     for (int b = 0; b < B; b++)
       std::memcpy(stream_.data() + (stream_off_[size_t(idx[size_t(b)])] + size_t(from)) * C,
-                  x_ + int64_t(b) * Tq * C, sizeof(float) * size_t(Tq) * C);
+                  xs + int64_t(b) * Tq * C, sizeof(float) * size_t(Tq) * C);
+  }
   if (!last && !all) return;
   const size_t bytes = sizeof(float) * size_t(V);
   if (all) {
@@ -308,7 +313,6 @@ const float* PagedDecoder::forward(const std::vector<BatchRow>& rows) {
   for (size_t i = 0; i < rows.size(); i++) {
     const BatchRow& r = rows[i];
     if (!r.tree) continue;
-    KILN_CHECK(be_->on_host(), "decoder: tree rows (Medusa trees) run on the CPU only");
     KILN_CHECK(!cfg_.mla.on(), "decoder: tree attention is not written for latent attention (", cfg_.family, ")");
     KILN_CHECK(r.depth && r.all_logits && r.past > 0 && r.n >= 1 && r.n <= 64, "decoder: row ", i,
                " is a tree of ", r.n, " nodes (1 to 64, after a cached prefix, with depths and all logits)");
@@ -364,17 +368,25 @@ void PagedDecoder::module_pass(int k, const std::vector<DraftRow>& rows, const s
   const int32_t* in = stage(inputs_);
   const int32_t *tok_d = in, *pos_d = in + N, *past_d = in + 2 * N, *table_d = in + 2 * N + B;
   const nn::KVLayer cache = cache_layer(cfg_.n_layer + k - 1, past_d, table_d, stride, B, Tq, fresh);
-  be_->memset(mtp_zeros_, 0, size_t(N) * C * sizeof(float));
-  w_.mtp[size_t(k - 1)].forward(*be_, mtp_a_, s_, prev_.data(), tok_d, w_.wte, pos_d, attention_params(cfg_, B, Tq), N,
+  const size_t hidden_bytes = sizeof(float) * size_t(N) * C;
+  const float* prev = static_cast<const float*>(be_->from_host(prev_d_, prev_.data(), hidden_bytes));
+  be_->memset(mtp_zeros_, 0, hidden_bytes);
+  w_.mtp[size_t(k - 1)].forward(*be_, mtp_a_, s_, prev, tok_d, w_.wte, pos_d, attention_params(cfg_, B, Tq), N,
                                 mtp_zeros_, &cache);
-  for (int b = 0; b < B; b++)  // host backends: the module's output is host fp32
+  // The module's output (fp32 in the backend's memory) is the next depth's input.
+  if (!be_->on_host()) pass_stream_.resize(size_t(N) * C);
+  const float* h = static_cast<const float*>(be_->to_host(pass_stream_.data(), mtp_a_.h, hidden_bytes));
+  for (int b = 0; b < B; b++)
     std::memcpy(draft_hidden_.data() + (draft_off_[size_t(idx[size_t(b)])] + size_t(from)) * C,
-                mtp_a_.h + int64_t(b) * Tq * C, sizeof(float) * size_t(Tq) * C);
+                h + int64_t(b) * Tq * C, sizeof(float) * size_t(Tq) * C);
   if (!last) return;
   be_->copy_rows(ln_, C, mtp_a_.ln.at(int64_t(Tq - 1) * C), int64_t(Tq) * C, B, C);
   be_->linear_forward(nn::Act{logits_d_, DType::F32}, ln_, w_.head, B);
+  if (!be_->on_host()) pass_logits_.resize(size_t(B) * size_t(V));
+  const float* lg = static_cast<const float*>(
+      be_->to_host(pass_logits_.data(), logits_d_, sizeof(float) * size_t(B) * size_t(V)));
   for (int b = 0; b < B; b++)
-    std::memcpy(draft_logits_.data() + size_t(idx[size_t(b)]) * V, logits_d_ + int64_t(b) * V, sizeof(float) * V);
+    std::memcpy(draft_logits_.data() + size_t(idx[size_t(b)]) * V, lg + int64_t(b) * V, sizeof(float) * V);
 }
 
 const float* PagedDecoder::self_draft(int k, const std::vector<DraftRow>& rows) {
@@ -400,11 +412,9 @@ const float* PagedDecoder::self_draft(int k, const std::vector<DraftRow>& rows) 
 }
 
 void PagedDecoder::keep_path(const int32_t* blocks, int n_blocks, int base, const int32_t* nodes, int m) {
-  KILN_CHECK(be_->on_host(), "decoder: keep_path runs on the CPU only");
   KILN_CHECK(base >= 0 && m >= 0 && int64_t(base) + m <= max_pos_, "decoder: keep_path of ", m, " nodes past ", base,
              " outside the context of ", max_pos_);
   const int64_t W = cache_width();
-  const size_t es = dtype_size(be_->act_dtype()), row = size_t(W) * es;
   const int64_t layer_pool = int64_t(num_blocks_) * block_size_ * W;
   // Slot j of the sequence: row blocks[j / block_size] * block_size + j % block_size of each layer's pool.
   auto slot = [&](int64_t j) {
@@ -414,17 +424,16 @@ void PagedDecoder::keep_path(const int32_t* blocks, int n_blocks, int base, cons
     KILN_CHECK(blk >= 0 && blk < num_blocks_, "decoder: block id ", blk, " is outside the pool of ", num_blocks_, " blocks");
     return (int64_t(blk) * block_size_ + j % block_size_) * W;
   };
-  char* k = static_cast<char*>(k_.data());
-  char* v = static_cast<char*>(v_.data());
+  const nn::Act k{k_.data(), be_->act_dtype()}, v{v_.data(), be_->act_dtype()};
   for (int i = 0; i < m; i++) {
     KILN_CHECK(nodes[i] >= i && nodes[i] < 64 && (i == 0 || nodes[i] > nodes[i - 1]),
                "decoder: keep_path's nodes must increase within the tree");
     if (nodes[i] == i) continue;
+    // One copy moves the slot's row in every layer (the layers' pools are layer_pool apart). dst < src in slot
+    // order, and the backend runs copies in order: an earlier move never overwrites a later source.
     const int64_t dst = slot(base + i), src = slot(base + nodes[i]);
-    for (int l = 0; l < cfg_.n_layer; l++) {  // dst < src in slot order: earlier moves never overwrite a later source
-      std::memmove(k + size_t(l * layer_pool + dst) * es, k + size_t(l * layer_pool + src) * es, row);
-      if (v) std::memmove(v + size_t(l * layer_pool + dst) * es, v + size_t(l * layer_pool + src) * es, row);
-    }
+    be_->copy_rows(k.at(dst), layer_pool, k.at(src), layer_pool, cfg_.n_layer, W);
+    if (v.p) be_->copy_rows(v.at(dst), layer_pool, v.at(src), layer_pool, cfg_.n_layer, W);
   }
 }
 

@@ -7,7 +7,7 @@
 // through FlashAttention within the chunk (as TransformerDecoder's prefill); any other longer row in its own
 // pass, through the decode attention over its cached prefix, in pieces of the backend's query limit, except
 // that continuations of one length within that limit (speculative checks) share a pass. Tree rows (Medusa's
-// candidate trees) of one size and one mask array share a pass through the tree attention (host backends);
+// candidate trees) of one size and one mask array share a pass through the tree attention;
 // keep_path then moves the accepted nodes' keys and values to consecutive slots in the sequence's blocks.
 // Latent attention (DeepSeek-V3) caches each position's c_KV and rotary key (one row, no values) and decodes in
 // the absorbed form. With self_draft, the model's MTP modules get cache layers of their own after the main
@@ -63,6 +63,7 @@ class PagedDecoder final : public BatchDecoder {
   nn::BlockScratch s_;
   float *x_ = nullptr, *last_ = nullptr, *mean_ = nullptr, *rstd_ = nullptr, *logits_d_ = nullptr;
   int32_t* inputs_d_ = nullptr;  // device backends: tokens, positions, pasts, block table of a pass
+  nn::DeviceBlock tree_d_;       // device backends: a tree pass's node masks
   nn::Act ln_;
   std::vector<int32_t> inputs_;
   std::vector<float> logits_, pass_logits_;
@@ -78,6 +79,8 @@ class PagedDecoder final : public BatchDecoder {
   nn::MTPActivations mtp_a_;
   float* mtp_zeros_ = nullptr;
   std::vector<float> prev_;              // a module pass's input hidden states, [N, C]
+  float* prev_d_ = nullptr;              // device backends: them on the device
+  std::vector<float> pass_stream_;       // device backends: a pass's stream rows or a module's output, on the host
   std::vector<float> draft_logits_, draft_hidden_;
   std::vector<size_t> draft_off_;        // each draft row's first hidden row
 

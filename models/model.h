@@ -244,7 +244,7 @@ struct BatchRow {
   bool all_logits = false;          // the logits of every new token, not only the last (speculative checks)
   // Tree attention (Medusa's candidate trees, kernels/decode_attention.h): the n tokens are tree nodes, node i
   // at position past + depth[i] seeing the cache and the new nodes of mask tree[i]; its key goes to slot past + i.
-  // Host backends only; needs all_logits.
+  // Needs all_logits.
   const int32_t* depth = nullptr;
   const uint64_t* tree = nullptr;
 };

@@ -22,6 +22,6 @@ endif()
 if(KILN_NODE)
   add_test(NAME e2e.serve_speculative
            COMMAND ${KILN_NODE} ${CMAKE_SOURCE_DIR}/tests/serve/speculative.mjs $<TARGET_FILE:kiln>
-                   ${CMAKE_BINARY_DIR}/e2e/serve_speculative)
+                   ${CMAKE_BINARY_DIR}/e2e/serve_speculative $<TARGET_FILE:kiln-emu>)
   set_tests_properties(e2e.serve_speculative PROPERTIES LABELS e2e TIMEOUT 300)
 endif()

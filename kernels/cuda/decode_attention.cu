@@ -246,7 +246,16 @@ struct WideArgs {
   int Tq, NH, group, window, HD, HDv;
   float scale_log2;
   const uint64_t* tree;  // [Tq] node masks over the new keys, or null (causal)
+  const int32_t* table;  // paged cache: [B][table_stride] block ids (null: contiguous slabs)
+  int block_size;
+  int64_t table_stride;
 };
+
+// The row (in units of the row strides) of key j of sequence b: its slab's, or its block's in the pool.
+KILN_DEVICE int64_t wide_row(const WideArgs& a, int b, int64_t j) {
+  if (!a.table) return j;
+  return int64_t(a.table[int64_t(b) * a.table_stride + j / a.block_size]) * a.block_size + j % a.block_size;
+}
 
 KILN_GLOBAL void __launch_bounds__(kWideThreads) decode_wide_kernel(WideArgs a) {
   const int h = int(blockIdx.x), i = int(blockIdx.y), b = int(blockIdx.z);
@@ -257,8 +266,9 @@ KILN_GLOBAL void __launch_bounds__(kWideThreads) decode_wide_kernel(WideArgs a) 
   for (int d = int(threadIdx.x); d < a.HD; d += kWideThreads) sq[d] = simt::bf16_to_f32(qrow[d]);
   __syncthreads();
   const int64_t kvh = h / a.group;
-  const uint16_t* kb = a.k + int64_t(b) * a.kv_batch_stride + kvh * a.HD;
-  const uint16_t* vb = a.v + int64_t(b) * a.v_batch_stride + kvh * a.HDv;
+  // A paged cache's pools have no per-sequence slab: the rows come from the block table.
+  const uint16_t* kb = a.k + (a.table ? 0 : int64_t(b) * a.kv_batch_stride) + kvh * a.HD;
+  const uint16_t* vb = a.v + (a.table ? 0 : int64_t(b) * a.v_batch_stride) + kvh * a.HDv;
   const int past = a.past[b], self = past + i;  // this query's slot: it sees keys lo .. self
   const int lo = a.window > 0 ? std::max(0, self - a.window + 1) : 0;
   // A tree node sees the cache and the new keys of its ancestors and itself (bits of its mask; none past i).
@@ -268,14 +278,15 @@ KILN_GLOBAL void __launch_bounds__(kWideThreads) decode_wide_kernel(WideArgs a) 
   for (int r = 0; r < kWideMaxV / 32; r++) acc[r] = 0.0f;
   for (int j = lo + warp; j <= self; j += kWideWarps) {
     if (j >= past && !((mask >> (j - past)) & 1)) continue;  // the same j in every lane: the warp stays together
-    const uint16_t* kr = kb + int64_t(j) * a.kv_stride;
+    const int64_t row = wide_row(a, b, j);
+    const uint16_t* kr = kb + row * a.kv_stride;
     float dot = 0.0f;
     for (int d = lane; d < a.HD; d += 32) dot += sq[d] * simt::bf16_to_f32(kr[d]);
     const float x = simt::warp_sum(dot) * a.scale_log2;  // every lane holds the score
     const float mn = fmaxf(m, x), alpha = exp2f(m - mn), p = exp2f(x - mn);
     m = mn;
     l = l * alpha + p;
-    const uint16_t* vr = vb + int64_t(j) * a.v_stride;
+    const uint16_t* vr = vb + row * a.v_stride;
     KILN_UNROLL
     for (int r = 0; r < kWideMaxV / 32; r++) {
       const int d = lane + 32 * r;
@@ -314,8 +325,7 @@ bool tensor_core_shape(const DecodeAttention& p) {
 
 void decode_wide(const DecodeAttention& p, cudaStream_t s) {
   const int hdv = p.HDv > 0 ? p.HDv : p.HD;
-  KILN_CHECK(!p.pages, "decode_attention: a paged cache needs equal q/k/v head dims of 64 or 128 (got ", p.HD, "/",
-             hdv, ")");
+  KILN_CHECK(!p.pages || p.pages.block_size > 0, "decode_attention: a paged cache needs a block size");
   KILN_CHECK(p.HD >= 1 && hdv >= 1 && hdv <= kWideMaxV, "decode_attention: value head dim ", hdv, " (at most ",
              kWideMaxV, ")");
   KILN_CHECK(!p.tree || (p.window == 0 && p.Tq <= 64), "decode_attention: a tree takes at most 64 queries and ",
@@ -323,7 +333,8 @@ void decode_wide(const DecodeAttention& p, cudaStream_t s) {
   const WideArgs args{p.q, p.k, p.v, p.out, p.past_per_seq, p.q_stride, p.kv_batch_stride, p.kv_stride,
                       p.v_batch_stride > 0 ? p.v_batch_stride : p.kv_batch_stride,
                       p.v_stride > 0 ? p.v_stride : p.kv_stride, p.out_stride, p.Tq, p.NH,
-                      p.NH / (p.NKV > 0 ? p.NKV : p.NH), p.window, p.HD, hdv, p.scale * kLog2e, p.tree};
+                      p.NH / (p.NKV > 0 ? p.NKV : p.NH), p.window, p.HD, hdv, p.scale * kLog2e, p.tree,
+                      p.pages.table, p.pages.block_size, p.pages.stride};
   const size_t smem = (size_t(p.HD) + size_t(kWideWarps) * (2 + hdv)) * sizeof(float);
   simt::launch(decode_wide_kernel, dim3(unsigned(p.NH), unsigned(p.Tq), unsigned(p.B)), dim3(kWideThreads), smem, s,
                args);

@@ -13,6 +13,7 @@
 #include "core/dtype.h"
 #include "core/error.h"
 #include "core/gpu.h"
+#include "models/model.h"
 #include "models/model_config.h"
 #include "tests/test_util.h"
 
@@ -121,6 +122,35 @@ inline double rel_l2(const float* a, const float* b, size_t n) {
     den += double(b[i]) * b[i];
   }
   return den > 0 ? std::sqrt(num / den) : std::sqrt(num);
+}
+
+// The largest |x| of n values.
+inline double max_abs(const float* x, int n) {
+  double m = 0;
+  for (int i = 0; i < n; i++) m = std::max(m, std::fabs(double(x[i])));
+  return m;
+}
+
+// The fp32 CPU decoder's greedy tokens after `prompt`, and how many of the first choices are clear (the best
+// logit ahead of the second by 5% of the largest |logit|) before the first that is not.
+inline std::vector<int32_t> cpu_greedy(const ModelConfig& cfg, const float* P, const std::vector<int32_t>& prompt, int n,
+                                       int& clear) {
+  auto dec = make_decoder(cfg, P);
+  std::vector<int32_t> out;
+  const float* lg = dec->forward(prompt.data(), int(prompt.size()));
+  clear = -1;
+  for (int i = 0; i < n; i++) {
+    const int V = cfg.vocab_size;
+    const int32_t best = int32_t(std::max_element(lg, lg + V) - lg);
+    double second = -1e30;
+    for (int j = 0; j < V; j++)
+      if (j != best) second = std::max(second, double(lg[j]));
+    if (clear < 0 && double(lg[best]) - second <= 0.05 * max_abs(lg, V)) clear = i;
+    out.push_back(best);
+    lg = dec->forward(&out.back(), 1);
+  }
+  if (clear < 0) clear = n;
+  return out;
 }
 
 }  // namespace kiln::test

@@ -1108,26 +1108,32 @@ void add_decode_attention(std::vector<OpCase>& t) {
 
   // A paged cache: the same attention with each sequence's positions in blocks of 64 scattered over a pool
   // through a block table. The reference gathers the blocks back into the contiguous layout and runs the
-  // contiguous reference; cpu:: and cuda:: read the pool through the table.
+  // contiguous reference; cpu:: and cuda:: read the pool through the table. Head dims other than 64 and 128
+  // and trees take cuda::'s SIMT kernel (the paged decoder's Medusa trees and latent attention).
   struct P {
     int NH, NKV, Tq, window;
     std::vector<int32_t> past;
+    int HD = 64;
+    std::vector<uint64_t> tree = {};
   };
-  for (const P& d : {P{4, 2, 1, 0, {0, 300}}, P{4, 1, 3, 50, {77, 250}}, P{2, 2, 16, 0, {5, 130}}})
+  for (const P& d : {P{4, 2, 1, 0, {0, 300}}, P{4, 1, 3, 50, {77, 250}}, P{2, 2, 16, 0, {5, 130}},
+                     P{2, 1, 2, 0, {70, 190}, 96}, P{4, 2, 6, 0, {64, 130}, 64, small_tree},
+                     P{2, 2, 16, 0, {127, 5}, 64, big_tree}})
     for (DType dt : {F32, BF16}) {
-      const int B = int(d.past.size()), HD = 64, bs = 64, per_seq = 5, pool = 13, cap = per_seq * bs;
+      const int B = int(d.past.size()), HD = d.HD, bs = 64, per_seq = 5, pool = 13, cap = per_seq * bs;
       const int64_t L = int64_t(d.NH + 2 * d.NKV) * HD, KC = int64_t(d.NKV) * HD, C = int64_t(d.NH) * HD;
       // Block ids: sequence b's i-th block is (7·(b·per_seq + i) + 3) mod pool (a permutation, pool prime).
       std::vector<int32_t> table(size_t(B * per_seq));
       for (int i = 0; i < B * per_seq; i++) table[size_t(i)] = (7 * i + 3) % pool;
       const float scale = 1.0f / std::sqrt(float(HD));
-      const std::string name = fmt("paged NH %d NKV %d Tq %d w %d past {%d,%d} %s", d.NH, d.NKV, d.Tq, d.window,
-                                   d.past[0], d.past[1], dtype_name(dt));
+      const std::string name = fmt("paged NH %d NKV %d HD %d Tq %d w %d past {%d,%d}%s %s", d.NH, d.NKV, HD, d.Tq,
+                                   d.window, d.past[0], d.past[1], d.tree.empty() ? "" : " tree", dtype_name(dt));
       auto params = [=](const float* q, const float* k, const float* v, float* out) {
         DecodeAttentionParams p;
         p.B = B, p.Tq = d.Tq, p.past_per_seq = d.past.data(), p.NH = d.NH, p.HD = HD, p.NKV = d.NKV;
         p.window = d.window, p.scale = scale, p.q = q, p.q_stride = L, p.k = k, p.v = v, p.kv_stride = KC;
         p.out = out, p.out_stride = C;
+        if (!d.tree.empty()) p.tree = d.tree.data();
         return p;
       };
       OpCase c = make("decode_attention", name, Mode::Forward,
@@ -1165,6 +1171,11 @@ void add_decode_attention(std::vector<OpCase>& t) {
           p.HD = HD, p.window = d.window, p.scale = scale, p.q = q.h(), p.q_stride = L, p.k = k.h(), p.v = v.h();
           p.kv_stride = KC, p.out = out.h(), p.out_stride = C;
           p.pages = KVPages{dt_.get(), bs, per_seq};
+          gpu::DeviceBuffer tree(std::max<size_t>(d.tree.size() * sizeof(uint64_t), 8), "ops test");
+          if (!d.tree.empty()) {
+            gpu::copy_to_device(tree.data(), d.tree.data(), d.tree.size() * sizeof(uint64_t));
+            p.tree = tree.as<uint64_t>();
+          }
           gpu::DeviceBuffer scratch(std::max<size_t>(cuda::decode_attention_scratch_bytes(p), 4), "ops test");
           cuda::decode_attention(p, scratch.data(), stream());
           return Tensors{down("out", out)};

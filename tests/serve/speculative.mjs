@@ -7,14 +7,16 @@
 // for --medusa (a chain of the heads' top-1 guesses, tests/serve/make_medusa.py's heads) and --medusa-tree
 // (greedy requests check the default candidate tree with tree attention; sampled ones keep the chain), and for
 // MTP self-drafting (a deepseek_v3-style model's own modules, the default for such a model), and for
-// --prompt-lookup (n-gram proposals from each request's own tokens).
-// usage: node speculative.mjs KILN WORK_DIR
+// --prompt-lookup (n-gram proposals from each request's own tokens). With KILN_EMU (kiln on the SIMT emulator),
+// --device cuda: MTP self-drafting (latent attention through the paged cache) and Medusa trees give the plain
+// device server's greedy text.
+// usage: node speculative.mjs KILN WORK_DIR [KILN_EMU]
 import fs from "node:fs";
 import path from "node:path";
 import { spawnSync } from "node:child_process";
 import { check, failed, here, makeModel, npm, startServer, stopServer, sseEvents } from "./harness.mjs";
 
-const [kiln, work] = process.argv.slice(2);
+const [kiln, work, kilnEmu] = process.argv.slice(2);
 fs.mkdirSync(work, { recursive: true });
 const target = makeModel(path.join(work, "target"));
 // A smaller random draft with the target's vocabulary, and one with another vocabulary (refused).
@@ -170,6 +172,42 @@ fs.writeFileSync(mtpCfg, JSON.stringify({ model_type: "deepseek_v3", hidden_size
   console.log(`# mtp: ${rounds} rounds, ${drafted} drafted, ${await metric(srv.url, "kiln_spec_accepted_tokens_total")} accepted`);
   check(drafted > 0 && rounds > 0, "mtp: /metrics counts rounds and proposals");
   await stopServer(srv);
+}
+
+// ---- --device cuda on the SIMT emulator: MTP self-drafting and Medusa trees against the plain device server ----
+if (kilnEmu) {
+  process.env.KILN_GPU_EMULATOR = "1";  // the servers below inherit it
+  // Head dims the device kernels take: latent attention's qk 48 + 16, GPT-2 heads of 64.
+  const gpuMtp = cfg({ name: "gpu_mtp", cfg: { model_type: "deepseek_v3", hidden_size: 64, num_attention_heads: 2,
+    num_hidden_layers: 2, intermediate_size: 96, vocab_size: 50257, max_position_embeddings: 256, rms_norm_eps: 1e-6,
+    q_lora_rank: 32, kv_lora_rank: 32, qk_nope_head_dim: 48, qk_rope_head_dim: 16, v_head_dim: 32,
+    num_nextn_predict_layers: 2, hidden_act: "silu", tie_word_embeddings: false } });
+  const gpuTarget = path.join(work, "gpu_target"), gpuHeads = path.join(work, "gpu_target_medusa");
+  {
+    const r = spawnSync("/usr/bin/python3", [path.join(here, "make_model.py"), gpuTarget, npm,
+      cfg({ name: "gpu_target_cfg", cfg: gpt2cfg({ n_layer: 2, n_head: 1, n_embd: 64 }) })], { encoding: "utf8" });
+    if (r.status !== 0) throw new Error("make_model.py (gpu target) failed: " + r.stderr);
+    const m = spawnSync("/usr/bin/python3", [path.join(here, "make_medusa.py"), gpuTarget, gpuHeads, "3"], { encoding: "utf8" });
+    if (m.status !== 0) throw new Error("make_medusa.py (gpu target) failed: " + m.stderr);
+  }
+  const few = prompts.slice(0, 2);
+  for (const [label, model, plainArgs, args, line] of [
+    ["gpu mtp", ["--random-init", gpuMtp, "--tokenizer", target], ["--no-mtp-draft"], [], /MTP self-drafting, 2 of/],
+    ["gpu medusa tree", ["--model", gpuHeads], [], ["--medusa", "--medusa-tree", "default"], /Medusa heads.*a tree of 15 nodes/],
+  ]) {
+    const common = ["--device", "cuda", ...model, "--parallel", "4"];
+    const base = await startServer(kilnEmu, [...common, ...plainArgs]);
+    const ref = [];
+    for (const p of few) ref.push(await complete(base.url, p));
+    await stopServer(base);
+    const srv = await startServer(kilnEmu, [...common, ...args]);
+    check(line.test(srv.stderr()), `${label}: the startup line names the drafting`);
+    const got = await Promise.all(few.map((p, i) => (i % 2 ? stream(srv.url, p) : complete(srv.url, p))));
+    check(got.every((r, i) => r.text === ref[i].text), `${label}: greedy text == the plain device server's`);
+    const rounds = await metric(srv.url, "kiln_spec_rounds_total");
+    check(rounds > 0, `${label}: /metrics counts rounds (${rounds})`);
+    await stopServer(srv);
+  }
 }
 
 // ---- bad combinations: one-line errors at startup ---------------------------------------------------------

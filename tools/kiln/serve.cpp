@@ -153,10 +153,7 @@ void run_serve(const ServeOptions& o) {
     if (o.medusa) {
       KILN_CHECK(!o.model.empty(), "--medusa needs --model (the heads are the checkpoint's medusa.safetensors)");
       KILN_CHECK(o.draft_model.empty() && o.draft_random_init.empty(), "give at most one of --medusa and --draft-model");
-      // On a device the heads (host) read the final norm's rows copied back each step; the trees' attention
-      // masks are the CPU decode attention's.
-      KILN_CHECK(!device.cuda || o.medusa_tree.empty(), "--medusa-tree runs on the CPU only (--device cuda drafts "
-                 "with the chain of the heads' top-1 tokens)");
+      // On a device the heads (host) read the final norm's rows copied back each step.
       medusa_w = load_medusa_heads(o.model, cfg);
       KILN_CHECK(medusa_w, "--medusa: ", o.model,
                  " has no Medusa heads (medusa.safetensors; kiln train --medusa-heads K --init BASE makes them)");
@@ -182,8 +179,7 @@ void run_serve(const ServeOptions& o) {
                "give at most one of --mtp-draft, --medusa, --draft-model and --prompt-lookup");
     KILN_CHECK(!o.mtp_draft || cfg.mtp_depth > 0, "--mtp-draft: the model (", cfg.family,
                ") has no multi-token-prediction modules (num_nextn_predict_layers)");
-    const bool mtp = !other_drafting && !o.no_mtp_draft && cfg.mtp_depth > 0 && (o.mtp_draft || !device.cuda);
-    KILN_CHECK(!mtp || !device.cuda, "--mtp-draft runs on the CPU only (pass --no-mtp-draft on --device cuda)");
+    const bool mtp = !other_drafting && !o.no_mtp_draft && cfg.mtp_depth > 0;
     const int mtp_tokens = std::min(cfg.mtp_depth, serve::kMaxDraftTokens);  // default; the engine checks a given K
     bo.self_draft = bo.keep_stream = mtp;
     std::unique_ptr<BatchDecoder> dec = make_batch_decoder(cfg, model->host_params(), bo);
@@ -341,11 +337,11 @@ kiln::cli::Command serve_cmd("serve", [](CLI::App& root) {
                         ->capture_default_str();
   kiln::cli::add_prompt_lookup_options(c, o->prompt_lookup, o->lookup);
   c->add_flag("--mtp-draft", o->mtp_draft,
-              "Draft with the model's own multi-token-prediction modules (the default on the CPU when it has them; "
+              "Draft with the model's own multi-token-prediction modules (the default when it has them; "
               "turns the prefix cache off)");
   c->add_flag("--no-mtp-draft", o->no_mtp_draft, "Plain decoding for a model with MTP modules");
   c->add_flag("--medusa", o->medusa,
-              "Speculative decoding with the checkpoint's Medusa heads (medusa.safetensors), CPU: each round the "
+              "Speculative decoding with the checkpoint's Medusa heads (medusa.safetensors): each round the "
               "chain of the heads' top-1 tokens, checked by the model in one batched pass");
   c->add_option("--medusa-tokens", o->medusa_tokens, "With --medusa: heads used per round (0: all)")
       ->capture_default_str();
