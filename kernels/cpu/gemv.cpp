@@ -4,8 +4,8 @@
 //   vecmat_batch: for each block of 32 rows of W, the thread walks its columns in tiles of 64; over a tile, each
 //   group of up to 6 rows of x carries its 6×4 partial sums through the block in registers (y holds them between
 //   blocks). The tile (8 KB) is read from memory by the first group and from L1 by the others.
-//   matvec_batch: each tile is 6 rows of A against up to 4 rows of x, one 16-lane accumulator per pair over k,
-//   then a fixed tree reduction; the 6 rows of A stay in L1 while the groups of x rows pass over them (6 rows
+//   matvec_batch: each tile is 6 rows of A (one at one row of x) against up to 4 rows of x, one 16-lane
+//   accumulator per pair over k, then a fixed tree reduction; the 6 rows of A stay in L1 while the groups of x rows pass over them (6 rows
 //   measured 12% faster than 4 on the LM head at 16 rows, and than 8 rows × 2; a software prefetch of W's next
 //   block gained nothing there). Tiles of 16 sums reduce them together (vec_reduce.h), in the same order as one.
 #include <immintrin.h>
@@ -193,9 +193,17 @@ void matvec_batch(float* y, int64_t ldy, const float* x, int64_t ldx, int64_t R,
     int64_t m0, m1;
     team_slice(M, 4, omp_get_num_threads(), omp_get_thread_num(), m0, m1);
     int64_t m = m0;
-    for (; m + 6 <= m1; m += 6) matvec_rows_of_x<6, 4>(y, ldy, x, ldx, R, A, K, m, accumulate, bias);
-    for (; m + 4 <= m1; m += 4) matvec_rows_of_x<4, 4>(y, ldy, x, ldx, R, A, K, m, accumulate, bias);
-    for (; m < m1; m++) matvec_rows_of_x<1, 4>(y, ldy, x, ldx, R, A, K, m, accumulate, bias);
+    if (R == 1) {
+      // A row after row, one sequential stream: six rows at once are six short streams, which a Zen 4 core follows
+      // poorly (the 154 MB LM head of GPT-2 124M: 15 -> 22 GB/s at 1 thread, build/batch_gemv_bench --rows 1;
+      // f32 decoding 0.72 -> 0.80 of the read at 1 thread, 0.78 -> 0.82 at 2, decode_bandwidth_bench).
+      // A row's sum is the same either way.
+      for (; m < m1; m++) matvec_tile<1, 1>(y, ldy, x, ldx, A, K, m, accumulate, bias);
+    } else {
+      for (; m + 6 <= m1; m += 6) matvec_rows_of_x<6, 4>(y, ldy, x, ldx, R, A, K, m, accumulate, bias);
+      for (; m + 4 <= m1; m += 4) matvec_rows_of_x<4, 4>(y, ldy, x, ldx, R, A, K, m, accumulate, bias);
+      for (; m < m1; m++) matvec_rows_of_x<1, 4>(y, ldy, x, ldx, R, A, K, m, accumulate, bias);
+    }
   }
 }
 

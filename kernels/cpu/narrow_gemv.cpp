@@ -364,7 +364,11 @@ KILN_AVX512 void tile16(float* dot, int64_t ldd, const float* x, int64_t ldx, co
 template <WeightFormat F, int NR>
 KILN_AVX512 void rows16(float* dot, int64_t ldd, const float* x, int64_t ldx, const XQ& X, int64_t n0,
                         const NarrowMatrix& A, int64_t m0, int64_t m1) {
-  constexpr int MR = NR <= 2 ? 4 : 2;  // 2·MR·NR accumulators, 2·MR weight vectors and 2 of x within 32 registers
+  // 2·MR·NR accumulators, 2·MR weight vectors and 2 of x within 32 registers. At one x row each matrix row is a
+  // stream of its own, and fewer streams read faster on a Zen 4 core: bf16 one row (0.74 -> 0.92 of the read at 1
+  // thread, 0.83 -> 0.87 at 2, alternating builds of decode_bandwidth_bench --steps 16), f16 two (0.80 -> 0.86 and
+  // 0.85 -> 0.89; one row gave 0.78 and 0.86: its conversion wants the x loads shared).
+  constexpr int MR = NR == 1 ? (F == WeightFormat::BF16 ? 1 : 2) : NR <= 2 ? 4 : 2;
   int64_t m = m0;
   for (; m + MR <= m1; m += MR) tile16<F, MR, NR>(dot, ldd, x, ldx, X, n0, A, m, m0);
   for (; m < m1; m++) tile16<F, 1, NR>(dot, ldd, x, ldx, X, n0, A, m, m0);
@@ -445,11 +449,12 @@ KILN_VNNI void tile_q8(float* dot, int64_t ldd, const XQ& X, const NarrowMatrix&
 template <int NR>
 KILN_VNNI void rows_q8_vnni(float* dot, int64_t ldd, const XQ& X, const NarrowMatrix& A, int64_t n0, int64_t m0,
                             int64_t m1) {
-  // Two matrix rows at a time at one or two x rows (four streams, weights and scales, per core), one past that (the
+  // One matrix row at one x row (two streams, weights and scales), two at two x rows, one past that (the
   // accumulators: 2·MR·NR, MR·NR scale vectors, 8 indices). Four rows at one x row kept eight streams in flight,
-  // more than a Sapphire Rapids core follows: decode_bandwidth_bench --formats q8_0, alternating builds, 1 thread
-  // 0.85 -> 0.89-0.95 of the read, 2 threads 0.78-0.81 -> 0.83-0.89.
-  constexpr int MR = NR <= 2 ? 2 : 1;
+  // more than a Sapphire Rapids core follows (decode_bandwidth_bench --formats q8_0, alternating builds: 1 thread
+  // 0.85 -> 0.89-0.95 of the read, 2 threads 0.78-0.81 -> 0.83-0.89 with two rows); on a Zen 4 core one row
+  // against two: 0.80 -> 0.87 at 1 thread, 0.79 -> 0.83 at 2.
+  constexpr int MR = NR == 2 ? 2 : 1;
   int64_t m = m0;
   for (; m + MR <= m1; m += MR) tile_q8<MR, NR>(dot, ldd, X, A, n0, m, m0);
   for (; m < m1; m++) tile_q8<1, NR>(dot, ldd, X, A, n0, m, m0);
