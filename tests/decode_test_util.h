@@ -1,13 +1,16 @@
 // Decoding references shared by the decoder, Medusa and serve tests: random models, greedy decoding by the
-// contiguous decoder alone, and a candidate tree's depths and ancestor masks from its parent list.
+// contiguous decoder alone, a candidate tree's depths and ancestor masks from its parent list, and the paged
+// decoder's rows (prompts, tree rows, MTP module rows), and Medusa heads that start as the LM head.
 #pragma once
 #include <cstdint>
 #include <memory>
 #include <vector>
 
 #include "core/rng.h"
+#include "models/medusa_checkpoint.h"
 #include "models/model.h"
 #include "models/param_table.h"
+#include "nn/medusa.h"
 
 namespace kiln::test {
 
@@ -54,6 +57,55 @@ inline TreeShape tree_from_parents(const std::vector<int>& parent) {
     t.mask[i] = t.mask[size_t(parent[i])] | (uint64_t(1) << i);
   }
   return t;
+}
+
+// One pass of the paged decoder: sequence s's prompts[s] from position 0 in its blocks[s].
+inline std::vector<BatchRow> prompt_rows(const std::vector<std::vector<int32_t>>& prompts,
+                                         const std::vector<std::vector<int32_t>>& blocks) {
+  std::vector<BatchRow> rows(prompts.size());
+  for (size_t s = 0; s < prompts.size(); s++) {
+    rows[s].tokens = prompts[s].data();
+    rows[s].n = int(prompts[s].size());
+    rows[s].blocks = blocks[s].data();
+    rows[s].n_blocks = int(blocks[s].size());
+  }
+  return rows;
+}
+
+// Row r (its blocks kept) as a tree row: `nodes` as the nodes of tree t after `past` cached positions.
+inline void set_tree_row(BatchRow& r, const std::vector<int32_t>& nodes, int past, const TreeShape& t) {
+  r.tokens = nodes.data();
+  r.n = int(nodes.size());
+  r.past = past;
+  r.all_logits = true;
+  r.depth = t.depth.data();
+  r.tree = t.mask.data();
+}
+
+// An MTP module row over n positions after `past`: each one's token and previous-depth hidden state.
+inline DraftRow draft_row(const int32_t* tokens, const float* hidden, int n, int past,
+                          const std::vector<int32_t>& blocks) {
+  DraftRow row;
+  row.tokens = tokens;
+  row.hidden = hidden;
+  row.n = n;
+  row.past = past;
+  row.blocks = blocks.data();
+  row.n_blocks = int(blocks.size());
+  return row;
+}
+
+// K Medusa heads' parameters initialised from the model's LM head, plus normal noise of `noise` (seed `seed`):
+// each head then guesses the next token again, right wherever the model repeats itself.
+inline std::vector<float> heads_from_lm_head(const ModelConfig& cfg, const Model& model, int K, float noise,
+                                             uint64_t seed) {
+  const nn::MedusaShape hs = medusa_shape(cfg, K);
+  std::vector<float> hp(size_t(hs.total()));
+  nn::MedusaHeads::init_from_lm_head(hs, hp.data(),
+                                     lm_head_matrix(cfg, model.table(), const_cast<Model&>(model).host_params()));
+  Rng r(seed);
+  for (float& x : hp) x += noise * float(r.normal());
+  return hp;
 }
 
 }  // namespace kiln::test

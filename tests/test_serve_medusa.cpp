@@ -70,29 +70,16 @@ TEST(PagedDecoderTree, NodeLogitsEqualTheirPathAloneAndTheKeptPathContinues) {
     auto dec = paged_decoder(cfg, P, 32);
     const std::vector<int> parent = {-1, 0, 0, 0, 1, 1, 2, 4, 4, 7};
     const int n = int(parent.size());
-    const auto [depth, mask] = test::tree_from_parents(parent);
+    const test::TreeShape tree = test::tree_from_parents(parent);
     const std::vector<std::vector<int32_t>> prompts = {{4, 8, 15, 16, 23}, {30, 2, 9}, {5, 6, 7}};
     const std::vector<std::vector<int32_t>> trees = {{7, 3, 20, 3, 9, 9, 30, 1, 2, 35}, {1, 2, 3, 4, 5, 6, 7, 8, 9, 10}};
     const std::vector<std::vector<int32_t>> blocks = {{9, 2, 17, 5, 30}, {3, 22, 11, 0}, {8, 14}};
     // Prefill every prompt.
-    std::vector<BatchRow> rows(3);
-    for (size_t s = 0; s < 3; s++) {
-      rows[s].tokens = prompts[s].data();
-      rows[s].n = int(prompts[s].size());
-      rows[s].blocks = blocks[s].data();
-      rows[s].n_blocks = int(blocks[s].size());
-    }
+    std::vector<BatchRow> rows = test::prompt_rows(prompts, blocks);
     dec->forward(rows);
     // Two tree rows and one single token.
     const int32_t single = 12;
-    for (size_t s = 0; s < 2; s++) {
-      rows[s].tokens = trees[s].data();
-      rows[s].n = n;
-      rows[s].past = int(prompts[s].size());
-      rows[s].all_logits = true;
-      rows[s].depth = depth.data();
-      rows[s].tree = mask.data();
-    }
+    for (size_t s = 0; s < 2; s++) test::set_tree_row(rows[s], trees[s], int(prompts[s].size()), tree);
     rows[2].tokens = &single;
     rows[2].n = 1;
     rows[2].past = 3;
@@ -135,7 +122,7 @@ TEST(PagedDecoderTree, NodeLogitsEqualTheirPathAloneAndTheKeptPathContinues) {
       EXPECT_TRUE(test::all_close(after.data() + s * V, want.data(), size_t(V), 1e-4, 1e-4)) << "seq " << s;
     }
     // Bad trees: a node that sees a later node, a tree row without a cached prefix.
-    std::vector<uint64_t> bad = mask;
+    std::vector<uint64_t> bad = tree.mask;
     bad[1] |= 4;
     BatchRow r = rows[0];
     r.tree = bad.data();
@@ -197,12 +184,8 @@ TEST(ServeMedusaTree, GreedyEqualsPlainGreedyForConcurrentStreams) {
   auto model = random_model(cfg, 17);
   const float* P = model->host_params();
   const int K = 4;
-  const nn::MedusaShape hs = medusa_shape(cfg, K);
-  std::vector<float> hp(size_t(hs.total()));
-  nn::MedusaHeads::init_from_lm_head(hs, hp.data(), lm_head_matrix(cfg, model->table(), P));
-  Rng r(3);
-  for (float& x : hp) x += 0.01f * float(r.normal());
-  const nn::MedusaHeads heads{hs, hp.data(), nullptr};
+  const std::vector<float> hp = test::heads_from_lm_head(cfg, *model, K, 0.01f, 3);
+  const nn::MedusaHeads heads{medusa_shape(cfg, K), hp.data(), nullptr};
   auto dec = paged_decoder(cfg, P, 96);
   const std::vector<std::vector<int32_t>> prompts = {{1, 2, 3, 4, 5}, {7, 3}, {30, 20, 10, 0, 11, 12, 13}, {9}};
   const int max_new = 23;  // not a multiple of any round: the last round is cut
@@ -242,10 +225,8 @@ TEST(ServeMedusaTree, TypicalAcceptanceAtItsExtremes) {
   const ModelConfig cfg = parse_model_config(kLlama, "config.json");
   auto model = random_model(cfg, 17);
   const float* P = model->host_params();
-  const nn::MedusaShape hs = medusa_shape(cfg, 3);
-  std::vector<float> hp(size_t(hs.total()));
-  nn::MedusaHeads::init_from_lm_head(hs, hp.data(), lm_head_matrix(cfg, model->table(), P));
-  const nn::MedusaHeads heads{hs, hp.data(), nullptr};
+  const std::vector<float> hp = test::heads_from_lm_head(cfg, *model, 3, 0.0f, 3);
+  const nn::MedusaHeads heads{medusa_shape(cfg, 3), hp.data(), nullptr};
   auto dec = paged_decoder(cfg, P, 96);
   const std::vector<std::vector<int32_t>> prompts = {{1, 2, 3, 4, 5}, {7, 3}};
   const MedusaTree tree = MedusaTree::parse("0;1;0,0;0,0,0");

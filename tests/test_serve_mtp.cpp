@@ -95,14 +95,8 @@ TEST(ServeMTP, ModuleDraftsEqualTrainingForward) {
     for (size_t i = 0; i < seqs.size(); i++) {
       Seq& s = seqs[i];
       for (int p = from[i]; p < s.cached; p++) toks[i].push_back(s.t[size_t(p + k)]);
-      DraftRow row;
-      row.tokens = toks[i].data();
-      row.hidden = s.h[size_t(k - 1)].data() + size_t(from[i]) * C;
-      row.n = s.cached - from[i];
-      row.past = from[i];
-      row.blocks = s.blocks.data();
-      row.n_blocks = int(s.blocks.size());
-      rows.push_back(row);
+      rows.push_back(test::draft_row(toks[i].data(), s.h[size_t(k - 1)].data() + size_t(from[i]) * C,
+                                     s.cached - from[i], from[i], s.blocks));
     }
     const float* lg = dec->self_draft(k, rows);
     size_t off = 0;
@@ -135,16 +129,9 @@ TEST(ServeMTP, ModuleDraftsEqualTrainingForward) {
     std::vector<DraftRow> rows;
     std::vector<int32_t> wrong;
     for (Seq& s : seqs) wrong.push_back((s.t[size_t(s.cached + 1)] + 1) % V);
-    for (size_t i = 0; i < seqs.size(); i++) {
-      DraftRow row;
-      row.tokens = &wrong[i];
-      row.hidden = seqs[i].h[1].data() + size_t(seqs[i].cached - 1) * C;
-      row.n = 1;
-      row.past = seqs[i].cached - 1;
-      row.blocks = seqs[i].blocks.data();
-      row.n_blocks = int(seqs[i].blocks.size());
-      rows.push_back(row);
-    }
+    for (size_t i = 0; i < seqs.size(); i++)
+      rows.push_back(test::draft_row(&wrong[i], seqs[i].h[1].data() + size_t(seqs[i].cached - 1) * C, 1,
+                                     seqs[i].cached - 1, seqs[i].blocks));
     dec->self_draft(2, rows);
   }
   module(2, {9, 5, 13}, "after a rejected draft");

@@ -139,12 +139,8 @@ TEST(GpuMedusa, GreedyFollowsPlainGreedy) {
     auto model = make_model(cfg, ModelOptions{false, std::nullopt, false});
     std::copy(params.begin(), params.end(), model->host_params());
     // Heads that start as the LM head (their guesses: the next token again), a little noise on top.
-    const nn::MedusaShape s = medusa_shape(cfg, 3);
-    std::vector<float> hp(size_t(s.total()));
-    nn::MedusaHeads::init_from_lm_head(s, hp.data(), lm_head_matrix(cfg, model->table(), model->host_params()));
-    Rng r(9);
-    for (float& x : hp) x += 0.01f * r.normal();
-    nn::MedusaHeads heads{s, hp.data(), nullptr};
+    const std::vector<float> hp = test::heads_from_lm_head(cfg, *model, 3, 0.01f, 9);
+    nn::MedusaHeads heads{medusa_shape(cfg, 3), hp.data(), nullptr};
     const std::vector<int32_t> prompt = {90, 17, 33, 8, 61};
     const int steps = 16;
     // Plain greedy on the GPU, with each choice's margin over the runner-up against the logits' scale.

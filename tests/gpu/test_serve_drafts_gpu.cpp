@@ -96,7 +96,7 @@ TEST(GpuServeMedusa, TreeNodesAndTheKeptPathFollowTheCpu) {
   const int V = cfg.vocab_size, C = cfg.d_model;
   const std::vector<int> parent = {-1, 0, 0, 0, 1, 1, 2, 4, 4, 7};
   const int n = int(parent.size());
-  const auto [depth, mask] = test::tree_from_parents(parent);
+  const test::TreeShape tree = test::tree_from_parents(parent);
   Rng r(8);
   auto tokens = [&](int count) {
     std::vector<int32_t> t(static_cast<size_t>(count));
@@ -106,24 +106,11 @@ TEST(GpuServeMedusa, TreeNodesAndTheKeptPathFollowTheCpu) {
   const std::vector<std::vector<int32_t>> prompts = {tokens(60), tokens(125), tokens(7)};
   const std::vector<std::vector<int32_t>> trees = {tokens(n), tokens(n)};
   const std::vector<std::vector<int32_t>> blocks = {{9, 2}, {3, 11, 0}, {5}};
-  std::vector<BatchRow> rows(3);
-  for (size_t s = 0; s < 3; s++) {
-    rows[s].tokens = prompts[s].data();
-    rows[s].n = int(prompts[s].size());
-    rows[s].blocks = blocks[s].data();
-    rows[s].n_blocks = int(blocks[s].size());
-  }
+  std::vector<BatchRow> rows = test::prompt_rows(prompts, blocks);
   cpu->forward(rows);
   gpu->forward(rows);
   const int32_t single = 12;
-  for (size_t s = 0; s < 2; s++) {
-    rows[s].tokens = trees[s].data();
-    rows[s].n = n;
-    rows[s].past = int(prompts[s].size());
-    rows[s].all_logits = true;
-    rows[s].depth = depth.data();
-    rows[s].tree = mask.data();
-  }
+  for (size_t s = 0; s < 2; s++) test::set_tree_row(rows[s], trees[s], int(prompts[s].size()), tree);
   rows[2].tokens = &single;
   rows[2].n = 1;
   rows[2].past = int(prompts[2].size());
@@ -181,14 +168,8 @@ void expect_greedy_medusa_follows_the_cpu(const MedusaTree* tree) {
   auto model = test::random_model(cfg, 9);
   const float* P = model->host_params();
   const int K = 3;
-  const nn::MedusaShape hs = medusa_shape(cfg, K);
-  std::vector<float> hp(size_t(hs.total()));
-  // Heads that are the LM head plus a little noise: they guess the next token again, right wherever the model
-  // repeats itself.
-  nn::MedusaHeads::init_from_lm_head(hs, hp.data(), lm_head_matrix(cfg, model->table(), P));
-  Rng r(3);
-  for (float& x : hp) x += 0.01f * float(r.normal());
-  const nn::MedusaHeads heads{hs, hp.data(), nullptr};
+  const std::vector<float> hp = test::heads_from_lm_head(cfg, *model, K, 0.01f, 3);
+  const nn::MedusaHeads heads{medusa_shape(cfg, K), hp.data(), nullptr};
   auto dec = paged(cfg, P, true);
   serve::EngineOptions eo;
   eo.parallel = 4;
@@ -287,14 +268,8 @@ TEST(GpuServeMTP, PagedLatentAttentionAndModulesFollowTheCpu) {
       for (size_t i = 0; i < seqs.size(); i++) {
         Seq& s = seqs[i];
         for (int p = from[i]; p < s.cached; p++) toks[i].push_back(s.t[size_t(p + k)]);
-        DraftRow row;
-        row.tokens = toks[i].data();
-        row.hidden = s.h[d][k - 1].data() + size_t(from[i]) * C;
-        row.n = s.cached - from[i];
-        row.past = from[i];
-        row.blocks = s.blocks.data();
-        row.n_blocks = int(s.blocks.size());
-        rows.push_back(row);
+        rows.push_back(test::draft_row(toks[i].data(), s.h[d][k - 1].data() + size_t(from[i]) * C, s.cached - from[i],
+                                       from[i], s.blocks));
       }
       const float* lg = decs[d]->self_draft(k, rows);
       if (d == 0) want.assign(lg, lg + size_t(rows.size()) * V);
