@@ -17,8 +17,8 @@
 # it stands once target/DONE is created by hand; the header line names the checkpoint step used.
 # Methods: plain greedy; speculative with K = 2, 3, 4, 6 proposals, and with drafting that ends early where the
 # draft is unsure (--draft-min-prob); prompt lookup (n-gram drafting from the sequence, no draft model) with K = 4,
-# 6, 8; Medusa with the default 16-node tree, smaller trees and chains. On a CPU
-# whose multi-row products are compute-bound, each verified row costs a fraction of a step
+# 6, 8 (the length adapting to what passed, and K = 8 kept fixed); Medusa with the default 16-node tree, smaller
+# trees and chains. On a CPU whose multi-row products are compute-bound, each verified row costs a fraction of a step
 # (bench/verify_pass_bench.cpp measures it), so the small configurations are the interesting ones.
 set -euo pipefail
 kiln=$(realpath "$1")
@@ -84,6 +84,7 @@ if [ -e draft/latest ]; then
   for mp in ${KILN_BENCH_MIN_PROBS:-0.3 0.4 0.6}; do method "spec K=6 p>=$mp" "$spec|--draft-tokens|6|--draft-min-prob|$mp"; done
 fi
 for k in 4 6 8; do method "prompt lookup K=$k" --model target-medusa/latest --no-medusa --prompt-lookup --draft-tokens "$k"; done
+method "prompt lookup K=8 fixed" --model target-medusa/latest --no-medusa --prompt-lookup --draft-tokens 8 --lookup-fixed-length
 method "medusa tree 16" --model target-medusa/latest --medusa
 method "medusa tree 8" --model target-medusa/latest --medusa --medusa-tree "0;1;2;0,0;0,1;1,0;0,0,0"
 method "medusa tree 4" --model target-medusa/latest --medusa --medusa-tree "0;1;0,0"
