@@ -27,19 +27,20 @@ constexpr int64_t kSerialBelow = 1 << 16;
 constexpr int kGroupRows = 6;       // rows of x per vecmat register tile (6 × 4 accumulators)
 constexpr int64_t kTileCols = 64;   // columns per vecmat register tile
 // Rows of W per pass over the partial sums. Each row of a block is a stream of its own (a tile reads 256 bytes of
-// each): with few rows of x, 32 streams are more than the hardware prefetcher follows, so 8 there, with a
-// software prefetch 16 rows ahead at one row (GPT-2 124M f32 decoding on 1 thread: 11.6 -> 20.6 GB/s, 0.47 ->
-// 0.71 of the streaming read, build/decode_bandwidth_bench); 32 once several rows of x share the tile (from 2 rows:
-// with 8, 3-5 rows cost 1.5-2.0 one-row steps of the 32M bench target against 1.15-1.55 with 32,
-// build/verify_pass_bench --formats f32). Blocks only move where the partial sums wait, never their order.
-inline int64_t k_block(int64_t R) { return R < 2 ? 8 : 32; }
+// each), which the hardware prefetcher follows poorly, so the tile's first group of x rows prefetches W's rows 16
+// ahead into L2 (GPT-2 124M f32 decoding on 1 thread: 11.6 -> 20.6 GB/s, 0.47 -> 0.71 of the streaming read,
+// build/decode_bandwidth_bench). 8 rows a block below 4 rows of x, 16 below 8, then 32, as more x rows share each
+// tile (the 32M bench target on a Zen 4 host, build/verify_pass_bench --formats f32, a pass against a step: 2 and
+// 3 rows 1.32-1.52 -> 1.03-1.08, 5 rows 1.52-1.64 -> 1.21-1.24, 9 rows 1.71-1.80 -> 1.44-1.54 against 32 rows a
+// block without the prefetch). Blocks only move where the partial sums wait, never their order.
+inline int64_t k_block(int64_t R) { return R < 4 ? 8 : R < 8 ? 16 : 32; }
 constexpr int64_t kPrefetchRows = 16;
 
 // Columns [c0, c1) of G rows of y over rows [k0, k1) of W. y holds the partial sums between blocks; `zero`:
 // start from 0 instead (the first block without accumulate); bias (or null) is added after the last block.
 template <int G>
 void vecmat_group(float* y, int64_t ldy, const float* x, int64_t ldx, const float* W, int64_t N, int64_t k0,
-                  int64_t k1, int64_t c0, int64_t c1, bool zero, const float* bias) {
+                  int64_t k1, int64_t c0, int64_t c1, bool zero, const float* bias, bool prefetch) {
   int64_t c = c0;
   for (; c + kTileCols <= c1; c += kTileCols) {
     f32x16 acc[G][4];
@@ -47,7 +48,7 @@ void vecmat_group(float* y, int64_t ldy, const float* x, int64_t ldx, const floa
       for (int j = 0; j < 4; j++) acc[g][j] = zero ? f32x16{} : load16(y + g * ldy + c + 16 * j);
     for (int64_t k = k0; k < k1; k++) {
       const float* w = W + k * N + c;
-      if constexpr (G == 1)  // one row of x: W's row kPrefetchRows ahead into L2 (a prefetch past W is dropped)
+      if (prefetch)  // the tile's first group: W's row kPrefetchRows ahead into L2 (a prefetch past W is dropped)
         for (int j = 0; j < 4; j++) _mm_prefetch(reinterpret_cast<const char*>(w + kPrefetchRows * N + 16 * j), _MM_HINT_T1);
       const f32x16 w0 = load16(w), w1 = load16(w + 16), w2 = load16(w + 32), w3 = load16(w + 48);
       for (int g = 0; g < G; g++) {
@@ -79,14 +80,14 @@ void vecmat_group(float* y, int64_t ldy, const float* x, int64_t ldx, const floa
 }
 
 void vecmat_group_n(int G, float* y, int64_t ldy, const float* x, int64_t ldx, const float* W, int64_t N,
-                    int64_t k0, int64_t k1, int64_t c0, int64_t c1, bool zero, const float* bias) {
+                    int64_t k0, int64_t k1, int64_t c0, int64_t c1, bool zero, const float* bias, bool prefetch) {
   switch (G) {
-    case 1: return vecmat_group<1>(y, ldy, x, ldx, W, N, k0, k1, c0, c1, zero, bias);
-    case 2: return vecmat_group<2>(y, ldy, x, ldx, W, N, k0, k1, c0, c1, zero, bias);
-    case 3: return vecmat_group<3>(y, ldy, x, ldx, W, N, k0, k1, c0, c1, zero, bias);
-    case 4: return vecmat_group<4>(y, ldy, x, ldx, W, N, k0, k1, c0, c1, zero, bias);
-    case 5: return vecmat_group<5>(y, ldy, x, ldx, W, N, k0, k1, c0, c1, zero, bias);
-    default: return vecmat_group<6>(y, ldy, x, ldx, W, N, k0, k1, c0, c1, zero, bias);
+    case 1: return vecmat_group<1>(y, ldy, x, ldx, W, N, k0, k1, c0, c1, zero, bias, prefetch);
+    case 2: return vecmat_group<2>(y, ldy, x, ldx, W, N, k0, k1, c0, c1, zero, bias, prefetch);
+    case 3: return vecmat_group<3>(y, ldy, x, ldx, W, N, k0, k1, c0, c1, zero, bias, prefetch);
+    case 4: return vecmat_group<4>(y, ldy, x, ldx, W, N, k0, k1, c0, c1, zero, bias, prefetch);
+    case 5: return vecmat_group<5>(y, ldy, x, ldx, W, N, k0, k1, c0, c1, zero, bias, prefetch);
+    default: return vecmat_group<6>(y, ldy, x, ldx, W, N, k0, k1, c0, c1, zero, bias, prefetch);
   }
 }
 
@@ -179,7 +180,8 @@ void vecmat_batch(float* y, int64_t ldy, const float* x, int64_t ldx, int64_t R,
       for (int64_t c = c0; c < c1; c += kTileCols)  // the groups in turn over one tile of W (in L1)
         for (int64_t r = 0; r < R; r += kGroupRows)
           vecmat_group_n(int(std::min<int64_t>(kGroupRows, R - r)), y + r * ldy, ldy, x + r * ldx, ldx, W, N, k0,
-                         k1, c, std::min(c1, c + kTileCols), k0 == 0 && !accumulate, k1 == K ? bias : nullptr);
+                         k1, c, std::min(c1, c + kTileCols), k0 == 0 && !accumulate, k1 == K ? bias : nullptr,
+                         r == 0);
     }
   }
 }
