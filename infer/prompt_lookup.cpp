@@ -35,7 +35,7 @@ void lookup_draft(const int32_t* seq, int n, const PromptLookupParams& p, int k,
     // The sequence grew by the accepted proposals and one token from the target since the last round.
     if (state.last_drafted > 0) {
       const int accepted = n - state.last_n - 1;
-      state.length = accepted >= state.last_drafted ? 2 * state.length : std::max(1, accepted + 1);
+      state.length = accepted >= state.last_drafted ? 2 * state.length : std::max(accepted + 1, state.length / 2);
     }
     if (state.length <= 0 || state.length > k) state.length = k;
     k = state.length;

@@ -21,9 +21,11 @@ namespace kiln {
 struct PromptLookupParams {
   int max_ngram = 3;  // the longest suffix matched
   int min_ngram = 1;  // the shortest; no match of at least this length: no proposals (a plain step)
-  // The round's length adapts (HF's assisted generation does the same): after a round whose proposals all passed
-  // it doubles (up to K), after a rejection it becomes the accepted count + 1. A match found in text that does not
-  // repeat mostly fails, and each failed proposal costs a verification row; false: always K.
+  // The round's length adapts (as HF's assisted generation does): after a round whose proposals all passed it
+  // doubles (up to K), after a rejection it halves, but not below the accepted count + 1. A match found in text
+  // that does not repeat mostly fails, and each failed proposal costs a verification row; false: always K.
+  // (The 32M bench target, f32, 2 threads, K = 8: greedy 2.57x plain against 2.35x when a rejection cut the length
+  // to the accepted count + 1 and 2.81x fixed; sampled at temperature 1 0.97x, 1.01x and 0.84x.)
   bool adaptive = true;
   void validate() const;  // 1 <= min_ngram <= max_ngram, else a one-line error naming the flags
 };

@@ -224,7 +224,7 @@ TEST(PromptLookup, TheLengthAdaptsToWhatPassed) {
   EXPECT_EQ(d, (std::vector<int32_t>{3, 1, 2, 3}));  // the first round: K
   ASSERT_EQ(qs.size(), 4u);
   EXPECT_EQ(qs[1], (std::vector<double>{0, 1, 0, 0, 0, 0, 0, 0, 0, 0}));  // one-hot at the proposal
-  // One accepted (3), then the target's 2 instead of 1: two proposals next (the 3 2 after the latest 2).
+  // One accepted (3), then the target's 2 instead of 1: half as many next, two (the 3 2 after the latest 2).
   seq.insert(seq.end(), {3, 2});
   lookup_draft(seq.data(), int(seq.size()), p, 4, 10, st, d, qs);
   EXPECT_EQ(d, (std::vector<int32_t>{3, 2}));
@@ -232,6 +232,10 @@ TEST(PromptLookup, TheLengthAdaptsToWhatPassed) {
   seq.insert(seq.end(), {3, 2, 3});
   lookup_draft(seq.data(), int(seq.size()), p, 4, 10, st, d, qs);
   EXPECT_EQ(d, (std::vector<int32_t>{2, 3, 2, 3}));
+  // None of the four passed (the target's 1): half as many, two (the accepted count + 1 would be one).
+  seq.push_back(1);
+  lookup_draft(seq.data(), int(seq.size()), p, 4, 10, st, d, qs);
+  EXPECT_EQ(d.size(), 2u);
   // Fixed length: always K; and an id past the sampled vocabulary ends the list.
   PromptLookupParams fixed;
   fixed.adaptive = false;

@@ -17,7 +17,7 @@ inline void add_prompt_lookup_options(CLI::App* c, bool& on, PromptLookupParams&
       ->capture_default_str();
   c->add_flag_callback("--lookup-fixed-length", [&p] { p.adaptive = false; },
               "--prompt-lookup: always propose --draft-tokens (default: the length doubles after a round that all "
-              "passed and falls to the accepted count + 1 after a rejection)");
+              "passed and halves, to no less than the accepted count + 1, after a rejection)");
 }
 
 }  // namespace kiln::cli
