@@ -367,8 +367,9 @@ KILN_AVX512 void rows16(float* dot, int64_t ldd, const float* x, int64_t ldx, co
   // 2·MR·NR accumulators, 2·MR weight vectors and 2 of x within 32 registers. At one x row each matrix row is a
   // stream of its own, and fewer streams read faster on a Zen 4 core: bf16 one row (0.74 -> 0.92 of the read at 1
   // thread, 0.83 -> 0.87 at 2, alternating builds of decode_bandwidth_bench --steps 16), f16 two (0.80 -> 0.86 and
-  // 0.85 -> 0.89; one row gave 0.78 and 0.86: its conversion wants the x loads shared).
-  constexpr int MR = NR == 1 ? (F == WeightFormat::BF16 ? 1 : 2) : NR <= 2 ? 4 : 2;
+  // 0.85 -> 0.89; one row gave 0.78 and 0.86: its conversion wants the x loads shared). Two from two x rows (four
+  // at two x rows: bf16 verification passes of 2 positions 1.07-1.13 -> 1.00-1.02 steps, verify_pass_bench).
+  constexpr int MR = NR == 1 ? (F == WeightFormat::BF16 ? 1 : 2) : 2;
   int64_t m = m0;
   for (; m + MR <= m1; m += MR) tile16<F, MR, NR>(dot, ldd, x, ldx, X, n0, A, m, m0);
   for (; m < m1; m++) tile16<F, 1, NR>(dot, ldd, x, ldx, X, n0, A, m, m0);
