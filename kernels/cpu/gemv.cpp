@@ -1,13 +1,14 @@
 // The decoding batch's products on the CPU (see kernels/gemv.h). No sum is ever split: the threads own disjoint
 // outputs (columns of W, rows of A), and each output is accumulated in the same order for any R, so rows do not
 // depend on each other.
-//   vecmat_batch: for each block of 32 rows of W, the thread walks its columns in tiles of 64; over a tile, each
-//   group of up to 6 rows of x carries its 6×4 partial sums through the block in registers (y holds them between
-//   blocks). The tile (8 KB) is read from memory by the first group and from L1 by the others.
+//   vecmat_batch: for each block of 8-32 rows of W (k_block), the thread walks its columns in tiles of 64; over a
+//   tile, each group of up to 6 rows of x carries its 6×4 partial sums through the block in registers (y holds
+//   them between blocks). The tile is read from memory by the first group and from L1 by the others.
 //   matvec_batch: each tile is 6 rows of A (one at one row of x) against up to 4 rows of x, one 16-lane
-//   accumulator per pair over k, then a fixed tree reduction; the 6 rows of A stay in L1 while the groups of x rows pass over them (6 rows
-//   measured 12% faster than 4 on the LM head at 16 rows, and than 8 rows × 2; a software prefetch of W's next
-//   block gained nothing there). Tiles of 16 sums reduce them together (vec_reduce.h), in the same order as one.
+//   accumulator per pair over k, then a fixed tree reduction; the 6 rows of A stay in L1 while the groups of x
+//   rows pass over them (6 rows measured 12% faster than 4 on the LM head at 16 rows, and than 8 rows × 2; a
+//   software prefetch of W's next block gained nothing there). Tiles of 16 sums reduce them together
+//   (vec_reduce.h), in the same order as one.
 #include <immintrin.h>
 #include <omp.h>
 

@@ -133,8 +133,8 @@ inline double max_abs(const float* x, int n) {
 
 // The fp32 CPU decoder's greedy tokens after `prompt`, and how many of the first choices are clear (the best
 // logit ahead of the second by 5% of the largest |logit|) before the first that is not.
-inline std::vector<int32_t> cpu_greedy(const ModelConfig& cfg, const float* P, const std::vector<int32_t>& prompt, int n,
-                                       int& clear) {
+inline std::vector<int32_t> cpu_greedy(const ModelConfig& cfg, const float* P, const std::vector<int32_t>& prompt,
+                                       int n, int& clear) {
   auto dec = make_decoder(cfg, P);
   std::vector<int32_t> out;
   const float* lg = dec->forward(prompt.data(), int(prompt.size()));

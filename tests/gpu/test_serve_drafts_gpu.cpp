@@ -1,5 +1,5 @@
-// Drafting in kiln serve on the GPU. Medusa heads: the paged decoder keeps the final norm's rows of a device pass for the
-// host heads, which must follow the CPU paged decoder's within bf16's accuracy; candidate trees run through the
+// Drafting in kiln serve on the GPU. Medusa heads: the paged decoder keeps the final norm's rows of a device pass
+// for the host heads, which must follow the CPU paged decoder's within bf16's accuracy; candidate trees run through the
 // device's tree attention over the paged cache and the accepted path is compacted in the device's blocks, both
 // following the CPU paged decoder (whose trees equal each path decoded alone, tests/test_serve_medusa.cpp); and
 // the engine's greedy Medusa streams on the GPU (the chain of the heads' top-1 tokens, and trees) give the fp32
@@ -42,6 +42,15 @@ std::unique_ptr<BatchDecoder> paged(const ModelConfig& cfg, const float* P, bool
   return make_batch_decoder(cfg, P, o);
 }
 
+// Every row of `got` within bf16's error of `want` (rows of n values, 3% of each row's largest |value|).
+void expect_rows_near(const float* got, const float* want, int rows, int n, const std::string& what) {
+  for (int r = 0; r < rows; r++) {
+    const double scale = test::max_abs(want + size_t(r) * n, n);
+    for (int i = 0; i < n; i++)
+      ASSERT_NEAR(got[size_t(r) * n + i], want[size_t(r) * n + i], 0.03 * scale + 1e-3)
+          << what << " row " << r << " element " << i;
+  }
+}
 
 // Two sequences: prompts together, then single steps and a 3-token continuation; every row's hidden state on the
 // device against the CPU's.
@@ -62,23 +71,7 @@ TEST(GpuServeMedusa, DeviceHiddenStatesFollowTheCpu) {
     cpu->forward(rows);
     const std::vector<float> want(cpu->hidden(), cpu->hidden() + 2 * C);
     gpu->forward(rows);
-    const float* got = gpu->hidden();
-    for (int r = 0; r < 2; r++) {
-      const double scale = test::max_abs(want.data() + r * C, C);
-      for (int i = 0; i < C; i++)
-        ASSERT_NEAR(got[r * C + i], want[size_t(r * C + i)], 0.03 * scale + 1e-3)
-            << "pass " << p << " row " << r << " element " << i;
-    }
-  }
-}
-
-// Every row of `got` within bf16's error of `want` (rows of n values, 3% of each row's largest |value|).
-void expect_rows_near(const float* got, const float* want, int rows, int n, const std::string& what) {
-  for (int r = 0; r < rows; r++) {
-    const double scale = test::max_abs(want + size_t(r) * n, n);
-    for (int i = 0; i < n; i++)
-      ASSERT_NEAR(got[size_t(r) * n + i], want[size_t(r) * n + i], 0.03 * scale + 1e-3)
-          << what << " row " << r << " element " << i;
+    expect_rows_near(gpu->hidden(), want.data(), 2, C, "pass " + std::to_string(p) + " hidden states");
   }
 }
 
@@ -116,7 +109,8 @@ TEST(GpuServeMedusa, TreeNodesAndTheKeptPathFollowTheCpu) {
   rows[2].past = int(prompts[2].size());
   const int out_rows = 2 * n + 1;
   const float* lg = cpu->forward(rows);
-  const std::vector<float> want(lg, lg + size_t(out_rows) * V), want_h(cpu->hidden(), cpu->hidden() + size_t(out_rows) * C);
+  const std::vector<float> want(lg, lg + size_t(out_rows) * V);
+  const std::vector<float> want_h(cpu->hidden(), cpu->hidden() + size_t(out_rows) * C);
   lg = gpu->forward(rows);
   expect_rows_near(lg, want.data(), out_rows, V, "tree logits");
   expect_rows_near(gpu->hidden(), want_h.data(), out_rows, C, "tree hidden states");
@@ -125,7 +119,8 @@ TEST(GpuServeMedusa, TreeNodesAndTheKeptPathFollowTheCpu) {
   std::vector<BatchRow> cont(2);
   for (size_t s = 0; s < 2; s++) {
     for (BatchDecoder* d : {cpu.get(), gpu.get()})
-      d->keep_path(blocks[s].data(), int(blocks[s].size()), int(prompts[s].size()), keep[s].data(), int(keep[s].size()));
+      d->keep_path(blocks[s].data(), int(blocks[s].size()), int(prompts[s].size()), keep[s].data(),
+                   int(keep[s].size()));
     cont[s].tokens = &next[s];
     cont[s].n = 1;
     cont[s].past = int(prompts[s].size() + keep[s].size());
@@ -136,7 +131,6 @@ TEST(GpuServeMedusa, TreeNodesAndTheKeptPathFollowTheCpu) {
   const std::vector<float> after(lg, lg + size_t(2) * V);
   expect_rows_near(gpu->forward(cont), after.data(), 2, V, "logits after the kept path");
 }
-
 
 // Greedy streams served on the GPU by `eo`'s drafting against the fp32 CPU decoder alone: every choice clear of
 // bf16's error equal; returns how many were compared.
@@ -190,7 +184,6 @@ TEST(GpuServeMedusa, GreedyTreeFollowsPlainGreedy) {
   const MedusaTree tree = MedusaTree::parse("0;1;2;0,0;0,1;1,0;0,0,0");  // 7 nodes within the 3 heads
   expect_greedy_medusa_follows_the_cpu(&tree);
 }
-
 
 // DeepSeek-V3 with the GPU kernels' latent dims (qk 48 + 16, v 32, c_KV 32: cached rows of 48), a dense layer and
 // an MoE layer (4 routed experts, 2 a token, one shared), two MTP modules.
